@@ -1,0 +1,202 @@
+"""Batched Newton–Schulz orthogonalization on arrays shaped ``[..., m, n]``.
+
+Pure ``jax.numpy``; knows nothing of optax. One quintic step with row
+``(a, b, c)`` is
+
+.. math::
+   A = X X^\\top,\\qquad B = bA + cA^2,\\qquad X \\leftarrow aX + BX,
+
+which maps every singular value ``σ ↦ aσ + bσ³ + cσ⁵`` and keeps the singular
+vectors. The iteration always runs in the wide orientation (``m ≤ n``) so that
+``A`` is the smaller Gram matrix; tall inputs are transposed in and out, which
+is exact because ``NS(Xᵀ) = NS(X)ᵀ`` for every normalizer except AOL (whose
+row scaling acts along the shorter side, as in the reference).
+
+Steps run in a ``lax.fori_loop`` (not unrolled), so compile time and memory do
+not grow with the step count; the coefficient row of step ``k`` is
+``coeffs[min(k, len(coeffs) - 1)]`` — a table shorter than the step count
+repeats its last row (Polar Express semantics).
+
+References: K. Jordan, *Muon* (2024); Amsel et al., *The Polar Express*
+(arXiv 2505.16932); Grishina et al., *CANS* (arXiv 2506.10935); Boissin et
+al., *Turbo-Muon* (arXiv 2512.04632).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from orthax.polar import presets as _presets
+
+NORMALIZERS = ('frobenius', 'schatten4', 'aol', 'none')
+
+
+def _mT(x: jax.Array) -> jax.Array:
+  return jnp.swapaxes(x, -1, -2)
+
+
+def _coeff_table(coeffs: Any) -> np.ndarray:
+  table = np.asarray(coeffs, dtype=np.float64)
+  if table.ndim == 1:
+    table = table[None]
+  if table.ndim != 2 or table.shape[-1] != 3 or table.shape[0] < 1:
+    raise ValueError(
+        'Newton–Schulz coefficients must have shape (3,) or (k, 3) with '
+        f'k >= 1, got shape {table.shape}.')
+  if not np.all(np.isfinite(table)):
+    raise ValueError(f'Newton–Schulz coefficients must be finite: {table}.')
+  return table
+
+
+def _mm(a, b):
+  """Matmul accumulating (and returning) float32 or wider."""
+  acc = jnp.promote_types(a.dtype, jnp.float32)
+  return jnp.matmul(a, b, preferred_element_type=acc)
+
+
+def _quintic_from_gram(x, gram, row):
+  """``aX + (bA + cA²)X`` with ``A = gram`` already formed.
+
+  Matmul inputs stay in the iteration dtype (bf16 runs at bf16 speed);
+  products accumulate in float32 and the coefficients are applied in float32,
+  so a bf16 iteration rounds once per step instead of rounding the
+  coefficients themselves (8.1566 → 8.125 in bf16).
+  """
+  a, b, c = row[0], row[1], row[2]
+  dt = x.dtype
+  poly = (b * gram.astype(a.dtype) + c * _mm(gram, gram)).astype(dt)
+  return (a * x.astype(a.dtype) + _mm(poly, x)).astype(dt)
+
+
+def _gram(x):
+  return _mm(x, _mT(x)).astype(x.dtype)
+
+
+def _quintic(x, row):
+  return _quintic_from_gram(x, _gram(x), row)
+
+
+def _rsqrt_clamped(v, eps):
+  return jax.lax.rsqrt(jnp.maximum(v, eps))
+
+
+def normalize_frobenius(x: jax.Array, scale: float = 1.0,
+                        eps: float = 1e-7) -> jax.Array:
+  """``X / (scale·‖X‖_F + eps)`` per matrix (norm taken in float32 or wider)."""
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(acc)), axis=(-2, -1),
+                          keepdims=True))
+  return (x.astype(acc) / (scale * norm + eps)).astype(x.dtype)
+
+
+def newton_schulz(
+    x: jax.Array,
+    preset: str | _presets.Preset = 'jordan',
+    *,
+    steps: int | jax.Array | None = None,
+    coeffs: Sequence[Sequence[float]] | None = None,
+    normalizer: str | None = None,
+    norm_scale: float | None = None,
+    eps: float | None = None,
+    dtype: Any = None,
+) -> jax.Array:
+  r"""Approximates the polar factor ``UVᵀ`` of every matrix in ``x``.
+
+  Normalizers (applied once, before the first step):
+
+  * ``frobenius``: :math:`X \leftarrow X / (s\,\|X\|_F + \epsilon)`;
+  * ``schatten4``: :math:`X \leftarrow X / \|XX^\top\|_F^{1/2}` (the Schatten-4
+    norm, between :math:`\sigma_{max}` and :math:`\|X\|_F`; CANS), the Gram
+    matrix of the first step is reused;
+  * ``aol``: :math:`X \leftarrow \mathrm{diag}(s)X` with
+    :math:`s_i = \max(\sum_j |A_{ij}|, \epsilon)^{-1/2}`, :math:`A = XX^\top`,
+    which bounds :math:`\|\mathrm{diag}(s)X\|_2 \le 1` (Turbo-Muon), with
+    :math:`A` rescaled in place and reused;
+  * ``none``: the caller guarantees :math:`\sigma_{max} \le 1`.
+
+  Args:
+    x: array ``[..., m, n]``; leading axes are a batch.
+    preset: a name from :func:`orthax.polar.preset_names` or a ``Preset``.
+    steps: number of steps (default: the preset's). May be a traced integer.
+    coeffs: overrides the preset's table, shape ``(3,)`` or ``(k, 3)``.
+    normalizer: overrides the preset's normalizer.
+    norm_scale: overrides the Frobenius scale (Polar Express uses 1.01/1.02).
+    eps: overrides the normalizer's epsilon.
+    dtype: dtype of the iteration (e.g. ``jnp.bfloat16``); default ``x.dtype``.
+      The result is cast back to ``x.dtype``.
+
+  Returns:
+    An array like ``x``. A zero matrix maps to zeros.
+  """
+  p = _presets.get_preset(preset)
+  table = _coeff_table(p.coeffs if coeffs is None else coeffs)
+  normalizer = p.normalizer if normalizer is None else normalizer
+  if normalizer not in NORMALIZERS:
+    raise ValueError(f'Unknown normalizer {normalizer!r}; expected one of '
+                     f'{NORMALIZERS}.')
+  norm_scale = p.norm_scale if norm_scale is None else norm_scale
+  eps = p.eps if eps is None else eps
+  steps = p.steps if steps is None else steps
+  if isinstance(steps, (int, np.integer)) and steps < 1:
+    raise ValueError(f'Newton–Schulz needs steps >= 1, got {steps}.')
+  if x.ndim < 2:
+    raise ValueError(f'newton_schulz expects [..., m, n], got shape {x.shape}.')
+
+  out_dtype = x.dtype
+  dtype = jnp.dtype(x.dtype if dtype is None else dtype)
+  tall = x.shape[-2] > x.shape[-1]
+  if tall:
+    x = _mT(x)
+  rows = jnp.asarray(table, jnp.promote_types(dtype, jnp.float32))
+  last = table.shape[0] - 1
+
+  if normalizer == 'frobenius':
+    x = normalize_frobenius(x, norm_scale, eps).astype(dtype)
+    first = 0
+  elif normalizer == 'none':
+    x = x.astype(dtype)
+    first = 0
+  else:
+    x = x.astype(dtype)
+    gram = _gram(x)
+    if normalizer == 'aol':
+      s = _rsqrt_clamped(jnp.sum(jnp.abs(gram), axis=-1, keepdims=True), eps)
+      x = x * s
+      gram = gram * s * _mT(s)
+    else:  # schatten4
+      s = _rsqrt_clamped(
+          jnp.sqrt(jnp.sum(jnp.square(gram), axis=(-2, -1), keepdims=True)),
+          eps)
+      x = x * s
+      gram = gram * (s * s)
+    x = _quintic_from_gram(x, gram, rows[0])
+    first = 1
+
+  def body(k, x):
+    return _quintic(x, rows[jnp.minimum(k, last)])
+
+  x = jax.lax.fori_loop(first, steps, body, x)
+  if tall:
+    x = _mT(x)
+  return x.astype(out_dtype)
+
+
+def polar_svd(x: jax.Array, rtol: float | None = None) -> jax.Array:
+  r"""Exact polar factor :math:`U\,\mathrm{diag}(1[\sigma_i > \tau])\,V^\top`.
+
+  Computed from a thin SVD of each matrix in ``x`` (``[..., m, n]``). Singular
+  values at or below ``τ = rtol·σ_max`` (default ``rtol = max(m, n)·eps``) are
+  treated as zero, so a zero or rank-deficient matrix gets the unique
+  partial isometry on its range (zeros for a zero matrix). For tests and small
+  matrices; cost is O(mn·min(m, n)) with a large constant.
+  """
+  u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+  if rtol is None:
+    rtol = max(x.shape[-2:]) * float(jnp.finfo(s.dtype).eps)
+  tau = rtol * jnp.max(s, axis=-1, keepdims=True)
+  keep = (s > tau).astype(x.dtype)
+  return (u * keep[..., None, :]) @ vt

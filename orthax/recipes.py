@@ -1,0 +1,189 @@
+"""Named recipes: a routed partition of a matrix chain and an AdamW branch.
+
+Every recipe is ``optax.partition({'matrix': named_chain(...), 'adam':
+adamw(...), 'frozen': set_to_zero()}, labels)``, optionally preceded by a
+finiteness check, so ``opt_state`` entries are addressable by name
+(``optax.tree.get(state, 'orthogonalize')``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import optax
+
+from orthax import routing
+from orthax import transforms as T
+
+_REGISTRY: dict[str, Callable[..., optax.GradientTransformation]] = {}
+
+
+def register(name: str):
+  """Decorator adding a recipe factory to the registry."""
+  def deco(fn):
+    _REGISTRY[name] = fn
+    return fn
+  return deco
+
+
+def recipe_names() -> tuple[str, ...]:
+  """Names accepted by :func:`recipe`."""
+  return tuple(sorted(_REGISTRY))
+
+
+def recipe(name: str, **kwargs) -> optax.GradientTransformation:
+  """Builds the recipe ``name`` with keyword arguments ``kwargs``."""
+  if name not in _REGISTRY:
+    raise ValueError(f'Unknown recipe {name!r}; known recipes: '
+                     f'{", ".join(recipe_names())}.')
+  return _REGISTRY[name](**kwargs)
+
+
+def _ndim2_labels(params):
+  import jax  # local: only the optax-compatible routing needs it
+  return jax.tree.map(lambda x: 'matrix' if x.ndim == 2 else 'adam', params)
+
+
+def assemble(
+    matrix_chain: optax.GradientTransformation,
+    adam: optax.GradientTransformation,
+    router: routing.Router | Callable[[Any], Any],
+    check_finite: bool,
+) -> optax.GradientTransformation:
+  """Partitions params by ``router`` into the matrix and AdamW branches."""
+  labels = router.labels if isinstance(router, routing.Router) else router
+  tx = optax.partition(
+      {'matrix': matrix_chain, 'adam': adam, 'frozen': optax.set_to_zero()},
+      labels)
+  if check_finite:
+    return optax.named_chain(('check_finite', T.check_finite()),
+                             ('partition', tx))
+  return tx
+
+
+_MUON_REFERENCES = {
+    'keller': dict(form='ema', nesterov=True, bias_correction=False,
+                   preset='jordan', scale='keller',
+                   adam_b2=0.95, adam_eps=1e-10, adam_nesterov=False),
+    'moonlight': dict(form='sum', nesterov=True, bias_correction=False,
+                      preset='jordan', scale='moonlight',
+                      adam_b2=0.95, adam_eps=1e-8, adam_nesterov=False),
+    'optax': dict(form='ema', nesterov=True, bias_correction=True,
+                  preset='jordan', scale='keller',
+                  adam_b2=0.999, adam_eps=1e-8, adam_nesterov=True),
+}
+
+
+@register('muon')
+def muon(
+    learning_rate: optax.ScalarOrSchedule = 0.02,
+    *,
+    reference: str = 'keller',
+    beta: float = 0.95,
+    nesterov: bool | None = None,
+    preset: str | None = None,
+    ns_steps: int | None = None,
+    ns_dtype: Any = None,
+    ns_eps: float | None = None,
+    scale: str | None = None,
+    scale_rms: float = 0.2,
+    weight_decay: float = 0.0,
+    cautious_weight_decay: bool = False,
+    mu_dtype: Any = None,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.9,
+    adam_b2: float | None = None,
+    adam_eps: float | None = None,
+    adam_weight_decay: float = 0.0,
+    router: routing.Router | Callable[[Any], Any] | None = None,
+    check_finite: bool = True,
+) -> optax.GradientTransformation:
+  r"""Muon: momentum orthogonalized by Newton–Schulz, AdamW for the rest.
+
+  For each routed matrix ``W`` with gradient ``G`` (``reference='keller'``):
+
+  .. math::
+     m_t &= β m_{t-1} + (1-β) G_t,\qquad u_t = (1-β) G_t + β m_t \\
+     O_t &= \mathrm{NS}_5(u_t)\cdot\sqrt{\max(1, \mathrm{out}/\mathrm{in})} \\
+     W_t &= W_{t-1}(1 - ηλ) - η\,O_t
+
+  ``reference`` picks the defaults of a reference implementation; explicit
+  arguments override them:
+
+  ============  ===========  ===========  ==========  =========  ============
+  reference     momentum     bias corr.   scale       NS eps     Adam b2/eps
+  ============  ===========  ===========  ==========  =========  ============
+  ``keller``    EMA, nest.   no           keller      1e-7       0.95 / 1e-10
+  ``moonlight`` sum, nest.   no           0.2·√max    1e-7       0.95 / 1e-8
+  ``optax``     EMA, nest.   yes (optax)  keller      1e-8       0.999 / 1e-8
+  ============  ===========  ===========  ==========  =========  ============
+
+  ``reference='optax'`` with the same arguments and ``router`` left ``None``
+  (optax's rule: 2-D leaves are matrices) reproduces
+  ``optax.contrib.muon`` — including its NAdam-style Adam branch.
+  Weight decay is decoupled and uses the unscaled learning rate in every
+  mode (``W ← W(1-ηλ)``), as all three references do.
+
+  Args:
+    learning_rate: η for the matrix branch (number or schedule).
+    reference: ``'keller'`` (KellerJordan/Muon), ``'moonlight'``
+      (MoonshotAI/Moonlight) or ``'optax'`` (``optax.contrib.muon``).
+    beta: momentum β.
+    nesterov: Nesterov look-ahead (default: the reference's, on).
+    preset: Newton–Schulz preset (default ``'jordan'``), e.g.
+      ``'polar_express'``.
+    ns_steps: Newton–Schulz steps (default: the preset's).
+    ns_dtype: dtype of the Newton–Schulz iteration (e.g. ``jnp.bfloat16``).
+    ns_eps: the normalizer's epsilon (default: the preset's; 1e-8 for
+      ``reference='optax'``).
+    scale: ``'keller'``, ``'moonlight'``, ``'spectral'`` or ``'none'``.
+    scale_rms: RMS target of the ``moonlight`` scale.
+    weight_decay: λ for matrices.
+    cautious_weight_decay: decay only where the update shrinks the weight.
+    mu_dtype: momentum accumulator dtype (both branches).
+    adam_learning_rate: AdamW learning rate (default: ``learning_rate``).
+    adam_b1, adam_b2, adam_eps: AdamW moments and epsilon.
+    adam_weight_decay: AdamW weight decay.
+    router: a :class:`orthax.Router` or a ``params -> labels`` callable;
+      default: ``Router()`` (``'optax'`` reference: the 2-D rule).
+    check_finite: raise, naming the leaf, on a NaN/Inf gradient.
+
+  References: K. Jordan, *Muon: An optimizer for hidden layers* (2024),
+  github.com/KellerJordan/Muon; Liu et al., *Muon is Scalable for LLM
+  Training*, arXiv 2502.16982.
+  """
+  if reference not in _MUON_REFERENCES:
+    raise ValueError(f'muon reference must be one of '
+                     f'{tuple(_MUON_REFERENCES)}, got {reference!r}.')
+  d = _MUON_REFERENCES[reference]
+  nesterov = d['nesterov'] if nesterov is None else nesterov
+  preset = d['preset'] if preset is None else preset
+  scale = d['scale'] if scale is None else scale
+  if router is None:
+    router = _ndim2_labels if reference == 'optax' else routing.Router()
+  specs = router.specs if isinstance(router, routing.Router) else None
+  if ns_eps is None and reference == 'optax':
+    ns_eps = 1e-8  # optax shares one eps; the other references use the preset's
+
+  matrix = optax.named_chain(
+      ('momentum', T.momentum(beta, form=d['form'], nesterov=nesterov,
+                              bias_correction=d['bias_correction'],
+                              accumulator_dtype=mu_dtype)),
+      ('orthogonalize', T.orthogonalize(preset, steps=ns_steps, eps=ns_eps,
+                                        ns_dtype=ns_dtype,
+                                        matrix_specs=specs)),
+      ('scale_by_shape', T.scale_by_shape(scale, rms=scale_rms,
+                                          matrix_specs=specs)),
+      ('learning_rate', optax.scale_by_learning_rate(learning_rate)),
+      ('weight_decay', T.decoupled_weight_decay(
+          weight_decay, learning_rate=learning_rate,
+          cautious=cautious_weight_decay)),
+  )
+  adam = optax.adamw(
+      learning_rate if adam_learning_rate is None else adam_learning_rate,
+      b1=adam_b1, b2=d['adam_b2'] if adam_b2 is None else adam_b2,
+      eps=d['adam_eps'] if adam_eps is None else adam_eps,
+      weight_decay=adam_weight_decay, mu_dtype=mu_dtype,
+      nesterov=d['adam_nesterov'])
+  return assemble(matrix, adam, router, check_finite)

@@ -1,0 +1,168 @@
+"""Which optimizer branch each parameter goes to, and how it is a matrix.
+
+Parameters are matched by ordered regex rules on their normalized path
+(``'blocks/attn/qkv/kernel'``: dict keys, attribute names and sequence indices
+joined by ``/``, a trailing NNX ``.value`` dropped). The first matching rule
+gives the label — ``'matrix'`` (orthogonalized), ``'adam'`` (the AdamW
+branch) or ``'frozen'`` (zero update) — and, for matrices, the
+:class:`~orthax.MatrixSpec`. A leaf no rule covers is an error naming it.
+
+The defaults are right for Flax NNX and linen models::
+
+  embeddings (…embed…, wte, wpe)              -> adam
+  LM head (lm_head, head, unembed…, logits)   -> adam
+  norms (…norm…, ln…), bias, scale            -> adam   (any rank: stacked too)
+  vectors and scalars (ndim <= 1)             -> adam
+  …conv… kernels (ndim >= 3)                  -> matrix, window+in = fan-in
+  kernel / weight / w (ndim 2 or 3)           -> matrix, leading axis = layers
+  any other 2-D leaf                          -> matrix
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Iterable, Sequence
+
+import jax
+
+from orthax import _tree
+from orthax.matrices import MatrixSpec
+
+LABELS = ('matrix', 'adam', 'frozen')
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """``label`` (and ``spec``) for leaves whose path matches ``pattern``.
+
+  Attributes:
+    pattern: regex searched (``re.search``) in the normalized path.
+    label: ``'matrix'``, ``'adam'`` or ``'frozen'``.
+    spec: the matrix view for ``'matrix'`` leaves; ``None`` means the default
+      ``MatrixSpec()`` (last two axes are ``(in, out)``, leading axes batch),
+      allowed for ranks 2 and 3 only.
+    ndims: restrict the rule to leaves of these ranks (``None``: any rank).
+  """
+
+  pattern: str
+  label: str
+  spec: MatrixSpec | None = None
+  ndims: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    if self.label not in LABELS:
+      raise ValueError(f'Rule label must be one of {LABELS}, got '
+                       f'{self.label!r} (pattern {self.pattern!r}).')
+    re.compile(self.pattern)
+    if self.ndims is not None:
+      object.__setattr__(self, 'ndims', tuple(self.ndims))
+
+  def matches(self, path: str, ndim: int) -> bool:
+    return ((self.ndims is None or ndim in self.ndims)
+            and re.search(self.pattern, path) is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+  """Where one leaf goes."""
+  label: str
+  spec: MatrixSpec | None
+  rule: str  # the pattern that matched
+
+
+_VECTOR_RANKS = (0, 1)
+DEFAULT_RULES: tuple[Rule, ...] = (
+    Rule(r'(^|/)([^/]*embed[^/]*|wte|wpe)(/|$)', 'adam'),
+    Rule(r'(^|/)(lm_head|head|unembed[^/]*|logits)(/|$)', 'adam'),
+    Rule(r'(^|/)([^/]*norm[^/]*|ln[^/]*)(/|$)', 'adam'),
+    Rule(r'(^|/)(bias|scale|[^/]*_bias|[^/]*_scale)$', 'adam'),
+    Rule(r'', 'adam', ndims=_VECTOR_RANKS),
+    Rule(r'conv[^/]*/kernel$', 'matrix', MatrixSpec.conv(3), ndims=(3,)),
+    Rule(r'conv[^/]*/kernel$', 'matrix', MatrixSpec.conv(4), ndims=(4,)),
+    Rule(r'conv[^/]*/kernel$', 'matrix', MatrixSpec.conv(5), ndims=(5,)),
+    Rule(r'(^|/)(kernel|weight|w)$', 'matrix'),
+    Rule(r'', 'matrix', ndims=(2,)),
+)
+
+
+class Router:
+  """Ordered rules → a :class:`Route` per leaf.
+
+  Args:
+    rules: the full rule list (default :data:`DEFAULT_RULES`).
+    extra_rules: rules tried *before* ``rules`` (the usual way to adjust the
+      defaults, e.g. ``Rule('attn/out/kernel', 'matrix', MatrixSpec.heads(...))``).
+  """
+
+  def __init__(self, rules: Sequence[Rule] | None = None, *,
+               extra_rules: Iterable[Rule] = ()):
+    self.rules = tuple(extra_rules) + tuple(
+        DEFAULT_RULES if rules is None else rules)
+
+  def route_one(self, path: str, shape: Sequence[int]) -> Route:
+    """Route for one leaf; raises ``ValueError`` naming ``path`` if none."""
+    ndim = len(shape)
+    for rule in self.rules:
+      if rule.matches(path, ndim):
+        spec = rule.spec
+        if rule.label == 'matrix':
+          if spec is None:
+            if ndim not in (2, 3):
+              raise ValueError(
+                  f'parameter {path!r} of shape {tuple(shape)} matched rule '
+                  f'{rule.pattern!r} as a matrix, but a {ndim}-D leaf has no '
+                  'default matrix view; add Rule(pattern, "matrix", '
+                  'MatrixSpec(...)) via extra_rules, or route it to "adam".')
+            spec = MatrixSpec()
+          try:
+            spec.resolve(shape)
+          except ValueError as e:
+            raise ValueError(f'parameter {path!r}: {e}') from None
+        return Route(rule.label, spec if rule.label == 'matrix' else None,
+                     rule.pattern)
+    raise ValueError(
+        f'no routing rule covers parameter {path!r} of shape {tuple(shape)}; '
+        'add a Rule for it (extra_rules=[orthax.Rule(pattern, label)]).')
+
+  def routes(self, tree: Any) -> Any:
+    """A tree of :class:`Route` shaped like ``tree``."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return jax.tree.unflatten(treedef, [
+        self.route_one(_tree.path_str(p), getattr(x, 'shape', ()))
+        for p, x in flat])
+
+  def labels(self, tree: Any) -> Any:
+    """Labels for ``optax.partition``."""
+    return jax.tree.map(lambda r: r.label, self.routes(tree),
+                        is_leaf=lambda r: isinstance(r, Route))
+
+  def specs(self, tree: Any) -> Any:
+    """Matrix specs (``None`` for non-matrix leaves), shaped like ``tree``."""
+    return jax.tree.map(lambda r: r.spec, self.routes(tree),
+                        is_leaf=lambda r: isinstance(r, Route))
+
+  def describe(self, tree: Any) -> str:
+    """A table: path, shape, label, matrix view ``batch × fan_in × fan_out``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    rows = [('path', 'shape', 'label', 'view')]
+    for p, x in flat:
+      path, shape = _tree.path_str(p), tuple(getattr(x, 'shape', ()))
+      r = self.route_one(path, shape)
+      view = ''
+      if r.spec is not None:
+        b, fi, fo = r.spec.matrix_shape(shape)
+        view = f'{b} x {fi} x {fo}'
+      rows.append((path, str(shape), r.label, view))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ['  '.join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+             for row in rows]
+    lines.insert(1, '  '.join('-' * w for w in widths))
+    return '\n'.join(lines)
+
+
+def describe(params: Any, router: Router | None = None) -> str:
+  """Prints and returns the routing table of ``params``."""
+  table = (router or Router()).describe(params)
+  print(table)
+  return table

@@ -1,0 +1,93 @@
+"""Heavy-ball momentum in the forms the Muon references use."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+FORMS = ('ema', 'sum')
+
+
+class MomentumState(NamedTuple):
+  count: jax.Array  # int32 step counter
+  mu: Any           # the accumulator, one leaf per parameter
+
+
+def momentum(
+    beta: float | jax.Array = 0.95,
+    *,
+    form: str = 'ema',
+    nesterov: bool = True,
+    bias_correction: bool = False,
+    accumulator_dtype: Any = None,
+) -> optax.GradientTransformation:
+  r"""Momentum accumulator emitting the (Nesterov) look-ahead direction.
+
+  EMA form (KellerJordan/Muon, NorMuon, NAMO, optax)::
+
+    m_t = β m_{t-1} + (1-β) g_t
+    u_t = (1-β) g_t + β m_t      (nesterov)   |   u_t = m_t
+
+  Sum form (Moonlight, ROOT, Dion)::
+
+    M_t = β M_{t-1} + g_t
+    u_t = g_t + β M_t            (nesterov)   |   u_t = M_t
+
+  The two differ by the factor ``1-β``, which a Frobenius normalization
+  cancels. With ``bias_correction=True`` (EMA only) the output matches
+  ``optax.contrib.scale_by_muon``:
+  ``u_t = β m_t/(1-β^{t+1}) + (1-β) g_t/(1-β^t)`` with nesterov, else
+  ``m_t/(1-β^t)``.
+
+  Args:
+    beta: momentum coefficient β (a number or a scalar array).
+    form: ``'ema'`` or ``'sum'``.
+    nesterov: emit the Nesterov look-ahead instead of the accumulator.
+    bias_correction: divide by ``1-β^t`` as optax does (EMA form only).
+    accumulator_dtype: dtype of the stored accumulator (default: the
+      parameter's); the update is computed in the wider of the two.
+
+  References: K. Jordan, *Muon* (2024); Liu et al., *Muon is Scalable for LLM
+  Training* (arXiv 2502.16982).
+  """
+  if form not in FORMS:
+    raise ValueError(f'momentum form must be one of {FORMS}, got {form!r}.')
+  if bias_correction and form != 'ema':
+    raise ValueError('bias_correction applies to the EMA form only.')
+  acc_dtype = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
+
+  def init_fn(params):
+    return MomentumState(
+        count=jnp.zeros([], jnp.int32),
+        mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=acc_dtype), params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    keep = 1.0 if form == 'sum' else 1.0 - beta
+
+    def leaf(g, m):
+      wide = jnp.promote_types(g.dtype, m.dtype)
+      g_, m_ = g.astype(wide), m.astype(wide)
+      m_new = beta * m_ + keep * g_
+      if bias_correction:
+        t = count.astype(wide)
+        if nesterov:
+          u = (beta * (m_new / (1 - beta ** (t + 1)))
+               + (1 - beta) * (g_ / (1 - beta ** t)))
+        else:
+          u = m_new / (1 - beta ** t)
+      else:
+        u = keep * g_ + beta * m_new if nesterov else m_new
+      return u.astype(g.dtype), m_new.astype(m.dtype)
+
+    pairs = jax.tree.map(leaf, updates, state.mu)
+    outer = jax.tree.structure(updates)
+    inner = jax.tree.structure((0, 0))
+    u, mu = jax.tree.transpose(outer, inner, pairs)
+    return u, MomentumState(count=count, mu=mu)
+
+  return optax.GradientTransformation(init_fn, update_fn)

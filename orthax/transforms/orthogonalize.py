@@ -1,0 +1,73 @@
+"""Orthogonalize every matrix of the update by Newton–Schulz."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import optax
+
+from orthax import _tree
+from orthax import matrices
+from orthax import polar
+
+
+def orthogonalize(
+    preset: str | polar.Preset = 'jordan',
+    *,
+    steps: int | None = None,
+    coeffs: Sequence[Sequence[float]] | None = None,
+    normalizer: str | None = None,
+    norm_scale: float | None = None,
+    eps: float | None = None,
+    ns_dtype: Any = None,
+    matrix_specs: _tree.SpecsLike = None,
+    group: bool = True,
+) -> optax.GradientTransformation:
+  r"""Replaces each matrix ``U`` of the update by ``NS(U) ≈ polar(U)``.
+
+  .. math::
+     U = \sum_i \sigma_i u_i v_i^\top \;\mapsto\; \sum_i p^{(k)}(\sigma_i/\nu)
+     u_i v_i^\top \approx U_{\mathrm{polar}} = \sum_i u_i v_i^\top,
+
+  where ``ν`` is the preset's normalizer and ``p^{(k)}`` the composition of the
+  preset's quintics (see :func:`orthax.polar.newton_schulz`). Each leaf is seen
+  as ``[batch, fan_in, fan_out]`` through its :class:`~orthax.MatrixSpec`;
+  with ``group=True`` all matrices of the same shape (either orientation) and
+  dtype, from all leaves, are stacked and orthogonalized in one call.
+
+  Args:
+    preset: Newton–Schulz preset (``'jordan'``, ``'polar_express'``, …).
+    steps: number of steps (default: the preset's).
+    coeffs: override the preset's coefficient table.
+    normalizer: override the preset's normalizer.
+    norm_scale: override the Frobenius normalizer's scale.
+    eps: override the normalizer's epsilon.
+    ns_dtype: dtype of the iteration, e.g. ``jnp.bfloat16`` (default: the
+      update's dtype); the output keeps the update's dtype.
+    matrix_specs: ``None`` (2-D leaves only), a ``MatrixSpec``, a tree of them
+      or a callable ``updates -> tree`` (as routing provides).
+    group: stack same-shape matrices across leaves into one call.
+
+  References: K. Jordan, *Muon* (2024); Amsel et al. arXiv 2505.16932.
+  """
+  polar.get_preset(preset)  # fail early on unknown names
+  ns = functools.partial(
+      polar.newton_schulz, preset=preset, steps=steps, coeffs=coeffs,
+      normalizer=normalizer, norm_scale=norm_scale, eps=eps, dtype=ns_dtype)
+
+  def update_fn(updates, state, params=None):
+    del params
+    specs = _tree.resolve_specs(matrix_specs, updates, 'orthogonalize')
+    leaves, treedef = jax.tree.flatten(updates)
+    mats = [matrices.to_matrices(x, s) for x, s in zip(leaves, specs)]
+    if group:
+      outs = matrices.map_grouped(ns, mats)
+    else:
+      outs = [ns(m) for m in mats]
+    new = [matrices.from_matrices(o, s, x.shape)
+           for o, s, x in zip(outs, specs, leaves)]
+    return jax.tree.unflatten(treedef, new), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)

@@ -1,0 +1,79 @@
+"""Decoupled weight decay, plain or cautious, placed after the learning rate."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class WeightDecayState(NamedTuple):
+  count: jax.Array  # steps taken, for a learning-rate schedule
+
+
+def decoupled_weight_decay(
+    weight_decay: float | jax.Array,
+    *,
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    cautious: bool = False,
+    mask: Any = None,
+) -> optax.GradientTransformation:
+  r"""Adds decoupled weight decay to an update that already includes the lr.
+
+  Place it **after** the learning-rate stage; the incoming ``Δ`` is the step
+  that will be added to the parameters (``W ← W + Δ``):
+
+  .. math::
+     Δ \leftarrow Δ - λ\,η_t\,(W \odot M),\qquad
+     M = \begin{cases} \mathbf 1[\,Δ \odot W \le 0\,] & \text{cautious}\\
+                       \mathbf 1 & \text{otherwise}\end{cases}
+
+  ``η_t = learning_rate`` (number or schedule) gives the PyTorch/optax
+  convention ``W ← W(1 - ηλ) + Δ`` (KellerJordan/Muon, Moonlight: decay with
+  the *unscaled* lr even when the update carries a shape factor);
+  ``learning_rate=None`` gives ``η_t = 1``, a decay independent of the learning
+  rate (Loshchilov & Hutter's form when λ already includes the schedule
+  multiplier). Cautious decay (Dion, modded-nanogpt) only decays coordinates
+  where the update moves the weight toward zero.
+
+  Args:
+    weight_decay: λ.
+    learning_rate: η (number or schedule) multiplying λ, or ``None``.
+    cautious: decay only where ``sign(Δ) = -sign(W)``.
+    mask: optional tree (or callable) of booleans choosing the decayed leaves.
+
+  References: Loshchilov & Hutter, arXiv 1711.05101; Chen et al., *Cautious
+  Optimizers* (arXiv 2411.16085).
+  """
+
+  def init_fn(params):
+    del params
+    return WeightDecayState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError('decoupled_weight_decay needs params: call '
+                       'update(grads, state, params).')
+    if callable(learning_rate):
+      eta = learning_rate(state.count)
+    else:
+      eta = 1.0 if learning_rate is None else learning_rate
+    rate = weight_decay * eta
+
+    def leaf(d, w):
+      decay = w.astype(d.dtype)
+      if cautious:
+        decay = jnp.where(d * decay <= 0, decay, jnp.zeros_like(decay))
+      return (d - rate * decay).astype(d.dtype)
+
+    if mask is None:
+      new = jax.tree.map(leaf, updates, params)
+    else:
+      m = mask(params) if callable(mask) else mask
+      new = jax.tree.map(lambda d, w, k: leaf(d, w) if k else d,
+                         updates, params, m)
+    return new, WeightDecayState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
