@@ -65,13 +65,16 @@ def assemble(
 _MUON_REFERENCES = {
     'keller': dict(form='ema', nesterov=True, bias_correction=False,
                    preset='jordan', scale='keller',
-                   adam_b2=0.95, adam_eps=1e-10, adam_nesterov=False),
+                   adam_b2=0.95, adam_eps=1e-10,
+                   adam_eps_placement='corrected', adam_shares_wd=False),
     'moonlight': dict(form='sum', nesterov=True, bias_correction=False,
                       preset='jordan', scale='moonlight',
-                      adam_b2=0.95, adam_eps=1e-8, adam_nesterov=False),
+                      adam_b2=0.95, adam_eps=1e-8,
+                      adam_eps_placement='raw', adam_shares_wd=True),
     'optax': dict(form='ema', nesterov=True, bias_correction=True,
                   preset='jordan', scale='keller',
-                  adam_b2=0.999, adam_eps=1e-8, adam_nesterov=True),
+                  adam_b2=0.999, adam_eps=1e-8,
+                  adam_eps_placement='corrected', adam_shares_wd=False),
 }
 
 
@@ -95,7 +98,7 @@ def muon(
     adam_b1: float = 0.9,
     adam_b2: float | None = None,
     adam_eps: float | None = None,
-    adam_weight_decay: float = 0.0,
+    adam_weight_decay: float | None = None,
     router: routing.Router | Callable[[Any], Any] | None = None,
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
@@ -111,13 +114,16 @@ def muon(
   ``reference`` picks the defaults of a reference implementation; explicit
   arguments override them:
 
-  ============  ===========  ===========  ==========  =========  ============
-  reference     momentum     bias corr.   scale       NS eps     Adam b2/eps
-  ============  ===========  ===========  ==========  =========  ============
-  ``keller``    EMA, nest.   no           keller      1e-7       0.95 / 1e-10
-  ``moonlight`` sum, nest.   no           0.2·√max    1e-7       0.95 / 1e-8
-  ``optax``     EMA, nest.   yes (optax)  keller      1e-8       0.999 / 1e-8
-  ============  ===========  ===========  ==========  =========  ============
+  =============  ==========  ==========  ========  ======  ===================
+  reference      momentum    bias corr.  scale     NS eps  AdamW b2 / eps / wd
+  =============  ==========  ==========  ========  ======  ===================
+  ``keller``     EMA, nest.  no          keller    1e-7    0.95 / 1e-10 / 0
+  ``moonlight``  sum, nest.  no          0.2·√max  1e-7    0.95 / 1e-8 raw / λ
+  ``optax``      EMA, nest.  yes         keller    1e-8    0.999 / 1e-8 / 0
+  =============  ==========  ==========  ========  ======  ===================
+
+  ("raw": ε added to √v before bias correction, as in Moonlight's AdamW;
+  the optax mode's AdamW is NAdam-style, as ``optax.contrib.muon``'s.)
 
   ``reference='optax'`` with the same arguments and ``router`` left ``None``
   (optax's rule: 2-D leaves are matrices) reproduces
@@ -144,7 +150,7 @@ def muon(
     mu_dtype: momentum accumulator dtype (both branches).
     adam_learning_rate: AdamW learning rate (default: ``learning_rate``).
     adam_b1, adam_b2, adam_eps: AdamW moments and epsilon.
-    adam_weight_decay: AdamW weight decay.
+    adam_weight_decay: AdamW weight decay (default 0; Moonlight: λ).
     router: a :class:`orthax.Router` or a ``params -> labels`` callable;
       default: ``Router()`` (``'optax'`` reference: the 2-D rule).
     check_finite: raise, naming the leaf, on a NaN/Inf gradient.
@@ -175,15 +181,21 @@ def muon(
                                         matrix_specs=specs)),
       ('scale_by_shape', T.scale_by_shape(scale, rms=scale_rms,
                                           matrix_specs=specs)),
-      ('learning_rate', optax.scale_by_learning_rate(learning_rate)),
+      # Not named 'learning_rate': that name is optax.inject_hyperparams' own,
+      # and optax.tree.get(state, 'learning_rate') must find it unambiguously.
+      ('scale_by_learning_rate', optax.scale_by_learning_rate(learning_rate)),
       ('weight_decay', T.decoupled_weight_decay(
           weight_decay, learning_rate=learning_rate,
           cautious=cautious_weight_decay)),
   )
-  adam = optax.adamw(
+  if adam_weight_decay is None:
+    adam_weight_decay = weight_decay if d['adam_shares_wd'] else 0.0
+  adam = T.adamw(
       learning_rate if adam_learning_rate is None else adam_learning_rate,
       b1=adam_b1, b2=d['adam_b2'] if adam_b2 is None else adam_b2,
       eps=d['adam_eps'] if adam_eps is None else adam_eps,
       weight_decay=adam_weight_decay, mu_dtype=mu_dtype,
-      nesterov=d['adam_nesterov'])
+      eps_placement=d['adam_eps_placement'],
+      # optax.contrib.muon hands its `nesterov` to the Adam branch too.
+      nesterov=nesterov if reference == 'optax' else False)
   return assemble(matrix, adam, router, check_finite)

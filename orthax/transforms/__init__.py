@@ -1,5 +1,7 @@
 """Optax ``GradientTransformation`` primitives (one family per module)."""
 
+from orthax.transforms.adam import adamw
+from orthax.transforms.adam import scale_by_adam_raw_eps
 from orthax.transforms.check_finite import NonFiniteGradientError
 from orthax.transforms.check_finite import check_finite
 from orthax.transforms.momentum import MomentumState
@@ -12,6 +14,6 @@ from orthax.transforms.weight_decay import decoupled_weight_decay
 
 __all__ = [
     'MomentumState', 'NonFiniteGradientError', 'WeightDecayState',
-    'check_finite', 'decoupled_weight_decay', 'momentum', 'orthogonalize',
-    'scale_by_shape', 'shape_factor',
+    'adamw', 'check_finite', 'decoupled_weight_decay', 'momentum', 'orthogonalize',
+    'scale_by_adam_raw_eps', 'scale_by_shape', 'shape_factor',
 ]

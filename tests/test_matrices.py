@@ -1,0 +1,162 @@
+"""Matrix views, grouping, and the transforms that use them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import orthax
+from orthax import matrices
+from orthax.matrices import MatrixSpec
+
+
+@pytest.mark.parametrize('shape,spec,expect', [
+    ((6, 10), MatrixSpec(), (1, 6, 10)),
+    ((4, 6, 10), MatrixSpec(), (4, 6, 10)),
+    ((6, 4, 10), MatrixSpec.stacked(1), (4, 6, 10)),
+    ((6, 10, 4), MatrixSpec.stacked(2), (4, 6, 10)),
+    ((3, 3, 8, 16), MatrixSpec.conv(4), (1, 72, 16)),
+    ((8, 4, 5), MatrixSpec.heads(0, 2), (4, 8, 5)),
+    ((10, 6), MatrixSpec.torch_linear(), (1, 6, 10)),
+])
+def test_views_shape_and_roundtrip(shape, spec, expect):
+  x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+  m = matrices.to_matrices(x, spec)
+  assert m.shape == expect
+  np.testing.assert_array_equal(matrices.from_matrices(m, spec, shape), x)
+
+
+def test_stacked_view_picks_the_right_matrices():
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 4, 10)))
+  m = matrices.to_matrices(x, MatrixSpec.stacked(1))
+  for layer in range(4):
+    np.testing.assert_array_equal(m[layer], x[:, layer, :])
+
+
+def test_conv_view_flattens_window_and_fan_in():
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 8, 16)))
+  m = matrices.to_matrices(x, MatrixSpec.conv(4))
+  np.testing.assert_array_equal(m[0], x.reshape(72, 16))
+
+
+def test_bad_spec_names_problem():
+  with pytest.raises(ValueError, match='does not fit'):
+    MatrixSpec((0,), (5,)).resolve((3, 4))
+  with pytest.raises(ValueError, match='twice'):
+    MatrixSpec((0,), (0,)).resolve((3, 4))
+
+
+def test_grouping_merges_orientations_and_keeps_order():
+  shapes = [(1, 8, 32), (2, 32, 8), (1, 16, 16), (3, 8, 32)]
+  groups = matrices.plan_groups(shapes, [jnp.float32] * 4)
+  assert [(g.m, g.n, g.count) for g in groups] == [(8, 32, 6), (16, 16, 1)]
+  assert [mb.transposed for mb in groups[0].members] == [False, True, False]
+
+
+def test_map_grouped_equals_per_leaf():
+  rng = np.random.default_rng(2)
+  mats = [jnp.asarray(rng.standard_normal(s), jnp.float32)
+          for s in [(1, 8, 32), (2, 32, 8), (1, 16, 16), (3, 8, 32)]]
+  calls = []
+
+  def ns(x):
+    calls.append(x.shape)
+    return orthax.polar.newton_schulz(x)
+
+  grouped = matrices.map_grouped(ns, mats)
+  assert calls == [(6, 8, 32), (1, 16, 16)]
+  for g, x in zip(grouped, mats):
+    np.testing.assert_allclose(g, orthax.polar.newton_schulz(x), atol=2e-6)
+
+
+def test_orthogonalize_stacked_and_conv_leaves():
+  rng = np.random.default_rng(3)
+  tree = {'stack': jnp.asarray(rng.standard_normal((3, 8, 12)), jnp.float32),
+          'conv': jnp.asarray(rng.standard_normal((3, 3, 4, 6)), jnp.float32)}
+  specs = {'stack': MatrixSpec.stacked(0), 'conv': MatrixSpec.conv(4)}
+  tx = orthax.orthogonalize('polar_express_paper', matrix_specs=specs)
+  out, _ = tx.update(tree, tx.init(tree))
+  for i in range(3):  # each layer orthogonalized on its own
+    s = np.linalg.svd(np.asarray(out['stack'][i]), compute_uv=False)
+    np.testing.assert_allclose(s, 1, atol=1e-3)
+  s = np.linalg.svd(np.asarray(out['conv']).reshape(36, 6), compute_uv=False)
+  np.testing.assert_allclose(s, 1, atol=1e-3)
+
+
+def test_orthogonalize_group_flag_is_numerically_neutral():
+  rng = np.random.default_rng(4)
+  tree = {'a': jnp.asarray(rng.standard_normal((16, 48)), jnp.float32),
+          'b': jnp.asarray(rng.standard_normal((48, 16)), jnp.float32)}
+  outs = []
+  for group in (True, False):
+    tx = orthax.orthogonalize(group=group)
+    outs.append(tx.update(tree, tx.init(tree))[0])
+  for k in tree:
+    np.testing.assert_allclose(outs[0][k], outs[1][k], atol=2e-6)
+
+
+@pytest.mark.parametrize('mode,factor', [
+    ('keller', np.sqrt(48 / 16)), ('moonlight', 0.2 * np.sqrt(48)),
+    ('spectral', np.sqrt(48 / 16)), ('none', 1.0)])
+def test_scale_by_shape_modes(mode, factor):
+  tree = {'k': jnp.ones((16, 48))}  # Flax kernel: in=16, out=48
+  tx = orthax.scale_by_shape(mode)
+  out, _ = tx.update(tree, tx.init(tree))
+  np.testing.assert_allclose(out['k'], factor, rtol=1e-6)
+  wide = {'k': jnp.ones((48, 16))}
+  out, _ = tx.update(wide, tx.init(wide))
+  expect = {'keller': 1.0, 'moonlight': 0.2 * np.sqrt(48),
+            'spectral': np.sqrt(16 / 48), 'none': 1.0}[mode]
+  np.testing.assert_allclose(out['k'], expect, rtol=1e-6)
+
+
+@pytest.mark.parametrize('form,nesterov', [('ema', True), ('ema', False),
+                                           ('sum', True), ('sum', False)])
+def test_momentum_forms(form, nesterov):
+  beta = 0.9
+  gs = [np.random.default_rng(t).standard_normal(5) for t in range(4)]
+  tx = orthax.momentum(beta, form=form, nesterov=nesterov)
+  s = tx.init(jnp.zeros(5))
+  m = np.zeros(5)
+  keep = 1.0 if form == 'sum' else 1 - beta
+  for g in gs:
+    u, s = tx.update(jnp.asarray(g, jnp.float32), s)
+    m = beta * m + keep * g
+    ref = keep * g + beta * m if nesterov else m
+    np.testing.assert_allclose(u, ref, rtol=1e-5)
+
+
+def test_momentum_accumulator_dtype():
+  tx = orthax.momentum(accumulator_dtype=jnp.float32)
+  p = jnp.ones(3, jnp.bfloat16)
+  u, s = tx.update(p, tx.init(p))
+  assert s.mu.dtype == jnp.float32 and u.dtype == jnp.bfloat16
+
+
+def test_momentum_bias_correction_needs_ema():
+  with pytest.raises(ValueError, match='EMA'):
+    orthax.momentum(form='sum', bias_correction=True)
+
+
+@pytest.mark.parametrize('cautious', [False, True])
+def test_decoupled_weight_decay(cautious):
+  w = jnp.array([1.0, -1.0, 2.0, -2.0])
+  d = jnp.array([-0.1, -0.1, 0.1, 0.1])  # shrinks, grows, grows, shrinks |w|
+  sched = optax.linear_schedule(0.5, 0.25, 1)
+  tx = orthax.decoupled_weight_decay(0.1, learning_rate=sched, cautious=cautious)
+  s = tx.init(w)
+  out, s = tx.update(d, s, w)
+  mask = np.array([1, 0, 0, 1]) if cautious else 1
+  np.testing.assert_allclose(out, d - 0.1 * 0.5 * w * mask, rtol=1e-6)
+  out, s = tx.update(d, s, w)  # schedule advanced to 0.25
+  np.testing.assert_allclose(out, d - 0.1 * 0.25 * w * mask, rtol=1e-6)
+  with pytest.raises(ValueError, match='needs params'):
+    tx.update(d, s)
+
+
+def test_weight_decay_independent_of_lr():
+  tx = orthax.decoupled_weight_decay(0.01)
+  w = jnp.ones(3)
+  out, _ = tx.update(jnp.zeros(3), tx.init(w), w)
+  np.testing.assert_allclose(out, -0.01)

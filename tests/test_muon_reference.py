@@ -1,0 +1,203 @@
+"""orthax.muon in its reference modes vs independent transcriptions.
+
+The NumPy references below are written from ``shared/ALGORITHMS.md`` §1 in
+PyTorch layout (a weight is ``(out, in)``; a Flax kernel ``(in, out)`` is its
+transpose), in float64.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from optax import contrib
+
+import orthax
+
+JORDAN = (3.4445, -4.7750, 2.0315)
+SHAPES = {'a/kernel': (64, 32), 'b/kernel': (32, 64), 'c/kernel': (48, 48),
+          'stack/kernel': (3, 32, 48), 'b/bias': (64,), 'ln/scale': (48,)}
+
+
+@pytest.fixture
+def x64():
+  jax.config.update('jax_enable_x64', True)
+  yield
+  jax.config.update('jax_enable_x64', False)
+
+
+def make_tree(seed, dtype=np.float64):
+  rng = np.random.default_rng(seed)
+  tree = {}
+  for path, shape in SHAPES.items():
+    node = tree
+    *parents, leaf = path.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = rng.standard_normal(shape).astype(dtype)
+  return tree
+
+
+def flat(tree):
+  return {orthax._tree.path_str(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def ns5(u, eps=1e-7):
+  """KellerJordan/Muon zeropower_via_newtonschulz5 (float64, torch layout)."""
+  x = u.copy()
+  tall = x.shape[0] > x.shape[1]
+  if tall:
+    x = x.T
+  x = x / (np.linalg.norm(x) + eps)
+  a, b, c = JORDAN
+  for _ in range(5):
+    g = x @ x.T
+    x = a * x + (b * g + c * g @ g) @ x
+  return x.T if tall else x
+
+
+def as_torch_mats(k):
+  """Flax kernel (…, in, out) → list of torch weights (out, in)."""
+  k = k.reshape((-1,) + k.shape[-2:])
+  return [m.T for m in k]
+
+
+class KellerReference:
+  """SingleDeviceMuonWithAuxAdam: Muon for kernels, Adam for the rest."""
+
+  def __init__(self, params, lr, wd, adam_lr, beta=0.95, b1=0.9, b2=0.95,
+               adam_eps=1e-10, moonlight=False):
+    self.p = {k: v.copy() for k, v in flat(params).items()}
+    self.lr, self.wd, self.adam_lr, self.beta = lr, wd, adam_lr, beta
+    self.b1, self.b2, self.adam_eps, self.moon = b1, b2, adam_eps, moonlight
+    self.buf = {k: np.zeros_like(v) for k, v in self.p.items()}
+    self.v = {k: np.zeros_like(v) for k, v in self.p.items()}
+    self.t = 0
+
+  def step(self, grads):
+    self.t += 1
+    for k, g in flat(grads).items():
+      w = self.p[k]
+      if k.endswith('kernel'):
+        shape = w.shape
+        ws, gs = as_torch_mats(w), as_torch_mats(g)
+        bs = as_torch_mats(self.buf[k])
+        new_w, new_b = [], []
+        for wi, gi, bi in zip(ws, gs, bs):
+          if self.moon:  # sum form, nesterov
+            bi = self.beta * bi + gi
+            u = gi + self.beta * bi
+            o = ns5(u)
+            adj = self.lr * 0.2 * np.sqrt(max(wi.shape))
+            wi = wi * (1 - self.lr * self.wd) - adj * o
+          else:  # lerp form, nesterov
+            bi = bi + (1 - self.beta) * (gi - bi)
+            u = gi + self.beta * (bi - gi)
+            o = ns5(u) * np.sqrt(max(1, wi.shape[0] / wi.shape[1]))
+            wi = wi * (1 - self.lr * self.wd) - self.lr * o
+          new_w.append(wi.T)
+          new_b.append(bi.T)
+        self.p[k] = np.stack(new_w).reshape(shape)
+        self.buf[k] = np.stack(new_b).reshape(shape)
+      else:
+        m = self.buf[k] = self.b1 * self.buf[k] + (1 - self.b1) * g
+        v = self.v[k] = self.b2 * self.v[k] + (1 - self.b2) * g * g
+        if self.moon:  # eps on sqrt(v) before bias correction, wd shared
+          step = (self.lr * np.sqrt(1 - self.b2 ** self.t)
+                  / (1 - self.b1 ** self.t) * m / (np.sqrt(v) + self.adam_eps))
+          self.p[k] = w * (1 - self.lr * self.wd) - step
+        else:
+          mh = m / (1 - self.b1 ** self.t)
+          vh = v / (1 - self.b2 ** self.t)
+          self.p[k] = w - self.adam_lr * mh / (np.sqrt(vh) + self.adam_eps)
+
+
+def run_orthax(tx, params, grads_seq):
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  out = []
+  for g in grads_seq:
+    u, state = update(g, state, params)
+    params = optax.apply_updates(params, u)
+    out.append(flat(params))
+  return out
+
+
+@pytest.mark.parametrize('reference', ['keller', 'moonlight'])
+def test_reference_modes_match_float64_transcription(x64, reference):
+  params = make_tree(0)
+  grads = [make_tree(100 + t) for t in range(6)]
+  lr, wd = 0.02, 0.1
+  tx = orthax.muon(lr, reference=reference, weight_decay=wd,
+                   adam_learning_rate=3e-3 if reference == 'keller' else None)
+  got = run_orthax(tx, params, grads)
+  ref = KellerReference(params, lr, wd, 3e-3, moonlight=reference == 'moonlight',
+                        adam_eps=1e-10 if reference == 'keller' else 1e-8)
+  for t, g in enumerate(grads):
+    ref.step(g)
+    for k, w in ref.p.items():
+      np.testing.assert_allclose(got[t][k], w, rtol=1e-9, atol=1e-12,
+                                 err_msg=f'{reference} step {t} {k}')
+
+
+def test_keller_float32_close_to_float64_reference():
+  params = make_tree(1, np.float32)
+  grads = [make_tree(200 + t, np.float32) for t in range(5)]
+  got = run_orthax(orthax.muon(0.02, weight_decay=0.01), params, grads)
+  ref = KellerReference(make_tree(1), 0.02, 0.01, 0.02)
+  for t in range(5):
+    ref.step(make_tree(200 + t))
+  for k, w in ref.p.items():
+    np.testing.assert_allclose(got[-1][k], w, rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+OPTAX_CASES = [
+    dict(),
+    dict(weight_decay=0.1, adam_weight_decay=0.05),
+    dict(nesterov=False, beta=0.9),
+    dict(ns_steps=3, adam_learning_rate=1e-3),
+]
+
+
+@pytest.mark.parametrize('kw', OPTAX_CASES)
+def test_optax_reference_equals_optax_contrib_muon(kw):
+  """Same arguments, same updates as optax.contrib.muon (f32, 5 steps)."""
+  params = make_tree(2, np.float32)
+  params['stack'] = {'kernel': params['stack']['kernel'][0]}  # optax: 2-D only
+  optax_kw = dict(kw)
+  if 'beta' in kw:
+    optax_kw['beta'] = kw['beta']
+  ours = orthax.muon(0.02, reference='optax', **kw)
+  theirs = contrib.muon(0.02, **optax_kw)
+  so, st = ours.init(params), theirs.init(params)
+  po = pt = params
+  for t in range(5):
+    g = make_tree(300 + t, np.float32)
+    g['stack'] = {'kernel': g['stack']['kernel'][0]}
+    uo, so = jax.jit(ours.update)(g, so, po)
+    ut, st = jax.jit(theirs.update)(g, st, pt)
+    for (k, a), b in zip(flat(uo).items(), flat(ut).values()):
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=f'{t} {k}')
+    po, pt = optax.apply_updates(po, uo), optax.apply_updates(pt, ut)
+
+
+def test_optax_reference_differs_from_keller_after_step_one():
+  """Optax's bias-corrected Nesterov is not Keller's (ALGORITHMS.md §0)."""
+  params = {'w': jnp.zeros((64, 32))}
+  gs = [{'w': jax.random.normal(jax.random.key(t), (64, 32))} for t in range(2)]
+  res = {}
+  for ref in ('keller', 'optax'):
+    tx = orthax.muon(1.0, reference=ref)
+    s = tx.init(params)
+    res[ref] = []
+    for g in gs:
+      u, s = tx.update(g, s, params)
+      res[ref].append(u['w'])
+  assert jnp.abs(res['keller'][0] - res['optax'][0]).max() < 1e-5
+  assert jnp.abs(res['keller'][1] - res['optax'][1]).max() > 1e-3
+
+
+def test_unknown_reference():
+  with pytest.raises(ValueError, match='reference'):
+    orthax.muon(0.1, reference='pytorch')

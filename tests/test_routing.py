@@ -1,0 +1,176 @@
+"""Routing rules and the errors bad inputs produce."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import orthax
+from orthax import MatrixSpec, Router, Rule
+
+
+def linen_like_tree():
+  z = jnp.zeros
+  return {
+      'params': {
+          'wte': {'embedding': z((50, 16))},
+          'wpe': {'embedding': z((8, 16))},
+          'h_0': {'ln_1': {'scale': z(16), 'bias': z(16)},
+                  'attn': {'c_attn': {'kernel': z((16, 48)), 'bias': z(48)}},
+                  'mlp': {'c_fc': {'kernel': z((16, 64))},
+                          'c_proj': {'kernel': z((64, 16))}}},
+          'blocks': {'mlp': {'kernel': z((4, 16, 64)), 'bias': z((4, 64))},
+                     'norm': {'scale': z((4, 16))}},
+          'conv1': {'kernel': z((3, 3, 4, 8))},
+          'ln_f': {'scale': z(16)},
+          'lm_head': {'kernel': z((16, 50))},
+      }
+  }
+
+
+EXPECTED = {
+    'params/wte/embedding': ('adam', None),
+    'params/wpe/embedding': ('adam', None),
+    'params/h_0/ln_1/scale': ('adam', None),
+    'params/h_0/ln_1/bias': ('adam', None),
+    'params/h_0/attn/c_attn/kernel': ('matrix', (1, 16, 48)),
+    'params/h_0/attn/c_attn/bias': ('adam', None),
+    'params/h_0/mlp/c_fc/kernel': ('matrix', (1, 16, 64)),
+    'params/h_0/mlp/c_proj/kernel': ('matrix', (1, 64, 16)),
+    'params/blocks/mlp/kernel': ('matrix', (4, 16, 64)),
+    'params/blocks/mlp/bias': ('adam', None),       # 2-D: optax sends it to Muon
+    'params/blocks/norm/scale': ('adam', None),     # 2-D: optax sends it to Muon
+    'params/conv1/kernel': ('matrix', (1, 36, 8)),
+    'params/ln_f/scale': ('adam', None),
+    'params/lm_head/kernel': ('adam', None),
+}
+
+
+def test_default_rules_route_linen_names():
+  tree = linen_like_tree()
+  routes = Router().routes(tree)
+  flat = {orthax._tree.path_str(p): r for p, r in
+          jax.tree_util.tree_flatten_with_path(
+              routes, is_leaf=lambda r: isinstance(r, orthax.routing.Route))[0]}
+  leaves = {orthax._tree.path_str(p): x for p, x in
+            jax.tree_util.tree_flatten_with_path(tree)[0]}
+  assert set(flat) == set(EXPECTED)
+  for path, (label, view) in EXPECTED.items():
+    r = flat[path]
+    assert r.label == label, path
+    if view is not None:
+      assert r.spec.matrix_shape(leaves[path].shape) == view, path
+
+
+def test_describe_prints_every_leaf(capsys):
+  table = orthax.describe(linen_like_tree())
+  out = capsys.readouterr().out
+  assert table in out
+  for path, (label, view) in EXPECTED.items():
+    line = next(l for l in table.splitlines() if l.startswith(path + ' '))
+    assert label in line
+    if view:
+      assert ' x '.join(map(str, view)) in line
+
+
+def test_extra_rules_take_precedence():
+  tree = linen_like_tree()
+  r = Router(extra_rules=[Rule('lm_head', 'matrix'), Rule('wpe', 'frozen')])
+  labels = r.labels(tree)['params']
+  assert labels['lm_head']['kernel'] == 'matrix'
+  assert labels['wpe']['embedding'] == 'frozen'
+
+
+def test_frozen_leaves_get_zero_updates():
+  params = {'a': {'kernel': jnp.ones((4, 8))}, 'emb': {'embedding': jnp.ones((5, 4))}}
+  tx = orthax.muon(0.1, router=Router(extra_rules=[Rule('emb', 'frozen')]))
+  u, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  assert np.all(np.asarray(u['emb']['embedding']) == 0)
+  assert np.any(np.asarray(u['a']['kernel']) != 0)
+
+
+def test_trailing_value_is_stripped():
+  from flax import nnx
+  p = nnx.Param(jnp.zeros((4, 8)))
+  flat = jax.tree_util.tree_flatten_with_path({'lin': {'kernel': p}})[0]
+  assert orthax._tree.path_str(flat[0][0]) == 'lin/kernel'
+
+
+# Bad inputs --------------------------------------------------------------------
+
+
+def test_unroutable_leaf_names_its_path():
+  r = Router(rules=[Rule(r'kernel$', 'matrix')])
+  with pytest.raises(ValueError, match="'layer/bias'"):
+    r.labels({'layer': {'kernel': jnp.zeros((2, 2)), 'bias': jnp.zeros(2)}})
+
+
+def test_4d_kernel_without_view_names_its_path():
+  params = {'blocks': {'experts': {'kernel': jnp.zeros((2, 3, 4, 5))}}}
+  with pytest.raises(ValueError, match="'blocks/experts/kernel'.*no default"):
+    orthax.muon(0.1).init(params)
+  # …and a rule with a view fixes it.
+  r = Router(extra_rules=[Rule('experts/kernel', 'matrix',
+                              MatrixSpec((-2,), (-1,)))])
+  tx = orthax.muon(0.1, router=r)
+  u, _ = tx.update(params, tx.init(params), params)
+  assert u['blocks']['experts']['kernel'].shape == (2, 3, 4, 5)
+
+
+def test_orthogonalize_3d_leaf_without_spec_names_its_path():
+  tx = orthax.orthogonalize()
+  g = {'layers': {'w': jnp.ones((2, 3, 4))}}
+  with pytest.raises(ValueError, match="'layers/w'.*only 2-D"):
+    tx.update(g, tx.init(g))
+
+
+def test_spec_that_does_not_fit_names_its_path():
+  tx = orthax.orthogonalize(matrix_specs=MatrixSpec((0,), (3,)))
+  with pytest.raises(ValueError, match="'w'"):
+    tx.update({'w': jnp.ones((2, 3))}, None)
+
+
+def test_bad_rule_label():
+  with pytest.raises(ValueError, match='label'):
+    Rule('x', 'sgd')
+
+
+def test_unknown_preset_fails_at_construction():
+  with pytest.raises(ValueError, match='Unknown Newton–Schulz preset'):
+    orthax.orthogonalize('jordan2')
+  with pytest.raises(ValueError, match='Unknown Newton–Schulz preset'):
+    orthax.muon(0.1, preset='polarexpress')
+  with pytest.raises(ValueError, match='Unknown recipe'):
+    orthax.recipe('adamuon')
+
+
+@pytest.mark.parametrize('bad', [jnp.nan, jnp.inf])
+def test_non_finite_gradient_names_the_leaf(bad):
+  params = {'blocks': {'mlp': {'kernel': jnp.ones((4, 8))}}, 'b': jnp.ones(3)}
+  grads = jax.tree.map(jnp.ones_like, params)
+  grads['blocks']['mlp']['kernel'] = grads['blocks']['mlp']['kernel'].at[1, 2].set(bad)
+  tx = orthax.muon(0.1)
+  state = tx.init(params)
+  with pytest.raises(orthax.NonFiniteGradientError, match="'blocks/mlp/kernel'"):
+    tx.update(grads, state, params)
+  with pytest.raises(Exception, match="blocks/mlp/kernel"):
+    jax.block_until_ready(jax.jit(tx.update)(grads, state, params))
+
+
+def test_non_finite_check_can_be_disabled():
+  params = {'k': jnp.ones((4, 8))}
+  tx = orthax.muon(0.1, check_finite=False)
+  u, _ = tx.update({'k': jnp.full((4, 8), jnp.nan)}, tx.init(params), params)
+  assert np.all(np.isnan(np.asarray(u['k'])))  # documented: NaN propagates
+
+
+def test_zero_gradient_gives_zero_update():
+  params = {'k': jnp.ones((4, 8)), 's': {'kernel': jnp.ones((2, 4, 8))},
+            'bias': jnp.ones(8)}
+  for preset in orthax.polar.preset_names():
+    tx = orthax.muon(0.1, preset=preset)
+    u, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params),
+                              tx.init(params), params)
+    for leaf in jax.tree.leaves(u):
+      assert np.all(np.asarray(leaf) == 0), preset
