@@ -1,0 +1,105 @@
+"""Helpers for the benchmark scripts: workloads, timing, FLOP counts.
+
+Nothing here is used by the optimizers; ``scripts/bench_*.py`` import it.
+Timings are medians of repeated runs after a warm-up, each ending in
+``block_until_ready``; scripts print ratios measured in one process.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def gpt2_hidden_kernels(layers: int = 12, d: int = 768) -> dict[str, Any]:
+  """Shapes of GPT-2 small's hidden matrices as Flax kernels ``(in, out)``."""
+  tree = {}
+  for i in range(layers):
+    tree[f'h{i:02d}'] = {
+        'attn': {'c_attn': {'kernel': (d, 3 * d)},
+                 'c_proj': {'kernel': (d, d)}},
+        'mlp': {'c_fc': {'kernel': (d, 4 * d)},
+                'c_proj': {'kernel': (4 * d, d)}},
+    }
+  return tree
+
+
+def is_shape(x) -> bool:
+  return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def random_tree(shapes: Any, key: jax.Array, dtype=jnp.float32) -> Any:
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_shape)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [
+      jax.random.normal(k, s, dtype) for k, s in zip(keys, leaves)])
+
+
+def ns_step_flops(m: int, n: int) -> int:
+  """FLOPs of one quintic step: ``XXᵀ`` 2a²b, ``A·A`` 2a³, ``B·X`` 2a²b."""
+  a, b = min(m, n), max(m, n)
+  return 4 * a * a * b + 2 * a ** 3
+
+
+def tree_ns_flops(shapes: Any, steps: int) -> int:
+  total = 0
+  for s in jax.tree.leaves(shapes, is_leaf=is_shape):
+    batch = 1
+    for d in s[:-2]:
+      batch *= d
+    total += batch * steps * ns_step_flops(s[-2], s[-1])
+  return total
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 5,
+                warmup: int = 1) -> float:
+  """Median wall time of ``fn()`` (which must return arrays) in seconds."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def matmul_chain(stacks: list[jax.Array], steps: int,
+                 unroll: bool = False) -> list[jax.Array]:
+  """The roofline: per stack ``A = XXᵀ; X ← (A·A)·X`` for ``steps`` steps.
+
+  The same three matmuls per step as a quintic Newton–Schulz step, batched the
+  same way, with no coefficients, normalization or casts. Start from matrices
+  with orthonormal rows so the values stay bounded.
+  """
+  def step(_, x):
+    a = x @ jnp.swapaxes(x, -1, -2)
+    return (a @ a) @ x
+
+  out = []
+  for x in stacks:
+    if unroll:
+      for k in range(steps):
+        x = step(k, x)
+    else:
+      x = jax.lax.fori_loop(0, steps, step, x)
+    out.append(x)
+  return out
+
+
+def orthonormal_rows(key: jax.Array, count: int, m: int, n: int,
+                     dtype=jnp.float32) -> jax.Array:
+  """``[count, m, n]`` (m ≤ n) with orthonormal rows."""
+  q, _ = jnp.linalg.qr(jax.random.normal(key, (count, n, m), jnp.float32))
+  return jnp.swapaxes(q, -1, -2).astype(dtype)
+
+
+def temp_bytes(compiled) -> int | None:
+  try:
+    return compiled.memory_analysis().temp_size_in_bytes
+  except Exception:  # pragma: no cover - backend without memory analysis
+    return None

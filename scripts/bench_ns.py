@@ -1,0 +1,117 @@
+"""Single-device Muon update: orthax vs optax.contrib.muon vs the matmul roofline.
+
+Workload: GPT-2 small's hidden matrices (per layer 768×2304, 768×768,
+768×3072, 3072×768 as Flax kernels), f32 on CPU (bf16 iteration on a GPU).
+Prints one table measured in this process: median update time, efficiency
+(roofline time / method time), time relative to optax, compiled temp memory,
+and the error of each method's orthogonalization against the exact polar
+factor (on one layer's gradients).
+
+  python scripts/bench_ns.py                 # 4 layers (MEASURING.md baseline)
+  python scripts/bench_ns.py --layers 12     # the full model
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax import contrib
+
+import orthax
+from orthax import benchmarking as B
+from orthax import matrices
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--layers', type=int, default=4)
+  ap.add_argument('--repeats', type=int, default=5)
+  ap.add_argument('--steps', type=int, default=5)
+  args = ap.parse_args()
+
+  on_gpu = jax.default_backend() != 'cpu'
+  ns_dtype = jnp.bfloat16 if on_gpu else jnp.float32
+  shapes = B.gpt2_hidden_kernels(args.layers)
+  params = B.random_tree(shapes, jax.random.key(0))
+  grads = B.random_tree(shapes, jax.random.key(1))
+  flops = B.tree_ns_flops(shapes, args.steps)
+
+  # Roofline: the same matmuls, stacked by shape like orthax's groups.
+  leaves = jax.tree.leaves(params)
+  groups = matrices.plan_groups([(1,) + x.shape for x in leaves],
+                                [x.dtype for x in leaves])
+  stacks = [B.orthonormal_rows(jax.random.key(i), g.count, g.m, g.n, ns_dtype)
+            for i, g in enumerate(groups)]
+  roof = {}
+  for unroll in (False, True):
+    f = jax.jit(lambda s, u=unroll: B.matmul_chain(s, args.steps, u))
+    roof[unroll] = B.median_time(lambda: f(stacks), args.repeats)
+  t_roof = min(roof.values())
+
+  def bench_update(tx):
+    state = tx.init(params)
+    upd = jax.jit(tx.update)
+    compiled = upd.lower(grads, state, params).compile()
+    t = B.median_time(lambda: compiled(grads, state, params), args.repeats)
+    return t, B.temp_bytes(compiled)
+
+  rows = []
+  ox = orthax.muon(0.02, ns_steps=args.steps, ns_dtype=ns_dtype)
+  rows.append(('orthax.muon (jordan)',) + bench_update(ox))
+  rows.append(('orthax.muon (jordan, group=False)',) + bench_update(
+      _ungrouped_muon(args.steps, ns_dtype)))
+  t_optax, m_optax = bench_update(contrib.muon(0.02, ns_steps=args.steps))
+  rows.append(('optax.contrib.muon', t_optax, m_optax))
+
+  # Accuracy on one layer: relative Frobenius error vs the exact polar factor.
+  layer = jax.tree.leaves(grads)[:4]
+  exact = [orthax.polar.polar_svd(g) for g in layer]
+  rel = lambda outs: float(np.mean([
+      jnp.linalg.norm(o - e) / jnp.linalg.norm(e) for o, e in zip(outs, exact)]))
+  err_orthax = rel([orthax.polar.newton_schulz(g, steps=args.steps,
+                                               dtype=ns_dtype) for g in layer])
+  coeffs = jnp.asarray((3.4445, -4.7750, 2.0315))
+  err_optax = rel([contrib._muon.orthogonalize_via_newton_schulz(
+      g, coeffs, args.steps) for g in layer])
+
+  print(f'backend={jax.default_backend()} devices={jax.device_count()} '
+        f'layers={args.layers} steps={args.steps} '
+        f'ns_dtype={jnp.dtype(ns_dtype).name} NS GFLOP/update={flops / 1e9:.1f}')
+  hdr = (f'{"method":36s} {"time s":>8s} {"GFLOP/s":>8s} {"eff":>6s} '
+         f'{"vs optax":>8s} {"temp MiB":>9s} {"err":>8s}')
+  print(hdr)
+  print('-' * len(hdr))
+  print(f'{"roofline (matmuls only, fori_loop)":36s} {roof[False]:8.3f} '
+        f'{flops / roof[False] / 1e9:8.1f} {t_roof / roof[False]:6.2f}')
+  print(f'{"roofline (matmuls only, unrolled)":36s} {roof[True]:8.3f} '
+        f'{flops / roof[True] / 1e9:8.1f} {t_roof / roof[True]:6.2f}')
+  for name, t, mem in rows:
+    err = err_optax if name.startswith('optax') else err_orthax
+    mib = f'{mem / 2**20:9.1f}' if mem is not None else f'{"n/a":>9s}'
+    print(f'{name:36s} {t:8.3f} {flops / t / 1e9:8.1f} {t_roof / t:6.2f} '
+          f'{t / t_optax:8.2f} {mib} {err:8.4f}')
+  print('eff = roofline time / method time (higher is better); '
+        'err = mean ‖O − UVᵀ‖_F/‖UVᵀ‖_F on one layer.')
+
+
+def _ungrouped_muon(steps, ns_dtype):
+  """orthax.muon with per-leaf Newton–Schulz calls (no stacking)."""
+  from orthax import transforms as T
+  router = orthax.Router()
+  chain = optax.named_chain(
+      ('momentum', T.momentum(0.95)),
+      ('orthogonalize', T.orthogonalize('jordan', steps=steps, group=False,
+                                        ns_dtype=ns_dtype,
+                                        matrix_specs=router.specs)),
+      ('scale_by_shape', T.scale_by_shape('keller', matrix_specs=router.specs)),
+      ('learning_rate', optax.scale_by_learning_rate(0.02)),
+  )
+  return orthax.recipes.assemble(chain, optax.adamw(0.02), router, True)
+
+
+if __name__ == '__main__':
+  main()
