@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import jax.numpy as jnp
 import optax
 
 from orthax import routing
@@ -89,6 +88,7 @@ def muon(
     ns_steps: int | None = None,
     ns_dtype: Any = None,
     ns_eps: float | None = None,
+    ns_method: str | None = None,
     scale: str | None = None,
     scale_rms: float = 0.2,
     weight_decay: float = 0.0,
@@ -143,6 +143,9 @@ def muon(
     ns_dtype: dtype of the Newton–Schulz iteration (e.g. ``jnp.bfloat16``).
     ns_eps: the normalizer's epsilon (default: the preset's; 1e-8 for
       ``reference='optax'``).
+    ns_method: ``'auto'`` (default; Gram Newton–Schulz for rectangular
+      matrices in float32), ``'standard'`` or ``'gram'``; ``'standard'`` for
+      ``reference='optax'`` so that it matches optax's arithmetic.
     scale: ``'keller'``, ``'moonlight'``, ``'spectral'`` or ``'none'``.
     scale_rms: RMS target of the ``moonlight`` scale.
     weight_decay: λ for matrices.
@@ -169,6 +172,8 @@ def muon(
   if router is None:
     router = _ndim2_labels if reference == 'optax' else routing.Router()
   specs = router.specs if isinstance(router, routing.Router) else None
+  if ns_method is None:
+    ns_method = 'standard' if reference == 'optax' else 'auto'
   if ns_eps is None and reference == 'optax':
     ns_eps = 1e-8  # optax shares one eps; the other references use the preset's
 
@@ -177,7 +182,7 @@ def muon(
                               bias_correction=d['bias_correction'],
                               accumulator_dtype=mu_dtype)),
       ('orthogonalize', T.orthogonalize(preset, steps=ns_steps, eps=ns_eps,
-                                        ns_dtype=ns_dtype,
+                                        ns_dtype=ns_dtype, method=ns_method,
                                         matrix_specs=specs)),
       ('scale_by_shape', T.scale_by_shape(scale, rms=scale_rms,
                                           matrix_specs=specs)),

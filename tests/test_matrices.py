@@ -1,6 +1,5 @@
 """Matrix views, grouping, and the transforms that use them."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -160,3 +159,32 @@ def test_weight_decay_independent_of_lr():
   w = jnp.ones(3)
   out, _ = tx.update(jnp.zeros(3), tx.init(w), w)
   np.testing.assert_allclose(out, -0.01)
+
+
+def test_choose_method():
+  choose = orthax.polar.choose_method
+  assert choose(768, 3072, 5, jnp.float32) == 'gram'
+  assert choose(3072, 768, 5, jnp.float32) == 'gram'
+  assert choose(768, 768, 5, jnp.float32) == 'standard'
+  assert choose(768, 3072, 5, jnp.bfloat16) == 'standard'  # half: opt-in only
+  assert choose(768, 3072, 5, jnp.bfloat16, 'gram') == 'gram'
+  assert choose(768, 3072, jnp.asarray(5), jnp.float32) == 'standard'
+  with pytest.raises(ValueError, match='method'):
+    choose(4, 4, 5, jnp.float32, 'fast')
+  with pytest.raises(ValueError, match='method'):
+    orthax.orthogonalize(method='fast')
+
+
+def test_orthogonalize_methods_agree():
+  rng = np.random.default_rng(5)
+  tree = {'a': jnp.asarray(rng.standard_normal((64, 256)), jnp.float32),
+          'b': jnp.asarray(rng.standard_normal((256, 64)), jnp.float32)}
+  outs = {}
+  for method in ('standard', 'gram', 'auto'):
+    tx = orthax.orthogonalize('polar_express', method=method)
+    outs[method] = tx.update(tree, tx.init(tree))[0]
+  for k in tree:
+    ref = np.asarray(outs['standard'][k])
+    for method in ('gram', 'auto'):
+      rel = np.linalg.norm(np.asarray(outs[method][k]) - ref) / np.linalg.norm(ref)
+      assert rel < 1e-5, (method, k, rel)

@@ -24,7 +24,7 @@ al., *Turbo-Muon* (arXiv 2512.04632).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +95,67 @@ def normalize_frobenius(x: jax.Array, scale: float = 1.0,
   return (x.astype(acc) / (scale * norm + eps)).astype(x.dtype)
 
 
+class Prepared(NamedTuple):
+  """Normalized wide input and the resolved iteration settings."""
+  x: jax.Array               # wide [..., m, n] in the iteration dtype
+  gram: jax.Array | None     # X Xᵀ of the normalized x, if the normalizer made it
+  rows: jax.Array            # coefficient table, float32 or wider
+  last: int                  # index of the table's last row
+  steps: Any                 # int or traced int
+  tall: bool                 # input was transposed
+  out_dtype: Any
+
+  def finish(self, x: jax.Array) -> jax.Array:
+    return (_mT(x) if self.tall else x).astype(self.out_dtype)
+
+
+def prepare(x, preset, *, steps, coeffs, normalizer, norm_scale, eps, dtype,
+            who) -> Prepared:
+  """Resolves a preset and its overrides, orients ``x`` wide and normalizes
+  it (shared by :func:`newton_schulz` and the Gram variant)."""
+  p = _presets.get_preset(preset)
+  table = _coeff_table(p.coeffs if coeffs is None else coeffs)
+  normalizer = p.normalizer if normalizer is None else normalizer
+  if normalizer not in NORMALIZERS:
+    raise ValueError(f'Unknown normalizer {normalizer!r}; expected one of '
+                     f'{NORMALIZERS}.')
+  norm_scale = p.norm_scale if norm_scale is None else norm_scale
+  eps = p.eps if eps is None else eps
+  steps = p.steps if steps is None else steps
+  if isinstance(steps, (int, np.integer)) and steps < 1:
+    raise ValueError(f'Newton–Schulz needs steps >= 1, got {steps}.')
+  if x.ndim < 2:
+    raise ValueError(f'{who} expects [..., m, n], got shape {x.shape}.')
+
+  out_dtype = x.dtype
+  dtype = jnp.dtype(x.dtype if dtype is None else dtype)
+  tall = x.shape[-2] > x.shape[-1]
+  if tall:
+    x = _mT(x)
+  acc = jnp.promote_types(dtype, jnp.float32)
+  rows = jnp.asarray(table, acc)
+  gram = None
+  if normalizer == 'frobenius':
+    x = normalize_frobenius(x, norm_scale, eps).astype(dtype)
+  elif normalizer == 'none':
+    x = x.astype(dtype)
+  else:
+    # The raw Gram matrix is formed and scaled in float32 or wider: in
+    # float16 the unnormalized XXᵀ could overflow.
+    x = x.astype(dtype)
+    g = _mm(x, _mT(x))
+    if normalizer == 'aol':
+      s = _rsqrt_clamped(jnp.sum(jnp.abs(g), axis=-1, keepdims=True), eps)
+      g = g * s * _mT(s)
+    else:  # schatten4
+      s = _rsqrt_clamped(
+          jnp.sqrt(jnp.sum(jnp.square(g), axis=(-2, -1), keepdims=True)), eps)
+      g = g * (s * s)
+    x = (x.astype(acc) * s).astype(dtype)
+    gram = g.astype(dtype)
+  return Prepared(x, gram, rows, table.shape[0] - 1, steps, tall, out_dtype)
+
+
 def newton_schulz(
     x: jax.Array,
     preset: str | _presets.Preset = 'jordan',
@@ -134,57 +195,18 @@ def newton_schulz(
   Returns:
     An array like ``x``. A zero matrix maps to zeros.
   """
-  p = _presets.get_preset(preset)
-  table = _coeff_table(p.coeffs if coeffs is None else coeffs)
-  normalizer = p.normalizer if normalizer is None else normalizer
-  if normalizer not in NORMALIZERS:
-    raise ValueError(f'Unknown normalizer {normalizer!r}; expected one of '
-                     f'{NORMALIZERS}.')
-  norm_scale = p.norm_scale if norm_scale is None else norm_scale
-  eps = p.eps if eps is None else eps
-  steps = p.steps if steps is None else steps
-  if isinstance(steps, (int, np.integer)) and steps < 1:
-    raise ValueError(f'Newton–Schulz needs steps >= 1, got {steps}.')
-  if x.ndim < 2:
-    raise ValueError(f'newton_schulz expects [..., m, n], got shape {x.shape}.')
-
-  out_dtype = x.dtype
-  dtype = jnp.dtype(x.dtype if dtype is None else dtype)
-  tall = x.shape[-2] > x.shape[-1]
-  if tall:
-    x = _mT(x)
-  rows = jnp.asarray(table, jnp.promote_types(dtype, jnp.float32))
-  last = table.shape[0] - 1
-
-  if normalizer == 'frobenius':
-    x = normalize_frobenius(x, norm_scale, eps).astype(dtype)
-    first = 0
-  elif normalizer == 'none':
-    x = x.astype(dtype)
-    first = 0
-  else:
-    x = x.astype(dtype)
-    gram = _gram(x)
-    if normalizer == 'aol':
-      s = _rsqrt_clamped(jnp.sum(jnp.abs(gram), axis=-1, keepdims=True), eps)
-      x = x * s
-      gram = gram * s * _mT(s)
-    else:  # schatten4
-      s = _rsqrt_clamped(
-          jnp.sqrt(jnp.sum(jnp.square(gram), axis=(-2, -1), keepdims=True)),
-          eps)
-      x = x * s
-      gram = gram * (s * s)
-    x = _quintic_from_gram(x, gram, rows[0])
-    first = 1
+  st = prepare(x, preset, steps=steps, coeffs=coeffs, normalizer=normalizer,
+               norm_scale=norm_scale, eps=eps, dtype=dtype, who='newton_schulz')
+  x = st.x
+  if st.gram is not None:  # AOL / Schatten-4: the first step reuses the Gram
+    x = _quintic_from_gram(x, st.gram, st.rows[0])
+  rows, last = st.rows, st.last
 
   def body(k, x):
     return _quintic(x, rows[jnp.minimum(k, last)])
 
-  x = jax.lax.fori_loop(first, steps, body, x)
-  if tall:
-    x = _mT(x)
-  return x.astype(out_dtype)
+  x = jax.lax.fori_loop(0 if st.gram is None else 1, st.steps, body, x)
+  return st.finish(x)
 
 
 def polar_svd(x: jax.Array, rtol: float | None = None) -> jax.Array:

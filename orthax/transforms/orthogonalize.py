@@ -24,6 +24,8 @@ def orthogonalize(
     ns_dtype: Any = None,
     matrix_specs: _tree.SpecsLike = None,
     group: bool = True,
+    method: str = 'auto',
+    restart_every: int | None = 2,
 ) -> optax.GradientTransformation:
   r"""Replaces each matrix ``U`` of the update by ``NS(U) ≈ polar(U)``.
 
@@ -49,13 +51,21 @@ def orthogonalize(
     matrix_specs: ``None`` (2-D leaves only), a ``MatrixSpec``, a tree of them
       or a callable ``updates -> tree`` (as routing provides).
     group: stack same-shape matrices across leaves into one call.
+    method: ``'standard'``, ``'gram'`` (Gram Newton–Schulz: iterate on the
+      small Gram matrix, fewer FLOPs for rectangular matrices, equal in exact
+      arithmetic) or ``'auto'`` (Gram where it saves FLOPs and the iteration
+      is float32 or wider; see :func:`orthax.polar.choose_method`).
+    restart_every: Gram Newton–Schulz restart period (its stability fix).
 
-  References: K. Jordan, *Muon* (2024); Amsel et al. arXiv 2505.16932.
+  References: K. Jordan, *Muon* (2024); Amsel et al. arXiv 2505.16932;
+  Zhang, Amsel, Chen, Dao, *Gram Newton–Schulz* (Dao AI Lab blog, 2026).
   """
   polar.get_preset(preset)  # fail early on unknown names
+  polar.choose_method(1, 1, 1, 'float32', method)  # …and unknown methods
   ns = functools.partial(
-      polar.newton_schulz, preset=preset, steps=steps, coeffs=coeffs,
-      normalizer=normalizer, norm_scale=norm_scale, eps=eps, dtype=ns_dtype)
+      polar.orthogonalize_stack, preset=preset, steps=steps, coeffs=coeffs,
+      normalizer=normalizer, norm_scale=norm_scale, eps=eps, dtype=ns_dtype,
+      method=method, restart_every=restart_every)
 
   def update_fn(updates, state, params=None):
     del params

@@ -1,0 +1,60 @@
+"""Choosing between the plain and the Gram Newton–Schulz iteration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from orthax.polar import presets as _presets
+from orthax.polar.gram import DEFAULT_RESTART_EVERY
+from orthax.polar.gram import gram_newton_schulz
+from orthax.polar.gram import prefer_gram
+from orthax.polar.newton_schulz import newton_schulz
+
+METHODS = ('auto', 'standard', 'gram')
+
+
+def choose_method(m: int, n: int, steps: Any, dtype: Any, method: str = 'auto',
+                  restart_every: int | None = DEFAULT_RESTART_EVERY) -> str:
+  """``'gram'`` or ``'standard'`` for an ``m×n`` matrix.
+
+  ``auto`` takes Gram Newton–Schulz when it needs fewer FLOPs
+  (``max(m, n) > 1.5·min(m, n)`` with restarts every 2 steps) **and** the
+  iteration runs in float32 or wider; half-precision iterations stay on the
+  plain iteration unless ``method='gram'`` is asked for explicitly, and a
+  traced step count also selects the plain iteration.
+  """
+  if method not in METHODS:
+    raise ValueError(f'method must be one of {METHODS}, got {method!r}.')
+  if method != 'auto':
+    return method
+  if not isinstance(steps, (int, np.integer)):
+    return 'standard'
+  if jnp.finfo(dtype).bits < 32:
+    return 'standard'
+  return 'gram' if prefer_gram(m, n, int(steps), restart_every) else 'standard'
+
+
+def orthogonalize_stack(
+    x: jax.Array,
+    preset: str | _presets.Preset = 'jordan',
+    *,
+    method: str = 'auto',
+    restart_every: int | None = DEFAULT_RESTART_EVERY,
+    steps: Any = None,
+    dtype: Any = None,
+    **kwargs,
+) -> jax.Array:
+  """Newton–Schulz on ``[..., m, n]`` by the method :func:`choose_method`
+  picks; other keyword arguments go to :func:`newton_schulz`."""
+  p = _presets.get_preset(preset)
+  k = p.steps if steps is None else steps
+  dt = x.dtype if dtype is None else dtype
+  if choose_method(x.shape[-2], x.shape[-1], k, dt, method,
+                   restart_every) == 'gram':
+    return gram_newton_schulz(x, preset, steps=steps, dtype=dtype,
+                              restart_every=restart_every, **kwargs)
+  return newton_schulz(x, preset, steps=steps, dtype=dtype, **kwargs)
