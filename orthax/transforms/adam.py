@@ -52,6 +52,18 @@ def scale_by_adam_raw_eps(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _keep_update_dtype(
+    inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Casts ``inner``'s updates back to the incoming gradients' dtypes
+  (``optax.adamw`` widens bf16 updates to a float32 ``mu_dtype``)."""
+
+  def update_fn(updates, state, params=None):
+    new, state = inner.update(updates, state, params)
+    return jax.tree.map(lambda n, u: n.astype(u.dtype), new, updates), state
+
+  return optax.GradientTransformation(inner.init, update_fn)
+
+
 def adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -73,9 +85,9 @@ def adamw(
     raise ValueError(f'eps_placement must be one of {EPS_PLACEMENTS}, got '
                      f'{eps_placement!r}.')
   if eps_placement == 'corrected':
-    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
-                       weight_decay=weight_decay, mu_dtype=mu_dtype,
-                       nesterov=nesterov)
+    return _keep_update_dtype(optax.adamw(
+        learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+        mu_dtype=mu_dtype, nesterov=nesterov))
   if nesterov:
     raise ValueError("nesterov Adam is only available with eps_placement="
                      "'corrected'.")

@@ -1,0 +1,514 @@
+"""The optax optimizer contract, as reusable checks.
+
+Every check takes ``make``, a factory ``learning_rate -> GradientTransformation``
+(a number, a schedule or a traced array, as ``optax.inject_hyperparams``
+passes), and raises ``AssertionError`` when the optimizer breaks the contract:
+
+* :func:`check_jit_matches_eager`  jitted update == eager update;
+* :func:`check_no_retrace`         a jitted step traces once over 3 steps;
+* :func:`check_dtypes`             updates keep the params' dtype, state leaves
+                                   keep theirs (f32 and bf16);
+* :func:`check_inject_hyperparams` ``optax.inject_hyperparams`` parity, a live
+                                   learning-rate change, named state entries;
+* :func:`check_inject_every_hyperparam`  every numeric default of the recipe
+                                   factory can be injected;
+* :func:`check_multisteps`         ``optax.MultiSteps`` accumulates the mean;
+* :func:`check_schedules`          constant schedule == number, warmup from 0;
+* :func:`check_quadratic`, :func:`check_least_squares`  convergence.
+
+:func:`recipe_cases` lists one case per registered recipe (and one per
+reference mode of a recipe that has them), read from
+``orthax.recipe_names()`` at collection time, so a newly registered recipe is
+covered without touching the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import orthax
+from orthax import recipes as _recipes
+
+Make = Callable[[Any], optax.GradientTransformation]
+
+LR = 0.01
+
+# Reference modes per recipe. A recipe module may also expose them as
+# ``_<NAME>_REFERENCES`` (a mapping keyed by reference name), which is read
+# automatically; this table is the fallback.
+REFERENCES: dict[str, tuple[str, ...]] = {
+    'muon': ('keller', 'moonlight', 'optax'),
+}
+
+# State entries every recipe must expose by name (``optax.tree.get``).
+REQUIRED_STATE_NAMES: dict[str, tuple[str, ...]] = {}
+DEFAULT_STATE_NAMES = ('momentum', 'orthogonalize')
+
+# Convergence settings: peak learning rate of a warmup-cosine schedule and the
+# step budget. A recipe whose step size differs by design may get its own
+# entry.
+CONVERGENCE: dict[str, dict[str, Any]] = {}
+DEFAULT_CONVERGENCE = dict(peak_lr=0.1, steps=300)
+
+
+# Cases ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One recipe configuration under test."""
+  name: str
+  kwargs: tuple[tuple[str, Any], ...] = ()
+
+  @property
+  def id(self) -> str:
+    if not self.kwargs:
+      return self.name
+    return self.name + '[' + ','.join(f'{k}={v}' for k, v in self.kwargs) + ']'
+
+  def make(self, learning_rate: Any) -> optax.GradientTransformation:
+    return orthax.recipe(self.name, learning_rate=learning_rate,
+                         **dict(self.kwargs))
+
+
+def references(name: str) -> tuple[str, ...]:
+  """Reference modes of recipe ``name`` (empty if it has none)."""
+  table = getattr(_recipes, f'_{name.upper()}_REFERENCES', None)
+  if table:
+    return tuple(table)
+  return REFERENCES.get(name, ())
+
+
+def _takes_reference(name: str) -> bool:
+  fn = _recipes._REGISTRY.get(name)  # pylint: disable=protected-access
+  if fn is None:
+    return False
+  try:
+    return 'reference' in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def recipe_cases() -> list[Case]:
+  """One case per registered recipe and per reference mode."""
+  cases = []
+  for name in orthax.recipe_names():
+    refs = references(name) if _takes_reference(name) else ()
+    if refs:
+      cases.extend(Case(name, (('reference', r),)) for r in refs)
+    else:
+      cases.append(Case(name))
+  return cases
+
+
+# Trees ------------------------------------------------------------------------
+
+
+def mixed_params(dtype=jnp.float32, seed: int = 0) -> dict:
+  """A transformer-like tree: hidden kernels (2-D and stacked), biases, norm
+  scales (1-D and stacked), an embedding table and an LM head."""
+  shapes = {
+      'blocks': {
+          '0': {'mlp': {'kernel': (16, 32), 'bias': (32,)}},
+          '1': {'mlp': {'kernel': (32, 16), 'bias': (16,)}},
+      },
+      'layers': {
+          'attn': {'kernel': (3, 16, 24), 'bias': (3, 24)},
+          'ln': {'scale': (3, 16)},
+      },
+      'ln_f': {'scale': (16,)},
+      'embed': {'embedding': (32, 16)},
+      'lm_head': {'kernel': (16, 32)},
+  }
+  return random_like(shapes, seed, dtype, is_shape=True)
+
+
+def random_like(tree, seed: int, dtype=None, is_shape: bool = False):
+  """Standard-normal leaves shaped like ``tree`` (or like its shape tuples)."""
+  if is_shape:
+    is_leaf = lambda x: isinstance(x, tuple)
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=is_leaf)
+    shapes, dtypes = leaves, [dtype or jnp.float32] * len(leaves)
+  else:
+    leaves, treedef = jax.tree.flatten(tree)
+    shapes = [x.shape for x in leaves]
+    dtypes = [dtype or x.dtype for x in leaves]
+  rng = np.random.default_rng(seed)  # numpy: no per-shape XLA compile
+  return jax.tree.unflatten(treedef, [
+      jnp.asarray(rng.standard_normal(s, np.float32).astype(d))
+      for s, d in zip(shapes, dtypes)])
+
+
+def grads_for(params, steps: int = 3, seed: int = 100) -> list:
+  return [random_like(params, seed + i) for i in range(steps)]
+
+
+# Assertions -------------------------------------------------------------------
+
+
+def _flat(tree):
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [(jax.tree_util.keystr(p), x) for p, x in flat]
+
+
+def assert_trees_close(got, want, *, rtol=1e-6, atol=1e-6, what=''):
+  """Same structure and allclose leaves; the message names the leaf."""
+  assert jax.tree.structure(got) == jax.tree.structure(want), (
+      f'{what}: tree structures differ:\n{jax.tree.structure(got)}\n'
+      f'{jax.tree.structure(want)}')
+  for (path, a), (_, b) in zip(_flat(got), _flat(want)):
+    a = np.asarray(a).astype(np.float32) if _is_float(a) else np.asarray(a)
+    b = np.asarray(b).astype(np.float32) if _is_float(b) else np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol,
+                               err_msg=f'{what}: leaf {path}')
+
+
+def _is_float(x) -> bool:
+  return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def assert_all_zero(tree, what=''):
+  for path, x in _flat(tree):
+    assert not np.any(np.asarray(x, np.float32)), (
+        f'{what}: leaf {path} is not zero (max |x| = '
+        f'{float(np.max(np.abs(np.asarray(x, np.float32))))}).')
+
+
+def assert_all_nonzero(tree, what=''):
+  for path, x in _flat(tree):
+    assert np.any(np.asarray(x, np.float32)), f'{what}: leaf {path} is zero.'
+
+
+def assert_finite(tree, what=''):
+  for path, x in _flat(tree):
+    if _is_float(x):
+      assert np.all(np.isfinite(np.asarray(x, np.float32))), (
+          f'{what}: leaf {path} is not finite.')
+
+
+def _state_avals(state):
+  """(path, shape, dtype, weak_type) of every array leaf of ``state``."""
+  out = []
+  for path, x in _flat(state):
+    if hasattr(x, 'dtype'):
+      weak = getattr(x, 'weak_type', False)
+      out.append((path, tuple(x.shape), jnp.dtype(x.dtype), bool(weak)))
+  return out
+
+
+@dataclasses.dataclass
+class Trajectory:
+  """``STEPS`` steps of ``make(LR)`` on :func:`mixed_params` (updates applied).
+
+  ``params[i]``/``grads[i]`` are the inputs of step ``i``; ``states[0]`` is
+  ``tx.init(params[0])`` and ``states[i + 1]`` the state after step ``i``;
+  ``final_params`` are the params after the last step.
+  ``traces`` counts how often the step function was traced.
+  """
+  params: list
+  grads: list
+  updates: list
+  states: list
+  final_params: Any
+  traces: int
+  cache_size: int | None
+  step: Callable[..., Any]  # (grads, state, params) -> (updates, state, params)
+
+
+STEPS = 3
+
+
+def trajectory(make: Make, dtype: Any = 'float32', jit: bool = True,
+               steps: int = STEPS) -> Trajectory:
+  """Runs (and caches, per factory) the reference trajectory of ``make``.
+
+  The checks below share it, so one compilation serves the jit, retrace and
+  dtype clauses. ``make`` must be hashable (a function or ``Case.make``).
+  """
+  return _trajectory(make, jnp.dtype(dtype).name, bool(jit), int(steps))
+
+
+@functools.lru_cache(maxsize=64)
+def _trajectory(make, dtype, jit, steps):
+  params = mixed_params(jnp.dtype(dtype))
+  tx = make(LR)
+  traces = []
+
+  def step(grads, state, params):
+    traces.append(1)
+    updates, state = tx.update(grads, state, params)
+    return updates, state, optax.apply_updates(params, updates)
+
+  fn = jax.jit(step) if jit else step
+  state = tx.init(params)
+  out = Trajectory(params=[], grads=[], updates=[], states=[state],
+                   final_params=None, traces=0, cache_size=None, step=fn)
+  for g in grads_for(params, steps):
+    out.params.append(params)
+    out.grads.append(g)
+    u, state, params = fn(g, state, params)
+    out.updates.append(u)
+    out.states.append(state)
+  out.final_params = params
+  out.traces = len(traces)
+  if jit and hasattr(fn, '_cache_size'):
+    out.cache_size = fn._cache_size()  # pylint: disable=protected-access
+  return out
+
+
+def run_steps(tx, params, grads, *, jit: bool = False):
+  """Runs ``len(grads)`` steps from ``tx.init(params)``, applying updates;
+  returns the updates of every step and the final state."""
+  update = jax.jit(tx.update) if jit else tx.update
+  state = tx.init(params)
+  ups = []
+  for g in grads:
+    u, state = update(g, state, params)
+    ups.append(u)
+    params = optax.apply_updates(params, u)
+  return ups, state
+
+
+# Checks -----------------------------------------------------------------------
+
+
+def check_jit_matches_eager(make: Make, *, rtol: float = 1e-6,
+                            atol: float = 1e-6):
+  """The jitted update equals the eager update, step by step."""
+  jitted, eager = trajectory(make, jit=True), trajectory(make, jit=False)
+  for i, (a, b) in enumerate(zip(jitted.updates, eager.updates)):
+    assert_finite(b, f'eager updates, step {i}')
+    assert_trees_close(a, b, rtol=rtol, atol=atol,
+                       what=f'jit vs eager updates, step {i}')
+  assert_trees_close(jitted.states[-1], eager.states[-1], rtol=rtol,
+                     atol=atol, what='jit vs eager final state')
+
+
+def check_no_retrace(make: Make):
+  """A jitted train step (update + apply) is traced and compiled once."""
+  run = trajectory(make, jit=True)
+  avals0, avals = _state_avals(run.states[0]), _state_avals(run.states[-1])
+  assert run.traces == 1, (
+      f'the step was traced {run.traces} times in {STEPS} steps; the state '
+      'returned by update differs from the initial one (shape, dtype or weak '
+      f'type):\ninit:  {avals0}\nafter: {avals}')
+  if run.cache_size is not None:
+    assert run.cache_size == 1, f'{run.cache_size} compilations of one step'
+  assert avals == avals0, f'state avals changed:\ninit:  {avals0}\nafter: {avals}'
+
+
+def check_dtypes(make: Make, dtype):
+  """Updates have the params' dtypes; state leaves keep theirs."""
+  dtype = jnp.dtype(dtype)
+  run = trajectory(make, dtype.name, jit=True)
+  init_dtypes = [(p, jnp.dtype(x.dtype)) for p, x in _flat(run.states[0])
+                 if hasattr(x, 'dtype')]
+  for i, (updates, params) in enumerate(zip(run.updates, run.params)):
+    for (path, u), (_, p) in zip(_flat(updates), _flat(params)):
+      assert p.dtype == dtype, f'step {i}: params {path} became {p.dtype}'
+      assert u.dtype == p.dtype, (
+          f'step {i}: update {path} has dtype {u.dtype}, params {p.dtype}')
+      assert u.shape == p.shape, f'step {i}: update {path} has shape {u.shape}'
+    assert_finite(updates, f'{dtype} updates, step {i}')
+    now = [(p, jnp.dtype(x.dtype)) for p, x in _flat(run.states[i + 1])
+           if hasattr(x, 'dtype')]
+    assert now == init_dtypes, (
+        f'step {i}: state dtypes changed:\n'
+        + '\n'.join(f'  {a} -> {b}' for a, b in zip(init_dtypes, now)
+                    if a != b))
+
+
+def check_inject_hyperparams(make: Make, *, state_names=DEFAULT_STATE_NAMES):
+  """``inject_hyperparams`` gives the same updates as the plain recipe, a
+  changed ``hyperparams['learning_rate']`` takes effect, and state entries
+  are reachable by name."""
+  plain = trajectory(make, jit=True)
+  injected = optax.inject_hyperparams(make)(learning_rate=LR)
+  s_inj = injected.init(plain.params[0])
+  upd_inj = jax.jit(injected.update)
+  for i, (g, p) in enumerate(zip(plain.grads, plain.params)):
+    u_inj, s_inj = upd_inj(g, s_inj, p)
+    assert_trees_close(u_inj, plain.updates[i], rtol=1e-6, atol=1e-7,
+                       what=f'inject_hyperparams vs plain, step {i}')
+  s_plain = plain.states[-1]
+  assert_trees_close(s_inj.inner_state, s_plain, rtol=1e-6, atol=1e-7,
+                     what='inject_hyperparams inner state vs plain state')
+
+  # The learning rate is reachable by name and equals the injected value.
+  lr = _get(s_inj, 'learning_rate', 'injected')
+  assert lr is not None, "optax.tree.get(state, 'learning_rate') found nothing"
+  np.testing.assert_allclose(np.asarray(lr), LR, rtol=1e-7)
+  # Named stages of the chain are reachable (and unique) in both states.
+  for name in state_names:
+    for which, st in (('plain', s_plain), ('injected', s_inj)):
+      assert _get(st, name, which) is not None, (
+          f'optax.tree.get({which} state, {name!r}) found nothing')
+
+  # A live change of the learning rate: from the same state, the next update
+  # is twice the update at the old rate (both branches scale with it).
+  p = plain.final_params
+  g = random_like(p, 999)
+  u_old, _ = upd_inj(g, s_inj, p)
+  s_inj.hyperparams['learning_rate'] = jnp.asarray(2 * LR)
+  u_new, s_new = upd_inj(g, s_inj, p)
+  assert_all_nonzero(u_old, 'update before the learning-rate change')
+  for (path, a), (_, b) in zip(_flat(u_new), _flat(u_old)):
+    np.testing.assert_allclose(
+        np.asarray(a), 2 * np.asarray(b), rtol=1e-5, atol=1e-7,
+        err_msg=f'learning_rate 0.02 should double the update ({path})')
+  np.testing.assert_allclose(np.asarray(s_new.hyperparams['learning_rate']),
+                             2 * LR, rtol=1e-7)
+
+
+def factory(name: str) -> Callable[..., optax.GradientTransformation]:
+  """The registered factory of recipe ``name`` (its own signature, which
+  ``optax.inject_hyperparams`` inspects)."""
+  return _recipes._REGISTRY[name]  # pylint: disable=protected-access
+
+
+def check_inject_every_hyperparam(make: Make, fn, kwargs=None):
+  """``optax.inject_hyperparams(fn)`` injects every numeric default of the
+  recipe factory ``fn`` (momentum, weight decay, Adam betas, ...) and still
+  gives the plain recipe's update: no hyperparameter must be a Python-only
+  number (used in ``range``, ``if`` ...) or a callable it would mistake for a
+  schedule."""
+  plain = trajectory(make, jit=True)
+  tx = optax.inject_hyperparams(fn)(learning_rate=LR, **(kwargs or {}))
+  state = tx.init(plain.params[0])
+  injected = sorted(state.hyperparams)
+  assert 'learning_rate' in injected, injected
+  u, state = tx.update(plain.grads[0], state, plain.params[0])  # eager: cheap
+  assert_trees_close(u, plain.updates[0], rtol=1e-6, atol=1e-6,
+                     what=f'inject_hyperparams(recipe) injecting {injected}')
+
+
+def _get(state, name, which):
+  """``optax.tree.get`` with a short message when ``name`` is ambiguous."""
+  try:
+    return optax.tree.get(state, name)
+  except KeyError:
+    found = optax.tree.get_all_with_path(state, name)
+    paths = [jax.tree_util.keystr(p) for p, _ in found]
+    raise AssertionError(
+        f'optax.tree.get({which} state, {name!r}) is ambiguous: '
+        f'{len(found)} entries are named {name!r}: {paths}') from None
+
+
+def check_multisteps(make: Make, *, rtol=1e-5, atol=1e-6):
+  """``MultiSteps(tx, 2)``: zero update, then ``tx.update(mean of grads)``."""
+  run = trajectory(make, jit=True)  # its compiled step gives the reference
+  params, (g1, g2) = run.params[0], run.grads[:2]
+  ms = optax.MultiSteps(make(LR), every_k_schedule=2)
+  state = ms.init(params)
+  update = jax.jit(ms.update)
+  u1, state = update(g1, state, params)
+  assert_all_zero(u1, 'MultiSteps first micro-step')
+  u2, state = update(g2, state, params)
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
+  ref, ref_state, _ = run.step(mean, run.states[0], params)
+  assert_all_nonzero(u2, 'MultiSteps second micro-step')
+  assert_trees_close(u2, ref, rtol=rtol, atol=atol,
+                     what='MultiSteps(k=2) vs update on the mean gradient')
+  assert_trees_close(state.inner_opt_state, ref_state, rtol=rtol, atol=atol,
+                     what='MultiSteps inner state')
+
+
+def check_schedules(make: Make):
+  """A constant schedule equals the number; a warmup from 0 gives a zero
+  first update in every branch and a nonzero second one."""
+  eager = trajectory(make, jit=False)
+  params = eager.params[0]
+  u_sched, _ = run_steps(make(optax.constant_schedule(LR)), params,
+                         eager.grads)
+  for i, (a, b) in enumerate(zip(u_sched, eager.updates)):
+    assert_trees_close(a, b, rtol=1e-7, atol=0.0,
+                       what=f'constant_schedule vs float, step {i}')
+
+  warmup = optax.linear_schedule(0.0, LR, transition_steps=4)
+  ups, _ = run_steps(make(warmup), params, eager.grads[:2])
+  assert_all_zero(ups[0], 'warmup schedule, step 0')
+  assert_all_nonzero(ups[1], 'warmup schedule, step 1')
+
+
+def _fit(make: Make, params, loss_fn, *, peak_lr, steps):
+  sched = optax.warmup_cosine_decay_schedule(
+      0.0, peak_lr, warmup_steps=min(10, steps // 10), decay_steps=steps,
+      end_value=peak_lr * 1e-3)
+  tx = make(sched)
+  state = tx.init(params)
+
+  @jax.jit
+  def train(params, state):
+    def body(carry, _):
+      params, state = carry
+      loss, g = jax.value_and_grad(loss_fn)(params)
+      u, state = tx.update(g, state, params)
+      return (optax.apply_updates(params, u), state), loss
+    (params, state), losses = jax.lax.scan(body, (params, state), None,
+                                           length=steps)
+    return params, losses, loss_fn(params)
+
+  params, losses, final = train(params, state)
+  return params, np.asarray(losses), float(final)
+
+
+def check_quadratic(make: Make, *, peak_lr=None, steps=None,
+                    reduction: float = 0.9):
+  """``sum((W - W*)²) + sum((b - b*)²)`` drops by ``reduction``."""
+  cfg = dict(DEFAULT_CONVERGENCE)
+  cfg.update({k: v for k, v in dict(peak_lr=peak_lr, steps=steps).items()
+              if v is not None})
+  target = random_like({'kernel': (16, 32), 'bias': (32,)}, 7, is_shape=True)
+  target = jax.tree.map(lambda t: 0.5 * t, target)
+  params = jax.tree.map(jnp.zeros_like, target)
+
+  def loss_fn(p):
+    return sum(jnp.sum((a - b) ** 2) for a, b in
+               zip(jax.tree.leaves(p), jax.tree.leaves(target)))
+
+  _, losses, final = _fit(make, params, loss_fn, **cfg)
+  first = float(losses[0])  # the loss at the initial params
+  assert np.all(np.isfinite(losses)), 'non-finite loss while fitting'
+  assert final <= (1 - reduction) * first, (
+      f'quadratic: loss {first:.4g} -> {final:.4g} in {cfg["steps"]} steps '
+      f'(needs a {reduction:.0%} reduction)')
+
+
+def check_least_squares(make: Make, *, peak_lr=None, steps=None,
+                        reduction: float = 0.9):
+  """``mean ||X W - Y||²`` with a 2-D kernel (and a bias) drops by
+  ``reduction``."""
+  cfg = dict(DEFAULT_CONVERGENCE)
+  cfg.update({k: v for k, v in dict(peak_lr=peak_lr, steps=steps).items()
+              if v is not None})
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((128, 24), np.float32)
+  w_true = rng.standard_normal((24, 12), np.float32) / np.sqrt(24)
+  y = jnp.asarray(x @ w_true + 0.01 * rng.standard_normal((128, 12),
+                                                          np.float32))
+  x = jnp.asarray(x)
+  params = {'dense': {'kernel': jnp.zeros((24, 12)), 'bias': jnp.zeros(12)}}
+
+  def loss_fn(p):
+    pred = x @ p['dense']['kernel'] + p['dense']['bias']
+    return jnp.mean(jnp.sum((pred - y) ** 2, axis=-1))
+
+  out, losses, final = _fit(make, params, loss_fn, **cfg)
+  first = float(losses[0])  # the loss at the initial params
+  assert np.all(np.isfinite(losses)), 'non-finite loss while fitting'
+  assert final <= (1 - reduction) * first, (
+      f'least squares: loss {first:.4g} -> {final:.4g} in {cfg["steps"]} steps '
+      f'(needs a {reduction:.0%} reduction)')
+  return out
+
+
+def convergence_config(name: str) -> dict[str, Any]:
+  return {**DEFAULT_CONVERGENCE, **CONVERGENCE.get(name, {})}

@@ -1,0 +1,207 @@
+"""The optax optimizer contract, applied to every registered recipe.
+
+The cases come from ``orthax.recipe_names()`` (see ``tests/contract.py``), so
+a recipe registered later is covered without editing this file.
+"""
+
+import inspect
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+try:
+  import orthax  # noqa: F401
+except ModuleNotFoundError:  # Not installed and no pytest `pythonpath` yet.
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import orthax  # noqa: E402
+import contract  # noqa: E402
+
+CASES = contract.recipe_cases()
+IDS = [c.id for c in CASES]
+cases = pytest.mark.parametrize('case', CASES, ids=IDS)
+
+
+def test_every_recipe_is_covered():
+  assert orthax.recipe_names(), 'no recipe registered'
+  assert {c.name for c in CASES} == set(orthax.recipe_names())
+  assert len(set(IDS)) == len(IDS)
+  # muon's reference modes are all exercised.
+  assert {dict(c.kwargs).get('reference') for c in CASES
+          if c.name == 'muon'} >= {'keller', 'moonlight', 'optax'}
+
+
+@cases
+def test_routes_both_branches(case):
+  """The mixed tree exercises the matrix and the adam branch of every case."""
+  tx = case.make(contract.LR)
+  params = contract.mixed_params()
+  state = tx.init(params)
+  names = contract.REQUIRED_STATE_NAMES.get(case.name,
+                                            contract.DEFAULT_STATE_NAMES)
+  assert 'momentum' in names, 'update this test for a momentum-free recipe'
+  mats = optax.tree.get(state, 'momentum')
+  assert mats is not None
+  routed = [x for x in jax.tree.leaves(mats.mu)
+            if getattr(x, 'ndim', 0) >= 2]
+  assert routed, 'no leaf reached the matrix branch'
+  assert len(routed) < len(jax.tree.leaves(params)), 'no leaf reached adam'
+
+
+@cases
+def test_jit_matches_eager(case):
+  contract.check_jit_matches_eager(case.make)
+
+
+@cases
+def test_no_recompilation(case):
+  contract.check_no_retrace(case.make)
+
+
+@cases
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16],
+                         ids=['f32', 'bf16'])
+def test_dtype_kept(case, dtype):
+  contract.check_dtypes(case.make, dtype)
+
+
+@cases
+def test_dtype_kept_with_f32_accumulator(case):
+  """bf16 params with ``mu_dtype=float32``: the accumulators are f32, the
+  updates still bf16 (in both branches)."""
+  if 'mu_dtype' not in inspect.signature(
+      contract.factory(case.name)).parameters:
+    pytest.skip(f'{case.name} has no mu_dtype argument')
+  wide = contract.Case(case.name, case.kwargs + (('mu_dtype', jnp.float32),))
+  run = contract.trajectory(wide.make, jnp.bfloat16)
+  mu = optax.tree.get(run.states[-1], 'momentum').mu
+  assert {x.dtype for x in jax.tree.leaves(mu)} == {jnp.dtype(jnp.float32)}
+  contract.check_dtypes(wide.make, jnp.bfloat16)
+
+
+@cases
+def test_inject_hyperparams(case):
+  names = contract.REQUIRED_STATE_NAMES.get(case.name,
+                                            contract.DEFAULT_STATE_NAMES)
+  contract.check_inject_hyperparams(case.make, state_names=names)
+
+
+@cases
+def test_inject_every_numeric_hyperparam(case):
+  contract.check_inject_every_hyperparam(
+      case.make, contract.factory(case.name), dict(case.kwargs))
+
+
+@cases
+def test_multisteps(case):
+  contract.check_multisteps(case.make)
+
+
+@cases
+def test_schedules(case):
+  contract.check_schedules(case.make)
+
+
+@cases
+def test_converges_on_quadratic(case):
+  contract.check_quadratic(case.make, **_conv(case))
+
+
+@cases
+def test_converges_on_least_squares(case):
+  contract.check_least_squares(case.make, **_conv(case))
+
+
+def _conv(case):
+  cfg = contract.convergence_config(case.name)
+  return dict(peak_lr=cfg['peak_lr'], steps=cfg['steps'])
+
+
+# The harness itself: each check rejects an optimizer that breaks its clause.
+
+
+def _stateful(update, init=None):
+  init = init or (lambda p: {'count': jnp.zeros([], jnp.int32)})
+  return optax.GradientTransformation(init, update)
+
+
+def _sgd(learning_rate):
+  return optax.sgd(learning_rate)
+
+
+def _traced_differs(learning_rate):
+  def update(u, s, p=None):
+    k = 1.1 if isinstance(jax.tree.leaves(u)[0], jax.core.Tracer) else 1.0
+    return jax.tree.map(lambda x: -learning_rate * k * x, u), s
+  return _stateful(update)
+
+
+def _retraces(learning_rate):
+  def update(u, s, p=None):
+    return (jax.tree.map(lambda x: -learning_rate * x, u),
+            {'count': s['count'] + 1.0})  # int32 -> float32: a new signature
+  return _stateful(update)
+
+
+def _upcasts(learning_rate):
+  return optax.chain(optax.sgd(learning_rate),
+                     optax.stateless(lambda u, p=None: jax.tree.map(
+                         lambda x: x.astype(jnp.float32), u)))
+
+
+def _ignores_lr(learning_rate):
+  del learning_rate
+  return optax.sgd(0.01)
+
+
+_CALLS = []
+
+
+def _impure(learning_rate):
+  def update(u, s, p=None):  # depends on how often any instance was traced
+    _CALLS.append(1)
+    return jax.tree.map(lambda x: -learning_rate * len(_CALLS) * x, u), s
+  return _stateful(update)
+
+
+def _off_by_one_schedule(learning_rate):
+  sched = (learning_rate if callable(learning_rate)
+           else optax.constant_schedule(learning_rate))
+  return optax.chain(optax.scale_by_schedule(lambda c: -sched(c + 1)))
+
+
+def _frozen(learning_rate):
+  del learning_rate
+  return optax.set_to_zero()
+
+
+@pytest.mark.parametrize('check,bad', [
+    (contract.check_jit_matches_eager, _traced_differs),
+    (contract.check_no_retrace, _retraces),
+    (lambda m: contract.check_dtypes(m, jnp.bfloat16), _upcasts),
+    (lambda m: contract.check_inject_hyperparams(m, state_names=()),
+     _ignores_lr),
+    (contract.check_multisteps, _impure),
+    (contract.check_schedules, _off_by_one_schedule),
+    (contract.check_quadratic, _frozen),
+    (contract.check_least_squares, _frozen),
+], ids=['jit', 'retrace', 'dtype', 'inject', 'multisteps', 'schedules',
+        'quadratic', 'least_squares'])
+def test_harness_rejects_a_broken_optimizer(check, bad):
+  with pytest.raises(AssertionError):
+    check(bad)
+
+
+@pytest.mark.parametrize('check', [
+    contract.check_jit_matches_eager, contract.check_no_retrace,
+    lambda m: contract.check_dtypes(m, jnp.bfloat16),
+    contract.check_multisteps, contract.check_schedules,
+    contract.check_least_squares,
+], ids=['jit', 'retrace', 'dtype', 'multisteps', 'schedules', 'least_squares'])
+def test_harness_accepts_sgd(check):
+  check(_sgd)
