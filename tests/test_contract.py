@@ -5,22 +5,14 @@ a recipe registered later is covered without editing this file.
 """
 
 import inspect
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
 
-try:
-  import orthax  # noqa: F401
-except ModuleNotFoundError:  # Not installed and no pytest `pythonpath` yet.
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-import orthax  # noqa: E402
-import contract  # noqa: E402
+import contract  # tests/contract.py (pytest puts tests/ on sys.path)
+import orthax
 
 CASES = contract.recipe_cases()
 IDS = [c.id for c in CASES]

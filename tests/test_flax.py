@@ -1,7 +1,5 @@
 """Flax integration: routing of NNX/linen parameter trees and jitted steps."""
 
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,12 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-try:
-  import orthax  # noqa: F401
-except ModuleNotFoundError:  # Not installed and no pytest `pythonpath` yet.
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import orthax  # noqa: E402
+import orthax
 
 nnx = pytest.importorskip('flax.nnx')
 linen = pytest.importorskip('flax.linen')
