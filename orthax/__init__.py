@@ -4,7 +4,9 @@ from orthax import polar
 from orthax.matrices import MatrixSpec
 from orthax.recipes import muon
 from orthax.recipes import recipe
+from orthax.recipes import recipe_factory
 from orthax.recipes import recipe_names
+from orthax.recipes import recipe_references
 from orthax.routing import DEFAULT_RULES
 from orthax.routing import Router
 from orthax.routing import Rule
@@ -21,5 +23,6 @@ __version__ = '0.1.0'
 __all__ = [
     'DEFAULT_RULES', 'MatrixSpec', 'NonFiniteGradientError', 'Router', 'Rule',
     'check_finite', 'decoupled_weight_decay', 'describe', 'momentum', 'muon',
-    'orthogonalize', 'polar', 'recipe', 'recipe_names', 'scale_by_shape',
+    'orthogonalize', 'polar', 'recipe', 'recipe_factory', 'recipe_names',
+    'recipe_references', 'scale_by_shape',
 ]

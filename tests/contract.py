@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from typing import Any, Callable
 
 import jax
@@ -35,18 +34,10 @@ import numpy as np
 import optax
 
 import orthax
-from orthax import recipes as _recipes
 
 Make = Callable[[Any], optax.GradientTransformation]
 
 LR = 0.01
-
-# Reference modes per recipe. A recipe module may also expose them as
-# ``_<NAME>_REFERENCES`` (a mapping keyed by reference name), which is read
-# automatically; this table is the fallback.
-REFERENCES: dict[str, tuple[str, ...]] = {
-    'muon': ('keller', 'moonlight', 'optax'),
-}
 
 # State entries every recipe must expose by name (``optax.tree.get``).
 REQUIRED_STATE_NAMES: dict[str, tuple[str, ...]] = {}
@@ -79,29 +70,11 @@ class Case:
                          **dict(self.kwargs))
 
 
-def references(name: str) -> tuple[str, ...]:
-  """Reference modes of recipe ``name`` (empty if it has none)."""
-  table = getattr(_recipes, f'_{name.upper()}_REFERENCES', None)
-  if table:
-    return tuple(table)
-  return REFERENCES.get(name, ())
-
-
-def _takes_reference(name: str) -> bool:
-  fn = _recipes._REGISTRY.get(name)  # pylint: disable=protected-access
-  if fn is None:
-    return False
-  try:
-    return 'reference' in inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    return False
-
-
 def recipe_cases() -> list[Case]:
   """One case per registered recipe and per reference mode."""
   cases = []
   for name in orthax.recipe_names():
-    refs = references(name) if _takes_reference(name) else ()
+    refs = orthax.recipe_references(name)
     if refs:
       cases.extend(Case(name, (('reference', r),)) for r in refs)
     else:
@@ -371,7 +344,7 @@ def check_inject_hyperparams(make: Make, *, state_names=DEFAULT_STATE_NAMES):
 def factory(name: str) -> Callable[..., optax.GradientTransformation]:
   """The registered factory of recipe ``name`` (its own signature, which
   ``optax.inject_hyperparams`` inspects)."""
-  return _recipes._REGISTRY[name]  # pylint: disable=protected-access
+  return orthax.recipe_factory(name)
 
 
 def check_inject_every_hyperparam(make: Make, fn, kwargs=None):

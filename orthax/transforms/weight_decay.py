@@ -56,6 +56,9 @@ def decoupled_weight_decay(
     if params is None:
       raise ValueError('decoupled_weight_decay needs params: call '
                        'update(grads, state, params).')
+    new_state = WeightDecayState(count=optax.safe_increment(state.count))
+    if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+      return updates, new_state  # static zero: no pass over the parameters
     if callable(learning_rate):
       eta = learning_rate(state.count)
     else:
@@ -74,6 +77,6 @@ def decoupled_weight_decay(
       m = mask(params) if callable(mask) else mask
       new = jax.tree.map(lambda d, w, k: leaf(d, w) if k else d,
                          updates, params, m)
-    return new, WeightDecayState(count=optax.safe_increment(state.count))
+    return new, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -1,10 +1,4 @@
-"""Named recipes: a routed partition of a matrix chain and an AdamW branch.
-
-Every recipe is ``optax.partition({'matrix': named_chain(...), 'adam':
-adamw(...), 'frozen': set_to_zero()}, labels)``, optionally preceded by a
-finiteness check, so ``opt_state`` entries are addressable by name
-(``optax.tree.get(state, 'orthogonalize')``).
-"""
+"""Muon (KellerJordan, Moonlight and optax reference modes)."""
 
 from __future__ import annotations
 
@@ -14,52 +8,9 @@ import optax
 
 from orthax import routing
 from orthax import transforms as T
-
-_REGISTRY: dict[str, Callable[..., optax.GradientTransformation]] = {}
-
-
-def register(name: str):
-  """Decorator adding a recipe factory to the registry."""
-  def deco(fn):
-    _REGISTRY[name] = fn
-    return fn
-  return deco
-
-
-def recipe_names() -> tuple[str, ...]:
-  """Names accepted by :func:`recipe`."""
-  return tuple(sorted(_REGISTRY))
-
-
-def recipe(name: str, **kwargs) -> optax.GradientTransformation:
-  """Builds the recipe ``name`` with keyword arguments ``kwargs``."""
-  if name not in _REGISTRY:
-    raise ValueError(f'Unknown recipe {name!r}; known recipes: '
-                     f'{", ".join(recipe_names())}.')
-  return _REGISTRY[name](**kwargs)
-
-
-def _ndim2_labels(params):
-  import jax  # local: only the optax-compatible routing needs it
-  return jax.tree.map(lambda x: 'matrix' if x.ndim == 2 else 'adam', params)
-
-
-def assemble(
-    matrix_chain: optax.GradientTransformation,
-    adam: optax.GradientTransformation,
-    router: routing.Router | Callable[[Any], Any],
-    check_finite: bool,
-) -> optax.GradientTransformation:
-  """Partitions params by ``router`` into the matrix and AdamW branches."""
-  labels = router.labels if isinstance(router, routing.Router) else router
-  tx = optax.partition(
-      {'matrix': matrix_chain, 'adam': adam, 'frozen': optax.set_to_zero()},
-      labels)
-  if check_finite:
-    return optax.named_chain(('check_finite', T.check_finite()),
-                             ('partition', tx))
-  return tx
-
+from orthax.recipes.registry import assemble
+from orthax.recipes.registry import ndim2_labels
+from orthax.recipes.registry import register
 
 _MUON_REFERENCES = {
     'keller': dict(form='ema', nesterov=True, bias_correction=False,
@@ -77,7 +28,7 @@ _MUON_REFERENCES = {
 }
 
 
-@register('muon')
+@register('muon', references=tuple(_MUON_REFERENCES))
 def muon(
     learning_rate: optax.ScalarOrSchedule = 0.02,
     *,
@@ -170,7 +121,7 @@ def muon(
   preset = d['preset'] if preset is None else preset
   scale = d['scale'] if scale is None else scale
   if router is None:
-    router = _ndim2_labels if reference == 'optax' else routing.Router()
+    router = ndim2_labels if reference == 'optax' else routing.Router()
   specs = router.specs if isinstance(router, routing.Router) else None
   if ns_method is None:
     ns_method = 'standard' if reference == 'optax' else 'auto'
