@@ -30,6 +30,8 @@ def main():
   ap.add_argument('--layers', type=int, default=4)
   ap.add_argument('--repeats', type=int, default=5)
   ap.add_argument('--steps', type=int, default=5)
+  ap.add_argument('--recipes', action='store_true',
+                  help='also time every registered recipe against orthax.muon')
   args = ap.parse_args()
 
   on_gpu = jax.default_backend() != 'cpu'
@@ -94,10 +96,30 @@ def main():
     mib = f'{mem / 2**20:9.1f}' if mem is not None else f'{"n/a":>9s}'
     print(f'{name:36s} {t:8.3f} {flops / t / 1e9:8.1f} {t_roof / t:6.2f} '
           f'{t / t_optax:8.2f} {mib} {err[method]:8.4f}')
+  if args.recipes:
+    recipe_table(bench_update, rows[0][2], params, args.repeats)
   print('eff = roofline time / method time (above 1: faster than the plain '
         'matmuls, i.e. fewer FLOPs); GFLOP/s counts the plain iteration\'s '
         'FLOPs; err = mean ‖O − UVᵀ‖_F/‖UVᵀ‖_F on one layer; auto = Gram '
         'Newton–Schulz for the rectangular groups.')
+
+
+def recipe_table(bench_update, t_muon, params, repeats):
+  """Every registered recipe at its defaults vs orthax.muon, same tree."""
+  print()
+  hdr = (f'{"recipe":24s} {"time s":>8s} {"vs muon":>8s} '
+         f'{"state MiB":>10s} {"extra state vs muon":>20s}')
+  print(hdr)
+  print('-' * len(hdr))
+  size = lambda tree: sum(x.size * x.dtype.itemsize
+                          for x in jax.tree.leaves(tree))
+  muon_state = size(orthax.muon(0.02).init(params))
+  for name in orthax.recipe_names():
+    tx = orthax.recipe(name, learning_rate=0.02)
+    t, _ = bench_update(tx)
+    state = size(tx.init(params))
+    print(f'{name:24s} {t:8.3f} {t / t_muon:8.2f} {state / 2**20:10.2f} '
+          f'{(state - muon_state) / 2**10:17.1f} KiB')
 
 
 if __name__ == '__main__':
