@@ -1,0 +1,32 @@
+"""Distributing Newton–Schulz over a device mesh (DESIGN.md §4).
+
+Each device gets whole matrices: per group of same-shape matrices a static
+:class:`Plan` picks ``local`` (matrix dimensions unsharded, zero
+collectives), ``a2a`` (one fused ``all_to_all`` in and one out over all the
+matrix's sharding axes) or ``replicated`` (each device 1/G of the stack, then
+``all_gather``), and :func:`distributed_orthogonalize` runs it inside
+``jax.shard_map``. The result comes back in the parameters' sharding.
+"""
+
+from orthax.sharding._execute import array_spec
+from orthax.sharding._execute import distributed_orthogonalize
+from orthax.sharding._execute import orthogonalize_tree
+from orthax.sharding._execute import plan
+from orthax.sharding._execute import plan_leaves
+from orthax.sharding._execute import run_group
+from orthax.sharding._execute import specs_for
+from orthax.sharding._plan import STRATEGIES
+from orthax.sharding._plan import Distributed
+from orthax.sharding._plan import GroupPlan
+from orthax.sharding._plan import LeafInfo
+from orthax.sharding._plan import Plan
+from orthax.sharding._plan import default_matrix_flops
+from orthax.sharding._plan import plan_orthogonalize
+from orthax.sharding._plan import spec_entries
+
+__all__ = [
+    'Distributed', 'GroupPlan', 'LeafInfo', 'Plan', 'STRATEGIES',
+    'array_spec', 'default_matrix_flops', 'distributed_orthogonalize',
+    'orthogonalize_tree', 'plan', 'plan_leaves', 'plan_orthogonalize',
+    'run_group', 'spec_entries',
+]

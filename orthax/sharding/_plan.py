@@ -1,0 +1,367 @@
+"""The static sharding plan: which device orthogonalizes which matrices.
+
+Everything here runs on shapes, dtypes and ``PartitionSpec``\\ s only, so a
+plan can be built at trace time (inside ``jit``) or ahead of time from
+abstract parameters, and printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from orthax.matrices import MatrixSpec
+from orthax.polar import dispatch as _dispatch
+from orthax.polar import gram as _gram
+
+STRATEGIES = ('auto', 'local', 'a2a', 'replicated', 'gram')
+
+
+def _check_strategy(s: str, where: str) -> str:
+  if s not in STRATEGIES:
+    raise ValueError(f'{where}: strategy must be one of {STRATEGIES}, got '
+                     f'{s!r}.')
+  return s
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Distributed:
+  """How the orthogonalization of a sharded update is distributed.
+
+  Attributes:
+    mesh: the ``jax.sharding.Mesh`` the parameters live on (``Auto`` or
+      ``Explicit`` axes).
+    param_specs: a tree of ``PartitionSpec`` (or ``NamedSharding``; ``None``
+      leaves mean replicated) with the parameters' structure; leaves are
+      matched to update leaves by path, so the tree may cover more leaves than
+      the transform sees. ``None``: read each array's sharding (concrete
+      arrays, or tracers under ``jit`` on a mesh with ``Explicit`` axes).
+    strategy: ``'auto'`` (per group: ``a2a`` when a matrix dimension is
+      sharded, ``local`` when only batch axes are, ``replicated`` when the
+      leaf is replicated and the mesh has more than one device), ``'local'``,
+      ``'a2a'``, ``'replicated'``; ``'gram'`` (tensor-parallel Newton–Schulz)
+      is not implemented yet and raises.
+    comm_dtype: dtype of the matrices on the wire (``None``: the update's
+      dtype). Never wider than the update's dtype: a wider one is ignored.
+    ns_dtype: dtype the stack is handed to the Newton–Schulz function in
+      (``None``: the update's dtype).
+    overrides: ``((regex, strategy), ...)``; the first regex that
+      ``re.search``-matches a leaf's path picks that leaf's strategy.
+  """
+
+  mesh: Any
+  param_specs: Any = None
+  strategy: str = 'auto'
+  comm_dtype: Any = jnp.bfloat16
+  ns_dtype: Any = None
+  overrides: tuple[tuple[str, str], ...] = ()
+
+  def __post_init__(self):
+    _check_strategy(self.strategy, 'Distributed')
+    ov = tuple((str(r), _check_strategy(s, f'Distributed.overrides[{r!r}]'))
+               for r, s in (self.overrides.items()
+                            if isinstance(self.overrides, dict)
+                            else self.overrides))
+    for r, _ in ov:
+      re.compile(r)
+    object.__setattr__(self, 'overrides', ov)
+
+  def strategy_for(self, path: str) -> str:
+    for r, s in self.overrides:
+      if re.search(r, path):
+        return s
+    return self.strategy
+
+
+class LeafInfo(NamedTuple):
+  """What the planner needs to know about one update leaf."""
+  path: str
+  shape: tuple[int, ...]
+  dtype: Any
+  matrix_spec: MatrixSpec
+  partition_spec: Any  # PartitionSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupPlan:
+  """Same-shape wide matrices ``[count, m, n]`` handled by one strategy.
+
+  ``local_count`` is the number of matrices in one device's stack before any
+  communication (the global count divided by the batch-axis sharding);
+  ``padded`` is ``local_count`` rounded up to a multiple of ``shards`` (the
+  number of devices the stack is split over: the product of ``split_axes``).
+  For ``a2a`` the split axes are the matrix dimensions' sharding axes,
+  ``row_axes`` (of ``m``) then ``col_axes`` (of ``n``).
+  """
+  strategy: str
+  m: int
+  n: int
+  dtype: Any
+  leaves: tuple[int, ...]
+  paths: tuple[str, ...]
+  transposed: tuple[bool, ...]
+  count: int
+  local_count: int
+  padded: int
+  row_axes: tuple[str, ...]
+  col_axes: tuple[str, ...]
+  split_axes: tuple[str, ...]
+  shards: int
+  row_shards: int
+  col_shards: int
+  wire_dtype: Any
+  matrix_flops: int
+  flops_per_device: int
+  bytes_per_device: float
+  collectives: int
+
+  @property
+  def padding(self) -> int:
+    return self.padded - self.local_count
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A static plan; ``print(plan)`` shows one row per group."""
+  groups: tuple[GroupPlan, ...]
+  num_devices: int
+  mesh_shape: tuple[tuple[str, int], ...]
+
+  @property
+  def flops_per_device(self) -> int:
+    return sum(g.flops_per_device for g in self.groups)
+
+  @property
+  def bytes_per_device(self) -> float:
+    return sum(g.bytes_per_device for g in self.groups)
+
+  @property
+  def collectives(self) -> int:
+    return sum(g.collectives for g in self.groups)
+
+  def group_of(self, path: str) -> GroupPlan:
+    for g in self.groups:
+      if path in g.paths:
+        return g
+    raise KeyError(path)
+
+  def __str__(self) -> str:
+    mesh = '×'.join(f'{n}={s}' for n, s in self.mesh_shape)
+    head = ('group', 'matrix', 'leaves', 'count', 'local', 'padded',
+            'strategy', 'split axes', 'GFLOP/dev', 'MiB/dev', 'coll.')
+    rows = []
+    for i, g in enumerate(self.groups):
+      ax = '·'.join(g.split_axes) or '-'
+      if g.strategy == 'a2a':
+        ax = f"{'·'.join(g.row_axes) or '-'}|{'·'.join(g.col_axes) or '-'}"
+      rows.append((str(i), f'{g.m}×{g.n} {jnp.dtype(g.dtype).name}',
+                   str(len(g.paths)), str(g.count), str(g.local_count),
+                   str(g.padded), g.strategy, ax,
+                   f'{g.flops_per_device / 1e9:.3f}',
+                   f'{g.bytes_per_device / 2**20:.2f}', str(g.collectives)))
+    rows.append(('total', '', str(sum(len(g.paths) for g in self.groups)),
+                 str(sum(g.count for g in self.groups)), '', '', '', '',
+                 f'{self.flops_per_device / 1e9:.3f}',
+                 f'{self.bytes_per_device / 2**20:.2f}',
+                 str(self.collectives)))
+    w = [max(len(r[j]) for r in rows + [head]) for j in range(len(head))]
+    fmt = lambda r: '  '.join(c.rjust(w[j]) if j in (0, 2, 3, 4, 5, 8, 9, 10)
+                              else c.ljust(w[j]) for j, c in enumerate(r))
+    lines = [f'orthax sharding plan: {len(self.groups)} groups on mesh '
+             f'{mesh} ({self.num_devices} devices)', fmt(head),
+             fmt(tuple('-' * x for x in w))]
+    lines += [fmt(r) for r in rows]
+    return '\n'.join(lines)
+
+  def describe(self) -> str:
+    """The table plus each group's leaf paths."""
+    out = [str(self)]
+    for i, g in enumerate(self.groups):
+      out.append(f'group {i} ({g.strategy}, padding {g.padding}): '
+                 + ', '.join(g.paths))
+    return '\n'.join(out)
+
+
+# Spec helpers -------------------------------------------------------------
+
+
+def spec_entries(spec: Any, ndim: int, where: str = '') -> list[tuple[str, ...]]:
+  """The mesh axes of each of ``ndim`` dimensions (``()`` = unsharded)."""
+  if spec is None:
+    spec = P()
+  if isinstance(spec, NamedSharding):
+    spec = spec.spec
+  entries = list(spec)
+  if len(entries) > ndim:
+    raise ValueError(f'{where}: PartitionSpec {spec} has more entries than '
+                     f'the leaf has dimensions ({ndim}).')
+  out = []
+  for e in entries + [None] * (ndim - len(entries)):
+    if e is None:
+      out.append(())
+    elif isinstance(e, str):
+      out.append((e,))
+    elif isinstance(e, tuple) and all(isinstance(a, str) for a in e):
+      out.append(e)
+    else:
+      raise ValueError(f'{where}: unsupported PartitionSpec entry {e!r} in '
+                       f'{spec} (use None, an axis name or a tuple of them).')
+  return out
+
+
+def _mesh_sizes(mesh) -> dict[str, int]:
+  """Axis sizes of a ``Mesh`` or ``AbstractMesh``, in mesh order."""
+  return {a: int(mesh.shape[a]) for a in mesh.axis_names}
+
+
+def _wire_dtype(comm_dtype, dtype):
+  dtype = jnp.dtype(dtype)
+  if comm_dtype is None:
+    return dtype
+  c = jnp.dtype(comm_dtype)
+  return c if c.itemsize <= dtype.itemsize else dtype
+
+
+def default_matrix_flops(steps: int = 5, method: str = 'standard',
+                         restart_every: int | None = 2,
+                         ns_dtype: Any = None) -> Callable[[int, int, Any], int]:
+  """``(m, n, dtype) -> FLOPs`` of one Newton–Schulz call on an ``m×n``
+  matrix, with the method :func:`orthax.polar.choose_method` would pick."""
+
+  def flops(m, n, dtype):
+    dt = dtype if ns_dtype is None else ns_dtype
+    meth = _dispatch.choose_method(m, n, steps, dt, method, restart_every)
+    if meth == 'gram':
+      return _gram.gram_flops(m, n, steps, restart_every)
+    return _gram.standard_flops(m, n, steps)
+
+  return flops
+
+
+def plan_orthogonalize(
+    leaves: Sequence[LeafInfo | tuple],
+    mesh,
+    strategy: str = 'auto',
+    *,
+    overrides: Sequence[tuple[str, str]] = (),
+    comm_dtype: Any = jnp.bfloat16,
+    matrix_flops: Callable[[int, int, Any], int] | None = None,
+    steps: int = 5,
+    method: str = 'standard',
+    restart_every: int | None = 2,
+    ns_dtype: Any = None,
+) -> Plan:
+  """Plans the distributed orthogonalization of ``leaves``.
+
+  Args:
+    leaves: ``(path, shape, dtype, MatrixSpec, PartitionSpec)`` per leaf.
+    mesh: the device mesh.
+    strategy: default strategy (see :class:`Distributed`).
+    overrides: ``(regex, strategy)`` pairs matched against leaf paths.
+    comm_dtype: wire dtype (never wider than the leaf's).
+    matrix_flops: ``(m, n, dtype) -> FLOPs`` of Newton–Schulz on one matrix;
+      default :func:`default_matrix_flops` with ``steps``, ``method``,
+      ``restart_every`` and ``ns_dtype``.
+
+  Returns:
+    A :class:`Plan`. Raises ``ValueError`` naming the leaf when a requested
+    strategy does not fit its sharding.
+  """
+  dist = Distributed(mesh, strategy=strategy, overrides=tuple(overrides),
+                     comm_dtype=comm_dtype)
+  if matrix_flops is None:
+    matrix_flops = default_matrix_flops(steps, method, restart_every, ns_dtype)
+  sizes = _mesh_sizes(mesh)
+  eff = lambda axes: tuple(a for a in axes if sizes[a] > 1)
+  prod = lambda axes: math.prod(sizes[a] for a in axes)
+
+  keyed: dict[tuple, list[tuple[int, LeafInfo, bool, int]]] = {}
+  for i, leaf in enumerate(leaves):
+    path, shape, dtype, mspec, pspec = LeafInfo(*leaf)
+    shape = tuple(int(s) for s in shape)
+    where = f'leaf {path!r} (shape {shape}, spec {pspec})'
+    entries = spec_entries(pspec, len(shape), where)
+    for axes in entries:
+      for a in axes:
+        if a not in sizes:
+          raise ValueError(f'{where}: mesh has no axis {a!r} '
+                           f'(axes {tuple(sizes)}).')
+    for d, axes in enumerate(entries):
+      if shape[d] % prod(axes):
+        raise ValueError(f'{where}: dimension {d} ({shape[d]}) is not '
+                         f'divisible by its {prod(axes)} shards.')
+    batch, fi, fo = mspec.resolve(shape)
+    for name, fan in (('fan_in', fi), ('fan_out', fo)):
+      sharded = [d for d in fan if eff(entries[d])]
+      if len(sharded) > 1 or (sharded and sharded[0] != fan[0]):
+        raise ValueError(
+            f'{where}: only the first {name} axis ({fan[0]}) of a '
+            f'multi-axis {name} {fan} may be sharded.')
+    fi_axes, fo_axes = eff(entries[fi[0]]), eff(entries[fo[0]])
+    batch_axes = tuple(a for d in batch for a in eff(entries[d]))
+    used = set(a for axes in entries for a in eff(axes))
+    free = tuple(a for a in mesh.axis_names if sizes[a] > 1 and a not in used)
+    count, m_in, n_out = mspec.matrix_shape(shape)
+    local = count // prod(batch_axes)
+    transposed = m_in > n_out
+    m, n = min(m_in, n_out), max(m_in, n_out)
+    rows, cols = (fo_axes, fi_axes) if transposed else (fi_axes, fo_axes)
+
+    s = dist.strategy_for(path)
+    if s == 'gram':
+      raise ValueError(
+          f"{where}: strategy 'gram' (tensor-parallel Newton–Schulz for "
+          'matrices larger than one device) is not implemented yet; use '
+          "'a2a'.")
+    if s == 'auto':
+      s = 'a2a' if rows or cols else ('local' if batch_axes or not free
+                                      else 'replicated')
+    if s == 'a2a' and not (rows or cols):
+      raise ValueError(f"{where}: strategy 'a2a' needs a sharded matrix "
+                       "dimension; its matrices are whole on each device "
+                       "(use 'local' or 'replicated').")
+    if s in ('local', 'replicated') and (rows or cols):
+      raise ValueError(f'{where}: strategy {s!r} needs unsharded matrix '
+                       f'dimensions, but they are sharded over '
+                       f'{fi_axes + fo_axes}; use \'a2a\'.')
+    if s == 'replicated' and not free:
+      raise ValueError(f"{where}: strategy 'replicated' needs a mesh axis the "
+                       "leaf is not sharded over; use 'local'.")
+    split = (rows + cols if s == 'a2a' else free if s == 'replicated' else ())
+    key = (s, m, n, jnp.dtype(dtype), rows, cols, split)
+    keyed.setdefault(key, []).append((i, path, transposed, count, local))
+
+  groups = []
+  for (s, m, n, dtype, rows, cols, split), members in keyed.items():
+    local_count = sum(mb[4] for mb in members)
+    G = prod(split)
+    padded = -(-local_count // G) * G
+    wire = _wire_dtype(comm_dtype, dtype)
+    mf = int(matrix_flops(m, n, dtype))
+    per_dev = padded // G if s != 'local' else local_count
+    if s == 'a2a':
+      nbytes = 2 * (G - 1) / G * padded * (m * n // G) * wire.itemsize
+      ncoll = 2
+    elif s == 'replicated':
+      nbytes = (G - 1) / G * padded * m * n * wire.itemsize
+      ncoll = 1
+    else:
+      nbytes, ncoll = 0.0, 0
+    groups.append(GroupPlan(
+        strategy=s, m=m, n=n, dtype=dtype,
+        leaves=tuple(mb[0] for mb in members),
+        paths=tuple(mb[1] for mb in members),
+        transposed=tuple(mb[2] for mb in members),
+        count=sum(mb[3] for mb in members), local_count=local_count,
+        padded=padded, row_axes=rows, col_axes=cols, split_axes=split,
+        shards=G, row_shards=prod(rows), col_shards=prod(cols),
+        wire_dtype=wire, matrix_flops=mf, flops_per_device=per_dev * mf,
+        bytes_per_device=nbytes, collectives=ncoll))
+  return Plan(tuple(groups), math.prod(sizes.values()), tuple(sizes.items()))

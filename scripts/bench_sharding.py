@@ -1,0 +1,205 @@
+"""Distributed Newton–Schulz on 8 fake CPU devices: compile-time figures.
+
+GPT-2 small's 48 hidden matrices; scenarios ``fsdp8`` (first dim over 8),
+``fsdp4x2`` (first dim over fsdp=4, second over tp=2), ``scan`` (4 leaves
+``(12, m, n)``, matrix rows over fsdp=8: a2a) and ``scan_local`` (same
+leaves, layer axis over fsdp=4 of a 4×2 mesh: local). Rows: optax.contrib
+scale_by_muon left to GSPMD, and orthax's strategies with f32 and bf16 on the
+wire. Columns are per device, read from the compiled program (MEASURING.md
+§2): GFLOP (orthax's Newton–Schulz runs in a ``fori_loop`` whose body XLA
+counts once, so orthax rows compile one step and report ``5×`` that; optax
+unrolls), collectives, MiB sent (bf16 read from the lowered program, XLA:CPU
+upcasts), temp MiB, and the plan's prediction. Then the analytic scaling of
+the plan to 16/64/256 devices for GPT-2 small and a 7B-class model.
+
+    python scripts/bench_sharding.py [scenario ...] [--no-optax]
+
+No timings: on a CPU host they say nothing about accelerators.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8')
+
+import functools  # pylint: disable=g-import-not-at-top
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import AbstractMesh
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from orthax import sharding
+from orthax.benchmarking import gpt2_hidden_kernels
+from orthax.matrices import MatrixSpec
+from orthax.polar import orthogonalize_stack
+from orthax.sharding import hlo
+
+MiB = 2.0**20
+STEPS = 5
+
+
+def _flat(tree):
+  flat = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, tuple))[0]
+  return {jax.tree_util.keystr(p): s for p, s in flat}
+
+
+def scenario(name):
+  """(mesh, {path: shape}, {path: spec}, {path: MatrixSpec})."""
+  kernels = _flat(gpt2_hidden_kernels())
+  if name in ('fsdp8', 'fsdp4x2'):
+    if name == 'fsdp8':
+      mesh = jax.make_mesh((8,), ('fsdp',), axis_types=(AxisType.Auto,))
+      spec = P('fsdp', None)
+    else:
+      mesh = jax.make_mesh((4, 2), ('fsdp', 'tp'),
+                           axis_types=(AxisType.Auto,) * 2)
+      spec = P('fsdp', 'tp')
+    return (mesh, kernels, {k: spec for k in kernels},
+            {k: MatrixSpec() for k in kernels})
+  shapes = {'attn_qkv': (12, 768, 2304), 'attn_proj': (12, 768, 768),
+            'mlp_fc': (12, 768, 3072), 'mlp_proj': (12, 3072, 768)}
+  if name == 'scan':
+    mesh = jax.make_mesh((8,), ('fsdp',), axis_types=(AxisType.Auto,))
+    spec = P(None, 'fsdp', None)
+  else:  # scan_local
+    mesh = jax.make_mesh((4, 2), ('fsdp', 'tp'),
+                         axis_types=(AxisType.Auto,) * 2)
+    spec = P('fsdp', None, None)
+  return (mesh, shapes, {k: spec for k in shapes},
+          {k: MatrixSpec.stacked(0) for k in shapes})
+
+
+def _abstract(mesh, shapes, specs):
+  sh = {k: NamedSharding(mesh, specs[k]) for k in shapes}
+  return {k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=sh[k])
+          for k in shapes}, sh
+
+
+def optax_row(mesh, shapes, specs, mspecs):
+  """optax.contrib.scale_by_muon (momentum + NS), GSPMD partitioned."""
+  dn = {k: optax.contrib.MuonDimensionNumbers(
+      reduction_axis=ms.resolve(shapes[k])[1],
+      output_axis=ms.resolve(shapes[k])[2]) for k, ms in mspecs.items()}
+  tx = optax.contrib.scale_by_muon(weight_dimension_numbers=dn)
+  params, sh = _abstract(mesh, shapes, specs)
+  st = jax.eval_shape(tx.init, params)
+  st_sh = jax.tree.map(
+      lambda a: NamedSharding(mesh, _match(a, shapes, specs)), st)
+  st = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                      sharding=s), st, st_sh)
+  f = jax.jit(lambda g, s: tx.update(g, s)[0], out_shardings=sh)
+  m = hlo.measure(f, params, st)
+  return dict(flops=m['flops'], m=m, bf16=None)
+
+
+def _match(a, shapes, specs):
+  """State leaves that mirror a parameter get its spec; others replicate."""
+  for k, s in shapes.items():
+    if tuple(s) == tuple(a.shape):
+      return specs[k]
+  return P()
+
+
+def orthax_rows(mesh, shapes, specs, mspecs):
+  params, sh = _abstract(mesh, shapes, specs)
+  rows = {}
+  for comm in (jnp.float32, jnp.bfloat16):
+    dist = sharding.Distributed(mesh, param_specs=specs, comm_dtype=comm)
+    plan = sharding.plan(params, dist, mspecs, steps=STEPS)
+    ns = functools.partial(orthogonalize_stack, preset='jordan', steps=1,
+                           method='standard')
+    f = jax.jit(lambda u, dist=dist, ns=ns: sharding.orthogonalize_tree(
+        u, dist, ns, mspecs), out_shardings=sh)
+    if comm == jnp.float32:
+      m = hlo.measure(f, params)
+      strategies = sorted({g.strategy for g in plan.groups})
+      rows['f32'] = dict(flops=STEPS * m['flops'], m=m, plan=plan,
+                         label='orthax ' + '+'.join(strategies) + ' (f32)')
+    else:
+      low = hlo.lowered_collectives(f.lower(params).as_text(),
+                                    mesh.devices.size)
+      rows['bf16'] = dict(wire=sum(o['wire_bytes'] for o in low), plan=plan,
+                          count=len(low))
+  return rows
+
+
+def fmt_coll(summary):
+  return ', '.join(f"{k}×{v['count']}" for k, v in sorted(summary.items())) \
+      or 'none'
+
+
+def run(names, with_optax=True):
+  print('| scenario | strategy | GFLOP/device | plan GFLOP | collectives | '
+        'MiB sent/device (f32) | MiB sent (bf16) | plan MiB f32/bf16 | '
+        'temp MiB |')
+  print('|---|---|---|---|---|---|---|---|---|')
+  for name in names:
+    mesh, shapes, specs, mspecs = scenario(name)
+    if with_optax:
+      r = optax_row(mesh, shapes, specs, mspecs)
+      m = r['m']
+      print(f"| {name} | optax.contrib scale_by_muon (GSPMD) | "
+            f"{r['flops'] / 1e9:.1f} | - | {fmt_coll(m['summary'])} "
+            f"({sum(v['count'] for v in m['summary'].values())}) | "
+            f"{m['wire_bytes'] / MiB:.1f} | - | - | "
+            f"{(m['temp_bytes'] or 0) / MiB:.0f} |", flush=True)
+    rows = orthax_rows(mesh, shapes, specs, mspecs)
+    r, b = rows['f32'], rows['bf16']
+    m = r['m']
+    print(f"| {name} | {r['label']} | {r['flops'] / 1e9:.1f} | "
+          f"{r['plan'].flops_per_device / 1e9:.1f} | "
+          f"{fmt_coll(m['summary'])} | {m['wire_bytes'] / MiB:.1f} | "
+          f"{b['wire'] / MiB:.1f} | {r['plan'].bytes_per_device / MiB:.1f}/"
+          f"{b['plan'].bytes_per_device / MiB:.1f} | "
+          f"{(m['temp_bytes'] or 0) / MiB:.0f} |", flush=True)
+
+
+MODELS = {
+    'gpt2-small': {
+        f'h{i}/{k}': s for i in range(12)
+        for k, s in (('qkv', (768, 2304)), ('proj', (768, 768)),
+                     ('fc', (768, 3072)), ('out', (3072, 768)))},
+    '7B-class (32L, d=4096, ffn=11008)': {
+        f'h{i}/{k}': s for i in range(32)
+        for k, s in (('q', (4096, 4096)), ('k', (4096, 4096)),
+                     ('v', (4096, 4096)), ('o', (4096, 4096)),
+                     ('gate', (4096, 11008)), ('up', (4096, 11008)),
+                     ('down', (11008, 4096)))},
+}
+
+
+def scaling():
+  print('\nAnalytic scaling (plan only; FSDP on the first dim, a2a, 5 steps):')
+  print('| model | devices | groups | padded/real matrices | GFLOP/device |'
+        ' ideal GFLOP/device | MiB sent/device bf16 (f32) | collectives |')
+  print('|---|---|---|---|---|---|---|---|')
+  for model, shapes in MODELS.items():
+    for d in (8, 16, 64, 256):
+      mesh = AbstractMesh((d,), ('fsdp',))
+      leaves = [sharding.LeafInfo(k, s, jnp.float32, MatrixSpec(),
+                                  P('fsdp', None)) for k, s in shapes.items()]
+      p16 = sharding.plan_orthogonalize(leaves, mesh)
+      p32 = sharding.plan_orthogonalize(leaves, mesh, comm_dtype=jnp.float32)
+      ideal = sum(g.matrix_flops * g.count for g in p16.groups) / d
+      pad = sum(g.padded for g in p16.groups)
+      real = sum(g.count for g in p16.groups)
+      print(f'| {model} | {d} | {len(p16.groups)} | {pad}/{real} | '
+            f'{p16.flops_per_device / 1e9:.1f} | {ideal / 1e9:.1f} | '
+            f'{p16.bytes_per_device / MiB:.1f} '
+            f'({p32.bytes_per_device / MiB:.1f}) | {p16.collectives} |')
+
+
+if __name__ == '__main__':
+  args = [a for a in sys.argv[1:] if not a.startswith('--')]
+  if '--scaling-only' not in sys.argv:
+    run(args or ['fsdp8', 'fsdp4x2', 'scan', 'scan_local'],
+        with_optax='--no-optax' not in sys.argv)
+  scaling()

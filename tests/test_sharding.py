@@ -1,0 +1,209 @@
+"""orthax.sharding: plans (in process) and multi-device contracts.
+
+The multi-device cases run once, in a subprocess with 8 fake CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before
+JAX starts), through ``tests/sharding_cases.py``, which prints JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
+
+from orthax import sharding
+from orthax.benchmarking import gpt2_hidden_kernels
+from orthax.matrices import MatrixSpec
+
+K = MatrixSpec()
+MESH8 = AbstractMesh((8,), ('fsdp',))
+MESH42 = AbstractMesh((4, 2), ('fsdp', 'tp'))
+MiB = 2.0**20
+
+
+def _leaves(tree_shapes, spec_fn, dtype=jnp.float32, mspec=K):
+  flat = jax.tree_util.tree_flatten_with_path(
+      tree_shapes, is_leaf=lambda x: isinstance(x, tuple))[0]
+  return [sharding.LeafInfo(jax.tree_util.keystr(p), s, dtype, mspec,
+                            spec_fn(s)) for p, s in flat]
+
+
+# Plans: static, no devices needed ---------------------------------------------
+
+
+def test_gpt2_fsdp8_plan_matches_lower_bound():
+  leaves = _leaves(gpt2_hidden_kernels(), lambda s: P('fsdp', None))
+  p32 = sharding.plan_orthogonalize(leaves, MESH8, comm_dtype=jnp.float32)
+  p16 = sharding.plan_orthogonalize(leaves, MESH8)
+  assert len(p32.groups) == 4
+  assert all(g.strategy == 'a2a' and g.count == 12 and g.padded == 16
+             for g in p32.groups)
+  assert p32.collectives == 8
+  # MEASURING.md: the all-to-all lower bound is 94.5 MiB f32, ~47 MiB bf16.
+  assert abs(p32.bytes_per_device / MiB - 94.5) < 0.05
+  assert abs(p16.bytes_per_device / MiB - 47.25) < 0.05
+  # Padded ideal: 2 matrices of each shape per device, 5 steps.
+  assert abs(p32.flops_per_device / 1e9 - 253.7) < 0.1
+  text = str(p32)
+  assert 'a2a' in text and 'total' in text and '94.50' in text
+
+
+def test_gpt2_fsdp4tp2_plan_same_bytes_as_fsdp8():
+  leaves = _leaves(gpt2_hidden_kernels(), lambda s: P('fsdp', 'tp'))
+  p = sharding.plan_orthogonalize(leaves, MESH42, comm_dtype=jnp.float32)
+  assert [g.split_axes for g in p.groups] == [('fsdp', 'tp')] * 3 + [
+      ('tp', 'fsdp')]  # the tall c_proj is transposed: rows are tp
+  assert abs(p.bytes_per_device / MiB - 94.5) < 0.05
+
+
+def test_auto_strategies_and_padding():
+  leaves = [
+      sharding.LeafInfo('fsdp', (64, 128), jnp.float32, K, P('fsdp')),
+      sharding.LeafInfo('layers', (8, 64, 128), jnp.float32,
+                        MatrixSpec.stacked(0), P('fsdp', None, None)),
+      sharding.LeafInfo('repl', (3, 64, 128), jnp.float32,
+                        MatrixSpec.stacked(0), P()),
+  ]
+  p = sharding.plan_orthogonalize(leaves, MESH8)
+  assert [g.strategy for g in p.groups] == ['a2a', 'local', 'replicated']
+  a2a, local, repl = p.groups
+  assert (a2a.local_count, a2a.padded, a2a.padding) == (1, 8, 7)
+  assert local.local_count == 1 and local.bytes_per_device == 0
+  assert (repl.padded, repl.shards) == (8, 8)
+  assert p.group_of('layers') is local
+
+
+def test_overrides_pick_strategy_by_path():
+  leaves = [sharding.LeafInfo('blocks/mlp', (4, 64, 128), jnp.float32,
+                              MatrixSpec.stacked(0), P('fsdp', None, None))]
+  auto = sharding.plan_orthogonalize(leaves, MESH42)
+  assert auto.groups[0].strategy == 'local'  # redundant over tp
+  over = sharding.plan_orthogonalize(leaves, MESH42,
+                                     overrides=[('mlp$', 'replicated')])
+  g = over.groups[0]
+  assert g.strategy == 'replicated' and g.split_axes == ('tp',)
+  assert g.local_count == 1 and g.padded == 2
+
+
+@pytest.mark.parametrize('leaf, strategy, match', [
+    (((64, 128), K, P('fsdp')), 'gram', 'not implemented'),
+    (((64, 128), K, P('fsdp')), 'local', "use 'a2a'"),
+    (((64, 128), K, P()), 'a2a', 'needs a sharded matrix'),
+    (((8, 64, 128), MatrixSpec.stacked(0), P('fsdp')), 'replicated',
+     "use 'local'"),
+    (((3, 3, 16, 32), MatrixSpec.conv(), P(None, None, 'fsdp')), 'auto',
+     'only the first fan_in axis'),
+    (((64, 128), K, P('data')), 'auto', 'no axis'),
+    (((12, 128), K, P('fsdp')), 'auto', 'not divisible'),
+])
+def test_plan_errors_name_the_leaf(leaf, strategy, match):
+  shape, ms, ps = leaf
+  with pytest.raises(ValueError, match=match) as e:
+    sharding.plan_orthogonalize(
+        [sharding.LeafInfo('net/w', shape, jnp.float32, ms, ps)], MESH8,
+        strategy)
+  assert 'net/w' in str(e.value)
+
+
+def test_distributed_validates_and_specs_by_path():
+  with pytest.raises(ValueError, match='strategy'):
+    sharding.Distributed(MESH8, strategy='fast')
+  with pytest.raises(ValueError, match='strategy'):
+    sharding.Distributed(MESH8, overrides=[('x', 'nope')])
+  dist = sharding.Distributed(
+      MESH8, param_specs={'a': {'w': P('fsdp')}, 'b': None, 'c': P()})
+  updates = {'a': {'w': jnp.zeros((8, 8))}, 'b': jnp.zeros((8, 8))}
+  assert sharding.specs_for(updates, dist) == [P('fsdp'), P()]
+  with pytest.raises(ValueError, match="'z'"):
+    sharding.specs_for({'z': jnp.zeros((8, 8))}, dist)
+  with pytest.raises(ValueError, match='param_specs'):
+    sharding.array_spec(jax.ShapeDtypeStruct((8, 8), jnp.float32), 'w')
+
+
+# Multi-device contracts (subprocess, 8 fake CPU devices) ----------------------
+
+HERE = pathlib.Path(__file__).resolve().parent
+A2A_CASES = ['fsdp8_a2a', 'fsdp4tp2_a2a', 'explicit_fsdp4tp2']
+ALL_CASES = ['fsdp8_a2a', 'fsdp8_local', 'fsdp8_replicated', 'fsdp4tp2_a2a',
+             'fsdp4tp2_local', 'explicit_fsdp8', 'explicit_fsdp4tp2']
+
+
+@pytest.fixture(scope='module')
+def cases():
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                      ' --xla_force_host_platform_device_count=8').strip()
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['PYTHONPATH'] = os.pathsep.join(
+      [str(HERE.parent)] + [p for p in [env.get('PYTHONPATH')] if p])
+  proc = subprocess.run([sys.executable, str(HERE / 'sharding_cases.py')],
+                        env=env, capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads(proc.stdout.strip().splitlines()[-1])
+  for name, r in res.items():
+    assert 'error' not in r, f"{name}: {r['error']}\n{r.get('trace')}"
+  return res
+
+
+@pytest.mark.parametrize('name', ALL_CASES)
+def test_numerics_equal_single_device(cases, name):
+  r = cases[name]
+  assert r['out_specs_ok']
+  assert r['f32_max_abs_err'] <= 1e-6
+  if 'bf16_max_rel_err' in r:
+    assert r['bf16_max_rel_err'] <= 5e-2
+
+
+@pytest.mark.parametrize('name', ALL_CASES)
+def test_flops_and_bytes_match_plan(cases, name):
+  r = cases[name]
+  assert abs(r['flops'] / r['plan_flops'] - 1) <= 0.05
+  for dt in ('f32', 'bf16'):
+    plan, got = r[f'plan_bytes_{dt}'], r[f'wire_bytes_{dt}']
+    assert abs(got - plan) <= 0.05 * plan + 1e-9, (dt, got, plan)
+
+
+@pytest.mark.parametrize('name', A2A_CASES + ['explicit_fsdp8'])
+def test_a2a_two_all_to_alls_per_group(cases, name):
+  r = cases[name]
+  n_a2a = sum(g['strategy'] == 'a2a' for g in r['groups'])
+  assert n_a2a >= 3
+  assert r['collectives'] == {'all-to-all': 2 * n_a2a}
+  assert r['lowered_bf16'] == {'all-to-all': 2 * n_a2a}
+  assert r['collectives_outside_entry'] == 0
+
+
+@pytest.mark.parametrize('name', ['fsdp8_local', 'fsdp4tp2_local'])
+def test_local_has_no_collectives(cases, name):
+  r = cases[name]
+  assert {g['strategy'] for g in r['groups']} == {'local'}
+  assert r['collectives'] == {} and r['wire_bytes_f32'] == 0
+
+
+def test_replicated_one_all_gather_per_group(cases):
+  r = cases['fsdp8_replicated']
+  assert {g['strategy'] for g in r['groups']} == {'replicated'}
+  assert r['collectives'] == {'all-gather': len(r['groups'])}
+
+
+def test_padding_and_scan_stacking_cases(cases):
+  g = cases['fsdp8_a2a']['groups'][0]
+  assert g['paths'] == ['a1', 'a2', 'a3', 'scan'] and g['count'] == 6
+  assert g['padded'] == 8  # 6 matrices padded to the 8 shards
+  mixed = [g for g in cases['fsdp4tp2_a2a']['groups']
+           if g['paths'] == ['mixed']][0]
+  assert mixed['local'] == 1 and mixed['shards'] == 4  # batch over tp
+
+
+def test_optax_baseline_fails_on_explicit_mesh(cases):
+  r = cases['optax_explicit']
+  assert not r['ok'], 'optax.contrib.muon now compiles on an Explicit mesh'
