@@ -2,21 +2,37 @@
 
 from orthax import polar
 from orthax.matrices import MatrixSpec
+from orthax.recipes import auon
+from orthax.recipes import hybrid_auon
+from orthax.recipes import lanton
 from orthax.recipes import muon
+from orthax.recipes import namo
+from orthax.recipes import namo_d
+from orthax.recipes import normuon
 from orthax.recipes import recipe
 from orthax.recipes import recipe_factory
 from orthax.recipes import recipe_names
 from orthax.recipes import recipe_references
+from orthax.recipes import root
+from orthax.recipes import spectra
 from orthax.routing import DEFAULT_RULES
 from orthax.routing import Router
 from orthax.routing import Rule
 from orthax.routing import describe
 from orthax.transforms import NonFiniteGradientError
 from orthax.transforms import check_finite
+from orthax.transforms import clip_outliers
+from orthax.transforms import cosh_normalize
 from orthax.transforms import decoupled_weight_decay
 from orthax.transforms import momentum
+from orthax.transforms import layerwise_noise_adapt
+from orthax.transforms import neuron_normalize
+from orthax.transforms import noise_adapt
 from orthax.transforms import orthogonalize
 from orthax.transforms import scale_by_shape
+from orthax.transforms import scale_to_rms
+from orthax.transforms import spectral_clip
+from orthax.transforms import spectral_preclip
 
 __version__ = '0.1.0'
 
@@ -25,4 +41,8 @@ __all__ = [
     'check_finite', 'decoupled_weight_decay', 'describe', 'momentum', 'muon',
     'orthogonalize', 'polar', 'recipe', 'recipe_factory', 'recipe_names',
     'recipe_references', 'scale_by_shape',
+    'lanton', 'layerwise_noise_adapt', 'namo', 'namo_d', 'neuron_normalize',
+    'noise_adapt', 'normuon', 'scale_to_rms',
+    'auon', 'clip_outliers', 'cosh_normalize', 'hybrid_auon', 'root',
+    'spectra', 'spectral_clip', 'spectral_preclip',
 ]

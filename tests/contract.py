@@ -40,7 +40,12 @@ Make = Callable[[Any], optax.GradientTransformation]
 LR = 0.01
 
 # State entries every recipe must expose by name (``optax.tree.get``).
-REQUIRED_STATE_NAMES: dict[str, tuple[str, ...]] = {}
+REQUIRED_STATE_NAMES: dict[str, tuple[str, ...]] = {
+    'spectra': ('base', 'spectral_clip'),  # a wrapper: no momentum stage
+    'root': ('momentum', 'clip_outliers', 'orthogonalize'),
+    'auon': ('momentum', 'cosh_normalize'),
+    'hybrid_auon': ('momentum', 'orthogonalize', 'cosh_normalize'),
+}
 DEFAULT_STATE_NAMES = ('momentum', 'orthogonalize')
 
 # Convergence settings: peak learning rate of a warmup-cosine schedule and the

@@ -36,6 +36,9 @@ def test_routes_both_branches(case):
   state = tx.init(params)
   names = contract.REQUIRED_STATE_NAMES.get(case.name,
                                             contract.DEFAULT_STATE_NAMES)
+  if case.name == 'spectra':
+    pytest.skip('spectra wraps a base optimizer (no matrix/adam partition); '
+                'tests/test_spectra.py checks which leaves it clips')
   assert 'momentum' in names, 'update this test for a momentum-free recipe'
   mats = optax.tree.get(state, 'momentum')
   assert mats is not None

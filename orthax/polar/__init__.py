@@ -3,6 +3,12 @@
 Pure ``jax.numpy`` on arrays ``[..., m, n]``; nothing here knows optax.
 """
 
+from orthax.polar.adanewton import ROOT_TABLE
+from orthax.polar.adanewton import fit_quintic
+from orthax.polar.adanewton import gaussian_sample_singular_values
+from orthax.polar.adanewton import orthogonalization_error
+from orthax.polar.adanewton import resolve_shape_table
+from orthax.polar.adanewton import shape_coeffs
 from orthax.polar.dispatch import METHODS
 from orthax.polar.dispatch import choose_method
 from orthax.polar.dispatch import orthogonalize_stack
@@ -19,6 +25,10 @@ from orthax.polar.presets import get_preset
 from orthax.polar.presets import preset_names
 from orthax.polar.remez import optimal_quintic
 from orthax.polar.remez import polar_express_coefficients
+from orthax.polar.spectral import lambda_max_bound
+from orthax.polar.spectral import soft_clip_matrix
+from orthax.polar.spectral import soft_clip_svd
+from orthax.polar.spectral import soft_clip_vector
 
 __all__ = [
     'METHODS', 'NORMALIZERS', 'Preset', 'choose_method', 'get_preset',
@@ -26,4 +36,7 @@ __all__ = [
     'orthogonalize_stack', 'prefer_gram', 'standard_flops',
     'normalize_frobenius', 'optimal_quintic', 'polar_express_coefficients',
     'polar_svd', 'preset_names',
+    'ROOT_TABLE', 'fit_quintic', 'gaussian_sample_singular_values',
+    'lambda_max_bound', 'orthogonalization_error', 'resolve_shape_table',
+    'shape_coeffs', 'soft_clip_matrix', 'soft_clip_svd', 'soft_clip_vector',
 ]

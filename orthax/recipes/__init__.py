@@ -7,8 +7,18 @@ from orthax.recipes.registry import recipe_names
 from orthax.recipes.registry import recipe_references
 from orthax.recipes.registry import register
 from orthax.recipes.muon import muon
+from orthax.recipes.adaptive import lanton
+from orthax.recipes.adaptive import namo
+from orthax.recipes.adaptive import namo_d
+from orthax.recipes.adaptive import normuon
+from orthax.recipes.robust import auon
+from orthax.recipes.robust import hybrid_auon
+from orthax.recipes.robust import root
+from orthax.recipes.robust import spectra
 
 __all__ = [
     'assemble', 'muon', 'recipe', 'recipe_factory', 'recipe_names',
     'recipe_references', 'register',
+    'lanton', 'namo', 'namo_d', 'normuon',
+    'auon', 'hybrid_auon', 'root', 'spectra',
 ]

@@ -64,11 +64,14 @@ def assemble(
     adam: optax.GradientTransformation,
     router: routing.Router | Callable[[Any], Any],
     check_finite: bool,
+    branches: dict[str, optax.GradientTransformation] | None = None,
 ) -> optax.GradientTransformation:
-  """Partitions params by ``router`` into the matrix and AdamW branches."""
+  """Partitions params by ``router`` into the matrix and AdamW branches
+  (and any extra ``branches``, keyed by the labels ``router`` gives)."""
   labels = router.labels if isinstance(router, routing.Router) else router
   tx = optax.partition(
-      {'matrix': matrix_chain, 'adam': adam, 'frozen': optax.set_to_zero()},
+      {'matrix': matrix_chain, 'adam': adam, 'frozen': optax.set_to_zero(),
+       **(branches or {})},
       labels)
   if check_finite:
     return optax.named_chain(('check_finite', T.check_finite()),

@@ -84,6 +84,8 @@ def momentum(
         u = keep * g_ + beta * m_new if nesterov else m_new
       return u.astype(g.dtype), m_new.astype(m.dtype)
 
+    if not jax.tree.leaves(updates):  # e.g. a partition branch with no leaf
+      return updates, MomentumState(count=count, mu=state.mu)
     pairs = jax.tree.map(leaf, updates, state.mu)
     outer = jax.tree.structure(updates)
     inner = jax.tree.structure((0, 0))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import optax
@@ -26,6 +26,7 @@ def orthogonalize(
     group: bool = True,
     method: str = 'auto',
     restart_every: int | None = 2,
+    coeffs_for_shape: str | Mapping[tuple[int, int], Any] | None = None,
 ) -> optax.GradientTransformation:
   r"""Replaces each matrix ``U`` of the update by ``NS(U) ≈ polar(U)``.
 
@@ -56,6 +57,10 @@ def orthogonalize(
       arithmetic) or ``'auto'`` (Gram where it saves FLOPs and the iteration
       is float32 or wider; see :func:`orthax.polar.choose_method`).
     restart_every: Gram Newton–Schulz restart period (its stability fix).
+    coeffs_for_shape: per-shape coefficient tables, ``'root'`` (ROOT's
+      AdaNewton table, :data:`orthax.polar.ROOT_TABLE`) or a mapping
+      ``(min(m, n), max(m, n)) -> row or rows``; a matrix whose shape (either
+      orientation) is not a key uses ``coeffs`` or the preset's table.
 
   References: K. Jordan, *Muon* (2024); Amsel et al. arXiv 2505.16932;
   Zhang, Amsel, Chen, Dao, *Gram Newton–Schulz* (Dao AI Lab blog, 2026).
@@ -66,6 +71,15 @@ def orthogonalize(
       polar.orthogonalize_stack, preset=preset, steps=steps, coeffs=coeffs,
       normalizer=normalizer, norm_scale=norm_scale, eps=eps, dtype=ns_dtype,
       method=method, restart_every=restart_every)
+  if coeffs_for_shape is not None:
+    table = polar.resolve_shape_table(coeffs_for_shape)
+    plain_ns = ns
+
+    def ns(x):  # pylint: disable=function-redefined
+      key = (min(x.shape[-2:]), max(x.shape[-2:]))
+      if key not in table:
+        return plain_ns(x)
+      return plain_ns(x, coeffs=table[key])
 
   def update_fn(updates, state, params=None):
     del params

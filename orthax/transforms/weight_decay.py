@@ -8,6 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from orthax import _tree
+from orthax.transforms.scale_by_shape import shape_factor
+
 
 class WeightDecayState(NamedTuple):
   count: jax.Array  # steps taken, for a learning-rate schedule
@@ -19,6 +22,8 @@ def decoupled_weight_decay(
     learning_rate: optax.ScalarOrSchedule | None = None,
     cautious: bool = False,
     mask: Any = None,
+    step_scale: str | None = None,
+    matrix_specs: _tree.SpecsLike = None,
 ) -> optax.GradientTransformation:
   r"""Adds decoupled weight decay to an update that already includes the lr.
 
@@ -43,10 +48,23 @@ def decoupled_weight_decay(
     learning_rate: η (number or schedule) multiplying λ, or ``None``.
     cautious: decay only where ``sign(Δ) = -sign(W)``.
     mask: optional tree (or callable) of booleans choosing the decayed leaves.
+    step_scale: a :func:`orthax.scale_by_shape` mode; multiplies the rate by
+      the update's own step size ``η_t·shape_factor`` of each matrix, i.e.
+      ``Δ ← Δ - λ η_t (η_t s) W``. modded-nanogpt's NorMuon decays this way
+      (``λ·lr·lr_eff`` with ``lr_eff = lr·sqrt(max(1, out/in))``:
+      ``step_scale='keller'``). Needs ``learning_rate``.
+    matrix_specs: matrix views for ``step_scale`` (as in
+      :func:`orthax.orthogonalize`).
 
   References: Loshchilov & Hutter, arXiv 1711.05101; Chen et al., *Cautious
   Optimizers* (arXiv 2411.16085).
   """
+
+  if step_scale is not None:
+    shape_factor(1, 1, step_scale)  # fail early on unknown modes
+    if learning_rate is None:
+      raise ValueError('decoupled_weight_decay(step_scale=...) needs '
+                       'learning_rate.')
 
   def init_fn(params):
     del params
@@ -64,19 +82,30 @@ def decoupled_weight_decay(
     else:
       eta = 1.0 if learning_rate is None else learning_rate
     rate = weight_decay * eta
+    leaves, treedef = jax.tree.flatten(updates)
+    if step_scale is None:
+      rates = [rate] * len(leaves)
+    else:
+      specs = _tree.resolve_specs(matrix_specs, updates,
+                                  'decoupled_weight_decay')
+      rates = [rate * eta * shape_factor(*s.matrix_shape(x.shape)[1:],
+                                         step_scale)
+               for x, s in zip(leaves, specs)]
 
-    def leaf(d, w):
+    def leaf(d, w, r):
       decay = w.astype(d.dtype)
       if cautious:
         decay = jnp.where(d * decay <= 0, decay, jnp.zeros_like(decay))
-      return (d - rate * decay).astype(d.dtype)
+      return (d - r * decay).astype(d.dtype)
 
+    ws = treedef.flatten_up_to(params)
     if mask is None:
-      new = jax.tree.map(leaf, updates, params)
+      keep = [True] * len(leaves)
     else:
       m = mask(params) if callable(mask) else mask
-      new = jax.tree.map(lambda d, w, k: leaf(d, w) if k else d,
-                         updates, params, m)
-    return new, new_state
+      keep = treedef.flatten_up_to(m)
+    new = [leaf(d, w, r) if k else d
+           for d, w, r, k in zip(leaves, ws, rates, keep)]
+    return jax.tree.unflatten(treedef, new), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

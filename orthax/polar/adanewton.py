@@ -1,0 +1,125 @@
+r"""Per-shape Newton–Schulz coefficients (ROOT's "AdaNewton").
+
+He et al., *ROOT: Robust Orthogonalized Optimizer* (arXiv 2511.20626),
+``huawei-noah/noah-research`` @ a99fb00 ``ROOT/examples/example_train.py``
+(``shared/ALGORITHMS.md`` §6, §12): one fixed quintic ``(a, b, c)`` per
+matrix shape, keyed by ``(min(m, n), max(m, n))``, Keller Jordan's triple
+for any other shape. Only the four shapes of the paper's 2048-wide model are
+published.
+
+:func:`fit_quintic` is a generator for other shapes, following the
+(secondary-source) description of ROOT's fitting: minimize
+``Σ_i (p⁵(σ_i) - 1)²`` over the singular values of Frobenius-normalized
+sample matrices, ``p(σ) = aσ + bσ³ + cσ⁵`` composed ``steps`` times. It fits
+on whatever sample it is given; :func:`gaussian_sample_singular_values`
+provides the Gaussian one. ROOT's own sample was a 1:3 mix of real momentum
+matrices and Gaussian matrices, which we do not have: a Gaussian-only fit is
+more aggressive than ROOT's table (one 2048² Gaussian sample fits
+(3.3346, −4.2607, 1.7790), as ALGORITHMS.md §12 reports, vs ROOT's
+(3.4916, −4.8224, 2.1095)), so fitted rows are *not* ROOT's.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from orthax.polar import presets as _presets
+from orthax.polar.newton_schulz import _coeff_table
+
+Row = tuple[float, float, float]
+
+ROOT_TABLE: dict[tuple[int, int], Row] = {
+    (2048, 2048): (3.4916, -4.8224, 2.1095),
+    (2048, 3072): (3.4509, -4.5790, 1.9325),
+    (2048, 8192): (2.9794, -3.6674, 1.6207),
+    (2048, 16384): (3.1943, -3.8221, 1.5322),
+}
+
+SHAPE_TABLES: dict[str, Mapping[tuple[int, int], Row]] = {'root': ROOT_TABLE}
+
+
+def resolve_shape_table(
+    table: str | Mapping[tuple[int, int], Sequence[float]]
+) -> dict[tuple[int, int], np.ndarray]:
+  """A named table (``'root'``) or a mapping ``(min, max) -> row or rows``."""
+  if isinstance(table, str):
+    if table not in SHAPE_TABLES:
+      raise ValueError(f'Unknown per-shape coefficient table {table!r}; known: '
+                       f'{", ".join(sorted(SHAPE_TABLES))}.')
+    table = SHAPE_TABLES[table]
+  out = {}
+  for key, row in dict(table).items():
+    m, n = key
+    out[(min(m, n), max(m, n))] = _coeff_table(row)
+  return out
+
+
+def shape_coeffs(m: int, n: int,
+                 table: str | Mapping[tuple[int, int], Sequence[float]] = 'root',
+                 fallback: Sequence[Sequence[float]] = _presets.JORDAN):
+  """The coefficient table for an ``m×n`` matrix (either orientation)."""
+  t = resolve_shape_table(table)
+  return t.get((min(m, n), max(m, n)), np.asarray(fallback, np.float64))
+
+
+def gaussian_sample_singular_values(m: int, n: int, count: int = 4,
+                                    seed: int = 0) -> np.ndarray:
+  """Singular values of ``count`` Frobenius-normalized ``m×n`` standard
+  Gaussian matrices, concatenated (the Gaussian part of ROOT's sample)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(count):
+    s = np.linalg.svd(rng.standard_normal((m, n)), compute_uv=False)
+    out.append(s / np.sqrt(np.sum(s * s)))
+  return np.concatenate(out)
+
+
+def orthogonalization_error(row: Sequence[float], sigma: np.ndarray,
+                            steps: int = 5) -> float:
+  """``Σ_i (p^{∘steps}(σ_i) - 1)²`` for the fixed quintic ``row``."""
+  a, b, c = row
+  s = np.asarray(sigma, np.float64)
+  for _ in range(steps):
+    s = a * s + b * s**3 + c * s**5
+  return float(np.sum((s - 1) ** 2))
+
+
+def fit_quintic(sigma: np.ndarray, steps: int = 5,
+                init: Sequence[float] = _presets.JORDAN[0],
+                iters: int = 200) -> Row:
+  """Fixed ``(a, b, c)`` minimizing :func:`orthogonalization_error` on the
+  sample singular values ``sigma`` (Gauss–Newton with a backtracking line
+  search, from ``init``; NumPy, offline). Returns a row for a shape table."""
+  s0 = np.asarray(sigma, np.float64)
+  theta = np.asarray(init, np.float64)
+
+  def resid_jac(th):
+    a, b, c = th
+    s = s0.copy()
+    ds = np.zeros((s.size, 3))
+    for _ in range(steps):
+      dp = a + 3 * b * s**2 + 5 * c * s**4
+      ds = dp[:, None] * ds + np.stack([s, s**3, s**5], axis=1)
+      s = a * s + b * s**3 + c * s**5
+    return s - 1, ds
+
+  r, j = resid_jac(theta)
+  f = float(r @ r)
+  for _ in range(iters):
+    step = np.linalg.lstsq(j, -r, rcond=None)[0]
+    t = 1.0
+    while t > 1e-6:
+      cand = theta + t * step
+      rc, jc = resid_jac(cand)
+      fc = float(rc @ rc)
+      if np.isfinite(fc) and fc < f:
+        break
+      t /= 2
+    else:
+      break
+    theta, r, j, f_old, f = cand, rc, jc, f, fc
+    if f_old - f < 1e-12 * max(f_old, 1e-30):
+      break
+  return tuple(float(v) for v in theta)

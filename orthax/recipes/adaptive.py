@@ -1,0 +1,353 @@
+"""Adaptive orthogonalized recipes: NorMuon, NAMO, NAMO-D and LANTON."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+import optax
+
+from orthax import _tree
+from orthax import routing
+from orthax import transforms as T
+from orthax.recipes.registry import assemble
+from orthax.recipes.registry import register
+
+_NORMUON_REFERENCES = {
+    'repo': dict(nesterov=True, preset='jordan', beta2=0.95, axis='fan_out',
+                 eps_placement='add', restore_norm=True, weight_decay=0.0),
+    'paper': dict(nesterov=False, preset='jordan', beta2=0.95, axis='fan_out',
+                  eps_placement='add', restore_norm=False, weight_decay=0.0),
+    'modded': dict(nesterov=True, preset='polar_express', beta2=0.9,
+                   axis='longer', eps_placement='clamp', restore_norm=True,
+                   weight_decay=0.0),
+}
+
+
+def _check(name, reference, table):
+  if reference not in table:
+    raise ValueError(f'{name} reference must be one of {tuple(table)}, got '
+                     f'{reference!r}.')
+  return table[reference]
+
+
+def _specs(router):
+  return router.specs if isinstance(router, routing.Router) else None
+
+
+@register('normuon', references=tuple(_NORMUON_REFERENCES))
+def normuon(
+    learning_rate: optax.ScalarOrSchedule = 0.02,
+    *,
+    reference: str = 'repo',
+    beta: float = 0.95,
+    beta2: float | None = None,
+    eps: float = 1e-10,
+    preset: str | None = None,
+    ns_steps: int | None = None,
+    ns_dtype: Any = None,
+    ns_method: str = 'auto',
+    scale_rms: float = 0.2,
+    weight_decay: float | None = None,
+    mu_dtype: Any = None,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-10,
+    adam_weight_decay: float = 0.0,
+    router: routing.Router | Callable[[Any], Any] | None = None,
+    check_finite: bool = True,
+) -> optax.GradientTransformation:
+  r"""NorMuon: Muon with a per-neuron second moment of the orthogonalized step.
+
+  ``reference='repo'`` (default; zichongli5/NorMuon ``normuon.py`` @
+  d45c9a4), per matrix in PyTorch layout ``m×n`` (rows = output neurons):
+
+  .. math::
+     u &= \mathrm{nesterov}(G),\quad O = \mathrm{NS}_5(u),\quad
+     v \leftarrow β_2 v + (1-β_2)\,\mathrm{mean}_{\mathrm{cols}}(O\odot O)\\
+     \hat O &= \frac{O}{\sqrt v + ε}\cdot\frac{\|O\|_F}{\|O/(\sqrt v+ε)\|_F + ε}
+        \cdot\sqrt{\max(1, m/n)},\qquad W \leftarrow W(1-ηλ) - η\hat O
+
+  ``reference='paper'`` (Algorithm 1, ALGORITHMS.md §12): plain EMA momentum
+  (no Nesterov), no Frobenius restore, the step rescaled to RMS
+  ``scale_rms·η`` (:func:`orthax.transforms.scale_to_rms`), decay with the
+  unscaled η. Learning rates do not transfer between the two forms.
+  The paper's ``O ⊘ (sqrt(v) + ε)`` is used (optax HEAD: ``sqrt(v + ε)``).
+
+  ``reference='modded'`` (modded-nanogpt ``train_gpt.py`` @ f411b3d): Polar
+  Express (Table C, ``1.02‖X‖_F + 1e-6``), β2 = 0.9, the statistic along the
+  longer side, ``max(v, ε)^{-1/2}``, cautious weight decay ``λ·η·η_eff``
+  with ``η_eff = η·sqrt(max(1, m/n))``. modded-nanogpt uses λ = 1.2: pass
+  ``weight_decay=1.2`` (the default stays 0 because a decay that grows with
+  η² would break the rule that the update is linear in the learning rate,
+  which ``optax.inject_hyperparams`` users rely on). Not reproduced: bf16
+  iteration and parameters with a mantissa buffer, MLP ``c_proj``'s 2× rate,
+  per-parameter Adam betas.
+
+  =========  ========  ======  =======  ============  ==========  =========
+  reference  nesterov  NS      β2       statistic     ε           scale
+  =========  ========  ======  =======  ============  ==========  =========
+  repo       yes       jordan  0.95     per out row   √v + ε      restore·keller
+  paper      no        jordan  0.95     per out row   √v + ε      RMS 0.2
+  modded     yes       PE (C)  0.9      longer side   max(v, ε)   restore·keller
+  =========  ========  ======  =======  ============  ==========  =========
+
+  The AdamW branch is KellerJordan/Muon's auxiliary Adam (β = (0.9, 0.95),
+  ε = 1e-10 after bias correction), with ``learning_rate`` unless
+  ``adam_learning_rate`` is given. Explicit arguments override the
+  reference's defaults (``beta2``, ``preset``, ``weight_decay``).
+
+  References: Li et al., arXiv 2510.05491; ALGORITHMS.md §3, §12.
+  """
+  d = _check('normuon', reference, _NORMUON_REFERENCES)
+  router = routing.Router() if router is None else router
+  specs = _specs(router)
+  lr = learning_rate
+  wd = d['weight_decay'] if weight_decay is None else weight_decay
+  stages = [
+      ('momentum', T.momentum(beta, form='ema', nesterov=d['nesterov'],
+                              accumulator_dtype=mu_dtype)),
+      ('orthogonalize', T.orthogonalize(
+          d['preset'] if preset is None else preset, steps=ns_steps,
+          ns_dtype=ns_dtype, method=ns_method, matrix_specs=specs)),
+      ('neuron_normalize', T.neuron_normalize(
+          d['beta2'] if beta2 is None else beta2, eps, axis=d['axis'],
+          eps_placement=d['eps_placement'], restore_norm=d['restore_norm'],
+          matrix_specs=specs)),
+  ]
+  if reference == 'paper':
+    stages.append(('scale_to_rms', T.scale_to_rms(scale_rms, eps,
+                                                  matrix_specs=specs)))
+  else:
+    stages.append(('scale_by_shape', T.scale_by_shape('keller',
+                                                      matrix_specs=specs)))
+  stages += [
+      ('scale_by_learning_rate', optax.scale_by_learning_rate(lr)),
+      ('weight_decay', T.decoupled_weight_decay(
+          wd, learning_rate=lr, cautious=reference == 'modded',
+          step_scale='keller' if reference == 'modded' else None,
+          matrix_specs=specs)),
+  ]
+  adam = T.adamw(lr if adam_learning_rate is None else adam_learning_rate,
+                 b1=adam_b1, b2=adam_b2, eps=adam_eps,
+                 weight_decay=adam_weight_decay, mu_dtype=mu_dtype)
+  return assemble(optax.named_chain(*stages), adam, router, check_finite)
+
+
+def _namo(mode, learning_rate, reference, beta, mu2, eps, weight_decay,
+          scale_coeff, clamp_c, nesterov, preset, ns_steps, ns_dtype,
+          ns_method, mu_dtype, adam_learning_rate, adam_b1, adam_b2, adam_eps,
+          adam_weight_decay, router, check_finite):
+  _check('namo', reference, {'namo_repo': None})
+  router = routing.Router() if router is None else router
+  specs = _specs(router)
+  matrix = optax.named_chain(('noise_adapt', T.noise_adapt(
+      T.momentum(beta, form='ema', nesterov=nesterov,
+                 accumulator_dtype=mu_dtype),
+      T.orthogonalize(preset, steps=ns_steps, ns_dtype=ns_dtype,
+                      method=ns_method, matrix_specs=specs),
+      learning_rate=learning_rate, b1=beta, mode=mode, mu2=mu2, eps=eps,
+      weight_decay=weight_decay, scale_coeff=scale_coeff, clamp_c=clamp_c,
+      matrix_specs=specs)))
+  adam = T.adamw(
+      learning_rate if adam_learning_rate is None else adam_learning_rate,
+      b1=adam_b1, b2=adam_b2, eps=adam_eps,
+      weight_decay=(weight_decay if adam_weight_decay is None
+                    else adam_weight_decay),
+      eps_placement='raw', mu_dtype=mu_dtype)
+  return assemble(matrix, adam, router, check_finite)
+
+
+_NAMO_DOC = r"""
+
+  One stage, :func:`orthax.transforms.noise_adapt`, wraps the momentum
+  (EMA, Nesterov) and the Newton–Schulz orthogonalization (Keller's
+  coefficients) and emits the final step, learning rate and weight decay
+  included; see its docstring for the update rule. ``reference='namo_repo'``
+  (the only mode): minxin-zhg/namo ``src/namo.py`` @ a3f37b0, after the eps
+  fix (``sqrt(v) + ε``). Its AdamW branch: the same learning rate as the
+  matrices (unless ``adam_learning_rate``), β = (0.9, 0.95), ε = 1e-8 added to
+  ``sqrt(v)`` *before* bias correction, weight decay ``weight_decay`` (the
+  repository's training script passes 0: ``adam_weight_decay=0``).
+
+  References: Zhang, Liu, Schaeffer, *Adam Improves Muon* (arXiv
+  2602.17080); ALGORITHMS.md §4.
+  """
+
+
+@register('namo', references=('namo_repo',))
+def namo(
+    learning_rate: optax.ScalarOrSchedule = 1e-2,
+    *,
+    reference: str = 'namo_repo',
+    beta: float = 0.95,
+    mu2: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.1,
+    scale_coeff: float = 0.2,
+    nesterov: bool = True,
+    preset: str = 'jordan',
+    ns_steps: int | None = None,
+    ns_dtype: Any = None,
+    ns_method: str = 'auto',
+    mu_dtype: Any = None,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-8,
+    adam_weight_decay: float | None = None,
+    router: routing.Router | Callable[[Any], Any] | None = None,
+    check_finite: bool = True,
+) -> optax.GradientTransformation:
+  return _namo('scalar', learning_rate, reference, beta, mu2, eps,
+               weight_decay, scale_coeff, 0.0, nesterov, preset, ns_steps,
+               ns_dtype, ns_method, mu_dtype, adam_learning_rate, adam_b1,
+               adam_b2, adam_eps, adam_weight_decay, router, check_finite)
+
+
+namo.__doc__ = ('NAMO: orthogonalized momentum with a scalar Adam-style '
+                'noise-adaptive step per matrix.' + _NAMO_DOC)
+
+
+@register('namo_d', references=('namo_repo',))
+def namo_d(
+    learning_rate: optax.ScalarOrSchedule = 1e-2,
+    *,
+    reference: str = 'namo_repo',
+    beta: float = 0.95,
+    mu2: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.1,
+    scale_coeff: float = 0.2,
+    clamp_c: float = 0.75,
+    nesterov: bool = True,
+    preset: str = 'jordan',
+    ns_steps: int | None = None,
+    ns_dtype: Any = None,
+    ns_method: str = 'auto',
+    mu_dtype: Any = None,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-8,
+    adam_weight_decay: float | None = None,
+    router: routing.Router | Callable[[Any], Any] | None = None,
+    check_finite: bool = True,
+) -> optax.GradientTransformation:
+  return _namo('diagonal', learning_rate, reference, beta, mu2, eps,
+               weight_decay, scale_coeff, clamp_c, nesterov, preset, ns_steps,
+               ns_dtype, ns_method, mu_dtype, adam_learning_rate, adam_b1,
+               adam_b2, adam_eps, adam_weight_decay, router, check_finite)
+
+
+namo_d.__doc__ = ('NAMO-D: NAMO with one adaptive step per input feature '
+                  '(a diagonal right factor), clamped toward the mean by '
+                  '``clamp_c`` (the class default 0.75; the GPT-2 configs '
+                  'use 0.01–0.9).' + _NAMO_DOC)
+
+SIGNUM_PATTERN = (r'(^|/)([^/]*embed[^/]*|wte|wpe|lm_head|head|unembed[^/]*'
+                  r'|logits)(/|$)')
+
+
+def signum_labels(router, pattern: str = SIGNUM_PATTERN):
+  """``router``'s labels with ``'signum'`` for the 2-D-or-larger ``'adam'``
+  leaves whose path matches ``pattern`` (embeddings and LM head)."""
+  base = router.labels if isinstance(router, routing.Router) else router
+  rx = re.compile(pattern)
+
+  def labels(params):
+    paths, leaves, treedef = _tree.leaves_with_paths(params)
+    labs = treedef.flatten_up_to(base(params))
+    return jax.tree.unflatten(treedef, [
+        'signum' if lab == 'adam' and getattr(x, 'ndim', 0) >= 2
+        and rx.search(p) else lab
+        for p, x, lab in zip(paths, leaves, labs)])
+
+  return labels
+
+
+@register('lanton')
+def lanton(
+    learning_rate: optax.ScalarOrSchedule = 0.02,
+    *,
+    beta: float = 0.95,
+    beta2: float = 0.99,
+    eps: float = 1e-8,
+    difference: str = 'previous',
+    normalization: str = 'group_max',
+    alpha: float = 1.0,
+    nuclear: str = 'ns',
+    noise_ns_preset: str = 'polar_express',
+    preset: str = 'jordan',
+    ns_steps: int | None = None,
+    ns_dtype: Any = None,
+    ns_method: str = 'auto',
+    weight_decay: float = 0.0,
+    mu_dtype: Any = None,
+    signum_learning_rate: optax.ScalarOrSchedule | None = None,
+    signum_beta: float = 0.95,
+    signum_pattern: str = SIGNUM_PATTERN,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-8,
+    adam_weight_decay: float = 0.0,
+    router: routing.Router | Callable[[Any], Any] | None = None,
+    check_finite: bool = True,
+) -> optax.GradientTransformation:
+  r"""LANTON (reconstruction): Scion-style LMO steps with noise-adaptive
+  layerwise rates for the hidden matrices, Signum for embeddings and head.
+
+  **A labelled reconstruction**: the paper's algorithm box (Hao et al., arXiv
+  2510.14009) could not be read and there is no public code; see
+  :func:`orthax.transforms.layerwise_noise_adapt` for what is established and
+  what is reconstructed. Hidden matrices (label ``'matrix'``):
+
+  .. math::
+     B &\leftarrow β B + (1-β) G,\qquad
+     D = \sqrt{d_\mathrm{out}/d_\mathrm{in}}\;\mathrm{NS}(B)
+        \quad(\text{RMS→RMS LMO})\\
+     H_ℓ &\leftarrow β_2 H_ℓ + (1-β_2)\big(\sqrt{d_\mathrm{out}/d_\mathrm{in}}
+        \,\|G_t-G_{t-1}\|_*\big)^2,\qquad
+     η_ℓ = η\,\frac{(\hat H_ℓ+ε)^{-1/2}}{\max_j (\hat H_j+ε)^{-1/2}}\\
+     W_ℓ &\leftarrow W_ℓ - η_ℓ (D_ℓ + λ W_ℓ)
+
+  Embeddings and the LM head (2-D ``'adam'`` leaves matching
+  ``signum_pattern``; label ``'signum'``): Signum,
+  ``W ← W - η_s·sign(B)`` with ``B`` an EMA of the gradient (rate
+  ``signum_beta``) and ``η_s = signum_learning_rate`` (default η), at a
+  fixed rate (the paper's embedding/head group holds two layers; its rate
+  map there is not established). Norm scales and biases: AdamW.
+  The defaults (β = 0.95, β2 = 0.99, ε = 1e-8, λ = 0) are this library's
+  choice, not the paper's.
+  """
+  router = routing.Router() if router is None else router
+  specs = _specs(router)
+  direction = optax.named_chain(
+      ('orthogonalize', T.orthogonalize(preset, steps=ns_steps,
+                                        ns_dtype=ns_dtype, method=ns_method,
+                                        matrix_specs=specs)),
+      ('scale_by_shape', T.scale_by_shape('spectral', matrix_specs=specs)))
+  matrix = optax.named_chain(('layerwise_noise_adapt', T.layerwise_noise_adapt(
+      T.momentum(beta, form='ema', nesterov=False,
+                 accumulator_dtype=mu_dtype),
+      direction, learning_rate=learning_rate, beta2=beta2, eps=eps,
+      dual_norm='nuclear', difference=difference,
+      normalization=normalization, alpha=alpha, nuclear=nuclear,
+      ns_preset=noise_ns_preset, weight_decay=weight_decay,
+      matrix_specs=specs)))
+  signum = optax.named_chain(
+      ('signum_momentum', T.momentum(signum_beta, form='ema', nesterov=False,
+                                     accumulator_dtype=mu_dtype)),
+      ('sign', optax.scale_by_sign()),
+      ('scale_by_signum_learning_rate', optax.scale_by_learning_rate(
+          learning_rate if signum_learning_rate is None
+          else signum_learning_rate)))
+  adam = T.adamw(
+      learning_rate if adam_learning_rate is None else adam_learning_rate,
+      b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=adam_weight_decay,
+      mu_dtype=mu_dtype)
+  return assemble(matrix, adam, signum_labels(router, signum_pattern),
+                  check_finite, branches={'signum': signum})

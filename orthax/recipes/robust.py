@@ -1,0 +1,331 @@
+"""Clipping and robust recipes: SPECTRA, ROOT, AuON and Hybrid-AuON.
+
+Specifications: ``shared/ALGORITHMS.md`` §5 (AuON), §6 (ROOT), §7 and §12
+(SPECTRA).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optax
+
+from orthax import routing
+from orthax import transforms as T
+from orthax.matrices import MatrixSpec
+from orthax.polar import spectral as _spectral
+from orthax.recipes.registry import assemble
+from orthax.recipes.registry import register
+
+# SPECTRA routes by the default rules, except that embedding tables and the
+# LM head are matrices too (``apply_to='all'`` clips every 2-D parameter). A
+# Flax/PyTorch embedding table is ``(vocab, dim)``: PyTorch rows are the
+# vocabulary, so its fan-out is axis 0.
+SPECTRA_RULES: tuple[routing.Rule, ...] = (
+    routing.Rule(r'(^|/)([^/]*embed[^/]*|wte|wpe)(/|$)', 'matrix',
+                 MatrixSpec.torch_linear(), ndims=(2,)),
+    routing.Rule(r'(^|/)(lm_head|head|unembed[^/]*|logits)(/|$)', 'matrix',
+                 ndims=(2,)),
+)
+
+_SPECTRA_REFERENCES = {
+    'orthax': dict(steps=_spectral.DEFAULT_STEPS, step_rule='scaled',
+                   shared_bound=False),
+    'repo': dict(steps=_spectral.REFERENCE_STEPS, step_rule='plain',
+                 shared_bound=True),
+}
+
+
+def _check_reference(name, reference, table):
+  if reference not in table:
+    raise ValueError(f'{name} reference must be one of {tuple(table)}, got '
+                     f'{reference!r}.')
+  return table[reference]
+
+
+def _maybe_check_finite(tx, check_finite):
+  if not check_finite:
+    return tx
+  return optax.named_chain(('check_finite', T.check_finite()), ('inner', tx))
+
+
+@register('spectra', references=tuple(_SPECTRA_REFERENCES))
+def spectra(
+    learning_rate: optax.ScalarOrSchedule = 2e-3,
+    *,
+    reference: str = 'orthax',
+    c: float = 10.0,
+    base: optax.GradientTransformation | None = None,
+    b1: float = 0.8,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.1,
+    ns_steps: int | None = None,
+    step_rule: str | None = None,
+    shared_bound: bool | None = None,
+    apply_to: str = 'all',
+    warmup_steps: int = 0,
+    base_learning_rate: float | None = None,
+    clip_decay: str = 'constant',
+    clip_decay_fraction: float = 0.1,
+    clip_final_scale: float = 0.0,
+    total_steps: int = 0,
+    router: routing.Router | None = None,
+    check_finite: bool = True,
+) -> optax.GradientTransformation:
+  r"""SPECTRA: AdamW (or any ``base``) whose step direction is soft-clipped.
+
+  ``named_chain(('base', adamw), ('spectral_clip', spectral_clip))``: the
+  base step ``Δ = -η(U + λW)`` is recomposed as
+  ``Δ' = -ηλW - η·α·H_c(U)`` (:func:`orthax.spectral_clip`), with
+  ``H_c(X) = (I + XXᵀ/c²)^{-1/2}X`` on every matrix, the reference's vector
+  rule on every other parameter (``apply_to='all'``, the reference's CLI
+  default; ``'2d'`` leaves them to the base step) and
+  ``α = sqrt(max(1, out/in))``.
+
+  Routing differs from :func:`orthax.muon`: there is no AdamW branch — all
+  parameters take the base step. Hidden matrices (incl. stacked ones) are
+  seen through ``router`` (default: the default rules plus
+  :data:`SPECTRA_RULES`, which make embedding tables and the LM head
+  matrices); every non-matrix leaf is *one* vector (a stacked ``(L, d)``
+  bias is one vector of ``L·d`` entries, where PyTorch would have ``L``).
+  ``'frozen'`` labels are not honoured: the base step updates every leaf
+  (wrap the recipe in ``optax.partition`` to freeze some).
+
+  =========  =====  ===========  ===============  ===========================
+  reference  steps  step rule    λ_max bound      source
+  =========  =====  ===========  ===============  ===========================
+  ``orthax`` 12     scaled       per matrix       1e-6 accurate to σ/c = 1e3
+  ``repo``   10     plain 3/2    shared per leaf  ``clip_sigvals`` @ ed9df11
+  =========  =====  ===========  ===============  ===========================
+
+  The reference's 10 plain steps are inaccurate once ``σ_max/c`` is large
+  (0.17 relative error at 600; see :mod:`orthax.polar.spectral`); its
+  iteration runs in bf16 unless ``--ns_float32``, ours in float32 or wider.
+
+  Args:
+    learning_rate: η of the base optimizer (number or schedule); the 160M
+      scripts use 2e-3.
+    reference: ``'orthax'`` or ``'repo'`` (see the table).
+    c: clipping threshold (reference default 10; its 160M scripts use 5).
+    base: any optax optimizer with decoupled weight decay, built with the
+      same ``learning_rate`` and ``weight_decay`` (default:
+      ``adamw(learning_rate, b1, b2, eps, weight_decay)``, the 160M scripts'
+      β = (0.8, 0.999), λ = 0.1).
+    b1, b2, eps: the default AdamW base's moments and epsilon.
+    weight_decay: λ of the base optimizer.
+    ns_steps, step_rule, shared_bound: override the reference's clip settings.
+    apply_to: ``'all'`` (reference CLI default) or ``'2d'``.
+    warmup_steps, base_learning_rate, clip_decay, clip_decay_fraction,
+      clip_final_scale, total_steps: threshold schedule
+      (:func:`orthax.transforms.clip_threshold`; the 780M runs decay c to 0
+      with ``clip_decay='sqrt'``).
+    router: a :class:`orthax.Router` giving the matrix views.
+    check_finite: raise, naming the leaf, on a NaN/Inf gradient.
+
+  References: Jiang, Semenov, Stich, *Enhancing LLM Training via Spectral
+  Clipping*, arXiv 2603.14315 (ICML 2026); github.com/mlolab/llm-spectral-clipping.
+  """
+  d = _check_reference('spectra', reference, _SPECTRA_REFERENCES)
+  router = router or routing.Router(extra_rules=SPECTRA_RULES)
+  if base is None:
+    base = T.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
+                   weight_decay=weight_decay)
+  clip = T.spectral_clip(
+      c, learning_rate=learning_rate, weight_decay=weight_decay,
+      steps=d['steps'] if ns_steps is None else ns_steps,
+      step_rule=d['step_rule'] if step_rule is None else step_rule,
+      shared_bound=d['shared_bound'] if shared_bound is None else shared_bound,
+      apply_to=apply_to, warmup_steps=warmup_steps,
+      base_learning_rate=base_learning_rate, decay=clip_decay,
+      decay_fraction=clip_decay_fraction, final_scale=clip_final_scale,
+      total_steps=total_steps, matrix_specs=router.specs)
+  tx = optax.named_chain(('base', base), ('spectral_clip', clip))
+  return _maybe_check_finite(tx, check_finite)
+
+
+def _adam(learning_rate, adam_learning_rate, b1, b2, eps, wd, placement,
+          mu_dtype):
+  return T.adamw(learning_rate if adam_learning_rate is None
+                 else adam_learning_rate, b1=b1, b2=b2, eps=eps,
+                 weight_decay=wd, eps_placement=placement, mu_dtype=mu_dtype)
+
+
+@register('root', references=('repo',))
+def root(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    *,
+    reference: str = 'repo',
+    beta: float = 0.95,
+    nesterov: bool = True,
+    quantile: float = 0.9,
+    quantile_eps: float = 1e-9,
+    coeffs_for_shape: Any = 'root',
+    ns_steps: int | None = None,
+    ns_dtype: Any = None,
+    mu_dtype: Any = None,
+    weight_decay: float = 0.1,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-8,
+    router: routing.Router | Callable[[Any], Any] | None = None,
+    check_finite: bool = True,
+) -> optax.GradientTransformation:
+  r"""ROOT: Muon with outlier clipping and per-shape Newton–Schulz rows.
+
+  For each routed matrix (``reference='repo'``, the toy script at a99fb00):
+
+  .. math::
+     M_t &= μM_{t-1} + G_t,\qquad u = G_t + μM_t \\
+     B &= \mathrm{clip}(u, -ε, ε),\quad ε = \mathrm{quantile}_{0.9}(|u|) + 10^{-9} \\
+     O &= \mathrm{NS}^{(m,n)}_5\big(B/(\|B\|_F + 10^{-7})\big) \\
+     W &\leftarrow W(1 - ηλ) - η\,0.2\sqrt{\max(m, n)}\;O
+
+  (:func:`orthax.clip_outliers`, then :func:`orthax.orthogonalize` with
+  ``coeffs_for_shape='root'``: ROOT's AdaNewton row for its four published
+  shapes, Keller's row otherwise). Other parameters: AdamW as in Moonlight
+  (same η and λ, betas (0.9, 0.95), ε = 1e-8 added before bias correction).
+  The toy code iterates in the input dtype (two other copies cast to bf16
+  with ε = 1e-8; pass ``ns_dtype=jnp.bfloat16`` for that).
+
+  References: He et al., *ROOT: Robust Orthogonalized Optimizer*, arXiv
+  2511.20626; github.com/huawei-noah/noah-research (ROOT/).
+  """
+  _check_reference('root', reference, {'repo': None})
+  router = router or routing.Router()
+  specs = router.specs if isinstance(router, routing.Router) else None
+  matrix = optax.named_chain(
+      ('momentum', T.momentum(beta, form='sum', nesterov=nesterov,
+                              accumulator_dtype=mu_dtype)),
+      ('clip_outliers', T.clip_outliers(quantile, eps=quantile_eps,
+                                        matrix_specs=specs)),
+      ('orthogonalize', T.orthogonalize(
+          'jordan', steps=ns_steps, ns_dtype=ns_dtype, matrix_specs=specs,
+          coeffs_for_shape=coeffs_for_shape)),
+      ('scale_by_shape', T.scale_by_shape('moonlight', matrix_specs=specs)),
+      ('scale_by_learning_rate', optax.scale_by_learning_rate(learning_rate)),
+      ('weight_decay', T.decoupled_weight_decay(
+          weight_decay, learning_rate=learning_rate)),
+  )
+  adam = _adam(learning_rate, adam_learning_rate, adam_b1, adam_b2, adam_eps,
+               weight_decay, 'raw', mu_dtype)
+  return assemble(matrix, adam, router, check_finite)
+
+
+_AUON_REFERENCES = {
+    # Paper formula, with the original (Oct 2025) code's Keller scale.
+    'paper': dict(gamma=1.0, normalize=True, brake_input='normalized',
+                  scale='keller', hybrid_steps=1, hybrid_brake='raw'),
+    # ryyzn9/AuON auon/optimizer.py @ bba2e82 (Jan 2026).
+    'repo': dict(gamma=1.5, normalize=False, brake_input='normalized',
+                 scale='none', hybrid_steps=5, hybrid_brake='normalized'),
+}
+
+
+def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
+          mu_dtype, weight_decay, adam_learning_rate, adam_b1, adam_b2,
+          adam_eps, router, check_finite):
+  name = 'hybrid_auon' if hybrid else 'auon'
+  d = _check_reference(name, reference, _AUON_REFERENCES)
+  router = router or routing.Router()
+  specs = router.specs if isinstance(router, routing.Router) else None
+  gamma = d['gamma'] if gamma is None else gamma
+  stages = [('momentum', T.momentum(beta, form='ema', nesterov=True,
+                                    accumulator_dtype=mu_dtype))]
+  if hybrid:
+    stages.append(('orthogonalize', T.orthogonalize(
+        'jordan', steps=d['hybrid_steps'] if ns_steps is None else ns_steps,
+        ns_dtype=ns_dtype, matrix_specs=specs)))
+    normalize, brake = False, d['hybrid_brake']
+  else:
+    normalize, brake = d['normalize'], d['brake_input']
+  stages += [
+      ('cosh_normalize', T.cosh_normalize(gamma, normalize=normalize,
+                                          brake_input=brake,
+                                          matrix_specs=specs)),
+      ('scale_by_shape', T.scale_by_shape(d['scale'], matrix_specs=specs)),
+      ('scale_by_learning_rate', optax.scale_by_learning_rate(learning_rate)),
+      ('weight_decay', T.decoupled_weight_decay(
+          weight_decay, learning_rate=learning_rate)),
+  ]
+  adam = _adam(learning_rate, adam_learning_rate, adam_b1, adam_b2, adam_eps,
+               0.0, 'corrected', mu_dtype)
+  return assemble(optax.named_chain(*stages), adam, router, check_finite)
+
+
+@register('auon', references=tuple(_AUON_REFERENCES))
+def auon(
+    learning_rate: optax.ScalarOrSchedule = 0.02,
+    *,
+    reference: str = 'paper',
+    beta: float = 0.95,
+    gamma: float | None = None,
+    mu_dtype: Any = None,
+    weight_decay: float = 0.0,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-8,
+    router: routing.Router | Callable[[Any], Any] | None = None,
+    check_finite: bool = True,
+) -> optax.GradientTransformation:
+  r"""AuON: momentum divided by its cosh-RMS — linear time, no SVD or NS.
+
+  EMA + Nesterov momentum (β = 0.95), then per matrix
+  (:func:`orthax.cosh_normalize`):
+
+  * ``reference='paper'`` (arXiv 2509.24320; original code c87b862):
+    ``X = u/(‖u‖_F + 1e-7)``, ``r = ‖cosh X‖_F/\sqrt N``,
+    ``W ← W(1-ηλ) - η\sqrt{\max(1, out/in)}·X/(r + 1e-8)`` (lr 0.02, λ 0);
+  * ``reference='repo'`` (``auon/optimizer.py`` @ bba2e82):
+    ``r = \sqrt{mean\,cosh(1.5·u/(‖u‖_F + 1e-7))²}``,
+    ``W ← W(1-ηλ) - η·u/(r + 1e-8)`` — the *raw* momentum, no shape scale;
+    its default lr is 0.24 (README 0.08): pass it explicitly.
+
+  Non-matrix parameters take AdamW (β = (0.9, 0.95), ε = 1e-8, no decay; the
+  original code's AuON+Adam split). The Jan 2026 code applies the brake to
+  vectors too; that is not reproduced. For realistic sizes ``r ≈ 1``
+  (``r - 1 ≈ γ²/2N``): the paper form is Frobenius-normalized momentum SGD.
+
+  References: D. Maity, arXiv 2509.24320; github.com/ryyzn9/AuON.
+  """
+  return _auon(False, learning_rate, reference, beta, gamma, None, None,
+               mu_dtype, weight_decay, adam_learning_rate, adam_b1, adam_b2,
+               adam_eps, router, check_finite)
+
+
+@register('hybrid_auon', references=tuple(_AUON_REFERENCES))
+def hybrid_auon(
+    learning_rate: optax.ScalarOrSchedule = 0.02,
+    *,
+    reference: str = 'paper',
+    beta: float = 0.95,
+    gamma: float | None = None,
+    ns_steps: int | None = None,
+    ns_dtype: Any = None,
+    mu_dtype: Any = None,
+    weight_decay: float = 0.0,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-8,
+    router: routing.Router | Callable[[Any], Any] | None = None,
+    check_finite: bool = True,
+) -> optax.GradientTransformation:
+  r"""Hybrid-AuON: a few Newton–Schulz steps, then AuON's cosh brake.
+
+  * ``reference='paper'``: **one** Keller quintic step on
+    ``X = u/(‖u‖_F + 1e-7)``, ``O = aX + (bA + cA²)X``, then
+    ``O/(‖\cosh O‖_F/\sqrt N + 1e-8)`` and the Keller shape scale (the
+    paper's hybrid paragraph writes the RMS without the square root, which
+    contradicts its main text; we use the main text's RMS);
+  * ``reference='repo'`` (``HybridAuON`` @ bba2e82): ``ns_steps = 5`` Keller
+    steps, then ``O/(r + 1e-8)`` with
+    ``r = \sqrt{mean\,cosh(1.5·O/(‖O‖_F + 1e-7))²}``, no shape scale.
+
+  Non-matrix parameters take AdamW, as in :func:`auon`.
+  """
+  return _auon(True, learning_rate, reference, beta, gamma, ns_steps,
+               ns_dtype, mu_dtype, weight_decay, adam_learning_rate, adam_b1,
+               adam_b2, adam_eps, router, check_finite)

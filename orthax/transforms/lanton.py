@@ -1,0 +1,218 @@
+"""Layerwise noise-adaptive learning rates on top of an LMO step (LANTON,
+a labelled reconstruction)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from orthax import _tree
+from orthax import matrices
+from orthax import polar
+
+DUAL_NORMS = ('nuclear', 'l1')
+DIFFERENCES = ('previous', 'momentum')
+NORMALIZATIONS = ('group_max', 'absolute')
+NUCLEAR = ('ns', 'svd', 'frobenius')
+
+
+class LayerwiseNoiseState(NamedTuple):
+  count: jax.Array   # int32 step counter t
+  momentum: Any      # the wrapped momentum stage's state
+  direction: Any     # the wrapped direction (LMO) stage's state
+  noise: Any         # per leaf: H, one entry per matrix (batch shape)
+  prev_grad: Any     # G_{t-1} per leaf ('previous'), else EmptyState
+
+
+def _wide(dtype) -> Any:
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def layerwise_noise_adapt(
+    momentum: optax.GradientTransformation,
+    direction: optax.GradientTransformation,
+    *,
+    learning_rate: optax.ScalarOrSchedule,
+    beta2: float | jax.Array = 0.99,
+    eps: float | jax.Array = 1e-8,
+    dual_norm: str = 'nuclear',
+    difference: str = 'previous',
+    normalization: str = 'group_max',
+    alpha: float | jax.Array = 1.0,
+    nuclear: str = 'ns',
+    ns_preset: str = 'polar_express',
+    weight_decay: float | jax.Array = 0.0,
+    matrix_specs: _tree.SpecsLike = None,
+) -> optax.GradientTransformation:
+  r"""Noise-adaptive layerwise rates within one group (LANTON, reconstructed).
+
+  **This is a reconstruction, not the paper's algorithm box**, which could
+  not be read (Hao, Gong, Xu, Wang, Liu, *Noise-Adaptive Layerwise Learning
+  Rates*, arXiv 2510.14009; no public code). What is established (ALGORITHMS.md
+  §8, §12): the step is the Scion/Gluon LMO step
+  ``X_ℓ ← X_ℓ + η_ℓ·LMO_ℓ(B_ℓ)`` with EMA momentum
+  ``B ← β1 B + (1-β1) G``; each layer's gradient noise is measured in the dual
+  norm of its LMO norm and smoothed by an EMA; noisier layers get smaller
+  rates within their group. The noise statistic and the noise→rate map below
+  are the reconstruction (ALGORITHMS.md §12), with each piece selectable.
+
+  A **combinator** (the library's one mechanism for a stage that needs an
+  earlier signal): it wraps ``momentum`` and ``direction``, calls their
+  ``init``/``update`` itself, and reads the raw gradient ``G_t`` and the
+  momentum output ``B_t`` on the way. Since the rates are per layer it takes
+  ``learning_rate`` (and ``weight_decay``) and emits the **final** step.
+
+  Per matrix ℓ of the group (every matrix of every leaf this transform sees;
+  each entry of a stacked leaf is its own layer):
+
+  .. math::
+     X_ℓ &= G_t - G_{t-1}\ (\texttt{previous})\quad\text{or}\quad
+            G_t - B_t\ (\texttt{momentum})\\
+     H_ℓ &\leftarrow β_2 H_ℓ + (1-β_2)\,\|X_ℓ\|_{ℓ,*}^2,\qquad
+     \hat H_ℓ = H_ℓ/(1-β_2^k)\quad(k = \text{differences seen})\\
+     η_ℓ &= η_t\cdot\frac{r_ℓ}{\max_{j} r_j},\ r_ℓ = (\hat H_ℓ+ε)^{-1/2}
+        \ (\texttt{group\_max})\quad\text{or}\quad
+        η_t\,α\,(\hat H_ℓ+ε)^{-1/2}\ (\texttt{absolute})\\
+     Δ_ℓ &= -η_ℓ\,(D_ℓ + λ W_ℓ),\qquad D = \mathrm{direction}(B)
+
+  Until a difference has been seen (step 1 with ``previous``) every layer
+  gets ``η_t``. The bias correction cancels in ``group_max``.
+  Dual norms: ``'nuclear'`` — the dual of the RMS→RMS operator norm whose LMO
+  is ``-sqrt(d_out/d_in)·UVᵀ``, i.e. ``sqrt(d_out/d_in)·‖X‖_*``, with ``‖X‖_*``
+  from an exact SVD (``nuclear='svd'``), from ``⟨X, NS(X)⟩`` with the
+  Newton–Schulz preset ``ns_preset`` (``'ns'``, one extra orthogonalization
+  per step) or from the bound ``sqrt(min(m, n))·‖X‖_F`` (``'frobenius'``,
+  cheapest); ``'l1'`` — the dual of ℓ1→ℓ∞ (Signum's LMO ``-sign``), the
+  entrywise ``Σ|X|`` of the whole leaf (embeddings, LM head). A second
+  minibatch's gradient as the difference partner (the paper's other estimator
+  option, per the summaries) is not implemented: it needs a second backward
+  pass per step.
+
+  Args:
+    momentum: the wrapped momentum stage (``orthax.momentum(β1,
+      nesterov=False)``; ``difference='momentum'`` uses its output as ``B_t``).
+    direction: the LMO direction (positive sign), e.g.
+      ``named_chain(('orthogonalize', orthax.orthogonalize()),
+      ('scale_by_shape', orthax.scale_by_shape('spectral')))`` or
+      ``optax.scale_by_sign()``.
+    learning_rate: the group rate η (number or schedule).
+    beta2: EMA rate of the noise statistic.
+    eps: ε in ``(Ĥ + ε)^{-1/2}``.
+    dual_norm: ``'nuclear'`` (hidden matrices) or ``'l1'`` (Signum layers).
+    difference: ``'previous'`` or ``'momentum'``.
+    normalization: ``'group_max'`` (no layer exceeds η) or ``'absolute'``.
+    alpha: α of the ``absolute`` normalization.
+    nuclear: ``'ns'``, ``'svd'`` or ``'frobenius'``.
+    ns_preset: Newton–Schulz preset of ``nuclear='ns'``.
+    weight_decay: λ, decoupled, applied with the layer's rate η_ℓ.
+    matrix_specs: as in :func:`orthax.orthogonalize` (``'nuclear'`` only).
+  """
+  for name, value, allowed in (('dual_norm', dual_norm, DUAL_NORMS),
+                               ('difference', difference, DIFFERENCES),
+                               ('normalization', normalization, NORMALIZATIONS),
+                               ('nuclear', nuclear, NUCLEAR)):
+    if value not in allowed:
+      raise ValueError(f'layerwise_noise_adapt {name} must be one of '
+                       f'{allowed}, got {value!r}.')
+  if nuclear == 'ns':
+    polar.get_preset(ns_preset)
+  ns = functools.partial(polar.orthogonalize_stack, preset=ns_preset)
+
+  def specs_of(tree):
+    if dual_norm == 'l1':
+      return [None] * len(jax.tree.leaves(tree))
+    return _tree.resolve_specs(matrix_specs, tree, 'layerwise_noise_adapt')
+
+  def stat_shape(x, spec):
+    if spec is None:
+      return ()
+    batch, _, _ = spec.resolve(x.shape)
+    return tuple(x.shape[a] for a in batch)
+
+  def init_fn(params):
+    leaves, treedef = jax.tree.flatten(params)
+    noise = jax.tree.unflatten(treedef, [
+        jnp.zeros(stat_shape(x, s), _wide(x.dtype))
+        for x, s in zip(leaves, specs_of(params))])
+    prev = (jax.tree.map(jnp.zeros_like, params) if difference == 'previous'
+            else optax.EmptyState())
+    return LayerwiseNoiseState(jnp.zeros([], jnp.int32), momentum.init(params),
+                               direction.init(params), noise, prev)
+
+  def dual_norms(xs, specs):
+    """The dual norm of every matrix: a list of arrays shaped like H."""
+    if dual_norm == 'l1':
+      return [jnp.sum(jnp.abs(x.astype(_wide(x.dtype)))) for x in xs]
+    mats = [matrices.to_matrices(x, s).astype(_wide(x.dtype))
+            for x, s in zip(xs, specs)]
+    if nuclear == 'svd':
+      nuc = [jnp.sum(jnp.linalg.svd(m, compute_uv=False), axis=-1)
+             for m in mats]
+    elif nuclear == 'ns':
+      polars = matrices.map_grouped(ns, mats)
+      nuc = [jnp.sum(m * p, axis=(-2, -1)) for m, p in zip(mats, polars)]
+    else:
+      nuc = [jnp.sqrt(min(m.shape[-2:]) * jnp.sum(m * m, axis=(-2, -1)))
+             for m in mats]
+    out = []
+    for x, s, n in zip(xs, specs, nuc):
+      _, fi, fo = s.matrix_shape(x.shape)
+      out.append((n * (fo / fi) ** 0.5).reshape(stat_shape(x, s)))
+    return out
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError('layerwise_noise_adapt needs params: call '
+                       'update(grads, state, params).')
+    specs = specs_of(updates)
+    b, mom_state = momentum.update(updates, state.momentum, params)
+    d, dir_state = direction.update(b, state.direction, params)
+    lr = learning_rate(state.count) if callable(learning_rate) else (
+        learning_rate)
+    count = optax.safe_increment(state.count)
+    g_l, treedef = jax.tree.flatten(updates)
+    flat = treedef.flatten_up_to
+    if difference == 'previous':
+      partner, seen = flat(state.prev_grad), count - 1
+      prev = updates
+    else:
+      partner, seen = flat(b), count
+      prev = state.prev_grad
+    diffs = [g.astype(_wide(g.dtype)) - p.astype(_wide(g.dtype))
+             for g, p in zip(g_l, partner)]
+    norms = dual_norms(diffs, specs)
+    valid = seen > 0
+    hs, hhat = [], []
+    for h, n in zip(flat(state.noise), norms):
+      k = seen.astype(h.dtype)
+      new = jnp.where(valid, beta2 * h + (1 - beta2) * n * n, h)
+      hs.append(new)
+      corr = jnp.where(valid, 1 - beta2 ** jnp.maximum(k, 1.0), 1.0)
+      hhat.append(jnp.where(valid, new / corr, 0.0))
+    if normalization == 'group_max':
+      floor = jnp.min(jnp.stack([jnp.min(h + eps) for h in hhat]))
+      rates = [jnp.where(valid, jnp.sqrt(floor / (h + eps)), 1.0)
+               for h in hhat]
+    else:
+      rates = [jnp.where(valid, alpha / jnp.sqrt(h + eps), 1.0) for h in hhat]
+    out = []
+    for g, dd, w, r, s in zip(g_l, flat(d), flat(params), rates, specs):
+      dt = _wide(g.dtype)
+      step = dd.astype(dt) + weight_decay * w.astype(dt)
+      if s is None:  # one rate for the whole leaf
+        out.append((-(lr * r) * step).astype(g.dtype))
+      else:  # one rate per matrix: r has the batch shape
+        m = matrices.to_matrices(step, s)
+        m = -(lr * r).reshape(-1, 1, 1) * m
+        out.append(matrices.from_matrices(m, s, g.shape).astype(g.dtype))
+    new_state = LayerwiseNoiseState(
+        count, mom_state, dir_state, jax.tree.unflatten(treedef, hs),
+        jax.tree.map(lambda p, o: p.astype(o.dtype), prev, state.prev_grad)
+        if difference == 'previous' else prev)
+    return jax.tree.unflatten(treedef, out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)

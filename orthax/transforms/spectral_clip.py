@@ -1,0 +1,323 @@
+r"""SPECTRA: soft spectral clipping of any optimizer's update (post-clip) or of
+the raw gradients (pre-clip).
+
+Jiang, Semenov, Stich, *Enhancing LLM Training via Spectral Clipping*
+(arXiv 2603.14315, ICML 2026); reference code ``mlolab/llm-spectral-clipping``
+@ ed9df11 (``src/optim/spectra.py``, ``src/optim/post_process.py``);
+``shared/ALGORITHMS.md`` §7. The matrix function is
+:func:`orthax.polar.soft_clip_matrix`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from orthax import _tree
+from orthax import matrices
+from orthax.matrices import MatrixSpec
+from orthax.polar import spectral as _spectral
+
+APPLY_TO = ('2d', 'all')
+DECAYS = ('constant', 'linear', 'sqrt', 'cosine', 'exp', 'square')
+
+
+class SpectralClipState(NamedTuple):
+  count: jax.Array  # steps taken (for the threshold and lr schedules)
+
+
+def resolve_clip_specs(matrix_specs: _tree.SpecsLike, tree: Any,
+                       what: str) -> list[MatrixSpec | None]:
+  """One ``MatrixSpec`` (a batch of matrices) or ``None`` (a vector: the
+  whole leaf is one vector) per leaf.
+
+  ``matrix_specs=None``: leaves of rank ≥ 2 are ``MatrixSpec()`` (last two
+  axes ``(in, out)``, leading axes a batch: stacked Flax layers), the rest are
+  vectors; one ``MatrixSpec``: used for every leaf of rank ≥ 2; a tree (or a
+  callable returning one): ``None`` entries mark vectors. Errors name the leaf.
+  """
+  paths, leaves, _ = _tree.leaves_with_paths(tree)
+  if callable(matrix_specs) and not isinstance(matrix_specs, MatrixSpec):
+    matrix_specs = matrix_specs(tree)
+  if matrix_specs is None or isinstance(matrix_specs, MatrixSpec):
+    spec = matrix_specs or MatrixSpec()
+    per_leaf = [spec if len(getattr(x, 'shape', ())) >= 2 else None
+                for x in leaves]
+  else:
+    per_leaf = jax.tree.leaves(
+        matrix_specs, is_leaf=lambda s: s is None or isinstance(s, MatrixSpec))
+    per_leaf = [s for s in per_leaf if s is None or isinstance(s, MatrixSpec)]
+    if len(per_leaf) != len(leaves):
+      raise ValueError(
+          f'{what}: the matrix_specs tree has {len(per_leaf)} leaves but the '
+          f'updates have {len(leaves)}; give one MatrixSpec (or None for a '
+          'vector) per leaf.')
+  for path, x, spec in zip(paths, leaves, per_leaf):
+    if spec is not None:
+      try:
+        spec.resolve(getattr(x, 'shape', ()))
+      except ValueError as e:
+        raise ValueError(f'{what}: leaf {path!r}: {e}') from None
+  return per_leaf
+
+
+def clip_threshold(
+    c: float | jax.Array,
+    count: jax.Array,
+    *,
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    base_learning_rate: float | jax.Array | None = None,
+    warmup_steps: int | jax.Array = 0,
+    decay: str = 'constant',
+    decay_fraction: float | jax.Array = 0.1,
+    final_scale: float | jax.Array = 0.0,
+    total_steps: int | jax.Array = 0,
+) -> jax.Array:
+  r"""The threshold ``c_t`` of step ``count`` (the reference's
+  ``_get_current_clip_c``):
+
+  * warm-up (``t < warmup_steps``): ``c·η_base/max(η_t, 1e-10)``, so
+    ``c_t·η_t`` is constant (``η_base``: ``base_learning_rate``, default the
+    schedule's value at ``warmup_steps``);
+  * then ``c``; with ``decay != 'constant'`` the last
+    ``⌊decay_fraction·total_steps⌋`` steps move it to ``c·final_scale`` along
+    ``linear``, ``sqrt``, ``cosine``, ``exp`` (``final^p``; linear when
+    ``final = 0``) or ``square`` in the progress ``p ∈ [0, 1]``.
+  """
+  if decay not in DECAYS:
+    raise ValueError(f'decay must be one of {DECAYS}, got {decay!r}.')
+  t = count.astype(jnp.float32)
+  c = jnp.asarray(c, jnp.float32)
+  out = c
+  if decay != 'constant':
+    n_anneal = jnp.floor(decay_fraction * jnp.asarray(total_steps, jnp.float32))
+    n_hold = total_steps - n_anneal
+    p = jnp.clip((t - n_hold) / jnp.maximum(n_anneal, 1), 0.0, 1.0)
+    f = jnp.asarray(final_scale, jnp.float32)
+    factor = {
+        'linear': lambda: f + (1 - f) * (1 - p),
+        'sqrt': lambda: f + (1 - f) * (1 - jnp.sqrt(p)),
+        'cosine': lambda: f + (1 - f) * (1 + jnp.cos(math.pi * p)) / 2,
+        'exp': lambda: jnp.where(f > 0, jnp.power(jnp.maximum(f, 1e-30), p),
+                                 1 - p),
+        'square': lambda: f + (1 - f) * (1 - p * p),
+    }[decay]()
+    out = jnp.where(t < n_hold, c, c * factor)
+  if learning_rate is not None:
+    if callable(learning_rate):
+      lr_t = learning_rate(count)
+      base = (learning_rate(jnp.asarray(warmup_steps, jnp.int32))
+              if base_learning_rate is None else base_learning_rate)
+    else:
+      lr_t = learning_rate
+      base = learning_rate if base_learning_rate is None else base_learning_rate
+    warm = c * base / jnp.maximum(jnp.asarray(lr_t, jnp.float32), 1e-10)
+    out = jnp.where(t < warmup_steps, warm, out)
+  return out
+
+
+def _clip_leaves(leaves, specs, c_t, apply_to, steps, step_rule, shared_bound,
+                 group):
+  """``H_c`` on every matrix leaf, the vector rule (``apply_to='all'``) on the
+  others; ``None`` where a leaf is left alone. Returns (clipped, processed)."""
+  clip = lambda x: _spectral.soft_clip_matrix(
+      x, c_t, steps=steps, step_rule=step_rule, shared_bound=shared_bound)
+  out: list[Any] = [None] * len(leaves)
+  mat_idx = [i for i, s in enumerate(specs) if s is not None]
+  mats = [matrices.to_matrices(leaves[i], specs[i]) for i in mat_idx]
+  if group and not shared_bound:  # per-matrix bounds: stacking is exact
+    clipped = matrices.map_grouped(clip, mats)
+  else:
+    clipped = [clip(m) for m in mats]
+  for i, y in zip(mat_idx, clipped):
+    out[i] = matrices.from_matrices(y, specs[i], leaves[i].shape)
+  if apply_to == 'all':
+    for i, s in enumerate(specs):
+      if s is None:
+        out[i] = _spectral.soft_clip_vector(leaves[i], c_t)
+  return out
+
+
+def _check_apply_to(apply_to):
+  if apply_to not in APPLY_TO:
+    raise ValueError(f'apply_to must be one of {APPLY_TO}, got {apply_to!r}.')
+
+
+def spectral_clip(
+    c: float | jax.Array = 10.0,
+    *,
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    weight_decay: float | jax.Array = 0.0,
+    steps: int | jax.Array = _spectral.DEFAULT_STEPS,
+    step_rule: str = 'scaled',
+    shared_bound: bool = False,
+    apply_to: str = '2d',
+    warmup_steps: int | jax.Array = 0,
+    base_learning_rate: float | jax.Array | None = None,
+    decay: str = 'constant',
+    decay_fraction: float | jax.Array = 0.1,
+    final_scale: float | jax.Array = 0.0,
+    total_steps: int | jax.Array = 0,
+    matrix_specs: _tree.SpecsLike = None,
+    group: bool = True,
+) -> optax.GradientTransformation:
+  r"""SPECTRA post-clip: soft-clips the direction of *any* optimizer's step.
+
+  Chain it after a base optimizer with decoupled weight decay, giving it the
+  same ``learning_rate`` (number or schedule) and ``weight_decay``::
+
+    optax.chain(optax.adamw(lr, weight_decay=wd),
+                orthax.spectral_clip(10.0, learning_rate=lr, weight_decay=wd))
+
+  The incoming update is the base step ``Δ = -η_t(U + λW)``; with ``W`` the
+  current params each processed leaf becomes
+
+  .. math::
+     U = -Δ/η_t - λW,\qquad
+     Δ' = -η_tλW - η_t\,α\,H_{c_t}(U),\qquad
+     α = \sqrt{\max(1, \mathrm{rows}/\mathrm{cols})},
+
+  with ``rows = fan_out``, ``cols = fan_in`` (PyTorch layout; a Flax kernel is
+  ``(in, out)``) and ``α = 1`` for vectors. ``H_c`` is
+  :func:`orthax.polar.soft_clip_matrix`; vectors (``apply_to='all'``) get the
+  reference's (discontinuous) :func:`orthax.polar.soft_clip_vector`. A step
+  with ``η_t = 0`` keeps the base update, as the reference does.
+  ``c_t`` follows :func:`clip_threshold` (warm-up keeps ``c·η`` constant;
+  optional decay phase).
+
+  Args:
+    c: clipping threshold (reference default 10; 5 in its 160M scripts).
+    learning_rate: the base optimizer's η (number or schedule); ``None`` means
+      the update is already a direction (``η = 1``, ``λ = 0``): plain clip.
+    weight_decay: the base optimizer's decoupled λ.
+    steps: coupled Newton–Schulz steps (default 12, accurate to 1e-6 up to
+      ``σ_max/c = 1e3``; the reference uses 10).
+    step_rule: ``'scaled'`` (default) or ``'plain'`` (the reference's).
+    shared_bound: one ``λ_max`` bound per leaf over its batch of matrices
+      (the reference) instead of one per matrix.
+    apply_to: ``'2d'`` (matrix leaves only) or ``'all'`` (vectors too).
+    warmup_steps, base_learning_rate, decay, decay_fraction, final_scale,
+      total_steps: the threshold schedule (:func:`clip_threshold`).
+    matrix_specs: see :func:`resolve_clip_specs` (default: every leaf of rank
+      ≥ 2 is a batch of ``(in, out)`` matrices).
+    group: clip same-shape matrices from all leaves in one stacked call.
+  """
+  _check_apply_to(apply_to)
+  if step_rule not in _spectral.STEP_RULES:
+    raise ValueError(f'step_rule must be one of {_spectral.STEP_RULES}, got '
+                     f'{step_rule!r}.')
+  clip_threshold(1.0, jnp.zeros([], jnp.int32), decay=decay)  # validate
+
+  def init_fn(params):
+    del params
+    return SpectralClipState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    count = state.count
+    new_state = SpectralClipState(count=optax.safe_increment(count))
+    leaves, treedef = jax.tree.flatten(updates)
+    specs = resolve_clip_specs(matrix_specs, updates, 'spectral_clip')
+    c_t = clip_threshold(
+        c, count, learning_rate=learning_rate,
+        base_learning_rate=base_learning_rate, warmup_steps=warmup_steps,
+        decay=decay, decay_fraction=decay_fraction, final_scale=final_scale,
+        total_steps=total_steps)
+    if learning_rate is None:
+      lr = jnp.ones([], jnp.float32)
+    elif callable(learning_rate):
+      lr = learning_rate(count)
+    else:
+      lr = learning_rate
+    lr = jnp.asarray(lr)
+    decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+    if decays:
+      if params is None:
+        raise ValueError('spectral_clip with weight_decay needs params: call '
+                         'update(updates, state, params).')
+      ws = jax.tree.leaves(params)
+    else:
+      ws = [None] * len(leaves)
+    live = lr != 0
+    safe_lr = jnp.where(live, lr, 1.0)
+
+    def direction(d, w):
+      acc = jnp.promote_types(d.dtype, jnp.float32)
+      u = -d.astype(acc) / safe_lr
+      if w is not None:
+        u = u - weight_decay * w.astype(acc)
+      return u
+
+    dirs = [direction(d, w) if (s is not None or apply_to == 'all') else None
+            for d, w, s in zip(leaves, ws, specs)]
+    todo = [i for i, u in enumerate(dirs) if u is not None]
+    clipped = _clip_leaves([dirs[i] for i in todo], [specs[i] for i in todo],
+                           c_t, apply_to, steps, step_rule, shared_bound, group)
+    out = list(leaves)
+    for i, h in zip(todo, clipped):
+      d, w, s = leaves[i], ws[i], specs[i]
+      alpha = 1.0
+      if s is not None:
+        _, fi, fo = s.matrix_shape(d.shape)
+        alpha = math.sqrt(max(1.0, fo / fi))
+      new = -lr * alpha * h
+      if w is not None:
+        new = new - lr * weight_decay * w.astype(new.dtype)
+      out[i] = jnp.where(live, new, d.astype(new.dtype)).astype(d.dtype)
+    return jax.tree.unflatten(treedef, out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def spectral_preclip(
+    c: float | jax.Array = 0.1,
+    *,
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    steps: int | jax.Array = _spectral.DEFAULT_STEPS,
+    step_rule: str = 'scaled',
+    shared_bound: bool = False,
+    apply_to: str = '2d',
+    warmup_steps: int | jax.Array = 0,
+    base_learning_rate: float | jax.Array | None = None,
+    decay: str = 'constant',
+    decay_fraction: float | jax.Array = 0.1,
+    final_scale: float | jax.Array = 0.0,
+    total_steps: int | jax.Array = 0,
+    matrix_specs: _tree.SpecsLike = None,
+    group: bool = True,
+) -> optax.GradientTransformation:
+  r"""SPECTRA pre-clip: ``G ← H_{c_t}(G)`` on the raw gradients.
+
+  Place it first, before any global-norm clipping and the optimizer (as the
+  reference's ``spectral_grad_clip_c``, default 0.1; the README does not
+  recommend it together with the post-clip). ``c_t`` follows
+  :func:`clip_threshold`; ``learning_rate`` is only needed for the warm-up
+  rule ``c_t·η_t = const``. Other arguments as in :func:`spectral_clip`.
+  """
+  _check_apply_to(apply_to)
+  clip_threshold(1.0, jnp.zeros([], jnp.int32), decay=decay)  # validate
+
+  def init_fn(params):
+    del params
+    return SpectralClipState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    specs = resolve_clip_specs(matrix_specs, updates, 'spectral_preclip')
+    c_t = clip_threshold(
+        c, state.count, learning_rate=learning_rate,
+        base_learning_rate=base_learning_rate, warmup_steps=warmup_steps,
+        decay=decay, decay_fraction=decay_fraction, final_scale=final_scale,
+        total_steps=total_steps)
+    clipped = _clip_leaves(leaves, specs, c_t, apply_to, steps, step_rule,
+                           shared_bound, group)
+    out = [x if h is None else h.astype(x.dtype)
+           for x, h in zip(leaves, clipped)]
+    return (jax.tree.unflatten(treedef, out),
+            SpectralClipState(count=optax.safe_increment(state.count)))
+
+  return optax.GradientTransformation(init_fn, update_fn)

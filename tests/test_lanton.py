@@ -1,0 +1,183 @@
+"""LANTON (the labelled reconstruction of ALGORITHMS.md §12) vs a float64
+transcription of that reconstruction, plus invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import orthax
+from adaptive_refs import (AdamRef, SHAPES, assert_match, flat, from_torch,
+                           make_tree, ns, polar_express, run_orthax,
+                           torch_mats)
+
+LSHAPES = {**SHAPES, 'embed/embedding': (40, 16), 'lm_head/kernel': (16, 40)}
+
+
+@pytest.fixture
+def x64():
+  old = jax.config.jax_enable_x64
+  jax.config.update('jax_enable_x64', True)
+  yield
+  jax.config.update('jax_enable_x64', old)
+
+
+class LantonRef:
+  """Hidden kernels: EMA momentum, D = sqrt(m/n)·NS(B) (torch m×n), noise
+  H ← β2 H + (1-β2)(sqrt(m/n)‖X‖_*)², layer rates; embed/head: Signum;
+  the rest: optax AdamW."""
+
+  def __init__(self, params, lr, wd=0.0, beta=0.95, beta2=0.99, eps=1e-8,
+               nuclear='svd', difference='previous', normalization='group_max',
+               alpha=1.0):
+    self.p = flat(params)
+    self.lr, self.wd, self.b, self.b2, self.eps = lr, wd, beta, beta2, eps
+    self.nuc, self.diff, self.norm, self.alpha = (nuclear, difference,
+                                                  normalization, alpha)
+    self.B, self.prev, self.H, self.sig, self.adam = {}, {}, {}, {}, {}
+    for k, w in self.p.items():
+      if k in ('embed/embedding', 'lm_head/kernel'):
+        self.sig[k] = np.zeros_like(w)
+      elif k.endswith('kernel'):
+        self.B[k] = np.zeros_like(torch_mats(w))
+        self.prev[k] = np.zeros_like(self.B[k])
+        self.H[k] = np.zeros(len(self.B[k]))
+      else:
+        self.adam[k] = AdamRef(w, lr, 0.9, 0.95, 1e-8, 0.0, raw=False)
+    self.t = 0
+
+  def nuclear(self, x):
+    if self.nuc == 'svd':
+      return np.linalg.svd(x, compute_uv=False).sum()
+    return np.sum(x * polar_express(x))
+
+  def step(self, grads):
+    self.t += 1
+    t, gs = self.t, flat(grads)
+    seen = t - 1 if self.diff == 'previous' else t
+    dirs, hhat = {}, {}
+    for k in self.B:
+      g = torch_mats(gs[k])
+      self.B[k] = self.b * self.B[k] + (1 - self.b) * g
+      partner = self.prev[k] if self.diff == 'previous' else self.B[k]
+      m, n = g.shape[1:]
+      dirs[k] = np.stack([np.sqrt(m / n) * ns(b) for b in self.B[k]])
+      if seen > 0:
+        dual = np.array([np.sqrt(m / n) * self.nuclear(x)
+                         for x in g - partner])
+        self.H[k] = self.b2 * self.H[k] + (1 - self.b2) * dual ** 2
+        hhat[k] = self.H[k] / (1 - self.b2 ** seen)
+      self.prev[k] = g
+    if seen > 0:
+      r = {k: 1 / np.sqrt(h + self.eps) for k, h in hhat.items()}
+      top = max(v.max() for v in r.values())
+      if self.norm == 'group_max':
+        rates = {k: self.lr * v / top for k, v in r.items()}
+      else:
+        rates = {k: self.lr * self.alpha * v for k, v in r.items()}
+    else:
+      rates = {k: np.full(len(self.B[k]), self.lr) for k in self.B}
+    for k in self.B:
+      w = torch_mats(self.p[k])
+      new = w - rates[k][:, None, None] * (dirs[k] + self.wd * w)
+      self.p[k] = from_torch(new, self.p[k].shape)
+    for k in self.sig:
+      self.sig[k] = self.b * self.sig[k] + (1 - self.b) * gs[k]
+      self.p[k] = self.p[k] - self.lr * np.sign(self.sig[k])
+    for k in self.adam:
+      self.p[k] = self.adam[k].step(self.p[k], gs[k], t)
+    return dict(self.p)
+
+
+CASES = [dict(nuclear='svd'),
+         dict(nuclear='ns', difference='momentum', normalization='absolute',
+              alpha=0.5, weight_decay=0.1)]
+
+
+@pytest.mark.parametrize('kw', CASES, ids=['svd-previous-groupmax',
+                                           'ns-momentum-absolute'])
+def test_matches_float64_transcription(x64, kw):
+  params = make_tree(0, LSHAPES)
+  grads = [make_tree(100 + t, LSHAPES) for t in range(6)]
+  tx = orthax.lanton(0.02, **kw)
+  got = run_orthax(tx, params, grads)
+  kw = dict(kw)
+  ref = LantonRef(params, 0.02, wd=kw.pop('weight_decay', 0.0), **kw)
+  assert_match(got, [ref.step(g) for g in grads], 1e-9, 1e-12, str(kw))
+
+
+def test_float32_close_to_float64_reference():
+  params = make_tree(1, LSHAPES, np.float32)
+  grads = [make_tree(200 + t, LSHAPES, np.float32) for t in range(5)]
+  got = run_orthax(orthax.lanton(0.02, nuclear='svd'), params, grads)
+  ref = LantonRef(make_tree(1, LSHAPES), 0.02)
+  for t in range(5):
+    want = ref.step(make_tree(200 + t, LSHAPES))
+  for k, w in want.items():
+    np.testing.assert_allclose(got[-1][k], w, rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_noisier_layer_gets_smaller_rate():
+  """Two layers with the same mean gradient; one gets 10× the noise."""
+  shape = (32, 32)
+  rng = np.random.default_rng(0)
+  mean = rng.standard_normal(shape).astype(np.float32)
+  params = {'quiet': jnp.zeros(shape), 'noisy': jnp.zeros(shape)}
+  tx = orthax.layerwise_noise_adapt(
+      orthax.momentum(0.9, nesterov=False), orthax.orthogonalize(),
+      learning_rate=1.0, nuclear='svd')
+  state = tx.init(params)
+  for _ in range(20):
+    g = {'quiet': mean + 0.1 * rng.standard_normal(shape, np.float32),
+         'noisy': mean + 1.0 * rng.standard_normal(shape, np.float32)}
+    u, state = tx.update(jax.tree.map(jnp.asarray, g), state, params)
+  o, _ = orthax.orthogonalize().update(
+      optax.tree.get(state, 'momentum').mu, None)
+  rate = {k: float(-jnp.sum(u[k] * o[k]) / jnp.sum(o[k] * o[k])) for k in u}
+  np.testing.assert_allclose(rate['quiet'], 1.0, rtol=1e-4)  # the group max
+  assert rate['noisy'] < 0.2 * rate['quiet'], rate
+
+
+def test_nuclear_evaluators_agree():
+  x = {'w': jax.random.normal(jax.random.key(0), (48, 32))}
+  vals = {}
+  for nuc in ('svd', 'ns', 'frobenius'):
+    tx = orthax.layerwise_noise_adapt(
+        orthax.momentum(nesterov=False), orthax.orthogonalize(),
+        learning_rate=1.0, nuclear=nuc, difference='momentum', beta2=0.0)
+    _, st = tx.update(x, tx.init(x), x)
+    vals[nuc] = float(jnp.sqrt(st.noise['w']))  # the dual norm
+  np.testing.assert_allclose(vals['ns'], vals['svd'], rtol=0.05)
+  assert vals['frobenius'] >= vals['svd'] * (1 - 1e-6)
+
+
+def test_zero_gradients_give_zero_updates():
+  params = jax.tree.map(jnp.asarray, make_tree(4, LSHAPES, np.float32))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  tx = orthax.lanton()
+  state = tx.init(params)
+  for _ in range(3):
+    u, state = tx.update(zeros, state, params)
+    for k, x in flat(u).items():
+      assert np.all(np.isfinite(x)) and not np.any(x), k
+
+
+def test_routes_embeddings_and_head_to_signum():
+  params = jax.tree.map(jnp.asarray, make_tree(5, LSHAPES, np.float32))
+  labels = flat(orthax.recipes.adaptive.signum_labels(orthax.Router())(params))
+  assert labels['embed/embedding'] == labels['lm_head/kernel'] == 'signum'
+  assert labels['a/kernel'] == labels['stack/kernel'] == 'matrix'
+  assert labels['b/bias'] == labels['ln/scale'] == 'adam'
+
+
+def test_bad_inputs():
+  for kw in (dict(dual_norm='l2'), dict(difference='batch'),
+             dict(normalization='mean'), dict(nuclear='lanczos')):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+      orthax.layerwise_noise_adapt(orthax.momentum(), orthax.orthogonalize(),
+                                   learning_rate=0.1, **kw)
+  tx = orthax.layerwise_noise_adapt(orthax.momentum(), orthax.orthogonalize(),
+                                    learning_rate=0.1)
+  with pytest.raises(ValueError, match="'x/w'"):
+    tx.init({'x': {'w': jnp.zeros((2, 3, 4))}})

@@ -1,0 +1,267 @@
+"""ROOT: the quantile clip, the per-shape Newton–Schulz table and the ``root``
+recipe vs a float64 transcription of ``ROOT/examples/example_train.py``
+(``shared/ALGORITHMS.md`` §6)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import orthax
+from orthax import polar
+from orthax.transforms import abs_quantile
+
+
+SHAPES = {'a/kernel': (64, 32), 'b/kernel': (32, 64), 'c/kernel': (48, 48),
+          'stack/kernel': (3, 32, 48), 'b/bias': (64,), 'ln/scale': (48,)}
+JORDAN = (3.4445, -4.7750, 2.0315)
+# Exercise the per-shape path in the parity test: a (32, 64) row of its own.
+TABLE = {(32, 64): polar.ROOT_TABLE[(2048, 3072)]}
+
+
+@pytest.fixture
+def x64():
+  prev = jax.config.jax_enable_x64
+  jax.config.update('jax_enable_x64', True)
+  yield
+  jax.config.update('jax_enable_x64', prev)
+
+
+# Quantile ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_abs_quantile_equals_jnp_quantile(dtype):
+  """Equal to jnp.quantile(|x|, q, 'linear') up to the rounding of its final
+  interpolation (≤ 2 ulp; XLA may fuse it differently), and exactly where the
+  position q·(n-1) is an integer (pure order statistics), with ties, zeros
+  and rows of one element."""
+  rng = np.random.default_rng(0)
+  ulp = float(jnp.finfo(dtype).eps)
+  for n in (1, 2, 3, 10, 37, 1001, 4096):
+    x = rng.standard_normal((3, n))
+    if n > 4:
+      x[0, : n // 2] = 0.5   # ties
+      x[1, : n // 3] = 0.0   # zeros
+    x = jnp.asarray(x, dtype)
+    for q in (0.0, 0.1, 0.5, 0.9, 0.95, 1.0):
+      got = np.asarray(abs_quantile(x, q), np.float64)
+      want = np.asarray(jnp.quantile(jnp.abs(x), q, axis=-1), np.float64)
+      np.testing.assert_allclose(got, want, rtol=2.5 * ulp, atol=0,
+                                 err_msg=f'n={n} q={q}')
+    if n > 1:
+      q = 0.5 if (n - 1) % 2 == 0 else 0.0
+      np.testing.assert_array_equal(
+          abs_quantile(x, q), jnp.quantile(jnp.abs(x), q, axis=-1))
+
+
+def test_abs_quantile_float64_and_traced_q(x64):
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 999)))
+  f = jax.jit(abs_quantile)
+  for q in (0.1, 0.37, 0.9):
+    np.testing.assert_allclose(f(x, jnp.asarray(q)),
+                               jnp.quantile(jnp.abs(x), q, axis=-1),
+                               rtol=1e-15, atol=0)
+
+
+def test_clip_outliers_equals_clip_at_quantile():
+  rng = np.random.default_rng(2)
+  u = {'w': jnp.asarray(rng.standard_normal((40, 24)), jnp.float32),
+       's': jnp.asarray(rng.standard_normal((3, 16, 8)) * [[[1.]], [[10.]],
+                                                          [[0.]]], jnp.float32)}
+  specs = {'w': orthax.MatrixSpec(), 's': orthax.MatrixSpec()}
+  tx = orthax.clip_outliers(0.9, matrix_specs=specs)
+  out, _ = tx.update(u, tx.init(u))
+  e = jnp.quantile(jnp.abs(u['w']), 0.9) + 1e-9
+  np.testing.assert_allclose(out['w'], jnp.clip(u['w'], -e, e), rtol=1e-6)
+  for i in range(3):  # one quantile per matrix of a stacked leaf
+    m = u['s'][i]
+    e = jnp.quantile(jnp.abs(m), 0.9) + 1e-9
+    np.testing.assert_allclose(out['s'][i], jnp.clip(m, -e, e), rtol=1e-6)
+  np.testing.assert_array_equal(out['s'][2], 0.0)  # zero stays zero
+  assert float(jnp.mean(jnp.abs(out['w']) < jnp.abs(u['w']))) == pytest.approx(
+      0.1, abs=0.01)
+
+
+# Per-shape coefficients --------------------------------------------------------
+
+
+def test_shape_table_lookup_either_orientation():
+  for (m, n), row in polar.ROOT_TABLE.items():
+    np.testing.assert_array_equal(polar.shape_coeffs(m, n), [row])
+    np.testing.assert_array_equal(polar.shape_coeffs(n, m), [row])
+  np.testing.assert_array_equal(polar.shape_coeffs(768, 3072), [JORDAN])
+
+
+def test_orthogonalize_picks_the_published_rows(monkeypatch):
+  """For the four published shapes (both orientations) orthogonalize passes
+  ROOT's row to Newton–Schulz, Keller's default elsewhere (abstract
+  evaluation: nothing this large is computed)."""
+  seen = {}
+  real = polar.orthogonalize_stack
+
+  def spy(x, *args, coeffs=None, **kwargs):
+    seen[tuple(x.shape[-2:])] = coeffs
+    return real(x, *args, coeffs=coeffs, **kwargs)
+
+  monkeypatch.setattr(polar, 'orthogonalize_stack', spy)
+  shapes = [(2048, 2048), (2048, 3072), (8192, 2048), (16384, 2048),
+            (512, 2048)]
+  tree = {f'w{i}': jax.ShapeDtypeStruct(s, jnp.float32)
+          for i, s in enumerate(shapes)}
+  tx = orthax.orthogonalize(coeffs_for_shape='root')
+  jax.eval_shape(lambda u: tx.update(u, optax.EmptyState())[0], tree)
+  for (m, n), row in polar.ROOT_TABLE.items():
+    np.testing.assert_array_equal(seen[(m, n)], [row])
+  assert seen[(512, 2048)] is None  # the preset's (Keller's) table
+
+
+def test_orthogonalize_default_unchanged_by_unused_table():
+  rng = np.random.default_rng(3)
+  u = {'a': jnp.asarray(rng.standard_normal((24, 40)), jnp.float32),
+       'b': jnp.asarray(rng.standard_normal((40, 24)), jnp.float32)}
+  plain = orthax.orthogonalize().update(u, optax.EmptyState())[0]
+  unused = orthax.orthogonalize(coeffs_for_shape={(7, 9): JORDAN}).update(
+      u, optax.EmptyState())[0]
+  for k in u:
+    np.testing.assert_array_equal(plain[k], unused[k])
+  row = polar.ROOT_TABLE[(2048, 8192)]
+  used = orthax.orthogonalize(coeffs_for_shape={(24, 40): row}).update(
+      u, optax.EmptyState())[0]
+  np.testing.assert_allclose(used['b'], polar.newton_schulz(u['b'],
+                                                            coeffs=row),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_fit_quintic_improves_on_its_sample():
+  """The generator fits a fixed row to the sample it is given (Gaussian
+  here) and lowers Σ(p⁵(σ) - 1)² below Keller's row on that sample."""
+  sigma = polar.gaussian_sample_singular_values(64, 256, count=2)
+  row = polar.fit_quintic(sigma)
+  assert (polar.orthogonalization_error(row, sigma)
+          < 0.5 * polar.orthogonalization_error(JORDAN, sigma))
+  held_out = polar.gaussian_sample_singular_values(64, 256, count=2, seed=9)
+  assert (polar.orthogonalization_error(row, held_out)
+          < polar.orthogonalization_error(JORDAN, held_out))
+
+
+# The recipe vs the reference ----------------------------------------------------
+
+
+def make_tree(seed, dtype=np.float64):
+  rng = np.random.default_rng(seed)
+  tree = {}
+  for path, shape in SHAPES.items():
+    node = tree
+    *parents, leaf = path.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = rng.standard_normal(shape).astype(dtype)
+  return tree
+
+
+def flat(tree):
+  return {orthax._tree.path_str(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def root5(g, steps=5):
+  """example_train.py root5 (float64, torch layout)."""
+  m, n = g.shape
+  a, b, c = TABLE.get((min(m, n), max(m, n)), JORDAN)
+  x = g / (np.linalg.norm(g) + 1e-7)
+  tall = x.shape[0] > x.shape[1]
+  if tall:
+    x = x.T
+  for _ in range(steps):
+    s = x @ x.T
+    x = a * x + (b * s + c * s @ s) @ x
+  return x.T if tall else x
+
+
+class RootReference:
+  """ROOT(lr, wd, root_params=kernels, adamw_params=rest, momentum=0.95,
+  nesterov=True, root_steps=5)."""
+
+  def __init__(self, params, lr, wd, mu=0.95, b1=0.9, b2=0.95, eps=1e-8):
+    self.p = {k: v.copy() for k, v in flat(params).items()}
+    self.buf = {k: np.zeros_like(v) for k, v in self.p.items()}
+    self.v = {k: np.zeros_like(v) for k, v in self.p.items()}
+    self.lr, self.wd, self.mu, self.b1, self.b2, self.eps = (
+        lr, wd, mu, b1, b2, eps)
+    self.t = 0
+
+  def step(self, grads):
+    self.t += 1
+    lr, wd = self.lr, self.wd
+    for k, g in flat(grads).items():
+      w = self.p[k]
+      if k.endswith('kernel'):
+        shape = w.shape
+        ws = [m.T for m in w.reshape((-1,) + shape[-2:])]
+        gs = [m.T for m in g.reshape((-1,) + shape[-2:])]
+        bs = [m.T for m in self.buf[k].reshape((-1,) + shape[-2:])]
+        nw, nb = [], []
+        for wi, gi, bi in zip(ws, gs, bs):
+          bi = self.mu * bi + gi
+          u = gi + self.mu * bi
+          eps_q = np.quantile(np.abs(u), 0.9) + 1e-9
+          o = np.sign(u) * np.maximum(np.abs(u) - eps_q, 0)
+          x = root5(u - o)
+          wi = wi * (1 - lr * wd) - lr * 0.2 * np.sqrt(max(wi.shape)) * x
+          nw.append(wi.T)
+          nb.append(bi.T)
+        self.p[k] = np.stack(nw).reshape(shape)
+        self.buf[k] = np.stack(nb).reshape(shape)
+      else:
+        m = self.buf[k] = self.b1 * self.buf[k] + (1 - self.b1) * g
+        v = self.v[k] = self.b2 * self.v[k] + (1 - self.b2) * g * g
+        step = (lr * np.sqrt(1 - self.b2 ** self.t) / (1 - self.b1 ** self.t)
+                * m / (np.sqrt(v) + self.eps))
+        self.p[k] = w * (1 - lr * wd) - step
+
+
+def run_orthax(tx, params, grads_seq):
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  out = []
+  for g in grads_seq:
+    u, state = update(g, state, params)
+    params = optax.apply_updates(params, u)
+    out.append(flat(params))
+  return out
+
+
+def test_root_matches_float64_transcription(x64):
+  params = make_tree(0)
+  grads = [make_tree(100 + t) for t in range(6)]
+  got = run_orthax(orthax.root(1e-3, coeffs_for_shape=TABLE), params, grads)
+  ref = RootReference(params, 1e-3, 0.1)
+  for t, g in enumerate(grads):
+    ref.step(g)
+    for k, w in ref.p.items():
+      np.testing.assert_allclose(got[t][k], w, rtol=1e-9, atol=1e-12,
+                                 err_msg=f'step {t} {k}')
+
+
+def test_root_float32_close_to_float64_reference():
+  params = make_tree(1, np.float32)
+  grads = [make_tree(200 + t, np.float32) for t in range(5)]
+  got = run_orthax(orthax.root(1e-3, coeffs_for_shape=TABLE), params, grads)
+  ref = RootReference(make_tree(1), 1e-3, 0.1)
+  for t in range(5):
+    ref.step(make_tree(200 + t))
+  for k, w in ref.p.items():
+    np.testing.assert_allclose(got[-1][k], w, rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_bad_inputs():
+  with pytest.raises(ValueError, match='Unknown per-shape'):
+    orthax.orthogonalize(coeffs_for_shape='nope')
+  g = {'x': {'w': jnp.ones((2, 3, 4))}}
+  tx = orthax.clip_outliers()
+  with pytest.raises(ValueError, match='x/w'):
+    tx.update(g, tx.init(g))
+  with pytest.raises(ValueError, match='reference'):
+    orthax.root(reference='paper')

@@ -1,0 +1,373 @@
+"""SPECTRA: the soft spectral clip, the post-/pre-clip transforms and the
+``spectra`` recipe vs float64 transcriptions of the reference
+(``shared/ALGORITHMS.md`` §7; mlolab/llm-spectral-clipping @ ed9df11)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import orthax
+from orthax.polar import spectral as S
+from orthax.transforms import clip_threshold
+
+SHAPES = {'a/kernel': (64, 32), 'b/kernel': (32, 64), 'c/kernel': (48, 48),
+          'stack/kernel': (3, 32, 48), 'b/bias': (64,), 'ln/scale': (48,)}
+
+
+@pytest.fixture
+def x64():
+  prev = jax.config.jax_enable_x64
+  jax.config.update('jax_enable_x64', True)
+  yield
+  jax.config.update('jax_enable_x64', prev)
+
+
+def with_spectrum(m, n, s, seed=0):
+  rng = np.random.default_rng(seed)
+  k = min(m, n)
+  u, _ = np.linalg.qr(rng.standard_normal((m, k)))
+  v, _ = np.linalg.qr(rng.standard_normal((n, k)))
+  return (u * s) @ v.T
+
+
+def rel(a, b):
+  return float(np.linalg.norm(np.asarray(a) - np.asarray(b))
+               / np.linalg.norm(np.asarray(b)))
+
+
+# The matrix function -----------------------------------------------------------
+
+
+@pytest.mark.parametrize('ratio', [1.0, 10.0, 100.0, 600.0, 1e3])
+def test_default_steps_match_svd_formula_float64(x64, ratio):
+  """≤ 1e-6 relative (Frobenius) at the default step count for σ_max/c up to
+  1e3, for a log-spread spectrum (every scale from 1e-4 to σ_max) and a
+  single spike over a bulk below c, both orientations."""
+  c = 2.0
+  for (m, n) in ((64, 64), (40, 96), (96, 40)):
+    k = min(m, n)
+    for s in (np.geomspace(1e-4, ratio * c, k),
+              np.concatenate([[ratio * c], np.linspace(0.01, c, k - 1)])):
+      x = jnp.asarray(with_spectrum(m, n, s, seed=m + n))
+      got = S.soft_clip_matrix(x, c)
+      assert rel(got, S.soft_clip_svd(x, c)) <= 1e-6, (m, n, ratio)
+
+
+def test_reference_ten_plain_steps_fall_short(x64):
+  """The reference's 10 plain steps: accurate for moderate σ_max/c, not for
+  large (documented in orthax.polar.spectral)."""
+  s = np.geomspace(1e-4, 600.0, 64)
+  x = jnp.asarray(with_spectrum(64, 64, s))
+  want = S.soft_clip_svd(x, 1.0)
+  plain10 = S.soft_clip_matrix(x, 1.0, steps=10, step_rule='plain')
+  assert rel(plain10, want) > 0.1
+  assert rel(S.soft_clip_matrix(x, 1.0, steps=24, step_rule='plain'),
+             want) < 1e-6
+  small = jnp.asarray(with_spectrum(64, 64, np.geomspace(1e-4, 5.0, 64)))
+  assert rel(S.soft_clip_matrix(small, 1.0, steps=10, step_rule='plain'),
+             S.soft_clip_svd(small, 1.0)) < 1e-9
+
+
+def test_identity_below_threshold(x64):
+  """σ ≪ c: ``H_c(X) = X(1 - σ²/2c² + O(σ⁴/c⁴))``, so "identity" means
+  ‖H - X‖/‖X‖ ≤ (σ_max/c)²/2 — here 5e-7 for σ_max = 1e-3·c."""
+  c = 10.0
+  s = np.linspace(1e-4, 1e-2, 32)
+  x = jnp.asarray(with_spectrum(32, 80, s))
+  h = S.soft_clip_matrix(x, c)
+  assert rel(h, x) <= (s.max() / c) ** 2 / 2 * 1.01
+  assert rel(h, S.soft_clip_svd(x, c)) < 1e-12
+
+
+def test_batched_bound_per_matrix_or_shared(x64):
+  """Default: each matrix of a batch gets its own λ̂ (the batch result equals
+  clipping each alone). ``shared_bound=True`` is the reference's
+  ``min(max_b row-sum, max_b ‖S‖_F)``."""
+  big = with_spectrum(24, 40, np.geomspace(1e-2, 400.0, 24), seed=1)
+  small = with_spectrum(24, 40, np.geomspace(1e-3, 2.0, 24), seed=2)
+  x = jnp.asarray(np.stack([big, small]))
+  per = S.soft_clip_matrix(x, 1.0)
+  for i in range(2):
+    np.testing.assert_allclose(per[i], S.soft_clip_matrix(x[i], 1.0),
+                               rtol=0, atol=1e-13)
+  shared = S.soft_clip_matrix(x, 1.0, steps=10, step_rule='plain',
+                              shared_bound=True)
+  np.testing.assert_allclose(shared, ref_clip_sigvals(np.asarray(x), 1.0, 10),
+                             rtol=1e-12, atol=1e-13)
+  # The shared bound is the big matrix's: the small one is under-iterated.
+  alone = S.soft_clip_matrix(x[1], 1.0, steps=10, step_rule='plain')
+  assert rel(shared[1], alone) > 1e-3
+
+
+def test_zero_and_extreme_inputs():
+  z = jnp.zeros((3, 16, 24))
+  for rule in S.STEP_RULES:
+    np.testing.assert_array_equal(S.soft_clip_matrix(z, 1.0, step_rule=rule), z)
+  # float32, far beyond what float32 can resolve: finite and bounded by ~c.
+  x = jnp.asarray(with_spectrum(48, 64, np.geomspace(1e-3, 1e7, 48)),
+                  jnp.float32)
+  for rule in S.STEP_RULES:
+    h = S.soft_clip_matrix(x, 1.0, step_rule=rule, steps=24)
+    assert np.all(np.isfinite(np.asarray(h)))
+    assert float(jnp.linalg.norm(h, 2)) <= 1.5
+
+
+def test_vector_rule_is_discontinuous():
+  c = 2.0
+  g = jnp.asarray([1.2, 1.6])  # ‖g‖ = 2 = c: unchanged
+  np.testing.assert_array_equal(S.soft_clip_vector(g, c), g)
+  g2 = g * 1.0001  # just above: divided by ≈ √2
+  out = S.soft_clip_vector(g2, c)
+  np.testing.assert_allclose(out, g2 / np.sqrt(1 + 1.0001**2), rtol=1e-6)
+
+
+# The reference, transcribed (float64, PyTorch layout) ---------------------------
+
+
+def ref_clip_sigvals(g, c, ns_iter):
+  """clip_sigvals @ ed9df11 (batched: bounds maxed over the batch)."""
+  if g.ndim == 1:
+    norm = np.linalg.norm(g)
+    return g if norm <= c else g / np.sqrt(1 + (norm / c) ** 2)
+  x = g
+  tall = x.shape[-2] > x.shape[-1]
+  if tall:
+    x = np.swapaxes(x, -1, -2)
+  m = x.shape[-2]
+  s = x @ np.swapaxes(x, -1, -2)
+  if x.ndim == 2:
+    gers, fro = np.abs(s).sum(-1).max(), np.linalg.norm(s)
+  else:
+    gers = np.abs(s).sum(-1).max(-1).max()
+    fro = np.sqrt((s**2).sum((-2, -1))).max()
+  lam = min(gers, fro)
+  eye = np.eye(m)
+  alpha = 1.0 + lam / c**2
+  y = (eye + s / c**2) / alpha
+  z = np.broadcast_to(eye, y.shape).copy()
+  for _ in range(ns_iter):
+    t = 0.5 * (3.0 * eye - z @ y)
+    y = y @ t
+    z = t @ z
+  out = (z / np.sqrt(alpha)) @ x
+  return np.swapaxes(out, -1, -2) if tall else out
+
+
+def exact_clip(g, c):
+  if g.ndim == 1:
+    return ref_clip_sigvals(g, c, 0)
+  u, s, vt = np.linalg.svd(g, full_matrices=False)
+  return (u * (s / np.sqrt(1 + (s / c) ** 2))[..., None, :]) @ vt
+
+
+def make_tree(seed, dtype=np.float64):
+  rng = np.random.default_rng(seed)
+  tree = {}
+  for path, shape in SHAPES.items():
+    node = tree
+    *parents, leaf = path.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = rng.standard_normal(shape).astype(dtype)
+  return tree
+
+
+def flat(tree):
+  return {orthax._tree.path_str(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def torch_view(k):
+  """Flax kernel (…, in, out) -> PyTorch weight (…, out, in); vectors as is."""
+  return np.swapaxes(k, -1, -2) if k.ndim >= 2 else k
+
+
+class SpectraAdamWReference:
+  """SPECTRA(torch.optim.AdamW, post_process='clip', apply_to='all')."""
+
+  def __init__(self, params, lr, wd, c, b1, b2, eps, clip):
+    self.p = {k: torch_view(v.copy()) for k, v in flat(params).items()}
+    self.m = {k: np.zeros_like(v) for k, v in self.p.items()}
+    self.v = {k: np.zeros_like(v) for k, v in self.p.items()}
+    self.lr, self.wd, self.c, self.b1, self.b2, self.eps = lr, wd, c, b1, b2, eps
+    self.clip, self.t = clip, 0
+
+  def step(self, grads):
+    self.t += 1
+    for k, g in flat(grads).items():
+      g, x = torch_view(g), self.p[k]
+      self.m[k] = self.b1 * self.m[k] + (1 - self.b1) * g
+      self.v[k] = self.b2 * self.v[k] + (1 - self.b2) * g * g
+      mh = self.m[k] / (1 - self.b1 ** self.t)
+      vh = self.v[k] / (1 - self.b2 ** self.t)
+      x_next = x * (1 - self.lr * self.wd) - self.lr * mh / (np.sqrt(vh)
+                                                             + self.eps)
+      u = (x - x_next) / self.lr - self.wd * x   # the wrapper's recovery
+      h = self.clip(u, self.c)
+      alpha = (max(1, h.shape[-2] / h.shape[-1]) ** 0.5 if h.ndim >= 2
+               else 1.0)
+      self.p[k] = (1 - self.wd * self.lr) * x - self.lr * alpha * h
+
+  def params(self):
+    return {k: torch_view(v) for k, v in self.p.items()}
+
+
+def run_orthax(tx, params, grads_seq):
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  out = []
+  for g in grads_seq:
+    u, state = update(g, state, params)
+    params = optax.apply_updates(params, u)
+    out.append(flat(params))
+  return out
+
+
+@pytest.mark.parametrize('reference', ['repo', 'orthax'])
+def test_spectra_recipe_matches_float64_transcription(x64, reference):
+  params = make_tree(0)
+  grads = [make_tree(100 + t) for t in range(6)]
+  lr, wd, c = 2e-3, 0.1, 4.0
+  tx = orthax.spectra(lr, reference=reference, c=c, weight_decay=wd)
+  got = run_orthax(tx, params, grads)
+  clip = ((lambda u, c: ref_clip_sigvals(u, c, 10)) if reference == 'repo'
+          else exact_clip)
+  ref = SpectraAdamWReference(params, lr, wd, c, 0.8, 0.999, 1e-8, clip)
+  for t, g in enumerate(grads):
+    ref.step(g)
+    for k, w in ref.params().items():
+      np.testing.assert_allclose(got[t][k], w, rtol=1e-9, atol=1e-12,
+                                 err_msg=f'{reference} step {t} {k}')
+
+
+def test_spectra_float32_close_to_float64_reference():
+  params = make_tree(1, np.float32)
+  grads = [make_tree(200 + t, np.float32) for t in range(5)]
+  got = run_orthax(orthax.spectra(2e-3, c=4.0), params, grads)
+  ref = SpectraAdamWReference(make_tree(1), 2e-3, 0.1, 4.0, 0.8, 0.999, 1e-8,
+                              exact_clip)
+  for t in range(5):
+    ref.step(make_tree(200 + t))
+  for k, w in ref.params().items():
+    np.testing.assert_allclose(got[-1][k], w, rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+# The transforms ----------------------------------------------------------------
+
+
+def test_post_clip_on_any_optax_optimizer_with_schedule():
+  """With a threshold far above every σ, a square matrix and ``apply_to='all'``
+  the post-clip gives back the base step (the direction is recovered exactly
+  from the decoupled weight decay), for a schedule too."""
+  params = {'w': jnp.asarray(np.random.default_rng(0).standard_normal((24, 24)),
+                             jnp.float32),
+            'b': jnp.ones((24,))}
+  sched = optax.linear_schedule(1e-3, 1e-2, 5)
+  base = optax.adamw(sched, weight_decay=0.3)
+  both = optax.chain(optax.adamw(sched, weight_decay=0.3),
+                     orthax.spectral_clip(1e6, learning_rate=sched,
+                                          weight_decay=0.3, apply_to='all'))
+  sb, sc = base.init(params), both.init(params)
+  for t in range(4):
+    g = jax.tree.map(lambda p: jnp.sin(p * (t + 1)), params)
+    ub, sb = base.update(g, sb, params)
+    uc, sc = both.update(g, sc, params)
+    for k in params:
+      np.testing.assert_allclose(uc[k], ub[k], rtol=2e-5, atol=1e-9)
+    params = optax.apply_updates(params, uc)
+
+
+def test_post_clip_caps_the_spectrum():
+  """Δ = -η·α·H_c(U) with λ = 0: its top singular value is below η·α·c."""
+  rng = np.random.default_rng(3)
+  u = jnp.asarray(rng.standard_normal((32, 64)) * 10, jnp.float32)
+  tx = orthax.spectral_clip(2.0, learning_rate=0.5)
+  d, _ = tx.update({'w': -0.5 * u}, tx.init({'w': u}), {'w': u})
+  alpha = np.sqrt(64 / 32)  # fan_out/fan_in of the (in, out) kernel
+  want = -0.5 * alpha * S.soft_clip_svd(u, 2.0)
+  np.testing.assert_allclose(d['w'], want, rtol=1e-4, atol=1e-5)
+  assert float(jnp.linalg.norm(d['w'], 2)) < 0.5 * alpha * 2.0
+
+
+def test_zero_lr_keeps_base_update_and_zero_grads_give_zero():
+  params = {'w': jnp.ones((8, 8)), 'b': jnp.ones((8,))}
+  tx = orthax.spectral_clip(1.0, learning_rate=optax.linear_schedule(0., 1., 4),
+                            weight_decay=0.1, apply_to='all')
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  u, _ = tx.update(zeros, tx.init(params), params)  # lr_0 = 0: no 0/0
+  assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
+  pre = orthax.spectral_preclip(0.1)
+  u, _ = pre.update(zeros, pre.init(params))
+  assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
+
+
+def test_preclip_clips_raw_gradients_2d_only():
+  rng = np.random.default_rng(4)
+  g = {'w': jnp.asarray(rng.standard_normal((16, 32)), jnp.float32),
+       'b': jnp.asarray(rng.standard_normal((32,)), jnp.float32)}
+  tx = orthax.spectral_preclip(0.1)
+  out, _ = tx.update(g, tx.init(g))
+  np.testing.assert_allclose(out['w'], S.soft_clip_svd(g['w'], 0.1),
+                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(out['b'], g['b'])
+
+
+def test_threshold_schedule():
+  lr = optax.linear_schedule(0.0, 1e-3, 10)
+  c_at = lambda t, **kw: float(clip_threshold(
+      5.0, jnp.asarray(t), learning_rate=lr, warmup_steps=10, **kw))
+  for t in (1, 4, 9):  # c·lr constant during warm-up
+    np.testing.assert_allclose(c_at(t) * float(lr(t)), 5.0 * 1e-3, rtol=1e-6)
+  assert c_at(10) == 5.0
+  kw = dict(decay_fraction=0.2, final_scale=0.0, total_steps=100)
+  for decay, f in (('linear', lambda p: 1 - p), ('sqrt', lambda p: 1 - p**.5),
+                   ('cosine', lambda p: (1 + np.cos(np.pi * p)) / 2),
+                   ('square', lambda p: 1 - p * p)):
+    assert c_at(79, decay=decay, **kw) == 5.0
+    for t in (80, 85, 90, 100, 120):
+      p = min((t - 80) / 20, 1.0)
+      np.testing.assert_allclose(c_at(t, decay=decay, **kw), 5.0 * f(p),
+                                 rtol=1e-6, atol=1e-6, err_msg=decay)
+
+
+def test_spectra_routing_clips_every_leaf():
+  """apply_to='all' (the recipe default): hidden kernels, the stacked kernel,
+  the embedding and the LM head are clipped as matrices, vectors by the vector
+  rule; '2d' leaves vectors with the plain AdamW step."""
+  import contract  # pylint: disable=g-import-not-at-top
+  params = contract.mixed_params()
+  specs = orthax.routing.Router(
+      extra_rules=orthax.recipes.robust.SPECTRA_RULES).specs(params)
+  by_path = {orthax._tree.path_str(p): s for p, s in
+             jax.tree_util.tree_flatten_with_path(
+                 specs, is_leaf=lambda s: s is None)[0]}
+  assert by_path['embed/embedding'] == orthax.MatrixSpec.torch_linear()
+  assert by_path['lm_head/kernel'] == orthax.MatrixSpec()
+  assert by_path['layers/attn/kernel'] == orthax.MatrixSpec()
+  assert by_path['layers/attn/bias'] is None  # a stacked vector: one vector
+  grads = contract.random_like(params, 5)
+  base = optax.adamw(0.1, b1=0.8, b2=0.999, weight_decay=0.1)
+  ub, _ = base.update(grads, base.init(params), params)
+  for apply_to in ('all', '2d'):
+    tx = orthax.spectra(0.1, c=0.01, apply_to=apply_to)
+    u, _ = tx.update(grads, tx.init(params), params)
+    for path, (a, b) in {k: (v, flat(ub)[k]) for k, v in flat(u).items()
+                         }.items():
+      clipped = not np.allclose(a, b, rtol=1e-4)
+      assert clipped == (apply_to == 'all' or by_path[path] is not None), path
+
+
+def test_bad_inputs_name_the_leaf():
+  g = {'blocks': {'w': jnp.ones((4, 4, 4))}}
+  bad = orthax.spectral_clip(1.0, matrix_specs={'blocks': {'w': orthax.MatrixSpec(
+      (0,), (5,))}})
+  with pytest.raises(ValueError, match='blocks/w'):
+    bad.update(g, bad.init(g), g)
+  for kw in (dict(step_rule='fast'), dict(apply_to='some'),
+             dict(decay='step')):
+    with pytest.raises(ValueError):
+      orthax.spectral_clip(1.0, **kw)
+  with pytest.raises(ValueError, match='reference'):
+    orthax.spectra(reference='torch')
