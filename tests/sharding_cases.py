@@ -54,10 +54,10 @@ FSDP8_LOCAL = {
     'scan_l': ((8, 64, 128), P('fsdp', None, None), S0),
     'scan_l2': ((16, 64, 64), P('fsdp', None, None), S0),
 }
-FSDP8_REPL = {
-    'r1': ((64, 128), P(), K),
+FSDP8_REPL = {  # auto splits replicated groups of >= 8 matrices
+    'r1': ((8, 64, 128), P(), S0),
     'r2': ((64, 128), P(), K),
-    'r3': ((3, 64, 64), P(), S0),
+    'r3': ((8, 64, 64), P(), S0),
 }
 TP_A2A = {
     'a1': ((64, 128), P('fsdp', 'tp'), K),

@@ -1,7 +1,6 @@
 """A jitted Flax NNX training step with each adaptive recipe (NorMuon, NAMO,
 NAMO-D, LANTON) on the vmap-stacked model of ``test_flax.py``."""
 
-import jax
 import numpy as np
 import optax
 import pytest

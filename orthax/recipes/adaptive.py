@@ -57,6 +57,7 @@ def normuon(
     adam_eps: float = 1e-10,
     adam_weight_decay: float = 0.0,
     router: routing.Router | Callable[[Any], Any] | None = None,
+    distributed: Any = None,
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
   r"""NorMuon: Muon with a per-neuron second moment of the orthogonalized step.
@@ -98,6 +99,9 @@ def normuon(
   ε = 1e-10 after bias correction), with ``learning_rate`` unless
   ``adam_learning_rate`` is given. Explicit arguments override the
   reference's defaults (``beta2``, ``preset``, ``weight_decay``).
+  ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
+  stage on whole matrices per device (the neuron statistics then run on the
+  parameter-sharded output, exact, under GSPMD).
 
   References: Li et al., arXiv 2510.05491; ALGORITHMS.md §3, §12.
   """
@@ -111,7 +115,8 @@ def normuon(
                               accumulator_dtype=mu_dtype)),
       ('orthogonalize', T.orthogonalize(
           d['preset'] if preset is None else preset, steps=ns_steps,
-          ns_dtype=ns_dtype, method=ns_method, matrix_specs=specs)),
+          ns_dtype=ns_dtype, method=ns_method, matrix_specs=specs,
+          distributed=distributed)),
       ('neuron_normalize', T.neuron_normalize(
           d['beta2'] if beta2 is None else beta2, eps, axis=d['axis'],
           eps_placement=d['eps_placement'], restore_norm=d['restore_norm'],
@@ -139,7 +144,7 @@ def normuon(
 def _namo(mode, learning_rate, reference, beta, mu2, eps, weight_decay,
           scale_coeff, clamp_c, nesterov, preset, ns_steps, ns_dtype,
           ns_method, mu_dtype, adam_learning_rate, adam_b1, adam_b2, adam_eps,
-          adam_weight_decay, router, check_finite):
+          adam_weight_decay, router, check_finite, distributed=None):
   _check('namo', reference, {'namo_repo': None})
   router = routing.Router() if router is None else router
   specs = _specs(router)
@@ -147,7 +152,8 @@ def _namo(mode, learning_rate, reference, beta, mu2, eps, weight_decay,
       T.momentum(beta, form='ema', nesterov=nesterov,
                  accumulator_dtype=mu_dtype),
       T.orthogonalize(preset, steps=ns_steps, ns_dtype=ns_dtype,
-                      method=ns_method, matrix_specs=specs),
+                      method=ns_method, matrix_specs=specs,
+                      distributed=distributed),
       learning_rate=learning_rate, b1=beta, mode=mode, mu2=mu2, eps=eps,
       weight_decay=weight_decay, scale_coeff=scale_coeff, clamp_c=clamp_c,
       matrix_specs=specs)))
@@ -171,6 +177,8 @@ _NAMO_DOC = r"""
   matrices (unless ``adam_learning_rate``), β = (0.9, 0.95), ε = 1e-8 added to
   ``sqrt(v)`` *before* bias correction, weight decay ``weight_decay`` (the
   repository's training script passes 0: ``adam_weight_decay=0``).
+  ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
+  stage on whole matrices per device.
 
   References: Zhang, Liu, Schaeffer, *Adam Improves Muon* (arXiv
   2602.17080); ALGORITHMS.md §4.
@@ -199,12 +207,14 @@ def namo(
     adam_eps: float = 1e-8,
     adam_weight_decay: float | None = None,
     router: routing.Router | Callable[[Any], Any] | None = None,
+    distributed: Any = None,
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
   return _namo('scalar', learning_rate, reference, beta, mu2, eps,
                weight_decay, scale_coeff, 0.0, nesterov, preset, ns_steps,
                ns_dtype, ns_method, mu_dtype, adam_learning_rate, adam_b1,
-               adam_b2, adam_eps, adam_weight_decay, router, check_finite)
+               adam_b2, adam_eps, adam_weight_decay, router, check_finite,
+               distributed)
 
 
 namo.__doc__ = ('NAMO: orthogonalized momentum with a scalar Adam-style '
@@ -234,12 +244,14 @@ def namo_d(
     adam_eps: float = 1e-8,
     adam_weight_decay: float | None = None,
     router: routing.Router | Callable[[Any], Any] | None = None,
+    distributed: Any = None,
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
   return _namo('diagonal', learning_rate, reference, beta, mu2, eps,
                weight_decay, scale_coeff, clamp_c, nesterov, preset, ns_steps,
                ns_dtype, ns_method, mu_dtype, adam_learning_rate, adam_b1,
-               adam_b2, adam_eps, adam_weight_decay, router, check_finite)
+               adam_b2, adam_eps, adam_weight_decay, router, check_finite,
+               distributed)
 
 
 namo_d.__doc__ = ('NAMO-D: NAMO with one adaptive step per input feature '

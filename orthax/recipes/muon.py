@@ -51,6 +51,7 @@ def muon(
     adam_eps: float | None = None,
     adam_weight_decay: float | None = None,
     router: routing.Router | Callable[[Any], Any] | None = None,
+    distributed: Any = None,
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
   r"""Muon: momentum orthogonalized by Newton–Schulz, AdamW for the rest.
@@ -107,6 +108,8 @@ def muon(
     adam_weight_decay: AdamW weight decay (default 0; Moonlight: λ).
     router: a :class:`orthax.Router` or a ``params -> labels`` callable;
       default: ``Router()`` (``'optax'`` reference: the 2-D rule).
+    distributed: an :class:`orthax.sharding.Distributed` to run
+      Newton–Schulz on whole matrices per device over a mesh.
     check_finite: raise, naming the leaf, on a NaN/Inf gradient.
 
   References: K. Jordan, *Muon: An optimizer for hidden layers* (2024),
@@ -134,7 +137,8 @@ def muon(
                               accumulator_dtype=mu_dtype)),
       ('orthogonalize', T.orthogonalize(preset, steps=ns_steps, eps=ns_eps,
                                         ns_dtype=ns_dtype, method=ns_method,
-                                        matrix_specs=specs)),
+                                        matrix_specs=specs,
+                                        distributed=distributed)),
       ('scale_by_shape', T.scale_by_shape(scale, rms=scale_rms,
                                           matrix_specs=specs)),
       # Not named 'learning_rate': that name is optax.inject_hyperparams' own,

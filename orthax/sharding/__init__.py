@@ -28,5 +28,5 @@ __all__ = [
     'Distributed', 'GroupPlan', 'LeafInfo', 'Plan', 'STRATEGIES',
     'array_spec', 'default_matrix_flops', 'distributed_orthogonalize',
     'orthogonalize_tree', 'plan', 'plan_leaves', 'plan_orthogonalize',
-    'run_group', 'spec_entries',
+    'run_group', 'spec_entries', 'specs_for',
 ]

@@ -18,7 +18,6 @@ own ``PartitionSpec``, so no resharding happens on the way in or out:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -100,7 +99,7 @@ def specs_for(tree: Any, dist: Distributed) -> list[P]:
 
 def _a2a_body(g: GroupPlan, ns_fn: NSFn, ns_dtype) -> NSFn:
   axes = g.split_axes
-  G, gr, gc = g.shards, g.row_shards, g.col_shards
+  gr, gc = g.row_shards, g.col_shards
   m, n, k = g.m, g.n, g.padded // g.shards
   a_, b_ = m // gr, n // gc
 

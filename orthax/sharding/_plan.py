@@ -12,7 +12,6 @@ import math
 import re
 from typing import Any, Callable, NamedTuple, Sequence
 
-import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -45,7 +44,8 @@ class Distributed:
       arrays, or tracers under ``jit`` on a mesh with ``Explicit`` axes).
     strategy: ``'auto'`` (per group: ``a2a`` when a matrix dimension is
       sharded, ``local`` when only batch axes are, ``replicated`` when the
-      leaf is replicated and the mesh has more than one device), ``'local'``,
+      leaf is replicated, the mesh has more than one device and the group
+      has at least as many matrices as shards — else ``local``), ``'local'``,
       ``'a2a'``, ``'replicated'``; ``'gram'`` (tensor-parallel Newton–Schulz)
       is not implemented yet and raises.
     comm_dtype: dtype of the matrices on the wire (``None``: the update's
@@ -315,6 +315,7 @@ def plan_orthogonalize(
     rows, cols = (fo_axes, fi_axes) if transposed else (fi_axes, fo_axes)
 
     s = dist.strategy_for(path)
+    chosen = s == 'auto'
     if s == 'gram':
       raise ValueError(
           f"{where}: strategy 'gram' (tensor-parallel Newton–Schulz for "
@@ -336,10 +337,24 @@ def plan_orthogonalize(
                        "leaf is not sharded over; use 'local'.")
     split = (rows + cols if s == 'a2a' else free if s == 'replicated' else ())
     key = (s, m, n, jnp.dtype(dtype), rows, cols, split)
-    keyed.setdefault(key, []).append((i, path, transposed, count, local))
+    keyed.setdefault(key, []).append((i, path, transposed, count, local,
+                                      chosen))
+
+  # ``auto`` splits a replicated group over the free axes only when there are
+  # at least as many matrices as shards: below that each device would still
+  # run one matrix and the all-gather would mostly carry zero padding, so
+  # running the group redundantly on every device (``local``) is cheaper.
+  for key in list(keyed):
+    s, m, n, dt, rows, cols, split = key
+    members = keyed[key]
+    if (s == 'replicated' and all(mb[5] for mb in members)
+        and sum(mb[4] for mb in members) < prod(split)):
+      keyed.setdefault(('local', m, n, dt, rows, cols, ()), []).extend(
+          keyed.pop(key))
 
   groups = []
   for (s, m, n, dtype, rows, cols, split), members in keyed.items():
+    members = sorted(members)
     local_count = sum(mb[4] for mb in members)
     G = prod(split)
     padded = -(-local_count // G) * G

@@ -11,6 +11,7 @@ import optax
 from orthax import _tree
 from orthax import matrices
 from orthax import polar
+from orthax import sharding
 
 
 def orthogonalize(
@@ -27,6 +28,7 @@ def orthogonalize(
     method: str = 'auto',
     restart_every: int | None = 2,
     coeffs_for_shape: str | Mapping[tuple[int, int], Any] | None = None,
+    distributed: sharding.Distributed | None = None,
 ) -> optax.GradientTransformation:
   r"""Replaces each matrix ``U`` of the update by ``NS(U) ≈ polar(U)``.
 
@@ -61,6 +63,11 @@ def orthogonalize(
       AdaNewton table, :data:`orthax.polar.ROOT_TABLE`) or a mapping
       ``(min(m, n), max(m, n)) -> row or rows``; a matrix whose shape (either
       orientation) is not a key uses ``coeffs`` or the preset's table.
+    distributed: an :class:`orthax.sharding.Distributed` (mesh, parameter
+      partition specs, strategy): each device orthogonalizes whole matrices
+      (one fused all-to-all in and out per group for FSDP/TP-sharded
+      matrices, none for matrices whose own axes are unsharded), and the
+      result comes back in the parameters' sharding. Always grouped.
 
   References: K. Jordan, *Muon* (2024); Amsel et al. arXiv 2505.16932;
   Zhang, Amsel, Chen, Dao, *Gram Newton–Schulz* (Dao AI Lab blog, 2026).
@@ -83,6 +90,9 @@ def orthogonalize(
 
   def update_fn(updates, state, params=None):
     del params
+    if distributed is not None:
+      return sharding.orthogonalize_tree(updates, distributed, ns,
+                                         matrix_specs), state
     specs = _tree.resolve_specs(matrix_specs, updates, 'orthogonalize')
     leaves, treedef = jax.tree.flatten(updates)
     mats = [matrices.to_matrices(x, s) for x, s in zip(leaves, specs)]
