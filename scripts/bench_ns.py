@@ -97,16 +97,29 @@ def main():
     print(f'{name:36s} {t:8.3f} {flops / t / 1e9:8.1f} {t_roof / t:6.2f} '
           f'{t / t_optax:8.2f} {mib} {err[method]:8.4f}')
   if args.recipes:
-    recipe_table(bench_update, rows[0][2], params, args.repeats)
+    recipe_table(bench_update, params)
   print('eff = roofline time / method time (above 1: faster than the plain '
         'matmuls, i.e. fewer FLOPs); GFLOP/s counts the plain iteration\'s '
         'FLOPs; err = mean ‖O − UVᵀ‖_F/‖UVᵀ‖_F on one layer; auto = Gram '
         'Newton–Schulz for the rectangular groups.')
 
 
-def recipe_table(bench_update, t_muon, params, repeats):
-  """Every registered recipe at its defaults vs orthax.muon, same tree."""
+def recipe_table(bench_update, params):
+  """Every registered recipe at its defaults vs orthax.muon, same tree.
+
+  The denominator is the mean of two ``muon`` timings, one before and one
+  after the others, so that drift on a shared machine shows as the gap
+  between them (printed).
+  """
+  muon_before, _ = bench_update(orthax.recipe('muon', learning_rate=0.02))
+  times = {}
+  for name in orthax.recipe_names():
+    times[name] = bench_update(orthax.recipe(name, learning_rate=0.02))[0]
+  muon_after, _ = bench_update(orthax.recipe('muon', learning_rate=0.02))
+  t_muon = (muon_before + muon_after) / 2
   print()
+  print(f'muon timed before/after the others: {muon_before:.3f} s / '
+        f'{muon_after:.3f} s')
   hdr = (f'{"recipe":24s} {"time s":>8s} {"vs muon":>8s} '
          f'{"state MiB":>10s} {"extra state vs muon":>20s}')
   print(hdr)
@@ -115,9 +128,8 @@ def recipe_table(bench_update, t_muon, params, repeats):
                           for x in jax.tree.leaves(tree))
   muon_state = size(orthax.muon(0.02).init(params))
   for name in orthax.recipe_names():
-    tx = orthax.recipe(name, learning_rate=0.02)
-    t, _ = bench_update(tx)
-    state = size(tx.init(params))
+    t = times[name]
+    state = size(orthax.recipe(name, learning_rate=0.02).init(params))
     print(f'{name:24s} {t:8.3f} {t / t_muon:8.2f} {state / 2**20:10.2f} '
           f'{(state - muon_state) / 2**10:17.1f} KiB')
 
