@@ -5,22 +5,10 @@ transcriptions of the paper formula and of ryyzn9/AuON @ bba2e82
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import orthax
-
-SHAPES = {'a/kernel': (64, 32), 'b/kernel': (32, 64), 'c/kernel': (48, 48),
-          'stack/kernel': (3, 32, 48), 'b/bias': (64,), 'ln/scale': (48,)}
-JORDAN = (3.4445, -4.7750, 2.0315)
-
-
-@pytest.fixture
-def x64():
-  prev = jax.config.jax_enable_x64
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', prev)
+from reference_helpers import flat, make_tree, ns, run_orthax, torch_mats
 
 
 def test_paper_formula_and_brake_size():
@@ -70,38 +58,11 @@ def test_linear_time():
 # Transcriptions (float64, PyTorch layout) ---------------------------------------
 
 
-def make_tree(seed, dtype=np.float64):
-  rng = np.random.default_rng(seed)
-  tree = {}
-  for path, shape in SHAPES.items():
-    node = tree
-    *parents, leaf = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = rng.standard_normal(shape).astype(dtype)
-  return tree
-
-
-def flat(tree):
-  return {orthax._tree.path_str(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def ns(g, steps):
-  x = g.T if g.shape[0] > g.shape[1] else g
-  x = x / (np.linalg.norm(x) + 1e-7)
-  a, b, c = JORDAN
-  for _ in range(steps):
-    s = x @ x.T
-    x = a * x + (b * s + c * s @ s) @ x
-  return x.T if g.shape[0] > g.shape[1] else x
-
-
 def auon_matrix_update(u, reference, hybrid):
   """The per-matrix direction (before lr), torch layout (out, in)."""
   if reference == 'paper':
     if hybrid:  # one NS step, brake on the NS output itself
-      o = ns(u, 1)
+      o = ns(u, steps=1)
       r = np.linalg.norm(np.cosh(o)) / np.sqrt(o.size)
       d = o / (r + 1e-8)
     else:
@@ -109,7 +70,7 @@ def auon_matrix_update(u, reference, hybrid):
       r = np.linalg.norm(np.cosh(x)) / np.sqrt(x.size)
       d = x / (r + 1e-8)
     return d * np.sqrt(max(1, u.shape[0] / u.shape[1]))
-  g = ns(u, 5) if hybrid else u  # auon/optimizer.py @ bba2e82
+  g = ns(u, steps=5) if hybrid else u  # auon/optimizer.py @ bba2e82
   gn = g / (np.linalg.norm(g) + 1e-7)
   r = np.sqrt(np.mean(np.cosh(1.5 * gn) ** 2))
   return g / (r + 1e-8)
@@ -131,9 +92,7 @@ class AuONReference:
       w = self.p[k]
       if k.endswith('kernel'):
         shape = w.shape
-        ws = [m.T for m in w.reshape((-1,) + shape[-2:])]
-        gs = [m.T for m in g.reshape((-1,) + shape[-2:])]
-        bs = [m.T for m in self.buf[k].reshape((-1,) + shape[-2:])]
+        ws, gs, bs = torch_mats(w), torch_mats(g), torch_mats(self.buf[k])
         nw, nb = [], []
         for wi, gi, bi in zip(ws, gs, bs):
           wi = wi * (1 - self.lr * self.wd)
@@ -150,17 +109,6 @@ class AuONReference:
         v = self.v[k] = 0.95 * self.v[k] + 0.05 * g * g
         mh, vh = m / (1 - 0.9 ** self.t), v / (1 - 0.95 ** self.t)
         self.p[k] = w - self.lr * mh / (np.sqrt(vh) + 1e-8)
-
-
-def run_orthax(tx, params, grads_seq):
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  out = []
-  for g in grads_seq:
-    u, state = update(g, state, params)
-    params = optax.apply_updates(params, u)
-    out.append(flat(params))
-  return out
 
 
 CASES = [(name, ref) for name in ('auon', 'hybrid_auon')
@@ -185,8 +133,8 @@ def test_reference_modes_match_float64_transcription(x64, name, reference):
 
 @pytest.mark.parametrize('name,reference', CASES)
 def test_float32_close_to_float64_reference(name, reference):
-  params = make_tree(1, np.float32)
-  grads = [make_tree(200 + t, np.float32) for t in range(5)]
+  params = make_tree(1, dtype=np.float32)
+  grads = [make_tree(200 + t, dtype=np.float32) for t in range(5)]
   tx = orthax.recipe(name, learning_rate=0.02, reference=reference)
   got = run_orthax(tx, params, grads)
   ref = AuONReference(make_tree(1), 0.02, 0.0, reference,

@@ -28,14 +28,6 @@ def fast_compile():
   jax.config.update('jax_disable_most_optimizations', old)
 
 
-@pytest.fixture
-def x64():
-  old = jax.config.read('jax_enable_x64')
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', old)
-
-
 def _rel(a, b):
   """Relative Frobenius error per matrix (over the last two axes)."""
   a = jnp.asarray(a, jnp.float32)

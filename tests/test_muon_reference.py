@@ -13,54 +13,7 @@ import pytest
 from optax import contrib
 
 import orthax
-
-JORDAN = (3.4445, -4.7750, 2.0315)
-SHAPES = {'a/kernel': (64, 32), 'b/kernel': (32, 64), 'c/kernel': (48, 48),
-          'stack/kernel': (3, 32, 48), 'b/bias': (64,), 'ln/scale': (48,)}
-
-
-@pytest.fixture
-def x64():
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', False)
-
-
-def make_tree(seed, dtype=np.float64):
-  rng = np.random.default_rng(seed)
-  tree = {}
-  for path, shape in SHAPES.items():
-    node = tree
-    *parents, leaf = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = rng.standard_normal(shape).astype(dtype)
-  return tree
-
-
-def flat(tree):
-  return {orthax._tree.path_str(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def ns5(u, eps=1e-7):
-  """KellerJordan/Muon zeropower_via_newtonschulz5 (float64, torch layout)."""
-  x = u.copy()
-  tall = x.shape[0] > x.shape[1]
-  if tall:
-    x = x.T
-  x = x / (np.linalg.norm(x) + eps)
-  a, b, c = JORDAN
-  for _ in range(5):
-    g = x @ x.T
-    x = a * x + (b * g + c * g @ g) @ x
-  return x.T if tall else x
-
-
-def as_torch_mats(k):
-  """Flax kernel (…, in, out) → list of torch weights (out, in)."""
-  k = k.reshape((-1,) + k.shape[-2:])
-  return [m.T for m in k]
+from reference_helpers import flat, make_tree, ns, run_orthax, torch_mats
 
 
 class KellerReference:
@@ -81,20 +34,19 @@ class KellerReference:
       w = self.p[k]
       if k.endswith('kernel'):
         shape = w.shape
-        ws, gs = as_torch_mats(w), as_torch_mats(g)
-        bs = as_torch_mats(self.buf[k])
+        ws, gs, bs = torch_mats(w), torch_mats(g), torch_mats(self.buf[k])
         new_w, new_b = [], []
         for wi, gi, bi in zip(ws, gs, bs):
           if self.moon:  # sum form, nesterov
             bi = self.beta * bi + gi
             u = gi + self.beta * bi
-            o = ns5(u)
+            o = ns(u)
             adj = self.lr * 0.2 * np.sqrt(max(wi.shape))
             wi = wi * (1 - self.lr * self.wd) - adj * o
           else:  # lerp form, nesterov
             bi = bi + (1 - self.beta) * (gi - bi)
             u = gi + self.beta * (bi - gi)
-            o = ns5(u) * np.sqrt(max(1, wi.shape[0] / wi.shape[1]))
+            o = ns(u) * np.sqrt(max(1, wi.shape[0] / wi.shape[1]))
             wi = wi * (1 - self.lr * self.wd) - self.lr * o
           new_w.append(wi.T)
           new_b.append(bi.T)
@@ -111,17 +63,6 @@ class KellerReference:
           mh = m / (1 - self.b1 ** self.t)
           vh = v / (1 - self.b2 ** self.t)
           self.p[k] = w - self.adam_lr * mh / (np.sqrt(vh) + self.adam_eps)
-
-
-def run_orthax(tx, params, grads_seq):
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  out = []
-  for g in grads_seq:
-    u, state = update(g, state, params)
-    params = optax.apply_updates(params, u)
-    out.append(flat(params))
-  return out
 
 
 @pytest.mark.parametrize('reference', ['keller', 'moonlight'])
@@ -142,8 +83,8 @@ def test_reference_modes_match_float64_transcription(x64, reference):
 
 
 def test_keller_float32_close_to_float64_reference():
-  params = make_tree(1, np.float32)
-  grads = [make_tree(200 + t, np.float32) for t in range(5)]
+  params = make_tree(1, dtype=np.float32)
+  grads = [make_tree(200 + t, dtype=np.float32) for t in range(5)]
   got = run_orthax(orthax.muon(0.02, weight_decay=0.01), params, grads)
   ref = KellerReference(make_tree(1), 0.02, 0.01, 0.02)
   for t in range(5):
@@ -163,7 +104,7 @@ OPTAX_CASES = [
 @pytest.mark.parametrize('kw', OPTAX_CASES)
 def test_optax_reference_equals_optax_contrib_muon(kw):
   """Same arguments, same updates as optax.contrib.muon (f32, 5 steps)."""
-  params = make_tree(2, np.float32)
+  params = make_tree(2, dtype=np.float32)
   params['stack'] = {'kernel': params['stack']['kernel'][0]}  # optax: 2-D only
   optax_kw = dict(kw)
   if 'beta' in kw:
@@ -173,7 +114,7 @@ def test_optax_reference_equals_optax_contrib_muon(kw):
   so, st = ours.init(params), theirs.init(params)
   po = pt = params
   for t in range(5):
-    g = make_tree(300 + t, np.float32)
+    g = make_tree(300 + t, dtype=np.float32)
     g['stack'] = {'kernel': g['stack']['kernel'][0]}
     uo, so = jax.jit(ours.update)(g, so, po)
     ut, st = jax.jit(theirs.update)(g, st, pt)

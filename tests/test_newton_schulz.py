@@ -11,13 +11,6 @@ from orthax.polar import presets as P
 PRESETS = polar.preset_names()
 
 
-@pytest.fixture
-def x64():
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', False)
-
-
 def ns_reference(x, preset, steps=None):
   """A plain NumPy float64 transcription of the iteration (wide orientation)."""
   p = P.get_preset(preset)

@@ -11,21 +11,12 @@ import pytest
 import orthax
 from orthax import polar
 from orthax.transforms import abs_quantile
+from reference_helpers import flat, make_tree, run_orthax, torch_mats
 
 
-SHAPES = {'a/kernel': (64, 32), 'b/kernel': (32, 64), 'c/kernel': (48, 48),
-          'stack/kernel': (3, 32, 48), 'b/bias': (64,), 'ln/scale': (48,)}
 JORDAN = (3.4445, -4.7750, 2.0315)
 # Exercise the per-shape path in the parity test: a (32, 64) row of its own.
 TABLE = {(32, 64): polar.ROOT_TABLE[(2048, 3072)]}
-
-
-@pytest.fixture
-def x64():
-  prev = jax.config.jax_enable_x64
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', prev)
 
 
 # Quantile ----------------------------------------------------------------------
@@ -149,23 +140,6 @@ def test_fit_quintic_improves_on_its_sample():
 # The recipe vs the reference ----------------------------------------------------
 
 
-def make_tree(seed, dtype=np.float64):
-  rng = np.random.default_rng(seed)
-  tree = {}
-  for path, shape in SHAPES.items():
-    node = tree
-    *parents, leaf = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = rng.standard_normal(shape).astype(dtype)
-  return tree
-
-
-def flat(tree):
-  return {orthax._tree.path_str(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def root5(g, steps=5):
   """example_train.py root5 (float64, torch layout)."""
   m, n = g.shape
@@ -199,9 +173,7 @@ class RootReference:
       w = self.p[k]
       if k.endswith('kernel'):
         shape = w.shape
-        ws = [m.T for m in w.reshape((-1,) + shape[-2:])]
-        gs = [m.T for m in g.reshape((-1,) + shape[-2:])]
-        bs = [m.T for m in self.buf[k].reshape((-1,) + shape[-2:])]
+        ws, gs, bs = torch_mats(w), torch_mats(g), torch_mats(self.buf[k])
         nw, nb = [], []
         for wi, gi, bi in zip(ws, gs, bs):
           bi = self.mu * bi + gi
@@ -222,17 +194,6 @@ class RootReference:
         self.p[k] = w * (1 - lr * wd) - step
 
 
-def run_orthax(tx, params, grads_seq):
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  out = []
-  for g in grads_seq:
-    u, state = update(g, state, params)
-    params = optax.apply_updates(params, u)
-    out.append(flat(params))
-  return out
-
-
 def test_root_matches_float64_transcription(x64):
   params = make_tree(0)
   grads = [make_tree(100 + t) for t in range(6)]
@@ -246,8 +207,8 @@ def test_root_matches_float64_transcription(x64):
 
 
 def test_root_float32_close_to_float64_reference():
-  params = make_tree(1, np.float32)
-  grads = [make_tree(200 + t, np.float32) for t in range(5)]
+  params = make_tree(1, dtype=np.float32)
+  grads = [make_tree(200 + t, dtype=np.float32) for t in range(5)]
   got = run_orthax(orthax.root(1e-3, coeffs_for_shape=TABLE), params, grads)
   ref = RootReference(make_tree(1), 1e-3, 0.1)
   for t in range(5):

@@ -11,17 +11,7 @@ import pytest
 import orthax
 from orthax.polar import spectral as S
 from orthax.transforms import clip_threshold
-
-SHAPES = {'a/kernel': (64, 32), 'b/kernel': (32, 64), 'c/kernel': (48, 48),
-          'stack/kernel': (3, 32, 48), 'b/bias': (64,), 'ln/scale': (48,)}
-
-
-@pytest.fixture
-def x64():
-  prev = jax.config.jax_enable_x64
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', prev)
+from reference_helpers import flat, make_tree, run_orthax
 
 
 def with_spectrum(m, n, s, seed=0):
@@ -162,23 +152,6 @@ def exact_clip(g, c):
   return (u * (s / np.sqrt(1 + (s / c) ** 2))[..., None, :]) @ vt
 
 
-def make_tree(seed, dtype=np.float64):
-  rng = np.random.default_rng(seed)
-  tree = {}
-  for path, shape in SHAPES.items():
-    node = tree
-    *parents, leaf = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = rng.standard_normal(shape).astype(dtype)
-  return tree
-
-
-def flat(tree):
-  return {orthax._tree.path_str(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def torch_view(k):
   """Flax kernel (…, in, out) -> PyTorch weight (…, out, in); vectors as is."""
   return np.swapaxes(k, -1, -2) if k.ndim >= 2 else k
@@ -214,17 +187,6 @@ class SpectraAdamWReference:
     return {k: torch_view(v) for k, v in self.p.items()}
 
 
-def run_orthax(tx, params, grads_seq):
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  out = []
-  for g in grads_seq:
-    u, state = update(g, state, params)
-    params = optax.apply_updates(params, u)
-    out.append(flat(params))
-  return out
-
-
 @pytest.mark.parametrize('reference', ['repo', 'orthax'])
 def test_spectra_recipe_matches_float64_transcription(x64, reference):
   params = make_tree(0)
@@ -243,8 +205,8 @@ def test_spectra_recipe_matches_float64_transcription(x64, reference):
 
 
 def test_spectra_float32_close_to_float64_reference():
-  params = make_tree(1, np.float32)
-  grads = [make_tree(200 + t, np.float32) for t in range(5)]
+  params = make_tree(1, dtype=np.float32)
+  grads = [make_tree(200 + t, dtype=np.float32) for t in range(5)]
   got = run_orthax(orthax.spectra(2e-3, c=4.0), params, grads)
   ref = SpectraAdamWReference(make_tree(1), 2e-3, 0.1, 4.0, 0.8, 0.999, 1e-8,
                               exact_clip)

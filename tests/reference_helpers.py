@@ -1,12 +1,14 @@
-"""Shared helpers for the NorMuon / NAMO / LANTON reference tests.
+"""Shared helpers for the float64 reference tests (Muon, ROOT, AuON, SPECTRA,
+NorMuon, NAMO, LANTON).
 
 The float64 NumPy transcriptions in the test files are written from
 ``shared/ALGORITHMS.md`` in PyTorch layout: a weight is ``(out, in)``, a Flax
 kernel ``(in, out)`` is its transpose, a stacked kernel ``(L, in, out)`` is
-``L`` such weights.
+``L`` such weights. The ``x64`` fixture is in ``conftest.py``.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -25,6 +27,7 @@ SHAPES = {'a/kernel': (64, 32), 'b/kernel': (32, 64), 'c/kernel': (48, 48),
 
 
 def make_tree(seed, shapes=SHAPES, dtype=np.float64):
+  """A nested dict of standard-normal leaves, one per ``'a/b': shape`` entry."""
   rng = np.random.default_rng(seed)
   tree = {}
   for path, shape in shapes.items():
@@ -37,6 +40,7 @@ def make_tree(seed, shapes=SHAPES, dtype=np.float64):
 
 
 def flat(tree):
+  """``{'a/b': np.ndarray}`` for every leaf of ``tree``."""
   return {orthax._tree.path_str(p): np.asarray(x)
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -101,6 +105,16 @@ def run_orthax(tx, params, grads_seq):
     params = optax.apply_updates(params, u)
     out.append(flat(params))
   return out
+
+
+def assert_zero_updates(tx, params, steps):
+  """Zero gradients give finite, exactly zero updates for ``steps`` steps."""
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  state = tx.init(params)
+  for _ in range(steps):
+    u, state = tx.update(zeros, state, params)
+    for k, x in flat(u).items():
+      assert np.all(np.isfinite(x)) and not np.any(x), k
 
 
 def assert_match(got, ref_params_per_step, rtol, atol, what):
