@@ -144,11 +144,8 @@ def test_nnx_describe(nnx_params, capsys):
       assert ' x '.join(map(str, view)) in rows[path], rows[path]
 
 
-def test_nnx_optimizer_step():
-  model = NNXModel(nnx.Rngs(1))
-  optimizer = nnx.Optimizer(model, orthax.muon(learning_rate=0.02),
-                            wrt=nnx.Param)
-  before = _by_path(nnx.state(model, nnx.Param))
+def train_nnx(model, optimizer, steps):
+  """Runs ``steps`` jitted next-token steps; returns (losses, times traced)."""
   traces = []
 
   @nnx.jit
@@ -164,8 +161,17 @@ def test_nnx_optimizer_step():
     return loss
 
   x, y = _task()
-  losses = [float(train_step(model, optimizer, x, y)) for _ in range(3)]
-  assert len(traces) == 1, f'train step traced {len(traces)} times'
+  losses = [float(train_step(model, optimizer, x, y)) for _ in range(steps)]
+  return losses, len(traces)
+
+
+def test_nnx_optimizer_step():
+  model = NNXModel(nnx.Rngs(1))
+  optimizer = nnx.Optimizer(model, orthax.muon(learning_rate=0.02),
+                            wrt=nnx.Param)
+  before = _by_path(nnx.state(model, nnx.Param))
+  losses, traces = train_nnx(model, optimizer, 3)
+  assert traces == 1, f'train step traced {traces} times'
   assert all(np.isfinite(losses)), losses
   assert losses[-1] < losses[0], losses
   params = nnx.state(model, nnx.Param)

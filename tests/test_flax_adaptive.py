@@ -8,7 +8,7 @@ import pytest
 import orthax
 
 nnx = pytest.importorskip('flax.nnx')
-from test_flax import NNXModel, NNX_ROUTES, _by_path, _task  # noqa: E402
+from test_flax import NNXModel, NNX_ROUTES, _by_path, train_nnx  # noqa: E402
 
 RECIPES = [('normuon', {}), ('normuon', dict(reference='paper')),
            ('normuon', dict(reference='modded')), ('namo', {}),
@@ -23,23 +23,8 @@ def test_nnx_optimizer_step(name, kw):
   tx = orthax.recipe(name, learning_rate=0.02, **kw)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   before = _by_path(nnx.state(model, nnx.Param))
-  traces = []
-
-  @nnx.jit
-  def train_step(model, optimizer, x, y):
-    traces.append(1)
-
-    def loss_fn(model):
-      logits = model(x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
-
-  x, y = _task()
-  losses = [float(train_step(model, optimizer, x, y)) for _ in range(4)]
-  assert len(traces) == 1, f'train step traced {len(traces)} times'
+  losses, traces = train_nnx(model, optimizer, 4)
+  assert traces == 1, f'train step traced {traces} times'
   assert all(np.isfinite(losses)), losses
   assert losses[-1] < losses[0], losses
   after = _by_path(nnx.state(model, nnx.Param))

@@ -24,23 +24,8 @@ def test_nnx_jitted_step(name, kw):
   optimizer = nnx.Optimizer(model, orthax.recipe(name, learning_rate=lr, **kw),
                             wrt=nnx.Param)
   before = F._by_path(nnx.state(model, nnx.Param))
-  traces = []
-
-  @nnx.jit
-  def train_step(model, optimizer, x, y):
-    traces.append(1)
-
-    def loss_fn(model):
-      logits = model(x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
-
-  x, y = F._task()
-  losses = [float(train_step(model, optimizer, x, y)) for _ in range(4)]
-  assert len(traces) == 1, f'train step traced {len(traces)} times'
+  losses, traces = F.train_nnx(model, optimizer, 4)
+  assert traces == 1, f'train step traced {traces} times'
   assert all(np.isfinite(losses)), losses
   assert losses[-1] < losses[0], losses
   after = F._by_path(nnx.state(model, nnx.Param))
