@@ -94,10 +94,11 @@ def collectives(hlo_text: str) -> list[dict[str, Any]]:
 
 
 def summarize(ops: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-  """``{kind: {count, wire_bytes}}``."""
+  """``{kind: {count, wire_bytes}}`` (an op with ``runs`` counts that many
+  times, see :func:`per_step`)."""
   out = collections.defaultdict(lambda: dict(count=0, wire_bytes=0.0))
   for o in ops:
-    out[o['op']]['count'] += 1
+    out[o['op']]['count'] += o.get('runs', 1)
     out[o['op']]['wire_bytes'] += o['wire_bytes']
   return dict(out)
 
@@ -173,3 +174,44 @@ def measure(jitted, *args) -> dict[str, Any]:
       lowered=low, lowered_summary=summarize(low),
       lowered_wire_bytes=sum(o['wire_bytes'] for o in low),
       compiled_text=text)
+
+
+_WHILE = re.compile(r'\bwhile\(.*?\bbody=%?([\w.\-]+)')
+_TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+
+
+def loop_multipliers(hlo_text: str) -> dict[str, int]:
+  """``{computation: times it runs per call of the program}`` for the bodies
+  of ``while`` loops with a known trip count (nested loops multiply;
+  computations not listed run once). Collectives inside a scanned layer
+  stack run once per layer, which the static op list does not show."""
+  parent: dict[str, tuple[str, int]] = {}
+  comp = None
+  for line in hlo_text.splitlines():
+    cm = _COMP.match(line)
+    if cm and '=' not in line.split('(')[0]:
+      comp = ('ENTRY ' if cm.group(1) else '') + cm.group(2)
+      continue
+    wm = _WHILE.search(line)
+    if wm and comp is not None:
+      tm = _TRIP.search(line)
+      parent[wm.group(1)] = (comp, int(tm.group(1)) if tm else 1)
+
+  def mult(c, depth=0):
+    if c not in parent or depth > 32:
+      return 1
+    p, n = parent[c]
+    return n * mult(p, depth + 1)
+
+  return {c: mult(c) for c in parent}
+
+
+def per_step(ops: list[dict[str, Any]], hlo_text: str) -> list[dict[str, Any]]:
+  """``ops`` (from :func:`collectives`) with ``count`` and ``wire_bytes``
+  scaled by how often their computation runs (:func:`loop_multipliers`)."""
+  mult = loop_multipliers(hlo_text)
+  out = []
+  for o in ops:
+    k = mult.get(o.get('computation'), 1)
+    out.append({**o, 'runs': k, 'wire_bytes': o['wire_bytes'] * k})
+  return out

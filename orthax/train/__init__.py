@@ -1,0 +1,21 @@
+"""The reference trainer: a Flax NNX GPT trained with orthax recipes.
+
+Library code that ``scripts/train.py``, ``scripts/compare.py`` and the
+notebooks import (needs the ``scripts`` extra: flax, orbax, ml_collections):
+
+* :mod:`~orthax.train.data` — the embedded corpus and token files;
+* :mod:`~orthax.train.model` — the GPT, its logical axes;
+* :mod:`~orthax.train.partitioning` — the ``data × fsdp × tensor`` mesh;
+* :mod:`~orthax.train.optim` — schedules and the optimizer from a config;
+* :mod:`~orthax.train.step` — jitted train/eval steps and state shardings;
+* :mod:`~orthax.train.trainer` — the loop (:func:`train`);
+* :mod:`~orthax.train.checkpoint`, :mod:`~orthax.train.metrics`;
+* :mod:`~orthax.train.dry_run` — compile a config on a fake mesh;
+* :mod:`~orthax.train.compare` — several optimizers on one config;
+* :mod:`~orthax.train.configs` — defaults that ``configs/*.py`` build on.
+"""
+
+from orthax.train.trainer import build
+from orthax.train.trainer import train
+
+__all__ = ['build', 'train']

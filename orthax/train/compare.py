@@ -1,0 +1,118 @@
+"""Several optimizers on one config, same seed and data: the table of
+MEASURING.md §3 and a loss-curve plot.
+
+For each optimizer and each learning-rate scale ``k`` the main branch's peak
+learning rate is ``k ×`` the config default (a recipe's AdamW branch keeps
+its own). The best scale of each optimizer (lowest final validation loss)
+represents it. "Steps to AdamW" is the first evaluation step at which a run's
+validation loss is at or below the best AdamW run's final validation loss
+(the papers' training-efficiency measure; ``None`` if never reached).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Sequence
+
+from orthax.train import configs
+from orthax.train import trainer
+
+
+def run(base_config: Any, optimizers: Sequence[str],
+        lr_scales: Sequence[float] = (1.0,), *, steps: int | None = None,
+        eval_every: int | None = None, progress: bool = True
+        ) -> list[dict[str, Any]]:
+  """Trains every (optimizer, scale); one result dict per run."""
+  results = []
+  base = trainer.as_dict(base_config)
+  for name in optimizers:
+    for k in lr_scales:
+      cfg = copy.deepcopy(base)
+      opt = configs.optimizer(name).to_dict()
+      opt['learning_rate'] *= float(k)
+      cfg['optimizer'] = opt
+      if steps is not None:
+        cfg['train']['steps'] = int(steps)
+        cfg['schedule']['warmup_steps'] = min(
+            cfg['schedule']['warmup_steps'], max(int(steps) // 10, 0))
+      if eval_every is not None:
+        cfg['train']['eval_every'] = int(eval_every)
+      out = trainer.train(cfg, None, progress=progress,
+                          label=f'{name} ×{k:g} ')
+      s = out['summary']
+      results.append({
+          'optimizer': name, 'lr_scale': float(k),
+          'learning_rate': opt['learning_rate'],
+          'final_val_loss': s['final_val_loss'],
+          'final_loss': s['final_loss'], 'tokens_per_s': s['tokens_per_s'],
+          'opt_state_bytes': s['opt_state_bytes'],
+          'eval_steps': [r['step'] for r in out['eval']],
+          'val_loss': [r['val_loss'] for r in out['eval']],
+          'train_steps': [r['step'] for r in out['train']],
+          'train_loss': [r['loss'] for r in out['train']],
+      })
+  return results
+
+
+def best_runs(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """The lowest-final-validation-loss run of each optimizer (NaN loses)."""
+  best: dict[str, dict[str, Any]] = {}
+  for r in results:
+    v = r['final_val_loss']
+    cur = best.get(r['optimizer'])
+    if cur is None or (math.isfinite(v) and not
+                       (math.isfinite(cur['final_val_loss']) and
+                        cur['final_val_loss'] <= v)):
+      best[r['optimizer']] = r
+  return best
+
+
+def steps_to(r: dict[str, Any], target: float) -> int | None:
+  """First evaluation step with validation loss ≤ ``target``."""
+  for s, v in zip(r['eval_steps'], r['val_loss']):
+    if v <= target:
+      return s
+  return None
+
+
+def table(results: list[dict[str, Any]], baseline: str = 'adamw') -> str:
+  """Markdown table: every run, best scale per optimizer marked ``*``."""
+  best = best_runs(results)
+  target = best[baseline]['final_val_loss'] if baseline in best else None
+  lines = ['| optimizer | lr | final val loss | steps to AdamW '
+           f'({target:.4f}) | tokens/s | optimizer state |'
+           if target is not None else
+           '| optimizer | lr | final val loss | steps to AdamW | tokens/s | '
+           'optimizer state |',
+           '|---|---|---|---|---|---|']
+  for r in results:
+    mark = '*' if best[r['optimizer']] is r else ''
+    st = steps_to(r, target) if target is not None else None
+    lines.append(
+        f"| {r['optimizer']}{mark} | {r['learning_rate']:.3g} | "
+        f"{r['final_val_loss']:.4f} | {'—' if st is None else st} | "
+        f"{r['tokens_per_s']:.0f} | {r['opt_state_bytes'] / 2**20:.2f} MiB |")
+  return '\n'.join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: str) -> None:
+  """Validation (solid) and training (faint) loss of each optimizer's best
+  run, saved as a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name, r in best_runs(results).items():
+    line, = ax.plot(r['eval_steps'], r['val_loss'], marker='o', ms=3,
+                    label=f"{name} (lr {r['learning_rate']:.3g})")
+    ax.plot(r['train_steps'], r['train_loss'], color=line.get_color(),
+            alpha=0.25, lw=1)
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss (nats/byte)')
+  ax.set_title('validation (solid) and training (faint) loss')
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

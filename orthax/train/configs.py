@@ -1,0 +1,78 @@
+"""Building blocks of ``configs/*.py``: the full default config, and the
+``optimizer`` section of every supported optimizer.
+
+Every key the trainer reads is in :func:`base_config`, with its default;
+a config file copies it and changes what differs (configs as data).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Peak learning rates for the small byte-level CPU model: (main branch,
+# AdamW branch). The orthogonalized recipes use their papers' defaults.
+LEARNING_RATES = {
+    'adamw': (3e-3, None),
+    'muon': (0.02, 3e-3),
+    'normuon': (0.02, 3e-3),
+    'namo': (0.01, 3e-3),
+    'namo_d': (0.01, 3e-3),
+    'lanton': (0.02, 3e-3),
+    'root': (0.02, 3e-3),
+    'auon': (0.02, 3e-3),
+    'hybrid_auon': (0.02, 3e-3),
+    'spectra': (3e-3, None),
+}
+
+
+def optimizer(name: str, learning_rate: float | None = None,
+              adam_learning_rate: float | None = None,
+              **kwargs) -> ml_collections.ConfigDict:
+  """The ``optimizer`` section for ``name`` (``'adamw'`` or a registered
+  recipe); learning rates default to :data:`LEARNING_RATES`."""
+  if name not in LEARNING_RATES:
+    raise ValueError(f'unknown optimizer {name!r}; choose one of '
+                     f'{sorted(LEARNING_RATES)}.')
+  lr, adam_lr = LEARNING_RATES[name]
+  return ml_collections.ConfigDict({
+      'name': name,
+      'learning_rate': lr if learning_rate is None else learning_rate,
+      'adam_learning_rate': (adam_lr if adam_learning_rate is None
+                             else adam_learning_rate),
+      'weight_decay': 0.0, 'adam_weight_decay': 0.0,
+      'kwargs': ml_collections.ConfigDict(kwargs)})
+
+
+def base_config(optimizer_name: str = 'muon') -> ml_collections.ConfigDict:
+  """Every config key with its default (the CPU model on embedded text)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.hardware = 'cpu'  # what the config is sized for (informational)
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=ml_collections.FieldReference(None, field_type=int),
+      seq_len=128, d_model=128, num_layers=4,
+      num_heads=4, mlp_ratio=4, positions='rope', tie_embeddings=False,
+      rope_base=10000.0, dtype='float32', param_dtype='float32',
+      remat=False))
+  c.data = ml_collections.ConfigDict(dict(
+      source='embedded',     # 'embedded' (bytes of Python's docs) | 'files'
+      batch_size=16, val_fraction=0.1,
+      train_path=ml_collections.FieldReference(None, field_type=str),
+      val_path=ml_collections.FieldReference(None, field_type=str),
+      token_dtype=ml_collections.FieldReference(None, field_type=str),
+      vocab_size=ml_collections.FieldReference(None, field_type=int),
+      eval_batch_size=ml_collections.FieldReference(None, field_type=int)))
+  c.optimizer = optimizer(optimizer_name)
+  c.schedule = ml_collections.ConfigDict(dict(
+      kind='cosine', warmup_steps=20, final_fraction=0.1))
+  # Axis sizes; comm_dtype: Newton–Schulz all-to-all wire dtype on a mesh.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1,
+                                          comm_dtype='bfloat16'))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=200, log_every=10, eval_every=50,
+      eval_batches=ml_collections.FieldReference(8, field_type=int),
+      checkpoint_every=0, max_to_keep=2, tensorboard=False))
+  # Dry runs compile at full size unless num_layers scales the depth down.
+  c.dry_run = ml_collections.ConfigDict(dict(
+      num_layers=ml_collections.FieldReference(None, field_type=int)))
+  return c

@@ -1,0 +1,109 @@
+"""Optimizer for the trainer: a registered orthax recipe or plain AdamW, with
+one learning-rate schedule shape shared by every branch.
+
+Every branch (the orthogonalized matrices, the AdamW branch of a recipe, a
+SPECTRA base step) follows the same warm-up + decay curve scaled to its own
+peak learning rate:
+
+.. math::
+   η_b(t) = η_b^{peak} \\cdot s(t),\\qquad
+   s(t) = \\begin{cases} t / T_w & t < T_w \\\\
+          f + (1-f)\\,d\\big((t-T_w)/(T-T_w)\\big) & t \\ge T_w \\end{cases}
+
+with ``d`` the cosine ``(1+\\cos πx)/2``, linear ``1-x`` or constant ``1``
+decay and ``f`` the final fraction.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Mapping
+
+import optax
+
+import orthax
+
+SCHEDULES = ('cosine', 'linear', 'constant')
+BASELINES = ('adamw',)
+
+
+def schedule_shape(total_steps: int, *, kind: str = 'cosine',
+                   warmup_steps: int = 0,
+                   final_fraction: float = 0.1) -> Callable[[Any], Any]:
+  """``s(t)`` above: 0 → 1 over ``warmup_steps``, then decays to
+  ``final_fraction`` at ``total_steps``."""
+  if kind not in SCHEDULES:
+    raise ValueError(f'schedule.kind must be one of {SCHEDULES}, got '
+                     f'{kind!r}.')
+  if not 0 <= warmup_steps < max(total_steps, 1):
+    raise ValueError(f'schedule.warmup_steps={warmup_steps} must be in '
+                     f'[0, train.steps={total_steps}).')
+  if not 0.0 <= final_fraction <= 1.0:
+    raise ValueError('schedule.final_fraction must be in [0, 1], got '
+                     f'{final_fraction}.')
+  decay_steps = max(total_steps - warmup_steps, 1)
+  if kind == 'cosine':
+    decay = optax.cosine_decay_schedule(1.0, decay_steps, final_fraction)
+  elif kind == 'linear':
+    decay = optax.linear_schedule(1.0, final_fraction, decay_steps)
+  else:
+    decay = optax.constant_schedule(1.0)
+  if warmup_steps == 0:
+    return decay
+  warm = optax.linear_schedule(0.0, 1.0, warmup_steps)
+  return optax.join_schedules([warm, decay], [warmup_steps])
+
+
+def _scaled(shape, peak: float):
+  return lambda step: peak * shape(step)
+
+
+def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,
+          distributed: Any = None
+          ) -> tuple[optax.GradientTransformation, dict[str, Callable]]:
+  """``(tx, {branch: lr schedule})`` from the ``optimizer`` config.
+
+  ``opt_config`` keys: ``name`` (a registered recipe or ``'adamw'``),
+  ``learning_rate`` (peak of the main branch), ``adam_learning_rate``
+  (peak of a recipe's AdamW branch; ``None``: the recipe's default, i.e. the
+  main peak), ``weight_decay``, ``adam_weight_decay`` (``None``: recipe
+  default) and ``kwargs`` (any other keyword of the recipe). ``distributed``
+  (an :class:`orthax.Distributed`) goes to recipes that accept it.
+  """
+  cfg = dict(opt_config)
+  name = cfg.get('name')
+  lr = float(cfg['learning_rate'])
+  kwargs = dict(cfg.get('kwargs') or {})
+  if name == 'adamw':
+    sched = _scaled(shape, lr)
+    tx = optax.adamw(sched, b1=kwargs.pop('b1', 0.9),
+                     b2=kwargs.pop('b2', 0.95), eps=kwargs.pop('eps', 1e-8),
+                     weight_decay=float(cfg.get('weight_decay') or 0.0))
+    if kwargs:
+      raise ValueError(f'optimizer.kwargs {sorted(kwargs)} are not options '
+                       'of adamw (b1, b2, eps).')
+    return tx, {'adam': sched}
+  if name not in orthax.recipe_names():
+    raise ValueError(f'optimizer.name={name!r} is neither a baseline '
+                     f'{BASELINES} nor a registered recipe '
+                     f'{orthax.recipe_names()}.')
+  factory = orthax.recipe_factory(name)
+  accepted = inspect.signature(factory).parameters
+  sched = _scaled(shape, lr)
+  kwargs['learning_rate'] = sched
+  branches = {'matrix' if 'adam_learning_rate' in accepted else 'base': sched}
+  if 'adam_learning_rate' in accepted:
+    adam_lr = cfg.get('adam_learning_rate')
+    adam_sched = _scaled(shape, lr if adam_lr is None else float(adam_lr))
+    kwargs['adam_learning_rate'] = adam_sched
+    branches['adam'] = adam_sched
+  for key in ('weight_decay', 'adam_weight_decay'):
+    if cfg.get(key) is not None and key in accepted:
+      kwargs[key] = float(cfg[key])
+  if distributed is not None and 'distributed' in accepted:
+    kwargs['distributed'] = distributed
+  unknown = set(kwargs) - set(accepted)
+  if unknown:
+    raise ValueError(f'optimizer.kwargs {sorted(unknown)} are not arguments '
+                     f'of orthax.{name}.')
+  return factory(**kwargs), branches

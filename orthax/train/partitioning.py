@@ -1,0 +1,123 @@
+"""The trainer's mesh and the mapping of logical axes onto it.
+
+The mesh has three named axes, always in this order: ``data`` (pure data
+parallelism: parameters replicated), ``fsdp`` (data parallelism with
+parameters and optimizer state sharded) and ``tensor`` (model dimensions
+split, Megatron style). Logical axes of :func:`orthax.train.model.logical_axes`
+are mapped onto mesh axes by :data:`DEFAULT_RULES`; the batch is split over
+``data × fsdp``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+# logical axis -> mesh axis (or None: replicated along that axis).
+DEFAULT_RULES: dict[str, str | None] = {
+    'layers': None,
+    'embed': 'fsdp',
+    'heads': 'tensor',
+    'mlp': 'tensor',
+    'vocab': 'tensor',
+}
+
+
+def mesh_shape(mesh_config: Mapping[str, int]) -> tuple[int, int, int]:
+  """``(data, fsdp, tensor)`` sizes from a config mapping (missing = 1)."""
+  unknown = set(mesh_config) - set(MESH_AXES) - {'rules', 'comm_dtype'}
+  if unknown:
+    raise ValueError(f'mesh: unknown axes {sorted(unknown)}; the trainer '
+                     f'mesh has axes {MESH_AXES}.')
+  sizes = tuple(int(mesh_config.get(a) or 1) for a in MESH_AXES)
+  for a, s in zip(MESH_AXES, sizes):
+    if s < 1:
+      raise ValueError(f'mesh.{a} must be >= 1, got {s}.')
+  return sizes
+
+
+def make_mesh(mesh_config: Mapping[str, int],
+              devices: Sequence[Any] | None = None,
+              axis_type: AxisType = AxisType.Auto) -> Mesh:
+  """A ``Mesh`` of ``data × fsdp × tensor`` over the first devices."""
+  sizes = mesh_shape(mesh_config)
+  need = math.prod(sizes)
+  devices = list(jax.devices() if devices is None else devices)
+  if len(devices) < need:
+    raise ValueError(
+        f'mesh {dict(zip(MESH_AXES, sizes))} needs {need} devices, '
+        f'{len(devices)} available (for a dry run on CPU set XLA_FLAGS='
+        f'--xla_force_host_platform_device_count={need} before JAX starts).')
+  arr = np.asarray(devices[:need], dtype=object).reshape(sizes)
+  return Mesh(arr, MESH_AXES, axis_types=(axis_type,) * 3)
+
+
+def logical_to_spec(names: Sequence[str | None],
+                    rules: Mapping[str, str | None] | None = None) -> P:
+  """``PartitionSpec`` for one parameter's logical axis names."""
+  rules = DEFAULT_RULES if rules is None else rules
+  out, used = [], set()
+  for n in names:
+    ax = None if n is None else rules.get(n)
+    if n is not None and n not in rules:
+      raise ValueError(f'logical axis {n!r} has no rule; rules: '
+                       f'{dict(rules)}.')
+    if ax is not None and ax in used:  # one mesh axis shards one dim only
+      ax = None
+    if ax is not None:
+      used.add(ax)
+    out.append(ax)
+  return P(*out)
+
+
+def param_specs(logical: Any, rules=None) -> Any:
+  """Tree of ``PartitionSpec`` from a tree of logical-axis tuples."""
+  return jax.tree.map(lambda names: logical_to_spec(names, rules), logical,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def check_divisible(params: Any, specs: Any,
+                    sizes: Mapping[str, int]) -> None:
+  """``ValueError`` naming the first parameter whose sharded dimension the
+  mesh axis size (``sizes``: axis name → size) does not divide."""
+  sizes = dict(sizes)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+  for (path, x), spec in zip(flat, flat_specs):
+    for dim, ax in zip(x.shape, tuple(spec)):
+      if ax is not None and dim % sizes[ax]:
+        name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+        raise ValueError(
+            f'parameter {name!r} of shape {tuple(x.shape)}: dimension {dim} '
+            f'is sharded over mesh axis {ax!r} of size {sizes[ax]}, which '
+            'does not divide it; change the model size or the mesh.')
+
+
+def check_batch(batch_size: int, sizes: Mapping[str, int],
+                what: str = 'data.batch_size'):
+  """``ValueError`` unless the batch splits evenly over ``data × fsdp``."""
+  shards = math.prod(sizes[a] for a in BATCH_AXES)
+  if batch_size % shards:
+    raise ValueError(f'{what}={batch_size} is not divisible by the '
+                     f'data × fsdp mesh size {shards} ({dict(sizes)}).')
+
+
+def shardings(specs: Any, mesh: Mesh) -> Any:
+  """``NamedSharding`` tree from a ``PartitionSpec`` tree."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of a ``[batch, seq]`` token array."""
+  return NamedSharding(mesh, P(BATCH_AXES, None))

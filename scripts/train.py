@@ -1,0 +1,48 @@
+"""Train a GPT with an orthax recipe, or dry-run a config on a fake mesh.
+
+    python scripts/train.py --config=configs/lm_cpu.py:normuon --workdir=/tmp/run
+    python scripts/train.py --config=configs/gpt2_124m.py --dry_run
+
+``--config.<key>=<value>`` overrides any config entry. Metrics go to
+``<workdir>/metrics.jsonl``; with ``--config.train.checkpoint_every=N`` orbax
+checkpoints go to ``<workdir>/checkpoints`` and rerunning the same command
+resumes from the latest one. ``--dry_run`` compiles the full train step on
+fake CPU devices shaped like the config's mesh and prints per-device memory,
+FLOPs and collective bytes.
+"""
+
+import json
+import math
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/lm_cpu.py',
+                                          'Training config file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Metrics and checkpoints.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False,
+                             'Compile on a fake mesh and report; no training.')
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if _DRY_RUN.value:
+    # Before JAX's backend starts: one fake CPU device per mesh position.
+    n = math.prod(int(config.mesh.get(a, 1)) for a in
+                  ('data', 'fsdp', 'tensor'))
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               f' --xla_force_host_platform_device_count={n}')
+    from orthax.train import dry_run  # pylint: disable=g-import-not-at-top
+    print(dry_run.format_report(dry_run.dry_run(config)))
+    return
+  from orthax.train import trainer  # pylint: disable=g-import-not-at-top
+  out = trainer.train(config, _WORKDIR.value)
+  print(json.dumps(out['summary'], indent=1))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,204 @@
+"""The reference trainer (orthax.train): every optimizer trains, exact
+resume, schedules, logical axes, config errors, compare."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip('ml_collections')
+pytest.importorskip('orbax.checkpoint')
+
+from orthax.train import compare  # noqa: E402
+from orthax.train import configs  # noqa: E402
+from orthax.train import metrics  # noqa: E402
+from orthax.train import model as model_lib  # noqa: E402
+from orthax.train import optim  # noqa: E402
+from orthax.train import partitioning  # noqa: E402
+from orthax.train import trainer  # noqa: E402
+
+
+def tiny(name: str = 'muon', steps: int = 24):
+  """A 2-layer width-32 model on 8×32 bytes: seconds per run."""
+  c = configs.base_config(name)
+  c.model.update(d_model=32, num_layers=2, num_heads=2, seq_len=32)
+  c.data.batch_size = 8
+  c.schedule.warmup_steps = 2
+  c.train.update(steps=steps, log_every=1, eval_every=steps // 2,
+                 eval_batches=2)
+  return c
+
+
+@pytest.mark.parametrize('name', sorted(configs.LEARNING_RATES))
+def test_every_optimizer_lowers_the_loss(name):
+  out = trainer.train(tiny(name), progress=False)
+  losses = [r['loss'] for r in out['train']]
+  assert len(losses) == 24 and all(map(math.isfinite, losses)), losses
+  # Byte-level start is ~log(256) = 5.5; every optimizer must get well below.
+  assert np.mean(losses[-4:]) < losses[0] - 1.0, (name, losses)
+  assert out['eval'][-1]['val_loss'] < losses[0] - 1.0, out['eval']
+  rec = out['train'][5]
+  assert rec['step'] == 6 and rec['tokens'] == 6 * 8 * 32
+  # Per-branch learning rates are logged and follow the shared schedule.
+  shape = optim.schedule_shape(24, kind='cosine', warmup_steps=2,
+                               final_fraction=0.1)
+  opt = configs.optimizer(name)
+  main = [k for k in rec if k.startswith('lr/') and k != 'lr/adam']
+  assert main or name == 'adamw'
+  for k in main:
+    np.testing.assert_allclose(rec[k], opt.learning_rate * shape(5),
+                               rtol=1e-6)
+  if opt.adam_learning_rate is not None:
+    np.testing.assert_allclose(rec['lr/adam'],
+                               opt.adam_learning_rate * shape(5), rtol=1e-6)
+
+
+def test_resume_is_bit_exact(tmp_path):
+  c = tiny('normuon', steps=12)
+  c.train.checkpoint_every = 4
+  whole = trainer.train(c, str(tmp_path / 'whole'), progress=False)
+  part = tmp_path / 'part'
+  first = trainer.train(c, str(part), progress=False, stop_at=10)
+  assert first['summary']['steps'] == 10
+  # Interrupted after step 10: the last checkpoint is step 8 (or the forced
+  # save at 10); restart and finish.
+  second = trainer.train(c, str(part), progress=False)
+  assert second['summary']['steps'] == 12
+  logged = metrics.read_jsonl(str(part / 'metrics.jsonl'))
+  assert [r['step'] for r in logged] == list(range(1, 13))
+  for a, b in zip(whole['train'], logged):
+    assert a['loss'] == b['loss'], (a, b)  # bit for bit
+  for a, b in zip(jax.tree.leaves(whole['state']),
+                  jax.tree.leaves(second['state'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_from_an_earlier_checkpoint(tmp_path):
+  """A crash loses the steps after the last checkpoint; they are redone."""
+  c = tiny('muon', steps=10)
+  c.train.checkpoint_every = 4
+  whole = trainer.train(c, None, progress=False)
+  from orthax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  trainer.train(c, str(tmp_path), progress=False, stop_at=6)
+  ck = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), 4)
+  assert ck.latest_step() == 6  # the stop forces a save
+  ck._mgr.delete(6)  # pylint: disable=protected-access
+  ck.close()
+  resumed = trainer.train(c, str(tmp_path), progress=False)
+  logged = metrics.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  assert [r['step'] for r in logged] == list(range(1, 11))
+  assert [r['loss'] for r in logged] == [r['loss'] for r in whole['train']]
+  assert resumed['summary']['steps'] == 10
+
+
+def test_schedule_shape():
+  s = optim.schedule_shape(100, kind='cosine', warmup_steps=10,
+                           final_fraction=0.1)
+  np.testing.assert_allclose([s(0), s(5), s(10), s(55), s(100)],
+                             [0.0, 0.5, 1.0, 0.55, 0.1], atol=1e-6)
+  lin = optim.schedule_shape(100, kind='linear', warmup_steps=0,
+                             final_fraction=0.0)
+  np.testing.assert_allclose([lin(0), lin(50), lin(100)], [1.0, 0.5, 0.0],
+                             atol=1e-6)
+  const = optim.schedule_shape(100, kind='constant', warmup_steps=4)
+  np.testing.assert_allclose([const(2), const(4), const(99)], [0.5, 1, 1])
+  with pytest.raises(ValueError, match='schedule.kind'):
+    optim.schedule_shape(100, kind='step')
+  with pytest.raises(ValueError, match='warmup_steps'):
+    optim.schedule_shape(100, warmup_steps=100)
+
+
+def test_logical_axes_name_every_parameter():
+  for cfg in (model_lib.GPTConfig(num_layers=2),
+              model_lib.GPTConfig(num_layers=2, positions='learned',
+                                  tie_embeddings=True)):
+    _, _, params = model_lib.abstract(cfg)
+    axes = model_lib.logical_axes(params)
+    flat = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+    assert len(flat) == len(jax.tree.leaves(params))
+    qk = axes['blocks']['attn']['query']['kernel']
+    assert qk == ('layers', 'embed', 'heads')
+    specs = partitioning.param_specs(axes)
+    assert tuple(specs['blocks']['mlp']['fc2']['kernel']) == (
+        None, 'tensor', 'fsdp')
+  with pytest.raises(ValueError, match='extra/kernel'):
+    model_lib.logical_axes({'extra': {'kernel': np.zeros((2, 2))}})
+
+
+def test_stacked_kernels_route_as_matrices():
+  import orthax  # pylint: disable=g-import-not-at-top
+  _, _, params = model_lib.abstract(model_lib.GPTConfig(num_layers=3))
+  routes = orthax.Router().routes(params)
+  q = routes['blocks']['attn']['query']['kernel']
+  assert q.label == 'matrix' and q.spec.resolve((3, 128, 128)) is not None
+  assert routes['embed']['embedding'].label == 'adam'
+  assert routes['lm_head']['kernel'].label == 'adam'
+  assert routes['blocks']['attn_norm']['scale'].label == 'adam'
+
+
+def test_mesh_that_does_not_divide_is_a_clear_error():
+  c = tiny()
+  c.mesh.fsdp = 3
+  with pytest.raises(ValueError, match=r'data.batch_size=8 .*mesh size 3'):
+    trainer.build(c, 256, abstract=True)
+  c = tiny()
+  c.mesh.tensor = 3
+  with pytest.raises(ValueError, match=r"blocks/attn/key/kernel.*'tensor' "
+                     'of size 3'):
+    trainer.build(c, 256, abstract=True)
+  c = tiny()
+  c.mesh.fsdp = 2
+  with pytest.raises(ValueError, match='needs 2 devices'):
+    trainer.build(c, 256, abstract=True, devices=jax.devices()[:1])
+
+
+def test_bad_config_values_are_clear_errors():
+  c = tiny()
+  c.optimizer.name = 'nosuch'
+  with pytest.raises(ValueError, match='optimizer.name=.nosuch'):
+    trainer.build(c, 256, abstract=True)
+  c = tiny()
+  c.optimizer.kwargs.bogus = 1
+  with pytest.raises(ValueError, match=r"\['bogus'\]"):
+    trainer.build(c, 256, abstract=True)
+  c = tiny()
+  c.model.num_heads = 3
+  with pytest.raises(ValueError, match='num_heads=3'):
+    trainer.build(c, 256, abstract=True)
+  with pytest.raises(ValueError, match='unknown optimizer'):
+    configs.optimizer('sgd')
+
+
+def test_compare_table_and_plot(tmp_path):
+  base = tiny(steps=8)
+  results = compare.run(base, ['adamw', 'muon'], [1.0, 2.0], eval_every=4,
+                        progress=False)
+  assert [(r['optimizer'], r['lr_scale']) for r in results] == [
+      ('adamw', 1.0), ('adamw', 2.0), ('muon', 1.0), ('muon', 2.0)]
+  best = compare.best_runs(results)
+  for name in ('adamw', 'muon'):
+    runs = [r for r in results if r['optimizer'] == name]
+    assert best[name]['final_val_loss'] == min(r['final_val_loss']
+                                               for r in runs)
+  target = best['adamw']['final_val_loss']
+  assert compare.steps_to(best['adamw'], target) == 8
+  md = compare.table(results)
+  assert md.count('\n') == 5 and 'adamw*' in md and 'muon*' in md
+  assert muon_state_smaller(results)
+  compare.plot(results, str(tmp_path / 'c.png'))
+  assert (tmp_path / 'c.png').stat().st_size > 10_000
+
+
+def muon_state_smaller(results):
+  """Muon keeps one moment on matrices where AdamW keeps two."""
+  by = {r['optimizer']: r['opt_state_bytes'] for r in results}
+  return by['muon'] < by['adamw']
+
+
+def test_steps_to_target_picks_first_crossing():
+  r = {'eval_steps': [10, 20, 30], 'val_loss': [3.0, 2.0, 1.5]}
+  assert compare.steps_to(r, 2.5) == 20
+  assert compare.steps_to(r, 1.0) is None

@@ -1,0 +1,63 @@
+"""Multi-device trainer cases, run by tests/test_train_mesh.py in a
+subprocess with fake CPU devices (the count is argv[1]); prints JSON."""
+
+import json
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           f' --xla_force_host_platform_device_count='
+                           f'{sys.argv[1]}')
+os.environ['JAX_PLATFORMS'] = 'cpu'
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+from orthax.train import dry_run  # noqa: E402
+from orthax.train import trainer  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from test_train import tiny  # noqa: E402
+
+CONFIGS = pathlib.Path(__file__).parent.parent / 'configs'
+
+
+def load_config(name, arg=''):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f'{name}.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def mesh_numerics():
+  """Loss curves of a 3-D mesh vs one device, for three recipes."""
+  out = {}
+  for name in ('muon', 'normuon', 'namo', 'adamw'):
+    curves = {}
+    for mesh in ((1, 1, 1), (2, 2, 2), (1, 4, 2)):
+      c = tiny(name, steps=4)
+      c.model.update(d_model=64, num_heads=4)
+      c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2],
+                    comm_dtype='float32')
+      r = trainer.train(c, None, progress=False)
+      curves['x'.join(map(str, mesh))] = [x['loss'] for x in r['train']]
+    out[name] = curves
+  return out
+
+
+def dry_runs(names):
+  out = {}
+  for name in names:
+    r = dry_run.dry_run(load_config(name))
+    out[name] = {k: v for k, v in r.items()
+                 if isinstance(v, (int, float, str, dict))}
+    out[name]['text'] = dry_run.format_report(r)
+  return out
+
+
+if __name__ == '__main__':
+  what = sys.argv[2]
+  if what == 'numerics':
+    print(json.dumps(mesh_numerics()))
+  else:
+    print(json.dumps(dry_runs(what.split(','))))
