@@ -76,3 +76,31 @@ def base_config(optimizer_name: str = 'muon') -> ml_collections.ConfigDict:
   c.dry_run = ml_collections.ConfigDict(dict(
       num_layers=ml_collections.FieldReference(None, field_type=int)))
   return c
+
+
+def pretraining_config(optimizer_name: str, *, hardware: str, model: dict,
+                       mesh: dict, batch_size: int, steps: int,
+                       warmup_steps: int, adamw_learning_rate: float,
+                       data_dir: str = 'data/fineweb10B_gpt2'
+                       ) -> ml_collections.ConfigDict:
+  """A GPT-2-tokenizer pretraining config on uint16 token files
+  (``<data_dir>/train.bin``, ``val.bin``): bf16 activations, remat, linear
+  decay to zero. Recipes run at their default peak (0.02 for the matrices)
+  with ``adamw_learning_rate`` for their AdamW branch; ``'adamw'`` itself
+  runs at ``adamw_learning_rate`` with weight decay 0.1."""
+  c = base_config(optimizer_name)
+  c.hardware = hardware
+  c.model.update(vocab_size=50304, dtype='bfloat16', remat=True, **model)
+  c.data.update(source='files', batch_size=batch_size, token_dtype='uint16',
+                train_path=f'{data_dir}/train.bin',
+                val_path=f'{data_dir}/val.bin', vocab_size=50304)
+  if optimizer_name == 'adamw':
+    c.optimizer.update(learning_rate=adamw_learning_rate, weight_decay=0.1)
+  else:
+    c.optimizer.update(adam_learning_rate=adamw_learning_rate)
+  c.schedule.update(kind='linear', warmup_steps=warmup_steps,
+                    final_fraction=0.0)
+  c.mesh.update(**mesh)
+  c.train.update(steps=steps, log_every=50, eval_every=1000,
+                 eval_batches=20, checkpoint_every=1000)
+  return c
