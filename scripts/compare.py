@@ -23,7 +23,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/lm_cpu.py',
 _OPTIMIZERS = flags.DEFINE_list('optimizers', ['adamw', 'muon', 'normuon',
                                                'namo'],
                                 'adamw and/or registered recipe names.')
-_SCALES = flags.DEFINE_list('lr_scales', ['0.5', '1', '2'],
+_SCALES = flags.DEFINE_list('lr_scales', ['0.5', '1', '2', '4'],
                             'Multiples of each default peak learning rate.')
 _STEPS = flags.DEFINE_integer('steps', None, 'Override train.steps.')
 _EVAL_EVERY = flags.DEFINE_integer('eval_every', 25, 'Validation interval.')

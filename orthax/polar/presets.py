@@ -14,7 +14,9 @@ Sources (see ``shared/ALGORITHMS.md`` §1–2):
 * ``polar_express_paper`` – the 8-row table of the paper listing
   (``basic.py``; "Table A") with the ``1.01·‖X‖_F + 1e-7`` normalizer.
 * ``dion`` / ``quintic`` – the 5-row table of Dion / NVIDIA ``quintic``.
-* ``cans`` – Grishina et al., *CANS* (arXiv 2506.10935), NVIDIA's 5 rows.
+* ``cans`` – Grishina et al., *CANS* (arXiv 2506.10935), NVIDIA's 5 rows;
+  float32 only: the table has no safety margin, and bfloat16 rounding can
+  push singular values past the point where rows 3–5 diverge.
 * ``aol`` – Boissin et al., *Turbo-Muon* (arXiv 2512.04632): AOL first-step
   rescaling (no Frobenius normalization), 4 rows from the flash-newton-schulz
   repository at cdb03db.

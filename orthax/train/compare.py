@@ -99,10 +99,10 @@ def table(results: list[dict[str, Any]], baseline: str = 'adamw') -> str:
 def plot(results: list[dict[str, Any]], path: str) -> None:
   """Validation (solid) and training (faint) loss of each optimizer's best
   run, saved as a PNG."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  # A bare Figure: no pyplot state, no backend switch (safe in notebooks).
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
   for name, r in best_runs(results).items():
     line, = ax.plot(r['eval_steps'], r['val_loss'], marker='o', ms=3,
                     label=f"{name} (lr {r['learning_rate']:.3g})")
@@ -115,4 +115,3 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)

@@ -165,7 +165,9 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
   eval_every = int(tr.get('eval_every', 0) or 0)
   eval_batches = tr.get('eval_batches')
   end = total if stop_at is None else min(total, int(stop_at))
-  t_first, timed_tokens, t_start = None, 0, None
+  # Throughput clock: from the end of the first (compiling) step, minus the
+  # time spent evaluating.
+  t_first, timed_tokens, t_start, t_eval = None, 0, None, 0.0
 
   for step in range(start, end):
     batch = jax.device_put(train_data.batch(step), batch_sh)
@@ -180,7 +182,7 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
     is_eval = eval_every and (done % eval_every == 0 or done == total)
     if is_log or is_eval:
       m = jax.device_get(m)
-      elapsed = time.perf_counter() - t_start
+      elapsed = time.perf_counter() - t_start - t_eval
       rec = {'step': done, **{k: float(v) for k, v in m.items()},
              **{f'lr/{b}': float(s(step)) for b, s in
                 setup.schedules.items()},
@@ -188,8 +190,10 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
              'tokens_per_s': timed_tokens / elapsed if elapsed > 0 else
                              float('nan')}
       if is_eval:
+        t0 = time.perf_counter()
         rec['val_loss'] = evaluate(setup, state.params, val_data,
                                    eval_batches)
+        t_eval += time.perf_counter() - t0
       if not math.isfinite(rec['loss']):
         writer.write(rec)
         raise FloatingPointError(f'loss is {rec["loss"]} at step {done}.')

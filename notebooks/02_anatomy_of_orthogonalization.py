@@ -1,0 +1,529 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/orthax/orthax/blob/main/notebooks/02_anatomy_of_orthogonalization.ipynb)
+#
+# # Anatomy of orthogonalization
+#
+# Muon-style optimizers replace an update matrix $G = U \Sigma V^\top$ by
+# (an approximation of) its polar factor $UV^\top$: every singular value is
+# pushed towards 1 while the singular vectors stay. orthax does this with a
+# few Newton–Schulz steps; each step with a coefficient row $(a, b, c)$ maps
+#
+# $$X \leftarrow aX + b\,(XX^\top)X + c\,(XX^\top)^2 X,$$
+#
+# which keeps $U$ and $V$ and sends every singular value through the same odd
+# quintic $p(\sigma) = a\sigma + b\sigma^3 + c\sigma^5$. A *preset* is a table of
+# such rows plus a normalizer that scales $X$ so that its singular values lie
+# in $[0, 1]$ first.
+#
+# This notebook looks inside that machinery with orthax's own functions
+# (`orthax.polar`):
+#
+# 1. the scalar map $\sigma \mapsto p_k(\cdots p_1(\sigma))$ of each preset,
+#    step by step;
+# 2. the distance to the exact polar factor as the number of steps grows;
+# 3. what changes when the iteration runs in bfloat16;
+# 4. the soft spectral clip used by the SPECTRA recipe, against its SVD
+#    formula.
+
+# %%
+# Install orthax if it is missing (e.g. on Colab). Skipped when orthax is
+# already importable, as in a local checkout or in CI.
+import importlib
+import subprocess
+import sys
+
+try:
+  import orthax  # noqa: F401
+except ImportError:
+  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q',
+                  'orthax @ git+https://github.com/orthax/orthax',
+                  'matplotlib'], check=True)
+  importlib.invalidate_caches()
+
+# %%
+import os
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+
+import orthax
+from orthax import polar
+
+# ORTHAX_SMOKE=1 (set by the tests) shrinks the matrices and step counts.
+SMOKE = os.environ.get('ORTHAX_SMOKE') == '1'
+
+print('orthax', orthax.__version__, 'jax', jax.__version__)
+print('devices:', jax.devices())
+print('smoke mode:', SMOKE)
+
+PRESETS = ('jordan', 'dion', 'polar_express', 'polar_express_paper', 'cans',
+           'aol')
+for name in PRESETS:
+  p = polar.get_preset(name)
+  print(f'{name:20s} {len(p.coeffs)} rows, {p.steps} steps by default, '
+        f'normalizer {p.normalizer}, documented band {p.band} '
+        f'for inputs in [{p.domain:g}, 1]')
+
+# %% [markdown]
+# ## 1. The scalar map of each preset
+#
+# Because a step only acts on singular values, its effect on *any* matrix is
+# described by one scalar function. To see that function we run
+# `polar.newton_schulz` on **diagonal** matrices whose diagonals hold a grid
+# of values in $[10^{-4}, 1]$: the singular values of a diagonal matrix are its
+# diagonal, and the diagonal of the output is the map evaluated on the grid
+# (the grid is cut into a batch of 50 small diagonal matrices, since
+# `newton_schulz` takes a batch `[..., m, n]`). We pass `normalizer='none'` so
+# that the grid is not rescaled first (normalizing is a separate stage,
+# discussed below), and vary `steps` from 1 to the preset's default.
+
+# %%
+GRID = np.geomspace(1e-4, 1.0, 2000)
+
+
+def scalar_map(name, steps, sigmas=GRID, batch=50):
+  """σ ↦ output singular value after `steps` steps of preset `name`."""
+  sigmas = jnp.asarray(sigmas, jnp.float32).reshape(batch, -1)
+  diag = jax.vmap(jnp.diag)(sigmas)
+  out = polar.newton_schulz(diag, name, steps=steps, normalizer='none')
+  return np.asarray(jnp.diagonal(out, axis1=-2, axis2=-1)).reshape(-1)
+
+
+maps = {name: [scalar_map(name, k)
+               for k in range(1, polar.get_preset(name).steps + 1)]
+        for name in PRESETS}
+
+fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), sharex=True, sharey=True)
+for ax, name in zip(axes.flat, PRESETS):
+  p = polar.get_preset(name)
+  curves = maps[name]
+  colors = plt.cm.viridis(np.linspace(0.15, 0.9, len(curves)))
+  for k, (y, col) in enumerate(zip(curves, colors), start=1):
+    last = k == len(curves)
+    ax.plot(GRID, y, color=col, lw=2.2 if last else 0.8,
+            alpha=1.0 if last else 0.6,
+            label=f'{k} step{"s" if k > 1 else ""}')
+  ax.axhspan(*p.band, color='tab:orange', alpha=0.15,
+             label='documented band')
+  ax.axvline(p.domain, color='gray', ls=':', lw=1)
+  ax.axhline(1.0, color='k', lw=0.6)
+  ax.set_xscale('log')
+  ax.set_ylim(0, 1.5)
+  ax.set_title(name)
+  ax.legend(fontsize=7, loc='upper left')
+for ax in axes[-1]:
+  ax.set_xlabel('input singular value σ')
+for ax in axes[:, 0]:
+  ax.set_ylabel('output singular value')
+fig.suptitle('Iterated Newton–Schulz map σ ↦ p_k(…p_1(σ)), one curve per '
+             'step count (dotted line: the preset\'s domain)')
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# **What to notice.**
+#
+# * Near zero every step is linear, $p(\sigma) \approx a\sigma$, so after $k$
+#   steps a tiny singular value has only been multiplied by $a_1 a_2 \cdots
+#   a_k$ (the rising left flanks) and needs several steps to reach the
+#   plateau. This is why each preset states a *domain* (dotted line):
+#   singular values below it are not guaranteed to arrive.
+# * `jordan` reuses one row $(3.4445, -4.775, 2.0315)$ at every step. It is
+#   tuned for speed at the small end, not for accuracy at the top: the final
+#   curve wobbles between about 0.7 and 1.2 (0.47 at the domain's edge) and
+#   **never converges to 1**, however many steps you run.
+# * The other presets change the row at every step. The first rows of
+#   `polar_express` and `cans` have a large slope ($a \approx 8$), so the small
+#   singular values move up quickly, and later rows flatten the plateau;
+#   after 5 (or 4) steps the output lies in a much tighter band around 1.
+#   `dion` is flat near 1 at the top but slow at the small end (its band
+#   starts at 0.47, like `jordan`'s).
+# * `polar_express_paper` runs 8 rows and the final curve is flat at 1 to
+#   four digits over the whole domain: it is the one preset that actually
+#   converges to $UV^\top$.
+# * `aol` gets away with 4 steps and a domain of $10^{-2}$ because its
+#   normalizer (a row scaling computed from $XX^\top$) puts the largest singular
+#   values much closer to 1 than a Frobenius-norm division does.
+#
+# ### The same map on a random matrix
+#
+# The diagonal trick is only a convenient way to evaluate the map. Here is a
+# dense random matrix $X = U\,\mathrm{diag}(s)\,V^\top$ with a prescribed
+# spectrum $s$ and random singular vectors, run through each Frobenius
+# preset **with its real normalizer** ($X / (\text{scale}\cdot\|X\|_F +
+# \varepsilon)$). The normalized singular values are known in closed form,
+# and since we also know $U$ and $V$ we can read what became of each one:
+# the diagonal of $U^\top\,NS(X)\,V$ (dots), on top of the scalar map at the
+# default step count (line). (Sorting the output's SVD would not do: the map
+# is not monotone, so it reorders the singular values.)
+
+# %%
+M, N = (64, 128) if SMOKE else (128, 256)
+key = jax.random.key(0)
+k_u, k_v = jax.random.split(key)
+U_, _ = jnp.linalg.qr(jax.random.normal(k_u, (M, M)))
+V_, _ = jnp.linalg.qr(jax.random.normal(k_v, (N, M)))
+s_known = np.geomspace(1.0, 1e-3, M).astype(np.float32)
+X_known = (U_ * s_known) @ V_.T
+
+fig, ax = plt.subplots(figsize=(9, 5))
+for i, name in enumerate(n for n in PRESETS if n != 'aol'):
+  p = polar.get_preset(name)
+  out = np.asarray(U_.T @ polar.newton_schulz(X_known, name) @ V_)
+  s_out = np.diag(out)
+  off = np.linalg.norm(out - np.diag(s_out)) / np.linalg.norm(out)
+  s_in = s_known / (p.norm_scale * np.linalg.norm(s_known) + p.eps)
+  col = f'C{i}'
+  ax.plot(GRID, maps[name][-1], color=col, lw=1, label=f'{name}: scalar map')
+  ax.plot(s_in, s_out, 'o', ms=3, color=col)
+  # The scalar map evaluated exactly at the normalized singular values:
+  gap = np.max(np.abs(scalar_map(name, p.steps, s_in, batch=1) - s_out))
+  print(f'{name:20s} max |dot − scalar map| = {gap:.1e}, '
+        f'off-diagonal part of Uᵀ·NS(X)·V: {off:.1e}')
+ax.set_xscale('log')
+ax.set_xlim(1e-4, 1)
+ax.set_xlabel('normalized input singular value')
+ax.set_ylabel('output singular value')
+ax.set_title(f'Dots: diag(Uᵀ·newton_schulz(X)·V) for a {M}×{N} matrix '
+             'X = U·diag(s)·Vᵀ')
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# The dots sit on the lines, and $U^\top NS(X) V$ is diagonal (the printed
+# numbers are float32 round-off): a dense matrix with random singular vectors
+# goes through exactly the scalar map of its singular values, and keeps its
+# singular vectors. Note also where the dots are on the horizontal axis:
+# dividing by the Frobenius norm puts even the *largest* singular value well
+# below 1 (here about 0.4), because $\|X\|_F \ge \sigma_{\max}$. The right end of the curves is rarely used in
+# practice; the left end, where small singular values must be lifted, is what
+# the tables are designed for.
+
+# %% [markdown]
+# ## 2. Distance to the exact polar factor
+#
+# `polar.polar_svd` computes $UV^\top$ exactly from an SVD. We measure the
+# relative error $\|NS_k(X) - UV^\top\|_F / \|UV^\top\|_F$ after $k$ steps for two
+# random matrices:
+#
+# * a Gaussian matrix (well conditioned: with 4 times more columns than rows
+#   its singular values span only about a factor of 3);
+# * a matrix with singular values spread log-uniformly over $[10^{-4}, 1]$,
+#   closer to what gradients and momenta look like (a few large directions and
+#   a long tail of small ones).
+#
+# Beyond a table's length orthax repeats its last row, so every preset can be
+# run for any number of steps. `steps` is passed as a traced integer (a
+# `lax.fori_loop` bound), so one compilation per preset covers every step
+# count.
+
+# %%
+M2, N2 = (128, 512) if SMOKE else (256, 1024)
+MAX_STEPS = 10 if SMOKE else 14
+k_g, k_u2, k_v2 = jax.random.split(jax.random.key(1), 3)
+X_gauss = jax.random.normal(k_g, (M2, N2), jnp.float32)
+U2, _ = jnp.linalg.qr(jax.random.normal(k_u2, (M2, M2)))
+V2, _ = jnp.linalg.qr(jax.random.normal(k_v2, (N2, M2)))
+X_decay = (U2 * jnp.geomspace(1.0, 1e-4, M2)) @ V2.T
+TESTS = {'Gaussian': X_gauss, 'log-spaced spectrum [1e-4, 1]': X_decay}
+
+
+def rel_err(y, ref):
+  y = jnp.asarray(y, jnp.float32)
+  return float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+
+
+ns = jax.jit(polar.newton_schulz, static_argnames=('preset', 'dtype'))
+
+STEPS = np.arange(1, MAX_STEPS + 1)
+errors = {}  # (matrix, preset, dtype name) -> [error per step count]
+for label, X in TESTS.items():
+  exact = polar.polar_svd(X)
+  for name in PRESETS:
+    for dt in (jnp.float32, jnp.bfloat16):
+      errors[label, name, jnp.dtype(dt).name] = [
+          rel_err(ns(X, preset=name, steps=jnp.int32(k), dtype=dt), exact)
+          for k in STEPS]
+
+fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
+for ax, label in zip(axes, TESTS):
+  for i, name in enumerate(PRESETS):
+    e = errors[label, name, 'float32']
+    d = polar.get_preset(name).steps
+    ax.plot(STEPS, e, '-', color=f'C{i}', label=name)
+    ax.plot([d], [e[d - 1]], 'o', color=f'C{i}', ms=7)
+  ax.set_yscale('log')
+  ax.set_xlabel('Newton–Schulz steps')
+  ax.set_title(f'{label} ({M2}×{N2}, float32)')
+  ax.grid(alpha=0.3)
+axes[0].set_ylabel('‖NS(X) − UVᵀ‖_F / ‖UVᵀ‖_F')
+axes[0].legend()
+fig.suptitle('Error against the exact polar factor (dot: the preset\'s '
+             'default step count)')
+fig.tight_layout()
+plt.show()
+
+print('error at the default step count (float32):')
+for name in PRESETS:
+  d = polar.get_preset(name).steps
+  print(f'  {name:20s} ' + '   '.join(
+      f'{label}: {errors[label, name, "float32"][d - 1]:.4f}'
+      for label in TESTS))
+
+# %% [markdown]
+# **What to notice.**
+#
+# * The first steps can make the error *worse*: a preset with a steep first
+#   row overshoots the largest singular values (the curves of section 1 go
+#   above 1), and later rows bring them back.
+# * Most presets level off when run longer: `jordan` (one fixed row) keeps
+#   oscillating around an error of about 0.2 and `dion` stops near 1%,
+#   because repeating their last row never makes the map flat at 1. Polar Express's deployed table (`polar_express`, 5 rows)
+#   converges, when its last row is repeated, to about $1.035\,UV^\top$, so its
+#   error floor is about 3.5%; `cans` behaves alike.
+# * `polar_express_paper` drops to float32 round-off once its 8 rows are used.
+# * On the log-spaced spectrum every curve is higher: the singular values
+#   near $10^{-4}$ lie below every preset's domain and are still far from 1
+#   after the default number of steps. Those directions are the ones a few
+#   extra steps buy.
+#
+# For optimization, the band matters more than the exact error: Muon only
+# needs every direction of the update to get a step of roughly the same size,
+# and the 5-step presets trade exactness for speed on purpose.
+
+# %% [markdown]
+# ## 3. bfloat16 against float32
+#
+# `newton_schulz(..., dtype=jnp.bfloat16)` runs the matrix products on
+# bfloat16 inputs, accumulating in float32 and applying the coefficients in
+# float32 (so e.g. $a = 8.1566$ is not rounded to $8.125$). Each step still
+# rounds the iterate to about 3 significant digits. Left: the error against
+# the exact polar factor at the default step count for both dtypes (Gaussian
+# matrix). Right: the largest singular value of the output over steps for
+# three tables, float32 solid, bfloat16 dashed.
+
+# %%
+label = 'Gaussian'
+X = TESTS[label]
+
+
+def top_singular_value(y):
+  y = np.asarray(y, np.float64)
+  if not np.all(np.isfinite(y)):  # a diverged iteration
+    return np.inf
+  return float(np.linalg.svd(y, compute_uv=False)[0])
+
+
+fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+xs = np.arange(len(PRESETS))
+for dt, off in (('float32', -0.2), ('bfloat16', 0.2)):
+  e = [errors[label, n, dt][polar.get_preset(n).steps - 1] for n in PRESETS]
+  axes[0].bar(xs + off, e, 0.4, label=dt)
+axes[0].set_xticks(xs, PRESETS, rotation=20)
+axes[0].set_yscale('log')
+axes[0].set_ylabel('relative error vs UVᵀ')
+axes[0].set_title('default step count')
+axes[0].legend()
+for i, name in enumerate(PRESETS):
+  if name not in ('polar_express', 'polar_express_paper', 'cans'):
+    continue
+  for dt, ls in ((jnp.float32, '-'), (jnp.bfloat16, '--')):
+    tops = [top_singular_value(ns(X, preset=name, steps=jnp.int32(k),
+                                  dtype=dt).astype(jnp.float32))
+            for k in STEPS]
+    axes[1].plot(STEPS, tops, ls, color=f'C{i}',
+                 label=f'{name} {jnp.dtype(dt).name}')
+axes[1].axhline(1.0, color='k', lw=0.6)
+axes[1].set_ylim(0.8, 2.5)
+axes[1].set_xlabel('Newton–Schulz steps')
+axes[1].set_ylabel('largest output singular value')
+axes[1].set_title('largest singular value vs steps')
+axes[1].legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+
+print('At the default step count (Gaussian matrix):')
+print(f'{"preset":20s} {"band top":>8s} {"max σ f32":>10s} {"max σ bf16":>10s}'
+      f' {"‖bf16 − f32‖/‖f32‖":>19s}')
+for name in PRESETS:
+  k = jnp.int32(polar.get_preset(name).steps)
+  y32 = ns(X, preset=name, steps=k, dtype=jnp.float32)
+  y16 = ns(X, preset=name, steps=k, dtype=jnp.bfloat16).astype(jnp.float32)
+  print(f'{name:20s} {polar.get_preset(name).band[1]:8.4f} '
+        f'{top_singular_value(y32):10.3f} {top_singular_value(y16):10.3f}'
+        f' {rel_err(y16, y32):19.4f}')
+
+# %% [markdown]
+# **What to notice.**
+#
+# * For most presets bfloat16 barely matters at the default step count: the
+#   error of the approximation itself (1% to 20%) dwarfs the rounding error,
+#   the bf16 and f32 outputs differ by 0.5–2%, and the largest output
+#   singular value moves by at most a few thousandths.
+# * Once the iteration is accurate (`polar_express_paper` after its 8 rows)
+#   bfloat16 shows a floor of a few $10^{-3}$, about bfloat16's unit
+#   round-off ($2^{-8} \approx 4\cdot 10^{-3}$).
+# * `cans` is the exception: in bfloat16 its largest singular value
+#   overshoots the band (the table above, and the dashed purple curve), by an
+#   amount that varies from matrix to matrix; on some matrices the extra
+#   steps past its 5 rows then blow it up.
+#
+# Why `cans`? After two steps the top singular values of both `cans` and
+# `polar_express` sit just below 1.965, and the remaining rows must bring
+# them back to 1. The next cell runs rows 3–5 alone (`coeffs=` overrides a
+# preset's table) on values around there: the Polar Express rows tolerate
+# inputs up to about 2, the CANS rows blow up just 0.3% above the largest
+# value they were designed for. A bfloat16 rounding of the top directions is
+# enough to cross that edge. The Polar Express tables are built with a
+# *safety factor* for exactly this (each row but the last is stretched,
+# $p(x) \to p(x/1.02)$); applying a 1% safety factor to the CANS table
+# removes the overshoot.
+
+# %%
+from orthax.polar.presets import CANS  # noqa: E402
+from orthax.polar.presets import POLAR_EXPRESS_C  # noqa: E402
+
+probe = np.array([1.9, 1.95, 1.965, 1.97, 1.99, 2.0, 2.02])
+print('rows 3-5 applied to σ =      ' + ' '.join(f'{x:7.3f}' for x in probe))
+for name, table in (('polar_express', POLAR_EXPRESS_C), ('cans', CANS)):
+  out = polar.newton_schulz(jnp.diag(jnp.asarray(probe, jnp.float32)),
+                            coeffs=table[2:], steps=3, normalizer='none')
+  print(f'{name:28s} ' + ' '.join(f'{x:7.3g}' for x in np.diag(out)))
+print()
+
+
+def with_safety(rows, sf):
+  """p(x) -> p(x / sf) on every row but the last."""
+  stretched = [(a / sf, b / sf**3, c / sf**5) for a, b, c in rows[:-1]]
+  return stretched + [rows[-1]]
+
+
+print(f'{"":28s} {"smallest σ":>10s} {"largest σ":>10s}')
+for sf in (1.0, 1.01):
+  for dt in (jnp.float32, jnp.bfloat16):
+    y = polar.newton_schulz(X, 'cans', coeffs=with_safety(CANS, sf),
+                            dtype=dt).astype(jnp.float32)
+    s = np.linalg.svd(np.asarray(y), compute_uv=False)
+    print(f'cans, safety {sf:4.2f}, {jnp.dtype(dt).name:8s}    '
+          f'{s.min():10.3f} {s.max():10.3f}')
+print('documented band of cans:', polar.get_preset('cans').band)
+
+# %% [markdown]
+# In float32 both tables are fine; in bfloat16 only the stretched one stays
+# in the band. If you run Newton–Schulz in bfloat16 (the usual choice on
+# accelerators, `orthax.muon(..., ns_dtype=jnp.bfloat16)`), prefer
+# `polar_express`, or check the output band of the preset you pick in the
+# dtype you train in.
+
+# %% [markdown]
+# ## 4. Soft spectral clipping
+#
+# The SPECTRA recipe does not orthogonalize: it *caps* large singular values
+# softly with $H_c(X) = (I + XX^\top/c^2)^{-1/2} X$, i.e.
+# $\sigma \mapsto \sigma/\sqrt{1 + \sigma^2/c^2}$, which leaves $\sigma \ll c$
+# almost unchanged and sends $\sigma \gg c$ to $c$.
+# `polar.soft_clip_matrix` computes it with a coupled Newton–Schulz
+# inverse square root (no SVD); `polar.soft_clip_svd` is the exact formula.
+# Left: the singular values of `soft_clip_matrix(X, c)` for a matrix with a
+# known spectrum spanning $[10^{-2}c, 10^2 c]$, on the exact curve. Right: the
+# relative error against the SVD formula as a function of the number of
+# steps for the two step rules (`tol=0` runs exactly that many steps), for
+# spectra log-spaced from $10^{-2}c$ up to $\sigma_{\max} = 10c$, $100c$ and
+# $1000c$.
+
+# %%
+C = 1.0
+MC, NC = (64, 128) if SMOKE else (128, 256)
+k_u3, k_v3 = jax.random.split(jax.random.key(2))
+U3, _ = jnp.linalg.qr(jax.random.normal(k_u3, (MC, MC)))
+V3, _ = jnp.linalg.qr(jax.random.normal(k_v3, (NC, MC)))
+
+
+def with_spectrum(s):
+  return (U3 * jnp.asarray(s, jnp.float32)) @ V3.T
+
+
+clip = jax.jit(polar.soft_clip_matrix, static_argnames=('step_rule', 'tol'))
+CLIP_STEPS = np.arange(1, (20 if SMOKE else 28) + 1)
+
+fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+s_in = np.geomspace(1e-2, 1e2, MC) * C
+out = clip(with_spectrum(s_in), C)
+s_out = np.linalg.svd(np.asarray(out), compute_uv=False)[::-1]  # ascending
+s_dense = np.geomspace(1e-2, 1e2, 400) * C
+axes[0].plot(s_dense, s_dense / np.sqrt(1 + (s_dense / C) ** 2), 'k-',
+             lw=1, label='σ/√(1+σ²/c²)')
+axes[0].plot(s_dense, s_dense, ':', color='gray', label='identity')
+axes[0].axhline(C, color='gray', ls='--', lw=0.8, label='c')
+axes[0].plot(s_in, s_out, 'o', ms=3, color='C3',
+             label='soft_clip_matrix (default: 12 scaled steps)')
+axes[0].set_xscale('log')
+axes[0].set_yscale('log')
+axes[0].set_xlabel('input singular value')
+axes[0].set_ylabel('output singular value')
+axes[0].set_title(f'soft clip at c = {C:g}')
+axes[0].legend(fontsize=8)
+
+floors = {}
+for i, ratio in enumerate((10.0, 100.0, 1000.0)):
+  X = with_spectrum(np.geomspace(1e-2, ratio, MC) * C)
+  exact = polar.soft_clip_svd(X, C)
+  for rule, ls in (('scaled', '-'), ('plain', '--')):
+    e = [rel_err(clip(X, C, steps=jnp.int32(k), step_rule=rule, tol=0.0),
+                 exact) for k in CLIP_STEPS]
+    axes[1].plot(CLIP_STEPS, e, ls, color=f'C{i}',
+                 label=f'σ_max/c = {ratio:g}, {rule}')
+    floors[ratio, rule] = e[-1]
+  floors[ratio, 'default'] = rel_err(clip(X, C), exact)
+axes[1].axvline(12, color='gray', ls=':', lw=1)
+axes[1].set_yscale('log')
+axes[1].set_xlabel('coupled Newton–Schulz steps')
+axes[1].set_ylabel('relative error vs SVD formula')
+axes[1].set_title('float32; dotted: the default cap of 12 steps')
+axes[1].legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+
+print(f'relative error vs the SVD formula after {CLIP_STEPS[-1]} steps, and '
+      'with the defaults (12 scaled steps, early stop):')
+for ratio in (10.0, 100.0, 1000.0):
+  print(f'  σ_max/c = {ratio:6g}: scaled {floors[ratio, "scaled"]:.1e}, '
+        f'plain {floors[ratio, "plain"]:.1e}, '
+        f'default {floors[ratio, "default"]:.1e}')
+
+# %% [markdown]
+# **What to notice.**
+#
+# * Left: the dots follow the exact curve: small singular values pass
+#   through unchanged, large ones flatten out at $c$. Unlike
+#   orthogonalization, the *ordering and ratios* of the small singular values
+#   are kept.
+# * Right: the iteration starts with every eigenvalue squeezed into
+#   $[1/\alpha, 1]$, $\alpha \approx 1 + \sigma_{\max}^2/c^2$, so the larger
+#   $\sigma_{\max}/c$, the more steps it needs. The `'plain'` rule (the
+#   reference implementation's, $a = 3/2, b = -1/2$) grows small values by
+#   1.5× per step; the `'scaled'` rule (orthax's default) picks the optimal
+#   cubic for the currently certified interval and converges in far fewer
+#   steps. By default orthax stops as soon as the certified interval has
+#   converged, so 12 is only a cap.
+# * Each curve flattens at a floor that grows with $\sigma_{\max}/c$ (the
+#   printed numbers): in float32, forming $I + XX^\top/c^2$ already drowns the
+#   smallest directions (of size $10^{-2}c$ here) in the round-off of the
+#   largest ones. No step rule can fix that; running in float64 can.
