@@ -202,3 +202,22 @@ def test_steps_to_target_picks_first_crossing():
   r = {'eval_steps': [10, 20, 30], 'val_loss': [3.0, 2.0, 1.5]}
   assert compare.steps_to(r, 2.5) == 20
   assert compare.steps_to(r, 1.0) is None
+
+
+def test_compare_script_cli(tmp_path):
+  """The README's main command, shrunk: the script runs end to end."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(__file__).parent.parent
+  proc = subprocess.run(
+      [sys.executable, 'scripts/compare.py', '--optimizers=adamw,muon',
+       '--lr_scales=1', '--steps=4', '--eval_every=2',
+       f'--out={tmp_path}', '--config.model.d_model=32',
+       '--config.model.num_layers=1', '--config.model.num_heads=2',
+       '--config.model.seq_len=32', '--config.data.batch_size=4'],
+      capture_output=True, text=True, cwd=root, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '| adamw* |' in proc.stdout and '| muon* |' in proc.stdout
+  for f in ('compare.md', 'compare.json', 'loss_curves.png'):
+    assert (tmp_path / f).exists(), f
