@@ -167,15 +167,15 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
   end = total if stop_at is None else min(total, int(stop_at))
   # Throughput clock: from the end of the first (compiling) step, minus the
   # time spent evaluating.
-  t_first, timed_tokens, t_start, t_eval = None, 0, None, 0.0
+  timed_tokens, t_start, t_eval = 0, None, 0.0
 
   for step in range(start, end):
     batch = jax.device_put(train_data.batch(step), batch_sh)
     state, m = setup.train_step(state, batch)
     done = step + 1
-    if t_first is None:  # first step compiles: time from the second on
+    if t_start is None:  # first step compiles: time from the second on
       jax.block_until_ready(m)
-      t_first = t_start = time.perf_counter()
+      t_start = time.perf_counter()
     else:
       timed_tokens += train_data.tokens_per_batch
     is_log = done % log_every == 0 or done == end
