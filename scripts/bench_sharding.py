@@ -2,15 +2,19 @@
 
 GPT-2 small's 48 hidden matrices; scenarios ``fsdp8`` (first dim over 8),
 ``fsdp4x2`` (first dim over fsdp=4, second over tp=2), ``scan`` (4 leaves
-``(12, m, n)``, matrix rows over fsdp=8: a2a) and ``scan_local`` (same
-leaves, layer axis over fsdp=4 of a 4×2 mesh: local). Rows: optax.contrib
-scale_by_muon left to GSPMD, and orthax's strategies with f32 and bf16 on the
-wire. Columns are per device, read from the compiled program (MEASURING.md
-§2): GFLOP (orthax's Newton–Schulz runs in a ``fori_loop`` whose body XLA
-counts once, so orthax rows compile one step and report ``5×`` that; optax
-unrolls), collectives, MiB sent (bf16 read from the lowered program, XLA:CPU
-upcasts), temp MiB, and the plan's prediction. Then the analytic scaling of
-the plan to 16/64/256 devices for GPT-2 small and a 7B-class model.
+``(12, m, n)``, matrix rows over fsdp=8: a2a), ``scan_local`` (same leaves,
+layer axis over fsdp=4 of a 4×2 mesh: local) and ``tp8`` (Megatron layout
+over tp=8: the long dimension of every matrix sharded, c_fc/qkv by columns,
+c_proj/attn proj by rows; strategies ``a2a`` and ``gram``). Rows:
+optax.contrib scale_by_muon left to GSPMD, and orthax's strategies with f32
+and bf16 on the wire. Columns are per device, read from the compiled program
+(MEASURING.md §2): GFLOP (orthax's Newton–Schulz runs in a ``fori_loop``
+whose body XLA counts once, so orthax rows compile one step and report
+``5×`` that; optax unrolls), collectives and MiB sent (from the 5-step
+program, collectives inside the loop counted once per step; bf16 read from
+the lowered program, XLA:CPU upcasts), temp MiB, and the plan's prediction.
+Then the analytic scaling of the plan to 16/64/256 devices for GPT-2 small
+and a 7B-class model.
 
     python scripts/bench_sharding.py [scenario ...] [--no-optax]
 
@@ -52,8 +56,13 @@ def _flat(tree):
 
 
 def scenario(name):
-  """(mesh, {path: shape}, {path: spec}, {path: MatrixSpec})."""
+  """(mesh, {path: shape}, {path: spec}, {path: MatrixSpec}, strategies)."""
   kernels = _flat(gpt2_hidden_kernels())
+  if name == 'tp8':
+    mesh = jax.make_mesh((8,), ('tp',), axis_types=(AxisType.Auto,))
+    long = lambda s: P(None, 'tp') if s[1] >= s[0] else P('tp', None)
+    return (mesh, kernels, {k: long(s) for k, s in kernels.items()},
+            {k: MatrixSpec() for k in kernels}, ('a2a', 'gram'))
   if name in ('fsdp8', 'fsdp4x2'):
     if name == 'fsdp8':
       mesh = jax.make_mesh((8,), ('fsdp',), axis_types=(AxisType.Auto,))
@@ -63,7 +72,7 @@ def scenario(name):
                            axis_types=(AxisType.Auto,) * 2)
       spec = P('fsdp', 'tp')
     return (mesh, kernels, {k: spec for k in kernels},
-            {k: MatrixSpec() for k in kernels})
+            {k: MatrixSpec() for k in kernels}, ('auto',))
   shapes = {'attn_qkv': (12, 768, 2304), 'attn_proj': (12, 768, 768),
             'mlp_fc': (12, 768, 3072), 'mlp_proj': (12, 3072, 768)}
   if name == 'scan':
@@ -74,7 +83,7 @@ def scenario(name):
                          axis_types=(AxisType.Auto,) * 2)
     spec = P('fsdp', None, None)
   return (mesh, shapes, {k: spec for k in shapes},
-          {k: MatrixSpec.stacked(0) for k in shapes})
+          {k: MatrixSpec.stacked(0) for k in shapes}, ('auto',))
 
 
 def _abstract(mesh, shapes, specs):
@@ -108,26 +117,39 @@ def _match(a, shapes, specs):
   return P()
 
 
-def orthax_rows(mesh, shapes, specs, mspecs):
+def orthax_rows(mesh, shapes, specs, mspecs, strategy='auto'):
   params, sh = _abstract(mesh, shapes, specs)
   rows = {}
   for comm in (jnp.float32, jnp.bfloat16):
-    dist = sharding.Distributed(mesh, param_specs=specs, comm_dtype=comm)
-    plan = sharding.plan(params, dist, mspecs, steps=STEPS)
+    dist = sharding.Distributed(mesh, param_specs=specs, comm_dtype=comm,
+                                strategy=strategy)
+    plan = sharding.plan(dist, params, mspecs, steps=STEPS)
     ns = functools.partial(orthogonalize_stack, preset='jordan', steps=1,
                            method='standard')
     f = jax.jit(lambda u, dist=dist, ns=ns: sharding.orthogonalize_tree(
         u, dist, ns, mspecs), out_shardings=sh)
+    ns5 = functools.partial(orthogonalize_stack, preset='jordan',
+                            steps=STEPS, method='standard')
+    f5 = jax.jit(lambda u, dist=dist, ns=ns5: sharding.orthogonalize_tree(
+        u, dist, ns, mspecs), out_shardings=sh)
     if comm == jnp.float32:
       m = hlo.measure(f, params)
+      text = f5.lower(params).compile().as_text()
+      ops = hlo.per_step(hlo.collectives(text), text)
+      m['summary'] = hlo.summarize(ops)
+      m['wire_bytes'] = sum(o['wire_bytes'] for o in ops)
       strategies = sorted({g.strategy for g in plan.groups})
       rows['f32'] = dict(flops=STEPS * m['flops'], m=m, plan=plan,
                          label='orthax ' + '+'.join(strategies) + ' (f32)')
     else:
+      # The lowered program shows a loop body once; only gram has
+      # collectives in the loop, and it sends float32 whatever comm_dtype.
       low = hlo.lowered_collectives(f.lower(params).as_text(),
                                     mesh.devices.size)
-      rows['bf16'] = dict(wire=sum(o['wire_bytes'] for o in low), plan=plan,
-                          count=len(low))
+      wire = sum(o['wire_bytes'] for o in low if o['op'] != 'all-reduce')
+      if any(g.strategy == 'gram' for g in plan.groups):
+        wire += rows['f32']['m']['wire_bytes']
+      rows['bf16'] = dict(wire=wire, plan=plan, count=len(low))
   return rows
 
 
@@ -142,7 +164,7 @@ def run(names, with_optax=True):
         'temp MiB |')
   print('|---|---|---|---|---|---|---|---|---|')
   for name in names:
-    mesh, shapes, specs, mspecs = scenario(name)
+    mesh, shapes, specs, mspecs, strategies = scenario(name)
     if with_optax:
       r = optax_row(mesh, shapes, specs, mspecs)
       m = r['m']
@@ -151,15 +173,17 @@ def run(names, with_optax=True):
             f"({sum(v['count'] for v in m['summary'].values())}) | "
             f"{m['wire_bytes'] / MiB:.1f} | - | - | "
             f"{(m['temp_bytes'] or 0) / MiB:.0f} |", flush=True)
-    rows = orthax_rows(mesh, shapes, specs, mspecs)
-    r, b = rows['f32'], rows['bf16']
-    m = r['m']
-    print(f"| {name} | {r['label']} | {r['flops'] / 1e9:.1f} | "
-          f"{r['plan'].flops_per_device / 1e9:.1f} | "
-          f"{fmt_coll(m['summary'])} | {m['wire_bytes'] / MiB:.1f} | "
-          f"{b['wire'] / MiB:.1f} | {r['plan'].bytes_per_device / MiB:.1f}/"
-          f"{b['plan'].bytes_per_device / MiB:.1f} | "
-          f"{(m['temp_bytes'] or 0) / MiB:.0f} |", flush=True)
+    for strategy in strategies:
+      rows = orthax_rows(mesh, shapes, specs, mspecs, strategy)
+      r, b = rows['f32'], rows['bf16']
+      m = r['m']
+      print(f"| {name} | {r['label']} | {r['flops'] / 1e9:.1f} | "
+            f"{r['plan'].flops_per_device / 1e9:.1f} | "
+            f"{fmt_coll(m['summary'])} | {m['wire_bytes'] / MiB:.1f} | "
+            f"{b['wire'] / MiB:.1f} | "
+            f"{r['plan'].bytes_per_device / MiB:.1f}/"
+            f"{b['plan'].bytes_per_device / MiB:.1f} | "
+            f"{(m['temp_bytes'] or 0) / MiB:.0f} |", flush=True)
 
 
 MODELS = {
@@ -200,6 +224,6 @@ def scaling():
 if __name__ == '__main__':
   args = [a for a in sys.argv[1:] if not a.startswith('--')]
   if '--scaling-only' not in sys.argv:
-    run(args or ['fsdp8', 'fsdp4x2', 'scan', 'scan_local'],
+    run(args or ['fsdp8', 'fsdp4x2', 'scan', 'scan_local', 'tp8'],
         with_optax='--no-optax' not in sys.argv)
   scaling()

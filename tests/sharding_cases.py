@@ -71,6 +71,17 @@ TP_LOCAL = {
     'scan_l2': ((8, 64, 64), P(('fsdp', 'tp'), None, None), S0),
 }
 
+GRAM = {  # tensor-parallel NS: long dimension sharded, short one whole
+    'w': ((64, 256), P(None, ('fsdp', 'tp')), K),
+    'tall': ((256, 64), P('tp', None), K),
+    'scan': ((4, 64, 256), P('fsdp', None, 'tp'), S0),
+    'sq': ((64, 64), P('fsdp', None), K),  # runs as its transpose
+}
+GRAM_AUTO = {  # 64×256 f32 = 64 KiB > 32 KiB: gram; 64×64: a2a
+    'w': ((64, 256), P(None, ('fsdp', 'tp')), K),
+    'sq': ((64, 64), P('fsdp', None), K),
+}
+
 CASES = {
     'fsdp8_a2a': ((8,), ('fsdp',), 'auto', FSDP8_A2A),
     'fsdp8_local': ((8,), ('fsdp',), 'auto', FSDP8_LOCAL),
@@ -80,6 +91,11 @@ CASES = {
     'explicit_fsdp8': ((8,), ('fsdp',), 'explicit',
                        {**FSDP8_A2A, **FSDP8_LOCAL}),
     'explicit_fsdp4tp2': ((4, 2), ('fsdp', 'tp'), 'explicit', TP_A2A),
+    'fsdp4tp2_gram': ((4, 2), ('fsdp', 'tp'), 'auto', GRAM,
+                      dict(strategy='gram')),
+    'explicit_fsdp4tp2_gram_auto': ((4, 2), ('fsdp', 'tp'), 'explicit',
+                                    GRAM_AUTO,
+                                    dict(max_local_matrix_bytes=32 * 1024)),
 }
 
 
@@ -95,7 +111,8 @@ def _reference(x, ms, ns):
 
 
 def run_case(name: str) -> dict:
-  mesh_shape, axes, kind, leaves = CASES[name]
+  mesh_shape, axes, kind, leaves, *dist_kw = CASES[name]
+  dist_kw = dist_kw[0] if dist_kw else {}
   explicit = kind == 'explicit'
   at = AxisType.Explicit if explicit else AxisType.Auto
   mesh = jax.make_mesh(mesh_shape, axes, axis_types=(at,) * len(axes))
@@ -112,7 +129,7 @@ def run_case(name: str) -> dict:
 
   def make(comm, steps):
     dist = sharding.Distributed(mesh, param_specs=None if explicit else specs,
-                                comm_dtype=comm)
+                                comm_dtype=comm, **dist_kw)
     ns = _ns(steps)
     f = lambda u: sharding.orthogonalize_tree(u, dist, ns, matrix_specs=mspecs)
     return dist, jax.jit(f, out_shardings=shard)
@@ -120,8 +137,8 @@ def run_case(name: str) -> dict:
   out: dict = {}
   # Plans (f32 and bf16 wire, 1 NS step for the FLOPs contract).
   dist32, f32 = make(jnp.float32, None)
-  plan32 = sharding.plan(abstract, dist32, mspecs, steps=1)
-  plan16 = sharding.plan(abstract, make(jnp.bfloat16, None)[0], mspecs,
+  plan32 = sharding.plan(dist32, abstract, mspecs, steps=1)
+  plan16 = sharding.plan(make(jnp.bfloat16, None)[0], abstract, mspecs,
                          steps=1)
   out['plan'] = str(plan32)
   out['groups'] = [dict(strategy=g.strategy, paths=list(g.paths),

@@ -61,7 +61,7 @@ def tree(seed):
   return leaves(lambda e: jnp.asarray(rng.standard_normal(e[0]), jnp.float32))
 
 
-def run(recipe, mesh, axis_type, comm_dtype):
+def run(recipe, mesh, axis_type, comm_dtype, **dist_kw):
   pspecs = specs(mesh.axis_names)
   params, grads = tree(0), [tree(1), tree(2)]
   ref_tx = orthax.recipe(recipe, learning_rate=0.02)
@@ -73,7 +73,7 @@ def run(recipe, mesh, axis_type, comm_dtype):
 
   explicit = axis_type == AxisType.Explicit
   dist = sharding.Distributed(mesh, None if explicit else pspecs,
-                              comm_dtype=comm_dtype)
+                              comm_dtype=comm_dtype, **dist_kw)
   tx = orthax.recipe(recipe, learning_rate=0.02, distributed=dist)
   shard = lambda t: jax.tree.map(
       lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, pspecs)
@@ -99,6 +99,8 @@ def run(recipe, mesh, axis_type, comm_dtype):
           'all_to_all': sum(k.startswith('all-to-all') for k in kinds),
           'other_collectives': sorted({k for k in kinds
                                        if not k.startswith('all-to-all')}),
+          'all_reduce_bytes': sum(o['wire_bytes'] for o in ops
+                                  if o['op'].startswith('all-reduce')),
           'other_bytes': sum(o['wire_bytes'] for o in ops
                              if not o['op'].startswith('all-to-all')),
           'a2a_bytes': sum(o['wire_bytes'] for o in ops
@@ -111,16 +113,20 @@ def main():
       'fsdp8': ((8,), ('fsdp',), AxisType.Auto),
       'fsdp4tp2': ((4, 2), ('fsdp', 'tp'), AxisType.Auto),
       'explicit_fsdp8': ((8,), ('fsdp',), AxisType.Explicit),
+      # c's long side is tp-sharded: tensor-parallel Newton–Schulz for it.
+      'fsdp4tp2_gram': ((4, 2), ('fsdp', 'tp'), AxisType.Auto,
+                        dict(overrides=(('c/kernel', 'gram'),))),
   }
   for recipe in ('muon', 'normuon', 'namo'):
-    for mname, (shape, names, at) in meshes.items():
+    for mname, (shape, names, at, *kw) in meshes.items():
       mesh = jax.make_mesh(shape, names, axis_types=(at,) * len(shape))
       for wire in ('f32', 'bf16'):
         key = f'{recipe}/{mname}/{wire}'
         try:
           with jax.set_mesh(mesh) if at == AxisType.Explicit else _null():
             out[key] = run(recipe, mesh, at,
-                           jnp.float32 if wire == 'f32' else jnp.bfloat16)
+                           jnp.float32 if wire == 'f32' else jnp.bfloat16,
+                           **(kw[0] if kw else {}))
         except Exception as e:  # reported, asserted on by the test
           out[key] = {'error': f'{type(e).__name__}: {e}'[:2000],
                       'trace': traceback.format_exc()[-3000:]}

@@ -56,6 +56,7 @@ def test_every_config_passes_its_dry_run():
       # Newton–Schulz goes through all-to-alls (orthax's plan), not
       # per-iteration all-gathers of whole matrices.
       assert kinds.get('all-to-all', {}).get('count', 0) >= 2, (name, kinds)
+      assert 'orthax sharding plan' in r['text'], name  # the predicted plan
   big = out['gpt2_124m']
   assert big['params'] > 120e6 and big['devices'] == 16
   # Parameters are sharded 16 ways: per device ≈ total / 16.
@@ -71,3 +72,4 @@ def test_train_script_dry_run_cli():
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 2}  (4 devices)" in proc.stdout
   assert 'all-to-all' in proc.stdout
+  assert 'orthax sharding plan: ' in proc.stdout and 'a2a' in proc.stdout

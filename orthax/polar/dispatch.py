@@ -46,14 +46,19 @@ def orthogonalize_stack(
     restart_every: int | None = DEFAULT_RESTART_EVERY,
     steps: Any = None,
     dtype: Any = None,
+    col_shards: int = 1,
     **kwargs,
 ) -> jax.Array:
   """Newton–Schulz on ``[..., m, n]`` by the method :func:`choose_method`
-  picks; other keyword arguments go to :func:`newton_schulz`."""
+  picks; other keyword arguments go to :func:`newton_schulz`.
+
+  ``col_shards``: ``x`` is one of that many column blocks of wide matrices
+  (``m × n·col_shards``; pass ``col_reduce`` too), so the method is chosen
+  for the whole matrix."""
   p = _presets.get_preset(preset)
   k = p.steps if steps is None else steps
   dt = x.dtype if dtype is None else dtype
-  if choose_method(x.shape[-2], x.shape[-1], k, dt, method,
+  if choose_method(x.shape[-2], x.shape[-1] * col_shards, k, dt, method,
                    restart_every) == 'gram':
     return gram_newton_schulz(x, preset, steps=steps, dtype=dtype,
                               restart_every=restart_every, **kwargs)

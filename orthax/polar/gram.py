@@ -160,6 +160,7 @@ def gram_newton_schulz(
     dtype: Any = None,
     restart_every: int | None = DEFAULT_RESTART_EVERY,
     symmetrize: bool = True,
+    col_reduce: Any = None,
 ) -> jax.Array:
   r"""Gram Newton–Schulz approximation of the polar factor of ``x``.
 
@@ -183,6 +184,9 @@ def gram_newton_schulz(
       naive Gram iteration, fine in float32/64, unstable in bf16/fp16).
     symmetrize: replace ``R`` and ``Q`` by their symmetric parts after each
       update.
+    col_reduce: completes the column sums of a column block, as in
+      :func:`~orthax.polar.newton_schulz.newton_schulz` (only the Gram
+      products ``XXᵀ`` and the norm need it; ``QX`` is blockwise).
 
   Returns:
     An array like ``x``. A zero matrix maps to zeros.
@@ -190,11 +194,11 @@ def gram_newton_schulz(
   restart_every = _check_restart(restart_every)
   st = prepare(x, preset, steps=steps, coeffs=coeffs, normalizer=normalizer,
                norm_scale=norm_scale, eps=eps, dtype=dtype,
-               who='gram_newton_schulz')
+               who='gram_newton_schulz', col_reduce=col_reduce)
   x, rows, last = st.x, st.rows, st.last
   dt, acc = x.dtype, rows.dtype
   sym = _sym if symmetrize else (lambda a: a)
-  gram = sym(_gram(x) if st.gram is None else st.gram)
+  gram = sym(_gram(x, col_reduce) if st.gram is None else st.gram)
   eye = jnp.eye(x.shape[-2], dtype=acc)
 
   def mm(a, b):  # iteration-dtype inputs, float32 accumulation, rounded once
@@ -215,7 +219,7 @@ def gram_newton_schulz(
     """Step ``k`` after re-forming ``X ← QX``, ``R ← XXᵀ``, ``Q ← I``."""
     x, _, _, q = carry
     x = mm(q, x)
-    r = sym(_gram(x))
+    r = sym(_gram(x, col_reduce))
     pk = poly(r, k)
     return x, r, pk, pk
 

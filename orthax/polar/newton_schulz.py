@@ -17,6 +17,15 @@ not grow with the step count; the coefficient row of step ``k`` is
 ``coeffs[min(k, len(coeffs) - 1)]`` — a table shorter than the step count
 repeats its last row (Polar Express semantics).
 
+Tensor-parallel use: every function here takes ``col_reduce``, a callable
+applied to the float32 partial sums over the long (column) axis — the Gram
+matrix ``XXᵀ`` and the squared Frobenius norm — before they are used. When
+each device holds a column block ``[..., m, n/G]`` of wide matrices,
+``col_reduce = lambda a: jax.lax.psum(a, axes)`` inside ``shard_map`` makes
+the iteration exact on the sharded matrix: the ``m×m`` polynomial is
+replicated and ``X ← (aI + bA + cA²)X`` acts on each block locally. The input
+is then never transposed (the caller orients it wide).
+
 References: K. Jordan, *Muon* (2024); Amsel et al., *The Polar Express*
 (arXiv 2505.16932); Grishina et al., *CANS* (arXiv 2506.10935); Boissin et
 al., *Turbo-Muon* (arXiv 2512.04632).
@@ -24,7 +33,7 @@ al., *Turbo-Muon* (arXiv 2512.04632).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +42,12 @@ import numpy as np
 from orthax.polar import presets as _presets
 
 NORMALIZERS = ('frobenius', 'schatten4', 'aol', 'none')
+
+ColReduce = Callable[[jax.Array], jax.Array] | None
+
+
+def _reduced(a: jax.Array, col_reduce: ColReduce) -> jax.Array:
+  return a if col_reduce is None else col_reduce(a)
 
 
 def _mT(x: jax.Array) -> jax.Array:
@@ -74,12 +89,12 @@ def _quintic_from_gram(x, gram, row):
   return _mm(poly.astype(x.dtype), x).astype(x.dtype)
 
 
-def _gram(x):
-  return _mm(x, _mT(x)).astype(x.dtype)
+def _gram(x, col_reduce: ColReduce = None):
+  return _reduced(_mm(x, _mT(x)), col_reduce).astype(x.dtype)
 
 
-def _quintic(x, row):
-  return _quintic_from_gram(x, _gram(x), row)
+def _quintic(x, row, col_reduce: ColReduce = None):
+  return _quintic_from_gram(x, _gram(x, col_reduce), row)
 
 
 def _rsqrt_clamped(v, eps):
@@ -87,11 +102,13 @@ def _rsqrt_clamped(v, eps):
 
 
 def normalize_frobenius(x: jax.Array, scale: float = 1.0,
-                        eps: float = 1e-7) -> jax.Array:
-  """``X / (scale·‖X‖_F + eps)`` per matrix (norm taken in float32 or wider)."""
+                        eps: float = 1e-7, *,
+                        col_reduce: ColReduce = None) -> jax.Array:
+  """``X / (scale·‖X‖_F + eps)`` per matrix (norm taken in float32 or wider;
+  ``col_reduce`` completes the sum of squares of a column block)."""
   acc = jnp.promote_types(x.dtype, jnp.float32)
-  norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(acc)), axis=(-2, -1),
-                          keepdims=True))
+  norm = jnp.sqrt(_reduced(jnp.sum(jnp.square(x.astype(acc)), axis=(-2, -1),
+                                   keepdims=True), col_reduce))
   return (x.astype(acc) / (scale * norm + eps)).astype(x.dtype)
 
 
@@ -110,7 +127,7 @@ class Prepared(NamedTuple):
 
 
 def prepare(x, preset, *, steps, coeffs, normalizer, norm_scale, eps, dtype,
-            who) -> Prepared:
+            who, col_reduce: ColReduce = None) -> Prepared:
   """Resolves a preset and its overrides, orients ``x`` wide and normalizes
   it (shared by :func:`newton_schulz` and the Gram variant)."""
   p = _presets.get_preset(preset)
@@ -129,21 +146,22 @@ def prepare(x, preset, *, steps, coeffs, normalizer, norm_scale, eps, dtype,
 
   out_dtype = x.dtype
   dtype = jnp.dtype(x.dtype if dtype is None else dtype)
-  tall = x.shape[-2] > x.shape[-1]
+  tall = col_reduce is None and x.shape[-2] > x.shape[-1]
   if tall:
     x = _mT(x)
   acc = jnp.promote_types(dtype, jnp.float32)
   rows = jnp.asarray(table, acc)
   gram = None
   if normalizer == 'frobenius':
-    x = normalize_frobenius(x, norm_scale, eps).astype(dtype)
+    x = normalize_frobenius(x, norm_scale, eps,
+                            col_reduce=col_reduce).astype(dtype)
   elif normalizer == 'none':
     x = x.astype(dtype)
   else:
     # The raw Gram matrix is formed and scaled in float32 or wider: in
     # float16 the unnormalized XXᵀ could overflow.
     x = x.astype(dtype)
-    g = _mm(x, _mT(x))
+    g = _reduced(_mm(x, _mT(x)), col_reduce)
     if normalizer == 'aol':
       s = _rsqrt_clamped(jnp.sum(jnp.abs(g), axis=-1, keepdims=True), eps)
       g = g * s * _mT(s)
@@ -166,6 +184,7 @@ def newton_schulz(
     norm_scale: float | None = None,
     eps: float | None = None,
     dtype: Any = None,
+    col_reduce: ColReduce = None,
 ) -> jax.Array:
   r"""Approximates the polar factor ``UVᵀ`` of every matrix in ``x``.
 
@@ -191,19 +210,23 @@ def newton_schulz(
     eps: overrides the normalizer's epsilon.
     dtype: dtype of the iteration (e.g. ``jnp.bfloat16``); default ``x.dtype``.
       The result is cast back to ``x.dtype``.
+    col_reduce: completes the column sums of a column block (see the module
+      docstring), e.g. ``lambda a: jax.lax.psum(a, 'tp')``; ``x`` is then
+      taken as given (wide), never transposed.
 
   Returns:
     An array like ``x``. A zero matrix maps to zeros.
   """
   st = prepare(x, preset, steps=steps, coeffs=coeffs, normalizer=normalizer,
-               norm_scale=norm_scale, eps=eps, dtype=dtype, who='newton_schulz')
+               norm_scale=norm_scale, eps=eps, dtype=dtype, who='newton_schulz',
+               col_reduce=col_reduce)
   x = st.x
   if st.gram is not None:  # AOL / Schatten-4: the first step reuses the Gram
     x = _quintic_from_gram(x, st.gram, st.rows[0])
   rows, last = st.rows, st.last
 
   def body(k, x):
-    return _quintic(x, rows[jnp.minimum(k, last)])
+    return _quintic(x, rows[jnp.minimum(k, last)], col_reduce)
 
   x = jax.lax.fori_loop(0 if st.gram is None else 1, st.steps, body, x)
   return st.finish(x)

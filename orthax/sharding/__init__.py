@@ -4,17 +4,21 @@ Each device gets whole matrices: per group of same-shape matrices a static
 :class:`Plan` picks ``local`` (matrix dimensions unsharded, zero
 collectives), ``a2a`` (one fused ``all_to_all`` in and one out over all the
 matrix's sharding axes) or ``replicated`` (each device 1/G of the stack, then
-``all_gather``), and :func:`distributed_orthogonalize` runs it inside
-``jax.shard_map``. The result comes back in the parameters' sharding.
+``all_gather``) — or, for a matrix too large for one device, ``gram``
+(tensor-parallel Newton–Schulz on column blocks, one ``psum`` of the ``m×m``
+Gram matrix per product) — and :func:`distributed_orthogonalize` runs it
+inside ``jax.shard_map``. The result comes back in the parameters' sharding.
+:func:`plan` shows an optimizer's plan ahead of time, without devices.
 """
 
 from orthax.sharding._execute import array_spec
 from orthax.sharding._execute import distributed_orthogonalize
 from orthax.sharding._execute import orthogonalize_tree
-from orthax.sharding._execute import plan
 from orthax.sharding._execute import plan_leaves
 from orthax.sharding._execute import run_group
 from orthax.sharding._execute import specs_for
+from orthax.sharding._inspect import NotDistributedError
+from orthax.sharding._inspect import plan
 from orthax.sharding._plan import STRATEGIES
 from orthax.sharding._plan import Distributed
 from orthax.sharding._plan import GroupPlan
@@ -25,7 +29,8 @@ from orthax.sharding._plan import plan_orthogonalize
 from orthax.sharding._plan import spec_entries
 
 __all__ = [
-    'Distributed', 'GroupPlan', 'LeafInfo', 'Plan', 'STRATEGIES',
+    'Distributed', 'GroupPlan', 'LeafInfo', 'NotDistributedError', 'Plan',
+    'STRATEGIES',
     'array_spec', 'default_matrix_flops', 'distributed_orthogonalize',
     'orthogonalize_tree', 'plan', 'plan_leaves', 'plan_orthogonalize',
     'run_group', 'spec_entries', 'specs_for',

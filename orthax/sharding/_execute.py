@@ -14,10 +14,19 @@ own ``PartitionSpec``, so no resharding happens on the way in or out:
 * ``replicated``: every device holds the whole stack; it orthogonalizes its
   ``1/G`` slice (``G`` = the mesh axes the leaf is not sharded over) and an
   ``all_gather`` in the wire dtype rebuilds the stack.
+* ``gram``: every device keeps its column block ``[N, m, n/G]`` of the long
+  dimension; Newton–Schulz runs on the blocks with
+  ``col_reduce = psum`` over the column axes (the ``m×m`` Gram matrix and the
+  Frobenius norm are summed in float32, the polynomial is applied
+  blockwise), so nothing is padded or moved.
+
+``ns_fn(stack)`` must accept the keywords ``col_reduce`` and ``col_shards``
+for ``gram`` (as :func:`orthax.polar.orthogonalize_stack` does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
@@ -28,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from orthax import _tree
 from orthax import matrices
+from orthax.sharding._inspect import record
 from orthax.sharding._plan import Distributed
 from orthax.sharding._plan import GroupPlan
 from orthax.sharding._plan import LeafInfo
@@ -149,8 +159,20 @@ def _local_body(g: GroupPlan, ns_fn: NSFn, ns_dtype) -> NSFn:
       stack.dtype)
 
 
+def _gram_body(g: GroupPlan, ns_fn: NSFn, ns_dtype) -> NSFn:
+  axes = g.split_axes
+
+  def run(stack):  # [N, m, n/G]: this device's column block of each matrix
+    y = ns_fn(stack.astype(ns_dtype or stack.dtype),
+              col_reduce=lambda a: jax.lax.psum(a, axes),
+              col_shards=g.shards)
+    return y.astype(stack.dtype)
+
+  return run
+
+
 _BODIES = {'a2a': _a2a_body, 'replicated': _replicated_body,
-           'local': _local_body}
+           'local': _local_body, 'gram': _gram_body}
 
 
 def run_group(g: GroupPlan, xs: Sequence[jax.Array],
@@ -187,10 +209,10 @@ def plan_leaves(paths: Sequence[str], leaves: Sequence[Any],
   """The :class:`Plan` for arrays (or abstract arrays) ``leaves``."""
   infos = [LeafInfo(p, tuple(x.shape), x.dtype, ms, ps)
            for p, x, ms, ps in zip(paths, leaves, matrix_specs, pspecs)]
-  return plan_orthogonalize(infos, dist.mesh, dist.strategy,
-                            overrides=dist.overrides,
-                            comm_dtype=dist.comm_dtype,
-                            ns_dtype=dist.ns_dtype, **plan_kw)
+  return plan_orthogonalize(
+      infos, dist.mesh, dist.strategy, overrides=dist.overrides,
+      comm_dtype=dist.comm_dtype, ns_dtype=dist.ns_dtype,
+      max_local_matrix_bytes=dist.max_local_matrix_bytes, **plan_kw)
 
 
 def distributed_orthogonalize(
@@ -202,6 +224,7 @@ def distributed_orthogonalize(
     paths: Sequence[str] | None = None,
     param_specs: Sequence[P] | None = None,
     plan: Plan | None = None,
+    plan_kw: dict[str, Any] | None = None,
 ) -> list[jax.Array]:
   """Orthogonalizes every matrix of ``leaves`` on ``dist.mesh``.
 
@@ -215,6 +238,11 @@ def distributed_orthogonalize(
     param_specs: one ``PartitionSpec`` per leaf; default: read from the
       arrays (see :func:`array_spec`).
     plan: a precomputed plan for exactly these leaves.
+    plan_kw: the FLOP model of the plan built when ``plan`` is ``None``:
+      ``steps``, ``method``, ``restart_every`` (or ``matrix_flops``) as
+      :func:`plan_orthogonalize` takes them, and ``ns_dtype``, the iteration
+      dtype of ``ns_fn`` when it sets one (default ``dist.ns_dtype``). The
+      plan is passed to :func:`orthax.sharding._inspect.record`.
 
   Returns:
     The orthogonalized leaves, in the order and sharding of ``leaves``.
@@ -226,7 +254,13 @@ def distributed_orthogonalize(
     param_specs = [array_spec(x, p) for p, x in zip(paths, leaves)]
   param_specs = [_as_spec(s) for s in param_specs]
   if plan is None:
-    plan = plan_leaves(paths, leaves, matrix_specs, param_specs, dist)
+    kw = dict(plan_kw or {})
+    # The transform's own iteration dtype, if any, wins over dist.ns_dtype.
+    ns_dtype = kw.pop('ns_dtype', None)
+    d = dist if ns_dtype is None else dataclasses.replace(dist,
+                                                          ns_dtype=ns_dtype)
+    plan = plan_leaves(paths, leaves, matrix_specs, param_specs, d, **kw)
+  record(plan)
   out: list[Any] = [None] * len(leaves)
   for g in plan.groups:
     ys = run_group(g, [leaves[i] for i in g.leaves],
@@ -239,23 +273,14 @@ def distributed_orthogonalize(
 
 
 def orthogonalize_tree(updates: Any, dist: Distributed, ns_fn: NSFn,
-                       matrix_specs: _tree.SpecsLike = None) -> Any:
+                       matrix_specs: _tree.SpecsLike = None, *,
+                       plan_kw: dict[str, Any] | None = None) -> Any:
   """Tree version of :func:`distributed_orthogonalize`: ``matrix_specs`` as
-  :func:`orthax.orthogonalize` takes them, specs from ``dist``."""
+  :func:`orthax.orthogonalize` takes them, specs from ``dist``, ``plan_kw``
+  the plan's FLOP model."""
   ms = _tree.resolve_specs(matrix_specs, updates, 'orthogonalize')
   paths, leaves, treedef = _tree.leaves_with_paths(updates)
   ps = specs_for(updates, dist)
   out = distributed_orthogonalize(leaves, ms, dist, ns_fn, paths=paths,
-                                  param_specs=ps)
+                                  param_specs=ps, plan_kw=plan_kw)
   return jax.tree.unflatten(treedef, out)
-
-
-def plan(abstract_params: Any, dist: Distributed,
-         matrix_specs: _tree.SpecsLike = None, **plan_kw) -> Plan:
-  """The plan for a tree of (abstract) parameters that are all
-  orthogonalized; ``plan_kw`` as :func:`plan_orthogonalize` (``steps``,
-  ``method``, ``matrix_flops``...)."""
-  ms = _tree.resolve_specs(matrix_specs, abstract_params, 'plan')
-  paths, leaves, _ = _tree.leaves_with_paths(abstract_params)
-  return plan_leaves(paths, leaves, ms, specs_for(abstract_params, dist),
-                     dist, **plan_kw)

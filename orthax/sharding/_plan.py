@@ -42,18 +42,26 @@ class Distributed:
       matched to update leaves by path, so the tree may cover more leaves than
       the transform sees. ``None``: read each array's sharding (concrete
       arrays, or tracers under ``jit`` on a mesh with ``Explicit`` axes).
-    strategy: ``'auto'`` (per group: ``a2a`` when a matrix dimension is
-      sharded, ``local`` when only batch axes are, ``replicated`` when the
-      leaf is replicated, the mesh has more than one device and the group
-      has at least as many matrices as shards — else ``local``), ``'local'``,
-      ``'a2a'``, ``'replicated'``; ``'gram'`` (tensor-parallel Newton–Schulz)
-      is not implemented yet and raises.
+    strategy: ``'auto'`` (per group: ``gram`` when one matrix is larger than
+      ``max_local_matrix_bytes`` and only its long dimension is sharded,
+      else ``a2a`` when a matrix dimension is sharded, ``local`` when only
+      batch axes are, ``replicated`` when the leaf is replicated, the mesh
+      has more than one device and the group has at least as many matrices
+      as shards — else ``local``), ``'local'``, ``'a2a'``, ``'replicated'``
+      or ``'gram'`` (tensor-parallel Newton–Schulz: each device keeps its
+      column block of the long dimension and the ``m×m`` Gram matrix is
+      summed across devices, one ``psum`` per Gram product; a square matrix
+      sharded along its rows runs as its transpose, which changes the result
+      only for the AOL normalizer, whose row scaling is one-sided).
     comm_dtype: dtype of the matrices on the wire (``None``: the update's
       dtype). Never wider than the update's dtype: a wider one is ignored.
     ns_dtype: dtype the stack is handed to the Newton–Schulz function in
       (``None``: the update's dtype).
     overrides: ``((regex, strategy), ...)``; the first regex that
       ``re.search``-matches a leaf's path picks that leaf's strategy.
+    max_local_matrix_bytes: ``auto`` keeps a matrix whole on one device up
+      to this size (in the iteration dtype; default 2 GiB) and runs larger
+      ones with ``gram``; ``None``: never.
   """
 
   mesh: Any
@@ -62,6 +70,7 @@ class Distributed:
   comm_dtype: Any = jnp.bfloat16
   ns_dtype: Any = None
   overrides: tuple[tuple[str, str], ...] = ()
+  max_local_matrix_bytes: int | None = 2 ** 31
 
   def __post_init__(self):
     _check_strategy(self.strategy, 'Distributed')
@@ -98,7 +107,10 @@ class GroupPlan:
   ``padded`` is ``local_count`` rounded up to a multiple of ``shards`` (the
   number of devices the stack is split over: the product of ``split_axes``).
   For ``a2a`` the split axes are the matrix dimensions' sharding axes,
-  ``row_axes`` (of ``m``) then ``col_axes`` (of ``n``).
+  ``row_axes`` (of ``m``) then ``col_axes`` (of ``n``). For ``gram`` they
+  are ``col_axes``: each device keeps an ``m × n/shards`` block of every
+  matrix (no padding) and ``collectives`` counts the float32 all-reduces
+  per update (one per Gram product plus the Frobenius norm).
   """
   strategy: str
   m: int
@@ -245,6 +257,26 @@ def default_matrix_flops(steps: int = 5, method: str = 'standard',
   return flops
 
 
+def _gram_reductions(m, n, dtype, steps, method, restart_every, ns_dtype):
+  """``(method, Gram products)`` of Newton–Schulz on one ``m×n`` matrix."""
+  dt = dtype if ns_dtype is None else ns_dtype
+  meth = _dispatch.choose_method(m, n, steps, dt, method, restart_every)
+  if meth == 'gram':
+    return meth, _gram._num_blocks(steps, _gram._check_restart(restart_every))
+  return meth, steps
+
+
+def _column_block_flops(m, n_local, steps, meth, restart_every) -> int:
+  """Matmul FLOPs on one device of tensor-parallel Newton–Schulz: the
+  ``m×n`` products act on the ``m × n_local`` block, the ``m×m`` work is
+  replicated (conventions of :func:`orthax.polar.standard_flops`)."""
+  if meth == 'standard':
+    return steps * (4 * m * m * n_local + 2 * m ** 3)
+  blocks = _gram._num_blocks(steps, _gram._check_restart(restart_every))
+  return (blocks * (4 * m * m * n_local + 2 * m ** 3)
+          + (steps - blocks) * 8 * m ** 3)
+
+
 def plan_orthogonalize(
     leaves: Sequence[LeafInfo | tuple],
     mesh,
@@ -257,6 +289,7 @@ def plan_orthogonalize(
     method: str = 'standard',
     restart_every: int | None = 2,
     ns_dtype: Any = None,
+    max_local_matrix_bytes: int | None = 2 ** 31,
 ) -> Plan:
   """Plans the distributed orthogonalization of ``leaves``.
 
@@ -268,7 +301,9 @@ def plan_orthogonalize(
     comm_dtype: wire dtype (never wider than the leaf's).
     matrix_flops: ``(m, n, dtype) -> FLOPs`` of Newton–Schulz on one matrix;
       default :func:`default_matrix_flops` with ``steps``, ``method``,
-      ``restart_every`` and ``ns_dtype``.
+      ``restart_every`` and ``ns_dtype`` (``gram`` groups always use those
+      four: their count depends on the column split).
+    max_local_matrix_bytes: see :class:`Distributed`.
 
   Returns:
     A :class:`Plan`. Raises ``ValueError`` naming the leaf when a requested
@@ -316,11 +351,21 @@ def plan_orthogonalize(
 
     s = dist.strategy_for(path)
     chosen = s == 'auto'
-    if s == 'gram':
+    it = jnp.dtype(dtype if ns_dtype is None else ns_dtype).itemsize
+    big = max_local_matrix_bytes is not None and (
+        m * n * it > max_local_matrix_bytes)
+    if m == n and rows and not cols and (s == 'gram' or s == 'auto' and big):
+      # A square matrix sharded along its rows runs as its transpose, whose
+      # columns are sharded (exact: NS(Xᵀ) = NS(X)ᵀ, except for AOL).
+      transposed, rows, cols = not transposed, cols, rows
+    if s == 'auto' and big and cols and not rows:
+      s = 'gram'
+    if s == 'gram' and (rows or not cols):
       raise ValueError(
-          f"{where}: strategy 'gram' (tensor-parallel Newton–Schulz for "
-          'matrices larger than one device) is not implemented yet; use '
-          "'a2a'.")
+          f"{where}: strategy 'gram' needs the long dimension of the "
+          f'{m}×{n} matrix sharded and the short one whole, but they are '
+          f'sharded over {rows or "nothing"} (short) and '
+          f'{cols or "nothing"} (long); use \'a2a\'.')
     if s == 'auto':
       s = 'a2a' if rows or cols else ('local' if batch_axes or not free
                                       else 'replicated')
@@ -335,7 +380,7 @@ def plan_orthogonalize(
     if s == 'replicated' and not free:
       raise ValueError(f"{where}: strategy 'replicated' needs a mesh axis the "
                        "leaf is not sharded over; use 'local'.")
-    split = (rows + cols if s == 'a2a' else free if s == 'replicated' else ())
+    split = {'a2a': rows + cols, 'replicated': free, 'gram': cols}.get(s, ())
     key = (s, m, n, jnp.dtype(dtype), rows, cols, split)
     keyed.setdefault(key, []).append((i, path, transposed, count, local,
                                       chosen))
@@ -357,11 +402,20 @@ def plan_orthogonalize(
     members = sorted(members)
     local_count = sum(mb[4] for mb in members)
     G = prod(split)
-    padded = -(-local_count // G) * G
+    padded = local_count if s == 'gram' else -(-local_count // G) * G
     wire = _wire_dtype(comm_dtype, dtype)
     mf = int(matrix_flops(m, n, dtype))
-    per_dev = padded // G if s != 'local' else local_count
-    if s == 'a2a':
+    per_dev = padded // G if s in ('a2a', 'replicated') else local_count
+    if s == 'gram':
+      meth, grams = _gram_reductions(m, n, dtype, steps, method,
+                                     restart_every, ns_dtype)
+      mf = _column_block_flops(m, n // G, steps, meth, restart_every)
+      wire = jnp.promote_types(dtype if ns_dtype is None else ns_dtype,
+                               jnp.float32)
+      nbytes = (2 * (G - 1) / G * local_count * (grams * m * m + 1)
+                * wire.itemsize)
+      ncoll = grams + 1
+    elif s == 'a2a':
       nbytes = 2 * (G - 1) / G * padded * (m * n // G) * wire.itemsize
       ncoll = 2
     elif s == 'replicated':

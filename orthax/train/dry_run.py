@@ -7,7 +7,8 @@ starts (``scripts/train.py --dry_run`` does). Reported per device:
 parameter and optimizer-state bytes (from the shardings), the compiled
 program's argument/output/temp bytes, FLOPs (XLA's count, which sees a
 ``scan``/``fori_loop`` body once, next to the analytic count) and the
-collectives with their wire bytes, scaled by loop trip counts.
+collectives with their wire bytes, scaled by loop trip counts; with a
+distributed recipe, also the optimizer's printed :func:`orthax.sharding.plan`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
+from orthax import sharding
 from orthax.sharding import hlo
 from orthax.train import data as data_lib
 from orthax.train import partitioning
@@ -44,6 +46,15 @@ def model_flops_per_token(m) -> float:
   d, f, L, T, V = m.d_model, m.d_ff, m.num_layers, m.seq_len, m.vocab_size
   n_matmul = L * (4 * d * d + 2 * d * f) + d * V
   return 6.0 * n_matmul + 6.0 * L * T * d
+
+
+def _orthogonalization_plan(setup) -> str | None:
+  """The printed sharding plan of the optimizer, or ``None`` when it has no
+  distributed orthogonalization (AdamW, a single device)."""
+  try:
+    return str(sharding.plan(setup.tx, setup.abstract_params))
+  except sharding.NotDistributedError:
+    return None
 
 
 def dry_run(config: Any) -> dict[str, Any]:
@@ -96,6 +107,7 @@ def dry_run(config: Any) -> dict[str, Any]:
       'collectives': hlo.summarize(ops),
       'collective_bytes': sum(o['wire_bytes'] for o in ops),
       'compile_seconds': seconds,
+      'plan': _orthogonalization_plan(setup),
   }
 
 
@@ -117,4 +129,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"    {kind:<20} {int(v['count']):6d} ops "
                  f"{v['wire_bytes'] / MiB:10.1f} MiB")
   lines.append(f"  compiled in {r['compile_seconds']:.1f} s")
+  if r.get('plan'):
+    lines.append('Newton–Schulz (predicted, orthax.sharding.plan):')
+    lines += ['  ' + line for line in r['plan'].splitlines()]
   return '\n'.join(lines)

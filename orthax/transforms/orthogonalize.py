@@ -6,12 +6,25 @@ import functools
 from typing import Any, Mapping, Sequence
 
 import jax
+import numpy as np
 import optax
 
 from orthax import _tree
 from orthax import matrices
 from orthax import polar
 from orthax import sharding
+
+
+def _flop_model(preset, steps, method, restart_every, ns_dtype) -> dict:
+  """The plan's FLOP model (``plan_kw``) for what this transform runs; a
+  traced step count (``inject_hyperparams``) counts as the preset's, with
+  the plain iteration ``auto`` then takes."""
+  if steps is not None and not isinstance(steps, (int, np.integer)):
+    steps, method = None, 'standard' if method == 'auto' else method
+  if steps is None:
+    steps = polar.get_preset(preset).steps
+  kw = dict(steps=int(steps), method=method, restart_every=restart_every)
+  return kw if ns_dtype is None else dict(kw, ns_dtype=ns_dtype)
 
 
 def orthogonalize(
@@ -66,8 +79,10 @@ def orthogonalize(
     distributed: an :class:`orthax.sharding.Distributed` (mesh, parameter
       partition specs, strategy): each device orthogonalizes whole matrices
       (one fused all-to-all in and out per group for FSDP/TP-sharded
-      matrices, none for matrices whose own axes are unsharded), and the
-      result comes back in the parameters' sharding. Always grouped.
+      matrices, none for matrices whose own axes are unsharded; a matrix
+      larger than ``max_local_matrix_bytes`` runs tensor-parallel,
+      ``gram``), and the result comes back in the parameters' sharding.
+      Always grouped.
 
   References: K. Jordan, *Muon* (2024); Amsel et al. arXiv 2505.16932;
   Zhang, Amsel, Chen, Dao, *Gram Newton–Schulz* (Dao AI Lab blog, 2026).
@@ -82,17 +97,20 @@ def orthogonalize(
     table = polar.resolve_shape_table(coeffs_for_shape)
     plain_ns = ns
 
-    def ns(x):  # pylint: disable=function-redefined
-      key = (min(x.shape[-2:]), max(x.shape[-2:]))
+    def ns(x, **kw):  # pylint: disable=function-redefined
+      m, n = x.shape[-2], x.shape[-1] * kw.get('col_shards', 1)
+      key = (min(m, n), max(m, n))
       if key not in table:
-        return plain_ns(x)
-      return plain_ns(x, coeffs=table[key])
+        return plain_ns(x, **kw)
+      return plain_ns(x, coeffs=table[key], **kw)
 
   def update_fn(updates, state, params=None):
     del params
     if distributed is not None:
-      return sharding.orthogonalize_tree(updates, distributed, ns,
-                                         matrix_specs), state
+      return sharding.orthogonalize_tree(
+          updates, distributed, ns, matrix_specs,
+          plan_kw=_flop_model(preset, steps, method, restart_every,
+                              ns_dtype)), state
     specs = _tree.resolve_specs(matrix_specs, updates, 'orthogonalize')
     leaves, treedef = jax.tree.flatten(updates)
     mats = [matrices.to_matrices(x, s) for x, s in zip(leaves, specs)]

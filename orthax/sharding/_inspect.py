@@ -1,0 +1,166 @@
+"""Ahead-of-time inspection: the plan an optimizer will run, without running it.
+
+:func:`distributed_orthogonalize` calls :func:`record` with every plan it
+builds; :func:`plan` traces an optimizer's ``init`` and ``update`` with
+``jax.eval_shape`` inside :func:`recording` and merges what was recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+from typing import Any, Iterator, Mapping
+
+import jax
+import optax
+
+from orthax import _tree
+from orthax.sharding._plan import Distributed
+from orthax.sharding._plan import Plan
+
+
+class NotDistributedError(ValueError):
+  """:func:`plan` of an optimizer without distributed orthogonalization."""
+
+
+_RECORDED: contextvars.ContextVar[list[Plan] | None] = contextvars.ContextVar(
+    'orthax_sharding_recorded_plans', default=None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Plan]]:
+  """Yields the list every :class:`Plan` built (traced) by a distributed
+  orthogonalization inside the ``with`` block is appended to."""
+  plans: list[Plan] = []
+  token = _RECORDED.set(plans)
+  try:
+    yield plans
+  finally:
+    _RECORDED.reset(token)
+
+
+def record(p: Plan) -> None:
+  """Appends ``p`` to the active :func:`recording`; no-op outside one."""
+  plans = _RECORDED.get()
+  if plans is not None:
+    plans.append(p)
+
+
+def _merge(plans: list[Plan]) -> Plan:
+  meshes = {(p.mesh_shape, p.num_devices) for p in plans}
+  if len(meshes) > 1:
+    raise ValueError('orthax.sharding.plan: the optimizer orthogonalizes on '
+                     f'several meshes {sorted(m[0] for m in meshes)}; one '
+                     'plan covers one mesh.')
+  groups = tuple(g for p in plans for g in p.groups)
+  return Plan(groups, plans[0].num_devices, plans[0].mesh_shape)
+
+
+def _plan_tx(tx: optax.GradientTransformation, abstract_params: Any) -> Plan:
+  # Fresh closures: jax caches traces by function, and a cached trace would
+  # not run the Python that records.
+  with recording() as plans:
+    state = jax.eval_shape(lambda p: tx.init(p), abstract_params)
+    jax.eval_shape(lambda g, s, p: tx.update(g, s, p), abstract_params,
+                   state, abstract_params)
+  if not plans:
+    raise NotDistributedError(
+        'orthax.sharding.plan: the optimizer runs no distributed '
+        'orthogonalization (plain optax, or a recipe/orthogonalize built '
+        'without distributed=); build it with '
+        'distributed=orthax.sharding.Distributed(mesh, param_specs).')
+  return _merge(plans)
+
+
+def _build_config(config: Mapping[str, Any], distributed: Any):
+  from orthax.recipes import registry  # pylint: disable=g-import-not-at-top
+  cfg = {k: v for k, v in config.items() if v is not None}
+  if 'name' not in cfg:
+    raise ValueError(f'orthax.sharding.plan: the optimizer config has no '
+                     f"'name' (keys: {sorted(config)}).")
+  name = cfg.pop('name')
+  kwargs = dict(cfg.pop('kwargs', None) or {})
+  # As the trainer does: top-level keys the recipe does not take are unused.
+  accepted = inspect.signature(registry.recipe_factory(name)).parameters
+  if 'distributed' not in accepted:
+    raise NotDistributedError(f'orthax.sharding.plan: recipe {name!r} has no '
+                              'distributed orthogonalization (no '
+                              'distributed=).')
+  keywords = {k: v for k, v in cfg.items() if k in accepted}
+  return registry.recipe(name, **{**keywords, **kwargs},
+                         distributed=distributed)
+
+
+def _plan_distributed(dist: Distributed, abstract_params: Any,
+                      matrix_specs: _tree.SpecsLike, plan_kw) -> Plan:
+  from orthax.sharding import _execute  # pylint: disable=g-import-not-at-top
+  ms = _tree.resolve_specs(matrix_specs, abstract_params, 'plan')
+  paths, leaves, _ = _tree.leaves_with_paths(abstract_params)
+  return _execute.plan_leaves(paths, leaves, ms,
+                              _execute.specs_for(abstract_params, dist), dist,
+                              **plan_kw)
+
+
+def plan(tx_or_config: Any, abstract_params: Any,
+         matrix_specs: _tree.SpecsLike = None, *,
+         distributed: Distributed | None = None, **plan_kw) -> Plan:
+  """The static plan of a distributed orthogonalization; ``print`` it.
+
+  Nothing is compiled or run: shapes, dtypes and ``PartitionSpec``\\ s only.
+
+  Args:
+    tx_or_config: one of
+
+      * an ``optax.GradientTransformation`` built with ``distributed=`` (a
+        recipe, or a chain holding :func:`orthax.transforms.orthogonalize`):
+        its ``init`` and ``update`` are traced with ``jax.eval_shape`` and
+        every plan they build is merged (the FLOPs follow the transform's own
+        preset, steps and method);
+      * a trainer optimizer config ``{'name': recipe, 'learning_rate': ...,
+        'kwargs': {...}, ...}`` (as :func:`orthax.train.optim.build` reads
+        it: top-level ``None`` values and keys the recipe does not take are
+        dropped), built with ``distributed=`` and planned as above;
+      * a :class:`Distributed`: every leaf of ``abstract_params`` is
+        orthogonalized, with ``matrix_specs`` and ``plan_kw``.
+    abstract_params: the parameters: ``jax.ShapeDtypeStruct``\\ s (with
+      ``sharding=`` when the specs are read from the arrays) or arrays.
+    matrix_specs: with a :class:`Distributed` only, as
+      :func:`orthax.orthogonalize` takes them.
+    distributed: the :class:`Distributed`; required with a config, not
+      accepted otherwise.
+    **plan_kw: with a :class:`Distributed` only, the FLOP model of
+      :func:`plan_orthogonalize` (``steps``, ``method``, ``matrix_flops``...).
+
+  Returns:
+    A :class:`Plan`: groups, strategy per group, padding, predicted FLOPs and
+    bytes per device. Merged plans keep each group's ``paths``; ``leaves``
+    indices are per traced call. Raises :class:`NotDistributedError` (a
+    ``ValueError``) for an optimizer that has nothing to plan.
+  """
+  if isinstance(tx_or_config, Distributed):
+    if distributed is not None:
+      raise ValueError('orthax.sharding.plan: distributed= is the first '
+                       'argument already.')
+    return _plan_distributed(tx_or_config, abstract_params, matrix_specs,
+                             plan_kw)
+  if not isinstance(tx_or_config, (optax.GradientTransformation, Mapping)):
+    raise TypeError(
+        'orthax.sharding.plan: expected an optax.GradientTransformation, an '
+        'optimizer config mapping or an orthax.sharding.Distributed, got '
+        f'{type(tx_or_config).__name__}: {tx_or_config!r:.200}.')
+  extra = sorted(plan_kw) + (['matrix_specs'] if matrix_specs is not None
+                             else [])
+  if extra:
+    raise ValueError(f'orthax.sharding.plan: {extra} apply to a Distributed '
+                     'only; an optimizer plans with its own settings.')
+  if isinstance(tx_or_config, Mapping):
+    if distributed is None:
+      raise ValueError('orthax.sharding.plan: an optimizer config needs '
+                       'distributed=orthax.sharding.Distributed(mesh, '
+                       'param_specs).')
+    return _plan_tx(_build_config(tx_or_config, distributed), abstract_params)
+  if distributed is not None:
+    raise ValueError('orthax.sharding.plan: a transformation carries its own '
+                     'distributed=; pass it when building the optimizer.')
+  return _plan_tx(tx_or_config, abstract_params)
