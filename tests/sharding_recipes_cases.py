@@ -2,7 +2,8 @@
 
 Run as a script (``tests/test_sharding.py`` does, in a subprocess with
 ``--xla_force_host_platform_device_count=8``). For muon, normuon and namo,
-two jitted steps on a tree of kernels (FSDP-sharded, a scan-stacked leaf, a
+two jitted steps (and for root, spectra, hybrid_auon, lanton and auon, f32
+on the two Auto meshes) on a tree of kernels (FSDP-sharded, a scan-stacked leaf, a
 leaf count that does not divide 8), biases and an embedding, on Auto meshes
 ``(8,)`` and ``(4, 2)`` and on an Explicit ``(8,)`` mesh: the maximum
 relative difference of the updates against the same recipe without
@@ -130,6 +131,17 @@ def main():
         except Exception as e:  # reported, asserted on by the test
           out[key] = {'error': f'{type(e).__name__}: {e}'[:2000],
                       'trace': traceback.format_exc()[-3000:]}
+  # The other recipes: f32 on the wire, Auto fsdp8 and fsdp4×tp2.
+  for recipe in ('root', 'spectra', 'hybrid_auon', 'lanton', 'auon'):
+    for mname in ('fsdp8', 'fsdp4tp2'):
+      shape, names, at = meshes[mname]
+      mesh = jax.make_mesh(shape, names, axis_types=(at,) * len(shape))
+      key = f'{recipe}/{mname}/f32'
+      try:
+        out[key] = run(recipe, mesh, at, jnp.float32)
+      except Exception as e:  # reported, asserted on by the test
+        out[key] = {'error': f'{type(e).__name__}: {e}'[:2000],
+                    'trace': traceback.format_exc()[-3000:]}
   print(json.dumps(out))
 
 

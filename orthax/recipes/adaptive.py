@@ -307,6 +307,7 @@ def lanton(
     adam_eps: float = 1e-8,
     adam_weight_decay: float = 0.0,
     router: routing.Router | Callable[[Any], Any] | None = None,
+    distributed: Any = None,
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
   r"""LANTON (reconstruction): Scion-style LMO steps with noise-adaptive
@@ -340,13 +341,16 @@ def lanton(
   per step (≈1.95× Muon's update time on GPT-2-small matrices against
   ≈1.0× here; the paper reports ≈4% wall-clock overhead over D-Muon, which
   rules out a second orthogonalization); ``'svd'`` is exact.
+  ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
+  stage on whole matrices per device.
   """
   router = routing.Router() if router is None else router
   specs = _specs(router)
   direction = optax.named_chain(
       ('orthogonalize', T.orthogonalize(preset, steps=ns_steps,
                                         ns_dtype=ns_dtype, method=ns_method,
-                                        matrix_specs=specs)),
+                                        matrix_specs=specs,
+                                        distributed=distributed)),
       ('scale_by_shape', T.scale_by_shape('spectral', matrix_specs=specs)))
   matrix = optax.named_chain(('layerwise_noise_adapt', T.layerwise_noise_adapt(
       T.momentum(beta, form='ema', nesterov=False,

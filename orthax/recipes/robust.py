@@ -11,6 +11,7 @@ from typing import Any, Callable
 import optax
 
 from orthax import routing
+from orthax import sharding
 from orthax import transforms as T
 from orthax.matrices import MatrixSpec
 from orthax.polar import spectral as _spectral
@@ -71,6 +72,7 @@ def spectra(
     clip_final_scale: float = 0.0,
     total_steps: int = 0,
     router: routing.Router | None = None,
+    distributed: Any = None,
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
   r"""SPECTRA: AdamW (or any ``base``) whose step direction is soft-clipped.
@@ -123,6 +125,10 @@ def spectra(
     router: a :class:`orthax.Router` giving the matrix views.
     check_finite: raise, naming the leaf, on a NaN/Inf gradient.
 
+  ``distributed=orthax.sharding.Distributed(...)`` runs the soft clip on
+  whole matrices per device (see :func:`orthax.spectral_clip`; needs
+  ``shared_bound=False``, the ``'orthax'`` reference's default).
+
   References: Jiang, Semenov, Stich, *Enhancing LLM Training via Spectral
   Clipping*, arXiv 2603.14315 (ICML 2026); github.com/mlolab/llm-spectral-clipping.
   """
@@ -139,7 +145,8 @@ def spectra(
       apply_to=apply_to, warmup_steps=warmup_steps,
       base_learning_rate=base_learning_rate, decay=clip_decay,
       decay_fraction=clip_decay_fraction, final_scale=clip_final_scale,
-      total_steps=total_steps, matrix_specs=router.specs)
+      total_steps=total_steps, matrix_specs=router.specs,
+      distributed=distributed)
   tx = optax.named_chain(('base', base), ('spectral_clip', clip))
   return _maybe_check_finite(tx, check_finite)
 
@@ -170,6 +177,7 @@ def root(
     adam_b2: float = 0.95,
     adam_eps: float = 1e-8,
     router: routing.Router | Callable[[Any], Any] | None = None,
+    distributed: Any = None,
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
   r"""ROOT: Muon with outlier clipping and per-shape Newton–Schulz rows.
@@ -189,6 +197,10 @@ def root(
   The toy code iterates in the input dtype (two other copies cast to bf16
   with ε = 1e-8; pass ``ns_dtype=jnp.bfloat16`` for that).
 
+  ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
+  stage on whole matrices per device (the outlier quantile is computed on
+  the parameter-sharded momentum, exact, under GSPMD).
+
   References: He et al., *ROOT: Robust Orthogonalized Optimizer*, arXiv
   2511.20626; github.com/huawei-noah/noah-research (ROOT/).
   """
@@ -202,7 +214,7 @@ def root(
                                         matrix_specs=specs)),
       ('orthogonalize', T.orthogonalize(
           'jordan', steps=ns_steps, ns_dtype=ns_dtype, matrix_specs=specs,
-          coeffs_for_shape=coeffs_for_shape)),
+          coeffs_for_shape=coeffs_for_shape, distributed=distributed)),
       ('scale_by_shape', T.scale_by_shape('moonlight', matrix_specs=specs)),
       ('scale_by_learning_rate', optax.scale_by_learning_rate(learning_rate)),
       ('weight_decay', T.decoupled_weight_decay(
@@ -223,9 +235,20 @@ _AUON_REFERENCES = {
 }
 
 
+def _no_matrix_function(distributed):
+  """AuON has no matrix function to distribute: every stage is elementwise
+  or a per-matrix norm, exact on parameter-sharded arrays under GSPMD. The
+  argument is accepted (and checked) so configs can switch recipes."""
+  if distributed is not None and not isinstance(distributed,
+                                                sharding.Distributed):
+    raise ValueError('auon: distributed must be an orthax.sharding.'
+                     f'Distributed or None, got {type(distributed).__name__}.')
+  return None
+
+
 def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
           mu_dtype, weight_decay, adam_learning_rate, adam_b1, adam_b2,
-          adam_eps, router, check_finite):
+          adam_eps, router, check_finite, distributed):
   name = 'hybrid_auon' if hybrid else 'auon'
   d = _check_reference(name, reference, _AUON_REFERENCES)
   router = router or routing.Router()
@@ -236,7 +259,7 @@ def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
   if hybrid:
     stages.append(('orthogonalize', T.orthogonalize(
         'jordan', steps=d['hybrid_steps'] if ns_steps is None else ns_steps,
-        ns_dtype=ns_dtype, matrix_specs=specs)))
+        ns_dtype=ns_dtype, matrix_specs=specs, distributed=distributed)))
     normalize, brake = False, d['hybrid_brake']
   else:
     normalize, brake = d['normalize'], d['brake_input']
@@ -268,6 +291,7 @@ def auon(
     adam_b2: float = 0.95,
     adam_eps: float = 1e-8,
     router: routing.Router | Callable[[Any], Any] | None = None,
+    distributed: Any = None,
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
   r"""AuON: momentum divided by its cosh-RMS — linear time, no SVD or NS.
@@ -288,11 +312,15 @@ def auon(
   vectors too; that is not reproduced. For realistic sizes ``r ≈ 1``
   (``r - 1 ≈ γ²/2N``): the paper form is Frobenius-normalized momentum SGD.
 
+  ``distributed`` is accepted so configs can switch recipes; AuON has no
+  matrix function, so nothing is distributed (its norms are exact on the
+  parameter-sharded arrays).
+
   References: D. Maity, arXiv 2509.24320; github.com/ryyzn9/AuON.
   """
   return _auon(False, learning_rate, reference, beta, gamma, None, None,
                mu_dtype, weight_decay, adam_learning_rate, adam_b1, adam_b2,
-               adam_eps, router, check_finite)
+               adam_eps, router, check_finite, _no_matrix_function(distributed))
 
 
 @register('hybrid_auon', references=tuple(_AUON_REFERENCES))
@@ -311,6 +339,7 @@ def hybrid_auon(
     adam_b2: float = 0.95,
     adam_eps: float = 1e-8,
     router: routing.Router | Callable[[Any], Any] | None = None,
+    distributed: Any = None,
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
   r"""Hybrid-AuON: a few Newton–Schulz steps, then AuON's cosh brake.
@@ -325,7 +354,9 @@ def hybrid_auon(
     ``r = \sqrt{mean\,cosh(1.5·O/(‖O‖_F + 1e-7))²}``, no shape scale.
 
   Non-matrix parameters take AdamW, as in :func:`auon`.
+  ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
+  steps on whole matrices per device.
   """
   return _auon(True, learning_rate, reference, beta, gamma, ns_steps,
                ns_dtype, mu_dtype, weight_decay, adam_learning_rate, adam_b1,
-               adam_b2, adam_eps, router, check_finite)
+               adam_b2, adam_eps, router, check_finite, distributed)

@@ -19,6 +19,7 @@ import optax
 
 from orthax import _tree
 from orthax import matrices
+from orthax import sharding
 from orthax.matrices import MatrixSpec
 from orthax.polar import spectral as _spectral
 
@@ -120,21 +121,42 @@ def clip_threshold(
   return out
 
 
+def soft_clip_flops(steps: int) -> Any:
+  """``(m, n, dtype) -> FLOPs`` of :func:`orthax.polar.soft_clip_matrix`
+  with at most ``steps`` steps: ``XXᵀ`` and the final ``ZX`` (``4m²n``,
+  ``m ≤ n``) plus three ``m×m`` products per step (``6m³``)."""
+  def flops(m, n, dtype):
+    del dtype
+    m, n = min(m, n), max(m, n)
+    return 4 * m * m * n + steps * 6 * m ** 3
+  return flops
+
+
 def _clip_leaves(leaves, specs, c_t, apply_to, steps, step_rule, shared_bound,
-                 group):
+                 group, distributed=None, paths=None, pspecs=None):
   """``H_c`` on every matrix leaf, the vector rule (``apply_to='all'``) on the
   others; ``None`` where a leaf is left alone. Returns (clipped, processed)."""
   clip = lambda x: _spectral.soft_clip_matrix(
       x, c_t, steps=steps, step_rule=step_rule, shared_bound=shared_bound)
   out: list[Any] = [None] * len(leaves)
   mat_idx = [i for i, s in enumerate(specs) if s is not None]
-  mats = [matrices.to_matrices(leaves[i], specs[i]) for i in mat_idx]
-  if group and not shared_bound:  # per-matrix bounds: stacking is exact
-    clipped = matrices.map_grouped(clip, mats)
+  if distributed is not None:
+    done = sharding.distributed_orthogonalize(
+        [leaves[i] for i in mat_idx], [specs[i] for i in mat_idx],
+        distributed, clip, paths=[paths[i] for i in mat_idx],
+        param_specs=[pspecs[i] for i in mat_idx],
+        plan_kw=dict(matrix_flops=soft_clip_flops(
+            steps if isinstance(steps, int) else _spectral.DEFAULT_STEPS)))
+    for i, y in zip(mat_idx, done):
+      out[i] = y
   else:
-    clipped = [clip(m) for m in mats]
-  for i, y in zip(mat_idx, clipped):
-    out[i] = matrices.from_matrices(y, specs[i], leaves[i].shape)
+    mats = [matrices.to_matrices(leaves[i], specs[i]) for i in mat_idx]
+    if group and not shared_bound:  # per-matrix bounds: stacking is exact
+      clipped = matrices.map_grouped(clip, mats)
+    else:
+      clipped = [clip(m) for m in mats]
+    for i, y in zip(mat_idx, clipped):
+      out[i] = matrices.from_matrices(y, specs[i], leaves[i].shape)
   if apply_to == 'all':
     for i, s in enumerate(specs):
       if s is None:
@@ -164,6 +186,7 @@ def spectral_clip(
     total_steps: int | jax.Array = 0,
     matrix_specs: _tree.SpecsLike = None,
     group: bool = True,
+    distributed: sharding.Distributed | None = None,
 ) -> optax.GradientTransformation:
   r"""SPECTRA post-clip: soft-clips the direction of *any* optimizer's step.
 
@@ -205,8 +228,21 @@ def spectral_clip(
     matrix_specs: see :func:`resolve_clip_specs` (default: every leaf of rank
       ≥ 2 is a batch of ``(in, out)`` matrices).
     group: clip same-shape matrices from all leaves in one stacked call.
+    distributed: an :class:`orthax.sharding.Distributed`: the clip runs on
+      whole matrices per device, planned and moved as Newton–Schulz is
+      (``a2a``/``local``/``replicated``; ``H_c(Xᵀ) = H_c(X)ᵀ`` and
+      ``H_c(0) = 0`` keep the transposes and the zero padding exact). With
+      the default ``tol`` each device stops when *its* matrices are
+      certified converged, so results match one device to that tolerance.
+      Not with ``shared_bound`` (one bound over a leaf's whole batch) nor
+      the ``gram`` strategy.
   """
   _check_apply_to(apply_to)
+  if distributed is not None and shared_bound:
+    raise ValueError('spectral_clip: shared_bound=True takes one bound over '
+                     "each leaf's whole batch of matrices, which "
+                     'distributed= splits across devices; use '
+                     'shared_bound=False.')
   if step_rule not in _spectral.STEP_RULES:
     raise ValueError(f'step_rule must be one of {_spectral.STEP_RULES}, got '
                      f'{step_rule!r}.')
@@ -219,8 +255,10 @@ def spectral_clip(
   def update_fn(updates, state, params=None):
     count = state.count
     new_state = SpectralClipState(count=optax.safe_increment(count))
-    leaves, treedef = jax.tree.flatten(updates)
+    paths, leaves, treedef = _tree.leaves_with_paths(updates)
     specs = resolve_clip_specs(matrix_specs, updates, 'spectral_clip')
+    pspecs = (None if distributed is None
+              else sharding.specs_for(updates, distributed))
     c_t = clip_threshold(
         c, count, learning_rate=learning_rate,
         base_learning_rate=base_learning_rate, warmup_steps=warmup_steps,
@@ -254,8 +292,11 @@ def spectral_clip(
     dirs = [direction(d, w) if (s is not None or apply_to == 'all') else None
             for d, w, s in zip(leaves, ws, specs)]
     todo = [i for i, u in enumerate(dirs) if u is not None]
-    clipped = _clip_leaves([dirs[i] for i in todo], [specs[i] for i in todo],
-                           c_t, apply_to, steps, step_rule, shared_bound, group)
+    clipped = _clip_leaves(
+        [dirs[i] for i in todo], [specs[i] for i in todo], c_t, apply_to,
+        steps, step_rule, shared_bound, group, distributed,
+        paths=[paths[i] for i in todo],
+        pspecs=None if pspecs is None else [pspecs[i] for i in todo])
     out = list(leaves)
     for i, h in zip(todo, clipped):
       d, w, s = leaves[i], ws[i], specs[i]
