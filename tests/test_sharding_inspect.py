@@ -1,0 +1,202 @@
+"""orthax.sharding.plan of an optimizer, a config or a Distributed: tracing
+only, no devices needed (an 8-device ``AbstractMesh``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
+
+import orthax
+from orthax import sharding
+from orthax import transforms
+from orthax.sharding import _inspect
+from orthax.matrices import MatrixSpec
+
+K = MatrixSpec()
+MESH8 = AbstractMesh((8,), ('fsdp',))
+MESH42 = AbstractMesh((4, 2), ('fsdp', 'tp'))
+
+
+PLAN_SHAPES = {  # (shape, PartitionSpec on MESH8, MatrixSpec or None: AdamW)
+    'blocks': {
+        'a': {'kernel': ((64, 128), P('fsdp', None), K)},
+        'b': {'kernel': ((128, 64), P('fsdp', None), K)},  # tall: transposed
+        'sq': {'kernel': ((128, 128), P(None, 'fsdp'), K)},
+        'scan': {'kernel': ((3, 64, 128), P(None, 'fsdp', None),
+                            MatrixSpec.stacked(0)),
+                 'bias': ((3, 128), P(), None)},
+    },
+    'embed': {'embedding': ((40, 64), P(None, 'fsdp'), None)},
+}
+
+
+def _matrices(tree):
+  if isinstance(tree, dict):
+    out = {k: _matrices(v) for k, v in tree.items()}
+    return {k: v for k, v in out.items() if v is not None}
+  return tree if tree[2] is not None else None
+
+
+def _plan_tree(fn, matrices_only=False):
+  is_entry = lambda x: isinstance(x, tuple) and isinstance(x[1], P)
+  tree = _matrices(PLAN_SHAPES) if matrices_only else PLAN_SHAPES
+  return jax.tree.map(fn, tree, is_leaf=is_entry)
+
+
+def _plan_params(matrices_only=False, mesh=None):
+  sh = (lambda e: {} if mesh is None
+        else dict(sharding=jax.sharding.NamedSharding(mesh, e[1])))
+  return _plan_tree(lambda e: jax.ShapeDtypeStruct(e[0], jnp.float32, **sh(e)),
+                    matrices_only)
+
+
+PLAN_DIST = sharding.Distributed(MESH8, _plan_tree(lambda e: e[1]))
+MSPECS = _plan_tree(lambda e: e[2], matrices_only=True)
+
+
+def _layout(p):
+  """Everything of a plan but its FLOPs."""
+  return [(g.strategy, g.m, g.n, g.paths, g.transposed, g.count,
+           g.local_count, g.padded, g.padding, g.split_axes,
+           g.bytes_per_device, g.collectives) for g in p.groups]
+
+
+@pytest.mark.parametrize('name', ['muon', 'normuon'])
+def test_plan_of_recipe_equals_distributed_form(name):
+  tx = orthax.recipe(name, learning_rate=0.02, distributed=PLAN_DIST)
+  got = sharding.plan(tx, _plan_params())
+  # The matrix leaves only (biases and the embedding go to AdamW), with the
+  # transform's own FLOP model (jordan, 5 steps, method 'auto').
+  ref = sharding.plan(PLAN_DIST, _plan_params(True), MSPECS, steps=5,
+                      method='auto')
+  assert got == ref
+  assert _layout(got) == _layout(
+      sharding.plan(PLAN_DIST, _plan_params(True), MSPECS))
+  assert [g.strategy for g in got.groups] == ['a2a'] * 3
+  assert got.group_of('blocks/scan/kernel').padded == 8  # 1 + 3 → 8 shards
+  # Rectangular f32 matrices take the Gram iteration: fewer FLOPs than the
+  # default (standard) model; the square one does not.
+  default = sharding.plan(PLAN_DIST, _plan_params(True), MSPECS)
+  assert got.group_of('blocks/a/kernel').flops_per_device < (
+      default.group_of('blocks/a/kernel').flops_per_device)
+  assert got.group_of('blocks/sq/kernel') == default.group_of(
+      'blocks/sq/kernel')
+
+
+@pytest.mark.parametrize('name', ['muon', 'normuon'])
+def test_plan_flops_follow_the_transform(name):
+  default = sharding.plan(PLAN_DIST, _plan_params(True), MSPECS)  # 5 steps
+  three = sharding.plan(orthax.recipe(name, learning_rate=0.02, ns_steps=3,
+                                      distributed=PLAN_DIST), _plan_params())
+  assert _layout(three) == _layout(default)
+  sq, sq5 = three.group_of('blocks/sq/kernel'), default.group_of(
+      'blocks/sq/kernel')  # square: 'auto' is the standard iteration
+  assert sq.flops_per_device * 5 == sq5.flops_per_device * 3
+  standard = sharding.plan(orthax.recipe(
+      name, learning_rate=0.02, ns_method='standard', distributed=PLAN_DIST),
+                           _plan_params())
+  assert standard == default
+  # A bf16 iteration: 'auto' keeps the standard iteration everywhere.
+  bf16 = sharding.plan(orthax.recipe(
+      name, learning_rate=0.02, ns_dtype=jnp.bfloat16, distributed=PLAN_DIST),
+                       _plan_params())
+  assert bf16 == default
+
+
+def test_plan_of_config_equals_plan_of_recipe():
+  config = {'name': 'normuon', 'learning_rate': 0.02,
+            'adam_learning_rate': None, 'weight_decay': 0.1,
+            'adam_weight_decay': None, 'kwargs': {'ns_steps': 3}}
+  got = sharding.plan(config, _plan_params(), distributed=PLAN_DIST)
+  tx = orthax.recipe('normuon', learning_rate=0.02, weight_decay=0.1,
+                     ns_steps=3, distributed=PLAN_DIST)
+  assert got == sharding.plan(tx, _plan_params())
+
+
+def test_plan_reads_explicit_shardings():
+  mesh = AbstractMesh((8,), ('fsdp',),
+                      axis_types=(jax.sharding.AxisType.Explicit,))
+  tx = orthax.recipe('muon', learning_rate=0.02,
+                     distributed=sharding.Distributed(mesh))  # specs: arrays
+  got = sharding.plan(tx, _plan_params(mesh=mesh))
+  assert _layout(got) == _layout(sharding.plan(PLAN_DIST, _plan_params(True),
+                                               MSPECS))
+
+
+def test_plan_merges_every_distributed_orthogonalization():
+  params = _plan_params(True)
+  orth = lambda d: transforms.orthogonalize(matrix_specs=MSPECS,
+                                            distributed=d)
+  one = sharding.plan(orth(PLAN_DIST), params)
+  two = sharding.plan(optax.chain(orth(PLAN_DIST), orth(PLAN_DIST)), params)
+  assert two.groups == one.groups * 2
+  assert two.flops_per_device == 2 * one.flops_per_device
+  dist42 = sharding.Distributed(MESH42, PLAN_DIST.param_specs)
+  with pytest.raises(ValueError, match='several meshes'):
+    sharding.plan(optax.chain(orth(PLAN_DIST), orth(dist42)), params)
+
+
+def test_plan_records_only_when_asked():
+  leaves = [jax.ShapeDtypeStruct((64, 128), jnp.float32)]
+  run = lambda: jax.eval_shape(lambda x: sharding.distributed_orthogonalize(
+      x, [K], PLAN_DIST, lambda s: s, param_specs=[P('fsdp')]), leaves)
+  run()  # not recording: nothing kept, nothing raised
+  with _inspect.recording() as plans:
+    run()
+  assert len(plans) == 1 and plans[0].groups[0].paths == ('0',)
+  _inspect.record(plans[0])  # outside: a no-op
+  assert len(plans) == 1
+
+
+def test_plan_errors():
+  params = _plan_params()
+  for tx in (optax.adamw(1e-3), orthax.recipe('muon', learning_rate=0.02)):
+    with pytest.raises(sharding.NotDistributedError, match='distributed='):
+      sharding.plan(tx, params)
+  with pytest.raises(ValueError, match='distributed='):
+    sharding.plan({'name': 'muon', 'learning_rate': 0.02}, params)
+  with pytest.raises(ValueError, match='Unknown recipe'):
+    sharding.plan({'name': 'adamw', 'learning_rate': 0.02}, params,
+                  distributed=PLAN_DIST)
+  with pytest.raises(sharding.NotDistributedError,
+                     match='no distributed orthogonalization'):
+    sharding.plan({'name': 'auon', 'learning_rate': 0.02}, params,
+                  distributed=PLAN_DIST)
+  for bad in ('muon', 3, None):
+    with pytest.raises(TypeError, match='GradientTransformation'):
+      sharding.plan(bad, params)
+  tx = orthax.recipe('muon', learning_rate=0.02, distributed=PLAN_DIST)
+  with pytest.raises(ValueError, match='steps'):
+    sharding.plan(tx, params, steps=3)
+  with pytest.raises(ValueError, match='matrix_specs'):
+    sharding.plan(tx, params, MSPECS)
+  with pytest.raises(ValueError, match='its own distributed'):
+    sharding.plan(tx, params, distributed=PLAN_DIST)
+
+
+def test_plan_prints_one_row_per_group():
+  p = sharding.plan(orthax.recipe('normuon', learning_rate=0.02,
+                                  distributed=PLAN_DIST), _plan_params())
+  lines = str(p).splitlines()
+  assert lines[0].startswith(f'orthax sharding plan: {len(p.groups)} groups')
+  rows = lines[3:-1]
+  assert [r.split()[0] for r in rows] == [str(i) for i in range(len(p.groups))]
+  assert lines[-1].startswith('total')
+
+
+def test_dry_run_report_prints_the_plan():
+  pytest.importorskip('ml_collections')
+  pytest.importorskip('orbax.checkpoint')
+  from orthax.train import dry_run  # pylint: disable=g-import-not-at-top
+  r = dict(hardware='cpu', mesh={'fsdp': 8}, devices=8, num_layers=1,
+           params=1e6, param_bytes=1.0, opt_state_bytes=1.0,
+           argument_bytes=1.0, temp_bytes=1.0, xla_flops=1.0, model_flops=1.0,
+           collectives={}, collective_bytes=0.0, compile_seconds=1.0)
+  assert 'sharding plan' not in dry_run.format_report(dict(r, plan=None))
+  text = str(sharding.plan(PLAN_DIST, _plan_params(True), MSPECS))
+  report = dry_run.format_report(dict(r, plan=text))
+  assert all(line in report for line in text.splitlines())
