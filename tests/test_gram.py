@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from orthax import polar
 from orthax.polar.gram import gram_flops
 from orthax.polar.gram import gram_newton_schulz
 from orthax.polar.gram import prefer_gram
@@ -195,3 +196,16 @@ def test_validation():
     gram_newton_schulz(x, normalizer='spectral')
   with pytest.raises(ValueError, match=r'\[\.\.\., m, n\]'):
     gram_newton_schulz(jnp.ones(4))
+
+
+def test_flops_of_a_column_block_and_gram_products():
+  """``col_shards``: the ``m×n`` products shrink with the block, the ``m×m``
+  work does not; Gram products are one per block of steps."""
+  m, n, g = 64, 512, 8
+  assert polar.standard_flops(m, n, 5, col_shards=g) == 5 * (
+      4 * m * m * n // g + 2 * m**3)
+  assert polar.standard_flops(n, m, 5, col_shards=g) == (
+      polar.standard_flops(m, n, 5, col_shards=g))
+  assert polar.gram_flops(m, n, 5, 2, col_shards=g) == (
+      3 * (4 * m * m * n // g + 2 * m**3) + 2 * 8 * m**3)
+  assert [polar.gram_products(5, r) for r in (1, 2, 3, None)] == [5, 3, 2, 1]

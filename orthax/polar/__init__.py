@@ -14,6 +14,7 @@ from orthax.polar.dispatch import choose_method
 from orthax.polar.dispatch import orthogonalize_stack
 from orthax.polar.gram import gram_flops
 from orthax.polar.gram import gram_newton_schulz
+from orthax.polar.gram import gram_products
 from orthax.polar.gram import prefer_gram
 from orthax.polar.gram import standard_flops
 from orthax.polar.newton_schulz import NORMALIZERS
@@ -32,7 +33,7 @@ from orthax.polar.spectral import soft_clip_vector
 
 __all__ = [
     'METHODS', 'NORMALIZERS', 'Preset', 'choose_method', 'get_preset',
-    'gram_flops', 'gram_newton_schulz', 'newton_schulz',
+    'gram_flops', 'gram_newton_schulz', 'gram_products', 'newton_schulz',
     'orthogonalize_stack', 'prefer_gram', 'standard_flops',
     'normalize_frobenius', 'optimal_quintic', 'polar_express_coefficients',
     'polar_svd', 'preset_names',

@@ -107,31 +107,42 @@ def _num_blocks(steps: int, restart_every: int | None) -> int:
   return -(-steps // restart_every)
 
 
-def standard_flops(m: int, n: int, steps: int) -> int:
+def standard_flops(m: int, n: int, steps: int, col_shards: int = 1) -> int:
   """Matmul FLOPs of :func:`newton_schulz` on one ``m×n`` matrix.
 
   Per step ``A = XXᵀ`` (``2m²n``), ``A²`` (``2m³``) and ``(bA + cA²)X``
   (``2m²n``) in the wide orientation (``m ≤ n`` after swapping); a
   ``(p×q)·(q×r)`` product counts ``2pqr``; element-wise work and the
-  normalizer are ignored.
+  normalizer are ignored. ``col_shards``: the FLOPs of one device holding
+  an ``m × n/col_shards`` column block (``col_reduce``); the ``m×m`` work is
+  replicated.
   """
-  m, n = min(m, n), max(m, n)
+  m, n = min(m, n), max(m, n) // col_shards
   return steps * (4 * m * m * n + 2 * m ** 3)
 
 
+def gram_products(steps: int,
+                  restart_every: int | None = DEFAULT_RESTART_EVERY) -> int:
+  """How many Gram matrices ``XXᵀ`` :func:`gram_newton_schulz` forms: one
+  per block of ``restart_every`` steps (one per step for the plain
+  iteration, which is ``restart_every=1``)."""
+  return _num_blocks(steps, _check_restart(restart_every))
+
+
 def gram_flops(m: int, n: int, steps: int,
-               restart_every: int | None = DEFAULT_RESTART_EVERY) -> int:
+               restart_every: int | None = DEFAULT_RESTART_EVERY,
+               col_shards: int = 1) -> int:
   """Matmul FLOPs of :func:`gram_newton_schulz` on one ``m×n`` matrix.
 
   The ``steps`` split into ``B = ⌈steps / restart_every⌉`` blocks (one block
   if ``restart_every`` is ``None``/0). Each block forms ``R = XXᵀ`` and
   ``X ← QX`` (``4m²n``); its first step needs only ``R²`` (``2m³``, then
   ``Q = P``) and every further step ``R ← P(RP)``, ``R²``, ``Q ← QP``
-  (``8m³``). Same conventions as :func:`standard_flops`.
+  (``8m³``). Same conventions (and ``col_shards``) as
+  :func:`standard_flops`.
   """
-  restart_every = _check_restart(restart_every)
-  m, n = min(m, n), max(m, n)
-  blocks = _num_blocks(steps, restart_every)
+  m, n = min(m, n), max(m, n) // col_shards
+  blocks = gram_products(steps, restart_every)
   return (blocks * (4 * m * m * n + 2 * m ** 3)
           + (steps - blocks) * 8 * m ** 3)
 
@@ -234,5 +245,6 @@ def gram_newton_schulz(
   return st.finish(mm(q, x))              # X ← Q X of the last block
 
 
-__all__ = ['gram_newton_schulz', 'gram_flops', 'standard_flops',
+__all__ = ['gram_newton_schulz', 'gram_flops', 'gram_products',
+           'standard_flops',
            'prefer_gram', 'DEFAULT_RESTART_EVERY']

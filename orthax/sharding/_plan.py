@@ -257,26 +257,6 @@ def default_matrix_flops(steps: int = 5, method: str = 'standard',
   return flops
 
 
-def _gram_reductions(m, n, dtype, steps, method, restart_every, ns_dtype):
-  """``(method, Gram products)`` of Newton–Schulz on one ``m×n`` matrix."""
-  dt = dtype if ns_dtype is None else ns_dtype
-  meth = _dispatch.choose_method(m, n, steps, dt, method, restart_every)
-  if meth == 'gram':
-    return meth, _gram._num_blocks(steps, _gram._check_restart(restart_every))
-  return meth, steps
-
-
-def _column_block_flops(m, n_local, steps, meth, restart_every) -> int:
-  """Matmul FLOPs on one device of tensor-parallel Newton–Schulz: the
-  ``m×n`` products act on the ``m × n_local`` block, the ``m×m`` work is
-  replicated (conventions of :func:`orthax.polar.standard_flops`)."""
-  if meth == 'standard':
-    return steps * (4 * m * m * n_local + 2 * m ** 3)
-  blocks = _gram._num_blocks(steps, _gram._check_restart(restart_every))
-  return (blocks * (4 * m * m * n_local + 2 * m ** 3)
-          + (steps - blocks) * 8 * m ** 3)
-
-
 def plan_orthogonalize(
     leaves: Sequence[LeafInfo | tuple],
     mesh,
@@ -404,25 +384,31 @@ def plan_orthogonalize(
     G = prod(split)
     padded = local_count if s == 'gram' else -(-local_count // G) * G
     wire = _wire_dtype(comm_dtype, dtype)
-    mf = int(matrix_flops(m, n, dtype))
     per_dev = padded // G if s in ('a2a', 'replicated') else local_count
     if s == 'gram':
-      meth, grams = _gram_reductions(m, n, dtype, steps, method,
-                                     restart_every, ns_dtype)
-      mf = _column_block_flops(m, n // G, steps, meth, restart_every)
+      meth = _dispatch.choose_method(
+          m, n, steps, dtype if ns_dtype is None else ns_dtype, method,
+          restart_every)
+      if meth == 'gram':
+        mf = _gram.gram_flops(m, n, steps, restart_every, col_shards=G)
+        grams = _gram.gram_products(steps, restart_every)
+      else:
+        mf, grams = _gram.standard_flops(m, n, steps, col_shards=G), steps
       wire = jnp.promote_types(dtype if ns_dtype is None else ns_dtype,
                                jnp.float32)
       nbytes = (2 * (G - 1) / G * local_count * (grams * m * m + 1)
                 * wire.itemsize)
       ncoll = grams + 1
-    elif s == 'a2a':
-      nbytes = 2 * (G - 1) / G * padded * (m * n // G) * wire.itemsize
-      ncoll = 2
-    elif s == 'replicated':
-      nbytes = (G - 1) / G * padded * m * n * wire.itemsize
-      ncoll = 1
     else:
-      nbytes, ncoll = 0.0, 0
+      mf = int(matrix_flops(m, n, dtype))
+      if s == 'a2a':
+        nbytes = 2 * (G - 1) / G * padded * (m * n // G) * wire.itemsize
+        ncoll = 2
+      elif s == 'replicated':
+        nbytes = (G - 1) / G * padded * m * n * wire.itemsize
+        ncoll = 1
+      else:
+        nbytes, ncoll = 0.0, 0
     groups.append(GroupPlan(
         strategy=s, m=m, n=n, dtype=dtype,
         leaves=tuple(mb[0] for mb in members),
