@@ -1,5 +1,6 @@
 """orthax: orthogonalized optimizers (the Muon family) for JAX and Optax."""
 
+from orthax import matrix_stages
 from orthax import polar
 from orthax.matrices import MatrixSpec
 from orthax.recipes import auon
@@ -39,7 +40,8 @@ __version__ = '0.1.0'
 __all__ = [
     'DEFAULT_RULES', 'MatrixSpec', 'NonFiniteGradientError', 'Router', 'Rule',
     'check_finite', 'decoupled_weight_decay', 'describe', 'momentum', 'muon',
-    'orthogonalize', 'polar', 'recipe', 'recipe_factory', 'recipe_names',
+    'matrix_stages', 'orthogonalize', 'polar', 'recipe', 'recipe_factory',
+    'recipe_names',
     'recipe_references', 'scale_by_shape',
     'lanton', 'layerwise_noise_adapt', 'namo', 'namo_d', 'neuron_normalize',
     'noise_adapt', 'normuon', 'scale_to_rms',

@@ -5,7 +5,9 @@ GPT-2 small's 48 hidden matrices; scenarios ``fsdp8`` (first dim over 8),
 ``(12, m, n)``, matrix rows over fsdp=8: a2a), ``scan_local`` (same leaves,
 layer axis over fsdp=4 of a 4×2 mesh: local) and ``tp8`` (Megatron layout
 over tp=8: the long dimension of every matrix sharded, c_fc/qkv by columns,
-c_proj/attn proj by rows; strategies ``a2a`` and ``gram``). Rows:
+c_proj/attn proj by rows; strategies ``a2a`` and ``gram``) and
+``fsdp8_normuon`` (fsdp8 with NorMuon's neuron statistics, Frobenius restore
+and shape scale run as matrix stages in the same body; no optax row). Rows:
 optax.contrib scale_by_muon left to GSPMD, and orthax's strategies with f32
 and bf16 on the wire. Columns are per device, read from the compiled program
 (MEASURING.md §2): GFLOP (orthax's Newton–Schulz runs in a ``fori_loop``
@@ -39,11 +41,13 @@ from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from orthax import matrix_stages as MS
 from orthax import sharding
 from orthax.benchmarking import gpt2_hidden_kernels
 from orthax.matrices import MatrixSpec
 from orthax.polar import orthogonalize_stack
 from orthax.sharding import hlo
+from orthax.transforms.matrix_stage import leaf_state_shape
 
 MiB = 2.0**20
 STEPS = 5
@@ -55,8 +59,15 @@ def _flat(tree):
   return {jax.tree_util.keystr(p): s for p, s in flat}
 
 
+# Scenarios that add matrix stages to another one's layout.
+STAGED = {'fsdp8_normuon': ('fsdp8', lambda: [
+    MS.NeuronNormalize(0.95), MS.ScaleByShape('keller')])}
+
+
 def scenario(name):
   """(mesh, {path: shape}, {path: spec}, {path: MatrixSpec}, strategies)."""
+  if name in STAGED:
+    return scenario(STAGED[name][0])
   kernels = _flat(gpt2_hidden_kernels())
   if name == 'tp8':
     mesh = jax.make_mesh((8,), ('tp',), axis_types=(AxisType.Auto,))
@@ -117,24 +128,39 @@ def _match(a, shapes, specs):
   return P()
 
 
-def orthax_rows(mesh, shapes, specs, mspecs, strategy='auto'):
+def _stage_states(stages, params, mspecs):
+  """Zero stage states (replicated), per stage, per leaf (flatten order)."""
+  out = []
+  for st in stages:
+    out.append([None if not st.stateful else jax.ShapeDtypeStruct(
+        leaf_state_shape(st, x.shape, mspecs[k]), jnp.float32)
+                for k, x in sorted(params.items())])
+  return out
+
+
+def orthax_rows(mesh, shapes, specs, mspecs, strategy='auto', stages=()):
   params, sh = _abstract(mesh, shapes, specs)
+  states = _stage_states(stages, params, mspecs)
   rows = {}
   for comm in (jnp.float32, jnp.bfloat16):
     dist = sharding.Distributed(mesh, param_specs=specs, comm_dtype=comm,
                                 strategy=strategy)
-    plan = sharding.plan(dist, params, mspecs, steps=STEPS)
-    ns = functools.partial(orthogonalize_stack, preset='jordan', steps=1,
-                           method='standard')
-    f = jax.jit(lambda u, dist=dist, ns=ns: sharding.orthogonalize_tree(
-        u, dist, ns, mspecs), out_shardings=sh)
-    ns5 = functools.partial(orthogonalize_stack, preset='jordan',
-                            steps=STEPS, method='standard')
-    f5 = jax.jit(lambda u, dist=dist, ns=ns5: sharding.orthogonalize_tree(
-        u, dist, ns, mspecs), out_shardings=sh)
+    plan = sharding.plan(dist, params, mspecs, steps=STEPS, stages=stages)
+
+    def jitted(steps, dist=dist):
+      ns = functools.partial(orthogonalize_stack, preset='jordan',
+                             steps=steps, method='standard')
+      if not stages:
+        return jax.jit(lambda u, s: sharding.orthogonalize_tree(
+            u, dist, ns, mspecs), out_shardings=sh)
+      return jax.jit(lambda u, s: sharding.orthogonalize_tree(
+          u, dist, ns, mspecs, stages=stages, stage_states=s)[0],
+                     out_shardings=sh)
+
+    f, f5 = jitted(1), jitted(STEPS)
     if comm == jnp.float32:
-      m = hlo.measure(f, params)
-      text = f5.lower(params).compile().as_text()
+      m = hlo.measure(f, params, states)
+      text = f5.lower(params, states).compile().as_text()
       ops = hlo.per_step(hlo.collectives(text), text)
       m['summary'] = hlo.summarize(ops)
       m['wire_bytes'] = sum(o['wire_bytes'] for o in ops)
@@ -144,7 +170,7 @@ def orthax_rows(mesh, shapes, specs, mspecs, strategy='auto'):
     else:
       # The lowered program shows a loop body once; only gram has
       # collectives in the loop, and it sends float32 whatever comm_dtype.
-      low = hlo.lowered_collectives(f.lower(params).as_text(),
+      low = hlo.lowered_collectives(f.lower(params, states).as_text(),
                                     mesh.devices.size)
       wire = sum(o['wire_bytes'] for o in low if o['op'] != 'all-reduce')
       if any(g.strategy == 'gram' for g in plan.groups):
@@ -165,7 +191,8 @@ def run(names, with_optax=True):
   print('|---|---|---|---|---|---|---|---|---|')
   for name in names:
     mesh, shapes, specs, mspecs, strategies = scenario(name)
-    if with_optax:
+    stages = STAGED[name][1]() if name in STAGED else ()
+    if with_optax and not stages:
       r = optax_row(mesh, shapes, specs, mspecs)
       m = r['m']
       print(f"| {name} | optax.contrib scale_by_muon (GSPMD) | "
@@ -174,8 +201,10 @@ def run(names, with_optax=True):
             f"{m['wire_bytes'] / MiB:.1f} | - | - | "
             f"{(m['temp_bytes'] or 0) / MiB:.0f} |", flush=True)
     for strategy in strategies:
-      rows = orthax_rows(mesh, shapes, specs, mspecs, strategy)
+      rows = orthax_rows(mesh, shapes, specs, mspecs, strategy, stages)
       r, b = rows['f32'], rows['bf16']
+      if stages:
+        r['label'] += ' + ' + '+'.join(st.name for st in stages)
       m = r['m']
       print(f"| {name} | {r['label']} | {r['flops'] / 1e9:.1f} | "
             f"{r['plan'].flops_per_device / 1e9:.1f} | "

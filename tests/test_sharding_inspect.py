@@ -11,6 +11,7 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 import orthax
+from orthax import matrix_stages as MS
 from orthax import sharding
 from orthax import transforms
 from orthax.sharding import _inspect
@@ -65,6 +66,13 @@ def _layout(p):
            g.bytes_per_device, g.collectives) for g in p.groups]
 
 
+# The matrix stages each recipe runs in its orthogonalize pass.
+RECIPE_STAGES = {
+    'muon': lambda: [MS.ScaleByShape('keller')],
+    'normuon': lambda: [MS.NeuronNormalize(), MS.ScaleByShape('keller')],
+}
+
+
 @pytest.mark.parametrize('name', ['muon', 'normuon'])
 def test_plan_of_recipe_equals_distributed_form(name):
   tx = orthax.recipe(name, learning_rate=0.02, distributed=PLAN_DIST)
@@ -72,15 +80,20 @@ def test_plan_of_recipe_equals_distributed_form(name):
   # The matrix leaves only (biases and the embedding go to AdamW), with the
   # transform's own FLOP model (jordan, 5 steps, method 'auto').
   ref = sharding.plan(PLAN_DIST, _plan_params(True), MSPECS, steps=5,
-                      method='auto')
+                      method='auto', stages=RECIPE_STAGES[name]())
   assert got == ref
   assert _layout(got) == _layout(
-      sharding.plan(PLAN_DIST, _plan_params(True), MSPECS))
+      sharding.plan(PLAN_DIST, _plan_params(True), MSPECS,
+                          stages=RECIPE_STAGES[name]()))
   assert [g.strategy for g in got.groups] == ['a2a'] * 3
+  # Two all-to-alls per group; NorMuon's state adds one all-gather.
+  assert [g.collectives for g in got.groups] == (
+      [3 if name == 'normuon' else 2] * 3)
   assert got.group_of('blocks/scan/kernel').padded == 8  # 1 + 3 → 8 shards
   # Rectangular f32 matrices take the Gram iteration: fewer FLOPs than the
   # default (standard) model; the square one does not.
-  default = sharding.plan(PLAN_DIST, _plan_params(True), MSPECS)
+  default = sharding.plan(PLAN_DIST, _plan_params(True), MSPECS,
+                          stages=RECIPE_STAGES[name]())
   assert got.group_of('blocks/a/kernel').flops_per_device < (
       default.group_of('blocks/a/kernel').flops_per_device)
   assert got.group_of('blocks/sq/kernel') == default.group_of(
@@ -89,7 +102,8 @@ def test_plan_of_recipe_equals_distributed_form(name):
 
 @pytest.mark.parametrize('name', ['muon', 'normuon'])
 def test_plan_flops_follow_the_transform(name):
-  default = sharding.plan(PLAN_DIST, _plan_params(True), MSPECS)  # 5 steps
+  default = sharding.plan(PLAN_DIST, _plan_params(True), MSPECS,
+                          stages=RECIPE_STAGES[name]())  # 5 steps
   three = sharding.plan(orthax.recipe(name, learning_rate=0.02, ns_steps=3,
                                       distributed=PLAN_DIST), _plan_params())
   assert _layout(three) == _layout(default)

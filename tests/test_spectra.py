@@ -333,3 +333,19 @@ def test_bad_inputs_name_the_leaf():
       orthax.spectral_clip(1.0, **kw)
   with pytest.raises(ValueError, match='reference'):
     orthax.spectra(reference='torch')
+
+
+@pytest.mark.parametrize('shape', [(64, 256), (256, 64), (96, 96)])
+def test_soft_clip_flop_model_matches_compiled_program(shape):
+  """The FLOP model a distributed SPECTRA plan uses (XXᵀ, ZX and three
+  m×m products per step) is what XLA counts for the soft clip. Two steps
+  keep the loop (XLA counts its body once: the model's one step); a single
+  step gets unrolled and its dead last product dropped."""
+  from orthax.transforms.spectral_clip import soft_clip_flops  # pylint: disable=g-import-not-at-top
+  x = jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
+  f = jax.jit(lambda a: orthax.polar.spectral.soft_clip_matrix(
+      a, 1.0, steps=2, tol=0))
+  ca = f.lower(x).compile().cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  want = soft_clip_flops(1)(*shape, jnp.float32)
+  assert abs(ca['flops'] / want - 1) <= 0.05, (ca['flops'], want)

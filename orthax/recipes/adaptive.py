@@ -9,6 +9,7 @@ import jax
 import optax
 
 from orthax import _tree
+from orthax import matrix_stages as MS
 from orthax import routing
 from orthax import transforms as T
 from orthax.recipes.registry import assemble
@@ -99,9 +100,10 @@ def normuon(
   ε = 1e-10 after bias correction), with ``learning_rate`` unless
   ``adam_learning_rate`` is given. Explicit arguments override the
   reference's defaults (``beta2``, ``preset``, ``weight_decay``).
-  ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
-  stage on whole matrices per device (the neuron statistics then run on the
-  parameter-sharded output, exact, under GSPMD).
+  ``distributed=orthax.sharding.Distributed(...)`` runs Newton–Schulz, the
+  neuron statistics, the Frobenius restore and the scale on whole matrices
+  per device, in one ``shard_map`` body per group (``then=`` stages of
+  :func:`orthax.orthogonalize`), so they equal the single-device ones.
 
   References: Li et al., arXiv 2510.05491; ALGORITHMS.md §3, §12.
   """
@@ -110,25 +112,20 @@ def normuon(
   specs = _specs(router)
   lr = learning_rate
   wd = d['weight_decay'] if weight_decay is None else weight_decay
+  # The neuron statistics, the Frobenius restore and the scale run on each
+  # orthogonalized matrix in the same pass (on a mesh: in the same body).
+  post = [MS.NeuronNormalize(
+      d['beta2'] if beta2 is None else beta2, eps, axis=d['axis'],
+      eps_placement=d['eps_placement'], restore_norm=d['restore_norm'])]
+  post.append(MS.ScaleToRms(scale_rms, eps) if reference == 'paper'
+              else MS.ScaleByShape('keller'))
   stages = [
       ('momentum', T.momentum(beta, form='ema', nesterov=d['nesterov'],
                               accumulator_dtype=mu_dtype)),
       ('orthogonalize', T.orthogonalize(
           d['preset'] if preset is None else preset, steps=ns_steps,
           ns_dtype=ns_dtype, method=ns_method, matrix_specs=specs,
-          distributed=distributed)),
-      ('neuron_normalize', T.neuron_normalize(
-          d['beta2'] if beta2 is None else beta2, eps, axis=d['axis'],
-          eps_placement=d['eps_placement'], restore_norm=d['restore_norm'],
-          matrix_specs=specs)),
-  ]
-  if reference == 'paper':
-    stages.append(('scale_to_rms', T.scale_to_rms(scale_rms, eps,
-                                                  matrix_specs=specs)))
-  else:
-    stages.append(('scale_by_shape', T.scale_by_shape('keller',
-                                                      matrix_specs=specs)))
-  stages += [
+          distributed=distributed, then=post)),
       ('scale_by_learning_rate', optax.scale_by_learning_rate(lr)),
       ('weight_decay', T.decoupled_weight_decay(
           wd, learning_rate=lr, cautious=reference == 'modded',
@@ -350,8 +347,8 @@ def lanton(
       ('orthogonalize', T.orthogonalize(preset, steps=ns_steps,
                                         ns_dtype=ns_dtype, method=ns_method,
                                         matrix_specs=specs,
-                                        distributed=distributed)),
-      ('scale_by_shape', T.scale_by_shape('spectral', matrix_specs=specs)))
+                                        distributed=distributed,
+                                        then=[MS.ScaleByShape('spectral')])))
   matrix = optax.named_chain(('layerwise_noise_adapt', T.layerwise_noise_adapt(
       T.momentum(beta, form='ema', nesterov=False,
                  accumulator_dtype=mu_dtype),

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import optax
 
+from orthax import matrix_stages as MS
 from orthax import routing
 from orthax import transforms as T
 from orthax.recipes.registry import assemble
@@ -138,9 +139,9 @@ def muon(
       ('orthogonalize', T.orthogonalize(preset, steps=ns_steps, eps=ns_eps,
                                         ns_dtype=ns_dtype, method=ns_method,
                                         matrix_specs=specs,
-                                        distributed=distributed)),
-      ('scale_by_shape', T.scale_by_shape(scale, rms=scale_rms,
-                                          matrix_specs=specs)),
+                                        distributed=distributed,
+                                        then=[MS.ScaleByShape(scale,
+                                                              scale_rms)])),
       # Not named 'learning_rate': that name is optax.inject_hyperparams' own,
       # and optax.tree.get(state, 'learning_rate') must find it unambiguously.
       ('scale_by_learning_rate', optax.scale_by_learning_rate(learning_rate)),

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import optax
 
+from orthax import matrix_stages as MS
 from orthax import routing
 from orthax import sharding
 from orthax import transforms as T
@@ -214,8 +215,8 @@ def root(
                                         matrix_specs=specs)),
       ('orthogonalize', T.orthogonalize(
           'jordan', steps=ns_steps, ns_dtype=ns_dtype, matrix_specs=specs,
-          coeffs_for_shape=coeffs_for_shape, distributed=distributed)),
-      ('scale_by_shape', T.scale_by_shape('moonlight', matrix_specs=specs)),
+          coeffs_for_shape=coeffs_for_shape, distributed=distributed,
+          then=[MS.ScaleByShape('moonlight')])),
       ('scale_by_learning_rate', optax.scale_by_learning_rate(learning_rate)),
       ('weight_decay', T.decoupled_weight_decay(
           weight_decay, learning_rate=learning_rate)),
@@ -257,17 +258,22 @@ def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
   stages = [('momentum', T.momentum(beta, form='ema', nesterov=True,
                                     accumulator_dtype=mu_dtype))]
   if hybrid:
+    # The brake and the scale need whole matrices: they run in the
+    # orthogonalize pass (on a mesh, in the same body).
     stages.append(('orthogonalize', T.orthogonalize(
         'jordan', steps=d['hybrid_steps'] if ns_steps is None else ns_steps,
-        ns_dtype=ns_dtype, matrix_specs=specs, distributed=distributed)))
-    normalize, brake = False, d['hybrid_brake']
+        ns_dtype=ns_dtype, matrix_specs=specs, distributed=distributed,
+        then=[MS.CoshNormalize(gamma, normalize=False,
+                               brake_input=d['hybrid_brake']),
+              MS.ScaleByShape(d['scale'])])))
   else:
-    normalize, brake = d['normalize'], d['brake_input']
+    stages += [
+        ('cosh_normalize', T.cosh_normalize(
+            gamma, normalize=d['normalize'], brake_input=d['brake_input'],
+            matrix_specs=specs)),
+        ('scale_by_shape', T.scale_by_shape(d['scale'], matrix_specs=specs)),
+    ]
   stages += [
-      ('cosh_normalize', T.cosh_normalize(gamma, normalize=normalize,
-                                          brake_input=brake,
-                                          matrix_specs=specs)),
-      ('scale_by_shape', T.scale_by_shape(d['scale'], matrix_specs=specs)),
       ('scale_by_learning_rate', optax.scale_by_learning_rate(learning_rate)),
       ('weight_decay', T.decoupled_weight_decay(
           weight_decay, learning_rate=learning_rate)),

@@ -19,8 +19,8 @@ from orthax.sharding._execute import run_group
 from orthax.sharding._execute import specs_for
 from orthax.sharding._inspect import NotDistributedError
 from orthax.sharding._inspect import plan
-from orthax.sharding._plan import STRATEGIES
-from orthax.sharding._plan import Distributed
+from orthax.sharding._distributed import STRATEGIES
+from orthax.sharding._distributed import Distributed
 from orthax.sharding._plan import GroupPlan
 from orthax.sharding._plan import LeafInfo
 from orthax.sharding._plan import Plan

@@ -22,12 +22,21 @@ own ``PartitionSpec``, so no resharding happens on the way in or out:
 
 ``ns_fn(stack)`` must accept the keywords ``col_reduce`` and ``col_shards``
 for ``gram`` (as :func:`orthax.polar.orthogonalize_stack` does).
+
+Matrix stages (:mod:`orthax.matrix_stages`: NorMuon's statistics and
+Frobenius restore, shape and RMS scales) run in the same body, right after
+Newton–Schulz, on the whole matrices the device holds (``gram``: on its
+column blocks, summing through ``Blocks.sum``). A stateful stage's
+per-matrix state enters replicated, is sliced to the device's matrices and
+leaves by one ``all_gather`` (``a2a``, ``replicated``); under ``local`` and
+``gram`` every device already updates its own part. The bodies are in
+:mod:`orthax.sharding._bodies`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,15 +46,16 @@ from jax.sharding import PartitionSpec as P
 
 from orthax import _tree
 from orthax import matrices
+from orthax import matrix_stages
+from orthax.sharding._bodies import BODIES
+from orthax.sharding._bodies import NSFn
 from orthax.sharding._inspect import record
-from orthax.sharding._plan import Distributed
+from orthax.sharding._distributed import Distributed
 from orthax.sharding._plan import GroupPlan
 from orthax.sharding._plan import LeafInfo
 from orthax.sharding._plan import Plan
 from orthax.sharding._plan import plan_orthogonalize
-
-NSFn = Callable[[jax.Array], jax.Array]
-
+from orthax.sharding._plan import spec_entries
 
 # Reading specs -------------------------------------------------------------
 
@@ -107,106 +117,117 @@ def specs_for(tree: Any, dist: Distributed) -> list[P]:
 # Executing ----------------------------------------------------------------
 
 
-def _a2a_body(g: GroupPlan, ns_fn: NSFn, ns_dtype) -> NSFn:
-  axes = g.split_axes
-  gr, gc = g.row_shards, g.col_shards
-  m, n, k = g.m, g.n, g.padded // g.shards
-  a_, b_ = m // gr, n // gc
-
-  def run(stack):  # [N, a_, b_] local pieces
-    N, dt = stack.shape[0], stack.dtype
-    x = stack.astype(g.wire_dtype)
-    if g.padded > N:
-      x = jnp.concatenate(
-          [x, jnp.zeros((g.padded - N, a_, b_), x.dtype)], axis=0)
-      # Keeps XLA from splitting the padded stack into per-destination
-      # operands (XLA:CPU then fails its verifier on mixed layouts).
-      x = jax.lax.optimization_barrier(x)
-    r = jax.lax.all_to_all(x, axes, 0, 0, tiled=True)
-    # r[s·k + i] = piece s (s = row-shard·gc + col-shard) of my i-th matrix.
-    full = (r.reshape(gr, gc, k, a_, b_).transpose(2, 0, 3, 1, 4)
-            .reshape(k, m, n))
-    y = ns_fn(full.astype(ns_dtype or dt)).astype(g.wire_dtype)
-    back = (y.reshape(k, gr, a_, gc, b_).transpose(1, 3, 0, 2, 4)
-            .reshape(g.padded, a_, b_))
-    out = jax.lax.all_to_all(back, axes, 0, 0, tiled=True)
-    return out[:N].astype(dt)
-
-  return run
+def _entry(axes: tuple[str, ...]):
+  return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def _replicated_body(g: GroupPlan, ns_fn: NSFn, ns_dtype) -> NSFn:
-  axes, k = g.split_axes, g.padded // g.shards
-
-  def run(stack):  # [N, m, n], the whole stack on every device
-    N, dt = stack.shape[0], stack.dtype
-    x = stack
-    if g.padded > N:
-      x = jnp.concatenate(
-          [x, jnp.zeros((g.padded - N,) + x.shape[1:], x.dtype)], axis=0)
-    idx = jax.lax.axis_index(axes)
-    mine = jax.lax.dynamic_slice_in_dim(x, idx * k, k, axis=0)
-    y = ns_fn(mine.astype(ns_dtype or dt)).astype(g.wire_dtype)
-    full = jax.lax.all_gather(y, axes, axis=0, tiled=True)
-    return full[:N].astype(dt)
-
-  return run
+def _constrain(x, mesh, spec: P):
+  sh = NamedSharding(mesh, spec)
+  if any(t == AxisType.Explicit for t in mesh.axis_types):
+    return jax.sharding.reshard(x, sh)
+  return jax.lax.with_sharding_constraint(x, sh)
 
 
-def _local_body(g: GroupPlan, ns_fn: NSFn, ns_dtype) -> NSFn:
-  del g
-  return lambda stack: ns_fn(stack.astype(ns_dtype or stack.dtype)).astype(
-      stack.dtype)
-
-
-def _gram_body(g: GroupPlan, ns_fn: NSFn, ns_dtype) -> NSFn:
-  axes = g.split_axes
-
-  def run(stack):  # [N, m, n/G]: this device's column block of each matrix
-    y = ns_fn(stack.astype(ns_dtype or stack.dtype),
-              col_reduce=lambda a: jax.lax.psum(a, axes),
-              col_shards=g.shards)
-    return y.astype(stack.dtype)
-
-  return run
-
-
-_BODIES = {'a2a': _a2a_body, 'replicated': _replicated_body,
-           'local': _local_body, 'gram': _gram_body}
+def _state_spec(g: GroupPlan, stage: matrix_stages.MatrixStage, x, ms, ps):
+  """``PartitionSpec`` of one leaf's ``batch + per-matrix`` stage state
+  inside the body: the leaf's batch sharding; the per-matrix part whole,
+  except under ``gram``, where a vector along a matrix axis keeps that
+  axis's (column-block) sharding."""
+  entries = spec_entries(ps, x.ndim)
+  batch, fi, fo = ms.resolve(x.shape)
+  _, n_in, n_out = ms.matrix_shape(x.shape)
+  shape = stage.state_shape(n_in, n_out)
+  tail = [None] * len(shape)
+  ax = stage.state_axis(n_in, n_out)
+  if g.strategy == 'gram' and ax is not None:
+    tail[-1] = _entry(entries[(fi if ax == -2 else fo)[0]])
+  return P(*([_entry(entries[d]) for d in batch] + tail))
 
 
 def run_group(g: GroupPlan, xs: Sequence[jax.Array],
               mspecs: Sequence[matrices.MatrixSpec], pspecs: Sequence[P],
-              mesh, ns_fn: NSFn, ns_dtype=None) -> list[jax.Array]:
-  """Orthogonalizes the group's leaves ``xs`` (global arrays); returns them
-  in the same shardings."""
-  stack_fn = _BODIES[g.strategy](g, ns_fn, ns_dtype)
+              mesh, ns_fn: NSFn, ns_dtype=None,
+              stages: Sequence[matrix_stages.MatrixStage] = (),
+              states: Sequence[Sequence[Any]] | None = None):
+  """Orthogonalizes the group's leaves ``xs`` (global arrays), then runs the
+  matrix ``stages`` on the whole matrices in the same body; returns the
+  leaves in the same shardings — and, with ``stages``, the new stage states
+  (``states[j][i]``: stage ``j``'s ``batch + per-matrix`` state of leaf
+  ``i``, ``None`` for a stateless stage)."""
+  stages = tuple(stages)
+  stack_fn = BODIES[g.strategy](g, ns_fn, ns_dtype)
+  live = [j for j, st in enumerate(stages) if st.stateful]
+  if stages and len(set(g.transposed)) > 1:
+    raise ValueError(f'group of {g.paths}: matrix stages need one '
+                     'orientation per group (plan with split_orientation).')
+  t0 = g.transposed[0]
+  fi, fo = (g.n, g.m) if t0 else (g.m, g.n)
+  blocks = matrix_stages.Blocks(fi, fo)
+  if g.strategy == 'gram':
+    blocks = matrix_stages.Blocks(
+        fi, fo, -2 if t0 else -1, lambda a: jax.lax.psum(a, g.split_axes))
 
-  def body(*locs):
+  def post(y, sts):
+    if not stages:
+      return y, sts
+    o = jnp.swapaxes(y, -1, -2) if t0 else y
+    full = [None] * len(stages)
+    for j, s in zip(live, sts):
+      full[j] = s
+    o, new = matrix_stages.apply_stages(stages, o, full, blocks)
+    return (jnp.swapaxes(o, -1, -2) if t0 else o), [new[j] for j in live]
+
+  nx = len(xs)
+
+  def body(*args):
+    locs, slocs = args[:nx], args[nx:]
     mats = []
     for x, ms, t in zip(locs, mspecs, g.transposed):
       mt = matrices.to_matrices(x, ms)
       mats.append(jnp.swapaxes(mt, -1, -2) if t else mt)
     stack = mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=0)
-    y = stack_fn(stack)
-    outs, start = [], 0
-    for x, ms, t, mt in zip(locs, mspecs, g.transposed, mats):
-      part = y[start:start + mt.shape[0]] if len(mats) > 1 else y
-      start += mt.shape[0]
+    sstacks = []
+    for c, j in enumerate(live):
+      per = slocs[c * nx:(c + 1) * nx]
+      flat = [s.reshape((mt.shape[0],) + s.shape[s.ndim - len(
+          stages[j].state_shape(fi, fo)):]) for s, mt in zip(per, mats)]
+      sstacks.append(flat[0] if nx == 1 else jnp.concatenate(flat, axis=0))
+    y, new = stack_fn(stack, sstacks, post)
+    outs, snew, start = [], [[] for _ in live], 0
+    for x, ms, t, mt, i in zip(locs, mspecs, g.transposed, mats, range(nx)):
+      cnt = mt.shape[0]
+      part = y[start:start + cnt] if nx > 1 else y
       part = jnp.swapaxes(part, -1, -2) if t else part
       outs.append(matrices.from_matrices(part, ms, x.shape).astype(x.dtype))
-    return tuple(outs)
+      for c in range(len(live)):
+        snew[c].append(new[c][start:start + cnt].reshape(
+            slocs[c * nx + i].shape))
+      start += cnt
+    return tuple(outs) + tuple(s for per in snew for s in per)
 
   specs = tuple(pspecs)
-  out = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=specs,
-                      check_vma=False)(*xs)
-  return list(out)
+  sspecs = tuple(_state_spec(g, stages[j], x, ms, ps)
+                 for j in live for x, ms, ps in zip(xs, mspecs, pspecs))
+  # The states travel in the layout the body expects (a no-op when they
+  # already have it): replicated per-matrix parts, except gram's blocks.
+  sargs = tuple(_constrain(states[j][i], mesh, sp) for (j, i), sp in zip(
+      [(j, i) for j in live for i in range(nx)], sspecs))
+  out = jax.shard_map(body, mesh=mesh, in_specs=specs + sspecs,
+                      out_specs=specs + sspecs, check_vma=False)(*xs, *sargs)
+  ys = list(out[:nx])
+  if not stages:
+    return ys
+  new_states = [[None] * nx for _ in stages]
+  for c, j in enumerate(live):
+    new_states[j] = list(out[nx + c * nx:nx + (c + 1) * nx])
+  return ys, new_states
 
 
 def plan_leaves(paths: Sequence[str], leaves: Sequence[Any],
                 matrix_specs: Sequence[matrices.MatrixSpec],
                 pspecs: Sequence[P], dist: Distributed, **plan_kw) -> Plan:
-  """The :class:`Plan` for arrays (or abstract arrays) ``leaves``."""
+  """The :class:`Plan` for arrays (or abstract arrays) ``leaves``;
+  ``plan_kw`` as :func:`plan_orthogonalize` takes them."""
   infos = [LeafInfo(p, tuple(x.shape), x.dtype, ms, ps)
            for p, x, ms, ps in zip(paths, leaves, matrix_specs, pspecs)]
   return plan_orthogonalize(
@@ -225,8 +246,11 @@ def distributed_orthogonalize(
     param_specs: Sequence[P] | None = None,
     plan: Plan | None = None,
     plan_kw: dict[str, Any] | None = None,
-) -> list[jax.Array]:
-  """Orthogonalizes every matrix of ``leaves`` on ``dist.mesh``.
+    stages: Sequence[matrix_stages.MatrixStage] = (),
+    stage_states: Sequence[Sequence[Any]] | None = None,
+) -> Any:
+  """Orthogonalizes every matrix of ``leaves`` on ``dist.mesh``, then runs
+  the matrix ``stages`` on the whole matrices in the same ``shard_map`` body.
 
   Args:
     leaves: update leaves (global arrays, typically inside ``jit``).
@@ -243,10 +267,20 @@ def distributed_orthogonalize(
       :func:`plan_orthogonalize` takes them, and ``ns_dtype``, the iteration
       dtype of ``ns_fn`` when it sets one (default ``dist.ns_dtype``). The
       plan is passed to :func:`orthax.sharding._inspect.record`.
+    stages: :class:`orthax.matrix_stages.MatrixStage`\\ s run, in order, on
+      each device's whole orthogonalized matrices (for ``gram``, on its column
+      blocks, sums through :class:`~orthax.matrix_stages.Blocks`). Groups
+      then hold one orientation each; a stateful stage's state is sliced to
+      the device's matrices and all-gathered back (one small ``all_gather``
+      per group and stateful stage under ``a2a`` and ``replicated``).
+    stage_states: ``stage_states[j][i]``: stage ``j``'s state for leaf ``i``
+      (its ``batch + per-matrix`` array; ``None`` when stateless).
 
   Returns:
-    The orthogonalized leaves, in the order and sharding of ``leaves``.
+    The orthogonalized leaves, in the order and sharding of ``leaves``; with
+    ``stages``, the pair ``(leaves, new stage_states)``.
   """
+  stages = tuple(stages)
   leaves = list(leaves)
   if paths is None:
     paths = [str(i) for i in range(len(leaves))]
@@ -259,28 +293,46 @@ def distributed_orthogonalize(
     ns_dtype = kw.pop('ns_dtype', None)
     d = dist if ns_dtype is None else dataclasses.replace(dist,
                                                           ns_dtype=ns_dtype)
-    plan = plan_leaves(paths, leaves, matrix_specs, param_specs, d, **kw)
+    plan = plan_leaves(paths, leaves, matrix_specs, param_specs, d,
+                       stages=stages, **kw)
   record(plan)
   out: list[Any] = [None] * len(leaves)
+  new_states = [[None] * len(leaves) for _ in stages]
   for g in plan.groups:
-    ys = run_group(g, [leaves[i] for i in g.leaves],
-                   [matrix_specs[i] for i in g.leaves],
-                   [param_specs[i] for i in g.leaves], dist.mesh, ns_fn,
-                   dist.ns_dtype)
-    for i, y in zip(g.leaves, ys):
+    idx = g.leaves
+    args = ([leaves[i] for i in idx], [matrix_specs[i] for i in idx],
+            [param_specs[i] for i in idx], dist.mesh, ns_fn, dist.ns_dtype)
+    if not stages:
+      ys = run_group(g, *args)
+    else:
+      ys, sts = run_group(g, *args, stages=stages,
+                          states=[[per[i] for i in idx]
+                                  for per in stage_states])
+      for j, per in enumerate(sts):
+        for i, st in zip(idx, per):
+          new_states[j][i] = st
+    for i, y in zip(idx, ys):
       out[i] = y
-  return out
+  return (out, new_states) if stages else out
 
 
 def orthogonalize_tree(updates: Any, dist: Distributed, ns_fn: NSFn,
                        matrix_specs: _tree.SpecsLike = None, *,
-                       plan_kw: dict[str, Any] | None = None) -> Any:
+                       plan_kw: dict[str, Any] | None = None,
+                       stages: Sequence[matrix_stages.MatrixStage] = (),
+                       stage_states: Sequence[Sequence[Any]] | None = None
+                       ) -> Any:
   """Tree version of :func:`distributed_orthogonalize`: ``matrix_specs`` as
   :func:`orthax.orthogonalize` takes them, specs from ``dist``, ``plan_kw``
-  the plan's FLOP model."""
+  the plan's FLOP model; ``stages``/``stage_states`` (per stage, per leaf in
+  flatten order) as there. Returns the tree, or with ``stages`` the pair
+  ``(tree, new stage_states)``."""
   ms = _tree.resolve_specs(matrix_specs, updates, 'orthogonalize')
   paths, leaves, treedef = _tree.leaves_with_paths(updates)
   ps = specs_for(updates, dist)
-  out = distributed_orthogonalize(leaves, ms, dist, ns_fn, paths=paths,
-                                  param_specs=ps, plan_kw=plan_kw)
-  return jax.tree.unflatten(treedef, out)
+  res = distributed_orthogonalize(leaves, ms, dist, ns_fn, paths=paths,
+                                  param_specs=ps, plan_kw=plan_kw,
+                                  stages=stages, stage_states=stage_states)
+  if stages:
+    return jax.tree.unflatten(treedef, res[0]), res[1]
+  return jax.tree.unflatten(treedef, res)

@@ -16,7 +16,7 @@ import jax
 import optax
 
 from orthax import _tree
-from orthax.sharding._plan import Distributed
+from orthax.sharding._distributed import Distributed
 from orthax.sharding._plan import Plan
 
 

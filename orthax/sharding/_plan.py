@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax.numpy as jnp
@@ -17,77 +16,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from orthax.matrices import MatrixSpec
+from orthax.sharding._distributed import Distributed
 from orthax.polar import dispatch as _dispatch
 from orthax.polar import gram as _gram
-
-STRATEGIES = ('auto', 'local', 'a2a', 'replicated', 'gram')
-
-
-def _check_strategy(s: str, where: str) -> str:
-  if s not in STRATEGIES:
-    raise ValueError(f'{where}: strategy must be one of {STRATEGIES}, got '
-                     f'{s!r}.')
-  return s
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Distributed:
-  """How the orthogonalization of a sharded update is distributed.
-
-  Attributes:
-    mesh: the ``jax.sharding.Mesh`` the parameters live on (``Auto`` or
-      ``Explicit`` axes).
-    param_specs: a tree of ``PartitionSpec`` (or ``NamedSharding``; ``None``
-      leaves mean replicated) with the parameters' structure; leaves are
-      matched to update leaves by path, so the tree may cover more leaves than
-      the transform sees. ``None``: read each array's sharding (concrete
-      arrays, or tracers under ``jit`` on a mesh with ``Explicit`` axes).
-    strategy: ``'auto'`` (per group: ``gram`` when one matrix is larger than
-      ``max_local_matrix_bytes`` and only its long dimension is sharded,
-      else ``a2a`` when a matrix dimension is sharded, ``local`` when only
-      batch axes are, ``replicated`` when the leaf is replicated, the mesh
-      has more than one device and the group has at least as many matrices
-      as shards — else ``local``), ``'local'``, ``'a2a'``, ``'replicated'``
-      or ``'gram'`` (tensor-parallel Newton–Schulz: each device keeps its
-      column block of the long dimension and the ``m×m`` Gram matrix is
-      summed across devices, one ``psum`` per Gram product; a square matrix
-      sharded along its rows runs as its transpose, which changes the result
-      only for the AOL normalizer, whose row scaling is one-sided).
-    comm_dtype: dtype of the matrices on the wire (``None``: the update's
-      dtype). Never wider than the update's dtype: a wider one is ignored.
-    ns_dtype: dtype the stack is handed to the Newton–Schulz function in
-      (``None``: the update's dtype).
-    overrides: ``((regex, strategy), ...)``; the first regex that
-      ``re.search``-matches a leaf's path picks that leaf's strategy.
-    max_local_matrix_bytes: ``auto`` keeps a matrix whole on one device up
-      to this size (in the iteration dtype; default 2 GiB) and runs larger
-      ones with ``gram``; ``None``: never.
-  """
-
-  mesh: Any
-  param_specs: Any = None
-  strategy: str = 'auto'
-  comm_dtype: Any = jnp.bfloat16
-  ns_dtype: Any = None
-  overrides: tuple[tuple[str, str], ...] = ()
-  max_local_matrix_bytes: int | None = 2 ** 31
-
-  def __post_init__(self):
-    _check_strategy(self.strategy, 'Distributed')
-    ov = tuple((str(r), _check_strategy(s, f'Distributed.overrides[{r!r}]'))
-               for r, s in (self.overrides.items()
-                            if isinstance(self.overrides, dict)
-                            else self.overrides))
-    for r, _ in ov:
-      re.compile(r)
-    object.__setattr__(self, 'overrides', ov)
-
-  def strategy_for(self, path: str) -> str:
-    for r, s in self.overrides:
-      if re.search(r, path):
-        return s
-    return self.strategy
-
 
 class LeafInfo(NamedTuple):
   """What the planner needs to know about one update leaf."""
@@ -270,6 +201,7 @@ def plan_orthogonalize(
     restart_every: int | None = 2,
     ns_dtype: Any = None,
     max_local_matrix_bytes: int | None = 2 ** 31,
+    stages: Sequence[Any] = (),
 ) -> Plan:
   """Plans the distributed orthogonalization of ``leaves``.
 
@@ -284,6 +216,12 @@ def plan_orthogonalize(
       ``restart_every`` and ``ns_dtype`` (``gram`` groups always use those
       four: their count depends on the column split).
     max_local_matrix_bytes: see :class:`Distributed`.
+    stages: the :class:`orthax.matrix_stages.MatrixStage`\\ s that run after
+      Newton–Schulz in the same body. With any, each group holds one
+      orientation (a stage sees ``[fan_in, fan_out]``); under ``a2a`` and
+      ``replicated`` each stateful stage adds one all-gather of its float32
+      per-matrix state to the group's collectives and bytes, under ``gram``
+      each of its sums across the column blocks one float32 all-reduce.
 
   Returns:
     A :class:`Plan`. Raises ``ValueError`` naming the leaf when a requested
@@ -361,7 +299,8 @@ def plan_orthogonalize(
       raise ValueError(f"{where}: strategy 'replicated' needs a mesh axis the "
                        "leaf is not sharded over; use 'local'.")
     split = {'a2a': rows + cols, 'replicated': free, 'gram': cols}.get(s, ())
-    key = (s, m, n, jnp.dtype(dtype), rows, cols, split)
+    key = (s, m, n, jnp.dtype(dtype), rows, cols, split,
+           transposed if stages else None)
     keyed.setdefault(key, []).append((i, path, transposed, count, local,
                                       chosen))
 
@@ -370,15 +309,15 @@ def plan_orthogonalize(
   # run one matrix and the all-gather would mostly carry zero padding, so
   # running the group redundantly on every device (``local``) is cheaper.
   for key in list(keyed):
-    s, m, n, dt, rows, cols, split = key
+    s, m, n, dt, rows, cols, split, orient = key
     members = keyed[key]
     if (s == 'replicated' and all(mb[5] for mb in members)
         and sum(mb[4] for mb in members) < prod(split)):
-      keyed.setdefault(('local', m, n, dt, rows, cols, ()), []).extend(
-          keyed.pop(key))
+      keyed.setdefault(('local', m, n, dt, rows, cols, (), orient),
+                       []).extend(keyed.pop(key))
 
   groups = []
-  for (s, m, n, dtype, rows, cols, split), members in keyed.items():
+  for (s, m, n, dtype, rows, cols, split, orient), members in keyed.items():
     members = sorted(members)
     local_count = sum(mb[4] for mb in members)
     G = prod(split)
@@ -399,6 +338,16 @@ def plan_orthogonalize(
       nbytes = (2 * (G - 1) / G * local_count * (grams * m * m + 1)
                 * wire.itemsize)
       ncoll = grams + 1
+      # The stages' sums across the split axis: one all-reduce each, of what
+      # the sum keeps (a vector along the whole axis, or one scalar).
+      fi, fo = (n, m) if orient else (m, n)
+      split_ax = -2 if orient else -1
+      for st in stages:
+        for axes in st.sums(fi, fo):
+          if split_ax in axes:
+            kept = 1 if len(axes) == 2 else (fo if axes == (-2,) else fi)
+            nbytes += 2 * (G - 1) / G * local_count * kept * 4
+            ncoll += 1
     else:
       mf = int(matrix_flops(m, n, dtype))
       if s == 'a2a':
@@ -409,6 +358,14 @@ def plan_orthogonalize(
         ncoll = 1
       else:
         nbytes, ncoll = 0.0, 0
+      if s in ('a2a', 'replicated'):
+        fi, fo = (n, m) if orient else (m, n)
+        item = jnp.promote_types(dtype, jnp.float32).itemsize
+        for st in stages:
+          shape = st.state_shape(fi, fo)
+          if shape is not None:
+            nbytes += (G - 1) / G * padded * math.prod(shape) * item
+            ncoll += 1
     groups.append(GroupPlan(
         strategy=s, m=m, n=n, dtype=dtype,
         leaves=tuple(mb[0] for mb in members),

@@ -31,6 +31,7 @@ from orthax.transforms.neuron_normalize import neuron_normalize
 from orthax.transforms.neuron_normalize import scale_to_rms
 from orthax.transforms.noise_adapt import NoiseAdaptState
 from orthax.transforms.noise_adapt import noise_adapt
+from orthax.transforms.orthogonalize import OrthogonalizeState
 from orthax.transforms.orthogonalize import orthogonalize
 from orthax.transforms.scale_by_shape import scale_by_shape
 from orthax.transforms.scale_by_shape import shape_factor
@@ -42,7 +43,8 @@ from orthax.transforms.weight_decay import WeightDecayState
 from orthax.transforms.weight_decay import decoupled_weight_decay
 
 __all__ = [
-    'MomentumState', 'NonFiniteGradientError', 'WeightDecayState',
+    'MomentumState', 'NonFiniteGradientError', 'OrthogonalizeState',
+    'WeightDecayState',
     'adamw', 'check_finite', 'decoupled_weight_decay', 'momentum', 'orthogonalize',
     'scale_by_adam_raw_eps', 'scale_by_shape', 'shape_factor',
     'LayerwiseNoiseState', 'NeuronNormalizeState', 'NoiseAdaptState',

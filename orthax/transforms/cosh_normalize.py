@@ -9,20 +9,11 @@ Jan 2026; original ``Auon_Adam_train.py`` @ c87b862, Oct 2025);
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from orthax import _tree
-from orthax import matrices
-
-BRAKE_INPUTS = ('normalized', 'raw')
-
-
-def cosh_rms(x: jax.Array, gamma: float | jax.Array = 1.0) -> jax.Array:
-  r"""``sqrt(mean(cosh(γ·x)²))`` over the last two axes, ``[..., 1, 1]``
-  (``= ‖cosh(γx)‖_F/\sqrt{N}``)."""
-  return jnp.sqrt(jnp.mean(jnp.square(jnp.cosh(gamma * x)), axis=(-2, -1),
-                           keepdims=True))
+from orthax import matrix_stages
+from orthax.transforms.matrix_stage import stage_transform
 
 
 def cosh_normalize(
@@ -69,24 +60,12 @@ def cosh_normalize(
     norm_eps: ``ε_n`` of the Frobenius normalization (1e-7 in both).
     eps: ``ε`` added to ``r`` (1e-8 in both).
     matrix_specs: as in :func:`orthax.orthogonalize`.
+
+  After Newton–Schulz (Hybrid-AuON) the same brake runs in the
+  orthogonalize pass as ``then=[orthax.matrix_stages.CoshNormalize(...)]``.
   """
-  if brake_input not in BRAKE_INPUTS:
-    raise ValueError(f'brake_input must be one of {BRAKE_INPUTS}, got '
-                     f'{brake_input!r}.')
-
-  def update_fn(updates, state, params=None):
-    del params
-    specs = _tree.resolve_specs(matrix_specs, updates, 'cosh_normalize')
-    leaves, treedef = jax.tree.flatten(updates)
-    out = []
-    for x, s in zip(leaves, specs):
-      acc = jnp.promote_types(x.dtype, jnp.float32)
-      g = matrices.to_matrices(x, s).astype(acc)
-      norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=(-2, -1), keepdims=True))
-      xn = g / (norm + norm_eps)
-      r = cosh_rms(xn if brake_input == 'normalized' else g, gamma)
-      u = (xn if normalize else g) / (r + eps)
-      out.append(matrices.from_matrices(u.astype(x.dtype), s, x.shape))
-    return jax.tree.unflatten(treedef, out), state
-
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  return stage_transform(
+      matrix_stages.CoshNormalize(gamma, normalize=normalize,
+                                  brake_input=brake_input, norm_eps=norm_eps,
+                                  eps=eps),
+      matrix_specs, 'cosh_normalize')

@@ -2,41 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import jax
-import jax.numpy as jnp
 import optax
 
 from orthax import _tree
-from orthax import matrices
+from orthax import matrix_stages
+from orthax.transforms.matrix_stage import NeuronNormalizeState  # re-export
+from orthax.transforms.matrix_stage import stage_transform
 
-AXES = ('fan_out', 'longer')
-EPS_PLACEMENTS = ('add', 'clamp')
-
-
-class NeuronNormalizeState(NamedTuple):
-  nu: Any  # per leaf: batch shape + (neurons,), float32 or wider
-
-
-def _stat_axis(fan_in: int, fan_out: int, axis: str) -> int:
-  """Axis of the ``[batch, fan_in, fan_out]`` view that the statistic keeps
-  (-1: one entry per fan-out unit, -2: per fan-in unit)."""
-  if axis == 'fan_out':
-    return -1
-  # modded-nanogpt: torch rows (= fan_out) >= cols (= fan_in) -> per row.
-  return -1 if fan_out >= fan_in else -2
-
-
-def _stat_shape(shape, spec: matrices.MatrixSpec, axis: str):
-  batch, _, _ = spec.resolve(shape)
-  _, fi, fo = spec.matrix_shape(shape)
-  n = fo if _stat_axis(fi, fo, axis) == -1 else fi
-  return tuple(shape[a] for a in batch) + (n,)
-
-
-def _wide(dtype) -> Any:
-  return jnp.promote_types(dtype, jnp.float32)
+__all__ = ['NeuronNormalizeState', 'neuron_normalize', 'scale_to_rms']
 
 
 def neuron_normalize(
@@ -50,7 +24,9 @@ def neuron_normalize(
 ) -> optax.GradientTransformation:
   r"""NorMuon: normalizes each neuron (row) of an orthogonalized update.
 
-  Place it after :func:`orthax.orthogonalize`. With ``O`` one matrix of the
+  Place it after :func:`orthax.orthogonalize`, or give
+  :class:`orthax.matrix_stages.NeuronNormalize` to its ``then=`` (same
+  result, same pass; on a mesh, inside the distributed body). With ``O`` one matrix of the
   incoming update in PyTorch layout (rows = output neurons; for a Flax kernel
   ``(in, out)`` a row is a kernel *column*):
 
@@ -87,52 +63,10 @@ def neuron_normalize(
   modded-nanogpt ``train_gpt.py`` @ f411b3d
   (``_apply_normuon_variance_reduction``).
   """
-  if axis not in AXES:
-    raise ValueError(f'neuron_normalize axis must be one of {AXES}, got '
-                     f'{axis!r}.')
-  if eps_placement not in EPS_PLACEMENTS:
-    raise ValueError(f'neuron_normalize eps_placement must be one of '
-                     f'{EPS_PLACEMENTS}, got {eps_placement!r}.')
-
-  def init_fn(params):
-    specs = _tree.resolve_specs(matrix_specs, params, 'neuron_normalize')
-    leaves, treedef = jax.tree.flatten(params)
-    return NeuronNormalizeState(nu=jax.tree.unflatten(treedef, [
-        jnp.zeros(_stat_shape(x.shape, s, axis), _wide(x.dtype))
-        for x, s in zip(leaves, specs)]))
-
-  def leaf(x, v, spec):
-    b, fi, fo = spec.matrix_shape(x.shape)
-    keep = _stat_axis(fi, fo, axis)
-    red = -2 if keep == -1 else -1
-    o = matrices.to_matrices(x, spec).astype(v.dtype)
-    v2 = v.reshape(b, -1)
-    v2 = beta2 * v2 + (1 - beta2) * jnp.mean(o * o, axis=red)
-    if eps_placement == 'add':
-      d = jnp.sqrt(v2) + eps
-    else:
-      d = jnp.sqrt(jnp.maximum(v2, eps))
-    out = o / jnp.expand_dims(d, red)
-    if restore_norm:
-      n_in = jnp.sqrt(jnp.sum(o * o, axis=(-2, -1), keepdims=True))
-      n_out = jnp.sqrt(jnp.sum(out * out, axis=(-2, -1), keepdims=True))
-      n_out = n_out + eps if eps_placement == 'add' else jnp.maximum(n_out,
-                                                                     eps)
-      out = out * (n_in / n_out)
-    new = matrices.from_matrices(out, spec, x.shape).astype(x.dtype)
-    return new, v2.reshape(v.shape)
-
-  def update_fn(updates, state, params=None):
-    del params
-    specs = _tree.resolve_specs(matrix_specs, updates, 'neuron_normalize')
-    leaves, treedef = jax.tree.flatten(updates)
-    nus = treedef.flatten_up_to(state.nu)
-    pairs = [leaf(x, v, s) for x, v, s in zip(leaves, nus, specs)]
-    return (jax.tree.unflatten(treedef, [p[0] for p in pairs]),
-            NeuronNormalizeState(
-                nu=jax.tree.unflatten(treedef, [p[1] for p in pairs])))
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  stage = matrix_stages.NeuronNormalize(
+      beta2, eps, axis=axis, eps_placement=eps_placement,
+      restore_norm=restore_norm)
+  return stage_transform(stage, matrix_specs, 'neuron_normalize')
 
 
 def scale_to_rms(
@@ -156,18 +90,5 @@ def scale_to_rms(
     eps: ε added to the Frobenius norm.
     matrix_specs: as in :func:`orthax.orthogonalize`.
   """
-
-  def update_fn(updates, state, params=None):
-    del params
-    specs = _tree.resolve_specs(matrix_specs, updates, 'scale_to_rms')
-    leaves, treedef = jax.tree.flatten(updates)
-    out = []
-    for x, s in zip(leaves, specs):
-      b, fi, fo = s.matrix_shape(x.shape)
-      o = matrices.to_matrices(x, s).astype(_wide(x.dtype))
-      norm = jnp.sqrt(jnp.sum(o * o, axis=(-2, -1), keepdims=True))
-      o = o * (rms * (fi * fo) ** 0.5 / (norm + eps))
-      out.append(matrices.from_matrices(o, s, x.shape).astype(x.dtype))
-    return jax.tree.unflatten(treedef, out), state
-
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  return stage_transform(matrix_stages.ScaleToRms(rms, eps), matrix_specs,
+                         'scale_to_rms')

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -11,8 +11,30 @@ import optax
 
 from orthax import _tree
 from orthax import matrices
+from orthax import matrix_stages
 from orthax import polar
 from orthax import sharding
+from orthax.transforms import matrix_stage
+
+
+class OrthogonalizeState(NamedTuple):
+  """State of :func:`orthogonalize` with ``then`` stages: each stage's state
+  under its name (``optax.tree.get(state, 'neuron_normalize')`` finds it)."""
+  stages: dict[str, Any]
+
+
+def _check_stages(then) -> tuple[matrix_stages.MatrixStage, ...]:
+  stages = tuple(then or ())
+  names = []
+  for st in stages:
+    if not isinstance(st, matrix_stages.MatrixStage):
+      raise ValueError(
+          f'orthogonalize then=: expected orthax.matrix_stages.MatrixStage '
+          f'objects (e.g. NeuronNormalize(), ScaleByShape()), got {st!r}.')
+    if st.name in names:
+      raise ValueError(f'orthogonalize then=: two stages named {st.name!r}.')
+    names.append(st.name)
+  return stages
 
 
 def _flop_model(preset, steps, method, restart_every, ns_dtype) -> dict:
@@ -42,6 +64,7 @@ def orthogonalize(
     restart_every: int | None = 2,
     coeffs_for_shape: str | Mapping[tuple[int, int], Any] | None = None,
     distributed: sharding.Distributed | None = None,
+    then: Sequence[matrix_stages.MatrixStage] = (),
 ) -> optax.GradientTransformation:
   r"""Replaces each matrix ``U`` of the update by ``NS(U) ≈ polar(U)``.
 
@@ -83,10 +106,20 @@ def orthogonalize(
       larger than ``max_local_matrix_bytes`` runs tensor-parallel,
       ``gram``), and the result comes back in the parameters' sharding.
       Always grouped.
+    then: :class:`orthax.matrix_stages.MatrixStage`\\ s applied, in order, to
+      each orthogonalized matrix in the same pass, e.g.
+      ``[NeuronNormalize(), ScaleByShape('keller')]`` (NorMuon). Each gives
+      the result the matching transform (``neuron_normalize``,
+      ``scale_by_shape``, …) chained after this one would; with
+      ``distributed`` they run on the device that holds the whole matrix,
+      inside the same ``shard_map`` body, so their row statistics and norms
+      are the whole matrix's. The state is then an
+      :class:`OrthogonalizeState` with each stage's state under its name.
 
   References: K. Jordan, *Muon* (2024); Amsel et al. arXiv 2505.16932;
   Zhang, Amsel, Chen, Dao, *Gram Newton–Schulz* (Dao AI Lab blog, 2026).
   """
+  stages = _check_stages(then)
   polar.get_preset(preset)  # fail early on unknown names
   polar.choose_method(1, 1, 1, 'float32', method)  # …and unknown methods
   ns = functools.partial(
@@ -104,22 +137,51 @@ def orthogonalize(
         return plain_ns(x, **kw)
       return plain_ns(x, coeffs=table[key], **kw)
 
+  def init_fn(params):
+    if not stages:
+      return optax.EmptyState()
+    specs = _tree.resolve_specs(matrix_specs, params, 'orthogonalize')
+    return OrthogonalizeState({st.name: matrix_stage.init_state(st, params,
+                                                                specs)
+                               for st in stages})
+
   def update_fn(updates, state, params=None):
     del params
-    if distributed is not None:
-      return sharding.orthogonalize_tree(
-          updates, distributed, ns, matrix_specs,
-          plan_kw=_flop_model(preset, steps, method, restart_every,
-                              ns_dtype)), state
-    specs = _tree.resolve_specs(matrix_specs, updates, 'orthogonalize')
     leaves, treedef = jax.tree.flatten(updates)
+    states = [matrix_stage.leaf_states(st, state.stages[st.name], treedef)
+              for st in stages]
+
+    def new_state(per_stage):
+      if not stages:
+        return state
+      return OrthogonalizeState({
+          st.name: matrix_stage.with_leaf_states(
+              st, state.stages[st.name], treedef, news)
+          for st, news in zip(stages, per_stage)})
+
+    if distributed is not None:
+      res = sharding.orthogonalize_tree(
+          updates, distributed, ns, matrix_specs,
+          plan_kw=_flop_model(preset, steps, method, restart_every, ns_dtype),
+          stages=stages, stage_states=states)
+      if not stages:
+        return res, state
+      return res[0], new_state(res[1])
+    specs = _tree.resolve_specs(matrix_specs, updates, 'orthogonalize')
     mats = [matrices.to_matrices(x, s) for x, s in zip(leaves, specs)]
     if group:
       outs = matrices.map_grouped(ns, mats)
     else:
       outs = [ns(m) for m in mats]
-    new = [matrices.from_matrices(o, s, x.shape)
-           for o, s, x in zip(outs, specs, leaves)]
-    return jax.tree.unflatten(treedef, new), state
+    new, per_leaf = [], []
+    for i, (o, s, x) in enumerate(zip(outs, specs, leaves)):
+      if stages:
+        _, fi, fo = s.matrix_shape(x.shape)
+        o, sts = matrix_stage.apply_to_matrices(
+            stages, o.astype(x.dtype), [per[i] for per in states], fi, fo)
+        per_leaf.append(sts)
+      new.append(matrices.from_matrices(o, s, x.shape).astype(x.dtype))
+    per_stage = [list(col) for col in zip(*per_leaf)] if stages else []
+    return jax.tree.unflatten(treedef, new), new_state(per_stage)
 
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)

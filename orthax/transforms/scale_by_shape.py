@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
-import jax
 import optax
 
 from orthax import _tree
+from orthax import matrix_stages
+from orthax.matrix_stages import SCALE_MODES as MODES
+from orthax.matrix_stages import shape_factor  # re-export
+from orthax.transforms.matrix_stage import stage_transform
 
-MODES = ('keller', 'moonlight', 'spectral', 'none')
-
-
-def shape_factor(fan_in: int, fan_out: int, mode: str,
-                 rms: float = 0.2) -> float:
-  """The factor for one matrix of shape ``fan_in × fan_out`` (see
-  :func:`scale_by_shape`)."""
-  if mode == 'keller':
-    return math.sqrt(max(1.0, fan_out / fan_in))
-  if mode == 'moonlight':
-    return rms * math.sqrt(max(fan_in, fan_out))
-  if mode == 'spectral':
-    return math.sqrt(fan_out / fan_in)
-  if mode == 'none':
-    return 1.0
-  raise ValueError(f'scale mode must be one of {MODES}, got {mode!r}.')
+__all__ = ['MODES', 'scale_by_shape', 'shape_factor']
 
 
 def scale_by_shape(
@@ -46,24 +32,13 @@ def scale_by_shape(
   * ``spectral``: :math:`\sqrt{\mathrm{out}/\mathrm{in}}` (Dion, Scion);
   * ``none``: 1.
 
+  The same scale runs inside :func:`orthax.orthogonalize` as
+  ``then=[orthax.matrix_stages.ScaleByShape(mode)]``.
+
   Args:
     mode: one of ``'keller'``, ``'moonlight'``, ``'spectral'``, ``'none'``.
     rms: target RMS for ``moonlight``.
     matrix_specs: as in :func:`orthax.orthogonalize`.
   """
-  if mode not in MODES:
-    raise ValueError(f'scale mode must be one of {MODES}, got {mode!r}.')
-
-  def update_fn(updates, state, params=None):
-    del params
-    if mode == 'none':
-      return updates, state
-    specs = _tree.resolve_specs(matrix_specs, updates, 'scale_by_shape')
-    leaves, treedef = jax.tree.flatten(updates)
-    out = []
-    for x, s in zip(leaves, specs):
-      _, fi, fo = s.matrix_shape(x.shape)
-      out.append((x * shape_factor(fi, fo, mode, rms)).astype(x.dtype))
-    return jax.tree.unflatten(treedef, out), state
-
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  return stage_transform(matrix_stages.ScaleByShape(mode, rms), matrix_specs,
+                         'scale_by_shape')
