@@ -153,9 +153,12 @@ def orthax_rows(mesh, shapes, specs, mspecs, strategy='auto', stages=()):
       if not stages:
         return jax.jit(lambda u, s: sharding.orthogonalize_tree(
             u, dist, ns, mspecs), out_shardings=sh)
+      # The new stage states are returned too (else their all-gather is
+      # dead code); they come back replicated.
       return jax.jit(lambda u, s: sharding.orthogonalize_tree(
-          u, dist, ns, mspecs, stages=stages, stage_states=s)[0],
-                     out_shardings=sh)
+          u, dist, ns, mspecs, stages=stages, stage_states=s),
+                     out_shardings=(sh, jax.tree.map(
+                         lambda _: NamedSharding(mesh, P()), states)))
 
     f, f5 = jitted(1), jitted(STEPS)
     if comm == jnp.float32:
@@ -253,6 +256,7 @@ def scaling():
 if __name__ == '__main__':
   args = [a for a in sys.argv[1:] if not a.startswith('--')]
   if '--scaling-only' not in sys.argv:
-    run(args or ['fsdp8', 'fsdp4x2', 'scan', 'scan_local', 'tp8'],
+    run(args or ['fsdp8', 'fsdp8_normuon', 'fsdp4x2', 'scan', 'scan_local',
+                 'tp8'],
         with_optax='--no-optax' not in sys.argv)
   scaling()
