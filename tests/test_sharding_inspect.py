@@ -89,6 +89,9 @@ def test_plan_of_recipe_equals_distributed_form(name):
   # Two all-to-alls per group; NorMuon's state adds one all-gather.
   assert [g.collectives for g in got.groups] == (
       [3 if name == 'normuon' else 2] * 3)
+  stages = ('neuron_normalize → ' if name == 'normuon' else '') + (
+      'scale_by_shape')
+  assert f'matrix stages in the body of groups 0, 1, 2: {stages}' in str(got)
   assert got.group_of('blocks/scan/kernel').padded == 8  # 1 + 3 → 8 shards
   # Rectangular f32 matrices take the Gram iteration: fewer FLOPs than the
   # default (standard) model; the square one does not.
@@ -197,9 +200,13 @@ def test_plan_prints_one_row_per_group():
                                   distributed=PLAN_DIST), _plan_params())
   lines = str(p).splitlines()
   assert lines[0].startswith(f'orthax sharding plan: {len(p.groups)} groups')
-  rows = lines[3:-1]
+  rows = lines[3:3 + len(p.groups)]
   assert [r.split()[0] for r in rows] == [str(i) for i in range(len(p.groups))]
-  assert lines[-1].startswith('total')
+  assert lines[3 + len(p.groups)].startswith('total')
+  # Then one line per set of matrix stages run in the body.
+  assert lines[4 + len(p.groups):] == [
+      'matrix stages in the body of groups 0, 1, 2: '
+      'neuron_normalize → scale_by_shape']
 
 
 def test_dry_run_report_prints_the_plan():

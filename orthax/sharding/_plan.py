@@ -64,6 +64,7 @@ class GroupPlan:
   flops_per_device: int
   bytes_per_device: float
   collectives: int
+  stages: tuple[str, ...] = ()  # matrix stages run in the body, in order
 
   @property
   def padding(self) -> int:
@@ -121,6 +122,13 @@ class Plan:
              f'{mesh} ({self.num_devices} devices)', fmt(head),
              fmt(tuple('-' * x for x in w))]
     lines += [fmt(r) for r in rows]
+    staged = {}
+    for i, g in enumerate(self.groups):
+      if g.stages:
+        staged.setdefault(' → '.join(g.stages), []).append(str(i))
+    for names, idx in staged.items():
+      lines.append(f"matrix stages in the body of group{'s' * (len(idx) > 1)}"
+                   f" {', '.join(idx)}: {names}")
     return '\n'.join(lines)
 
   def describe(self) -> str:
@@ -375,5 +383,6 @@ def plan_orthogonalize(
         padded=padded, row_axes=rows, col_axes=cols, split_axes=split,
         shards=G, row_shards=prod(rows), col_shards=prod(cols),
         wire_dtype=wire, matrix_flops=mf, flops_per_device=per_dev * mf,
-        bytes_per_device=nbytes, collectives=ncoll))
+        bytes_per_device=nbytes, collectives=ncoll,
+        stages=tuple(st.name for st in stages)))
   return Plan(tuple(groups), math.prod(sizes.values()), tuple(sizes.items()))
