@@ -82,6 +82,13 @@ def test_then_state_is_found_by_name():
   assert isinstance(orthax.orthogonalize().init(_params()), optax.EmptyState)
 
 
+def test_then_state_structure_is_stable_on_an_empty_tree():
+  tx = orthax.orthogonalize(then=[MS.NeuronNormalize(), MS.ScaleByShape()])
+  st = tx.init({})
+  _, new = tx.update({}, st)
+  assert jax.tree.structure(new) == jax.tree.structure(st)
+
+
 def test_then_rejects_non_stages_and_duplicate_names():
   with pytest.raises(ValueError, match='MatrixStage'):
     orthax.orthogonalize(then=[orthax.scale_by_shape()])

@@ -181,7 +181,7 @@ def orthogonalize(
             stages, o.astype(x.dtype), [per[i] for per in states], fi, fo)
         per_leaf.append(sts)
       new.append(matrices.from_matrices(o, s, x.shape).astype(x.dtype))
-    per_stage = [list(col) for col in zip(*per_leaf)] if stages else []
+    per_stage = [[sts[j] for sts in per_leaf] for j in range(len(stages))]
     return jax.tree.unflatten(treedef, new), new_state(per_stage)
 
   return optax.GradientTransformation(init_fn, update_fn)
