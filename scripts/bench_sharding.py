@@ -233,10 +233,14 @@ MODELS = {
 
 
 def scaling():
+  """The plan at 8–256 devices, and what merging every group into one by
+  zero-padding each matrix to the largest shape would give (not
+  implemented; exact for Newton–Schulz, see the README)."""
   print('\nAnalytic scaling (plan only; FSDP on the first dim, a2a, 5 steps):')
   print('| model | devices | groups | padded/real matrices | GFLOP/device |'
-        ' ideal GFLOP/device | MiB sent/device bf16 (f32) | collectives |')
-  print('|---|---|---|---|---|---|---|---|')
+        ' ideal GFLOP/device | MiB sent/device bf16 (f32) | collectives |'
+        ' one merged group: GFLOP/device, MiB bf16, collectives |')
+  print('|---|---|---|---|---|---|---|---|---|')
   for model, shapes in MODELS.items():
     for d in (8, 16, 64, 256):
       mesh = AbstractMesh((d,), ('fsdp',))
@@ -247,10 +251,17 @@ def scaling():
       ideal = sum(g.matrix_flops * g.count for g in p16.groups) / d
       pad = sum(g.padded for g in p16.groups)
       real = sum(g.count for g in p16.groups)
+      big = max(shapes.values(), key=lambda s: s[0] * s[1])
+      merged = sharding.plan_orthogonalize(
+          [sharding.LeafInfo(k, (min(big), max(big)), jnp.float32,
+                             MatrixSpec(), P('fsdp', None)) for k in shapes],
+          mesh)
       print(f'| {model} | {d} | {len(p16.groups)} | {pad}/{real} | '
             f'{p16.flops_per_device / 1e9:.1f} | {ideal / 1e9:.1f} | '
             f'{p16.bytes_per_device / MiB:.1f} '
-            f'({p32.bytes_per_device / MiB:.1f}) | {p16.collectives} |')
+            f'({p32.bytes_per_device / MiB:.1f}) | {p16.collectives} | '
+            f'{merged.flops_per_device / 1e9:.1f}, '
+            f'{merged.bytes_per_device / MiB:.1f}, {merged.collectives} |')
 
 
 if __name__ == '__main__':

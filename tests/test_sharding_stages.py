@@ -5,7 +5,9 @@ plan's (tests/sharding_stages_cases.py, in a subprocess)."""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -72,3 +74,21 @@ def test_gram_stage_sums_are_all_reduces_the_plan_counts(cases, name):
   for wire in ('f32', 'bf16'):
     plan, got = r[f'{wire}_plan_bytes'], r[f'{wire}_wire_bytes']
     assert abs(got - plan) <= 0.05 * plan, (wire, got, plan)
+
+
+def test_bench_normuon_row_matches_plan():
+  """scripts/bench_sharding.py's fsdp8_normuon row (GPT-2 small, the README
+  figure): 8 all-to-alls and one state all-gather per group, and MiB sent
+  (f32 compiled, bf16 lowered) equal to the plan's."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      [sys.executable, str(HERE.parent / 'scripts' / 'bench_sharding.py'),
+       'fsdp8_normuon', '--no-optax'], env=env, capture_output=True,
+      text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  row = [l for l in proc.stdout.splitlines()
+         if l.startswith('| fsdp8_normuon')][0]
+  cells = [c.strip() for c in row.strip('|').split('|')]
+  assert 'neuron_normalize+scale_by_shape' in cells[1]
+  assert cells[4] == 'all-gather×4, all-to-all×8'
+  assert cells[7] == f'{cells[5]}/{cells[6]}'  # plan f32/bf16 = measured
