@@ -159,7 +159,7 @@ def run_group(g: GroupPlan, xs: Sequence[jax.Array],
   live = [j for j, st in enumerate(stages) if st.stateful]
   if stages and len(set(g.transposed)) > 1:
     raise ValueError(f'group of {g.paths}: matrix stages need one '
-                     'orientation per group (plan with split_orientation).')
+                     'orientation per group (plan with the same stages=).')
   t0 = g.transposed[0]
   fi, fo = (g.n, g.m) if t0 else (g.m, g.n)
   blocks = matrix_stages.Blocks(fi, fo)
@@ -206,12 +206,13 @@ def run_group(g: GroupPlan, xs: Sequence[jax.Array],
     return tuple(outs) + tuple(s for per in snew for s in per)
 
   specs = tuple(pspecs)
-  sspecs = tuple(_state_spec(g, stages[j], x, ms, ps)
-                 for j in live for x, ms, ps in zip(xs, mspecs, pspecs))
+  slots = [(j, i) for j in live for i in range(nx)]  # stage-major
+  sspecs = tuple(_state_spec(g, stages[j], xs[i], mspecs[i], pspecs[i])
+                 for j, i in slots)
   # The states travel in the layout the body expects (a no-op when they
   # already have it): replicated per-matrix parts, except gram's blocks.
-  sargs = tuple(_constrain(states[j][i], mesh, sp) for (j, i), sp in zip(
-      [(j, i) for j in live for i in range(nx)], sspecs))
+  sargs = tuple(_constrain(states[j][i], mesh, sp)
+                for (j, i), sp in zip(slots, sspecs))
   out = jax.shard_map(body, mesh=mesh, in_specs=specs + sspecs,
                       out_specs=specs + sspecs, check_vma=False)(*xs, *sargs)
   ys = list(out[:nx])
