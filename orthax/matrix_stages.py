@@ -157,8 +157,17 @@ def neuron_axis(fan_in: int, fan_out: int, axis: str) -> int:
 
 
 class NeuronNormalize(MatrixStage):
-  """NorMuon's per-neuron normalization (see
-  :func:`orthax.neuron_normalize` for the update rule)."""
+  r"""NorMuon's per-neuron normalization of ``O`` (one statistic per neuron
+  ``i`` along :func:`neuron_axis`; details in
+  :func:`orthax.neuron_normalize`):
+
+  .. math::
+     v_i \leftarrow β_2 v_i + (1-β_2)\,\mathrm{mean}_j O_{ij}^2,\qquad
+     \hat O = \frac{O}{\sqrt v + ε}\cdot
+        \frac{\|O\|_F}{\|O/(\sqrt v + ε)\|_F + ε}\ (\texttt{restore\_norm})
+
+  References: Li et al., arXiv 2510.05491; zichongli5/NorMuon @ d45c9a4.
+  """
 
   name = 'neuron_normalize'
 
@@ -211,7 +220,14 @@ BRAKE_INPUTS = ('normalized', 'raw')
 
 
 class CoshNormalize(MatrixStage):
-  """AuON's cosh brake (see :func:`orthax.cosh_normalize` for the rule)."""
+  r"""AuON's cosh brake (modes in :func:`orthax.cosh_normalize`): with
+  ``X = G/(‖G‖_F + ε_n)`` and ``B = X`` or ``G``,
+
+  .. math:: U = (X \text{ or } G)\,/\,\big(\sqrt{\mathrm{mean}\,\cosh(γB)^2}
+     + ε\big)
+
+  Reference: Maity, arXiv 2509.24320; ryyzn9/AuON @ bba2e82.
+  """
 
   name = 'cosh_normalize'
 
