@@ -6,8 +6,11 @@ GPT-2 small's 48 hidden matrices; scenarios ``fsdp8`` (first dim over 8),
 layer axis over fsdp=4 of a 4×2 mesh: local) and ``tp8`` (Megatron layout
 over tp=8: the long dimension of every matrix sharded, c_fc/qkv by columns,
 c_proj/attn proj by rows; strategies ``a2a`` and ``gram``) and
-``fsdp8_normuon`` (fsdp8 with NorMuon's neuron statistics, Frobenius restore
-and shape scale run as matrix stages in the same body; no optax row). Rows:
+``dp8`` (every matrix replicated on 8 devices: strategies ``replicated`` and
+``local``), ``fsdp8_normuon`` (fsdp8 with NorMuon's neuron statistics,
+Frobenius restore and shape scale run as matrix stages in the same body; no
+optax row) and ``fsdp8_namo`` (fsdp8, NAMO's momentum, Newton–Schulz and
+noise-adaptive step jitted whole, the step in the body or after it). Rows:
 optax.contrib scale_by_muon left to GSPMD, and orthax's strategies with f32
 and bf16 on the wire. Columns are per device, read from the compiled program
 (MEASURING.md §2): GFLOP (orthax's Newton–Schulz runs in a ``fori_loop``
@@ -41,6 +44,7 @@ from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import orthax
 from orthax import matrix_stages as MS
 from orthax import sharding
 from orthax.benchmarking import gpt2_hidden_kernels
@@ -62,18 +66,28 @@ def _flat(tree):
 # Scenarios that add matrix stages to another one's layout.
 STAGED = {'fsdp8_normuon': ('fsdp8', lambda: [
     MS.NeuronNormalize(0.95), MS.ScaleByShape('keller')])}
+# Scenarios that run NAMO's whole matrix branch (momentum, Newton–Schulz and
+# the adaptive step) on another one's layout, its step in the body or after.
+NAMO = {'fsdp8_namo': 'fsdp8'}
 
 
 def scenario(name):
   """(mesh, {path: shape}, {path: spec}, {path: MatrixSpec}, strategies)."""
   if name in STAGED:
     return scenario(STAGED[name][0])
+  if name in NAMO:
+    return scenario(NAMO[name])
   kernels = _flat(gpt2_hidden_kernels())
   if name == 'tp8':
     mesh = jax.make_mesh((8,), ('tp',), axis_types=(AxisType.Auto,))
     long = lambda s: P(None, 'tp') if s[1] >= s[0] else P('tp', None)
     return (mesh, kernels, {k: long(s) for k, s in kernels.items()},
             {k: MatrixSpec() for k in kernels}, ('a2a', 'gram'))
+  if name == 'dp8':
+    # Pure data parallelism: every parameter replicated on the 8 devices.
+    mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+    return (mesh, kernels, {k: P() for k in kernels},
+            {k: MatrixSpec() for k in kernels}, ('replicated', 'local'))
   if name in ('fsdp8', 'fsdp4x2'):
     if name == 'fsdp8':
       mesh = jax.make_mesh((8,), ('fsdp',), axis_types=(AxisType.Auto,))
@@ -156,7 +170,7 @@ def orthax_rows(mesh, shapes, specs, mspecs, strategy='auto', stages=()):
       # The new stage states are returned too (else their all-gather is
       # dead code); they come back replicated.
       return jax.jit(lambda u, s: sharding.orthogonalize_tree(
-          u, dist, ns, mspecs, stages=stages, stage_states=s),
+          u, dist, ns, mspecs, stages=stages, stage_states=s)[:2],
                      out_shardings=(sh, jax.tree.map(
                          lambda _: NamedSharding(mesh, P()), states)))
 
@@ -182,6 +196,60 @@ def orthax_rows(mesh, shapes, specs, mspecs, strategy='auto', stages=()):
   return rows
 
 
+def namo_rows(mesh, shapes, specs, mspecs):
+  """NAMO's matrix branch, jitted whole (update, state and params sharded
+  as the trainer shards them): its step as a scaling stage in the
+  Newton–Schulz body (``noise_adapt`` wrapping ``orthogonalize``: the norms
+  of the gradient's and the momentum's pieces are summed in one small
+  float32 all-reduce per group, and every device computes the step) and
+  after it (wrapping a chain: GSPMD sums the norms over the
+  parameter-sharded arrays)."""
+  params, sh = _abstract(mesh, shapes, specs)
+  rows = {}
+  for label, in_body in (('step in the body', True),
+                         ('step after the body (GSPMD norms)', False)):
+    row = {}
+    for comm in (jnp.float32, jnp.bfloat16):
+      dist = sharding.Distributed(mesh, param_specs=specs, comm_dtype=comm)
+
+      def jitted(steps, dist=dist, in_body=in_body):
+        orth = orthax.orthogonalize('jordan', steps=steps, method='standard',
+                                    matrix_specs=mspecs, distributed=dist)
+        tx = orthax.noise_adapt(
+            orthax.momentum(0.95, form='ema', nesterov=True),
+            orth if in_body else optax.named_chain(('orthogonalize', orth)),
+            learning_rate=0.01, matrix_specs=mspecs)
+        st = jax.eval_shape(tx.init, params)
+        st_sh = jax.tree.map(
+            lambda a: NamedSharding(mesh, _match(a, shapes, specs)), st)
+        st = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=s), st, st_sh)
+        return tx, st, jax.jit(tx.update, out_shardings=(sh, st_sh))
+
+      tx, st, f = jitted(1)
+      plan = sharding.plan(jitted(STEPS)[0], params)
+      if comm == jnp.float32:
+        m = hlo.measure(f, params, st, params)
+        _, _, f5 = jitted(STEPS)
+        text = f5.lower(params, st, params).compile().as_text()
+        ops = hlo.per_step(hlo.collectives(text), text)
+        m['summary'] = hlo.summarize(ops)
+        m['wire_bytes'] = sum(o['wire_bytes'] for o in ops)
+        row['f32'] = dict(flops=STEPS * m['flops'], m=m, plan=plan,
+                          label=f'orthax a2a, NAMO {label} (f32)')
+      else:
+        # GSPMD's all-reduces are not in the lowered program; they carry
+        # float32 norms whatever comm_dtype (compiled figures).
+        low = hlo.lowered_collectives(f.lower(params, st, params).as_text(),
+                                      mesh.devices.size)
+        wire = sum(o['wire_bytes'] for o in low if o['op'] != 'all-reduce')
+        wire += row['f32']['m']['summary'].get(
+            'all-reduce', {}).get('wire_bytes', 0.0)
+        row['bf16'] = dict(wire=wire, plan=plan)
+    rows[label] = row
+  return rows
+
+
 def fmt_coll(summary):
   return ', '.join(f"{k}×{v['count']}" for k, v in sorted(summary.items())) \
       or 'none'
@@ -195,6 +263,10 @@ def run(names, with_optax=True):
   for name in names:
     mesh, shapes, specs, mspecs, strategies = scenario(name)
     stages = STAGED[name][1]() if name in STAGED else ()
+    if name in NAMO:
+      for row in namo_rows(mesh, shapes, specs, mspecs).values():
+        _print_row(name, row)
+      continue
     if with_optax and not stages:
       r = optax_row(mesh, shapes, specs, mspecs)
       m = r['m']
@@ -205,17 +277,21 @@ def run(names, with_optax=True):
             f"{(m['temp_bytes'] or 0) / MiB:.0f} |", flush=True)
     for strategy in strategies:
       rows = orthax_rows(mesh, shapes, specs, mspecs, strategy, stages)
-      r, b = rows['f32'], rows['bf16']
       if stages:
-        r['label'] += ' + ' + '+'.join(st.name for st in stages)
-      m = r['m']
-      print(f"| {name} | {r['label']} | {r['flops'] / 1e9:.1f} | "
-            f"{r['plan'].flops_per_device / 1e9:.1f} | "
-            f"{fmt_coll(m['summary'])} | {m['wire_bytes'] / MiB:.1f} | "
-            f"{b['wire'] / MiB:.1f} | "
-            f"{r['plan'].bytes_per_device / MiB:.1f}/"
-            f"{b['plan'].bytes_per_device / MiB:.1f} | "
-            f"{(m['temp_bytes'] or 0) / MiB:.0f} |", flush=True)
+        rows['f32']['label'] += ' + ' + '+'.join(st.name for st in stages)
+      _print_row(name, rows)
+
+
+def _print_row(name, rows):
+  r, b = rows['f32'], rows['bf16']
+  m = r['m']
+  print(f"| {name} | {r['label']} | {r['flops'] / 1e9:.1f} | "
+        f"{r['plan'].flops_per_device / 1e9:.1f} | "
+        f"{fmt_coll(m['summary'])} | {m['wire_bytes'] / MiB:.1f} | "
+        f"{b['wire'] / MiB:.1f} | "
+        f"{r['plan'].bytes_per_device / MiB:.1f}/"
+        f"{b['plan'].bytes_per_device / MiB:.1f} | "
+        f"{(m['temp_bytes'] or 0) / MiB:.0f} |", flush=True)
 
 
 MODELS = {
@@ -267,7 +343,7 @@ def scaling():
 if __name__ == '__main__':
   args = [a for a in sys.argv[1:] if not a.startswith('--')]
   if '--scaling-only' not in sys.argv:
-    run(args or ['fsdp8', 'fsdp8_normuon', 'fsdp4x2', 'scan', 'scan_local',
-                 'tp8'],
+    run(args or ['fsdp8', 'fsdp8_normuon', 'fsdp8_namo', 'fsdp4x2', 'scan',
+                 'scan_local', 'tp8', 'dp8'],
         with_optax='--no-optax' not in sys.argv)
   scaling()

@@ -1,19 +1,21 @@
 """Recipes with ``distributed=`` on 8 fake CPU devices vs one device.
 
 Run as a script (``tests/test_sharding.py`` does, in a subprocess with
-``--xla_force_host_platform_device_count=8``). For muon, normuon and namo,
+``--xla_force_host_platform_device_count=8``). For muon, normuon, namo and
+namo_d,
 two jitted steps (and for root, spectra, hybrid_auon, lanton and auon, f32
 on the two Auto meshes) on a tree of kernels (FSDP-sharded, a scan-stacked leaf, a
 leaf count that does not divide 8), biases and an embedding, on Auto meshes
 ``(8,)`` and ``(4, 2)`` and on an Explicit ``(8,)`` mesh: the maximum
 relative difference of the updates against the same recipe without
 ``distributed`` on a single device, with f32 and bf16 on the wire, the number
-of all-to-alls in the compiled step, and whether updates keep the
-parameters' shardings. Prints one JSON object on the last line.
+of all-to-alls in the compiled step, the bytes of its collectives (and the
+plan's prediction), and whether updates keep the parameters' shardings. Prints one JSON object on the last line.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import traceback
@@ -26,6 +28,7 @@ if __name__ == '__main__':
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -62,10 +65,29 @@ def tree(seed):
   return leaves(lambda e: jnp.asarray(rng.standard_normal(e[0]), jnp.float32))
 
 
-def run(recipe, mesh, axis_type, comm_dtype, **dist_kw):
+# Hyperparameters given to optax.inject_hyperparams (traced in the step; the
+# stages that use them run inside shard_map).
+INJECT = {
+    'normuon': (lambda learning_rate, beta2, distributed=None: orthax.normuon(
+        learning_rate, beta2=beta2, distributed=distributed),
+                dict(learning_rate=0.02, beta2=0.9)),
+    'namo': (lambda learning_rate, beta, mu2, distributed=None: orthax.namo(
+        learning_rate, beta=beta, mu2=mu2, distributed=distributed),
+             dict(learning_rate=0.02, beta=0.9, mu2=0.95)),
+}
+
+
+def _recipe(recipe, inject, **kw):
+  if not inject:
+    return orthax.recipe(recipe, learning_rate=0.02, **kw)
+  factory, hyper = INJECT[recipe]
+  return optax.inject_hyperparams(functools.partial(factory, **kw))(**hyper)
+
+
+def run(recipe, mesh, axis_type, comm_dtype, inject=False, **dist_kw):
   pspecs = specs(mesh.axis_names)
   params, grads = tree(0), [tree(1), tree(2)]
-  ref_tx = orthax.recipe(recipe, learning_rate=0.02)
+  ref_tx = _recipe(recipe, inject)
   state = ref_tx.init(params)
   ref = []
   for g in grads:
@@ -75,7 +97,7 @@ def run(recipe, mesh, axis_type, comm_dtype, **dist_kw):
   explicit = axis_type == AxisType.Explicit
   dist = sharding.Distributed(mesh, None if explicit else pspecs,
                               comm_dtype=comm_dtype, **dist_kw)
-  tx = orthax.recipe(recipe, learning_rate=0.02, distributed=dist)
+  tx = _recipe(recipe, inject, distributed=dist)
   shard = lambda t: jax.tree.map(
       lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, pspecs)
   p = shard(params)
@@ -95,7 +117,14 @@ def run(recipe, mesh, axis_type, comm_dtype, **dist_kw):
       kept &= a.sharding.is_equivalent_to(NamedSharding(mesh, s), a.ndim)
   ops = hlo.collectives(text)
   kinds = [op['op'] for op in ops]
+  try:  # auon distributes nothing: no plan
+    with jax.set_mesh(mesh) if explicit else _null():
+      plan_bytes = sharding.plan(tx, p).bytes_per_device
+  except sharding.NotDistributedError:
+    plan_bytes = None
   return {'rel_err': err, 'max_abs_err_over_lr': abs_err,
+          'plan_bytes': plan_bytes,
+          'wire_bytes': sum(o['wire_bytes'] for o in ops),
           'sharding_kept': bool(kept),
           'all_to_all': sum(k.startswith('all-to-all') for k in kinds),
           'other_collectives': sorted({k for k in kinds
@@ -118,7 +147,7 @@ def main():
       'fsdp4tp2_gram': ((4, 2), ('fsdp', 'tp'), AxisType.Auto,
                         dict(overrides=(('c/kernel', 'gram'),))),
   }
-  for recipe in ('muon', 'normuon', 'namo'):
+  for recipe in ('muon', 'normuon', 'namo', 'namo_d'):
     for mname, (shape, names, at, *kw) in meshes.items():
       mesh = jax.make_mesh(shape, names, axis_types=(at,) * len(shape))
       for wire in ('f32', 'bf16'):
@@ -131,6 +160,17 @@ def main():
         except Exception as e:  # reported, asserted on by the test
           out[key] = {'error': f'{type(e).__name__}: {e}'[:2000],
                       'trace': traceback.format_exc()[-3000:]}
+  # Traced hyperparameters (inject_hyperparams), f32, Explicit fsdp8.
+  for recipe in INJECT:
+    shape, names, at = meshes['explicit_fsdp8']
+    mesh = jax.make_mesh(shape, names, axis_types=(at,) * len(shape))
+    key = f'{recipe}_inject/explicit_fsdp8/f32'
+    try:
+      with jax.set_mesh(mesh):
+        out[key] = run(recipe, mesh, at, jnp.float32, inject=True)
+    except Exception as e:  # reported, asserted on by the test
+      out[key] = {'error': f'{type(e).__name__}: {e}'[:2000],
+                  'trace': traceback.format_exc()[-3000:]}
   # The other recipes: f32 on the wire, Auto fsdp8 and fsdp4×tp2.
   for recipe in ('root', 'spectra', 'hybrid_auon', 'lanton', 'auon'):
     for mname in ('fsdp8', 'fsdp4tp2'):

@@ -2,7 +2,9 @@
 
 Run as a script (``tests/test_sharding_stages.py`` does, in a subprocess with
 ``--xla_force_host_platform_device_count=8``). Per case: two steps of
-``orthax.orthogonalize(then=stages, distributed=...)`` against the same
+``orthax.orthogonalize(then=stages, distributed=...)`` — or, for the NAMO
+cases, of ``orthax.noise_adapt`` wrapping it (NAMO's step runs in the same
+body, its norms summed from each device's pieces) — against the same
 transform on one device (updates and stage states), with f32 and bf16 on the
 wire; the collectives and wire bytes of the compiled step against the plan.
 Prints one JSON object on the last line.
@@ -48,6 +50,13 @@ STAGES = {
                               MS.ScaleToRms(0.2)],
 }
 
+# NAMO: noise_adapt(momentum, orthogonalize(then=...)) with this mode.
+NAMO = {
+    'namo': ('scalar', lambda: []),
+    'namo_d': ('diagonal', lambda: []),
+    'namo_d_normuon': ('diagonal', lambda: [MS.NeuronNormalize(0.9)]),
+}
+
 # name -> (mesh shape, axis names, axis type, leaves, stages, Distributed kw)
 CASES = {
     'fsdp8': ((8,), ('fsdp',), 'auto',
@@ -63,7 +72,34 @@ CASES = {
                       dict(strategy='gram')),
     'fsdp4tp2_gram_longer': ((4, 2), ('fsdp', 'tp'), 'auto', GRAM,
                              'normuon_longer', dict(strategy='gram')),
+    'fsdp8_namo': ((8,), ('fsdp',), 'auto',
+                   {**FSDP8_A2A, **FSDP8_LOCAL, **FSDP8_REPL}, 'namo', {}),
+    'fsdp8_namo_d': ((8,), ('fsdp',), 'auto',
+                     {**FSDP8_A2A, **FSDP8_LOCAL, **FSDP8_REPL}, 'namo_d',
+                     {}),
+    'fsdp4tp2_namo_d': ((4, 2), ('fsdp', 'tp'), 'auto', TP_A2A,
+                        'namo_d_normuon', {}),
+    'explicit_fsdp8_namo': ((8,), ('fsdp',), 'explicit', FSDP8_A2A, 'namo',
+                            {}),
+    'fsdp4tp2_gram_namo': ((4, 2), ('fsdp', 'tp'), 'auto', GRAM, 'namo',
+                           dict(strategy='gram')),
+    'fsdp4tp2_gram_namo_d': ((4, 2), ('fsdp', 'tp'), 'auto', GRAM,
+                             'namo_d_normuon', dict(strategy='gram')),
 }
+
+
+def make_tx(stages: str, mspecs, dist=None, steps=None):
+  """The case's transform (``dist=None``: one device)."""
+  if stages not in NAMO:
+    return orthax.orthogonalize(steps=steps, matrix_specs=mspecs,
+                                then=STAGES[stages](), distributed=dist)
+  mode, then = NAMO[stages]
+  return orthax.noise_adapt(
+      orthax.momentum(0.9, form='ema', nesterov=True),
+      orthax.orthogonalize(steps=steps, matrix_specs=mspecs, then=then(),
+                           distributed=dist),
+      learning_rate=0.05, b1=0.9, mode=mode, weight_decay=0.1, clamp_c=0.5,
+      matrix_specs=mspecs)
 
 
 def _max_abs(a, b):
@@ -100,27 +136,29 @@ def _run(name: str, mesh) -> dict:
   shard = {k: NamedSharding(mesh, specs[k]) for k in names}
   put = lambda t: {k: jax.device_put(t[k], shard[k]) for k in names}
 
-  ref_tx = orthax.orthogonalize(matrix_specs=mspecs, then=STAGES[stages]())
-  ref_state = ref_tx.init(grads[0])
+  params = {k: rng.standard_normal(leaves[k][0]).astype(np.float32)
+            for k in names}
+  ref_tx = make_tx(stages, mspecs)
+  ref_state = ref_tx.init(params)
   refs = []
   for g in grads:
-    u, ref_state = jax.jit(ref_tx.update)(g, ref_state)
+    u, ref_state = jax.jit(ref_tx.update)(g, ref_state, params)
     refs.append(u)
 
   def make(comm, steps=None):
     dist = sharding.Distributed(mesh, None if explicit else specs,
                                 comm_dtype=comm, **dist_kw)
-    return orthax.orthogonalize(steps=steps, matrix_specs=mspecs,
-                                then=STAGES[stages](), distributed=dist)
+    return make_tx(stages, mspecs, dist, steps)
 
+  p = put(params)
   out: dict = {}
   for wire, comm in (('f32', jnp.float32), ('bf16', jnp.bfloat16)):
     tx = make(comm)
     step = jax.jit(tx.update)
-    st = tx.init(put(grads[0]))
+    st = tx.init(p)
     ups = []
     for g in grads:
-      u, st = step(put(g), st)
+      u, st = step(put(g), st, p)
       ups.append(u)
     out[f'{wire}_max_abs_err'] = max(_max_abs(u, r)
                                      for u, r in zip(ups, refs))
@@ -135,7 +173,7 @@ def _run(name: str, mesh) -> dict:
     # appear once in the text). XLA:CPU widens bf16 collectives when it
     # compiles, so bf16 is read from the lowered program.
     tx1 = make(comm, steps=1)
-    lowered = jax.jit(tx1.update).lower(put(grads[0]), tx1.init(put(grads[0])))
+    lowered = jax.jit(tx1.update).lower(put(grads[0]), tx1.init(p), p)
     if wire == 'f32':
       ops = hlo.collectives(lowered.compile().as_text())
     else:

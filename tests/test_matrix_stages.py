@@ -106,7 +106,22 @@ STAGE_SETS = {
     'rms': [MS.NeuronNormalize(0.8, restore_norm=False), MS.ScaleToRms()],
     'cosh': [MS.CoshNormalize(1.5, normalize=False, brake_input='raw')],
     'cosh_paper': [MS.CoshNormalize()],
+    # NAMO's step: norms of the inputs, a state and an output.
+    'namo': [MS.NoiseAdaptStep('scalar', 0.3, 2)],
+    'namo_d': [MS.NeuronNormalize(0.8),
+               MS.NoiseAdaptStep('diagonal', 0.3, 2, clamp_c=0.5)],
 }
+
+
+def _split(x, G, axis, blocked):
+  """``[G, ...]``: ``x`` in ``G`` blocks along ``axis``, or repeated."""
+  if blocked:
+    return jnp.stack(jnp.split(x, G, axis=axis))
+  return jnp.stack([x] * G)
+
+
+def _join(x, axis, blocked):
+  return np.concatenate(list(x), axis=axis) if blocked else np.asarray(x[0])
 
 
 @pytest.mark.parametrize('split', [-1, -2])
@@ -114,35 +129,41 @@ STAGE_SETS = {
 @pytest.mark.parametrize('name', list(STAGE_SETS))
 def test_stages_on_blocks_equal_whole_matrices(name, fan, split):
   """Four blocks of the split axis under a named vmap axis, sums through
-  Blocks.sum with psum: output and state equal the whole-matrix stage."""
+  Blocks.sum with psum: output, state and stage outputs equal the
+  whole-matrix stage (norms of the whole matrices come in blocks along
+  their kept axis, as the executor hands them over)."""
   stages = STAGE_SETS[name]
   fi, fo = fan
   rng = np.random.default_rng(0)
   o = jnp.asarray(rng.standard_normal((2, fi, fo)), jnp.float32)
+  src = {k: jnp.asarray(rng.standard_normal((2, fi, fo)), jnp.float32)
+         for k in ('input', 'aux')}
   states = [None if not st.stateful else jnp.asarray(
       rng.random((2,) + st.state_shape(fi, fo)), jnp.float32)
             for st in stages]
-  want, want_st = MS.apply_stages(stages, o, states, MS.Blocks(fi, fo))
+  norms = MS.stage_norms(stages, src, fi, fo)
+  want, want_st, want_out = MS.apply_stages(stages, o, states,
+                                            MS.Blocks(fi, fo), norms)
 
   G = 4
-  ob = jnp.stack(jnp.split(o, G, axis=split))       # [G, 2, ...]
-  blocked_state = []
-  for st, s in zip(stages, states):
-    if s is None:
-      blocked_state.append(None)
-    elif st.state_axis(fi, fo) == split:
-      blocked_state.append(jnp.stack(jnp.split(s, G, axis=-1)))
-    else:
-      blocked_state.append(jnp.stack([s] * G))
+  ob = _split(o, G, split, True)                 # [G, 2, ...]
+  vec = lambda st: st.state_axis(fi, fo) == split
+  blocked_state = [None if s is None else _split(s, G, -1, vec(st))
+                   for st, s in zip(stages, states)]
+  blocked_norms = [[_split(n, G, split, n.shape[split] > 1) for n in per]
+                   for per in norms]
   blocks = MS.Blocks(fi, fo, split, lambda a: jax.lax.psum(a, 'c'))
-  got, got_st = jax.vmap(
-      lambda x, ss: MS.apply_stages(stages, x, ss, blocks),
-      axis_name='c')(ob, blocked_state)
-  np.testing.assert_allclose(np.concatenate(list(got), axis=split),
-                             np.asarray(want), rtol=2e-6, atol=1e-7)
-  for st, s, w in zip(stages, got_st, want_st):
-    if w is None:
-      continue
-    s = (np.concatenate(list(s), axis=-1)
-         if st.state_axis(fi, fo) == split else np.asarray(s[0]))
-    np.testing.assert_allclose(s, np.asarray(w), rtol=2e-6, atol=1e-9)
+  got, got_st, got_out = jax.vmap(
+      lambda x, ss, nn: MS.apply_stages(stages, x, ss, blocks, nn),
+      axis_name='c')(ob, blocked_state, blocked_norms)
+  np.testing.assert_allclose(_join(got, split, True), np.asarray(want),
+                             rtol=2e-6, atol=1e-7)
+  for st, s, w, x, wx in zip(stages, got_st, want_st, got_out, want_out):
+    assert (w is None) == (not st.stateful)
+    assert (wx is None) == (not st.has_output)
+    if w is not None:
+      np.testing.assert_allclose(_join(s, -1, vec(st)), np.asarray(w),
+                                 rtol=2e-6, atol=1e-9)
+    if wx is not None:
+      np.testing.assert_allclose(_join(x, -1, vec(st)), np.asarray(wx),
+                                 rtol=2e-6, atol=1e-9)

@@ -160,3 +160,58 @@ def test_bad_inputs():
     tx.update(w, tx.init(w))
   with pytest.raises(ValueError, match='reference'):
     orthax.namo(reference='levanter')
+
+
+_SPECS = orthax.MatrixSpec.kernel()
+
+
+def _namo(inner, mode):
+  return orthax.noise_adapt(orthax.momentum(0.9), inner, learning_rate=0.3,
+                            b1=0.9, mode=mode, clamp_c=0.5,
+                            matrix_specs=_SPECS)
+
+
+@pytest.mark.parametrize('mode', ['scalar', 'diagonal'])
+@pytest.mark.parametrize('normuon', [False, True])
+def test_step_in_orthogonalize_pass_equals_step_after_it(mode, normuon):
+  """Wrapping an orthax.orthogonalize, NAMO's step runs as a matrix stage
+  in its pass (on a mesh: in its shard_map body); wrapping any other
+  transform (here the same chain), after it. Bit for bit the same, for
+  updates and state, over three steps."""
+  stages = [orthax.matrix_stages.NeuronNormalize(0.9)] if normuon else []
+  fused = _namo(orthax.orthogonalize(matrix_specs=_SPECS, then=stages), mode)
+  chained = [('orthogonalize', orthax.orthogonalize(matrix_specs=_SPECS))]
+  if normuon:
+    chained.append(('neuron_normalize',
+                    orthax.neuron_normalize(0.9, matrix_specs=_SPECS)))
+  after = _namo(optax.named_chain(*chained), mode)
+  rng = np.random.default_rng(0)
+  tree = lambda: {'w': jnp.asarray(rng.standard_normal((24, 40)),
+                                   jnp.float32),
+                  'tall': jnp.asarray(rng.standard_normal((40, 16)),
+                                      jnp.float32)}
+  params = tree()
+  s1, s2 = fused.init(params), after.init(params)
+  for _ in range(3):
+    g = tree()
+    u1, s1 = jax.jit(fused.update)(g, s1, params)
+    u2, s2 = jax.jit(after.update)(g, s2, params)
+    for k in params:
+      np.testing.assert_array_equal(np.asarray(u1[k]), np.asarray(u2[k]))
+  np.testing.assert_array_equal(s1.count, s2.count)
+  for a, b in zip(jax.tree.leaves(s1.nu), jax.tree.leaves(s2.nu)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  if normuon:
+    np.testing.assert_array_equal(
+        np.asarray(optax.tree.get(s1, 'neuron_normalize').nu['w']),
+        np.asarray(optax.tree.get(s2, 'neuron_normalize').nu['w']))
+
+
+def test_update_with_stages_needs_the_aux_tree():
+  tx = orthax.orthogonalize()
+  w = {'w': jnp.ones((4, 6))}
+  step = orthax.matrix_stages.NoiseAdaptStep('scalar', 0.1, 1)
+  with pytest.raises(ValueError, match="'aux'"):
+    tx.update_with_stages(w, tx.init(w), [step], [[jnp.zeros(())]])
+  with pytest.raises(ValueError, match='mode'):
+    orthax.matrix_stages.NoiseAdaptStep('full', 0.1, 1)

@@ -266,7 +266,7 @@ def test_optax_baseline_fails_on_explicit_mesh(cases):
 
 # Recipes with distributed= (subprocess, 8 fake CPU devices) -------------------
 
-RECIPE_KEYS = [f'{r}/{m}/{w}' for r in ('muon', 'normuon', 'namo')
+RECIPE_KEYS = [f'{r}/{m}/{w}' for r in ('muon', 'normuon', 'namo', 'namo_d')
                for m in ('fsdp8', 'fsdp4tp2', 'explicit_fsdp8',
                          'fsdp4tp2_gram')
                for w in ('f32', 'bf16')]
@@ -281,8 +281,8 @@ def recipe_cases():
 
 @pytest.mark.parametrize('key', RECIPE_KEYS)
 def test_recipes_distributed_equal_single_device(recipe_cases, key):
-  """Two steps of muon/normuon/namo with distributed= on Auto and Explicit
-  meshes equal the single-device recipe; updates keep the params' sharding.
+  """Two steps of muon/normuon/namo/namo_d with distributed= on Auto and
+  Explicit meshes equal the single-device recipe; updates keep the params' sharding.
 
   f32 on the wire: the only differences are one-ulp rounding differences
   in the sharded elementwise stages (seen at step 2 on a TP-sharded leaf),
@@ -302,17 +302,25 @@ def test_recipes_distributed_equal_single_device(recipe_cases, key):
   # One all-to-all in and one out per a2a group: on fsdp8 the fan-in-sharded
   # 64×128 stack (a, scan) and the transposed b; on fsdp4×tp2 also c, unless
   # c runs tensor-parallel (gram: all-reduces, no all-to-all).
-  assert r['all_to_all'] == (6 if 'fsdp4tp2' in key and not gram else 4)
+  groups = 3 if 'fsdp4tp2' in key and not gram else 2
+  assert r['all_to_all'] == 2 * groups
   # NorMuon's per-neuron state comes back from the a2a groups by one
-  # all-gather each (its statistics are computed in the body).
+  # all-gather each. NAMO's state and weight-decay factor are computed on
+  # every device from all-reduced norms: nothing of NAMO's is gathered.
   gathers = ['all-gather'] if key.startswith('normuon/') else []
+  namo = key.startswith(('namo/', 'namo_d/'))
   if gram:
     assert r['other_collectives'] == gathers + ['all-reduce']
     return
+  assert r['other_collectives'] == gathers + (
+      ['all-reduce'] if namo or r['all_reduce_bytes'] else [])
   # Whatever else the step communicates (finiteness flags, NorMuon's state,
-  # NAMO's norms) is tiny next to the matrices themselves.
+  # NAMO's norms) is small next to the matrices themselves,
   assert r['other_bytes'] <= 0.05 * r['a2a_bytes']
-  if key.startswith(('muon/', 'normuon/')):
+  # and f32 on the wire, all of it is the plan's but check_finite's flag.
+  if key.endswith('/f32'):
+    assert 0 <= r['wire_bytes'] - r['plan_bytes'] <= 16
+  if not namo:
     # Only check_finite's flag is summed across devices: NorMuon's row
     # statistics, Frobenius restore and the shape scale stay in the body.
     assert r['all_reduce_bytes'] <= 16
@@ -339,3 +347,16 @@ def test_every_recipe_accepts_distributed(recipe_cases, key):
   else:
     assert r['all_to_all'] >= 4 and r['all_to_all'] % 2 == 0
 
+
+@pytest.mark.parametrize('key', ['normuon_inject/explicit_fsdp8/f32',
+                                 'namo_inject/explicit_fsdp8/f32'])
+def test_traced_hyperparameters_reach_the_body(recipe_cases, key):
+  """Under optax.inject_hyperparams the stages' hyperparameters (NorMuon's
+  β2; NAMO's learning rate, β and μ2, and the step count) are traced
+  values; they enter the shard_map body as replicated arguments (closing
+  over them fails on an Explicit mesh). Two steps equal one device."""
+  r = recipe_cases[key]
+  assert 'error' not in r, r.get('trace', r['error'])
+  assert r['sharding_kept']
+  assert r['rel_err'] <= 2e-6 and r['max_abs_err_over_lr'] <= 2e-6
+  assert r['all_to_all'] == 4

@@ -1,11 +1,16 @@
 """The per-strategy bodies that run inside ``jax.shard_map`` (see
 :mod:`orthax.sharding._execute`).
 
-Each body is ``(stack, states, post) -> (stack, states)``: ``stack`` is the
-device's local ``[N, ·, ·]`` stack of the group (wide orientation),
-``states`` the ``[N, ...]`` stacks of the stateful matrix stages, and
-``post(y, states)`` runs the matrix stages on the whole matrices ``y[k, m,
-n]`` (update dtype) a device ends up with, and on their ``[k, ...]`` states.
+Each body is ``(stack, per, post) -> (stack, slots)``: ``stack`` is the
+device's local ``[N, ·, ·]`` stack of the group (wide orientation), ``per``
+a list of ``[N, ...]`` per-matrix arrays (the stateful matrix stages' states
+and the scaling stages' factors), and ``post(y, per)`` runs the matrix stages
+on the whole matrices ``y[k, m, n]`` (update dtype) a device ends up with
+and on their ``[k, ...]`` rows of ``per``; it returns ``y`` and ``[k, ...]``
+slots (new states, outputs), which come back as ``[N, ...]`` stacks.
+
+:data:`NORMS` holds, per strategy, how a body turns the partial norms of the
+device's pieces into the norms of the whole matrices of its local stack.
 """
 
 from __future__ import annotations
@@ -36,8 +41,31 @@ def _mine(states, axes, padded, k):
           for s in states]
 
 
-def _gather(states, axes, N):
-  return [jax.lax.all_gather(s, axes, axis=0, tiled=True)[:N] for s in states]
+def _concat_rows(arrays):
+  """``[n, ...]`` arrays as one ``[n, W]`` array (common dtype) and the
+  way back."""
+  flat = [a.reshape(a.shape[0], -1) for a in arrays]
+  widths = [f.shape[1] for f in flat]
+  cat = jnp.concatenate(flat, axis=1) if len(flat) > 1 else flat[0]
+
+  def split(x):
+    out, start = [], 0
+    for a, w in zip(arrays, widths):
+      out.append(x[:, start:start + w].reshape((x.shape[0],) + a.shape[1:])
+                 .astype(a.dtype))
+      start += w
+    return out
+
+  return cat, split
+
+
+def _gather(slots, axes, N):
+  """The ``[N, ...]`` stacks of every device's ``[k, ...]`` slots: one
+  ``all_gather`` for all of a group's stage states and outputs."""
+  if not slots:
+    return []
+  cat, split = _concat_rows(slots)
+  return split(jax.lax.all_gather(cat, axes, axis=0, tiled=True)[:N])
 
 
 def _a2a_body(g: GroupPlan, ns_fn: NSFn, ns_dtype):
@@ -72,7 +100,7 @@ def _a2a_body(g: GroupPlan, ns_fn: NSFn, ns_dtype):
 def _replicated_body(g: GroupPlan, ns_fn: NSFn, ns_dtype):
   axes, k = g.split_axes, g.padded // g.shards
 
-  def run(stack, states, post):  # [N, m, n], the whole stack on every device
+  def run(stack, states, post):  # [N, m, n]: the whole stack, every device
     N, dt = stack.shape[0], stack.dtype
     idx = jax.lax.axis_index(axes)
     mine = jax.lax.dynamic_slice_in_dim(_pad(stack, g.padded), idx * k, k,
@@ -108,5 +136,52 @@ def _gram_body(g: GroupPlan, ns_fn: NSFn, ns_dtype):
   return run
 
 
+def _packed_psum(parts, axes):
+  """``psum`` of several arrays in one all-reduce."""
+  cat, split = _concat_rows(parts)
+  return split(jax.lax.psum(cat, axes))
+
+
+def _a2a_norms(g: GroupPlan, partials):
+  """Each device holds piece ``(r, c)`` of every matrix: a kept axis is
+  placed at the piece's offset in a zero ``[N, m|1, n|1]`` array, and one
+  float32 ``psum`` over the matrix's axes adds the pieces up, giving every
+  device the whole matrices' norms of the group's local stack."""
+  if not partials:
+    return []
+  r = jax.lax.axis_index(g.row_axes) if g.row_axes else 0
+  c = jax.lax.axis_index(g.col_axes) if g.col_axes else 0
+  placed = []
+  for p, axes in partials:
+    shape = (p.shape[0], 1 if -2 in axes else g.m, 1 if -1 in axes else g.n)
+    at = (0, 0 if -2 in axes else r * p.shape[1],
+          0 if -1 in axes else c * p.shape[2])
+    placed.append(p if shape == p.shape else jax.lax.dynamic_update_slice(
+        jnp.zeros(shape, p.dtype), p, at))
+  return _packed_psum(placed, g.split_axes)
+
+
+def _gram_norms(g: GroupPlan, partials):
+  """Column blocks: the norms summed along the columns go through one
+  ``psum`` (a single all-reduce for all of them); a kept column axis stays
+  in blocks."""
+  out = [p for p, _ in partials]
+  split = [i for i, (_, ax) in enumerate(partials) if -1 in ax]
+  if split:
+    for i, v in zip(split, _packed_psum([out[i] for i in split],
+                                        g.split_axes)):
+      out[i] = v
+  return out
+
+
+def _whole_norms(g: GroupPlan, partials):
+  """``local`` and ``replicated``: the device holds whole matrices."""
+  del g
+  return [p for p, _ in partials]
+
+
 BODIES = {'a2a': _a2a_body, 'replicated': _replicated_body,
            'local': _local_body, 'gram': _gram_body}
+
+NORMS = {'a2a': _a2a_norms, 'replicated': _whole_norms,
+         'local': _whole_norms, 'gram': _gram_norms}

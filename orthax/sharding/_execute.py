@@ -24,17 +24,26 @@ own ``PartitionSpec``, so no resharding happens on the way in or out:
 for ``gram`` (as :func:`orthax.polar.orthogonalize_stack` does).
 
 Matrix stages (:mod:`orthax.matrix_stages`: NorMuon's statistics and
-Frobenius restore, shape and RMS scales) run in the same body, right after
-Newton–Schulz, on the whole matrices the device holds (``gram``: on its
-column blocks, summing through ``Blocks.sum``). A stateful stage's
+Frobenius restore, shape and RMS scales, NAMO's step) run in the same body,
+right after Newton–Schulz, on the whole matrices the device holds (``gram``:
+on its column blocks, summing through ``Blocks.sum``). A stateful stage's
 per-matrix state enters replicated, is sliced to the device's matrices and
-leaves by one ``all_gather`` (``a2a``, ``replicated``); under ``local`` and
-``gram`` every device already updates its own part. The bodies are in
-:mod:`orthax.sharding._bodies`.
+leaves by one ``all_gather`` for the group (``a2a``, ``replicated``); under
+``local`` and ``gram`` every device already updates its own part.
+
+A :class:`~orthax.matrix_stages.ScalingStage` (NAMO, NAMO-D) needs norms of
+the matrices before Newton–Schulz, not the orthogonalized matrix: each device
+sums squares over its pieces, one float32 ``psum`` per group (``a2a``; under
+``gram`` only for norms across the column blocks) gives every device the
+whole matrices' norms, and every device computes the factors, states and
+outputs of its whole local stack. Only the factors go into the body, sliced
+like states; nothing of the stage is gathered. The bodies and the norm
+exchanges are in :mod:`orthax.sharding._bodies`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Sequence
 
@@ -48,6 +57,7 @@ from orthax import _tree
 from orthax import matrices
 from orthax import matrix_stages
 from orthax.sharding._bodies import BODIES
+from orthax.sharding._bodies import NORMS
 from orthax.sharding._bodies import NSFn
 from orthax.sharding._inspect import record
 from orthax.sharding._distributed import Distributed
@@ -128,15 +138,15 @@ def _constrain(x, mesh, spec: P):
   return jax.lax.with_sharding_constraint(x, sh)
 
 
-def _state_spec(g: GroupPlan, stage: matrix_stages.MatrixStage, x, ms, ps):
-  """``PartitionSpec`` of one leaf's ``batch + per-matrix`` stage state
-  inside the body: the leaf's batch sharding; the per-matrix part whole,
-  except under ``gram``, where a vector along a matrix axis keeps that
-  axis's (column-block) sharding."""
+def _state_spec(g: GroupPlan, stage: matrix_stages.MatrixStage, x, ms, ps,
+                shape: Sequence[int]):
+  """``PartitionSpec`` of one leaf's ``batch + shape`` stage state (or
+  output) inside the body: the leaf's batch sharding; the per-matrix part
+  whole, except under ``gram``, where a vector along a matrix axis keeps
+  that axis's (column-block) sharding."""
   entries = spec_entries(ps, x.ndim)
   batch, fi, fo = ms.resolve(x.shape)
   _, n_in, n_out = ms.matrix_shape(x.shape)
-  shape = stage.state_shape(n_in, n_out)
   tail = [None] * len(shape)
   ax = stage.state_axis(n_in, n_out)
   if g.strategy == 'gram' and ax is not None:
@@ -144,19 +154,49 @@ def _state_spec(g: GroupPlan, stage: matrix_stages.MatrixStage, x, ms, ps):
   return P(*([_entry(entries[d]) for d in batch] + tail))
 
 
+def _lift_arrays(stages):
+  """The JAX arrays among the stages' attributes (traced hyperparameters:
+  NAMO's learning rate and step count, values under
+  ``optax.inject_hyperparams``), which enter the ``shard_map`` body as
+  replicated arguments (closing over them fails on Explicit meshes), and
+  ``rebuild(values)``: copies of the stages holding ``values`` instead."""
+  slots = [(j, k) for j, st in enumerate(stages)
+           for k, v in vars(st).items() if isinstance(v, jax.Array)]
+
+  def rebuild(values):
+    out = list(stages)
+    for j in sorted({j for j, _ in slots}):
+      out[j] = copy.copy(stages[j])
+    for (j, k), v in zip(slots, values):
+      setattr(out[j], k, v)
+    return tuple(out)
+
+  return [getattr(stages[j], k) for j, k in slots], rebuild
+
+
+def _wide_axes(axes: Sequence[int], transposed: bool) -> tuple[int, ...]:
+  """Axes of ``[fan_in, fan_out]`` as axes of the group's wide stack."""
+  flip = {-2: -1, -1: -2}
+  return tuple(sorted(flip[a] if transposed else a for a in axes))
+
+
 def run_group(g: GroupPlan, xs: Sequence[jax.Array],
               mspecs: Sequence[matrices.MatrixSpec], pspecs: Sequence[P],
               mesh, ns_fn: NSFn, ns_dtype=None,
               stages: Sequence[matrix_stages.MatrixStage] = (),
-              states: Sequence[Sequence[Any]] | None = None):
+              states: Sequence[Sequence[Any]] | None = None,
+              aux: Sequence[jax.Array] | None = None):
   """Orthogonalizes the group's leaves ``xs`` (global arrays), then runs the
   matrix ``stages`` on the whole matrices in the same body; returns the
   leaves in the same shardings — and, with ``stages``, the new stage states
   (``states[j][i]``: stage ``j``'s ``batch + per-matrix`` state of leaf
-  ``i``, ``None`` for a stateless stage)."""
+  ``i``, ``None`` for a stateless stage) and the stages' outputs (likewise,
+  ``None`` for a stage without). ``aux``: the group's leaves of the
+  auxiliary tree (shapes and shardings of ``xs``), when a stage needs
+  ``'aux'`` norms; only their norms are computed, on each device's pieces,
+  and all-reduced (they never move)."""
   stages = tuple(stages)
   stack_fn = BODIES[g.strategy](g, ns_fn, ns_dtype)
-  live = [j for j, st in enumerate(stages) if st.stateful]
   if stages and len(set(g.transposed)) > 1:
     raise ValueError(f'group of {g.paths}: matrix stages need one '
                      'orientation per group (plan with the same stages=).')
@@ -166,62 +206,127 @@ def run_group(g: GroupPlan, xs: Sequence[jax.Array],
   if g.strategy == 'gram':
     blocks = matrix_stages.Blocks(
         fi, fo, -2 if t0 else -1, lambda a: jax.lax.psum(a, g.split_axes))
+  live = [j for j, st in enumerate(stages) if st.stateful]
+  emit = [j for j, st in enumerate(stages) if st.has_output]
+  # Scaling stages compute their factor (and state, output) from the norms on
+  # every device; the others' states go through the body with the matrices.
+  scaling = [j for j, st in enumerate(stages)
+             if isinstance(st, matrix_stages.ScalingStage)]
+  moving = [j for j in live if j not in scaling]
+  norms = [(j, nm.source, _wide_axes(nm.axes, t0)) for j, st in
+           enumerate(stages) for nm in matrix_stages.check_norms(st, fi, fo)]
+  with_aux = any(src == 'aux' for _, src, _ in norms)
+  if with_aux and aux is None:
+    raise ValueError(f'group of {g.paths}: a matrix stage needs norms of the '
+                     "auxiliary tree ('aux'), but none was passed.")
+  swap = (lambda a: jnp.swapaxes(a, -1, -2)) if t0 else (lambda a: a)
+  whole_norms = NORMS[g.strategy]
 
-  def post(y, sts):
+  scalars, rebuild = _lift_arrays(stages)
+
+  def post(y, per, stages=stages):
+    """The stages on whole matrices ``y`` (wide): ``per`` holds their rows of
+    the moving states, then of the scaling factors; returns ``y`` and the
+    moving stages' new states and outputs."""
     if not stages:
-      return y, sts
-    o = jnp.swapaxes(y, -1, -2) if t0 else y
-    full = [None] * len(stages)
-    for j, s in zip(live, sts):
-      full[j] = s
-    o, new = matrix_stages.apply_stages(stages, o, full, blocks)
-    return (jnp.swapaxes(o, -1, -2) if t0 else o), [new[j] for j in live]
+      return y, per
+    full, factors = [None] * len(stages), [None] * len(stages)
+    for j, s in zip(moving + scaling, per):
+      (full if j in moving else factors)[j] = s
+    o, new, outs = matrix_stages.apply_stages(stages, swap(y), full, blocks,
+                                              factors=factors)
+    return swap(o), ([new[j] for j in moving]
+                     + [outs[j] for j in emit if j not in scaling])
+
+  def scale_all(sstacks, whole, stages):
+    """Each scaling stage's factor, new state and output for the whole local
+    stack, from the whole matrices' norms (stage orientation)."""
+    per = [[] for _ in stages]
+    for (j, _, _), v in zip(norms, whole):
+      per[j].append(swap(v))
+    res = {}
+    for j in scaling:
+      s = sstacks[live.index(j)] if j in live else None
+      res[j] = stages[j].scale(s, per[j], blocks)
+    return res
 
   nx = len(xs)
+  nslots = len(live) + len(emit)
 
-  def body(*args):
-    locs, slocs = args[:nx], args[nx:]
+  def stack_of(locs):
     mats = []
     for x, ms, t in zip(locs, mspecs, g.transposed):
       mt = matrices.to_matrices(x, ms)
       mats.append(jnp.swapaxes(mt, -1, -2) if t else mt)
-    stack = mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=0)
+    return mats, (mats[0] if nx == 1 else jnp.concatenate(mats, axis=0))
+
+  def body(*args):
+    locs = args[:nx]
+    alocs = args[nx:2 * nx] if with_aux else ()
+    slocs = args[nx + len(alocs):len(args) - len(scalars)]
+    here = rebuild(args[len(args) - len(scalars):])
+    mats, stack = stack_of(locs)
+    srcs = {'input': stack, 'aux': stack_of(alocs)[1] if with_aux else None}
+    whole = whole_norms(g, [(matrix_stages.sum_squares(srcs[src], wax), wax)
+                            for _, src, wax in norms])
     sstacks = []
     for c, j in enumerate(live):
       per = slocs[c * nx:(c + 1) * nx]
       flat = [s.reshape((mt.shape[0],) + s.shape[s.ndim - len(
           stages[j].state_shape(fi, fo)):]) for s, mt in zip(per, mats)]
       sstacks.append(flat[0] if nx == 1 else jnp.concatenate(flat, axis=0))
-    y, new = stack_fn(stack, sstacks, post)
-    outs, snew, start = [], [[] for _ in live], 0
-    for x, ms, t, mt, i in zip(locs, mspecs, g.transposed, mats, range(nx)):
+    scaled = scale_all(sstacks, whole, here)
+    y, moved = stack_fn(
+        stack, [sstacks[live.index(j)] for j in moving]
+        + [scaled[j][0] for j in scaling],
+        lambda *a: post(*a, stages=here))
+    moved_states = dict(zip(moving, moved))
+    moved_outs = dict(zip([j for j in emit if j not in scaling],
+                          moved[len(moving):]))
+    new = ([scaled[j][1] if j in scaling else moved_states[j] for j in live]
+           + [scaled[j][2] if j in scaling else moved_outs[j] for j in emit])
+    outs, snew, start = [], [[] for _ in range(nslots)], 0
+    for x, ms, t, mt in zip(locs, mspecs, g.transposed, mats):
       cnt = mt.shape[0]
       part = y[start:start + cnt] if nx > 1 else y
       part = jnp.swapaxes(part, -1, -2) if t else part
       outs.append(matrices.from_matrices(part, ms, x.shape).astype(x.dtype))
-      for c in range(len(live)):
-        snew[c].append(new[c][start:start + cnt].reshape(
-            slocs[c * nx + i].shape))
+      bshape = tuple(x.shape[d] for d in ms.resolve(x.shape)[0])
+      for c in range(nslots):
+        piece = new[c][start:start + cnt]
+        snew[c].append(piece.reshape(bshape + piece.shape[1:]))
       start += cnt
     return tuple(outs) + tuple(s for per in snew for s in per)
 
   specs = tuple(pspecs)
-  slots = [(j, i) for j in live for i in range(nx)]  # stage-major
-  sspecs = tuple(_state_spec(g, stages[j], xs[i], mspecs[i], pspecs[i])
-                 for j, i in slots)
+  # Slots, stage-major: the states of the stateful stages, then the outputs.
+  slot = lambda j, i, shape: _state_spec(g, stages[j], xs[i], mspecs[i],
+                                         pspecs[i], shape)
+  sspecs = tuple(slot(j, i, stages[j].state_shape(fi, fo))
+                 for j in live for i in range(nx))
+  ospecs = tuple(slot(j, i, stages[j].output_shape(fi, fo))
+                 for j in emit for i in range(nx))
   # The states travel in the layout the body expects (a no-op when they
   # already have it): replicated per-matrix parts, except gram's blocks.
-  sargs = tuple(_constrain(states[j][i], mesh, sp)
-                for (j, i), sp in zip(slots, sspecs))
-  out = jax.shard_map(body, mesh=mesh, in_specs=specs + sspecs,
-                      out_specs=specs + sspecs, check_vma=False)(*xs, *sargs)
+  sargs = tuple(_constrain(states[j][i], mesh, sp) for (j, i), sp in zip(
+      [(j, i) for j in live for i in range(nx)], sspecs))
+  aargs = tuple(aux) if with_aux else ()
+  out = jax.shard_map(
+      body, mesh=mesh,
+      in_specs=specs + specs[:len(aargs)] + sspecs + (P(),) * len(scalars),
+      out_specs=specs + sspecs + ospecs, check_vma=False)(
+          *xs, *aargs, *sargs, *[_constrain(a, mesh, P()) for a in scalars])
   ys = list(out[:nx])
   if not stages:
     return ys
+  per_slot = [list(out[nx + c * nx:nx + (c + 1) * nx]) for c in range(nslots)]
   new_states = [[None] * nx for _ in stages]
+  outputs = [[None] * nx for _ in stages]
   for c, j in enumerate(live):
-    new_states[j] = list(out[nx + c * nx:nx + (c + 1) * nx])
-  return ys, new_states
+    new_states[j] = per_slot[c]
+  for c, j in enumerate(emit):
+    outputs[j] = per_slot[len(live) + c]
+  return ys, new_states, outputs
 
 
 def plan_leaves(paths: Sequence[str], leaves: Sequence[Any],
@@ -249,6 +354,7 @@ def distributed_orthogonalize(
     plan_kw: dict[str, Any] | None = None,
     stages: Sequence[matrix_stages.MatrixStage] = (),
     stage_states: Sequence[Sequence[Any]] | None = None,
+    aux: Sequence[jax.Array] | None = None,
 ) -> Any:
   """Orthogonalizes every matrix of ``leaves`` on ``dist.mesh``, then runs
   the matrix ``stages`` on the whole matrices in the same ``shard_map`` body.
@@ -271,15 +377,25 @@ def distributed_orthogonalize(
     stages: :class:`orthax.matrix_stages.MatrixStage`\\ s run, in order, on
       each device's whole orthogonalized matrices (for ``gram``, on its column
       blocks, sums through :class:`~orthax.matrix_stages.Blocks`). Groups
-      then hold one orientation each; a stateful stage's state is sliced to
-      the device's matrices and all-gathered back (one small ``all_gather``
-      per group and stateful stage under ``a2a`` and ``replicated``).
+      then hold one orientation each. A stateful stage's state is sliced to
+      the device's matrices; states and outputs come back in one small
+      ``all_gather`` per group under ``a2a`` and ``replicated``. A
+      :class:`~orthax.matrix_stages.ScalingStage`'s
+      :class:`~orthax.matrix_stages.Norm`\\ s are summed on each device's
+      pieces and all-reduced in float32 (one ``psum`` per group under
+      ``a2a``, and under ``gram`` for norms across the column blocks;
+      nothing under ``local`` and ``replicated``); its factor, state and
+      output are computed on every device and do not travel.
     stage_states: ``stage_states[j][i]``: stage ``j``'s state for leaf ``i``
       (its ``batch + per-matrix`` array; ``None`` when stateless).
+    aux: the auxiliary leaves (shapes and shardings of ``leaves``) whose
+      norms a stage asks for (``Norm('aux', ...)``); they do not move.
 
   Returns:
     The orthogonalized leaves, in the order and sharding of ``leaves``; with
-    ``stages``, the pair ``(leaves, new stage_states)``.
+    ``stages``, the triple ``(leaves, new stage_states, outputs)``
+    (``outputs[j][i]``: stage ``j``'s output for leaf ``i``, ``batch +
+    per-matrix``, replicated per matrix; ``None`` where it has none).
   """
   stages = tuple(stages)
   leaves = list(leaves)
@@ -297,8 +413,10 @@ def distributed_orthogonalize(
     plan = plan_leaves(paths, leaves, matrix_specs, param_specs, d,
                        stages=stages, **kw)
   record(plan)
-  out: list[Any] = [None] * len(leaves)
-  new_states = [[None] * len(leaves) for _ in stages]
+  n = len(leaves)
+  out: list[Any] = [None] * n
+  new_states = [[None] * n for _ in stages]
+  outputs = [[None] * n for _ in stages]
   for g in plan.groups:
     idx = g.leaves
     args = ([leaves[i] for i in idx], [matrix_specs[i] for i in idx],
@@ -306,34 +424,37 @@ def distributed_orthogonalize(
     if not stages:
       ys = run_group(g, *args)
     else:
-      ys, sts = run_group(g, *args, stages=stages,
-                          states=[[per[i] for i in idx]
-                                  for per in stage_states])
-      for j, per in enumerate(sts):
-        for i, st in zip(idx, per):
-          new_states[j][i] = st
+      ys, sts, outs = run_group(
+          g, *args, stages=stages,
+          states=[[per[i] for i in idx] for per in stage_states],
+          aux=None if aux is None else [aux[i] for i in idx])
+      for j in range(len(stages)):
+        for c, i in enumerate(idx):
+          new_states[j][i], outputs[j][i] = sts[j][c], outs[j][c]
     for i, y in zip(idx, ys):
       out[i] = y
-  return (out, new_states) if stages else out
+  return (out, new_states, outputs) if stages else out
 
 
 def orthogonalize_tree(updates: Any, dist: Distributed, ns_fn: NSFn,
                        matrix_specs: _tree.SpecsLike = None, *,
                        plan_kw: dict[str, Any] | None = None,
                        stages: Sequence[matrix_stages.MatrixStage] = (),
-                       stage_states: Sequence[Sequence[Any]] | None = None
-                       ) -> Any:
+                       stage_states: Sequence[Sequence[Any]] | None = None,
+                       aux: Any = None) -> Any:
   """Tree version of :func:`distributed_orthogonalize`: ``matrix_specs`` as
   :func:`orthax.orthogonalize` takes them, specs from ``dist``, ``plan_kw``
   the plan's FLOP model; ``stages``/``stage_states`` (per stage, per leaf in
-  flatten order) as there. Returns the tree, or with ``stages`` the pair
-  ``(tree, new stage_states)``."""
+  flatten order) as there, ``aux`` a tree like ``updates``. Returns the
+  tree, or with ``stages`` the triple ``(tree, new stage_states,
+  outputs)``."""
   ms = _tree.resolve_specs(matrix_specs, updates, 'orthogonalize')
   paths, leaves, treedef = _tree.leaves_with_paths(updates)
   ps = specs_for(updates, dist)
-  res = distributed_orthogonalize(leaves, ms, dist, ns_fn, paths=paths,
-                                  param_specs=ps, plan_kw=plan_kw,
-                                  stages=stages, stage_states=stage_states)
+  res = distributed_orthogonalize(
+      leaves, ms, dist, ns_fn, paths=paths, param_specs=ps, plan_kw=plan_kw,
+      stages=stages, stage_states=stage_states,
+      aux=None if aux is None else treedef.flatten_up_to(aux))
   if stages:
-    return jax.tree.unflatten(treedef, res[0]), res[1]
+    return (jax.tree.unflatten(treedef, res[0]),) + tuple(res[1:])
   return jax.tree.unflatten(treedef, res)

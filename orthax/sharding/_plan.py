@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from orthax import matrix_stages as _stages
 from orthax.matrices import MatrixSpec
 from orthax.sharding._distributed import Distributed
 from orthax.polar import dispatch as _dispatch
@@ -196,6 +197,50 @@ def default_matrix_flops(steps: int = 5, method: str = 'standard',
   return flops
 
 
+def _stage_traffic(s, stages, transposed, m, n, dtype, G, padded,
+                   local_count) -> tuple[float, int]:
+  """Bytes per device and collectives the matrix ``stages`` add to a group
+  of ``m×n`` (wide) matrices under strategy ``s`` (see
+  :func:`plan_orthogonalize`)."""
+  fi, fo = (n, m) if transposed else (m, n)
+  item = jnp.promote_types(dtype, jnp.float32).itemsize
+  flip = {-2: -1, -1: -2}
+  wide = [tuple(flip[a] if transposed else a for a in nm.axes)
+          for st in stages for nm in _stages.check_norms(st, fi, fo)]
+  allreduce = lambda count: 2 * (G - 1) / G * local_count * count
+  nbytes, ncoll = 0.0, 0
+  if s == 'gram':
+    # Column blocks: each stage sum across the split axis is one all-reduce
+    # of what it keeps; the norms summed along it share one.
+    split_ax = -2 if transposed else -1
+    for st in stages:
+      for sm in st.sums(fi, fo):
+        if split_ax in sm.axes:
+          nbytes += allreduce(sm.kept * 4)
+          ncoll += 1
+    kept = sum(1 if -2 in ax else m for ax in wide if -1 in ax)
+    if kept:
+      nbytes += allreduce(kept * item)
+      ncoll += 1
+  elif s in ('a2a', 'replicated'):
+    # States and outputs of the stages other than scaling stages (those are
+    # computed on every device): one all-gather of [padded, ...].
+    per = sum(math.prod(shape) for st in stages
+              if not isinstance(st, _stages.ScalingStage)
+              for shape in (st.state_shape(fi, fo), st.output_shape(fi, fo))
+              if shape is not None)
+    if per:
+      nbytes += (G - 1) / G * padded * per * item
+      ncoll += 1
+    if s == 'a2a' and wide:
+      # The whole matrices' norms on every device: one all-reduce.
+      width = sum((1 if -2 in ax else m) * (1 if -1 in ax else n)
+                  for ax in wide)
+      nbytes += allreduce(width * item)
+      ncoll += 1
+  return nbytes, ncoll
+
+
 def plan_orthogonalize(
     leaves: Sequence[LeafInfo | tuple],
     mesh,
@@ -226,10 +271,13 @@ def plan_orthogonalize(
     max_local_matrix_bytes: see :class:`Distributed`.
     stages: the :class:`orthax.matrix_stages.MatrixStage`\\ s that run after
       Newton–Schulz in the same body. With any, each group holds one
-      orientation (a stage sees ``[fan_in, fan_out]``); under ``a2a`` and
-      ``replicated`` each stateful stage adds one all-gather of its float32
-      per-matrix state to the group's collectives and bytes, under ``gram``
-      each of its sums across the column blocks one float32 all-reduce.
+      orientation (a stage sees ``[fan_in, fan_out]``). Under ``a2a`` and
+      ``replicated`` the float32 per-matrix states and outputs of the stages
+      other than scaling stages add one all-gather to the group's
+      collectives and bytes; under ``a2a`` the scaling stages' norms one
+      float32 all-reduce of the whole matrices' norms. Under ``gram`` each
+      stage sum across the column blocks adds one float32 all-reduce, and
+      the norms summed along them one more.
 
   Returns:
     A :class:`Plan`. Raises ``ValueError`` naming the leaf when a requested
@@ -346,16 +394,6 @@ def plan_orthogonalize(
       nbytes = (2 * (G - 1) / G * local_count * (grams * m * m + 1)
                 * wire.itemsize)
       ncoll = grams + 1
-      # The stages' sums across the split axis: one all-reduce each, of what
-      # the sum keeps (a vector along the whole axis, or one scalar).
-      fi, fo = (n, m) if orient else (m, n)
-      split_ax = -2 if orient else -1
-      for st in stages:
-        for axes in st.sums(fi, fo):
-          if split_ax in axes:
-            kept = 1 if len(axes) == 2 else (fo if axes == (-2,) else fi)
-            nbytes += 2 * (G - 1) / G * local_count * kept * 4
-            ncoll += 1
     else:
       mf = int(matrix_flops(m, n, dtype))
       if s == 'a2a':
@@ -366,14 +404,10 @@ def plan_orthogonalize(
         ncoll = 1
       else:
         nbytes, ncoll = 0.0, 0
-      if s in ('a2a', 'replicated'):
-        fi, fo = (n, m) if orient else (m, n)
-        item = jnp.promote_types(dtype, jnp.float32).itemsize
-        for st in stages:
-          shape = st.state_shape(fi, fo)
-          if shape is not None:
-            nbytes += (G - 1) / G * padded * math.prod(shape) * item
-            ncoll += 1
+    if stages:
+      b, c = _stage_traffic(s, stages, orient, m, n, dtype, G, padded,
+                            local_count)
+      nbytes, ncoll = nbytes + b, ncoll + c
     groups.append(GroupPlan(
         strategy=s, m=m, n=n, dtype=dtype,
         leaves=tuple(mb[0] for mb in members),

@@ -23,13 +23,18 @@ class StageState(NamedTuple):
   state: Any  # per leaf: batch shape + the stage's per-matrix shape
 
 
+def leaf_batch_shape(shape: Sequence[int],
+                     spec: matrices.MatrixSpec) -> tuple[int, ...]:
+  """The sizes of the leaf's batch axes (the matrices' stack shape)."""
+  return tuple(shape[a] for a in spec.resolve(shape)[0])
+
+
 def leaf_state_shape(stage: ms.MatrixStage, shape: Sequence[int],
                      spec: matrices.MatrixSpec) -> tuple[int, ...] | None:
   """Batch shape of the leaf + the stage's per-matrix state shape."""
-  batch, _, _ = spec.resolve(shape)
   _, fi, fo = spec.matrix_shape(shape)
   s = stage.state_shape(fi, fo)
-  return None if s is None else tuple(shape[a] for a in batch) + tuple(s)
+  return None if s is None else leaf_batch_shape(shape, spec) + tuple(s)
 
 
 def init_state(stage: ms.MatrixStage, params: Any,
@@ -61,17 +66,28 @@ def with_leaf_states(stage: ms.MatrixStage, state: Any, treedef,
 
 
 def apply_to_matrices(stages: Sequence[ms.MatrixStage], o: jax.Array,
-                      states: Sequence[Any], fan_in: int, fan_out: int
-                      ) -> tuple[jax.Array, list[Any]]:
+                      states: Sequence[Any], fan_in: int, fan_out: int, *,
+                      norms: Sequence[Sequence[jax.Array]] | None = None,
+                      batch_shape: Sequence[int] | None = None
+                      ) -> tuple[jax.Array, list[Any], list[Any]]:
   """Runs ``stages`` on one leaf's ``[b, fan_in, fan_out]`` view; each state
   is the leaf's ``batch + per-matrix`` array (or ``None``) and comes back in
-  that shape."""
+  that shape; ``norms`` as :func:`orthax.matrix_stages.stage_norms` gives
+  them. Returns the stack, the states and the stages' outputs (``batch_shape
+  + per-matrix``, default ``(b,) + per-matrix``; ``None`` where a stage has
+  none)."""
   flat = [None if s is None else
           s.reshape((o.shape[0],) + tuple(st.state_shape(fan_in, fan_out)))
           for st, s in zip(stages, states)]
-  o, new = ms.apply_stages(stages, o, flat, ms.Blocks(fan_in, fan_out))
-  return o, [None if s is None else n.reshape(s.shape)
-             for s, n in zip(states, new)]
+  o, new, outs = ms.apply_stages(stages, o, flat, ms.Blocks(fan_in, fan_out),
+                                 norms)
+  batch = (o.shape[0],) if batch_shape is None else tuple(batch_shape)
+  return (o,
+          [None if s is None else n.reshape(s.shape)
+           for s, n in zip(states, new)],
+          [None if x is None else
+           x.reshape(batch + tuple(st.output_shape(fan_in, fan_out)))
+           for st, x in zip(stages, outs)])
 
 
 def stage_transform(stage: ms.MatrixStage, matrix_specs: _tree.SpecsLike,
@@ -89,8 +105,8 @@ def stage_transform(stage: ms.MatrixStage, matrix_specs: _tree.SpecsLike,
     outs, news = [], []
     for x, s, spec in zip(leaves, leaf_states(stage, state, treedef), specs):
       _, fi, fo = spec.matrix_shape(x.shape)
-      o, (n,) = apply_to_matrices([stage], matrices.to_matrices(x, spec),
-                                  [s], fi, fo)
+      o, (n,), _ = apply_to_matrices(
+          [stage], matrices.to_matrices(x, spec), [s], fi, fo)
       outs.append(matrices.from_matrices(o, spec, x.shape).astype(x.dtype))
       news.append(n)
     return (jax.tree.unflatten(treedef, outs),

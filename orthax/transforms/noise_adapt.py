@@ -11,8 +11,11 @@ import optax
 
 from orthax import _tree
 from orthax import matrices
+from orthax import matrix_stages as MS
+from orthax.transforms import matrix_stage
+from orthax.transforms.orthogonalize import OrthogonalizeTransformation
 
-MODES = ('scalar', 'diagonal')
+MODES = MS.NOISE_MODES
 
 
 class NoiseAdaptState(NamedTuple):
@@ -20,10 +23,6 @@ class NoiseAdaptState(NamedTuple):
   momentum: Any        # the wrapped momentum stage's state
   orthogonalize: Any   # the wrapped orthogonalize stage's state
   nu: Any              # per leaf: batch shape (scalar) or batch + (fan_in,)
-
-
-def _wide(dtype) -> Any:
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def noise_adapt(
@@ -81,6 +80,15 @@ def noise_adapt(
   evaluated at the step count before the update (as
   ``optax.scale_by_learning_rate``). Zero gradients give a zero step.
 
+  When ``orthogonalize`` is :func:`orthax.orthogonalize` (not wrapped in a
+  chain), the step runs as a matrix stage
+  (:class:`orthax.matrix_stages.NoiseAdaptStep`) in the same pass as
+  Newton–Schulz: with ``distributed=``, inside its ``shard_map`` body, where
+  the norms of ``G`` and ``u`` are summed over each device's pieces and
+  all-reduced once per group and every device computes the step, so neither
+  ``G`` nor the statistics move. Any other ``orthogonalize`` transform gets
+  the same step applied to its output.
+
   Implemented form: minxin-zhg/namo ``src/namo.py`` @ a3f37b0 (after the eps
   fix 5f8805a: ``sqrt(v) + ε``, not ``sqrt(v + ε)`` as in Levanter's port).
 
@@ -103,55 +111,21 @@ def noise_adapt(
   """
   if mode not in MODES:
     raise ValueError(f'noise_adapt mode must be one of {MODES}, got {mode!r}.')
-
-  def stat_shape(shape, spec):
-    batch, _, _ = spec.resolve(shape)
-    bshape = tuple(shape[a] for a in batch)
-    return bshape if mode == 'scalar' else bshape + (
-        spec.matrix_shape(shape)[1],)
-
-  def sq_norms(x, spec):
-    """‖x‖_F² per matrix, or ‖x[:, j]‖² per fan-in unit j: ``[b]``/``[b, fi]``."""
-    m = matrices.to_matrices(x, spec).astype(_wide(x.dtype))
-    return jnp.sum(m * m, axis=(-2, -1) if mode == 'scalar' else -1)
+  in_body = isinstance(orthogonalize, OrthogonalizeTransformation)
 
   def init_fn(params):
     specs = _tree.resolve_specs(matrix_specs, params, 'noise_adapt')
     leaves, treedef = jax.tree.flatten(params)
+    shape_of = MS.NoiseAdaptStep(mode, 0.0, 0).state_shape
     return NoiseAdaptState(
         count=jnp.zeros([], jnp.int32),
         momentum=momentum.init(params),
         orthogonalize=orthogonalize.init(params),
         nu=jax.tree.unflatten(treedef, [
-            jnp.zeros(stat_shape(x.shape, s), _wide(x.dtype))
+            jnp.zeros(matrix_stage.leaf_batch_shape(x.shape, s)
+                      + shape_of(*s.matrix_shape(x.shape)[1:]),
+                      MS.wide(x.dtype))
             for x, s in zip(leaves, specs)]))
-
-  def leaf(g, u, o, w, v, spec, lr, count):
-    b, fi, fo = spec.matrix_shape(g.shape)
-    dt = v.dtype
-    v2 = mu2 * v.reshape(b, -1) + (1 - mu2) * sq_norms(g, spec).reshape(b, -1)
-    t = count.astype(dt)
-    base = lr * jnp.sqrt(1 - mu2 ** t) / (1 - b1 ** t + 1e-12)
-    ratio = jnp.sqrt(sq_norms(u, spec).reshape(b, -1)) / (jnp.sqrt(v2) + eps)
-    shape_k = scale_coeff * max(fi, fo) ** 0.5
-    if mode == 'diagonal':
-      mean = jnp.nanmean(ratio, axis=-1, keepdims=True)
-      on = ((clamp_c > 0) & (clamp_c <= 1) & jnp.isfinite(mean) & (mean > 0))
-      c = jnp.where(on, clamp_c, 1.0)
-      lo = jnp.where(on, c * mean, 0.0)
-      hi = jnp.where(on, mean / c, jnp.inf)
-      ratio = jnp.clip(ratio, lo, hi)
-    step = ratio * base                                       # [b, 1] / [b, fi]
-    # W·(decay - 1), with decay - 1 formed directly (no 1 - x - 1 rounding).
-    shrink = -weight_decay * jnp.minimum(step, 1.0)
-    if mode == 'diagonal':  # max(0, 1 - x) - 1
-      shrink = jnp.maximum(shrink, -1.0)
-    eta = jnp.minimum(step * shape_k, 1.0)
-    wm = matrices.to_matrices(w, spec).astype(dt)
-    om = matrices.to_matrices(o, spec).astype(dt)
-    delta = wm * shrink[..., None] - eta[..., None] * om
-    return (matrices.from_matrices(delta, spec, g.shape).astype(g.dtype),
-            v2.reshape(v.shape))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -159,16 +133,49 @@ def noise_adapt(
                        'adaptive step): call update(grads, state, params).')
     specs = _tree.resolve_specs(matrix_specs, updates, 'noise_adapt')
     u, mom_state = momentum.update(updates, state.momentum, params)
-    o, orth_state = orthogonalize.update(u, state.orthogonalize, params)
     lr = learning_rate(state.count) if callable(learning_rate) else (
         learning_rate)
     count = optax.safe_increment(state.count)
+    step = MS.NoiseAdaptStep(
+        mode, lr, count, b1=b1, mu2=mu2, eps=eps, weight_decay=weight_decay,
+        scale_coeff=scale_coeff, clamp_c=clamp_c)
     g_l, treedef = jax.tree.flatten(updates)
-    flat = lambda tree: treedef.flatten_up_to(tree)
-    pairs = [leaf(*args, lr, count) for args in zip(
-        g_l, flat(u), flat(o), flat(params), flat(state.nu), specs)]
-    new = jax.tree.unflatten(treedef, [p[0] for p in pairs])
-    nu = jax.tree.unflatten(treedef, [p[1] for p in pairs])
-    return new, NoiseAdaptState(count, mom_state, orth_state, nu)
+    flat = treedef.flatten_up_to
+    if in_body:
+      # One pass: Newton–Schulz, then this step on the whole matrices (on a
+      # mesh, in the same shard_map body; the gradient's norms are summed
+      # from each device's pieces, the gradient itself does not move).
+      o, orth_state, (nu,), (shrink,) = orthogonalize.update_with_stages(
+          u, state.orthogonalize, [step], [flat(state.nu)], aux=updates)
+      o_l = flat(o)
+    else:
+      o, orth_state = orthogonalize.update(u, state.orthogonalize, params)
+      o_l, nu, shrink = [], [], []
+      for g, x, oo, v, s in zip(g_l, flat(u), flat(o), flat(state.nu), specs):
+        _, fi, fo = s.matrix_shape(g.shape)
+        om, (v2,), (r,) = matrix_stage.apply_to_matrices(
+            [step], matrices.to_matrices(oo, s).astype(g.dtype), [v], fi, fo,
+            norms=MS.stage_norms([step], {
+                'input': matrices.to_matrices(x, s),
+                'aux': matrices.to_matrices(g, s)}, fi, fo),
+            batch_shape=v.shape[:v.ndim - len(step.state_shape(fi, fo))])
+        o_l.append(matrices.from_matrices(om, s, g.shape))
+        nu.append(v2)
+        shrink.append(r)
+    new = [_step(g, oo, w, r, s) for g, oo, w, r, s in
+           zip(g_l, o_l, flat(params), shrink, specs)]
+    return (jax.tree.unflatten(treedef, new),
+            NoiseAdaptState(count, mom_state, orth_state,
+                            jax.tree.unflatten(treedef, list(nu))))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _step(g, o, w, shrink, spec):
+  """``Δ = W·r + O'`` per matrix (``W·diag(r)`` for a per-fan-in ``r``)."""
+  dt = shrink.dtype
+  b, fi, _ = spec.matrix_shape(g.shape)
+  r = shrink.reshape(b, -1, 1)              # [b, 1, 1] or [b, fan_in, 1]
+  wm = matrices.to_matrices(w, spec).astype(dt)
+  om = matrices.to_matrices(o, spec).astype(dt)
+  return matrices.from_matrices(wm * r + om, spec, g.shape).astype(g.dtype)

@@ -23,6 +23,24 @@ class OrthogonalizeState(NamedTuple):
   stages: dict[str, Any]
 
 
+class OrthogonalizeTransformation(optax.GradientTransformationExtraArgs):
+  """What :func:`orthogonalize` returns: an optax transformation that can
+  also run extra matrix stages for one call (:meth:`update_with_stages`),
+  which is how a combinator such as :func:`orthax.noise_adapt` puts its step
+  into the same pass, and on a mesh into the same ``shard_map`` body."""
+
+  def update_with_stages(self, updates, state, stages, stage_states,
+                         aux=None):
+    """``update(updates, state)``, with ``stages`` run after the ``then=``
+    stages. ``stage_states[j]``: per leaf (flatten order) stage ``j``'s state
+    (``None`` when stateless); ``aux``: a tree like ``updates`` for the
+    stages' ``Norm('aux', ...)``. Returns ``(updates, state, new
+    stage_states, outputs)``, the last two per stage and leaf, like
+    ``stage_states`` (an output is ``batch + per-matrix``)."""
+    return self.update(updates, state,
+                       _with_stages=(tuple(stages), stage_states, aux))
+
+
 def _check_stages(then) -> tuple[matrix_stages.MatrixStage, ...]:
   stages = tuple(then or ())
   names = []
@@ -145,43 +163,59 @@ def orthogonalize(
                                                                 specs)
                                for st in stages})
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, *, _with_stages=None,
+                **extra_args):
+    del params, extra_args
+    extra, extra_states, aux = _with_stages or ((), [], None)
+    run = stages + tuple(extra)
     leaves, treedef = jax.tree.flatten(updates)
     states = [matrix_stage.leaf_states(st, state.stages[st.name], treedef)
-              for st in stages]
+              for st in stages] + [list(x) if x is not None else
+                                   [None] * len(leaves) for x in extra_states]
+    aux_leaves = None if aux is None else treedef.flatten_up_to(aux)
 
-    def new_state(per_stage):
-      if not stages:
-        return state
-      return OrthogonalizeState({
-          st.name: matrix_stage.with_leaf_states(
-              st, state.stages[st.name], treedef, news)
-          for st, news in zip(stages, per_stage)})
+    def finish(new_tree, per_stage, outputs):
+      new_state = state
+      if stages:
+        new_state = OrthogonalizeState({
+            st.name: matrix_stage.with_leaf_states(
+                st, state.stages[st.name], treedef, news)
+            for st, news in zip(stages, per_stage)})
+      if _with_stages is None:
+        return new_tree, new_state
+      k = len(stages)
+      return new_tree, new_state, per_stage[k:], outputs[k:]
 
     if distributed is not None:
       res = sharding.orthogonalize_tree(
           updates, distributed, ns, matrix_specs,
           plan_kw=_flop_model(preset, steps, method, restart_every, ns_dtype),
-          stages=stages, stage_states=states)
-      if not stages:
-        return res, state
-      return res[0], new_state(res[1])
+          stages=run, stage_states=states, aux=aux)
+      if not run:
+        return finish(res, [], [])
+      return finish(*res)
     specs = _tree.resolve_specs(matrix_specs, updates, 'orthogonalize')
     mats = [matrices.to_matrices(x, s) for x, s in zip(leaves, specs)]
     if group:
       outs = matrices.map_grouped(ns, mats)
     else:
       outs = [ns(m) for m in mats]
-    new, per_leaf = [], []
+    new, per_leaf, out_leaf = [], [], []
     for i, (o, s, x) in enumerate(zip(outs, specs, leaves)):
-      if stages:
+      if run:
         _, fi, fo = s.matrix_shape(x.shape)
-        o, sts = matrix_stage.apply_to_matrices(
-            stages, o.astype(x.dtype), [per[i] for per in states], fi, fo)
+        aux_m = (None if aux_leaves is None
+                 else matrices.to_matrices(aux_leaves[i], s))
+        o, sts, xo = matrix_stage.apply_to_matrices(
+            run, o.astype(x.dtype), [per[i] for per in states], fi, fo,
+            norms=matrix_stages.stage_norms(
+                run, {'input': mats[i], 'aux': aux_m}, fi, fo),
+            batch_shape=matrix_stage.leaf_batch_shape(x.shape, s))
         per_leaf.append(sts)
+        out_leaf.append(xo)
       new.append(matrices.from_matrices(o, s, x.shape).astype(x.dtype))
-    per_stage = [[sts[j] for sts in per_leaf] for j in range(len(stages))]
-    return jax.tree.unflatten(treedef, new), new_state(per_stage)
+    per_stage = [[sts[j] for sts in per_leaf] for j in range(len(run))]
+    outputs = [[xo[j] for xo in out_leaf] for j in range(len(run))]
+    return finish(jax.tree.unflatten(treedef, new), per_stage, outputs)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return OrthogonalizeTransformation(init_fn, update_fn)

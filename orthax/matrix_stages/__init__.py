@@ -1,0 +1,60 @@
+"""Per-matrix stages that run right after Newton–Schulz, on whole matrices.
+
+A *matrix stage* maps a stack of orthogonalized matrices ``[k, fan_in,
+fan_out]`` (and, for a stateful stage, one small state array per matrix, e.g.
+a vector of per-neuron statistics) to a new stack and state. NorMuon's neuron
+normalization, the shape scale, the fixed-RMS rescale, AuON's cosh brake and
+NAMO's noise-adaptive step are stages.
+:func:`orthax.orthogonalize` runs them in the same pass as Newton–Schulz
+(``then=``); on a mesh they therefore run inside the same ``shard_map`` body,
+on the device that holds the whole matrix, so that their row statistics and
+Frobenius norms are those of the whole matrix (DESIGN.md §4).
+
+Pure ``jax.numpy``; nothing here knows of optax or meshes. The one concession
+to distribution is :class:`Blocks`: a stage sums through
+:meth:`Blocks.sum`, which adds up partial sums across devices when a matrix
+is held in column blocks (tensor-parallel Newton–Schulz); otherwise it is
+``jnp.sum``.
+
+A :class:`ScalingStage` (NAMO's and NAMO-D's step) multiplies the stack by a
+factor computed from its state and from norms of the matrices *before*
+Newton–Schulz (:class:`Norm`: of the matrix entering it, or of the matching
+matrix of an auxiliary tree such as the raw gradient), and may hand a
+per-matrix result back to its caller (NAMO's weight-decay factor). The
+factor does not need the orthogonalized matrix, so on a mesh every device
+computes it from norms summed over the pieces (one small float32 all-reduce
+per group) and neither the auxiliary matrix nor the state travels.
+"""
+
+from orthax.matrix_stages._base import SOURCES
+from orthax.matrix_stages._base import Blocks
+from orthax.matrix_stages._base import MatrixStage
+from orthax.matrix_stages._base import Norm
+from orthax.matrix_stages._base import ScalingStage
+from orthax.matrix_stages._base import Sum
+from orthax.matrix_stages._base import apply_stages
+from orthax.matrix_stages._base import check_norms
+from orthax.matrix_stages._base import stage_norms
+from orthax.matrix_stages._base import sum_squares
+from orthax.matrix_stages._base import wide
+from orthax.matrix_stages._cosh import BRAKE_INPUTS
+from orthax.matrix_stages._cosh import CoshNormalize
+from orthax.matrix_stages._neuron import EPS_PLACEMENTS
+from orthax.matrix_stages._neuron import NEURON_AXES
+from orthax.matrix_stages._neuron import NeuronNormalize
+from orthax.matrix_stages._neuron import neuron_axis
+from orthax.matrix_stages._noise import NOISE_MODES
+from orthax.matrix_stages._noise import NoiseAdaptStep
+from orthax.matrix_stages._scale import SCALE_MODES
+from orthax.matrix_stages._scale import ScaleByShape
+from orthax.matrix_stages._scale import ScaleToRms
+from orthax.matrix_stages._scale import shape_factor
+
+__all__ = [
+    'BRAKE_INPUTS', 'EPS_PLACEMENTS', 'NEURON_AXES', 'NOISE_MODES',
+    'SCALE_MODES', 'SOURCES', 'Blocks', 'CoshNormalize', 'MatrixStage',
+    'NeuronNormalize', 'NoiseAdaptStep', 'Norm', 'ScaleByShape', 'ScaleToRms',
+    'ScalingStage',
+    'Sum', 'apply_stages', 'check_norms', 'neuron_axis', 'shape_factor',
+    'stage_norms', 'sum_squares', 'wide',
+]

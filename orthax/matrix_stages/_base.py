@@ -1,0 +1,225 @@
+"""The matrix-stage protocol: :class:`MatrixStage`, :class:`ScalingStage`,
+:class:`Blocks`, :class:`Norm`, and running a list of stages on a ``[k,
+fan_in, fan_out]`` stack."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+SOURCES = ('input', 'aux')
+
+
+class Blocks(NamedTuple):
+  """How a stage sees its ``[k, fan_in, fan_out]`` stack.
+
+  ``fan_in``/``fan_out`` are the whole matrix's sizes. ``split`` is ``None``
+  when each matrix is whole, else the axis (``-2`` or ``-1``) held in blocks,
+  whose partial sums ``reduce`` adds up across the blocks.
+  """
+  fan_in: int
+  fan_out: int
+  split: int | None = None
+  reduce: Callable[[jax.Array], jax.Array] | None = None
+
+  def sum(self, x: jax.Array, axis: int | Sequence[int]) -> jax.Array:
+    """``jnp.sum(x, axis, keepdims=True)`` over the whole matrix: ``x`` is
+    ``[k, fan_in or 1, fan_out or 1, ...]``-shaped in its last two matrix
+    axes, so a vector along the split axis is held in blocks too."""
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    axes = tuple(a - x.ndim if a >= 0 else a for a in axes)
+    s = jnp.sum(x, axis=axes, keepdims=True)
+    if self.split is not None and self.split in axes:
+      s = self.reduce(s)
+    return s
+
+
+class Sum(NamedTuple):
+  """One :meth:`Blocks.sum` a stage makes: over ``axes`` of a matrix-shaped
+  array, keeping ``kept`` numbers per matrix (what a sharding plan counts as
+  the size of one all-reduce when the summed axis is split)."""
+  axes: tuple[int, ...]
+  kept: int
+
+
+class Norm(NamedTuple):
+  """A sum of squares a stage needs of a matrix as it was **before**
+  Newton–Schulz, over ``axes`` of ``[fan_in, fan_out]`` (kept as size-1
+  axes): ``source='input'`` is the matrix entering Newton–Schulz (NAMO's
+  momentum ``u``), ``'aux'`` the matching matrix of an auxiliary tree the
+  caller passes with the update (NAMO's raw gradient ``G``).
+
+  Only a :class:`ScalingStage` may ask for norms. On a mesh they are summed
+  from each device's pieces before the matrices move (one small float32
+  all-reduce per group), so the stage gets the whole matrix's norms although
+  the auxiliary matrix never travels."""
+  source: str
+  axes: tuple[int, ...]
+
+
+def wide(dtype) -> Any:
+  """The dtype stage statistics are kept in: float32 or the update's, if
+  wider."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def sum_squares(x: jax.Array, axes: Sequence[int]) -> jax.Array:
+  """``Σ x²`` over ``axes`` (kept, size 1), in :func:`wide` precision."""
+  x = x.astype(wide(x.dtype))
+  return jnp.sum(x * x, axis=tuple(axes), keepdims=True)
+
+
+class MatrixStage:
+  """Base class. Subclasses set ``name`` and override :meth:`apply`; a
+  stateful one also overrides :meth:`state_shape` and :meth:`state_axis`, one
+  that needs norms of its inputs :meth:`norms`, and one that hands a
+  per-matrix result back to its caller :meth:`output_shape`."""
+
+  name: str = 'stage'
+
+  def state_shape(self, fan_in: int, fan_out: int) -> tuple[int, ...] | None:
+    """The per-matrix state's shape (``None``: stateless)."""
+    del fan_in, fan_out
+    return None
+
+  def state_axis(self, fan_in: int, fan_out: int) -> int | None:
+    """The matrix axis (``-2``: fan-in, ``-1``: fan-out) the per-matrix state
+    (and output) vector runs along, or ``None`` (per-matrix scalars, or
+    stateless)."""
+    del fan_in, fan_out
+    return None
+
+  def output_shape(self, fan_in: int, fan_out: int) -> tuple[int, ...] | None:
+    """The shape of a per-matrix result :meth:`apply` returns besides the
+    stack and the state, laid out like the state (``None``: none)."""
+    del fan_in, fan_out
+    return None
+
+  def norms(self, fan_in: int, fan_out: int) -> tuple[Norm, ...]:
+    """The :class:`Norm`\\ s :meth:`apply` receives, in order."""
+    del fan_in, fan_out
+    return ()
+
+  def apply(self, o: jax.Array, state: jax.Array | None, blocks: Blocks,
+            norms: Sequence[jax.Array] = ()) -> tuple[Any, ...]:
+    """``(o[k, fan_in, fan_out], state[k, ...], blocks, norms) -> (o',
+    state')``, or ``(o', state', output)`` with an :meth:`output_shape`.
+    ``norms[q]`` is :meth:`norms`\\ ``[q]`` of the whole matrices, shaped
+    ``[k, fan_in or 1, fan_out or 1]`` (under column blocks, the kept axis is
+    in blocks like the stack)."""
+    raise NotImplementedError
+
+  def sums(self, fan_in: int, fan_out: int) -> tuple[Sum, ...]:
+    """Each :meth:`Blocks.sum` :meth:`apply` makes, in order."""
+    del fan_in, fan_out
+    return ()
+
+  @property
+  def stateful(self) -> bool:
+    return self.state_shape(2, 3) is not None
+
+  @property
+  def has_output(self) -> bool:
+    return self.output_shape(2, 3) is not None
+
+
+class ScalingStage(MatrixStage):
+  r"""A stage whose effect on the stack is a factor that depends only on its
+  state and :meth:`~MatrixStage.norms`, not on the orthogonalized matrix:
+
+  .. math:: O \leftarrow c \odot O,\qquad (c, \text{state}', \text{output})
+     = \mathrm{scale}(\text{state}, \text{norms})
+
+  with ``c`` per matrix ``[k, 1, 1]`` or per row/column ``[k, fan_in|1,
+  fan_out|1]``. Because ``c`` does not need ``O``, a sharded executor can
+  compute it on every device from the all-reduced norms, before and apart
+  from Newton–Schulz, so the state and the output never travel.
+  Subclasses override :meth:`scale`.
+  """
+
+  def scale(self, state: jax.Array | None, norms: Sequence[jax.Array],
+            blocks: Blocks) -> tuple[jax.Array, Any, Any]:
+    """``(state[k, ...], norms, blocks) -> (c, state', output)`` (``output``
+    ``None`` without an :meth:`~MatrixStage.output_shape`). ``c`` is in
+    :func:`wide` precision."""
+    raise NotImplementedError
+
+  @staticmethod
+  def multiply(o: jax.Array, c: jax.Array) -> jax.Array:
+    """``c ⊙ o``, computed in ``c``'s precision, in ``o``'s dtype."""
+    return (c * o.astype(c.dtype)).astype(o.dtype)
+
+  def apply(self, o, state, blocks, norms=()):
+    c, state, out = self.scale(state, norms, blocks)
+    o = self.multiply(o, c)
+    return (o, state, out) if self.has_output else (o, state)
+
+
+def check_norms(stage: MatrixStage, fan_in: int, fan_out: int
+                ) -> tuple[Norm, ...]:
+  """``stage.norms(...)``, checked: known sources, one or both matrix axes,
+  and only on a :class:`ScalingStage`."""
+  out = tuple(stage.norms(fan_in, fan_out))
+  if out and not isinstance(stage, ScalingStage):
+    raise ValueError(
+        f'matrix stage {stage.name!r} asks for norms but is not a '
+        'ScalingStage (only a factor computed from norms can run apart from '
+        'the matrices on a mesh).')
+  for nm in out:
+    axes = tuple(nm.axes)
+    if (nm.source not in SOURCES or not axes
+        or not set(axes) <= {-2, -1} or len(set(axes)) != len(axes)):
+      raise ValueError(
+          f'matrix stage {stage.name!r}: a Norm needs a source in {SOURCES} '
+          f'and axes among (-2, -1), got {nm!r}.')
+  return out
+
+
+def stage_norms(stages: Sequence[MatrixStage],
+                sources: Mapping[str, jax.Array | None],
+                fan_in: int, fan_out: int) -> list[list[jax.Array]]:
+  """Each stage's :meth:`~MatrixStage.norms` of whole ``[k, fan_in,
+  fan_out]`` matrices: ``sources['input']`` and ``sources['aux']``."""
+  out = []
+  for st in stages:
+    per = []
+    for nm in check_norms(st, fan_in, fan_out):
+      if sources.get(nm.source) is None:
+        raise ValueError(
+            f'matrix stage {st.name!r} needs the {nm.source!r} matrices; '
+            f"{'pass aux= with the update' if nm.source == 'aux' else ''}.")
+      per.append(sum_squares(sources[nm.source], nm.axes))
+    out.append(per)
+  return out
+
+
+def apply_stages(stages: Sequence[MatrixStage], o: jax.Array,
+                 states: Sequence[jax.Array | None], blocks: Blocks,
+                 norms: Sequence[Sequence[jax.Array]] | None = None,
+                 factors: Sequence[jax.Array | None] | None = None
+                 ) -> tuple[jax.Array, list[jax.Array | None],
+                            list[jax.Array | None]]:
+  """Runs ``stages`` in order on ``o[k, fan_in, fan_out]``; ``states[j]`` is
+  stage ``j``'s ``[k, ...]`` state (``None`` if stateless), ``norms[j]`` its
+  norms. ``factors[j]``, when given for a :class:`ScalingStage`, is its
+  factor ``c`` computed beforehand (:meth:`ScalingStage.scale`): the stage
+  then only multiplies, and its state and output are returned as ``None``.
+  Returns the stack (in its dtype), the new states and each stage's output
+  (``None`` where it has none)."""
+  norms = [()] * len(stages) if norms is None else norms
+  factors = [None] * len(stages) if factors is None else factors
+  new, outs = [], []
+  for st, s, nm, c in zip(stages, states, norms, factors):
+    if c is not None:
+      o, s, out = ScalingStage.multiply(o, c), None, None
+    else:
+      res = st.apply(o, s, blocks, nm) if nm else st.apply(o, s, blocks)
+      if st.has_output:
+        o, s, out = res
+      else:
+        (o, s), out = res, None
+    new.append(s)
+    outs.append(out)
+  return o, new, outs

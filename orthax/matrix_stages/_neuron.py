@@ -1,0 +1,83 @@
+"""NorMuon's per-neuron normalization as a matrix stage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from orthax.matrix_stages._base import MatrixStage
+from orthax.matrix_stages._base import Sum
+
+NEURON_AXES = ('fan_out', 'longer')
+EPS_PLACEMENTS = ('add', 'clamp')
+
+
+def neuron_axis(fan_in: int, fan_out: int, axis: str) -> int:
+  """The ``[fan_in, fan_out]`` axis NorMuon keeps one statistic along
+  (``-1``: per fan-out unit, ``-2``: per fan-in unit)."""
+  if axis == 'fan_out':
+    return -1
+  # modded-nanogpt: torch rows (= fan_out) >= cols (= fan_in) -> per row.
+  return -1 if fan_out >= fan_in else -2
+
+
+class NeuronNormalize(MatrixStage):
+  r"""NorMuon's per-neuron normalization of ``O`` (one statistic per neuron
+  ``i`` along :func:`neuron_axis`; details in
+  :func:`orthax.neuron_normalize`):
+
+  .. math::
+     v_i \leftarrow β_2 v_i + (1-β_2)\,\mathrm{mean}_j O_{ij}^2,\qquad
+     \hat O = \frac{O}{\sqrt v + ε}\cdot
+        \frac{\|O\|_F}{\|O/(\sqrt v + ε)\|_F + ε}\ (\texttt{restore\_norm})
+
+  References: Li et al., arXiv 2510.05491; zichongli5/NorMuon @ d45c9a4.
+  """
+
+  name = 'neuron_normalize'
+
+  def __init__(self, beta2: Any = 0.95, eps: Any = 1e-10, *,
+               axis: str = 'fan_out', eps_placement: str = 'add',
+               restore_norm: bool = True):
+    if axis not in NEURON_AXES:
+      raise ValueError(f'neuron_normalize axis must be one of {NEURON_AXES}, '
+                       f'got {axis!r}.')
+    if eps_placement not in EPS_PLACEMENTS:
+      raise ValueError(f'neuron_normalize eps_placement must be one of '
+                       f'{EPS_PLACEMENTS}, got {eps_placement!r}.')
+    self.beta2, self.eps, self.axis = beta2, eps, axis
+    self.eps_placement, self.restore_norm = eps_placement, restore_norm
+
+  def state_axis(self, fan_in, fan_out):
+    return neuron_axis(fan_in, fan_out, self.axis)
+
+  def state_shape(self, fan_in, fan_out):
+    return (fan_out if self.state_axis(fan_in, fan_out) == -1 else fan_in,)
+
+  def sums(self, fan_in, fan_out):
+    red = -2 if self.state_axis(fan_in, fan_out) == -1 else -1
+    stat = Sum((red,), fan_out if red == -2 else fan_in)
+    return (stat,) + ((Sum((-2, -1), 1),) * 2 if self.restore_norm else ())
+
+  def apply(self, o, state, blocks):
+    keep = self.state_axis(blocks.fan_in, blocks.fan_out)
+    red = -2 if keep == -1 else -1
+    n_red = blocks.fan_in if red == -2 else blocks.fan_out
+    x = o.astype(state.dtype)
+    mean_sq = jnp.squeeze(blocks.sum(x * x, red), red) / n_red
+    v = self.beta2 * state + (1 - self.beta2) * mean_sq
+    if self.eps_placement == 'add':
+      d = jnp.sqrt(v) + self.eps
+    else:
+      d = jnp.sqrt(jnp.maximum(v, self.eps))
+    out = x / jnp.expand_dims(d, red)
+    if self.restore_norm:
+      n_in = jnp.sqrt(blocks.sum(x * x, (-2, -1)))
+      n_out = jnp.sqrt(blocks.sum(out * out, (-2, -1)))
+      n_out = (n_out + self.eps if self.eps_placement == 'add'
+               else jnp.maximum(n_out, self.eps))
+      out = out * (n_in / n_out)
+    return out.astype(o.dtype), v
+
+

@@ -1,0 +1,113 @@
+"""NAMO's and NAMO-D's noise-adaptive step as a matrix stage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from orthax.matrix_stages._base import Norm
+from orthax.matrix_stages._base import ScalingStage
+from orthax.matrix_stages._base import Sum
+
+NOISE_MODES = ('scalar', 'diagonal')
+
+
+class NoiseAdaptStep(ScalingStage):
+  r"""The step of NAMO (``mode='scalar'``) or NAMO-D (``'diagonal'``) on the
+  orthogonalized momentum ``O`` of one optimizer step ``t`` (rule and
+  defaults in :func:`orthax.noise_adapt`, which builds this stage each
+  step with that step's ``learning_rate`` and ``count``).
+
+  Norms (of the matrices before Newton–Schulz): ``‖G‖²`` of the raw
+  gradient (``aux``) and ``‖u‖²`` of the momentum (``input``), per matrix or
+  per fan-in unit ``j`` (a row of the ``[fan_in, fan_out]`` view). State:
+  ``v`` (``[]`` or ``[fan_in]``). With ``β = η_t\sqrt{1-μ_2^t}/(1-μ_1^t +
+  10^{-12})``:
+
+  .. math::
+     v &\leftarrow μ_2 v + (1-μ_2)\|G\|^2,\qquad
+     s = β\,\frac{\|u\|}{\sqrt v + ε}\ \ (\text{NAMO-D: clipped to }
+     [c\bar s, \bar s/c])\\
+     O &\leftarrow -\min(s\,c_s\sqrt{\max(\mathrm{fan_{in}},
+     \mathrm{fan_{out}})}, 1)\,O,\qquad
+     \text{output } r = -λ\min(s, 1)\ \ (\text{NAMO-D: } \ge -1)
+
+  so the caller's step is ``Δ = r·W + O'`` (``W·diag(r)`` for NAMO-D). The
+  factor ``-min(·, 1)`` needs only norms and state, so this is a
+  :class:`~orthax.matrix_stages.ScalingStage`.
+
+  References: Zhang, Liu, Schaeffer, *Adam Improves Muon* (arXiv
+  2602.17080); minxin-zhg/namo ``src/namo.py`` @ a3f37b0.
+  """
+
+  name = 'noise_adapt'
+
+  def __init__(self, mode: str, learning_rate: Any, count: Any, *,
+               b1: Any = 0.95, mu2: Any = 0.99, eps: Any = 1e-8,
+               weight_decay: Any = 0.1, scale_coeff: Any = 0.2,
+               clamp_c: Any = 0.75):
+    if mode not in NOISE_MODES:
+      raise ValueError(f'noise_adapt mode must be one of {NOISE_MODES}, got '
+                       f'{mode!r}.')
+    self.mode, self.learning_rate, self.count = mode, learning_rate, count
+    self.b1, self.mu2, self.eps = b1, mu2, eps
+    self.weight_decay, self.scale_coeff, self.clamp_c = (
+        weight_decay, scale_coeff, clamp_c)
+
+  @property
+  def _keep_fan_in(self) -> bool:
+    return self.mode == 'diagonal'
+
+  def state_shape(self, fan_in, fan_out):
+    return (fan_in,) if self._keep_fan_in else ()
+
+  def state_axis(self, fan_in, fan_out):
+    return -2 if self._keep_fan_in else None
+
+  def output_shape(self, fan_in, fan_out):
+    return self.state_shape(fan_in, fan_out)
+
+  def norms(self, fan_in, fan_out):
+    axes = (-1,) if self._keep_fan_in else (-2, -1)
+    return (Norm('aux', axes), Norm('input', axes))
+
+  def sums(self, fan_in, fan_out):
+    # NAMO-D's mean over the fan-in units: the non-NaN sum and count.
+    return (Sum((-2,), 2),) if self._keep_fan_in else ()
+
+  def scale(self, state, norms, blocks):
+    g2, u2 = norms                         # [k, 1, 1] or [k, fan_in, 1]
+    v = state.reshape(g2.shape)
+    dt = v.dtype
+    v = self.mu2 * v + (1 - self.mu2) * g2
+    t = jnp.asarray(self.count).astype(dt)
+    base = (self.learning_rate * jnp.sqrt(1 - self.mu2 ** t)
+            / (1 - self.b1 ** t + 1e-12))
+    ratio = jnp.sqrt(u2) / (jnp.sqrt(v) + self.eps)
+    if self._keep_fan_in:
+      ratio = self._clamp_to_mean(ratio, blocks)
+    step = ratio * base
+    shrink = -self.weight_decay * jnp.minimum(step, 1.0)  # decay - 1
+    if self._keep_fan_in:                                 # max(0, 1-x) - 1
+      shrink = jnp.maximum(shrink, -1.0)
+    shape_k = self.scale_coeff * max(blocks.fan_in, blocks.fan_out) ** 0.5
+    eta = jnp.minimum(step * shape_k, 1.0)
+    return (-eta).astype(dt), v.reshape(state.shape), shrink.reshape(
+        state.shape)
+
+  def _clamp_to_mean(self, ratio: jax.Array, blocks) -> jax.Array:
+    """``clip(d, c·mean, mean/c)`` with the NaN-ignoring mean over fan-in,
+    only if ``0 < c ≤ 1`` and the mean is finite and positive."""
+    nan = jnp.isnan(ratio)
+    both = blocks.sum(jnp.concatenate(
+        [jnp.where(nan, 0.0, ratio), (~nan).astype(ratio.dtype)], axis=-1),
+                      -2)                                 # [k, 1, 2]
+    mean = both[..., :1] / both[..., 1:]
+    c = self.clamp_c
+    on = (c > 0) & (c <= 1) & jnp.isfinite(mean) & (mean > 0)
+    c = jnp.where(on, c, 1.0)
+    lo = jnp.where(on, c * mean, 0.0)
+    hi = jnp.where(on, mean / c, jnp.inf)
+    return jnp.clip(ratio, lo, hi)

@@ -1,0 +1,66 @@
+"""Shape scales: ``ScaleByShape`` and ``ScaleToRms``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+from orthax.matrix_stages._base import MatrixStage
+from orthax.matrix_stages._base import Sum
+from orthax.matrix_stages._base import wide
+
+SCALE_MODES = ('keller', 'moonlight', 'spectral', 'none')
+
+def shape_factor(fan_in: int, fan_out: int, mode: str,
+                 rms: float = 0.2) -> float:
+  """The shape scale of one ``fan_in × fan_out`` matrix (see
+  :func:`orthax.scale_by_shape`)."""
+  if mode == 'keller':
+    return math.sqrt(max(1.0, fan_out / fan_in))
+  if mode == 'moonlight':
+    return rms * math.sqrt(max(fan_in, fan_out))
+  if mode == 'spectral':
+    return math.sqrt(fan_out / fan_in)
+  if mode == 'none':
+    return 1.0
+  raise ValueError(f'scale mode must be one of {SCALE_MODES}, got {mode!r}.')
+
+
+class ScaleByShape(MatrixStage):
+  """``O ← O·shape_factor(fan_in, fan_out, mode)``."""
+
+  name = 'scale_by_shape'
+
+  def __init__(self, mode: str = 'keller', rms: float = 0.2):
+    if mode not in SCALE_MODES:
+      raise ValueError(f'scale mode must be one of {SCALE_MODES}, got '
+                       f'{mode!r}.')
+    self.mode, self.rms = mode, rms
+
+  def apply(self, o, state, blocks):
+    if self.mode == 'none':
+      return o, state
+    f = shape_factor(blocks.fan_in, blocks.fan_out, self.mode, self.rms)
+    return (o * f).astype(o.dtype), state
+
+
+class ScaleToRms(MatrixStage):
+  """``O ← O·rms·√(mn) / (‖O‖_F + ε)`` (a zero matrix stays zero)."""
+
+  name = 'scale_to_rms'
+
+  def __init__(self, rms: Any = 0.2, eps: Any = 1e-10):
+    self.rms, self.eps = rms, eps
+
+  def apply(self, o, state, blocks):
+    x = o.astype(wide(o.dtype))
+    norm = jnp.sqrt(blocks.sum(x * x, (-2, -1)))
+    size = (blocks.fan_in * blocks.fan_out) ** 0.5
+    return (x * (self.rms * size / (norm + self.eps))).astype(o.dtype), state
+
+  def sums(self, fan_in, fan_out):
+    return (Sum((-2, -1), 1),)
+
+
