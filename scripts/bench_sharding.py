@@ -21,7 +21,7 @@ the lowered program, XLA:CPU upcasts), temp MiB, and the plan's prediction.
 Then the analytic scaling of the plan to 16/64/256 devices for GPT-2 small
 and a 7B-class model.
 
-    python scripts/bench_sharding.py [scenario ...] [--no-optax]
+    python scripts/bench_sharding.py [scenario ...] [--no-optax] [--no-scaling]
 
 No timings: on a CPU host they say nothing about accelerators.
 """
@@ -346,4 +346,5 @@ if __name__ == '__main__':
     run(args or ['fsdp8', 'fsdp8_normuon', 'fsdp8_namo', 'fsdp4x2', 'scan',
                  'scan_local', 'tp8', 'dp8'],
         with_optax='--no-optax' not in sys.argv)
-  scaling()
+  if '--no-scaling' not in sys.argv:
+    scaling()

@@ -95,19 +95,31 @@ def test_gram_stage_sums_are_all_reduces_the_plan_counts(cases, name):
     assert abs(got - plan) <= 0.05 * plan, (wire, got, plan)
 
 
-def test_bench_normuon_row_matches_plan():
-  """scripts/bench_sharding.py's fsdp8_normuon row (GPT-2 small, the README
-  figure): 8 all-to-alls and one state all-gather per group, and MiB sent
-  (f32 compiled, bf16 lowered) equal to the plan's."""
+def test_bench_stage_rows_match_plan():
+  """scripts/bench_sharding.py's fsdp8_normuon and fsdp8_namo rows (GPT-2
+  small, the README figures). NorMuon: 8 all-to-alls and one state
+  all-gather per group. NAMO's step in the body: 8 all-to-alls and the
+  norms' all-reduces (XLA:CPU combines the 4 groups' into one), no
+  all-gather, and no more bytes than the step applied after the body. MiB
+  sent (f32 compiled, bf16 lowered) equal to the plan's."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   proc = subprocess.run(
       [sys.executable, str(HERE.parent / 'scripts' / 'bench_sharding.py'),
-       'fsdp8_normuon', '--no-optax'], env=env, capture_output=True,
-      text=True, timeout=900, check=False)
+       'fsdp8_normuon', 'fsdp8_namo', '--no-optax', '--no-scaling'],
+      env=env, capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  row = [l for l in proc.stdout.splitlines()
-         if l.startswith('| fsdp8_normuon')][0]
-  cells = [c.strip() for c in row.strip('|').split('|')]
+  rows = {}
+  for line in proc.stdout.splitlines():
+    if line.startswith('| fsdp8_'):
+      cells = [c.strip() for c in line.strip('|').split('|')]
+      rows[(cells[0], 'after' in cells[1])] = cells
+  cells = rows[('fsdp8_normuon', False)]
   assert 'neuron_normalize+scale_by_shape' in cells[1]
   assert cells[4] == 'all-gather×4, all-to-all×8'
   assert cells[7] == f'{cells[5]}/{cells[6]}'  # plan f32/bf16 = measured
+  body, after = rows[('fsdp8_namo', False)], rows[('fsdp8_namo', True)]
+  assert 'in the body' in body[1]
+  assert body[4] in ('all-reduce×1, all-to-all×8', 'all-reduce×4, all-to-all×8')
+  assert body[7] == f'{body[5]}/{body[6]}'
+  assert float(body[5]) <= float(after[5]) and float(body[6]) <= float(
+      after[6])

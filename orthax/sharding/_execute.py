@@ -253,22 +253,30 @@ def run_group(g: GroupPlan, xs: Sequence[jax.Array],
   nx = len(xs)
   nslots = len(live) + len(emit)
 
-  def stack_of(locs):
+  def mats_of(locs):
     mats = []
     for x, ms, t in zip(locs, mspecs, g.transposed):
       mt = matrices.to_matrices(x, ms)
       mats.append(jnp.swapaxes(mt, -1, -2) if t else mt)
-    return mats, (mats[0] if nx == 1 else jnp.concatenate(mats, axis=0))
+    return mats
+
+  cat = lambda parts: parts[0] if nx == 1 else jnp.concatenate(parts, axis=0)
+
+  def partial_norms(mats, amats):
+    """Sums of squares over the device's pieces, leaf by leaf (the
+    auxiliary matrices are never stacked), then stacked."""
+    srcs = {'input': mats, 'aux': amats}
+    return [(cat([matrix_stages.sum_squares(m, wax) for m in srcs[src]]), wax)
+            for _, src, wax in norms]
 
   def body(*args):
     locs = args[:nx]
     alocs = args[nx:2 * nx] if with_aux else ()
     slocs = args[nx + len(alocs):len(args) - len(scalars)]
     here = rebuild(args[len(args) - len(scalars):])
-    mats, stack = stack_of(locs)
-    srcs = {'input': stack, 'aux': stack_of(alocs)[1] if with_aux else None}
-    whole = whole_norms(g, [(matrix_stages.sum_squares(srcs[src], wax), wax)
-                            for _, src, wax in norms])
+    mats = mats_of(locs)
+    stack = cat(mats)
+    whole = whole_norms(g, partial_norms(mats, mats_of(alocs)))
     sstacks = []
     for c, j in enumerate(live):
       per = slocs[c * nx:(c + 1) * nx]
