@@ -67,18 +67,21 @@ def with_leaf_states(stage: ms.MatrixStage, state: Any, treedef,
 
 def apply_to_matrices(stages: Sequence[ms.MatrixStage], o: jax.Array,
                       states: Sequence[Any], fan_in: int, fan_out: int, *,
-                      norms: Sequence[Sequence[jax.Array]] | None = None,
+                      sources: dict[str, jax.Array | None] | None = None,
                       batch_shape: Sequence[int] | None = None
                       ) -> tuple[jax.Array, list[Any], list[Any]]:
   """Runs ``stages`` on one leaf's ``[b, fan_in, fan_out]`` view; each state
   is the leaf's ``batch + per-matrix`` array (or ``None``) and comes back in
-  that shape; ``norms`` as :func:`orthax.matrix_stages.stage_norms` gives
-  them. Returns the stack, the states and the stages' outputs (``batch_shape
-  + per-matrix``, default ``(b,) + per-matrix``; ``None`` where a stage has
+  that shape. ``sources``: the ``[b, fan_in, fan_out]`` matrices the stages'
+  norms are taken of (``'input'``, ``'aux'``; see
+  :func:`orthax.matrix_stages.stage_norms`), needed when a stage has any.
+  Returns the stack, the states and the stages' outputs (``batch_shape +
+  per-matrix``, default ``(b,) + per-matrix``; ``None`` where a stage has
   none)."""
   flat = [None if s is None else
           s.reshape((o.shape[0],) + tuple(st.state_shape(fan_in, fan_out)))
           for st, s in zip(stages, states)]
+  norms = ms.stage_norms(stages, sources or {}, fan_in, fan_out)
   o, new, outs = ms.apply_stages(stages, o, flat, ms.Blocks(fan_in, fan_out),
                                  norms)
   batch = (o.shape[0],) if batch_shape is None else tuple(batch_shape)

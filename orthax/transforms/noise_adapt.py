@@ -155,10 +155,9 @@ def noise_adapt(
         _, fi, fo = s.matrix_shape(g.shape)
         om, (v2,), (r,) = matrix_stage.apply_to_matrices(
             [step], matrices.to_matrices(oo, s).astype(g.dtype), [v], fi, fo,
-            norms=MS.stage_norms([step], {
-                'input': matrices.to_matrices(x, s),
-                'aux': matrices.to_matrices(g, s)}, fi, fo),
-            batch_shape=v.shape[:v.ndim - len(step.state_shape(fi, fo))])
+            sources={'input': matrices.to_matrices(x, s),
+                     'aux': matrices.to_matrices(g, s)},
+            batch_shape=matrix_stage.leaf_batch_shape(g.shape, s))
         o_l.append(matrices.from_matrices(om, s, g.shape))
         nu.append(v2)
         shrink.append(r)

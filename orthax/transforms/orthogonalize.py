@@ -208,8 +208,7 @@ def orthogonalize(
                  else matrices.to_matrices(aux_leaves[i], s))
         o, sts, xo = matrix_stage.apply_to_matrices(
             run, o.astype(x.dtype), [per[i] for per in states], fi, fo,
-            norms=matrix_stages.stage_norms(
-                run, {'input': mats[i], 'aux': aux_m}, fi, fo),
+            sources={'input': mats[i], 'aux': aux_m},
             batch_shape=matrix_stage.leaf_batch_shape(x.shape, s))
         per_leaf.append(sts)
         out_leaf.append(xo)
