@@ -20,6 +20,7 @@ from orthax.routing import DEFAULT_RULES
 from orthax.routing import Router
 from orthax.routing import Rule
 from orthax.routing import describe
+from orthax.sharding import Distributed
 from orthax.transforms import NonFiniteGradientError
 from orthax.transforms import check_finite
 from orthax.transforms import clip_outliers
@@ -39,6 +40,7 @@ __version__ = '0.1.0'
 
 __all__ = [
     'DEFAULT_RULES', 'MatrixSpec', 'NonFiniteGradientError', 'Router', 'Rule',
+    'Distributed',
     'check_finite', 'decoupled_weight_decay', 'describe', 'momentum', 'muon',
     'matrix_stages', 'orthogonalize', 'polar', 'recipe', 'recipe_factory',
     'recipe_names',

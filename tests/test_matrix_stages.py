@@ -139,7 +139,7 @@ def test_stages_on_blocks_equal_whole_matrices(name, fan, split):
   src = {k: jnp.asarray(rng.standard_normal((2, fi, fo)), jnp.float32)
          for k in ('input', 'aux')}
   states = [None if not st.stateful else jnp.asarray(
-      rng.random((2,) + st.state_shape(fi, fo)), jnp.float32)
+      rng.random((2,) + st.shapes(fi, fo).state), jnp.float32)
             for st in stages]
   norms = MS.stage_norms(stages, src, fi, fo)
   want, want_st, want_out = MS.apply_stages(stages, o, states,
@@ -147,7 +147,7 @@ def test_stages_on_blocks_equal_whole_matrices(name, fan, split):
 
   G = 4
   ob = _split(o, G, split, True)                 # [G, 2, ...]
-  vec = lambda st: st.state_axis(fi, fo) == split
+  vec = lambda st: st.shapes(fi, fo).axis == split
   blocked_state = [None if s is None else _split(s, G, -1, vec(st))
                    for st, s in zip(stages, states)]
   blocked_norms = [[_split(n, G, split, n.shape[split] > 1) for n in per]

@@ -1,5 +1,6 @@
-"""orthax.sharding.plan of an optimizer, a config or a Distributed: tracing
-only, no devices needed (an 8-device ``AbstractMesh``)."""
+"""orthax.sharding.plan of an optimizer or a Distributed, and
+orthax.train.optim.plan of a config: tracing only, no devices needed (an
+8-device ``AbstractMesh``)."""
 
 from __future__ import annotations
 
@@ -125,13 +126,29 @@ def test_plan_flops_follow_the_transform(name):
 
 
 def test_plan_of_config_equals_plan_of_recipe():
+  optim = pytest.importorskip('orthax.train.optim')  # the trainer's extras
   config = {'name': 'normuon', 'learning_rate': 0.02,
             'adam_learning_rate': None, 'weight_decay': 0.1,
-            'adam_weight_decay': None, 'kwargs': {'ns_steps': 3}}
-  got = sharding.plan(config, _plan_params(), distributed=PLAN_DIST)
+            'adam_weight_decay': None, 'unused_by_normuon': 1,
+            'kwargs': {'ns_steps': 3}}
+  got = optim.plan(config, _plan_params(), PLAN_DIST)
   tx = orthax.recipe('normuon', learning_rate=0.02, weight_decay=0.1,
                      ns_steps=3, distributed=PLAN_DIST)
   assert got == sharding.plan(tx, _plan_params())
+  assert got == optim.plan(config, _plan_params(), distributed=PLAN_DIST)
+
+
+def test_plan_of_config_errors():
+  optim = pytest.importorskip('orthax.train.optim')
+  params = _plan_params()
+  with pytest.raises(ValueError, match="no 'name'"):
+    optim.plan({'learning_rate': 0.02}, params, PLAN_DIST)
+  with pytest.raises(ValueError, match='Unknown recipe'):
+    optim.plan({'name': 'nope', 'learning_rate': 0.02}, params, PLAN_DIST)
+  for name in ('auon', 'adamw'):
+    with pytest.raises(sharding.NotDistributedError,
+                       match='no distributed orthogonalization'):
+      optim.plan({'name': name, 'learning_rate': 0.02}, params, PLAN_DIST)
 
 
 def test_plan_reads_explicit_shardings():
@@ -153,8 +170,10 @@ def test_plan_merges_every_distributed_orthogonalization():
   assert two.groups == one.groups * 2
   assert two.flops_per_device == 2 * one.flops_per_device
   dist42 = sharding.Distributed(MESH42, PLAN_DIST.param_specs)
-  with pytest.raises(ValueError, match='several meshes'):
+  with pytest.raises(ValueError, match='mesh'):  # the executor or the merge
     sharding.plan(optax.chain(orth(PLAN_DIST), orth(dist42)), params)
+  with pytest.raises(ValueError, match='several meshes'):
+    _inspect._merge([one, sharding.plan(dist42, params, MSPECS)])
 
 
 def test_plan_records_only_when_asked():
@@ -174,15 +193,13 @@ def test_plan_errors():
   for tx in (optax.adamw(1e-3), orthax.recipe('muon', learning_rate=0.02)):
     with pytest.raises(sharding.NotDistributedError, match='distributed='):
       sharding.plan(tx, params)
-  with pytest.raises(ValueError, match='distributed='):
-    sharding.plan({'name': 'muon', 'learning_rate': 0.02}, params)
-  with pytest.raises(ValueError, match='Unknown recipe'):
-    sharding.plan({'name': 'adamw', 'learning_rate': 0.02}, params,
-                  distributed=PLAN_DIST)
-  with pytest.raises(sharding.NotDistributedError,
-                     match='no distributed orthogonalization'):
-    sharding.plan({'name': 'auon', 'learning_rate': 0.02}, params,
-                  distributed=PLAN_DIST)
+  config = {'name': 'muon', 'learning_rate': 0.02}
+  with pytest.raises(TypeError, match=r'orthax\.train\.optim\.plan\(config'):
+    sharding.plan(config, params)
+  with pytest.raises(TypeError, match=r'orthax\.train\.optim\.plan'):
+    sharding.plan(config, params, distributed=PLAN_DIST)
+  with pytest.raises(TypeError, match='first argument'):
+    sharding.plan(PLAN_DIST, params, distributed=PLAN_DIST)
   for bad in ('muon', 3, None):
     with pytest.raises(TypeError, match='GradientTransformation'):
       sharding.plan(bad, params)
@@ -191,7 +208,7 @@ def test_plan_errors():
     sharding.plan(tx, params, steps=3)
   with pytest.raises(ValueError, match='matrix_specs'):
     sharding.plan(tx, params, MSPECS)
-  with pytest.raises(ValueError, match='its own distributed'):
+  with pytest.raises(TypeError, match='its own distributed'):
     sharding.plan(tx, params, distributed=PLAN_DIST)
 
 

@@ -32,7 +32,7 @@ def tiny(name: str = 'muon', steps: int = 24):
   return c
 
 
-@pytest.mark.parametrize('name', sorted(configs.LEARNING_RATES))
+@pytest.mark.parametrize('name', configs.optimizer_names())
 def test_every_optimizer_lowers_the_loss(name):
   out = trainer.train(tiny(name), progress=False)
   losses = [r['loss'] for r in out['train']]

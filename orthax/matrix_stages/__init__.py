@@ -31,9 +31,12 @@ from orthax.matrix_stages._base import Blocks
 from orthax.matrix_stages._base import MatrixStage
 from orthax.matrix_stages._base import Norm
 from orthax.matrix_stages._base import ScalingStage
-from orthax.matrix_stages._base import Sum
+from orthax.matrix_stages._base import StageShapes
 from orthax.matrix_stages._base import apply_stages
 from orthax.matrix_stages._base import check_norms
+from orthax.matrix_stages._base import split_sums
+from orthax.matrix_stages._base import stage
+from orthax.matrix_stages._base import static
 from orthax.matrix_stages._base import stage_norms
 from orthax.matrix_stages._base import sum_squares
 from orthax.matrix_stages._base import wide
@@ -55,6 +58,7 @@ __all__ = [
     'SCALE_MODES', 'SOURCES', 'Blocks', 'CoshNormalize', 'MatrixStage',
     'NeuronNormalize', 'NoiseAdaptStep', 'Norm', 'ScaleByShape', 'ScaleToRms',
     'ScalingStage',
-    'Sum', 'apply_stages', 'check_norms', 'neuron_axis', 'shape_factor',
-    'stage_norms', 'sum_squares', 'wide',
+    'StageShapes', 'apply_stages', 'check_norms', 'neuron_axis',
+    'shape_factor', 'split_sums', 'stage', 'stage_norms', 'static',
+    'sum_squares', 'wide',
 ]

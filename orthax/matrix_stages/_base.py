@@ -1,15 +1,47 @@
 """The matrix-stage protocol: :class:`MatrixStage`, :class:`ScalingStage`,
-:class:`Blocks`, :class:`Norm`, and running a list of stages on a ``[k,
-fan_in, fan_out]`` stack."""
+:class:`StageShapes`, :class:`Blocks`, :class:`Norm`, and running a list of
+stages on a ``[k, fan_in, fan_out]`` stack.
+
+A stage is a small frozen dataclass registered as a pytree (decorate it with
+:func:`stage`): its hyperparameters are children, so traced values (under
+``optax.inject_hyperparams``, or a schedule's learning rate) flow through
+``jax.tree`` operations and into a ``shard_map`` body as arguments; its
+modes (fields made with :func:`static`) are static. A stage declares what it
+keeps and needs in one place, :meth:`MatrixStage.shapes`, and does its work
+in :meth:`MatrixStage.apply`; nothing else is overridden. What a sharding
+plan counts of a stage (its sums across column blocks) is read by tracing
+:meth:`~MatrixStage.apply` (:func:`split_sums`), never from a second,
+hand-written copy.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
 SOURCES = ('input', 'aux')
+
+
+def static(default: Any) -> Any:
+  """A stage field that is a mode, not a hyperparameter: part of the
+  pytree's static structure (hashable, never traced)."""
+  return dataclasses.field(default=default, metadata={'static': True})
+
+
+def stage(cls: type) -> type:
+  """Makes a :class:`MatrixStage` subclass a frozen dataclass registered as
+  a pytree: fields made with :func:`static` are static, all others
+  children."""
+  cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
+  fields = dataclasses.fields(cls)
+  return jax.tree_util.register_dataclass(
+      cls, data_fields=[f.name for f in fields
+                        if not f.metadata.get('static')],
+      meta_fields=[f.name for f in fields if f.metadata.get('static')])
 
 
 class Blocks(NamedTuple):
@@ -36,14 +68,6 @@ class Blocks(NamedTuple):
     return s
 
 
-class Sum(NamedTuple):
-  """One :meth:`Blocks.sum` a stage makes: over ``axes`` of a matrix-shaped
-  array, keeping ``kept`` numbers per matrix (what a sharding plan counts as
-  the size of one all-reduce when the summed axis is split)."""
-  axes: tuple[int, ...]
-  kept: int
-
-
 class Norm(NamedTuple):
   """A sum of squares a stage needs of a matrix as it was **before**
   Newton–Schulz, over ``axes`` of ``[fan_in, fan_out]`` (kept as size-1
@@ -59,6 +83,26 @@ class Norm(NamedTuple):
   axes: tuple[int, ...]
 
 
+class StageShapes(NamedTuple):
+  """What a stage keeps and needs for one ``fan_in × fan_out`` matrix: the
+  one declaration a stage makes (:meth:`MatrixStage.shapes`).
+
+  Attributes:
+    state: the per-matrix state's shape (``None``: stateless); any shape,
+      e.g. ``(fan_out,)`` per neuron, ``()`` per matrix, ``(m, m)``.
+    axis: the matrix axis (``-2``: fan-in, ``-1``: fan-out) a vector state
+      (and output) runs along, or ``None``: under column blocks such a
+      vector is held in blocks like the matrix.
+    output: the shape of a per-matrix result :meth:`~MatrixStage.apply`
+      hands back besides the stack and the state (``None``: none).
+    norms: the :class:`Norm`\\ s :meth:`~MatrixStage.apply` receives.
+  """
+  state: tuple[int, ...] | None = None
+  axis: int | None = None
+  output: tuple[int, ...] | None = None
+  norms: tuple[Norm, ...] = ()
+
+
 def wide(dtype) -> Any:
   """The dtype stage statistics are kept in: float32 or the update's, if
   wider."""
@@ -72,62 +116,40 @@ def sum_squares(x: jax.Array, axes: Sequence[int]) -> jax.Array:
 
 
 class MatrixStage:
-  """Base class. Subclasses set ``name`` and override :meth:`apply`; a
-  stateful one also overrides :meth:`state_shape` and :meth:`state_axis`, one
-  that needs norms of its inputs :meth:`norms`, and one that hands a
-  per-matrix result back to its caller :meth:`output_shape`."""
+  """Base class of a per-matrix step (decorate subclasses with
+  :func:`stage`). A subclass sets ``name`` (a class attribute), declares
+  :meth:`shapes` if it keeps state, hands back an output or needs norms,
+  and implements :meth:`apply`."""
 
-  name: str = 'stage'
+  name = 'stage'
 
-  def state_shape(self, fan_in: int, fan_out: int) -> tuple[int, ...] | None:
-    """The per-matrix state's shape (``None``: stateless)."""
+  def shapes(self, fan_in: int, fan_out: int) -> StageShapes:
+    """The declaration for one ``fan_in × fan_out`` matrix."""
     del fan_in, fan_out
-    return None
-
-  def state_axis(self, fan_in: int, fan_out: int) -> int | None:
-    """The matrix axis (``-2``: fan-in, ``-1``: fan-out) the per-matrix state
-    (and output) vector runs along, or ``None`` (per-matrix scalars, or
-    stateless)."""
-    del fan_in, fan_out
-    return None
-
-  def output_shape(self, fan_in: int, fan_out: int) -> tuple[int, ...] | None:
-    """The shape of a per-matrix result :meth:`apply` returns besides the
-    stack and the state, laid out like the state (``None``: none)."""
-    del fan_in, fan_out
-    return None
-
-  def norms(self, fan_in: int, fan_out: int) -> tuple[Norm, ...]:
-    """The :class:`Norm`\\ s :meth:`apply` receives, in order."""
-    del fan_in, fan_out
-    return ()
+    return StageShapes()
 
   def apply(self, o: jax.Array, state: jax.Array | None, blocks: Blocks,
             norms: Sequence[jax.Array] = ()) -> tuple[Any, ...]:
     """``(o[k, fan_in, fan_out], state[k, ...], blocks, norms) -> (o',
-    state')``, or ``(o', state', output)`` with an :meth:`output_shape`.
-    ``norms[q]`` is :meth:`norms`\\ ``[q]`` of the whole matrices, shaped
+    state')``, or ``(o', state', output)`` with a declared output.
+    ``norms[q]`` is the declared ``norms[q]`` of the whole matrices, shaped
     ``[k, fan_in or 1, fan_out or 1]`` (under column blocks, the kept axis is
-    in blocks like the stack)."""
+    in blocks like the stack). Sums over a matrix axis go through
+    :meth:`Blocks.sum`."""
     raise NotImplementedError
-
-  def sums(self, fan_in: int, fan_out: int) -> tuple[Sum, ...]:
-    """Each :meth:`Blocks.sum` :meth:`apply` makes, in order."""
-    del fan_in, fan_out
-    return ()
 
   @property
   def stateful(self) -> bool:
-    return self.state_shape(2, 3) is not None
+    return self.shapes(2, 3).state is not None
 
   @property
   def has_output(self) -> bool:
-    return self.output_shape(2, 3) is not None
+    return self.shapes(2, 3).output is not None
 
 
 class ScalingStage(MatrixStage):
   r"""A stage whose effect on the stack is a factor that depends only on its
-  state and :meth:`~MatrixStage.norms`, not on the orthogonalized matrix:
+  state and declared norms, not on the orthogonalized matrix:
 
   .. math:: O \leftarrow c \odot O,\qquad (c, \text{state}', \text{output})
      = \mathrm{scale}(\text{state}, \text{norms})
@@ -136,14 +158,14 @@ class ScalingStage(MatrixStage):
   fan_out|1]``. Because ``c`` does not need ``O``, a sharded executor can
   compute it on every device from the all-reduced norms, before and apart
   from Newton–Schulz, so the state and the output never travel.
-  Subclasses override :meth:`scale`.
+  Subclasses implement :meth:`scale` instead of ``apply``.
   """
 
   def scale(self, state: jax.Array | None, norms: Sequence[jax.Array],
             blocks: Blocks) -> tuple[jax.Array, Any, Any]:
     """``(state[k, ...], norms, blocks) -> (c, state', output)`` (``output``
-    ``None`` without an :meth:`~MatrixStage.output_shape`). ``c`` is in
-    :func:`wide` precision."""
+    ``None`` without a declared output). ``c`` is in :func:`wide`
+    precision."""
     raise NotImplementedError
 
   @staticmethod
@@ -157,14 +179,14 @@ class ScalingStage(MatrixStage):
     return (o, state, out) if self.has_output else (o, state)
 
 
-def check_norms(stage: MatrixStage, fan_in: int, fan_out: int
+def check_norms(st: MatrixStage, fan_in: int, fan_out: int
                 ) -> tuple[Norm, ...]:
-  """``stage.norms(...)``, checked: known sources, one or both matrix axes,
-  and only on a :class:`ScalingStage`."""
-  out = tuple(stage.norms(fan_in, fan_out))
-  if out and not isinstance(stage, ScalingStage):
+  """The stage's declared norms, checked: known sources, one or both matrix
+  axes, and only on a :class:`ScalingStage`."""
+  out = tuple(st.shapes(fan_in, fan_out).norms)
+  if out and not isinstance(st, ScalingStage):
     raise ValueError(
-        f'matrix stage {stage.name!r} asks for norms but is not a '
+        f'matrix stage {st.name!r} asks for norms but is not a '
         'ScalingStage (only a factor computed from norms can run apart from '
         'the matrices on a mesh).')
   for nm in out:
@@ -172,9 +194,36 @@ def check_norms(stage: MatrixStage, fan_in: int, fan_out: int
     if (nm.source not in SOURCES or not axes
         or not set(axes) <= {-2, -1} or len(set(axes)) != len(axes)):
       raise ValueError(
-          f'matrix stage {stage.name!r}: a Norm needs a source in {SOURCES} '
+          f'matrix stage {st.name!r}: a Norm needs a source in {SOURCES} '
           f'and axes among (-2, -1), got {nm!r}.')
   return out
+
+
+def split_sums(st: MatrixStage, fan_in: int, fan_out: int,
+               split: int) -> list[int]:
+  """The sums :meth:`~MatrixStage.apply` makes across ``split`` (``-2`` or
+  ``-1``) when the matrix is held in blocks of that axis, read by tracing
+  it (``jax.eval_shape``, nothing runs): one entry per sum, the number of
+  values it keeps per matrix (what one all-reduce of a sharding plan
+  carries)."""
+  kept: list[int] = []
+
+  def reduce(a):
+    kept.append(math.prod(a.shape[1:]))
+    return a
+
+  sh = st.shapes(fan_in, fan_out)
+  f32 = lambda shape: jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
+  o = f32((fan_in, fan_out))
+  state = None if sh.state is None else f32(sh.state)
+  norms = [f32((1 if -2 in nm.axes else fan_in, 1 if -1 in nm.axes
+                else fan_out)) for nm in check_norms(st, fan_in, fan_out)]
+  blocks = Blocks(fan_in, fan_out, split, reduce)
+  # The stage goes in as an argument: its traced hyperparameters (a
+  # schedule's value inside jit) are abstract here, not closed over.
+  jax.eval_shape(lambda st, o, s, n: st.apply(o, s, blocks, n) if n
+                 else st.apply(o, s, blocks), st, o, state, norms)
+  return kept
 
 
 def stage_norms(stages: Sequence[MatrixStage],

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
 
 from orthax.matrix_stages._base import MatrixStage
-from orthax.matrix_stages._base import Sum
+from orthax.matrix_stages._base import stage
+from orthax.matrix_stages._base import static
 from orthax.matrix_stages._base import wide
 
 BRAKE_INPUTS = ('normalized', 'raw')
 
 
+@stage
 class CoshNormalize(MatrixStage):
   r"""AuON's cosh brake (modes in :func:`orthax.cosh_normalize`): with
   ``X = G/(‖G‖_F + ε_n)`` and ``B = X`` or ``G``,
@@ -24,18 +27,17 @@ class CoshNormalize(MatrixStage):
   """
 
   name = 'cosh_normalize'
+  gamma: Any = 1.0
+  _: dataclasses.KW_ONLY
+  normalize: bool = static(True)
+  brake_input: str = static('normalized')
+  norm_eps: Any = 1e-7
+  eps: Any = 1e-8
 
-  def __init__(self, gamma: Any = 1.0, *, normalize: bool = True,
-               brake_input: str = 'normalized', norm_eps: Any = 1e-7,
-               eps: Any = 1e-8):
-    if brake_input not in BRAKE_INPUTS:
+  def __post_init__(self):
+    if self.brake_input not in BRAKE_INPUTS:
       raise ValueError(f'brake_input must be one of {BRAKE_INPUTS}, got '
-                       f'{brake_input!r}.')
-    self.gamma, self.normalize, self.brake_input = gamma, normalize, brake_input
-    self.norm_eps, self.eps = norm_eps, eps
-
-  def sums(self, fan_in, fan_out):
-    return (Sum((-2, -1), 1),) * 2
+                       f'{self.brake_input!r}.')
 
   def apply(self, o, state, blocks):
     g = o.astype(wide(o.dtype))
@@ -47,5 +49,3 @@ class CoshNormalize(MatrixStage):
                  / size)
     return ((xn if self.normalize else g) / (r + self.eps)).astype(
         o.dtype), state
-
-

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
 
 from orthax.matrix_stages._base import MatrixStage
-from orthax.matrix_stages._base import Sum
+from orthax.matrix_stages._base import StageShapes
+from orthax.matrix_stages._base import stage
+from orthax.matrix_stages._base import static
 
 NEURON_AXES = ('fan_out', 'longer')
 EPS_PLACEMENTS = ('add', 'clamp')
@@ -22,6 +25,7 @@ def neuron_axis(fan_in: int, fan_out: int, axis: str) -> int:
   return -1 if fan_out >= fan_in else -2
 
 
+@stage
 class NeuronNormalize(MatrixStage):
   r"""NorMuon's per-neuron normalization of ``O`` (one statistic per neuron
   ``i`` along :func:`neuron_axis`; details in
@@ -36,32 +40,27 @@ class NeuronNormalize(MatrixStage):
   """
 
   name = 'neuron_normalize'
+  beta2: Any = 0.95
+  eps: Any = 1e-10
+  _: dataclasses.KW_ONLY
+  axis: str = static('fan_out')
+  eps_placement: str = static('add')
+  restore_norm: bool = static(True)
 
-  def __init__(self, beta2: Any = 0.95, eps: Any = 1e-10, *,
-               axis: str = 'fan_out', eps_placement: str = 'add',
-               restore_norm: bool = True):
-    if axis not in NEURON_AXES:
+  def __post_init__(self):
+    if self.axis not in NEURON_AXES:
       raise ValueError(f'neuron_normalize axis must be one of {NEURON_AXES}, '
-                       f'got {axis!r}.')
-    if eps_placement not in EPS_PLACEMENTS:
+                       f'got {self.axis!r}.')
+    if self.eps_placement not in EPS_PLACEMENTS:
       raise ValueError(f'neuron_normalize eps_placement must be one of '
-                       f'{EPS_PLACEMENTS}, got {eps_placement!r}.')
-    self.beta2, self.eps, self.axis = beta2, eps, axis
-    self.eps_placement, self.restore_norm = eps_placement, restore_norm
+                       f'{EPS_PLACEMENTS}, got {self.eps_placement!r}.')
 
-  def state_axis(self, fan_in, fan_out):
-    return neuron_axis(fan_in, fan_out, self.axis)
-
-  def state_shape(self, fan_in, fan_out):
-    return (fan_out if self.state_axis(fan_in, fan_out) == -1 else fan_in,)
-
-  def sums(self, fan_in, fan_out):
-    red = -2 if self.state_axis(fan_in, fan_out) == -1 else -1
-    stat = Sum((red,), fan_out if red == -2 else fan_in)
-    return (stat,) + ((Sum((-2, -1), 1),) * 2 if self.restore_norm else ())
+  def shapes(self, fan_in, fan_out):
+    keep = neuron_axis(fan_in, fan_out, self.axis)
+    return StageShapes(state=(fan_out if keep == -1 else fan_in,), axis=keep)
 
   def apply(self, o, state, blocks):
-    keep = self.state_axis(blocks.fan_in, blocks.fan_out)
+    keep = neuron_axis(blocks.fan_in, blocks.fan_out, self.axis)
     red = -2 if keep == -1 else -1
     n_red = blocks.fan_in if red == -2 else blocks.fan_out
     x = o.astype(state.dtype)
@@ -79,5 +78,3 @@ class NeuronNormalize(MatrixStage):
                else jnp.maximum(n_out, self.eps))
       out = out * (n_in / n_out)
     return out.astype(o.dtype), v
-
-

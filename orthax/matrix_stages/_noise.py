@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -9,11 +10,14 @@ import jax.numpy as jnp
 
 from orthax.matrix_stages._base import Norm
 from orthax.matrix_stages._base import ScalingStage
-from orthax.matrix_stages._base import Sum
+from orthax.matrix_stages._base import StageShapes
+from orthax.matrix_stages._base import stage
+from orthax.matrix_stages._base import static
 
 NOISE_MODES = ('scalar', 'diagonal')
 
 
+@stage
 class NoiseAdaptStep(ScalingStage):
   r"""The step of NAMO (``mode='scalar'``) or NAMO-D (``'diagonal'``) on the
   orthogonalized momentum ``O`` of one optimizer step ``t`` (rule and
@@ -43,39 +47,32 @@ class NoiseAdaptStep(ScalingStage):
   """
 
   name = 'noise_adapt'
+  mode: str = static(dataclasses.MISSING)
+  learning_rate: Any = dataclasses.MISSING
+  count: Any = dataclasses.MISSING
+  _: dataclasses.KW_ONLY
+  b1: Any = 0.95
+  mu2: Any = 0.99
+  eps: Any = 1e-8
+  weight_decay: Any = 0.1
+  scale_coeff: Any = 0.2
+  clamp_c: Any = 0.75
 
-  def __init__(self, mode: str, learning_rate: Any, count: Any, *,
-               b1: Any = 0.95, mu2: Any = 0.99, eps: Any = 1e-8,
-               weight_decay: Any = 0.1, scale_coeff: Any = 0.2,
-               clamp_c: Any = 0.75):
-    if mode not in NOISE_MODES:
+  def __post_init__(self):
+    if self.mode not in NOISE_MODES:
       raise ValueError(f'noise_adapt mode must be one of {NOISE_MODES}, got '
-                       f'{mode!r}.')
-    self.mode, self.learning_rate, self.count = mode, learning_rate, count
-    self.b1, self.mu2, self.eps = b1, mu2, eps
-    self.weight_decay, self.scale_coeff, self.clamp_c = (
-        weight_decay, scale_coeff, clamp_c)
+                       f'{self.mode!r}.')
 
   @property
   def _keep_fan_in(self) -> bool:
     return self.mode == 'diagonal'
 
-  def state_shape(self, fan_in, fan_out):
-    return (fan_in,) if self._keep_fan_in else ()
-
-  def state_axis(self, fan_in, fan_out):
-    return -2 if self._keep_fan_in else None
-
-  def output_shape(self, fan_in, fan_out):
-    return self.state_shape(fan_in, fan_out)
-
-  def norms(self, fan_in, fan_out):
+  def shapes(self, fan_in, fan_out):
+    per = (fan_in,) if self._keep_fan_in else ()
     axes = (-1,) if self._keep_fan_in else (-2, -1)
-    return (Norm('aux', axes), Norm('input', axes))
-
-  def sums(self, fan_in, fan_out):
-    # NAMO-D's mean over the fan-in units: the non-NaN sum and count.
-    return (Sum((-2,), 2),) if self._keep_fan_in else ()
+    return StageShapes(state=per, axis=-2 if self._keep_fan_in else None,
+                       output=per,
+                       norms=(Norm('aux', axes), Norm('input', axes)))
 
   def scale(self, state, norms, blocks):
     g2, u2 = norms                         # [k, 1, 1] or [k, fan_in, 1]

@@ -8,7 +8,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from orthax.matrix_stages._base import MatrixStage
-from orthax.matrix_stages._base import Sum
+from orthax.matrix_stages._base import stage
+from orthax.matrix_stages._base import static
 from orthax.matrix_stages._base import wide
 
 SCALE_MODES = ('keller', 'moonlight', 'spectral', 'none')
@@ -28,16 +29,18 @@ def shape_factor(fan_in: int, fan_out: int, mode: str,
   raise ValueError(f'scale mode must be one of {SCALE_MODES}, got {mode!r}.')
 
 
+@stage
 class ScaleByShape(MatrixStage):
   """``O ← O·shape_factor(fan_in, fan_out, mode)``."""
 
   name = 'scale_by_shape'
+  mode: str = static('keller')
+  rms: Any = 0.2
 
-  def __init__(self, mode: str = 'keller', rms: float = 0.2):
-    if mode not in SCALE_MODES:
+  def __post_init__(self):
+    if self.mode not in SCALE_MODES:
       raise ValueError(f'scale mode must be one of {SCALE_MODES}, got '
-                       f'{mode!r}.')
-    self.mode, self.rms = mode, rms
+                       f'{self.mode!r}.')
 
   def apply(self, o, state, blocks):
     if self.mode == 'none':
@@ -46,21 +49,16 @@ class ScaleByShape(MatrixStage):
     return (o * f).astype(o.dtype), state
 
 
+@stage
 class ScaleToRms(MatrixStage):
   """``O ← O·rms·√(mn) / (‖O‖_F + ε)`` (a zero matrix stays zero)."""
 
   name = 'scale_to_rms'
-
-  def __init__(self, rms: Any = 0.2, eps: Any = 1e-10):
-    self.rms, self.eps = rms, eps
+  rms: Any = 0.2
+  eps: Any = 1e-10
 
   def apply(self, o, state, blocks):
     x = o.astype(wide(o.dtype))
     norm = jnp.sqrt(blocks.sum(x * x, (-2, -1)))
     size = (blocks.fan_in * blocks.fan_out) ** 0.5
     return (x * (self.rms * size / (norm + self.eps))).astype(o.dtype), state
-
-  def sums(self, fan_in, fan_out):
-    return (Sum((-2, -1), 1),)
-
-

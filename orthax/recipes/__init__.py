@@ -1,11 +1,16 @@
 """Named recipes and their registry (one module per recipe family)."""
 
 from orthax.recipes.registry import assemble
+from orthax.recipes.registry import default_learning_rates
 from orthax.recipes.registry import recipe
+from orthax.recipes.registry import recipe_entry
 from orthax.recipes.registry import recipe_factory
 from orthax.recipes.registry import recipe_names
 from orthax.recipes.registry import recipe_references
+from orthax.recipes.registry import RecipeEntry
 from orthax.recipes.registry import register
+from orthax.recipes.registry import resolve_reference
+from orthax.recipes.registry import unregister
 from orthax.recipes.muon import muon
 from orthax.recipes.adaptive import lanton
 from orthax.recipes.adaptive import namo
@@ -17,8 +22,9 @@ from orthax.recipes.robust import root
 from orthax.recipes.robust import spectra
 
 __all__ = [
-    'assemble', 'muon', 'recipe', 'recipe_factory', 'recipe_names',
-    'recipe_references', 'register',
+    'assemble', 'default_learning_rates', 'muon', 'recipe', 'recipe_entry',
+    'recipe_factory', 'recipe_names', 'recipe_references', 'RecipeEntry',
+    'register', 'resolve_reference', 'unregister',
     'lanton', 'namo', 'namo_d', 'normuon',
     'auon', 'hybrid_auon', 'root', 'spectra',
 ]

@@ -12,8 +12,8 @@ from orthax import _tree
 from orthax import matrix_stages as MS
 from orthax import routing
 from orthax import transforms as T
-from orthax.recipes.registry import assemble
-from orthax.recipes.registry import register
+from orthax.recipes import _common
+from orthax.recipes import registry
 
 _NORMUON_REFERENCES = {
     'repo': dict(nesterov=True, preset='jordan', beta2=0.95, axis='fan_out',
@@ -26,18 +26,8 @@ _NORMUON_REFERENCES = {
 }
 
 
-def _check(name, reference, table):
-  if reference not in table:
-    raise ValueError(f'{name} reference must be one of {tuple(table)}, got '
-                     f'{reference!r}.')
-  return table[reference]
-
-
-def _specs(router):
-  return router.specs if isinstance(router, routing.Router) else None
-
-
-@register('normuon', references=tuple(_NORMUON_REFERENCES))
+@registry.register('normuon', references=tuple(_NORMUON_REFERENCES),
+                   learning_rate=0.02, adam_learning_rate=3e-3)
 def normuon(
     learning_rate: optax.ScalarOrSchedule = 0.02,
     *,
@@ -107,9 +97,9 @@ def normuon(
 
   References: Li et al., arXiv 2510.05491; ALGORITHMS.md §3, §12.
   """
-  d = _check('normuon', reference, _NORMUON_REFERENCES)
-  router = routing.Router() if router is None else router
-  specs = _specs(router)
+  reference = registry.resolve_reference('normuon', reference)
+  d = _NORMUON_REFERENCES[reference]
+  router, specs = _common.route(router)
   lr = learning_rate
   wd = d['weight_decay'] if weight_decay is None else weight_decay
   # The neuron statistics, the Frobenius restore and the scale run on each
@@ -126,25 +116,23 @@ def normuon(
           d['preset'] if preset is None else preset, steps=ns_steps,
           ns_dtype=ns_dtype, method=ns_method, matrix_specs=specs,
           distributed=distributed, then=post)),
-      ('scale_by_learning_rate', optax.scale_by_learning_rate(lr)),
-      ('weight_decay', T.decoupled_weight_decay(
-          wd, learning_rate=lr, cautious=reference == 'modded',
+      *_common.step_stages(
+          lr, wd, cautious=reference == 'modded',
           step_scale='keller' if reference == 'modded' else None,
-          matrix_specs=specs)),
+          matrix_specs=specs),
   ]
-  adam = T.adamw(lr if adam_learning_rate is None else adam_learning_rate,
-                 b1=adam_b1, b2=adam_b2, eps=adam_eps,
-                 weight_decay=adam_weight_decay, mu_dtype=mu_dtype)
-  return assemble(optax.named_chain(*stages), adam, router, check_finite)
+  return _common.assemble_with_adamw(
+      optax.named_chain(*stages), router, check_finite, learning_rate=lr,
+      adam_learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2,
+      eps=adam_eps, weight_decay=adam_weight_decay, mu_dtype=mu_dtype)
 
 
-def _namo(mode, learning_rate, reference, beta, mu2, eps, weight_decay,
+def _namo(name, mode, learning_rate, reference, beta, mu2, eps, weight_decay,
           scale_coeff, clamp_c, nesterov, preset, ns_steps, ns_dtype,
           ns_method, mu_dtype, adam_learning_rate, adam_b1, adam_b2, adam_eps,
           adam_weight_decay, router, check_finite, distributed=None):
-  _check('namo', reference, {'namo_repo': None})
-  router = routing.Router() if router is None else router
-  specs = _specs(router)
+  registry.resolve_reference(name, reference)  # one mode: only checked
+  router, specs = _common.route(router)
   matrix = optax.named_chain(('noise_adapt', T.noise_adapt(
       T.momentum(beta, form='ema', nesterov=nesterov,
                  accumulator_dtype=mu_dtype),
@@ -154,13 +142,12 @@ def _namo(mode, learning_rate, reference, beta, mu2, eps, weight_decay,
       learning_rate=learning_rate, b1=beta, mode=mode, mu2=mu2, eps=eps,
       weight_decay=weight_decay, scale_coeff=scale_coeff, clamp_c=clamp_c,
       matrix_specs=specs)))
-  adam = T.adamw(
-      learning_rate if adam_learning_rate is None else adam_learning_rate,
-      b1=adam_b1, b2=adam_b2, eps=adam_eps,
-      weight_decay=(weight_decay if adam_weight_decay is None
-                    else adam_weight_decay),
+  return _common.assemble_with_adamw(
+      matrix, router, check_finite, learning_rate=learning_rate,
+      adam_learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2,
+      eps=adam_eps, weight_decay=(weight_decay if adam_weight_decay is None
+                                  else adam_weight_decay),
       eps_placement='raw', mu_dtype=mu_dtype)
-  return assemble(matrix, adam, router, check_finite)
 
 
 _NAMO_DOC = r"""
@@ -168,9 +155,10 @@ _NAMO_DOC = r"""
   One stage, :func:`orthax.transforms.noise_adapt`, wraps the momentum
   (EMA, Nesterov) and the Newton–Schulz orthogonalization (Keller's
   coefficients) and emits the final step, learning rate and weight decay
-  included; see its docstring for the update rule. ``reference='namo_repo'``
-  (the only mode): minxin-zhg/namo ``src/namo.py`` @ a3f37b0, after the eps
-  fix (``sqrt(v) + ε``). Its AdamW branch: the same learning rate as the
+  included; see its docstring for the update rule. ``reference='repo'``
+  (the only mode; ``'namo_repo'``, its former name, is accepted as an
+  alias): minxin-zhg/namo ``src/namo.py`` @ a3f37b0, after the eps fix
+  (``sqrt(v) + ε``). Its AdamW branch: the same learning rate as the
   matrices (unless ``adam_learning_rate``), β = (0.9, 0.95), ε = 1e-8 added to
   ``sqrt(v)`` *before* bias correction, weight decay ``weight_decay`` (the
   repository's training script passes 0: ``adam_weight_decay=0``).
@@ -182,11 +170,13 @@ _NAMO_DOC = r"""
   """
 
 
-@register('namo', references=('namo_repo',))
+@registry.register('namo', references=('repo',),
+                   aliases={'namo_repo': 'repo'},
+                   learning_rate=0.01, adam_learning_rate=3e-3)
 def namo(
     learning_rate: optax.ScalarOrSchedule = 1e-2,
     *,
-    reference: str = 'namo_repo',
+    reference: str = 'repo',
     beta: float = 0.95,
     mu2: float = 0.99,
     eps: float = 1e-8,
@@ -207,7 +197,7 @@ def namo(
     distributed: Any = None,
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
-  return _namo('scalar', learning_rate, reference, beta, mu2, eps,
+  return _namo('namo', 'scalar', learning_rate, reference, beta, mu2, eps,
                weight_decay, scale_coeff, 0.0, nesterov, preset, ns_steps,
                ns_dtype, ns_method, mu_dtype, adam_learning_rate, adam_b1,
                adam_b2, adam_eps, adam_weight_decay, router, check_finite,
@@ -218,11 +208,13 @@ namo.__doc__ = ('NAMO: orthogonalized momentum with a scalar Adam-style '
                 'noise-adaptive step per matrix.' + _NAMO_DOC)
 
 
-@register('namo_d', references=('namo_repo',))
+@registry.register('namo_d', references=('repo',),
+                   aliases={'namo_repo': 'repo'},
+                   learning_rate=0.01, adam_learning_rate=3e-3)
 def namo_d(
     learning_rate: optax.ScalarOrSchedule = 1e-2,
     *,
-    reference: str = 'namo_repo',
+    reference: str = 'repo',
     beta: float = 0.95,
     mu2: float = 0.99,
     eps: float = 1e-8,
@@ -244,7 +236,7 @@ def namo_d(
     distributed: Any = None,
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
-  return _namo('diagonal', learning_rate, reference, beta, mu2, eps,
+  return _namo('namo_d', 'diagonal', learning_rate, reference, beta, mu2, eps,
                weight_decay, scale_coeff, clamp_c, nesterov, preset, ns_steps,
                ns_dtype, ns_method, mu_dtype, adam_learning_rate, adam_b1,
                adam_b2, adam_eps, adam_weight_decay, router, check_finite,
@@ -277,7 +269,7 @@ def signum_labels(router, pattern: str = SIGNUM_PATTERN):
   return labels
 
 
-@register('lanton')
+@registry.register('lanton', learning_rate=0.02, adam_learning_rate=3e-3)
 def lanton(
     learning_rate: optax.ScalarOrSchedule = 0.02,
     *,
@@ -341,8 +333,7 @@ def lanton(
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   stage on whole matrices per device.
   """
-  router = routing.Router() if router is None else router
-  specs = _specs(router)
+  router, specs = _common.route(router)
   direction = optax.named_chain(
       ('orthogonalize', T.orthogonalize(preset, steps=ns_steps,
                                         ns_dtype=ns_dtype, method=ns_method,
@@ -364,9 +355,8 @@ def lanton(
       ('scale_by_signum_learning_rate', optax.scale_by_learning_rate(
           learning_rate if signum_learning_rate is None
           else signum_learning_rate)))
-  adam = T.adamw(
-      learning_rate if adam_learning_rate is None else adam_learning_rate,
-      b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=adam_weight_decay,
-      mu_dtype=mu_dtype)
-  return assemble(matrix, adam, signum_labels(router, signum_pattern),
-                  check_finite, branches={'signum': signum})
+  return _common.assemble_with_adamw(
+      matrix, signum_labels(router, signum_pattern), check_finite,
+      learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
+      branches={'signum': signum}, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+      weight_decay=adam_weight_decay, mu_dtype=mu_dtype)

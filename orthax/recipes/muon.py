@@ -9,9 +9,8 @@ import optax
 from orthax import matrix_stages as MS
 from orthax import routing
 from orthax import transforms as T
-from orthax.recipes.registry import assemble
-from orthax.recipes.registry import ndim2_labels
-from orthax.recipes.registry import register
+from orthax.recipes import _common
+from orthax.recipes import registry
 
 _MUON_REFERENCES = {
     'keller': dict(form='ema', nesterov=True, bias_correction=False,
@@ -29,7 +28,8 @@ _MUON_REFERENCES = {
 }
 
 
-@register('muon', references=tuple(_MUON_REFERENCES))
+@registry.register('muon', references=tuple(_MUON_REFERENCES),
+                   learning_rate=0.02, adam_learning_rate=3e-3)
 def muon(
     learning_rate: optax.ScalarOrSchedule = 0.02,
     *,
@@ -117,16 +117,13 @@ def muon(
   github.com/KellerJordan/Muon; Liu et al., *Muon is Scalable for LLM
   Training*, arXiv 2502.16982.
   """
-  if reference not in _MUON_REFERENCES:
-    raise ValueError(f'muon reference must be one of '
-                     f'{tuple(_MUON_REFERENCES)}, got {reference!r}.')
+  reference = registry.resolve_reference('muon', reference)
   d = _MUON_REFERENCES[reference]
   nesterov = d['nesterov'] if nesterov is None else nesterov
   preset = d['preset'] if preset is None else preset
   scale = d['scale'] if scale is None else scale
-  if router is None:
-    router = ndim2_labels if reference == 'optax' else routing.Router()
-  specs = router.specs if isinstance(router, routing.Router) else None
+  router, specs = _common.route(
+      router, _common.ndim2_labels if reference == 'optax' else None)
   if ns_method is None:
     ns_method = 'standard' if reference == 'optax' else 'auto'
   if ns_eps is None and reference == 'optax':
@@ -142,21 +139,17 @@ def muon(
                                         distributed=distributed,
                                         then=[MS.ScaleByShape(scale,
                                                               scale_rms)])),
-      # Not named 'learning_rate': that name is optax.inject_hyperparams' own,
-      # and optax.tree.get(state, 'learning_rate') must find it unambiguously.
-      ('scale_by_learning_rate', optax.scale_by_learning_rate(learning_rate)),
-      ('weight_decay', T.decoupled_weight_decay(
-          weight_decay, learning_rate=learning_rate,
-          cautious=cautious_weight_decay)),
+      *_common.step_stages(learning_rate, weight_decay,
+                           cautious=cautious_weight_decay),
   )
   if adam_weight_decay is None:
     adam_weight_decay = weight_decay if d['adam_shares_wd'] else 0.0
-  adam = T.adamw(
-      learning_rate if adam_learning_rate is None else adam_learning_rate,
+  return _common.assemble_with_adamw(
+      matrix, router, check_finite, learning_rate=learning_rate,
+      adam_learning_rate=adam_learning_rate,
       b1=adam_b1, b2=d['adam_b2'] if adam_b2 is None else adam_b2,
       eps=d['adam_eps'] if adam_eps is None else adam_eps,
       weight_decay=adam_weight_decay, mu_dtype=mu_dtype,
       eps_placement=d['adam_eps_placement'],
       # optax.contrib.muon hands its `nesterov` to the Adam branch too.
       nesterov=nesterov if reference == 'optax' else False)
-  return assemble(matrix, adam, router, check_finite)

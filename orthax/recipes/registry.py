@@ -1,38 +1,124 @@
-"""The recipe registry and the partition every recipe is built on.
+"""The recipe registry: each recipe's factory, ``reference=`` modes and the
+trainer's default learning rates.
 
-Every recipe is ``optax.partition({'matrix': named_chain(...), 'adam':
-adamw(...), 'frozen': set_to_zero()}, labels)``, optionally preceded by a
-finiteness check, so ``opt_state`` entries are addressable by name
-(``optax.tree.get(state, 'orthogonalize')``).
+A recipe registers itself with :func:`register`; ``orthax.recipe(name)``,
+the trainer (``orthax.train``) and ``orthax.sharding.plan`` find it here.
+The parts every recipe shares (routing, AdamW branch, partition, finiteness
+check) are in :mod:`orthax.recipes._common`; :func:`assemble` and
+:func:`ndim2_labels` are re-exported from there.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+import inspect
+import numbers
+import types
+from typing import Callable, Mapping
 
-import jax
 import optax
 
-from orthax import routing
-from orthax import transforms as T
+from orthax.recipes._common import assemble  # pylint: disable=unused-import
+from orthax.recipes._common import ndim2_labels  # pylint: disable=unused-import
 
-_REGISTRY: dict[str, Callable[..., optax.GradientTransformation]] = {}
-_REFERENCES: dict[str, tuple[str, ...]] = {}
+Factory = Callable[..., optax.GradientTransformation]
 
 
-def register(name: str, references: tuple[str, ...] = ()):
-  """Decorator adding a recipe factory (and its ``reference=`` modes)."""
+@dataclasses.dataclass(frozen=True)
+class RecipeEntry:
+  """What the registry holds for one recipe.
+
+  Attributes:
+    name: the registered name (``orthax.recipe(name, ...)``).
+    factory: the function that builds the optimizer.
+    references: the canonical ``reference=`` modes (empty: the recipe takes
+      no ``reference``).
+    aliases: other accepted spellings of modes, ``{alias: canonical}``
+      (older names kept working).
+    learning_rate: the trainer's default peak learning rate of the main
+      branch (``orthax.train.configs.optimizer``); ``None``: none known.
+    adam_learning_rate: the trainer's default peak learning rate of the
+      AdamW branch; ``None``: the main branch's (or no AdamW branch).
+  """
+  name: str
+  factory: Factory
+  references: tuple[str, ...] = ()
+  aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  learning_rate: float | None = None
+  adam_learning_rate: float | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, 'references', tuple(self.references))
+    object.__setattr__(self, 'aliases',
+                       types.MappingProxyType(dict(self.aliases)))
+    for alias, canonical in self.aliases.items():
+      if canonical not in self.references or alias in self.references:
+        raise ValueError(
+            f'recipe {self.name!r}: alias {alias!r} -> {canonical!r} must '
+            f'name one of the modes {self.references} and not be one.')
+
+  def resolve_reference(self, reference: str) -> str:
+    """The canonical spelling of ``reference`` (a mode or an alias).
+
+    Raises:
+      ValueError: naming the recipe, ``reference`` and the accepted modes.
+    """
+    if reference in self.references:
+      return reference
+    if reference in self.aliases:
+      return self.aliases[reference]
+    aliases = ''.join(f', {a!r} for {c!r}' for a, c in self.aliases.items())
+    note = f' (aliases: {aliases[2:]})' if aliases else ''
+    raise ValueError(f'{self.name} reference must be one of '
+                     f'{self.references}{note}, got {reference!r}.')
+
+
+_REGISTRY: dict[str, RecipeEntry] = {}
+
+
+def _factory_learning_rate(fn: Factory) -> float | None:
+  """The numeric default of ``fn``'s ``learning_rate`` argument, if any."""
+  try:
+    param = inspect.signature(fn).parameters.get('learning_rate')
+  except (TypeError, ValueError):
+    return None
+  default = None if param is None else param.default
+  if isinstance(default, numbers.Real) and not isinstance(default, bool):
+    return float(default)
+  return None
+
+
+def register(name: str, references: tuple[str, ...] = (), *,
+             aliases: Mapping[str, str] | None = None,
+             learning_rate: float | None = None,
+             adam_learning_rate: float | None = None):
+  """Decorator adding a recipe factory to the registry as ``name``.
+
+  Args:
+    name: the recipe's name (replaces an earlier registration).
+    references: its canonical ``reference=`` modes.
+    aliases: other spellings of modes, ``{alias: canonical}``.
+    learning_rate: the trainer's default peak learning rate (default: the
+      factory's ``learning_rate`` default, if it is a number).
+    adam_learning_rate: the trainer's default peak learning rate of the
+      AdamW branch (default ``None``: the main one).
+
+  Returns:
+    A decorator registering its argument and returning it unchanged.
+  """
   def deco(fn):
-    _REGISTRY[name] = fn
-    _REFERENCES[name] = tuple(references)
+    lr = _factory_learning_rate(fn) if learning_rate is None else learning_rate
+    _REGISTRY[name] = RecipeEntry(
+        name, fn, tuple(references), aliases or {}, lr, adam_learning_rate)
     return fn
   return deco
 
 
-def recipe_references(name: str) -> tuple[str, ...]:
-  """The ``reference=`` modes recipe ``name`` accepts (may be empty)."""
-  recipe_factory(name)  # validates the name
-  return _REFERENCES[name]
+def unregister(name: str) -> RecipeEntry:
+  """Removes recipe ``name`` from the registry and returns its entry."""
+  entry = recipe_entry(name)
+  del _REGISTRY[name]
+  return entry
 
 
 def recipe_names() -> tuple[str, ...]:
@@ -40,42 +126,42 @@ def recipe_names() -> tuple[str, ...]:
   return tuple(sorted(_REGISTRY))
 
 
-def recipe_factory(name: str) -> Callable[..., optax.GradientTransformation]:
-  """The factory registered as ``name`` (e.g. to wrap it in
-  ``optax.inject_hyperparams``)."""
+def recipe_entry(name: str) -> RecipeEntry:
+  """The :class:`RecipeEntry` registered as ``name``."""
   if name not in _REGISTRY:
     raise ValueError(f'Unknown recipe {name!r}; known recipes: '
                      f'{", ".join(recipe_names())}.')
   return _REGISTRY[name]
 
 
+def recipe_factory(name: str) -> Factory:
+  """The factory registered as ``name`` (e.g. to wrap it in
+  ``optax.inject_hyperparams``)."""
+  return recipe_entry(name).factory
+
+
+def recipe_references(name: str) -> tuple[str, ...]:
+  """The canonical ``reference=`` modes recipe ``name`` accepts (may be
+  empty; aliases are in :func:`recipe_entry`)."""
+  return recipe_entry(name).references
+
+
+def resolve_reference(name: str, reference: str) -> str:
+  """The canonical spelling of recipe ``name``'s mode ``reference``.
+
+  Raises:
+    ValueError: naming the recipe, ``reference`` and the accepted modes.
+  """
+  return recipe_entry(name).resolve_reference(reference)
+
+
+def default_learning_rates(name: str) -> tuple[float | None, float | None]:
+  """``(learning_rate, adam_learning_rate)``: recipe ``name``'s default
+  peak learning rates in the trainer (see :class:`RecipeEntry`)."""
+  entry = recipe_entry(name)
+  return entry.learning_rate, entry.adam_learning_rate
+
+
 def recipe(name: str, **kwargs) -> optax.GradientTransformation:
   """Builds the recipe ``name`` with keyword arguments ``kwargs``."""
   return recipe_factory(name)(**kwargs)
-
-
-def ndim2_labels(params):
-  """optax.contrib.muon's rule: 2-D leaves are matrices, the rest Adam."""
-  return jax.tree.map(lambda x: 'matrix' if x.ndim == 2 else 'adam', params)
-
-
-def assemble(
-    matrix_chain: optax.GradientTransformation,
-    adam: optax.GradientTransformation,
-    router: routing.Router | Callable[[Any], Any],
-    check_finite: bool,
-    branches: dict[str, optax.GradientTransformation] | None = None,
-) -> optax.GradientTransformation:
-  """Partitions params by ``router`` into the matrix and AdamW branches
-  (and any extra ``branches``, keyed by the labels ``router`` gives)."""
-  labels = router.labels if isinstance(router, routing.Router) else router
-  tx = optax.partition(
-      {'matrix': matrix_chain, 'adam': adam, 'frozen': optax.set_to_zero(),
-       **(branches or {})},
-      labels)
-  if check_finite:
-    return optax.named_chain(('check_finite', T.check_finite()),
-                             ('partition', tx))
-  return tx
-
-

@@ -16,8 +16,8 @@ from orthax import sharding
 from orthax import transforms as T
 from orthax.matrices import MatrixSpec
 from orthax.polar import spectral as _spectral
-from orthax.recipes.registry import assemble
-from orthax.recipes.registry import register
+from orthax.recipes import _common
+from orthax.recipes import registry
 
 # SPECTRA routes by the default rules, except that embedding tables and the
 # LM head are matrices too (``apply_to='all'`` clips every 2-D parameter). A
@@ -38,20 +38,8 @@ _SPECTRA_REFERENCES = {
 }
 
 
-def _check_reference(name, reference, table):
-  if reference not in table:
-    raise ValueError(f'{name} reference must be one of {tuple(table)}, got '
-                     f'{reference!r}.')
-  return table[reference]
-
-
-def _maybe_check_finite(tx, check_finite):
-  if not check_finite:
-    return tx
-  return optax.named_chain(('check_finite', T.check_finite()), ('inner', tx))
-
-
-@register('spectra', references=tuple(_SPECTRA_REFERENCES))
+@registry.register('spectra', references=tuple(_SPECTRA_REFERENCES),
+                   learning_rate=3e-3)
 def spectra(
     learning_rate: optax.ScalarOrSchedule = 2e-3,
     *,
@@ -133,8 +121,9 @@ def spectra(
   References: Jiang, Semenov, Stich, *Enhancing LLM Training via Spectral
   Clipping*, arXiv 2603.14315 (ICML 2026); github.com/mlolab/llm-spectral-clipping.
   """
-  d = _check_reference('spectra', reference, _SPECTRA_REFERENCES)
-  router = router or routing.Router(extra_rules=SPECTRA_RULES)
+  d = _SPECTRA_REFERENCES[registry.resolve_reference('spectra', reference)]
+  router, specs = _common.route(
+      router, routing.Router(extra_rules=SPECTRA_RULES))
   if base is None:
     base = T.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
                    weight_decay=weight_decay)
@@ -146,20 +135,16 @@ def spectra(
       apply_to=apply_to, warmup_steps=warmup_steps,
       base_learning_rate=base_learning_rate, decay=clip_decay,
       decay_fraction=clip_decay_fraction, final_scale=clip_final_scale,
-      total_steps=total_steps, matrix_specs=router.specs,
+      total_steps=total_steps, matrix_specs=specs,
       distributed=distributed)
   tx = optax.named_chain(('base', base), ('spectral_clip', clip))
-  return _maybe_check_finite(tx, check_finite)
+  # No AdamW branch and no partition: the chain itself follows the check.
+  return _common.with_shape_check(
+      _common.with_check_finite(tx, check_finite, name='inner'))
 
 
-def _adam(learning_rate, adam_learning_rate, b1, b2, eps, wd, placement,
-          mu_dtype):
-  return T.adamw(learning_rate if adam_learning_rate is None
-                 else adam_learning_rate, b1=b1, b2=b2, eps=eps,
-                 weight_decay=wd, eps_placement=placement, mu_dtype=mu_dtype)
-
-
-@register('root', references=('repo',))
+@registry.register('root', references=('repo',), learning_rate=0.02,
+                   adam_learning_rate=3e-3)
 def root(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     *,
@@ -205,9 +190,8 @@ def root(
   References: He et al., *ROOT: Robust Orthogonalized Optimizer*, arXiv
   2511.20626; github.com/huawei-noah/noah-research (ROOT/).
   """
-  _check_reference('root', reference, {'repo': None})
-  router = router or routing.Router()
-  specs = router.specs if isinstance(router, routing.Router) else None
+  registry.resolve_reference('root', reference)  # one mode: only checked
+  router, specs = _common.route(router)
   matrix = optax.named_chain(
       ('momentum', T.momentum(beta, form='sum', nesterov=nesterov,
                               accumulator_dtype=mu_dtype)),
@@ -217,13 +201,13 @@ def root(
           'jordan', steps=ns_steps, ns_dtype=ns_dtype, matrix_specs=specs,
           coeffs_for_shape=coeffs_for_shape, distributed=distributed,
           then=[MS.ScaleByShape('moonlight')])),
-      ('scale_by_learning_rate', optax.scale_by_learning_rate(learning_rate)),
-      ('weight_decay', T.decoupled_weight_decay(
-          weight_decay, learning_rate=learning_rate)),
+      *_common.step_stages(learning_rate, weight_decay),
   )
-  adam = _adam(learning_rate, adam_learning_rate, adam_b1, adam_b2, adam_eps,
-               weight_decay, 'raw', mu_dtype)
-  return assemble(matrix, adam, router, check_finite)
+  return _common.assemble_with_adamw(
+      matrix, router, check_finite, learning_rate=learning_rate,
+      adam_learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2,
+      eps=adam_eps, weight_decay=weight_decay, eps_placement='raw',
+      mu_dtype=mu_dtype)
 
 
 _AUON_REFERENCES = {
@@ -251,9 +235,8 @@ def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
           mu_dtype, weight_decay, adam_learning_rate, adam_b1, adam_b2,
           adam_eps, router, check_finite, distributed):
   name = 'hybrid_auon' if hybrid else 'auon'
-  d = _check_reference(name, reference, _AUON_REFERENCES)
-  router = router or routing.Router()
-  specs = router.specs if isinstance(router, routing.Router) else None
+  d = _AUON_REFERENCES[registry.resolve_reference(name, reference)]
+  router, specs = _common.route(router)
   gamma = d['gamma'] if gamma is None else gamma
   stages = [('momentum', T.momentum(beta, form='ema', nesterov=True,
                                     accumulator_dtype=mu_dtype))]
@@ -273,17 +256,16 @@ def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
             matrix_specs=specs)),
         ('scale_by_shape', T.scale_by_shape(d['scale'], matrix_specs=specs)),
     ]
-  stages += [
-      ('scale_by_learning_rate', optax.scale_by_learning_rate(learning_rate)),
-      ('weight_decay', T.decoupled_weight_decay(
-          weight_decay, learning_rate=learning_rate)),
-  ]
-  adam = _adam(learning_rate, adam_learning_rate, adam_b1, adam_b2, adam_eps,
-               0.0, 'corrected', mu_dtype)
-  return assemble(optax.named_chain(*stages), adam, router, check_finite)
+  stages += _common.step_stages(learning_rate, weight_decay)
+  return _common.assemble_with_adamw(
+      optax.named_chain(*stages), router, check_finite,
+      learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
+      b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=0.0,
+      eps_placement='corrected', mu_dtype=mu_dtype)
 
 
-@register('auon', references=tuple(_AUON_REFERENCES))
+@registry.register('auon', references=tuple(_AUON_REFERENCES),
+                   learning_rate=0.02, adam_learning_rate=3e-3)
 def auon(
     learning_rate: optax.ScalarOrSchedule = 0.02,
     *,
@@ -329,7 +311,8 @@ def auon(
                adam_eps, router, check_finite, _no_matrix_function(distributed))
 
 
-@register('hybrid_auon', references=tuple(_AUON_REFERENCES))
+@registry.register('hybrid_auon', references=tuple(_AUON_REFERENCES),
+                   learning_rate=0.02, adam_learning_rate=3e-3)
 def hybrid_auon(
     learning_rate: optax.ScalarOrSchedule = 0.02,
     *,

@@ -12,7 +12,9 @@ inside ``jax.shard_map``. The result comes back in the parameters' sharding.
 """
 
 from orthax.sharding._execute import array_spec
+from orthax.sharding._execute import check_meshes
 from orthax.sharding._execute import distributed_orthogonalize
+from orthax.sharding._execute import leaf_specs
 from orthax.sharding._execute import orthogonalize_tree
 from orthax.sharding._execute import plan_leaves
 from orthax.sharding._execute import run_group
@@ -31,7 +33,7 @@ from orthax.sharding._plan import spec_entries
 __all__ = [
     'Distributed', 'GroupPlan', 'LeafInfo', 'NotDistributedError', 'Plan',
     'STRATEGIES',
-    'array_spec', 'default_matrix_flops', 'distributed_orthogonalize',
+    'array_spec', 'check_meshes', 'default_matrix_flops', 'leaf_specs', 'distributed_orthogonalize',
     'orthogonalize_tree', 'plan', 'plan_leaves', 'plan_orthogonalize',
     'run_group', 'spec_entries', 'specs_for',
 ]

@@ -68,7 +68,7 @@ def _gather(slots, axes, N):
   return split(jax.lax.all_gather(cat, axes, axis=0, tiled=True)[:N])
 
 
-def _a2a_body(g: GroupPlan, ns_fn: NSFn, ns_dtype):
+def _a2a_body(g: GroupPlan, ns_fn: NSFn):
   axes = g.split_axes
   gr, gc = g.row_shards, g.col_shards
   m, n, k = g.m, g.n, g.padded // g.shards
@@ -86,7 +86,7 @@ def _a2a_body(g: GroupPlan, ns_fn: NSFn, ns_dtype):
     # r[s·k + i] = piece s (s = row-shard·gc + col-shard) of my i-th matrix.
     full = (r.reshape(gr, gc, k, a_, b_).transpose(2, 0, 3, 1, 4)
             .reshape(k, m, n))
-    y = ns_fn(full.astype(ns_dtype or dt)).astype(dt)
+    y = ns_fn(full).astype(dt)
     y, mine = post(y, _mine(states, axes, g.padded, k))
     y = y.astype(g.wire_dtype)
     back = (y.reshape(k, gr, a_, gc, b_).transpose(1, 3, 0, 2, 4)
@@ -97,7 +97,7 @@ def _a2a_body(g: GroupPlan, ns_fn: NSFn, ns_dtype):
   return run
 
 
-def _replicated_body(g: GroupPlan, ns_fn: NSFn, ns_dtype):
+def _replicated_body(g: GroupPlan, ns_fn: NSFn):
   axes, k = g.split_axes, g.padded // g.shards
 
   def run(stack, states, post):  # [N, m, n]: the whole stack, every device
@@ -105,7 +105,7 @@ def _replicated_body(g: GroupPlan, ns_fn: NSFn, ns_dtype):
     idx = jax.lax.axis_index(axes)
     mine = jax.lax.dynamic_slice_in_dim(_pad(stack, g.padded), idx * k, k,
                                         axis=0)
-    y = ns_fn(mine.astype(ns_dtype or dt)).astype(dt)
+    y = ns_fn(mine).astype(dt)
     y, st = post(y, _mine(states, axes, g.padded, k))
     full = jax.lax.all_gather(y.astype(g.wire_dtype), axes, axis=0,
                               tiled=True)
@@ -114,21 +114,21 @@ def _replicated_body(g: GroupPlan, ns_fn: NSFn, ns_dtype):
   return run
 
 
-def _local_body(g: GroupPlan, ns_fn: NSFn, ns_dtype):
+def _local_body(g: GroupPlan, ns_fn: NSFn):
   del g
 
   def run(stack, states, post):
-    y = ns_fn(stack.astype(ns_dtype or stack.dtype)).astype(stack.dtype)
+    y = ns_fn(stack).astype(stack.dtype)
     return post(y, states)
 
   return run
 
 
-def _gram_body(g: GroupPlan, ns_fn: NSFn, ns_dtype):
+def _gram_body(g: GroupPlan, ns_fn: NSFn):
   axes = g.split_axes
 
   def run(stack, states, post):  # [N, m, n/G]: this device's column blocks
-    y = ns_fn(stack.astype(ns_dtype or stack.dtype),
+    y = ns_fn(stack,
               col_reduce=lambda a: jax.lax.psum(a, axes),
               col_shards=g.shards)
     return post(y.astype(stack.dtype), states)

@@ -44,20 +44,21 @@ class Distributed:
       only for the AOL normalizer, whose row scaling is one-sided).
     comm_dtype: dtype of the matrices on the wire (``None``: the update's
       dtype). Never wider than the update's dtype: a wider one is ignored.
-    ns_dtype: dtype the stack is handed to the Newton–Schulz function in
-      (``None``: the update's dtype).
     overrides: ``((regex, strategy), ...)``; the first regex that
       ``re.search``-matches a leaf's path picks that leaf's strategy.
     max_local_matrix_bytes: ``auto`` keeps a matrix whole on one device up
       to this size (in the iteration dtype; default 2 GiB) and runs larger
       ones with ``gram``; ``None``: never.
+
+  The Newton–Schulz iteration dtype is the transform's own knob
+  (``orthax.orthogonalize(ns_dtype=...)``, a recipe's ``ns_dtype``), on one
+  device and on a mesh alike; ``Distributed`` has none.
   """
 
   mesh: Any
   param_specs: Any = None
   strategy: str = 'auto'
   comm_dtype: Any = jnp.bfloat16
-  ns_dtype: Any = None
   overrides: tuple[tuple[str, str], ...] = ()
   max_local_matrix_bytes: int | None = 2 ** 31
 

@@ -43,8 +43,6 @@ exchanges are in :mod:`orthax.sharding._bodies`.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from typing import Any, Sequence
 
 import jax
@@ -105,10 +103,58 @@ def array_spec(x: Any, path: str = '') -> P:
       'the parameters\' PartitionSpec tree.')
 
 
+def _mesh_of(x: Any):
+  """The mesh an array lives on, when known here: a concrete array's
+  ``NamedSharding`` mesh, or a tracer's (abstract) mesh under ``jit``;
+  ``None`` otherwise."""
+  if not isinstance(x, jax.core.Tracer):
+    sh = getattr(x, 'sharding', None)
+    return sh.mesh if isinstance(sh, NamedSharding) else None
+  try:
+    mesh = jax.typeof(x).sharding.mesh
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return None if mesh is None or mesh.empty else mesh
+
+
+def _mesh_str(mesh) -> str:
+  return '×'.join(f'{a}={mesh.shape[a]}' for a in mesh.axis_names)
+
+
+def check_meshes(leaves: Sequence[Any], paths: Sequence[str], mesh) -> None:
+  """``ValueError`` naming the first leaf that lives on another mesh than
+  ``mesh`` (other axis names or sizes; for concrete arrays, other
+  devices): a ``Distributed`` built for one mesh would otherwise hand the
+  update back on its own mesh, silently."""
+  want = tuple((a, int(mesh.shape[a])) for a in mesh.axis_names)
+  for p, x in zip(paths, leaves):
+    got = _mesh_of(x)
+    if got is None:
+      continue
+    axes = tuple((a, int(got.shape[a])) for a in got.axis_names)
+    other_devices = (not isinstance(x, jax.core.Tracer) and axes == want
+                     and hasattr(got, 'device_ids')
+                     and hasattr(mesh, 'device_ids')
+                     and list(got.device_ids.flat)
+                     != list(mesh.device_ids.flat))
+    if axes != want or other_devices:
+      what = 'devices' if other_devices else 'axes'
+      raise ValueError(
+          f'leaf {p!r} lives on mesh {_mesh_str(got)} but the Distributed '
+          f'was built for mesh {_mesh_str(mesh)} (their {what} differ); '
+          'build Distributed with the mesh the parameters are on.')
+
+
 def specs_for(tree: Any, dist: Distributed) -> list[P]:
   """One ``PartitionSpec`` per leaf of ``tree`` (flatten order), from
   ``dist.param_specs`` matched by path, or read from the arrays."""
   paths, leaves, _ = _tree.leaves_with_paths(tree)
+  return leaf_specs(paths, leaves, dist)
+
+
+def leaf_specs(paths: Sequence[str], leaves: Sequence[Any],
+               dist: Distributed) -> list[P]:
+  """:func:`specs_for` on flat ``paths`` and ``leaves``."""
   if dist.param_specs is None:
     return [array_spec(x, p) for p, x in zip(paths, leaves)]
   flat = jax.tree_util.tree_flatten_with_path(dist.param_specs,
@@ -148,30 +194,28 @@ def _state_spec(g: GroupPlan, stage: matrix_stages.MatrixStage, x, ms, ps,
   batch, fi, fo = ms.resolve(x.shape)
   _, n_in, n_out = ms.matrix_shape(x.shape)
   tail = [None] * len(shape)
-  ax = stage.state_axis(n_in, n_out)
+  ax = stage.shapes(n_in, n_out).axis
   if g.strategy == 'gram' and ax is not None:
     tail[-1] = _entry(entries[(fi if ax == -2 else fo)[0]])
   return P(*([_entry(entries[d]) for d in batch] + tail))
 
 
 def _lift_arrays(stages):
-  """The JAX arrays among the stages' attributes (traced hyperparameters:
-  NAMO's learning rate and step count, values under
+  """The JAX arrays among the stages' pytree children (traced
+  hyperparameters: NAMO's learning rate and step count, values under
   ``optax.inject_hyperparams``), which enter the ``shard_map`` body as
   replicated arguments (closing over them fails on Explicit meshes), and
-  ``rebuild(values)``: copies of the stages holding ``values`` instead."""
-  slots = [(j, k) for j, st in enumerate(stages)
-           for k, v in vars(st).items() if isinstance(v, jax.Array)]
+  ``rebuild(values)``: the stages holding ``values`` in their place."""
+  leaves, treedef = jax.tree.flatten(tuple(stages))
+  at = [i for i, v in enumerate(leaves) if isinstance(v, jax.Array)]
 
   def rebuild(values):
-    out = list(stages)
-    for j in sorted({j for j, _ in slots}):
-      out[j] = copy.copy(stages[j])
-    for (j, k), v in zip(slots, values):
-      setattr(out[j], k, v)
-    return tuple(out)
+    new = list(leaves)
+    for i, v in zip(at, values):
+      new[i] = v
+    return jax.tree.unflatten(treedef, new)
 
-  return [getattr(stages[j], k) for j, k in slots], rebuild
+  return [leaves[i] for i in at], rebuild
 
 
 def _wide_axes(axes: Sequence[int], transposed: bool) -> tuple[int, ...]:
@@ -182,10 +226,11 @@ def _wide_axes(axes: Sequence[int], transposed: bool) -> tuple[int, ...]:
 
 def run_group(g: GroupPlan, xs: Sequence[jax.Array],
               mspecs: Sequence[matrices.MatrixSpec], pspecs: Sequence[P],
-              mesh, ns_fn: NSFn, ns_dtype=None,
+              mesh, ns_fn: NSFn,
               stages: Sequence[matrix_stages.MatrixStage] = (),
               states: Sequence[Sequence[Any]] | None = None,
-              aux: Sequence[jax.Array] | None = None):
+              aux: Sequence[jax.Array] | None = None,
+              fn_args: Sequence[jax.Array] = ()):
   """Orthogonalizes the group's leaves ``xs`` (global arrays), then runs the
   matrix ``stages`` on the whole matrices in the same body; returns the
   leaves in the same shardings — and, with ``stages``, the new stage states
@@ -194,9 +239,10 @@ def run_group(g: GroupPlan, xs: Sequence[jax.Array],
   ``None`` for a stage without). ``aux``: the group's leaves of the
   auxiliary tree (shapes and shardings of ``xs``), when a stage needs
   ``'aux'`` norms; only their norms are computed, on each device's pieces,
-  and all-reduced (they never move)."""
+  and all-reduced (they never move). ``fn_args``: arrays ``ns_fn`` takes
+  after the stack, passed into the body replicated."""
   stages = tuple(stages)
-  stack_fn = BODIES[g.strategy](g, ns_fn, ns_dtype)
+  fn_args = tuple(fn_args)
   if stages and len(set(g.transposed)) > 1:
     raise ValueError(f'group of {g.paths}: matrix stages need one '
                      'orientation per group (plan with the same stages=).')
@@ -270,6 +316,10 @@ def run_group(g: GroupPlan, xs: Sequence[jax.Array],
             for _, src, wax in norms]
 
   def body(*args):
+    args, fargs = args[:len(args) - len(fn_args)], args[len(args)
+                                                        - len(fn_args):]
+    stack_fn = BODIES[g.strategy](
+        g, lambda x, **kw: ns_fn(x, *fargs, **kw))
     locs = args[:nx]
     alocs = args[nx:2 * nx] if with_aux else ()
     slocs = args[nx + len(alocs):len(args) - len(scalars)]
@@ -281,7 +331,7 @@ def run_group(g: GroupPlan, xs: Sequence[jax.Array],
     for c, j in enumerate(live):
       per = slocs[c * nx:(c + 1) * nx]
       flat = [s.reshape((mt.shape[0],) + s.shape[s.ndim - len(
-          stages[j].state_shape(fi, fo)):]) for s, mt in zip(per, mats)]
+          stages[j].shapes(fi, fo).state):]) for s, mt in zip(per, mats)]
       sstacks.append(flat[0] if nx == 1 else jnp.concatenate(flat, axis=0))
     scaled = scale_all(sstacks, whole, here)
     y, moved = stack_fn(
@@ -310,9 +360,9 @@ def run_group(g: GroupPlan, xs: Sequence[jax.Array],
   # Slots, stage-major: the states of the stateful stages, then the outputs.
   slot = lambda j, i, shape: _state_spec(g, stages[j], xs[i], mspecs[i],
                                          pspecs[i], shape)
-  sspecs = tuple(slot(j, i, stages[j].state_shape(fi, fo))
+  sspecs = tuple(slot(j, i, stages[j].shapes(fi, fo).state)
                  for j in live for i in range(nx))
-  ospecs = tuple(slot(j, i, stages[j].output_shape(fi, fo))
+  ospecs = tuple(slot(j, i, stages[j].shapes(fi, fo).output)
                  for j in emit for i in range(nx))
   # The states travel in the layout the body expects (a no-op when they
   # already have it): replicated per-matrix parts, except gram's blocks.
@@ -321,9 +371,12 @@ def run_group(g: GroupPlan, xs: Sequence[jax.Array],
   aargs = tuple(aux) if with_aux else ()
   out = jax.shard_map(
       body, mesh=mesh,
-      in_specs=specs + specs[:len(aargs)] + sspecs + (P(),) * len(scalars),
+      in_specs=(specs + specs[:len(aargs)] + sspecs
+                + (P(),) * (len(scalars) + len(fn_args))),
       out_specs=specs + sspecs + ospecs, check_vma=False)(
-          *xs, *aargs, *sargs, *[_constrain(a, mesh, P()) for a in scalars])
+          *xs, *aargs, *sargs,
+          *[_constrain(jnp.asarray(a), mesh, P())
+            for a in tuple(scalars) + fn_args])
   ys = list(out[:nx])
   if not stages:
     return ys
@@ -346,7 +399,7 @@ def plan_leaves(paths: Sequence[str], leaves: Sequence[Any],
            for p, x, ms, ps in zip(paths, leaves, matrix_specs, pspecs)]
   return plan_orthogonalize(
       infos, dist.mesh, dist.strategy, overrides=dist.overrides,
-      comm_dtype=dist.comm_dtype, ns_dtype=dist.ns_dtype,
+      comm_dtype=dist.comm_dtype,
       max_local_matrix_bytes=dist.max_local_matrix_bytes, **plan_kw)
 
 
@@ -363,6 +416,8 @@ def distributed_orthogonalize(
     stages: Sequence[matrix_stages.MatrixStage] = (),
     stage_states: Sequence[Sequence[Any]] | None = None,
     aux: Sequence[jax.Array] | None = None,
+    fn_args: Sequence[jax.Array] = (),
+    return_triple: bool = False,
 ) -> Any:
   """Orthogonalizes every matrix of ``leaves`` on ``dist.mesh``, then runs
   the matrix ``stages`` on the whole matrices in the same ``shard_map`` body.
@@ -380,8 +435,9 @@ def distributed_orthogonalize(
     plan_kw: the FLOP model of the plan built when ``plan`` is ``None``:
       ``steps``, ``method``, ``restart_every`` (or ``matrix_flops``) as
       :func:`plan_orthogonalize` takes them, and ``ns_dtype``, the iteration
-      dtype of ``ns_fn`` when it sets one (default ``dist.ns_dtype``). The
-      plan is passed to :func:`orthax.sharding._inspect.record`.
+      dtype ``ns_fn`` casts to (the transform's ``ns_dtype``, the one knob
+      for it; default the update's). The plan is passed to
+      :func:`orthax.sharding._inspect.record`.
     stages: :class:`orthax.matrix_stages.MatrixStage`\\ s run, in order, on
       each device's whole orthogonalized matrices (for ``gram``, on its column
       blocks, sums through :class:`~orthax.matrix_stages.Blocks`). Groups
@@ -398,27 +454,32 @@ def distributed_orthogonalize(
       (its ``batch + per-matrix`` array; ``None`` when stateless).
     aux: the auxiliary leaves (shapes and shardings of ``leaves``) whose
       norms a stage asks for (``Norm('aux', ...)``); they do not move.
+    fn_args: arrays ``ns_fn`` takes after the stack (``ns_fn(stack,
+      *fn_args)``), e.g. a traced clipping bound; they enter each body as
+      replicated arguments (closing over them fails on ``Explicit`` meshes).
+    return_triple: return the triple below even without ``stages``.
 
   Returns:
     The orthogonalized leaves, in the order and sharding of ``leaves``; with
-    ``stages``, the triple ``(leaves, new stage_states, outputs)``
-    (``outputs[j][i]``: stage ``j``'s output for leaf ``i``, ``batch +
-    per-matrix``, replicated per matrix; ``None`` where it has none).
+    ``stages`` (or ``return_triple``), the triple ``(leaves, new
+    stage_states, outputs)`` (``outputs[j][i]``: stage ``j``'s output for
+    leaf ``i``, ``batch + per-matrix``, replicated per matrix; ``None`` where
+    it has none). Raises ``ValueError`` naming the leaf when it lives on
+    another mesh than ``dist.mesh``.
   """
   stages = tuple(stages)
   leaves = list(leaves)
   if paths is None:
     paths = [str(i) for i in range(len(leaves))]
+  check_meshes(leaves, paths, dist.mesh)
+  if ns_fn is None:  # the stages only
+    ns_fn = lambda x, *a, **kw: x
   if param_specs is None:
     param_specs = [array_spec(x, p) for p, x in zip(paths, leaves)]
   param_specs = [_as_spec(s) for s in param_specs]
   if plan is None:
     kw = dict(plan_kw or {})
-    # The transform's own iteration dtype, if any, wins over dist.ns_dtype.
-    ns_dtype = kw.pop('ns_dtype', None)
-    d = dist if ns_dtype is None else dataclasses.replace(dist,
-                                                          ns_dtype=ns_dtype)
-    plan = plan_leaves(paths, leaves, matrix_specs, param_specs, d,
+    plan = plan_leaves(paths, leaves, matrix_specs, param_specs, dist,
                        stages=stages, **kw)
   record(plan)
   n = len(leaves)
@@ -428,20 +489,21 @@ def distributed_orthogonalize(
   for g in plan.groups:
     idx = g.leaves
     args = ([leaves[i] for i in idx], [matrix_specs[i] for i in idx],
-            [param_specs[i] for i in idx], dist.mesh, ns_fn, dist.ns_dtype)
+            [param_specs[i] for i in idx], dist.mesh, ns_fn)
     if not stages:
-      ys = run_group(g, *args)
+      ys = run_group(g, *args, fn_args=fn_args)
     else:
       ys, sts, outs = run_group(
           g, *args, stages=stages,
           states=[[per[i] for i in idx] for per in stage_states],
-          aux=None if aux is None else [aux[i] for i in idx])
+          aux=None if aux is None else [aux[i] for i in idx],
+          fn_args=fn_args)
       for j in range(len(stages)):
         for c, i in enumerate(idx):
           new_states[j][i], outputs[j][i] = sts[j][c], outs[j][c]
     for i, y in zip(idx, ys):
       out[i] = y
-  return (out, new_states, outputs) if stages else out
+  return (out, new_states, outputs) if stages or return_triple else out
 
 
 def orthogonalize_tree(updates: Any, dist: Distributed, ns_fn: NSFn,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import inspect
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -73,25 +72,6 @@ def _plan_tx(tx: optax.GradientTransformation, abstract_params: Any) -> Plan:
   return _merge(plans)
 
 
-def _build_config(config: Mapping[str, Any], distributed: Any):
-  from orthax.recipes import registry  # pylint: disable=g-import-not-at-top
-  cfg = {k: v for k, v in config.items() if v is not None}
-  if 'name' not in cfg:
-    raise ValueError(f'orthax.sharding.plan: the optimizer config has no '
-                     f"'name' (keys: {sorted(config)}).")
-  name = cfg.pop('name')
-  kwargs = dict(cfg.pop('kwargs', None) or {})
-  # As the trainer does: top-level keys the recipe does not take are unused.
-  accepted = inspect.signature(registry.recipe_factory(name)).parameters
-  if 'distributed' not in accepted:
-    raise NotDistributedError(f'orthax.sharding.plan: recipe {name!r} has no '
-                              'distributed orthogonalization (no '
-                              'distributed=).')
-  keywords = {k: v for k, v in cfg.items() if k in accepted}
-  return registry.recipe(name, **{**keywords, **kwargs},
-                         distributed=distributed)
-
-
 def _plan_distributed(dist: Distributed, abstract_params: Any,
                       matrix_specs: _tree.SpecsLike, plan_kw) -> Plan:
   from orthax.sharding import _execute  # pylint: disable=g-import-not-at-top
@@ -102,33 +82,32 @@ def _plan_distributed(dist: Distributed, abstract_params: Any,
                               **plan_kw)
 
 
-def plan(tx_or_config: Any, abstract_params: Any,
-         matrix_specs: _tree.SpecsLike = None, *,
-         distributed: Distributed | None = None, **plan_kw) -> Plan:
+_CONFIG_HINT = ('an optimizer config is planned next to the trainer: '
+                'orthax.train.optim.plan(config, abstract_params, distributed)')
+
+
+def plan(tx_or_dist: Any, abstract_params: Any,
+         matrix_specs: _tree.SpecsLike = None, **plan_kw) -> Plan:
   """The static plan of a distributed orthogonalization; ``print`` it.
 
   Nothing is compiled or run: shapes, dtypes and ``PartitionSpec``\\ s only.
+  For a trainer ``optimizer`` config use
+  :func:`orthax.train.optim.plan` ``(config, abstract_params, distributed)``.
 
   Args:
-    tx_or_config: one of
+    tx_or_dist: one of
 
       * an ``optax.GradientTransformation`` built with ``distributed=`` (a
         recipe, or a chain holding :func:`orthax.transforms.orthogonalize`):
         its ``init`` and ``update`` are traced with ``jax.eval_shape`` and
         every plan they build is merged (the FLOPs follow the transform's own
         preset, steps and method);
-      * a trainer optimizer config ``{'name': recipe, 'learning_rate': ...,
-        'kwargs': {...}, ...}`` (as :func:`orthax.train.optim.build` reads
-        it: top-level ``None`` values and keys the recipe does not take are
-        dropped), built with ``distributed=`` and planned as above;
       * a :class:`Distributed`: every leaf of ``abstract_params`` is
         orthogonalized, with ``matrix_specs`` and ``plan_kw``.
     abstract_params: the parameters: ``jax.ShapeDtypeStruct``\\ s (with
       ``sharding=`` when the specs are read from the arrays) or arrays.
     matrix_specs: with a :class:`Distributed` only, as
       :func:`orthax.orthogonalize` takes them.
-    distributed: the :class:`Distributed`; required with a config, not
-      accepted otherwise.
     **plan_kw: with a :class:`Distributed` only, the FLOP model of
       :func:`plan_orthogonalize` (``steps``, ``method``, ``matrix_flops``...).
 
@@ -136,31 +115,27 @@ def plan(tx_or_config: Any, abstract_params: Any,
     A :class:`Plan`: groups, strategy per group, padding, predicted FLOPs and
     bytes per device. Merged plans keep each group's ``paths``; ``leaves``
     indices are per traced call. Raises :class:`NotDistributedError` (a
-    ``ValueError``) for an optimizer that has nothing to plan.
+    ``ValueError``) for an optimizer that has nothing to plan, ``TypeError``
+    for anything else (an optimizer config included: see above).
   """
-  if isinstance(tx_or_config, Distributed):
-    if distributed is not None:
-      raise ValueError('orthax.sharding.plan: distributed= is the first '
-                       'argument already.')
-    return _plan_distributed(tx_or_config, abstract_params, matrix_specs,
+  if 'distributed' in plan_kw:
+    raise TypeError('orthax.sharding.plan takes no distributed=: a '
+                    'transformation carries its own distributed= (pass it '
+                    'when building the optimizer), a Distributed is the first '
+                    f'argument; {_CONFIG_HINT}.')
+  if isinstance(tx_or_dist, Distributed):
+    return _plan_distributed(tx_or_dist, abstract_params, matrix_specs,
                              plan_kw)
-  if not isinstance(tx_or_config, (optax.GradientTransformation, Mapping)):
+  if isinstance(tx_or_dist, Mapping):
+    raise TypeError(f'orthax.sharding.plan: got a mapping; {_CONFIG_HINT}.')
+  if not isinstance(tx_or_dist, optax.GradientTransformation):
     raise TypeError(
-        'orthax.sharding.plan: expected an optax.GradientTransformation, an '
-        'optimizer config mapping or an orthax.sharding.Distributed, got '
-        f'{type(tx_or_config).__name__}: {tx_or_config!r:.200}.')
+        'orthax.sharding.plan: expected an optax.GradientTransformation or an '
+        'orthax.sharding.Distributed, got '
+        f'{type(tx_or_dist).__name__}: {tx_or_dist!r:.200}.')
   extra = sorted(plan_kw) + (['matrix_specs'] if matrix_specs is not None
                              else [])
   if extra:
     raise ValueError(f'orthax.sharding.plan: {extra} apply to a Distributed '
                      'only; an optimizer plans with its own settings.')
-  if isinstance(tx_or_config, Mapping):
-    if distributed is None:
-      raise ValueError('orthax.sharding.plan: an optimizer config needs '
-                       'distributed=orthax.sharding.Distributed(mesh, '
-                       'param_specs).')
-    return _plan_tx(_build_config(tx_or_config, distributed), abstract_params)
-  if distributed is not None:
-    raise ValueError('orthax.sharding.plan: a transformation carries its own '
-                     'distributed=; pass it when building the optimizer.')
-  return _plan_tx(tx_or_config, abstract_params)
+  return _plan_tx(tx_or_dist, abstract_params)

@@ -214,10 +214,9 @@ def _stage_traffic(s, stages, transposed, m, n, dtype, G, padded,
     # of what it keeps; the norms summed along it share one.
     split_ax = -2 if transposed else -1
     for st in stages:
-      for sm in st.sums(fi, fo):
-        if split_ax in sm.axes:
-          nbytes += allreduce(sm.kept * 4)
-          ncoll += 1
+      for kept in _stages.split_sums(st, fi, fo, split_ax):
+        nbytes += allreduce(kept * 4)
+        ncoll += 1
     kept = sum(1 if -2 in ax else m for ax in wide if -1 in ax)
     if kept:
       nbytes += allreduce(kept * item)
@@ -227,7 +226,7 @@ def _stage_traffic(s, stages, transposed, m, n, dtype, G, padded,
     # computed on every device): one all-gather of [padded, ...].
     per = sum(math.prod(shape) for st in stages
               if not isinstance(st, _stages.ScalingStage)
-              for shape in (st.state_shape(fi, fo), st.output_shape(fi, fo))
+              for shape in (st.shapes(fi, fo).state, st.shapes(fi, fo).output)
               if shape is not None)
     if per:
       nbytes += (G - 1) / G * padded * per * item

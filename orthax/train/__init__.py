@@ -6,7 +6,8 @@ notebooks import (needs the ``scripts`` extra: flax, orbax, ml_collections):
 * :mod:`~orthax.train.data` — the embedded corpus and token files;
 * :mod:`~orthax.train.model` — the GPT, its logical axes;
 * :mod:`~orthax.train.partitioning` — the ``data × fsdp × tensor`` mesh;
-* :mod:`~orthax.train.optim` — schedules and the optimizer from a config;
+* :mod:`~orthax.train.optim` — schedules and the optimizer from a config,
+  and the sharding plan of a config (:func:`plan`);
 * :mod:`~orthax.train.step` — jitted train/eval steps and state shardings;
 * :mod:`~orthax.train.trainer` — the loop (:func:`train`);
 * :mod:`~orthax.train.checkpoint`, :mod:`~orthax.train.metrics`;
@@ -15,7 +16,8 @@ notebooks import (needs the ``scripts`` extra: flax, orbax, ml_collections):
 * :mod:`~orthax.train.configs` — defaults that ``configs/*.py`` build on.
 """
 
+from orthax.train.optim import plan
 from orthax.train.trainer import build
 from orthax.train.trainer import train
 
-__all__ = ['build', 'train']
+__all__ = ['build', 'plan', 'train']

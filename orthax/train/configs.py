@@ -7,36 +7,74 @@ a config file copies it and changes what differs (configs as data).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import ml_collections
 
+from orthax.recipes import registry
+
+# Peak learning rates (main branch, AdamW branch) of the one optimizer that
+# is not a recipe. A recipe's defaults are in its registry entry
+# (``orthax.recipes.default_learning_rates``).
+ADAMW_LEARNING_RATES = (3e-3, None)
+
+
+def learning_rates(name: str) -> tuple[float | None, float | None]:
+  """``(main, AdamW branch)`` default peak learning rates of ``name``
+  (``'adamw'`` or a registered recipe)."""
+  if name == 'adamw':
+    return ADAMW_LEARNING_RATES
+  if name not in registry.recipe_names():
+    raise ValueError(f'unknown optimizer {name!r}; choose one of '
+                     f'{list(optimizer_names())}.')
+  return registry.default_learning_rates(name)
+
+
+def optimizer_names() -> tuple[str, ...]:
+  """``'adamw'`` and every registered recipe."""
+  return ('adamw',) + registry.recipe_names()
+
+
+class _LearningRates(Mapping):
+  """A read-only, live view ``{name: learning_rates(name)}`` over
+  :func:`optimizer_names` (recipes registered later included)."""
+
+  def __getitem__(self, name: str) -> tuple[float | None, float | None]:
+    if name not in optimizer_names():
+      raise KeyError(name)
+    return learning_rates(name)
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(optimizer_names())
+
+  def __len__(self) -> int:
+    return len(optimizer_names())
+
+  def __repr__(self) -> str:
+    return f'LEARNING_RATES({dict(self)!r})'
+
+
 # Peak learning rates for the small byte-level CPU model: (main branch,
-# AdamW branch). The orthogonalized recipes use their papers' defaults.
-LEARNING_RATES = {
-    'adamw': (3e-3, None),
-    'muon': (0.02, 3e-3),
-    'normuon': (0.02, 3e-3),
-    'namo': (0.01, 3e-3),
-    'namo_d': (0.01, 3e-3),
-    'lanton': (0.02, 3e-3),
-    'root': (0.02, 3e-3),
-    'auon': (0.02, 3e-3),
-    'hybrid_auon': (0.02, 3e-3),
-    'spectra': (3e-3, None),
-}
+# AdamW branch), read from the registry. The orthogonalized recipes use
+# their papers' defaults.
+LEARNING_RATES: Mapping[str, tuple[float | None, float | None]] = (
+    _LearningRates())
 
 
 def optimizer(name: str, learning_rate: float | None = None,
               adam_learning_rate: float | None = None,
               **kwargs) -> ml_collections.ConfigDict:
   """The ``optimizer`` section for ``name`` (``'adamw'`` or a registered
-  recipe); learning rates default to :data:`LEARNING_RATES`."""
-  if name not in LEARNING_RATES:
-    raise ValueError(f'unknown optimizer {name!r}; choose one of '
-                     f'{sorted(LEARNING_RATES)}.')
-  lr, adam_lr = LEARNING_RATES[name]
+  recipe); learning rates default to :func:`learning_rates` (for a recipe:
+  its registry entry)."""
+  lr, adam_lr = learning_rates(name)
+  lr = lr if learning_rate is None else learning_rate
+  if lr is None:
+    raise ValueError(f'recipe {name!r} registers no default learning rate; '
+                     'pass learning_rate.')
   return ml_collections.ConfigDict({
       'name': name,
-      'learning_rate': lr if learning_rate is None else learning_rate,
+      'learning_rate': lr,
       'adam_learning_rate': (adam_lr if adam_learning_rate is None
                              else adam_learning_rate),
       'weight_decay': 0.0, 'adam_weight_decay': 0.0,

@@ -12,6 +12,9 @@ peak learning rate:
 
 with ``d`` the cosine ``(1+\\cos πx)/2``, linear ``1-x`` or constant ``1``
 decay and ``f`` the final fraction.
+
+:func:`plan` prints the distributed Newton–Schulz plan of an ``optimizer``
+config (the config form of :func:`orthax.sharding.plan`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Callable, Mapping
 import optax
 
 import orthax
+from orthax import sharding
 
 SCHEDULES = ('cosine', 'linear', 'constant')
 BASELINES = ('adamw',)
@@ -107,3 +111,62 @@ def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,
     raise ValueError(f'optimizer.kwargs {sorted(unknown)} are not arguments '
                      f'of orthax.{name}.')
   return factory(**kwargs), branches
+
+
+def plan(opt_config: Mapping[str, Any], abstract_params: Any,
+         distributed: sharding.Distributed) -> sharding.Plan:
+  """The :func:`orthax.sharding.plan` of the optimizer an ``optimizer``
+  config builds with ``distributed=``; ``print`` it.
+
+  The recipe is built from the config as :func:`build` reads it, with the
+  values as given (no schedule): top-level ``None`` values and keys the
+  recipe does not take are dropped, ``kwargs`` go to the recipe.
+
+  Example:
+
+  >>> import jax, jax.numpy as jnp
+  >>> from jax.sharding import AbstractMesh, PartitionSpec as P
+  >>> from orthax import sharding
+  >>> from orthax.train import optim
+  >>> params = {'w': jax.ShapeDtypeStruct((64, 128), jnp.float32)}
+  >>> dist = sharding.Distributed(AbstractMesh((8,), ('fsdp',)),
+  ...                             {'w': P('fsdp', None)})
+  >>> p = optim.plan({'name': 'normuon', 'learning_rate': 0.02}, params, dist)
+  >>> [g.strategy for g in p.groups]
+  ['a2a']
+
+  Args:
+    opt_config: ``{'name': recipe, 'learning_rate': ..., 'kwargs': {...},
+      ...}``.
+    abstract_params: the parameters (``jax.ShapeDtypeStruct``\\ s or arrays).
+    distributed: the :class:`orthax.sharding.Distributed`.
+
+  Returns:
+    The :class:`orthax.sharding.Plan`.
+
+  Raises:
+    ValueError: the config has no ``name``, or names no registered recipe.
+    orthax.sharding.NotDistributedError: the recipe (or ``'adamw'``) has no
+      distributed orthogonalization.
+  """
+  return sharding.plan(_distributed_recipe(opt_config, distributed),
+                       abstract_params)
+
+
+def _distributed_recipe(opt_config: Mapping[str, Any], distributed: Any
+                        ) -> optax.GradientTransformation:
+  cfg = {k: v for k, v in opt_config.items() if v is not None}
+  if 'name' not in cfg:
+    raise ValueError('orthax.train.optim.plan: the optimizer config has no '
+                     f"'name' (keys: {sorted(opt_config)}).")
+  name = cfg.pop('name')
+  kwargs = dict(cfg.pop('kwargs', None) or {})
+  accepted = ({} if name in BASELINES
+              else inspect.signature(orthax.recipe_factory(name)).parameters)
+  if 'distributed' not in accepted:
+    raise sharding.NotDistributedError(
+        f'orthax.train.optim.plan: optimizer {name!r} has no distributed '
+        'orthogonalization (no distributed=).')
+  keywords = {k: v for k, v in cfg.items() if k in accepted}
+  return orthax.recipe(name, **{**keywords, **kwargs},
+                       distributed=distributed)

@@ -4,8 +4,8 @@ The mesh has three named axes, always in this order: ``data`` (pure data
 parallelism: parameters replicated), ``fsdp`` (data parallelism with
 parameters and optimizer state sharded) and ``tensor`` (model dimensions
 split, Megatron style). Logical axes of :func:`orthax.train.model.logical_axes`
-are mapped onto mesh axes by :data:`DEFAULT_RULES`; the batch is split over
-``data × fsdp``.
+are mapped onto mesh axes by :data:`DEFAULT_RULES` (with the generic helpers
+of :mod:`orthax.flax`); the batch is split over ``data × fsdp``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from jax.sharding import AxisType
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from orthax import flax as orthax_flax
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
@@ -64,26 +66,17 @@ def make_mesh(mesh_config: Mapping[str, int],
 
 def logical_to_spec(names: Sequence[str | None],
                     rules: Mapping[str, str | None] | None = None) -> P:
-  """``PartitionSpec`` for one parameter's logical axis names."""
-  rules = DEFAULT_RULES if rules is None else rules
-  out, used = [], set()
-  for n in names:
-    ax = None if n is None else rules.get(n)
-    if n is not None and n not in rules:
-      raise ValueError(f'logical axis {n!r} has no rule; rules: '
-                       f'{dict(rules)}.')
-    if ax is not None and ax in used:  # one mesh axis shards one dim only
-      ax = None
-    if ax is not None:
-      used.add(ax)
-    out.append(ax)
-  return P(*out)
+  """:func:`orthax.flax.logical_to_spec` with :data:`DEFAULT_RULES` when
+  ``rules`` is ``None``."""
+  return orthax_flax.logical_to_spec(
+      names, DEFAULT_RULES if rules is None else rules)
 
 
 def param_specs(logical: Any, rules=None) -> Any:
-  """Tree of ``PartitionSpec`` from a tree of logical-axis tuples."""
-  return jax.tree.map(lambda names: logical_to_spec(names, rules), logical,
-                      is_leaf=lambda x: isinstance(x, tuple))
+  """:func:`orthax.flax.param_specs` with :data:`DEFAULT_RULES` when
+  ``rules`` is ``None``."""
+  return orthax_flax.param_specs(
+      logical, DEFAULT_RULES if rules is None else rules)
 
 
 def check_divisible(params: Any, specs: Any,
@@ -95,11 +88,13 @@ def check_divisible(params: Any, specs: Any,
   flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
   for (path, x), spec in zip(flat, flat_specs):
     for dim, ax in zip(x.shape, tuple(spec)):
-      if ax is not None and dim % sizes[ax]:
+      size = math.prod(sizes[a] for a in (
+          () if ax is None else ax if isinstance(ax, tuple) else (ax,)))
+      if dim % size:
         name = '/'.join(str(getattr(k, 'key', k)) for k in path)
         raise ValueError(
             f'parameter {name!r} of shape {tuple(x.shape)}: dimension {dim} '
-            f'is sharded over mesh axis {ax!r} of size {sizes[ax]}, which '
+            f'is sharded over mesh axis {ax!r} of size {size}, which '
             'does not divide it; change the model size or the mesh.')
 
 

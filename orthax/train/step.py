@@ -4,7 +4,8 @@ State is a :class:`TrainState` of plain pytrees (step counter, parameters as
 a nested dict, optax state). Parameters carry the shardings of their logical
 axes; every optimizer-state leaf that mirrors a parameter (same path suffix,
 same shape) carries that parameter's sharding, the rest is replicated — so
-the optimizer state keeps the parameter layout.
+the optimizer state keeps the parameter layout
+(:func:`orthax.flax.state_specs`).
 
 .. math::
    \\mathcal{L}(θ) = \\frac{1}{BT}\\sum_{b,t} -\\log\\mathrm{softmax}(f_θ(x_b)_t)_{y_{b,t}}
@@ -20,6 +21,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from orthax import flax as orthax_flax
+from orthax.flax import state_specs  # re-export
 from orthax.train import model as model_lib
 from orthax.train import partitioning
 
@@ -30,42 +33,14 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
-def _keys(path) -> tuple:
-  return tuple(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))
-               for k in path)
-
-
-def state_specs(abstract_opt_state: Any, params: Any, specs: Any) -> Any:
-  """``PartitionSpec`` tree for an optimizer state: a leaf whose path ends
-  with a parameter's path and has that parameter's shape gets its spec,
-  every other leaf (counts, per-row statistics, norms) is replicated."""
-  by_path = {}
-  flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-  for (path, x), spec in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                             flat_specs):
-    by_path[_keys(path)] = (tuple(x.shape), spec)
-  lengths = sorted({len(k) for k in by_path}, reverse=True)
-
-  def one(path, x):
-    keys = _keys(path)
-    for n in lengths:
-      hit = by_path.get(keys[-n:]) if len(keys) >= n else None
-      if hit is not None and hit[0] == tuple(x.shape):
-        return hit[1]
-    return P()
-
-  return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
-
-
 def state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
                     specs: Any, mesh) -> TrainState:
-  """``NamedSharding``\\ s of the whole :class:`TrainState`."""
-  opt = jax.eval_shape(tx.init, abstract_params)
+  """``NamedSharding``\\ s of the whole :class:`TrainState` (the optimizer
+  state's from :func:`orthax.flax.state_shardings`)."""
   return TrainState(
       step=NamedSharding(mesh, P()),
       params=partitioning.shardings(specs, mesh),
-      opt_state=partitioning.shardings(
-          state_specs(opt, abstract_params, specs), mesh))
+      opt_state=orthax_flax.state_shardings(tx, abstract_params, specs, mesh))
 
 
 def loss_fn(graphdef, abstract_state, params, batch, mesh=None

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from orthax import _tree
-from orthax import matrices
+from orthax import engine
 
 
 def _bits(x):
@@ -103,12 +103,13 @@ def clip_outliers(
     del params
     specs = _tree.resolve_specs(matrix_specs, updates, 'clip_outliers')
     leaves, treedef = jax.tree.flatten(updates)
-    out = []
-    for x, s in zip(leaves, specs):
-      m = matrices.to_matrices(x, s)
+
+    def clip(m):  # [k, fan_in, fan_out] (either orientation: per matrix)
       flat = m.reshape(m.shape[0], -1)
-      e = (abs_quantile(flat, quantile) + eps).astype(x.dtype)[:, None, None]
-      out.append(matrices.from_matrices(jnp.clip(m, -e, e), s, x.shape))
-    return jax.tree.unflatten(treedef, out), state
+      e = (abs_quantile(flat, quantile) + eps).astype(m.dtype)[:, None, None]
+      return jnp.clip(m, -e, e)
+
+    res = engine.map_matrices(clip, leaves, specs, group=False)
+    return jax.tree.unflatten(treedef, res.leaves), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)

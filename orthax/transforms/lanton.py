@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from orthax import _tree
+from orthax import engine
 from orthax import matrices
 from orthax import polar
 
@@ -153,7 +154,9 @@ def layerwise_noise_adapt(
       nuc = [jnp.sum(jnp.linalg.svd(m, compute_uv=False), axis=-1)
              for m in mats]
     elif nuclear == 'ns':
-      polars = matrices.map_grouped(ns, mats)
+      wide = [x.astype(_wide(x.dtype)) for x in xs]
+      polars = [matrices.to_matrices(p, s) for p, s in zip(
+          engine.map_matrices(ns, wide, specs).leaves, specs)]
       nuc = [jnp.sum(m * p, axis=(-2, -1)) for m, p in zip(mats, polars)]
     else:
       nuc = [jnp.sqrt(min(m.shape[-2:]) * jnp.sum(m * m, axis=(-2, -1)))
@@ -161,7 +164,7 @@ def layerwise_noise_adapt(
     out = []
     for x, s, n in zip(xs, specs, nuc):
       _, fi, fo = s.matrix_shape(x.shape)
-      out.append((n * (fo / fi) ** 0.5).reshape(stat_shape(x, s)))
+      out.append((n * (fo / max(fi, 1)) ** 0.5).reshape(stat_shape(x, s)))
     return out
 
   def update_fn(updates, state, params=None):
@@ -193,11 +196,11 @@ def layerwise_noise_adapt(
       hs.append(new)
       corr = jnp.where(valid, 1 - beta2 ** jnp.maximum(k, 1.0), 1.0)
       hhat.append(jnp.where(valid, new / corr, 0.0))
-    if normalization == 'group_max':
+    if normalization == 'group_max' and hhat:
       floor = jnp.min(jnp.stack([jnp.min(h + eps) for h in hhat]))
       rates = [jnp.where(valid, jnp.sqrt(floor / (h + eps)), 1.0)
                for h in hhat]
-    else:
+    else:  # 'absolute' (or no leaf at all: no rate to normalize)
       rates = [jnp.where(valid, alpha / jnp.sqrt(h + eps), 1.0) for h in hhat]
     out = []
     for g, dd, w, r, s in zip(g_l, flat(d), flat(params), rates, specs):

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from orthax import _tree
+from orthax import engine
 from orthax import matrices
 from orthax import matrix_stages as ms
 
@@ -23,18 +23,8 @@ class StageState(NamedTuple):
   state: Any  # per leaf: batch shape + the stage's per-matrix shape
 
 
-def leaf_batch_shape(shape: Sequence[int],
-                     spec: matrices.MatrixSpec) -> tuple[int, ...]:
-  """The sizes of the leaf's batch axes (the matrices' stack shape)."""
-  return tuple(shape[a] for a in spec.resolve(shape)[0])
-
-
-def leaf_state_shape(stage: ms.MatrixStage, shape: Sequence[int],
-                     spec: matrices.MatrixSpec) -> tuple[int, ...] | None:
-  """Batch shape of the leaf + the stage's per-matrix state shape."""
-  _, fi, fo = spec.matrix_shape(shape)
-  s = stage.state_shape(fi, fo)
-  return None if s is None else leaf_batch_shape(shape, spec) + tuple(s)
+leaf_batch_shape = engine.leaf_batch_shape
+leaf_state_shape = engine.leaf_state_shape
 
 
 def init_state(stage: ms.MatrixStage, params: Any,
@@ -43,9 +33,8 @@ def init_state(stage: ms.MatrixStage, params: Any,
   if not stage.stateful:
     return optax.EmptyState()
   leaves, treedef = jax.tree.flatten(params)
-  tree = jax.tree.unflatten(treedef, [
-      jnp.zeros(leaf_state_shape(stage, x.shape, s), ms.wide(x.dtype))
-      for x, s in zip(leaves, specs)])
+  tree = jax.tree.unflatten(treedef,
+                            engine.init_stage_states(stage, leaves, specs))
   if isinstance(stage, ms.NeuronNormalize):
     return NeuronNormalizeState(nu=tree)
   return StageState(tree)
@@ -65,32 +54,7 @@ def with_leaf_states(stage: ms.MatrixStage, state: Any, treedef,
   return type(state)(jax.tree.unflatten(treedef, list(new)))
 
 
-def apply_to_matrices(stages: Sequence[ms.MatrixStage], o: jax.Array,
-                      states: Sequence[Any], fan_in: int, fan_out: int, *,
-                      sources: dict[str, jax.Array | None] | None = None,
-                      batch_shape: Sequence[int] | None = None
-                      ) -> tuple[jax.Array, list[Any], list[Any]]:
-  """Runs ``stages`` on one leaf's ``[b, fan_in, fan_out]`` view; each state
-  is the leaf's ``batch + per-matrix`` array (or ``None``) and comes back in
-  that shape. ``sources``: the ``[b, fan_in, fan_out]`` matrices the stages'
-  norms are taken of (``'input'``, ``'aux'``; see
-  :func:`orthax.matrix_stages.stage_norms`), needed when a stage has any.
-  Returns the stack, the states and the stages' outputs (``batch_shape +
-  per-matrix``, default ``(b,) + per-matrix``; ``None`` where a stage has
-  none)."""
-  flat = [None if s is None else
-          s.reshape((o.shape[0],) + tuple(st.state_shape(fan_in, fan_out)))
-          for st, s in zip(stages, states)]
-  norms = ms.stage_norms(stages, sources or {}, fan_in, fan_out)
-  o, new, outs = ms.apply_stages(stages, o, flat, ms.Blocks(fan_in, fan_out),
-                                 norms)
-  batch = (o.shape[0],) if batch_shape is None else tuple(batch_shape)
-  return (o,
-          [None if s is None else n.reshape(s.shape)
-           for s, n in zip(states, new)],
-          [None if x is None else
-           x.reshape(batch + tuple(st.output_shape(fan_in, fan_out)))
-           for st, x in zip(stages, outs)])
+apply_to_matrices = engine.apply_stages_to_leaf
 
 
 def stage_transform(stage: ms.MatrixStage, matrix_specs: _tree.SpecsLike,
@@ -105,14 +69,10 @@ def stage_transform(stage: ms.MatrixStage, matrix_specs: _tree.SpecsLike,
     del params
     specs = _tree.resolve_specs(matrix_specs, updates, where)
     leaves, treedef = jax.tree.flatten(updates)
-    outs, news = [], []
-    for x, s, spec in zip(leaves, leaf_states(stage, state, treedef), specs):
-      _, fi, fo = spec.matrix_shape(x.shape)
-      o, (n,), _ = apply_to_matrices(
-          [stage], matrices.to_matrices(x, spec), [s], fi, fo)
-      outs.append(matrices.from_matrices(o, spec, x.shape).astype(x.dtype))
-      news.append(n)
-    return (jax.tree.unflatten(treedef, outs),
-            with_leaf_states(stage, state, treedef, news))
+    res = engine.map_matrices(
+        None, leaves, specs, stages=[stage],
+        states=[leaf_states(stage, state, treedef)])
+    return (jax.tree.unflatten(treedef, res.leaves),
+            with_leaf_states(stage, state, treedef, res.states[0]))
 
   return optax.GradientTransformation(init_fn, update_fn)

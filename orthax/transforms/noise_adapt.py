@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import optax
 
 from orthax import _tree
+from orthax import engine
 from orthax import matrices
 from orthax import matrix_stages as MS
-from orthax.transforms import matrix_stage
 from orthax.transforms.orthogonalize import OrthogonalizeTransformation
 
 MODES = MS.NOISE_MODES
@@ -116,16 +116,12 @@ def noise_adapt(
   def init_fn(params):
     specs = _tree.resolve_specs(matrix_specs, params, 'noise_adapt')
     leaves, treedef = jax.tree.flatten(params)
-    shape_of = MS.NoiseAdaptStep(mode, 0.0, 0).state_shape
     return NoiseAdaptState(
         count=jnp.zeros([], jnp.int32),
         momentum=momentum.init(params),
         orthogonalize=orthogonalize.init(params),
-        nu=jax.tree.unflatten(treedef, [
-            jnp.zeros(matrix_stage.leaf_batch_shape(x.shape, s)
-                      + shape_of(*s.matrix_shape(x.shape)[1:]),
-                      MS.wide(x.dtype))
-            for x, s in zip(leaves, specs)]))
+        nu=jax.tree.unflatten(treedef, engine.init_stage_states(
+            MS.NoiseAdaptStep(mode, 0.0, 0), leaves, specs)))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -150,17 +146,11 @@ def noise_adapt(
       o_l = flat(o)
     else:
       o, orth_state = orthogonalize.update(u, state.orthogonalize, params)
-      o_l, nu, shrink = [], [], []
-      for g, x, oo, v, s in zip(g_l, flat(u), flat(o), flat(state.nu), specs):
-        _, fi, fo = s.matrix_shape(g.shape)
-        om, (v2,), (r,) = matrix_stage.apply_to_matrices(
-            [step], matrices.to_matrices(oo, s).astype(g.dtype), [v], fi, fo,
-            sources={'input': matrices.to_matrices(x, s),
-                     'aux': matrices.to_matrices(g, s)},
-            batch_shape=matrix_stage.leaf_batch_shape(g.shape, s))
-        o_l.append(matrices.from_matrices(om, s, g.shape))
-        nu.append(v2)
-        shrink.append(r)
+      res = engine.map_matrices(
+          None, [x.astype(g.dtype) for x, g in zip(flat(o), g_l)], specs,
+          stages=[step], states=[flat(state.nu)],
+          aux=g_l, inputs=flat(u))
+      o_l, (nu,), (shrink,) = res
     new = [_step(g, oo, w, r, s) for g, oo, w, r, s in
            zip(g_l, o_l, flat(params), shrink, specs)]
     return (jax.tree.unflatten(treedef, new),

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 from orthax import _tree
-from orthax import matrices
+from orthax import engine
 from orthax import matrix_stages
 from orthax import polar
 from orthax import sharding
@@ -168,53 +168,27 @@ def orthogonalize(
     del params, extra_args
     extra, extra_states, aux = _with_stages or ((), [], None)
     run = stages + tuple(extra)
-    leaves, treedef = jax.tree.flatten(updates)
+    paths, leaves, treedef = _tree.leaves_with_paths(updates)
     states = [matrix_stage.leaf_states(st, state.stages[st.name], treedef)
               for st in stages] + [list(x) if x is not None else
                                    [None] * len(leaves) for x in extra_states]
-    aux_leaves = None if aux is None else treedef.flatten_up_to(aux)
-
-    def finish(new_tree, per_stage, outputs):
-      new_state = state
-      if stages:
-        new_state = OrthogonalizeState({
-            st.name: matrix_stage.with_leaf_states(
-                st, state.stages[st.name], treedef, news)
-            for st, news in zip(stages, per_stage)})
-      if _with_stages is None:
-        return new_tree, new_state
-      k = len(stages)
-      return new_tree, new_state, per_stage[k:], outputs[k:]
-
-    if distributed is not None:
-      res = sharding.orthogonalize_tree(
-          updates, distributed, ns, matrix_specs,
-          plan_kw=_flop_model(preset, steps, method, restart_every, ns_dtype),
-          stages=run, stage_states=states, aux=aux)
-      if not run:
-        return finish(res, [], [])
-      return finish(*res)
-    specs = _tree.resolve_specs(matrix_specs, updates, 'orthogonalize')
-    mats = [matrices.to_matrices(x, s) for x, s in zip(leaves, specs)]
-    if group:
-      outs = matrices.map_grouped(ns, mats)
-    else:
-      outs = [ns(m) for m in mats]
-    new, per_leaf, out_leaf = [], [], []
-    for i, (o, s, x) in enumerate(zip(outs, specs, leaves)):
-      if run:
-        _, fi, fo = s.matrix_shape(x.shape)
-        aux_m = (None if aux_leaves is None
-                 else matrices.to_matrices(aux_leaves[i], s))
-        o, sts, xo = matrix_stage.apply_to_matrices(
-            run, o.astype(x.dtype), [per[i] for per in states], fi, fo,
-            sources={'input': mats[i], 'aux': aux_m},
-            batch_shape=matrix_stage.leaf_batch_shape(x.shape, s))
-        per_leaf.append(sts)
-        out_leaf.append(xo)
-      new.append(matrices.from_matrices(o, s, x.shape).astype(x.dtype))
-    per_stage = [[sts[j] for sts in per_leaf] for j in range(len(run))]
-    outputs = [[xo[j] for xo in out_leaf] for j in range(len(run))]
-    return finish(jax.tree.unflatten(treedef, new), per_stage, outputs)
+    res = engine.map_matrices(
+        ns, leaves, _tree.resolve_specs(matrix_specs, updates,
+                                        'orthogonalize'),
+        stages=run, states=states,
+        aux=None if aux is None else treedef.flatten_up_to(aux),
+        group=group, distributed=distributed, paths=paths,
+        plan_kw=_flop_model(preset, steps, method, restart_every, ns_dtype))
+    new_tree = jax.tree.unflatten(treedef, res.leaves)
+    new_state = state
+    if stages:
+      new_state = OrthogonalizeState({
+          st.name: matrix_stage.with_leaf_states(
+              st, state.stages[st.name], treedef, news)
+          for st, news in zip(stages, res.states)})
+    if _with_stages is None:
+      return new_tree, new_state
+    k = len(stages)
+    return new_tree, new_state, res.states[k:], res.outputs[k:]
 
   return OrthogonalizeTransformation(init_fn, update_fn)

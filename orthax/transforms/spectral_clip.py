@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from orthax import _tree
-from orthax import matrices
+from orthax import engine
 from orthax import sharding
 from orthax.matrices import MatrixSpec
 from orthax.polar import spectral as _spectral
@@ -133,30 +133,31 @@ def soft_clip_flops(steps: int) -> Any:
 
 
 def _clip_leaves(leaves, specs, c_t, apply_to, steps, step_rule, shared_bound,
-                 group, distributed=None, paths=None, pspecs=None):
+                 group, distributed=None, paths=None):
   """``H_c`` on every matrix leaf, the vector rule (``apply_to='all'``) on the
-  others; ``None`` where a leaf is left alone. Returns (clipped, processed)."""
-  clip = lambda x: _spectral.soft_clip_matrix(
-      x, c_t, steps=steps, step_rule=step_rule, shared_bound=shared_bound)
+  others; ``None`` where a leaf is left alone. Returns (clipped, processed).
+  The threshold (and a traced step count) enter the engine as arguments of
+  the stack function, so on a mesh they are passed into the body."""
+  traced_steps = isinstance(steps, jax.Array)
+
+  def clip(x, c, *maybe_steps):
+    return _spectral.soft_clip_matrix(
+        x, c, steps=maybe_steps[0] if traced_steps else steps,
+        step_rule=step_rule, shared_bound=shared_bound)
+
   out: list[Any] = [None] * len(leaves)
   mat_idx = [i for i, s in enumerate(specs) if s is not None]
-  if distributed is not None:
-    done = sharding.distributed_orthogonalize(
-        [leaves[i] for i in mat_idx], [specs[i] for i in mat_idx],
-        distributed, clip, paths=[paths[i] for i in mat_idx],
-        param_specs=[pspecs[i] for i in mat_idx],
-        plan_kw=dict(matrix_flops=soft_clip_flops(
-            steps if isinstance(steps, int) else _spectral.DEFAULT_STEPS)))
-    for i, y in zip(mat_idx, done):
-      out[i] = y
-  else:
-    mats = [matrices.to_matrices(leaves[i], specs[i]) for i in mat_idx]
-    if group and not shared_bound:  # per-matrix bounds: stacking is exact
-      clipped = matrices.map_grouped(clip, mats)
-    else:
-      clipped = [clip(m) for m in mats]
-    for i, y in zip(mat_idx, clipped):
-      out[i] = matrices.from_matrices(y, specs[i], leaves[i].shape)
+  pick = lambda seq: None if seq is None else [seq[i] for i in mat_idx]
+  done = engine.map_matrices(
+      clip, pick(leaves), pick(specs),
+      # Per-matrix bounds: stacking is exact; a shared bound is per leaf.
+      group=group and not shared_bound,
+      fn_args=(c_t,) + ((steps,) if traced_steps else ()),
+      distributed=distributed, paths=pick(paths),
+      plan_kw=dict(matrix_flops=soft_clip_flops(
+          _spectral.DEFAULT_STEPS if traced_steps else steps)))
+  for i, y in zip(mat_idx, done.leaves):
+    out[i] = y
   if apply_to == 'all':
     for i, s in enumerate(specs):
       if s is None:
@@ -257,8 +258,6 @@ def spectral_clip(
     new_state = SpectralClipState(count=optax.safe_increment(count))
     paths, leaves, treedef = _tree.leaves_with_paths(updates)
     specs = resolve_clip_specs(matrix_specs, updates, 'spectral_clip')
-    pspecs = (None if distributed is None
-              else sharding.specs_for(updates, distributed))
     c_t = clip_threshold(
         c, count, learning_rate=learning_rate,
         base_learning_rate=base_learning_rate, warmup_steps=warmup_steps,
@@ -295,15 +294,14 @@ def spectral_clip(
     clipped = _clip_leaves(
         [dirs[i] for i in todo], [specs[i] for i in todo], c_t, apply_to,
         steps, step_rule, shared_bound, group, distributed,
-        paths=[paths[i] for i in todo],
-        pspecs=None if pspecs is None else [pspecs[i] for i in todo])
+        paths=[paths[i] for i in todo])
     out = list(leaves)
     for i, h in zip(todo, clipped):
       d, w, s = leaves[i], ws[i], specs[i]
       alpha = 1.0
       if s is not None:
         _, fi, fo = s.matrix_shape(d.shape)
-        alpha = math.sqrt(max(1.0, fo / fi))
+        alpha = math.sqrt(max(1.0, fo / max(fi, 1)))
       new = -lr * alpha * h
       if w is not None:
         new = new - lr * weight_decay * w.astype(new.dtype)

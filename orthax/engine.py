@@ -1,0 +1,230 @@
+"""The engine: one executor for every per-matrix step.
+
+:func:`map_matrices` applies a stack function (Newton–Schulz, SPECTRA's soft
+clip, ROOT's outlier clip, or nothing) and then a list of
+:class:`~orthax.matrix_stages.MatrixStage`\\ s to every matrix of a list of
+leaves, each leaf seen as ``[batch, fan_in, fan_out]`` through its
+:class:`~orthax.MatrixSpec`:
+
+* on one device (``distributed=None``) the matrices are grouped by shape
+  (either orientation) and the stack function runs once per group; the
+  stages then run on each leaf's stack;
+* on a mesh (``distributed=`` an :class:`orthax.sharding.Distributed`) the
+  static plan of :mod:`orthax.sharding` picks a strategy per group and the
+  stack function and the stages run inside one ``shard_map`` body per group,
+  on whole matrices.
+
+Either way the result has one structure, :class:`MatrixMap`. The engine
+also carries the edge cases every transform would otherwise meet one by one:
+a leaf with no elements (e.g. ``(0, 8)``, or a stack of zero experts) passes
+through unchanged, with its stage states unchanged, and an empty list of
+leaves is an empty result.
+
+Layering: the engine knows matrix functions, matrix views, matrix stages and
+the sharding executor; it knows nothing of optax or of recipes. Transforms
+(:mod:`orthax.transforms`) are built on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from orthax import matrices
+from orthax import matrix_stages as ms
+from orthax import sharding
+
+StackFn = Callable[..., jax.Array]
+
+
+class MatrixMap(NamedTuple):
+  """What :func:`map_matrices` returns.
+
+  Attributes:
+    leaves: the mapped leaves, in order, shapes and dtypes of the inputs.
+    states: ``states[j][i]``: stage ``j``'s new state for leaf ``i`` (its
+      ``batch + per-matrix`` array; ``None`` for a stateless stage).
+    outputs: ``outputs[j][i]``: stage ``j``'s per-matrix output for leaf
+      ``i`` (``batch + per-matrix``; ``None`` for a stage without one).
+  """
+  leaves: list[Any]
+  states: list[list[Any]]
+  outputs: list[list[Any]]
+
+
+def leaf_batch_shape(shape: Sequence[int],
+                     spec: matrices.MatrixSpec) -> tuple[int, ...]:
+  """The sizes of the leaf's batch axes (the matrices' stack shape)."""
+  return tuple(shape[a] for a in spec.resolve(shape)[0])
+
+
+def leaf_state_shape(stage: ms.MatrixStage, shape: Sequence[int],
+                     spec: matrices.MatrixSpec) -> tuple[int, ...] | None:
+  """Batch shape of the leaf + the stage's per-matrix state shape
+  (``None``: the stage is stateless)."""
+  _, fi, fo = spec.matrix_shape(shape)
+  s = stage.shapes(fi, fo).state
+  return None if s is None else leaf_batch_shape(shape, spec) + tuple(s)
+
+
+def init_stage_states(stage: ms.MatrixStage, leaves: Sequence[Any],
+                      specs: Sequence[matrices.MatrixSpec]) -> list[Any]:
+  """Zeros of :func:`leaf_state_shape` per leaf, in the leaf's
+  :func:`~orthax.matrix_stages.wide` dtype (``None`` when stateless)."""
+  if not stage.stateful:
+    return [None] * len(leaves)
+  return [jnp.zeros(leaf_state_shape(stage, x.shape, s), ms.wide(x.dtype))
+          for x, s in zip(leaves, specs)]
+
+
+def apply_stages_to_leaf(stages: Sequence[ms.MatrixStage], o: jax.Array,
+                         states: Sequence[Any], fan_in: int, fan_out: int, *,
+                         sources: Mapping[str, jax.Array | None] | None = None,
+                         batch_shape: Sequence[int] | None = None
+                         ) -> tuple[jax.Array, list[Any], list[Any]]:
+  """Runs ``stages`` on one leaf's ``[b, fan_in, fan_out]`` view; each state
+  is the leaf's ``batch + per-matrix`` array (or ``None``) and comes back in
+  that shape. ``sources``: the ``[b, fan_in, fan_out]`` matrices the stages'
+  norms are taken of (``'input'``, ``'aux'``; see
+  :func:`orthax.matrix_stages.stage_norms`), needed when a stage has any.
+  Returns the stack, the states and the stages' outputs (``batch_shape +
+  per-matrix``, default ``(b,) + per-matrix``; ``None`` where a stage has
+  none)."""
+  flat = [None if s is None else
+          s.reshape((o.shape[0],) + tuple(st.shapes(fan_in, fan_out).state))
+          for st, s in zip(stages, states)]
+  norms = ms.stage_norms(stages, sources or {}, fan_in, fan_out)
+  o, new, outs = ms.apply_stages(stages, o, flat, ms.Blocks(fan_in, fan_out),
+                                 norms)
+  batch = (o.shape[0],) if batch_shape is None else tuple(batch_shape)
+  return (o,
+          [None if s is None else n.reshape(s.shape)
+           for s, n in zip(states, new)],
+          [None if x is None else
+           x.reshape(batch + tuple(st.shapes(fan_in, fan_out).output))
+           for st, x in zip(stages, outs)])
+
+
+def _empty_outputs(stages, x, spec):
+  """Zero outputs for a leaf with no elements."""
+  _, fi, fo = spec.matrix_shape(x.shape)
+  return [None if not st.has_output else
+          jnp.zeros(leaf_batch_shape(x.shape, spec)
+                    + tuple(st.shapes(fi, fo).output), ms.wide(x.dtype))
+          for st in stages]
+
+
+def _local(fn, leaves, specs, stages, states, aux, inputs, group, fn_args):
+  """One device: ``fn`` once per same-shape group (or per leaf), then the
+  stages on each leaf's stack."""
+  mats = [matrices.to_matrices(x, s) for x, s in zip(leaves, specs)]
+  srcs = mats if inputs is None else [
+      matrices.to_matrices(x, s) for x, s in zip(inputs, specs)]
+  if fn is None:
+    outs = mats
+  else:
+    call = lambda stack: fn(stack, *fn_args)
+    outs = (matrices.map_grouped(call, mats) if group
+            else [call(m) for m in mats])
+  new, per_leaf, out_leaf = [], [], []
+  for i, (o, s, x) in enumerate(zip(outs, specs, leaves)):
+    if stages:
+      _, fi, fo = s.matrix_shape(x.shape)
+      aux_m = None if aux is None else matrices.to_matrices(aux[i], s)
+      o, sts, xo = apply_stages_to_leaf(
+          stages, o.astype(x.dtype), [per[i] for per in states], fi, fo,
+          sources={'input': srcs[i], 'aux': aux_m},
+          batch_shape=leaf_batch_shape(x.shape, s))
+      per_leaf.append(sts)
+      out_leaf.append(xo)
+    new.append(matrices.from_matrices(o, s, x.shape).astype(x.dtype))
+  return MatrixMap(new,
+                   [[sts[j] for sts in per_leaf] for j in range(len(stages))],
+                   [[xo[j] for xo in out_leaf] for j in range(len(stages))])
+
+
+def map_matrices(
+    fn: StackFn | None,
+    leaves: Sequence[jax.Array],
+    specs: Sequence[matrices.MatrixSpec],
+    *,
+    stages: Sequence[ms.MatrixStage] = (),
+    states: Sequence[Sequence[Any]] | None = None,
+    aux: Sequence[jax.Array] | None = None,
+    inputs: Sequence[jax.Array] | None = None,
+    group: bool = True,
+    fn_args: Sequence[jax.Array] = (),
+    distributed: sharding.Distributed | None = None,
+    paths: Sequence[str] | None = None,
+    plan_kw: dict[str, Any] | None = None,
+) -> MatrixMap:
+  """Applies ``fn`` and then ``stages`` to every matrix of ``leaves``.
+
+  Args:
+    fn: ``(stack[k, m, n], *fn_args) -> stack`` on wide stacks (``m ≤ n``),
+      e.g. a Newton–Schulz function; ``None``: the stages only. On a mesh it
+      must accept the keywords ``col_reduce`` and ``col_shards`` for groups
+      planned ``gram`` (as :func:`orthax.polar.orthogonalize_stack` does).
+    leaves: the arrays (global arrays under ``jit`` on a mesh).
+    specs: one :class:`~orthax.MatrixSpec` per leaf.
+    stages: :class:`~orthax.matrix_stages.MatrixStage`\\ s run, in order, on
+      each matrix after ``fn``.
+    states: ``states[j][i]``: stage ``j``'s state for leaf ``i`` (``None``
+      when stateless); default: none for every stage.
+    aux: leaves of an auxiliary tree (shapes of ``leaves``) whose norms a
+      stage asks for (``Norm('aux', ...)``).
+    inputs: the leaves whose norms ``Norm('input', ...)`` takes (default:
+      ``leaves``, the matrices entering ``fn``); one device only.
+    group: on one device, stack same-shape matrices of all leaves into one
+      ``fn`` call (exact for any per-matrix ``fn``); else one call per leaf.
+    fn_args: arrays ``fn`` takes after the stack (traced values such as a
+      clipping bound); on a mesh they enter the ``shard_map`` body as
+      replicated arguments, never closed over.
+    distributed: an :class:`orthax.sharding.Distributed`: run on its mesh.
+    paths: leaf paths, for the plan's overrides and error messages.
+    plan_kw: the plan's FLOP model (see
+      :func:`orthax.sharding.distributed_orthogonalize`).
+
+  Returns:
+    A :class:`MatrixMap`. Leaves with no elements come back unchanged, their
+    states unchanged and their outputs zero.
+  """
+  stages = tuple(stages)
+  n = len(leaves)
+  if inputs is not None and distributed is not None:
+    raise ValueError('map_matrices: inputs= is for one device; on a mesh '
+                     "the 'input' norms are those of the leaves.")
+  states = ([[None] * n for _ in stages] if states is None
+            else [list(per) for per in states])
+  paths = [str(i) for i in range(n)] if paths is None else list(paths)
+  live = [i for i, x in enumerate(leaves) if x.size]
+  pick = lambda seq: None if seq is None else [seq[i] for i in live]
+  result = MatrixMap([None if x.size else x for x in leaves],
+                     [[None if leaves[i].size else s
+                       for i, s in enumerate(per)] for per in states],
+                     [[None] * n for _ in stages])
+  for i, x in enumerate(leaves):
+    if not x.size:
+      for j, o in enumerate(_empty_outputs(stages, x, specs[i])):
+        result.outputs[j][i] = o
+  if not live:
+    return result
+  args = (fn, pick(leaves), pick(specs), stages,
+          [pick(per) for per in states], pick(aux))
+  if distributed is None:
+    done = _local(*args, pick(inputs), group, tuple(fn_args))
+  else:
+    lp, ll = pick(paths), pick(leaves)
+    done = MatrixMap(*sharding.distributed_orthogonalize(
+        *args[1:3], distributed, fn, paths=lp, plan_kw=plan_kw,
+        param_specs=sharding.leaf_specs(lp, ll, distributed),
+        stages=stages, stage_states=args[4], aux=args[5],
+        fn_args=tuple(fn_args), return_triple=True))
+  for c, i in enumerate(live):
+    result.leaves[i] = done.leaves[c]
+    for j in range(len(stages)):
+      result.states[j][i] = done.states[j][c]
+      result.outputs[j][i] = done.outputs[j][c]
+  return result

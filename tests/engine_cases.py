@@ -1,0 +1,114 @@
+"""Edge cases of the engine on 8 fake CPU devices (run as a script by
+``tests/test_engine.py``, in a subprocess with
+``--xla_force_host_platform_device_count=8``). Prints one JSON object on the
+last line: per case, the relative difference against one device or the
+error message raised."""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+
+if __name__ == '__main__':
+  flag = '--xla_force_host_platform_device_count=8'
+  if flag not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' ' + flag
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import orthax
+import sharding_recipes_cases as R
+
+
+def _mesh(shape, names, axis_type=AxisType.Auto):
+  return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape))
+
+
+def spectra_explicit():
+  mesh = _mesh((8,), ('fsdp',), AxisType.Explicit)
+  with jax.set_mesh(mesh):
+    return R.run('spectra', mesh, AxisType.Explicit, jnp.float32)
+
+
+def _put(tree, mesh, specs):
+  return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
+                      tree, specs)
+
+
+def other_mesh(mode):
+  """Parameters on fsdp=8, Distributed built for fsdp=4×tp=2 (or for another
+  device order): the update must refuse, naming the leaf."""
+  rng = np.random.default_rng(0)
+  params = {'w': jnp.asarray(rng.standard_normal((16, 32)), jnp.float32)}
+  specs = {'w': P('fsdp', None)}
+  on = _mesh((8,), ('fsdp',),
+             AxisType.Explicit if mode == 'explicit' else AxisType.Auto)
+  if mode == 'devices':
+    other = jax.sharding.Mesh(np.array(jax.devices()[::-1]), ('fsdp',))
+  else:
+    other = _mesh((4, 2), ('fsdp', 'tp'),
+                  AxisType.Explicit if mode == 'explicit' else AxisType.Auto)
+  p = _put(params, on, specs)
+  tx = orthax.muon(0.02, distributed=orthax.sharding.Distributed(
+      other, None if mode == 'explicit' else specs))
+  try:
+    if mode == 'explicit':
+      with jax.set_mesh(on):
+        jax.jit(tx.update)(p, tx.init(p), p)
+    elif mode in ('eager', 'devices'):
+      tx.update(p, tx.init(p), p)
+    else:
+      jax.jit(tx.update)(p, tx.init(p), p)
+  except ValueError as e:
+    return {'raised': str(e)}
+  return {'raised': None}
+
+
+def zero_size(recipe):
+  """A ``(0, 64)`` leaf beside real ones, distributed on fsdp=8: it comes
+  back unchanged and the others equal one device."""
+  rng = np.random.default_rng(1)
+  shapes = {'a': (64, 128), 'b': (128, 64), 'empty': (0, 64)}
+  params = {k: jnp.asarray(rng.standard_normal(s), jnp.float32)
+            for k, s in shapes.items()}
+  grads = {k: jnp.asarray(rng.standard_normal(s), jnp.float32)
+           for k, s in shapes.items()}
+  specs = {k: P('fsdp', None) if k != 'empty' else P(None, 'fsdp')
+           for k in shapes}
+  mesh = _mesh((8,), ('fsdp',))
+  ref_tx = orthax.recipe(recipe, learning_rate=0.02)
+  ref, _ = jax.jit(ref_tx.update)(grads, ref_tx.init(params), params)
+  tx = orthax.recipe(recipe, learning_rate=0.02,
+                     distributed=orthax.sharding.Distributed(
+                         mesh, specs, comm_dtype=jnp.float32))
+  p, g = _put(params, mesh, specs), _put(grads, mesh, specs)
+  u, _ = jax.jit(tx.update)(g, tx.init(p), p)
+  err = max(float(np.linalg.norm(np.asarray(u[k]) - np.asarray(ref[k]))
+                  / np.linalg.norm(np.asarray(ref[k]))) for k in ('a', 'b'))
+  return {'rel_err': err, 'empty_shape': list(u['empty'].shape)}
+
+
+def main():
+  cases = {'spectra/explicit_fsdp8': spectra_explicit}
+  for mode in ('auto_jit', 'eager', 'explicit', 'devices'):
+    cases[f'other_mesh/{mode}'] = lambda mode=mode: other_mesh(mode)
+  for recipe in ('muon', 'normuon', 'namo', 'spectra'):
+    cases[f'zero_size/{recipe}'] = lambda r=recipe: zero_size(r)
+  out = {}
+  for name, fn in cases.items():
+    try:
+      out[name] = fn()
+    except Exception as e:  # reported, asserted on by the test
+      out[name] = {'error': f'{type(e).__name__}: {e}'[:2000],
+                   'trace': traceback.format_exc()[-3000:]}
+  print(json.dumps(out))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,146 @@
+"""The engine (``orthax.engine.map_matrices``) and the edge cases it carries
+for every recipe: no matrix leaf, zero-size leaves, a gradient of the wrong
+shape, SPECTRA on an Explicit mesh, a Distributed for another mesh."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import orthax
+from orthax import engine
+from orthax import matrix_stages as MS
+from orthax import polar
+
+from fake_devices import run_cases  # noqa: E402  pylint: disable=g-import-not-at-top
+
+RECIPES = orthax.recipe_names()
+
+
+def _rand(shape, seed):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape),
+                     jnp.float32)
+
+
+def _step(tx, grads, params):
+  return tx.update(grads, tx.init(params), params)
+
+
+# map_matrices --------------------------------------------------------------
+
+
+def test_map_matrices_equals_per_matrix_function():
+  ns = functools.partial(polar.orthogonalize_stack, preset='jordan')
+  leaves = [_rand((8, 16), 0), _rand((16, 8), 1), _rand((3, 8, 16), 2)]
+  specs = [orthax.MatrixSpec()] * 3
+  res = engine.map_matrices(ns, leaves, specs)
+  assert isinstance(res, engine.MatrixMap)
+  assert res.states == [] and res.outputs == []
+  for x, y in zip(leaves, res.leaves):
+    m = x.reshape((-1,) + x.shape[-2:])
+    want = jnp.stack([ns(a[None])[0] for a in m]).reshape(x.shape)
+    np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-6)
+
+
+def test_map_matrices_same_structure_for_empty_and_zero_size_leaves():
+  stage = MS.NeuronNormalize(0.9)
+  empty = engine.map_matrices(None, [], [], stages=[stage], states=[[]])
+  assert empty == engine.MatrixMap([], [[]], [[]])
+  x, z = _rand((4, 8), 0), jnp.zeros((0, 8))
+  spec = orthax.MatrixSpec()
+  st = [engine.init_stage_states(stage, [x, z], [spec, spec])]
+  res = engine.map_matrices(None, [x, z], [spec, spec], stages=[stage],
+                            states=st)
+  assert res.leaves[1] is z                  # passed through unchanged
+  assert res.states[0][1] is st[0][1]        # its state unchanged
+  assert res.states[0][0].shape == (8,) and bool(jnp.any(res.states[0][0]))
+
+
+def test_map_matrices_outputs_for_zero_size_leaves_are_zero():
+  step = MS.NoiseAdaptStep('diagonal', 0.01, 1)
+  z, x = jnp.zeros((3, 0, 8)), _rand((3, 4, 8), 1)
+  spec = orthax.MatrixSpec()
+  st = [engine.init_stage_states(step, [z, x], [spec, spec])]
+  res = engine.map_matrices(None, [z, x], [spec, spec], stages=[step],
+                            states=st, aux=[z, x])
+  assert res.outputs[0][0].shape == (3, 0)
+  assert res.outputs[0][1].shape == (3, 4)
+
+
+# Edge cases for every recipe -------------------------------------------------
+
+
+@pytest.mark.parametrize('name', RECIPES)
+def test_tree_without_matrix_leaf(name):
+  """A lone 1-D parameter (optax's contrib harness): LANTON raised 'Need at
+  least one array to stack'."""
+  p = {'b': _rand((3,), 0)}
+  u, _ = _step(orthax.recipe(name, learning_rate=0.01), {'b': _rand((3,), 1)},
+               p)
+  assert u['b'].shape == (3,) and bool(jnp.all(jnp.isfinite(u['b'])))
+
+
+@pytest.mark.parametrize('name', RECIPES)
+def test_zero_size_leaf_passes_through(name):
+  """A ``(0, 8)`` matrix leaf (a ZeroDivisionError before): it comes back
+  empty and the other leaves get exactly what they get without it."""
+  params = {'w': _rand((8, 16), 0), 'v': _rand((16, 4), 1)}
+  grads = {'w': _rand((8, 16), 2), 'v': _rand((16, 4), 3)}
+  tx = orthax.recipe(name, learning_rate=0.01)
+  ref, _ = _step(tx, grads, params)
+  with_empty = (dict(params, e=jnp.zeros((0, 8))),
+                dict(grads, e=jnp.zeros((0, 8))))
+  u, _ = _step(tx, with_empty[1], with_empty[0])
+  assert u['e'].shape == (0, 8)
+  for k in ('w', 'v'):
+    np.testing.assert_array_equal(u[k], ref[k])
+
+
+@pytest.mark.parametrize('name', RECIPES)
+def test_gradient_of_another_shape_names_the_leaf(name):
+  params = {'layer': {'kernel': _rand((4, 8), 0)}, 'bias': _rand((8,), 1)}
+  grads = {'layer': {'kernel': _rand((8, 4), 2)}, 'bias': _rand((8,), 3)}
+  with pytest.raises(ValueError, match=r"'layer/kernel' has shape \(8, 4\) "
+                     r'but its parameter has shape \(4, 8\)'):
+    _step(orthax.recipe(name, learning_rate=0.01), grads, params)
+
+
+def test_check_shapes_structure_mismatch():
+  tx = orthax.transforms.check_shapes()
+  with pytest.raises(ValueError, match='structure of the parameter tree'):
+    tx.update({'a': jnp.ones(2)}, tx.init({}), {'b': jnp.ones(2)})
+
+
+# On 8 fake devices ------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def mesh_cases():
+  return run_cases('engine_cases.py', timeout=600)
+
+
+def test_spectra_on_explicit_mesh_equals_one_device(mesh_cases):
+  """NotImplementedError before (a traced bound closed over in
+  shard_map)."""
+  r = mesh_cases['spectra/explicit_fsdp8']
+  assert r['rel_err'] < 2e-6, r
+  assert r['sharding_kept'] and r['all_to_all'] > 0
+
+
+@pytest.mark.parametrize('mode', ['auto_jit', 'eager', 'explicit', 'devices'])
+def test_distributed_for_another_mesh_raises(mesh_cases, mode):
+  msg = mesh_cases[f'other_mesh/{mode}']['raised']
+  assert msg is not None, 'the update came back on the other mesh'
+  assert "leaf 'w' lives on mesh fsdp=8" in msg
+  assert ('fsdp=4×tp=2' in msg) if mode != 'devices' else ('devices' in msg)
+
+
+@pytest.mark.parametrize('name', ['muon', 'normuon', 'namo', 'spectra'])
+def test_zero_size_leaf_on_a_mesh(mesh_cases, name):
+  r = mesh_cases[f'zero_size/{name}']
+  assert r['empty_shape'] == [0, 64]
+  assert r['rel_err'] < 2e-6, r

@@ -1,0 +1,204 @@
+"""The recipe registry: entries, reference modes and aliases, default
+learning rates, and a newly registered recipe reaching the trainer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import orthax
+from orthax import transforms as T
+from orthax.recipes import _common
+from orthax.recipes import registry
+from reference_helpers import flat, make_tree, run_orthax
+
+# The trainer's defaults before they moved into the registry entries.
+OLD_LEARNING_RATES = {
+    'adamw': (3e-3, None),
+    'muon': (0.02, 3e-3),
+    'normuon': (0.02, 3e-3),
+    'namo': (0.01, 3e-3),
+    'namo_d': (0.01, 3e-3),
+    'lanton': (0.02, 3e-3),
+    'root': (0.02, 3e-3),
+    'auon': (0.02, 3e-3),
+    'hybrid_auon': (0.02, 3e-3),
+    'spectra': (3e-3, None),
+}
+
+REFERENCES = {
+    'muon': ('keller', 'moonlight', 'optax'),
+    'normuon': ('repo', 'paper', 'modded'),
+    'namo': ('repo',),
+    'namo_d': ('repo',),
+    'lanton': (),
+    'root': ('repo',),
+    'auon': ('paper', 'repo'),
+    'hybrid_auon': ('paper', 'repo'),
+    'spectra': ('orthax', 'repo'),
+}
+
+TOY = 'toy_ortho_sgd'
+
+
+def test_entries():
+  assert orthax.recipe_names() == tuple(sorted(REFERENCES))
+  for name, refs in REFERENCES.items():
+    entry = orthax.recipes.recipe_entry(name)
+    assert entry.name == name
+    assert entry.factory is orthax.recipe_factory(name)
+    assert entry.factory is getattr(orthax, name)
+    assert entry.references == refs == orthax.recipe_references(name)
+    assert (entry.learning_rate, entry.adam_learning_rate) == (
+        OLD_LEARNING_RATES[name])
+    assert orthax.recipes.default_learning_rates(name) == (
+        OLD_LEARNING_RATES[name])
+    expected = {'namo_repo': 'repo'} if name.startswith('namo') else {}
+    assert dict(entry.aliases) == expected
+  with pytest.raises(TypeError):
+    entry.aliases['x'] = 'repo'  # read-only
+
+
+def test_reference_resolution():
+  for name, refs in REFERENCES.items():
+    for ref in refs:
+      assert registry.resolve_reference(name, ref) == ref
+  for name in ('namo', 'namo_d'):
+    assert registry.resolve_reference(name, 'namo_repo') == 'repo'
+
+
+@pytest.mark.parametrize('name', ['namo', 'namo_d'])
+def test_alias_gives_the_same_updates(name):
+  shapes = {'blocks/mlp/kernel': (3, 8, 6), 'blocks/mlp/bias': (3, 6),
+            'head/kernel': (6, 10)}
+  params = jax.tree.map(jnp.asarray, make_tree(0, shapes, np.float32))
+  grads = [jax.tree.map(jnp.asarray, make_tree(s, shapes, np.float32))
+           for s in (1, 2, 3)]
+  new = run_orthax(orthax.recipe(name, reference='repo'), params, grads)
+  old = run_orthax(orthax.recipe(name, reference='namo_repo'), params, grads)
+  default = run_orthax(orthax.recipe(name), params, grads)
+  for a, b, c in zip(new, old, default):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+      np.testing.assert_array_equal(a[k], c[k], err_msg=k)
+
+
+@pytest.mark.parametrize('name', [n for n, r in REFERENCES.items() if r])
+def test_bad_reference_names_recipe_value_and_modes(name):
+  with pytest.raises(ValueError) as err:
+    orthax.recipe(name, reference='nosuch')
+  msg = str(err.value)
+  assert msg.startswith(f'{name} reference must be one of'), msg
+  assert "'nosuch'" in msg
+  for ref in REFERENCES[name]:
+    assert repr(ref) in msg
+  if name.startswith('namo'):
+    assert "'namo_repo'" in msg
+
+
+def test_unknown_recipe():
+  for fn in (orthax.recipe, orthax.recipe_factory, orthax.recipe_references,
+             orthax.recipes.recipe_entry,
+             orthax.recipes.default_learning_rates):
+    with pytest.raises(ValueError, match=r"Unknown recipe 'nosuch'.*muon"):
+      fn('nosuch')
+  with pytest.raises(ValueError, match="Unknown recipe 'nosuch'"):
+    registry.resolve_reference('nosuch', 'repo')
+
+
+def test_bad_alias_is_refused():
+  with pytest.raises(ValueError, match="alias 'old'"):
+    registry.register('bad', references=('a',), aliases={'old': 'b'})(
+        lambda: None)
+  with pytest.raises(ValueError, match="alias 'a'"):
+    registry.register('bad', references=('a', 'b'), aliases={'a': 'b'})(
+        lambda: None)
+  assert 'bad' not in orthax.recipe_names()
+
+
+def _toy(learning_rate=0.05, *, reference='plain', beta=0.9,
+         weight_decay=0.0, adam_learning_rate=None, router=None,
+         check_finite=True):
+  """Momentum + Newton–Schulz from the shared parts, AdamW for the rest."""
+  registry.resolve_reference(TOY, reference)
+  router, specs = _common.route(router)
+  matrix = optax.named_chain(
+      ('momentum', T.momentum(beta, form='ema', nesterov=False)),
+      ('orthogonalize', T.orthogonalize(matrix_specs=specs)),
+      *_common.step_stages(learning_rate, weight_decay))
+  return _common.assemble_with_adamw(
+      matrix, router, check_finite, learning_rate=learning_rate,
+      adam_learning_rate=adam_learning_rate)
+
+
+@pytest.fixture
+def toy():
+  registry.register(TOY, references=('plain',), aliases={'old': 'plain'},
+                    learning_rate=0.04, adam_learning_rate=2e-3)(_toy)
+  try:
+    yield TOY
+  finally:
+    registry.unregister(TOY)
+  assert TOY not in orthax.recipe_names()
+
+
+def test_new_recipe_builds_and_resolves_aliases(toy):
+  assert toy in orthax.recipe_names()
+  assert orthax.recipes.default_learning_rates(toy) == (0.04, 2e-3)
+  params = {'w': jnp.ones((4, 3)), 'b': jnp.ones((3,))}
+  grads = {'w': jnp.arange(12.0).reshape(4, 3), 'b': jnp.ones((3,))}
+  a = run_orthax(orthax.recipe(toy, reference='old'), params, [grads])
+  b = run_orthax(orthax.recipe(toy), params, [grads])
+  for k in a[0]:
+    np.testing.assert_array_equal(a[0][k], b[0][k])
+  assert set(flat(params)) == set(a[0])
+  with pytest.raises(ValueError, match=f"{toy} reference .*'plain'"):
+    orthax.recipe(toy, reference='fancy')
+
+
+def test_learning_rate_defaults_to_the_factory_default():
+  registry.register(TOY)(_toy)
+  try:
+    assert orthax.recipes.default_learning_rates(TOY) == (0.05, None)
+  finally:
+    registry.unregister(TOY)
+
+
+def test_trainer_configs_read_the_registry(toy):
+  configs = pytest.importorskip('orthax.train.configs')
+  for name, lrs in OLD_LEARNING_RATES.items():
+    opt = configs.optimizer(name)
+    assert (opt.learning_rate, opt.adam_learning_rate) == lrs
+  assert toy in configs.optimizer_names()
+  assert configs.LEARNING_RATES == {**OLD_LEARNING_RATES, toy: (0.04, 2e-3)}
+  opt = configs.optimizer(toy)
+  assert (opt.name, opt.learning_rate, opt.adam_learning_rate) == (
+      toy, 0.04, 2e-3)
+  assert configs.optimizer(toy, learning_rate=0.1).learning_rate == 0.1
+  with pytest.raises(ValueError, match='unknown optimizer'):
+    configs.optimizer('nosuch')
+  with pytest.raises(TypeError):
+    configs.LEARNING_RATES['nosuch'] = (1.0, None)  # read-only
+
+
+def test_trainer_builds_a_new_recipe(toy):
+  pytest.importorskip('ml_collections')
+  pytest.importorskip('orbax.checkpoint')
+  from orthax.train import configs  # pylint: disable=g-import-not-at-top
+  from orthax.train import optim  # pylint: disable=g-import-not-at-top
+  from orthax.train import trainer  # pylint: disable=g-import-not-at-top
+  shape = optim.schedule_shape(10, warmup_steps=2)
+  opt = configs.optimizer(toy, beta=0.8)
+  tx, branches = optim.build(opt, shape)
+  assert sorted(branches) == ['adam', 'matrix']
+  np.testing.assert_allclose(branches['matrix'](5), 0.04 * shape(5))
+  np.testing.assert_allclose(branches['adam'](5), 2e-3 * shape(5))
+  params = {'blocks': {'w': jnp.ones((4, 3))}, 'b': jnp.ones((3,))}
+  u, _ = tx.update(params, tx.init(params), params)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(u))
+  c = configs.base_config(toy)
+  c.model.update(d_model=32, num_layers=2, num_heads=2, seq_len=32)
+  c.data.batch_size = 8
+  setup = trainer.build(c, 256, abstract=True)
+  assert setup is not None
