@@ -27,6 +27,7 @@ the sharding executor; it knows nothing of optax or of recipes. Transforms
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -145,13 +146,85 @@ def _local(fn, leaves, specs, stages, states, aux, inputs, group, fn_args):
                    [[xo[j] for xo in out_leaf] for j in range(len(stages))])
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotState:
+  """The state of a slot stage (:attr:`StageShapes.slots
+  <orthax.matrix_stages.StageShapes>`): per group of the plan (keys
+  :func:`orthax.sharding.group_key`), a ``[D, k, *state]`` array, ``D`` the
+  devices of the mesh (1 on one device) and ``k`` the matrices each device
+  owns (:func:`orthax.sharding.slot_count`), sharded over ``axes``, every
+  axis of the mesh: each device holds its own matrices' state.
+  ``orthax.flax.state_specs`` gives each array ``PartitionSpec(axes)``."""
+  slots: dict[str, jax.Array]
+  axes: tuple[str, ...] = dataclasses.field(default=(),
+                                            metadata={'static': True})
+
+
+def _plan(leaves, specs, stages, distributed, paths, plan_kw):
+  """The plan the leaves (and slot states) are run by: the distributed
+  plan, or one device's trivial plan."""
+  kw = dict(plan_kw or {})
+  if distributed is None:
+    return sharding.local_plan(paths, leaves, specs, stages, **kw)
+  return sharding.plan_leaves(paths, leaves, specs,
+                              sharding.leaf_specs(paths, leaves, distributed),
+                              distributed, stages=stages, **kw)
+
+
+def init_slot_state(stage: ms.MatrixStage, leaves: Sequence[Any],
+                    specs: Sequence[matrices.MatrixSpec], *,
+                    distributed: sharding.Distributed | None = None,
+                    paths: Sequence[str] | None = None,
+                    plan_kw: dict[str, Any] | None = None) -> SlotState:
+  """Zeros for a slot stage: one ``[D, k, *state]`` array per group of the
+  plan that :func:`map_matrices` runs ``leaves`` by (leaves with no
+  elements take no slot), placed on the mesh's devices."""
+  paths = [str(i) for i in range(len(leaves))] if paths is None else paths
+  live = [i for i, x in enumerate(leaves) if x.size]
+  pick = lambda seq: [seq[i] for i in live]
+  plan = _plan(pick(leaves), pick(specs), (stage,), distributed,
+               pick(paths), plan_kw)
+  mesh = None if distributed is None else distributed.mesh
+  axes = () if mesh is None else tuple(mesh.axis_names)
+  slots = {}
+  for gi, g in enumerate(plan.groups):
+    fi, fo = (g.n, g.m) if g.transposed[0] else (g.m, g.n)
+    x = jnp.zeros((plan.num_devices, sharding.slot_count(g))
+                  + tuple(stage.shapes(fi, fo).state), ms.wide(g.dtype))
+    if mesh is not None:
+      x = sharding.place(x, mesh, jax.sharding.PartitionSpec(axes))
+    slots[sharding.group_key(gi)] = x
+  return SlotState(slots, axes)
+
+
+def _identity(x, *args, **kwargs):
+  del args, kwargs
+  return x
+
+
+def _pass_through(leaves, specs, stages, states):
+  """The result for leaves with no elements (the others ``None``): the
+  leaf itself, its states unchanged, zero outputs."""
+  res = MatrixMap([None if x.size else x for x in leaves],
+                  [per if st.slot_state else
+                   [None if x.size else s for x, s in zip(leaves, per)]
+                   for st, per in zip(stages, states)],
+                  [[None] * len(leaves) for _ in stages])
+  for i, x in enumerate(leaves):
+    if not x.size:
+      for j, o in enumerate(_empty_outputs(stages, x, specs[i])):
+        res.outputs[j][i] = o
+  return res
+
+
 def map_matrices(
     fn: StackFn | None,
     leaves: Sequence[jax.Array],
     specs: Sequence[matrices.MatrixSpec],
     *,
     stages: Sequence[ms.MatrixStage] = (),
-    states: Sequence[Sequence[Any]] | None = None,
+    states: Sequence[Any] | None = None,
     aux: Sequence[jax.Array] | None = None,
     inputs: Sequence[jax.Array] | None = None,
     group: bool = True,
@@ -171,12 +244,14 @@ def map_matrices(
     specs: one :class:`~orthax.MatrixSpec` per leaf.
     stages: :class:`~orthax.matrix_stages.MatrixStage`\\ s run, in order, on
       each matrix after ``fn``.
-    states: ``states[j][i]``: stage ``j``'s state for leaf ``i`` (``None``
-      when stateless); default: none for every stage.
+    states: ``states[j]``: stage ``j``'s state: per leaf (a list of ``batch
+      + per-matrix`` arrays, ``None`` entries when stateless) or, for a slot
+      stage, its :class:`SlotState`'s ``slots``; default: none.
     aux: leaves of an auxiliary tree (shapes of ``leaves``) whose norms a
       stage asks for (``Norm('aux', ...)``).
     inputs: the leaves whose norms ``Norm('input', ...)`` takes (default:
-      ``leaves``, the matrices entering ``fn``); one device only.
+      ``leaves``, the matrices entering ``fn``); one device, without slot
+      stages.
     group: on one device, stack same-shape matrices of all leaves into one
       ``fn`` call (exact for any per-matrix ``fn``); else one call per leaf.
     fn_args: arrays ``fn`` takes after the stack (traced values such as a
@@ -193,38 +268,49 @@ def map_matrices(
   """
   stages = tuple(stages)
   n = len(leaves)
-  if inputs is not None and distributed is not None:
-    raise ValueError('map_matrices: inputs= is for one device; on a mesh '
-                     "the 'input' norms are those of the leaves.")
-  states = ([[None] * n for _ in stages] if states is None
-            else [list(per) for per in states])
+  states = ([{} if st.slot_state else [None] * n for st in stages]
+            if states is None else list(states))
+  slotted = any(st.slot_state for st in stages)
+  if inputs is not None and (distributed is not None or slotted):
+    raise ValueError('map_matrices: inputs= is for one device without slot '
+                     "stages; otherwise the 'input' norms are the leaves'.")
   paths = [str(i) for i in range(n)] if paths is None else list(paths)
+  result = _pass_through(leaves, specs, stages, states)
   live = [i for i, x in enumerate(leaves) if x.size]
-  pick = lambda seq: None if seq is None else [seq[i] for i in live]
-  result = MatrixMap([None if x.size else x for x in leaves],
-                     [[None if leaves[i].size else s
-                       for i, s in enumerate(per)] for per in states],
-                     [[None] * n for _ in stages])
-  for i, x in enumerate(leaves):
-    if not x.size:
-      for j, o in enumerate(_empty_outputs(stages, x, specs[i])):
-        result.outputs[j][i] = o
   if not live:
     return result
-  args = (fn, pick(leaves), pick(specs), stages,
-          [pick(per) for per in states], pick(aux))
-  if distributed is None:
-    done = _local(*args, pick(inputs), group, tuple(fn_args))
+  pick = lambda seq: None if seq is None else [seq[i] for i in live]
+  sts = [per if st.slot_state else pick(per)
+         for st, per in zip(stages, states)]
+  if distributed is None and not slotted:
+    done = _local(fn, pick(leaves), pick(specs), stages, sts, pick(aux),
+                  pick(inputs), group, tuple(fn_args))
+  elif distributed is None:  # slot states: one device's trivial plan
+    done = MatrixMap(*sharding.execute_plan(
+        sharding.local_plan(pick(paths), pick(leaves), pick(specs), stages,
+                            **dict(plan_kw or {})),
+        pick(leaves), pick(specs), [jax.sharding.PartitionSpec()] * len(live),
+        None, _identity if fn is None else fn, stages=stages,
+        stage_states=sts, aux=pick(aux), fn_args=tuple(fn_args)))
   else:
     lp, ll = pick(paths), pick(leaves)
     done = MatrixMap(*sharding.distributed_orthogonalize(
-        *args[1:3], distributed, fn, paths=lp, plan_kw=plan_kw,
+        ll, pick(specs), distributed, fn, paths=lp, plan_kw=plan_kw,
         param_specs=sharding.leaf_specs(lp, ll, distributed),
-        stages=stages, stage_states=args[4], aux=args[5],
+        stages=stages, stage_states=sts, aux=pick(aux),
         fn_args=tuple(fn_args), return_triple=True))
+  return _merge(result, done, live, stages)
+
+
+def _merge(result: MatrixMap, done: MatrixMap, live, stages) -> MatrixMap:
+  """``done`` (for the ``live`` leaves) written into ``result``."""
   for c, i in enumerate(live):
     result.leaves[i] = done.leaves[c]
-    for j in range(len(stages)):
-      result.states[j][i] = done.states[j][c]
+    for j, st in enumerate(stages):
       result.outputs[j][i] = done.outputs[j][c]
+      if not st.slot_state:
+        result.states[j][i] = done.states[j][c]
+  for j, st in enumerate(stages):
+    if st.slot_state:
+      result.states[j] = done.states[j]
   return result

@@ -24,6 +24,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from orthax import engine
+
 Rules = Mapping[str, str | tuple[str, ...] | None]
 
 __all__ = ['logical_to_spec', 'param_specs', 'state_shardings', 'state_specs']
@@ -118,7 +120,9 @@ def state_specs(abstract_opt_state: Any, params: Any, specs: Any) -> Any:
 
   A state leaf whose path ends with a parameter's path and has that
   parameter's shape (momentum, Adam moments: optax nests them under the
-  parameter tree) gets that parameter's spec; every other leaf (step counts,
+  parameter tree) gets that parameter's spec; a slot stage's state
+  (:class:`orthax.engine.SlotState`) is sharded over every mesh axis, each
+  device holding its own matrices' state; every other leaf (step counts,
   per-row statistics, norms) is replicated, ``PartitionSpec()``.
 
   Example:
@@ -154,6 +158,8 @@ def state_specs(abstract_opt_state: Any, params: Any, specs: Any) -> Any:
   lengths = sorted({len(k) for k in by_path}, reverse=True)
 
   def one(path, x):
+    if isinstance(x, engine.SlotState):  # on its owner devices
+      return engine.SlotState({k: P(x.axes) for k in x.slots}, x.axes)
     keys = _keys(path)
     for n in lengths:
       hit = by_path.get(keys[-n:]) if len(keys) >= n else None
@@ -161,7 +167,9 @@ def state_specs(abstract_opt_state: Any, params: Any, specs: Any) -> Any:
         return hit[1]
     return P()
 
-  return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+  return jax.tree_util.tree_map_with_path(
+      one, abstract_opt_state,
+      is_leaf=lambda x: isinstance(x, engine.SlotState))
 
 
 def state_shardings(tx: optax.GradientTransformation, abstract_params: Any,

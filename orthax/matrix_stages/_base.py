@@ -96,11 +96,19 @@ class StageShapes(NamedTuple):
     output: the shape of a per-matrix result :meth:`~MatrixStage.apply`
       hands back besides the stack and the state (``None``: none).
     norms: the :class:`Norm`\\ s :meth:`~MatrixStage.apply` receives.
+    slots: where the state lives. ``False``: per leaf, ``batch +
+      per-matrix`` like the parameter (on a mesh it follows the matrices
+      and is gathered back after a move). ``True``: stacked per group of
+      same-shape matrices, each device holding the state of the matrices it
+      works on (on a mesh: never gathered; for a large state such as an
+      ``m×m`` rotation). A slot stage has no output and is no
+      :class:`ScalingStage`.
   """
   state: tuple[int, ...] | None = None
   axis: int | None = None
   output: tuple[int, ...] | None = None
   norms: tuple[Norm, ...] = ()
+  slots: bool = False
 
 
 def wide(dtype) -> Any:
@@ -145,6 +153,11 @@ class MatrixStage:
   @property
   def has_output(self) -> bool:
     return self.shapes(2, 3).output is not None
+
+  @property
+  def slot_state(self) -> bool:
+    """Its state is kept in slots (:attr:`StageShapes.slots`)."""
+    return self.stateful and self.shapes(2, 3).slots
 
 
 class ScalingStage(MatrixStage):

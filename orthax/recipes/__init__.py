@@ -1,5 +1,8 @@
 """Named recipes and their registry (one module per recipe family)."""
 
+from orthax.recipes._common import assemble_with_adamw
+from orthax.recipes._common import route
+from orthax.recipes._common import step_stages
 from orthax.recipes.registry import assemble
 from orthax.recipes.registry import default_learning_rates
 from orthax.recipes.registry import recipe
@@ -22,7 +25,8 @@ from orthax.recipes.robust import root
 from orthax.recipes.robust import spectra
 
 __all__ = [
-    'assemble', 'default_learning_rates', 'muon', 'recipe', 'recipe_entry',
+    'assemble', 'assemble_with_adamw', 'default_learning_rates', 'route',
+    'step_stages', 'muon', 'recipe', 'recipe_entry',
     'recipe_factory', 'recipe_names', 'recipe_references', 'RecipeEntry',
     'register', 'resolve_reference', 'unregister',
     'lanton', 'namo', 'namo_d', 'normuon',

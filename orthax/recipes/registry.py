@@ -107,11 +107,23 @@ def register(name: str, references: tuple[str, ...] = (), *,
     A decorator registering its argument and returning it unchanged.
   """
   def deco(fn):
+    _resolve_annotations(fn)
     lr = _factory_learning_rate(fn) if learning_rate is None else learning_rate
     _REGISTRY[name] = RecipeEntry(
         name, fn, tuple(references), aliases or {}, lr, adam_learning_rate)
     return fn
   return deco
+
+
+def _resolve_annotations(fn: Factory) -> None:
+  """Gives ``fn`` its signature with evaluated annotations (under ``from
+  __future__ import annotations`` they are strings), so that tools that read
+  ``inspect.signature`` see e.g. ``learning_rate: optax.ScalarOrSchedule``
+  (optax's contract tests pass schedules only to such factories)."""
+  try:
+    fn.__signature__ = inspect.signature(fn, eval_str=True)
+  except (NameError, TypeError, SyntaxError):
+    pass  # an annotation that does not evaluate here stays a string
 
 
 def unregister(name: str) -> RecipeEntry:

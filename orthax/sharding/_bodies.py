@@ -1,13 +1,16 @@
 """The per-strategy bodies that run inside ``jax.shard_map`` (see
 :mod:`orthax.sharding._execute`).
 
-Each body is ``(stack, per, post) -> (stack, slots)``: ``stack`` is the
-device's local ``[N, ·, ·]`` stack of the group (wide orientation), ``per``
-a list of ``[N, ...]`` per-matrix arrays (the stateful matrix stages' states
-and the scaling stages' factors), and ``post(y, per)`` runs the matrix stages
-on the whole matrices ``y[k, m, n]`` (update dtype) a device ends up with
-and on their ``[k, ...]`` rows of ``per``; it returns ``y`` and ``[k, ...]``
-slots (new states, outputs), which come back as ``[N, ...]`` stacks.
+Each body is ``(stack, per, owned, post) -> (stack, slots, owned')``:
+``stack`` is the device's local ``[N, ·, ·]`` stack of the group (wide
+orientation), ``per`` a list of ``[N, ...]`` per-matrix arrays (the stateful
+matrix stages' per-leaf states and the scaling stages' factors), ``owned``
+the slot states ``[k, ...]`` of the ``k`` matrices the device ends up with,
+and ``post(y, mine, owned)`` runs the matrix stages on those whole matrices
+``y[k, m, n]`` (update dtype), on their ``[k, ...]`` rows ``mine`` of
+``per`` and on ``owned``; it returns ``y``, ``[k, ...]`` slots (new per-leaf
+states, outputs), which come back as ``[N, ...]`` stacks, and the new slot
+states, which stay where they are.
 
 :data:`NORMS` holds, per strategy, how a body turns the partial norms of the
 device's pieces into the norms of the whole matrices of its local stack.
@@ -74,7 +77,7 @@ def _a2a_body(g: GroupPlan, ns_fn: NSFn):
   m, n, k = g.m, g.n, g.padded // g.shards
   a_, b_ = m // gr, n // gc
 
-  def run(stack, states, post):  # [N, a_, b_] local pieces
+  def run(stack, states, owned, post):  # [N, a_, b_] local pieces
     N, dt = stack.shape[0], stack.dtype
     x = stack.astype(g.wire_dtype)
     if g.padded > N:
@@ -87,12 +90,12 @@ def _a2a_body(g: GroupPlan, ns_fn: NSFn):
     full = (r.reshape(gr, gc, k, a_, b_).transpose(2, 0, 3, 1, 4)
             .reshape(k, m, n))
     y = ns_fn(full).astype(dt)
-    y, mine = post(y, _mine(states, axes, g.padded, k))
+    y, mine, owned = post(y, _mine(states, axes, g.padded, k), owned)
     y = y.astype(g.wire_dtype)
     back = (y.reshape(k, gr, a_, gc, b_).transpose(1, 3, 0, 2, 4)
             .reshape(g.padded, a_, b_))
     out = jax.lax.all_to_all(back, axes, 0, 0, tiled=True)
-    return out[:N].astype(dt), _gather(mine, axes, N)
+    return out[:N].astype(dt), _gather(mine, axes, N), owned
 
   return run
 
@@ -100,16 +103,16 @@ def _a2a_body(g: GroupPlan, ns_fn: NSFn):
 def _replicated_body(g: GroupPlan, ns_fn: NSFn):
   axes, k = g.split_axes, g.padded // g.shards
 
-  def run(stack, states, post):  # [N, m, n]: the whole stack, every device
+  def run(stack, states, owned, post):  # [N, m, n]: every device
     N, dt = stack.shape[0], stack.dtype
     idx = jax.lax.axis_index(axes)
     mine = jax.lax.dynamic_slice_in_dim(_pad(stack, g.padded), idx * k, k,
                                         axis=0)
     y = ns_fn(mine).astype(dt)
-    y, st = post(y, _mine(states, axes, g.padded, k))
+    y, st, owned = post(y, _mine(states, axes, g.padded, k), owned)
     full = jax.lax.all_gather(y.astype(g.wire_dtype), axes, axis=0,
                               tiled=True)
-    return full[:N].astype(dt), _gather(st, axes, N)
+    return full[:N].astype(dt), _gather(st, axes, N), owned
 
   return run
 
@@ -117,9 +120,9 @@ def _replicated_body(g: GroupPlan, ns_fn: NSFn):
 def _local_body(g: GroupPlan, ns_fn: NSFn):
   del g
 
-  def run(stack, states, post):
+  def run(stack, states, owned, post):
     y = ns_fn(stack).astype(stack.dtype)
-    return post(y, states)
+    return post(y, states, owned)
 
   return run
 
@@ -127,11 +130,11 @@ def _local_body(g: GroupPlan, ns_fn: NSFn):
 def _gram_body(g: GroupPlan, ns_fn: NSFn):
   axes = g.split_axes
 
-  def run(stack, states, post):  # [N, m, n/G]: this device's column blocks
+  def run(stack, states, owned, post):  # [N, m, n/G]: my column blocks
     y = ns_fn(stack,
               col_reduce=lambda a: jax.lax.psum(a, axes),
               col_shards=g.shards)
-    return post(y.astype(stack.dtype), states)
+    return post(y.astype(stack.dtype), states, owned)
 
   return run
 

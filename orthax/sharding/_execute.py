@@ -54,8 +54,7 @@ from jax.sharding import PartitionSpec as P
 from orthax import _tree
 from orthax import matrices
 from orthax import matrix_stages
-from orthax.sharding._bodies import BODIES
-from orthax.sharding._bodies import NORMS
+from orthax.sharding import _group
 from orthax.sharding._bodies import NSFn
 from orthax.sharding._inspect import record
 from orthax.sharding._distributed import Distributed
@@ -177,6 +176,12 @@ def _entry(axes: tuple[str, ...]):
   return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
+def place(x, mesh, spec: P):
+  """``x`` with sharding ``NamedSharding(mesh, spec)`` (``reshard`` on a
+  mesh with Explicit axes, else a sharding constraint; eagerly, a move)."""
+  return _constrain(x, mesh, spec)
+
+
 def _constrain(x, mesh, spec: P):
   sh = NamedSharding(mesh, spec)
   if any(t == AxisType.Explicit for t in mesh.axis_types):
@@ -200,194 +205,22 @@ def _state_spec(g: GroupPlan, stage: matrix_stages.MatrixStage, x, ms, ps,
   return P(*([_entry(entries[d]) for d in batch] + tail))
 
 
-def _lift_arrays(stages):
-  """The JAX arrays among the stages' pytree children (traced
-  hyperparameters: NAMO's learning rate and step count, values under
-  ``optax.inject_hyperparams``), which enter the ``shard_map`` body as
-  replicated arguments (closing over them fails on Explicit meshes), and
-  ``rebuild(values)``: the stages holding ``values`` in their place."""
-  leaves, treedef = jax.tree.flatten(tuple(stages))
-  at = [i for i, v in enumerate(leaves) if isinstance(v, jax.Array)]
-
-  def rebuild(values):
-    new = list(leaves)
-    for i, v in zip(at, values):
-      new[i] = v
-    return jax.tree.unflatten(treedef, new)
-
-  return [leaves[i] for i in at], rebuild
+class _NoMesh:
+  """The mesh of one device without ``shard_map``: no axes."""
+  axis_names: tuple[str, ...] = ()
+  shape: dict[str, int] = {}
 
 
-def _wide_axes(axes: Sequence[int], transposed: bool) -> tuple[int, ...]:
-  """Axes of ``[fan_in, fan_out]`` as axes of the group's wide stack."""
-  flip = {-2: -1, -1: -2}
-  return tuple(sorted(flip[a] if transposed else a for a in axes))
-
-
-def run_group(g: GroupPlan, xs: Sequence[jax.Array],
-              mspecs: Sequence[matrices.MatrixSpec], pspecs: Sequence[P],
-              mesh, ns_fn: NSFn,
-              stages: Sequence[matrix_stages.MatrixStage] = (),
-              states: Sequence[Sequence[Any]] | None = None,
-              aux: Sequence[jax.Array] | None = None,
-              fn_args: Sequence[jax.Array] = ()):
-  """Orthogonalizes the group's leaves ``xs`` (global arrays), then runs the
-  matrix ``stages`` on the whole matrices in the same body; returns the
-  leaves in the same shardings — and, with ``stages``, the new stage states
-  (``states[j][i]``: stage ``j``'s ``batch + per-matrix`` state of leaf
-  ``i``, ``None`` for a stateless stage) and the stages' outputs (likewise,
-  ``None`` for a stage without). ``aux``: the group's leaves of the
-  auxiliary tree (shapes and shardings of ``xs``), when a stage needs
-  ``'aux'`` norms; only their norms are computed, on each device's pieces,
-  and all-reduced (they never move). ``fn_args``: arrays ``ns_fn`` takes
-  after the stack, passed into the body replicated."""
-  stages = tuple(stages)
-  fn_args = tuple(fn_args)
-  if stages and len(set(g.transposed)) > 1:
-    raise ValueError(f'group of {g.paths}: matrix stages need one '
-                     'orientation per group (plan with the same stages=).')
-  t0 = g.transposed[0]
-  fi, fo = (g.n, g.m) if t0 else (g.m, g.n)
-  blocks = matrix_stages.Blocks(fi, fo)
-  if g.strategy == 'gram':
-    blocks = matrix_stages.Blocks(
-        fi, fo, -2 if t0 else -1, lambda a: jax.lax.psum(a, g.split_axes))
-  live = [j for j, st in enumerate(stages) if st.stateful]
-  emit = [j for j, st in enumerate(stages) if st.has_output]
-  # Scaling stages compute their factor (and state, output) from the norms on
-  # every device; the others' states go through the body with the matrices.
-  scaling = [j for j, st in enumerate(stages)
-             if isinstance(st, matrix_stages.ScalingStage)]
-  moving = [j for j in live if j not in scaling]
-  norms = [(j, nm.source, _wide_axes(nm.axes, t0)) for j, st in
-           enumerate(stages) for nm in matrix_stages.check_norms(st, fi, fo)]
-  with_aux = any(src == 'aux' for _, src, _ in norms)
-  if with_aux and aux is None:
-    raise ValueError(f'group of {g.paths}: a matrix stage needs norms of the '
-                     "auxiliary tree ('aux'), but none was passed.")
-  swap = (lambda a: jnp.swapaxes(a, -1, -2)) if t0 else (lambda a: a)
-  whole_norms = NORMS[g.strategy]
-
-  scalars, rebuild = _lift_arrays(stages)
-
-  def post(y, per, stages=stages):
-    """The stages on whole matrices ``y`` (wide): ``per`` holds their rows of
-    the moving states, then of the scaling factors; returns ``y`` and the
-    moving stages' new states and outputs."""
-    if not stages:
-      return y, per
-    full, factors = [None] * len(stages), [None] * len(stages)
-    for j, s in zip(moving + scaling, per):
-      (full if j in moving else factors)[j] = s
-    o, new, outs = matrix_stages.apply_stages(stages, swap(y), full, blocks,
-                                              factors=factors)
-    return swap(o), ([new[j] for j in moving]
-                     + [outs[j] for j in emit if j not in scaling])
-
-  def scale_all(sstacks, whole, stages):
-    """Each scaling stage's factor, new state and output for the whole local
-    stack, from the whole matrices' norms (stage orientation)."""
-    per = [[] for _ in stages]
-    for (j, _, _), v in zip(norms, whole):
-      per[j].append(swap(v))
-    res = {}
-    for j in scaling:
-      s = sstacks[live.index(j)] if j in live else None
-      res[j] = stages[j].scale(s, per[j], blocks)
-    return res
-
-  nx = len(xs)
-  nslots = len(live) + len(emit)
-
-  def mats_of(locs):
-    mats = []
-    for x, ms, t in zip(locs, mspecs, g.transposed):
-      mt = matrices.to_matrices(x, ms)
-      mats.append(jnp.swapaxes(mt, -1, -2) if t else mt)
-    return mats
-
-  cat = lambda parts: parts[0] if nx == 1 else jnp.concatenate(parts, axis=0)
-
-  def partial_norms(mats, amats):
-    """Sums of squares over the device's pieces, leaf by leaf (the
-    auxiliary matrices are never stacked), then stacked."""
-    srcs = {'input': mats, 'aux': amats}
-    return [(cat([matrix_stages.sum_squares(m, wax) for m in srcs[src]]), wax)
-            for _, src, wax in norms]
-
-  def body(*args):
-    args, fargs = args[:len(args) - len(fn_args)], args[len(args)
-                                                        - len(fn_args):]
-    stack_fn = BODIES[g.strategy](
-        g, lambda x, **kw: ns_fn(x, *fargs, **kw))
-    locs = args[:nx]
-    alocs = args[nx:2 * nx] if with_aux else ()
-    slocs = args[nx + len(alocs):len(args) - len(scalars)]
-    here = rebuild(args[len(args) - len(scalars):])
-    mats = mats_of(locs)
-    stack = cat(mats)
-    whole = whole_norms(g, partial_norms(mats, mats_of(alocs)))
-    sstacks = []
-    for c, j in enumerate(live):
-      per = slocs[c * nx:(c + 1) * nx]
-      flat = [s.reshape((mt.shape[0],) + s.shape[s.ndim - len(
-          stages[j].shapes(fi, fo).state):]) for s, mt in zip(per, mats)]
-      sstacks.append(flat[0] if nx == 1 else jnp.concatenate(flat, axis=0))
-    scaled = scale_all(sstacks, whole, here)
-    y, moved = stack_fn(
-        stack, [sstacks[live.index(j)] for j in moving]
-        + [scaled[j][0] for j in scaling],
-        lambda *a: post(*a, stages=here))
-    moved_states = dict(zip(moving, moved))
-    moved_outs = dict(zip([j for j in emit if j not in scaling],
-                          moved[len(moving):]))
-    new = ([scaled[j][1] if j in scaling else moved_states[j] for j in live]
-           + [scaled[j][2] if j in scaling else moved_outs[j] for j in emit])
-    outs, snew, start = [], [[] for _ in range(nslots)], 0
-    for x, ms, t, mt in zip(locs, mspecs, g.transposed, mats):
-      cnt = mt.shape[0]
-      part = y[start:start + cnt] if nx > 1 else y
-      part = jnp.swapaxes(part, -1, -2) if t else part
-      outs.append(matrices.from_matrices(part, ms, x.shape).astype(x.dtype))
-      bshape = tuple(x.shape[d] for d in ms.resolve(x.shape)[0])
-      for c in range(nslots):
-        piece = new[c][start:start + cnt]
-        snew[c].append(piece.reshape(bshape + piece.shape[1:]))
-      start += cnt
-    return tuple(outs) + tuple(s for per in snew for s in per)
-
-  specs = tuple(pspecs)
-  # Slots, stage-major: the states of the stateful stages, then the outputs.
-  slot = lambda j, i, shape: _state_spec(g, stages[j], xs[i], mspecs[i],
-                                         pspecs[i], shape)
-  sspecs = tuple(slot(j, i, stages[j].shapes(fi, fo).state)
-                 for j in live for i in range(nx))
-  ospecs = tuple(slot(j, i, stages[j].shapes(fi, fo).output)
-                 for j in emit for i in range(nx))
-  # The states travel in the layout the body expects (a no-op when they
-  # already have it): replicated per-matrix parts, except gram's blocks.
-  sargs = tuple(_constrain(states[j][i], mesh, sp) for (j, i), sp in zip(
-      [(j, i) for j in live for i in range(nx)], sspecs))
-  aargs = tuple(aux) if with_aux else ()
-  out = jax.shard_map(
-      body, mesh=mesh,
-      in_specs=(specs + specs[:len(aargs)] + sspecs
-                + (P(),) * (len(scalars) + len(fn_args))),
-      out_specs=specs + sspecs + ospecs, check_vma=False)(
-          *xs, *aargs, *sargs,
-          *[_constrain(jnp.asarray(a), mesh, P())
-            for a in tuple(scalars) + fn_args])
-  ys = list(out[:nx])
-  if not stages:
-    return ys
-  per_slot = [list(out[nx + c * nx:nx + (c + 1) * nx]) for c in range(nslots)]
-  new_states = [[None] * nx for _ in stages]
-  outputs = [[None] * nx for _ in stages]
-  for c, j in enumerate(live):
-    new_states[j] = per_slot[c]
-  for c, j in enumerate(emit):
-    outputs[j] = per_slot[len(live) + c]
-  return ys, new_states, outputs
+def local_plan(paths: Sequence[str], leaves: Sequence[Any],
+               matrix_specs: Sequence[matrices.MatrixSpec],
+               stages: Sequence[matrix_stages.MatrixStage] = (),
+               **plan_kw) -> Plan:
+  """The trivial plan of one device: every group ``local``, grouped by
+  shape (and, with ``stages``, orientation) as on a mesh."""
+  infos = [LeafInfo(p, tuple(x.shape), x.dtype, ms, P())
+           for p, x, ms in zip(paths, leaves, matrix_specs)]
+  return plan_orthogonalize(infos, _NoMesh(), 'local', stages=stages,
+                            **plan_kw)
 
 
 def plan_leaves(paths: Sequence[str], leaves: Sequence[Any],
@@ -482,28 +315,52 @@ def distributed_orthogonalize(
     plan = plan_leaves(paths, leaves, matrix_specs, param_specs, dist,
                        stages=stages, **kw)
   record(plan)
+  return execute_plan(plan, leaves, matrix_specs, param_specs, dist.mesh,
+                      ns_fn, stages=stages, stage_states=stage_states,
+                      aux=aux, fn_args=fn_args,
+                      triple=bool(stages) or return_triple)
+
+
+def group_key(i: int) -> str:
+  """The key of a plan's ``i``-th group in a slot stage's state."""
+  return f'group{i}'
+
+
+def execute_plan(plan: Plan, leaves, matrix_specs, param_specs, mesh, ns_fn,
+                 *, stages=(), stage_states=None, aux=None, fn_args=(),
+                 triple=True):
+  """Runs every group of ``plan`` (:func:`orthax.sharding._group.run_group`;
+  ``mesh=None``: on one device, without ``shard_map``). ``stage_states[j]``:
+  per leaf, or for a slot stage a dict of its groups' arrays (keys
+  :func:`group_key`). Returns the leaves, or ``(leaves, states, outputs)``
+  with ``triple``."""
   n = len(leaves)
   out: list[Any] = [None] * n
-  new_states = [[None] * n for _ in stages]
+  slot = [st.slot_state for st in stages]
+  new_states = [{} if sl else [None] * n for sl in slot]
   outputs = [[None] * n for _ in stages]
-  for g in plan.groups:
+  for gi, g in enumerate(plan.groups):
     idx = g.leaves
-    args = ([leaves[i] for i in idx], [matrix_specs[i] for i in idx],
-            [param_specs[i] for i in idx], dist.mesh, ns_fn)
-    if not stages:
-      ys = run_group(g, *args, fn_args=fn_args)
-    else:
-      ys, sts, outs = run_group(
-          g, *args, stages=stages,
-          states=[[per[i] for i in idx] for per in stage_states],
-          aux=None if aux is None else [aux[i] for i in idx],
-          fn_args=fn_args)
-      for j in range(len(stages)):
-        for c, i in enumerate(idx):
-          new_states[j][i], outputs[j][i] = sts[j][c], outs[j][c]
+    pick = lambda seq: [seq[i] for i in idx]
+    ys, sts, outs = _group.run_group(
+        g, pick(leaves), pick(matrix_specs), pick(param_specs), mesh, ns_fn,
+        stages=stages,
+        states=[per[group_key(gi)] if sl else pick(per) for sl, per in
+                zip(slot, stage_states or [[None] * n] * len(stages))],
+        aux=None if aux is None else pick(aux), fn_args=fn_args,
+        state_spec=lambda j, c, shape: _state_spec(
+            g, stages[j], leaves[idx[c]], matrix_specs[idx[c]],
+            param_specs[idx[c]], shape),
+        constrain=lambda x, spec: _constrain(x, mesh, spec))
+    for j in range(len(stages)):
+      if slot[j]:
+        new_states[j][group_key(gi)] = sts[j]
+        continue
+      for c, i in enumerate(idx):
+        new_states[j][i], outputs[j][i] = sts[j][c], outs[j][c]
     for i, y in zip(idx, ys):
       out[i] = y
-  return (out, new_states, outputs) if stages or return_triple else out
+  return (out, new_states, outputs) if triple else out
 
 
 def orthogonalize_tree(updates: Any, dist: Distributed, ns_fn: NSFn,

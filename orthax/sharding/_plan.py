@@ -15,11 +15,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from orthax import matrix_stages as _stages
 from orthax.matrices import MatrixSpec
 from orthax.sharding._distributed import Distributed
-from orthax.polar import dispatch as _dispatch
-from orthax.polar import gram as _gram
+from orthax.sharding import _cost
 
 class LeafInfo(NamedTuple):
   """What the planner needs to know about one update leaf."""
@@ -173,73 +171,6 @@ def _mesh_sizes(mesh) -> dict[str, int]:
   return {a: int(mesh.shape[a]) for a in mesh.axis_names}
 
 
-def _wire_dtype(comm_dtype, dtype):
-  dtype = jnp.dtype(dtype)
-  if comm_dtype is None:
-    return dtype
-  c = jnp.dtype(comm_dtype)
-  return c if c.itemsize <= dtype.itemsize else dtype
-
-
-def default_matrix_flops(steps: int = 5, method: str = 'standard',
-                         restart_every: int | None = 2,
-                         ns_dtype: Any = None) -> Callable[[int, int, Any], int]:
-  """``(m, n, dtype) -> FLOPs`` of one Newton–Schulz call on an ``m×n``
-  matrix, with the method :func:`orthax.polar.choose_method` would pick."""
-
-  def flops(m, n, dtype):
-    dt = dtype if ns_dtype is None else ns_dtype
-    meth = _dispatch.choose_method(m, n, steps, dt, method, restart_every)
-    if meth == 'gram':
-      return _gram.gram_flops(m, n, steps, restart_every)
-    return _gram.standard_flops(m, n, steps)
-
-  return flops
-
-
-def _stage_traffic(s, stages, transposed, m, n, dtype, G, padded,
-                   local_count) -> tuple[float, int]:
-  """Bytes per device and collectives the matrix ``stages`` add to a group
-  of ``m×n`` (wide) matrices under strategy ``s`` (see
-  :func:`plan_orthogonalize`)."""
-  fi, fo = (n, m) if transposed else (m, n)
-  item = jnp.promote_types(dtype, jnp.float32).itemsize
-  flip = {-2: -1, -1: -2}
-  wide = [tuple(flip[a] if transposed else a for a in nm.axes)
-          for st in stages for nm in _stages.check_norms(st, fi, fo)]
-  allreduce = lambda count: 2 * (G - 1) / G * local_count * count
-  nbytes, ncoll = 0.0, 0
-  if s == 'gram':
-    # Column blocks: each stage sum across the split axis is one all-reduce
-    # of what it keeps; the norms summed along it share one.
-    split_ax = -2 if transposed else -1
-    for st in stages:
-      for kept in _stages.split_sums(st, fi, fo, split_ax):
-        nbytes += allreduce(kept * 4)
-        ncoll += 1
-    kept = sum(1 if -2 in ax else m for ax in wide if -1 in ax)
-    if kept:
-      nbytes += allreduce(kept * item)
-      ncoll += 1
-  elif s in ('a2a', 'replicated'):
-    # States and outputs of the stages other than scaling stages (those are
-    # computed on every device): one all-gather of [padded, ...].
-    per = sum(math.prod(shape) for st in stages
-              if not isinstance(st, _stages.ScalingStage)
-              for shape in (st.shapes(fi, fo).state, st.shapes(fi, fo).output)
-              if shape is not None)
-    if per:
-      nbytes += (G - 1) / G * padded * per * item
-      ncoll += 1
-    if s == 'a2a' and wide:
-      # The whole matrices' norms on every device: one all-reduce.
-      width = sum((1 if -2 in ax else m) * (1 if -1 in ax else n)
-                  for ax in wide)
-      nbytes += allreduce(width * item)
-      ncoll += 1
-  return nbytes, ncoll
-
-
 def plan_orthogonalize(
     leaves: Sequence[LeafInfo | tuple],
     mesh,
@@ -285,137 +216,145 @@ def plan_orthogonalize(
   dist = Distributed(mesh, strategy=strategy, overrides=tuple(overrides),
                      comm_dtype=comm_dtype)
   if matrix_flops is None:
-    matrix_flops = default_matrix_flops(steps, method, restart_every, ns_dtype)
+    matrix_flops = _cost.default_matrix_flops(steps, method, restart_every,
+                                              ns_dtype)
   sizes = _mesh_sizes(mesh)
-  eff = lambda axes: tuple(a for a in axes if sizes[a] > 1)
   prod = lambda axes: math.prod(sizes[a] for a in axes)
-
-  keyed: dict[tuple, list[tuple[int, LeafInfo, bool, int]]] = {}
+  keyed: dict[tuple, list[_Member]] = {}
   for i, leaf in enumerate(leaves):
-    path, shape, dtype, mspec, pspec = LeafInfo(*leaf)
-    shape = tuple(int(s) for s in shape)
-    where = f'leaf {path!r} (shape {shape}, spec {pspec})'
-    entries = spec_entries(pspec, len(shape), where)
-    for axes in entries:
-      for a in axes:
-        if a not in sizes:
-          raise ValueError(f'{where}: mesh has no axis {a!r} '
-                           f'(axes {tuple(sizes)}).')
-    for d, axes in enumerate(entries):
-      if shape[d] % prod(axes):
-        raise ValueError(f'{where}: dimension {d} ({shape[d]}) is not '
-                         f'divisible by its {prod(axes)} shards.')
-    batch, fi, fo = mspec.resolve(shape)
-    for name, fan in (('fan_in', fi), ('fan_out', fo)):
-      sharded = [d for d in fan if eff(entries[d])]
-      if len(sharded) > 1 or (sharded and sharded[0] != fan[0]):
-        raise ValueError(
-            f'{where}: only the first {name} axis ({fan[0]}) of a '
-            f'multi-axis {name} {fan} may be sharded.')
-    fi_axes, fo_axes = eff(entries[fi[0]]), eff(entries[fo[0]])
-    batch_axes = tuple(a for d in batch for a in eff(entries[d]))
-    used = set(a for axes in entries for a in eff(axes))
-    free = tuple(a for a in mesh.axis_names if sizes[a] > 1 and a not in used)
-    count, m_in, n_out = mspec.matrix_shape(shape)
-    local = count // prod(batch_axes)
-    transposed = m_in > n_out
-    m, n = min(m_in, n_out), max(m_in, n_out)
-    rows, cols = (fo_axes, fi_axes) if transposed else (fi_axes, fo_axes)
-
-    s = dist.strategy_for(path)
-    chosen = s == 'auto'
-    it = jnp.dtype(dtype if ns_dtype is None else ns_dtype).itemsize
-    big = max_local_matrix_bytes is not None and (
-        m * n * it > max_local_matrix_bytes)
-    if m == n and rows and not cols and (s == 'gram' or s == 'auto' and big):
-      # A square matrix sharded along its rows runs as its transpose, whose
-      # columns are sharded (exact: NS(Xᵀ) = NS(X)ᵀ, except for AOL).
-      transposed, rows, cols = not transposed, cols, rows
-    if s == 'auto' and big and cols and not rows:
-      s = 'gram'
-    if s == 'gram' and (rows or not cols):
-      raise ValueError(
-          f"{where}: strategy 'gram' needs the long dimension of the "
-          f'{m}×{n} matrix sharded and the short one whole, but they are '
-          f'sharded over {rows or "nothing"} (short) and '
-          f'{cols or "nothing"} (long); use \'a2a\'.')
-    if s == 'auto':
-      s = 'a2a' if rows or cols else ('local' if batch_axes or not free
-                                      else 'replicated')
-    if s == 'a2a' and not (rows or cols):
-      raise ValueError(f"{where}: strategy 'a2a' needs a sharded matrix "
-                       "dimension; its matrices are whole on each device "
-                       "(use 'local' or 'replicated').")
-    if s in ('local', 'replicated') and (rows or cols):
-      raise ValueError(f'{where}: strategy {s!r} needs unsharded matrix '
-                       f'dimensions, but they are sharded over '
-                       f'{fi_axes + fo_axes}; use \'a2a\'.')
-    if s == 'replicated' and not free:
-      raise ValueError(f"{where}: strategy 'replicated' needs a mesh axis the "
-                       "leaf is not sharded over; use 'local'.")
-    split = {'a2a': rows + cols, 'replicated': free, 'gram': cols}.get(s, ())
-    key = (s, m, n, jnp.dtype(dtype), rows, cols, split,
-           transposed if stages else None)
-    keyed.setdefault(key, []).append((i, path, transposed, count, local,
-                                      chosen))
-
-  # ``auto`` splits a replicated group over the free axes only when there are
-  # at least as many matrices as shards: below that each device would still
-  # run one matrix and the all-gather would mostly carry zero padding, so
-  # running the group redundantly on every device (``local``) is cheaper.
-  for key in list(keyed):
-    s, m, n, dt, rows, cols, split, orient = key
-    members = keyed[key]
-    if (s == 'replicated' and all(mb[5] for mb in members)
-        and sum(mb[4] for mb in members) < prod(split)):
-      keyed.setdefault(('local', m, n, dt, rows, cols, (), orient),
-                       []).extend(keyed.pop(key))
-
+    key, member = _place(i, LeafInfo(*leaf), mesh, sizes, dist,
+                         ns_dtype, max_local_matrix_bytes)
+    key = key + (member.transposed if stages else None,)
+    keyed.setdefault(key, []).append(member)
+  _merge_small_replicated(keyed, prod)
   groups = []
   for (s, m, n, dtype, rows, cols, split, orient), members in keyed.items():
     members = sorted(members)
-    local_count = sum(mb[4] for mb in members)
+    local_count = sum(mb.local for mb in members)
     G = prod(split)
     padded = local_count if s == 'gram' else -(-local_count // G) * G
-    wire = _wire_dtype(comm_dtype, dtype)
+    mf, wire, nbytes, ncoll = _cost.group_cost(
+        s, m, n, dtype, G, local_count, padded, comm_dtype, matrix_flops,
+        steps=steps, method=method, restart_every=restart_every,
+        ns_dtype=ns_dtype, stages=stages, transposed=orient)
     per_dev = padded // G if s in ('a2a', 'replicated') else local_count
-    if s == 'gram':
-      meth = _dispatch.choose_method(
-          m, n, steps, dtype if ns_dtype is None else ns_dtype, method,
-          restart_every)
-      if meth == 'gram':
-        mf = _gram.gram_flops(m, n, steps, restart_every, col_shards=G)
-        grams = _gram.gram_products(steps, restart_every)
-      else:
-        mf, grams = _gram.standard_flops(m, n, steps, col_shards=G), steps
-      wire = jnp.promote_types(dtype if ns_dtype is None else ns_dtype,
-                               jnp.float32)
-      nbytes = (2 * (G - 1) / G * local_count * (grams * m * m + 1)
-                * wire.itemsize)
-      ncoll = grams + 1
-    else:
-      mf = int(matrix_flops(m, n, dtype))
-      if s == 'a2a':
-        nbytes = 2 * (G - 1) / G * padded * (m * n // G) * wire.itemsize
-        ncoll = 2
-      elif s == 'replicated':
-        nbytes = (G - 1) / G * padded * m * n * wire.itemsize
-        ncoll = 1
-      else:
-        nbytes, ncoll = 0.0, 0
-    if stages:
-      b, c = _stage_traffic(s, stages, orient, m, n, dtype, G, padded,
-                            local_count)
-      nbytes, ncoll = nbytes + b, ncoll + c
     groups.append(GroupPlan(
         strategy=s, m=m, n=n, dtype=dtype,
-        leaves=tuple(mb[0] for mb in members),
-        paths=tuple(mb[1] for mb in members),
-        transposed=tuple(mb[2] for mb in members),
-        count=sum(mb[3] for mb in members), local_count=local_count,
+        leaves=tuple(mb.index for mb in members),
+        paths=tuple(mb.path for mb in members),
+        transposed=tuple(mb.transposed for mb in members),
+        count=sum(mb.count for mb in members), local_count=local_count,
         padded=padded, row_axes=rows, col_axes=cols, split_axes=split,
         shards=G, row_shards=prod(rows), col_shards=prod(cols),
         wire_dtype=wire, matrix_flops=mf, flops_per_device=per_dev * mf,
         bytes_per_device=nbytes, collectives=ncoll,
         stages=tuple(st.name for st in stages)))
   return Plan(tuple(groups), math.prod(sizes.values()), tuple(sizes.items()))
+
+
+class _Member(NamedTuple):
+  """One leaf's place in a group (sorted by ``index``)."""
+  index: int
+  path: str
+  transposed: bool
+  count: int
+  local: int
+  chosen: bool  # the strategy was picked by 'auto'
+
+
+def _check_spec(where, shape, entries, sizes, mspec, eff, prod):
+  """``ValueError``\\ s for a spec the leaf's shape or the mesh does not
+  allow."""
+  for axes in entries:
+    for a in axes:
+      if a not in sizes:
+        raise ValueError(f'{where}: mesh has no axis {a!r} '
+                         f'(axes {tuple(sizes)}).')
+  for d, axes in enumerate(entries):
+    if shape[d] % prod(axes):
+      raise ValueError(f'{where}: dimension {d} ({shape[d]}) is not '
+                       f'divisible by its {prod(axes)} shards.')
+  _, fi, fo = mspec.resolve(shape)
+  for name, fan in (('fan_in', fi), ('fan_out', fo)):
+    sharded = [d for d in fan if eff(entries[d])]
+    if len(sharded) > 1 or (sharded and sharded[0] != fan[0]):
+      raise ValueError(
+          f'{where}: only the first {name} axis ({fan[0]}) of a '
+          f'multi-axis {name} {fan} may be sharded.')
+
+
+def _place(i, leaf: LeafInfo, mesh, sizes, dist, ns_dtype, max_bytes):
+  """The group key (strategy, wide shape, dtype, row/column/split axes) and
+  the member entry of one leaf."""
+  path, shape, dtype, mspec, pspec = leaf
+  shape = tuple(int(s) for s in shape)
+  where = f'leaf {path!r} (shape {shape}, spec {pspec})'
+  eff = lambda axes: tuple(a for a in axes if sizes[a] > 1)
+  prod = lambda axes: math.prod(sizes[a] for a in axes)
+  entries = spec_entries(pspec, len(shape), where)
+  _check_spec(where, shape, entries, sizes, mspec, eff, prod)
+  batch, fi, fo = mspec.resolve(shape)
+  fi_axes, fo_axes = eff(entries[fi[0]]), eff(entries[fo[0]])
+  batch_axes = tuple(a for d in batch for a in eff(entries[d]))
+  used = set(a for axes in entries for a in eff(axes))
+  free = tuple(a for a in mesh.axis_names if sizes[a] > 1 and a not in used)
+  count, m_in, n_out = mspec.matrix_shape(shape)
+  transposed = m_in > n_out
+  m, n = min(m_in, n_out), max(m_in, n_out)
+  rows, cols = (fo_axes, fi_axes) if transposed else (fi_axes, fo_axes)
+  s = dist.strategy_for(path)
+  chosen = s == 'auto'
+  it = jnp.dtype(dtype if ns_dtype is None else ns_dtype).itemsize
+  big = max_bytes is not None and m * n * it > max_bytes
+  if m == n and rows and not cols and (s == 'gram' or s == 'auto' and big):
+    # A square matrix sharded along its rows runs as its transpose, whose
+    # columns are sharded (exact: NS(Xᵀ) = NS(X)ᵀ, except for AOL).
+    transposed, rows, cols = not transposed, cols, rows
+  s = _strategy(where, s, big, rows, cols, batch_axes, free, m, n,
+                fi_axes + fo_axes)
+  split = {'a2a': rows + cols, 'replicated': free, 'gram': cols}.get(s, ())
+  return ((s, m, n, jnp.dtype(dtype), rows, cols, split),
+          _Member(i, path, transposed, count, count // prod(batch_axes),
+                  chosen))
+
+
+def _strategy(where, s, big, rows, cols, batch_axes, free, m, n, matrix_axes):
+  """The leaf's strategy (``auto`` resolved), checked against its layout."""
+  if s == 'auto' and big and cols and not rows:
+    s = 'gram'
+  if s == 'gram' and (rows or not cols):
+    raise ValueError(
+        f"{where}: strategy 'gram' needs the long dimension of the "
+        f'{m}×{n} matrix sharded and the short one whole, but they are '
+        f'sharded over {rows or "nothing"} (short) and '
+        f'{cols or "nothing"} (long); use \'a2a\'.')
+  if s == 'auto':
+    s = 'a2a' if rows or cols else ('local' if batch_axes or not free
+                                    else 'replicated')
+  if s == 'a2a' and not (rows or cols):
+    raise ValueError(f"{where}: strategy 'a2a' needs a sharded matrix "
+                     "dimension; its matrices are whole on each device "
+                     "(use 'local' or 'replicated').")
+  if s in ('local', 'replicated') and (rows or cols):
+    raise ValueError(f'{where}: strategy {s!r} needs unsharded matrix '
+                     f'dimensions, but they are sharded over '
+                     f'{matrix_axes}; use \'a2a\'.')
+  if s == 'replicated' and not free:
+    raise ValueError(f"{where}: strategy 'replicated' needs a mesh axis the "
+                     "leaf is not sharded over; use 'local'.")
+  return s
+
+
+def _merge_small_replicated(keyed, prod):
+  """``auto`` splits a replicated group over the free axes only when there
+  are at least as many matrices as shards: below that each device would
+  still run one matrix and the all-gather would mostly carry zero padding,
+  so running the group redundantly on every device (``local``) is
+  cheaper."""
+  for key in list(keyed):
+    s, m, n, dt, rows, cols, split, orient = key
+    members = keyed[key]
+    if (s == 'replicated' and all(mb.chosen for mb in members)
+        and sum(mb.local for mb in members) < prod(split)):
+      keyed.setdefault(('local', m, n, dt, rows, cols, (), orient),
+                       []).extend(keyed.pop(key))

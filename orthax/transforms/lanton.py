@@ -128,44 +128,15 @@ def layerwise_noise_adapt(
       return [None] * len(jax.tree.leaves(tree))
     return _tree.resolve_specs(matrix_specs, tree, 'layerwise_noise_adapt')
 
-  def stat_shape(x, spec):
-    if spec is None:
-      return ()
-    batch, _, _ = spec.resolve(x.shape)
-    return tuple(x.shape[a] for a in batch)
-
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
     noise = jax.tree.unflatten(treedef, [
-        jnp.zeros(stat_shape(x, s), _wide(x.dtype))
+        jnp.zeros(_stat_shape(x, s), _wide(x.dtype))
         for x, s in zip(leaves, specs_of(params))])
     prev = (jax.tree.map(jnp.zeros_like, params) if difference == 'previous'
             else optax.EmptyState())
     return LayerwiseNoiseState(jnp.zeros([], jnp.int32), momentum.init(params),
                                direction.init(params), noise, prev)
-
-  def dual_norms(xs, specs):
-    """The dual norm of every matrix: a list of arrays shaped like H."""
-    if dual_norm == 'l1':
-      return [jnp.sum(jnp.abs(x.astype(_wide(x.dtype)))) for x in xs]
-    mats = [matrices.to_matrices(x, s).astype(_wide(x.dtype))
-            for x, s in zip(xs, specs)]
-    if nuclear == 'svd':
-      nuc = [jnp.sum(jnp.linalg.svd(m, compute_uv=False), axis=-1)
-             for m in mats]
-    elif nuclear == 'ns':
-      wide = [x.astype(_wide(x.dtype)) for x in xs]
-      polars = [matrices.to_matrices(p, s) for p, s in zip(
-          engine.map_matrices(ns, wide, specs).leaves, specs)]
-      nuc = [jnp.sum(m * p, axis=(-2, -1)) for m, p in zip(mats, polars)]
-    else:
-      nuc = [jnp.sqrt(min(m.shape[-2:]) * jnp.sum(m * m, axis=(-2, -1)))
-             for m in mats]
-    out = []
-    for x, s, n in zip(xs, specs, nuc):
-      _, fi, fo = s.matrix_shape(x.shape)
-      out.append((n * (fo / max(fi, 1)) ** 0.5).reshape(stat_shape(x, s)))
-    return out
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -187,31 +158,12 @@ def layerwise_noise_adapt(
       prev = state.prev_grad
     diffs = [g.astype(_wide(g.dtype)) - p.astype(_wide(g.dtype))
              for g, p in zip(g_l, partner)]
-    norms = dual_norms(diffs, specs)
+    norms = _dual_norms(diffs, specs, dual_norm, nuclear, ns)
     valid = seen > 0
-    hs, hhat = [], []
-    for h, n in zip(flat(state.noise), norms):
-      k = seen.astype(h.dtype)
-      new = jnp.where(valid, beta2 * h + (1 - beta2) * n * n, h)
-      hs.append(new)
-      corr = jnp.where(valid, 1 - beta2 ** jnp.maximum(k, 1.0), 1.0)
-      hhat.append(jnp.where(valid, new / corr, 0.0))
-    if normalization == 'group_max' and hhat:
-      floor = jnp.min(jnp.stack([jnp.min(h + eps) for h in hhat]))
-      rates = [jnp.where(valid, jnp.sqrt(floor / (h + eps)), 1.0)
-               for h in hhat]
-    else:  # 'absolute' (or no leaf at all: no rate to normalize)
-      rates = [jnp.where(valid, alpha / jnp.sqrt(h + eps), 1.0) for h in hhat]
-    out = []
-    for g, dd, w, r, s in zip(g_l, flat(d), flat(params), rates, specs):
-      dt = _wide(g.dtype)
-      step = dd.astype(dt) + weight_decay * w.astype(dt)
-      if s is None:  # one rate for the whole leaf
-        out.append((-(lr * r) * step).astype(g.dtype))
-      else:  # one rate per matrix: r has the batch shape
-        m = matrices.to_matrices(step, s)
-        m = -(lr * r).reshape(-1, 1, 1) * m
-        out.append(matrices.from_matrices(m, s, g.shape).astype(g.dtype))
+    hs, rates = _noise_rates(flat(state.noise), norms, seen, valid, beta2,
+                             eps, alpha, normalization)
+    out = [_scaled_step(g, dd, w, lr * r, weight_decay, s) for g, dd, w, r, s
+           in zip(g_l, flat(d), flat(params), rates, specs)]
     new_state = LayerwiseNoiseState(
         count, mom_state, dir_state, jax.tree.unflatten(treedef, hs),
         jax.tree.map(lambda p, o: p.astype(o.dtype), prev, state.prev_grad)
@@ -219,3 +171,65 @@ def layerwise_noise_adapt(
     return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _stat_shape(x, spec):
+  """The noise statistic's shape: one per matrix (the batch shape), or a
+  scalar for a leaf without a matrix view."""
+  if spec is None:
+    return ()
+  batch, _, _ = spec.resolve(x.shape)
+  return tuple(x.shape[a] for a in batch)
+
+
+def _dual_norms(xs, specs, dual_norm, nuclear, ns):
+  """The dual norm of every matrix: a list of arrays shaped like H."""
+  if dual_norm == 'l1':
+    return [jnp.sum(jnp.abs(x.astype(_wide(x.dtype)))) for x in xs]
+  mats = [matrices.to_matrices(x, s).astype(_wide(x.dtype))
+          for x, s in zip(xs, specs)]
+  if nuclear == 'svd':
+    nuc = [jnp.sum(jnp.linalg.svd(m, compute_uv=False), axis=-1)
+           for m in mats]
+  elif nuclear == 'ns':
+    wide = [x.astype(_wide(x.dtype)) for x in xs]
+    polars = [matrices.to_matrices(p, s) for p, s in zip(
+        engine.map_matrices(ns, wide, specs).leaves, specs)]
+    nuc = [jnp.sum(m * p, axis=(-2, -1)) for m, p in zip(mats, polars)]
+  else:
+    nuc = [jnp.sqrt(min(m.shape[-2:]) * jnp.sum(m * m, axis=(-2, -1)))
+           for m in mats]
+  out = []
+  for x, s, n in zip(xs, specs, nuc):
+    _, fi, fo = s.matrix_shape(x.shape)
+    out.append((n * (fo / max(fi, 1)) ** 0.5).reshape(_stat_shape(x, s)))
+  return out
+
+
+def _noise_rates(noise, norms, seen, valid, beta2, eps, alpha,
+                 normalization):
+  """The new noise EMAs ``H`` and each layer's rate factor."""
+  hs, hhat = [], []
+  for h, n in zip(noise, norms):
+    k = seen.astype(h.dtype)
+    new = jnp.where(valid, beta2 * h + (1 - beta2) * n * n, h)
+    hs.append(new)
+    corr = jnp.where(valid, 1 - beta2 ** jnp.maximum(k, 1.0), 1.0)
+    hhat.append(jnp.where(valid, new / corr, 0.0))
+  if normalization == 'group_max' and hhat:
+    floor = jnp.min(jnp.stack([jnp.min(h + eps) for h in hhat]))
+    return hs, [jnp.where(valid, jnp.sqrt(floor / (h + eps)), 1.0)
+                for h in hhat]
+  # 'absolute' (or no leaf at all: no rate to normalize)
+  return hs, [jnp.where(valid, alpha / jnp.sqrt(h + eps), 1.0) for h in hhat]
+
+
+def _scaled_step(g, d, w, rate, weight_decay, spec):
+  """``-rate·(d + λw)``: one rate for a leaf without a matrix view, one per
+  matrix (``rate`` has the batch shape) otherwise."""
+  dt = _wide(g.dtype)
+  step = d.astype(dt) + weight_decay * w.astype(dt)
+  if spec is None:
+    return (-rate * step).astype(g.dtype)
+  m = -rate.reshape(-1, 1, 1) * matrices.to_matrices(step, spec)
+  return matrices.from_matrices(m, spec, g.shape).astype(g.dtype)

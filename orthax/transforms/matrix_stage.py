@@ -28,11 +28,16 @@ leaf_state_shape = engine.leaf_state_shape
 
 
 def init_state(stage: ms.MatrixStage, params: Any,
-               specs: Sequence[matrices.MatrixSpec]) -> Any:
-  """The stage's state for ``params``: zeros per leaf, wrapped."""
+               specs: Sequence[matrices.MatrixSpec], **slot_kw) -> Any:
+  """The stage's state for ``params``: zeros per leaf, wrapped; for a slot
+  stage an :class:`orthax.engine.SlotState` (``slot_kw``: ``distributed``,
+  ``plan_kw``, as :func:`orthax.engine.init_slot_state` takes them)."""
   if not stage.stateful:
     return optax.EmptyState()
-  leaves, treedef = jax.tree.flatten(params)
+  paths, leaves, treedef = _tree.leaves_with_paths(params)
+  if stage.slot_state:
+    return engine.init_slot_state(stage, leaves, specs, paths=paths,
+                                  **slot_kw)
   tree = jax.tree.unflatten(treedef,
                             engine.init_stage_states(stage, leaves, specs))
   if isinstance(stage, ms.NeuronNormalize):
@@ -40,17 +45,23 @@ def init_state(stage: ms.MatrixStage, params: Any,
   return StageState(tree)
 
 
-def leaf_states(stage: ms.MatrixStage, state: Any, treedef) -> list[Any]:
-  """Per leaf (flatten order): the stage's state array, or ``None``."""
+def leaf_states(stage: ms.MatrixStage, state: Any, treedef) -> Any:
+  """Per leaf (flatten order): the stage's state array, or ``None``; for a
+  slot stage, its groups' arrays (a dict)."""
   if not stage.stateful:
     return [None] * treedef.num_leaves
+  if stage.slot_state:
+    return dict(state.slots)
   return treedef.flatten_up_to(state[0])
 
 
 def with_leaf_states(stage: ms.MatrixStage, state: Any, treedef,
-                     new: Sequence[Any]) -> Any:
+                     new: Any) -> Any:
+  """``state`` holding ``new`` (as :func:`leaf_states` gives it)."""
   if not stage.stateful:
     return state
+  if stage.slot_state:
+    return engine.SlotState(dict(new), state.axes)
   return type(state)(jax.tree.unflatten(treedef, list(new)))
 
 

@@ -155,12 +155,14 @@ def orthogonalize(
         return plain_ns(x, **kw)
       return plain_ns(x, coeffs=table[key], **kw)
 
+  plan_kw = _flop_model(preset, steps, method, restart_every, ns_dtype)
+
   def init_fn(params):
     if not stages:
       return optax.EmptyState()
     specs = _tree.resolve_specs(matrix_specs, params, 'orthogonalize')
-    return OrthogonalizeState({st.name: matrix_stage.init_state(st, params,
-                                                                specs)
+    return OrthogonalizeState({st.name: matrix_stage.init_state(
+        st, params, specs, distributed=distributed, plan_kw=plan_kw)
                                for st in stages})
 
   def update_fn(updates, state, params=None, *, _with_stages=None,
@@ -178,7 +180,7 @@ def orthogonalize(
         stages=run, states=states,
         aux=None if aux is None else treedef.flatten_up_to(aux),
         group=group, distributed=distributed, paths=paths,
-        plan_kw=_flop_model(preset, steps, method, restart_every, ns_dtype))
+        plan_kw=plan_kw)
     new_tree = jax.tree.unflatten(treedef, res.leaves)
     new_state = state
     if stages:

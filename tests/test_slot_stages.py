@@ -1,0 +1,180 @@
+"""Slot stages: per-matrix state of any shape that lives with the device
+that works on the matrix (``StageShapes(slots=True)``), on one device and on
+8 fake devices, and a recipe added by writing only its stage, the recipe and
+its registration (``tests/slot_recipe.py``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import orthax
+from orthax import engine
+from orthax import matrix_stages as MS
+from orthax.matrices import MatrixSpec
+
+import slot_recipe  # noqa: E402  pylint: disable=g-import-not-at-top
+from fake_devices import run_cases  # noqa: E402  pylint: disable=g-import-not-at-top
+
+SPECS = {'w': MatrixSpec(), 'tall': MatrixSpec(),
+         'scan': MatrixSpec.stacked(0), 'w2': MatrixSpec()}
+SHAPES = {'w': (8, 16), 'tall': (16, 8), 'scan': (3, 8, 16), 'w2': (8, 16)}
+
+
+def _tree(seed):
+  rng = np.random.default_rng(seed)
+  return {k: jnp.asarray(rng.standard_normal(s), jnp.float32)
+          for k, s in SHAPES.items()}
+
+
+def _matrices(x, spec):
+  return np.asarray(orthax.matrices.to_matrices(x, spec), np.float64)
+
+
+def test_slot_state_layout_on_one_device():
+  tx = orthax.orthogonalize(matrix_specs=SPECS,
+                            then=[slot_recipe.GramEMA()])
+  st = tx.init(_tree(0)).stages['gram_ema']
+  assert isinstance(st, engine.SlotState) and st.axes == ()
+  # Wide 8×16 matrices (w, w2, the 3 of scan) in one group, the tall one in
+  # its own (a stage sees one orientation per group): [D=1, k, m, m].
+  shapes = sorted(tuple(a.shape) for a in st.slots.values())
+  assert shapes == [(1, 1, 16, 16), (1, 5, 8, 8)]
+
+
+def test_slot_stage_equals_a_float64_transcription():
+  """Three steps of orthogonalize(then=[GramEMA]) against orthogonalize()
+  followed by the rule written out in NumPy, one state per matrix."""
+  beta, alpha = 0.8, 0.3
+  fused = orthax.orthogonalize(matrix_specs=SPECS,
+                               then=[slot_recipe.GramEMA(beta, alpha)])
+  plain = orthax.orthogonalize(matrix_specs=SPECS)
+  state = fused.init(_tree(0))
+  ref_state = {}
+  for step in range(3):
+    g = _tree(step + 1)
+    got, state = jax.jit(fused.update)(g, state)
+    o, _ = plain.update(g, plain.init(g))
+    for k, spec in SPECS.items():
+      mats = _matrices(o[k], spec)
+      want = []
+      for b, m in enumerate(mats):
+        s = ref_state.get((k, b), np.zeros((m.shape[0],) * 2))
+        s = beta * s + (1 - beta) * m @ m.T / m.shape[1]
+        ref_state[(k, b)] = s
+        want.append(m + alpha * s @ m)
+      np.testing.assert_allclose(_matrices(got[k], spec), np.stack(want),
+                                 rtol=2e-5, atol=2e-6)
+
+
+def test_slot_stage_rejects_an_output_or_scaling():
+
+  @MS.stage
+  class Bad(MS.MatrixStage):
+    name = 'bad'
+
+    def shapes(self, fan_in, fan_out):
+      return MS.StageShapes(state=(), output=(), slots=True)
+
+    def apply(self, o, state, blocks):
+      return o, state, state
+
+  tx = orthax.orthogonalize(then=[Bad()])
+  p = {'w': jnp.ones((4, 8))}
+  with pytest.raises(ValueError, match="stage 'bad': slots=True"):
+    tx.update(p, tx.init(p))
+
+
+def test_stage_is_a_pytree_with_static_modes():
+  st = MS.NeuronNormalize(0.9, axis='longer')
+  leaves, treedef = jax.tree.flatten(st)
+  assert leaves == [0.9, 1e-10]
+  back = jax.tree.unflatten(treedef, [jnp.float32(0.5), 1e-10])
+  assert back.axis == 'longer' and float(back.beta2) == 0.5
+  with pytest.raises(ValueError, match='axis must be one of'):
+    MS.NeuronNormalize(axis='rows')
+
+
+@pytest.mark.parametrize('stage,split,want', [
+    (MS.NeuronNormalize(), -2, [16, 1, 1]),       # statistic + restore
+    (MS.NeuronNormalize(), -1, [1, 1]),
+    (MS.NeuronNormalize(restore_norm=False), -1, []),
+    (MS.ScaleToRms(), -1, [1]),
+    (MS.CoshNormalize(), -2, [1, 1]),
+    (MS.ScaleByShape(), -1, []),
+    (MS.NoiseAdaptStep('diagonal', 0.1, 1), -2, [2]),
+    (MS.NoiseAdaptStep('scalar', 0.1, 1), -2, []),
+])
+def test_split_sums_are_traced_from_apply(stage, split, want):
+  """What a plan counts for column blocks comes from tracing the stage."""
+  assert MS.split_sums(stage, 8, 16, split) == want
+
+
+def test_new_recipe_on_one_device_trains_and_keeps_its_state():
+  name = slot_recipe.register()
+  params = {**_tree(0), 'bias': jnp.zeros((16,))}
+  tx = orthax.recipe(name, router=orthax.Router(
+      extra_rules=[orthax.Rule('scan', 'matrix', MatrixSpec.stacked(0))]))
+  state = tx.init(params)
+  for step in range(2):
+    g = {**_tree(step + 5), 'bias': jnp.ones((16,))}
+    u, state = jax.jit(tx.update)(g, state, params)
+  slots = jax.tree.leaves(optax_get(state, 'gram_ema'))
+  assert slots and all(bool(jnp.any(s != 0)) for s in slots)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+
+
+def optax_get(state, name):
+  import optax  # pylint: disable=g-import-not-at-top
+  return optax.tree.get(state, name)
+
+
+@pytest.fixture(scope='module')
+def mesh_cases():
+  return run_cases('slot_cases.py', timeout=600)
+
+
+@pytest.mark.parametrize('mesh', ['fsdp8', 'fsdp4tp2', 'explicit_fsdp8',
+                                  'dp8'])
+def test_new_recipe_on_8_devices_equals_one_device(mesh_cases, mesh):
+  r = mesh_cases[mesh]
+  assert r['rel_err'] < 2e-6, r
+  assert r['state_rel_err'] < 2e-6, r
+
+
+@pytest.mark.parametrize('mesh', ['fsdp8', 'fsdp4tp2', 'explicit_fsdp8',
+                                  'dp8'])
+def test_slot_state_is_never_gathered(mesh_cases, mesh):
+  """The m×m states stay on their owner devices: no all-gather, and the
+  step moves exactly the bytes of plain Muon (the plan's, the stage adds
+  none) plus check_finite's flag."""
+  r = mesh_cases[mesh]
+  assert 'all-gather' not in r['collectives'] or mesh == 'dp8', r
+  assert r['plan_bytes'] == r['muon_plan_bytes'], r
+  assert abs(r['wire_bytes'] - r['muon_wire_bytes']) <= 16, r
+  assert r['state_sharded_over_all_axes'], r
+  assert r['state_specs_owner'], r    # orthax.flax.state_specs agrees
+
+
+def test_checkpoint_holds_slot_state(tmp_path):
+  """An orbax checkpoint (the trainer's Checkpointer) of a state with slot
+  stages restores to the same tree, bit for bit."""
+  from orthax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  name = slot_recipe.register()
+  params = {k: v for k, v in _tree(0).items() if k != 'scan'}
+  tx = orthax.recipe(name)
+  state = tx.init(params)
+  _, state = jax.jit(tx.update)(
+      {k: v for k, v in _tree(3).items() if k != 'scan'}, state, params)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=1)
+  ckpt.save(1, state, force=True)
+  ckpt.close()
+  back = checkpoint.Checkpointer(str(tmp_path), every=1).restore(
+      jax.eval_shape(lambda: state))
+  assert jax.tree.structure(back) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
+  assert any(bool(jnp.any(x != 0)) for x in
+             jax.tree.leaves(optax_get(back, 'gram_ema')))
