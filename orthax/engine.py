@@ -6,15 +6,19 @@ clip, ROOT's outlier clip, or nothing) and then a list of
 leaves, each leaf seen as ``[batch, fan_in, fan_out]`` through its
 :class:`~orthax.MatrixSpec`:
 
-* on one device (``distributed=None``) the matrices are grouped by shape
-  (either orientation) and the stack function runs once per group; the
-  stages then run on each leaf's stack;
+* on one device (``distributed=None``) the trivial ``local`` plan runs
+  the same group bodies as a mesh does, without ``shard_map``: the matrices
+  are grouped by shape (either orientation; with stages, one orientation per
+  group) and the stack function and the stages run once per group;
 * on a mesh (``distributed=`` an :class:`orthax.sharding.Distributed`) the
   static plan of :mod:`orthax.sharding` picks a strategy per group and the
   stack function and the stages run inside one ``shard_map`` body per group,
   on whole matrices.
 
-Either way the result has one structure, :class:`MatrixMap`. The engine
+Either way the result has one structure, :class:`MatrixMap`. A stage's
+state is per leaf (``batch + per-matrix``, like the parameter) or, for a
+slot stage, a :class:`SlotState`: per group, on the device that works on
+the matrices, never gathered. The engine
 also carries the edge cases every transform would otherwise meet one by one:
 a leaf with no elements (e.g. ``(0, 8)``, or a stack of zero experts) passes
 through unchanged, with its stage states unchanged, and an empty list of
@@ -28,7 +32,7 @@ the sharding executor; it knows nothing of optax or of recipes. Transforms
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -80,34 +84,6 @@ def init_stage_states(stage: ms.MatrixStage, leaves: Sequence[Any],
           for x, s in zip(leaves, specs)]
 
 
-def apply_stages_to_leaf(stages: Sequence[ms.MatrixStage], o: jax.Array,
-                         states: Sequence[Any], fan_in: int, fan_out: int, *,
-                         sources: Mapping[str, jax.Array | None] | None = None,
-                         batch_shape: Sequence[int] | None = None
-                         ) -> tuple[jax.Array, list[Any], list[Any]]:
-  """Runs ``stages`` on one leaf's ``[b, fan_in, fan_out]`` view; each state
-  is the leaf's ``batch + per-matrix`` array (or ``None``) and comes back in
-  that shape. ``sources``: the ``[b, fan_in, fan_out]`` matrices the stages'
-  norms are taken of (``'input'``, ``'aux'``; see
-  :func:`orthax.matrix_stages.stage_norms`), needed when a stage has any.
-  Returns the stack, the states and the stages' outputs (``batch_shape +
-  per-matrix``, default ``(b,) + per-matrix``; ``None`` where a stage has
-  none)."""
-  flat = [None if s is None else
-          s.reshape((o.shape[0],) + tuple(st.shapes(fan_in, fan_out).state))
-          for st, s in zip(stages, states)]
-  norms = ms.stage_norms(stages, sources or {}, fan_in, fan_out)
-  o, new, outs = ms.apply_stages(stages, o, flat, ms.Blocks(fan_in, fan_out),
-                                 norms)
-  batch = (o.shape[0],) if batch_shape is None else tuple(batch_shape)
-  return (o,
-          [None if s is None else n.reshape(s.shape)
-           for s, n in zip(states, new)],
-          [None if x is None else
-           x.reshape(batch + tuple(st.shapes(fan_in, fan_out).output))
-           for st, x in zip(stages, outs)])
-
-
 def _empty_outputs(stages, x, spec):
   """Zero outputs for a leaf with no elements."""
   _, fi, fo = spec.matrix_shape(x.shape)
@@ -117,33 +93,30 @@ def _empty_outputs(stages, x, spec):
           for st in stages]
 
 
-def _local(fn, leaves, specs, stages, states, aux, inputs, group, fn_args):
-  """One device: ``fn`` once per same-shape group (or per leaf), then the
-  stages on each leaf's stack."""
-  mats = [matrices.to_matrices(x, s) for x, s in zip(leaves, specs)]
-  srcs = mats if inputs is None else [
-      matrices.to_matrices(x, s) for x, s in zip(inputs, specs)]
-  if fn is None:
-    outs = mats
-  else:
-    call = lambda stack: fn(stack, *fn_args)
-    outs = (matrices.map_grouped(call, mats) if group
-            else [call(m) for m in mats])
-  new, per_leaf, out_leaf = [], [], []
-  for i, (o, s, x) in enumerate(zip(outs, specs, leaves)):
-    if stages:
-      _, fi, fo = s.matrix_shape(x.shape)
-      aux_m = None if aux is None else matrices.to_matrices(aux[i], s)
-      o, sts, xo = apply_stages_to_leaf(
-          stages, o.astype(x.dtype), [per[i] for per in states], fi, fo,
-          sources={'input': srcs[i], 'aux': aux_m},
-          batch_shape=leaf_batch_shape(x.shape, s))
-      per_leaf.append(sts)
-      out_leaf.append(xo)
-    new.append(matrices.from_matrices(o, s, x.shape).astype(x.dtype))
-  return MatrixMap(new,
-                   [[sts[j] for sts in per_leaf] for j in range(len(stages))],
-                   [[xo[j] for xo in out_leaf] for j in range(len(stages))])
+def _on_one_device(fn, leaves, specs, stages, states, aux, inputs, group,
+                   fn_args, paths, plan_kw) -> MatrixMap:
+  """The trivial ``local`` plan, run without ``shard_map``: with ``group``
+  one plan for all leaves (same-shape matrices stacked into one ``fn``
+  call), else one per leaf."""
+  run = lambda idx, sts: MatrixMap(*sharding.execute_plan(
+      sharding.local_plan([paths[i] for i in idx], [leaves[i] for i in idx],
+                          [specs[i] for i in idx], stages,
+                          **dict(plan_kw or {})),
+      [leaves[i] for i in idx], [specs[i] for i in idx],
+      [jax.sharding.PartitionSpec()] * len(idx), None,
+      _identity if fn is None else fn, stages=stages, stage_states=sts,
+      aux=None if aux is None else [aux[i] for i in idx], fn_args=fn_args,
+      inputs=None if inputs is None else [inputs[i] for i in idx]))
+  if group:
+    return run(range(len(leaves)), states)
+  if any(st.slot_state for st in stages):
+    raise ValueError('map_matrices: slot stages need group=True (their '
+                     'state is kept per group).')
+  parts = [run([i], [[per[i]] for per in states]) for i in range(len(leaves))]
+  return MatrixMap([p.leaves[0] for p in parts],
+                   [[p.states[j][0] for p in parts] for j in range(len(stages))],
+                   [[p.outputs[j][0] for p in parts]
+                    for j in range(len(stages))])
 
 
 @jax.tree_util.register_dataclass
@@ -250,10 +223,10 @@ def map_matrices(
     aux: leaves of an auxiliary tree (shapes of ``leaves``) whose norms a
       stage asks for (``Norm('aux', ...)``).
     inputs: the leaves whose norms ``Norm('input', ...)`` takes (default:
-      ``leaves``, the matrices entering ``fn``); one device, without slot
-      stages.
+      ``leaves``, the matrices entering ``fn``).
     group: on one device, stack same-shape matrices of all leaves into one
-      ``fn`` call (exact for any per-matrix ``fn``); else one call per leaf.
+      ``fn`` call (exact for any per-matrix ``fn``); else one call per leaf
+      (not with slot stages).
     fn_args: arrays ``fn`` takes after the stack (traced values such as a
       clipping bound); on a mesh they enter the ``shard_map`` body as
       replicated arguments, never closed over.
@@ -270,10 +243,6 @@ def map_matrices(
   n = len(leaves)
   states = ([{} if st.slot_state else [None] * n for st in stages]
             if states is None else list(states))
-  slotted = any(st.slot_state for st in stages)
-  if inputs is not None and (distributed is not None or slotted):
-    raise ValueError('map_matrices: inputs= is for one device without slot '
-                     "stages; otherwise the 'input' norms are the leaves'.")
   paths = [str(i) for i in range(n)] if paths is None else list(paths)
   result = _pass_through(leaves, specs, stages, states)
   live = [i for i, x in enumerate(leaves) if x.size]
@@ -282,23 +251,17 @@ def map_matrices(
   pick = lambda seq: None if seq is None else [seq[i] for i in live]
   sts = [per if st.slot_state else pick(per)
          for st, per in zip(stages, states)]
-  if distributed is None and not slotted:
-    done = _local(fn, pick(leaves), pick(specs), stages, sts, pick(aux),
-                  pick(inputs), group, tuple(fn_args))
-  elif distributed is None:  # slot states: one device's trivial plan
-    done = MatrixMap(*sharding.execute_plan(
-        sharding.local_plan(pick(paths), pick(leaves), pick(specs), stages,
-                            **dict(plan_kw or {})),
-        pick(leaves), pick(specs), [jax.sharding.PartitionSpec()] * len(live),
-        None, _identity if fn is None else fn, stages=stages,
-        stage_states=sts, aux=pick(aux), fn_args=tuple(fn_args)))
+  if distributed is None:
+    done = _on_one_device(fn, pick(leaves), pick(specs), stages, sts,
+                          pick(aux), pick(inputs), group, tuple(fn_args),
+                          pick(paths), plan_kw)
   else:
     lp, ll = pick(paths), pick(leaves)
     done = MatrixMap(*sharding.distributed_orthogonalize(
         ll, pick(specs), distributed, fn, paths=lp, plan_kw=plan_kw,
         param_specs=sharding.leaf_specs(lp, ll, distributed),
         stages=stages, stage_states=sts, aux=pick(aux),
-        fn_args=tuple(fn_args), return_triple=True))
+        inputs=pick(inputs), fn_args=tuple(fn_args), return_triple=True))
   return _merge(result, done, live, stages)
 
 

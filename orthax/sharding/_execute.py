@@ -27,9 +27,11 @@ Matrix stages (:mod:`orthax.matrix_stages`: NorMuon's statistics and
 Frobenius restore, shape and RMS scales, NAMO's step) run in the same body,
 right after Newton–Schulz, on the whole matrices the device holds (``gram``:
 on its column blocks, summing through ``Blocks.sum``). A stateful stage's
-per-matrix state enters replicated, is sliced to the device's matrices and
+per-leaf state enters replicated, is sliced to the device's matrices and
 leaves by one ``all_gather`` for the group (``a2a``, ``replicated``); under
-``local`` and ``gram`` every device already updates its own part.
+``local`` and ``gram`` every device already updates its own part. A slot
+stage's state (``StageShapes(slots=True)``) lives on the device that works
+on the matrix and never travels (:mod:`orthax.sharding._group`).
 
 A :class:`~orthax.matrix_stages.ScalingStage` (NAMO, NAMO-D) needs norms of
 the matrices before Newton–Schulz, not the orthogonalized matrix: each device
@@ -37,8 +39,11 @@ sums squares over its pieces, one float32 ``psum`` per group (``a2a``; under
 ``gram`` only for norms across the column blocks) gives every device the
 whole matrices' norms, and every device computes the factors, states and
 outputs of its whole local stack. Only the factors go into the body, sliced
-like states; nothing of the stage is gathered. The bodies and the norm
-exchanges are in :mod:`orthax.sharding._bodies`.
+like states; nothing of the stage is gathered. One group's body is built
+in :mod:`orthax.sharding._group`; the per-strategy bodies and the norm
+exchanges are in :mod:`orthax.sharding._bodies`. On one device without
+``shard_map`` the same body runs on the trivial plan (:func:`local_plan`,
+``mesh=None`` in :func:`execute_plan`).
 """
 
 from __future__ import annotations
@@ -251,6 +256,7 @@ def distributed_orthogonalize(
     aux: Sequence[jax.Array] | None = None,
     fn_args: Sequence[jax.Array] = (),
     return_triple: bool = False,
+    inputs: Sequence[jax.Array] | None = None,
 ) -> Any:
   """Orthogonalizes every matrix of ``leaves`` on ``dist.mesh``, then runs
   the matrix ``stages`` on the whole matrices in the same ``shard_map`` body.
@@ -291,6 +297,8 @@ def distributed_orthogonalize(
       *fn_args)``), e.g. a traced clipping bound; they enter each body as
       replicated arguments (closing over them fails on ``Explicit`` meshes).
     return_triple: return the triple below even without ``stages``.
+    inputs: the leaves whose norms ``Norm('input', ...)`` takes, when not
+      ``leaves`` (shapes and shardings of ``leaves``).
 
   Returns:
     The orthogonalized leaves, in the order and sharding of ``leaves``; with
@@ -317,7 +325,7 @@ def distributed_orthogonalize(
   record(plan)
   return execute_plan(plan, leaves, matrix_specs, param_specs, dist.mesh,
                       ns_fn, stages=stages, stage_states=stage_states,
-                      aux=aux, fn_args=fn_args,
+                      aux=aux, fn_args=fn_args, inputs=inputs,
                       triple=bool(stages) or return_triple)
 
 
@@ -328,12 +336,13 @@ def group_key(i: int) -> str:
 
 def execute_plan(plan: Plan, leaves, matrix_specs, param_specs, mesh, ns_fn,
                  *, stages=(), stage_states=None, aux=None, fn_args=(),
-                 triple=True):
+                 triple=True, inputs=None):
   """Runs every group of ``plan`` (:func:`orthax.sharding._group.run_group`;
   ``mesh=None``: on one device, without ``shard_map``). ``stage_states[j]``:
   per leaf, or for a slot stage a dict of its groups' arrays (keys
-  :func:`group_key`). Returns the leaves, or ``(leaves, states, outputs)``
-  with ``triple``."""
+  :func:`group_key`); ``inputs``: the leaves ``Norm('input', ...)`` is
+  taken of, when not ``leaves``. Returns the leaves, or ``(leaves, states,
+  outputs)`` with ``triple``."""
   n = len(leaves)
   out: list[Any] = [None] * n
   slot = [st.slot_state for st in stages]
@@ -348,6 +357,7 @@ def execute_plan(plan: Plan, leaves, matrix_specs, param_specs, mesh, ns_fn,
         states=[per[group_key(gi)] if sl else pick(per) for sl, per in
                 zip(slot, stage_states or [[None] * n] * len(stages))],
         aux=None if aux is None else pick(aux), fn_args=fn_args,
+        inputs=None if inputs is None else pick(inputs),
         state_spec=lambda j, c, shape: _state_spec(
             g, stages[j], leaves[idx[c]], matrix_specs[idx[c]],
             param_specs[idx[c]], shape),

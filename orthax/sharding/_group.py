@@ -190,15 +190,17 @@ class _Args:
   """How the body's flat argument list is laid out."""
   nx: int
   naux: int
+  ninputs: int
   nlive: int
   nslots: int
   nscalars: int
   nfn: int
 
   def split(self, args):
-    """``(leaves, aux, per-leaf states, slot states, scalars, fn_args)``."""
-    cuts = [self.nx, self.naux, self.nlive * self.nx, self.nslots,
-            self.nscalars, self.nfn]
+    """``(leaves, aux, inputs, per-leaf states, slot states, scalars,
+    fn_args)``."""
+    cuts = [self.nx, self.naux, self.ninputs, self.nlive * self.nx,
+            self.nslots, self.nscalars, self.nfn]
     out, start = [], 0
     for c in cuts:
       out.append(tuple(args[start:start + c]))
@@ -213,12 +215,12 @@ def make_body(g: GroupPlan, r: Roles, stages, mspecs, ns_fn: NSFn,
   whole_norms = NORMS[g.strategy]
 
   def body(*args):
-    locs, alocs, slocs, owned, scalars, fargs = layout.split(args)
+    locs, alocs, ilocs, slocs, owned, scalars, fargs = layout.split(args)
     here = rebuild(scalars)
     stack_fn = BODIES[g.strategy](g, lambda x, **kw: ns_fn(x, *fargs, **kw))
     mats = _mats_of(g, locs, mspecs)
-    amats = _mats_of(g, alocs, mspecs)
-    srcs = {'input': mats, 'aux': amats}
+    srcs = {'input': _mats_of(g, ilocs, mspecs) if ilocs else mats,
+            'aux': _mats_of(g, alocs, mspecs)}
     # Norms: sums of squares over the device's pieces, leaf by leaf (the
     # auxiliary matrices are never stacked), made whole per strategy.
     whole = whole_norms(g, [(_cat([MS.sum_squares(m, wax)
@@ -256,7 +258,7 @@ def run_group(g: GroupPlan, xs: Sequence[jax.Array],
               states: Sequence[Any] | None = None,
               aux: Sequence[jax.Array] | None = None,
               fn_args: Sequence[jax.Array] = (), *, state_spec=None,
-              constrain=None):
+              constrain=None, inputs: Sequence[jax.Array] | None = None):
   """Runs ``ns_fn`` and then the matrix ``stages`` on the group's leaves
   ``xs`` (global arrays) in one body: under ``jax.shard_map`` on ``mesh``,
   or directly when ``mesh`` is ``None`` (one device: the trivial plan).
@@ -265,7 +267,9 @@ def run_group(g: GroupPlan, xs: Sequence[jax.Array],
   per-matrix`` arrays) or, for a slot stage, the group's ``[D, k, *state]``
   array; ``None`` for a stateless stage. ``aux``: the group's leaves of the
   auxiliary tree, when a stage needs ``'aux'`` norms (only their norms are
-  taken, on each device's pieces). ``fn_args``: arrays ``ns_fn`` takes after
+  taken, on each device's pieces). ``inputs``: the leaves whose norms
+  ``Norm('input', ...)`` takes, when not ``xs`` (shapes and shardings of
+  ``xs``). ``fn_args``: arrays ``ns_fn`` takes after
   the stack, passed into the body replicated. ``state_spec(j, i, shape)``
   and ``constrain(x, spec)`` place per-leaf states on the mesh.
 
@@ -278,10 +282,13 @@ def run_group(g: GroupPlan, xs: Sequence[jax.Array],
                      "auxiliary tree ('aux'), but none was passed.")
   states = [None] * len(stages) if states is None else list(states)
   scalars, rebuild = lift_arrays(stages)
-  layout = _Args(nx, nx if r.with_aux else 0, len(r.live), len(r.slots),
-                 len(scalars), len(fn_args))
+  by_input = inputs is not None and any(src == 'input'
+                                        for _, src, _ in r.norms)
+  layout = _Args(nx, nx if r.with_aux else 0, nx if by_input else 0,
+                 len(r.live), len(r.slots), len(scalars), len(fn_args))
   body = make_body(g, r, stages, mspecs, ns_fn, layout, rebuild)
-  leaf_args = tuple(xs) + (tuple(aux) if r.with_aux else ())
+  leaf_args = (tuple(xs) + (tuple(aux) if r.with_aux else ())
+               + (tuple(inputs) if by_input else ()))
   sargs = tuple(states[j][i] for j in r.live for i in range(nx))
   slot_args = tuple(states[j] for j in r.slots)
   rep_args = tuple(scalars) + fn_args
@@ -300,7 +307,8 @@ def run_group(g: GroupPlan, xs: Sequence[jax.Array],
     # slot states sharded over every mesh axis.
     out = jax.shard_map(
         body, mesh=mesh,
-        in_specs=(specs + specs[:layout.naux] + sspecs + owner
+        in_specs=(specs + specs[:layout.naux] + specs[:layout.ninputs]
+                  + sspecs + owner
                   + (P(),) * len(rep_args)),
         out_specs=specs + sspecs + ospecs + owner, check_vma=False)(
             *leaf_args, *[constrain(a, sp) for a, sp in zip(sargs, sspecs)],

@@ -65,9 +65,6 @@ def with_leaf_states(stage: ms.MatrixStage, state: Any, treedef,
   return type(state)(jax.tree.unflatten(treedef, list(new)))
 
 
-apply_to_matrices = engine.apply_stages_to_leaf
-
-
 def stage_transform(stage: ms.MatrixStage, matrix_specs: _tree.SpecsLike,
                     where: str) -> optax.GradientTransformation:
   """``stage`` applied to every matrix of the update, as a transform."""
