@@ -22,7 +22,10 @@ from orthax.routing import Rule
 from orthax.routing import describe
 from orthax.sharding import Distributed
 from orthax.transforms import NonFiniteGradientError
-from orthax.transforms import check_finite
+from orthax.transforms import nonfinite_leaves
+from orthax.transforms import nonfinite_status
+from orthax.transforms import raise_if_nonfinite
+from orthax.transforms import skip_if_nonfinite
 from orthax.transforms import clip_outliers
 from orthax.transforms import cosh_normalize
 from orthax.transforms import decoupled_weight_decay
@@ -41,7 +44,8 @@ __version__ = '0.1.0'
 __all__ = [
     'DEFAULT_RULES', 'MatrixSpec', 'NonFiniteGradientError', 'Router', 'Rule',
     'Distributed',
-    'check_finite', 'decoupled_weight_decay', 'describe', 'momentum', 'muon',
+    'decoupled_weight_decay', 'nonfinite_leaves', 'nonfinite_status',
+    'raise_if_nonfinite', 'skip_if_nonfinite', 'describe', 'momentum', 'muon',
     'matrix_stages', 'orthogonalize', 'polar', 'recipe', 'recipe_factory',
     'recipe_names',
     'recipe_references', 'scale_by_shape',

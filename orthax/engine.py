@@ -93,11 +93,46 @@ def _empty_outputs(stages, x, spec):
           for st in stages]
 
 
+def _P():
+  return jax.sharding.PartitionSpec()
+
+
+def _explicit_spec(x) -> Any:
+  """``x``'s ``PartitionSpec`` when it is sharded over Explicit mesh axes
+  (under ``jax.set_mesh``), else ``None``."""
+  if not isinstance(x, (jax.Array, jax.core.Tracer)):
+    return None
+  sh = getattr(jax.typeof(x), 'sharding', None)
+  mesh = getattr(sh, 'mesh', None)
+  if mesh is None or not mesh.axis_names or not any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return None
+  return sh.spec
+
+
+def _map_arrays(spec_of, tree, like):
+  """Each array of ``tree`` resharded to ``spec_of(its twin in like)``
+  where that is a spec and differs from its own Explicit spec (``tree``
+  and ``like`` have one structure, ``None`` entries included)."""
+  is_none = lambda v: v is None
+  flat, treedef = jax.tree.flatten(tree, is_leaf=is_none)
+  twins, like_def = jax.tree.flatten(like, is_leaf=is_none)
+  if like_def != treedef:
+    raise AssertionError(f'engine: {treedef} != {like_def}')
+  out = []
+  for x, twin in zip(flat, twins):
+    spec = None if x is None or twin is None else spec_of(twin)
+    current = None if spec is None else _explicit_spec(x)
+    out.append(x if current is None or current == spec
+               else jax.sharding.reshard(x, spec))
+  return jax.tree.unflatten(treedef, out)
+
+
 def _on_one_device(fn, leaves, specs, stages, states, aux, inputs, group,
                    fn_args, paths, plan_kw) -> MatrixMap:
   """The trivial ``local`` plan, run without ``shard_map``: with ``group``
   one plan for all leaves (same-shape matrices stacked into one ``fn``
-  call), else one per leaf."""
+  call), else (and for stages without ``fn``) one per leaf."""
   run = lambda idx, sts: MatrixMap(*sharding.execute_plan(
       sharding.local_plan([paths[i] for i in idx], [leaves[i] for i in idx],
                           [specs[i] for i in idx], stages,
@@ -107,9 +142,12 @@ def _on_one_device(fn, leaves, specs, stages, states, aux, inputs, group,
       _identity if fn is None else fn, stages=stages, stage_states=sts,
       aux=None if aux is None else [aux[i] for i in idx], fn_args=fn_args,
       inputs=None if inputs is None else [inputs[i] for i in idx]))
-  if group:
+  # Stages alone are per matrix: kept per leaf (no stacking), so that on a
+  # mesh without distributed= each leaf keeps its sharding under GSPMD.
+  slots = any(st.slot_state for st in stages)
+  if group and (fn is not None or slots):
     return run(range(len(leaves)), states)
-  if any(st.slot_state for st in stages):
+  if slots:
     raise ValueError('map_matrices: slot stages need group=True (their '
                      'state is kept per group).')
   parts = [run([i], [[per[i]] for per in states]) for i in range(len(leaves))]
@@ -252,9 +290,18 @@ def map_matrices(
   sts = [per if st.slot_state else pick(per)
          for st, per in zip(stages, states)]
   if distributed is None:
-    done = _on_one_device(fn, pick(leaves), pick(specs), stages, sts,
-                          pick(aux), pick(inputs), group, tuple(fn_args),
-                          pick(paths), plan_kw)
+    # Explicit mesh axes: each device computes whole matrices (as GSPMD
+    # would gather them on Auto axes); the results go back to each leaf's
+    # and each state's sharding.
+    args = (pick(leaves), sts, pick(aux), pick(inputs), tuple(fn_args))
+    placed = _map_arrays(
+        lambda x: None if _explicit_spec(x) is None else _P(), args, args)
+    ll, sts_, aux_, inputs_, fn_args_ = placed
+    done = _on_one_device(fn, ll, pick(specs), stages, sts_, aux_, inputs_,
+                          group, fn_args_, pick(paths), plan_kw)
+    done = done._replace(
+        leaves=_map_arrays(_explicit_spec, done.leaves, args[0]),
+        states=_map_arrays(_explicit_spec, done.states, args[1]))
   else:
     lp, ll = pick(paths), pick(leaves)
     done = MatrixMap(*sharding.distributed_orthogonalize(

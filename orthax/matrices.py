@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -181,17 +181,3 @@ def unstack_group(group: Group, stack: jax.Array) -> dict[int, jax.Array]:
     start += mb.count
     out[mb.leaf] = jnp.swapaxes(part, -1, -2) if mb.transposed else part
   return out
-
-
-def map_grouped(fn: Callable[[jax.Array], jax.Array],
-                mats: Sequence[jax.Array]) -> list[jax.Array]:
-  """Applies ``fn`` (``[count, m, n] → [count, m, n]``, wide) once per group.
-
-  ``mats`` are ``[batch, fan_in, fan_out]`` arrays; the result has the same
-  shapes, in the same order.
-  """
-  groups = plan_groups([tuple(x.shape) for x in mats], [x.dtype for x in mats])
-  out: dict[int, jax.Array] = {}
-  for g in groups:
-    out.update(unstack_group(g, fn(stack_group(g, mats))))
-  return [out[i] for i in range(len(mats))]

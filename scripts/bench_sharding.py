@@ -47,11 +47,11 @@ from jax.sharding import PartitionSpec as P
 import orthax
 from orthax import matrix_stages as MS
 from orthax import sharding
+from orthax.engine import leaf_state_shape
 from orthax.benchmarking import gpt2_hidden_kernels
 from orthax.matrices import MatrixSpec
 from orthax.polar import orthogonalize_stack
 from orthax.sharding import hlo
-from orthax.transforms.matrix_stage import leaf_state_shape
 
 MiB = 2.0**20
 STEPS = 5

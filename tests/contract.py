@@ -14,7 +14,8 @@ passes), and raises ``AssertionError`` when the optimizer breaks the contract:
                                    factory can be injected;
 * :func:`check_multisteps`         ``optax.MultiSteps`` accumulates the mean;
 * :func:`check_schedules`          constant schedule == number, warmup from 0;
-* :func:`check_quadratic`, :func:`check_least_squares`  convergence.
+
+and ``tests/convergence.py`` checks that the recipes train.
 
 :func:`recipe_cases` lists one case per registered recipe (and one per
 reference mode of a recipe that has them), read from
@@ -48,11 +49,6 @@ REQUIRED_STATE_NAMES: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_STATE_NAMES = ('momentum', 'orthogonalize')
 
-# Convergence settings: peak learning rate of a warmup-cosine schedule and the
-# step budget. A recipe whose step size differs by design may get its own
-# entry.
-CONVERGENCE: dict[str, dict[str, Any]] = {}
-DEFAULT_CONVERGENCE = dict(peak_lr=0.1, steps=300)
 
 
 # Cases ------------------------------------------------------------------------
@@ -414,79 +410,3 @@ def check_schedules(make: Make):
   ups, _ = run_steps(make(warmup), params, eager.grads[:2])
   assert_all_zero(ups[0], 'warmup schedule, step 0')
   assert_all_nonzero(ups[1], 'warmup schedule, step 1')
-
-
-def _fit(make: Make, params, loss_fn, *, peak_lr, steps):
-  sched = optax.warmup_cosine_decay_schedule(
-      0.0, peak_lr, warmup_steps=min(10, steps // 10), decay_steps=steps,
-      end_value=peak_lr * 1e-3)
-  tx = make(sched)
-  state = tx.init(params)
-
-  @jax.jit
-  def train(params, state):
-    def body(carry, _):
-      params, state = carry
-      loss, g = jax.value_and_grad(loss_fn)(params)
-      u, state = tx.update(g, state, params)
-      return (optax.apply_updates(params, u), state), loss
-    (params, state), losses = jax.lax.scan(body, (params, state), None,
-                                           length=steps)
-    return params, losses, loss_fn(params)
-
-  params, losses, final = train(params, state)
-  return params, np.asarray(losses), float(final)
-
-
-def check_quadratic(make: Make, *, peak_lr=None, steps=None,
-                    reduction: float = 0.9):
-  """``sum((W - W*)²) + sum((b - b*)²)`` drops by ``reduction``."""
-  cfg = dict(DEFAULT_CONVERGENCE)
-  cfg.update({k: v for k, v in dict(peak_lr=peak_lr, steps=steps).items()
-              if v is not None})
-  target = random_like({'kernel': (16, 32), 'bias': (32,)}, 7, is_shape=True)
-  target = jax.tree.map(lambda t: 0.5 * t, target)
-  params = jax.tree.map(jnp.zeros_like, target)
-
-  def loss_fn(p):
-    return sum(jnp.sum((a - b) ** 2) for a, b in
-               zip(jax.tree.leaves(p), jax.tree.leaves(target)))
-
-  _, losses, final = _fit(make, params, loss_fn, **cfg)
-  first = float(losses[0])  # the loss at the initial params
-  assert np.all(np.isfinite(losses)), 'non-finite loss while fitting'
-  assert final <= (1 - reduction) * first, (
-      f'quadratic: loss {first:.4g} -> {final:.4g} in {cfg["steps"]} steps '
-      f'(needs a {reduction:.0%} reduction)')
-
-
-def check_least_squares(make: Make, *, peak_lr=None, steps=None,
-                        reduction: float = 0.9):
-  """``mean ||X W - Y||²`` with a 2-D kernel (and a bias) drops by
-  ``reduction``."""
-  cfg = dict(DEFAULT_CONVERGENCE)
-  cfg.update({k: v for k, v in dict(peak_lr=peak_lr, steps=steps).items()
-              if v is not None})
-  rng = np.random.default_rng(3)
-  x = rng.standard_normal((128, 24), np.float32)
-  w_true = rng.standard_normal((24, 12), np.float32) / np.sqrt(24)
-  y = jnp.asarray(x @ w_true + 0.01 * rng.standard_normal((128, 12),
-                                                          np.float32))
-  x = jnp.asarray(x)
-  params = {'dense': {'kernel': jnp.zeros((24, 12)), 'bias': jnp.zeros(12)}}
-
-  def loss_fn(p):
-    pred = x @ p['dense']['kernel'] + p['dense']['bias']
-    return jnp.mean(jnp.sum((pred - y) ** 2, axis=-1))
-
-  out, losses, final = _fit(make, params, loss_fn, **cfg)
-  first = float(losses[0])  # the loss at the initial params
-  assert np.all(np.isfinite(losses)), 'non-finite loss while fitting'
-  assert final <= (1 - reduction) * first, (
-      f'least squares: loss {first:.4g} -> {final:.4g} in {cfg["steps"]} steps '
-      f'(needs a {reduction:.0%} reduction)')
-  return out
-
-
-def convergence_config(name: str) -> dict[str, Any]:
-  return {**DEFAULT_CONVERGENCE, **CONVERGENCE.get(name, {})}

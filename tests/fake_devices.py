@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import traceback
 
 HERE = pathlib.Path(__file__).parent
 
@@ -31,3 +32,13 @@ def run_cases(script: str, timeout: int, check_errors: bool = True) -> dict:
     for name, r in res.items():
       assert 'error' not in r, f"{name}: {r['error']}\n{r.get('trace')}"
   return res
+
+
+def guarded(fn) -> dict:
+  """Used inside a case script: ``fn()``'s result, or the error it raised
+  (message and traceback) for :func:`run_cases` to report."""
+  try:
+    return fn()
+  except Exception as e:  # pylint: disable=broad-except
+    return {'error': f'{type(e).__name__}: {e}'[:2000],
+            'trace': traceback.format_exc()[-3000:]}

@@ -32,6 +32,7 @@ from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import fake_devices
 from orthax import matrices
 from orthax import sharding
 from orthax.matrices import MatrixSpec
@@ -201,13 +202,9 @@ def main(argv):
   res = {}
   for n in names:
     t0 = time.perf_counter()
-    try:
-      res[n] = (optax_explicit_baseline() if n == 'optax_explicit'
-                else run_case(n))
-    except Exception as e:  # pylint: disable=broad-except
-      import traceback  # pylint: disable=g-import-not-at-top
-      res[n] = dict(error=f'{type(e).__name__}: {e}',
-                    trace=traceback.format_exc()[-3000:])
+    res[n] = fake_devices.guarded(
+        optax_explicit_baseline if n == 'optax_explicit'
+        else lambda n=n: run_case(n))
     print(f'{n}: {time.perf_counter() - t0:.1f}s', file=sys.stderr)
   print(json.dumps(res))
 

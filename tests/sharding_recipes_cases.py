@@ -15,10 +15,10 @@ plan's prediction), and whether updates keep the parameters' shardings. Prints o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
-import traceback
 
 if __name__ == '__main__':
   flag = '--xla_force_host_platform_device_count=8'
@@ -33,6 +33,7 @@ from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import fake_devices
 import orthax
 from orthax import sharding
 from orthax.sharding import hlo
@@ -118,7 +119,7 @@ def run(recipe, mesh, axis_type, comm_dtype, inject=False, **dist_kw):
   ops = hlo.collectives(text)
   kinds = [op['op'] for op in ops]
   try:  # auon distributes nothing: no plan
-    with jax.set_mesh(mesh) if explicit else _null():
+    with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
       plan_bytes = sharding.plan(tx, p).bytes_per_device
   except sharding.NotDistributedError:
     plan_bytes = None
@@ -152,45 +153,33 @@ def main():
       mesh = jax.make_mesh(shape, names, axis_types=(at,) * len(shape))
       for wire in ('f32', 'bf16'):
         key = f'{recipe}/{mname}/{wire}'
-        try:
-          with jax.set_mesh(mesh) if at == AxisType.Explicit else _null():
-            out[key] = run(recipe, mesh, at,
-                           jnp.float32 if wire == 'f32' else jnp.bfloat16,
-                           **(kw[0] if kw else {}))
-        except Exception as e:  # reported, asserted on by the test
-          out[key] = {'error': f'{type(e).__name__}: {e}'[:2000],
-                      'trace': traceback.format_exc()[-3000:]}
+        out[key] = fake_devices.guarded(functools.partial(
+            _run_in, mesh, at, recipe, jnp.float32 if wire == 'f32'
+            else jnp.bfloat16, **(kw[0] if kw else {})))
   # Traced hyperparameters (inject_hyperparams), f32, Explicit fsdp8.
   for recipe in INJECT:
     shape, names, at = meshes['explicit_fsdp8']
     mesh = jax.make_mesh(shape, names, axis_types=(at,) * len(shape))
     key = f'{recipe}_inject/explicit_fsdp8/f32'
-    try:
-      with jax.set_mesh(mesh):
-        out[key] = run(recipe, mesh, at, jnp.float32, inject=True)
-    except Exception as e:  # reported, asserted on by the test
-      out[key] = {'error': f'{type(e).__name__}: {e}'[:2000],
-                  'trace': traceback.format_exc()[-3000:]}
+    out[key] = fake_devices.guarded(functools.partial(
+        _run_in, mesh, at, recipe, jnp.float32, inject=True))
   # The other recipes: f32 on the wire, Auto fsdp8 and fsdp4×tp2.
   for recipe in ('root', 'spectra', 'hybrid_auon', 'lanton', 'auon'):
     for mname in ('fsdp8', 'fsdp4tp2'):
       shape, names, at = meshes[mname]
       mesh = jax.make_mesh(shape, names, axis_types=(at,) * len(shape))
       key = f'{recipe}/{mname}/f32'
-      try:
-        out[key] = run(recipe, mesh, at, jnp.float32)
-      except Exception as e:  # reported, asserted on by the test
-        out[key] = {'error': f'{type(e).__name__}: {e}'[:2000],
-                    'trace': traceback.format_exc()[-3000:]}
+      out[key] = fake_devices.guarded(functools.partial(
+          _run_in, mesh, at, recipe, jnp.float32))
   print(json.dumps(out))
 
 
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
+def _run_in(mesh, axis_type, recipe, wire, **kw):
+  """:func:`run` under ``jax.set_mesh`` on an Explicit mesh."""
+  ctx = (jax.set_mesh(mesh) if axis_type == AxisType.Explicit
+         else contextlib.nullcontext())
+  with ctx:
+    return run(recipe, mesh, axis_type, wire, **kw)
 
 
 if __name__ == '__main__':

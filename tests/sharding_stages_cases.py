@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import sys
-import traceback
 
 if __name__ == '__main__':
   flag = '--xla_force_host_platform_device_count=8'
@@ -29,6 +28,7 @@ import numpy as np
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 
+import fake_devices
 import orthax
 from orthax import matrix_stages as MS
 from orthax import sharding
@@ -194,11 +194,7 @@ def _run(name: str, mesh) -> dict:
 def main(argv):
   res = {}
   for n in argv or list(CASES):
-    try:
-      res[n] = run_case(n)
-    except Exception as e:  # pylint: disable=broad-except
-      res[n] = dict(error=f'{type(e).__name__}: {e}'[:2000],
-                    trace=traceback.format_exc()[-3000:])
+    res[n] = fake_devices.guarded(lambda n=n: run_case(n))
   print(json.dumps(res))
 
 

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 import contract  # tests/contract.py (pytest puts tests/ on sys.path)
+import convergence  # tests/convergence.py
 import orthax
 
 CASES = contract.recipe_cases()
@@ -104,16 +105,16 @@ def test_schedules(case):
 
 @cases
 def test_converges_on_quadratic(case):
-  contract.check_quadratic(case.make, **_conv(case))
+  convergence.check_quadratic(case.make, **_conv(case))
 
 
 @cases
 def test_converges_on_least_squares(case):
-  contract.check_least_squares(case.make, **_conv(case))
+  convergence.check_least_squares(case.make, **_conv(case))
 
 
 def _conv(case):
-  cfg = contract.convergence_config(case.name)
+  cfg = convergence.convergence_config(case.name)
   return dict(peak_lr=cfg['peak_lr'], steps=cfg['steps'])
 
 
@@ -183,8 +184,8 @@ def _frozen(learning_rate):
      _ignores_lr),
     (contract.check_multisteps, _impure),
     (contract.check_schedules, _off_by_one_schedule),
-    (contract.check_quadratic, _frozen),
-    (contract.check_least_squares, _frozen),
+    (convergence.check_quadratic, _frozen),
+    (convergence.check_least_squares, _frozen),
 ], ids=['jit', 'retrace', 'dtype', 'inject', 'multisteps', 'schedules',
         'quadratic', 'least_squares'])
 def test_harness_rejects_a_broken_optimizer(check, bad):
@@ -196,7 +197,7 @@ def test_harness_rejects_a_broken_optimizer(check, bad):
     contract.check_jit_matches_eager, contract.check_no_retrace,
     lambda m: contract.check_dtypes(m, jnp.bfloat16),
     contract.check_multisteps, contract.check_schedules,
-    contract.check_least_squares,
+    convergence.check_least_squares,
 ], ids=['jit', 'retrace', 'dtype', 'multisteps', 'schedules', 'least_squares'])
 def test_harness_accepts_sgd(check):
   check(_sgd)

@@ -131,6 +131,16 @@ def test_spectra_on_explicit_mesh_equals_one_device(mesh_cases):
   assert r['sharding_kept'] and r['all_to_all'] > 0
 
 
+@pytest.mark.parametrize('recipe', ['muon', 'normuon', 'namo_d', 'root'])
+def test_recipe_without_distributed_on_explicit_mesh(mesh_cases, recipe):
+  """Explicit fsdp=8 axes and no ``distributed=``: every device works on
+  whole matrices; equals one device and keeps the parameters' shardings
+  (it raised a ShardingTypeError on the grouped stack before)."""
+  r = mesh_cases[f'explicit_plain/{recipe}']
+  assert r['rel_err'] < 1e-5, r
+  assert r['sharding_kept']
+
+
 @pytest.mark.parametrize('mode', ['auto_jit', 'eager', 'explicit', 'devices'])
 def test_distributed_for_another_mesh_raises(mesh_cases, mode):
   msg = mesh_cases[f'other_mesh/{mode}']['raised']

@@ -53,20 +53,19 @@ def test_grouping_merges_orientations_and_keeps_order():
   assert [mb.transposed for mb in groups[0].members] == [False, True, False]
 
 
-def test_map_grouped_equals_per_leaf():
+def test_stack_group_round_trips_in_wide_orientation():
   rng = np.random.default_rng(2)
   mats = [jnp.asarray(rng.standard_normal(s), jnp.float32)
           for s in [(1, 8, 32), (2, 32, 8), (1, 16, 16), (3, 8, 32)]]
-  calls = []
-
-  def ns(x):
-    calls.append(x.shape)
-    return orthax.polar.newton_schulz(x)
-
-  grouped = matrices.map_grouped(ns, mats)
-  assert calls == [(6, 8, 32), (1, 16, 16)]
-  for g, x in zip(grouped, mats):
-    np.testing.assert_allclose(g, orthax.polar.newton_schulz(x), atol=2e-6)
+  groups = matrices.plan_groups([x.shape for x in mats], [jnp.float32] * 4)
+  stacks = [matrices.stack_group(g, mats) for g in groups]
+  assert [s.shape for s in stacks] == [(6, 8, 32), (1, 16, 16)]
+  np.testing.assert_array_equal(stacks[0][1:3], np.swapaxes(mats[1], -1, -2))
+  back = {}
+  for g, s in zip(groups, stacks):
+    back.update(matrices.unstack_group(g, s))
+  for i, x in enumerate(mats):
+    np.testing.assert_array_equal(back[i], x)
 
 
 def test_orthogonalize_stacked_and_conv_leaves():

@@ -41,6 +41,16 @@ def test_mesh_training_equals_one_device():
                                  err_msg=f'{name} on mesh {mesh}')
 
 
+def test_nonfinite_gradient_on_a_mesh_raises_naming_the_leaf():
+  """fsdp=2, a NaN gradient at step 2, train.nonfinite='raise': a
+  NonFiniteGradientError naming the step and leaf, and a normal exit (the
+  guard decides on device; no host callback that aborts a mesh)."""
+  out = _run(2, 'nonfinite')
+  assert out['error'] == 'NonFiniteGradientError', out
+  assert ("non-finite gradient (NaN or Inf) at step 2 in leaf '"
+          in out['message']), out
+
+
 def test_every_config_passes_its_dry_run():
   """Each config compiles its full train step on fake devices shaped like
   its mesh, at its real size (scanned layers keep compile time flat)."""

@@ -18,6 +18,7 @@ from orthax.train import trainer  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from test_train import tiny  # noqa: E402
+from test_train_robust import inject_nan  # noqa: E402
 
 CONFIGS = pathlib.Path(__file__).parent.parent / 'configs'
 
@@ -45,6 +46,20 @@ def mesh_numerics():
   return out
 
 
+def nonfinite_on_mesh():
+  """A NaN gradient at step 2 on an fsdp=2 mesh with train.nonfinite=
+  'raise': the error names the step and leaves, and nothing hangs."""
+  inject_nan({2})
+  c = tiny('muon', steps=4)
+  c.train.eval_every = 0
+  c.mesh.fsdp = 2
+  try:
+    trainer.train(c, None, progress=False)
+  except ValueError as e:
+    return {'error': type(e).__name__, 'message': str(e)}
+  return {'error': None}
+
+
 def dry_runs(names):
   out = {}
   for name in names:
@@ -59,5 +74,7 @@ if __name__ == '__main__':
   what = sys.argv[2]
   if what == 'numerics':
     print(json.dumps(mesh_numerics()))
+  elif what == 'nonfinite':
+    print(json.dumps(nonfinite_on_mesh()))
   else:
     print(json.dumps(dry_runs(what.split(','))))

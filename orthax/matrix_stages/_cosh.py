@@ -11,6 +11,7 @@ from orthax.matrix_stages._base import MatrixStage
 from orthax.matrix_stages._base import stage
 from orthax.matrix_stages._base import static
 from orthax.matrix_stages._base import wide
+from orthax.polar.newton_schulz import downscale_huge
 
 BRAKE_INPUTS = ('normalized', 'raw')
 
@@ -41,8 +42,11 @@ class CoshNormalize(MatrixStage):
 
   def apply(self, o, state, blocks):
     g = o.astype(wide(o.dtype))
-    norm = jnp.sqrt(blocks.sum(jnp.square(g), (-2, -1)))
-    xn = g / (norm + self.norm_eps)
+    # A whole matrix is first scaled by a power of two when huge, so that
+    # its sum of squares cannot overflow (X is scale-invariant).
+    gs = g if blocks.split is not None else downscale_huge(g)
+    norm = jnp.sqrt(blocks.sum(jnp.square(gs), (-2, -1)))
+    xn = gs / (norm + self.norm_eps)
     b = xn if self.brake_input == 'normalized' else g
     size = blocks.fan_in * blocks.fan_out
     r = jnp.sqrt(blocks.sum(jnp.square(jnp.cosh(self.gamma * b)), (-2, -1))

@@ -101,15 +101,47 @@ def _rsqrt_clamped(v, eps):
   return jax.lax.rsqrt(jnp.maximum(v, eps))
 
 
+HUGE = 2.0 ** 32
+
+
+def huge_scale(x: jax.Array) -> jax.Array:
+  """Per matrix, ``2⁻ᵉ`` with ``2ᵉ ≥ max|x|`` when ``max|x| > 2³²``, else
+  exactly 1 (float32, shape ``[..., 1, 1]``).
+
+  Newton–Schulz is scale-invariant, but its normalizer's sum of squares
+  overflows float32 once ``‖X‖_F > 1.8·10¹⁹`` (a 64×64 matrix of entries
+  ``10¹⁹``), and the update would come out zero. A power of two scales
+  exactly, so the direction is that of the unscaled matrix; the factor is
+  built from its exponent bits (one scalar per matrix), and multiplying by
+  it is the only element-wise work.
+  """
+  m = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True).astype(jnp.float32)
+  e = jnp.where(m > HUGE, jnp.ceil(jnp.log2(m)), 0.0).astype(jnp.int32)
+  e = jnp.minimum(e, 126)  # 2⁻¹²⁶ is float32's smallest normal power of 2
+  return jax.lax.bitcast_convert_type((127 - e) << 23, jnp.float32)
+
+
+def downscale_huge(x: jax.Array) -> jax.Array:
+  """``x·2⁻ᵉ`` per matrix (:func:`huge_scale`): unchanged, bit for bit,
+  unless ``max|x| > 2³²``."""
+  return (x * huge_scale(x).astype(x.dtype)).astype(x.dtype)
+
+
 def normalize_frobenius(x: jax.Array, scale: float = 1.0,
                         eps: float = 1e-7, *,
                         col_reduce: ColReduce = None) -> jax.Array:
   """``X / (scale·‖X‖_F + eps)`` per matrix (norm taken in float32 or wider;
-  ``col_reduce`` completes the sum of squares of a column block)."""
+  ``col_reduce`` completes the sum of squares of a column block). A whole
+  matrix (no ``col_reduce``) sums the squares of ``X·2⁻ᵉ``
+  (:func:`huge_scale`), so a huge matrix cannot overflow the sum."""
   acc = jnp.promote_types(x.dtype, jnp.float32)
-  norm = jnp.sqrt(_reduced(jnp.sum(jnp.square(x.astype(acc)), axis=(-2, -1),
+  xa = x.astype(acc)
+  f = None if col_reduce is not None else huge_scale(xa).astype(acc)
+  scaled = xa if f is None else xa * f
+  norm = jnp.sqrt(_reduced(jnp.sum(jnp.square(scaled), axis=(-2, -1),
                                    keepdims=True), col_reduce))
-  return (x.astype(acc) / (scale * norm + eps)).astype(x.dtype)
+  norm = norm if f is None else norm / f
+  return (xa / (scale * norm + eps)).astype(x.dtype)
 
 
 class Prepared(NamedTuple):
@@ -152,6 +184,8 @@ def prepare(x, preset, *, steps, coeffs, normalizer, norm_scale, eps, dtype,
   acc = jnp.promote_types(dtype, jnp.float32)
   rows = jnp.asarray(table, acc)
   gram = None
+  if normalizer in ('aol', 'schatten4') and col_reduce is None:
+    x = downscale_huge(x)  # their Gram matrix of the raw x could overflow
   if normalizer == 'frobenius':
     x = normalize_frobenius(x, norm_scale, eps,
                             col_reduce=col_reduce).astype(dtype)

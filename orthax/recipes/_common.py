@@ -18,6 +18,7 @@ import optax
 
 from orthax import routing
 from orthax import transforms as T
+from orthax.transforms import precision
 
 RouterLike = routing.Router | Callable[[Any], Any]
 
@@ -70,14 +71,14 @@ def adamw_branch(learning_rate: optax.ScalarOrSchedule,
       **kwargs)
 
 
-def with_check_finite(tx: optax.GradientTransformation, check_finite: bool,
-                      name: str = 'partition'
+def with_check_finite(tx: optax.GradientTransformation, check_finite: bool
                       ) -> optax.GradientTransformation:
-  """``tx`` preceded by :func:`orthax.transforms.check_finite` (as
-  ``named_chain(('check_finite', ...), (name, tx))``) if ``check_finite``."""
+  """``tx`` wrapped by :func:`orthax.transforms.skip_if_nonfinite` if
+  ``check_finite``: a step whose gradient holds NaN/Inf is skipped on
+  device and the state says which leaves (``orthax.nonfinite_leaves``)."""
   if not check_finite:
     return tx
-  return optax.named_chain(('check_finite', T.check_finite()), (name, tx))
+  return T.skip_if_nonfinite(tx)
 
 
 def with_shape_check(tx: optax.GradientTransformation
@@ -125,6 +126,10 @@ def assemble_with_adamw(
 ) -> optax.GradientTransformation:
   """The shared tail of a recipe: :func:`assemble` with the AdamW branch
   :func:`adamw_branch` ``(learning_rate, adam_learning_rate,
-  **adam_kwargs)``."""
+  **adam_kwargs)``. Every branch computes in float32 for float16/bfloat16
+  parameters (:func:`orthax.transforms.precision.in_float32`; the AdamW
+  branch does so itself) and returns updates in the gradients' dtype."""
   adam = adamw_branch(learning_rate, adam_learning_rate, **adam_kwargs)
-  return assemble(matrix_chain, adam, router, check_finite, branches)
+  branches = {k: precision.in_float32(v) for k, v in (branches or {}).items()}
+  return assemble(precision.in_float32(matrix_chain), adam, router,
+                  check_finite, branches)

@@ -9,6 +9,7 @@ import jax
 import optax
 
 from orthax import _tree
+from orthax import _validate
 from orthax import matrix_stages as MS
 from orthax import routing
 from orthax import transforms as T
@@ -97,6 +98,7 @@ def normuon(
 
   References: Li et al., arXiv 2510.05491; ALGORITHMS.md §3, §12.
   """
+  _validate.arguments('normuon', normuon, locals())
   reference = registry.resolve_reference('normuon', reference)
   d = _NORMUON_REFERENCES[reference]
   router, specs = _common.route(router)
@@ -197,6 +199,7 @@ def namo(
     distributed: Any = None,
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
+  _validate.arguments('namo', namo, locals())
   return _namo('namo', 'scalar', learning_rate, reference, beta, mu2, eps,
                weight_decay, scale_coeff, 0.0, nesterov, preset, ns_steps,
                ns_dtype, ns_method, mu_dtype, adam_learning_rate, adam_b1,
@@ -236,6 +239,7 @@ def namo_d(
     distributed: Any = None,
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
+  _validate.arguments('namo_d', namo_d, locals())
   return _namo('namo_d', 'diagonal', learning_rate, reference, beta, mu2, eps,
                weight_decay, scale_coeff, clamp_c, nesterov, preset, ns_steps,
                ns_dtype, ns_method, mu_dtype, adam_learning_rate, adam_b1,
@@ -333,6 +337,7 @@ def lanton(
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   stage on whole matrices per device.
   """
+  _validate.arguments('lanton', lanton, locals())
   router, specs = _common.route(router)
   direction = optax.named_chain(
       ('orthogonalize', T.orthogonalize(preset, steps=ns_steps,

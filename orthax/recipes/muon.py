@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import optax
 
+from orthax import _validate
 from orthax import matrix_stages as MS
 from orthax import routing
 from orthax import transforms as T
@@ -103,7 +104,9 @@ def muon(
     scale_rms: RMS target of the ``moonlight`` scale.
     weight_decay: λ for matrices.
     cautious_weight_decay: decay only where the update shrinks the weight.
-    mu_dtype: momentum accumulator dtype (both branches).
+    mu_dtype: momentum accumulator dtype (both branches; default float32,
+      or the parameters' dtype if wider: every branch computes in float32
+      and rounds the update to the gradients' dtype once).
     adam_learning_rate: AdamW learning rate (default: ``learning_rate``).
     adam_b1, adam_b2, adam_eps: AdamW moments and epsilon.
     adam_weight_decay: AdamW weight decay (default 0; Moonlight: λ).
@@ -111,12 +114,15 @@ def muon(
       default: ``Router()`` (``'optax'`` reference: the 2-D rule).
     distributed: an :class:`orthax.sharding.Distributed` to run
       Newton–Schulz on whole matrices per device over a mesh.
-    check_finite: raise, naming the leaf, on a NaN/Inf gradient.
+    check_finite: skip a step whose gradient holds NaN/Inf, on device
+      (update zero, state kept; :func:`orthax.skip_if_nonfinite`), and
+      flag its leaves in the state (:func:`orthax.nonfinite_leaves`).
 
   References: K. Jordan, *Muon: An optimizer for hidden layers* (2024),
   github.com/KellerJordan/Muon; Liu et al., *Muon is Scalable for LLM
   Training*, arXiv 2502.16982.
   """
+  _validate.arguments('muon', muon, locals())
   reference = registry.resolve_reference('muon', reference)
   d = _MUON_REFERENCES[reference]
   nesterov = d['nesterov'] if nesterov is None else nesterov

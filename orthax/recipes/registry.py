@@ -4,8 +4,7 @@ trainer's default learning rates.
 A recipe registers itself with :func:`register`; ``orthax.recipe(name)``,
 the trainer (``orthax.train``) and ``orthax.sharding.plan`` find it here.
 The parts every recipe shares (routing, AdamW branch, partition, finiteness
-check) are in :mod:`orthax.recipes._common`; :func:`assemble` and
-:func:`ndim2_labels` are re-exported from there.
+check) are in :mod:`orthax.recipes._common` (``orthax.recipes.assemble``).
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ from typing import Callable, Mapping
 
 import optax
 
-from orthax.recipes._common import assemble  # pylint: disable=unused-import
-from orthax.recipes._common import ndim2_labels  # pylint: disable=unused-import
 
 Factory = Callable[..., optax.GradientTransformation]
 

@@ -10,12 +10,14 @@ from typing import Any, Callable
 
 import optax
 
+from orthax import _validate
 from orthax import matrix_stages as MS
 from orthax import routing
 from orthax import sharding
 from orthax import transforms as T
 from orthax.matrices import MatrixSpec
 from orthax.polar import spectral as _spectral
+from orthax.transforms import precision
 from orthax.recipes import _common
 from orthax.recipes import registry
 
@@ -112,7 +114,9 @@ def spectra(
       (:func:`orthax.transforms.clip_threshold`; the 780M runs decay c to 0
       with ``clip_decay='sqrt'``).
     router: a :class:`orthax.Router` giving the matrix views.
-    check_finite: raise, naming the leaf, on a NaN/Inf gradient.
+    check_finite: skip a step whose gradient holds NaN/Inf, on device
+      (update zero, state kept; :func:`orthax.skip_if_nonfinite`), and
+      flag its leaves in the state (:func:`orthax.nonfinite_leaves`).
 
   ``distributed=orthax.sharding.Distributed(...)`` runs the soft clip on
   whole matrices per device (see :func:`orthax.spectral_clip`; needs
@@ -121,6 +125,7 @@ def spectra(
   References: Jiang, Semenov, Stich, *Enhancing LLM Training via Spectral
   Clipping*, arXiv 2603.14315 (ICML 2026); github.com/mlolab/llm-spectral-clipping.
   """
+  _validate.arguments('spectra', spectra, locals())
   d = _SPECTRA_REFERENCES[registry.resolve_reference('spectra', reference)]
   router, specs = _common.route(
       router, routing.Router(extra_rules=SPECTRA_RULES))
@@ -137,10 +142,13 @@ def spectra(
       decay_fraction=clip_decay_fraction, final_scale=clip_final_scale,
       total_steps=total_steps, matrix_specs=specs,
       distributed=distributed)
-  tx = optax.named_chain(('base', base), ('spectral_clip', clip))
+  # In float32 for float16/bfloat16 parameters: the base step reaches the
+  # clip unrounded (the clip recovers its direction as -Δ/η - λW).
+  tx = precision.in_float32(
+      optax.named_chain(('base', base), ('spectral_clip', clip)))
   # No AdamW branch and no partition: the chain itself follows the check.
   return _common.with_shape_check(
-      _common.with_check_finite(tx, check_finite, name='inner'))
+      _common.with_check_finite(tx, check_finite))
 
 
 @registry.register('root', references=('repo',), learning_rate=0.02,
@@ -190,6 +198,7 @@ def root(
   References: He et al., *ROOT: Robust Orthogonalized Optimizer*, arXiv
   2511.20626; github.com/huawei-noah/noah-research (ROOT/).
   """
+  _validate.arguments('root', root, locals())
   registry.resolve_reference('root', reference)  # one mode: only checked
   router, specs = _common.route(router)
   matrix = optax.named_chain(
@@ -306,6 +315,7 @@ def auon(
 
   References: D. Maity, arXiv 2509.24320; github.com/ryyzn9/AuON.
   """
+  _validate.arguments('auon', auon, locals())
   return _auon(False, learning_rate, reference, beta, gamma, None, None,
                mu_dtype, weight_decay, adam_learning_rate, adam_b1, adam_b2,
                adam_eps, router, check_finite, _no_matrix_function(distributed))
@@ -346,6 +356,7 @@ def hybrid_auon(
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   steps on whole matrices per device.
   """
+  _validate.arguments('hybrid_auon', hybrid_auon, locals())
   return _auon(True, learning_rate, reference, beta, gamma, ns_steps,
                ns_dtype, mu_dtype, weight_decay, adam_learning_rate, adam_b1,
                adam_b2, adam_eps, router, check_finite, distributed)

@@ -10,10 +10,14 @@ notebooks import (needs the ``scripts`` extra: flax, orbax, ml_collections):
   and the sharding plan of a config (:func:`plan`);
 * :mod:`~orthax.train.step` — jitted train/eval steps and state shardings;
 * :mod:`~orthax.train.trainer` — the loop (:func:`train`);
-* :mod:`~orthax.train.checkpoint`, :mod:`~orthax.train.metrics`;
+* :mod:`~orthax.train.faults` — non-finite gradient policy, SIGTERM;
+* :mod:`~orthax.train.checkpoint` — verified checkpoints, fallback;
+* :mod:`~orthax.train.rundir` — ``config.json``, refused reruns;
+* :mod:`~orthax.train.metrics`;
 * :mod:`~orthax.train.dry_run` — compile a config on a fake mesh;
 * :mod:`~orthax.train.compare` — several optimizers on one config;
-* :mod:`~orthax.train.configs` — defaults that ``configs/*.py`` build on.
+* :mod:`~orthax.train.configs` — defaults that ``configs/*.py`` build on,
+  and the config check.
 """
 
 from orthax.train.optim import plan

@@ -1,47 +1,171 @@
-"""Orbax checkpoints of the whole :class:`~orthax.train.step.TrainState`.
+"""Verified orbax checkpoints of the whole
+:class:`~orthax.train.step.TrainState`.
 
 Together with batches that are a pure function of ``(seed, step)``
 (:class:`orthax.train.data.TokenLoader`), restoring the latest checkpoint
 and training on reproduces the uninterrupted run bit for bit.
+
+**Verification.** Orbax saves asynchronously: :meth:`Checkpointer.save`
+returns while a background thread writes the files. Once orbax reports
+the step committed (polled every step, waited for before the next save and
+at :meth:`~Checkpointer.close`), every file of the step directory is
+hashed and ``<step>/orthax_checksums.json`` records its size and SHA-256
+(about one second per GB on one core). Hashing the committed files rather
+than the arrays catches damage to any byte on disk — data chunks,
+manifests, metadata — needs no extra device-to-host copy, and lets a
+restore check a checkpoint before reading it. The record lives in the step
+directory, so orbax's ``max_to_keep`` deletes it with its step.
+
+:meth:`~Checkpointer.restore_intact` walks the steps newest first: a step
+whose files do not match their record (changed bytes, truncated, missing),
+or that has no record and fails to restore, is logged as damaged and moved
+to ``<directory>.damaged/<step>``; the newest intact step is restored. When
+none is intact, :class:`DamagedCheckpointError` names every step and what
+is wrong with it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import shutil
 from typing import Any
 
 import jax
 
+CHECKSUMS = 'orthax_checksums.json'
+log = logging.getLogger('orthax.train')
+
+
+class DamagedCheckpointError(RuntimeError):
+  """Every checkpoint of a run is damaged; nothing to resume from."""
+
+
+def sha256(path: str) -> str:
+  """Hex SHA-256 of a file, read in 1 MiB chunks."""
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def file_digests(step_dir: str) -> dict[str, dict[str, Any]]:
+  """``{relative path: {'size', 'sha256'}}`` of every file under
+  ``step_dir`` (the checksum record itself excluded)."""
+  out = {}
+  for root, _, files in os.walk(step_dir):
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, step_dir)
+      if rel.startswith(CHECKSUMS):  # the record (and its temporary file)
+        continue
+      out[rel] = {'size': os.path.getsize(path), 'sha256': sha256(path)}
+  return out
+
+
+def check_files(step_dir: str) -> list[str] | None:
+  """What is wrong with ``step_dir`` against its checksum record: ``[]``
+  when intact, ``None`` when it has no record (unverified)."""
+  path = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      expected = json.load(f)['files']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return [f'{CHECKSUMS}: unreadable ({e})']
+  problems = []
+  for rel, want in sorted(expected.items()):
+    full = os.path.join(step_dir, rel)
+    if not os.path.isfile(full):
+      problems.append(f'{rel}: missing')
+      continue
+    size = os.path.getsize(full)
+    if size != want['size']:
+      problems.append(f'{rel}: {size} bytes, expected {want["size"]} '
+                      '(truncated or overwritten)')
+    elif sha256(full) != want['sha256']:
+      problems.append(f'{rel}: SHA-256 mismatch (bytes changed)')
+  return problems
+
+
+def _ocp():
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp
+
 
 class Checkpointer:
-  """Saves every ``every`` steps (keeping ``max_to_keep``) under
-  ``directory``; restores the latest into given shardings."""
+  """Saves every ``every`` steps (``0``: only forced saves), keeping
+  ``max_to_keep``, under ``directory``; restores the newest intact step
+  into given shardings. The orbax manager is created on first use, so a
+  run that never saves leaves no directory."""
 
   def __init__(self, directory: str, every: int, max_to_keep: int = 2):
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    if every < 1:
-      raise ValueError(f'train.checkpoint_every must be >= 1, got {every}.')
-    self._ocp = ocp
+    if every < 0:
+      raise ValueError(f'train.checkpoint_every must be >= 0, got {every}.')
     self.directory = os.path.abspath(directory)
     self.every = int(every)
-    self._mgr = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            save_interval_steps=self.every, max_to_keep=max_to_keep,
-            create=True))
+    self.max_to_keep = max_to_keep
+    self._mgr_obj = None
+    self._unsealed: int | None = None  # saved, checksums not yet written
+
+  @property
+  def _mgr(self):
+    if self._mgr_obj is None:
+      self._mgr_obj = _ocp().CheckpointManager(
+          self.directory,
+          options=_ocp().CheckpointManagerOptions(
+              max_to_keep=self.max_to_keep, create=True))
+    return self._mgr_obj
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def all_steps(self) -> list[int]:
+    if self._mgr_obj is None and not os.path.isdir(self.directory):
+      return []
+    return sorted(self._mgr.all_steps())
 
   def latest_step(self) -> int | None:
-    return self._mgr.latest_step()
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   def save(self, step: int, state: Any, force: bool = False) -> bool:
-    """Saves ``state`` as ``step`` when due (or ``force``)."""
-    return self._mgr.save(step, args=self._ocp.args.StandardSave(state),
-                          force=force)
+    """Saves ``state`` as ``step`` when due (``step % every == 0``) or
+    ``force``; returns whether it saved."""
+    if not force and not (self.every and step % self.every == 0):
+      if self._unsealed is not None and not self._mgr.is_saving_in_progress():
+        self._seal()
+      return False
+    self._seal()
+    saved = self._mgr.save(step, args=_ocp().args.StandardSave(state),
+                           force=True)
+    if saved:
+      self._unsealed = step
+    return saved
+
+  def _seal(self) -> None:
+    """Waits for the pending save and writes its checksum record."""
+    if self._unsealed is None:
+      return
+    step, self._unsealed = self._unsealed, None
+    self._mgr.wait_until_finished()
+    d = self.step_dir(step)
+    if jax.process_index() != 0 or not os.path.isdir(d):
+      return
+    record = {'step': step, 'algorithm': 'sha256', 'files': file_digests(d)}
+    tmp = os.path.join(d, CHECKSUMS + '.tmp')
+    with open(tmp, 'w') as f:
+      json.dump(record, f, indent=0)
+    os.replace(tmp, os.path.join(d, CHECKSUMS))
 
   def restore(self, abstract_state: Any, step: int | None = None) -> Any:
-    """The checkpoint ``step`` (default: latest) restored with the
-    shardings and dtypes of ``abstract_state`` (``ShapeDtypeStruct`` tree
-    or arrays)."""
+    """The checkpoint ``step`` (default: latest), unverified, restored with
+    the shardings and dtypes of ``abstract_state`` (``ShapeDtypeStruct``
+    tree or arrays)."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise ValueError(f'no checkpoint in {self.directory!r}.')
@@ -50,8 +174,60 @@ class Checkpointer:
                                        sharding=getattr(x, 'sharding', None)),
         abstract_state)
     return self._mgr.restore(step,
-                             args=self._ocp.args.StandardRestore(target))
+                             args=_ocp().args.StandardRestore(target))
+
+  def restore_intact(self, abstract_state: Any) -> tuple[Any, int]:
+    """``(state, step)`` of the newest intact checkpoint; damaged newer
+    ones are logged and moved aside (see the module docstring)."""
+    damaged = []
+
+    def note(step, why):
+      damaged.append((step, why))
+      log.warning('checkpoint step %d in %s is damaged: %s', step,
+                  self.directory, why)
+
+    for step in reversed(self.all_steps()):
+      problems = check_files(self.step_dir(step))
+      if problems:
+        note(step, '; '.join(problems))
+        continue
+      try:
+        state = self.restore(abstract_state, step)
+      except Exception as e:  # pylint: disable=broad-except
+        if problems is not None:  # verified files: not damage, a real error
+          raise
+        note(step, f'no checksum record, and unreadable: '
+                   f'{type(e).__name__}: {e}')
+        continue
+      if problems is None:
+        log.warning('checkpoint step %d in %s has no checksum record '
+                    '(saved by an older orthax, or interrupted before the '
+                    'record was written); restored unverified.', step,
+                    self.directory)
+      if damaged:
+        self._move_aside([s for s, _ in damaged])
+        log.warning('resuming from checkpoint step %d instead of damaged '
+                    'step(s) %s (moved to %s).', step,
+                    [s for s, _ in damaged], self.directory + '.damaged')
+      return state, step
+    raise DamagedCheckpointError(
+        f'every checkpoint in {self.directory} is damaged: '
+        + '; '.join(f'step {s}: {why}' for s, why in damaged)
+        + '. Restore the files, or move the checkpoints away to start over.')
+
+  def _move_aside(self, steps: list[int]) -> None:
+    dest_root = self.directory + '.damaged'
+    os.makedirs(dest_root, exist_ok=True)
+    for step in steps:
+      dest, n = os.path.join(dest_root, str(step)), 0
+      while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(dest_root, f'{step}.{n}')
+      shutil.move(self.step_dir(step), dest)
+    self._mgr.reload()
 
   def close(self) -> None:
-    self._mgr.wait_until_finished()
-    self._mgr.close()
+    if self._mgr_obj is not None:
+      self._seal()
+      self._mgr.wait_until_finished()
+      self._mgr.close()

@@ -7,11 +7,15 @@ a config file copies it and changes what differs (configs as data).
 
 from __future__ import annotations
 
+import difflib
+import numbers
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import ml_collections
 
 from orthax.recipes import registry
+from orthax.train import optim
 
 # Peak learning rates (main branch, AdamW branch) of the one optimizer that
 # is not a recipe. A recipe's defaults are in its registry entry
@@ -109,7 +113,11 @@ def base_config(optimizer_name: str = 'muon') -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=200, log_every=10, eval_every=50,
       eval_batches=ml_collections.FieldReference(8, field_type=int),
-      checkpoint_every=0, max_to_keep=2, tensorboard=False))
+      checkpoint_every=0, max_to_keep=2, tensorboard=False,
+      # On a step whose gradient has a NaN/Inf (the recipe's guard skips
+      # it): 'raise' stops naming the step and leaves; 'skip' logs, counts
+      # and stops after max_consecutive_skips skipped steps in a row.
+      nonfinite='raise', max_consecutive_skips=10))
   # Dry runs compile at full size unless num_layers scales the depth down.
   c.dry_run = ml_collections.ConfigDict(dict(
       num_layers=ml_collections.FieldReference(None, field_type=int)))
@@ -142,3 +150,66 @@ def pretraining_config(optimizer_name: str, *, hardware: str, model: dict,
   c.train.update(steps=steps, log_every=50, eval_every=1000,
                  eval_batches=20, checkpoint_every=1000)
   return c
+
+
+NONFINITE_POLICIES = ('raise', 'skip')
+# Keys the trainer reads that have no default in base_config.
+_OPTIONAL_KEYS = {'mesh': ('rules',)}
+
+
+def _check_keys(prefix: str, given: Mapping[str, Any], known) -> None:
+  unknown = sorted(set(given) - set(known))
+  if unknown:
+    near = difflib.get_close_matches(unknown[0], list(known), n=1)
+    raise ValueError(
+        f'unknown config key(s) {", ".join(prefix + k for k in unknown)}'
+        + (f' (did you mean {prefix}{near[0]}?)' if near else '')
+        + f'; {prefix.rstrip(".") or "the config"} has {sorted(known)}.')
+
+
+def _check_int(key: str, value: Any, low: int, optional: bool = False
+               ) -> None:
+  if value is None and optional:
+    return
+  if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+      or value < low):
+    raise ValueError(f'{key} must be an integer >= {low}'
+                     + (' or None' if optional else '')
+                     + f', got {value!r}.')
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+  """Checks a resolved config (a plain nested dict) before anything is
+  built: no unknown key in any section (the keys of :func:`base_config`),
+  step counts, cadences and batch sizes in range, a known non-finite
+  policy, and an ``optimizer`` section its optimizer accepts
+  (:func:`orthax.train.optim.validate`). Raises ``ValueError`` naming the
+  key."""
+  known = base_config('adamw').to_dict()
+  _check_keys('', cfg, known)
+  for section, keys in known.items():
+    if not isinstance(keys, dict) or section == 'optimizer':
+      continue
+    if section not in cfg and section != 'dry_run':
+      raise ValueError(f'the config has no {section!r} section.')
+    _check_keys(section + '.', cfg.get(section) or {},
+                list(keys) + list(_OPTIONAL_KEYS.get(section, ())))
+  if 'optimizer' not in cfg:
+    raise ValueError("the config has no 'optimizer' section.")
+  tr, data = cfg['train'], cfg['data']
+  _check_int('train.steps', tr.get('steps'), 1)
+  _check_int('train.log_every', tr.get('log_every', 10), 1)
+  for key in ('eval_every', 'checkpoint_every'):
+    _check_int(f'train.{key}', tr.get(key), 0, optional=True)
+  _check_int('train.eval_batches', tr.get('eval_batches'), 1, optional=True)
+  _check_int('train.max_to_keep', tr.get('max_to_keep', 2), 1)
+  _check_int('train.max_consecutive_skips',
+             tr.get('max_consecutive_skips', 10), 1)
+  if tr.get('nonfinite', 'raise') not in NONFINITE_POLICIES:
+    raise ValueError(f'train.nonfinite must be one of {NONFINITE_POLICIES}, '
+                     f'got {tr.get("nonfinite")!r}.')
+  _check_int('data.batch_size', data.get('batch_size'), 1)
+  _check_int('data.eval_batch_size', data.get('eval_batch_size'), 1,
+             optional=True)
+  _check_int('seed', cfg.get('seed'), 0)
+  optim.validate(cfg['optimizer'])

@@ -12,19 +12,31 @@ from typing import Any, TextIO
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """All records of a metrics file (empty list if it does not exist)."""
+  """All records of a metrics file (empty list if it does not exist). A
+  last line cut short by a crash mid-write is dropped."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  out = []
+  for i, line in enumerate(lines):
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:
+        raise
+  return out
 
 
 class MetricWriter:
   """Appends records to ``<workdir>/metrics.jsonl``.
 
-  On resume from step ``resume_step`` the records after it are dropped, so
-  the file always describes one consistent run. ``tensorboard=True`` also
-  writes scalars with ``tensorboardX`` (an optional dependency).
+  On resume from step ``resume_step`` the records after it are dropped
+  (they were computed after the checkpoint the run continues from), so
+  the file always describes one consistent run with no step twice; with
+  ``resume_step=0`` the file starts empty (:mod:`orthax.train.rundir`
+  refuses that unless forced). The rewrite is atomic. ``tensorboard=True``
+  also writes scalars with ``tensorboardX`` (an optional dependency).
   """
 
   def __init__(self, workdir: str | None, resume_step: int = 0,
@@ -34,11 +46,14 @@ class MetricWriter:
     self.records: list[dict[str, Any]] = []
     if self.path is not None:
       os.makedirs(workdir, exist_ok=True)
-      kept = [r for r in read_jsonl(self.path)
-              if r.get('step', 0) <= resume_step] if resume_step else []
-      with open(self.path, 'w') as f:
-        for r in kept:
-          f.write(json.dumps(r) + '\n')
+      old = read_jsonl(self.path)
+      kept = [r for r in old if r.get('step', 0) <= resume_step
+              ] if resume_step else []
+      if kept != old or not os.path.exists(self.path):
+        with open(self.path + '.tmp', 'w') as f:
+          for r in kept:
+            f.write(json.dumps(r) + '\n')
+        os.replace(self.path + '.tmp', self.path)
       self.records = kept
     self._tb = None
     if tensorboard:

@@ -62,6 +62,61 @@ def _scaled(shape, peak: float):
   return lambda step: peak * shape(step)
 
 
+# Keys of the ``optimizer`` section; any other keyword of the optimizer goes
+# in ``optimizer.kwargs``.
+SECTION_KEYS = ('name', 'learning_rate', 'adam_learning_rate', 'weight_decay',
+                'adam_weight_decay', 'kwargs')
+ADAMW_KEYWORDS = ('b1', 'b2', 'eps')
+# Recipe keywords the trainer sets itself (from the section keys, the
+# schedule and the mesh), so ``optimizer.kwargs`` may not.
+_SET_BY_TRAINER = ('learning_rate', 'adam_learning_rate', 'weight_decay',
+                   'adam_weight_decay', 'distributed')
+
+
+def keywords(name: str) -> tuple[str, ...]:
+  """The keywords ``optimizer.kwargs`` may set for optimizer ``name``."""
+  if name in BASELINES:
+    return ADAMW_KEYWORDS
+  if name not in orthax.recipe_names():
+    raise ValueError(f'optimizer.name={name!r} is neither a baseline '
+                     f'{BASELINES} nor a registered recipe '
+                     f'{orthax.recipe_names()}.')
+  params = inspect.signature(orthax.recipe_factory(name)).parameters
+  return tuple(k for k in params if k not in _SET_BY_TRAINER)
+
+
+def validate(opt_config: Mapping[str, Any]) -> None:
+  """Raises ``ValueError`` naming the key (``optimizer.<key>`` or
+  ``optimizer.kwargs.<key>``), the optimizer and what it accepts, for an
+  unknown name, section key or keyword."""
+  cfg = dict(opt_config)
+  name = cfg.get('name')
+  accepted = keywords(name)
+  what = 'adamw' if name in BASELINES else f'recipe {name!r} (orthax.{name})'
+  unknown = sorted(set(cfg) - set(SECTION_KEYS))
+  if unknown:
+    moved = [k for k in unknown if k in accepted]
+    hint = (f' ({", ".join(moved)}: a keyword of {what}; set it as '
+            f'optimizer.kwargs.{moved[0]})' if moved else '')
+    raise ValueError(
+        f'unknown optimizer key(s) '
+        f'{", ".join("optimizer." + k for k in unknown)}{hint}. The section '
+        f'has {list(SECTION_KEYS)}; keywords of {what} go in '
+        f'optimizer.kwargs: {list(accepted)}.')
+  kwargs = dict(cfg.get('kwargs') or {})
+  managed = sorted(set(kwargs) & set(_SET_BY_TRAINER))
+  if managed:
+    raise ValueError(
+        f'{", ".join("optimizer.kwargs." + k for k in managed)}: set by the '
+        'trainer; use optimizer.learning_rate, adam_learning_rate, '
+        'weight_decay, adam_weight_decay (distributed comes from the mesh).')
+  bad = sorted(set(kwargs) - set(accepted))
+  if bad:
+    raise ValueError(
+        f'{", ".join("optimizer.kwargs." + k for k in bad)}: not a keyword '
+        f'of {what}; it accepts {list(accepted)}.')
+
+
 def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,
           distributed: Any = None
           ) -> tuple[optax.GradientTransformation, dict[str, Callable]]:
@@ -71,9 +126,11 @@ def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,
   ``learning_rate`` (peak of the main branch), ``adam_learning_rate``
   (peak of a recipe's AdamW branch; ``None``: the recipe's default, i.e. the
   main peak), ``weight_decay``, ``adam_weight_decay`` (``None``: recipe
-  default) and ``kwargs`` (any other keyword of the recipe). ``distributed``
-  (an :class:`orthax.Distributed`) goes to recipes that accept it.
+  default) and ``kwargs`` (any other keyword of the recipe; see
+  :func:`keywords`). ``distributed`` (an :class:`orthax.Distributed`) goes
+  to recipes that accept it.
   """
+  validate(opt_config)
   cfg = dict(opt_config)
   name = cfg.get('name')
   lr = float(cfg['learning_rate'])
@@ -83,14 +140,8 @@ def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,
     tx = optax.adamw(sched, b1=kwargs.pop('b1', 0.9),
                      b2=kwargs.pop('b2', 0.95), eps=kwargs.pop('eps', 1e-8),
                      weight_decay=float(cfg.get('weight_decay') or 0.0))
-    if kwargs:
-      raise ValueError(f'optimizer.kwargs {sorted(kwargs)} are not options '
-                       'of adamw (b1, b2, eps).')
-    return tx, {'adam': sched}
-  if name not in orthax.recipe_names():
-    raise ValueError(f'optimizer.name={name!r} is neither a baseline '
-                     f'{BASELINES} nor a registered recipe '
-                     f'{orthax.recipe_names()}.')
+    # The guard every recipe has, so train.nonfinite applies alike.
+    return orthax.skip_if_nonfinite(tx), {'adam': sched}
   factory = orthax.recipe_factory(name)
   accepted = inspect.signature(factory).parameters
   sched = _scaled(shape, lr)
@@ -106,10 +157,6 @@ def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,
       kwargs[key] = float(cfg[key])
   if distributed is not None and 'distributed' in accepted:
     kwargs['distributed'] = distributed
-  unknown = set(kwargs) - set(accepted)
-  if unknown:
-    raise ValueError(f'optimizer.kwargs {sorted(unknown)} are not arguments '
-                     f'of orthax.{name}.')
   return factory(**kwargs), branches
 
 

@@ -21,6 +21,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import orthax
 from orthax import flax as orthax_flax
 from orthax.flax import state_specs  # re-export
 from orthax.train import model as model_lib
@@ -66,6 +67,12 @@ def make_steps(graphdef, abstract_state, tx: optax.GradientTransformation,
 
   ``init(params) -> TrainState``; ``train_step(state, batch) -> (state,
   metrics)`` (donates ``state``); ``eval_step(params, batch) -> loss``.
+
+  When the optimizer has orthax's non-finite guard
+  (:func:`orthax.skip_if_nonfinite`, in every recipe by default), the
+  metrics also hold ``skipped`` (1 when this step was skipped),
+  ``skipped_total`` and, under ``'nonfinite'``, the guard's state without
+  its inner state (per-leaf flags for :func:`orthax.nonfinite_leaves`).
   """
   batch_sh = {'inputs': partitioning.batch_sharding(mesh),
               'targets': partitioning.batch_sharding(mesh)}
@@ -81,6 +88,11 @@ def make_steps(graphdef, abstract_state, tx: optax.GradientTransformation,
     params = optax.apply_updates(state.params, updates)
     metrics = {'loss': loss, 'grad_norm': _norm(grads),
                'update_norm': _norm(updates)}
+    status = orthax.nonfinite_status(opt_state)
+    if status is not None:
+      metrics.update(skipped=(status.consecutive > 0).astype(jnp.int32),
+                     skipped_total=status.total,
+                     nonfinite=status._replace(inner_state=None))
     return TrainState(state.step + 1, params, opt_state), metrics
 
   def eval_step(params, batch):

@@ -1,17 +1,28 @@
-"""The training loop, readable end to end: data → model → optimizer → steps
-→ (restore) → loop with logging, evaluation and checkpoints.
+"""The training loop, readable end to end: config check → data → run
+directory → model, optimizer, steps → (restore) → loop with logging,
+evaluation, checkpoints, the non-finite policy and preemption.
 
 A config is a nested mapping (an ``ml_collections.ConfigDict`` from
 ``configs/*.py`` or a plain dict) with the sections ``model``, ``data``,
 ``optimizer``, ``schedule``, ``mesh`` and ``train`` and a ``seed``; see
-``configs/lm_cpu.py`` for every key.
+:func:`orthax.train.configs.base_config` for every key.
+
+When things go wrong: a step with a NaN/Inf gradient is skipped on device
+by the optimizer's guard and then, per ``train.nonfinite``, raises
+:class:`orthax.NonFiniteGradientError` (``'raise'``) or is logged and
+counted (``'skip'``); SIGTERM finishes the current step, checkpoints it and
+returns with ``summary['preempted']``; damaged checkpoints are skipped
+(:mod:`~orthax.train.checkpoint`); a resume with a changed config is
+refused (:mod:`~orthax.train.rundir`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -21,12 +32,17 @@ import numpy as np
 
 import orthax
 from orthax.train import checkpoint as ckpt_lib
+from orthax.train import configs
 from orthax.train import data as data_lib
+from orthax.train import faults
 from orthax.train import metrics as metrics_lib
 from orthax.train import model as model_lib
 from orthax.train import optim
 from orthax.train import partitioning
+from orthax.train import rundir
 from orthax.train import step as step_lib
+
+log = logging.getLogger('orthax.train')
 
 
 def as_dict(config: Any) -> dict[str, Any]:
@@ -77,6 +93,7 @@ def build(config: Any, vocab_size: int, *, devices=None,
   memory), for dry runs.
   """
   cfg = as_dict(config)
+  configs.validate(cfg)
   mesh_cfg = dict(cfg['mesh'])
   rules = mesh_cfg.pop('rules', None)
   comm_dtype = mesh_cfg.pop('comm_dtype', 'bfloat16')
@@ -126,93 +143,190 @@ def evaluate(setup: Setup, params: Any, val: data_lib.TokenLoader,
   return float(np.mean(jax.device_get(losses)))
 
 
-def train(config: Any, workdir: str | None = None, *, progress: bool = True,
-          stop_at: int | None = None, label: str = '') -> dict[str, Any]:
-  """Trains per ``config``; returns ``{'train': [...], 'eval': [...],
-  'summary': {...}}`` (the records also go to ``<workdir>/metrics.jsonl``).
 
-  With ``workdir`` and ``train.checkpoint_every``, checkpoints go to
-  ``<workdir>/checkpoints`` and a rerun resumes from the latest one.
-  ``stop_at`` ends the run early after that step (as an interruption
-  would; used to test resumption).
+@dataclasses.dataclass
+class Clock:
+  """Throughput: tokens from the end of the first (compiling) step on,
+  over wall time minus time spent evaluating."""
+  tokens_per_batch: int
+  tokens: int = 0
+  start: float | None = None
+  eval_s: float = 0.0
+
+  def tick(self, metrics: Any) -> None:
+    if self.start is None:  # first step compiles: time from the second on
+      jax.block_until_ready(metrics)
+      self.start = time.perf_counter()
+    else:
+      self.tokens += self.tokens_per_batch
+
+  def rate(self) -> float:
+    elapsed = time.perf_counter() - self.start - self.eval_s
+    return self.tokens / elapsed if elapsed > 0 else float('nan')
+
+
+def _checkpointer(workdir: str | None, tr: dict[str, Any]
+                  ) -> ckpt_lib.Checkpointer | None:
+  """The run's checkpointer: one whenever there is a workdir (with
+  ``train.checkpoint_every=0`` it saves only on preemption)."""
+  if workdir is None:
+    return None
+  return ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                               int(tr.get('checkpoint_every') or 0),
+                               int(tr.get('max_to_keep', 2)))
+
+
+def _initial_state(setup: Setup, ckpt: ckpt_lib.Checkpointer | None):
+  """A fresh state, or the newest intact checkpoint's."""
+  if ckpt is None or not ckpt.all_steps():
+    return setup.init(setup.initial_params)
+  abstract = jax.eval_shape(setup.init, setup.abstract_params)
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, setup.shardings)
+  state, step = ckpt.restore_intact(abstract)
+  log.info('resumed from checkpoint step %d in %s', step, ckpt.directory)
+  return state
+
+
+@dataclasses.dataclass
+class Loop:
+  """The step loop, and what it carries from step to step besides the
+  train state."""
+  setup: Setup
+  train_data: data_lib.TokenLoader
+  val_data: data_lib.TokenLoader
+  ckpt: ckpt_lib.Checkpointer | None
+  writer: metrics_lib.MetricWriter
+  bar: metrics_lib.Progress
+  clock: Clock
+  watch: faults.SkipWatch
+
+  def run(self, state: Any, start: int, end: int,
+          sigterm: threading.Event) -> tuple[Any, bool]:
+    """Steps ``start + 1 .. end`` (1-based) from ``state``; returns the
+    state and whether SIGTERM ended the run early (after checkpointing
+    the step it was in)."""
+    tr, ckpt = self.setup.config['train'], self.ckpt
+    total = int(tr['steps'])
+    log_every, eval_every = int(tr['log_every']), int(tr['eval_every'] or 0)
+    batch_sh = partitioning.batch_sharding(self.setup.mesh)
+    for step in range(start, end):
+      state, m = self.setup.train_step(
+          state, jax.device_put(self.train_data.batch(step), batch_sh))
+      done = step + 1
+      self.clock.tick(m)
+      preempted = sigterm.is_set() and done < end
+      is_log = done % log_every == 0 or done == end
+      is_eval = eval_every and (done % eval_every == 0 or done == total)
+      is_save = ckpt is not None and (preempted or (ckpt.every and (
+          done % ckpt.every == 0 or done == end)))
+      self.watch.after(done, m, now=bool(is_log or is_eval or is_save))
+      if is_log or is_eval:
+        self.log(done, m, state.params, bool(is_eval))
+      else:
+        self.bar.update(done, {})
+      if is_save:
+        ckpt.save(done, state, force=True)
+      if preempted:
+        log.warning('preempted (SIGTERM) after step %d of %d: saved '
+                    'checkpoint %d in %s; rerun the same command to resume.',
+                    done, total, done, ckpt.directory)
+        return state, True
+    self.watch.flush()
+    return state, False
+
+  def log(self, step: int, metrics: dict[str, Any], params: Any,
+          is_eval: bool) -> None:
+    """Writes the record of ``step`` (1-based), with the validation loss
+    when ``is_eval``; raises ``FloatingPointError`` on a non-finite loss
+    (unless the guard skipped the step:
+    :class:`~orthax.train.faults.SkipWatch`)."""
+    m = jax.device_get({k: v for k, v in metrics.items()
+                        if k != 'nonfinite'})
+    rec = {'step': step,
+           **{k: int(v) if np.asarray(v).dtype.kind in 'biu' else float(v)
+              for k, v in m.items()},
+           **{f'lr/{b}': float(s(step - 1)) for b, s in
+              self.setup.schedules.items()},
+           'tokens': step * self.train_data.tokens_per_batch,
+           'tokens_per_s': self.clock.rate()}
+    if is_eval:
+      t0 = time.perf_counter()
+      rec['val_loss'] = evaluate(self.setup, params, self.val_data,
+                                 self.setup.config['train'].get(
+                                     'eval_batches'))
+      self.clock.eval_s += time.perf_counter() - t0
+    self.writer.write(rec)
+    if not math.isfinite(rec['loss']) and not rec.get('skipped'):
+      raise FloatingPointError(f'loss is {rec["loss"]} at step {step}.')
+    self.bar.update(step, {'loss': rec['loss'],
+                           **({'val': rec['val_loss']} if is_eval else {}),
+                           'tok/s': rec['tokens_per_s']}, force=True)
+
+  def close(self) -> None:
+    """Ends the progress line, the metric writer and pending saves."""
+    self.bar.close()
+    self.writer.close()
+    if self.ckpt is not None:
+      self.ckpt.close()
+
+
+def train(config: Any, workdir: str | None = None, *, progress: bool = True,
+          stop_at: int | None = None, label: str = '',
+          force: bool = False) -> dict[str, Any]:
+  """Trains per ``config``; returns ``{'train': [...], 'eval': [...],
+  'summary': {...}, 'state': TrainState}`` (the records also go to
+  ``<workdir>/metrics.jsonl``).
+
+  With a ``workdir``: ``config.json`` records the config; checkpoints go
+  to ``<workdir>/checkpoints`` every ``train.checkpoint_every`` steps and
+  a rerun resumes from the newest intact one (refused when the config
+  changes the run, or when there are metrics but no checkpoint, unless
+  ``force``); SIGTERM ends the run after the current step with a
+  checkpoint of it and ``summary['preempted'] = True``. ``stop_at`` ends
+  the run early after that step (as an interruption would; for tests).
   """
   cfg = as_dict(config)
+  configs.validate(cfg)
   tr = cfg['train']
-  total = int(tr['steps'])
+  tr.setdefault('log_every', 10)
+  tr.setdefault('eval_every', 0)
   train_data, val_data, vocab = loaders(cfg)
+  ckpt = _checkpointer(workdir, tr)
+  if workdir is not None:
+    rundir.prepare(workdir, cfg, resuming=bool(ckpt.all_steps()),
+                   force=force)
   setup = build(cfg, vocab)
-
-  ckpt = None
-  if workdir is not None and tr.get('checkpoint_every'):
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 int(tr['checkpoint_every']),
-                                 int(tr.get('max_to_keep', 2)))
-  if ckpt is not None and ckpt.latest_step() is not None:
-    abstract = jax.eval_shape(setup.init, setup.abstract_params)
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract, setup.shardings)
-    state = ckpt.restore(abstract)
-  else:
-    state = setup.init(setup.initial_params)
-  start = int(state.step)
-
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start,
-                                    tensorboard=bool(tr.get('tensorboard')))
-  bar = metrics_lib.Progress(total, enabled=progress, label=label)
-  batch_sh = partitioning.batch_sharding(setup.mesh)
-  log_every = int(tr.get('log_every', 10))
-  eval_every = int(tr.get('eval_every', 0) or 0)
-  eval_batches = tr.get('eval_batches')
+  state = _initial_state(setup, ckpt)
+  start, total = int(state.step), int(tr['steps'])
+  loop = Loop(setup, train_data, val_data, ckpt,
+              metrics_lib.MetricWriter(workdir, resume_step=start,
+                                       tensorboard=bool(tr.get('tensorboard'))),
+              metrics_lib.Progress(total, enabled=progress, label=label),
+              Clock(train_data.tokens_per_batch),
+              faults.SkipWatch(tr.get('nonfinite', 'raise'),
+                        tr.get('max_consecutive_skips', 10)))
   end = total if stop_at is None else min(total, int(stop_at))
-  # Throughput clock: from the end of the first (compiling) step, minus the
-  # time spent evaluating.
-  timed_tokens, t_start, t_eval = 0, None, 0.0
+  # SIGTERM is handled only with a workdir: without one there is nothing
+  # to save, and the default (exit at once) is right.
+  with faults.sigterm_flag(workdir is not None) as sigterm:
+    try:
+      state, preempted = loop.run(state, start, end, sigterm)
+    finally:
+      loop.close()
+  return _result(setup, state, loop.writer.records, preempted, start)
 
-  for step in range(start, end):
-    batch = jax.device_put(train_data.batch(step), batch_sh)
-    state, m = setup.train_step(state, batch)
-    done = step + 1
-    if t_start is None:  # first step compiles: time from the second on
-      jax.block_until_ready(m)
-      t_start = time.perf_counter()
-    else:
-      timed_tokens += train_data.tokens_per_batch
-    is_log = done % log_every == 0 or done == end
-    is_eval = eval_every and (done % eval_every == 0 or done == total)
-    if is_log or is_eval:
-      m = jax.device_get(m)
-      elapsed = time.perf_counter() - t_start - t_eval
-      rec = {'step': done, **{k: float(v) for k, v in m.items()},
-             **{f'lr/{b}': float(s(step)) for b, s in
-                setup.schedules.items()},
-             'tokens': done * train_data.tokens_per_batch,
-             'tokens_per_s': timed_tokens / elapsed if elapsed > 0 else
-                             float('nan')}
-      if is_eval:
-        t0 = time.perf_counter()
-        rec['val_loss'] = evaluate(setup, state.params, val_data,
-                                   eval_batches)
-        t_eval += time.perf_counter() - t0
-      if not math.isfinite(rec['loss']):
-        writer.write(rec)
-        raise FloatingPointError(f'loss is {rec["loss"]} at step {done}.')
-      writer.write(rec)
-      bar.update(done, {'loss': rec['loss'],
-                        **({'val': rec['val_loss']} if is_eval else {}),
-                        'tok/s': rec['tokens_per_s']}, force=True)
-    else:
-      bar.update(done, {})
-    if ckpt is not None:
-      ckpt.save(done, state, force=(done == end))
-  bar.close()
-  writer.close()
-  if ckpt is not None:
-    ckpt.close()
-  recs = writer.records
+
+def _result(setup: Setup, state: Any, recs: list[dict[str, Any]],
+            preempted: bool, start: int) -> dict[str, Any]:
   evals = [r for r in recs if 'val_loss' in r]
+  status = orthax.nonfinite_status(state.opt_state)
   summary = {
       'steps': int(state.step),
+      'resumed_from': start,
+      'preempted': preempted,
+      'skipped_total': None if status is None else int(status.total),
       'final_loss': recs[-1]['loss'] if recs else float('nan'),
       'final_val_loss': evals[-1]['val_loss'] if evals else float('nan'),
       'tokens_per_s': recs[-1]['tokens_per_s'] if recs else float('nan'),

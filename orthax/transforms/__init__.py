@@ -18,7 +18,11 @@ emits the final step.
 from orthax.transforms.adam import adamw
 from orthax.transforms.adam import scale_by_adam_raw_eps
 from orthax.transforms.check_finite import NonFiniteGradientError
-from orthax.transforms.check_finite import check_finite
+from orthax.transforms.check_finite import SkipIfNonfiniteState
+from orthax.transforms.check_finite import nonfinite_leaves
+from orthax.transforms.check_finite import nonfinite_status
+from orthax.transforms.check_finite import raise_if_nonfinite
+from orthax.transforms.check_finite import skip_if_nonfinite
 from orthax.transforms.check_shapes import check_shapes
 from orthax.transforms.clip_outliers import abs_quantile
 from orthax.transforms.clip_outliers import clip_outliers
@@ -45,8 +49,10 @@ from orthax.transforms.weight_decay import decoupled_weight_decay
 
 __all__ = [
     'MomentumState', 'NonFiniteGradientError', 'OrthogonalizeState',
-    'WeightDecayState',
-    'adamw', 'check_finite', 'check_shapes', 'decoupled_weight_decay', 'momentum', 'orthogonalize',
+    'SkipIfNonfiniteState', 'WeightDecayState',
+    'nonfinite_leaves', 'nonfinite_status', 'raise_if_nonfinite',
+    'skip_if_nonfinite',
+    'adamw', 'check_shapes', 'decoupled_weight_decay', 'momentum', 'orthogonalize',
     'scale_by_adam_raw_eps', 'scale_by_shape', 'shape_factor',
     'LayerwiseNoiseState', 'NeuronNormalizeState', 'NoiseAdaptState',
     'layerwise_noise_adapt', 'neuron_normalize', 'noise_adapt', 'scale_to_rms',

@@ -8,6 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from orthax import _validate
+from orthax.transforms import precision
+
 EPS_PLACEMENTS = ('corrected', 'raw')
 
 
@@ -26,42 +29,40 @@ def scale_by_adam_raw_eps(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
 
   as in Moonlight's ``toy_train.py`` and the NAMO repository's AdamW
   (``optax.scale_by_adam`` adds ε after the correction:
-  :math:`\hat m_t/(\sqrt{\hat v_t}+ε)`).
+  :math:`\hat m_t/(\sqrt{\hat v_t}+ε)`). The arithmetic runs in float32
+  (or the gradient's dtype if wider) and ``v`` is stored so: a float16
+  gradient of 1e-5 squares to 0 in float16, and ``ε = 1e-8`` is 0 there.
+  ``m`` is stored in ``mu_dtype`` (default: as ``v``); the update comes back
+  in the gradient's dtype.
   """
+  _validate.arguments('scale_by_adam_raw_eps', scale_by_adam_raw_eps,
+                      locals())
 
   def init_fn(params):
-    mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params)
-    nu = jax.tree.map(jnp.zeros_like, params)
+    wide = lambda p: precision.wide_dtype(p.dtype)
+    mu = jax.tree.map(lambda p: jnp.zeros_like(
+        p, wide(p) if mu_dtype is None else mu_dtype), params)
+    nu = jax.tree.map(lambda p: jnp.zeros_like(p, wide(p)), params)
     return RawEpsAdamState(jnp.zeros([], jnp.int32), mu, nu)
 
   def update_fn(updates, state, params=None):
     del params
-    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    wide = precision.widen(updates)
+    mu = optax.tree.update_moment(wide, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(wide, state.nu, b2, 2)
     count = optax.safe_increment(state.count)
 
     def leaf(m, v, g):
-      t = count.astype(jnp.promote_types(m.dtype, jnp.float32))
+      t = count.astype(precision.wide_dtype(m.dtype))
       factor = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
       return (factor * m / (jnp.sqrt(v) + eps)).astype(g.dtype)
 
     new = jax.tree.map(leaf, mu, nu, updates)
-    mu = jax.tree.map(lambda m, p: m.astype(p.dtype), mu, state.mu)
-    return new, RawEpsAdamState(count, mu, nu)
+    cast = lambda new, old: new.astype(old.dtype)
+    return new, RawEpsAdamState(count, jax.tree.map(cast, mu, state.mu),
+                                jax.tree.map(cast, nu, state.nu))
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _keep_update_dtype(
-    inner: optax.GradientTransformation) -> optax.GradientTransformation:
-  """Casts ``inner``'s updates back to the incoming gradients' dtypes
-  (``optax.adamw`` widens bf16 updates to a float32 ``mu_dtype``)."""
-
-  def update_fn(updates, state, params=None):
-    new, state = inner.update(updates, state, params)
-    return jax.tree.map(lambda n, u: n.astype(u.dtype), new, updates), state
-
-  return optax.GradientTransformation(inner.init, update_fn)
 
 
 def adamw(
@@ -80,19 +81,26 @@ def adamw(
   ``eps_placement='corrected'`` is ``optax.adamw`` (KellerJordan/Muon,
   optax): :math:`u = \hat m/(\sqrt{\hat v}+ε)`; ``'raw'`` is
   :func:`scale_by_adam_raw_eps` (Moonlight, NAMO, ROOT).
+
+  Both run in float32 (or the parameters' dtype if wider), on widened copies
+  of the gradients and parameters: the moments are kept in float32 (``m`` in
+  ``mu_dtype`` if given) and the update is rounded to the gradient's dtype
+  once, at the end. (In float16 a gradient of 1e-3 squares to a subnormal,
+  one of 1e-5 to 0, and ``ε = 1e-8`` is 0: ``m/(√v + ε)`` is then NaN.)
   """
+  _validate.arguments('adamw', adamw, locals())
   if eps_placement not in EPS_PLACEMENTS:
     raise ValueError(f'eps_placement must be one of {EPS_PLACEMENTS}, got '
                      f'{eps_placement!r}.')
   if eps_placement == 'corrected':
-    return _keep_update_dtype(optax.adamw(
+    return precision.in_float32(optax.adamw(
         learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
         mu_dtype=mu_dtype, nesterov=nesterov))
   if nesterov:
     raise ValueError("nesterov Adam is only available with eps_placement="
                      "'corrected'.")
-  return optax.chain(
+  return precision.in_float32(optax.chain(
       scale_by_adam_raw_eps(b1, b2, eps, mu_dtype),
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
-  )
+  ))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from orthax import _tree
+from orthax import _validate
 from orthax import engine
 
 
@@ -98,6 +99,9 @@ def clip_outliers(
     matrix_specs: as in :func:`orthax.orthogonalize` (one quantile per
       matrix of each leaf's ``[batch, fan_in, fan_out]`` view).
   """
+  # eps is added to a clip bound, not a divisor: 0 is allowed.
+  _validate.arguments('clip_outliers', clip_outliers, locals(),
+                      eps=_validate.nonnegative)
 
   def update_fn(updates, state, params=None):
     del params

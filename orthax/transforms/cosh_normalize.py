@@ -12,6 +12,7 @@ import jax
 import optax
 
 from orthax import _tree
+from orthax import _validate
 from orthax import matrix_stages
 from orthax.transforms.matrix_stage import stage_transform
 
@@ -64,6 +65,9 @@ def cosh_normalize(
   After Newton–Schulz (Hybrid-AuON) the same brake runs in the
   orthogonalize pass as ``then=[orthax.matrix_stages.CoshNormalize(...)]``.
   """
+  # eps is added to r >= 1 (cosh >= 1): 0 cannot divide by zero.
+  _validate.arguments('cosh_normalize', cosh_normalize, locals(),
+                      eps=_validate.nonnegative)
   return stage_transform(
       matrix_stages.CoshNormalize(gamma, normalize=normalize,
                                   brake_input=brake_input, norm_eps=norm_eps,

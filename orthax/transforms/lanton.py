@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from orthax import _tree
+from orthax import _validate
 from orthax import engine
 from orthax import matrices
 from orthax import polar
@@ -112,6 +113,8 @@ def layerwise_noise_adapt(
     weight_decay: λ, decoupled, applied with the layer's rate η_ℓ.
     matrix_specs: as in :func:`orthax.orthogonalize` (``'nuclear'`` only).
   """
+  _validate.arguments('layerwise_noise_adapt', layerwise_noise_adapt,
+                      locals())
   for name, value, allowed in (('dual_norm', dual_norm, DUAL_NORMS),
                                ('difference', difference, DIFFERENCES),
                                ('normalization', normalization, NORMALIZATIONS),

@@ -23,10 +23,6 @@ class StageState(NamedTuple):
   state: Any  # per leaf: batch shape + the stage's per-matrix shape
 
 
-leaf_batch_shape = engine.leaf_batch_shape
-leaf_state_shape = engine.leaf_state_shape
-
-
 def init_state(stage: ms.MatrixStage, params: Any,
                specs: Sequence[matrices.MatrixSpec], **slot_kw) -> Any:
   """The stage's state for ``params``: zeros per leaf, wrapped; for a slot

@@ -8,6 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from orthax import _validate
+from orthax.transforms import precision
+
 FORMS = ('ema', 'sum')
 
 
@@ -47,12 +50,14 @@ def momentum(
     form: ``'ema'`` or ``'sum'``.
     nesterov: emit the Nesterov look-ahead instead of the accumulator.
     bias_correction: divide by ``1-β^t`` as optax does (EMA form only).
-    accumulator_dtype: dtype of the stored accumulator (default: the
-      parameter's); the update is computed in the wider of the two.
+    accumulator_dtype: dtype of the stored accumulator (default: float32,
+      or the parameter's dtype if wider); the update is computed in the
+      wider of the accumulator's and the gradient's dtype.
 
   References: K. Jordan, *Muon* (2024); Liu et al., *Muon is Scalable for LLM
   Training* (arXiv 2502.16982).
   """
+  _validate.arguments('momentum', momentum, locals())
   if form not in FORMS:
     raise ValueError(f'momentum form must be one of {FORMS}, got {form!r}.')
   if bias_correction and form != 'ema':
@@ -62,7 +67,9 @@ def momentum(
   def init_fn(params):
     return MomentumState(
         count=jnp.zeros([], jnp.int32),
-        mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=acc_dtype), params))
+        mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=(
+            precision.wide_dtype(p.dtype) if acc_dtype is None
+            else acc_dtype)), params))
 
   def update_fn(updates, state, params=None):
     del params

@@ -6,6 +6,7 @@ import jax
 import optax
 
 from orthax import _tree
+from orthax import _validate
 from orthax import matrix_stages
 from orthax.transforms.matrix_stage import NeuronNormalizeState  # re-export
 from orthax.transforms.matrix_stage import stage_transform
@@ -63,6 +64,7 @@ def neuron_normalize(
   modded-nanogpt ``train_gpt.py`` @ f411b3d
   (``_apply_normuon_variance_reduction``).
   """
+  _validate.arguments('neuron_normalize', neuron_normalize, locals())
   stage = matrix_stages.NeuronNormalize(
       beta2, eps, axis=axis, eps_placement=eps_placement,
       restore_norm=restore_norm)
@@ -90,5 +92,6 @@ def scale_to_rms(
     eps: ε added to the Frobenius norm.
     matrix_specs: as in :func:`orthax.orthogonalize`.
   """
+  _validate.arguments('scale_to_rms', scale_to_rms, locals())
   return stage_transform(matrix_stages.ScaleToRms(rms, eps), matrix_specs,
                          'scale_to_rms')

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from orthax import _tree
+from orthax import _validate
 from orthax import engine
 from orthax import matrices
 from orthax import matrix_stages as MS
@@ -109,6 +110,7 @@ def noise_adapt(
   References: Zhang, Liu, Schaeffer, *Adam Improves Muon* (arXiv
   2602.17080); github.com/minxin-zhg/namo.
   """
+  _validate.arguments('noise_adapt', noise_adapt, locals())
   if mode not in MODES:
     raise ValueError(f'noise_adapt mode must be one of {MODES}, got {mode!r}.')
   in_body = isinstance(orthogonalize, OrthogonalizeTransformation)

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from orthax import _tree
+from orthax import _validate
 from orthax import engine
 from orthax import matrix_stages
 from orthax import polar
@@ -137,6 +138,7 @@ def orthogonalize(
   References: K. Jordan, *Muon* (2024); Amsel et al. arXiv 2505.16932;
   Zhang, Amsel, Chen, Dao, *Gram Newton–Schulz* (Dao AI Lab blog, 2026).
   """
+  _validate.arguments('orthogonalize', orthogonalize, locals())
   stages = _check_stages(then)
   polar.get_preset(preset)  # fail early on unknown names
   polar.choose_method(1, 1, 1, 'float32', method)  # …and unknown methods

@@ -5,6 +5,7 @@ from __future__ import annotations
 import optax
 
 from orthax import _tree
+from orthax import _validate
 from orthax import matrix_stages
 from orthax.matrix_stages import SCALE_MODES as MODES
 from orthax.matrix_stages import shape_factor  # re-export
@@ -40,5 +41,6 @@ def scale_by_shape(
     rms: target RMS for ``moonlight``.
     matrix_specs: as in :func:`orthax.orthogonalize`.
   """
+  _validate.arguments('scale_by_shape', scale_by_shape, locals())
   return stage_transform(matrix_stages.ScaleByShape(mode, rms), matrix_specs,
                          'scale_by_shape')

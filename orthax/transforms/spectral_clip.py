@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from orthax import _tree
+from orthax import _validate
 from orthax import engine
 from orthax import sharding
 from orthax.matrices import MatrixSpec
@@ -165,6 +166,33 @@ def _clip_leaves(leaves, specs, c_t, apply_to, steps, step_rule, shared_bound,
   return out
 
 
+def _base_directions(leaves, ws, specs, lr, weight_decay, apply_to):
+  """Recovers ``U = -Δ/η - λW`` for each leaf to clip (``None`` elsewhere).
+
+  A zero ``η`` divides by one instead; the caller keeps the base step there.
+  """
+  safe_lr = jnp.where(lr != 0, lr, 1.0)
+
+  def direction(d, w):
+    u = -d.astype(jnp.promote_types(d.dtype, jnp.float32)) / safe_lr
+    return u if w is None else u - weight_decay * w.astype(u.dtype)
+
+  return [direction(d, w) if (s is not None or apply_to == 'all') else None
+          for d, w, s in zip(leaves, ws, specs)]
+
+
+def _clipped_step(h, w, spec, shape, lr, weight_decay):
+  """``Δ' = -η α H_c(U) - η λ W`` with ``α = √max(1, rows/cols)`` (1 for vectors)."""
+  alpha = 1.0
+  if spec is not None:
+    _, fan_in, fan_out = spec.matrix_shape(shape)
+    alpha = math.sqrt(max(1.0, fan_out / max(fan_in, 1)))
+  new = -lr * alpha * h
+  if w is not None:
+    new = new - lr * weight_decay * w.astype(new.dtype)
+  return new
+
+
 def _check_apply_to(apply_to):
   if apply_to not in APPLY_TO:
     raise ValueError(f'apply_to must be one of {APPLY_TO}, got {apply_to!r}.')
@@ -238,6 +266,7 @@ def spectral_clip(
       Not with ``shared_bound`` (one bound over a leaf's whole batch) nor
       the ``gram`` strategy.
   """
+  _validate.arguments('spectral_clip', spectral_clip, locals())
   _check_apply_to(apply_to)
   if distributed is not None and shared_bound:
     raise ValueError('spectral_clip: shared_bound=True takes one bound over '
@@ -279,17 +308,7 @@ def spectral_clip(
     else:
       ws = [None] * len(leaves)
     live = lr != 0
-    safe_lr = jnp.where(live, lr, 1.0)
-
-    def direction(d, w):
-      acc = jnp.promote_types(d.dtype, jnp.float32)
-      u = -d.astype(acc) / safe_lr
-      if w is not None:
-        u = u - weight_decay * w.astype(acc)
-      return u
-
-    dirs = [direction(d, w) if (s is not None or apply_to == 'all') else None
-            for d, w, s in zip(leaves, ws, specs)]
+    dirs = _base_directions(leaves, ws, specs, lr, weight_decay, apply_to)
     todo = [i for i, u in enumerate(dirs) if u is not None]
     clipped = _clip_leaves(
         [dirs[i] for i in todo], [specs[i] for i in todo], c_t, apply_to,
@@ -297,15 +316,10 @@ def spectral_clip(
         paths=[paths[i] for i in todo])
     out = list(leaves)
     for i, h in zip(todo, clipped):
-      d, w, s = leaves[i], ws[i], specs[i]
-      alpha = 1.0
-      if s is not None:
-        _, fi, fo = s.matrix_shape(d.shape)
-        alpha = math.sqrt(max(1.0, fo / max(fi, 1)))
-      new = -lr * alpha * h
-      if w is not None:
-        new = new - lr * weight_decay * w.astype(new.dtype)
-      out[i] = jnp.where(live, new, d.astype(new.dtype)).astype(d.dtype)
+      new = _clipped_step(h, ws[i], specs[i], leaves[i].shape, lr,
+                          weight_decay)
+      out[i] = jnp.where(live, new, leaves[i].astype(new.dtype)
+                         ).astype(leaves[i].dtype)
     return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -336,6 +350,7 @@ def spectral_preclip(
   :func:`clip_threshold`; ``learning_rate`` is only needed for the warm-up
   rule ``c_t·η_t = const``. Other arguments as in :func:`spectral_clip`.
   """
+  _validate.arguments('spectral_preclip', spectral_preclip, locals())
   _check_apply_to(apply_to)
   clip_threshold(1.0, jnp.zeros([], jnp.int32), decay=decay)  # validate
 

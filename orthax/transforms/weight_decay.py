@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from orthax import _tree
+from orthax import _validate
 from orthax.transforms.scale_by_shape import shape_factor
 
 
@@ -59,7 +60,8 @@ def decoupled_weight_decay(
   References: Loshchilov & Hutter, arXiv 1711.05101; Chen et al., *Cautious
   Optimizers* (arXiv 2411.16085).
   """
-
+  _validate.arguments('decoupled_weight_decay', decoupled_weight_decay,
+                      locals())
   if step_scale is not None:
     shape_factor(1, 1, step_scale)  # fail early on unknown modes
     if learning_rate is None:

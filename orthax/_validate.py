@@ -1,0 +1,199 @@
+"""Hyperparameter checks at construction, shared by every recipe and
+transform.
+
+Each check takes ``owner`` (the recipe or transform the user called), the
+argument's name and its value, and raises ``TypeError`` for a value of the
+wrong kind (a string, ``None`` where a number is needed, a float step count)
+or ``ValueError`` for one out of range, naming both::
+
+  TypeError: muon: learning_rate must be a number, an array or a schedule
+  (callable), got None
+  ValueError: muon: learning_rate must be >= 0, got -0.1
+
+What cannot be known at construction is not checked: jax tracers (the
+hyperparameters ``optax.inject_hyperparams`` passes under ``jit``) and, for
+learning rates, schedules. Concrete jax and numpy arrays (``jnp.float32(0.1)``
+or what ``inject_hyperparams`` passes to ``init``) are checked elementwise,
+like numbers. NaN is always rejected; so is infinity.
+
+A recipe or transform checks its arguments with one call at its top,
+``_validate.arguments('muon', muon, locals())``: each argument named in
+:data:`RULES` is checked by its rule, ``None`` being accepted exactly where
+the signature's default is ``None`` (it then means "the default"). Names
+whose meaning differs in one place are overridden there (``eps=...``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import numbers
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Rule = Callable[..., None]
+
+_NUMBER = 'a number or an array'
+_SCHEDULE = 'a number, an array or a schedule (callable)'
+
+
+def _show(value: Any, arr: np.ndarray | None = None) -> str:
+  if arr is not None and arr.ndim == 0:
+    return str(arr[()])
+  text = repr(value)
+  return text if len(text) <= 80 else text[:77] + '...'
+
+
+def _concrete(owner: str, name: str, value: Any, kind: str = _NUMBER,
+              integer: bool = False) -> np.ndarray | None:
+  """``value`` as a numpy array, or ``None`` when it cannot be known now (a
+  tracer). Raises ``TypeError`` for anything that is not a real number or a
+  real-valued array (``integer``: an integer or an integer array)."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  ok = (isinstance(value, (numbers.Real, np.ndarray, jax.Array, np.generic))
+        and not isinstance(value, (bool, np.bool_)))
+  arr = None
+  if ok:
+    try:
+      arr = np.asarray(value)
+    except Exception:  # pylint: disable=broad-except
+      return None  # e.g. an array not addressable from this process
+    kinds = (jnp.integer,) if integer else (jnp.integer, jnp.floating)
+    ok = any(jnp.issubdtype(arr.dtype, k) for k in kinds)  # incl. bfloat16
+  if not ok:
+    what = 'an integer' if integer else kind
+    raise TypeError(f'{owner}: {name} must be {what}, got {_show(value)}')
+  if not np.all(np.isfinite(arr)):
+    raise ValueError(f'{owner}: {name} must be finite, got '
+                     f'{_show(value, arr)}')
+  return arr
+
+
+def _check(owner, name, value, ok, bound, arr):
+  if not np.all(ok(arr)):
+    raise ValueError(f'{owner}: {name} must be {bound}, got '
+                     f'{_show(value, arr)}')
+
+
+def number(owner: str, name: str, value: Any, *,
+           optional: bool = False) -> None:
+  """A finite real number or array (of any sign)."""
+  if not (optional and value is None):
+    _concrete(owner, name, value)
+
+
+def nonnegative(owner: str, name: str, value: Any, *,
+                optional: bool = False) -> None:
+  """A finite number ``>= 0`` (weight decays, scale factors)."""
+  if optional and value is None:
+    return
+  arr = _concrete(owner, name, value)
+  if arr is not None:
+    _check(owner, name, value, lambda a: a >= 0, '>= 0', arr)
+
+
+def positive(owner: str, name: str, value: Any, *,
+             optional: bool = False) -> None:
+  """A finite number ``> 0`` (an epsilon that guards a division)."""
+  if optional and value is None:
+    return
+  arr = _concrete(owner, name, value)
+  if arr is not None:
+    _check(owner, name, value, lambda a: a > 0, '> 0', arr)
+
+
+def unit_interval(owner: str, name: str, value: Any, *,
+                  optional: bool = False) -> None:
+  """A number in ``[0, 1)`` (momentum and EMA decay rates)."""
+  if optional and value is None:
+    return
+  arr = _concrete(owner, name, value)
+  if arr is not None:
+    _check(owner, name, value, lambda a: (a >= 0) & (a < 1), 'in [0, 1)',
+           arr)
+
+
+def fraction(owner: str, name: str, value: Any, *,
+             optional: bool = False) -> None:
+  """A number in ``[0, 1]`` (quantiles, fractions of a run)."""
+  if optional and value is None:
+    return
+  arr = _concrete(owner, name, value)
+  if arr is not None:
+    _check(owner, name, value, lambda a: (a >= 0) & (a <= 1), 'in [0, 1]',
+           arr)
+
+
+def count(owner: str, name: str, value: Any, *, minimum: int = 1,
+          optional: bool = False) -> None:
+  """An integer ``>= minimum`` (step counts); a float such as ``2.5`` or
+  ``2.0`` is a ``TypeError``."""
+  if optional and value is None:
+    return
+  arr = _concrete(owner, name, value, integer=True)
+  if arr is not None:
+    _check(owner, name, value, lambda a: a >= minimum,
+           f'an integer >= {minimum}', arr)
+
+
+def learning_rate(owner: str, name: str, value: Any, *,
+                  optional: bool = False) -> None:
+  """A number ``>= 0``, an array or a schedule (a callable, not checked)."""
+  if (optional and value is None) or callable(value):
+    return
+  arr = _concrete(owner, name, value, kind=_SCHEDULE)
+  if arr is not None:
+    _check(owner, name, value, lambda a: a >= 0, '>= 0', arr)
+
+
+count0 = functools.partial(count, minimum=0)
+
+# The rule of each hyperparameter, by argument name, for every recipe and
+# transform (a name whose meaning differs somewhere is overridden there).
+RULES: dict[str, Rule] = {
+    **dict.fromkeys(('learning_rate', 'adam_learning_rate',
+                     'signum_learning_rate'), learning_rate),
+    **dict.fromkeys(('base_learning_rate', 'weight_decay',
+                     'adam_weight_decay'), nonnegative),
+    **dict.fromkeys(('beta', 'beta2', 'b1', 'b2', 'adam_b1', 'adam_b2',
+                     'mu2', 'signum_beta'), unit_interval),
+    # Every eps but these guards a division by a norm or a root that is
+    # zero for a zero gradient: 0 would turn it into NaN.
+    **dict.fromkeys(('eps', 'adam_eps', 'ns_eps', 'norm_eps'), positive),
+    'quantile_eps': nonnegative,  # ROOT: added to a clip bound, no division
+    **dict.fromkeys(('ns_steps', 'steps'), count),
+    **dict.fromkeys(('warmup_steps', 'total_steps', 'restart_every'),
+                    count0),
+    **dict.fromkeys(('quantile', 'clip_decay_fraction', 'decay_fraction'),
+                    fraction),
+    **dict.fromkeys(('c', 'norm_scale'), positive),
+    **dict.fromkeys(('clamp_c', 'gamma', 'alpha', 'scale_rms', 'rms',
+                     'scale_coeff', 'clip_final_scale', 'final_scale'),
+                    nonnegative),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _none_defaults(fn: Callable[..., Any]) -> frozenset[str]:
+  return frozenset(k for k, p in inspect.signature(fn).parameters.items()
+                   if p.default is None)
+
+
+def arguments(owner: str, fn: Callable[..., Any], values: Mapping[str, Any],
+              **overrides: Rule) -> None:
+  """Checks every argument of ``fn`` in ``values`` (its ``locals()`` at the
+  top) that :data:`RULES` (or ``overrides``) names; ``None`` passes where
+  ``fn``'s default is ``None``.
+
+  Raises:
+    TypeError, ValueError: naming ``owner`` and the argument.
+  """
+  optional = _none_defaults(fn)
+  for name, value in values.items():
+    rule = overrides.get(name, RULES.get(name))
+    if rule is not None:
+      rule(owner, name, value, optional=name in optional)

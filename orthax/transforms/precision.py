@@ -1,0 +1,53 @@
+"""Running a transformation in float32 for float16 and bfloat16 parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def wide_dtype(dtype: Any) -> Any:
+  """float32, or ``dtype`` if it is wider (float64); non-float dtypes are
+  returned unchanged."""
+  dtype = jnp.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    return dtype
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def widen(tree: Any) -> Any:
+  """``tree`` with every floating leaf cast to :func:`wide_dtype` (float32
+  and wider leaves are returned as they are)."""
+  return jax.tree.map(lambda x: x.astype(wide_dtype(x.dtype)), tree)
+
+
+def in_float32(inner: optax.GradientTransformation
+               ) -> optax.GradientTransformationExtraArgs:
+  r"""``inner`` run on float32 copies of float16/bfloat16 updates and params.
+
+  ``init`` sees the widened parameters, so every state ``inner`` shapes like
+  the parameters (moments, accumulators) is float32 unless ``inner`` was
+  given a dtype for it (``mu_dtype``, ``accumulator_dtype``); ``update``
+  sees widened gradients and parameters and its result is rounded to each
+  incoming gradient's dtype once, at the end. float32 and wider leaves pass
+  through unchanged, so on them this is ``inner`` exactly.
+
+  Why: float16 cannot hold the intermediate values of an optimizer step. A
+  gradient of 1e-5 squares to 0 (1e-3 to a subnormal), ``ε = 1e-8`` is 0,
+  and an EMA momentum ``(1-β)g`` of a 1e-5 gradient is a subnormal with a
+  few significant bits; Newton–Schulz in bfloat16 is off by about 1%. The
+  state is unchanged in structure, so ``optax.tree.get`` finds the same
+  entries.
+  """
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new, state = optax.with_extra_args_support(inner).update(
+        widen(updates), state, None if params is None else widen(params),
+        **extra_args)
+    return jax.tree.map(lambda n, u: n.astype(u.dtype), new, updates), state
+
+  return optax.GradientTransformationExtraArgs(
+      lambda params: inner.init(widen(params)), update_fn)

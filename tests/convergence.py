@@ -1,0 +1,99 @@
+"""Convergence checks of the optax contract: every recipe, driven by a
+warmup-cosine schedule, fits a quadratic and a least-squares problem.
+
+Like the checks in ``tests/contract.py``, each takes ``make``, a factory
+``learning_rate -> GradientTransformation``, and raises ``AssertionError``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from contract import Make
+from contract import random_like
+
+# Peak learning rate of the warmup-cosine schedule and the step budget. A
+# recipe whose step size differs by design may get its own entry.
+CONVERGENCE: dict[str, dict[str, Any]] = {}
+DEFAULT_CONVERGENCE = dict(peak_lr=0.1, steps=300)
+
+
+def _fit(make: Make, params, loss_fn, *, peak_lr, steps):
+  sched = optax.warmup_cosine_decay_schedule(
+      0.0, peak_lr, warmup_steps=min(10, steps // 10), decay_steps=steps,
+      end_value=peak_lr * 1e-3)
+  tx = make(sched)
+  state = tx.init(params)
+
+  @jax.jit
+  def train(params, state):
+    def body(carry, _):
+      params, state = carry
+      loss, g = jax.value_and_grad(loss_fn)(params)
+      u, state = tx.update(g, state, params)
+      return (optax.apply_updates(params, u), state), loss
+    (params, state), losses = jax.lax.scan(body, (params, state), None,
+                                           length=steps)
+    return params, losses, loss_fn(params)
+
+  params, losses, final = train(params, state)
+  return params, np.asarray(losses), float(final)
+
+
+def check_quadratic(make: Make, *, peak_lr=None, steps=None,
+                    reduction: float = 0.9):
+  """``sum((W - W*)²) + sum((b - b*)²)`` drops by ``reduction``."""
+  cfg = dict(DEFAULT_CONVERGENCE)
+  cfg.update({k: v for k, v in dict(peak_lr=peak_lr, steps=steps).items()
+              if v is not None})
+  target = random_like({'kernel': (16, 32), 'bias': (32,)}, 7, is_shape=True)
+  target = jax.tree.map(lambda t: 0.5 * t, target)
+  params = jax.tree.map(jnp.zeros_like, target)
+
+  def loss_fn(p):
+    return sum(jnp.sum((a - b) ** 2) for a, b in
+               zip(jax.tree.leaves(p), jax.tree.leaves(target)))
+
+  _, losses, final = _fit(make, params, loss_fn, **cfg)
+  first = float(losses[0])  # the loss at the initial params
+  assert np.all(np.isfinite(losses)), 'non-finite loss while fitting'
+  assert final <= (1 - reduction) * first, (
+      f'quadratic: loss {first:.4g} -> {final:.4g} in {cfg["steps"]} steps '
+      f'(needs a {reduction:.0%} reduction)')
+
+
+def check_least_squares(make: Make, *, peak_lr=None, steps=None,
+                        reduction: float = 0.9):
+  """``mean ||X W - Y||²`` with a 2-D kernel (and a bias) drops by
+  ``reduction``."""
+  cfg = dict(DEFAULT_CONVERGENCE)
+  cfg.update({k: v for k, v in dict(peak_lr=peak_lr, steps=steps).items()
+              if v is not None})
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((128, 24), np.float32)
+  w_true = rng.standard_normal((24, 12), np.float32) / np.sqrt(24)
+  y = jnp.asarray(x @ w_true + 0.01 * rng.standard_normal((128, 12),
+                                                          np.float32))
+  x = jnp.asarray(x)
+  params = {'dense': {'kernel': jnp.zeros((24, 12)), 'bias': jnp.zeros(12)}}
+
+  def loss_fn(p):
+    pred = x @ p['dense']['kernel'] + p['dense']['bias']
+    return jnp.mean(jnp.sum((pred - y) ** 2, axis=-1))
+
+  out, losses, final = _fit(make, params, loss_fn, **cfg)
+  first = float(losses[0])  # the loss at the initial params
+  assert np.all(np.isfinite(losses)), 'non-finite loss while fitting'
+  assert final <= (1 - reduction) * first, (
+      f'least squares: loss {first:.4g} -> {final:.4g} in {cfg["steps"]} steps '
+      f'(needs a {reduction:.0%} reduction)')
+  return out
+
+
+def convergence_config(name: str) -> dict[str, Any]:
+  return {**DEFAULT_CONVERGENCE, **CONVERGENCE.get(name, {})}

@@ -1,0 +1,215 @@
+"""Hyperparameters are checked when a recipe or transform is built.
+
+Every registered recipe (``orthax.recipe_names()``, read at collection) and
+every public transform is covered: each numeric argument (found from the
+signature) must belong to a category below, and a bad value of its category
+must raise at construction, naming what the user called and the argument.
+Construction only, except two ``inject_hyperparams`` runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import orthax
+from orthax import transforms as T
+
+# What each numeric argument must be (the test's own table, independent of
+# orthax._validate's): category -> [(bad value, expected error)].
+BAD = {
+    'lr': [(-0.1, ValueError), ('0.1', TypeError), (float('nan'), ValueError),
+           (jnp.float32(-1e-3), ValueError), (jnp.bfloat16(-1), ValueError)],
+    'nonneg': [(-0.1, ValueError), ('1', TypeError),
+               (float('inf'), ValueError)],
+    'pos': [(0.0, ValueError), (-1e-8, ValueError), ('1e-8', TypeError)],
+    'rate': [(1.0, ValueError), (-0.1, ValueError), (1.5, ValueError),
+             (np.float32(1.0), ValueError), ('0.9', TypeError)],
+    'fraction': [(-0.1, ValueError), (1.5, ValueError), ('0.5', TypeError)],
+    'count': [(0, ValueError), (-3, ValueError), (2.5, TypeError),
+              ('5', TypeError), (True, TypeError)],
+    'count0': [(-1, ValueError), (2.5, TypeError), ('5', TypeError)],
+}
+
+CATEGORY = {
+    'learning_rate': 'lr', 'adam_learning_rate': 'lr',
+    'signum_learning_rate': 'lr',
+    'base_learning_rate': 'nonneg', 'weight_decay': 'nonneg',
+    'adam_weight_decay': 'nonneg',
+    'beta': 'rate', 'beta2': 'rate', 'b1': 'rate', 'b2': 'rate',
+    'adam_b1': 'rate', 'adam_b2': 'rate', 'mu2': 'rate', 'signum_beta': 'rate',
+    'eps': 'pos', 'adam_eps': 'pos', 'ns_eps': 'pos', 'norm_eps': 'pos',
+    'quantile_eps': 'nonneg', 'c': 'pos', 'norm_scale': 'pos',
+    'ns_steps': 'count', 'steps': 'count', 'restart_every': 'count0',
+    'warmup_steps': 'count0', 'total_steps': 'count0',
+    'quantile': 'fraction', 'clip_decay_fraction': 'fraction',
+    'decay_fraction': 'fraction',
+    'clamp_c': 'nonneg', 'gamma': 'nonneg', 'alpha': 'nonneg',
+    'scale_rms': 'nonneg', 'rms': 'nonneg', 'scale_coeff': 'nonneg',
+    'clip_final_scale': 'nonneg', 'final_scale': 'nonneg',
+}
+# An eps that divides nothing may be 0: ROOT's clip bound, AuON's r ≥ 1.
+OVERRIDE = {('clip_outliers', 'eps'): 'nonneg',
+            ('cosh_normalize', 'eps'): 'nonneg'}
+# Numeric-looking arguments that are tables, not hyperparameters.
+EXEMPT = {'coeffs', 'coeffs_for_shape'}
+
+# Public transforms: name -> (factory, the required arguments).
+_mom = lambda: T.momentum(0.9)
+TRANSFORMS = {
+    'adamw': (T.adamw, lambda: dict(learning_rate=0.1)),
+    'scale_by_adam_raw_eps': (T.scale_by_adam_raw_eps, dict),
+    'momentum': (T.momentum, dict),
+    'decoupled_weight_decay': (T.decoupled_weight_decay,
+                               lambda: dict(weight_decay=0.1)),
+    'orthogonalize': (T.orthogonalize, dict),
+    'scale_by_shape': (T.scale_by_shape, dict),
+    'neuron_normalize': (T.neuron_normalize, dict),
+    'scale_to_rms': (T.scale_to_rms, dict),
+    'clip_outliers': (T.clip_outliers, dict),
+    'cosh_normalize': (T.cosh_normalize, dict),
+    'spectral_clip': (T.spectral_clip, dict),
+    'spectral_preclip': (T.spectral_preclip, dict),
+    'noise_adapt': (T.noise_adapt, lambda: dict(
+        momentum=_mom(), orthogonalize=T.orthogonalize(), learning_rate=0.1)),
+    'layerwise_noise_adapt': (T.layerwise_noise_adapt, lambda: dict(
+        momentum=_mom(), direction=T.orthogonalize(), learning_rate=0.1)),
+}
+
+_NUMERIC = re.compile(r'\b(int|float|Array|ScalarOrSchedule)\b')
+
+
+def numeric_params(fn) -> dict[str, inspect.Parameter]:
+  """The arguments of ``fn`` that take numbers (by default or annotation)."""
+  out = {}
+  for k, p in inspect.signature(fn).parameters.items():
+    d = p.default
+    if isinstance(d, bool) or k in EXEMPT:
+      continue
+    if isinstance(d, (int, float)) or (
+        (d is None or d is p.empty) and _NUMERIC.search(str(p.annotation))):
+      out[k] = p
+  return out
+
+
+def _owners():
+  for name in orthax.recipe_names():
+    yield name, orthax.recipe_factory(name), dict
+  for name, (fn, required) in TRANSFORMS.items():
+    yield name, fn, required
+
+
+OWNERS = list(_owners())
+ARGS = [(owner, fn, required, arg, p) for owner, fn, required in OWNERS
+        for arg, p in numeric_params(fn).items()]
+
+
+def test_every_public_transform_is_listed():
+  for name in T.__all__:
+    fn = getattr(T, name)
+    if (inspect.isfunction(fn) and numeric_params(fn) and 'GradientTransf'
+        in str(inspect.signature(fn).return_annotation)):
+      assert name in TRANSFORMS, f'add {name} to TRANSFORMS'
+
+
+@pytest.mark.parametrize('owner,fn,required', OWNERS,
+                         ids=[o[0] for o in OWNERS])
+def test_every_numeric_argument_has_a_category(owner, fn, required):
+  del required
+  missing = [a for a in numeric_params(fn) if a not in CATEGORY]
+  assert not missing, f'{owner}: give {missing} a category (or exempt them)'
+
+
+@pytest.mark.parametrize('owner,fn,required', OWNERS,
+                         ids=[o[0] for o in OWNERS])
+def test_defaults_construct(owner, fn, required):
+  del owner
+  assert isinstance(fn(**required()), optax.GradientTransformation)
+
+
+@pytest.mark.parametrize('owner,fn,required,arg,param', ARGS,
+                         ids=[f'{a[0]}-{a[3]}' for a in ARGS])
+def test_bad_value_raises_naming_owner_and_argument(owner, fn, required, arg,
+                                                    param):
+  category = OVERRIDE.get((owner, arg), CATEGORY.get(arg))
+  bad = list(BAD[category])
+  if param.default is not None:  # None is "the default" only where it is
+    bad.append((None, TypeError))
+  for value, error in bad:
+    with pytest.raises(error) as info:
+      fn(**{**required(), arg: value})
+    msg = str(info.value)
+    assert msg.startswith(f'{owner}: {arg} '), (value, msg)
+
+
+@pytest.mark.parametrize('name', orthax.recipe_names())
+def test_recipe_learning_rate_none_and_string(name):
+  fn = orthax.recipe_factory(name)
+  with pytest.raises(TypeError, match=f'^{name}: learning_rate must be a '
+                     r'number, an array or a schedule \(callable\), got None'):
+    fn(learning_rate=None)
+  with pytest.raises(TypeError, match=f'^{name}: learning_rate .*got .0.02.'):
+    fn(learning_rate='0.02')
+  with pytest.raises(ValueError, match=f'^{name}: learning_rate must be '
+                     '>= 0, got -0.1'):
+    fn(learning_rate=-0.1)
+
+
+@pytest.mark.parametrize('steps', [0, -3, 2.5])
+def test_spectra_step_counts(steps):
+  for call in (lambda: orthax.spectra(ns_steps=steps),
+               lambda: orthax.spectral_clip(steps=steps),
+               lambda: orthax.spectral_preclip(steps=steps)):
+    with pytest.raises((ValueError, TypeError), match='steps must be an '
+                       'integer'):
+      call()
+
+
+@pytest.mark.parametrize('name', orthax.recipe_names())
+def test_schedules_concrete_and_traced_values_construct(name):
+  fn = orthax.recipe_factory(name)
+  fn(learning_rate=optax.linear_schedule(0.0, 0.01, 10))
+  fn(learning_rate=jnp.float32(0.01))
+  fn(learning_rate=jnp.bfloat16(0.01))
+  fn(learning_rate=np.float64(0.01))
+  # Traced values are not checked: even a negative one builds under jit.
+  jax.make_jaxpr(lambda lr: (fn(learning_rate=lr), lr)[1])(-1.0)
+  ints = {k: np.int64(3) for k in ('ns_steps',) if k in
+          inspect.signature(fn).parameters}
+  fn(**ints)
+
+
+def test_traced_hyperparameters_of_a_transform_under_jit():
+  params = {'w': jnp.ones((4, 6))}
+
+  @jax.jit
+  def run(beta, lr, wd):
+    tx = optax.chain(orthax.momentum(beta), orthax.orthogonalize(),
+                     optax.scale_by_learning_rate(lr),
+                     orthax.decoupled_weight_decay(wd, learning_rate=lr))
+    return tx.update(params, tx.init(params), params)[0]
+
+  out = run(jnp.float32(0.9), jnp.float32(0.01), jnp.float32(0.1))
+  assert np.isfinite(np.asarray(out['w'])).all()
+
+
+@pytest.mark.parametrize('name', ['muon', 'spectra'])
+def test_inject_hyperparams_still_works(name):
+  params = {'w': jnp.ones((8, 12)), 'b': jnp.ones((12,))}
+  tx = optax.inject_hyperparams(orthax.recipe_factory(name))(
+      learning_rate=0.02)
+  state = tx.init(params)
+  for _ in range(2):
+    updates, state = jax.jit(tx.update)(params, state, params)
+  assert all(np.isfinite(np.asarray(u)).all()
+             for u in jax.tree.leaves(updates))
+  # An injected value is checked when the factory sees it concretely.
+  state.hyperparams['learning_rate'] = jnp.asarray(-1.0)
+  with pytest.raises(ValueError, match=f'^{name}: learning_rate'):
+    tx.update(params, state, params)
