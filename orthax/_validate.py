@@ -86,46 +86,36 @@ def number(owner: str, name: str, value: Any, *,
     _concrete(owner, name, value)
 
 
-def nonnegative(owner: str, name: str, value: Any, *,
-                optional: bool = False) -> None:
-  """A finite number ``>= 0`` (weight decays, scale factors)."""
-  if optional and value is None:
-    return
-  arr = _concrete(owner, name, value)
-  if arr is not None:
-    _check(owner, name, value, lambda a: a >= 0, '>= 0', arr)
+def _in_range(test: Callable[[np.ndarray], Any], bound: str,
+              doc: str) -> Rule:
+  """A check ``(owner, name, value, *, optional=False)`` that ``value`` is
+  a finite number or array with ``test`` true everywhere (``bound`` names
+  the range in the message)."""
+
+  def rule(owner: str, name: str, value: Any, *,
+           optional: bool = False) -> None:
+    if optional and value is None:
+      return
+    arr = _concrete(owner, name, value)
+    if arr is not None:
+      _check(owner, name, value, test, bound, arr)
+
+  rule.__doc__ = doc
+  return rule
 
 
-def positive(owner: str, name: str, value: Any, *,
-             optional: bool = False) -> None:
-  """A finite number ``> 0`` (an epsilon that guards a division)."""
-  if optional and value is None:
-    return
-  arr = _concrete(owner, name, value)
-  if arr is not None:
-    _check(owner, name, value, lambda a: a > 0, '> 0', arr)
-
-
-def unit_interval(owner: str, name: str, value: Any, *,
-                  optional: bool = False) -> None:
-  """A number in ``[0, 1)`` (momentum and EMA decay rates)."""
-  if optional and value is None:
-    return
-  arr = _concrete(owner, name, value)
-  if arr is not None:
-    _check(owner, name, value, lambda a: (a >= 0) & (a < 1), 'in [0, 1)',
-           arr)
-
-
-def fraction(owner: str, name: str, value: Any, *,
-             optional: bool = False) -> None:
-  """A number in ``[0, 1]`` (quantiles, fractions of a run)."""
-  if optional and value is None:
-    return
-  arr = _concrete(owner, name, value)
-  if arr is not None:
-    _check(owner, name, value, lambda a: (a >= 0) & (a <= 1), 'in [0, 1]',
-           arr)
+nonnegative = _in_range(lambda a: a >= 0, '>= 0',
+                        'A finite number ``>= 0`` (weight decays, scale '
+                        'factors).')
+positive = _in_range(lambda a: a > 0, '> 0',
+                     'A finite number ``> 0`` (an epsilon that guards a '
+                     'division).')
+unit_interval = _in_range(lambda a: (a >= 0) & (a < 1), 'in [0, 1)',
+                          'A number in ``[0, 1)`` (momentum and EMA decay '
+                          'rates).')
+fraction = _in_range(lambda a: (a >= 0) & (a <= 1), 'in [0, 1]',
+                     'A number in ``[0, 1]`` (quantiles, fractions of a '
+                     'run).')
 
 
 def count(owner: str, name: str, value: Any, *, minimum: int = 1,

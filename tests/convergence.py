@@ -45,12 +45,26 @@ def _fit(make: Make, params, loss_fn, *, peak_lr, steps):
   return params, np.asarray(losses), float(final)
 
 
+def _config(peak_lr, steps) -> dict[str, Any]:
+  """:data:`DEFAULT_CONVERGENCE` with the given (not ``None``) values."""
+  given = dict(peak_lr=peak_lr, steps=steps)
+  return {**DEFAULT_CONVERGENCE,
+          **{k: v for k, v in given.items() if v is not None}}
+
+
+def _assert_reduced(what, losses, final, steps, reduction):
+  """The loss stayed finite and dropped by ``reduction`` from its start."""
+  first = float(losses[0])  # the loss at the initial params
+  assert np.all(np.isfinite(losses)), 'non-finite loss while fitting'
+  assert final <= (1 - reduction) * first, (
+      f'{what}: loss {first:.4g} -> {final:.4g} in {steps} steps '
+      f'(needs a {reduction:.0%} reduction)')
+
+
 def check_quadratic(make: Make, *, peak_lr=None, steps=None,
                     reduction: float = 0.9):
   """``sum((W - W*)²) + sum((b - b*)²)`` drops by ``reduction``."""
-  cfg = dict(DEFAULT_CONVERGENCE)
-  cfg.update({k: v for k, v in dict(peak_lr=peak_lr, steps=steps).items()
-              if v is not None})
+  cfg = _config(peak_lr, steps)
   target = random_like({'kernel': (16, 32), 'bias': (32,)}, 7, is_shape=True)
   target = jax.tree.map(lambda t: 0.5 * t, target)
   params = jax.tree.map(jnp.zeros_like, target)
@@ -60,20 +74,14 @@ def check_quadratic(make: Make, *, peak_lr=None, steps=None,
                zip(jax.tree.leaves(p), jax.tree.leaves(target)))
 
   _, losses, final = _fit(make, params, loss_fn, **cfg)
-  first = float(losses[0])  # the loss at the initial params
-  assert np.all(np.isfinite(losses)), 'non-finite loss while fitting'
-  assert final <= (1 - reduction) * first, (
-      f'quadratic: loss {first:.4g} -> {final:.4g} in {cfg["steps"]} steps '
-      f'(needs a {reduction:.0%} reduction)')
+  _assert_reduced('quadratic', losses, final, cfg['steps'], reduction)
 
 
 def check_least_squares(make: Make, *, peak_lr=None, steps=None,
                         reduction: float = 0.9):
   """``mean ||X W - Y||²`` with a 2-D kernel (and a bias) drops by
   ``reduction``."""
-  cfg = dict(DEFAULT_CONVERGENCE)
-  cfg.update({k: v for k, v in dict(peak_lr=peak_lr, steps=steps).items()
-              if v is not None})
+  cfg = _config(peak_lr, steps)
   rng = np.random.default_rng(3)
   x = rng.standard_normal((128, 24), np.float32)
   w_true = rng.standard_normal((24, 12), np.float32) / np.sqrt(24)
@@ -87,11 +95,7 @@ def check_least_squares(make: Make, *, peak_lr=None, steps=None,
     return jnp.mean(jnp.sum((pred - y) ** 2, axis=-1))
 
   out, losses, final = _fit(make, params, loss_fn, **cfg)
-  first = float(losses[0])  # the loss at the initial params
-  assert np.all(np.isfinite(losses)), 'non-finite loss while fitting'
-  assert final <= (1 - reduction) * first, (
-      f'least squares: loss {first:.4g} -> {final:.4g} in {cfg["steps"]} steps '
-      f'(needs a {reduction:.0%} reduction)')
+  _assert_reduced('least squares', losses, final, cfg['steps'], reduction)
   return out
 
 
