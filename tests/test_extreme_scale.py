@@ -22,10 +22,6 @@ KERNELS = ('blocks/0/mlp/kernel', 'blocks/1/mlp/kernel', 'layers/attn/kernel')
 # Recipes whose matrix update is not yet safe at 1e19, and why. strict:
 # a fix makes the test fail here until the entry is removed.
 NOT_YET = {
-    # v is an EMA of ‖G‖²: 4e41 for a 64×64 gradient of 1e19 does not fit
-    # in float32; the state would have to be kept as its square root.
-    'namo': 'EMA of squared gradient norms overflows float32',
-    'namo_d': 'EMA of squared gradient norms overflows float32',
     'lanton': 'EMA of squared dual norms overflows float32',
     # The repo's brake is cosh(γG) of the raw gradient: not scale-invariant
     # by design (cosh overflows float32 beyond ~89).

@@ -38,6 +38,7 @@ from orthax.matrix_stages._base import split_sums
 from orthax.matrix_stages._base import stage
 from orthax.matrix_stages._base import static
 from orthax.matrix_stages._base import stage_norms
+from orthax.matrix_stages._base import root_norm
 from orthax.matrix_stages._base import sum_squares
 from orthax.matrix_stages._base import wide
 from orthax.matrix_stages._cosh import BRAKE_INPUTS
@@ -60,5 +61,5 @@ __all__ = [
     'ScalingStage',
     'StageShapes', 'apply_stages', 'check_norms', 'neuron_axis',
     'shape_factor', 'split_sums', 'stage', 'stage_norms', 'static',
-    'sum_squares', 'wide',
+    'root_norm', 'sum_squares', 'wide',
 ]

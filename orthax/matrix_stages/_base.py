@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from orthax.polar.newton_schulz import huge_scale
+
 SOURCES = ('input', 'aux')
 
 
@@ -69,16 +71,19 @@ class Blocks(NamedTuple):
 
 
 class Norm(NamedTuple):
-  """A sum of squares a stage needs of a matrix as it was **before**
+  """A Frobenius norm (the root of a sum of squares) a stage needs of a
+  matrix as it was **before**
   Newton–Schulz, over ``axes`` of ``[fan_in, fan_out]`` (kept as size-1
   axes): ``source='input'`` is the matrix entering Newton–Schulz (NAMO's
   momentum ``u``), ``'aux'`` the matching matrix of an auxiliary tree the
   caller passes with the update (NAMO's raw gradient ``G``).
 
-  Only a :class:`ScalingStage` may ask for norms. On a mesh they are summed
-  from each device's pieces before the matrices move (one small float32
-  all-reduce per group), so the stage gets the whole matrix's norms although
-  the auxiliary matrix never travels."""
+  Only a :class:`ScalingStage` may ask for norms. On whole matrices they are
+  taken scale-safely (:func:`root_norm`); on a mesh the sums of squares are
+  added up from each device's pieces before the matrices move (one small
+  float32 all-reduce per group), and the root taken after, so the stage
+  gets the whole matrix's norms although the auxiliary matrix never
+  travels."""
   source: str
   axes: tuple[int, ...]
 
@@ -121,6 +126,17 @@ def sum_squares(x: jax.Array, axes: Sequence[int]) -> jax.Array:
   """``Σ x²`` over ``axes`` (kept, size 1), in :func:`wide` precision."""
   x = x.astype(wide(x.dtype))
   return jnp.sum(x * x, axis=tuple(axes), keepdims=True)
+
+
+def root_norm(x: jax.Array, axes: Sequence[int]) -> jax.Array:
+  """``√Σ x²`` over ``axes`` of whole ``[..., fan_in, fan_out]`` matrices,
+  in :func:`wide` precision, with the squares taken of ``x·2⁻ᵉ``
+  (:func:`orthax.polar.newton_schulz.huge_scale`, one power of two per
+  matrix): it cannot overflow, and is the plain root below ``2³²``."""
+  x = x.astype(wide(x.dtype))
+  f = huge_scale(x).astype(x.dtype)
+  return jnp.sqrt(jnp.sum(jnp.square(x * f), axis=tuple(axes),
+                          keepdims=True)) / f
 
 
 class MatrixStage:
@@ -252,7 +268,7 @@ def stage_norms(stages: Sequence[MatrixStage],
         raise ValueError(
             f'matrix stage {st.name!r} needs the {nm.source!r} matrices; '
             f"{'pass aux= with the update' if nm.source == 'aux' else ''}.")
-      per.append(sum_squares(sources[nm.source], nm.axes))
+      per.append(root_norm(sources[nm.source], nm.axes))
     out.append(per)
   return out
 

@@ -24,10 +24,12 @@ class NoiseAdaptStep(ScalingStage):
   defaults in :func:`orthax.noise_adapt`, which builds this stage each
   step with that step's ``learning_rate`` and ``count``).
 
-  Norms (of the matrices before Newton–Schulz): ``‖G‖²`` of the raw
-  gradient (``aux``) and ``‖u‖²`` of the momentum (``input``), per matrix or
+  Norms (of the matrices before Newton–Schulz): ``‖G‖`` of the raw
+  gradient (``aux``) and ``‖u‖`` of the momentum (``input``), per matrix or
   per fan-in unit ``j`` (a row of the ``[fan_in, fan_out]`` view). State:
-  ``v`` (``[]`` or ``[fan_in]``). With ``β = η_t\sqrt{1-μ_2^t}/(1-μ_1^t +
+  ``√v`` (``[]`` or ``[fan_in]``), kept as the root so that it cannot
+  overflow (``v`` is ``4·10⁴¹`` for a 64×64 gradient of ``10¹⁹``); its EMA
+  is taken as ``√v ← hypot(√μ₂·√v, √(1-μ₂)·‖G‖)``. With ``β = η_t\sqrt{1-μ_2^t}/(1-μ_1^t +
   10^{-12})``:
 
   .. math::
@@ -75,14 +77,14 @@ class NoiseAdaptStep(ScalingStage):
                        norms=(Norm('aux', axes), Norm('input', axes)))
 
   def scale(self, state, norms, blocks):
-    g2, u2 = norms                         # [k, 1, 1] or [k, fan_in, 1]
-    v = state.reshape(g2.shape)
-    dt = v.dtype
-    v = self.mu2 * v + (1 - self.mu2) * g2
+    g, u = norms                           # [k, 1, 1] or [k, fan_in, 1]
+    r = state.reshape(g.shape)             # √v
+    dt = r.dtype
+    r = _hypot(jnp.sqrt(self.mu2) * r, jnp.sqrt(1 - self.mu2) * g)
     t = jnp.asarray(self.count).astype(dt)
     base = (self.learning_rate * jnp.sqrt(1 - self.mu2 ** t)
             / (1 - self.b1 ** t + 1e-12))
-    ratio = jnp.sqrt(u2) / (jnp.sqrt(v) + self.eps)
+    ratio = u / (r + self.eps)
     if self._keep_fan_in:
       ratio = self._clamp_to_mean(ratio, blocks)
     step = ratio * base
@@ -91,7 +93,7 @@ class NoiseAdaptStep(ScalingStage):
       shrink = jnp.maximum(shrink, -1.0)
     shape_k = self.scale_coeff * max(blocks.fan_in, blocks.fan_out) ** 0.5
     eta = jnp.minimum(step * shape_k, 1.0)
-    return (-eta).astype(dt), v.reshape(state.shape), shrink.reshape(
+    return (-eta).astype(dt), r.reshape(state.shape), shrink.reshape(
         state.shape)
 
   def _clamp_to_mean(self, ratio: jax.Array, blocks) -> jax.Array:
@@ -108,3 +110,11 @@ class NoiseAdaptStep(ScalingStage):
     lo = jnp.where(on, c * mean, 0.0)
     hi = jnp.where(on, mean / c, jnp.inf)
     return jnp.clip(ratio, lo, hi)
+
+
+def _hypot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``√(a² + b²)`` for ``a, b ≥ 0`` without overflow: the larger one
+  factored out (``0`` when both are)."""
+  hi, lo = jnp.maximum(a, b), jnp.minimum(a, b)
+  safe = jnp.where(hi > 0, hi, 1.0)
+  return hi * jnp.sqrt(1 + jnp.square(lo / safe))

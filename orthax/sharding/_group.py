@@ -221,11 +221,16 @@ def make_body(g: GroupPlan, r: Roles, stages, mspecs, ns_fn: NSFn,
     mats = _mats_of(g, locs, mspecs)
     srcs = {'input': _mats_of(g, ilocs, mspecs) if ilocs else mats,
             'aux': _mats_of(g, alocs, mspecs)}
-    # Norms: sums of squares over the device's pieces, leaf by leaf (the
-    # auxiliary matrices are never stacked), made whole per strategy.
-    whole = whole_norms(g, [(_cat([MS.sum_squares(m, wax)
-                                   for m in srcs[src]]), wax)
-                            for _, src, wax in r.norms])
+    # Norms, leaf by leaf (the auxiliary matrices are never stacked): of
+    # whole matrices taken scale-safely; of pieces, sums of squares made
+    # whole per strategy, then the root.
+    if g.strategy in ('local', 'replicated'):
+      whole = [_cat([MS.root_norm(m, wax) for m in srcs[src]])
+               for _, src, wax in r.norms]
+    else:
+      whole = [jnp.sqrt(w) for w in whole_norms(
+          g, [(_cat([MS.sum_squares(m, wax) for m in srcs[src]]), wax)
+              for _, src, wax in r.norms])]
     sstacks = []
     for c, j in enumerate(r.live):
       nd = len(stages[j].shapes(r.fi, r.fo).state)
