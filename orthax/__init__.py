@@ -3,7 +3,11 @@
 from orthax import matrix_stages
 from orthax import polar
 from orthax.matrices import MatrixSpec
+from orthax.recipes import aro
 from orthax.recipes import auon
+from orthax.recipes import dct_adamw
+from orthax.recipes import trion
+from orthax.recipes import fismo
 from orthax.recipes import hybrid_auon
 from orthax.recipes import lanton
 from orthax.recipes import muon
@@ -51,6 +55,8 @@ __all__ = [
     'recipe_references', 'scale_by_shape',
     'lanton', 'layerwise_noise_adapt', 'namo', 'namo_d', 'neuron_normalize',
     'noise_adapt', 'normuon', 'scale_to_rms',
-    'auon', 'clip_outliers', 'cosh_normalize', 'hybrid_auon', 'root',
+    'dct_adamw', 'trion',
+    'aro', 'auon', 'clip_outliers', 'cosh_normalize', 'hybrid_auon', 'root',
+    'fismo',
     'spectra', 'spectral_clip', 'spectral_preclip',
 ]

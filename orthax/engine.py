@@ -32,7 +32,7 @@ the sharding executor; it knows nothing of optax or of recipes. Transforms
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,18 +70,28 @@ def leaf_state_shape(stage: ms.MatrixStage, shape: Sequence[int],
   """Batch shape of the leaf + the stage's per-matrix state shape
   (``None``: the stage is stateless)."""
   _, fi, fo = spec.matrix_shape(shape)
-  s = stage.shapes(fi, fo).state
-  return None if s is None else leaf_batch_shape(shape, spec) + tuple(s)
+  sh = stage.shapes(fi, fo)
+  if isinstance(sh.state, Mapping) and not sh.slots:
+    raise ValueError(f'matrix stage {stage.name!r}: a state of several '
+                     'arrays (a dict of shapes) needs slots=True.')
+  return (None if sh.state is None
+          else leaf_batch_shape(shape, spec) + tuple(sh.state))
 
 
 def init_stage_states(stage: ms.MatrixStage, leaves: Sequence[Any],
                       specs: Sequence[matrices.MatrixSpec]) -> list[Any]:
-  """Zeros of :func:`leaf_state_shape` per leaf, in the leaf's
+  """The stage's :meth:`~orthax.matrix_stages.MatrixStage.initial_state`
+  for every matrix of each leaf (:func:`leaf_state_shape`), in the leaf's
   :func:`~orthax.matrix_stages.wide` dtype (``None`` when stateless)."""
   if not stage.stateful:
     return [None] * len(leaves)
-  return [jnp.zeros(leaf_state_shape(stage, x.shape, s), ms.wide(x.dtype))
-          for x, s in zip(leaves, specs)]
+  out = []
+  for x, spec in zip(leaves, specs):
+    _, fi, fo = spec.matrix_shape(x.shape)
+    out.append(jnp.broadcast_to(
+        stage.initial_state(fi, fo, ms.wide(x.dtype)),
+        leaf_state_shape(stage, x.shape, spec)))
+  return out
 
 
 def _empty_outputs(stages, x, spec):
@@ -162,7 +172,8 @@ def _on_one_device(fn, leaves, specs, stages, states, aux, inputs, group,
 class SlotState:
   """The state of a slot stage (:attr:`StageShapes.slots
   <orthax.matrix_stages.StageShapes>`): per group of the plan (keys
-  :func:`orthax.sharding.group_key`), a ``[D, k, *state]`` array, ``D`` the
+  :func:`orthax.sharding.group_key`), a ``[D, k, *state]`` array (a dict of
+  them for a state of several arrays), ``D`` the
   devices of the mesh (1 on one device) and ``k`` the matrices each device
   owns (:func:`orthax.sharding.slot_count`), sharded over ``axes``, every
   axis of the mesh: each device holds its own matrices' state.
@@ -201,10 +212,12 @@ def init_slot_state(stage: ms.MatrixStage, leaves: Sequence[Any],
   slots = {}
   for gi, g in enumerate(plan.groups):
     fi, fo = (g.n, g.m) if g.transposed[0] else (g.m, g.n)
-    x = jnp.zeros((plan.num_devices, sharding.slot_count(g))
-                  + tuple(stage.shapes(fi, fo).state), ms.wide(g.dtype))
+    lead = (plan.num_devices, sharding.slot_count(g))
+    x = jax.tree.map(lambda a: jnp.broadcast_to(a, lead + a.shape),
+                     stage.initial_state(fi, fo, ms.wide(g.dtype)))
     if mesh is not None:
-      x = sharding.place(x, mesh, jax.sharding.PartitionSpec(axes))
+      x = jax.tree.map(lambda a: sharding.place(
+          a, mesh, jax.sharding.PartitionSpec(axes)), x)
     slots[sharding.group_key(gi)] = x
   return SlotState(slots, axes)
 

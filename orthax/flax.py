@@ -159,7 +159,8 @@ def state_specs(abstract_opt_state: Any, params: Any, specs: Any) -> Any:
 
   def one(path, x):
     if isinstance(x, engine.SlotState):  # on its owner devices
-      return engine.SlotState({k: P(x.axes) for k in x.slots}, x.axes)
+      return engine.SlotState(
+          jax.tree.map(lambda _: P(x.axes), x.slots), x.axes)
     keys = _keys(path)
     for n in lengths:
       hit = by_path.get(keys[-n:]) if len(keys) >= n else None

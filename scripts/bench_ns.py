@@ -104,6 +104,11 @@ def main():
         'Newton–Schulz for the rectangular groups.')
 
 
+# Non-default modes timed too: ARO's dion mode rotates fan-out (the larger
+# side of an up-projection: an R of 3072² there, ALGORITHMS.md §13.1.3).
+EXTRA_ROWS = {'aro/dion': ('aro', {'reference': 'dion'})}
+
+
 def recipe_table(bench_update, params):
   """Every registered recipe at its defaults vs orthax.muon, same tree.
 
@@ -112,9 +117,12 @@ def recipe_table(bench_update, params):
   between them (printed).
   """
   muon_before, _ = bench_update(orthax.recipe('muon', learning_rate=0.02))
+  rows = {name: (name, {}) for name in orthax.recipe_names()}
+  rows.update(EXTRA_ROWS)
   times = {}
-  for name in orthax.recipe_names():
-    times[name] = bench_update(orthax.recipe(name, learning_rate=0.02))[0]
+  for key, (name, kw) in rows.items():
+    times[key] = bench_update(orthax.recipe(name, learning_rate=0.02,
+                                            **kw))[0]
   muon_after, _ = bench_update(orthax.recipe('muon', learning_rate=0.02))
   t_muon = (muon_before + muon_after) / 2
   print()
@@ -127,10 +135,10 @@ def recipe_table(bench_update, params):
   size = lambda tree: sum(x.size * x.dtype.itemsize
                           for x in jax.tree.leaves(tree))
   muon_state = size(orthax.muon(0.02).init(params))
-  for name in orthax.recipe_names():
-    t = times[name]
-    state = size(orthax.recipe(name, learning_rate=0.02).init(params))
-    print(f'{name:24s} {t:8.3f} {t / t_muon:8.2f} {state / 2**20:10.2f} '
+  for key, (name, kw) in rows.items():
+    t = times[key]
+    state = size(orthax.recipe(name, learning_rate=0.02, **kw).init(params))
+    print(f'{key:24s} {t:8.3f} {t / t_muon:8.2f} {state / 2**20:10.2f} '
           f'{(state - muon_state) / 2**10:17.1f} KiB')
 
 

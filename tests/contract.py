@@ -46,6 +46,10 @@ REQUIRED_STATE_NAMES: dict[str, tuple[str, ...]] = {
     'root': ('momentum', 'clip_outliers', 'orthogonalize'),
     'auon': ('momentum', 'cosh_normalize'),
     'hybrid_auon': ('momentum', 'orthogonalize', 'cosh_normalize'),
+    'aro': ('momentum', 'aro_rotate'),  # the rotation runs instead of NS
+    'dct_adamw': ('dct_adam',),  # no momentum: Adam on DCT coefficients
+    'trion': ('trion',),  # its sum-form buffer is the 'trion' stage's state
+    'fismo': ('fismo',),  # momentum in whitened space, inside the stage
 }
 DEFAULT_STATE_NAMES = ('momentum', 'orthogonalize')
 

@@ -28,21 +28,25 @@ NAME = 'gram_ema_muon'
 
 @MS.stage
 class GramEMA(MS.MatrixStage):
-  """``S ← βS + (1-β)OOᵀ/n``, ``O ← O + αSO`` (state ``m×m``, slots)."""
+  """``S ← βS + (1-β)OOᵀ/n``, ``O ← O + αSO`` (state ``{'gram': m×m}``,
+  slots: a dict state, as a stage with several arrays keeps it)."""
 
   name = 'gram_ema'
   beta: Any = 0.9
   alpha: Any = 0.5
 
   def shapes(self, fan_in, fan_out):
-    return MS.StageShapes(state=(fan_in, fan_in), slots=True)
+    return MS.StageShapes(state={'gram': (fan_in, fan_in)}, slots=True)
+
+  def flops(self, fan_in, fan_out):
+    return 4 * fan_in * fan_in * fan_out  # O Oᵀ and S O
 
   def apply(self, o, state, blocks):
-    x = o.astype(state.dtype)
+    x = o.astype(state['gram'].dtype)
     gram = jnp.einsum('kij,klj->kil', x, x) / blocks.fan_out
-    s = self.beta * state + (1 - self.beta) * gram
+    s = self.beta * state['gram'] + (1 - self.beta) * gram
     return (x + self.alpha * jnp.einsum('kil,klj->kij', s, x)).astype(
-        o.dtype), s
+        o.dtype), {'gram': s}
 
 
 def gram_ema_muon(learning_rate: optax.ScalarOrSchedule = 0.02, *,

@@ -40,7 +40,14 @@ def test_routes_both_branches(case):
   if case.name == 'spectra':
     pytest.skip('spectra wraps a base optimizer (no matrix/adam partition); '
                 'tests/test_spectra.py checks which leaves it clips')
-  assert 'momentum' in names, 'update this test for a momentum-free recipe'
+  if 'momentum' not in names:  # a momentum-free matrix branch (DCT-AdamW)
+    mats = optax.tree.get(state, names[0])
+    assert any(getattr(x, 'ndim', 0) >= 2 for x in jax.tree.leaves(mats)), (
+        'no leaf reached the matrix branch')
+    adam = optax.tree.get(state, 'adam')
+    assert any(getattr(x, 'ndim', 0) >= 1 for x in jax.tree.leaves(adam)), (
+        'no leaf reached adam')
+    return
   mats = optax.tree.get(state, 'momentum')
   assert mats is not None
   routed = [x for x in jax.tree.leaves(mats.mu)
@@ -114,7 +121,8 @@ def test_converges_on_least_squares(case):
 
 
 def _conv(case):
-  cfg = convergence.convergence_config(case.name)
+  cfg = convergence.convergence_config(case.name,
+                                      dict(case.kwargs).get('reference'))
   return dict(peak_lr=cfg['peak_lr'], steps=cfg['steps'])
 
 

@@ -25,6 +25,10 @@ OLD_LEARNING_RATES = {
     'auon': (0.02, 3e-3),
     'hybrid_auon': (0.02, 3e-3),
     'spectra': (3e-3, None),
+    'fismo': (3e-3, 3e-3),
+    'aro': (0.01, 3e-3),
+    'dct_adamw': (3e-3, None),
+    'trion': (0.02, 3e-4),
 }
 
 REFERENCES = {
@@ -37,6 +41,10 @@ REFERENCES = {
     'auon': ('paper', 'repo'),
     'hybrid_auon': ('paper', 'repo'),
     'spectra': ('orthax', 'repo'),
+    'dct_adamw': ('orthax', 'ista'),
+    'trion': ('ista',),
+    'fismo': (),
+    'aro': ('orthax', 'dion'),
 }
 
 TOY = 'toy_ortho_sgd'

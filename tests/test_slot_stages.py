@@ -40,8 +40,77 @@ def test_slot_state_layout_on_one_device():
   assert isinstance(st, engine.SlotState) and st.axes == ()
   # Wide 8×16 matrices (w, w2, the 3 of scan) in one group, the tall one in
   # its own (a stage sees one orientation per group): [D=1, k, m, m].
-  shapes = sorted(tuple(a.shape) for a in st.slots.values())
+  shapes = sorted(tuple(a['gram'].shape) for a in st.slots.values())
   assert shapes == [(1, 1, 16, 16), (1, 5, 8, 8)]
+
+
+@MS.stage
+class _Rotate(MS.MatrixStage):
+  """``R ← R·Q(φ)`` per matrix, ``O ← R O``; ``t ← t + 1`` (a dict state
+  with an identity initial rotation)."""
+
+  name = 'rotate'
+  angle: float = 0.3
+
+  def shapes(self, fan_in, fan_out):
+    return MS.StageShapes(state={'r': (fan_in, fan_in), 't': ()},
+                          slots=True)
+
+  def initial_state(self, fan_in, fan_out, dtype):
+    return {'r': jnp.eye(fan_in, dtype=dtype), 't': jnp.zeros((), dtype)}
+
+  def apply(self, o, state, blocks):
+    n = blocks.fan_in
+    c, s = np.cos(self.angle), np.sin(self.angle)
+    q = jnp.eye(n).at[0, 0].set(c).at[1, 1].set(c).at[0, 1].set(-s).at[
+        1, 0].set(s)
+    r = state['r'] @ q
+    return (jnp.einsum('kil,klj->kij', r, o.astype(r.dtype)).astype(o.dtype),
+            {'r': r, 't': state['t'] + 1})
+
+
+def test_dict_slot_state_starts_at_its_initial_value():
+  """A state of several arrays, one starting at the identity: after two
+  steps each matrix is rotated by Q then Q² (in slots), the counter is 2."""
+  spec = {'w': MatrixSpec(), 'tall': MatrixSpec()}
+  shapes = {'w': (4, 6), 'tall': (6, 4)}
+  ones = {k: jnp.ones(s) for k, s in shapes.items()}
+  tx = orthax.orthogonalize(matrix_specs=spec, then=[_Rotate()])
+  plain = orthax.orthogonalize(matrix_specs=spec)
+  state = tx.init(ones)
+  st = state.stages['rotate']
+  for a in st.slots.values():
+    np.testing.assert_array_equal(a['r'][0, 0], np.eye(a['r'].shape[-1]))
+  c, s = np.cos(0.3), np.sin(0.3)
+  for step in (1, 2):
+    got, state = jax.jit(tx.update)(ones, state)
+    o, _ = plain.update(ones, plain.init(ones))
+    for k in shapes:
+      m = _matrices(o[k], spec[k])[0]
+      q = np.eye(m.shape[0])
+      q[:2, :2] = [[c, -s], [s, c]]
+      want = np.linalg.matrix_power(q, step) @ m
+      np.testing.assert_allclose(_matrices(got[k], spec[k])[0], want,
+                                 rtol=1e-5, atol=1e-6)
+  ts = [float(a['t'][0, 0]) for a in state.stages['rotate'].slots.values()]
+  assert ts == [2.0, 2.0]
+
+
+def test_dict_state_needs_slots():
+
+  @MS.stage
+  class Two(MS.MatrixStage):
+    name = 'two'
+
+    def shapes(self, fan_in, fan_out):
+      return MS.StageShapes(state={'a': (), 'b': ()})
+
+    def apply(self, o, state, blocks):
+      return o, state
+
+  p = {'w': jnp.ones((4, 8))}
+  with pytest.raises(ValueError, match="stage 'two': a state of several"):
+    orthax.orthogonalize(then=[Two()]).init(p)
 
 
 def test_slot_stage_equals_a_float64_transcription():

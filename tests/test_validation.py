@@ -53,10 +53,16 @@ CATEGORY = {
     'clamp_c': 'nonneg', 'gamma': 'nonneg', 'alpha': 'nonneg',
     'scale_rms': 'nonneg', 'rms': 'nonneg', 'scale_coeff': 'nonneg',
     'clip_final_scale': 'nonneg', 'final_scale': 'nonneg',
+    # DCT-AdamW / Trion: rank is an int >= 1 or a fraction in (0, 1].
+    'rank': 'pos', 'ell_norm': 'pos', 'update_every': 'count',
+    'max_shape': 'count',
+    # FISMO: the damping μ and the eigenvalue floor guard inverse roots.
+    'damping': 'pos', 'eig_floor': 'pos',
 }
 # An eps that divides nothing may be 0: ROOT's clip bound, AuON's r ≥ 1.
 OVERRIDE = {('clip_outliers', 'eps'): 'nonneg',
-            ('cosh_normalize', 'eps'): 'nonneg'}
+            ('cosh_normalize', 'eps'): 'nonneg',
+            ('fismo', 'gamma'): 'rate', ('scale_by_fismo', 'gamma'): 'rate'}
 # Numeric-looking arguments that are tables, not hyperparameters.
 EXEMPT = {'coeffs', 'coeffs_for_shape'}
 
@@ -76,6 +82,11 @@ TRANSFORMS = {
     'cosh_normalize': (T.cosh_normalize, dict),
     'spectral_clip': (T.spectral_clip, dict),
     'spectral_preclip': (T.spectral_preclip, dict),
+    'scale_by_dct_adam': (T.scale_by_dct_adam, dict),
+    'scale_by_trion': (T.scale_by_trion, dict),
+    'scale_by_fismo': (T.scale_by_fismo, dict),
+    'aro_rotate': (T.aro_rotate, dict),
+    'scale_by_aro': (T.scale_by_aro, dict),
     'noise_adapt': (T.noise_adapt, lambda: dict(
         momentum=_mom(), orthogonalize=T.orthogonalize(), learning_rate=0.1)),
     'layerwise_noise_adapt': (T.layerwise_noise_adapt, lambda: dict(

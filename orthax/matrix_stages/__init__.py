@@ -43,20 +43,27 @@ from orthax.matrix_stages._base import sum_squares
 from orthax.matrix_stages._base import wide
 from orthax.matrix_stages._cosh import BRAKE_INPUTS
 from orthax.matrix_stages._cosh import CoshNormalize
+from orthax.matrix_stages._dct import DCTAdam
+from orthax.matrix_stages._dct import TRION_SCALINGS
+from orthax.matrix_stages._dct import TrionStep
+from orthax.matrix_stages._fisher import FismoStep
 from orthax.matrix_stages._neuron import EPS_PLACEMENTS
 from orthax.matrix_stages._neuron import NEURON_AXES
 from orthax.matrix_stages._neuron import NeuronNormalize
 from orthax.matrix_stages._neuron import neuron_axis
 from orthax.matrix_stages._noise import NOISE_MODES
 from orthax.matrix_stages._noise import NoiseAdaptStep
+from orthax.matrix_stages._rotate import AroRotate
 from orthax.matrix_stages._scale import SCALE_MODES
 from orthax.matrix_stages._scale import ScaleByShape
 from orthax.matrix_stages._scale import ScaleToRms
 from orthax.matrix_stages._scale import shape_factor
 
 __all__ = [
-    'BRAKE_INPUTS', 'EPS_PLACEMENTS', 'NEURON_AXES', 'NOISE_MODES',
+    'AroRotate', 'BRAKE_INPUTS', 'EPS_PLACEMENTS', 'NEURON_AXES', 'NOISE_MODES',
     'SCALE_MODES', 'SOURCES', 'Blocks', 'CoshNormalize', 'MatrixStage',
+    'FismoStep',
+    'DCTAdam', 'TRION_SCALINGS', 'TrionStep',
     'NeuronNormalize', 'NoiseAdaptStep', 'Norm', 'ScaleByShape', 'ScaleToRms',
     'ScalingStage',
     'StageShapes', 'apply_stages', 'check_norms', 'neuron_axis',

@@ -94,7 +94,10 @@ class StageShapes(NamedTuple):
 
   Attributes:
     state: the per-matrix state's shape (``None``: stateless); any shape,
-      e.g. ``(fan_out,)`` per neuron, ``()`` per matrix, ``(m, m)``.
+      e.g. ``(fan_out,)`` per neuron, ``()`` per matrix, ``(m, m)``. A
+      slot stage may keep several arrays: a dict of shapes (``{'p': (m,
+      m), 'q': (n, n)}``), which :meth:`~MatrixStage.apply` receives and
+      returns as a dict of ``[k, *shape]`` arrays.
     axis: the matrix axis (``-2``: fan-in, ``-1``: fan-out) a vector state
       (and output) runs along, or ``None``: under column blocks such a
       vector is held in blocks like the matrix.
@@ -109,11 +112,21 @@ class StageShapes(NamedTuple):
       ``m×m`` rotation). A slot stage has no output and is no
       :class:`ScalingStage`.
   """
-  state: tuple[int, ...] | None = None
+  state: tuple[int, ...] | Mapping[str, tuple[int, ...]] | None = None
   axis: int | None = None
   output: tuple[int, ...] | None = None
   norms: tuple[Norm, ...] = ()
   slots: bool = False
+
+
+def map_state(fn: Callable[[tuple[int, ...]], Any], state: Any) -> Any:
+  """``fn`` of each shape of a declared state (:attr:`StageShapes.state`:
+  one shape, or a dict of them), in the same structure; ``None`` stays."""
+  if state is None:
+    return None
+  if isinstance(state, Mapping):
+    return {k: fn(tuple(v)) for k, v in state.items()}
+  return fn(tuple(state))
 
 
 def wide(dtype) -> Any:
@@ -152,10 +165,24 @@ class MatrixStage:
     del fan_in, fan_out
     return StageShapes()
 
+  def initial_state(self, fan_in: int, fan_out: int, dtype: Any) -> Any:
+    """The state of one matrix before the first step, per the declared
+    :attr:`StageShapes.state` (default: zeros), e.g. an identity rotation."""
+    return map_state(lambda s: jnp.zeros(s, dtype),
+                     self.shapes(fan_in, fan_out).state)
+
+  def flops(self, fan_in: int, fan_out: int) -> int:
+    """Floating-point operations of :meth:`apply` on one matrix, for the
+    sharding plan's cost model (default: 0, negligible next to
+    Newton–Schulz); a stage with matrix products of its own declares them."""
+    del fan_in, fan_out
+    return 0
+
   def apply(self, o: jax.Array, state: jax.Array | None, blocks: Blocks,
             norms: Sequence[jax.Array] = ()) -> tuple[Any, ...]:
     """``(o[k, fan_in, fan_out], state[k, ...], blocks, norms) -> (o',
-    state')``, or ``(o', state', output)`` with a declared output.
+    state')``, or ``(o', state', output)`` with a declared output (a
+    dict state comes and goes as a dict of ``[k, *shape]`` arrays).
     ``norms[q]`` is the declared ``norms[q]`` of the whole matrices, shaped
     ``[k, fan_in or 1, fan_out or 1]`` (under column blocks, the kept axis is
     in blocks like the stack). Sums over a matrix axis go through
@@ -244,7 +271,7 @@ def split_sums(st: MatrixStage, fan_in: int, fan_out: int,
   sh = st.shapes(fan_in, fan_out)
   f32 = lambda shape: jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
   o = f32((fan_in, fan_out))
-  state = None if sh.state is None else f32(sh.state)
+  state = map_state(f32, sh.state)
   norms = [f32((1 if -2 in nm.axes else fan_in, 1 if -1 in nm.axes
                 else fan_out)) for nm in check_norms(st, fan_in, fan_out)]
   blocks = Blocks(fan_in, fan_out, split, reduce)

@@ -80,7 +80,8 @@ class NoiseAdaptStep(ScalingStage):
     g, u = norms                           # [k, 1, 1] or [k, fan_in, 1]
     r = state.reshape(g.shape)             # √v
     dt = r.dtype
-    r = _hypot(jnp.sqrt(self.mu2) * r, jnp.sqrt(1 - self.mu2) * g)
+    # jnp.hypot factors out the larger term: it cannot overflow.
+    r = jnp.hypot(jnp.sqrt(self.mu2) * r, jnp.sqrt(1 - self.mu2) * g)
     t = jnp.asarray(self.count).astype(dt)
     base = (self.learning_rate * jnp.sqrt(1 - self.mu2 ** t)
             / (1 - self.b1 ** t + 1e-12))
@@ -110,11 +111,3 @@ class NoiseAdaptStep(ScalingStage):
     lo = jnp.where(on, c * mean, 0.0)
     hi = jnp.where(on, mean / c, jnp.inf)
     return jnp.clip(ratio, lo, hi)
-
-
-def _hypot(a: jax.Array, b: jax.Array) -> jax.Array:
-  """``√(a² + b²)`` for ``a, b ≥ 0`` without overflow: the larger one
-  factored out (``0`` when both are)."""
-  hi, lo = jnp.maximum(a, b), jnp.minimum(a, b)
-  safe = jnp.where(hi > 0, hi, 1.0)
-  return hi * jnp.sqrt(1 + jnp.square(lo / safe))

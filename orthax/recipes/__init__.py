@@ -15,6 +15,10 @@ from orthax.recipes.registry import register
 from orthax.recipes.registry import resolve_reference
 from orthax.recipes.registry import unregister
 from orthax.recipes.muon import muon
+from orthax.recipes.aro import aro
+from orthax.recipes.dct_adamw import dct_adamw
+from orthax.recipes.trion import trion
+from orthax.recipes.fismo import fismo
 from orthax.recipes.adaptive import lanton
 from orthax.recipes.adaptive import namo
 from orthax.recipes.adaptive import namo_d
@@ -29,6 +33,7 @@ __all__ = [
     'step_stages', 'muon', 'recipe', 'recipe_entry',
     'recipe_factory', 'recipe_names', 'recipe_references', 'RecipeEntry',
     'register', 'resolve_reference', 'unregister',
-    'lanton', 'namo', 'namo_d', 'normuon',
+    'dct_adamw', 'trion',
+    'aro', 'fismo', 'lanton', 'namo', 'namo_d', 'normuon',
     'auon', 'hybrid_auon', 'root', 'spectra',
 ]

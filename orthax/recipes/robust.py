@@ -104,7 +104,9 @@ def spectra(
     base: any optax optimizer with decoupled weight decay, built with the
       same ``learning_rate`` and ``weight_decay`` (default:
       ``adamw(learning_rate, b1, b2, eps, weight_decay)``, the 160M scripts'
-      β = (0.8, 0.999), λ = 0.1).
+      β = (0.8, 0.999), λ = 0.1; kept scale-safe,
+      :func:`orthax.transforms.adamw` with ``scale_safe=True``: optax's
+      result below ``|g| = 2⁶²``, and no overflow of ``g²`` above).
     b1, b2, eps: the default AdamW base's moments and epsilon.
     weight_decay: λ of the base optimizer.
     ns_steps, step_rule, shared_bound: override the reference's clip settings.
@@ -131,7 +133,7 @@ def spectra(
       router, routing.Router(extra_rules=SPECTRA_RULES))
   if base is None:
     base = T.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
-                   weight_decay=weight_decay)
+                   weight_decay=weight_decay, scale_safe=True)
   clip = T.spectral_clip(
       c, learning_rate=learning_rate, weight_decay=weight_decay,
       steps=d['steps'] if ns_steps is None else ns_steps,

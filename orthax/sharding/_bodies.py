@@ -13,7 +13,8 @@ states, outputs), which come back as ``[N, ...]`` stacks, and the new slot
 states, which stay where they are.
 
 :data:`NORMS` holds, per strategy, how a body turns the partial norms of the
-device's pieces into the norms of the whole matrices of its local stack.
+device's pieces into the norms of the whole matrices of its local stack;
+:func:`piece_norms` takes them so, scale-safely.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from orthax.polar.newton_schulz import signed_root
+from orthax.polar.newton_schulz import signed_squares
+from orthax.polar.newton_schulz import split_root
+from orthax.polar.newton_schulz import split_squares
 from orthax.sharding._plan import GroupPlan
 
 NSFn = Callable[[jax.Array], jax.Array]
@@ -181,6 +186,36 @@ def _whole_norms(g: GroupPlan, partials):
   """``local`` and ``replicated``: the device holds whole matrices."""
   del g
   return [p for p, _ in partials]
+
+
+def piece_norms(g: GroupPlan, sources):
+  """The whole matrices' norms ``√Σ x²`` (over each source's summed axes)
+  from the device's pieces of them (``a2a``, ``gram``), scale-safely.
+
+  ``sources``: per norm, ``(parts, axes)``, ``parts`` the leaves' local
+  ``[n_i, ·, ·]`` pieces (together the group's local stack). Each piece's
+  squares are summed in two parts that cannot overflow
+  (:func:`~orthax.polar.newton_schulz.split_squares`: the entries up to
+  ``2³²`` as they are, the larger ones scaled). A sum over a split axis
+  adds up across devices: both parts are made whole as :data:`NORMS` says
+  (in its one all-reduce); a sum whole on one device travels as one value
+  (:func:`~orthax.polar.newton_schulz.signed_squares`). Below ``2³²`` the
+  plain sums, bit for bit."""
+  shards = {-2: g.row_shards, -1: g.col_shards}
+  wide = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  cat = lambda ps: ps[0] if len(ps) == 1 else jnp.concatenate(ps, axis=0)
+  partials, split = [], []
+  for parts, axes in sources:
+    pairs = [split_squares(wide(p), axes) for p in parts]
+    lo, hi = cat([a for a, _ in pairs]), cat([b for _, b in pairs])
+    split.append(any(shards[a] > 1 for a in axes))
+    partials += ([(lo, axes), (hi, axes)] if split[-1]
+                 else [(signed_squares(lo, hi), axes)])
+  sums, out = iter(NORMS[g.strategy](g, partials)), []
+  for s in split:
+    out.append(split_root(next(sums), next(sums)) if s
+               else signed_root(next(sums)))
+  return out
 
 
 BODIES = {'a2a': _a2a_body, 'replicated': _replicated_body,

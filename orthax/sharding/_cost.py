@@ -40,10 +40,11 @@ def default_matrix_flops(steps: int = 5, method: str = 'standard',
 
 
 def stage_traffic(s, stages, transposed, m, n, dtype, G, padded,
-                   local_count) -> tuple[float, int]:
+                   local_count, shards=(1, 1)) -> tuple[float, int]:
   """Bytes per device and collectives the matrix ``stages`` add to a group
   of ``m×n`` (wide) matrices under strategy ``s`` (see
-  :func:`plan_orthogonalize`)."""
+  :func:`plan_orthogonalize`); ``shards``: the pieces' row and column
+  shards (``a2a``)."""
   fi, fo = (n, m) if transposed else (m, n)
   item = jnp.promote_types(dtype, jnp.float32).itemsize
   flip = {-2: -1, -1: -2}
@@ -53,7 +54,8 @@ def stage_traffic(s, stages, transposed, m, n, dtype, G, padded,
   nbytes, ncoll = 0.0, 0
   if s == 'gram':
     # Column blocks: each stage sum across the split axis is one all-reduce
-    # of what it keeps; the norms summed along it share one.
+    # of what it keeps; the norms summed along it share one (each norm two
+    # sums: newton_schulz.split_squares).
     split_ax = -2 if transposed else -1
     for st in stages:
       for kept in _stages.split_sums(st, fi, fo, split_ax):
@@ -61,7 +63,7 @@ def stage_traffic(s, stages, transposed, m, n, dtype, G, padded,
         ncoll += 1
     kept = sum(1 if -2 in ax else m for ax in wide if -1 in ax)
     if kept:
-      nbytes += allreduce(kept * item)
+      nbytes += allreduce(2 * kept * item)
       ncoll += 1
   elif s in ('a2a', 'replicated'):
     # States and outputs of the stages other than scaling stages (those are
@@ -75,9 +77,11 @@ def stage_traffic(s, stages, transposed, m, n, dtype, G, padded,
       nbytes += (G - 1) / G * padded * per * item
       ncoll += 1
     if s == 'a2a' and wide:
-      # The whole matrices' norms on every device: one all-reduce.
+      # The whole matrices' norms on every device: one all-reduce; a sum
+      # over a split axis in two parts (newton_schulz.split_squares).
+      split = {-2: shards[0] > 1, -1: shards[1] > 1}
       width = sum((1 if -2 in ax else m) * (1 if -1 in ax else n)
-                  for ax in wide)
+                  * (2 if any(split[a] for a in ax) else 1) for ax in wide)
       nbytes += allreduce(width * item)
       ncoll += 1
   return nbytes, ncoll
@@ -86,10 +90,11 @@ def stage_traffic(s, stages, transposed, m, n, dtype, G, padded,
 def group_cost(s: str, m: int, n: int, dtype: Any, G: int, local_count: int,
                padded: int, comm_dtype: Any, matrix_flops, *, steps: int,
                method: str, restart_every: int | None, ns_dtype: Any,
-               stages=(), transposed=None):
+               stages=(), transposed=None, shards=(1, 1)):
   """``(matrix_flops, wire_dtype, bytes, collectives)`` per device of a
-  group of ``m×n`` (wide) matrices under strategy ``s`` over ``G`` shards
-  (see :func:`orthax.sharding.plan_orthogonalize`)."""
+  group of ``m×n`` (wide) matrices under strategy ``s`` over ``G`` shards,
+  ``shards`` of rows and columns (see
+  :func:`orthax.sharding.plan_orthogonalize`)."""
   wire = wire_dtype(comm_dtype, dtype)
   if s == 'gram':
     it_dtype = dtype if ns_dtype is None else ns_dtype
@@ -100,6 +105,8 @@ def group_cost(s: str, m: int, n: int, dtype: Any, G: int, local_count: int,
     else:
       mf, grams = _gram.standard_flops(m, n, steps, col_shards=G), steps
     wire = jnp.promote_types(it_dtype, jnp.float32)
+    # The Gram products and the norm (its two sums, split_squares, are
+    # counted as one float: a few bytes per matrix).
     nbytes = (2 * (G - 1) / G * local_count * (grams * m * m + 1)
               * wire.itemsize)
     ncoll = grams + 1
@@ -114,7 +121,9 @@ def group_cost(s: str, m: int, n: int, dtype: Any, G: int, local_count: int,
     else:
       nbytes, ncoll = 0.0, 0
   if stages:
+    fi, fo = (n, m) if transposed else (m, n)
+    mf += sum(int(st.flops(fi, fo)) for st in stages)
     b, c = stage_traffic(s, stages, transposed, m, n, dtype, G, padded,
-                         local_count)
+                         local_count, shards)
     nbytes, ncoll = nbytes + b, ncoll + c
   return mf, wire, nbytes, ncoll

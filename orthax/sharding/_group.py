@@ -22,7 +22,7 @@ Stage states come in two layouts:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from orthax import matrices
 from orthax import matrix_stages as MS
 from orthax.sharding._bodies import BODIES
-from orthax.sharding._bodies import NORMS
+from orthax.sharding._bodies import piece_norms
 from orthax.sharding._bodies import NSFn
 from orthax.sharding._plan import GroupPlan
 
@@ -72,6 +72,9 @@ def check_slot_stage(st: MS.MatrixStage, fi: int, fo: int) -> None:
     raise ValueError(
         f'matrix stage {st.name!r}: slots=True is for a stateful stage '
         'without an output, not a ScalingStage.')
+  if isinstance(sh.state, Mapping) and not sh.slots:
+    raise ValueError(f'matrix stage {st.name!r}: a state of several arrays '
+                     '(a dict of shapes) needs slots=True.')
 
 
 def roles(g: GroupPlan, stages: Sequence[MS.MatrixStage]) -> Roles:
@@ -212,8 +215,6 @@ def make_body(g: GroupPlan, r: Roles, stages, mspecs, ns_fn: NSFn,
               layout: _Args, rebuild):
   """The body: the group's local leaves (and states) in, the mapped leaves,
   the per-leaf states and outputs and the slot states out."""
-  whole_norms = NORMS[g.strategy]
-
   def body(*args):
     locs, alocs, ilocs, slocs, owned, scalars, fargs = layout.split(args)
     here = rebuild(scalars)
@@ -221,16 +222,14 @@ def make_body(g: GroupPlan, r: Roles, stages, mspecs, ns_fn: NSFn,
     mats = _mats_of(g, locs, mspecs)
     srcs = {'input': _mats_of(g, ilocs, mspecs) if ilocs else mats,
             'aux': _mats_of(g, alocs, mspecs)}
-    # Norms, leaf by leaf (the auxiliary matrices are never stacked): of
-    # whole matrices taken scale-safely; of pieces, sums of squares made
-    # whole per strategy, then the root.
+    # Norms, leaf by leaf (the auxiliary matrices are never stacked), taken
+    # scale-safely: of whole matrices directly; of pieces, sums of squares
+    # made whole per strategy, then the root (piece_norms).
     if g.strategy in ('local', 'replicated'):
       whole = [_cat([MS.root_norm(m, wax) for m in srcs[src]])
                for _, src, wax in r.norms]
     else:
-      whole = [jnp.sqrt(w) for w in whole_norms(
-          g, [(_cat([MS.sum_squares(m, wax) for m in srcs[src]]), wax)
-              for _, src, wax in r.norms])]
+      whole = piece_norms(g, [(srcs[src], wax) for _, src, wax in r.norms])
     sstacks = []
     for c, j in enumerate(r.live):
       nd = len(stages[j].shapes(r.fi, r.fo).state)
@@ -242,7 +241,7 @@ def make_body(g: GroupPlan, r: Roles, stages, mspecs, ns_fn: NSFn,
     y, moved, owned_new = stack_fn(
         _cat(mats), [sstacks[r.live.index(j)] for j in r.moving]
         + [scaled[j][0] for j in r.scaling],
-        [o.reshape(o.shape[1:]) for o in owned],
+        [jax.tree.map(lambda a: a[0], o) for o in owned],
         lambda y_, mine, own: _post(r, here, y_, mine, own))
     states = dict(zip(r.moving, moved))
     outs = dict(zip([j for j in r.emit if j not in r.scaling],
@@ -251,7 +250,7 @@ def make_body(g: GroupPlan, r: Roles, stages, mspecs, ns_fn: NSFn,
            + [scaled[j][2] if j in r.scaling else outs[j] for j in r.emit])
     leaves, snew = _leaves_back(g, y, new, locs, mspecs, mats)
     return (tuple(leaves) + tuple(s for per in snew for s in per)
-            + tuple(o[None] for o in owned_new))
+            + tuple(jax.tree.map(lambda a: a[None], o) for o in owned_new))
 
   return body
 
@@ -317,7 +316,8 @@ def run_group(g: GroupPlan, xs: Sequence[jax.Array],
                   + (P(),) * len(rep_args)),
         out_specs=specs + sspecs + ospecs + owner, check_vma=False)(
             *leaf_args, *[constrain(a, sp) for a, sp in zip(sargs, sspecs)],
-            *[constrain(a, sp) for a, sp in zip(slot_args, owner)],
+            *[jax.tree.map(lambda a, sp=sp: constrain(a, sp), x)
+              for x, sp in zip(slot_args, owner)],
             *[constrain(jnp.asarray(a), P()) for a in rep_args])
   return _unpack(r, stages, out, nx)
 

@@ -236,7 +236,8 @@ def plan_orthogonalize(
     mf, wire, nbytes, ncoll = _cost.group_cost(
         s, m, n, dtype, G, local_count, padded, comm_dtype, matrix_flops,
         steps=steps, method=method, restart_every=restart_every,
-        ns_dtype=ns_dtype, stages=stages, transposed=orient)
+        ns_dtype=ns_dtype, stages=stages, transposed=orient,
+        shards=(prod(rows), prod(cols)))
     per_dev = padded // G if s in ('a2a', 'replicated') else local_count
     groups.append(GroupPlan(
         strategy=s, m=m, n=n, dtype=dtype,

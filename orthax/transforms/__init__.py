@@ -17,6 +17,8 @@ emits the final step.
 
 from orthax.transforms.adam import adamw
 from orthax.transforms.adam import scale_by_adam_raw_eps
+from orthax.transforms.aro import aro_rotate
+from orthax.transforms.aro import scale_by_aro
 from orthax.transforms.check_finite import NonFiniteGradientError
 from orthax.transforms.check_finite import SkipIfNonfiniteState
 from orthax.transforms.check_finite import nonfinite_leaves
@@ -27,6 +29,11 @@ from orthax.transforms.check_shapes import check_shapes
 from orthax.transforms.clip_outliers import abs_quantile
 from orthax.transforms.clip_outliers import clip_outliers
 from orthax.transforms.cosh_normalize import cosh_normalize
+from orthax.transforms.dct_adam import scale_by_dct_adam
+from orthax.transforms.trion import scale_by_trion
+from orthax.transforms.fisher import scale_by_fismo
+from orthax.transforms.matrix_stage import SlotStepState
+from orthax.transforms.matrix_stage import slot_step
 from orthax.transforms.momentum import MomentumState
 from orthax.transforms.momentum import momentum
 from orthax.transforms.lanton import LayerwiseNoiseState
@@ -48,14 +55,17 @@ from orthax.transforms.weight_decay import WeightDecayState
 from orthax.transforms.weight_decay import decoupled_weight_decay
 
 __all__ = [
+    'scale_by_dct_adam', 'scale_by_trion',
     'MomentumState', 'NonFiniteGradientError', 'OrthogonalizeState',
     'SkipIfNonfiniteState', 'WeightDecayState',
     'nonfinite_leaves', 'nonfinite_status', 'raise_if_nonfinite',
     'skip_if_nonfinite',
+    'aro_rotate', 'scale_by_aro',
     'adamw', 'check_shapes', 'decoupled_weight_decay', 'momentum', 'orthogonalize',
     'scale_by_adam_raw_eps', 'scale_by_shape', 'shape_factor',
     'LayerwiseNoiseState', 'NeuronNormalizeState', 'NoiseAdaptState',
     'layerwise_noise_adapt', 'neuron_normalize', 'noise_adapt', 'scale_to_rms',
     'SpectralClipState', 'abs_quantile', 'clip_outliers', 'clip_threshold',
     'cosh_normalize', 'spectral_clip', 'spectral_preclip',
+    'scale_by_fismo', 'SlotStepState', 'slot_step',
 ]

@@ -15,6 +15,7 @@ from orthax import _validate
 from orthax import engine
 from orthax import matrices
 from orthax import polar
+from orthax.polar.newton_schulz import huge_scale
 
 DUAL_NORMS = ('nuclear', 'l1')
 DIFFERENCES = ('previous', 'momentum')
@@ -23,10 +24,13 @@ NUCLEAR = ('ns', 'svd', 'frobenius')
 
 
 class LayerwiseNoiseState(NamedTuple):
+  """``noise`` holds the root ``√H`` of each noise EMA, not ``H``: ``H`` of
+  a 64×64 gradient of 10¹⁹ (≈10⁴¹) does not fit in float32. (Checkpoints
+  written before this held ``H``.)"""
   count: jax.Array   # int32 step counter t
   momentum: Any      # the wrapped momentum stage's state
   direction: Any     # the wrapped direction (LMO) stage's state
-  noise: Any         # per leaf: H, one entry per matrix (batch shape)
+  noise: Any         # per leaf: √H (not H), one entry per matrix
   prev_grad: Any     # G_{t-1} per leaf ('previous'), else EmptyState
 
 
@@ -89,7 +93,12 @@ def layerwise_noise_adapt(
   Newton–Schulz preset ``ns_preset`` (``'ns'``, one extra orthogonalization
   per step) or from the bound ``sqrt(min(m, n))·‖X‖_F`` (``'frobenius'``,
   cheapest); ``'l1'`` — the dual of ℓ1→ℓ∞ (Signum's LMO ``-sign``), the
-  entrywise ``Σ|X|`` of the whole leaf (embeddings, LM head). A second
+  entrywise ``Σ|X|`` of the whole leaf (embeddings, LM head). Scale-safe:
+  the matrix norms are taken of ``X·2⁻ᵉ``
+  (:func:`orthax.polar.newton_schulz.huge_scale`, exactly ``X`` below
+  ``2³²``) and ``H`` is kept as its root, with the EMA taken as
+  ``√H ← hypot(√β₂·√H, √(1-β₂)·‖X‖)``, so a gradient of 10¹⁹ gets the rates
+  of the unscaled one. A second
   minibatch's gradient as the difference partner (the paper's other estimator
   option, per the summaries) is not implemented: it needs a second backward
   pass per step.
@@ -191,10 +200,14 @@ def _dual_norms(xs, specs, dual_norm, nuclear, ns):
     return [jnp.sum(jnp.abs(x.astype(_wide(x.dtype)))) for x in xs]
   mats = [matrices.to_matrices(x, s).astype(_wide(x.dtype))
           for x, s in zip(xs, specs)]
+  # Each matrix scaled by a power of two when huge (exact: 1 below 2³²),
+  # the norm unscaled after: ‖X‖² of a huge X would overflow.
+  fs = [huge_scale(m).astype(m.dtype) for m in mats]
+  mats = [m * f for m, f in zip(mats, fs)]
   if nuclear == 'svd':
     nuc = [jnp.sum(jnp.linalg.svd(m, compute_uv=False), axis=-1)
            for m in mats]
-  elif nuclear == 'ns':
+  elif nuclear == 'ns':  # NS is scale-invariant (and scale-safe)
     wide = [x.astype(_wide(x.dtype)) for x in xs]
     polars = [matrices.to_matrices(p, s) for p, s in zip(
         engine.map_matrices(ns, wide, specs).leaves, specs)]
@@ -203,7 +216,8 @@ def _dual_norms(xs, specs, dual_norm, nuclear, ns):
     nuc = [jnp.sqrt(min(m.shape[-2:]) * jnp.sum(m * m, axis=(-2, -1)))
            for m in mats]
   out = []
-  for x, s, n in zip(xs, specs, nuc):
+  for x, s, n, f in zip(xs, specs, nuc, fs):
+    n = n / f[..., 0, 0]
     _, fi, fo = s.matrix_shape(x.shape)
     out.append((n * (fo / max(fi, 1)) ** 0.5).reshape(_stat_shape(x, s)))
   return out
@@ -211,20 +225,23 @@ def _dual_norms(xs, specs, dual_norm, nuclear, ns):
 
 def _noise_rates(noise, norms, seen, valid, beta2, eps, alpha,
                  normalization):
-  """The new noise EMAs ``H`` and each layer's rate factor."""
-  hs, hhat = [], []
-  for h, n in zip(noise, norms):
-    k = seen.astype(h.dtype)
-    new = jnp.where(valid, beta2 * h + (1 - beta2) * n * n, h)
-    hs.append(new)
+  """The new noise EMAs, kept as roots ``R = √H`` (``jnp.hypot`` factors
+  out the larger term: no square is formed), and each layer's rate factor
+  from ``√(Ĥ + ε) = hypot(R/√(1-β₂ᵏ), √ε)``."""
+  rs, roots = [], []
+  for r, n in zip(noise, norms):
+    k = seen.astype(r.dtype)
+    new = jnp.where(valid, jnp.hypot(jnp.sqrt(beta2) * r,
+                                     jnp.sqrt(1 - beta2) * n), r)
+    rs.append(new)
     corr = jnp.where(valid, 1 - beta2 ** jnp.maximum(k, 1.0), 1.0)
-    hhat.append(jnp.where(valid, new / corr, 0.0))
-  if normalization == 'group_max' and hhat:
-    floor = jnp.min(jnp.stack([jnp.min(h + eps) for h in hhat]))
-    return hs, [jnp.where(valid, jnp.sqrt(floor / (h + eps)), 1.0)
-                for h in hhat]
+    roots.append(jnp.hypot(jnp.where(valid, new / jnp.sqrt(corr), 0.0),
+                           jnp.sqrt(eps)))
+  if normalization == 'group_max' and roots:
+    floor = jnp.min(jnp.stack([jnp.min(q) for q in roots]))
+    return rs, [jnp.where(valid, floor / q, 1.0) for q in roots]
   # 'absolute' (or no leaf at all: no rate to normalize)
-  return hs, [jnp.where(valid, alpha / jnp.sqrt(h + eps), 1.0) for h in hhat]
+  return rs, [jnp.where(valid, alpha / q, 1.0) for q in roots]
 
 
 def _scaled_step(g, d, w, rate, weight_decay, spec):

@@ -1,11 +1,14 @@
-"""Matrix stages (:mod:`orthax.matrix_stages`) as optax transforms, and the
-per-leaf state bookkeeping :func:`orthax.orthogonalize` shares with them."""
+"""Matrix stages (:mod:`orthax.matrix_stages`) as optax transforms, the
+per-leaf state bookkeeping :func:`orthax.orthogonalize` shares with them, and
+:func:`slot_step`: a slot stage run *instead of* Newton–Schulz (ARO's
+rotation, FISMO's Fisher step, DCT-AdamW's and Trion's low-rank steps)."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from orthax import _tree
@@ -78,5 +81,70 @@ def stage_transform(stage: ms.MatrixStage, matrix_specs: _tree.SpecsLike,
         states=[leaf_states(stage, state, treedef)])
     return (jax.tree.unflatten(treedef, res.leaves),
             with_leaf_states(stage, state, treedef, res.states[0]))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class SlotStepState(NamedTuple):
+  """State of :func:`slot_step`: the number of steps done and the stage's
+  :class:`orthax.engine.SlotState` (on a mesh: on the owner devices)."""
+  count: jax.Array
+  slots: Any
+
+
+def _no_newton_schulz(m, n, dtype):
+  """The plan's Newton–Schulz FLOPs when none runs outside the stage: 0 (the
+  stage declares its own, :meth:`~orthax.matrix_stages.MatrixStage.flops`)."""
+  del m, n, dtype
+  return 0
+
+
+SLOT_STEP_PLAN = {'matrix_flops': _no_newton_schulz}
+
+
+def slot_step(make_stage: Callable[[Any], ms.MatrixStage],
+              matrix_specs: _tree.SpecsLike, distributed: Any, where: str,
+              then: Sequence[ms.MatrixStage] = ()
+              ) -> optax.GradientTransformation:
+  """``make_stage(t)`` (``t``: this step, from 1; a traced count) run on
+  every matrix of the update in place of Newton–Schulz
+  (``engine.map_matrices(None, ...)``), its state in slots: per group of
+  same-shape matrices, on the device that owns them when ``distributed``
+  is given; then the stateless stages ``then`` (a shape scale) in the same
+  pass. The update is the stages' stack; ``where`` names the owner in
+  errors."""
+  then = tuple(then)
+  for st in then:
+    if st.stateful:
+      raise ValueError(f'{where}: the stages after the slot step must be '
+                       f'stateless; {st.name!r} keeps a state.')
+
+  def init_fn(params):
+    if not jax.tree.leaves(params):
+      # No matrices (or optax.tree.map_params' placeholder): one array
+      # leaf, a prefix of any state it is matched against.
+      return SlotStepState(jnp.zeros([], jnp.int32), jnp.zeros((0,)))
+    specs = _tree.resolve_specs(matrix_specs, params, where)
+    return SlotStepState(
+        jnp.zeros([], jnp.int32),
+        init_state(make_stage(0), params, specs, distributed=distributed,
+                   plan_kw=SLOT_STEP_PLAN))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    if not jax.tree.leaves(updates):
+      return updates, SlotStepState(count, state.slots)
+    specs = _tree.resolve_specs(matrix_specs, updates, where)
+    st = make_stage(count)
+    paths, leaves, treedef = _tree.leaves_with_paths(updates)
+    res = engine.map_matrices(
+        None, leaves, specs, stages=(st, *then),
+        states=[leaf_states(st, state.slots, treedef)]
+        + [[None] * len(leaves) for _ in then],
+        distributed=distributed, paths=paths, plan_kw=SLOT_STEP_PLAN)
+    return (jax.tree.unflatten(treedef, res.leaves),
+            SlotStepState(count, with_leaf_states(st, state.slots, treedef,
+                                                  res.states[0])))
 
   return optax.GradientTransformation(init_fn, update_fn)

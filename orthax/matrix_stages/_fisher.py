@@ -1,0 +1,163 @@
+r"""FISMO's Kronecker-factored Fisher trust-region step, as a slot stage.
+
+For one matrix with PyTorch-layout gradient ``G`` (``m×n``, ``m`` = fan-out,
+``n`` = fan-in) and state ``P`` (``m×m``), ``Q`` (``n×n``), ``M`` (``m×n``),
+one step (Gauss–Seidel order: ``P`` first, with the old ``Q``):
+
+.. math::
+   L &= G Q^{-1} G^\top / n + μ\,\mathrm{tr}(P)/m\,I_m,\quad
+   P \leftarrow \mathrm{sym}\bigl(m\,\tilde P/\mathrm{tr}\tilde P\bigr),\
+   \tilde P = γP + (1-γ)L \\
+   R &= G^\top P^{-1} G / m + μ\,\mathrm{tr}(Q)/n\,I_n,\quad
+   Q \leftarrow \mathrm{sym}\bigl(n\,\tilde Q/\mathrm{tr}\tilde Q\bigr),\
+   \tilde Q = γQ + (1-γ)R \\
+   M &\leftarrow βM + (1-β)\,P^{-1/2} G Q^{-1/2},\qquad
+   ΔW = c\,P^{-1/2}\,\mathrm{Polar}(M)\,Q^{-1/2}
+
+(``sym(X) = (X + Xᵀ)/2``; ``Polar`` by Newton–Schulz; ``c`` a Muon-style
+shape scale). A stage sees the Flax kernel ``K = Gᵀ`` (``[k, fan_in,
+fan_out]``), so it computes the transposed quantities: ``Kᵀ Q⁻¹ K``, ``K P⁻¹
+Kᵀ``, ``Q^{-1/2} K P^{-1/2}`` and keeps ``M`` as ``fan_in × fan_out``.
+Inverses and inverse square roots come from ``jnp.linalg.eigh`` with the
+eigenvalues clamped at ``eig_floor`` (the factors have mean eigenvalue 1).
+
+Pure ``jax.numpy``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from orthax.matrix_stages._base import MatrixStage
+from orthax.matrix_stages._base import StageShapes
+from orthax.matrix_stages._base import stage
+from orthax.matrix_stages._base import static
+from orthax.matrix_stages._scale import SCALE_MODES
+from orthax.matrix_stages._scale import shape_factor
+from orthax.polar import dispatch as _dispatch
+from orthax.polar import gram as _gram
+from orthax.polar import presets as _presets
+from orthax.polar.newton_schulz import huge_scale
+
+# FLOPs of one symmetric eigendecomposition of a k×k matrix, per k³ (the
+# usual estimate for tridiagonalisation plus eigenvectors).
+EIGH_FLOPS_PER_CUBE = 9
+
+
+def eig_powers(x: Any, powers: tuple[float, ...], floor: Any) -> list[Any]:
+  """``V·diag(max(λ, floor)^p)·Vᵀ`` of symmetric ``x[..., k, k]`` for each
+  ``p`` of ``powers``, from one ``eigh``."""
+  w, v = jnp.linalg.eigh(x)
+  w = jnp.maximum(w, jnp.asarray(floor, w.dtype))
+  return [jnp.einsum('...ij,...j,...lj->...il', v, w ** p, v)
+          for p in powers]
+
+
+def _trace(x):
+  return jnp.trace(x, axis1=-2, axis2=-1)[..., None, None]
+
+
+def damped_ema(old, stat, gamma, damping):
+  """``sym(k·X/tr X)`` with ``X = γ·old + (1-γ)(stat + μ·tr(old)/k·I)``."""
+  size = old.shape[-1]
+  eye = jnp.eye(size, dtype=old.dtype)
+  x = gamma * old + (1 - gamma) * (stat + damping * _trace(old) / size * eye)
+  # (X + Xᵀ) first and the scalar after: a multiply right before the sum
+  # could be contracted into an FMA on one side only, and the factor would
+  # not be exactly symmetric.
+  return (x + jnp.swapaxes(x, -1, -2)) * (0.5 * size / _trace(x))
+
+
+@stage
+class FismoStep(MatrixStage):
+  """FISMO's whitened, orthogonalized step (module docstring) on the raw
+  gradient; runs instead of Newton–Schulz (it orthogonalizes itself).
+
+  State per matrix (slots, float32 or wider): ``{'p': fan_out×fan_out,
+  'q': fan_in×fan_in, 'm': fan_in×fan_out}``, starting at ``P = I``, ``Q =
+  I``, ``M = 0``.
+
+  Scale: ``L`` and ``R`` grow with ``‖G‖²`` and overflow float32 for a
+  gradient near ``1e19``. They are formed from ``G·2⁻ᵉ``, the exact power of
+  two of :func:`orthax.polar.newton_schulz.huge_scale` (``e = 0``, nothing
+  changes, unless ``max|G| > 2³²``); the whitening and the momentum use
+  ``G`` itself. For such a huge gradient the damping ``μ`` therefore acts as
+  ``μ·2²ᵉ`` relative to the true ``GQ⁻¹Gᵀ``: FISMO is not invariant to the
+  gradient's scale (its damping is absolute), and at that scale it takes the
+  step of a gradient of entries ``≤ 1``, finite, not the unscaled one's.
+  """
+
+  name = 'fismo'
+  beta: Any = 0.95
+  gamma: Any = 0.95
+  damping: Any = 1e-3
+  eig_floor: Any = 1e-6
+  ns_steps: Any = None
+  ns_eps: Any = None
+  scale_rms: Any = 0.2
+  preset: Any = static('jordan')
+  ns_method: str = static('auto')
+  scale: str = static('keller')
+
+  def __post_init__(self):
+    if self.scale not in SCALE_MODES:
+      raise ValueError(f'scale mode must be one of {SCALE_MODES}, got '
+                       f'{self.scale!r}.')
+    _dispatch.choose_method(1, 1, 1, 'float32', self.ns_method)
+    _presets.get_preset(self.preset)  # fail early on unknown names
+
+  def shapes(self, fan_in, fan_out):
+    return StageShapes(state={'p': (fan_out, fan_out), 'q': (fan_in, fan_in),
+                              'm': (fan_in, fan_out)}, slots=True)
+
+  def initial_state(self, fan_in, fan_out, dtype):
+    return {'p': jnp.eye(fan_out, dtype=dtype),
+            'q': jnp.eye(fan_in, dtype=dtype),
+            'm': jnp.zeros((fan_in, fan_out), dtype)}
+
+  def _steps(self) -> int:
+    if isinstance(self.ns_steps, (int, np.integer)):
+      return int(self.ns_steps)
+    return _presets.get_preset(self.preset).steps
+
+  def flops(self, fan_in, fan_out):
+    """``8(m²n + mn²)`` for ``GQ⁻¹Gᵀ``, ``GᵀP⁻¹G``, whitening and
+    unwhitening; three ``eigh`` (old ``Q``, new ``P``, new ``Q``: ``9k³``
+    each, an estimate: XLA's cost analysis does not count them) and four
+    ``k×k`` products forming their powers (``2k³`` each); Newton–Schulz as
+    :func:`orthax.polar.orthogonalize_stack` would run it in float32."""
+    n, m = fan_in, fan_out
+    e = EIGH_FLOPS_PER_CUBE
+    steps = self._steps()
+    meth = _dispatch.choose_method(n, m, steps, jnp.float32, self.ns_method)
+    ns = (_gram.gram_flops(n, m, steps) if meth == 'gram'
+          else _gram.standard_flops(n, m, steps))
+    return (8 * (m * m * n + m * n * n) + e * (m ** 3 + 2 * n ** 3)
+            + 4 * m ** 3 + 4 * n ** 3 + ns)
+
+  def apply(self, o, state, blocks):
+    if blocks.split is not None:
+      raise ValueError('matrix stage fismo needs whole matrices (not column '
+                       'blocks).')
+    dt = state['m'].dtype
+    n, m = blocks.fan_in, blocks.fan_out
+    k = o.astype(dt)
+    ks = k * huge_scale(k).astype(dt)  # = k below 2³²
+    (q_inv,) = eig_powers(state['q'], (-1.0,), self.eig_floor)
+    left = jnp.einsum('bia,bij,bjc->bac', ks, q_inv, ks) / n
+    p = damped_ema(state['p'], left, self.gamma, self.damping)
+    p_inv, p_isqrt = eig_powers(p, (-1.0, -0.5), self.eig_floor)
+    right = jnp.einsum('bia,bac,bjc->bij', ks, p_inv, ks) / m
+    q = damped_ema(state['q'], right, self.gamma, self.damping)
+    (q_isqrt,) = eig_powers(q, (-0.5,), self.eig_floor)
+    white = jnp.einsum('bij,bja,bac->bic', q_isqrt, k, p_isqrt)
+    mom = self.beta * state['m'] + (1 - self.beta) * white
+    pol = _dispatch.orthogonalize_stack(
+        mom, self.preset, steps=self.ns_steps, eps=self.ns_eps,
+        method=self.ns_method)
+    out = jnp.einsum('bij,bja,bac->bic', q_isqrt, pol, p_isqrt)
+    out = out * shape_factor(n, m, self.scale, self.scale_rms)
+    return out.astype(o.dtype), {'p': p, 'q': q, 'm': mom}

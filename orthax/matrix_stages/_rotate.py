@@ -1,0 +1,243 @@
+"""ARO's rotation (:class:`AroRotate`): a slot stage that keeps one
+orthogonal ``s×s`` matrix ``R`` per matrix and replaces the momentum by
+``R f(RᵀA)``, the adaptively rotated step of arXiv 2602.09006.
+
+``A`` is the matrix seen with its **rotated side as rows**: ``s`` rows, one
+per index of the rotated side, each a vector of the other side's ``t``
+entries. Rotating fan-out (dion's choice) makes ``A`` the PyTorch weight
+``W`` (``out×in``); rotating fan-in makes it the Flax kernel ``K = Wᵀ``
+(``in×out``). The base map ``f`` always normalizes the rows of ``A`` first
+and its columns last, so rotating fan-in is exactly dion's algorithm
+applied to the transposed weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from orthax.matrix_stages._base import MatrixStage
+from orthax.matrix_stages._base import StageShapes
+from orthax.matrix_stages._base import stage
+from orthax.matrix_stages._base import static
+from orthax.polar.newton_schulz import huge_scale
+
+BASES = ('sinkhorn', 'row_norm', 'sign')
+QR_KINDS = ('householder', 'shifted_cholesky')
+ROTATE_SIDES = ('smaller', 'fan_out', 'fan_in')
+
+# Per-entry FLOPs of one evaluation of each base map as XLA's cost analysis
+# counts them (measured on CPU): Sinkhorn's 5 row and 5 column
+# normalizations cost 7.5 each (square, sum, root, clamp, scale), the
+# row normalization 3, the sign 1.
+_MAP_FLOPS = {'sinkhorn': 75, 'row_norm': 3, 'sign': 1}
+
+
+def rotated_side(fan_in: int, fan_out: int, rotate: str) -> str:
+  """``'fan_in'`` or ``'fan_out'``: the side ``rotate`` picks for one
+  matrix (``'smaller'``: the smaller side, fan-out on a tie)."""
+  if rotate not in ROTATE_SIDES:
+    raise ValueError(f'rotate must be one of {ROTATE_SIDES}, got '
+                     f'{rotate!r}.')
+  if rotate == 'smaller':
+    return 'fan_in' if fan_in < fan_out else 'fan_out'
+  return rotate
+
+
+def _norm(x, axis, eps):
+  return jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True)), eps)
+
+
+def base_map(x: jax.Array, base: str, iters: int = 5,
+             eps: float = 1e-8) -> jax.Array:
+  r"""``f(X)`` of a ``[k, s, t]`` stack (rows: the rotated side).
+
+  ``'sinkhorn'``: ``iters`` alternating passes
+  :math:`X \leftarrow X\sqrt t/\max(\|x_{i,:}\|, ε)` then
+  :math:`X \leftarrow X\sqrt s/\max(\|x_{:,j}\|, ε)` (columns last: every
+  column ends with norm ``√s``, RMS 1); ``'row_norm'``: the row step once;
+  ``'sign'``: ``sign(X)``.
+  """
+  s, t = x.shape[-2], x.shape[-1]
+  if base == 'sign':
+    return jnp.sign(x)
+  if base == 'row_norm':
+    return x * (math.sqrt(t) / _norm(x, -1, eps))
+  if base != 'sinkhorn':
+    raise ValueError(f'base must be one of {BASES}, got {base!r}.')
+  for _ in range(iters):
+    x = x * (math.sqrt(t) / _norm(x, -1, eps))
+    x = x * (math.sqrt(s) / _norm(x, -2, eps))
+  return x
+
+
+def _t(x):
+  return jnp.swapaxes(x, -1, -2)
+
+
+def householder_q(c: jax.Array) -> jax.Array:
+  """``Q`` of the reduced Householder QR of each ``[k, s, s]`` matrix."""
+  return jnp.linalg.qr(c)[0]
+
+
+def product_q(a: jax.Array, fm: jax.Array) -> jax.Array:
+  """The Householder ``Q`` (``s×s``, up to column signs) of ``C = A Fᵀ``
+  (``A``, ``F``: ``[k, s, t]``) without forming ``C``. With ``r = min(s,
+  t)``, ``B = F[:r]`` and ``BBᵀ = LLᵀ`` (Cholesky), ``W = BᵀL⁻ᵀ`` has
+  orthonormal columns and ``C[:, :r] = (A W) Lᵀ``, ``Lᵀ`` upper triangular:
+  ``C``'s first ``r`` Householder reflectors are those of ``A W``, whose
+  condition is ``A``'s alone (the explicit product's is ``κ(A)κ(F)``). The
+  other reflectors, for ``s > t``, act on a block that is zero in exact
+  arithmetic and are the identity. Where the Cholesky fails (a singular
+  ``B``), ``W`` is the Householder ``Q`` of ``Bᵀ``."""
+  r = min(a.shape[-2], a.shape[-1])
+  b = fm[..., :r, :]
+  low = jnp.linalg.cholesky(b @ _t(b))
+  w = jax.lax.linalg.triangular_solve(low, _t(b), left_side=False,
+                                      lower=True, transpose_a=True)
+  ok = jnp.all(jnp.isfinite(w), axis=(-2, -1), keepdims=True)
+  w = jax.lax.cond(jnp.all(ok), lambda: w,
+                   lambda: jnp.where(ok, w, householder_q(_t(b))))
+  return jnp.linalg.qr(a @ w, mode='complete')[0]
+
+
+def shifted_cholesky_q(c: jax.Array, shift: float = 1e-7) -> jax.Array:
+  r"""``Q = C R^{-1}`` with ``RᵀR = CᵀC + shift·‖C‖_F² I`` (shifted Cholesky
+  QR); a matrix whose Cholesky fails (a non-finite ``Q``) gets its
+  Householder ``Q`` instead. ``C`` is first scaled by an exact power of two
+  (``Q`` does not change) so that ``CᵀC`` neither overflows nor
+  underflows."""
+  big = jnp.max(jnp.abs(c), axis=(-2, -1), keepdims=True)
+  _, e = jnp.frexp(jnp.where(big > 0, big, 1))
+  c = jnp.ldexp(c, -e)
+  fro2 = jnp.sum(c * c, axis=(-2, -1), keepdims=True)
+  gram = _t(c) @ c + shift * fro2 * jnp.eye(c.shape[-1], dtype=c.dtype)
+  low = jnp.linalg.cholesky(gram)
+  q = jax.lax.linalg.triangular_solve(low, c, left_side=False, lower=True,
+                                      transpose_a=True)
+  ok = jnp.all(jnp.isfinite(q), axis=(-2, -1), keepdims=True)
+  return jax.lax.cond(jnp.all(ok), lambda: q,
+                      lambda: jnp.where(ok, q, householder_q(c)))
+
+
+def aro_flops(fan_in: int, fan_out: int, rotate: str = 'smaller',
+              base: str = 'sinkhorn', qr: str = 'householder',
+              stable: bool = True) -> dict[str, int]:
+  """FLOPs of one ARO step on one matrix (after ALGORITHMS.md §13.1.3), by
+  part: ``products`` (``RᵀA``, ``A Fᵀ``, ``QᵀA``, ``Q F``: ``8s²t``; when
+  ``stable``, ``A W`` and the Gram ``BBᵀ`` instead of ``A Fᵀ``:
+  ``10s²t`` for ``s ≤ t``), ``qr`` (what XLA's cost analysis does not count,
+  LAPACK calls: Householder ``8/3 s³``, plus ``s³/3 + s²t`` for the
+  Cholesky and triangular solve when ``stable``; shifted Cholesky ``10/3
+  s³``: Gram, Cholesky, triangular solve) and ``base`` (two evaluations of
+  ``f``, as XLA counts them)."""
+  s, t = ((fan_out, fan_in) if rotated_side(fan_in, fan_out, rotate)
+          == 'fan_out' else (fan_in, fan_out))
+  base_flops = 2 * _MAP_FLOPS[base] * s * t
+  if stable and (qr == 'householder' or s > t):
+    # RᵀA, BBᵀ, A W, QᵀA, Q F; Cholesky, L⁻¹B, the Householder QR of A W.
+    r = min(s, t)
+    return dict(products=6 * s * s * t + 2 * r * r * t + 2 * s * t * r,
+                qr=r ** 3 // 3 + r * r * t + (8 * s ** 3 // 3 if s <= t
+                                              else 4 * s * s * t),
+                base=base_flops)
+  qr_flops = 8 * s ** 3 // 3 if qr == 'householder' else 10 * s ** 3 // 3
+  return dict(products=8 * s * s * t, qr=qr_flops, base=base_flops)
+
+
+@stage
+class AroRotate(MatrixStage):
+  r"""ARO's rotated step (a slot stage; run it instead of Newton–Schulz, on
+  the momentum ``A``, rows = the rotated side):
+
+  .. math::
+     C = A\,f(R^\top A)^\top,\qquad R \leftarrow \mathrm{qr}(C)_Q,\qquad
+     O = R\,f(R^\top A)
+
+  with ``f`` the base map (:func:`base_map`) and the previous ``R`` in
+  ``C``. State: ``R`` (``s×s``, float32 or wider, the identity at first).
+  A matrix above ``2³²`` enters scaled by a power of two (``f`` and ``Q``
+  are scale-invariant, so ``O`` is the unscaled matrix's).
+
+  ``stable`` (default) computes what the reference's arithmetic gives
+  exactly, in a numerically stable way: the Householder ``Q`` of the product
+  ``C = A Fᵀ`` as that of ``A W``, ``W`` an orthonormal basis of ``Fᵀ``'s
+  leading columns (:func:`product_q`; equal up to column
+  signs, which ``f`` commutes with, so ``O`` is unchanged), whose condition
+  is ``A``'s alone (the explicit product's float32 error reaches 1e-3 on
+  square matrices); and, where the rotated side is the larger (``s > t``),
+  where ``C`` has rank ``≤ t`` and the reference's last ``s − t`` columns of
+  ``Q`` and rows of ``QᵀA`` are roundoff that the clamp in ``f`` blows up to
+  full size (ALGORITHMS.md §13.1.4a), the exact-arithmetic values: the
+  trailing Householder reflectors the identity and those rows zero (for
+  either QR kind). ``stable=False`` keeps the reference's floating-point
+  arithmetic, roundoff and all.
+  """
+
+  name = 'aro_rotate'
+  base: str = static('sinkhorn')
+  qr: str = static('householder')
+  rotate: str = static('smaller')
+  iters: int = static(5)
+  eps: float = static(1e-8)
+  stable: bool = static(True)
+
+  def __post_init__(self):
+    for what, value, ok in (('base', self.base, BASES),
+                            ('qr', self.qr, QR_KINDS),
+                            ('rotate', self.rotate, ROTATE_SIDES)):
+      if value not in ok:
+        raise ValueError(f'AroRotate {what} must be one of {ok}, got '
+                         f'{value!r}.')
+
+  def side(self, fan_in: int, fan_out: int) -> str:
+    return rotated_side(fan_in, fan_out, self.rotate)
+
+  def shapes(self, fan_in, fan_out):
+    s = fan_out if self.side(fan_in, fan_out) == 'fan_out' else fan_in
+    return StageShapes(state=(s, s), slots=True)
+
+  def initial_state(self, fan_in, fan_out, dtype):
+    return jnp.eye(self.shapes(fan_in, fan_out).state[0], dtype=dtype)
+
+  def flops(self, fan_in, fan_out):
+    return sum(aro_flops(fan_in, fan_out, self.rotate, self.base,
+                         self.qr, self.stable).values())
+
+  def apply(self, o, state, blocks):
+    if blocks.split is not None:
+      raise ValueError('AroRotate needs whole matrices (no column blocks).')
+    r = state
+    x = o.astype(r.dtype)
+    flip = self.side(blocks.fan_in, blocks.fan_out) == 'fan_out'
+    a = _t(x) if flip else x  # [k, s, t]: rows = the rotated side
+    a = a * huge_scale(a).astype(a.dtype)
+    f = lambda y: base_map(y, self.base, self.iters, self.eps)
+    fm = f(_t(r) @ a)
+    s, t = a.shape[-2], a.shape[-1]
+    if self.stable and (self.qr == 'householder' or s > t):
+      q = product_q(a, fm)
+    else:
+      c = a @ _t(fm)
+      q = (householder_q(c) if self.qr == 'householder'
+           else shifted_cholesky_q(c))
+    x = _t(q) @ a
+    if self.stable and s > t:
+      x = x.at[..., t:, :].set(0)  # zero in exact arithmetic
+    u = q @ f(x)
+    return (_t(u) if flip else u).astype(o.dtype), q
+
+
+def aro_state_bytes(fan_in: int, fan_out: int, rotate: str = 'smaller',
+                    itemsize: int = 4) -> int:
+  """Bytes of one matrix's rotation ``R``."""
+  s = fan_out if rotated_side(fan_in, fan_out, rotate) == 'fan_out' else fan_in
+  return s * s * itemsize
+
+
+__all__ = ['AroRotate', 'BASES', 'QR_KINDS', 'ROTATE_SIDES', 'aro_flops',
+           'aro_state_bytes', 'base_map', 'householder_q', 'product_q',
+           'rotated_side',
+           'shifted_cholesky_q']

@@ -1,0 +1,153 @@
+"""ARO-Sinkhorn: adaptively rotated optimization (arXiv 2602.09006)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optax
+
+from orthax import _validate
+from orthax import routing
+from orthax import transforms as T
+from orthax.matrix_stages import _rotate
+from orthax.recipes import _common
+from orthax.recipes import registry
+from orthax.transforms import aro as aro_lib
+
+# What each reference fixes; explicit arguments override all but dion's
+# rotated side (rotate=None takes it from here).
+_ARO_REFERENCES = {
+    'orthax': dict(rotate='smaller', adam_shares_wd=False),
+    'dion': dict(rotate='fan_out', adam_shares_wd=True),
+}
+
+
+def _check_choices(**choices):
+  for name, (value, allowed) in choices.items():
+    if value not in allowed:
+      raise ValueError(f'aro: {name} must be one of {allowed}, got '
+                       f'{value!r}.')
+
+
+@registry.register('aro', references=tuple(_ARO_REFERENCES),
+                   learning_rate=0.01, adam_learning_rate=3e-3)
+def aro(
+    learning_rate: optax.ScalarOrSchedule = 0.01,
+    *,
+    reference: str = 'orthax',
+    beta: float = 0.95,
+    base: str = 'sinkhorn',
+    qr: str = 'householder',
+    rotate: str | None = None,
+    scale: str = 'rms_norm',
+    scale_rms: float = 0.2,
+    stable: bool = True,
+    weight_decay: float = 0.01,
+    mu_dtype: Any = None,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-8,
+    adam_weight_decay: float | None = None,
+    router: routing.Router | Callable[[Any], Any] | None = None,
+    distributed: Any = None,
+    check_finite: bool = True,
+) -> optax.GradientTransformation:
+  r"""ARO: momentum rotated into a learned basis, normalized there.
+
+  For each routed matrix with gradient ``G``, ``A`` the matrix seen with the
+  rotated side as rows (``s×t``), ``R`` its ``s×s`` rotation (the identity
+  at first) and ``f`` the base map:
+
+  .. math::
+     M_t &= β M_{t-1} + (1-β) G_t \\
+     R_t &= \mathrm{qr}\big(M_t\, f(R_{t-1}^\top M_t)^\top\big)_Q,\qquad
+     U_t = R_t\, f(R_t^\top M_t) \\
+     W_t &= W_{t-1}(1 - ηλ) - η\,c\,U_t
+
+  ``f = 'sinkhorn'``: 5 alternating passes ``X ← X√t/max(‖row‖, 10⁻⁸)``,
+  ``X ← X√s/max(‖col‖, 10⁻⁸)`` (columns last, so ``U`` has RMS 1).
+  ``c`` is ``scale``: ``'rms_norm'`` ``0.2·√max(m, n)`` (dion's
+  ``adjust_lr``), ``'update_rms'`` ``0.2/RMS(U)`` (the paper's form),
+  ``'spectral_norm'`` ``√(m/n)`` or ``'none'`` 1. No Nesterov, no bias
+  correction; the decay uses the unscaled ``η``.
+
+  ``reference='dion'`` is microsoft/dion branch ``dev/aro`` (``dion/aro.py``
+  @9c6b30d) and its defaults: the rotation acts on the PyTorch rows
+  (``rotate='fan_out'``: the Flax kernel's output axis), Householder QR
+  every step, ``rms_norm``, decoupled decay with the base rate, its AdamW
+  groups' betas ``(0.9, 0.95)``, ε ``10⁻⁸`` and decay. Where the rotated
+  side is the larger (dion: every PyTorch-tall weight, e.g. an
+  up-projection), ``C`` is rank-deficient, the last columns of the
+  reference's ``Q`` are set by roundoff and the clamp in ``f`` blows their
+  rows up to full size: its update there depends on the gradient's last
+  bits (ALGORITHMS.md §13.1.4a). Every mode computes what the reference's
+  arithmetic gives exactly, stably (``stable``: there, those rows zero; and
+  everywhere the QR of ``C = M Fᵀ`` without forming the product, whose
+  float32 error reaches 1e-3 on square matrices); ``stable=False`` keeps the
+  reference's floating-point arithmetic, roundoff and all. The default
+  ``'orthax'`` mode rotates the **smaller** side, where the question does
+  not arise; it also costs fewer FLOPs (``O(s²t)`` with ``s ≤ t``) and
+  keeps a smaller ``R``.
+
+  Args:
+    learning_rate: η (number or schedule).
+    reference: ``'orthax'`` or ``'dion'``.
+    beta: momentum β (dion's ``mu``).
+    base: ``'sinkhorn'``, ``'row_norm'`` or ``'sign'``.
+    qr: ``'householder'`` or ``'shifted_cholesky'`` (dion's unused
+      ``CᵀC + 10⁻⁷‖C‖²I`` form, Householder where the Cholesky fails).
+    rotate: ``'smaller'``, ``'fan_out'`` or ``'fan_in'`` (default: the
+      reference's).
+    scale: ``'rms_norm'``, ``'update_rms'``, ``'spectral_norm'``, ``'none'``.
+    scale_rms: the 0.2 of ``rms_norm`` and ``update_rms``.
+    stable: the exact-arithmetic result, computed stably (see above and
+      :class:`orthax.matrix_stages.AroRotate`); ``False``: the reference's
+      floating-point arithmetic, for comparison.
+    weight_decay: λ for matrices.
+    mu_dtype: momentum dtype (both branches; default float32 or wider).
+    adam_learning_rate: AdamW learning rate (default: ``learning_rate``).
+    adam_b1, adam_b2, adam_eps: AdamW moments and epsilon.
+    adam_weight_decay: AdamW decay (default: λ for ``'dion'``, else 0).
+    router: a :class:`orthax.Router` or a ``params -> labels`` callable.
+    distributed: an :class:`orthax.sharding.Distributed`: each device works
+      on whole matrices and keeps their rotations (never gathered).
+    check_finite: skip a step whose gradient holds NaN/Inf, on device.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, orthax
+    >>> params = {'dense': {'kernel': jnp.ones((8, 4))}}
+    >>> tx = orthax.aro(0.01)
+    >>> state = tx.init(params)
+    >>> grads = {'dense': {'kernel': jax.random.normal(jax.random.key(0),
+    ...                                                (8, 4))}}
+    >>> u, state = tx.update(grads, state, params)
+    >>> u['dense']['kernel'].shape
+    (8, 4)
+
+  References: Gong, Zazo, Luo, Wang, Hensman, Ma, *ARO: Adaptively Rotated
+  Optimization*, arXiv 2602.09006; microsoft/dion ``dev/aro``.
+  """
+  _validate.arguments('aro', aro, locals())
+  reference = registry.resolve_reference('aro', reference)
+  d = _ARO_REFERENCES[reference]
+  rotate = d['rotate'] if rotate is None else rotate
+  _check_choices(base=(base, _rotate.BASES), qr=(qr, _rotate.QR_KINDS),
+                 rotate=(rotate, _rotate.ROTATE_SIDES),
+                 scale=(scale, aro_lib.SCALES))
+  router, specs = _common.route(router)
+  matrix = optax.named_chain(
+      ('momentum', T.momentum(beta, form='ema', nesterov=False,
+                              accumulator_dtype=mu_dtype)),
+      ('aro_rotate', T.aro_rotate(base=base, qr=qr, rotate=rotate,
+                                  scale=scale, scale_rms=scale_rms,
+                                  stable=stable, matrix_specs=specs,
+                                  distributed=distributed)),
+      *_common.step_stages(learning_rate, weight_decay),
+  )
+  if adam_weight_decay is None:
+    adam_weight_decay = weight_decay if d['adam_shares_wd'] else 0.0
+  return _common.assemble_with_adamw(
+      matrix, router, check_finite, learning_rate=learning_rate,
+      adam_learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2,
+      eps=adam_eps, weight_decay=adam_weight_decay, mu_dtype=mu_dtype)

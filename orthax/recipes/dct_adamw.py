@@ -1,0 +1,168 @@
+"""DCT-AdamW: AdamW on the top-``r`` DCT coefficients of each matrix
+(arXiv 2505.17967)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optax
+
+from orthax import _tree
+from orthax import _validate
+from orthax import matrices
+from orthax import routing
+from orthax.recipes import _common
+from orthax.recipes import registry
+from orthax.transforms import dct_adam
+
+# What each reference fixes.
+_DCT_ADAMW_REFERENCES = {
+    'orthax': dict(remap=True),
+    'ista': dict(remap=False),
+}
+MAX_SHAPE = 32000
+
+
+def limit_matrix_size(router: _common.RouterLike, max_shape: int
+                      ) -> Callable[[Any], Any]:
+  """A labels function: ``router``'s labels, with every ``'matrix'`` leaf
+  whose fan-in or fan-out is ``≥ max_shape`` sent to ``'adam'`` (the
+  reference's full-AdamW fallback for embeddings and heads)."""
+  base = router.labels if isinstance(router, routing.Router) else router
+
+  def labels(params):
+    _, leaves, treedef = _tree.leaves_with_paths(params)
+    labs = treedef.flatten_up_to(base(params))
+    if isinstance(router, routing.Router):
+      specs = [r.spec for r in treedef.flatten_up_to(router.routes(params))]
+    else:
+      specs = [None] * len(leaves)
+    out = []
+    for x, lab, spec in zip(leaves, labs, specs):
+      if lab == 'matrix':
+        spec = matrices.MatrixSpec() if spec is None else spec
+        _, fi, fo = spec.matrix_shape(x.shape)
+        lab = 'adam' if max(fi, fo) >= max_shape else lab
+      out.append(lab)
+    return treedef.unflatten(out)
+
+  return labels
+
+
+@registry.register('dct_adamw', references=tuple(_DCT_ADAMW_REFERENCES),
+                   learning_rate=3e-3)
+def dct_adamw(
+    learning_rate: optax.ScalarOrSchedule = 3e-3,
+    *,
+    reference: str = 'orthax',
+    rank: int | float | None = None,
+    update_every: int | None = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    ell_norm: float | None = None,
+    max_shape: int | None = None,
+    weight_decay: float = 0.0,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float | None = None,
+    adam_b2: float | None = None,
+    adam_eps: float | None = None,
+    adam_weight_decay: float | None = None,
+    router: routing.Router | Callable[[Any], Any] | None = None,
+    distributed: Any = None,
+    check_finite: bool = True,
+) -> optax.GradientTransformation:
+  r"""DCT-AdamW: AdamW in a subspace of DCT columns chosen per matrix.
+
+  For each routed matrix ``W`` with gradient ``G``, ``Y`` its tall view
+  ``L×s`` (the smaller side projected; see
+  :func:`orthax.transforms.scale_by_dct_adam`), ``D`` the ``s×s``
+  orthonormal DCT-II matrix, ``t`` the step and ``g = update_every``:
+
+  .. math::
+     t = 1 \lor g \mid t:&\quad S = YD,\
+        \mathrm{idx} = \mathrm{top}_r\|S_{:,j}\|_p\ \text{(descending)},\
+        a = S_{:,\mathrm{idx}},\ (m, v) \leftarrow (mP, vP)\\
+     \text{otherwise}:&\quad a = YD_{:,\mathrm{idx}}\\
+     m &\leftarrow β_1 m + (1-β_1)a,\qquad
+     v \leftarrow β_2 v + (1-β_2)a^2\\
+     W &\leftarrow W(1-ηλ) - η\,\frac{\sqrt{1-β_2^t}}{1-β_1^t}\cdot
+        \frac{m}{\sqrt v + ε\sqrt{1-β_2^t}}\,D_{:,\mathrm{idx}}^\top
+
+  ``P`` moves the moments of a column index still selected to its new slot
+  and starts new ones at zero. The state per matrix is ``r`` indices and
+  ``m``, ``v`` of ``L×r``: ``2r/s`` of AdamW's (on a mesh it stays on the
+  device that owns the matrix). Vectors, and matrices with a side
+  ``≥ max_shape``, get full AdamW with the same formula (the AdamW branch).
+
+  ``reference`` picks the defaults of an implementation:
+
+  ==========  =====================================================
+  reference   moments at a re-selection
+  ==========  =====================================================
+  ``orthax``  remapped to the new slots (``P`` above)
+  ``ista``    kept per slot (IST-DASLab/ISTA-DASLab-Optimizers
+              @4c98e6e ``fft_low_rank/dct_adamw.py``, top-k sorted)
+  ==========  =====================================================
+
+  Both re-select every step (the reference's ``update_proj_gap=1``) with
+  betas ``(0.9, 0.999)``, ``eps=1e-8``, the L1 score and ``max_shape=32000``.
+  The reference requires ``lr``, ``weight_decay`` and ``rank``; here they
+  default to ``3e-3`` (AdamW's default here), ``0`` and a quarter of the smaller side. Its
+  ``rotate_subspace`` option zeroes the moments instead of remapping them
+  (an in-place matmul); ``reference='orthax'`` does what it means to.
+
+  Args:
+    learning_rate: η (number or schedule), both branches by default.
+    reference: ``'orthax'`` or ``'ista'`` (see above).
+    rank: ``r``: an ``int``, or a ``float`` in ``(0, 1]``, a fraction of the
+      smaller side (rounded up); default ``0.25``. With
+      ``optax.inject_hyperparams`` pass ``rank``, ``update_every``,
+      ``ell_norm`` and ``max_shape`` in ``static_args`` (they fix shapes).
+    update_every: ``g``, steps between re-selections (default 1).
+    b1, b2, eps: Adam's β₁, β₂ and ε (torch placement).
+    ell_norm: ``p`` of the column score (default 1).
+    max_shape: matrices with a side ``≥`` this go to AdamW (default 32000).
+    weight_decay: λ, decoupled (``W(1-ηλ)``), both branches by default.
+    adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay: the
+      AdamW branch's (default: the matrices' values).
+    router: a :class:`orthax.Router` or a ``params -> labels`` callable.
+    distributed: an :class:`orthax.sharding.Distributed`: each matrix is
+      projected whole on one device of the mesh, its state kept there.
+    check_finite: skip a step whose gradient holds NaN/Inf, on device.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, orthax
+    >>> params = {'dense': {'kernel': jnp.ones((16, 8)), 'bias': jnp.ones(8)}}
+    >>> tx = orthax.dct_adamw(1e-3, rank=4)
+    >>> state = tx.init(params)
+    >>> u, state = tx.update(params, state, params)
+    >>> u['dense']['kernel'].shape
+    (16, 8)
+
+  Reference: Modoranu, Safaryan, Robert, Alistarh et al., *DCT-based
+  low-rank optimizers* (arXiv 2505.17967);
+  github.com/IST-DASLab/ISTA-DASLab-Optimizers.
+  """
+  _validate.arguments('dct_adamw', dct_adamw, locals())
+  _validate.count('dct_adamw', 'max_shape', max_shape, optional=True)
+  rank, update_every, ell_norm = dct_adam.check_structure(
+      'dct_adamw', rank, update_every, ell_norm)
+  max_shape = MAX_SHAPE if max_shape is None else int(max_shape)
+  reference = registry.resolve_reference('dct_adamw', reference)
+  d = _DCT_ADAMW_REFERENCES[reference]
+  router, specs = _common.route(router)
+  matrix = optax.named_chain(
+      ('dct_adam', dct_adam.scale_by_dct_adam(
+          rank, update_every=update_every, b1=b1, b2=b2, eps=eps,
+          ell_norm=ell_norm, remap=d['remap'], matrix_specs=specs,
+          distributed=distributed)),
+      *_common.step_stages(learning_rate, weight_decay),
+  )
+  pick = lambda v, default: default if v is None else v
+  return _common.assemble_with_adamw(
+      matrix, limit_matrix_size(router, max_shape), check_finite,
+      learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
+      b1=pick(adam_b1, b1), b2=pick(adam_b2, b2), eps=pick(adam_eps, eps),
+      weight_decay=pick(adam_weight_decay, weight_decay),
+      eps_placement='corrected')

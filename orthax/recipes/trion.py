@@ -1,0 +1,123 @@
+"""Trion: low-rank orthogonalized momentum on DCT columns (arXiv
+2505.17967)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optax
+
+from orthax import _validate
+from orthax import matrix_stages as MS
+from orthax import routing
+from orthax.recipes import _common
+from orthax.recipes import registry
+from orthax.transforms import dct_adam
+from orthax.transforms import trion as trion_lib
+
+# The reference's defaults (IST-DASLab/ISTA-DASLab-Optimizers @4c98e6e
+# fft_low_rank/trion.py).
+_TRION_REFERENCES = ('ista',)
+
+
+@registry.register('trion', references=_TRION_REFERENCES,
+                   learning_rate=0.02, adam_learning_rate=3e-4)
+def trion(
+    learning_rate: optax.ScalarOrSchedule = 0.02,
+    *,
+    reference: str = 'ista',
+    rank: int | float | None = None,
+    beta: float = 0.95,
+    scaling: str = 'kj',
+    ns_dtype: Any = None,
+    weight_decay: float = 0.0,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-10,
+    adam_weight_decay: float | None = None,
+    router: routing.Router | Callable[[Any], Any] | None = None,
+    distributed: Any = None,
+    check_finite: bool = True,
+) -> optax.GradientTransformation:
+  r"""Trion: Dion's low-rank orthogonalized step with DCT column selection.
+
+  For each routed matrix ``W`` with gradient ``G``, ``Y`` and ``B`` the
+  tall views (``L×s``) of ``G`` and of the sum-form buffer, ``D`` the
+  ``s×s`` orthonormal DCT-II matrix and ``E = D`` when PyTorch's rows ≥
+  cols (a kernel's ``fan_out ≥ fan_in``), else ``Dᵀ``:
+
+  .. math::
+     B &\leftarrow B + Y,\quad S = BE,\quad
+       \mathrm{idx} = \mathrm{top}_r\|S_{:,j}\|_1,\quad
+       M = S_{:,\mathrm{idx}}\\
+     B &\leftarrow B - (1-μ)\,M E_{:,\mathrm{idx}}^\top\\
+     W &\leftarrow W(1-ηλ) - η\,c\,\mathrm{NS}_5(M)\,E_{:,\mathrm{idx}}^\top
+
+  ``c`` is the shape scale of ``scaling`` (see
+  :func:`orthax.transforms.scale_by_trion`). Vectors, embeddings and heads
+  go to Adam (bias-corrected, betas ``(0.9, 0.95)``, ``eps=1e-10``, at
+  ``adam_learning_rate``; the reference's is ``3e-4``). The state per matrix is ``B`` (as Muon's
+  momentum); on a mesh it stays on the device that owns the matrix.
+
+  ``reference='ista'`` (the only mode) is IST-DASLab/ISTA-DASLab-Optimizers
+  @4c98e6e ``fft_low_rank/trion.py`` with its two undefined names
+  (``dct3_matrix``'s ``device``/``dtype``, ``get_dct_matrix``) read as the
+  DCT matrix of the matrix's smaller side, and its defaults: ``lr=0.02``,
+  ``momentum=0.95``, ``weight_decay=0``; Adam ``lr=3e-4``, betas
+  ``(0.9, 0.95)``, ``eps=1e-10``. The reference requires ``rank`` and
+  ``scaling_type``: here a quarter of the smaller side and ``'kj'``. It
+  runs Newton–Schulz in bfloat16 (``ns_dtype=jnp.bfloat16``); the default
+  here is float32.
+
+  Args:
+    learning_rate: η for the matrices (number or schedule).
+    reference: ``'ista'``.
+    rank: ``r``: an ``int``, or a ``float`` in ``(0, 1]``, a fraction of the
+      smaller side (rounded up); default ``0.25`` (pass it in
+      ``static_args`` of ``optax.inject_hyperparams``).
+    beta: μ, the momentum (error-feedback) coefficient.
+    scaling: ``'kj'``, ``'none'``, ``'kimi'`` or ``'dion'``.
+    ns_dtype: dtype of the Newton–Schulz iteration.
+    weight_decay: λ, decoupled (``W(1-ηλ)``).
+    adam_learning_rate: Adam's learning rate (default: ``learning_rate``,
+      as every recipe, so that a schedule drives both branches; the
+      reference's ``3e-4`` is the trainer's default, registered with the
+      recipe).
+    adam_b1, adam_b2, adam_eps: Adam's betas and epsilon.
+    adam_weight_decay: Adam's weight decay (default: ``weight_decay``).
+    router: a :class:`orthax.Router` or a ``params -> labels`` callable.
+    distributed: an :class:`orthax.sharding.Distributed`.
+    check_finite: skip a step whose gradient holds NaN/Inf, on device.
+
+  Example:
+    >>> import jax.numpy as jnp, orthax
+    >>> params = {'dense': {'kernel': jnp.ones((16, 8)), 'bias': jnp.ones(8)}}
+    >>> tx = orthax.trion(0.02, rank=4)
+    >>> u, _ = tx.update(params, tx.init(params), params)
+    >>> u['dense']['kernel'].shape
+    (16, 8)
+
+  Reference: Modoranu, Safaryan, Robert, Alistarh et al., *DCT-based
+  low-rank optimizers* (arXiv 2505.17967);
+  github.com/IST-DASLab/ISTA-DASLab-Optimizers.
+  """
+  _validate.arguments('trion', trion, locals())
+  registry.resolve_reference('trion', reference)
+  rank, _, _ = dct_adam.check_structure('trion', rank, None, None)
+  if scaling not in MS.TRION_SCALINGS:
+    raise ValueError(f'trion: scaling must be one of '
+                     f'{tuple(MS.TRION_SCALINGS)}, got {scaling!r}.')
+  router, specs = _common.route(router)
+  matrix = optax.named_chain(
+      ('trion', trion_lib.scale_by_trion(
+          rank, beta=beta, scaling=scaling, ns_dtype=ns_dtype,
+          matrix_specs=specs, distributed=distributed)),
+      *_common.step_stages(learning_rate, weight_decay),
+  )
+  return _common.assemble_with_adamw(
+      matrix, router, check_finite, learning_rate=learning_rate,
+      adam_learning_rate=adam_learning_rate,
+      b1=adam_b1, b2=adam_b2, eps=adam_eps,
+      weight_decay=weight_decay if adam_weight_decay is None
+      else adam_weight_decay, eps_placement='corrected')

@@ -1,0 +1,145 @@
+"""ARO: the momentum replaced by its adaptively rotated step (the
+:class:`~orthax.matrix_stages.AroRotate` slot stage run by the engine
+instead of Newton–Schulz)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+from orthax import _tree
+from orthax import _validate
+from orthax import matrix_stages as ms
+from orthax import sharding
+from orthax.transforms import matrix_stage
+from orthax.transforms.momentum import momentum as ema_momentum
+
+SCALES = ('rms_norm', 'update_rms', 'spectral_norm', 'none')
+
+
+def scale_stages(scale: str, scale_rms: Any) -> list[ms.MatrixStage]:
+  """The stage that sizes ARO's step (dion's ``adjust_lr``):
+  ``'rms_norm'`` ``rms·√max(m, n)``, ``'spectral_norm'`` ``√(m/n)`` (``m``
+  fan-out, ``n`` fan-in), ``'update_rms'`` ``rms·U/RMS(U)`` (the paper's
+  form), ``'none'``."""
+  if scale not in SCALES:
+    raise ValueError(f'aro scale must be one of {SCALES}, got {scale!r}.')
+  if scale == 'rms_norm':
+    return [ms.ScaleByShape('moonlight', scale_rms)]
+  if scale == 'spectral_norm':
+    return [ms.ScaleByShape('spectral')]
+  if scale == 'update_rms':
+    return [ms.ScaleToRms(scale_rms)]
+  return []
+
+
+def aro_rotate(
+    *,
+    base: str = 'sinkhorn',
+    qr: str = 'householder',
+    rotate: str = 'smaller',
+    scale: str = 'none',
+    scale_rms: Any = 0.2,
+    stable: bool = True,
+    matrix_specs: _tree.SpecsLike = None,
+    distributed: sharding.Distributed | None = None,
+) -> optax.GradientTransformation:
+  r"""Replaces each matrix ``A`` of the update (the momentum) by its
+  adaptively rotated step, with a rotation ``R`` kept per matrix:
+
+  .. math::
+     C = A\,f(R^\top A)^\top,\qquad R \leftarrow \mathrm{qr}(C)_Q,\qquad
+     U = s\cdot R\,f(R^\top A)
+
+  ``A`` has the rotated side as rows (``s`` rows of ``t`` entries), ``f``
+  is the base map (Sinkhorn: 5 alternating row/column normalizations,
+  columns last) and ``s`` the scale of ``scale``. ``R`` starts as the
+  identity and lives in slots: on a mesh each device keeps the rotations of
+  the matrices it works on; they are never gathered. The state is a
+  :class:`~orthax.transforms.SlotStepState`.
+
+  Args:
+    base: ``'sinkhorn'``, ``'row_norm'`` or ``'sign'``.
+    qr: ``'householder'`` or ``'shifted_cholesky'`` (``CᵀC + 10⁻⁷‖C‖²I``,
+      Householder where the Cholesky fails).
+    rotate: the rotated side: ``'smaller'``, ``'fan_out'`` (PyTorch rows,
+      dion) or ``'fan_in'``.
+    scale: ``'rms_norm'`` (``scale_rms·√max(m, n)``), ``'update_rms'``
+      (``scale_rms·U/RMS(U)``), ``'spectral_norm'`` (``√(m/n)``) or
+      ``'none'``.
+    scale_rms: the RMS target of ``rms_norm`` and ``update_rms``.
+    stable: compute what the reference's arithmetic gives exactly, stably:
+      the QR of ``C = A Fᵀ`` without forming ``C`` and, where the rotated
+      side is the larger, the rows that are roundoff zero (see
+      :class:`~orthax.matrix_stages.AroRotate`); ``False``: the reference's
+      floating-point arithmetic.
+    matrix_specs: as :func:`orthax.orthogonalize` takes them.
+    distributed: an :class:`orthax.sharding.Distributed`: each device runs
+      whole matrices, as :func:`orthax.orthogonalize` does.
+
+  Example:
+    >>> import jax.numpy as jnp, orthax
+    >>> tx = orthax.transforms.aro_rotate()
+    >>> params = {'w': jnp.ones((4, 8))}
+    >>> state = tx.init(params)
+    >>> u, state = tx.update({'w': jnp.eye(4, 8)}, state)
+    >>> u['w'].shape
+    (4, 8)
+
+  References: Gong et al., *ARO: Adaptively Rotated Optimization*,
+  arXiv 2602.09006.
+  """
+  _validate.arguments('aro_rotate', aro_rotate, locals())
+  stage = ms.AroRotate(base=base, qr=qr, rotate=rotate,
+                       stable=stable)
+  return matrix_stage.slot_step(lambda count: stage, matrix_specs,
+                                distributed, 'aro_rotate',
+                                then=scale_stages(scale, scale_rms))
+
+
+def scale_by_aro(
+    beta: Any = 0.95,
+    *,
+    base: str = 'sinkhorn',
+    qr: str = 'householder',
+    rotate: str = 'smaller',
+    scale: str = 'none',
+    scale_rms: Any = 0.2,
+    stable: bool = True,
+    matrix_specs: _tree.SpecsLike = None,
+    distributed: sharding.Distributed | None = None,
+) -> optax.GradientTransformation:
+  r"""ARO's direction: EMA momentum, then :func:`aro_rotate`.
+
+  .. math::
+     M \leftarrow βM + (1-β)G,\qquad C = M f(R^\top M)^\top,\qquad
+     R \leftarrow \mathrm{qr}(C)_Q,\qquad U = R\,f(R^\top M)
+
+  (no Nesterov, no bias correction). A ``named_chain`` of ``'momentum'``
+  and ``'aro_rotate'``; the other arguments as :func:`aro_rotate` takes
+  them.
+
+  Example:
+    >>> import jax.numpy as jnp, orthax
+    >>> tx = orthax.transforms.scale_by_aro(0.9)
+    >>> state = tx.init({'w': jnp.ones((3, 5))})
+    >>> g = jnp.arange(1.0, 16.0).reshape(3, 5)
+    >>> u, _ = tx.update({'w': g}, state)
+    >>> round(float(jnp.sqrt(jnp.mean(u['w'] ** 2))), 4)  # Sinkhorn: RMS 1
+    1.0
+
+  References: Gong et al., arXiv 2602.09006; microsoft/dion ``dev/aro``.
+  """
+  _validate.arguments('scale_by_aro', scale_by_aro, locals())
+  return optax.named_chain(
+      ('momentum', ema_momentum(beta, form='ema', nesterov=False)),
+      ('aro_rotate', aro_rotate(base=base, qr=qr, rotate=rotate,
+                                scale=scale, scale_rms=scale_rms,
+                                stable=stable,
+                                matrix_specs=matrix_specs,
+                                distributed=distributed)))
+
+
+__all__ = ['SCALES', 'aro_rotate', 'scale_by_aro',
+           'scale_stages']

@@ -1,0 +1,96 @@
+"""FISMO's Kronecker-factored Fisher step as an optax transform."""
+
+from __future__ import annotations
+
+import optax
+
+from orthax import _tree
+from orthax import _validate
+from orthax import matrix_stages
+from orthax import polar
+from orthax import sharding
+from orthax.transforms import matrix_stage
+
+
+def scale_by_fismo(
+    beta: float = 0.95,
+    gamma: float = 0.95,
+    damping: float = 1e-3,
+    *,
+    eig_floor: float = 1e-6,
+    preset: str | polar.Preset = 'jordan',
+    ns_steps: int | None = None,
+    ns_eps: float | None = None,
+    ns_method: str = 'auto',
+    scale: str = 'keller',
+    scale_rms: float = 0.2,
+    matrix_specs: _tree.SpecsLike = None,
+    distributed: sharding.Distributed | None = None,
+) -> optax.GradientTransformation:
+  r"""FISMO's direction: the gradient whitened by Kronecker factors of the
+  Fisher, momentum in whitened space, orthogonalized and unwhitened.
+
+  For each matrix (PyTorch layout: ``G`` is ``m×n``, ``m`` = fan-out; ``P``
+  ``m×m``, ``Q`` ``n×n`` start at ``I``, ``M`` at 0):
+
+  .. math::
+     P &\leftarrow \mathrm{sym}(m\tilde P/\mathrm{tr}\tilde P),\ \tilde P =
+       γP + (1-γ)\bigl(GQ^{-1}G^\top/n + μ\,\mathrm{tr}(P)/m\,I\bigr) \\
+     Q &\leftarrow \mathrm{sym}(n\tilde Q/\mathrm{tr}\tilde Q),\ \tilde Q =
+       γQ + (1-γ)\bigl(G^\top P^{-1}G/m + μ\,\mathrm{tr}(Q)/n\,I\bigr) \\
+     M &\leftarrow βM + (1-β)P^{-1/2}GQ^{-1/2},\qquad
+     U = c\,P^{-1/2}\,\mathrm{NS}(M)\,Q^{-1/2}
+
+  (``P`` with the old ``Q``, then ``Q`` with the new ``P``; ``c`` the
+  ``scale`` mode's factor, :func:`orthax.scale_by_shape`). The step runs
+  instead of Newton–Schulz, on whole matrices
+  (:class:`orthax.matrix_stages.FismoStep`); its state lives in slots, on
+  the device that works on the matrix, never gathered. The update is a
+  direction: chain ``optax.scale_by_learning_rate``.
+
+  Args:
+    beta: momentum β (EMA, no Nesterov, no bias correction).
+    gamma: EMA rate γ of the factors ``P`` and ``Q``.
+    damping: μ, added as ``μ·tr(P)/m·I``; absolute, so compared with
+      ``‖G‖²/(mn)`` (the method is not invariant to the gradient's scale).
+    eig_floor: floor of the factors' eigenvalues (their mean is 1) before
+      the inverse and inverse square roots.
+    preset: Newton–Schulz preset of the polar factor.
+    ns_steps: Newton–Schulz steps (default: the preset's).
+    ns_eps: the normalizer's epsilon (default: the preset's).
+    ns_method: ``'auto'``, ``'standard'`` or ``'gram'``, as in
+      :func:`orthax.orthogonalize`.
+    scale: shape scale, ``'keller'``, ``'moonlight'``, ``'spectral'`` or
+      ``'none'``.
+    scale_rms: RMS target of the ``moonlight`` scale.
+    matrix_specs: as in :func:`orthax.orthogonalize`.
+    distributed: an :class:`orthax.sharding.Distributed`: each device steps
+      whole matrices and keeps their ``P``, ``Q``, ``M``.
+
+  Example:
+    >>> import jax.numpy as jnp, orthax
+    >>> tx = orthax.transforms.scale_by_fismo(damping=1e-3)
+    >>> g = {'w': jnp.ones((4, 8))}
+    >>> u, state = tx.update(g, tx.init(g))
+    >>> u['w'].shape
+    (4, 8)
+
+  References: Xu, Yan, Zhang, *FISMO: Fisher-Structured
+  Momentum-Orthogonalized Optimizer*, arXiv 2601.21750 (ICML 2026); no
+  public code, this is a reconstruction (see :func:`orthax.fismo`).
+  """
+  _validate.arguments('scale_by_fismo', scale_by_fismo, locals(),
+                      **OVERRIDES)
+  stage = matrix_stages.FismoStep(
+      beta, gamma, damping, eig_floor, ns_steps, ns_eps, scale_rms,
+      preset=preset, ns_method=ns_method, scale=scale)
+
+  return matrix_stage.slot_step(lambda count: stage, matrix_specs,
+                                distributed, 'scale_by_fismo')
+
+
+OVERRIDES = dict(
+    gamma=_validate.unit_interval,
+    damping=_validate.positive,
+    eig_floor=_validate.positive,
+)

@@ -1,0 +1,152 @@
+"""``orthax.fismo`` with ``distributed=`` on 8 fake CPU devices against one
+device (run as a script by ``tests/test_fismo.py``, in a subprocess with
+``--xla_force_host_platform_device_count=8``). Per mesh (Auto fsdp8, Auto
+fsdp4×tp2, Explicit fsdp8): the relative difference of two steps' updates
+and of the ``P``/``Q``/``M`` slot states (the per-matrix states' norms,
+each found on the mesh: one device keeps ``[1, k, ...]``, the mesh ``[8, k,
+...]`` with padding), the collectives of the compiled step and its bytes
+against Muon's, and where the states live; and, on fsdp8, the plan's FLOPs
+against the compiled program's. Prints one JSON object on the last line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+if __name__ == '__main__':
+  flag = '--xla_force_host_platform_device_count=8'
+  if flag not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' ' + flag
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import fake_devices
+import orthax
+import orthax.flax
+import sharding_recipes_cases as R
+from orthax.matrix_stages import _fisher
+from orthax.sharding import hlo
+
+
+def _norms(state):
+  """Sorted Frobenius norms of the nonzero per-matrix states (each of p, q,
+  m), duplicates (devices holding the same matrices) dropped."""
+  vals = []
+  for group in optax.tree.get(state, 'fismo').slots.slots.values():
+    for a in group.values():
+      a = np.asarray(a, np.float64)
+      vals += list(np.linalg.norm(a.reshape(-1, *a.shape[-2:]), axis=(1, 2)))
+  vals = sorted(v for v in vals if v > 0)
+  out = []
+  for v in vals:
+    if not out or abs(v - out[-1]) > 1e-6 * max(v, 1e-30):
+      out.append(v)
+  return np.asarray(out)
+
+
+def _step(name, mesh, explicit, pspecs, params, grads):
+  dist = orthax.sharding.Distributed(mesh, None if explicit else pspecs,
+                                     comm_dtype=jnp.float32)
+  tx = orthax.recipe(name, distributed=dist)
+  shard = lambda t: jax.tree.map(
+      lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, pspecs)
+  p = shard(params)
+  st = tx.init(p)
+  step = jax.jit(tx.update)
+  text = step.lower(shard(grads[0]), st, p).compile().as_text()
+  us = []
+  for g in grads:
+    u, st = step(shard(g), st, p)
+    us.append(u)
+  with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
+    plan_bytes = orthax.sharding.plan(tx, p).bytes_per_device
+  return us, st, hlo.collectives(text), plan_bytes
+
+
+def run(shape, names, axis_type):
+  mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape))
+  explicit = axis_type == AxisType.Explicit
+  pspecs = R.specs(names)
+  params, grads = R.tree(0), [R.tree(1), R.tree(2)]
+  ref_tx = orthax.recipe('fismo')
+  st = ref_tx.init(params)
+  ref = []
+  for g in grads:
+    u, st = jax.jit(ref_tx.update)(g, st, params)
+    ref.append(u)
+  with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
+    us, st8, ops, plan_bytes = _step('fismo', mesh, explicit, pspecs, params,
+                                     grads)
+    _, _, muon_ops, muon_plan = _step('muon', mesh, explicit, pspecs, params,
+                                      grads)
+  err = max(float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b))
+                  / np.linalg.norm(np.asarray(b)))
+            for u, r in zip(us, ref)
+            for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(r)))
+  n1, n8 = _norms(st), _norms(st8)
+  slots = jax.tree.leaves(optax.tree.get(st8, 'fismo').slots)
+  specs = orthax.flax.state_specs(st8, params, pspecs)
+  slot_specs = jax.tree.leaves(optax.tree.get(specs, 'fismo').slots,
+                               is_leaf=lambda x: isinstance(x, P))
+  return {
+      'state_specs_owner': bool(slot_specs) and all(
+          sp == P(tuple(names)) for sp in slot_specs),
+      'rel_err': err,
+      # Each state of one device is held on the mesh (whose padding slots
+      # keep P = Q = I, M = 0, and are not compared).
+      'state_rel_err': float(max(np.min(np.abs(n8 - v)) / v for v in n1)),
+      'collectives': sorted({o['op'] for o in ops}),
+      'wire_bytes': sum(o['wire_bytes'] for o in ops),
+      'muon_wire_bytes': sum(o['wire_bytes'] for o in muon_ops),
+      'plan_bytes': plan_bytes, 'muon_plan_bytes': muon_plan,
+      'state_sharded_over_all_axes': bool(slots) and all(
+          a.shape[0] == 8 and a.sharding.is_equivalent_to(
+              NamedSharding(mesh, P(tuple(names))), a.ndim) for a in slots),
+  }
+
+
+def flops():
+  """Compiled FLOPs per device of one step (one Newton–Schulz step, so that
+  the loop body XLA counts once is the whole loop) against the plan's, with
+  and without its ``eigh`` estimate."""
+  mesh = jax.make_mesh((8,), ('fsdp',), axis_types=(AxisType.Auto,))
+  pspecs = R.specs(('fsdp',))
+  dist = orthax.sharding.Distributed(mesh, pspecs, comm_dtype=jnp.float32)
+  tx = orthax.fismo(distributed=dist, ns_steps=1, ns_method='standard')
+  shard = lambda t: jax.tree.map(
+      lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, pspecs)
+  p = shard(R.tree(0))
+  m = hlo.measure(jax.jit(tx.update), shard(R.tree(1)), tx.init(p), p)
+  plan = orthax.sharding.plan(tx, p).flops_per_device
+  old = _fisher.EIGH_FLOPS_PER_CUBE
+  _fisher.EIGH_FLOPS_PER_CUBE = 0
+  try:
+    without = orthax.sharding.plan(tx, p).flops_per_device
+  finally:
+    _fisher.EIGH_FLOPS_PER_CUBE = old
+  return {'compiled': m['flops'], 'plan': plan,
+          'plan_without_eigh': without}
+
+
+def main():
+  meshes = {
+      'fsdp8': ((8,), ('fsdp',), AxisType.Auto),
+      'fsdp4tp2': ((4, 2), ('fsdp', 'tp'), AxisType.Auto),
+      'explicit_fsdp8': ((8,), ('fsdp',), AxisType.Explicit),
+  }
+  out = {}
+  for key, (shape, names, at) in meshes.items():
+    out[key] = fake_devices.guarded(lambda: run(shape, names, at))
+  out['flops'] = fake_devices.guarded(flops)
+  print(json.dumps(out))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,175 @@
+"""Trion vs a float64 NumPy transcription of ``shared/ALGORITHMS.md``
+§13.3.3 (PyTorch layout, written here independently of the library), its
+state, the plan's FLOPs, and 8 fake devices (``dct_cases.py``)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import orthax
+from orthax import matrix_stages as MS
+from fake_devices import run_cases
+from reference_helpers import AdamRef, assert_match, flat, make_tree, ns
+from reference_helpers import run_orthax
+from test_dct_adamw import SHAPES, _router, dct_ref
+
+SCALES = {'kj': lambda m, n: np.sqrt(max(1.0, m / n)),
+          'none': lambda m, n: 1.0,
+          'kimi': lambda m, n: 0.2 * np.sqrt(max(m, n)),
+          'dion': lambda m, n: np.sqrt(m / n)}
+
+
+class TrionRef:
+  """§13.3.3 on one PyTorch weight ``(rows, cols)``, float64."""
+
+  def __init__(self, rank, mu, scaling):
+    self.rank, self.mu, self.scaling, self.b = rank, mu, scaling, None
+
+  def step(self, w, g, lr, wd):
+    self.b = g.copy() if self.b is None else self.b + g
+    rows, cols = g.shape
+    if rows >= cols:
+      d = dct_ref(cols)
+      s = self.b @ d
+      idx = np.argsort(-np.abs(s).sum(0), kind='stable')[:self.rank]
+      m = s[:, idx]
+      self.b = self.b - (1 - self.mu) * m @ d[:, idx].T
+      upd = ns(m) @ d[:, idx].T
+    else:
+      d = dct_ref(rows)
+      s = d @ self.b
+      idx = np.argsort(-np.abs(s).sum(1), kind='stable')[:self.rank]
+      m = s[idx, :]
+      self.b = self.b - (1 - self.mu) * d[idx, :].T @ m
+      upd = d[idx, :].T @ ns(m)
+    scale = SCALES[self.scaling](rows, cols)
+    return w * (1 - lr * wd) - lr * scale * upd
+
+
+class TreeRef:
+  """Trion on a tree: kernels (Flax or PyTorch layout) by :class:`TrionRef`
+  per matrix, vectors by Adam (3e-4, betas (0.9, 0.95), eps 1e-10)."""
+
+  def __init__(self, params, torch_layout, lr, wd, rank, scaling, mu=0.95):
+    self.p, self.torch, self.lr, self.wd, self.t = (flat(params),
+                                                    torch_layout, lr, wd, 0)
+    self.mats, self.adam = {}, {}
+    for k, w in self.p.items():
+      if w.ndim == 1:
+        self.adam[k] = AdamRef(w, 3e-4, 0.9, 0.95, 1e-10, wd, raw=False)
+      else:
+        self.mats[k] = [TrionRef(rank, mu, scaling)
+                        for _ in range(int(np.prod(w.shape[:-2])))]
+
+  def _torch(self, x):
+    x = x.reshape((-1,) + x.shape[-2:])
+    return x if self.torch else np.swapaxes(x, -1, -2)
+
+  def step(self, grads):
+    self.t += 1
+    gs = flat(grads)
+    for k, refs in self.mats.items():
+      w, g = self._torch(self.p[k]), self._torch(gs[k])
+      new = np.stack([r.step(wi, gi, self.lr, self.wd)
+                      for r, wi, gi in zip(refs, w, g)])
+      new = new if self.torch else np.swapaxes(new, -1, -2)
+      self.p[k] = new.reshape(self.p[k].shape)
+    for k, a in self.adam.items():
+      self.p[k] = a.step(self.p[k], gs[k], self.t)
+    return dict(self.p)
+
+
+@pytest.mark.parametrize('torch_layout', [False, True], ids=['flax', 'torch'])
+@pytest.mark.parametrize('scaling', ['kj', 'none', 'kimi', 'dion'])
+def test_matches_float64_transcription(x64, scaling, torch_layout):
+  params = make_tree(0, SHAPES)
+  grads = [make_tree(100 + t, SHAPES) for t in range(5)]
+  tx = orthax.trion(0.02, rank=5, weight_decay=0.1, scaling=scaling,
+                    adam_learning_rate=3e-4, router=_router(torch_layout))
+  got = run_orthax(tx, params, grads)
+  ref = TreeRef(params, torch_layout, 0.02, 0.1, 5, scaling)
+  assert_match(got, [ref.step(g) for g in grads], 1e-9, 1e-12, scaling)
+
+
+def test_state_is_the_buffer_in_kernel_layout():
+  params = {'a': jnp.zeros((24, 40)), 'b': jnp.zeros((40, 24))}
+  st = optax.tree.get(orthax.trion(rank=4).init(params), 'trion')
+  shapes = sorted(tuple(g['b'].shape) for g in st.slots.slots.values())
+  assert shapes == [(1, 1, 24, 40), (1, 1, 40, 24)]
+
+
+def test_zero_gradient_gives_zero_update():
+  params = {'w': jnp.ones((8, 16)), 'b': jnp.ones((16,))}
+  tx = orthax.trion(0.1, rank=3)
+  st = tx.init(params)
+  for _ in range(2):
+    u, st = tx.update(jax.tree.map(jnp.zeros_like, params), st, params)
+    for x in jax.tree.leaves(u):
+      assert np.all(np.asarray(x) == 0)
+
+
+def _compiled_flops(fn, *args):
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost)['flops']
+
+
+def test_plan_flops_match_compiled():
+  """The stage's declared FLOPs (§13.3.4) against XLA's count of the
+  compiled step on one matrix (within 10%). XLA counts a loop body once, so
+  Newton–Schulz's share is compared apart (its declared count is
+  polar.standard_flops, checked in test_gram.py)."""
+  shape = (96, 256)   # L = 256, s = 96, r = 24
+  st = MS.TrionStep(rank=24)
+  g = jnp.ones((1,) + shape)
+  state = jax.tree.map(lambda a: a[None], st.initial_state(*shape,
+                                                           jnp.float32))
+  blocks = MS.Blocks(*shape)
+  total = _compiled_flops(lambda o, s: st.apply(o, s, blocks), g, state)
+  ns_compiled = _compiled_flops(
+      lambda m: orthax.polar.newton_schulz(m, 'jordan'),
+      jnp.ones((1, 256, 24)))
+  ns_declared = orthax.polar.standard_flops(24, 256, 5)
+  rest = (total - ns_compiled) / (st.flops(*shape) - ns_declared)
+  assert abs(rest - 1) < 0.1, (total, ns_compiled, st.flops(*shape))
+
+
+def test_docstring_examples_run():
+  import doctest  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
+  for name in ('orthax.recipes.trion', 'orthax.transforms.trion'):
+    mod = importlib.import_module(name)
+    res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert res.attempted >= 1 and res.failed == 0, (mod, res)
+
+
+MESHES = ['fsdp8', 'fsdp4tp2', 'explicit_fsdp8']
+
+
+@pytest.fixture(scope='module')
+def mesh_cases():
+  return run_cases('dct_cases.py', timeout=900)
+
+
+@pytest.mark.parametrize('mesh', MESHES)
+def test_distributed_equals_one_device(mesh_cases, mesh):
+  r = mesh_cases[f'trion/{mesh}']
+  assert r['rel_err'] < 1e-5, r
+  assert r['state_rel_err'] < 1e-5, r
+
+
+@pytest.mark.parametrize('mesh', MESHES)
+def test_slot_state_stays_with_its_owner(mesh_cases, mesh):
+  """The buffers never travel: no all-gather, plain Muon's bytes, the state
+  sharded over every mesh axis; the plan counts the stage's FLOPs (XLA
+  counts Newton–Schulz's loop body once, 4/5 of its 5 steps are missing
+  from the compiled count: hence the lower bound; the exact per-stage check
+  is test_plan_flops_match_compiled)."""
+  r = mesh_cases[f'trion/{mesh}']
+  assert 'all-gather' not in r['collectives'], r
+  assert r['plan_bytes'] == r['muon_plan_bytes'], r
+  assert abs(r['wire_bytes'] - r['muon_wire_bytes']) <= 16, r
+  assert r['state_sharded_over_all_axes'] and r['state_specs_owner'], r
+  assert 0.7 * r['plan_flops'] <= r['flops'] <= 2 * r['plan_flops'], r
+  assert r['flops'] < r['muon_flops'], r
