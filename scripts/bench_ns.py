@@ -106,7 +106,11 @@ def main():
 
 # Non-default modes timed too: ARO's dion mode rotates fan-out (the larger
 # side of an up-projection: an R of 3072² there, ALGORITHMS.md §13.1.3).
-EXTRA_ROWS = {'aro/dion': ('aro', {'reference': 'dion'})}
+EXTRA_ROWS = {
+    'aro/dion': ('aro', {'reference': 'dion'}),
+    'aro/shifted_cholesky': ('aro', {'qr': 'shifted_cholesky'}),
+    'fismo/every10': ('fismo', {'precondition_every': 10}),
+}
 
 
 def recipe_table(bench_update, params):

@@ -35,6 +35,14 @@ import numpy as np
 import optax
 
 import orthax
+from trees import assert_all_nonzero
+from trees import assert_all_zero
+from trees import assert_finite
+from trees import assert_trees_close
+from trees import grads_for
+from trees import leaves_with_paths
+from trees import mixed_params
+from trees import random_like
 
 Make = Callable[[Any], optax.GradientTransformation]
 
@@ -87,95 +95,10 @@ def recipe_cases() -> list[Case]:
   return cases
 
 
-# Trees ------------------------------------------------------------------------
-
-
-def mixed_params(dtype=jnp.float32, seed: int = 0) -> dict:
-  """A transformer-like tree: hidden kernels (2-D and stacked), biases, norm
-  scales (1-D and stacked), an embedding table and an LM head."""
-  shapes = {
-      'blocks': {
-          '0': {'mlp': {'kernel': (16, 32), 'bias': (32,)}},
-          '1': {'mlp': {'kernel': (32, 16), 'bias': (16,)}},
-      },
-      'layers': {
-          'attn': {'kernel': (3, 16, 24), 'bias': (3, 24)},
-          'ln': {'scale': (3, 16)},
-      },
-      'ln_f': {'scale': (16,)},
-      'embed': {'embedding': (32, 16)},
-      'lm_head': {'kernel': (16, 32)},
-  }
-  return random_like(shapes, seed, dtype, is_shape=True)
-
-
-def random_like(tree, seed: int, dtype=None, is_shape: bool = False):
-  """Standard-normal leaves shaped like ``tree`` (or like its shape tuples)."""
-  if is_shape:
-    is_leaf = lambda x: isinstance(x, tuple)
-    leaves, treedef = jax.tree.flatten(tree, is_leaf=is_leaf)
-    shapes, dtypes = leaves, [dtype or jnp.float32] * len(leaves)
-  else:
-    leaves, treedef = jax.tree.flatten(tree)
-    shapes = [x.shape for x in leaves]
-    dtypes = [dtype or x.dtype for x in leaves]
-  rng = np.random.default_rng(seed)  # numpy: no per-shape XLA compile
-  return jax.tree.unflatten(treedef, [
-      jnp.asarray(rng.standard_normal(s, np.float32).astype(d))
-      for s, d in zip(shapes, dtypes)])
-
-
-def grads_for(params, steps: int = 3, seed: int = 100) -> list:
-  return [random_like(params, seed + i) for i in range(steps)]
-
-
-# Assertions -------------------------------------------------------------------
-
-
-def _flat(tree):
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return [(jax.tree_util.keystr(p), x) for p, x in flat]
-
-
-def assert_trees_close(got, want, *, rtol=1e-6, atol=1e-6, what=''):
-  """Same structure and allclose leaves; the message names the leaf."""
-  assert jax.tree.structure(got) == jax.tree.structure(want), (
-      f'{what}: tree structures differ:\n{jax.tree.structure(got)}\n'
-      f'{jax.tree.structure(want)}')
-  for (path, a), (_, b) in zip(_flat(got), _flat(want)):
-    a = np.asarray(a).astype(np.float32) if _is_float(a) else np.asarray(a)
-    b = np.asarray(b).astype(np.float32) if _is_float(b) else np.asarray(b)
-    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol,
-                               err_msg=f'{what}: leaf {path}')
-
-
-def _is_float(x) -> bool:
-  return jnp.issubdtype(jnp.result_type(x), jnp.floating)
-
-
-def assert_all_zero(tree, what=''):
-  for path, x in _flat(tree):
-    assert not np.any(np.asarray(x, np.float32)), (
-        f'{what}: leaf {path} is not zero (max |x| = '
-        f'{float(np.max(np.abs(np.asarray(x, np.float32))))}).')
-
-
-def assert_all_nonzero(tree, what=''):
-  for path, x in _flat(tree):
-    assert np.any(np.asarray(x, np.float32)), f'{what}: leaf {path} is zero.'
-
-
-def assert_finite(tree, what=''):
-  for path, x in _flat(tree):
-    if _is_float(x):
-      assert np.all(np.isfinite(np.asarray(x, np.float32))), (
-          f'{what}: leaf {path} is not finite.')
-
-
 def _state_avals(state):
   """(path, shape, dtype, weak_type) of every array leaf of ``state``."""
   out = []
-  for path, x in _flat(state):
+  for path, x in leaves_with_paths(state):
     if hasattr(x, 'dtype'):
       weak = getattr(x, 'weak_type', False)
       out.append((path, tuple(x.shape), jnp.dtype(x.dtype), bool(weak)))
@@ -287,16 +210,16 @@ def check_dtypes(make: Make, dtype):
   """Updates have the params' dtypes; state leaves keep theirs."""
   dtype = jnp.dtype(dtype)
   run = trajectory(make, dtype.name, jit=True)
-  init_dtypes = [(p, jnp.dtype(x.dtype)) for p, x in _flat(run.states[0])
+  init_dtypes = [(p, jnp.dtype(x.dtype)) for p, x in leaves_with_paths(run.states[0])
                  if hasattr(x, 'dtype')]
   for i, (updates, params) in enumerate(zip(run.updates, run.params)):
-    for (path, u), (_, p) in zip(_flat(updates), _flat(params)):
+    for (path, u), (_, p) in zip(leaves_with_paths(updates), leaves_with_paths(params)):
       assert p.dtype == dtype, f'step {i}: params {path} became {p.dtype}'
       assert u.dtype == p.dtype, (
           f'step {i}: update {path} has dtype {u.dtype}, params {p.dtype}')
       assert u.shape == p.shape, f'step {i}: update {path} has shape {u.shape}'
     assert_finite(updates, f'{dtype} updates, step {i}')
-    now = [(p, jnp.dtype(x.dtype)) for p, x in _flat(run.states[i + 1])
+    now = [(p, jnp.dtype(x.dtype)) for p, x in leaves_with_paths(run.states[i + 1])
            if hasattr(x, 'dtype')]
     assert now == init_dtypes, (
         f'step {i}: state dtypes changed:\n'
@@ -338,7 +261,7 @@ def check_inject_hyperparams(make: Make, *, state_names=DEFAULT_STATE_NAMES):
   s_inj.hyperparams['learning_rate'] = jnp.asarray(2 * LR)
   u_new, s_new = upd_inj(g, s_inj, p)
   assert_all_nonzero(u_old, 'update before the learning-rate change')
-  for (path, a), (_, b) in zip(_flat(u_new), _flat(u_old)):
+  for (path, a), (_, b) in zip(leaves_with_paths(u_new), leaves_with_paths(u_old)):
     np.testing.assert_allclose(
         np.asarray(a), 2 * np.asarray(b), rtol=1e-5, atol=1e-7,
         err_msg=f'learning_rate 0.02 should double the update ({path})')

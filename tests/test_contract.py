@@ -13,6 +13,7 @@ import pytest
 
 import contract  # tests/contract.py (pytest puts tests/ on sys.path)
 import convergence  # tests/convergence.py
+import trees  # tests/trees.py
 import orthax
 
 CASES = contract.recipe_cases()
@@ -33,7 +34,7 @@ def test_every_recipe_is_covered():
 def test_routes_both_branches(case):
   """The mixed tree exercises the matrix and the adam branch of every case."""
   tx = case.make(contract.LR)
-  params = contract.mixed_params()
+  params = trees.mixed_params()
   state = tx.init(params)
   names = contract.REQUIRED_STATE_NAMES.get(case.name,
                                             contract.DEFAULT_STATE_NAMES)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import contract
+import trees
 from orthax.polar import orthogonalize_stack
 from orthax.polar.newton_schulz import downscale_huge
 from orthax.polar.newton_schulz import signed_root
@@ -60,7 +61,7 @@ def _get(tree, path):
 
 
 def _params():
-  params = contract.mixed_params()
+  params = trees.mixed_params()
   # A 64×64 kernel: its Frobenius norm at scale 1e19 is ~6e20.
   params['blocks']['0']['mlp']['kernel'] = jax.random.normal(
       jax.random.key(0), (64, 64))
@@ -84,7 +85,7 @@ def test_huge_gradient_has_the_unscaled_direction(case):
   """Finite for every recipe; the unscaled direction for all but NOT_YET,
   which must still differ (so a fix shows) and is then marked xfail."""
   params = _params()
-  grads = contract.grads_for(params, steps=2)
+  grads = trees.grads_for(params, steps=2)
   ref = _updates(case, params, grads, 1.0)
   big = _updates(case, params, grads, SCALE)
   for leaf in jax.tree.leaves(big):

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-import contract
+import trees
 import orthax
 from orthax import matrix_stages as MS
 from orthax.matrices import MatrixSpec
@@ -59,19 +59,33 @@ def _factor(old, stat, gamma, mu):
 class FismoRef:
   """§13.2.1 on one PyTorch-layout matrix ``G`` (m×n), float64."""
 
-  def __init__(self, m, n, beta, gamma, mu, floor=1e-6, scale=1.0):
+  def __init__(self, m, n, beta, gamma, mu, floor=1e-6, scale=1.0,
+               every=1):
     self.p, self.q, self.mom = np.eye(m), np.eye(n), np.zeros((m, n))
     self.beta, self.gamma, self.mu, self.floor = beta, gamma, mu, floor
-    self.scale = scale
+    self.scale, self.every, self.t = scale, every, 0
+    # Inverse roots as of the last refresh (``every`` > 1 only).
+    self.roots = {'p': (np.eye(m), np.eye(m)), 'q': (np.eye(n), np.eye(n))}
+
+  def _roots(self, side, x):
+    if self.every == 1 or (self.t - 1) % self.every == 0:
+      self.roots[side] = (_power(x, -1, self.floor),
+                          _power(x, -0.5, self.floor))
+    return self.roots[side]
 
   def step(self, g):
     m, n = g.shape
-    left = g @ _power(self.q, -1, self.floor) @ g.T / n
+    self.t += 1
+    if self.every == 1:  # the method as written: Q⁻¹ of the old Q
+      q_inv = _power(self.q, -1, self.floor)
+    else:
+      q_inv = self.roots['q'][0]
+    left = g @ q_inv @ g.T / n
     self.p = _factor(self.p, left, self.gamma, self.mu)
-    right = g.T @ _power(self.p, -1, self.floor) @ g / m
+    p_inv, pr = self._roots('p', self.p)
+    right = g.T @ p_inv @ g / m
     self.q = _factor(self.q, right, self.gamma, self.mu)
-    pr = _power(self.p, -0.5, self.floor)
-    qr = _power(self.q, -0.5, self.floor)
+    _, qr = self._roots('q', self.q)
     self.mom = self.beta * self.mom + (1 - self.beta) * pr @ g @ qr
     return self.scale * pr @ _ns(self.mom) @ qr
 
@@ -91,9 +105,11 @@ def _grads(seed, dtype):
 SPECS = {k: spec for k, (_, spec) in LEAVES.items()}
 
 
-def test_matches_float64_transcription(x64):
+@pytest.mark.parametrize('every', [1, 3])
+def test_matches_float64_transcription(x64, every):
   beta, gamma, mu = 0.9, 0.8, 0.05
-  tx = orthax.transforms.scale_by_fismo(beta, gamma, mu, matrix_specs=SPECS)
+  tx = orthax.transforms.scale_by_fismo(beta, gamma, mu, matrix_specs=SPECS,
+                                        precondition_every=every)
   state = tx.init(_grads(0, jnp.float64))
   refs = {}
   step = jax.jit(tx.update)
@@ -106,7 +122,8 @@ def test_matches_float64_transcription(x64):
       for b, gm in enumerate(_torch(g[k], spec)):
         m, n = gm.shape
         ref = refs.setdefault((k, b), FismoRef(
-            m, n, beta, gamma, mu, scale=np.sqrt(max(1.0, m / n))))
+            m, n, beta, gamma, mu, scale=np.sqrt(max(1.0, m / n)),
+            every=every))
         want.append(ref.step(gm))
       want = np.stack(want)
       err = np.linalg.norm(got - want) / np.linalg.norm(want)
@@ -130,6 +147,25 @@ def _factors(state):
   return out
 
 
+def test_batched_eigh_runs_one_matrix_per_kernel_on_cpu():
+  """jaxlib's batched CPU eigh can deadlock two concurrent kernels on a
+  small thread pool (it hung the trainer on 2 cores); ours walks the batch
+  with one 2-D kernel call and still equals NumPy."""
+  from orthax.matrix_stages._fisher import symmetric_eigh
+  a = np.random.default_rng(0).standard_normal((3, 2, 8, 8))
+  x = jnp.asarray(a @ a.swapaxes(-1, -2) + 8 * np.eye(8), jnp.float32)
+  w, v = jax.jit(symmetric_eigh)(x)
+  assert w.shape == (3, 2, 8) and v.shape == (3, 2, 8, 8)
+  np.testing.assert_allclose(w, np.linalg.eigvalsh(np.asarray(x, np.float64)),
+                             rtol=1e-5)
+  back = np.einsum('...ij,...j,...lj->...il', v, w, v)
+  np.testing.assert_allclose(back, x, rtol=1e-4, atol=1e-4)
+  hlo = jax.jit(symmetric_eigh).lower(x).compile().as_text()
+  calls = [line for line in hlo.splitlines() if 'syevd' in line]
+  assert calls and all('f32[8,8]' in c and 'f32[3' not in c and
+                       'f32[6' not in c for c in calls), calls
+
+
 def test_factors_stay_symmetric_with_trace_m_and_n():
   tx = orthax.transforms.scale_by_fismo(damping=1e-3, matrix_specs=SPECS)
   state = tx.init(_grads(0, jnp.float32))
@@ -146,8 +182,8 @@ def test_factors_stay_symmetric_with_trace_m_and_n():
 
 
 def test_huge_damping_is_muon_with_ema_momentum_without_nesterov():
-  params = contract.mixed_params()
-  grads = contract.grads_for(params, steps=3)
+  params = trees.mixed_params()
+  grads = trees.grads_for(params, steps=3)
   fis = orthax.fismo(0.02, damping=1e14)
   muon = orthax.muon(0.02, nesterov=False)
   sf, sm = fis.init(params), muon.init(params)
@@ -160,8 +196,8 @@ def test_huge_damping_is_muon_with_ema_momentum_without_nesterov():
 
 
 def test_differs_from_muon_at_a_small_damping():
-  params = contract.mixed_params()
-  g = contract.grads_for(params, steps=1)[0]
+  params = trees.mixed_params()
+  g = trees.grads_for(params, steps=1)[0]
   fis, muon = orthax.fismo(0.02), orthax.muon(0.02, nesterov=False)
   uf, _ = fis.update(g, fis.init(params), params)
   um, _ = muon.update(g, muon.init(params), params)
@@ -184,8 +220,8 @@ def test_zero_and_huge_gradients_stay_finite():
 
 
 def test_injected_hyperparameters_equal_plain():
-  params = contract.mixed_params()
-  grads = contract.grads_for(params, steps=2)
+  params = trees.mixed_params()
+  grads = trees.grads_for(params, steps=2)
   kw = dict(learning_rate=0.01, beta=0.9, gamma=0.8, damping=0.05)
   plain = orthax.fismo(**kw)
   inj = optax.inject_hyperparams(orthax.fismo)(**kw)
@@ -197,11 +233,37 @@ def test_injected_hyperparameters_equal_plain():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_refreshing_less_often_differs_and_caches_four_roots():
+  g = _grads(1, jnp.float32)
+  every = {k: orthax.transforms.scale_by_fismo(
+      damping=0.05, matrix_specs=SPECS, precondition_every=k) for k in (1, 2)}
+  states = {k: tx.init(g) for k, tx in every.items()}
+  ups = {}
+  for t in range(2):
+    for k, tx in every.items():
+      ups[k], states[k] = tx.update(_grads(t + 1, jnp.float32), states[k])
+  group = next(iter(states[2].slots.slots.values()))
+  assert set(group) == {'p', 'q', 'm', 'q_inv', 'p_inv', 'p_isqrt',
+                        'q_isqrt'}
+  assert set(next(iter(states[1].slots.slots.values()))) == {
+      'p', 'q', 'm', 'q_inv'}
+  # Step 2 reuses step 1's roots when k = 2: a different update.
+  err = np.linalg.norm(ups[2]['wide'] - ups[1]['wide'])
+  assert err > 1e-3 * np.linalg.norm(ups[1]['wide'])
+
+
+@pytest.mark.parametrize('bad,error', [
+    (0, ValueError), (2.0, TypeError), (True, TypeError)])
+def test_precondition_every_is_a_positive_int(bad, error):
+  with pytest.raises(error, match='fismo: precondition_every'):
+    orthax.fismo(precondition_every=bad)
+
+
 def test_stage_declares_flops_and_needs_whole_matrices():
   st = MS.FismoStep(ns_steps=1, ns_method='standard')
   n = m = 32
   ns = orthax.polar.standard_flops(n, m, 1)
-  assert st.flops(n, m) == 16 * n ** 3 + 27 * n ** 3 + 8 * n ** 3 + ns
+  assert st.flops(n, m) == 16 * n ** 3 + 18 * n ** 3 + 8 * n ** 3 + ns
   with pytest.raises(ValueError, match='whole matrices'):
     MS.split_sums(st, 8, 16, -1)
 

@@ -2,7 +2,7 @@
 rounds its update to the parameters' dtype once.
 
 For every registered recipe (read at collection; see ``CASES``): 3 jitted
-steps on ``contract.mixed_params`` (2-D and stacked kernels, biases, norm
+steps on ``trees.mixed_params`` (2-D and stacked kernels, biases, norm
 scales, an embedding and an LM head) in float16 and bfloat16, with gradients
 of scale 1e-3, 1e-5 and 1, against float32 steps from the same gradients and
 parameters (the low-precision values, widened).
@@ -32,6 +32,7 @@ import optax
 import pytest
 
 import contract  # tests/contract.py
+import trees  # tests/trees.py
 import orthax
 
 # Every registered recipe in its default mode, and the modes with a precision
@@ -43,12 +44,12 @@ CASES = [contract.Case(name) for name in orthax.recipe_names()] + [
 SCALES = (1e-3, 1e-5, 1.0)
 STEPS = 3
 UNIT_ROUNDOFF = {'float16': 2.0 ** -11, 'bfloat16': 2.0 ** -8}
-_flat = contract._flat  # pylint: disable=protected-access
+_flat = trees.leaves_with_paths
 
 
 def _grads(params, scale, step):
   """N(0, 1)·scale in the parameters' dtype."""
-  g = contract.random_like(params, 100 + step, jnp.float32)
+  g = trees.random_like(params, 100 + step, jnp.float32)
   return jax.tree.map(lambda x, p: (x * scale).astype(p.dtype), g, params)
 
 
@@ -91,7 +92,7 @@ def _check_leaf(what, low, x, dtype):
 @pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
 @pytest.mark.parametrize('case', CASES, ids=[c.id for c in CASES])
 def test_update_is_the_float32_update_rounded_once(case, dtype):
-  params = contract.mixed_params(jnp.dtype(dtype))
+  params = trees.mixed_params(jnp.dtype(dtype))
   widen = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
   for scale in SCALES:
     grads = [_grads(params, scale, i) for i in range(STEPS)]
@@ -109,7 +110,7 @@ def test_update_is_the_float32_update_rounded_once(case, dtype):
 
 def test_accumulator_dtype_stays_configurable():
   """``mu_dtype`` still chooses the stored momentum (here bfloat16)."""
-  params = contract.mixed_params(jnp.bfloat16)
+  params = trees.mixed_params(jnp.bfloat16)
   state = orthax.muon(mu_dtype=jnp.bfloat16).init(params)
   mu = optax.tree.get(state, 'momentum').mu
   assert {x.dtype for x in jax.tree.leaves(mu)} == {jnp.dtype(jnp.bfloat16)}

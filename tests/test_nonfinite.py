@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import contract
+import trees
 import orthax
 
 CASES = contract.recipe_cases()
@@ -40,8 +41,8 @@ def _equal(a, b):
 def test_a_nonfinite_step_is_a_no_op(case, leaf):
   """Every recipe: zero update, state as before, the leaf named; the next
   finite step equals the one taken without the bad step in between."""
-  params = contract.mixed_params()
-  grads = contract.grads_for(params, steps=2)
+  params = trees.mixed_params()
+  grads = trees.grads_for(params, steps=2)
   tx = case.make(contract.LR)
   update = jax.jit(tx.update)
   s0 = tx.init(params)

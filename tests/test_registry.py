@@ -25,10 +25,10 @@ OLD_LEARNING_RATES = {
     'auon': (0.02, 3e-3),
     'hybrid_auon': (0.02, 3e-3),
     'spectra': (3e-3, None),
-    'fismo': (3e-3, 3e-3),
+    'fismo': (0.02, 3e-3),
     'aro': (0.01, 3e-3),
     'dct_adamw': (3e-3, None),
-    'trion': (0.02, 3e-4),
+    'trion': (0.02, 3e-3),
 }
 
 REFERENCES = {

@@ -298,8 +298,8 @@ def test_spectra_routing_clips_every_leaf():
   """apply_to='all' (the recipe default): hidden kernels, the stacked kernel,
   the embedding and the LM head are clipped as matrices, vectors by the vector
   rule; '2d' leaves vectors with the plain AdamW step."""
-  import contract  # pylint: disable=g-import-not-at-top
-  params = contract.mixed_params()
+  import trees  # pylint: disable=g-import-not-at-top
+  params = trees.mixed_params()
   specs = orthax.routing.Router(
       extra_rules=orthax.recipes.robust.SPECTRA_RULES).specs(params)
   by_path = {orthax._tree.path_str(p): s for p, s in
@@ -309,7 +309,7 @@ def test_spectra_routing_clips_every_leaf():
   assert by_path['lm_head/kernel'] == orthax.MatrixSpec()
   assert by_path['layers/attn/kernel'] == orthax.MatrixSpec()
   assert by_path['layers/attn/bias'] is None  # a stacked vector: one vector
-  grads = contract.random_like(params, 5)
+  grads = trees.random_like(params, 5)
   base = optax.adamw(0.1, b1=0.8, b2=0.999, weight_decay=0.1)
   ub, _ = base.update(grads, base.init(params), params)
   for apply_to in ('all', '2d'):

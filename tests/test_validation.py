@@ -57,7 +57,7 @@ CATEGORY = {
     'rank': 'pos', 'ell_norm': 'pos', 'update_every': 'count',
     'max_shape': 'count',
     # FISMO: the damping μ and the eigenvalue floor guard inverse roots.
-    'damping': 'pos', 'eig_floor': 'pos',
+    'damping': 'pos', 'eig_floor': 'pos', 'precondition_every': 'count',
 }
 # An eps that divides nothing may be 0: ROOT's clip bound, AuON's r ≥ 1.
 OVERRIDE = {('clip_outliers', 'eps'): 'nonneg',

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -47,10 +48,29 @@ from orthax.polar.newton_schulz import huge_scale
 EIGH_FLOPS_PER_CUBE = 9
 
 
+def symmetric_eigh(x: Any) -> tuple[Any, Any]:
+  """``jnp.linalg.eigh`` of symmetric ``x[..., k, k]``; on CPU one matrix
+  at a time.
+
+  jaxlib's CPU kernel splits a batch over the intra-op thread pool and
+  blocks until its pieces finish; two such kernels running at once can
+  take every thread of a small pool (2 on a 2-core machine) and wait on
+  each other forever. One matrix per call never splits, so on CPU the batch
+  is walked with ``lax.map``; GPUs and TPUs keep the batched kernel.
+  """
+  if x.ndim == 2:
+    return jnp.linalg.eigh(x)
+  flat = x.reshape((-1,) + x.shape[-2:])
+  w, v = jax.lax.platform_dependent(
+      flat, cpu=lambda f: jax.lax.map(jnp.linalg.eigh, f),
+      default=jnp.linalg.eigh)
+  return w.reshape(x.shape[:-1]), v.reshape(x.shape)
+
+
 def eig_powers(x: Any, powers: tuple[float, ...], floor: Any) -> list[Any]:
   """``V·diag(max(λ, floor)^p)·Vᵀ`` of symmetric ``x[..., k, k]`` for each
   ``p`` of ``powers``, from one ``eigh``."""
-  w, v = jnp.linalg.eigh(x)
+  w, v = symmetric_eigh(x)
   w = jnp.maximum(w, jnp.asarray(floor, w.dtype))
   return [jnp.einsum('...ij,...j,...lj->...il', v, w ** p, v)
           for p in powers]
@@ -77,8 +97,17 @@ class FismoStep(MatrixStage):
   gradient; runs instead of Newton–Schulz (it orthogonalizes itself).
 
   State per matrix (slots, float32 or wider): ``{'p': fan_out×fan_out,
-  'q': fan_in×fan_in, 'm': fan_in×fan_out}``, starting at ``P = I``, ``Q =
-  I``, ``M = 0``.
+  'q': fan_in×fan_in, 'm': fan_in×fan_out, 'q_inv': fan_in×fan_in}``,
+  starting at ``P = I``, ``Q = I``, ``M = 0``, ``Q⁻¹ = I``. ``q_inv`` is
+  the last step's ``Q⁻¹``, from the same ``eigh`` as its ``Q^{-1/2}``: two
+  ``eigh`` per step instead of three, the same numbers.
+
+  ``precondition_every = k > 1`` (Shampoo's amortisation, not in the
+  paper): ``P`` and ``Q`` are still updated every step, but their inverse
+  roots only on steps ``1, 1+k, 1+2k, …`` (``count``, the 1-based step, says
+  which); between refreshes the cached ``P⁻¹``, ``P^{-1/2}``, ``Q⁻¹``,
+  ``Q^{-1/2}`` are used, kept as ``'p_inv'``, ``'p_isqrt'``, ``'q_isqrt'``
+  besides ``'q_inv'``.
 
   Scale: ``L`` and ``R`` grow with ``‖G‖²`` and overflow float32 for a
   gradient near ``1e19``. They are formed from ``G·2⁻ᵉ``, the exact power of
@@ -98,9 +127,11 @@ class FismoStep(MatrixStage):
   ns_steps: Any = None
   ns_eps: Any = None
   scale_rms: Any = 0.2
+  count: Any = None
   preset: Any = static('jordan')
   ns_method: str = static('auto')
   scale: str = static('keller')
+  precondition_every: int = static(1)
 
   def __post_init__(self):
     if self.scale not in SCALE_MODES:
@@ -109,14 +140,23 @@ class FismoStep(MatrixStage):
     _dispatch.choose_method(1, 1, 1, 'float32', self.ns_method)
     _presets.get_preset(self.preset)  # fail early on unknown names
 
+  def _square_names(self) -> dict[str, str]:
+    """The square state entries, each with its side (``'out'``/``'in'``)."""
+    names = {'p': 'out', 'q': 'in', 'q_inv': 'in'}
+    if self.precondition_every > 1:
+      names.update(p_inv='out', p_isqrt='out', q_isqrt='in')
+    return names
+
   def shapes(self, fan_in, fan_out):
-    return StageShapes(state={'p': (fan_out, fan_out), 'q': (fan_in, fan_in),
-                              'm': (fan_in, fan_out)}, slots=True)
+    side = {'out': (fan_out, fan_out), 'in': (fan_in, fan_in)}
+    state = {k: side[v] for k, v in self._square_names().items()}
+    return StageShapes(state=dict(state, m=(fan_in, fan_out)), slots=True)
 
   def initial_state(self, fan_in, fan_out, dtype):
-    return {'p': jnp.eye(fan_out, dtype=dtype),
-            'q': jnp.eye(fan_in, dtype=dtype),
-            'm': jnp.zeros((fan_in, fan_out), dtype)}
+    side = {'out': fan_out, 'in': fan_in}
+    state = {k: jnp.eye(side[v], dtype=dtype)
+             for k, v in self._square_names().items()}
+    return dict(state, m=jnp.zeros((fan_in, fan_out), dtype))
 
   def _steps(self) -> int:
     if isinstance(self.ns_steps, (int, np.integer)):
@@ -125,18 +165,32 @@ class FismoStep(MatrixStage):
 
   def flops(self, fan_in, fan_out):
     """``8(m²n + mn²)`` for ``GQ⁻¹Gᵀ``, ``GᵀP⁻¹G``, whitening and
-    unwhitening; three ``eigh`` (old ``Q``, new ``P``, new ``Q``: ``9k³``
-    each, an estimate: XLA's cost analysis does not count them) and four
-    ``k×k`` products forming their powers (``2k³`` each); Newton–Schulz as
-    :func:`orthax.polar.orthogonalize_stack` would run it in float32."""
+    unwhitening; two ``eigh`` (new ``P``, new ``Q``: ``9k³`` each, an
+    estimate: XLA's cost analysis does not count them) and four ``k×k``
+    products forming their powers (``2k³`` each), on a refresh step (with
+    ``precondition_every = k`` the average is ``1/k`` of that part);
+    Newton–Schulz as :func:`orthax.polar.orthogonalize_stack` would run it
+    in float32."""
     n, m = fan_in, fan_out
     e = EIGH_FLOPS_PER_CUBE
     steps = self._steps()
     meth = _dispatch.choose_method(n, m, steps, jnp.float32, self.ns_method)
     ns = (_gram.gram_flops(n, m, steps) if meth == 'gram'
           else _gram.standard_flops(n, m, steps))
-    return (8 * (m * m * n + m * n * n) + e * (m ** 3 + 2 * n ** 3)
+    return (8 * (m * m * n + m * n * n) + e * (m ** 3 + n ** 3)
             + 4 * m ** 3 + 4 * n ** 3 + ns)
+
+  def _inverse_roots(self, x, state, names):
+    """``(x⁻¹, x^{-1/2})``: fresh from one ``eigh``, or, between refreshes
+    of ``precondition_every``, the cached ``state[names]``."""
+    def fresh(x):
+      return tuple(eig_powers(x, (-1.0, -0.5), self.eig_floor))
+    if self.precondition_every == 1:
+      return fresh(x)
+    t = jnp.asarray(self.count)
+    due = (t - 1) % self.precondition_every == 0
+    return jax.lax.cond(due, fresh,
+                        lambda _: tuple(state[k] for k in names), x)
 
   def apply(self, o, state, blocks):
     if blocks.split is not None:
@@ -146,13 +200,12 @@ class FismoStep(MatrixStage):
     n, m = blocks.fan_in, blocks.fan_out
     k = o.astype(dt)
     ks = k * huge_scale(k).astype(dt)  # = k below 2³²
-    (q_inv,) = eig_powers(state['q'], (-1.0,), self.eig_floor)
-    left = jnp.einsum('bia,bij,bjc->bac', ks, q_inv, ks) / n
+    left = jnp.einsum('bia,bij,bjc->bac', ks, state['q_inv'], ks) / n
     p = damped_ema(state['p'], left, self.gamma, self.damping)
-    p_inv, p_isqrt = eig_powers(p, (-1.0, -0.5), self.eig_floor)
+    p_inv, p_isqrt = self._inverse_roots(p, state, ('p_inv', 'p_isqrt'))
     right = jnp.einsum('bia,bac,bjc->bij', ks, p_inv, ks) / m
     q = damped_ema(state['q'], right, self.gamma, self.damping)
-    (q_isqrt,) = eig_powers(q, (-0.5,), self.eig_floor)
+    q_inv, q_isqrt = self._inverse_roots(q, state, ('q_inv', 'q_isqrt'))
     white = jnp.einsum('bij,bja,bac->bic', q_isqrt, k, p_isqrt)
     mom = self.beta * state['m'] + (1 - self.beta) * white
     pol = _dispatch.orthogonalize_stack(
@@ -160,4 +213,6 @@ class FismoStep(MatrixStage):
         method=self.ns_method)
     out = jnp.einsum('bij,bja,bac->bic', q_isqrt, pol, p_isqrt)
     out = out * shape_factor(n, m, self.scale, self.scale_rms)
-    return out.astype(o.dtype), {'p': p, 'q': q, 'm': mom}
+    new = {'p': p, 'q': q, 'm': mom, 'q_inv': q_inv, 'p_inv': p_inv,
+           'p_isqrt': p_isqrt, 'q_isqrt': q_isqrt}
+    return out.astype(o.dtype), {k: new[k] for k in state}

@@ -13,14 +13,15 @@ from orthax.recipes import registry
 from orthax.transforms import fisher
 
 
-@registry.register('fismo', learning_rate=3e-3, adam_learning_rate=3e-3)
+@registry.register('fismo', learning_rate=0.02, adam_learning_rate=3e-3)
 def fismo(
-    learning_rate: optax.ScalarOrSchedule = 3e-3,
+    learning_rate: optax.ScalarOrSchedule = 0.02,
     *,
     beta: float = 0.95,
     gamma: float = 0.95,
     damping: float = 1e-3,
     eig_floor: float = 1e-6,
+    precondition_every: int | None = None,
     preset: str = 'jordan',
     ns_steps: int | None = None,
     ns_eps: float | None = None,
@@ -62,15 +63,19 @@ def fismo(
   **Guessed** (stated nowhere we could read), every one an argument:
 
   * initial values ``P₀ = I``, ``Q₀ = I``, ``M₀ = 0``;
-  * ``η = 3e-3`` (``learning_rate``), ``β = 0.95``, ``γ = 0.95``,
+  * ``η = 0.02`` (``learning_rate``; Muon's, which FISMO becomes at a huge
+    damping; 3e-3 left the trainer's 24-step test model at a loss 0.5
+    above Muon's), ``β = 0.95``, ``γ = 0.95``,
     ``μ = 1e-3`` (``damping``);
   * Newton–Schulz for the polar factor: the ``'jordan'`` preset (5 steps,
     Keller Jordan's quintic, Frobenius normalizer), method ``'auto'``, in
     float32;
   * inverses and inverse square roots by ``jnp.linalg.eigh`` in float32
     (or wider), eigenvalues clamped at ``eig_floor = 1e-6`` (the factors'
-    mean eigenvalue is 1); three ``eigh`` per step (old ``Q``, new ``P``,
-    new ``Q``), nothing cached;
+    mean eigenvalue is 1); two ``eigh`` per step (new ``P``, new ``Q``;
+    the old ``Q⁻¹`` is kept from the step before), refreshed every step
+    (``precondition_every=1``; ``k > 1`` reuses them for ``k`` steps, as
+    Shampoo does, at the cost of four more square matrices each);
   * ``P`` and ``Q`` updated every step;
   * decoupled weight decay ``λ = 0`` with the unscaled learning rate, as in
     Muon;
@@ -100,6 +105,8 @@ def fismo(
     gamma: EMA rate γ of the factors.
     damping: μ (> 0).
     eig_floor: eigenvalue floor of the inverse (square) roots.
+    precondition_every: steps between refreshes of the inverse roots
+      (see :func:`orthax.transforms.scale_by_fismo`; default 1, every step).
     preset: Newton–Schulz preset of the polar factor.
     ns_steps: Newton–Schulz steps (default: the preset's).
     ns_eps: the normalizer's epsilon (default: the preset's).
@@ -128,10 +135,12 @@ def fismo(
   Momentum-Orthogonalized Optimizer*, arXiv 2601.21750 (ICML 2026).
   """
   _validate.arguments('fismo', fismo, locals(), **fisher.OVERRIDES)
+  fisher.check_precondition_every('fismo', precondition_every)
   router, specs = _common.route(router)
   matrix = optax.named_chain(
       ('fismo', fisher.scale_by_fismo(
-          beta, gamma, damping, eig_floor=eig_floor, preset=preset,
+          beta, gamma, damping, eig_floor=eig_floor,
+          precondition_every=precondition_every, preset=preset,
           ns_steps=ns_steps, ns_eps=ns_eps, ns_method=ns_method, scale=scale,
           scale_rms=scale_rms, matrix_specs=specs, distributed=distributed)),
       *_common.step_stages(learning_rate, weight_decay),

@@ -21,7 +21,7 @@ _TRION_REFERENCES = ('ista',)
 
 
 @registry.register('trion', references=_TRION_REFERENCES,
-                   learning_rate=0.02, adam_learning_rate=3e-4)
+                   learning_rate=0.02, adam_learning_rate=3e-3)
 def trion(
     learning_rate: optax.ScalarOrSchedule = 0.02,
     *,
@@ -81,9 +81,10 @@ def trion(
     ns_dtype: dtype of the Newton–Schulz iteration.
     weight_decay: λ, decoupled (``W(1-ηλ)``).
     adam_learning_rate: Adam's learning rate (default: ``learning_rate``,
-      as every recipe, so that a schedule drives both branches; the
-      reference's ``3e-4`` is the trainer's default, registered with the
-      recipe).
+      as every recipe, so that a schedule drives both branches). The
+      trainer's default, registered with the recipe, is ``3e-3`` as for
+      every recipe: the reference's ``3e-4`` left the trainer's 24-step
+      test model 0.6 nats behind.
     adam_b1, adam_b2, adam_eps: Adam's betas and epsilon.
     adam_weight_decay: Adam's weight decay (default: ``weight_decay``).
     router: a :class:`orthax.Router` or a ``params -> labels`` callable.

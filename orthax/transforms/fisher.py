@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import optax
 
 from orthax import _tree
@@ -18,6 +20,7 @@ def scale_by_fismo(
     damping: float = 1e-3,
     *,
     eig_floor: float = 1e-6,
+    precondition_every: int | None = None,
     preset: str | polar.Preset = 'jordan',
     ns_steps: int | None = None,
     ns_eps: float | None = None,
@@ -55,6 +58,12 @@ def scale_by_fismo(
       ``‖G‖²/(mn)`` (the method is not invariant to the gradient's scale).
     eig_floor: floor of the factors' eigenvalues (their mean is 1) before
       the inverse and inverse square roots.
+    precondition_every: ``k``: the inverse roots of ``P`` and ``Q`` are
+      recomputed on steps ``1, 1+k, 1+2k, …`` and cached in between (``P``
+      and ``Q`` themselves are updated every step). ``1`` (the default,
+      ``None``) is the method as written; ``k > 1`` divides the ``eigh`` cost by ``k``
+      and keeps four more square matrices per matrix (a static ``int``:
+      pass it in ``static_args`` of ``optax.inject_hyperparams``).
     preset: Newton–Schulz preset of the polar factor.
     ns_steps: Newton–Schulz steps (default: the preset's).
     ns_eps: the normalizer's epsilon (default: the preset's).
@@ -81,12 +90,31 @@ def scale_by_fismo(
   """
   _validate.arguments('scale_by_fismo', scale_by_fismo, locals(),
                       **OVERRIDES)
-  stage = matrix_stages.FismoStep(
-      beta, gamma, damping, eig_floor, ns_steps, ns_eps, scale_rms,
-      preset=preset, ns_method=ns_method, scale=scale)
+  every = check_precondition_every('scale_by_fismo', precondition_every)
 
-  return matrix_stage.slot_step(lambda count: stage, matrix_specs,
-                                distributed, 'scale_by_fismo')
+  def make(count):
+    return matrix_stages.FismoStep(
+        beta, gamma, damping, eig_floor, ns_steps, ns_eps, scale_rms,
+        count=count, preset=preset, ns_method=ns_method, scale=scale,
+        precondition_every=every)
+
+  make(None)  # bad modes fail here, not at the first update
+
+  return matrix_stage.slot_step(make, matrix_specs, distributed,
+                                'scale_by_fismo')
+
+
+def check_precondition_every(owner: str, value) -> int:
+  """``value`` (``None``: 1), checked to be a Python ``int >= 1``: it fixes
+  the state's layout and the program."""
+  if value is None:
+    return 1
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f'{owner}: precondition_every must be an int >= 1, got '
+                    f'{value!r} (a static value: pass it in static_args of '
+                    'optax.inject_hyperparams).')
+  _validate.count(owner, 'precondition_every', value)
+  return int(value)
 
 
 OVERRIDES = dict(
