@@ -142,6 +142,31 @@ def learning_rate(owner: str, name: str, value: Any, *,
 
 count0 = functools.partial(count, minimum=0)
 
+
+def flag(owner: str, name: str, value: Any, *,
+         optional: bool = False) -> None:
+  """A Python (or NumPy) ``bool``: a switch between programs, so neither a
+  traced value nor a truthy stand-in such as the string ``'False'``."""
+  if optional and value is None:
+    return
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f'{owner}: {name} must be True or False, got '
+                    f'{_show(value)}.')
+
+def float_dtype(owner: str, name: str, value: Any, *,
+                optional: bool = False) -> None:
+  """A floating-point dtype (``jnp.bfloat16``, ``'float32'``, ...)."""
+  if optional and value is None:
+    return
+  try:
+    ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+  except TypeError:
+    ok = False
+  if not ok:
+    raise TypeError(f'{owner}: {name} must be a floating-point dtype, got '
+                    f'{_show(value)}.')
+
+
 # The rule of each hyperparameter, by argument name, for every recipe and
 # transform (a name whose meaning differs somewhere is overridden there).
 RULES: dict[str, Rule] = {
@@ -164,6 +189,8 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(('clamp_c', 'gamma', 'alpha', 'scale_rms', 'rms',
                      'scale_coeff', 'clip_final_scale', 'final_scale'),
                     nonnegative),
+    **dict.fromkeys(('stable', 'remap'), flag),
+    'ns_dtype': float_dtype,
 }
 
 

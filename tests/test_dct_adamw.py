@@ -157,6 +157,13 @@ def test_dct_matrix_is_orthonormal_dct2():
     np.testing.assert_allclose(d @ d.T, np.eye(k), atol=2e-5)
     if k <= 32:
       np.testing.assert_allclose(d, dct_ref(k), atol=2e-6)
+  # The largest size whose phase fits int32 is accepted (traced only: 4 GiB)
+  # and one beyond it refused, not silently wrapped.
+  k = 32767
+  rows = jax.eval_shape(lambda: dct.dct_matrix(k))
+  assert rows.shape == (k, k)
+  with pytest.raises(ValueError, match='dct_matrix: size 32768'):
+    dct.dct_matrix(32768)
 
 
 def test_selection_is_in_descending_score_order():

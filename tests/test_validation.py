@@ -224,3 +224,28 @@ def test_inject_hyperparams_still_works(name):
   state.hyperparams['learning_rate'] = jnp.asarray(-1.0)
   with pytest.raises(ValueError, match=f'^{name}: learning_rate'):
     tx.update(params, state, params)
+
+
+@pytest.mark.parametrize('make,arg', [
+    (orthax.aro, 'stable'), (T.aro_rotate, 'stable'),
+    (T.scale_by_aro, 'stable'), (T.scale_by_dct_adam, 'remap')])
+def test_switches_must_be_bools(make, arg):
+  """A switch picks a program: the string 'False' (truthy) or a number is
+  refused, naming the argument."""
+  for bad in ('False', 0, None):
+    with pytest.raises(TypeError, match=f'{arg} must be True or False'):
+      make(**{arg: bad})
+  make(**{arg: False})
+  make(**{arg: np.bool_(True)})
+
+
+@pytest.mark.parametrize('owner,fn', [
+    (owner, fn) for owner, fn, _ in OWNERS
+    if 'ns_dtype' in inspect.signature(fn).parameters])
+def test_ns_dtype_must_be_a_float_dtype(owner, fn):
+  for bad in (jnp.int32, 'nope', 3):
+    with pytest.raises(TypeError, match=f'{owner}: ns_dtype must be a '
+                       'floating-point dtype'):
+      fn(**{'ns_dtype': bad})
+  fn(ns_dtype=jnp.bfloat16)
+  fn(ns_dtype='float32')

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from orthax.polar import dct
 from orthax.polar.gram import standard_flops
 from orthax.polar.newton_schulz import newton_schulz
+from orthax.polar.newton_schulz import root_ema
 from orthax.matrix_stages._base import MatrixStage
 from orthax.matrix_stages._base import StageShapes
 from orthax.matrix_stages._base import stage
@@ -105,8 +106,7 @@ class DCTAdam(MatrixStage):
       m = dct.remap_slots(m, state['idx'], idx)
       v = dct.remap_slots(v, state['idx'], idx)
     m = self.b1 * m + (1 - self.b1) * a
-    # √v ← √(β₂v + (1-β₂)a²), by hypot: no a² is formed.
-    v = jnp.hypot(jnp.sqrt(self.b2) * v, jnp.sqrt(1 - self.b2) * jnp.abs(a))
+    v = root_ema(v, a, self.b2)  # √v ← √(β₂v + (1-β₂)a²)
     tt = t.astype(dt)
     c2 = jnp.sqrt(1 - self.b2 ** tt)
     u = m / (v + self.eps * c2) * (c2 / (1 - self.b1 ** tt))

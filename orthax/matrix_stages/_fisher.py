@@ -107,7 +107,8 @@ class FismoStep(MatrixStage):
   roots only on steps ``1, 1+k, 1+2k, …`` (``count``, the 1-based step, says
   which); between refreshes the cached ``P⁻¹``, ``P^{-1/2}``, ``Q⁻¹``,
   ``Q^{-1/2}`` are used, kept as ``'p_inv'``, ``'p_isqrt'``, ``'q_isqrt'``
-  besides ``'q_inv'``.
+  besides ``'q_inv'``. So ``L`` of a refresh step, too, is formed with the
+  ``Q⁻¹`` of the last refresh (``k`` steps old), not the last step's.
 
   Scale: ``L`` and ``R`` grow with ``‖G‖²`` and overflow float32 for a
   gradient near ``1e19``. They are formed from ``G·2⁻ᵉ``, the exact power of
@@ -167,18 +168,17 @@ class FismoStep(MatrixStage):
     """``8(m²n + mn²)`` for ``GQ⁻¹Gᵀ``, ``GᵀP⁻¹G``, whitening and
     unwhitening; two ``eigh`` (new ``P``, new ``Q``: ``9k³`` each, an
     estimate: XLA's cost analysis does not count them) and four ``k×k``
-    products forming their powers (``2k³`` each), on a refresh step (with
-    ``precondition_every = k`` the average is ``1/k`` of that part);
-    Newton–Schulz as :func:`orthax.polar.orthogonalize_stack` would run it
-    in float32."""
+    products forming their powers (``2k³`` each), that part averaged over
+    the ``precondition_every`` steps it serves; Newton–Schulz as
+    :func:`orthax.polar.orthogonalize_stack` would run it in float32."""
     n, m = fan_in, fan_out
     e = EIGH_FLOPS_PER_CUBE
     steps = self._steps()
     meth = _dispatch.choose_method(n, m, steps, jnp.float32, self.ns_method)
     ns = (_gram.gram_flops(n, m, steps) if meth == 'gram'
           else _gram.standard_flops(n, m, steps))
-    return (8 * (m * m * n + m * n * n) + e * (m ** 3 + n ** 3)
-            + 4 * m ** 3 + 4 * n ** 3 + ns)
+    roots = (e + 4) * (m ** 3 + n ** 3) // self.precondition_every
+    return 8 * (m * m * n + m * n * n) + roots + ns
 
   def _inverse_roots(self, x, state, names):
     """``(x⁻¹, x^{-1/2})``: fresh from one ``eigh``, or, between refreshes

@@ -13,6 +13,7 @@ from orthax.matrix_stages._base import ScalingStage
 from orthax.matrix_stages._base import StageShapes
 from orthax.matrix_stages._base import stage
 from orthax.matrix_stages._base import static
+from orthax.polar.newton_schulz import root_ema
 
 NOISE_MODES = ('scalar', 'diagonal')
 
@@ -80,8 +81,7 @@ class NoiseAdaptStep(ScalingStage):
     g, u = norms                           # [k, 1, 1] or [k, fan_in, 1]
     r = state.reshape(g.shape)             # √v
     dt = r.dtype
-    # jnp.hypot factors out the larger term: it cannot overflow.
-    r = jnp.hypot(jnp.sqrt(self.mu2) * r, jnp.sqrt(1 - self.mu2) * g)
+    r = root_ema(r, g, self.mu2)
     t = jnp.asarray(self.count).astype(dt)
     base = (self.learning_rate * jnp.sqrt(1 - self.mu2 ** t)
             / (1 - self.b1 ** t + 1e-12))

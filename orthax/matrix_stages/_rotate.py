@@ -90,17 +90,28 @@ def product_q(a: jax.Array, fm: jax.Array) -> jax.Array:
   ``C``'s first ``r`` Householder reflectors are those of ``A W``, whose
   condition is ``A``'s alone (the explicit product's is ``κ(A)κ(F)``). The
   other reflectors, for ``s > t``, act on a block that is zero in exact
-  arithmetic and are the identity. Where the Cholesky fails (a singular
-  ``B``), ``W`` is the Householder ``Q`` of ``Bᵀ``."""
+  arithmetic and are the identity.
+
+  That holds while ``B`` has full rank. A (nearly) singular ``B`` — a zero
+  row of ``F``, as a dead unit's zero gradient row gives — changes the
+  column flag of ``C`` that the Householder ``Q`` follows (a zero column of
+  ``C`` keeps its unit vector in ``Q``), and ``W`` loses orthogonality as
+  ``κ(B)²ε``. Such a matrix (the Cholesky fails, or its diagonal spans more
+  than ``1/√(100ε)``) takes the Householder ``Q`` of the explicit ``A Fᵀ``,
+  the reference's arithmetic."""
   r = min(a.shape[-2], a.shape[-1])
   b = fm[..., :r, :]
   low = jnp.linalg.cholesky(b @ _t(b))
   w = jax.lax.linalg.triangular_solve(low, _t(b), left_side=False,
                                       lower=True, transpose_a=True)
-  ok = jnp.all(jnp.isfinite(w), axis=(-2, -1), keepdims=True)
-  w = jax.lax.cond(jnp.all(ok), lambda: w,
-                   lambda: jnp.where(ok, w, householder_q(_t(b))))
-  return jnp.linalg.qr(a @ w, mode='complete')[0]
+  diag = jnp.diagonal(low, axis1=-2, axis2=-1)
+  tiny = math.sqrt(100 * jnp.finfo(a.dtype).eps)
+  ok = (jnp.all(jnp.isfinite(w), axis=(-2, -1))
+        & (jnp.min(diag, axis=-1) > tiny * jnp.max(diag, axis=-1)))
+  ok = ok[..., None, None]
+  q = jnp.linalg.qr(a @ jnp.where(ok, w, 0), mode='complete')[0]
+  return jax.lax.cond(jnp.all(ok), lambda: q,
+                      lambda: jnp.where(ok, q, householder_q(a @ _t(fm))))
 
 
 def shifted_cholesky_q(c: jax.Array, shift: float = 1e-7) -> jax.Array:
@@ -172,8 +183,12 @@ class AroRotate(MatrixStage):
   ``Q`` and rows of ``QᵀA`` are roundoff that the clamp in ``f`` blows up to
   full size (ALGORITHMS.md §13.1.4a), the exact-arithmetic values: the
   trailing Householder reflectors the identity and those rows zero (for
-  either QR kind). ``stable=False`` keeps the reference's floating-point
-  arithmetic, roundoff and all.
+  either QR kind). Where ``F``'s leading ``r×t`` block is (nearly)
+  singular — a dead unit's zero row — ``W`` is not defined and the stable
+  mode takes the explicit product's ``Q`` for that matrix (so a zero row of
+  ``A`` still gets a zero row of the update, as in the reference).
+  ``stable=False`` keeps the reference's floating-point arithmetic,
+  roundoff and all.
   """
 
   name = 'aro_rotate'

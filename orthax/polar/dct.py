@@ -24,7 +24,7 @@ PyTorch's matrix, so its tall view is ``kernelᵀ`` when ``fan_out ≥ fan_in``
 (PyTorch's right case, ties included) and the kernel itself otherwise:
 :func:`tall` and :func:`untall` make and undo that view.
 
-Reference: Modoranu et al., *DCT-based low-rank optimizers* (arXiv
+Reference: Modoranu et al., *FFT-based Dynamic Subspace Selection for Low-Rank Adaptive Optimization of LLMs* (arXiv
 2505.17967); IST-DASLab/ISTA-DASLab-Optimizers ``fft_low_rank``.
 """
 
@@ -37,15 +37,25 @@ import jax
 import jax.numpy as jnp
 
 
+_MAX_DCT_SIZE = 32767  # 2k² < 2³¹
+
+
 def dct_matrix(k: int, dtype: Any = jnp.float32) -> jax.Array:
   """The orthonormal DCT-II matrix ``D`` (``k×k``, its rows the cosine basis
-  vectors) in ``dtype``. The phase ``i(2j+1)`` is reduced modulo ``4k`` in
-  integers first, so the cosine's argument stays below ``2π`` and float32
-  keeps full accuracy at any ``k``."""
+  vectors) in ``dtype``. The phase ``i(2j+1) < 2k²`` is reduced modulo
+  ``4k`` in int32 first, so the cosine's argument stays below ``2π`` and
+  float32 keeps full accuracy; ``k`` is at most ``32767`` (``2k²`` must fit
+  in int32; ``D`` alone would then be 4 GiB in float32).
+
+  Raises:
+    ValueError: for ``k > 32767``.
+  """
+  if k > _MAX_DCT_SIZE:
+    raise ValueError(f'dct_matrix: size {k} is above {_MAX_DCT_SIZE} (a '
+                     f'{k}×{k} DCT basis); use a smaller side or max_shape.')
   i = jnp.arange(k, dtype=jnp.int32)[:, None]
   j = jnp.arange(k, dtype=jnp.int32)[None, :]
-  # (i·(2j+1)) mod 4k without int32 overflow: reduce each factor first.
-  phase = ((i % (4 * k)) * ((2 * j + 1) % (4 * k))) % (4 * k)
+  phase = (i * (2 * j + 1)) % (4 * k)
   wide = jnp.promote_types(dtype, jnp.float32)
   ang = phase.astype(wide) * (math.pi / (2 * k))
   d = jnp.cos(ang) * math.sqrt(2.0 / k)

@@ -190,6 +190,13 @@ def signed_root(v: jax.Array) -> jax.Array:
   return jnp.where(v < 0, r * pow2(_SPLIT, v.dtype), r)
 
 
+def root_ema(root: jax.Array, x: jax.Array, decay: Any) -> jax.Array:
+  """``√(decay·root² + (1-decay)·x²)``, the EMA of ``x²`` kept as its root,
+  by ``jnp.hypot`` (which factors out the larger term): no square is
+  formed, so it cannot overflow where ``x²`` would."""
+  return jnp.hypot(jnp.sqrt(decay) * root, jnp.sqrt(1 - decay) * x)
+
+
 def block_norm(x: jax.Array, col_reduce: ColReduce) -> jax.Array:
   """``‖X‖_F`` (shape ``[..., 1, 1]``, float32 or wider) of whole matrices
   from their column blocks ``x`` (one ``col_reduce`` of the two sums of

@@ -140,8 +140,9 @@ def dct_adamw(
     >>> u['dense']['kernel'].shape
     (16, 8)
 
-  Reference: Modoranu, Safaryan, Robert, Alistarh et al., *DCT-based
-  low-rank optimizers* (arXiv 2505.17967);
+  Reference: Modoranu, Safaryan, Schultheis, Ryabinin, Chumachenko,
+  Alistarh, *FFT-based Dynamic Subspace Selection for Low-Rank Adaptive Optimization of LLMs* (v1: *SVD-Free Low-Rank Adaptive Gradient
+  Optimization for LLMs*) (arXiv 2505.17967);
   github.com/IST-DASLab/ISTA-DASLab-Optimizers.
   """
   _validate.arguments('dct_adamw', dct_adamw, locals())

@@ -75,7 +75,7 @@ def fismo(
     mean eigenvalue is 1); two ``eigh`` per step (new ``P``, new ``Q``;
     the old ``Q⁻¹`` is kept from the step before), refreshed every step
     (``precondition_every=1``; ``k > 1`` reuses them for ``k`` steps, as
-    Shampoo does, at the cost of four more square matrices each);
+    Shampoo does, at the cost of three more square matrices each);
   * ``P`` and ``Q`` updated every step;
   * decoupled weight decay ``λ = 0`` with the unscaled learning rate, as in
     Muon;
@@ -93,11 +93,12 @@ def fismo(
   (:class:`orthax.matrix_stages.FismoStep`).
 
   Cost per ``m×n`` matrix and step: ``8(m²n + mn²)`` for the Kronecker
-  statistics and the (un)whitening, three ``eigh`` and Newton–Schulz (about
-  2× Muon's FLOPs for a square matrix, but ``eigh`` is slow per FLOP: on
-  a 2-core CPU one step of a d=384 transformer layer took 61× Muon's time,
-  two thirds of it in ``eigh``). State: ``M`` (``mn``), ``P`` (``m²``),
-  ``Q`` (``n²``) in float32, kept per matrix on the device that steps it.
+  statistics and the (un)whitening, two ``eigh`` and Newton–Schulz (about
+  2× Muon's FLOPs for a square matrix, but ``eigh`` is slow per FLOP: see
+  the README's timings against Muon). State: ``M`` (``mn``), ``P``
+  (``m²``), ``Q`` and the last ``Q⁻¹`` (``n²`` each) in float32 (three more
+  square matrices with ``precondition_every > 1``), kept per matrix on the
+  device that steps it.
 
   Args:
     learning_rate: η of the matrix branch (number or schedule).

@@ -105,8 +105,9 @@ def spectra(
       same ``learning_rate`` and ``weight_decay`` (default:
       ``adamw(learning_rate, b1, b2, eps, weight_decay)``, the 160M scripts'
       β = (0.8, 0.999), λ = 0.1; kept scale-safe,
-      :func:`orthax.transforms.adamw` with ``scale_safe=True``: optax's
-      result below ``|g| = 2⁶²``, and no overflow of ``g²`` above).
+      :func:`orthax.transforms.adamw` with ``scale_safe=True``: ``√v``
+      kept per entry by ``hypot``, optax's result to float32 rounding,
+      and no overflow of ``g²``).
     b1, b2, eps: the default AdamW base's moments and epsilon.
     weight_decay: λ of the base optimizer.
     ns_steps, step_rule, shared_bound: override the reference's clip settings.

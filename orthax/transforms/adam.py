@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from orthax import _validate
-from orthax.polar.newton_schulz import pow2
+from orthax.polar.newton_schulz import root_ema
 from orthax.transforms import precision
 
 EPS_PLACEMENTS = ('corrected', 'raw')
@@ -67,38 +67,11 @@ def scale_by_adam_raw_eps(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
 
 
 class ScaleSafeAdamState(NamedTuple):
-  """``optax.ScaleByAdamState`` with the second moment kept as
-  ``nu = v·4⁻ᵉ`` and ``e`` in ``nu_exp`` (one int32 per leaf, 0 until a
-  gradient exceeds ``2⁶²``; ``nu`` is then ``v`` itself)."""
+  """``optax.ScaleByAdamState`` with the second moment kept as its root:
+  ``nu_root = √v`` (per entry)."""
   count: jax.Array
   mu: Any
-  nu: Any
-  nu_exp: Any
-
-
-_NU_BITS = 62  # |g|·2⁻ᵉ ≤ 2⁶²: its square, ≤ 2¹²⁴, fits in float32
-
-
-def _excess(log2_a):
-  """``e ≥ 0`` with ``a·2⁻ᵉ ≤ 2⁶²`` from ``log2 a`` (0 for ``a`` of 0 or
-  NaN; at most 126, for ``a = ∞``), int32."""
-  over = jnp.minimum(jnp.ceil(log2_a) - _NU_BITS, 126.0)
-  return jnp.where(log2_a > _NU_BITS, over, 0.0).astype(jnp.int32)
-
-
-def _scaled_second_moment(g, nu, e_old, b2, count_old):
-  """``v ← β₂v + (1-β₂)g²`` on ``v = nu·4^e_old``, returned as ``(nu, e)``
-  with ``e`` the least exponent ≥ 0 that keeps ``|g|·2⁻ᵉ`` and the
-  bias-corrected old ``√v̂·2⁻ᵉ`` at most ``2⁶²``: the new ``v̂``, their
-  weighted mean, cannot overflow. With ``e = e_old = 0`` the arithmetic
-  is ``optax``'s, bit for bit."""
-  f32 = jnp.float32
-  lg = jnp.log2(jnp.max(jnp.abs(g), initial=0).astype(f32))
-  corr = 1 - b2 ** count_old.astype(f32)
-  lv = 0.5 * (jnp.log2(jnp.max(nu, initial=0).astype(f32)) - jnp.log2(corr)) + e_old
-  e = jnp.maximum(_excess(lg), _excess(jnp.where(count_old > 0, lv, 0.0)))
-  keep, scale = pow2(e_old - e, nu.dtype), pow2(-e, g.dtype)
-  return (1 - b2) * ((g * scale) ** 2) + b2 * (nu * keep * keep), e
+  nu_root: Any
 
 
 def scale_by_adam_scale_safe(b1: float = 0.9, b2: float = 0.999,
@@ -108,40 +81,37 @@ def scale_by_adam_scale_safe(b1: float = 0.9, b2: float = 0.999,
   ``eps_root = 0``) whose second moment cannot overflow.
 
   ``g²`` overflows float32 above ``|g| = 1.8·10¹⁹``: ``v`` becomes ``∞`` and
-  the update of that entry 0 (optax). Here ``v`` is kept as ``v·4⁻ᵉ`` with
-  a per-leaf exponent ``e`` (:class:`ScaleSafeAdamState`): each step takes
-  the least ``e ≥ 0`` that keeps ``|g|·2⁻ᵉ`` and ``√v̂·2⁻ᵉ`` at most
-  ``2⁶²``, rescales the stored ``v`` by the exact power of two and returns
-  ``m̂/(√(v̂·4⁻ᵉ)·2ᵉ + ε)``. While every gradient stays below ``2⁶²``
-  (``4.6·10¹⁸``) ``e = 0``, ``nu`` is ``v``, and the result is optax's,
-  bit for bit. Costs two extra reductions per leaf (``max|g|``,
-  ``max nu``).
+  the update of that entry 0 (optax). Here each entry keeps ``r = √v``,
+  updated by ``jnp.hypot`` (which forms no square):
+
+  .. math::
+     r \leftarrow \mathrm{hypot}(\sqrt{β_2}\,r,\ \sqrt{1-β_2}\,|g|),\qquad
+     u = \hat m / (r/\sqrt{1-β_2^t} + ε)
+
+  — optax's update to float32 rounding (a few ulp: the root is taken each
+  step instead of once), finite for every finite gradient, entry by entry
+  (a huge entry changes nothing for its neighbours).
   """
   _validate.arguments('scale_by_adam_scale_safe', scale_by_adam_scale_safe,
                       locals())
 
   def init_fn(params):
     mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params)
-    nu = jax.tree.map(jnp.zeros_like, params)
-    exp = jax.tree.map(lambda _: jnp.zeros([], jnp.int32), params)
-    return ScaleSafeAdamState(jnp.zeros([], jnp.int32), mu, nu, exp)
+    return ScaleSafeAdamState(jnp.zeros([], jnp.int32), mu,
+                              jax.tree.map(jnp.zeros_like, params))
 
   def update_fn(updates, state, params=None):
     del params
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-    flat = jax.tree.structure(updates).flatten_up_to
-    pairs = [_scaled_second_moment(g, v, e, b2, state.count) for g, v, e in
-             zip(flat(updates), flat(state.nu), flat(state.nu_exp))]
-    unflat = lambda xs: jax.tree.unflatten(jax.tree.structure(updates), xs)
-    nu, exp = unflat([v for v, _ in pairs]), unflat([e for _, e in pairs])
+    root = jax.tree.map(lambda r, g: root_ema(r, g, b2), state.nu_root,
+                        updates)
     count = optax.safe_increment(state.count)
     mu_hat = optax.tree.bias_correction(mu, b1, count)
-    nu_hat = optax.tree.bias_correction(nu, b2, count)
     new = jax.tree.map(
-        lambda m, v, e: m / (jnp.sqrt(v + 0.0) * pow2(e, v.dtype) + eps),
-        mu_hat, nu_hat, exp)
+        lambda m, r: m / (r / jnp.sqrt(1 - b2 ** count.astype(r.dtype))
+                          + eps), mu_hat, root)
     return new, ScaleSafeAdamState(count, optax.tree.cast(mu, mu_dtype),
-                                   optax.tree.cast_like(nu, state.nu), exp)
+                                   optax.tree.cast_like(root, state.nu_root))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -171,9 +141,9 @@ def adamw(
   one of 1e-5 to 0, and ``ε = 1e-8`` is 0: ``m/(√v + ε)`` is then NaN.)
 
   ``scale_safe=True`` (``'corrected'`` only, no ``nesterov``): the second
-  moment is kept so that it cannot overflow
-  (:func:`scale_by_adam_scale_safe`; the same result, bit for bit, below
-  ``|g| = 2⁶²``), where optax's ``g²`` overflows above ``1.8·10¹⁹``.
+  moment is kept as its root, per entry, so that it cannot overflow
+  (:func:`scale_by_adam_scale_safe`; optax's result to float32 rounding),
+  where optax's ``g²`` overflows above ``1.8·10¹⁹``.
   """
   _validate.arguments('adamw', adamw, locals())
   if eps_placement not in EPS_PLACEMENTS:

@@ -69,9 +69,10 @@ def aro_rotate(
       (``scale_rms·U/RMS(U)``), ``'spectral_norm'`` (``√(m/n)``) or
       ``'none'``.
     scale_rms: the RMS target of ``rms_norm`` and ``update_rms``.
-    stable: compute what the reference's arithmetic gives exactly, stably:
-      the QR of ``C = A Fᵀ`` without forming ``C`` and, where the rotated
-      side is the larger, the rows that are roundoff zero (see
+    stable: compute the exact-arithmetic value of the reference's update,
+      stably: the QR of ``C = A Fᵀ`` without forming ``C`` (the explicit
+      product where ``F``'s leading block is singular) and, where the
+      rotated side is the larger, the rows that are roundoff zero (see
       :class:`~orthax.matrix_stages.AroRotate`); ``False``: the reference's
       floating-point arithmetic.
     matrix_specs: as :func:`orthax.orthogonalize` takes them.

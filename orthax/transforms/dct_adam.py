@@ -72,7 +72,7 @@ def scale_by_dct_adam(
     >>> u['w'].shape
     (8, 4)
 
-  Reference: Modoranu et al., *DCT-based low-rank optimizers* (arXiv
+  Reference: Modoranu et al., *FFT-based Dynamic Subspace Selection for Low-Rank Adaptive Optimization of LLMs* (arXiv
   2505.17967).
   """
   _validate.arguments('scale_by_dct_adam', scale_by_dct_adam, locals())

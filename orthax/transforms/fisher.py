@@ -61,9 +61,10 @@ def scale_by_fismo(
     precondition_every: ``k``: the inverse roots of ``P`` and ``Q`` are
       recomputed on steps ``1, 1+k, 1+2k, …`` and cached in between (``P``
       and ``Q`` themselves are updated every step). ``1`` (the default,
-      ``None``) is the method as written; ``k > 1`` divides the ``eigh`` cost by ``k``
-      and keeps four more square matrices per matrix (a static ``int``:
-      pass it in ``static_args`` of ``optax.inject_hyperparams``).
+      ``None``) is the method as written; ``k > 1`` divides the ``eigh``
+      cost by ``k`` and keeps three more square matrices per matrix (a
+      static ``int``: pass it in ``static_args`` of
+      ``optax.inject_hyperparams``).
     preset: Newton–Schulz preset of the polar factor.
     ns_steps: Newton–Schulz steps (default: the preset's).
     ns_eps: the normalizer's epsilon (default: the preset's).

@@ -16,6 +16,7 @@ from orthax import engine
 from orthax import matrices
 from orthax import polar
 from orthax.polar.newton_schulz import huge_scale
+from orthax.polar.newton_schulz import root_ema
 
 DUAL_NORMS = ('nuclear', 'l1')
 DIFFERENCES = ('previous', 'momentum')
@@ -231,8 +232,7 @@ def _noise_rates(noise, norms, seen, valid, beta2, eps, alpha,
   rs, roots = [], []
   for r, n in zip(noise, norms):
     k = seen.astype(r.dtype)
-    new = jnp.where(valid, jnp.hypot(jnp.sqrt(beta2) * r,
-                                     jnp.sqrt(1 - beta2) * n), r)
+    new = jnp.where(valid, root_ema(r, n, beta2), r)
     rs.append(new)
     corr = jnp.where(valid, 1 - beta2 ** jnp.maximum(k, 1.0), 1.0)
     roots.append(jnp.hypot(jnp.where(valid, new / jnp.sqrt(corr), 0.0),
