@@ -147,25 +147,6 @@ def _factors(state):
   return out
 
 
-def test_batched_eigh_runs_one_matrix_per_kernel_on_cpu():
-  """jaxlib's batched CPU eigh can deadlock two concurrent kernels on a
-  small thread pool (it hung the trainer on 2 cores); ours walks the batch
-  with one 2-D kernel call and still equals NumPy."""
-  from orthax.matrix_stages._fisher import symmetric_eigh
-  a = np.random.default_rng(0).standard_normal((3, 2, 8, 8))
-  x = jnp.asarray(a @ a.swapaxes(-1, -2) + 8 * np.eye(8), jnp.float32)
-  w, v = jax.jit(symmetric_eigh)(x)
-  assert w.shape == (3, 2, 8) and v.shape == (3, 2, 8, 8)
-  np.testing.assert_allclose(w, np.linalg.eigvalsh(np.asarray(x, np.float64)),
-                             rtol=1e-5)
-  back = np.einsum('...ij,...j,...lj->...il', v, w, v)
-  np.testing.assert_allclose(back, x, rtol=1e-4, atol=1e-4)
-  hlo = jax.jit(symmetric_eigh).lower(x).compile().as_text()
-  calls = [line for line in hlo.splitlines() if 'syevd' in line]
-  assert calls and all('f32[8,8]' in c and 'f32[3' not in c and
-                       'f32[6' not in c for c in calls), calls
-
-
 def test_factors_stay_symmetric_with_trace_m_and_n():
   tx = orthax.transforms.scale_by_fismo(damping=1e-3, matrix_specs=SPECS)
   state = tx.init(_grads(0, jnp.float32))

@@ -40,6 +40,7 @@ from orthax.matrix_stages._scale import SCALE_MODES
 from orthax.matrix_stages._scale import shape_factor
 from orthax.polar import dispatch as _dispatch
 from orthax.polar import gram as _gram
+from orthax.polar import lapack
 from orthax.polar import presets as _presets
 from orthax.polar.newton_schulz import huge_scale
 
@@ -49,22 +50,9 @@ EIGH_FLOPS_PER_CUBE = 9
 
 
 def symmetric_eigh(x: Any) -> tuple[Any, Any]:
-  """``jnp.linalg.eigh`` of symmetric ``x[..., k, k]``; on CPU one matrix
-  at a time.
-
-  jaxlib's CPU kernel splits a batch over the intra-op thread pool and
-  blocks until its pieces finish; two such kernels running at once can
-  take every thread of a small pool (2 on a 2-core machine) and wait on
-  each other forever. One matrix per call never splits, so on CPU the batch
-  is walked with ``lax.map``; GPUs and TPUs keep the batched kernel.
-  """
-  if x.ndim == 2:
-    return jnp.linalg.eigh(x)
-  flat = x.reshape((-1,) + x.shape[-2:])
-  w, v = jax.lax.platform_dependent(
-      flat, cpu=lambda f: jax.lax.map(jnp.linalg.eigh, f),
-      default=jnp.linalg.eigh)
-  return w.reshape(x.shape[:-1]), v.reshape(x.shape)
+  """``jnp.linalg.eigh`` of symmetric ``x[..., k, k]``, one matrix per
+  kernel call on CPU (:func:`orthax.polar.lapack.per_matrix`)."""
+  return lapack.per_matrix(jnp.linalg.eigh, x)
 
 
 def eig_powers(x: Any, powers: tuple[float, ...], floor: Any) -> list[Any]:

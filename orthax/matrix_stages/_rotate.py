@@ -13,6 +13,7 @@ applied to the transposed weight.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -22,6 +23,7 @@ from orthax.matrix_stages._base import MatrixStage
 from orthax.matrix_stages._base import StageShapes
 from orthax.matrix_stages._base import stage
 from orthax.matrix_stages._base import static
+from orthax.polar import lapack
 from orthax.polar.newton_schulz import huge_scale
 
 BASES = ('sinkhorn', 'row_norm', 'sign')
@@ -79,7 +81,7 @@ def _t(x):
 
 def householder_q(c: jax.Array) -> jax.Array:
   """``Q`` of the reduced Householder QR of each ``[k, s, s]`` matrix."""
-  return jnp.linalg.qr(c)[0]
+  return lapack.per_matrix(lambda x: jnp.linalg.qr(x)[0], c)
 
 
 def product_q(a: jax.Array, fm: jax.Array) -> jax.Array:
@@ -98,7 +100,12 @@ def product_q(a: jax.Array, fm: jax.Array) -> jax.Array:
   ``C`` keeps its unit vector in ``Q``), and ``W`` loses orthogonality as
   ``κ(B)²ε``. Such a matrix (the Cholesky fails, or its diagonal spans more
   than ``1/√(100ε)``) takes the Householder ``Q`` of the explicit ``A Fᵀ``,
-  the reference's arithmetic."""
+  the reference's arithmetic. (On CPU one matrix at a time:
+  :func:`orthax.polar.lapack.per_matrix`.)"""
+  return lapack.per_matrix(_product_q, a, fm)
+
+
+def _product_q(a, fm):
   r = min(a.shape[-2], a.shape[-1])
   b = fm[..., :r, :]
   low = jnp.linalg.cholesky(b @ _t(b))
@@ -119,7 +126,13 @@ def shifted_cholesky_q(c: jax.Array, shift: float = 1e-7) -> jax.Array:
   QR); a matrix whose Cholesky fails (a non-finite ``Q``) gets its
   Householder ``Q`` instead. ``C`` is first scaled by an exact power of two
   (``Q`` does not change) so that ``CᵀC`` neither overflows nor
-  underflows."""
+  underflows. (On CPU one matrix at a time:
+  :func:`orthax.polar.lapack.per_matrix`.)"""
+  return lapack.per_matrix(functools.partial(_shifted_cholesky_q,
+                                             shift=shift), c)
+
+
+def _shifted_cholesky_q(c, shift):
   big = jnp.max(jnp.abs(c), axis=(-2, -1), keepdims=True)
   _, e = jnp.frexp(jnp.where(big > 0, big, 1))
   c = jnp.ldexp(c, -e)

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from orthax.polar import lapack
 from orthax.polar import presets as _presets
 
 NORMALIZERS = ('frobenius', 'schatten4', 'aol', 'none')
@@ -360,7 +361,8 @@ def polar_svd(x: jax.Array, rtol: float | None = None) -> jax.Array:
   partial isometry on its range (zeros for a zero matrix). For tests and small
   matrices; cost is O(mn·min(m, n)) with a large constant.
   """
-  u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+  u, s, vt = lapack.per_matrix(
+      lambda m: jnp.linalg.svd(m, full_matrices=False), x)
   if rtol is None:
     rtol = max(x.shape[-2:]) * float(jnp.finfo(s.dtype).eps)
   tau = rtol * jnp.max(s, axis=-1, keepdims=True)

@@ -67,6 +67,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from orthax.polar import lapack
+
 STEP_RULES = ('scaled', 'plain')
 DEFAULT_STEPS = 12
 REFERENCE_STEPS = 10
@@ -185,7 +187,8 @@ def soft_clip_matrix(
 
 def soft_clip_svd(x: jax.Array, c: float) -> jax.Array:
   """``H_c`` from a thin SVD (tests and small matrices)."""
-  u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+  u, s, vt = lapack.per_matrix(
+      lambda m: jnp.linalg.svd(m, full_matrices=False), x)
   s = s / jnp.sqrt(1 + jnp.square(s / c))
   return (u * s[..., None, :]) @ vt
 

@@ -15,6 +15,7 @@ from orthax import _validate
 from orthax import engine
 from orthax import matrices
 from orthax import polar
+from orthax.polar import lapack
 from orthax.polar.newton_schulz import huge_scale
 from orthax.polar.newton_schulz import root_ema
 
@@ -206,7 +207,8 @@ def _dual_norms(xs, specs, dual_norm, nuclear, ns):
   fs = [huge_scale(m).astype(m.dtype) for m in mats]
   mats = [m * f for m, f in zip(mats, fs)]
   if nuclear == 'svd':
-    nuc = [jnp.sum(jnp.linalg.svd(m, compute_uv=False), axis=-1)
+    nuc = [jnp.sum(lapack.per_matrix(
+        lambda x: jnp.linalg.svd(x, compute_uv=False), m), axis=-1)
            for m in mats]
   elif nuclear == 'ns':  # NS is scale-invariant (and scale-safe)
     wide = [x.astype(_wide(x.dtype)) for x in xs]
