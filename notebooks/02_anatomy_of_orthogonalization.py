@@ -41,19 +41,35 @@
 #    formula.
 
 # %%
-# Install orthax if it is missing (e.g. on Colab). Skipped when orthax is
-# already importable, as in a local checkout or in CI.
+# Install orthax (the distribution `orthax-optim`) if it is missing, e.g. on
+# Colab; skipped in a local checkout or in CI. `orthax` on the package index
+# is an unrelated project with the same import name, so the check is for this
+# package's `orthax.muon`, and the other one is removed first.
 import importlib
 import subprocess
 import sys
 
-try:
-  import orthax  # noqa: F401
-except ImportError:
+
+def has_orthax_optim():
+  try:
+    import orthax  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  return hasattr(orthax, 'muon')
+
+
+if not has_orthax_optim():
+  subprocess.run([sys.executable, '-m', 'pip', 'uninstall', '-q', '-y',
+                  'orthax'], check=False)
   subprocess.run([sys.executable, '-m', 'pip', 'install', '-q',
-                  'orthax @ git+https://github.com/orthax/orthax',
-                  'matplotlib'], check=True)
+                  'orthax-optim', 'matplotlib'],
+                 check=True)
+  for module in [m for m in sys.modules if m.split('.')[0] == 'orthax']:
+    del sys.modules[module]
   importlib.invalidate_caches()
+  if not has_orthax_optim():
+    raise ImportError('orthax-optim did not install; restart the runtime '
+                      'and run this cell again.')
 
 # %%
 import os
