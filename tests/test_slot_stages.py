@@ -181,8 +181,18 @@ def test_split_sums_are_traced_from_apply(stage, split, want):
   assert MS.split_sums(stage, 8, 16, split) == want
 
 
-def test_new_recipe_on_one_device_trains_and_keeps_its_state():
+@pytest.fixture
+def slot_recipe_name():
+  """The test recipe, registered for one test only (other test modules see
+  the library's registry, whichever worker runs them)."""
   name = slot_recipe.register()
+  yield name
+  orthax.recipes.unregister(name)
+
+
+def test_new_recipe_on_one_device_trains_and_keeps_its_state(
+    slot_recipe_name):
+  name = slot_recipe_name
   params = {**_tree(0), 'bias': jnp.zeros((16,))}
   tx = orthax.recipe(name, router=orthax.Router(
       extra_rules=[orthax.Rule('scan', 'matrix', MatrixSpec.stacked(0))]))
@@ -227,11 +237,11 @@ def test_slot_state_is_never_gathered(mesh_cases, mesh):
   assert r['state_specs_owner'], r    # orthax.flax.state_specs agrees
 
 
-def test_checkpoint_holds_slot_state(tmp_path):
+def test_checkpoint_holds_slot_state(tmp_path, slot_recipe_name):
   """An orbax checkpoint (the trainer's Checkpointer) of a state with slot
   stages restores to the same tree, bit for bit."""
   from orthax.train import checkpoint  # pylint: disable=g-import-not-at-top
-  name = slot_recipe.register()
+  name = slot_recipe_name
   params = {k: v for k, v in _tree(0).items() if k != 'scan'}
   tx = orthax.recipe(name)
   state = tx.init(params)

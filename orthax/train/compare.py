@@ -24,35 +24,52 @@ def run(base_config: Any, optimizers: Sequence[str],
         eval_every: int | None = None, progress: bool = True
         ) -> list[dict[str, Any]]:
   """Trains every (optimizer, scale); one result dict per run."""
-  results = []
-  base = trainer.as_dict(base_config)
-  for name in optimizers:
-    for k in lr_scales:
-      cfg = copy.deepcopy(base)
-      opt = configs.optimizer(name).to_dict()
-      opt['learning_rate'] *= float(k)
-      cfg['optimizer'] = opt
-      if steps is not None:
-        cfg['train']['steps'] = int(steps)
-        cfg['schedule']['warmup_steps'] = min(
-            cfg['schedule']['warmup_steps'], max(int(steps) // 10, 0))
-      if eval_every is not None:
-        cfg['train']['eval_every'] = int(eval_every)
-      out = trainer.train(cfg, None, progress=progress,
-                          label=f'{name} ×{k:g} ')
-      s = out['summary']
-      results.append({
-          'optimizer': name, 'lr_scale': float(k),
-          'learning_rate': opt['learning_rate'],
-          'final_val_loss': s['final_val_loss'],
-          'final_loss': s['final_loss'], 'tokens_per_s': s['tokens_per_s'],
-          'opt_state_bytes': s['opt_state_bytes'],
-          'eval_steps': [r['step'] for r in out['eval']],
-          'val_loss': [r['val_loss'] for r in out['eval']],
-          'train_steps': [r['step'] for r in out['train']],
-          'train_loss': [r['loss'] for r in out['train']],
-      })
-  return results
+  return [train_one(base_config, name, k, steps=steps, eval_every=eval_every,
+                    progress=progress)
+          for name in optimizers for k in lr_scales]
+
+
+def train_one(base_config: Any, name: str, lr_scale: float = 1.0, *,
+              steps: int | None = None, eval_every: int | None = None,
+              progress: bool = True, label: str | None = None
+              ) -> dict[str, Any]:
+  """Trains ``base_config`` with optimizer ``name`` (its default section,
+  peak learning rate × ``lr_scale``); returns the run's result dict
+  (learning rate, final losses, tokens/s, state bytes, loss curves). A run
+  whose loss turns non-finite (the trainer's ``FloatingPointError``)
+  returns NaN losses, empty curves and ``'diverged'``: the message."""
+  cfg = copy.deepcopy(trainer.as_dict(base_config))
+  opt = configs.optimizer(name).to_dict()
+  opt['learning_rate'] *= float(lr_scale)
+  cfg['optimizer'] = opt
+  if steps is not None:
+    cfg['train']['steps'] = int(steps)
+    cfg['schedule']['warmup_steps'] = min(
+        cfg['schedule']['warmup_steps'], max(int(steps) // 10, 0))
+  if eval_every is not None:
+    cfg['train']['eval_every'] = int(eval_every)
+  result = {'optimizer': name, 'lr_scale': float(lr_scale),
+            'learning_rate': opt['learning_rate']}
+  try:
+    out = trainer.train(cfg, None, progress=progress,
+                        label=f'{name} ×{lr_scale:g} ' if label is None
+                        else label)
+  except FloatingPointError as e:
+    # A diverged run is a result of the sweep (the worst), not its end.
+    nan = float('nan')
+    return dict(result, final_val_loss=nan, final_loss=nan,
+                tokens_per_s=nan, opt_state_bytes=nan, eval_steps=[],
+                val_loss=[], train_steps=[], train_loss=[],
+                diverged=str(e))
+  s = out['summary']
+  return dict(
+      result, final_val_loss=s['final_val_loss'],
+      final_loss=s['final_loss'], tokens_per_s=s['tokens_per_s'],
+      opt_state_bytes=s['opt_state_bytes'],
+      eval_steps=[r['step'] for r in out['eval']],
+      val_loss=[r['val_loss'] for r in out['eval']],
+      train_steps=[r['step'] for r in out['train']],
+      train_loss=[r['loss'] for r in out['train']])
 
 
 def best_runs(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,247 @@
+"""Learning-rate sweeps across recipes, model widths and seeds, resumable.
+
+Every run is one :func:`orthax.train.compare.train_one` of the base config
+with the model's ``d_model`` set to a width, ``seed`` set, and the
+optimizer's default peak learning rate times a scale. Finished runs are
+appended to ``<out>/runs.jsonl`` as they end, so a sweep stopped at any
+point (a session ending, a crash) continues where it stopped when run
+again with the same arguments: runs already in the file are not repeated.
+
+:func:`summarize` turns the runs into one row per (optimizer, width): the
+best scale (lowest final validation loss averaged over seeds), the loss at
+the default and at the best, and the steps to reach AdamW's best final
+loss at that width (on the seed-averaged validation curve).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from orthax.train import compare
+from orthax.train import trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+  """What to run: every optimizer × width × seed × learning-rate scale."""
+  optimizers: tuple[str, ...]
+  scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+  widths: tuple[int, ...] = (128, 256)
+  seeds: tuple[int, ...] = (0, 1)
+  steps: int | None = None
+  eval_every: int | None = 25
+
+  def keys(self) -> list[tuple[str, int, int, float]]:
+    """``(optimizer, width, seed, scale)`` of every run, widths outermost
+    within an optimizer so that a partial sweep covers whole widths."""
+    return [(o, w, s, float(k)) for o in self.optimizers
+            for w in self.widths for s in self.seeds for k in self.scales]
+
+
+def run_key(record: dict[str, Any]) -> tuple[str, int, int, float]:
+  return (record['optimizer'], int(record['width']), int(record['seed']),
+          float(record['lr_scale']))
+
+
+def load(path: str) -> list[dict[str, Any]]:
+  """The runs recorded in ``path`` (a JSON object per line; none if the
+  file does not exist; a last line cut short by a crash is dropped)."""
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  for i, line in enumerate(lines):
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:
+        raise
+  return out
+
+
+def config_for(base_config: Any, width: int, seed: int) -> dict[str, Any]:
+  """``base_config`` with ``model.d_model = width`` and ``seed``."""
+  cfg = copy.deepcopy(trainer.as_dict(base_config))
+  heads = int(cfg['model']['num_heads'])
+  if width % heads:
+    raise ValueError(f'width {width} is not a multiple of '
+                     f'model.num_heads={heads}.')
+  cfg['model']['d_model'] = int(width)
+  cfg['seed'] = int(seed)
+  return cfg
+
+
+def run(base_config: Any, spec: SweepSpec, out_dir: str, *,
+        progress: bool = True, max_runs: int | None = None
+        ) -> list[dict[str, Any]]:
+  """Trains every run of ``spec`` not yet in ``<out_dir>/runs.jsonl``
+  (at most ``max_runs`` of them), appending each when it ends; returns all
+  recorded runs of ``spec``."""
+  os.makedirs(out_dir, exist_ok=True)
+  check_same_sweep(base_config, spec, out_dir)
+  path = os.path.join(out_dir, 'runs.jsonl')
+  done = {run_key(r) for r in load(path)}
+  todo = [k for k in spec.keys() if k not in done]
+  for i, (name, width, seed, scale) in enumerate(todo[:max_runs]):
+    t0 = time.perf_counter()
+    rec = compare.train_one(
+        config_for(base_config, width, seed), name, scale, steps=spec.steps,
+        eval_every=spec.eval_every, progress=progress,
+        label=f'[{i + 1}/{len(todo)}] {name} d{width} s{seed} ×{scale:g} ')
+    rec.update(width=int(width), seed=int(seed),
+               seconds=round(time.perf_counter() - t0, 1))
+    with open(path, 'a') as f:
+      f.write(json.dumps(rec) + '\n')
+  wanted = set(spec.keys())
+  return [r for r in load(path) if run_key(r) in wanted]
+
+
+def check_same_sweep(base_config: Any, spec: SweepSpec, out_dir: str
+                     ) -> None:
+  """Records in ``<out_dir>/sweep.json`` what every run shares (the base
+  config less width, seed and optimizer; steps; evaluation interval), or,
+  when it exists, raises ``ValueError`` naming what differs: runs of
+  another setup must not be mixed into one summary."""
+  cfg = trainer.as_dict(base_config)
+  shared = {k: v for k, v in cfg.items() if k not in ('seed', 'optimizer')}
+  shared['model'] = {k: v for k, v in cfg['model'].items()
+                     if k != 'd_model'}
+  meta = json.loads(json.dumps({'config': shared, 'steps': spec.steps,
+                                'eval_every': spec.eval_every}))
+  path = os.path.join(out_dir, 'sweep.json')
+  if not os.path.exists(path):
+    with open(path, 'w') as f:
+      json.dump(meta, f, indent=1, sort_keys=True)
+    return
+  with open(path) as f:
+    old = json.load(f)
+  if old != meta:
+    diff = sorted(_differences(old, meta))
+    raise ValueError(f'{out_dir} holds a sweep of another setup (differs in '
+                     f'{", ".join(diff)}); use another out directory.')
+
+
+def _differences(a: Any, b: Any, prefix: str = '') -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    return [d for k in sorted(set(a) | set(b))
+            for d in _differences(a.get(k), b.get(k), f'{prefix}{k}.')]
+  return [] if a == b else [prefix.rstrip('.')]
+
+
+def _mean_curve(runs: Sequence[dict[str, Any]]) -> tuple[list, list]:
+  """Evaluation steps and the seed-mean validation loss at each."""
+  steps = runs[0]['eval_steps']
+  vals = np.mean([r['val_loss'][:len(steps)] for r in runs], axis=0)
+  return steps, [float(v) for v in vals]
+
+
+def _by_scale(runs: Iterable[dict[str, Any]]) -> dict[float, list]:
+  out: dict[float, list] = {}
+  for r in runs:
+    out.setdefault(float(r['lr_scale']), []).append(r)
+  return dict(sorted(out.items()))
+
+
+def _final(runs: Sequence[dict[str, Any]]) -> float:
+  v = [r['final_val_loss'] for r in runs]
+  return float(np.mean(v)) if all(map(math.isfinite, v)) else math.inf
+
+
+def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw'
+              ) -> list[dict[str, Any]]:
+  """One row per (optimizer, width) of ``records``: ``best_scale``,
+  ``best_lr``, ``default_lr``, ``loss_default`` and ``loss_best`` (seed
+  means), ``seeds``, and ``steps_to_baseline``: the first evaluation at
+  which the seed-mean validation curve at the default scale reaches the
+  baseline's best seed-mean final loss at that width (``None``: never, or
+  no baseline runs)."""
+  groups: dict[tuple[str, int], list] = {}
+  for r in records:
+    groups.setdefault((r['optimizer'], int(r['width'])), []).append(r)
+  target = {}
+  for (name, width), runs in groups.items():
+    if name == baseline:
+      target[width] = min(_final(v) for v in _by_scale(runs).values())
+  rows = []
+  for (name, width), runs in sorted(groups.items()):
+    scales = _by_scale(runs)
+    finals = {k: _final(v) for k, v in scales.items()}
+    best = min(finals, key=finals.get)
+    default = scales.get(1.0)
+    steps_to = None
+    if (default is not None and width in target
+        and math.isfinite(finals[1.0])):  # a diverged seed: never reached
+      steps, curve = _mean_curve(default)
+      steps_to = next((s for s, v in zip(steps, curve)
+                       if v <= target[width]), None)
+    lr_of = {k: v[0]['learning_rate'] for k, v in scales.items()}
+    rows.append({
+        'optimizer': name, 'width': width, 'best_scale': best,
+        'best_lr': lr_of[best],
+        'default_lr': lr_of[1.0] if default else lr_of[best] / best,
+        'loss_default': finals.get(1.0, math.nan), 'loss_best': finals[best],
+        'loss_by_scale': finals, 'seeds': sorted({r['seed'] for r in runs}),
+        'steps_to_baseline': steps_to, 'baseline_loss': target.get(width),
+    })
+  return rows
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+  """Markdown: one line per optimizer, its widths side by side."""
+  widths = sorted({r['width'] for r in rows})
+  names = list(dict.fromkeys(r['optimizer'] for r in rows))
+  at = {(r['optimizer'], r['width']): r for r in rows}
+  per_w = lambda fmt, key: ' / '.join(
+      fmt(at[(n, w)][key]) if (n, w) in at else '—' for w in widths)
+  ws = ' / '.join(map(str, widths))
+  lines = [f'| optimizer | default lr | best lr (d {ws}) | loss at default | '
+           f'loss at best | steps to AdamW at default |',
+           '|---|---|---|---|---|---|']
+  for n in names:
+    first = next(at[(n, w)] for w in widths if (n, w) in at)
+    fmt_steps = lambda s: '—' if s is None else str(s)
+    lines.append(
+        f"| {n} | {first['default_lr']:.3g} | "
+        f"{per_w(lambda v: f'{v:.3g}', 'best_lr')} | "
+        f"{per_w(lambda v: f'{v:.4f}', 'loss_default')} | "
+        f"{per_w(lambda v: f'{v:.4f}', 'loss_best')} | "
+        f"{per_w(fmt_steps, 'steps_to_baseline')} |")
+  return '\n'.join(lines)
+
+
+def plot(rows: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
+  """``<out_dir>/lr_<optimizer>.png`` per optimizer: final validation loss
+  against learning rate, one line per width, the default marked."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  paths = []
+  for name in dict.fromkeys(r['optimizer'] for r in rows):
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    for r in (r for r in rows if r['optimizer'] == name):
+      ks = list(r['loss_by_scale'])
+      lrs = [r['default_lr'] * k for k in ks]
+      line, = ax.plot(lrs, [r['loss_by_scale'][k] for k in ks], marker='o',
+                      label=f"d_model {r['width']}")
+      if 1.0 in r['loss_by_scale']:
+        ax.plot([r['default_lr']], [r['loss_by_scale'][1.0]], marker='*',
+                ms=12, color=line.get_color())
+    ax.set_xscale('log')
+    ax.set_xlabel('peak learning rate (★ default)')
+    ax.set_ylabel('final validation loss')
+    ax.set_title(name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f'lr_{name}.png')
+    fig.savefig(path, dpi=110)
+    paths.append(path)
+  return paths

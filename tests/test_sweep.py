@@ -1,0 +1,142 @@
+"""orthax.train.sweep and scripts/sweep.py: runs recorded as they finish, a
+stopped sweep resumed without repeating runs, a sweep of another setup
+refused, and the summary's arithmetic on records written out by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from orthax.train import configs
+from orthax.train import sweep
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_base(steps=6):
+  c = configs.base_config('muon')
+  c.model.update(num_layers=1, num_heads=2, seq_len=16)
+  c.data.batch_size = 4
+  c.schedule.warmup_steps = 1
+  c.train.update(steps=steps, log_every=1, eval_every=3, eval_batches=1)
+  return c
+
+
+SPEC = sweep.SweepSpec(optimizers=('adamw', 'muon'), scales=(1.0, 2.0),
+                       widths=(16, 32), seeds=(0,), eval_every=3)
+
+
+def test_runs_resume_and_summarize(tmp_path):
+  out = str(tmp_path)
+  first = sweep.run(tiny_base(), SPEC, out, progress=False, max_runs=3)
+  assert [sweep.run_key(r) for r in first] == SPEC.keys()[:3]
+  assert first[0]['width'] == 16 and first[2]['width'] == 32
+  assert all(r['seconds'] > 0 for r in first)
+  runs = sweep.run(tiny_base(), SPEC, out, progress=False)
+  assert sorted(map(sweep.run_key, runs)) == sorted(SPEC.keys())
+  # The first three were not trained again: their records are unchanged.
+  assert runs[:3] == first
+  lines = (tmp_path / 'runs.jsonl').read_text().splitlines()
+  assert len(lines) == len(SPEC.keys())
+  # The width reached the model: the wider one keeps more optimizer state.
+  state = {(r['optimizer'], r['width']): r['opt_state_bytes'] for r in runs}
+  assert state[('muon', 32)] > 2 * state[('muon', 16)]
+  rows = sweep.summarize(runs)
+  assert {(r['optimizer'], r['width']) for r in rows} == {
+      (o, w) for o in ('adamw', 'muon') for w in (16, 32)}
+  md = sweep.table(rows)
+  assert md.count('\n') == 3 and '| muon |' in md
+  assert len(sweep.plot(rows, out)) == 2
+
+
+def test_another_setup_is_refused(tmp_path):
+  sweep.check_same_sweep(tiny_base(), SPEC, str(tmp_path))
+  sweep.check_same_sweep(tiny_base(), SPEC, str(tmp_path))  # same: fine
+  with pytest.raises(ValueError, match=r'train\.steps'):
+    sweep.check_same_sweep(tiny_base(steps=9), SPEC, str(tmp_path))
+  other = sweep.SweepSpec(optimizers=('muon',), eval_every=5)
+  with pytest.raises(ValueError, match='eval_every'):
+    sweep.check_same_sweep(tiny_base(), other, str(tmp_path))
+
+
+def test_width_must_fit_the_heads():
+  with pytest.raises(ValueError, match='num_heads=2'):
+    sweep.config_for(tiny_base(), 33, 0)
+
+
+def record(name, width, seed, scale, final, curve, lr=0.01):
+  return {'optimizer': name, 'width': width, 'seed': seed,
+          'lr_scale': scale, 'learning_rate': lr * scale,
+          'final_val_loss': final, 'eval_steps': [10, 20, 30],
+          'val_loss': curve, 'seconds': 1.0}
+
+
+def test_summary_means_over_seeds_and_finds_the_crossing():
+  recs = [
+      record('adamw', 64, 0, 1.0, 2.0, [3, 2.5, 2.0]),
+      record('adamw', 64, 1, 1.0, 2.2, [3, 2.5, 2.2]),
+      record('adamw', 64, 0, 2.0, 1.9, [3, 2.4, 1.9]),
+      record('adamw', 64, 1, 2.0, 2.1, [3, 2.4, 2.1]),  # mean 2.0: best
+      record('muon', 64, 0, 1.0, 1.5, [2.5, 1.9, 1.5]),
+      record('muon', 64, 1, 1.0, 1.7, [2.7, 2.05, 1.7]),  # mean curve 1.975
+      record('muon', 64, 0, 4.0, math.nan, [9, 9, math.nan]),
+      record('sgd', 64, 0, 1.0, 1.5, [2.5, 1.9, 1.5]),
+      dict(record('sgd', 64, 1, 1.0, math.nan, []), eval_steps=[]),
+  ]
+  rows = {r['optimizer']: r for r in sweep.summarize(recs)}
+  assert rows['adamw']['best_scale'] == 2.0
+  assert rows['adamw']['loss_best'] == pytest.approx(2.0)
+  assert rows['adamw']['loss_default'] == pytest.approx(2.1)
+  assert rows['muon']['best_scale'] == 1.0  # the diverged scale loses
+  assert rows['muon']['loss_by_scale'][4.0] == math.inf
+  assert rows['muon']['best_lr'] == pytest.approx(0.01)
+  assert rows['muon']['baseline_loss'] == pytest.approx(2.0)
+  assert rows['muon']['steps_to_baseline'] == 20
+  assert rows['adamw']['steps_to_baseline'] is None  # 2.1 at default
+  assert rows['muon']['seeds'] == [0, 1]
+  # One diverged seed at the default: the mean is inf, AdamW never reached.
+  assert rows['sgd']['loss_default'] == math.inf
+  assert rows['sgd']['steps_to_baseline'] is None
+
+
+def test_script_summarizes_what_is_there(tmp_path):
+  runs = [record('adamw', 128, 0, 1.0, 2.0, [3, 2.5, 2.0]),
+          record('muon', 128, 0, 1.0, 1.8, [2.6, 1.9, 1.8])]
+  (tmp_path / 'runs.jsonl').write_text(
+      ''.join(json.dumps(r) + '\n' for r in runs))
+  proc = subprocess.run(
+      [sys.executable, 'scripts/sweep.py', '--summarize_only',
+       '--optimizers=adamw,muon', '--widths=128', '--seeds=0', '--scales=1',
+       f'--out={tmp_path}'],
+      capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '2 of 2 runs done' in proc.stdout
+  assert '| muon | 0.01 | 0.01 | 1.8000 | 1.8000 | 20 |' in proc.stdout
+  assert (tmp_path / 'summary.md').exists()
+  assert (tmp_path / 'lr_muon.png').exists()
+
+
+def test_a_diverged_run_is_recorded_not_fatal(tmp_path, monkeypatch):
+  from orthax.train import compare  # pylint: disable=g-import-not-at-top
+  real = compare.trainer.train
+
+  def train(cfg, workdir, **kw):
+    if cfg['optimizer']['learning_rate'] > 0.03:
+      raise FloatingPointError('loss is nan at step 3.')
+    return real(cfg, workdir, **kw)
+
+  monkeypatch.setattr(compare.trainer, 'train', train)
+  spec = sweep.SweepSpec(optimizers=('muon',), scales=(1.0, 2.0),
+                         widths=(16,), seeds=(0,), eval_every=3)
+  runs = sweep.run(tiny_base(), spec, str(tmp_path), progress=False)
+  bad = [r for r in runs if r['lr_scale'] == 2.0][0]
+  assert bad['diverged'] == 'loss is nan at step 3.'
+  assert math.isnan(bad['final_val_loss']) and bad['val_loss'] == []
+  row, = sweep.summarize(runs)
+  assert row['best_scale'] == 1.0 and row['loss_by_scale'][2.0] == math.inf
+  assert '| muon |' in compare.table(runs).replace('muon*', 'muon')
