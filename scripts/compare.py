@@ -32,7 +32,10 @@ _OUT = flags.DEFINE_string('out', 'compare_out', 'Output directory.')
 
 def main(argv):
   del argv
-  from orthax.train import compare  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from orthax.train import cli
+  from orthax.train import compare
+  cli.quiet_library_logs()
   results = compare.run(_CONFIG.value, _OPTIMIZERS.value,
                         [float(s) for s in _SCALES.value], steps=_STEPS.value,
                         eval_every=_EVAL_EVERY.value)

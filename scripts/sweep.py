@@ -41,8 +41,10 @@ _OUT = flags.DEFINE_string('out', 'sweep_out', 'Output directory.')
 def main(argv):
   del argv
   # pylint: disable=g-import-not-at-top
+  from orthax.train import cli
   from orthax.train import configs
   from orthax.train import sweep
+  cli.quiet_library_logs()
   spec = sweep.SweepSpec(
       optimizers=tuple(_OPTIMIZERS.value or configs.optimizer_names()),
       scales=tuple(float(s) for s in _SCALES.value),

@@ -51,10 +51,16 @@ def main(argv):
     os.environ['JAX_PLATFORMS'] = 'cpu'
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_force_host_platform_device_count={n}')
-    from orthax.train import dry_run  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from orthax.train import cli
+    from orthax.train import dry_run
+    cli.quiet_library_logs()
     print(dry_run.format_report(dry_run.dry_run(config)))
     return
-  from orthax.train import trainer  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from orthax.train import cli
+  from orthax.train import trainer
+  cli.quiet_library_logs()
   out = trainer.train(config, _WORKDIR.value, force=_FORCE.value)
   print(json.dumps(out['summary'], indent=1))
   if out['summary']['preempted']:

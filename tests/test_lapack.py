@@ -106,3 +106,9 @@ def test_svd_references_and_lanton_nuclear_norm():
   assert_one_matrix_per_call(lapack_operands(
       lambda x: lanton._dual_norms([x], spec, 'nuclear', 'svd', None)[0], x))
 
+
+
+def test_docstring_example_runs():
+  import doctest  # pylint: disable=g-import-not-at-top
+  result = doctest.testmod(lapack, optionflags=doctest.ELLIPSIS)
+  assert result.attempted >= 3 and result.failed == 0, result

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -323,6 +324,8 @@ def test_sigterm_checkpoints_exits_and_resumes_bit_exact(tmp_path):
           f'{step} in {work}/checkpoints; rerun the same command to resume.'
           ) in err
   assert 'handler restored: True' in out
+  # Library INFO lines (JAX's TPU probing, orbax's per-save notes) are off.
+  assert 'libtpu' not in err and not re.search(r'^I\d{4} ', err, re.M), err
   assert str(step) in os.listdir(work / 'checkpoints')
   c = tiny('muon', steps=16)
   c.train.checkpoint_every = 5
