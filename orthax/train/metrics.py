@@ -83,27 +83,67 @@ class MetricWriter:
       self._tb.close()
 
 
+def _redraws_in_place(stream: Any) -> bool:
+  """A terminal, or Jupyter's output stream (not a tty, but it renders a
+  carriage return as a redraw of the line)."""
+  if hasattr(stream, 'isatty') and stream.isatty():
+    return True
+  return type(stream).__module__.split('.')[0] == 'ipykernel'
+
+
+def _clock(seconds: float) -> str:
+  m, s = divmod(int(round(seconds)), 60)
+  h, m = divmod(m, 60)
+  return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
+
+
 class Progress:
-  """``step/total  loss  tok/s`` redrawn in place on a terminal; on a
-  non-terminal stream one line per call to :meth:`update` with
-  ``force=True`` (the log points)."""
+  """``[bar] step/total  loss …  tok/s …  eta m:ss`` redrawn in place on a
+  terminal or in Jupyter; elsewhere (a log file) one line per call to
+  :meth:`update` with ``force=True`` (the log points).
+
+  Between log points the line keeps the last logged value of each field
+  (an update with no ``info`` only moves the bar and the ETA; ``val`` stays
+  until the next evaluation). The ETA extrapolates the
+  time per step measured since the first update (so the first step's
+  compilation is left out).
+  """
 
   def __init__(self, total: int, stream: TextIO | None = None,
-               enabled: bool = True, label: str = ''):
+               enabled: bool = True, label: str = '',
+               clock: Any = time.perf_counter):
     self.total, self.label = total, label
     self.stream = sys.stderr if stream is None else stream
     self.enabled = enabled
-    self.tty = enabled and hasattr(self.stream, 'isatty') and \
-        self.stream.isatty()
-    self._t0 = time.perf_counter()
+    self.tty = enabled and _redraws_in_place(self.stream)
+    self._clock = clock
+    self._first: tuple[int, float] | None = None
+    self._info: dict[str, float] = {}
+
+  def eta(self, step: int) -> float | None:
+    """Seconds left, from the pace since the first update (``None`` until
+    a step after it)."""
+    if self._first is None or step <= self._first[0]:
+      return None
+    first_step, t0 = self._first
+    per_step = (self._clock() - t0) / (step - first_step)
+    return per_step * max(self.total - step, 0)
 
   def update(self, step: int, info: dict[str, float], force: bool = False):
-    if not self.enabled or not (self.tty or force):
+    if not self.enabled:
+      return
+    if self._first is None:
+      self._first = (step, self._clock())
+    self._info.update(info)
+    if not (self.tty or force):
       return
     width = 24
     done = int(width * step / max(self.total, 1))
     bar = '#' * done + '.' * (width - done)
-    fields = '  '.join(f'{k} {v:.4g}' for k, v in info.items())
+    fields = '  '.join(f'{k} {v:.4g}' for k, v in self._info.items())
+    eta = self.eta(step)
+    if eta is not None and step < self.total:
+      fields += f'  eta {_clock(eta)}'
     line = f'{self.label}[{bar}] {step}/{self.total}  {fields}'
     if self.tty:
       self.stream.write('\r' + line[:160].ljust(100))

@@ -1,0 +1,75 @@
+"""orthax.train.metrics.Progress: the line keeps the last logged values
+between log points, shows an ETA from the pace after the first step, and
+redraws in place on a terminal and in Jupyter (one line per log point
+elsewhere)."""
+
+from __future__ import annotations
+
+import io
+
+from orthax.train import metrics
+
+
+class Tty(io.StringIO):
+
+  def isatty(self):
+    return True
+
+
+class Clock:
+
+  def __init__(self):
+    self.now = 100.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_terminal_keeps_the_loss_between_log_points_and_shows_an_eta():
+  out, clock = Tty(), Clock()
+  bar = metrics.Progress(10, stream=out, clock=clock)
+  bar.update(1, {'loss': 5.5, 'tok/s': 100.0}, force=True)  # after compile
+  clock.now += 4.0
+  bar.update(3, {})  # 2 s per step since step 1, 7 steps left
+  frames = out.getvalue().split('\r')[1:]
+  assert len(frames) == 2
+  assert 'loss 5.5' in frames[1] and 'tok/s 100' in frames[1]
+  assert 'eta 0:14' in frames[1] and 'eta' not in frames[0]
+  clock.now += 2.0
+  bar.update(4, {'loss': 5.0, 'val': 5.2, 'tok/s': 120.0}, force=True)
+  bar.update(5, {'loss': 4.9, 'tok/s': 121.0}, force=True)
+  last = out.getvalue().split('\r')[-1]
+  assert 'loss 4.9' in last and 'val 5.2' in last  # val kept until the next
+  bar.update(10, {}, force=True)
+  assert 'eta' not in out.getvalue().split('\r')[-1]  # done
+  bar.close()
+  assert out.getvalue().endswith('\n')
+
+
+def test_a_log_file_gets_one_line_per_log_point():
+  out = io.StringIO()
+  bar = metrics.Progress(4, stream=out, label='muon ')
+  bar.update(1, {'loss': 5.0})
+  bar.update(2, {'loss': 4.0}, force=True)
+  bar.update(3, {})
+  lines = out.getvalue().splitlines()
+  assert len(lines) == 1
+  assert lines[0].startswith('muon [') and 'loss 4' in lines[0]
+
+
+def test_jupyter_streams_redraw_in_place():
+  stream_type = type('OutStream', (io.StringIO,),
+                     {'__module__': 'ipykernel.iostream'})
+  out = stream_type()
+  bar = metrics.Progress(4, stream=out)
+  bar.update(1, {'loss': 5.0})
+  bar.update(2, {})
+  assert out.getvalue().count('\r') == 2 and '\n' not in out.getvalue()
+
+
+def test_disabled_writes_nothing():
+  out = Tty()
+  bar = metrics.Progress(4, stream=out, enabled=False)
+  bar.update(1, {'loss': 5.0}, force=True)
+  bar.close()
+  assert out.getvalue() == ''
