@@ -43,6 +43,13 @@ def test_runs_resume_and_summarize(tmp_path):
   assert runs[:3] == first
   lines = (tmp_path / 'runs.jsonl').read_text().splitlines()
   assert len(lines) == len(SPEC.keys())
+  # A crash mid-write leaves a cut line: it is dropped and that run redone.
+  (tmp_path / 'runs.jsonl').write_text('\n'.join(lines[:-1]) + '\n'
+                                       + lines[-1][:40])
+  again = sweep.run(tiny_base(), SPEC, out, progress=False)
+  assert sorted(map(sweep.run_key, again)) == sorted(SPEC.keys())
+  assert again[:-1] == runs[:-1]
+  assert len((tmp_path / 'runs.jsonl').read_text().splitlines()) == len(lines)
   # The width reached the model: the wider one keeps more optimizer state.
   state = {(r['optimizer'], r['width']): r['opt_state_bytes'] for r in runs}
   assert state[('muon', 32)] > 2 * state[('muon', 16)]

@@ -89,7 +89,9 @@ def run(base_config: Any, spec: SweepSpec, out_dir: str, *,
   os.makedirs(out_dir, exist_ok=True)
   check_same_sweep(base_config, spec, out_dir)
   path = os.path.join(out_dir, 'runs.jsonl')
-  done = {run_key(r) for r in load(path)}
+  records = load(path)
+  _drop_cut_line(path, records)
+  done = {run_key(r) for r in records}
   todo = [k for k in spec.keys() if k not in done]
   for i, (name, width, seed, scale) in enumerate(todo[:max_runs]):
     t0 = time.perf_counter()
@@ -103,6 +105,20 @@ def run(base_config: Any, spec: SweepSpec, out_dir: str, *,
       f.write(json.dumps(rec) + '\n')
   wanted = set(spec.keys())
   return [r for r in load(path) if run_key(r) in wanted]
+
+
+def _drop_cut_line(path: str, records: list[dict[str, Any]]) -> None:
+  """Rewrites ``path`` without a last line cut short by a crash (which
+  :func:`load` skipped), so that appended runs start on a line of their
+  own."""
+  if not os.path.exists(path):
+    return
+  with open(path, 'rb') as f:
+    data = f.read()
+  if data and not data.endswith(b'\n'):
+    with open(path + '.tmp', 'w') as f:
+      f.write(''.join(json.dumps(r) + '\n' for r in records))
+    os.replace(path + '.tmp', path)
 
 
 def check_same_sweep(base_config: Any, spec: SweepSpec, out_dir: str
