@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from orthax.train import compare
+from orthax.train import metrics
 from orthax.train import trainer
 
 
@@ -52,20 +53,10 @@ def run_key(record: dict[str, Any]) -> tuple[str, int, int, float]:
 
 
 def load(path: str) -> list[dict[str, Any]]:
-  """The runs recorded in ``path`` (a JSON object per line; none if the
-  file does not exist; a last line cut short by a crash is dropped)."""
-  if not os.path.exists(path):
-    return []
-  out = []
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  for i, line in enumerate(lines):
-    try:
-      out.append(json.loads(line))
-    except json.JSONDecodeError:
-      if i < len(lines) - 1:
-        raise
-  return out
+  """The runs recorded in ``path``: :func:`orthax.train.metrics.read_jsonl`
+  (none if the file does not exist; a last line cut short by a crash is
+  dropped)."""
+  return metrics.read_jsonl(path)
 
 
 def config_for(base_config: Any, width: int, seed: int) -> dict[str, Any]:
