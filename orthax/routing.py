@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
+import warnings
 
 import jax
 
@@ -133,7 +134,10 @@ class Router:
         for p, x in flat])
 
   def labels(self, tree: Any) -> Any:
-    """Labels for ``optax.partition``."""
+    """Labels for ``optax.partition``; warns for each leaf that looks like
+    an output layer routed to the matrix branch
+    (:meth:`warn_output_layers`)."""
+    self.warn_output_layers(tree)
     return jax.tree.map(lambda r: r.label, self.routes(tree),
                         is_leaf=lambda r: isinstance(r, Route))
 
@@ -142,10 +146,61 @@ class Router:
     return jax.tree.map(lambda r: r.spec, self.routes(tree),
                         is_leaf=lambda r: isinstance(r, Route))
 
-  def describe(self, tree: Any) -> str:
-    """A table: path, shape, label, matrix view ``batch × fan_in × fan_out``."""
+  def output_layer_suspects(self, tree: Any) -> list[tuple[str, str]]:
+    """``(path, reason)`` of each 2-D leaf a *default* rule sends to the
+    matrix branch that looks like an output layer: its fan-out equals the
+    vocabulary (the rows of an ``…embed…`` table in ``tree``), or it is the
+    last matrix of the tree (in natural path order, ``Dense_2`` before
+    ``Dense_10``), the tree has other matrices, and its fan-out is no
+    matrix's fan-in (nothing consumes its output: a classifier's ``classes``
+    outputs). Output layers usually train better with AdamW."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    rows = [('path', 'shape', 'label', 'view')]
+    leaves = [(_tree.path_str(p), tuple(getattr(x, 'shape', ())))
+              for p, x in flat]
+    vocab = {shape[0] for path, shape in leaves if len(shape) == 2
+             and DEFAULT_RULES[0].matches(path, 2)}
+    matrices = []  # (path, shape, fan_in, fan_out, by_default_rule)
+    for path, shape in leaves:
+      rule = self._rule_for(path, len(shape))
+      if rule is not None and rule.label == 'matrix':
+        r = self.route_one(path, shape)
+        _, fan_in, fan_out = r.spec.matrix_shape(shape)
+        matrices.append((path, shape, fan_in, fan_out,
+                         any(rule is d for d in DEFAULT_RULES)))
+    out = []
+    for path, shape, _, fan_out, default in matrices:
+      if default and len(shape) == 2 and fan_out in vocab:
+        out.append((path, f'its fan-out {fan_out} is the vocabulary size'))
+    if len(matrices) >= 2:
+      path, shape, _, fan_out, default = max(
+          matrices, key=lambda m: _natural_key(m[0]))
+      fan_ins = {m[2] for m in matrices}
+      if (default and len(shape) == 2 and fan_out not in fan_ins
+          and path not in dict(out)):
+        out.append((path, f'it is the last matrix of the tree and its '
+                          f'{fan_out} outputs feed no other matrix'))
+    return out
+
+  def warn_output_layers(self, tree: Any) -> None:
+    """Warns (:class:`OutputLayerWarning`) for each
+    :meth:`output_layer_suspects` leaf, with the rule that routes it to
+    AdamW and the one that keeps it a matrix (which also silences this)."""
+    for path, reason in self.output_layer_suspects(tree):
+      warnings.warn(output_layer_message(path, reason), OutputLayerWarning,
+                    stacklevel=3)
+
+  def _rule_for(self, path: str, ndim: int) -> Rule | None:
+    return next((r for r in self.rules if r.matches(path, ndim)), None)
+
+  def describe(self, tree: Any,
+               learning_rates: Mapping[str, Any] | None = None) -> str:
+    """A table: path, shape, label, matrix view ``batch × fan_in ×
+    fan_out`` (and, given ``learning_rates`` ``{label: rate or
+    schedule}``, each leaf's learning rate), then a note for each
+    :meth:`output_layer_suspects` leaf."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    rows = [('path', 'shape', 'label', 'view')
+            + (('lr',) if learning_rates is not None else ())]
     for p, x in flat:
       path, shape = _tree.path_str(p), tuple(getattr(x, 'shape', ()))
       r = self.route_one(path, shape)
@@ -153,16 +208,48 @@ class Router:
       if r.spec is not None:
         b, fi, fo = r.spec.matrix_shape(shape)
         view = f'{b} x {fi} x {fo}'
-      rows.append((path, str(shape), r.label, view))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ['  '.join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-             for row in rows]
-    lines.insert(1, '  '.join('-' * w for w in widths))
-    return '\n'.join(lines)
+      row = (path, str(shape), r.label, view)
+      if learning_rates is not None:
+        row += (format_learning_rate(learning_rates.get(r.label)),)
+      rows.append(row)
+    notes = [f'note: {output_layer_message(path, reason)}'
+             for path, reason in self.output_layer_suspects(tree)]
+    return '\n'.join([format_table(rows)] + notes)
 
 
-def describe(params: Any, router: Router | None = None) -> str:
-  """Prints and returns the routing table of ``params``."""
-  table = (router or Router()).describe(params)
-  print(table)
-  return table
+class OutputLayerWarning(UserWarning):
+  """A 2-D leaf that looks like an output layer goes to the matrix branch
+  (:meth:`Router.output_layer_suspects`)."""
+
+
+def output_layer_message(path: str, reason: str) -> str:
+  pattern = '^' + re.escape(path) + '$'
+  return (f'parameter {path!r} goes to the matrix branch but looks like an '
+          f'output layer ({reason}); output layers usually train better '
+          f'with AdamW: route it there with router=orthax.Router(extra_rules='
+          f'[orthax.Rule({pattern!r}, "adam")]), or keep it a matrix '
+          f'without this warning with orthax.Rule({pattern!r}, "matrix").')
+
+
+def _natural_key(path: str) -> tuple:
+  """Sort key reading digit runs as numbers (``Dense_2`` < ``Dense_10``)."""
+  return tuple((0, int(t)) if t.isdigit() else (1, t)
+               for t in re.split(r'(\d+)', path) if t)
+
+
+def format_learning_rate(lr: Any) -> str:
+  """``'0.02'``, ``'schedule'`` or ``'?'`` (a label with no rate)."""
+  if lr is None:
+    return '?'
+  if callable(lr):
+    return 'schedule'
+  return f'{float(lr):.4g}'
+
+
+def format_table(rows: Sequence[Sequence[str]]) -> str:
+  """Left-aligned columns, a rule under the header row."""
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  lines = ['  '.join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+           for row in rows]
+  lines.insert(1, '  '.join('-' * w for w in widths))
+  return '\n'.join(lines)

@@ -311,7 +311,7 @@ MODELS = {
 def scaling():
   """The plan at 8–256 devices, and what merging every group into one by
   zero-padding each matrix to the largest shape would give (not
-  implemented; exact for Newton–Schulz, see the README)."""
+  implemented; exact for Newton–Schulz, see docs/distributed.md)."""
   print('\nAnalytic scaling (plan only; FSDP on the first dim, a2a, 5 steps):')
   print('| model | devices | groups | padded/real matrices | GFLOP/device |'
         ' ideal GFLOP/device | MiB sent/device bf16 (f32) | collectives |'

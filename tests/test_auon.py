@@ -120,8 +120,9 @@ def test_reference_modes_match_float64_transcription(x64, name, reference):
   params = make_tree(0)
   grads = [make_tree(100 + t) for t in range(6)]
   lr, wd = 0.02, 0.1
+  # The transcription's Adam branch runs at the matrices' rate.
   tx = orthax.recipe(name, learning_rate=lr, reference=reference,
-                     weight_decay=wd)
+                     weight_decay=wd, adam_learning_rate=lr)
   got = run_orthax(tx, params, grads)
   ref = AuONReference(params, lr, wd, reference, name == 'hybrid_auon')
   for t, g in enumerate(grads):
@@ -135,7 +136,8 @@ def test_reference_modes_match_float64_transcription(x64, name, reference):
 def test_float32_close_to_float64_reference(name, reference):
   params = make_tree(1, dtype=np.float32)
   grads = [make_tree(200 + t, dtype=np.float32) for t in range(5)]
-  tx = orthax.recipe(name, learning_rate=0.02, reference=reference)
+  tx = orthax.recipe(name, learning_rate=0.02, reference=reference,
+                     adam_learning_rate=0.02)
   got = run_orthax(tx, params, grads)
   ref = AuONReference(make_tree(1), 0.02, 0.0, reference,
                       name == 'hybrid_auon')

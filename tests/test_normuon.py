@@ -82,7 +82,9 @@ def test_reference_modes_match_float64_transcription(x64, reference, wd):
   params = make_tree(0)
   grads = [make_tree(100 + t) for t in range(6)]
   lr = 0.05
-  tx = orthax.normuon(lr, reference=reference, weight_decay=wd)
+  # The transcription's Adam branch runs at the matrices' rate.
+  tx = orthax.normuon(lr, reference=reference, weight_decay=wd,
+                      adam_learning_rate=lr)
   got = run_orthax(tx, params, grads)
   ref = NorMuonRef(params, reference, lr, wd)
   assert_match(got, [ref.step(g) for g in grads], 1e-9, 1e-12, reference)
@@ -93,8 +95,8 @@ def test_float32_close_to_float64_reference(reference):
   wd = 1.2 if reference == 'modded' else 0.0
   params = make_tree(1, dtype=np.float32)
   grads = [make_tree(200 + t, dtype=np.float32) for t in range(5)]
-  got = run_orthax(orthax.normuon(0.05, reference=reference, weight_decay=wd),
-                   params, grads)
+  got = run_orthax(orthax.normuon(0.05, reference=reference, weight_decay=wd,
+                                  adam_learning_rate=0.05), params, grads)
   ref = NorMuonRef(make_tree(1), reference, 0.05, wd)
   for t in range(5):
     want = ref.step(make_tree(200 + t))

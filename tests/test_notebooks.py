@@ -16,8 +16,10 @@ executed notebook's last cell checks ``sys.prefix``).
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
+import subprocess
 import sys
 import time
 
@@ -108,8 +110,16 @@ def python_kernel(tmp_path, monkeypatch):
   return 'python3'
 
 
+@pytest.fixture(scope='module')
+def executed_dir(tmp_path_factory):
+  """Where :func:`test_notebook_executes` leaves the executed notebooks,
+  which :func:`test_docs_build` renders."""
+  return tmp_path_factory.mktemp('executed_notebooks')
+
+
 @pytest.mark.parametrize('name', [p.stem for p in PY])
-def test_notebook_executes(name, tmp_path, monkeypatch, python_kernel):
+def test_notebook_executes(name, tmp_path, monkeypatch, python_kernel,
+                           executed_dir):
   """Runs every cell (smoke mode); any cell error fails the test."""
   ipynb = NOTEBOOKS / f'{name}.ipynb'
   if not ipynb.exists():
@@ -130,3 +140,34 @@ def test_notebook_executes(name, tmp_path, monkeypatch, python_kernel):
   assert out.strip() == sys.prefix, (
       f'the kernel ran in {out.strip()!r}, not in this environment '
       f'({sys.prefix!r})')
+  nb.cells.pop()
+  nbformat.write(nb, executed_dir / f'{name}.ipynb')
+
+
+def test_docs_build(executed_dir, tmp_path):
+  """The Sphinx site builds with warnings as errors (docstrings, cross
+  references, the recipe pages, the API reference), the notebooks rendered
+  with the outputs of their smoke runs above (the committed ones, without
+  outputs, when those did not run)."""
+  pytest.importorskip('sphinx')
+  pytest.importorskip('myst_nb')
+  root = NOTEBOOKS.parent
+  have = all((executed_dir / f'{p.stem}.ipynb').exists() for p in IPYNB)
+  env = dict(os.environ)
+  if have:
+    env['ORTHAX_EXECUTED_NOTEBOOKS'] = str(executed_dir)
+  html = tmp_path / 'html'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'sphinx', '-W', '--keep-going', '-E', '-q',
+       '-b', 'html', str(root / 'docs'), str(html)],
+      capture_output=True, text=True, env=env, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  import orthax  # pylint: disable=g-import-not-at-top
+  for name in orthax.recipe_names():
+    page = (html / 'recipes' / f'{name}.html').read_text()
+    assert 'References' in page or 'reference' in page, name
+  api = (html / 'api.html').read_text()
+  assert 'map_matrices' in api and 'resolve_adam_learning_rate' in api
+  if have:  # the executed outputs are on the page (jax.devices() printed)
+    page = (html / 'notebooks' / '01_quickstart.html').read_text()
+    assert 'CpuDevice' in page or 'cpu' in page

@@ -137,7 +137,7 @@ def _toy(learning_rate=0.05, *, reference='plain', beta=0.9,
       *_common.step_stages(learning_rate, weight_decay))
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
-      adam_learning_rate=adam_learning_rate)
+      adam_learning_rate=adam_learning_rate, rms_matched=False)
 
 
 @pytest.fixture

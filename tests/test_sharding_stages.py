@@ -97,7 +97,7 @@ def test_gram_stage_sums_are_all_reduces_the_plan_counts(cases, name):
 
 def test_bench_stage_rows_match_plan():
   """scripts/bench_sharding.py's fsdp8_normuon and fsdp8_namo rows (GPT-2
-  small, the README figures). NorMuon: 8 all-to-alls and one state
+  small, the figures in docs/distributed.md). NorMuon: 8 all-to-alls and one state
   all-gather per group. NAMO's step in the body: 8 all-to-alls and the
   norms' all-reduces (XLA:CPU combines the 4 groups' into one), no
   all-gather, and no more bytes than the step applied after the body. MiB

@@ -1,6 +1,6 @@
 """The trainer on fake multi-device meshes (subprocesses; see
 tests/train_mesh_cases.py): numerics equal one device, and every config in
-configs/ passes its dry run."""
+orthax/configs/ passes its dry run."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ import sys
 import numpy as np
 import pytest
 
+from orthax import configs
+
 pytest.importorskip('ml_collections')
 pytest.importorskip('orbax.checkpoint')
 
 HERE = pathlib.Path(__file__).parent
 ROOT = HERE.parent
-CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py'))
+CONFIGS = list(configs.names())  # orthax/configs/*.py
 
 
 def _run(devices: int, what: str) -> dict:
@@ -75,7 +77,7 @@ def test_every_config_passes_its_dry_run():
 
 def test_train_script_dry_run_cli():
   proc = subprocess.run(
-      [sys.executable, 'scripts/train.py', '--config=configs/lm_cpu.py:namo',
+      [sys.executable, 'scripts/train.py', '--config=lm_cpu:namo',
        '--dry_run', '--config.mesh.fsdp=2', '--config.mesh.tensor=2'],
       capture_output=True, text=True, cwd=ROOT, timeout=600,
       env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'})

@@ -20,7 +20,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from test_train import tiny  # noqa: E402
 from test_train_robust import inject_nan  # noqa: E402
 
-CONFIGS = pathlib.Path(__file__).parent.parent / 'configs'
+CONFIGS = pathlib.Path(__file__).parent.parent / 'orthax' / 'configs'
 
 
 def load_config(name, arg=''):

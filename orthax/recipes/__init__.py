@@ -4,6 +4,10 @@ from orthax.recipes._common import assemble_with_adamw
 from orthax.recipes._common import route
 from orthax.recipes._common import step_stages
 from orthax.recipes._common import assemble
+from orthax.recipes._common import ADAMW_RATE_PER_MATRIX_RATE
+from orthax.recipes._common import recipe_routing
+from orthax.recipes._common import RecipeRouting
+from orthax.recipes._common import resolve_adam_learning_rate
 from orthax.recipes.registry import default_learning_rates
 from orthax.recipes.registry import recipe
 from orthax.recipes.registry import recipe_entry

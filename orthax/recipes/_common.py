@@ -11,6 +11,7 @@ chain and its AdamW hyperparameters; :func:`route` and
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -60,15 +61,112 @@ def step_stages(learning_rate: optax.ScalarOrSchedule, weight_decay: Any,
   ]
 
 
-def adamw_branch(learning_rate: optax.ScalarOrSchedule,
-                 adam_learning_rate: optax.ScalarOrSchedule | None,
-                 **kwargs) -> optax.GradientTransformation:
-  """The recipes' AdamW branch (:func:`orthax.transforms.adamw`) at
-  ``adam_learning_rate``, or at the matrices' ``learning_rate`` when that is
-  ``None``; ``kwargs`` go to :func:`orthax.transforms.adamw`."""
-  return T.adamw(
-      learning_rate if adam_learning_rate is None else adam_learning_rate,
-      **kwargs)
+# The AdamW branch's default rate per unit of the matrix rate where the
+# matrix update is shape-scaled (Keller's √max(1, out/in), spectral, raw)
+# rather than scaled to AdamW's update RMS: AdamW's usual peak 3e-3 over
+# Muon's 0.02, so ``orthax.muon(0.02)`` runs its AdamW branch at 3e-3.
+ADAMW_RATE_PER_MATRIX_RATE = 0.15
+
+
+def resolve_adam_learning_rate(learning_rate: optax.ScalarOrSchedule,
+                               adam_learning_rate: optax.ScalarOrSchedule
+                               | None, *, rms_matched: bool
+                               ) -> optax.ScalarOrSchedule:
+  """The AdamW branch's learning rate.
+
+  ``adam_learning_rate`` if given; else the matrices' ``learning_rate``
+  when ``rms_matched`` (the matrix update is scaled to AdamW's update RMS,
+  e.g. Moonlight's ``0.2·√max(m, n)``, so one rate fits both branches);
+  else ``learning_rate ×`` :data:`ADAMW_RATE_PER_MATRIX_RATE` (a
+  shape-scaled orthogonal update trains at 7–70× AdamW's rate). A schedule
+  is scaled step by step, so it drives both branches; so is an array
+  (``optax.inject_hyperparams``).
+  """
+  if adam_learning_rate is not None:
+    return adam_learning_rate
+  if rms_matched:
+    return learning_rate
+  k = ADAMW_RATE_PER_MATRIX_RATE
+  if callable(learning_rate):
+    return lambda count: k * learning_rate(count)
+  return k * learning_rate
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeRouting:
+  """What :func:`orthax.describe` reads off a recipe: its router and each
+  branch's learning rate (a number or a schedule), by label."""
+  router: RouterLike
+  learning_rates: dict[str, optax.ScalarOrSchedule]
+
+
+_ROUTING_ATTR = 'orthax_recipe_routing'
+
+
+def recipe_routing(tx: Any) -> RecipeRouting | None:
+  """The :class:`RecipeRouting` a recipe attached to ``tx``, or ``None``
+  (not a recipe, or wrapped, e.g. by ``optax.inject_hyperparams``)."""
+  return getattr(getattr(tx, 'update', None), _ROUTING_ATTR, None)
+
+
+def describe(params: Any, router: routing.Router | None = None, *,
+             optimizer: Any = None) -> str:
+  """Prints and returns the routing table of ``params``: each leaf's path,
+  shape, branch and matrix view, and notes on leaves that look like output
+  layers (:meth:`orthax.Router.output_layer_suspects`).
+
+  Args:
+    params: the parameter tree (arrays or ``jax.ShapeDtypeStruct``).
+    router: the :class:`orthax.Router` (default: ``optimizer``'s, else
+      ``orthax.Router()``).
+    optimizer: a recipe (``orthax.muon(...)``, ...): adds each leaf's
+      learning rate (``'schedule'`` for a schedule) and routes by the
+      recipe's router.
+
+  Raises:
+    ValueError: ``optimizer`` is not a recipe or is wrapped (e.g. by
+      ``optax.inject_hyperparams``), or its router is a labels callable
+      and no ``router`` is given.
+
+  Example:
+    >>> import jax.numpy as jnp, orthax
+    >>> params = {'embed': jnp.zeros((50, 8)), 'w': jnp.zeros((8, 8)),
+    ...           'head': jnp.zeros((8, 50))}
+    >>> _ = orthax.describe(params, optimizer=orthax.muon(0.02))
+    path   shape    label   view       lr
+    -----  -------  ------  ---------  -----
+    embed  (50, 8)  adam               0.003
+    head   (8, 50)  adam               0.003
+    w      (8, 8)   matrix  1 x 8 x 8  0.02
+  """
+  lrs = None
+  if optimizer is not None:
+    info = recipe_routing(optimizer)
+    if info is None:
+      raise ValueError(
+          'describe: optimizer carries no branch learning rates: pass an '
+          'orthax recipe itself (orthax.muon(...), orthax.recipe(name, '
+          '...)), not a plain optax transformation or one wrapped by '
+          'optax.inject_hyperparams.')
+    lrs = info.learning_rates
+    if router is None:
+      if not isinstance(info.router, routing.Router):
+        raise ValueError(
+            'describe: the optimizer routes by a labels callable, which has '
+            'no matrix views; pass router=orthax.Router(...).')
+      router = info.router
+  table = (router or routing.Router()).describe(params, lrs)
+  print(table)
+  return table
+
+
+def with_routing(tx: Any, router: RouterLike,
+                 learning_rates: dict[str, optax.ScalarOrSchedule]) -> Any:
+  """``tx`` with its :class:`RecipeRouting` attached (to its ``update``
+  function, which :func:`with_shape_check` made for this ``tx`` alone)."""
+  setattr(tx.update, _ROUTING_ATTR,
+          RecipeRouting(router, dict(learning_rates)))
+  return tx
 
 
 def with_check_finite(tx: optax.GradientTransformation, check_finite: bool
@@ -121,15 +219,26 @@ def assemble_with_adamw(
     *,
     learning_rate: optax.ScalarOrSchedule,
     adam_learning_rate: optax.ScalarOrSchedule | None,
+    rms_matched: bool,
     branches: dict[str, optax.GradientTransformation] | None = None,
+    branch_learning_rates: dict[str, optax.ScalarOrSchedule] | None = None,
     **adam_kwargs,
 ) -> optax.GradientTransformation:
   """The shared tail of a recipe: :func:`assemble` with the AdamW branch
-  :func:`adamw_branch` ``(learning_rate, adam_learning_rate,
-  **adam_kwargs)``. Every branch computes in float32 for float16/bfloat16
+  :func:`orthax.transforms.adamw` at :func:`resolve_adam_learning_rate` ``(
+  learning_rate, adam_learning_rate, rms_matched=rms_matched)`` with
+  ``adam_kwargs``. Every branch computes in float32 for float16/bfloat16
   parameters (:func:`orthax.transforms.precision.in_float32`; the AdamW
-  branch does so itself) and returns updates in the gradients' dtype."""
-  adam = adamw_branch(learning_rate, adam_learning_rate, **adam_kwargs)
+  branch does so itself) and returns updates in the gradients' dtype. The
+  result carries its :class:`RecipeRouting` (``branch_learning_rates``:
+  those of the extra ``branches``)."""
+  adam_lr = resolve_adam_learning_rate(learning_rate, adam_learning_rate,
+                                       rms_matched=rms_matched)
+  adam = T.adamw(adam_lr, **adam_kwargs)
   branches = {k: precision.in_float32(v) for k, v in (branches or {}).items()}
-  return assemble(precision.in_float32(matrix_chain), adam, router,
-                  check_finite, branches)
+  tx = assemble(precision.in_float32(matrix_chain), adam, router,
+                check_finite, branches)
+  return with_routing(tx, router, {
+      'matrix': learning_rate, 'adam': adam_lr, 'frozen': 0.0,
+      **(branch_learning_rates or {})})
+

@@ -88,8 +88,10 @@ def normuon(
   =========  ========  ======  =======  ============  ==========  =========
 
   The AdamW branch is KellerJordan/Muon's auxiliary Adam (β = (0.9, 0.95),
-  ε = 1e-10 after bias correction), with ``learning_rate`` unless
-  ``adam_learning_rate`` is given. Explicit arguments override the
+  ε = 1e-10 after bias correction), at ``adam_learning_rate``: by default
+  ``learning_rate`` for ``'paper'`` (RMS-0.2 updates, AdamW's scale) and
+  ``0.15·learning_rate`` otherwise
+  (:func:`orthax.recipes.resolve_adam_learning_rate`). Explicit arguments override the
   reference's defaults (``beta2``, ``preset``, ``weight_decay``).
   ``distributed=orthax.sharding.Distributed(...)`` runs Newton–Schulz, the
   neuron statistics, the Frobenius restore and the scale on whole matrices
@@ -125,7 +127,8 @@ def normuon(
   ]
   return _common.assemble_with_adamw(
       optax.named_chain(*stages), router, check_finite, learning_rate=lr,
-      adam_learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2,
+      adam_learning_rate=adam_learning_rate,
+      rms_matched=reference == 'paper', b1=adam_b1, b2=adam_b2,
       eps=adam_eps, weight_decay=adam_weight_decay, mu_dtype=mu_dtype)
 
 
@@ -146,8 +149,8 @@ def _namo(name, mode, learning_rate, reference, beta, mu2, eps, weight_decay,
       matrix_specs=specs)))
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
-      adam_learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2,
-      eps=adam_eps, weight_decay=(weight_decay if adam_weight_decay is None
+      adam_learning_rate=adam_learning_rate, rms_matched=True,
+      b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=(weight_decay if adam_weight_decay is None
                                   else adam_weight_decay),
       eps_placement='raw', mu_dtype=mu_dtype)
 
@@ -353,15 +356,18 @@ def lanton(
       normalization=normalization, alpha=alpha, nuclear=nuclear,
       ns_preset=noise_ns_preset, weight_decay=weight_decay,
       matrix_specs=specs)))
+  signum_lr = (learning_rate if signum_learning_rate is None
+               else signum_learning_rate)
   signum = optax.named_chain(
       ('signum_momentum', T.momentum(signum_beta, form='ema', nesterov=False,
                                      accumulator_dtype=mu_dtype)),
       ('sign', optax.scale_by_sign()),
-      ('scale_by_signum_learning_rate', optax.scale_by_learning_rate(
-          learning_rate if signum_learning_rate is None
-          else signum_learning_rate)))
+      ('scale_by_signum_learning_rate',
+       optax.scale_by_learning_rate(signum_lr)))
   return _common.assemble_with_adamw(
       matrix, signum_labels(router, signum_pattern), check_finite,
       learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
-      branches={'signum': signum}, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+      rms_matched=False, branches={'signum': signum},
+      branch_learning_rates={'signum': signum_lr}, b1=adam_b1, b2=adam_b2,
+      eps=adam_eps,
       weight_decay=adam_weight_decay, mu_dtype=mu_dtype)

@@ -106,7 +106,9 @@ def aro(
       floating-point arithmetic, for comparison.
     weight_decay: λ for matrices.
     mu_dtype: momentum dtype (both branches; default float32 or wider).
-    adam_learning_rate: AdamW learning rate (default: ``learning_rate``).
+    adam_learning_rate: AdamW learning rate (default: ``learning_rate``
+      under ``scale='update_rms'``, else ``0.15·learning_rate``; see
+      :func:`orthax.recipes.resolve_adam_learning_rate`).
     adam_b1, adam_b2, adam_eps: AdamW moments and epsilon.
     adam_weight_decay: AdamW decay (default: λ for ``'dion'``, else 0).
     router: a :class:`orthax.Router` or a ``params -> labels`` callable.
@@ -149,5 +151,6 @@ def aro(
     adam_weight_decay = weight_decay if d['adam_shares_wd'] else 0.0
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
-      adam_learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2,
+      adam_learning_rate=adam_learning_rate,
+      rms_matched=scale == 'update_rms', b1=adam_b1, b2=adam_b2,
       eps=adam_eps, weight_decay=adam_weight_decay, mu_dtype=mu_dtype)

@@ -125,7 +125,8 @@ def dct_adamw(
     max_shape: matrices with a side ``≥`` this go to AdamW (default 32000).
     weight_decay: λ, decoupled (``W(1-ηλ)``), both branches by default.
     adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay: the
-      AdamW branch's (default: the matrices' values).
+      AdamW branch's (default: the matrices' values; both branches are
+      AdamW steps, on the same scale).
     router: a :class:`orthax.Router` or a ``params -> labels`` callable.
     distributed: an :class:`orthax.sharding.Distributed`: each matrix is
       projected whole on one device of the mesh, its state kept there.
@@ -164,6 +165,6 @@ def dct_adamw(
   return _common.assemble_with_adamw(
       matrix, limit_matrix_size(router, max_shape), check_finite,
       learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
-      b1=pick(adam_b1, b1), b2=pick(adam_b2, b2), eps=pick(adam_eps, eps),
+      rms_matched=True, b1=pick(adam_b1, b1), b2=pick(adam_b2, b2), eps=pick(adam_eps, eps),
       weight_decay=pick(adam_weight_decay, weight_decay),
       eps_placement='corrected')

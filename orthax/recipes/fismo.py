@@ -95,10 +95,10 @@ def fismo(
   Cost per ``m×n`` matrix and step: ``8(m²n + mn²)`` for the Kronecker
   statistics and the (un)whitening, two ``eigh`` and Newton–Schulz (about
   2× Muon's FLOPs for a square matrix, but ``eigh`` is slow per FLOP: see
-  the README's timings against Muon). State: ``M`` (``mn``), ``P``
-  (``m²``), ``Q`` and the last ``Q⁻¹`` (``n²`` each) in float32 (three more
-  square matrices with ``precondition_every > 1``), kept per matrix on the
-  device that steps it.
+  the timings against Muon in docs/performance.md). State: ``M``
+  (``mn``), ``P`` (``m²``), ``Q`` and the last ``Q⁻¹`` (``n²`` each) in
+  float32 (three more square matrices with ``precondition_every > 1``),
+  kept per matrix on the device that steps it.
 
   Args:
     learning_rate: η of the matrix branch (number or schedule).
@@ -116,7 +116,9 @@ def fismo(
       ``'none'``.
     scale_rms: RMS target of the ``moonlight`` scale.
     weight_decay: λ for matrices (decoupled, ``W ← W(1-ηλ)``).
-    adam_learning_rate: AdamW learning rate (default: ``learning_rate``).
+    adam_learning_rate: AdamW learning rate (default: ``learning_rate``
+      under ``scale='moonlight'``, else ``0.15·learning_rate``; see
+      :func:`orthax.recipes.resolve_adam_learning_rate`).
     adam_b1, adam_b2, adam_eps: AdamW moments and epsilon.
     adam_weight_decay: AdamW weight decay.
     router: a :class:`orthax.Router` or a ``params -> labels`` callable.
@@ -148,7 +150,8 @@ def fismo(
   )
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
-      adam_learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2,
+      adam_learning_rate=adam_learning_rate,
+      rms_matched=scale == 'moonlight', b1=adam_b1, b2=adam_b2,
       eps=adam_eps, weight_decay=adam_weight_decay)
 
 

@@ -107,7 +107,12 @@ def muon(
     mu_dtype: momentum accumulator dtype (both branches; default float32,
       or the parameters' dtype if wider: every branch computes in float32
       and rounds the update to the gradients' dtype once).
-    adam_learning_rate: AdamW learning rate (default: ``learning_rate``).
+    adam_learning_rate: AdamW learning rate (default: ``learning_rate``
+      under the ``moonlight`` scale, whose update RMS is AdamW's; else
+      ``0.15·learning_rate``, 3e-3 at the default 0.02: see
+      :func:`orthax.recipes.resolve_adam_learning_rate`).
+      ``optax.contrib.muon`` reuses ``learning_rate``: pass
+      ``adam_learning_rate=learning_rate`` to reproduce it.
     adam_b1, adam_b2, adam_eps: AdamW moments and epsilon.
     adam_weight_decay: AdamW weight decay (default 0; Moonlight: λ).
     router: a :class:`orthax.Router` or a ``params -> labels`` callable;
@@ -117,6 +122,16 @@ def muon(
     check_finite: skip a step whose gradient holds NaN/Inf, on device
       (update zero, state kept; :func:`orthax.skip_if_nonfinite`), and
       flag its leaves in the state (:func:`orthax.nonfinite_leaves`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, orthax
+    >>> params = {'w': jnp.ones((8, 16)), 'b': jnp.zeros(16)}
+    >>> tx = orthax.muon(0.02)        # 'w' -> Newton–Schulz, 'b' -> AdamW
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> round(float(jnp.abs(updates['b']).max()), 6)   # AdamW at 0.15·0.02
+    0.003
 
   References: K. Jordan, *Muon: An optimizer for hidden layers* (2024),
   github.com/KellerJordan/Muon; Liu et al., *Muon is Scalable for LLM
@@ -153,7 +168,7 @@ def muon(
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate,
-      b1=adam_b1, b2=d['adam_b2'] if adam_b2 is None else adam_b2,
+      rms_matched=scale == 'moonlight', b1=adam_b1, b2=d['adam_b2'] if adam_b2 is None else adam_b2,
       eps=d['adam_eps'] if adam_eps is None else adam_eps,
       weight_decay=adam_weight_decay, mu_dtype=mu_dtype,
       eps_placement=d['adam_eps_placement'],

@@ -85,12 +85,12 @@ def spectra(
   ``'frozen'`` labels are not honoured: the base step updates every leaf
   (wrap the recipe in ``optax.partition`` to freeze some).
 
-  =========  =====  ===========  ===============  ===========================
-  reference  steps  step rule    λ_max bound      source
-  =========  =====  ===========  ===============  ===========================
-  ``orthax`` 12     scaled       per matrix       1e-6 accurate to σ/c = 1e3
-  ``repo``   10     plain 3/2    shared per leaf  ``clip_sigvals`` @ ed9df11
-  =========  =====  ===========  ===============  ===========================
+  ==========  =====  ===========  ===============  ===========================
+  reference   steps  step rule    λ_max bound      source
+  ==========  =====  ===========  ===============  ===========================
+  ``orthax``  12     scaled       per matrix       1e-6 accurate to σ/c = 1e3
+  ``repo``    10     plain 3/2    shared per leaf  ``clip_sigvals`` @ ed9df11
+  ==========  =====  ===========  ===============  ===========================
 
   The reference's 10 plain steps are inaccurate once ``σ_max/c`` is large
   (0.17 relative error at 600; see :mod:`orthax.polar.spectral`); its
@@ -112,9 +112,10 @@ def spectra(
     weight_decay: λ of the base optimizer.
     ns_steps, step_rule, shared_bound: override the reference's clip settings.
     apply_to: ``'all'`` (reference CLI default) or ``'2d'``.
-    warmup_steps, base_learning_rate, clip_decay, clip_decay_fraction,
-      clip_final_scale, total_steps: threshold schedule
-      (:func:`orthax.transforms.clip_threshold`; the 780M runs decay c to 0
+    warmup_steps: the threshold schedule
+      (:func:`orthax.transforms.clip_threshold`), with
+      ``base_learning_rate``, ``clip_decay``, ``clip_decay_fraction``,
+      ``clip_final_scale`` and ``total_steps`` (the 780M runs decay c to 0
       with ``clip_decay='sqrt'``).
     router: a :class:`orthax.Router` giving the matrix views.
     check_finite: skip a step whose gradient holds NaN/Inf, on device
@@ -150,8 +151,11 @@ def spectra(
   tx = precision.in_float32(
       optax.named_chain(('base', base), ('spectral_clip', clip)))
   # No AdamW branch and no partition: the chain itself follows the check.
-  return _common.with_shape_check(
-      _common.with_check_finite(tx, check_finite))
+  # Every leaf takes the base AdamW step at `learning_rate`; the matrices'
+  # are then clipped.
+  return _common.with_routing(
+      _common.with_shape_check(_common.with_check_finite(tx, check_finite)),
+      router, {'matrix': learning_rate, 'adam': learning_rate})
 
 
 @registry.register('root', references=('repo',), learning_rate=0.02,
@@ -217,8 +221,9 @@ def root(
   )
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
-      adam_learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2,
-      eps=adam_eps, weight_decay=weight_decay, eps_placement='raw',
+      adam_learning_rate=adam_learning_rate, rms_matched=True,
+      b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=weight_decay,
+      eps_placement='raw',
       mu_dtype=mu_dtype)
 
 
@@ -272,7 +277,8 @@ def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
   return _common.assemble_with_adamw(
       optax.named_chain(*stages), router, check_finite,
       learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
-      b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=0.0,
+      rms_matched=False, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+      weight_decay=0.0,
       eps_placement='corrected', mu_dtype=mu_dtype)
 
 

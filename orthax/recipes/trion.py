@@ -57,8 +57,10 @@ def trion(
   ``c`` is the shape scale of ``scaling`` (see
   :func:`orthax.transforms.scale_by_trion`). Vectors, embeddings and heads
   go to Adam (bias-corrected, betas ``(0.9, 0.95)``, ``eps=1e-10``, at
-  ``adam_learning_rate``; the reference's is ``3e-4``). The state per matrix is ``B`` (as Muon's
-  momentum); on a mesh it stays on the device that owns the matrix.
+  ``adam_learning_rate``, default ``0.15·learning_rate``, or
+  ``learning_rate`` under ``scaling='kimi'``; the reference's is
+  ``3e-4``). The state per matrix is ``B`` (as Muon's momentum); on a mesh
+  it stays on the device that owns the matrix.
 
   ``reference='ista'`` (the only mode) is IST-DASLab/ISTA-DASLab-Optimizers
   @4c98e6e ``fft_low_rank/trion.py`` with its two undefined names
@@ -80,11 +82,12 @@ def trion(
     scaling: ``'kj'``, ``'none'``, ``'kimi'`` or ``'dion'``.
     ns_dtype: dtype of the Newton–Schulz iteration.
     weight_decay: λ, decoupled (``W(1-ηλ)``).
-    adam_learning_rate: Adam's learning rate (default: ``learning_rate``,
-      as every recipe, so that a schedule drives both branches). The
-      trainer's default, registered with the recipe, is ``3e-3`` as for
-      every recipe: the reference's ``3e-4`` left the trainer's 24-step
-      test model 0.6 nats behind.
+    adam_learning_rate: Adam's learning rate (default: ``learning_rate``
+      under ``scaling='kimi'``, else ``0.15·learning_rate``: see
+      :func:`orthax.recipes.resolve_adam_learning_rate`). The trainer's
+      default, registered with the recipe, is ``3e-3`` as for every recipe:
+      the reference's ``3e-4`` left the trainer's 24-step test model 0.6
+      nats behind.
     adam_b1, adam_b2, adam_eps: Adam's betas and epsilon.
     adam_weight_decay: Adam's weight decay (default: ``weight_decay``).
     router: a :class:`orthax.Router` or a ``params -> labels`` callable.
@@ -120,6 +123,6 @@ def trion(
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate,
-      b1=adam_b1, b2=adam_b2, eps=adam_eps,
+      rms_matched=scaling == 'kimi', b1=adam_b1, b2=adam_b2, eps=adam_eps,
       weight_decay=weight_decay if adam_weight_decay is None
       else adam_weight_decay, eps_placement='corrected')

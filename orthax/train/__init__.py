@@ -17,7 +17,7 @@ notebooks import (needs the ``scripts`` extra: flax, orbax, ml_collections):
 * :mod:`~orthax.train.dry_run` — compile a config on a fake mesh;
 * :mod:`~orthax.train.compare` — several optimizers on one config;
 * :mod:`~orthax.train.sweep` — a resumable learning-rate sweep;
-* :mod:`~orthax.train.configs` — defaults that ``configs/*.py`` build on,
+* :mod:`~orthax.train.configs` — defaults that ``orthax/configs/*.py`` build on,
   and the config check.
 """
 

@@ -1,4 +1,4 @@
-"""Building blocks of ``configs/*.py``: the full default config, and the
+"""Building blocks of ``orthax/configs/*.py``: the full default config, and the
 ``optimizer`` section of every supported optimizer.
 
 Every key the trainer reads is in :func:`base_config`, with its default;
@@ -114,6 +114,11 @@ def base_config(optimizer_name: str = 'muon') -> ml_collections.ConfigDict:
       steps=200, log_every=10, eval_every=50,
       eval_batches=ml_collections.FieldReference(8, field_type=int),
       checkpoint_every=0, max_to_keep=2, tensorboard=False,
+      # Weights & Biases project (needs wandb); None: off.
+      wandb_project=ml_collections.FieldReference(None, field_type=str),
+      # Peak FLOP/s of one device for the MFU metric; None: from the
+      # device kind (orthax.train.flops), no MFU where unknown (CPUs).
+      peak_flops=ml_collections.FieldReference(None, field_type=float),
       # On a step whose gradient has a NaN/Inf (the recipe's guard skips
       # it): 'raise' stops naming the step and leaves; 'skip' logs, counts
       # and stops after max_consecutive_skips skipped steps in a row.

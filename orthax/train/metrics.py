@@ -36,11 +36,14 @@ class MetricWriter:
   the file always describes one consistent run with no step twice; with
   ``resume_step=0`` the file starts empty (:mod:`orthax.train.rundir`
   refuses that unless forced). The rewrite is atomic. ``tensorboard=True``
-  also writes scalars with ``tensorboardX`` (an optional dependency).
+  also writes scalars with ``tensorboardX`` (the ``scripts`` extra) under
+  ``<workdir>/tensorboard``; ``wandb_project`` also logs every record to
+  Weights & Biases (``wandb``, when installed) with ``config``.
   """
 
   def __init__(self, workdir: str | None, resume_step: int = 0,
-               tensorboard: bool = False):
+               tensorboard: bool = False, wandb_project: str | None = None,
+               config: dict[str, Any] | None = None):
     self.path = None if workdir is None else os.path.join(workdir,
                                                           'metrics.jsonl')
     self.records: list[dict[str, Any]] = []
@@ -65,6 +68,15 @@ class MetricWriter:
         raise ValueError('train.tensorboard=True needs the tensorboardX '
                          'package (pip install tensorboardX).') from e
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._wandb = None
+    if wandb_project:
+      try:
+        import wandb  # pylint: disable=g-import-not-at-top
+      except ImportError as e:
+        raise ValueError(f'train.wandb_project={wandb_project!r} needs the '
+                         'wandb package (pip install wandb).') from e
+      self._wandb = wandb.init(project=wandb_project, config=config,
+                               dir=workdir, resume='allow')
 
   def write(self, record: dict[str, Any]) -> None:
     record = {k: (float(v) if not isinstance(v, (str, int)) else v)
@@ -77,10 +89,36 @@ class MetricWriter:
       for k, v in record.items():
         if k != 'step' and isinstance(v, float) and math.isfinite(v):
           self._tb.add_scalar(k, v, record['step'])
+    if self._wandb is not None:
+      self._wandb.log({k: v for k, v in record.items() if k != 'step'},
+                      step=record['step'])
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+
+
+class Smoothed:
+  """The loss shown on the progress line: an exponential moving average
+  ``s ← βs + (1-β)x``, divided by ``1 - β^n`` so that the first values are
+  not pulled towards 0 (Adam's bias correction)."""
+
+  def __init__(self, beta: float = 0.9):
+    self.beta, self.n, self.ema = beta, 0, 0.0
+
+  def add(self, x: float) -> None:
+    if math.isfinite(x):  # a skipped step's NaN does not poison the line
+      self.n += 1
+      self.ema = self.beta * self.ema + (1 - self.beta) * x
+
+  def value(self) -> float:
+    return self.ema / (1 - self.beta ** self.n) if self.n else float('nan')
+
+  def info(self) -> dict[str, float]:
+    """``{'loss': smoothed}``, or ``{}`` before the first value."""
+    return {'loss': self.value()} if self.n else {}
 
 
 def _redraws_in_place(stream: Any) -> bool:

@@ -19,6 +19,7 @@ config (the config form of :func:`orthax.sharding.plan`).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, Callable, Mapping
 
@@ -58,8 +59,17 @@ def schedule_shape(total_steps: int, *, kind: str = 'cosine',
   return optax.join_schedules([warm, decay], [warmup_steps])
 
 
-def _scaled(shape, peak: float):
-  return lambda step: peak * shape(step)
+@dataclasses.dataclass(frozen=True)
+class PeakSchedule:
+  """``η_b(t) = peak · shape(t)``: one branch's schedule."""
+  shape: Callable[[Any], Any]
+  peak: float
+
+  def __call__(self, step):
+    return self.peak * self.shape(step)
+
+
+_scaled = PeakSchedule
 
 
 # Keys of the ``optimizer`` section; any other keyword of the optimizer goes
@@ -124,11 +134,13 @@ def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,
 
   ``opt_config`` keys: ``name`` (a registered recipe or ``'adamw'``),
   ``learning_rate`` (peak of the main branch), ``adam_learning_rate``
-  (peak of a recipe's AdamW branch; ``None``: the recipe's default, i.e. the
-  main peak), ``weight_decay``, ``adam_weight_decay`` (``None``: recipe
-  default) and ``kwargs`` (any other keyword of the recipe; see
-  :func:`keywords`). ``distributed`` (an :class:`orthax.Distributed`) goes
-  to recipes that accept it.
+  (peak of a recipe's AdamW branch; ``None``: the recipe's default for the
+  main peak, :func:`orthax.recipes.resolve_adam_learning_rate`),
+  ``weight_decay``, ``adam_weight_decay`` (``None``: recipe default) and
+  ``kwargs`` (any other keyword of the recipe; see :func:`keywords`).
+  ``distributed`` (an :class:`orthax.Distributed`) goes to recipes that
+  accept it. Each schedule is a :class:`PeakSchedule` (its ``peak`` is the
+  branch's peak learning rate).
   """
   validate(opt_config)
   cfg = dict(opt_config)
@@ -146,15 +158,18 @@ def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,
   accepted = inspect.signature(factory).parameters
   sched = _scaled(shape, lr)
   kwargs['learning_rate'] = sched
-  branches = {'matrix' if 'adam_learning_rate' in accepted else 'base': sched}
-  if 'adam_learning_rate' in accepted:
-    adam_lr = cfg.get('adam_learning_rate')
-    adam_sched = _scaled(shape, lr if adam_lr is None else float(adam_lr))
-    kwargs['adam_learning_rate'] = adam_sched
-    branches['adam'] = adam_sched
   for key in ('weight_decay', 'adam_weight_decay'):
     if cfg.get(key) is not None and key in accepted:
       kwargs[key] = float(cfg[key])
+  branches = {'matrix' if 'adam_learning_rate' in accepted else 'base': sched}
+  if 'adam_learning_rate' in accepted:
+    adam_lr = cfg.get('adam_learning_rate')
+    if adam_lr is None:  # the recipe's own default for this peak
+      adam_lr = orthax.recipes.recipe_routing(
+          factory(**{**kwargs, 'learning_rate': lr})).learning_rates['adam']
+    adam_sched = _scaled(shape, float(adam_lr))
+    kwargs['adam_learning_rate'] = adam_sched
+    branches['adam'] = adam_sched
   if distributed is not None and 'distributed' in accepted:
     kwargs['distributed'] = distributed
   return factory(**kwargs), branches

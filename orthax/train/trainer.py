@@ -3,7 +3,7 @@ directory → model, optimizer, steps → (restore) → loop with logging,
 evaluation, checkpoints, the non-finite policy and preemption.
 
 A config is a nested mapping (an ``ml_collections.ConfigDict`` from
-``configs/*.py`` or a plain dict) with the sections ``model``, ``data``,
+``orthax/configs/*.py`` or a plain dict) with the sections ``model``, ``data``,
 ``optimizer``, ``schedule``, ``mesh`` and ``train`` and a ``seed``; see
 :func:`orthax.train.configs.base_config` for every key.
 
@@ -35,6 +35,7 @@ from orthax.train import checkpoint as ckpt_lib
 from orthax.train import configs
 from orthax.train import data as data_lib
 from orthax.train import faults
+from orthax.train import flops as flops_lib
 from orthax.train import metrics as metrics_lib
 from orthax.train import model as model_lib
 from orthax.train import optim
@@ -83,6 +84,8 @@ class Setup:
   train_step: Callable
   eval_step: Callable
   initial_params: Any = None  # None when built abstract
+  flops_per_token: float = 0.0     # model FLOPs (orthax.train.flops)
+  peak_flops: float | None = None  # all devices' peak FLOP/s, if known
 
 
 def build(config: Any, vocab_size: int, *, devices=None,
@@ -117,9 +120,14 @@ def build(config: Any, vocab_size: int, *, devices=None,
   shardings = step_lib.state_shardings(tx, abstract_params, specs, mesh)
   init, train_step, eval_step = step_lib.make_steps(
       graphdef, abstract_state, tx, shardings, mesh)
+  peak = (cfg['train'].get('peak_flops')
+          or flops_lib.peak_flops(mesh.devices.flat[0].device_kind))
   return Setup(cfg, mesh, mcfg, graphdef, abstract_state, abstract_params,
                specs, tx, schedules, shardings, init, train_step, eval_step,
-               None if abstract else params)
+               None if abstract else params,
+               flops_lib.flops_per_token(
+                   mcfg, model_lib.num_params(abstract_params)),
+               None if not peak else float(peak) * mesh.size)
 
 
 def loaders(cfg: dict[str, Any]):
@@ -201,6 +209,8 @@ class Loop:
   bar: metrics_lib.Progress
   clock: Clock
   watch: faults.SkipWatch
+  smooth: metrics_lib.Smoothed = dataclasses.field(
+      default_factory=metrics_lib.Smoothed)
 
   def run(self, state: Any, start: int, end: int,
           sigterm: threading.Event) -> tuple[Any, bool]:
@@ -211,9 +221,13 @@ class Loop:
     total = int(tr['steps'])
     log_every, eval_every = int(tr['log_every']), int(tr['eval_every'] or 0)
     batch_sh = partitioning.batch_sharding(self.setup.mesh)
+    lagged = None  # the previous step's loss, read once this one is queued
     for step in range(start, end):
       state, m = self.setup.train_step(
           state, jax.device_put(self.train_data.batch(step), batch_sh))
+      if self.bar.tty and lagged is not None:
+        self.smooth.add(float(lagged))
+      lagged = m['loss']
       done = step + 1
       self.clock.tick(m)
       preempted = sigterm.is_set() and done < end
@@ -225,7 +239,7 @@ class Loop:
       if is_log or is_eval:
         self.log(done, m, state.params, bool(is_eval))
       else:
-        self.bar.update(done, {})
+        self.bar.update(done, self.smooth.info())
       if is_save:
         ckpt.save(done, state, force=True)
       if preempted:
@@ -251,6 +265,13 @@ class Loop:
               self.setup.schedules.items()},
            'tokens': step * self.train_data.tokens_per_batch,
            'tokens_per_s': self.clock.rate()}
+    # Seconds per step, evaluation left out (none yet after the first).
+    rate = rec['tokens_per_s']
+    rec['step_time_s'] = (self.clock.tokens_per_batch / rate if rate > 0
+                          else float('nan'))
+    peak = self.setup.peak_flops
+    if peak:
+      rec['mfu'] = self.setup.flops_per_token * rec['tokens_per_s'] / peak
     if is_eval:
       t0 = time.perf_counter()
       rec['val_loss'] = evaluate(self.setup, params, self.val_data,
@@ -260,9 +281,13 @@ class Loop:
     self.writer.write(rec)
     if not math.isfinite(rec['loss']) and not rec.get('skipped'):
       raise FloatingPointError(f'loss is {rec["loss"]} at step {step}.')
-    self.bar.update(step, {'loss': rec['loss'],
+    if not self.bar.tty:  # the smoothed loss is read step by step on a tty
+      self.smooth.add(rec['loss'])
+    self.bar.update(step, {**self.smooth.info(),
                            **({'val': rec['val_loss']} if is_eval else {}),
-                           'tok/s': rec['tokens_per_s']}, force=True)
+                           'tok/s': rec['tokens_per_s'],
+                           **({'mfu': rec['mfu']} if 'mfu' in rec else {})},
+                    force=True)
 
   def close(self) -> None:
     """Ends the progress line, the metric writer and pending saves."""
@@ -298,11 +323,14 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
     rundir.prepare(workdir, cfg, resuming=bool(ckpt.all_steps()),
                    force=force)
   setup = build(cfg, vocab)
+  log.info('%s', startup_summary(setup))
   state = _initial_state(setup, ckpt)
   start, total = int(state.step), int(tr['steps'])
   loop = Loop(setup, train_data, val_data, ckpt,
-              metrics_lib.MetricWriter(workdir, resume_step=start,
-                                       tensorboard=bool(tr.get('tensorboard'))),
+              metrics_lib.MetricWriter(
+                  workdir, resume_step=start,
+                  tensorboard=bool(tr.get('tensorboard')),
+                  wandb_project=tr.get('wandb_project'), config=cfg),
               metrics_lib.Progress(total, enabled=progress, label=label),
               Clock(train_data.tokens_per_batch),
               faults.SkipWatch(tr.get('nonfinite', 'raise'),
@@ -316,6 +344,17 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
     finally:
       loop.close()
   return _result(setup, state, loop.writer.records, preempted, start)
+
+
+def startup_summary(setup: Setup) -> str:
+  """One line: the optimizer, each branch's peak learning rate, the
+  parameter count and the mesh."""
+  peaks = ', '.join(f'{b} {getattr(s, "peak", float("nan")):.4g}'
+                    for b, s in setup.schedules.items())
+  mesh = 'x'.join(f'{n}{a}' for a, n in setup.mesh.shape.items() if n > 1)
+  return (f'optimizer {setup.config["optimizer"]["name"]}: peak learning '
+          f'rate {peaks}; {model_lib.num_params(setup.abstract_params):,} '
+          f'parameters; mesh {mesh or "1 device"}')
 
 
 def _result(setup: Setup, state: Any, recs: list[dict[str, Any]],

@@ -135,6 +135,15 @@ def orthogonalize(
       are the whole matrix's. The state is then an
       :class:`OrthogonalizeState` with each stage's state under its name.
 
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, orthax
+    >>> g = {'w': jax.random.normal(jax.random.key(0), (64, 32))}
+    >>> tx = orthax.orthogonalize('polar_express_paper')
+    >>> u, _ = tx.update(g, tx.init(g))
+    >>> s = np.linalg.svd(np.asarray(u['w']), compute_uv=False)
+    >>> bool(np.all(np.abs(s - 1) < 1e-3))   # U Vᵀ: singular values 1
+    True
+
   References: K. Jordan, *Muon* (2024); Amsel et al. arXiv 2505.16932;
   Zhang, Amsel, Chen, Dao, *Gram Newton–Schulz* (Dao AI Lab blog, 2026).
   """

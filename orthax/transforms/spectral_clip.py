@@ -252,8 +252,9 @@ def spectral_clip(
     shared_bound: one ``λ_max`` bound per leaf over its batch of matrices
       (the reference) instead of one per matrix.
     apply_to: ``'2d'`` (matrix leaves only) or ``'all'`` (vectors too).
-    warmup_steps, base_learning_rate, decay, decay_fraction, final_scale,
-      total_steps: the threshold schedule (:func:`clip_threshold`).
+    warmup_steps: the threshold schedule (:func:`clip_threshold`), with
+      ``base_learning_rate``, ``decay``, ``decay_fraction``,
+      ``final_scale`` and ``total_steps``.
     matrix_specs: see :func:`resolve_clip_specs` (default: every leaf of rank
       ≥ 2 is a batch of ``(in, out)`` matrices).
     group: clip same-shape matrices from all leaves in one stacked call.

@@ -3,7 +3,7 @@ width 128, RoPE) on the text of Python's own documentation
 (``pydoc_data``), 200 steps of 16×128 bytes: about two minutes on 2 CPU
 cores.
 
-``--config=configs/lm_cpu.py:<optimizer>`` picks ``adamw`` or any registered
+``--config=lm_cpu:<optimizer>`` picks ``adamw`` or any registered
 orthax recipe (``muon`` default, ``normuon``, ``namo``, ``namo_d``,
 ``spectra``, ``root``, ``auon``, ``hybrid_auon``, ``lanton``);
 ``--config.optimizer.learning_rate=0.01`` etc. override single keys.

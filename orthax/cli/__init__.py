@@ -1,0 +1,89 @@
+"""The command-line tools: ``orthax-train``, ``orthax-compare``,
+``orthax-sweep`` and ``orthax-prepare-data`` (entry points of the
+distribution; ``scripts/*.py`` call the same functions).
+
+Each tool is one module with ``define_flags()`` (its absl flags, defined
+when the tool runs rather than on import, so that the modules import side
+by side) and ``run(argv=None)``. They need the ``scripts`` extra
+(``pip install 'orthax-optim[scripts]'``). ``--config`` takes a packaged
+config by name from any directory (``--config=lm_cpu:normuon``; see
+:mod:`orthax.configs`) or a path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from orthax import configs as packaged_configs
+
+
+def require_scripts_extra(tool: str) -> None:
+  """Exits with a message naming the extra if absl or ml_collections are
+  missing (the core package does not depend on them)."""
+  try:
+    import absl  # pylint: disable=g-import-not-at-top,unused-import
+    import ml_collections  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    sys.exit(f'{tool} needs the trainer\'s dependencies ({e.name} is '
+             "missing): pip install 'orthax-optim[scripts]'")
+
+
+def config_argv(argv: Sequence[str]) -> list[str]:
+  """``argv`` with each ``--config`` value given by packaged name resolved
+  to its file (:func:`orthax.configs.resolve`); exits naming the value and
+  the packaged configs when it is neither."""
+  out, argv = [], list(argv)
+  for i, a in enumerate(argv):
+    if a.startswith('--config='):
+      a = '--config=' + _config_file(a[len('--config='):])
+    elif i > 0 and argv[i - 1] == '--config':
+      a = _config_file(a)
+    out.append(a)
+  return out
+
+
+def _config_file(value: str) -> str:
+  resolved = packaged_configs.resolve(value)
+  if not os.path.isfile(resolved.partition(':')[0]):
+    sys.exit(f'--config={value}: no such file, and no packaged config of '
+             f'that name (packaged: {", ".join(packaged_configs.names())}).')
+  return resolved
+
+
+def run_app(tool: str, doc: str, define_flags: Callable[[], Any],
+            main: Callable[[Any], None],
+            argv: Sequence[str] | None = None) -> None:
+  """Defines the tool's flags and runs ``main(flags)`` under
+  ``absl.app`` with ``argv`` (default ``sys.argv``) after
+  :func:`config_argv`; ``--help`` shows ``doc`` and the tool's flags."""
+  require_scripts_extra(tool)
+  # pylint: disable=g-import-not-at-top
+  from absl import app
+  from absl import flags
+  argv = list(sys.argv if argv is None else argv)
+  main_module = sys.modules['__main__']
+  if not getattr(main_module, '__doc__', None):  # an entry point's wrapper
+    main_module.__doc__ = doc
+  holders = define_flags()
+  for holder in vars(holders).values():  # listed by --help, not --helpfull
+    flags.FLAGS.register_flag_by_module(argv[0], flags.FLAGS[holder.name])
+  app.run(lambda _: main(holders), argv=config_argv(argv))
+
+
+def quiet_library_logs() -> None:
+  """WARNING and above from the libraries unless ``--verbosity`` was given.
+
+  Under ``absl.app`` every INFO line of JAX (its probing for a TPU backend)
+  and orbax (about 40 per checkpoint) reaches the terminal and breaks the
+  progress line. This raises absl's verbosity to WARNING when the command
+  line did not set it, and keeps the trainer's own INFO notes
+  (``orthax.train``: e.g. which checkpoint a run resumed from).
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS['verbosity'].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger('orthax.train').setLevel(logging.INFO)

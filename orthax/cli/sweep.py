@@ -1,0 +1,82 @@
+"""``orthax-sweep``: learning-rate sweep of every recipe at two widths and
+two seeds (resumable).
+
+    orthax-sweep                                     # everything
+    orthax-sweep --optimizers=adamw,muon --max_runs=10
+    orthax-sweep --summarize_only                    # table and plots
+
+Each optimizer at its default peak learning rate × {1/4, 1/2, 1, 2, 4, 8} on
+the embedded corpus (the ``lm_cpu`` config) at d_model 128 and 256, seeds 0
+and 1. Runs are appended to ``<out>/runs.jsonl`` as they finish; rerunning
+the same command continues the sweep. Writes ``<out>/summary.md`` (best
+learning rate per width, loss at the default and at the best, steps to
+AdamW's best loss) and ``<out>/lr_<optimizer>.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+from typing import Sequence
+
+from orthax import cli
+from orthax import configs
+
+
+def define_flags() -> types.SimpleNamespace:
+  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  from ml_collections import config_flags
+  return types.SimpleNamespace(
+      config=config_flags.DEFINE_config_file(
+          'config', configs.path('lm_cpu'),
+          'Base config, by packaged name or file (its optimizer, width and '
+          'seed are replaced).'),
+      optimizers=flags.DEFINE_list(
+          'optimizers', None, 'adamw and/or recipe names (default: adamw '
+          'and every registered recipe).'),
+      scales=flags.DEFINE_list(
+          'scales', ['0.25', '0.5', '1', '2', '4', '8'],
+          'Multiples of each default peak learning rate.'),
+      widths=flags.DEFINE_list('widths', ['128', '256'], 'Model widths.'),
+      seeds=flags.DEFINE_list('seeds', ['0', '1'], 'Seeds.'),
+      steps=flags.DEFINE_integer('steps', None, 'Override train.steps.'),
+      eval_every=flags.DEFINE_integer('eval_every', 25,
+                                      'Validation interval.'),
+      max_runs=flags.DEFINE_integer('max_runs', None,
+                                    'Stop after this many new runs.'),
+      summarize_only=flags.DEFINE_bool(
+          'summarize_only', False, 'Train nothing; summarize what is there.'),
+      out=flags.DEFINE_string('out', 'sweep_out', 'Output directory.'))
+
+
+def main(f: types.SimpleNamespace) -> None:
+  # pylint: disable=g-import-not-at-top
+  from orthax.train import configs as train_configs
+  from orthax.train import sweep
+  cli.quiet_library_logs()
+  spec = sweep.SweepSpec(
+      optimizers=tuple(f.optimizers.value or train_configs.optimizer_names()),
+      scales=tuple(float(s) for s in f.scales.value),
+      widths=tuple(int(w) for w in f.widths.value),
+      seeds=tuple(int(s) for s in f.seeds.value),
+      steps=f.steps.value, eval_every=f.eval_every.value)
+  out = f.out.value
+  runs = sweep.run(f.config.value, spec, out,
+                   max_runs=0 if f.summarize_only.value else f.max_runs.value)
+  print(f'{len(runs)} of {len(spec.keys())} runs done '
+        f'({sum(r["seconds"] for r in runs) / 3600:.2f} h of training)')
+  rows = sweep.summarize(runs)
+  md = sweep.table(rows)
+  print(md)
+  with open(os.path.join(out, 'summary.md'), 'w') as fh:
+    fh.write(md + '\n')
+  with open(os.path.join(out, 'summary.json'), 'w') as fh:
+    json.dump(rows, fh, indent=1)
+  for path in sweep.plot(rows, out):
+    print(f'wrote {path}')
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+  cli.run_app('orthax-sweep', __doc__, define_flags, main, argv)

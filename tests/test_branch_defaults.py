@@ -1,0 +1,214 @@
+"""Each branch's learning rate: the AdamW branch's default follows the
+recipe's scale mode, ``describe`` shows it, the trainer logs it; leaves that
+look like output layers routed to the matrix branch are warned about."""
+
+import logging
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import orthax
+from orthax.recipes import _common
+
+# Recipes whose matrix update has AdamW's RMS by default (one rate fits
+# both branches), written out here rather than read from the code.
+RMS_MATCHED = {'namo', 'namo_d', 'dct_adamw', 'root'}
+WITH_ADAMW_BRANCH = tuple(n for n in orthax.recipe_names() if n != 'spectra')
+
+
+def _tree():
+  k1, k2 = jax.random.split(jax.random.key(0))
+  params = {'w': jax.random.normal(k1, (16, 16)), 'b': jnp.zeros(16)}
+  grads = {'w': jax.random.normal(k2, (16, 16)),
+           'b': jnp.linspace(-1.0, 1.0, 16) + 0.03}
+  return params, grads
+
+
+def _first_bias_step(tx):
+  """|update| of the zero bias at step one: AdamW's first step is
+  ``-lr·sign(g)`` (bias-corrected moments, tiny eps), so this is its lr."""
+  params, grads = _tree()
+  updates, _ = tx.update(grads, tx.init(params), params)
+  step = np.abs(np.asarray(updates['b']))
+  np.testing.assert_allclose(step, step.mean(), rtol=1e-4)
+  return float(step.mean())
+
+
+@pytest.mark.parametrize('name', WITH_ADAMW_BRANCH)
+def test_adam_branch_default_follows_scale_mode(name):
+  lr = 0.04
+  tx = orthax.recipe(name, learning_rate=lr)
+  expected = lr if name in RMS_MATCHED else 0.15 * lr
+  assert _first_bias_step(tx) == pytest.approx(expected, rel=1e-4)
+  assert _common.recipe_routing(tx).learning_rates['adam'] == (
+      pytest.approx(expected))
+  # An explicit rate wins.
+  tx = orthax.recipe(name, learning_rate=lr, adam_learning_rate=1e-3)
+  assert _first_bias_step(tx) == pytest.approx(1e-3, rel=1e-4)
+
+
+@pytest.mark.parametrize('kwargs, matched', [
+    (dict(), False), (dict(scale='moonlight'), True),
+    (dict(reference='moonlight'), True)])
+def test_muon_adam_branch_by_scale(kwargs, matched):
+  tx = orthax.muon(0.02, **kwargs)
+  assert _first_bias_step(tx) == pytest.approx(
+      0.02 if matched else 0.003, rel=1e-4)
+
+
+def test_optax_mode_adam_branch_is_adamw_sized_too():
+  """optax.contrib.muon reuses the matrix rate; the 'optax' mode does not
+  by default (its NAdam-style first step is not ±lr: compare against the
+  same mode given the rate explicitly)."""
+  params, grads = _tree()
+  def first(tx):
+    return tx.update(grads, tx.init(params), params)[0]['b']
+  np.testing.assert_allclose(
+      first(orthax.muon(0.02, reference='optax')),
+      first(orthax.muon(0.02, reference='optax', adam_learning_rate=0.003)),
+      rtol=1e-6)
+
+
+@pytest.mark.parametrize('name, kwargs', [
+    ('aro', dict(scale='update_rms')), ('trion', dict(scaling='kimi')),
+    ('fismo', dict(scale='moonlight')), ('normuon', dict(reference='paper'))])
+def test_rms_matched_modes_share_the_rate(name, kwargs):
+  tx = orthax.recipe(name, learning_rate=0.01, **kwargs)
+  assert _first_bias_step(tx) == pytest.approx(0.01, rel=1e-4)
+
+
+def test_default_follows_a_schedule_and_injected_rate():
+  sched = optax.linear_schedule(0.02, 0.0, 10)
+  params, grads = _tree()
+  tx = orthax.muon(sched)
+  state = tx.init(params)
+  for t in range(3):
+    updates, state = tx.update(grads, state, params)
+  # Step 3 runs at 0.15·sched(2); AdamW's later steps are not ±lr exactly,
+  # so compare against AdamW at that rate on the same gradients.
+  ref = orthax.transforms.adamw(lambda c: 0.15 * sched(c), b1=0.9, b2=0.95,
+                                eps=1e-10)
+  rstate = ref.init(params['b'])
+  for t in range(3):
+    rupd, rstate = ref.update(grads['b'], rstate, params['b'])
+  np.testing.assert_allclose(updates['b'], rupd, rtol=1e-5)
+
+  injected = optax.inject_hyperparams(orthax.muon)(learning_rate=0.04)
+  assert _first_bias_step(injected) == pytest.approx(0.006, rel=1e-4)
+
+
+def test_describe_shows_branch_learning_rates(capsys):
+  params = {'embed': jnp.zeros((50, 8)), 'w': jnp.zeros((8, 8)),
+            'b': jnp.zeros(8)}
+  table = orthax.describe(params, optimizer=orthax.muon(0.02))
+  rows = {line.split()[0]: line.split()[-1] for line in table.splitlines()[2:]}
+  assert rows == {'b': '0.003', 'embed': '0.003', 'w': '0.02'}
+  assert capsys.readouterr().out.strip() == table
+  table = orthax.describe(params, optimizer=orthax.muon(
+      optax.constant_schedule(0.02), adam_learning_rate=1e-3))
+  assert [line.split()[-1] for line in table.splitlines()[2:]] == [
+      '0.001', '0.001', 'schedule']
+  table = orthax.describe(params, optimizer=orthax.spectra(1e-3))
+  assert {line.split()[-1] for line in table.splitlines()[2:]} == {'0.001'}
+
+
+def test_describe_refuses_what_it_cannot_read():
+  params = {'w': jnp.zeros((8, 8))}
+  with pytest.raises(ValueError, match='not a plain optax'):
+    orthax.describe(params, optimizer=optax.adamw(1e-3))
+  with pytest.raises(ValueError, match='inject_hyperparams'):
+    orthax.describe(params, optimizer=optax.inject_hyperparams(orthax.muon)(
+        learning_rate=0.02))
+  with pytest.raises(ValueError, match='labels callable'):
+    orthax.describe(params, optimizer=orthax.lanton(0.02))
+  # With a router given, the labels callable is not needed.
+  table = orthax.describe(params, orthax.Router(),
+                          optimizer=orthax.lanton(0.02))
+  assert table.splitlines()[2].split()[-1] == '0.02'
+
+
+# --- output layers routed to the matrix branch ------------------------------
+
+def _mlp(num_layers=11, classes=10):
+  z = jnp.zeros
+  tree = {f'Dense_{i}': {'kernel': z((32, 32)), 'bias': z(32)}
+          for i in range(num_layers - 1)}
+  tree['Dense_0']['kernel'] = z((784, 32))
+  tree[f'Dense_{num_layers - 1}'] = {'kernel': z((32, classes)),
+                                     'bias': z(classes)}
+  return tree
+
+
+def _warnings(fn):
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    fn()
+  return [str(w.message) for w in caught
+          if issubclass(w.category, orthax.OutputLayerWarning)]
+
+
+def test_classifier_of_a_linen_mlp_is_flagged():
+  tree = _mlp()
+  # Natural order: Dense_10 is last, though 'Dense_10' < 'Dense_2' as text.
+  assert orthax.Router().output_layer_suspects(tree) == [
+      ('Dense_10/kernel', 'it is the last matrix of the tree and its 10 '
+                          'outputs feed no other matrix')]
+  msgs = _warnings(lambda: orthax.muon(0.02).init(tree))
+  assert len(msgs) == 1 and "'Dense_10/kernel'" in msgs[0]
+  assert "orthax.Rule('^Dense_10/kernel$', \"adam\")" in msgs[0]
+
+
+def test_the_suggested_rules_route_it_and_silence_the_warning():
+  tree = _mlp()
+  for label in ('adam', 'matrix'):
+    router = orthax.Router(extra_rules=[orthax.Rule(r'^Dense_10/kernel$',
+                                                    label)])
+    assert _warnings(lambda: orthax.muon(0.02, router=router).init(tree)) == []
+    assert router.labels(tree)['Dense_10']['kernel'] == label
+
+
+def test_fan_out_equal_to_vocabulary_is_flagged():
+  z = jnp.zeros
+  tree = {'tok_embed': {'embedding': z((100, 16))},
+          'blocks': {'attn': {'kernel': z((16, 16))},
+                     'mlp': {'kernel': z((16, 16))}},
+          'out_proj': {'kernel': z((16, 100))},
+          'zz_adapter': {'kernel': z((16, 16))}}
+  (path, reason), = orthax.Router().output_layer_suspects(tree)
+  assert path == 'out_proj/kernel' and 'vocabulary size' in reason
+  assert 'note: ' in orthax.Router().describe(tree)
+
+
+@pytest.mark.parametrize('tree', [
+    {'w': jnp.zeros((8, 3))},                            # one matrix
+    {'w1': jnp.zeros((8, 16)), 'w2': jnp.zeros((16, 8))},  # output feeds w1
+    {'embed': jnp.zeros((100, 16)), 'w': jnp.zeros((16, 16)),
+     'lm_head': {'kernel': jnp.zeros((16, 100))}},       # head is AdamW's
+])
+def test_no_warning_without_an_output_layer(tree):
+  assert orthax.Router().output_layer_suspects(tree) == []
+  assert _warnings(lambda: orthax.muon(0.02).init(tree)) == []
+
+
+def test_trainer_model_has_no_suspect_and_logs_branch_rates(caplog):
+  from orthax.train import configs, trainer  # pylint: disable=g-import-not-at-top
+  cfg = configs.base_config('muon')
+  cfg.optimizer.adam_learning_rate = None  # the recipe's own default
+  cfg.train.steps, cfg.train.eval_every = 2, 0
+  cfg.model.d_model, cfg.model.num_layers = 32, 1
+  cfg.schedule.warmup_steps = 0
+  setup = trainer.build(trainer.as_dict(cfg), 64, abstract=True)
+  assert orthax.Router().output_layer_suspects(setup.abstract_params) == []
+  assert setup.schedules['adam'].peak == pytest.approx(
+      0.15 * cfg.optimizer.learning_rate)
+  summary = trainer.startup_summary(setup)
+  lr = cfg.optimizer.learning_rate
+  assert f'matrix {lr:.4g}, adam {0.15 * lr:.4g}' in summary
+  with caplog.at_level(logging.INFO, logger='orthax.train'):
+    trainer.train(cfg, progress=False)
+  assert any('peak learning rate matrix' in r.getMessage()
+             for r in caplog.records)

@@ -1,0 +1,136 @@
+"""The command-line tools and the distribution: configs by name from any
+directory, clear errors, and a built wheel that works in a clean
+virtualenv (its own ``orthax``, its configs, its entry points)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import sysconfig
+import zipfile
+
+import pytest
+
+from orthax import cli
+from orthax import configs
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ['--config.train.steps=2', '--config.train.eval_every=0',
+        '--config.schedule.warmup_steps=0', '--config.model.d_model=32',
+        '--config.model.num_layers=1']
+
+
+def test_packaged_configs_by_name():
+  assert configs.names() == ('gpt2_124m', 'gpt2_350m', 'gpt_1b', 'lm_cpu')
+  assert configs.path('lm_cpu') == str(ROOT / 'orthax' / 'configs'
+                                       / 'lm_cpu.py')
+  with pytest.raises(ValueError, match="no packaged config 'lm'.*lm_cpu"):
+    configs.path('lm')
+  lm = configs.path('lm_cpu')
+  assert configs.resolve('lm_cpu') == lm
+  assert configs.resolve('lm_cpu:adamw') == lm + ':adamw'
+  assert configs.resolve('gpt2_124m.py') == configs.path('gpt2_124m')
+  # The former repository path keeps working when no such file exists here.
+  assert configs.resolve('configs/gpt_1b.py:muon') == (
+      configs.path('gpt_1b') + ':muon')
+
+
+def test_config_argv(tmp_path, monkeypatch):
+  own = tmp_path / 'lm_cpu.py'  # a user's file shadows the packaged name
+  own.write_text('')
+  monkeypatch.chdir(tmp_path)
+  assert cli.config_argv(['x', '--config=lm_cpu.py:muon', '--steps=3']) == [
+      'x', '--config=lm_cpu.py:muon', '--steps=3']
+  assert cli.config_argv(['x', '--config', 'gpt_1b']) == [
+      'x', '--config', configs.path('gpt_1b')]
+  with pytest.raises(SystemExit, match=r'--config=nope:muon: no such file.*'
+                     r'packaged: gpt2_124m, gpt2_350m, gpt_1b, lm_cpu'):
+    cli.config_argv(['x', '--config=nope:muon'])
+
+
+def _run(args, cwd, env=None):
+  """``args`` in ``cwd``; by default without ``PYTHONPATH``, which could
+  show pip a checkout's own ``orthax`` (and the ``egg-info`` the build
+  leaves there) as already installed."""
+  if env is None:
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  return subprocess.run(args, cwd=cwd, capture_output=True, text=True,
+                        timeout=600, env=env)
+
+
+@pytest.fixture(scope='module')
+def wheel_venv(tmp_path_factory):
+  """The sdist and wheel built from this checkout (``python -m build``,
+  checked by ``twine check``), and a fresh virtualenv with only the wheel
+  installed; the dependencies (jax, optax, flax, ...) come from this
+  environment's site-packages through a ``.pth`` line, which adds the
+  directory but runs none of its ``.pth`` files, so the editable orthax
+  of this environment is not visible there."""
+  tmp = tmp_path_factory.mktemp('dist')
+  out = tmp / 'dist'
+  proc = _run([sys.executable, '-m', 'build', '--no-isolation', '--outdir',
+               str(out), str(ROOT)], cwd=tmp)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  dists = sorted(out.iterdir(), key=lambda p: p.suffix)  # .gz, .whl
+  assert [p.suffix for p in dists] == ['.gz', '.whl'], dists
+  proc = _run([sys.executable, '-m', 'twine', 'check', '--strict',
+               *map(str, dists)], cwd=tmp)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  venv = tmp / 'venv'
+  proc = _run([sys.executable, '-m', 'venv', '--without-pip', str(venv)],
+              cwd=tmp)
+  assert proc.returncode == 0, proc.stderr
+  py = venv / 'bin' / 'python'
+  site = pathlib.Path(_run([str(py), '-c', 'import sysconfig; print('
+                            'sysconfig.get_paths()["purelib"])'],
+                           cwd=tmp).stdout.strip())
+  proc = _run([sys.executable, '-m', 'pip', '--python', str(py), 'install',
+               '--no-deps', '--no-index', '--ignore-installed',
+               str(dists[1])], cwd=tmp)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  (site / 'zz_test_dependencies.pth').write_text(
+      sysconfig.get_paths()['purelib'] + '\n')
+  return dists, venv, tmp
+
+
+def test_wheel_contents(wheel_venv):
+  (sdist, whl), _, _ = wheel_venv
+  assert whl.name.startswith('orthax_optim-')
+  names = zipfile.ZipFile(whl).namelist()
+  for f in ('orthax/py.typed', 'orthax/configs/lm_cpu.py',
+            'orthax/configs/gpt_1b.py', 'orthax/cli/train.py'):
+    assert f in names, f
+  assert not [n for n in names if n.startswith(('tests/', 'scripts/'))]
+  meta = next(n for n in names if n.endswith('entry_points.txt'))
+  text = zipfile.ZipFile(whl).read(meta).decode()
+  for tool in ('orthax-train = orthax.cli.train:run',
+               'orthax-compare = orthax.cli.compare:run',
+               'orthax-sweep = orthax.cli.sweep:run',
+               'orthax-prepare-data = orthax.cli.prepare_data:run'):
+    assert tool in text
+  lic = [n for n in names if n.endswith('/LICENSE')]
+  assert lic, names
+
+
+def test_wheel_works_in_a_clean_venv_from_any_directory(wheel_venv):
+  _, venv, tmp = wheel_venv
+  work = tmp / 'elsewhere'
+  work.mkdir()
+  env = None  # _run's: no PYTHONPATH
+  proc = _run([str(venv / 'bin' / 'python'), '-c',
+               'import orthax, jax.numpy as jnp; print(orthax.__file__); '
+               "tx = orthax.muon(0.02); s = tx.init({'w': jnp.ones((4, 4))})"
+               "; print(orthax.__version__)"], cwd=work, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  path, version = proc.stdout.split()
+  assert path.startswith(str(venv)), path
+  import orthax  # pylint: disable=g-import-not-at-top
+  assert version == orthax.__version__
+  proc = _run([str(venv / 'bin' / 'orthax-train'), '--config=lm_cpu:adamw',
+               *TINY, '--workdir=run'], cwd=work, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '"steps": 2' in proc.stdout
+  assert (work / 'run' / 'metrics.jsonl').exists()
+  proc = _run([str(venv / 'bin' / 'orthax-compare'), '--help'], cwd=work,
+              env=env)
+  assert '--lr_scales' in proc.stdout, proc.stderr  # absl's --help exits 1
