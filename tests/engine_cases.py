@@ -45,16 +45,18 @@ def explicit_plain(recipe):
   ref_tx = orthax.recipe(recipe, learning_rate=0.02)
   state = ref_tx.init(params)
   ref = []
+  ref_step = jax.jit(ref_tx.update)  # one jit: a new one per step recompiles
   for g in grads:
-    u, state = jax.jit(ref_tx.update)(g, state, params)
+    u, state = ref_step(g, state, params)
     ref.append(u)
   tx = orthax.recipe(recipe, learning_rate=0.02)
   err, kept = 0.0, True
   with jax.set_mesh(mesh):
     p = _put(params, mesh, pspecs)
     st = tx.init(p)
+    step = jax.jit(tx.update)
     for g, r in zip(grads, ref):
-      u, st = jax.jit(tx.update)(_put(g, mesh, pspecs), st, p)
+      u, st = step(_put(g, mesh, pspecs), st, p)
       for a, b, sp in zip(jax.tree.leaves(u), jax.tree.leaves(r),
                           jax.tree.leaves(pspecs,
                                           is_leaf=lambda x: isinstance(x, P))):

@@ -42,3 +42,26 @@ def guarded(fn) -> dict:
   except Exception as e:  # pylint: disable=broad-except
     return {'error': f'{type(e).__name__}: {e}'[:2000],
             'trace': traceback.format_exc()[-3000:]}
+
+
+def pinned_step(tx, state, mesh):
+  """``(step, state)``: ``jax.jit(tx.update)`` whose state output keeps
+  the shardings of ``state`` (its scalars replicated), and ``state`` placed
+  on them, so every step runs the first step's executable. A state fresh
+  from ``init`` is placed unlike a step's output (uncommitted scalars,
+  shardings the compiler picks), which makes a plain ``jax.jit`` compile
+  the second step again. Only for checks of the updates: it fixes the
+  state's layout, so it cannot test it (and the compiled collectives are
+  the same: checked on muon, normuon, namo, root and lanton over fsdp8 and
+  fsdp4×tp2)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec  # pylint: disable=g-import-not-at-top
+
+  def placed(x):
+    s = x.sharding
+    return s if isinstance(s, NamedSharding) else NamedSharding(
+        mesh, PartitionSpec())
+  shardings = jax.tree.map(placed, state)
+  return (jax.jit(tx.update, out_shardings=(None, shardings)),
+          jax.device_put(state, shardings))
