@@ -69,9 +69,6 @@ class PeakSchedule:
     return self.peak * self.shape(step)
 
 
-_scaled = PeakSchedule
-
-
 # Keys of the ``optimizer`` section; any other keyword of the optimizer goes
 # in ``optimizer.kwargs``.
 SECTION_KEYS = ('name', 'learning_rate', 'adam_learning_rate', 'weight_decay',
@@ -148,7 +145,7 @@ def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,
   lr = float(cfg['learning_rate'])
   kwargs = dict(cfg.get('kwargs') or {})
   if name == 'adamw':
-    sched = _scaled(shape, lr)
+    sched = PeakSchedule(shape, lr)
     tx = optax.adamw(sched, b1=kwargs.pop('b1', 0.9),
                      b2=kwargs.pop('b2', 0.95), eps=kwargs.pop('eps', 1e-8),
                      weight_decay=float(cfg.get('weight_decay') or 0.0))
@@ -156,7 +153,7 @@ def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,
     return orthax.skip_if_nonfinite(tx), {'adam': sched}
   factory = orthax.recipe_factory(name)
   accepted = inspect.signature(factory).parameters
-  sched = _scaled(shape, lr)
+  sched = PeakSchedule(shape, lr)
   kwargs['learning_rate'] = sched
   for key in ('weight_decay', 'adam_weight_decay'):
     if cfg.get(key) is not None and key in accepted:
@@ -167,7 +164,7 @@ def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,
     if adam_lr is None:  # the recipe's own default for this peak
       adam_lr = orthax.recipes.recipe_routing(
           factory(**{**kwargs, 'learning_rate': lr})).learning_rates['adam']
-    adam_sched = _scaled(shape, float(adam_lr))
+    adam_sched = PeakSchedule(shape, float(adam_lr))
     kwargs['adam_learning_rate'] = adam_sched
     branches['adam'] = adam_sched
   if distributed is not None and 'distributed' in accepted:
