@@ -1,7 +1,123 @@
-"""Fixtures shared by the test files."""
+"""Fixtures shared by the test files, how the suite compiles, and how its
+tests are spread over the pytest workers.
 
+Most of this suite's time is XLA compiling small programs on the CPU, so the
+pytest processes (not the subprocesses tests start: fake-device case
+scripts, notebook kernels, the trainer's command line, which run as users
+run them), unless ``ORTHAX_TEST_DEFAULT_COMPILE=1`` is set, compile cheaply:
+
+* ``--xla_backend_optimization_level=0``: the same optimized HLO, lowered by
+  LLVM without its optimization passes. IEEE arithmetic is unchanged (XLA's
+  CPU backend does not enable fast math); the programs compile about a third
+  faster and run slower, which the tests' small matrices do not notice. The
+  flag is in ``XLA_FLAGS`` only until the CPU backend has read it; a test
+  that compares a subprocess's steps bit for bit with its own gives that
+  subprocess ``XLA_FLAGS=$ORTHAX_TEST_XLA_FLAGS``.
+* a persistent compilation cache in a temporary directory that the workers
+  share (its path travels in ``ORTHAX_TEST_JAX_CACHE``) and that is removed
+  when the run ends: a program that several tests compile is compiled once.
+"""
+
+import os
+import shutil
+import tempfile
+
+_ENABLED = os.environ.get('ORTHAX_TEST_DEFAULT_COMPILE') != '1'
+_OWN_CACHE_DIR = None
+_USER_XLA_FLAGS = os.environ.get('XLA_FLAGS')
+if _ENABLED:
+  os.environ['XLA_FLAGS'] = ((_USER_XLA_FLAGS or '') +
+                             ' --xla_backend_optimization_level=0').strip()
+  if 'ORTHAX_TEST_JAX_CACHE' not in os.environ:  # the controller (or -n 0)
+    _OWN_CACHE_DIR = tempfile.mkdtemp(prefix='orthax-test-jax-cache-')
+    os.environ['ORTHAX_TEST_JAX_CACHE'] = _OWN_CACHE_DIR
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import pytest
+
+if _ENABLED:
+  jax.jit(lambda x: x + 1)(1.0).block_until_ready()  # XLA reads its flags
+  # For a subprocess whose steps a test compares bit for bit with its own.
+  os.environ['ORTHAX_TEST_XLA_FLAGS'] = os.environ['XLA_FLAGS']
+  if _USER_XLA_FLAGS is None:
+    del os.environ['XLA_FLAGS']
+  else:
+    os.environ['XLA_FLAGS'] = _USER_XLA_FLAGS
+  jax.config.update('jax_compilation_cache_dir',
+                    os.environ['ORTHAX_TEST_JAX_CACHE'])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.05)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+# Files whose tests share a fixture of module scope (a fake-device case
+# script's results, a built wheel, executed notebooks): each runs whole on one
+# worker, so the fixture runs once. The tests of every other file are spread
+# over the workers by parameter (all tests of ``[muon]`` together: they share
+# cached trajectories), and compiles they repeat hit the compilation cache.
+# The check in ``pytest_collection_modifyitems`` keeps this list complete.
+WHOLE_FILES = frozenset({
+    'test_aro.py', 'test_cli.py', 'test_dct_adamw.py', 'test_engine.py',
+    'test_extreme_scale_mesh.py', 'test_fismo.py', 'test_flax.py',
+    'test_nonfinite_mesh.py', 'test_notebooks.py', 'test_optax_harness.py',
+    'test_packaging.py', 'test_prepare.py', 'test_sharding.py',
+    'test_sharding_stages.py', 'test_slot_stages.py', 'test_train_robust.py',
+    'test_trion.py'})
+
+
+def xdist_scope(nodeid: str) -> str:
+  """The unit of work ``nodeid`` is sent to a worker with."""
+  path, _, rest = nodeid.partition('::')
+  if os.path.basename(path) in WHOLE_FILES:
+    return path
+  _, bracket, param = rest.partition('[')
+  return f'{path}[{param}' if bracket else nodeid
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """``--dist loadscope`` with :func:`xdist_scope` as the scope (the biggest
+  units first, as xdist orders them)."""
+  if config.getvalue('dist') != 'loadscope':
+    return None
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+
+  class Scheduling(LoadScopeScheduling):
+
+    def _split_scope(self, nodeid):
+      return xdist_scope(nodeid)
+
+  return Scheduling(config, log)
+
+
+_UNLISTED = {}
+
+
+def pytest_collection_modifyitems(config, items):
+  """Finds files outside :data:`WHOLE_FILES` with a test that uses a fixture
+  of module scope or wider defined in the tests (it would run once per worker,
+  and the workers would race on what it makes); their tests fail, saying so."""
+  del config
+  for item in items:
+    info = getattr(item, '_fixtureinfo', None)
+    for defs in (info.name2fixturedefs.values() if info else ()):
+      for d in defs:
+        if (d.scope != 'function' and d.baseid.startswith('tests')
+            and item.path.name not in WHOLE_FILES):
+          _UNLISTED[item.nodeid] = (f'{item.path.name} shares fixture '
+                                    f'{d.argname!r}: add it to WHOLE_FILES '
+                                    'in tests/conftest.py')
+
+
+def pytest_runtest_setup(item):
+  if item.nodeid in _UNLISTED:
+    pytest.fail(_UNLISTED[item.nodeid], pytrace=False)
+
+
+def pytest_unconfigure(config):
+  """Removes the compilation cache this process made (the controller's)."""
+  del config
+  if _OWN_CACHE_DIR is not None:
+    shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture

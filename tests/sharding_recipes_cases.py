@@ -85,8 +85,10 @@ def _recipe(recipe, inject, **kw):
   return optax.inject_hyperparams(functools.partial(factory, **kw))(**hyper)
 
 
-def run(recipe, mesh, axis_type, comm_dtype, inject=False, **dist_kw):
-  pspecs = specs(mesh.axis_names)
+@functools.lru_cache(maxsize=None)
+def reference_updates(recipe, inject):
+  """The single-device updates of both steps (the same for every mesh and
+  wire dtype: computed once per recipe)."""
   params, grads = tree(0), [tree(1), tree(2)]
   ref_tx = _recipe(recipe, inject)
   state = ref_tx.init(params)
@@ -95,6 +97,13 @@ def run(recipe, mesh, axis_type, comm_dtype, inject=False, **dist_kw):
   for g in grads:
     u, state = ref_step(g, state, params)
     ref.append(u)
+  return ref
+
+
+def run(recipe, mesh, axis_type, comm_dtype, inject=False, **dist_kw):
+  pspecs = specs(mesh.axis_names)
+  params, grads = tree(0), [tree(1), tree(2)]
+  ref = reference_updates(recipe, inject)
 
   explicit = axis_type == AxisType.Explicit
   dist = sharding.Distributed(mesh, None if explicit else pspecs,

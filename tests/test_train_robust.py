@@ -306,9 +306,15 @@ FLAGS = ['--config.model.d_model=32', '--config.model.num_layers=2',
 
 def test_sigterm_checkpoints_exits_and_resumes_bit_exact(tmp_path):
   work = tmp_path / 'run'
+  # The child compiles as this process does (tests/conftest.py): its steps
+  # are compared bit for bit with an uninterrupted run made here.
+  env = dict(os.environ)
+  if 'ORTHAX_TEST_XLA_FLAGS' in env:
+    env['XLA_FLAGS'] = env['ORTHAX_TEST_XLA_FLAGS']
   proc = subprocess.Popen(
       [sys.executable, '-c', CHILD, f'--workdir={work}', *FLAGS],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=env)
   deadline = time.time() + 600
   while len(metrics.read_jsonl(str(work / 'metrics.jsonl'))) < 2:
     assert proc.poll() is None, proc.communicate()[1][-3000:]
