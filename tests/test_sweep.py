@@ -69,6 +69,14 @@ def test_another_setup_is_refused(tmp_path):
   other = sweep.SweepSpec(optimizers=('muon',), eval_every=5)
   with pytest.raises(ValueError, match='eval_every'):
     sweep.check_same_sweep(tiny_base(), other, str(tmp_path))
+  # A config key the recorded setup does not have (even one set to None)
+  # is named, with the side that has it.
+  newer = tiny_base()
+  with newer.unlocked():
+    newer.train.new_option = None
+  with pytest.raises(ValueError,
+                     match=r'train\.new_option \(only in this run\)'):
+    sweep.check_same_sweep(newer, SPEC, str(tmp_path))
 
 
 def test_width_must_fit_the_heads():

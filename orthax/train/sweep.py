@@ -138,9 +138,17 @@ def check_same_sweep(base_config: Any, spec: SweepSpec, out_dir: str
 
 
 def _differences(a: Any, b: Any, prefix: str = '') -> list[str]:
+  """Dotted paths where ``a`` (recorded) and ``b`` (this run) differ; a key
+  that only one of them has is named with the side that has it."""
   if isinstance(a, dict) and isinstance(b, dict):
-    return [d for k in sorted(set(a) | set(b))
-            for d in _differences(a.get(k), b.get(k), f'{prefix}{k}.')]
+    out = []
+    for k in sorted(set(a) | set(b)):
+      if k not in a or k not in b:
+        side = 'recorded' if k in a else 'this run'
+        out.append(f'{prefix}{k} (only in {side})')
+      else:
+        out.extend(_differences(a[k], b[k], f'{prefix}{k}.'))
+    return out
   return [] if a == b else [prefix.rstrip('.')]
 
 
