@@ -16,11 +16,19 @@ run them), unless ``ORTHAX_TEST_DEFAULT_COMPILE=1`` is set, compile cheaply:
 * a persistent compilation cache in a temporary directory that the workers
   share (its path travels in ``ORTHAX_TEST_JAX_CACHE``) and that is removed
   when the run ends: a program that several tests compile is compiled once.
+
+Every process of the run, subprocesses included, uses one OpenBLAS thread
+(``OPENBLAS_NUM_THREADS=1`` unless set): two pytest workers fill the two
+cores, and OpenBLAS's own threads, waiting for work beside XLA's, made NumPy's
+SVDs 15× slower in a notebook kernel (notebook 02's smoke run: 125 s with
+OpenBLAS's default threads, 20 s with one).
 """
 
 import os
 import shutil
 import tempfile
+
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')  # before NumPy loads
 
 _ENABLED = os.environ.get('ORTHAX_TEST_DEFAULT_COMPILE') != '1'
 _OWN_CACHE_DIR = None

@@ -22,6 +22,7 @@ from orthax.matrices import MatrixSpec
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from fake_devices import run_cases  # noqa: E402  pylint: disable=g-import-not-at-top
+import sharding_recipes_cases  # noqa: E402  pylint: disable=g-import-not-at-top
 
 K = MatrixSpec()
 MESH8 = AbstractMesh((8,), ('fsdp',))
@@ -266,10 +267,7 @@ def test_optax_baseline_fails_on_explicit_mesh(cases):
 
 # Recipes with distributed= (subprocess, 8 fake CPU devices) -------------------
 
-RECIPE_KEYS = [f'{r}/{m}/{w}' for r in ('muon', 'normuon', 'namo', 'namo_d')
-               for m in ('fsdp8', 'fsdp4tp2', 'explicit_fsdp8',
-                         'fsdp4tp2_gram')
-               for w in ('f32', 'bf16')]
+RECIPE_KEYS = list(sharding_recipes_cases.RECIPE_KEYS)
 
 
 @pytest.fixture(scope='module')

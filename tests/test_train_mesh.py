@@ -33,10 +33,14 @@ def _run(devices: int, what: str) -> dict:
 
 
 def test_mesh_training_equals_one_device():
-  """data×fsdp×tensor and fsdp×tensor meshes (f32 on the wire) follow the
-  single-device loss curve; replicas compute redundantly."""
+  """data×fsdp×tensor (every optimizer) and fsdp×tensor (muon) meshes, f32
+  on the wire, follow the single-device loss curve; replicas compute
+  redundantly."""
   out = _run(8, 'numerics')
+  assert set(out) == {'muon', 'normuon', 'namo', 'adamw'}
+  assert set(out['muon']) == {'1x1x1', '2x2x2', '1x4x2'}
   for name, curves in out.items():
+    assert '2x2x2' in curves and len(curves['1x1x1']) == 4, (name, curves)
     ref = np.asarray(curves['1x1x1'])
     for mesh, losses in curves.items():
       np.testing.assert_allclose(losses, ref, rtol=2e-5, atol=2e-5,
