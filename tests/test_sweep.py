@@ -4,6 +4,7 @@ refused, and the summary's arithmetic on records written out by hand."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -12,6 +13,7 @@ import sys
 
 import pytest
 
+from orthax.recipes import registry
 from orthax.train import configs
 from orthax.train import sweep
 
@@ -34,11 +36,11 @@ SPEC = sweep.SweepSpec(optimizers=('adamw', 'muon'), scales=(1.0, 2.0),
 def test_runs_resume_and_summarize(tmp_path):
   out = str(tmp_path)
   first = sweep.run(tiny_base(), SPEC, out, progress=False, max_runs=3)
-  assert [sweep.run_key(r) for r in first] == SPEC.keys()[:3]
+  assert [sweep.run_key(r) for r in first] == SPEC.run_keys()[:3]
   assert first[0]['width'] == 16 and first[2]['width'] == 32
   assert all(r['seconds'] > 0 for r in first)
   runs = sweep.run(tiny_base(), SPEC, out, progress=False)
-  assert sorted(map(sweep.run_key, runs)) == sorted(SPEC.keys())
+  assert sorted(map(sweep.run_key, runs)) == sorted(SPEC.run_keys())
   # The first three were not trained again: their records are unchanged.
   assert runs[:3] == first
   lines = (tmp_path / 'runs.jsonl').read_text().splitlines()
@@ -47,7 +49,7 @@ def test_runs_resume_and_summarize(tmp_path):
   (tmp_path / 'runs.jsonl').write_text('\n'.join(lines[:-1]) + '\n'
                                        + lines[-1][:40])
   again = sweep.run(tiny_base(), SPEC, out, progress=False)
-  assert sorted(map(sweep.run_key, again)) == sorted(SPEC.keys())
+  assert sorted(map(sweep.run_key, again)) == sorted(SPEC.run_keys())
   assert again[:-1] == runs[:-1]
   assert len((tmp_path / 'runs.jsonl').read_text().splitlines()) == len(lines)
   # The width reached the model: the wider one keeps more optimizer state.
@@ -59,6 +61,30 @@ def test_runs_resume_and_summarize(tmp_path):
   md = sweep.table(rows)
   assert md.count('\n') == 3 and '| muon |' in md
   assert len(sweep.plot(rows, out)) == 2
+
+
+def test_a_changed_default_keeps_the_runs_made(tmp_path, monkeypatch):
+  """Runs are known by their absolute peak learning rate: after muon's
+  default doubles, its old ×1 and ×2 runs are the new ×0.5 and ×1 (not
+  trained again), and the summary's scales are multiples of the new
+  default."""
+  spec = sweep.SweepSpec(optimizers=('muon',), scales=(1.0, 2.0),
+                         widths=(16,), seeds=(0,), eval_every=3)
+  old = sweep.run(tiny_base(), spec, str(tmp_path), progress=False)
+  lr = sweep.default_learning_rate('muon')
+  entry = registry.recipe_entry('muon')
+  monkeypatch.setitem(registry._REGISTRY, 'muon',  # pylint: disable=protected-access
+                      dataclasses.replace(entry, learning_rate=2 * lr))
+  assert sweep.default_learning_rate('muon') == 2 * lr
+  new_spec = dataclasses.replace(spec, scales=(0.5, 1.0, 2.0))
+  runs = sweep.run(tiny_base(), new_spec, str(tmp_path), progress=False)
+  assert runs[:2] == old  # kept, not trained again
+  assert runs[2]['learning_rate'] == pytest.approx(4 * lr)
+  assert len((tmp_path / 'runs.jsonl').read_text().splitlines()) == 3
+  row, = sweep.summarize(runs, defaults={'muon': 2 * lr})
+  assert sorted(row['loss_by_scale']) == [0.5, 1.0, 2.0]
+  assert row['default_lr'] == pytest.approx(2 * lr)
+  assert row['loss_default'] == old[1]['final_val_loss']
 
 
 def test_another_setup_is_refused(tmp_path):
@@ -120,8 +146,10 @@ def test_summary_means_over_seeds_and_finds_the_crossing():
 
 
 def test_script_summarizes_what_is_there(tmp_path):
-  runs = [record('adamw', 128, 0, 1.0, 2.0, [3, 2.5, 2.0]),
-          record('muon', 128, 0, 1.0, 1.8, [2.6, 1.9, 1.8])]
+  # At today's defaults: the script's scales are multiples of them.
+  lr = sweep.default_learning_rate
+  runs = [record('adamw', 128, 0, 1.0, 2.0, [3, 2.5, 2.0], lr('adamw')),
+          record('muon', 128, 0, 1.0, 1.8, [2.6, 1.9, 1.8], lr('muon'))]
   (tmp_path / 'runs.jsonl').write_text(
       ''.join(json.dumps(r) + '\n' for r in runs))
   proc = subprocess.run(
@@ -131,7 +159,8 @@ def test_script_summarizes_what_is_there(tmp_path):
       capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '2 of 2 runs done' in proc.stdout
-  assert '| muon | 0.01 | 0.01 | 1.8000 | 1.8000 | 20 |' in proc.stdout
+  assert (f"| muon | {lr('muon'):.3g} | {lr('muon'):.3g} | 1.8000 | 1.8000 | 20 |"
+          in proc.stdout), proc.stdout
   assert (tmp_path / 'summary.md').exists()
   assert (tmp_path / 'lr_muon.png').exists()
 

@@ -67,7 +67,8 @@ def main(f: types.SimpleNamespace) -> None:
                    max_runs=0 if f.summarize_only.value else f.max_runs.value)
   print(f'{len(runs)} of {len(spec.keys())} runs done '
         f'({sum(r["seconds"] for r in runs) / 3600:.2f} h of training)')
-  rows = sweep.summarize(runs)
+  rows = sweep.summarize(runs, defaults={
+      name: sweep.default_learning_rate(name) for name in spec.optimizers})
   md = sweep.table(rows)
   print(md)
   with open(os.path.join(out, 'summary.md'), 'w') as fh:

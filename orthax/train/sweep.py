@@ -6,6 +6,9 @@ optimizer's default peak learning rate times a scale. Finished runs are
 appended to ``<out>/runs.jsonl`` as they end, so a sweep stopped at any
 point (a session ending, a crash) continues where it stopped when run
 again with the same arguments: runs already in the file are not repeated.
+A run is known by its optimizer, width, seed and *absolute* peak learning
+rate, so a default that changes later keeps the runs already made: the
+scale ``×1`` of the new default is the run at that rate, if there is one.
 
 :func:`summarize` turns the runs into one row per (optimizer, width): the
 best scale (lowest final validation loss averaged over seeds), the loss at
@@ -26,6 +29,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from orthax.train import compare
+from orthax.train import configs
 from orthax.train import metrics
 from orthax.train import trainer
 
@@ -46,10 +50,30 @@ class SweepSpec:
     return [(o, w, s, float(k)) for o in self.optimizers
             for w in self.widths for s in self.seeds for k in self.scales]
 
+  def run_keys(self) -> list[tuple[str, int, int, float]]:
+    """:meth:`keys` with each scale turned into the peak learning rate
+    it means today (``scale ×`` the optimizer's default): what
+    :func:`run_key` gives the record of that run."""
+    return [(o, w, s, rate_key(default_learning_rate(o) * k))
+            for o, w, s, k in self.keys()]
+
+
+def default_learning_rate(name: str) -> float:
+  """Optimizer ``name``'s default peak learning rate (its main branch's)
+  in the trainer."""
+  return float(configs.learning_rates(name)[0])
+
+
+def rate_key(learning_rate: float) -> float:
+  """``learning_rate`` to 6 significant digits: ``0.02 × 2`` and ``0.04``
+  are one rate."""
+  return float(f'{float(learning_rate):.6g}')
+
 
 def run_key(record: dict[str, Any]) -> tuple[str, int, int, float]:
+  """``(optimizer, width, seed, peak learning rate)`` of a recorded run."""
   return (record['optimizer'], int(record['width']), int(record['seed']),
-          float(record['lr_scale']))
+          rate_key(record['learning_rate']))
 
 
 def load(path: str) -> list[dict[str, Any]]:
@@ -83,7 +107,7 @@ def run(base_config: Any, spec: SweepSpec, out_dir: str, *,
   records = load(path)
   _drop_cut_line(path, records)
   done = {run_key(r) for r in records}
-  todo = [k for k in spec.keys() if k not in done]
+  todo = [k for k, rk in zip(spec.keys(), spec.run_keys()) if rk not in done]
   for i, (name, width, seed, scale) in enumerate(todo[:max_runs]):
     t0 = time.perf_counter()
     rec = compare.train_one(
@@ -94,7 +118,7 @@ def run(base_config: Any, spec: SweepSpec, out_dir: str, *,
                seconds=round(time.perf_counter() - t0, 1))
     with open(path, 'a') as f:
       f.write(json.dumps(rec) + '\n')
-  wanted = set(spec.keys())
+  wanted = set(spec.run_keys())
   return [r for r in load(path) if run_key(r) in wanted]
 
 
@@ -159,10 +183,15 @@ def _mean_curve(runs: Sequence[dict[str, Any]]) -> tuple[list, list]:
   return steps, [float(v) for v in vals]
 
 
-def _by_scale(runs: Iterable[dict[str, Any]]) -> dict[float, list]:
+def _by_scale(runs: Iterable[dict[str, Any]], default: float | None = None
+              ) -> dict[float, list]:
+  """Runs by their multiple of ``default`` (``None``: the ``lr_scale``
+  they were run at)."""
   out: dict[float, list] = {}
   for r in runs:
-    out.setdefault(float(r['lr_scale']), []).append(r)
+    scale = (float(r['lr_scale']) if default is None
+             else rate_key(r['learning_rate'] / default))
+    out.setdefault(scale, []).append(r)
   return dict(sorted(out.items()))
 
 
@@ -171,24 +200,31 @@ def _final(runs: Sequence[dict[str, Any]]) -> float:
   return float(np.mean(v)) if all(map(math.isfinite, v)) else math.inf
 
 
-def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw'
+def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw',
+              defaults: dict[str, float] | None = None
               ) -> list[dict[str, Any]]:
   """One row per (optimizer, width) of ``records``: ``best_scale``,
   ``best_lr``, ``default_lr``, ``loss_default`` and ``loss_best`` (seed
   means), ``seeds``, and ``steps_to_baseline``: the first evaluation at
   which the seed-mean validation curve at the default scale reaches the
   baseline's best seed-mean final loss at that width (``None``: never, or
-  no baseline runs)."""
+  no baseline runs).
+
+  Scales are multiples of ``defaults[name]`` where given (today's defaults,
+  which may differ from those the runs were made at), else the
+  ``lr_scale`` each run was made at."""
+  defaults = defaults or {}
   groups: dict[tuple[str, int], list] = {}
   for r in records:
     groups.setdefault((r['optimizer'], int(r['width'])), []).append(r)
   target = {}
   for (name, width), runs in groups.items():
     if name == baseline:
-      target[width] = min(_final(v) for v in _by_scale(runs).values())
+      target[width] = min(
+          _final(v) for v in _by_scale(runs, defaults.get(name)).values())
   rows = []
   for (name, width), runs in sorted(groups.items()):
-    scales = _by_scale(runs)
+    scales = _by_scale(runs, defaults.get(name))
     finals = {k: _final(v) for k, v in scales.items()}
     best = min(finals, key=finals.get)
     default = scales.get(1.0)
@@ -202,7 +238,8 @@ def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw'
     rows.append({
         'optimizer': name, 'width': width, 'best_scale': best,
         'best_lr': lr_of[best],
-        'default_lr': lr_of[1.0] if default else lr_of[best] / best,
+        'default_lr': defaults.get(name, lr_of[1.0] if default
+                                   else lr_of[best] / best),
         'loss_default': finals.get(1.0, math.nan), 'loss_best': finals[best],
         'loss_by_scale': finals, 'seeds': sorted({r['seed'] for r in runs}),
         'steps_to_baseline': steps_to, 'baseline_loss': target.get(width),
