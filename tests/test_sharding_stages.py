@@ -17,6 +17,7 @@ HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from fake_devices import run_cases  # noqa: E402  pylint: disable=g-import-not-at-top
 from sharding_stages_cases import CASES  # noqa: E402
+from sharding_stages_cases import BF16_STEPS  # noqa: E402
 from sharding_stages_cases import NAMO  # noqa: E402
 
 GRAM_CASES = [n for n in CASES if 'gram' in n]
@@ -31,15 +32,20 @@ def cases():
 @pytest.mark.parametrize('name', list(CASES))
 def test_stages_equal_single_device(cases, name):
   """Two steps: updates and the stages' state (NorMuon's; NAMO's, with the
-  momentum) equal one device. f32: the Newton–Schulz stage alone already
+  momentum) equal one device, f32 on the wire, and bf16 for the cases in
+  BF16_STEPS (the others vary a stage's options or the mesh's axis type, not
+  the wire). f32: the Newton–Schulz stage alone already
   differs by up to 1.3e-6 (relative) on fsdp4×tp2 (XLA fuses the re-tiled
   stack differently); the stages add nothing measurable on top."""
   r = cases[name]
-  assert r['f32_out_specs_ok'] and r['bf16_out_specs_ok']
+  assert r['f32_out_specs_ok']
   assert r['f32_max_rel_err'] <= 2e-6
   assert r['f32_state_max_rel_err'] <= 2e-6
-  assert r['bf16_max_rel_err'] <= 5e-2
-  assert r['bf16_state_max_rel_err'] <= 5e-2
+  assert ('bf16_max_rel_err' in r) == (name in BF16_STEPS)
+  if name in BF16_STEPS:
+    assert r['bf16_out_specs_ok']
+    assert r['bf16_max_rel_err'] <= 5e-2
+    assert r['bf16_state_max_rel_err'] <= 5e-2
 
 
 @pytest.mark.parametrize('name', WHOLE_CASES)
