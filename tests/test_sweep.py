@@ -65,26 +65,39 @@ def test_runs_resume_and_summarize(tmp_path):
 
 def test_a_changed_default_keeps_the_runs_made(tmp_path, monkeypatch):
   """Runs are known by their absolute peak learning rate: after muon's
-  default doubles, its old ×1 and ×2 runs are the new ×0.5 and ×1 (not
+  default doubles, its old ×1 and ×2 runs are the new ×½ and ×1 (not
   trained again), and the summary's scales are multiples of the new
   default."""
+  trained = []
+
+  def train_one(cfg, name, lr_scale, **kw):  # no training: a made-up loss
+    del cfg, kw
+    lr = sweep.default_learning_rate(name) * lr_scale
+    trained.append(lr)
+    return {'optimizer': name, 'lr_scale': lr_scale, 'learning_rate': lr,
+            'final_val_loss': 1.0 + lr, 'eval_steps': [3],
+            'val_loss': [1.0 + lr]}
+
+  monkeypatch.setattr(sweep.compare, 'train_one', train_one)
   spec = sweep.SweepSpec(optimizers=('muon',), scales=(1.0, 2.0),
                          widths=(16,), seeds=(0,), eval_every=3)
   old = sweep.run(tiny_base(), spec, str(tmp_path), progress=False)
   lr = sweep.default_learning_rate('muon')
+  assert trained == [lr, 2 * lr]
   entry = registry.recipe_entry('muon')
   monkeypatch.setitem(registry._REGISTRY, 'muon',  # pylint: disable=protected-access
                       dataclasses.replace(entry, learning_rate=2 * lr))
   assert sweep.default_learning_rate('muon') == 2 * lr
   new_spec = dataclasses.replace(spec, scales=(0.5, 1.0, 2.0))
   runs = sweep.run(tiny_base(), new_spec, str(tmp_path), progress=False)
-  assert runs[:2] == old  # kept, not trained again
-  assert runs[2]['learning_rate'] == pytest.approx(4 * lr)
+  assert trained == [lr, 2 * lr, 4 * lr]  # only the new ×2
+  assert runs[:2] == old
   assert len((tmp_path / 'runs.jsonl').read_text().splitlines()) == 3
   row, = sweep.summarize(runs, defaults={'muon': 2 * lr})
   assert sorted(row['loss_by_scale']) == [0.5, 1.0, 2.0]
   assert row['default_lr'] == pytest.approx(2 * lr)
-  assert row['loss_default'] == old[1]['final_val_loss']
+  assert row['loss_default'] == pytest.approx(1.0 + 2 * lr)
+  assert row['best_scale'] == 0.5 and row['best_lr'] == pytest.approx(lr)
 
 
 def test_another_setup_is_refused(tmp_path):
