@@ -156,6 +156,11 @@ def test_summary_means_over_seeds_and_finds_the_crossing():
   # One diverged seed at the default: the mean is inf, AdamW never reached.
   assert rows['sgd']['loss_default'] == math.inf
   assert rows['sgd']['steps_to_baseline'] is None
+  # A width without a run at the default: '—' in the table, not 'nan'.
+  recs.append(record('muon', 128, 0, 2.0, 1.4, [2.5, 1.8, 1.4]))
+  line = [l for l in sweep.table(sweep.summarize(recs)).splitlines()
+          if l.startswith('| muon |')][0]
+  assert 'nan' not in line and '1.6000 / —' in line, line
 
 
 def test_script_summarizes_what_is_there(tmp_path):

@@ -261,11 +261,12 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
   for n in names:
     first = next(at[(n, w)] for w in widths if (n, w) in at)
     fmt_steps = lambda s: '—' if s is None else str(s)
+    fmt_loss = lambda v: '—' if math.isnan(v) else f'{v:.4f}'  # not run
     lines.append(
         f"| {n} | {first['default_lr']:.3g} | "
         f"{per_w(lambda v: f'{v:.3g}', 'best_lr')} | "
-        f"{per_w(lambda v: f'{v:.4f}', 'loss_default')} | "
-        f"{per_w(lambda v: f'{v:.4f}', 'loss_best')} | "
+        f"{per_w(fmt_loss, 'loss_default')} | "
+        f"{per_w(fmt_loss, 'loss_best')} | "
         f"{per_w(fmt_steps, 'steps_to_baseline')} |")
   return '\n'.join(lines)
 
