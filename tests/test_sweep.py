@@ -136,6 +136,8 @@ def test_summary_means_over_seeds_and_finds_the_crossing():
       record('adamw', 64, 1, 1.0, 2.2, [3, 2.5, 2.2]),
       record('adamw', 64, 0, 2.0, 1.9, [3, 2.4, 1.9]),
       record('adamw', 64, 1, 2.0, 2.1, [3, 2.4, 2.1]),  # mean 2.0: best
+      # Lower, but at one seed of two: not comparable, so not the best.
+      record('adamw', 64, 0, 4.0, 1.0, [3, 2.0, 1.0]),
       record('muon', 64, 0, 1.0, 1.5, [2.5, 1.9, 1.5]),
       record('muon', 64, 1, 1.0, 1.7, [2.7, 2.05, 1.7]),  # mean curve 1.975
       record('muon', 64, 0, 4.0, math.nan, [9, 9, math.nan]),
@@ -146,6 +148,7 @@ def test_summary_means_over_seeds_and_finds_the_crossing():
   assert rows['adamw']['best_scale'] == 2.0
   assert rows['adamw']['loss_best'] == pytest.approx(2.0)
   assert rows['adamw']['loss_default'] == pytest.approx(2.1)
+  assert rows['adamw']['loss_by_scale'][4.0] == pytest.approx(1.0)
   assert rows['muon']['best_scale'] == 1.0  # the diverged scale loses
   assert rows['muon']['loss_by_scale'][4.0] == math.inf
   assert rows['muon']['best_lr'] == pytest.approx(0.01)

@@ -195,6 +195,14 @@ def _by_scale(runs: Iterable[dict[str, Any]], default: float | None = None
   return dict(sorted(out.items()))
 
 
+def _with_all_seeds(scales: dict[float, list]) -> list[float]:
+  """The scales run at every seed of the group: seed means are compared
+  only over the same seeds (a scale run at one seed of two is plotted and
+  tabled, but cannot be the best)."""
+  seeds = {r['seed'] for v in scales.values() for r in v}
+  return [k for k, v in scales.items() if {r['seed'] for r in v} == seeds]
+
+
 def _final(runs: Sequence[dict[str, Any]]) -> float:
   v = [r['final_val_loss'] for r in runs]
   return float(np.mean(v)) if all(map(math.isfinite, v)) else math.inf
@@ -203,12 +211,12 @@ def _final(runs: Sequence[dict[str, Any]]) -> float:
 def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw',
               defaults: dict[str, float] | None = None
               ) -> list[dict[str, Any]]:
-  """One row per (optimizer, width) of ``records``: ``best_scale``,
-  ``best_lr``, ``default_lr``, ``loss_default`` and ``loss_best`` (seed
+  """One row per (optimizer, width) of ``records``: ``best_scale`` (among
+  the scales run at every seed of the group), ``best_lr``, ``default_lr``, ``loss_default`` and ``loss_best`` (seed
   means), ``seeds``, and ``steps_to_baseline``: the first evaluation at
   which the seed-mean validation curve at the default scale reaches the
-  baseline's best seed-mean final loss at that width (``None``: never, or
-  no baseline runs).
+  baseline's best seed-mean final loss at that width (again among scales
+  run at every seed; ``None``: never, or no baseline runs).
 
   Scales are multiples of ``defaults[name]`` where given (today's defaults,
   which may differ from those the runs were made at), else the
@@ -220,13 +228,13 @@ def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw',
   target = {}
   for (name, width), runs in groups.items():
     if name == baseline:
-      target[width] = min(
-          _final(v) for v in _by_scale(runs, defaults.get(name)).values())
+      scales = _by_scale(runs, defaults.get(name))
+      target[width] = min(_final(scales[k]) for k in _with_all_seeds(scales))
   rows = []
   for (name, width), runs in sorted(groups.items()):
     scales = _by_scale(runs, defaults.get(name))
     finals = {k: _final(v) for k, v in scales.items()}
-    best = min(finals, key=finals.get)
+    best = min(_with_all_seeds(scales), key=finals.get)
     default = scales.get(1.0)
     steps_to = None
     if (default is not None and width in target
