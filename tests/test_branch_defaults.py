@@ -16,8 +16,13 @@ from orthax.recipes import _common
 
 # Recipes whose matrix update has AdamW's RMS by default (one rate fits
 # both branches), written out here rather than read from the code.
-RMS_MATCHED = {'namo', 'namo_d', 'dct_adamw', 'root'}
+RMS_MATCHED = {'dct_adamw', 'root'}
 WITH_ADAMW_BRANCH = tuple(n for n in orthax.recipe_names() if n != 'spectra')
+# The others run their AdamW branch at 3e-3 at their default learning rate
+# (written out: tests/test_registry.py) and scale it with their rate.
+DEFAULT_LR = {'muon': 0.04, 'normuon': 0.04, 'namo': 0.08, 'namo_d': 0.08,
+              'lanton': 0.014, 'auon': 0.08, 'hybrid_auon': 0.04,
+              'fismo': 0.04, 'aro': 9e-4, 'trion': 0.08}
 
 
 def _tree():
@@ -42,7 +47,7 @@ def _first_bias_step(tx):
 def test_adam_branch_default_follows_scale_mode(name):
   lr = 0.04
   tx = orthax.recipe(name, learning_rate=lr)
-  expected = lr if name in RMS_MATCHED else 0.15 * lr
+  expected = lr if name in RMS_MATCHED else lr * 3e-3 / DEFAULT_LR[name]
   assert _first_bias_step(tx) == pytest.approx(expected, rel=1e-4)
   assert _common.recipe_routing(tx).learning_rates['adam'] == (
       pytest.approx(expected))
@@ -57,7 +62,9 @@ def test_adam_branch_default_follows_scale_mode(name):
 def test_muon_adam_branch_by_scale(kwargs, matched):
   tx = orthax.muon(0.02, **kwargs)
   assert _first_bias_step(tx) == pytest.approx(
-      0.02 if matched else 0.003, rel=1e-4)
+      0.02 if matched else 0.0015, rel=1e-4)
+  assert _first_bias_step(orthax.muon(**kwargs)) == pytest.approx(
+      0.04 if matched else 0.003, rel=1e-4)  # at the default rate
 
 
 def test_optax_mode_adam_branch_is_adamw_sized_too():
@@ -69,7 +76,7 @@ def test_optax_mode_adam_branch_is_adamw_sized_too():
     return tx.update(grads, tx.init(params), params)[0]['b']
   np.testing.assert_allclose(
       first(orthax.muon(0.02, reference='optax')),
-      first(orthax.muon(0.02, reference='optax', adam_learning_rate=0.003)),
+      first(orthax.muon(0.02, reference='optax', adam_learning_rate=0.0015)),
       rtol=1e-6)
 
 
@@ -88,25 +95,25 @@ def test_default_follows_a_schedule_and_injected_rate():
   state = tx.init(params)
   for t in range(3):
     updates, state = tx.update(grads, state, params)
-  # Step 3 runs at 0.15·sched(2); AdamW's later steps are not ±lr exactly,
+  # Step 3 runs at 0.075·sched(2); AdamW's later steps are not ±lr exactly,
   # so compare against AdamW at that rate on the same gradients.
-  ref = orthax.transforms.adamw(lambda c: 0.15 * sched(c), b1=0.9, b2=0.95,
+  ref = orthax.transforms.adamw(lambda c: 0.075 * sched(c), b1=0.9, b2=0.95,
                                 eps=1e-10)
   rstate = ref.init(params['b'])
   for t in range(3):
     rupd, rstate = ref.update(grads['b'], rstate, params['b'])
   np.testing.assert_allclose(updates['b'], rupd, rtol=1e-5)
 
-  injected = optax.inject_hyperparams(orthax.muon)(learning_rate=0.04)
+  injected = optax.inject_hyperparams(orthax.muon)(learning_rate=0.08)
   assert _first_bias_step(injected) == pytest.approx(0.006, rel=1e-4)
 
 
 def test_describe_shows_branch_learning_rates(capsys):
   params = {'embed': jnp.zeros((50, 8)), 'w': jnp.zeros((8, 8)),
             'b': jnp.zeros(8)}
-  table = orthax.describe(params, optimizer=orthax.muon(0.02))
+  table = orthax.describe(params, optimizer=orthax.muon())
   rows = {line.split()[0]: line.split()[-1] for line in table.splitlines()[2:]}
-  assert rows == {'b': '0.003', 'embed': '0.003', 'w': '0.02'}
+  assert rows == {'b': '0.003', 'embed': '0.003', 'w': '0.04'}
   assert capsys.readouterr().out.strip() == table
   table = orthax.describe(params, optimizer=orthax.muon(
       optax.constant_schedule(0.02), adam_learning_rate=1e-3))
@@ -204,11 +211,19 @@ def test_trainer_model_has_no_suspect_and_logs_branch_rates(caplog):
   setup = trainer.build(trainer.as_dict(cfg), 64, abstract=True)
   assert orthax.Router().output_layer_suspects(setup.abstract_params) == []
   assert setup.schedules['adam'].peak == pytest.approx(
-      0.15 * cfg.optimizer.learning_rate)
+      0.075 * cfg.optimizer.learning_rate)
   summary = trainer.startup_summary(setup)
   lr = cfg.optimizer.learning_rate
-  assert f'matrix {lr:.4g}, adam {0.15 * lr:.4g}' in summary
+  assert f'matrix {lr:.4g}, adam {0.075 * lr:.4g}' in summary
   with caplog.at_level(logging.INFO, logger='orthax.train'):
     trainer.train(cfg, progress=False)
   assert any('peak learning rate matrix' in r.getMessage()
              for r in caplog.records)
+
+
+def test_adam_rate_ratio_is_the_registered_pair():
+  assert orthax.recipes.adam_rate_ratio('muon') == pytest.approx(3e-3 / 0.04)
+  assert orthax.recipes.adam_rate_ratio('aro') == pytest.approx(3e-3 / 9e-4)
+  # No pair registered (or not a recipe): the Keller-scaled Muon ratio.
+  for name in (None, 'dct_adamw', 'not_a_recipe'):
+    assert orthax.recipes.adam_rate_ratio(name) == 0.15

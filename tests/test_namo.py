@@ -82,7 +82,9 @@ def test_matches_float64_transcription(x64, name, lr, c):
   params = make_tree(0)
   grads = [make_tree(100 + t) for t in range(6)]
   kw = {} if c is None else dict(clamp_c=c)
-  tx = orthax.recipe(name, learning_rate=lr, weight_decay=0.1, **kw)
+  # The repository runs its AdamW branch at the matrices' rate.
+  tx = orthax.recipe(name, learning_rate=lr, adam_learning_rate=lr,
+                     weight_decay=0.1, **kw)
   got = run_orthax(tx, params, grads)
   ref = NamoRef(params, lr, 0.1, diagonal=name == 'namo_d', c=c or 0.75)
   assert_match(got, [ref.step(g) for g in grads], 1e-9, 1e-12, name)
@@ -92,7 +94,8 @@ def test_matches_float64_transcription(x64, name, lr, c):
 def test_float32_close_to_float64_reference(name):
   params = make_tree(1, dtype=np.float32)
   grads = [make_tree(200 + t, dtype=np.float32) for t in range(5)]
-  got = run_orthax(orthax.recipe(name, learning_rate=0.02), params, grads)
+  got = run_orthax(orthax.recipe(name, learning_rate=0.02,
+                                 adam_learning_rate=0.02), params, grads)
   ref = NamoRef(make_tree(1), 0.02, 0.1, diagonal=name == 'namo_d')
   for t in range(5):
     want = ref.step(make_tree(200 + t))

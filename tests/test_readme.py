@@ -21,6 +21,6 @@ def test_readme_python_blocks_run(capsys):
   table = capsys.readouterr().out
   rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
   assert rows['blocks/mlp/kernel'][-7:] == ['matrix', '4', 'x', '64', 'x',
-                                           '256', '0.02']
+                                           '256', '0.04']
   for leaf in ('embed', 'blocks/norm/scale', 'lm_head/kernel'):
     assert rows[leaf][-2:] == ['adam', '0.003'], rows[leaf]

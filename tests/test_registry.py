@@ -13,22 +13,24 @@ from orthax.recipes import _common
 from orthax.recipes import registry
 from reference_helpers import flat, make_tree, run_orthax
 
-# The trainer's defaults before they moved into the registry entries.
-OLD_LEARNING_RATES = {
+# The defaults, written out: the sweep's (README; tests/test_defaults.py
+# checks them against results/sweep). Each recipe's AdamW branch runs at
+# 3e-3 at its default (adamw, dct_adamw and spectra have no separate one).
+DEFAULT_LEARNING_RATES = {
     'adamw': (3e-3, None),
-    'muon': (0.02, 3e-3),
-    'normuon': (0.02, 3e-3),
-    'namo': (0.01, 3e-3),
-    'namo_d': (0.01, 3e-3),
-    'lanton': (0.02, 3e-3),
-    'root': (0.02, 3e-3),
-    'auon': (0.02, 3e-3),
-    'hybrid_auon': (0.02, 3e-3),
-    'spectra': (3e-3, None),
-    'fismo': (0.02, 3e-3),
-    'aro': (0.01, 3e-3),
-    'dct_adamw': (3e-3, None),
-    'trion': (0.02, 3e-3),
+    'muon': (0.04, 3e-3),
+    'normuon': (0.04, 3e-3),
+    'namo': (0.08, 3e-3),
+    'namo_d': (0.08, 3e-3),
+    'lanton': (0.014, 3e-3),
+    'root': (0.014, 3e-3),
+    'auon': (0.08, 3e-3),
+    'hybrid_auon': (0.04, 3e-3),
+    'spectra': (0.0085, None),
+    'fismo': (0.04, 3e-3),
+    'aro': (9e-4, 3e-3),
+    'dct_adamw': (0.0085, None),
+    'trion': (0.08, 3e-3),
 }
 
 REFERENCES = {
@@ -59,9 +61,9 @@ def test_entries():
     assert entry.factory is getattr(orthax, name)
     assert entry.references == refs == orthax.recipe_references(name)
     assert (entry.learning_rate, entry.adam_learning_rate) == (
-        OLD_LEARNING_RATES[name])
+        DEFAULT_LEARNING_RATES[name])
     assert orthax.recipes.default_learning_rates(name) == (
-        OLD_LEARNING_RATES[name])
+        DEFAULT_LEARNING_RATES[name])
     expected = {'namo_repo': 'repo'} if name.startswith('namo') else {}
     assert dict(entry.aliases) == expected
   with pytest.raises(TypeError):
@@ -175,11 +177,11 @@ def test_learning_rate_defaults_to_the_factory_default():
 
 def test_trainer_configs_read_the_registry(toy):
   configs = pytest.importorskip('orthax.train.configs')
-  for name, lrs in OLD_LEARNING_RATES.items():
+  for name, lrs in DEFAULT_LEARNING_RATES.items():
     opt = configs.optimizer(name)
     assert (opt.learning_rate, opt.adam_learning_rate) == lrs
   assert toy in configs.optimizer_names()
-  assert configs.LEARNING_RATES == {**OLD_LEARNING_RATES, toy: (0.04, 2e-3)}
+  assert configs.LEARNING_RATES == {**DEFAULT_LEARNING_RATES, toy: (0.04, 2e-3)}
   opt = configs.optimizer(toy)
   assert (opt.name, opt.learning_rate, opt.adam_learning_rate) == (
       toy, 0.04, 2e-3)

@@ -188,11 +188,13 @@ def test_config_is_saved_and_a_changed_resume_is_refused(runs, tmp_path):
   assert saved['train']['steps'] == 12 and saved['optimizer']['name'] == 'muon'
   work = copy_run(part, tmp_path)
   c = config()
+  lr = c.optimizer.learning_rate  # the default, as saved
+  assert saved['optimizer']['learning_rate'] == lr != 0.5
   c.train.steps = 14
   c.optimizer.learning_rate = 0.5
   c.train.log_every = 3  # cosmetic: not reported
   with pytest.raises(ValueError, match=r'(?s)keys that change the run .*'
-                     r'optimizer.learning_rate: 0.02 -> 0.5\n'
+                     rf'optimizer.learning_rate: {lr} -> 0.5\n'
                      r'  train.steps: 12 -> 14\nResuming would'):
     trainer.train(c, str(work), progress=False)
   c = config()

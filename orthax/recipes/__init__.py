@@ -5,6 +5,7 @@ from orthax.recipes._common import route
 from orthax.recipes._common import step_stages
 from orthax.recipes._common import assemble
 from orthax.recipes._common import ADAMW_RATE_PER_MATRIX_RATE
+from orthax.recipes._common import adam_rate_ratio
 from orthax.recipes._common import recipe_routing
 from orthax.recipes._common import RecipeRouting
 from orthax.recipes._common import resolve_adam_learning_rate

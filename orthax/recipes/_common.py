@@ -18,6 +18,7 @@ import jax
 import optax
 
 from orthax import routing
+from orthax.recipes import registry
 from orthax import transforms as T
 from orthax.transforms import precision
 
@@ -61,32 +62,51 @@ def step_stages(learning_rate: optax.ScalarOrSchedule, weight_decay: Any,
   ]
 
 
-# The AdamW branch's default rate per unit of the matrix rate where the
-# matrix update is shape-scaled (Keller's √max(1, out/in), spectral, raw)
-# rather than scaled to AdamW's update RMS: AdamW's usual peak 3e-3 over
-# Muon's 0.02, so ``orthax.muon(0.02)`` runs its AdamW branch at 3e-3.
+# The AdamW branch's default rate per unit of the matrix rate for a recipe
+# that registers no ratio of its own (see :func:`resolve_adam_learning_rate`):
+# AdamW's usual peak 3e-3 over Keller-scaled Muon's 0.02.
 ADAMW_RATE_PER_MATRIX_RATE = 0.15
+
+
+def adam_rate_ratio(recipe: str | None) -> float:
+  """The AdamW branch's default rate per unit of the matrix rate for
+  ``recipe``: its registered ``adam_learning_rate / learning_rate`` (the
+  rates the learning-rate sweep measured together), else
+  :data:`ADAMW_RATE_PER_MATRIX_RATE`."""
+  if recipe is not None and recipe in registry.recipe_names():
+    ratio = registry.recipe_entry(recipe).adam_rate_ratio
+    if ratio is not None:
+      return ratio
+  return ADAMW_RATE_PER_MATRIX_RATE
 
 
 def resolve_adam_learning_rate(learning_rate: optax.ScalarOrSchedule,
                                adam_learning_rate: optax.ScalarOrSchedule
-                               | None, *, rms_matched: bool
+                               | None, *, rms_matched: bool,
+                               recipe: str | None = None
                                ) -> optax.ScalarOrSchedule:
-  """The AdamW branch's learning rate.
+  r"""The AdamW branch's learning rate.
 
   ``adam_learning_rate`` if given; else the matrices' ``learning_rate``
-  when ``rms_matched`` (the matrix update is scaled to AdamW's update RMS,
-  e.g. Moonlight's ``0.2·√max(m, n)``, so one rate fits both branches);
-  else ``learning_rate ×`` :data:`ADAMW_RATE_PER_MATRIX_RATE` (a
-  shape-scaled orthogonal update trains at 7–70× AdamW's rate). A schedule
-  is scaled step by step, so it drives both branches; so is an array
-  (``optax.inject_hyperparams``).
+  when ``rms_matched`` (a mode that scales the matrix update to AdamW's
+  update RMS, e.g. Moonlight's ``0.2·√max(m, n)``, so one rate fits both
+  branches); else ``learning_rate ×`` :func:`adam_rate_ratio` ``(recipe)``:
+
+  .. math::
+
+     \eta_{\text{adam}} = \eta \cdot
+       \frac{\eta_{\text{adam}}^{\text{default}}}{\eta^{\text{default}}},
+
+  so that a recipe at its default learning rate runs its AdamW branch at
+  the registered AdamW rate (3e-3), and both move together when the
+  learning rate does. A schedule is scaled step by step, so it drives both
+  branches; so is an array (``optax.inject_hyperparams``).
   """
   if adam_learning_rate is not None:
     return adam_learning_rate
   if rms_matched:
     return learning_rate
-  k = ADAMW_RATE_PER_MATRIX_RATE
+  k = adam_rate_ratio(recipe)
   if callable(learning_rate):
     return lambda count: k * learning_rate(count)
   return k * learning_rate
@@ -132,12 +152,12 @@ def describe(params: Any, router: routing.Router | None = None, *,
     >>> import jax.numpy as jnp, orthax
     >>> params = {'embed': jnp.zeros((50, 8)), 'w': jnp.zeros((8, 8)),
     ...           'head': jnp.zeros((8, 50))}
-    >>> _ = orthax.describe(params, optimizer=orthax.muon(0.02))
+    >>> _ = orthax.describe(params, optimizer=orthax.muon())
     path   shape    label   view       lr
     -----  -------  ------  ---------  -----
     embed  (50, 8)  adam               0.003
     head   (8, 50)  adam               0.003
-    w      (8, 8)   matrix  1 x 8 x 8  0.02
+    w      (8, 8)   matrix  1 x 8 x 8  0.04
   """
   lrs = None
   if optimizer is not None:
@@ -220,6 +240,7 @@ def assemble_with_adamw(
     learning_rate: optax.ScalarOrSchedule,
     adam_learning_rate: optax.ScalarOrSchedule | None,
     rms_matched: bool,
+    recipe: str | None = None,
     branches: dict[str, optax.GradientTransformation] | None = None,
     branch_learning_rates: dict[str, optax.ScalarOrSchedule] | None = None,
     **adam_kwargs,
@@ -233,7 +254,8 @@ def assemble_with_adamw(
   result carries its :class:`RecipeRouting` (``branch_learning_rates``:
   those of the extra ``branches``)."""
   adam_lr = resolve_adam_learning_rate(learning_rate, adam_learning_rate,
-                                       rms_matched=rms_matched)
+                                       rms_matched=rms_matched,
+                                       recipe=recipe)
   adam = T.adamw(adam_lr, **adam_kwargs)
   branches = {k: precision.in_float32(v) for k, v in (branches or {}).items()}
   tx = assemble(precision.in_float32(matrix_chain), adam, router,

@@ -30,9 +30,9 @@ def _check_choices(**choices):
 
 
 @registry.register('aro', references=tuple(_ARO_REFERENCES),
-                   learning_rate=0.01, adam_learning_rate=3e-3)
+                   adam_learning_rate=3e-3)
 def aro(
-    learning_rate: optax.ScalarOrSchedule = 0.01,
+    learning_rate: optax.ScalarOrSchedule = 0.0009,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,
@@ -107,7 +107,8 @@ def aro(
     weight_decay: λ for matrices.
     mu_dtype: momentum dtype (both branches; default float32 or wider).
     adam_learning_rate: AdamW learning rate (default: ``learning_rate``
-      under ``scale='update_rms'``, else ``0.15·learning_rate``; see
+      under ``scale='update_rms'``, else ``3.33·learning_rate``, 3e-3 at
+      the default 9e-4; see
       :func:`orthax.recipes.resolve_adam_learning_rate`).
     adam_b1, adam_b2, adam_eps: AdamW moments and epsilon.
     adam_weight_decay: AdamW decay (default: λ for ``'dion'``, else 0).
@@ -152,5 +153,5 @@ def aro(
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate,
-      rms_matched=scale == 'update_rms', b1=adam_b1, b2=adam_b2,
+      rms_matched=scale == 'update_rms', recipe='aro', b1=adam_b1, b2=adam_b2,
       eps=adam_eps, weight_decay=adam_weight_decay, mu_dtype=mu_dtype)

@@ -49,10 +49,9 @@ def limit_matrix_size(router: _common.RouterLike, max_shape: int
   return labels
 
 
-@registry.register('dct_adamw', references=tuple(_DCT_ADAMW_REFERENCES),
-                   learning_rate=3e-3)
+@registry.register('dct_adamw', references=tuple(_DCT_ADAMW_REFERENCES))
 def dct_adamw(
-    learning_rate: optax.ScalarOrSchedule = 3e-3,
+    learning_rate: optax.ScalarOrSchedule = 0.0085,
     *,
     reference: str = 'orthax',
     rank: int | float | None = None,
@@ -165,6 +164,6 @@ def dct_adamw(
   return _common.assemble_with_adamw(
       matrix, limit_matrix_size(router, max_shape), check_finite,
       learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
-      rms_matched=True, b1=pick(adam_b1, b1), b2=pick(adam_b2, b2), eps=pick(adam_eps, eps),
+      rms_matched=True, recipe='dct_adamw', b1=pick(adam_b1, b1), b2=pick(adam_b2, b2), eps=pick(adam_eps, eps),
       weight_decay=pick(adam_weight_decay, weight_decay),
       eps_placement='corrected')

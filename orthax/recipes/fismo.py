@@ -13,9 +13,9 @@ from orthax.recipes import registry
 from orthax.transforms import fisher
 
 
-@registry.register('fismo', learning_rate=0.02, adam_learning_rate=3e-3)
+@registry.register('fismo', adam_learning_rate=3e-3)
 def fismo(
-    learning_rate: optax.ScalarOrSchedule = 0.02,
+    learning_rate: optax.ScalarOrSchedule = 0.04,
     *,
     beta: float = 0.95,
     gamma: float = 0.95,
@@ -117,7 +117,8 @@ def fismo(
     scale_rms: RMS target of the ``moonlight`` scale.
     weight_decay: λ for matrices (decoupled, ``W ← W(1-ηλ)``).
     adam_learning_rate: AdamW learning rate (default: ``learning_rate``
-      under ``scale='moonlight'``, else ``0.15·learning_rate``; see
+      under ``scale='moonlight'``, else ``0.075·learning_rate``, 3e-3 at
+      the default 0.04; see
       :func:`orthax.recipes.resolve_adam_learning_rate`).
     adam_b1, adam_b2, adam_eps: AdamW moments and epsilon.
     adam_weight_decay: AdamW weight decay.
@@ -151,7 +152,7 @@ def fismo(
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate,
-      rms_matched=scale == 'moonlight', b1=adam_b1, b2=adam_b2,
+      rms_matched=scale == 'moonlight', recipe='fismo', b1=adam_b1, b2=adam_b2,
       eps=adam_eps, weight_decay=adam_weight_decay)
 
 

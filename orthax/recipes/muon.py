@@ -30,9 +30,9 @@ _MUON_REFERENCES = {
 
 
 @registry.register('muon', references=tuple(_MUON_REFERENCES),
-                   learning_rate=0.02, adam_learning_rate=3e-3)
+                   adam_learning_rate=3e-3)
 def muon(
-    learning_rate: optax.ScalarOrSchedule = 0.02,
+    learning_rate: optax.ScalarOrSchedule = 0.04,
     *,
     reference: str = 'keller',
     beta: float = 0.95,
@@ -86,7 +86,9 @@ def muon(
   mode (``W ← W(1-ηλ)``), as all three references do.
 
   Args:
-    learning_rate: η for the matrix branch (number or schedule).
+    learning_rate: η for the matrix branch (number or schedule). The
+      default 0.04 is the sweep's best at d_model 128 and 256 (README);
+      KellerJordan/Muon's is 0.02.
     reference: ``'keller'`` (KellerJordan/Muon), ``'moonlight'``
       (MoonshotAI/Moonlight) or ``'optax'`` (``optax.contrib.muon``).
     beta: momentum β.
@@ -109,7 +111,8 @@ def muon(
       and rounds the update to the gradients' dtype once).
     adam_learning_rate: AdamW learning rate (default: ``learning_rate``
       under the ``moonlight`` scale, whose update RMS is AdamW's; else
-      ``0.15·learning_rate``, 3e-3 at the default 0.02: see
+      ``0.075·learning_rate``, 3e-3 at the default 0.04, the rates the
+      learning-rate sweep measured together: see
       :func:`orthax.recipes.resolve_adam_learning_rate`).
       ``optax.contrib.muon`` reuses ``learning_rate``: pass
       ``adam_learning_rate=learning_rate`` to reproduce it.
@@ -126,11 +129,11 @@ def muon(
   Example:
     >>> import jax, jax.numpy as jnp, optax, orthax
     >>> params = {'w': jnp.ones((8, 16)), 'b': jnp.zeros(16)}
-    >>> tx = orthax.muon(0.02)        # 'w' -> Newton–Schulz, 'b' -> AdamW
+    >>> tx = orthax.muon(0.04)        # 'w' -> Newton–Schulz, 'b' -> AdamW
     >>> state = tx.init(params)
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, state, params)
-    >>> round(float(jnp.abs(updates['b']).max()), 6)   # AdamW at 0.15·0.02
+    >>> round(float(jnp.abs(updates['b']).max()), 6)   # AdamW at 0.075·0.04
     0.003
 
   References: K. Jordan, *Muon: An optimizer for hidden layers* (2024),
@@ -168,7 +171,7 @@ def muon(
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate,
-      rms_matched=scale == 'moonlight', b1=adam_b1, b2=d['adam_b2'] if adam_b2 is None else adam_b2,
+      rms_matched=scale == 'moonlight', recipe='muon', b1=adam_b1, b2=d['adam_b2'] if adam_b2 is None else adam_b2,
       eps=d['adam_eps'] if adam_eps is None else adam_eps,
       weight_decay=adam_weight_decay, mu_dtype=mu_dtype,
       eps_placement=d['adam_eps_placement'],

@@ -35,7 +35,9 @@ class RecipeEntry:
     learning_rate: the trainer's default peak learning rate of the main
       branch (``orthax.train.configs.optimizer``); ``None``: none known.
     adam_learning_rate: the trainer's default peak learning rate of the
-      AdamW branch; ``None``: the main branch's (or no AdamW branch).
+      AdamW branch; ``None``: the main branch's (or no AdamW branch). Its
+      ratio to ``learning_rate`` is also the recipe's default AdamW rate per
+      unit of the matrix rate (:attr:`adam_rate_ratio`).
   """
   name: str
   factory: Factory
@@ -53,6 +55,15 @@ class RecipeEntry:
         raise ValueError(
             f'recipe {self.name!r}: alias {alias!r} -> {canonical!r} must '
             f'name one of the modes {self.references} and not be one.')
+
+  @property
+  def adam_rate_ratio(self) -> float | None:
+    """``adam_learning_rate / learning_rate`` (``None`` unless both are
+    registered): the AdamW branch's default rate per unit of the matrix
+    rate (:func:`orthax.recipes.resolve_adam_learning_rate`)."""
+    if self.learning_rate and self.adam_learning_rate is not None:
+      return self.adam_learning_rate / self.learning_rate
+    return None
 
   def resolve_reference(self, reference: str) -> str:
     """The canonical spelling of ``reference`` (a mode or an alias).

@@ -40,10 +40,9 @@ _SPECTRA_REFERENCES = {
 }
 
 
-@registry.register('spectra', references=tuple(_SPECTRA_REFERENCES),
-                   learning_rate=3e-3)
+@registry.register('spectra', references=tuple(_SPECTRA_REFERENCES))
 def spectra(
-    learning_rate: optax.ScalarOrSchedule = 2e-3,
+    learning_rate: optax.ScalarOrSchedule = 0.0085,
     *,
     reference: str = 'orthax',
     c: float = 10.0,
@@ -158,10 +157,9 @@ def spectra(
       router, {'matrix': learning_rate, 'adam': learning_rate})
 
 
-@registry.register('root', references=('repo',), learning_rate=0.02,
-                   adam_learning_rate=3e-3)
+@registry.register('root', references=('repo',), adam_learning_rate=3e-3)
 def root(
-    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    learning_rate: optax.ScalarOrSchedule = 0.014,
     *,
     reference: str = 'repo',
     beta: float = 0.95,
@@ -222,6 +220,7 @@ def root(
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate, rms_matched=True,
+      recipe='root',
       b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=weight_decay,
       eps_placement='raw',
       mu_dtype=mu_dtype)
@@ -277,15 +276,15 @@ def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
   return _common.assemble_with_adamw(
       optax.named_chain(*stages), router, check_finite,
       learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
-      rms_matched=False, b1=adam_b1, b2=adam_b2, eps=adam_eps,
-      weight_decay=0.0,
+      rms_matched=False, recipe='hybrid_auon' if hybrid else 'auon',
+      b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=0.0,
       eps_placement='corrected', mu_dtype=mu_dtype)
 
 
 @registry.register('auon', references=tuple(_AUON_REFERENCES),
-                   learning_rate=0.02, adam_learning_rate=3e-3)
+                   adam_learning_rate=3e-3)
 def auon(
-    learning_rate: optax.ScalarOrSchedule = 0.02,
+    learning_rate: optax.ScalarOrSchedule = 0.08,
     *,
     reference: str = 'paper',
     beta: float = 0.95,
@@ -331,9 +330,9 @@ def auon(
 
 
 @registry.register('hybrid_auon', references=tuple(_AUON_REFERENCES),
-                   learning_rate=0.02, adam_learning_rate=3e-3)
+                   adam_learning_rate=3e-3)
 def hybrid_auon(
-    learning_rate: optax.ScalarOrSchedule = 0.02,
+    learning_rate: optax.ScalarOrSchedule = 0.04,
     *,
     reference: str = 'paper',
     beta: float = 0.95,

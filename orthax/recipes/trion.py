@@ -21,9 +21,9 @@ _TRION_REFERENCES = ('ista',)
 
 
 @registry.register('trion', references=_TRION_REFERENCES,
-                   learning_rate=0.02, adam_learning_rate=3e-3)
+                   adam_learning_rate=3e-3)
 def trion(
-    learning_rate: optax.ScalarOrSchedule = 0.02,
+    learning_rate: optax.ScalarOrSchedule = 0.08,
     *,
     reference: str = 'ista',
     rank: int | float | None = None,
@@ -57,7 +57,7 @@ def trion(
   ``c`` is the shape scale of ``scaling`` (see
   :func:`orthax.transforms.scale_by_trion`). Vectors, embeddings and heads
   go to Adam (bias-corrected, betas ``(0.9, 0.95)``, ``eps=1e-10``, at
-  ``adam_learning_rate``, default ``0.15·learning_rate``, or
+  ``adam_learning_rate``, default ``0.0375·learning_rate``, or
   ``learning_rate`` under ``scaling='kimi'``; the reference's is
   ``3e-4``). The state per matrix is ``B`` (as Muon's momentum); on a mesh
   it stays on the device that owns the matrix.
@@ -83,7 +83,8 @@ def trion(
     ns_dtype: dtype of the Newton–Schulz iteration.
     weight_decay: λ, decoupled (``W(1-ηλ)``).
     adam_learning_rate: Adam's learning rate (default: ``learning_rate``
-      under ``scaling='kimi'``, else ``0.15·learning_rate``: see
+      under ``scaling='kimi'``, else ``0.0375·learning_rate``, 3e-3 at
+      the default 0.08: see
       :func:`orthax.recipes.resolve_adam_learning_rate`). The trainer's
       default, registered with the recipe, is ``3e-3`` as for every recipe:
       the reference's ``3e-4`` left the trainer's 24-step test model 0.6
@@ -123,6 +124,6 @@ def trion(
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate,
-      rms_matched=scaling == 'kimi', b1=adam_b1, b2=adam_b2, eps=adam_eps,
+      rms_matched=scaling == 'kimi', recipe='trion', b1=adam_b1, b2=adam_b2, eps=adam_eps,
       weight_decay=weight_decay if adam_weight_decay is None
       else adam_weight_decay, eps_placement='corrected')

@@ -212,7 +212,7 @@ def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw',
               defaults: dict[str, float] | None = None
               ) -> list[dict[str, Any]]:
   """One row per (optimizer, width) of ``records``: ``best_scale`` (among
-  the scales run at every seed of the group), ``best_lr``, ``default_lr``, ``loss_default`` and ``loss_best`` (seed
+  ``compared_scales``, those run at every seed of the group), ``best_lr``, ``default_lr``, ``loss_default`` and ``loss_best`` (seed
   means), ``seeds``, and ``steps_to_baseline``: the first evaluation at
   which the seed-mean validation curve at the default scale reaches the
   baseline's best seed-mean final loss at that width (again among scales
@@ -234,7 +234,8 @@ def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw',
   for (name, width), runs in sorted(groups.items()):
     scales = _by_scale(runs, defaults.get(name))
     finals = {k: _final(v) for k, v in scales.items()}
-    best = min(_with_all_seeds(scales), key=finals.get)
+    compared = _with_all_seeds(scales)
+    best = min(compared, key=finals.get)
     default = scales.get(1.0)
     steps_to = None
     if (default is not None and width in target
@@ -249,7 +250,8 @@ def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw',
         'default_lr': defaults.get(name, lr_of[1.0] if default
                                    else lr_of[best] / best),
         'loss_default': finals.get(1.0, math.nan), 'loss_best': finals[best],
-        'loss_by_scale': finals, 'seeds': sorted({r['seed'] for r in runs}),
+        'loss_by_scale': finals, 'compared_scales': compared,
+        'seeds': sorted({r['seed'] for r in runs}),
         'steps_to_baseline': steps_to, 'baseline_loss': target.get(width),
     })
   return rows
