@@ -184,6 +184,22 @@ def test_script_summarizes_what_is_there(tmp_path):
           in proc.stdout), proc.stdout
   assert (tmp_path / 'summary.md').exists()
   assert (tmp_path / 'lr_muon.png').exists()
+  # Without --scales: every recorded rate (here one at 0.37× muon's default,
+  # the best; and a seed that is not asked for).
+  runs += [record('muon', 128, 0, 0.37, 1.7, [2.6, 1.9, 1.7], lr('muon')),
+           record('muon', 128, 1, 1.0, 1.0, [2.6, 1.9, 1.0], lr('muon'))]
+  (tmp_path / 'runs.jsonl').write_text(
+      ''.join(json.dumps(r) + '\n' for r in runs))
+  proc = subprocess.run(
+      [sys.executable, 'scripts/sweep.py', '--summarize_only',
+       '--optimizers=adamw,muon', '--widths=128', '--seeds=0',
+       f'--out={tmp_path}'],
+      capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '3 runs recorded at any rate' in proc.stdout, proc.stdout
+  best = f'{0.37 * lr("muon"):.3g}'
+  assert (f"| muon | {lr('muon'):.3g} | {best} | 1.8000 | 1.7000 | 20 |"
+          in proc.stdout), proc.stdout
 
 
 def test_a_diverged_run_is_recorded_not_fatal(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@ two seeds (resumable).
 
     orthax-sweep                                     # everything
     orthax-sweep --optimizers=adamw,muon --max_runs=10
-    orthax-sweep --summarize_only                    # table and plots
+    orthax-sweep --summarize_only                    # table and plots of every run
 
 Each optimizer at its default peak learning rate × {1/4, 1/2, 1, 2, 4, 8} on
 the embedded corpus (the ``lm_cpu`` config) at d_model 128 and 256, seeds 0
@@ -38,7 +38,8 @@ def define_flags() -> types.SimpleNamespace:
           'and every registered recipe).'),
       scales=flags.DEFINE_list(
           'scales', ['0.25', '0.5', '1', '2', '4', '8'],
-          'Multiples of each default peak learning rate.'),
+          'Multiples of each default peak learning rate (with '
+          '--summarize_only and no --scales: every rate recorded).'),
       widths=flags.DEFINE_list('widths', ['128', '256'], 'Model widths.'),
       seeds=flags.DEFINE_list('seeds', ['0', '1'], 'Seeds.'),
       steps=flags.DEFINE_integer('steps', None, 'Override train.steps.'),
@@ -63,10 +64,15 @@ def main(f: types.SimpleNamespace) -> None:
       seeds=tuple(int(s) for s in f.seeds.value),
       steps=f.steps.value, eval_every=f.eval_every.value)
   out = f.out.value
-  runs = sweep.run(f.config.value, spec, out,
-                   max_runs=0 if f.summarize_only.value else f.max_runs.value)
-  print(f'{len(runs)} of {len(spec.keys())} runs done '
-        f'({sum(r["seconds"] for r in runs) / 3600:.2f} h of training)')
+  if f.summarize_only.value and not f.scales.present:
+    runs = sweep.recorded(f.config.value, spec, out)
+    print(f'{len(runs)} runs recorded at any rate '
+          f'({sum(r["seconds"] for r in runs) / 3600:.2f} h of training)')
+  else:
+    runs = sweep.run(f.config.value, spec, out, max_runs=(
+        0 if f.summarize_only.value else f.max_runs.value))
+    print(f'{len(runs)} of {len(spec.keys())} runs done '
+          f'({sum(r["seconds"] for r in runs) / 3600:.2f} h of training)')
   rows = sweep.summarize(runs, defaults={
       name: sweep.default_learning_rate(name) for name in spec.optimizers})
   md = sweep.table(rows)

@@ -122,6 +122,17 @@ def run(base_config: Any, spec: SweepSpec, out_dir: str, *,
   return [r for r in load(path) if run_key(r) in wanted]
 
 
+def recorded(base_config: Any, spec: SweepSpec, out_dir: str
+             ) -> list[dict[str, Any]]:
+  """Every run in ``<out_dir>/runs.jsonl`` of ``spec``'s optimizers,
+  widths and seeds, at whatever rate it was made (a sweep of the same
+  setup: see :func:`check_same_sweep`)."""
+  check_same_sweep(base_config, spec, out_dir)
+  return [r for r in load(os.path.join(out_dir, 'runs.jsonl'))
+          if r['optimizer'] in spec.optimizers
+          and int(r['width']) in spec.widths and int(r['seed']) in spec.seeds]
+
+
 def _drop_cut_line(path: str, records: list[dict[str, Any]]) -> None:
   """Rewrites ``path`` without a last line cut short by a crash (which
   :func:`load` skipped), so that appended runs start on a line of their
