@@ -171,3 +171,20 @@ def test_bad_inputs():
                                     learning_rate=0.1)
   with pytest.raises(ValueError, match="'x/w'"):
     tx.init({'x': {'w': jnp.zeros((2, 3, 4))}})
+
+
+@pytest.mark.parametrize('kwargs, expected', [
+    (dict(), 0.05 * 3e-3 / orthax.recipes.default_learning_rates('lanton')[0]),
+    (dict(adam_learning_rate=1e-3), 1e-3),
+    (dict(signum_learning_rate=2e-2), 2e-2)])
+def test_signum_runs_at_the_adamw_branch_rate(kwargs, expected):
+  """Embeddings and head step by ±η_s: the AdamW branch's rate unless
+  ``signum_learning_rate`` is given (3e-3 at the default η)."""
+  params = {'embed': {'embedding': jnp.zeros((40, 8))},
+            'w': jnp.zeros((8, 8))}
+  grads = {'embed': {'embedding': jnp.linspace(-1.0, 1.0, 320).reshape(40, 8)
+                     + 0.01}, 'w': jnp.ones((8, 8))}
+  tx = orthax.lanton(0.05, **kwargs)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  step = np.abs(np.asarray(updates['embed']['embedding']))
+  np.testing.assert_allclose(step, expected, rtol=1e-6)

@@ -22,7 +22,7 @@ DEFAULT_LEARNING_RATES = {
     'normuon': (0.04, 3e-3),
     'namo': (0.08, 3e-3),
     'namo_d': (0.08, 3e-3),
-    'lanton': (0.014, 3e-3),
+    'lanton': (0.08, 3e-3),
     'root': (0.014, 3e-3),
     'auon': (0.08, 3e-3),
     'hybrid_auon': (0.04, 3e-3),
