@@ -164,6 +164,7 @@ def test_summary_means_over_seeds_and_finds_the_crossing():
   line = [l for l in sweep.table(sweep.summarize(recs)).splitlines()
           if l.startswith('| muon |')][0]
   assert 'nan' not in line and '1.6000 / —' in line, line
+  assert line.endswith('| 0,1 / 0 |'), line  # the seeds of each width
 
 
 def test_script_summarizes_what_is_there(tmp_path):
@@ -180,8 +181,8 @@ def test_script_summarizes_what_is_there(tmp_path):
       capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '2 of 2 runs done' in proc.stdout
-  assert (f"| muon | {lr('muon'):.3g} | {lr('muon'):.3g} | 1.8000 | 1.8000 | 20 |"
-          in proc.stdout), proc.stdout
+  assert (f"| muon | {lr('muon'):.3g} | {lr('muon'):.3g} | 1.8000 | 1.8000 | 20 "
+          "| 0 |" in proc.stdout), proc.stdout
   assert (tmp_path / 'summary.md').exists()
   assert (tmp_path / 'lr_muon.png').exists()
   # Without --scales: every recorded rate (here one at 0.37× muon's default,
@@ -198,8 +199,13 @@ def test_script_summarizes_what_is_there(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '3 runs recorded at any rate' in proc.stdout, proc.stdout
   best = f'{0.37 * lr("muon"):.3g}'
-  assert (f"| muon | {lr('muon'):.3g} | {best} | 1.8000 | 1.7000 | 20 |"
+  assert (f"| muon | {lr('muon'):.3g} | {best} | 1.8000 | 1.7000 | 20 | 0 |"
           in proc.stdout), proc.stdout
+
+
+def test_summarizing_an_empty_directory_says_so(tmp_path):
+  with pytest.raises(ValueError, match='holds no sweep: no runs.jsonl'):
+    sweep.recorded(tiny_base(), SPEC, str(tmp_path / 'nothing'))
 
 
 def test_a_diverged_run_is_recorded_not_fatal(tmp_path, monkeypatch):

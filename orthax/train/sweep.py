@@ -126,7 +126,13 @@ def recorded(base_config: Any, spec: SweepSpec, out_dir: str
              ) -> list[dict[str, Any]]:
   """Every run in ``<out_dir>/runs.jsonl`` of ``spec``'s optimizers,
   widths and seeds, at whatever rate it was made (a sweep of the same
-  setup: see :func:`check_same_sweep`)."""
+  setup: see :func:`check_same_sweep`).
+
+  Raises:
+    ValueError: ``out_dir`` holds no ``runs.jsonl``.
+  """
+  if not os.path.exists(os.path.join(out_dir, 'runs.jsonl')):
+    raise ValueError(f'{out_dir!r} holds no sweep: no runs.jsonl there.')
   check_same_sweep(base_config, spec, out_dir)
   return [r for r in load(os.path.join(out_dir, 'runs.jsonl'))
           if r['optimizer'] in spec.optimizers
@@ -277,8 +283,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
       fmt(at[(n, w)][key]) if (n, w) in at else '—' for w in widths)
   ws = ' / '.join(map(str, widths))
   lines = [f'| optimizer | default lr | best lr (d {ws}) | loss at default | '
-           f'loss at best | steps to AdamW at default |',
-           '|---|---|---|---|---|---|']
+           f'loss at best | steps to AdamW at default | seeds |',
+           '|---|---|---|---|---|---|---|']
   for n in names:
     first = next(at[(n, w)] for w in widths if (n, w) in at)
     fmt_steps = lambda s: '—' if s is None else str(s)
@@ -288,7 +294,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         f"{per_w(lambda v: f'{v:.3g}', 'best_lr')} | "
         f"{per_w(fmt_loss, 'loss_default')} | "
         f"{per_w(fmt_loss, 'loss_best')} | "
-        f"{per_w(fmt_steps, 'steps_to_baseline')} |")
+        f"{per_w(fmt_steps, 'steps_to_baseline')} | "
+        f"{per_w(lambda v: ','.join(map(str, v)), 'seeds')} |")
   return '\n'.join(lines)
 
 
