@@ -1,25 +1,21 @@
 """Fixtures shared by the test files, how the suite compiles, and how its
 tests are spread over the pytest workers.
 
-Most of this suite's time is XLA compiling small programs on the CPU, so,
-unless ``ORTHAX_TEST_DEFAULT_COMPILE=1`` is set, the run compiles cheaply:
+Most of this suite's time is XLA compiling small programs on the CPU, so the
+pytest processes (not the subprocesses tests start: fake-device case
+scripts, notebook kernels, the trainer's command line, which run as users
+run them), unless ``ORTHAX_TEST_DEFAULT_COMPILE=1`` is set, compile cheaply:
 
-* in the pytest processes (not the subprocesses tests start: fake-device
-  case scripts, notebook kernels, the trainer's command line, which compile
-  as users' processes do), ``--xla_backend_optimization_level=0``: the same
-  optimized HLO, lowered by LLVM without its optimization passes. IEEE
-  arithmetic is unchanged (XLA's CPU backend does not enable fast math); the
-  programs compile about a third faster and run slower, which the tests'
-  small matrices do not notice. The flag is in ``XLA_FLAGS`` only until the
-  CPU backend has read it; a test that compares a subprocess's steps bit for
-  bit with its own gives that subprocess ``XLA_FLAGS=$ORTHAX_TEST_XLA_FLAGS``.
+* ``--xla_backend_optimization_level=0``: the same optimized HLO, lowered by
+  LLVM without its optimization passes. IEEE arithmetic is unchanged (XLA's
+  CPU backend does not enable fast math); the programs compile about a third
+  faster and run slower, which the tests' small matrices do not notice. The
+  flag is in ``XLA_FLAGS`` only until the CPU backend has read it; a test
+  that compares a subprocess's steps bit for bit with its own gives that
+  subprocess ``XLA_FLAGS=$ORTHAX_TEST_XLA_FLAGS``.
 * a persistent compilation cache in a temporary directory that the workers
-  and every subprocess share (its path travels in ``ORTHAX_TEST_JAX_CACHE``
-  and ``JAX_COMPILATION_CACHE_DIR``) and that is removed when the run ends:
-  a program that several tests, or one fake-device script building the same
-  step twice, compile is compiled once (``dct_cases.py``: 37 s → 31 s alone;
-  a compiled program gives the same results whether it came from the cache
-  or not, as the case scripts' outputs show).
+  share (its path travels in ``ORTHAX_TEST_JAX_CACHE``) and that is removed
+  when the run ends: a program that several tests compile is compiled once.
 
 Every process of the run, subprocesses included, uses one OpenBLAS thread
 (``OPENBLAS_NUM_THREADS=1`` unless set): two pytest workers fill the two
@@ -56,14 +52,10 @@ if _ENABLED:
     del os.environ['XLA_FLAGS']
   else:
     os.environ['XLA_FLAGS'] = _USER_XLA_FLAGS
-  # The cache, for this process and (through the environment) for every
-  # subprocess a test starts.
-  for key, value in (('jax_compilation_cache_dir',
-                      os.environ['ORTHAX_TEST_JAX_CACHE']),
-                     ('jax_persistent_cache_min_compile_time_secs', 0.05),
-                     ('jax_persistent_cache_min_entry_size_bytes', 0)):
-    jax.config.update(key, value)
-    os.environ[key.upper()] = str(value)
+  jax.config.update('jax_compilation_cache_dir',
+                    os.environ['ORTHAX_TEST_JAX_CACHE'])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.05)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
 # Files whose tests share a fixture of module scope (a fake-device case
@@ -74,11 +66,12 @@ if _ENABLED:
 # The check in ``pytest_collection_modifyitems`` keeps this list complete.
 WHOLE_FILES = frozenset({
     'test_aro.py', 'test_cli.py', 'test_dct_adamw.py', 'test_defaults.py',
-    'test_engine.py', 'test_extreme_scale_mesh.py', 'test_fismo.py',
-    'test_flax.py', 'test_nonfinite_mesh.py', 'test_notebooks.py',
-    'test_optax_harness.py', 'test_packaging.py', 'test_prepare.py',
-    'test_sharding.py', 'test_sharding_stages.py', 'test_slot_stages.py',
-    'test_train_robust.py', 'test_trion.py'})
+    'test_engine.py',
+    'test_extreme_scale_mesh.py', 'test_fismo.py', 'test_flax.py',
+    'test_nonfinite_mesh.py', 'test_notebooks.py', 'test_optax_harness.py',
+    'test_packaging.py', 'test_prepare.py', 'test_sharding.py',
+    'test_sharding_stages.py', 'test_slot_stages.py', 'test_train_robust.py',
+    'test_trion.py'})
 
 
 def xdist_scope(nodeid: str) -> str:
