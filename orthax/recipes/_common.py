@@ -69,10 +69,17 @@ ADAMW_RATE_PER_MATRIX_RATE = 0.15
 
 
 def adam_rate_ratio(recipe: str | None) -> float:
-  """The AdamW branch's default rate per unit of the matrix rate for
-  ``recipe``: its registered ``adam_learning_rate / learning_rate`` (the
-  rates the learning-rate sweep measured together), else
-  :data:`ADAMW_RATE_PER_MATRIX_RATE`."""
+  r"""The AdamW branch's default rate per unit of the matrix rate for
+  ``recipe``: :math:`k = \eta_{\text{adam}}^{\text{default}} /
+  \eta^{\text{default}}`, its registered ``adam_learning_rate /
+  learning_rate`` (the rates the learning-rate sweep measured together),
+  else :data:`ADAMW_RATE_PER_MATRIX_RATE`.
+
+  Example:
+    >>> import orthax
+    >>> round(orthax.recipes.adam_rate_ratio('muon'), 6)   # 3e-3 / 0.04
+    0.075
+  """
   if recipe is not None and recipe in registry.recipe_names():
     ratio = registry.recipe_entry(recipe).adam_rate_ratio
     if ratio is not None:

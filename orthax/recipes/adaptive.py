@@ -128,7 +128,8 @@ def normuon(
   return _common.assemble_with_adamw(
       optax.named_chain(*stages), router, check_finite, learning_rate=lr,
       adam_learning_rate=adam_learning_rate,
-      rms_matched=reference == 'paper', recipe='normuon', b1=adam_b1, b2=adam_b2,
+      rms_matched=reference == 'paper', recipe='normuon', b1=adam_b1,
+      b2=adam_b2,
       eps=adam_eps, weight_decay=adam_weight_decay, mu_dtype=mu_dtype)
 
 

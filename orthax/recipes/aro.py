@@ -153,5 +153,6 @@ def aro(
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate,
-      rms_matched=scale == 'update_rms', recipe='aro', b1=adam_b1, b2=adam_b2,
+      rms_matched=scale == 'update_rms', recipe='aro', b1=adam_b1,
+      b2=adam_b2,
       eps=adam_eps, weight_decay=adam_weight_decay, mu_dtype=mu_dtype)
