@@ -108,6 +108,8 @@ class AroRef:
       return np.sqrt(m / n)
     if self.scale == 'update_rms':
       return 0.2 * np.sqrt(m * n) / (np.linalg.norm(u) + 1e-10)
+    if self.scale == 'muon':
+      return np.sqrt(max(1.0, m / n)) / power_sigma(u)
     return 1.0
 
   def step(self, grads):
@@ -139,6 +141,18 @@ class AroRef:
     for k, opt in self.adam.items():
       self.p[k] = opt.step(self.p[k], gs[k], self.t)
     return dict(self.p)
+
+
+def power_sigma(u, iters=10):
+  """``u``'s (``fan_out × fan_in``) top singular value by ``iters`` power
+  iterations on ``u uᵀ`` from its fan-out energies: ``scale='muon'``
+  transcribed."""
+  v = np.sum(u * u, axis=1)
+  for _ in range(iters):
+    v = v / np.linalg.norm(v)
+    w = u.T @ v
+    v = u @ w
+  return np.linalg.norm(v) / np.linalg.norm(w)
 
 
 def _run(keys, steps=5, **kw):
@@ -174,6 +188,7 @@ CASES = [  # (reference, base, qr, scale, leaves)
     ('orthax', 'sinkhorn', 'householder', 'update_rms', tuple(SHAPES)),
     ('orthax', 'sinkhorn', 'householder', 'spectral_norm', tuple(SHAPES)),
     ('orthax', 'sinkhorn', 'householder', 'none', tuple(SHAPES)),
+    ('orthax', 'sinkhorn', 'householder', 'muon', tuple(SHAPES)),
 ]
 
 

@@ -22,7 +22,7 @@ WITH_ADAMW_BRANCH = tuple(n for n in orthax.recipe_names() if n != 'spectra')
 # (written out: tests/test_registry.py) and scale it with their rate.
 DEFAULT_LR = {'muon': 0.04, 'normuon': 0.04, 'namo': 0.08, 'namo_d': 0.08,
               'lanton': 0.08, 'auon': 0.08, 'hybrid_auon': 0.04,
-              'fismo': 0.04, 'aro': 9e-4, 'trion': 0.08}
+              'fismo': 0.04, 'aro': 0.04, 'trion': 0.08}
 
 
 def _tree():
@@ -223,7 +223,7 @@ def test_trainer_model_has_no_suspect_and_logs_branch_rates(caplog):
 
 def test_adam_rate_ratio_is_the_registered_pair():
   assert orthax.recipes.adam_rate_ratio('muon') == pytest.approx(3e-3 / 0.04)
-  assert orthax.recipes.adam_rate_ratio('aro') == pytest.approx(3e-3 / 9e-4)
+  assert orthax.recipes.adam_rate_ratio('aro') == pytest.approx(3e-3 / 0.04)
   # No pair registered (or not a recipe): the Keller-scaled Muon ratio.
   for name in (None, 'dct_adamw', 'not_a_recipe'):
     assert orthax.recipes.adam_rate_ratio(name) == 0.15

@@ -167,3 +167,73 @@ def test_stages_on_blocks_equal_whole_matrices(name, fan, split):
     if wx is not None:
       np.testing.assert_allclose(_join(x, -1, vec(st)), np.asarray(wx),
                                  rtol=2e-6, atol=1e-9)
+
+
+def _spectral_case(kind, shape, rng):
+  if kind == 'leading_direction':  # an update's spectrum: one large
+    k, fi, fo = shape              # direction over a noise floor
+    lead = rng.standard_normal((k, fi, 1)) @ rng.standard_normal((k, 1, fo))
+    return lead + 0.3 * rng.standard_normal(shape)
+  return np.sign(rng.standard_normal(shape))  # iid: the flattest spectrum
+
+
+@pytest.mark.parametrize('shape', [(2, 64, 192), (2, 192, 64), (2, 80, 80)])
+@pytest.mark.parametrize('kind,tol', [('leading_direction', 1e-6),
+                                      ('iid_sign', 0.08)])
+def test_scale_to_spectral_norm_against_svd(x64, shape, kind, tol):
+  """After the stage, each matrix's exact (SVD) spectral norm is Muon's
+  √max(1, fan_out/fan_in): to 1e-6 where the top singular value stands
+  out, and from above by at most 8% on iid signs, where power iteration
+  converges slowest (its estimate is from below)."""
+  x = _spectral_case(kind, shape, np.random.default_rng(1))
+  _, fi, fo = shape
+  o, st = MS.ScaleToSpectralNorm('keller').apply(jnp.asarray(x), None,
+                                                 MS.Blocks(fi, fo))
+  assert st is None
+  want = np.sqrt(max(1.0, fo / fi))
+  got = np.linalg.norm(np.asarray(o), 2, axis=(-2, -1)) / want
+  assert np.all(got >= 1 - 1e-9) and np.all(got <= 1 + tol), got
+  # The direction is the input's: o is a positive multiple of x.
+  ratio = np.asarray(o) / x
+  np.testing.assert_allclose(ratio, ratio[:, :1, :1] * np.ones_like(ratio),
+                             rtol=1e-12)
+
+
+def test_scale_to_spectral_norm_is_scale_free_and_keeps_zeros():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(_spectral_case('leading_direction', (3, 16, 24), rng),
+                  jnp.float32)
+  x = x.at[1].set(0.0)
+  st = MS.ScaleToSpectralNorm('spectral')
+  base, _ = st.apply(x, None, MS.Blocks(16, 24))
+  for c in (1e-30, 1e30, 3e38):
+    got, _ = st.apply(x * jnp.float32(c) if c < 1e38 else
+                      x / jnp.max(jnp.abs(x)) * jnp.float32(c), None,
+                      MS.Blocks(16, 24))
+    assert np.all(np.isfinite(np.asarray(got))), c
+    np.testing.assert_allclose(np.asarray(got), np.asarray(base), rtol=2e-5,
+                               atol=1e-7)
+  assert not np.any(np.asarray(base[1]))
+
+
+def test_scale_to_spectral_norm_rejects_bad_input():
+  with pytest.raises(ValueError, match='scale mode'):
+    MS.ScaleToSpectralNorm('kellr')
+  with pytest.raises(ValueError, match='iters'):
+    MS.ScaleToSpectralNorm(iters=0)
+  with pytest.raises(ValueError, match='whole matrices'):
+    MS.ScaleToSpectralNorm().apply(jnp.ones((1, 4, 8)), None,
+                                   MS.Blocks(4, 16, -1, lambda a: a))
+
+
+@pytest.mark.parametrize('shape', [(64, 128), (128, 64), (96, 96)])
+def test_scale_to_spectral_norm_flops_are_what_xla_counts(shape):
+  """The declared FLOPs (the sharding plan's cost model) against XLA's
+  cost analysis of the compiled stage."""
+  st = MS.ScaleToSpectralNorm()
+  o = jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
+  ca = jax.jit(lambda o: st.apply(o, None, MS.Blocks(*shape))[0]).lower(
+      o).compile().cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  assert abs(ca['flops'] / st.flops(*shape) - 1) <= 0.05, (
+      ca['flops'], st.flops(*shape))

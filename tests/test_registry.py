@@ -28,7 +28,7 @@ DEFAULT_LEARNING_RATES = {
     'hybrid_auon': (0.04, 3e-3),
     'spectra': (0.0085, None),
     'fismo': (0.04, 3e-3),
-    'aro': (9e-4, 3e-3),
+    'aro': (0.04, 3e-3),
     'dct_adamw': (0.0085, None),
     'trion': (0.08, 3e-3),
 }

@@ -57,6 +57,7 @@ from orthax.matrix_stages._rotate import AroRotate
 from orthax.matrix_stages._scale import SCALE_MODES
 from orthax.matrix_stages._scale import ScaleByShape
 from orthax.matrix_stages._scale import ScaleToRms
+from orthax.matrix_stages._scale import ScaleToSpectralNorm
 from orthax.matrix_stages._scale import shape_factor
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     'FismoStep',
     'DCTAdam', 'TRION_SCALINGS', 'TrionStep',
     'NeuronNormalize', 'NoiseAdaptStep', 'Norm', 'ScaleByShape', 'ScaleToRms',
+    'ScaleToSpectralNorm',
     'ScalingStage',
     'StageShapes', 'apply_stages', 'check_norms', 'neuron_axis',
     'shape_factor', 'split_sums', 'stage', 'stage_norms', 'static',

@@ -14,11 +14,11 @@ from orthax.recipes import _common
 from orthax.recipes import registry
 from orthax.transforms import aro as aro_lib
 
-# What each reference fixes; explicit arguments override all but dion's
-# rotated side (rotate=None takes it from here).
+# What each reference fixes; explicit arguments override it (rotate=None
+# and scale=None take it from here).
 _ARO_REFERENCES = {
-    'orthax': dict(rotate='smaller', adam_shares_wd=False),
-    'dion': dict(rotate='fan_out', adam_shares_wd=True),
+    'orthax': dict(rotate='smaller', scale='muon', adam_shares_wd=False),
+    'dion': dict(rotate='fan_out', scale='rms_norm', adam_shares_wd=True),
 }
 
 
@@ -32,14 +32,14 @@ def _check_choices(**choices):
 @registry.register('aro', references=tuple(_ARO_REFERENCES),
                    adam_learning_rate=3e-3)
 def aro(
-    learning_rate: optax.ScalarOrSchedule = 0.0009,
+    learning_rate: optax.ScalarOrSchedule = 0.04,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,
     base: str = 'sinkhorn',
     qr: str = 'householder',
     rotate: str | None = None,
-    scale: str = 'rms_norm',
+    scale: str | None = None,
     scale_rms: float = 0.2,
     stable: bool = True,
     weight_decay: float = 0.01,
@@ -67,16 +67,24 @@ def aro(
 
   ``f = 'sinkhorn'``: 5 alternating passes ``X ← X√t/max(‖row‖, 10⁻⁸)``,
   ``X ← X√s/max(‖col‖, 10⁻⁸)`` (columns last, so ``U`` has RMS 1).
-  ``c`` is ``scale``: ``'rms_norm'`` ``0.2·√max(m, n)`` (dion's
-  ``adjust_lr``), ``'update_rms'`` ``0.2/RMS(U)`` (the paper's form),
-  ``'spectral_norm'`` ``√(m/n)`` or ``'none'`` 1. No Nesterov, no bias
-  correction; the decay uses the unscaled ``η``.
+  ``c`` is ``scale``: ``'muon'`` ``√max(1, m/n)/‖U‖₂`` (the default:
+  the step's spectral norm is Muon's, so the learning rate is Muon's and
+  carries over across widths; ``‖U‖₂`` by power iteration),
+  ``'rms_norm'`` ``0.2·√max(m, n)`` (dion's ``adjust_lr``; ``U`` has RMS
+  1, so the step grows with the matrix and the best rate falls with the
+  width: 1.25e-3 at d_model 128 and 6.25e-4 at 256 on the embedded
+  corpus), ``'update_rms'`` ``0.2/RMS(U)`` (the paper's form),
+  ``'spectral_norm'`` ``√(m/n)`` or ``'none'`` 1 (``m`` fan-out, ``n``
+  fan-in). No Nesterov, no bias correction; the decay uses the unscaled
+  ``η``.
 
   ``reference='dion'`` is microsoft/dion branch ``dev/aro`` (``dion/aro.py``
   @9c6b30d) and its defaults: the rotation acts on the PyTorch rows
   (``rotate='fan_out'``: the Flax kernel's output axis), Householder QR
-  every step, ``rms_norm``, decoupled decay with the base rate, its AdamW
-  groups' betas ``(0.9, 0.95)``, ε ``10⁻⁸`` and decay. Where the rotated
+  every step, ``scale='rms_norm'``, decoupled decay with the base rate,
+  its AdamW groups' betas ``(0.9, 0.95)``, ε ``10⁻⁸`` and decay (pass its
+  learning rate too: the default is the ``'muon'`` scale's; under
+  ``rms_norm`` 1.25e-3 was best at d_model 128). Where the rotated
   side is the larger (dion: every PyTorch-tall weight, e.g. an
   up-projection), ``C`` is rank-deficient, the last columns of the
   reference's ``Q`` are set by roundoff and the clamp in ``f`` blows their
@@ -88,7 +96,7 @@ def aro(
   reference's floating-point arithmetic, roundoff and all. The default
   ``'orthax'`` mode rotates the **smaller** side, where the question does
   not arise; it also costs fewer FLOPs (``O(s²t)`` with ``s ≤ t``) and
-  keeps a smaller ``R``.
+  keeps a smaller ``R``; and it sizes the step as Muon does (``'muon'``).
 
   Args:
     learning_rate: η (number or schedule).
@@ -99,7 +107,8 @@ def aro(
       ``CᵀC + 10⁻⁷‖C‖²I`` form, Householder where the Cholesky fails).
     rotate: ``'smaller'``, ``'fan_out'`` or ``'fan_in'`` (default: the
       reference's).
-    scale: ``'rms_norm'``, ``'update_rms'``, ``'spectral_norm'``, ``'none'``.
+    scale: ``'muon'``, ``'rms_norm'``, ``'update_rms'``,
+      ``'spectral_norm'``, ``'none'`` (default: the reference's).
     scale_rms: the 0.2 of ``rms_norm`` and ``update_rms``.
     stable: the exact-arithmetic result, computed stably (see above and
       :class:`orthax.matrix_stages.AroRotate`); ``False``: the reference's
@@ -107,8 +116,8 @@ def aro(
     weight_decay: λ for matrices.
     mu_dtype: momentum dtype (both branches; default float32 or wider).
     adam_learning_rate: AdamW learning rate (default: ``learning_rate``
-      under ``scale='update_rms'``, else ``3.33·learning_rate``, 3e-3 at
-      the default 9e-4; see
+      under ``scale='update_rms'``, else ``0.075·learning_rate``, 3e-3 at
+      the default 0.04; see
       :func:`orthax.recipes.resolve_adam_learning_rate`).
     adam_b1, adam_b2, adam_eps: AdamW moments and epsilon.
     adam_weight_decay: AdamW decay (default: λ for ``'dion'``, else 0).
@@ -135,6 +144,7 @@ def aro(
   reference = registry.resolve_reference('aro', reference)
   d = _ARO_REFERENCES[reference]
   rotate = d['rotate'] if rotate is None else rotate
+  scale = d['scale'] if scale is None else scale
   _check_choices(base=(base, _rotate.BASES), qr=(qr, _rotate.QR_KINDS),
                  rotate=(rotate, _rotate.ROTATE_SIDES),
                  scale=(scale, aro_lib.SCALES))

@@ -15,14 +15,14 @@ from orthax import sharding
 from orthax.transforms import matrix_stage
 from orthax.transforms.momentum import momentum as ema_momentum
 
-SCALES = ('rms_norm', 'update_rms', 'spectral_norm', 'none')
+SCALES = ('rms_norm', 'update_rms', 'spectral_norm', 'muon', 'none')
 
 
 def scale_stages(scale: str, scale_rms: Any) -> list[ms.MatrixStage]:
   """The stage that sizes ARO's step (dion's ``adjust_lr``):
   ``'rms_norm'`` ``rms·√max(m, n)``, ``'spectral_norm'`` ``√(m/n)`` (``m``
   fan-out, ``n`` fan-in), ``'update_rms'`` ``rms·U/RMS(U)`` (the paper's
-  form), ``'none'``."""
+  form), ``'muon'`` ``√max(1, m/n)/‖U‖₂`` (Muon's step size), ``'none'``."""
   if scale not in SCALES:
     raise ValueError(f'aro scale must be one of {SCALES}, got {scale!r}.')
   if scale == 'rms_norm':
@@ -31,6 +31,8 @@ def scale_stages(scale: str, scale_rms: Any) -> list[ms.MatrixStage]:
     return [ms.ScaleByShape('spectral')]
   if scale == 'update_rms':
     return [ms.ScaleToRms(scale_rms)]
+  if scale == 'muon':
+    return [ms.ScaleToSpectralNorm('keller')]
   return []
 
 
@@ -66,8 +68,9 @@ def aro_rotate(
     rotate: the rotated side: ``'smaller'``, ``'fan_out'`` (PyTorch rows,
       dion) or ``'fan_in'``.
     scale: ``'rms_norm'`` (``scale_rms·√max(m, n)``), ``'update_rms'``
-      (``scale_rms·U/RMS(U)``), ``'spectral_norm'`` (``√(m/n)``) or
-      ``'none'``.
+      (``scale_rms·U/RMS(U)``), ``'spectral_norm'`` (``√(m/n)``),
+      ``'muon'`` (``U``'s spectral norm set to Muon's, ``√max(1, m/n)``:
+      :class:`~orthax.matrix_stages.ScaleToSpectralNorm`) or ``'none'``.
     scale_rms: the RMS target of ``rms_norm`` and ``update_rms``.
     stable: compute the exact-arithmetic value of the reference's update,
       stably: the QR of ``C = A Fᵀ`` without forming ``C`` (the explicit
