@@ -36,7 +36,7 @@ from orthax.matrix_stages._base import MatrixStage
 from orthax.matrix_stages._base import StageShapes
 from orthax.matrix_stages._base import stage
 from orthax.matrix_stages._base import static
-from orthax.matrix_stages._scale import SCALE_MODES
+from orthax.matrix_stages._scale import check_scale_mode
 from orthax.matrix_stages._scale import shape_factor
 from orthax.polar import dispatch as _dispatch
 from orthax.polar import gram as _gram
@@ -123,9 +123,7 @@ class FismoStep(MatrixStage):
   precondition_every: int = static(1)
 
   def __post_init__(self):
-    if self.scale not in SCALE_MODES:
-      raise ValueError(f'scale mode must be one of {SCALE_MODES}, got '
-                       f'{self.scale!r}.')
+    check_scale_mode(self.scale)
     _dispatch.choose_method(1, 1, 1, 'float32', self.ns_method)
     _presets.get_preset(self.preset)  # fail early on unknown names
 

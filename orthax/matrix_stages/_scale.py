@@ -14,6 +14,14 @@ from orthax.matrix_stages._base import wide
 
 SCALE_MODES = ('keller', 'moonlight', 'spectral', 'none')
 
+
+def check_scale_mode(mode: str) -> None:
+  """Raises ``ValueError`` unless ``mode`` is one of :data:`SCALE_MODES`."""
+  if mode not in SCALE_MODES:
+    raise ValueError(f'scale mode must be one of {SCALE_MODES}, got '
+                     f'{mode!r}.')
+
+
 def shape_factor(fan_in: int, fan_out: int, mode: str,
                  rms: float = 0.2) -> float:
   """The shape scale of one ``fan_in × fan_out`` matrix (see
@@ -24,9 +32,8 @@ def shape_factor(fan_in: int, fan_out: int, mode: str,
     return rms * math.sqrt(max(fan_in, fan_out))
   if mode == 'spectral':
     return math.sqrt(fan_out / fan_in)
-  if mode == 'none':
-    return 1.0
-  raise ValueError(f'scale mode must be one of {SCALE_MODES}, got {mode!r}.')
+  check_scale_mode(mode)
+  return 1.0  # 'none'
 
 
 @stage
@@ -38,9 +45,7 @@ class ScaleByShape(MatrixStage):
   rms: Any = 0.2
 
   def __post_init__(self):
-    if self.mode not in SCALE_MODES:
-      raise ValueError(f'scale mode must be one of {SCALE_MODES}, got '
-                       f'{self.mode!r}.')
+    check_scale_mode(self.mode)
 
   def apply(self, o, state, blocks):
     if self.mode == 'none':
@@ -72,16 +77,18 @@ class ScaleToSpectralNorm(MatrixStage):
   on ``OᵀO`` from the column energies (an estimate from below, exact to
   within about ``(σ₂/σ₁)^(4·iters)``; on iid noise, the flattest spectrum,
   a few percent). Scale-free: any finite stack gives a finite result, and a
-  zero matrix stays zero. Whole matrices only."""
+  zero matrix stays zero. Whole matrices only.
+
+  Reference: Yang, Simon, Bernstein, *A Spectral Condition for Feature
+  Learning* (arXiv 2310.17813): a step of spectral norm
+  ``Θ(√(fan_out/fan_in))`` lets one learning rate serve every width."""
 
   name = 'scale_to_spectral_norm'
   mode: str = static('keller')
   iters: int = static(10)
 
   def __post_init__(self):
-    if self.mode not in SCALE_MODES:
-      raise ValueError(f'scale mode must be one of {SCALE_MODES}, got '
-                       f'{self.mode!r}.')
+    check_scale_mode(self.mode)
     if int(self.iters) < 1:
       raise ValueError(f'iters must be at least 1, got {self.iters!r}.')
 
