@@ -91,6 +91,22 @@ def matmul_chain(stacks: list[jax.Array], steps: int,
   return out
 
 
+def matmul_peak(n: int = 8192, dtype=jnp.bfloat16, chain: int = 10,
+                repeats: int = 5) -> float:
+  """Measured FLOP/s of a square ``n×n·n×n`` product in ``dtype``.
+
+  A jitted chain of ``chain`` products ``X ← X·W`` (``W`` scaled by
+  ``1/√n`` so the values stay bounded), so that one launch is long against
+  its overhead. It is the ceiling the Newton–Schulz rows are read against.
+  """
+  kx, kw = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, (n, n), jnp.float32).astype(dtype)
+  w = (jax.random.normal(kw, (n, n), jnp.float32) / n ** 0.5).astype(dtype)
+  f = jax.jit(lambda x, w: jax.lax.fori_loop(0, chain, lambda _, y: y @ w, x))
+  t = median_time(lambda: f(x, w), repeats)
+  return chain * 2 * n ** 3 / t
+
+
 def orthonormal_rows(key: jax.Array, count: int, m: int, n: int,
                      dtype=jnp.float32) -> jax.Array:
   """``[count, m, n]`` (m ≤ n) with orthonormal rows."""

@@ -9,6 +9,11 @@ factor (on one layer's gradients).
 
   python scripts/bench_ns.py                 # 4 layers (MEASURING.md baseline)
   python scripts/bench_ns.py --layers 12     # the full model
+  python scripts/bench_ns.py --d_model 2048  # wider matrices, same layout
+  python scripts/bench_ns.py --layers 1 --recipes [--only aro,fismo]
+
+On a GPU it also times a large bf16 product (the matmul peak) and prints
+every row's throughput as a fraction of it.
 """
 
 from __future__ import annotations
@@ -30,13 +35,19 @@ def main():
   ap.add_argument('--layers', type=int, default=4)
   ap.add_argument('--repeats', type=int, default=5)
   ap.add_argument('--steps', type=int, default=5)
+  ap.add_argument('--d_model', type=int, default=768,
+                  help='width of the GPT-2-shaped layers (768: GPT-2 small)')
   ap.add_argument('--recipes', action='store_true',
                   help='also time every registered recipe against orthax.muon')
+  ap.add_argument('--only', default='',
+                  help='with --recipes: a comma-separated list of rows '
+                       '(e.g. aro,aro/dion); default all')
   args = ap.parse_args()
 
+  recipe_selection = recipe_rows([k for k in args.only.split(',') if k])
   on_gpu = jax.default_backend() != 'cpu'
   ns_dtype = jnp.bfloat16 if on_gpu else jnp.float32
-  shapes = B.gpt2_hidden_kernels(args.layers)
+  shapes = B.gpt2_hidden_kernels(args.layers, args.d_model)
   params = B.random_tree(shapes, jax.random.key(0))
   grads = B.random_tree(shapes, jax.random.key(1))
   flops = B.tree_ns_flops(shapes, args.steps)
@@ -73,6 +84,12 @@ def main():
                 + bench_update(ox))
   t_optax, m_optax = bench_update(contrib.muon(0.02, ns_steps=args.steps))
   rows.append(('optax.contrib.muon', 'optax', t_optax, m_optax))
+  # What the update costs outside Newton–Schulz: the same update with one
+  # step, less one step's share of the difference.
+  t_one = bench_update(orthax.muon(0.02, ns_steps=1, ns_dtype=ns_dtype,
+                                   ns_method='standard'))[0]
+  t_standard = rows[1][2]
+  t_outside = t_one - (t_standard - t_one) / max(args.steps - 1, 1)
 
   # Accuracy on one layer: relative Frobenius error vs the exact polar factor.
   layer = jax.tree.leaves(grads)[:4]
@@ -86,24 +103,36 @@ def main():
   err['optax'] = rel([contrib._muon.orthogonalize_via_newton_schulz(
       g, coeffs, args.steps) for g in layer])
 
+  # The ceiling: a large square product in the iteration's dtype.
+  peak_n = 8192 if on_gpu else 1024
+  peak = B.matmul_peak(peak_n, ns_dtype, chain=10 if on_gpu else 2,
+                       repeats=args.repeats)
+
   print(f'backend={jax.default_backend()} devices={jax.device_count()} '
-        f'layers={args.layers} steps={args.steps} '
+        f'layers={args.layers} d_model={args.d_model} steps={args.steps} '
         f'ns_dtype={jnp.dtype(ns_dtype).name} NS GFLOP/update={flops / 1e9:.1f}')
-  hdr = (f'{"method":36s} {"time s":>8s} {"GFLOP/s":>8s} {"eff":>6s} '
-         f'{"vs optax":>8s} {"temp MiB":>9s} {"err":>8s}')
+  print(f'matmul peak ({jnp.dtype(ns_dtype).name}, {peak_n}³ products): '
+        f'{peak / 1e9:.1f} GFLOP/s')
+  hdr = (f'{"method":36s} {"time s":>8s} {"GFLOP/s":>8s} {"of peak":>7s} '
+         f'{"eff":>6s} {"vs optax":>8s} {"temp MiB":>9s} {"err":>8s}')
   print(hdr)
   print('-' * len(hdr))
-  print(f'{"roofline (matmuls only, fori_loop)":36s} {roof[False]:8.3f} '
-        f'{flops / roof[False] / 1e9:8.1f} {t_roof / roof[False]:6.2f}')
-  print(f'{"roofline (matmuls only, unrolled)":36s} {roof[True]:8.3f} '
-        f'{flops / roof[True] / 1e9:8.1f} {t_roof / roof[True]:6.2f}')
+  for name, t in (('roofline (matmuls only, fori_loop)', roof[False]),
+                  ('roofline (matmuls only, unrolled)', roof[True])):
+    print(f'{name:36s} {t:8.4f} {flops / t / 1e9:8.1f} '
+          f'{flops / t / peak:7.1%} {t_roof / t:6.2f}')
   for name, method, t, mem in rows:
     mib = f'{mem / 2**20:9.1f}' if mem is not None else f'{"n/a":>9s}'
-    print(f'{name:36s} {t:8.3f} {flops / t / 1e9:8.1f} {t_roof / t:6.2f} '
+    print(f'{name:36s} {t:8.4f} {flops / t / 1e9:8.1f} '
+          f'{flops / t / peak:7.1%} {t_roof / t:6.2f} '
           f'{t / t_optax:8.2f} {mib} {err[method]:8.4f}')
+  print(f'outside Newton–Schulz (1-step update {t_one:.4f} s, less one '
+        f'step): {t_outside:.4f} s, {t_outside / t_standard:.0%} of the '
+        f'standard update')
   if args.recipes:
-    recipe_table(bench_update, params)
-  print('eff = roofline time / method time (above 1: faster than the plain '
+    recipe_table(bench_update, params, recipe_selection)
+  print('of peak = GFLOP/s / the matmul peak above; '
+        'eff = roofline time / method time (above 1: faster than the plain '
         'matmuls, i.e. fewer FLOPs); GFLOP/s counts the plain iteration\'s '
         'FLOPs; err = mean ‖O − UVᵀ‖_F/‖UVᵀ‖_F on one layer; auto = Gram '
         'Newton–Schulz for the rectangular groups.')
@@ -113,6 +142,7 @@ def main():
 # side of an up-projection: an R of 3072² there, ALGORITHMS.md §13.1.3).
 EXTRA_ROWS = {
     'aro/dion': ('aro', {'reference': 'dion'}),
+    'aro/householder': ('aro', {'qr': 'householder'}),
     'aro/shifted_cholesky': ('aro', {'qr': 'shifted_cholesky'}),
     'fismo/every10': ('fismo', {'precondition_every': 10}),
 }
@@ -123,7 +153,18 @@ EXTRA_ROWS = {
 PERIODS = {'fismo/every10': 10}
 
 
-def recipe_table(bench_update, params):
+def recipe_rows(only=()):
+  """``{row: (recipe, kwargs)}``: every registered recipe and
+  :data:`EXTRA_ROWS`, or the rows named in ``only``."""
+  rows = {name: (name, {}) for name in orthax.recipe_names()}
+  rows.update(EXTRA_ROWS)
+  unknown = sorted(set(only) - set(rows))
+  if unknown:
+    raise ValueError(f'--only: no rows named {unknown}; rows: {sorted(rows)}')
+  return {k: v for k, v in rows.items() if not only or k in only}
+
+
+def recipe_table(bench_update, params, rows):
   """Every registered recipe at its defaults vs orthax.muon, same tree.
 
   Each recipe is timed at its first step (from ``init``) and at its second
@@ -135,17 +176,17 @@ def recipe_table(bench_update, params):
   """
   muon = lambda: orthax.recipe('muon', learning_rate=0.02)
   muon_before, _ = bench_update(muon())
-  rows = {name: (name, {}) for name in orthax.recipe_names()}
-  rows.update(EXTRA_ROWS)
   times = {}
   for key, (name, kw) in rows.items():
     tx = orthax.recipe(name, learning_rate=0.02, **kw)
     times[key] = (bench_update(tx)[0], bench_update(tx, later=True)[0])
+    print(f'  timed {key}: {times[key][0]:.4f} s / {times[key][1]:.4f} s',
+          flush=True)
   muon_after, _ = bench_update(muon())
   t_muon = (muon_before + muon_after) / 2
   print()
-  print(f'muon timed before/after the others: {muon_before:.3f} s / '
-        f'{muon_after:.3f} s')
+  print(f'muon timed before/after the others: {muon_before:.4f} s / '
+        f'{muon_after:.4f} s')
   hdr = (f'{"recipe":24s} {"step 1 s":>8s} {"vs muon":>8s} {"later s":>8s} '
          f'{"vs muon":>8s} {"amortised":>9s} {"state MiB":>10s} '
          f'{"extra state vs muon":>20s}')
@@ -160,7 +201,7 @@ def recipe_table(bench_update, params):
     amort = (f'{(first + (period - 1) * later) / period / t_muon:9.2f}'
              if period else f'{"":9s}')
     state = size(orthax.recipe(name, learning_rate=0.02, **kw).init(params))
-    print(f'{key:24s} {first:8.3f} {first / t_muon:8.2f} {later:8.3f} '
+    print(f'{key:24s} {first:8.4f} {first / t_muon:8.2f} {later:8.4f} '
           f'{later / t_muon:8.2f} {amort} {state / 2**20:10.2f} '
           f'{(state - muon_state) / 2**10:17.1f} KiB')
 

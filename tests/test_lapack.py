@@ -9,6 +9,7 @@ and its LAPACK calls are read from the HLO.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -72,6 +73,7 @@ def test_stacks_must_share_leading_axes():
 
 
 @pytest.mark.parametrize('kw', [{}, {'qr': 'shifted_cholesky'},
+                                {'qr': 'householder'},
                                 {'stable': False}, {'rotate': 'fan_out'}])
 def test_aro_rotation(kw):
   st = MS.AroRotate(**kw)
@@ -85,10 +87,13 @@ def test_aro_rotation(kw):
 
 def test_aro_q_functions():
   c = _stack(m=16, n=16)
-  for fn in (_rotate.householder_q, _rotate.shifted_cholesky_q):
+  for fn in (_rotate.householder_q, _rotate.shifted_cholesky_q,
+             _rotate.cholesky_qr3_q):
     assert_one_matrix_per_call(lapack_operands(fn, c))
-  assert_one_matrix_per_call(lapack_operands(_rotate.product_q, _stack(),
-                                             _stack(seed=1)))
+  for qr in ('householder', 'cholesky_qr3'):
+    assert_one_matrix_per_call(lapack_operands(
+        functools.partial(_rotate.product_q, qr=qr), _stack(),
+        _stack(seed=1)))
 
 
 def test_fismo_eigh():

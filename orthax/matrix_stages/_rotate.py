@@ -27,7 +27,7 @@ from orthax.polar import lapack
 from orthax.polar.newton_schulz import huge_scale
 
 BASES = ('sinkhorn', 'row_norm', 'sign')
-QR_KINDS = ('householder', 'shifted_cholesky')
+QR_KINDS = ('cholesky_qr3', 'householder', 'shifted_cholesky')
 ROTATE_SIDES = ('smaller', 'fan_out', 'fan_in')
 
 # Per-entry FLOPs of one evaluation of each base map as XLA's cost analysis
@@ -35,6 +35,10 @@ ROTATE_SIDES = ('smaller', 'fan_out', 'fan_in')
 # normalizations cost 7.5 each (square, sum, root, clamp, scale), the
 # row normalization 3, the sign 1.
 _MAP_FLOPS = {'sinkhorn': 75, 'row_norm': 3, 'sign': 1}
+# Per-entry FLOPs (of the s×s matrix) around the Cholesky QRs' Gram products
+# as XLA counts them (measured on CPU: masks, finiteness checks, the shift,
+# the certificate): Cholesky QR3 6s³ + 61s², shifted Cholesky 2s³ + 45s².
+_CQR3_ENTRY_FLOPS, _SHIFTED_ENTRY_FLOPS = 61, 45
 
 
 def rotated_side(fan_in: int, fan_out: int, rotate: str) -> str:
@@ -84,7 +88,8 @@ def householder_q(c: jax.Array) -> jax.Array:
   return lapack.per_matrix(lambda x: jnp.linalg.qr(x)[0], c)
 
 
-def product_q(a: jax.Array, fm: jax.Array) -> jax.Array:
+def product_q(a: jax.Array, fm: jax.Array,
+              qr: str = 'householder') -> jax.Array:
   """The Householder ``Q`` (``s×s``, up to column signs) of ``C = A Fᵀ``
   (``A``, ``F``: ``[k, s, t]``) without forming ``C``. With ``r = min(s,
   t)``, ``B = F[:r]`` and ``BBᵀ = LLᵀ`` (Cholesky), ``W = BᵀL⁻ᵀ`` has
@@ -99,16 +104,19 @@ def product_q(a: jax.Array, fm: jax.Array) -> jax.Array:
   column flag of ``C`` that the Householder ``Q`` follows (a zero column of
   ``C`` keeps its unit vector in ``Q``), and ``W`` loses orthogonality as
   ``κ(B)²ε``. Such a matrix (the Cholesky fails, or its diagonal spans more
-  than ``1/√(100ε)``) takes the Householder ``Q`` of the explicit ``A Fᵀ``,
-  the reference's arithmetic. (On CPU one matrix at a time:
+  than ``1/√(100ε)``) takes the ``Q`` of the explicit ``A Fᵀ`` (by ``qr``),
+  the reference's arithmetic. ``qr`` is how the square ``A W`` (``s ≤ t``)
+  is factored: ``'householder'`` or ``'cholesky_qr3'``
+  (:func:`cholesky_qr3_q`); for ``s > t`` its complete ``Q`` is always
+  Householder's. (On CPU one matrix at a time:
   :func:`orthax.polar.lapack.per_matrix`.)"""
-  return lapack.per_matrix(_product_q, a, fm)
+  return lapack.per_matrix(functools.partial(_product_q, qr=qr), a, fm)
 
 
-def _product_q(a, fm):
+def _product_q(a, fm, qr):
   r = min(a.shape[-2], a.shape[-1])
   b = fm[..., :r, :]
-  low = jnp.linalg.cholesky(b @ _t(b))
+  low = jnp.linalg.cholesky(_gram(_t(b)))
   w = jax.lax.linalg.triangular_solve(low, _t(b), left_side=False,
                                       lower=True, transpose_a=True)
   diag = jnp.diagonal(low, axis1=-2, axis2=-1)
@@ -116,9 +124,14 @@ def _product_q(a, fm):
   ok = (jnp.all(jnp.isfinite(w), axis=(-2, -1))
         & (jnp.min(diag, axis=-1) > tiny * jnp.max(diag, axis=-1)))
   ok = ok[..., None, None]
-  q = jnp.linalg.qr(a @ jnp.where(ok, w, 0), mode='complete')[0]
+  aw = a @ jnp.where(ok, w, 0)
+  if qr == 'cholesky_qr3' and r == a.shape[-2]:
+    q = _cholesky_qr3_q(aw, _CQR3_SHIFT)
+  else:
+    q = jnp.linalg.qr(aw, mode='complete')[0]
+  explicit = _Q_OF[qr] if r == a.shape[-2] else householder_q
   return jax.lax.cond(jnp.all(ok), lambda: q,
-                      lambda: jnp.where(ok, q, householder_q(a @ _t(fm))))
+                      lambda: jnp.where(ok, q, explicit(a @ _t(fm))))
 
 
 def shifted_cholesky_q(c: jax.Array, shift: float = 1e-7) -> jax.Array:
@@ -146,29 +159,102 @@ def _shifted_cholesky_q(c, shift):
                       lambda: jnp.where(ok, q, householder_q(c)))
 
 
+_CQR3_SHIFT = 1e-6
+
+
+def cholesky_qr3_q(c: jax.Array, shift: float = _CQR3_SHIFT) -> jax.Array:
+  r"""The Householder ``Q`` of each square ``[k, s, s]`` matrix ``C``, up to
+  column signs, by matrix products: shifted Cholesky QR3 (Fukaya, Kannan,
+  Nakatsukasa, Yamamoto, Yanagisawa, *Shifted Cholesky QR for computing the
+  QR factorization of ill-conditioned matrices*, SIAM J. Sci. Comput. 2020).
+
+  .. math::
+     Q_1 = C R_1^{-1},\ R_1^\top R_1 = C^\top C + σ I;\qquad
+     Q_{i+1} = Q_i R_{i+1}^{-1},\ R_{i+1}^\top R_{i+1} = Q_i^\top Q_i
+     \ (i = 1, 2)
+
+  with ``σ = shift·‖C‖_F²``. Each ``Q_i`` is ``C`` times an upper
+  triangular matrix, so a ``Q_3`` with orthonormal columns is ``C``'s
+  ``Q`` up to column signs; the shift bounds ``κ(Q_1)`` by about
+  ``1/√shift``, and the two plain passes bring ``QᵀQ`` to ``I`` within
+  rounding. The third pass's Gram ``Q_2ᵀQ_2`` certifies the result: where
+  it is more than ``0.1`` from ``I`` in any entry, or anything is not
+  finite (a rank-deficient or extremely ill-conditioned ``C``), that matrix
+  takes its Householder ``Q`` instead. On a GPU this is a few matrix
+  products where cuSOLVER's Householder QR of a stack runs one small
+  factorization at a time. (On CPU one matrix at a time:
+  :func:`orthax.polar.lapack.per_matrix`.)"""
+  return lapack.per_matrix(functools.partial(_cholesky_qr3_q, shift=shift),
+                           c)
+
+
+def _gram(x):
+  """``XᵀX`` in full float32 (or wider) precision: on a GPU the default
+  precision of a float32 product is TF32, whose ~1e-3 error would become
+  the factor's error (the Gram's condition is ``κ(X)²``)."""
+  return jnp.matmul(_t(x), x, precision=jax.lax.Precision.HIGHEST)
+
+
+def _cholesky_pass(q, shift):
+  """``(Q R⁻¹, QᵀQ)`` with ``RᵀR = QᵀQ + shift·‖Q‖_F² I``."""
+  gram = _gram(q)
+  if shift:
+    fro2 = jnp.trace(gram, axis1=-2, axis2=-1)[..., None, None]
+    gram = gram + shift * fro2 * jnp.eye(q.shape[-1], dtype=q.dtype)
+  low = jnp.linalg.cholesky(gram)
+  return jax.lax.linalg.triangular_solve(low, q, left_side=False, lower=True,
+                                         transpose_a=True), gram
+
+
+def _cholesky_qr3_q(c, shift):
+  big = jnp.max(jnp.abs(c), axis=(-2, -1), keepdims=True)
+  _, e = jnp.frexp(jnp.where(big > 0, big, 1))
+  c = jnp.ldexp(c, -e)
+  q, _ = _cholesky_pass(c, shift)
+  q, _ = _cholesky_pass(q, 0.0)
+  q, gram = _cholesky_pass(q, 0.0)
+  eye = jnp.eye(c.shape[-1], dtype=c.dtype)
+  ok = (jnp.all(jnp.isfinite(q), axis=(-2, -1), keepdims=True)
+        & (jnp.max(jnp.abs(gram - eye), axis=(-2, -1), keepdims=True) <= 0.1))
+  return jax.lax.cond(jnp.all(ok), lambda: q,
+                      lambda: jnp.where(ok, q, householder_q(c)))
+
+
 def aro_flops(fan_in: int, fan_out: int, rotate: str = 'smaller',
-              base: str = 'sinkhorn', qr: str = 'householder',
+              base: str = 'sinkhorn', qr: str = 'cholesky_qr3',
               stable: bool = True) -> dict[str, int]:
   """FLOPs of one ARO step on one matrix (after ALGORITHMS.md §13.1.3), by
   part: ``products`` (``RᵀA``, ``A Fᵀ``, ``QᵀA``, ``Q F``: ``8s²t``; when
   ``stable``, ``A W`` and the Gram ``BBᵀ`` instead of ``A Fᵀ``:
-  ``10s²t`` for ``s ≤ t``), ``qr`` (what XLA's cost analysis does not count,
-  LAPACK calls: Householder ``8/3 s³``, plus ``s³/3 + s²t`` for the
-  Cholesky and triangular solve when ``stable``; shifted Cholesky ``10/3
-  s³``: Gram, Cholesky, triangular solve) and ``base`` (two evaluations of
-  ``f``, as XLA counts them)."""
+  ``10s²t`` for ``s ≤ t``; the Gram products of a Cholesky QR, ``6s³``
+  for QR3 and ``2s³`` for the shifted one, with their ``O(s²)`` work),
+  ``qr`` (what XLA's cost analysis does not count, LAPACK calls:
+  Householder ``8/3 s³``, plus ``s³/3 + s²t`` for the Cholesky and
+  triangular solve when ``stable``; Cholesky QR3 ``4s³``, three Cholesky
+  factorizations and triangular solves; shifted Cholesky ``4/3 s³``) and
+  ``base`` (two evaluations of ``f``, as XLA counts them)."""
   s, t = ((fan_out, fan_in) if rotated_side(fan_in, fan_out, rotate)
           == 'fan_out' else (fan_in, fan_out))
   base_flops = 2 * _MAP_FLOPS[base] * s * t
-  if stable and (qr == 'householder' or s > t):
-    # RᵀA, BBᵀ, A W, QᵀA, Q F; Cholesky, L⁻¹B, the Householder QR of A W.
+  cqr3 = qr == 'cholesky_qr3' and s <= t
+  grams, cqr3_lapack = ((6 * s ** 3 + _CQR3_ENTRY_FLOPS * s * s, 4 * s ** 3)
+                        if cqr3 else (0, 0))
+  if stable and (qr != 'shifted_cholesky' or s > t):
+    # RᵀA, BBᵀ, A W, QᵀA, Q F; Cholesky, L⁻¹B, the QR of A W.
     r = min(s, t)
-    return dict(products=6 * s * s * t + 2 * r * r * t + 2 * s * t * r,
-                qr=r ** 3 // 3 + r * r * t + (8 * s ** 3 // 3 if s <= t
-                                              else 4 * s * s * t),
+    householder = (8 * s ** 3 // 3 if s <= t else 4 * s * s * t)
+    return dict(products=(6 * s * s * t + 2 * r * r * t + 2 * s * t * r
+                          + grams),
+                qr=r ** 3 // 3 + r * r * t + (cqr3_lapack if cqr3
+                                              else householder),
                 base=base_flops)
-  qr_flops = 8 * s ** 3 // 3 if qr == 'householder' else 10 * s ** 3 // 3
-  return dict(products=8 * s * s * t, qr=qr_flops, base=base_flops)
+  qr_flops = {'householder': 8 * s ** 3 // 3, 'cholesky_qr3': cqr3_lapack,
+              'shifted_cholesky': 4 * s ** 3 // 3}[qr]
+  if qr == 'cholesky_qr3' and not cqr3:  # rank ≤ t < s: Householder's
+    qr_flops = 8 * s ** 3 // 3
+  if qr == 'shifted_cholesky':
+    grams = 2 * s ** 3 + _SHIFTED_ENTRY_FLOPS * s * s
+  return dict(products=8 * s * s * t + grams, qr=qr_flops, base=base_flops)
 
 
 @stage
@@ -202,11 +288,19 @@ class AroRotate(MatrixStage):
   ``A`` still gets a zero row of the update, as in the reference).
   ``stable=False`` keeps the reference's floating-point arithmetic,
   roundoff and all.
+
+  ``qr`` is how ``Q`` is computed: ``'cholesky_qr3'`` (default;
+  :func:`cholesky_qr3_q`: matrix products and Cholesky factorizations,
+  Householder's ``Q`` up to column signs, as accurate in float32, with a
+  certified fallback to Householder), ``'householder'`` (LAPACK/cuSOLVER:
+  on a GPU about 100× slower here, one small factorization at a time) or
+  ``'shifted_cholesky'`` (dion's one-pass ``CᵀC + 10⁻⁷‖C‖²I`` form, whose
+  ``Q`` is far from orthogonal once ``κ(C)`` passes about 10³).
   """
 
   name = 'aro_rotate'
   base: str = static('sinkhorn')
-  qr: str = static('householder')
+  qr: str = static('cholesky_qr3')
   rotate: str = static('smaller')
   iters: int = static(5)
   eps: float = static(1e-8)
@@ -245,17 +339,22 @@ class AroRotate(MatrixStage):
     f = lambda y: base_map(y, self.base, self.iters, self.eps)
     fm = f(_t(r) @ a)
     s, t = a.shape[-2], a.shape[-1]
-    if self.stable and (self.qr == 'householder' or s > t):
-      q = product_q(a, fm)
+    if self.stable and (self.qr != 'shifted_cholesky' or s > t):
+      q = product_q(a, fm, self.qr)
     else:
-      c = a @ _t(fm)
-      q = (householder_q(c) if self.qr == 'householder'
-           else shifted_cholesky_q(c))
+      # Cholesky QR3 of a rank-deficient C (s > t) would always fall back.
+      kind = ('householder' if self.qr == 'cholesky_qr3' and s > t
+              else self.qr)
+      q = _Q_OF[kind](a @ _t(fm))
     x = _t(q) @ a
     if self.stable and s > t:
       x = x.at[..., t:, :].set(0)  # zero in exact arithmetic
     u = q @ f(x)
     return (_t(u) if flip else u).astype(o.dtype), q
+
+
+_Q_OF = {'householder': householder_q, 'cholesky_qr3': cholesky_qr3_q,
+         'shifted_cholesky': shifted_cholesky_q}
 
 
 def aro_state_bytes(fan_in: int, fan_out: int, rotate: str = 'smaller',
@@ -266,6 +365,7 @@ def aro_state_bytes(fan_in: int, fan_out: int, rotate: str = 'smaller',
 
 
 __all__ = ['AroRotate', 'BASES', 'QR_KINDS', 'ROTATE_SIDES', 'aro_flops',
-           'aro_state_bytes', 'base_map', 'householder_q', 'product_q',
+           'aro_state_bytes', 'base_map', 'cholesky_qr3_q', 'householder_q',
+           'product_q',
            'rotated_side',
            'shifted_cholesky_q']

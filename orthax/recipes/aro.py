@@ -17,8 +17,10 @@ from orthax.transforms import aro as aro_lib
 # What each reference fixes; explicit arguments override it (rotate=None
 # and scale=None take it from here).
 _ARO_REFERENCES = {
-    'orthax': dict(rotate='smaller', scale='muon', adam_shares_wd=False),
-    'dion': dict(rotate='fan_out', scale='rms_norm', adam_shares_wd=True),
+    'orthax': dict(rotate='smaller', scale='muon', qr='cholesky_qr3',
+                   adam_shares_wd=False),
+    'dion': dict(rotate='fan_out', scale='rms_norm', qr='householder',
+                 adam_shares_wd=True),
 }
 
 
@@ -37,7 +39,7 @@ def aro(
     reference: str = 'orthax',
     beta: float = 0.95,
     base: str = 'sinkhorn',
-    qr: str = 'householder',
+    qr: str | None = None,
     rotate: str | None = None,
     scale: str | None = None,
     scale_rms: float = 0.2,
@@ -96,15 +98,21 @@ def aro(
   reference's floating-point arithmetic, roundoff and all. The default
   ``'orthax'`` mode rotates the **smaller** side, where the question does
   not arise; it also costs fewer FLOPs (``O(s²t)`` with ``s ≤ t``) and
-  keeps a smaller ``R``; and it sizes the step as Muon does (``'muon'``).
+  keeps a smaller ``R``; it sizes the step as Muon does (``'muon'``); and
+  it computes ``Q`` by Cholesky QR3 (``qr='cholesky_qr3'``: matrix
+  products, Householder's ``Q`` up to column signs), which on a GPU is
+  over 100× faster than cuSOLVER's Householder QR of a stack.
 
   Args:
     learning_rate: η (number or schedule).
     reference: ``'orthax'`` or ``'dion'``.
     beta: momentum β (dion's ``mu``).
     base: ``'sinkhorn'``, ``'row_norm'`` or ``'sign'``.
-    qr: ``'householder'`` or ``'shifted_cholesky'`` (dion's unused
-      ``CᵀC + 10⁻⁷‖C‖²I`` form, Householder where the Cholesky fails).
+    qr: ``'cholesky_qr3'`` (matrix products; Householder's ``Q`` up to
+      column signs, which ARO's update does not see),
+      ``'householder'`` or ``'shifted_cholesky'`` (dion's unused
+      ``CᵀC + 10⁻⁷‖C‖²I`` form, Householder where the Cholesky fails)
+      (default: the reference's; ``'cholesky_qr3'`` for ``'orthax'``).
     rotate: ``'smaller'``, ``'fan_out'`` or ``'fan_in'`` (default: the
       reference's).
     scale: ``'muon'``, ``'rms_norm'``, ``'update_rms'``,
@@ -145,6 +153,7 @@ def aro(
   d = _ARO_REFERENCES[reference]
   rotate = d['rotate'] if rotate is None else rotate
   scale = d['scale'] if scale is None else scale
+  qr = d['qr'] if qr is None else qr
   _check_choices(base=(base, _rotate.BASES), qr=(qr, _rotate.QR_KINDS),
                  rotate=(rotate, _rotate.ROTATE_SIDES),
                  scale=(scale, aro_lib.SCALES))
