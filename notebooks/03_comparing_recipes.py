@@ -164,10 +164,10 @@ plt.show()
 # marked `*`):
 #
 # * **final val loss** — after all steps;
-# * **steps to AdamW** — the first evaluation step at which the run's
-#   validation loss is at or below the best AdamW run's *final* one: the
-#   papers' training-efficiency measure. It can only be a multiple of
-#   `EVAL_EVERY`, and "—" means never within the run;
+# * **steps to AdamW** — the step at which the run's validation loss
+#   reaches the best AdamW run's *final* one (linear between the two
+#   evaluations around it, `EVAL_EVERY` apart): the papers'
+#   training-efficiency measure; "—" means never within the run;
 # * **tokens/s** — training throughput (the orthogonalized recipes pay for
 #   their Newton–Schulz matmuls here; the timer runs through the periodic
 #   evaluations too, so compare this column between rows, not with other
@@ -182,15 +182,15 @@ display(Markdown(compare.table(results)))
 # %%
 adamw_steps = compare.steps_to(best['adamw'], target)
 print(f"AdamW's final validation loss {target:.4f} "
-      f'(first reached at step {adamw_steps})\n')
+      f'(reached at step {adamw_steps:.0f})\n')
 for name, r in sorted(best.items(), key=lambda kv: kv[1]['final_val_loss']):
   s = compare.steps_to(r, target)
   if s is None:
     speed = 'never'
   elif name == 'adamw':
-    speed = f'step {s:4d}  (the baseline)'
+    speed = f'step {s:4.0f}  (the baseline)'
   else:
-    speed = f'step {s:4d}  (speed-up over AdamW: {adamw_steps / s:.2f}x)'
+    speed = f'step {s:4.0f}  (speed-up over AdamW: {adamw_steps / s:.2f}x)'
   print(f"{name:8s} final {r['final_val_loss']:.4f}   reaches target: "
         f'{speed}')
 

@@ -153,7 +153,10 @@ def test_summary_means_over_seeds_and_finds_the_crossing():
   assert rows['muon']['loss_by_scale'][4.0] == math.inf
   assert rows['muon']['best_lr'] == pytest.approx(0.01)
   assert rows['muon']['baseline_loss'] == pytest.approx(2.0)
-  assert rows['muon']['steps_to_baseline'] == 20
+  # The seed-mean curve (2.6, 1.975, 1.6) crosses 2.0 between evaluations
+  # 10 and 20: 10 + 10·(2.6 − 2.0)/(2.6 − 1.975).
+  assert rows['muon']['steps_to_baseline'] == pytest.approx(19.6)
+  assert rows['muon']['baseline_steps'] == 30
   assert rows['adamw']['steps_to_baseline'] is None  # 2.1 at default
   assert rows['muon']['seeds'] == [0, 1]
   # One diverged seed at the default: the mean is inf, AdamW never reached.
@@ -181,8 +184,9 @@ def test_script_summarizes_what_is_there(tmp_path):
       capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '2 of 2 runs done' in proc.stdout
-  assert (f"| muon | {lr('muon'):.3g} | {lr('muon'):.3g} | 1.8000 | 1.8000 | 20 "
-          "| 0 |" in proc.stdout), proc.stdout
+  # Muon crosses AdamW's 2.0 at 10 + 10·0.6/0.7 = 18.6 of AdamW's 30 steps.
+  assert (f"| muon | {lr('muon'):.3g} | {lr('muon'):.3g} | 1.8000 | 1.8000 | "
+          "19 (0.62×) | 0 |" in proc.stdout), proc.stdout
   assert (tmp_path / 'summary.md').exists()
   assert (tmp_path / 'lr_muon.png').exists()
   # Without --scales: every recorded rate (here one at 0.37× muon's default,
@@ -199,8 +203,8 @@ def test_script_summarizes_what_is_there(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '3 runs recorded at any rate' in proc.stdout, proc.stdout
   best = f'{0.37 * lr("muon"):.3g}'
-  assert (f"| muon | {lr('muon'):.3g} | {best} | 1.8000 | 1.7000 | 20 | 0 |"
-          in proc.stdout), proc.stdout
+  assert (f"| muon | {lr('muon'):.3g} | {best} | 1.8000 | 1.7000 | "
+          "19 (0.62×) | 0 |" in proc.stdout), proc.stdout
 
 
 def test_summarizing_an_empty_directory_says_so(tmp_path):

@@ -199,9 +199,12 @@ def muon_state_smaller(results):
   return by['muon'] < by['adamw']
 
 
-def test_steps_to_target_picks_first_crossing():
-  r = {'eval_steps': [10, 20, 30], 'val_loss': [3.0, 2.0, 1.5]}
-  assert compare.steps_to(r, 2.5) == 20
+def test_steps_to_target_interpolates_the_first_crossing():
+  r = {'eval_steps': [10, 20, 30, 40], 'val_loss': [3.0, 2.0, 2.4, 1.5]}
+  assert compare.steps_to(r, 2.5) == pytest.approx(15.0)
+  assert compare.steps_to(r, 2.0) == 20.0  # reached at an evaluation
+  assert compare.steps_to(r, 1.8) == pytest.approx(30 + 10 * 0.6 / 0.9)
+  assert compare.steps_to(r, 3.5) == 10.0  # already at the first
   assert compare.steps_to(r, 1.0) is None
 
 

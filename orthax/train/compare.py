@@ -85,12 +85,31 @@ def best_runs(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
   return best
 
 
-def steps_to(r: dict[str, Any], target: float) -> int | None:
-  """First evaluation step with validation loss ≤ ``target``."""
-  for s, v in zip(r['eval_steps'], r['val_loss']):
+def crossing(steps: Sequence[int], losses: Sequence[float],
+             target: float) -> float | None:
+  """The step at which a loss curve first reaches ``target``: linear
+  between the last evaluation above it and the first at or below it (the
+  first evaluation's step if that one is already there); ``None``: never.
+
+  Example:
+    >>> crossing([10, 20, 30], [3.0, 2.0, 1.5], 2.5)
+    15.0
+  """
+  prev = None
+  for s, v in zip(steps, losses):
     if v <= target:
-      return s
+      if prev is None:
+        return float(s)
+      s0, v0 = prev
+      return s0 + (s - s0) * (v0 - target) / (v0 - v)
+    prev = (s, v)
   return None
+
+
+def steps_to(r: dict[str, Any], target: float) -> float | None:
+  """Steps for run ``r``'s validation loss to reach ``target``
+  (:func:`crossing`)."""
+  return crossing(r['eval_steps'], r['val_loss'], target)
 
 
 def table(results: list[dict[str, Any]], baseline: str = 'adamw') -> str:
@@ -108,7 +127,7 @@ def table(results: list[dict[str, Any]], baseline: str = 'adamw') -> str:
     st = steps_to(r, target) if target is not None else None
     lines.append(
         f"| {r['optimizer']}{mark} | {r['learning_rate']:.3g} | "
-        f"{r['final_val_loss']:.4f} | {'—' if st is None else st} | "
+        f"{r['final_val_loss']:.4f} | {'—' if st is None else f'{st:.0f}'} | "
         f"{r['tokens_per_s']:.0f} | {r['opt_state_bytes'] / 2**20:.2f} MiB |")
   return '\n'.join(lines)
 

@@ -230,10 +230,12 @@ def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw',
               ) -> list[dict[str, Any]]:
   """One row per (optimizer, width) of ``records``: ``best_scale`` (among
   ``compared_scales``, those run at every seed of the group), ``best_lr``, ``default_lr``, ``loss_default`` and ``loss_best`` (seed
-  means), ``seeds``, and ``steps_to_baseline``: the first evaluation at
-  which the seed-mean validation curve at the default scale reaches the
-  baseline's best seed-mean final loss at that width (again among scales
-  run at every seed; ``None``: never, or no baseline runs).
+  means), ``seeds``, ``steps_to_baseline``: the step at which the
+  seed-mean validation curve at the default scale reaches the baseline's
+  best seed-mean final loss at that width (again among scales run at every
+  seed; linear between evaluations, :func:`orthax.train.compare.crossing`;
+  ``None``: never, or no baseline runs), and ``baseline_steps``: the
+  baseline's training steps at that width.
 
   Scales are multiples of ``defaults[name]`` where given (today's defaults,
   which may differ from those the runs were made at), else the
@@ -242,11 +244,13 @@ def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw',
   groups: dict[tuple[str, int], list] = {}
   for r in records:
     groups.setdefault((r['optimizer'], int(r['width'])), []).append(r)
-  target = {}
+  target, baseline_steps = {}, {}
   for (name, width), runs in groups.items():
     if name == baseline:
       scales = _by_scale(runs, defaults.get(name))
       target[width] = min(_final(scales[k]) for k in _with_all_seeds(scales))
+      baseline_steps[width] = max(r['eval_steps'][-1] for r in runs
+                                  if r['eval_steps'])
   rows = []
   for (name, width), runs in sorted(groups.items()):
     scales = _by_scale(runs, defaults.get(name))
@@ -257,9 +261,7 @@ def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw',
     steps_to = None
     if (default is not None and width in target
         and math.isfinite(finals[1.0])):  # a diverged seed: never reached
-      steps, curve = _mean_curve(default)
-      steps_to = next((s for s, v in zip(steps, curve)
-                       if v <= target[width]), None)
+      steps_to = compare.crossing(*_mean_curve(default), target[width])
     lr_of = {k: v[0]['learning_rate'] for k, v in scales.items()}
     rows.append({
         'optimizer': name, 'width': width, 'best_scale': best,
@@ -270,6 +272,7 @@ def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw',
         'loss_by_scale': finals, 'compared_scales': compared,
         'seeds': sorted({r['seed'] for r in runs}),
         'steps_to_baseline': steps_to, 'baseline_loss': target.get(width),
+        'baseline_steps': baseline_steps.get(width),
     })
   return rows
 
@@ -280,21 +283,24 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
   names = list(dict.fromkeys(r['optimizer'] for r in rows))
   at = {(r['optimizer'], r['width']): r for r in rows}
   per_w = lambda fmt, key: ' / '.join(
-      fmt(at[(n, w)][key]) if (n, w) in at else '—' for w in widths)
+      (fmt(at[(n, w)][key]) if key else fmt(at[(n, w)])) if (n, w) in at
+      else '—' for w in widths)
   ws = ' / '.join(map(str, widths))
   lines = [f'| optimizer | default lr | best lr (d {ws}) | loss at default | '
-           f'loss at best | steps to AdamW at default | seeds |',
+           f'loss at best | steps to AdamW at default (× AdamW\'s) | seeds |',
            '|---|---|---|---|---|---|---|']
   for n in names:
     first = next(at[(n, w)] for w in widths if (n, w) in at)
-    fmt_steps = lambda s: '—' if s is None else str(s)
+    fmt_steps = lambda r: ('—' if r['steps_to_baseline'] is None else
+                           f"{r['steps_to_baseline']:.0f} "
+                           f"({r['steps_to_baseline'] / r['baseline_steps']:.2f}×)")
     fmt_loss = lambda v: '—' if math.isnan(v) else f'{v:.4f}'  # not run
     lines.append(
         f"| {n} | {first['default_lr']:.3g} | "
         f"{per_w(lambda v: f'{v:.3g}', 'best_lr')} | "
         f"{per_w(fmt_loss, 'loss_default')} | "
         f"{per_w(fmt_loss, 'loss_best')} | "
-        f"{per_w(fmt_steps, 'steps_to_baseline')} | "
+        f"{per_w(fmt_steps, None)} | "
         f"{per_w(lambda v: ','.join(map(str, v)), 'seeds')} |")
   return '\n'.join(lines)
 
