@@ -18,8 +18,9 @@ class NamoRef:
   with the same lr and ``adamw_wd = wd``."""
 
   def __init__(self, params, lr, wd, diagonal, c=0.75, mu1=0.95, mu2=0.99,
-               eps=1e-8, scale_coeff=0.2):
+               eps=1e-8, scale_coeff=0.2, shape='moonlight'):
     self.p = flat(params)
+    self.shape = shape
     self.lr, self.wd, self.diag, self.c = lr, wd, diagonal, c
     self.mu1, self.mu2, self.eps, self.sc = mu1, mu2, eps, scale_coeff
     self.m, self.v, self.adam = {}, {}, {}
@@ -33,6 +34,11 @@ class NamoRef:
         self.adam[k] = AdamRef(w, lr, 0.9, 0.95, 1e-8, wd, raw=True)
     self.t = 0
 
+  def factor(self, a, b):
+    """The shape factor of an out×in (a×b) matrix."""
+    return (np.sqrt(max(a, b)) if self.shape == 'moonlight'
+            else np.sqrt(max(1.0, a / b)))  # 'keller'
+
   def matrix(self, k, i, w, g):
     mu1, mu2, t = self.mu1, self.mu2, self.t
     a, b = w.shape
@@ -44,7 +50,7 @@ class NamoRef:
       self.v[k][i] = v = mu2 * self.v[k][i] + (1 - mu2) * np.sum(g * g)
       alpha = base * np.linalg.norm(u) / (np.sqrt(v) + self.eps)
       w = w * (1 - self.wd * min(alpha, 1))
-      return w - min(alpha * self.sc * np.sqrt(max(a, b)), 1) * o
+      return w - min(alpha * self.sc * self.factor(a, b), 1) * o
     self.v[k][i] = v = (mu2 * self.v[k][i]
                         + (1 - mu2) * np.sum(g * g, axis=0))  # per column
     d = np.linalg.norm(u, axis=0) / (np.sqrt(v) + self.eps)
@@ -55,7 +61,7 @@ class NamoRef:
       else:
         d = np.clip(d, 0, np.inf)
     w = w * np.maximum(0, 1 - self.wd * np.minimum(d * base, 1))[None, :]
-    eta = np.minimum(d * base * self.sc * np.sqrt(max(a, b)), 1)
+    eta = np.minimum(d * base * self.sc * self.factor(a, b), 1)
     return w - o * eta[None, :]
 
   def step(self, grads):
@@ -88,6 +94,26 @@ def test_matches_float64_transcription(x64, name, lr, c):
   got = run_orthax(tx, params, grads)
   ref = NamoRef(params, lr, 0.1, diagonal=name == 'namo_d', c=c or 0.75)
   assert_match(got, [ref.step(g) for g in grads], 1e-9, 1e-12, name)
+
+
+@pytest.mark.parametrize('name,lr', [('namo', 0.05), ('namo', 2.0),
+                                     ('namo_d', 0.05)])
+def test_keller_shape_matches_float64_transcription(x64, name, lr):
+  """``shape='keller'``: the factor is √max(1, out/in) (tall, wide and
+  square kernels in the tree), times ``scale_coeff``."""
+  params = make_tree(0)
+  grads = [make_tree(100 + t) for t in range(4)]
+  tx = orthax.recipe(name, learning_rate=lr, adam_learning_rate=lr,
+                     weight_decay=0.1, shape='keller', scale_coeff=2.0)
+  got = run_orthax(tx, params, grads)
+  ref = NamoRef(params, lr, 0.1, diagonal=name == 'namo_d',
+                scale_coeff=2.0, shape='keller')
+  assert_match(got, [ref.step(g) for g in grads], 1e-9, 1e-12, name)
+
+
+def test_bad_shape_is_named():
+  with pytest.raises(ValueError, match="shape must be one of"):
+    orthax.namo(shape='muon')
 
 
 @pytest.mark.parametrize('name', ['namo', 'namo_d'])

@@ -13,6 +13,8 @@ from orthax.matrix_stages._base import ScalingStage
 from orthax.matrix_stages._base import StageShapes
 from orthax.matrix_stages._base import stage
 from orthax.matrix_stages._base import static
+from orthax.matrix_stages._scale import check_scale_mode
+from orthax.matrix_stages._scale import shape_factor
 from orthax.polar.newton_schulz import root_ema
 
 NOISE_MODES = ('scalar', 'diagonal')
@@ -37,11 +39,13 @@ class NoiseAdaptStep(ScalingStage):
      v &\leftarrow μ_2 v + (1-μ_2)\|G\|^2,\qquad
      s = β\,\frac{\|u\|}{\sqrt v + ε}\ \ (\text{NAMO-D: clipped to }
      [c\bar s, \bar s/c])\\
-     O &\leftarrow -\min(s\,c_s\sqrt{\max(\mathrm{fan_{in}},
-     \mathrm{fan_{out}})}, 1)\,O,\qquad
+     O &\leftarrow -\min(s\,c_s\,k, 1)\,O,\qquad
      \text{output } r = -λ\min(s, 1)\ \ (\text{NAMO-D: } \ge -1)
 
-  so the caller's step is ``Δ = r·W + O'`` (``W·diag(r)`` for NAMO-D). The
+  with the shape factor ``k`` of ``shape``: ``'moonlight'`` (the paper's)
+  ``√max(fan_in, fan_out)``, ``'keller'`` ``√max(1, fan_out/fan_in)``,
+  ``'spectral'`` ``√(fan_out/fan_in)``, ``'none'`` 1.
+  So the caller's step is ``Δ = r·W + O'`` (``W·diag(r)`` for NAMO-D). The
   factor ``-min(·, 1)`` needs only norms and state, so this is a
   :class:`~orthax.matrix_stages.ScalingStage`.
 
@@ -60,11 +64,13 @@ class NoiseAdaptStep(ScalingStage):
   weight_decay: Any = 0.1
   scale_coeff: Any = 0.2
   clamp_c: Any = 0.75
+  shape: str = static('moonlight')
 
   def __post_init__(self):
     if self.mode not in NOISE_MODES:
       raise ValueError(f'noise_adapt mode must be one of {NOISE_MODES}, got '
                        f'{self.mode!r}.')
+    check_scale_mode(self.shape)
 
   @property
   def _keep_fan_in(self) -> bool:
@@ -92,7 +98,8 @@ class NoiseAdaptStep(ScalingStage):
     shrink = -self.weight_decay * jnp.minimum(step, 1.0)  # decay - 1
     if self._keep_fan_in:                                 # max(0, 1-x) - 1
       shrink = jnp.maximum(shrink, -1.0)
-    shape_k = self.scale_coeff * max(blocks.fan_in, blocks.fan_out) ** 0.5
+    shape_k = self.scale_coeff * shape_factor(blocks.fan_in, blocks.fan_out,
+                                              self.shape, rms=1.0)
     eta = jnp.minimum(step * shape_k, 1.0)
     return (-eta).astype(dt), r.reshape(state.shape), shrink.reshape(
         state.shape)

@@ -136,7 +136,8 @@ def normuon(
 def _namo(name, mode, learning_rate, reference, beta, mu2, eps, weight_decay,
           scale_coeff, clamp_c, nesterov, preset, ns_steps, ns_dtype,
           ns_method, mu_dtype, adam_learning_rate, adam_b1, adam_b2, adam_eps,
-          adam_weight_decay, router, check_finite, distributed=None):
+          adam_weight_decay, router, check_finite, distributed=None,
+          shape='moonlight'):
   registry.resolve_reference(name, reference)  # one mode: only checked
   router, specs = _common.route(router)
   matrix = optax.named_chain(('noise_adapt', T.noise_adapt(
@@ -147,7 +148,7 @@ def _namo(name, mode, learning_rate, reference, beta, mu2, eps, weight_decay,
                       distributed=distributed),
       learning_rate=learning_rate, b1=beta, mode=mode, mu2=mu2, eps=eps,
       weight_decay=weight_decay, scale_coeff=scale_coeff, clamp_c=clamp_c,
-      matrix_specs=specs)))
+      shape=shape, matrix_specs=specs)))
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate, rms_matched=False,
@@ -176,6 +177,15 @@ _NAMO_DOC = r"""
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   stage on whole matrices per device.
 
+  ``shape`` is the factor ``scale_coeff`` multiplies in the step
+  ``min(α·c_s·k, 1)·O``: ``'moonlight'`` (the repository's ``√max(A, B)``:
+  an update RMS of about ``0.2α`` at any width, so the best rate falls
+  with the width, by √2 per doubling of d_model on the embedded corpus)
+  or ``'keller'`` (``√max(1, A/B)``: the step's spectral norm is Muon's,
+  whose best rate held across widths; pair it with a larger
+  ``scale_coeff``, about ``0.2·√d`` at the width ``d`` the rate was
+  tuned at).
+
   The default learning rate, 0.08, is the learning-rate sweep's (README);
   the repository's is 0.01, which on the embedded corpus ends 0.5 nats
   above it.
@@ -197,6 +207,7 @@ def namo(
     eps: float = 1e-8,
     weight_decay: float = 0.1,
     scale_coeff: float = 0.2,
+    shape: str = 'moonlight',
     nesterov: bool = True,
     preset: str = 'jordan',
     ns_steps: int | None = None,
@@ -217,7 +228,7 @@ def namo(
                weight_decay, scale_coeff, 0.0, nesterov, preset, ns_steps,
                ns_dtype, ns_method, mu_dtype, adam_learning_rate, adam_b1,
                adam_b2, adam_eps, adam_weight_decay, router, check_finite,
-               distributed)
+               distributed, shape)
 
 
 namo.__doc__ = ('NAMO: orthogonalized momentum with a scalar Adam-style '
@@ -236,6 +247,7 @@ def namo_d(
     eps: float = 1e-8,
     weight_decay: float = 0.1,
     scale_coeff: float = 0.2,
+    shape: str = 'moonlight',
     clamp_c: float = 0.75,
     nesterov: bool = True,
     preset: str = 'jordan',
@@ -257,7 +269,7 @@ def namo_d(
                weight_decay, scale_coeff, clamp_c, nesterov, preset, ns_steps,
                ns_dtype, ns_method, mu_dtype, adam_learning_rate, adam_b1,
                adam_b2, adam_eps, adam_weight_decay, router, check_finite,
-               distributed)
+               distributed, shape)
 
 
 namo_d.__doc__ = ('NAMO-D: NAMO with one adaptive step per input feature '

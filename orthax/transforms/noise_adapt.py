@@ -38,6 +38,7 @@ def noise_adapt(
     weight_decay: float | jax.Array = 0.1,
     scale_coeff: float | jax.Array = 0.2,
     clamp_c: float | jax.Array = 0.75,
+    shape: str = 'moonlight',
     matrix_specs: _tree.SpecsLike = None,
 ) -> optax.GradientTransformation:
   r"""NAMO / NAMO-D: a noise-adaptive step for orthogonalized momentum.
@@ -61,7 +62,7 @@ def noise_adapt(
      O = \mathrm{orthogonalize}(u)\\
      α &= η_t\,\frac{\sqrt{1-μ_2^t}}{1-μ_1^t + 10^{-12}}\cdot
           \frac{\|u\|_F}{\sqrt v + ε}\\
-     Δ &= -λ\min(α, 1)\,W - \min(α\,c_s\sqrt{\max(A,B)},\,1)\,O
+     Δ &= -λ\min(α, 1)\,W - \min(α\,c_s k,\,1)\,O
 
   ``mode='diagonal'`` (NAMO-D), one entry per input feature ``j`` (a PyTorch
   column, a row of a Flax kernel ``(in, out)``):
@@ -74,9 +75,10 @@ def noise_adapt(
         \text{ and } \bar d \text{ is finite and} > 0)\\
      β &= η_t\sqrt{1-μ_2^t}/(1-μ_1^t + 10^{-12}),\qquad
      Δ_{:,j} = W_{:,j}\big(\max(0, 1-λ\min(d_jβ, 1)) - 1\big)
-        - \min(d_jβ\,c_s\sqrt{\max(A,B)},\,1)\,O_{:,j}
+        - \min(d_jβ\,c_s k,\,1)\,O_{:,j}
 
-  i.e. ``W ← W·diag(decay) − O·diag(η_j)``. All numeric arguments may be
+  i.e. ``W ← W·diag(decay) − O·diag(η_j)``; ``k`` is the shape factor
+  (``shape``; the paper's ``sqrt(max(A, B))`` by default). All numeric arguments may be
   traced (``optax.inject_hyperparams``); ``learning_rate`` may be a schedule,
   evaluated at the step count before the update (as
   ``optax.scale_by_learning_rate``). Zero gradients give a zero step.
@@ -103,7 +105,13 @@ def noise_adapt(
     mu2: μ2, the EMA rate of the squared gradient norm(s).
     eps: ε added to ``sqrt(v)``.
     weight_decay: λ, applied with the adaptive step ``min(α, 1)``.
-    scale_coeff: ``c_s`` of the shape factor ``c_s·sqrt(max(A, B))``.
+    scale_coeff: ``c_s``, the coefficient of the shape factor ``k``.
+    shape: the factor ``c_s`` multiplies: ``'moonlight'`` (the paper's
+      ``sqrt(max(A, B))``, whose step has an RMS of about ``0.2·α`` at any
+      width, so its best rate falls with the width as AdamW's does),
+      ``'keller'`` (``sqrt(max(1, A/B))``: the step's spectral norm does not
+      grow with the width, as Muon's), ``'spectral'`` (``sqrt(A/B)``) or
+      ``'none'`` (1).
     clamp_c: NAMO-D's clamp ``c`` toward the mean (``0`` or ``> 1``: off).
     matrix_specs: as in :func:`orthax.orthogonalize`.
 
@@ -113,6 +121,9 @@ def noise_adapt(
   _validate.arguments('noise_adapt', noise_adapt, locals())
   if mode not in MODES:
     raise ValueError(f'noise_adapt mode must be one of {MODES}, got {mode!r}.')
+  if shape not in MS.SCALE_MODES:
+    raise ValueError(f'noise_adapt shape must be one of {MS.SCALE_MODES}, '
+                     f'got {shape!r}.')
   in_body = isinstance(orthogonalize, OrthogonalizeTransformation)
 
   def init_fn(params):
@@ -136,7 +147,7 @@ def noise_adapt(
     count = optax.safe_increment(state.count)
     step = MS.NoiseAdaptStep(
         mode, lr, count, b1=b1, mu2=mu2, eps=eps, weight_decay=weight_decay,
-        scale_coeff=scale_coeff, clamp_c=clamp_c)
+        scale_coeff=scale_coeff, clamp_c=clamp_c, shape=shape)
     g_l, treedef = jax.tree.flatten(updates)
     flat = treedef.flatten_up_to
     if in_body:
