@@ -20,7 +20,7 @@ RMS_MATCHED = {'dct_adamw', 'root'}
 WITH_ADAMW_BRANCH = tuple(n for n in orthax.recipe_names() if n != 'spectra')
 # The others run their AdamW branch at 3e-3 at their default learning rate
 # (written out: tests/test_registry.py) and scale it with their rate.
-DEFAULT_LR = {'muon': 0.04, 'normuon': 0.04, 'namo': 0.08, 'namo_d': 0.08,
+DEFAULT_LR = {'muon': 0.04, 'normuon': 0.04, 'namo': 0.16, 'namo_d': 0.11,
               'lanton': 0.08, 'auon': 0.08, 'hybrid_auon': 0.04,
               'fismo': 0.04, 'aro': 0.04, 'trion': 0.08}
 

@@ -28,17 +28,11 @@ NAMES = orthax.recipe_names()
 # Where the sweep says no single default meets the criteria, with why: the
 # test of that case is expected to fail (strictly: one that starts to pass
 # fails, so that this list and the README stay true).
-_MOONLIGHT_SHAPE = (
-    "NAMO's step carries Moonlight's 0.2·√max(m, n), so its best rate falls "
-    'by √2 per doubling of the width (0.08 at d 128, 0.057 at d 256): 1.3% '
-    'above the best at the default')
 _ADAM_LIKE = (
     'an Adam step in a DCT subspace: its best rate halves with the width, as '
     "AdamW's own does (0.012 at d 128, 0.006 at d 256), and the rate between "
     'them is 1.8% (d 128) and 3.5% (d 256) above each best')
 KNOWN_MISSES: dict[tuple[str, int], str] = {
-    ('namo', 256): _MOONLIGHT_SHAPE,
-    ('namo_d', 256): _MOONLIGHT_SHAPE,
     ('dct_adamw', 128): _ADAM_LIKE,
     ('dct_adamw', 256): _ADAM_LIKE,
 }

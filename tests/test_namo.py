@@ -90,7 +90,7 @@ def test_matches_float64_transcription(x64, name, lr, c):
   kw = {} if c is None else dict(clamp_c=c)
   # The repository runs its AdamW branch at the matrices' rate.
   tx = orthax.recipe(name, learning_rate=lr, adam_learning_rate=lr,
-                     weight_decay=0.1, **kw)
+                     reference='repo', weight_decay=0.1, **kw)
   got = run_orthax(tx, params, grads)
   ref = NamoRef(params, lr, 0.1, diagonal=name == 'namo_d', c=c or 0.75)
   assert_match(got, [ref.step(g) for g in grads], 1e-9, 1e-12, name)
@@ -99,12 +99,13 @@ def test_matches_float64_transcription(x64, name, lr, c):
 @pytest.mark.parametrize('name,lr', [('namo', 0.05), ('namo', 2.0),
                                      ('namo_d', 0.05)])
 def test_keller_shape_matches_float64_transcription(x64, name, lr):
-  """``shape='keller'``: the factor is √max(1, out/in) (tall, wide and
-  square kernels in the tree), times ``scale_coeff``."""
+  """The default ``reference='orthax'``: ``shape='keller'``, the factor
+  √max(1, out/in) (tall, wide and square kernels in the tree), times
+  ``scale_coeff=2``."""
   params = make_tree(0)
   grads = [make_tree(100 + t) for t in range(4)]
   tx = orthax.recipe(name, learning_rate=lr, adam_learning_rate=lr,
-                     weight_decay=0.1, shape='keller', scale_coeff=2.0)
+                     weight_decay=0.1)  # the default mode: keller, c_s = 2
   got = run_orthax(tx, params, grads)
   ref = NamoRef(params, lr, 0.1, diagonal=name == 'namo_d',
                 scale_coeff=2.0, shape='keller')
@@ -121,7 +122,8 @@ def test_float32_close_to_float64_reference(name):
   params = make_tree(1, dtype=np.float32)
   grads = [make_tree(200 + t, dtype=np.float32) for t in range(5)]
   got = run_orthax(orthax.recipe(name, learning_rate=0.02,
-                                 adam_learning_rate=0.02), params, grads)
+                                 adam_learning_rate=0.02, reference='repo'),
+                   params, grads)
   ref = NamoRef(make_tree(1), 0.02, 0.1, diagonal=name == 'namo_d')
   for t in range(5):
     want = ref.step(make_tree(200 + t))

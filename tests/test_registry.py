@@ -20,8 +20,8 @@ DEFAULT_LEARNING_RATES = {
     'adamw': (3e-3, None),
     'muon': (0.04, 3e-3),
     'normuon': (0.04, 3e-3),
-    'namo': (0.08, 3e-3),
-    'namo_d': (0.08, 3e-3),
+    'namo': (0.16, 3e-3),
+    'namo_d': (0.11, 3e-3),
     'lanton': (0.08, 3e-3),
     'root': (0.014, 3e-3),
     'auon': (0.08, 3e-3),
@@ -36,8 +36,8 @@ DEFAULT_LEARNING_RATES = {
 REFERENCES = {
     'muon': ('keller', 'moonlight', 'optax'),
     'normuon': ('repo', 'paper', 'modded'),
-    'namo': ('repo',),
-    'namo_d': ('repo',),
+    'namo': ('orthax', 'repo'),
+    'namo_d': ('orthax', 'repo'),
     'lanton': (),
     'root': ('repo',),
     'auon': ('paper', 'repo'),
@@ -87,8 +87,9 @@ def test_alias_gives_the_same_updates(name):
            for s in (1, 2, 3)]
   new = run_orthax(orthax.recipe(name, reference='repo'), params, grads)
   old = run_orthax(orthax.recipe(name, reference='namo_repo'), params, grads)
-  default = run_orthax(orthax.recipe(name), params, grads)
-  for a, b, c in zip(new, old, default):
+  spelled = run_orthax(orthax.recipe(name, shape='moonlight',
+                                     scale_coeff=0.2), params, grads)
+  for a, b, c in zip(new, old, spelled):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
       np.testing.assert_array_equal(a[k], c[k], err_msg=k)

@@ -293,8 +293,13 @@ def test_recipes_distributed_equal_single_device(recipe_cases, key):
     assert r['rel_err'] <= 2e-6
     # gram sums c's Gram matrices across devices, a different summation
     # order than one device: ulp-level differences in O, which NAMO's
-    # shape factor 0.2·√128 ≈ 2.3 scales up in the step.
-    assert r['max_abs_err_over_lr'] <= (5e-6 if gram else 2e-6)
+    # shape factor scales up in the step. NAMO's direction (update / lr)
+    # is also about twice Muon's at steps 1–2: its bias corrections give
+    # α/lr = √(1-μ₂ᵗ)/(1-μ₁ᵗ)·‖u‖/√v ≈ 1.95, so the same relative
+    # precision is twice the bound in these units.
+    namo = key.startswith('namo')
+    assert r['max_abs_err_over_lr'] <= ((5e-6 if gram else 2e-6)
+                                        * (2 if namo else 1))
   else:
     assert r['rel_err'] <= 5e-2
   # One all-to-all in and one out per a2a group: on fsdp8 the fan-in-sharded

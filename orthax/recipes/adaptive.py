@@ -133,12 +133,22 @@ def normuon(
       eps=adam_eps, weight_decay=adam_weight_decay, mu_dtype=mu_dtype)
 
 
+# The step's shape factor c_s·k per mode (ALGORITHMS.md §4): the
+# repository's Moonlight factor, or Muon's spectral size (the default).
+_NAMO_REFERENCES = {
+    'orthax': dict(shape='keller', scale_coeff=2.0),
+    'repo': dict(shape='moonlight', scale_coeff=0.2),
+}
+
+
 def _namo(name, mode, learning_rate, reference, beta, mu2, eps, weight_decay,
           scale_coeff, clamp_c, nesterov, preset, ns_steps, ns_dtype,
           ns_method, mu_dtype, adam_learning_rate, adam_b1, adam_b2, adam_eps,
           adam_weight_decay, router, check_finite, distributed=None,
-          shape='moonlight'):
-  registry.resolve_reference(name, reference)  # one mode: only checked
+          shape=None):
+  d = _NAMO_REFERENCES[registry.resolve_reference(name, reference)]
+  shape = d['shape'] if shape is None else shape
+  scale_coeff = d['scale_coeff'] if scale_coeff is None else scale_coeff
   router, specs = _common.route(router)
   matrix = optax.named_chain(('noise_adapt', T.noise_adapt(
       T.momentum(beta, form='ema', nesterov=nesterov,
@@ -163,51 +173,52 @@ _NAMO_DOC = r"""
   One stage, :func:`orthax.transforms.noise_adapt`, wraps the momentum
   (EMA, Nesterov) and the Newton–Schulz orthogonalization (Keller's
   coefficients) and emits the final step, learning rate and weight decay
-  included; see its docstring for the update rule. ``reference='repo'``
-  (the only mode; ``'namo_repo'``, its former name, is accepted as an
-  alias): minxin-zhg/namo ``src/namo.py`` @ a3f37b0, after the eps fix
-  (``sqrt(v) + ε``). Its AdamW branch: β = (0.9, 0.95), ε = 1e-8 added to
-  ``sqrt(v)`` *before* bias correction, weight decay ``weight_decay`` (the
+  included; see its docstring for the update rule, ``min(α·c_s·k, 1)·O``
+  with ``k`` the shape factor of ``shape``.
+
+  ``reference='orthax'`` (default): the repository's update with Muon's
+  spectral size, ``shape='keller'`` (``k = √max(1, A/B)``, ``A×B`` the
+  PyTorch ``out×in``) and ``scale_coeff=2``, so that the best learning rate
+  holds across widths as Muon's does: {best} on the embedded corpus, where
+  the repository's factor moved it from 0.08 at d_model 128 to 0.057 at
+  256. ``reference='repo'`` (``'namo_repo'``, its former name, is
+  accepted as an alias): minxin-zhg/namo ``src/namo.py`` @ a3f37b0, after
+  the eps fix (``sqrt(v) + ε``), with its factor ``shape='moonlight'``
+  (``k = √max(A, B)``) and ``scale_coeff=0.2``: an update RMS of about
+  ``0.2α`` at any width, so its best rate falls with the width as AdamW's
+  does (pass its learning rate too: 0.08 was best at d_model 128; the
+  repository's own 0.01 ends 0.5 nats above that). ``shape`` and
+  ``scale_coeff`` default to the mode's.
+
+  The AdamW branch: β = (0.9, 0.95), ε = 1e-8 added to ``sqrt(v)``
+  *before* bias correction, weight decay ``weight_decay`` (the
   repository's training script passes 0: ``adam_weight_decay=0``), at
-  ``adam_learning_rate``, by default ``0.0375·learning_rate`` (3e-3 at the
-  default 0.08). The repository runs it at the matrices' rate
-  (``adam_learning_rate=learning_rate`` reproduces that); at 0.08 that
-  trained worse (validation loss 1.594 against 1.557 with 3e-3; embedded
-  corpus, d_model 128, 200 steps).
+  ``adam_learning_rate``, by default ``{ratio}·learning_rate`` (3e-3 at the
+  default {default}). The repository runs it at the matrices' rate
+  (``adam_learning_rate=learning_rate`` reproduces that); that trained
+  worse (validation loss 1.594 against 1.557 with 3e-3 under the
+  repository's factor at 0.08; embedded corpus, d_model 128, 200 steps).
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   stage on whole matrices per device.
-
-  ``shape`` is the factor ``scale_coeff`` multiplies in the step
-  ``min(α·c_s·k, 1)·O``: ``'moonlight'`` (the repository's ``√max(A, B)``:
-  an update RMS of about ``0.2α`` at any width, so the best rate falls
-  with the width, by √2 per doubling of d_model on the embedded corpus)
-  or ``'keller'`` (``√max(1, A/B)``: the step's spectral norm is Muon's,
-  whose best rate held across widths; pair it with a larger
-  ``scale_coeff``, about ``0.2·√d`` at the width ``d`` the rate was
-  tuned at).
-
-  The default learning rate, 0.08, is the learning-rate sweep's (README);
-  the repository's is 0.01, which on the embedded corpus ends 0.5 nats
-  above it.
 
   References: Zhang, Liu, Schaeffer, *Adam Improves Muon* (arXiv
   2602.17080); ALGORITHMS.md §4.
   """
 
 
-@registry.register('namo', references=('repo',),
+@registry.register('namo', references=tuple(_NAMO_REFERENCES),
                    aliases={'namo_repo': 'repo'},
                    adam_learning_rate=3e-3)
 def namo(
-    learning_rate: optax.ScalarOrSchedule = 0.08,
+    learning_rate: optax.ScalarOrSchedule = 0.16,
     *,
-    reference: str = 'repo',
+    reference: str = 'orthax',
     beta: float = 0.95,
     mu2: float = 0.99,
     eps: float = 1e-8,
     weight_decay: float = 0.1,
-    scale_coeff: float = 0.2,
-    shape: str = 'moonlight',
+    scale_coeff: float | None = None,
+    shape: str | None = None,
     nesterov: bool = True,
     preset: str = 'jordan',
     ns_steps: int | None = None,
@@ -232,22 +243,24 @@ def namo(
 
 
 namo.__doc__ = ('NAMO: orthogonalized momentum with a scalar Adam-style '
-                'noise-adaptive step per matrix.' + _NAMO_DOC)
+                'noise-adaptive step per matrix.' + _NAMO_DOC.format(
+                    best='0.16 at d_model 128 and at 256', ratio='0.01875',
+                    default='0.16'))
 
 
-@registry.register('namo_d', references=('repo',),
+@registry.register('namo_d', references=tuple(_NAMO_REFERENCES),
                    aliases={'namo_repo': 'repo'},
                    adam_learning_rate=3e-3)
 def namo_d(
-    learning_rate: optax.ScalarOrSchedule = 0.08,
+    learning_rate: optax.ScalarOrSchedule = 0.11,
     *,
-    reference: str = 'repo',
+    reference: str = 'orthax',
     beta: float = 0.95,
     mu2: float = 0.99,
     eps: float = 1e-8,
     weight_decay: float = 0.1,
-    scale_coeff: float = 0.2,
-    shape: str = 'moonlight',
+    scale_coeff: float | None = None,
+    shape: str | None = None,
     clamp_c: float = 0.75,
     nesterov: bool = True,
     preset: str = 'jordan',
@@ -275,7 +288,10 @@ def namo_d(
 namo_d.__doc__ = ('NAMO-D: NAMO with one adaptive step per input feature '
                   '(a diagonal right factor), clamped toward the mean by '
                   '``clamp_c`` (the class default 0.75; the GPT-2 configs '
-                  'use 0.01–0.9).' + _NAMO_DOC)
+                  'use 0.01–0.9).' + _NAMO_DOC.format(
+                      best='0.08–0.16 at d_model 128 (within 0.1%) and 0.08 '
+                      'at 256 (the default, 0.11, lies between)',
+                      ratio='0.0273', default='0.11'))
 
 SIGNUM_PATTERN = (r'(^|/)([^/]*embed[^/]*|wte|wpe|lm_head|head|unembed[^/]*'
                   r'|logits)(/|$)')
