@@ -134,6 +134,15 @@ def _product_q(a, fm, qr):
                       lambda: jnp.where(ok, q, explicit(a @ _t(fm))))
 
 
+def _to_unit_range(c):
+  """``C`` times the exact power of two that brings ``max|C|`` into
+  ``[½, 1)`` (a zero matrix is kept): its ``Q`` is unchanged, and its Gram
+  neither overflows nor underflows."""
+  big = jnp.max(jnp.abs(c), axis=(-2, -1), keepdims=True)
+  _, e = jnp.frexp(jnp.where(big > 0, big, 1))
+  return jnp.ldexp(c, -e)
+
+
 def shifted_cholesky_q(c: jax.Array, shift: float = 1e-7) -> jax.Array:
   r"""``Q = C R^{-1}`` with ``RᵀR = CᵀC + shift·‖C‖_F² I`` (shifted Cholesky
   QR); a matrix whose Cholesky fails (a non-finite ``Q``) gets its
@@ -146,9 +155,7 @@ def shifted_cholesky_q(c: jax.Array, shift: float = 1e-7) -> jax.Array:
 
 
 def _shifted_cholesky_q(c, shift):
-  big = jnp.max(jnp.abs(c), axis=(-2, -1), keepdims=True)
-  _, e = jnp.frexp(jnp.where(big > 0, big, 1))
-  c = jnp.ldexp(c, -e)
+  c = _to_unit_range(c)
   fro2 = jnp.sum(c * c, axis=(-2, -1), keepdims=True)
   gram = _t(c) @ c + shift * fro2 * jnp.eye(c.shape[-1], dtype=c.dtype)
   low = jnp.linalg.cholesky(gram)
@@ -207,9 +214,7 @@ def _cholesky_pass(q, shift):
 
 
 def _cholesky_qr3_q(c, shift):
-  big = jnp.max(jnp.abs(c), axis=(-2, -1), keepdims=True)
-  _, e = jnp.frexp(jnp.where(big > 0, big, 1))
-  c = jnp.ldexp(c, -e)
+  c = _to_unit_range(c)
   q, _ = _cholesky_pass(c, shift)
   q, _ = _cholesky_pass(q, 0.0)
   q, gram = _cholesky_pass(q, 0.0)

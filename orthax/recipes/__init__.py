@@ -25,8 +25,8 @@ from orthax.recipes.dct_adamw import dct_adamw
 from orthax.recipes.trion import trion
 from orthax.recipes.fismo import fismo
 from orthax.recipes.adaptive import lanton
-from orthax.recipes.adaptive import namo
-from orthax.recipes.adaptive import namo_d
+from orthax.recipes.namo import namo
+from orthax.recipes.namo import namo_d
 from orthax.recipes.adaptive import normuon
 from orthax.recipes.robust import auon
 from orthax.recipes.robust import hybrid_auon

@@ -1,0 +1,110 @@
+"""ARO's QR kinds (``orthax/matrix_stages/_rotate.py``): Cholesky QR3 against
+float64 Householder, its certified fallback, float32 ARO with it against
+float64, and the stage's FLOP model against XLA's count for every kind."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import orthax
+from orthax import matrix_stages as MS
+from orthax.matrix_stages import _rotate
+
+LR = 0.01
+
+
+def test_shifted_cholesky_falls_back_to_householder():
+  """A rank-deficient C (Cholesky of a singular Gram may fail): finite,
+  orthonormal on the range."""
+  c = jnp.zeros((2, 6, 6)).at[1].set(jnp.eye(6))
+  q = np.asarray(_rotate.shifted_cholesky_q(c))
+  assert np.all(np.isfinite(q))
+  np.testing.assert_allclose(np.abs(q[1]), np.eye(6), atol=1e-6)
+
+
+def _conditioned(rng, m, n, kappa):
+  """An m×n matrix with singular values spread log-evenly over [1/κ, 1]."""
+  k = min(m, n)
+  u = np.linalg.qr(rng.standard_normal((m, k)))[0]
+  v = np.linalg.qr(rng.standard_normal((n, k)))[0]
+  return (u * np.logspace(0, -np.log10(kappa), k)) @ v.T
+
+
+@pytest.mark.parametrize('s', [64, 128])
+def test_cholesky_qr3_is_householders_q_in_float32(s):
+  """Up to column signs, Cholesky QR3's float32 ``Q`` is as close to the
+  float64 Householder ``Q`` as float32 Householder's own (κ up to 10⁶),
+  and orthonormal to float32 rounding; where it cannot certify its result
+  (κ 10⁸, a rank-deficient or zero matrix) it is Householder's exactly.
+  dion's one-pass shifted form is far from orthogonal already at κ 10³."""
+  rng = np.random.default_rng(s)
+  for kappa in (1e1, 1e3, 1e6):
+    c = _conditioned(rng, s, s, kappa)
+    exact = np.linalg.qr(c)[0]
+    c32 = jnp.asarray(c, jnp.float32)[None]
+    errs, orth = {}, {}
+    for fn in (_rotate.householder_q, _rotate.cholesky_qr3_q,
+               _rotate.shifted_cholesky_q):
+      q = np.asarray(fn(c32)[0], np.float64)
+      q = q * np.sign(np.sum(q * exact, axis=0))
+      errs[fn.__name__] = np.linalg.norm(q - exact) / np.sqrt(s)
+      orth[fn.__name__] = np.abs(q.T @ q - np.eye(s)).max()
+    assert errs['cholesky_qr3_q'] <= 2 * errs['householder_q'] + 1e-6, (
+        kappa, errs)
+    assert orth['cholesky_qr3_q'] <= 5e-6, (kappa, orth)
+    if kappa >= 1e3:
+      assert orth['shifted_cholesky_q'] > 0.1, (kappa, orth)
+  bad = np.stack([_conditioned(rng, s, s, 1e8),
+                  np.diag(np.r_[np.ones(s - 4), np.zeros(4)]),
+                  np.zeros((s, s))]).astype(np.float32)
+  np.testing.assert_array_equal(
+      np.asarray(_rotate.cholesky_qr3_q(jnp.asarray(bad))),
+      np.asarray(_rotate.householder_q(jnp.asarray(bad))))
+
+
+@pytest.mark.parametrize('shape', [(64, 256), (128, 128)])
+def test_float32_aro_with_cholesky_qr3_tracks_float64_as_householder(
+    x64, shape):
+  """8 steps on gradients with singular values over [10⁻⁸, 1]: the float32
+  update's distance from the float64 run's is the same (within 10%) with
+  ``qr='cholesky_qr3'`` as with Householder."""
+  rng = np.random.default_rng(1)
+  grads = [_conditioned(rng, *shape, 1e8) for _ in range(8)]
+  dev = {}
+  for qr in ('householder', 'cholesky_qr3'):
+    outs = []
+    for dtype in (jnp.float64, jnp.float32):
+      params = {'w': jnp.zeros(shape, dtype)}
+      tx = orthax.aro(LR, qr=qr, weight_decay=0.0)
+      state = tx.init(params)
+      for g in grads:
+        u, state = tx.update({'w': jnp.asarray(g, dtype)}, state, params)
+      outs.append(np.asarray(u['w'], np.float64))
+    dev[qr] = np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0])
+  assert abs(dev['cholesky_qr3'] - dev['householder']) <= (
+      0.1 * dev['householder']), dev
+
+
+@pytest.mark.parametrize('qr', _rotate.QR_KINDS)
+@pytest.mark.parametrize('shape', [(64, 128), (128, 64), (96, 96)])
+def test_flop_model_matches_compiled_stage(shape, qr):
+  """The stage's declared FLOPs less its QR (LAPACK calls, which XLA's cost
+  analysis does not count) are what XLA counts for the stage, which also
+  counts :func:`product_q`'s fallback branch (taken only for a singular
+  ``B``; the plan leaves it out): the explicit ``A Fᵀ`` and, for Cholesky
+  QR3, its three Gram products."""
+  st = MS.AroRotate(qr=qr)
+  o = jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
+  r = jax.ShapeDtypeStruct((1,) + st.shapes(*shape).state, jnp.float32)
+  ca = jax.jit(lambda o, r: st.apply(o, r, MS.Blocks(*shape))).lower(
+      o, r).compile().cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  s, t = min(shape), max(shape)
+  # The fallback branch: A Fᵀ, then (QR3) its Gram products and checks.
+  fallback = (2 * s * s * t + (6 * s ** 3 + 61 * s * s
+                               if qr == 'cholesky_qr3' else 0)
+              if qr != 'shifted_cholesky' else 0)
+  want = (st.flops(*shape) - _rotate.aro_flops(*shape, qr=qr)['qr']
+          + fallback)
+  assert abs(ca['flops'] / want - 1) <= 0.05, (ca['flops'], want)
