@@ -7,12 +7,17 @@ Timings are medians of repeated runs after a warm-up, each ending in
 
 from __future__ import annotations
 
+import collections
+import glob
 import statistics
+import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from orthax.recipes import registry
 
 
 def gpt2_hidden_kernels(layers: int = 12, d: int = 768) -> dict[str, Any]:
@@ -119,3 +124,70 @@ def temp_bytes(compiled) -> int | None:
     return compiled.memory_analysis().temp_size_in_bytes
   except Exception:  # pragma: no cover - backend without memory analysis
     return None
+
+
+# Non-default modes timed beside the registered recipes: ARO's dion mode
+# rotates fan-out (the larger side of an up-projection: an R of 3072² there,
+# ALGORITHMS.md §13.1.3).
+EXTRA_ROWS = {
+    'aro/dion': ('aro', {'reference': 'dion'}),
+    'aro/householder': ('aro', {'qr': 'householder'}),
+    'aro/shifted_cholesky': ('aro', {'qr': 'shifted_cholesky'}),
+    'fismo/every10': ('fismo', {'precondition_every': 10}),
+}
+
+# Rows whose steps differ in cost: every ``period``-th step (the first
+# included) refreshes something the others reuse. Their ``amortised`` time
+# is ``(first + (period - 1)·later) / period``.
+PERIODS = {'fismo/every10': 10}
+
+
+def recipe_rows(only=()) -> dict[str, tuple[str, dict[str, Any]]]:
+  """``{row: (recipe, kwargs)}``: every registered recipe and
+  :data:`EXTRA_ROWS`, or the rows named in ``only``."""
+  rows = {name: (name, {}) for name in registry.recipe_names()}
+  rows.update(EXTRA_ROWS)
+  unknown = sorted(set(only) - set(rows))
+  if unknown:
+    raise ValueError(f'no rows named {unknown}; rows: {sorted(rows)}')
+  return {k: v for k, v in rows.items() if not only or k in only}
+
+
+class OpTime(NamedTuple):
+  """One compiled operation's share of a profiled run."""
+  op: str  # the HLO instruction (``fusion.12``, ``custom-call.3``, ...)
+  kernel: str  # what ran for it (a GPU kernel's name, the op's on CPU)
+  seconds: float  # total over the profiled calls, divided by their number
+  launches: float  # per call
+
+
+def op_times(fn: Callable[[], Any], repeats: int = 3) -> list[OpTime]:
+  """Where ``fn()``'s time goes, per compiled operation, longest first.
+
+  Runs ``fn`` once to warm up, then ``repeats`` times under
+  :func:`jax.profiler.trace`, and reads the trace back with
+  :class:`jax.profiler.ProfileData` (no other tools): every event that
+  carries an ``hlo_op`` on a device plane (a GPU) or, with no device plane,
+  on the host (CPU). Times are per call.
+  """
+  jax.block_until_ready(fn())
+  with tempfile.TemporaryDirectory() as log_dir:
+    with jax.profiler.trace(log_dir):
+      for _ in range(repeats):
+        jax.block_until_ready(fn())
+    (path,) = glob.glob(f'{log_dir}/**/*.xplane.pb', recursive=True)
+    data = jax.profiler.ProfileData.from_file(path)
+    planes = list(data.planes)
+  devices = [p for p in planes if p.name.startswith('/device:')]
+  total = collections.defaultdict(float)
+  count = collections.Counter()
+  for plane in devices or [p for p in planes if p.name == '/host:CPU']:
+    for line in plane.lines:
+      for event in line.events:
+        op = dict(event.stats).get('hlo_op')
+        if op is not None:
+          total[op, event.name] += event.duration_ns * 1e-9
+          count[op, event.name] += 1
+  rows = [OpTime(op, kernel, t / repeats, count[op, kernel] / repeats)
+          for (op, kernel), t in total.items()]
+  return sorted(rows, key=lambda r: -r.seconds)

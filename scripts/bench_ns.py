@@ -44,7 +44,7 @@ def main():
                        '(e.g. aro,aro/dion); default all')
   args = ap.parse_args()
 
-  recipe_selection = recipe_rows([k for k in args.only.split(',') if k])
+  recipe_selection = B.recipe_rows([k for k in args.only.split(',') if k])
   on_gpu = jax.default_backend() != 'cpu'
   ns_dtype = jnp.bfloat16 if on_gpu else jnp.float32
   shapes = B.gpt2_hidden_kernels(args.layers, args.d_model)
@@ -138,32 +138,6 @@ def main():
         'Newton–Schulz for the rectangular groups.')
 
 
-# Non-default modes timed too: ARO's dion mode rotates fan-out (the larger
-# side of an up-projection: an R of 3072² there, ALGORITHMS.md §13.1.3).
-EXTRA_ROWS = {
-    'aro/dion': ('aro', {'reference': 'dion'}),
-    'aro/householder': ('aro', {'qr': 'householder'}),
-    'aro/shifted_cholesky': ('aro', {'qr': 'shifted_cholesky'}),
-    'fismo/every10': ('fismo', {'precondition_every': 10}),
-}
-
-# Recipes whose steps differ in cost: every ``period``-th step (the first
-# included) refreshes something the others reuse. Their ``amortised`` time
-# is ``(first + (period - 1)·later) / period``.
-PERIODS = {'fismo/every10': 10}
-
-
-def recipe_rows(only=()):
-  """``{row: (recipe, kwargs)}``: every registered recipe and
-  :data:`EXTRA_ROWS`, or the rows named in ``only``."""
-  rows = {name: (name, {}) for name in orthax.recipe_names()}
-  rows.update(EXTRA_ROWS)
-  unknown = sorted(set(only) - set(rows))
-  if unknown:
-    raise ValueError(f'--only: no rows named {unknown}; rows: {sorted(rows)}')
-  return {k: v for k, v in rows.items() if not only or k in only}
-
-
 def recipe_table(bench_update, params, rows):
   """Every registered recipe at its defaults vs orthax.muon, same tree.
 
@@ -197,7 +171,7 @@ def recipe_table(bench_update, params, rows):
   muon_state = size(muon().init(params))
   for key, (name, kw) in rows.items():
     first, later = times[key]
-    period = PERIODS.get(key)
+    period = B.PERIODS.get(key)
     amort = (f'{(first + (period - 1) * later) / period / t_muon:9.2f}'
              if period else f'{"":9s}')
     state = size(orthax.recipe(name, learning_rate=0.02, **kw).init(params))

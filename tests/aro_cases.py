@@ -143,13 +143,16 @@ def flops_case():
   grads = jax.tree.map(lambda x: x + 1, params)
   pspecs = jax.tree.map(lambda x: P('fsdp', None), params)
   _, _, m, plan = _step('aro', mesh, False, pspecs, params, [grads])
-  # XLA also counts product_q's fallback branch (taken only for a singular
-  # F block): the explicit A·Fᵀ, 2·s²·t, and the three Gram products of its
-  # Cholesky QR3 with their checks, 6·s³ + 61·s², for the one matrix per
-  # device.
+  # XLA also counts product_q's fallback branches, for the one matrix per
+  # device: W by Cholesky QR3 of Bᵀ (an ill-conditioned F block), 6·s²·t +
+  # 81·s·t + 26·s², and for a singular one the explicit A·Fᵀ, 2·s²·t, and
+  # the three Gram products of its Cholesky QR3 with their checks, 6·s³ +
+  # 61·s² (test_aro_qr.py::test_flop_model_matches_compiled_stage).
   return {'xla_flops': m['flops'], 'plan_flops': plan.flops_per_device,
           'plan_qr_flops': _qr_flops(plan),
-          'fallback_flops': 2 * 256 * 256 * 512 + 6 * 256 ** 3 + 61 * 256 ** 2}
+          'fallback_flops': (6 * 256 ** 2 * 512 + 81 * 256 * 512
+                             + 26 * 256 ** 2 + 2 * 256 * 256 * 512
+                             + 6 * 256 ** 3 + 61 * 256 ** 2)}
 
 
 def main():

@@ -63,6 +63,54 @@ def test_cholesky_qr3_is_householders_q_in_float32(s):
       np.asarray(_rotate.householder_q(jnp.asarray(bad))))
 
 
+@pytest.mark.parametrize('qr', ['cholesky_qr3', 'householder'])
+def test_product_q_rebases_an_ill_conditioned_f(qr):
+  """Where ``F``'s block ``B`` is too ill-conditioned for the one-pass
+  Cholesky basis ``W`` (κ(B) 10⁴, 10⁵: its Cholesky fails in float32 or
+  its diagonal spans too much) but
+  has full rank, ``W`` comes from Cholesky QR3 of ``Bᵀ``: ``Q`` stays
+  several times closer to the float64 ``Q`` of ``A Fᵀ`` than the explicit
+  product's float32 ``Q`` (the fallback left for a singular ``B``)."""
+  rng = np.random.default_rng(7)
+  s, t = 64, 128
+  for kappa in (1e4, 1e5):
+    a, fm = _conditioned(rng, s, t, 10.0), _conditioned(rng, s, t, kappa)
+    exact = np.linalg.qr(a @ fm.T)[0]
+    a32, f32 = (jnp.asarray(x, jnp.float32)[None] for x in (a, fm))
+    diag = np.diagonal(np.asarray(
+        jnp.linalg.cholesky(_rotate._gram(_rotate._t(f32)))[0]))
+    # product_q's test for the one-pass basis (its span, or a failure).
+    assert not diag.min() > np.sqrt(100 * np.finfo(np.float32).eps) * (
+        diag.max()), ('the one-pass basis would pass', kappa)
+    err = {}
+    for name, q in (('product', _rotate.product_q(a32, f32, qr)),
+                    ('explicit', _rotate.householder_q(a32 @ _rotate._t(f32)))):
+      q = np.asarray(q[0], np.float64)
+      q = q * np.sign(np.sum(q * exact, axis=0))
+      err[name] = np.linalg.norm(q - exact) / np.sqrt(s)
+    assert err['product'] <= 0.5 * err['explicit'], (kappa, err)
+
+
+def test_fallbacks_factor_only_the_failing_matrices():
+  """A stack with one matrix Cholesky QR3 cannot certify: that matrix
+  alone is factored by Householder (one ``[s, s]`` QR, not the stack's),
+  and the others keep their Cholesky QR3 ``Q``."""
+  rng = np.random.default_rng(3)
+  good = [_conditioned(rng, 32, 32, 10.0) for _ in range(2)]
+  bad = np.diag(np.r_[np.ones(28), np.zeros(4)])
+  c = jnp.asarray(np.stack([good[0], bad, good[1]]), jnp.float32)
+  q = np.asarray(_rotate._cholesky_qr3_q(c, 1e-6))  # the stack path
+  np.testing.assert_array_equal(q[1], np.asarray(_rotate.householder_q(c[1])))
+  for i in (0, 2):
+    np.testing.assert_array_equal(
+        q[i], np.asarray(_rotate._cholesky_qr3(c[i], 1e-6)[0]))
+  hlo = jax.jit(lambda c: _rotate._cholesky_qr3_q(c, 1e-6)).lower(
+      c).compile().as_text()
+  geqrf = [line for line in hlo.splitlines() if 'geqrf' in line
+           and 'custom_call_target' in line]
+  assert geqrf and all('f32[3,' not in line for line in geqrf), geqrf
+
+
 @pytest.mark.parametrize('shape', [(64, 256), (128, 128)])
 def test_float32_aro_with_cholesky_qr3_tracks_float64_as_householder(
     x64, shape):
@@ -91,8 +139,10 @@ def test_float32_aro_with_cholesky_qr3_tracks_float64_as_householder(
 def test_flop_model_matches_compiled_stage(shape, qr):
   """The stage's declared FLOPs less its QR (LAPACK calls, which XLA's cost
   analysis does not count) are what XLA counts for the stage, which also
-  counts :func:`product_q`'s fallback branch (taken only for a singular
-  ``B``; the plan leaves it out): the explicit ``A Fᵀ`` and, for Cholesky
+  counts :func:`product_q`'s fallback branches (the plan leaves them out):
+  for an ill-conditioned ``B``, ``W`` by Cholesky QR3 of ``Bᵀ`` (``t×r``:
+  Gram products ``6r²t``, and ``81rt + 26r²`` around them as XLA counts,
+  measured); for a singular one, the explicit ``A Fᵀ`` and, for Cholesky
   QR3, its three Gram products."""
   st = MS.AroRotate(qr=qr)
   o = jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
@@ -102,8 +152,9 @@ def test_flop_model_matches_compiled_stage(shape, qr):
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
   s, t = min(shape), max(shape)
   # The fallback branch: A Fᵀ, then (QR3) its Gram products and checks.
-  fallback = (2 * s * s * t + (6 * s ** 3 + 61 * s * s
-                               if qr == 'cholesky_qr3' else 0)
+  rebasis = 6 * s * s * t + 81 * s * t + 26 * s * s
+  fallback = (rebasis + 2 * s * s * t + (6 * s ** 3 + 61 * s * s
+                                         if qr == 'cholesky_qr3' else 0)
               if qr != 'shifted_cholesky' else 0)
   want = (st.flops(*shape) - _rotate.aro_flops(*shape, qr=qr)['qr']
           + fallback)

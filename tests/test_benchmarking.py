@@ -1,24 +1,11 @@
-"""The benchmark helpers (``orthax.benchmarking``) and ``scripts/bench_ns.py``'s
-row selection."""
+"""The benchmark helpers (``orthax.benchmarking``): workloads, the peak,
+the row selection of ``scripts/bench_ns.py`` and the profile reader."""
 
-import importlib.util
-import pathlib
-
+import jax
 import jax.numpy as jnp
 import pytest
 
 from orthax import benchmarking as B
-
-HERE = pathlib.Path(__file__).parent
-
-
-def _bench_ns():
-  spec = importlib.util.spec_from_file_location(
-      'bench_ns', HERE.parent / 'scripts' / 'bench_ns.py')
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
 
 def test_gpt2_kernels_take_the_width():
   tree = B.gpt2_hidden_kernels(2, d=64)
@@ -38,11 +25,23 @@ def test_matmul_peak_is_a_rate():
 
 
 def test_recipe_rows_select_and_reject():
-  mod = _bench_ns()
-  every = mod.recipe_rows()
+  every = B.recipe_rows()
   assert {'muon', 'aro', 'aro/householder', 'fismo/every10'} <= set(every)
-  assert mod.recipe_rows(['aro', 'fismo/every10']) == {
+  assert B.recipe_rows(['aro', 'fismo/every10']) == {
       'aro': ('aro', {}), 'fismo/every10': ('fismo',
                                             {'precondition_every': 10})}
   with pytest.raises(ValueError, match=r"no rows named \['aro2'\]"):
-    mod.recipe_rows(['aro', 'aro2'])
+    B.recipe_rows(['aro', 'aro2'])
+
+
+def test_op_times_finds_the_product():
+  x = jnp.ones((192, 192))
+  f = jax.jit(lambda x: jnp.tanh(x @ x.T) @ x)
+  rows = B.op_times(lambda: f(x), repeats=2)
+  assert rows, 'no operation read back from the trace'
+  assert [r.seconds for r in rows] == sorted((r.seconds for r in rows),
+                                             reverse=True)
+  assert all(r.seconds > 0 and r.launches >= 1 for r in rows)
+  # Two 192³ products dominate a tanh of 192² values.
+  text = f.lower(x).compile().as_text()
+  assert rows[0].op in text
