@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import orthax
 from orthax import benchmarking as B
 
-# Substrings of kernel (or CPU operation) names, by kind, first match wins.
+# Substrings of operation and kernel names, by kind; the first match wins.
 KINDS = (
-    ('householder qr', ('geqrf', 'orgqr', 'larf', 'householder')),
+    ('householder qr', ('geqr', 'orgqr', 'larf', 'householder')),
     ('cholesky', ('potrf', 'cholesky')),
     ('triangular solve', ('trsm', 'triangular', 'trsv')),
     ('eigh', ('syev', 'eigh', 'jacobi')),
@@ -79,7 +79,7 @@ def main():
         f'{busy * 1e3:.3f} ms ({len(rows)} distinct)')
   by_kind = collections.defaultdict(float)
   for r in rows:
-    by_kind[kind_of(r.kernel)] += r.seconds
+    by_kind[kind_of(f'{r.op} {r.kernel}')] += r.seconds
   for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
     print(f'  {kind:18s} {t * 1e3:9.3f} ms {t / busy:6.1%}')
   print(f'{"ms":>9s} {"share":>6s} {"n":>4s}  {"op":24s} {"kernel":44s} from')

@@ -92,16 +92,20 @@ def test_traced_steps_float64(x64):
   assert f._cache_size() == 1
 
 
-def test_loop_is_not_unrolled():
+def test_loop_is_rolled_on_cpu_and_unrolled_elsewhere():
+  """On CPU the program does not grow with the steps; lowered for a GPU
+  it is unrolled, each restart chosen while tracing (orthax.polar.step_loop)."""
   x = jnp.ones((8, 24), jnp.float32)
 
-  def n_dots(steps, restart_every):
-    jaxpr = jax.make_jaxpr(lambda x: gram_newton_schulz(
-        x, steps=steps, restart_every=restart_every))(x)
-    return str(jaxpr).count('dot_general')
+  def n_dots(steps, restart_every, platform):
+    text = jax.jit(lambda x: gram_newton_schulz(
+        x, steps=steps, restart_every=restart_every)).trace(x).lower(
+            lowering_platforms=(platform,)).as_text()
+    return text.count('stablehlo.dot_general')
 
   for r in (None, 2, 3):
-    assert n_dots(5, r) == n_dots(40, r)
+    assert n_dots(5, r, 'cpu') == n_dots(40, r, 'cpu')
+    assert n_dots(40, r, 'cuda') > 8 * n_dots(5, r, 'cpu')
 
 
 def test_float32_gaussian_close_to_newton_schulz():

@@ -53,9 +53,11 @@ This implementation
 * ``R`` and ``Q`` are symmetrised, ``(M + Mᵀ)/2``, after every update: the
   exact iterates are symmetric, and the blog's symmetric GEMM kernels enforce
   this by construction; it removes the skew part of the rounding error.
-* One ``lax.fori_loop`` over the steps (not unrolled) whose body is a
-  ``lax.cond`` between a restart and a plain Gram step, so ``steps`` may be a
-  traced integer and compile time does not grow with it.
+* One loop over the steps whose body chooses between a restart and a plain
+  Gram step: on CPU a ``lax.fori_loop`` with a ``lax.cond``, so ``steps`` may
+  be a traced integer and compile time does not grow with it; elsewhere,
+  for a Python-integer ``steps``, unrolled with the choice made while
+  tracing (:mod:`orthax.polar.step_loop`).
 
 Measured here (CPU, bf16 iteration, error vs the float32 ``newton_schulz``
 output, ill-conditioned 128×512 and 256×1024 inputs with singular values down
@@ -83,6 +85,7 @@ from orthax.polar.newton_schulz import _gram
 from orthax.polar.newton_schulz import _mm
 from orthax.polar.newton_schulz import _mT
 from orthax.polar.newton_schulz import prepare
+from orthax.polar.step_loop import run_steps
 
 DEFAULT_RESTART_EVERY = 2
 
@@ -238,10 +241,12 @@ def gram_newton_schulz(
     body = advance
   else:
     def body(k, carry):
+      if isinstance(k, int):  # unrolled
+        return (restart if k % restart_every == 0 else advance)(k, carry)
       return jax.lax.cond(k % restart_every == 0, restart, advance, k, carry)
 
   p0 = poly(gram, 0)                      # step 0: Q = P_0
-  x, _, _, q = jax.lax.fori_loop(1, st.steps, body, (x, gram, p0, p0))
+  x, _, _, q = run_steps(1, st.steps, body, (x, gram, p0, p0))
   return st.finish(mm(q, x))              # X ← Q X of the last block
 
 

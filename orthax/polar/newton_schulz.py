@@ -12,8 +12,9 @@ vectors. The iteration always runs in the wide orientation (``m ≤ n``) so that
 is exact because ``NS(Xᵀ) = NS(X)ᵀ`` for every normalizer except AOL (whose
 row scaling acts along the shorter side, as in the reference).
 
-Steps run in a ``lax.fori_loop`` (not unrolled), so compile time and memory do
-not grow with the step count; the coefficient row of step ``k`` is
+Steps run in a ``lax.fori_loop`` on CPU, so compile time and memory do not
+grow with the step count, and unrolled on other platforms when the step count
+is a Python integer (:mod:`orthax.polar.step_loop`); the coefficient row of step ``k`` is
 ``coeffs[min(k, len(coeffs) - 1)]`` — a table shorter than the step count
 repeats its last row (Polar Express semantics).
 
@@ -43,6 +44,7 @@ import numpy as np
 
 from orthax.polar import lapack
 from orthax.polar import presets as _presets
+from orthax.polar.step_loop import run_steps
 
 NORMALIZERS = ('frobenius', 'schatten4', 'aol', 'none')
 
@@ -348,7 +350,7 @@ def newton_schulz(
   def body(k, x):
     return _quintic(x, rows[jnp.minimum(k, last)], col_reduce)
 
-  x = jax.lax.fori_loop(0 if st.gram is None else 1, st.steps, body, x)
+  x = run_steps(0 if st.gram is None else 1, st.steps, body, x)
   return st.finish(x)
 
 
