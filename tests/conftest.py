@@ -1,29 +1,26 @@
 """Fixtures shared by the test files, how the suite compiles, and how its
 tests are spread over the pytest workers.
 
-Most of this suite's time is XLA compiling small programs on the CPU, so the
-pytest processes (not the subprocesses tests start: fake-device case
-scripts, notebook kernels, the trainer's command line, which run as users
-run them), unless ``ORTHAX_TEST_DEFAULT_COMPILE=1`` is set, compile cheaply:
+Most of this suite's time is XLA compiling small programs on the CPU, so,
+unless ``ORTHAX_TEST_DEFAULT_COMPILE=1`` is set:
 
-* ``--xla_backend_optimization_level=0``: the same optimized HLO, lowered by
+* every process of the run compiles with
+  ``--xla_backend_optimization_level=0``: the same optimized HLO, lowered by
   LLVM without its optimization passes. IEEE arithmetic is unchanged (XLA's
-  CPU backend does not enable fast math); the programs compile about a third
+  CPU backend does not enable fast math); programs compile about a third
   faster and run slower, which the tests' small matrices do not notice. The
-  flag is in ``XLA_FLAGS`` only until the CPU backend has read it; a test
-  that compares a subprocess's steps bit for bit with its own gives that
-  subprocess ``XLA_FLAGS=$ORTHAX_TEST_XLA_FLAGS``.
-* a persistent compilation cache in a temporary directory that the workers
-  share (its path travels in ``ORTHAX_TEST_JAX_CACHE``) and that is removed
-  when the run ends: a program that several tests compile is compiled once.
-
-Neither reaches the fake-device scripts, though both would speed them up
-(``test_sharding_stages.py`` alone: 113 s, 88 s with ``-O0``, 72 s with the
-cache too). With the shared cache, an all-reduce of
-``sharding_stages_cases.py`` deadlocked in two full runs (3 of 4 device
-threads arrived, even given 600 s); under ``-O0`` the fsdp4×tp2 NAMO steps
-of ``sharding_cases.py`` differed from one device's by 2.05e-6 (relative to
-the rate), past the 2e-6 those tests allow.
+  flag stays in ``XLA_FLAGS``, so the subprocesses tests start (fake-device
+  case scripts, notebook kernels, the command-line tools) inherit it: on
+  ``sharding_stages_cases.py`` alone it saves a third of the CPU time (120
+  to 78 s). A test that builds a subprocess's environment from scratch
+  takes the flags from ``ORTHAX_TEST_XLA_FLAGS``.
+* the pytest processes (not the subprocesses) share a persistent
+  compilation cache in a temporary directory (its path travels in
+  ``ORTHAX_TEST_JAX_CACHE``) that is removed when the run ends: a program
+  that several tests compile is compiled once. The fake-device scripts do
+  not use it: with the shared cache, an all-reduce of
+  ``sharding_stages_cases.py`` deadlocked in two full runs (3 of 4 device
+  threads arrived, even given 600 s).
 
 Every process of the run, subprocesses included, uses one OpenBLAS thread
 (``OPENBLAS_NUM_THREADS=1`` unless set): two pytest workers fill the two
@@ -40,10 +37,11 @@ os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')  # before NumPy loads
 
 _ENABLED = os.environ.get('ORTHAX_TEST_DEFAULT_COMPILE') != '1'
 _OWN_CACHE_DIR = None
-_USER_XLA_FLAGS = os.environ.get('XLA_FLAGS')
+_O0 = '--xla_backend_optimization_level=0'
 if _ENABLED:
-  os.environ['XLA_FLAGS'] = ((_USER_XLA_FLAGS or '') +
-                             ' --xla_backend_optimization_level=0').strip()
+  if _O0 not in os.environ.get('XLA_FLAGS', ''):  # workers inherit it
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '
+                               + _O0).strip()
   if 'ORTHAX_TEST_JAX_CACHE' not in os.environ:  # the controller (or -n 0)
     _OWN_CACHE_DIR = tempfile.mkdtemp(prefix='orthax-test-jax-cache-')
     os.environ['ORTHAX_TEST_JAX_CACHE'] = _OWN_CACHE_DIR
@@ -53,13 +51,8 @@ import jax
 import pytest
 
 if _ENABLED:
-  jax.jit(lambda x: x + 1)(1.0).block_until_ready()  # XLA reads its flags
-  # For a subprocess whose steps a test compares bit for bit with its own.
+  # For a test that builds a subprocess's environment from scratch.
   os.environ['ORTHAX_TEST_XLA_FLAGS'] = os.environ['XLA_FLAGS']
-  if _USER_XLA_FLAGS is None:
-    del os.environ['XLA_FLAGS']
-  else:
-    os.environ['XLA_FLAGS'] = _USER_XLA_FLAGS
   jax.config.update('jax_compilation_cache_dir',
                     os.environ['ORTHAX_TEST_JAX_CACHE'])
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.05)

@@ -25,6 +25,8 @@ CONFIGS = list(configs.names())  # orthax/configs/*.py
 
 def _run(devices: int, what: str) -> dict:
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  if 'ORTHAX_TEST_XLA_FLAGS' in env:  # the suite's compile flags (conftest)
+    env['XLA_FLAGS'] = env['ORTHAX_TEST_XLA_FLAGS']
   proc = subprocess.run(
       [sys.executable, str(HERE / 'train_mesh_cases.py'), str(devices), what],
       capture_output=True, text=True, env=env, cwd=ROOT, timeout=1500)

@@ -99,13 +99,16 @@ def product_q(a: jax.Array, fm: jax.Array,
   other reflectors, for ``s > t``, act on a block that is zero in exact
   arithmetic and are the identity.
 
-  That holds while ``B`` has full rank. A (nearly) singular ``B`` — a zero
-  row of ``F``, as a dead unit's zero gradient row gives — changes the
-  column flag of ``C`` that the Householder ``Q`` follows (a zero column of
-  ``C`` keeps its unit vector in ``Q``), and ``W`` loses orthogonality as
-  ``κ(B)²ε``. Such a matrix (the Cholesky fails, or its diagonal spans more
-  than ``1/√(100ε)``) takes the ``Q`` of the explicit ``A Fᵀ`` (by ``qr``),
-  the reference's arithmetic. ``qr`` is how the square ``A W`` (``s ≤ t``)
+  That holds while ``B`` has full rank. ``W`` loses orthogonality as
+  ``κ(B)²ε``: where the Cholesky fails or its diagonal spans more than
+  ``1/√(100ε)``, ``W`` is recomputed as the ``Q`` of Cholesky QR3 of ``Bᵀ``
+  (the same ``W``: the QR with a positive diagonal is unique). A singular
+  ``B`` — a zero row of ``F``, as a dead unit's zero gradient row gives —
+  changes the column flag of ``C`` that the Householder ``Q`` follows (a
+  zero column of ``C`` keeps its unit vector in ``Q``); where Cholesky QR3
+  cannot certify ``Bᵀ``'s ``Q`` either, the matrix takes the ``Q`` of the
+  explicit ``A Fᵀ`` (by ``qr``), the reference's arithmetic. Fallbacks are
+  computed for the failing matrices only. ``qr`` is how the square ``A W`` (``s ≤ t``)
   is factored: ``'householder'`` or ``'cholesky_qr3'``
   (:func:`cholesky_qr3_q`); for ``s > t`` its complete ``Q`` is always
   Householder's. (On CPU one matrix at a time:
