@@ -183,11 +183,28 @@ def op_times(fn: Callable[[], Any], repeats: int = 3) -> list[OpTime]:
   count = collections.Counter()
   for plane in devices or [p for p in planes if p.name == '/host:CPU']:
     for line in plane.lines:
-      for event in line.events:
-        op = dict(event.stats).get('hlo_op')
-        if op is not None:
-          total[op, event.name] += event.duration_ns * 1e-9
-          count[op, event.name] += 1
+      for op, event in _innermost(line.events):
+        total[op, event.name] += event.duration_ns * 1e-9
+        count[op, event.name] += 1
   rows = [OpTime(op, kernel, t / repeats, count[op, kernel] / repeats)
           for (op, kernel), t in total.items()]
   return sorted(rows, key=lambda r: -r.seconds)
+
+
+def _innermost(events) -> list[tuple[str, Any]]:
+  """``(hlo_op, event)`` for the events of one trace line that carry an
+  ``hlo_op`` and contain no other such event: on CPU a ``cond`` or
+  ``while`` runs its body's operations inside its own event, which would
+  count them twice."""
+  ops = sorted(((dict(e.stats).get('hlo_op'), e) for e in events),
+               key=lambda oe: (oe[1].start_ns, -oe[1].end_ns))
+  ops = [(op, e) for op, e in ops if op is not None]
+  outer = set()
+  open_events = []  # indices of events that may still contain the next one
+  for i, (_, e) in enumerate(ops):
+    while open_events and ops[open_events[-1]][1].end_ns <= e.start_ns:
+      open_events.pop()
+    if open_events:
+      outer.add(open_events[-1])
+    open_events.append(i)
+  return [oe for i, oe in enumerate(ops) if i not in outer]

@@ -45,3 +45,15 @@ def test_op_times_finds_the_product():
   # Two 192³ products dominate a tanh of 192² values.
   text = f.lower(x).compile().as_text()
   assert rows[0].op in text
+
+
+def test_op_times_counts_a_loop_body_once():
+  """On CPU a ``while`` runs its body's operations inside its own trace
+  event: only the innermost operations count, so the total is not above
+  the wall time."""
+  x = jnp.ones((256, 256))
+  f = jax.jit(lambda x: jax.lax.fori_loop(0, 4, lambda _, y: y @ x / 256, x))
+  rows = B.op_times(lambda: f(x), repeats=2)
+  wall = B.median_time(lambda: f(x), repeats=3)
+  assert not any(r.op.startswith('while') for r in rows), rows
+  assert sum(r.seconds for r in rows) <= 1.5 * wall, (rows, wall)
