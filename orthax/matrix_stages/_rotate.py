@@ -108,8 +108,8 @@ def product_q(a: jax.Array, fm: jax.Array,
   zero column of ``C`` keeps its unit vector in ``Q``); where Cholesky QR3
   cannot certify ``Bᵀ``'s ``Q`` either, the matrix takes the ``Q`` of the
   explicit ``A Fᵀ`` (by ``qr``), the reference's arithmetic. Fallbacks are
-  computed for the failing matrices only. ``qr`` is how the square ``A W`` (``s ≤ t``)
-  is factored: ``'householder'`` or ``'cholesky_qr3'``
+  computed for the failing matrices only. ``qr`` is how the square ``A W``
+  (``s ≤ t``) is factored: ``'householder'`` or ``'cholesky_qr3'``
   (:func:`cholesky_qr3_q`); for ``s > t`` its complete ``Q`` is always
   Householder's. (On CPU one matrix at a time:
   :func:`orthax.polar.lapack.per_matrix`.)"""
@@ -143,8 +143,9 @@ def _product_q(a, fm, qr):
 def _where_else(ok, value, fallback, *args):
   """``value`` where ``ok`` (``[..., 1, 1]``), else ``fallback(*args)``,
   which is computed for the failing matrices only, one at a time (on a GPU
-  a stack's QR runs cuSOLVER's unblocked batched kernel: 0.7 s for 12
-  matrices of 768², against about 1 ms for the products here). ``value``
+  a stack's QR runs cuSOLVER's unblocked batched kernel: 0.68 s for one
+  group of GPT-2 small's 768×768 matrices on an H200, where ARO's whole
+  step takes 45 ms). ``value``
   may be a pytree of ``[..., ·, ·]`` arrays; ``fallback`` returns the same
   structure for one matrix."""
   if ok.ndim == 2:  # one matrix
