@@ -1,6 +1,10 @@
 """The benchmark helpers (``orthax.benchmarking``): workloads, the peak,
 the row selection of ``scripts/bench_ns.py`` and the profile reader."""
 
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -57,3 +61,19 @@ def test_op_times_counts_a_loop_body_once():
   wall = B.median_time(lambda: f(x), repeats=3)
   assert not any(r.op.startswith('while') for r in rows), rows
   assert sum(r.seconds for r in rows) <= 1.5 * wall, (rows, wall)
+
+
+def test_profile_script_prints_kinds_and_operations():
+  """``scripts/profile_update.py`` on a small tree: the header, a time per
+  kind that includes the products, and the operations table."""
+  root = pathlib.Path(__file__).parent.parent
+  proc = subprocess.run(
+      [sys.executable, 'scripts/profile_update.py', '--row', 'aro',
+       '--layers', '1', '--d_model', '64', '--later', '--top', '5'],
+      cwd=root, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.splitlines()
+  assert lines[0].startswith('backend=cpu row=aro step=later'), lines[0]
+  kinds = {line.split()[0] for line in lines[1:6]}
+  assert 'matmul' in kinds and 'cholesky' in kinds, lines[:8]
+  assert sum(1 for line in lines if 'ynn_fusion' in line or 'dot' in line) >= 1
