@@ -11,6 +11,7 @@ import pytest
 
 from orthax import benchmarking as B
 
+
 def test_gpt2_kernels_take_the_width():
   tree = B.gpt2_hidden_kernels(2, d=64)
   assert sorted(tree) == ['h00', 'h01']
