@@ -1,4 +1,4 @@
-"""ARO's QR kinds (``orthax/matrix_stages/_rotate.py``): Cholesky QR3 against
+"""ARO's QR kinds (``orthax/matrix_stages/_qr.py``): Cholesky QR3 against
 float64 Householder, its certified fallback, float32 ARO with it against
 float64, and the stage's FLOP model against XLA's count for every kind."""
 
@@ -9,6 +9,7 @@ import pytest
 
 import orthax
 from orthax import matrix_stages as MS
+from orthax.matrix_stages import _qr
 from orthax.matrix_stages import _rotate
 
 LR = 0.01
@@ -18,7 +19,7 @@ def test_shifted_cholesky_falls_back_to_householder():
   """A rank-deficient C (Cholesky of a singular Gram may fail): finite,
   orthonormal on the range."""
   c = jnp.zeros((2, 6, 6)).at[1].set(jnp.eye(6))
-  q = np.asarray(_rotate.shifted_cholesky_q(c))
+  q = np.asarray(_qr.shifted_cholesky_q(c))
   assert np.all(np.isfinite(q))
   np.testing.assert_allclose(np.abs(q[1]), np.eye(6), atol=1e-6)
 
@@ -44,8 +45,8 @@ def test_cholesky_qr3_is_householders_q_in_float32(s):
     exact = np.linalg.qr(c)[0]
     c32 = jnp.asarray(c, jnp.float32)[None]
     errs, orth = {}, {}
-    for fn in (_rotate.householder_q, _rotate.cholesky_qr3_q,
-               _rotate.shifted_cholesky_q):
+    for fn in (_qr.householder_q, _qr.cholesky_qr3_q,
+               _qr.shifted_cholesky_q):
       q = np.asarray(fn(c32)[0], np.float64)
       q = q * np.sign(np.sum(q * exact, axis=0))
       errs[fn.__name__] = np.linalg.norm(q - exact) / np.sqrt(s)
@@ -59,8 +60,8 @@ def test_cholesky_qr3_is_householders_q_in_float32(s):
                   np.diag(np.r_[np.ones(s - 4), np.zeros(4)]),
                   np.zeros((s, s))]).astype(np.float32)
   np.testing.assert_array_equal(
-      np.asarray(_rotate.cholesky_qr3_q(jnp.asarray(bad))),
-      np.asarray(_rotate.householder_q(jnp.asarray(bad))))
+      np.asarray(_qr.cholesky_qr3_q(jnp.asarray(bad))),
+      np.asarray(_qr.householder_q(jnp.asarray(bad))))
 
 
 @pytest.mark.parametrize('qr', ['cholesky_qr3', 'householder'])
@@ -78,13 +79,13 @@ def test_product_q_rebases_an_ill_conditioned_f(qr):
     exact = np.linalg.qr(a @ fm.T)[0]
     a32, f32 = (jnp.asarray(x, jnp.float32)[None] for x in (a, fm))
     diag = np.diagonal(np.asarray(
-        jnp.linalg.cholesky(_rotate._gram(_rotate._t(f32)))[0]))
+        jnp.linalg.cholesky(_qr._gram(_qr._t(f32)))[0]))
     # product_q's test for the one-pass basis (its span, or a failure).
     assert not diag.min() > np.sqrt(100 * np.finfo(np.float32).eps) * (
         diag.max()), ('the one-pass basis would pass', kappa)
     err = {}
-    for name, q in (('product', _rotate.product_q(a32, f32, qr)),
-                    ('explicit', _rotate.householder_q(a32 @ _rotate._t(f32)))):
+    for name, q in (('product', _qr.product_q(a32, f32, qr)),
+                    ('explicit', _qr.householder_q(a32 @ _qr._t(f32)))):
       q = np.asarray(q[0], np.float64)
       q = q * np.sign(np.sum(q * exact, axis=0))
       err[name] = np.linalg.norm(q - exact) / np.sqrt(s)
@@ -99,12 +100,12 @@ def test_fallbacks_factor_only_the_failing_matrices():
   good = [_conditioned(rng, 32, 32, 10.0) for _ in range(2)]
   bad = np.diag(np.r_[np.ones(28), np.zeros(4)])
   c = jnp.asarray(np.stack([good[0], bad, good[1]]), jnp.float32)
-  q = np.asarray(_rotate._cholesky_qr3_q(c, 1e-6))  # the stack path
-  np.testing.assert_array_equal(q[1], np.asarray(_rotate.householder_q(c[1])))
+  q = np.asarray(_qr._cholesky_qr3_q(c, 1e-6))  # the stack path
+  np.testing.assert_array_equal(q[1], np.asarray(_qr.householder_q(c[1])))
   for i in (0, 2):
     np.testing.assert_array_equal(
-        q[i], np.asarray(_rotate._cholesky_qr3(c[i], 1e-6)[0]))
-  hlo = jax.jit(lambda c: _rotate._cholesky_qr3_q(c, 1e-6)).lower(
+        q[i], np.asarray(_qr._cholesky_qr3(c[i], 1e-6)[0]))
+  hlo = jax.jit(lambda c: _qr._cholesky_qr3_q(c, 1e-6)).lower(
       c).compile().as_text()
   geqrf = [line for line in hlo.splitlines() if 'geqrf' in line
            and 'custom_call_target' in line]

@@ -20,7 +20,7 @@ import pytest
 from orthax import matrix_stages as MS
 from orthax import polar
 from orthax.matrix_stages import _fisher
-from orthax.matrix_stages import _rotate
+from orthax.matrix_stages import _qr
 from orthax.matrices import MatrixSpec
 from orthax.polar import lapack
 from orthax.transforms import lanton
@@ -87,12 +87,12 @@ def test_aro_rotation(kw):
 
 def test_aro_q_functions():
   c = _stack(m=16, n=16)
-  for fn in (_rotate.householder_q, _rotate.shifted_cholesky_q,
-             _rotate.cholesky_qr3_q):
+  for fn in (_qr.householder_q, _qr.shifted_cholesky_q,
+             _qr.cholesky_qr3_q):
     assert_one_matrix_per_call(lapack_operands(fn, c))
   for qr in ('householder', 'cholesky_qr3'):
     assert_one_matrix_per_call(lapack_operands(
-        functools.partial(_rotate.product_q, qr=qr), _stack(),
+        functools.partial(_qr.product_q, qr=qr), _stack(),
         _stack(seed=1)))
 
 
