@@ -79,13 +79,14 @@ def test_product_q_rebases_an_ill_conditioned_f(qr):
     exact = np.linalg.qr(a @ fm.T)[0]
     a32, f32 = (jnp.asarray(x, jnp.float32)[None] for x in (a, fm))
     diag = np.diagonal(np.asarray(
-        jnp.linalg.cholesky(_qr._gram(_qr._t(f32)))[0]))
+        jnp.linalg.cholesky(_qr._gram(jnp.matrix_transpose(f32)))[0]))
     # product_q's test for the one-pass basis (its span, or a failure).
     assert not diag.min() > np.sqrt(100 * np.finfo(np.float32).eps) * (
         diag.max()), ('the one-pass basis would pass', kappa)
     err = {}
     for name, q in (('product', _qr.product_q(a32, f32, qr)),
-                    ('explicit', _qr.householder_q(a32 @ _qr._t(f32)))):
+                    ('explicit', _qr.householder_q(
+                        a32 @ jnp.matrix_transpose(f32)))):
       q = np.asarray(q[0], np.float64)
       q = q * np.sign(np.sum(q * exact, axis=0))
       err[name] = np.linalg.norm(q - exact) / np.sqrt(s)

@@ -20,10 +20,6 @@ from orthax.polar import lapack
 QR_KINDS = ('cholesky_qr3', 'householder', 'shifted_cholesky')
 
 
-def _t(x):
-  return jnp.swapaxes(x, -1, -2)
-
-
 def householder_q(c: jax.Array) -> jax.Array:
   """``Q`` of the reduced Householder QR of each ``[k, s, s]`` matrix."""
   return lapack.per_matrix(lambda x: jnp.linalg.qr(x)[0], c)
@@ -59,9 +55,9 @@ def product_q(a: jax.Array, fm: jax.Array,
 
 def _product_q(a, fm, qr):
   r = min(a.shape[-2], a.shape[-1])
-  b = fm[..., :r, :]
-  low = jnp.linalg.cholesky(_gram(_t(b)))
-  w = jax.lax.linalg.triangular_solve(low, _t(b), left_side=False,
+  bt = jnp.matrix_transpose(fm[..., :r, :])  # Bᵀ
+  low = jnp.linalg.cholesky(_gram(bt))
+  w = jax.lax.linalg.triangular_solve(low, bt, left_side=False,
                                       lower=True, transpose_a=True)
   diag = jnp.diagonal(low, axis1=-2, axis2=-1)
   tiny = math.sqrt(100 * jnp.finfo(a.dtype).eps)
@@ -70,15 +66,17 @@ def _product_q(a, fm, qr):
   ok = ok[..., None, None]
   # W lost orthogonality (κ(B)²ε): Bᵀ's Q by Cholesky QR3 is the same W
   # (the QR with a positive diagonal is unique) while B has full rank.
-  w, ok = _where_else(ok, (w, ok), lambda bt: _cholesky_qr3(bt, _CQR3_SHIFT),
-                      _t(b))
+  w, ok = _where_else(ok, (w, ok), lambda x: _cholesky_qr3(x, _CQR3_SHIFT),
+                      bt)
   aw = a @ jnp.where(ok, w, 0)
   if qr == 'cholesky_qr3' and r == a.shape[-2]:
     q = _cholesky_qr3_q(aw, _CQR3_SHIFT)
   else:
     q = jnp.linalg.qr(aw, mode='complete')[0]
   explicit = Q_OF[qr] if r == a.shape[-2] else householder_q
-  return _where_else(ok, q, lambda a, fm: explicit(a @ _t(fm)), a, fm)
+  return _where_else(ok, q,
+                     lambda a, fm: explicit(a @ jnp.matrix_transpose(fm)),
+                     a, fm)
 
 
 def _where_else(ok, value, fallback, *args):
@@ -129,7 +127,8 @@ def shifted_cholesky_q(c: jax.Array, shift: float = 1e-7) -> jax.Array:
 def _shifted_cholesky_q(c, shift):
   c = _to_unit_range(c)
   fro2 = jnp.sum(c * c, axis=(-2, -1), keepdims=True)
-  gram = _t(c) @ c + shift * fro2 * jnp.eye(c.shape[-1], dtype=c.dtype)
+  gram = (jnp.matrix_transpose(c) @ c
+          + shift * fro2 * jnp.eye(c.shape[-1], dtype=c.dtype))
   low = jnp.linalg.cholesky(gram)
   q = jax.lax.linalg.triangular_solve(low, c, left_side=False, lower=True,
                                       transpose_a=True)
@@ -170,7 +169,8 @@ def _gram(x):
   """``XᵀX`` in full float32 (or wider) precision: on a GPU the default
   precision of a float32 product is TF32, whose ~1e-3 error would become
   the factor's error (the Gram's condition is ``κ(X)²``)."""
-  return jnp.matmul(_t(x), x, precision=jax.lax.Precision.HIGHEST)
+  return jnp.matmul(jnp.matrix_transpose(x), x,
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def _cholesky_pass(q, shift):

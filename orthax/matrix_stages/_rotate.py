@@ -55,10 +55,6 @@ def rotated_side(fan_in: int, fan_out: int, rotate: str) -> str:
   return rotate
 
 
-def _t(x):
-  return jnp.swapaxes(x, -1, -2)
-
-
 def _norm(x, axis, eps):
   return jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True)), eps)
 
@@ -200,10 +196,11 @@ class AroRotate(MatrixStage):
     r = state
     x = o.astype(r.dtype)
     flip = self.side(blocks.fan_in, blocks.fan_out) == 'fan_out'
-    a = _t(x) if flip else x  # [k, s, t]: rows = the rotated side
+    # [k, s, t]: rows = the rotated side
+    a = jnp.matrix_transpose(x) if flip else x
     a = a * huge_scale(a).astype(a.dtype)
     f = lambda y: base_map(y, self.base, self.iters, self.eps)
-    fm = f(_t(r) @ a)
+    fm = f(jnp.matrix_transpose(r) @ a)
     s, t = a.shape[-2], a.shape[-1]
     if self.stable and (self.qr != 'shifted_cholesky' or s > t):
       q = product_q(a, fm, self.qr)
@@ -211,12 +208,12 @@ class AroRotate(MatrixStage):
       # Cholesky QR3 of a rank-deficient C (s > t) would always fall back.
       kind = ('householder' if self.qr == 'cholesky_qr3' and s > t
               else self.qr)
-      q = Q_OF[kind](a @ _t(fm))
-    x = _t(q) @ a
+      q = Q_OF[kind](a @ jnp.matrix_transpose(fm))
+    x = jnp.matrix_transpose(q) @ a
     if self.stable and s > t:
       x = x.at[..., t:, :].set(0)  # zero in exact arithmetic
     u = q @ f(x)
-    return (_t(u) if flip else u).astype(o.dtype), q
+    return (jnp.matrix_transpose(u) if flip else u).astype(o.dtype), q
 
 
 def aro_state_bytes(fan_in: int, fan_out: int, rotate: str = 'smaller',
