@@ -4,16 +4,23 @@ tests are spread over the pytest workers.
 Most of this suite's time is XLA compiling small programs on the CPU, so,
 unless ``ORTHAX_TEST_DEFAULT_COMPILE=1`` is set:
 
-* every process of the run compiles with
-  ``--xla_backend_optimization_level=0``: the same optimized HLO, lowered by
-  LLVM without its optimization passes. IEEE arithmetic is unchanged (XLA's
-  CPU backend does not enable fast math); programs compile about a third
-  faster and run slower, which the tests' small matrices do not notice. The
-  flag stays in ``XLA_FLAGS``, so the subprocesses tests start (fake-device
-  case scripts, notebook kernels, the command-line tools) inherit it: on
-  ``sharding_stages_cases.py`` alone it saves a third of the CPU time (120
-  to 78 s). A test that builds a subprocess's environment from scratch
-  takes the flags from ``ORTHAX_TEST_XLA_FLAGS``.
+* every process of the run compiles with the flags in
+  ``FAST_COMPILE_FLAGS``: the same optimized HLO, lowered by LLVM without its
+  optimization passes (``--xla_backend_optimization_level=0``), by XLA's
+  elemental IR emitters in place of its MLIR fusion emitters
+  (``--xla_cpu_use_fusion_emitters=false``), in one LLVM module per program
+  (``--xla_cpu_parallel_codegen_split_count=1``: the two workers already
+  fill the two cores). IEEE arithmetic is unchanged (XLA's CPU backend does
+  not enable fast math); programs compile faster and run slower, which the
+  tests' small matrices do not notice. Compiling the contract's jitted step
+  and ``MultiSteps`` step of muon, aro, normuon and fismo took 89 CPU-s at
+  XLA's defaults, 49 at ``-O0`` and 25 with the fusion emitters off too; of
+  six recipes (those and namo_d, trion), 54–62 CPU-s at ``-O0`` and 22–25
+  with all three flags (one process per setting, 2026-12-04). The flags stay
+  in ``XLA_FLAGS``, so the subprocesses tests start (fake-device case
+  scripts, notebook kernels, the command-line tools) inherit them. A test
+  that builds a subprocess's environment from scratch takes the flags from
+  ``ORTHAX_TEST_XLA_FLAGS``.
 * the pytest processes (not the subprocesses) share a persistent
   compilation cache in a temporary directory (its path travels in
   ``ORTHAX_TEST_JAX_CACHE``) that is removed when the run ends: a program
@@ -37,11 +44,14 @@ os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')  # before NumPy loads
 
 _ENABLED = os.environ.get('ORTHAX_TEST_DEFAULT_COMPILE') != '1'
 _OWN_CACHE_DIR = None
-_O0 = '--xla_backend_optimization_level=0'
+FAST_COMPILE_FLAGS = ('--xla_backend_optimization_level=0',
+                      '--xla_cpu_use_fusion_emitters=false',
+                      '--xla_cpu_parallel_codegen_split_count=1')
 if _ENABLED:
-  if _O0 not in os.environ.get('XLA_FLAGS', ''):  # workers inherit it
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '
-                               + _O0).strip()
+  for _flag in FAST_COMPILE_FLAGS:  # the workers inherit them
+    if _flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
+      os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '
+                                 + _flag).strip()
   if 'ORTHAX_TEST_JAX_CACHE' not in os.environ:  # the controller (or -n 0)
     _OWN_CACHE_DIR = tempfile.mkdtemp(prefix='orthax-test-jax-cache-')
     os.environ['ORTHAX_TEST_JAX_CACHE'] = _OWN_CACHE_DIR

@@ -265,8 +265,13 @@ def check_inject_hyperparams(make: Make, *, state_names=DEFAULT_STATE_NAMES):
   p = plain.final_params
   g = random_like(p, 999)
   u_old, _ = upd_inj(g, s_inj, p)
-  s_inj.hyperparams['learning_rate'] = jnp.asarray(2 * LR)
+  # (of the injected value's dtype: a weakly typed scalar would be a new
+  # signature, and the step would compile again)
+  s_inj.hyperparams['learning_rate'] = jnp.asarray(
+      2 * LR, s_inj.hyperparams['learning_rate'].dtype)
   u_new, s_new = upd_inj(g, s_inj, p)
+  assert upd_inj._cache_size() == 1, (  # pylint: disable=protected-access
+      'changing the injected learning rate compiled the step again')
   assert_all_nonzero(u_old, 'update before the learning-rate change')
   for (path, a), (_, b) in zip(leaves_with_paths(u_new), leaves_with_paths(u_old)):
     np.testing.assert_allclose(
