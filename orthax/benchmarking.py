@@ -128,10 +128,12 @@ def temp_bytes(compiled) -> int | None:
 
 # Non-default modes timed beside the registered recipes: ARO's dion mode
 # rotates fan-out (the larger side of an up-projection: an R of 3072² there,
-# ALGORITHMS.md §13.1.3).
+# ALGORITHMS.md §13.1.3); each of ARO's QR kinds (its default, 'auto', is
+# Householder on CPU and Cholesky QR3 elsewhere).
 EXTRA_ROWS = {
     'aro/dion': ('aro', {'reference': 'dion'}),
     'aro/householder': ('aro', {'qr': 'householder'}),
+    'aro/cholesky_qr3': ('aro', {'qr': 'cholesky_qr3'}),
     'aro/shifted_cholesky': ('aro', {'qr': 'shifted_cholesky'}),
     'fismo/every10': ('fismo', {'precondition_every': 10}),
 }

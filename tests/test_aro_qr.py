@@ -136,7 +136,7 @@ def test_float32_aro_with_cholesky_qr3_tracks_float64_as_householder(
       0.1 * dev['householder']), dev
 
 
-@pytest.mark.parametrize('qr', _rotate.QR_KINDS)
+@pytest.mark.parametrize('qr', [q for q in _rotate.QR_KINDS if q != 'auto'])
 @pytest.mark.parametrize('shape', [(64, 128), (128, 64), (96, 96)])
 def test_flop_model_matches_compiled_stage(shape, qr):
   """The stage's declared FLOPs less its QR (LAPACK calls, which XLA's cost
@@ -161,3 +161,37 @@ def test_flop_model_matches_compiled_stage(shape, qr):
   want = (st.flops(*shape) - _rotate.aro_flops(*shape, qr=qr)['qr']
           + fallback)
   assert abs(ca['flops'] / want - 1) <= 0.05, (ca['flops'], want)
+
+
+@pytest.mark.parametrize('backend, kind', [('cpu', 'householder'),
+                                           ('gpu', 'cholesky_qr3'),
+                                           ('tpu', 'cholesky_qr3')])
+def test_auto_qr_is_householder_on_cpu_only(backend, kind):
+  assert MS.resolve_qr('auto', backend) == kind
+  for given in _qr.QR_KINDS:
+    if given != 'auto':
+      assert MS.resolve_qr(given, backend) == given
+
+
+def test_default_aro_runs_householder_on_this_cpu():
+  """The default stage holds the resolved kind; the recipe's default update
+  is ``qr='householder'``'s bit for bit, and differs from Cholesky QR3's by
+  rounding only (the same ``Q`` up to column signs)."""
+  assert jax.default_backend() == 'cpu'
+  assert MS.AroRotate().qr == 'householder'
+  assert MS.AroRotate(qr='cholesky_qr3').qr == 'cholesky_qr3'
+  rng = np.random.default_rng(0)
+  params = {'w': jnp.zeros((48, 96))}
+  grads = [{'w': jnp.asarray(rng.standard_normal((48, 96)), jnp.float32)}
+           for _ in range(3)]
+  ups = {}
+  for qr in (None, 'householder', 'cholesky_qr3'):
+    tx = orthax.aro(LR) if qr is None else orthax.aro(LR, qr=qr)
+    state = tx.init(params)
+    for g in grads:
+      u, state = jax.jit(tx.update)(g, state, params)
+    ups[qr] = np.asarray(u['w'])
+  np.testing.assert_array_equal(ups[None], ups['householder'])
+  assert np.max(np.abs(ups[None] - ups['cholesky_qr3'])) > 0
+  np.testing.assert_allclose(ups[None], ups['cholesky_qr3'], rtol=1e-4,
+                             atol=1e-4 * np.max(np.abs(ups[None])))

@@ -54,14 +54,16 @@ def test_op_times_finds_the_product():
 
 def test_op_times_counts_a_loop_body_once():
   """On CPU a ``while`` runs its body's operations inside its own trace
-  event: only the innermost operations count, so the total is not above
-  the wall time."""
+  event: only the innermost operations count (no row for the loop, whose
+  time would count its body twice), and the body's product once per
+  iteration. (Not against a wall time measured apart: with the other
+  worker's compiles beside it, the two differed by 1.8× in a run.)"""
   x = jnp.ones((256, 256))
   f = jax.jit(lambda x: jax.lax.fori_loop(0, 4, lambda _, y: y @ x / 256, x))
   rows = B.op_times(lambda: f(x), repeats=2)
-  wall = B.median_time(lambda: f(x), repeats=3)
   assert not any(r.op.startswith('while') for r in rows), rows
-  assert sum(r.seconds for r in rows) <= 1.5 * wall, (rows, wall)
+  product = max(rows, key=lambda r: r.seconds)
+  assert product.launches == 4, rows
 
 
 def test_profile_script_prints_kinds_and_operations():

@@ -53,6 +53,7 @@ from orthax.matrix_stages._neuron import NeuronNormalize
 from orthax.matrix_stages._neuron import neuron_axis
 from orthax.matrix_stages._noise import NOISE_MODES
 from orthax.matrix_stages._noise import NoiseAdaptStep
+from orthax.matrix_stages._qr import resolve_qr
 from orthax.matrix_stages._rotate import AroRotate
 from orthax.matrix_stages._scale import SCALE_MODES
 from orthax.matrix_stages._scale import ScaleByShape
@@ -70,5 +71,5 @@ __all__ = [
     'ScalingStage',
     'StageShapes', 'apply_stages', 'check_norms', 'neuron_axis',
     'shape_factor', 'split_sums', 'stage', 'stage_norms', 'static',
-    'root_norm', 'sum_squares', 'wide',
+    'resolve_qr', 'root_norm', 'sum_squares', 'wide',
 ]

@@ -17,7 +17,22 @@ import jax.numpy as jnp
 
 from orthax.polar import lapack
 
-QR_KINDS = ('cholesky_qr3', 'householder', 'shifted_cholesky')
+QR_KINDS = ('auto', 'cholesky_qr3', 'householder', 'shifted_cholesky')
+
+
+def resolve_qr(qr: str, backend: str | None = None) -> str:
+  """The QR kind ``qr`` names on ``backend`` (default: JAX's default
+  backend): ``'auto'`` is ``'householder'`` on CPU, where LAPACK's blocked
+  Householder QR is the faster (ARO's step on one GPT-2-small layer: 0.97×
+  Muon's against 1.08× with Cholesky QR3), and ``'cholesky_qr3'`` elsewhere
+  (an H200 factors a stack's Householder QRs one small matrix at a time:
+  260× Muon's step against 4.5×). Both give Householder's ``Q`` up to column
+  signs, which ARO's update does not see. Other kinds are returned as
+  given."""
+  if qr != 'auto':
+    return qr
+  backend = jax.default_backend() if backend is None else backend
+  return 'householder' if backend == 'cpu' else 'cholesky_qr3'
 
 
 def householder_q(c: jax.Array) -> jax.Array:
@@ -207,4 +222,4 @@ Q_OF = {'householder': householder_q, 'cholesky_qr3': cholesky_qr3_q,
 
 
 __all__ = ['QR_KINDS', 'Q_OF', 'cholesky_qr3_q', 'householder_q', 'product_q',
-           'shifted_cholesky_q']
+           'resolve_qr', 'shifted_cholesky_q']

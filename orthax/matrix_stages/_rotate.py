@@ -27,6 +27,7 @@ from orthax.matrix_stages._qr import Q_OF
 from orthax.matrix_stages._qr import cholesky_qr3_q
 from orthax.matrix_stages._qr import householder_q
 from orthax.matrix_stages._qr import product_q
+from orthax.matrix_stages._qr import resolve_qr
 from orthax.matrix_stages._qr import shifted_cholesky_q
 from orthax.polar.newton_schulz import huge_scale
 
@@ -83,7 +84,7 @@ def base_map(x: jax.Array, base: str, iters: int = 5,
 
 
 def aro_flops(fan_in: int, fan_out: int, rotate: str = 'smaller',
-              base: str = 'sinkhorn', qr: str = 'cholesky_qr3',
+              base: str = 'sinkhorn', qr: str = 'auto',
               stable: bool = True) -> dict[str, int]:
   """FLOPs of one ARO step on one matrix (after ALGORITHMS.md §13.1.3), by
   part: ``products`` (``RᵀA``, ``A Fᵀ``, ``QᵀA``, ``Q F``: ``8s²t``; when
@@ -94,7 +95,10 @@ def aro_flops(fan_in: int, fan_out: int, rotate: str = 'smaller',
   Householder ``8/3 s³``, plus ``s³/3 + s²t`` for the Cholesky and
   triangular solve when ``stable``; Cholesky QR3 ``4s³``, three Cholesky
   factorizations and triangular solves; shifted Cholesky ``4/3 s³``) and
-  ``base`` (two evaluations of ``f``, as XLA counts them)."""
+  ``base`` (two evaluations of ``f``, as XLA counts them). ``qr='auto'``
+  is the kind :func:`~orthax.matrix_stages.resolve_qr` picks for JAX's
+  default backend."""
+  qr = resolve_qr(qr)
   s, t = ((fan_out, fan_in) if rotated_side(fan_in, fan_out, rotate)
           == 'fan_out' else (fan_in, fan_out))
   base_flops = 2 * _MAP_FLOPS[base] * s * t
@@ -151,18 +155,21 @@ class AroRotate(MatrixStage):
   ``stable=False`` keeps the reference's floating-point arithmetic,
   roundoff and all.
 
-  ``qr`` is how ``Q`` is computed: ``'cholesky_qr3'`` (default;
-  :func:`cholesky_qr3_q`: matrix products and Cholesky factorizations,
+  ``qr`` is how ``Q`` is computed: ``'cholesky_qr3'``
+  (:func:`cholesky_qr3_q`: matrix products and Cholesky factorizations,
   Householder's ``Q`` up to column signs, as accurate in float32, with a
   certified fallback to Householder), ``'householder'`` (LAPACK/cuSOLVER:
-  on a GPU about 100× slower here, one small factorization at a time) or
+  on a GPU about 100× slower here, one small factorization at a time),
+  ``'auto'`` (default: Householder on CPU, Cholesky QR3 elsewhere, as
+  :func:`~orthax.matrix_stages.resolve_qr` decides for JAX's default
+  backend when the stage is built; the field then holds the kind) or
   ``'shifted_cholesky'`` (dion's one-pass ``CᵀC + 10⁻⁷‖C‖²I`` form, whose
   ``Q`` is far from orthogonal once ``κ(C)`` passes about 10³).
   """
 
   name = 'aro_rotate'
   base: str = static('sinkhorn')
-  qr: str = static('cholesky_qr3')
+  qr: str = static('auto')
   rotate: str = static('smaller')
   iters: int = static(5)
   eps: float = static(1e-8)
@@ -175,6 +182,7 @@ class AroRotate(MatrixStage):
       if value not in ok:
         raise ValueError(f'AroRotate {what} must be one of {ok}, got '
                          f'{value!r}.')
+    object.__setattr__(self, 'qr', resolve_qr(self.qr))  # a frozen field
 
   def side(self, fan_in: int, fan_out: int) -> str:
     return rotated_side(fan_in, fan_out, self.rotate)

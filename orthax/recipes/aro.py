@@ -17,7 +17,7 @@ from orthax.transforms import aro as aro_lib
 # What each reference fixes; explicit arguments override it (rotate=None
 # and scale=None take it from here).
 _ARO_REFERENCES = {
-    'orthax': dict(rotate='smaller', scale='muon', qr='cholesky_qr3',
+    'orthax': dict(rotate='smaller', scale='muon', qr='auto',
                    adam_shares_wd=False),
     'dion': dict(rotate='fan_out', scale='rms_norm', qr='householder',
                  adam_shares_wd=True),
@@ -99,9 +99,10 @@ def aro(
   ``'orthax'`` mode rotates the **smaller** side, where the question does
   not arise; it also costs fewer FLOPs (``O(s²t)`` with ``s ≤ t``) and
   keeps a smaller ``R``; it sizes the step as Muon does (``'muon'``); and
-  it computes ``Q`` by Cholesky QR3 (``qr='cholesky_qr3'``: matrix
-  products, Householder's ``Q`` up to column signs), which on a GPU is
-  over 100× faster than cuSOLVER's Householder QR of a stack.
+  it picks the QR by platform (``qr='auto'``): off CPU Cholesky QR3
+  (matrix products, Householder's ``Q`` up to column signs), which on a
+  GPU is over 100× faster than cuSOLVER's Householder QR of a stack; on
+  CPU LAPACK's Householder QR, the faster there.
 
   Args:
     learning_rate: η (number or schedule).
@@ -110,9 +111,11 @@ def aro(
     base: ``'sinkhorn'``, ``'row_norm'`` or ``'sign'``.
     qr: ``'cholesky_qr3'`` (matrix products; Householder's ``Q`` up to
       column signs, which ARO's update does not see),
-      ``'householder'`` or ``'shifted_cholesky'`` (dion's unused
-      ``CᵀC + 10⁻⁷‖C‖²I`` form, Householder where the Cholesky fails)
-      (default: the reference's; ``'cholesky_qr3'`` for ``'orthax'``).
+      ``'householder'``, ``'auto'`` (Householder on CPU, Cholesky QR3
+      elsewhere: :func:`orthax.matrix_stages.resolve_qr`) or
+      ``'shifted_cholesky'`` (dion's unused ``CᵀC + 10⁻⁷‖C‖²I`` form,
+      Householder where the Cholesky fails) (default: the reference's;
+      ``'auto'`` for ``'orthax'``).
     rotate: ``'smaller'``, ``'fan_out'`` or ``'fan_in'`` (default: the
       reference's).
     scale: ``'muon'``, ``'rms_norm'``, ``'update_rms'``,

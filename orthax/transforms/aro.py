@@ -39,7 +39,7 @@ def scale_stages(scale: str, scale_rms: Any) -> list[ms.MatrixStage]:
 def aro_rotate(
     *,
     base: str = 'sinkhorn',
-    qr: str = 'cholesky_qr3',
+    qr: str = 'auto',
     rotate: str = 'smaller',
     scale: str = 'none',
     scale_rms: Any = 0.2,
@@ -63,9 +63,11 @@ def aro_rotate(
 
   Args:
     base: ``'sinkhorn'``, ``'row_norm'`` or ``'sign'``.
-    qr: how ``Q`` is computed: ``'cholesky_qr3'`` (matrix products and
-      three Cholesky factorizations, Householder's ``Q`` up to column signs
-      where certified, Householder otherwise), ``'householder'`` or
+    qr: how ``Q`` is computed: ``'auto'`` (Householder on CPU, Cholesky
+      QR3 elsewhere: :func:`~orthax.matrix_stages.resolve_qr`),
+      ``'cholesky_qr3'`` (matrix products and three Cholesky
+      factorizations, Householder's ``Q`` up to column signs where
+      certified, Householder otherwise), ``'householder'`` or
       ``'shifted_cholesky'`` (``CᵀC + 10⁻⁷‖C‖²I``, Householder where the
       Cholesky fails); see :class:`~orthax.matrix_stages.AroRotate`.
     rotate: the rotated side: ``'smaller'``, ``'fan_out'`` (PyTorch rows,
@@ -109,7 +111,7 @@ def scale_by_aro(
     beta: Any = 0.95,
     *,
     base: str = 'sinkhorn',
-    qr: str = 'cholesky_qr3',
+    qr: str = 'auto',
     rotate: str = 'smaller',
     scale: str = 'none',
     scale_rms: Any = 0.2,
