@@ -83,7 +83,6 @@ import numpy as np
 from orthax.polar import presets as _presets
 from orthax.polar.newton_schulz import _gram
 from orthax.polar.newton_schulz import _mm
-from orthax.polar.newton_schulz import _mT
 from orthax.polar.newton_schulz import prepare
 from orthax.polar.step_loop import run_steps
 
@@ -91,7 +90,7 @@ DEFAULT_RESTART_EVERY = 2
 
 
 def _sym(a: jax.Array) -> jax.Array:
-  return 0.5 * (a + _mT(a))
+  return 0.5 * (a + jnp.matrix_transpose(a))
 
 
 def _check_restart(restart_every) -> int | None:

@@ -55,10 +55,6 @@ def _reduced(a: jax.Array, col_reduce: ColReduce) -> jax.Array:
   return a if col_reduce is None else col_reduce(a)
 
 
-def _mT(x: jax.Array) -> jax.Array:
-  return jnp.swapaxes(x, -1, -2)
-
-
 def _coeff_table(coeffs: Any) -> np.ndarray:
   table = np.asarray(coeffs, dtype=np.float64)
   if table.ndim == 1:
@@ -95,7 +91,7 @@ def _quintic_from_gram(x, gram, row):
 
 
 def _gram(x, col_reduce: ColReduce = None):
-  return _reduced(_mm(x, _mT(x)), col_reduce).astype(x.dtype)
+  return _reduced(_mm(x, jnp.matrix_transpose(x)), col_reduce).astype(x.dtype)
 
 
 def _quintic(x, row, col_reduce: ColReduce = None):
@@ -239,7 +235,7 @@ class Prepared(NamedTuple):
   out_dtype: Any
 
   def finish(self, x: jax.Array) -> jax.Array:
-    return (_mT(x) if self.tall else x).astype(self.out_dtype)
+    return (jnp.matrix_transpose(x) if self.tall else x).astype(self.out_dtype)
 
 
 def prepare(x, preset, *, steps, coeffs, normalizer, norm_scale, eps, dtype,
@@ -264,7 +260,7 @@ def prepare(x, preset, *, steps, coeffs, normalizer, norm_scale, eps, dtype,
   dtype = jnp.dtype(x.dtype if dtype is None else dtype)
   tall = col_reduce is None and x.shape[-2] > x.shape[-1]
   if tall:
-    x = _mT(x)
+    x = jnp.matrix_transpose(x)
   acc = jnp.promote_types(dtype, jnp.float32)
   rows = jnp.asarray(table, acc)
   gram = None
@@ -283,10 +279,10 @@ def prepare(x, preset, *, steps, coeffs, normalizer, norm_scale, eps, dtype,
     # The raw Gram matrix is formed and scaled in float32 or wider: in
     # float16 the unnormalized XXᵀ could overflow.
     x = x.astype(dtype)
-    g = _reduced(_mm(x, _mT(x)), col_reduce)
+    g = _reduced(_mm(x, jnp.matrix_transpose(x)), col_reduce)
     if normalizer == 'aol':
       s = _rsqrt_clamped(jnp.sum(jnp.abs(g), axis=-1, keepdims=True), eps)
-      g = g * s * _mT(s)
+      g = g * s * jnp.matrix_transpose(s)
     else:  # schatten4
       s = _rsqrt_clamped(
           jnp.sqrt(jnp.sum(jnp.square(g), axis=(-2, -1), keepdims=True)), eps)

@@ -75,10 +75,6 @@ REFERENCE_STEPS = 10
 _FLOOR_ULPS = 4.0
 
 
-def _mT(x):
-  return jnp.swapaxes(x, -1, -2)
-
-
 def lambda_max_bound(s: jax.Array, shared: bool = False) -> jax.Array:
   """``min(max row ℓ1 norm, ‖S‖_F) ≥ λ_max(S)`` for symmetric ``S``,
   shape ``[..., 1, 1]`` (the max over the batch when ``shared``)."""
@@ -136,10 +132,10 @@ def soft_clip_matrix(
   x = x.astype(acc)
   tall = x.shape[-2] > x.shape[-1]
   if tall:
-    x = _mT(x)
+    x = jnp.matrix_transpose(x)
   m = x.shape[-2]
   c2 = jnp.square(jnp.asarray(c, acc))
-  s = x @ _mT(x)
+  s = x @ jnp.matrix_transpose(x)
   alpha = 1 + lambda_max_bound(s, shared_bound) / c2
   eye = jnp.eye(m, dtype=acc)
   y = (eye + s / c2) / alpha
@@ -182,7 +178,7 @@ def soft_clip_matrix(
 
     _, _, z, _ = jax.lax.while_loop(cond, wbody, (0, y, z, ell))
   h = (z * jax.lax.rsqrt(alpha)) @ x
-  return (_mT(h) if tall else h).astype(out_dtype)
+  return (jnp.matrix_transpose(h) if tall else h).astype(out_dtype)
 
 
 def soft_clip_svd(x: jax.Array, c: float) -> jax.Array:
