@@ -19,6 +19,7 @@ every row's throughput as a fraction of it.
 from __future__ import annotations
 
 import argparse
+import os
 
 import jax
 import jax.numpy as jnp
@@ -110,7 +111,9 @@ def main():
 
   print(f'backend={jax.default_backend()} devices={jax.device_count()} '
         f'layers={args.layers} d_model={args.d_model} steps={args.steps} '
-        f'ns_dtype={jnp.dtype(ns_dtype).name} NS GFLOP/update={flops / 1e9:.1f}')
+        f'ns_dtype={jnp.dtype(ns_dtype).name} NS GFLOP/update={flops / 1e9:.1f}'
+        # LAPACK calls (ARO's QR, FISMO's eigh) run on OpenBLAS's threads
+        f" OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
   print(f'matmul peak ({jnp.dtype(ns_dtype).name}, {peak_n}³ products): '
         f'{peak / 1e9:.1f} GFLOP/s')
   hdr = (f'{"method":36s} {"time s":>8s} {"GFLOP/s":>8s} {"of peak":>7s} '
