@@ -174,12 +174,10 @@ def test_auto_qr_is_householder_on_cpu_only(backend, kind):
 
 
 def test_default_aro_runs_householder_on_this_cpu():
-  """The default stage holds the resolved kind; the recipe's default update
-  is ``qr='householder'``'s bit for bit, and differs from Cholesky QR3's by
-  rounding only (the same ``Q`` up to column signs)."""
-  assert jax.default_backend() == 'cpu'
-  assert MS.AroRotate().qr == 'householder'
-  assert MS.AroRotate(qr='cholesky_qr3').qr == 'cholesky_qr3'
+  """The recipe's default update on CPU is ``qr='householder'``'s bit for
+  bit, and differs from Cholesky QR3's by rounding only (the same ``Q`` up
+  to column signs)."""
+  assert jax.default_backend() == 'cpu' and MS.AroRotate().qr == 'auto'
   rng = np.random.default_rng(0)
   params = {'w': jnp.zeros((48, 96))}
   grads = [{'w': jnp.asarray(rng.standard_normal((48, 96)), jnp.float32)}
@@ -195,3 +193,29 @@ def test_default_aro_runs_householder_on_this_cpu():
   assert np.max(np.abs(ups[None] - ups['cholesky_qr3'])) > 0
   np.testing.assert_allclose(ups[None], ups['cholesky_qr3'], rtol=1e-4,
                              atol=1e-4 * np.max(np.abs(ups[None])))
+
+
+def test_auto_qr_follows_the_platform_it_is_lowered_for():
+  """``'auto'`` picks its QR when the step is lowered: a GPU or TPU program
+  has Cholesky QR3's four Cholesky factorizations per matrix (``W``'s and
+  three passes) and ``qr='cholesky_qr3'``'s program; a CPU one has
+  ``qr='householder'``'s, with one."""
+  shape = (32, 64)
+  o = jax.ShapeDtypeStruct((2,) + shape, jnp.float32)
+  r = jax.ShapeDtypeStruct((2, 32, 32), jnp.float32)
+
+  def lowered(qr, platform):
+    st = MS.AroRotate(qr=qr)
+    fn = lambda o, r: st.apply(o, r, MS.Blocks(*shape))
+    return jax.jit(fn).trace(o, r).lower(
+        lowering_platforms=(platform,)).as_text()
+
+  def choleskys(text):
+    return sum(text.count(k) for k in ('potrf', 'cholesky'))
+
+  for platform, kind in (('cpu', 'householder'), ('cuda', 'cholesky_qr3'),
+                         ('tpu', 'cholesky_qr3')):
+    auto, same, other = (lowered('auto', platform), lowered(kind, platform),
+                         lowered('householder' if kind == 'cholesky_qr3'
+                                 else 'cholesky_qr3', platform))
+    assert choleskys(auto) == choleskys(same) != choleskys(other), platform

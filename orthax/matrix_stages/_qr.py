@@ -28,7 +28,9 @@ def resolve_qr(qr: str, backend: str | None = None) -> str:
   (an H200 factors a stack's Householder QRs one small matrix at a time:
   260× Muon's step against 4.5×). Both give Householder's ``Q`` up to column
   signs, which ARO's update does not see. Other kinds are returned as
-  given."""
+  given. (:class:`~orthax.matrix_stages.AroRotate` makes the choice when
+  its step is lowered, for the platform it is lowered for; its FLOP model
+  asks this function for JAX's default backend.)"""
   if qr != 'auto':
     return qr
   backend = jax.default_backend() if backend is None else backend

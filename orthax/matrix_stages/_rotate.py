@@ -160,9 +160,9 @@ class AroRotate(MatrixStage):
   Householder's ``Q`` up to column signs, as accurate in float32, with a
   certified fallback to Householder), ``'householder'`` (LAPACK/cuSOLVER:
   on a GPU about 100× slower here, one small factorization at a time),
-  ``'auto'`` (default: Householder on CPU, Cholesky QR3 elsewhere, as
-  :func:`~orthax.matrix_stages.resolve_qr` decides for JAX's default
-  backend when the stage is built; the field then holds the kind) or
+  ``'auto'`` (default: Householder on CPU, Cholesky QR3 elsewhere, by the
+  platform the step is lowered for; the FLOP model takes JAX's default
+  backend's, :func:`~orthax.matrix_stages.resolve_qr`) or
   ``'shifted_cholesky'`` (dion's one-pass ``CᵀC + 10⁻⁷‖C‖²I`` form, whose
   ``Q`` is far from orthogonal once ``κ(C)`` passes about 10³).
   """
@@ -182,7 +182,6 @@ class AroRotate(MatrixStage):
       if value not in ok:
         raise ValueError(f'AroRotate {what} must be one of {ok}, got '
                          f'{value!r}.')
-    object.__setattr__(self, 'qr', resolve_qr(self.qr))  # a frozen field
 
   def side(self, fan_in: int, fan_out: int) -> str:
     return rotated_side(fan_in, fan_out, self.rotate)
@@ -210,18 +209,26 @@ class AroRotate(MatrixStage):
     f = lambda y: base_map(y, self.base, self.iters, self.eps)
     fm = f(jnp.matrix_transpose(r) @ a)
     s, t = a.shape[-2], a.shape[-1]
-    if self.stable and (self.qr != 'shifted_cholesky' or s > t):
-      q = product_q(a, fm, self.qr)
+    if self.qr == 'auto':  # the kind by the platform it is lowered for
+      q = jax.lax.platform_dependent(
+          a, fm, cpu=lambda a, fm: self._q(a, fm, resolve_qr('auto', 'cpu')),
+          default=lambda a, fm: self._q(a, fm, resolve_qr('auto', 'gpu')))
     else:
-      # Cholesky QR3 of a rank-deficient C (s > t) would always fall back.
-      kind = ('householder' if self.qr == 'cholesky_qr3' and s > t
-              else self.qr)
-      q = Q_OF[kind](a @ jnp.matrix_transpose(fm))
+      q = self._q(a, fm, self.qr)
     x = jnp.matrix_transpose(q) @ a
     if self.stable and s > t:
       x = x.at[..., t:, :].set(0)  # zero in exact arithmetic
     u = q @ f(x)
     return (jnp.matrix_transpose(u) if flip else u).astype(o.dtype), q
+
+  def _q(self, a, fm, qr):
+    """``Q`` of ``C = A Fᵀ`` by QR kind ``qr`` (not ``'auto'``)."""
+    s, t = a.shape[-2], a.shape[-1]
+    if self.stable and (qr != 'shifted_cholesky' or s > t):
+      return product_q(a, fm, qr)
+    # Cholesky QR3 of a rank-deficient C (s > t) would always fall back.
+    kind = 'householder' if qr == 'cholesky_qr3' and s > t else qr
+    return Q_OF[kind](a @ jnp.matrix_transpose(fm))
 
 
 def aro_state_bytes(fan_in: int, fan_out: int, rotate: str = 'smaller',
@@ -233,6 +240,6 @@ def aro_state_bytes(fan_in: int, fan_out: int, rotate: str = 'smaller',
 
 __all__ = ['AroRotate', 'BASES', 'QR_KINDS', 'ROTATE_SIDES', 'aro_flops',
            'aro_state_bytes', 'base_map', 'cholesky_qr3_q', 'householder_q',
-           'product_q',
+           'product_q', 'resolve_qr',
            'rotated_side',
            'shifted_cholesky_q']
