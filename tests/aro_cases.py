@@ -149,7 +149,8 @@ def flops_case():
   # where the default QR is Cholesky QR3 (qr='auto' off CPU), its three Gram
   # products with their checks, 6·s³ + 61·s²
   # (test_aro_qr.py::test_flop_model_matches_compiled_stage).
-  cqr3 = _rotate.resolve_qr(_rotate.AroRotate().qr) == 'cholesky_qr3'
+  cqr3 = (orthax.matrix_stages.resolve_qr(_rotate.AroRotate().qr)
+          == 'cholesky_qr3')
   return {'xla_flops': m['flops'], 'plan_flops': plan.flops_per_device,
           'plan_qr_flops': _qr_flops(plan),
           'fallback_flops': (6 * 256 ** 2 * 512 + 81 * 256 * 512

@@ -17,9 +17,9 @@ unless ``ORTHAX_TEST_DEFAULT_COMPILE=1`` is set:
   XLA's defaults, 49 at ``-O0`` and 25 with the fusion emitters off too; of
   six recipes (those and namo_d, trion), 54–62 CPU-s at ``-O0`` and 22–25
   with all three flags (one process per setting, 2026-12-04).
-  ``tests/test_compile_flags.py`` checks that the flags cost no accuracy
-  (against float64, Muon, ARO and FISMO against XLA's defaults). The flags stay
-  in ``XLA_FLAGS``, so the subprocesses tests start (fake-device case
+  ``tests/test_compile_flags.py`` checks that the flags cost no accuracy:
+  Muon's, ARO's and FISMO's updates are as close to float64 as with XLA's
+  defaults. The flags stay in ``XLA_FLAGS``, so the subprocesses tests start (fake-device case
   scripts, notebook kernels, the command-line tools) inherit them. A test
   that builds a subprocess's environment from scratch takes the flags from
   ``ORTHAX_TEST_XLA_FLAGS``.

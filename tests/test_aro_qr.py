@@ -136,7 +136,8 @@ def test_float32_aro_with_cholesky_qr3_tracks_float64_as_householder(
       0.1 * dev['householder']), dev
 
 
-@pytest.mark.parametrize('qr', [q for q in _rotate.QR_KINDS if q != 'auto'])
+@pytest.mark.parametrize('qr', [q for q in _rotate.QR_KINDS
+                                if q != 'auto'])
 @pytest.mark.parametrize('shape', [(64, 128), (128, 64), (96, 96)])
 def test_flop_model_matches_compiled_stage(shape, qr):
   """The stage's declared FLOPs less its QR (LAPACK calls, which XLA's cost

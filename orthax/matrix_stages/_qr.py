@@ -101,9 +101,8 @@ def _where_else(ok, value, fallback, *args):
   which is computed for the failing matrices only, one at a time (on a GPU
   a stack's QR runs cuSOLVER's unblocked batched kernel: 0.68 s for one
   group of GPT-2 small's 768×768 matrices on an H200, where ARO's whole
-  step takes 45 ms). ``value``
-  may be a pytree of ``[..., ·, ·]`` arrays; ``fallback`` returns the same
-  structure for one matrix."""
+  step takes 45 ms). ``value`` may be a pytree of ``[..., ·, ·]`` arrays;
+  ``fallback`` returns the same structure for one matrix."""
   if ok.ndim == 2:  # one matrix
     return jax.lax.cond(ok[0, 0], lambda: value, lambda: fallback(*args))
   lead = ok.shape[:-2]

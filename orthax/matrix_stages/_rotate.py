@@ -24,11 +24,8 @@ from orthax.matrix_stages._base import stage
 from orthax.matrix_stages._base import static
 from orthax.matrix_stages._qr import QR_KINDS
 from orthax.matrix_stages._qr import Q_OF
-from orthax.matrix_stages._qr import cholesky_qr3_q
-from orthax.matrix_stages._qr import householder_q
 from orthax.matrix_stages._qr import product_q
 from orthax.matrix_stages._qr import resolve_qr
-from orthax.matrix_stages._qr import shifted_cholesky_q
 from orthax.polar.newton_schulz import huge_scale
 
 BASES = ('sinkhorn', 'row_norm', 'sign')
@@ -140,7 +137,7 @@ class AroRotate(MatrixStage):
   ``stable`` (default) computes what the reference's arithmetic gives
   exactly, in a numerically stable way: the Householder ``Q`` of the product
   ``C = A Fᵀ`` as that of ``A W``, ``W`` an orthonormal basis of ``Fᵀ``'s
-  leading columns (:func:`product_q`; equal up to column
+  leading columns (:func:`~orthax.matrix_stages._qr.product_q`; equal up to column
   signs, which ``f`` commutes with, so ``O`` is unchanged), whose condition
   is ``A``'s alone (the explicit product's float32 error reaches 1e-3 on
   square matrices); and, where the rotated side is the larger (``s > t``),
@@ -156,7 +153,7 @@ class AroRotate(MatrixStage):
   roundoff and all.
 
   ``qr`` is how ``Q`` is computed: ``'cholesky_qr3'``
-  (:func:`cholesky_qr3_q`: matrix products and Cholesky factorizations,
+  (:func:`~orthax.matrix_stages._qr.cholesky_qr3_q`: matrix products and Cholesky factorizations,
   Householder's ``Q`` up to column signs, as accurate in float32, with a
   certified fallback to Householder), ``'householder'`` (LAPACK/cuSOLVER:
   on a GPU about 100× slower here, one small factorization at a time),
@@ -239,7 +236,4 @@ def aro_state_bytes(fan_in: int, fan_out: int, rotate: str = 'smaller',
 
 
 __all__ = ['AroRotate', 'BASES', 'QR_KINDS', 'ROTATE_SIDES', 'aro_flops',
-           'aro_state_bytes', 'base_map', 'cholesky_qr3_q', 'householder_q',
-           'product_q', 'resolve_qr',
-           'rotated_side',
-           'shifted_cholesky_q']
+           'aro_state_bytes', 'base_map', 'rotated_side']
