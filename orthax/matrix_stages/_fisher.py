@@ -85,24 +85,32 @@ class FismoStep(MatrixStage):
   gradient; runs instead of Newton–Schulz (it orthogonalizes itself).
 
   State per matrix (slots, float32 or wider): ``{'p': fan_out×fan_out,
-  'q': fan_in×fan_in, 'm': fan_in×fan_out, 'q_inv': fan_in×fan_in}``,
-  starting at ``P = I``, ``Q = I``, ``M = 0``, ``Q⁻¹ = I``. ``q_inv`` is
-  the last step's ``Q⁻¹``, from the same ``eigh`` as its ``Q^{-1/2}``: two
-  ``eigh`` per step instead of three, the same numbers.
+  'q': fan_in×fan_in, 'm': fan_in×fan_out, 'q_isqrt': fan_in×fan_in}``,
+  starting at ``P = I``, ``Q = I``, ``M = 0``, ``Q^{-1/2} = I``.
+  ``q_isqrt`` is the last step's ``Q^{-1/2}``: two ``eigh`` per step
+  instead of three, the same numbers.
+
+  Only inverse square roots are formed: with ``Z = Q_old^{-1/2}·Gᵀ`` and
+  ``Y = P^{-1/2}·G``, ``G·Q_old⁻¹·Gᵀ = ZᵀZ``, ``Gᵀ·P⁻¹·G = YᵀY`` and the
+  whitened gradient is ``Y·Q^{-1/2}``: the module docstring's products in
+  exact arithmetic (the eigenvalue floor included, since
+  ``max(λ, f)^{-1/2}`` squared is ``max(λ, f)⁻¹``), with one ``k×k``
+  product per factor and one whitening product fewer, and ``L``, ``R``
+  symmetric positive semidefinite by construction.
 
   ``precondition_every = k > 1`` (Shampoo's amortisation, not in the
   paper): ``P`` and ``Q`` are still updated every step, but their inverse
   roots only on steps ``1, 1+k, 1+2k, …`` (``count``, the 1-based step, says
-  which); between refreshes the cached ``P⁻¹``, ``P^{-1/2}``, ``Q⁻¹``,
-  ``Q^{-1/2}`` are used, kept as ``'p_inv'``, ``'p_isqrt'``, ``'q_isqrt'``
-  besides ``'q_inv'``. So ``L`` of a refresh step, too, is formed with the
-  ``Q⁻¹`` of the last refresh (``k`` steps old), not the last step's.
+  which); between refreshes the cached ``P^{-1/2}`` and ``Q^{-1/2}`` are
+  used, kept as ``'p_isqrt'`` and ``'q_isqrt'``. So ``L`` of a refresh
+  step, too, is formed with the ``Q^{-1/2}`` of the last refresh (``k``
+  steps old), not the last step's.
 
   Scale: ``L`` and ``R`` grow with ``‖G‖²`` and overflow float32 for a
   gradient near ``1e19``. They are formed from ``G·2⁻ᵉ``, the exact power of
   two of :func:`orthax.polar.newton_schulz.huge_scale` (``e = 0``, nothing
-  changes, unless ``max|G| > 2³²``); the whitening and the momentum use
-  ``G`` itself. For such a huge gradient the damping ``μ`` therefore acts as
+  changes, unless ``max|G| > 2³²``); the whitening divides the power of two
+  back out, so the momentum sees ``G`` itself. For such a huge gradient the damping ``μ`` therefore acts as
   ``μ·2²ᵉ`` relative to the true ``GQ⁻¹Gᵀ``: FISMO is not invariant to the
   gradient's scale (its damping is absolute), and at that scale it takes the
   step of a gradient of entries ``≤ 1``, finite, not the unscaled one's.
@@ -129,9 +137,9 @@ class FismoStep(MatrixStage):
 
   def _square_names(self) -> dict[str, str]:
     """The square state entries, each with its side (``'out'``/``'in'``)."""
-    names = {'p': 'out', 'q': 'in', 'q_inv': 'in'}
+    names = {'p': 'out', 'q': 'in', 'q_isqrt': 'in'}
     if self.precondition_every > 1:
-      names.update(p_inv='out', p_isqrt='out', q_isqrt='in')
+      names.update(p_isqrt='out')
     return names
 
   def shapes(self, fan_in, fan_out):
@@ -151,11 +159,12 @@ class FismoStep(MatrixStage):
     return _presets.get_preset(self.preset).steps
 
   def flops(self, fan_in, fan_out):
-    """``8(m²n + mn²)`` for ``GQ⁻¹Gᵀ``, ``GᵀP⁻¹G``, whitening and
-    unwhitening; two ``eigh`` (new ``P``, new ``Q``: ``9k³`` each, an
-    estimate: XLA's cost analysis does not count them) and four ``k×k``
-    products forming their powers (``2k³`` each), that part averaged over
-    the ``precondition_every`` steps it serves; Newton–Schulz as
+    """``8(m²n + mn²) − 2nm²`` (``m`` = fan-out) for ``GQ⁻¹Gᵀ``,
+    ``GᵀP⁻¹G``, whitening (which reuses ``P^{-1/2}G``) and unwhitening; two
+    ``eigh`` (new ``P``, new ``Q``: ``9k³`` each, an estimate: XLA's cost
+    analysis does not count them) and the two ``k×k`` products forming
+    their inverse roots (``2k³`` each), that part averaged over the
+    ``precondition_every`` steps it serves; Newton–Schulz as
     :func:`orthax.polar.orthogonalize_stack` would run it in float32."""
     n, m = fan_in, fan_out
     e = EIGH_FLOPS_PER_CUBE
@@ -163,20 +172,19 @@ class FismoStep(MatrixStage):
     meth = _dispatch.choose_method(n, m, steps, jnp.float32, self.ns_method)
     ns = (_gram.gram_flops(n, m, steps) if meth == 'gram'
           else _gram.standard_flops(n, m, steps))
-    roots = (e + 4) * (m ** 3 + n ** 3) // self.precondition_every
-    return 8 * (m * m * n + m * n * n) + roots + ns
+    roots = (e + 2) * (m ** 3 + n ** 3) // self.precondition_every
+    return 8 * (m * m * n + m * n * n) - 2 * n * m * m + roots + ns
 
-  def _inverse_roots(self, x, state, names):
-    """``(x⁻¹, x^{-1/2})``: fresh from one ``eigh``, or, between refreshes
-    of ``precondition_every``, the cached ``state[names]``."""
+  def _inverse_root(self, x, state, name):
+    """``x^{-1/2}``: fresh from one ``eigh``, or, between refreshes of
+    ``precondition_every``, the cached ``state[name]``."""
     def fresh(x):
-      return tuple(eig_powers(x, (-1.0, -0.5), self.eig_floor))
+      return eig_powers(x, (-0.5,), self.eig_floor)[0]
     if self.precondition_every == 1:
       return fresh(x)
     t = jnp.asarray(self.count)
     due = (t - 1) % self.precondition_every == 0
-    return jax.lax.cond(due, fresh,
-                        lambda _: tuple(state[k] for k in names), x)
+    return jax.lax.cond(due, fresh, lambda _: state[name], x)
 
   def apply(self, o, state, blocks):
     if blocks.split is not None:
@@ -185,20 +193,22 @@ class FismoStep(MatrixStage):
     dt = state['m'].dtype
     n, m = blocks.fan_in, blocks.fan_out
     k = o.astype(dt)
-    ks = k * huge_scale(k).astype(dt)  # = k below 2³²
-    left = jnp.einsum('bia,bij,bjc->bac', ks, state['q_inv'], ks) / n
+    unit = huge_scale(k).astype(dt)  # 2⁻ᵉ: 1 below 2³²
+    ks = k * unit
+    z = jnp.einsum('bij,bja->bia', state['q_isqrt'], ks)   # Q_old^{-1/2} Gᵀ
+    left = jnp.einsum('bia,bic->bac', z, z) / n
     p = damped_ema(state['p'], left, self.gamma, self.damping)
-    p_inv, p_isqrt = self._inverse_roots(p, state, ('p_inv', 'p_isqrt'))
-    right = jnp.einsum('bia,bac,bjc->bij', ks, p_inv, ks) / m
+    p_isqrt = self._inverse_root(p, state, 'p_isqrt')
+    y = jnp.einsum('bia,bac->bic', ks, p_isqrt)             # (P^{-1/2} G)ᵀ
+    right = jnp.einsum('bia,bja->bij', y, y) / m
     q = damped_ema(state['q'], right, self.gamma, self.damping)
-    q_inv, q_isqrt = self._inverse_roots(q, state, ('q_inv', 'q_isqrt'))
-    white = jnp.einsum('bij,bja,bac->bic', q_isqrt, k, p_isqrt)
+    q_isqrt = self._inverse_root(q, state, 'q_isqrt')
+    white = jnp.einsum('bij,bja->bia', q_isqrt, y) / unit
     mom = self.beta * state['m'] + (1 - self.beta) * white
     pol = _dispatch.orthogonalize_stack(
         mom, self.preset, steps=self.ns_steps, eps=self.ns_eps,
         method=self.ns_method)
     out = jnp.einsum('bij,bja,bac->bic', q_isqrt, pol, p_isqrt)
     out = out * shape_factor(n, m, self.scale, self.scale_rms)
-    new = {'p': p, 'q': q, 'm': mom, 'q_inv': q_inv, 'p_inv': p_inv,
-           'p_isqrt': p_isqrt, 'q_isqrt': q_isqrt}
+    new = {'p': p, 'q': q, 'm': mom, 'p_isqrt': p_isqrt, 'q_isqrt': q_isqrt}
     return out.astype(o.dtype), {k: new[k] for k in state}

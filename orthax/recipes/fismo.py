@@ -70,12 +70,13 @@ def fismo(
   * Newton–Schulz for the polar factor: the ``'jordan'`` preset (5 steps,
     Keller Jordan's quintic, Frobenius normalizer), method ``'auto'``, in
     float32;
-  * inverses and inverse square roots by ``jnp.linalg.eigh`` in float32
-    (or wider), eigenvalues clamped at ``eig_floor = 1e-6`` (the factors'
-    mean eigenvalue is 1); two ``eigh`` per step (new ``P``, new ``Q``;
-    the old ``Q⁻¹`` is kept from the step before), refreshed every step
+  * inverse square roots by ``jnp.linalg.eigh`` in float32 (or wider),
+    eigenvalues clamped at ``eig_floor = 1e-6`` (the factors' mean
+    eigenvalue is 1); two ``eigh`` per step (new ``P``, new ``Q``; the old
+    ``Q^{-1/2}`` is kept from the step before; the inverses enter only as
+    ``ZᵀZ`` of a whitened gradient), refreshed every step
     (``precondition_every=1``; ``k > 1`` reuses them for ``k`` steps, as
-    Shampoo does, at the cost of three more square matrices each);
+    Shampoo does, at the cost of one more square matrix, ``P^{-1/2}``);
   * ``P`` and ``Q`` updated every step;
   * decoupled weight decay ``λ = 0`` with the unscaled learning rate, as in
     Muon;
@@ -92,12 +93,13 @@ def fismo(
   the step is that of a gradient of entries ``≤ 1``
   (:class:`orthax.matrix_stages.FismoStep`).
 
-  Cost per ``m×n`` matrix and step: ``8(m²n + mn²)`` for the Kronecker
-  statistics and the (un)whitening, two ``eigh`` and Newton–Schulz (about
+  Cost per ``m×n`` matrix and step: ``8(m²n + mn²) − 2m²n`` for the
+  Kronecker statistics and the (un)whitening, two ``eigh``, two ``k×k``
+  products forming the roots and Newton–Schulz (about
   2× Muon's FLOPs for a square matrix, but ``eigh`` is slow per FLOP: see
   the timings against Muon in docs/performance.md). State: ``M``
-  (``mn``), ``P`` (``m²``), ``Q`` and the last ``Q⁻¹`` (``n²`` each) in
-  float32 (three more square matrices with ``precondition_every > 1``),
+  (``mn``), ``P`` (``m²``), ``Q`` and the last ``Q^{-1/2}`` (``n²`` each)
+  in float32 (and ``P^{-1/2}``, ``m²``, with ``precondition_every > 1``),
   kept per matrix on the device that steps it.
 
   Args:
