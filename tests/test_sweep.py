@@ -61,6 +61,11 @@ def test_runs_resume_and_summarize(tmp_path):
   md = sweep.table(rows)
   assert md.count('\n') == 3 and '| muon |' in md
   assert len(sweep.plot(rows, out)) == 2
+  grid = sweep.plot_grid(rows, str(tmp_path / 'grid.png'), columns=1)
+  from matplotlib import image  # pylint: disable=g-import-not-at-top
+  # Two panels stacked (adamw, muon): taller than wide.
+  height, width = image.imread(grid).shape[:2]
+  assert height > 1.5 * width
 
 
 def test_a_changed_default_keeps_the_runs_made(tmp_path, monkeypatch):
@@ -189,6 +194,7 @@ def test_script_summarizes_what_is_there(tmp_path):
           "19 (0.62×) | 0 |" in proc.stdout), proc.stdout
   assert (tmp_path / 'summary.md').exists()
   assert (tmp_path / 'lr_muon.png').exists()
+  assert (tmp_path / 'lr_all.png').exists()
   # Without --scales: every recorded rate (here one at 0.37× muon's default,
   # the best; and a seed that is not asked for).
   runs += [record('muon', 128, 0, 0.37, 1.7, [2.6, 1.9, 1.7], lr('muon')),

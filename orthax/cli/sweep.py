@@ -10,7 +10,8 @@ the embedded corpus (the ``lm_cpu`` config) at d_model 128 and 256, seeds 0
 and 1. Runs are appended to ``<out>/runs.jsonl`` as they finish; rerunning
 the same command continues the sweep. Writes ``<out>/summary.md`` (best
 learning rate per width, loss at the default and at the best, steps to
-AdamW's best loss) and ``<out>/lr_<optimizer>.png``.
+AdamW's best loss), ``<out>/lr_<optimizer>.png`` and ``<out>/lr_all.png``
+(every optimizer, a panel each).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def main(f: types.SimpleNamespace) -> None:
     json.dump(rows, fh, indent=1)
   for path in sweep.plot(rows, out):
     print(f'wrote {path}')
+  print(f"wrote {sweep.plot_grid(rows, os.path.join(out, 'lr_all.png'))}")
 
 
 def run(argv: Sequence[str] | None = None) -> None:

@@ -305,6 +305,28 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
+def _draw(ax: Any, rows: Sequence[dict[str, Any]], name: str) -> None:
+  """One optimizer's final validation loss against learning rate on ``ax``,
+  one line per width of ``rows``, the default marked."""
+  for r in rows:
+    ks = list(r['loss_by_scale'])
+    lrs = [r['default_lr'] * k for k in ks]
+    line, = ax.plot(lrs, [r['loss_by_scale'][k] for k in ks], marker='o',
+                    label=f"d_model {r['width']}")
+    if 1.0 in r['loss_by_scale']:
+      ax.plot([r['default_lr']], [r['loss_by_scale'][1.0]], marker='*',
+              ms=12, color=line.get_color())
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  ax.set_xscale('log')
+  # Ticks at 1, 2 and 5 of each decade, labelled plainly (a narrow range
+  # still gets a label; minor ticks none, which would overlap).
+  ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1, 2, 5)))
+  ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f'{x:g}'))
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+  ax.set_title(name)
+  ax.grid(alpha=0.3)
+
+
 def plot(rows: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
   """``<out_dir>/lr_<optimizer>.png`` per optimizer: final validation loss
   against learning rate, one line per width, the default marked."""
@@ -313,22 +335,33 @@ def plot(rows: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
   for name in dict.fromkeys(r['optimizer'] for r in rows):
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
-    for r in (r for r in rows if r['optimizer'] == name):
-      ks = list(r['loss_by_scale'])
-      lrs = [r['default_lr'] * k for k in ks]
-      line, = ax.plot(lrs, [r['loss_by_scale'][k] for k in ks], marker='o',
-                      label=f"d_model {r['width']}")
-      if 1.0 in r['loss_by_scale']:
-        ax.plot([r['default_lr']], [r['loss_by_scale'][1.0]], marker='*',
-                ms=12, color=line.get_color())
-    ax.set_xscale('log')
+    _draw(ax, [r for r in rows if r['optimizer'] == name], name)
     ax.set_xlabel('peak learning rate (★ default)')
     ax.set_ylabel('final validation loss')
-    ax.set_title(name)
     ax.legend()
-    ax.grid(alpha=0.3)
     fig.tight_layout()
     path = os.path.join(out_dir, f'lr_{name}.png')
     fig.savefig(path, dpi=110)
     paths.append(path)
   return paths
+
+
+def plot_grid(rows: Sequence[dict[str, Any]], path: str,
+              columns: int = 4) -> str:
+  """Every optimizer of ``rows`` in one figure at ``path``, a panel each
+  (as :func:`plot` draws them), for the docs."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  names = list(dict.fromkeys(r['optimizer'] for r in rows))
+  lines = -(-len(names) // columns)
+  fig = Figure(figsize=(3.2 * columns, 2.6 * lines))
+  axes = fig.subplots(lines, columns, squeeze=False).ravel()
+  for ax, name in zip(axes, names):
+    _draw(ax, [r for r in rows if r['optimizer'] == name], name)
+  for ax in axes[len(names):]:
+    ax.set_visible(False)
+  axes[0].legend(fontsize='small')
+  fig.supxlabel('peak learning rate (★ default)')
+  fig.supylabel('final validation loss')
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  return path
