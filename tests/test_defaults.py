@@ -85,3 +85,17 @@ def test_best_rates_are_bracketed(rows):
     if row['best_scale'] in (scales[0], scales[-1]):
       edge.append(f'{name} d{width} ×{row["best_scale"]:g} of {scales}')
   assert not edge, f'best rate at the edge of the rates run: {edge}'
+
+
+@pytest.mark.parametrize('doc', ['README.md', 'docs/training.md'])
+def test_the_tables_in_the_docs_are_the_recorded_sweep(doc):
+  """The README's and the training page's sweep tables are what
+  ``orthax-sweep --summarize_only`` prints for the recorded runs, row for
+  row (rerun it and paste the table when runs are added)."""
+  names = ('adamw',) + NAMES
+  rows = sweep.summarize(sweep.load(str(RUNS)), defaults={
+      n: sweep.default_learning_rate(n) for n in names})
+  text = (RUNS.parents[2] / doc).read_text()
+  missing = [line for line in sweep.table(rows).splitlines()
+             if line not in text]
+  assert not missing, f'{doc} lacks these rows of the sweep table: {missing}'
