@@ -306,9 +306,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _draw(ax: Any, rows: Sequence[dict[str, Any]], name: str) -> None:
-  """One optimizer's final validation loss against learning rate on ``ax``,
-  one line per width of ``rows``, the default marked."""
-  for r in rows:
+  """Optimizer ``name``'s final validation loss against learning rate on
+  ``ax``, one line per width of its ``rows``, the default marked."""
+  for r in (r for r in rows if r['optimizer'] == name):
     ks = list(r['loss_by_scale'])
     lrs = [r['default_lr'] * k for k in ks]
     line, = ax.plot(lrs, [r['loss_by_scale'][k] for k in ks], marker='o',
@@ -335,7 +335,7 @@ def plot(rows: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
   for name in dict.fromkeys(r['optimizer'] for r in rows):
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
-    _draw(ax, [r for r in rows if r['optimizer'] == name], name)
+    _draw(ax, rows, name)
     ax.set_xlabel('peak learning rate (★ default)')
     ax.set_ylabel('final validation loss')
     ax.legend()
@@ -356,7 +356,7 @@ def plot_grid(rows: Sequence[dict[str, Any]], path: str,
   fig = Figure(figsize=(3.2 * columns, 2.6 * lines))
   axes = fig.subplots(lines, columns, squeeze=False).ravel()
   for ax, name in zip(axes, names):
-    _draw(ax, [r for r in rows if r['optimizer'] == name], name)
+    _draw(ax, rows, name)
   for ax in axes[len(names):]:
     ax.set_visible(False)
   axes[0].legend(fontsize='small')
