@@ -55,13 +55,12 @@ def symmetric_eigh(x: Any) -> tuple[Any, Any]:
   return lapack.per_matrix(jnp.linalg.eigh, x)
 
 
-def eig_powers(x: Any, powers: tuple[float, ...], floor: Any) -> list[Any]:
-  """``V·diag(max(λ, floor)^p)·Vᵀ`` of symmetric ``x[..., k, k]`` for each
-  ``p`` of ``powers``, from one ``eigh``."""
+def eig_power(x: Any, power: float, floor: Any) -> Any:
+  """``V·diag(max(λ, floor)^p)·Vᵀ`` of symmetric ``x[..., k, k]``, with
+  ``p = power``, from one ``eigh``."""
   w, v = symmetric_eigh(x)
   w = jnp.maximum(w, jnp.asarray(floor, w.dtype))
-  return [jnp.einsum('...ij,...j,...lj->...il', v, w ** p, v)
-          for p in powers]
+  return jnp.einsum('...ij,...j,...lj->...il', v, w ** power, v)
 
 
 def _trace(x):
@@ -179,7 +178,7 @@ class FismoStep(MatrixStage):
     """``x^{-1/2}``: fresh from one ``eigh``, or, between refreshes of
     ``precondition_every``, the cached ``state[name]``."""
     def fresh(x):
-      return eig_powers(x, (-0.5,), self.eig_floor)[0]
+      return eig_power(x, -0.5, self.eig_floor)
     if self.precondition_every == 1:
       return fresh(x)
     t = jnp.asarray(self.count)
