@@ -94,12 +94,20 @@ class Router:
     rules: the full rule list (default :data:`DEFAULT_RULES`).
     extra_rules: rules tried *before* ``rules`` (the usual way to adjust the
       defaults, e.g. ``Rule('attn/out/kernel', 'matrix', MatrixSpec.heads(...))``).
+    max_side: a leaf the rules make a matrix goes to ``'adam'`` instead when
+      a side of its matrix view is ``≥ max_side`` (DCT-AdamW's limit for
+      embeddings and heads; ``None``: no limit).
   """
 
   def __init__(self, rules: Sequence[Rule] | None = None, *,
-               extra_rules: Iterable[Rule] = ()):
+               extra_rules: Iterable[Rule] = (), max_side: int | None = None):
     self.rules = tuple(extra_rules) + tuple(
         DEFAULT_RULES if rules is None else rules)
+    if max_side is not None and (isinstance(max_side, bool) or not isinstance(
+        max_side, int) or max_side < 1):
+      raise ValueError(f'Router: max_side must be a positive int or None, '
+                       f'got {max_side!r}.')
+    self.max_side = max_side
 
   def route_one(self, path: str, shape: Sequence[int]) -> Route:
     """Route for one leaf; raises ``ValueError`` naming ``path`` if none."""
@@ -120,6 +128,9 @@ class Router:
             spec.resolve(shape)
           except ValueError as e:
             raise ValueError(f'parameter {path!r}: {e}') from None
+          if (self.max_side is not None
+              and max(spec.matrix_shape(shape)[1:]) >= self.max_side):
+            return Route('adam', None, f'max_side={self.max_side}')
         return Route(rule.label, spec if rule.label == 'matrix' else None,
                      rule.pattern)
     raise ValueError(
@@ -164,6 +175,8 @@ class Router:
       rule = self._rule_for(path, len(shape))
       if rule is not None and rule.label == 'matrix':
         r = self.route_one(path, shape)
+        if r.label != 'matrix':  # over max_side
+          continue
         _, fan_in, fan_out = r.spec.matrix_shape(shape)
         matrices.append((path, shape, fan_in, fan_out,
                          any(rule is d for d in DEFAULT_RULES)))

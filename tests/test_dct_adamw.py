@@ -38,14 +38,17 @@ class DctAdamRef:
   """§13.3.2 on one PyTorch weight ``(rows, cols)``, float64; ``remap``:
   ``rotate_subspace`` as meant (the product taken before assigning)."""
 
-  def __init__(self, rank, gap, b1, b2, eps, remap):
+  def __init__(self, rank, gap, b1, b2, eps, remap, inverse_side):
     self.rank, self.gap, self.b1, self.b2, self.eps = rank, gap, b1, b2, eps
     self.remap, self.m, self.v, self.idx = remap, None, None, None
+    self.inverse_side = inverse_side
 
   def step(self, w, g, t, lr, wd):
     rows, cols = g.shape
     right = rows >= cols
     d = dct_ref(cols if right else rows)
+    if self.inverse_side:  # the rate per unit of the smaller side
+      lr = lr / min(rows, cols)
     w = w * (1 - lr * wd)
     if t == 1 or t % self.gap == 0:
       s = g @ d if right else d.T @ g
@@ -77,18 +80,19 @@ class DctAdamRef:
 
 class TreeRef:
   """The recipe on a tree: kernels (Flax or PyTorch layout) by
-  :class:`DctAdamRef` per matrix, vectors by AdamW."""
+  :class:`DctAdamRef` per matrix, vectors by AdamW at ``adam_lr``."""
 
   def __init__(self, params, torch_layout, lr, wd, rank, gap, remap,
-               b1=0.9, b2=0.999, eps=1e-8):
+               inverse_side, adam_lr, b1=0.9, b2=0.999, eps=1e-8):
     self.p = flat(params)
     self.torch, self.lr, self.wd, self.t = torch_layout, lr, wd, 0
     self.mats, self.adam = {}, {}
     for k, w in self.p.items():
       if w.ndim == 1:
-        self.adam[k] = AdamRef(w, lr, b1, b2, eps, wd, raw=False)
+        self.adam[k] = AdamRef(w, adam_lr, b1, b2, eps, wd, raw=False)
       else:
-        self.mats[k] = [DctAdamRef(rank, gap, b1, b2, eps, remap)
+        self.mats[k] = [DctAdamRef(rank, gap, b1, b2, eps, remap,
+                                   inverse_side)
                         for _ in range(int(np.prod(w.shape[:-2])))]
 
   def _torch(self, x):
@@ -118,6 +122,7 @@ def _router(torch_layout):
 
 CASES = [dict(reference='orthax', update_every=1),
          dict(reference='orthax', update_every=2),
+         dict(reference='orthax', update_every=1, scale='none'),
          dict(reference='ista', update_every=1),
          dict(reference='ista', update_every=2)]
 
@@ -126,14 +131,35 @@ CASES = [dict(reference='orthax', update_every=1),
 @pytest.mark.parametrize('kw', CASES, ids=lambda kw: '-'.join(
     str(v) for v in kw.values()))
 def test_matches_float64_transcription(x64, kw, torch_layout):
+  """reference='orthax': the step and decay at η/s (s the smaller side),
+  the AdamW branch at η·0.0085/1.5; 'ista': all at η (``scale='none'``)."""
   params = make_tree(0, SHAPES)
   grads = [make_tree(100 + t, SHAPES) for t in range(5)]
-  tx = orthax.dct_adamw(0.01, rank=5, weight_decay=0.1,
+  ours = kw['reference'] == 'orthax'
+  per_side = ours and kw.get('scale') != 'none'
+  lr = 0.3 if per_side else 0.01  # steps of a like size: 0.3/s vs 0.01
+  tx = orthax.dct_adamw(lr, rank=5, weight_decay=0.1,
                         router=_router(torch_layout), **kw)
   got = run_orthax(tx, params, grads)
-  ref = TreeRef(params, torch_layout, 0.01, 0.1, 5, kw['update_every'],
-                remap=kw['reference'] == 'orthax')
+  ref = TreeRef(params, torch_layout, lr, 0.1, 5, kw['update_every'],
+                remap=ours, inverse_side=per_side,
+                adam_lr=lr * 0.0085 / 1.5 if per_side else lr)
   assert_match(got, [ref.step(g) for g in grads], 1e-9, 1e-12, str(kw))
+
+
+def test_scale_is_checked_and_named():
+  with pytest.raises(ValueError, match="dct_adamw: scale must be one of"):
+    orthax.dct_adamw(scale='keller')
+  assert orthax.recipes.adam_rate_ratio('dct_adamw') == pytest.approx(
+      0.0085 / 1.5)
+  # Unscaled, the matrices' step is AdamW's size: one rate for both.
+  params = {'w': jnp.ones((8, 16)), 'b': jnp.zeros((16,))}
+  grads = {'w': jnp.ones((8, 16)), 'b': jnp.linspace(-1.0, 1.0, 16) + 0.03}
+  for scale, adam_lr in (('none', 0.04),
+                         ('inverse_side', 0.04 * 0.0085 / 1.5)):
+    tx = orthax.dct_adamw(0.04, scale=scale)
+    u, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(np.abs(u['b']), adam_lr, rtol=1e-4)
 
 
 def test_remap_is_the_slot_map_of_the_dct_product():
@@ -208,12 +234,24 @@ def test_fallback_routes_vectors_and_large_matrices_to_adamw():
   params = {'a': {'kernel': jnp.ones((48, 8))},
             'b': {'kernel': jnp.ones((8, 16))}, 'b2': {'bias': jnp.ones(8)}}
   recipe = importlib.import_module('orthax.recipes.dct_adamw')
-  labels = recipe.limit_matrix_size(orthax.Router(), 48)(params)
-  assert labels == {'a': {'kernel': 'adam'}, 'b': {'kernel': 'matrix'},
-                    'b2': {'bias': 'adam'}}
+  expected = {'a': {'kernel': 'adam'}, 'b': {'kernel': 'matrix'},
+              'b2': {'bias': 'adam'}}
+  limited = recipe.limit_matrix_size(orthax.Router(), 48)
+  assert limited.labels(params) == expected
+  # A labels callable is wrapped the same way (default matrix views).
+  plain = lambda p: orthax.Router().labels(p)
+  assert recipe.limit_matrix_size(plain, 48)(params) == expected
+  # describe() reads the limited router: each leaf's branch and rate.
+  table = orthax.describe(params, optimizer=orthax.dct_adamw(max_shape=48))
+  rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
+  assert rows['a/kernel'][-2:] == ['adam', '0.0085']
+  assert 'matrix' in rows['b/kernel'] and rows['b/kernel'][-1] == '1.5'
+  with pytest.raises(ValueError, match='max_side must be a positive int'):
+    orthax.Router(max_side=0)
   tx = orthax.dct_adamw(0.1, rank=2, max_shape=48)
   u, _ = tx.update(params, tx.init(params), params)
-  ref = optax.adamw(0.1, b2=0.999, weight_decay=0.0)
+  # At the AdamW branch's rate: 0.0085 per 1.5 of the matrices'.
+  ref = optax.adamw(0.1 * 0.0085 / 1.5, b2=0.999, weight_decay=0.0)
   ua, _ = ref.update(params['a'], ref.init(params['a']), params['a'])
   np.testing.assert_allclose(u['a']['kernel'], ua['kernel'], rtol=1e-6)
 

@@ -96,7 +96,8 @@ def test_orthogonalize_group_flag_is_numerically_neutral():
 
 @pytest.mark.parametrize('mode,factor', [
     ('keller', np.sqrt(48 / 16)), ('moonlight', 0.2 * np.sqrt(48)),
-    ('spectral', np.sqrt(48 / 16)), ('none', 1.0)])
+    ('spectral', np.sqrt(48 / 16)), ('inverse_side', 1 / 16),
+    ('none', 1.0)])
 def test_scale_by_shape_modes(mode, factor):
   tree = {'k': jnp.ones((16, 48))}  # Flax kernel: in=16, out=48
   tx = orthax.scale_by_shape(mode)
@@ -105,7 +106,8 @@ def test_scale_by_shape_modes(mode, factor):
   wide = {'k': jnp.ones((48, 16))}
   out, _ = tx.update(wide, tx.init(wide))
   expect = {'keller': 1.0, 'moonlight': 0.2 * np.sqrt(48),
-            'spectral': np.sqrt(16 / 48), 'none': 1.0}[mode]
+            'spectral': np.sqrt(16 / 48), 'inverse_side': 1 / 16,
+            'none': 1.0}[mode]
   np.testing.assert_allclose(out['k'], expect, rtol=1e-6)
 
 
@@ -151,6 +153,27 @@ def test_decoupled_weight_decay(cautious):
   np.testing.assert_allclose(out, d - 0.1 * 0.25 * w * mask, rtol=1e-6)
   with pytest.raises(ValueError, match='needs params'):
     tx.update(d, s)
+
+
+def test_weight_decay_rate_scale_per_matrix():
+  """rate_scale multiplies each matrix's λη by its shape factor;
+  step_scale by η·factor; the two are exclusive."""
+  w = {'k': jnp.ones((8, 32)), 'v': 2 * jnp.ones((32, 4))}
+  d = {'k': jnp.zeros((8, 32)), 'v': jnp.zeros((32, 4))}
+  tx = orthax.decoupled_weight_decay(0.1, learning_rate=0.5,
+                                     rate_scale='inverse_side')
+  out, _ = tx.update(d, tx.init(w), w)
+  np.testing.assert_allclose(out['k'], -0.1 * 0.5 / 8, rtol=1e-6)
+  np.testing.assert_allclose(out['v'], -2 * 0.1 * 0.5 / 4, rtol=1e-6)
+  tx = orthax.decoupled_weight_decay(0.1, learning_rate=0.5,
+                                     step_scale='inverse_side')
+  out, _ = tx.update(d, tx.init(w), w)
+  np.testing.assert_allclose(out['k'], -0.1 * 0.5 * 0.5 / 8, rtol=1e-6)
+  with pytest.raises(ValueError, match='not both'):
+    orthax.decoupled_weight_decay(0.1, learning_rate=0.5, step_scale='keller',
+                                  rate_scale='keller')
+  with pytest.raises(ValueError, match='scale mode must be one of'):
+    orthax.decoupled_weight_decay(0.1, rate_scale='wide')
 
 
 def test_weight_decay_independent_of_lr():

@@ -81,6 +81,28 @@ def test_extra_rules_take_precedence():
   assert labels['wpe']['embedding'] == 'frozen'
 
 
+def test_max_side_sends_large_matrices_to_adam():
+  """A matrix view with a side >= max_side goes to 'adam', named by the
+  limit; smaller ones and the other labels are unchanged."""
+  tree = linen_like_tree()
+  r = Router(max_side=64)
+  routes = {k: r.route_one(k, v.shape) for k, v in
+            ((orthax._tree.path_str(p), x) for p, x in
+             jax.tree_util.tree_flatten_with_path(tree)[0])}
+  for path, (label, view) in EXPECTED.items():
+    big = view is not None and max(view[1:]) >= 64
+    assert routes[path].label == ('adam' if big else label), path
+    if big:
+      assert routes[path].rule == 'max_side=64' and routes[path].spec is None
+  assert routes['params/h_0/attn/c_attn/kernel'].label == 'matrix'  # 48
+  # The output-layer check sees only the matrices left: c_attn is now the
+  # last, and nothing consumes its 48 outputs; with conv1 alone, no check.
+  assert Router().output_layer_suspects(tree) == []
+  assert [p for p, _ in r.output_layer_suspects(tree)] == [
+      'params/h_0/attn/c_attn/kernel']
+  assert Router(max_side=48).output_layer_suspects(tree) == []
+
+
 def test_frozen_leaves_get_zero_updates():
   params = {'a': {'kernel': jnp.ones((4, 8))}, 'emb': {'embedding': jnp.ones((5, 4))}}
   tx = orthax.muon(0.1, router=Router(extra_rules=[Rule('emb', 'frozen')]))

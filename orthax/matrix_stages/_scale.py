@@ -12,7 +12,7 @@ from orthax.matrix_stages._base import stage
 from orthax.matrix_stages._base import static
 from orthax.matrix_stages._base import wide
 
-SCALE_MODES = ('keller', 'moonlight', 'spectral', 'none')
+SCALE_MODES = ('keller', 'moonlight', 'spectral', 'inverse_side', 'none')
 
 
 def check_scale_mode(mode: str) -> None:
@@ -32,6 +32,8 @@ def shape_factor(fan_in: int, fan_out: int, mode: str,
     return rms * math.sqrt(max(fan_in, fan_out))
   if mode == 'spectral':
     return math.sqrt(fan_out / fan_in)
+  if mode == 'inverse_side':
+    return 1.0 / min(fan_in, fan_out)
   check_scale_mode(mode)
   return 1.0  # 'none'
 

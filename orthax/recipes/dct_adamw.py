@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import optax
@@ -15,33 +16,34 @@ from orthax.recipes import _common
 from orthax.recipes import registry
 from orthax.transforms import dct_adam
 
-# What each reference fixes.
+# What each reference fixes (``scale=None`` takes it from here).
 _DCT_ADAMW_REFERENCES = {
-    'orthax': dict(remap=True),
-    'ista': dict(remap=False),
+    'orthax': dict(remap=True, scale='inverse_side'),
+    'ista': dict(remap=False, scale='none'),
 }
+SCALES = ('inverse_side', 'none')
 MAX_SHAPE = 32000
 
 
 def limit_matrix_size(router: _common.RouterLike, max_shape: int
-                      ) -> Callable[[Any], Any]:
-  """A labels function: ``router``'s labels, with every ``'matrix'`` leaf
-  whose fan-in or fan-out is ``≥ max_shape`` sent to ``'adam'`` (the
-  reference's full-AdamW fallback for embeddings and heads)."""
-  base = router.labels if isinstance(router, routing.Router) else router
+                      ) -> _common.RouterLike:
+  """``router`` with every ``'matrix'`` leaf whose fan-in or fan-out is
+  ``≥ max_shape`` sent to ``'adam'`` (the reference's full-AdamW fallback
+  for embeddings and heads): a copy of an :class:`orthax.Router` with
+  ``max_side`` set (so :func:`orthax.describe` reads it), or a labels
+  function around a labels callable (default matrix views)."""
+  if isinstance(router, routing.Router):
+    limited = copy.copy(router)
+    limited.max_side = (max_shape if router.max_side is None
+                        else min(router.max_side, max_shape))
+    return limited
 
   def labels(params):
     _, leaves, treedef = _tree.leaves_with_paths(params)
-    labs = treedef.flatten_up_to(base(params))
-    if isinstance(router, routing.Router):
-      specs = [r.spec for r in treedef.flatten_up_to(router.routes(params))]
-    else:
-      specs = [None] * len(leaves)
     out = []
-    for x, lab, spec in zip(leaves, labs, specs):
+    for x, lab in zip(leaves, treedef.flatten_up_to(router(params))):
       if lab == 'matrix':
-        spec = matrices.MatrixSpec() if spec is None else spec
-        _, fi, fo = spec.matrix_shape(x.shape)
+        _, fi, fo = matrices.MatrixSpec().matrix_shape(x.shape)
         lab = 'adam' if max(fi, fo) >= max_shape else lab
       out.append(lab)
     return treedef.unflatten(out)
@@ -49,11 +51,13 @@ def limit_matrix_size(router: _common.RouterLike, max_shape: int
   return labels
 
 
-@registry.register('dct_adamw', references=tuple(_DCT_ADAMW_REFERENCES))
+@registry.register('dct_adamw', references=tuple(_DCT_ADAMW_REFERENCES),
+                   adam_learning_rate=0.0085)
 def dct_adamw(
-    learning_rate: optax.ScalarOrSchedule = 0.0085,
+    learning_rate: optax.ScalarOrSchedule = 1.5,
     *,
     reference: str = 'orthax',
+    scale: str | None = None,
     rank: int | float | None = None,
     update_every: int | None = None,
     b1: float = 0.9,
@@ -85,8 +89,18 @@ def dct_adamw(
      \text{otherwise}:&\quad a = YD_{:,\mathrm{idx}}\\
      m &\leftarrow β_1 m + (1-β_1)a,\qquad
      v \leftarrow β_2 v + (1-β_2)a^2\\
-     W &\leftarrow W(1-ηλ) - η\,\frac{\sqrt{1-β_2^t}}{1-β_1^t}\cdot
+     W &\leftarrow W(1-cηλ) - cη\,\frac{\sqrt{1-β_2^t}}{1-β_1^t}\cdot
         \frac{m}{\sqrt v + ε\sqrt{1-β_2^t}}\,D_{:,\mathrm{idx}}^\top
+
+  with ``c`` from ``scale``: ``'inverse_side'`` (the default) ``c = 1/s``,
+  ``'none'`` ``c = 1``. An Adam step's entries are of order one whatever
+  the width, so its spectral norm grows like the width at a fixed aspect
+  ratio and the best AdamW-style rate halves when the width doubles (the
+  learning-rate sweep: 0.012 at d_model 128, 0.006 at 256). Per unit of the
+  smaller side, one ``η`` serves every width (μP's ``1/fan_in`` rule for
+  Adam, Yang, Simon, Bernstein, arXiv 2310.17813, on the side DCT-AdamW
+  projects): ``η = 1.5`` is an AdamW-style rate of 0.012 on a 128-wide
+  model and 0.002 on a 768-wide one.
 
   ``P`` moves the moments of a column index still selected to its new slot
   and starts new ones at zero. The state per matrix is ``r`` indices and
@@ -106,14 +120,20 @@ def dct_adamw(
 
   Both re-select every step (the reference's ``update_proj_gap=1``) with
   betas ``(0.9, 0.999)``, ``eps=1e-8``, the L1 score and ``max_shape=32000``.
+  ``reference='ista'`` also takes ``scale='none'`` (the reference's step).
   The reference requires ``lr``, ``weight_decay`` and ``rank``; here they
-  default to ``3e-3`` (AdamW's default here), ``0`` and a quarter of the smaller side. Its
+  default to ``1.5`` (``0.0085`` with ``scale='none'`` is the sweep's best
+  compromise of d_model 128 and 256, missing each best by about 2%), ``0``
+  and a quarter of the smaller side. Its
   ``rotate_subspace`` option zeroes the moments instead of remapping them
   (an in-place matmul); ``reference='orthax'`` does what it means to.
 
   Args:
-    learning_rate: η (number or schedule), both branches by default.
+    learning_rate: η (number or schedule), per unit of the smaller side
+      under the default ``scale`` (see above).
     reference: ``'orthax'`` or ``'ista'`` (see above).
+    scale: ``c`` above: ``'inverse_side'`` or ``'none'`` (default: the
+      reference's).
     rank: ``r``: an ``int``, or a ``float`` in ``(0, 1]``, a fraction of the
       smaller side (rounded up); default ``0.25``. With
       ``optax.inject_hyperparams`` pass ``rank``, ``update_every``,
@@ -122,10 +142,14 @@ def dct_adamw(
     b1, b2, eps: Adam's β₁, β₂ and ε (torch placement).
     ell_norm: ``p`` of the column score (default 1).
     max_shape: matrices with a side ``≥`` this go to AdamW (default 32000).
-    weight_decay: λ, decoupled (``W(1-ηλ)``), both branches by default.
-    adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay: the
-      AdamW branch's (default: the matrices' values; both branches are
-      AdamW steps, on the same scale).
+    weight_decay: λ, decoupled (``W(1-cηλ)``, at the AdamW branch's own
+      rate there), both branches by default.
+    adam_learning_rate: the AdamW branch's rate (default: ``learning_rate ×
+      0.0085/1.5``, 0.0085 at the default η, moving with it; under
+      ``scale='none'`` ``learning_rate`` itself, both branches then being
+      AdamW steps on the same scale).
+    adam_b1, adam_b2, adam_eps, adam_weight_decay: the AdamW branch's
+      (default: the matrices' values).
     router: a :class:`orthax.Router` or a ``params -> labels`` callable.
     distributed: an :class:`orthax.sharding.Distributed`: each matrix is
       projected whole on one device of the mesh, its state kept there.
@@ -134,7 +158,7 @@ def dct_adamw(
   Example:
     >>> import jax, jax.numpy as jnp, orthax
     >>> params = {'dense': {'kernel': jnp.ones((16, 8)), 'bias': jnp.ones(8)}}
-    >>> tx = orthax.dct_adamw(1e-3, rank=4)
+    >>> tx = orthax.dct_adamw(rank=4)
     >>> state = tx.init(params)
     >>> u, state = tx.update(params, state, params)
     >>> u['dense']['kernel'].shape
@@ -152,18 +176,26 @@ def dct_adamw(
   max_shape = MAX_SHAPE if max_shape is None else int(max_shape)
   reference = registry.resolve_reference('dct_adamw', reference)
   d = _DCT_ADAMW_REFERENCES[reference]
+  scale = d['scale'] if scale is None else scale
+  if scale not in SCALES:
+    raise ValueError(f'dct_adamw: scale must be one of {SCALES}, got '
+                     f'{scale!r}.')
   router, specs = _common.route(router)
   matrix = optax.named_chain(
       ('dct_adam', dct_adam.scale_by_dct_adam(
           rank, update_every=update_every, b1=b1, b2=b2, eps=eps,
-          ell_norm=ell_norm, remap=d['remap'], matrix_specs=specs,
-          distributed=distributed)),
-      *_common.step_stages(learning_rate, weight_decay),
+          ell_norm=ell_norm, remap=d['remap'], scale=scale,
+          matrix_specs=specs, distributed=distributed)),
+      # W(1 - cηλ) - cη·step: AdamW's decay at the step's own rate.
+      *_common.step_stages(learning_rate, weight_decay, **(
+          {} if scale == 'none' else dict(rate_scale=scale,
+                                          matrix_specs=specs))),
   )
   pick = lambda v, default: default if v is None else v
   return _common.assemble_with_adamw(
       matrix, limit_matrix_size(router, max_shape), check_finite,
       learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
-      rms_matched=True, recipe='dct_adamw', b1=pick(adam_b1, b1), b2=pick(adam_b2, b2), eps=pick(adam_eps, eps),
+      rms_matched=scale == 'none', recipe='dct_adamw',
+      b1=pick(adam_b1, b1), b2=pick(adam_b2, b2), eps=pick(adam_eps, eps),
       weight_decay=pick(adam_weight_decay, weight_decay),
       eps_placement='corrected')

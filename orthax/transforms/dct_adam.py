@@ -25,6 +25,7 @@ def scale_by_dct_adam(
     eps: float | jax.Array = 1e-8,
     ell_norm: float | None = None,
     remap: bool = True,
+    scale: str = 'none',
     matrix_specs: _tree.SpecsLike = None,
     distributed: Any = None,
 ) -> optax.GradientTransformation:
@@ -49,7 +50,9 @@ def scale_by_dct_adam(
   index kept at a re-selection to its new slot; new indices start at 0
   (``remap=False``: the moments stay in their slots). The state per matrix
   is ``idx`` ``(r,)`` and ``m``, ``v`` ``(L, r)``: ``2r/s`` of Adam's.
-  No learning rate: chain ``optax.scale_by_learning_rate`` after it.
+  Then ``u ← u·shape_factor(scale)`` (:func:`orthax.scale_by_shape`; e.g.
+  ``'inverse_side'``: ``1/s``) in the same pass. No learning rate: chain
+  ``optax.scale_by_learning_rate`` after it.
 
   Args:
     rank: ``r``: an ``int``, or a ``float`` in ``(0, 1]``, a fraction of the
@@ -60,6 +63,8 @@ def scale_by_dct_adam(
     eps: ε, added to ``√v`` as torch's AdamW does (see above).
     ell_norm: ``p`` of the column score (default 1, the L1 norm).
     remap: carry the moments over at a re-selection.
+    scale: a :func:`orthax.scale_by_shape` mode for the step (default
+      ``'none'``).
     matrix_specs: as in :func:`orthax.orthogonalize`.
     distributed: an :class:`orthax.sharding.Distributed`: whole matrices
       per device on its mesh, the state on the owner device.
@@ -84,8 +89,9 @@ def scale_by_dct_adam(
                       update_every=update_every, ell_norm=ell_norm,
                       remap=bool(remap))
 
+  then = [] if scale == 'none' else [MS.ScaleByShape(scale)]
   return matrix_stage.slot_step(make, matrix_specs, distributed,
-                                'scale_by_dct_adam')
+                                'scale_by_dct_adam', then=then)
 
 
 def check_structure(owner: str, rank: Any, update_every: Any,

@@ -31,13 +31,19 @@ def scale_by_shape(
     with ``rms = 0.2`` — update RMS ≈ 0.2, like AdamW (Liu et al. arXiv
     2502.16982; ROOT, NAMO);
   * ``spectral``: :math:`\sqrt{\mathrm{out}/\mathrm{in}}` (Dion, Scion);
+  * ``inverse_side``: :math:`1/\min(\mathrm{in}, \mathrm{out})`, for
+    Adam-like steps (entries of order one), whose spectral norm grows like
+    the width at a fixed aspect ratio: one learning rate then serves every
+    width, as μP's ``1/fan_in`` rule for Adam does (Yang, Simon, Bernstein,
+    arXiv 2310.17813), taken on the smaller side (DCT-AdamW's default);
   * ``none``: 1.
 
   The same scale runs inside :func:`orthax.orthogonalize` as
   ``then=[orthax.matrix_stages.ScaleByShape(mode)]``.
 
   Args:
-    mode: one of ``'keller'``, ``'moonlight'``, ``'spectral'``, ``'none'``.
+    mode: one of ``'keller'``, ``'moonlight'``, ``'spectral'``,
+      ``'inverse_side'``, ``'none'``.
     rms: target RMS for ``moonlight``.
     matrix_specs: as in :func:`orthax.orthogonalize`.
   """

@@ -24,6 +24,7 @@ def decoupled_weight_decay(
     cautious: bool = False,
     mask: Any = None,
     step_scale: str | None = None,
+    rate_scale: str | None = None,
     matrix_specs: _tree.SpecsLike = None,
 ) -> optax.GradientTransformation:
   r"""Adds decoupled weight decay to an update that already includes the lr.
@@ -54,6 +55,10 @@ def decoupled_weight_decay(
       ``Δ ← Δ - λ η_t (η_t s) W``. modded-nanogpt's NorMuon decays this way
       (``λ·lr·lr_eff`` with ``lr_eff = lr·sqrt(max(1, out/in))``:
       ``step_scale='keller'``). Needs ``learning_rate``.
+    rate_scale: a :func:`orthax.scale_by_shape` mode; multiplies each
+      matrix's rate by its factor, ``Δ ← Δ - λ η_t s W``: AdamW's decay at
+      the step's own rate when the step carries the same factor (DCT-AdamW's
+      ``'inverse_side'``).
     matrix_specs: matrix views for ``step_scale`` (as in
       :func:`orthax.orthogonalize`).
 
@@ -67,6 +72,11 @@ def decoupled_weight_decay(
     if learning_rate is None:
       raise ValueError('decoupled_weight_decay(step_scale=...) needs '
                        'learning_rate.')
+    if rate_scale is not None:
+      raise ValueError('decoupled_weight_decay: pass step_scale or '
+                       'rate_scale, not both.')
+  if rate_scale is not None:
+    shape_factor(1, 1, rate_scale)
 
   def init_fn(params):
     del params
@@ -85,13 +95,14 @@ def decoupled_weight_decay(
       eta = 1.0 if learning_rate is None else learning_rate
     rate = weight_decay * eta
     leaves, treedef = jax.tree.flatten(updates)
-    if step_scale is None:
+    if step_scale is None and rate_scale is None:
       rates = [rate] * len(leaves)
     else:
       specs = _tree.resolve_specs(matrix_specs, updates,
                                   'decoupled_weight_decay')
-      rates = [rate * eta * shape_factor(*s.matrix_shape(x.shape)[1:],
-                                         step_scale)
+      per_step = 1.0 if step_scale is None else eta
+      rates = [rate * per_step * shape_factor(*s.matrix_shape(x.shape)[1:],
+                                              step_scale or rate_scale)
                for x, s in zip(leaves, specs)]
 
     def leaf(d, w, r):
