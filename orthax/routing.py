@@ -21,6 +21,7 @@ The defaults are right for Flax NNX and linen models::
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from typing import Any, Iterable, Mapping, Sequence
 import warnings
@@ -69,7 +70,7 @@ class Route:
   """Where one leaf goes."""
   label: str
   spec: MatrixSpec | None
-  rule: str  # the pattern that matched
+  rule: str  # the pattern that matched, or 'max_side=N' (Router.max_side)
 
 
 _VECTOR_RANKS = (0, 1)
@@ -99,15 +100,17 @@ class Router:
       embeddings and heads; ``None``: no limit).
   """
 
+  max_side: int | None = None  # also for subclasses that set only rules
+
   def __init__(self, rules: Sequence[Rule] | None = None, *,
                extra_rules: Iterable[Rule] = (), max_side: int | None = None):
     self.rules = tuple(extra_rules) + tuple(
         DEFAULT_RULES if rules is None else rules)
     if max_side is not None and (isinstance(max_side, bool) or not isinstance(
-        max_side, int) or max_side < 1):
+        max_side, numbers.Integral) or max_side < 1):
       raise ValueError(f'Router: max_side must be a positive int or None, '
                        f'got {max_side!r}.')
-    self.max_side = max_side
+    self.max_side = None if max_side is None else int(max_side)
 
   def route_one(self, path: str, shape: Sequence[int]) -> Route:
     """Route for one leaf; raises ``ValueError`` naming ``path`` if none."""
@@ -128,20 +131,26 @@ class Router:
             spec.resolve(shape)
           except ValueError as e:
             raise ValueError(f'parameter {path!r}: {e}') from None
-          if (self.max_side is not None
-              and max(spec.matrix_shape(shape)[1:]) >= self.max_side):
-            return Route('adam', None, f'max_side={self.max_side}')
         return Route(rule.label, spec if rule.label == 'matrix' else None,
                      rule.pattern)
     raise ValueError(
         f'no routing rule covers parameter {path!r} of shape {tuple(shape)}; '
         'add a Rule for it (extra_rules=[orthax.Rule(pattern, label)]).')
 
+  def route(self, path: str, shape: Sequence[int]) -> Route:
+    """:meth:`route_one`'s route, sent to ``'adam'`` when it is a matrix
+    with a side ``≥ max_side``: what every other method reads."""
+    r = self.route_one(path, shape)
+    if (self.max_side is not None and r.label == 'matrix'
+        and max(r.spec.matrix_shape(shape)[1:]) >= self.max_side):
+      return Route('adam', None, f'max_side={self.max_side}')
+    return r
+
   def routes(self, tree: Any) -> Any:
     """A tree of :class:`Route` shaped like ``tree``."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     return jax.tree.unflatten(treedef, [
-        self.route_one(_tree.path_str(p), getattr(x, 'shape', ()))
+        self.route(_tree.path_str(p), getattr(x, 'shape', ()))
         for p, x in flat])
 
   def labels(self, tree: Any) -> Any:
@@ -174,7 +183,7 @@ class Router:
     for path, shape in leaves:
       rule = self._rule_for(path, len(shape))
       if rule is not None and rule.label == 'matrix':
-        r = self.route_one(path, shape)
+        r = self.route(path, shape)
         if r.label != 'matrix':  # over max_side
           continue
         _, fan_in, fan_out = r.spec.matrix_shape(shape)
@@ -216,7 +225,7 @@ class Router:
             + (('lr',) if learning_rates is not None else ())]
     for p, x in flat:
       path, shape = _tree.path_str(p), tuple(getattr(x, 'shape', ()))
-      r = self.route_one(path, shape)
+      r = self.route(path, shape)
       view = ''
       if r.spec is not None:
         b, fi, fo = r.spec.matrix_shape(shape)

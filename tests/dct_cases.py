@@ -40,7 +40,8 @@ RECIPES = {'dct_adamw': ('dct_adam', 'm'), 'trion': ('trion', 'b')}
 
 
 def _kwargs(name):
-  return dict(update_every=2) if name == 'dct_adamw' else {}
+  # DCT-AdamW: its decay at the step's own rate (rate_scale) on the mesh too.
+  return dict(update_every=2, weight_decay=0.1) if name == 'dct_adamw' else {}
 
 
 def _slots(state, name):

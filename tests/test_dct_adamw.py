@@ -150,6 +150,9 @@ def test_matches_float64_transcription(x64, kw, torch_layout):
 def test_scale_is_checked_and_named():
   with pytest.raises(ValueError, match="dct_adamw: scale must be one of"):
     orthax.dct_adamw(scale='keller')
+  with pytest.raises(ValueError,
+                     match="scale_by_dct_adam: scale must be one of"):
+    orthax.transforms.scale_by_dct_adam(scale='wide')
   assert orthax.recipes.adam_rate_ratio('dct_adamw') == pytest.approx(
       0.0085 / 1.5)
   # Unscaled, the matrices' step is AdamW's size: one rate for both.
@@ -160,6 +163,16 @@ def test_scale_is_checked_and_named():
     tx = orthax.dct_adamw(0.04, scale=scale)
     u, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(np.abs(u['b']), adam_lr, rtol=1e-4)
+  # The default rate follows the step's scale: 1.5 per unit of the side,
+  # 0.0085 unscaled (also reference='ista's); the AdamW branch at 0.0085.
+  for kw, matrix_lr in ((dict(), 1.5), (dict(scale='none'), 0.0085),
+                        (dict(reference='ista'), 0.0085)):
+    tx = orthax.dct_adamw(**kw)
+    rates = orthax.recipes.recipe_routing(tx).learning_rates
+    assert (rates['matrix'], rates['adam']) == pytest.approx(
+        (matrix_lr, 0.0085)), kw
+    u, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(np.abs(u['b']), 0.0085, rtol=1e-4)
 
 
 def test_remap_is_the_slot_map_of_the_dct_product():

@@ -50,10 +50,17 @@ def rows():
 
 @pytest.mark.parametrize('name', NAMES)
 def test_factory_default_is_the_registered_default(name):
-  """One place: the registry's default is the factory's."""
-  param = inspect.signature(orthax.recipe_factory(name)).parameters
-  assert param['learning_rate'].default == (
-      registry.recipe_entry(name).learning_rate)
+  """One place: the registry's default is the factory's (a factory whose
+  default depends on its mode, ``None`` in its signature, runs its default
+  mode at the registered rate)."""
+  factory = orthax.recipe_factory(name)
+  param = inspect.signature(factory).parameters
+  registered = registry.recipe_entry(name).learning_rate
+  if param['learning_rate'].default is None:
+    rates = orthax.recipes.recipe_routing(factory()).learning_rates
+    assert rates.get('matrix', rates.get('base')) == registered
+  else:
+    assert param['learning_rate'].default == registered
 
 
 @pytest.mark.parametrize('name, width', _cases())

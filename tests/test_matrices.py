@@ -172,7 +172,7 @@ def test_weight_decay_rate_scale_per_matrix():
   with pytest.raises(ValueError, match='not both'):
     orthax.decoupled_weight_decay(0.1, learning_rate=0.5, step_scale='keller',
                                   rate_scale='keller')
-  with pytest.raises(ValueError, match='scale mode must be one of'):
+  with pytest.raises(ValueError, match='decoupled_weight_decay: rate_scale must be one of'):
     orthax.decoupled_weight_decay(0.1, rate_scale='wide')
 
 

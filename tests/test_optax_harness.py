@@ -28,7 +28,7 @@ _TABLE = '''
 _MAIN_OPTIMIZERS_UNDER_TEST = tuple(
     {'opt_name': name,
      'opt_kwargs': dict(learning_rate=_HARNESS_RATE.get(name, 1e-2),
-                        **_no_decay(name)),
+                        **_HARNESS_KWARGS.get(name, {}), **_no_decay(name)),
      'wrapper_name': None, 'wrapper_kwargs': None}
     for name in _orthax.recipe_names())
 _ALL_OPTIMIZERS_UNDER_TEST = _MAIN_OPTIMIZERS_UNDER_TEST
@@ -48,7 +48,12 @@ def _get_opt_factory(opt_name):  # orthax's recipes, by registered name
 # 1.9e-4 and 2.7e-4, too slow for the parabola's vector in the harness's
 # step budget; at 2e-2 it runs at 3.8e-4 and 5.5e-4 (Muon's at 1e-2:
 # 7.5e-4).
-_HARNESS_RATE = {'namo': 2e-2, 'namo_d': 2e-2}
+# DCT-AdamW's rate is per unit of the matrix's smaller side: 2e-2 is 1e-2 on
+# the harness's 2×2 matrix; its AdamW branch (the vectors) runs at 1e-2, as
+# the others' would at their rate (at its default ratio, 0.0085/1.5, it would
+# run at 1.1e-4).
+_HARNESS_RATE = {'namo': 2e-2, 'namo_d': 2e-2, 'dct_adamw': 2e-2}
+_HARNESS_KWARGS = {'dct_adamw': dict(adam_learning_rate=1e-2)}
 
 
 def _no_decay(name: str) -> dict[str, float]:
@@ -66,6 +71,7 @@ def _harness() -> types.ModuleType:
   mod.__dict__['_orthax'] = orthax
   mod.__dict__['_no_decay'] = _no_decay
   mod.__dict__['_HARNESS_RATE'] = _HARNESS_RATE
+  mod.__dict__['_HARNESS_KWARGS'] = _HARNESS_KWARGS
   exec(compile(src[:start] + _TABLE + src[end:] + _FACTORY,  # pylint: disable=exec-used
                'optax/contrib/_common_test.py (orthax table)', 'exec'),
        mod.__dict__)

@@ -194,6 +194,26 @@ def test_trainer_configs_read_the_registry(toy):
     configs.LEARNING_RATES['nosuch'] = (1.0, None)  # read-only
 
 
+def test_trainer_refuses_the_default_modes_rate_in_another_mode():
+  """DCT-AdamW's registered 1.5 is per unit of the matrix side; with its
+  unscaled step (reference='ista', scale='none') the trainer asks for a
+  rate instead of running at 1.5."""
+  pytest.importorskip('ml_collections')
+  from orthax.train import configs  # pylint: disable=g-import-not-at-top
+  from orthax.train import optim  # pylint: disable=g-import-not-at-top
+  shape = optim.schedule_shape(10, warmup_steps=2)
+  for kw in (dict(reference='ista'), dict(scale='none')):
+    with pytest.raises(ValueError, match=r'its default is 0\.0085: set '
+                       r'optimizer\.learning_rate'):
+      optim.build(configs.optimizer('dct_adamw', **kw), shape)
+    opt = configs.optimizer('dct_adamw', learning_rate=0.0085, **kw)
+    _, branches = optim.build(opt, shape)
+    np.testing.assert_allclose(branches['matrix'](5), 0.0085 * shape(5))
+  # Its default mode, and a kwarg that keeps it, build at the default.
+  for kw in (dict(), dict(scale='inverse_side'), dict(rank=0.5)):
+    optim.build(configs.optimizer('dct_adamw', **kw), shape)
+
+
 def test_trainer_builds_a_new_recipe(toy):
   pytest.importorskip('ml_collections')
   pytest.importorskip('orbax.checkpoint')

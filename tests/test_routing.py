@@ -86,7 +86,7 @@ def test_max_side_sends_large_matrices_to_adam():
   limit; smaller ones and the other labels are unchanged."""
   tree = linen_like_tree()
   r = Router(max_side=64)
-  routes = {k: r.route_one(k, v.shape) for k, v in
+  routes = {k: r.route(k, v.shape) for k, v in
             ((orthax._tree.path_str(p), x) for p, x in
              jax.tree_util.tree_flatten_with_path(tree)[0])}
   for path, (label, view) in EXPECTED.items():
@@ -101,6 +101,33 @@ def test_max_side_sends_large_matrices_to_adam():
   assert [p for p, _ in r.output_layer_suspects(tree)] == [
       'params/h_0/attn/c_attn/kernel']
   assert Router(max_side=48).output_layer_suspects(tree) == []
+  assert Router(max_side=np.int64(64)).max_side == 64
+  for bad in (0, True, 2.5):
+    with pytest.raises(ValueError, match='max_side must be a positive int'):
+      Router(max_side=bad)
+
+
+def test_max_side_holds_for_router_subclasses():
+  """The limit applies to a subclass's own route_one, and a subclass that
+  does not call Router.__init__ routes without one."""
+  class EveryKernelIsAMatrix(Router):
+    def route_one(self, path, shape):
+      if path.endswith('kernel') and len(shape) == 2:
+        return orthax.routing.Route('matrix', MatrixSpec(), 'kernel')
+      return super().route_one(path, shape)
+
+  class RulesOnly(Router):
+    def __init__(self):  # pylint: disable=super-init-not-called
+      self.rules = orthax.routing.DEFAULT_RULES
+
+  tree = {'head': {'kernel': jnp.zeros((16, 64))},
+          'mlp': {'kernel': jnp.zeros((16, 32))}}
+  r = EveryKernelIsAMatrix(max_side=64)
+  assert r.labels(tree) == {'head': {'kernel': 'adam'},
+                            'mlp': {'kernel': 'matrix'}}
+  assert EveryKernelIsAMatrix().labels(tree)['head']['kernel'] == 'matrix'
+  assert RulesOnly().labels(tree) == {'head': {'kernel': 'adam'},
+                                      'mlp': {'kernel': 'matrix'}}
 
 
 def test_frozen_leaves_get_zero_updates():

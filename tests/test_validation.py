@@ -159,12 +159,23 @@ def test_bad_value_raises_naming_owner_and_argument(owner, fn, required, arg,
     assert msg.startswith(f'{owner}: {arg} '), (value, msg)
 
 
+# Recipes whose learning_rate default is None: the rate of the step scale
+# chosen (DCT-AdamW: 1.5 per unit of the matrix side, 0.0085 unscaled).
+MODE_DEPENDENT_DEFAULT_RATE = ('dct_adamw',)
+
+
 @pytest.mark.parametrize('name', orthax.recipe_names())
 def test_recipe_learning_rate_none_and_string(name):
   fn = orthax.recipe_factory(name)
-  with pytest.raises(TypeError, match=f'^{name}: learning_rate must be a '
-                     r'number, an array or a schedule \(callable\), got None'):
-    fn(learning_rate=None)
+  if name in MODE_DEPENDENT_DEFAULT_RATE:  # None: its mode's default rate
+    rates = orthax.recipes.recipe_routing(fn(learning_rate=None))
+    assert rates.learning_rates['matrix'] == (
+        orthax.recipes.recipe_entry(name).learning_rate)
+  else:
+    with pytest.raises(TypeError, match=f'^{name}: learning_rate must be a '
+                       r'number, an array or a schedule \(callable\), got '
+                       'None'):
+      fn(learning_rate=None)
   with pytest.raises(TypeError, match=f'^{name}: learning_rate .*got .0.02.'):
     fn(learning_rate='0.02')
   with pytest.raises(ValueError, match=f'^{name}: learning_rate must be '

@@ -44,7 +44,8 @@ class NoiseAdaptStep(ScalingStage):
 
   with the shape factor ``k`` of ``shape``: ``'moonlight'`` (the paper's)
   ``√max(fan_in, fan_out)``, ``'keller'`` ``√max(1, fan_out/fan_in)``,
-  ``'spectral'`` ``√(fan_out/fan_in)``, ``'none'`` 1.
+  ``'spectral'`` ``√(fan_out/fan_in)``, ``'inverse_side'``
+  ``1/min(fan_in, fan_out)``, ``'none'`` 1.
   So the caller's step is ``Δ = r·W + O'`` (``W·diag(r)`` for NAMO-D). The
   factor ``-min(·, 1)`` needs only norms and state, so this is a
   :class:`~orthax.matrix_stages.ScalingStage`.

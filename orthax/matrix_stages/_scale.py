@@ -15,10 +15,11 @@ from orthax.matrix_stages._base import wide
 SCALE_MODES = ('keller', 'moonlight', 'spectral', 'inverse_side', 'none')
 
 
-def check_scale_mode(mode: str) -> None:
-  """Raises ``ValueError`` unless ``mode`` is one of :data:`SCALE_MODES`."""
+def check_scale_mode(mode: str, where: str = 'scale mode') -> None:
+  """Raises ``ValueError`` unless ``mode`` is one of :data:`SCALE_MODES`;
+  ``where`` names the argument (e.g. ``'scale_by_dct_adam: scale'``)."""
   if mode not in SCALE_MODES:
-    raise ValueError(f'scale mode must be one of {SCALE_MODES}, got '
+    raise ValueError(f'{where} must be one of {SCALE_MODES}, got '
                      f'{mode!r}.')
 
 

@@ -21,7 +21,11 @@ _DCT_ADAMW_REFERENCES = {
     'orthax': dict(remap=True, scale='inverse_side'),
     'ista': dict(remap=False, scale='none'),
 }
-SCALES = ('inverse_side', 'none')
+# The default learning rate of each step scale: per unit of the smaller
+# side, the sweep's best at d_model 128 and 256; unscaled (AdamW-sized, both
+# branches), the in-between rate of the two widths' bests (0.012, 0.006).
+DEFAULT_LEARNING_RATES = {'inverse_side': 1.5, 'none': 0.0085}
+SCALES = tuple(DEFAULT_LEARNING_RATES)
 MAX_SHAPE = 32000
 
 
@@ -51,10 +55,12 @@ def limit_matrix_size(router: _common.RouterLike, max_shape: int
   return labels
 
 
-@registry.register('dct_adamw', references=tuple(_DCT_ADAMW_REFERENCES),
-                   adam_learning_rate=0.0085)
+@registry.register(
+    'dct_adamw', references=tuple(_DCT_ADAMW_REFERENCES),
+    learning_rate=DEFAULT_LEARNING_RATES['inverse_side'],
+    adam_learning_rate=0.0085)
 def dct_adamw(
-    learning_rate: optax.ScalarOrSchedule = 1.5,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     reference: str = 'orthax',
     scale: str | None = None,
@@ -122,15 +128,17 @@ def dct_adamw(
   betas ``(0.9, 0.999)``, ``eps=1e-8``, the L1 score and ``max_shape=32000``.
   ``reference='ista'`` also takes ``scale='none'`` (the reference's step).
   The reference requires ``lr``, ``weight_decay`` and ``rank``; here they
-  default to ``1.5`` (``0.0085`` with ``scale='none'`` is the sweep's best
-  compromise of d_model 128 and 256, missing each best by about 2%), ``0``
-  and a quarter of the smaller side. Its
+  default to ``1.5`` (``0.0085`` under ``scale='none'``, so also under
+  ``reference='ista'``: the in-between rate of d_model 128's and 256's
+  bests, 1.8% and 2.4% above each), ``0`` and a quarter of the smaller
+  side. Its
   ``rotate_subspace`` option zeroes the moments instead of remapping them
   (an in-place matmul); ``reference='orthax'`` does what it means to.
 
   Args:
     learning_rate: η (number or schedule), per unit of the smaller side
-      under the default ``scale`` (see above).
+      under the default ``scale`` (see above); default 1.5, or 0.0085 under
+      ``scale='none'``.
     reference: ``'orthax'`` or ``'ista'`` (see above).
     scale: ``c`` above: ``'inverse_side'`` or ``'none'`` (default: the
       reference's).
@@ -180,6 +188,8 @@ def dct_adamw(
   if scale not in SCALES:
     raise ValueError(f'dct_adamw: scale must be one of {SCALES}, got '
                      f'{scale!r}.')
+  if learning_rate is None:
+    learning_rate = DEFAULT_LEARNING_RATES[scale]
   router, specs = _common.route(router)
   matrix = optax.named_chain(
       ('dct_adam', dct_adam.scale_by_dct_adam(

@@ -102,7 +102,8 @@ def muon(
     ns_method: ``'auto'`` (default; Gram Newton–Schulz for rectangular
       matrices in float32), ``'standard'`` or ``'gram'``; ``'standard'`` for
       ``reference='optax'`` so that it matches optax's arithmetic.
-    scale: ``'keller'``, ``'moonlight'``, ``'spectral'`` or ``'none'``.
+    scale: ``'keller'``, ``'moonlight'``, ``'spectral'``, ``'inverse_side'``
+      or ``'none'`` (:func:`orthax.scale_by_shape`).
     scale_rms: RMS target of the ``moonlight`` scale.
     weight_decay: λ for matrices.
     cautious_weight_decay: decay only where the update shrinks the weight.

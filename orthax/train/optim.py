@@ -124,6 +124,27 @@ def validate(opt_config: Mapping[str, Any]) -> None:
         f'of {what}; it accepts {list(accepted)}.')
 
 
+def check_mode_rate(name: str, learning_rate: float,
+                    kwargs: Mapping[str, Any]) -> None:
+  """Raises ``ValueError`` when ``learning_rate`` is recipe ``name``'s
+  registered default but ``kwargs`` pick a mode with another default rate
+  (a recipe whose ``learning_rate`` default is ``None``: DCT-AdamW's 1.5
+  per unit of the matrix side is 176× too large for its unscaled step)."""
+  param = inspect.signature(orthax.recipe_factory(name)).parameters.get(
+      'learning_rate')
+  if param is None or param.default is not None or not kwargs:
+    return
+  registered = orthax.recipes.recipe_entry(name).learning_rate
+  own = orthax.recipes.recipe_routing(
+      orthax.recipe(name, **kwargs)).learning_rates['matrix']
+  if learning_rate == registered and own != registered:
+    raise ValueError(
+        f'optimizer.learning_rate={learning_rate:g} is {name}\'s default for '
+        f'its default mode; with optimizer.kwargs {dict(kwargs)} its default '
+        f'is {own:g}: set optimizer.learning_rate (e.g. '
+        f'--config.optimizer.learning_rate={own:g}).')
+
+
 def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,
           distributed: Any = None
           ) -> tuple[optax.GradientTransformation, dict[str, Callable]]:
@@ -153,6 +174,7 @@ def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,
     return orthax.skip_if_nonfinite(tx), {'adam': sched}
   factory = orthax.recipe_factory(name)
   accepted = inspect.signature(factory).parameters
+  check_mode_rate(name, lr, kwargs)
   sched = PeakSchedule(shape, lr)
   kwargs['learning_rate'] = sched
   for key in ('weight_decay', 'adam_weight_decay'):

@@ -89,6 +89,7 @@ def scale_by_dct_adam(
                       update_every=update_every, ell_norm=ell_norm,
                       remap=bool(remap))
 
+  MS.check_scale_mode(scale, 'scale_by_dct_adam: scale')
   then = [] if scale == 'none' else [MS.ScaleByShape(scale)]
   return matrix_stage.slot_step(make, matrix_specs, distributed,
                                 'scale_by_dct_adam', then=then)

@@ -10,6 +10,7 @@ import optax
 
 from orthax import _tree
 from orthax import _validate
+from orthax.matrix_stages import check_scale_mode
 from orthax.transforms.scale_by_shape import shape_factor
 
 
@@ -59,7 +60,7 @@ def decoupled_weight_decay(
       matrix's rate by its factor, ``Δ ← Δ - λ η_t s W``: AdamW's decay at
       the step's own rate when the step carries the same factor (DCT-AdamW's
       ``'inverse_side'``).
-    matrix_specs: matrix views for ``step_scale`` (as in
+    matrix_specs: matrix views for ``step_scale`` or ``rate_scale`` (as in
       :func:`orthax.orthogonalize`).
 
   References: Loshchilov & Hutter, arXiv 1711.05101; Chen et al., *Cautious
@@ -68,7 +69,7 @@ def decoupled_weight_decay(
   _validate.arguments('decoupled_weight_decay', decoupled_weight_decay,
                       locals())
   if step_scale is not None:
-    shape_factor(1, 1, step_scale)  # fail early on unknown modes
+    check_scale_mode(step_scale, 'decoupled_weight_decay: step_scale')
     if learning_rate is None:
       raise ValueError('decoupled_weight_decay(step_scale=...) needs '
                        'learning_rate.')
@@ -76,7 +77,7 @@ def decoupled_weight_decay(
       raise ValueError('decoupled_weight_decay: pass step_scale or '
                        'rate_scale, not both.')
   if rate_scale is not None:
-    shape_factor(1, 1, rate_scale)
+    check_scale_mode(rate_scale, 'decoupled_weight_decay: rate_scale')
 
   def init_fn(params):
     del params
