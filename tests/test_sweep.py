@@ -161,6 +161,11 @@ def test_summary_means_over_seeds_and_finds_the_crossing():
   # The seed-mean curve (2.6, 1.975, 1.6) crosses 2.0 between evaluations
   # 10 and 20: 10 + 10·(2.6 − 2.0)/(2.6 − 1.975).
   assert rows['muon']['steps_to_baseline'] == pytest.approx(19.6)
+  # Each seed's own curve against the same 2.0: 10 + 10·0.5/0.6 and
+  # 20 + 10·0.05/0.35.
+  by_seed = rows['muon']['steps_to_baseline_by_seed']
+  assert by_seed == {0: pytest.approx(18.333, abs=1e-3),
+                     1: pytest.approx(21.429, abs=1e-3)}
   assert rows['muon']['baseline_steps'] == 30
   assert rows['adamw']['steps_to_baseline'] is None  # 2.1 at default
   assert rows['muon']['seeds'] == [0, 1]
@@ -172,6 +177,7 @@ def test_summary_means_over_seeds_and_finds_the_crossing():
   line = [l for l in sweep.table(sweep.summarize(recs)).splitlines()
           if l.startswith('| muon |')][0]
   assert 'nan' not in line and '1.6000 / —' in line, line
+  assert '| 20 (0.65×; 0.61–0.71) / — |' in line, line
   assert line.endswith('| 0,1 / 0 |'), line  # the seeds of each width
 
 

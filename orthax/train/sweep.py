@@ -234,8 +234,10 @@ def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw',
   seed-mean validation curve at the default scale reaches the baseline's
   best seed-mean final loss at that width (again among scales run at every
   seed; linear between evaluations, :func:`orthax.train.compare.crossing`;
-  ``None``: never, or no baseline runs), and ``baseline_steps``: the
-  baseline's training steps at that width.
+  ``None``: never, or no baseline runs), ``steps_to_baseline_by_seed``
+  (``{seed: step or None}``: each seed's own curve against the same
+  target) and ``baseline_steps``: the baseline's training steps at that
+  width.
 
   Scales are multiples of ``defaults[name]`` where given (today's defaults,
   which may differ from those the runs were made at), else the
@@ -258,10 +260,12 @@ def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw',
     compared = _with_all_seeds(scales)
     best = min(compared, key=finals.get)
     default = scales.get(1.0)
-    steps_to = None
+    steps_to, by_seed = None, {}
     if (default is not None and width in target
         and math.isfinite(finals[1.0])):  # a diverged seed: never reached
       steps_to = compare.crossing(*_mean_curve(default), target[width])
+      by_seed = {r['seed']: compare.steps_to(r, target[width])
+                 for r in default}
     lr_of = {k: v[0]['learning_rate'] for k, v in scales.items()}
     rows.append({
         'optimizer': name, 'width': width, 'best_scale': best,
@@ -271,10 +275,26 @@ def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw',
         'loss_default': finals.get(1.0, math.nan), 'loss_best': finals[best],
         'loss_by_scale': finals, 'compared_scales': compared,
         'seeds': sorted({r['seed'] for r in runs}),
-        'steps_to_baseline': steps_to, 'baseline_loss': target.get(width),
+        'steps_to_baseline': steps_to, 'steps_to_baseline_by_seed': by_seed,
+        'baseline_loss': target.get(width),
         'baseline_steps': baseline_steps.get(width),
     })
   return rows
+
+
+def _format_steps(row: dict[str, Any]) -> str:
+  """``123 (0.61×; 0.58–0.65)``: the seed-mean curve's crossing, its ratio
+  to the baseline's steps, and the range of each seed's own (where there are
+  several and all reach the target); ``—``: never reached."""
+  if row['steps_to_baseline'] is None:
+    return '—'
+  total = row['baseline_steps']
+  out = (f"{row['steps_to_baseline']:.0f} "
+         f"({row['steps_to_baseline'] / total:.2f}×")
+  seeds = list(row.get('steps_to_baseline_by_seed', {}).values())
+  if len(seeds) > 1 and None not in seeds:
+    out += f'; {min(seeds) / total:.2f}–{max(seeds) / total:.2f}'
+  return out + ')'
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
@@ -287,20 +307,18 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
       else '—' for w in widths)
   ws = ' / '.join(map(str, widths))
   lines = [f'| optimizer | default lr | best lr (d {ws}) | loss at default | '
-           f'loss at best | steps to AdamW at default (× AdamW\'s) | seeds |',
+           f'loss at best | steps to AdamW at default (× AdamW\'s; each '
+           'seed\'s) | seeds |',
            '|---|---|---|---|---|---|---|']
   for n in names:
     first = next(at[(n, w)] for w in widths if (n, w) in at)
-    fmt_steps = lambda r: ('—' if r['steps_to_baseline'] is None else
-                           f"{r['steps_to_baseline']:.0f} "
-                           f"({r['steps_to_baseline'] / r['baseline_steps']:.2f}×)")
     fmt_loss = lambda v: '—' if math.isnan(v) else f'{v:.4f}'  # not run
     lines.append(
         f"| {n} | {first['default_lr']:.3g} | "
         f"{per_w(lambda v: f'{v:.3g}', 'best_lr')} | "
         f"{per_w(fmt_loss, 'loss_default')} | "
         f"{per_w(fmt_loss, 'loss_best')} | "
-        f"{per_w(fmt_steps, None)} | "
+        f"{per_w(_format_steps, None)} | "
         f"{per_w(lambda v: ','.join(map(str, v)), 'seeds')} |")
   return '\n'.join(lines)
 
