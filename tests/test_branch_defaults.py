@@ -134,12 +134,39 @@ def test_describe_refuses_what_it_cannot_read():
   with pytest.raises(ValueError, match='inject_hyperparams'):
     orthax.describe(params, optimizer=optax.inject_hyperparams(orthax.muon)(
         learning_rate=0.02))
+  by_callable = orthax.muon(0.02, router=lambda p: orthax.Router().labels(p))
   with pytest.raises(ValueError, match='labels callable'):
-    orthax.describe(params, optimizer=orthax.lanton(0.02))
+    orthax.describe(params, optimizer=by_callable)
   # With a router given, the labels callable is not needed.
-  table = orthax.describe(params, orthax.Router(),
-                          optimizer=orthax.lanton(0.02))
+  table = orthax.describe(params, orthax.Router(), optimizer=by_callable)
   assert table.splitlines()[2].split()[-1] == '0.02'
+
+
+@pytest.mark.parametrize('name', orthax.recipe_names())
+def test_describe_reads_every_recipe_with_its_default_router(name):
+  """Each leaf gets its branch's rate (no recipe routes by a bare labels
+  callable by default)."""
+  params = {'embed': jnp.zeros((50, 8)), 'w': jnp.zeros((8, 8)),
+            'b': jnp.zeros(8)}
+  tx = orthax.recipe(name)
+  rates = _common.recipe_routing(tx).learning_rates
+  table = orthax.describe(params, optimizer=tx)
+  lines = table.splitlines()[2:]
+  assert len(lines) == 3 and all(line.split()[-1] != 'None' for line in lines)
+  w_row = next(line for line in lines if line.startswith('w '))
+  assert ('matrix' in w_row.split()) == ('matrix' in rates), (name, table)
+
+
+def test_describe_reads_lanton_signum_branch():
+  params = {'embed': jnp.zeros((50, 8)), 'w': jnp.zeros((8, 8)),
+            'b': jnp.zeros(8)}
+  table = orthax.describe(params, optimizer=orthax.lanton(0.04))
+  labels = ('adam', 'signum', 'matrix')
+  rows = {t[0]: (next(x for x in t if x in labels), t[-1])
+          for t in (line.split() for line in table.splitlines()[2:])}
+  # The Signum branch at the AdamW branch's rate: 3e-3 per 0.08 of η.
+  assert rows == {'b': ('adam', '0.0015'), 'embed': ('signum', '0.0015'),
+                  'w': ('matrix', '0.04')}
 
 
 # --- output layers routed to the matrix branch ------------------------------

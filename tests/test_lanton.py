@@ -155,10 +155,19 @@ def test_zero_gradients_give_zero_updates():
 
 def test_routes_embeddings_and_head_to_signum():
   params = jax.tree.map(jnp.asarray, make_tree(5, LSHAPES, np.float32))
-  labels = flat(orthax.recipes.adaptive.signum_labels(orthax.Router())(params))
-  assert labels['embed/embedding'] == labels['lm_head/kernel'] == 'signum'
-  assert labels['a/kernel'] == labels['stack/kernel'] == 'matrix'
-  assert labels['b/bias'] == labels['ln/scale'] == 'adam'
+  adaptive = orthax.recipes.adaptive
+  router = adaptive.signum_labels(orthax.Router())
+  assert isinstance(router, orthax.Router)  # so describe() reads it
+  # Around a labels callable: a labels callable with the same labels.
+  wrapped = adaptive.signum_labels(lambda p: orthax.Router().labels(p))
+  for labels in (flat(router.labels(params)), flat(wrapped(params))):
+    assert labels['embed/embedding'] == labels['lm_head/kernel'] == 'signum'
+    assert labels['a/kernel'] == labels['stack/kernel'] == 'matrix'
+    assert labels['b/bias'] == labels['ln/scale'] == 'adam'
+  # A base router's own limits hold underneath (here: max_side).
+  limited = flat(adaptive.signum_labels(orthax.Router(max_side=2)).labels(
+      params))
+  assert limited['a/kernel'] == 'adam'
 
 
 def test_bad_inputs():

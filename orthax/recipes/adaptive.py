@@ -138,15 +138,32 @@ SIGNUM_PATTERN = (r'(^|/)([^/]*embed[^/]*|wte|wpe|lm_head|head|unembed[^/]*'
                   r'|logits)(/|$)')
 
 
+class SignumRouter(routing.Router):
+  """``base``'s routes, with ``'signum'`` for the 2-D-or-larger ``'adam'``
+  leaves whose path matches ``pattern`` (LANTON's embeddings and LM head):
+  a :class:`orthax.Router`, so :func:`orthax.describe` reads it."""
+
+  def __init__(self, base: routing.Router, pattern: str = SIGNUM_PATTERN):
+    self.base, self.pattern = base, re.compile(pattern)
+    self.rules, self.max_side = base.rules, base.max_side
+
+  def route(self, path, shape):
+    r = self.base.route(path, shape)
+    if r.label == 'adam' and len(shape) >= 2 and self.pattern.search(path):
+      return routing.Route('signum', None, self.pattern.pattern)
+    return r
+
+
 def signum_labels(router, pattern: str = SIGNUM_PATTERN):
-  """``router``'s labels with ``'signum'`` for the 2-D-or-larger ``'adam'``
-  leaves whose path matches ``pattern`` (embeddings and LM head)."""
-  base = router.labels if isinstance(router, routing.Router) else router
+  """LANTON's router: :class:`SignumRouter` around an :class:`orthax.Router`;
+  around a labels callable, a labels callable doing the same."""
+  if isinstance(router, routing.Router):
+    return SignumRouter(router, pattern)
   rx = re.compile(pattern)
 
   def labels(params):
     paths, leaves, treedef = _tree.leaves_with_paths(params)
-    labs = treedef.flatten_up_to(base(params))
+    labs = treedef.flatten_up_to(router(params))
     return jax.tree.unflatten(treedef, [
         'signum' if lab == 'adam' and getattr(x, 'ndim', 0) >= 2
         and rx.search(p) else lab
