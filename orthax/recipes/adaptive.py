@@ -138,18 +138,26 @@ SIGNUM_PATTERN = (r'(^|/)([^/]*embed[^/]*|wte|wpe|lm_head|head|unembed[^/]*'
                   r'|logits)(/|$)')
 
 
+def _is_signum(label: str, path: str, ndim: int, pattern: re.Pattern) -> bool:
+  """An ``'adam'`` leaf of 2 or more dimensions whose path matches."""
+  return label == 'adam' and ndim >= 2 and pattern.search(path) is not None
+
+
 class SignumRouter(routing.Router):
   """``base``'s routes, with ``'signum'`` for the 2-D-or-larger ``'adam'``
   leaves whose path matches ``pattern`` (LANTON's embeddings and LM head):
   a :class:`orthax.Router`, so :func:`orthax.describe` reads it."""
 
   def __init__(self, base: routing.Router, pattern: str = SIGNUM_PATTERN):
+    # pylint: disable=super-init-not-called (rules and limit are base's)
     self.base, self.pattern = base, re.compile(pattern)
-    self.rules, self.max_side = base.rules, base.max_side
+
+  rules = property(lambda self: self.base.rules)
+  max_side = property(lambda self: self.base.max_side)
 
   def route(self, path, shape):
     r = self.base.route(path, shape)
-    if r.label == 'adam' and len(shape) >= 2 and self.pattern.search(path):
+    if _is_signum(r.label, path, len(shape), self.pattern):
       return routing.Route('signum', None, self.pattern.pattern)
     return r
 
@@ -165,8 +173,7 @@ def signum_labels(router, pattern: str = SIGNUM_PATTERN):
     paths, leaves, treedef = _tree.leaves_with_paths(params)
     labs = treedef.flatten_up_to(router(params))
     return jax.tree.unflatten(treedef, [
-        'signum' if lab == 'adam' and getattr(x, 'ndim', 0) >= 2
-        and rx.search(p) else lab
+        'signum' if _is_signum(lab, p, getattr(x, 'ndim', 0), rx) else lab
         for p, x, lab in zip(paths, leaves, labs)])
 
   return labels
