@@ -20,6 +20,7 @@ The defaults are right for Flax NNX and linen models::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import numbers
 import re
@@ -136,6 +137,14 @@ class Router:
     raise ValueError(
         f'no routing rule covers parameter {path!r} of shape {tuple(shape)}; '
         'add a Rule for it (extra_rules=[orthax.Rule(pattern, label)]).')
+
+  def with_max_side(self, max_side: int) -> 'Router':
+    """A copy of this router whose matrices with a side ``≥ max_side`` go
+    to ``'adam'`` (the smaller limit where it has one already)."""
+    limited = copy.copy(self)
+    limited.max_side = (max_side if self.max_side is None
+                        else min(self.max_side, max_side))
+    return limited
 
   def route(self, path: str, shape: Sequence[int]) -> Route:
     """:meth:`route_one`'s route, sent to ``'adam'`` when it is a matrix

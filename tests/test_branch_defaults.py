@@ -60,15 +60,19 @@ def test_adam_branch_default_follows_scale_mode(name):
   assert _first_bias_step(tx) == pytest.approx(1e-3, rel=1e-4)
 
 
-@pytest.mark.parametrize('kwargs, matched', [
-    (dict(), False), (dict(scale='moonlight'), True),
-    (dict(reference='moonlight'), True)])
-def test_muon_adam_branch_by_scale(kwargs, matched):
+@pytest.mark.parametrize('kwargs, matched, default', [
+    (dict(), False, 0.003), (dict(scale='moonlight'), True, 0.04),
+    # Moonlight's own rate, 1e-3, for both branches.
+    (dict(reference='moonlight'), True, 1e-3),
+    # KellerJordan's auxiliary Adam: 3e-4 at Muon's 0.02.
+    (dict(reference='keller'), False, 3e-4)])
+def test_muon_adam_branch_by_scale(kwargs, matched, default):
   tx = orthax.muon(0.02, **kwargs)
+  keller = kwargs.get('reference') == 'keller'
   assert _first_bias_step(tx) == pytest.approx(
-      0.02 if matched else 0.0015, rel=1e-4)
+      0.02 if matched else (3e-4 if keller else 0.0015), rel=1e-4)
   assert _first_bias_step(orthax.muon(**kwargs)) == pytest.approx(
-      0.04 if matched else 0.003, rel=1e-4)  # at the default rate
+      default, rel=1e-4)  # at the mode's default rate
 
 
 def test_optax_mode_adam_branch_is_adamw_sized_too():

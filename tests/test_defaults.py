@@ -2,8 +2,11 @@
 repository records (``results/sweep/runs.jsonl``, made with ``orthax-sweep``
 on the embedded corpus at d_model 128 and 256; see the README's table).
 
-The defaults live in one place, the factory's ``learning_rate`` default,
-which the registry (and so the trainer's configs) reads. A default that
+The defaults live in one place, the registry (the factories resolve a
+``learning_rate=None`` from it, and so do the trainer's configs); each
+``reference=`` mode with its reference's own rates is trained at them too
+(``results/reference_modes/runs.jsonl``, ``orthax-sweep
+--reference_modes``), and the docs' table of those runs is checked here. A default that
 moves must move with measurements: the sweep must hold runs at it at every
 width, it must be within 1.5× of the best rate measured there, and its
 final validation loss within 1% of the best one; and the best must be
@@ -19,9 +22,12 @@ import pytest
 
 import orthax
 from orthax.recipes import registry
+from orthax.train import reference_modes
 from orthax.train import sweep
 
-RUNS = pathlib.Path(__file__).resolve().parents[1] / 'results/sweep/runs.jsonl'
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUNS = ROOT / 'results/sweep/runs.jsonl'
+MODE_RUNS = ROOT / 'results/reference_modes/runs.jsonl'
 WIDTHS = (128, 256)
 NAMES = orthax.recipe_names()
 
@@ -98,3 +104,24 @@ def test_the_tables_in_the_docs_are_the_recorded_sweep(rows, doc):
   missing = [line for line in sweep.table(list(rows.values())).splitlines()
              if line not in text]
   assert not missing, f'{doc} lacks these rows of the sweep table: {missing}'
+
+
+@pytest.mark.parametrize('doc', ['README.md', 'docs/training.md'])
+def test_every_reference_mode_is_trained_at_its_rates(doc):
+  """Every mode with its reference's rates has a recorded run at those
+  rates (d_model 128, seed 0), and the docs' table of them is what
+  ``orthax-sweep --reference_modes`` prints for the recorded runs."""
+  runs = sweep.load(str(MODE_RUNS))
+  recorded = {(r['optimizer'], r['reference'], r['width'], r['seed']): r
+              for r in runs}
+  current = []
+  for case in reference_modes.cases():
+    run = recorded.get((case['optimizer'], case['reference'], 128, 0))
+    assert run is not None, f'no run of {case} at d_model 128, seed 0'
+    for key in ('learning_rate', 'adam_learning_rate', 'source'):
+      assert run[key] == case[key], (case, key, run[key])
+    current.append(run)
+  text = (ROOT / doc).read_text()
+  table = reference_modes.table(current, sweep.load(str(RUNS)))
+  missing = [line for line in table.splitlines() if line not in text]
+  assert not missing, f'{doc} lacks these rows of the modes table: {missing}'

@@ -1,6 +1,8 @@
 """LANTON (the labelled reconstruction of ALGORITHMS.md §12) vs a float64
 transcription of that reconstruction, plus invariants."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,6 +170,14 @@ def test_routes_embeddings_and_head_to_signum():
   limited = flat(adaptive.signum_labels(orthax.Router(max_side=2)).labels(
       params))
   assert limited['a/kernel'] == 'adam'
+  # A limit set on the wrapper (orthax.recipes.dct_adamw.limit_matrix_size
+  # does) goes to its base, and the wrapper keeps relabelling.
+  capped = router.with_max_side(2)
+  assert isinstance(capped, adaptive.SignumRouter) and capped.max_side == 2
+  assert router.max_side is None  # a copy: the original keeps no limit
+  assert flat(capped.labels(params)) == limited
+  dct = importlib.import_module('orthax.recipes.dct_adamw')  # the module
+  assert dct.limit_matrix_size(router, 2).max_side == 2
 
 
 def test_bad_inputs():

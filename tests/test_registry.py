@@ -1,6 +1,8 @@
 """The recipe registry: entries, reference modes and aliases, default
 learning rates, and a newly registered recipe reaching the trainer."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,19 +37,40 @@ DEFAULT_LEARNING_RATES = {
 }
 
 REFERENCES = {
-    'muon': ('keller', 'moonlight', 'optax'),
-    'normuon': ('repo', 'paper', 'modded'),
+    'muon': ('orthax', 'keller', 'moonlight', 'optax'),
+    'normuon': ('orthax', 'repo', 'paper', 'modded'),
     'namo': ('orthax', 'repo'),
     'namo_d': ('orthax', 'repo'),
     'lanton': (),
-    'root': ('repo',),
-    'auon': ('paper', 'repo'),
-    'hybrid_auon': ('paper', 'repo'),
+    'root': ('orthax', 'repo'),
+    'auon': ('orthax', 'paper', 'repo'),
+    'hybrid_auon': ('orthax', 'paper', 'repo'),
     'spectra': ('orthax', 'repo'),
     'dct_adamw': ('orthax', 'ista'),
-    'trion': ('ista',),
+    'trion': ('orthax', 'ista'),
     'fismo': (),
     'aro': ('orthax', 'dion'),
+}
+
+# Each reference mode's default (matrix, AdamW-branch) rates: its reference
+# code's, written out from ALGORITHMS.md and the reference repositories.
+# Modes not listed run at the library's (DEFAULT_LEARNING_RATES) rate.
+REFERENCE_RATES = {
+    ('muon', 'keller'): (0.02, 3e-4),        # Muon lr, aux Adam lr
+    ('muon', 'moonlight'): (1e-3, 1e-3),     # toy_train: one lr
+    ('normuon', 'repo'): (0.02, 3e-4),
+    ('normuon', 'paper'): (0.012, 0.012),    # none published: measured
+    ('normuon', 'modded'): (0.023, 0.008),
+    ('namo', 'repo'): (0.01, 0.01),          # NAMO class: one lr
+    ('namo_d', 'repo'): (0.01, 0.01),
+    ('root', 'repo'): (1e-3, 1e-3),          # example_train: one lr
+    ('auon', 'paper'): (0.24, 0.024),        # c87b862: AdamW at lr/10
+    ('auon', 'repo'): (0.24, 0.024),         # class lr; trainer Adam lr/10
+    ('hybrid_auon', 'repo'): (0.24, 0.024),
+    ('spectra', 'repo'): (2e-3, 2e-3),       # 160M scripts; AdamW base
+    ('aro', 'dion'): (0.01, 0.01),           # dion: one lr for all groups
+    ('trion', 'ista'): (0.02, 3e-4),         # Trion lr, Adam lr
+    ('dct_adamw', 'ista'): (0.0085, 0.0085),  # lr required: unscaled default
 }
 
 TOY = 'toy_ortho_sgd'
@@ -71,6 +94,62 @@ def test_entries():
     entry.aliases['x'] = 'repo'  # read-only
 
 
+@pytest.mark.parametrize('name', sorted(n for n in REFERENCES if REFERENCES[n]))
+def test_each_mode_runs_at_its_references_rates(name):
+  """A reference mode's default rates are its reference's; the library mode
+  (and a mode whose reference publishes none) the registered ones. Both
+  branches are read off the built optimizer, and the AdamW branch keeps
+  the mode's ratio at another rate."""
+  for ref in REFERENCES[name]:
+    lr, adam = REFERENCE_RATES.get((name, ref), DEFAULT_LEARNING_RATES[name])
+    # SPECTRA: one AdamW base. ROOT: its RMS-matched step shares the rate
+    # (the trainer registers 3e-3 for its AdamW branch separately).
+    adam = lr if adam is None or name == 'root' else adam
+    rates = orthax.recipes.recipe_routing(
+        orthax.recipe(name, reference=ref)).learning_rates
+    assert rates['matrix'] == pytest.approx(lr, rel=1e-12), ref
+    assert rates['adam'] == pytest.approx(adam, rel=1e-12), ref
+    rates = orthax.recipes.recipe_routing(
+        orthax.recipe(name, reference=ref, learning_rate=2 * lr)
+    ).learning_rates
+    assert rates['adam'] == pytest.approx(2 * adam, rel=1e-12), ref
+  assert orthax.recipes.recipe_entry(name).references[0] == 'orthax'
+  assert inspect.signature(orthax.recipe_factory(name)).parameters[
+      'reference'].default == 'orthax'
+
+
+# The library mode's arithmetic is that of this reference mode.
+SAME_ARITHMETIC = {'muon': 'keller', 'normuon': 'repo', 'root': 'repo',
+                   'auon': 'paper', 'hybrid_auon': 'paper', 'trion': 'ista'}
+
+
+@pytest.mark.parametrize('name', sorted(SAME_ARITHMETIC))
+def test_library_mode_is_its_references_arithmetic(name):
+  """At the same rates, ``reference='orthax'`` steps exactly as the mode
+  whose arithmetic it runs."""
+  shapes = {'blocks/mlp/kernel': (3, 8, 6), 'blocks/mlp/bias': (3, 6),
+            'attn/kernel': (6, 10)}
+  params = jax.tree.map(jnp.asarray, make_tree(0, shapes, np.float32))
+  grads = [jax.tree.map(jnp.asarray, make_tree(s, shapes, np.float32))
+           for s in (1, 2, 3)]
+  rates = dict(learning_rate=0.03, adam_learning_rate=2e-3)
+  ours = run_orthax(orthax.recipe(name, **rates), params, grads)
+  theirs = run_orthax(orthax.recipe(
+      name, reference=SAME_ARITHMETIC[name], **rates), params, grads)
+  for a, b in zip(ours, theirs):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_mode_rates_name_reference_modes():
+  with pytest.raises(ValueError, match="mode_rates .*'nosuch'"):
+    registry.RecipeEntry('bad', _toy, ('orthax', 'a'),
+                         mode_rates={'nosuch': (0.1, None)})
+  with pytest.raises(ValueError, match="not the library mode 'orthax'"):
+    registry.RecipeEntry('bad', _toy, ('orthax', 'a'),
+                         mode_rates={'orthax': (0.1, None)})
+
+
 def test_reference_resolution():
   for name, refs in REFERENCES.items():
     for ref in refs:
@@ -88,8 +167,10 @@ def test_alias_gives_the_same_updates(name):
            for s in (1, 2, 3)]
   new = run_orthax(orthax.recipe(name, reference='repo'), params, grads)
   old = run_orthax(orthax.recipe(name, reference='namo_repo'), params, grads)
-  spelled = run_orthax(orthax.recipe(name, shape='moonlight',
-                                     scale_coeff=0.2), params, grads)
+  # The repository's factor and coefficient, at its rate on both branches.
+  spelled = run_orthax(orthax.recipe(
+      name, shape='moonlight', scale_coeff=0.2, learning_rate=0.01,
+      adam_learning_rate=0.01), params, grads)
   for a, b, c in zip(new, old, spelled):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -203,8 +284,8 @@ def test_trainer_refuses_the_default_modes_rate_in_another_mode():
   from orthax.train import optim  # pylint: disable=g-import-not-at-top
   shape = optim.schedule_shape(10, warmup_steps=2)
   for kw in (dict(reference='ista'), dict(scale='none')):
-    with pytest.raises(ValueError, match=r'its default is 0\.0085: set '
-                       r'optimizer\.learning_rate'):
+    with pytest.raises(ValueError, match=r'its default is 0\.0085 \(AdamW '
+                       r'branch 0\.0085\): set optimizer\.learning_rate'):
       optim.build(configs.optimizer('dct_adamw', **kw), shape)
     opt = configs.optimizer('dct_adamw', learning_rate=0.0085, **kw)
     _, branches = optim.build(opt, shape)
@@ -212,6 +293,19 @@ def test_trainer_refuses_the_default_modes_rate_in_another_mode():
   # Its default mode, and a kwarg that keeps it, build at the default.
   for kw in (dict(), dict(scale='inverse_side'), dict(rank=0.5)):
     optim.build(configs.optimizer('dct_adamw', **kw), shape)
+  # A reference mode: its reference's rates, both named.
+  with pytest.raises(ValueError, match=(
+      r"kwargs \{'reference': 'moonlight'\} its default is 0\.001 \(AdamW "
+      r'branch 0\.001\).*learning_rate=0\.001 --config\.optimizer\.'
+      r'adam_learning_rate=0\.001')):
+    optim.build(configs.optimizer('muon', reference='moonlight'), shape)
+  opt = configs.optimizer('muon', learning_rate=1e-3, adam_learning_rate=1e-3,
+                          reference='moonlight')
+  _, branches = optim.build(opt, shape)
+  np.testing.assert_allclose(branches['adam'](5), 1e-3 * shape(5))
+  # The library mode, spelled out, and a mode without rates of its own.
+  for kw in (dict(reference='orthax'), dict(reference='optax')):
+    optim.build(configs.optimizer('muon', **kw), shape)
 
 
 def test_trainer_builds_a_new_recipe(toy):

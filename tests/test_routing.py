@@ -102,6 +102,10 @@ def test_max_side_sends_large_matrices_to_adam():
       'params/h_0/attn/c_attn/kernel']
   assert Router(max_side=48).output_layer_suspects(tree) == []
   assert Router(max_side=np.int64(64)).max_side == 64
+  # with_max_side: a copy with the smaller limit.
+  assert r.with_max_side(48).max_side == 48 and r.max_side == 64
+  assert r.with_max_side(128).max_side == 64
+  assert Router().with_max_side(32).max_side == 32
   for bad in (0, True, 2.5):
     with pytest.raises(ValueError, match='max_side must be a positive int'):
       Router(max_side=bad)

@@ -12,6 +12,14 @@ the same command continues the sweep. Writes ``<out>/summary.md`` (best
 learning rate per width, loss at the default and at the best, steps to
 AdamW's best loss), ``<out>/lr_<optimizer>.png`` and ``<out>/lr_all.png``
 (every optimizer, a panel each).
+
+``--reference_modes`` trains instead every ``reference=`` mode that has its
+reference's own learning rates, at those rates, at each width and seed, and
+prints them beside the library mode's runs at its default
+(:mod:`orthax.train.reference_modes`; README, "Reference modes"):
+
+    orthax-sweep --reference_modes --out=results/reference_modes \
+        --widths=128 --seeds=0
 """
 
 from __future__ import annotations
@@ -48,6 +56,12 @@ def define_flags() -> types.SimpleNamespace:
                                       'Validation interval.'),
       max_runs=flags.DEFINE_integer('max_runs', None,
                                     'Stop after this many new runs.'),
+      reference_modes=flags.DEFINE_bool(
+          'reference_modes', False, 'Train the reference modes at their '
+          "references' rates instead (see the module docstring)."),
+      sweep_runs=flags.DEFINE_string(
+          'sweep_runs', 'results/sweep/runs.jsonl', 'With '
+          "--reference_modes: the sweep whose library-mode runs to compare."),
       summarize_only=flags.DEFINE_bool(
           'summarize_only', False, 'Train nothing; summarize what is there.'),
       out=flags.DEFINE_string('out', 'sweep_out', 'Output directory.'))
@@ -65,6 +79,9 @@ def main(f: types.SimpleNamespace) -> None:
       seeds=tuple(int(s) for s in f.seeds.value),
       steps=f.steps.value, eval_every=f.eval_every.value)
   out = f.out.value
+  if f.reference_modes.value:
+    _reference_modes(f, spec)
+    return
   if f.summarize_only.value and not f.scales.present:
     runs = sweep.recorded(f.config.value, spec, out)
     print(f'{len(runs)} runs recorded at any rate '
@@ -85,6 +102,19 @@ def main(f: types.SimpleNamespace) -> None:
   for path in sweep.plot(rows, out):
     print(f'wrote {path}')
   print(f"wrote {sweep.plot_grid(rows, os.path.join(out, 'lr_all.png'))}")
+
+
+def _reference_modes(f: types.SimpleNamespace, spec) -> None:
+  # pylint: disable=g-import-not-at-top
+  from orthax.train import reference_modes
+  from orthax.train import sweep
+  runs = reference_modes.run(
+      f.config.value, f.out.value, widths=spec.widths, seeds=spec.seeds,
+      steps=spec.steps, eval_every=spec.eval_every)
+  md = reference_modes.table(runs, sweep.load(f.sweep_runs.value))
+  print(md)
+  with open(os.path.join(f.out.value, 'summary.md'), 'w') as fh:
+    fh.write(md + '\n')
 
 
 def run(argv: Sequence[str] | None = None) -> None:

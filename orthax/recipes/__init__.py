@@ -10,6 +10,8 @@ from orthax.recipes._common import recipe_routing
 from orthax.recipes._common import RecipeRouting
 from orthax.recipes._common import resolve_adam_learning_rate
 from orthax.recipes.registry import default_learning_rates
+from orthax.recipes.registry import LIBRARY_MODE
+from orthax.recipes.registry import ModeRates
 from orthax.recipes.registry import recipe
 from orthax.recipes.registry import recipe_entry
 from orthax.recipes.registry import recipe_factory
@@ -17,6 +19,7 @@ from orthax.recipes.registry import recipe_names
 from orthax.recipes.registry import recipe_references
 from orthax.recipes.registry import RecipeEntry
 from orthax.recipes.registry import register
+from orthax.recipes.registry import resolve_learning_rate
 from orthax.recipes.registry import resolve_reference
 from orthax.recipes.registry import unregister
 from orthax.recipes.muon import muon
@@ -37,7 +40,8 @@ __all__ = [
     'assemble', 'assemble_with_adamw', 'default_learning_rates', 'route',
     'step_stages', 'muon', 'recipe', 'recipe_entry',
     'recipe_factory', 'recipe_names', 'recipe_references', 'RecipeEntry',
-    'register', 'resolve_reference', 'unregister',
+    'register', 'resolve_learning_rate', 'resolve_reference', 'unregister',
+    'LIBRARY_MODE', 'ModeRates',
     'dct_adamw', 'trion',
     'aro', 'fismo', 'lanton', 'namo', 'namo_d', 'normuon',
     'auon', 'hybrid_auon', 'root', 'spectra',

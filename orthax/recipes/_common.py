@@ -68,36 +68,45 @@ def step_stages(learning_rate: optax.ScalarOrSchedule, weight_decay: Any,
 ADAMW_RATE_PER_MATRIX_RATE = 0.15
 
 
-def adam_rate_ratio(recipe: str | None) -> float:
+def adam_rate_ratio(recipe: str | None, reference: str | None = None
+                    ) -> float:
   r"""The AdamW branch's default rate per unit of the matrix rate for
   ``recipe``: :math:`k = \eta_{\text{adam}}^{\text{default}} /
   \eta^{\text{default}}`, its registered ``adam_learning_rate /
   learning_rate`` (the rates the learning-rate sweep measured together),
-  else :data:`ADAMW_RATE_PER_MATRIX_RATE`.
+  else :data:`ADAMW_RATE_PER_MATRIX_RATE`. A ``reference`` mode that
+  registers its reference's rates (:class:`orthax.recipes.ModeRates`) has
+  their ratio instead.
 
   Example:
     >>> import orthax
     >>> round(orthax.recipes.adam_rate_ratio('muon'), 6)   # 3e-3 / 0.04
     0.075
+    >>> round(orthax.recipes.adam_rate_ratio('muon', 'keller'), 6)  # 3e-4 / 0.02
+    0.015
   """
   if recipe is not None and recipe in registry.recipe_names():
-    ratio = registry.recipe_entry(recipe).adam_rate_ratio
-    if ratio is not None:
-      return ratio
+    entry = registry.recipe_entry(recipe)
+    for ratio in (entry.mode_adam_rate_ratio(reference),
+                  entry.adam_rate_ratio):
+      if ratio is not None:
+        return ratio
   return ADAMW_RATE_PER_MATRIX_RATE
 
 
 def resolve_adam_learning_rate(learning_rate: optax.ScalarOrSchedule,
                                adam_learning_rate: optax.ScalarOrSchedule
                                | None, *, rms_matched: bool,
-                               recipe: str | None = None
+                               recipe: str | None = None,
+                               reference: str | None = None
                                ) -> optax.ScalarOrSchedule:
   r"""The AdamW branch's learning rate.
 
   ``adam_learning_rate`` if given; else the matrices' ``learning_rate``
   when ``rms_matched`` (a mode that scales the matrix update to AdamW's
   update RMS, e.g. Moonlight's ``0.2·√max(m, n)``, so one rate fits both
-  branches); else ``learning_rate ×`` :func:`adam_rate_ratio` ``(recipe)``:
+  branches); else ``learning_rate ×`` :func:`adam_rate_ratio` ``(recipe,
+  reference)`` (a ``reference`` mode's own ratio where it registers one):
 
   .. math::
 
@@ -113,7 +122,7 @@ def resolve_adam_learning_rate(learning_rate: optax.ScalarOrSchedule,
     return adam_learning_rate
   if rms_matched:
     return learning_rate
-  k = adam_rate_ratio(recipe)
+  k = adam_rate_ratio(recipe, reference)
   if callable(learning_rate):
     return lambda count: k * learning_rate(count)
   return k * learning_rate
@@ -248,21 +257,22 @@ def assemble_with_adamw(
     adam_learning_rate: optax.ScalarOrSchedule | None,
     rms_matched: bool,
     recipe: str | None = None,
+    reference: str | None = None,
     branches: dict[str, optax.GradientTransformation] | None = None,
     branch_learning_rates: dict[str, optax.ScalarOrSchedule] | None = None,
     **adam_kwargs,
 ) -> optax.GradientTransformation:
   """The shared tail of a recipe: :func:`assemble` with the AdamW branch
   :func:`orthax.transforms.adamw` at :func:`resolve_adam_learning_rate` ``(
-  learning_rate, adam_learning_rate, rms_matched=rms_matched)`` with
-  ``adam_kwargs``. Every branch computes in float32 for float16/bfloat16
+  learning_rate, adam_learning_rate, rms_matched=rms_matched, recipe=recipe,
+  reference=reference)`` with ``adam_kwargs``. Every branch computes in float32 for float16/bfloat16
   parameters (:func:`orthax.transforms.precision.in_float32`; the AdamW
   branch does so itself) and returns updates in the gradients' dtype. The
   result carries its :class:`RecipeRouting` (``branch_learning_rates``:
   those of the extra ``branches``)."""
   adam_lr = resolve_adam_learning_rate(learning_rate, adam_learning_rate,
                                        rms_matched=rms_matched,
-                                       recipe=recipe)
+                                       recipe=recipe, reference=reference)
   adam = T.adamw(adam_lr, **adam_kwargs)
   branches = {k: precision.in_float32(v) for k, v in (branches or {}).items()}
   tx = assemble(precision.in_float32(matrix_chain), adam, router,

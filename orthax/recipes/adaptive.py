@@ -17,9 +17,12 @@ from orthax import transforms as T
 from orthax.recipes import _common
 from orthax.recipes import registry
 
+_NORMUON_REPO = dict(nesterov=True, preset='jordan', beta2=0.95,
+                     axis='fan_out', eps_placement='add', restore_norm=True,
+                     weight_decay=0.0)
 _NORMUON_REFERENCES = {
-    'repo': dict(nesterov=True, preset='jordan', beta2=0.95, axis='fan_out',
-                 eps_placement='add', restore_norm=True, weight_decay=0.0),
+    'orthax': _NORMUON_REPO,  # the repo's arithmetic at the sweep's rates
+    'repo': _NORMUON_REPO,
     'paper': dict(nesterov=False, preset='jordan', beta2=0.95, axis='fan_out',
                   eps_placement='add', restore_norm=False, weight_decay=0.0),
     'modded': dict(nesterov=True, preset='polar_express', beta2=0.9,
@@ -28,12 +31,26 @@ _NORMUON_REFERENCES = {
 }
 
 
-@registry.register('normuon', references=tuple(_NORMUON_REFERENCES),
-                   adam_learning_rate=3e-3)
+@registry.register(
+    'normuon', references=tuple(_NORMUON_REFERENCES), learning_rate=0.04,
+    adam_learning_rate=3e-3, mode_rates={
+        'repo': registry.ModeRates(
+            0.02, 3e-4, 'zichongli5/NorMuon @d45c9a4 normuon.py: NorMuon lr, '
+            'auxiliary Adam lr (KellerJordan\'s)'),
+        # No published default (optax.contrib.normuon requires one). One
+        # rate for both branches, as the RMS-0.2 step is AdamW's size; on
+        # the embedded corpus (d_model 128, seed 0) 0.012 ended at 1.579,
+        # 0.024 at 1.585, AdamW's own 3e-3 at 1.920.
+        'paper': registry.ModeRates(
+            0.012, 0.012, 'none published; measured on the embedded corpus '
+            '(d_model 128): one rate for its RMS-0.2 step and AdamW'),
+        'modded': registry.ModeRates(
+            0.023, 0.008, 'modded-nanogpt train_gpt.py @f411b3d: NorMuon '
+            'lr, Adam group lr')})
 def normuon(
-    learning_rate: optax.ScalarOrSchedule = 0.04,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
-    reference: str = 'repo',
+    reference: str = 'orthax',
     beta: float = 0.95,
     beta2: float | None = None,
     eps: float = 1e-10,
@@ -55,8 +72,9 @@ def normuon(
 ) -> optax.GradientTransformation:
   r"""NorMuon: Muon with a per-neuron second moment of the orthogonalized step.
 
-  ``reference='repo'`` (default; zichongli5/NorMuon ``normuon.py`` @
-  d45c9a4), per matrix in PyTorch layout ``m×n`` (rows = output neurons):
+  ``reference='orthax'`` (default) and ``'repo'`` (zichongli5/NorMuon
+  ``normuon.py`` @ d45c9a4), per matrix in PyTorch layout ``m×n`` (rows =
+  output neurons):
 
   .. math::
      u &= \mathrm{nesterov}(G),\quad O = \mathrm{NS}_5(u),\quad
@@ -80,19 +98,25 @@ def normuon(
   iteration and parameters with a mantissa buffer, MLP ``c_proj``'s 2× rate,
   per-parameter Adam betas.
 
-  =========  ========  ======  =======  ============  ==========  =========
-  reference  nesterov  NS      β2       statistic     ε           scale
-  =========  ========  ======  =======  ============  ==========  =========
-  repo       yes       jordan  0.95     per out row   √v + ε      restore·keller
-  paper      no        jordan  0.95     per out row   √v + ε      RMS 0.2
-  modded     yes       PE (C)  0.9      longer side   max(v, ε)   restore·keller
-  =========  ========  ======  =======  ============  ==========  =========
+  =========  ========  ======  =======  ============  ==========  ==============  ============
+  reference  nesterov  NS      β2       statistic     ε           scale           η / AdamW η
+  =========  ========  ======  =======  ============  ==========  ==============  ============
+  orthax     yes       jordan  0.95     per out row   √v + ε      restore·keller  0.04 / 3e-3
+  repo       yes       jordan  0.95     per out row   √v + ε      restore·keller  0.02 / 3e-4
+  paper      no        jordan  0.95     per out row   √v + ε      RMS 0.2         0.012 / 0.012
+  modded     yes       PE (C)  0.9      longer side   max(v, ε)   restore·keller  0.023 / 0.008
+  =========  ========  ======  =======  ============  ==========  ==============  ============
 
   The AdamW branch is KellerJordan/Muon's auxiliary Adam (β = (0.9, 0.95),
   ε = 1e-10 after bias correction), at ``adam_learning_rate``: by default
   ``learning_rate`` for ``'paper'`` (RMS-0.2 updates, AdamW's scale) and
-  ``0.075·learning_rate`` (3e-3 at the default 0.04) otherwise
-  (:func:`orthax.recipes.resolve_adam_learning_rate`). Explicit arguments override the
+  otherwise in proportion to ``learning_rate`` as the mode's rates (table)
+  are, e.g. ``0.075·learning_rate`` for ``'orthax'``
+  (:func:`orthax.recipes.resolve_adam_learning_rate`). A reference mode
+  runs at its reference's rates. The paper publishes none, so ``'paper'``
+  runs at 0.012 on both branches, measured on the embedded corpus (d_model
+  128: 1.579 there, 1.585 at 0.024; AdamW's own 3e-3, which its RMS-0.2
+  step is scaled to share, ended at 1.920). Explicit arguments override the
   reference's defaults (``beta2``, ``preset``, ``weight_decay``).
   ``distributed=orthax.sharding.Distributed(...)`` runs Newton–Schulz, the
   neuron statistics, the Frobenius restore and the scale on whole matrices
@@ -105,7 +129,7 @@ def normuon(
   reference = registry.resolve_reference('normuon', reference)
   d = _NORMUON_REFERENCES[reference]
   router, specs = _common.route(router)
-  lr = learning_rate
+  lr = registry.resolve_learning_rate('normuon', reference, learning_rate)
   wd = d['weight_decay'] if weight_decay is None else weight_decay
   # The neuron statistics, the Frobenius restore and the scale run on each
   # orthogonalized matrix in the same pass (on a mesh: in the same body).
@@ -129,7 +153,8 @@ def normuon(
   return _common.assemble_with_adamw(
       optax.named_chain(*stages), router, check_finite, learning_rate=lr,
       adam_learning_rate=adam_learning_rate,
-      rms_matched=reference == 'paper', recipe='normuon', b1=adam_b1,
+      rms_matched=reference == 'paper', recipe='normuon',
+      reference=reference, b1=adam_b1,
       b2=adam_b2,
       eps=adam_eps, weight_decay=adam_weight_decay, mu_dtype=mu_dtype)
 
@@ -154,6 +179,10 @@ class SignumRouter(routing.Router):
 
   rules = property(lambda self: self.base.rules)
   max_side = property(lambda self: self.base.max_side)
+
+  def with_max_side(self, max_side: int) -> 'SignumRouter':
+    return SignumRouter(self.base.with_max_side(max_side),
+                        self.pattern.pattern)
 
   def route(self, path, shape):
     r = self.base.route(path, shape)

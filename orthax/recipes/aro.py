@@ -31,10 +31,13 @@ def _check_choices(**choices):
                        f'{value!r}.')
 
 
-@registry.register('aro', references=tuple(_ARO_REFERENCES),
-                   adam_learning_rate=3e-3)
+@registry.register(
+    'aro', references=tuple(_ARO_REFERENCES), learning_rate=0.04,
+    adam_learning_rate=3e-3, mode_rates={'dion': registry.ModeRates(
+        0.01, 0.01, 'microsoft/dion dev/aro @9c6b30d dion/aro.py: lr, shared '
+        'by its AdamW groups')})
 def aro(
-    learning_rate: optax.ScalarOrSchedule = 0.04,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,
@@ -84,9 +87,9 @@ def aro(
   @9c6b30d) and its defaults: the rotation acts on the PyTorch rows
   (``rotate='fan_out'``: the Flax kernel's output axis), Householder QR
   every step, ``scale='rms_norm'``, decoupled decay with the base rate,
-  its AdamW groups' betas ``(0.9, 0.95)``, ε ``10⁻⁸`` and decay (pass its
-  learning rate too: the default is the ``'muon'`` scale's; under
-  ``rms_norm`` 1.25e-3 was best at d_model 128). Where the rotated
+  its AdamW groups' betas ``(0.9, 0.95)``, ε ``10⁻⁸`` and decay, and its
+  learning rate 0.01 for both branches (on the embedded corpus at d_model
+  128, 1.25e-3 was best under ``rms_norm``). Where the rotated
   side is the larger (dion: every PyTorch-tall weight, e.g. an
   up-projection), ``C`` is rank-deficient, the last columns of the
   reference's ``Q`` are set by roundoff and the clamp in ``f`` blows their
@@ -109,8 +112,10 @@ def aro(
   (docs/performance.md).
 
   Args:
-    learning_rate: η (number or schedule).
-    reference: ``'orthax'`` or ``'dion'``.
+    learning_rate: η (number or schedule); default: the mode's, 0.04 for
+      ``'orthax'`` (the sweep's best at d_model 128 and 256, README) and
+      0.01 for ``'dion'``.
+    reference: ``'orthax'`` (default) or ``'dion'``.
     beta: momentum β (dion's ``mu``).
     base: ``'sinkhorn'``, ``'row_norm'`` or ``'sign'``.
     qr: ``'cholesky_qr3'`` (matrix products; Householder's ``Q`` up to
@@ -131,8 +136,8 @@ def aro(
     weight_decay: λ for matrices.
     mu_dtype: momentum dtype (both branches; default float32 or wider).
     adam_learning_rate: AdamW learning rate (default: ``learning_rate``
-      under ``scale='update_rms'``, else ``0.075·learning_rate``, 3e-3 at
-      the default 0.04; see
+      under ``scale='update_rms'`` and for ``'dion'``, else
+      ``0.075·learning_rate``, 3e-3 at the default 0.04; see
       :func:`orthax.recipes.resolve_adam_learning_rate`).
     adam_b1, adam_b2, adam_eps: AdamW moments and epsilon.
     adam_weight_decay: AdamW decay (default: λ for ``'dion'``, else 0).
@@ -157,6 +162,8 @@ def aro(
   """
   _validate.arguments('aro', aro, locals())
   reference = registry.resolve_reference('aro', reference)
+  learning_rate = registry.resolve_learning_rate('aro', reference,
+                                                 learning_rate)
   d = _ARO_REFERENCES[reference]
   rotate = d['rotate'] if rotate is None else rotate
   scale = d['scale'] if scale is None else scale
@@ -179,6 +186,7 @@ def aro(
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate,
-      rms_matched=scale == 'update_rms', recipe='aro', b1=adam_b1,
+      rms_matched=scale == 'update_rms', recipe='aro', reference=reference,
+      b1=adam_b1,
       b2=adam_b2,
       eps=adam_eps, weight_decay=adam_weight_decay, mu_dtype=mu_dtype)

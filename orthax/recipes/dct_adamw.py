@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable
 
 import optax
@@ -37,10 +36,7 @@ def limit_matrix_size(router: _common.RouterLike, max_shape: int
   ``max_side`` set (so :func:`orthax.describe` reads it), or a labels
   function around a labels callable (default matrix views)."""
   if isinstance(router, routing.Router):
-    limited = copy.copy(router)
-    limited.max_side = (max_shape if router.max_side is None
-                        else min(router.max_side, max_shape))
-    return limited
+    return router.with_max_side(max_shape)
 
   def labels(params):
     _, leaves, treedef = _tree.leaves_with_paths(params)

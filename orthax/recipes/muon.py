@@ -13,11 +13,13 @@ from orthax import transforms as T
 from orthax.recipes import _common
 from orthax.recipes import registry
 
+_KELLER = dict(form='ema', nesterov=True, bias_correction=False,
+               preset='jordan', scale='keller',
+               adam_b2=0.95, adam_eps=1e-10,
+               adam_eps_placement='corrected', adam_shares_wd=False)
 _MUON_REFERENCES = {
-    'keller': dict(form='ema', nesterov=True, bias_correction=False,
-                   preset='jordan', scale='keller',
-                   adam_b2=0.95, adam_eps=1e-10,
-                   adam_eps_placement='corrected', adam_shares_wd=False),
+    'orthax': _KELLER,  # KellerJordan's arithmetic at the sweep's rates
+    'keller': _KELLER,
     'moonlight': dict(form='sum', nesterov=True, bias_correction=False,
                       preset='jordan', scale='moonlight',
                       adam_b2=0.95, adam_eps=1e-8,
@@ -29,12 +31,19 @@ _MUON_REFERENCES = {
 }
 
 
-@registry.register('muon', references=tuple(_MUON_REFERENCES),
-                   adam_learning_rate=3e-3)
+@registry.register(
+    'muon', references=tuple(_MUON_REFERENCES), learning_rate=0.04,
+    adam_learning_rate=3e-3, mode_rates={
+        'keller': registry.ModeRates(
+            0.02, 3e-4, 'KellerJordan/Muon @857d1adc muon.py: Muon lr, '
+            'auxiliary Adam lr'),
+        'moonlight': registry.ModeRates(
+            1e-3, 1e-3, 'MoonshotAI/Moonlight @c2ad5b2 examples/'
+            'toy_train.py: one lr for Muon and AdamW')})
 def muon(
-    learning_rate: optax.ScalarOrSchedule = 0.04,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
-    reference: str = 'keller',
+    reference: str = 'orthax',
     beta: float = 0.95,
     nesterov: bool | None = None,
     preset: str | None = None,
@@ -58,7 +67,8 @@ def muon(
 ) -> optax.GradientTransformation:
   r"""Muon: momentum orthogonalized by Newton–Schulz, AdamW for the rest.
 
-  For each routed matrix ``W`` with gradient ``G`` (``reference='keller'``):
+  For each routed matrix ``W`` with gradient ``G`` (``reference='orthax'``,
+  the default, and ``'keller'``):
 
   .. math::
      m_t &= β m_{t-1} + (1-β) G_t,\qquad u_t = (1-β) G_t + β m_t \\
@@ -68,16 +78,21 @@ def muon(
   ``reference`` picks the defaults of a reference implementation; explicit
   arguments override them:
 
-  =============  ==========  ==========  ========  ======  ===================
-  reference      momentum    bias corr.  scale     NS eps  AdamW b2 / eps / wd
-  =============  ==========  ==========  ========  ======  ===================
-  ``keller``     EMA, nest.  no          keller    1e-7    0.95 / 1e-10 / 0
-  ``moonlight``  sum, nest.  no          0.2·√max  1e-7    0.95 / 1e-8 raw / λ
-  ``optax``      EMA, nest.  yes         keller    1e-8    0.999 / 1e-8 / 0
-  =============  ==========  ==========  ========  ======  ===================
+  =============  ==========  ==========  ========  ======  ===================  ============
+  reference      momentum    bias corr.  scale     NS eps  AdamW b2 / eps / wd  η / AdamW η
+  =============  ==========  ==========  ========  ======  ===================  ============
+  ``orthax``     EMA, nest.  no          keller    1e-7    0.95 / 1e-10 / 0     0.04 / 3e-3
+  ``keller``     EMA, nest.  no          keller    1e-7    0.95 / 1e-10 / 0     0.02 / 3e-4
+  ``moonlight``  sum, nest.  no          0.2·√max  1e-7    0.95 / 1e-8 raw / λ  1e-3 / 1e-3
+  ``optax``      EMA, nest.  yes         keller    1e-8    0.999 / 1e-8 / 0     0.04 / 3e-3
+  =============  ==========  ==========  ========  ======  ===================  ============
 
   ("raw": ε added to √v before bias correction, as in Moonlight's AdamW;
   the optax mode's AdamW is NAdam-style, as ``optax.contrib.muon``'s.)
+  A reference mode runs at its reference's learning rates; ``'orthax'`` is
+  KellerJordan's arithmetic at the rates the learning-rate sweep chose
+  (README), and ``'optax'``, whose reference has no default rate, at those
+  too.
 
   ``reference='optax'`` with the same arguments and ``router`` left ``None``
   (optax's rule: 2-D leaves are matrices) reproduces
@@ -86,11 +101,12 @@ def muon(
   mode (``W ← W(1-ηλ)``), as all three references do.
 
   Args:
-    learning_rate: η for the matrix branch (number or schedule). The
-      default 0.04 is the sweep's best at d_model 128 and 256 (README);
-      KellerJordan/Muon's is 0.02.
-    reference: ``'keller'`` (KellerJordan/Muon), ``'moonlight'``
-      (MoonshotAI/Moonlight) or ``'optax'`` (``optax.contrib.muon``).
+    learning_rate: η for the matrix branch (number or schedule); default:
+      the mode's (table), 0.04 for ``'orthax'``, the sweep's best at
+      d_model 128 and 256 (README).
+    reference: ``'orthax'`` (default), ``'keller'`` (KellerJordan/Muon),
+      ``'moonlight'`` (MoonshotAI/Moonlight) or ``'optax'``
+      (``optax.contrib.muon``).
     beta: momentum β.
     nesterov: Nesterov look-ahead (default: the reference's, on).
     preset: Newton–Schulz preset (default ``'jordan'``), e.g.
@@ -110,9 +126,10 @@ def muon(
     mu_dtype: momentum accumulator dtype (both branches; default float32,
       or the parameters' dtype if wider: every branch computes in float32
       and rounds the update to the gradients' dtype once).
-    adam_learning_rate: AdamW learning rate (default: ``learning_rate``
-      under the ``moonlight`` scale, whose update RMS is AdamW's; else
-      ``0.075·learning_rate``, 3e-3 at the default 0.04, the rates the
+    adam_learning_rate: AdamW learning rate (default: in proportion to
+      ``learning_rate`` as the mode's rates are, table; under the
+      ``moonlight`` scale, whose update RMS is AdamW's, ``learning_rate``;
+      else ``0.075·learning_rate``, 3e-3 at the default 0.04, the rates the
       learning-rate sweep measured together: see
       :func:`orthax.recipes.resolve_adam_learning_rate`).
       ``optax.contrib.muon`` reuses ``learning_rate``: pass
@@ -143,6 +160,8 @@ def muon(
   """
   _validate.arguments('muon', muon, locals())
   reference = registry.resolve_reference('muon', reference)
+  learning_rate = registry.resolve_learning_rate('muon', reference,
+                                                 learning_rate)
   d = _MUON_REFERENCES[reference]
   nesterov = d['nesterov'] if nesterov is None else nesterov
   preset = d['preset'] if preset is None else preset
@@ -172,7 +191,8 @@ def muon(
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate,
-      rms_matched=scale == 'moonlight', recipe='muon', b1=adam_b1, b2=d['adam_b2'] if adam_b2 is None else adam_b2,
+      rms_matched=scale == 'moonlight', recipe='muon', reference=reference,
+      b1=adam_b1, b2=d['adam_b2'] if adam_b2 is None else adam_b2,
       eps=d['adam_eps'] if adam_eps is None else adam_eps,
       weight_decay=adam_weight_decay, mu_dtype=mu_dtype,
       eps_placement=d['adam_eps_placement'],

@@ -21,12 +21,21 @@ _NAMO_REFERENCES = {
 }
 
 
+# The repository's class defaults: one rate for NAMO and its AdamW branch.
+_NAMO_REPO_RATES = {'repo': registry.ModeRates(
+    0.01, 0.01, 'minxin-zhg/namo @a3f37b0 src/namo.py: lr, shared by the '
+    'AdamW branch')}
+
+
 def _namo(name, mode, learning_rate, reference, beta, mu2, eps, weight_decay,
           scale_coeff, clamp_c, nesterov, preset, ns_steps, ns_dtype,
           ns_method, mu_dtype, adam_learning_rate, adam_b1, adam_b2, adam_eps,
           adam_weight_decay, router, check_finite, distributed=None,
           shape=None):
-  d = _NAMO_REFERENCES[registry.resolve_reference(name, reference)]
+  reference = registry.resolve_reference(name, reference)
+  learning_rate = registry.resolve_learning_rate(name, reference,
+                                                 learning_rate)
+  d = _NAMO_REFERENCES[reference]
   shape = d['shape'] if shape is None else shape
   scale_coeff = d['scale_coeff'] if scale_coeff is None else scale_coeff
   router, specs = _common.route(router)
@@ -42,9 +51,9 @@ def _namo(name, mode, learning_rate, reference, beta, mu2, eps, weight_decay,
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate, rms_matched=False,
-      recipe=name,
-      b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=(weight_decay if adam_weight_decay is None
-                                  else adam_weight_decay),
+      recipe=name, reference=reference, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+      weight_decay=(weight_decay if adam_weight_decay is None
+                    else adam_weight_decay),
       eps_placement='raw', mu_dtype=mu_dtype)
 
 
@@ -66,16 +75,16 @@ _NAMO_DOC = r"""
   the eps fix (``sqrt(v) + ε``), with its factor ``shape='moonlight'``
   (``k = √max(A, B)``) and ``scale_coeff=0.2``: an update RMS of about
   ``0.2α`` at any width, so its best rate falls with the width as AdamW's
-  does (pass its learning rate too: 0.08 was best at d_model 128; the
-  repository's own 0.01 ends 0.5 nats above that). ``shape`` and
-  ``scale_coeff`` default to the mode's.
+  does. It runs at the repository's rates, 0.01 for both branches (on the
+  embedded corpus at d_model 128, 0.08 was best in this mode and 0.01 ended
+  0.5 nats above it). ``shape`` and ``scale_coeff`` default to the mode's.
 
   The AdamW branch: β = (0.9, 0.95), ε = 1e-8 added to ``sqrt(v)``
   *before* bias correction, weight decay ``weight_decay`` (the
   repository's training script passes 0: ``adam_weight_decay=0``), at
   ``adam_learning_rate``, by default ``{ratio}·learning_rate`` (3e-3 at the
-  default {default}). The repository runs it at the matrices' rate
-  (``adam_learning_rate=learning_rate`` reproduces that); that trained
+  default {default}; ``reference='repo'``: ``learning_rate``). The
+  repository runs it at the matrices' rate; under ``'orthax'`` that trained
   worse (validation loss 1.594 against 1.557 with 3e-3 under the
   repository's factor at 0.08; embedded corpus, d_model 128, 200 steps).
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
@@ -87,10 +96,10 @@ _NAMO_DOC = r"""
 
 
 @registry.register('namo', references=tuple(_NAMO_REFERENCES),
-                   aliases={'namo_repo': 'repo'},
-                   adam_learning_rate=3e-3)
+                   aliases={'namo_repo': 'repo'}, learning_rate=0.16,
+                   adam_learning_rate=3e-3, mode_rates=_NAMO_REPO_RATES)
 def namo(
-    learning_rate: optax.ScalarOrSchedule = 0.16,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,
@@ -129,10 +138,10 @@ namo.__doc__ = ('NAMO: orthogonalized momentum with a scalar Adam-style '
 
 
 @registry.register('namo_d', references=tuple(_NAMO_REFERENCES),
-                   aliases={'namo_repo': 'repo'},
-                   adam_learning_rate=3e-3)
+                   aliases={'namo_repo': 'repo'}, learning_rate=0.11,
+                   adam_learning_rate=3e-3, mode_rates=_NAMO_REPO_RATES)
 def namo_d(
-    learning_rate: optax.ScalarOrSchedule = 0.11,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,

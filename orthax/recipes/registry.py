@@ -13,12 +13,32 @@ import dataclasses
 import inspect
 import numbers
 import types
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import optax
 
 
 Factory = Callable[..., optax.GradientTransformation]
+
+# Every recipe with ``reference=`` modes has this one: the arithmetic of one
+# of its references (or orthax's own) at the learning rates the sweep chose.
+LIBRARY_MODE = 'orthax'
+
+
+class ModeRates(NamedTuple):
+  """A ``reference=`` mode's own default learning rates: the ones its
+  reference code trains with, so that the mode equals it in everything.
+
+  Attributes:
+    learning_rate: the matrix branch's (or the base optimizer's) rate.
+    adam_learning_rate: the AdamW branch's rate at ``learning_rate``
+      (``None``: as the mode's scale resolves it); with another
+      ``learning_rate`` it moves in proportion.
+    source: where the rates come from (file and commit, or paper).
+  """
+  learning_rate: float
+  adam_learning_rate: float | None = None
+  source: str = ''
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +58,10 @@ class RecipeEntry:
       AdamW branch; ``None``: the main branch's (or no AdamW branch). Its
       ratio to ``learning_rate`` is also the recipe's default AdamW rate per
       unit of the matrix rate (:attr:`adam_rate_ratio`).
+    mode_rates: the default rates of the ``reference=`` modes that have
+      their reference's own (:class:`ModeRates`); the library mode
+      (:data:`LIBRARY_MODE`) and a mode without published rates run at
+      ``learning_rate``.
   """
   name: str
   factory: Factory
@@ -45,11 +69,21 @@ class RecipeEntry:
   aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
   learning_rate: float | None = None
   adam_learning_rate: float | None = None
+  mode_rates: Mapping[str, ModeRates] = dataclasses.field(
+      default_factory=dict)
 
   def __post_init__(self):
     object.__setattr__(self, 'references', tuple(self.references))
     object.__setattr__(self, 'aliases',
                        types.MappingProxyType(dict(self.aliases)))
+    object.__setattr__(self, 'mode_rates', types.MappingProxyType(
+        {k: ModeRates(*v) for k, v in self.mode_rates.items()}))
+    stray = sorted(set(self.mode_rates) - set(self.references))
+    if stray or LIBRARY_MODE in self.mode_rates:
+      raise ValueError(
+          f'recipe {self.name!r}: mode_rates {stray or [LIBRARY_MODE]} must '
+          f'name its reference modes {self.references}, not the library '
+          f'mode {LIBRARY_MODE!r} (that one runs at learning_rate).')
     for alias, canonical in self.aliases.items():
       if canonical not in self.references or alias in self.references:
         raise ValueError(
@@ -64,6 +98,22 @@ class RecipeEntry:
     if self.learning_rate and self.adam_learning_rate is not None:
       return self.adam_learning_rate / self.learning_rate
     return None
+
+  def mode_learning_rate(self, reference: str) -> float | None:
+    """The default learning rate of mode ``reference`` (canonical): its
+    reference's own if registered, else :attr:`learning_rate`."""
+    rates = self.mode_rates.get(reference)
+    return self.learning_rate if rates is None else rates.learning_rate
+
+  def mode_adam_rate_ratio(self, reference: str | None) -> float | None:
+    """The AdamW branch's default rate per unit of the matrix rate in mode
+    ``reference``: its reference's ratio where it registers an AdamW rate,
+    else ``None`` (the recipe resolves it from its scale,
+    :func:`orthax.recipes.resolve_adam_learning_rate`)."""
+    rates = self.mode_rates.get(reference)
+    if rates is None or rates.adam_learning_rate is None:
+      return None
+    return rates.adam_learning_rate / rates.learning_rate
 
   def resolve_reference(self, reference: str) -> str:
     """The canonical spelling of ``reference`` (a mode or an alias).
@@ -99,7 +149,8 @@ def _factory_learning_rate(fn: Factory) -> float | None:
 def register(name: str, references: tuple[str, ...] = (), *,
              aliases: Mapping[str, str] | None = None,
              learning_rate: float | None = None,
-             adam_learning_rate: float | None = None):
+             adam_learning_rate: float | None = None,
+             mode_rates: Mapping[str, ModeRates | tuple] | None = None):
   """Decorator adding a recipe factory to the registry as ``name``.
 
   Args:
@@ -110,6 +161,8 @@ def register(name: str, references: tuple[str, ...] = (), *,
       factory's ``learning_rate`` default, if it is a number).
     adam_learning_rate: the trainer's default peak learning rate of the
       AdamW branch (default ``None``: the main one).
+    mode_rates: ``{mode: ModeRates(...)}``, the reference modes' own
+      default rates (:class:`RecipeEntry`).
 
   Returns:
     A decorator registering its argument and returning it unchanged.
@@ -118,7 +171,8 @@ def register(name: str, references: tuple[str, ...] = (), *,
     _resolve_annotations(fn)
     lr = _factory_learning_rate(fn) if learning_rate is None else learning_rate
     _REGISTRY[name] = RecipeEntry(
-        name, fn, tuple(references), aliases or {}, lr, adam_learning_rate)
+        name, fn, tuple(references), aliases or {}, lr, adam_learning_rate,
+        mode_rates or {})
     return fn
   return deco
 
@@ -180,6 +234,16 @@ def default_learning_rates(name: str) -> tuple[float | None, float | None]:
   peak learning rates in the trainer (see :class:`RecipeEntry`)."""
   entry = recipe_entry(name)
   return entry.learning_rate, entry.adam_learning_rate
+
+
+def resolve_learning_rate(name: str, reference: str,
+                          learning_rate: optax.ScalarOrSchedule | None
+                          ) -> optax.ScalarOrSchedule:
+  """``learning_rate``, or where it is ``None`` the default rate of recipe
+  ``name``'s mode ``reference`` (canonical; :class:`RecipeEntry`)."""
+  if learning_rate is not None:
+    return learning_rate
+  return recipe_entry(name).mode_learning_rate(reference)
 
 
 def recipe(name: str, **kwargs) -> optax.GradientTransformation:

@@ -40,9 +40,13 @@ _SPECTRA_REFERENCES = {
 }
 
 
-@registry.register('spectra', references=tuple(_SPECTRA_REFERENCES))
+@registry.register(
+    'spectra', references=tuple(_SPECTRA_REFERENCES), learning_rate=0.0085,
+    mode_rates={'repo': registry.ModeRates(
+        2e-3, None, 'mlolab/llm-spectral-clipping @ed9df11 160M scripts: '
+        'AdamW lr')})
 def spectra(
-    learning_rate: optax.ScalarOrSchedule = 0.0085,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     reference: str = 'orthax',
     c: float = 10.0,
@@ -96,9 +100,10 @@ def spectra(
   iteration runs in bf16 unless ``--ns_float32``, ours in float32 or wider.
 
   Args:
-    learning_rate: η of the base optimizer (number or schedule); the 160M
-      scripts use 2e-3.
-    reference: ``'orthax'`` or ``'repo'`` (see the table).
+    learning_rate: η of the base optimizer (number or schedule); default:
+      0.0085 (``'orthax'``, the sweep's best at d_model 128), 2e-3
+      (``'repo'``, its 160M scripts').
+    reference: ``'orthax'`` (default) or ``'repo'`` (see the table).
     c: clipping threshold (reference default 10; its 160M scripts use 5).
     base: any optax optimizer with decoupled weight decay, built with the
       same ``learning_rate`` and ``weight_decay`` (default:
@@ -129,7 +134,10 @@ def spectra(
   Clipping*, arXiv 2603.14315 (ICML 2026); github.com/mlolab/llm-spectral-clipping.
   """
   _validate.arguments('spectra', spectra, locals())
-  d = _SPECTRA_REFERENCES[registry.resolve_reference('spectra', reference)]
+  reference = registry.resolve_reference('spectra', reference)
+  learning_rate = registry.resolve_learning_rate('spectra', reference,
+                                                 learning_rate)
+  d = _SPECTRA_REFERENCES[reference]
   router, specs = _common.route(
       router, routing.Router(extra_rules=SPECTRA_RULES))
   if base is None:
@@ -157,11 +165,15 @@ def spectra(
       router, {'matrix': learning_rate, 'adam': learning_rate})
 
 
-@registry.register('root', references=('repo',), adam_learning_rate=3e-3)
+@registry.register(
+    'root', references=('orthax', 'repo'), learning_rate=0.014,
+    adam_learning_rate=3e-3, mode_rates={'repo': registry.ModeRates(
+        1e-3, 1e-3, 'huawei-noah/noah-research @a99fb00 ROOT/examples/'
+        'example_train.py: one lr for ROOT and AdamW')})
 def root(
-    learning_rate: optax.ScalarOrSchedule = 0.014,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
-    reference: str = 'repo',
+    reference: str = 'orthax',
     beta: float = 0.95,
     nesterov: bool = True,
     quantile: float = 0.9,
@@ -181,7 +193,8 @@ def root(
 ) -> optax.GradientTransformation:
   r"""ROOT: Muon with outlier clipping and per-shape Newton–Schulz rows.
 
-  For each routed matrix (``reference='repo'``, the toy script at a99fb00):
+  For each routed matrix (``reference='orthax'``, the default, and
+  ``'repo'``, the toy script at a99fb00):
 
   .. math::
      M_t &= μM_{t-1} + G_t,\qquad u = G_t + μM_t \\
@@ -196,6 +209,11 @@ def root(
   The toy code iterates in the input dtype (two other copies cast to bf16
   with ε = 1e-8; pass ``ns_dtype=jnp.bfloat16`` for that).
 
+  The two modes differ only in their default learning rate:
+  ``'orthax'`` runs at 0.014, the sweep's best at d_model 256 (README), and
+  ``'repo'`` at the toy script's 1e-3; the AdamW branch takes the same rate
+  unless ``adam_learning_rate`` is given (the trainer's default is 3e-3).
+
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   stage on whole matrices per device (the outlier quantile is computed on
   the parameter-sharded momentum, exact, under GSPMD).
@@ -204,7 +222,9 @@ def root(
   2511.20626; github.com/huawei-noah/noah-research (ROOT/).
   """
   _validate.arguments('root', root, locals())
-  registry.resolve_reference('root', reference)  # one mode: only checked
+  reference = registry.resolve_reference('root', reference)
+  learning_rate = registry.resolve_learning_rate('root', reference,
+                                                 learning_rate)
   router, specs = _common.route(router)
   matrix = optax.named_chain(
       ('momentum', T.momentum(beta, form='sum', nesterov=nesterov,
@@ -226,10 +246,22 @@ def root(
       mu_dtype=mu_dtype)
 
 
+# Paper formula, with the original (Oct 2025) code's Keller scale.
+_AUON_PAPER = dict(gamma=1.0, normalize=True, brake_input='normalized',
+                   scale='keller', hybrid_steps=1, hybrid_brake='raw')
+# The references' AdamW branch runs at a tenth of AuON's rate (their
+# training scripts: 0.024 with 0.24 at c87b862, 0.008 with 0.08 at bba2e82).
+_AUON_RATES = {
+    'paper': registry.ModeRates(
+        0.24, 0.024, 'ryyzn9/AuON @c87b862 Auon_Adam_train.py: auon_lr, '
+        'AdamW at auon_lr·0.1'),
+    'repo': registry.ModeRates(
+        0.24, 0.024, 'ryyzn9/AuON @bba2e82 auon/optimizer.py: lr; its '
+        'trainer runs Adam at a tenth of it'),
+}
 _AUON_REFERENCES = {
-    # Paper formula, with the original (Oct 2025) code's Keller scale.
-    'paper': dict(gamma=1.0, normalize=True, brake_input='normalized',
-                  scale='keller', hybrid_steps=1, hybrid_brake='raw'),
+    'orthax': _AUON_PAPER,  # the paper's formula at the sweep's rates
+    'paper': _AUON_PAPER,
     # ryyzn9/AuON auon/optimizer.py @ bba2e82 (Jan 2026).
     'repo': dict(gamma=1.5, normalize=False, brake_input='normalized',
                  scale='none', hybrid_steps=5, hybrid_brake='normalized'),
@@ -251,7 +283,10 @@ def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
           mu_dtype, weight_decay, adam_learning_rate, adam_b1, adam_b2,
           adam_eps, router, check_finite, distributed):
   name = 'hybrid_auon' if hybrid else 'auon'
-  d = _AUON_REFERENCES[registry.resolve_reference(name, reference)]
+  reference = registry.resolve_reference(name, reference)
+  learning_rate = registry.resolve_learning_rate(name, reference,
+                                                 learning_rate)
+  d = _AUON_REFERENCES[reference]
   router, specs = _common.route(router)
   gamma = d['gamma'] if gamma is None else gamma
   stages = [('momentum', T.momentum(beta, form='ema', nesterov=True,
@@ -276,17 +311,18 @@ def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
   return _common.assemble_with_adamw(
       optax.named_chain(*stages), router, check_finite,
       learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
-      rms_matched=False, recipe='hybrid_auon' if hybrid else 'auon',
+      rms_matched=False, recipe=name, reference=reference,
       b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=0.0,
       eps_placement='corrected', mu_dtype=mu_dtype)
 
 
 @registry.register('auon', references=tuple(_AUON_REFERENCES),
-                   adam_learning_rate=3e-3)
+                   learning_rate=0.08, adam_learning_rate=3e-3,
+                   mode_rates=_AUON_RATES)
 def auon(
-    learning_rate: optax.ScalarOrSchedule = 0.08,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
-    reference: str = 'paper',
+    reference: str = 'orthax',
     beta: float = 0.95,
     gamma: float | None = None,
     mu_dtype: Any = None,
@@ -304,13 +340,19 @@ def auon(
   EMA + Nesterov momentum (β = 0.95), then per matrix
   (:func:`orthax.cosh_normalize`):
 
-  * ``reference='paper'`` (arXiv 2509.24320; original code c87b862):
-    ``X = u/(‖u‖_F + 1e-7)``, ``r = ‖cosh X‖_F/\sqrt N``,
-    ``W ← W(1-ηλ) - η\sqrt{\max(1, out/in)}·X/(r + 1e-8)`` (lr 0.02, λ 0);
+  * ``reference='orthax'`` (default) and ``'paper'`` (arXiv 2509.24320;
+    original code c87b862): ``X = u/(‖u‖_F + 1e-7)``,
+    ``r = ‖cosh X‖_F/\sqrt N``,
+    ``W ← W(1-ηλ) - η\sqrt{\max(1, out/in)}·X/(r + 1e-8)`` (λ 0);
   * ``reference='repo'`` (``auon/optimizer.py`` @ bba2e82):
     ``r = \sqrt{mean\,cosh(1.5·u/(‖u‖_F + 1e-7))²}``,
-    ``W ← W(1-ηλ) - η·u/(r + 1e-8)`` — the *raw* momentum, no shape scale;
-    its default lr is 0.24 (README 0.08): pass it explicitly.
+    ``W ← W(1-ηλ) - η·u/(r + 1e-8)`` — the *raw* momentum, no shape scale.
+
+  ``'orthax'`` runs at 0.08 with the AdamW branch at 3e-3, the sweep's
+  rates (README); ``'paper'`` and ``'repo'`` at their code's 0.24 with the
+  AdamW branch at a tenth of it, as their training scripts pair them (the
+  original script's ``auon_lr``; the Jan 2026 class default, whose trainer
+  config uses 0.08 with Adam at 0.008).
 
   Non-matrix parameters take AdamW (β = (0.9, 0.95), ε = 1e-8, no decay; the
   original code's AuON+Adam split). The Jan 2026 code applies the brake to
@@ -330,11 +372,15 @@ def auon(
 
 
 @registry.register('hybrid_auon', references=tuple(_AUON_REFERENCES),
-                   adam_learning_rate=3e-3)
+                   learning_rate=0.04, adam_learning_rate=3e-3,
+                   mode_rates={'repo': _AUON_RATES['repo']._replace(
+                       source='ryyzn9/AuON @bba2e82 auon/optimizer.py: '
+                       'HybridAuON lr; its trainer runs Adam at a tenth '
+                       'of it')})
 def hybrid_auon(
-    learning_rate: optax.ScalarOrSchedule = 0.04,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
-    reference: str = 'paper',
+    reference: str = 'orthax',
     beta: float = 0.95,
     gamma: float | None = None,
     ns_steps: int | None = None,
@@ -351,7 +397,8 @@ def hybrid_auon(
 ) -> optax.GradientTransformation:
   r"""Hybrid-AuON: a few Newton–Schulz steps, then AuON's cosh brake.
 
-  * ``reference='paper'``: **one** Keller quintic step on
+  * ``reference='orthax'`` (default) and ``'paper'``: **one** Keller
+    quintic step on
     ``X = u/(‖u‖_F + 1e-7)``, ``O = aX + (bA + cA²)X``, then
     ``O/(‖\cosh O‖_F/\sqrt N + 1e-8)`` and the Keller shape scale (the
     paper's hybrid paragraph writes the RMS without the square root, which
@@ -360,7 +407,11 @@ def hybrid_auon(
     steps, then ``O/(r + 1e-8)`` with
     ``r = \sqrt{mean\,cosh(1.5·O/(‖O‖_F + 1e-7))²}``, no shape scale.
 
-  Non-matrix parameters take AdamW, as in :func:`auon`.
+  Non-matrix parameters take AdamW, as in :func:`auon`. ``'orthax'`` and
+  ``'paper'`` (which publishes no rate for the hybrid) run at 0.04 with the
+  AdamW branch at 3e-3, the sweep's rates; ``'repo'`` at ``HybridAuON``'s
+  class default 0.24 with the AdamW branch at a tenth of it, as its trainer
+  pairs them.
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   steps on whole matrices per device.
   """

@@ -15,17 +15,21 @@ from orthax.recipes import registry
 from orthax.transforms import dct_adam
 from orthax.transforms import trion as trion_lib
 
-# The reference's defaults (IST-DASLab/ISTA-DASLab-Optimizers @4c98e6e
-# fft_low_rank/trion.py).
-_TRION_REFERENCES = ('ista',)
+# 'ista': the reference's arithmetic and rates (IST-DASLab/
+# ISTA-DASLab-Optimizers @4c98e6e fft_low_rank/trion.py); 'orthax': its
+# arithmetic at the sweep's rates.
+_TRION_REFERENCES = ('orthax', 'ista')
 
 
-@registry.register('trion', references=_TRION_REFERENCES,
-                   adam_learning_rate=3e-3)
+@registry.register(
+    'trion', references=_TRION_REFERENCES, learning_rate=0.08,
+    adam_learning_rate=3e-3, mode_rates={'ista': registry.ModeRates(
+        0.02, 3e-4, 'IST-DASLab/ISTA-DASLab-Optimizers @4c98e6e '
+        'fft_low_rank/trion.py: Trion lr, Adam lr')})
 def trion(
-    learning_rate: optax.ScalarOrSchedule = 0.08,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
-    reference: str = 'ista',
+    reference: str = 'orthax',
     rank: int | float | None = None,
     beta: float = 0.95,
     scaling: str = 'kj',
@@ -58,11 +62,11 @@ def trion(
   :func:`orthax.transforms.scale_by_trion`). Vectors, embeddings and heads
   go to Adam (bias-corrected, betas ``(0.9, 0.95)``, ``eps=1e-10``, at
   ``adam_learning_rate``, default ``0.0375·learning_rate``, or
-  ``learning_rate`` under ``scaling='kimi'``; the reference's is
-  ``3e-4``). The state per matrix is ``B`` (as Muon's momentum); on a mesh
+  ``learning_rate`` under ``scaling='kimi'``; ``reference='ista'``:
+  ``0.015·learning_rate``, the reference's ``3e-4`` at its ``0.02``). The state per matrix is ``B`` (as Muon's momentum); on a mesh
   it stays on the device that owns the matrix.
 
-  ``reference='ista'`` (the only mode) is IST-DASLab/ISTA-DASLab-Optimizers
+  ``reference='ista'`` is IST-DASLab/ISTA-DASLab-Optimizers
   @4c98e6e ``fft_low_rank/trion.py`` with its two undefined names
   (``dct3_matrix``'s ``device``/``dtype``, ``get_dct_matrix``) read as the
   DCT matrix of the matrix's smaller side, and its defaults: ``lr=0.02``,
@@ -70,11 +74,14 @@ def trion(
   ``(0.9, 0.95)``, ``eps=1e-10``. The reference requires ``rank`` and
   ``scaling_type``: here a quarter of the smaller side and ``'kj'``. It
   runs Newton–Schulz in bfloat16 (``ns_dtype=jnp.bfloat16``); the default
-  here is float32.
+  here is float32. ``reference='orthax'`` (the default) is the same
+  arithmetic at the sweep's rates, 0.08 with the Adam branch at 3e-3.
 
   Args:
-    learning_rate: η for the matrices (number or schedule).
-    reference: ``'ista'``.
+    learning_rate: η for the matrices (number or schedule); default: the
+      mode's, 0.08 for ``'orthax'`` (the sweep's best at d_model 128 and
+      256, README) and 0.02 for ``'ista'``.
+    reference: ``'orthax'`` (default) or ``'ista'``.
     rank: ``r``: an ``int``, or a ``float`` in ``(0, 1]``, a fraction of the
       smaller side (rounded up); default ``0.25`` (pass it in
       ``static_args`` of ``optax.inject_hyperparams``).
@@ -84,7 +91,7 @@ def trion(
     weight_decay: λ, decoupled (``W(1-ηλ)``).
     adam_learning_rate: Adam's learning rate (default: ``learning_rate``
       under ``scaling='kimi'``, else ``0.0375·learning_rate``, 3e-3 at
-      the default 0.08: see
+      the default 0.08 (``'ista'``: ``0.015·learning_rate``): see
       :func:`orthax.recipes.resolve_adam_learning_rate`). The trainer's
       default, registered with the recipe, is ``3e-3`` as for every recipe:
       the reference's ``3e-4`` left the trainer's 24-step test model 0.6
@@ -109,7 +116,9 @@ def trion(
   github.com/IST-DASLab/ISTA-DASLab-Optimizers.
   """
   _validate.arguments('trion', trion, locals())
-  registry.resolve_reference('trion', reference)
+  reference = registry.resolve_reference('trion', reference)
+  learning_rate = registry.resolve_learning_rate('trion', reference,
+                                                 learning_rate)
   rank, _, _ = dct_adam.check_structure('trion', rank, None, None)
   if scaling not in MS.TRION_SCALINGS:
     raise ValueError(f'trion: scaling must be one of '
@@ -124,6 +133,7 @@ def trion(
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate,
-      rms_matched=scaling == 'kimi', recipe='trion', b1=adam_b1, b2=adam_b2, eps=adam_eps,
+      rms_matched=scaling == 'kimi', recipe='trion', reference=reference,
+      b1=adam_b1, b2=adam_b2, eps=adam_eps,
       weight_decay=weight_decay if adam_weight_decay is None
       else adam_weight_decay, eps_placement='corrected')

@@ -17,6 +17,8 @@ notebooks import (needs the ``scripts`` extra: flax, orbax, ml_collections):
 * :mod:`~orthax.train.dry_run` — compile a config on a fake mesh;
 * :mod:`~orthax.train.compare` — several optimizers on one config;
 * :mod:`~orthax.train.sweep` — a resumable learning-rate sweep;
+* :mod:`~orthax.train.reference_modes` — the ``reference=`` modes at their
+  references' rates;
 * :mod:`~orthax.train.configs` — defaults that ``orthax/configs/*.py`` build on,
   and the config check.
 """

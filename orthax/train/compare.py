@@ -31,15 +31,17 @@ def run(base_config: Any, optimizers: Sequence[str],
 
 def train_one(base_config: Any, name: str, lr_scale: float = 1.0, *,
               steps: int | None = None, eval_every: int | None = None,
-              progress: bool = True, label: str | None = None
-              ) -> dict[str, Any]:
-  """Trains ``base_config`` with optimizer ``name`` (its default section,
-  peak learning rate × ``lr_scale``); returns the run's result dict
+              progress: bool = True, label: str | None = None,
+              optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Trains ``base_config`` with optimizer ``name`` (its default section
+  updated by ``optimizer``, peak learning rate × ``lr_scale``); returns the
+  run's result dict
   (learning rate, final losses, tokens/s, state bytes, loss curves). A run
   whose loss turns non-finite (the trainer's ``FloatingPointError``)
   returns NaN losses, empty curves and ``'diverged'``: the message."""
   cfg = copy.deepcopy(trainer.as_dict(base_config))
   opt = configs.optimizer(name).to_dict()
+  opt.update(optimizer or {})
   opt['learning_rate'] *= float(lr_scale)
   cfg['optimizer'] = opt
   if steps is not None:

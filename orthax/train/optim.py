@@ -127,22 +127,29 @@ def validate(opt_config: Mapping[str, Any]) -> None:
 def check_mode_rate(name: str, learning_rate: float,
                     kwargs: Mapping[str, Any]) -> None:
   """Raises ``ValueError`` when ``learning_rate`` is recipe ``name``'s
-  registered default but ``kwargs`` pick a mode with another default rate
-  (a recipe whose ``learning_rate`` default is ``None``: DCT-AdamW's 1.5
-  per unit of the matrix side is 176× too large for its unscaled step)."""
-  param = inspect.signature(orthax.recipe_factory(name)).parameters.get(
-      'learning_rate')
+  registered default but ``kwargs`` pick a mode with another default rate:
+  a ``reference=`` mode runs at its reference's rates (e.g. Moonlight's
+  1e-3 against the library's 0.04), and DCT-AdamW's 1.5 per unit of the
+  matrix side is 176× too large for its unscaled step. The message names
+  the mode's matrix and AdamW-branch rates."""
+  params = inspect.signature(orthax.recipe_factory(name)).parameters
+  param = params.get('learning_rate')
   if param is None or param.default is not None or not kwargs:
     return
   registered = orthax.recipes.recipe_entry(name).learning_rate
-  own = orthax.recipes.recipe_routing(
-      orthax.recipe(name, **kwargs)).learning_rates['matrix']
+  rates = orthax.recipes.recipe_routing(
+      orthax.recipe(name, **kwargs)).learning_rates
+  own = rates['matrix']
   if learning_rate == registered and own != registered:
+    adam = rates['adam'] if 'adam_learning_rate' in params else None
+    adam_flag = ('' if adam is None else
+                 f' --config.optimizer.adam_learning_rate={adam:g}')
     raise ValueError(
         f'optimizer.learning_rate={learning_rate:g} is {name}\'s default for '
         f'its default mode; with optimizer.kwargs {dict(kwargs)} its default '
-        f'is {own:g}: set optimizer.learning_rate (e.g. '
-        f'--config.optimizer.learning_rate={own:g}).')
+        f'is {own:g}' + (f' (AdamW branch {adam:g})' if adam_flag else '') +
+        f': set optimizer.learning_rate (e.g. '
+        f'--config.optimizer.learning_rate={own:g}{adam_flag}).')
 
 
 def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,

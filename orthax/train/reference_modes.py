@@ -1,0 +1,97 @@
+"""Each ``reference=`` mode at its reference's own learning rates, trained
+on the sweep's setting, against the library mode at its default.
+
+A recipe's ``reference=`` modes run at the rates their reference code
+trains with (:class:`orthax.recipes.ModeRates`); the library mode
+(``'orthax'``) at the rates the learning-rate sweep chose. :func:`run`
+trains every mode that has rates of its own (resumable, like
+:func:`orthax.train.sweep.run`); :func:`table` sets each beside the library
+mode's sweep run at the same width and seed, so that the README can say
+what a paper's rate gives on the embedded corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import orthax
+from orthax.train import compare
+from orthax.train import sweep
+
+
+def cases() -> list[dict[str, Any]]:
+  """``{optimizer, reference, learning_rate, adam_learning_rate, source}``
+  of every mode with its reference's own rates, read off the built
+  optimizer (the AdamW branch's as the mode resolves it)."""
+  out = []
+  for name in orthax.recipe_names():
+    for ref, rates in orthax.recipes.recipe_entry(name).mode_rates.items():
+      lrs = orthax.recipes.recipe_routing(
+          orthax.recipe(name, reference=ref)).learning_rates
+      out.append(dict(optimizer=name, reference=ref,
+                      learning_rate=float(lrs['matrix']),
+                      adam_learning_rate=float(lrs['adam']),
+                      source=rates.source))
+  return out
+
+
+def _key(r: dict[str, Any]) -> tuple:
+  return (r['optimizer'], r['reference'], int(r['width']), int(r['seed']),
+          sweep.rate_key(r['learning_rate']))
+
+
+def run(base_config: Any, out_dir: str, *, widths: Sequence[int],
+        seeds: Sequence[int], steps: int | None = None,
+        eval_every: int | None = 25, progress: bool = True
+        ) -> list[dict[str, Any]]:
+  """Trains each of :func:`cases` at every width and seed not yet in
+  ``<out_dir>/runs.jsonl`` (appended as each ends); returns the records of
+  today's cases."""
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, 'runs.jsonl')
+  done = {_key(r) for r in sweep.load(path)}
+  todo = [(c, w, s) for c in cases() for w in widths for s in seeds
+          if _key(dict(c, width=w, seed=s)) not in done]
+  for i, (case, width, seed) in enumerate(todo):
+    t0 = time.perf_counter()
+    rec = compare.train_one(
+        sweep.config_for(base_config, width, seed), case['optimizer'],
+        steps=steps, eval_every=eval_every, progress=progress,
+        label=(f"[{i + 1}/{len(todo)}] {case['optimizer']} "
+               f"{case['reference']} d{width} s{seed} "),
+        optimizer=dict(learning_rate=case['learning_rate'],
+                       adam_learning_rate=case['adam_learning_rate'],
+                       kwargs={'reference': case['reference']}))
+    rec.update(case, width=int(width), seed=int(seed),
+               seconds=round(time.perf_counter() - t0, 1))
+    with open(path, 'a') as f:
+      f.write(json.dumps(rec) + '\n')
+  wanted = {_key(dict(c, width=w, seed=s)) for c in cases() for w in widths
+            for s in seeds}
+  return [r for r in sweep.load(path) if _key(r) in wanted]
+
+
+def table(mode_runs: Sequence[dict[str, Any]],
+          sweep_runs: Sequence[dict[str, Any]]) -> str:
+  """Markdown: per mode run, its rates and final validation loss, and the
+  library mode's at its default rate (the sweep's run of the same recipe,
+  width and seed at today's default; ``—`` where there is none)."""
+  library = {(r['optimizer'], int(r['width']), int(r['seed'])): r
+             for r in sweep_runs
+             if sweep.rate_key(r['learning_rate']) == sweep.rate_key(
+                 sweep.default_learning_rate(r['optimizer']))}
+  lines = ['| recipe | mode | η / AdamW η | source | loss | '
+           "library mode's loss (η) |", '|---|---|---|---|---|---|']
+  for r in sorted(mode_runs, key=lambda r: (r['optimizer'], r['reference'],
+                                            r['width'], r['seed'])):
+    lib = library.get((r['optimizer'], int(r['width']), int(r['seed'])))
+    ours = ('—' if lib is None else
+            f"{lib['final_val_loss']:.4f} ({lib['learning_rate']:g})")
+    lines.append(
+        f"| {r['optimizer']} | {r['reference']} | "
+        f"{r['learning_rate']:g} / {r['adam_learning_rate']:g} | "
+        f"{r['source']} | {r['final_val_loss']:.4f} | {ours} |")
+  return '\n'.join(lines)
