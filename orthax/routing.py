@@ -89,6 +89,14 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 )
 
 
+def _check_max_side(max_side: Any) -> int:
+  if (isinstance(max_side, bool) or not isinstance(max_side, numbers.Integral)
+      or max_side < 1):
+    raise ValueError(f'Router: max_side must be a positive int or None, '
+                     f'got {max_side!r}.')
+  return int(max_side)
+
+
 class Router:
   """Ordered rules → a :class:`Route` per leaf.
 
@@ -107,11 +115,7 @@ class Router:
                extra_rules: Iterable[Rule] = (), max_side: int | None = None):
     self.rules = tuple(extra_rules) + tuple(
         DEFAULT_RULES if rules is None else rules)
-    if max_side is not None and (isinstance(max_side, bool) or not isinstance(
-        max_side, numbers.Integral) or max_side < 1):
-      raise ValueError(f'Router: max_side must be a positive int or None, '
-                       f'got {max_side!r}.')
-    self.max_side = None if max_side is None else int(max_side)
+    self.max_side = None if max_side is None else _check_max_side(max_side)
 
   def route_one(self, path: str, shape: Sequence[int]) -> Route:
     """Route for one leaf; raises ``ValueError`` naming ``path`` if none."""
@@ -141,6 +145,7 @@ class Router:
   def with_max_side(self, max_side: int) -> 'Router':
     """A copy of this router whose matrices with a side ``≥ max_side`` go
     to ``'adam'`` (the smaller limit where it has one already)."""
+    max_side = _check_max_side(max_side)
     limited = copy.copy(self)
     limited.max_side = (max_side if self.max_side is None
                         else min(self.max_side, max_side))

@@ -15,6 +15,7 @@ import inspect
 import pathlib
 import types
 
+import optax
 import optax.contrib
 
 import orthax
@@ -99,3 +100,16 @@ def _expect_refusal(check):
 
 for _name in [n for n in dir(ContribTest) if n.startswith(_REFUSED)]:
   setattr(ContribTest, _name, _expect_refusal(getattr(ContribTest, _name)))
+
+
+def test_every_recipe_takes_the_harness_schedule_check():
+  """The harness skips its schedule check for a factory whose
+  ``learning_rate`` is not annotated ``optax.ScalarOrSchedule``; a recipe
+  whose default is ``None`` (its mode's rate) keeps that annotation, so the
+  check runs for every recipe."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  for name in orthax.recipe_names():
+    param = inspect.signature(orthax.recipe_factory(name)).parameters[
+        'learning_rate']
+    assert param.annotation in (optax.ScalarOrSchedule, optax.Schedule), (
+        name, param.annotation)

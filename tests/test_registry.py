@@ -65,8 +65,8 @@ REFERENCE_RATES = {
     ('namo_d', 'repo'): (0.01, 0.01),
     ('root', 'repo'): (1e-3, 1e-3),          # example_train: one lr
     ('auon', 'paper'): (0.24, 0.024),        # c87b862: AdamW at lr/10
-    ('auon', 'repo'): (0.24, 0.024),         # class lr; trainer Adam lr/10
-    ('hybrid_auon', 'repo'): (0.24, 0.024),
+    ('auon', 'repo'): (0.08, 0.008),         # training config: AuON, Adam
+    ('hybrid_auon', 'repo'): (0.08, 0.008),
     ('spectra', 'repo'): (2e-3, 2e-3),       # 160M scripts; AdamW base
     ('aro', 'dion'): (0.01, 0.01),           # dion: one lr for all groups
     ('trion', 'ista'): (0.02, 3e-4),         # Trion lr, Adam lr
@@ -299,6 +299,13 @@ def test_trainer_refuses_the_default_modes_rate_in_another_mode():
       r'branch 0\.001\).*learning_rate=0\.001 --config\.optimizer\.'
       r'adam_learning_rate=0\.001')):
     optim.build(configs.optimizer('muon', reference='moonlight'), shape)
+  # The matrix rate set, the AdamW branch's left at the library's: refused
+  # too, naming the mode's AdamW rate at that matrix rate (Keller's 0.015×).
+  with pytest.raises(ValueError, match=(
+      r'optimizer\.adam_learning_rate=0\.003 .* at learning_rate 0\.04 its '
+      r"AdamW branch's default is 0\.0006")):
+    optim.build(configs.optimizer('muon', learning_rate=0.04 + 1e-9,
+                                  reference='keller'), shape)
   opt = configs.optimizer('muon', learning_rate=1e-3, adam_learning_rate=1e-3,
                           reference='moonlight')
   _, branches = optim.build(opt, shape)

@@ -109,6 +109,8 @@ def test_max_side_sends_large_matrices_to_adam():
   for bad in (0, True, 2.5):
     with pytest.raises(ValueError, match='max_side must be a positive int'):
       Router(max_side=bad)
+    with pytest.raises(ValueError, match='max_side must be a positive int'):
+      r.with_max_side(bad)
 
 
 def test_max_side_holds_for_router_subclasses():

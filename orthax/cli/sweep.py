@@ -14,8 +14,10 @@ AdamW's best loss), ``<out>/lr_<optimizer>.png`` and ``<out>/lr_all.png``
 (every optimizer, a panel each).
 
 ``--reference_modes`` trains instead every ``reference=`` mode that has its
-reference's own learning rates, at those rates, at each width and seed, and
-prints them beside the library mode's runs at its default
+reference's own learning rates (of ``--optimizers``, where given), at those
+rates, at each width and seed (``--max_runs``, ``--summarize_only`` as
+above; ``--scales`` does not apply), and prints them beside the library
+mode's runs at its default
 (:mod:`orthax.train.reference_modes`; README, "Reference modes"):
 
     orthax-sweep --reference_modes --out=results/reference_modes \
@@ -110,7 +112,9 @@ def _reference_modes(f: types.SimpleNamespace, spec) -> None:
   from orthax.train import sweep
   runs = reference_modes.run(
       f.config.value, f.out.value, widths=spec.widths, seeds=spec.seeds,
-      steps=spec.steps, eval_every=spec.eval_every)
+      optimizers=[o for o in f.optimizers.value or () if o != 'adamw'],
+      steps=spec.steps, eval_every=spec.eval_every,
+      max_runs=0 if f.summarize_only.value else f.max_runs.value)
   md = reference_modes.table(runs, sweep.load(f.sweep_runs.value))
   print(md)
   with open(os.path.join(f.out.value, 'summary.md'), 'w') as fh:

@@ -20,6 +20,7 @@ from orthax.recipes.registry import recipe_references
 from orthax.recipes.registry import RecipeEntry
 from orthax.recipes.registry import register
 from orthax.recipes.registry import resolve_learning_rate
+from orthax.recipes.registry import resolve_mode
 from orthax.recipes.registry import resolve_reference
 from orthax.recipes.registry import unregister
 from orthax.recipes.muon import muon
@@ -40,7 +41,8 @@ __all__ = [
     'assemble', 'assemble_with_adamw', 'default_learning_rates', 'route',
     'step_stages', 'muon', 'recipe', 'recipe_entry',
     'recipe_factory', 'recipe_names', 'recipe_references', 'RecipeEntry',
-    'register', 'resolve_learning_rate', 'resolve_reference', 'unregister',
+    'register', 'resolve_learning_rate', 'resolve_mode', 'resolve_reference',
+    'unregister',
     'LIBRARY_MODE', 'ModeRates',
     'dct_adamw', 'trion',
     'aro', 'fismo', 'lanton', 'namo', 'namo_d', 'normuon',

@@ -48,7 +48,7 @@ _NORMUON_REFERENCES = {
             0.023, 0.008, 'modded-nanogpt train_gpt.py @f411b3d: NorMuon '
             'lr, Adam group lr')})
 def normuon(
-    learning_rate: optax.ScalarOrSchedule | None = None,
+    learning_rate: optax.ScalarOrSchedule = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,
@@ -126,10 +126,9 @@ def normuon(
   References: Li et al., arXiv 2510.05491; ALGORITHMS.md §3, §12.
   """
   _validate.arguments('normuon', normuon, locals())
-  reference = registry.resolve_reference('normuon', reference)
+  reference, lr = registry.resolve_mode('normuon', reference, learning_rate)
   d = _NORMUON_REFERENCES[reference]
   router, specs = _common.route(router)
-  lr = registry.resolve_learning_rate('normuon', reference, learning_rate)
   wd = d['weight_decay'] if weight_decay is None else weight_decay
   # The neuron statistics, the Frobenius restore and the scale run on each
   # orthogonalized matrix in the same pass (on a mesh: in the same body).

@@ -37,7 +37,7 @@ def _check_choices(**choices):
         0.01, 0.01, 'microsoft/dion dev/aro @9c6b30d dion/aro.py: lr, shared '
         'by its AdamW groups')})
 def aro(
-    learning_rate: optax.ScalarOrSchedule | None = None,
+    learning_rate: optax.ScalarOrSchedule = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,
@@ -161,9 +161,8 @@ def aro(
   Optimization*, arXiv 2602.09006; microsoft/dion ``dev/aro``.
   """
   _validate.arguments('aro', aro, locals())
-  reference = registry.resolve_reference('aro', reference)
-  learning_rate = registry.resolve_learning_rate('aro', reference,
-                                                 learning_rate)
+  reference, learning_rate = registry.resolve_mode('aro', reference,
+                                               learning_rate)
   d = _ARO_REFERENCES[reference]
   rotate = d['rotate'] if rotate is None else rotate
   scale = d['scale'] if scale is None else scale

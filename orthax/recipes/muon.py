@@ -41,7 +41,7 @@ _MUON_REFERENCES = {
             1e-3, 1e-3, 'MoonshotAI/Moonlight @c2ad5b2 examples/'
             'toy_train.py: one lr for Muon and AdamW')})
 def muon(
-    learning_rate: optax.ScalarOrSchedule | None = None,
+    learning_rate: optax.ScalarOrSchedule = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,
@@ -159,9 +159,8 @@ def muon(
   Training*, arXiv 2502.16982.
   """
   _validate.arguments('muon', muon, locals())
-  reference = registry.resolve_reference('muon', reference)
-  learning_rate = registry.resolve_learning_rate('muon', reference,
-                                                 learning_rate)
+  reference, learning_rate = registry.resolve_mode('muon', reference,
+                                               learning_rate)
   d = _MUON_REFERENCES[reference]
   nesterov = d['nesterov'] if nesterov is None else nesterov
   preset = d['preset'] if preset is None else preset

@@ -32,9 +32,8 @@ def _namo(name, mode, learning_rate, reference, beta, mu2, eps, weight_decay,
           ns_method, mu_dtype, adam_learning_rate, adam_b1, adam_b2, adam_eps,
           adam_weight_decay, router, check_finite, distributed=None,
           shape=None):
-  reference = registry.resolve_reference(name, reference)
-  learning_rate = registry.resolve_learning_rate(name, reference,
-                                                 learning_rate)
+  reference, learning_rate = registry.resolve_mode(name, reference,
+                                               learning_rate)
   d = _NAMO_REFERENCES[reference]
   shape = d['shape'] if shape is None else shape
   scale_coeff = d['scale_coeff'] if scale_coeff is None else scale_coeff
@@ -84,9 +83,9 @@ _NAMO_DOC = r"""
   repository's training script passes 0: ``adam_weight_decay=0``), at
   ``adam_learning_rate``, by default ``{ratio}·learning_rate`` (3e-3 at the
   default {default}; ``reference='repo'``: ``learning_rate``). The
-  repository runs it at the matrices' rate; under ``'orthax'`` that trained
-  worse (validation loss 1.594 against 1.557 with 3e-3 under the
-  repository's factor at 0.08; embedded corpus, d_model 128, 200 steps).
+  repository runs it at the matrices' rate; in the repository's mode at
+  0.08 that trained worse (validation loss 1.594 against 1.557 with 3e-3;
+  embedded corpus, d_model 128, 200 steps).
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   stage on whole matrices per device.
 
@@ -99,7 +98,7 @@ _NAMO_DOC = r"""
                    aliases={'namo_repo': 'repo'}, learning_rate=0.16,
                    adam_learning_rate=3e-3, mode_rates=_NAMO_REPO_RATES)
 def namo(
-    learning_rate: optax.ScalarOrSchedule | None = None,
+    learning_rate: optax.ScalarOrSchedule = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,
@@ -141,7 +140,7 @@ namo.__doc__ = ('NAMO: orthogonalized momentum with a scalar Adam-style '
                    aliases={'namo_repo': 'repo'}, learning_rate=0.11,
                    adam_learning_rate=3e-3, mode_rates=_NAMO_REPO_RATES)
 def namo_d(
-    learning_rate: optax.ScalarOrSchedule | None = None,
+    learning_rate: optax.ScalarOrSchedule = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,

@@ -100,17 +100,22 @@ class RecipeEntry:
     return None
 
   def mode_learning_rate(self, reference: str) -> float | None:
-    """The default learning rate of mode ``reference`` (canonical): its
-    reference's own if registered, else :attr:`learning_rate`."""
-    rates = self.mode_rates.get(reference)
+    """The default learning rate of mode ``reference`` (a mode or an
+    alias): its reference's own if registered, else :attr:`learning_rate`.
+
+    Raises:
+      ValueError: for a mode the recipe does not have.
+    """
+    rates = self.mode_rates.get(self.resolve_reference(reference))
     return self.learning_rate if rates is None else rates.learning_rate
 
   def mode_adam_rate_ratio(self, reference: str | None) -> float | None:
     """The AdamW branch's default rate per unit of the matrix rate in mode
     ``reference``: its reference's ratio where it registers an AdamW rate,
     else ``None`` (the recipe resolves it from its scale,
-    :func:`orthax.recipes.resolve_adam_learning_rate`)."""
-    rates = self.mode_rates.get(reference)
+    :func:`orthax.recipes.resolve_adam_learning_rate`); ``None`` also for
+    ``reference=None`` or a mode the recipe does not have."""
+    rates = self.mode_rates.get(self.aliases.get(reference, reference))
     if rates is None or rates.adam_learning_rate is None:
       return None
     return rates.adam_learning_rate / rates.learning_rate
@@ -236,14 +241,29 @@ def default_learning_rates(name: str) -> tuple[float | None, float | None]:
   return entry.learning_rate, entry.adam_learning_rate
 
 
+def resolve_mode(name: str, reference: str,
+                 learning_rate: optax.ScalarOrSchedule | None
+                 ) -> tuple[str, optax.ScalarOrSchedule]:
+  """``(mode, learning_rate)``: the canonical spelling of recipe ``name``'s
+  mode ``reference`` (an alias resolved), and ``learning_rate`` or, where it
+  is ``None``, that mode's default rate (:class:`RecipeEntry`).
+
+  Raises:
+    ValueError: naming the recipe, ``reference`` and the accepted modes.
+  """
+  entry = recipe_entry(name)
+  mode = entry.resolve_reference(reference)
+  if learning_rate is None:
+    learning_rate = entry.mode_learning_rate(mode)
+  return mode, learning_rate
+
+
 def resolve_learning_rate(name: str, reference: str,
                           learning_rate: optax.ScalarOrSchedule | None
                           ) -> optax.ScalarOrSchedule:
   """``learning_rate``, or where it is ``None`` the default rate of recipe
-  ``name``'s mode ``reference`` (canonical; :class:`RecipeEntry`)."""
-  if learning_rate is not None:
-    return learning_rate
-  return recipe_entry(name).mode_learning_rate(reference)
+  ``name``'s mode ``reference`` (a mode or an alias)."""
+  return resolve_mode(name, reference, learning_rate)[1]
 
 
 def recipe(name: str, **kwargs) -> optax.GradientTransformation:

@@ -46,7 +46,7 @@ _SPECTRA_REFERENCES = {
         2e-3, None, 'mlolab/llm-spectral-clipping @ed9df11 160M scripts: '
         'AdamW lr')})
 def spectra(
-    learning_rate: optax.ScalarOrSchedule | None = None,
+    learning_rate: optax.ScalarOrSchedule = None,
     *,
     reference: str = 'orthax',
     c: float = 10.0,
@@ -134,9 +134,8 @@ def spectra(
   Clipping*, arXiv 2603.14315 (ICML 2026); github.com/mlolab/llm-spectral-clipping.
   """
   _validate.arguments('spectra', spectra, locals())
-  reference = registry.resolve_reference('spectra', reference)
-  learning_rate = registry.resolve_learning_rate('spectra', reference,
-                                                 learning_rate)
+  reference, learning_rate = registry.resolve_mode('spectra', reference,
+                                               learning_rate)
   d = _SPECTRA_REFERENCES[reference]
   router, specs = _common.route(
       router, routing.Router(extra_rules=SPECTRA_RULES))
@@ -171,7 +170,7 @@ def spectra(
         1e-3, 1e-3, 'huawei-noah/noah-research @a99fb00 ROOT/examples/'
         'example_train.py: one lr for ROOT and AdamW')})
 def root(
-    learning_rate: optax.ScalarOrSchedule | None = None,
+    learning_rate: optax.ScalarOrSchedule = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,
@@ -222,9 +221,8 @@ def root(
   2511.20626; github.com/huawei-noah/noah-research (ROOT/).
   """
   _validate.arguments('root', root, locals())
-  reference = registry.resolve_reference('root', reference)
-  learning_rate = registry.resolve_learning_rate('root', reference,
-                                                 learning_rate)
+  reference, learning_rate = registry.resolve_mode('root', reference,
+                                               learning_rate)
   router, specs = _common.route(router)
   matrix = optax.named_chain(
       ('momentum', T.momentum(beta, form='sum', nesterov=nesterov,
@@ -240,7 +238,7 @@ def root(
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate, rms_matched=True,
-      recipe='root',
+      recipe='root', reference=reference,
       b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=weight_decay,
       eps_placement='raw',
       mu_dtype=mu_dtype)
@@ -249,15 +247,17 @@ def root(
 # Paper formula, with the original (Oct 2025) code's Keller scale.
 _AUON_PAPER = dict(gamma=1.0, normalize=True, brake_input='normalized',
                    scale='keller', hybrid_steps=1, hybrid_brake='raw')
-# The references' AdamW branch runs at a tenth of AuON's rate (their
-# training scripts: 0.024 with 0.24 at c87b862, 0.008 with 0.08 at bba2e82).
+# The rates the references' training code pairs: AuON (or Hybrid-AuON)
+# with AdamW at a tenth of its rate (0.24 with 0.024 at c87b862; 0.08 with
+# 0.008 in bba2e82's training config, whose optimizer classes default to
+# 0.24 without an AdamW branch).
 _AUON_RATES = {
     'paper': registry.ModeRates(
         0.24, 0.024, 'ryyzn9/AuON @c87b862 Auon_Adam_train.py: auon_lr, '
         'AdamW at auon_lr·0.1'),
     'repo': registry.ModeRates(
-        0.24, 0.024, 'ryyzn9/AuON @bba2e82 auon/optimizer.py: lr; its '
-        'trainer runs Adam at a tenth of it'),
+        0.08, 0.008, 'ryyzn9/AuON @bba2e82 training/config.py: auon_lr, '
+        'adam_lr'),
 }
 _AUON_REFERENCES = {
     'orthax': _AUON_PAPER,  # the paper's formula at the sweep's rates
@@ -283,9 +283,8 @@ def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
           mu_dtype, weight_decay, adam_learning_rate, adam_b1, adam_b2,
           adam_eps, router, check_finite, distributed):
   name = 'hybrid_auon' if hybrid else 'auon'
-  reference = registry.resolve_reference(name, reference)
-  learning_rate = registry.resolve_learning_rate(name, reference,
-                                                 learning_rate)
+  reference, learning_rate = registry.resolve_mode(name, reference,
+                                               learning_rate)
   d = _AUON_REFERENCES[reference]
   router, specs = _common.route(router)
   gamma = d['gamma'] if gamma is None else gamma
@@ -320,7 +319,7 @@ def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
                    learning_rate=0.08, adam_learning_rate=3e-3,
                    mode_rates=_AUON_RATES)
 def auon(
-    learning_rate: optax.ScalarOrSchedule | None = None,
+    learning_rate: optax.ScalarOrSchedule = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,
@@ -349,10 +348,10 @@ def auon(
     ``W ← W(1-ηλ) - η·u/(r + 1e-8)`` — the *raw* momentum, no shape scale.
 
   ``'orthax'`` runs at 0.08 with the AdamW branch at 3e-3, the sweep's
-  rates (README); ``'paper'`` and ``'repo'`` at their code's 0.24 with the
-  AdamW branch at a tenth of it, as their training scripts pair them (the
-  original script's ``auon_lr``; the Jan 2026 class default, whose trainer
-  config uses 0.08 with Adam at 0.008).
+  rates (README); ``'paper'`` and ``'repo'`` at the rates their training
+  code pairs: 0.24 with AdamW at 0.024 (the original script), 0.08 with
+  Adam at 0.008 (the Jan 2026 training config; its ``AuON`` class defaults
+  to 0.24).
 
   Non-matrix parameters take AdamW (β = (0.9, 0.95), ε = 1e-8, no decay; the
   original code's AuON+Adam split). The Jan 2026 code applies the brake to
@@ -373,12 +372,9 @@ def auon(
 
 @registry.register('hybrid_auon', references=tuple(_AUON_REFERENCES),
                    learning_rate=0.04, adam_learning_rate=3e-3,
-                   mode_rates={'repo': _AUON_RATES['repo']._replace(
-                       source='ryyzn9/AuON @bba2e82 auon/optimizer.py: '
-                       'HybridAuON lr; its trainer runs Adam at a tenth '
-                       'of it')})
+                   mode_rates={'repo': _AUON_RATES['repo']})
 def hybrid_auon(
-    learning_rate: optax.ScalarOrSchedule | None = None,
+    learning_rate: optax.ScalarOrSchedule = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,
@@ -409,9 +405,8 @@ def hybrid_auon(
 
   Non-matrix parameters take AdamW, as in :func:`auon`. ``'orthax'`` and
   ``'paper'`` (which publishes no rate for the hybrid) run at 0.04 with the
-  AdamW branch at 3e-3, the sweep's rates; ``'repo'`` at ``HybridAuON``'s
-  class default 0.24 with the AdamW branch at a tenth of it, as its trainer
-  pairs them.
+  AdamW branch at 3e-3, the sweep's rates; ``'repo'`` at the Jan 2026
+  training config's 0.08 with Adam at 0.008 (the class defaults to 0.24).
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   steps on whole matrices per device.
   """

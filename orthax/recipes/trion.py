@@ -27,7 +27,7 @@ _TRION_REFERENCES = ('orthax', 'ista')
         0.02, 3e-4, 'IST-DASLab/ISTA-DASLab-Optimizers @4c98e6e '
         'fft_low_rank/trion.py: Trion lr, Adam lr')})
 def trion(
-    learning_rate: optax.ScalarOrSchedule | None = None,
+    learning_rate: optax.ScalarOrSchedule = None,
     *,
     reference: str = 'orthax',
     rank: int | float | None = None,
@@ -116,9 +116,8 @@ def trion(
   github.com/IST-DASLab/ISTA-DASLab-Optimizers.
   """
   _validate.arguments('trion', trion, locals())
-  reference = registry.resolve_reference('trion', reference)
-  learning_rate = registry.resolve_learning_rate('trion', reference,
-                                                 learning_rate)
+  reference, learning_rate = registry.resolve_mode('trion', reference,
+                                               learning_rate)
   rank, _, _ = dct_adam.check_structure('trion', rank, None, None)
   if scaling not in MS.TRION_SCALINGS:
     raise ValueError(f'trion: scaling must be one of '

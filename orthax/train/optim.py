@@ -125,31 +125,49 @@ def validate(opt_config: Mapping[str, Any]) -> None:
 
 
 def check_mode_rate(name: str, learning_rate: float,
-                    kwargs: Mapping[str, Any]) -> None:
-  """Raises ``ValueError`` when ``learning_rate`` is recipe ``name``'s
-  registered default but ``kwargs`` pick a mode with another default rate:
-  a ``reference=`` mode runs at its reference's rates (e.g. Moonlight's
-  1e-3 against the library's 0.04), and DCT-AdamW's 1.5 per unit of the
-  matrix side is 176× too large for its unscaled step. The message names
-  the mode's matrix and AdamW-branch rates."""
+                    kwargs: Mapping[str, Any],
+                    adam_learning_rate: float | None = None) -> None:
+  """Raises ``ValueError`` when a rate of the ``optimizer`` section is
+  recipe ``name``'s registered default but ``kwargs`` pick a mode with
+  another default: a ``reference=`` mode runs at its reference's rates
+  (e.g. Moonlight's 1e-3 on both branches against the library's 0.04 and
+  3e-3), and DCT-AdamW's 1.5 per unit of the matrix side is 176× too large
+  for its unscaled step. Checked: ``learning_rate`` (the message names the
+  mode's matrix and AdamW-branch rates), then, for a mode with its
+  reference's rates, ``adam_learning_rate`` against the mode's at
+  ``learning_rate``."""
   params = inspect.signature(orthax.recipe_factory(name)).parameters
   param = params.get('learning_rate')
   if param is None or param.default is not None or not kwargs:
     return
-  registered = orthax.recipes.recipe_entry(name).learning_rate
+  entry = orthax.recipes.recipe_entry(name)
   rates = orthax.recipes.recipe_routing(
       orthax.recipe(name, **kwargs)).learning_rates
   own = rates['matrix']
-  if learning_rate == registered and own != registered:
-    adam = rates['adam'] if 'adam_learning_rate' in params else None
-    adam_flag = ('' if adam is None else
-                 f' --config.optimizer.adam_learning_rate={adam:g}')
+  has_adam = 'adam_learning_rate' in params
+  if learning_rate == entry.learning_rate and own != entry.learning_rate:
+    adam_flag = (f' --config.optimizer.adam_learning_rate={rates["adam"]:g}'
+                 if has_adam else '')
     raise ValueError(
         f'optimizer.learning_rate={learning_rate:g} is {name}\'s default for '
         f'its default mode; with optimizer.kwargs {dict(kwargs)} its default '
-        f'is {own:g}' + (f' (AdamW branch {adam:g})' if adam_flag else '') +
+        f'is {own:g}' + (f' (AdamW branch {rates["adam"]:g})' if has_adam
+                         else '') +
         f': set optimizer.learning_rate (e.g. '
         f'--config.optimizer.learning_rate={own:g}{adam_flag}).')
+  reference = kwargs.get('reference')
+  if (not has_adam or adam_learning_rate != entry.adam_learning_rate
+      or entry.mode_rates.get(entry.aliases.get(reference, reference)) is None):
+    return
+  mode_adam = orthax.recipes.recipe_routing(orthax.recipe(
+      name, **{**kwargs, 'learning_rate': learning_rate})).learning_rates['adam']
+  if mode_adam != adam_learning_rate:
+    raise ValueError(
+        f'optimizer.adam_learning_rate={adam_learning_rate:g} is {name}\'s '
+        f'default for its default mode; with optimizer.kwargs {dict(kwargs)} '
+        f'at learning_rate {learning_rate:g} its AdamW branch\'s default is '
+        f'{mode_adam:g}: set optimizer.adam_learning_rate (e.g. '
+        f'--config.optimizer.adam_learning_rate={mode_adam:g}).')
 
 
 def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,
@@ -181,7 +199,7 @@ def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,
     return orthax.skip_if_nonfinite(tx), {'adam': sched}
   factory = orthax.recipe_factory(name)
   accepted = inspect.signature(factory).parameters
-  check_mode_rate(name, lr, kwargs)
+  check_mode_rate(name, lr, kwargs, cfg.get('adam_learning_rate'))
   sched = PeakSchedule(shape, lr)
   kwargs['learning_rate'] = sched
   for key in ('weight_decay', 'adam_weight_decay'):

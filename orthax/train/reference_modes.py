@@ -22,12 +22,13 @@ from orthax.train import compare
 from orthax.train import sweep
 
 
-def cases() -> list[dict[str, Any]]:
+def cases(optimizers: Sequence[str] | None = None) -> list[dict[str, Any]]:
   """``{optimizer, reference, learning_rate, adam_learning_rate, source}``
-  of every mode with its reference's own rates, read off the built
-  optimizer (the AdamW branch's as the mode resolves it)."""
+  of every mode with its reference's own rates (of ``optimizers`` only,
+  where given), read off the built optimizer (the AdamW branch's as the
+  mode resolves it)."""
   out = []
-  for name in orthax.recipe_names():
+  for name in optimizers or orthax.recipe_names():
     for ref, rates in orthax.recipes.recipe_entry(name).mode_rates.items():
       lrs = orthax.recipes.recipe_routing(
           orthax.recipe(name, reference=ref)).learning_rates
@@ -40,38 +41,41 @@ def cases() -> list[dict[str, Any]]:
 
 def _key(r: dict[str, Any]) -> tuple:
   return (r['optimizer'], r['reference'], int(r['width']), int(r['seed']),
-          sweep.rate_key(r['learning_rate']))
+          sweep.rate_key(r['learning_rate']),
+          sweep.rate_key(r['adam_learning_rate']))
 
 
 def run(base_config: Any, out_dir: str, *, widths: Sequence[int],
-        seeds: Sequence[int], steps: int | None = None,
-        eval_every: int | None = 25, progress: bool = True
+        seeds: Sequence[int], optimizers: Sequence[str] | None = None,
+        steps: int | None = None, eval_every: int | None = 25,
+        max_runs: int | None = None, progress: bool = True
         ) -> list[dict[str, Any]]:
-  """Trains each of :func:`cases` at every width and seed not yet in
-  ``<out_dir>/runs.jsonl`` (appended as each ends); returns the records of
-  today's cases."""
+  """Trains each of :func:`cases` ``(optimizers)`` at every width and seed
+  not yet in ``<out_dir>/runs.jsonl`` (at most ``max_runs`` of them; 0:
+  none, only read), appending each as it ends; returns the records of those
+  cases."""
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, 'runs.jsonl')
+  wanted = [dict(c, width=int(w), seed=int(s)) for c in cases(optimizers)
+            for w in widths for s in seeds]
   done = {_key(r) for r in sweep.load(path)}
-  todo = [(c, w, s) for c in cases() for w in widths for s in seeds
-          if _key(dict(c, width=w, seed=s)) not in done]
-  for i, (case, width, seed) in enumerate(todo):
+  todo = [c for c in wanted if _key(c) not in done][:max_runs]
+  for i, case in enumerate(todo):
     t0 = time.perf_counter()
     rec = compare.train_one(
-        sweep.config_for(base_config, width, seed), case['optimizer'],
-        steps=steps, eval_every=eval_every, progress=progress,
+        sweep.config_for(base_config, case['width'], case['seed']),
+        case['optimizer'], steps=steps, eval_every=eval_every,
+        progress=progress,
         label=(f"[{i + 1}/{len(todo)}] {case['optimizer']} "
-               f"{case['reference']} d{width} s{seed} "),
+               f"{case['reference']} d{case['width']} s{case['seed']} "),
         optimizer=dict(learning_rate=case['learning_rate'],
                        adam_learning_rate=case['adam_learning_rate'],
                        kwargs={'reference': case['reference']}))
-    rec.update(case, width=int(width), seed=int(seed),
-               seconds=round(time.perf_counter() - t0, 1))
+    rec.update(case, seconds=round(time.perf_counter() - t0, 1))
     with open(path, 'a') as f:
       f.write(json.dumps(rec) + '\n')
-  wanted = {_key(dict(c, width=w, seed=s)) for c in cases() for w in widths
-            for s in seeds}
-  return [r for r in sweep.load(path) if _key(r) in wanted]
+  keys = {_key(c) for c in wanted}
+  return [r for r in sweep.load(path) if _key(r) in keys]
 
 
 def table(mode_runs: Sequence[dict[str, Any]],
