@@ -243,3 +243,32 @@ def test_a_diverged_run_is_recorded_not_fatal(tmp_path, monkeypatch):
   row, = sweep.summarize(runs)
   assert row['best_scale'] == 1.0 and row['loss_by_scale'][2.0] == math.inf
   assert '| muon |' in compare.table(runs).replace('muon*', 'muon')
+
+
+def test_reference_modes_train_at_their_rates_and_resume(tmp_path):
+  """``orthax-sweep --reference_modes``: each of Muon's modes with rates of
+  its own trains at them (the trainer takes the mode through
+  ``optimizer.kwargs`` and both rates), once; the table sets each beside
+  the library mode's sweep run at the same width and seed."""
+  from orthax.train import reference_modes  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path)
+  assert reference_modes.run(tiny_base(), out, widths=(16,), seeds=(0,),
+                             optimizers=['muon'], max_runs=0,
+                             progress=False) == []
+  runs = reference_modes.run(tiny_base(), out, widths=(16,), seeds=(0,),
+                             optimizers=['muon'], progress=False)
+  got = {r['reference']: (r['learning_rate'], r['adam_learning_rate'])
+         for r in runs}
+  assert got == {'keller': (0.02, pytest.approx(3e-4)),
+                 'moonlight': (1e-3, 1e-3)}
+  assert all(math.isfinite(r['final_val_loss']) for r in runs)
+  # Resumed: nothing trained again, the same records.
+  assert reference_modes.run(tiny_base(), out, widths=(16,), seeds=(0,),
+                             optimizers=['muon'], progress=False) == runs
+  assert len((tmp_path / 'runs.jsonl').read_text().splitlines()) == 2
+  library = [{'optimizer': 'muon', 'width': 16, 'seed': 0,
+              'learning_rate': sweep.default_learning_rate('muon'),
+              'final_val_loss': 9.5}]
+  table = reference_modes.table(runs, library).splitlines()
+  assert len(table) == 4 and table[2].startswith('| muon | keller | 0.02 / ')
+  assert all(line.endswith('| 9.5000 (0.04) |') for line in table[2:])

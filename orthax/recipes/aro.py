@@ -162,7 +162,7 @@ def aro(
   """
   _validate.arguments('aro', aro, locals())
   reference, learning_rate = registry.resolve_mode('aro', reference,
-                                               learning_rate)
+                                                   learning_rate)
   d = _ARO_REFERENCES[reference]
   rotate = d['rotate'] if rotate is None else rotate
   scale = d['scale'] if scale is None else scale

@@ -160,7 +160,7 @@ def muon(
   """
   _validate.arguments('muon', muon, locals())
   reference, learning_rate = registry.resolve_mode('muon', reference,
-                                               learning_rate)
+                                                   learning_rate)
   d = _MUON_REFERENCES[reference]
   nesterov = d['nesterov'] if nesterov is None else nesterov
   preset = d['preset'] if preset is None else preset

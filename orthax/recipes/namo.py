@@ -33,7 +33,7 @@ def _namo(name, mode, learning_rate, reference, beta, mu2, eps, weight_decay,
           adam_weight_decay, router, check_finite, distributed=None,
           shape=None):
   reference, learning_rate = registry.resolve_mode(name, reference,
-                                               learning_rate)
+                                                   learning_rate)
   d = _NAMO_REFERENCES[reference]
   shape = d['shape'] if shape is None else shape
   scale_coeff = d['scale_coeff'] if scale_coeff is None else scale_coeff

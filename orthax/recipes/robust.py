@@ -135,7 +135,7 @@ def spectra(
   """
   _validate.arguments('spectra', spectra, locals())
   reference, learning_rate = registry.resolve_mode('spectra', reference,
-                                               learning_rate)
+                                                   learning_rate)
   d = _SPECTRA_REFERENCES[reference]
   router, specs = _common.route(
       router, routing.Router(extra_rules=SPECTRA_RULES))
@@ -222,7 +222,7 @@ def root(
   """
   _validate.arguments('root', root, locals())
   reference, learning_rate = registry.resolve_mode('root', reference,
-                                               learning_rate)
+                                                   learning_rate)
   router, specs = _common.route(router)
   matrix = optax.named_chain(
       ('momentum', T.momentum(beta, form='sum', nesterov=nesterov,
@@ -259,13 +259,18 @@ _AUON_RATES = {
         0.08, 0.008, 'ryyzn9/AuON @bba2e82 training/config.py: auon_lr, '
         'adam_lr'),
 }
+# ryyzn9/AuON auon/optimizer.py @ bba2e82 (Jan 2026).
+_AUON_REPO = dict(gamma=1.5, normalize=False, brake_input='normalized',
+                  scale='none', hybrid_steps=5, hybrid_brake='normalized')
 _AUON_REFERENCES = {
     'orthax': _AUON_PAPER,  # the paper's formula at the sweep's rates
     'paper': _AUON_PAPER,
-    # ryyzn9/AuON auon/optimizer.py @ bba2e82 (Jan 2026).
-    'repo': dict(gamma=1.5, normalize=False, brake_input='normalized',
-                 scale='none', hybrid_steps=5, hybrid_brake='normalized'),
+    'repo': _AUON_REPO,
 }
+# Hybrid-AuON's library mode is the repository's current code (five
+# Newton–Schulz steps before the brake): the paper's one step ended 0.19–
+# 0.24 nats higher at its best rate (docs/training.md).
+_HYBRID_REFERENCES = {**_AUON_REFERENCES, 'orthax': _AUON_REPO}
 
 
 def _no_matrix_function(distributed):
@@ -284,8 +289,8 @@ def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
           adam_eps, router, check_finite, distributed):
   name = 'hybrid_auon' if hybrid else 'auon'
   reference, learning_rate = registry.resolve_mode(name, reference,
-                                               learning_rate)
-  d = _AUON_REFERENCES[reference]
+                                                   learning_rate)
+  d = (_HYBRID_REFERENCES if hybrid else _AUON_REFERENCES)[reference]
   router, specs = _common.route(router)
   gamma = d['gamma'] if gamma is None else gamma
   stages = [('momentum', T.momentum(beta, form='ema', nesterov=True,
@@ -370,7 +375,7 @@ def auon(
                adam_eps, router, check_finite, _no_matrix_function(distributed))
 
 
-@registry.register('hybrid_auon', references=tuple(_AUON_REFERENCES),
+@registry.register('hybrid_auon', references=tuple(_HYBRID_REFERENCES),
                    learning_rate=0.04, adam_learning_rate=3e-3,
                    mode_rates={'repo': _AUON_RATES['repo']})
 def hybrid_auon(
@@ -393,20 +398,25 @@ def hybrid_auon(
 ) -> optax.GradientTransformation:
   r"""Hybrid-AuON: a few Newton–Schulz steps, then AuON's cosh brake.
 
-  * ``reference='orthax'`` (default) and ``'paper'``: **one** Keller
-    quintic step on
+  * ``reference='paper'``: **one** Keller quintic step on
     ``X = u/(‖u‖_F + 1e-7)``, ``O = aX + (bA + cA²)X``, then
     ``O/(‖\cosh O‖_F/\sqrt N + 1e-8)`` and the Keller shape scale (the
     paper's hybrid paragraph writes the RMS without the square root, which
     contradicts its main text; we use the main text's RMS);
-  * ``reference='repo'`` (``HybridAuON`` @ bba2e82): ``ns_steps = 5`` Keller
-    steps, then ``O/(r + 1e-8)`` with
+  * ``reference='orthax'`` (default) and ``'repo'`` (``HybridAuON`` @
+    bba2e82): ``ns_steps = 5`` Keller steps, then ``O/(r + 1e-8)`` with
     ``r = \sqrt{mean\,cosh(1.5·O/(‖O‖_F + 1e-7))²}``, no shape scale.
 
-  Non-matrix parameters take AdamW, as in :func:`auon`. ``'orthax'`` and
-  ``'paper'`` (which publishes no rate for the hybrid) run at 0.04 with the
-  AdamW branch at 3e-3, the sweep's rates; ``'repo'`` at the Jan 2026
-  training config's 0.08 with Adam at 0.008 (the class defaults to 0.24).
+  Non-matrix parameters take AdamW, as in :func:`auon`. ``'orthax'`` runs
+  the repository's current arithmetic at the sweep's rates, 0.04 with the
+  AdamW branch at 3e-3: the paper's one step, best at 0.04 too, ended 0.24
+  / 0.19 nats higher on the embedded corpus (1.7725 / 1.6855 against 1.5323
+  / 1.4911 at d_model 128 / 256, two seeds; docs/training.md). ``'paper'``
+  publishes no rate for the hybrid and runs at 0.04 / 3e-3; ``'repo'`` at
+  the Jan 2026 training config's 0.08 with Adam at 0.008 (the class
+  defaults to 0.24). For realistic sizes the brake is ≈ 1, so the default
+  is close to :func:`muon` without its shape scale; the paper's one step is
+  the cheaper form (about 0.3× Muon's time on CPU).
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   steps on whole matrices per device.
   """

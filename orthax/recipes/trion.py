@@ -117,7 +117,7 @@ def trion(
   """
   _validate.arguments('trion', trion, locals())
   reference, learning_rate = registry.resolve_mode('trion', reference,
-                                               learning_rate)
+                                                   learning_rate)
   rank, _, _ = dct_adam.check_structure('trion', rank, None, None)
   if scaling not in MS.TRION_SCALINGS:
     raise ValueError(f'trion: scaling must be one of '
