@@ -36,11 +36,13 @@ import trees  # tests/trees.py
 import orthax
 
 # Every registered recipe in its default mode, and the modes with a precision
-# path of their own: muon's 'optax' (NAdam branch, 2-D routing) and AuON's
-# 'repo' (a step that scales with the gradient: below float16's normal range).
+# path of their own: muon's 'optax' (NAdam branch, 2-D routing), AuON's
+# 'repo' (a step that scales with the gradient: below float16's normal range)
+# and Hybrid-AuON's 'paper' (the brake on one Newton–Schulz step's output).
 CASES = [contract.Case(name) for name in orthax.recipe_names()] + [
     contract.Case('muon', (('reference', 'optax'),)),
-    contract.Case('auon', (('reference', 'repo'),))]
+    contract.Case('auon', (('reference', 'repo'),)),
+    contract.Case('hybrid_auon', (('reference', 'paper'),))]
 SCALES = (1e-3, 1e-5, 1.0)
 STEPS = 3
 UNIT_ROUNDOFF = {'float16': 2.0 ** -11, 'bfloat16': 2.0 ** -8}

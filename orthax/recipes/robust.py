@@ -416,7 +416,7 @@ def hybrid_auon(
   the Jan 2026 training config's 0.08 with Adam at 0.008 (the class
   defaults to 0.24). For realistic sizes the brake is ≈ 1, so the default
   is close to :func:`muon` without its shape scale; the paper's one step is
-  the cheaper form (about 0.3× Muon's time on CPU).
+  the cheaper form (0.28–0.30× Muon's time on CPU).
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   steps on whole matrices per device.
   """
