@@ -3,7 +3,8 @@
 Run as a script (``tests/test_sharding.py`` does, in a subprocess with
 ``--xla_force_host_platform_device_count=8``). Two jitted steps of muon,
 normuon, namo and namo_d (the cases in ``RECIPE_KEYS``), and of root,
-spectra, hybrid_auon, lanton and auon (f32 on the two Auto meshes), on a
+spectra, hybrid_auon (its default and ``reference='paper'``), lanton and
+auon (``OTHER_RECIPES``; f32 on the two Auto meshes), on a
 tree of kernels (FSDP-sharded, a scan-stacked leaf, a leaf count that does
 not divide 8), biases and an embedding, on Auto meshes ``(8,)`` and
 ``(4, 2)`` and on an Explicit ``(8,)`` mesh: the maximum relative
@@ -90,9 +91,16 @@ INJECT = {
 }
 
 
+OTHER_RECIPES = ('root', 'spectra', 'hybrid_auon', 'hybrid_auon@paper',
+                 'lanton', 'auon')
+
+
 def _recipe(recipe, inject, **kw):
+  """``recipe`` by name; ``name@mode`` picks its ``reference=`` mode."""
   if not inject:
-    return orthax.recipe(recipe, learning_rate=0.02, **kw)
+    name, _, mode = recipe.partition('@')
+    return orthax.recipe(name, learning_rate=0.02,
+                         **(dict(reference=mode) if mode else {}), **kw)
   factory, hyper = INJECT[recipe]
   return optax.inject_hyperparams(functools.partial(factory, **kw))(**hyper)
 
@@ -182,7 +190,9 @@ def main():
     out[key] = fake_devices.guarded(functools.partial(
         _run_in, mesh, at, recipe, jnp.float32, inject=True))
   # The other recipes: f32 on the wire, Auto fsdp8 and fsdp4×tp2.
-  for recipe in ('root', 'spectra', 'hybrid_auon', 'lanton', 'auon'):
+  # Hybrid-AuON's paper form (one step, the brake on its raw output, the
+  # Keller scale) has a body of its own beside the default five-step one.
+  for recipe in OTHER_RECIPES:
     for mname in ('fsdp8', 'fsdp4tp2'):
       shape, names, at = meshes[mname]
       mesh = jax.make_mesh(shape, names, axis_types=(at,) * len(shape))

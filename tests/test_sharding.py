@@ -330,8 +330,7 @@ def test_recipes_distributed_equal_single_device(recipe_cases, key):
 
 
 OTHER_RECIPE_KEYS = [f'{r}/{m}/f32'
-                     for r in ('root', 'spectra', 'hybrid_auon', 'lanton',
-                               'auon')
+                     for r in sharding_recipes_cases.OTHER_RECIPES
                      for m in ('fsdp8', 'fsdp4tp2')]
 
 
