@@ -12,6 +12,7 @@ stability and learning-rate schedules.
 from __future__ import annotations
 
 import inspect
+import inspect
 import pathlib
 import types
 
@@ -107,7 +108,6 @@ def test_every_recipe_takes_the_harness_schedule_check():
   ``learning_rate`` is not annotated ``optax.ScalarOrSchedule``; a recipe
   whose default is ``None`` (its mode's rate) keeps that annotation, so the
   check runs for every recipe."""
-  import inspect  # pylint: disable=g-import-not-at-top
   for name in orthax.recipe_names():
     param = inspect.signature(orthax.recipe_factory(name)).parameters[
         'learning_rate']

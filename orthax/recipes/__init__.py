@@ -19,7 +19,6 @@ from orthax.recipes.registry import recipe_names
 from orthax.recipes.registry import recipe_references
 from orthax.recipes.registry import RecipeEntry
 from orthax.recipes.registry import register
-from orthax.recipes.registry import resolve_learning_rate
 from orthax.recipes.registry import resolve_mode
 from orthax.recipes.registry import resolve_reference
 from orthax.recipes.registry import unregister
@@ -32,8 +31,8 @@ from orthax.recipes.adaptive import lanton
 from orthax.recipes.namo import namo
 from orthax.recipes.namo import namo_d
 from orthax.recipes.adaptive import normuon
-from orthax.recipes.robust import auon
-from orthax.recipes.robust import hybrid_auon
+from orthax.recipes.auon import auon
+from orthax.recipes.auon import hybrid_auon
 from orthax.recipes.robust import root
 from orthax.recipes.robust import spectra
 
@@ -41,7 +40,7 @@ __all__ = [
     'assemble', 'assemble_with_adamw', 'default_learning_rates', 'route',
     'step_stages', 'muon', 'recipe', 'recipe_entry',
     'recipe_factory', 'recipe_names', 'recipe_references', 'RecipeEntry',
-    'register', 'resolve_learning_rate', 'resolve_mode', 'resolve_reference',
+    'register', 'resolve_mode', 'resolve_reference',
     'unregister',
     'LIBRARY_MODE', 'ModeRates',
     'dct_adamw', 'trion',

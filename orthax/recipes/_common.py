@@ -265,8 +265,9 @@ def assemble_with_adamw(
   """The shared tail of a recipe: :func:`assemble` with the AdamW branch
   :func:`orthax.transforms.adamw` at :func:`resolve_adam_learning_rate` ``(
   learning_rate, adam_learning_rate, rms_matched=rms_matched, recipe=recipe,
-  reference=reference)`` with ``adam_kwargs``. Every branch computes in float32 for float16/bfloat16
-  parameters (:func:`orthax.transforms.precision.in_float32`; the AdamW
+  reference=reference)`` with ``adam_kwargs``. Every branch computes in
+  float32 for float16/bfloat16 parameters
+  (:func:`orthax.transforms.precision.in_float32`; the AdamW
   branch does so itself) and returns updates in the gradients' dtype. The
   result carries its :class:`RecipeRouting` (``branch_learning_rates``:
   those of the extra ``branches``)."""

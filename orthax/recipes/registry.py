@@ -258,14 +258,6 @@ def resolve_mode(name: str, reference: str,
   return mode, learning_rate
 
 
-def resolve_learning_rate(name: str, reference: str,
-                          learning_rate: optax.ScalarOrSchedule | None
-                          ) -> optax.ScalarOrSchedule:
-  """``learning_rate``, or where it is ``None`` the default rate of recipe
-  ``name``'s mode ``reference`` (a mode or an alias)."""
-  return resolve_mode(name, reference, learning_rate)[1]
-
-
 def recipe(name: str, **kwargs) -> optax.GradientTransformation:
   """Builds the recipe ``name`` with keyword arguments ``kwargs``."""
   return recipe_factory(name)(**kwargs)
