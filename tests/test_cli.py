@@ -11,6 +11,7 @@ import zipfile
 
 import pytest
 
+import orthax
 from orthax import cli
 from orthax import configs
 
@@ -46,6 +47,47 @@ def test_config_argv(tmp_path, monkeypatch):
   with pytest.raises(SystemExit, match=r'--config=nope:muon: no such file.*'
                      r'packaged: gpt2_124m, gpt2_350m, gpt_1b, lm_cpu'):
     cli.config_argv(['x', '--config=nope:muon'])
+
+
+def test_report_errors(monkeypatch, capsys):
+  """Bad input exits 2, a failed run 1, each with one ``error:`` line and
+  no traceback; other exceptions, and every one under
+  ``ORTHAX_TRACEBACK=1``, propagate."""
+  monkeypatch.delenv('ORTHAX_TRACEBACK', raising=False)
+
+  def raising(e):
+    def main(_):
+      raise e
+    return main
+
+  for exc, status in ((ValueError('train.steps=0 must be >= 1.'), 2),
+                      (FloatingPointError('loss is nan at step 3.'), 1),
+                      (orthax.NonFiniteGradientError('non-finite at 2'), 1)):
+    with pytest.raises(SystemExit) as e:
+      cli.report_errors('orthax-x', raising(exc), None)
+    assert e.value.code == status, exc
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f'orthax-x: error: {exc}',
+                   'orthax-x: (ORTHAX_TRACEBACK=1 shows where it was '
+                   'raised)'], err
+  with pytest.raises(TypeError, match='a bug'):
+    cli.report_errors('orthax-x', raising(TypeError('a bug')), None)
+  monkeypatch.setenv('ORTHAX_TRACEBACK', '1')
+  with pytest.raises(ValueError, match='train.steps'):
+    cli.report_errors('orthax-x', raising(ValueError('train.steps')), None)
+  assert capsys.readouterr().err == ''
+
+
+def test_sweep_reports_a_bad_width_in_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / 'scripts' / 'sweep.py'), '--optimizers=muon',
+       '--widths=130', f'--out={tmp_path}', '--max_runs=1'],
+      capture_output=True, text=True, cwd=tmp_path, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.splitlines()[-2] == (
+      'orthax-sweep: error: width 130 is not a multiple of '
+      'model.num_heads=4.'), proc.stderr[-3000:]
 
 
 def _run(args, cwd, env=None):

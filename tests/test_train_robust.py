@@ -269,11 +269,38 @@ def test_script_names_an_unknown_optimizer_key():
   proc = subprocess.run(
       [sys.executable, 'scripts/train.py', '--config.optimizer.bogus=1'],
       capture_output=True, text=True, cwd=ROOT, timeout=600)
-  assert proc.returncode == 1
-  last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith('ValueError: unknown optimizer key(s) '
-                         'optimizer.bogus.'), last
-  assert "keywords of recipe 'muon'" in last
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  err = proc.stderr.strip().splitlines()
+  assert err[-2].startswith('orthax-train: error: unknown optimizer key(s) '
+                            'optimizer.bogus.'), err
+  assert "keywords of recipe 'muon'" in err[-2]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert err[-1] == ('orthax-train: (ORTHAX_TRACEBACK=1 shows where it was '
+                     'raised)')
+
+
+def test_script_ends_a_diverging_run_with_one_error_line():
+  """A run whose gradient turns non-finite (``train.nonfinite='raise'``)
+  exits 1 with the guard's message naming the step and the leaves; with
+  ``ORTHAX_TRACEBACK=1`` the traceback is shown instead."""
+  args = [sys.executable, 'scripts/train.py', '--config=lm_cpu:adamw',
+          '--config.train.steps=3', '--config.train.eval_every=0',
+          '--config.schedule.warmup_steps=0', '--config.model.d_model=32',
+          '--config.model.num_layers=1',
+          '--config.optimizer.learning_rate=1e30']
+  proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT,
+                        timeout=600)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  err = proc.stderr.strip().splitlines()
+  assert err[-2].startswith('orthax-train: error: non-finite gradient (NaN '
+                            'or Inf) at step 2 in leaf '), err[-2]
+  env = dict(os.environ, ORTHAX_TRACEBACK='1')
+  proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT,
+                        timeout=600, env=env)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert 'Traceback' in proc.stderr
+  assert 'NonFiniteGradientError: non-finite gradient' in proc.stderr
 
 
 # -- preemption --------------------------------------------------------------

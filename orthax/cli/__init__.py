@@ -8,6 +8,13 @@ by side) and ``run(argv=None)``. They need the ``scripts`` extra
 (``pip install 'orthax-optim[scripts]'``). ``--config`` takes a packaged
 config by name from any directory (``--config=lm_cpu:normuon``; see
 :mod:`orthax.configs`) or a path.
+
+A bad config or input (a ``ValueError``: an unknown key, a value out of
+range, a missing token file, a workdir that holds another run) ends the
+tool with one ``<tool>: error: <message>`` line on stderr and exit status 2;
+a run that turns non-finite (``FloatingPointError``, a
+:class:`orthax.NonFiniteGradientError`) with that line and status 1. Set
+``ORTHAX_TRACEBACK=1`` for the traceback instead.
 """
 
 from __future__ import annotations
@@ -18,6 +25,10 @@ import sys
 from typing import Any, Callable, Sequence
 
 from orthax import configs as packaged_configs
+from orthax.transforms.check_finite import NonFiniteGradientError
+
+EXIT_USAGE = 2     # a bad config, flag or input file (argparse's status)
+EXIT_FAILURE = 1   # the run itself failed (its loss turned non-finite)
 
 
 def require_scripts_extra(tool: str) -> None:
@@ -70,7 +81,28 @@ def run_app(tool: str, doc: str, define_flags: Callable[[], Any],
   holders = define_flags()
   for holder in vars(holders).values():  # listed by --help, not --helpfull
     flags.FLAGS.register_flag_by_module(argv[0], flags.FLAGS[holder.name])
-  app.run(lambda _: main(holders), argv=config_argv(argv))
+  app.run(lambda _: report_errors(tool, main, holders),
+          argv=config_argv(argv))
+
+
+def report_errors(tool: str, main: Callable[[Any], None], holders: Any
+                  ) -> None:
+  """``main(holders)``; a ``ValueError`` (bad config or input) exits with
+  ``<tool>: error: <message>`` on stderr and :data:`EXIT_USAGE`, a
+  ``FloatingPointError`` (non-finite loss) with the same line and
+  :data:`EXIT_FAILURE`: no traceback, unless the environment sets
+  ``ORTHAX_TRACEBACK=1``. (:class:`orthax.NonFiniteGradientError`, the
+  trainer's ``nonfinite='raise'``, is a ``ValueError`` and a run failure:
+  it exits with :data:`EXIT_FAILURE`.)"""
+  try:
+    main(holders)
+  except (ValueError, FloatingPointError) as e:
+    if os.environ.get('ORTHAX_TRACEBACK', '') not in ('', '0'):
+      raise
+    failed = isinstance(e, (FloatingPointError, NonFiniteGradientError))
+    print(f'{tool}: error: {e}\n{tool}: (ORTHAX_TRACEBACK=1 shows where it '
+          'was raised)', file=sys.stderr)
+    sys.exit(EXIT_FAILURE if failed else EXIT_USAGE)
 
 
 def quiet_library_logs() -> None:
