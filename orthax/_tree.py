@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from orthax.matrices import MatrixSpec
 
@@ -42,22 +44,16 @@ def resolve_specs(specs: SpecsLike, tree: Any, what: str) -> list[MatrixSpec]:
   rank is an error), one ``MatrixSpec`` for all leaves, a tree of them matching
   ``tree``, or a callable mapping ``tree`` to such a tree. Errors name the leaf.
   """
-  paths, leaves, _ = leaves_with_paths(tree)
+  paths, leaves, treedef = leaves_with_paths(tree)
   if callable(specs) and not isinstance(specs, MatrixSpec):
     specs = specs(tree)
   if specs is None or isinstance(specs, MatrixSpec):
     per_leaf = [specs] * len(leaves)
   else:
-    per_leaf = jax.tree.leaves(
-        specs, is_leaf=lambda s: s is None or isinstance(s, MatrixSpec))
-    per_leaf = [s for s in per_leaf
-                if s is None or isinstance(s, MatrixSpec)]
-    if len(per_leaf) != len(leaves):
-      raise ValueError(
-          f'{what}: the matrix_specs tree has {len(per_leaf)} leaves but the '
-          f'updates have {len(leaves)}; give one MatrixSpec per leaf.')
+    per_leaf = specs_per_leaf(specs, treedef, len(leaves), what)
   out = []
   for path, x, spec in zip(paths, leaves, per_leaf):
+    check_real_floating(path, x, what)
     shape = getattr(x, 'shape', ())
     if spec is None:
       if len(shape) != 2:
@@ -72,3 +68,46 @@ def resolve_specs(specs: SpecsLike, tree: Any, what: str) -> list[MatrixSpec]:
       raise ValueError(f'{what}: leaf {path!r}: {e}') from None
     out.append(spec)
   return out
+
+
+def _is_spec_leaf(s: Any) -> bool:
+  return s is None or isinstance(s, MatrixSpec)
+
+
+def specs_per_leaf(specs: Any, treedef: Any, n: int, what: str,
+                   none_means: str = '') -> list:
+  """The spec of each of the ``n`` leaves of ``treedef`` from a tree of
+  specs shaped like it. A ``None`` subtree of the updates (an absent
+  parameter, e.g. a layer without a bias) is ``None`` in the spec tree too
+  and has no leaf in either."""
+  try:
+    per_leaf = treedef.flatten_up_to(specs)
+  except (ValueError, TypeError):
+    per_leaf = jax.tree.leaves(specs, is_leaf=_is_spec_leaf)
+  per_leaf = [s for s in per_leaf if _is_spec_leaf(s)]
+  if len(per_leaf) != n:
+    raise ValueError(
+        f'{what}: the matrix_specs tree has {len(per_leaf)} leaves but the '
+        f'updates have {n}; give one MatrixSpec{none_means} per leaf.')
+  return per_leaf
+
+
+def check_real_floating(path: str, x: Any, what: str) -> None:
+  """Raises ``ValueError`` naming ``path`` unless ``x`` (an array or a
+  ``ShapeDtypeStruct``) holds real floating-point numbers: a matrix step
+  (Newton–Schulz, the norms) is defined for those only; the message says
+  where such a leaf can go instead."""
+  dtype = getattr(x, 'dtype', None)
+  if dtype is None or jnp.issubdtype(dtype, jnp.floating):
+    return
+  pattern = '^' + re.escape(path) + '$'
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    why, label = ('complex matrices are not supported (their '
+                  'orthogonalization needs the conjugate transpose)'), 'adam'
+  else:
+    why, label = 'it cannot be trained by gradient steps', 'frozen'
+  raise ValueError(
+      f'{what}: leaf {path!r} has dtype {jnp.dtype(dtype).name}: matrix steps '
+      f'need real floating-point leaves, and {why}. Route it elsewhere: '
+      f'router=orthax.Router(extra_rules=[orthax.Rule({pattern!r}, '
+      f'{label!r})]).')

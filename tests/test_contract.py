@@ -58,6 +58,28 @@ def test_routes_both_branches(case):
 
 
 @cases
+def test_none_leaf_is_an_absent_parameter(case):
+  """A ``None`` in the parameter tree (a layer without a bias; Equinox's
+  ``filter``) is an empty subtree, as in optax: the updates keep it, and the
+  other leaves step exactly as in the tree without it."""
+  tx = case.make(contract.LR)
+  params = trees.mixed_params()
+  with_none = {**params, 'absent': None,
+               'blocks': {**params['blocks'], '2': {'bias': None}}}
+  grads = [trees.random_like(params, seed) for seed in (1, 2)]
+  grads_none = [{**g, 'absent': None,
+                 'blocks': {**g['blocks'], '2': {'bias': None}}}
+                for g in grads]
+  ups, _ = contract.run_steps(tx, params, grads, jit=True)
+  ups_none, _ = contract.run_steps(tx, with_none, grads_none, jit=True)
+  assert ups_none[-1]['absent'] is None
+  assert ups_none[-1]['blocks']['2']['bias'] is None
+  del ups_none[-1]['absent'], ups_none[-1]['blocks']['2']
+  contract.assert_trees_close(ups_none[-1], ups[-1], rtol=0, atol=0,
+                              what='updates with and without None leaves')
+
+
+@cases
 def test_jit_matches_eager(case):
   contract.check_jit_matches_eager(case.make)
 

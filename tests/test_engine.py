@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import optax
 import orthax
 from orthax import engine
 from orthax import matrix_stages as MS
@@ -84,17 +85,62 @@ def test_tree_without_matrix_leaf(name):
 
 
 @pytest.mark.parametrize('name', RECIPES)
-def test_zero_size_leaf_passes_through(name):
-  """A ``(0, 8)`` matrix leaf (a ZeroDivisionError before): it comes back
-  empty and the other leaves get exactly what they get without it."""
+def test_matrix_leaf_that_is_not_real_floating_names_it(name):
+  """A complex or integer leaf routed to the matrix branch raises, naming
+  it and the rule that routes it elsewhere (before: NaN updates from five
+  recipes, a jnp/LAPACK error naming nothing from the rest); the complex
+  one then trains on the AdamW branch (whose root is real, |g|² as
+  optax's)."""
+  z = (_rand((8, 8), 4) + 1j * _rand((8, 8), 5)).astype(jnp.complex64)
+  for leaf, label in ((z, 'adam'), (jnp.ones((8, 8), jnp.int32), 'frozen')):
+    params = {'w': _rand((8, 16), 0), 'table': leaf}
+    grads = {'w': _rand((8, 16), 1), 'table': leaf}
+    with pytest.raises(ValueError, match=(
+        rf"leaf 'table' has dtype {leaf.dtype.name}: matrix steps need real "
+        rf"floating-point leaves.*orthax.Rule\('\^table\$', '{label}'\)")):
+      _step(orthax.recipe(name, learning_rate=0.01), grads, params)
+  if name == 'spectra':  # clips every 2-D leaf its router does not freeze
+    return
+  router = orthax.Router(extra_rules=[orthax.Rule('^table$', 'adam')])
+  tx = orthax.recipe(name, learning_rate=0.01, router=router)
+  params = {'w': _rand((8, 16), 0), 'table': z}
+  u, state = _step(tx, {'w': _rand((8, 16), 1), 'table': z * 0.5}, params)
+  u, _ = tx.update({'w': _rand((8, 16), 2), 'table': z}, state, params)
+  assert u['table'].dtype == jnp.complex64
+  assert bool(jnp.all(jnp.isfinite(u['table'])))
+  assert float(jnp.max(jnp.abs(u['table']))) > 0
+
+
+def test_scale_safe_adam_on_complex_equals_optax():
+  """Adam's second moment of a complex gradient is the EMA of |g|², kept
+  real (optax's ``abs_sq``)."""
+  z = (_rand((6, 5), 0) + 1j * _rand((6, 5), 1)).astype(jnp.complex64)
+  ours = orthax.transforms.adam.scale_by_adam_scale_safe(0.9, 0.95)
+  ref = optax.scale_by_adam(0.9, 0.95)
+  s, r = ours.init(z), ref.init(z)
+  assert s.nu_root.dtype == jnp.float32
+  for i in range(3):
+    g = z * (i + 1) + 0.3j
+    u, s = ours.update(g, s)
+    v, r = ref.update(g, r)
+    np.testing.assert_allclose(u, v, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('empty', [(0, 8), (0, 8, 8), (2, 0, 8)],
+                         ids=['matrix', 'zero_layers', 'zero_rows'])
+@pytest.mark.parametrize('name', RECIPES)
+def test_zero_size_leaf_passes_through(name, empty):
+  """A zero-size matrix leaf, a stack of zero layers among them (a
+  ZeroDivisionError in NAMO and a min of nothing in LANTON before): it
+  comes back empty and the other leaves get exactly what they get without
+  it."""
   params = {'w': _rand((8, 16), 0), 'v': _rand((16, 4), 1)}
   grads = {'w': _rand((8, 16), 2), 'v': _rand((16, 4), 3)}
   tx = orthax.recipe(name, learning_rate=0.01)
   ref, _ = _step(tx, grads, params)
-  with_empty = (dict(params, e=jnp.zeros((0, 8))),
-                dict(grads, e=jnp.zeros((0, 8))))
-  u, _ = _step(tx, with_empty[1], with_empty[0])
-  assert u['e'].shape == (0, 8)
+  kernel = {'kernel': jnp.zeros(empty)}
+  u, _ = _step(tx, dict(grads, e=kernel), dict(params, e=kernel))
+  assert u['e']['kernel'].shape == empty
   for k in ('w', 'v'):
     np.testing.assert_array_equal(u[k], ref[k])
 
@@ -109,9 +155,21 @@ def test_gradient_of_another_shape_names_the_leaf(name):
 
 
 def test_check_shapes_structure_mismatch():
+  """The message names the parameters that have no gradient and the
+  gradients that have no parameter, each on its own side."""
   tx = orthax.transforms.check_shapes()
-  with pytest.raises(ValueError, match='structure of the parameter tree'):
-    tx.update({'a': jnp.ones(2)}, tx.init({}), {'b': jnp.ones(2)})
+  with pytest.raises(ValueError, match=(
+      r"structure of the parameter tree: parameters without a gradient: "
+      r"\['b', 'k/w'\]; gradients without a parameter: \['a'\]\.$")):
+    tx.update({'a': jnp.ones(2), 'c': jnp.ones(2)}, tx.init({}),
+              {'b': jnp.ones(2), 'c': jnp.ones(2), 'k': {'w': jnp.ones(2)}})
+  with pytest.raises(ValueError, match=(
+      r"parameters without a gradient: \['k'\]\.$")):
+    tx.update({'w': jnp.ones(2)}, tx.init({}),
+              {'w': jnp.ones(2), 'k': jnp.ones(2)})
+  with pytest.raises(ValueError, match='structure of the parameter tree: '
+                     '.*tuple'):  # same paths, another container: JAX's words
+    tx.update((jnp.ones(2),), tx.init({}), [jnp.ones(2)])
 
 
 # On 8 fake devices ------------------------------------------------------------

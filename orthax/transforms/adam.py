@@ -97,14 +97,17 @@ def scale_by_adam_scale_safe(b1: float = 0.9, b2: float = 0.999,
 
   def init_fn(params):
     mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params)
-    return ScaleSafeAdamState(jnp.zeros([], jnp.int32), mu,
-                              jax.tree.map(jnp.zeros_like, params))
+    # The root is real for a complex parameter too (|g|², as optax's).
+    return ScaleSafeAdamState(
+        jnp.zeros([], jnp.int32), mu,
+        jax.tree.map(lambda p: jnp.zeros_like(p, dtype=_real(p.dtype)),
+                     params))
 
   def update_fn(updates, state, params=None):
     del params
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-    root = jax.tree.map(lambda r, g: root_ema(r, g, b2), state.nu_root,
-                        updates)
+    root = jax.tree.map(lambda r, g: root_ema(r, jnp.abs(g), b2),
+                        state.nu_root, updates)
     count = optax.safe_increment(state.count)
     mu_hat = optax.tree.bias_correction(mu, b1, count)
     new = jax.tree.map(
@@ -114,6 +117,12 @@ def scale_by_adam_scale_safe(b1: float = 0.9, b2: float = 0.999,
                                    optax.tree.cast_like(root, state.nu_root))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _real(dtype: Any) -> Any:
+  """The real dtype of ``dtype`` (``float32`` for ``complex64``)."""
+  return jnp.finfo(dtype).dtype if jnp.issubdtype(
+      dtype, jnp.complexfloating) else dtype
 
 
 def adamw(

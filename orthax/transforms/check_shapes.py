@@ -39,7 +39,7 @@ def check_shapes() -> optax.GradientTransformation:
     except (ValueError, TypeError) as e:
       raise ValueError(
           'the gradient tree does not have the structure of the parameter '
-          f'tree: {e}') from None
+          f'tree: {_structure_difference(paths, params, e)}') from None
     for path, g, p in zip(paths, grads, ps):
       gs, ps_ = tuple(getattr(g, 'shape', ())), tuple(getattr(p, 'shape', ()))
       if gs != ps_:
@@ -49,3 +49,17 @@ def check_shapes() -> optax.GradientTransformation:
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
+
+
+def _structure_difference(grad_paths, params, error) -> str:
+  """Which leaf paths only one of the two trees has, or JAX's message when
+  both have the same paths (e.g. a tuple against a list)."""
+  param_paths, _, _ = _tree.leaves_with_paths(params)
+  missing = sorted(set(param_paths) - set(grad_paths))
+  extra = sorted(set(grad_paths) - set(param_paths))
+  parts = []
+  if missing:
+    parts.append(f'parameters without a gradient: {missing}')
+  if extra:
+    parts.append(f'gradients without a parameter: {extra}')
+  return '; '.join(parts) + '.' if parts else str(error)

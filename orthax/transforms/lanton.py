@@ -239,8 +239,10 @@ def _noise_rates(noise, norms, seen, valid, beta2, eps, alpha,
     corr = jnp.where(valid, 1 - beta2 ** jnp.maximum(k, 1.0), 1.0)
     roots.append(jnp.hypot(jnp.where(valid, new / jnp.sqrt(corr), 0.0),
                            jnp.sqrt(eps)))
-  if normalization == 'group_max' and roots:
-    floor = jnp.min(jnp.stack([jnp.min(q) for q in roots]))
+  # A stack of zero matrices has no rate to normalize by.
+  lows = [jnp.min(q) for q in roots if q.size]
+  if normalization == 'group_max' and lows:
+    floor = jnp.min(jnp.stack(lows))
     return rs, [jnp.where(valid, floor / q, 1.0) for q in roots]
   # 'absolute' (or no leaf at all: no rate to normalize)
   return rs, [jnp.where(valid, alpha / q, 1.0) for q in roots]

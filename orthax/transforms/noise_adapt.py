@@ -176,6 +176,8 @@ def noise_adapt(
 def _step(g, o, w, shrink, spec):
   """``Δ = W·r + O'`` per matrix (``W·diag(r)`` for a per-fan-in ``r``)."""
   dt = shrink.dtype
+  if g.size == 0:  # no matrix (a stack of zero layers): -1 is not inferable
+    return jnp.zeros_like(g)
   b, fi, _ = spec.matrix_shape(g.shape)
   r = shrink.reshape(b, -1, 1)              # [b, 1, 1] or [b, fan_in, 1]
   wm = matrices.to_matrices(w, spec).astype(dt)

@@ -42,7 +42,7 @@ def resolve_clip_specs(matrix_specs: _tree.SpecsLike, tree: Any,
   vectors; one ``MatrixSpec``: used for every leaf of rank ≥ 2; a tree (or a
   callable returning one): ``None`` entries mark vectors. Errors name the leaf.
   """
-  paths, leaves, _ = _tree.leaves_with_paths(tree)
+  paths, leaves, treedef = _tree.leaves_with_paths(tree)
   if callable(matrix_specs) and not isinstance(matrix_specs, MatrixSpec):
     matrix_specs = matrix_specs(tree)
   if matrix_specs is None or isinstance(matrix_specs, MatrixSpec):
@@ -50,16 +50,11 @@ def resolve_clip_specs(matrix_specs: _tree.SpecsLike, tree: Any,
     per_leaf = [spec if len(getattr(x, 'shape', ())) >= 2 else None
                 for x in leaves]
   else:
-    per_leaf = jax.tree.leaves(
-        matrix_specs, is_leaf=lambda s: s is None or isinstance(s, MatrixSpec))
-    per_leaf = [s for s in per_leaf if s is None or isinstance(s, MatrixSpec)]
-    if len(per_leaf) != len(leaves):
-      raise ValueError(
-          f'{what}: the matrix_specs tree has {len(per_leaf)} leaves but the '
-          f'updates have {len(leaves)}; give one MatrixSpec (or None for a '
-          'vector) per leaf.')
+    per_leaf = _tree.specs_per_leaf(matrix_specs, treedef, len(leaves), what,
+                                    ' (or None for a vector)')
   for path, x, spec in zip(paths, leaves, per_leaf):
     if spec is not None:
+      _tree.check_real_floating(path, x, what)
       try:
         spec.resolve(getattr(x, 'shape', ()))
       except ValueError as e:
