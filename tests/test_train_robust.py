@@ -204,6 +204,27 @@ def test_config_is_saved_and_a_changed_resume_is_refused(runs, tmp_path):
   assert json.loads((work / rundir.CONFIG).read_text())['train']['steps'] == 9
 
 
+def test_forced_resume_that_cannot_restore_keeps_the_saved_config(
+    runs, tmp_path):
+  """``--force`` with another model: the checkpoints do not fit, which is
+  said in one ValueError naming the directory; ``config.json`` still holds
+  the config they were saved with, so the original command resumes."""
+  _, part = runs
+  work = copy_run(part, tmp_path)
+  saved = (work / rundir.CONFIG).read_text()
+  c = config()
+  c.model.d_model = 48
+  with pytest.raises(ValueError, match=(
+      rf"the checkpoints in {work}/checkpoints do not fit this config's "
+      r'train state \(.*\): they were saved by a run of another model or '
+      'optimizer')):
+    trainer.train(c, str(work), progress=False, force=True)
+  assert (work / rundir.CONFIG).read_text() == saved
+  assert sorted(os.listdir(work / 'checkpoints')) == ['4', '8']
+  out = trainer.train(config(), str(work), progress=False)
+  assert out['summary']['resumed_from'] == 8
+
+
 def test_run_changing_keys():
   a = trainer.as_dict(config())
   b = copy.deepcopy(a)
@@ -373,6 +394,30 @@ def test_sigterm_checkpoints_exits_and_resumes_bit_exact(tmp_path):
   whole = trainer.train(c, None, progress=False)
   assert_same_run(whole, metrics.read_jsonl(str(work / 'metrics.jsonl')),
                   resumed['state'])
+
+
+def test_a_killed_run_leaves_its_last_checkpoint_verified(tmp_path, caplog):
+  """SIGKILL (no handler, no close) a few steps after a save: the save's
+  checksum record was written while the run went on (before: only at the
+  next save or at close), so the resume verifies it."""
+  work = tmp_path / 'run'
+  proc = subprocess.Popen(
+      [sys.executable, '-c', CHILD, f'--workdir={work}', *FLAGS],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  while len(metrics.read_jsonl(str(work / 'metrics.jsonl'))) < 8:
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.kill()
+  proc.communicate(timeout=600)
+  assert (work / 'checkpoints' / '5' / checkpoint.CHECKSUMS).exists()
+  c = tiny('muon', steps=16)
+  c.train.checkpoint_every = 5
+  with caplog.at_level(logging.WARNING, logger='orthax.train'):
+    out = trainer.train(c, str(work), progress=False)
+  assert out['summary']['resumed_from'] == 5
+  assert 'no checksum record' not in caplog.text, caplog.text
 
 
 # -- non-finite gradients ------------------------------------------------------

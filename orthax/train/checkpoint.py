@@ -137,8 +137,7 @@ class Checkpointer:
     """Saves ``state`` as ``step`` when due (``step % every == 0``) or
     ``force``; returns whether it saved."""
     if not force and not (self.every and step % self.every == 0):
-      if self._unsealed is not None and not self._mgr.is_saving_in_progress():
-        self._seal()
+      self.seal_if_written()
       return False
     self._seal()
     saved = self._mgr.save(step, args=_ocp().args.StandardSave(state),
@@ -146,6 +145,13 @@ class Checkpointer:
     if saved:
       self._unsealed = step
     return saved
+
+  def seal_if_written(self) -> None:
+    """Writes the checksum record of the last save once orbax has
+    committed it (without waiting; the trainer asks every step), so that a
+    run killed afterwards leaves a verified checkpoint."""
+    if self._unsealed is not None and not self._mgr.is_saving_in_progress():
+      self._seal()
 
   def _seal(self) -> None:
     """Waits for the pending save and writes its checksum record."""

@@ -2,7 +2,7 @@
 reruns may continue it.
 
 ``<workdir>/config.json`` holds the resolved config of the run (written
-at every start). A rerun that resumes from a checkpoint must change
+at every start, once its state is initialized or restored). A rerun that resumes from a checkpoint must change
 nothing that changes the run — model, data, optimizer, schedule, mesh,
 step count, seed: every key except :data:`COSMETIC` — or it is refused
 with a ``ValueError`` naming each differing key with both values; a
@@ -75,10 +75,12 @@ def save_config(workdir: str, cfg: dict[str, Any]) -> None:
   os.replace(path + '.tmp', path)
 
 
-def prepare(workdir: str, cfg: dict[str, Any], *, resuming: bool,
-            force: bool = False) -> None:
+def check(workdir: str, cfg: dict[str, Any], *, resuming: bool,
+          force: bool = False) -> None:
   """Checks that this start may use ``workdir`` (see the module
-  docstring), then saves ``cfg`` as its ``config.json``."""
+  docstring); :func:`save_config` records ``cfg`` once the run has its
+  state (a start that fails before, e.g. a forced resume whose checkpoint
+  does not fit the config, leaves the saved config as it was)."""
   old = load_config(workdir)
   if resuming and old is not None:
     changes = run_changes(old, cfg)
@@ -103,4 +105,3 @@ def prepare(workdir: str, cfg: dict[str, Any], *, resuming: bool,
                          'train.checkpoint_every to make runs resumable, or '
                          'force it (train(..., force=True), --force).')
       log.warning('%s; forced: starting over.', msg)
-  save_config(workdir, cfg)

@@ -192,7 +192,14 @@ def _initial_state(setup: Setup, ckpt: ckpt_lib.Checkpointer | None):
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, setup.shardings)
-  state, step = ckpt.restore_intact(abstract)
+  try:
+    state, step = ckpt.restore_intact(abstract)
+  except ValueError as e:  # verified files that do not fit this config
+    raise ValueError(
+        f'the checkpoints in {ckpt.directory} do not fit this config\'s '
+        f'train state ({e}): they were saved by a run of another model or '
+        'optimizer. Use another workdir, or the config they were saved '
+        'with.') from e
   log.info('resumed from checkpoint step %d in %s', step, ckpt.directory)
   return state
 
@@ -242,6 +249,8 @@ class Loop:
         self.bar.update(done, self.smooth.info())
       if is_save:
         ckpt.save(done, state, force=True)
+      elif ckpt is not None:  # a crash after this keeps a verified save
+        ckpt.seal_if_written()
       if preempted:
         log.warning('preempted (SIGTERM) after step %d of %d: saved '
                     'checkpoint %d in %s; rerun the same command to resume.',
@@ -319,12 +328,19 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
   tr.setdefault('eval_every', 0)
   train_data, val_data, vocab = loaders(cfg)
   ckpt = _checkpointer(workdir, tr)
-  if workdir is not None:
-    rundir.prepare(workdir, cfg, resuming=bool(ckpt.all_steps()),
+  try:
+    if workdir is not None:
+      rundir.check(workdir, cfg, resuming=bool(ckpt.all_steps()),
                    force=force)
-  setup = build(cfg, vocab)
-  log.info('%s', startup_summary(setup))
-  state = _initial_state(setup, ckpt)
+    setup = build(cfg, vocab)
+    log.info('%s', startup_summary(setup))
+    state = _initial_state(setup, ckpt)
+  except BaseException:
+    if ckpt is not None:  # orbax's threads, before the interpreter exits
+      ckpt.close()
+    raise
+  if workdir is not None:
+    rundir.save_config(workdir, cfg)
   start, total = int(state.step), int(tr['steps'])
   loop = Loop(setup, train_data, val_data, ckpt,
               metrics_lib.MetricWriter(
