@@ -44,9 +44,17 @@ def test_config_argv(tmp_path, monkeypatch):
       'x', '--config=lm_cpu.py:muon', '--steps=3']
   assert cli.config_argv(['x', '--config', 'gpt_1b']) == [
       'x', '--config', configs.path('gpt_1b')]
-  with pytest.raises(SystemExit, match=r'--config=nope:muon: no such file.*'
+  with pytest.raises(ValueError, match=r'--config=nope:muon: no such file.*'
                      r'packaged: gpt2_124m, gpt2_350m, gpt_1b, lm_cpu'):
     cli.config_argv(['x', '--config=nope:muon'])
+  # A packaged config's argument is an optimizer (a typo failed inside
+  # the flag parser with a traceback); a user's file takes any argument.
+  with pytest.raises(ValueError, match=r"--config=lm_cpu:NorMuon: 'NorMuon' "
+                     r'is not an optimizer; a packaged config takes one of '
+                     r'adamw, aro, .*, normuon'):
+    cli.config_argv(['x', '--config=lm_cpu:NorMuon'])
+  assert cli.config_argv(['x', '--config=lm_cpu.py:anything']) == [
+      'x', '--config=lm_cpu.py:anything']
 
 
 def test_report_errors(monkeypatch, capsys):
@@ -76,6 +84,35 @@ def test_report_errors(monkeypatch, capsys):
   with pytest.raises(ValueError, match='train.steps'):
     cli.report_errors('orthax-x', raising(ValueError('train.steps')), None)
   assert capsys.readouterr().err == ''
+
+
+def test_optimizer_name_override_takes_that_optimizers_rates():
+  """``--config.optimizer.name=X`` ran X at the config's former optimizer's
+  rates (AdamW at Muon's 0.04); now the rates the command line leaves
+  alone are X's defaults."""
+  from orthax.train import configs as train_configs  # pylint: disable=g-import-not-at-top
+  c = train_configs.base_config('muon')
+  c.optimizer.name = 'adamw'
+  train_configs.follow_optimizer_name(c, {'optimizer.name'})
+  assert (c.optimizer.learning_rate, c.optimizer.adam_learning_rate) == (
+      3e-3, None)
+  c = train_configs.base_config('muon')
+  c.optimizer.update(name='root', learning_rate=0.01)
+  train_configs.follow_optimizer_name(
+      c, {'optimizer.name', 'optimizer.learning_rate'})
+  assert (c.optimizer.learning_rate, c.optimizer.adam_learning_rate) == (
+      0.01, 3e-3)
+  c = train_configs.base_config('muon')
+  c.optimizer.learning_rate = 0.5
+  train_configs.follow_optimizer_name(c, {'optimizer.learning_rate'})
+  assert c.optimizer.learning_rate == 0.5
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / 'scripts' / 'train.py'), *TINY,
+       '--config.optimizer.name=dct_adamw'],
+      capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert ('optimizer dct_adamw: peak learning rate matrix 1.5, adam 0.0085'
+          in proc.stderr), proc.stderr[-3000:]
 
 
 def test_sweep_reports_a_bad_width_in_one_line(tmp_path):

@@ -117,3 +117,22 @@ def test_bad_inputs_are_named(corpus, tmp_path):
   with pytest.raises(ValueError, match='cannot be split'):
     prepare.prepare([tiny], str(tmp_path / 'o'), vocab_size=300)
   assert not os.path.exists(tmp_path / 'o' / 'train.npy')
+
+
+def test_meta_names_the_separator_only_when_the_tokenizer_has_it(
+    corpus, prepared, tmp_path):
+  """A tokenizer without ``<|endoftext|>`` joins the files without a
+  separator; meta.json said it used one."""
+  from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  d, _ = corpus
+  _, meta = prepared
+  assert meta['end_of_text'] == prepare.END_OF_TEXT
+  words = Tokenizer(models.WordLevel({'[UNK]': 0, 'the': 1, 'a': 2},
+                                     unk_token='[UNK]'))
+  words.pre_tokenizer = pre_tokenizers.Whitespace()
+  words.save(str(tmp_path / 'words.json'))
+  m = prepare.prepare([d / 'a.txt', d / 'b.txt'], str(tmp_path / 'o'),
+                      tokenizer=str(tmp_path / 'words.json'))
+  assert m['end_of_text'] is None
+  assert json.loads((tmp_path / 'o' / 'meta.json').read_text())[
+      'end_of_text'] is None

@@ -5,6 +5,7 @@ import pathlib
 import re
 
 README = pathlib.Path(__file__).resolve().parent.parent / 'README.md'
+GETTING_STARTED = README.parent / 'docs' / 'getting_started.md'
 
 
 def python_blocks(text):
@@ -24,3 +25,16 @@ def test_readme_python_blocks_run(capsys):
                                            '256', '0.04']
   for leaf in ('embed', 'blocks/norm/scale', 'lm_head/kernel'):
     assert rows[leaf][-2:] == ['adam', '0.003'], rows[leaf]
+
+
+def test_getting_started_quickstart_runs_and_prints_its_table(capsys):
+  """The quickstart block of docs/getting_started.md runs as written (it
+  used ``params`` without defining it) and ``describe`` prints the table
+  its comment shows."""
+  code = python_blocks(GETTING_STARTED.read_text())[0]
+  exec(compile(code, 'getting_started.md quickstart', 'exec'), {})  # pylint: disable=exec-used
+  printed = capsys.readouterr().out.strip().splitlines()
+  start = code.index('# path ')
+  shown = [line[2:].rstrip() for line in code[start:].splitlines()
+           if line.startswith('# ')][:len(printed)]
+  assert printed == shown, (printed, shown)

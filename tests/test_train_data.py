@@ -224,6 +224,34 @@ def test_make_loaders_errors(tmp_path):
     data.make_loaders(batch_size=2, seq_len=8, val_fraction=1.0)
 
 
+def test_token_ids_beyond_the_vocabulary_are_named(tmp_path):
+  """A vocabulary smaller than the files' ids (or a token_dtype that does
+  not match them) stopped the run as a non-finite gradient; it is named
+  at the batch that holds such an id, train or validation."""
+  tokens = np.arange(600, dtype=np.uint16) % 300
+  np.save(tmp_path / 'train.npy', tokens)
+  train_l, val_l, vocab = data.make_loaders(
+      'files', batch_size=2, seq_len=8, vocab_size=100,
+      train_path=tmp_path / 'train.npy', val_fraction=0.5)
+  assert vocab == 100
+  with pytest.raises(ValueError, match=r'token id 2\d\d \(in the window at '
+                     r'offset \d+\) is not below vocab_size=100'):
+    for step in range(20):
+      train_l.batch(step)
+  with pytest.raises(ValueError, match='is not below vocab_size=100'):
+    list(val_l.eval_batches())
+
+
+def test_a_split_too_short_is_named(tmp_path):
+  np.save(tmp_path / 'train.npy', np.arange(100, dtype=np.uint16))
+  np.save(tmp_path / 'val.npy', np.arange(6, dtype=np.uint16))
+  with pytest.raises(ValueError, match=r'^the validation tokens: seq_len=8 '
+                     r'needs at least 9 tokens, only 6 available'):
+    data.make_loaders('files', batch_size=2, seq_len=8,
+                      train_path=tmp_path / 'train.npy',
+                      val_path=tmp_path / 'val.npy')
+
+
 def _write(path, array):
   np.save(path, array)
   return path

@@ -225,6 +225,22 @@ def test_forced_resume_that_cannot_restore_keeps_the_saved_config(
   assert out['summary']['resumed_from'] == 8
 
 
+def test_validation_split_too_small_for_one_batch_is_named_at_start():
+  """Said before the model is built, in the config's keys (it was found at
+  the first evaluation, with the loader's arguments)."""
+  c = config()
+  c.data.val_fraction = 3e-4  # 140 tokens of the embedded text: > seq_len
+  with pytest.raises(ValueError, match=(
+      r'the validation split has \d+ tokens, fewer than one evaluation batch '
+      r'of data.eval_batch_size x model.seq_len = 8 x 32 needs \(257\): '
+      r'lower data.eval_batch_size')):
+    trainer.train(c, None, progress=False)
+  c.train.eval_every = 0  # no evaluation: no need
+  c.train.steps = 2
+  c.schedule.warmup_steps = 0
+  assert trainer.train(c, None, progress=False)['summary']['steps'] == 2
+
+
 def test_run_changing_keys():
   a = trainer.as_dict(config())
   b = copy.deepcopy(a)
@@ -274,6 +290,16 @@ def test_metrics_without_checkpoint_are_not_overwritten(runs, tmp_path):
     ('optimizer.nesterov', False, r"a keyword of recipe 'muon' "
      r'\(orthax.muon\); set it as optimizer.kwargs.nesterov'),
     ('optimizer.kwargs.learning_rate', 1.0, 'set by the trainer'),
+    # A negative rate trained uphill: the trainer passes a schedule, which
+    # the recipes cannot check.
+    ('optimizer.learning_rate', -0.04,
+     r'optimizer.learning_rate must be a finite number >= 0, got -0.04'),
+    ('optimizer.learning_rate', None,
+     r'optimizer.learning_rate must be a finite number >= 0, got None'),
+    ('optimizer.adam_learning_rate', -3e-3,
+     r'optimizer.adam_learning_rate must be a finite number >= 0 or None'),
+    ('optimizer.weight_decay', float('nan'),
+     r'optimizer.weight_decay must be a finite number >= 0 or None, got nan'),
 ])
 def test_bad_config_values_name_the_key(key, value, match):
   cfg = trainer.as_dict(config())
@@ -418,6 +444,33 @@ def test_a_killed_run_leaves_its_last_checkpoint_verified(tmp_path, caplog):
     out = trainer.train(c, str(work), progress=False)
   assert out['summary']['resumed_from'] == 5
   assert 'no checksum record' not in caplog.text, caplog.text
+
+
+def test_a_finished_run_is_not_redone_from_its_preemption_save(
+    tmp_path, monkeypatch):
+  """``checkpoint_every=0``: SIGTERM at step 3 saves step 3; the resumed
+  run then saves its last step, so rerunning the finished run trains
+  nothing (it redid steps 4..8 from the preemption save before)."""
+  c = tiny('muon', steps=8)
+  c.train.update(checkpoint_every=0, eval_every=0)
+  batch = data_lib.TokenLoader.batch
+
+  def term_at_3(self, step):
+    if step == 2 and self.batch_size == 8:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return batch(self, step)
+
+  monkeypatch.setattr(data_lib.TokenLoader, 'batch', term_at_3)
+  out = trainer.train(c, str(tmp_path), progress=False)
+  assert out['summary']['preempted'] and out['summary']['steps'] == 3
+  monkeypatch.setattr(data_lib.TokenLoader, 'batch', batch)
+  out = trainer.train(c, str(tmp_path), progress=False)
+  assert out['summary']['resumed_from'] == 3
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '8']
+  again = trainer.train(c, str(tmp_path), progress=False)
+  assert again['summary']['resumed_from'] == 8
+  assert [r['step'] for r in metrics.read_jsonl(
+      str(tmp_path / 'metrics.jsonl'))] == list(range(1, 9))
 
 
 # -- non-finite gradients ------------------------------------------------------

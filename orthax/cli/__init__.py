@@ -44,8 +44,9 @@ def require_scripts_extra(tool: str) -> None:
 
 def config_argv(argv: Sequence[str]) -> list[str]:
   """``argv`` with each ``--config`` value given by packaged name resolved
-  to its file (:func:`orthax.configs.resolve`); exits naming the value and
-  the packaged configs when it is neither."""
+  to its file (:func:`orthax.configs.resolve`); raises ``ValueError``
+  naming the value and the packaged configs when it is neither, or the
+  optimizers when a packaged config's ``:<optimizer>`` is none."""
   out, argv = [], list(argv)
   for i, a in enumerate(argv):
     if a.startswith('--config='):
@@ -58,9 +59,19 @@ def config_argv(argv: Sequence[str]) -> list[str]:
 
 def _config_file(value: str) -> str:
   resolved = packaged_configs.resolve(value)
-  if not os.path.isfile(resolved.partition(':')[0]):
-    sys.exit(f'--config={value}: no such file, and no packaged config of '
-             f'that name (packaged: {", ".join(packaged_configs.names())}).')
+  path, _, arg = resolved.partition(':')
+  if not os.path.isfile(path):
+    raise ValueError(
+        f'--config={value}: no such file, and no packaged config of that '
+        f'name (packaged: {", ".join(packaged_configs.names())}).')
+  if arg and os.path.dirname(path) == os.path.dirname(
+      packaged_configs.path('lm_cpu')):
+    # pylint: disable=g-import-not-at-top
+    from orthax.train import configs as train_configs
+    if arg not in train_configs.optimizer_names():
+      raise ValueError(
+          f'--config={value}: {arg!r} is not an optimizer; a packaged '
+          f'config takes one of {", ".join(train_configs.optimizer_names())}.')
   return resolved
 
 
@@ -81,8 +92,13 @@ def run_app(tool: str, doc: str, define_flags: Callable[[], Any],
   holders = define_flags()
   for holder in vars(holders).values():  # listed by --help, not --helpfull
     flags.FLAGS.register_flag_by_module(argv[0], flags.FLAGS[holder.name])
-  app.run(lambda _: report_errors(tool, main, holders),
-          argv=config_argv(argv))
+  try:
+    argv = config_argv(argv)
+  except ValueError as e:
+    if _traceback_wanted():
+      raise
+    _report(tool, e, EXIT_USAGE)
+  app.run(lambda _: report_errors(tool, main, holders), argv=argv)
 
 
 def report_errors(tool: str, main: Callable[[Any], None], holders: Any
@@ -97,12 +113,33 @@ def report_errors(tool: str, main: Callable[[Any], None], holders: Any
   try:
     main(holders)
   except (ValueError, FloatingPointError) as e:
-    if os.environ.get('ORTHAX_TRACEBACK', '') not in ('', '0'):
+    if _traceback_wanted():
       raise
     failed = isinstance(e, (FloatingPointError, NonFiniteGradientError))
-    print(f'{tool}: error: {e}\n{tool}: (ORTHAX_TRACEBACK=1 shows where it '
-          'was raised)', file=sys.stderr)
-    sys.exit(EXIT_FAILURE if failed else EXIT_USAGE)
+    _report(tool, e, EXIT_FAILURE if failed else EXIT_USAGE)
+
+
+def _traceback_wanted() -> bool:
+  return os.environ.get('ORTHAX_TRACEBACK', '') not in ('', '0')
+
+
+def _report(tool: str, error: Exception, status: int) -> None:
+  print(f'{tool}: error: {error}\n{tool}: (ORTHAX_TRACEBACK=1 shows where '
+        'it was raised)', file=sys.stderr)
+  sys.exit(status)
+
+
+def parse_list(flag: str, values: Sequence[str], kind: type) -> list:
+  """``values`` of the list flag ``--flag`` as ``kind`` (``int`` or
+  ``float``); a ``ValueError`` names the flag and the value."""
+  out = []
+  for v in values:
+    try:
+      out.append(kind(v))
+    except ValueError:
+      what = 'an integer' if kind is int else 'a number'
+      raise ValueError(f'--{flag}: {v!r} is not {what}.') from None
+  return out
 
 
 def quiet_library_logs() -> None:

@@ -47,7 +47,7 @@ def main(f: types.SimpleNamespace) -> None:
   from orthax.train import compare  # pylint: disable=g-import-not-at-top
   cli.quiet_library_logs()
   results = compare.run(f.config.value, f.optimizers.value,
-                        [float(s) for s in f.lr_scales.value],
+                        cli.parse_list('lr_scales', f.lr_scales.value, float),
                         steps=f.steps.value, eval_every=f.eval_every.value)
   out = f.out.value
   os.makedirs(out, exist_ok=True)

@@ -47,14 +47,14 @@ def expand(patterns: Sequence[str]) -> list[str]:
 def main(f: types.SimpleNamespace) -> None:
   from orthax.train import prepare  # pylint: disable=g-import-not-at-top
   if not f.input.value:
-    raise SystemExit('orthax-prepare-data: --input is required.')
+    raise ValueError('--input is required: the text files to tokenize.')
   try:
     meta = prepare.prepare(expand(f.input.value), f.out.value,
                            tokenizer=f.tokenizer.value,
                            vocab_size=f.vocab_size.value,
                            val_fraction=f.val_fraction.value)
-  except (ValueError, ImportError) as e:
-    raise SystemExit(f'orthax-prepare-data: {e}') from None
+  except ImportError as e:  # the data extra: a setup error, said as one line
+    raise ValueError(str(e)) from None
   print(json.dumps({k: v for k, v in meta.items() if k != 'flags'},
                    indent=1))
   print('train on it with:\n  orthax-train --config=lm_cpu ' +

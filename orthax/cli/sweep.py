@@ -76,9 +76,9 @@ def main(f: types.SimpleNamespace) -> None:
   cli.quiet_library_logs()
   spec = sweep.SweepSpec(
       optimizers=tuple(f.optimizers.value or train_configs.optimizer_names()),
-      scales=tuple(float(s) for s in f.scales.value),
-      widths=tuple(int(w) for w in f.widths.value),
-      seeds=tuple(int(s) for s in f.seeds.value),
+      scales=tuple(cli.parse_list('scales', f.scales.value, float)),
+      widths=tuple(cli.parse_list('widths', f.widths.value, int)),
+      seeds=tuple(cli.parse_list('seeds', f.seeds.value, int)),
       steps=f.steps.value, eval_every=f.eval_every.value)
   out = f.out.value
   if f.reference_modes.value:

@@ -55,7 +55,11 @@ def define_flags() -> types.SimpleNamespace:
 
 
 def main(f: types.SimpleNamespace) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from orthax.train import configs as train_configs  # pylint: disable=g-import-not-at-top
   config = f.config.value
+  train_configs.follow_optimizer_name(
+      config, flags.FLAGS['config'].override_values)
   if f.dry_run.value:
     # Before JAX's backend starts: one fake CPU device per mesh position.
     n = math.prod(int(config.mesh.get(a, 1)) for a in

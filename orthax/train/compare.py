@@ -23,7 +23,9 @@ def run(base_config: Any, optimizers: Sequence[str],
         lr_scales: Sequence[float] = (1.0,), *, steps: int | None = None,
         eval_every: int | None = None, progress: bool = True
         ) -> list[dict[str, Any]]:
-  """Trains every (optimizer, scale); one result dict per run."""
+  """Trains every (optimizer, scale); one result dict per run. The names
+  and scales are checked before the first run starts."""
+  check_runs(optimizers, lr_scales)
   return [train_one(base_config, name, k, steps=steps, eval_every=eval_every,
                     progress=progress)
           for name in optimizers for k in lr_scales]
@@ -72,6 +74,19 @@ def train_one(base_config: Any, name: str, lr_scale: float = 1.0, *,
       val_loss=[r['val_loss'] for r in out['eval']],
       train_steps=[r['step'] for r in out['train']],
       train_loss=[r['loss'] for r in out['train']])
+
+
+def check_runs(optimizers: Sequence[str], lr_scales: Sequence[float]
+               ) -> None:
+  """Raises ``ValueError`` for an unknown optimizer or a scale that is not
+  a positive number, before any training: a typo at the end of a list
+  would otherwise be found after the runs before it."""
+  for name in optimizers:
+    configs.learning_rates(name)  # names the optimizer and the choices
+  bad = [k for k in lr_scales if not (math.isfinite(k) and k > 0)]
+  if bad:
+    raise ValueError(f'learning-rate scales must be positive numbers, got '
+                     f'{bad}.')
 
 
 def best_runs(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

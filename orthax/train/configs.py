@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import numbers
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import ml_collections
@@ -83,6 +83,24 @@ def optimizer(name: str, learning_rate: float | None = None,
                              else adam_learning_rate),
       'weight_decay': 0.0, 'adam_weight_decay': 0.0,
       'kwargs': ml_collections.ConfigDict(kwargs)})
+
+
+def follow_optimizer_name(config: ml_collections.ConfigDict,
+                          overridden: Iterable[str]) -> None:
+  """After ``--config.optimizer.name=X`` on the command line (``overridden``
+  holds the dotted keys the command line set), the optimizer section's
+  peak rates that the command line did not set become ``X``'s defaults: the
+  config file's rates were those of its own optimizer (e.g. Muon's 0.04,
+  13× AdamW's 3e-3). ``--config=lm_cpu:X`` does the same for the whole
+  section."""
+  overridden = set(overridden)
+  if 'optimizer.name' not in overridden:
+    return
+  lr, adam_lr = learning_rates(config.optimizer.name)
+  if 'optimizer.learning_rate' not in overridden:
+    config.optimizer.learning_rate = lr
+  if 'optimizer.adam_learning_rate' not in overridden:
+    config.optimizer.adam_learning_rate = adam_lr
 
 
 def base_config(optimizer_name: str = 'muon') -> ml_collections.ConfigDict:

@@ -170,7 +170,8 @@ class TokenLoader:
     seed: seed of the random training windows.
   """
 
-  def __init__(self, tokens, batch_size: int, seq_len: int, seed: int = 0):
+  def __init__(self, tokens, batch_size: int, seq_len: int, seed: int = 0,
+               vocab_size: int | None = None):
     if np.ndim(tokens) != 1:
       raise ValueError(f'tokens must be 1-D, got shape {np.shape(tokens)}')
     self.batch_size = _positive_int('batch_size', batch_size)
@@ -184,6 +185,8 @@ class TokenLoader:
                        f'{self.seq_len + 1} tokens, only {len(tokens)} '
                        'available')
     self.tokens = tokens
+    self.vocab_size = (None if vocab_size is None
+                       else _positive_int('vocab_size', vocab_size))
 
   @property
   def num_tokens(self) -> int:
@@ -212,7 +215,16 @@ class TokenLoader:
 
   def _gather(self, starts: np.ndarray) -> dict[str, np.ndarray]:
     idx = starts[:, None] + np.arange(self.seq_len + 1, dtype=np.int64)
-    windows = np.array(self.tokens[idx], dtype=np.int32)
+    windows = np.array(self.tokens[idx], dtype=np.int64)
+    if self.vocab_size is not None and windows.size:
+      top = int(windows.max())
+      if top >= self.vocab_size:  # the embedding lookup would read nothing
+        at = int(starts[np.argmax(windows.max(axis=1))])
+        raise ValueError(
+            f'token id {top} (in the window at offset {at}) is not below '
+            f'vocab_size={self.vocab_size}: the vocabulary is too small for '
+            'these tokens, or token_dtype does not match the file.')
+    windows = windows.astype(np.int32)
     return {'inputs': windows[:, :-1], 'targets': windows[:, 1:]}
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
@@ -315,7 +327,8 @@ def make_loaders(
                        f'{vocab_size}')
   elif source == 'files':
     if train_path is None:
-      raise ValueError('source="files" requires train_path')
+      raise ValueError('source="files" requires train_path '
+                       '(data.train_path)')
     train = load_tokens(train_path, token_dtype)
     if val_path is not None:
       val = load_tokens(val_path, token_dtype)
@@ -327,7 +340,13 @@ def make_loaders(
     raise ValueError(f'unknown data source {source!r}; valid sources: '
                      f'{", ".join(SOURCES)}')
   vocab_size = _positive_int('vocab_size', vocab_size)
-  train_loader = TokenLoader(train, batch_size, seq_len, seed)
-  val_loader = TokenLoader(val, eval_batch_size or batch_size, seq_len,
-                           seed + 1)
-  return train_loader, val_loader, vocab_size
+  loaders = []
+  for split, tokens, size, split_seed in (
+      ('training', train, batch_size, seed),
+      ('validation', val, eval_batch_size or batch_size, seed + 1)):
+    try:
+      loaders.append(TokenLoader(tokens, size, seq_len, split_seed,
+                                 vocab_size))
+    except ValueError as e:
+      raise ValueError(f'the {split} tokens: {e}') from None
+  return loaders[0], loaders[1], vocab_size

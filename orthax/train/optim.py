@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import numbers
 from typing import Any, Callable, Mapping
 
 import optax
@@ -110,6 +112,10 @@ def validate(opt_config: Mapping[str, Any]) -> None:
         f'{", ".join("optimizer." + k for k in unknown)}{hint}. The section '
         f'has {list(SECTION_KEYS)}; keywords of {what} go in '
         f'optimizer.kwargs: {list(accepted)}.')
+  for key in ('learning_rate', 'adam_learning_rate', 'weight_decay',
+              'adam_weight_decay'):
+    _check_rate(f'optimizer.{key}', cfg.get(key),
+                optional=key != 'learning_rate')
   kwargs = dict(cfg.get('kwargs') or {})
   managed = sorted(set(kwargs) & set(_SET_BY_TRAINER))
   if managed:
@@ -122,6 +128,29 @@ def validate(opt_config: Mapping[str, Any]) -> None:
     raise ValueError(
         f'{", ".join("optimizer.kwargs." + k for k in bad)}: not a keyword '
         f'of {what}; it accepts {list(accepted)}.')
+
+
+def _check_rate(key: str, value: Any, optional: bool) -> None:
+  """A peak rate or decay: a finite number ``>= 0`` (``None`` where the
+  optimizer has a default). A negative rate would train uphill without a
+  word: the recipes check a number, not the trainer's schedule."""
+  if value is None and optional:
+    return
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+      or not math.isfinite(value) or value < 0):
+    raise ValueError(f'{key} must be a finite number >= 0'
+                     + (' or None' if optional else '') + f', got {value!r}.')
+
+
+def _make(factory: Callable[..., optax.GradientTransformation],
+          kwargs: Mapping[str, Any]) -> optax.GradientTransformation:
+  """``factory(**kwargs)``; the recipe's ``TypeError`` for a value of the
+  wrong kind (a string from the command line where a number is needed,
+  naming the argument) becomes a ``ValueError`` naming the section."""
+  try:
+    return factory(**kwargs)
+  except TypeError as e:
+    raise ValueError(f'optimizer.kwargs: {e}') from e
 
 
 def check_mode_rate(name: str, learning_rate: float,
@@ -142,7 +171,7 @@ def check_mode_rate(name: str, learning_rate: float,
     return
   entry = orthax.recipes.recipe_entry(name)
   rates = orthax.recipes.recipe_routing(
-      orthax.recipe(name, **kwargs)).learning_rates
+      _make(orthax.recipe_factory(name), kwargs)).learning_rates
   own = rates['matrix']
   has_adam = 'adam_learning_rate' in params
   if learning_rate == entry.learning_rate and own != entry.learning_rate:
@@ -159,8 +188,9 @@ def check_mode_rate(name: str, learning_rate: float,
   if (not has_adam or adam_learning_rate != entry.adam_learning_rate
       or entry.mode_rates.get(entry.aliases.get(reference, reference)) is None):
     return
-  mode_adam = orthax.recipes.recipe_routing(orthax.recipe(
-      name, **{**kwargs, 'learning_rate': learning_rate})).learning_rates['adam']
+  mode_adam = orthax.recipes.recipe_routing(_make(
+      orthax.recipe_factory(name),
+      {**kwargs, 'learning_rate': learning_rate})).learning_rates['adam']
   if mode_adam != adam_learning_rate:
     raise ValueError(
         f'optimizer.adam_learning_rate={adam_learning_rate:g} is {name}\'s '
@@ -209,14 +239,14 @@ def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,
   if 'adam_learning_rate' in accepted:
     adam_lr = cfg.get('adam_learning_rate')
     if adam_lr is None:  # the recipe's own default for this peak
-      adam_lr = orthax.recipes.recipe_routing(
-          factory(**{**kwargs, 'learning_rate': lr})).learning_rates['adam']
+      adam_lr = orthax.recipes.recipe_routing(_make(
+          factory, {**kwargs, 'learning_rate': lr})).learning_rates['adam']
     adam_sched = PeakSchedule(shape, float(adam_lr))
     kwargs['adam_learning_rate'] = adam_sched
     branches['adam'] = adam_sched
   if distributed is not None and 'distributed' in accepted:
     kwargs['distributed'] = distributed
-  return factory(**kwargs), branches
+  return _make(factory, kwargs), branches
 
 
 def plan(opt_config: Mapping[str, Any], abstract_params: Any,

@@ -166,10 +166,15 @@ def prepare(files: Sequence[str], out_dir: str, *,
       del arr
     del tokens
   tok.save(os.path.join(out_dir, 'tokenizer.json'))
-  return _write_meta(out_dir, files, tokenizer, vocab, dtype, total, n_val)
+  return _write_meta(out_dir, files, tokenizer, vocab, dtype, total, n_val,
+                     END_OF_TEXT if eot is not None else None)
 
 
-def _write_meta(out_dir, files, tokenizer, vocab, dtype, total, n_val):
+def _write_meta(out_dir, files, tokenizer, vocab, dtype, total, n_val,
+                end_of_text):
+  """``meta.json`` and ``flags.txt``; ``end_of_text`` is the separator
+  written between files, ``None`` where the tokenizer has no such token
+  (the files are joined without one)."""
   train_path = os.path.abspath(os.path.join(out_dir, 'train.npy'))
   val_path = os.path.abspath(os.path.join(out_dir, 'val.npy'))
   flags = ['--config.data.source=files',
@@ -181,7 +186,7 @@ def _write_meta(out_dir, files, tokenizer, vocab, dtype, total, n_val):
           'inputs': [os.path.abspath(p) for p in files],
           'tokenizer': (os.path.abspath(tokenizer) if tokenizer
                         else 'trained (byte-level BPE)'),
-          'end_of_text': END_OF_TEXT, 'flags': flags}
+          'end_of_text': end_of_text, 'flags': flags}
   with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
     json.dump(meta, f, indent=1)
   with open(os.path.join(out_dir, 'flags.txt'), 'w') as f:

@@ -101,6 +101,7 @@ def run(base_config: Any, spec: SweepSpec, out_dir: str, *,
   """Trains every run of ``spec`` not yet in ``<out_dir>/runs.jsonl``
   (at most ``max_runs`` of them), appending each when it ends; returns all
   recorded runs of ``spec``."""
+  compare.check_runs(spec.optimizers, spec.scales)
   os.makedirs(out_dir, exist_ok=True)
   check_same_sweep(base_config, spec, out_dir)
   path = os.path.join(out_dir, 'runs.jsonl')

@@ -133,13 +133,22 @@ def build(config: Any, vocab_size: int, *, devices=None,
 def loaders(cfg: dict[str, Any]):
   """``(train, val, vocab_size)`` for the ``data`` section."""
   d = dict(cfg['data'])
-  return data_lib.make_loaders(
+  train, val, vocab = data_lib.make_loaders(
       d.get('source', 'embedded'), batch_size=int(d['batch_size']),
       seq_len=int(cfg['model']['seq_len']), seed=int(cfg['seed']),
       val_fraction=float(d.get('val_fraction', 0.1)),
       train_path=d.get('train_path'), val_path=d.get('val_path'),
       eval_batch_size=d.get('eval_batch_size'),
       token_dtype=d.get('token_dtype'), vocab_size=d.get('vocab_size'))
+  if cfg['train'].get('eval_every') and not val.num_eval_batches:
+    # Said now, not at the first evaluation, and in the config's keys.
+    raise ValueError(
+        f'the validation split has {val.num_tokens} tokens, fewer than one '
+        f'evaluation batch of data.eval_batch_size x model.seq_len = '
+        f'{val.batch_size} x {val.seq_len} needs ({val.tokens_per_batch + 1}'
+        '): lower data.eval_batch_size, give more validation tokens '
+        '(data.val_fraction, data.val_path), or set train.eval_every=0.')
+  return train, val, vocab
 
 
 def evaluate(setup: Setup, params: Any, val: data_lib.TokenLoader,
@@ -241,7 +250,10 @@ class Loop:
       is_log = done % log_every == 0 or done == end
       is_eval = eval_every and (done % eval_every == 0 or done == total)
       is_save = ckpt is not None and (preempted or (ckpt.every and (
-          done % ckpt.every == 0 or done == end)))
+          done % ckpt.every == 0 or done == end)) or (
+              # A run resumed from a preemption save ends with a save of its
+              # own, or a rerun would redo it from that save.
+              done == total and bool(ckpt.all_steps())))
       self.watch.after(done, m, now=bool(is_log or is_eval or is_save))
       if is_log or is_eval:
         self.log(done, m, state.params, bool(is_eval))
