@@ -23,6 +23,7 @@ from orthax.recipes import spectra
 from orthax.routing import DEFAULT_RULES
 from orthax.routing import Router
 from orthax.routing import Rule
+from orthax.routing import MatrixViewWarning
 from orthax.routing import OutputLayerWarning
 from orthax.recipes._common import describe
 from orthax.sharding import Distributed
@@ -47,8 +48,8 @@ from orthax.transforms import spectral_preclip
 __version__ = '0.1.0'
 
 __all__ = [
-    'DEFAULT_RULES', 'MatrixSpec', 'NonFiniteGradientError', 'OutputLayerWarning',
-    'Router', 'Rule',
+    'DEFAULT_RULES', 'MatrixSpec', 'MatrixViewWarning',
+    'NonFiniteGradientError', 'OutputLayerWarning', 'Router', 'Rule',
     'Distributed',
     'decoupled_weight_decay', 'nonfinite_leaves', 'nonfinite_status',
     'raise_if_nonfinite', 'skip_if_nonfinite', 'describe', 'momentum', 'muon',

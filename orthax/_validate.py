@@ -190,7 +190,8 @@ RULES: dict[str, Rule] = {
                      'scale_coeff', 'clip_final_scale', 'final_scale'),
                     nonnegative),
     **dict.fromkeys(('stable', 'remap'), flag),
-    'ns_dtype': float_dtype,
+    **dict.fromkeys(('ns_dtype', 'mu_dtype', 'accumulator_dtype'),
+                    float_dtype),
 }
 
 

@@ -16,6 +16,12 @@ The defaults are right for Flax NNX and linen models::
   …conv… kernels (ndim >= 3)                  -> matrix, window+in = fan-in
   kernel / weight / w (ndim 2 or 3)           -> matrix, leading axis = layers
   any other 2-D leaf                          -> matrix
+
+Two layouts are ambiguous, and a warning names the rule that settles them:
+a 2-D leaf that looks like an output layer (:class:`OutputLayerWarning`),
+and a 3-D ``query``/``key``/``value``/``out`` kernel shaped like Flax's
+``MultiHeadAttention`` ``(features, heads, head_dim)``, which the 3-D rule
+would read as a stack of layers (:class:`MatrixViewWarning`).
 """
 
 from __future__ import annotations
@@ -57,7 +63,11 @@ class Rule:
     if self.label not in LABELS:
       raise ValueError(f'Rule label must be one of {LABELS}, got '
                        f'{self.label!r} (pattern {self.pattern!r}).')
-    re.compile(self.pattern)
+    try:
+      re.compile(self.pattern)
+    except (re.error, TypeError) as e:
+      raise ValueError(f'Rule pattern {self.pattern!r} is not a regular '
+                       f'expression: {e}.') from None
     if self.ndims is not None:
       object.__setattr__(self, 'ndims', tuple(self.ndims))
 
@@ -170,8 +180,12 @@ class Router:
   def labels(self, tree: Any) -> Any:
     """Labels for ``optax.partition``; warns for each leaf that looks like
     an output layer routed to the matrix branch
-    (:meth:`warn_output_layers`)."""
+    (:meth:`warn_output_layers`) and for each attention kernel whose
+    default view may be the wrong one (:meth:`attention_view_suspects`)."""
     self.warn_output_layers(tree)
+    for path, message in self.attention_view_suspects(tree):
+      del path
+      warnings.warn(message, MatrixViewWarning, stacklevel=2)
     return jax.tree.map(lambda r: r.label, self.routes(tree),
                         is_leaf=lambda r: isinstance(r, Route))
 
@@ -225,6 +239,38 @@ class Router:
       warnings.warn(output_layer_message(path, reason), OutputLayerWarning,
                     stacklevel=3)
 
+  def attention_view_suspects(self, tree: Any) -> list[tuple[str, str]]:
+    """``(path, message)`` of each 3-D ``query``/``key``/``value`` or
+    ``out`` kernel that the *default* rule reads as a stack of layers
+    (leading axis = layers) although its shape is that of Flax's
+    ``MultiHeadAttention`` (NNX and linen) and of ``DenseGeneral``
+    attention: ``(features, heads, head_dim)`` with ``heads·head_dim =
+    features`` for the projections in, ``(heads, head_dim, features)`` for
+    the one out. Read as a stack, each input row (each head) would be
+    orthogonalized on its own. A stack ``(L, d, d)`` never has that shape
+    (``d·d ≠ L``; ``L·d = d`` only for one layer, where the two views are
+    one matrix)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    out = []
+    for p, x in flat:
+      path, shape = _tree.path_str(p), tuple(getattr(x, 'shape', ()))
+      if len(shape) != 3:
+        continue
+      rule = self._rule_for(path, 3)
+      if (rule is None or rule.spec is not None or rule.label != 'matrix'
+          or not any(rule is d for d in DEFAULT_RULES)):
+        continue
+      a, b, c = shape
+      if _ATTENTION_IN.search(path) and b * c == a and b > 1:
+        out.append((path, _attention_message(
+            path, shape, 'features, heads, head_dim',
+            r'(^|/)(query|key|value)/kernel$', 'fan_in=0, fan_out=(1, 2)')))
+      elif _ATTENTION_OUT.search(path) and a * b == c and a > 1:
+        out.append((path, _attention_message(
+            path, shape, 'heads, head_dim, features', r'(^|/)out/kernel$',
+            'fan_in=(0, 1), fan_out=2')))
+    return out
+
   def _rule_for(self, path: str, ndim: int) -> Rule | None:
     return next((r for r in self.rules if r.matches(path, ndim)), None)
 
@@ -250,7 +296,32 @@ class Router:
       rows.append(row)
     notes = [f'note: {output_layer_message(path, reason)}'
              for path, reason in self.output_layer_suspects(tree)]
+    notes += [f'note: {message}'
+              for _, message in self.attention_view_suspects(tree)]
     return '\n'.join([format_table(rows)] + notes)
+
+
+class MatrixViewWarning(UserWarning):
+  """A leaf's default matrix view may be the wrong one: a 3-D attention
+  kernel shaped like Flax's ``(features, heads, head_dim)`` read as a stack
+  of layers (:meth:`Router.attention_view_suspects`)."""
+
+
+_ATTENTION_IN = re.compile(r'(^|/)(query|key|value)/kernel$')
+_ATTENTION_OUT = re.compile(r'(^|/)out/kernel$')
+
+
+def _attention_message(path: str, shape: tuple[int, ...], layout: str,
+                       pattern: str, view: str) -> str:
+  a, b, c = shape
+  return (f'parameter {path!r} of shape {shape} is read as {a} stacked '
+          f'{b}x{c} matrices (the default rule for 3-D kernels: the leading '
+          f'axis is layers), but its shape is that of Flax attention '
+          f'({layout}). If it is, orthogonalize the whole projection: '
+          f'router=orthax.Router(extra_rules=[orthax.Rule({pattern!r}, '
+          f'"matrix", orthax.MatrixSpec({view}))]); if it is a stack of '
+          f'layers, keep it without this warning: orthax.Rule({pattern!r}, '
+          f'"matrix", orthax.MatrixSpec()).')
 
 
 class OutputLayerWarning(UserWarning):

@@ -1,5 +1,7 @@
 """Routing rules and the errors bad inputs produce."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,3 +217,75 @@ def test_zero_gradient_gives_zero_update():
                               tx.init(params), params)
     for leaf in jax.tree.leaves(u):
       assert np.all(np.asarray(leaf) == 0), preset
+
+
+# -- Flax attention kernels ----------------------------------------------------
+
+FLAX_ATTENTION_RULES = [
+    Rule(r'(^|/)(query|key|value)/kernel$', 'matrix',
+         MatrixSpec(fan_in=0, fan_out=(1, 2))),
+    Rule(r'(^|/)out/kernel$', 'matrix', MatrixSpec(fan_in=(0, 1), fan_out=2)),
+]
+
+
+def _flax_attention_params(kind):
+  # pylint: disable=g-import-not-at-top
+  if kind == 'nnx':
+    from flax import nnx
+    m = nnx.MultiHeadAttention(num_heads=4, in_features=32, qkv_features=32,
+                               decode=False, rngs=nnx.Rngs(0))
+    return jax.tree.map(lambda v: v.value, nnx.state(m, nnx.Param),
+                        is_leaf=lambda v: isinstance(v, nnx.Variable))
+  import flax.linen as nn
+  return nn.SelfAttention(num_heads=4).init(
+      jax.random.key(0), jnp.ones((1, 5, 32)))
+
+
+@pytest.mark.parametrize('kind', ['nnx', 'linen'])
+def test_flax_attention_kernels_are_warned_about_and_the_rule_fixes_them(
+    kind):
+  """Flax's attention kernels ``(features, heads, head_dim)`` and
+  ``(heads, head_dim, features)``: the default 3-D rule reads them as a
+  stack of layers (each input row orthogonalized alone), without a word
+  before. Now each is warned about, naming the rule that views the whole
+  projection; with it, the step is Muon's on the 32×32 projection."""
+  params = _flax_attention_params(kind)
+  with pytest.warns(orthax.MatrixViewWarning) as record:
+    orthax.muon().init(params)
+  warned = sorted(str(w.message).split("'")[1] for w in record
+                  if issubclass(w.category, orthax.MatrixViewWarning))
+  assert [p.rsplit('/', 2)[-2] for p in warned] == [
+      'key', 'out', 'query', 'value'], warned
+  assert any("orthax.Rule('(^|/)(query|key|value)/kernel$', \"matrix\", "
+             'orthax.MatrixSpec(fan_in=0, fan_out=(1, 2)))' in str(w.message)
+             for w in record)
+  router = Router(extra_rules=FLAX_ATTENTION_RULES)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', orthax.MatrixViewWarning)
+    tx = orthax.muon(router=router)
+    state = tx.init(params)
+  grads = jax.tree.map(
+      lambda x: jnp.asarray(np.random.default_rng(x.size).standard_normal(
+          x.shape), x.dtype), params)
+  updates, _ = tx.update(grads, state, params)
+  flat = dict((orthax._tree.path_str(p), x) for p, x in  # pylint: disable=protected-access
+              jax.tree_util.tree_flatten_with_path(updates)[0])
+  gflat = dict((orthax._tree.path_str(p), x) for p, x in  # pylint: disable=protected-access
+               jax.tree_util.tree_flatten_with_path(grads)[0])
+  ref_tx = orthax.muon()
+  for path in warned:
+    g = gflat[path].reshape(32, 32)
+    ref, _ = ref_tx.update({'w': g}, ref_tx.init({'w': g}), {'w': g})
+    np.testing.assert_allclose(flat[path].reshape(32, 32), ref['w'],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_stacked_gpt_kernels_are_not_warned_about():
+  """The trainer's GPT stacks its layers: ``attn/query/kernel`` is
+  ``(L, d, d)``, a stack, for any L (one layer: both views are one
+  matrix)."""
+  z = jnp.zeros
+  for layers in (1, 2, 4, 12):
+    tree = {'blocks': {'attn': {n: {'kernel': z((layers, 32, 32))}
+                                for n in ('query', 'key', 'value', 'out')}}}
+    assert Router().attention_view_suspects(tree) == []

@@ -263,3 +263,41 @@ def test_ns_dtype_must_be_a_float_dtype(owner, fn):
       fn(**{'ns_dtype': bad})
   fn(ns_dtype=jnp.bfloat16)
   fn(ns_dtype='float32')
+
+
+@pytest.mark.parametrize('owner,fn,required,arg', [
+    (owner, fn, required, arg) for owner, fn, required in OWNERS
+    for arg in ('mu_dtype', 'accumulator_dtype')
+    if arg in inspect.signature(fn).parameters])
+def test_accumulator_dtypes_must_be_float_dtypes(owner, fn, required, arg):
+  """A misspelt dtype raised numpy's TypeError naming neither."""
+  for bad in ('float7', jnp.int32):
+    with pytest.raises(TypeError, match=f'{owner}: {arg} must be a '
+                       'floating-point dtype'):
+      fn(**required(), **{arg: bad})
+  fn(**required(), **{arg: jnp.bfloat16})
+
+
+@pytest.mark.parametrize('name', orthax.recipe_names())
+def test_router_must_be_a_router_or_a_callable(name):
+  """A string was a one-label prefix tree for eleven recipes and a
+  'str is not callable' for LANTON and DCT-AdamW."""
+  with pytest.raises(ValueError, match="router must be an orthax.Router or a "
+                     r"params -> labels callable .*got 'adam'"):
+    orthax.recipe(name, router='adam')
+
+
+def test_rule_pattern_must_be_a_regex():
+  with pytest.raises(ValueError, match=r"Rule pattern '\(' is not a regular "
+                     'expression: missing \\)'):
+    orthax.Rule('(', 'adam')
+
+
+def test_static_dct_arguments_under_inject_hyperparams_say_so():
+  p = {'w': jnp.ones((8, 8))}
+  with pytest.raises(TypeError, match='update_every must be an int, got '
+                     'Array.*pass it in static_args'):
+    optax.inject_hyperparams(orthax.dct_adamw)(update_every=10).init(p)
+  tx = optax.inject_hyperparams(orthax.dct_adamw, static_args=(
+      'update_every',))(update_every=10)
+  tx.update(p, tx.init(p), p)

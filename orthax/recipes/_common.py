@@ -44,6 +44,11 @@ def route(router: RouterLike | None,
   (:func:`matrix_specs`)."""
   if router is None:
     router = routing.Router() if default is None else default
+  if not isinstance(router, routing.Router) and not callable(router):
+    raise ValueError(
+        'router must be an orthax.Router or a params -> labels callable '
+        f'(e.g. lambda params: jax.tree.map(lambda _: "adam", params)), got '
+        f'{router!r}.')
   return router, matrix_specs(router)
 
 

@@ -117,10 +117,12 @@ def check_structure(owner: str, rank: Any, update_every: Any,
   if isinstance(update_every, bool) or not isinstance(update_every,
                                                       numbers.Integral):
     raise TypeError(f'{owner}: update_every must be an int, got '
-                    f'{update_every!r}.')
+                    f'{update_every!r} (a static value: pass it in '
+                    'static_args of optax.inject_hyperparams).')
   if isinstance(ell_norm, bool) or not isinstance(ell_norm, numbers.Real):
     raise TypeError(f'{owner}: ell_norm must be a number, got '
-                    f'{ell_norm!r}.')
+                    f'{ell_norm!r} (a static value: pass it in static_args '
+                    'of optax.inject_hyperparams).')
   if not ell_norm > 0 or ell_norm == float('inf'):
     raise ValueError(f'{owner}: ell_norm must be > 0 and finite, got '
                      f'{ell_norm!r}.')
