@@ -127,6 +127,20 @@ def test_sweep_reports_a_bad_width_in_one_line(tmp_path):
       'model.num_heads=4.'), proc.stderr[-3000:]
 
 
+def test_reference_modes_name_a_missing_sweep(tmp_path):
+  """Run outside the checkout, the default ``--sweep_runs`` (a relative
+  path) does not exist: the library-mode column was silently empty."""
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / 'scripts' / 'sweep.py'),
+       '--reference_modes', '--summarize_only', f'--out={tmp_path}/o',
+       '--optimizers=muon'],
+      capture_output=True, text=True, cwd=tmp_path, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stderr.splitlines()[-2].startswith(
+      'orthax-sweep: error: --sweep_runs=results/sweep/runs.jsonl: no such '
+      'file'), proc.stderr[-3000:]
+
+
 def _run(args, cwd, env=None):
   """``args`` in ``cwd``; by default without ``PYTHONPATH``, which could
   show pip a checkout's own ``orthax`` (and the ``egg-info`` the build

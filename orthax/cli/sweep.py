@@ -115,6 +115,10 @@ def _reference_modes(f: types.SimpleNamespace, spec) -> None:
       optimizers=[o for o in f.optimizers.value or () if o != 'adamw'],
       steps=spec.steps, eval_every=spec.eval_every,
       max_runs=0 if f.summarize_only.value else f.max_runs.value)
+  if not os.path.exists(f.sweep_runs.value):
+    raise ValueError(f'--sweep_runs={f.sweep_runs.value}: no such file (the '
+                     'sweep whose library-mode runs the table compares; a '
+                     'path relative to this directory).')
   md = reference_modes.table(runs, sweep.load(f.sweep_runs.value))
   print(md)
   with open(os.path.join(f.out.value, 'summary.md'), 'w') as fh:
