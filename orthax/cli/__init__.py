@@ -64,8 +64,8 @@ def _config_file(value: str) -> str:
     raise ValueError(
         f'--config={value}: no such file, and no packaged config of that '
         f'name (packaged: {", ".join(packaged_configs.names())}).')
-  if arg and os.path.dirname(path) == os.path.dirname(
-      packaged_configs.path('lm_cpu')):
+  if arg and os.path.dirname(os.path.abspath(path)) == (
+      packaged_configs.DIRECTORY):
     # pylint: disable=g-import-not-at-top
     from orthax.train import configs as train_configs
     if arg not in train_configs.optimizer_names():
