@@ -9,6 +9,7 @@ import math
 import os
 import struct
 import sys
+import time
 import types
 
 import pytest
@@ -118,6 +119,35 @@ def test_tensorboard_event_files_hold_the_records(tmp_path):
     assert got[('loss', rec['step'])] == pytest.approx(rec['loss'])
     assert got[('step_time_s', rec['step'])] == pytest.approx(
         rec['step_time_s'])
+
+
+def test_tensorboard_resume_purges_the_steps_after_the_checkpoint(tmp_path):
+  """A rerun resuming from step 4 tells TensorBoard to drop the earlier
+  files' points after it (before: steps 5.. twice, as the crash left
+  them), with tensorboardX's START event at step 5."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  writer = metrics.MetricWriter(str(tmp_path), tensorboard=True)
+  for step in range(1, 8):
+    writer.write({'step': step, 'loss': float(step)})
+  writer.close()
+  time.sleep(1.1)  # event files are named by the second they start in
+  writer = metrics.MetricWriter(str(tmp_path), resume_step=4,
+                                tensorboard=True)
+  writer.write({'step': 5, 'loss': 0.5})
+  writer.close()
+  files = sorted(glob.glob(os.path.join(tmp_path, 'tensorboard', 'events.*')),
+                 key=os.path.getmtime)
+  assert len(files) == 2
+  data, i, starts = open(files[-1], 'rb').read(), 0, []
+  while i < len(data):
+    (n,) = struct.unpack('<Q', data[i:i + 8])
+    ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+    i += 12 + n + 4
+    if ev.HasField('session_log'):
+      starts.append((ev.session_log.status, ev.step))
+  assert starts == [(event_pb2.SessionLog.START, 5)], starts
+  assert [r['step'] for r in metrics.read_jsonl(
+      os.path.join(tmp_path, 'metrics.jsonl'))] == [1, 2, 3, 4, 5]
 
 
 def test_wandb_gets_every_record_and_the_config(tmp_path, monkeypatch):

@@ -67,7 +67,11 @@ class MetricWriter:
       except ImportError as e:
         raise ValueError('train.tensorboard=True needs the tensorboardX '
                          'package (pip install tensorboardX).') from e
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      # On resume, TensorBoard drops the earlier files' points after the
+      # checkpoint (a START event at resume_step + 1), as this file does.
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
+                               purge_step=resume_step + 1 if resume_step
+                               else None)
     self._wandb = None
     if wandb_project:
       try:
