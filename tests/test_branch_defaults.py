@@ -264,3 +264,29 @@ def test_adam_rate_ratio_is_the_registered_pair():
   # No pair registered (or not a recipe): the Keller-scaled Muon ratio.
   for name in (None, 'spectra', 'not_a_recipe'):
     assert orthax.recipes.adam_rate_ratio(name) == 0.15
+
+
+@pytest.mark.parametrize('name', WITH_ADAMW_BRANCH + ('spectra',))
+def test_trainer_default_section_steps_as_the_library_default(name):
+  """The trainer's default ``optimizer`` section builds the recipe the
+  library's ``orthax.<name>()`` is, weight decays and AdamW-branch rate
+  included: before, the trainer ran every recipe at weight decay 0 (NAMO's
+  default is 0.1) and ROOT's AdamW branch at 3e-3 (the library's 0.014),
+  so the learning-rate sweep measured neither default."""
+  # pylint: disable=g-import-not-at-top
+  from orthax.train import configs
+  from orthax.train import optim
+  section = configs.optimizer(name).to_dict()
+  tx, _ = optim.build(section, lambda step: 1.0)
+  ref = orthax.recipe(name)
+  k1, k2 = jax.random.split(jax.random.key(1))
+  params = {'blocks': {'mlp': {'kernel': jax.random.normal(k1, (16, 32))}},
+            'embed': {'embedding': jax.random.normal(k2, (32, 16))},
+            'ln': {'scale': jnp.ones(16)}}
+  grads = jax.tree.map(lambda p: 0.1 * p + 0.01, params)
+  s, r = tx.init(params), ref.init(params)
+  for _ in range(2):
+    u, s = tx.update(grads, s, params)
+    v, r = ref.update(grads, r, params)
+  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -165,7 +165,8 @@ def spectra(
 
 @registry.register(
     'root', references=('orthax', 'repo'), learning_rate=0.014,
-    adam_learning_rate=3e-3, mode_rates={'repo': registry.ModeRates(
+    # The AdamW branch shares the rate (an RMS-matched step), as root() does.
+    adam_learning_rate=0.014, mode_rates={'repo': registry.ModeRates(
         1e-3, 1e-3, 'huawei-noah/noah-research @a99fb00 ROOT/examples/'
         'example_train.py: one lr for ROOT and AdamW')})
 def root(

@@ -70,7 +70,8 @@ def optimizer(name: str, learning_rate: float | None = None,
               **kwargs) -> ml_collections.ConfigDict:
   """The ``optimizer`` section for ``name`` (``'adamw'`` or a registered
   recipe); learning rates default to :func:`learning_rates` (for a recipe:
-  its registry entry)."""
+  its registry entry), weight decays to the recipe's own (``None``: NAMO's
+  0.1, ARO's 0.01, ...; the trainer's AdamW: 0)."""
   lr, adam_lr = learning_rates(name)
   lr = lr if learning_rate is None else learning_rate
   if lr is None:
@@ -81,7 +82,10 @@ def optimizer(name: str, learning_rate: float | None = None,
       'learning_rate': lr,
       'adam_learning_rate': (adam_lr if adam_learning_rate is None
                              else adam_learning_rate),
-      'weight_decay': 0.0, 'adam_weight_decay': 0.0,
+      # A recipe's own decays (None): what orthax.<name>() runs with.
+      **{key: 0.0 if name == 'adamw' else ml_collections.FieldReference(
+          None, field_type=float)
+         for key in ('weight_decay', 'adam_weight_decay')},
       'kwargs': ml_collections.ConfigDict(kwargs)})
 
 
