@@ -17,8 +17,8 @@ from reference_helpers import flat, make_tree, run_orthax
 
 # The defaults, written out: the sweep's (README; tests/test_defaults.py
 # checks them against results/sweep). Each recipe's AdamW branch runs at
-# 3e-3 at its default (DCT-AdamW's at 0.0085; adamw and spectra have no
-# separate one).
+# 3e-3 at its default (DCT-AdamW's at 0.0085, ROOT's at its own rate;
+# adamw and spectra have no separate one).
 DEFAULT_LEARNING_RATES = {
     'adamw': (3e-3, None),
     'muon': (0.04, 3e-3),
@@ -26,7 +26,7 @@ DEFAULT_LEARNING_RATES = {
     'namo': (0.16, 3e-3),
     'namo_d': (0.11, 3e-3),
     'lanton': (0.08, 3e-3),
-    'root': (0.014, 3e-3),
+    'root': (0.014, 0.014),   # its RMS-matched step shares the rate
     'auon': (0.08, 3e-3),
     'hybrid_auon': (0.04, 3e-3),
     'spectra': (0.0085, None),
@@ -102,8 +102,7 @@ def test_each_mode_runs_at_its_references_rates(name):
   the mode's ratio at another rate."""
   for ref in REFERENCES[name]:
     lr, adam = REFERENCE_RATES.get((name, ref), DEFAULT_LEARNING_RATES[name])
-    # SPECTRA: one AdamW base. ROOT: its RMS-matched step shares the rate
-    # (the trainer registers 3e-3 for its AdamW branch separately).
+    # SPECTRA: one AdamW base. ROOT: its RMS-matched step shares the rate.
     adam = lr if adam is None or name == 'root' else adam
     rates = orthax.recipes.recipe_routing(
         orthax.recipe(name, reference=ref)).learning_rates
