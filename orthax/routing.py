@@ -246,14 +246,18 @@ class Router:
     ``MultiHeadAttention`` (NNX and linen) and of ``DenseGeneral``
     attention: ``(features, heads, head_dim)`` with ``heads·head_dim =
     features`` for the projections in, ``(heads, head_dim, features)`` for
-    the one out. Read as a stack, each input row (each head) would be
-    orthogonalized on its own. A stack ``(L, d, d)`` never has that shape
-    (``d·d ≠ L``; ``L·d = d`` only for one layer, where the two views are
-    one matrix)."""
+    the one out; or, where ``heads·head_dim`` (Flax's ``qkv_features``) is
+    not ``features``, a projection in and an ``out`` kernel side by side
+    whose ``(heads, head_dim)`` agree. Read as a stack, each input row (each
+    head) would be orthogonalized on its own. A stack ``(L, d, d)`` never
+    has these shapes (``d·d ≠ L``; ``L·d = d`` only for one layer, where the
+    two views are one matrix; its ``out`` stack ``(L, d, d)`` agrees with
+    ``(d, d)`` only for ``L = d``, a cube, which is never warned about)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    shapes = {_tree.path_str(p): tuple(getattr(x, 'shape', ()))
+              for p, x in flat}
     out = []
-    for p, x in flat:
-      path, shape = _tree.path_str(p), tuple(getattr(x, 'shape', ()))
+    for path, shape in shapes.items():
       if len(shape) != 3:
         continue
       rule = self._rule_for(path, 3)
@@ -261,11 +265,16 @@ class Router:
           or not any(rule is d for d in DEFAULT_RULES)):
         continue
       a, b, c = shape
-      if _ATTENTION_IN.search(path) and b * c == a and b > 1:
+      if _ATTENTION_IN.search(path) and b > 1 and (
+          b * c == a or _heads_agree(shape, shapes.get(
+              _ATTENTION_IN.sub(r'\1out/kernel', path)))):
         out.append((path, _attention_message(
             path, shape, 'features, heads, head_dim',
             r'(^|/)(query|key|value)/kernel$', 'fan_in=0, fan_out=(1, 2)')))
-      elif _ATTENTION_OUT.search(path) and a * b == c and a > 1:
+      elif _ATTENTION_OUT.search(path) and a > 1 and (
+          a * b == c or any(_heads_agree(shapes.get(_ATTENTION_OUT.sub(
+              rf'\1{name}/kernel', path)), shape)
+                            for name in ('query', 'key', 'value'))):
         out.append((path, _attention_message(
             path, shape, 'heads, head_dim, features', r'(^|/)out/kernel$',
             'fan_in=(0, 1), fan_out=2')))
@@ -309,6 +318,19 @@ class MatrixViewWarning(UserWarning):
 
 _ATTENTION_IN = re.compile(r'(^|/)(query|key|value)/kernel$')
 _ATTENTION_OUT = re.compile(r'(^|/)out/kernel$')
+
+
+def _heads_agree(in_shape: tuple[int, ...] | None,
+                 out_shape: tuple[int, ...] | None) -> bool:
+  """Whether a projection in ``(features, heads, head_dim)`` and an out
+  kernel ``(heads, head_dim, features')`` share ``(heads, head_dim)``, and
+  are not both one cube ``(n, n, n)`` (a stack of ``n`` layers of width
+  ``n`` has that shape too)."""
+  if not in_shape or not out_shape or len(in_shape) != 3 or len(
+      out_shape) != 3:
+    return False
+  cube = len(set(in_shape)) == 1 and len(set(out_shape)) == 1
+  return in_shape[1:] == out_shape[:2] and not cube
 
 
 def _attention_message(path: str, shape: tuple[int, ...], layout: str,

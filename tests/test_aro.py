@@ -276,6 +276,26 @@ def test_zero_gradients_give_zero_updates():
                  for x in jax.tree.leaves(state))
 
 
+def test_step_size_does_not_follow_the_gradient_scale(x64):
+  """As documented: the base map normalizes and ``scale='muon'`` divides by
+  the spectral norm, so a tiny gradient takes a full step (as in Muon)."""
+  del x64
+  params = {'w': jnp.ones((16, 8), jnp.float64)}
+  g = jax.random.normal(jax.random.key(0), (16, 8), jnp.float64)
+  tx = orthax.aro(weight_decay=0.0)
+  full, small, tiny = (
+      np.asarray(tx.update({'w': g * k}, tx.init(params), params)[0]['w'])
+      for k in (1.0, 1e-6, 1e-12))
+  top = np.abs(full).max()
+  assert np.linalg.norm(full, 2) > 0.01
+  np.testing.assert_allclose(small, full, rtol=1e-9, atol=1e-12 * top)
+  # Below the base map's 1e-8 floors: the same spectral norm, nearly the
+  # same direction.
+  np.testing.assert_allclose(np.linalg.norm(tiny, 2), np.linalg.norm(full, 2),
+                             rtol=1e-5)
+  np.testing.assert_allclose(tiny, full, rtol=0, atol=2e-3 * top)
+
+
 @pytest.mark.parametrize('reference', ['orthax', 'dion'])
 def test_a_dead_unit_gets_no_update(x64, reference):
   """A zero row of the rotated side's momentum (a dead unit) makes ``B`` in

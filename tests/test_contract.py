@@ -80,6 +80,20 @@ def test_none_leaf_is_an_absent_parameter(case):
 
 
 @cases
+def test_update_without_params_says_so(case):
+  """Every recipe reads the parameters (weight decay): without them the
+  error says what to pass, the same for all (SPECTRA's used to be optax's
+  generic message from its AdamW branch)."""
+  tx = case.make(contract.LR)
+  params = trees.mixed_params()
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r'orthax recipes need the current '
+                     r'parameters at every step .*call tx.update\(grads, '
+                     r'state, params\)'):
+    tx.update(trees.random_like(params, 1), state)
+
+
+@cases
 def test_jit_matches_eager(case):
   contract.check_jit_matches_eager(case.make)
 

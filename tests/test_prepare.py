@@ -62,19 +62,33 @@ def test_given_tokenizer_via_the_command_from_another_directory(
   proc = subprocess.run(
       [sys.executable, '-c', 'from orthax.cli import prepare_data; '
        'prepare_data.run()', f'--input={d}/*.txt',
-       f'--tokenizer={out}/tokenizer.json', '--out=again',
+       f'--tokenizer={out}/tokenizer.json', '--out=again dir',
        '--val_fraction=0.05'], cwd=tmp_path, capture_output=True, text=True,
       timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'orthax-train --config=lm_cpu --config.data.source=files' in (
-      proc.stdout)
-  again = tmp_path / 'again'
+  again = tmp_path / 'again dir'
+  assert ("orthax-train --config=lm_cpu --flagfile='"
+          f"{again / 'flags.txt'}'") in proc.stdout
+  assert ("orthax-train --config=lm_cpu --config.data.source=files "
+          f"'--config.data.train_path={again / 'train.npy'}'") in proc.stdout
   # The same tokenizer on the same files (a.txt, b.txt by the sorted glob).
   np.testing.assert_array_equal(np.load(again / 'train.npy'),
                                 np.load(out / 'train.npy'))
   m = json.loads((again / 'meta.json').read_text())
   assert m['tokenizer'] == str(out / 'tokenizer.json')
-  assert (again / 'flags.txt').read_text().split() == m['flags']
+  lines = (again / 'flags.txt').read_text().splitlines()
+  assert lines[0].startswith('#') and lines[1:] == m['flags']
+  # The flag file trains, its paths with a space in them and all.
+  proc = subprocess.run(
+      [sys.executable, '-c', 'from orthax.cli import train; train.run()',
+       '--config=lm_cpu:muon', f"--flagfile={again / 'flags.txt'}",
+       '--config.model.d_model=32', '--config.model.num_layers=1',
+       '--config.train.steps=2', '--config.train.eval_every=2',
+       '--config.train.eval_batches=1', '--config.schedule.warmup_steps=0'],
+      cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads(proc.stdout[proc.stdout.index('{'):])
+  assert summary['steps'] == 2 and math.isfinite(summary['final_val_loss'])
 
 
 def test_trains_on_the_prepared_files(prepared):

@@ -73,3 +73,25 @@ def test_disabled_writes_nothing():
   bar.update(1, {'loss': 5.0}, force=True)
   bar.close()
   assert out.getvalue() == ''
+
+
+def test_throughput_counts_from_the_first_step_and_leaves_out_paused_time():
+  clock = Clock()
+  rate = metrics.Throughput(1000, clock=clock)
+  assert rate.rate() != rate.rate()  # NaN before any step
+  clock.now += 30.0  # the first step compiles: not counted
+  rate.tick({})
+  clock.now += 2.0
+  rate.tick({})
+  rate.tick({})
+  with rate.paused():  # e.g. an evaluation
+    clock.now += 50.0
+  clock.now += 2.0
+  assert rate.rate() == 2000 / 4.0
+  try:
+    with rate.paused():
+      clock.now += 7.0
+      raise KeyError('a failure inside still counts as paused')
+  except KeyError:
+    pass
+  assert rate.rate() == 2000 / 4.0

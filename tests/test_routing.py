@@ -228,28 +228,33 @@ FLAX_ATTENTION_RULES = [
 ]
 
 
-def _flax_attention_params(kind):
+def _flax_attention_params(kind, qkv_features=32):
+  """Flax attention over 32 features with 4 heads of ``qkv_features/4``."""
   # pylint: disable=g-import-not-at-top
   if kind == 'nnx':
     from flax import nnx
-    m = nnx.MultiHeadAttention(num_heads=4, in_features=32, qkv_features=32,
-                               decode=False, rngs=nnx.Rngs(0))
+    m = nnx.MultiHeadAttention(num_heads=4, in_features=32,
+                               qkv_features=qkv_features, decode=False,
+                               rngs=nnx.Rngs(0))
     return jax.tree.map(lambda v: v.value, nnx.state(m, nnx.Param),
                         is_leaf=lambda v: isinstance(v, nnx.Variable))
   import flax.linen as nn
-  return nn.SelfAttention(num_heads=4).init(
+  return nn.SelfAttention(num_heads=4, qkv_features=qkv_features).init(
       jax.random.key(0), jnp.ones((1, 5, 32)))
 
 
+@pytest.mark.parametrize('qkv_features', [32, 64])
 @pytest.mark.parametrize('kind', ['nnx', 'linen'])
 def test_flax_attention_kernels_are_warned_about_and_the_rule_fixes_them(
-    kind):
+    kind, qkv_features):
   """Flax's attention kernels ``(features, heads, head_dim)`` and
   ``(heads, head_dim, features)``: the default 3-D rule reads them as a
   stack of layers (each input row orthogonalized alone), without a word
   before. Now each is warned about, naming the rule that views the whole
-  projection; with it, the step is Muon's on the 32×32 projection."""
-  params = _flax_attention_params(kind)
+  projection; with it, the step is Muon's on the 32×``qkv_features``
+  projection (``qkv_features`` 64: heads·head_dim is not the features,
+  known from the query and out kernels agreeing)."""
+  params = _flax_attention_params(kind, qkv_features)
   with pytest.warns(orthax.MatrixViewWarning) as record:
     orthax.muon().init(params)
   warned = sorted(str(w.message).split("'")[1] for w in record
@@ -274,9 +279,11 @@ def test_flax_attention_kernels_are_warned_about_and_the_rule_fixes_them(
                jax.tree_util.tree_flatten_with_path(grads)[0])
   ref_tx = orthax.muon()
   for path in warned:
-    g = gflat[path].reshape(32, 32)
+    out = path.split('/')[-2] == 'out'
+    shape = (qkv_features, 32) if out else (32, qkv_features)
+    g = gflat[path].reshape(shape)
     ref, _ = ref_tx.update({'w': g}, ref_tx.init({'w': g}), {'w': g})
-    np.testing.assert_allclose(flat[path].reshape(32, 32), ref['w'],
+    np.testing.assert_allclose(flat[path].reshape(shape), ref['w'],
                                rtol=1e-5, atol=1e-6)
 
 
@@ -285,7 +292,7 @@ def test_stacked_gpt_kernels_are_not_warned_about():
   ``(L, d, d)``, a stack, for any L (one layer: both views are one
   matrix)."""
   z = jnp.zeros
-  for layers in (1, 2, 4, 12):
+  for layers in (1, 2, 4, 12, 32):  # 32: a cube (32, 32, 32)
     tree = {'blocks': {'attn': {n: {'kernel': z((layers, 32, 32))}
                                 for n in ('query', 'key', 'value', 'out')}}}
     assert Router().attention_view_suspects(tree) == []

@@ -5,6 +5,7 @@ event files and Weights & Biases logging."""
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import struct
@@ -178,3 +179,21 @@ def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="wandb_project='p' needs the wandb"):
     trainer.train(tiny_config(wandb_project='p'), str(tmp_path),
                   progress=False)
+
+
+def test_jsonl_files_are_strict_json_with_null_for_non_finite(tmp_path):
+  """JSON has no NaN: a record's non-finite values are written as null
+  (``jq`` and JavaScript refuse a bare NaN) and read back as NaN."""
+  writer = metrics.MetricWriter(str(tmp_path))
+  writer.write({'step': 1, 'loss': float('nan'), 'step_time_s': float('inf'),
+                'tokens': 4})
+  writer.close()
+  line = (tmp_path / 'metrics.jsonl').read_text()
+  assert json.loads(line, parse_constant=lambda c: pytest.fail(c)) == {
+      'step': 1, 'loss': None, 'step_time_s': None, 'tokens': 4}
+  (rec,) = metrics.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  assert math.isnan(rec['loss']) and math.isnan(rec['step_time_s'])
+  assert rec['step'] == 1
+  nested = {'val_loss': [1.5, float('nan')], 'diverged': 'loss is nan'}
+  assert json.loads(metrics.json_line(nested)) == {
+      'val_loss': [1.5, None], 'diverged': 'loss is nan'}

@@ -44,7 +44,9 @@ def define_flags() -> types.SimpleNamespace:
 
 
 def main(f: types.SimpleNamespace) -> None:
-  from orthax.train import compare  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from orthax.train import compare
+  from orthax.train import metrics
   cli.quiet_library_logs()
   results = compare.run(f.config.value, f.optimizers.value,
                         cli.parse_list('lr_scales', f.lr_scales.value, float),
@@ -56,7 +58,7 @@ def main(f: types.SimpleNamespace) -> None:
   with open(os.path.join(out, 'compare.md'), 'w') as fh:
     fh.write(md + '\n')
   with open(os.path.join(out, 'compare.json'), 'w') as fh:
-    json.dump(results, fh, indent=1)
+    json.dump(metrics.strict_json(results), fh, indent=1, allow_nan=False)
   png = os.path.join(out, 'loss_curves.png')
   compare.plot(results, png)
   print(f'wrote {png}')

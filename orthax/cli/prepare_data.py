@@ -3,17 +3,19 @@ files with a Hugging Face ``tokenizers`` tokenizer.
 
     orthax-prepare-data --input='texts/*.txt' --vocab_size=4096 --out=data
     orthax-prepare-data --input=a.txt,b.txt --tokenizer=tokenizer.json --out=data
-    orthax-train --config=lm_cpu:muon $(cat data/flags.txt)
+    orthax-train --config=lm_cpu:muon --flagfile=data/flags.txt
 
 Writes ``<out>/train.npy``, ``<out>/val.npy``, ``<out>/tokenizer.json``,
 ``<out>/meta.json`` and ``<out>/flags.txt`` (the ``--config.data.*`` flags
-that train on them); see :mod:`orthax.train.prepare`.
+that train on them, as an absl flag file: one flag per line); see :mod:`orthax.train.prepare`.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import os
+import shlex
 import types
 from typing import Sequence
 
@@ -57,8 +59,10 @@ def main(f: types.SimpleNamespace) -> None:
     raise ValueError(str(e)) from None
   print(json.dumps({k: v for k, v in meta.items() if k != 'flags'},
                    indent=1))
-  print('train on it with:\n  orthax-train --config=lm_cpu ' +
-        ' '.join(meta['flags']))
+  flag_file = os.path.abspath(os.path.join(f.out.value, 'flags.txt'))
+  print('train on it with:\n  orthax-train --config=lm_cpu --flagfile='
+        f'{shlex.quote(flag_file)}\nwhich is:\n  orthax-train '
+        '--config=lm_cpu ' + ' '.join(shlex.quote(x) for x in meta['flags']))
 
 
 def run(argv: Sequence[str] | None = None) -> None:

@@ -72,6 +72,7 @@ def define_flags() -> types.SimpleNamespace:
 def main(f: types.SimpleNamespace) -> None:
   # pylint: disable=g-import-not-at-top
   from orthax.train import configs as train_configs
+  from orthax.train import metrics
   from orthax.train import sweep
   cli.quiet_library_logs()
   spec = sweep.SweepSpec(
@@ -100,7 +101,7 @@ def main(f: types.SimpleNamespace) -> None:
   with open(os.path.join(out, 'summary.md'), 'w') as fh:
     fh.write(md + '\n')
   with open(os.path.join(out, 'summary.json'), 'w') as fh:
-    json.dump(rows, fh, indent=1)
+    json.dump(metrics.strict_json(rows), fh, indent=1, allow_nan=False)
   for path in sweep.plot(rows, out):
     print(f'wrote {path}')
   print(f"wrote {sweep.plot_grid(rows, os.path.join(out, 'lr_all.png'))}")

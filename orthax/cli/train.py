@@ -73,10 +73,13 @@ def main(f: types.SimpleNamespace) -> None:
     cli.quiet_library_logs()
     print(dry_run.format_report(dry_run.dry_run(config)))
     return
-  from orthax.train import trainer  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from orthax.train import metrics
+  from orthax.train import trainer
   cli.quiet_library_logs()
   out = trainer.train(config, f.workdir.value, force=f.force.value)
-  print(json.dumps(out['summary'], indent=1))
+  print(json.dumps(metrics.strict_json(out['summary']), indent=1,
+                   allow_nan=False))
   if out['summary']['preempted']:
     sys.exit(EXIT_PREEMPTED)
 

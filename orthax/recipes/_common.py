@@ -224,10 +224,18 @@ def with_shape_check(tx: optax.GradientTransformation
                      ) -> optax.GradientTransformationExtraArgs:
   """``tx`` whose ``update`` first checks the gradient against the
   parameters (:func:`orthax.transforms.check_shapes`: a ``ValueError``
-  naming the leaf and both shapes), with ``tx``'s state unchanged."""
+  naming the leaf and both shapes), with ``tx``'s state unchanged. Every
+  recipe needs the parameters (its weight decay reads them): an ``update``
+  without them is a ``ValueError`` saying so, here, for all recipes
+  alike."""
   check = T.check_shapes()
 
   def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(
+          'orthax recipes need the current parameters at every step (their '
+          'weight decay reads them, even at weight_decay=0): call '
+          'tx.update(grads, state, params).')
     check.update(updates, optax.EmptyState(), params)
     return tx.update(updates, state, params, **extra_args)
 

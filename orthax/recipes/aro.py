@@ -81,7 +81,12 @@ def aro(
   corpus), ``'update_rms'`` ``0.2/RMS(U)`` (the paper's form),
   ``'spectral_norm'`` ``√(m/n)`` or ``'none'`` 1 (``m`` fan-out, ``n``
   fan-in). No Nesterov, no bias correction; the decay uses the unscaled
-  ``η``.
+  ``η``. As in Muon, the step's size does not follow the gradient's: ``f``
+  normalizes, so a gradient 10⁻⁶ times smaller gives the same step; far
+  smaller, where the ``10⁻⁸`` floors of ``f`` bind (10⁻⁹ here), the
+  default ``scale='muon'`` still gives the step its full spectral norm,
+  its direction changed by ~10⁻³ (tested). A zero gradient gives a zero
+  step.
 
   ``reference='dion'`` is microsoft/dion branch ``dev/aro`` (``dion/aro.py``
   @9c6b30d) and its defaults: the rotation acts on the PyTorch rows

@@ -3,17 +3,51 @@ progress line on a terminal."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Callable, Iterator, TextIO
+
+import jax
+
+
+def strict_json(obj: Any) -> Any:
+  """``obj`` with every non-finite float (NaN, ±Inf) replaced by ``None``:
+  JSON has no such numbers, and ``jq``, JavaScript and most JSON readers
+  refuse Python's bare ``NaN``. The files this package writes hold
+  records, so ``null`` always stands for a non-finite number in them
+  (:func:`read_jsonl` turns it back into NaN)."""
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: strict_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [strict_json(v) for v in obj]
+  return obj
+
+
+def json_line(record: dict[str, Any]) -> str:
+  """One line of a JSONL file: strict JSON (:func:`strict_json`)."""
+  return json.dumps(strict_json(record), allow_nan=False) + '\n'
+
+
+def _nan_for_null(obj: Any) -> Any:
+  if obj is None:
+    return float('nan')
+  if isinstance(obj, dict):
+    return {k: _nan_for_null(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [_nan_for_null(v) for v in obj]
+  return obj
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """All records of a metrics file (empty list if it does not exist). A
-  last line cut short by a crash mid-write is dropped."""
+  """All records of a JSONL file written by :func:`json_line` (empty list
+  if it does not exist), with ``null`` read as NaN. A last line cut short
+  by a crash mid-write is dropped."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
@@ -21,7 +55,7 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   out = []
   for i, line in enumerate(lines):
     try:
-      out.append(json.loads(line))
+      out.append(_nan_for_null(json.loads(line)))
     except json.JSONDecodeError:
       if i < len(lines) - 1:
         raise
@@ -55,7 +89,7 @@ class MetricWriter:
       if kept != old or not os.path.exists(self.path):
         with open(self.path + '.tmp', 'w') as f:
           for r in kept:
-            f.write(json.dumps(r) + '\n')
+            f.write(json_line(r))
         os.replace(self.path + '.tmp', self.path)
       self.records = kept
     self._tb = None
@@ -88,7 +122,7 @@ class MetricWriter:
     self.records.append(record)
     if self.path is not None:
       with open(self.path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+        f.write(json_line(record))
     if self._tb is not None:
       for k, v in record.items():
         if k != 'step' and isinstance(v, float) and math.isfinite(v):
@@ -102,6 +136,45 @@ class MetricWriter:
       self._tb.close()
     if self._wandb is not None:
       self._wandb.finish()
+
+
+class Throughput:
+  """Tokens per second of training: counted from the end of the first
+  (compiling) step on, over wall time less the time spent in
+  :meth:`paused` blocks (evaluation, host-side bookkeeping that compiles
+  on first use)."""
+
+  def __init__(self, tokens_per_batch: int,
+               clock: Callable[[], float] = time.perf_counter):
+    self.tokens_per_batch = tokens_per_batch
+    self.tokens = 0
+    self.start: float | None = None
+    self.excluded_s = 0.0
+    self._clock = clock
+
+  def tick(self, metrics: Any) -> None:
+    """After each step, with that step's (device) metrics."""
+    if self.start is None:  # the first step compiles: time from its end
+      jax.block_until_ready(metrics)
+      self.start = self._clock()
+    else:
+      self.tokens += self.tokens_per_batch
+
+  @contextlib.contextmanager
+  def paused(self) -> Iterator[None]:
+    """Time spent inside is left out of the rate."""
+    t0 = self._clock()
+    try:
+      yield
+    finally:
+      self.excluded_s += self._clock() - t0
+
+  def rate(self) -> float:
+    """Tokens per second so far (NaN before the second step ends)."""
+    if self.start is None:
+      return float('nan')
+    elapsed = self._clock() - self.start - self.excluded_s
+    return self.tokens / elapsed if elapsed > 0 else float('nan')
 
 
 class Smoothed:

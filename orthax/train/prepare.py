@@ -11,7 +11,9 @@ the end-of-text token when the tokenizer has one, and writes
   held out, read by ``data.source='files'``;
 * ``<out>/tokenizer.json``: the tokenizer used;
 * ``<out>/meta.json``: vocabulary size, dtype, token counts, the inputs and
-  the ``--config.data.*`` flags that train on the files.
+  the ``--config.data.*`` flags that train on the files;
+* ``<out>/flags.txt``: the same flags as an absl flag file (one per line;
+  ``orthax-train --flagfile=<out>/flags.txt``).
 
 Tokens are streamed to disk, so a corpus larger than memory is fine.
 
@@ -20,7 +22,7 @@ Example::
     orthax-prepare-data --input='texts/*.txt' --vocab_size=4096 --out=data/
     orthax-prepare-data --input=corpus.txt --tokenizer=gpt2/tokenizer.json \
         --out=data/
-    orthax-train --config=lm_cpu:muon $(cat data/flags.txt)
+    orthax-train --config=lm_cpu:muon --flagfile=data/flags.txt
 """
 
 from __future__ import annotations
@@ -190,5 +192,8 @@ def _write_meta(out_dir, files, tokenizer, vocab, dtype, total, n_val,
   with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
     json.dump(meta, f, indent=1)
   with open(os.path.join(out_dir, 'flags.txt'), 'w') as f:
-    f.write(' '.join(flags) + '\n')
+    # absl's flag-file format: one flag per line, so that a path with
+    # spaces stays one value.
+    f.write('# orthax-train --flagfile=<this file>: train on these tokens\n'
+            + ''.join(flag + '\n' for flag in flags))
   return meta

@@ -12,13 +12,13 @@ what a paper's rate gives on the embedded corpus.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Sequence
 
 import orthax
 from orthax.train import compare
+from orthax.train import metrics
 from orthax.train import sweep
 
 
@@ -73,7 +73,7 @@ def run(base_config: Any, out_dir: str, *, widths: Sequence[int],
                        kwargs={'reference': case['reference']}))
     rec.update(case, seconds=round(time.perf_counter() - t0, 1))
     with open(path, 'a') as f:
-      f.write(json.dumps(rec) + '\n')
+      f.write(metrics.json_line(rec))
   keys = {_key(c) for c in wanted}
   return [r for r in sweep.load(path) if _key(r) in keys]
 

@@ -118,7 +118,7 @@ def run(base_config: Any, spec: SweepSpec, out_dir: str, *,
     rec.update(width=int(width), seed=int(seed),
                seconds=round(time.perf_counter() - t0, 1))
     with open(path, 'a') as f:
-      f.write(json.dumps(rec) + '\n')
+      f.write(metrics.json_line(rec))
   wanted = set(spec.run_keys())
   return [r for r in load(path) if run_key(r) in wanted]
 
@@ -150,7 +150,7 @@ def _drop_cut_line(path: str, records: list[dict[str, Any]]) -> None:
     data = f.read()
   if data and not data.endswith(b'\n'):
     with open(path + '.tmp', 'w') as f:
-      f.write(''.join(json.dumps(r) + '\n' for r in records))
+      f.write(''.join(metrics.json_line(r) for r in records))
     os.replace(path + '.tmp', path)
 
 

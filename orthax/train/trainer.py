@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import threading
-import time
 from typing import Any, Callable
 
 import jax
@@ -161,27 +160,6 @@ def evaluate(setup: Setup, params: Any, val: data_lib.TokenLoader,
 
 
 
-@dataclasses.dataclass
-class Clock:
-  """Throughput: tokens from the end of the first (compiling) step on,
-  over wall time minus time spent evaluating."""
-  tokens_per_batch: int
-  tokens: int = 0
-  start: float | None = None
-  eval_s: float = 0.0
-
-  def tick(self, metrics: Any) -> None:
-    if self.start is None:  # first step compiles: time from the second on
-      jax.block_until_ready(metrics)
-      self.start = time.perf_counter()
-    else:
-      self.tokens += self.tokens_per_batch
-
-  def rate(self) -> float:
-    elapsed = time.perf_counter() - self.start - self.eval_s
-    return self.tokens / elapsed if elapsed > 0 else float('nan')
-
-
 def _checkpointer(workdir: str | None, tr: dict[str, Any]
                   ) -> ckpt_lib.Checkpointer | None:
   """The run's checkpointer: one whenever there is a workdir (with
@@ -223,7 +201,7 @@ class Loop:
   ckpt: ckpt_lib.Checkpointer | None
   writer: metrics_lib.MetricWriter
   bar: metrics_lib.Progress
-  clock: Clock
+  clock: metrics_lib.Throughput
   watch: faults.SkipWatch
   smooth: metrics_lib.Smoothed = dataclasses.field(
       default_factory=metrics_lib.Smoothed)
@@ -278,12 +256,14 @@ class Loop:
     (unless the guard skipped the step:
     :class:`~orthax.train.faults.SkipWatch`)."""
     m = jax.device_get({k: v for k, v in metrics.items()
-                        if k != 'nonfinite'})
+                        if k != 'nonfinite'})  # waits for the step
+    with self.clock.paused():  # the first call compiles the schedules
+      rates = {f'lr/{b}': float(s(step - 1))
+               for b, s in self.setup.schedules.items()}
     rec = {'step': step,
            **{k: int(v) if np.asarray(v).dtype.kind in 'biu' else float(v)
               for k, v in m.items()},
-           **{f'lr/{b}': float(s(step - 1)) for b, s in
-              self.setup.schedules.items()},
+           **rates,
            'tokens': step * self.train_data.tokens_per_batch,
            'tokens_per_s': self.clock.rate()}
     # Seconds per step, evaluation left out (none yet after the first).
@@ -294,11 +274,10 @@ class Loop:
     if peak:
       rec['mfu'] = self.setup.flops_per_token * rec['tokens_per_s'] / peak
     if is_eval:
-      t0 = time.perf_counter()
-      rec['val_loss'] = evaluate(self.setup, params, self.val_data,
-                                 self.setup.config['train'].get(
-                                     'eval_batches'))
-      self.clock.eval_s += time.perf_counter() - t0
+      with self.clock.paused():
+        rec['val_loss'] = evaluate(self.setup, params, self.val_data,
+                                   self.setup.config['train'].get(
+                                       'eval_batches'))
     self.writer.write(rec)
     if not math.isfinite(rec['loss']) and not rec.get('skipped'):
       raise FloatingPointError(f'loss is {rec["loss"]} at step {step}.')
@@ -360,7 +339,7 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
                   tensorboard=bool(tr.get('tensorboard')),
                   wandb_project=tr.get('wandb_project'), config=cfg),
               metrics_lib.Progress(total, enabled=progress, label=label),
-              Clock(train_data.tokens_per_batch),
+              metrics_lib.Throughput(train_data.tokens_per_batch),
               faults.SkipWatch(tr.get('nonfinite', 'raise'),
                         tr.get('max_consecutive_skips', 10)))
   end = total if stop_at is None else min(total, int(stop_at))
