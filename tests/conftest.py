@@ -83,7 +83,8 @@ WHOLE_FILES = frozenset({
     'test_extreme_scale_mesh.py', 'test_fismo.py', 'test_flax.py',
     'test_nonfinite_mesh.py', 'test_notebooks.py', 'test_optax_harness.py',
     'test_packaging.py', 'test_prepare.py', 'test_sharding.py',
-    'test_sharding_stages.py', 'test_slot_stages.py', 'test_train_robust.py',
+    'test_sharding_stages.py', 'test_slot_stages.py',
+    'test_train_checkpoints.py',
     'test_trion.py'})
 
 

@@ -18,7 +18,7 @@ from orthax.train import trainer  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from test_train import tiny  # noqa: E402
-from test_train_robust import inject_nan  # noqa: E402
+from train_faults import inject_nan  # noqa: E402
 
 CONFIGS = pathlib.Path(__file__).parent.parent / 'orthax' / 'configs'
 

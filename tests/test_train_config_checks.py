@@ -1,0 +1,111 @@
+"""The trainer's config checks: each bad value named by its key, before
+the model is built; what counts as a change of the run."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import pathlib
+
+import pytest
+
+pytest.importorskip('ml_collections')
+pytest.importorskip('orbax.checkpoint')
+
+from orthax.train import rundir  # noqa: E402
+from orthax.train import trainer  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from train_faults import ROOT, config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def test_validation_split_too_small_for_one_batch_is_named_at_start():
+  """Said before the model is built, in the config's keys (it was found at
+  the first evaluation, with the loader's arguments)."""
+  c = config()
+  c.data.val_fraction = 3e-4  # 140 tokens of the embedded text: > seq_len
+  with pytest.raises(ValueError, match=(
+      r'the validation split has \d+ tokens, fewer than one evaluation batch '
+      r'of data.eval_batch_size x model.seq_len = 8 x 32 needs \(257\): '
+      r'lower data.eval_batch_size')):
+    trainer.train(c, None, progress=False)
+  c.train.eval_every = 0  # no evaluation: no need
+  c.train.steps = 2
+  c.schedule.warmup_steps = 0
+  assert trainer.train(c, None, progress=False)['summary']['steps'] == 2
+
+
+def test_run_changing_keys():
+  a = trainer.as_dict(config())
+  b = copy.deepcopy(a)
+  for key in ('log_every', 'eval_every', 'eval_batches', 'checkpoint_every',
+              'max_to_keep', 'tensorboard', 'nonfinite'):
+    b['train'][key] = 'changed'
+  b['hardware'] = 'tpu'
+  b['data']['eval_batch_size'] = 4
+  assert not rundir.run_changes(a, b)
+  b['mesh']['fsdp'] = 2
+  b['seed'] = 1
+  b['data']['val_fraction'] = 0.2
+  b['optimizer']['kwargs']['ns_steps'] = 3
+  assert [k for k, _, _ in rundir.run_changes(a, b)] == [
+      'data.val_fraction', 'mesh.fsdp', 'optimizer.kwargs.ns_steps', 'seed']
+  assert ('optimizer.kwargs.ns_steps', '<absent>', 3) in rundir.run_changes(
+      a, b)
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('train.steps', 0, 'train.steps must be an integer >= 1, got 0'),
+    ('train.steps', -1, 'train.steps must be an integer >= 1, got -1'),
+    ('train.steps', 2.5, 'train.steps must be an integer >= 1, got 2.5'),
+    ('train.log_every', 0, 'train.log_every must be an integer >= 1'),
+    ('train.eval_every', -1, 'train.eval_every must be an integer >= 0 or '
+     'None'),
+    ('train.checkpoint_every', -2, 'train.checkpoint_every must be'),
+    ('data.batch_size', 0, 'data.batch_size must be an integer >= 1'),
+    ('train.nonfinite', 'ignore', r"train.nonfinite must be one of \('raise', "
+     r"'skip'\)"),
+    ('train.log_evry', 1, r'unknown config key\(s\) train.log_evry \(did you '
+     r'mean train.log_every\?\)'),
+    ('model.bogus', 1, r'unknown config key\(s\) model.bogus'),
+    ('bogus', 1, r'unknown config key\(s\) bogus'),
+    ('optimizer.bogus', 1, r"optimizer.bogus. .*keywords of recipe 'muon' "
+     r"\(orthax.muon\) go in optimizer.kwargs: \['reference', "),
+    ('optimizer.nesterov', False, r"a keyword of recipe 'muon' "
+     r'\(orthax.muon\); set it as optimizer.kwargs.nesterov'),
+    ('optimizer.kwargs.learning_rate', 1.0, 'set by the trainer'),
+    # A negative rate trained uphill: the trainer passes a schedule, which
+    # the recipes cannot check.
+    ('optimizer.learning_rate', -0.04,
+     r'optimizer.learning_rate must be a finite number >= 0, got -0.04'),
+    ('optimizer.learning_rate', None,
+     r'optimizer.learning_rate must be a finite number >= 0, got None'),
+    ('optimizer.adam_learning_rate', -3e-3,
+     r'optimizer.adam_learning_rate must be a finite number >= 0 or None'),
+    ('optimizer.weight_decay', float('nan'),
+     r'optimizer.weight_decay must be a finite number >= 0 or None, got nan'),
+])
+def test_bad_config_values_name_the_key(key, value, match):
+  cfg = trainer.as_dict(config())
+  *path, last = key.split('.')
+  holder = cfg
+  for k in path:
+    holder = holder[k]
+  holder[last] = value
+  with pytest.raises(ValueError, match=match):
+    trainer.train(cfg, None, progress=False)
+
+
+def test_script_names_an_unknown_optimizer_key():
+  proc = subprocess.run(
+      [sys.executable, 'scripts/train.py', '--config.optimizer.bogus=1'],
+      capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  err = proc.stderr.strip().splitlines()
+  assert err[-2].startswith('orthax-train: error: unknown optimizer key(s) '
+                            'optimizer.bogus.'), err
+  assert "keywords of recipe 'muon'" in err[-2]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert err[-1] == ('orthax-train: (ORTHAX_TRACEBACK=1 shows where it was '
+                     'raised)')

@@ -1,0 +1,149 @@
+"""Preemption: SIGTERM checkpoints and exits, the resume is bit exact;
+SIGKILL leaves a verified checkpoint; a finished run is not redone."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip('ml_collections')
+pytest.importorskip('orbax.checkpoint')
+
+from orthax.train import checkpoint  # noqa: E402
+from orthax.train import data as data_lib  # noqa: E402
+from orthax.train import metrics  # noqa: E402
+from orthax.train import trainer  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from test_train import tiny  # noqa: E402  pylint: disable=g-import-not-at-top
+from train_faults import ROOT, assert_same_run  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+# scripts/train.py in a child with slow batches (so that the signal lands
+# mid-run) and a SIGTERM handler of its own, which train() must restore.
+CHILD = """
+import runpy, signal, sys, time
+from orthax.train import data
+batch = data.TokenLoader.batch
+data.TokenLoader.batch = lambda self, i: (time.sleep(0.3), batch(self, i))[1]
+def mine(signum, frame):
+  pass
+signal.signal(signal.SIGTERM, mine)
+sys.argv = ['scripts/train.py'] + sys.argv[1:]
+try:
+  runpy.run_path('scripts/train.py', run_name='__main__')
+  code = 0
+except SystemExit as e:
+  code = e.code
+print('handler restored:', signal.getsignal(signal.SIGTERM) is mine)
+sys.exit(code)
+"""
+# tiny('muon', 16) with checkpoint_every=5, as flags.
+FLAGS = ['--config.model.d_model=32', '--config.model.num_layers=2',
+         '--config.model.num_heads=2', '--config.model.seq_len=32',
+         '--config.data.batch_size=8', '--config.schedule.warmup_steps=2',
+         '--config.train.steps=16', '--config.train.log_every=1',
+         '--config.train.eval_every=8', '--config.train.eval_batches=2',
+         '--config.train.checkpoint_every=5']
+
+
+def test_sigterm_checkpoints_exits_and_resumes_bit_exact(tmp_path):
+  work = tmp_path / 'run'
+  # The child compiles as this process does (tests/conftest.py): its steps
+  # are compared bit for bit with an uninterrupted run made here.
+  env = dict(os.environ)
+  if 'ORTHAX_TEST_XLA_FLAGS' in env:
+    env['XLA_FLAGS'] = env['ORTHAX_TEST_XLA_FLAGS']
+  proc = subprocess.Popen(
+      [sys.executable, '-c', CHILD, f'--workdir={work}', *FLAGS],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=env)
+  deadline = time.time() + 600
+  while len(metrics.read_jsonl(str(work / 'metrics.jsonl'))) < 2:
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 75, err[-3000:]
+  summary = json.loads(out[out.index('{'):out.rindex('}') + 1])
+  step = summary['steps']
+  assert summary['preempted'] and 2 <= step < 16, summary
+  assert (f'preempted (SIGTERM) after step {step} of 16: saved checkpoint '
+          f'{step} in {work}/checkpoints; rerun the same command to resume.'
+          ) in err
+  assert 'handler restored: True' in out
+  # Library INFO lines (JAX's TPU probing, orbax's per-save notes) are off.
+  # Only the trainer's own INFO note (its start-up line) is left.
+  info = re.findall(r'^I\d{4} .*$', err, re.M)
+  assert 'libtpu' not in err and len(info) == 1, err
+  assert 'optimizer muon: peak learning rate matrix' in info[0]
+  assert str(step) in os.listdir(work / 'checkpoints')
+  c = tiny('muon', steps=16)
+  c.train.checkpoint_every = 5
+  resumed = trainer.train(c, str(work), progress=False)
+  assert resumed['summary']['resumed_from'] == step
+  assert not resumed['summary']['preempted']
+  whole = trainer.train(c, None, progress=False)
+  assert_same_run(whole, metrics.read_jsonl(str(work / 'metrics.jsonl')),
+                  resumed['state'])
+
+
+def test_a_killed_run_leaves_its_last_checkpoint_verified(tmp_path, caplog):
+  """SIGKILL (no handler, no close) a few steps after a save: the save's
+  checksum record was written while the run went on (before: only at the
+  next save or at close), so the resume verifies it."""
+  work = tmp_path / 'run'
+  proc = subprocess.Popen(
+      [sys.executable, '-c', CHILD, f'--workdir={work}', *FLAGS],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  while len(metrics.read_jsonl(str(work / 'metrics.jsonl'))) < 8:
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.kill()
+  proc.communicate(timeout=600)
+  assert (work / 'checkpoints' / '5' / checkpoint.CHECKSUMS).exists()
+  c = tiny('muon', steps=16)
+  c.train.checkpoint_every = 5
+  with caplog.at_level(logging.WARNING, logger='orthax.train'):
+    out = trainer.train(c, str(work), progress=False)
+  assert out['summary']['resumed_from'] == 5
+  assert 'no checksum record' not in caplog.text, caplog.text
+
+
+def test_a_finished_run_is_not_redone_from_its_preemption_save(
+    tmp_path, monkeypatch):
+  """``checkpoint_every=0``: SIGTERM at step 3 saves step 3; the resumed
+  run then saves its last step, so rerunning the finished run trains
+  nothing (it redid steps 4..8 from the preemption save before)."""
+  c = tiny('muon', steps=8)
+  c.train.update(checkpoint_every=0, eval_every=0)
+  batch = data_lib.TokenLoader.batch
+
+  def term_at_3(self, step):
+    if step == 2 and self.batch_size == 8:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return batch(self, step)
+
+  monkeypatch.setattr(data_lib.TokenLoader, 'batch', term_at_3)
+  out = trainer.train(c, str(tmp_path), progress=False)
+  assert out['summary']['preempted'] and out['summary']['steps'] == 3
+  monkeypatch.setattr(data_lib.TokenLoader, 'batch', batch)
+  out = trainer.train(c, str(tmp_path), progress=False)
+  assert out['summary']['resumed_from'] == 3
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '8']
+  again = trainer.train(c, str(tmp_path), progress=False)
+  assert again['summary']['resumed_from'] == 8
+  assert [r['step'] for r in metrics.read_jsonl(
+      str(tmp_path / 'metrics.jsonl'))] == list(range(1, 9))
