@@ -21,7 +21,10 @@ whose files do not match their record (changed bytes, truncated, missing),
 or that has no record and fails to restore, is logged as damaged and moved
 to ``<directory>.damaged/<step>``; the newest intact step is restored. When
 none is intact, :class:`DamagedCheckpointError` names every step and what
-is wrong with it.
+is wrong with it. A step whose saved leaves (read from its metadata, before
+any array) do not fit the state being restored — another model or
+optimizer — is not damage: :class:`CheckpointMismatchError` names the
+leaves, and no file is moved.
 """
 
 from __future__ import annotations
@@ -35,12 +38,35 @@ from typing import Any
 
 import jax
 
+from orthax import _tree
+
 CHECKSUMS = 'orthax_checksums.json'
 log = logging.getLogger('orthax.train')
 
 
 class DamagedCheckpointError(RuntimeError):
   """Every checkpoint of a run is damaged; nothing to resume from."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's leaves do not fit the state it is restored into."""
+
+
+def mismatches(saved: dict[str, tuple], wanted: dict[str, tuple],
+               limit: int = 3) -> list[str]:
+  """What differs between two ``{path: shape}`` maps, as phrases (at most
+  ``limit`` leaves of each kind, then a count)."""
+  def first(items, what):  # the parameters' own leaves first
+    items = sorted(items, key=lambda k: (not k.startswith('params/'), k))
+    more = f' and {len(items) - limit} more' if len(items) > limit else ''
+    return [what(items[:limit]) + more] if items else []
+  wrong = [k for k in saved.keys() & wanted.keys() if saved[k] != wanted[k]]
+  return (first(wrong, lambda ks: '; '.join(
+      f'{k!r} saved {saved[k]}, here {wanted[k]}' for k in ks))
+          + first(saved.keys() - wanted.keys(),
+                  lambda ks: f'saved only: {", ".join(map(repr, ks))}')
+          + first(wanted.keys() - saved.keys(),
+                  lambda ks: f'here only: {", ".join(map(repr, ks))}'))
 
 
 def sha256(path: str) -> str:
@@ -118,7 +144,8 @@ class Checkpointer:
       self._mgr_obj = _ocp().CheckpointManager(
           self.directory,
           options=_ocp().CheckpointManagerOptions(
-              max_to_keep=self.max_to_keep, create=True))
+              max_to_keep=self.max_to_keep, create=True),
+          item_handlers=_ocp().StandardCheckpointHandler())
     return self._mgr_obj
 
   def step_dir(self, step: int) -> str:
@@ -179,8 +206,31 @@ class Checkpointer:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                        sharding=getattr(x, 'sharding', None)),
         abstract_state)
+    self._check_fits(step, target)
     return self._mgr.restore(step,
                              args=_ocp().args.StandardRestore(target))
+
+  def _check_fits(self, step: int, target: Any) -> None:
+    """Raises :class:`CheckpointMismatchError` when the saved leaves'
+    paths or shapes differ from ``target``'s, read from the step's
+    metadata before any array is: orbax would fail on the first such leaf
+    while its reads of the others were still in flight (and print their
+    errors at exit). Dtypes may differ (orbax casts). Unreadable metadata
+    skips the check (the restore then says what is wrong)."""
+    try:
+      meta = self._mgr.item_metadata(step)
+      saved = {_tree.path_str(p): tuple(m.shape) for p, m in
+               jax.tree_util.tree_flatten_with_path(meta)[0]}
+    except Exception:  # pylint: disable=broad-except
+      return
+    if not saved:
+      return
+    wanted = {_tree.path_str(p): tuple(x.shape)
+              for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+    diff = mismatches(saved, wanted)
+    if diff:
+      raise CheckpointMismatchError(
+          f'checkpoint step {step} does not fit: ' + '; '.join(diff))
 
   def restore_intact(self, abstract_state: Any) -> tuple[Any, int]:
     """``(state, step)`` of the newest intact checkpoint; damaged newer
@@ -199,6 +249,8 @@ class Checkpointer:
         continue
       try:
         state = self.restore(abstract_state, step)
+      except CheckpointMismatchError:  # another run's state: not damage
+        raise
       except Exception as e:  # pylint: disable=broad-except
         if problems is not None:  # verified files: not damage, a real error
           raise
