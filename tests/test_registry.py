@@ -124,20 +124,47 @@ SAME_ARITHMETIC = {'muon': 'keller', 'normuon': 'repo', 'root': 'repo',
 
 @pytest.mark.parametrize('name', sorted(SAME_ARITHMETIC))
 def test_library_mode_is_its_references_arithmetic(name):
-  """At the same rates, ``reference='orthax'`` steps exactly as the mode
-  whose arithmetic it runs."""
+  """At the same rates and decay, ``reference='orthax'`` steps exactly as
+  the mode whose arithmetic it runs (its default decay may differ: Muon's,
+  NorMuon's and Hybrid-AuON's is the sweep's 0.1, their references' 0)."""
   shapes = {'blocks/mlp/kernel': (3, 8, 6), 'blocks/mlp/bias': (3, 6),
             'attn/kernel': (6, 10)}
   params = jax.tree.map(jnp.asarray, make_tree(0, shapes, np.float32))
   grads = [jax.tree.map(jnp.asarray, make_tree(s, shapes, np.float32))
            for s in (1, 2, 3)]
-  rates = dict(learning_rate=0.03, adam_learning_rate=2e-3)
+  rates = dict(learning_rate=0.03, adam_learning_rate=2e-3,
+               weight_decay=0.05)
   ours = run_orthax(orthax.recipe(name, **rates), params, grads)
   theirs = run_orthax(orthax.recipe(
       name, reference=SAME_ARITHMETIC[name], **rates), params, grads)
   for a, b in zip(ours, theirs):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# Each mode's default matrix decay: the sweep's for the library mode, the
+# reference's own for the others.
+MODE_DECAY = [('muon', 'orthax', 0.1), ('muon', 'keller', 0.0),
+              ('muon', 'moonlight', 0.1), ('muon', 'optax', 0.0),
+              ('normuon', 'orthax', 0.1), ('normuon', 'repo', 0.0),
+              ('normuon', 'paper', 0.0), ('normuon', 'modded', 0.0)]
+
+
+@pytest.mark.parametrize('name,reference,decay', MODE_DECAY)
+def test_default_weight_decay_of_each_mode(name, reference, decay):
+  """The default steps exactly as the decay passed explicitly, and not as
+  another (so the decay is in effect)."""
+  shapes = {'mlp/kernel': (8, 6), 'mlp/bias': (6,)}  # 2-D: optax's rule
+  params = jax.tree.map(jnp.asarray, make_tree(0, shapes, np.float32))
+  grads = [jax.tree.map(jnp.asarray, make_tree(s, shapes, np.float32))
+           for s in (1, 2)]
+  run = lambda **kw: run_orthax(orthax.recipe(  # noqa: E731
+      name, reference=reference, learning_rate=0.03, **kw), params, grads)
+  default, same, other = run(), run(weight_decay=decay), run(
+      weight_decay=decay + 0.5)
+  for a, b, c in zip(default, same, other):
+    np.testing.assert_array_equal(a['mlp/kernel'], b['mlp/kernel'])
+    assert not np.array_equal(a['mlp/kernel'], c['mlp/kernel'])
 
 
 def test_mode_rates_name_reference_modes():

@@ -21,7 +21,8 @@ _NORMUON_REPO = dict(nesterov=True, preset='jordan', beta2=0.95,
                      axis='fan_out', eps_placement='add', restore_norm=True,
                      weight_decay=0.0)
 _NORMUON_REFERENCES = {
-    'orthax': _NORMUON_REPO,  # the repo's arithmetic at the sweep's rates
+    # The repo's arithmetic at the sweep's rates and decay.
+    'orthax': dict(_NORMUON_REPO, weight_decay=0.1),
     'repo': _NORMUON_REPO,
     'paper': dict(nesterov=False, preset='jordan', beta2=0.95, axis='fan_out',
                   eps_placement='add', restore_norm=False, weight_decay=0.0),
@@ -98,14 +99,19 @@ def normuon(
   iteration and parameters with a mantissa buffer, MLP ``c_proj``'s 2× rate,
   per-parameter Adam betas.
 
-  =========  ========  ======  =======  ============  ==========  ==============  ============
-  reference  nesterov  NS      β2       statistic     ε           scale           η / AdamW η
-  =========  ========  ======  =======  ============  ==========  ==============  ============
-  orthax     yes       jordan  0.95     per out row   √v + ε      restore·keller  0.04 / 3e-3
-  repo       yes       jordan  0.95     per out row   √v + ε      restore·keller  0.02 / 3e-4
-  paper      no        jordan  0.95     per out row   √v + ε      RMS 0.2         0.012 / 0.012
-  modded     yes       PE (C)  0.9      longer side   max(v, ε)   restore·keller  0.023 / 0.008
-  =========  ========  ======  =======  ============  ==========  ==============  ============
+  =========  ========  ======  =======  ============  ==========  ==============  ===  ============
+  reference  nesterov  NS      β2       statistic     ε           scale           λ    η / AdamW η
+  =========  ========  ======  =======  ============  ==========  ==============  ===  ============
+  orthax     yes       jordan  0.95     per out row   √v + ε      restore·keller  0.1  0.04 / 3e-3
+  repo       yes       jordan  0.95     per out row   √v + ε      restore·keller  0    0.02 / 3e-4
+  paper      no        jordan  0.95     per out row   √v + ε      RMS 0.2         0    0.012 / 0.012
+  modded     yes       PE (C)  0.9      longer side   max(v, ε)   restore·keller  0    0.023 / 0.008
+  =========  ========  ======  =======  ============  ==========  ==============  ===  ============
+
+  ``'orthax'`` decays matrices by λ = 0.1 (decoupled, ``W ← W(1-ηλ)``):
+  the learning-rate sweep found it ended lower than 0 at both widths
+  (README); the references' own defaults are 0. The AdamW branch is not
+  decayed.
 
   The AdamW branch is KellerJordan/Muon's auxiliary Adam (β = (0.9, 0.95),
   ε = 1e-10 after bias correction), at ``adam_learning_rate``: by default
