@@ -30,11 +30,13 @@ def test_paper_formula_and_brake_size():
 
 
 def test_zero_gradient_gives_zero_update():
+  """Without decay (Hybrid-AuON's library mode decays by default)."""
   params = {'w': jnp.ones((8, 16)), 'b': jnp.ones((16,))}
   zeros = jax.tree.map(jnp.zeros_like, params)
   for name in ('auon', 'hybrid_auon'):
     for ref in orthax.recipe_references(name):
-      tx = orthax.recipe(name, learning_rate=0.1, reference=ref)
+      tx = orthax.recipe(name, learning_rate=0.1, reference=ref,
+                         weight_decay=0.0)
       u, _ = tx.update(zeros, tx.init(params), params)
       for x in jax.tree.leaves(u):
         assert np.all(np.asarray(x) == 0), (name, ref)
