@@ -13,7 +13,6 @@ tokens/s, optimizer-state bytes) and writes ``<out>/compare.md``,
 
 from __future__ import annotations
 
-import json
 import os
 import types
 from typing import Sequence
@@ -58,7 +57,7 @@ def main(f: types.SimpleNamespace) -> None:
   with open(os.path.join(out, 'compare.md'), 'w') as fh:
     fh.write(md + '\n')
   with open(os.path.join(out, 'compare.json'), 'w') as fh:
-    json.dump(metrics.strict_json(results), fh, indent=1, allow_nan=False)
+    fh.write(metrics.json_text(results, indent=1))
   png = os.path.join(out, 'loss_curves.png')
   compare.plot(results, png)
   print(f'wrote {png}')

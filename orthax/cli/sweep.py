@@ -26,7 +26,6 @@ mode's runs at its default
 
 from __future__ import annotations
 
-import json
 import os
 import types
 from typing import Sequence
@@ -101,7 +100,7 @@ def main(f: types.SimpleNamespace) -> None:
   with open(os.path.join(out, 'summary.md'), 'w') as fh:
     fh.write(md + '\n')
   with open(os.path.join(out, 'summary.json'), 'w') as fh:
-    json.dump(metrics.strict_json(rows), fh, indent=1, allow_nan=False)
+    fh.write(metrics.json_text(rows, indent=1))
   for path in sweep.plot(rows, out):
     print(f'wrote {path}')
   print(f"wrote {sweep.plot_grid(rows, os.path.join(out, 'lr_all.png'))}")

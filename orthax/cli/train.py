@@ -19,7 +19,6 @@ the config's mesh and prints per-device memory, FLOPs and collective bytes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -78,8 +77,7 @@ def main(f: types.SimpleNamespace) -> None:
   from orthax.train import trainer
   cli.quiet_library_logs()
   out = trainer.train(config, f.workdir.value, force=f.force.value)
-  print(json.dumps(metrics.strict_json(out['summary']), indent=1,
-                   allow_nan=False))
+  print(metrics.json_text(out['summary'], indent=1))
   if out['summary']['preempted']:
     sys.exit(EXIT_PREEMPTED)
 

@@ -29,9 +29,15 @@ def strict_json(obj: Any) -> Any:
   return obj
 
 
+def json_text(obj: Any, indent: int | None = None) -> str:
+  """``obj`` as strict JSON text (:func:`strict_json`): what every file and
+  summary this package writes uses."""
+  return json.dumps(strict_json(obj), indent=indent, allow_nan=False)
+
+
 def json_line(record: dict[str, Any]) -> str:
-  """One line of a JSONL file: strict JSON (:func:`strict_json`)."""
-  return json.dumps(strict_json(record), allow_nan=False) + '\n'
+  """One line of a JSONL file: strict JSON (:func:`json_text`)."""
+  return json_text(record) + '\n'
 
 
 def _nan_for_null(obj: Any) -> Any:
