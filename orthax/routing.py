@@ -284,14 +284,17 @@ class Router:
     return next((r for r in self.rules if r.matches(path, ndim)), None)
 
   def describe(self, tree: Any,
-               learning_rates: Mapping[str, Any] | None = None) -> str:
+               learning_rates: Mapping[str, Any] | None = None,
+               weight_decays: Mapping[str, float] | None = None) -> str:
     """A table: path, shape, label, matrix view ``batch × fan_in ×
     fan_out`` (and, given ``learning_rates`` ``{label: rate or
-    schedule}``, each leaf's learning rate), then a note for each
+    schedule}``, each leaf's learning rate; given ``weight_decays``
+    ``{label: λ}``, its weight decay), then a note for each
     :meth:`output_layer_suspects` leaf."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     rows = [('path', 'shape', 'label', 'view')
-            + (('lr',) if learning_rates is not None else ())]
+            + (('lr',) if learning_rates is not None else ())
+            + (('wd',) if weight_decays is not None else ())]
     for p, x in flat:
       path, shape = _tree.path_str(p), tuple(getattr(x, 'shape', ()))
       r = self.route(path, shape)
@@ -301,7 +304,9 @@ class Router:
         view = f'{b} x {fi} x {fo}'
       row = (path, str(shape), r.label, view)
       if learning_rates is not None:
-        row += (format_learning_rate(learning_rates.get(r.label)),)
+        row += (format_hyperparameter(learning_rates.get(r.label)),)
+      if weight_decays is not None:
+        row += (format_hyperparameter(weight_decays.get(r.label)),)
       rows.append(row)
     notes = [f'note: {output_layer_message(path, reason)}'
              for path, reason in self.output_layer_suspects(tree)]
@@ -366,8 +371,9 @@ def _natural_key(path: str) -> tuple:
                for t in re.split(r'(\d+)', path) if t)
 
 
-def format_learning_rate(lr: Any) -> str:
-  """``'0.02'``, ``'schedule'`` or ``'?'`` (a label with no rate)."""
+def format_hyperparameter(lr: Any) -> str:
+  """A learning rate or weight decay as ``'0.02'``, ``'schedule'`` or
+  ``'?'`` (a label with none)."""
   if lr is None:
     return '?'
   if callable(lr):

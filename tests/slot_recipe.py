@@ -64,7 +64,8 @@ def gram_ema_muon(learning_rate: optax.ScalarOrSchedule = 0.02, *,
       *orthax.recipes.step_stages(learning_rate, weight_decay))
   return orthax.recipes.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
-      adam_learning_rate=adam_learning_rate, rms_matched=False)
+      adam_learning_rate=adam_learning_rate, rms_matched=False,
+      matrix_weight_decay=weight_decay)
 
 
 def register():

@@ -2,6 +2,7 @@
 recipe's scale mode, ``describe`` shows it, the trainer logs it; leaves that
 look like output layers routed to the matrix branch are warned about."""
 
+import inspect
 import logging
 import warnings
 
@@ -116,19 +117,60 @@ def test_default_follows_a_schedule_and_injected_rate():
   assert _first_bias_step(injected) == pytest.approx(0.006, rel=1e-4)
 
 
-def test_describe_shows_branch_learning_rates(capsys):
+def _rates_and_decays(table):
+  """``{path: (lr, wd)}`` from a describe table (its last two columns)."""
+  return {line.split()[0]: tuple(line.split()[-2:])
+          for line in table.splitlines()[2:]}
+
+
+def test_describe_shows_branch_learning_rates_and_decays(capsys):
   params = {'embed': jnp.zeros((50, 8)), 'w': jnp.zeros((8, 8)),
             'b': jnp.zeros(8)}
   table = orthax.describe(params, optimizer=orthax.muon())
-  rows = {line.split()[0]: line.split()[-1] for line in table.splitlines()[2:]}
-  assert rows == {'b': '0.003', 'embed': '0.003', 'w': '0.04'}
+  assert table.splitlines()[0].split()[-2:] == ['lr', 'wd']
+  # The library mode decays matrices by 0.1 and leaves the AdamW branch.
+  assert _rates_and_decays(table) == {
+      'b': ('0.003', '0'), 'embed': ('0.003', '0'), 'w': ('0.04', '0.1')}
   assert capsys.readouterr().out.strip() == table
   table = orthax.describe(params, optimizer=orthax.muon(
-      optax.constant_schedule(0.02), adam_learning_rate=1e-3))
-  assert [line.split()[-1] for line in table.splitlines()[2:]] == [
-      '0.001', '0.001', 'schedule']
-  table = orthax.describe(params, optimizer=orthax.spectra(1e-3))
-  assert {line.split()[-1] for line in table.splitlines()[2:]} == {'0.001'}
+      optax.constant_schedule(0.02), adam_learning_rate=1e-3,
+      weight_decay=0.3, adam_weight_decay=0.05))
+  assert list(_rates_and_decays(table).values()) == [
+      ('0.001', '0.05'), ('0.001', '0.05'), ('schedule', '0.3')]
+  # Moonlight's mode decays both branches by its 0.1.
+  table = orthax.describe(params, optimizer=orthax.muon(
+      reference='moonlight'))
+  assert {wd for _, wd in _rates_and_decays(table).values()} == {'0.1'}
+  table = orthax.describe(params, optimizer=orthax.spectra(
+      1e-3, weight_decay=0.02))
+  assert set(_rates_and_decays(table).values()) == {('0.001', '0.02')}
+
+
+@pytest.mark.parametrize('name', orthax.recipe_names())
+def test_describe_decays_are_the_ones_applied(name):
+  """Each branch's reported λ is the one its step applies: the recipe at
+  its defaults steps exactly as with that λ passed explicitly, and unlike
+  with another λ (a decay reported wrongly fails here)."""
+  params = {'w': jnp.ones((8, 8)), 'b': jnp.ones(8)}
+  grads = {'w': jax.random.normal(jax.random.key(0), (8, 8)),
+           'b': jax.random.normal(jax.random.key(1), (8,))}
+  decays = _common.recipe_routing(orthax.recipe(name)).weight_decays
+  accepted = inspect.signature(orthax.recipe_factory(name)).parameters
+  checks = [('w', 'matrix', 'weight_decay')]
+  if 'adam_weight_decay' in accepted:
+    checks.append(('b', 'adam', 'adam_weight_decay'))
+
+  def step(**kwargs):
+    tx = orthax.recipe(name, **kwargs)
+    return tx.update(grads, tx.init(params), params)[0]
+
+  default = step()
+  for leaf, label, key in checks:
+    same = step(**{key: decays[label]})
+    other = step(**{key: decays[label] + 0.05})
+    np.testing.assert_array_equal(default[leaf], same[leaf],
+                                  err_msg=f'{name} {label}')
+    assert not np.allclose(default[leaf], other[leaf]), (name, label)
 
 
 def test_describe_refuses_what_it_cannot_read():
@@ -143,7 +185,7 @@ def test_describe_refuses_what_it_cannot_read():
     orthax.describe(params, optimizer=by_callable)
   # With a router given, the labels callable is not needed.
   table = orthax.describe(params, orthax.Router(), optimizer=by_callable)
-  assert table.splitlines()[2].split()[-1] == '0.02'
+  assert table.splitlines()[2].split()[-2:] == ['0.02', '0.1']
 
 
 @pytest.mark.parametrize('name', orthax.recipe_names())
@@ -156,7 +198,8 @@ def test_describe_reads_every_recipe_with_its_default_router(name):
   rates = _common.recipe_routing(tx).learning_rates
   table = orthax.describe(params, optimizer=tx)
   lines = table.splitlines()[2:]
-  assert len(lines) == 3 and all(line.split()[-1] != 'None' for line in lines)
+  assert len(lines) == 3 and all(
+      '?' not in line.split()[-2:] for line in lines), (name, table)
   w_row = next(line for line in lines if line.startswith('w '))
   assert ('matrix' in w_row.split()) == ('matrix' in rates), (name, table)
 
@@ -166,11 +209,13 @@ def test_describe_reads_lanton_signum_branch():
             'b': jnp.zeros(8)}
   table = orthax.describe(params, optimizer=orthax.lanton(0.04))
   labels = ('adam', 'signum', 'matrix')
-  rows = {t[0]: (next(x for x in t if x in labels), t[-1])
+  rows = {t[0]: (next(x for x in t if x in labels), *t[-2:])
           for t in (line.split() for line in table.splitlines()[2:])}
-  # The Signum branch at the AdamW branch's rate: 3e-3 per 0.08 of η.
-  assert rows == {'b': ('adam', '0.0015'), 'embed': ('signum', '0.0015'),
-                  'w': ('matrix', '0.04')}
+  # The Signum branch at the AdamW branch's rate: 3e-3 per 0.08 of η;
+  # it is not decayed.
+  assert rows == {'b': ('adam', '0.0015', '0'),
+                  'embed': ('signum', '0.0015', '0'),
+                  'w': ('matrix', '0.04', '0')}
 
 
 # --- output layers routed to the matrix branch ------------------------------
@@ -250,6 +295,19 @@ def test_trainer_model_has_no_suspect_and_logs_branch_rates(caplog):
   summary = trainer.startup_summary(setup)
   lr = cfg.optimizer.learning_rate
   assert f'matrix {lr:.4g}, adam {0.075 * lr:.4g}' in summary
+  assert 'weight decay matrix 0.1, adam 0;' in summary
+  cfg.optimizer.kwargs = {'reference': 'moonlight'}
+  cfg.optimizer.learning_rate, cfg.optimizer.adam_learning_rate = 1e-3, 1e-3
+  moonlight = trainer.build(trainer.as_dict(cfg), 64, abstract=True)
+  assert 'weight decay matrix 0.1, adam 0.1;' in trainer.startup_summary(
+      moonlight)
+  adamw = configs.base_config('adamw')
+  adamw.optimizer.weight_decay = 0.05
+  adamw.model.d_model, adamw.model.num_layers = 32, 1
+  adamw = trainer.build(trainer.as_dict(adamw), 64, abstract=True)
+  assert 'weight decay adam 0.05;' in trainer.startup_summary(adamw)
+  cfg.optimizer.kwargs = {}
+  cfg.optimizer.learning_rate, cfg.optimizer.adam_learning_rate = lr, None
   with caplog.at_level(logging.INFO, logger='orthax.train'):
     trainer.train(cfg, progress=False)
   assert any('peak learning rate matrix' in r.getMessage()

@@ -257,8 +257,8 @@ def test_fallback_routes_vectors_and_large_matrices_to_adamw():
   # describe() reads the limited router: each leaf's branch and rate.
   table = orthax.describe(params, optimizer=orthax.dct_adamw(max_shape=48))
   rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
-  assert rows['a/kernel'][-2:] == ['adam', '0.0085']
-  assert 'matrix' in rows['b/kernel'] and rows['b/kernel'][-1] == '1.5'
+  assert rows['a/kernel'][-3:] == ['adam', '0.0085', '0']
+  assert 'matrix' in rows['b/kernel'] and rows['b/kernel'][-2:] == ['1.5', '0']
   with pytest.raises(ValueError, match='max_side must be a positive int'):
     orthax.Router(max_side=0)
   tx = orthax.dct_adamw(0.1, rank=2, max_shape=48)

@@ -21,10 +21,10 @@ def test_readme_python_blocks_run(capsys):
   # The quickstart's table routes each leaf as its comments say.
   table = capsys.readouterr().out
   rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
-  assert rows['blocks/mlp/kernel'][-7:] == ['matrix', '4', 'x', '64', 'x',
-                                           '256', '0.04']
+  assert rows['blocks/mlp/kernel'][-8:] == ['matrix', '4', 'x', '64', 'x',
+                                           '256', '0.04', '0.1']
   for leaf in ('embed', 'blocks/norm/scale', 'lm_head/kernel'):
-    assert rows[leaf][-2:] == ['adam', '0.003'], rows[leaf]
+    assert rows[leaf][-3:] == ['adam', '0.003', '0'], rows[leaf]
 
 
 def test_getting_started_quickstart_runs_and_prints_its_table(capsys):

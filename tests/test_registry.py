@@ -251,7 +251,8 @@ def _toy(learning_rate=0.05, *, reference='plain', beta=0.9,
       *_common.step_stages(learning_rate, weight_decay))
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
-      adam_learning_rate=adam_learning_rate, rms_matched=False)
+      adam_learning_rate=adam_learning_rate, rms_matched=False,
+      matrix_weight_decay=weight_decay)
 
 
 @pytest.fixture

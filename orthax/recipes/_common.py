@@ -135,10 +135,12 @@ def resolve_adam_learning_rate(learning_rate: optax.ScalarOrSchedule,
 
 @dataclasses.dataclass(frozen=True)
 class RecipeRouting:
-  """What :func:`orthax.describe` reads off a recipe: its router and each
-  branch's learning rate (a number or a schedule), by label."""
+  """What :func:`orthax.describe` reads off a recipe: its router, and each
+  branch's learning rate (a number or a schedule) and decoupled weight
+  decay λ, by label."""
   router: RouterLike
   learning_rates: dict[str, optax.ScalarOrSchedule]
+  weight_decays: dict[str, float]
 
 
 _ROUTING_ATTR = 'orthax_recipe_routing'
@@ -161,8 +163,8 @@ def describe(params: Any, router: routing.Router | None = None, *,
     router: the :class:`orthax.Router` (default: ``optimizer``'s, else
       ``orthax.Router()``).
     optimizer: a recipe (``orthax.muon(...)``, ...): adds each leaf's
-      learning rate (``'schedule'`` for a schedule) and routes by the
-      recipe's router.
+      learning rate (``'schedule'`` for a schedule) and weight decay λ,
+      and routes by the recipe's router.
 
   Raises:
     ValueError: ``optimizer`` is not a recipe or is wrapped (e.g. by
@@ -174,13 +176,13 @@ def describe(params: Any, router: routing.Router | None = None, *,
     >>> params = {'embed': jnp.zeros((50, 8)), 'w': jnp.zeros((8, 8)),
     ...           'head': jnp.zeros((8, 50))}
     >>> _ = orthax.describe(params, optimizer=orthax.muon())
-    path   shape    label   view       lr
-    -----  -------  ------  ---------  -----
-    embed  (50, 8)  adam               0.003
-    head   (8, 50)  adam               0.003
-    w      (8, 8)   matrix  1 x 8 x 8  0.04
+    path   shape    label   view       lr     wd
+    -----  -------  ------  ---------  -----  ---
+    embed  (50, 8)  adam               0.003  0
+    head   (8, 50)  adam               0.003  0
+    w      (8, 8)   matrix  1 x 8 x 8  0.04   0.1
   """
-  lrs = None
+  lrs = wds = None
   if optimizer is not None:
     info = recipe_routing(optimizer)
     if info is None:
@@ -189,24 +191,35 @@ def describe(params: Any, router: routing.Router | None = None, *,
           'orthax recipe itself (orthax.muon(...), orthax.recipe(name, '
           '...)), not a plain optax transformation or one wrapped by '
           'optax.inject_hyperparams.')
-    lrs = info.learning_rates
+    lrs, wds = info.learning_rates, info.weight_decays
     if router is None:
       if not isinstance(info.router, routing.Router):
         raise ValueError(
             'describe: the optimizer routes by a labels callable, which has '
             'no matrix views; pass router=orthax.Router(...).')
       router = info.router
-  table = (router or routing.Router()).describe(params, lrs)
+  table = (router or routing.Router()).describe(params, lrs, wds)
   print(table)
   return table
 
 
 def with_routing(tx: Any, router: RouterLike,
-                 learning_rates: dict[str, optax.ScalarOrSchedule]) -> Any:
+                 learning_rates: dict[str, optax.ScalarOrSchedule],
+                 weight_decays: dict[str, float]) -> Any:
   """``tx`` with its :class:`RecipeRouting` attached (to its ``update``
-  function, which :func:`with_shape_check` made for this ``tx`` alone)."""
+  function, which :func:`with_shape_check` made for this ``tx`` alone).
+
+  Raises:
+    ValueError: a label has a learning rate but no weight decay, or the
+      other way round (a recipe that forgot to report one).
+  """
+  if set(learning_rates) != set(weight_decays):
+    raise ValueError(
+        f'with_routing: learning_rates labels {sorted(learning_rates)} and '
+        f'weight_decays labels {sorted(weight_decays)} differ; give both '
+        'for every branch.')
   setattr(tx.update, _ROUTING_ATTR,
-          RecipeRouting(router, dict(learning_rates)))
+          RecipeRouting(router, dict(learning_rates), dict(weight_decays)))
   return tx
 
 
@@ -269,10 +282,12 @@ def assemble_with_adamw(
     learning_rate: optax.ScalarOrSchedule,
     adam_learning_rate: optax.ScalarOrSchedule | None,
     rms_matched: bool,
+    matrix_weight_decay: float,
     recipe: str | None = None,
     reference: str | None = None,
     branches: dict[str, optax.GradientTransformation] | None = None,
     branch_learning_rates: dict[str, optax.ScalarOrSchedule] | None = None,
+    branch_weight_decays: dict[str, float] | None = None,
     **adam_kwargs,
 ) -> optax.GradientTransformation:
   """The shared tail of a recipe: :func:`assemble` with the AdamW branch
@@ -282,8 +297,10 @@ def assemble_with_adamw(
   float32 for float16/bfloat16 parameters
   (:func:`orthax.transforms.precision.in_float32`; the AdamW
   branch does so itself) and returns updates in the gradients' dtype. The
-  result carries its :class:`RecipeRouting` (``branch_learning_rates``:
-  those of the extra ``branches``)."""
+  result carries its :class:`RecipeRouting`: ``matrix_weight_decay`` is
+  the λ the recipe's ``matrix_chain`` applies (reported, not applied
+  here), ``branch_learning_rates`` and ``branch_weight_decays`` those of
+  the extra ``branches``."""
   adam_lr = resolve_adam_learning_rate(learning_rate, adam_learning_rate,
                                        rms_matched=rms_matched,
                                        recipe=recipe, reference=reference)
@@ -293,5 +310,8 @@ def assemble_with_adamw(
                 check_finite, branches)
   return with_routing(tx, router, {
       'matrix': learning_rate, 'adam': adam_lr, 'frozen': 0.0,
-      **(branch_learning_rates or {})})
+      **(branch_learning_rates or {})}, {
+          'matrix': matrix_weight_decay,
+          'adam': adam_kwargs.get('weight_decay', 0.0), 'frozen': 0.0,
+          **(branch_weight_decays or {})})
 

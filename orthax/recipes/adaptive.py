@@ -158,7 +158,8 @@ def normuon(
   return _common.assemble_with_adamw(
       optax.named_chain(*stages), router, check_finite, learning_rate=lr,
       adam_learning_rate=adam_learning_rate,
-      rms_matched=reference == 'paper', recipe='normuon',
+      rms_matched=reference == 'paper', matrix_weight_decay=wd,
+      recipe='normuon',
       reference=reference, b1=adam_b1,
       b2=adam_b2,
       eps=adam_eps, weight_decay=adam_weight_decay, mu_dtype=mu_dtype)
@@ -311,7 +312,8 @@ def lanton(
   return _common.assemble_with_adamw(
       matrix, signum_labels(router, signum_pattern), check_finite,
       learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
-      rms_matched=False, recipe='lanton', branches={'signum': signum},
-      branch_learning_rates={'signum': signum_lr}, b1=adam_b1, b2=adam_b2,
+      rms_matched=False, matrix_weight_decay=weight_decay, recipe='lanton',
+      branches={'signum': signum}, branch_learning_rates={'signum': signum_lr},
+      branch_weight_decays={'signum': 0.0}, b1=adam_b1, b2=adam_b2,
       eps=adam_eps,
       weight_decay=adam_weight_decay, mu_dtype=mu_dtype)

@@ -190,7 +190,8 @@ def aro(
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate,
-      rms_matched=scale == 'update_rms', recipe='aro', reference=reference,
+      rms_matched=scale == 'update_rms', matrix_weight_decay=weight_decay,
+      recipe='aro', reference=reference,
       b1=adam_b1,
       b2=adam_b2,
       eps=adam_eps, weight_decay=adam_weight_decay, mu_dtype=mu_dtype)

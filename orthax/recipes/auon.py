@@ -96,7 +96,8 @@ def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
   return _common.assemble_with_adamw(
       optax.named_chain(*stages), router, check_finite,
       learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
-      rms_matched=False, recipe=name, reference=reference,
+      rms_matched=False, matrix_weight_decay=weight_decay,
+      recipe=name, reference=reference,
       b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=0.0,
       eps_placement='corrected', mu_dtype=mu_dtype)
 

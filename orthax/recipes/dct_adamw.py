@@ -201,7 +201,8 @@ def dct_adamw(
   return _common.assemble_with_adamw(
       matrix, limit_matrix_size(router, max_shape), check_finite,
       learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
-      rms_matched=scale == 'none', recipe='dct_adamw',
+      rms_matched=scale == 'none', matrix_weight_decay=weight_decay,
+      recipe='dct_adamw',
       b1=pick(adam_b1, b1), b2=pick(adam_b2, b2), eps=pick(adam_eps, eps),
       weight_decay=pick(adam_weight_decay, weight_decay),
       eps_placement='corrected')

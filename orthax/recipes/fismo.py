@@ -154,7 +154,8 @@ def fismo(
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate,
-      rms_matched=scale == 'moonlight', recipe='fismo', b1=adam_b1, b2=adam_b2,
+      rms_matched=scale == 'moonlight', matrix_weight_decay=weight_decay,
+      recipe='fismo', b1=adam_b1, b2=adam_b2,
       eps=adam_eps, weight_decay=adam_weight_decay)
 
 

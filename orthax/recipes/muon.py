@@ -193,7 +193,8 @@ def muon(
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate,
-      rms_matched=scale == 'moonlight', recipe='muon', reference=reference,
+      rms_matched=scale == 'moonlight', matrix_weight_decay=weight_decay,
+      recipe='muon', reference=reference,
       b1=adam_b1, b2=d['adam_b2'] if adam_b2 is None else adam_b2,
       eps=d['adam_eps'] if adam_eps is None else adam_eps,
       weight_decay=adam_weight_decay, mu_dtype=mu_dtype,

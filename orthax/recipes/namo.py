@@ -50,7 +50,8 @@ def _namo(name, mode, learning_rate, reference, beta, mu2, eps, weight_decay,
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate, rms_matched=False,
-      recipe=name, reference=reference, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+      matrix_weight_decay=weight_decay, recipe=name, reference=reference,
+      b1=adam_b1, b2=adam_b2, eps=adam_eps,
       weight_decay=(weight_decay if adam_weight_decay is None
                     else adam_weight_decay),
       eps_placement='raw', mu_dtype=mu_dtype)

@@ -160,7 +160,8 @@ def spectra(
   # are then clipped.
   return _common.with_routing(
       _common.with_shape_check(_common.with_check_finite(tx, check_finite)),
-      router, {'matrix': learning_rate, 'adam': learning_rate})
+      router, {'matrix': learning_rate, 'adam': learning_rate},
+      {'matrix': weight_decay, 'adam': weight_decay})
 
 
 @registry.register(
@@ -238,7 +239,7 @@ def root(
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate, rms_matched=True,
-      recipe='root', reference=reference,
+      matrix_weight_decay=weight_decay, recipe='root', reference=reference,
       b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=weight_decay,
       eps_placement='raw',
       mu_dtype=mu_dtype)

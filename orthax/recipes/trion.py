@@ -132,7 +132,8 @@ def trion(
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate,
-      rms_matched=scaling == 'kimi', recipe='trion', reference=reference,
+      rms_matched=scaling == 'kimi', matrix_weight_decay=weight_decay,
+      recipe='trion', reference=reference,
       b1=adam_b1, b2=adam_b2, eps=adam_eps,
       weight_decay=weight_decay if adam_weight_decay is None
       else adam_weight_decay, eps_placement='corrected')

@@ -249,6 +249,23 @@ def build(opt_config: Mapping[str, Any], shape: Callable[[Any], Any], *,
   return _make(factory, kwargs), branches
 
 
+def weight_decays(opt_config: Mapping[str, Any], tx: Any,
+                  branches: Mapping[str, Any]) -> dict[str, float]:
+  """Each branch's weight decay λ, keyed as :func:`build`'s ``branches``:
+  ``opt_config``'s for ``'adamw'``, else what the recipe ``tx`` reports
+  (:func:`orthax.recipes.recipe_routing`; a recipe without an AdamW branch
+  reports its one rate's branch as ``'base'``)."""
+  if opt_config.get('name') == 'adamw':
+    return {'adam': float(opt_config.get('weight_decay') or 0.0)}
+  info = orthax.recipes.recipe_routing(tx)
+  if info is None:
+    raise ValueError(
+        f'optimizer {opt_config.get("name")!r}: the built transformation '
+        'reports no branch weight decays (not an orthax recipe).')
+  return {b: float(info.weight_decays['matrix' if b == 'base' else b])
+          for b in branches}
+
+
 def plan(opt_config: Mapping[str, Any], abstract_params: Any,
          distributed: sharding.Distributed) -> sharding.Plan:
   """The :func:`orthax.sharding.plan` of the optimizer an ``optimizer``

@@ -354,14 +354,17 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
 
 
 def startup_summary(setup: Setup) -> str:
-  """One line: the optimizer, each branch's peak learning rate, the
-  parameter count and the mesh."""
+  """One line: the optimizer, each branch's peak learning rate and weight
+  decay, the parameter count and the mesh."""
   peaks = ', '.join(f'{b} {getattr(s, "peak", float("nan")):.4g}'
                     for b, s in setup.schedules.items())
+  decays = ', '.join(f'{b} {wd:.4g}' for b, wd in optim.weight_decays(
+      setup.config['optimizer'], setup.tx, setup.schedules).items())
   mesh = 'x'.join(f'{n}{a}' for a, n in setup.mesh.shape.items() if n > 1)
   return (f'optimizer {setup.config["optimizer"]["name"]}: peak learning '
-          f'rate {peaks}; {model_lib.num_params(setup.abstract_params):,} '
-          f'parameters; mesh {mesh or "1 device"}')
+          f'rate {peaks}; weight decay {decays}; '
+          f'{model_lib.num_params(setup.abstract_params):,} parameters; '
+          f'mesh {mesh or "1 device"}')
 
 
 def _result(setup: Setup, state: Any, recs: list[dict[str, Any]],
