@@ -106,7 +106,7 @@ def test_the_tables_in_the_docs_are_the_recorded_sweep(rows, doc):
   assert not missing, f'{doc} lacks these rows of the sweep table: {missing}'
 
 
-@pytest.mark.parametrize('doc', ['README.md', 'docs/training.md'])
+@pytest.mark.parametrize('doc', ['docs/training.md'])
 def test_every_reference_mode_is_trained_at_its_rates(doc):
   """Every mode with its reference's rates has a recorded run at those
   rates (d_model 128, seed 0), and the docs' table of them is what

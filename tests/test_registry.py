@@ -28,10 +28,10 @@ DEFAULT_LEARNING_RATES = {
     'lanton': (0.08, 3e-3),
     'root': (0.014, 0.014),   # its RMS-matched step shares the rate
     'auon': (0.08, 3e-3),
-    'hybrid_auon': (0.04, 3e-3),
+    'hybrid_auon': (0.056, 3e-3),
     'spectra': (0.0085, None),
     'fismo': (0.04, 3e-3),
-    'aro': (0.04, 3e-3),
+    'aro': (0.056, 3e-3),
     'dct_adamw': (1.5, 0.0085),
     'trion': (0.08, 3e-3),
 }
@@ -67,6 +67,7 @@ REFERENCE_RATES = {
     ('auon', 'paper'): (0.24, 0.024),        # c87b862: AdamW at lr/10
     ('auon', 'repo'): (0.08, 0.008),         # training config: AuON, Adam
     ('hybrid_auon', 'repo'): (0.08, 0.008),
+    ('hybrid_auon', 'paper'): (0.04, 3e-3),  # none published: measured
     ('spectra', 'repo'): (2e-3, 2e-3),       # 160M scripts; AdamW base
     ('aro', 'dion'): (0.01, 0.01),           # dion: one lr for all groups
     ('trion', 'ista'): (0.02, 3e-4),         # Trion lr, Adam lr
@@ -148,9 +149,10 @@ MODE_DECAY = [('muon', 'orthax', 0.1), ('muon', 'keller', 0.0),
               ('muon', 'moonlight', 0.1), ('muon', 'optax', 0.0),
               ('normuon', 'orthax', 0.1), ('normuon', 'repo', 0.0),
               ('normuon', 'paper', 0.0), ('normuon', 'modded', 0.0),
-              ('hybrid_auon', 'orthax', 0.1), ('hybrid_auon', 'repo', 0.0),
+              ('hybrid_auon', 'orthax', 0.2), ('hybrid_auon', 'repo', 0.0),
               ('hybrid_auon', 'paper', 0.0), ('auon', 'orthax', 0.0),
-              ('auon', 'repo', 0.0)]
+              ('auon', 'repo', 0.0), ('aro', 'orthax', 0.1),
+              ('aro', 'dion', 0.01), ('fismo', None, 0.0)]
 
 
 @pytest.mark.parametrize('name,reference,decay', MODE_DECAY)
@@ -161,8 +163,9 @@ def test_default_weight_decay_of_each_mode(name, reference, decay):
   params = jax.tree.map(jnp.asarray, make_tree(0, shapes, np.float32))
   grads = [jax.tree.map(jnp.asarray, make_tree(s, shapes, np.float32))
            for s in (1, 2)]
+  mode = {} if reference is None else {'reference': reference}  # one mode
   run = lambda **kw: run_orthax(orthax.recipe(  # noqa: E731
-      name, reference=reference, learning_rate=0.03, **kw), params, grads)
+      name, **mode, learning_rate=0.03, **kw), params, grads)
   default, same, other = run(), run(weight_decay=decay), run(
       weight_decay=decay + 0.5)
   for a, b, c in zip(default, same, other):
