@@ -12,7 +12,6 @@ stability and learning-rate schedules.
 from __future__ import annotations
 
 import inspect
-import inspect
 import pathlib
 import types
 
@@ -24,8 +23,9 @@ import orthax
 # The documented refusal: a leaf of 3 or more dimensions with no routing rule
 # raises a ValueError naming it; the harness has none, so nothing is skipped.
 # Convergence targets have their optimum away from zero: recipes whose
-# default decoupled weight decay is not 0 (NAMO's 0.1, SPECTRA's) run
-# without it, as optax's table sets each optimizer's own arguments.
+# default decoupled weight decay is not 0 (Muon's 0.1, Hybrid-AuON's 0.2,
+# ...) run without it, as optax's table sets each optimizer's own
+# arguments.
 _TABLE = '''
 _MAIN_OPTIMIZERS_UNDER_TEST = tuple(
     {'opt_name': name,
@@ -59,9 +59,15 @@ _HARNESS_KWARGS = {'dct_adamw': dict(adam_learning_rate=1e-2)}
 
 
 def _no_decay(name: str) -> dict[str, float]:
+  """``weight_decay=0`` (and ``adam_weight_decay=0``) where the recipe's
+  default decays, as the recipe reports it (a mode-dependent default is
+  ``None`` in the signature, so the signature cannot say)."""
   params = inspect.signature(orthax.recipe_factory(name)).parameters
+  decays = orthax.recipes.recipe_routing(orthax.recipe(name)).weight_decays
+  if not any(decays.values()):
+    return {}
   return {k: 0.0 for k in ('weight_decay', 'adam_weight_decay')
-          if k in params and params[k].default not in (None, 0, 0.0)}
+          if k in params}
 
 
 def _harness() -> types.ModuleType:
