@@ -35,11 +35,12 @@
 #
 # 1. the scalar map $\sigma \mapsto p_k(\cdots p_1(\sigma))$ of each preset,
 #    step by step;
-# 2. the distance to the exact polar factor as the number of steps grows;
-# 3. what changes when the iteration runs in bfloat16.
+# 2. the distance to the exact polar factor as the number of steps grows.
 #
-# The soft spectral clip of the SPECTRA recipe, a relative of these maps, has
-# a notebook of its own: `05_soft_spectral_clipping`.
+# What changes when the iteration runs in bfloat16 is in
+# `06_newton_schulz_in_bfloat16`; the soft spectral clip of the SPECTRA
+# recipe, a relative of these maps, has a notebook of its own:
+# `05_soft_spectral_clipping`.
 
 # %%
 # Install orthax (the distribution `orthax-optim`) if it is missing, e.g. on
@@ -270,19 +271,19 @@ def rel_err(y, ref):
 ns = jax.jit(polar.newton_schulz, static_argnames=('preset', 'dtype'))
 
 STEPS = np.arange(1, MAX_STEPS + 1)
-errors = {}  # (matrix, preset, dtype name) -> [error per step count]
+errors = {}  # (matrix, preset) -> [error per step count]
 for label, X in TESTS.items():
   exact = polar.polar_svd(X)
   for name in PRESETS:
-    for dt in (jnp.float32, jnp.bfloat16):
-      errors[label, name, jnp.dtype(dt).name] = [
-          rel_err(ns(X, preset=name, steps=jnp.int32(k), dtype=dt), exact)
-          for k in STEPS]
+    errors[label, name] = [
+        rel_err(ns(X, preset=name, steps=jnp.int32(k), dtype=jnp.float32),
+                exact)
+        for k in STEPS]
 
 fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
 for ax, label in zip(axes, TESTS):
   for i, name in enumerate(PRESETS):
-    e = errors[label, name, 'float32']
+    e = errors[label, name]
     d = polar.get_preset(name).steps
     ax.plot(STEPS, e, '-', color=f'C{i}', label=name)
     ax.plot([d], [e[d - 1]], 'o', color=f'C{i}', ms=7)
@@ -301,7 +302,7 @@ print('error at the default step count (float32):')
 for name in PRESETS:
   d = polar.get_preset(name).steps
   print(f'  {name:20s} ' + '   '.join(
-      f'{label}: {errors[label, name, "float32"][d - 1]:.4f}'
+      f'{label}: {errors[label, name][d - 1]:.4f}'
       for label in TESTS))
 
 # %% [markdown]
@@ -324,127 +325,3 @@ for name in PRESETS:
 # For optimization, the band matters more than the exact error: Muon only
 # needs every direction of the update to get a step of roughly the same size,
 # and the 5-step presets trade exactness for speed on purpose.
-
-# %% [markdown]
-# ## 3. bfloat16 against float32
-#
-# `newton_schulz(..., dtype=jnp.bfloat16)` runs the matrix products on
-# bfloat16 inputs, accumulating in float32 and applying the coefficients in
-# float32 (so e.g. $a = 8.1566$ is not rounded to $8.125$). Each step still
-# rounds the iterate to about 3 significant digits. Left: the error against
-# the exact polar factor at the default step count for both dtypes (Gaussian
-# matrix). Right: the largest singular value of the output over steps for
-# three tables, float32 solid, bfloat16 dashed.
-
-# %%
-label = 'Gaussian'
-X = TESTS[label]
-
-
-def top_singular_value(y):
-  y = np.asarray(y, np.float64)
-  if not np.all(np.isfinite(y)):  # a diverged iteration
-    return np.inf
-  return float(np.linalg.svd(y, compute_uv=False)[0])
-
-
-fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
-xs = np.arange(len(PRESETS))
-for dt, off in (('float32', -0.2), ('bfloat16', 0.2)):
-  e = [errors[label, n, dt][polar.get_preset(n).steps - 1] for n in PRESETS]
-  axes[0].bar(xs + off, e, 0.4, label=dt)
-axes[0].set_xticks(xs, PRESETS, rotation=20)
-axes[0].set_yscale('log')
-axes[0].set_ylabel('relative error vs UVᵀ')
-axes[0].set_title('default step count')
-axes[0].legend()
-for i, name in enumerate(PRESETS):
-  if name not in ('polar_express', 'polar_express_paper', 'cans'):
-    continue
-  for dt, ls in ((jnp.float32, '-'), (jnp.bfloat16, '--')):
-    tops = [top_singular_value(ns(X, preset=name, steps=jnp.int32(k),
-                                  dtype=dt).astype(jnp.float32))
-            for k in STEPS]
-    axes[1].plot(STEPS, tops, ls, color=f'C{i}',
-                 label=f'{name} {jnp.dtype(dt).name}')
-axes[1].axhline(1.0, color='k', lw=0.6)
-axes[1].set_ylim(0.8, 2.5)
-axes[1].set_xlabel('Newton–Schulz steps')
-axes[1].set_ylabel('largest output singular value')
-axes[1].set_title('largest singular value vs steps')
-axes[1].legend(fontsize=8)
-fig.tight_layout()
-plt.show()
-
-print('At the default step count (Gaussian matrix):')
-print(f'{"preset":20s} {"band top":>8s} {"max σ f32":>10s} {"max σ bf16":>10s}'
-      f' {"‖bf16 − f32‖/‖f32‖":>19s}')
-for name in PRESETS:
-  k = jnp.int32(polar.get_preset(name).steps)
-  y32 = ns(X, preset=name, steps=k, dtype=jnp.float32)
-  y16 = ns(X, preset=name, steps=k, dtype=jnp.bfloat16).astype(jnp.float32)
-  print(f'{name:20s} {polar.get_preset(name).band[1]:8.4f} '
-        f'{top_singular_value(y32):10.3f} {top_singular_value(y16):10.3f}'
-        f' {rel_err(y16, y32):19.4f}')
-
-# %% [markdown]
-# **What to notice.**
-#
-# * For most presets bfloat16 barely matters at the default step count: the
-#   error of the approximation itself (1% to 20%) dwarfs the rounding error,
-#   the bf16 and f32 outputs differ by 0.5–2%, and the largest output
-#   singular value moves by at most a few thousandths.
-# * Once the iteration is accurate (`polar_express_paper` after its 8 rows)
-#   bfloat16 shows a floor of a few $10^{-3}$, about bfloat16's unit
-#   round-off ($2^{-8} \approx 4\cdot 10^{-3}$).
-# * `cans` is the exception: in bfloat16 its largest singular value
-#   overshoots the band (the table above, and the dashed purple curve), by an
-#   amount that varies from matrix to matrix; on some matrices the extra
-#   steps past its 5 rows then blow it up.
-#
-# Why `cans`? After two steps the top singular values of both `cans` and
-# `polar_express` sit just below 1.965, and the remaining rows must bring
-# them back to 1. The next cell runs rows 3–5 alone (`coeffs=` overrides a
-# preset's table) on values around there: the Polar Express rows tolerate
-# inputs up to about 2, the CANS rows blow up just 0.3% above the largest
-# value they were designed for. A bfloat16 rounding of the top directions is
-# enough to cross that edge. The Polar Express tables are built with a
-# *safety factor* for exactly this (each row but the last is stretched,
-# $p(x) \to p(x/1.02)$); applying a 1% safety factor to the CANS table
-# removes the overshoot.
-
-# %%
-from orthax.polar.presets import CANS  # noqa: E402
-from orthax.polar.presets import POLAR_EXPRESS_C  # noqa: E402
-
-probe = np.array([1.9, 1.95, 1.965, 1.97, 1.99, 2.0, 2.02])
-print('rows 3-5 applied to σ =      ' + ' '.join(f'{x:7.3f}' for x in probe))
-for name, table in (('polar_express', POLAR_EXPRESS_C), ('cans', CANS)):
-  out = polar.newton_schulz(jnp.diag(jnp.asarray(probe, jnp.float32)),
-                            coeffs=table[2:], steps=3, normalizer='none')
-  print(f'{name:28s} ' + ' '.join(f'{x:7.3g}' for x in np.diag(out)))
-print()
-
-
-def with_safety(rows, sf):
-  """p(x) -> p(x / sf) on every row but the last."""
-  stretched = [(a / sf, b / sf**3, c / sf**5) for a, b, c in rows[:-1]]
-  return stretched + [rows[-1]]
-
-
-print(f'{"":28s} {"smallest σ":>10s} {"largest σ":>10s}')
-for sf in (1.0, 1.01):
-  for dt in (jnp.float32, jnp.bfloat16):
-    y = polar.newton_schulz(X, 'cans', coeffs=with_safety(CANS, sf),
-                            dtype=dt).astype(jnp.float32)
-    s = np.linalg.svd(np.asarray(y), compute_uv=False)
-    print(f'cans, safety {sf:4.2f}, {jnp.dtype(dt).name:8s}    '
-          f'{s.min():10.3f} {s.max():10.3f}')
-print('documented band of cans:', polar.get_preset('cans').band)
-
-# %% [markdown]
-# In float32 both tables are fine; in bfloat16 only the stretched one stays
-# in the band. If you run Newton–Schulz in bfloat16 (the usual choice on
-# accelerators, `orthax.muon(..., ns_dtype=jnp.bfloat16)`), prefer
-# `polar_express`, or check the output band of the preset you pick in the
-# dtype you train in.
