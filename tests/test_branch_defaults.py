@@ -23,7 +23,7 @@ WITH_ADAMW_BRANCH = tuple(n for n in orthax.recipe_names() if n != 'spectra')
 # (written out: tests/test_registry.py) and scale it with their rate.
 DEFAULT_LR = {'muon': 0.04, 'normuon': 0.04, 'namo': 0.16, 'namo_d': 0.11,
               'lanton': 0.08, 'auon': 0.08, 'hybrid_auon': 0.056,
-              'fismo': 0.04, 'aro': 0.056, 'trion': 0.08, 'dct_adamw': 1.5}
+              'fismo': 0.04, 'aro': 0.08, 'trion': 0.08, 'dct_adamw': 1.5}
 # DCT-AdamW's AdamW branch runs at the sweep's 0.0085 (at 3e-3 its d 128
 # runs end 3% higher).
 ADAM_DEFAULT_LR = {'dct_adamw': 0.0085}
@@ -316,7 +316,7 @@ def test_trainer_model_has_no_suspect_and_logs_branch_rates(caplog):
 
 def test_adam_rate_ratio_is_the_registered_pair():
   assert orthax.recipes.adam_rate_ratio('muon') == pytest.approx(3e-3 / 0.04)
-  assert orthax.recipes.adam_rate_ratio('aro') == pytest.approx(3e-3 / 0.056)
+  assert orthax.recipes.adam_rate_ratio('aro') == pytest.approx(3e-3 / 0.08)
   assert orthax.recipes.adam_rate_ratio('dct_adamw') == pytest.approx(
       0.0085 / 1.5)
   # No pair registered (or not a recipe): the Keller-scaled Muon ratio.
@@ -329,7 +329,7 @@ def test_trainer_default_section_steps_as_the_library_default(name):
   """The trainer's default ``optimizer`` section builds the recipe the
   library's ``orthax.<name>()`` is, weight decays and AdamW-branch rate
   included: before, the trainer ran every recipe at weight decay 0 (NAMO's
-  default is 0.1) and ROOT's AdamW branch at 3e-3 (the library's 0.014),
+  default is 0.1) and ROOT's AdamW branch at 3e-3 (not the library's rate),
   so the learning-rate sweep measured neither default."""
   # pylint: disable=g-import-not-at-top
   from orthax.train import configs

@@ -26,12 +26,12 @@ DEFAULT_LEARNING_RATES = {
     'namo': (0.16, 3e-3),
     'namo_d': (0.11, 3e-3),
     'lanton': (0.08, 3e-3),
-    'root': (0.014, 0.014),   # its RMS-matched step shares the rate
+    'root': (0.0196, 0.0196),  # its RMS-matched step shares the rate
     'auon': (0.08, 3e-3),
     'hybrid_auon': (0.056, 3e-3),
     'spectra': (0.0085, None),
     'fismo': (0.04, 3e-3),
-    'aro': (0.056, 3e-3),
+    'aro': (0.08, 3e-3),
     'dct_adamw': (1.5, 0.0085),
     'trion': (0.08, 3e-3),
 }
@@ -151,8 +151,9 @@ MODE_DECAY = [('muon', 'orthax', 0.1), ('muon', 'keller', 0.0),
               ('normuon', 'paper', 0.0), ('normuon', 'modded', 0.0),
               ('hybrid_auon', 'orthax', 0.2), ('hybrid_auon', 'repo', 0.0),
               ('hybrid_auon', 'paper', 0.0), ('auon', 'orthax', 0.0),
-              ('auon', 'repo', 0.0), ('aro', 'orthax', 0.1),
-              ('aro', 'dion', 0.01), ('fismo', None, 0.0)]
+              ('auon', 'repo', 0.0), ('aro', 'orthax', 0.2),
+              ('aro', 'dion', 0.01), ('root', 'orthax', 0.2),
+              ('root', 'repo', 0.1), ('fismo', None, 0.0)]
 
 
 @pytest.mark.parametrize('name,reference,decay', MODE_DECAY)

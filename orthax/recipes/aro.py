@@ -18,7 +18,7 @@ from orthax.transforms import aro as aro_lib
 # and scale=None take it from here).
 _ARO_REFERENCES = {
     'orthax': dict(rotate='smaller', scale='muon', qr='auto',
-                   weight_decay=0.1, adam_shares_wd=False),
+                   weight_decay=0.2, adam_shares_wd=False),
     'dion': dict(rotate='fan_out', scale='rms_norm', qr='householder',
                  weight_decay=0.01, adam_shares_wd=True),
 }
@@ -32,7 +32,7 @@ def _check_choices(**choices):
 
 
 @registry.register(
-    'aro', references=tuple(_ARO_REFERENCES), learning_rate=0.056,
+    'aro', references=tuple(_ARO_REFERENCES), learning_rate=0.08,
     adam_learning_rate=3e-3, mode_rates={'dion': registry.ModeRates(
         0.01, 0.01, 'microsoft/dion dev/aro @9c6b30d dion/aro.py: lr, shared '
         'by its AdamW groups')})
@@ -117,9 +117,9 @@ def aro(
   (docs/performance.md).
 
   Args:
-    learning_rate: η (number or schedule); default: the mode's, 0.056 for
-      ``'orthax'`` (the sweep's best at d_model 128 and 256 at its decay
-      0.1, README) and 0.01 for ``'dion'``.
+    learning_rate: η (number or schedule); default: the mode's, 0.08 for
+      ``'orthax'`` (from the sweep at d_model 128 and 256 at its decay
+      0.2, README) and 0.01 for ``'dion'``.
     reference: ``'orthax'`` (default) or ``'dion'``.
     beta: momentum β (dion's ``mu``).
     base: ``'sinkhorn'``, ``'row_norm'`` or ``'sign'``.
@@ -138,13 +138,12 @@ def aro(
     stable: the exact-arithmetic result, computed stably (see above and
       :class:`orthax.matrix_stages.AroRotate`); ``False``: the reference's
       floating-point arithmetic, for comparison.
-    weight_decay: λ for matrices (default: the mode's; 0.1 for ``'orthax'``,
-      as Muon's library mode (the sweep: README), and dion's 0.01 for
-      ``'dion'``).
+    weight_decay: λ for matrices (default: the mode's; 0.2 for ``'orthax'``,
+      from the sweep (README), and dion's 0.01 for ``'dion'``).
     mu_dtype: momentum dtype (both branches; default float32 or wider).
     adam_learning_rate: AdamW learning rate (default: ``learning_rate``
       under ``scale='update_rms'`` and for ``'dion'``, else
-      3e-3 at the default 0.056, in proportion to it; see
+      3e-3 at the default 0.08, in proportion to it; see
       :func:`orthax.recipes.resolve_adam_learning_rate`).
     adam_b1, adam_b2, adam_eps: AdamW moments and epsilon.
     adam_weight_decay: AdamW decay (default: λ for ``'dion'``, else 0).

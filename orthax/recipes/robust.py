@@ -164,10 +164,15 @@ def spectra(
       {'matrix': weight_decay, 'adam': weight_decay})
 
 
+# λ per mode: 0.2 for the library default (the sweep's, README), Moonlight's
+# 0.1 for the toy script's mode.
+_ROOT_WEIGHT_DECAY = {'orthax': 0.2, 'repo': 0.1}
+
+
 @registry.register(
-    'root', references=('orthax', 'repo'), learning_rate=0.014,
+    'root', references=('orthax', 'repo'), learning_rate=0.0196,
     # The AdamW branch shares the rate (an RMS-matched step), as root() does.
-    adam_learning_rate=0.014, mode_rates={'repo': registry.ModeRates(
+    adam_learning_rate=0.0196, mode_rates={'repo': registry.ModeRates(
         1e-3, 1e-3, 'huawei-noah/noah-research @a99fb00 ROOT/examples/'
         'example_train.py: one lr for ROOT and AdamW')})
 def root(
@@ -182,7 +187,7 @@ def root(
     ns_steps: int | None = None,
     ns_dtype: Any = None,
     mu_dtype: Any = None,
-    weight_decay: float = 0.1,
+    weight_decay: float | None = None,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: float = 0.9,
     adam_b2: float = 0.95,
@@ -209,10 +214,11 @@ def root(
   The toy code iterates in the input dtype (two other copies cast to bf16
   with ε = 1e-8; pass ``ns_dtype=jnp.bfloat16`` for that).
 
-  The two modes differ only in their default learning rate:
-  ``'orthax'`` runs at 0.014, the sweep's best at d_model 256 (README), and
-  ``'repo'`` at the toy script's 1e-3; the AdamW branch takes the same rate
+  The two modes differ only in their defaults for η and λ: ``'orthax'``
+  runs at 0.0196 with λ = 0.2, from the sweep (README), and ``'repo'`` at
+  the toy script's 1e-3 with λ = 0.1; the AdamW branch takes the same rate
   unless ``adam_learning_rate`` is given (the trainer's default is 3e-3).
+  ``weight_decay=None`` takes the mode's λ.
 
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   stage on whole matrices per device (the outlier quantile is computed on
@@ -224,6 +230,8 @@ def root(
   _validate.arguments('root', root, locals())
   reference, learning_rate = registry.resolve_mode('root', reference,
                                                    learning_rate)
+  if weight_decay is None:
+    weight_decay = _ROOT_WEIGHT_DECAY[reference]
   router, specs = _common.route(router)
   matrix = optax.named_chain(
       ('momentum', T.momentum(beta, form='sum', nesterov=nesterov,
