@@ -34,25 +34,39 @@ def _conditioned(rng, m, n, kappa):
 
 @pytest.mark.parametrize('s', [64, 128])
 def test_cholesky_qr3_is_householders_q_in_float32(s):
-  """Up to column signs, Cholesky QR3's float32 ``Q`` is as close to the
-  float64 Householder ``Q`` as float32 Householder's own (κ up to 10⁶),
-  and orthonormal to float32 rounding; where it cannot certify its result
-  (κ 10⁸, a rank-deficient or zero matrix) it is Householder's exactly.
-  dion's one-pass shifted form is far from orthogonal already at κ 10³."""
+  """Up to column signs, Cholesky QR3's float32 ``Q`` is the exact ``Q`` of
+  a matrix as close to the input as float32 Householder's (κ up to 10⁶:
+  the part of ``QᵀC`` below the diagonal, relative to ``‖C‖``, a
+  κ-independent backward error), as close to the float64 ``Q`` as
+  Householder's where ``C`` is well conditioned (κ ≤ 10³), and orthonormal
+  to float32 rounding; where it cannot certify its result (κ 10⁸, a
+  rank-deficient or zero matrix) it is Householder's exactly. dion's
+  one-pass shifted form is far from orthogonal already at κ 10³.
+
+  At κ 10⁶ both forward errors are their rounding amplified by up to κ,
+  with constants that vary with the machine's float32 kernels (Cholesky
+  QR3's was 1.1× and 2.1× Householder's at s 64 and 128 on one CPU, under
+  2× on another); the backward error is what the algorithm controls."""
   rng = np.random.default_rng(s)
   for kappa in (1e1, 1e3, 1e6):
     c = _conditioned(rng, s, s, kappa)
     exact = np.linalg.qr(c)[0]
     c32 = jnp.asarray(c, jnp.float32)[None]
-    errs, orth = {}, {}
+    errs, backward, orth = {}, {}, {}
     for fn in (_qr.householder_q, _qr.cholesky_qr3_q,
                _qr.shifted_cholesky_q):
       q = np.asarray(fn(c32)[0], np.float64)
       q = q * np.sign(np.sum(q * exact, axis=0))
       errs[fn.__name__] = np.linalg.norm(q - exact) / np.sqrt(s)
+      backward[fn.__name__] = (np.linalg.norm(np.tril(q.T @ c, -1))
+                               / np.linalg.norm(c))
       orth[fn.__name__] = np.abs(q.T @ q - np.eye(s)).max()
-    assert errs['cholesky_qr3_q'] <= 2 * errs['householder_q'] + 1e-6, (
-        kappa, errs)
+    assert backward['cholesky_qr3_q'] <= 2 * backward['householder_q'], (
+        kappa, backward)
+    assert backward['cholesky_qr3_q'] <= 1e-6, (kappa, backward)
+    if kappa <= 1e3:
+      assert errs['cholesky_qr3_q'] <= 2 * errs['householder_q'] + 1e-6, (
+          kappa, errs)
     assert orth['cholesky_qr3_q'] <= 5e-6, (kappa, orth)
     if kappa >= 1e3:
       assert orth['shifted_cholesky_q'] > 0.1, (kappa, orth)
