@@ -31,16 +31,18 @@ SPECTRA_RULES: tuple[routing.Rule, ...] = (
                  ndims=(2,)),
 )
 
+# The threshold c per mode: 2 for the library default (the sweep's, README),
+# the reference's CLI default 10 for 'repo'.
 _SPECTRA_REFERENCES = {
     'orthax': dict(steps=_spectral.DEFAULT_STEPS, step_rule='scaled',
-                   shared_bound=False),
+                   shared_bound=False, c=2.0),
     'repo': dict(steps=_spectral.REFERENCE_STEPS, step_rule='plain',
-                 shared_bound=True),
+                 shared_bound=True, c=10.0),
 }
 
 
 @registry.register(
-    'spectra', references=tuple(_SPECTRA_REFERENCES), learning_rate=0.0085,
+    'spectra', references=tuple(_SPECTRA_REFERENCES), learning_rate=0.03,
     mode_rates={'repo': registry.ModeRates(
         2e-3, None, 'mlolab/llm-spectral-clipping @ed9df11 160M scripts: '
         'AdamW lr')})
@@ -48,7 +50,7 @@ def spectra(
     learning_rate: optax.ScalarOrSchedule = None,
     *,
     reference: str = 'orthax',
-    c: float = 10.0,
+    c: float | None = None,
     base: optax.GradientTransformation | None = None,
     b1: float = 0.8,
     b2: float = 0.999,
@@ -87,12 +89,17 @@ def spectra(
   ``'frozen'`` labels are not honoured: the base step updates every leaf
   (wrap the recipe in ``optax.partition`` to freeze some).
 
-  ==========  =====  ===========  ===============  ===========================
-  reference   steps  step rule    λ_max bound      source
-  ==========  =====  ===========  ===============  ===========================
-  ``orthax``  12     scaled       per matrix       1e-6 accurate to σ/c = 1e3
-  ``repo``    10     plain 3/2    shared per leaf  ``clip_sigvals`` @ ed9df11
-  ==========  =====  ===========  ===============  ===========================
+  ==========  ===  =====  ===========  ===============  =======================
+  reference   c    steps  step rule    λ_max bound      source
+  ==========  ===  =====  ===========  ===============  =======================
+  ``orthax``  2    12     scaled       per matrix       1e-6 accurate to σ/c 1e3
+  ``repo``    10   10     plain 3/2    shared per leaf  ``clip_sigvals`` @ed9df11
+  ==========  ===  =====  ===========  ===============  =======================
+
+  At ``c = 2`` the clip caps most singular values of Adam's step (an m×n
+  step whose entries have RMS r has singular values near r·√max(m, n)), so
+  the library mode's step is close to an orthogonalized Adam step; on the
+  sweep's model it trained best there (docs/training.md).
 
   The reference's 10 plain steps are inaccurate once ``σ_max/c`` is large
   (0.17 relative error at 600; see :mod:`orthax.polar.spectral`); its
@@ -100,10 +107,12 @@ def spectra(
 
   Args:
     learning_rate: η of the base optimizer (number or schedule); default:
-      0.0085 (``'orthax'``, the sweep's best at d_model 128), 2e-3
-      (``'repo'``, its 160M scripts').
+      0.03 (``'orthax'``, from the sweep at d_model 128 and 256, README),
+      2e-3 (``'repo'``, its 160M scripts').
     reference: ``'orthax'`` (default) or ``'repo'`` (see the table).
-    c: clipping threshold (reference default 10; its 160M scripts use 5).
+    c: clipping threshold (default: the mode's; 2 for ``'orthax'``, from
+      the sweep, and the reference's 10 for ``'repo'``; its 160M scripts
+      use 5).
     base: any optax optimizer with decoupled weight decay, built with the
       same ``learning_rate`` and ``weight_decay`` (default:
       ``adamw(learning_rate, b1, b2, eps, weight_decay)``, the 160M scripts'
@@ -136,6 +145,7 @@ def spectra(
   reference, learning_rate = registry.resolve_mode('spectra', reference,
                                                    learning_rate)
   d = _SPECTRA_REFERENCES[reference]
+  c = d['c'] if c is None else c
   router, specs = _common.route(
       router, routing.Router(extra_rules=SPECTRA_RULES))
   if base is None:
