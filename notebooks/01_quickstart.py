@@ -354,7 +354,9 @@ print(sample(trained, PROMPT, N_BYTES, temperature=0.0))
 #   singular values;
 # * `03_comparing_recipes` — AdamW against Muon, NorMuon, NAMO and SPECTRA
 #   on this same model, with the steps each needs to reach AdamW's loss;
-# * `04_sharding_walkthrough` — the same update on a device mesh.
+# * `04_sharding_walkthrough` — the same update on a device mesh;
+# * `05_soft_spectral_clipping` — SPECTRA's soft clip of the singular values;
+# * `06_newton_schulz_in_bfloat16` — what bfloat16 does to each preset.
 #
 # Recipes also work with `nnx.Optimizer(model, tx, wrt=nnx.Param)` if you
 # prefer to keep the NNX module stateful, and under

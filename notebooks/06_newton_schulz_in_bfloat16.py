@@ -84,7 +84,7 @@ print('smoke mode:', SMOKE)
 PRESETS = ('jordan', 'dion', 'polar_express', 'polar_express_paper', 'cans',
            'aol')
 
-# A Gaussian matrix, 4 times wider than tall (the test matrix of notebook 02).
+# A Gaussian matrix, 4 times wider than tall (notebook 02's Gaussian one).
 M, N = (128, 512) if SMOKE else (256, 1024)
 MAX_STEPS = 10 if SMOKE else 14
 STEPS = np.arange(1, MAX_STEPS + 1)

@@ -61,8 +61,8 @@ def test_cholesky_qr3_is_householders_q_in_float32(s):
       backward[fn.__name__] = (np.linalg.norm(np.tril(q.T @ c, -1))
                                / np.linalg.norm(c))
       orth[fn.__name__] = np.abs(q.T @ q - np.eye(s)).max()
-    assert backward['cholesky_qr3_q'] <= 2 * backward['householder_q'], (
-        kappa, backward)
+    assert (backward['cholesky_qr3_q']
+            <= 2 * backward['householder_q'] + 1e-7), (kappa, backward)
     assert backward['cholesky_qr3_q'] <= 1e-6, (kappa, backward)
     if kappa <= 1e3:
       assert errs['cholesky_qr3_q'] <= 2 * errs['householder_q'] + 1e-6, (

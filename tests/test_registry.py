@@ -126,8 +126,9 @@ SAME_ARITHMETIC = {'muon': 'keller', 'normuon': 'repo', 'root': 'repo',
 @pytest.mark.parametrize('name', sorted(SAME_ARITHMETIC))
 def test_library_mode_is_its_references_arithmetic(name):
   """At the same rates and decay, ``reference='orthax'`` steps exactly as
-  the mode whose arithmetic it runs (its default decay may differ: Muon's,
-  NorMuon's and Hybrid-AuON's is the sweep's 0.1, their references' 0)."""
+  the mode whose arithmetic it runs (its default decay may differ: Muon's
+  and NorMuon's is the sweep's 0.1, Hybrid-AuON's and ROOT's 0.2, their
+  references' 0, 0 and 0.1)."""
   shapes = {'blocks/mlp/kernel': (3, 8, 6), 'blocks/mlp/bias': (3, 6),
             'attn/kernel': (6, 10)}
   params = jax.tree.map(jnp.asarray, make_tree(0, shapes, np.float32))

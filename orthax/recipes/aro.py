@@ -73,8 +73,8 @@ def aro(
   ``f = 'sinkhorn'``: 5 alternating passes ``X ← X√t/max(‖row‖, 10⁻⁸)``,
   ``X ← X√s/max(‖col‖, 10⁻⁸)`` (columns last, so ``U`` has RMS 1).
   ``c`` is ``scale``: ``'muon'`` ``√max(1, m/n)/‖U‖₂`` (the default:
-  the step's spectral norm is Muon's, so the learning rate is Muon's and
-  carries over across widths; ``‖U‖₂`` by power iteration),
+  the step's spectral norm is Muon's, so the learning rate is on Muon's
+  scale and carries over across widths; ``‖U‖₂`` by power iteration),
   ``'rms_norm'`` ``0.2·√max(m, n)`` (dion's ``adjust_lr``; ``U`` has RMS
   1, so the step grows with the matrix and the best rate falls with the
   width: 1.25e-3 at d_model 128 and 6.25e-4 at 256 on the embedded

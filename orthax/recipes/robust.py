@@ -92,7 +92,7 @@ def spectra(
   ==========  ===  =====  ===========  ===============  =======================
   reference   c    steps  step rule    λ_max bound      source
   ==========  ===  =====  ===========  ===============  =======================
-  ``orthax``  2    12     scaled       per matrix       1e-6 accurate to σ/c 1e3
+  ``orthax``  2    12     scaled       per matrix       1e-6 accurate to σ/c = 1e3
   ``repo``    10   10     plain 3/2    shared per leaf  ``clip_sigvals`` @ed9df11
   ==========  ===  =====  ===========  ===============  =======================
 
@@ -227,7 +227,8 @@ def root(
   The two modes differ only in their defaults for η and λ: ``'orthax'``
   runs at 0.0196 with λ = 0.2, from the sweep (README), and ``'repo'`` at
   the toy script's 1e-3 with λ = 0.1; the AdamW branch takes the same rate
-  unless ``adam_learning_rate`` is given (the trainer's default is 3e-3).
+  unless ``adam_learning_rate`` is given (the trainer's default does the
+  same).
   ``weight_decay=None`` takes the mode's λ.
 
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
