@@ -103,8 +103,8 @@ print('smoke mode:', SMOKE)
 # One learning rate per optimizer is not a fair fight: an optimizer can lose
 # only because its default rate suits this model worse. `LR_SCALES = (0.5,
 # 1.0, 2.0)` runs a small sweep (three times as long) and represents each
-# optimizer by its best scale. The full run below takes 10 to 12 minutes on
-# 2 CPU cores with one scale (much less on an accelerator).
+# optimizer by its best scale. The full run below took 4 minutes on 2 CPU
+# cores with one scale (much less on an accelerator).
 
 # %%
 OPTIMIZERS = ('adamw', 'muon', 'normuon', 'namo', 'spectra')
@@ -214,15 +214,17 @@ for name, r in sorted(best.items(), key=lambda kv: kv[1]['final_val_loss']):
 # throughput column is a CPU's: on an accelerator the Newton–Schulz matmuls
 # are a much smaller share of a step of a large model.
 #
-# **What we saw** running the full version on 2 CPU cores (one scale, your
-# numbers on other hardware will differ in the last digits): Muon and NorMuon
-# ended at 1.59 against AdamW's 1.71 and crossed AdamW's final loss at step
-# 140 of 200 (1.4× fewer steps, at the 20-step resolution); SPECTRA ended
-# slightly behind AdamW (1.73); NAMO ended far behind (2.07). NAMO's loss is a
-# learning-rate effect, not a verdict on the method: its default peak rate of
-# 0.01 is too small for this model, and at `LR_SCALES = (10.0,)` (a rate of
-# 0.1) it ended at 1.55, ahead of Muon. This is exactly why a comparison at a
-# single default rate shows orderings that a sweep can overturn.
+# **What we saw** running the full version on 2 CPU cores (each optimizer at
+# its default rate, one seed; your numbers on other hardware will differ in
+# the last digits): NorMuon and Muon ended at 1.48 and 1.49 against AdamW's
+# 1.71 and reached AdamW's final loss at step 103 of 200 (1.9× fewer steps,
+# interpolated between evaluations 20 steps apart); NAMO ended at 1.51 (step
+# 104) and SPECTRA at 1.51 (step 113). These defaults come from the
+# library's learning-rate sweep on this model (README); at its papers' rates
+# NAMO ends near 2.04, because a paper's rate is tuned for the paper's model
+# and scale convention (docs/training.md, "Reference modes"). This is exactly
+# why a comparison at a single rate shows orderings that a sweep can
+# overturn.
 #
 # In smoke mode (`ORTHAX_SMOKE=1`, 12 steps of a 2-layer width-32 model) the
 # numbers only show that everything runs.
