@@ -155,12 +155,15 @@ MODE_DECAY = [('muon', 'orthax', 0.1), ('muon', 'keller', 0.0),
               ('auon', 'repo', 0.0), ('aro', 'orthax', 0.2),
               ('aro', 'dion', 0.01), ('root', 'orthax', 0.2),
               ('root', 'repo', 0.1), ('fismo', None, 0.0)]
+# Other mode-dependent defaults, (recipe, mode, keyword, value).
+MODE_DEFAULTS = [(n, r, 'weight_decay', v) for n, r, v in MODE_DECAY] + [
+    ('spectra', 'orthax', 'c', 2.0), ('spectra', 'repo', 'c', 10.0)]
 
 
-@pytest.mark.parametrize('name,reference,decay', MODE_DECAY)
-def test_default_weight_decay_of_each_mode(name, reference, decay):
-  """The default steps exactly as the decay passed explicitly, and not as
-  another (so the decay is in effect)."""
+@pytest.mark.parametrize('name,reference,keyword,value', MODE_DEFAULTS)
+def test_default_of_each_mode(name, reference, keyword, value):
+  """The default steps exactly as the value passed explicitly, and not as
+  another (so the value is in effect)."""
   shapes = {'mlp/kernel': (8, 6), 'mlp/bias': (6,)}  # 2-D: optax's rule
   params = jax.tree.map(jnp.asarray, make_tree(0, shapes, np.float32))
   grads = [jax.tree.map(jnp.asarray, make_tree(s, shapes, np.float32))
@@ -168,8 +171,8 @@ def test_default_weight_decay_of_each_mode(name, reference, decay):
   mode = {} if reference is None else {'reference': reference}  # one mode
   run = lambda **kw: run_orthax(orthax.recipe(  # noqa: E731
       name, **mode, learning_rate=0.03, **kw), params, grads)
-  default, same, other = run(), run(weight_decay=decay), run(
-      weight_decay=decay + 0.5)
+  default, same, other = run(), run(**{keyword: value}), run(
+      **{keyword: value + 0.5})
   for a, b, c in zip(default, same, other):
     np.testing.assert_array_equal(a['mlp/kernel'], b['mlp/kernel'])
     assert not np.array_equal(a['mlp/kernel'], c['mlp/kernel'])

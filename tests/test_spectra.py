@@ -204,22 +204,6 @@ def test_spectra_recipe_matches_float64_transcription(x64, reference):
                                  err_msg=f'{reference} step {t} {k}')
 
 
-@pytest.mark.parametrize('reference,c', [('orthax', 2.0), ('repo', 10.0)])
-def test_default_threshold_of_each_mode(reference, c):
-  """``c=None`` is the mode's threshold: the default steps exactly as that
-  ``c`` passed explicitly, and not as another (the soft clip moves every
-  singular value, so any other ``c`` changes the step)."""
-  params = make_tree(0, dtype=np.float32)
-  grads = [make_tree(100 + t, dtype=np.float32) for t in range(2)]
-  run = lambda **kw: run_orthax(orthax.spectra(  # noqa: E731
-      2e-3, reference=reference, **kw), params, grads)
-  default, same, other = run(), run(c=c), run(c=c + 1.0)
-  for a, b, d in zip(default, same, other):
-    for k in a:
-      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    assert any(not np.array_equal(a[k], d[k]) for k in a)
-
-
 def test_spectra_float32_close_to_float64_reference():
   params = make_tree(1, dtype=np.float32)
   grads = [make_tree(200 + t, dtype=np.float32) for t in range(5)]

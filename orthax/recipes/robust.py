@@ -174,13 +174,15 @@ def spectra(
       {'matrix': weight_decay, 'adam': weight_decay})
 
 
-# λ per mode: 0.2 for the library default (the sweep's, README), Moonlight's
-# 0.1 for the toy script's mode.
-_ROOT_WEIGHT_DECAY = {'orthax': 0.2, 'repo': 0.1}
+# What each reference fixes (weight_decay=None takes it from here): λ 0.2
+# for the library default (the sweep's, README), Moonlight's 0.1 for the toy
+# script's mode.
+_ROOT_REFERENCES = {'orthax': dict(weight_decay=0.2),
+                    'repo': dict(weight_decay=0.1)}
 
 
 @registry.register(
-    'root', references=('orthax', 'repo'), learning_rate=0.0196,
+    'root', references=tuple(_ROOT_REFERENCES), learning_rate=0.0196,
     # The AdamW branch shares the rate (an RMS-matched step), as root() does.
     adam_learning_rate=0.0196, mode_rates={'repo': registry.ModeRates(
         1e-3, 1e-3, 'huawei-noah/noah-research @a99fb00 ROOT/examples/'
@@ -241,8 +243,8 @@ def root(
   _validate.arguments('root', root, locals())
   reference, learning_rate = registry.resolve_mode('root', reference,
                                                    learning_rate)
-  if weight_decay is None:
-    weight_decay = _ROOT_WEIGHT_DECAY[reference]
+  d = _ROOT_REFERENCES[reference]
+  weight_decay = d['weight_decay'] if weight_decay is None else weight_decay
   router, specs = _common.route(router)
   matrix = optax.named_chain(
       ('momentum', T.momentum(beta, form='sum', nesterov=nesterov,
