@@ -31,7 +31,7 @@ from orthax import benchmarking as B
 from orthax import matrices
 
 
-def main():
+def parse_args():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--layers', type=int, default=4)
   ap.add_argument('--repeats', type=int, default=5)
@@ -43,8 +43,93 @@ def main():
   ap.add_argument('--only', default='',
                   help='with --recipes: a comma-separated list of rows '
                        '(e.g. aro,aro/dion); default all')
-  args = ap.parse_args()
+  return ap.parse_args()
 
+
+def roofline_times(params, steps, ns_dtype, repeats):
+  """The same matmuls as the iteration, stacked by shape like orthax's
+  groups: ``{unrolled: median time}`` (``fori_loop`` and unrolled)."""
+  leaves = jax.tree.leaves(params)
+  groups = matrices.plan_groups([(1,) + x.shape for x in leaves],
+                                [x.dtype for x in leaves])
+  stacks = [B.orthonormal_rows(jax.random.key(i), g.count, g.m, g.n, ns_dtype)
+            for i, g in enumerate(groups)]
+  roof = {}
+  for unroll in (False, True):
+    f = jax.jit(lambda s, u=unroll: B.matmul_chain(s, steps, u))
+    roof[unroll] = B.median_time(lambda: f(stacks), repeats)
+  return roof
+
+
+def update_timer(params, grads, repeats):
+  """``bench_update(tx, later=False) -> (median time, temp bytes)`` of one
+  jitted update: of the first step, from ``tx.init``, or with ``later`` of
+  the second, whose state has seen one step (a step that reuses cached
+  preconditioners)."""
+  def bench_update(tx, later=False):
+    state = tx.init(params)
+    upd = jax.jit(tx.update)
+    compiled = upd.lower(grads, state, params).compile()
+    if later:
+      state = jax.block_until_ready(compiled(grads, state, params)[1])
+    t = B.median_time(lambda: compiled(grads, state, params), repeats)
+    return t, B.temp_bytes(compiled)
+  return bench_update
+
+
+def muon_rows(bench_update, steps, ns_dtype):
+  """``(rows, t_one)``: rows ``(name, error key, time, temp bytes)`` of
+  orthax.muon (auto, standard) and optax.contrib.muon, and the time of a
+  one-step orthax update (what the update costs outside Newton–Schulz)."""
+  rows = []
+  for method in ('auto', 'standard'):
+    ox = orthax.muon(0.02, ns_steps=steps, ns_dtype=ns_dtype,
+                     ns_method=method)
+    rows.append((f'orthax.muon (jordan, {method})', method)
+                + bench_update(ox))
+  rows.append(('optax.contrib.muon', 'optax')
+              + bench_update(contrib.muon(0.02, ns_steps=steps)))
+  t_one = bench_update(orthax.muon(0.02, ns_steps=1, ns_dtype=ns_dtype,
+                                   ns_method='standard'))[0]
+  return rows, t_one
+
+
+def polar_errors(grads, steps, ns_dtype):
+  """Mean relative Frobenius error against the exact polar factor on one
+  layer, per error key (``auto``, ``standard``, ``optax``)."""
+  layer = jax.tree.leaves(grads)[:4]
+  exact = [orthax.polar.polar_svd(g) for g in layer]
+  rel = lambda outs: float(np.mean([
+      jnp.linalg.norm(o - e) / jnp.linalg.norm(e) for o, e in zip(outs, exact)]))
+  err = {m: rel([orthax.polar.orthogonalize_stack(
+      g, steps=steps, dtype=ns_dtype, method=m) for g in layer])
+         for m in ('auto', 'standard')}
+  coeffs = jnp.asarray((3.4445, -4.7750, 2.0315))
+  err['optax'] = rel([contrib._muon.orthogonalize_via_newton_schulz(
+      g, coeffs, steps) for g in layer])
+  return err
+
+
+def print_table(roof, rows, err, flops, peak):
+  t_roof = min(roof.values())
+  t_optax = next(t for _, key, t, _ in rows if key == 'optax')
+  hdr = (f'{"method":36s} {"time s":>8s} {"GFLOP/s":>8s} {"of peak":>7s} '
+         f'{"eff":>6s} {"vs optax":>8s} {"temp MiB":>9s} {"err":>8s}')
+  print(hdr)
+  print('-' * len(hdr))
+  for name, t in (('roofline (matmuls only, fori_loop)', roof[False]),
+                  ('roofline (matmuls only, unrolled)', roof[True])):
+    print(f'{name:36s} {t:8.4f} {flops / t / 1e9:8.1f} '
+          f'{flops / t / peak:7.1%} {t_roof / t:6.2f}')
+  for name, key, t, mem in rows:
+    mib = f'{mem / 2**20:9.1f}' if mem is not None else f'{"n/a":>9s}'
+    print(f'{name:36s} {t:8.4f} {flops / t / 1e9:8.1f} '
+          f'{flops / t / peak:7.1%} {t_roof / t:6.2f} '
+          f'{t / t_optax:8.2f} {mib} {err[key]:8.4f}')
+
+
+def main():
+  args = parse_args()
   recipe_selection = B.recipe_rows([k for k in args.only.split(',') if k])
   on_gpu = jax.default_backend() != 'cpu'
   ns_dtype = jnp.bfloat16 if on_gpu else jnp.float32
@@ -53,57 +138,14 @@ def main():
   grads = B.random_tree(shapes, jax.random.key(1))
   flops = B.tree_ns_flops(shapes, args.steps)
 
-  # Roofline: the same matmuls, stacked by shape like orthax's groups.
-  leaves = jax.tree.leaves(params)
-  groups = matrices.plan_groups([(1,) + x.shape for x in leaves],
-                                [x.dtype for x in leaves])
-  stacks = [B.orthonormal_rows(jax.random.key(i), g.count, g.m, g.n, ns_dtype)
-            for i, g in enumerate(groups)]
-  roof = {}
-  for unroll in (False, True):
-    f = jax.jit(lambda s, u=unroll: B.matmul_chain(s, args.steps, u))
-    roof[unroll] = B.median_time(lambda: f(stacks), args.repeats)
-  t_roof = min(roof.values())
-
-  def bench_update(tx, later=False):
-    """Median time of one jitted update (and its temp bytes): of the first
-    step, from ``tx.init``, or with ``later`` of the second, whose state
-    has seen one step (a step that reuses cached preconditioners)."""
-    state = tx.init(params)
-    upd = jax.jit(tx.update)
-    compiled = upd.lower(grads, state, params).compile()
-    if later:
-      state = jax.block_until_ready(compiled(grads, state, params)[1])
-    t = B.median_time(lambda: compiled(grads, state, params), args.repeats)
-    return t, B.temp_bytes(compiled)
-
-  rows = []
-  for method in ('auto', 'standard'):
-    ox = orthax.muon(0.02, ns_steps=args.steps, ns_dtype=ns_dtype,
-                     ns_method=method)
-    rows.append((f'orthax.muon (jordan, {method})', method)
-                + bench_update(ox))
-  t_optax, m_optax = bench_update(contrib.muon(0.02, ns_steps=args.steps))
-  rows.append(('optax.contrib.muon', 'optax', t_optax, m_optax))
-  # What the update costs outside Newton–Schulz: the same update with one
-  # step, less one step's share of the difference.
-  t_one = bench_update(orthax.muon(0.02, ns_steps=1, ns_dtype=ns_dtype,
-                                   ns_method='standard'))[0]
+  roof = roofline_times(params, args.steps, ns_dtype, args.repeats)
+  bench_update = update_timer(params, grads, args.repeats)
+  rows, t_one = muon_rows(bench_update, args.steps, ns_dtype)
+  # The update outside Newton–Schulz: the one-step update, less one step's
+  # share of the difference to the standard update.
   t_standard = rows[1][2]
   t_outside = t_one - (t_standard - t_one) / max(args.steps - 1, 1)
-
-  # Accuracy on one layer: relative Frobenius error vs the exact polar factor.
-  layer = jax.tree.leaves(grads)[:4]
-  exact = [orthax.polar.polar_svd(g) for g in layer]
-  rel = lambda outs: float(np.mean([
-      jnp.linalg.norm(o - e) / jnp.linalg.norm(e) for o, e in zip(outs, exact)]))
-  err = {m: rel([orthax.polar.orthogonalize_stack(
-      g, steps=args.steps, dtype=ns_dtype, method=m) for g in layer])
-         for m in ('auto', 'standard')}
-  coeffs = jnp.asarray((3.4445, -4.7750, 2.0315))
-  err['optax'] = rel([contrib._muon.orthogonalize_via_newton_schulz(
-      g, coeffs, args.steps) for g in layer])
-
+  err = polar_errors(grads, args.steps, ns_dtype)
   # The ceiling: a large square product in the iteration's dtype.
   peak_n = 8192 if on_gpu else 1024
   peak = B.matmul_peak(peak_n, ns_dtype, chain=10 if on_gpu else 2,
@@ -116,19 +158,7 @@ def main():
         f" OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
   print(f'matmul peak ({jnp.dtype(ns_dtype).name}, {peak_n}³ products): '
         f'{peak / 1e9:.1f} GFLOP/s')
-  hdr = (f'{"method":36s} {"time s":>8s} {"GFLOP/s":>8s} {"of peak":>7s} '
-         f'{"eff":>6s} {"vs optax":>8s} {"temp MiB":>9s} {"err":>8s}')
-  print(hdr)
-  print('-' * len(hdr))
-  for name, t in (('roofline (matmuls only, fori_loop)', roof[False]),
-                  ('roofline (matmuls only, unrolled)', roof[True])):
-    print(f'{name:36s} {t:8.4f} {flops / t / 1e9:8.1f} '
-          f'{flops / t / peak:7.1%} {t_roof / t:6.2f}')
-  for name, method, t, mem in rows:
-    mib = f'{mem / 2**20:9.1f}' if mem is not None else f'{"n/a":>9s}'
-    print(f'{name:36s} {t:8.4f} {flops / t / 1e9:8.1f} '
-          f'{flops / t / peak:7.1%} {t_roof / t:6.2f} '
-          f'{t / t_optax:8.2f} {mib} {err[method]:8.4f}')
+  print_table(roof, rows, err, flops, peak)
   print(f'outside Newton–Schulz (1-step update {t_one:.4f} s, less one '
         f'step): {t_outside:.4f} s, {t_outside / t_standard:.0%} of the '
         f'standard update')
