@@ -22,8 +22,8 @@ WITH_ADAMW_BRANCH = tuple(n for n in orthax.recipe_names() if n != 'spectra')
 # The others run their AdamW branch at 3e-3 at their default learning rate
 # (written out: tests/test_registry.py) and scale it with their rate.
 DEFAULT_LR = {'muon': 0.04, 'normuon': 0.04, 'namo': 0.16, 'namo_d': 0.11,
-              'lanton': 0.08, 'auon': 0.08, 'hybrid_auon': 0.056,
-              'fismo': 0.04, 'aro': 0.08, 'trion': 0.08, 'dct_adamw': 1.5}
+              'lanton': 0.226, 'auon': 0.08, 'hybrid_auon': 0.056,
+              'fismo': 0.04, 'aro': 0.08, 'trion': 0.16, 'dct_adamw': 1.5}
 # DCT-AdamW's AdamW branch runs at the sweep's 0.0085 (at 3e-3 its d 128
 # runs end 3% higher).
 ADAM_DEFAULT_LR = {'dct_adamw': 0.0085}
@@ -211,11 +211,11 @@ def test_describe_reads_lanton_signum_branch():
   labels = ('adam', 'signum', 'matrix')
   rows = {t[0]: (next(x for x in t if x in labels), *t[-2:])
           for t in (line.split() for line in table.splitlines()[2:])}
-  # The Signum branch at the AdamW branch's rate: 3e-3 per 0.08 of η;
-  # it is not decayed.
-  assert rows == {'b': ('adam', '0.0015', '0'),
-                  'embed': ('signum', '0.0015', '0'),
-                  'w': ('matrix', '0.04', '0')}
+  # The Signum branch at the AdamW branch's rate: 3e-3 per 0.226 of η;
+  # it is not decayed, the matrices by the default λ 0.4.
+  assert rows == {'b': ('adam', '0.000531', '0'),
+                  'embed': ('signum', '0.000531', '0'),
+                  'w': ('matrix', '0.04', '0.4')}
 
 
 # --- output layers routed to the matrix branch ------------------------------

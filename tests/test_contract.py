@@ -149,18 +149,21 @@ def test_schedules(case):
 
 @cases
 def test_converges_on_quadratic(case):
-  convergence.check_quadratic(case.make, **_conv(case))
+  case, cfg = _conv(case)
+  convergence.check_quadratic(case.make, **cfg)
 
 
 @cases
 def test_converges_on_least_squares(case):
-  convergence.check_least_squares(case.make, **_conv(case))
+  case, cfg = _conv(case)
+  convergence.check_least_squares(case.make, **cfg)
 
 
 def _conv(case):
   cfg = convergence.convergence_config(case.name,
                                       dict(case.kwargs).get('reference'))
-  return dict(peak_lr=cfg['peak_lr'], steps=cfg['steps'])
+  case = contract.Case(case.name, case.kwargs + cfg['kwargs'])
+  return case, dict(peak_lr=cfg['peak_lr'], steps=cfg['steps'])
 
 
 # The harness itself: each check rejects an optimizer that breaks its clause.

@@ -99,7 +99,8 @@ def test_matches_float64_transcription(x64, kw):
   tx = orthax.lanton(0.02, adam_learning_rate=0.02, **kw)
   got = run_orthax(tx, params, grads)
   kw = dict(kw)
-  ref = LantonRef(params, 0.02, wd=kw.pop('weight_decay', 0.0), **kw)
+  # λ: the case's, else lanton's default 0.4.
+  ref = LantonRef(params, 0.02, wd=kw.pop('weight_decay', 0.4), **kw)
   assert_match(got, [ref.step(g) for g in grads], 1e-9, 1e-12, str(kw))
 
 
@@ -108,7 +109,7 @@ def test_float32_close_to_float64_reference():
   grads = [make_tree(200 + t, LSHAPES, np.float32) for t in range(5)]
   got = run_orthax(orthax.lanton(0.02, nuclear='svd', adam_learning_rate=0.02),
                    params, grads)
-  ref = LantonRef(make_tree(1, LSHAPES), 0.02)
+  ref = LantonRef(make_tree(1, LSHAPES), 0.02, wd=0.4)  # the default λ
   for t in range(5):
     want = ref.step(make_tree(200 + t, LSHAPES))
   for k, w in want.items():
@@ -151,7 +152,7 @@ def test_nuclear_evaluators_agree():
 
 def test_zero_gradients_give_zero_updates():
   params = jax.tree.map(jnp.asarray, make_tree(4, LSHAPES, np.float32))
-  tx = orthax.lanton()
+  tx = orthax.lanton(weight_decay=0.0)  # a decay steps zero gradients
   assert_zero_updates(tx, params, steps=3)
 
 

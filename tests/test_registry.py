@@ -25,7 +25,7 @@ DEFAULT_LEARNING_RATES = {
     'normuon': (0.04, 3e-3),
     'namo': (0.16, 3e-3),
     'namo_d': (0.11, 3e-3),
-    'lanton': (0.08, 3e-3),
+    'lanton': (0.226, 3e-3),
     'root': (0.0196, 0.0196),  # its RMS-matched step shares the rate
     'auon': (0.08, 3e-3),
     'hybrid_auon': (0.056, 3e-3),
@@ -33,7 +33,7 @@ DEFAULT_LEARNING_RATES = {
     'fismo': (0.04, 3e-3),
     'aro': (0.08, 3e-3),
     'dct_adamw': (1.5, 0.0085),
-    'trion': (0.08, 3e-3),
+    'trion': (0.16, 3e-3),
 }
 
 REFERENCES = {
@@ -154,7 +154,9 @@ MODE_DECAY = [('muon', 'orthax', 0.1), ('muon', 'keller', 0.0),
               ('hybrid_auon', 'paper', 0.0), ('auon', 'orthax', 0.0),
               ('auon', 'repo', 0.0), ('aro', 'orthax', 0.2),
               ('aro', 'dion', 0.01), ('root', 'orthax', 0.2),
-              ('root', 'repo', 0.1), ('fismo', None, 0.0)]
+              ('root', 'repo', 0.1), ('fismo', None, 0.0),
+              ('lanton', None, 0.4), ('trion', 'orthax', 0.2),
+              ('trion', 'ista', 0.0)]
 # Other mode-dependent defaults, (recipe, mode, keyword, value).
 MODE_DEFAULTS = [(n, r, 'weight_decay', v) for n, r, v in MODE_DECAY] + [
     ('spectra', 'orthax', 'c', 2.0), ('spectra', 'repo', 'c', 10.0)]

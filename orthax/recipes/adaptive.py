@@ -216,7 +216,7 @@ def signum_labels(router, pattern: str = SIGNUM_PATTERN):
 
 @registry.register('lanton', adam_learning_rate=3e-3)
 def lanton(
-    learning_rate: optax.ScalarOrSchedule = 0.08,
+    learning_rate: optax.ScalarOrSchedule = 0.226,
     *,
     beta: float = 0.95,
     beta2: float = 0.99,
@@ -230,7 +230,7 @@ def lanton(
     ns_steps: int | None = None,
     ns_dtype: Any = None,
     ns_method: str = 'auto',
-    weight_decay: float = 0.0,
+    weight_decay: float = 0.4,
     mu_dtype: Any = None,
     signum_learning_rate: optax.ScalarOrSchedule | None = None,
     signum_beta: float = 0.95,
@@ -273,8 +273,9 @@ def lanton(
   the embedded corpus at 2.089 (η = 0.02; AdamW 1.678); at 3e-3 it
   reached 1.778 with η = 0.08 (d_model 128, 200 steps, seed 0). Norm
   scales and biases: AdamW.
-  The defaults (β = 0.95, β2 = 0.99, ε = 1e-8, λ = 0) are this library's
-  choice, not the paper's. The nuclear norm of the gradient difference
+  The defaults (β = 0.95, β2 = 0.99, ε = 1e-8; η = 0.226 and λ = 0.4 from
+  the learning-rate sweep on the embedded corpus, README) are this
+  library's choice, not the paper's. The nuclear norm of the gradient difference
   defaults to the bound ``sqrt(min(m, n))·‖X‖_F`` (``nuclear='frobenius'``):
   tight up to a constant for the flat spectra of gradient noise, and free,
   where ``⟨X, NS(X)⟩`` (``nuclear='ns'``) costs a second orthogonalization

@@ -15,14 +15,16 @@ from orthax.recipes import registry
 from orthax.transforms import dct_adam
 from orthax.transforms import trion as trion_lib
 
-# 'ista': the reference's arithmetic and rates (IST-DASLab/
+# 'ista': the reference's arithmetic, rates and weight decay (IST-DASLab/
 # ISTA-DASLab-Optimizers @4c98e6e fft_low_rank/trion.py); 'orthax': its
-# arithmetic at the sweep's rates.
-_TRION_REFERENCES = ('orthax', 'ista')
+# arithmetic at the sweep's rate and decay (README). weight_decay=None takes
+# the mode's.
+_TRION_REFERENCES = {'orthax': dict(weight_decay=0.2),
+                     'ista': dict(weight_decay=0.0)}
 
 
 @registry.register(
-    'trion', references=_TRION_REFERENCES, learning_rate=0.08,
+    'trion', references=tuple(_TRION_REFERENCES), learning_rate=0.16,
     adam_learning_rate=3e-3, mode_rates={'ista': registry.ModeRates(
         0.02, 3e-4, 'IST-DASLab/ISTA-DASLab-Optimizers @4c98e6e '
         'fft_low_rank/trion.py: Trion lr, Adam lr')})
@@ -34,7 +36,7 @@ def trion(
     beta: float = 0.95,
     scaling: str = 'kj',
     ns_dtype: Any = None,
-    weight_decay: float = 0.0,
+    weight_decay: float | None = None,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: float = 0.9,
     adam_b2: float = 0.95,
@@ -61,7 +63,7 @@ def trion(
   ``c`` is the shape scale of ``scaling`` (see
   :func:`orthax.transforms.scale_by_trion`). Vectors, embeddings and heads
   go to Adam (bias-corrected, betas ``(0.9, 0.95)``, ``eps=1e-10``, at
-  ``adam_learning_rate``, default ``0.0375·learning_rate``, or
+  ``adam_learning_rate``, default ``0.01875·learning_rate``, or
   ``learning_rate`` under ``scaling='kimi'``; ``reference='ista'``:
   ``0.015·learning_rate``, the reference's ``3e-4`` at its ``0.02``). The state per matrix is ``B`` (as Muon's momentum); on a mesh
   it stays on the device that owns the matrix.
@@ -75,11 +77,12 @@ def trion(
   ``scaling_type``: here a quarter of the smaller side and ``'kj'``. It
   runs Newton–Schulz in bfloat16 (``ns_dtype=jnp.bfloat16``); the default
   here is float32. ``reference='orthax'`` (the default) is the same
-  arithmetic at the sweep's rates, 0.08 with the Adam branch at 3e-3.
+  arithmetic at the sweep's rate and decay: 0.16 and λ = 0.2, with the
+  Adam branch at 3e-3.
 
   Args:
     learning_rate: η for the matrices (number or schedule); default: the
-      mode's, 0.08 for ``'orthax'`` (the sweep's best at d_model 128 and
+      mode's, 0.16 for ``'orthax'`` (the sweep's best at d_model 128 and
       256, README) and 0.02 for ``'ista'``.
     reference: ``'orthax'`` (default) or ``'ista'``.
     rank: ``r``: an ``int``, or a ``float`` in ``(0, 1]``, a fraction of the
@@ -88,10 +91,12 @@ def trion(
     beta: μ, the momentum (error-feedback) coefficient.
     scaling: ``'kj'``, ``'none'``, ``'kimi'`` or ``'dion'``.
     ns_dtype: dtype of the Newton–Schulz iteration.
-    weight_decay: λ, decoupled (``W(1-ηλ)``).
+    weight_decay: λ, decoupled (``W(1-ηλ)``); default: the mode's, 0.2
+      for ``'orthax'`` (the sweep's, README) and the reference's 0 for
+      ``'ista'``.
     adam_learning_rate: Adam's learning rate (default: ``learning_rate``
-      under ``scaling='kimi'``, else ``0.0375·learning_rate``, 3e-3 at
-      the default 0.08 (``'ista'``: ``0.015·learning_rate``): see
+      under ``scaling='kimi'``, else ``0.01875·learning_rate``, 3e-3 at
+      the default 0.16 (``'ista'``: ``0.015·learning_rate``): see
       :func:`orthax.recipes.resolve_adam_learning_rate`). The trainer's
       default, registered with the recipe, is ``3e-3`` as for every recipe:
       the reference's ``3e-4`` left the trainer's 24-step test model 0.6
@@ -118,6 +123,8 @@ def trion(
   _validate.arguments('trion', trion, locals())
   reference, learning_rate = registry.resolve_mode('trion', reference,
                                                    learning_rate)
+  if weight_decay is None:
+    weight_decay = _TRION_REFERENCES[reference]['weight_decay']
   rank, _, _ = dct_adam.check_structure('trion', rank, None, None)
   if scaling not in MS.TRION_SCALINGS:
     raise ValueError(f'trion: scaling must be one of '
