@@ -149,20 +149,21 @@ def test_schedules(case):
 
 @cases
 def test_converges_on_quadratic(case):
-  case, cfg = _conv(case)
+  case, cfg = _conv(case, 'quadratic')
   convergence.check_quadratic(case.make, **cfg)
 
 
 @cases
 def test_converges_on_least_squares(case):
-  case, cfg = _conv(case)
+  case, cfg = _conv(case, 'least_squares')
   convergence.check_least_squares(case.make, **cfg)
 
 
-def _conv(case):
+def _conv(case, problem):
+  """The case with the problem's extra keywords, and its schedule."""
   cfg = convergence.convergence_config(case.name,
                                       dict(case.kwargs).get('reference'))
-  case = contract.Case(case.name, case.kwargs + cfg['kwargs'])
+  case = contract.Case(case.name, case.kwargs + cfg[f'{problem}_kwargs'])
   return case, dict(peak_lr=cfg['peak_lr'], steps=cfg['steps'])
 
 

@@ -271,11 +271,12 @@ def lanton(
   proportion to η), not η: Signum at η moved every embedding entry by the
   matrices' rate at each step, and held LANTON's best validation loss on
   the embedded corpus at 2.089 (η = 0.02; AdamW 1.678); at 3e-3 it
-  reached 1.778 with η = 0.08 (d_model 128, 200 steps, seed 0). Norm
+  reached 1.778 with η = 0.08 (λ = 0; d_model 128, 200 steps, seed 0). Norm
   scales and biases: AdamW.
   The defaults (β = 0.95, β2 = 0.99, ε = 1e-8; η = 0.226 and λ = 0.4 from
   the learning-rate sweep on the embedded corpus, README) are this
-  library's choice, not the paper's. The nuclear norm of the gradient difference
+  library's choice, not the paper's. Only the matrices decay (the AdamW
+  branch at ``adam_weight_decay``, default 0; Signum not at all). The nuclear norm of the gradient difference
   defaults to the bound ``sqrt(min(m, n))·‖X‖_F`` (``nuclear='frobenius'``):
   tight up to a constant for the flat spectra of gradient noise, and free,
   where ``⟨X, NS(X)⟩`` (``nuclear='ns'``) costs a second orthogonalization

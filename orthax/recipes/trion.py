@@ -78,7 +78,7 @@ def trion(
   runs Newton–Schulz in bfloat16 (``ns_dtype=jnp.bfloat16``); the default
   here is float32. ``reference='orthax'`` (the default) is the same
   arithmetic at the sweep's rate and decay: 0.16 and λ = 0.2, with the
-  Adam branch at 3e-3.
+  Adam branch at 3e-3 (both branches decay by λ).
 
   Args:
     learning_rate: η for the matrices (number or schedule); default: the
