@@ -165,8 +165,11 @@ def test_factors_stay_symmetric_with_trace_m_and_n():
 def test_huge_damping_is_muon_with_ema_momentum_without_nesterov():
   params = trees.mixed_params()
   grads = trees.grads_for(params, steps=3)
-  fis = orthax.fismo(0.02, damping=1e14)
-  muon = orthax.muon(0.02, nesterov=False, weight_decay=0.0)  # FISMO's 0
+  # Both branches' rates and decays given: the recipes' defaults differ.
+  same = dict(weight_decay=0.2, adam_learning_rate=1.5e-3,
+              adam_weight_decay=0.0)
+  fis = orthax.fismo(0.02, damping=1e14, **same)
+  muon = orthax.muon(0.02, nesterov=False, **same)
   sf, sm = fis.init(params), muon.init(params)
   for g in grads:
     uf, sf = jax.jit(fis.update)(g, sf, params)

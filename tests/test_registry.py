@@ -30,7 +30,7 @@ DEFAULT_LEARNING_RATES = {
     'auon': (0.08, 3e-3),
     'hybrid_auon': (0.056, 3e-3),
     'spectra': (0.03, None),
-    'fismo': (0.04, 3e-3),
+    'fismo': (0.056, 3e-3),
     'aro': (0.08, 3e-3),
     'dct_adamw': (1.5, 0.0085),
     'trion': (0.16, 3e-3),
@@ -154,7 +154,7 @@ MODE_DECAY = [('muon', 'orthax', 0.1), ('muon', 'keller', 0.0),
               ('hybrid_auon', 'paper', 0.0), ('auon', 'orthax', 0.0),
               ('auon', 'repo', 0.0), ('aro', 'orthax', 0.2),
               ('aro', 'dion', 0.01), ('root', 'orthax', 0.2),
-              ('root', 'repo', 0.1), ('fismo', None, 0.0),
+              ('root', 'repo', 0.1), ('fismo', None, 0.2),
               ('lanton', None, 0.4), ('trion', 'orthax', 0.2),
               ('trion', 'ista', 0.0)]
 # Other mode-dependent defaults, (recipe, mode, keyword, value).
