@@ -143,7 +143,7 @@ def main():
   rows, t_one = muon_rows(bench_update, args.steps, ns_dtype)
   # The update outside Newton–Schulz: the one-step update, less one step's
   # share of the difference to the standard update.
-  t_standard = rows[1][2]
+  t_standard = next(t for _, key, t, _ in rows if key == 'standard')
   t_outside = t_one - (t_standard - t_one) / max(args.steps - 1, 1)
   err = polar_errors(grads, args.steps, ns_dtype)
   # The ceiling: a large square product in the iteration's dtype.

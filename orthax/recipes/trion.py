@@ -123,8 +123,8 @@ def trion(
   _validate.arguments('trion', trion, locals())
   reference, learning_rate = registry.resolve_mode('trion', reference,
                                                    learning_rate)
-  if weight_decay is None:
-    weight_decay = _TRION_REFERENCES[reference]['weight_decay']
+  d = _TRION_REFERENCES[reference]
+  weight_decay = d['weight_decay'] if weight_decay is None else weight_decay
   rank, _, _ = dct_adam.check_structure('trion', rank, None, None)
   if scaling not in MS.TRION_SCALINGS:
     raise ValueError(f'trion: scaling must be one of '
