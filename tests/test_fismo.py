@@ -1,6 +1,6 @@
 """FISMO (ALGORITHMS.md §13.2, a reconstruction): a float64 NumPy
 transcription of the rule, the huge-damping limit (Muon with EMA momentum,
-no Nesterov), the factors' invariants, and the recipe on 8 fake devices
+with and without Nesterov), the factors' invariants, and the recipe on 8 fake devices
 (``fismo_cases.py``)."""
 
 from __future__ import annotations
@@ -60,9 +60,10 @@ class FismoRef:
   """§13.2.1 on one PyTorch-layout matrix ``G`` (m×n), float64."""
 
   def __init__(self, m, n, beta, gamma, mu, floor=1e-6, scale=1.0,
-               every=1):
+               every=1, nesterov=False):
     self.p, self.q, self.mom = np.eye(m), np.eye(n), np.zeros((m, n))
     self.beta, self.gamma, self.mu, self.floor = beta, gamma, mu, floor
+    self.nesterov = nesterov
     self.scale, self.every, self.t = scale, every, 0
     # Inverse roots as of the last refresh (``every`` > 1 only).
     self.roots = {'p': (np.eye(m), np.eye(m)), 'q': (np.eye(n), np.eye(n))}
@@ -86,8 +87,12 @@ class FismoRef:
     right = g.T @ p_inv @ g / m
     self.q = _factor(self.q, right, self.gamma, self.mu)
     _, qr = self._roots('q', self.q)
-    self.mom = self.beta * self.mom + (1 - self.beta) * pr @ g @ qr
-    return self.scale * pr @ _ns(self.mom) @ qr
+    white = pr @ g @ qr
+    self.mom = self.beta * self.mom + (1 - self.beta) * white
+    look = self.mom
+    if self.nesterov:
+      look = self.beta * self.mom + (1 - self.beta) * white
+    return self.scale * pr @ _ns(look) @ qr
 
 
 def _torch(x, spec):
@@ -105,11 +110,13 @@ def _grads(seed, dtype):
 SPECS = {k: spec for k, (_, spec) in LEAVES.items()}
 
 
-@pytest.mark.parametrize('every', [1, 3])
-def test_matches_float64_transcription(x64, every):
+@pytest.mark.parametrize('every,nesterov', [(1, False), (3, False),
+                                             (1, True), (3, True)])
+def test_matches_float64_transcription(x64, every, nesterov):
   beta, gamma, mu = 0.9, 0.8, 0.05
   tx = orthax.transforms.scale_by_fismo(beta, gamma, mu, matrix_specs=SPECS,
-                                        precondition_every=every)
+                                        precondition_every=every,
+                                        nesterov=nesterov)
   state = tx.init(_grads(0, jnp.float64))
   refs = {}
   step = jax.jit(tx.update)
@@ -123,7 +130,7 @@ def test_matches_float64_transcription(x64, every):
         m, n = gm.shape
         ref = refs.setdefault((k, b), FismoRef(
             m, n, beta, gamma, mu, scale=np.sqrt(max(1.0, m / n)),
-            every=every))
+            every=every, nesterov=nesterov))
         want.append(ref.step(gm))
       want = np.stack(want)
       err = np.linalg.norm(got - want) / np.linalg.norm(want)
@@ -162,14 +169,15 @@ def test_factors_stay_symmetric_with_trace_m_and_n():
     assert np.linalg.norm(p - np.eye(len(p))) > 1e-2  # they moved
 
 
-def test_huge_damping_is_muon_with_ema_momentum_without_nesterov():
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_huge_damping_is_muon_with_ema_momentum(nesterov):
   params = trees.mixed_params()
   grads = trees.grads_for(params, steps=3)
   # Both branches' rates and decays given: the recipes' defaults differ.
   same = dict(weight_decay=0.2, adam_learning_rate=1.5e-3,
-              adam_weight_decay=0.0)
+              adam_weight_decay=0.0, nesterov=nesterov)
   fis = orthax.fismo(0.02, damping=1e14, **same)
-  muon = orthax.muon(0.02, nesterov=False, **same)
+  muon = orthax.muon(0.02, **same)
   sf, sm = fis.init(params), muon.init(params)
   for g in grads:
     uf, sf = jax.jit(fis.update)(g, sf, params)

@@ -11,11 +11,12 @@ one step (Gauss–Seidel order: ``P`` first, with the old ``Q``):
    R &= G^\top P^{-1} G / m + μ\,\mathrm{tr}(Q)/n\,I_n,\quad
    Q \leftarrow \mathrm{sym}\bigl(n\,\tilde Q/\mathrm{tr}\tilde Q\bigr),\
    \tilde Q = γQ + (1-γ)R \\
-   M &\leftarrow βM + (1-β)\,P^{-1/2} G Q^{-1/2},\qquad
-   ΔW = c\,P^{-1/2}\,\mathrm{Polar}(M)\,Q^{-1/2}
+   M &\leftarrow βM + (1-β)\,\tilde G,\quad \tilde G = P^{-1/2} G Q^{-1/2},
+   \qquad ΔW = c\,P^{-1/2}\,\mathrm{Polar}(V)\,Q^{-1/2}
 
-(``sym(X) = (X + Xᵀ)/2``; ``Polar`` by Newton–Schulz; ``c`` a Muon-style
-shape scale). A stage sees the Flax kernel ``K = Gᵀ`` (``[k, fan_in,
+(``sym(X) = (X + Xᵀ)/2``; ``Polar`` by Newton–Schulz; ``V = M``, or the
+Nesterov look-ahead ``V = βM + (1-β)G̃`` with ``nesterov``; ``c`` a
+Muon-style shape scale). A stage sees the Flax kernel ``K = Gᵀ`` (``[k, fan_in,
 fan_out]``), so it computes the transposed quantities: ``Kᵀ Q⁻¹ K``, ``K P⁻¹
 Kᵀ``, ``Q^{-1/2} K P^{-1/2}`` and keeps ``M`` as ``fan_in × fan_out``.
 Inverses and inverse square roots come from ``jnp.linalg.eigh`` with the
@@ -128,6 +129,7 @@ class FismoStep(MatrixStage):
   ns_method: str = static('auto')
   scale: str = static('keller')
   precondition_every: int = static(1)
+  nesterov: bool = static(False)
 
   def __post_init__(self):
     check_scale_mode(self.scale)
@@ -204,8 +206,10 @@ class FismoStep(MatrixStage):
     q_isqrt = self._inverse_root(q, state, 'q_isqrt')
     white = jnp.einsum('bij,bja->bia', q_isqrt, y) / unit
     mom = self.beta * state['m'] + (1 - self.beta) * white
+    look = (self.beta * mom + (1 - self.beta) * white if self.nesterov
+            else mom)
     pol = _dispatch.orthogonalize_stack(
-        mom, self.preset, steps=self.ns_steps, eps=self.ns_eps,
+        look, self.preset, steps=self.ns_steps, eps=self.ns_eps,
         method=self.ns_method)
     out = jnp.einsum('bij,bja,bac->bic', q_isqrt, pol, p_isqrt)
     out = out * shape_factor(n, m, self.scale, self.scale_rms)

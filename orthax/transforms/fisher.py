@@ -27,6 +27,7 @@ def scale_by_fismo(
     ns_method: str = 'auto',
     scale: str = 'keller',
     scale_rms: float = 0.2,
+    nesterov: bool = False,
     matrix_specs: _tree.SpecsLike = None,
     distributed: sharding.Distributed | None = None,
 ) -> optax.GradientTransformation:
@@ -41,10 +42,11 @@ def scale_by_fismo(
        γP + (1-γ)\bigl(GQ^{-1}G^\top/n + μ\,\mathrm{tr}(P)/m\,I\bigr) \\
      Q &\leftarrow \mathrm{sym}(n\tilde Q/\mathrm{tr}\tilde Q),\ \tilde Q =
        γQ + (1-γ)\bigl(G^\top P^{-1}G/m + μ\,\mathrm{tr}(Q)/n\,I\bigr) \\
-     M &\leftarrow βM + (1-β)P^{-1/2}GQ^{-1/2},\qquad
-     U = c\,P^{-1/2}\,\mathrm{NS}(M)\,Q^{-1/2}
+     M &\leftarrow βM + (1-β)\tilde G,\quad \tilde G = P^{-1/2}GQ^{-1/2},
+     \qquad U = c\,P^{-1/2}\,\mathrm{NS}(V)\,Q^{-1/2}
 
-  (``P`` with the old ``Q``, then ``Q`` with the new ``P``; ``c`` the
+  (``V = M``, or ``V = βM + (1-β)G̃`` with ``nesterov``; ``P`` with the old
+  ``Q``, then ``Q`` with the new ``P``; ``c`` the
   ``scale`` mode's factor, :func:`orthax.scale_by_shape`). The step runs
   instead of Newton–Schulz, on whole matrices
   (:class:`orthax.matrix_stages.FismoStep`); its state lives in slots, on
@@ -52,7 +54,7 @@ def scale_by_fismo(
   direction: chain ``optax.scale_by_learning_rate``.
 
   Args:
-    beta: momentum β (EMA, no Nesterov, no bias correction).
+    beta: momentum β (EMA, no bias correction).
     gamma: EMA rate γ of the factors ``P`` and ``Q``.
     damping: μ, added as ``μ·tr(P)/m·I``; absolute, so compared with
       ``‖G‖²/(mn)`` (the method is not invariant to the gradient's scale).
@@ -73,6 +75,9 @@ def scale_by_fismo(
     scale: shape scale, ``'keller'``, ``'moonlight'``, ``'spectral'`` or
       ``'none'``.
     scale_rms: RMS target of the ``moonlight`` scale.
+    nesterov: orthogonalize the Nesterov look-ahead ``βM + (1-β)G̃``
+      instead of ``M`` (default ``False``, the paper's Algorithm 1 as
+      summarised; :func:`orthax.fismo` turns it on).
     matrix_specs: as in :func:`orthax.orthogonalize`.
     distributed: an :class:`orthax.sharding.Distributed`: each device steps
       whole matrices and keeps their ``P``, ``Q``, ``M``.
@@ -97,7 +102,7 @@ def scale_by_fismo(
     return matrix_stages.FismoStep(
         beta, gamma, damping, eig_floor, ns_steps, ns_eps, scale_rms,
         count=count, preset=preset, ns_method=ns_method, scale=scale,
-        precondition_every=every)
+        precondition_every=every, nesterov=nesterov)
 
   make(None)  # bad modes fail here, not at the first update
 
