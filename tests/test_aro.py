@@ -70,12 +70,14 @@ class AroRef:
   Mᵀ: C = A f(RᵀA)ᵀ, R ← Q(C), U = R f(RᵀA); W ← W(1-ηλ) - η c U. The
   AdamW leaves: optax-form AdamW (0.9, 0.95, 1e-8). ``guard``: where A
   has more rows than columns, what exact arithmetic gives (the float
-  result is roundoff there, §13.1.4a)."""
+  result is roundoff there, §13.1.4a). ``nesterov``: A is made of the
+  look-ahead μM + (1-μ)G instead of M (the library mode's)."""
 
-  def __init__(self, params, base, qr, rotate, scale, adam_wd, guard=True):
+  def __init__(self, params, base, qr, rotate, scale, adam_wd, guard=True,
+               nesterov=False):
     self.p = flat(params)
     self.base, self.qr, self.rotate, self.scale = base, qr, rotate, scale
-    self.guard = guard
+    self.guard, self.nesterov = guard, nesterov
     self.M, self.R, self.adam = {}, {}, {}
     for k, w in self.p.items():
       if w.ndim >= 2:
@@ -117,9 +119,11 @@ class AroRef:
     self.t += 1
     gs = flat(grads)
     for k in self.M:
-      self.M[k] = 0.95 * self.M[k] + 0.05 * self.torch(k, gs[k])
+      g = self.torch(k, gs[k])
+      self.M[k] = 0.95 * self.M[k] + 0.05 * g
+      look = 0.95 * self.M[k] + 0.05 * g if self.nesterov else self.M[k]
       w = self.torch(k, self.p[k])
-      for i, mom in enumerate(self.M[k]):
+      for i, mom in enumerate(look):
         m, n = mom.shape
         rows, _ = self.side(m, n)
         a = mom if rows else mom.T
@@ -206,9 +210,24 @@ def test_matches_float64_transcription(x64, reference, base, qr, scale,
                             scale=scale, stable=not raw)
   ref = AroRef(params, base, qr, 'fan_out' if reference == 'dion'
                else 'smaller', scale, WD if reference == 'dion' else 0.0,
-               guard=not raw)
+               guard=not raw, nesterov=reference == 'orthax')
   _check(got, [ref.step(g) for g in grads], params,
          f'aro {reference} {base} {qr} {scale}')
+
+
+@pytest.mark.parametrize('reference', ['orthax', 'dion'])
+def test_nesterov_overrides_the_mode(x64, reference):
+  """Each mode with the other mode's momentum: 'orthax' without the
+  look-ahead, 'dion' with it."""
+  keys = DION_WELL_POSED
+  nesterov = reference == 'dion'
+  got, params, grads = _run(keys, reference=reference, nesterov=nesterov)
+  d = reference == 'dion'
+  ref = AroRef(params, 'sinkhorn', 'householder',
+               'fan_out' if d else 'smaller', 'rms_norm' if d else 'muon',
+               WD if d else 0.0, nesterov=nesterov)
+  _check(got, [ref.step(g) for g in grads], params,
+         f'aro {reference} nesterov={nesterov}')
 
 
 def test_rotate_fan_in_matches_transcription(x64):

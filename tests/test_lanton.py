@@ -19,14 +19,16 @@ LSHAPES = {**SHAPES, 'embed/embedding': (40, 16), 'lm_head/kernel': (16, 40)}
 
 
 class LantonRef:
-  """Hidden kernels: EMA momentum, D = sqrt(m/n)·NS(B) (torch m×n), noise
+  """Hidden kernels: EMA momentum, D = sqrt(m/n)·NS(V) (torch m×n; V the
+  Nesterov look-ahead βB + (1-β)G, or B without it), noise
   H ← β2 H + (1-β2)(sqrt(m/n)‖X‖_*)², layer rates; embed/head: Signum;
   the rest: optax AdamW."""
 
   def __init__(self, params, lr, wd=0.0, beta=0.95, beta2=0.99, eps=1e-8,
                nuclear='svd', difference='previous', normalization='group_max',
-               alpha=1.0):
+               alpha=1.0, nesterov=True):
     self.p = flat(params)
+    self.nesterov = nesterov
     self.lr, self.wd, self.b, self.b2, self.eps = lr, wd, beta, beta2, eps
     self.nuc, self.diff, self.norm, self.alpha = (nuclear, difference,
                                                   normalization, alpha)
@@ -55,9 +57,13 @@ class LantonRef:
     for k in self.B:
       g = torch_mats(gs[k])
       self.B[k] = self.b * self.B[k] + (1 - self.b) * g
-      partner = self.prev[k] if self.diff == 'previous' else self.B[k]
+      look = self.B[k]
+      if self.nesterov:
+        look = self.b * self.B[k] + (1 - self.b) * g
+      # The momentum stage's output is the difference partner of 'momentum'.
+      partner = self.prev[k] if self.diff == 'previous' else look
       m, n = g.shape[1:]
-      dirs[k] = np.stack([np.sqrt(m / n) * ns(b) for b in self.B[k]])
+      dirs[k] = np.stack([np.sqrt(m / n) * ns(b) for b in look])
       if seen > 0:
         dual = np.array([np.sqrt(m / n) * self.nuclear(x)
                          for x in g - partner])
@@ -87,11 +93,16 @@ class LantonRef:
 
 CASES = [dict(nuclear='svd'),
          dict(nuclear='ns', difference='momentum', normalization='absolute',
-              alpha=0.5, weight_decay=0.1)]
+              alpha=0.5, weight_decay=0.1),
+         dict(nuclear='svd', nesterov=False),
+         dict(nuclear='svd', difference='momentum', normalization='absolute',
+              nesterov=False)]
 
 
 @pytest.mark.parametrize('kw', CASES, ids=['svd-previous-groupmax',
-                                           'ns-momentum-absolute'])
+                                           'ns-momentum-absolute',
+                                           'no-nesterov',
+                                           'no-nesterov-momentum-absolute'])
 def test_matches_float64_transcription(x64, kw):
   params = make_tree(0, LSHAPES)
   grads = [make_tree(100 + t, LSHAPES) for t in range(6)]

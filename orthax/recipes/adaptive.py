@@ -219,6 +219,7 @@ def lanton(
     learning_rate: optax.ScalarOrSchedule = 0.226,
     *,
     beta: float = 0.95,
+    nesterov: bool = True,
     beta2: float = 0.99,
     eps: float = 1e-8,
     difference: str = 'previous',
@@ -254,7 +255,7 @@ def lanton(
 
   .. math::
      B &\leftarrow β B + (1-β) G,\qquad
-     D = \sqrt{d_\mathrm{out}/d_\mathrm{in}}\;\mathrm{NS}(B)
+     D = \sqrt{d_\mathrm{out}/d_\mathrm{in}}\;\mathrm{NS}(βB + (1-β)G)
         \quad(\text{RMS→RMS LMO})\\
      H_ℓ &\leftarrow β_2 H_ℓ + (1-β_2)\big(\sqrt{d_\mathrm{out}/d_\mathrm{in}}
         \,\|G_t-G_{t-1}\|_*\big)^2,\qquad
@@ -273,10 +274,15 @@ def lanton(
   the embedded corpus at 2.089 (η = 0.02; AdamW 1.678); at 3e-3 it
   reached 1.778 with η = 0.08 (λ = 0; d_model 128, 200 steps, seed 0). Norm
   scales and biases: AdamW.
-  The defaults (β = 0.95, β2 = 0.99, ε = 1e-8; η = 0.226 and λ = 0.4 from
-  the learning-rate sweep on the embedded corpus, README) are this
-  library's choice, not the paper's. Only the matrices decay (the AdamW
-  branch at ``adam_weight_decay``, default 0; Signum not at all). The
+  The LMO takes Nesterov's look-ahead ``βB + (1-β)G``, as Muon does
+  (``nesterov=True``); ``nesterov=False`` gives it ``B``, the established
+  Scion/Gluon step. The noise statistic does not see the look-ahead (with
+  ``difference='momentum'`` it does: ``B_t`` is then the momentum stage's
+  output). The defaults (β = 0.95, β2 = 0.99, ε = 1e-8; η = 0.226, λ = 0.4
+  and the look-ahead from the learning-rate sweep on the embedded corpus,
+  README) are this library's choice, not the paper's. Only the matrices
+  decay (the AdamW branch at ``adam_weight_decay``, default 0; Signum not at
+  all). The
   nuclear norm of the gradient difference defaults to the bound
   ``sqrt(min(m, n))·‖X‖_F`` (``nuclear='frobenius'``): tight up to a constant for the flat spectra of gradient noise, and free,
   where ``⟨X, NS(X)⟩`` (``nuclear='ns'``) costs a second orthogonalization
@@ -295,7 +301,7 @@ def lanton(
                                         distributed=distributed,
                                         then=[MS.ScaleByShape('spectral')])))
   matrix = optax.named_chain(('layerwise_noise_adapt', T.layerwise_noise_adapt(
-      T.momentum(beta, form='ema', nesterov=False,
+      T.momentum(beta, form='ema', nesterov=nesterov,
                  accumulator_dtype=mu_dtype),
       direction, learning_rate=learning_rate, beta2=beta2, eps=eps,
       dual_norm='nuclear', difference=difference,

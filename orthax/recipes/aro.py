@@ -18,9 +18,9 @@ from orthax.transforms import aro as aro_lib
 # and scale=None take it from here).
 _ARO_REFERENCES = {
     'orthax': dict(rotate='smaller', scale='muon', qr='auto',
-                   weight_decay=0.2, adam_shares_wd=False),
+                   weight_decay=0.2, adam_shares_wd=False, nesterov=True),
     'dion': dict(rotate='fan_out', scale='rms_norm', qr='householder',
-                 weight_decay=0.01, adam_shares_wd=True),
+                 weight_decay=0.01, adam_shares_wd=True, nesterov=False),
 }
 
 
@@ -41,6 +41,7 @@ def aro(
     *,
     reference: str = 'orthax',
     beta: float = 0.95,
+    nesterov: bool | None = None,
     base: str = 'sinkhorn',
     qr: str | None = None,
     rotate: str | None = None,
@@ -65,9 +66,9 @@ def aro(
   at first) and ``f`` the base map:
 
   .. math::
-     M_t &= β M_{t-1} + (1-β) G_t \\
-     R_t &= \mathrm{qr}\big(M_t\, f(R_{t-1}^\top M_t)^\top\big)_Q,\qquad
-     U_t = R_t\, f(R_t^\top M_t) \\
+     M_t &= β M_{t-1} + (1-β) G_t,\qquad V_t = β M_t + (1-β) G_t \\
+     R_t &= \mathrm{qr}\big(V_t\, f(R_{t-1}^\top V_t)^\top\big)_Q,\qquad
+     U_t = R_t\, f(R_t^\top V_t) \\
      W_t &= W_{t-1}(1 - ηλ) - η\,c\,U_t
 
   ``f = 'sinkhorn'``: 5 alternating passes ``X ← X√t/max(‖row‖, 10⁻⁸)``,
@@ -80,7 +81,9 @@ def aro(
   width: 1.25e-3 at d_model 128 and 6.25e-4 at 256 on the embedded
   corpus), ``'update_rms'`` ``0.2/RMS(U)`` (the paper's form),
   ``'spectral_norm'`` ``√(m/n)`` or ``'none'`` 1 (``m`` fan-out, ``n``
-  fan-in). No Nesterov, no bias correction; the decay uses the unscaled
+  fan-in). ``V`` is Nesterov's look-ahead (``nesterov=True``, the
+  ``'orthax'`` mode's); with ``nesterov=False`` (``'dion'``'s) ``V = M``,
+  as in the paper and dion. No bias correction; the decay uses the unscaled
   ``η``. As in Muon, the step's size does not follow the gradient's: ``f``
   normalizes, so a gradient 10⁻⁶ times smaller gives the same step; far
   smaller, where the ``10⁻⁸`` floors of ``f`` bind (10⁻⁹ here), the
@@ -106,8 +109,11 @@ def aro(
   reference's floating-point arithmetic, roundoff and all. The default
   ``'orthax'`` mode rotates the **smaller** side, where the question does
   not arise; it also costs fewer FLOPs (``O(s²t)`` with ``s ≤ t``) and
-  keeps a smaller ``R``; it sizes the step as Muon does (``'muon'``); and
-  it picks the QR by platform (``qr='auto'``): off CPU Cholesky QR3
+  keeps a smaller ``R``; it sizes the step as Muon does (``'muon'``); it
+  rotates and normalizes Nesterov's look-ahead, as Muon orthogonalizes it
+  (two seeds, at d_model 128 / 256: 1.4395 / 1.3934 against 1.4634 /
+  1.4167 without, and AdamW's best loss in 0.51× / 0.52× of its steps
+  against 0.60× / 0.59×); and it picks the QR by platform (``qr='auto'``): off CPU Cholesky QR3
   (matrix products, Householder's ``Q`` up to column signs), which on a
   GPU is over 100× faster than cuSOLVER's Householder QR of a stack; on
   CPU LAPACK's Householder QR, the faster there. On a CPU with few cores,
@@ -122,6 +128,9 @@ def aro(
       0.2, README) and 0.01 for ``'dion'``.
     reference: ``'orthax'`` (default) or ``'dion'``.
     beta: momentum β (dion's ``mu``).
+    nesterov: rotate and normalize the look-ahead ``βM + (1-β)G`` instead
+      of ``M`` (default: the mode's; ``True`` for ``'orthax'``, ``False``
+      for ``'dion'``).
     base: ``'sinkhorn'``, ``'row_norm'`` or ``'sign'``.
     qr: ``'cholesky_qr3'`` (matrix products; Householder's ``Q`` up to
       column signs, which ARO's update does not see),
@@ -174,12 +183,13 @@ def aro(
   scale = d['scale'] if scale is None else scale
   qr = d['qr'] if qr is None else qr
   weight_decay = d['weight_decay'] if weight_decay is None else weight_decay
+  nesterov = d['nesterov'] if nesterov is None else nesterov
   _check_choices(base=(base, _rotate.BASES), qr=(qr, _rotate.QR_KINDS),
                  rotate=(rotate, _rotate.ROTATE_SIDES),
                  scale=(scale, aro_lib.SCALES))
   router, specs = _common.route(router)
   matrix = optax.named_chain(
-      ('momentum', T.momentum(beta, form='ema', nesterov=False,
+      ('momentum', T.momentum(beta, form='ema', nesterov=nesterov,
                               accumulator_dtype=mu_dtype)),
       ('aro_rotate', T.aro_rotate(base=base, qr=qr, rotate=rotate,
                                   scale=scale, scale_rms=scale_rms,
