@@ -159,14 +159,16 @@ def test_split_squares_are_the_plain_sum_below_the_threshold():
                                rtol=1e-6)
 
 
-def test_scale_safe_adam_is_optax_and_huge_entries_stay_local():
-  """SPECTRA's AdamW base (``adamw(scale_safe=True)``): optax's AdamW to
-  float32 rounding on ordinary gradients; one entry of 1e35 (``g²`` is
-  ∞ in float32) neither overflows nor changes its neighbours' steps."""
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_scale_safe_adam_is_optax_and_huge_entries_stay_local(nesterov):
+  """SPECTRA's AdamW base (``adamw(scale_safe=True)``, with or without
+  Nesterov): optax's AdamW to float32 rounding on ordinary gradients; one
+  entry of 1e35 (``g²`` is ∞ in float32) neither overflows nor changes its
+  neighbours' steps."""
   import optax  # pylint: disable=g-import-not-at-top
   import orthax  # pylint: disable=g-import-not-at-top
   params = trees.mixed_params()
-  kw = dict(b1=0.8, b2=0.999, eps=1e-8, weight_decay=0.1)
+  kw = dict(b1=0.8, b2=0.999, eps=1e-8, weight_decay=0.1, nesterov=nesterov)
   ours = orthax.transforms.adamw(0.01, scale_safe=True, **kw)
   ref = optax.adamw(0.01, **kw)
   so, sr = ours.init(params), ref.init(params)
@@ -179,8 +181,10 @@ def test_scale_safe_adam_is_optax_and_huge_entries_stay_local():
   # scale-invariant while |g| ≫ ε), its neighbours as in optax.
   huge = {'w': jnp.asarray([1e35, 1e-3, -2e-3, 5e-2], jnp.float32)}
   tame = {'w': huge['w'].at[0].set(1.0)}
-  ours = orthax.transforms.adamw(1.0, scale_safe=True, b2=0.999)
-  ref = optax.adamw(1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+  ours = orthax.transforms.adamw(1.0, scale_safe=True, b2=0.999,
+                                 nesterov=nesterov)
+  ref = optax.adamw(1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                    nesterov=nesterov)
   so, sr = ours.init(huge), ref.init(tame)
   for _ in range(3):
     uo, so = ours.update(huge, so, huge)

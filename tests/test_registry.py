@@ -29,7 +29,7 @@ DEFAULT_LEARNING_RATES = {
     'root': (0.0196, 0.0196),  # its RMS-matched step shares the rate
     'auon': (0.08, 3e-3),
     'hybrid_auon': (0.056, 3e-3),
-    'spectra': (0.03, None),
+    'spectra': (0.0424, None),
     'fismo': (0.056, 3e-3),
     'aro': (0.08, 3e-3),
     'dct_adamw': (1.5, 0.0085),

@@ -158,14 +158,17 @@ def torch_view(k):
 
 
 class SpectraAdamWReference:
-  """SPECTRA(torch.optim.AdamW, post_process='clip', apply_to='all')."""
+  """SPECTRA(torch.optim.AdamW, post_process='clip', apply_to='all');
+  ``nesterov``: its first moment as NAdam's (torch's ``NAdam`` with
+  ``momentum_decay`` → ∞, optax's ``nesterov``):
+  ``m̂ = β₁m/(1-β₁^{t+1}) + (1-β₁)g/(1-β₁^t)``."""
 
-  def __init__(self, params, lr, wd, c, b1, b2, eps, clip):
+  def __init__(self, params, lr, wd, c, b1, b2, eps, clip, nesterov=False):
     self.p = {k: torch_view(v.copy()) for k, v in flat(params).items()}
     self.m = {k: np.zeros_like(v) for k, v in self.p.items()}
     self.v = {k: np.zeros_like(v) for k, v in self.p.items()}
     self.lr, self.wd, self.c, self.b1, self.b2, self.eps = lr, wd, c, b1, b2, eps
-    self.clip, self.t = clip, 0
+    self.clip, self.t, self.nesterov = clip, 0, nesterov
 
   def step(self, grads):
     self.t += 1
@@ -174,6 +177,9 @@ class SpectraAdamWReference:
       self.m[k] = self.b1 * self.m[k] + (1 - self.b1) * g
       self.v[k] = self.b2 * self.v[k] + (1 - self.b2) * g * g
       mh = self.m[k] / (1 - self.b1 ** self.t)
+      if self.nesterov:
+        mh = (self.b1 * self.m[k] / (1 - self.b1 ** (self.t + 1))
+              + (1 - self.b1) * g / (1 - self.b1 ** self.t))
       vh = self.v[k] / (1 - self.b2 ** self.t)
       x_next = x * (1 - self.lr * self.wd) - self.lr * mh / (np.sqrt(vh)
                                                              + self.eps)
@@ -187,16 +193,23 @@ class SpectraAdamWReference:
     return {k: torch_view(v) for k, v in self.p.items()}
 
 
-@pytest.mark.parametrize('reference', ['repo', 'orthax'])
-def test_spectra_recipe_matches_float64_transcription(x64, reference):
+@pytest.mark.parametrize('reference,nesterov', [
+    ('repo', None), ('orthax', None), ('repo', True), ('orthax', False)])
+def test_spectra_recipe_matches_float64_transcription(x64, reference,
+                                                      nesterov):
+  """Each mode with its own base (None: 'repo' AdamW, 'orthax' NAdamW)
+  and with the other's."""
   params = make_tree(0)
   grads = [make_tree(100 + t) for t in range(6)]
   lr, wd, c = 2e-3, 0.1, 4.0
-  tx = orthax.spectra(lr, reference=reference, c=c, weight_decay=wd)
+  tx = orthax.spectra(lr, reference=reference, c=c, weight_decay=wd,
+                      nesterov=nesterov)
   got = run_orthax(tx, params, grads)
   clip = ((lambda u, c: ref_clip_sigvals(u, c, 10)) if reference == 'repo'
           else exact_clip)
-  ref = SpectraAdamWReference(params, lr, wd, c, 0.8, 0.999, 1e-8, clip)
+  ref = SpectraAdamWReference(
+      params, lr, wd, c, 0.8, 0.999, 1e-8, clip,
+      nesterov=reference == 'orthax' if nesterov is None else nesterov)
   for t, g in enumerate(grads):
     ref.step(g)
     for k, w in ref.params().items():
@@ -209,7 +222,7 @@ def test_spectra_float32_close_to_float64_reference():
   grads = [make_tree(200 + t, dtype=np.float32) for t in range(5)]
   got = run_orthax(orthax.spectra(2e-3, c=4.0), params, grads)
   ref = SpectraAdamWReference(make_tree(1), 2e-3, 0.1, 4.0, 0.8, 0.999, 1e-8,
-                              exact_clip)
+                              exact_clip, nesterov=True)  # the default's
   for t in range(5):
     ref.step(make_tree(200 + t))
   for k, w in ref.params().items():
@@ -310,7 +323,8 @@ def test_spectra_routing_clips_every_leaf():
   assert by_path['layers/attn/kernel'] == orthax.MatrixSpec()
   assert by_path['layers/attn/bias'] is None  # a stacked vector: one vector
   grads = trees.random_like(params, 5)
-  base = optax.adamw(0.1, b1=0.8, b2=0.999, weight_decay=0.1)
+  base = optax.adamw(0.1, b1=0.8, b2=0.999, weight_decay=0.1,
+                     nesterov=True)  # the 'orthax' mode's base
   ub, _ = base.update(grads, base.init(params), params)
   for apply_to in ('all', '2d'):
     tx = orthax.spectra(0.1, c=0.01, apply_to=apply_to)

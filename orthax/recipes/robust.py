@@ -35,14 +35,14 @@ SPECTRA_RULES: tuple[routing.Rule, ...] = (
 # the reference's CLI default 10 for 'repo'.
 _SPECTRA_REFERENCES = {
     'orthax': dict(steps=_spectral.DEFAULT_STEPS, step_rule='scaled',
-                   shared_bound=False, c=2.0),
+                   shared_bound=False, c=2.0, nesterov=True),
     'repo': dict(steps=_spectral.REFERENCE_STEPS, step_rule='plain',
-                 shared_bound=True, c=10.0),
+                 shared_bound=True, c=10.0, nesterov=False),
 }
 
 
 @registry.register(
-    'spectra', references=tuple(_SPECTRA_REFERENCES), learning_rate=0.03,
+    'spectra', references=tuple(_SPECTRA_REFERENCES), learning_rate=0.0424,
     mode_rates={'repo': registry.ModeRates(
         2e-3, None, 'mlolab/llm-spectral-clipping @ed9df11 160M scripts: '
         'AdamW lr')})
@@ -55,6 +55,7 @@ def spectra(
     b1: float = 0.8,
     b2: float = 0.999,
     eps: float = 1e-8,
+    nesterov: bool | None = None,
     weight_decay: float = 0.1,
     ns_steps: int | None = None,
     step_rule: str | None = None,
@@ -89,17 +90,19 @@ def spectra(
   ``'frozen'`` labels are not honoured: the base step updates every leaf
   (wrap the recipe in ``optax.partition`` to freeze some).
 
-  ==========  ===  =====  ===========  ===============  =======================
-  reference   c    steps  step rule    λ_max bound      source
-  ==========  ===  =====  ===========  ===============  =======================
-  ``orthax``  2    12     scaled       per matrix       1e-6 accurate to σ/c = 1e3
-  ``repo``    10   10     plain 3/2    shared per leaf  ``clip_sigvals`` @ed9df11
-  ==========  ===  =====  ===========  ===============  =======================
+  ==========  ===  =====  ===========  ===============  ========  =======================
+  reference   c    steps  step rule    λ_max bound      base      source
+  ==========  ===  =====  ===========  ===============  ========  =======================
+  ``orthax``  2    12     scaled       per matrix       NAdamW    1e-6 accurate to σ/c = 1e3
+  ``repo``    10   10     plain 3/2    shared per leaf  AdamW     ``clip_sigvals`` @ed9df11
+  ==========  ===  =====  ===========  ===============  ========  =======================
 
   At ``c = 2`` the clip caps most singular values of Adam's step (an m×n
   step whose entries have RMS r has singular values near r·√max(m, n)), so
   the library mode's step is close to an orthogonalized Adam step; on the
-  sweep's model it trained best there (docs/training.md).
+  sweep's model it trained best there (docs/training.md). Its base takes
+  Nesterov's look-ahead in the first moment (optax's ``nesterov``, Dozat's
+  NAdam), as Muon's momentum does; the reference's is AdamW.
 
   The reference's 10 plain steps are inaccurate once ``σ_max/c`` is large
   (0.17 relative error at 600; see :mod:`orthax.polar.spectral`); its
@@ -107,7 +110,7 @@ def spectra(
 
   Args:
     learning_rate: η of the base optimizer (number or schedule); default:
-      0.03 (``'orthax'``, from the sweep at d_model 128 and 256, README),
+      0.0424 (``'orthax'``, from the sweep at d_model 128 and 256, README),
       2e-3 (``'repo'``, its 160M scripts').
     reference: ``'orthax'`` (default) or ``'repo'`` (see the table).
     c: clipping threshold (default: the mode's; 2 for ``'orthax'``, from
@@ -121,6 +124,8 @@ def spectra(
       kept per entry by ``hypot``, optax's result to float32 rounding,
       and no overflow of ``g²``).
     b1, b2, eps: the default AdamW base's moments and epsilon.
+    nesterov: the default base's Nesterov first moment (default: the
+      mode's; ``True`` for ``'orthax'``, ``False`` for ``'repo'``).
     weight_decay: λ of the base optimizer.
     ns_steps, step_rule, shared_bound: override the reference's clip settings.
     apply_to: ``'all'`` (reference CLI default) or ``'2d'``.
@@ -150,7 +155,8 @@ def spectra(
       router, routing.Router(extra_rules=SPECTRA_RULES))
   if base is None:
     base = T.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
-                   weight_decay=weight_decay, scale_safe=True)
+                   weight_decay=weight_decay, scale_safe=True,
+                   nesterov=d['nesterov'] if nesterov is None else nesterov)
   clip = T.spectral_clip(
       c, learning_rate=learning_rate, weight_decay=weight_decay,
       steps=d['steps'] if ns_steps is None else ns_steps,

@@ -75,7 +75,8 @@ class ScaleSafeAdamState(NamedTuple):
 
 
 def scale_by_adam_scale_safe(b1: float = 0.9, b2: float = 0.999,
-                             eps: float = 1e-8, mu_dtype: Any = None
+                             eps: float = 1e-8, mu_dtype: Any = None,
+                             nesterov: bool = False
                              ) -> optax.GradientTransformation:
   r"""``optax.scale_by_adam`` (``ε`` after the bias correction,
   ``eps_root = 0``) whose second moment cannot overflow.
@@ -90,7 +91,9 @@ def scale_by_adam_scale_safe(b1: float = 0.9, b2: float = 0.999,
 
   — optax's update to float32 rounding (a few ulp: the root is taken each
   step instead of once), finite for every finite gradient, entry by entry
-  (a huge entry changes nothing for its neighbours).
+  (a huge entry changes nothing for its neighbours). ``nesterov`` is
+  optax's (Dozat's NAdam without the extra ``β₂``):
+  ``\hat m = β_1 m/(1-β_1^{t+1}) + (1-β_1) g/(1-β_1^t)``.
   """
   _validate.arguments('scale_by_adam_scale_safe', scale_by_adam_scale_safe,
                       locals())
@@ -109,7 +112,13 @@ def scale_by_adam_scale_safe(b1: float = 0.9, b2: float = 0.999,
     root = jax.tree.map(lambda r, g: root_ema(r, jnp.abs(g), b2),
                         state.nu_root, updates)
     count = optax.safe_increment(state.count)
-    mu_hat = optax.tree.bias_correction(mu, b1, count)
+    if nesterov:
+      mu_hat = jax.tree.map(
+          lambda m, g: b1 * m + (1 - b1) * g,
+          optax.tree.bias_correction(mu, b1, optax.safe_increment(count)),
+          optax.tree.bias_correction(updates, b1, count))
+    else:
+      mu_hat = optax.tree.bias_correction(mu, b1, count)
     new = jax.tree.map(
         lambda m, r: m / (r / jnp.sqrt(1 - b2 ** count.astype(r.dtype))
                           + eps), mu_hat, root)
@@ -149,7 +158,7 @@ def adamw(
   once, at the end. (In float16 a gradient of 1e-3 squares to a subnormal,
   one of 1e-5 to 0, and ``ε = 1e-8`` is 0: ``m/(√v + ε)`` is then NaN.)
 
-  ``scale_safe=True`` (``'corrected'`` only, no ``nesterov``): the second
+  ``scale_safe=True`` (``'corrected'`` only): the second
   moment is kept as its root, per entry, so that it cannot overflow
   (:func:`scale_by_adam_scale_safe`; optax's result to float32 rounding),
   where optax's ``g²`` overflows above ``1.8·10¹⁹``.
@@ -159,11 +168,11 @@ def adamw(
     raise ValueError(f'eps_placement must be one of {EPS_PLACEMENTS}, got '
                      f'{eps_placement!r}.')
   if scale_safe:
-    if eps_placement != 'corrected' or nesterov:
+    if eps_placement != 'corrected':
       raise ValueError("adamw: scale_safe=True needs eps_placement="
-                       "'corrected' and nesterov=False.")
+                       "'corrected'.")
     return precision.in_float32(optax.chain(
-        scale_by_adam_scale_safe(b1, b2, eps, mu_dtype),
+        scale_by_adam_scale_safe(b1, b2, eps, mu_dtype, nesterov),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     ))
