@@ -189,7 +189,7 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(('clamp_c', 'gamma', 'alpha', 'scale_rms', 'rms',
                      'scale_coeff', 'clip_final_scale', 'final_scale'),
                     nonnegative),
-    **dict.fromkeys(('stable', 'remap'), flag),
+    **dict.fromkeys(('stable', 'remap', 'nesterov'), flag),
     **dict.fromkeys(('ns_dtype', 'mu_dtype', 'accumulator_dtype'),
                     float_dtype),
 }

@@ -169,13 +169,16 @@ def test_factors_stay_symmetric_with_trace_m_and_n():
     assert np.linalg.norm(p - np.eye(len(p))) > 1e-2  # they moved
 
 
-@pytest.mark.parametrize('nesterov', [False, True])
+@pytest.mark.parametrize('nesterov', [False, True, None])
 def test_huge_damping_is_muon_with_ema_momentum(nesterov):
+  """``None``: both recipes' defaults, which are Nesterov's look-ahead."""
   params = trees.mixed_params()
   grads = trees.grads_for(params, steps=3)
   # Both branches' rates and decays given: the recipes' defaults differ.
   same = dict(weight_decay=0.2, adam_learning_rate=1.5e-3,
-              adam_weight_decay=0.0, nesterov=nesterov)
+              adam_weight_decay=0.0)
+  if nesterov is not None:
+    same.update(nesterov=nesterov)
   fis = orthax.fismo(0.02, damping=1e14, **same)
   muon = orthax.muon(0.02, **same)
   sf, sm = fis.init(params), muon.init(params)
@@ -190,7 +193,7 @@ def test_huge_damping_is_muon_with_ema_momentum(nesterov):
 def test_differs_from_muon_at_a_small_damping():
   params = trees.mixed_params()
   g = trees.grads_for(params, steps=1)[0]
-  fis = orthax.fismo(0.02)
+  fis = orthax.fismo(0.02, nesterov=False, weight_decay=0.0)
   muon = orthax.muon(0.02, nesterov=False, weight_decay=0.0)
   uf, _ = fis.update(g, fis.init(params), params)
   um, _ = muon.update(g, muon.init(params), params)

@@ -71,7 +71,8 @@ def spectra(
     distributed: Any = None,
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
-  r"""SPECTRA: AdamW (or any ``base``) whose step direction is soft-clipped.
+  r"""SPECTRA: (N)AdamW (or any ``base``) whose step direction is
+  soft-clipped.
 
   ``named_chain(('base', adamw), ('spectral_clip', spectral_clip))``: the
   base step ``Δ = -η(U + λW)`` is recomposed as
@@ -118,8 +119,9 @@ def spectra(
       use 5).
     base: any optax optimizer with decoupled weight decay, built with the
       same ``learning_rate`` and ``weight_decay`` (default:
-      ``adamw(learning_rate, b1, b2, eps, weight_decay)``, the 160M scripts'
-      β = (0.8, 0.999), λ = 0.1; kept scale-safe,
+      ``adamw(learning_rate, b1, b2, eps, weight_decay, nesterov)``, the
+      160M scripts' β = (0.8, 0.999), λ = 0.1, NAdamW under ``'orthax'``;
+      kept scale-safe,
       :func:`orthax.transforms.adamw` with ``scale_safe=True``: ``√v``
       kept per entry by ``hypot``, optax's result to float32 rounding,
       and no overflow of ``g²``).

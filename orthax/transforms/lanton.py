@@ -106,8 +106,10 @@ def layerwise_noise_adapt(
   pass per step.
 
   Args:
-    momentum: the wrapped momentum stage (``orthax.momentum(β1,
-      nesterov=False)``; ``difference='momentum'`` uses its output as ``B_t``).
+    momentum: the wrapped momentum stage (e.g. ``orthax.momentum(β1,
+      nesterov=False)``; :func:`orthax.lanton` passes its ``nesterov``);
+      ``difference='momentum'`` uses its output as ``B_t`` (with Nesterov,
+      the look-ahead).
     direction: the LMO direction (positive sign), e.g.
       ``named_chain(('orthogonalize', orthax.orthogonalize()),
       ('scale_by_shape', orthax.scale_by_shape('spectral')))`` or
