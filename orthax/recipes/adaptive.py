@@ -282,9 +282,9 @@ def lanton(
   and the look-ahead from the learning-rate sweep on the embedded corpus,
   README) are this library's choice, not the paper's. Only the matrices
   decay (the AdamW branch at ``adam_weight_decay``, default 0; Signum not at
-  all). The
-  nuclear norm of the gradient difference defaults to the bound
-  ``sqrt(min(m, n))·‖X‖_F`` (``nuclear='frobenius'``): tight up to a constant for the flat spectra of gradient noise, and free,
+  all). The nuclear norm of the gradient difference defaults to the bound
+  ``sqrt(min(m, n))·‖X‖_F`` (``nuclear='frobenius'``): tight up to a
+  constant for the flat spectra of gradient noise, and free,
   where ``⟨X, NS(X)⟩`` (``nuclear='ns'``) costs a second orthogonalization
   per step (≈1.95× Muon's update time on GPT-2-small matrices against
   ≈1.0× here; the paper reports ≈4% wall-clock overhead over D-Muon, which

@@ -113,8 +113,9 @@ def aro(
   rotates and normalizes Nesterov's look-ahead, as Muon orthogonalizes it
   (two seeds, at d_model 128 / 256: 1.4395 / 1.3934 against 1.4634 /
   1.4167 without, and AdamW's best loss in 0.51× / 0.52× of its steps
-  against 0.60× / 0.59×); and it picks the QR by platform (``qr='auto'``): off CPU Cholesky QR3
-  (matrix products, Householder's ``Q`` up to column signs), which on a
+  against 0.60× / 0.59×); and it picks the QR by platform
+  (``qr='auto'``): off CPU Cholesky QR3 (matrix products, Householder's
+  ``Q`` up to column signs), which on a
   GPU is over 100× faster than cuSOLVER's Householder QR of a stack; on
   CPU LAPACK's Householder QR, the faster there. On a CPU with few cores,
   ``OPENBLAS_NUM_THREADS=1`` (set before NumPy loads) keeps LAPACK's

@@ -11,6 +11,7 @@ import optax
 from orthax import _validate
 from orthax.polar.newton_schulz import root_ema
 from orthax.transforms import precision
+from orthax.transforms.momentum import debiased_ema
 
 EPS_PLACEMENTS = ('corrected', 'raw')
 
@@ -112,13 +113,9 @@ def scale_by_adam_scale_safe(b1: float = 0.9, b2: float = 0.999,
     root = jax.tree.map(lambda r, g: root_ema(r, jnp.abs(g), b2),
                         state.nu_root, updates)
     count = optax.safe_increment(state.count)
-    if nesterov:
-      mu_hat = jax.tree.map(
-          lambda m, g: b1 * m + (1 - b1) * g,
-          optax.tree.bias_correction(mu, b1, optax.safe_increment(count)),
-          optax.tree.bias_correction(updates, b1, count))
-    else:
-      mu_hat = optax.tree.bias_correction(mu, b1, count)
+    mu_hat = jax.tree.map(
+        lambda m, g: debiased_ema(m, g, b1, count.astype(_real(m.dtype)),
+                                  nesterov), mu, updates)
     new = jax.tree.map(
         lambda m, r: m / (r / jnp.sqrt(1 - b2 ** count.astype(r.dtype))
                           + eps), mu_hat, root)
@@ -158,8 +155,8 @@ def adamw(
   once, at the end. (In float16 a gradient of 1e-3 squares to a subnormal,
   one of 1e-5 to 0, and ``ε = 1e-8`` is 0: ``m/(√v + ε)`` is then NaN.)
 
-  ``scale_safe=True`` (``'corrected'`` only): the second
-  moment is kept as its root, per entry, so that it cannot overflow
+  ``scale_safe=True`` (``'corrected'`` only): the second moment is kept as
+  its root, per entry, so that it cannot overflow
   (:func:`scale_by_adam_scale_safe`; optax's result to float32 rounding),
   where optax's ``g²`` overflows above ``1.8·10¹⁹``.
   """

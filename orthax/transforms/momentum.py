@@ -19,6 +19,24 @@ class MomentumState(NamedTuple):
   mu: Any           # the accumulator, one leaf per parameter
 
 
+def debiased_ema(m: Any, g: Any, beta: Any, t: Any, nesterov: bool) -> Any:
+  r"""optax's bias-corrected EMA output at the 1-based step ``t`` from the
+  new accumulator ``m_t = βm_{t-1} + (1-β)g_t`` and the gradient ``g_t``:
+
+  .. math::
+     u_t = \frac{m_t}{1-β^t}\quad\text{or, with Nesterov,}\quad
+     u_t = \frac{β\,m_t}{1-β^{t+1}} + \frac{(1-β)\,g_t}{1-β^t}
+
+  (``optax.scale_by_adam``'s first moment; Dozat, *Incorporating Nesterov
+  Momentum into Adam*, 2016). ``t`` is a real scalar in the arithmetic's
+  dtype.
+  """
+  if nesterov:
+    return (beta * (m / (1 - beta ** (t + 1)))
+            + (1 - beta) * (g / (1 - beta ** t)))
+  return m / (1 - beta ** t)
+
+
 def momentum(
     beta: float | jax.Array = 0.95,
     *,
@@ -81,12 +99,7 @@ def momentum(
       g_, m_ = g.astype(wide), m.astype(wide)
       m_new = beta * m_ + keep * g_
       if bias_correction:
-        t = count.astype(wide)
-        if nesterov:
-          u = (beta * (m_new / (1 - beta ** (t + 1)))
-               + (1 - beta) * (g_ / (1 - beta ** t)))
-        else:
-          u = m_new / (1 - beta ** t)
+        u = debiased_ema(m_new, g_, beta, count.astype(wide), nesterov)
       else:
         u = keep * g_ + beta * m_new if nesterov else m_new
       return u.astype(g.dtype), m_new.astype(m.dtype)
