@@ -23,7 +23,7 @@ WITH_ADAMW_BRANCH = tuple(n for n in orthax.recipe_names() if n != 'spectra')
 # (written out: tests/test_registry.py) and scale it with their rate.
 DEFAULT_LR = {'muon': 0.04, 'normuon': 0.04, 'namo': 0.16, 'namo_d': 0.11,
               'lanton': 0.226, 'auon': 0.08, 'hybrid_auon': 0.056,
-              'fismo': 0.056, 'aro': 0.08, 'trion': 0.16, 'dct_adamw': 1.5}
+              'fismo': 0.056, 'aro': 0.08, 'trion': 0.226, 'dct_adamw': 1.5}
 # DCT-AdamW's AdamW branch runs at the sweep's 0.0085 (at 3e-3 its d 128
 # runs end 3% higher).
 ADAM_DEFAULT_LR = {'dct_adamw': 0.0085}

@@ -24,8 +24,9 @@ SCALES = {'kj': lambda m, n: np.sqrt(max(1.0, m / n)),
 class TrionRef:
   """§13.3.3 on one PyTorch weight ``(rows, cols)``, float64."""
 
-  def __init__(self, rank, mu, scaling):
+  def __init__(self, rank, mu, scaling, nesterov=False):
     self.rank, self.mu, self.scaling, self.b = rank, mu, scaling, None
+    self.nesterov = nesterov
 
   def step(self, w, g, lr, wd):
     self.b = g.copy() if self.b is None else self.b + g
@@ -36,6 +37,8 @@ class TrionRef:
       idx = np.argsort(-np.abs(s).sum(0), kind='stable')[:self.rank]
       m = s[:, idx]
       self.b = self.b - (1 - self.mu) * m @ d[:, idx].T
+      if self.nesterov:   # look-ahead: the gradient's coefficients + μM
+        m = g @ d[:, idx] + self.mu * m
       upd = ns(m) @ d[:, idx].T
     else:
       d = dct_ref(rows)
@@ -43,6 +46,8 @@ class TrionRef:
       idx = np.argsort(-np.abs(s).sum(1), kind='stable')[:self.rank]
       m = s[idx, :]
       self.b = self.b - (1 - self.mu) * d[idx, :].T @ m
+      if self.nesterov:
+        m = d[idx, :] @ g + self.mu * m
       upd = d[idx, :].T @ ns(m)
     scale = SCALES[self.scaling](rows, cols)
     return w * (1 - lr * wd) - lr * scale * upd
@@ -52,7 +57,8 @@ class TreeRef:
   """Trion on a tree: kernels (Flax or PyTorch layout) by :class:`TrionRef`
   per matrix, vectors by Adam (3e-4, betas (0.9, 0.95), eps 1e-10)."""
 
-  def __init__(self, params, torch_layout, lr, wd, rank, scaling, mu=0.95):
+  def __init__(self, params, torch_layout, lr, wd, rank, scaling, mu=0.95,
+               nesterov=False):
     self.p, self.torch, self.lr, self.wd, self.t = (flat(params),
                                                     torch_layout, lr, wd, 0)
     self.mats, self.adam = {}, {}
@@ -60,7 +66,7 @@ class TreeRef:
       if w.ndim == 1:
         self.adam[k] = AdamRef(w, 3e-4, 0.9, 0.95, 1e-10, wd, raw=False)
       else:
-        self.mats[k] = [TrionRef(rank, mu, scaling)
+        self.mats[k] = [TrionRef(rank, mu, scaling, nesterov)
                         for _ in range(int(np.prod(w.shape[:-2])))]
 
   def _torch(self, x):
@@ -81,16 +87,60 @@ class TreeRef:
     return dict(self.p)
 
 
+@pytest.mark.parametrize('nesterov', [False, True])
 @pytest.mark.parametrize('torch_layout', [False, True], ids=['flax', 'torch'])
 @pytest.mark.parametrize('scaling', ['kj', 'none', 'kimi', 'dion'])
-def test_matches_float64_transcription(x64, scaling, torch_layout):
+def test_matches_float64_transcription(x64, scaling, torch_layout, nesterov):
   params = make_tree(0, SHAPES)
   grads = [make_tree(100 + t, SHAPES) for t in range(5)]
   tx = orthax.trion(0.02, rank=5, weight_decay=0.1, scaling=scaling,
-                    adam_learning_rate=3e-4, router=_router(torch_layout))
+                    nesterov=nesterov, adam_learning_rate=3e-4,
+                    router=_router(torch_layout))
   got = run_orthax(tx, params, grads)
-  ref = TreeRef(params, torch_layout, 0.02, 0.1, 5, scaling)
+  ref = TreeRef(params, torch_layout, 0.02, 0.1, 5, scaling,
+                nesterov=nesterov)
   assert_match(got, [ref.step(g) for g in grads], 1e-9, 1e-12, scaling)
+
+
+@pytest.mark.parametrize('reference, nesterov',
+                         [('orthax', True), ('ista', False)])
+def test_each_mode_takes_its_own_momentum(x64, reference, nesterov):
+  """``nesterov=None`` is the mode's: the library mode looks ahead, the
+  reference's step does not; passing the other setting overrides it."""
+  params = make_tree(0, SHAPES)
+  grads = [make_tree(100 + t, SHAPES) for t in range(4)]
+  for flag in (None, not nesterov):
+    tx = orthax.trion(0.02, reference=reference, rank=5, weight_decay=0.1,
+                      nesterov=flag, adam_learning_rate=3e-4,
+                      router=_router(False))
+    got = run_orthax(tx, params, grads)
+    ref = TreeRef(params, False, 0.02, 0.1, 5, 'kj',
+                  nesterov=nesterov if flag is None else flag)
+    assert_match(got, [ref.step(g) for g in grads], 1e-9, 1e-12, flag)
+
+
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_full_rank_is_muon(x64, nesterov):
+  """At ``rank=1.0`` the selection keeps every DCT column, the feedback
+  leaves ``μB``, and ``NS(YD)Dᵀ = NS(Y)`` for an orthogonal ``D``: Trion is
+  KellerJordan's Muon (sum-form and EMA momentum differ by ``1-μ``, which
+  Newton–Schulz's normalization removes up to its ``ε``: a relative ~1e-7
+  here), with or without Nesterov."""
+  params = {'a': jnp.zeros((24, 40)), 'b': jnp.zeros((40, 24)),
+            'c': jnp.zeros((16, 16))}
+  grads = [jax.tree.map(
+      lambda x, i=i: jax.random.normal(jax.random.key(i), x.shape,
+                                       jnp.float64), params)
+           for i in range(4)]
+  trion = orthax.trion(0.02, rank=1.0, weight_decay=0.0, nesterov=nesterov)
+  muon = orthax.muon(0.02, reference='keller', nesterov=nesterov)
+  got, want = run_orthax(trion, params, grads), run_orthax(muon, params,
+                                                           grads)
+  for g, w in zip(got, want):
+    assert sorted(g) == sorted(w) and len(g) == 3
+    for k in g:
+      np.testing.assert_allclose(g[k], w[k], rtol=0,
+                                 atol=1e-5 * np.abs(w[k]).max())
 
 
 def test_state_is_the_buffer_in_kernel_layout():
@@ -115,13 +165,14 @@ def _compiled_flops(fn, *args):
   return (cost[0] if isinstance(cost, list) else cost)['flops']
 
 
-def test_plan_flops_match_compiled():
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_plan_flops_match_compiled(nesterov):
   """The stage's declared FLOPs (§13.3.4) against XLA's count of the
   compiled step on one matrix (within 10%). XLA counts a loop body once, so
   Newton–Schulz's share is compared apart (its declared count is
   polar.standard_flops, checked in test_gram.py)."""
   shape = (96, 256)   # L = 256, s = 96, r = 24
-  st = MS.TrionStep(rank=24)
+  st = MS.TrionStep(rank=24, nesterov=nesterov)
   g = jnp.ones((1,) + shape)
   state = jax.tree.map(lambda a: a[None], st.initial_state(*shape,
                                                            jnp.float32))

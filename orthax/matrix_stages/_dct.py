@@ -137,7 +137,10 @@ class TrionStep(MatrixStage):
      B &\leftarrow B - (1-μ)\,M E_{:,\mathrm{idx}}^\top,\qquad
      O = c\cdot\mathrm{NS}_5(M)\,E_{:,\mathrm{idx}}^\top
 
-  with ``c`` the shape scale of ``scaling`` (:data:`TRION_SCALINGS`). State
+  with ``c`` the shape scale of ``scaling`` (:data:`TRION_SCALINGS`). With
+  ``nesterov``, Newton–Schulz takes the look-ahead
+  ``Y E_{:,idx} + μM`` in place of ``M`` (the selection and the feedback
+  are unchanged; at full rank this is Muon's Nesterov step). State
   (slots): ``b`` ``(fan_in, fan_out)``, the buffer in the kernel's layout.
   """
 
@@ -146,6 +149,7 @@ class TrionStep(MatrixStage):
   rank: Any = static(0.25)
   scaling: str = static('kj')
   ns_dtype: Any = static(None)
+  nesterov: bool = static(False)
 
   def shapes(self, fan_in, fan_out):
     return StageShapes(state={'b': (fan_in, fan_out)}, slots=True)
@@ -154,8 +158,11 @@ class TrionStep(MatrixStage):
     big, small = dct.sides(fan_in, fan_out)
     r = dct.resolve_rank(self.rank, small)
     ns = standard_flops(r, big, 5)
-    # S = BE, scores, error feedback, NS5 on L×r, back-projection.
-    return 2 * big * small * small + big * small + 4 * big * small * r + ns
+    # S = BE, scores, error feedback, NS5 on L×r, back-projection (and
+    # the gradient's r coefficients for the look-ahead).
+    extra = 2 * big * small * r if self.nesterov else 0
+    return (2 * big * small * small + big * small + 4 * big * small * r + ns
+            + extra)
 
   def apply(self, o, state, blocks):
     fi, fo = blocks.fan_in, blocks.fan_out
@@ -169,6 +176,9 @@ class TrionStep(MatrixStage):
     idx = dct.select(dct.column_scores(full), r)
     mom = dct.take_columns(full, idx)
     b = b - (1 - self.momentum) * dct.back_project(mom, e, idx)
+    if self.nesterov:
+      y = dct.tall(o.astype(dt), fi, fo)
+      mom = dct.project(y, e, idx) + self.momentum * mom
     ortho = newton_schulz(mom, 'jordan', dtype=self.ns_dtype)
     c = shape_factor(fi, fo, TRION_SCALINGS[self.scaling])
     out = dct.untall(c * dct.back_project(ortho, e, idx), fi, fo)

@@ -17,14 +17,14 @@ from orthax.transforms import trion as trion_lib
 
 # 'ista': the reference's arithmetic, rates and weight decay (IST-DASLab/
 # ISTA-DASLab-Optimizers @4c98e6e fft_low_rank/trion.py); 'orthax': its
-# arithmetic at the sweep's rate and decay (README). weight_decay=None takes
-# the mode's.
-_TRION_REFERENCES = {'orthax': dict(weight_decay=0.2),
-                     'ista': dict(weight_decay=0.0)}
+# arithmetic with Nesterov's look-ahead at the sweep's rate and decay
+# (README). weight_decay=None and nesterov=None take the mode's.
+_TRION_REFERENCES = {'orthax': dict(weight_decay=0.2, nesterov=True),
+                     'ista': dict(weight_decay=0.0, nesterov=False)}
 
 
 @registry.register(
-    'trion', references=tuple(_TRION_REFERENCES), learning_rate=0.16,
+    'trion', references=tuple(_TRION_REFERENCES), learning_rate=0.226,
     adam_learning_rate=3e-3, mode_rates={'ista': registry.ModeRates(
         0.02, 3e-4, 'IST-DASLab/ISTA-DASLab-Optimizers @4c98e6e '
         'fft_low_rank/trion.py: Trion lr, Adam lr')})
@@ -36,6 +36,7 @@ def trion(
     beta: float = 0.95,
     scaling: str = 'kj',
     ns_dtype: Any = None,
+    nesterov: bool | None = None,
     weight_decay: float | None = None,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: float = 0.9,
@@ -60,13 +61,17 @@ def trion(
      B &\leftarrow B - (1-μ)\,M E_{:,\mathrm{idx}}^\top\\
      W &\leftarrow W(1-ηλ) - η\,c\,\mathrm{NS}_5(M)\,E_{:,\mathrm{idx}}^\top
 
-  ``c`` is the shape scale of ``scaling`` (see
-  :func:`orthax.transforms.scale_by_trion`). Vectors, embeddings and heads
-  go to Adam (bias-corrected, betas ``(0.9, 0.95)``, ``eps=1e-10``, at
-  ``adam_learning_rate``, default ``0.01875·learning_rate``, or
-  ``learning_rate`` under ``scaling='kimi'``; ``reference='ista'``:
-  ``0.015·learning_rate``, the reference's ``3e-4`` at its ``0.02``). The state per matrix is ``B`` (as Muon's momentum); on a mesh
-  it stays on the device that owns the matrix.
+  With ``nesterov`` (the library mode's), Newton–Schulz takes the
+  look-ahead ``Y E_{:,idx} + μM`` in place of ``M``: at ``rank=1.0`` the
+  step is then Muon's Nesterov step (tested). ``c`` is the shape scale of
+  ``scaling`` (see :func:`orthax.transforms.scale_by_trion`). Vectors,
+  embeddings and heads go to Adam (bias-corrected, betas ``(0.9, 0.95)``,
+  ``eps=1e-10``, at ``adam_learning_rate``: by default 3e-3 at the default
+  ``learning_rate`` and in proportion to it, or ``learning_rate`` under
+  ``scaling='kimi'``; ``reference='ista'``: ``0.015·learning_rate``, the
+  reference's ``3e-4`` at its ``0.02``). The state per matrix is ``B`` (as
+  Muon's momentum); on a mesh it stays on the device that owns the
+  matrix.
 
   ``reference='ista'`` is IST-DASLab/ISTA-DASLab-Optimizers
   @4c98e6e ``fft_low_rank/trion.py`` with its two undefined names
@@ -77,13 +82,14 @@ def trion(
   ``scaling_type``: here a quarter of the smaller side and ``'kj'``. It
   runs Newton–Schulz in bfloat16 (``ns_dtype=jnp.bfloat16``); the default
   here is float32. ``reference='orthax'`` (the default) is the same
-  arithmetic at the sweep's rate and decay: 0.16 and λ = 0.2, with the
-  Adam branch at 3e-3 (both branches decay by λ).
+  arithmetic with Nesterov's look-ahead, at the sweep's rate and decay:
+  0.226 and λ = 0.2, with the Adam branch at 3e-3 (both branches decay by
+  λ).
 
   Args:
     learning_rate: η for the matrices (number or schedule); default: the
-      mode's, 0.16 for ``'orthax'`` (the sweep's best at d_model 128 and
-      256, README) and 0.02 for ``'ista'``.
+      mode's, 0.226 for ``'orthax'`` (the sweep's best at d_model 256 and
+      within 0.4% of d_model 128's, README) and 0.02 for ``'ista'``.
     reference: ``'orthax'`` (default) or ``'ista'``.
     rank: ``r``: an ``int``, or a ``float`` in ``(0, 1]``, a fraction of the
       smaller side (rounded up); default ``0.25`` (pass it in
@@ -91,12 +97,15 @@ def trion(
     beta: μ, the momentum (error-feedback) coefficient.
     scaling: ``'kj'``, ``'none'``, ``'kimi'`` or ``'dion'``.
     ns_dtype: dtype of the Newton–Schulz iteration.
+    nesterov: orthogonalize the look-ahead (above); default: the mode's,
+      ``True`` for ``'orthax'`` and the reference's ``False`` for
+      ``'ista'``.
     weight_decay: λ, decoupled (``W(1-ηλ)``); default: the mode's, 0.2
       for ``'orthax'`` (the sweep's, README) and the reference's 0 for
       ``'ista'``.
     adam_learning_rate: Adam's learning rate (default: ``learning_rate``
-      under ``scaling='kimi'``, else ``0.01875·learning_rate``, 3e-3 at
-      the default 0.16 (``'ista'``: ``0.015·learning_rate``): see
+      under ``scaling='kimi'``, else ``learning_rate·3e-3/0.226``, 3e-3 at
+      the default (``'ista'``: ``0.015·learning_rate``): see
       :func:`orthax.recipes.resolve_adam_learning_rate`). The trainer's
       default, registered with the recipe, is ``3e-3`` as for every recipe:
       the reference's ``3e-4`` left the trainer's 24-step test model 0.6
@@ -125,6 +134,7 @@ def trion(
                                                    learning_rate)
   d = _TRION_REFERENCES[reference]
   weight_decay = d['weight_decay'] if weight_decay is None else weight_decay
+  nesterov = d['nesterov'] if nesterov is None else nesterov
   rank, _, _ = dct_adam.check_structure('trion', rank, None, None)
   if scaling not in MS.TRION_SCALINGS:
     raise ValueError(f'trion: scaling must be one of '
@@ -133,6 +143,7 @@ def trion(
   matrix = optax.named_chain(
       ('trion', trion_lib.scale_by_trion(
           rank, beta=beta, scaling=scaling, ns_dtype=ns_dtype,
+          nesterov=nesterov,
           matrix_specs=specs, distributed=distributed)),
       *_common.step_stages(learning_rate, weight_decay),
   )

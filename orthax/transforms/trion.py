@@ -21,6 +21,7 @@ def scale_by_trion(
     beta: float | jax.Array = 0.95,
     scaling: str = 'kj',
     ns_dtype: Any = None,
+    nesterov: bool = False,
     matrix_specs: _tree.SpecsLike = None,
     distributed: Any = None,
 ) -> optax.GradientTransformation:
@@ -38,6 +39,8 @@ def scale_by_trion(
        \qquad M = S_{:,\mathrm{idx}}\\
      B &\leftarrow B - (1-μ)\,M E_{:,\mathrm{idx}}^\top\\
      u &= c\cdot\mathrm{NS}_5(M)\,E_{:,\mathrm{idx}}^\top
+       \quad\text{or, with Nesterov,}\quad
+       c\cdot\mathrm{NS}_5(Y E_{:,\mathrm{idx}} + μM)\,E_{:,\mathrm{idx}}^\top
 
   (``NS₅``: Keller Jordan's quintic, 5 steps). ``c`` by ``scaling``, with
   ``(m, n)`` PyTorch's ``(rows, cols)`` = ``(fan_out, fan_in)``: ``'kj'``
@@ -53,6 +56,10 @@ def scale_by_trion(
     scaling: ``'kj'``, ``'none'``, ``'kimi'`` or ``'dion'``.
     ns_dtype: dtype of the Newton–Schulz iteration (the reference: bfloat16;
       default: the state's, float32 or wider).
+    nesterov: orthogonalize the look-ahead ``Y E_{:,idx} + μM`` (the
+      gradient's selected coefficients plus μ times the momentum's; the
+      selection and the feedback do not change) instead of ``M``, the
+      reference's step (default).
     matrix_specs: as in :func:`orthax.orthogonalize`.
     distributed: an :class:`orthax.sharding.Distributed`.
 
@@ -76,7 +83,7 @@ def scale_by_trion(
   def make(count):
     del count
     return MS.TrionStep(momentum=beta, rank=rank, scaling=scaling,
-                        ns_dtype=ns_dtype)
+                        ns_dtype=ns_dtype, nesterov=nesterov)
 
   return matrix_stage.slot_step(make, matrix_specs, distributed,
                                 'scale_by_trion')
