@@ -22,7 +22,7 @@ WITH_ADAMW_BRANCH = tuple(n for n in orthax.recipe_names() if n != 'spectra')
 # The others run their AdamW branch at 3e-3 at their default learning rate
 # (written out: tests/test_registry.py) and scale it with their rate.
 DEFAULT_LR = {'muon': 0.04, 'normuon': 0.04, 'namo': 0.16, 'namo_d': 0.11,
-              'lanton': 0.226, 'auon': 0.08, 'hybrid_auon': 0.056,
+              'lanton': 0.113, 'auon': 0.08, 'hybrid_auon': 0.056,
               'fismo': 0.056, 'aro': 0.08, 'trion': 0.226, 'dct_adamw': 1.5}
 # DCT-AdamW's AdamW branch runs at the sweep's 0.0085 (at 3e-3 its d 128
 # runs end 3% higher).
@@ -211,10 +211,10 @@ def test_describe_reads_lanton_signum_branch():
   labels = ('adam', 'signum', 'matrix')
   rows = {t[0]: (next(x for x in t if x in labels), *t[-2:])
           for t in (line.split() for line in table.splitlines()[2:])}
-  # The Signum branch at the AdamW branch's rate: 3e-3 per 0.226 of η;
+  # The Signum branch at the AdamW branch's rate: 3e-3 per 0.113 of η;
   # it is not decayed, the matrices by the default λ 0.4.
-  assert rows == {'b': ('adam', '0.000531', '0'),
-                  'embed': ('signum', '0.000531', '0'),
+  assert rows == {'b': ('adam', '0.001062', '0'),
+                  'embed': ('signum', '0.001062', '0'),
                   'w': ('matrix', '0.04', '0.4')}
 
 

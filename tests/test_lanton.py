@@ -21,13 +21,15 @@ LSHAPES = {**SHAPES, 'embed/embedding': (40, 16), 'lm_head/kernel': (16, 40)}
 class LantonRef:
   """Hidden kernels: EMA momentum, D = sqrt(m/n)·NS(V) (torch m×n; V the
   Nesterov look-ahead βB + (1-β)G, or B without it), noise
-  H ← β2 H + (1-β2)(sqrt(m/n)‖X‖_*)², layer rates; embed/head: Signum;
-  the rest: optax AdamW."""
+  H ← β2 H + (1-β2)(sqrt(m/n)‖X‖_*)², layer rates ∝ (Ĥ + ε)^(-p/2)
+  (lanton's p = 0.5 unless given); embed/head: Signum; the rest: optax
+  AdamW."""
 
   def __init__(self, params, lr, wd=0.0, beta=0.95, beta2=0.99, eps=1e-8,
                nuclear='svd', difference='previous', normalization='group_max',
-               alpha=1.0, nesterov=True):
+               alpha=1.0, nesterov=True, noise_power=0.5):
     self.p = flat(params)
+    self.power = noise_power
     self.nesterov = nesterov
     self.lr, self.wd, self.b, self.b2, self.eps = lr, wd, beta, beta2, eps
     self.nuc, self.diff, self.norm, self.alpha = (nuclear, difference,
@@ -71,7 +73,7 @@ class LantonRef:
         hhat[k] = self.H[k] / (1 - self.b2 ** seen)
       self.prev[k] = g
     if seen > 0:
-      r = {k: 1 / np.sqrt(h + self.eps) for k, h in hhat.items()}
+      r = {k: (h + self.eps) ** (-self.power / 2) for k, h in hhat.items()}
       top = max(v.max() for v in r.values())
       if self.norm == 'group_max':
         rates = {k: self.lr * v / top for k, v in r.items()}
@@ -96,13 +98,18 @@ CASES = [dict(nuclear='svd'),
               alpha=0.5, weight_decay=0.1),
          dict(nuclear='svd', nesterov=False),
          dict(nuclear='svd', difference='momentum', normalization='absolute',
-              nesterov=False)]
+              nesterov=False),
+         dict(nuclear='svd', noise_power=1.0),
+         dict(nuclear='svd', difference='momentum', normalization='absolute',
+              alpha=0.5, noise_power=1.0)]
 
 
 @pytest.mark.parametrize('kw', CASES, ids=['svd-previous-groupmax',
                                            'ns-momentum-absolute',
                                            'no-nesterov',
-                                           'no-nesterov-momentum-absolute'])
+                                           'no-nesterov-momentum-absolute',
+                                           'inverse-noise-groupmax',
+                                           'inverse-noise-absolute'])
 def test_matches_float64_transcription(x64, kw):
   params = make_tree(0, LSHAPES)
   grads = [make_tree(100 + t, LSHAPES) for t in range(6)]
@@ -113,6 +120,22 @@ def test_matches_float64_transcription(x64, kw):
   # λ: the case's, else lanton's default 0.4.
   ref = LantonRef(params, 0.02, wd=kw.pop('weight_decay', 0.4), **kw)
   assert_match(got, [ref.step(g) for g in grads], 1e-9, 1e-12, str(kw))
+
+
+def test_noise_power_zero_is_the_group_rate():
+  """``noise_power=0``: every layer at the group rate η, whatever its noise
+  (D-Muon's/Scion's fixed rate within a group)."""
+  params = make_tree(0, LSHAPES)
+  grads = [make_tree(100 + t, LSHAPES) for t in range(4)]
+  got = run_orthax(orthax.lanton(0.02, noise_power=0.0), params, grads)
+  flat_rates = run_orthax(orthax.lanton(0.02, eps=1e30), params, grads)
+  adaptive = run_orthax(orthax.lanton(0.02), params, grads)
+  for a, b, c in zip(got, flat_rates, adaptive):
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+  # ... which the default's noise-adapted rates are not.
+  assert max(np.abs(got[-1][k] - adaptive[-1][k]).max()
+             for k in got[-1]) > 1e-4
 
 
 def test_float32_close_to_float64_reference():

@@ -25,7 +25,7 @@ DEFAULT_LEARNING_RATES = {
     'normuon': (0.04, 3e-3),
     'namo': (0.16, 3e-3),
     'namo_d': (0.11, 3e-3),
-    'lanton': (0.226, 3e-3),
+    'lanton': (0.113, 3e-3),
     'root': (0.0196, 0.0196),  # its RMS-matched step shares the rate
     'auon': (0.08, 3e-3),
     'hybrid_auon': (0.056, 3e-3),

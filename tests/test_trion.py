@@ -116,7 +116,8 @@ def test_each_mode_takes_its_own_momentum(x64, reference, nesterov):
     got = run_orthax(tx, params, grads)
     ref = TreeRef(params, False, 0.02, 0.1, 5, 'kj',
                   nesterov=nesterov if flag is None else flag)
-    assert_match(got, [ref.step(g) for g in grads], 1e-9, 1e-12, flag)
+    assert_match(got, [ref.step(g) for g in grads], 1e-9, 1e-12,
+                 f'{reference} nesterov={flag}')
 
 
 @pytest.mark.parametrize('nesterov', [False, True])
@@ -124,8 +125,9 @@ def test_full_rank_is_muon(x64, nesterov):
   """At ``rank=1.0`` the selection keeps every DCT column, the feedback
   leaves ``μB``, and ``NS(YD)Dᵀ = NS(Y)`` for an orthogonal ``D``: Trion is
   KellerJordan's Muon (sum-form and EMA momentum differ by ``1-μ``, which
-  Newton–Schulz's normalization removes up to its ``ε``: a relative ~1e-7
-  here), with or without Nesterov."""
+  Newton–Schulz's normalization removes up to its ``ε``: 1.4–2.7e-7 of the
+  largest entry here, against 0.5 with the other ``nesterov``), with or
+  without Nesterov."""
   params = {'a': jnp.zeros((24, 40)), 'b': jnp.zeros((40, 24)),
             'c': jnp.zeros((16, 16))}
   grads = [jax.tree.map(
@@ -140,7 +142,7 @@ def test_full_rank_is_muon(x64, nesterov):
     assert sorted(g) == sorted(w) and len(g) == 3
     for k in g:
       np.testing.assert_allclose(g[k], w[k], rtol=0,
-                                 atol=1e-5 * np.abs(w[k]).max())
+                                 atol=2e-6 * np.abs(w[k]).max())
 
 
 def test_state_is_the_buffer_in_kernel_layout():

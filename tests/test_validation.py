@@ -51,6 +51,7 @@ CATEGORY = {
     'quantile': 'fraction', 'clip_decay_fraction': 'fraction',
     'decay_fraction': 'fraction',
     'clamp_c': 'nonneg', 'gamma': 'nonneg', 'alpha': 'nonneg',
+    'noise_power': 'nonneg',
     'scale_rms': 'nonneg', 'rms': 'nonneg', 'scale_coeff': 'nonneg',
     'clip_final_scale': 'nonneg', 'final_scale': 'nonneg',
     # DCT-AdamW / Trion: rank is an int >= 1 or a fraction in (0, 1].

@@ -167,7 +167,8 @@ class TrionStep(MatrixStage):
   def apply(self, o, state, blocks):
     fi, fo = blocks.fan_in, blocks.fan_out
     dt = state['b'].dtype
-    b = dct.tall(state['b'], fi, fo) + dct.tall(o.astype(dt), fi, fo)
+    y = dct.tall(o.astype(dt), fi, fo)
+    b = dct.tall(state['b'], fi, fo) + y
     s = b.shape[-1]
     d = dct.dct_matrix(s, dt)
     e = d if fo >= fi else d.T
@@ -177,7 +178,6 @@ class TrionStep(MatrixStage):
     mom = dct.take_columns(full, idx)
     b = b - (1 - self.momentum) * dct.back_project(mom, e, idx)
     if self.nesterov:
-      y = dct.tall(o.astype(dt), fi, fo)
       mom = dct.project(y, e, idx) + self.momentum * mom
     ortho = newton_schulz(mom, 'jordan', dtype=self.ns_dtype)
     c = shape_factor(fi, fo, TRION_SCALINGS[self.scaling])

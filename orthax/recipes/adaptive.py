@@ -216,7 +216,7 @@ def signum_labels(router, pattern: str = SIGNUM_PATTERN):
 
 @registry.register('lanton', adam_learning_rate=3e-3)
 def lanton(
-    learning_rate: optax.ScalarOrSchedule = 0.226,
+    learning_rate: optax.ScalarOrSchedule = 0.113,
     *,
     beta: float = 0.95,
     nesterov: bool = True,
@@ -225,6 +225,7 @@ def lanton(
     difference: str = 'previous',
     normalization: str = 'group_max',
     alpha: float = 1.0,
+    noise_power: float = 0.5,
     nuclear: str = 'frobenius',
     noise_ns_preset: str = 'polar_express',
     preset: str = 'jordan',
@@ -278,9 +279,10 @@ def lanton(
   (``nesterov=True``); ``nesterov=False`` gives it ``B``, the established
   Scion/Gluon step. The noise statistic does not see the look-ahead (with
   ``difference='momentum'`` it does: ``B_t`` is then the momentum stage's
-  output). The defaults (β = 0.95, β2 = 0.99, ε = 1e-8; η = 0.226, λ = 0.4
-  and the look-ahead from the learning-rate sweep on the embedded corpus,
-  README) are this library's choice, not the paper's. Only the matrices
+  output). The defaults (β = 0.95, β2 = 0.99, ε = 1e-8; η = 0.113, λ = 0.4,
+  the look-ahead and the tempered map ``noise_power=0.5`` from the
+  learning-rate sweep on the embedded corpus, README) are this library's
+  choice, not the paper's. Only the matrices
   decay (the AdamW branch at ``adam_weight_decay``, default 0; Signum not at
   all). The nuclear norm of the gradient difference defaults to the bound
   ``sqrt(min(m, n))·‖X‖_F`` (``nuclear='frobenius'``): tight up to a
@@ -289,6 +291,11 @@ def lanton(
   per step (≈1.95× Muon's update time on GPT-2-small matrices against
   ≈1.0× here; the paper reports ≈4% wall-clock overhead over D-Muon, which
   rules out a second orthogonalization); ``'svd'`` is exact.
+  ``noise_power`` tempers the noise→rate map
+  (:func:`orthax.transforms.layerwise_noise_adapt`: ``η_ℓ ∝ r_ℓ^p``, ``p = 1``
+  the inverse noise level, 0 every layer at the group rate): on the embedded
+  corpus the inverse map ended behind the group rate, and ``p = 0.5`` ahead
+  of both (docs/training.md).
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   stage on whole matrices per device.
   """
@@ -305,7 +312,8 @@ def lanton(
                  accumulator_dtype=mu_dtype),
       direction, learning_rate=learning_rate, beta2=beta2, eps=eps,
       dual_norm='nuclear', difference=difference,
-      normalization=normalization, alpha=alpha, nuclear=nuclear,
+      normalization=normalization, alpha=alpha, noise_power=noise_power,
+      nuclear=nuclear,
       ns_preset=noise_ns_preset, weight_decay=weight_decay,
       matrix_specs=specs)))
   signum_lr = (_common.resolve_adam_learning_rate(

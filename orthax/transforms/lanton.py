@@ -51,6 +51,7 @@ def layerwise_noise_adapt(
     difference: str = 'previous',
     normalization: str = 'group_max',
     alpha: float | jax.Array = 1.0,
+    noise_power: float | jax.Array = 1.0,
     nuclear: str = 'ns',
     ns_preset: str = 'polar_express',
     weight_decay: float | jax.Array = 0.0,
@@ -82,9 +83,10 @@ def layerwise_noise_adapt(
             G_t - B_t\ (\texttt{momentum})\\
      H_ℓ &\leftarrow β_2 H_ℓ + (1-β_2)\,\|X_ℓ\|_{ℓ,*}^2,\qquad
      \hat H_ℓ = H_ℓ/(1-β_2^k)\quad(k = \text{differences seen})\\
-     η_ℓ &= η_t\cdot\frac{r_ℓ}{\max_{j} r_j},\ r_ℓ = (\hat H_ℓ+ε)^{-1/2}
+     η_ℓ &= η_t\cdot\Big(\frac{r_ℓ}{\max_{j} r_j}\Big)^p,\
+        r_ℓ = (\hat H_ℓ+ε)^{-1/2}
         \ (\texttt{group\_max})\quad\text{or}\quad
-        η_t\,α\,(\hat H_ℓ+ε)^{-1/2}\ (\texttt{absolute})\\
+        η_t\,α\,r_ℓ^p\ (\texttt{absolute})\\
      Δ_ℓ &= -η_ℓ\,(D_ℓ + λ W_ℓ),\qquad D = \mathrm{direction}(B)
 
   Until a difference has been seen (step 1 with ``previous``) every layer
@@ -121,6 +123,10 @@ def layerwise_noise_adapt(
     difference: ``'previous'`` or ``'momentum'``.
     normalization: ``'group_max'`` (no layer exceeds η) or ``'absolute'``.
     alpha: α of the ``absolute`` normalization.
+    noise_power: ``p``, the exponent of the noise→rate map: 1 (default)
+      the inverse noise level, 0 every layer at the group rate (D-Muon's
+      and Scion's fixed rate), in between a tempered map
+      (:func:`orthax.lanton`: 0.5).
     nuclear: ``'ns'``, ``'svd'`` or ``'frobenius'``.
     ns_preset: Newton–Schulz preset of ``nuclear='ns'``.
     weight_decay: λ, decoupled, applied with the layer's rate η_ℓ.
@@ -177,7 +183,7 @@ def layerwise_noise_adapt(
     norms = _dual_norms(diffs, specs, dual_norm, nuclear, ns)
     valid = seen > 0
     hs, rates = _noise_rates(flat(state.noise), norms, seen, valid, beta2,
-                             eps, alpha, normalization)
+                             eps, alpha, noise_power, normalization)
     out = [_scaled_step(g, dd, w, lr * r, weight_decay, s) for g, dd, w, r, s
            in zip(g_l, flat(d), flat(params), rates, specs)]
     new_state = LayerwiseNoiseState(
@@ -228,7 +234,7 @@ def _dual_norms(xs, specs, dual_norm, nuclear, ns):
   return out
 
 
-def _noise_rates(noise, norms, seen, valid, beta2, eps, alpha,
+def _noise_rates(noise, norms, seen, valid, beta2, eps, alpha, power,
                  normalization):
   """The new noise EMAs, kept as roots ``R = √H`` (``jnp.hypot`` factors
   out the larger term: no square is formed), and each layer's rate factor
@@ -245,9 +251,9 @@ def _noise_rates(noise, norms, seen, valid, beta2, eps, alpha,
   lows = [jnp.min(q) for q in roots if q.size]
   if normalization == 'group_max' and lows:
     floor = jnp.min(jnp.stack(lows))
-    return rs, [jnp.where(valid, floor / q, 1.0) for q in roots]
+    return rs, [jnp.where(valid, (floor / q) ** power, 1.0) for q in roots]
   # 'absolute' (or no leaf at all: no rate to normalize)
-  return rs, [jnp.where(valid, alpha / q, 1.0) for q in roots]
+  return rs, [jnp.where(valid, alpha / q ** power, 1.0) for q in roots]
 
 
 def _scaled_step(g, d, w, rate, weight_decay, spec):
