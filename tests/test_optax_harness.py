@@ -48,8 +48,9 @@ def _get_opt_factory(opt_name):  # orthax's recipes, by registered name
 # default rates (0.16, 0.226, 0.11) are 4×, 5.65× and 2.75× Muon's: at 1e-2
 # their AdamW branch (at a fixed fraction of the rate, 3e-3 at the default)
 # would run at 1.9e-4, 1.3e-4 and 2.7e-4, too slow for the parabola's vector
-# in the harness's step budget; at 2e-2 it runs at 3.8e-4, 2.7e-4 and 5.5e-4
-# (Muon's at 1e-2: 7.5e-4). LANTON (default 0.113) would run its AdamW branch at
+# in the harness's step budget; at 2e-2 NAMO's and NAMO-D's run at 3.8e-4 and
+# 5.5e-4 (Muon's at 1e-2: 7.5e-4), Trion's (2.7e-4; the parabola ends 3 off)
+# at Muon's 7.5e-4. LANTON (default 0.113) would run its AdamW branch at
 # 2.7e-4 at 1e-2, and at 2e-2 its matrix step overshoots the 2×2 matrix
 # (0.04 off the target's zero entry), so it runs at 1e-2 with its AdamW
 # branch at Muon's 7.5e-4.
@@ -60,7 +61,8 @@ def _get_opt_factory(opt_name):  # orthax's recipes, by registered name
 _HARNESS_RATE = {'namo': 2e-2, 'namo_d': 2e-2, 'trion': 2e-2,
                  'dct_adamw': 2e-2}
 _HARNESS_KWARGS = {'dct_adamw': dict(adam_learning_rate=1e-2),
-                   'lanton': dict(adam_learning_rate=7.5e-4)}
+                   'lanton': dict(adam_learning_rate=7.5e-4),
+                   'trion': dict(adam_learning_rate=7.5e-4)}
 
 
 def _no_decay(name: str) -> dict[str, float]:
