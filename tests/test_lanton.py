@@ -138,6 +138,36 @@ def test_noise_power_zero_is_the_group_rate():
              for k in got[-1]) > 1e-4
 
 
+def test_noise_power_zero_under_absolute_is_alpha_times_the_rate():
+  """(``difference='momentum'``: a difference from the first step, where
+  ``'previous'`` runs step 1 at η itself.)"""
+  params = make_tree(0, LSHAPES)
+  grads = [make_tree(100 + t, LSHAPES) for t in range(4)]
+  got = run_orthax(orthax.lanton(0.02, normalization='absolute', alpha=0.5,
+                                 noise_power=0.0, difference='momentum',
+                                 adam_learning_rate=3e-3), params, grads)
+  want = run_orthax(orthax.lanton(0.01, noise_power=0.0,
+                                  difference='momentum',
+                                  adam_learning_rate=3e-3), params, grads)
+  for a, b in zip(got, want):
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_noise_power_can_be_injected():
+  """``optax.inject_hyperparams``: an injected ``noise_power`` of 0 steps
+  as flat rates, an injected 1 as the inverse map."""
+  params = make_tree(0, LSHAPES)
+  grads = [make_tree(100 + t, LSHAPES) for t in range(3)]
+  for p, same in ((0.0, dict(eps=1e30)), (1.0, dict(noise_power=1.0))):
+    tx = optax.inject_hyperparams(orthax.lanton)(0.02, noise_power=p)
+    got = run_orthax(tx, params, grads)
+    want = run_orthax(orthax.lanton(0.02, **same), params, grads)
+    for a, b in zip(got, want):
+      for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
 def test_float32_close_to_float64_reference():
   params = make_tree(1, LSHAPES, np.float32)
   grads = [make_tree(200 + t, LSHAPES, np.float32) for t in range(5)]

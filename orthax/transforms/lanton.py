@@ -102,7 +102,8 @@ def layerwise_noise_adapt(
   (:func:`orthax.polar.newton_schulz.huge_scale`, exactly ``X`` below
   ``2³²``) and ``H`` is kept as its root, with the EMA taken as
   ``√H ← hypot(√β₂·√H, √(1-β₂)·‖X‖)``, so a gradient of 10¹⁹ gets the rates
-  of the unscaled one. A second
+  of the unscaled one (under ``group_max``: ``absolute`` rates follow the
+  gradient's scale by design). A second
   minibatch's gradient as the difference partner (the paper's other estimator
   option, per the summaries) is not implemented: it needs a second backward
   pass per step.
@@ -126,7 +127,7 @@ def layerwise_noise_adapt(
     noise_power: ``p``, the exponent of the noise→rate map: 1 (default)
       the inverse noise level, 0 every layer at the group rate (D-Muon's
       and Scion's fixed rate), in between a tempered map
-      (:func:`orthax.lanton`: 0.5).
+      (:func:`orthax.lanton`: 0.5); meant for ``[0, 1]``.
     nuclear: ``'ns'``, ``'svd'`` or ``'frobenius'``.
     ns_preset: Newton–Schulz preset of ``nuclear='ns'``.
     weight_decay: λ, decoupled, applied with the layer's rate η_ℓ.
