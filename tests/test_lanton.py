@@ -130,9 +130,7 @@ def test_noise_power_zero_is_the_group_rate():
   got = run_orthax(orthax.lanton(0.02, noise_power=0.0), params, grads)
   flat_rates = run_orthax(orthax.lanton(0.02, eps=1e30), params, grads)
   adaptive = run_orthax(orthax.lanton(0.02), params, grads)
-  for a, b, c in zip(got, flat_rates, adaptive):
-    for k in a:
-      np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+  assert_match(got, flat_rates, 1e-6, 1e-7, 'noise_power=0 vs eps=1e30')
   # ... which the default's noise-adapted rates are not.
   assert max(np.abs(got[-1][k] - adaptive[-1][k]).max()
              for k in got[-1]) > 1e-4
@@ -149,9 +147,7 @@ def test_noise_power_zero_under_absolute_is_alpha_times_the_rate():
   want = run_orthax(orthax.lanton(0.01, noise_power=0.0,
                                   difference='momentum',
                                   adam_learning_rate=3e-3), params, grads)
-  for a, b in zip(got, want):
-    for k in a:
-      np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+  assert_match(got, want, 1e-6, 1e-7, 'absolute at p=0 vs the rate')
 
 
 def test_noise_power_can_be_injected():
@@ -163,9 +159,7 @@ def test_noise_power_can_be_injected():
     tx = optax.inject_hyperparams(orthax.lanton)(0.02, noise_power=p)
     got = run_orthax(tx, params, grads)
     want = run_orthax(orthax.lanton(0.02, **same), params, grads)
-    for a, b in zip(got, want):
-      for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+    assert_match(got, want, 1e-6, 1e-7, f'injected noise_power={p}')
 
 
 def test_float32_close_to_float64_reference():

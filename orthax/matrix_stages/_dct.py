@@ -177,9 +177,10 @@ class TrionStep(MatrixStage):
     idx = dct.select(dct.column_scores(full), r)
     mom = dct.take_columns(full, idx)
     b = b - (1 - self.momentum) * dct.back_project(mom, e, idx)
-    if self.nesterov:
-      mom = dct.project(y, e, idx) + self.momentum * mom
-    ortho = newton_schulz(mom, 'jordan', dtype=self.ns_dtype)
+    # Nesterov: the gradient's selected coefficients plus μ·momentum.
+    look = (dct.project(y, e, idx) + self.momentum * mom if self.nesterov
+            else mom)
+    ortho = newton_schulz(look, 'jordan', dtype=self.ns_dtype)
     c = shape_factor(fi, fo, TRION_SCALINGS[self.scaling])
     out = dct.untall(c * dct.back_project(ortho, e, idx), fi, fo)
     return out.astype(o.dtype), {'b': dct.untall(b, fi, fo).astype(dt)}

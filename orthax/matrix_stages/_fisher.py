@@ -17,8 +17,9 @@ one step (Gauss–Seidel order: ``P`` first, with the old ``Q``):
 (``sym(X) = (X + Xᵀ)/2``; ``Polar`` by Newton–Schulz; ``V = M``, or the
 Nesterov look-ahead ``V = βM + (1-β)G̃`` with ``nesterov``; ``c`` a
 Muon-style shape scale). A stage sees the Flax kernel ``K = Gᵀ``
-(``[k, fan_in, fan_out]``), so it computes the transposed quantities: ``Kᵀ Q⁻¹ K``, ``K P⁻¹
-Kᵀ``, ``Q^{-1/2} K P^{-1/2}`` and keeps ``M`` as ``fan_in × fan_out``.
+(``[k, fan_in, fan_out]``), so it computes the transposed quantities:
+``Kᵀ Q⁻¹ K``, ``K P⁻¹ Kᵀ``, ``Q^{-1/2} K P^{-1/2}`` and keeps ``M`` as
+``fan_in × fan_out``.
 Inverses and inverse square roots come from ``jnp.linalg.eigh`` with the
 eigenvalues clamped at ``eig_floor`` (the factors have mean eigenvalue 1).
 

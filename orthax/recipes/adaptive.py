@@ -282,9 +282,8 @@ def lanton(
   output). The defaults (β = 0.95, β2 = 0.99, ε = 1e-8; η = 0.113, λ = 0.4,
   the look-ahead and the tempered map ``noise_power=0.5`` from the
   learning-rate sweep on the embedded corpus, README) are this library's
-  choice, not the paper's. Only the matrices
-  decay (the AdamW branch at ``adam_weight_decay``, default 0; Signum not at
-  all). The nuclear norm of the gradient difference defaults to the bound
+  choice, not the paper's. Only the matrices decay (the AdamW branch at
+  ``adam_weight_decay``, default 0; Signum not at all). The nuclear norm of the gradient difference defaults to the bound
   ``sqrt(min(m, n))·‖X‖_F`` (``nuclear='frobenius'``): tight up to a
   constant for the flat spectra of gradient noise, and free,
   where ``⟨X, NS(X)⟩`` (``nuclear='ns'``) costs a second orthogonalization

@@ -104,8 +104,8 @@ def trion(
       for ``'orthax'`` (the sweep's, README) and the reference's 0 for
       ``'ista'``.
     adam_learning_rate: Adam's learning rate (default: ``learning_rate``
-      under ``scaling='kimi'``, else ``learning_rate·3e-3/0.226``, 3e-3 at
-      the default (``'ista'``: ``0.015·learning_rate``): see
+      under ``scaling='kimi'``, else in proportion to ``learning_rate``,
+      3e-3 at the default (``'ista'``: ``0.015·learning_rate``): see
       :func:`orthax.recipes.resolve_adam_learning_rate`). The trainer's
       default, registered with the recipe, is ``3e-3`` as for every recipe:
       the reference's ``3e-4`` left the trainer's 24-step test model 0.6
