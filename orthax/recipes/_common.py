@@ -52,6 +52,13 @@ def route(router: RouterLike | None,
   return router, matrix_specs(router)
 
 
+def mode_settings(defaults: dict[str, Any], **given: Any) -> tuple[Any, ...]:
+  """Each keyword argument's value, or where it is ``None`` the mode's
+  default of the same name in ``defaults``, in the keywords' order:
+  ``nesterov, scale = mode_settings(d, nesterov=nesterov, scale=scale)``."""
+  return tuple(defaults[k] if v is None else v for k, v in given.items())
+
+
 def step_stages(learning_rate: optax.ScalarOrSchedule, weight_decay: Any,
                 **kwargs) -> list[tuple[str, optax.GradientTransformation]]:
   """The closing stages of a matrix chain: ``('scale_by_learning_rate',

@@ -135,11 +135,12 @@ def normuon(
   reference, lr = registry.resolve_mode('normuon', reference, learning_rate)
   d = _NORMUON_REFERENCES[reference]
   router, specs = _common.route(router)
-  wd = d['weight_decay'] if weight_decay is None else weight_decay
+  weight_decay, beta2, preset = _common.mode_settings(
+      d, weight_decay=weight_decay, beta2=beta2, preset=preset)
   # The neuron statistics, the Frobenius restore and the scale run on each
   # orthogonalized matrix in the same pass (on a mesh: in the same body).
   post = [MS.NeuronNormalize(
-      d['beta2'] if beta2 is None else beta2, eps, axis=d['axis'],
+      beta2, eps, axis=d['axis'],
       eps_placement=d['eps_placement'], restore_norm=d['restore_norm'])]
   post.append(MS.ScaleToRms(scale_rms, eps) if reference == 'paper'
               else MS.ScaleByShape('keller'))
@@ -147,18 +148,18 @@ def normuon(
       ('momentum', T.momentum(beta, form='ema', nesterov=d['nesterov'],
                               accumulator_dtype=mu_dtype)),
       ('orthogonalize', T.orthogonalize(
-          d['preset'] if preset is None else preset, steps=ns_steps,
-          ns_dtype=ns_dtype, method=ns_method, matrix_specs=specs,
+          preset, steps=ns_steps, ns_dtype=ns_dtype, method=ns_method,
+          matrix_specs=specs,
           distributed=distributed, then=post)),
       *_common.step_stages(
-          lr, wd, cautious=reference == 'modded',
+          lr, weight_decay, cautious=reference == 'modded',
           step_scale='keller' if reference == 'modded' else None,
           matrix_specs=specs),
   ]
   return _common.assemble_with_adamw(
       optax.named_chain(*stages), router, check_finite, learning_rate=lr,
       adam_learning_rate=adam_learning_rate,
-      rms_matched=reference == 'paper', matrix_weight_decay=wd,
+      rms_matched=reference == 'paper', matrix_weight_decay=weight_decay,
       recipe='normuon',
       reference=reference, b1=adam_b1,
       b2=adam_b2,

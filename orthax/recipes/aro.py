@@ -180,11 +180,9 @@ def aro(
   reference, learning_rate = registry.resolve_mode('aro', reference,
                                                    learning_rate)
   d = _ARO_REFERENCES[reference]
-  rotate = d['rotate'] if rotate is None else rotate
-  scale = d['scale'] if scale is None else scale
-  qr = d['qr'] if qr is None else qr
-  weight_decay = d['weight_decay'] if weight_decay is None else weight_decay
-  nesterov = d['nesterov'] if nesterov is None else nesterov
+  rotate, scale, qr, weight_decay, nesterov = _common.mode_settings(
+      d, rotate=rotate, scale=scale, qr=qr, weight_decay=weight_decay,
+      nesterov=nesterov)
   _check_choices(base=(base, _rotate.BASES), qr=(qr, _rotate.QR_KINDS),
                  rotate=(rotate, _rotate.ROTATE_SIDES),
                  scale=(scale, aro_lib.SCALES))

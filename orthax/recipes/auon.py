@@ -21,7 +21,7 @@ from orthax.recipes import registry
 
 # Paper formula, with the original (Oct 2025) code's Keller scale.
 _AUON_PAPER = dict(gamma=1.0, normalize=True, brake_input='normalized',
-                   scale='keller', hybrid_steps=1, hybrid_brake='raw',
+                   scale='keller', ns_steps=1, hybrid_brake='raw',
                    weight_decay=0.0)
 # The rates the references' training code pairs: AuON (or Hybrid-AuON)
 # with AdamW at a tenth of its rate (0.24 with 0.024 at c87b862; 0.08 with
@@ -37,7 +37,7 @@ _AUON_RATES = {
 }
 # ryyzn9/AuON auon/optimizer.py @ bba2e82 (Jan 2026).
 _AUON_REPO = dict(gamma=1.5, normalize=False, brake_input='normalized',
-                  scale='none', hybrid_steps=5, hybrid_brake='normalized',
+                  scale='none', ns_steps=5, hybrid_brake='normalized',
                   weight_decay=0.0)
 _AUON_REFERENCES = {
     'orthax': _AUON_PAPER,  # the paper's formula at the sweep's rates
@@ -71,15 +71,15 @@ def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
                                                    learning_rate)
   d = (_HYBRID_REFERENCES if hybrid else _AUON_REFERENCES)[reference]
   router, specs = _common.route(router)
-  gamma = d['gamma'] if gamma is None else gamma
-  weight_decay = d['weight_decay'] if weight_decay is None else weight_decay
+  gamma, weight_decay, ns_steps = _common.mode_settings(
+      d, gamma=gamma, weight_decay=weight_decay, ns_steps=ns_steps)
   stages = [('momentum', T.momentum(beta, form='ema', nesterov=True,
                                     accumulator_dtype=mu_dtype))]
   if hybrid:
     # The brake and the scale need whole matrices: they run in the
     # orthogonalize pass (on a mesh, in the same body).
     stages.append(('orthogonalize', T.orthogonalize(
-        'jordan', steps=d['hybrid_steps'] if ns_steps is None else ns_steps,
+        'jordan', steps=ns_steps,
         ns_dtype=ns_dtype, matrix_specs=specs, distributed=distributed,
         then=[MS.CoshNormalize(gamma, normalize=False,
                                brake_input=d['hybrid_brake']),

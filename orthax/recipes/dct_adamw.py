@@ -180,7 +180,7 @@ def dct_adamw(
   max_shape = MAX_SHAPE if max_shape is None else int(max_shape)
   reference = registry.resolve_reference('dct_adamw', reference)
   d = _DCT_ADAMW_REFERENCES[reference]
-  scale = d['scale'] if scale is None else scale
+  (scale,) = _common.mode_settings(d, scale=scale)
   if scale not in SCALES:
     raise ValueError(f'dct_adamw: scale must be one of {SCALES}, got '
                      f'{scale!r}.')

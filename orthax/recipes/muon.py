@@ -164,14 +164,14 @@ def muon(
   reference, learning_rate = registry.resolve_mode('muon', reference,
                                                    learning_rate)
   d = _MUON_REFERENCES[reference]
-  nesterov = d['nesterov'] if nesterov is None else nesterov
-  preset = d['preset'] if preset is None else preset
-  scale = d['scale'] if scale is None else scale
+  nesterov, preset, scale, weight_decay, adam_b2, adam_eps = (
+      _common.mode_settings(d, nesterov=nesterov, preset=preset, scale=scale,
+                            weight_decay=weight_decay, adam_b2=adam_b2,
+                            adam_eps=adam_eps))
   router, specs = _common.route(
       router, _common.ndim2_labels if reference == 'optax' else None)
   if ns_method is None:
     ns_method = 'standard' if reference == 'optax' else 'auto'
-  weight_decay = d['weight_decay'] if weight_decay is None else weight_decay
   if ns_eps is None and reference == 'optax':
     ns_eps = 1e-8  # optax shares one eps; the other references use the preset's
 
@@ -195,8 +195,7 @@ def muon(
       adam_learning_rate=adam_learning_rate,
       rms_matched=scale == 'moonlight', matrix_weight_decay=weight_decay,
       recipe='muon', reference=reference,
-      b1=adam_b1, b2=d['adam_b2'] if adam_b2 is None else adam_b2,
-      eps=d['adam_eps'] if adam_eps is None else adam_eps,
+      b1=adam_b1, b2=adam_b2, eps=adam_eps,
       weight_decay=adam_weight_decay, mu_dtype=mu_dtype,
       eps_placement=d['adam_eps_placement'],
       # optax.contrib.muon hands its `nesterov` to the Adam branch too.

@@ -35,8 +35,8 @@ def _namo(name, mode, learning_rate, reference, beta, mu2, eps, weight_decay,
   reference, learning_rate = registry.resolve_mode(name, reference,
                                                    learning_rate)
   d = _NAMO_REFERENCES[reference]
-  shape = d['shape'] if shape is None else shape
-  scale_coeff = d['scale_coeff'] if scale_coeff is None else scale_coeff
+  shape, scale_coeff = _common.mode_settings(d, shape=shape,
+                                             scale_coeff=scale_coeff)
   router, specs = _common.route(router)
   matrix = optax.named_chain(('noise_adapt', T.noise_adapt(
       T.momentum(beta, form='ema', nesterov=nesterov,

@@ -34,9 +34,9 @@ SPECTRA_RULES: tuple[routing.Rule, ...] = (
 # The threshold c per mode: 2 for the library default (the sweep's, README),
 # the reference's CLI default 10 for 'repo'.
 _SPECTRA_REFERENCES = {
-    'orthax': dict(steps=_spectral.DEFAULT_STEPS, step_rule='scaled',
+    'orthax': dict(ns_steps=_spectral.DEFAULT_STEPS, step_rule='scaled',
                    shared_bound=False, c=2.0, nesterov=True),
-    'repo': dict(steps=_spectral.REFERENCE_STEPS, step_rule='plain',
+    'repo': dict(ns_steps=_spectral.REFERENCE_STEPS, step_rule='plain',
                  shared_bound=True, c=10.0, nesterov=False),
 }
 
@@ -152,18 +152,18 @@ def spectra(
   reference, learning_rate = registry.resolve_mode('spectra', reference,
                                                    learning_rate)
   d = _SPECTRA_REFERENCES[reference]
-  c = d['c'] if c is None else c
+  c, nesterov, ns_steps, step_rule, shared_bound = _common.mode_settings(
+      d, c=c, nesterov=nesterov, ns_steps=ns_steps, step_rule=step_rule,
+      shared_bound=shared_bound)
   router, specs = _common.route(
       router, routing.Router(extra_rules=SPECTRA_RULES))
   if base is None:
     base = T.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
                    weight_decay=weight_decay, scale_safe=True,
-                   nesterov=d['nesterov'] if nesterov is None else nesterov)
+                   nesterov=nesterov)
   clip = T.spectral_clip(
       c, learning_rate=learning_rate, weight_decay=weight_decay,
-      steps=d['steps'] if ns_steps is None else ns_steps,
-      step_rule=d['step_rule'] if step_rule is None else step_rule,
-      shared_bound=d['shared_bound'] if shared_bound is None else shared_bound,
+      steps=ns_steps, step_rule=step_rule, shared_bound=shared_bound,
       apply_to=apply_to, warmup_steps=warmup_steps,
       base_learning_rate=base_learning_rate, decay=clip_decay,
       decay_fraction=clip_decay_fraction, final_scale=clip_final_scale,
@@ -252,7 +252,7 @@ def root(
   reference, learning_rate = registry.resolve_mode('root', reference,
                                                    learning_rate)
   d = _ROOT_REFERENCES[reference]
-  weight_decay = d['weight_decay'] if weight_decay is None else weight_decay
+  (weight_decay,) = _common.mode_settings(d, weight_decay=weight_decay)
   router, specs = _common.route(router)
   matrix = optax.named_chain(
       ('momentum', T.momentum(beta, form='sum', nesterov=nesterov,

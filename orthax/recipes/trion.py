@@ -133,8 +133,8 @@ def trion(
   reference, learning_rate = registry.resolve_mode('trion', reference,
                                                    learning_rate)
   d = _TRION_REFERENCES[reference]
-  weight_decay = d['weight_decay'] if weight_decay is None else weight_decay
-  nesterov = d['nesterov'] if nesterov is None else nesterov
+  weight_decay, nesterov = _common.mode_settings(
+      d, weight_decay=weight_decay, nesterov=nesterov)
   rank, _, _ = dct_adam.check_structure('trion', rank, None, None)
   if scaling not in MS.TRION_SCALINGS:
     raise ValueError(f'trion: scaling must be one of '
