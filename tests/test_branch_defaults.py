@@ -16,12 +16,14 @@ import orthax
 from orthax.recipes import _common
 
 # Recipes whose matrix update has AdamW's RMS by default (one rate fits
-# both branches), written out here rather than read from the code.
-RMS_MATCHED = {'root'}
+# both branches), written out here rather than read from the code: none
+# since ROOT's library mode took Muon's shape scale.
+RMS_MATCHED = set()
 WITH_ADAMW_BRANCH = tuple(n for n in orthax.recipe_names() if n != 'spectra')
 # The others run their AdamW branch at 3e-3 at their default learning rate
 # (written out: tests/test_registry.py) and scale it with their rate.
 DEFAULT_LR = {'muon': 0.04, 'normuon': 0.04, 'namo': 0.16, 'namo_d': 0.11,
+              'root': 0.05656,
               'lanton': 0.113, 'auon': 0.08, 'hybrid_auon': 0.056,
               'fismo': 0.056, 'aro': 0.08, 'trion': 0.226, 'dct_adamw': 1.5}
 # DCT-AdamW's AdamW branch runs at the sweep's 0.0085 (at 3e-3 its d 128
@@ -74,6 +76,21 @@ def test_muon_adam_branch_by_scale(kwargs, matched, default):
       0.02 if matched else (3e-4 if keller else 0.0015), rel=1e-4)
   assert _first_bias_step(orthax.muon(**kwargs)) == pytest.approx(
       default, rel=1e-4)  # at the mode's default rate
+
+
+@pytest.mark.parametrize('kwargs, matched, default', [
+    (dict(), False, 0.003),
+    (dict(scale='moonlight'), True, DEFAULT_LR['root']),
+    # The toy script's one rate, 1e-3, for both branches.
+    (dict(reference='repo'), True, 1e-3)])
+def test_root_adam_branch_by_scale(kwargs, matched, default):
+  """ROOT's library mode scales as Muon (an AdamW-sized branch rate);
+  under Moonlight's RMS-matched scale, its reference's, the branches share
+  the rate."""
+  assert _first_bias_step(orthax.root(0.02, **kwargs)) == pytest.approx(
+      0.02 if matched else 0.02 * 3e-3 / DEFAULT_LR['root'], rel=1e-4)
+  assert _first_bias_step(orthax.root(**kwargs)) == pytest.approx(
+      default, rel=1e-4)
 
 
 def test_optax_mode_adam_branch_is_adamw_sized_too():

@@ -101,7 +101,7 @@ def test_optimizer_name_override_takes_that_optimizers_rates():
   train_configs.follow_optimizer_name(
       c, {'optimizer.name', 'optimizer.learning_rate'})
   assert (c.optimizer.learning_rate, c.optimizer.adam_learning_rate) == (
-      0.01, 0.0196)  # ROOT's registered AdamW rate: its default, shared
+      0.01, 3e-3)  # ROOT's registered AdamW rate
   c = train_configs.base_config('muon')
   c.optimizer.learning_rate = 0.5
   train_configs.follow_optimizer_name(c, {'optimizer.learning_rate'})

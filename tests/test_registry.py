@@ -17,8 +17,8 @@ from reference_helpers import flat, make_tree, run_orthax
 
 # The defaults, written out: the sweep's (README; tests/test_defaults.py
 # checks them against results/sweep). Each recipe's AdamW branch runs at
-# 3e-3 at its default (DCT-AdamW's at 0.0085, ROOT's at its own rate;
-# adamw and spectra have no separate one).
+# 3e-3 at its default (DCT-AdamW's at 0.0085; adamw and spectra have no
+# separate one).
 DEFAULT_LEARNING_RATES = {
     'adamw': (3e-3, None),
     'muon': (0.04, 3e-3),
@@ -26,7 +26,7 @@ DEFAULT_LEARNING_RATES = {
     'namo': (0.16, 3e-3),
     'namo_d': (0.11, 3e-3),
     'lanton': (0.113, 3e-3),
-    'root': (0.0196, 0.0196),  # its RMS-matched step shares the rate
+    'root': (0.05656, 3e-3),
     'auon': (0.08, 3e-3),
     'hybrid_auon': (0.056, 3e-3),
     'spectra': (0.0424, None),
@@ -103,8 +103,7 @@ def test_each_mode_runs_at_its_references_rates(name):
   the mode's ratio at another rate."""
   for ref in REFERENCES[name]:
     lr, adam = REFERENCE_RATES.get((name, ref), DEFAULT_LEARNING_RATES[name])
-    # SPECTRA: one AdamW base. ROOT: its RMS-matched step shares the rate.
-    adam = lr if adam is None or name == 'root' else adam
+    adam = lr if adam is None else adam  # SPECTRA: one AdamW base
     rates = orthax.recipes.recipe_routing(
         orthax.recipe(name, reference=ref)).learning_rates
     assert rates['matrix'] == pytest.approx(lr, rel=1e-12), ref
@@ -121,18 +120,21 @@ def test_each_mode_runs_at_its_references_rates(name):
 # The library mode's arithmetic is that of this reference mode.
 SAME_ARITHMETIC = {'muon': 'keller', 'normuon': 'repo', 'root': 'repo',
                    'auon': 'paper', 'hybrid_auon': 'repo', 'trion': 'ista'}
-# ... once the library mode's own momentum is set to the reference's
-# (Trion's library mode looks ahead; test_trion.py covers that step).
-REFERENCE_MOMENTUM = {'trion': dict(nesterov=False)}
+# ... once the library mode's own settings are set to the reference's
+# (Trion's library mode looks ahead, test_trion.py covers that step; ROOT's
+# scales its step as Muon, test_root.py).
+REFERENCE_SETTINGS = {'trion': dict(nesterov=False),
+                      'root': dict(scale='moonlight')}
 
 
 @pytest.mark.parametrize('name', sorted(SAME_ARITHMETIC))
 def test_library_mode_is_its_references_arithmetic(name):
   """At the same rates and decay, ``reference='orthax'`` steps exactly as
   the mode whose arithmetic it runs (its default decay may differ: Muon's
-  and NorMuon's is the sweep's 0.1, Hybrid-AuON's and ROOT's 0.2, their
-  references' 0, 0 and 0.1; Trion's library mode also looks ahead: here
-  with ``nesterov=False``)."""
+  and NorMuon's is the sweep's 0.1, Hybrid-AuON's 0.2, their references'
+  0; Trion's library mode also looks ahead, here with ``nesterov=False``,
+  and ROOT's takes Muon's shape scale, here the reference's Moonlight
+  scale)."""
   shapes = {'blocks/mlp/kernel': (3, 8, 6), 'blocks/mlp/bias': (3, 6),
             'attn/kernel': (6, 10)}
   params = jax.tree.map(jnp.asarray, make_tree(0, shapes, np.float32))
@@ -141,7 +143,7 @@ def test_library_mode_is_its_references_arithmetic(name):
   rates = dict(learning_rate=0.03, adam_learning_rate=2e-3,
                weight_decay=0.05)
   ours = run_orthax(orthax.recipe(
-      name, **rates, **REFERENCE_MOMENTUM.get(name, {})), params, grads)
+      name, **rates, **REFERENCE_SETTINGS.get(name, {})), params, grads)
   theirs = run_orthax(orthax.recipe(
       name, reference=SAME_ARITHMETIC[name], **rates), params, grads)
   for a, b in zip(ours, theirs):
@@ -158,7 +160,7 @@ MODE_DECAY = [('muon', 'orthax', 0.1), ('muon', 'keller', 0.0),
               ('hybrid_auon', 'orthax', 0.2), ('hybrid_auon', 'repo', 0.0),
               ('hybrid_auon', 'paper', 0.0), ('auon', 'orthax', 0.0),
               ('auon', 'repo', 0.0), ('aro', 'orthax', 0.2),
-              ('aro', 'dion', 0.01), ('root', 'orthax', 0.2),
+              ('aro', 'dion', 0.01), ('root', 'orthax', 0.1),
               ('root', 'repo', 0.1), ('fismo', None, 0.2),
               ('lanton', None, 0.4), ('trion', 'orthax', 0.2),
               ('trion', 'ista', 0.0)]

@@ -158,8 +158,11 @@ class RootReference:
   """ROOT(lr, wd, root_params=kernels, adamw_params=rest, momentum=0.95,
   nesterov=True, root_steps=5)."""
 
-  def __init__(self, params, lr, wd, mu=0.95, b1=0.9, b2=0.95, eps=1e-8):
+  def __init__(self, params, lr, wd, mu=0.95, b1=0.9, b2=0.95, eps=1e-8,
+               scale='moonlight', adam_lr=None):
     self.p = {k: v.copy() for k, v in flat(params).items()}
+    self.scale = scale
+    self.adam_lr = lr if adam_lr is None else adam_lr
     self.buf = {k: np.zeros_like(v) for k, v in self.p.items()}
     self.v = {k: np.zeros_like(v) for k, v in self.p.items()}
     self.lr, self.wd, self.mu, self.b1, self.b2, self.eps = (
@@ -181,7 +184,10 @@ class RootReference:
           eps_q = np.quantile(np.abs(u), 0.9) + 1e-9
           o = np.sign(u) * np.maximum(np.abs(u) - eps_q, 0)
           x = root5(u - o)
-          wi = wi * (1 - lr * wd) - lr * 0.2 * np.sqrt(max(wi.shape)) * x
+          out, inp = wi.shape  # PyTorch rows: the kernel's output axis
+          f = (0.2 * np.sqrt(max(out, inp)) if self.scale == 'moonlight'
+               else np.sqrt(max(1.0, out / inp)))  # Muon's (Keller's)
+          wi = wi * (1 - lr * wd) - lr * f * x
           nw.append(wi.T)
           nb.append(bi.T)
         self.p[k] = np.stack(nw).reshape(shape)
@@ -189,9 +195,10 @@ class RootReference:
       else:
         m = self.buf[k] = self.b1 * self.buf[k] + (1 - self.b1) * g
         v = self.v[k] = self.b2 * self.v[k] + (1 - self.b2) * g * g
-        step = (lr * np.sqrt(1 - self.b2 ** self.t) / (1 - self.b1 ** self.t)
+        alr = self.adam_lr
+        step = (alr * np.sqrt(1 - self.b2 ** self.t) / (1 - self.b1 ** self.t)
                 * m / (np.sqrt(v) + self.eps))
-        self.p[k] = w * (1 - lr * wd) - step
+        self.p[k] = w * (1 - alr * wd) - step
 
 
 def test_root_matches_float64_transcription(x64):
@@ -206,6 +213,26 @@ def test_root_matches_float64_transcription(x64):
     for k, w in ref.p.items():
       np.testing.assert_allclose(got[t][k], w, rtol=1e-9, atol=1e-12,
                                  err_msg=f'step {t} {k}')
+
+
+def test_library_mode_scales_as_muon(x64):
+  """``reference='orthax'`` is the toy script's step with Muon's shape scale
+  √max(1, out/in) in place of 0.2·√max(out, in), at its default rates
+  (0.05656, the AdamW branch 3e-3) and λ 0.1."""
+  params = make_tree(0)
+  grads = [make_tree(100 + t) for t in range(5)]
+  got = run_orthax(orthax.root(coeffs_for_shape=TABLE), params, grads)
+  ref = RootReference(params, 0.05656, 0.1, scale='keller', adam_lr=3e-3)
+  moon = RootReference(params, 0.05656, 0.1, adam_lr=3e-3)
+  for t, g in enumerate(grads):
+    ref.step(g)
+    moon.step(g)
+    for k, w in ref.p.items():
+      np.testing.assert_allclose(got[t][k], w, rtol=1e-9, atol=1e-12,
+                                 err_msg=f'step {t} {k}')
+  # The scale is what differs from the reference's (Moonlight's) step.
+  assert max(np.max(np.abs(moon.p[k] - ref.p[k]))
+             for k in ref.p if k.endswith('kernel')) > 1e-3
 
 
 def test_root_float32_close_to_float64_reference():

@@ -182,17 +182,16 @@ def spectra(
       {'matrix': weight_decay, 'adam': weight_decay})
 
 
-# What each reference fixes (weight_decay=None takes it from here): λ 0.2
-# for the library default (the sweep's, README), Moonlight's 0.1 for the toy
-# script's mode.
-_ROOT_REFERENCES = {'orthax': dict(weight_decay=0.2),
-                    'repo': dict(weight_decay=0.1)}
+# What each reference fixes (None takes it from here): Muon's shape scale
+# and λ 0.1 for the library default (the sweep's, docs/training.md), the toy
+# script's Moonlight scale and λ 0.1 for the repository's mode.
+_ROOT_REFERENCES = {'orthax': dict(weight_decay=0.1, scale='keller'),
+                    'repo': dict(weight_decay=0.1, scale='moonlight')}
 
 
 @registry.register(
-    'root', references=tuple(_ROOT_REFERENCES), learning_rate=0.0196,
-    # The AdamW branch shares the rate (an RMS-matched step), as root() does.
-    adam_learning_rate=0.0196, mode_rates={'repo': registry.ModeRates(
+    'root', references=tuple(_ROOT_REFERENCES), learning_rate=0.05656,
+    adam_learning_rate=3e-3, mode_rates={'repo': registry.ModeRates(
         1e-3, 1e-3, 'huawei-noah/noah-research @a99fb00 ROOT/examples/'
         'example_train.py: one lr for ROOT and AdamW')})
 def root(
@@ -204,6 +203,7 @@ def root(
     quantile: float = 0.9,
     quantile_eps: float = 1e-9,
     coeffs_for_shape: Any = 'root',
+    scale: str | None = None,
     ns_steps: int | None = None,
     ns_dtype: Any = None,
     mu_dtype: Any = None,
@@ -225,21 +225,27 @@ def root(
      M_t &= μM_{t-1} + G_t,\qquad u = G_t + μM_t \\
      B &= \mathrm{clip}(u, -ε, ε),\quad ε = \mathrm{quantile}_{0.9}(|u|) + 10^{-9} \\
      O &= \mathrm{NS}^{(m,n)}_5\big(B/(\|B\|_F + 10^{-7})\big) \\
-     W &\leftarrow W(1 - ηλ) - η\,0.2\sqrt{\max(m, n)}\;O
+     W &\leftarrow W(1 - ηλ) - η\,s\;O
 
   (:func:`orthax.clip_outliers`, then :func:`orthax.orthogonalize` with
   ``coeffs_for_shape='root'``: ROOT's AdaNewton row for its four published
-  shapes, Keller's row otherwise). Other parameters: AdamW as in Moonlight
-  (same η and λ, betas (0.9, 0.95), ε = 1e-8 added before bias correction).
-  The toy code iterates in the input dtype (two other copies cast to bf16
-  with ε = 1e-8; pass ``ns_dtype=jnp.bfloat16`` for that).
+  shapes, Keller's row otherwise), with the shape scale ``s`` of ``scale``
+  (:func:`orthax.scale_by_shape`). Other parameters: AdamW (betas (0.9,
+  0.95), ε = 1e-8 added before bias correction, the matrices' λ). The toy
+  code iterates in the input dtype (two other copies cast to bf16 with
+  ε = 1e-8; pass ``ns_dtype=jnp.bfloat16`` for that).
 
-  The two modes differ only in their defaults for η and λ: ``'orthax'``
-  runs at 0.0196 with λ = 0.2, from the sweep (README), and ``'repo'`` at
-  the toy script's 1e-3 with λ = 0.1; the AdamW branch takes the same rate
-  unless ``adam_learning_rate`` is given (the trainer's default does the
-  same).
-  ``weight_decay=None`` takes the mode's λ.
+  The modes differ in their defaults for η and ``s`` (both decay by
+  λ = 0.1). ``'repo'`` runs the toy script's Moonlight scale
+  ``s = 0.2√max(m, n)`` at its 1e-3, one rate for both branches (an
+  RMS-matched step). ``'orthax'`` takes Muon's ``s = √max(1, n_out/n_in)``
+  at 0.05656 with its AdamW branch at 3e-3, from the sweep
+  (docs/training.md): under the Moonlight scale the best rate fell with
+  the width, and ROOT needed 0.61× AdamW's steps at d 128; with Muon's
+  scale the best rate held across widths, and 0.58× at both. ``scale=``,
+  ``weight_decay=`` and ``adam_learning_rate=`` override the mode's
+  (``scale='moonlight'`` shares the rate with the AdamW branch unless
+  ``adam_learning_rate`` is given).
 
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   stage on whole matrices per device (the outlier quantile is computed on
@@ -252,7 +258,9 @@ def root(
   reference, learning_rate = registry.resolve_mode('root', reference,
                                                    learning_rate)
   d = _ROOT_REFERENCES[reference]
-  (weight_decay,) = _common.mode_settings(d, weight_decay=weight_decay)
+  weight_decay, scale = _common.mode_settings(d, weight_decay=weight_decay,
+                                              scale=scale)
+  MS.check_scale_mode(scale, 'root: scale')
   router, specs = _common.route(router)
   matrix = optax.named_chain(
       ('momentum', T.momentum(beta, form='sum', nesterov=nesterov,
@@ -262,12 +270,12 @@ def root(
       ('orthogonalize', T.orthogonalize(
           'jordan', steps=ns_steps, ns_dtype=ns_dtype, matrix_specs=specs,
           coeffs_for_shape=coeffs_for_shape, distributed=distributed,
-          then=[MS.ScaleByShape('moonlight')])),
+          then=[MS.ScaleByShape(scale)])),
       *_common.step_stages(learning_rate, weight_decay),
   )
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
-      adam_learning_rate=adam_learning_rate, rms_matched=True,
+      adam_learning_rate=adam_learning_rate, rms_matched=scale == 'moonlight',
       matrix_weight_decay=weight_decay, recipe='root', reference=reference,
       b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=weight_decay,
       eps_placement='raw',
