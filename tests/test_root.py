@@ -204,7 +204,7 @@ class RootReference:
 def test_root_matches_float64_transcription(x64):
   params = make_tree(0)
   grads = [make_tree(100 + t) for t in range(6)]
-  # 'repo': the toy script's λ 0.1 (the library mode's is 0.2).
+  # 'repo': the toy script's λ 0.1 and Moonlight scale.
   tx = orthax.root(1e-3, reference='repo', coeffs_for_shape=TABLE)
   got = run_orthax(tx, params, grads)
   ref = RootReference(params, 1e-3, 0.1)
@@ -238,7 +238,7 @@ def test_library_mode_scales_as_muon(x64):
 def test_root_float32_close_to_float64_reference():
   params = make_tree(1, dtype=np.float32)
   grads = [make_tree(200 + t, dtype=np.float32) for t in range(5)]
-  # 'repo': the toy script's λ 0.1 (the library mode's is 0.2).
+  # 'repo': the toy script's λ 0.1 and Moonlight scale.
   tx = orthax.root(1e-3, reference='repo', coeffs_for_shape=TABLE)
   got = run_orthax(tx, params, grads)
   ref = RootReference(make_tree(1), 1e-3, 0.1)

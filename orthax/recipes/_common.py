@@ -55,7 +55,13 @@ def route(router: RouterLike | None,
 def mode_settings(defaults: dict[str, Any], **given: Any) -> tuple[Any, ...]:
   """Each keyword argument's value, or where it is ``None`` the mode's
   default of the same name in ``defaults``, in the keywords' order:
-  ``nesterov, scale = mode_settings(d, nesterov=nesterov, scale=scale)``."""
+  ``nesterov, scale = mode_settings(d, nesterov=nesterov, scale=scale)``.
+  Every keyword must name a setting of ``defaults`` (a misspelling raises
+  even where its value is given)."""
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise KeyError(f'mode_settings: {unknown} are not among the mode\'s '
+                   f'settings {sorted(defaults)}.')
   return tuple(defaults[k] if v is None else v for k, v in given.items())
 
 

@@ -245,7 +245,8 @@ def root(
   scale the best rate held across widths, and 0.58× at both. ``scale=``,
   ``weight_decay=`` and ``adam_learning_rate=`` override the mode's
   (``scale='moonlight'`` shares the rate with the AdamW branch unless
-  ``adam_learning_rate`` is given).
+  ``adam_learning_rate`` is given, and so does any scale under ``'repo'``,
+  whose rates are 1:1).
 
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   stage on whole matrices per device (the outlier quantile is computed on
