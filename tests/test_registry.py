@@ -131,10 +131,10 @@ REFERENCE_SETTINGS = {'trion': dict(nesterov=False),
 def test_library_mode_is_its_references_arithmetic(name):
   """At the same rates and decay, ``reference='orthax'`` steps exactly as
   the mode whose arithmetic it runs (its default decay may differ: Muon's
-  and NorMuon's is the sweep's 0.1, Hybrid-AuON's 0.2, their references'
-  0; Trion's library mode also looks ahead, here with ``nesterov=False``,
-  and ROOT's takes Muon's shape scale, here the reference's Moonlight
-  scale)."""
+  and NorMuon's is the sweep's 0.1, Hybrid-AuON's and ROOT's 0.2, their
+  references' 0, 0 and 0.1; Trion's library mode also looks ahead, here
+  with ``nesterov=False``, and ROOT's takes Muon's shape scale, here the
+  reference's Moonlight scale)."""
   shapes = {'blocks/mlp/kernel': (3, 8, 6), 'blocks/mlp/bias': (3, 6),
             'attn/kernel': (6, 10)}
   params = jax.tree.map(jnp.asarray, make_tree(0, shapes, np.float32))
@@ -160,7 +160,7 @@ MODE_DECAY = [('muon', 'orthax', 0.1), ('muon', 'keller', 0.0),
               ('hybrid_auon', 'orthax', 0.2), ('hybrid_auon', 'repo', 0.0),
               ('hybrid_auon', 'paper', 0.0), ('auon', 'orthax', 0.0),
               ('auon', 'repo', 0.0), ('aro', 'orthax', 0.2),
-              ('aro', 'dion', 0.01), ('root', 'orthax', 0.1),
+              ('aro', 'dion', 0.01), ('root', 'orthax', 0.2),
               ('root', 'repo', 0.1), ('fismo', None, 0.2),
               ('lanton', None, 0.4), ('trion', 'orthax', 0.2),
               ('trion', 'ista', 0.0)]

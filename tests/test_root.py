@@ -218,12 +218,12 @@ def test_root_matches_float64_transcription(x64):
 def test_library_mode_scales_as_muon(x64):
   """``reference='orthax'`` is the toy script's step with Muon's shape scale
   √max(1, out/in) in place of 0.2·√max(out, in), at its default rates
-  (0.05656, the AdamW branch 3e-3) and λ 0.1."""
+  (0.05656, the AdamW branch 3e-3) and λ 0.2."""
   params = make_tree(0)
   grads = [make_tree(100 + t) for t in range(5)]
   got = run_orthax(orthax.root(coeffs_for_shape=TABLE), params, grads)
-  ref = RootReference(params, 0.05656, 0.1, scale='keller', adam_lr=3e-3)
-  moon = RootReference(params, 0.05656, 0.1, adam_lr=3e-3)
+  ref = RootReference(params, 0.05656, 0.2, scale='keller', adam_lr=3e-3)
+  moon = RootReference(params, 0.05656, 0.2, adam_lr=3e-3)
   for t, g in enumerate(grads):
     ref.step(g)
     moon.step(g)

@@ -183,9 +183,9 @@ def spectra(
 
 
 # What each reference fixes (None takes it from here): Muon's shape scale
-# and λ 0.1 for the library default (the sweep's, docs/training.md), the toy
+# and λ 0.2 for the library default (the sweep's, docs/training.md), the toy
 # script's Moonlight scale and λ 0.1 for the repository's mode.
-_ROOT_REFERENCES = {'orthax': dict(weight_decay=0.1, scale='keller'),
+_ROOT_REFERENCES = {'orthax': dict(weight_decay=0.2, scale='keller'),
                     'repo': dict(weight_decay=0.1, scale='moonlight')}
 
 
@@ -235,14 +235,14 @@ def root(
   code iterates in the input dtype (two other copies cast to bf16 with
   ε = 1e-8; pass ``ns_dtype=jnp.bfloat16`` for that).
 
-  The modes differ in their defaults for η and ``s`` (both decay by
-  λ = 0.1). ``'repo'`` runs the toy script's Moonlight scale
-  ``s = 0.2√max(m, n)`` at its 1e-3, one rate for both branches (an
-  RMS-matched step). ``'orthax'`` takes Muon's ``s = √max(1, n_out/n_in)``
-  at 0.05656 with its AdamW branch at 3e-3, from the sweep
+  The modes differ in their defaults for η, λ and ``s``. ``'repo'`` runs
+  the toy script's Moonlight scale ``s = 0.2√max(m, n)`` at its 1e-3 with
+  λ = 0.1, one rate for both branches (an RMS-matched step). ``'orthax'``
+  takes Muon's ``s = √max(1, n_out/n_in)`` at 0.05656 with λ = 0.2 and its
+  AdamW branch at 3e-3, from the sweep
   (docs/training.md): under the Moonlight scale the best rate fell with
   the width, and ROOT needed 0.61× AdamW's steps at d 128; with Muon's
-  scale the best rate held across widths, and 0.58× at both. ``scale=``,
+  scale and λ 0.2 it needs 0.55× / 0.54× (d_model 128 / 256). ``scale=``,
   ``weight_decay=`` and ``adam_learning_rate=`` override the mode's
   (``scale='moonlight'`` shares the rate with the AdamW branch unless
   ``adam_learning_rate`` is given, and so does any scale under ``'repo'``,
