@@ -15,10 +15,9 @@ import pytest
 import orthax
 from orthax.recipes import _common
 
-# Recipes whose matrix update has AdamW's RMS by default (one rate fits
-# both branches), written out here rather than read from the code: none
-# since ROOT's library mode took Muon's shape scale.
-RMS_MATCHED = set()
+# No recipe's default matrix update has AdamW's RMS (one rate for both
+# branches) since ROOT's library mode took Muon's shape scale: each runs
+# its AdamW branch at an AdamW-sized rate (the RMS-matched modes below).
 WITH_ADAMW_BRANCH = tuple(n for n in orthax.recipe_names() if n != 'spectra')
 # The others run their AdamW branch at 3e-3 at their default learning rate
 # (written out: tests/test_registry.py) and scale it with their rate.
@@ -53,8 +52,7 @@ def _first_bias_step(tx):
 def test_adam_branch_default_follows_scale_mode(name):
   lr = 0.04
   tx = orthax.recipe(name, learning_rate=lr)
-  expected = lr if name in RMS_MATCHED else (
-      lr * ADAM_DEFAULT_LR.get(name, 3e-3) / DEFAULT_LR[name])
+  expected = lr * ADAM_DEFAULT_LR.get(name, 3e-3) / DEFAULT_LR[name]
   assert _first_bias_step(tx) == pytest.approx(expected, rel=1e-4)
   assert _common.recipe_routing(tx).learning_rates['adam'] == (
       pytest.approx(expected))

@@ -149,8 +149,7 @@ def normuon(
                               accumulator_dtype=mu_dtype)),
       ('orthogonalize', T.orthogonalize(
           preset, steps=ns_steps, ns_dtype=ns_dtype, method=ns_method,
-          matrix_specs=specs,
-          distributed=distributed, then=post)),
+          matrix_specs=specs, distributed=distributed, then=post)),
       *_common.step_stages(
           lr, weight_decay, cautious=reference == 'modded',
           step_scale='keller' if reference == 'modded' else None,
@@ -284,7 +283,8 @@ def lanton(
   the look-ahead and the tempered map ``noise_power=0.5`` from the
   learning-rate sweep on the embedded corpus, README) are this library's
   choice, not the paper's. Only the matrices decay (the AdamW branch at
-  ``adam_weight_decay``, default 0; Signum not at all). The nuclear norm of the gradient difference defaults to the bound
+  ``adam_weight_decay``, default 0; Signum not at all). The nuclear norm of
+  the gradient difference defaults to the bound
   ``sqrt(min(m, n))·‖X‖_F`` (``nuclear='frobenius'``): tight up to a
   constant for the flat spectra of gradient noise, and free,
   where ``⟨X, NS(X)⟩`` (``nuclear='ns'``) costs a second orthogonalization
