@@ -14,20 +14,15 @@ import pytest
 
 import orthax
 from orthax.recipes import _common
+from registered_rates import DEFAULT_LEARNING_RATES
 
 # No recipe's default matrix update has AdamW's RMS (one rate for both
 # branches) since ROOT's library mode took Muon's shape scale: each runs
 # its AdamW branch at an AdamW-sized rate (the RMS-matched modes below).
 WITH_ADAMW_BRANCH = tuple(n for n in orthax.recipe_names() if n != 'spectra')
-# The others run their AdamW branch at 3e-3 at their default learning rate
-# (written out: tests/test_registry.py) and scale it with their rate.
-DEFAULT_LR = {'muon': 0.04, 'normuon': 0.04, 'namo': 0.16, 'namo_d': 0.11,
-              'root': 0.05656,
-              'lanton': 0.113, 'auon': 0.08, 'hybrid_auon': 0.056,
-              'fismo': 0.056, 'aro': 0.08, 'trion': 0.226, 'dct_adamw': 1.5}
-# DCT-AdamW's AdamW branch runs at the sweep's 0.0085 (at 3e-3 its d 128
-# runs end 3% higher).
-ADAM_DEFAULT_LR = {'dct_adamw': 0.0085}
+# Each runs its AdamW branch at its registered rate at its default learning
+# rate (tests/registered_rates.py) and scales it with its rate.
+ROOT_LR = DEFAULT_LEARNING_RATES['root'][0]
 
 
 def _tree():
@@ -52,7 +47,8 @@ def _first_bias_step(tx):
 def test_adam_branch_default_follows_scale_mode(name):
   lr = 0.04
   tx = orthax.recipe(name, learning_rate=lr)
-  expected = lr * ADAM_DEFAULT_LR.get(name, 3e-3) / DEFAULT_LR[name]
+  default, adam_default = DEFAULT_LEARNING_RATES[name]
+  expected = lr * adam_default / default
   assert _first_bias_step(tx) == pytest.approx(expected, rel=1e-4)
   assert _common.recipe_routing(tx).learning_rates['adam'] == (
       pytest.approx(expected))
@@ -78,7 +74,7 @@ def test_muon_adam_branch_by_scale(kwargs, matched, default):
 
 @pytest.mark.parametrize('kwargs, matched, default', [
     (dict(), False, 0.003),
-    (dict(scale='moonlight'), True, DEFAULT_LR['root']),
+    (dict(scale='moonlight'), True, ROOT_LR),
     # The toy script's one rate, 1e-3, for both branches.
     (dict(reference='repo'), True, 1e-3)])
 def test_root_adam_branch_by_scale(kwargs, matched, default):
@@ -86,7 +82,7 @@ def test_root_adam_branch_by_scale(kwargs, matched, default):
   under Moonlight's RMS-matched scale, its reference's, the branches share
   the rate."""
   assert _first_bias_step(orthax.root(0.02, **kwargs)) == pytest.approx(
-      0.02 if matched else 0.02 * 3e-3 / DEFAULT_LR['root'], rel=1e-4)
+      0.02 if matched else 0.02 * 3e-3 / ROOT_LR, rel=1e-4)
   assert _first_bias_step(orthax.root(**kwargs)) == pytest.approx(
       default, rel=1e-4)
 

@@ -14,27 +14,7 @@ from orthax import transforms as T
 from orthax.recipes import _common
 from orthax.recipes import registry
 from reference_helpers import flat, make_tree, run_orthax
-
-# The defaults, written out: the sweep's (README; tests/test_defaults.py
-# checks them against results/sweep). Each recipe's AdamW branch runs at
-# 3e-3 at its default (DCT-AdamW's at 0.0085; adamw and spectra have no
-# separate one).
-DEFAULT_LEARNING_RATES = {
-    'adamw': (3e-3, None),
-    'muon': (0.04, 3e-3),
-    'normuon': (0.04, 3e-3),
-    'namo': (0.16, 3e-3),
-    'namo_d': (0.11, 3e-3),
-    'lanton': (0.113, 3e-3),
-    'root': (0.05656, 3e-3),
-    'auon': (0.08, 3e-3),
-    'hybrid_auon': (0.056, 3e-3),
-    'spectra': (0.0424, None),
-    'fismo': (0.056, 3e-3),
-    'aro': (0.08, 3e-3),
-    'dct_adamw': (1.5, 0.0085),
-    'trion': (0.226, 3e-3),
-}
+from registered_rates import DEFAULT_LEARNING_RATES
 
 REFERENCES = {
     'muon': ('orthax', 'keller', 'moonlight', 'optax'),
