@@ -10,7 +10,7 @@ DEFAULT_LEARNING_RATES = {
     'normuon': (0.04, 3e-3),
     'namo': (0.16, 3e-3),
     'namo_d': (0.11, 3e-3),
-    'lanton': (0.113, 3e-3),
+    'lanton': (0.08, 3e-3),
     'root': (0.05656, 3e-3),
     'auon': (0.08, 3e-3),
     'hybrid_auon': (0.056, 3e-3),

@@ -2,16 +2,16 @@
 
 Run as a script (``tests/test_sharding.py`` does, in a subprocess with
 ``--xla_force_host_platform_device_count=8``). Two jitted steps of muon,
-normuon, namo and namo_d (the cases in ``RECIPE_KEYS``), and of root,
-spectra, hybrid_auon (its default and ``reference='paper'``), lanton and
-auon (``OTHER_RECIPES``; f32 on the two Auto meshes), on a
-tree of kernels (FSDP-sharded, a scan-stacked leaf, a leaf count that does
-not divide 8), biases and an embedding, on Auto meshes ``(8,)`` and
-``(4, 2)`` and on an Explicit ``(8,)`` mesh: the maximum relative
-difference of the updates against the same recipe without ``distributed``
-on a single device, the number of all-to-alls in the compiled step, the
-bytes of its collectives (and the plan's prediction), and whether updates
-keep the parameters' shardings. Prints one JSON object on the last line.
+normuon, namo and namo_d (the cases in ``RECIPE_KEYS``), and of root, spectra,
+hybrid_auon and lanton (each at its default and at ``reference='paper'``) and
+auon (``OTHER_RECIPES``; f32 on the two Auto meshes), on a tree of kernels
+(FSDP-sharded, a scan-stacked leaf, a leaf count that does not divide 8),
+biases and an embedding, on Auto meshes ``(8,)`` and ``(4, 2)`` and on an
+Explicit ``(8,)`` mesh: the maximum relative difference of the updates against
+the same recipe without ``distributed`` on a single device, the number of
+all-to-alls in the compiled step, the bytes of its collectives (and the plan's
+prediction), and whether updates keep the parameters' shardings. Prints one
+JSON object on the last line.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ INJECT = {
 
 
 OTHER_RECIPES = ('root', 'spectra', 'hybrid_auon', 'hybrid_auon@paper',
-                 'lanton', 'auon')
+                 'lanton', 'lanton@paper', 'auon')
 
 
 def _recipe(recipe, inject, **kw):

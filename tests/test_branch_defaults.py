@@ -215,18 +215,22 @@ def test_describe_reads_every_recipe_with_its_default_router(name):
   assert ('matrix' in w_row.split()) == ('matrix' in rates), (name, table)
 
 
-def test_describe_reads_lanton_signum_branch():
+@pytest.mark.parametrize('reference, embed, decay', [
+    ('orthax', 'adam', '0.4'), ('paper', 'signum', '0')])
+def test_describe_reads_lanton_signum_branch(reference, embed, decay):
+  """The paper's mode steps the embedding by Signum, the library's by AdamW;
+  both at the AdamW branch's rate, 3e-3 per 0.08 of η, undecayed; the
+  matrices at the mode's λ."""
   params = {'embed': jnp.zeros((50, 8)), 'w': jnp.zeros((8, 8)),
             'b': jnp.zeros(8)}
-  table = orthax.describe(params, optimizer=orthax.lanton(0.04))
+  table = orthax.describe(params, optimizer=orthax.lanton(
+      0.04, reference=reference))
   labels = ('adam', 'signum', 'matrix')
   rows = {t[0]: (next(x for x in t if x in labels), *t[-2:])
           for t in (line.split() for line in table.splitlines()[2:])}
-  # The Signum branch at the AdamW branch's rate: 3e-3 per 0.113 of η;
-  # it is not decayed, the matrices by the default λ 0.4.
-  assert rows == {'b': ('adam', '0.001062', '0'),
-                  'embed': ('signum', '0.001062', '0'),
-                  'w': ('matrix', '0.04', '0.4')}
+  assert rows == {'b': ('adam', '0.0015', '0'),
+                  'embed': (embed, '0.0015', '0'),
+                  'w': ('matrix', '0.04', decay)}
 
 
 # --- output layers routed to the matrix branch ------------------------------

@@ -22,12 +22,12 @@ class LantonRef:
   """Hidden kernels: EMA momentum, D = sqrt(m/n)·NS(V) (torch m×n; V the
   Nesterov look-ahead βB + (1-β)G, or B without it), noise
   H ← β2 H + (1-β2)(sqrt(m/n)‖X‖_*)², layer rates ∝ (Ĥ + ε)^(-p/2)
-  (lanton's p = 0.5 unless given); embed/head: Signum; the rest: optax
-  AdamW."""
+  (the library mode's p = 0.25 unless given); embed/head: Signum with
+  ``signum``, else with the rest: optax AdamW."""
 
   def __init__(self, params, lr, wd=0.0, beta=0.95, beta2=0.99, eps=1e-8,
                nuclear='svd', difference='previous', normalization='group_max',
-               alpha=1.0, nesterov=True, noise_power=0.5):
+               alpha=1.0, nesterov=True, noise_power=0.25, signum=False):
     self.p = flat(params)
     self.power = noise_power
     self.nesterov = nesterov
@@ -36,9 +36,9 @@ class LantonRef:
                                                   normalization, alpha)
     self.B, self.prev, self.H, self.sig, self.adam = {}, {}, {}, {}, {}
     for k, w in self.p.items():
-      if k in ('embed/embedding', 'lm_head/kernel'):
+      if signum and k in ('embed/embedding', 'lm_head/kernel'):
         self.sig[k] = np.zeros_like(w)
-      elif k.endswith('kernel'):
+      elif k.endswith('kernel') and k != 'lm_head/kernel':
         self.B[k] = np.zeros_like(torch_mats(w))
         self.prev[k] = np.zeros_like(self.B[k])
         self.H[k] = np.zeros(len(self.B[k]))
@@ -101,7 +101,25 @@ CASES = [dict(nuclear='svd'),
               nesterov=False),
          dict(nuclear='svd', noise_power=1.0),
          dict(nuclear='svd', difference='momentum', normalization='absolute',
-              alpha=0.5, noise_power=1.0)]
+              alpha=0.5, noise_power=1.0),
+         dict(nuclear='svd', signum_pattern=orthax.recipes.adaptive.SIGNUM_PATTERN),
+         dict(nuclear='svd', reference='paper'),
+         dict(nuclear='ns', difference='momentum', reference='paper',
+              nesterov=True, weight_decay=0.1)]
+# What reference='paper' sets: the Signum group, the LMO of the momentum
+# itself, the inverse noise level and no decay.
+PAPER = dict(signum=True, nesterov=False, noise_power=1.0, weight_decay=0.0)
+
+
+def _transcription_kwargs(kw):
+  """``lanton``'s keywords as :class:`LantonRef`'s (``wd`` last)."""
+  kw = dict(kw)
+  mode = PAPER if kw.pop('reference', 'orthax') == 'paper' else {}
+  kw = {**mode, **kw}
+  kw['signum'] = kw.get('signum', False) or 'signum_pattern' in kw
+  kw.pop('signum_pattern', None)
+  # λ: the case's, else the mode's (the library mode's 0.4).
+  return kw, kw.pop('weight_decay', 0.4)
 
 
 @pytest.mark.parametrize('kw', CASES, ids=['svd-previous-groupmax',
@@ -109,16 +127,17 @@ CASES = [dict(nuclear='svd'),
                                            'no-nesterov',
                                            'no-nesterov-momentum-absolute',
                                            'inverse-noise-groupmax',
-                                           'inverse-noise-absolute'])
+                                           'inverse-noise-absolute',
+                                           'signum-group',
+                                           'paper', 'paper-overridden'])
 def test_matches_float64_transcription(x64, kw):
   params = make_tree(0, LSHAPES)
   grads = [make_tree(100 + t, LSHAPES) for t in range(6)]
   # The transcription's Adam branch runs at the matrices' rate.
   tx = orthax.lanton(0.02, adam_learning_rate=0.02, **kw)
   got = run_orthax(tx, params, grads)
-  kw = dict(kw)
-  # λ: the case's, else lanton's default 0.4.
-  ref = LantonRef(params, 0.02, wd=kw.pop('weight_decay', 0.4), **kw)
+  kw, wd = _transcription_kwargs(kw)
+  ref = LantonRef(params, 0.02, wd=wd, **kw)
   assert_match(got, [ref.step(g) for g in grads], 1e-9, 1e-12, str(kw))
 
 
@@ -256,13 +275,13 @@ def test_bad_inputs():
     (dict(adam_learning_rate=1e-3), 1e-3),
     (dict(signum_learning_rate=2e-2), 2e-2)])
 def test_signum_runs_at_the_adamw_branch_rate(kwargs, expected):
-  """Embeddings and head step by ±η_s: the AdamW branch's rate unless
-  ``signum_learning_rate`` is given (3e-3 at the default η)."""
+  """The paper's mode steps embeddings and head by ±η_s: the AdamW branch's
+  rate unless ``signum_learning_rate`` is given (3e-3 at the default η)."""
   params = {'embed': {'embedding': jnp.zeros((40, 8))},
             'w': jnp.zeros((8, 8))}
   grads = {'embed': {'embedding': jnp.linspace(-1.0, 1.0, 320).reshape(40, 8)
                      + 0.01}, 'w': jnp.ones((8, 8))}
-  tx = orthax.lanton(0.05, **kwargs)
+  tx = orthax.lanton(0.05, reference='paper', **kwargs)
   updates, _ = tx.update(grads, tx.init(params), params)
   step = np.abs(np.asarray(updates['embed']['embedding']))
   np.testing.assert_allclose(step, expected, rtol=1e-6)

@@ -50,8 +50,8 @@ def _get_opt_factory(opt_name):  # orthax's recipes, by registered name
 # would run at 1.9e-4, 1.3e-4 and 2.7e-4, too slow for the parabola's vector
 # in the harness's step budget; at 2e-2 NAMO's and NAMO-D's run at 3.8e-4 and
 # 5.5e-4 (Muon's at 1e-2: 7.5e-4), Trion's (2.7e-4; the parabola ends 3 off)
-# at Muon's 7.5e-4. LANTON (default 0.113) would run its AdamW branch at
-# 2.7e-4 at 1e-2, and at 2e-2 its matrix step overshoots the 2×2 matrix
+# at Muon's 7.5e-4. LANTON (default 0.08) would run its AdamW branch at
+# 3.8e-4 at 1e-2, and at 2e-2 its matrix step overshoots the 2×2 matrix
 # (0.04 off the target's zero entry), so it runs at 1e-2 with its AdamW
 # branch at Muon's 7.5e-4.
 # DCT-AdamW's rate is per unit of the matrix's smaller side: 2e-2 is 1e-2 on

@@ -21,7 +21,7 @@ REFERENCES = {
     'normuon': ('orthax', 'repo', 'paper', 'modded'),
     'namo': ('orthax', 'repo'),
     'namo_d': ('orthax', 'repo'),
-    'lanton': (),
+    'lanton': ('orthax', 'paper'),
     'root': ('orthax', 'repo'),
     'auon': ('orthax', 'paper', 'repo'),
     'hybrid_auon': ('orthax', 'paper', 'repo'),
@@ -142,7 +142,8 @@ MODE_DECAY = [('muon', 'orthax', 0.1), ('muon', 'keller', 0.0),
               ('auon', 'repo', 0.0), ('aro', 'orthax', 0.2),
               ('aro', 'dion', 0.01), ('root', 'orthax', 0.2),
               ('root', 'repo', 0.1), ('fismo', None, 0.2),
-              ('lanton', None, 0.4), ('trion', 'orthax', 0.2),
+              ('lanton', 'orthax', 0.4), ('lanton', 'paper', 0.0),
+              ('trion', 'orthax', 0.2),
               ('trion', 'ista', 0.0)]
 # Other mode-dependent defaults, (recipe, mode, keyword, value).
 MODE_DEFAULTS = [(n, r, 'weight_decay', v) for n, r, v in MODE_DECAY] + [

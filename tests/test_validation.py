@@ -164,8 +164,8 @@ def test_bad_value_raises_naming_owner_and_argument(owner, fn, required, arg,
 # (each reference mode its reference's; DCT-AdamW also by its step scale,
 # 1.5 per unit of the matrix side, 0.0085 unscaled).
 MODE_DEPENDENT_DEFAULT_RATE = ('aro', 'auon', 'dct_adamw', 'hybrid_auon',
-                               'muon', 'namo', 'namo_d', 'normuon', 'root',
-                               'spectra', 'trion')
+                               'lanton', 'muon', 'namo', 'namo_d', 'normuon',
+                               'root', 'spectra', 'trion')
 
 
 @pytest.mark.parametrize('name', orthax.recipe_names())

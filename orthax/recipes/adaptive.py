@@ -214,29 +214,42 @@ def signum_labels(router, pattern: str = SIGNUM_PATTERN):
   return labels
 
 
-@registry.register('lanton', adam_learning_rate=3e-3)
+# LANTON's modes. 'paper': the reconstruction as the paper establishes it
+# (Signum for embeddings and head, the LMO of the momentum itself, the inverse
+# noise level, no decay); 'orthax': the sweep's (ALGORITHMS.md §12; README).
+_LANTON_REFERENCES = {
+    'orthax': dict(signum_pattern=None, nesterov=True, noise_power=0.25,
+                   weight_decay=0.4),
+    'paper': dict(signum_pattern=SIGNUM_PATTERN, nesterov=False,
+                  noise_power=1.0, weight_decay=0.0),
+}
+
+
+@registry.register('lanton', references=tuple(_LANTON_REFERENCES),
+                   learning_rate=0.08, adam_learning_rate=3e-3)
 def lanton(
-    learning_rate: optax.ScalarOrSchedule = 0.113,
+    learning_rate: optax.ScalarOrSchedule = None,
     *,
+    reference: str = 'orthax',
     beta: float = 0.95,
-    nesterov: bool = True,
+    nesterov: bool | None = None,
     beta2: float = 0.99,
     eps: float = 1e-8,
     difference: str = 'previous',
     normalization: str = 'group_max',
     alpha: float = 1.0,
-    noise_power: float = 0.5,
+    noise_power: float | None = None,
     nuclear: str = 'frobenius',
     noise_ns_preset: str = 'polar_express',
     preset: str = 'jordan',
     ns_steps: int | None = None,
     ns_dtype: Any = None,
     ns_method: str = 'auto',
-    weight_decay: float = 0.4,
+    weight_decay: float | None = None,
     mu_dtype: Any = None,
     signum_learning_rate: optax.ScalarOrSchedule | None = None,
     signum_beta: float = 0.95,
-    signum_pattern: str = SIGNUM_PATTERN,
+    signum_pattern: str | None = None,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: float = 0.9,
     adam_b2: float = 0.95,
@@ -247,7 +260,7 @@ def lanton(
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
   r"""LANTON (reconstruction): Scion-style LMO steps with noise-adaptive
-  layerwise rates for the hidden matrices, Signum for embeddings and head.
+  layerwise rates for the hidden matrices.
 
   **A labelled reconstruction**: the paper's algorithm box (Hao et al., arXiv
   2510.14009) could not be read and there is no public code; see
@@ -260,29 +273,37 @@ def lanton(
         \quad(\text{RMS→RMS LMO})\\
      H_ℓ &\leftarrow β_2 H_ℓ + (1-β_2)\big(\sqrt{d_\mathrm{out}/d_\mathrm{in}}
         \,\|G_t-G_{t-1}\|_*\big)^2,\qquad
-     η_ℓ = η\,\frac{(\hat H_ℓ+ε)^{-1/2}}{\max_j (\hat H_j+ε)^{-1/2}}\\
+     η_ℓ = η\,\Big(\frac{(\hat H_ℓ+ε)^{-1/2}}
+        {\max_j (\hat H_j+ε)^{-1/2}}\Big)^p\\
      W_ℓ &\leftarrow W_ℓ - η_ℓ (D_ℓ + λ W_ℓ)
 
-  Embeddings and the LM head (2-D ``'adam'`` leaves matching
-  ``signum_pattern``; label ``'signum'``): Signum,
+  Modes:
+
+  - ``reference='orthax'`` (default), from the learning-rate sweep on the
+    embedded corpus (README): the LMO of Nesterov's look-ahead
+    ``βB + (1-β)G``, as Muon's; the tempered map ``p = noise_power = 0.25``;
+    λ = 0.4 at η = 0.08; embeddings, LM head, norm scales and biases on the
+    AdamW branch, as in every recipe here (with Signum there LANTON ended
+    1.5% higher at d_model 256, docs/training.md).
+  - ``reference='paper'``: what the paper establishes, with the
+    reconstruction's map: the LMO of ``B`` itself (the Scion/Gluon step), the
+    inverse noise level ``p = 1``, no decay, and a Signum group for the
+    embeddings and the LM head ("we update these weight-sharing layers with
+    Signum"). It runs at the library's rates.
+
+  ``signum_pattern``, ``nesterov``, ``noise_power`` and ``weight_decay``
+  default to the mode's. The Signum group (2-D ``'adam'`` leaves matching
+  ``signum_pattern``, e.g. :data:`SIGNUM_PATTERN`; label ``'signum'``):
   ``W ← W - η_s·sign(B)`` with ``B`` an EMA of the gradient (rate
   ``signum_beta``) and ``η_s = signum_learning_rate``, at a fixed rate (the
   paper's embedding/head group holds two layers; its rate map there is not
   established). ``η_s`` defaults to the AdamW branch's rate
   (``adam_learning_rate``, or its default: 3e-3 at the default η, in
   proportion to η), not η: Signum at η moved every embedding entry by the
-  matrices' rate at each step, and held LANTON's best validation loss on
-  the embedded corpus at 2.089 (η = 0.02; AdamW 1.678); at 3e-3 it
-  reached 1.778 with η = 0.08 (λ = 0; d_model 128, 200 steps, seed 0). Norm
-  scales and biases: AdamW.
-  The LMO takes Nesterov's look-ahead ``βB + (1-β)G``, as Muon does
-  (``nesterov=True``); ``nesterov=False`` gives it ``B``, the established
-  Scion/Gluon step. The noise statistic does not see the look-ahead (with
-  ``difference='momentum'`` it does: ``B_t`` is then the momentum stage's
-  output). The defaults (β = 0.95, β2 = 0.99, ε = 1e-8; η = 0.113, λ = 0.4,
-  the look-ahead and the tempered map ``noise_power=0.5`` from the
-  learning-rate sweep on the embedded corpus, README) are this library's
-  choice, not the paper's. Only the matrices decay (the AdamW branch at
+  matrices' rate at each step. The noise statistic does not see the
+  look-ahead (with ``difference='momentum'`` it does: ``B_t`` is then the
+  momentum stage's output). β = 0.95, β2 = 0.99 and ε = 1e-8 are this
+  library's choice. Only the matrices decay (the AdamW branch at
   ``adam_weight_decay``, default 0; Signum not at all). The nuclear norm of
   the gradient difference defaults to the bound
   ``sqrt(min(m, n))·‖X‖_F`` (``nuclear='frobenius'``): tight up to a
@@ -292,14 +313,29 @@ def lanton(
   ≈1.0× here; the paper reports ≈4% wall-clock overhead over D-Muon, which
   rules out a second orthogonalization); ``'svd'`` is exact.
   ``noise_power`` tempers the noise→rate map
-  (:func:`orthax.transforms.layerwise_noise_adapt`: ``η_ℓ ∝ r_ℓ^p``, ``p = 1``
-  the inverse noise level, 0 every layer at the group rate): on the embedded
-  corpus the inverse map ended behind the group rate, and ``p = 0.5`` ahead
-  of both (docs/training.md).
+  (:func:`orthax.transforms.layerwise_noise_adapt`), ``p = 0`` every layer at
+  the group rate: on the embedded corpus the inverse map ended behind the
+  group rate, and the tempered one ahead of both (docs/training.md).
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   stage on whole matrices per device.
+
+  Example:
+    >>> import jax.numpy as jnp, orthax
+    >>> params = {'embed': jnp.zeros((50, 8)), 'w': jnp.zeros((8, 8))}
+    >>> _ = orthax.describe(params, optimizer=orthax.lanton(reference='paper'))
+    path   shape    label   view       lr     wd
+    -----  -------  ------  ---------  -----  --
+    embed  (50, 8)  signum             0.003  0
+    w      (8, 8)   matrix  1 x 8 x 8  0.08   0
+
+  References: Hao et al., arXiv 2510.14009; ALGORITHMS.md §8, §12.
   """
   _validate.arguments('lanton', lanton, locals())
+  reference, learning_rate = registry.resolve_mode('lanton', reference,
+                                                   learning_rate)
+  signum_pattern, nesterov, noise_power, weight_decay = _common.mode_settings(
+      _LANTON_REFERENCES[reference], signum_pattern=signum_pattern,
+      nesterov=nesterov, noise_power=noise_power, weight_decay=weight_decay)
   router, specs = _common.route(router)
   direction = optax.named_chain(
       ('orthogonalize', T.orthogonalize(preset, steps=ns_steps,
@@ -316,20 +352,32 @@ def lanton(
       nuclear=nuclear,
       ns_preset=noise_ns_preset, weight_decay=weight_decay,
       matrix_specs=specs)))
-  signum_lr = (_common.resolve_adam_learning_rate(
-      learning_rate, adam_learning_rate, rms_matched=False, recipe='lanton')
-               if signum_learning_rate is None else signum_learning_rate)
-  signum = optax.named_chain(
-      ('signum_momentum', T.momentum(signum_beta, form='ema', nesterov=False,
+  signum = {}
+  if signum_pattern is not None:
+    router = signum_labels(router, signum_pattern)
+    signum_lr = (_common.resolve_adam_learning_rate(
+        learning_rate, adam_learning_rate, rms_matched=False, recipe='lanton',
+        reference=reference)
+                 if signum_learning_rate is None else signum_learning_rate)
+    signum = dict(
+        branches={'signum': _signum(signum_beta, signum_lr, mu_dtype)},
+        branch_learning_rates={'signum': signum_lr},
+        branch_weight_decays={'signum': 0.0})
+  return _common.assemble_with_adamw(
+      matrix, router, check_finite, learning_rate=learning_rate,
+      adam_learning_rate=adam_learning_rate, rms_matched=False,
+      matrix_weight_decay=weight_decay, recipe='lanton', reference=reference,
+      **signum, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+      weight_decay=adam_weight_decay, mu_dtype=mu_dtype)
+
+
+def _signum(beta: float, learning_rate: optax.ScalarOrSchedule,
+            mu_dtype: Any) -> optax.GradientTransformation:
+  """LANTON's embedding and head step, ``-η_s·sign(B)``, ``B`` an EMA of the
+  gradient at rate ``beta``."""
+  return optax.named_chain(
+      ('signum_momentum', T.momentum(beta, form='ema', nesterov=False,
                                      accumulator_dtype=mu_dtype)),
       ('sign', optax.scale_by_sign()),
       ('scale_by_signum_learning_rate',
-       optax.scale_by_learning_rate(signum_lr)))
-  return _common.assemble_with_adamw(
-      matrix, signum_labels(router, signum_pattern), check_finite,
-      learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
-      rms_matched=False, matrix_weight_decay=weight_decay, recipe='lanton',
-      branches={'signum': signum}, branch_learning_rates={'signum': signum_lr},
-      branch_weight_decays={'signum': 0.0}, b1=adam_b1, b2=adam_b2,
-      eps=adam_eps,
-      weight_decay=adam_weight_decay, mu_dtype=mu_dtype)
+       optax.scale_by_learning_rate(learning_rate)))
