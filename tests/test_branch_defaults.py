@@ -23,6 +23,8 @@ WITH_ADAMW_BRANCH = tuple(n for n in orthax.recipe_names() if n != 'spectra')
 # Each runs its AdamW branch at its registered rate at its default learning
 # rate (tests/registered_rates.py) and scales it with its rate.
 ROOT_LR = DEFAULT_LEARNING_RATES['root'][0]
+MUON_LR = DEFAULT_LEARNING_RATES['muon'][0]
+MUON_RATIO = 3e-3 / MUON_LR  # Muon's AdamW branch per unit of its rate
 
 
 def _tree():
@@ -58,7 +60,7 @@ def test_adam_branch_default_follows_scale_mode(name):
 
 
 @pytest.mark.parametrize('kwargs, matched, default', [
-    (dict(), False, 0.003), (dict(scale='moonlight'), True, 0.04),
+    (dict(), False, 0.003), (dict(scale='moonlight'), True, MUON_LR),
     # Moonlight's own rate, 1e-3, for both branches.
     (dict(reference='moonlight'), True, 1e-3),
     # KellerJordan's auxiliary Adam: 3e-4 at Muon's 0.02.
@@ -67,7 +69,8 @@ def test_muon_adam_branch_by_scale(kwargs, matched, default):
   tx = orthax.muon(0.02, **kwargs)
   keller = kwargs.get('reference') == 'keller'
   assert _first_bias_step(tx) == pytest.approx(
-      0.02 if matched else (3e-4 if keller else 0.0015), rel=1e-4)
+      0.02 if matched else (3e-4 if keller else 0.02 * MUON_RATIO),
+      rel=1e-4)
   assert _first_bias_step(orthax.muon(**kwargs)) == pytest.approx(
       default, rel=1e-4)  # at the mode's default rate
 
@@ -96,7 +99,8 @@ def test_optax_mode_adam_branch_is_adamw_sized_too():
     return tx.update(grads, tx.init(params), params)[0]['b']
   np.testing.assert_allclose(
       first(orthax.muon(0.02, reference='optax')),
-      first(orthax.muon(0.02, reference='optax', adam_learning_rate=0.0015)),
+      first(orthax.muon(0.02, reference='optax',
+                        adam_learning_rate=0.02 * MUON_RATIO)),
       rtol=1e-6)
 
 
@@ -115,17 +119,18 @@ def test_default_follows_a_schedule_and_injected_rate():
   state = tx.init(params)
   for t in range(3):
     updates, state = tx.update(grads, state, params)
-  # Step 3 runs at 0.075·sched(2); AdamW's later steps are not ±lr exactly,
-  # so compare against AdamW at that rate on the same gradients.
-  ref = orthax.transforms.adamw(lambda c: 0.075 * sched(c), b1=0.9, b2=0.95,
-                                eps=1e-10)
+  # Step 3 runs at MUON_RATIO·sched(2); AdamW's later steps are not ±lr
+  # exactly, so compare against AdamW at that rate on the same gradients.
+  ref = orthax.transforms.adamw(lambda c: MUON_RATIO * sched(c), b1=0.9,
+                                b2=0.95, eps=1e-10)
   rstate = ref.init(params['b'])
   for t in range(3):
     rupd, rstate = ref.update(grads['b'], rstate, params['b'])
   np.testing.assert_allclose(updates['b'], rupd, rtol=1e-5)
 
   injected = optax.inject_hyperparams(orthax.muon)(learning_rate=0.08)
-  assert _first_bias_step(injected) == pytest.approx(0.006, rel=1e-4)
+  assert _first_bias_step(injected) == pytest.approx(0.08 * MUON_RATIO,
+                                                     rel=1e-4)
 
 
 def _rates_and_decays(table):
@@ -139,9 +144,9 @@ def test_describe_shows_branch_learning_rates_and_decays(capsys):
             'b': jnp.zeros(8)}
   table = orthax.describe(params, optimizer=orthax.muon())
   assert table.splitlines()[0].split()[-2:] == ['lr', 'wd']
-  # The library mode decays matrices by 0.1 and leaves the AdamW branch.
+  # The library mode decays matrices by 0.2 and leaves the AdamW branch.
   assert _rates_and_decays(table) == {
-      'b': ('0.003', '0'), 'embed': ('0.003', '0'), 'w': ('0.04', '0.1')}
+      'b': ('0.003', '0'), 'embed': ('0.003', '0'), 'w': ('0.05656', '0.2')}
   assert capsys.readouterr().out.strip() == table
   table = orthax.describe(params, optimizer=orthax.muon(
       optax.constant_schedule(0.02), adam_learning_rate=1e-3,
@@ -196,7 +201,7 @@ def test_describe_refuses_what_it_cannot_read():
     orthax.describe(params, optimizer=by_callable)
   # With a router given, the labels callable is not needed.
   table = orthax.describe(params, orthax.Router(), optimizer=by_callable)
-  assert table.splitlines()[2].split()[-2:] == ['0.02', '0.1']
+  assert table.splitlines()[2].split()[-2:] == ['0.02', '0.2']
 
 
 @pytest.mark.parametrize('name', orthax.recipe_names())
@@ -306,11 +311,11 @@ def test_trainer_model_has_no_suspect_and_logs_branch_rates(caplog):
   setup = trainer.build(trainer.as_dict(cfg), 64, abstract=True)
   assert orthax.Router().output_layer_suspects(setup.abstract_params) == []
   assert setup.schedules['adam'].peak == pytest.approx(
-      0.075 * cfg.optimizer.learning_rate)
+      MUON_RATIO * cfg.optimizer.learning_rate)
   summary = trainer.startup_summary(setup)
   lr = cfg.optimizer.learning_rate
-  assert f'matrix {lr:.4g}, adam {0.075 * lr:.4g}' in summary
-  assert 'weight decay matrix 0.1, adam 0;' in summary
+  assert f'matrix {lr:.4g}, adam {MUON_RATIO * lr:.4g}' in summary
+  assert 'weight decay matrix 0.2, adam 0;' in summary
   cfg.optimizer.kwargs = {'reference': 'moonlight'}
   cfg.optimizer.learning_rate, cfg.optimizer.adam_learning_rate = 1e-3, 1e-3
   moonlight = trainer.build(trainer.as_dict(cfg), 64, abstract=True)
@@ -330,7 +335,8 @@ def test_trainer_model_has_no_suspect_and_logs_branch_rates(caplog):
 
 
 def test_adam_rate_ratio_is_the_registered_pair():
-  assert orthax.recipes.adam_rate_ratio('muon') == pytest.approx(3e-3 / 0.04)
+  assert orthax.recipes.adam_rate_ratio('muon') == pytest.approx(
+      3e-3 / 0.05656)
   assert orthax.recipes.adam_rate_ratio('aro') == pytest.approx(3e-3 / 0.08)
   assert orthax.recipes.adam_rate_ratio('dct_adamw') == pytest.approx(
       0.0085 / 1.5)

@@ -87,8 +87,8 @@ def test_keller_float32_close_to_float64_reference():
   grads = [make_tree(200 + t, dtype=np.float32) for t in range(5)]
   got = run_orthax(orthax.muon(0.02, weight_decay=0.01), params, grads)
   # The AdamW branch's default under Keller's scale: 3e-3 at the default
-  # rate 0.04, scaled with the rate.
-  ref = KellerReference(make_tree(1), 0.02, 0.01, 0.02 * 3e-3 / 0.04)
+  # rate 0.05656, scaled with the rate.
+  ref = KellerReference(make_tree(1), 0.02, 0.01, 0.02 * 3e-3 / 0.05656)
   for t in range(5):
     ref.step(make_tree(200 + t))
   for k, w in ref.p.items():

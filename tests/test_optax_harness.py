@@ -23,7 +23,7 @@ import orthax
 # The documented refusal: a leaf of 3 or more dimensions with no routing rule
 # raises a ValueError naming it; the harness has none, so nothing is skipped.
 # Convergence targets have their optimum away from zero: recipes whose
-# default decoupled weight decay is not 0 (Muon's 0.1, Hybrid-AuON's 0.2,
+# default decoupled weight decay is not 0 (Muon's and Hybrid-AuON's 0.2,
 # ...) run without it, as optax's table sets each optimizer's own
 # arguments.
 _TABLE = '''
@@ -45,15 +45,14 @@ def _get_opt_factory(opt_name):  # orthax's recipes, by registered name
 
 
 # The rate each recipe runs at: 1e-2, except NAMO, Trion and NAMO-D, whose
-# default rates (0.16, 0.226, 0.11) are 4×, 5.65× and 2.75× Muon's: at 1e-2
+# default rates (0.16, 0.226, 0.11) are 2.8×, 4× and 1.9× Muon's: at 1e-2
 # their AdamW branch (at a fixed fraction of the rate, 3e-3 at the default)
 # would run at 1.9e-4, 1.3e-4 and 2.7e-4, too slow for the parabola's vector
 # in the harness's step budget; at 2e-2 NAMO's and NAMO-D's run at 3.8e-4 and
-# 5.5e-4 (Muon's at 1e-2: 7.5e-4), Trion's (2.7e-4; the parabola ends 3 off)
-# at Muon's 7.5e-4. LANTON (default 0.08) would run its AdamW branch at
-# 3.8e-4 at 1e-2, and at 2e-2 its matrix step overshoots the 2×2 matrix
-# (0.04 off the target's zero entry), so it runs at 1e-2 with its AdamW
-# branch at Muon's 7.5e-4.
+# 5.5e-4 (Muon's at 1e-2: 5.3e-4), Trion's (2.7e-4; the parabola ends 3 off)
+# at 7.5e-4. LANTON (default 0.08) would run its AdamW branch at 3.8e-4 at
+# 1e-2, and at 2e-2 its matrix step overshoots the 2×2 matrix (0.04 off the
+# target's zero entry), so it runs at 1e-2 with its AdamW branch at 7.5e-4.
 # DCT-AdamW's rate is per unit of the matrix's smaller side: 2e-2 is 1e-2 on
 # the harness's 2×2 matrix; its AdamW branch (the vectors) runs at 1e-2, as
 # the others' would at their rate (at its default ratio, 0.0085/1.5, it would

@@ -22,7 +22,7 @@ def test_readme_python_blocks_run(capsys):
   table = capsys.readouterr().out
   rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
   assert rows['blocks/mlp/kernel'][-8:] == ['matrix', '4', 'x', '64', 'x',
-                                           '256', '0.04', '0.1']
+                                           '256', '0.05656', '0.2']
   for leaf in ('embed', 'blocks/norm/scale', 'lm_head/kernel'):
     assert rows[leaf][-3:] == ['adam', '0.003', '0'], rows[leaf]
 

@@ -133,7 +133,7 @@ def test_library_mode_is_its_references_arithmetic(name):
 
 # Each mode's default matrix decay: the sweep's for the library mode, the
 # reference's own for the others.
-MODE_DECAY = [('muon', 'orthax', 0.1), ('muon', 'keller', 0.0),
+MODE_DECAY = [('muon', 'orthax', 0.2), ('muon', 'keller', 0.0),
               ('muon', 'moonlight', 0.1), ('muon', 'optax', 0.0),
               ('normuon', 'orthax', 0.1), ('normuon', 'repo', 0.0),
               ('normuon', 'paper', 0.0), ('normuon', 'modded', 0.0),

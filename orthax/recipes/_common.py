@@ -98,8 +98,8 @@ def adam_rate_ratio(recipe: str | None, reference: str | None = None
 
   Example:
     >>> import orthax
-    >>> round(orthax.recipes.adam_rate_ratio('muon'), 6)   # 3e-3 / 0.04
-    0.075
+    >>> round(orthax.recipes.adam_rate_ratio('muon'), 6)   # 3e-3 / 0.05656
+    0.053041
     >>> round(orthax.recipes.adam_rate_ratio('muon', 'keller'), 6)  # 3e-4 / 0.02
     0.015
   """
@@ -189,11 +189,11 @@ def describe(params: Any, router: routing.Router | None = None, *,
     >>> params = {'embed': jnp.zeros((50, 8)), 'w': jnp.zeros((8, 8)),
     ...           'head': jnp.zeros((8, 50))}
     >>> _ = orthax.describe(params, optimizer=orthax.muon())
-    path   shape    label   view       lr     wd
-    -----  -------  ------  ---------  -----  ---
-    embed  (50, 8)  adam               0.003  0
-    head   (8, 50)  adam               0.003  0
-    w      (8, 8)   matrix  1 x 8 x 8  0.04   0.1
+    path   shape    label   view       lr       wd
+    -----  -------  ------  ---------  -------  ---
+    embed  (50, 8)  adam               0.003    0
+    head   (8, 50)  adam               0.003    0
+    w      (8, 8)   matrix  1 x 8 x 8  0.05656  0.2
   """
   lrs = wds = None
   if optimizer is not None:

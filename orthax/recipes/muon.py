@@ -19,7 +19,7 @@ _KELLER = dict(form='ema', nesterov=True, bias_correction=False,
                adam_eps_placement='corrected', adam_shares_wd=False)
 _MUON_REFERENCES = {
     # KellerJordan's arithmetic at the sweep's rates and decay.
-    'orthax': dict(_KELLER, weight_decay=0.1),
+    'orthax': dict(_KELLER, weight_decay=0.2),
     'keller': _KELLER,
     'moonlight': dict(form='sum', nesterov=True, bias_correction=False,
                       preset='jordan', scale='moonlight', weight_decay=0.1,
@@ -33,7 +33,7 @@ _MUON_REFERENCES = {
 
 
 @registry.register(
-    'muon', references=tuple(_MUON_REFERENCES), learning_rate=0.04,
+    'muon', references=tuple(_MUON_REFERENCES), learning_rate=0.05656,
     adam_learning_rate=3e-3, mode_rates={
         'keller': registry.ModeRates(
             0.02, 3e-4, 'KellerJordan/Muon @857d1adc muon.py: Muon lr, '
@@ -79,21 +79,22 @@ def muon(
   ``reference`` picks the defaults of a reference implementation; explicit
   arguments override them:
 
-  =============  ==========  ==========  ========  ======  ===  ===================  ============
+  =============  ==========  ==========  ========  ======  ===  ===================  =============
   reference      momentum    bias corr.  scale     NS eps  λ    AdamW b2 / eps / wd  η / AdamW η
-  =============  ==========  ==========  ========  ======  ===  ===================  ============
-  ``orthax``     EMA, nest.  no          keller    1e-7    0.1  0.95 / 1e-10 / 0     0.04 / 3e-3
+  =============  ==========  ==========  ========  ======  ===  ===================  =============
+  ``orthax``     EMA, nest.  no          keller    1e-7    0.2  0.95 / 1e-10 / 0     0.0566 / 3e-3
   ``keller``     EMA, nest.  no          keller    1e-7    0    0.95 / 1e-10 / 0     0.02 / 3e-4
   ``moonlight``  sum, nest.  no          0.2·√max  1e-7    0.1  0.95 / 1e-8 raw / λ  1e-3 / 1e-3
-  ``optax``      EMA, nest.  yes         keller    1e-8    0    0.999 / 1e-8 / 0     0.04 / 3e-3
-  =============  ==========  ==========  ========  ======  ===  ===================  ============
+  ``optax``      EMA, nest.  yes         keller    1e-8    0    0.999 / 1e-8 / 0     0.0566 / 3e-3
+  =============  ==========  ==========  ========  ======  ===  ===================  =============
 
   ("raw": ε added to √v before bias correction, as in Moonlight's AdamW;
   the optax mode's AdamW is NAdam-style, as ``optax.contrib.muon``'s.)
   A reference mode runs at its reference's learning rates and decay;
   ``'orthax'`` is KellerJordan's arithmetic at the rates the learning-rate
-  sweep chose (README) and with decay 0.1 (Moonlight's; in the sweep it
-  ended 0.020 / 0.034 nats lower than 0 at d_model 128 / 256), and ``'optax'``,
+  sweep chose (README) and with the decay it chose, 0.2 (at 0.04, 0.1 ended
+  0.020 / 0.034 nats lower than 0 at d_model 128 / 256; 0.2 at 0.0566 a
+  further 0.032 / 0.014), and ``'optax'``,
   whose reference has no default rate, at the sweep's rates too.
 
   ``reference='optax'`` with the same arguments and ``router`` left ``None``
@@ -104,7 +105,7 @@ def muon(
 
   Args:
     learning_rate: η for the matrix branch (number or schedule); default:
-      the mode's (table), 0.04 for ``'orthax'``, the sweep's best at
+      the mode's (table), 0.05656 for ``'orthax'``, the sweep's best at
       d_model 128 and 256 (README).
     reference: ``'orthax'`` (default), ``'keller'`` (KellerJordan/Muon),
       ``'moonlight'`` (MoonshotAI/Moonlight) or ``'optax'``
@@ -131,7 +132,7 @@ def muon(
     adam_learning_rate: AdamW learning rate (default: in proportion to
       ``learning_rate`` as the mode's rates are, table; under the
       ``moonlight`` scale, whose update RMS is AdamW's, ``learning_rate``;
-      else ``0.075·learning_rate``, 3e-3 at the default 0.04, the rates the
+      else ``0.053·learning_rate``, 3e-3 at the default 0.05656, the rates the
       learning-rate sweep measured together: see
       :func:`orthax.recipes.resolve_adam_learning_rate`).
       ``optax.contrib.muon`` reuses ``learning_rate``: pass
@@ -149,11 +150,11 @@ def muon(
   Example:
     >>> import jax, jax.numpy as jnp, optax, orthax
     >>> params = {'w': jnp.ones((8, 16)), 'b': jnp.zeros(16)}
-    >>> tx = orthax.muon(0.04)        # 'w' -> Newton–Schulz, 'b' -> AdamW
+    >>> tx = orthax.muon()            # 'w' -> Newton–Schulz, 'b' -> AdamW
     >>> state = tx.init(params)
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, state, params)
-    >>> round(float(jnp.abs(updates['b']).max()), 6)   # AdamW at 0.075·0.04
+    >>> round(float(jnp.abs(updates['b']).max()), 6)   # AdamW at its 3e-3
     0.003
 
   References: K. Jordan, *Muon: An optimizer for hidden layers* (2024),

@@ -159,7 +159,7 @@ def check_mode_rate(name: str, learning_rate: float,
   """Raises ``ValueError`` when a rate of the ``optimizer`` section is
   recipe ``name``'s registered default but ``kwargs`` pick a mode with
   another default: a ``reference=`` mode runs at its reference's rates
-  (e.g. Moonlight's 1e-3 on both branches against the library's 0.04 and
+  (e.g. Moonlight's 1e-3 on both branches against the library's 0.05656 and
   3e-3), and DCT-AdamW's 1.5 per unit of the matrix side is 176× too large
   for its unscaled step. Checked: ``learning_rate`` (the message names the
   mode's matrix and AdamW-branch rates), then, for a mode with its
