@@ -3,7 +3,7 @@
 Run as a script (``tests/test_sharding.py`` does, in a subprocess with
 ``--xla_force_host_platform_device_count=8``). Two jitted steps of muon,
 normuon, namo and namo_d (the cases in ``RECIPE_KEYS``), and of root, spectra,
-hybrid_auon and lanton (each at its default and at ``reference='paper'``) and
+hybrid_auon and lanton (the last two also at ``reference='paper'``) and
 auon (``OTHER_RECIPES``; f32 on the two Auto meshes), on a tree of kernels
 (FSDP-sharded, a scan-stacked leaf, a leaf count that does not divide 8),
 biases and an embedding, on Auto meshes ``(8,)`` and ``(4, 2)`` and on an

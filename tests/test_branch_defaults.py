@@ -222,7 +222,7 @@ def test_describe_reads_every_recipe_with_its_default_router(name):
 
 @pytest.mark.parametrize('reference, embed, decay', [
     ('orthax', 'adam', '0.4'), ('paper', 'signum', '0')])
-def test_describe_reads_lanton_signum_branch(reference, embed, decay):
+def test_describe_reads_lanton_branches(reference, embed, decay):
   """The paper's mode steps the embedding by Signum, the library's by AdamW;
   both at the AdamW branch's rate, 3e-3 per 0.08 of η, undecayed; the
   matrices at the mode's λ."""

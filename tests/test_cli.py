@@ -88,7 +88,7 @@ def test_report_errors(monkeypatch, capsys):
 
 def test_optimizer_name_override_takes_that_optimizers_rates():
   """``--config.optimizer.name=X`` ran X at the config's former optimizer's
-  rates (AdamW at Muon's 0.05656); now the rates the command line leaves
+  rates (AdamW at Muon's default of the time, 0.04); now the rates the command line leaves
   alone are X's defaults."""
   from orthax.train import configs as train_configs  # pylint: disable=g-import-not-at-top
   c = train_configs.base_config('muon')

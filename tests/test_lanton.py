@@ -14,6 +14,7 @@ from reference_helpers import (AdamRef, SHAPES, assert_match,
                                assert_zero_updates, flat, from_torch,
                                make_tree, ns, polar_express, run_orthax,
                                torch_mats)
+from registered_rates import DEFAULT_LEARNING_RATES
 
 LSHAPES = {**SHAPES, 'embed/embedding': (40, 16), 'lm_head/kernel': (16, 40)}
 
@@ -271,7 +272,7 @@ def test_bad_inputs():
 
 
 @pytest.mark.parametrize('kwargs, expected', [
-    (dict(), 0.05 * 3e-3 / orthax.recipes.default_learning_rates('lanton')[0]),
+    (dict(), 0.05 * 3e-3 / DEFAULT_LEARNING_RATES['lanton'][0]),
     (dict(adam_learning_rate=1e-3), 1e-3),
     (dict(signum_learning_rate=2e-2), 2e-2)])
 def test_signum_runs_at_the_adamw_branch_rate(kwargs, expected):
@@ -285,3 +286,21 @@ def test_signum_runs_at_the_adamw_branch_rate(kwargs, expected):
   updates, _ = tx.update(grads, tx.init(params), params)
   step = np.abs(np.asarray(updates['embed']['embedding']))
   np.testing.assert_allclose(step, expected, rtol=1e-6)
+
+
+def test_signum_settings_without_a_signum_group_are_refused():
+  """The library mode has no Signum group: a Signum rate or β would do
+  nothing; an empty pattern would send every 2-D AdamW leaf to Signum."""
+  for kw in (dict(signum_learning_rate=1e-3), dict(signum_beta=0.9)):
+    with pytest.raises(ValueError, match=f"{next(iter(kw))}.*'orthax'.*"
+                       'signum_pattern'):
+      orthax.lanton(**kw)
+    orthax.lanton(reference='paper', **kw)
+    orthax.lanton(signum_pattern=orthax.recipes.adaptive.SIGNUM_PATTERN, **kw)
+  with pytest.raises(ValueError, match="signum_pattern '' matches every"):
+    orthax.lanton(signum_pattern='', reference='paper')
+  # '^$' matches no path: the paper's mode without its Signum group.
+  params = {'embed': {'embedding': jnp.zeros((40, 8))}}
+  labels = orthax.recipes.recipe_routing(orthax.lanton(
+      reference='paper', signum_pattern='^$')).router.labels(params)
+  assert flat(labels) == {'embed/embedding': 'adam'}

@@ -110,8 +110,8 @@ REFERENCE_SETTINGS = {'trion': dict(nesterov=False),
 @pytest.mark.parametrize('name', sorted(SAME_ARITHMETIC))
 def test_library_mode_is_its_references_arithmetic(name):
   """At the same rates and decay, ``reference='orthax'`` steps exactly as
-  the mode whose arithmetic it runs (its default decay may differ: Muon's
-  and NorMuon's is the sweep's 0.1, Hybrid-AuON's and ROOT's 0.2, their
+  the mode whose arithmetic it runs (its default decay may differ: NorMuon's
+  is the sweep's 0.1, Muon's, Hybrid-AuON's and ROOT's 0.2, their
   references' 0, 0 and 0.1; Trion's library mode also looks ahead, here
   with ``nesterov=False``, and ROOT's takes Muon's shape scale, here the
   reference's Moonlight scale)."""
@@ -332,7 +332,7 @@ def test_trainer_refuses_the_default_modes_rate_in_another_mode():
   with pytest.raises(ValueError, match=(
       r'optimizer\.adam_learning_rate=0\.003 .* at learning_rate 0\.04 its '
       r"AdamW branch's default is 0\.0006")):
-    optim.build(configs.optimizer('muon', learning_rate=0.04 + 1e-9,
+    optim.build(configs.optimizer('muon', learning_rate=0.04,
                                   reference='keller'), shape)
   opt = configs.optimizer('muon', learning_rate=1e-3, adam_learning_rate=1e-3,
                           reference='moonlight')

@@ -248,7 +248,7 @@ def lanton(
     weight_decay: float | None = None,
     mu_dtype: Any = None,
     signum_learning_rate: optax.ScalarOrSchedule | None = None,
-    signum_beta: float = 0.95,
+    signum_beta: float | None = None,
     signum_pattern: str | None = None,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: float = 0.9,
@@ -277,14 +277,14 @@ def lanton(
         {\max_j (\hat H_j+ε)^{-1/2}}\Big)^p\\
      W_ℓ &\leftarrow W_ℓ - η_ℓ (D_ℓ + λ W_ℓ)
 
-  Modes:
+  (``nesterov=False``, as under ``reference='paper'``: ``NS(B)``.) Modes:
 
   - ``reference='orthax'`` (default), from the learning-rate sweep on the
     embedded corpus (README): the LMO of Nesterov's look-ahead
     ``βB + (1-β)G``, as Muon's; the tempered map ``p = noise_power = 0.25``;
     λ = 0.4 at η = 0.08; embeddings, LM head, norm scales and biases on the
     AdamW branch, as in every recipe here (with Signum there LANTON ended
-    1.5% higher at d_model 256, docs/training.md).
+    1.6% higher at d_model 256 at p = 0.5 and η = 0.113, docs/training.md).
   - ``reference='paper'``: what the paper establishes, with the
     reconstruction's map: the LMO of ``B`` itself (the Scion/Gluon step), the
     inverse noise level ``p = 1``, no decay, and a Signum group for the
@@ -293,17 +293,19 @@ def lanton(
 
   ``signum_pattern``, ``nesterov``, ``noise_power`` and ``weight_decay``
   default to the mode's. The Signum group (2-D ``'adam'`` leaves matching
-  ``signum_pattern``, e.g. :data:`SIGNUM_PATTERN`; label ``'signum'``):
-  ``W ← W - η_s·sign(B)`` with ``B`` an EMA of the gradient (rate
-  ``signum_beta``) and ``η_s = signum_learning_rate``, at a fixed rate (the
+  ``signum_pattern``, e.g. :data:`SIGNUM_PATTERN`; ``'^$'`` matches none;
+  label ``'signum'``): ``W ← W - η_s·sign(B)`` with ``B`` an EMA of the
+  gradient (rate ``signum_beta``, default 0.95) and ``η_s = signum_learning_rate``, at a fixed rate (the
   paper's embedding/head group holds two layers; its rate map there is not
   established). ``η_s`` defaults to the AdamW branch's rate
   (``adam_learning_rate``, or its default: 3e-3 at the default η, in
   proportion to η), not η: Signum at η moved every embedding entry by the
-  matrices' rate at each step. The noise statistic does not see the
-  look-ahead (with ``difference='momentum'`` it does: ``B_t`` is then the
-  momentum stage's output). β = 0.95, β2 = 0.99 and ε = 1e-8 are this
-  library's choice. Only the matrices decay (the AdamW branch at
+  matrices' rate at each step. Without a Signum group,
+  ``signum_learning_rate`` and ``signum_beta`` raise a ``ValueError``, as
+  does an empty ``signum_pattern`` (it would match every path). The noise statistic does
+  not see the look-ahead (with ``difference='momentum'`` it does: ``B_t`` is
+  then the momentum stage's output). β = 0.95, β2 = 0.99 and ε = 1e-8 are
+  this library's choice. Only the matrices decay (the AdamW branch at
   ``adam_weight_decay``, default 0; Signum not at all). The nuclear norm of
   the gradient difference defaults to the bound
   ``sqrt(min(m, n))·‖X‖_F`` (``nuclear='frobenius'``): tight up to a
@@ -336,6 +338,8 @@ def lanton(
   signum_pattern, nesterov, noise_power, weight_decay = _common.mode_settings(
       _LANTON_REFERENCES[reference], signum_pattern=signum_pattern,
       nesterov=nesterov, noise_power=noise_power, weight_decay=weight_decay)
+  _check_signum_group(reference, signum_pattern, signum_learning_rate,
+                      signum_beta)
   router, specs = _common.route(router)
   direction = optax.named_chain(
       ('orthogonalize', T.orthogonalize(preset, steps=ns_steps,
@@ -360,7 +364,8 @@ def lanton(
         reference=reference)
                  if signum_learning_rate is None else signum_learning_rate)
     signum = dict(
-        branches={'signum': _signum(signum_beta, signum_lr, mu_dtype)},
+        branches={'signum': _signum(0.95 if signum_beta is None
+                                    else signum_beta, signum_lr, mu_dtype)},
         branch_learning_rates={'signum': signum_lr},
         branch_weight_decays={'signum': 0.0})
   return _common.assemble_with_adamw(
@@ -369,6 +374,21 @@ def lanton(
       matrix_weight_decay=weight_decay, recipe='lanton', reference=reference,
       **signum, b1=adam_b1, b2=adam_b2, eps=adam_eps,
       weight_decay=adam_weight_decay, mu_dtype=mu_dtype)
+
+
+def _check_signum_group(reference, pattern, learning_rate, beta):
+  """Refuses Signum settings where no leaf can take them."""
+  if pattern == '':
+    raise ValueError("lanton: signum_pattern '' matches every path; pass "
+                     "'^$' for no Signum group.")
+  given = [name for name, v in (('signum_learning_rate', learning_rate),
+                                ('signum_beta', beta)) if v is not None]
+  if pattern is None and given:
+    raise ValueError(
+        f'lanton: {given[0]} is given, but reference={reference!r} has no '
+        'Signum group (embeddings and head are on the AdamW branch): pass '
+        "signum_pattern (e.g. orthax.recipes.adaptive.SIGNUM_PATTERN) or "
+        "reference='paper'.")
 
 
 def _signum(beta: float, learning_rate: optax.ScalarOrSchedule,

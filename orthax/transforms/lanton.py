@@ -127,7 +127,8 @@ def layerwise_noise_adapt(
     noise_power: ``p``, the exponent of the noise→rate map: 1 (default)
       the inverse noise level, 0 every layer at the group rate (D-Muon's
       and Scion's fixed rate), in between a tempered map
-      (:func:`orthax.lanton`: 0.5); meant for ``[0, 1]``.
+      (:func:`orthax.lanton`: 0.25 in its library mode, 1 under
+      ``reference='paper'``); meant for ``[0, 1]``.
     nuclear: ``'ns'``, ``'svd'`` or ``'frobenius'``.
     ns_preset: Newton–Schulz preset of ``nuclear='ns'``.
     weight_decay: λ, decoupled, applied with the layer's rate η_ℓ.
