@@ -7,7 +7,7 @@ d 128 runs end 3% higher); adamw and spectra have no separate branch."""
 DEFAULT_LEARNING_RATES = {
     'adamw': (3e-3, None),
     'muon': (0.05656, 3e-3),
-    'normuon': (0.04, 3e-3),
+    'normuon': (0.05656, 3e-3),
     'namo': (0.16, 3e-3),
     'namo_d': (0.11, 3e-3),
     'lanton': (0.08, 3e-3),

@@ -135,7 +135,7 @@ def test_library_mode_is_its_references_arithmetic(name):
 # reference's own for the others.
 MODE_DECAY = [('muon', 'orthax', 0.2), ('muon', 'keller', 0.0),
               ('muon', 'moonlight', 0.1), ('muon', 'optax', 0.0),
-              ('normuon', 'orthax', 0.1), ('normuon', 'repo', 0.0),
+              ('normuon', 'orthax', 0.2), ('normuon', 'repo', 0.0),
               ('normuon', 'paper', 0.0), ('normuon', 'modded', 0.0),
               ('hybrid_auon', 'orthax', 0.2), ('hybrid_auon', 'repo', 0.0),
               ('hybrid_auon', 'paper', 0.0), ('auon', 'orthax', 0.0),

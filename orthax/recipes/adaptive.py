@@ -22,7 +22,7 @@ _NORMUON_REPO = dict(nesterov=True, preset='jordan', beta2=0.95,
                      weight_decay=0.0)
 _NORMUON_REFERENCES = {
     # The repo's arithmetic at the sweep's rates and decay.
-    'orthax': dict(_NORMUON_REPO, weight_decay=0.1),
+    'orthax': dict(_NORMUON_REPO, weight_decay=0.2),
     'repo': _NORMUON_REPO,
     'paper': dict(nesterov=False, preset='jordan', beta2=0.95, axis='fan_out',
                   eps_placement='add', restore_norm=False, weight_decay=0.0),
@@ -33,7 +33,7 @@ _NORMUON_REFERENCES = {
 
 
 @registry.register(
-    'normuon', references=tuple(_NORMUON_REFERENCES), learning_rate=0.04,
+    'normuon', references=tuple(_NORMUON_REFERENCES), learning_rate=0.05656,
     adam_learning_rate=3e-3, mode_rates={
         'repo': registry.ModeRates(
             0.02, 3e-4, 'zichongli5/NorMuon @d45c9a4 normuon.py: NorMuon lr, '
@@ -99,25 +99,25 @@ def normuon(
   iteration and parameters with a mantissa buffer, MLP ``c_proj``'s 2× rate,
   per-parameter Adam betas.
 
-  =========  ========  ======  =======  ============  ==========  ==============  ===  ============
+  =========  ========  ======  =======  ============  ==========  ==============  ===  =============
   reference  nesterov  NS      β2       statistic     ε           scale           λ    η / AdamW η
-  =========  ========  ======  =======  ============  ==========  ==============  ===  ============
-  orthax     yes       jordan  0.95     per out row   √v + ε      restore·keller  0.1  0.04 / 3e-3
+  =========  ========  ======  =======  ============  ==========  ==============  ===  =============
+  orthax     yes       jordan  0.95     per out row   √v + ε      restore·keller  0.2  0.0566 / 3e-3
   repo       yes       jordan  0.95     per out row   √v + ε      restore·keller  0    0.02 / 3e-4
   paper      no        jordan  0.95     per out row   √v + ε      RMS 0.2         0    0.012 / 0.012
   modded     yes       PE (C)  0.9      longer side   max(v, ε)   restore·keller  0    0.023 / 0.008
-  =========  ========  ======  =======  ============  ==========  ==============  ===  ============
+  =========  ========  ======  =======  ============  ==========  ==============  ===  =============
 
-  ``'orthax'`` decays matrices by λ = 0.1 (decoupled, ``W ← W(1-ηλ)``):
-  the learning-rate sweep found it ended lower than 0 at both widths
-  (README); the references' own defaults are 0. The AdamW branch is not
+  ``'orthax'`` decays matrices by λ = 0.2 (decoupled, ``W ← W(1-ηλ)``):
+  at 0.0566 it ended lower than 0.1 and 0 at 0.04 at both widths of the
+  learning-rate sweep (README); the references' own defaults are 0. The AdamW branch is not
   decayed.
 
   The AdamW branch is KellerJordan/Muon's auxiliary Adam (β = (0.9, 0.95),
   ε = 1e-10 after bias correction), at ``adam_learning_rate``: by default
   ``learning_rate`` for ``'paper'`` (RMS-0.2 updates, AdamW's scale) and
   otherwise in proportion to ``learning_rate`` as the mode's rates (table)
-  are, e.g. ``0.075·learning_rate`` for ``'orthax'``
+  are, e.g. ``0.053·learning_rate`` for ``'orthax'``
   (:func:`orthax.recipes.resolve_adam_learning_rate`). A reference mode
   runs at its reference's rates. The paper publishes none, so ``'paper'``
   runs at 0.012 on both branches, measured on the embedded corpus (d_model
