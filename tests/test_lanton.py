@@ -103,7 +103,8 @@ CASES = [dict(nuclear='svd'),
          dict(nuclear='svd', noise_power=1.0),
          dict(nuclear='svd', difference='momentum', normalization='absolute',
               alpha=0.5, noise_power=1.0),
-         dict(nuclear='svd', signum_pattern=orthax.recipes.adaptive.SIGNUM_PATTERN),
+         dict(nuclear='svd',
+              signum_pattern=orthax.recipes.signum_group.SIGNUM_PATTERN),
          dict(nuclear='svd', reference='paper'),
          dict(nuclear='ns', difference='momentum', reference='paper',
               nesterov=True, weight_decay=0.1)]
@@ -236,23 +237,23 @@ def test_zero_gradients_give_zero_updates():
 
 def test_routes_embeddings_and_head_to_signum():
   params = jax.tree.map(jnp.asarray, make_tree(5, LSHAPES, np.float32))
-  adaptive = orthax.recipes.adaptive
-  router = adaptive.signum_labels(orthax.Router())
+  group = orthax.recipes.signum_group
+  router = group.signum_labels(orthax.Router())
   assert isinstance(router, orthax.Router)  # so describe() reads it
   # Around a labels callable: a labels callable with the same labels.
-  wrapped = adaptive.signum_labels(lambda p: orthax.Router().labels(p))
+  wrapped = group.signum_labels(lambda p: orthax.Router().labels(p))
   for labels in (flat(router.labels(params)), flat(wrapped(params))):
     assert labels['embed/embedding'] == labels['lm_head/kernel'] == 'signum'
     assert labels['a/kernel'] == labels['stack/kernel'] == 'matrix'
     assert labels['b/bias'] == labels['ln/scale'] == 'adam'
   # A base router's own limits hold underneath (here: max_side).
-  limited = flat(adaptive.signum_labels(orthax.Router(max_side=2)).labels(
+  limited = flat(group.signum_labels(orthax.Router(max_side=2)).labels(
       params))
   assert limited['a/kernel'] == 'adam'
   # A limit set on the wrapper (orthax.recipes.dct_adamw.limit_matrix_size
   # does) goes to its base, and the wrapper keeps relabelling.
   capped = router.with_max_side(2)
-  assert isinstance(capped, adaptive.SignumRouter) and capped.max_side == 2
+  assert isinstance(capped, group.SignumRouter) and capped.max_side == 2
   assert router.max_side is None  # a copy: the original keeps no limit
   assert flat(capped.labels(params)) == limited
   dct = importlib.import_module('orthax.recipes.dct_adamw')  # the module
@@ -296,7 +297,8 @@ def test_signum_settings_without_a_signum_group_are_refused():
                        'signum_pattern'):
       orthax.lanton(**kw)
     orthax.lanton(reference='paper', **kw)
-    orthax.lanton(signum_pattern=orthax.recipes.adaptive.SIGNUM_PATTERN, **kw)
+    orthax.lanton(
+        signum_pattern=orthax.recipes.signum_group.SIGNUM_PATTERN, **kw)
   with pytest.raises(ValueError, match="signum_pattern '' matches every"):
     orthax.lanton(signum_pattern='', reference='paper')
   # '^$' matches no path: the paper's mode without its Signum group.

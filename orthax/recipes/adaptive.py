@@ -3,19 +3,17 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
-import jax
 import optax
 
-from orthax import _tree
 from orthax import _validate
 from orthax import matrix_stages as MS
 from orthax import routing
 from orthax import transforms as T
 from orthax.recipes import _common
 from orthax.recipes import registry
+from orthax.recipes import signum_group
 
 _NORMUON_REPO = dict(nesterov=True, preset='jordan', beta2=0.95,
                      axis='fan_out', eps_placement='add', restore_norm=True,
@@ -110,8 +108,8 @@ def normuon(
 
   ``'orthax'`` decays matrices by λ = 0.2 (decoupled, ``W ← W(1-ηλ)``):
   at 0.0566 it ended lower than 0.1 and 0 at 0.04 at both widths of the
-  learning-rate sweep (README); the references' own defaults are 0. The AdamW branch is not
-  decayed.
+  learning-rate sweep (README); the references' own defaults are 0. The
+  AdamW branch is not decayed.
 
   The AdamW branch is KellerJordan/Muon's auxiliary Adam (β = (0.9, 0.95),
   ε = 1e-10 after bias correction), at ``adam_learning_rate``: by default
@@ -165,63 +163,14 @@ def normuon(
       eps=adam_eps, weight_decay=adam_weight_decay, mu_dtype=mu_dtype)
 
 
-SIGNUM_PATTERN = (r'(^|/)([^/]*embed[^/]*|wte|wpe|lm_head|head|unembed[^/]*'
-                  r'|logits)(/|$)')
-
-
-def _is_signum(label: str, path: str, ndim: int, pattern: re.Pattern) -> bool:
-  """An ``'adam'`` leaf of 2 or more dimensions whose path matches."""
-  return label == 'adam' and ndim >= 2 and pattern.search(path) is not None
-
-
-class SignumRouter(routing.Router):
-  """``base``'s routes, with ``'signum'`` for the 2-D-or-larger ``'adam'``
-  leaves whose path matches ``pattern`` (LANTON's embeddings and LM head):
-  a :class:`orthax.Router`, so :func:`orthax.describe` reads it."""
-
-  def __init__(self, base: routing.Router, pattern: str = SIGNUM_PATTERN):
-    # pylint: disable=super-init-not-called (rules and limit are base's)
-    self.base, self.pattern = base, re.compile(pattern)
-
-  rules = property(lambda self: self.base.rules)
-  max_side = property(lambda self: self.base.max_side)
-
-  def with_max_side(self, max_side: int) -> 'SignumRouter':
-    return SignumRouter(self.base.with_max_side(max_side),
-                        self.pattern.pattern)
-
-  def route(self, path, shape):
-    r = self.base.route(path, shape)
-    if _is_signum(r.label, path, len(shape), self.pattern):
-      return routing.Route('signum', None, self.pattern.pattern)
-    return r
-
-
-def signum_labels(router, pattern: str = SIGNUM_PATTERN):
-  """LANTON's router: :class:`SignumRouter` around an :class:`orthax.Router`;
-  around a labels callable, a labels callable doing the same."""
-  if isinstance(router, routing.Router):
-    return SignumRouter(router, pattern)
-  rx = re.compile(pattern)
-
-  def labels(params):
-    paths, leaves, treedef = _tree.leaves_with_paths(params)
-    labs = treedef.flatten_up_to(router(params))
-    return jax.tree.unflatten(treedef, [
-        'signum' if _is_signum(lab, p, getattr(x, 'ndim', 0), rx) else lab
-        for p, x, lab in zip(paths, leaves, labs)])
-
-  return labels
-
-
 # LANTON's modes. 'paper': the reconstruction as the paper establishes it
 # (Signum for embeddings and head, the LMO of the momentum itself, the inverse
 # noise level, no decay); 'orthax': the sweep's (ALGORITHMS.md §12; README).
 _LANTON_REFERENCES = {
     'orthax': dict(signum_pattern=None, nesterov=True, noise_power=0.25,
                    weight_decay=0.4),
-    'paper': dict(signum_pattern=SIGNUM_PATTERN, nesterov=False,
-                  noise_power=1.0, weight_decay=0.0),
+    'paper': dict(signum_pattern=signum_group.SIGNUM_PATTERN,
+                  nesterov=False, noise_power=1.0, weight_decay=0.0),
 }
 
 
@@ -293,33 +242,32 @@ def lanton(
 
   ``signum_pattern``, ``nesterov``, ``noise_power`` and ``weight_decay``
   default to the mode's. The Signum group (2-D ``'adam'`` leaves matching
-  ``signum_pattern``, e.g. :data:`SIGNUM_PATTERN`; ``'^$'`` matches none;
-  label ``'signum'``): ``W ← W - η_s·sign(B)`` with ``B`` an EMA of the
-  gradient (rate ``signum_beta``, default 0.95) and ``η_s = signum_learning_rate``, at a fixed rate (the
-  paper's embedding/head group holds two layers; its rate map there is not
-  established). ``η_s`` defaults to the AdamW branch's rate
-  (``adam_learning_rate``, or its default: 3e-3 at the default η, in
-  proportion to η), not η: Signum at η moved every embedding entry by the
-  matrices' rate at each step. Without a Signum group,
-  ``signum_learning_rate`` and ``signum_beta`` raise a ``ValueError``, as
-  does an empty ``signum_pattern`` (it would match every path). The noise statistic does
-  not see the look-ahead (with ``difference='momentum'`` it does: ``B_t`` is
-  then the momentum stage's output). β = 0.95, β2 = 0.99 and ε = 1e-8 are
+  ``signum_pattern``, e.g. :data:`orthax.recipes.signum_group.SIGNUM_PATTERN`;
+  ``'^$'`` matches none; label ``'signum'``): ``W ← W - η_s·sign(B)`` with
+  ``B`` an EMA of the gradient (rate ``signum_beta``, default 0.95) and ``η_s =
+  signum_learning_rate``, at a fixed rate (the paper's embedding/head group
+  holds two layers; its rate map there is not established). ``η_s`` defaults to
+  the AdamW branch's rate (``adam_learning_rate``, or its default: 3e-3 at the
+  default η, in proportion to η), not η: Signum at η moved every embedding
+  entry by the matrices' rate at each step. Without a Signum group,
+  ``signum_learning_rate`` and ``signum_beta`` raise a ``ValueError``, as does
+  an empty ``signum_pattern`` (it would match every path). The noise statistic
+  does not see the look-ahead (with ``difference='momentum'`` it does: ``B_t``
+  is then the momentum stage's output). β = 0.95, β2 = 0.99 and ε = 1e-8 are
   this library's choice. Only the matrices decay (the AdamW branch at
-  ``adam_weight_decay``, default 0; Signum not at all). The nuclear norm of
-  the gradient difference defaults to the bound
-  ``sqrt(min(m, n))·‖X‖_F`` (``nuclear='frobenius'``): tight up to a
-  constant for the flat spectra of gradient noise, and free,
-  where ``⟨X, NS(X)⟩`` (``nuclear='ns'``) costs a second orthogonalization
-  per step (≈1.95× Muon's update time on GPT-2-small matrices against
-  ≈1.0× here; the paper reports ≈4% wall-clock overhead over D-Muon, which
-  rules out a second orthogonalization); ``'svd'`` is exact.
+  ``adam_weight_decay``, default 0; Signum not at all). The nuclear norm of the
+  gradient difference defaults to the bound ``sqrt(min(m, n))·‖X‖_F``
+  (``nuclear='frobenius'``): tight up to a constant for the flat spectra of
+  gradient noise, and free, where ``⟨X, NS(X)⟩`` (``nuclear='ns'``) costs a
+  second orthogonalization per step (≈1.95× Muon's update time on GPT-2-small
+  matrices against ≈1.0× here; the paper reports ≈4% wall-clock overhead over
+  D-Muon, which rules out a second orthogonalization); ``'svd'`` is exact.
   ``noise_power`` tempers the noise→rate map
   (:func:`orthax.transforms.layerwise_noise_adapt`), ``p = 0`` every layer at
-  the group rate: on the embedded corpus the inverse map ended behind the
-  group rate, and the tempered one ahead of both (docs/training.md).
-  ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
-  stage on whole matrices per device.
+  the group rate: on the embedded corpus the inverse map ended behind the group
+  rate, and the tempered one ahead of both (docs/training.md).
+  ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz stage
+  on whole matrices per device.
 
   Example:
     >>> import jax.numpy as jnp, orthax
@@ -338,8 +286,8 @@ def lanton(
   signum_pattern, nesterov, noise_power, weight_decay = _common.mode_settings(
       _LANTON_REFERENCES[reference], signum_pattern=signum_pattern,
       nesterov=nesterov, noise_power=noise_power, weight_decay=weight_decay)
-  _check_signum_group(reference, signum_pattern, signum_learning_rate,
-                      signum_beta)
+  signum_group.check_settings(reference, signum_pattern,
+                              signum_learning_rate, signum_beta)
   router, specs = _common.route(router)
   direction = optax.named_chain(
       ('orthogonalize', T.orthogonalize(preset, steps=ns_steps,
@@ -358,14 +306,15 @@ def lanton(
       matrix_specs=specs)))
   signum = {}
   if signum_pattern is not None:
-    router = signum_labels(router, signum_pattern)
+    router = signum_group.signum_labels(router, signum_pattern)
     signum_lr = (_common.resolve_adam_learning_rate(
         learning_rate, adam_learning_rate, rms_matched=False, recipe='lanton',
         reference=reference)
                  if signum_learning_rate is None else signum_learning_rate)
     signum = dict(
-        branches={'signum': _signum(0.95 if signum_beta is None
-                                    else signum_beta, signum_lr, mu_dtype)},
+        branches={'signum': signum_group.signum_step(
+            0.95 if signum_beta is None else signum_beta, signum_lr,
+            mu_dtype)},
         branch_learning_rates={'signum': signum_lr},
         branch_weight_decays={'signum': 0.0})
   return _common.assemble_with_adamw(
@@ -374,30 +323,3 @@ def lanton(
       matrix_weight_decay=weight_decay, recipe='lanton', reference=reference,
       **signum, b1=adam_b1, b2=adam_b2, eps=adam_eps,
       weight_decay=adam_weight_decay, mu_dtype=mu_dtype)
-
-
-def _check_signum_group(reference, pattern, learning_rate, beta):
-  """Refuses Signum settings where no leaf can take them."""
-  if pattern == '':
-    raise ValueError("lanton: signum_pattern '' matches every path; pass "
-                     "'^$' for no Signum group.")
-  given = [name for name, v in (('signum_learning_rate', learning_rate),
-                                ('signum_beta', beta)) if v is not None]
-  if pattern is None and given:
-    raise ValueError(
-        f'lanton: {given[0]} is given, but reference={reference!r} has no '
-        'Signum group (embeddings and head are on the AdamW branch): pass '
-        "signum_pattern (e.g. orthax.recipes.adaptive.SIGNUM_PATTERN) or "
-        "reference='paper'.")
-
-
-def _signum(beta: float, learning_rate: optax.ScalarOrSchedule,
-            mu_dtype: Any) -> optax.GradientTransformation:
-  """LANTON's embedding and head step, ``-η_s·sign(B)``, ``B`` an EMA of the
-  gradient at rate ``beta``."""
-  return optax.named_chain(
-      ('signum_momentum', T.momentum(beta, form='ema', nesterov=False,
-                                     accumulator_dtype=mu_dtype)),
-      ('sign', optax.scale_by_sign()),
-      ('scale_by_signum_learning_rate',
-       optax.scale_by_learning_rate(learning_rate)))
