@@ -164,7 +164,7 @@ def test_namo_d_entries_within_clamp(c):
 @pytest.mark.parametrize('name', ['namo', 'namo_d'])
 def test_zero_gradients_give_zero_updates(name):
   params = jax.tree.map(jnp.asarray, make_tree(4, dtype=np.float32))
-  tx = orthax.recipe(name, weight_decay=0.0)
+  tx = orthax.recipe(name, weight_decay=0.0, adam_weight_decay=0.0)
   assert_zero_updates(tx, params, steps=2)
 
 

@@ -45,23 +45,22 @@ def _get_opt_factory(opt_name):  # orthax's recipes, by registered name
 
 
 # The rate each recipe runs at: 1e-2, except NAMO, Trion and NAMO-D, whose
-# default rates (0.16, 0.226, 0.11) are 2.8×, 4× and 1.9× Muon's: at 1e-2
-# their AdamW branch (at a fixed fraction of the rate, 3e-3 at the default)
-# would run at 1.9e-4, 1.3e-4 and 2.7e-4, too slow for the parabola's vector
-# in the harness's step budget; at 2e-2 NAMO's and NAMO-D's run at 3.8e-4 and
-# 5.5e-4 (Muon's at 1e-2: 5.3e-4), Trion's (2.7e-4; the parabola ends 3 off)
-# at 7.5e-4. LANTON (default 0.08) would run its AdamW branch at 3.8e-4 at
-# 1e-2, and at 2e-2 its matrix step overshoots the 2×2 matrix (0.04 off the
-# target's zero entry), so it runs at 1e-2 with its AdamW branch at 7.5e-4.
-# DCT-AdamW's rate is per unit of the matrix's smaller side: 2e-2 is 1e-2 on
-# the harness's 2×2 matrix; its AdamW branch (the vectors) runs at 1e-2, as
-# the others' would at their rate (at its default ratio, 0.0085/1.5, it would
-# run at 1.1e-4).
+# default rates (0.226, 0.226, 0.22) are about 4× Muon's: their matrices run
+# at 2e-2 and their AdamW branch (at a fixed fraction of the rate, 3e-3 at
+# the default) at 7.5e-4, as LANTON's: at their default ratio it would run at
+# 1.3e-4 at 1e-2 (2.7e-4 at 2e-2), too slow for the parabola's vector in the
+# harness's step budget (Muon's at 1e-2: 5.3e-4). LANTON (default 0.08) would
+# run its AdamW branch at 3.8e-4 at 1e-2, and at 2e-2 its matrix step
+# overshoots the 2×2 matrix (0.04 off the target's zero entry), so it runs at
+# 1e-2 with its AdamW branch at 7.5e-4. DCT-AdamW's rate is per unit of the
+# matrix's smaller side: 2e-2 is 1e-2 on the harness's 2×2 matrix; its AdamW
+# branch (the vectors) runs at 1e-2, as the others' would at their rate (at
+# its default ratio, 0.0085/1.5, it would run at 1.1e-4).
 _HARNESS_RATE = {'namo': 2e-2, 'namo_d': 2e-2, 'trion': 2e-2,
                  'dct_adamw': 2e-2}
 _HARNESS_KWARGS = {'dct_adamw': dict(adam_learning_rate=1e-2),
-                   'lanton': dict(adam_learning_rate=7.5e-4),
-                   'trion': dict(adam_learning_rate=7.5e-4)}
+                   **{name: dict(adam_learning_rate=7.5e-4)
+                      for name in ('lanton', 'trion', 'namo', 'namo_d')}}
 
 
 def _no_decay(name: str) -> dict[str, float]:

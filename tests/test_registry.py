@@ -143,6 +143,8 @@ MODE_DECAY = [('muon', 'orthax', 0.2), ('muon', 'keller', 0.0),
               ('aro', 'dion', 0.01), ('root', 'orthax', 0.2),
               ('root', 'repo', 0.1), ('fismo', None, 0.2),
               ('lanton', 'orthax', 0.4), ('lanton', 'paper', 0.0),
+              ('namo', 'orthax', 0.4), ('namo', 'repo', 0.1),
+              ('namo_d', 'orthax', 0.4), ('namo_d', 'repo', 0.1),
               ('trion', 'orthax', 0.2),
               ('trion', 'ista', 0.0)]
 # Other mode-dependent defaults, (recipe, mode, keyword, value).
@@ -194,10 +196,12 @@ def test_alias_gives_the_same_updates(name):
            for s in (1, 2, 3)]
   new = run_orthax(orthax.recipe(name, reference='repo'), params, grads)
   old = run_orthax(orthax.recipe(name, reference='namo_repo'), params, grads)
-  # The repository's factor and coefficient, at its rate on both branches.
+  # The repository's factor and coefficient, at its rate and its decay on
+  # both branches.
   spelled = run_orthax(orthax.recipe(
       name, shape='moonlight', scale_coeff=0.2, learning_rate=0.01,
-      adam_learning_rate=0.01), params, grads)
+      adam_learning_rate=0.01, weight_decay=0.1, adam_weight_decay=0.1),
+      params, grads)
   for a, b, c in zip(new, old, spelled):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)

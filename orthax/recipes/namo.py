@@ -13,11 +13,16 @@ from orthax import transforms as T
 from orthax.recipes import _common
 from orthax.recipes import registry
 
-# The step's shape factor c_s·k per mode (ALGORITHMS.md §4): the
-# repository's Moonlight factor, or Muon's spectral size (the default).
+# Per mode (ALGORITHMS.md §4): the step's shape factor c_s·k (the
+# repository's Moonlight factor, or Muon's spectral size), the matrices'
+# decay λ and the AdamW branch's (None: λ, the repository's class default).
+# λ multiplies the adaptive step min(α, 1), which is a fraction of the
+# learning rate, so the library mode's sweep put it at 0.4.
 _NAMO_REFERENCES = {
-    'orthax': dict(shape='keller', scale_coeff=2.0),
-    'repo': dict(shape='moonlight', scale_coeff=0.2),
+    'orthax': dict(shape='keller', scale_coeff=2.0, weight_decay=0.4,
+                   adam_weight_decay=0.1),
+    'repo': dict(shape='moonlight', scale_coeff=0.2, weight_decay=0.1,
+                 adam_weight_decay=None),
 }
 
 
@@ -35,8 +40,11 @@ def _namo(name, mode, learning_rate, reference, beta, mu2, eps, weight_decay,
   reference, learning_rate = registry.resolve_mode(name, reference,
                                                    learning_rate)
   d = _NAMO_REFERENCES[reference]
-  shape, scale_coeff = _common.mode_settings(d, shape=shape,
-                                             scale_coeff=scale_coeff)
+  shape, scale_coeff, weight_decay = _common.mode_settings(
+      d, shape=shape, scale_coeff=scale_coeff, weight_decay=weight_decay)
+  if adam_weight_decay is None:
+    adam_weight_decay = (weight_decay if d['adam_weight_decay'] is None
+                         else d['adam_weight_decay'])
   router, specs = _common.route(router)
   matrix = optax.named_chain(('noise_adapt', T.noise_adapt(
       T.momentum(beta, form='ema', nesterov=nesterov,
@@ -52,8 +60,7 @@ def _namo(name, mode, learning_rate, reference, beta, mu2, eps, weight_decay,
       adam_learning_rate=adam_learning_rate, rms_matched=False,
       matrix_weight_decay=weight_decay, recipe=name, reference=reference,
       b1=adam_b1, b2=adam_b2, eps=adam_eps,
-      weight_decay=(weight_decay if adam_weight_decay is None
-                    else adam_weight_decay),
+      weight_decay=adam_weight_decay,
       eps_placement='raw', mu_dtype=mu_dtype)
 
 
@@ -68,9 +75,9 @@ _NAMO_DOC = r"""
   ``reference='orthax'`` (default): the repository's update with Muon's
   spectral size, ``shape='keller'`` (``k = √max(1, A/B)``, ``A×B`` the
   PyTorch ``out×in``) and ``scale_coeff=2``, so that the best learning rate
-  holds across widths as Muon's does: {best} on the embedded corpus, where
-  the repository's factor moved it from 0.08 at d_model 128 to 0.057 at
-  256. ``reference='repo'`` (``'namo_repo'``, its former name, is
+  changes little with the width, as Muon's: {best} on the embedded corpus,
+  where the repository's factor moved it from 0.08 at d_model 128 to 0.057
+  at 256 (at decay 0). ``reference='repo'`` (``'namo_repo'``, its former name, is
   accepted as an alias): minxin-zhg/namo ``src/namo.py`` @ a3f37b0, after
   the eps fix (``sqrt(v) + ε``), with its factor ``shape='moonlight'``
   (``k = √max(A, B)``) and ``scale_coeff=0.2``: an update RMS of about
@@ -79,9 +86,17 @@ _NAMO_DOC = r"""
   embedded corpus at d_model 128, 0.08 was best in this mode and 0.01 ended
   0.5 nats above it). ``shape`` and ``scale_coeff`` default to the mode's.
 
+  Weight decay ``W ← W·(1 − λ·min(α, 1))`` takes the adaptive step
+  ``α``, a fraction of the learning rate that shrinks as the gradient
+  noise grows, so its best ``λ`` lies above Muon's 0.2: ``weight_decay``
+  defaults to 0.4 in the library mode ({decay}; embedded corpus,
+  d_model 128, two seeds) and to the repository's 0.1 in
+  ``'repo'``.
+
   The AdamW branch: β = (0.9, 0.95), ε = 1e-8 added to ``sqrt(v)``
-  *before* bias correction, weight decay ``weight_decay`` (the
-  repository's training script passes 0: ``adam_weight_decay=0``), at
+  *before* bias correction, weight decay 0.1 (``reference='repo'``:
+  ``weight_decay``, the repository's class default; its training script
+  passes 0: ``adam_weight_decay=0``), at
   ``adam_learning_rate``, by default ``{ratio}·learning_rate`` (3e-3 at the
   default {default}; ``reference='repo'``: ``learning_rate``). The
   repository runs it at the matrices' rate; in the repository's mode at
@@ -96,7 +111,7 @@ _NAMO_DOC = r"""
 
 
 @registry.register('namo', references=tuple(_NAMO_REFERENCES),
-                   aliases={'namo_repo': 'repo'}, learning_rate=0.16,
+                   aliases={'namo_repo': 'repo'}, learning_rate=0.22624,
                    adam_learning_rate=3e-3, mode_rates=_NAMO_REPO_RATES)
 def namo(
     learning_rate: optax.ScalarOrSchedule = None,
@@ -105,7 +120,7 @@ def namo(
     beta: float = 0.95,
     mu2: float = 0.99,
     eps: float = 1e-8,
-    weight_decay: float = 0.1,
+    weight_decay: float | None = None,
     scale_coeff: float | None = None,
     shape: str | None = None,
     nesterov: bool = True,
@@ -133,12 +148,13 @@ def namo(
 
 namo.__doc__ = ('NAMO: orthogonalized momentum with a scalar Adam-style '
                 'noise-adaptive step per matrix.' + _NAMO_DOC.format(
-                    best='0.16 at d_model 128 and at 256', ratio='0.01875',
-                    default='0.16'))
+                    best='0.226 at d_model 128 and 0.16 at 256 (0.226 ends '
+                    '0.44% higher there)', ratio='0.01326', default='0.226',
+                    decay='1.4600 against 1.5070 at 0.1, both at 0.16'))
 
 
 @registry.register('namo_d', references=tuple(_NAMO_REFERENCES),
-                   aliases={'namo_repo': 'repo'}, learning_rate=0.11,
+                   aliases={'namo_repo': 'repo'}, learning_rate=0.22,
                    adam_learning_rate=3e-3, mode_rates=_NAMO_REPO_RATES)
 def namo_d(
     learning_rate: optax.ScalarOrSchedule = None,
@@ -147,7 +163,7 @@ def namo_d(
     beta: float = 0.95,
     mu2: float = 0.99,
     eps: float = 1e-8,
-    weight_decay: float = 0.1,
+    weight_decay: float | None = None,
     scale_coeff: float | None = None,
     shape: str | None = None,
     clamp_c: float = 0.75,
@@ -178,6 +194,6 @@ namo_d.__doc__ = ('NAMO-D: NAMO with one adaptive step per input feature '
                   '(a diagonal right factor), clamped toward the mean by '
                   '``clamp_c`` (the class default 0.75; the GPT-2 configs '
                   'use 0.01–0.9).' + _NAMO_DOC.format(
-                      best='0.08–0.16 at d_model 128 (within 0.1%) and 0.08 '
-                      'at 256 (the default, 0.11, lies between)',
-                      ratio='0.0273', default='0.11'))
+                      best='0.22 at d_model 128 and at 256', ratio='0.01364',
+                      default='0.22',
+                      decay='1.4814 against 1.5162 at 0.1, both at 0.11'))
