@@ -215,9 +215,9 @@ for name, r in sorted(best.items(), key=lambda kv: kv[1]['final_val_loss']):
 # are a much smaller share of a step of a large model.
 #
 # **What we saw** running the full version on 2 CPU cores (each optimizer at
-# its default rate of 2026-12-05: Muon's 0.04 and NAMO's 0.16, both at
-# decay 0.1 then; one seed; your numbers on other hardware will differ in the
-# last digits): NorMuon
+# its default rate of 2026-12-05: Muon's and NorMuon's 0.04 and NAMO's 0.16,
+# all at decay 0.1 then; one seed; your numbers on other hardware will differ
+# in the last digits): NorMuon
 # and Muon ended at 1.48 and 1.49 against AdamW's
 # 1.71 and reached AdamW's final loss at step 103 of 200 (1.9× fewer steps,
 # interpolated between evaluations 20 steps apart); NAMO ended at 1.51 (step

@@ -99,11 +99,15 @@ def test_best_rates_are_bracketed(rows):
 def test_the_tables_in_the_docs_are_the_recorded_sweep(rows, doc):
   """The README's and the training page's sweep tables are what
   ``orthax-sweep --summarize_only`` prints for the recorded runs, row for
-  row (rerun it and paste the table when runs are added)."""
+  row (rerun it and paste the table when runs are added), each once: a
+  pasted row that lands in another table shows up as a repeat."""
   text = (RUNS.parents[2] / doc).read_text()
-  missing = [line for line in sweep.table(list(rows.values())).splitlines()
-             if line not in text]
+  lines = text.splitlines()
+  table = sweep.table(list(rows.values())).splitlines()
+  missing = [line for line in table if line not in lines]
   assert not missing, f'{doc} lacks these rows of the sweep table: {missing}'
+  repeated = [line for line in table[2:] if lines.count(line) > 1]
+  assert not repeated, f'{doc} repeats these sweep rows: {repeated}'
 
 
 @pytest.mark.parametrize('doc', ['docs/training.md'])

@@ -105,7 +105,7 @@ def test_keller_shape_matches_float64_transcription(x64, name, lr):
   params = make_tree(0)
   grads = [make_tree(100 + t) for t in range(4)]
   tx = orthax.recipe(name, learning_rate=lr, adam_learning_rate=lr,
-                     weight_decay=0.1)  # the default mode: keller, c_s = 2
+                     weight_decay=0.1, adam_weight_decay=0.1)  # keller, c_s 2
   got = run_orthax(tx, params, grads)
   ref = NamoRef(params, lr, 0.1, diagonal=name == 'namo_d',
                 scale_coeff=2.0, shape='keller')
@@ -166,6 +166,27 @@ def test_zero_gradients_give_zero_updates(name):
   params = jax.tree.map(jnp.asarray, make_tree(4, dtype=np.float32))
   tx = orthax.recipe(name, weight_decay=0.0, adam_weight_decay=0.0)
   assert_zero_updates(tx, params, steps=2)
+
+
+@pytest.mark.parametrize('name', ['namo', 'namo_d'])
+def test_weight_decay_reaches_the_adamw_branch_in_the_repository_mode_only(
+    name):
+  """The library mode decays its AdamW branch by its own 0.1 whatever
+  ``weight_decay`` is; ``reference='repo'`` shares ``weight_decay`` (the
+  repository's class default); an explicit ``adam_weight_decay`` wins in
+  both."""
+  def decays(**kw):
+    got = orthax.recipes.recipe_routing(
+        orthax.recipe(name, **kw)).weight_decays
+    return {k: got[k] for k in ('matrix', 'adam')}
+  assert decays() == {'matrix': 0.4, 'adam': 0.1}
+  assert decays(weight_decay=0.3) == {'matrix': 0.3, 'adam': 0.1}
+  assert decays(reference='repo') == {'matrix': 0.1, 'adam': 0.1}
+  assert decays(reference='repo', weight_decay=0.3) == {'matrix': 0.3,
+                                                        'adam': 0.3}
+  for ref in ('orthax', 'repo'):
+    assert decays(reference=ref, weight_decay=0.3,
+                  adam_weight_decay=0.05) == {'matrix': 0.3, 'adam': 0.05}
 
 
 def test_state_sizes():

@@ -74,29 +74,30 @@ _NAMO_DOC = r"""
 
   ``reference='orthax'`` (default): the repository's update with Muon's
   spectral size, ``shape='keller'`` (``k = √max(1, A/B)``, ``A×B`` the
-  PyTorch ``out×in``) and ``scale_coeff=2``, so that the best learning rate
-  changes little with the width, as Muon's: {best} on the embedded corpus,
-  where the repository's factor moved it from 0.08 at d_model 128 to 0.057
-  at 256 (at decay 0). ``reference='repo'`` (``'namo_repo'``, its former name, is
-  accepted as an alias): minxin-zhg/namo ``src/namo.py`` @ a3f37b0, after
-  the eps fix (``sqrt(v) + ε``), with its factor ``shape='moonlight'``
+  PyTorch ``out×in``) and ``scale_coeff=2``, so that one rate serves both
+  widths, as Muon's does: {best} on the embedded corpus, whereas under the
+  repository's factor (at decay 0) the best fell by √2 per doubling of the
+  width, 0.08 at d_model 128 to 0.057 at 256. ``reference='repo'``
+  (``'namo_repo'``, its former name, is accepted as an alias):
+  minxin-zhg/namo ``src/namo.py`` @ a3f37b0, after the eps fix
+  (``sqrt(v) + ε``), with its factor ``shape='moonlight'``
   (``k = √max(A, B)``) and ``scale_coeff=0.2``: an update RMS of about
   ``0.2α`` at any width, so its best rate falls with the width as AdamW's
   does. It runs at the repository's rates, 0.01 for both branches (on the
   embedded corpus at d_model 128, 0.08 was best in this mode and 0.01 ended
   0.5 nats above it). ``shape`` and ``scale_coeff`` default to the mode's.
 
-  Weight decay ``W ← W·(1 − λ·min(α, 1))`` takes the adaptive step
-  ``α``, a fraction of the learning rate that shrinks as the gradient
-  noise grows, so its best ``λ`` lies above Muon's 0.2: ``weight_decay``
-  defaults to 0.4 in the library mode ({decay}; embedded corpus,
-  d_model 128, two seeds) and to the repository's 0.1 in
+  Weight decay scales with the adaptive step, ``W ← W·(1 − λ·min(α, 1))``,
+  and ``α`` is a fraction of the learning rate that shrinks as the
+  gradient noise grows, so the best ``λ`` lies above Muon's 0.2:
+  ``weight_decay`` defaults to 0.4 in the library mode ({decay}; embedded
+  corpus, d_model 128, two seeds) and to the repository's 0.1 in
   ``'repo'``.
 
   The AdamW branch: β = (0.9, 0.95), ε = 1e-8 added to ``sqrt(v)``
-  *before* bias correction, weight decay 0.1 (``reference='repo'``:
-  ``weight_decay``, the repository's class default; its training script
-  passes 0: ``adam_weight_decay=0``), at
+  *before* bias correction, weight decay ``adam_weight_decay``, by default
+  0.1 (``reference='repo'``: ``weight_decay``, the repository's class
+  default; its training script passes 0: ``adam_weight_decay=0``), at
   ``adam_learning_rate``, by default ``{ratio}·learning_rate`` (3e-3 at the
   default {default}; ``reference='repo'``: ``learning_rate``). The
   repository runs it at the matrices' rate; in the repository's mode at
@@ -150,7 +151,8 @@ namo.__doc__ = ('NAMO: orthogonalized momentum with a scalar Adam-style '
                 'noise-adaptive step per matrix.' + _NAMO_DOC.format(
                     best='0.226 at d_model 128 and 0.16 at 256 (0.226 ends '
                     '0.44% higher there)', ratio='0.01326', default='0.226',
-                    decay='1.4600 against 1.5070 at 0.1, both at 0.16'))
+                    decay='1.4600 against 1.5070 at λ 0.1, both at learning '
+                    'rate 0.16'))
 
 
 @registry.register('namo_d', references=tuple(_NAMO_REFERENCES),
@@ -196,4 +198,5 @@ namo_d.__doc__ = ('NAMO-D: NAMO with one adaptive step per input feature '
                   'use 0.01–0.9).' + _NAMO_DOC.format(
                       best='0.22 at d_model 128 and at 256', ratio='0.01364',
                       default='0.22',
-                      decay='1.4814 against 1.5162 at 0.1, both at 0.11'))
+                      decay='1.4814 against 1.5162 at λ 0.1, both at '
+                      'learning rate 0.11'))

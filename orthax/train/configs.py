@@ -71,7 +71,8 @@ def optimizer(name: str, learning_rate: float | None = None,
   """The ``optimizer`` section for ``name`` (``'adamw'`` or a registered
   recipe); learning rates default to :func:`learning_rates` (for a recipe:
   its registry entry), weight decays to the recipe's own (``None``: NAMO's
-  0.1, ARO's 0.2, ...; the trainer's AdamW: 0)."""
+  0.4 with 0.1 on its AdamW branch, ARO's 0.2, ...; the trainer's AdamW:
+  0)."""
   lr, adam_lr = learning_rates(name)
   lr = lr if learning_rate is None else learning_rate
   if lr is None:
