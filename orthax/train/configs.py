@@ -159,8 +159,9 @@ def pretraining_config(optimizer_name: str, *, hardware: str, model: dict,
                        ) -> ml_collections.ConfigDict:
   """A GPT-2-tokenizer pretraining config on uint16 token files
   (``<data_dir>/train.bin``, ``val.bin``): bf16 activations, remat, linear
-  decay to zero. Recipes run at their default peak (0.02 for the matrices)
-  with ``adamw_learning_rate`` for their AdamW branch; ``'adamw'`` itself
+  decay to zero. Recipes run at their registered default peak
+  (:func:`learning_rates`) with ``adamw_learning_rate`` for their AdamW
+  branch; ``'adamw'`` itself
   runs at ``adamw_learning_rate`` with weight decay 0.1."""
   c = base_config(optimizer_name)
   c.hardware = hardware
