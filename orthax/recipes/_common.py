@@ -65,6 +65,22 @@ def mode_settings(defaults: dict[str, Any], **given: Any) -> tuple[Any, ...]:
   return tuple(defaults[k] if v is None else v for k, v in given.items())
 
 
+# A mode's ``adam_weight_decay`` that is the matrices' ``weight_decay``
+# (Moonlight's AdamW, dion's ARO, NAMO's repository).
+SHARED_DECAY = 'weight_decay'
+
+
+def adam_weight_decay(given: float | None, defaults: dict[str, Any],
+                      weight_decay: float) -> float:
+  """The AdamW branch's λ: ``given``, or where it is ``None`` the mode's
+  ``defaults['adam_weight_decay']``, a number or :data:`SHARED_DECAY` (the
+  matrices' resolved ``weight_decay``)."""
+  if given is not None:
+    return given
+  mode = defaults['adam_weight_decay']
+  return weight_decay if mode == SHARED_DECAY else mode
+
+
 def step_stages(learning_rate: optax.ScalarOrSchedule, weight_decay: Any,
                 **kwargs) -> list[tuple[str, optax.GradientTransformation]]:
   """The closing stages of a matrix chain: ``('scale_by_learning_rate',

@@ -18,9 +18,10 @@ from orthax.transforms import aro as aro_lib
 # and scale=None take it from here).
 _ARO_REFERENCES = {
     'orthax': dict(rotate='smaller', scale='muon', qr='auto',
-                   weight_decay=0.2, adam_shares_wd=False, nesterov=True),
+                   weight_decay=0.2, adam_weight_decay=0.0, nesterov=True),
     'dion': dict(rotate='fan_out', scale='rms_norm', qr='householder',
-                 weight_decay=0.01, adam_shares_wd=True, nesterov=False),
+                 weight_decay=0.01, adam_weight_decay=_common.SHARED_DECAY,
+                 nesterov=False),
 }
 
 
@@ -196,8 +197,8 @@ def aro(
                                   distributed=distributed)),
       *_common.step_stages(learning_rate, weight_decay),
   )
-  if adam_weight_decay is None:
-    adam_weight_decay = weight_decay if d['adam_shares_wd'] else 0.0
+  adam_weight_decay = _common.adam_weight_decay(adam_weight_decay, d,
+                                                weight_decay)
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate,

@@ -16,7 +16,7 @@ from orthax.recipes import registry
 _KELLER = dict(form='ema', nesterov=True, bias_correction=False,
                preset='jordan', scale='keller', weight_decay=0.0,
                adam_b2=0.95, adam_eps=1e-10,
-               adam_eps_placement='corrected', adam_shares_wd=False)
+               adam_eps_placement='corrected', adam_weight_decay=0.0)
 _MUON_REFERENCES = {
     # KellerJordan's arithmetic at the sweep's rates and decay.
     'orthax': dict(_KELLER, weight_decay=0.2),
@@ -24,11 +24,12 @@ _MUON_REFERENCES = {
     'moonlight': dict(form='sum', nesterov=True, bias_correction=False,
                       preset='jordan', scale='moonlight', weight_decay=0.1,
                       adam_b2=0.95, adam_eps=1e-8,
-                      adam_eps_placement='raw', adam_shares_wd=True),
+                      adam_eps_placement='raw',
+                      adam_weight_decay=_common.SHARED_DECAY),
     'optax': dict(form='ema', nesterov=True, bias_correction=True,
                   preset='jordan', scale='keller', weight_decay=0.0,
                   adam_b2=0.999, adam_eps=1e-8,
-                  adam_eps_placement='corrected', adam_shares_wd=False),
+                  adam_eps_placement='corrected', adam_weight_decay=0.0),
 }
 
 
@@ -189,8 +190,8 @@ def muon(
       *_common.step_stages(learning_rate, weight_decay,
                            cautious=cautious_weight_decay),
   )
-  if adam_weight_decay is None:
-    adam_weight_decay = weight_decay if d['adam_shares_wd'] else 0.0
+  adam_weight_decay = _common.adam_weight_decay(adam_weight_decay, d,
+                                                weight_decay)
   return _common.assemble_with_adamw(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate,

@@ -15,14 +15,14 @@ from orthax.recipes import registry
 
 # Per mode (ALGORITHMS.md §4): the step's shape factor c_s·k (the
 # repository's Moonlight factor, or Muon's spectral size), the matrices'
-# decay λ and the AdamW branch's (None: λ, the repository's class default).
+# decay λ and the AdamW branch's (the repository's class default: λ).
 # λ multiplies the adaptive step min(α, 1), which is a fraction of the
 # learning rate, so the library mode's sweep put it at 0.4.
 _NAMO_REFERENCES = {
     'orthax': dict(shape='keller', scale_coeff=2.0, weight_decay=0.4,
                    adam_weight_decay=0.1),
     'repo': dict(shape='moonlight', scale_coeff=0.2, weight_decay=0.1,
-                 adam_weight_decay=None),
+                 adam_weight_decay=_common.SHARED_DECAY),
 }
 
 
@@ -42,9 +42,8 @@ def _namo(name, mode, learning_rate, reference, beta, mu2, eps, weight_decay,
   d = _NAMO_REFERENCES[reference]
   shape, scale_coeff, weight_decay = _common.mode_settings(
       d, shape=shape, scale_coeff=scale_coeff, weight_decay=weight_decay)
-  if adam_weight_decay is None:
-    adam_weight_decay = (weight_decay if d['adam_weight_decay'] is None
-                         else d['adam_weight_decay'])
+  adam_weight_decay = _common.adam_weight_decay(adam_weight_decay, d,
+                                                weight_decay)
   router, specs = _common.route(router)
   matrix = optax.named_chain(('noise_adapt', T.noise_adapt(
       T.momentum(beta, form='ema', nesterov=nesterov,

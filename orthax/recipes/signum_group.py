@@ -86,7 +86,7 @@ def check_settings(reference, pattern, learning_rate, beta):
 
 
 def signum_step(beta: float, learning_rate: optax.ScalarOrSchedule,
-            mu_dtype: Any) -> optax.GradientTransformation:
+                mu_dtype: Any) -> optax.GradientTransformation:
   """LANTON's embedding and head step, ``-η_s·sign(B)``, ``B`` an EMA of the
   gradient at rate ``beta``."""
   return optax.named_chain(
