@@ -350,8 +350,8 @@ def test_trainer_default_section_steps_as_the_library_default(name):
   """The trainer's default ``optimizer`` section builds the recipe the
   library's ``orthax.<name>()`` is, weight decays and AdamW-branch rate
   included: before, the trainer ran every recipe at weight decay 0 (NAMO's
-  default was then 0.1) and ROOT's AdamW branch at 3e-3 (not the library's rate),
-  so the learning-rate sweep measured neither default."""
+  default was then 0.1) and ROOT's AdamW branch at 3e-3 (not the library's
+  rate), so the learning-rate sweep measured neither default."""
   # pylint: disable=g-import-not-at-top
   from orthax.train import configs
   from orthax.train import optim
