@@ -153,6 +153,18 @@ def flag(owner: str, name: str, value: Any, *,
     raise TypeError(f'{owner}: {name} must be True or False, got '
                     f'{_show(value)}.')
 
+
+def distributed(owner: str, name: str, value: Any, *,
+                optional: bool = True) -> None:
+  """``None`` or an :class:`orthax.sharding.Distributed` (a mistyped one
+  would otherwise fail at ``init`` on a missing attribute)."""
+  from orthax import sharding  # pylint: disable=g-import-not-at-top
+  if (optional and value is None) or isinstance(value, sharding.Distributed):
+    return
+  raise TypeError(f'{owner}: {name} must be an orthax.sharding.Distributed '
+                  f'or None, got {_show(value)}.')
+
+
 def float_dtype(owner: str, name: str, value: Any, *,
                 optional: bool = False) -> None:
   """A floating-point dtype (``jnp.bfloat16``, ``'float32'``, ...)."""
@@ -189,7 +201,8 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(('clamp_c', 'gamma', 'alpha', 'noise_power', 'scale_rms',
                      'rms', 'scale_coeff', 'clip_final_scale', 'final_scale'),
                     nonnegative),
-    **dict.fromkeys(('stable', 'remap', 'nesterov'), flag),
+    **dict.fromkeys(('stable', 'remap', 'nesterov', 'check_finite'), flag),
+    'distributed': distributed,
     **dict.fromkeys(('ns_dtype', 'mu_dtype', 'accumulator_dtype'),
                     float_dtype),
 }

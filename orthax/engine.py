@@ -32,6 +32,7 @@ the sharding executor; it knows nothing of optax or of recipes. Transforms
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -109,7 +110,7 @@ def _P():
 
 def _explicit_spec(x) -> Any:
   """``x``'s ``PartitionSpec`` when it is sharded over Explicit mesh axes
-  (under ``jax.set_mesh``), else ``None``."""
+  (with or without ``jax.set_mesh``), else ``None``."""
   if not isinstance(x, (jax.Array, jax.core.Tracer)):
     return None
   sh = getattr(jax.typeof(x), 'sharding', None)
@@ -133,8 +134,10 @@ def _map_arrays(spec_of, tree, like):
   for x, twin in zip(flat, twins):
     spec = None if x is None or twin is None else spec_of(twin)
     current = None if spec is None else _explicit_spec(x)
+    # A full sharding on x's own mesh: a bare spec needs ``jax.set_mesh``.
     out.append(x if current is None or current == spec
-               else jax.sharding.reshard(x, spec))
+               else jax.sharding.reshard(x, jax.sharding.NamedSharding(
+                   jax.typeof(x).sharding.mesh, spec)))
   return jax.tree.unflatten(treedef, out)
 
 
@@ -181,6 +184,34 @@ class SlotState:
   slots: dict[str, jax.Array]
   axes: tuple[str, ...] = dataclasses.field(default=(),
                                             metadata={'static': True})
+
+  def __post_init__(self):
+    _register_with_flax_serialization()
+
+
+_FLAX_SERIALIZATION_REGISTERED = False
+
+
+def _register_with_flax_serialization() -> None:
+  """Lets ``flax.serialization`` (msgpack: a linen ``TrainState``'s
+  ``to_bytes``) write a :class:`SlotState`, which it refuses unless the type
+  is registered with it. Done at the first ``SlotState`` made after Flax is
+  loaded (never importing it: the engine does not depend on Flax), which
+  every step makes anew: only a state from ``init`` run before Flax was
+  imported, written before any step, is refused. The ``slots`` are written,
+  ``axes`` come back from the target."""
+  global _FLAX_SERIALIZATION_REGISTERED
+  serialization = sys.modules.get('flax.serialization')
+  if _FLAX_SERIALIZATION_REGISTERED or serialization is None:
+    return
+  serialization.register_serialization_state(
+      SlotState,
+      lambda s: {'slots': serialization.to_state_dict(s.slots)},
+      lambda target, d: SlotState(
+          serialization.from_state_dict(target.slots, d['slots']),
+          target.axes),
+      override=True)  # a second registration (another thread) is harmless
+  _FLAX_SERIALIZATION_REGISTERED = True
 
 
 def _plan(leaves, specs, stages, distributed, paths, plan_kw):

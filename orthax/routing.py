@@ -185,7 +185,7 @@ class Router:
     self.warn_output_layers(tree)
     for path, message in self.attention_view_suspects(tree):
       del path
-      warnings.warn(message, MatrixViewWarning, stacklevel=2)
+      warnings.warn(message, MatrixViewWarning, stacklevel=1)
     return jax.tree.map(lambda r: r.label, self.routes(tree),
                         is_leaf=lambda r: isinstance(r, Route))
 
@@ -235,9 +235,12 @@ class Router:
     """Warns (:class:`OutputLayerWarning`) for each
     :meth:`output_layer_suspects` leaf, with the rule that routes it to
     AdamW and the one that keeps it a matrix (which also silences this)."""
+    # One location for every call (here, not optax.partition's init or
+    # update line): Python's default filter then shows each message once
+    # (as for MatrixViewWarning in labels).
     for path, reason in self.output_layer_suspects(tree):
       warnings.warn(output_layer_message(path, reason), OutputLayerWarning,
-                    stacklevel=3)
+                    stacklevel=1)
 
   def attention_view_suspects(self, tree: Any) -> list[tuple[str, str]]:
     """``(path, message)`` of each 3-D ``query``/``key``/``value`` or

@@ -6,6 +6,7 @@ error message raised."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -36,9 +37,10 @@ def spectra_explicit():
     return R.run('spectra', mesh, AxisType.Explicit, jnp.float32)
 
 
-def explicit_plain(recipe):
+def explicit_plain(recipe, set_mesh=True):
   """No ``distributed=`` on an Explicit fsdp=8 mesh: whole matrices on every
-  device; equals one device, and updates and states keep their shardings."""
+  device; equals one device, and updates and states keep their shardings.
+  ``set_mesh=False``: the arrays carry the mesh, no ``jax.set_mesh``."""
   mesh = _mesh((8,), ('fsdp',), AxisType.Explicit)
   pspecs = R.specs(mesh.axis_names)
   params, grads = R.tree(0), [R.tree(1), R.tree(2)]
@@ -51,7 +53,7 @@ def explicit_plain(recipe):
     ref.append(u)
   tx = orthax.recipe(recipe, learning_rate=0.02)
   err, kept = 0.0, True
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext():
     p = _put(params, mesh, pspecs)
     st = tx.init(p)
     step = jax.jit(tx.update)
@@ -132,6 +134,9 @@ def main():
     cases[f'zero_size/{recipe}'] = lambda r=recipe: zero_size(r)
   for recipe in ('muon', 'normuon', 'namo_d', 'root'):
     cases[f'explicit_plain/{recipe}'] = lambda r=recipe: explicit_plain(r)
+  for recipe in ('muon', 'aro'):
+    cases[f'explicit_no_set_mesh/{recipe}'] = (
+        lambda r=recipe: explicit_plain(r, set_mesh=False))
   out = {}
   for name, fn in cases.items():
     out[name] = fake_devices.guarded(fn)

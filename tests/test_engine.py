@@ -198,6 +198,17 @@ def test_recipe_without_distributed_on_explicit_mesh(mesh_cases, recipe):
   assert r['sharding_kept']
 
 
+@pytest.mark.parametrize('recipe', ['muon', 'aro'])
+def test_explicit_mesh_without_set_mesh(mesh_cases, recipe):
+  """The same with the mesh known only from the arrays' shardings (no
+  ``jax.set_mesh``, as after ``jax.device_put`` onto a ``jax.make_mesh``
+  mesh): it raised "Using PartitionSpec when you are not under a mesh
+  context is not allowed" before."""
+  r = mesh_cases[f'explicit_no_set_mesh/{recipe}']
+  assert r['rel_err'] < 1e-5, r
+  assert r['sharding_kept']
+
+
 @pytest.mark.parametrize('mode', ['auto_jit', 'eager', 'explicit', 'devices'])
 def test_distributed_for_another_mesh_raises(mesh_cases, mode):
   msg = mesh_cases[f'other_mesh/{mode}']['raised']

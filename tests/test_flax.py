@@ -144,6 +144,22 @@ def test_nnx_describe(nnx_params, capsys):
       assert ' x '.join(map(str, view)) in rows[path], rows[path]
 
 
+def test_describe_an_nnx_module_lists_its_params_only():
+  """Its BatchNorm statistics were listed as AdamW-trained; nnx.Optimizer
+  steps the ``nnx.Param`` state only."""
+
+  class Net(nnx.Module):
+
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(8, 16, rngs=rngs)
+      self.bn = nnx.BatchNorm(16, rngs=rngs)
+
+  model = Net(nnx.Rngs(0))
+  table = orthax.describe(model)
+  paths = {line.split()[0] for line in table.splitlines()[2:]}
+  assert paths == {'lin/kernel', 'lin/bias', 'bn/scale', 'bn/bias'}, table
+
+
 def train_nnx(model, optimizer, steps):
   """Runs ``steps`` jitted next-token steps; returns (losses, times traced)."""
   traces = []
@@ -249,3 +265,27 @@ def test_linen_train_state_step():
   for path in before:  # every parameter, in both branches, moved
     assert not np.allclose(np.asarray(after[path]), np.asarray(before[path])), (
         path)
+
+
+@pytest.mark.parametrize('name', orthax.recipe_names())
+def test_state_round_trips_through_flax_msgpack(name):
+  """``flax.serialization.to_bytes`` (a linen ``TrainState``'s checkpoint
+  format) writes every recipe's state, and the state read back steps as the
+  original does. It refused optax.named_chain's ``OrderedDict`` before."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  params = {'w': jnp.asarray(rng.standard_normal((8, 16)), jnp.float32),
+            'b': jnp.zeros(16)}
+  grads = [jax.tree.map(lambda p, s=s: jnp.asarray(
+      np.random.default_rng(s).standard_normal(p.shape), p.dtype), params)
+           for s in (1, 2)]
+  tx = orthax.recipe(name)
+  _, state = tx.update(grads[0], tx.init(params), params)
+  restored = serialization.from_bytes(tx.init(params),
+                                      serialization.to_bytes(state))
+  assert (jax.tree.structure(restored) == jax.tree.structure(state))
+  want, _ = tx.update(grads[1], state, params)
+  got, _ = tx.update(grads[1], restored, params)
+  for path, x in _by_path(want).items():
+    np.testing.assert_array_equal(np.asarray(_by_path(got)[path]),
+                                  np.asarray(x), err_msg=path)

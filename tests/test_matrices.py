@@ -174,6 +174,8 @@ def test_weight_decay_rate_scale_per_matrix():
                                   rate_scale='keller')
   with pytest.raises(ValueError, match='decoupled_weight_decay: rate_scale must be one of'):
     orthax.decoupled_weight_decay(0.1, rate_scale='wide')
+  with pytest.raises(ValueError, match='scale_by_shape: mode must be one of'):
+    orthax.scale_by_shape('wide')
 
 
 def test_weight_decay_independent_of_lr():

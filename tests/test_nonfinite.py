@@ -132,3 +132,23 @@ def test_docstring_example_runs():
   from orthax.transforms import check_finite as module  # pylint: disable=g-import-not-at-top
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert result.attempted >= 5 and result.failed == 0, result
+
+
+def test_multisteps_drops_a_nan_micro_batch_with_skip_not_finite():
+  """The recipe sees MultiSteps' sum, which one NaN micro-batch makes NaN
+  for good (every later window skipped); ``optax.skip_not_finite`` keeps
+  it out of the sum (docs/failures.md)."""
+  params = {'w': jnp.ones((8, 16)) + jnp.arange(16.)}
+  ones, nan = {'w': jnp.ones((8, 16))}, {'w': jnp.full((8, 16), jnp.nan)}
+  windows = []
+  for skip in (None, optax.skip_not_finite):
+    tx = optax.MultiSteps(orthax.muon(), every_k_schedule=2,
+                          should_skip_update_fn=skip)
+    state = tx.init(params)
+    steps = []
+    for g in [nan, ones, ones, ones, ones]:
+      u, state = tx.update(g, state, params)
+      steps.append(float(jnp.abs(u['w']).max()))
+    windows.append(steps)
+  assert all(np.isfinite(windows[0])) and max(windows[0]) == 0, windows[0]
+  assert windows[1][2] > 0 and windows[1][4] > 0, windows[1]

@@ -138,12 +138,34 @@ def test_max_side_holds_for_router_subclasses():
                                       'mlp': {'kernel': 'matrix'}}
 
 
-def test_frozen_leaves_get_zero_updates():
-  params = {'a': {'kernel': jnp.ones((4, 8))}, 'emb': {'embedding': jnp.ones((5, 4))}}
-  tx = orthax.muon(0.1, router=Router(extra_rules=[Rule('emb', 'frozen')]))
-  u, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+@pytest.mark.parametrize('name', orthax.recipe_names())
+def test_frozen_leaves_get_zero_updates(name):
+  """Every recipe, SPECTRA included (no AdamW branch: it stepped frozen
+  leaves before)."""
+  rng = np.random.default_rng(0)
+  params = {'a': {'kernel': jnp.asarray(rng.standard_normal((4, 8)))},
+            'emb': {'embedding': jnp.ones((5, 4))}}
+  grads = jax.tree.map(lambda x: jnp.asarray(
+      rng.standard_normal(x.shape), x.dtype), params)
+  tx = orthax.recipe(name, router=Router(extra_rules=[Rule('emb', 'frozen')]))
+  u, _ = tx.update(grads, tx.init(params), params)
   assert np.all(np.asarray(u['emb']['embedding']) == 0)
   assert np.any(np.asarray(u['a']['kernel']) != 0)
+  assert orthax.recipes.recipe_routing(tx).learning_rates['frozen'] == 0
+
+
+def test_spectra_frozen_leaf_leaves_the_others_alone():
+  params = {'a': {'kernel': jnp.arange(32.).reshape(4, 8) / 32},
+            'emb': {'embedding': jnp.ones((5, 4))}}
+  grads = jax.tree.map(lambda x: jnp.cos(x + 1.0), params)
+  rules = [Rule('emb', 'frozen')]
+  tx, plain = (orthax.spectra(router=Router(extra_rules=r))
+               for r in (rules, []))
+  u, _ = tx.update(grads, tx.init(params), params)
+  v, _ = plain.update(grads, plain.init(params), params)
+  np.testing.assert_array_equal(np.asarray(u['a']['kernel']),
+                                np.asarray(v['a']['kernel']))
+  assert np.any(np.asarray(v['emb']['embedding']) != 0)
 
 
 def test_trailing_value_is_stripped():
@@ -296,3 +318,24 @@ def test_stacked_gpt_kernels_are_not_warned_about():
     tree = {'blocks': {'attn': {n: {'kernel': z((layers, 32, 32))}
                                 for n in ('query', 'key', 'value', 'out')}}}
     assert Router().attention_view_suspects(tree) == []
+
+
+def test_routing_warnings_are_shown_once_per_message():
+  """``optax.partition`` labels the tree at ``init`` and again at each
+  ``update``; under Python's default filter each warning showed at both."""
+  params = dict(_flax_attention_params('linen', 32)['params'],
+                embed={'embedding': jnp.zeros((10, 32))},
+                decoder={'kernel': jnp.zeros((32, 10))})  # fan-out: vocab
+  grads = jax.tree.map(jnp.ones_like, params)
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter('default')
+    tx = orthax.muon()
+    state = tx.init(params)
+    for _ in range(2):
+      _, state = tx.update(grads, state, params)
+  messages = [str(w.message) for w in record
+              if issubclass(w.category, (orthax.OutputLayerWarning,
+                                         orthax.MatrixViewWarning))]
+  assert len(messages) == len(set(messages)), messages
+  kinds = {w.category for w in record}
+  assert {orthax.OutputLayerWarning, orthax.MatrixViewWarning} <= kinds, kinds

@@ -224,3 +224,30 @@ def test_metrics_without_checkpoint_are_not_overwritten(runs, tmp_path):
                      r'\(up to step 8\) but no checkpoint'):
     trainer.train(config(), str(work), progress=False)
   assert len(metrics.read_jsonl(str(work / 'metrics.jsonl'))) == 8
+
+
+def test_a_state_saved_with_optax_named_chain_restores(tmp_path):
+  """Checkpoints written before the recipes chained their stages with
+  ``orthax.transforms.named_chain`` hold an ``OrderedDict`` where the state
+  now has a ``dict``: orbax matches the stages by name, so they restore."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orthax  # pylint: disable=g-import-not-at-top
+  params = {'w': jnp.arange(128.).reshape(8, 16) / 128, 'b': jnp.zeros(16)}
+  tx = orthax.muon()
+  _, state = tx.update(jax.tree.map(jnp.cos, params), tx.init(params), params)
+  chain = lambda x: isinstance(x, dict) and 'orthogonalize' in x
+  old = jax.tree.map(
+      lambda x: collections.OrderedDict(x) if chain(x) else x, state,
+      is_leaf=chain)
+  assert jax.tree.structure(old) != jax.tree.structure(state)
+  saver = ocp.StandardCheckpointer()
+  saver.save(tmp_path / 'old', old)
+  saver.wait_until_finished()
+  restored = saver.restore(
+      tmp_path / 'old', jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

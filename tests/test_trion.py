@@ -226,3 +226,20 @@ def test_slot_state_stays_with_its_owner(mesh_cases, mesh):
   assert r['state_sharded_over_all_axes'] and r['state_specs_owner'], r
   assert 0.7 * r['plan_flops'] <= r['flops'] <= 2 * r['plan_flops'], r
   assert r['flops'] < r['muon_flops'], r
+
+
+@pytest.mark.parametrize('name', ['dct_adamw', 'trion'])
+def test_an_int_rank_above_the_smaller_side_is_full_rank(name):
+  """One ``rank`` for a tree of mixed sizes: 100 on a 16×32 matrix is 16."""
+  rng = np.random.default_rng(0)
+  params = {'w': jnp.asarray(rng.standard_normal((16, 32)), jnp.float32)}
+  grads = [{'w': jnp.asarray(rng.standard_normal((16, 32)), jnp.float32)}
+           for _ in range(2)]
+  out = []
+  for rank in (100, 16):
+    tx = orthax.recipe(name, rank=rank)
+    state = tx.init(params)
+    for g in grads:
+      u, state = tx.update(g, state, params)
+    out.append(np.asarray(u['w']))
+  np.testing.assert_array_equal(out[0], out[1])

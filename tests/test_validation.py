@@ -160,26 +160,15 @@ def test_bad_value_raises_naming_owner_and_argument(owner, fn, required, arg,
     assert msg.startswith(f'{owner}: {arg} '), (value, msg)
 
 
-# Recipes whose learning_rate default is None: the rate of the mode chosen
-# (each reference mode its reference's; DCT-AdamW also by its step scale,
-# 1.5 per unit of the matrix side, 0.0085 unscaled).
-MODE_DEPENDENT_DEFAULT_RATE = ('aro', 'auon', 'dct_adamw', 'hybrid_auon',
-                               'lanton', 'muon', 'namo', 'namo_d', 'normuon',
-                               'root', 'spectra', 'trion')
-
-
 @pytest.mark.parametrize('name', orthax.recipe_names())
 def test_recipe_learning_rate_none_and_string(name):
+  """``None`` is every recipe's default rate (its mode's: each reference
+  mode its reference's; DCT-AdamW's also by its step scale); FISMO raised a
+  TypeError for it before."""
   fn = orthax.recipe_factory(name)
-  if name in MODE_DEPENDENT_DEFAULT_RATE:  # None: its mode's default rate
-    rates = orthax.recipes.recipe_routing(fn(learning_rate=None))
-    assert rates.learning_rates['matrix'] == (
-        orthax.recipes.recipe_entry(name).learning_rate)
-  else:
-    with pytest.raises(TypeError, match=f'^{name}: learning_rate must be a '
-                       r'number, an array or a schedule \(callable\), got '
-                       'None'):
-      fn(learning_rate=None)
+  rates = orthax.recipes.recipe_routing(fn(learning_rate=None))
+  assert rates.learning_rates['matrix'] == (
+      orthax.recipes.recipe_entry(name).learning_rate)
   with pytest.raises(TypeError, match=f'^{name}: learning_rate .*got .0.02.'):
     fn(learning_rate='0.02')
   with pytest.raises(ValueError, match=f'^{name}: learning_rate must be '
@@ -252,6 +241,28 @@ def test_switches_must_be_bools(make, arg):
       make(**{arg: bad})
   make(**{arg: False})
   make(**{arg: np.bool_(True)})
+
+
+@pytest.mark.parametrize('name', orthax.recipe_names())
+def test_check_finite_must_be_a_bool(name):
+  """``check_finite='False'`` (truthy) turned the check on without a word."""
+  for bad in ('False', 0, None):
+    with pytest.raises(TypeError, match=f'^{name}: check_finite must be '
+                       'True or False'):
+      orthax.recipe(name, check_finite=bad)
+  orthax.recipe(name, check_finite=np.bool_(False))
+
+
+@pytest.mark.parametrize('owner,fn,required', [
+    o for o in OWNERS if 'distributed' in inspect.signature(o[1]).parameters],
+    ids=lambda o: o if isinstance(o, str) else '')
+def test_distributed_must_be_a_distributed(owner, fn, required):
+  """A mistyped ``distributed=`` was accepted by every recipe but AuON's and
+  failed at ``init`` on a missing ``param_specs`` attribute."""
+  for bad in ('x', {'fsdp': 8}):
+    with pytest.raises(TypeError, match=f'^{owner}: distributed must be an '
+                       'orthax.sharding.Distributed or None, got'):
+      fn(**required(), distributed=bad)
 
 
 @pytest.mark.parametrize('owner,fn', [

@@ -12,11 +12,14 @@ chain and its AdamW hyperparameters; :func:`route` and
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from orthax import _validate
 from orthax import routing
 from orthax.recipes import registry
 from orthax import transforms as T
@@ -188,7 +191,9 @@ def describe(params: Any, router: routing.Router | None = None, *,
   layers (:meth:`orthax.Router.output_layer_suspects`).
 
   Args:
-    params: the parameter tree (arrays or ``jax.ShapeDtypeStruct``).
+    params: the parameter tree (arrays or ``jax.ShapeDtypeStruct``), or a
+      Flax NNX module: its ``nnx.Param`` state, what ``nnx.Optimizer(model,
+      tx, wrt=nnx.Param)`` steps (not its batch statistics).
     router: the :class:`orthax.Router` (default: ``optimizer``'s, else
       ``orthax.Router()``).
     optimizer: a recipe (``orthax.muon(...)``, ...): adds each leaf's
@@ -211,6 +216,9 @@ def describe(params: Any, router: routing.Router | None = None, *,
     head   (8, 50)  adam               0.003    0
     w      (8, 8)   matrix  1 x 8 x 8  0.05656  0.2
   """
+  nnx = sys.modules.get('flax.nnx')  # loaded if params can be a module
+  if nnx is not None and isinstance(params, nnx.Module):
+    params = nnx.state(params, nnx.Param)
   lrs = wds = None
   if optimizer is not None:
     info = recipe_routing(optimizer)
@@ -262,6 +270,27 @@ def with_check_finite(tx: optax.GradientTransformation, check_finite: bool
   return T.skip_if_nonfinite(tx)
 
 
+def with_frozen_zeroed(tx: optax.GradientTransformation, router: RouterLike
+                       ) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose step is zero on every leaf ``router`` labels
+  ``'frozen'``, with ``tx``'s state: for a recipe without branches
+  (SPECTRA), where no ``optax.partition`` sends those leaves to
+  ``optax.set_to_zero()``."""
+  def labels(tree):
+    if not isinstance(router, routing.Router):
+      return router(tree)
+    return jax.tree.map(lambda r: r.label, router.routes(tree),
+                        is_leaf=lambda r: isinstance(r, routing.Route))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    updates, state = tx.update(updates, state, params, **extra_args)
+    return jax.tree.map(
+        lambda u, label: jnp.zeros_like(u) if label == 'frozen' else u,
+        updates, labels(updates)), state
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
 def with_shape_check(tx: optax.GradientTransformation
                      ) -> optax.GradientTransformationExtraArgs:
   """``tx`` whose ``update`` first checks the gradient against the
@@ -295,6 +324,7 @@ def assemble(
   (and any extra ``branches``, keyed by the labels ``router`` gives); the
   gradient's shapes are checked against the parameters' first
   (:func:`with_shape_check`), then its finiteness (``check_finite``)."""
+  _validate.flag('assemble', 'check_finite', check_finite)
   labels = router.labels if isinstance(router, routing.Router) else router
   tx = optax.partition(
       {'matrix': matrix_chain, 'adam': adam, 'frozen': optax.set_to_zero(),

@@ -154,7 +154,7 @@ def normuon(
           matrix_specs=specs),
   ]
   return _common.assemble_with_adamw(
-      optax.named_chain(*stages), router, check_finite, learning_rate=lr,
+      T.named_chain(*stages), router, check_finite, learning_rate=lr,
       adam_learning_rate=adam_learning_rate,
       rms_matched=reference == 'paper', matrix_weight_decay=weight_decay,
       recipe='normuon',
@@ -289,13 +289,13 @@ def lanton(
   signum_group.check_settings(reference, signum_pattern,
                               signum_learning_rate, signum_beta)
   router, specs = _common.route(router)
-  direction = optax.named_chain(
+  direction = T.named_chain(
       ('orthogonalize', T.orthogonalize(preset, steps=ns_steps,
                                         ns_dtype=ns_dtype, method=ns_method,
                                         matrix_specs=specs,
                                         distributed=distributed,
                                         then=[MS.ScaleByShape('spectral')])))
-  matrix = optax.named_chain(('layerwise_noise_adapt', T.layerwise_noise_adapt(
+  matrix = T.named_chain(('layerwise_noise_adapt', T.layerwise_noise_adapt(
       T.momentum(beta, form='ema', nesterov=nesterov,
                  accumulator_dtype=mu_dtype),
       direction, learning_rate=learning_rate, beta2=beta2, eps=eps,

@@ -188,7 +188,7 @@ def aro(
                  rotate=(rotate, _rotate.ROTATE_SIDES),
                  scale=(scale, aro_lib.SCALES))
   router, specs = _common.route(router)
-  matrix = optax.named_chain(
+  matrix = T.named_chain(
       ('momentum', T.momentum(beta, form='ema', nesterov=nesterov,
                               accumulator_dtype=mu_dtype)),
       ('aro_rotate', T.aro_rotate(base=base, qr=qr, rotate=rotate,

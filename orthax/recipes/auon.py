@@ -13,7 +13,6 @@ import optax
 from orthax import _validate
 from orthax import matrix_stages as MS
 from orthax import routing
-from orthax import sharding
 from orthax import transforms as T
 from orthax.recipes import _common
 from orthax.recipes import registry
@@ -52,17 +51,6 @@ _HYBRID_REFERENCES = {**_AUON_REFERENCES,
                       'orthax': dict(_AUON_REPO, weight_decay=0.2)}
 
 
-def _no_matrix_function(distributed):
-  """AuON has no matrix function to distribute: every stage is elementwise
-  or a per-matrix norm, exact on parameter-sharded arrays under GSPMD. The
-  argument is accepted (and checked) so configs can switch recipes."""
-  if distributed is not None and not isinstance(distributed,
-                                                sharding.Distributed):
-    raise ValueError('auon: distributed must be an orthax.sharding.'
-                     f'Distributed or None, got {type(distributed).__name__}.')
-  return None
-
-
 def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
           mu_dtype, weight_decay, adam_learning_rate, adam_b1, adam_b2,
           adam_eps, router, check_finite, distributed):
@@ -93,7 +81,7 @@ def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
     ]
   stages += _common.step_stages(learning_rate, weight_decay)
   return _common.assemble_with_adamw(
-      optax.named_chain(*stages), router, check_finite,
+      T.named_chain(*stages), router, check_finite,
       learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
       rms_matched=False, matrix_weight_decay=weight_decay,
       recipe=name, reference=reference,
@@ -151,9 +139,12 @@ def auon(
   References: D. Maity, arXiv 2509.24320; github.com/ryyzn9/AuON.
   """
   _validate.arguments('auon', auon, locals())
+  # No matrix function to distribute: every stage is elementwise or a
+  # per-matrix norm, exact on parameter-sharded arrays under GSPMD.
+  # ``distributed`` is accepted (and checked) so configs can switch recipes.
   return _auon(False, learning_rate, reference, beta, gamma, None, None,
                mu_dtype, weight_decay, adam_learning_rate, adam_b1, adam_b2,
-               adam_eps, router, check_finite, _no_matrix_function(distributed))
+               adam_eps, router, check_finite, None)
 
 
 @registry.register('hybrid_auon', references=tuple(_HYBRID_REFERENCES),

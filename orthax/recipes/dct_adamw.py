@@ -14,6 +14,7 @@ from orthax import routing
 from orthax.recipes import _common
 from orthax.recipes import registry
 from orthax.transforms import dct_adam
+from orthax.transforms.chain import named_chain
 
 # What each reference fixes (``scale=None`` takes it from here).
 _DCT_ADAMW_REFERENCES = {
@@ -139,7 +140,9 @@ def dct_adamw(
     scale: ``c`` above: ``'inverse_side'`` or ``'none'`` (default: the
       reference's).
     rank: ``r``: an ``int``, or a ``float`` in ``(0, 1]``, a fraction of the
-      smaller side (rounded up); default ``0.25``. With
+      smaller side (rounded up); default ``0.25``. An ``int`` above a
+      matrix's smaller side is that side there (full rank), so one ``rank``
+      serves a tree of mixed sizes. With
       ``optax.inject_hyperparams`` pass ``rank``, ``update_every``,
       ``ell_norm`` and ``max_shape`` in ``static_args`` (they fix shapes).
     update_every: ``g``, steps between re-selections (default 1).
@@ -187,7 +190,7 @@ def dct_adamw(
   if learning_rate is None:
     learning_rate = DEFAULT_LEARNING_RATES[scale]
   router, specs = _common.route(router)
-  matrix = optax.named_chain(
+  matrix = named_chain(
       ('dct_adam', dct_adam.scale_by_dct_adam(
           rank, update_every=update_every, b1=b1, b2=b2, eps=eps,
           ell_norm=ell_norm, remap=d['remap'], scale=scale,

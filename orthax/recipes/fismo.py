@@ -11,11 +11,12 @@ from orthax import routing
 from orthax.recipes import _common
 from orthax.recipes import registry
 from orthax.transforms import fisher
+from orthax.transforms.chain import named_chain
 
 
-@registry.register('fismo', adam_learning_rate=3e-3)
+@registry.register('fismo', learning_rate=0.056, adam_learning_rate=3e-3)
 def fismo(
-    learning_rate: optax.ScalarOrSchedule = 0.056,
+    learning_rate: optax.ScalarOrSchedule = None,
     *,
     beta: float = 0.95,
     nesterov: bool = True,
@@ -112,7 +113,9 @@ def fismo(
   kept per matrix on the device that steps it.
 
   Args:
-    learning_rate: η of the matrix branch (number or schedule).
+    learning_rate: η of the matrix branch (number or schedule; default
+      ``None``: the registered 0.056, as every recipe's ``None`` is its
+      default rate).
     beta: momentum β (EMA in whitened coordinates).
     nesterov: orthogonalize the look-ahead ``βM + (1-β)G̃`` (default) instead
       of ``M`` (``False``: the paper's Algorithm 1 as summarised).
@@ -152,9 +155,11 @@ def fismo(
   Momentum-Orthogonalized Optimizer*, arXiv 2601.21750 (ICML 2026).
   """
   _validate.arguments('fismo', fismo, locals(), **fisher.OVERRIDES)
+  if learning_rate is None:
+    learning_rate = registry.recipe_entry('fismo').learning_rate
   fisher.check_precondition_every('fismo', precondition_every)
   router, specs = _common.route(router)
-  matrix = optax.named_chain(
+  matrix = named_chain(
       ('fismo', fisher.scale_by_fismo(
           beta, gamma, damping, eig_floor=eig_floor, nesterov=nesterov,
           precondition_every=precondition_every, preset=preset,

@@ -177,7 +177,7 @@ def muon(
   if ns_eps is None and reference == 'optax':
     ns_eps = 1e-8  # optax shares one eps; the other references use the preset's
 
-  matrix = optax.named_chain(
+  matrix = T.named_chain(
       ('momentum', T.momentum(beta, form=d['form'], nesterov=nesterov,
                               bias_correction=d['bias_correction'],
                               accumulator_dtype=mu_dtype)),

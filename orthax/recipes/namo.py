@@ -45,7 +45,7 @@ def _namo(name, mode, learning_rate, reference, beta, mu2, eps, weight_decay,
   adam_weight_decay = _common.adam_weight_decay(adam_weight_decay, d,
                                                 weight_decay)
   router, specs = _common.route(router)
-  matrix = optax.named_chain(('noise_adapt', T.noise_adapt(
+  matrix = T.named_chain(('noise_adapt', T.noise_adapt(
       T.momentum(beta, form='ema', nesterov=nesterov,
                  accumulator_dtype=mu_dtype),
       T.orthogonalize(preset, steps=ns_steps, ns_dtype=ns_dtype,

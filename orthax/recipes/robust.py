@@ -88,8 +88,8 @@ def spectra(
   :data:`SPECTRA_RULES`, which make embedding tables and the LM head
   matrices); every non-matrix leaf is *one* vector (a stacked ``(L, d)``
   bias is one vector of ``L·d`` entries, where PyTorch would have ``L``).
-  ``'frozen'`` labels are not honoured: the base step updates every leaf
-  (wrap the recipe in ``optax.partition`` to freeze some).
+  A leaf labelled ``'frozen'`` gets a zero step (the base step's moments
+  still run on it: wrap the recipe in ``optax.partition`` to spare them).
 
   ==========  ===  =====  ===========  ===============  ========  =======================
   reference   c    steps  step rule    λ_max bound      base      source
@@ -172,14 +172,15 @@ def spectra(
   # In float32 for float16/bfloat16 parameters: the base step reaches the
   # clip unrounded (the clip recovers its direction as -Δ/η - λW).
   tx = precision.in_float32(
-      optax.named_chain(('base', base), ('spectral_clip', clip)))
+      T.named_chain(('base', base), ('spectral_clip', clip)))
   # No AdamW branch and no partition: the chain itself follows the check.
   # Every leaf takes the base AdamW step at `learning_rate`; the matrices'
-  # are then clipped.
+  # are then clipped, and the frozen leaves' steps zeroed.
   return _common.with_routing(
-      _common.with_shape_check(_common.with_check_finite(tx, check_finite)),
-      router, {'matrix': learning_rate, 'adam': learning_rate},
-      {'matrix': weight_decay, 'adam': weight_decay})
+      _common.with_shape_check(_common.with_check_finite(
+          _common.with_frozen_zeroed(tx, router), check_finite)),
+      router, {'matrix': learning_rate, 'adam': learning_rate, 'frozen': 0.0},
+      {'matrix': weight_decay, 'adam': weight_decay, 'frozen': 0.0})
 
 
 # What each reference fixes (None takes it from here): Muon's shape scale
@@ -263,7 +264,7 @@ def root(
                                               scale=scale)
   MS.check_scale_mode(scale, 'root: scale')
   router, specs = _common.route(router)
-  matrix = optax.named_chain(
+  matrix = T.named_chain(
       ('momentum', T.momentum(beta, form='sum', nesterov=nesterov,
                               accumulator_dtype=mu_dtype)),
       ('clip_outliers', T.clip_outliers(quantile, eps=quantile_eps,

@@ -89,7 +89,7 @@ def signum_step(beta: float, learning_rate: optax.ScalarOrSchedule,
                 mu_dtype: Any) -> optax.GradientTransformation:
   """LANTON's embedding and head step, ``-η_s·sign(B)``, ``B`` an EMA of the
   gradient at rate ``beta``."""
-  return optax.named_chain(
+  return T.named_chain(
       ('signum_momentum', T.momentum(beta, form='ema', nesterov=False,
                                      accumulator_dtype=mu_dtype)),
       ('sign', optax.scale_by_sign()),

@@ -14,6 +14,7 @@ from orthax.recipes import _common
 from orthax.recipes import registry
 from orthax.transforms import dct_adam
 from orthax.transforms import trion as trion_lib
+from orthax.transforms.chain import named_chain
 
 # 'ista': the reference's arithmetic, rates and weight decay (IST-DASLab/
 # ISTA-DASLab-Optimizers @4c98e6e fft_low_rank/trion.py); 'orthax': its
@@ -92,8 +93,9 @@ def trion(
       within 0.4% of d_model 128's, README) and 0.02 for ``'ista'``.
     reference: ``'orthax'`` (default) or ``'ista'``.
     rank: ``r``: an ``int``, or a ``float`` in ``(0, 1]``, a fraction of the
-      smaller side (rounded up); default ``0.25`` (pass it in
-      ``static_args`` of ``optax.inject_hyperparams``).
+      smaller side (rounded up); default ``0.25``. An ``int`` above a
+      matrix's smaller side is that side there (full rank). Pass it in
+      ``static_args`` of ``optax.inject_hyperparams``.
     beta: μ, the momentum (error-feedback) coefficient.
     scaling: ``'kj'``, ``'none'``, ``'kimi'`` or ``'dion'``.
     ns_dtype: dtype of the Newton–Schulz iteration.
@@ -140,7 +142,7 @@ def trion(
     raise ValueError(f'trion: scaling must be one of '
                      f'{tuple(MS.TRION_SCALINGS)}, got {scaling!r}.')
   router, specs = _common.route(router)
-  matrix = optax.named_chain(
+  matrix = named_chain(
       ('trion', trion_lib.scale_by_trion(
           rank, beta=beta, scaling=scaling, ns_dtype=ns_dtype,
           nesterov=nesterov,

@@ -19,6 +19,7 @@ from orthax.transforms.adam import adamw
 from orthax.transforms.adam import scale_by_adam_raw_eps
 from orthax.transforms.aro import aro_rotate
 from orthax.transforms.aro import scale_by_aro
+from orthax.transforms.chain import named_chain
 from orthax.transforms.check_finite import NonFiniteGradientError
 from orthax.transforms.check_finite import SkipIfNonfiniteState
 from orthax.transforms.check_finite import nonfinite_leaves
@@ -61,7 +62,8 @@ __all__ = [
     'nonfinite_leaves', 'nonfinite_status', 'raise_if_nonfinite',
     'skip_if_nonfinite',
     'aro_rotate', 'scale_by_aro',
-    'adamw', 'check_shapes', 'decoupled_weight_decay', 'momentum', 'orthogonalize',
+    'adamw', 'check_shapes', 'decoupled_weight_decay', 'momentum',
+    'named_chain', 'orthogonalize',
     'scale_by_adam_raw_eps', 'scale_by_shape', 'shape_factor',
     'LayerwiseNoiseState', 'NeuronNormalizeState', 'NoiseAdaptState',
     'layerwise_noise_adapt', 'neuron_normalize', 'noise_adapt', 'scale_to_rms',

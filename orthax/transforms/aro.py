@@ -13,6 +13,7 @@ from orthax import _validate
 from orthax import matrix_stages as ms
 from orthax import sharding
 from orthax.transforms import matrix_stage
+from orthax.transforms.chain import named_chain
 from orthax.transforms.momentum import momentum as ema_momentum
 
 SCALES = ('rms_norm', 'update_rms', 'spectral_norm', 'muon', 'none')
@@ -141,7 +142,7 @@ def scale_by_aro(
   References: Gong et al., arXiv 2602.09006; microsoft/dion ``dev/aro``.
   """
   _validate.arguments('scale_by_aro', scale_by_aro, locals())
-  return optax.named_chain(
+  return named_chain(
       ('momentum', ema_momentum(beta, form='ema', nesterov=False)),
       ('aro_rotate', aro_rotate(base=base, qr=qr, rotate=rotate,
                                 scale=scale, scale_rms=scale_rms,

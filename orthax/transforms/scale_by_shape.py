@@ -48,5 +48,6 @@ def scale_by_shape(
     matrix_specs: as in :func:`orthax.orthogonalize`.
   """
   _validate.arguments('scale_by_shape', scale_by_shape, locals())
+  matrix_stages.check_scale_mode(mode, 'scale_by_shape: mode')
   return stage_transform(matrix_stages.ScaleByShape(mode, rms), matrix_specs,
                          'scale_by_shape')
