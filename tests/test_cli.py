@@ -14,6 +14,7 @@ import pytest
 import orthax
 from orthax import cli
 from orthax import configs
+from orthax.train import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ['--config.train.steps=2', '--config.train.eval_every=0',
@@ -70,7 +71,9 @@ def test_report_errors(monkeypatch, capsys):
 
   for exc, status in ((ValueError('train.steps=0 must be >= 1.'), 2),
                       (FloatingPointError('loss is nan at step 3.'), 1),
-                      (orthax.NonFiniteGradientError('non-finite at 2'), 1)):
+                      (orthax.NonFiniteGradientError('non-finite at 2'), 1),
+                      (checkpoint.DamagedCheckpointError(
+                          'every checkpoint in /r is damaged'), 1)):
     with pytest.raises(SystemExit) as e:
       cli.report_errors('orthax-x', raising(exc), None)
     assert e.value.code == status, exc
@@ -113,6 +116,34 @@ def test_optimizer_name_override_takes_that_optimizers_rates():
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert ('optimizer dct_adamw: peak learning rate matrix 1.5, adam 0.0085'
           in proc.stderr), proc.stderr[-3000:]
+
+
+def test_bad_flag_values_are_one_line_and_exit_2(tmp_path):
+  """absl's own parse errors printed ``FATAL Flags parsing error`` and
+  exited 1 (a failed run's status); a config file that fails to load also
+  printed its traceback. A file given as --out fails before any run."""
+  conf = tmp_path / 'myconf.py'
+  conf.write_text((ROOT / 'orthax' / 'configs' / 'lm_cpu.py').read_text())
+  afile = tmp_path / 'afile'
+  afile.write_text('x')
+  cases = [
+      ('train.py', ['--config=lm_cpu:muon', '--config.train.steps=abc'],
+       "orthax-train: error: flag --config.train.steps=abc: invalid literal "
+       "for int() with base 10: 'abc'"),
+      ('train.py', [f'--config={conf}:bogus'],
+       f'orthax-train: error: flag --config={conf}:bogus: Error whilst '
+       "parsing config file: ValueError: unknown optimizer 'bogus'; choose"),
+      ('compare.py', ['--optimizers=muon', f'--out={afile}'],
+       f"orthax-compare: error: --out: '{afile}' is a file, not a "
+       'directory.'),
+  ]
+  for script, args, want in cases:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / 'scripts' / script), *args],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-2].startswith(want), proc.stderr[-3000:]
 
 
 def test_sweep_reports_a_bad_width_in_one_line(tmp_path):
@@ -227,3 +258,19 @@ def test_wheel_works_in_a_clean_venv_from_any_directory(wheel_venv):
   proc = _run([str(venv / 'bin' / 'orthax-compare'), '--help'], cwd=work,
               env=env)
   assert '--lr_scales' in proc.stdout, proc.stderr  # absl's --help exits 1
+
+
+def test_output_dir_refuses_a_file_naming_the_flag(tmp_path):
+  """``--out``/``--workdir`` naming a file ended in a FileExistsError
+  traceback, for orthax-compare after every run had trained."""
+  f = tmp_path / 'a_file'
+  f.write_text('x')
+  for create in (True, False):
+    with pytest.raises(ValueError, match=f"^--out: '{f}' is a file, not a "
+                       'directory.$'):
+      cli.output_dir('out', str(f), create=create)
+  assert cli.output_dir('out', str(tmp_path / 'new')) == str(tmp_path / 'new')
+  assert (tmp_path / 'new').is_dir()
+  assert cli.output_dir('workdir', str(tmp_path / 'later'), create=False)
+  assert not (tmp_path / 'later').exists()
+  assert cli.output_dir('out', None) is None

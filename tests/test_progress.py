@@ -82,6 +82,7 @@ def test_throughput_counts_from_the_first_step_and_leaves_out_paused_time():
   clock.now += 30.0  # the first step compiles: not counted
   rate.tick({})
   clock.now += 2.0
+  assert rate.rate() != rate.rate()  # NaN, not 0, before a second step
   rate.tick({})
   rate.tick({})
   with rate.paused():  # e.g. an evaluation
@@ -95,3 +96,15 @@ def test_throughput_counts_from_the_first_step_and_leaves_out_paused_time():
   except KeyError:
     pass
   assert rate.rate() == 2000 / 4.0
+
+
+def test_unknown_fields_are_left_out_and_large_ones_shown_whole():
+  """The first record's tok/s is NaN (one step seen: it read 0 before);
+  thousands are shown as whole numbers (10759, not 1.076e+04)."""
+  out = io.StringIO()
+  bar = metrics.Progress(10, stream=out)
+  bar.update(1, {'loss': 5.5, 'tok/s': float('nan')}, force=True)
+  bar.update(2, {'loss': 5.25, 'tok/s': 10759.4}, force=True)
+  first, second = out.getvalue().splitlines()
+  assert 'tok/s' not in first and 'nan' not in first, first
+  assert 'tok/s 10759' in second and 'loss 5.25' in second, second

@@ -124,6 +124,10 @@ def test_checkpoints_without_a_record(runs, tmp_path, caplog):
   assert step == 4
   assert 'step 8 in' in caplog.text and 'no checksum record, and ' \
       'unreadable: ' in caplog.text
+  damaged = [r.getMessage() for r in caplog.records
+             if 'unreadable' in r.getMessage()]
+  # One line, not the read error's whole TensorStore spec.
+  assert all('\n' not in m and len(m) < 500 for m in damaged), damaged
   wrong = whole['state']._replace(params={'w': np.zeros(3)})
   with pytest.raises(Exception) as e:
     ck.restore_intact(wrong)
@@ -221,8 +225,14 @@ def test_metrics_without_checkpoint_are_not_overwritten(runs, tmp_path):
   work = copy_run(part, tmp_path)
   shutil.rmtree(work / 'checkpoints')
   with pytest.raises(ValueError, match='has metrics.jsonl with 8 records '
-                     r'\(up to step 8\) but no checkpoint'):
+                     r'\(up to step 8\) but no checkpoint.*none is complete, '
+                     'though train.checkpoint_every is set.*--force'):
     trainer.train(config(), str(work), progress=False)
+  cfg = config()
+  cfg.train.checkpoint_every = 0  # not resumable: the advice says so
+  with pytest.raises(ValueError, match='set train.checkpoint_every to make '
+                     "runs resumable, or start over with --force.*nonfinite="):
+    trainer.train(cfg, str(work), progress=False)
   assert len(metrics.read_jsonl(str(work / 'metrics.jsonl'))) == 8
 
 
@@ -251,3 +261,10 @@ def test_a_state_saved_with_optax_named_chain_restores(tmp_path):
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_brief_error_text():
+  long = ValueError('read failed\n' + 'spec line\n' * 70)
+  assert checkpoint._brief(long) == 'ValueError: read failed ...'  # pylint: disable=protected-access
+  assert checkpoint._brief(OSError('x' * 1000)).endswith('x ...')  # pylint: disable=protected-access
+  assert checkpoint._brief(KeyError('k')) == "KeyError: 'k'"  # pylint: disable=protected-access

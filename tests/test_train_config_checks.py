@@ -85,6 +85,18 @@ def test_run_changing_keys():
      r'optimizer.adam_learning_rate must be a finite number >= 0 or None'),
     ('optimizer.weight_decay', float('nan'),
      r'optimizer.weight_decay must be a finite number >= 0 or None, got nan'),
+    # These ended in a traceback ('data type ... not understood'), a NaN
+    # gradient at step 1 or a negative MFU.
+    ('model.dtype', 'bogus', r"model.dtype must be a floating-point dtype "
+     r"name \(e.g. bfloat16\), got 'bogus'"),
+    ('model.param_dtype', 'int32', 'model.param_dtype must be a floating'),
+    ('data.token_dtype', 'float32', r'data.token_dtype must be an integer '
+     r'dtype name \(e.g. uint16\) or None'),
+    ('model.rope_base', -1.0, 'model.rope_base must be a positive number'),
+    ('train.peak_flops', -1.0,
+     'train.peak_flops must be a positive number or None, got -1.0'),
+    ('model.vocab_size', 100, r"model.vocab_size=100 is below the data's "
+     r'vocabulary \(256'),
 ])
 def test_bad_config_values_name_the_key(key, value, match):
   cfg = trainer.as_dict(config())

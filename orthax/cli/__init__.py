@@ -13,7 +13,8 @@ A bad config or input (a ``ValueError``: an unknown key, a value out of
 range, a missing token file, a workdir that holds another run) ends the
 tool with one ``<tool>: error: <message>`` line on stderr and exit status 2;
 a run that turns non-finite (``FloatingPointError``, a
-:class:`orthax.NonFiniteGradientError`) with that line and status 1. Set
+:class:`orthax.NonFiniteGradientError`) or whose every checkpoint is damaged
+with that line and status 1. Set
 ``ORTHAX_TRACEBACK=1`` for the traceback instead.
 """
 
@@ -25,6 +26,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from orthax import configs as packaged_configs
+from orthax.train.checkpoint import DamagedCheckpointError
 from orthax.transforms.check_finite import NonFiniteGradientError
 
 EXIT_USAGE = 2     # a bad config, flag or input file (argparse's status)
@@ -98,7 +100,26 @@ def run_app(tool: str, doc: str, define_flags: Callable[[], Any],
     if _traceback_wanted():
       raise
     _report(tool, e, EXIT_USAGE)
-  app.run(lambda _: report_errors(tool, main, holders), argv=argv)
+  app.run(lambda _: report_errors(tool, main, holders), argv=argv,
+          flags_parser=lambda args: _parse_flags(tool, args))
+
+
+def _parse_flags(tool: str, argv: list[str]) -> list[str]:
+  """absl's flag parsing, a bad value (``--config.train.steps=abc``, a
+  config file that fails to load) said as one ``error:`` line with
+  :data:`EXIT_USAGE` (absl's own ``FATAL Flags parsing error`` exits 1,
+  the status of a failed run)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if _traceback_wanted():
+      raise
+    # A config file's error carries its traceback: its first line and the
+    # exception it ends with.
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    _report(tool, ' '.join(lines[:1] + lines[-1:] if len(lines) > 1
+                           else lines), EXIT_USAGE)
 
 
 def report_errors(tool: str, main: Callable[[Any], None], holders: Any
@@ -109,13 +130,16 @@ def report_errors(tool: str, main: Callable[[Any], None], holders: Any
   :data:`EXIT_FAILURE`: no traceback, unless the environment sets
   ``ORTHAX_TRACEBACK=1``. (:class:`orthax.NonFiniteGradientError`, the
   trainer's ``nonfinite='raise'``, is a ``ValueError`` and a run failure:
-  it exits with :data:`EXIT_FAILURE`.)"""
+  it exits with :data:`EXIT_FAILURE`; so does a
+  :class:`~orthax.train.checkpoint.DamagedCheckpointError`, every
+  checkpoint of the run damaged.)"""
   try:
     main(holders)
-  except (ValueError, FloatingPointError) as e:
+  except (ValueError, FloatingPointError, DamagedCheckpointError) as e:
     if _traceback_wanted():
       raise
-    failed = isinstance(e, (FloatingPointError, NonFiniteGradientError))
+    failed = isinstance(e, (FloatingPointError, NonFiniteGradientError,
+                            DamagedCheckpointError))
     _report(tool, e, EXIT_FAILURE if failed else EXIT_USAGE)
 
 
@@ -127,6 +151,28 @@ def _report(tool: str, error: Exception, status: int) -> None:
   print(f'{tool}: error: {error}\n{tool}: (ORTHAX_TRACEBACK=1 shows where '
         'it was raised)', file=sys.stderr)
   sys.exit(status)
+
+
+def output_dir(flag: str, path: str | None, create: bool = True
+               ) -> str | None:
+  """Creates the directory ``--flag`` names (``None`` passes) before any
+  work starts, so that a path that cannot be one fails first, as a
+  ``ValueError`` naming the flag, not as a traceback after the training
+  (``create=False``: only refuses an existing file, leaving the creation
+  to the tool, which checks its config first)."""
+  if path is None:
+    return None
+  if not create:
+    if os.path.isfile(path):
+      raise ValueError(f'--{flag}: {path!r} is a file, not a directory.')
+    return path
+  try:
+    os.makedirs(path, exist_ok=True)
+  except (FileExistsError, NotADirectoryError, PermissionError) as e:
+    what = ('is a file, not a directory' if os.path.isfile(path)
+            else f'cannot be created ({e.strerror or e})')
+    raise ValueError(f'--{flag}: {path!r} {what}.') from None
+  return path
 
 
 def parse_list(flag: str, values: Sequence[str], kind: type) -> list:

@@ -47,11 +47,10 @@ def main(f: types.SimpleNamespace) -> None:
   from orthax.train import compare
   from orthax.train import metrics
   cli.quiet_library_logs()
+  out = cli.output_dir('out', f.out.value)  # before the runs, not after
   results = compare.run(f.config.value, f.optimizers.value,
                         cli.parse_list('lr_scales', f.lr_scales.value, float),
                         steps=f.steps.value, eval_every=f.eval_every.value)
-  out = f.out.value
-  os.makedirs(out, exist_ok=True)
   md = compare.table(results)
   print(md)
   with open(os.path.join(out, 'compare.md'), 'w') as fh:

@@ -51,7 +51,8 @@ def main(f: types.SimpleNamespace) -> None:
   if not f.input.value:
     raise ValueError('--input is required: the text files to tokenize.')
   try:
-    meta = prepare.prepare(expand(f.input.value), f.out.value,
+    meta = prepare.prepare(expand(f.input.value),
+                           cli.output_dir('out', f.out.value),
                            tokenizer=f.tokenizer.value,
                            vocab_size=f.vocab_size.value,
                            val_fraction=f.val_fraction.value)

@@ -80,7 +80,7 @@ def main(f: types.SimpleNamespace) -> None:
       widths=tuple(cli.parse_list('widths', f.widths.value, int)),
       seeds=tuple(cli.parse_list('seeds', f.seeds.value, int)),
       steps=f.steps.value, eval_every=f.eval_every.value)
-  out = f.out.value
+  out = cli.output_dir('out', f.out.value)
   if f.reference_modes.value:
     _reference_modes(f, spec)
     return

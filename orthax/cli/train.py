@@ -76,7 +76,9 @@ def main(f: types.SimpleNamespace) -> None:
   from orthax.train import metrics
   from orthax.train import trainer
   cli.quiet_library_logs()
-  out = trainer.train(config, f.workdir.value, force=f.force.value)
+  out = trainer.train(
+      config, cli.output_dir('workdir', f.workdir.value, create=False),
+      force=f.force.value)
   print(metrics.json_text(out['summary'], indent=1))
   if out['summary']['preempted']:
     sys.exit(EXIT_PREEMPTED)

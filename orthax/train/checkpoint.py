@@ -44,6 +44,15 @@ CHECKSUMS = 'orthax_checksums.json'
 log = logging.getLogger('orthax.train')
 
 
+def _brief(error: Exception, limit: int = 300) -> str:
+  """``Type: first line`` of ``error``, cut at ``limit`` characters: a
+  TensorStore read error carries its whole ~70-line spec."""
+  lines = str(error).strip().splitlines() or ['']
+  text = f'{type(error).__name__}: {lines[0]}'
+  more = len(lines) > 1 or len(text) > limit
+  return text[:limit] + (' ...' if more else '')
+
+
 class DamagedCheckpointError(RuntimeError):
   """Every checkpoint of a run is damaged; nothing to resume from."""
 
@@ -254,8 +263,7 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         if problems is not None:  # verified files: not damage, a real error
           raise
-        note(step, f'no checksum record, and unreadable: '
-                   f'{type(e).__name__}: {e}')
+        note(step, f'no checksum record, and unreadable: {_brief(e)}')
         continue
       if problems is None:
         log.warning('checkpoint step %d in %s has no checksum record '

@@ -12,6 +12,7 @@ import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 
 from orthax.recipes import registry
@@ -207,6 +208,32 @@ def _check_int(key: str, value: Any, low: int, optional: bool = False
                      + f', got {value!r}.')
 
 
+def _check_dtype(key: str, value: Any, kind: type, optional: bool = False
+                 ) -> None:
+  """``value`` names a dtype of ``kind`` (``jnp.floating``, bfloat16
+  included, or ``jnp.integer``)."""
+  if value is None and optional:
+    return
+  try:
+    ok = jnp.issubdtype(jnp.dtype(value), kind)
+  except TypeError:
+    ok = False
+  if not ok:
+    what = 'a floating-point' if kind is jnp.floating else 'an integer'
+    raise ValueError(f'{key} must be {what} dtype name (e.g. '
+                     f'{"bfloat16" if kind is jnp.floating else "uint16"})'
+                     + (' or None' if optional else '') + f', got {value!r}.')
+
+
+def _check_positive(key: str, value: Any, optional: bool = False) -> None:
+  if value is None and optional:
+    return
+  if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+      or not value > 0 or value == float('inf')):
+    raise ValueError(f'{key} must be a positive number'
+                     + (' or None' if optional else '') + f', got {value!r}.')
+
+
 def validate(cfg: Mapping[str, Any]) -> None:
   """Checks a resolved config (a plain nested dict) before anything is
   built: no unknown key in any section (the keys of :func:`base_config`),
@@ -241,4 +268,13 @@ def validate(cfg: Mapping[str, Any]) -> None:
   _check_int('data.eval_batch_size', data.get('eval_batch_size'), 1,
              optional=True)
   _check_int('seed', cfg.get('seed'), 0)
+  model = cfg.get('model') or {}
+  for key in ('dtype', 'param_dtype'):
+    if key in model:
+      _check_dtype(f'model.{key}', model[key], jnp.floating)
+  _check_dtype('data.token_dtype', data.get('token_dtype'), jnp.integer,
+               optional=True)
+  if 'rope_base' in model:
+    _check_positive('model.rope_base', model['rope_base'])
+  _check_positive('train.peak_flops', tr.get('peak_flops'), optional=True)
   optim.validate(cfg['optimizer'])

@@ -177,7 +177,7 @@ class Throughput:
 
   def rate(self) -> float:
     """Tokens per second so far (NaN before the second step ends)."""
-    if self.start is None:
+    if self.start is None or not self.tokens:  # was 0.0 after the first
       return float('nan')
     elapsed = self._clock() - self.start - self.excluded_s
     return self.tokens / elapsed if elapsed > 0 else float('nan')
@@ -255,13 +255,15 @@ class Progress:
       return
     if self._first is None:
       self._first = (step, self._clock())
-    self._info.update(info)
+    # Not yet known (NaN: tok/s before a second step) leaves the field out.
+    self._info.update({k: v for k, v in info.items() if math.isfinite(v)})
     if not (self.tty or force):
       return
     width = 24
     done = int(width * step / max(self.total, 1))
     bar = '#' * done + '.' * (width - done)
-    fields = '  '.join(f'{k} {v:.4g}' for k, v in self._info.items())
+    fields = '  '.join(f'{k} {v:.0f}' if abs(v) >= 1000 else f'{k} {v:.4g}'
+                       for k, v in self._info.items())
     eta = self.eta(step)
     if eta is not None and step < self.total:
       fields += f'  eta {_clock(eta)}'

@@ -101,7 +101,14 @@ def check(workdir: str, cfg: dict[str, Any], *, resuming: bool,
              f'step {recs[-1].get("step")}) but no checkpoint to resume '
              'from; starting over would overwrite them')
       if not force:
-        raise ValueError(msg + '. Use another workdir, set '
-                         'train.checkpoint_every to make runs resumable, or '
-                         'force it (train(..., force=True), --force).')
+        if (cfg.get('train') or {}).get('checkpoint_every'):
+          msg += (' (none is complete, though train.checkpoint_every is '
+                  'set). Use another workdir')
+        else:
+          msg += ('. Use another workdir, set train.checkpoint_every to make '
+                  'runs resumable,')
+        raise ValueError(
+            f'{msg} or start over with --force (train(..., force=True)), '
+            "e.g. to rerun with train.nonfinite='skip' after a non-finite "
+            'gradient.')
       log.warning('%s; forced: starting over.', msg)

@@ -59,6 +59,11 @@ def model_config(cfg: dict[str, Any], vocab_size: int) -> model_lib.GPTConfig:
   m = dict(cfg['model'])
   if m.get('vocab_size') is None:
     m['vocab_size'] = vocab_size
+  elif m['vocab_size'] < vocab_size:  # ids past the table: NaN at step 1
+    raise ValueError(
+        f'model.vocab_size={m["vocab_size"]} is below the data\'s vocabulary '
+        f'({vocab_size}: data.vocab_size, the token files\' or the embedded '
+        'corpus\'s): token ids at or above it would have no embedding row.')
   known = {f.name for f in dataclasses.fields(model_lib.GPTConfig)}
   unknown = set(m) - known
   if unknown:
