@@ -40,7 +40,8 @@ def test_run_changing_keys():
   a = trainer.as_dict(config())
   b = copy.deepcopy(a)
   for key in ('log_every', 'eval_every', 'eval_batches', 'checkpoint_every',
-              'max_to_keep', 'tensorboard', 'nonfinite'):
+              'max_to_keep', 'tensorboard', 'nonfinite', 'peak_flops',
+              'wandb_project'):  # the last two: the MFU metric, reporting
     b['train'][key] = 'changed'
   b['hardware'] = 'tpu'
   b['data']['eval_batch_size'] = 4
@@ -97,6 +98,8 @@ def test_run_changing_keys():
      'train.peak_flops must be a positive number or None, got -1.0'),
     ('model.vocab_size', 100, r"model.vocab_size=100 is below the data's "
      r'vocabulary \(256'),
+    ('data.val_fraction', 1.0,
+     r'data.val_fraction must be in \(0, 1\), got 1.0'),
 ])
 def test_bad_config_values_name_the_key(key, value, match):
   cfg = trainer.as_dict(config())

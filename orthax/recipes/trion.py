@@ -109,9 +109,10 @@ def trion(
       under ``scaling='kimi'``, else in proportion to ``learning_rate``,
       3e-3 at the default (``'ista'``: ``0.015·learning_rate``): see
       :func:`orthax.recipes.resolve_adam_learning_rate`). The trainer's
-      default, registered with the recipe, is ``3e-3`` as for every recipe:
-      the reference's ``3e-4`` left the trainer's 24-step test model 0.6
-      nats behind.
+      default, registered with the recipe, is ``3e-3`` (as for most
+      recipes; DCT-AdamW's is 0.0085, SPECTRA has no AdamW branch): the
+      reference's ``3e-4`` left the trainer's 24-step test model 0.6 nats
+      behind.
     adam_b1, adam_b2, adam_eps: Adam's betas and epsilon.
     adam_weight_decay: Adam's weight decay (default: ``weight_decay``).
     router: a :class:`orthax.Router` or a ``params -> labels`` callable.

@@ -277,4 +277,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
   if 'rope_base' in model:
     _check_positive('model.rope_base', model['rope_base'])
   _check_positive('train.peak_flops', tr.get('peak_flops'), optional=True)
+  fraction = data.get('val_fraction', 0.1)
+  if (not isinstance(fraction, numbers.Real) or isinstance(fraction, bool)
+      or not 0 < fraction < 1):
+    raise ValueError(f'data.val_fraction must be in (0, 1), got '
+                     f'{fraction!r}.')
   optim.validate(cfg['optimizer'])

@@ -28,7 +28,8 @@ CONFIG = 'config.json'
 COSMETIC = ('hardware', 'dry_run', 'train.log_every', 'train.eval_every',
             'train.eval_batches', 'train.checkpoint_every',
             'train.max_to_keep', 'train.tensorboard', 'train.nonfinite',
-            'train.max_consecutive_skips', 'data.eval_batch_size')
+            'train.max_consecutive_skips', 'data.eval_batch_size',
+            'train.peak_flops', 'train.wandb_project')
 log = logging.getLogger('orthax.train')
 
 

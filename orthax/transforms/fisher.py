@@ -64,7 +64,8 @@ def scale_by_fismo(
       recomputed on steps ``1, 1+k, 1+2k, …`` and cached in between (``P``
       and ``Q`` themselves are updated every step). ``1`` (the default,
       ``None``) is the method as written; ``k > 1`` divides the ``eigh``
-      cost by ``k`` and keeps three more square matrices per matrix (a
+      cost by ``k`` and keeps one more square matrix per matrix,
+      ``P^{-1/2}`` (a
       static ``int``: pass it in ``static_args`` of
       ``optax.inject_hyperparams``).
     preset: Newton–Schulz preset of the polar factor.
