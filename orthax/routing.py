@@ -186,6 +186,11 @@ class Router:
     for path, message in self.attention_view_suspects(tree):
       del path
       warnings.warn(message, MatrixViewWarning, stacklevel=1)
+    return self.quiet_labels(tree)
+
+  def quiet_labels(self, tree: Any) -> Any:
+    """:meth:`labels` without the warnings (for a second look at a tree
+    already routed, e.g. SPECTRA's zeroing of ``'frozen'`` leaves)."""
     return jax.tree.map(lambda r: r.label, self.routes(tree),
                         is_leaf=lambda r: isinstance(r, Route))
 

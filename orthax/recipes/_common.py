@@ -276,11 +276,8 @@ def with_frozen_zeroed(tx: optax.GradientTransformation, router: RouterLike
   ``'frozen'``, with ``tx``'s state: for a recipe without branches
   (SPECTRA), where no ``optax.partition`` sends those leaves to
   ``optax.set_to_zero()``."""
-  def labels(tree):
-    if not isinstance(router, routing.Router):
-      return router(tree)
-    return jax.tree.map(lambda r: r.label, router.routes(tree),
-                        is_leaf=lambda r: isinstance(r, routing.Route))
+  labels = (router.quiet_labels if isinstance(router, routing.Router)
+            else router)
 
   def update_fn(updates, state, params=None, **extra_args):
     updates, state = tx.update(updates, state, params, **extra_args)
