@@ -12,9 +12,11 @@ or ``ValueError`` for one out of range, naming both::
 
 What cannot be known at construction is not checked: jax tracers (the
 hyperparameters ``optax.inject_hyperparams`` passes under ``jit``) and, for
-learning rates, schedules. Concrete jax and numpy arrays (``jnp.float32(0.1)``
-or what ``inject_hyperparams`` passes to ``init``) are checked elementwise,
-like numbers. NaN is always rejected; so is infinity.
+learning rates, schedules. Concrete jax and numpy scalars (``jnp.float32(0.1)``
+or what ``inject_hyperparams`` passes to ``init``) are checked like numbers;
+an array of any other shape is a ``ValueError`` (it would broadcast against
+the updates: a learning rate of shape ``(1, 1)`` turns a bias's ``(4,)``
+update into ``(1, 4)``). NaN is always rejected; so is infinity.
 
 A recipe or transform checks its arguments with one call at its top,
 ``_validate.arguments('muon', muon, locals())``: each argument named in
@@ -49,9 +51,10 @@ def _show(value: Any, arr: np.ndarray | None = None) -> str:
 
 def _concrete(owner: str, name: str, value: Any, kind: str = _NUMBER,
               integer: bool = False) -> np.ndarray | None:
-  """``value`` as a numpy array, or ``None`` when it cannot be known now (a
-  tracer). Raises ``TypeError`` for anything that is not a real number or a
-  real-valued array (``integer``: an integer or an integer array)."""
+  """``value`` as a 0-d numpy array, or ``None`` when it cannot be known now
+  (a tracer). Raises ``TypeError`` for anything that is not a real number or
+  a real-valued array (``integer``: an integer or an integer array), and
+  ``ValueError`` for an array that is not a scalar."""
   if isinstance(value, jax.core.Tracer):
     return None
   ok = (isinstance(value, (numbers.Real, np.ndarray, jax.Array, np.generic))
@@ -67,6 +70,9 @@ def _concrete(owner: str, name: str, value: Any, kind: str = _NUMBER,
   if not ok:
     what = 'an integer' if integer else kind
     raise TypeError(f'{owner}: {name} must be {what}, got {_show(value)}')
+  if arr.ndim:
+    raise ValueError(f'{owner}: {name} must be a scalar, got an array of '
+                     f'shape {arr.shape}')
   if not np.all(np.isfinite(arr)):
     raise ValueError(f'{owner}: {name} must be finite, got '
                      f'{_show(value, arr)}')

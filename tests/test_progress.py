@@ -108,3 +108,23 @@ def test_unknown_fields_are_left_out_and_large_ones_shown_whole():
   first, second = out.getvalue().splitlines()
   assert 'tok/s' not in first and 'nan' not in first, first
   assert 'tok/s 10759' in second and 'loss 5.25' in second, second
+
+
+def test_fields_keep_the_callers_order_whichever_comes_first():
+  """A skipped first step has no loss yet (and the val field comes on
+  evaluations only): a field seen later still takes its place in the
+  caller's order, and keeps it."""
+  out = io.StringIO()
+  bar = metrics.Progress(10, stream=out)
+  bar.update(1, {'tok/s': 100.0, 'mfu': 0.25}, force=True)
+  bar.update(2, {'loss': 5.5, 'tok/s': 110.0, 'mfu': 0.25}, force=True)
+  bar.update(3, {'loss': 5.0, 'val': 5.1, 'tok/s': 120.0, 'mfu': 0.3},
+             force=True)
+  bar.update(4, {'loss': 4.9, 'tok/s': 130.0, 'mfu': 0.3}, force=True)
+  names = [[w for w in line.split('  ')[1:] if w]
+           for line in out.getvalue().splitlines()]
+  keys = [[w.split()[0] for w in n if not w.startswith('eta')]
+          for n in names]
+  assert keys == [['tok/s', 'mfu'], ['loss', 'tok/s', 'mfu'],
+                  ['loss', 'val', 'tok/s', 'mfu'],
+                  ['loss', 'val', 'tok/s', 'mfu']], keys

@@ -179,6 +179,13 @@ def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="wandb_project='p' needs the wandb"):
     trainer.train(tiny_config(wandb_project='p'), str(tmp_path),
                   progress=False)
+  # Refused before anything is written (it left an empty metrics.jsonl).
+  assert not (tmp_path / 'metrics.jsonl').exists()
+  monkeypatch.setitem(sys.modules, 'tensorboardX', None)
+  with pytest.raises(ValueError, match='tensorboard=True needs the '
+                     'tensorboardX'):
+    metrics.MetricWriter(str(tmp_path / 'tb'), tensorboard=True)
+  assert not (tmp_path / 'tb').exists()
 
 
 def test_jsonl_files_are_strict_json_with_null_for_non_finite(tmp_path):

@@ -64,6 +64,8 @@ CATEGORY = {
 OVERRIDE = {('clip_outliers', 'eps'): 'nonneg',
             ('cosh_normalize', 'eps'): 'nonneg',
             ('fismo', 'gamma'): 'rate', ('scale_by_fismo', 'gamma'): 'rate'}
+# Arguments that fix the state's shapes or the program: Python numbers.
+STATIC = {'rank', 'ell_norm', 'update_every', 'precondition_every'}
 # Numeric-looking arguments that are tables, not hyperparameters.
 EXEMPT = {'coeffs', 'coeffs_for_shape'}
 
@@ -153,6 +155,12 @@ def test_bad_value_raises_naming_owner_and_argument(owner, fn, required, arg,
   bad = list(BAD[category])
   if param.default is not None:  # None is "the default" only where it is
     bad.append((None, TypeError))
+  # An array of in-range values that is not a scalar would broadcast
+  # against the updates (a (1, 1) rate turns a (4,) update into (1, 4)).
+  # (Static arguments, which fix shapes or the program, take no arrays.)
+  fine = 3 if category.startswith('count') else 0.5
+  error = TypeError if arg in STATIC else ValueError
+  bad += [(np.full((2,), fine), error), (np.full((1, 1), fine), error)]
   for value, error in bad:
     with pytest.raises(error) as info:
       fn(**{**required(), arg: value})

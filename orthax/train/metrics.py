@@ -84,6 +84,23 @@ class MetricWriter:
   def __init__(self, workdir: str | None, resume_step: int = 0,
                tensorboard: bool = False, wandb_project: str | None = None,
                config: dict[str, Any] | None = None):
+    # Every missing package or setting is reported before anything is
+    # written: a failed start leaves the workdir as it was.
+    summary_writer = wandb = None
+    if tensorboard:
+      if workdir is None:
+        raise ValueError('train.tensorboard needs a workdir.')
+      try:
+        from tensorboardX import SummaryWriter as summary_writer  # pylint: disable=g-import-not-at-top
+      except ImportError as e:
+        raise ValueError('train.tensorboard=True needs the tensorboardX '
+                         'package (pip install tensorboardX).') from e
+    if wandb_project:
+      try:
+        import wandb  # pylint: disable=g-import-not-at-top
+      except ImportError as e:
+        raise ValueError(f'train.wandb_project={wandb_project!r} needs the '
+                         'wandb package (pip install wandb).') from e
     self.path = None if workdir is None else os.path.join(workdir,
                                                           'metrics.jsonl')
     self.records: list[dict[str, Any]] = []
@@ -98,27 +115,14 @@ class MetricWriter:
             f.write(json_line(r))
         os.replace(self.path + '.tmp', self.path)
       self.records = kept
-    self._tb = None
-    if tensorboard:
-      if workdir is None:
-        raise ValueError('train.tensorboard needs a workdir.')
-      try:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      except ImportError as e:
-        raise ValueError('train.tensorboard=True needs the tensorboardX '
-                         'package (pip install tensorboardX).') from e
-      # On resume, TensorBoard drops the earlier files' points after the
-      # checkpoint (a START event at resume_step + 1), as this file does.
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
-                               purge_step=resume_step + 1 if resume_step
-                               else None)
-    self._wandb = None
-    if wandb_project:
-      try:
-        import wandb  # pylint: disable=g-import-not-at-top
-      except ImportError as e:
-        raise ValueError(f'train.wandb_project={wandb_project!r} needs the '
-                         'wandb package (pip install wandb).') from e
+    # On resume, TensorBoard drops the earlier files' points after the
+    # checkpoint (a START event at resume_step + 1), as this file does.
+    self._tb = self._wandb = None
+    if summary_writer is not None:
+      self._tb = summary_writer(os.path.join(workdir, 'tensorboard'),
+                                purge_step=resume_step + 1 if resume_step
+                                else None)
+    if wandb is not None:
       self._wandb = wandb.init(project=wandb_project, config=config,
                                dir=workdir, resume='allow')
 
@@ -240,6 +244,7 @@ class Progress:
     self._clock = clock
     self._first: tuple[int, float] | None = None
     self._info: dict[str, float] = {}
+    self._order: list[str] = []  # the fields' places on the line
 
   def eta(self, step: int) -> float | None:
     """Seconds left, from the pace since the first update (``None`` until
@@ -250,11 +255,23 @@ class Progress:
     per_step = (self._clock() - t0) / (step - first_step)
     return per_step * max(self.total - step, 0)
 
+  def _place(self, info: dict[str, float]) -> None:
+    """Gives each new field of ``info`` its place on the line: right after
+    the field before it in ``info``, so the caller's order holds whichever
+    field comes first (a skipped first step has no loss yet)."""
+    before = None
+    for k in info:
+      if k not in self._order:
+        self._order.insert(
+            0 if before is None else self._order.index(before) + 1, k)
+      before = k
+
   def update(self, step: int, info: dict[str, float], force: bool = False):
     if not self.enabled:
       return
     if self._first is None:
       self._first = (step, self._clock())
+    self._place(info)
     # Not yet known (NaN: tok/s before a second step) leaves the field out.
     self._info.update({k: v for k, v in info.items() if math.isfinite(v)})
     if not (self.tty or force):
@@ -262,8 +279,10 @@ class Progress:
     width = 24
     done = int(width * step / max(self.total, 1))
     bar = '#' * done + '.' * (width - done)
-    fields = '  '.join(f'{k} {v:.0f}' if abs(v) >= 1000 else f'{k} {v:.4g}'
-                       for k, v in self._info.items())
+    fields = '  '.join(
+        f'{k} {v:.0f}' if abs(v) >= 1000 else f'{k} {v:.4g}'
+        for k, v in ((k, self._info[k]) for k in self._order
+                     if k in self._info))
     eta = self.eta(step)
     if eta is not None and step < self.total:
       fields += f'  eta {_clock(eta)}'

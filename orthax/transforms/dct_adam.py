@@ -113,12 +113,12 @@ def check_structure(owner: str, rank: Any, update_every: Any,
       isinstance(rank, float) and not 0 < rank <= 1):
     raise ValueError(f'{owner}: rank must be an int >= 1 or a fraction in '
                      f'(0, 1], got {rank!r}.')
-  _validate.count(owner, 'update_every', update_every)
   if isinstance(update_every, bool) or not isinstance(update_every,
                                                       numbers.Integral):
     raise TypeError(f'{owner}: update_every must be an int, got '
                     f'{update_every!r} (a static value: pass it in '
                     'static_args of optax.inject_hyperparams).')
+  _validate.count(owner, 'update_every', update_every)
   if isinstance(ell_norm, bool) or not isinstance(ell_norm, numbers.Real):
     raise TypeError(f'{owner}: ell_norm must be a number, got '
                     f'{ell_norm!r} (a static value: pass it in static_args '
