@@ -7,7 +7,7 @@ Prints one table measured in this process: median update time, efficiency
 and the error of each method's orthogonalization against the exact polar
 factor (on one layer's gradients).
 
-  python scripts/bench_ns.py                 # 4 layers (MEASURING.md baseline)
+  python scripts/bench_ns.py                 # 4 layers (the baseline)
   python scripts/bench_ns.py --layers 12     # the full model
   python scripts/bench_ns.py --d_model 2048  # wider matrices, same layout
   python scripts/bench_ns.py --layers 1 --recipes [--only aro,fismo]

@@ -13,7 +13,7 @@ optax row) and ``fsdp8_namo`` (fsdp8, NAMO's momentum, Newton–Schulz and
 noise-adaptive step jitted whole, the step in the body or after it). Rows:
 optax.contrib scale_by_muon left to GSPMD, and orthax's strategies with f32
 and bf16 on the wire. Columns are per device, read from the compiled program
-(MEASURING.md §2): GFLOP (orthax's Newton–Schulz runs in a ``fori_loop``
+: GFLOP (orthax's Newton–Schulz runs in a ``fori_loop``
 whose body XLA counts once, so orthax rows compile one step and report
 ``5×`` that; optax unrolls), collectives and MiB sent (from the 5-step
 program, collectives inside the loop counted once per step; bf16 read from

@@ -8,7 +8,7 @@ NAMO's noise-adaptive step are stages.
 :func:`orthax.orthogonalize` runs them in the same pass as Newton–Schulz
 (``then=``); on a mesh they therefore run inside the same ``shard_map`` body,
 on the device that holds the whole matrix, so that their row statistics and
-Frobenius norms are those of the whole matrix (DESIGN.md §4).
+Frobenius norms are those of the whole matrix (:mod:`orthax.sharding`).
 
 Pure ``jax.numpy``; nothing here knows of optax or meshes. The one concession
 to distribution is :class:`Blocks`: a stage sums through

@@ -83,8 +83,8 @@ def base_map(x: jax.Array, base: str, iters: int = 5,
 def aro_flops(fan_in: int, fan_out: int, rotate: str = 'smaller',
               base: str = 'sinkhorn', qr: str = 'auto',
               stable: bool = True) -> dict[str, int]:
-  """FLOPs of one ARO step on one matrix (after ALGORITHMS.md §13.1.3), by
-  part: ``products`` (``RᵀA``, ``A Fᵀ``, ``QᵀA``, ``Q F``: ``8s²t``; when
+  """FLOPs of one ARO step on one matrix, by part: ``products`` (``RᵀA``,
+  ``A Fᵀ``, ``QᵀA``, ``Q F``: ``8s²t``; when
   ``stable``, ``A W`` and the Gram ``BBᵀ`` instead of ``A Fᵀ``:
   ``10s²t`` for ``s ≤ t``; the Gram products of a Cholesky QR, ``6s³``
   for QR3 and ``2s³`` for the shifted one, with their ``O(s²)`` work),
@@ -143,7 +143,7 @@ class AroRotate(MatrixStage):
   square matrices); and, where the rotated side is the larger (``s > t``),
   where ``C`` has rank ``≤ t`` and the reference's last ``s − t`` columns of
   ``Q`` and rows of ``QᵀA`` are roundoff that the clamp in ``f`` blows up to
-  full size (ALGORITHMS.md §13.1.4a), the exact-arithmetic values: the
+  full size (``tests/test_aro.py``), the exact-arithmetic values: the
   trailing Householder reflectors the identity and those rows zero (for
   either QR kind). Where ``F``'s leading ``r×t`` block is (nearly)
   singular — a dead unit's zero row — ``W`` is not defined and the stable

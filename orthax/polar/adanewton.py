@@ -2,7 +2,7 @@ r"""Per-shape Newton–Schulz coefficients (ROOT's "AdaNewton").
 
 He et al., *ROOT: Robust Orthogonalized Optimizer* (arXiv 2511.20626),
 ``huawei-noah/noah-research`` @ a99fb00 ``ROOT/examples/example_train.py``
-(``shared/ALGORITHMS.md`` §6, §12): one fixed quintic ``(a, b, c)`` per
+: one fixed quintic ``(a, b, c)`` per
 matrix shape, keyed by ``(min(m, n), max(m, n))``, Keller Jordan's triple
 for any other shape. Only the four shapes of the paper's 2048-wide model are
 published.
@@ -15,7 +15,7 @@ on whatever sample it is given; :func:`gaussian_sample_singular_values`
 provides the Gaussian one. ROOT's own sample was a 1:3 mix of real momentum
 matrices and Gaussian matrices, which we do not have: a Gaussian-only fit is
 more aggressive than ROOT's table (one 2048² Gaussian sample fits
-(3.3346, −4.2607, 1.7790), as ALGORITHMS.md §12 reports, vs ROOT's
+(3.3346, −4.2607, 1.7790) vs ROOT's
 (3.4916, −4.8224, 2.1095)), so fitted rows are *not* ROOT's.
 """
 

@@ -5,7 +5,7 @@ step, acting on singular values as ``p(σ) = aσ + bσ³ + cσ⁵``; steps beyon
 the table repeat its last row. A preset also fixes the normalizer applied
 before the first step and its default step count.
 
-Sources (see ``shared/ALGORITHMS.md`` §1–2):
+Sources:
 
 * ``jordan`` – K. Jordan, *Muon* (2024), fixed ``(3.4445, −4.7750, 2.0315)``.
 * ``polar_express`` – Amsel et al., *The Polar Express* (arXiv 2505.16932),

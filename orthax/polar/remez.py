@@ -2,7 +2,7 @@
 
 Reference: N. Amsel, D. Persson, C. Musco, R. M. Gower, *The Polar Express:
 Optimal Matrix Sign Methods and Their Application to the Muon Algorithm*,
-arXiv 2505.16932 (2025).  See also ``shared/ALGORITHMS.md`` §2.1.
+arXiv 2505.16932 (2025).
 
 A Newton–Schulz style iteration ``X ← a X + b (X Xᵀ) X + c (X Xᵀ)² X`` acts on
 each singular value ``σ`` of ``X`` as the odd quintic

@@ -11,7 +11,7 @@ keeps the singular vectors, leaves ``σ ≪ c`` almost unchanged
 
 Algorithm (Jiang, Semenov, Stich, *Enhancing LLM Training via Spectral
 Clipping*, arXiv 2603.14315; ``mlolab/llm-spectral-clipping`` @ ed9df11,
-``src/optim/post_process.py::clip_sigvals``; ``shared/ALGORITHMS.md`` §7.1):
+``src/optim/post_process.py::clip_sigvals``):
 
 1. Wide orientation (``m ≤ n``), ``S = XXᵀ``.
 2. ``λ̂ = min(max_i Σ_j |S_ij|, ‖S‖_F) ≥ λ_max(S)``.
@@ -28,8 +28,8 @@ Two step rules:
 * ``'plain'`` (the reference): ``a = 3/2, b = -1/2`` at every step. A
   direction with ``σ ≲ c`` starts at ``s = α^{-1/2} ≈ c/σ_max`` and grows by
   only 1.5× per step, so the reference's 10 steps fall short once
-  ``σ_max/c`` is large: relative error 0.17 at ``σ_max/c ≈ 600``
-  (ALGORITHMS.md §7.1), 7e-2 at 100 and still 1e-5 at 30 (``c = 1``,
+  ``σ_max/c`` is large: relative error 0.17 at ``σ_max/c ≈ 600``,
+  7e-2 at 100 and still 1e-5 at 30 (``c = 1``,
   64×64, float64; see ``tests/test_spectra.py``). About
   ``log(σ_max/c)/log 1.5 + 6`` steps are needed: 24 for ``σ_max/c = 1e3``.
 * ``'scaled'`` (default): the lower end ``ℓ`` of the interval

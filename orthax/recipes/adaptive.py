@@ -81,7 +81,7 @@ def normuon(
      \hat O &= \frac{O}{\sqrt v + ε}\cdot\frac{\|O\|_F}{\|O/(\sqrt v+ε)\|_F + ε}
         \cdot\sqrt{\max(1, m/n)},\qquad W \leftarrow W(1-ηλ) - η\hat O
 
-  ``reference='paper'`` (Algorithm 1, ALGORITHMS.md §12): plain EMA momentum
+  ``reference='paper'`` (the paper's Algorithm 1): plain EMA momentum
   (no Nesterov), no Frobenius restore, the step rescaled to RMS
   ``scale_rms·η`` (:func:`orthax.transforms.scale_to_rms`), decay with the
   unscaled η. Learning rates do not transfer between the two forms.
@@ -127,7 +127,8 @@ def normuon(
   per device, in one ``shard_map`` body per group (``then=`` stages of
   :func:`orthax.orthogonalize`), so they equal the single-device ones.
 
-  References: Li et al., arXiv 2510.05491; ALGORITHMS.md §3, §12.
+  References: Li et al., arXiv 2510.05491; reference code
+  ``zichongli5/NorMuon`` @ d45c9a4 (``normuon.py``).
   """
   _validate.arguments('normuon', normuon, locals())
   reference, lr = registry.resolve_mode('normuon', reference, learning_rate)
@@ -165,7 +166,7 @@ def normuon(
 
 # LANTON's modes. 'paper': the reconstruction as the paper establishes it
 # (Signum for embeddings and head, the LMO of the momentum itself, the inverse
-# noise level, no decay); 'orthax': the sweep's (ALGORITHMS.md §12; README).
+# noise level, no decay); 'orthax': the sweep's (docs/training.md).
 _LANTON_REFERENCES = {
     'orthax': dict(signum_pattern=None, nesterov=True, noise_power=0.25,
                    weight_decay=0.4),
@@ -278,7 +279,9 @@ def lanton(
     embed  (50, 8)  signum             0.003  0
     w      (8, 8)   matrix  1 x 8 x 8  0.08   0
 
-  References: Hao et al., arXiv 2510.14009; ALGORITHMS.md §8, §12.
+  References: Hao et al., arXiv 2510.14009 (no public code: see
+  :func:`orthax.transforms.layerwise_noise_adapt` for what is
+  reconstructed).
   """
   _validate.arguments('lanton', lanton, locals())
   reference, learning_rate = registry.resolve_mode('lanton', reference,

@@ -103,7 +103,7 @@ def aro(
   up-projection), ``C`` is rank-deficient, the last columns of the
   reference's ``Q`` are set by roundoff and the clamp in ``f`` blows their
   rows up to full size: its update there depends on the gradient's last
-  bits (ALGORITHMS.md §13.1.4a). Every mode computes what the reference's
+  bits (``tests/test_aro.py::test_tall_matrix_defect_of_dion_and_its_fix``). Every mode computes what the reference's
   arithmetic gives exactly, stably (``stable``: there, those rows zero; and
   everywhere the QR of ``C = M Fᵀ`` without forming the product, whose
   float32 error reaches 1e-3 on square matrices); ``stable=False`` keeps the

@@ -1,7 +1,8 @@
 """AuON and Hybrid-AuON: momentum divided by its cosh-RMS, the hybrid after
 Newton–Schulz steps.
 
-Specification: ``shared/ALGORITHMS.md`` §5 and §12.
+References: Maity, arXiv 2509.24320; ``ryyzn9/AuON`` (``auon/optimizer.py``
+@ bba2e82; ``Auon_Adam_train.py`` @ c87b862).
 """
 
 from __future__ import annotations

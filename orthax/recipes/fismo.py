@@ -45,7 +45,7 @@ def fismo(
 
   **A reconstruction.** The paper (Xu, Yan, Zhang, arXiv 2601.21750, ICML
   2026) has no public code; the rule follows a second-hand summary of its
-  Algorithm 1 (ALGORITHMS.md §13.2). For each routed matrix ``W`` (PyTorch
+  Algorithm 1. For each routed matrix ``W`` (PyTorch
   layout ``m×n``, ``m`` = fan-out: ``P`` acts on the Flax kernel's axis 1,
   ``Q`` on axis 0) with gradient ``G``:
 

@@ -13,7 +13,7 @@ from orthax import transforms as T
 from orthax.recipes import _common
 from orthax.recipes import registry
 
-# Per mode (ALGORITHMS.md §4): the step's shape factor c_s·k (the
+# Per mode: the step's shape factor c_s·k (the
 # repository's Moonlight factor, or Muon's spectral size), the matrices'
 # decay λ and the AdamW branch's (the repository's class default: λ).
 # λ multiplies the adaptive step min(α, 1), which is a fraction of the
@@ -106,7 +106,8 @@ _NAMO_DOC = r"""
   stage on whole matrices per device.
 
   References: Zhang, Liu, Schaeffer, *Adam Improves Muon* (arXiv
-  2602.17080); ALGORITHMS.md §4.
+  2602.17080); reference code ``minxin-zhg/namo`` @ a3f37b0
+  (``src/namo.py``).
   """
 
 

@@ -1,7 +1,8 @@
 """Clipping and robust recipes: SPECTRA and ROOT (AuON and Hybrid-AuON are
 in :mod:`orthax.recipes.auon`).
 
-Specifications: ``shared/ALGORITHMS.md`` §6 (ROOT), §7 and §12 (SPECTRA).
+References: :mod:`orthax.transforms.clip_outliers` (ROOT) and
+:mod:`orthax.transforms.spectral_clip` (SPECTRA) name the papers and code.
 """
 
 from __future__ import annotations

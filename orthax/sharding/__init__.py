@@ -1,4 +1,4 @@
-"""Distributing Newton–Schulz over a device mesh (DESIGN.md §4).
+"""Distributing Newton–Schulz over a device mesh (docs/distributed.md).
 
 Each device gets whole matrices: per group of same-shape matrices a static
 :class:`Plan` picks ``local`` (matrix dimensions unsharded, zero

@@ -1,5 +1,5 @@
-"""Several optimizers on one config, same seed and data: the table of
-MEASURING.md §3 and a loss-curve plot.
+"""Several optimizers on one config, same seed and data: a table (final
+loss, throughput, state size) and a loss-curve plot.
 
 For each optimizer and each learning-rate scale ``k`` the main branch's peak
 learning rate is ``k ×`` the config default (a recipe's AdamW branch keeps

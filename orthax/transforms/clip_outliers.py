@@ -2,7 +2,7 @@ r"""ROOT's proximal outlier suppression: clip each matrix at a quantile of |u|.
 
 He et al., *ROOT: Robust Orthogonalized Optimizer* (Huawei Noah, arXiv
 2511.20626); reference ``huawei-noah/noah-research`` @ a99fb00,
-``ROOT/examples/example_train.py``; ``shared/ALGORITHMS.md`` §6.
+``ROOT/examples/example_train.py``.
 """
 
 from __future__ import annotations

@@ -2,8 +2,7 @@ r"""AuON's cosh "brake": a linear-time normalization of each matrix update.
 
 D. Maity, *A Survey For Linear-time Orthogonal Optimizer* (AuON, arXiv
 2509.24320); reference ``ryyzn9/AuON`` (``auon/optimizer.py`` @ bba2e82,
-Jan 2026; original ``Auon_Adam_train.py`` @ c87b862, Oct 2025);
-``shared/ALGORITHMS.md`` §5.
+Jan 2026; original ``Auon_Adam_train.py`` @ c87b862, Oct 2025).
 """
 
 from __future__ import annotations

@@ -61,13 +61,13 @@ def layerwise_noise_adapt(
 
   **This is a reconstruction, not the paper's algorithm box**, which could
   not be read (Hao, Gong, Xu, Wang, Liu, *Noise-Adaptive Layerwise Learning
-  Rates*, arXiv 2510.14009; no public code). What is established (ALGORITHMS.md
-  §8, §12): the step is the Scion/Gluon LMO step
+  Rates*, arXiv 2510.14009; no public code). What is established (from the paper's
+  text): the step is the Scion/Gluon LMO step
   ``X_ℓ ← X_ℓ + η_ℓ·LMO_ℓ(B_ℓ)`` with EMA momentum
   ``B ← β1 B + (1-β1) G``; each layer's gradient noise is measured in the dual
   norm of its LMO norm and smoothed by an EMA; noisier layers get smaller
   rates within their group. The noise statistic and the noise→rate map below
-  are the reconstruction (ALGORITHMS.md §12), with each piece selectable.
+  are the reconstruction, with each piece selectable.
 
   A **combinator** (the library's one mechanism for a stage that needs an
   earlier signal): it wraps ``momentum`` and ``direction``, calls their

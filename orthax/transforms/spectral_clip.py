@@ -3,8 +3,7 @@ the raw gradients (pre-clip).
 
 Jiang, Semenov, Stich, *Enhancing LLM Training via Spectral Clipping*
 (arXiv 2603.14315, ICML 2026); reference code ``mlolab/llm-spectral-clipping``
-@ ed9df11 (``src/optim/spectra.py``, ``src/optim/post_process.py``);
-``shared/ALGORITHMS.md`` §7. The matrix function is
+@ ed9df11 (``src/optim/spectra.py``, ``src/optim/post_process.py``). The matrix function is
 :func:`orthax.polar.soft_clip_matrix`.
 """
 
