@@ -13,7 +13,7 @@ The defaults are right for Flax NNX and linen models::
   LM head (lm_head, head, unembed…, logits)   -> adam
   norms (…norm…, ln…), bias, scale            -> adam   (any rank: stacked too)
   vectors and scalars (ndim <= 1)             -> adam
-  …conv… kernels (ndim >= 3)                  -> matrix, window+in = fan-in
+  …conv…/…Conv… kernels (ndim >= 3)          -> matrix, window+in = fan-in
   kernel / weight / w (ndim 2 or 3)           -> matrix, leading axis = layers
   any other 2-D leaf                          -> matrix
 
@@ -91,9 +91,10 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule(r'(^|/)([^/]*norm[^/]*|ln[^/]*)(/|$)', 'adam'),
     Rule(r'(^|/)(bias|scale|[^/]*_bias|[^/]*_scale)$', 'adam'),
     Rule(r'', 'adam', ndims=_VECTOR_RANKS),
-    Rule(r'conv[^/]*/kernel$', 'matrix', MatrixSpec.conv(3), ndims=(3,)),
-    Rule(r'conv[^/]*/kernel$', 'matrix', MatrixSpec.conv(4), ndims=(4,)),
-    Rule(r'conv[^/]*/kernel$', 'matrix', MatrixSpec.conv(5), ndims=(5,)),
+    # Any case: linen names its convolutions Conv_0, ConvTranspose_0, ...
+    Rule(r'(?i)conv[^/]*/kernel$', 'matrix', MatrixSpec.conv(3), ndims=(3,)),
+    Rule(r'(?i)conv[^/]*/kernel$', 'matrix', MatrixSpec.conv(4), ndims=(4,)),
+    Rule(r'(?i)conv[^/]*/kernel$', 'matrix', MatrixSpec.conv(5), ndims=(5,)),
     Rule(r'(^|/)(kernel|weight|w)$', 'matrix'),
     Rule(r'', 'matrix', ndims=(2,)),
 )

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -298,6 +299,22 @@ def check_inject_every_hyperparam(make: Make, fn, kwargs=None):
   state = tx.init(plain.params[0])
   injected = sorted(state.hyperparams)
   assert 'learning_rate' in injected, injected
+  # Each injected value is the one state entry of its name: optax's
+  # tree_get / tree_set(state, weight_decay=...) (how a decay is scheduled
+  # by hand) must not reach a stage of the chain that shares the name.
+  # (Hyperparameters that default to None are injected only when given.)
+  given = {k: 0.1 for k in ('weight_decay', 'adam_weight_decay')
+           if inspect.signature(fn).parameters.get(k) is not None}
+  for st in (state, optax.inject_hyperparams(fn)(
+      learning_rate=LR, **(kwargs or {}), **given).init(plain.params[0])):
+    treedef = jax.tree.structure(st)
+    for name in st.hyperparams:
+      np.testing.assert_array_equal(
+          np.asarray(_get(st, name, 'injected')),
+          np.asarray(st.hyperparams[name]), err_msg=name)
+      same = optax.tree.set(st, **{name: st.hyperparams[name]})
+      assert jax.tree.structure(same) == treedef, (
+          f'optax.tree.set(state, {name}=...) changed the state\'s structure')
   u, state = tx.update(plain.grads[0], state, plain.params[0])  # eager: cheap
   assert_trees_close(u, plain.updates[0], rtol=1e-6, atol=1e-6,
                      what=f'inject_hyperparams(recipe) injecting {injected}')

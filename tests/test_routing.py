@@ -24,6 +24,9 @@ def linen_like_tree():
           'blocks': {'mlp': {'kernel': z((4, 16, 64)), 'bias': z((4, 64))},
                      'norm': {'scale': z((4, 16))}},
           'conv1': {'kernel': z((3, 3, 4, 8))},
+          # linen's own names for nn.Conv / nn.ConvTranspose (1-D and 3-D).
+          'Conv_0': {'kernel': z((3, 4, 8))},
+          'ConvTranspose_0': {'kernel': z((2, 2, 2, 8, 4))},
           'ln_f': {'scale': z(16)},
           'lm_head': {'kernel': z((16, 50))},
       }
@@ -43,6 +46,8 @@ EXPECTED = {
     'params/blocks/mlp/bias': ('adam', None),       # 2-D: optax sends it to Muon
     'params/blocks/norm/scale': ('adam', None),     # 2-D: optax sends it to Muon
     'params/conv1/kernel': ('matrix', (1, 36, 8)),
+    'params/Conv_0/kernel': ('matrix', (1, 12, 8)),  # not 3 stacked 4×8
+    'params/ConvTranspose_0/kernel': ('matrix', (1, 64, 4)),
     'params/ln_f/scale': ('adam', None),
     'params/lm_head/kernel': ('adam', None),
 }

@@ -268,3 +268,44 @@ def test_brief_error_text():
   assert checkpoint._brief(long) == 'ValueError: read failed ...'  # pylint: disable=protected-access
   assert checkpoint._brief(OSError('x' * 1000)).endswith('x ...')  # pylint: disable=protected-access
   assert checkpoint._brief(KeyError('k')) == "KeyError: 'k'"  # pylint: disable=protected-access
+
+
+def test_a_stage_under_its_former_name_restores(tmp_path):
+  """Checkpoints written before the matrix chains' ``'weight_decay'`` stage
+  became ``'decoupled_weight_decay'`` (under ``inject_hyperparams`` the old
+  name clashed with the hyperparameter) hold it under the old name: it is
+  read there, and the hyperparameter of that name stays where it is."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import orthax  # pylint: disable=g-import-not-at-top
+  params = {'w': jnp.arange(128.).reshape(8, 16) / 128, 'b': jnp.zeros(16)}
+  tx = optax.inject_hyperparams(orthax.muon)(learning_rate=0.02,
+                                             weight_decay=0.125)
+  state = tx.init(params)
+  for k in range(3):
+    _, state = tx.update(jax.tree.map(lambda x: jnp.cos(x + k), params),
+                         state, params)
+  old = checkpoint._under_former_names(state)  # pylint: disable=protected-access
+  paths = lambda t: {orthax._tree.path_str(p) for p, _ in  # pylint: disable=protected-access
+                     jax.tree_util.tree_flatten_with_path(t)[0]}
+  gone = paths(state) - paths(old)
+  assert gone and all('matrix/inner_state/decoupled_weight_decay/' in p
+                      for p in gone), gone
+  assert 'hyperparams/weight_decay' in paths(old)
+  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
+  ck.save(3, old, force=True)
+  ck.seal_if_written()
+  ck.close()
+  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
+  restored, step = ck.restore_intact(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+  assert step == 3
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Another run's state is still refused, by its paths.
+  with pytest.raises(checkpoint.CheckpointMismatchError, match='here only'):
+    ck.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            {**state._asdict(), 'extra': jnp.zeros(2)}))
+  ck.close()

@@ -87,14 +87,15 @@ def adam_weight_decay(given: float | None, defaults: dict[str, Any],
 def step_stages(learning_rate: optax.ScalarOrSchedule, weight_decay: Any,
                 **kwargs) -> list[tuple[str, optax.GradientTransformation]]:
   """The closing stages of a matrix chain: ``('scale_by_learning_rate',
-  ...)`` then ``('weight_decay', decoupled_weight_decay(weight_decay,
-  learning_rate=learning_rate, **kwargs))``."""
+  ...)`` then ``('decoupled_weight_decay', decoupled_weight_decay(
+  weight_decay, learning_rate=learning_rate, **kwargs))``."""
   return [
-      # Not named 'learning_rate': that name is optax.inject_hyperparams'
-      # own, and optax.tree.get(state, 'learning_rate') must find it
-      # unambiguously.
+      # Not named 'learning_rate' or 'weight_decay': those are hyperparameter
+      # names, and under optax.inject_hyperparams optax.tree_utils.tree_get
+      # and tree_set(state, weight_decay=...) must find the injected value
+      # alone (a stage of that name was overwritten by the number).
       ('scale_by_learning_rate', optax.scale_by_learning_rate(learning_rate)),
-      ('weight_decay', T.decoupled_weight_decay(
+      ('decoupled_weight_decay', T.decoupled_weight_decay(
           weight_decay, learning_rate=learning_rate, **kwargs)),
   ]
 
