@@ -166,8 +166,8 @@ matrix_branch = optax.named_chain(
     ('scale_by_shape', orthax.scale_by_shape('keller',
                                              matrix_specs=router.specs)),
     ('scale_by_learning_rate', optax.scale_by_learning_rate(MATRIX_LR)),
-    ('weight_decay', orthax.decoupled_weight_decay(WEIGHT_DECAY,
-                                                   learning_rate=MATRIX_LR)),
+    ('decoupled_weight_decay', orthax.decoupled_weight_decay(
+        WEIGHT_DECAY, learning_rate=MATRIX_LR)),
 )
 tx = optax.partition(
     {'matrix': matrix_branch,
