@@ -321,3 +321,28 @@ def test_static_dct_arguments_under_inject_hyperparams_say_so():
   tx = optax.inject_hyperparams(orthax.dct_adamw, static_args=(
       'update_every',))(update_every=10)
   tx.update(p, tx.init(p), p)
+
+
+@pytest.mark.parametrize('name', sorted(TRANSFORMS))
+def test_every_transform_runs_under_inject_hyperparams_with_its_defaults(
+    name):
+  """optax injects every numeric default: none may be a value that fixes
+  the program (``orthogonalize``'s ``restart_every=2`` was, and failed
+  under ``jit``); such arguments default to ``None``."""
+  fn, required = TRANSFORMS[name]
+  params = {'w': jax.random.normal(jax.random.key(0), (8, 12))}
+  tx = optax.inject_hyperparams(fn)(**required())
+  state = tx.init(params)
+  updates, _ = jax.jit(tx.update)(params, state, params)
+  assert np.isfinite(np.asarray(updates['w'])).all()
+
+
+def test_orthogonalize_restart_every_is_static():
+  with pytest.raises(TypeError, match='restart_every must be an int.*'
+                     'static_args'):
+    orthax.orthogonalize(restart_every=np.asarray(2))
+  g = {'w': jax.random.normal(jax.random.key(0), (8, 32))}
+  run = lambda **kw: orthax.orthogonalize(method='gram', **kw).update(
+      g, optax.EmptyState())[0]['w']
+  np.testing.assert_array_equal(run(), run(restart_every=2))
+  assert not np.array_equal(run(), run(restart_every=0))  # never restarts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -15,6 +16,7 @@ from orthax import engine
 from orthax import matrix_stages
 from orthax import polar
 from orthax import sharding
+from orthax.polar import gram
 from orthax.transforms import matrix_stage
 
 
@@ -80,7 +82,7 @@ def orthogonalize(
     matrix_specs: _tree.SpecsLike = None,
     group: bool = True,
     method: str = 'auto',
-    restart_every: int | None = 2,
+    restart_every: int | None = None,
     coeffs_for_shape: str | Mapping[tuple[int, int], Any] | None = None,
     distributed: sharding.Distributed | None = None,
     then: Sequence[matrix_stages.MatrixStage] = (),
@@ -113,7 +115,9 @@ def orthogonalize(
       small Gram matrix, fewer FLOPs for rectangular matrices, equal in exact
       arithmetic) or ``'auto'`` (Gram where it saves FLOPs and the iteration
       is float32 or wider; see :func:`orthax.polar.choose_method`).
-    restart_every: Gram Newton–Schulz restart period (its stability fix).
+    restart_every: Gram Newton–Schulz restart period (its stability fix):
+      default 2, ``0`` never restarts. A Python int (it fixes the program:
+      with ``optax.inject_hyperparams`` pass it in ``static_args``).
     coeffs_for_shape: per-shape coefficient tables, ``'root'`` (ROOT's
       AdaNewton table, :data:`orthax.polar.ROOT_TABLE`) or a mapping
       ``(min(m, n), max(m, n)) -> row or rows``; a matrix whose shape (either
@@ -148,6 +152,13 @@ def orthogonalize(
   Zhang, Amsel, Chen, Dao, *Gram Newton–Schulz* (Dao AI Lab blog, 2026).
   """
   _validate.arguments('orthogonalize', orthogonalize, locals())
+  if restart_every is None:
+    restart_every = gram.DEFAULT_RESTART_EVERY
+  elif isinstance(restart_every, bool) or not isinstance(
+      restart_every, numbers.Integral):
+    raise TypeError(f'orthogonalize: restart_every must be an int, got '
+                    f'{restart_every!r} (a static value: pass it in '
+                    'static_args of optax.inject_hyperparams).')
   stages = _check_stages(then)
   polar.get_preset(preset)  # fail early on unknown names
   polar.choose_method(1, 1, 1, 'float32', method)  # …and unknown methods
