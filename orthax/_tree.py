@@ -74,6 +74,23 @@ def _is_spec_leaf(s: Any) -> bool:
   return s is None or isinstance(s, MatrixSpec)
 
 
+def _specs_by_path(specs: Any, treedef: Any, n: int) -> list | None:
+  """Each leaf's spec found by its path, when the two trees differ only
+  where the updates have no leaf: under ``optax.masked`` or
+  ``optax.partition`` a parameter of another branch is a ``MaskedNode``
+  in the updates and a spec (or ``None``) in the spec tree. ``None`` if a
+  leaf has no spec at its path."""
+  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(
+      jax.tree.unflatten(treedef, [0] * n))[0]]
+  by_path = dict(jax.tree_util.tree_flatten_with_path(
+      specs, is_leaf=_is_spec_leaf)[0])
+  found = [by_path.get(p, _MISSING) for p in paths]
+  return None if any(s is _MISSING for s in found) else found
+
+
+_MISSING = object()
+
+
 def specs_per_leaf(specs: Any, treedef: Any, n: int, what: str,
                    none_means: str = '') -> list:
   """The spec of each of the ``n`` leaves of ``treedef`` from a tree of
@@ -83,6 +100,8 @@ def specs_per_leaf(specs: Any, treedef: Any, n: int, what: str,
   try:
     per_leaf = treedef.flatten_up_to(specs)
   except (ValueError, TypeError):
+    per_leaf = _specs_by_path(specs, treedef, n)
+  if per_leaf is None:
     per_leaf = jax.tree.leaves(specs, is_leaf=_is_spec_leaf)
   per_leaf = [s for s in per_leaf if _is_spec_leaf(s)]
   if len(per_leaf) != n:

@@ -28,7 +28,8 @@ from orthax import engine
 
 Rules = Mapping[str, str | tuple[str, ...] | None]
 
-__all__ = ['logical_to_spec', 'param_specs', 'state_shardings', 'state_specs']
+__all__ = ['logical_to_spec', 'param_specs', 'spec_per_param',
+           'state_shardings', 'state_specs']
 
 
 def _is_spec(x: Any) -> bool:
@@ -115,6 +116,32 @@ def _keys(path) -> tuple:
                for k in path)
 
 
+def spec_per_param(params: Any, specs: Any) -> list[P]:
+  """The ``PartitionSpec`` of each leaf of ``params``, in flatten order,
+  from ``specs`` shaped like ``params``: a ``None`` entry (unspecified) is
+  ``P()``, a ``NamedSharding`` its spec.
+
+  Raises:
+    ValueError: ``specs`` is not shaped like ``params`` (naming both
+      structures' difference), or an entry is neither.
+  """
+  paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+  try:
+    flat = treedef.flatten_up_to(specs)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'specs must be shaped like the parameters: {e}'
+                     ) from None
+  out = []
+  for (path, _), spec in zip(paths, flat):
+    spec = spec.spec if isinstance(spec, NamedSharding) else spec
+    if spec is not None and not _is_spec(spec):
+      name = '/'.join(map(str, _keys(path)))
+      raise ValueError(f'specs: parameter {name!r} has {spec!r}, not a '
+                       'PartitionSpec (or None: replicated).')
+    out.append(P() if spec is None else spec)
+  return out
+
+
 def state_specs(abstract_opt_state: Any, params: Any, specs: Any) -> Any:
   """A ``PartitionSpec`` tree for an optimizer state, mirroring the params.
 
@@ -144,16 +171,16 @@ def state_specs(abstract_opt_state: Any, params: Any, specs: Any) -> Any:
       (``jax.eval_shape(tx.init, params)``) or concrete.
     params: the parameters it was built from (arrays or
       ``jax.ShapeDtypeStruct``\\ s).
-    specs: the parameters' ``PartitionSpec`` tree (same structure).
+    specs: the parameters' ``PartitionSpec`` tree (same structure;
+      ``None`` entries are replicated).
 
   Returns:
     A tree of the optimizer state's structure with a ``PartitionSpec`` at
     every leaf.
   """
   by_path = {}
-  flat_specs = jax.tree.leaves(specs, is_leaf=_is_spec)
   for (path, x), spec in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                             flat_specs):
+                             spec_per_param(params, specs)):
     by_path[_keys(path)] = (tuple(x.shape), spec)
   lengths = sorted({len(k) for k in by_path}, reverse=True)
 

@@ -125,6 +125,26 @@ def test_state_specs_of_a_plain_optax_state():
   assert got[0].mu == specs and got[0].nu == specs
 
 
+def test_state_specs_with_none_entries_and_a_mismatched_tree():
+  """A ``None`` spec (unspecified: replicated) keeps its place: it was
+  dropped from the flattened specs, and every later parameter took the
+  spec of the one after it (a bias got a matrix's 2-entry spec, the
+  matrix's momentum P())."""
+  params = {'a_bias': jax.ShapeDtypeStruct((32,), jnp.float32),
+            'w': jax.ShapeDtypeStruct((64, 32), jnp.float32)}
+  specs = {'a_bias': None, 'w': P('fsdp', None)}
+  state = jax.eval_shape(orthax.muon(0.02).init, params)
+  got = orthax.flax.state_specs(state, params, specs)
+  adam = optax.tree.get(got, 'adam').inner_state[0]
+  assert adam.mu['a_bias'] == P()
+  assert optax.tree.get(got, 'momentum').mu['w'] == P('fsdp', None)
+  with pytest.raises(ValueError, match='specs must be shaped like the '
+                     'parameters'):
+    orthax.flax.state_specs(state, params, {'w': P('fsdp', None)})
+  with pytest.raises(ValueError, match="parameter 'w' has 'fsdp'"):
+    orthax.flax.state_specs(state, params, {'a_bias': None, 'w': 'fsdp'})
+
+
 def test_state_shardings_jit_an_init():
   mesh = jax.make_mesh((1, 1), ('fsdp', 'tensor'))
   rules = {k: v for k, v in RULES.items() if k != 'batch'}

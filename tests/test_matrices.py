@@ -1,5 +1,6 @@
 """Matrix views, grouping, and the transforms that use them."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -80,6 +81,37 @@ def test_orthogonalize_stacked_and_conv_leaves():
     np.testing.assert_allclose(s, 1, atol=1e-3)
   s = np.linalg.svd(np.asarray(out['conv']).reshape(36, 6), compute_uv=False)
   np.testing.assert_allclose(s, 1, atol=1e-3)
+
+
+@pytest.mark.parametrize('wrap', ['partition', 'masked'])
+def test_a_spec_tree_works_inside_partition_and_masked(wrap):
+  """``router.specs(params)``, the whole tree, given to a transform that
+  optax.partition / optax.masked hands a ``MaskedNode`` for every leaf of
+  another branch: the specs are matched by path (they were counted, and
+  the extra ones made an error that asked for what had been given)."""
+  rng = np.random.default_rng(5)
+  params = {'b': jnp.zeros(12),
+            'w': jnp.asarray(rng.standard_normal((8, 12)), jnp.float32),
+            'stack': {'kernel': jnp.asarray(rng.standard_normal((3, 12, 8)),
+                                            jnp.float32)}}
+  router = orthax.Router()
+  labels = router.quiet_labels(params)
+
+  def run(specs):
+    tx = orthax.orthogonalize(matrix_specs=specs)
+    if wrap == 'partition':
+      tx = optax.partition({'matrix': tx, 'adam': optax.sgd(1.0)}, labels)
+    else:
+      tx = optax.masked(tx, jax.tree.map(lambda l: l == 'matrix', labels))
+    return tx.update(params, tx.init(params), params)[0]
+
+  by_tree, by_callable = run(router.specs(params)), run(router.specs)
+  for a, b in zip(jax.tree.leaves(by_tree), jax.tree.leaves(by_callable)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for i in range(3):  # the stack as three layers
+    s = np.linalg.svd(np.asarray(by_tree['stack']['kernel'][i]),
+                      compute_uv=False)
+    assert np.all(np.abs(s - 1) < 0.35), s
 
 
 def test_orthogonalize_group_flag_is_numerically_neutral():

@@ -128,6 +128,19 @@ def test_logical_axes_name_every_parameter():
     model_lib.logical_axes({'extra': {'kernel': np.zeros((2, 2))}})
 
 
+def test_check_divisible_names_the_parameter_and_reads_none_as_replicated():
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  params = {'b': np.zeros(6), 'w': np.zeros((8, 6))}
+  # A None entry is replicated and keeps its place (the check zipped the
+  # flattened specs, which drop None, against every parameter).
+  partitioning.check_divisible(params, {'b': None, 'w': P('fsdp', None)},
+                               {'fsdp': 4})
+  with pytest.raises(ValueError, match="parameter 'w' of shape \\(8, 6\\): "
+                     "dimension 6 is sharded over mesh axis 'tensor' of size 4"):
+    partitioning.check_divisible(params, {'b': None, 'w': P(None, 'tensor')},
+                                 {'tensor': 4})
+
+
 def test_stacked_kernels_route_as_matrices():
   import orthax  # pylint: disable=g-import-not-at-top
   _, _, params = model_lib.abstract(model_lib.GPTConfig(num_layers=3))

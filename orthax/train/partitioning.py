@@ -85,8 +85,7 @@ def check_divisible(params: Any, specs: Any,
   mesh axis size (``sizes``: axis name → size) does not divide."""
   sizes = dict(sizes)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-  for (path, x), spec in zip(flat, flat_specs):
+  for (path, x), spec in zip(flat, orthax_flax.spec_per_param(params, specs)):
     for dim, ax in zip(x.shape, tuple(spec)):
       size = math.prod(sizes[a] for a in (
           () if ax is None else ax if isinstance(ax, tuple) else (ax,)))
