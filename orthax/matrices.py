@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -26,8 +27,19 @@ import jax.numpy as jnp
 Axes = tuple[int, ...]
 
 
-def _axes(a: int | Iterable[int]) -> Axes:
-  return (a,) if isinstance(a, int) else tuple(a)
+def _axes(a: int | Iterable[int], what: str = 'MatrixSpec axes') -> Axes:
+  """``a`` (an int or a sequence of ints, NumPy's included) as a tuple of
+  Python ints; ``TypeError`` naming ``what`` otherwise."""
+  items = (a,) if isinstance(a, numbers.Integral) else a
+  try:
+    items = tuple(items)
+  except TypeError:
+    items = None
+  if items is None or not all(isinstance(x, numbers.Integral)
+                              and not isinstance(x, bool) for x in items):
+    raise TypeError(f'{what} must be an int or a sequence of ints, got '
+                    f'{a!r}.')
+  return tuple(int(x) for x in items)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +55,10 @@ class MatrixSpec:
   fan_out: Axes = (-1,)
 
   def __post_init__(self):
-    object.__setattr__(self, 'fan_in', _axes(self.fan_in))
-    object.__setattr__(self, 'fan_out', _axes(self.fan_out))
+    object.__setattr__(self, 'fan_in', _axes(self.fan_in, 'MatrixSpec '
+                                             'fan_in'))
+    object.__setattr__(self, 'fan_out', _axes(self.fan_out, 'MatrixSpec '
+                                              'fan_out'))
     if not self.fan_in or not self.fan_out:
       raise ValueError(f'MatrixSpec needs fan_in and fan_out axes: {self}.')
 
@@ -66,10 +80,14 @@ class MatrixSpec:
 
     The two non-stack axes, in order, are fan-in and fan-out.
     """
+    if ndim != 3:
+      raise ValueError(f'stacked() describes 3-D leaves, got ndim={ndim}.')
+    (layer_axis,) = _axes(layer_axis, 'stacked(): layer_axis')
+    if not -ndim <= layer_axis < ndim:
+      raise ValueError(f'stacked(): layer_axis {layer_axis} is not an axis '
+                       f'of a {ndim}-D leaf (-{ndim} to {ndim - 1}).')
     la = layer_axis % ndim
     rest = [a for a in range(ndim) if a != la]
-    if len(rest) != 2:
-      raise ValueError(f'stacked() describes 3-D leaves, got ndim={ndim}.')
     return cls((rest[0],), (rest[1],))
 
   @classmethod

@@ -68,8 +68,26 @@ class Rule:
     except (re.error, TypeError) as e:
       raise ValueError(f'Rule pattern {self.pattern!r} is not a regular '
                        f'expression: {e}.') from None
+    if self.spec is not None and not isinstance(self.spec, MatrixSpec):
+      raise TypeError(f'Rule {self.pattern!r}: spec must be an '
+                      f'orthax.MatrixSpec or None, got {self.spec!r}.')
+    if self.spec is not None and self.label != 'matrix':
+      raise ValueError(f'Rule {self.pattern!r}: a spec is for label '
+                       f"'matrix', not {self.label!r}.")
     if self.ndims is not None:
-      object.__setattr__(self, 'ndims', tuple(self.ndims))
+      ndims = (self.ndims,) if isinstance(self.ndims, numbers.Integral) \
+          else self.ndims
+      try:
+        ndims = tuple(ndims)
+      except TypeError:
+        ndims = None
+      if ndims is None or not all(isinstance(n, numbers.Integral)
+                                  and not isinstance(n, bool) and n >= 0
+                                  for n in ndims):
+        raise TypeError(f'Rule {self.pattern!r}: ndims must be a rank or a '
+                        f'sequence of ranks (ints >= 0), got '
+                        f'{self.ndims!r}.')
+      object.__setattr__(self, 'ndims', tuple(int(n) for n in ndims))
 
   def matches(self, path: str, ndim: int) -> bool:
     return ((self.ndims is None or ndim in self.ndims)
@@ -100,6 +118,21 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 )
 
 
+def _rule_list(rules: Any, what: str) -> tuple[Rule, ...]:
+  """``rules`` as a tuple of :class:`Rule`; ``TypeError`` naming the
+  argument for anything else (one Rule not in a list, a string)."""
+  if isinstance(rules, (Rule, str)) or not isinstance(rules, Iterable):
+    raise TypeError(f'Router: {what} must be a sequence of orthax.Rule, got '
+                    f'{rules!r}' + (' (wrap it in a list)' if isinstance(
+                        rules, Rule) else '') + '.')
+  rules = tuple(rules)
+  bad = [r for r in rules if not isinstance(r, Rule)]
+  if bad:
+    raise TypeError(f'Router: {what} must hold orthax.Rule objects, got '
+                    f'{bad[0]!r}.')
+  return rules
+
+
 def _check_max_side(max_side: Any) -> int:
   if (isinstance(max_side, bool) or not isinstance(max_side, numbers.Integral)
       or max_side < 1):
@@ -124,8 +157,9 @@ class Router:
 
   def __init__(self, rules: Sequence[Rule] | None = None, *,
                extra_rules: Iterable[Rule] = (), max_side: int | None = None):
-    self.rules = tuple(extra_rules) + tuple(
-        DEFAULT_RULES if rules is None else rules)
+    self.rules = (_rule_list(extra_rules, 'extra_rules')
+                  + _rule_list(DEFAULT_RULES if rules is None else rules,
+                               'rules'))
     self.max_side = None if max_side is None else _check_max_side(max_side)
 
   def route_one(self, path: str, shape: Sequence[int]) -> Route:

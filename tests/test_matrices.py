@@ -45,6 +45,16 @@ def test_bad_spec_names_problem():
     MatrixSpec((0,), (5,)).resolve((3, 4))
   with pytest.raises(ValueError, match='twice'):
     MatrixSpec((0,), (0,)).resolve((3, 4))
+  # An axis out of range was wrapped (stacked(3) read as stacked(0)).
+  for axis in (3, -4):
+    with pytest.raises(ValueError, match=f'layer_axis {axis} is not an axis'):
+      MatrixSpec.stacked(axis)
+  assert MatrixSpec.stacked(-1) == MatrixSpec.stacked(2)
+  # NumPy ints are ints; anything else names the argument.
+  assert MatrixSpec(np.int64(0), [np.int32(1)]) == MatrixSpec((0,), (1,))
+  for bad in ('0', 1.0, [0, 'x'], None, True):
+    with pytest.raises(TypeError, match='MatrixSpec fan_in must be an int'):
+      MatrixSpec(bad, 1)
 
 
 def test_grouping_merges_orientations_and_keeps_order():
@@ -185,6 +195,29 @@ def test_decoupled_weight_decay(cautious):
   np.testing.assert_allclose(out, d - 0.1 * 0.25 * w * mask, rtol=1e-6)
   with pytest.raises(ValueError, match='needs params'):
     tx.update(d, s)
+
+
+def test_weight_decay_masks_may_be_prefixes_as_in_optax():
+  """A mask with one boolean per subtree (optax's masks may be a prefix of
+  the parameters) decays the same leaves as ``optax.add_decayed_weights``
+  (whose sign convention is the gradient's); it was a raw structure error."""
+  params = {'b': jnp.ones(3), 'w': jnp.full((2, 3), 2.0),
+            'mlp': {'kernel': jnp.full((3, 2), 4.0), 'bias': jnp.ones(2)}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  prefix = {'b': False, 'w': True, 'mlp': True}
+  full = {'b': False, 'w': True, 'mlp': {'kernel': True, 'bias': True}}
+  ours = [orthax.decoupled_weight_decay(0.5, mask=m) for m in
+          (prefix, full, lambda p: prefix)]
+  theirs = optax.add_decayed_weights(0.5, mask=prefix)
+  want = theirs.update(zeros, theirs.init(params), params)[0]
+  for tx in ours:
+    got = tx.update(zeros, tx.init(params), params)[0]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a), -np.asarray(b))
+  with pytest.raises(ValueError, match='decoupled_weight_decay: mask must '
+                     'be a tree of booleans shaped like the parameters'):
+    tx = orthax.decoupled_weight_decay(0.5, mask={'b': True, 'x': True})
+    tx.update(zeros, tx.init(params), params)
 
 
 def test_weight_decay_rate_scale_per_matrix():

@@ -344,3 +344,29 @@ def test_routing_warnings_are_shown_once_per_message():
   assert len(messages) == len(set(messages)), messages
   kinds = {w.category for w in record}
   assert {orthax.OutputLayerWarning, orthax.MatrixViewWarning} <= kinds, kinds
+
+
+def test_rule_and_router_arguments_are_checked_when_built():
+  """Each used to pass construction and fail later (or never): ndims=3 in
+  iteration, spec=(0, 1) at the first route, rules='w' as a rule per
+  character, one Rule for extra_rules in iteration."""
+  assert Rule('w', 'matrix', ndims=3).ndims == (3,)
+  assert Rule('w', 'matrix', ndims=[np.int64(2), 3]).ndims == (2, 3)
+  for bad in ('3', 2.0, [2, None]):
+    with pytest.raises(TypeError, match="Rule 'w': ndims must be"):
+      Rule('w', 'matrix', ndims=bad)
+  with pytest.raises(TypeError, match="Rule 'w': spec must be an "
+                     'orthax.MatrixSpec'):
+    Rule('w', 'matrix', spec=(0, 1))
+  with pytest.raises(ValueError, match="a spec is for label 'matrix'"):
+    Rule('w', 'adam', spec=MatrixSpec())
+  with pytest.raises(TypeError, match='Router: rules must be a sequence of '
+                     'orthax.Rule'):
+    Router(rules='w')
+  with pytest.raises(TypeError, match=r'extra_rules .*\(wrap it in a list\)'):
+    Router(extra_rules=Rule('w', 'adam'))
+  with pytest.raises(TypeError, match='must hold orthax.Rule objects'):
+    Router(extra_rules=[Rule('w', 'adam'), ('b', 'adam')])
+  with pytest.raises(ValueError, match='orthogonalize: normalizer must be '
+                     "one of .*got 'frobenious'"):
+    orthax.orthogonalize(normalizer='frobenious')

@@ -161,6 +161,9 @@ def orthogonalize(
                     'static_args of optax.inject_hyperparams).')
   stages = _check_stages(then)
   polar.get_preset(preset)  # fail early on unknown names
+  if normalizer is not None and normalizer not in polar.NORMALIZERS:
+    raise ValueError(f'orthogonalize: normalizer must be one of '
+                     f'{polar.NORMALIZERS}, got {normalizer!r}.')
   polar.choose_method(1, 1, 1, 'float32', method)  # …and unknown methods
   ns = functools.partial(
       polar.orthogonalize_stack, preset=preset, steps=steps, coeffs=coeffs,

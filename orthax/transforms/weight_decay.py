@@ -18,6 +18,20 @@ class WeightDecayState(NamedTuple):
   count: jax.Array  # steps taken, for a learning-rate schedule
 
 
+def _mask_per_leaf(mask: Any, updates: Any, treedef: Any) -> list:
+  """One boolean per leaf of ``updates`` from ``mask``, a tree of booleans
+  shaped like the parameters or a prefix of them (as optax's masks: one
+  boolean for a whole subtree)."""
+  try:
+    full = jax.tree.map(lambda k, sub: jax.tree.map(lambda _: k, sub),
+                        mask, updates)
+    return treedef.flatten_up_to(full)
+  except (ValueError, TypeError) as e:
+    raise ValueError('decoupled_weight_decay: mask must be a tree of '
+                     'booleans shaped like the parameters or a prefix of '
+                     f'them: {e}') from None
+
+
 def decoupled_weight_decay(
     weight_decay: float | jax.Array,
     *,
@@ -50,7 +64,9 @@ def decoupled_weight_decay(
     weight_decay: λ.
     learning_rate: η (number or schedule) multiplying λ, or ``None``.
     cautious: decay only where ``sign(Δ) = -sign(W)``.
-    mask: optional tree (or callable) of booleans choosing the decayed leaves.
+    mask: optional tree (or callable ``params -> tree``) of booleans
+      choosing the decayed leaves, shaped like the parameters or a prefix of
+      them (one boolean for a whole subtree), as optax's masks.
     step_scale: a :func:`orthax.scale_by_shape` mode; multiplies the rate by
       the update's own step size ``η_t·shape_factor`` of each matrix, i.e.
       ``Δ ← Δ - λ η_t (η_t s) W``. modded-nanogpt's NorMuon decays this way
@@ -113,11 +129,9 @@ def decoupled_weight_decay(
       return (d - r * decay).astype(d.dtype)
 
     ws = treedef.flatten_up_to(params)
-    if mask is None:
-      keep = [True] * len(leaves)
-    else:
-      m = mask(params) if callable(mask) else mask
-      keep = treedef.flatten_up_to(m)
+    keep = ([True] * len(leaves) if mask is None
+            else _mask_per_leaf(mask(params) if callable(mask) else mask,
+                                updates, treedef))
     new = [leaf(d, w, r) if k else d
            for d, w, r, k in zip(leaves, ws, rates, keep)]
     return jax.tree.unflatten(treedef, new), new_state
