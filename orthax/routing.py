@@ -240,14 +240,14 @@ class Router:
     vocabulary (the rows of an ``…embed…`` table in ``tree``), or it is the
     last matrix of the tree (in natural path order, ``Dense_2`` before
     ``Dense_10``), the tree has other matrices, and its fan-out is no
-    matrix's fan-in (nothing consumes its output: a classifier's ``classes``
-    outputs). Output layers usually train better with AdamW."""
+    matrix's fan-in nor any one fan-in axis, e.g. a conv's input channels
+    (nothing consumes its output: a classifier's ``classes`` outputs). Output layers usually train better with AdamW."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     leaves = [(_tree.path_str(p), tuple(getattr(x, 'shape', ())))
               for p, x in flat]
     vocab = {shape[0] for path, shape in leaves if len(shape) == 2
              and DEFAULT_RULES[0].matches(path, 2)}
-    matrices = []  # (path, shape, fan_in, fan_out, by_default_rule)
+    matrices = []  # (path, shape, inputs, fan_out, by_default_rule)
     for path, shape in leaves:
       rule = self._rule_for(path, len(shape))
       if rule is not None and rule.label == 'matrix':
@@ -255,7 +255,11 @@ class Router:
         if r.label != 'matrix':  # over max_side
           continue
         _, fan_in, fan_out = r.spec.matrix_shape(shape)
-        matrices.append((path, shape, fan_in, fan_out,
+        # What it consumes: its whole fan-in, or one fan-in axis (a conv's
+        # input channels, next to its window).
+        _, in_axes, _ = r.spec.resolve(shape)
+        inputs = {fan_in} | {shape[a] for a in in_axes}
+        matrices.append((path, shape, inputs, fan_out,
                          any(rule is d for d in DEFAULT_RULES)))
     out = []
     for path, shape, _, fan_out, default in matrices:
@@ -264,7 +268,7 @@ class Router:
     if len(matrices) >= 2:
       path, shape, _, fan_out, default = max(
           matrices, key=lambda m: _natural_key(m[0]))
-      fan_ins = {m[2] for m in matrices}
+      fan_ins = set().union(*(m[2] for m in matrices))
       if (default and len(shape) == 2 and fan_out not in fan_ins
           and path not in dict(out)):
         out.append((path, f'it is the last matrix of the tree and its '

@@ -295,6 +295,10 @@ def test_fan_out_equal_to_vocabulary_is_flagged():
     {'w1': jnp.zeros((8, 16)), 'w2': jnp.zeros((16, 8))},  # output feeds w1
     {'embed': jnp.zeros((100, 16)), 'w': jnp.zeros((16, 16)),
      'lm_head': {'kernel': jnp.zeros((16, 100))}},       # head is AdamW's
+    # A dense layer whose 12 outputs a conv reads as input channels (its
+    # fan-in is 3·12 = 36): not an output layer.
+    {'conv': {'kernel': jnp.zeros((3, 12, 8))},
+     'lin1': {'kernel': jnp.zeros((8, 12))}},
 ])
 def test_no_warning_without_an_output_layer(tree):
   assert orthax.Router().output_layer_suspects(tree) == []

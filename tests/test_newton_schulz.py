@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import orthax
 from orthax import polar
 from orthax.polar import presets as P
 
@@ -241,3 +242,26 @@ def test_column_blocks_with_psum_equal_whole_matrix(preset, method):
   np.testing.assert_allclose(got, whole, atol=tol)
   # The method is chosen for the whole 32×128 matrix, not the 32×32 block.
   assert polar.choose_method(32, 32 * 4, 5, jnp.float32) == 'gram'
+
+
+def test_bad_arguments_are_named_errors():
+  """Each raised a raw jax/LAPACK error, or ran: steps=2.5 failed in
+  fori_loop, an int iteration dtype returned garbage, polar_svd refused
+  bfloat16 inside LAPACK, soft_clip_matrix(c=0) returned NaN and a bad
+  coeffs table passed orthogonalize's construction."""
+  x = jax.random.normal(jax.random.key(0), (8, 12))
+  with pytest.raises(TypeError, match='steps must be an int, got 2.5'):
+    polar.newton_schulz(x, steps=2.5)
+  with pytest.raises(TypeError, match='dtype must be a floating-point'):
+    polar.newton_schulz(x, dtype=jnp.int32)
+  with pytest.raises(TypeError, match='x must hold real floating-point'):
+    polar.newton_schulz(jnp.ones((4, 6), jnp.int32))
+  with pytest.raises(ValueError, match='c must be > 0'):
+    polar.soft_clip_matrix(x, 0.0)
+  with pytest.raises(ValueError, match=r'orthogonalize: coeffs: .*\(1, 2\)'):
+    orthax.orthogonalize(coeffs=[[1.0, 2.0]])
+  # bfloat16 goes through LAPACK in float32 and comes back in bfloat16.
+  u = polar.polar_svd(x.astype(jnp.bfloat16))
+  assert u.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(u, np.float32),
+                             np.asarray(polar.polar_svd(x)), atol=2e-2)

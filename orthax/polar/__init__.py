@@ -18,6 +18,7 @@ from orthax.polar.gram import gram_products
 from orthax.polar.gram import prefer_gram
 from orthax.polar.gram import standard_flops
 from orthax.polar.newton_schulz import NORMALIZERS
+from orthax.polar.newton_schulz import coefficient_table
 from orthax.polar.newton_schulz import newton_schulz
 from orthax.polar.newton_schulz import normalize_frobenius
 from orthax.polar.newton_schulz import polar_svd
@@ -32,7 +33,8 @@ from orthax.polar.spectral import soft_clip_svd
 from orthax.polar.spectral import soft_clip_vector
 
 __all__ = [
-    'METHODS', 'NORMALIZERS', 'Preset', 'choose_method', 'get_preset',
+    'METHODS', 'NORMALIZERS', 'Preset', 'choose_method', 'coefficient_table',
+    'get_preset',
     'gram_flops', 'gram_newton_schulz', 'gram_products', 'newton_schulz',
     'orthogonalize_stack', 'prefer_gram', 'standard_flops',
     'normalize_frobenius', 'optimal_quintic', 'polar_express_coefficients',

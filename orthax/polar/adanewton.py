@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from orthax.polar import presets as _presets
-from orthax.polar.newton_schulz import _coeff_table
+from orthax.polar.newton_schulz import coefficient_table
 
 Row = tuple[float, float, float]
 
@@ -52,7 +52,7 @@ def resolve_shape_table(
   out = {}
   for key, row in dict(table).items():
     m, n = key
-    out[(min(m, n), max(m, n))] = _coeff_table(row)
+    out[(min(m, n), max(m, n))] = coefficient_table(row)
   return out
 
 

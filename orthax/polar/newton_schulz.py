@@ -55,7 +55,10 @@ def _reduced(a: jax.Array, col_reduce: ColReduce) -> jax.Array:
   return a if col_reduce is None else col_reduce(a)
 
 
-def _coeff_table(coeffs: Any) -> np.ndarray:
+def coefficient_table(coeffs: Any) -> np.ndarray:
+  """``coeffs`` (one ``(a, b, c)`` row or ``k`` of them) as a float64
+  ``(k, 3)`` table; ``ValueError`` for any other shape or a non-finite
+  entry."""
   table = np.asarray(coeffs, dtype=np.float64)
   if table.ndim == 1:
     table = table[None]
@@ -243,7 +246,7 @@ def prepare(x, preset, *, steps, coeffs, normalizer, norm_scale, eps, dtype,
   """Resolves a preset and its overrides, orients ``x`` wide and normalizes
   it (shared by :func:`newton_schulz` and the Gram variant)."""
   p = _presets.get_preset(preset)
-  table = _coeff_table(p.coeffs if coeffs is None else coeffs)
+  table = coefficient_table(p.coeffs if coeffs is None else coeffs)
   normalizer = p.normalizer if normalizer is None else normalizer
   if normalizer not in NORMALIZERS:
     raise ValueError(f'Unknown normalizer {normalizer!r}; expected one of '
@@ -251,12 +254,21 @@ def prepare(x, preset, *, steps, coeffs, normalizer, norm_scale, eps, dtype,
   norm_scale = p.norm_scale if norm_scale is None else norm_scale
   eps = p.eps if eps is None else eps
   steps = p.steps if steps is None else steps
+  if not isinstance(steps, jax.core.Tracer) and (
+      isinstance(steps, bool) or not isinstance(steps, (int, np.integer))):
+    raise TypeError(f'Newton–Schulz steps must be an int, got {steps!r}.')
   if isinstance(steps, (int, np.integer)) and steps < 1:
     raise ValueError(f'Newton–Schulz needs steps >= 1, got {steps}.')
   if x.ndim < 2:
     raise ValueError(f'{who} expects [..., m, n], got shape {x.shape}.')
 
   out_dtype = x.dtype
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f'{who}: dtype must be a floating-point dtype, got '
+                    f'{jnp.dtype(dtype).name}.')
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f'{who}: x must hold real floating-point numbers, got '
+                    f'{x.dtype.name}.')
   dtype = jnp.dtype(x.dtype if dtype is None else dtype)
   tall = col_reduce is None and x.shape[-2] > x.shape[-1]
   if tall:
@@ -359,10 +371,13 @@ def polar_svd(x: jax.Array, rtol: float | None = None) -> jax.Array:
   partial isometry on its range (zeros for a zero matrix). For tests and small
   matrices; cost is O(mn·min(m, n)) with a large constant.
   """
+  out_dtype = x.dtype
+  # LAPACK has no half-precision SVD: bfloat16 and float16 in float32.
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   u, s, vt = lapack.per_matrix(
       lambda m: jnp.linalg.svd(m, full_matrices=False), x)
   if rtol is None:
     rtol = max(x.shape[-2:]) * float(jnp.finfo(s.dtype).eps)
   tau = rtol * jnp.max(s, axis=-1, keepdims=True)
   keep = (s > tau).astype(x.dtype)
-  return (u * keep[..., None, :]) @ vt
+  return ((u * keep[..., None, :]) @ vt).astype(out_dtype)

@@ -66,6 +66,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from orthax.polar import lapack
 
@@ -127,6 +128,9 @@ def soft_clip_matrix(
   if x.ndim < 2:
     raise ValueError(f'soft_clip_matrix expects [..., m, n], got shape '
                      f'{x.shape}.')
+  if not isinstance(c, jax.core.Tracer) and not np.all(np.asarray(c) > 0):
+    raise ValueError(f'soft_clip_matrix: c must be > 0, got {c!r} (H_c '
+                     'divides by c).')
   out_dtype = x.dtype
   acc = jnp.promote_types(x.dtype if dtype is None else dtype, jnp.float32)
   x = x.astype(acc)

@@ -161,6 +161,11 @@ def orthogonalize(
                     'static_args of optax.inject_hyperparams).')
   stages = _check_stages(then)
   polar.get_preset(preset)  # fail early on unknown names
+  if coeffs is not None:
+    try:
+      polar.coefficient_table(coeffs)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f'orthogonalize: coeffs: {e}') from None
   if normalizer is not None and normalizer not in polar.NORMALIZERS:
     raise ValueError(f'orthogonalize: normalizer must be one of '
                      f'{polar.NORMALIZERS}, got {normalizer!r}.')
