@@ -202,6 +202,15 @@ def test_describe_refuses_what_it_cannot_read():
   # With a router given, the labels callable is not needed.
   table = orthax.describe(params, orthax.Router(), optimizer=by_callable)
   assert table.splitlines()[2].split()[-2:] == ['0.02', '0.2']
+  # A recipe in the router's place is the optimizer (it raised an
+  # AttributeError); anything else there is named.
+  assert orthax.describe(params, orthax.muon(0.02)) == orthax.describe(
+      params, optimizer=orthax.muon(0.02))
+  with pytest.raises(TypeError, match='router must be an orthax.Router, '
+                     'got dict'):
+    orthax.describe(params, {'w': 'matrix'})
+  with pytest.raises(TypeError, match='optimizer= is given too'):
+    orthax.describe(params, orthax.muon(), optimizer=orthax.muon())
 
 
 @pytest.mark.parametrize('name', orthax.recipe_names())

@@ -196,7 +196,8 @@ def describe(params: Any, router: routing.Router | None = None, *,
       Flax NNX module: its ``nnx.Param`` state, what ``nnx.Optimizer(model,
       tx, wrt=nnx.Param)`` steps (not its batch statistics).
     router: the :class:`orthax.Router` (default: ``optimizer``'s, else
-      ``orthax.Router()``).
+      ``orthax.Router()``). A recipe passed here is taken as
+      ``optimizer``.
     optimizer: a recipe (``orthax.muon(...)``, ...): adds each leaf's
       learning rate (``'schedule'`` for a schedule) and weight decay λ,
       and routes by the recipe's router.
@@ -220,6 +221,14 @@ def describe(params: Any, router: routing.Router | None = None, *,
   nnx = sys.modules.get('flax.nnx')  # loaded if params can be a module
   if nnx is not None and isinstance(params, nnx.Module):
     params = nnx.state(params, nnx.Param)
+  if isinstance(router, optax.GradientTransformation):
+    if optimizer is not None:
+      raise TypeError('describe: router must be an orthax.Router, got an '
+                      'optimizer (and optimizer= is given too).')
+    router, optimizer = None, router  # describe(params, orthax.muon())
+  if router is not None and not isinstance(router, routing.Router):
+    raise TypeError(f'describe: router must be an orthax.Router, got '
+                    f'{type(router).__name__}.')
   lrs = wds = None
   if optimizer is not None:
     info = recipe_routing(optimizer)
