@@ -160,6 +160,16 @@ def run_case(name: str) -> dict:
     out['bf16_max_rel_err'] = max(
         float(np.linalg.norm(np.asarray(y16[k]) - refs[k])
               / np.linalg.norm(refs[k])) for k in names)
+    # What the wire alone costs: the input and the output rounded to
+    # bfloat16, Newton–Schulz in float32 between (it ran in bfloat16, 4×
+    # the error).
+    bf16 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16)
+                                .astype(jnp.float32))
+    wire = {k: bf16(_reference(bf16(host[k]), mspecs[k], ns5))
+            for k in names}
+    out['bf16_vs_wire_model_rel_err'] = max(
+        float(np.linalg.norm(np.asarray(y16[k]) - wire[k])
+              / np.linalg.norm(wire[k])) for k in names)
   # HLO contract, 1 step.
   _, g32 = make(jnp.float32, 1)
   m = hlo.measure(g32, abstract)

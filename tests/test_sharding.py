@@ -198,7 +198,14 @@ def test_numerics_equal_single_device(cases, name):
   assert r['out_specs_ok']
   assert r['f32_max_abs_err'] <= 1e-6
   if 'bf16_max_rel_err' in r:
-    assert r['bf16_max_rel_err'] <= 5e-2
+    # bfloat16 on the wire only: its roundings (2^-9 relative each), which
+    # Newton–Schulz amplifies (0.4–0.6% of the direction here).
+    assert r['bf16_max_rel_err'] <= 1e-2
+  if name in A2A_CASES:
+    # Every matrix crosses the wire both ways: the result is the input and
+    # the output rounded to bfloat16 with Newton–Schulz in float32 between
+    # (it iterated in bfloat16: 1.2% from one device, 4× the wire's cost).
+    assert r['bf16_vs_wire_model_rel_err'] <= 1e-3
 
 
 @pytest.mark.parametrize('name', ALL_CASES)
@@ -300,8 +307,8 @@ def test_recipes_distributed_equal_single_device(recipe_cases, key):
     namo = key.startswith('namo')
     assert r['max_abs_err_over_lr'] <= ((5e-6 if gram else 2e-6)
                                         * (2 if namo else 1))
-  else:
-    assert r['rel_err'] <= 5e-2
+  else:  # bfloat16 on the wire; Newton–Schulz in float32 (see above)
+    assert r['rel_err'] <= 1e-2
   # One all-to-all in and one out per a2a group: on fsdp8 the fan-in-sharded
   # 64×128 stack (a, scan) and the transposed b; on fsdp4×tp2 also c, unless
   # c runs tensor-parallel (gram: all-reduces, no all-to-all).

@@ -44,8 +44,10 @@ def test_stages_equal_single_device(cases, name):
   assert ('bf16_max_rel_err' in r) == (name in BF16_STEPS)
   if name in BF16_STEPS:
     assert r['bf16_out_specs_ok']
-    assert r['bf16_max_rel_err'] <= 5e-2
-    assert r['bf16_state_max_rel_err'] <= 5e-2
+    # The wire's bfloat16 roundings only (Newton–Schulz iterates in
+    # float32 between: in bfloat16 it was 1.2–1.4%).
+    assert r['bf16_max_rel_err'] <= 1e-2
+    assert r['bf16_state_max_rel_err'] <= 1e-2
 
 
 @pytest.mark.parametrize('name', WHOLE_CASES)

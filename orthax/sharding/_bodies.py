@@ -94,7 +94,9 @@ def _a2a_body(g: GroupPlan, ns_fn: NSFn):
     # r[s·k + i] = piece s (s = row-shard·gc + col-shard) of my i-th matrix.
     full = (r.reshape(gr, gc, k, a_, b_).transpose(2, 0, 3, 1, 4)
             .reshape(k, m, n))
-    y = ns_fn(full).astype(dt)
+    # Only the wire is in its dtype: Newton–Schulz iterates in the
+    # matrices' own (or the transform's ns_dtype), as on one device.
+    y = ns_fn(full.astype(dt)).astype(dt)
     y, mine, owned = post(y, _mine(states, axes, g.padded, k), owned)
     y = y.astype(g.wire_dtype)
     back = (y.reshape(k, gr, a_, gc, b_).transpose(1, 3, 0, 2, 4)
