@@ -121,6 +121,15 @@ def _explicit_spec(x) -> Any:
   return sh.spec
 
 
+def reshard_like(tree: Any, like: Any) -> Any:
+  """Each array of ``tree`` resharded to its twin's in ``like`` (same
+  structure, ``None`` entries included) where that twin is sharded over
+  Explicit mesh axes; on Auto axes or one device, ``tree`` as it is. For a
+  state updated from differently sharded values (per-matrix norms of a
+  leaf sharded on its layer axis) that must keep its own sharding."""
+  return _map_arrays(_explicit_spec, tree, like)
+
+
 def _map_arrays(spec_of, tree, like):
   """Each array of ``tree`` resharded to ``spec_of(its twin in like)``
   where that is a spec and differs from its own Explicit spec (``tree``
@@ -343,9 +352,8 @@ def map_matrices(
     ll, sts_, aux_, inputs_, fn_args_ = placed
     done = _on_one_device(fn, ll, pick(specs), stages, sts_, aux_, inputs_,
                           group, fn_args_, pick(paths), plan_kw)
-    done = done._replace(
-        leaves=_map_arrays(_explicit_spec, done.leaves, args[0]),
-        states=_map_arrays(_explicit_spec, done.states, args[1]))
+    done = done._replace(leaves=reshard_like(done.leaves, args[0]),
+                         states=reshard_like(done.states, args[1]))
   else:
     lp, ll = pick(paths), pick(leaves)
     done = MatrixMap(*sharding.distributed_orthogonalize(
@@ -353,6 +361,10 @@ def map_matrices(
         param_specs=sharding.leaf_specs(lp, ll, distributed),
         stages=stages, stage_states=sts, aux=pick(aux),
         inputs=pick(inputs), fn_args=tuple(fn_args), return_triple=True))
+    # On Explicit axes a per-leaf state comes out of the body sharded like
+    # its leaf's batch axes: back to the sharding it came in with (init's),
+    # or the state's type would change from step to step.
+    done = done._replace(states=reshard_like(done.states, sts))
   return _merge(result, done, live, stages)
 
 

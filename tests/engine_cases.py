@@ -68,6 +68,46 @@ def explicit_plain(recipe, set_mesh=True):
   return {'rel_err': err, 'sharding_kept': bool(kept)}
 
 
+def explicit_layer_sharded(recipe, distributed):
+  """A scan-stacked kernel sharded on its layer axis (and a matrix on its
+  rows) on an Explicit fsdp=8 mesh, with and without ``distributed=``:
+  equals one device over two steps, and every state array keeps init's
+  sharding (NorMuon's and NAMO's per-matrix states came back sharded like
+  the layer axis, which check_finite's select refused; LANTON's noise EMA
+  met the norms' sharding in a select)."""
+  mesh = _mesh((8,), ('fsdp',), AxisType.Explicit)
+  rng = np.random.default_rng(0)
+  draw = lambda: {'scan': {'kernel': jnp.asarray(
+      rng.standard_normal((8, 16, 32)), jnp.float32)},
+                  'w': jnp.asarray(rng.standard_normal((16, 32)), jnp.float32),
+                  'b': jnp.asarray(rng.standard_normal(32), jnp.float32)}
+  params, grads = draw(), [draw(), draw()]
+  pspecs = {'scan': {'kernel': P('fsdp', None, None)}, 'w': P('fsdp', None),
+            'b': P()}
+  ref_tx = orthax.recipe(recipe, learning_rate=0.02)
+  state, ref, step = ref_tx.init(params), [], jax.jit(ref_tx.update)
+  for g in grads:
+    u, state = step(g, state, params)
+    ref.append(u)
+  err, kept = 0.0, True
+  with jax.set_mesh(mesh):
+    dist = (orthax.sharding.Distributed(mesh, comm_dtype=jnp.float32)
+            if distributed else None)
+    tx = orthax.recipe(recipe, learning_rate=0.02, distributed=dist)
+    p = _put(params, mesh, pspecs)
+    st = tx.init(p)
+    init_sh = [x.sharding for x in jax.tree.leaves(st)]
+    step = jax.jit(tx.update)
+    for g, r in zip(grads, ref):
+      u, st = step(_put(g, mesh, pspecs), st, p)
+      for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(r)):
+        err = max(err, float(np.linalg.norm(np.asarray(a) - np.asarray(b))
+                             / np.linalg.norm(np.asarray(b))))
+      kept &= all(x.sharding.is_equivalent_to(sh, x.ndim) for x, sh in
+                  zip(jax.tree.leaves(st), init_sh))
+  return {'rel_err': err, 'state_sharding_kept': bool(kept)}
+
+
 def _put(tree, mesh, specs):
   return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
                       tree, specs)
@@ -134,6 +174,10 @@ def main():
     cases[f'zero_size/{recipe}'] = lambda r=recipe: zero_size(r)
   for recipe in ('muon', 'normuon', 'namo_d', 'root'):
     cases[f'explicit_plain/{recipe}'] = lambda r=recipe: explicit_plain(r)
+  for recipe in ('normuon', 'namo', 'namo_d', 'lanton'):
+    for dist in (False, True):
+      cases[f'explicit_layer_sharded/{recipe}/{dist}'] = (
+          lambda r=recipe, d=dist: explicit_layer_sharded(r, d))
   for recipe in ('muon', 'aro'):
     cases[f'explicit_no_set_mesh/{recipe}'] = (
         lambda r=recipe: explicit_plain(r, set_mesh=False))

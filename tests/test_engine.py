@@ -209,6 +209,19 @@ def test_explicit_mesh_without_set_mesh(mesh_cases, recipe):
   assert r['sharding_kept']
 
 
+@pytest.mark.parametrize('distributed', [False, True])
+@pytest.mark.parametrize('recipe', ['normuon', 'namo', 'namo_d', 'lanton'])
+def test_layer_sharded_stack_on_explicit_mesh(mesh_cases, recipe,
+                                              distributed):
+  """A stacked kernel sharded on its layer axis (Explicit axes): raised
+  ShardingTypeError (select cases must have the same shardings) before,
+  with distributed= for NorMuon/NAMO/NAMO-D, always for LANTON."""
+  r = mesh_cases[f'explicit_layer_sharded/{recipe}/{distributed}']
+  assert 'error' not in r, r
+  assert r['rel_err'] < 2e-6, r
+  assert r['state_sharding_kept'], r
+
+
 @pytest.mark.parametrize('mode', ['auto_jit', 'eager', 'explicit', 'devices'])
 def test_distributed_for_another_mesh_raises(mesh_cases, mode):
   msg = mesh_cases[f'other_mesh/{mode}']['raised']

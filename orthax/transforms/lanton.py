@@ -242,6 +242,9 @@ def _noise_rates(noise, norms, seen, valid, beta2, eps, alpha, power,
   out the larger term: no square is formed), and each layer's rate factor
   from ``√(Ĥ + ε) = hypot(R/√(1-β₂ᵏ), √ε)``."""
   rs, roots = [], []
+  # A norm per matrix of a leaf sharded on its layer axis carries that
+  # sharding (Explicit axes): the EMA keeps the state's own.
+  norms = engine.reshard_like(list(norms), list(noise))
   for r, n in zip(noise, norms):
     k = seen.astype(r.dtype)
     new = jnp.where(valid, root_ema(r, n, beta2), r)
