@@ -108,6 +108,63 @@ def explicit_layer_sharded(recipe, distributed):
   return {'rel_err': err, 'state_sharding_kept': bool(kept)}
 
 
+def whole_matrix_recipes_on_big_tp_matrices(recipe):
+  """A tensor-parallel matrix over ``max_local_matrix_bytes`` (1 KiB here,
+  for the 2 GiB default): ``auto`` chose ``gram``, whose column blocks
+  SPECTRA's clip and the slot stages (ARO, FISMO, DCT-AdamW, Trion) cannot
+  take, and the step raised. Now ``a2a`` (equal to one device, f32 wire),
+  and a requested ``gram`` is refused naming the leaf."""
+  mesh = _mesh((2, 4), ('fsdp', 'tp'))
+  specs = {'blk': {'kernel': P(None, 'tp')}}
+  rng = np.random.default_rng(0)
+  draw = lambda: {'blk': {'kernel': jnp.asarray(
+      rng.standard_normal((16, 32)), jnp.float32)}}
+  params, grads = draw(), [draw(), draw()]
+  ref_tx = orthax.recipe(recipe, learning_rate=0.02)
+  st, ref, step = ref_tx.init(params), [], jax.jit(ref_tx.update)
+  for g in grads:
+    u, st = step(g, st, params)
+    ref.append(u)
+  dist = lambda **kw: orthax.sharding.Distributed(
+      mesh, specs, comm_dtype=jnp.float32, **kw)
+  tx = orthax.recipe(recipe, learning_rate=0.02,
+                     distributed=dist(max_local_matrix_bytes=1024))
+  p = _put(params, mesh, specs)
+  strategies = [g.strategy for g in orthax.sharding.plan(tx, p).groups]
+  st, step, err = tx.init(p), jax.jit(tx.update), 0.0
+  for g, r in zip(grads, ref):
+    u, st = step(_put(g, mesh, specs), st, p)
+    a, b = np.asarray(u['blk']['kernel']), np.asarray(r['blk']['kernel'])
+    err = max(err, float(np.linalg.norm(a - b) / np.linalg.norm(b)))
+  forced = orthax.recipe(recipe, learning_rate=0.02,
+                         distributed=dist(strategy='gram'))
+  try:
+    forced.update(p, forced.init(p), p)
+    raised = None
+  except ValueError as e:
+    raised = str(e)
+  return {'rel_err': err, 'strategies': strategies, 'raised': raised}
+
+
+def explicit_spec_mismatch():
+  """``param_specs`` that disagree with an Explicit-axes array's own
+  sharding: a raw shard_map in_specs error before, naming neither."""
+  mesh = _mesh((2, 4), ('fsdp', 'tp'), AxisType.Explicit)
+  with jax.set_mesh(mesh):
+    p = {'a': {'kernel': jax.device_put(jnp.ones((16, 32)),
+                                        NamedSharding(mesh, P(None, 'tp')))}}
+    out = {}
+    for name, spec in (('wrong', P('tp', None)), ('same', P(None, 'tp'))):
+      tx = orthax.muon(0.02, distributed=orthax.sharding.Distributed(
+          mesh, {'a': {'kernel': spec}}))
+      try:
+        jax.jit(tx.update)(p, tx.init(p), p)
+        out[name] = None
+      except ValueError as e:
+        out[name] = str(e)
+    return out
+
+
 def _put(tree, mesh, specs):
   return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
                       tree, specs)
@@ -178,6 +235,10 @@ def main():
     for dist in (False, True):
       cases[f'explicit_layer_sharded/{recipe}/{dist}'] = (
           lambda r=recipe, d=dist: explicit_layer_sharded(r, d))
+  cases['explicit_spec_mismatch'] = explicit_spec_mismatch
+  for recipe in ('spectra', 'aro', 'fismo', 'dct_adamw', 'trion'):
+    cases[f'big_tp/{recipe}'] = (
+        lambda r=recipe: whole_matrix_recipes_on_big_tp_matrices(r))
   for recipe in ('muon', 'aro'):
     cases[f'explicit_no_set_mesh/{recipe}'] = (
         lambda r=recipe: explicit_plain(r, set_mesh=False))

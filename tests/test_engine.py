@@ -222,6 +222,29 @@ def test_layer_sharded_stack_on_explicit_mesh(mesh_cases, recipe,
   assert r['state_sharding_kept'], r
 
 
+@pytest.mark.parametrize('recipe',
+                         ['spectra', 'aro', 'fismo', 'dct_adamw', 'trion'])
+def test_big_tensor_parallel_matrices_run_whole_where_they_must(mesh_cases,
+                                                                recipe):
+  r = mesh_cases[f'big_tp/{recipe}']
+  assert r['strategies'] == ['a2a'], r
+  assert r['rel_err'] < 2e-6, r
+  assert r['raised'] and r['raised'].startswith(
+      "leaf 'blk/kernel' (shape (16, 32)"), r
+  assert "strategy 'gram' runs each matrix as column blocks, but" in (
+      r['raised'])
+
+
+def test_param_specs_that_disagree_with_explicit_arrays_are_named(
+    mesh_cases):
+  r = mesh_cases['explicit_spec_mismatch']
+  assert r['wrong'] == (
+      "leaf 'a/kernel' is sharded as P(None, 'tp') but Distributed("
+      "param_specs=...) says P('tp', None); fix param_specs, or leave them "
+      'out on Explicit mesh axes, where each array carries its own.')
+  assert r['same'] is None
+
+
 @pytest.mark.parametrize('mode', ['auto_jit', 'eager', 'explicit', 'devices'])
 def test_distributed_for_another_mesh_raises(mesh_cases, mode):
   msg = mesh_cases[f'other_mesh/{mode}']['raised']

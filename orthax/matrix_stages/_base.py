@@ -202,6 +202,13 @@ class MatrixStage:
     """Its state is kept in slots (:attr:`StageShapes.slots`)."""
     return self.stateful and self.shapes(2, 3).slots
 
+  @property
+  def whole_matrices(self) -> bool:
+    """It needs each matrix whole on one device, not in column blocks (a
+    mesh's ``gram`` strategy): every slot stage, and a stage whose
+    :meth:`apply` refuses ``Blocks`` with a ``split``."""
+    return self.slot_state
+
 
 class ScalingStage(MatrixStage):
   r"""A stage whose effect on the stack is a factor that depends only on its

@@ -89,6 +89,7 @@ class ScaleToSpectralNorm(MatrixStage):
   name = 'scale_to_spectral_norm'
   mode: str = static('keller')
   iters: int = static(10)
+  whole_matrices = True  # a power iteration on the whole matrix
 
   def __post_init__(self):
     check_scale_mode(self.mode)

@@ -48,7 +48,12 @@ class Distributed:
       ``re.search``-matches a leaf's path picks that leaf's strategy.
     max_local_matrix_bytes: ``auto`` keeps a matrix whole on one device up
       to this size (in the iteration dtype; default 2 GiB) and runs larger
-      ones with ``gram``; ``None``: never.
+      ones with ``gram``; ``None``: never. Not where the step needs whole
+      matrices (a stage with
+      :attr:`~orthax.matrix_stages.MatrixStage.whole_matrices`: ARO, FISMO,
+      DCT-AdamW, Trion; SPECTRA's clip, which takes no ``col_reduce``):
+      there ``auto`` runs ``a2a``, and ``gram`` is a ``ValueError`` naming
+      the leaf.
 
   The Newton–Schulz iteration dtype is the transform's own knob
   (``orthax.orthogonalize(ns_dtype=...)``, a recipe's ``ns_dtype``), on one

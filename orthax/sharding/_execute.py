@@ -48,6 +48,7 @@ exchanges are in :mod:`orthax.sharding._bodies`. On one device without
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import jax
@@ -146,6 +147,39 @@ def check_meshes(leaves: Sequence[Any], paths: Sequence[str], mesh) -> None:
           f'leaf {p!r} lives on mesh {_mesh_str(got)} but the Distributed '
           f'was built for mesh {_mesh_str(mesh)} (their {what} differ); '
           'build Distributed with the mesh the parameters are on.')
+
+
+def _explicit_array_spec(x: Any) -> P | None:
+  """The spec ``x`` carries as a type (Explicit mesh axes), else
+  ``None``."""
+  try:
+    sh = jax.typeof(x).sharding
+  except Exception:  # pylint: disable=broad-except
+    return None
+  mesh = getattr(sh, 'mesh', None)
+  if mesh is None or mesh.empty or not any(
+      t == AxisType.Explicit for t in mesh.axis_types):
+    return None
+  return sh.spec
+
+
+def check_specs(leaves: Sequence[Any], paths: Sequence[str],
+                param_specs: Sequence[P], mesh) -> None:
+  """``ValueError`` naming the first leaf on Explicit mesh axes whose
+  sharding differs from its ``param_specs`` entry (axes of size 1 aside):
+  ``shard_map`` would refuse the mismatch with a message that names
+  neither the parameter nor the argument."""
+  sizes = {a: int(mesh.shape[a]) for a in mesh.axis_names}
+  effective = lambda spec, nd: [tuple(a for a in axes if sizes.get(a, 1) > 1)
+                                for axes in spec_entries(spec, nd)]
+  for p, x, want in zip(paths, leaves, param_specs):
+    got = _explicit_array_spec(x)
+    if got is not None and (effective(got, x.ndim)
+                            != effective(want, x.ndim)):
+      raise ValueError(
+          f'leaf {p!r} is sharded as {got} but Distributed(param_specs=...) '
+          f'says {want}; fix param_specs, or leave them out on Explicit mesh '
+          'axes, where each array carries its own.')
 
 
 def specs_for(tree: Any, dist: Distributed) -> list[P]:
@@ -317,8 +351,10 @@ def distributed_orthogonalize(
   if param_specs is None:
     param_specs = [array_spec(x, p) for p, x in zip(paths, leaves)]
   param_specs = [_as_spec(s) for s in param_specs]
+  check_specs(leaves, paths, param_specs, dist.mesh)
   if plan is None:
     kw = dict(plan_kw or {})
+    kw.setdefault('column_blocks', takes_column_blocks(ns_fn))
     plan = plan_leaves(paths, leaves, matrix_specs, param_specs, dist,
                        stages=stages, **kw)
   record(plan)
@@ -326,6 +362,17 @@ def distributed_orthogonalize(
                       ns_fn, stages=stages, stage_states=stage_states,
                       aux=aux, fn_args=fn_args, inputs=inputs,
                       triple=bool(stages) or return_triple)
+
+
+def takes_column_blocks(fn: Any) -> bool:
+  """Whether ``fn`` runs on column blocks: it takes ``col_reduce`` (or
+  any keyword)."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  return any(p.name == 'col_reduce' or p.kind == p.VAR_KEYWORD
+             for p in params)
 
 
 def group_key(i: int) -> str:

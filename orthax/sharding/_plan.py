@@ -185,6 +185,7 @@ def plan_orthogonalize(
     ns_dtype: Any = None,
     max_local_matrix_bytes: int | None = 2 ** 31,
     stages: Sequence[Any] = (),
+    column_blocks: bool = True,
 ) -> Plan:
   """Plans the distributed orthogonalization of ``leaves``.
 
@@ -208,6 +209,13 @@ def plan_orthogonalize(
       float32 all-reduce of the whole matrices' norms. Under ``gram`` each
       stage sum across the column blocks adds one float32 all-reduce, and
       the norms summed along them one more.
+    column_blocks: whether the function run on the matrices works on column
+      blocks (it takes ``col_reduce``, as Newton–Schulz does). When it does
+      not, or a stage needs whole matrices
+      (:attr:`~orthax.matrix_stages.MatrixStage.whole_matrices`), ``auto``
+      runs a matrix over ``max_local_matrix_bytes`` as ``a2a``, not
+      ``gram``, and a requested ``gram`` is a ``ValueError`` naming the
+      leaf.
 
   Returns:
     A :class:`Plan`. Raises ``ValueError`` naming the leaf when a requested
@@ -220,10 +228,14 @@ def plan_orthogonalize(
                                               ns_dtype)
   sizes = _mesh_sizes(mesh)
   prod = lambda axes: math.prod(sizes[a] for a in axes)
+  whole = [st.name for st in stages if st.whole_matrices]
+  no_blocks = (f'matrix stage {whole[0]!r} needs whole matrices' if whole
+               else None if column_blocks else
+               'the function run on the matrices takes no col_reduce')
   keyed: dict[tuple, list[_Member]] = {}
   for i, leaf in enumerate(leaves):
     key, member = _place(i, LeafInfo(*leaf), mesh, sizes, dist,
-                         ns_dtype, max_local_matrix_bytes)
+                         ns_dtype, max_local_matrix_bytes, no_blocks)
     key = key + (member.transposed if stages else None,)
     keyed.setdefault(key, []).append(member)
   _merge_small_replicated(keyed, prod)
@@ -284,9 +296,11 @@ def _check_spec(where, shape, entries, sizes, mspec, eff, prod):
           f'multi-axis {name} {fan} may be sharded.')
 
 
-def _place(i, leaf: LeafInfo, mesh, sizes, dist, ns_dtype, max_bytes):
+def _place(i, leaf: LeafInfo, mesh, sizes, dist, ns_dtype, max_bytes,
+           no_blocks: str | None):
   """The group key (strategy, wide shape, dtype, row/column/split axes) and
-  the member entry of one leaf."""
+  the member entry of one leaf; ``no_blocks``: why column blocks (``gram``)
+  cannot run here, or ``None``."""
   path, shape, dtype, mspec, pspec = leaf
   shape = tuple(int(s) for s in shape)
   where = f'leaf {path!r} (shape {shape}, spec {pspec})'
@@ -307,6 +321,10 @@ def _place(i, leaf: LeafInfo, mesh, sizes, dist, ns_dtype, max_bytes):
   chosen = s == 'auto'
   it = jnp.dtype(dtype if ns_dtype is None else ns_dtype).itemsize
   big = max_bytes is not None and m * n * it > max_bytes
+  if s == 'gram' and no_blocks:
+    raise ValueError(f"{where}: strategy 'gram' runs each matrix as column "
+                     f"blocks, but {no_blocks}; use 'a2a'.")
+  big = big and not no_blocks  # too big for one device, but it must be
   if m == n and rows and not cols and (s == 'gram' or s == 'auto' and big):
     # A square matrix sharded along its rows runs as its transpose, whose
     # columns are sharded (exact: NS(Xᵀ) = NS(X)ᵀ, except for AOL).
