@@ -245,6 +245,37 @@ def test_a_diverged_run_is_recorded_not_fatal(tmp_path, monkeypatch):
   assert '| muon |' in compare.table(runs).replace('muon*', 'muon')
 
 
+def test_a_run_whose_gradients_turn_nan_is_recorded_as_diverged(
+    tmp_path, monkeypatch):
+  """The real path of a divergence: the loss and its gradients turn NaN
+  together, and the trainer's guard (train.nonfinite='raise') stops the run
+  with a NonFiniteGradientError before any NaN loss is logged. That
+  escaped train_one, so the sweep stopped there, and, the run never being
+  recorded, stopped there again on every rerun."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from orthax.train import compare  # pylint: disable=g-import-not-at-top
+  from orthax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  real = step_lib.loss_fn
+
+  def loss_fn(*args, **kw):  # NaN once the loss is below 5.4
+    loss = real(*args, **kw)
+    return loss * jnp.where(loss < 5.4, jnp.nan, 1.0)
+
+  monkeypatch.setattr(step_lib, 'loss_fn', loss_fn)
+  spec = sweep.SweepSpec(optimizers=('muon',), scales=(1.0,), widths=(16,),
+                         seeds=(0,), eval_every=3)
+  runs = sweep.run(tiny_base(steps=12), spec, str(tmp_path), progress=False)
+  (bad,) = runs
+  assert bad['diverged'].startswith('non-finite gradient'), bad['diverged']
+  assert math.isnan(bad['final_val_loss'])
+  # Recorded: a rerun reads it back and has nothing left to train.
+  monkeypatch.setattr(compare.trainer, 'train', lambda *a, **k: pytest.fail(
+      'the recorded run was trained again'))
+  (again,) = sweep.run(tiny_base(steps=12), spec, str(tmp_path),
+                       progress=False)
+  assert again['diverged'] == bad['diverged']
+
+
 def test_reference_modes_train_at_their_rates_and_resume(tmp_path):
   """``orthax-sweep --reference_modes``: each of Muon's modes with rates of
   its own trains at them (the trainer takes the mode through

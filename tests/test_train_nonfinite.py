@@ -11,6 +11,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 pytest.importorskip('ml_collections')
@@ -72,6 +73,19 @@ def test_nonfinite_skip_keeps_params_and_counts(monkeypatch, tmp_path,
   assert [r['skipped_total'] for r in recs] == [0] * 4 + [1] * 4
   assert out['summary']['skipped_total'] == 1
   assert out['summary']['steps'] == 8
+  # The logged rate is the one each step ran at: the schedules follow the
+  # optimizer's count, which the skipped step 5 did not advance (the log
+  # read the trainer's step, one ahead of it from step 6 on).
+  assert {int(v) for _, v in optax.tree.get_all_with_path(
+      out['state'].opt_state, 'count')} == {7}
+  from orthax.train import optim  # pylint: disable=g-import-not-at-top
+  cfg = trainer.as_dict(c)
+  shape = optim.schedule_shape(cfg['train']['steps'], **cfg['schedule'])
+  counts = [0, 1, 2, 3, 4, 4, 5, 6]
+  np.testing.assert_allclose(
+      [r['lr/matrix'] for r in recs],
+      [cfg['optimizer']['learning_rate'] * float(shape(k)) for k in counts],
+      rtol=1e-6)
   assert ("step 5 skipped: non-finite gradient in ['blocks/" in caplog.text
           and "(1 in a row, 1 in total; train.nonfinite='skip')"
           in caplog.text), caplog.text

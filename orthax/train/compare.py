@@ -15,6 +15,7 @@ import copy
 import math
 from typing import Any, Sequence
 
+import orthax
 from orthax.train import configs
 from orthax.train import trainer
 
@@ -39,7 +40,8 @@ def train_one(base_config: Any, name: str, lr_scale: float = 1.0, *,
   updated by ``optimizer``, peak learning rate × ``lr_scale``); returns the
   run's result dict
   (learning rate, final losses, tokens/s, state bytes, loss curves). A run
-  whose loss turns non-finite (the trainer's ``FloatingPointError``)
+  whose loss or gradient turns non-finite (the trainer's
+  ``FloatingPointError`` or :class:`orthax.NonFiniteGradientError`)
   returns NaN losses, empty curves and ``'diverged'``: the message."""
   cfg = copy.deepcopy(trainer.as_dict(base_config))
   opt = configs.optimizer(name).to_dict()
@@ -58,8 +60,10 @@ def train_one(base_config: Any, name: str, lr_scale: float = 1.0, *,
     out = trainer.train(cfg, None, progress=progress,
                         label=f'{name} ×{lr_scale:g} ' if label is None
                         else label)
-  except FloatingPointError as e:
-    # A diverged run is a result of the sweep (the worst), not its end.
+  except (FloatingPointError, orthax.NonFiniteGradientError) as e:
+    # A diverged run is a result of the sweep (the worst), not its end: a
+    # non-finite loss, or (mostly first) the non-finite gradient it comes
+    # with, which the trainer's train.nonfinite='raise' stops at.
     nan = float('nan')
     return dict(result, final_val_loss=nan, final_loss=nan,
                 tokens_per_s=nan, opt_state_bytes=nan, eval_steps=[],

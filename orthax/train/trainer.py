@@ -262,8 +262,12 @@ class Loop:
     :class:`~orthax.train.faults.SkipWatch`)."""
     m = jax.device_get({k: v for k, v in metrics.items()
                         if k != 'nonfinite'})  # waits for the step
+    # The rate of this step: the schedules run on the optimizer's count,
+    # which a skipped step (train.nonfinite='skip') does not advance.
+    count = step - 1 - (int(m.get('skipped_total', 0))
+                        - int(m.get('skipped', 0)))
     with self.clock.paused():  # the first call compiles the schedules
-      rates = {f'lr/{b}': float(s(step - 1))
+      rates = {f'lr/{b}': float(s(count))
                for b, s in self.setup.schedules.items()}
     rec = {'step': step,
            **{k: int(v) if np.asarray(v).dtype.kind in 'biu' else float(v)
