@@ -101,6 +101,31 @@ def test_guard_wraps_any_optax_transform_and_inject_hyperparams():
   assert orthax.nonfinite_leaves(optax.adam(0.1).init(params)) == []
 
 
+def test_inject_hyperparams_schedules_stay_in_step_when_guarded_outside():
+  """The recipe's guard sits inside optax.inject_hyperparams, whose own
+  count (what a schedule given as a hyperparameter reads) a skipped step
+  still advances; guarding the injected recipe from outside keeps it, as
+  docs/failures.md says."""
+  p = {'k': jnp.ones((4, 8))}
+  good = {'k': jnp.cos(jnp.arange(32.0)).reshape(4, 8)}
+  bad = {'k': jnp.full((4, 8), jnp.nan)}
+  sched = optax.linear_schedule(0.1, 0.0, 4)
+  inside = optax.inject_hyperparams(orthax.muon)(learning_rate=sched)
+  outside = orthax.skip_if_nonfinite(optax.inject_hyperparams(orthax.muon)(
+      learning_rate=sched, check_finite=False))
+  clean = optax.inject_hyperparams(orthax.muon)(learning_rate=sched)
+  finals = {}
+  for name, tx, grads in (('inside', inside, (good, bad, good)),
+                          ('outside', outside, (good, bad, good)),
+                          ('clean', clean, (good, good))):
+    s = tx.init(p)
+    for g in grads:
+      u, s = tx.update(g, s, p)
+    finals[name] = np.asarray(u['k'])
+  np.testing.assert_allclose(finals['outside'], finals['clean'], rtol=1e-6)
+  assert not np.allclose(finals['inside'], finals['clean'])  # a step ahead
+
+
 def test_guard_does_not_recompile_and_keeps_state_structure():
   params = {'w': jnp.ones((4, 8))}
   tx = orthax.normuon(0.02)
