@@ -17,11 +17,13 @@ The defaults are right for Flax NNX and linen models::
   kernel / weight / w (ndim 2 or 3)           -> matrix, leading axis = layers
   any other 2-D leaf                          -> matrix
 
-Two layouts are ambiguous, and a warning names the rule that settles them:
-a 2-D leaf that looks like an output layer (:class:`OutputLayerWarning`),
-and a 3-D ``query``/``key``/``value``/``out`` kernel shaped like Flax's
-``MultiHeadAttention`` ``(features, heads, head_dim)``, which the 3-D rule
-would read as a stack of layers (:class:`MatrixViewWarning`).
+Three layouts are ambiguous, and a warning names the rule that settles
+them: a 2-D leaf that looks like an output layer
+(:class:`OutputLayerWarning`), a 3-D ``query``/``key``/``value``/``out``
+kernel shaped like Flax's ``MultiHeadAttention`` ``(features, heads,
+head_dim)``, which the 3-D rule would read as a stack of layers, and a conv
+kernel that looks like a scanned stack of convolutions, which the conv rule
+would read as one (both :class:`MatrixViewWarning`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import warnings
 
 import jax
 
+from orthax import _view_checks as _views
 from orthax import _tree
 from orthax.matrices import MatrixSpec
 
@@ -103,16 +106,16 @@ class Route:
 
 
 _VECTOR_RANKS = (0, 1)
+# Any case: linen names its convolutions Conv_0, ConvTranspose_0, ...
+_CONV = r'(?i)conv[^/]*/kernel$'
 DEFAULT_RULES: tuple[Rule, ...] = (
     Rule(r'(^|/)([^/]*embed[^/]*|wte|wpe)(/|$)', 'adam'),
     Rule(r'(^|/)(lm_head|head|unembed[^/]*|logits)(/|$)', 'adam'),
     Rule(r'(^|/)([^/]*norm[^/]*|ln[^/]*)(/|$)', 'adam'),
     Rule(r'(^|/)(bias|scale|[^/]*_bias|[^/]*_scale)$', 'adam'),
     Rule(r'', 'adam', ndims=_VECTOR_RANKS),
-    # Any case: linen names its convolutions Conv_0, ConvTranspose_0, ...
-    Rule(r'(?i)conv[^/]*/kernel$', 'matrix', MatrixSpec.conv(3), ndims=(3,)),
-    Rule(r'(?i)conv[^/]*/kernel$', 'matrix', MatrixSpec.conv(4), ndims=(4,)),
-    Rule(r'(?i)conv[^/]*/kernel$', 'matrix', MatrixSpec.conv(5), ndims=(5,)),
+    *(Rule(_CONV, 'matrix', MatrixSpec.conv(n), ndims=(n,))
+      for n in (3, 4, 5)),
     Rule(r'(^|/)(kernel|weight|w)$', 'matrix'),
     Rule(r'', 'matrix', ndims=(2,)),
 )
@@ -216,10 +219,11 @@ class Router:
     """Labels for ``optax.partition``; warns for each leaf that looks like
     an output layer routed to the matrix branch
     (:meth:`warn_output_layers`) and for each attention kernel whose
-    default view may be the wrong one (:meth:`attention_view_suspects`)."""
+    default view may be the wrong one (:meth:`attention_view_suspects`,
+    :meth:`conv_view_suspects`)."""
     self.warn_output_layers(tree)
-    for path, message in self.attention_view_suspects(tree):
-      del path
+    for _, message in (self.attention_view_suspects(tree)
+                       + self.conv_view_suspects(tree)):
       warnings.warn(message, MatrixViewWarning, stacklevel=1)
     return self.quiet_labels(tree)
 
@@ -312,19 +316,39 @@ class Router:
           or not any(rule is d for d in DEFAULT_RULES)):
         continue
       a, b, c = shape
-      if _ATTENTION_IN.search(path) and b > 1 and (
-          b * c == a or _heads_agree(shape, shapes.get(
-              _ATTENTION_IN.sub(r'\1out/kernel', path)))):
-        out.append((path, _attention_message(
+      if _views.ATTENTION_IN.search(path) and b > 1 and (
+          b * c == a or _views.heads_agree(shape, shapes.get(
+              _views.ATTENTION_IN.sub(r'\1out/kernel', path)))):
+        out.append((path, _views.attention_message(
             path, shape, 'features, heads, head_dim',
             r'(^|/)(query|key|value)/kernel$', 'fan_in=0, fan_out=(1, 2)')))
-      elif _ATTENTION_OUT.search(path) and a > 1 and (
-          a * b == c or any(_heads_agree(shapes.get(_ATTENTION_OUT.sub(
+      elif _views.ATTENTION_OUT.search(path) and a > 1 and (
+          a * b == c or any(_views.heads_agree(shapes.get(_views.ATTENTION_OUT.sub(
               rf'\1{name}/kernel', path)), shape)
                             for name in ('query', 'key', 'value'))):
-        out.append((path, _attention_message(
+        out.append((path, _views.attention_message(
             path, shape, 'heads, head_dim, features', r'(^|/)out/kernel$',
             'fan_in=(0, 1), fan_out=2')))
+    return out
+
+  def conv_view_suspects(self, tree: Any) -> list[tuple[str, str]]:
+    """``(path, message)`` of each conv kernel (4-D or more) that a
+    *default* rule reads as one convolution although it looks like a
+    scanned stack of them (:mod:`orthax._view_checks`: a bias beside it
+    shaped ``(L, out)``, or a scanned module on its path): read as one,
+    every layer's kernel would share a single orthogonalization."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    shapes = {_tree.path_str(p): tuple(getattr(x, 'shape', ()))
+              for p, x in flat}
+    out = []
+    for path, shape in shapes.items():
+      rule = self._rule_for(path, len(shape))
+      if (rule is None or rule.pattern != _CONV
+          or not any(rule is d for d in DEFAULT_RULES)):
+        continue  # not one of the default conv rules
+      why = _views.conv_stack_evidence(path, shape, shapes)
+      if why:
+        out.append((path, _views.conv_message(path, shape, why)))
     return out
 
   def _rule_for(self, path: str, ndim: int) -> Rule | None:
@@ -358,44 +382,16 @@ class Router:
     notes = [f'note: {output_layer_message(path, reason)}'
              for path, reason in self.output_layer_suspects(tree)]
     notes += [f'note: {message}'
-              for _, message in self.attention_view_suspects(tree)]
+              for _, message in (self.attention_view_suspects(tree)
+                                 + self.conv_view_suspects(tree))]
     return '\n'.join([format_table(rows)] + notes)
 
 
 class MatrixViewWarning(UserWarning):
   """A leaf's default matrix view may be the wrong one: a 3-D attention
   kernel shaped like Flax's ``(features, heads, head_dim)`` read as a stack
-  of layers (:meth:`Router.attention_view_suspects`)."""
-
-
-_ATTENTION_IN = re.compile(r'(^|/)(query|key|value)/kernel$')
-_ATTENTION_OUT = re.compile(r'(^|/)out/kernel$')
-
-
-def _heads_agree(in_shape: tuple[int, ...] | None,
-                 out_shape: tuple[int, ...] | None) -> bool:
-  """Whether a projection in ``(features, heads, head_dim)`` and an out
-  kernel ``(heads, head_dim, features')`` share ``(heads, head_dim)``, and
-  are not both one cube ``(n, n, n)`` (a stack of ``n`` layers of width
-  ``n`` has that shape too)."""
-  if not in_shape or not out_shape or len(in_shape) != 3 or len(
-      out_shape) != 3:
-    return False
-  cube = len(set(in_shape)) == 1 and len(set(out_shape)) == 1
-  return in_shape[1:] == out_shape[:2] and not cube
-
-
-def _attention_message(path: str, shape: tuple[int, ...], layout: str,
-                       pattern: str, view: str) -> str:
-  a, b, c = shape
-  return (f'parameter {path!r} of shape {shape} is read as {a} stacked '
-          f'{b}x{c} matrices (the default rule for 3-D kernels: the leading '
-          f'axis is layers), but its shape is that of Flax attention '
-          f'({layout}). If it is, orthogonalize the whole projection: '
-          f'router=orthax.Router(extra_rules=[orthax.Rule({pattern!r}, '
-          f'"matrix", orthax.MatrixSpec({view}))]); if it is a stack of '
-          f'layers, keep it without this warning: orthax.Rule({pattern!r}, '
-          f'"matrix", orthax.MatrixSpec()).')
+  of layers (:meth:`Router.attention_view_suspects`), or a scanned stack of
+  convolutions read as one (:meth:`Router.conv_view_suspects`)."""
 
 
 class OutputLayerWarning(UserWarning):

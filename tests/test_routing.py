@@ -370,3 +370,36 @@ def test_rule_and_router_arguments_are_checked_when_built():
   with pytest.raises(ValueError, match='orthogonalize: normalizer must be '
                      "one of .*got 'frobenious'"):
     orthax.orthogonalize(normalizer='frobenious')
+
+
+def test_scanned_conv_stacks_are_warned_about_with_a_rule_that_fixes_them():
+  """A stack of L convolutions (L, *window, in, out) has the shape of one
+  convolution with a window of one more dimension: the default conv rule
+  read it as one matrix across all layers, silently. A bias shaped
+  (L, out) beside it, or a scanned module on its path, is evidence
+  enough to warn, naming the rule for each reading."""
+  z = jnp.zeros
+  tree = {'blocks': {'conv': {'kernel': z((6, 3, 3, 8, 8)),
+                              'bias': z((6, 8))}},
+          'ScanBlock_0': {'Conv_0': {'kernel': z((4, 3, 3, 8, 8))}},
+          'conv3d': {'kernel': z((3, 3, 3, 8, 8)), 'bias': z((8,))},
+          'stem': {'conv': {'kernel': z((3, 3, 4, 8))}}}
+  suspects = dict(Router().conv_view_suspects(tree))
+  assert set(suspects) == {'blocks/conv/kernel', 'ScanBlock_0/Conv_0/kernel'}
+  assert "its bias 'blocks/conv/bias' has shape (6, 8)" in suspects[
+      'blocks/conv/kernel']
+  with warnings.catch_warnings(record=True) as got:
+    warnings.simplefilter('always')
+    Router().labels(tree)
+  assert sum(issubclass(w.category, orthax.MatrixViewWarning)
+             for w in got) == 2
+  # The rule the message gives reads six 72×8 matrices, and is quiet.
+  fix = Rule('^blocks/conv/kernel$', 'matrix',
+             MatrixSpec(fan_in=(1, 2, 3), fan_out=4))
+  assert "MatrixSpec(fan_in=(1, 2, 3), fan_out=4)" in suspects[
+      'blocks/conv/kernel']
+  r = Router(extra_rules=[fix])
+  assert r.route('blocks/conv/kernel', (6, 3, 3, 8, 8)).spec.matrix_shape(
+      (6, 3, 3, 8, 8)) == (6, 72, 8)
+  assert 'blocks/conv/kernel' not in dict(r.conv_view_suspects(tree))
+  assert 'note: parameter' in Router().describe(tree)

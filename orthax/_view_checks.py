@@ -1,0 +1,78 @@
+"""Evidence and warning texts for matrix views the default rules may get
+wrong (:class:`orthax.MatrixViewWarning`): Flax attention kernels read as
+stacks of layers (:meth:`orthax.Router.attention_view_suspects`) and
+scanned stacks of convolutions read as one
+(:meth:`orthax.Router.conv_view_suspects`).
+
+A scanned stack of ``L`` convolutions (``nn.scan``, ``nnx.vmap``) has the
+kernel shape ``(L, *window, in, out)``, that of one convolution with a
+window of one more dimension, so the shape alone cannot tell them apart.
+Two things can: a bias beside the kernel shaped ``(L, out)`` (one
+convolution's bias is ``(out,)``), or a module on the path named like
+linen's ``nn.scan`` (``ScanBlock_0``).
+"""
+
+from __future__ import annotations
+
+import re
+
+_SCAN = re.compile(r'(?i)(^|/)scan[^/]*/')
+
+
+def conv_stack_evidence(path: str, shape: tuple[int, ...],
+                   shapes: dict[str, tuple[int, ...]]) -> str | None:
+  """Why the conv kernel at ``path`` looks like a stack of layers, or
+  ``None``. ``shapes``: every leaf's shape by path."""
+  if len(shape) < 4 or not path.endswith('/kernel'):
+    return None
+  bias = path[:-len('kernel')] + 'bias'
+  if shapes.get(bias) == (shape[0], shape[-1]):
+    return f'its bias {bias!r} has shape {(shape[0], shape[-1])}'
+  if _SCAN.search(path):
+    return 'it is inside a scanned module'
+  return None
+
+
+def conv_message(path: str, shape: tuple[int, ...], evidence: str) -> str:
+  nd = len(shape)
+  pattern = '^' + re.escape(path) + '$'
+  layers = ', '.join(str(a) for a in range(1, nd - 1))
+  return (f'parameter {path!r} of shape {shape} is read as one convolution '
+          f'(a {nd - 2}-D window: the default rule for conv kernels), but '
+          f'{evidence}: its leading axis may stack {shape[0]} layers '
+          '(nn.scan, nnx.vmap). If it does, orthogonalize each layer: '
+          f'router=orthax.Router(extra_rules=[orthax.Rule({pattern!r}, '
+          f'"matrix", orthax.MatrixSpec(fan_in=({layers}), '
+          f'fan_out={nd - 1}))]); if it is one convolution, keep it without '
+          f'this warning: orthax.Rule({pattern!r}, "matrix", '
+          f'orthax.MatrixSpec.conv({nd})).')
+
+
+ATTENTION_IN = re.compile(r'(^|/)(query|key|value)/kernel$')
+ATTENTION_OUT = re.compile(r'(^|/)out/kernel$')
+
+
+def heads_agree(in_shape: tuple[int, ...] | None,
+                 out_shape: tuple[int, ...] | None) -> bool:
+  """Whether a projection in ``(features, heads, head_dim)`` and an out
+  kernel ``(heads, head_dim, features')`` share ``(heads, head_dim)``, and
+  are not both one cube ``(n, n, n)`` (a stack of ``n`` layers of width
+  ``n`` has that shape too)."""
+  if not in_shape or not out_shape or len(in_shape) != 3 or len(
+      out_shape) != 3:
+    return False
+  cube = len(set(in_shape)) == 1 and len(set(out_shape)) == 1
+  return in_shape[1:] == out_shape[:2] and not cube
+
+
+def attention_message(path: str, shape: tuple[int, ...], layout: str,
+                       pattern: str, view: str) -> str:
+  a, b, c = shape
+  return (f'parameter {path!r} of shape {shape} is read as {a} stacked '
+          f'{b}x{c} matrices (the default rule for 3-D kernels: the leading '
+          f'axis is layers), but its shape is that of Flax attention '
+          f'({layout}). If it is, orthogonalize the whole projection: '
+          f'router=orthax.Router(extra_rules=[orthax.Rule({pattern!r}, '
+          f'"matrix", orthax.MatrixSpec({view}))]); if it is a stack of '
+          f'layers, keep it without this warning: orthax.Rule({pattern!r}, '
+          f'"matrix", orthax.MatrixSpec()).')
