@@ -103,7 +103,12 @@ def dct_adamw(
   smaller side, one ``η`` serves every width (μP's ``1/fan_in`` rule for
   Adam, Yang, Simon, Bernstein, arXiv 2310.17813, on the side DCT-AdamW
   projects): ``η = 1.5`` is an AdamW-style rate of 0.012 on a 128-wide
-  model and 0.002 on a 768-wide one.
+  model and 0.002 on a 768-wide one. On small sides it is large: 0.19 on
+  a matrix with a side of 8, 1.5 on one of a single column (a scalar
+  regression head); route such matrices to the AdamW branch
+  (``router=orthax.Router(extra_rules=[orthax.Rule(pattern, 'adam')])``)
+  or pass ``scale='none'`` with an AdamW-sized rate for a model of small
+  layers.
 
   ``P`` moves the moments of a column index still selected to its new slot
   and starts new ones at zero. The state per matrix is ``r`` indices and
