@@ -6,8 +6,8 @@ argument's name and its value, and raises ``TypeError`` for a value of the
 wrong kind (a string, ``None`` where a number is needed, a float step count)
 or ``ValueError`` for one out of range, naming both::
 
-  TypeError: muon: learning_rate must be a number, an array or a schedule
-  (callable), got None
+  TypeError: muon: learning_rate must be a number, a scalar array or a
+  schedule (callable), got None
   ValueError: muon: learning_rate must be >= 0, got -0.1
 
 What cannot be known at construction is not checked: jax tracers (the
@@ -38,8 +38,8 @@ import numpy as np
 
 Rule = Callable[..., None]
 
-_NUMBER = 'a number or an array'
-_SCHEDULE = 'a number, an array or a schedule (callable)'
+_NUMBER = 'a number or a scalar array'
+_SCHEDULE = 'a number, a scalar array or a schedule (callable)'
 
 
 def _show(value: Any, arr: np.ndarray | None = None) -> str:
@@ -87,7 +87,7 @@ def _check(owner, name, value, ok, bound, arr):
 
 def number(owner: str, name: str, value: Any, *,
            optional: bool = False) -> None:
-  """A finite real number or array (of any sign)."""
+  """A finite real number or scalar array (of any sign)."""
   if not (optional and value is None):
     _concrete(owner, name, value)
 
@@ -95,8 +95,8 @@ def number(owner: str, name: str, value: Any, *,
 def _in_range(test: Callable[[np.ndarray], Any], bound: str,
               doc: str) -> Rule:
   """A check ``(owner, name, value, *, optional=False)`` that ``value`` is
-  a finite number or array with ``test`` true everywhere (``bound`` names
-  the range in the message)."""
+  a finite number or scalar array for which ``test`` holds (``bound``
+  names the range in the message)."""
 
   def rule(owner: str, name: str, value: Any, *,
            optional: bool = False) -> None:
@@ -138,7 +138,8 @@ def count(owner: str, name: str, value: Any, *, minimum: int = 1,
 
 def learning_rate(owner: str, name: str, value: Any, *,
                   optional: bool = False) -> None:
-  """A number ``>= 0``, an array or a schedule (a callable, not checked)."""
+  """A number or scalar array ``>= 0``, or a schedule (a callable, not
+  checked)."""
   if (optional and value is None) or callable(value):
     return
   arr = _concrete(owner, name, value, kind=_SCHEDULE)

@@ -111,6 +111,14 @@ def param_specs(logical: Any, rules: Rules) -> Any:
                       is_leaf=lambda x: isinstance(x, tuple))
 
 
+def _no_value(path) -> tuple:
+  """``path`` without an NNX variable's trailing ``.value``."""
+  last = path[-1] if path else None
+  if isinstance(last, jax.tree_util.GetAttrKey) and last.name == 'value':
+    return tuple(path[:-1])
+  return tuple(path)
+
+
 def _keys(path) -> tuple:
   return tuple(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))
                for k in path)
@@ -118,7 +126,8 @@ def _keys(path) -> tuple:
 
 def spec_per_param(params: Any, specs: Any) -> list[P]:
   """The ``PartitionSpec`` of each leaf of ``params``, in flatten order,
-  from ``specs`` shaped like ``params``: a ``None`` entry (unspecified) is
+  from ``specs`` shaped like ``params`` (or holding the same paths in other
+  containers, e.g. an ``nnx.State``): a ``None`` entry (unspecified) is
   ``P()``, a ``NamedSharding`` its spec.
 
   Raises:
@@ -129,8 +138,18 @@ def spec_per_param(params: Any, specs: Any) -> list[P]:
   try:
     flat = treedef.flatten_up_to(specs)
   except (ValueError, TypeError) as e:
-    raise ValueError(f'specs must be shaped like the parameters: {e}'
-                     ) from None
+    # Other containers with the same keys (an nnx.State of specs for a
+    # dict of parameters): matched by path.
+    by_path = {_keys(_no_value(p)): s for p, s in
+               jax.tree_util.tree_flatten_with_path(
+                   specs, is_leaf=lambda x: x is None or _is_spec(x)
+                   or isinstance(x, NamedSharding))[0]}
+    missing = [p for p, _ in paths if _keys(_no_value(p)) not in by_path]
+    if missing:
+      name = '/'.join(map(str, _keys(missing[0])))
+      raise ValueError(f'specs must be shaped like the parameters: none for '
+                       f'parameter {name!r} ({e})') from None
+    flat = [by_path[_keys(_no_value(p))] for p, _ in paths]
   out = []
   for (path, _), spec in zip(paths, flat):
     spec = spec.spec if isinstance(spec, NamedSharding) else spec

@@ -259,10 +259,10 @@ class Router:
         if r.label != 'matrix':  # over max_side
           continue
         _, fan_in, fan_out = r.spec.matrix_shape(shape)
-        # What it consumes: its whole fan-in, or one fan-in axis (a conv's
-        # input channels, next to its window).
+        # What it consumes: its whole fan-in, or its last fan-in axis (a
+        # conv's input channels, after its window).
         _, in_axes, _ = r.spec.resolve(shape)
-        inputs = {fan_in} | {shape[a] for a in in_axes}
+        inputs = {fan_in, shape[in_axes[-1]]}
         matrices.append((path, shape, inputs, fan_out,
                          any(rule is d for d in DEFAULT_RULES)))
     out = []

@@ -314,6 +314,18 @@ def test_no_warning_without_an_output_layer(tree):
   assert _warnings(lambda: orthax.muon(0.02).init(tree)) == []
 
 
+def test_a_conv_window_size_does_not_hide_an_output_layer():
+  """Only a conv's input channels count as consuming a layer's outputs,
+  not its window: three classes after 3×3 convolutions are still an
+  output layer."""
+  z = jnp.zeros
+  tree = {'bconv_0': {'kernel': z((3, 3, 1, 16))},
+          'bconv_1': {'kernel': z((3, 3, 16, 32))},
+          'dense_0': {'kernel': z((512, 64))}, 'dense_1': {'kernel': z((64, 3))}}
+  assert [p for p, _ in orthax.Router().output_layer_suspects(tree)] == [
+      'dense_1/kernel']
+
+
 def test_trainer_model_has_no_suspect_and_logs_branch_rates(caplog):
   from orthax.train import configs, trainer  # pylint: disable=g-import-not-at-top
   cfg = configs.base_config('muon')

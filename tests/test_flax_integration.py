@@ -138,11 +138,28 @@ def test_state_specs_with_none_entries_and_a_mismatched_tree():
   adam = optax.tree.get(got, 'adam').inner_state[0]
   assert adam.mu['a_bias'] == P()
   assert optax.tree.get(got, 'momentum').mu['w'] == P('fsdp', None)
-  with pytest.raises(ValueError, match='specs must be shaped like the '
-                     'parameters'):
+  with pytest.raises(ValueError, match="specs must be shaped like the "
+                     "parameters: none for parameter 'a_bias'"):
     orthax.flax.state_specs(state, params, {'w': P('fsdp', None)})
   with pytest.raises(ValueError, match="parameter 'w' has 'fsdp'"):
     orthax.flax.state_specs(state, params, {'a_bias': None, 'w': 'fsdp'})
+
+
+def test_specs_in_an_nnx_state_for_a_dict_of_params():
+  """nnx.get_partition_spec's State of specs (each under a Param's
+  .value) for the pure-dict parameters: matched by path, as before the
+  specs were matched by structure."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  st = nnx.State({'l': {'kernel': nnx.Param(jnp.zeros((8, 16))),
+                        'bias': nnx.Param(jnp.zeros(16))}})
+  specs = jax.tree.map(lambda x: P(None, 'tp') if x.ndim == 2 else P('tp'),
+                       st)
+  params = nnx.to_pure_dict(st)
+  assert orthax.flax.spec_per_param(params, specs) == [P('tp'),
+                                                       P(None, 'tp')]
+  state = jax.eval_shape(orthax.muon(0.02).init, params)
+  got = orthax.flax.state_specs(state, params, specs)
+  assert optax.tree.get(got, 'momentum').mu['l']['kernel'] == P(None, 'tp')
 
 
 def test_state_shardings_jit_an_init():

@@ -333,8 +333,30 @@ def test_every_transform_runs_under_inject_hyperparams_with_its_defaults(
   params = {'w': jax.random.normal(jax.random.key(0), (8, 12))}
   tx = optax.inject_hyperparams(fn)(**required())
   state = tx.init(params)
-  updates, _ = jax.jit(tx.update)(params, state, params)
-  assert np.isfinite(np.asarray(updates['w'])).all()
+  for update in (tx.update, jax.jit(tx.update)):  # concrete, then traced
+    updates, _ = update(params, state, params)
+    assert np.isfinite(np.asarray(updates['w'])).all()
+
+
+def test_injected_step_counts_run_eagerly_and_under_jit():
+  """optax.inject_hyperparams passes an injected ns_steps as a 0-d array
+  outside jit: a step count, not a float or a bool."""
+  params = {'w': jax.random.normal(jax.random.key(0), (8, 12))}
+  for tx in (optax.inject_hyperparams(orthax.muon)(learning_rate=0.02,
+                                                   ns_steps=5),
+             optax.inject_hyperparams(orthax.orthogonalize)(steps=5)):
+    state = tx.init(params)
+    eager, _ = tx.update(params, state, params)
+    jitted, _ = jax.jit(tx.update)(params, state, params)
+    np.testing.assert_allclose(np.asarray(eager['w']), np.asarray(jitted['w']),
+                               rtol=1e-5, atol=1e-6)
+  x = params['w']
+  np.testing.assert_array_equal(
+      np.asarray(orthax.polar.newton_schulz(x, steps=jnp.asarray(5))),
+      np.asarray(orthax.polar.newton_schulz(x, steps=5)))
+  for bad in (True, jnp.asarray(5.0), jnp.asarray([5])):
+    with pytest.raises(TypeError, match='steps must be an int'):
+      orthax.polar.newton_schulz(x, steps=bad)
 
 
 def test_orthogonalize_restart_every_is_static():

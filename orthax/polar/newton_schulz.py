@@ -254,11 +254,14 @@ def prepare(x, preset, *, steps, coeffs, normalizer, norm_scale, eps, dtype,
   norm_scale = p.norm_scale if norm_scale is None else norm_scale
   eps = p.eps if eps is None else eps
   steps = p.steps if steps is None else steps
-  if not isinstance(steps, jax.core.Tracer) and (
-      isinstance(steps, bool) or not isinstance(steps, (int, np.integer))):
-    raise TypeError(f'Newton–Schulz steps must be an int, got {steps!r}.')
-  if isinstance(steps, (int, np.integer)) and steps < 1:
-    raise ValueError(f'Newton–Schulz needs steps >= 1, got {steps}.')
+  if not isinstance(steps, jax.core.Tracer):
+    # An int, or a 0-d integer array (what optax.inject_hyperparams passes
+    # outside jit).
+    arr = None if isinstance(steps, (bool, np.bool_)) else np.asarray(steps)
+    if arr is None or arr.ndim or not np.issubdtype(arr.dtype, np.integer):
+      raise TypeError(f'Newton–Schulz steps must be an int, got {steps!r}.')
+    if int(arr) < 1:
+      raise ValueError(f'Newton–Schulz needs steps >= 1, got {int(arr)}.')
   if x.ndim < 2:
     raise ValueError(f'{who} expects [..., m, n], got shape {x.shape}.')
 

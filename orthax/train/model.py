@@ -180,16 +180,16 @@ class GPT(nnx.Module):
     # Tied, the table is also the head: a token's logit for itself is
     # e·RMSNorm(e) ≈ std·d_model at init (the residual stream is mostly its
     # embedding), so std 1/d_model (1 untied) starts near a uniform guess;
-    # at std 1 it started at 27–624 nats (d_model 32–768).
+    # at std 1 it started at 27–624 nats (d_model 32–768). Learned
+    # positions keep their scale relative to it (0.02 of it).
+    std = 1.0 / cfg.d_model if cfg.tie_embeddings else 1.0
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, param_dtype=pdt,
-                           embedding_init=nnx.initializers.normal(
-                               1.0 / cfg.d_model if cfg.tie_embeddings
-                               else 1.0),
+                           embedding_init=nnx.initializers.normal(std),
                            rngs=rngs)
     if cfg.positions == 'learned':
-      self.pos_embed = nnx.Embed(cfg.seq_len, cfg.d_model, param_dtype=pdt,
-                                 embedding_init=nnx.initializers.normal(0.02),
-                                 rngs=rngs)
+      self.pos_embed = nnx.Embed(
+          cfg.seq_len, cfg.d_model, param_dtype=pdt,
+          embedding_init=nnx.initializers.normal(0.02 * std), rngs=rngs)
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
