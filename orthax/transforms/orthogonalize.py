@@ -116,8 +116,11 @@ def orthogonalize(
       arithmetic) or ``'auto'`` (Gram where it saves FLOPs and the iteration
       is float32 or wider; see :func:`orthax.polar.choose_method`).
     restart_every: Gram Newton–Schulz restart period (its stability fix):
-      default 2, ``0`` never restarts. A Python int (it fixes the program:
-      with ``optax.inject_hyperparams`` pass it in ``static_args``).
+      ``None`` (default) 2, ``0`` never restarts (``orthax.polar``'s
+      functions read ``None`` as never: here it is the default, so that
+      ``optax.inject_hyperparams`` has no number to inject). A Python int
+      (it fixes the program: with ``optax.inject_hyperparams`` pass it in
+      ``static_args``).
     coeffs_for_shape: per-shape coefficient tables, ``'root'`` (ROOT's
       AdaNewton table, :data:`orthax.polar.ROOT_TABLE`) or a mapping
       ``(min(m, n), max(m, n)) -> row or rows``; a matrix whose shape (either
