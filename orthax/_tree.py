@@ -34,6 +34,16 @@ def leaves_with_paths(tree: Any) -> tuple[list[str], list[Any], Any]:
   return [path_str(p) for p, _ in flat], [x for _, x in flat], treedef
 
 
+def leaves_by_path(tree: Any,
+                   is_leaf: Callable[[Any], bool] | None = None
+                   ) -> dict[str, Any]:
+  """``{path: leaf}`` of ``tree`` (:func:`path_str` paths; ``is_leaf`` as
+  ``jax.tree_util``'s): to match a tree of specs to the leaves of another
+  tree, whatever their containers."""
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  return {path_str(p): x for p, x in flat}
+
+
 SpecsLike = MatrixSpec | Any | Callable[[Any], Any] | None
 
 
@@ -80,15 +90,11 @@ def _specs_by_path(specs: Any, treedef: Any, n: int) -> list | None:
   ``optax.partition`` a parameter of another branch is a ``MaskedNode``
   in the updates and a spec (or ``None``) in the spec tree. ``None`` if a
   leaf has no spec at its path."""
-  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(
-      jax.tree.unflatten(treedef, [0] * n))[0]]
-  by_path = dict(jax.tree_util.tree_flatten_with_path(
-      specs, is_leaf=_is_spec_leaf)[0])
-  found = [by_path.get(p, _MISSING) for p in paths]
-  return None if any(s is _MISSING for s in found) else found
-
-
-_MISSING = object()
+  paths = list(leaves_by_path(jax.tree.unflatten(treedef, [0] * n)))
+  by_path = leaves_by_path(specs, _is_spec_leaf)
+  if any(p not in by_path for p in paths):
+    return None
+  return [by_path[p] for p in paths]
 
 
 def specs_per_leaf(specs: Any, treedef: Any, n: int, what: str,

@@ -1,8 +1,9 @@
-"""Evidence and warning texts for matrix views the default rules may get
-wrong (:class:`orthax.MatrixViewWarning`): Flax attention kernels read as
-stacks of layers (:meth:`orthax.Router.attention_view_suspects`) and
-scanned stacks of convolutions read as one
-(:meth:`orthax.Router.conv_view_suspects`).
+"""Evidence and warning texts for what the default routing rules may get
+wrong: matrix views (:class:`orthax.MatrixViewWarning`: Flax attention
+kernels read as stacks of layers, :meth:`orthax.Router.attention_view_suspects`;
+scanned stacks of convolutions read as one,
+:meth:`orthax.Router.conv_view_suspects`) and output layers sent to the
+matrix branch (:class:`orthax.OutputLayerWarning`).
 
 A scanned stack of ``L`` convolutions (``nn.scan``, ``nnx.vmap``) has the
 kernel shape ``(L, *window, in, out)``, that of one convolution with a
@@ -76,3 +77,18 @@ def attention_message(path: str, shape: tuple[int, ...], layout: str,
           f'"matrix", orthax.MatrixSpec({view}))]); if it is a stack of '
           f'layers, keep it without this warning: orthax.Rule({pattern!r}, '
           f'"matrix", orthax.MatrixSpec()).')
+
+
+def output_layer_message(path: str, reason: str) -> str:
+  pattern = '^' + re.escape(path) + '$'
+  return (f'parameter {path!r} goes to the matrix branch but looks like an '
+          f'output layer ({reason}); output layers usually train better '
+          f'with AdamW: route it there with router=orthax.Router(extra_rules='
+          f'[orthax.Rule({pattern!r}, "adam")]), or keep it a matrix '
+          f'without this warning with orthax.Rule({pattern!r}, "matrix").')
+
+
+def natural_key(path: str) -> tuple:
+  """Sort key reading digit runs as numbers (``Dense_2`` < ``Dense_10``)."""
+  return tuple((0, int(t)) if t.isdigit() else (1, t)
+               for t in re.split(r'(\d+)', path) if t)

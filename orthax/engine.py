@@ -108,26 +108,13 @@ def _P():
   return jax.sharding.PartitionSpec()
 
 
-def _explicit_spec(x) -> Any:
-  """``x``'s ``PartitionSpec`` when it is sharded over Explicit mesh axes
-  (with or without ``jax.set_mesh``), else ``None``."""
-  if not isinstance(x, (jax.Array, jax.core.Tracer)):
-    return None
-  sh = getattr(jax.typeof(x), 'sharding', None)
-  mesh = getattr(sh, 'mesh', None)
-  if mesh is None or not mesh.axis_names or not any(
-      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-    return None
-  return sh.spec
-
-
 def reshard_like(tree: Any, like: Any) -> Any:
   """Each array of ``tree`` resharded to its twin's in ``like`` (same
   structure, ``None`` entries included) where that twin is sharded over
   Explicit mesh axes; on Auto axes or one device, ``tree`` as it is. For a
   state updated from differently sharded values (per-matrix norms of a
   leaf sharded on its layer axis) that must keep its own sharding."""
-  return _map_arrays(_explicit_spec, tree, like)
+  return _map_arrays(sharding.explicit_spec, tree, like)
 
 
 def _map_arrays(spec_of, tree, like):
@@ -142,7 +129,7 @@ def _map_arrays(spec_of, tree, like):
   out = []
   for x, twin in zip(flat, twins):
     spec = None if x is None or twin is None else spec_of(twin)
-    current = None if spec is None else _explicit_spec(x)
+    current = None if spec is None else sharding.explicit_spec(x)
     # A full sharding on x's own mesh: a bare spec needs ``jax.set_mesh``.
     out.append(x if current is None or current == spec
                else jax.sharding.reshard(x, jax.sharding.NamedSharding(
@@ -348,7 +335,8 @@ def map_matrices(
     # and each state's sharding.
     args = (pick(leaves), sts, pick(aux), pick(inputs), tuple(fn_args))
     placed = _map_arrays(
-        lambda x: None if _explicit_spec(x) is None else _P(), args, args)
+        lambda x: None if sharding.explicit_spec(x) is None else _P(), args,
+        args)
     ll, sts_, aux_, inputs_, fn_args_ = placed
     done = _on_one_device(fn, ll, pick(specs), stages, sts_, aux_, inputs_,
                           group, fn_args_, pick(paths), plan_kw)

@@ -24,7 +24,9 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from orthax import _tree
 from orthax import engine
+from orthax import sharding
 
 Rules = Mapping[str, str | tuple[str, ...] | None]
 
@@ -111,14 +113,6 @@ def param_specs(logical: Any, rules: Rules) -> Any:
                       is_leaf=lambda x: isinstance(x, tuple))
 
 
-def _no_value(path) -> tuple:
-  """``path`` without an NNX variable's trailing ``.value``."""
-  last = path[-1] if path else None
-  if isinstance(last, jax.tree_util.GetAttrKey) and last.name == 'value':
-    return tuple(path[:-1])
-  return tuple(path)
-
-
 def _keys(path) -> tuple:
   return tuple(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))
                for k in path)
@@ -140,24 +134,22 @@ def spec_per_param(params: Any, specs: Any) -> list[P]:
   except (ValueError, TypeError) as e:
     # Other containers with the same keys (an nnx.State of specs for a
     # dict of parameters): matched by path.
-    by_path = {_keys(_no_value(p)): s for p, s in
-               jax.tree_util.tree_flatten_with_path(
-                   specs, is_leaf=lambda x: x is None or _is_spec(x)
-                   or isinstance(x, NamedSharding))[0]}
-    missing = [p for p, _ in paths if _keys(_no_value(p)) not in by_path]
+    by_path = _tree.leaves_by_path(
+        specs, lambda x: x is None or _is_spec(x)
+        or isinstance(x, NamedSharding))
+    names = [_tree.path_str(p) for p, _ in paths]
+    missing = [name for name in names if name not in by_path]
     if missing:
-      name = '/'.join(map(str, _keys(missing[0])))
       raise ValueError(f'specs must be shaped like the parameters: none for '
-                       f'parameter {name!r} ({e})') from None
-    flat = [by_path[_keys(_no_value(p))] for p, _ in paths]
+                       f'parameter {missing[0]!r} ({e})') from None
+    flat = [by_path[name] for name in names]
   out = []
   for (path, _), spec in zip(paths, flat):
-    spec = spec.spec if isinstance(spec, NamedSharding) else spec
-    if spec is not None and not _is_spec(spec):
-      name = '/'.join(map(str, _keys(path)))
+    if spec is not None and not isinstance(spec, (P, NamedSharding)):
+      name = _tree.path_str(path)
       raise ValueError(f'specs: parameter {name!r} has {spec!r}, not a '
                        'PartitionSpec (or None: replicated).')
-    out.append(P() if spec is None else spec)
+    out.append(sharding.as_spec(spec))
   return out
 
 

@@ -136,6 +136,17 @@ def _rule_list(rules: Any, what: str) -> tuple[Rule, ...]:
   return rules
 
 
+def _is_default(rule: Rule) -> bool:
+  """One of :data:`DEFAULT_RULES` (the ones the warnings second-guess)."""
+  return any(rule is d for d in DEFAULT_RULES)
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Each leaf's shape by normalized path."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {_tree.path_str(p): tuple(getattr(x, 'shape', ())) for p, x in flat}
+
+
 def _check_max_side(max_side: Any) -> int:
   if (isinstance(max_side, bool) or not isinstance(max_side, numbers.Integral)
       or max_side < 1):
@@ -219,11 +230,9 @@ class Router:
     """Labels for ``optax.partition``; warns for each leaf that looks like
     an output layer routed to the matrix branch
     (:meth:`warn_output_layers`) and for each attention kernel whose
-    default view may be the wrong one (:meth:`attention_view_suspects`,
-    :meth:`conv_view_suspects`)."""
+    default view may be the wrong one (:meth:`view_suspects`)."""
     self.warn_output_layers(tree)
-    for _, message in (self.attention_view_suspects(tree)
-                       + self.conv_view_suspects(tree)):
+    for _, message in self.view_suspects(tree):
       warnings.warn(message, MatrixViewWarning, stacklevel=1)
     return self.quiet_labels(tree)
 
@@ -244,15 +253,14 @@ class Router:
     vocabulary (the rows of an ``…embed…`` table in ``tree``), or it is the
     last matrix of the tree (in natural path order, ``Dense_2`` before
     ``Dense_10``), the tree has other matrices, and its fan-out is no
-    matrix's fan-in nor any one fan-in axis, e.g. a conv's input channels
-    (nothing consumes its output: a classifier's ``classes`` outputs). Output layers usually train better with AdamW."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    leaves = [(_tree.path_str(p), tuple(getattr(x, 'shape', ())))
-              for p, x in flat]
-    vocab = {shape[0] for path, shape in leaves if len(shape) == 2
+    matrix's fan-in nor its last fan-in axis (a conv's input channels):
+    nothing consumes its output, as a classifier's ``classes`` outputs.
+    Output layers usually train better with AdamW."""
+    shapes = _leaf_shapes(tree)
+    vocab = {shape[0] for path, shape in shapes.items() if len(shape) == 2
              and DEFAULT_RULES[0].matches(path, 2)}
     matrices = []  # (path, shape, inputs, fan_out, by_default_rule)
-    for path, shape in leaves:
+    for path, shape in shapes.items():
       rule = self._rule_for(path, len(shape))
       if rule is not None and rule.label == 'matrix':
         r = self.route(path, shape)
@@ -263,15 +271,14 @@ class Router:
         # conv's input channels, after its window).
         _, in_axes, _ = r.spec.resolve(shape)
         inputs = {fan_in, shape[in_axes[-1]]}
-        matrices.append((path, shape, inputs, fan_out,
-                         any(rule is d for d in DEFAULT_RULES)))
+        matrices.append((path, shape, inputs, fan_out, _is_default(rule)))
     out = []
     for path, shape, _, fan_out, default in matrices:
       if default and len(shape) == 2 and fan_out in vocab:
         out.append((path, f'its fan-out {fan_out} is the vocabulary size'))
     if len(matrices) >= 2:
       path, shape, _, fan_out, default = max(
-          matrices, key=lambda m: _natural_key(m[0]))
+          matrices, key=lambda m: _views.natural_key(m[0]))
       fan_ins = set().union(*(m[2] for m in matrices))
       if (default and len(shape) == 2 and fan_out not in fan_ins
           and path not in dict(out)):
@@ -287,8 +294,8 @@ class Router:
     # update line): Python's default filter then shows each message once
     # (as for MatrixViewWarning in labels).
     for path, reason in self.output_layer_suspects(tree):
-      warnings.warn(output_layer_message(path, reason), OutputLayerWarning,
-                    stacklevel=1)
+      warnings.warn(_views.output_layer_message(path, reason),
+                    OutputLayerWarning, stacklevel=1)
 
   def attention_view_suspects(self, tree: Any) -> list[tuple[str, str]]:
     """``(path, message)`` of each 3-D ``query``/``key``/``value`` or
@@ -304,16 +311,14 @@ class Router:
     has these shapes (``d·d ≠ L``; ``L·d = d`` only for one layer, where the
     two views are one matrix; its ``out`` stack ``(L, d, d)`` agrees with
     ``(d, d)`` only for ``L = d``, a cube, which is never warned about)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    shapes = {_tree.path_str(p): tuple(getattr(x, 'shape', ()))
-              for p, x in flat}
+    shapes = _leaf_shapes(tree)
     out = []
     for path, shape in shapes.items():
       if len(shape) != 3:
         continue
       rule = self._rule_for(path, 3)
       if (rule is None or rule.spec is not None or rule.label != 'matrix'
-          or not any(rule is d for d in DEFAULT_RULES)):
+          or not _is_default(rule)):
         continue
       a, b, c = shape
       if _views.ATTENTION_IN.search(path) and b > 1 and (
@@ -323,9 +328,10 @@ class Router:
             path, shape, 'features, heads, head_dim',
             r'(^|/)(query|key|value)/kernel$', 'fan_in=0, fan_out=(1, 2)')))
       elif _views.ATTENTION_OUT.search(path) and a > 1 and (
-          a * b == c or any(_views.heads_agree(shapes.get(_views.ATTENTION_OUT.sub(
-              rf'\1{name}/kernel', path)), shape)
-                            for name in ('query', 'key', 'value'))):
+          a * b == c or any(
+              _views.heads_agree(shapes.get(_views.ATTENTION_OUT.sub(
+                  rf'\1{name}/kernel', path)), shape)
+              for name in ('query', 'key', 'value'))):
         out.append((path, _views.attention_message(
             path, shape, 'heads, head_dim, features', r'(^|/)out/kernel$',
             'fan_in=(0, 1), fan_out=2')))
@@ -337,19 +343,21 @@ class Router:
     scanned stack of them (:mod:`orthax._view_checks`: a bias beside it
     shaped ``(L, out)``, or a scanned module on its path): read as one,
     every layer's kernel would share a single orthogonalization."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    shapes = {_tree.path_str(p): tuple(getattr(x, 'shape', ()))
-              for p, x in flat}
+    shapes = _leaf_shapes(tree)
     out = []
     for path, shape in shapes.items():
       rule = self._rule_for(path, len(shape))
-      if (rule is None or rule.pattern != _CONV
-          or not any(rule is d for d in DEFAULT_RULES)):
+      if rule is None or rule.pattern != _CONV or not _is_default(rule):
         continue  # not one of the default conv rules
       why = _views.conv_stack_evidence(path, shape, shapes)
       if why:
         out.append((path, _views.conv_message(path, shape, why)))
     return out
+
+  def view_suspects(self, tree: Any) -> list[tuple[str, str]]:
+    """Every :class:`MatrixViewWarning`'s ``(path, message)``:
+    :meth:`attention_view_suspects`, then :meth:`conv_view_suspects`."""
+    return self.attention_view_suspects(tree) + self.conv_view_suspects(tree)
 
   def _rule_for(self, path: str, ndim: int) -> Rule | None:
     return next((r for r in self.rules if r.matches(path, ndim)), None)
@@ -379,11 +387,9 @@ class Router:
       if weight_decays is not None:
         row += (format_hyperparameter(weight_decays.get(r.label)),)
       rows.append(row)
-    notes = [f'note: {output_layer_message(path, reason)}'
+    notes = [f'note: {_views.output_layer_message(path, reason)}'
              for path, reason in self.output_layer_suspects(tree)]
-    notes += [f'note: {message}'
-              for _, message in (self.attention_view_suspects(tree)
-                                 + self.conv_view_suspects(tree))]
+    notes += [f'note: {message}' for _, message in self.view_suspects(tree)]
     return '\n'.join([format_table(rows)] + notes)
 
 
@@ -397,21 +403,6 @@ class MatrixViewWarning(UserWarning):
 class OutputLayerWarning(UserWarning):
   """A 2-D leaf that looks like an output layer goes to the matrix branch
   (:meth:`Router.output_layer_suspects`)."""
-
-
-def output_layer_message(path: str, reason: str) -> str:
-  pattern = '^' + re.escape(path) + '$'
-  return (f'parameter {path!r} goes to the matrix branch but looks like an '
-          f'output layer ({reason}); output layers usually train better '
-          f'with AdamW: route it there with router=orthax.Router(extra_rules='
-          f'[orthax.Rule({pattern!r}, "adam")]), or keep it a matrix '
-          f'without this warning with orthax.Rule({pattern!r}, "matrix").')
-
-
-def _natural_key(path: str) -> tuple:
-  """Sort key reading digit runs as numbers (``Dense_2`` < ``Dense_10``)."""
-  return tuple((0, int(t)) if t.isdigit() else (1, t)
-               for t in re.split(r'(\d+)', path) if t)
 
 
 def format_hyperparameter(lr: Any) -> str:

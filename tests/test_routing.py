@@ -1,6 +1,5 @@
-"""Routing rules and the errors bad inputs produce."""
-
-import warnings
+"""Routing rules and the errors bad inputs produce (the warnings:
+tests/test_routing_warnings.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -248,104 +247,6 @@ def test_zero_gradient_gives_zero_update():
 
 # -- Flax attention kernels ----------------------------------------------------
 
-FLAX_ATTENTION_RULES = [
-    Rule(r'(^|/)(query|key|value)/kernel$', 'matrix',
-         MatrixSpec(fan_in=0, fan_out=(1, 2))),
-    Rule(r'(^|/)out/kernel$', 'matrix', MatrixSpec(fan_in=(0, 1), fan_out=2)),
-]
-
-
-def _flax_attention_params(kind, qkv_features=32):
-  """Flax attention over 32 features with 4 heads of ``qkv_features/4``."""
-  # pylint: disable=g-import-not-at-top
-  if kind == 'nnx':
-    from flax import nnx
-    m = nnx.MultiHeadAttention(num_heads=4, in_features=32,
-                               qkv_features=qkv_features, decode=False,
-                               rngs=nnx.Rngs(0))
-    return jax.tree.map(lambda v: v.value, nnx.state(m, nnx.Param),
-                        is_leaf=lambda v: isinstance(v, nnx.Variable))
-  import flax.linen as nn
-  return nn.SelfAttention(num_heads=4, qkv_features=qkv_features).init(
-      jax.random.key(0), jnp.ones((1, 5, 32)))
-
-
-@pytest.mark.parametrize('qkv_features', [32, 64])
-@pytest.mark.parametrize('kind', ['nnx', 'linen'])
-def test_flax_attention_kernels_are_warned_about_and_the_rule_fixes_them(
-    kind, qkv_features):
-  """Flax's attention kernels ``(features, heads, head_dim)`` and
-  ``(heads, head_dim, features)``: the default 3-D rule reads them as a
-  stack of layers (each input row orthogonalized alone), without a word
-  before. Now each is warned about, naming the rule that views the whole
-  projection; with it, the step is Muon's on the 32×``qkv_features``
-  projection (``qkv_features`` 64: heads·head_dim is not the features,
-  known from the query and out kernels agreeing)."""
-  params = _flax_attention_params(kind, qkv_features)
-  with pytest.warns(orthax.MatrixViewWarning) as record:
-    orthax.muon().init(params)
-  warned = sorted(str(w.message).split("'")[1] for w in record
-                  if issubclass(w.category, orthax.MatrixViewWarning))
-  assert [p.rsplit('/', 2)[-2] for p in warned] == [
-      'key', 'out', 'query', 'value'], warned
-  assert any("orthax.Rule('(^|/)(query|key|value)/kernel$', \"matrix\", "
-             'orthax.MatrixSpec(fan_in=0, fan_out=(1, 2)))' in str(w.message)
-             for w in record)
-  router = Router(extra_rules=FLAX_ATTENTION_RULES)
-  with warnings.catch_warnings():
-    warnings.simplefilter('error', orthax.MatrixViewWarning)
-    tx = orthax.muon(router=router, weight_decay=0.0)
-    state = tx.init(params)
-  grads = jax.tree.map(
-      lambda x: jnp.asarray(np.random.default_rng(x.size).standard_normal(
-          x.shape), x.dtype), params)
-  updates, _ = tx.update(grads, state, params)
-  flat = dict((orthax._tree.path_str(p), x) for p, x in  # pylint: disable=protected-access
-              jax.tree_util.tree_flatten_with_path(updates)[0])
-  gflat = dict((orthax._tree.path_str(p), x) for p, x in  # pylint: disable=protected-access
-               jax.tree_util.tree_flatten_with_path(grads)[0])
-  ref_tx = orthax.muon(weight_decay=0.0)  # its params are not the same
-  for path in warned:
-    out = path.split('/')[-2] == 'out'
-    shape = (qkv_features, 32) if out else (32, qkv_features)
-    g = gflat[path].reshape(shape)
-    ref, _ = ref_tx.update({'w': g}, ref_tx.init({'w': g}), {'w': g})
-    np.testing.assert_allclose(flat[path].reshape(shape), ref['w'],
-                               rtol=1e-5, atol=1e-6)
-
-
-def test_stacked_gpt_kernels_are_not_warned_about():
-  """The trainer's GPT stacks its layers: ``attn/query/kernel`` is
-  ``(L, d, d)``, a stack, for any L (one layer: both views are one
-  matrix)."""
-  z = jnp.zeros
-  for layers in (1, 2, 4, 12, 32):  # 32: a cube (32, 32, 32)
-    tree = {'blocks': {'attn': {n: {'kernel': z((layers, 32, 32))}
-                                for n in ('query', 'key', 'value', 'out')}}}
-    assert Router().attention_view_suspects(tree) == []
-
-
-def test_routing_warnings_are_shown_once_per_message():
-  """``optax.partition`` labels the tree at ``init`` and again at each
-  ``update``; under Python's default filter each warning showed at both."""
-  params = dict(_flax_attention_params('linen', 32)['params'],
-                embed={'embedding': jnp.zeros((10, 32))},
-                decoder={'kernel': jnp.zeros((32, 10))})  # fan-out: vocab
-  grads = jax.tree.map(jnp.ones_like, params)
-  with warnings.catch_warnings(record=True) as record:
-    warnings.simplefilter('default')
-    tx = orthax.muon()
-    state = tx.init(params)
-    for _ in range(2):
-      _, state = tx.update(grads, state, params)
-  messages = [str(w.message) for w in record
-              if issubclass(w.category, (orthax.OutputLayerWarning,
-                                         orthax.MatrixViewWarning))]
-  assert len(messages) == len(set(messages)), messages
-  kinds = {w.category for w in record}
-  assert {orthax.OutputLayerWarning, orthax.MatrixViewWarning} <= kinds, kinds
-
-
 def test_rule_and_router_arguments_are_checked_when_built():
   """Each used to pass construction and fail later (or never): ndims=3 in
   iteration, spec=(0, 1) at the first route, rules='w' as a rule per
@@ -370,36 +271,3 @@ def test_rule_and_router_arguments_are_checked_when_built():
   with pytest.raises(ValueError, match='orthogonalize: normalizer must be '
                      "one of .*got 'frobenious'"):
     orthax.orthogonalize(normalizer='frobenious')
-
-
-def test_scanned_conv_stacks_are_warned_about_with_a_rule_that_fixes_them():
-  """A stack of L convolutions (L, *window, in, out) has the shape of one
-  convolution with a window of one more dimension: the default conv rule
-  read it as one matrix across all layers, silently. A bias shaped
-  (L, out) beside it, or a scanned module on its path, is evidence
-  enough to warn, naming the rule for each reading."""
-  z = jnp.zeros
-  tree = {'blocks': {'conv': {'kernel': z((6, 3, 3, 8, 8)),
-                              'bias': z((6, 8))}},
-          'ScanBlock_0': {'Conv_0': {'kernel': z((4, 3, 3, 8, 8))}},
-          'conv3d': {'kernel': z((3, 3, 3, 8, 8)), 'bias': z((8,))},
-          'stem': {'conv': {'kernel': z((3, 3, 4, 8))}}}
-  suspects = dict(Router().conv_view_suspects(tree))
-  assert set(suspects) == {'blocks/conv/kernel', 'ScanBlock_0/Conv_0/kernel'}
-  assert "its bias 'blocks/conv/bias' has shape (6, 8)" in suspects[
-      'blocks/conv/kernel']
-  with warnings.catch_warnings(record=True) as got:
-    warnings.simplefilter('always')
-    Router().labels(tree)
-  assert sum(issubclass(w.category, orthax.MatrixViewWarning)
-             for w in got) == 2
-  # The rule the message gives reads six 72×8 matrices, and is quiet.
-  fix = Rule('^blocks/conv/kernel$', 'matrix',
-             MatrixSpec(fan_in=(1, 2, 3), fan_out=4))
-  assert "MatrixSpec(fan_in=(1, 2, 3), fan_out=4)" in suspects[
-      'blocks/conv/kernel']
-  r = Router(extra_rules=[fix])
-  assert r.route('blocks/conv/kernel', (6, 3, 3, 8, 8)).spec.matrix_shape(
-      (6, 3, 3, 8, 8)) == (6, 72, 8)
-  assert 'blocks/conv/kernel' not in dict(r.conv_view_suspects(tree))
-  assert 'note: parameter' in Router().describe(tree)

@@ -11,19 +11,15 @@ inside ``jax.shard_map``. The result comes back in the parameters' sharding.
 :func:`plan` shows an optimizer's plan ahead of time, without devices.
 """
 
-from orthax.sharding._execute import array_spec
-from orthax.sharding._execute import check_meshes
 from orthax.sharding._execute import distributed_orthogonalize
 from orthax.sharding._execute import execute_plan
 from orthax.sharding._execute import group_key
-from orthax.sharding._execute import leaf_specs
 from orthax.sharding._execute import local_plan
 from orthax.sharding._execute import orthogonalize_tree
 from orthax.sharding._execute import place
 from orthax.sharding._execute import plan_leaves
 from orthax.sharding._group import run_group
 from orthax.sharding._group import slot_count
-from orthax.sharding._execute import specs_for
 from orthax.sharding._inspect import NotDistributedError
 from orthax.sharding._inspect import plan
 from orthax.sharding._distributed import STRATEGIES
@@ -34,12 +30,19 @@ from orthax.sharding._plan import Plan
 from orthax.sharding._cost import default_matrix_flops
 from orthax.sharding._plan import plan_orthogonalize
 from orthax.sharding._plan import spec_entries
+from orthax.sharding._specs import array_spec
+from orthax.sharding._specs import as_spec
+from orthax.sharding._specs import check_meshes
+from orthax.sharding._specs import check_specs
+from orthax.sharding._specs import explicit_spec
+from orthax.sharding._specs import leaf_specs
+from orthax.sharding._specs import specs_for
 
 __all__ = [
     'Distributed', 'GroupPlan', 'LeafInfo', 'NotDistributedError', 'Plan',
-    'STRATEGIES',
-    'array_spec', 'check_meshes', 'default_matrix_flops', 'execute_plan',
-    'group_key', 'leaf_specs', 'local_plan', 'slot_count', 'distributed_orthogonalize',
+    'STRATEGIES', 'array_spec', 'as_spec', 'check_meshes', 'check_specs',
+    'default_matrix_flops', 'distributed_orthogonalize', 'execute_plan',
+    'explicit_spec', 'group_key', 'leaf_specs', 'local_plan',
     'orthogonalize_tree', 'place', 'plan', 'plan_leaves', 'plan_orthogonalize',
-    'run_group', 'spec_entries', 'specs_for',
+    'run_group', 'slot_count', 'spec_entries', 'specs_for',
 ]

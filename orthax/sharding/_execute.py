@@ -68,144 +68,11 @@ from orthax.sharding._plan import LeafInfo
 from orthax.sharding._plan import Plan
 from orthax.sharding._plan import plan_orthogonalize
 from orthax.sharding._plan import spec_entries
-
-# Reading specs -------------------------------------------------------------
-
-
-def _is_spec_leaf(s) -> bool:
-  return s is None or isinstance(s, (P, NamedSharding))
-
-
-def _as_spec(s) -> P:
-  if s is None:
-    return P()
-  if isinstance(s, NamedSharding):
-    return s.spec
-  return s
-
-
-def array_spec(x: Any, path: str = '') -> P:
-  """The ``PartitionSpec`` an array carries: a concrete ``jax.Array`` or
-  ``ShapeDtypeStruct`` with a ``NamedSharding``, or a tracer under ``jit`` on
-  a mesh with ``Explicit`` axes. Raises when the sharding is not known."""
-  sh = None
-  if not isinstance(x, jax.core.Tracer):
-    sh = getattr(x, 'sharding', None)
-  if isinstance(sh, NamedSharding):
-    return sh.spec
-  try:
-    aval_sh = jax.typeof(x).sharding
-  except Exception:  # pylint: disable=broad-except
-    aval_sh = None
-  mesh = getattr(aval_sh, 'mesh', None)
-  if mesh is not None and not mesh.empty and any(
-      t == AxisType.Explicit for t in mesh.axis_types):
-    return aval_sh.spec
-  raise ValueError(
-      f'leaf {path!r}: its sharding is not known here (an Auto mesh under '
-      'jit, or an unsharded array); pass Distributed(param_specs=...) with '
-      'the parameters\' PartitionSpec tree.')
-
-
-def _mesh_of(x: Any):
-  """The mesh an array lives on, when known here: a concrete array's
-  ``NamedSharding`` mesh, or a tracer's (abstract) mesh under ``jit``;
-  ``None`` otherwise."""
-  if not isinstance(x, jax.core.Tracer):
-    sh = getattr(x, 'sharding', None)
-    return sh.mesh if isinstance(sh, NamedSharding) else None
-  try:
-    mesh = jax.typeof(x).sharding.mesh
-  except Exception:  # pylint: disable=broad-except
-    return None
-  return None if mesh is None or mesh.empty else mesh
-
-
-def _mesh_str(mesh) -> str:
-  return '×'.join(f'{a}={mesh.shape[a]}' for a in mesh.axis_names)
-
-
-def check_meshes(leaves: Sequence[Any], paths: Sequence[str], mesh) -> None:
-  """``ValueError`` naming the first leaf that lives on another mesh than
-  ``mesh`` (other axis names or sizes; for concrete arrays, other
-  devices): a ``Distributed`` built for one mesh would otherwise hand the
-  update back on its own mesh, silently."""
-  want = tuple((a, int(mesh.shape[a])) for a in mesh.axis_names)
-  for p, x in zip(paths, leaves):
-    got = _mesh_of(x)
-    if got is None:
-      continue
-    axes = tuple((a, int(got.shape[a])) for a in got.axis_names)
-    other_devices = (not isinstance(x, jax.core.Tracer) and axes == want
-                     and hasattr(got, 'device_ids')
-                     and hasattr(mesh, 'device_ids')
-                     and list(got.device_ids.flat)
-                     != list(mesh.device_ids.flat))
-    if axes != want or other_devices:
-      what = 'devices' if other_devices else 'axes'
-      raise ValueError(
-          f'leaf {p!r} lives on mesh {_mesh_str(got)} but the Distributed '
-          f'was built for mesh {_mesh_str(mesh)} (their {what} differ); '
-          'build Distributed with the mesh the parameters are on.')
-
-
-def _explicit_array_spec(x: Any) -> P | None:
-  """The spec ``x`` carries as a type (Explicit mesh axes), else
-  ``None``."""
-  try:
-    sh = jax.typeof(x).sharding
-  except Exception:  # pylint: disable=broad-except
-    return None
-  mesh = getattr(sh, 'mesh', None)
-  if mesh is None or mesh.empty or not any(
-      t == AxisType.Explicit for t in mesh.axis_types):
-    return None
-  return sh.spec
-
-
-def check_specs(leaves: Sequence[Any], paths: Sequence[str],
-                param_specs: Sequence[P], mesh) -> None:
-  """``ValueError`` naming the first leaf on Explicit mesh axes whose
-  sharding differs from its ``param_specs`` entry (axes of size 1 aside):
-  ``shard_map`` would refuse the mismatch with a message that names
-  neither the parameter nor the argument."""
-  sizes = {a: int(mesh.shape[a]) for a in mesh.axis_names}
-  effective = lambda spec, nd: [tuple(a for a in axes if sizes.get(a, 1) > 1)
-                                for axes in spec_entries(spec, nd)]
-  for p, x, want in zip(paths, leaves, param_specs):
-    got = _explicit_array_spec(x)
-    if got is not None and (effective(got, x.ndim)
-                            != effective(want, x.ndim)):
-      raise ValueError(
-          f'leaf {p!r} is sharded as {got} but Distributed(param_specs=...) '
-          f'says {want}; fix param_specs, or leave them out on Explicit mesh '
-          'axes, where each array carries its own.')
-
-
-def specs_for(tree: Any, dist: Distributed) -> list[P]:
-  """One ``PartitionSpec`` per leaf of ``tree`` (flatten order), from
-  ``dist.param_specs`` matched by path, or read from the arrays."""
-  paths, leaves, _ = _tree.leaves_with_paths(tree)
-  return leaf_specs(paths, leaves, dist)
-
-
-def leaf_specs(paths: Sequence[str], leaves: Sequence[Any],
-               dist: Distributed) -> list[P]:
-  """:func:`specs_for` on flat ``paths`` and ``leaves``."""
-  if dist.param_specs is None:
-    return [array_spec(x, p) for p, x in zip(paths, leaves)]
-  flat = jax.tree_util.tree_flatten_with_path(dist.param_specs,
-                                              is_leaf=_is_spec_leaf)[0]
-  by_path = {_tree.path_str(p): _as_spec(s) for p, s in flat}
-  out = []
-  for p in paths:
-    if p not in by_path:
-      raise ValueError(
-          f'leaf {p!r} has no entry in Distributed.param_specs (paths there '
-          f'include {sorted(by_path)[:5]}...).')
-    out.append(by_path[p])
-  return out
-
+from orthax.sharding._specs import array_spec
+from orthax.sharding._specs import as_spec
+from orthax.sharding._specs import check_meshes
+from orthax.sharding._specs import check_specs
+from orthax.sharding._specs import specs_for
 
 # Executing ----------------------------------------------------------------
 
@@ -350,7 +217,7 @@ def distributed_orthogonalize(
     ns_fn = lambda x, *a, **kw: x
   if param_specs is None:
     param_specs = [array_spec(x, p) for p, x in zip(paths, leaves)]
-  param_specs = [_as_spec(s) for s in param_specs]
+  param_specs = [as_spec(s) for s in param_specs]
   check_specs(leaves, paths, param_specs, dist.mesh)
   if plan is None:
     kw = dict(plan_kw or {})

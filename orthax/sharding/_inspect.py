@@ -75,10 +75,11 @@ def _plan_tx(tx: optax.GradientTransformation, abstract_params: Any) -> Plan:
 def _plan_distributed(dist: Distributed, abstract_params: Any,
                       matrix_specs: _tree.SpecsLike, plan_kw) -> Plan:
   from orthax.sharding import _execute  # pylint: disable=g-import-not-at-top
+  from orthax.sharding import _specs  # pylint: disable=g-import-not-at-top
   ms = _tree.resolve_specs(matrix_specs, abstract_params, 'plan')
   paths, leaves, _ = _tree.leaves_with_paths(abstract_params)
   return _execute.plan_leaves(paths, leaves, ms,
-                              _execute.specs_for(abstract_params, dist), dist,
+                              _specs.specs_for(abstract_params, dist), dist,
                               **plan_kw)
 
 

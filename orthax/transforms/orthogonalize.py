@@ -58,6 +58,46 @@ def _check_stages(then) -> tuple[matrix_stages.MatrixStage, ...]:
   return stages
 
 
+def _check_iteration(preset, coeffs, normalizer, method,
+                     restart_every) -> int:
+  """Fails at construction on an unknown preset, normalizer or method, a
+  coefficient table of the wrong shape or a ``restart_every`` that is not
+  a Python int; returns ``restart_every`` (``None``: the default period)."""
+  if restart_every is None:
+    restart_every = gram.DEFAULT_RESTART_EVERY
+  elif isinstance(restart_every, bool) or not isinstance(
+      restart_every, numbers.Integral):
+    raise TypeError(f'orthogonalize: restart_every must be an int, got '
+                    f'{restart_every!r} (a static value: pass it in '
+                    'static_args of optax.inject_hyperparams).')
+  polar.get_preset(preset)
+  if coeffs is not None:
+    try:
+      polar.coefficient_table(coeffs)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f'orthogonalize: coeffs: {e}') from None
+  if normalizer is not None and normalizer not in polar.NORMALIZERS:
+    raise ValueError(f'orthogonalize: normalizer must be one of '
+                     f'{polar.NORMALIZERS}, got {normalizer!r}.')
+  polar.choose_method(1, 1, 1, 'float32', method)
+  return restart_every
+
+
+def _per_shape(ns, table):
+  """``ns`` with the coefficients of ``table`` (keyed by ``(min(m, n),
+  max(m, n))``, a column-block stack by its whole matrix's shape) where it
+  has the stack's shape."""
+
+  def run(x, **kw):
+    m, n = x.shape[-2], x.shape[-1] * kw.get('col_shards', 1)
+    key = (min(m, n), max(m, n))
+    if key not in table:
+      return ns(x, **kw)
+    return ns(x, coeffs=table[key], **kw)
+
+  return run
+
+
 def _flop_model(preset, steps, method, restart_every, ns_dtype) -> dict:
   """The plan's FLOP model (``plan_kw``) for what this transform runs; a
   traced step count (``inject_hyperparams``) counts as the preset's, with
@@ -155,39 +195,15 @@ def orthogonalize(
   Zhang, Amsel, Chen, Dao, *Gram Newton–Schulz* (Dao AI Lab blog, 2026).
   """
   _validate.arguments('orthogonalize', orthogonalize, locals())
-  if restart_every is None:
-    restart_every = gram.DEFAULT_RESTART_EVERY
-  elif isinstance(restart_every, bool) or not isinstance(
-      restart_every, numbers.Integral):
-    raise TypeError(f'orthogonalize: restart_every must be an int, got '
-                    f'{restart_every!r} (a static value: pass it in '
-                    'static_args of optax.inject_hyperparams).')
+  restart_every = _check_iteration(preset, coeffs, normalizer, method,
+                                   restart_every)
   stages = _check_stages(then)
-  polar.get_preset(preset)  # fail early on unknown names
-  if coeffs is not None:
-    try:
-      polar.coefficient_table(coeffs)
-    except (ValueError, TypeError) as e:
-      raise ValueError(f'orthogonalize: coeffs: {e}') from None
-  if normalizer is not None and normalizer not in polar.NORMALIZERS:
-    raise ValueError(f'orthogonalize: normalizer must be one of '
-                     f'{polar.NORMALIZERS}, got {normalizer!r}.')
-  polar.choose_method(1, 1, 1, 'float32', method)  # …and unknown methods
   ns = functools.partial(
       polar.orthogonalize_stack, preset=preset, steps=steps, coeffs=coeffs,
       normalizer=normalizer, norm_scale=norm_scale, eps=eps, dtype=ns_dtype,
       method=method, restart_every=restart_every)
   if coeffs_for_shape is not None:
-    table = polar.resolve_shape_table(coeffs_for_shape)
-    plain_ns = ns
-
-    def ns(x, **kw):  # pylint: disable=function-redefined
-      m, n = x.shape[-2], x.shape[-1] * kw.get('col_shards', 1)
-      key = (min(m, n), max(m, n))
-      if key not in table:
-        return plain_ns(x, **kw)
-      return plain_ns(x, coeffs=table[key], **kw)
-
+    ns = _per_shape(ns, polar.resolve_shape_table(coeffs_for_shape))
   plan_kw = _flop_model(preset, steps, method, restart_every, ns_dtype)
 
   def init_fn(params):

@@ -1,0 +1,149 @@
+"""Reading the parameters' ``PartitionSpec``\\ s: from
+``Distributed.param_specs`` by path, or from the arrays themselves, and
+checking them (and the arrays' mesh) against the ``Distributed`` before a
+plan is built."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from orthax import _tree
+from orthax.sharding._distributed import Distributed
+from orthax.sharding._plan import spec_entries
+
+
+def explicit_spec(x: Any) -> P | None:
+  """``x``'s ``PartitionSpec`` when its type says it is sharded over
+  Explicit mesh axes (an array or tracer, with or without
+  ``jax.set_mesh``; an abstract array under ``jax.set_mesh``); else
+  ``None``."""
+  try:
+    sh = getattr(jax.typeof(x), 'sharding', None)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  mesh = getattr(sh, 'mesh', None)
+  if mesh is None or not mesh.axis_names or not any(
+      t == AxisType.Explicit for t in mesh.axis_types):
+    return None
+  return sh.spec
+
+
+def _is_spec_leaf(s) -> bool:
+  return s is None or isinstance(s, (P, NamedSharding))
+
+
+def as_spec(s) -> P:
+  """A spec entry as a ``PartitionSpec`` (``None``: replicated)."""
+  if s is None:
+    return P()
+  if isinstance(s, NamedSharding):
+    return s.spec
+  return s
+
+
+def array_spec(x: Any, path: str = '') -> P:
+  """The ``PartitionSpec`` an array carries: a concrete ``jax.Array`` or
+  ``ShapeDtypeStruct`` with a ``NamedSharding``, or a tracer under ``jit`` on
+  a mesh with ``Explicit`` axes. Raises when the sharding is not known."""
+  sh = None
+  if not isinstance(x, jax.core.Tracer):
+    sh = getattr(x, 'sharding', None)
+  if isinstance(sh, NamedSharding):
+    return sh.spec
+  spec = explicit_spec(x)
+  if spec is not None:
+    return spec
+  raise ValueError(
+      f'leaf {path!r}: its sharding is not known here (an Auto mesh under '
+      'jit, or an unsharded array); pass Distributed(param_specs=...) with '
+      'the parameters\' PartitionSpec tree.')
+
+
+def _mesh_of(x: Any):
+  """The mesh an array lives on, when known here: a concrete array's
+  ``NamedSharding`` mesh, or a tracer's (abstract) mesh under ``jit``;
+  ``None`` otherwise."""
+  if not isinstance(x, jax.core.Tracer):
+    sh = getattr(x, 'sharding', None)
+    return sh.mesh if isinstance(sh, NamedSharding) else None
+  try:
+    mesh = jax.typeof(x).sharding.mesh
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return None if mesh is None or mesh.empty else mesh
+
+
+def _mesh_str(mesh) -> str:
+  return '×'.join(f'{a}={mesh.shape[a]}' for a in mesh.axis_names)
+
+
+def check_meshes(leaves: Sequence[Any], paths: Sequence[str], mesh) -> None:
+  """``ValueError`` naming the first leaf that lives on another mesh than
+  ``mesh`` (other axis names or sizes; for concrete arrays, other
+  devices): a ``Distributed`` built for one mesh would otherwise hand the
+  update back on its own mesh, silently."""
+  want = tuple((a, int(mesh.shape[a])) for a in mesh.axis_names)
+  for p, x in zip(paths, leaves):
+    got = _mesh_of(x)
+    if got is None:
+      continue
+    axes = tuple((a, int(got.shape[a])) for a in got.axis_names)
+    other_devices = (not isinstance(x, jax.core.Tracer) and axes == want
+                     and hasattr(got, 'device_ids')
+                     and hasattr(mesh, 'device_ids')
+                     and list(got.device_ids.flat)
+                     != list(mesh.device_ids.flat))
+    if axes != want or other_devices:
+      what = 'devices' if other_devices else 'axes'
+      raise ValueError(
+          f'leaf {p!r} lives on mesh {_mesh_str(got)} but the Distributed '
+          f'was built for mesh {_mesh_str(mesh)} (their {what} differ); '
+          'build Distributed with the mesh the parameters are on.')
+
+
+def check_specs(leaves: Sequence[Any], paths: Sequence[str],
+                param_specs: Sequence[P], mesh) -> None:
+  """``ValueError`` naming the first leaf on Explicit mesh axes whose
+  sharding differs from its ``param_specs`` entry (axes of size 1 aside):
+  ``shard_map`` would refuse the mismatch with a message that names
+  neither the parameter nor the argument."""
+  sizes = {a: int(mesh.shape[a]) for a in mesh.axis_names}
+  effective = lambda spec, nd: [tuple(a for a in axes if sizes.get(a, 1) > 1)
+                                for axes in spec_entries(spec, nd)]
+  for p, x, want in zip(paths, leaves, param_specs):
+    got = explicit_spec(x)
+    if got is not None and (effective(got, x.ndim)
+                            != effective(want, x.ndim)):
+      raise ValueError(
+          f'leaf {p!r} is sharded as {got} but Distributed(param_specs=...) '
+          f'says {want}; fix param_specs, or leave them out on Explicit mesh '
+          'axes, where each array carries its own.')
+
+
+def specs_for(tree: Any, dist: Distributed) -> list[P]:
+  """One ``PartitionSpec`` per leaf of ``tree`` (flatten order), from
+  ``dist.param_specs`` matched by path, or read from the arrays."""
+  paths, leaves, _ = _tree.leaves_with_paths(tree)
+  return leaf_specs(paths, leaves, dist)
+
+
+def leaf_specs(paths: Sequence[str], leaves: Sequence[Any],
+               dist: Distributed) -> list[P]:
+  """:func:`specs_for` on flat ``paths`` and ``leaves``."""
+  if dist.param_specs is None:
+    return [array_spec(x, p) for p, x in zip(paths, leaves)]
+  by_path = {p: as_spec(s) for p, s in _tree.leaves_by_path(
+      dist.param_specs, _is_spec_leaf).items()}
+  out = []
+  for p in paths:
+    if p not in by_path:
+      raise ValueError(
+          f'leaf {p!r} has no entry in Distributed.param_specs (paths there '
+          f'include {sorted(by_path)[:5]}...).')
+    out.append(by_path[p])
+  return out
