@@ -28,9 +28,11 @@ from orthax.routing import OutputLayerWarning
 from orthax.recipes._common import describe
 from orthax.sharding import Distributed
 from orthax.transforms import NonFiniteGradientError
+from orthax.transforms import NonFiniteUpdateError
 from orthax.transforms import nonfinite_leaves
 from orthax.transforms import nonfinite_status
 from orthax.transforms import raise_if_nonfinite
+from orthax.transforms import skip_cause
 from orthax.transforms import skip_if_nonfinite
 from orthax.transforms import clip_outliers
 from orthax.transforms import cosh_normalize
@@ -49,10 +51,10 @@ __version__ = '0.1.0'
 
 __all__ = [
     'DEFAULT_RULES', 'MatrixSpec', 'MatrixViewWarning',
-    'NonFiniteGradientError', 'OutputLayerWarning', 'Router', 'Rule',
+    'NonFiniteGradientError', 'NonFiniteUpdateError', 'OutputLayerWarning', 'Router', 'Rule',
     'Distributed',
     'decoupled_weight_decay', 'nonfinite_leaves', 'nonfinite_status',
-    'raise_if_nonfinite', 'skip_if_nonfinite', 'describe', 'momentum', 'muon',
+    'raise_if_nonfinite', 'skip_cause', 'skip_if_nonfinite', 'describe', 'momentum', 'muon',
     'matrix_stages', 'orthogonalize', 'polar', 'recipe', 'recipe_factory',
     'recipe_names',
     'recipe_references', 'scale_by_shape',

@@ -150,8 +150,14 @@ def run(recipe, mesh, axis_type, comm_dtype, inject=False, **dist_kw):
       plan_bytes = sharding.plan(tx, p).bytes_per_device
   except sharding.NotDistributedError:
     plan_bytes = None
+  guard = orthax.nonfinite_status(st)
   return {'rel_err': err, 'max_abs_err_over_lr': abs_err,
           'plan_bytes': plan_bytes,
+          # check_finite's bool flags: one per gradient leaf, update leaf
+          # and state leaf (an all-reduce of each is ≤ 2 bytes on the wire).
+          'guard_flags': 0 if guard is None else len(jax.tree.leaves(
+              (guard.nonfinite, guard.nonfinite_updates,
+               guard.nonfinite_state))),
           'wire_bytes': sum(o['wire_bytes'] for o in ops),
           'sharding_kept': bool(kept),
           'all_to_all': sum(k.startswith('all-to-all') for k in kinds),

@@ -177,3 +177,107 @@ def test_multisteps_drops_a_nan_micro_batch_with_skip_not_finite():
     windows.append(steps)
   assert all(np.isfinite(windows[0])) and max(windows[0]) == 0, windows[0]
   assert windows[1][2] > 0 and windows[1][4] > 0, windows[1]
+
+
+def test_a_finite_gradient_that_overflows_adam_is_skipped_not_frozen():
+  """optax.adam squares each entry: a gradient of 1e30 makes ``v`` Inf, and
+  that entry's update is 0 for the rest of the run (Inf never decays). The
+  guard checks the step's result too: the step is skipped, the state kept,
+  and the state leaf named; the next ordinary step is the one taken
+  without it."""
+  params = {'w': jnp.ones(2)}
+  huge, ok = {'w': jnp.array([1.0, 1e30])}, {'w': jnp.array([0.5, -0.5])}
+  plain = optax.adam(0.1)
+  s = plain.update(huge, plain.init(params))[1]
+  for _ in range(5):
+    u, s = plain.update(ok, s)
+  assert float(u['w'][1]) == 0.0  # frozen for good without the guard
+
+  tx = orthax.skip_if_nonfinite(optax.adam(0.1))
+  s0 = tx.update(ok, tx.init(params))[1]
+  u, s1 = jax.jit(tx.update)(huge, s0)
+  assert not np.any(np.asarray(u['w']))
+  _equal(s1.inner_state, s0.inner_state)
+  assert orthax.nonfinite_leaves(s1) == []  # the gradient was finite
+  assert orthax.nonfinite_leaves(s1, result=True) == ['state:0/nu/w']
+  assert orthax.skip_cause(s1) == (
+      orthax.transforms.check_finite.RESULT_CAUSE, ['state:0/nu/w'])
+  assert int(s1.consecutive) == 1 and int(s1.total) == 1
+  with pytest.raises(orthax.NonFiniteUpdateError,
+                     match=r"from a finite gradient at step 2 in leaf "
+                     r"'state:0/nu/w'.*lower the learning rate or clip"):
+    orthax.raise_if_nonfinite(s1, step=2)
+  assert issubclass(orthax.NonFiniteUpdateError,
+                    orthax.NonFiniteGradientError)
+  u_after, s2 = tx.update(ok, s1)
+  _equal(u_after, tx.update(ok, s0)[0])
+  assert orthax.skip_cause(s2) is None and int(s2.consecutive) == 0
+
+
+def test_a_nonfinite_update_is_named_by_its_parameter():
+  """A finite state but a non-finite update (a scale that overflows): the
+  update's leaf is named by its parameter's path; a NaN gradient in the
+  same step is reported as the gradient's, not the result's."""
+  params = {'a': jnp.ones(2), 'b': jnp.ones(3)}
+  tx = orthax.skip_if_nonfinite(optax.scale(1e30))
+  s = tx.init(params)
+  g = {'a': jnp.ones(2), 'b': jnp.array([1.0, 1e10, 1.0])}
+  u, s = tx.update(g, s)
+  assert orthax.nonfinite_leaves(s, result=True) == ['b']
+  assert not np.any(np.asarray(u['b'])) and not np.any(np.asarray(u['a']))
+  u, s = tx.update({'a': jnp.array([jnp.nan, 1.0]), 'b': g['b']}, s)
+  assert orthax.skip_cause(s) == (
+      orthax.transforms.check_finite.GRADIENT_CAUSE, ['a'])
+  assert orthax.nonfinite_leaves(s, result=True) == []
+  assert int(s.consecutive) == 2 and int(s.total) == 2
+
+
+def test_trainer_policy_names_an_overflow(caplog):
+  """``train.nonfinite``'s watch, given a step skipped for its result:
+  'raise' raises NonFiniteUpdateError, 'skip' logs the cause."""
+  from orthax.train import faults  # pylint: disable=g-import-not-at-top
+  tx = orthax.skip_if_nonfinite(optax.adam(0.1))
+  _, s = tx.update({'w': jnp.array([1e30])}, tx.init({'w': jnp.ones(1)}))
+  # The step's metrics hold the guard's flags without its inner state.
+  metrics = {'skipped': jnp.int32(1), 'nonfinite': s._replace(inner_state=None)}
+  with pytest.raises(orthax.NonFiniteUpdateError,
+                     match=r"at step 7 in leaf 'state:#2'"):  # count, mu, nu
+    faults.SkipWatch('raise').after(7, metrics, now=True)
+  like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), s)
+  with caplog.at_level('WARNING', logger='orthax.train'):
+    faults.SkipWatch('skip', opt_state_like=like).after(7, metrics, now=True)
+  assert ("step 7 skipped: non-finite update or optimizer state (NaN or Inf) "
+          "from a finite gradient in ['state:0/nu/w']") in caplog.text
+
+
+def test_an_inf_kept_from_init_is_not_a_fault():
+  """optax.contrib.reduce_on_plateau starts its best value at Inf: a state
+  entry that was not finite before is not flagged, so the guard still
+  applies every step (and flags an entry that turns Inf)."""
+  params = {'w': jnp.ones(3)}
+  tx = orthax.skip_if_nonfinite(optax.chain(
+      optax.adam(0.1), optax.contrib.reduce_on_plateau()))
+  s = tx.init(params)
+  assert not np.all(np.isfinite(
+      [np.asarray(x) for x in jax.tree.leaves(s.inner_state[1])
+       if jnp.issubdtype(x.dtype, jnp.floating)]))
+  for _ in range(3):
+    u, s = tx.update({'w': jnp.ones(3)}, s, params, value=jnp.float32(1.0))
+    assert np.all(np.asarray(u['w']) != 0) and int(s.total) == 0
+  _, s = tx.update({'w': jnp.array([1.0, 1e30, 1.0])}, s, params,
+                   value=jnp.float32(1.0))
+  assert orthax.nonfinite_leaves(s, result=True) == ['state:0/0/nu/w']
+
+
+def test_the_result_flags_leave_tree_get_and_tree_set_alone():
+  """The state's flags are a tuple, not a copy of the inner state's tree:
+  ``optax.tree.get`` finds one ``count`` and ``tree_set`` of an injected
+  hyperparameter sets only the hyperparameter."""
+  params = {'w': jnp.ones((4, 8)), 'b': jnp.ones(8)}
+  tx = optax.inject_hyperparams(orthax.muon)(learning_rate=0.02)
+  s = tx.init(params)
+  assert len(optax.tree.get_all_with_path(s, 'learning_rate')) == 1
+  s = optax.tree_utils.tree_set(s, learning_rate=0.5)
+  assert float(optax.tree.get(s, 'learning_rate')) == 0.5
+  _, s = tx.update(jax.tree.map(jnp.ones_like, params), s, params)
+  assert float(optax.tree.get(s, 'learning_rate')) == 0.5

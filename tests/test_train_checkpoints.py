@@ -19,6 +19,7 @@ pytest.importorskip('ml_collections')
 pytest.importorskip('orbax.checkpoint')
 
 from orthax.train import checkpoint  # noqa: E402
+from orthax.train import checkpoint_formats  # noqa: E402
 from orthax.train import metrics  # noqa: E402
 from orthax.train import rundir  # noqa: E402
 from orthax.train import trainer  # noqa: E402
@@ -286,7 +287,7 @@ def test_a_stage_under_its_former_name_restores(tmp_path):
   for k in range(3):
     _, state = tx.update(jax.tree.map(lambda x: jnp.cos(x + k), params),
                          state, params)
-  old = checkpoint._under_former_names(state)  # pylint: disable=protected-access
+  old = checkpoint_formats.under_former_names(state)
   paths = lambda t: {orthax._tree.path_str(p) for p, _ in  # pylint: disable=protected-access
                      jax.tree_util.tree_flatten_with_path(t)[0]}
   gone = paths(state) - paths(old)
@@ -309,3 +310,49 @@ def test_a_stage_under_its_former_name_restores(tmp_path):
     ck.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                             {**state._asdict(), 'extra': jnp.zeros(2)}))
   ck.close()
+
+
+def test_a_guard_state_without_the_result_flags_restores(tmp_path):
+  """Checkpoints written before the non-finite guard also flagged its
+  step's result (``nonfinite_updates``, ``nonfinite_state``) hold its four
+  older fields: they are read, and the new flags start False. Together
+  with a stage under its former name, as such a checkpoint has both."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import orthax  # pylint: disable=g-import-not-at-top
+  params = {'w': jnp.arange(128.).reshape(8, 16) / 128, 'b': jnp.zeros(16)}
+  tx = optax.inject_hyperparams(orthax.muon)(learning_rate=0.02)
+  state = tx.init(params)
+  for k in range(2):
+    _, state = tx.update(jax.tree.map(lambda x: jnp.cos(x + k), params),
+                         state, params)
+  _, skipped = tx.update({'w': params['w'], 'b': params['b'].at[0].set(1e30)},
+                         state, params)  # overflows AdamW's v: flags set
+  assert orthax.nonfinite_leaves(skipped, result=True)
+  old = checkpoint_formats.under_former_names(
+      checkpoint_formats.without_added_fields(skipped))
+  guard = orthax.nonfinite_status(skipped)
+  assert not any('nonfinite_state' in orthax._tree.path_str(p) for p, _ in  # pylint: disable=protected-access
+                 jax.tree_util.tree_flatten_with_path(old)[0])
+  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
+  ck.save(3, old, force=True)
+  ck.seal_if_written()
+  ck.close()
+  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
+  restored, step = ck.restore_intact(jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), skipped))
+  ck.close()
+  assert step == 3
+  assert jax.tree.structure(restored) == jax.tree.structure(skipped)
+  got = orthax.nonfinite_status(restored)
+  for a, b in zip(jax.tree.leaves(got.inner_state),
+                  jax.tree.leaves(guard.inner_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(got.total) == int(guard.total) == 1
+  assert orthax.nonfinite_leaves(restored, result=True) == []
+  # The restored state steps on like the saved one.
+  g = jax.tree.map(jnp.sin, params)
+  for a, b in zip(jax.tree.leaves(tx.update(g, restored, params)[0]),
+                  jax.tree.leaves(tx.update(g, skipped, params)[0])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -86,7 +86,8 @@ def test_nonfinite_skip_keeps_params_and_counts(monkeypatch, tmp_path,
       [r['lr/matrix'] for r in recs],
       [cfg['optimizer']['learning_rate'] * float(shape(k)) for k in counts],
       rtol=1e-6)
-  assert ("step 5 skipped: non-finite gradient in ['blocks/" in caplog.text
+  assert ("step 5 skipped: non-finite gradient (NaN or Inf) in ['blocks/"
+          in caplog.text
           and "(1 in a row, 1 in total; train.nonfinite='skip')"
           in caplog.text), caplog.text
   ck = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), 1, 8)
@@ -103,7 +104,7 @@ def test_nonfinite_skip_stops_after_max_consecutive(monkeypatch):
   c = tiny('muon', steps=8)
   c.train.update(nonfinite='skip', max_consecutive_skips=3, eval_every=0)
   with pytest.raises(orthax.NonFiniteGradientError,
-                     match=r'3 steps in a row skipped for non-finite '
-                     r'gradients \(train.max_consecutive_skips=3\), the last '
-                     r"at step 5 in \['"):
+                     match=r'3 steps in a row skipped '
+                     r'\(train.max_consecutive_skips=3\), the last at step 5 '
+                     r"for a non-finite gradient \(NaN or Inf\) in \['"):
     trainer.train(c, None, progress=False)

@@ -39,6 +39,7 @@ from typing import Any
 import jax
 
 from orthax import _tree
+from orthax.train import checkpoint_formats
 
 CHECKSUMS = 'orthax_checksums.json'
 log = logging.getLogger('orthax.train')
@@ -78,46 +79,9 @@ def mismatches(saved: dict[str, tuple], wanted: dict[str, tuple],
                   lambda ks: f'here only: {", ".join(map(repr, ks))}'))
 
 
-# Stages of the recipes' state renamed since checkpoints were first written:
-# today's name -> the name older checkpoints hold it under.
-RENAMED_STAGES = {
-    # 2026-12-06: a stage named like the weight_decay hyperparameter was
-    # overwritten by optax.tree_utils.tree_set(state, weight_decay=...).
-    'decoupled_weight_decay': 'weight_decay',
-}
-
-
 def _shapes(tree: Any) -> dict[str, tuple]:
   return {_tree.path_str(p): tuple(x.shape)
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _former_path(path: tuple) -> tuple:
-  return tuple(jax.tree_util.DictKey(RENAMED_STAGES[k.key])
-               if isinstance(k, jax.tree_util.DictKey)
-               and k.key in RENAMED_STAGES else k for k in path)
-
-
-def _under_former_names(tree: Any) -> Any:
-  """``tree`` with each dict entry of :data:`RENAMED_STAGES` under its
-  former name (at any depth)."""
-  def walk(x):
-    if isinstance(x, dict):
-      return type(x)((RENAMED_STAGES.get(k, k), walk(v))
-                     for k, v in x.items())
-    return jax.tree.map(lambda y: walk(y) if isinstance(y, dict) else y, x,
-                        is_leaf=lambda y: y is not x and isinstance(y, dict))
-  return walk(tree)
-
-
-def _from_former_names(restored: Any, target: Any) -> Any:
-  """``restored`` (read under the former names) in ``target``'s
-  structure: each leaf found by its former path."""
-  by_path = {_former_path(p): x for p, x in
-             jax.tree_util.tree_flatten_with_path(restored)[0]}
-  paths, treedef = jax.tree_util.tree_flatten_with_path(target)
-  return jax.tree.unflatten(treedef, [by_path[_former_path(p)]
-                                      for p, _ in paths])
 
 
 def sha256(path: str) -> str:
@@ -249,8 +213,9 @@ class Checkpointer:
   def restore(self, abstract_state: Any, step: int | None = None) -> Any:
     """The checkpoint ``step`` (default: latest), unverified, restored with
     the shardings and dtypes of ``abstract_state`` (``ShapeDtypeStruct``
-    tree or arrays). A checkpoint that holds a stage under its former name
-    (:data:`RENAMED_STAGES`) is read under that name."""
+    tree or arrays). A checkpoint in an older orthax's layout of the
+    optimizer state is read in that layout
+    (:mod:`~orthax.train.checkpoint_formats`)."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise ValueError(f'no checkpoint in {self.directory!r}.')
@@ -260,12 +225,12 @@ class Checkpointer:
         abstract_state)
     saved = self._saved_shapes(step)
     if saved and mismatches(saved, _shapes(target)):
-      legacy = _under_former_names(target)
-      if mismatches(saved, _shapes(legacy)):
-        raise CheckpointMismatchError(
-            f'checkpoint step {step} does not fit: '
-            + '; '.join(mismatches(saved, _shapes(target))))
-      return _from_former_names(self._restore(step, legacy), target)
+      for older, to_today in checkpoint_formats.older_layouts(target):
+        if not mismatches(saved, _shapes(older)):
+          return to_today(self._restore(step, older))
+      raise CheckpointMismatchError(
+          f'checkpoint step {step} does not fit: '
+          + '; '.join(mismatches(saved, _shapes(target))))
     return self._restore(step, target)
 
   def _restore(self, step: int, target: Any) -> Any:

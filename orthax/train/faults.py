@@ -20,7 +20,9 @@ log = logging.getLogger('orthax.train')
 class SkipWatch:
   """Acts on the non-finite guard's outcome of each step, per
   ``train.nonfinite``: ``'raise'`` raises
-  :class:`orthax.NonFiniteGradientError` naming the step and the leaves;
+  :class:`orthax.NonFiniteGradientError` (or its subclass
+  :class:`orthax.NonFiniteUpdateError`, for a finite gradient whose update or
+  optimizer state overflowed) naming the step and the leaves;
   ``'skip'`` logs and counts, and raises once ``max_consecutive`` steps in
   a row were skipped.
 
@@ -33,9 +35,15 @@ class SkipWatch:
   callback in the jitted step (one would hang or abort a mesh).
   """
 
-  def __init__(self, policy: str = 'raise', max_consecutive: int = 10):
+  def __init__(self, policy: str = 'raise', max_consecutive: int = 10,
+               opt_state_like: Any = None):
+    """``opt_state_like``: any tree shaped like the optimizer state (its
+    shardings will do), whose paths name the state leaves a step's result
+    overflowed (the step's metrics carry the flags, not the state)."""
     self.policy, self.max_consecutive = policy, int(max_consecutive)
     self._pending = None
+    guard = orthax.nonfinite_status(opt_state_like)
+    self._inner_like = None if guard is None else guard.inner_state
 
   def after(self, step: int, metrics: dict[str, Any], now: bool) -> None:
     """Checks the step held back last time, then ``step`` (at once when
@@ -51,20 +59,22 @@ class SkipWatch:
     if pending is None or not int(pending[1]['skipped']):
       return
     step, status = pending[0], pending[1]['nonfinite']
+    if self._inner_like is not None:
+      status = status._replace(inner_state=self._inner_like)
     if self.policy == 'raise':
       orthax.raise_if_nonfinite(status, step)
     consecutive, total = int(status.consecutive), int(status.total)
-    leaves = orthax.nonfinite_leaves(status)
+    what, leaves = orthax.skip_cause(status) or ('non-finite values', [])
     if consecutive >= self.max_consecutive:
       raise orthax.NonFiniteGradientError(
-          f'{consecutive} steps in a row skipped for non-finite gradients '
+          f'{consecutive} steps in a row skipped '
           f'(train.max_consecutive_skips={self.max_consecutive}), the last '
-          f'at step {step} in {leaves}: the run is not recovering; lower '
-          'the learning rate, check the data, or resume from an earlier '
-          'checkpoint.')
-    log.warning("step %d skipped: non-finite gradient in %s (%d in a row, "
-                "%d in total; train.nonfinite='skip').", step, leaves,
-                consecutive, total)
+          f'at step {step} for a {what} in {leaves}: the run is not '
+          'recovering; lower the learning rate, check the data, or resume '
+          'from an earlier checkpoint.')
+    log.warning("step %d skipped: %s in %s (%d in a row, %d in total; "
+                "train.nonfinite='skip').", step, what, leaves, consecutive,
+                total)
 
 
 @contextlib.contextmanager

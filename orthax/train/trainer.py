@@ -350,7 +350,8 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
               metrics_lib.Progress(total, enabled=progress, label=label),
               metrics_lib.Throughput(train_data.tokens_per_batch),
               faults.SkipWatch(tr.get('nonfinite', 'raise'),
-                        tr.get('max_consecutive_skips', 10)))
+                               tr.get('max_consecutive_skips', 10),
+                               setup.shardings.opt_state))
   end = total if stop_at is None else min(total, int(stop_at))
   # SIGTERM is handled only with a workdir: without one there is nothing
   # to save, and the default (exit at once) is right.

@@ -21,10 +21,12 @@ from orthax.transforms.aro import aro_rotate
 from orthax.transforms.aro import scale_by_aro
 from orthax.transforms.chain import named_chain
 from orthax.transforms.check_finite import NonFiniteGradientError
+from orthax.transforms.check_finite import NonFiniteUpdateError
 from orthax.transforms.check_finite import SkipIfNonfiniteState
 from orthax.transforms.check_finite import nonfinite_leaves
 from orthax.transforms.check_finite import nonfinite_status
 from orthax.transforms.check_finite import raise_if_nonfinite
+from orthax.transforms.check_finite import skip_cause
 from orthax.transforms.check_finite import skip_if_nonfinite
 from orthax.transforms.check_shapes import check_shapes
 from orthax.transforms.clip_outliers import abs_quantile
@@ -57,10 +59,11 @@ from orthax.transforms.weight_decay import decoupled_weight_decay
 
 __all__ = [
     'scale_by_dct_adam', 'scale_by_trion',
-    'MomentumState', 'NonFiniteGradientError', 'OrthogonalizeState',
+    'MomentumState', 'NonFiniteGradientError', 'NonFiniteUpdateError',
+    'OrthogonalizeState',
     'SkipIfNonfiniteState', 'WeightDecayState',
     'nonfinite_leaves', 'nonfinite_status', 'raise_if_nonfinite',
-    'skip_if_nonfinite',
+    'skip_cause', 'skip_if_nonfinite',
     'aro_rotate', 'scale_by_aro',
     'adamw', 'check_shapes', 'decoupled_weight_decay', 'momentum',
     'named_chain', 'orthogonalize',

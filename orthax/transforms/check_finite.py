@@ -1,5 +1,6 @@
-"""Non-finite gradients: a step that is skipped on device, and flags that
-say which leaves were at fault.
+"""Non-finite gradients, and finite gradients that the optimizer's
+arithmetic overflows: a step that is skipped on device, and flags that say
+which leaves were at fault.
 
 The decision is made inside the compiled step, on every device alike, so a
 NaN on a mesh never leaves some devices waiting in a collective for others
@@ -24,6 +25,13 @@ class NonFiniteGradientError(ValueError):
   """A gradient leaf holds NaN or Inf."""
 
 
+class NonFiniteUpdateError(NonFiniteGradientError):
+  """The gradient was finite, but the update or the new optimizer state
+  computed from it was not (float32 overflow: a momentum that sums a huge
+  gradient, a second moment that squares it). A subclass of
+  :class:`NonFiniteGradientError`, so one handler serves both."""
+
+
 class SkipIfNonfiniteState(NamedTuple):
   """State of :func:`skip_if_nonfinite`.
 
@@ -35,29 +43,73 @@ class SkipIfNonfiniteState(NamedTuple):
     consecutive: skipped steps in a row up to the last one (0 after a step
       that was applied).
     total: skipped steps since ``init``.
+    nonfinite_updates: a tree shaped like the gradients, one bool scalar
+      per leaf: True where every gradient was finite but that leaf's update
+      was not, at the last step.
+    nonfinite_state: a tuple of bool scalars, one per leaf of
+      ``inner_state`` in its flatten order (a tuple, not a copy of its tree:
+      ``optax.tree.get(state, 'count')`` and ``tree_set`` of injected
+      hyperparameters must find only the real ones): True where every
+      gradient was finite but an entry of that leaf that was finite became
+      NaN or Inf (always False for integer leaves), at the last step.
   """
   inner_state: Any
   nonfinite: Any
   consecutive: jax.Array
   total: jax.Array
+  nonfinite_updates: Any
+  nonfinite_state: Any
+
+
+def _flags(tree: Any) -> Any:
+  """One bool per leaf of ``tree``: True where it holds NaN or Inf."""
+  def flag(x):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+      return jnp.zeros([], jnp.bool_)
+    return ~jnp.all(jnp.isfinite(x))
+  return jax.tree.map(flag, tree)
+
+
+def _state_flags(new: Any, old: Any) -> Any:
+  """One bool per leaf of the state ``new``: True where an entry that was
+  finite in ``old`` is not (an Inf kept from ``init`` on purpose, such as
+  ``optax.contrib.reduce_on_plateau``'s best value, is not a fault)."""
+  def flag(x, y):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+      return jnp.zeros([], jnp.bool_)
+    return jnp.any(~jnp.isfinite(x) & jnp.isfinite(y))
+  return tuple(map(flag, jax.tree.leaves(new), jax.tree.leaves(old)))
+
+
+def _any(flags: Any) -> jax.Array:
+  leaves = jax.tree.leaves(flags)
+  return jnp.any(jnp.stack(leaves)) if leaves else jnp.bool_(False)
 
 
 def skip_if_nonfinite(
     inner: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Applies ``inner`` only when every gradient leaf is finite.
+  r"""Applies ``inner`` only when the gradient and its result are finite.
 
-  With :math:`\mathrm{ok} = \bigwedge_\ell \mathrm{all}(\mathrm{isfinite}(g_\ell))`,
+  With :math:`(\hat u, \hat s) = \mathrm{inner}(g, s)` and
+  :math:`\mathrm{ok} = \mathrm{finite}(g) \wedge \mathrm{finite}(\hat u)
+  \wedge \mathrm{finite}(\hat s \mid s)` (every entry of every leaf; for the
+  state, every entry that was finite in :math:`s`: an Inf kept from
+  ``init`` on purpose is not a fault),
 
   .. math::
-     (u, s') = \begin{cases} \mathrm{inner}(g, s) & \mathrm{ok} \\
+     (u, s') = \begin{cases} (\hat u, \hat s) & \mathrm{ok} \\
                              (0, s) & \text{otherwise,} \end{cases}
 
-  as ``optax.apply_if_finite`` does, but with no limit on skipped steps and
-  with the outcome kept per leaf in the state, so that the caller can name
-  the leaves at fault. On a skipped step ``inner`` sees zeros instead of
-  the gradient (its result is discarded; nothing in it can loop on a NaN).
-  The flags are reductions of the (possibly sharded) gradients, computed
+  as ``optax.apply_if_finite`` does for the gradient, but with no limit on
+  skipped steps and with the outcome kept per leaf in the state, so that
+  the caller can name the leaves at fault. The result is checked too: a
+  finite gradient near the float32 limit can overflow the optimizer's own
+  arithmetic (a momentum summing it, a second moment squaring it), and an
+  infinite second moment would silently freeze its parameter for the rest
+  of the run. On a skipped step ``inner`` sees zeros instead of a
+  non-finite gradient (its result is discarded; nothing in it can loop on a
+  NaN). The flags are reductions of the (possibly sharded) arrays, computed
   alike on every device: no host callback, nothing that can hang a mesh.
 
   Reading the outcome in your own loop (the trainer does this for you,
@@ -83,24 +135,37 @@ def skip_if_nonfinite(
     >>> u, s = tx.update({'w': jnp.array([1.0, jnp.nan])}, tx.init(params))
     >>> u['w'].tolist(), orthax.nonfinite_leaves(s)
     ([0.0, 0.0], ['w'])
+    >>> tx = orthax.skip_if_nonfinite(optax.adam(0.1))  # g² overflows
+    >>> u, s = tx.update({'w': jnp.array([1.0, 1e30])}, tx.init(params))
+    >>> u['w'].tolist(), orthax.nonfinite_leaves(s, result=True)
+    ([0.0, 0.0], ['state:0/nu/w'])
   """
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
+    inner_state = inner.init(params)
+    no = lambda _: jnp.zeros([], jnp.bool_)  # pylint: disable=unnecessary-lambda-assignment
     return SkipIfNonfiniteState(
-        inner_state=inner.init(params),
-        nonfinite=jax.tree.map(lambda _: jnp.zeros([], jnp.bool_), params),
+        inner_state=inner_state,
+        nonfinite=jax.tree.map(no, params),
         consecutive=jnp.zeros([], jnp.int32),
-        total=jnp.zeros([], jnp.int32))
+        total=jnp.zeros([], jnp.int32),
+        nonfinite_updates=jax.tree.map(no, params),
+        nonfinite_state=tuple(map(no, jax.tree.leaves(inner_state))))
 
   def update_fn(updates, state, params=None, **extra_args):
-    flags = jax.tree.map(lambda g: ~jnp.all(jnp.isfinite(g)), updates)
-    leaves = jax.tree.leaves(flags)
-    ok = ~jnp.any(jnp.stack(leaves)) if leaves else jnp.bool_(True)
-    safe = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)),
+    flags = _flags(updates)
+    grads_ok = ~_any(flags)
+    safe = jax.tree.map(lambda g: jnp.where(grads_ok, g, jnp.zeros_like(g)),
                         updates)
     new, inner_state = inner.update(safe, state.inner_state, params,
                                     **extra_args)
+    # A result's flags count only where the gradient was finite (else the
+    # step is skipped for the gradient, and named for it).
+    new_flags = jax.tree.map(lambda f: f & grads_ok, _flags(new))
+    state_flags = tuple(f & grads_ok for f in
+                        _state_flags(inner_state, state.inner_state))
+    ok = grads_ok & ~_any(new_flags) & ~_any(state_flags)
     new = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new)
     inner_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b),
                                inner_state, state.inner_state)
@@ -108,7 +173,8 @@ def skip_if_nonfinite(
     return new, SkipIfNonfiniteState(
         inner_state=inner_state, nonfinite=flags,
         consecutive=(state.consecutive + 1) * skipped,
-        total=state.total + skipped)
+        total=state.total + skipped, nonfinite_updates=new_flags,
+        nonfinite_state=state_flags)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -136,29 +202,76 @@ def nonfinite_status(opt_state: Any) -> SkipIfNonfiniteState | None:
   return _find(opt_state)
 
 
-def nonfinite_leaves(opt_state: Any) -> list[str]:
+def _flagged(flags: Any, prefix: str = '') -> list[str]:
+  paths, values, _ = _tree.leaves_with_paths(flags)
+  values = jax.device_get(values)
+  return [prefix + p for p, f in zip(paths, values) if bool(np.asarray(f))]
+
+
+def nonfinite_leaves(opt_state: Any, result: bool = False) -> list[str]:
   """Paths (``'a/b/kernel'``) of the leaves whose gradient was not finite
-  at the last step; ``[]`` when it was applied or there is no guard."""
+  at the last step; ``[]`` when it was applied or there is no guard.
+
+  With ``result=True``: where the gradient was finite but the step's result
+  was not, the update leaves (by their parameter's path) and then the new
+  state's leaves, as ``'state:'`` plus their path inside the guarded
+  transformation's state (``'state:0/nu/w'``: optax.adam's second moment of
+  ``w``; ``'state:#i'``, the i-th leaf, where ``opt_state`` holds the guard's
+  flags without its inner state)."""
   status = nonfinite_status(opt_state)
   if status is None:
     return []
-  paths, flags, _ = _tree.leaves_with_paths(status.nonfinite)
-  flags = jax.device_get(flags)
-  return [p for p, f in zip(paths, flags) if bool(np.asarray(f))]
+  if not result:
+    return _flagged(status.nonfinite)
+  flags = jax.device_get(list(status.nonfinite_state))
+  if status.inner_state is None:
+    paths = [f'#{i}' for i in range(len(flags))]
+  else:
+    paths = _tree.leaves_with_paths(status.inner_state)[0]
+  return (_flagged(status.nonfinite_updates)
+          + [f'state:{p}' for p, f in zip(paths, flags) if bool(f)])
+
+
+GRADIENT_CAUSE = 'non-finite gradient (NaN or Inf)'
+RESULT_CAUSE = ('non-finite update or optimizer state (NaN or Inf) from a '
+                'finite gradient')
+
+
+def skip_cause(opt_state: Any) -> tuple[str, list[str]] | None:
+  """Why the last step was skipped, ``(what, leaves)``: ``what`` is
+  :data:`GRADIENT_CAUSE` or :data:`RESULT_CAUSE` (a finite gradient whose
+  update or new state was not), ``leaves`` as :func:`nonfinite_leaves`
+  gives them; ``None`` when the step was applied or there is no guard."""
+  names = nonfinite_leaves(opt_state)
+  if names:
+    return GRADIENT_CAUSE, names
+  names = nonfinite_leaves(opt_state, result=True)
+  if names:
+    return RESULT_CAUSE, names
+  return None
 
 
 def raise_if_nonfinite(opt_state: Any, step: int | None = None) -> None:
   """Raises :class:`NonFiniteGradientError` naming the leaves when the last
-  step was skipped for a non-finite gradient (host side: it reads the
-  flags back from the devices)."""
-  names = nonfinite_leaves(opt_state)
-  if not names:
+  step was skipped for a non-finite gradient, or its subclass
+  :class:`NonFiniteUpdateError` when the gradient was finite but the update
+  or the new state was not (host side: it reads the flags back from the
+  devices)."""
+  cause = skip_cause(opt_state)
+  if cause is None:
     return
+  what, names = cause
   at = '' if step is None else f' at step {step}'
-  raise NonFiniteGradientError(
-      f'non-finite gradient (NaN or Inf){at} in leaf {names[0]!r}'
-      + (f' and {len(names) - 1} more: {names[1:]}' if len(names) > 1
-         else '')
+  more = len(names) - 1
+  if what == GRADIENT_CAUSE:
+    error, fix = NonFiniteGradientError, 'fix the loss'
+  else:
+    error, fix = NonFiniteUpdateError, (
+        'lower the learning rate or clip the gradients (entries near the '
+        'float32 limit, 3.4e38, overflow the optimizer\'s arithmetic)')
+  raise error(
+      f'{what}{at} in leaf {names[0]!r}'
+      + (f' and {more} more: {names[1:]}' if more else '')
       + '. The step was skipped (parameters and optimizer state unchanged); '
-      'fix the loss, or skip such steps with the trainer\'s '
+      f"{fix}, or skip such steps with the trainer's "
       "train.nonfinite='skip'.")
