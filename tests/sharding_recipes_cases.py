@@ -156,8 +156,8 @@ def run(recipe, mesh, axis_type, comm_dtype, inject=False, **dist_kw):
           # check_finite's bool flags: one per gradient leaf, update leaf
           # and state leaf (an all-reduce of each is ≤ 2 bytes on the wire).
           'guard_flags': 0 if guard is None else len(jax.tree.leaves(
-              (guard.nonfinite, guard.nonfinite_updates,
-               guard.nonfinite_state))),
+              (guard.nonfinite, guard.nonfinite_updates))) + int(
+                  guard.nonfinite_state.size),
           'wire_bytes': sum(o['wire_bytes'] for o in ops),
           'sharding_kept': bool(kept),
           'all_to_all': sum(k.startswith('all-to-all') for k in kinds),

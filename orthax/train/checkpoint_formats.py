@@ -101,7 +101,7 @@ def with_added_fields(restored: Any, target: Any) -> Any:
     return SkipIfNonfiniteState(
         *old, nonfinite_updates=jax.tree.map(_false_like,
                                              today.nonfinite_updates),
-        nonfinite_state=jax.tree.map(_false_like, today.nonfinite_state))
+        nonfinite_state=_false_like(today.nonfinite_state))
   return jax.tree.map(lambda x: fill(x) if _is_old_guard(x) else x,
                       restored, is_leaf=_is_old_guard)
 

@@ -46,12 +46,13 @@ class SkipIfNonfiniteState(NamedTuple):
     nonfinite_updates: a tree shaped like the gradients, one bool scalar
       per leaf: True where every gradient was finite but that leaf's update
       was not, at the last step.
-    nonfinite_state: a tuple of bool scalars, one per leaf of
-      ``inner_state`` in its flatten order (a tuple, not a copy of its tree:
-      ``optax.tree.get(state, 'count')`` and ``tree_set`` of injected
-      hyperparameters must find only the real ones): True where every
-      gradient was finite but an entry of that leaf that was finite became
-      NaN or Inf (always False for integer leaves), at the last step.
+    nonfinite_state: a bool vector, one entry per leaf of ``inner_state``
+      in its flatten order (one array, not a copy of its tree:
+      ``optax.tree.get(state, 'count')``, ``tree_set`` of injected
+      hyperparameters and ``optax.tree_utils.tree_map_params`` must find
+      only the real leaves): True where every gradient was finite but an
+      entry of that leaf that was finite became NaN or Inf (always False for
+      integer leaves), at the last step.
   """
   inner_state: Any
   nonfinite: Any
@@ -78,7 +79,8 @@ def _state_flags(new: Any, old: Any) -> Any:
     if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
       return jnp.zeros([], jnp.bool_)
     return jnp.any(~jnp.isfinite(x) & jnp.isfinite(y))
-  return tuple(map(flag, jax.tree.leaves(new), jax.tree.leaves(old)))
+  flags = list(map(flag, jax.tree.leaves(new), jax.tree.leaves(old)))
+  return jnp.stack(flags) if flags else jnp.zeros([0], jnp.bool_)
 
 
 def _any(flags: Any) -> jax.Array:
@@ -151,7 +153,8 @@ def skip_if_nonfinite(
         consecutive=jnp.zeros([], jnp.int32),
         total=jnp.zeros([], jnp.int32),
         nonfinite_updates=jax.tree.map(no, params),
-        nonfinite_state=tuple(map(no, jax.tree.leaves(inner_state))))
+        nonfinite_state=jnp.zeros([len(jax.tree.leaves(inner_state))],
+                                  jnp.bool_))
 
   def update_fn(updates, state, params=None, **extra_args):
     flags = _flags(updates)
@@ -163,9 +166,8 @@ def skip_if_nonfinite(
     # A result's flags count only where the gradient was finite (else the
     # step is skipped for the gradient, and named for it).
     new_flags = jax.tree.map(lambda f: f & grads_ok, _flags(new))
-    state_flags = tuple(f & grads_ok for f in
-                        _state_flags(inner_state, state.inner_state))
-    ok = grads_ok & ~_any(new_flags) & ~_any(state_flags)
+    state_flags = _state_flags(inner_state, state.inner_state) & grads_ok
+    ok = grads_ok & ~_any(new_flags) & ~jnp.any(state_flags)
     new = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new)
     inner_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b),
                                inner_state, state.inner_state)
@@ -223,7 +225,7 @@ def nonfinite_leaves(opt_state: Any, result: bool = False) -> list[str]:
     return []
   if not result:
     return _flagged(status.nonfinite)
-  flags = jax.device_get(list(status.nonfinite_state))
+  flags = np.asarray(jax.device_get(status.nonfinite_state))
   if status.inner_state is None:
     paths = [f'#{i}' for i in range(len(flags))]
   else:
