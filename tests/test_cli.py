@@ -126,6 +126,10 @@ def test_bad_flag_values_are_one_line_and_exit_2(tmp_path):
   conf.write_text((ROOT / 'orthax' / 'configs' / 'lm_cpu.py').read_text())
   afile = tmp_path / 'afile'
   afile.write_text('x')
+  syntax, raises = tmp_path / 'syntax.py', tmp_path / 'raises.py'
+  syntax.write_text('def get_config(:\n  pass\n')
+  raises.write_text("def get_config():\n  raise RuntimeError('no config "
+                    "here')\n")
   cases = [
       ('train.py', ['--config=lm_cpu:muon', '--config.train.steps=abc'],
        "orthax-train: error: flag --config.train.steps=abc: invalid literal "
@@ -136,6 +140,19 @@ def test_bad_flag_values_are_one_line_and_exit_2(tmp_path):
       ('compare.py', ['--optimizers=muon', f'--out={afile}'],
        f"orthax-compare: error: --out: '{afile}' is a file, not a "
        'directory.'),
+      # These printed a traceback (absl wraps only some config errors).
+      ('train.py', [f'--config={syntax}'],
+       f'orthax-train: error: a config file failed to load: {syntax}, '
+       'line 1: SyntaxError: '),
+      ('train.py', [f'--config={raises}'],
+       f'orthax-train: error: a config file failed to load: {raises}, '
+       'line 2: RuntimeError: no config here'),
+      # A FileNotFoundError / NotADirectoryError after the model was built.
+      ('train.py', ['--config=lm_cpu:muon', '--workdir='],
+       'orthax-train: error: --workdir: the path is empty.'),
+      ('train.py', ['--config=lm_cpu:muon', f'--workdir={afile}/sub'],
+       f"orthax-train: error: --workdir: '{afile}/sub' cannot be created "
+       f"('{afile}' is a file)."),
   ]
   for script, args, want in cases:
     proc = subprocess.run(

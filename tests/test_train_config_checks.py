@@ -100,6 +100,21 @@ def test_run_changing_keys():
      r'vocabulary \(256'),
     ('data.val_fraction', 1.0,
      r'data.val_fraction must be in \(0, 1\), got 1.0'),
+    # A ZeroDivisionError traceback; a traceback after the model was
+    # built; silently run as 1; a dict() error naming no key.
+    ('model.num_heads', 0, 'model.num_heads must be an integer >= 1, got 0'),
+    ('model.seq_len', 0, 'model.seq_len must be an integer >= 1, got 0'),
+    ('mesh.comm_dtype', 'foo', r"mesh.comm_dtype must be a floating-point "
+     r"dtype name \(e.g. bfloat16\) or None, got 'foo'"),
+    ('mesh.data', 0, 'mesh.data must be an int >= 1, got 0'),
+    ('mesh.rules', 'abc', 'mesh.rules must map logical axis names to mesh '
+     "axes .*got 'abc'"),
+    ('mesh.rules', {'embed': 'model'}, r"mesh.rules\['embed'\] = 'model': a "
+     "rule maps a logical axis name to one of the mesh axes"),
+    # Without the guard a NaN step was applied and checkpointed over the
+    # good checkpoints; train.nonfinite did nothing.
+    ('optimizer.kwargs.check_finite', False,
+     'optimizer.kwargs.check_finite=False: the trainer needs'),
 ])
 def test_bad_config_values_name_the_key(key, value, match):
   cfg = trainer.as_dict(config())
@@ -124,3 +139,15 @@ def test_script_names_an_unknown_optimizer_key():
   assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
   assert err[-1] == ('orthax-train: (ORTHAX_TRACEBACK=1 shows where it was '
                      'raised)')
+
+
+def test_a_damaged_saved_config_is_named_and_force_goes_on(tmp_path):
+  """A damaged ``config.json`` ended in a bare JSONDecodeError naming no
+  file, with or without --force."""
+  from orthax.train import rundir  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'config.json').write_text('{"train": {"steps": ')
+  cfg = trainer.as_dict(config())
+  with pytest.raises(ValueError, match=r'config.json is damaged \(.*\): it '
+                     r'records the config .* --force'):
+    rundir.check(str(tmp_path), cfg, resuming=True)
+  rundir.check(str(tmp_path), cfg, resuming=True, force=True)

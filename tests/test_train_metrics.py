@@ -204,3 +204,48 @@ def test_jsonl_files_are_strict_json_with_null_for_non_finite(tmp_path):
   nested = {'val_loss': [1.5, float('nan')], 'diverged': 'loss is nan'}
   assert json.loads(metrics.json_line(nested)) == {
       'val_loss': [1.5, None], 'diverged': 'loss is nan'}
+
+
+def _cut(path, records):
+  """``path`` holding ``records`` and then a line cut short mid-write."""
+  with open(path, 'w') as f:
+    f.write(''.join(metrics.json_line(r) for r in records))
+    f.write('{"step": 3, "lo')
+
+
+@pytest.mark.parametrize('resume_step', [2, 0])
+def test_a_line_cut_by_a_crash_is_dropped_before_appending(tmp_path,
+                                                            resume_step):
+  """A kill mid-write leaves an unterminated last line; the resumed run's
+  first record was appended to it, and the file was unreadable for good."""
+  path = tmp_path / 'metrics.jsonl'
+  _cut(path, [{'step': 1, 'loss': 5.0}, {'step': 2, 'loss': 4.0}])
+  writer = metrics.MetricWriter(str(tmp_path), resume_step=resume_step)
+  writer.write({'step': 3, 'loss': 3.0})
+  writer.close()
+  steps = [r['step'] for r in metrics.read_jsonl(str(path))]
+  assert steps == ([1, 2, 3] if resume_step else [3])
+
+
+def test_a_damaged_line_inside_names_the_file_and_line(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1}\n{"step": 2, oops}\n{"step": 3}\n')
+  with pytest.raises(ValueError, match=r'metrics.jsonl: line 2 is not a '
+                     r'JSON record'):
+    metrics.read_jsonl(str(path))
+
+
+def test_reference_mode_runs_drop_a_cut_line(tmp_path, monkeypatch):
+  """``orthax-sweep --reference_modes`` appended a finished run to a cut
+  line and then lost it (the joined line was the last, and dropped)."""
+  from orthax.train import compare  # pylint: disable=g-import-not-at-top
+  from orthax.train import reference_modes  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(compare, 'train_one',
+                      lambda *a, **k: {'final_val_loss': 1.5})
+  path = tmp_path / 'runs.jsonl'
+  _cut(path, [])
+  out = reference_modes.run(configs.base_config('muon'), str(tmp_path),
+                            widths=[32], seeds=[0], optimizers=['muon'],
+                            progress=False)
+  assert out and len(out) == len(reference_modes.cases(['muon']))
+  assert len(metrics.read_jsonl(str(path))) == len(out)

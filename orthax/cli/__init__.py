@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from typing import Any, Callable, Sequence
 
 from orthax import configs as packaged_configs
@@ -120,6 +121,21 @@ def _parse_flags(tool: str, argv: list[str]) -> list[str]:
     lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
     _report(tool, ' '.join(lines[:1] + lines[-1:] if len(lines) > 1
                            else lines), EXIT_USAGE)
+  except Exception as e:  # pylint: disable=broad-except
+    # A config file that raised while it was read (absl wraps only some).
+    if _traceback_wanted():
+      raise
+    _report(tool, f'a config file failed to load: {_where(e)}'
+            f'{type(e).__name__}: {e}', EXIT_USAGE)
+
+
+def _where(e: Exception) -> str:
+  """``'<file>, line <n>: '`` of where ``e`` was raised (a syntax error's
+  own place), or ``''``."""
+  if isinstance(e, SyntaxError) and e.filename:
+    return f'{e.filename}, line {e.lineno}: '
+  frames = traceback.extract_tb(e.__traceback__)
+  return f'{frames[-1].filename}, line {frames[-1].lineno}: ' if frames else ''
 
 
 def report_errors(tool: str, main: Callable[[Any], None], holders: Any
@@ -159,12 +175,25 @@ def output_dir(flag: str, path: str | None, create: bool = True
   work starts, so that a path that cannot be one fails first, as a
   ``ValueError`` naming the flag, not as a traceback after the training
   (``create=False``: only refuses an existing file, leaving the creation
-  to the tool, which checks its config first)."""
+  to the tool, which checks its config first: then a path that cannot
+  become a directory, an empty one, a file on its way or a directory that
+  cannot be written, is refused here)."""
   if path is None:
     return None
+  if not path:
+    raise ValueError(f'--{flag}: the path is empty.')
   if not create:
     if os.path.isfile(path):
       raise ValueError(f'--{flag}: {path!r} is a file, not a directory.')
+    nearest = os.path.abspath(path)  # the part that exists
+    while not os.path.exists(nearest):
+      nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+      raise ValueError(f'--{flag}: {path!r} cannot be created ({nearest!r} '
+                       'is a file).')
+    if not os.access(nearest, os.W_OK | os.X_OK):
+      raise ValueError(f'--{flag}: {path!r} cannot be written ({nearest!r} '
+                       'is not writable).')
     return path
   try:
     os.makedirs(path, exist_ok=True)

@@ -17,6 +17,7 @@ import ml_collections
 
 from orthax.recipes import registry
 from orthax.train import optim
+from orthax.train import partitioning
 
 # Peak learning rates (main branch, AdamW branch) of the one optimizer that
 # is not a recipe. A recipe's defaults are in its registry entry
@@ -197,6 +198,28 @@ def _check_keys(prefix: str, given: Mapping[str, Any], known) -> None:
         + f'; {prefix.rstrip(".") or "the config"} has {sorted(known)}.')
 
 
+def _check_mesh(mesh: Mapping[str, Any]) -> None:
+  """Axis sizes (ints ≥ 1), the wire dtype (floating) and ``rules`` (logical
+  axis name → a mesh axis, a tuple of them, or ``None``)."""
+  partitioning.mesh_shape(mesh)
+  _check_dtype('mesh.comm_dtype', mesh.get('comm_dtype'), jnp.floating,
+               optional=True)
+  rules = mesh.get('rules')
+  if rules is None:
+    return
+  if not isinstance(rules, Mapping):
+    raise ValueError('mesh.rules must map logical axis names to mesh axes '
+                     f'(e.g. {{"embed": "fsdp"}}), got {rules!r}.')
+  for name, axes in rules.items():
+    names = axes if isinstance(axes, (tuple, list)) else (axes,)
+    if not isinstance(name, str) or any(
+        a is not None and a not in partitioning.MESH_AXES for a in names):
+      raise ValueError(
+          f'mesh.rules[{name!r}] = {axes!r}: a rule maps a logical axis name '
+          f'to one of the mesh axes {partitioning.MESH_AXES}, a tuple of '
+          'them, or None.')
+
+
 def _check_int(key: str, value: Any, low: int, optional: bool = False
                ) -> None:
   if value is None and optional:
@@ -268,7 +291,13 @@ def validate(cfg: Mapping[str, Any]) -> None:
   _check_int('data.eval_batch_size', data.get('eval_batch_size'), 1,
              optional=True)
   _check_int('seed', cfg.get('seed'), 0)
+  _check_mesh(cfg.get('mesh') or {})
   model = cfg.get('model') or {}
+  for key in ('vocab_size', 'seq_len', 'd_model', 'num_layers', 'num_heads',
+              'mlp_ratio'):
+    if key in model:
+      _check_int(f'model.{key}', model[key], 1,
+                 optional=key == 'vocab_size')  # None: the data's
   for key in ('dtype', 'param_dtype'):
     if key in model:
       _check_dtype(f'model.{key}', model[key], jnp.floating)

@@ -62,10 +62,31 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   for i, line in enumerate(lines):
     try:
       out.append(_nan_for_null(json.loads(line)))
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
       if i < len(lines) - 1:
-        raise
+        raise ValueError(
+            f'{path}: line {i + 1} is not a JSON record ({e}); only a last '
+            'line cut short by a crash is dropped: fix or remove the '
+            'line.') from e
   return out
+
+
+def drop_cut_line(path: str, records: list[dict[str, Any]]) -> None:
+  """Rewrites ``path`` (atomically) as ``records`` when its last line was
+  cut short by a crash mid-write (:func:`read_jsonl` dropped it), so that
+  what is appended next starts on a line of its own."""
+  if not os.path.exists(path):
+    return
+  with open(path, 'rb') as f:
+    f.seek(0, os.SEEK_END)
+    if f.tell() == 0:
+      return
+    f.seek(-1, os.SEEK_END)
+    if f.read(1) == b'\n':
+      return
+  with open(path + '.tmp', 'w') as f:
+    f.write(''.join(json_line(r) for r in records))
+  os.replace(path + '.tmp', path)
 
 
 class MetricWriter:
@@ -114,6 +135,8 @@ class MetricWriter:
           for r in kept:
             f.write(json_line(r))
         os.replace(self.path + '.tmp', self.path)
+      else:
+        drop_cut_line(self.path, kept)
       self.records = kept
     # On resume, TensorBoard drops the earlier files' points after the
     # checkpoint (a START event at resume_step + 1), as this file does.

@@ -48,6 +48,11 @@ class GPTConfig:
   remat: bool = False            # rematerialize each block in the backward
 
   def __post_init__(self):
+    for f in ('vocab_size', 'seq_len', 'd_model', 'num_layers', 'num_heads',
+              'mlp_ratio'):
+      if int(getattr(self, f)) < 1:
+        raise ValueError(f'model.{f} must be positive, got '
+                         f'{getattr(self, f)}.')
     if self.d_model % self.num_heads:
       raise ValueError(f'model.d_model={self.d_model} is not divisible by '
                        f'model.num_heads={self.num_heads}.')
@@ -57,11 +62,6 @@ class GPTConfig:
     if self.positions == 'rope' and (self.d_model // self.num_heads) % 2:
       raise ValueError('model.positions="rope" needs an even head dimension, '
                        f'got {self.d_model // self.num_heads}.')
-    for f in ('vocab_size', 'seq_len', 'd_model', 'num_layers', 'num_heads',
-              'mlp_ratio'):
-      if int(getattr(self, f)) < 1:
-        raise ValueError(f'model.{f} must be positive, got '
-                         f'{getattr(self, f)}.')
 
   @property
   def head_dim(self) -> int:

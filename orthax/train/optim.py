@@ -128,6 +128,12 @@ def validate(opt_config: Mapping[str, Any]) -> None:
     raise ValueError(
         f'{", ".join("optimizer.kwargs." + k for k in bad)}: not a keyword '
         f'of {what}; it accepts {list(accepted)}.')
+  if 'check_finite' in kwargs and not kwargs['check_finite']:
+    raise ValueError(
+        'optimizer.kwargs.check_finite=False: the trainer needs the '
+        "optimizer's non-finite guard (train.nonfinite acts on its flags; "
+        'without it a NaN step is applied, and checkpointed over the good '
+        'ones); remove the keyword.')
 
 
 def _check_rate(key: str, value: Any, optional: bool) -> None:

@@ -41,10 +41,11 @@ def mesh_shape(mesh_config: Mapping[str, int]) -> tuple[int, int, int]:
   if unknown:
     raise ValueError(f'mesh: unknown axes {sorted(unknown)}; the trainer '
                      f'mesh has axes {MESH_AXES}.')
-  sizes = tuple(int(mesh_config.get(a) or 1) for a in MESH_AXES)
+  sizes = tuple(1 if mesh_config.get(a) is None else mesh_config[a]
+                for a in MESH_AXES)
   for a, s in zip(MESH_AXES, sizes):
-    if s < 1:
-      raise ValueError(f'mesh.{a} must be >= 1, got {s}.')
+    if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+      raise ValueError(f'mesh.{a} must be an int >= 1, got {s!r}.')
   return sizes
 
 

@@ -58,7 +58,9 @@ def run(base_config: Any, out_dir: str, *, widths: Sequence[int],
   path = os.path.join(out_dir, 'runs.jsonl')
   wanted = [dict(c, width=int(w), seed=int(s)) for c in cases(optimizers)
             for w in widths for s in seeds]
-  done = {_key(r) for r in sweep.load(path)}
+  records = sweep.load(path)
+  metrics.drop_cut_line(path, records)
+  done = {_key(r) for r in records}
   todo = [c for c in wanted if _key(c) not in done][:max_runs]
   for i, case in enumerate(todo):
     t0 = time.perf_counter()

@@ -64,7 +64,13 @@ def load_config(workdir: str) -> dict[str, Any] | None:
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(
+          f'{path} is damaged ({e}): it records the config the run in '
+          f'{workdir} was started with; restore it, or go on without it '
+          'with --force (train(..., force=True)).') from e
 
 
 def save_config(workdir: str, cfg: dict[str, Any]) -> None:
@@ -82,7 +88,13 @@ def check(workdir: str, cfg: dict[str, Any], *, resuming: bool,
   docstring); :func:`save_config` records ``cfg`` once the run has its
   state (a start that fails before, e.g. a forced resume whose checkpoint
   does not fit the config, leaves the saved config as it was)."""
-  old = load_config(workdir)
+  try:
+    old = load_config(workdir)
+  except ValueError as e:
+    if not force:
+      raise
+    log.warning('%s forced: going on without it.', e)
+    old = None
   if resuming and old is not None:
     changes = run_changes(old, cfg)
     if changes:

@@ -106,7 +106,7 @@ def run(base_config: Any, spec: SweepSpec, out_dir: str, *,
   check_same_sweep(base_config, spec, out_dir)
   path = os.path.join(out_dir, 'runs.jsonl')
   records = load(path)
-  _drop_cut_line(path, records)
+  metrics.drop_cut_line(path, records)
   done = {run_key(r) for r in records}
   todo = [k for k, rk in zip(spec.keys(), spec.run_keys()) if rk not in done]
   for i, (name, width, seed, scale) in enumerate(todo[:max_runs]):
@@ -138,20 +138,6 @@ def recorded(base_config: Any, spec: SweepSpec, out_dir: str
   return [r for r in load(os.path.join(out_dir, 'runs.jsonl'))
           if r['optimizer'] in spec.optimizers
           and int(r['width']) in spec.widths and int(r['seed']) in spec.seeds]
-
-
-def _drop_cut_line(path: str, records: list[dict[str, Any]]) -> None:
-  """Rewrites ``path`` without a last line cut short by a crash (which
-  :func:`load` skipped), so that appended runs start on a line of their
-  own."""
-  if not os.path.exists(path):
-    return
-  with open(path, 'rb') as f:
-    data = f.read()
-  if data and not data.endswith(b'\n'):
-    with open(path + '.tmp', 'w') as f:
-      f.write(''.join(metrics.json_line(r) for r in records))
-    os.replace(path + '.tmp', path)
 
 
 def check_same_sweep(base_config: Any, spec: SweepSpec, out_dir: str
