@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -230,7 +230,7 @@ plt.show()
 # goes through exactly the scalar map of its singular values, and keeps its
 # singular vectors. Note also where the dots are on the horizontal axis:
 # dividing by the Frobenius norm puts even the *largest* singular value well
-# below 1 (here about 0.4), because $\|X\|_F \ge \sigma_{\max}$. The right end of the curves is rarely used in
+# below 1 (here about 0.32), because $\|X\|_F \ge \sigma_{\max}$. The right end of the curves is rarely used in
 # practice; the left end, where small singular values must be lifted, is what
 # the tables are designed for.
 

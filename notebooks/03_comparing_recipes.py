@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -215,13 +215,12 @@ for name, r in sorted(best.items(), key=lambda kv: kv[1]['final_val_loss']):
 # are a much smaller share of a step of a large model.
 #
 # **What we saw** running the full version on 2 CPU cores (each optimizer at
-# its default rate of 2026-12-05: Muon's and NorMuon's 0.04 and NAMO's 0.16,
-# all at decay 0.1 then; one seed; your numbers on other hardware will differ
-# in the last digits): NorMuon
-# and Muon ended at 1.48 and 1.49 against AdamW's
-# 1.71 and reached AdamW's final loss at step 103 of 200 (1.9× fewer steps,
-# interpolated between evaluations 20 steps apart); NAMO ended at 1.51 (step
-# 104) and SPECTRA at 1.51 (step 113). These defaults come from the
+# its default rate of 2026-12-06: Muon's and NorMuon's 0.0566, NAMO's 0.226;
+# one seed; your numbers on other hardware will differ in the last digits):
+# NorMuon, NAMO and Muon ended at 1.442, 1.444 and 1.445 and reached AdamW's
+# final loss at steps 97, 93 and 95 of 200 (about 2× fewer steps,
+# interpolated between evaluations 20 steps apart); SPECTRA ended at 1.492
+# (step 106). These defaults come from the
 # library's learning-rate sweep on this model (README); at its papers' rates
 # NAMO ends near 2.04, because a paper's rate is tuned for the paper's model
 # and scale convention (docs/training.md, "Reference modes"). This is exactly
@@ -233,7 +232,7 @@ for name, r in sorted(best.items(), key=lambda kv: kv[1]['final_val_loss']):
 #
 # To go further: sweep the learning rate (`LR_SCALES`), train longer
 # (`STEPS`), add recipes (`orthax.recipe_names()`: `namo_d`, `root`, `auon`,
-# `hybrid_auon`, `lanton`), or run the same comparison from the command line
+# `hybrid_auon`, `lanton`, `aro`, `fismo`, `dct_adamw`, `trion`), or run the same comparison from the command line
 # with `python scripts/compare.py --optimizers=adamw,muon,normuon
 # --lr_scales=0.5,1,2`, which also writes the table, the raw results
 # (JSON) and the plot to a directory.

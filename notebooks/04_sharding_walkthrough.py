@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -226,9 +226,11 @@ print(orthax.sharding.plan(orthax.sharding.Distributed(mesh2, scan_specs),
 
 # %%
 # The plan of an optimizer as built: `plan(tx, abstract_params)` traces its
-# update with `jax.eval_shape` (nothing is compiled). Same groups and bytes as
-# above; fewer FLOPs, since normuon's default `method='auto'` runs the Gram
-# iteration on the rectangular matrices.
+# update with `jax.eval_shape` (nothing is compiled). The same groups as
+# above, and a few more bytes and collectives: the all-gather of NorMuon's
+# per-neuron state from each group's owner devices; fewer FLOPs, since
+# normuon's default `method='auto'` runs the Gram iteration on the
+# rectangular matrices.
 normuon = orthax.recipe('normuon', learning_rate=0.02,
                         distributed=orthax.sharding.Distributed(mesh,
                                                                 full_specs))
@@ -293,14 +295,16 @@ print(f"orthax: {optax_row['count'] / orthax_row['count']:.0f}× fewer "
 #   $XX^\top$ and reduces partial products, for every matrix separately (the
 #   lowered program has none: they are all inserted by the partitioner).
 # * orthax's program has exactly the plan's 8 all-to-alls (2 per group), plus
-#   one tiny all-reduce: the finiteness check of `check_finite=True`, a
-#   single flag per leaf. The bytes are what the plan predicted: in float32 as
+#   a few tiny all-reduces: the finiteness checks of `check_finite=True` (of
+#   the gradient, and of the step's update and state), a few bytes of flags
+#   per leaf. The bytes are what the plan predicted: in float32 as
 #   compiled for the CPU, half of that in bfloat16 (the lowered column), which
 #   is what a GPU or TPU sends.
 # * The ratios grow with the number of layers: orthax's collective count
-#   stays at 8 + 1 (one `all_to_all` pair per group, however many matrices
-#   the group has), optax's grows with every matrix. With all 12 layers
-#   (run without smoke mode) this cell measures 601 collectives against 9,
+#   stays at 8 all-to-alls plus the flags' all-reduces (one `all_to_all` pair
+#   per group, however many matrices the group has), optax's grows with every
+#   matrix. With all 12 layers (run without smoke mode) this cell measures
+#   601 collectives against about ten,
 #   and about 26× fewer bytes in float32, over 50× with the bfloat16 wire.
 
 # %% [markdown]
@@ -344,7 +348,7 @@ for comm in (jnp.bfloat16,) if SMOKE else (jnp.float32, jnp.bfloat16):
 # %% [markdown]
 # With float32 on the wire the distributed update agrees with one device to
 # float32 round-off: the same matrices go through the same Newton–Schulz,
-# only on another device. With bfloat16 on the wire the difference is a few
+# only on another device. With bfloat16 on the wire the difference is below
 # $10^{-3}$ of the update's scale: both the momentum going out and the
 # orthogonalized matrix coming back are rounded once. That is the price of
 # halving the bytes, and it is far below the approximation error of 5

@@ -254,6 +254,32 @@ def test_post_clip_on_any_optax_optimizer_with_schedule():
     params = optax.apply_updates(params, uc)
 
 
+def test_post_clip_aspect_scale():
+  """Nothing clipped (threshold far above every σ): the reference's
+  α = √max(1, fan_out/fan_in) makes a 16→32 kernel's step √2 times the
+  base optimizer's direction, as the docstring says; ``aspect_scale=False``
+  gives the base step back on every shape."""
+  rng = np.random.default_rng(1)
+  params = {k: jnp.asarray(rng.standard_normal(s), jnp.float32)
+            for k, s in (('up', (16, 32)), ('down', (32, 16)),
+                         ('square', (16, 16)))}
+  g = jax.tree.map(lambda p: jnp.cos(3 * p), params)
+  lr, wd = 1e-2, 0.1
+  base = optax.adamw(lr, weight_decay=wd)
+  ub = base.update(g, base.init(params), params)[0]
+  direction = lambda u, k: -u[k] / lr - wd * params[k]
+  for aspect, up in ((True, np.sqrt(2.0)), (False, 1.0)):
+    tx = optax.chain(optax.adamw(lr, weight_decay=wd), orthax.spectral_clip(
+        1e6, learning_rate=lr, weight_decay=wd, aspect_scale=aspect))
+    u = tx.update(g, tx.init(params), params)[0]
+    for k in params:
+      np.testing.assert_allclose(direction(u, k),
+                                 (up if k == 'up' else 1.0) * direction(ub, k),
+                                 rtol=2e-5, atol=2e-5)
+  with pytest.raises(TypeError, match='aspect_scale must be True or False'):
+    orthax.spectral_clip(aspect_scale='no')
+
+
 def test_post_clip_caps_the_spectrum():
   """Δ = -η·α·H_c(U) with λ = 0: its top singular value is below η·α·c."""
   rng = np.random.default_rng(3)

@@ -3,7 +3,7 @@
 Each ``<name>.py`` here is an ml_collections config file (``get_config(
 optimizer_name)``): ``lm_cpu`` (the embedded default: a small byte-level
 GPT on Python's own documentation, about two minutes on 2 CPU cores),
-``gpt2_124m``, ``gpt2_350m`` (TPU v5e) and ``gpt_1b`` (8×H100). The
+``gpt2_124m``, ``gpt2_350m`` (TPU v4-64) and ``gpt_1b`` (8×H100). The
 commands (``orthax-train``, ``orthax-compare``, ``orthax-sweep``) take a
 config by name from any directory, ``--config=lm_cpu:normuon``, or by path,
 ``--config=my_config.py:muon``.

@@ -175,10 +175,11 @@ def _base_directions(leaves, ws, specs, lr, weight_decay, apply_to):
           for d, w, s in zip(leaves, ws, specs)]
 
 
-def _clipped_step(h, w, spec, shape, lr, weight_decay):
-  """``Δ' = -η α H_c(U) - η λ W`` with ``α = √max(1, rows/cols)`` (1 for vectors)."""
+def _clipped_step(h, w, spec, shape, lr, weight_decay, aspect_scale):
+  """``Δ' = -η α H_c(U) - η λ W`` with ``α = √max(1, rows/cols)`` (1 for
+  vectors, and without ``aspect_scale``)."""
   alpha = 1.0
-  if spec is not None:
+  if spec is not None and aspect_scale:
     _, fan_in, fan_out = spec.matrix_shape(shape)
     alpha = math.sqrt(max(1.0, fan_out / max(fan_in, 1)))
   new = -lr * alpha * h
@@ -210,6 +211,7 @@ def spectral_clip(
     matrix_specs: _tree.SpecsLike = None,
     group: bool = True,
     distributed: sharding.Distributed | None = None,
+    aspect_scale: bool = True,
 ) -> optax.GradientTransformation:
   r"""SPECTRA post-clip: soft-clips the direction of *any* optimizer's step.
 
@@ -228,7 +230,11 @@ def spectral_clip(
      α = \sqrt{\max(1, \mathrm{rows}/\mathrm{cols})},
 
   with ``rows = fan_out``, ``cols = fan_in`` (PyTorch layout; a Flax kernel is
-  ``(in, out)``) and ``α = 1`` for vectors. ``H_c`` is
+  ``(in, out)``) and ``α = 1`` for vectors. ``α`` is the reference's: it
+  makes the step of a matrix with more outputs than inputs larger than the
+  base optimizer's (2× on a 768→3072 kernel, even where nothing is
+  clipped); ``aspect_scale=False`` sets ``α = 1``, leaving the base step's
+  size alone (a pure clip). ``H_c`` is
   :func:`orthax.polar.soft_clip_matrix`; vectors (``apply_to='all'``) get the
   reference's (discontinuous) :func:`orthax.polar.soft_clip_vector`. A step
   with ``η_t = 0`` keeps the base update, as the reference does.
@@ -260,6 +266,8 @@ def spectral_clip(
       certified converged, so results match one device to that tolerance.
       Not with ``shared_bound`` (one bound over a leaf's whole batch) nor
       the ``gram`` strategy.
+    aspect_scale: multiply the clipped direction by ``α`` (the reference's;
+      default) or not (``False``: ``α = 1``).
   """
   _validate.arguments('spectral_clip', spectral_clip, locals())
   _check_apply_to(apply_to)
@@ -312,7 +320,7 @@ def spectral_clip(
     out = list(leaves)
     for i, h in zip(todo, clipped):
       new = _clipped_step(h, ws[i], specs[i], leaves[i].shape, lr,
-                          weight_decay)
+                          weight_decay, aspect_scale)
       out[i] = jnp.where(live, new, leaves[i].astype(new.dtype)
                          ).astype(leaves[i].dtype)
     return jax.tree.unflatten(treedef, out), new_state
