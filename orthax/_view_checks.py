@@ -92,3 +92,15 @@ def natural_key(path: str) -> tuple:
   """Sort key reading digit runs as numbers (``Dense_2`` < ``Dense_10``)."""
   return tuple((0, int(t)) if t.isdigit() else (1, t)
                for t in re.split(r'(\d+)', path) if t)
+
+
+class MatrixViewWarning(UserWarning):
+  """A leaf's default matrix view may be the wrong one: a 3-D attention
+  kernel shaped like Flax's ``(features, heads, head_dim)`` read as a stack
+  of layers (:meth:`Router.attention_view_suspects`), or a scanned stack of
+  convolutions read as one (:meth:`Router.conv_view_suspects`)."""
+
+
+class OutputLayerWarning(UserWarning):
+  """A 2-D leaf that looks like an output layer goes to the matrix branch
+  (:meth:`Router.output_layer_suspects`)."""

@@ -37,7 +37,10 @@ import warnings
 
 import jax
 
+from orthax import _table
 from orthax import _view_checks as _views
+from orthax._view_checks import MatrixViewWarning
+from orthax._view_checks import OutputLayerWarning
 from orthax import _tree
 from orthax.matrices import MatrixSpec
 
@@ -383,42 +386,11 @@ class Router:
         view = f'{b} x {fi} x {fo}'
       row = (path, str(shape), r.label, view)
       if learning_rates is not None:
-        row += (format_hyperparameter(learning_rates.get(r.label)),)
+        row += (_table.format_hyperparameter(learning_rates.get(r.label)),)
       if weight_decays is not None:
-        row += (format_hyperparameter(weight_decays.get(r.label)),)
+        row += (_table.format_hyperparameter(weight_decays.get(r.label)),)
       rows.append(row)
     notes = [f'note: {_views.output_layer_message(path, reason)}'
              for path, reason in self.output_layer_suspects(tree)]
     notes += [f'note: {message}' for _, message in self.view_suspects(tree)]
-    return '\n'.join([format_table(rows)] + notes)
-
-
-class MatrixViewWarning(UserWarning):
-  """A leaf's default matrix view may be the wrong one: a 3-D attention
-  kernel shaped like Flax's ``(features, heads, head_dim)`` read as a stack
-  of layers (:meth:`Router.attention_view_suspects`), or a scanned stack of
-  convolutions read as one (:meth:`Router.conv_view_suspects`)."""
-
-
-class OutputLayerWarning(UserWarning):
-  """A 2-D leaf that looks like an output layer goes to the matrix branch
-  (:meth:`Router.output_layer_suspects`)."""
-
-
-def format_hyperparameter(lr: Any) -> str:
-  """A learning rate or weight decay as ``'0.02'``, ``'schedule'`` or
-  ``'?'`` (a label with none)."""
-  if lr is None:
-    return '?'
-  if callable(lr):
-    return 'schedule'
-  return f'{float(lr):.4g}'
-
-
-def format_table(rows: Sequence[Sequence[str]]) -> str:
-  """Left-aligned columns, a rule under the header row."""
-  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  lines = ['  '.join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-           for row in rows]
-  lines.insert(1, '  '.join('-' * w for w in widths))
-  return '\n'.join(lines)
+    return '\n'.join([_table.format_table(rows)] + notes)

@@ -133,10 +133,16 @@ def test_default_follows_a_schedule_and_injected_rate():
                                                      rel=1e-4)
 
 
+def _rows(table):
+  """The table rows of a describe output (not its header or notes)."""
+  return [line for line in table.splitlines()[2:]
+          if not line.startswith('note: ')]
+
+
 def _rates_and_decays(table):
   """``{path: (lr, wd)}`` from a describe table (its last two columns)."""
   return {line.split()[0]: tuple(line.split()[-2:])
-          for line in table.splitlines()[2:]}
+          for line in _rows(table)}
 
 
 def test_describe_shows_branch_learning_rates_and_decays(capsys):
@@ -189,6 +195,27 @@ def test_describe_decays_are_the_ones_applied(name):
     assert not np.allclose(default[leaf], other[leaf]), (name, label)
 
 
+ADAPTIVE_RATES = {'namo': 'min(α·c·k, 1)', 'namo_d': 'per input feature',
+                  'lanton': 'η_ℓ'}
+
+
+@pytest.mark.parametrize('name', orthax.recipe_names())
+def test_describe_notes_where_the_step_scales_its_rates(name, capsys):
+  """NAMO, NAMO-D and LANTON scale their matrix rate (and decay) each step
+  by a noise-adaptive factor: the table's lr and wd are base values there,
+  and a note under the table says how they are used; nowhere else."""
+  params = {'w': jnp.ones((8, 8)), 'b': jnp.ones(8)}
+  notes = [line for line in orthax.describe(
+      params, optimizer=orthax.recipe(name)).splitlines()
+           if line.startswith('note: ')]
+  capsys.readouterr()
+  if name in ADAPTIVE_RATES:
+    assert len(notes) == 1 and notes[0].startswith(f"note: {name}'s matrix lr")
+    assert ADAPTIVE_RATES[name] in notes[0], notes
+  else:
+    assert notes == []
+
+
 def test_describe_refuses_what_it_cannot_read():
   params = {'w': jnp.zeros((8, 8))}
   with pytest.raises(ValueError, match='not a plain optax'):
@@ -222,7 +249,7 @@ def test_describe_reads_every_recipe_with_its_default_router(name):
   tx = orthax.recipe(name)
   rates = _common.recipe_routing(tx).learning_rates
   table = orthax.describe(params, optimizer=tx)
-  lines = table.splitlines()[2:]
+  lines = _rows(table)
   assert len(lines) == 3 and all(
       '?' not in line.split()[-2:] for line in lines), (name, table)
   w_row = next(line for line in lines if line.startswith('w '))
@@ -241,7 +268,7 @@ def test_describe_reads_lanton_branches(reference, embed, decay):
       0.04, reference=reference))
   labels = ('adam', 'signum', 'matrix')
   rows = {t[0]: (next(x for x in t if x in labels), *t[-2:])
-          for t in (line.split() for line in table.splitlines()[2:])}
+          for t in (line.split() for line in _rows(table))}
   assert rows == {'b': ('adam', '0.0015', '0'),
                   'embed': (embed, '0.0015', '0'),
                   'w': ('matrix', '0.04', decay)}

@@ -147,6 +147,9 @@ def test_bad_flag_values_are_one_line_and_exit_2(tmp_path):
       ('train.py', [f'--config={raises}'],
        f'orthax-train: error: a config file failed to load: {raises}, '
        'line 2: RuntimeError: no config here'),
+      ('train.py', ['--config=lm_cpu:muon', '--config.optimizer.bogus=None'],
+       "orthax-train: error: flag --config.optimizer.bogus=None: the config "
+       "has no key 'optimizer.bogus'."),
       # A FileNotFoundError / NotADirectoryError after the model was built.
       ('train.py', ['--config=lm_cpu:muon', '--workdir='],
        'orthax-train: error: --workdir: the path is empty.'),
@@ -291,3 +294,25 @@ def test_output_dir_refuses_a_file_naming_the_flag(tmp_path):
   assert cli.output_dir('workdir', str(tmp_path / 'later'), create=False)
   assert not (tmp_path / 'later').exists()
   assert cli.output_dir('out', None) is None
+
+
+def test_none_overrides_give_a_key_back_to_its_default():
+  """absl parsed ``--config.optimizer.adam_learning_rate=None`` as a float
+  and failed: a config could not hand a rate back to the recipe's own
+  default. The override is set after parsing; a later override of the same
+  key wins, as absl's own do."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  argv = ['prog', '--config=lm_cpu:muon',
+          '--config.optimizer.adam_learning_rate=None',
+          '--config.optimizer.weight_decay=none',
+          '--config.optimizer.weight_decay=0.1', '--config.train.steps=3']
+  rest, nones = cli._none_overrides(argv)  # pylint: disable=protected-access
+  assert nones == [('config', 'optimizer.adam_learning_rate')]
+  assert rest == [a for a in argv if not a.endswith(('=None', '=none'))]
+  cfg = ml_collections.ConfigDict(
+      {'optimizer': {'adam_learning_rate': 3e-3, 'kwargs': {}}})
+  cli._set_none(cfg, 'config', 'optimizer.adam_learning_rate')  # pylint: disable=protected-access
+  assert cfg.optimizer.adam_learning_rate is None
+  for bad in ('optimizer.bogus', 'bogus.x', 'optimizer.adam_learning_rate.x'):
+    with pytest.raises(ValueError, match=f"no key '{bad}'"):
+      cli._set_none(cfg, 'config', bad)  # pylint: disable=protected-access

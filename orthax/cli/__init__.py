@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import traceback
 from typing import Any, Callable, Sequence
@@ -111,8 +112,9 @@ def _parse_flags(tool: str, argv: list[str]) -> list[str]:
   :data:`EXIT_USAGE` (absl's own ``FATAL Flags parsing error`` exits 1,
   the status of a failed run)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+  argv, nones = _none_overrides(argv)
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except flags.Error as e:
     if _traceback_wanted():
       raise
@@ -127,6 +129,48 @@ def _parse_flags(tool: str, argv: list[str]) -> list[str]:
       raise
     _report(tool, f'a config file failed to load: {_where(e)}'
             f'{type(e).__name__}: {e}', EXIT_USAGE)
+  try:
+    for name, path in nones:
+      _set_none(flags.FLAGS[name].value, name, path)
+  except ValueError as e:
+    if _traceback_wanted():
+      raise
+    _report(tool, e, EXIT_USAGE)
+  return rest
+
+
+_NONE = re.compile(r'--(\w+)\.([\w.]+)=(None|none)')
+_OVERRIDE = re.compile(r'--(\w+)\.([\w.]+)=')
+
+
+def _none_overrides(argv: list[str]) -> tuple[list[str], list[tuple]]:
+  """``argv`` without its ``--<config>.<key>=None`` overrides, and those
+  ``(config, key)`` (absl's parser turns ``'None'`` into a float or a
+  string by the field's type; ``None`` gives a key back to the optimizer's
+  own default, e.g. ``optimizer.adam_learning_rate``). A later override of
+  the same key wins, as absl's do."""
+  keep, nones = [], {}
+  for arg in argv:
+    m = _NONE.fullmatch(arg)
+    if m:
+      nones[m.groups()[:2]] = None
+      continue
+    m = _OVERRIDE.match(arg)
+    if m:
+      nones.pop(m.groups(), None)
+    keep.append(arg)
+  return keep, list(nones)
+
+
+def _set_none(config: Any, name: str, path: str) -> None:
+  *parents, last = path.split('.')
+  holder = config
+  for key in parents:
+    holder = holder.get(key) if hasattr(holder, 'get') else None
+  if holder is None or not hasattr(holder, 'get') or last not in holder:
+    raise ValueError(f'flag --{name}.{path}=None: the config has no key '
+                     f'{path!r}.')
+  holder[last] = None
 
 
 def _where(e: Exception) -> str:

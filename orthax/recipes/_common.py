@@ -170,10 +170,12 @@ def resolve_adam_learning_rate(learning_rate: optax.ScalarOrSchedule,
 class RecipeRouting:
   """What :func:`orthax.describe` reads off a recipe: its router, and each
   branch's learning rate (a number or a schedule) and decoupled weight
-  decay λ, by label."""
+  decay λ, by label; ``notes``: what :func:`orthax.describe` adds below
+  the table (where the step scales those numbers itself)."""
   router: RouterLike
   learning_rates: dict[str, optax.ScalarOrSchedule]
   weight_decays: dict[str, float]
+  notes: tuple[str, ...] = ()
 
 
 _ROUTING_ATTR = 'orthax_recipe_routing'
@@ -230,6 +232,7 @@ def describe(params: Any, router: routing.Router | None = None, *,
     raise TypeError(f'describe: router must be an orthax.Router, got '
                     f'{type(router).__name__}.')
   lrs = wds = None
+  notes: tuple[str, ...] = ()
   if optimizer is not None:
     info = recipe_routing(optimizer)
     if info is None:
@@ -238,21 +241,23 @@ def describe(params: Any, router: routing.Router | None = None, *,
           'orthax recipe itself (orthax.muon(...), orthax.recipe(name, '
           '...)), not a plain optax transformation or one wrapped by '
           'optax.inject_hyperparams.')
-    lrs, wds = info.learning_rates, info.weight_decays
+    lrs, wds, notes = info.learning_rates, info.weight_decays, info.notes
     if router is None:
       if not isinstance(info.router, routing.Router):
         raise ValueError(
             'describe: the optimizer routes by a labels callable, which has '
             'no matrix views; pass router=orthax.Router(...).')
       router = info.router
-  table = (router or routing.Router()).describe(params, lrs, wds)
+  table = '\n'.join([(router or routing.Router()).describe(params, lrs, wds)]
+                    + [f'note: {n}' for n in notes])
   print(table)
   return table
 
 
 def with_routing(tx: Any, router: RouterLike,
                  learning_rates: dict[str, optax.ScalarOrSchedule],
-                 weight_decays: dict[str, float]) -> Any:
+                 weight_decays: dict[str, float],
+                 notes: tuple[str, ...] = ()) -> Any:
   """``tx`` with its :class:`RecipeRouting` attached (to its ``update``
   function, which :func:`with_shape_check` made for this ``tx`` alone).
 
@@ -266,7 +271,8 @@ def with_routing(tx: Any, router: RouterLike,
         f'weight_decays labels {sorted(weight_decays)} differ; give both '
         'for every branch.')
   setattr(tx.update, _ROUTING_ATTR,
-          RecipeRouting(router, dict(learning_rates), dict(weight_decays)))
+          RecipeRouting(router, dict(learning_rates), dict(weight_decays),
+                        tuple(notes)))
   return tx
 
 
@@ -354,6 +360,7 @@ def assemble_with_adamw(
     branches: dict[str, optax.GradientTransformation] | None = None,
     branch_learning_rates: dict[str, optax.ScalarOrSchedule] | None = None,
     branch_weight_decays: dict[str, float] | None = None,
+    notes: tuple[str, ...] = (),
     **adam_kwargs,
 ) -> optax.GradientTransformation:
   """The shared tail of a recipe: :func:`assemble` with the AdamW branch
@@ -366,7 +373,7 @@ def assemble_with_adamw(
   result carries its :class:`RecipeRouting`: ``matrix_weight_decay`` is
   the λ the recipe's ``matrix_chain`` applies (reported, not applied
   here), ``branch_learning_rates`` and ``branch_weight_decays`` those of
-  the extra ``branches``."""
+  the extra ``branches``, ``notes`` what ``describe`` says under them."""
   adam_lr = resolve_adam_learning_rate(learning_rate, adam_learning_rate,
                                        rms_matched=rms_matched,
                                        recipe=recipe, reference=reference)
@@ -379,5 +386,5 @@ def assemble_with_adamw(
       **(branch_learning_rates or {})}, {
           'matrix': matrix_weight_decay,
           'adam': adam_kwargs.get('weight_decay', 0.0), 'frozen': 0.0,
-          **(branch_weight_decays or {})})
+          **(branch_weight_decays or {})}, notes)
 

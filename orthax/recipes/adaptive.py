@@ -278,6 +278,7 @@ def lanton(
     -----  -------  ------  ---------  -----  --
     embed  (50, 8)  signum             0.003  0
     w      (8, 8)   matrix  1 x 8 x 8  0.08   0
+    note: lanton's matrix lr is the largest layer's: each layer steps and decays at lr·(its noise ratio)^p ≤ lr (noise_power p), W ← W − η_ℓ(D + wd·W).
 
   References: Hao et al., arXiv 2510.14009 (no public code: see
   :func:`orthax.transforms.layerwise_noise_adapt` for what is
@@ -324,5 +325,8 @@ def lanton(
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate, rms_matched=False,
       matrix_weight_decay=weight_decay, recipe='lanton', reference=reference,
+      notes=("lanton's matrix lr is the largest layer's: each layer steps "
+             'and decays at lr·(its noise ratio)^p ≤ lr (noise_power p), '
+             'W ← W − η_ℓ(D + wd·W).',),
       **signum, b1=adam_b1, b2=adam_b2, eps=adam_eps,
       weight_decay=adam_weight_decay, mu_dtype=mu_dtype)

@@ -58,6 +58,11 @@ def _namo(name, mode, learning_rate, reference, beta, mu2, eps, weight_decay,
       matrix, router, check_finite, learning_rate=learning_rate,
       adam_learning_rate=adam_learning_rate, rms_matched=False,
       matrix_weight_decay=weight_decay, recipe=name, reference=reference,
+      notes=(f"{name}'s matrix lr and wd are base values: the step is "
+             'min(α·c·k, 1)·O and the decay W ← W(1 − wd·min(α, 1)), α = lr '
+             'times a noise-adaptive factor' + (' per input feature'
+                                                if mode == 'diagonal' else '')
+             + ' (orthax.noise_adapt).',),
       b1=adam_b1, b2=adam_b2, eps=adam_eps,
       weight_decay=adam_weight_decay,
       eps_placement='raw', mu_dtype=mu_dtype)
