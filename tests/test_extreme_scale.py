@@ -19,11 +19,11 @@ import contract
 import orthax
 import trees
 from orthax.polar import orthogonalize_stack
-from orthax.polar.newton_schulz import downscale_huge
-from orthax.polar.newton_schulz import signed_root
-from orthax.polar.newton_schulz import signed_squares
-from orthax.polar.newton_schulz import split_root
-from orthax.polar.newton_schulz import split_squares
+from orthax.polar.scale_safe import downscale_huge
+from orthax.polar.scale_safe import signed_root
+from orthax.polar.scale_safe import signed_squares
+from orthax.polar.scale_safe import split_root
+from orthax.polar.scale_safe import split_squares
 
 SCALE = 2.0 ** 64  # ≈ 1.8e19, exact in float32: only overflow can differ
 KERNELS = ('blocks/0/mlp/kernel', 'blocks/1/mlp/kernel', 'layers/attn/kernel')
@@ -180,6 +180,52 @@ def test_huge_column_blocks_give_the_unscaled_polar_factor(preset,
   ref, big = blocks(1.0), blocks(SCALE)
   assert np.all(np.isfinite(big))
   assert np.linalg.norm(big - ref) / np.linalg.norm(ref) < 1e-5
+
+
+@pytest.mark.parametrize('normalizer', ['frobenius', 'aol', 'schatten4'])
+@pytest.mark.parametrize('col_blocks', [False, True])
+def test_norms_near_the_float32_limit_give_the_unscaled_polar_factor(
+    normalizer, col_blocks):
+  """A matrix whose Frobenius norm is near float32's max (2¹²³: 1.4e38;
+  2¹²⁴: past it). Dividing the unscaled X by that norm flushed the quotient
+  to zero (a subnormal reciprocal): newton_schulz, gram_newton_schulz and
+  orthogonalize_stack returned all zeros."""
+  x = jax.random.normal(jax.random.key(4), (2, 8, 32))
+
+  def run(scale):
+    if not col_blocks:
+      return np.asarray(orthogonalize_stack(
+          x * scale, 'jordan', method='standard', normalizer=normalizer),
+                        np.float64)
+    b = jnp.stack(jnp.split(x * scale, 4, axis=-1))
+    out = jax.vmap(lambda b: orthogonalize_stack(
+        b, 'jordan', method='standard', col_shards=4, normalizer=normalizer,
+        col_reduce=lambda a: jax.lax.psum(a, 'dev')), axis_name='dev')(b)
+    return np.asarray(jnp.concatenate(list(out), axis=-1), np.float64)
+
+  ref = run(1.0)
+  for e in (122, 123, 124):
+    big = run(2.0 ** e)
+    assert np.all(np.isfinite(big))
+    err = np.linalg.norm(big - ref) / np.linalg.norm(ref)
+    assert err < 1e-5, (e, err)
+
+
+@pytest.mark.parametrize('normalizer', ['frobenius', 'aol', 'schatten4'])
+def test_float64_matrices_of_1e200_give_the_unscaled_polar_factor(
+    x64, normalizer):
+  """The huge-matrix scale was built in float32 (its exponent capped at
+  126): float64 entries of 1e200 gave zeros (Frobenius) or NaN (AOL,
+  Schatten-4)."""
+  from orthax.polar import newton_schulz  # pylint: disable=g-import-not-at-top
+  del x64
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((8, 24)))
+  ref = np.asarray(newton_schulz(x, normalizer=normalizer))
+  for scale in (1e100, 1e200, 1e300):
+    big = np.asarray(newton_schulz(x * scale, normalizer=normalizer))
+    assert big.dtype == np.float64
+    # ε = 1e-7 in the normalizer moves the unscaled one by ~1e-8.
+    assert np.linalg.norm(big - ref) / np.linalg.norm(ref) < 1e-6, scale
 
 
 def test_split_squares_are_the_plain_sum_below_the_threshold():

@@ -1,7 +1,7 @@
 """A 1e19-scale gradient with ``distributed=`` on 8 fake CPU devices gives
 the unscaled update: the norms summed from each device's pieces (``a2a``:
 NAMO-D's; ``gram``: also Newton–Schulz's Frobenius normalizer) are summed
-scale-safely (``orthax.polar.newton_schulz.split_squares``). Before, their
+scale-safely (``orthax.polar.scale_safe.split_squares``). Before, their
 float32 sums of squares overflowed.
 
 (The cases run in a subprocess, ``tests/extreme_scale_mesh_cases.py``: the

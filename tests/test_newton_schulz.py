@@ -265,3 +265,16 @@ def test_bad_arguments_are_named_errors():
   assert u.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(u, np.float32),
                              np.asarray(polar.polar_svd(x)), atol=2e-2)
+
+
+@pytest.mark.parametrize('fn', ['newton_schulz', 'gram_newton_schulz',
+                                'orthogonalize_stack'])
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(norm_scale=-1.0), 'norm_scale must be > 0'),  # returned -UVᵀ
+    (dict(norm_scale=0.0), 'norm_scale must be > 0'),   # returned NaN
+    (dict(eps=float('nan')), 'eps must be finite'),     # returned NaN
+    (dict(eps=-1.0), 'eps must be > 0'),
+])
+def test_normalizer_overrides_are_checked(fn, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    getattr(polar, fn)(jnp.ones((4, 8)), **kwargs)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from orthax.polar.newton_schulz import huge_scale
+from orthax.polar.scale_safe import huge_scale
 
 SOURCES = ('input', 'aux')
 
@@ -144,7 +144,7 @@ def sum_squares(x: jax.Array, axes: Sequence[int]) -> jax.Array:
 def root_norm(x: jax.Array, axes: Sequence[int]) -> jax.Array:
   """``√Σ x²`` over ``axes`` of whole ``[..., fan_in, fan_out]`` matrices,
   in :func:`wide` precision, with the squares taken of ``x·2⁻ᵉ``
-  (:func:`orthax.polar.newton_schulz.huge_scale`, one power of two per
+  (:func:`orthax.polar.scale_safe.huge_scale`, one power of two per
   matrix): it cannot overflow, and is the plain root below ``2³²``."""
   x = x.astype(wide(x.dtype))
   f = huge_scale(x).astype(x.dtype)

@@ -11,7 +11,7 @@ from orthax.matrix_stages._base import MatrixStage
 from orthax.matrix_stages._base import stage
 from orthax.matrix_stages._base import static
 from orthax.matrix_stages._base import wide
-from orthax.polar.newton_schulz import downscale_huge
+from orthax.polar.scale_safe import downscale_huge
 
 BRAKE_INPUTS = ('normalized', 'raw')
 

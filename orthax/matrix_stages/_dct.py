@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from orthax.polar import dct
 from orthax.polar.gram import standard_flops
 from orthax.polar.newton_schulz import newton_schulz
-from orthax.polar.newton_schulz import root_ema
+from orthax.polar.scale_safe import root_ema
 from orthax.matrix_stages._base import MatrixStage
 from orthax.matrix_stages._base import StageShapes
 from orthax.matrix_stages._base import stage

@@ -44,7 +44,7 @@ from orthax.polar import dispatch as _dispatch
 from orthax.polar import gram as _gram
 from orthax.polar import lapack
 from orthax.polar import presets as _presets
-from orthax.polar.newton_schulz import huge_scale
+from orthax.polar.scale_safe import huge_scale
 
 # FLOPs of one symmetric eigendecomposition of a k×k matrix, per k³ (the
 # usual estimate for tridiagonalisation plus eigenvectors).
@@ -109,7 +109,7 @@ class FismoStep(MatrixStage):
 
   Scale: ``L`` and ``R`` grow with ``‖G‖²`` and overflow float32 for a
   gradient near ``1e19``. They are formed from ``G·2⁻ᵉ``, the exact power of
-  two of :func:`orthax.polar.newton_schulz.huge_scale` (``e = 0``, nothing
+  two of :func:`orthax.polar.scale_safe.huge_scale` (``e = 0``, nothing
   changes, unless ``max|G| > 2³²``); the whitening divides the power of two
   back out, so the momentum sees ``G`` itself. For such a huge gradient the damping ``μ`` therefore acts as
   ``μ·2²ᵉ`` relative to the true ``GQ⁻¹Gᵀ``: FISMO is not invariant to the

@@ -15,7 +15,7 @@ from orthax.matrix_stages._base import stage
 from orthax.matrix_stages._base import static
 from orthax.matrix_stages._scale import check_scale_mode
 from orthax.matrix_stages._scale import shape_factor
-from orthax.polar.newton_schulz import root_ema
+from orthax.polar.scale_safe import root_ema
 
 NOISE_MODES = ('scalar', 'diagonal')
 

@@ -26,7 +26,7 @@ from orthax.matrix_stages._qr import QR_KINDS
 from orthax.matrix_stages._qr import Q_OF
 from orthax.matrix_stages._qr import product_q
 from orthax.matrix_stages._qr import resolve_qr
-from orthax.polar.newton_schulz import huge_scale
+from orthax.polar.scale_safe import huge_scale
 
 BASES = ('sinkhorn', 'row_norm', 'sign')
 ROTATE_SIDES = ('smaller', 'fan_out', 'fan_in')

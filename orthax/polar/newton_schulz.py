@@ -27,7 +27,8 @@ the iteration exact on the sharded matrix: the ``m×m`` polynomial is
 replicated and ``X ← (aI + bA + cA²)X`` acts on each block locally. The input
 is then never transposed (the caller orients it wide). The Frobenius norm of
 column blocks is summed in two parts that cannot overflow
-(:func:`split_squares`), in the same one all-reduce.
+(:func:`orthax.polar.scale_safe.split_squares`), in the same one
+all-reduce.
 
 References: K. Jordan, *Muon* (2024); Amsel et al., *The Polar Express*
 (arXiv 2505.16932); Grishina et al., *CANS* (arXiv 2506.10935); Boissin et
@@ -36,19 +37,21 @@ al., *Turbo-Muon* (arXiv 2512.04632).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from orthax import _validate
 from orthax.polar import lapack
 from orthax.polar import presets as _presets
+from orthax.polar.scale_safe import ColReduce
+from orthax.polar.scale_safe import block_norm
+from orthax.polar.scale_safe import huge_scale
 from orthax.polar.step_loop import run_steps
 
 NORMALIZERS = ('frobenius', 'schatten4', 'aol', 'none')
-
-ColReduce = Callable[[jax.Array], jax.Array] | None
 
 
 def _reduced(a: jax.Array, col_reduce: ColReduce) -> jax.Array:
@@ -105,109 +108,6 @@ def _rsqrt_clamped(v, eps):
   return jax.lax.rsqrt(jnp.maximum(v, eps))
 
 
-HUGE = 2.0 ** 32
-
-
-def pow2(e: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-  """Exactly ``2ᵉ`` for integer ``e`` in the normal range of ``dtype``
-  (float32: ``-126 ≤ e ≤ 127``), built from exponent bits."""
-  if jnp.finfo(dtype).bits == 64:
-    bits = (jnp.asarray(e).astype(jnp.int64) + 1023) << 52
-    return jax.lax.bitcast_convert_type(bits, jnp.float64).astype(dtype)
-  bits = (jnp.asarray(e).astype(jnp.int32) + 127) << 23
-  return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
-
-
-def scale_of_max(m: jax.Array) -> jax.Array:
-  """``2⁻ᵉ`` with ``2ᵉ ≥ m`` when ``m > 2³²``, else exactly 1 (float32,
-  shaped like ``m``): the factor :func:`huge_scale` takes from a max."""
-  m = m.astype(jnp.float32)
-  e = jnp.where(m > HUGE, jnp.ceil(jnp.log2(m)), 0.0).astype(jnp.int32)
-  return pow2(-jnp.minimum(e, 126))  # float32's smallest normal power of 2
-
-
-def huge_scale(x: jax.Array) -> jax.Array:
-  """Per matrix, ``2⁻ᵉ`` with ``2ᵉ ≥ max|x|`` when ``max|x| > 2³²``, else
-  exactly 1 (float32, shape ``[..., 1, 1]``).
-
-  Newton–Schulz is scale-invariant, but its normalizer's sum of squares
-  overflows float32 once ``‖X‖_F > 1.8·10¹⁹`` (a 64×64 matrix of entries
-  ``10¹⁹``), and the update would come out zero. A power of two scales
-  exactly, so the direction is that of the unscaled matrix; the factor is
-  built from its exponent bits (one scalar per matrix), and multiplying by
-  it is the only element-wise work.
-  """
-  m = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True, initial=0)
-  return scale_of_max(m)
-
-
-def downscale_huge(x: jax.Array) -> jax.Array:
-  """``x·2⁻ᵉ`` per matrix (:func:`huge_scale`): unchanged, bit for bit,
-  unless ``max|x| > 2³²``."""
-  return (x * huge_scale(x).astype(x.dtype)).astype(x.dtype)
-
-
-_SPLIT = 80  # entries above 2³² are squared scaled by 2⁻⁸⁰
-
-
-def split_squares(x: jax.Array, axes: Sequence[int]
-                  ) -> tuple[jax.Array, jax.Array]:
-  """``Σ x²`` over ``axes`` (kept, size 1) of a piece of a matrix, as two
-  sums that cannot overflow and add up across pieces like one: ``lo`` of
-  the entries up to ``2³²`` as they are, ``hi`` of the larger ones scaled
-  by ``2⁻⁸⁰`` (:func:`split_root` joins them). A scale common to all
-  pieces would need the whole matrix's max first (one more collective);
-  these two sums go through the one all-reduce the sum needed. ``lo`` is
-  the plain sum, bit for bit, when no entry exceeds ``2³²``."""
-  axes = tuple(axes)
-  big = jnp.abs(x) > HUGE
-  zero = jnp.zeros([], x.dtype)
-  lo = jnp.sum(jnp.square(jnp.where(big, zero, x)), axis=axes, keepdims=True)
-  hi = jnp.sum(jnp.square(jnp.where(big, x * pow2(-_SPLIT, x.dtype), zero)),
-               axis=axes, keepdims=True)
-  return lo, hi
-
-
-def split_root(lo: jax.Array, hi: jax.Array) -> jax.Array:
-  """``√(lo + hi·2¹⁶⁰)`` of :func:`split_squares`'s (summed) pair: the
-  plain ``√lo`` while ``hi`` is 0."""
-  down = pow2(-_SPLIT, lo.dtype)
-  big = jnp.sqrt(hi + lo * down * down) * pow2(_SPLIT, lo.dtype)
-  return jnp.where(hi > 0, big, jnp.sqrt(lo))
-
-
-def signed_squares(lo: jax.Array, hi: jax.Array) -> jax.Array:
-  """:func:`split_squares`'s pair as one value, for a sum that is whole on
-  one device (nothing to add across devices but zeros): ``lo``, or
-  ``-(hi + lo·2⁻¹⁶⁰)`` (negative: scaled) when it has entries above
-  ``2³²``. :func:`signed_root` takes its root."""
-  down = pow2(-_SPLIT, lo.dtype)
-  return jnp.where(hi > 0, -(hi + lo * down * down), lo)
-
-
-def signed_root(v: jax.Array) -> jax.Array:
-  """The root of a :func:`signed_squares` value: ``√v``, or
-  ``√(-v)·2⁸⁰`` for a negative one."""
-  r = jnp.sqrt(jnp.abs(v))
-  return jnp.where(v < 0, r * pow2(_SPLIT, v.dtype), r)
-
-
-def root_ema(root: jax.Array, x: jax.Array, decay: Any) -> jax.Array:
-  """``√(decay·root² + (1-decay)·x²)``, the EMA of ``x²`` kept as its root,
-  by ``jnp.hypot`` (which factors out the larger term): no square is
-  formed, so it cannot overflow where ``x²`` would."""
-  return jnp.hypot(jnp.sqrt(decay) * root, jnp.sqrt(1 - decay) * x)
-
-
-def block_norm(x: jax.Array, col_reduce: ColReduce) -> jax.Array:
-  """``‖X‖_F`` (shape ``[..., 1, 1]``, float32 or wider) of whole matrices
-  from their column blocks ``x`` (one ``col_reduce`` of the two sums of
-  :func:`split_squares`), scale-safely."""
-  xa = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  s = col_reduce(jnp.stack(split_squares(xa, (-2, -1))))
-  return split_root(s[0], s[1])
-
-
 def normalize_frobenius(x: jax.Array, scale: float = 1.0,
                         eps: float = 1e-7, *,
                         col_reduce: ColReduce = None) -> jax.Array:
@@ -218,13 +118,17 @@ def normalize_frobenius(x: jax.Array, scale: float = 1.0,
   (:func:`block_norm`), so a huge matrix cannot overflow the sum."""
   acc = jnp.promote_types(x.dtype, jnp.float32)
   xa = x.astype(acc)
+  # X·f / (s‖X·f‖ + ε·f), f a power of two (1 unless X is huge): dividing
+  # the unscaled X by a norm near the dtype's max would flush the quotient
+  # to zero (its reciprocal is subnormal).
   if col_reduce is not None:
-    norm = block_norm(xa, col_reduce)
+    f, norm = block_norm(xa, col_reduce)
+    xs = xa * f
   else:
     f = huge_scale(xa).astype(acc)
-    norm = jnp.sqrt(jnp.sum(jnp.square(xa * f), axis=(-2, -1),
-                            keepdims=True)) / f
-  return (xa / (scale * norm + eps)).astype(x.dtype)
+    xs = xa * f
+    norm = jnp.sqrt(jnp.sum(jnp.square(xs), axis=(-2, -1), keepdims=True))
+  return (xs / (scale * norm + eps * f)).astype(x.dtype)
 
 
 class Prepared(NamedTuple):
@@ -253,6 +157,9 @@ def prepare(x, preset, *, steps, coeffs, normalizer, norm_scale, eps, dtype,
                      f'{NORMALIZERS}.')
   norm_scale = p.norm_scale if norm_scale is None else norm_scale
   eps = p.eps if eps is None else eps
+  # A negative norm_scale flipped the result's sign, 0 or NaN made it NaN.
+  _validate.positive(who, 'norm_scale', norm_scale)
+  _validate.positive(who, 'eps', eps)
   steps = p.steps if steps is None else steps
   if not isinstance(steps, jax.core.Tracer):
     # An int, or a 0-d integer array (what optax.inject_hyperparams passes
@@ -283,7 +190,7 @@ def prepare(x, preset, *, steps, coeffs, normalizer, norm_scale, eps, dtype,
     # Their Gram matrix of the raw x could overflow. Column blocks: scaled
     # by the power of two of the whole norm (one more all-reduce).
     f = (huge_scale(x) if col_reduce is None
-         else scale_of_max(block_norm(x, col_reduce)))
+         else block_norm(x, col_reduce)[0])
     x = (x * f.astype(x.dtype)).astype(x.dtype)
   if normalizer == 'frobenius':
     x = normalize_frobenius(x, norm_scale, eps,

@@ -24,10 +24,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from orthax.polar.newton_schulz import signed_root
-from orthax.polar.newton_schulz import signed_squares
-from orthax.polar.newton_schulz import split_root
-from orthax.polar.newton_schulz import split_squares
+from orthax.polar.scale_safe import signed_root
+from orthax.polar.scale_safe import signed_squares
+from orthax.polar.scale_safe import split_root
+from orthax.polar.scale_safe import split_squares
 from orthax.sharding._plan import GroupPlan
 
 NSFn = Callable[[jax.Array], jax.Array]
@@ -197,11 +197,11 @@ def piece_norms(g: GroupPlan, sources):
   ``sources``: per norm, ``(parts, axes)``, ``parts`` the leaves' local
   ``[n_i, ·, ·]`` pieces (together the group's local stack). Each piece's
   squares are summed in two parts that cannot overflow
-  (:func:`~orthax.polar.newton_schulz.split_squares`: the entries up to
+  (:func:`~orthax.polar.scale_safe.split_squares`: the entries up to
   ``2³²`` as they are, the larger ones scaled). A sum over a split axis
   adds up across devices: both parts are made whole as :data:`NORMS` says
   (in its one all-reduce); a sum whole on one device travels as one value
-  (:func:`~orthax.polar.newton_schulz.signed_squares`). Below ``2³²`` the
+  (:func:`~orthax.polar.scale_safe.signed_squares`). Below ``2³²`` the
   plain sums, bit for bit."""
   shards = {-2: g.row_shards, -1: g.col_shards}
   wide = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))

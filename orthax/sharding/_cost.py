@@ -55,7 +55,7 @@ def stage_traffic(s, stages, transposed, m, n, dtype, G, padded,
   if s == 'gram':
     # Column blocks: each stage sum across the split axis is one all-reduce
     # of what it keeps; the norms summed along it share one (each norm two
-    # sums: newton_schulz.split_squares).
+    # sums: scale_safe.split_squares).
     split_ax = -2 if transposed else -1
     for st in stages:
       for kept in _stages.split_sums(st, fi, fo, split_ax):
@@ -78,7 +78,7 @@ def stage_traffic(s, stages, transposed, m, n, dtype, G, padded,
       ncoll += 1
     if s == 'a2a' and wide:
       # The whole matrices' norms on every device: one all-reduce; a sum
-      # over a split axis in two parts (newton_schulz.split_squares).
+      # over a split axis in two parts (scale_safe.split_squares).
       split = {-2: shards[0] > 1, -1: shards[1] > 1}
       width = sum((1 if -2 in ax else m) * (1 if -1 in ax else n)
                   * (2 if any(split[a] for a in ax) else 1) for ax in wide)

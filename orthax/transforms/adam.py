@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from orthax import _validate
-from orthax.polar.newton_schulz import root_ema
+from orthax.polar.scale_safe import root_ema
 from orthax.transforms import precision
 from orthax.transforms.momentum import debiased_ema
 

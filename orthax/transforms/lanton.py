@@ -16,8 +16,8 @@ from orthax import engine
 from orthax import matrices
 from orthax import polar
 from orthax.polar import lapack
-from orthax.polar.newton_schulz import huge_scale
-from orthax.polar.newton_schulz import root_ema
+from orthax.polar.scale_safe import huge_scale
+from orthax.polar.scale_safe import root_ema
 
 DUAL_NORMS = ('nuclear', 'l1')
 DIFFERENCES = ('previous', 'momentum')
@@ -99,7 +99,7 @@ def layerwise_noise_adapt(
   cheapest); ``'l1'`` — the dual of ℓ1→ℓ∞ (Signum's LMO ``-sign``), the
   entrywise ``Σ|X|`` of the whole leaf (embeddings, LM head). Scale-safe:
   the matrix norms are taken of ``X·2⁻ᵉ``
-  (:func:`orthax.polar.newton_schulz.huge_scale`, exactly ``X`` below
+  (:func:`orthax.polar.scale_safe.huge_scale`, exactly ``X`` below
   ``2³²``) and ``H`` is kept as its root, with the EMA taken as
   ``√H ← hypot(√β₂·√H, √(1-β₂)·‖X‖)``, so a gradient of 10¹⁹ gets the rates
   of the unscaled one (under ``group_max``: ``absolute`` rates follow the
