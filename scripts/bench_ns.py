@@ -40,6 +40,9 @@ def parse_args():
                   help='width of the GPT-2-shaped layers (768: GPT-2 small)')
   ap.add_argument('--recipes', action='store_true',
                   help='also time every registered recipe against orthax.muon')
+  ap.add_argument('--ns_dtype', default=None,
+                  help="orthax's iteration dtype (default: bfloat16 on an "
+                       'accelerator, float32 on CPU)')
   ap.add_argument('--only', default='',
                   help='with --recipes: a comma-separated list of rows '
                        '(e.g. aro,aro/dion); default all')
@@ -77,10 +80,14 @@ def update_timer(params, grads, repeats):
   return bench_update
 
 
-def muon_rows(bench_update, steps, ns_dtype):
+def muon_rows(bench_update, steps, ns_dtype, bench_cast=None):
   """``(rows, t_one)``: rows ``(name, error key, time, temp bytes)`` of
   orthax.muon (auto, standard) and optax.contrib.muon, and the time of a
-  one-step orthax update (what the update costs outside Newton–Schulz)."""
+  one-step orthax update (what the update costs outside Newton–Schulz).
+  optax iterates in its gradients' dtype, so where orthax's ``ns_dtype``
+  is not float32 a second optax row (``bench_cast``: the update timed on
+  parameters and gradients cast to ``ns_dtype``) compares like with
+  like."""
   rows = []
   for method in ('auto', 'standard'):
     ox = orthax.muon(0.02, ns_steps=steps, ns_dtype=ns_dtype,
@@ -89,6 +96,10 @@ def muon_rows(bench_update, steps, ns_dtype):
                 + bench_update(ox))
   rows.append(('optax.contrib.muon', 'optax')
               + bench_update(contrib.muon(0.02, ns_steps=steps)))
+  if bench_cast is not None:
+    rows.append((f'optax.contrib.muon ({jnp.dtype(ns_dtype).name} grads)',
+                 'optax_cast')
+                + bench_cast(contrib.muon(0.02, ns_steps=steps)))
   t_one = bench_update(orthax.muon(0.02, ns_steps=1, ns_dtype=ns_dtype,
                                    ns_method='standard'))[0]
   return rows, t_one
@@ -107,6 +118,8 @@ def polar_errors(grads, steps, ns_dtype):
   coeffs = jnp.asarray((3.4445, -4.7750, 2.0315))
   err['optax'] = rel([contrib._muon.orthogonalize_via_newton_schulz(
       g, coeffs, steps) for g in layer])
+  err['optax_cast'] = rel([contrib._muon.orthogonalize_via_newton_schulz(
+      g.astype(ns_dtype), coeffs, steps).astype(g.dtype) for g in layer])
   return err
 
 
@@ -132,7 +145,8 @@ def main():
   args = parse_args()
   recipe_selection = B.recipe_rows([k for k in args.only.split(',') if k])
   on_gpu = jax.default_backend() != 'cpu'
-  ns_dtype = jnp.bfloat16 if on_gpu else jnp.float32
+  ns_dtype = jnp.dtype(args.ns_dtype or (jnp.bfloat16 if on_gpu
+                                         else jnp.float32))
   shapes = B.gpt2_hidden_kernels(args.layers, args.d_model)
   params = B.random_tree(shapes, jax.random.key(0))
   grads = B.random_tree(shapes, jax.random.key(1))
@@ -140,7 +154,10 @@ def main():
 
   roof = roofline_times(params, args.steps, ns_dtype, args.repeats)
   bench_update = update_timer(params, grads, args.repeats)
-  rows, t_one = muon_rows(bench_update, args.steps, ns_dtype)
+  cast = lambda t: jax.tree.map(lambda x: x.astype(ns_dtype), t)  # pylint: disable=unnecessary-lambda-assignment
+  bench_cast = (None if ns_dtype == jnp.float32 else
+                update_timer(cast(params), cast(grads), args.repeats))
+  rows, t_one = muon_rows(bench_update, args.steps, ns_dtype, bench_cast)
   # The update outside Newton–Schulz: the one-step update, less one step's
   # share of the difference to the standard update.
   t_standard = next(t for _, key, t, _ in rows if key == 'standard')
@@ -168,7 +185,10 @@ def main():
         'eff = roofline time / method time (above 1: faster than the plain '
         'matmuls, i.e. fewer FLOPs); GFLOP/s counts the plain iteration\'s '
         'FLOPs; err = mean ‖O − UVᵀ‖_F/‖UVᵀ‖_F on one layer; auto = Gram '
-        'Newton–Schulz for the rectangular groups.')
+        'Newton–Schulz for the rectangular groups; orthax iterates in '
+        'ns_dtype, optax.contrib.muon in its gradients\' dtype (float32 '
+        'unless the row says otherwise: on a GPU its float32 products run as '
+        'TF32).')
 
 
 def recipe_table(bench_update, params, rows):

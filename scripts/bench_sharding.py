@@ -22,6 +22,7 @@ Then the analytic scaling of the plan to 16/64/256 devices for GPT-2 small
 and a 7B-class model.
 
     python scripts/bench_sharding.py [scenario ...] [--no-optax] [--no-scaling]
+                                     [--scaling-only]
 
 No timings: on a CPU host they say nothing about accelerators.
 """
@@ -340,11 +341,25 @@ def scaling():
             f'{merged.bytes_per_device / MiB:.1f}, {merged.collectives} |')
 
 
-if __name__ == '__main__':
-  args = [a for a in sys.argv[1:] if not a.startswith('--')]
-  if '--scaling-only' not in sys.argv:
-    run(args or ['fsdp8', 'fsdp8_normuon', 'fsdp8_namo', 'fsdp4x2', 'scan',
-                 'scan_local', 'tp8', 'dp8'],
-        with_optax='--no-optax' not in sys.argv)
-  if '--no-scaling' not in sys.argv:
+SCENARIOS = ('fsdp8', 'fsdp8_normuon', 'fsdp8_namo', 'fsdp4x2', 'scan',
+             'scan_local', 'tp8', 'dp8')
+OPTIONS = ('--no-optax', '--no-scaling', '--scaling-only')
+
+
+def main(argv):
+  """Runs the named scenarios (default: all), then the scaling tables; an
+  unknown scenario or option is an error (a typo ran ``scan_local``)."""
+  names = [a for a in argv if not a.startswith('--')]
+  bad = ([a for a in argv if a.startswith('--') and a not in OPTIONS]
+         + [a for a in names if a not in SCENARIOS])
+  if bad:
+    sys.exit(f'bench_sharding.py: unknown {bad}; scenarios {SCENARIOS}, '
+             f'options {OPTIONS}.')
+  if '--scaling-only' not in argv:
+    run(names or list(SCENARIOS), with_optax='--no-optax' not in argv)
+  if '--no-scaling' not in argv:
     scaling()
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

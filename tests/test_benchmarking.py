@@ -80,3 +80,14 @@ def test_profile_script_prints_kinds_and_operations():
   kinds = {line.split()[0] for line in lines[1:6]}
   assert 'matmul' in kinds and 'cholesky' in kinds, lines[:8]
   assert sum(1 for line in lines if 'ynn_fusion' in line or 'dot' in line) >= 1
+
+
+def test_bench_sharding_refuses_an_unknown_scenario_or_option():
+  """A typo (``fsdp9``, ``--no-optx``) ran the ``scan_local`` scenario,
+  labelled with the typo."""
+  script = pathlib.Path(__file__).parent.parent / 'scripts' / 'bench_sharding.py'
+  for args in (['fsdp9'], ['fsdp8', '--no-optx']):
+    proc = subprocess.run([sys.executable, str(script), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"unknown ['{args[-1]}']" in proc.stderr, proc.stderr[-2000:]

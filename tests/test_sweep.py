@@ -181,6 +181,40 @@ def test_summary_means_over_seeds_and_finds_the_crossing():
   assert line.endswith('| 0,1 / 0 |'), line  # the seeds of each width
 
 
+def test_summary_without_a_finite_baseline_reaches_nothing():
+  """Every AdamW scale with a diverged seed: the target was inf, and a
+  Muon that never came near AdamW's loss was "reached" at its first
+  evaluation. Every AdamW run diverged, or no scale of a group run at every
+  seed: summarize crashed on an empty max()/min()."""
+  nan = math.nan
+  recs = [record('adamw', 64, 0, 1.0, 2.0, [3, 2.5, 2.0]),
+          dict(record('adamw', 64, 1, 1.0, nan, []), eval_steps=[]),
+          record('muon', 64, 0, 1.0, 2.5, [3.5, 3.0, 2.5]),
+          record('muon', 64, 1, 1.0, 2.6, [3.6, 3.1, 2.6])]
+  rows = {r['optimizer']: r for r in sweep.summarize(recs)}
+  assert rows['muon']['baseline_loss'] is None
+  assert rows['muon']['steps_to_baseline'] is None
+  assert rows['muon']['steps_to_baseline_by_seed'] == {}
+  only_diverged = [dict(record('adamw', 64, 0, 1.0, nan, []), eval_steps=[]),
+                   record('muon', 64, 0, 1.0, 2.5, [3.5, 3.0, 2.5])]
+  rows = {r['optimizer']: r for r in sweep.summarize(only_diverged)}
+  assert rows['muon']['steps_to_baseline'] is None
+  # Seed 0 at ×1, seed 1 at ×2 only: every scale is compared.
+  mixed = [record('muon', 64, 0, 1.0, 2.5, [3.5, 3.0, 2.5]),
+           record('muon', 64, 1, 2.0, 2.4, [3.5, 3.0, 2.4])]
+  row = sweep.summarize(mixed)[0]
+  assert row['compared_scales'] == [1.0, 2.0] and row['best_scale'] == 2.0
+  assert '| muon |' in sweep.table([row])
+
+
+def test_a_negative_max_runs_is_refused(tmp_path):
+  """``todo[:max_runs]`` with -1 ran every run but the last."""
+  spec = sweep.SweepSpec(optimizers=('adamw',), widths=(32,), seeds=(0,),
+                         scales=(1.0,), steps=2)
+  with pytest.raises(ValueError, match='max_runs must be an int >= 0'):
+    sweep.run({}, spec, str(tmp_path), max_runs=-1)
+
+
 def test_script_summarizes_what_is_there(tmp_path):
   # At today's defaults: the script's scales are multiples of them.
   lr = sweep.default_learning_rate

@@ -56,7 +56,8 @@ def define_flags() -> types.SimpleNamespace:
       eval_every=flags.DEFINE_integer('eval_every', 25,
                                       'Validation interval.'),
       max_runs=flags.DEFINE_integer('max_runs', None,
-                                    'Stop after this many new runs.'),
+                                    'Stop after this many new runs.',
+                                    lower_bound=0),
       reference_modes=flags.DEFINE_bool(
           'reference_modes', False, 'Train the reference modes at their '
           "references' rates instead (see the module docstring)."),

@@ -102,6 +102,9 @@ def run(base_config: Any, spec: SweepSpec, out_dir: str, *,
   (at most ``max_runs`` of them), appending each when it ends; returns all
   recorded runs of ``spec``."""
   compare.check_runs(spec.optimizers, spec.scales)
+  if max_runs is not None and (isinstance(max_runs, bool) or max_runs < 0):
+    raise ValueError(f'max_runs must be an int >= 0 or None, got '
+                     f'{max_runs!r} (a negative slice ran all but the last).')
   os.makedirs(out_dir, exist_ok=True)
   check_same_sweep(base_config, spec, out_dir)
   path = os.path.join(out_dir, 'runs.jsonl')
@@ -207,6 +210,13 @@ def _with_all_seeds(scales: dict[float, list]) -> list[float]:
   return [k for k, v in scales.items() if {r['seed'] for r in v} == seeds]
 
 
+def _compared(scales: dict[float, list]) -> list[float]:
+  """:func:`_with_all_seeds`, or every scale where none was run at every
+  seed of the group (runs made at other defaults, read back by
+  ``--summarize_only``)."""
+  return _with_all_seeds(scales) or list(scales)
+
+
 def _final(runs: Sequence[dict[str, Any]]) -> float:
   v = [r['final_val_loss'] for r in runs]
   return float(np.mean(v)) if all(map(math.isfinite, v)) else math.inf
@@ -216,7 +226,8 @@ def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw',
               defaults: dict[str, float] | None = None
               ) -> list[dict[str, Any]]:
   """One row per (optimizer, width) of ``records``: ``best_scale`` (among
-  ``compared_scales``, those run at every seed of the group), ``best_lr``, ``default_lr``, ``loss_default`` and ``loss_best`` (seed
+  ``compared_scales``, those run at every seed of the group, or all where
+  none was), ``best_lr``, ``default_lr``, ``loss_default`` and ``loss_best`` (seed
   means), ``seeds``, ``steps_to_baseline``: the step at which the
   seed-mean validation curve at the default scale reaches the baseline's
   best seed-mean final loss at that width (again among scales run at every
@@ -237,14 +248,18 @@ def summarize(records: Sequence[dict[str, Any]], baseline: str = 'adamw',
   for (name, width), runs in groups.items():
     if name == baseline:
       scales = _by_scale(runs, defaults.get(name))
-      target[width] = min(_final(scales[k]) for k in _with_all_seeds(scales))
-      baseline_steps[width] = max(r['eval_steps'][-1] for r in runs
-                                  if r['eval_steps'])
+      # Only a finite target: where every baseline scale has a diverged
+      # seed there is none to reach (inf would be "reached" at once).
+      best = min((_final(scales[k]) for k in _compared(scales)),
+                 default=math.inf)
+      steps = [r['eval_steps'][-1] for r in runs if r['eval_steps']]
+      if math.isfinite(best) and steps:
+        target[width], baseline_steps[width] = best, max(steps)
   rows = []
   for (name, width), runs in sorted(groups.items()):
     scales = _by_scale(runs, defaults.get(name))
     finals = {k: _final(v) for k, v in scales.items()}
-    compared = _with_all_seeds(scales)
+    compared = _compared(scales)
     best = min(compared, key=finals.get)
     default = scales.get(1.0)
     steps_to, by_seed = None, {}
