@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
+import sys
 from typing import Any, Callable, Mapping
 
 import jax
@@ -164,9 +165,14 @@ def flag(owner: str, name: str, value: Any, *,
 def distributed(owner: str, name: str, value: Any, *,
                 optional: bool = True) -> None:
   """``None`` or an :class:`orthax.sharding.Distributed` (a mistyped one
-  would otherwise fail at ``init`` on a missing attribute)."""
-  from orthax import sharding  # pylint: disable=g-import-not-at-top
-  if (optional and value is None) or isinstance(value, sharding.Distributed):
+  would otherwise fail at ``init`` on a missing attribute). The class is
+  looked up, not imported: this module sits below every unit that checks
+  arguments, ``orthax.polar`` included, and no instance can exist before
+  its module is loaded."""
+  if optional and value is None:
+    return
+  module = sys.modules.get('orthax.sharding._distributed')
+  if module is not None and isinstance(value, module.Distributed):
     return
   raise TypeError(f'{owner}: {name} must be an orthax.sharding.Distributed '
                   f'or None, got {_show(value)}.')
@@ -209,7 +215,8 @@ RULES: dict[str, Rule] = {
                      'rms', 'scale_coeff', 'clip_final_scale', 'final_scale'),
                     nonnegative),
     **dict.fromkeys(('stable', 'remap', 'nesterov', 'check_finite',
-                     'aspect_scale', 'group', 'shared_bound'), flag),
+                     'aspect_scale', 'group', 'shared_bound',
+                     'check_result'), flag),
     'distributed': distributed,
     **dict.fromkeys(('ns_dtype', 'mu_dtype', 'accumulator_dtype'),
                     float_dtype),

@@ -306,13 +306,17 @@ def test_none_overrides_give_a_key_back_to_its_default():
           '--config.optimizer.adam_learning_rate=None',
           '--config.optimizer.weight_decay=none',
           '--config.optimizer.weight_decay=0.1', '--config.train.steps=3']
-  rest, nones = cli._none_overrides(argv)  # pylint: disable=protected-access
+  rest, nones = cli._none_overrides(argv, {'config'})  # pylint: disable=protected-access
   assert nones == [('config', 'optimizer.adam_learning_rate')]
   assert rest == [a for a in argv if not a.endswith(('=None', '=none'))]
   cfg = ml_collections.ConfigDict(
       {'optimizer': {'adam_learning_rate': 3e-3, 'kwargs': {}}})
   cli._set_none(cfg, 'config', 'optimizer.adam_learning_rate')  # pylint: disable=protected-access
   assert cfg.optimizer.adam_learning_rate is None
+  # An undefined flag is left for absl, which names it (a KeyError before).
+  assert cli._none_overrides(['p', '--nosuch.x=None'], {'config'})[1] == []  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match='--steps is not a config flag'):
+    cli._set_none(5, 'steps', 'x')  # pylint: disable=protected-access
   for bad in ('optimizer.bogus', 'bogus.x', 'optimizer.adam_learning_rate.x'):
     with pytest.raises(ValueError, match=f"no key '{bad}'"):
       cli._set_none(cfg, 'config', bad)  # pylint: disable=protected-access

@@ -270,7 +270,8 @@ def test_an_inf_kept_from_init_is_not_a_fault():
 
 
 def test_the_result_flags_leave_tree_get_and_tree_set_alone():
-  """The state's flags are a tuple, not a copy of the inner state's tree:
+  """The state's flags are one bool vector, not a copy of the inner
+  state's tree:
   ``optax.tree.get`` finds one ``count`` and ``tree_set`` of an injected
   hyperparameter sets only the hyperparameter."""
   params = {'w': jnp.ones((4, 8)), 'b': jnp.ones(8)}
@@ -281,3 +282,19 @@ def test_the_result_flags_leave_tree_get_and_tree_set_alone():
   assert float(optax.tree.get(s, 'learning_rate')) == 0.5
   _, s = tx.update(jax.tree.map(jnp.ones_like, params), s, params)
   assert float(optax.tree.get(s, 'learning_rate')) == 0.5
+
+
+def test_check_result_false_checks_the_gradient_only():
+  """The opt-out of the result check (its cost: docs/failures.md): an
+  overflowing second moment is kept, as before, and a NaN gradient is
+  still skipped."""
+  params = {'w': jnp.ones(2)}
+  tx = orthax.skip_if_nonfinite(optax.adam(0.1), check_result=False)
+  _, s = tx.update({'w': jnp.array([1.0, 1e30])}, tx.init(params))
+  assert int(s.total) == 0 and orthax.skip_cause(s) is None
+  assert not np.isfinite(np.asarray(s.inner_state[0].nu['w'])[1])
+  _, s = tx.update({'w': jnp.array([1.0, jnp.nan])}, s)
+  assert orthax.skip_cause(s) == (
+      orthax.transforms.check_finite.GRADIENT_CAUSE, ['w'])
+  with pytest.raises(TypeError, match='check_result must be True or False'):
+    orthax.skip_if_nonfinite(optax.adam(0.1), check_result='no')

@@ -356,3 +356,32 @@ def test_a_guard_state_without_the_result_flags_restores(tmp_path):
   for a, b in zip(jax.tree.leaves(tx.update(g, restored, params)[0]),
                   jax.tree.leaves(tx.update(g, skipped, params)[0])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nested_guard_states_without_the_result_flags_restore(tmp_path):
+  """``orthax.skip_if_nonfinite(orthax.muon())``: a guard around a recipe's
+  own guard. Written by hand in the older four-field layout (not by the
+  migration's own function), both levels restore."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import orthax  # pylint: disable=g-import-not-at-top
+  params = {'w': jnp.arange(128.).reshape(8, 16) / 128, 'b': jnp.zeros(16)}
+  tx = orthax.skip_if_nonfinite(orthax.muon(0.02))
+  state = tx.init(params)
+  _, state = tx.update(jax.tree.map(jnp.cos, params), state, params)
+  old = checkpoint_formats.GuardStateBefore20261206
+  inner = state.inner_state
+  by_hand = old(old(inner.inner_state, inner.nonfinite, inner.consecutive,
+                    inner.total), state.nonfinite, state.consecutive,
+                state.total)
+  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
+  ck.save(1, by_hand, force=True)
+  ck.seal_if_written()
+  ck.close()
+  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
+  restored, _ = ck.restore_intact(jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+  ck.close()
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -112,7 +112,7 @@ def _parse_flags(tool: str, argv: list[str]) -> list[str]:
   :data:`EXIT_USAGE` (absl's own ``FATAL Flags parsing error`` exits 1,
   the status of a failed run)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  argv, nones = _none_overrides(argv)
+  argv, nones = _none_overrides(argv, set(flags.FLAGS))
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
@@ -143,16 +143,18 @@ _NONE = re.compile(r'--(\w+)\.([\w.]+)=(None|none)')
 _OVERRIDE = re.compile(r'--(\w+)\.([\w.]+)=')
 
 
-def _none_overrides(argv: list[str]) -> tuple[list[str], list[tuple]]:
+def _none_overrides(argv: list[str], defined: set[str]
+                    ) -> tuple[list[str], list[tuple]]:
   """``argv`` without its ``--<config>.<key>=None`` overrides, and those
   ``(config, key)`` (absl's parser turns ``'None'`` into a float or a
   string by the field's type; ``None`` gives a key back to the optimizer's
   own default, e.g. ``optimizer.adam_learning_rate``). A later override of
-  the same key wins, as absl's do."""
+  the same key wins, as absl's do; a flag not in ``defined`` is left for
+  absl to name."""
   keep, nones = [], {}
   for arg in argv:
     m = _NONE.fullmatch(arg)
-    if m:
+    if m and m.group(1) in defined:
       nones[m.groups()[:2]] = None
       continue
     m = _OVERRIDE.match(arg)
@@ -163,6 +165,9 @@ def _none_overrides(argv: list[str]) -> tuple[list[str], list[tuple]]:
 
 
 def _set_none(config: Any, name: str, path: str) -> None:
+  if not hasattr(config, 'get'):
+    raise ValueError(f'flag --{name}.{path}=None: --{name} is not a config '
+                     'flag.')
   *parents, last = path.split('.')
   holder = config
   for key in parents:

@@ -58,6 +58,19 @@ def orthogonalize_stack(
   p = _presets.get_preset(preset)
   k = p.steps if steps is None else steps
   dt = x.dtype if dtype is None else dtype
+  # Named errors before choose_method reads the shape and the dtype (an
+  # IndexError for a vector, numpy's "not inexact" for an integer dtype).
+  if x.ndim < 2:
+    raise ValueError(f'orthogonalize_stack expects [..., m, n], got shape '
+                     f'{x.shape}.')
+  for name, d in (('x', x.dtype), ('dtype', dt)):
+    if not jnp.issubdtype(d, jnp.floating):
+      raise TypeError(f'orthogonalize_stack: {name} must be a floating-point '
+                      f'dtype, got {jnp.dtype(d).name}.')
+  if isinstance(col_shards, bool) or not isinstance(
+      col_shards, (int, np.integer)) or col_shards < 1:
+    raise ValueError(f'orthogonalize_stack: col_shards must be an int >= 1, '
+                     f'got {col_shards!r}.')
   if choose_method(x.shape[-2], x.shape[-1] * col_shards, k, dt, method,
                    restart_every) == 'gram':
     return gram_newton_schulz(x, preset, steps=steps, dtype=dtype,

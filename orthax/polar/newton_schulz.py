@@ -118,16 +118,17 @@ def normalize_frobenius(x: jax.Array, scale: float = 1.0,
   (:func:`block_norm`), so a huge matrix cannot overflow the sum."""
   acc = jnp.promote_types(x.dtype, jnp.float32)
   xa = x.astype(acc)
-  # X·f / (s‖X·f‖ + ε·f), f a power of two (1 unless X is huge): dividing
-  # the unscaled X by a norm near the dtype's max would flush the quotient
-  # to zero (its reciprocal is subnormal).
+  # A whole matrix: X·f / (s‖X·f‖ + ε·f), f a power of two (1 unless X is
+  # huge): dividing the unscaled X by a norm near the dtype's max flushes
+  # the quotient to zero (its reciprocal is subnormal).
   if col_reduce is not None:
+    # Column blocks keep one element-wise division (what the plan's FLOPs
+    # assume), so a norm above ~2¹²⁶ still flushes the quotient to zero.
     f, norm = block_norm(xa, col_reduce)
-    xs = xa * f
-  else:
-    f = huge_scale(xa).astype(acc)
-    xs = xa * f
-    norm = jnp.sqrt(jnp.sum(jnp.square(xs), axis=(-2, -1), keepdims=True))
+    return (xa / (scale * (norm / f) + eps)).astype(x.dtype)
+  f = huge_scale(xa).astype(acc)
+  xs = xa * f
+  norm = jnp.sqrt(jnp.sum(jnp.square(xs), axis=(-2, -1), keepdims=True))
   return (xs / (scale * norm + eps * f)).astype(x.dtype)
 
 

@@ -68,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from orthax import _validate
 from orthax.polar import lapack
 
 STEP_RULES = ('scaled', 'plain')
@@ -131,6 +132,14 @@ def soft_clip_matrix(
   if not isinstance(c, jax.core.Tracer) and not np.all(np.asarray(c) > 0):
     raise ValueError(f'soft_clip_matrix: c must be > 0, got {c!r} (H_c '
                      'divides by c).')
+  # steps=0 or a NaN tol returned the input scaled, steps=2.5 a coarser
+  # result, an integer x zeros (the result cast back to int): all silently.
+  _validate.count('soft_clip_matrix', 'steps', steps)
+  if tol is not None:
+    _validate.nonnegative('soft_clip_matrix', 'tol', tol)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError('soft_clip_matrix: x must hold real floating-point '
+                    f'numbers, got {x.dtype.name}.')
   out_dtype = x.dtype
   acc = jnp.promote_types(x.dtype if dtype is None else dtype, jnp.float32)
   x = x.astype(acc)
@@ -186,11 +195,14 @@ def soft_clip_matrix(
 
 
 def soft_clip_svd(x: jax.Array, c: float) -> jax.Array:
-  """``H_c`` from a thin SVD (tests and small matrices)."""
+  """``H_c`` from a thin SVD (tests and small matrices; bfloat16 and
+  float16 computed in float32, which LAPACK needs)."""
+  out_dtype = x.dtype
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   u, s, vt = lapack.per_matrix(
       lambda m: jnp.linalg.svd(m, full_matrices=False), x)
   s = s / jnp.sqrt(1 + jnp.square(s / c))
-  return (u * s[..., None, :]) @ vt
+  return ((u * s[..., None, :]) @ vt).astype(out_dtype)
 
 
 def soft_clip_vector(g: jax.Array, c: float | jax.Array) -> jax.Array:

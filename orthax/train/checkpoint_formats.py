@@ -77,10 +77,13 @@ def _is_old_guard(x: Any) -> bool:
 
 
 def without_added_fields(tree: Any) -> Any:
-  """``tree`` with each guard state in its layout before 2026-12-06."""
-  return jax.tree.map(
-      lambda x: GuardStateBefore20261206(*x[:4]) if _is_guard(x) else x,
-      tree, is_leaf=_is_guard)
+  """``tree`` with each guard state, nested ones included (a recipe's
+  guard inside ``skip_if_nonfinite``), in its layout before 2026-12-06."""
+  def old(x):
+    return GuardStateBefore20261206(without_added_fields(x.inner_state),
+                                    *x[1:4])
+  return jax.tree.map(lambda x: old(x) if _is_guard(x) else x, tree,
+                      is_leaf=_is_guard)
 
 
 def _false_like(x: Any) -> jax.Array:
@@ -92,15 +95,17 @@ def _false_like(x: Any) -> jax.Array:
 
 def with_added_fields(restored: Any, target: Any) -> Any:
   """``restored`` (older guard layout) in ``target``'s: the added flags
-  False, with ``target``'s dtypes and shardings."""
+  False, with ``target``'s dtypes and shardings; nested guards too. The
+  outermost guards of both trees come in the same flatten order."""
   new = iter([x for x in jax.tree.leaves(target, is_leaf=_is_guard)
               if _is_guard(x)])
 
   def fill(old):
     today = next(new)
     return SkipIfNonfiniteState(
-        *old, nonfinite_updates=jax.tree.map(_false_like,
-                                             today.nonfinite_updates),
+        with_added_fields(old.inner_state, today.inner_state), *old[1:4],
+        nonfinite_updates=jax.tree.map(_false_like,
+                                       today.nonfinite_updates),
         nonfinite_state=_false_like(today.nonfinite_state))
   return jax.tree.map(lambda x: fill(x) if _is_old_guard(x) else x,
                       restored, is_leaf=_is_old_guard)
