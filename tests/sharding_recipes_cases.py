@@ -153,11 +153,11 @@ def run(recipe, mesh, axis_type, comm_dtype, inject=False, **dist_kw):
   guard = orthax.nonfinite_status(st)
   return {'rel_err': err, 'max_abs_err_over_lr': abs_err,
           'plan_bytes': plan_bytes,
-          # check_finite's bool flags: one per gradient leaf, update leaf
-          # and state leaf (an all-reduce of each is ≤ 2 bytes on the wire).
-          'guard_flags': 0 if guard is None else len(jax.tree.leaves(
-              (guard.nonfinite, guard.nonfinite_updates))) + int(
-                  guard.nonfinite_state.size),
+          # check_finite's flags: the all-reduces of bools (pred).
+          'flag_bytes': sum(o['wire_bytes'] for o in ops
+                            if o['op'].startswith('all-reduce')
+                            and o['shape'].lstrip('(').startswith('pred')),
+          'guard': guard is not None,
           'wire_bytes': sum(o['wire_bytes'] for o in ops),
           'sharding_kept': bool(kept),
           'all_to_all': sum(k.startswith('all-to-all') for k in kinds),

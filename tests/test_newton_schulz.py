@@ -265,31 +265,3 @@ def test_bad_arguments_are_named_errors():
   assert u.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(u, np.float32),
                              np.asarray(polar.polar_svd(x)), atol=2e-2)
-
-
-@pytest.mark.parametrize('fn', ['newton_schulz', 'gram_newton_schulz',
-                                'orthogonalize_stack'])
-@pytest.mark.parametrize('kwargs,match', [
-    (dict(norm_scale=-1.0), 'norm_scale must be > 0'),  # returned -UVᵀ
-    (dict(norm_scale=0.0), 'norm_scale must be > 0'),   # returned NaN
-    (dict(eps=float('nan')), 'eps must be finite'),     # returned NaN
-    (dict(eps=-1.0), 'eps must be > 0'),
-])
-def test_normalizer_overrides_are_checked(fn, kwargs, match):
-  with pytest.raises(ValueError, match=match):
-    getattr(polar, fn)(jnp.ones((4, 8)), **kwargs)
-
-
-@pytest.mark.parametrize('x,kwargs,error,match', [
-    # An IndexError, numpy's "not inexact" naming no argument, and a
-    # ZeroDivisionError later (gram_flops).
-    (jnp.ones(4), {}, ValueError, r'expects \[..., m, n\]'),
-    (jnp.ones((2, 3), jnp.int32), {}, TypeError, 'x must be a floating'),
-    (jnp.ones((2, 3)), dict(dtype=jnp.int32), TypeError,
-     'dtype must be a floating'),
-    (jnp.ones((2, 3)), dict(col_shards=0), ValueError,
-     'col_shards must be an int >= 1'),
-])
-def test_orthogonalize_stack_names_bad_arguments(x, kwargs, error, match):
-  with pytest.raises(error, match=match):
-    polar.orthogonalize_stack(x, **kwargs)

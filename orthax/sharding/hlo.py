@@ -89,7 +89,7 @@ def collectives(hlo_text: str) -> list[dict[str, Any]]:
       wire = float(operand)
     ops.append(dict(op=base, name=name, computation=comp, group=g,
                     operand_bytes=operand, result_bytes=result,
-                    wire_bytes=wire))
+                    wire_bytes=wire, shape=shape_txt))
   return ops
 
 

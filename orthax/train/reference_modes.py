@@ -54,9 +54,7 @@ def run(base_config: Any, out_dir: str, *, widths: Sequence[int],
   not yet in ``<out_dir>/runs.jsonl`` (at most ``max_runs`` of them; 0:
   none, only read), appending each as it ends; returns the records of those
   cases."""
-  if max_runs is not None and (isinstance(max_runs, bool) or max_runs < 0):
-    raise ValueError(f'max_runs must be an int >= 0 or None, got '
-                     f'{max_runs!r} (a negative slice ran all but the last).')
+  sweep.check_max_runs(max_runs)
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, 'runs.jsonl')
   wanted = [dict(c, width=int(w), seed=int(s)) for c in cases(optimizers)

@@ -95,6 +95,16 @@ def config_for(base_config: Any, width: int, seed: int) -> dict[str, Any]:
   return cfg
 
 
+def check_max_runs(max_runs: int | None) -> None:
+  """``None`` or an int ``>= 0`` (``todo[:-1]`` ran all runs but the
+  last)."""
+  if max_runs is not None and (isinstance(max_runs, bool)
+                               or not isinstance(max_runs, int)
+                               or max_runs < 0):
+    raise ValueError(f'max_runs must be an int >= 0 or None, got '
+                     f'{max_runs!r}.')
+
+
 def run(base_config: Any, spec: SweepSpec, out_dir: str, *,
         progress: bool = True, max_runs: int | None = None
         ) -> list[dict[str, Any]]:
@@ -102,9 +112,7 @@ def run(base_config: Any, spec: SweepSpec, out_dir: str, *,
   (at most ``max_runs`` of them), appending each when it ends; returns all
   recorded runs of ``spec``."""
   compare.check_runs(spec.optimizers, spec.scales)
-  if max_runs is not None and (isinstance(max_runs, bool) or max_runs < 0):
-    raise ValueError(f'max_runs must be an int >= 0 or None, got '
-                     f'{max_runs!r} (a negative slice ran all but the last).')
+  check_max_runs(max_runs)
   os.makedirs(out_dir, exist_ok=True)
   check_same_sweep(base_config, spec, out_dir)
   path = os.path.join(out_dir, 'runs.jsonl')
