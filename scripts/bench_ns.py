@@ -46,7 +46,11 @@ def parse_args():
   ap.add_argument('--only', default='',
                   help='with --recipes: a comma-separated list of rows '
                        '(e.g. aro,aro/dion); default all')
-  return ap.parse_args()
+  args = ap.parse_args()
+  for name in ('layers', 'repeats', 'steps', 'd_model'):
+    if getattr(args, name) < 1:
+      ap.error(f'--{name} must be >= 1, got {getattr(args, name)}')
+  return args
 
 
 def roofline_times(params, steps, ns_dtype, repeats):
@@ -176,9 +180,10 @@ def main():
   print(f'matmul peak ({jnp.dtype(ns_dtype).name}, {peak_n}³ products): '
         f'{peak / 1e9:.1f} GFLOP/s')
   print_table(roof, rows, err, flops, peak)
-  print(f'outside Newton–Schulz (1-step update {t_one:.4f} s, less one '
-        f'step): {t_outside:.4f} s, {t_outside / t_standard:.0%} of the '
-        f'standard update')
+  if args.steps > 1:  # one step leaves nothing to subtract it from
+    print(f'outside Newton–Schulz (1-step update {t_one:.4f} s, less one '
+          f'step): {t_outside:.4f} s, {t_outside / t_standard:.0%} of the '
+          f'standard update')
   if args.recipes:
     recipe_table(bench_update, params, recipe_selection)
   print('of peak = GFLOP/s / the matmul peak above; '

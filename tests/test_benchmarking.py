@@ -91,3 +91,14 @@ def test_bench_sharding_refuses_an_unknown_scenario_or_option():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"unknown ['{args[-1]}']" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_bench_ns_refuses_counts_below_one():
+  """``--repeats 0`` ended in a StatisticsError, ``--layers 0`` printed a
+  table of zeros and NaN errors."""
+  script = pathlib.Path(__file__).parent.parent / 'scripts' / 'bench_ns.py'
+  for flag in ('--repeats', '--layers', '--steps'):
+    proc = subprocess.run([sys.executable, str(script), flag, '0'],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f'{flag} must be >= 1, got 0' in proc.stderr, proc.stderr[-2000:]
