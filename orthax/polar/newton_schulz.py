@@ -118,18 +118,18 @@ def normalize_frobenius(x: jax.Array, scale: float = 1.0,
   (:func:`block_norm`), so a huge matrix cannot overflow the sum."""
   acc = jnp.promote_types(x.dtype, jnp.float32)
   xa = x.astype(acc)
-  # A whole matrix: X·f / (s‖X·f‖ + ε·f), f a power of two (1 unless X is
-  # huge): dividing the unscaled X by a norm near the dtype's max flushes
-  # the quotient to zero (its reciprocal is subnormal).
+  # One element-wise division (as the plan's FLOPs and temporaries assume:
+  # a scaled quotient cost a pass and +22% memory). Its reciprocal of the
+  # norm is subnormal past ~2¹²⁶ (8.5e37, float32) and flushed: zeros there
+  # (docs/failures.md; the recipes downscale before, so never see it).
   if col_reduce is not None:
-    # Column blocks keep one element-wise division (what the plan's FLOPs
-    # assume), so a norm above ~2¹²⁶ still flushes the quotient to zero.
     f, norm = block_norm(xa, col_reduce)
-    return (xa / (scale * (norm / f) + eps)).astype(x.dtype)
-  f = huge_scale(xa).astype(acc)
-  xs = xa * f
-  norm = jnp.sqrt(jnp.sum(jnp.square(xs), axis=(-2, -1), keepdims=True))
-  return (xs / (scale * norm + eps * f)).astype(x.dtype)
+    norm = norm / f
+  else:
+    f = huge_scale(xa).astype(acc)
+    norm = jnp.sqrt(jnp.sum(jnp.square(xa * f), axis=(-2, -1),
+                            keepdims=True)) / f
+  return (xa / (scale * norm + eps)).astype(x.dtype)
 
 
 class Prepared(NamedTuple):
