@@ -151,3 +151,32 @@ def test_a_damaged_saved_config_is_named_and_force_goes_on(tmp_path):
                      r'records the config .* --force'):
     rundir.check(str(tmp_path), cfg, resuming=True)
   rundir.check(str(tmp_path), cfg, resuming=True, force=True)
+
+
+@pytest.mark.parametrize('content', [b'\xff\xfe not utf-8', b'[1, 2]'])
+def test_a_saved_config_that_is_not_a_json_object_is_named(tmp_path,
+                                                           content):
+  """Invalid UTF-8 raised a bare UnicodeDecodeError; a JSON list crashed
+  later, comparing configs."""
+  from orthax.train import rundir  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'config.json').write_bytes(content)
+  with pytest.raises(ValueError, match=r'config.json is damaged'):
+    rundir.check(str(tmp_path), trainer.as_dict(config()), resuming=True)
+
+
+def test_force_starts_over_past_a_damaged_metrics_line(tmp_path):
+  """A damaged line inside metrics.jsonl blocked even a forced fresh
+  start (both the start check and the writer read the old records)."""
+  from orthax.train import metrics  # pylint: disable=g-import-not-at-top
+  from orthax.train import rundir  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1}\n{"step": 2, oops}\n{"step": 3}\n')
+  cfg = trainer.as_dict(config())
+  with pytest.raises(ValueError, match=r'line 2 is not a JSON record.*'
+                     r'--force'):
+    rundir.check(str(tmp_path), cfg, resuming=False)
+  rundir.check(str(tmp_path), cfg, resuming=False, force=True)
+  writer = metrics.MetricWriter(str(tmp_path), resume_step=0)
+  writer.write({'step': 1, 'loss': 2.0})
+  writer.close()
+  assert [r['step'] for r in metrics.read_jsonl(str(path))] == [1]

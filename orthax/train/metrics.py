@@ -127,7 +127,9 @@ class MetricWriter:
     self.records: list[dict[str, Any]] = []
     if self.path is not None:
       os.makedirs(workdir, exist_ok=True)
-      old = read_jsonl(self.path)
+      # A fresh start rewrites the file whatever it holds (rundir.check
+      # refused to overwrite records unless forced).
+      old = read_jsonl(self.path) if resume_step else None
       kept = [r for r in old if r.get('step', 0) <= resume_step
               ] if resume_step else []
       if kept != old or not os.path.exists(self.path):

@@ -63,14 +63,17 @@ def load_config(workdir: str) -> dict[str, Any] | None:
   path = os.path.join(workdir, CONFIG)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(
-          f'{path} is damaged ({e}): it records the config the run in '
-          f'{workdir} was started with; restore it, or go on without it '
-          'with --force (train(..., force=True)).') from e
+  try:
+    with open(path, encoding='utf-8') as f:
+      cfg = json.load(f)
+    if not isinstance(cfg, dict):
+      raise ValueError(f'a JSON {type(cfg).__name__}, not an object')
+    return cfg
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, the above
+    raise ValueError(
+        f'{path} is damaged ({e}): it records the config the run in '
+        f'{workdir} was started with; restore it, or go on without it '
+        'with --force (train(..., force=True)).') from e
 
 
 def save_config(workdir: str, cfg: dict[str, Any]) -> None:
@@ -108,7 +111,13 @@ def check(workdir: str, cfg: dict[str, Any], *, resuming: bool,
             'or force it (train(..., force=True), --force).')
       log.warning('%s\nforced: resuming anyway.', msg)
   if not resuming:
-    recs = metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+    try:
+      recs = metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+    except ValueError as e:  # a damaged line: the file is there all the same
+      if not force:
+        raise ValueError(f'{e} (or start over with --force, which rewrites '
+                         'it).') from e
+      recs = []
     if recs:
       msg = (f'{workdir} has metrics.jsonl with {len(recs)} records (up to '
              f'step {recs[-1].get("step")}) but no checkpoint to resume '
