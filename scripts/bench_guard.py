@@ -5,24 +5,12 @@ with the gradient and result check (the default), median of 20 after warm-up.
     python scripts/bench_guard.py
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import orthax
-
-
-def median_ms(f, n=20):
-  jax.block_until_ready(f())
-  times = []
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(f())
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
+from orthax import benchmarking as B
 
 
 def main():
@@ -44,7 +32,8 @@ def main():
                                                    check_result=False)),
         ('gradient + result', orthax.skip_if_nonfinite(inner))):
       state, update = tx.init(params), jax.jit(tx.update)
-      ms = median_ms(lambda: update(grads, state, params))  # pylint: disable=cell-var-from-loop
+      ms = 1e3 * B.median_time(lambda: update(grads, state, params),  # pylint: disable=cell-var-from-loop
+                               repeats=20)
       row.append(f'{label} {ms:.1f} ms')
     print(f'{name}: ' + '; '.join(row))
 

@@ -271,6 +271,22 @@ def test_brief_error_text():
   assert checkpoint._brief(KeyError('k')) == "KeyError: 'k'"  # pylint: disable=protected-access
 
 
+def _save_and_restore_intact(tmp_path, saved, like, step=3):
+  """Saves ``saved`` (sealed) as ``step`` and restores it with
+  ``restore_intact`` into ``like``'s shapes and dtypes: ``(state, step)``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
+  ck.save(step, saved, force=True)
+  ck.seal_if_written()
+  ck.close()
+  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
+  try:
+    return ck.restore_intact(jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like))
+  finally:
+    ck.close()
+
+
 def test_a_stage_under_its_former_name_restores(tmp_path):
   """Checkpoints written before the matrix chains' ``'weight_decay'`` stage
   became ``'decoupled_weight_decay'`` (under ``inject_hyperparams`` the old
@@ -294,18 +310,13 @@ def test_a_stage_under_its_former_name_restores(tmp_path):
   assert gone and all('matrix/inner_state/decoupled_weight_decay/' in p
                       for p in gone), gone
   assert 'hyperparams/weight_decay' in paths(old)
-  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
-  ck.save(3, old, force=True)
-  ck.seal_if_written()
-  ck.close()
-  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
-  restored, step = ck.restore_intact(
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+  restored, step = _save_and_restore_intact(tmp_path, old, state)
   assert step == 3
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Another run's state is still refused, by its paths.
+  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
   with pytest.raises(checkpoint.CheckpointMismatchError, match='here only'):
     ck.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                             {**state._asdict(), 'extra': jnp.zeros(2)}))
@@ -335,14 +346,7 @@ def test_a_guard_state_without_the_result_flags_restores(tmp_path):
   guard = orthax.nonfinite_status(skipped)
   assert not any('nonfinite_state' in orthax._tree.path_str(p) for p, _ in  # pylint: disable=protected-access
                  jax.tree_util.tree_flatten_with_path(old)[0])
-  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
-  ck.save(3, old, force=True)
-  ck.seal_if_written()
-  ck.close()
-  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
-  restored, step = ck.restore_intact(jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), skipped))
-  ck.close()
+  restored, step = _save_and_restore_intact(tmp_path, old, skipped)
   assert step == 3
   assert jax.tree.structure(restored) == jax.tree.structure(skipped)
   got = orthax.nonfinite_status(restored)
@@ -374,14 +378,7 @@ def test_nested_guard_states_without_the_result_flags_restore(tmp_path):
   by_hand = old(old(inner.inner_state, inner.nonfinite, inner.consecutive,
                     inner.total), state.nonfinite, state.consecutive,
                 state.total)
-  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
-  ck.save(1, by_hand, force=True)
-  ck.seal_if_written()
-  ck.close()
-  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
-  restored, _ = ck.restore_intact(jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
-  ck.close()
+  restored, _ = _save_and_restore_intact(tmp_path, by_hand, state, step=1)
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

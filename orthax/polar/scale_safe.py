@@ -46,7 +46,7 @@ def scale_of_max(m: jax.Array) -> jax.Array:
 
 def huge_scale(x: jax.Array) -> jax.Array:
   """Per matrix, ``2⁻ᵉ`` with ``2ᵉ ≥ max|x|`` when ``max|x| > 2³²``, else
-  exactly 1 (float32, shape ``[..., 1, 1]``).
+  exactly 1 (float32, or ``x``'s dtype if wider; shape ``[..., 1, 1]``).
 
   Newton–Schulz is scale-invariant, but its normalizer's sum of squares
   overflows float32 once ``‖X‖_F > 1.8·10¹⁹`` (a 64×64 matrix of entries

@@ -210,19 +210,14 @@ def _by_scale(runs: Iterable[dict[str, Any]], default: float | None = None
   return dict(sorted(out.items()))
 
 
-def _with_all_seeds(scales: dict[float, list]) -> list[float]:
+def _compared(scales: dict[float, list]) -> list[float]:
   """The scales run at every seed of the group: seed means are compared
   only over the same seeds (a scale run at one seed of two is plotted and
-  tabled, but cannot be the best)."""
+  tabled, but cannot be the best); every scale where none was (runs made
+  at other defaults, read back by ``--summarize_only``)."""
   seeds = {r['seed'] for v in scales.values() for r in v}
-  return [k for k, v in scales.items() if {r['seed'] for r in v} == seeds]
-
-
-def _compared(scales: dict[float, list]) -> list[float]:
-  """:func:`_with_all_seeds`, or every scale where none was run at every
-  seed of the group (runs made at other defaults, read back by
-  ``--summarize_only``)."""
-  return _with_all_seeds(scales) or list(scales)
+  full = [k for k, v in scales.items() if {r['seed'] for r in v} == seeds]
+  return full or list(scales)
 
 
 def _final(runs: Sequence[dict[str, Any]]) -> float:
