@@ -1,5 +1,6 @@
 """Preemption: SIGTERM checkpoints and exits, the resume is bit exact;
-SIGKILL leaves a verified checkpoint; a finished run is not redone."""
+Ctrl-C checkpoints and raises, a second one stops at once; SIGKILL leaves a
+verified checkpoint; a finished run is not redone."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ pytest.importorskip('orbax.checkpoint')
 
 from orthax.train import checkpoint  # noqa: E402
 from orthax.train import data as data_lib  # noqa: E402
+from orthax.train import faults  # noqa: E402
 from orthax.train import metrics  # noqa: E402
 from orthax.train import trainer  # noqa: E402
 
@@ -98,6 +100,28 @@ def test_sigterm_checkpoints_exits_and_resumes_bit_exact(tmp_path):
                   resumed['state'])
 
 
+def test_ctrl_c_to_the_script_saves_and_exits_130(tmp_path):
+  work = tmp_path / 'run'
+  proc = subprocess.Popen(
+      [sys.executable, '-c', CHILD, f'--workdir={work}', *FLAGS],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  while len(metrics.read_jsonl(str(work / 'metrics.jsonl'))) < 2:
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 130, err[-3000:]
+  step = int(re.search(r'interrupted \(Ctrl-C\) after step (\d+) of 16',
+                       err).group(1))
+  assert 2 <= step < 16 and str(step) in os.listdir(work / 'checkpoints')
+  assert (f'orthax-train: interrupted (Ctrl-C) after step {step} of 16: '
+          f'saved checkpoint {step} in {work}/checkpoints; rerun the same '
+          'command to resume.') in err
+  assert 'Traceback' not in err and '{' not in out  # no summary printed
+
+
 def test_a_killed_run_leaves_its_last_checkpoint_verified(tmp_path, caplog):
   """SIGKILL (no handler, no close) a few steps after a save: the save's
   checksum record was written while the run went on (before: only at the
@@ -147,3 +171,68 @@ def test_a_finished_run_is_not_redone_from_its_preemption_save(
   assert again['summary']['resumed_from'] == 8
   assert [r['step'] for r in metrics.read_jsonl(
       str(tmp_path / 'metrics.jsonl'))] == list(range(1, 9))
+
+
+def _signal_at_step_3(monkeypatch, signum, times=1):
+  """Sends ``signum`` (``times`` over) to this process as step 3's batch
+  is read."""
+  batch = data_lib.TokenLoader.batch
+
+  def signal_at_3(self, step):
+    if step == 2 and self.batch_size == 8:
+      for _ in range(times):
+        os.kill(os.getpid(), signum)
+    return batch(self, step)
+
+  monkeypatch.setattr(data_lib.TokenLoader, 'batch', signal_at_3)
+  return batch
+
+
+def test_ctrl_c_checkpoints_the_step_then_raises_and_the_rerun_resumes(
+    tmp_path, monkeypatch, caplog):
+  c = tiny('muon', steps=8)
+  c.train.update(checkpoint_every=0, eval_every=0)
+  batch = _signal_at_step_3(monkeypatch, signal.SIGINT)
+  before = signal.getsignal(signal.SIGINT)
+  with caplog.at_level(logging.WARNING, logger='orthax.train'), \
+      pytest.raises(faults.Interrupted) as e:
+    trainer.train(c, str(tmp_path), progress=False)
+  assert str(e.value) == (
+      f'interrupted (Ctrl-C) after step 3 of 8: saved checkpoint 3 in '
+      f'{tmp_path}/checkpoints; rerun the same command to resume.')
+  assert 'press Ctrl-C again to stop at once' in caplog.text
+  assert signal.getsignal(signal.SIGINT) is before
+  assert os.listdir(tmp_path / 'checkpoints') == ['3']
+  monkeypatch.setattr(data_lib.TokenLoader, 'batch', batch)
+  out = trainer.train(c, str(tmp_path), progress=False)
+  assert out['summary']['resumed_from'] == 3
+  assert out['summary']['steps'] == 8 and not out['summary']['preempted']
+  assert [r['step'] for r in metrics.read_jsonl(
+      str(tmp_path / 'metrics.jsonl'))] == list(range(1, 9))
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, monkeypatch):
+  """The second SIGINT meets Python's handler: a plain KeyboardInterrupt
+  inside the step, no save of it (the one at step 2 is kept)."""
+  c = tiny('muon', steps=8)
+  c.train.update(checkpoint_every=2, eval_every=0)
+  _signal_at_step_3(monkeypatch, signal.SIGINT, times=2)
+  before = signal.getsignal(signal.SIGINT)
+  with pytest.raises(KeyboardInterrupt) as e:
+    trainer.train(c, str(tmp_path), progress=False)
+  assert type(e.value) is KeyboardInterrupt  # pylint: disable=unidiomatic-typecheck
+  assert signal.getsignal(signal.SIGINT) is before
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path, monkeypatch):
+  c = tiny('muon', steps=5)
+  c.train.update(checkpoint_every=0, eval_every=0)
+  _signal_at_step_3(monkeypatch, signal.SIGINT)
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    out = trainer.train(c, str(tmp_path), progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert out['summary']['steps'] == 5 and not out['summary']['preempted']

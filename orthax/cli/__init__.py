@@ -14,7 +14,8 @@ range, a missing token file, a workdir that holds another run) ends the
 tool with one ``<tool>: error: <message>`` line on stderr and exit status 2;
 a run that turns non-finite (``FloatingPointError``, a
 :class:`orthax.NonFiniteGradientError`) or whose every checkpoint is damaged
-with that line and status 1. Set
+with that line and status 1; a run that Ctrl-C stopped, after it
+checkpointed its current step, with one line and status 130. Set
 ``ORTHAX_TRACEBACK=1`` for the traceback instead.
 """
 
@@ -29,10 +30,12 @@ from typing import Any, Callable, Sequence
 
 from orthax import configs as packaged_configs
 from orthax.train.checkpoint import DamagedCheckpointError
+from orthax.train.faults import Interrupted
 from orthax.transforms.check_finite import NonFiniteGradientError
 
 EXIT_USAGE = 2     # a bad config, flag or input file (argparse's status)
 EXIT_FAILURE = 1   # the run itself failed (its loss turned non-finite)
+EXIT_INTERRUPTED = 130  # Ctrl-C, after the run saved: 128 + SIGINT
 
 
 def require_scripts_extra(tool: str) -> None:
@@ -197,9 +200,16 @@ def report_errors(tool: str, main: Callable[[Any], None], holders: Any
   trainer's ``nonfinite='raise'``, is a ``ValueError`` and a run failure:
   it exits with :data:`EXIT_FAILURE`; so does a
   :class:`~orthax.train.checkpoint.DamagedCheckpointError`, every
-  checkpoint of the run damaged.)"""
+  checkpoint of the run damaged.) A run stopped by Ctrl-C after saving
+  (:class:`~orthax.train.faults.Interrupted`) says so in one line and exits
+  with :data:`EXIT_INTERRUPTED`."""
   try:
     main(holders)
+  except Interrupted as e:
+    if _traceback_wanted():
+      raise
+    print(f'{tool}: {e}', file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
   except (ValueError, FloatingPointError, DamagedCheckpointError) as e:
     if _traceback_wanted():
       raise

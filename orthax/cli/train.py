@@ -12,7 +12,8 @@ config to ``<workdir>/config.json``; with
 newest intact one. A rerun whose config changes the run, or that would
 overwrite metrics of a run without checkpoints, is refused unless
 ``--force``. On SIGTERM the run checkpoints its current step and exits
-with status 75 (``EX_TEMPFAIL``: rerun to resume); a finished run exits 0.
+with status 75 (``EX_TEMPFAIL``: rerun to resume); a first Ctrl-C does the
+same and exits with 130 (a second stops at once); a finished run exits 0.
 ``--dry_run`` compiles the full train step on fake CPU devices shaped like
 the config's mesh and prints per-device memory, FLOPs and collective bytes.
 """

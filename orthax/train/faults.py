@@ -1,6 +1,6 @@
 """What the loop does when a step goes wrong or the job is told to stop:
 non-finite gradients (:class:`SkipWatch`, per ``train.nonfinite``) and
-preemption (:func:`sigterm_flag`). Damaged checkpoints are
+stop signals (:func:`stop_signals`: SIGTERM preempts, Ctrl-C interrupts). Damaged checkpoints are
 :mod:`~orthax.train.checkpoint`'s concern, refused reruns
 :mod:`~orthax.train.rundir`'s."""
 
@@ -77,18 +77,70 @@ class SkipWatch:
                 total)
 
 
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C (SIGINT) ended a training run after its current step, which
+  was checkpointed first (where the run has a checkpoint directory): rerun
+  the same command to resume. A ``KeyboardInterrupt``, so that code that
+  stops on Ctrl-C still stops."""
+
+
+class StopRequest:
+  """The stop signal the run received first (``name``: ``'SIGTERM'`` or
+  ``'SIGINT'``; ``None`` while none has arrived)."""
+
+  def __init__(self):
+    self.name: str | None = None
+
+  def is_set(self) -> bool:
+    return self.name is not None
+
+  def set(self, name: str) -> None:
+    self.name = self.name or name
+
+  def message(self, step: int, total: int, directory: str | None) -> str:
+    """What the run did on this signal, ending after ``step`` of
+    ``total`` with (``directory``) or without a checkpoint of it."""
+    what = ('preempted (SIGTERM)' if self.name == 'SIGTERM'
+            else 'interrupted (Ctrl-C)')
+    if directory is None:
+      return f'{what} after step {step} of {total}.'
+    return (f'{what} after step {step} of {total}: saved checkpoint {step} '
+            f'in {directory}; rerun the same command to resume.')
+
+
 @contextlib.contextmanager
-def sigterm_flag(enabled: bool = True):
-  """Yields a ``threading.Event`` that SIGTERM sets (instead of killing the
-  process) inside the block; the previous handler is restored after.
-  Inert off the main thread, where Python cannot install handlers."""
-  flag = threading.Event()
+def stop_signals(enabled: bool = True):
+  """Yields a :class:`StopRequest` that SIGTERM or a first Ctrl-C (SIGINT)
+  sets inside the block, instead of ending the process: the loop then
+  checkpoints the step it is in and stops. A second Ctrl-C meets the
+  previous handler (``KeyboardInterrupt`` at once); a SIGINT the process
+  ignores (a background job's) stays ignored. Both handlers are restored
+  after the block. Inert off the main thread, where Python cannot install
+  handlers."""
+  stop = StopRequest()
   if not enabled or threading.current_thread() is not threading.main_thread():
-    yield flag
+    yield stop
     return
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+  previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def on_sigint(signum, frame):
+    del signum, frame
+    stop.set('SIGINT')
+    signal.signal(signal.SIGINT, _handler(previous[signal.SIGINT]))
+    log.warning('Ctrl-C: the run stops after the current step, once it is '
+                'checkpointed; press Ctrl-C again to stop at once.')
+
+  signal.signal(signal.SIGTERM, lambda signum, frame: stop.set('SIGTERM'))
+  if previous[signal.SIGINT] is not signal.SIG_IGN:
+    signal.signal(signal.SIGINT, on_sigint)
   try:
-    yield flag
+    yield stop
   finally:
-    signal.signal(signal.SIGTERM,
-                  signal.SIG_DFL if previous is None else previous)
+    for s, handler in previous.items():
+      signal.signal(s, _handler(handler))
+
+
+def _handler(previous: Any) -> Any:
+  """A handler that ``signal.getsignal`` returned, to reinstall (``None``,
+  one installed outside Python, becomes the default)."""
+  return signal.SIG_DFL if previous is None else previous

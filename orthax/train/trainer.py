@@ -11,7 +11,8 @@ When things go wrong: a step with a NaN/Inf gradient is skipped on device
 by the optimizer's guard and then, per ``train.nonfinite``, raises
 :class:`orthax.NonFiniteGradientError` (``'raise'``) or is logged and
 counted (``'skip'``); SIGTERM finishes the current step, checkpoints it and
-returns with ``summary['preempted']``; damaged checkpoints are skipped
+returns with ``summary['preempted']`` (Ctrl-C does the same and then raises
+:class:`~orthax.train.faults.Interrupted`); damaged checkpoints are skipped
 (:mod:`~orthax.train.checkpoint`); a resume with a changed config is
 refused (:mod:`~orthax.train.rundir`).
 """
@@ -22,7 +23,6 @@ import dataclasses
 import logging
 import math
 import os
-import threading
 from typing import Any, Callable
 
 import jax
@@ -212,10 +212,10 @@ class Loop:
       default_factory=metrics_lib.Smoothed)
 
   def run(self, state: Any, start: int, end: int,
-          sigterm: threading.Event) -> tuple[Any, bool]:
+          stop: faults.StopRequest) -> tuple[Any, bool]:
     """Steps ``start + 1 .. end`` (1-based) from ``state``; returns the
-    state and whether SIGTERM ended the run early (after checkpointing
-    the step it was in)."""
+    state and whether a stop signal ended the run early (after
+    checkpointing the step it was in)."""
     tr, ckpt = self.setup.config['train'], self.ckpt
     total = int(tr['steps'])
     log_every, eval_every = int(tr['log_every']), int(tr['eval_every'] or 0)
@@ -229,7 +229,7 @@ class Loop:
       lagged = m['loss']
       done = step + 1
       self.clock.tick(m)
-      preempted = sigterm.is_set() and done < end
+      preempted = stop.is_set() and done < end
       is_log = done % log_every == 0 or done == end
       is_eval = eval_every and (done % eval_every == 0 or done == total)
       is_save = ckpt is not None and (preempted or (ckpt.every and (
@@ -247,9 +247,7 @@ class Loop:
       elif ckpt is not None:  # a crash after this keeps a verified save
         ckpt.seal_if_written()
       if preempted:
-        log.warning('preempted (SIGTERM) after step %d of %d: saved '
-                    'checkpoint %d in %s; rerun the same command to resume.',
-                    done, total, done, ckpt.directory)
+        log.warning('%s', stop.message(done, total, ckpt.directory))
         return state, True
     self.watch.flush()
     return state, False
@@ -318,7 +316,9 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
   a rerun resumes from the newest intact one (refused when the config
   changes the run, or when there are metrics but no checkpoint, unless
   ``force``); SIGTERM ends the run after the current step with a
-  checkpoint of it and ``summary['preempted'] = True``. ``stop_at`` ends
+  checkpoint of it and ``summary['preempted'] = True``; a first Ctrl-C
+  does the same and then raises :class:`~orthax.train.faults.Interrupted`
+  (a ``KeyboardInterrupt``), a second one stops at once. ``stop_at`` ends
   the run early after that step (as an interruption would; for tests).
   """
   cfg = as_dict(config)
@@ -353,13 +353,16 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
                                tr.get('max_consecutive_skips', 10),
                                setup.shardings.opt_state))
   end = total if stop_at is None else min(total, int(stop_at))
-  # SIGTERM is handled only with a workdir: without one there is nothing
-  # to save, and the default (exit at once) is right.
-  with faults.sigterm_flag(workdir is not None) as sigterm:
+  # Stop signals are handled only with a workdir: without one there is
+  # nothing to save, and the defaults (exit at once) are right.
+  with faults.stop_signals(workdir is not None) as stop:
     try:
-      state, preempted = loop.run(state, start, end, sigterm)
+      state, preempted = loop.run(state, start, end, stop)
     finally:
       loop.close()
+  if stop.name == 'SIGINT':  # after the save: Ctrl-C still stops the caller
+    raise faults.Interrupted(stop.message(
+        int(state.step), total, ckpt.directory if preempted else None))
   return _result(setup, state, loop.writer.records, preempted, start)
 
 
