@@ -192,8 +192,54 @@ def float_dtype(owner: str, name: str, value: Any, *,
                     f'{_show(value)}.')
 
 
+def choice(options: Any) -> Rule:
+  """A rule: the value is one of ``options`` (a tuple, or a mapping's
+  keys), a ``ValueError`` listing them otherwise (a list or a number too,
+  rather than a ``TypeError`` from looking it up)."""
+  names = tuple(options)
+
+  def rule(owner: str, name: str, value: Any, *,
+           optional: bool = False) -> None:
+    if optional and value is None:
+      return
+    if not (isinstance(value, str) and value in names):
+      raise ValueError(f'{owner}: {name} must be one of {names}, got '
+                       f'{_show(value)}.')
+
+  rule.__doc__ = f'One of {names}.'
+  return rule
+
+
+def parsed(parse: Callable[[Any], Any], what: str) -> Rule:
+  """A rule: ``parse(value)`` succeeds (a preset name or object, a table);
+  its error is said again naming the owner and the argument."""
+
+  def rule(owner: str, name: str, value: Any, *,
+           optional: bool = False) -> None:
+    if optional and value is None:
+      return
+    try:
+      parse(value)
+    except (TypeError, ValueError, KeyError) as e:
+      raise ValueError(f'{owner}: {name} must be {what}, got '
+                       f'{_show(value)} ({e})') from None
+
+  return rule
+
+
+def register(names: Sequence[str], rule: Rule) -> None:
+  """Adds ``rule`` to :data:`RULES` for ``names``: the module that owns a
+  set of choices (the Newton–Schulz methods, the presets, ...) registers
+  their rule next to it, on import (before any recipe can be called), so
+  that this module stays below all of them."""
+  for name in names:
+    RULES[name] = rule
+
+
 # The rule of each hyperparameter, by argument name, for every recipe and
 # transform (a name whose meaning differs somewhere is overridden there).
+# Arguments that take one of a set of names are added by the module that
+# owns the set (:func:`register`).
 RULES: dict[str, Rule] = {
     **dict.fromkeys(('learning_rate', 'adam_learning_rate',
                      'signum_learning_rate'), learning_rate),
@@ -216,7 +262,11 @@ RULES: dict[str, Rule] = {
                     nonnegative),
     **dict.fromkeys(('stable', 'remap', 'nesterov', 'check_finite',
                      'aspect_scale', 'group', 'shared_bound',
-                     'check_result'), flag),
+                     'check_result', 'cautious_weight_decay', 'cautious',
+                     'scale_safe', 'normalize', 'bias_correction',
+                     'restore_norm', 'symmetrize', 'shared', 'result',
+                     'last_row_safety', 'exact_last_row', 'return_triple',
+                     'triple', 'column_blocks'), flag),
     'distributed': distributed,
     **dict.fromkeys(('ns_dtype', 'mu_dtype', 'accumulator_dtype'),
                     float_dtype),

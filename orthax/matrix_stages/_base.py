@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from orthax import _validate
 from orthax.polar.scale_safe import huge_scale
 
 SOURCES = ('input', 'aux')
@@ -37,7 +38,24 @@ def static(default: Any) -> Any:
 def stage(cls: type) -> type:
   """Makes a :class:`MatrixStage` subclass a frozen dataclass registered as
   a pytree: fields made with :func:`static` are static, all others
-  children."""
+  children. A field annotated ``bool`` is checked to be one at
+  construction (a ``TypeError`` naming the stage and the field: the string
+  ``'False'`` would otherwise switch the mode on)."""
+  switches = sorted({name for klass in cls.__mro__
+                     for name, kind in vars(klass).get(
+                         '__annotations__', {}).items()
+                     if kind in ('bool', bool)})
+  if switches:
+    after = getattr(cls, '__post_init__', None)
+
+    def __post_init__(self):  # pylint: disable=invalid-name
+      for name in switches:
+        _validate.flag(getattr(self, 'name', type(self).__name__), name,
+                       getattr(self, name))
+      if after is not None:
+        after(self)
+
+    cls.__post_init__ = __post_init__
   cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
   fields = dataclasses.fields(cls)
   return jax.tree_util.register_dataclass(
@@ -200,7 +218,9 @@ class MatrixStage:
   @property
   def slot_state(self) -> bool:
     """Its state is kept in slots (:attr:`StageShapes.slots`)."""
-    return self.stateful and self.shapes(2, 3).slots
+    slots = self.shapes(2, 3).slots
+    _validate.flag(f'{self.name}.shapes()', 'StageShapes.slots', slots)
+    return self.stateful and slots
 
   @property
   def whole_matrices(self) -> bool:

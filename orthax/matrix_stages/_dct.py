@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from orthax import _validate
 from orthax.polar import dct
 from orthax.polar.gram import standard_flops
 from orthax.polar.newton_schulz import newton_schulz
@@ -118,6 +119,7 @@ class DCTAdam(MatrixStage):
 # Trion's shape scales, as orthax.matrix_stages.shape_factor modes.
 TRION_SCALINGS = {'kj': 'keller', 'none': 'none', 'kimi': 'moonlight',
                   'dion': 'spectral'}
+_validate.register(('scaling',), _validate.choice(TRION_SCALINGS))
 
 
 @stage

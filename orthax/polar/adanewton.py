@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from orthax import _validate
 from orthax.polar import presets as _presets
 from orthax.polar.newton_schulz import coefficient_table
 
@@ -54,6 +55,11 @@ def resolve_shape_table(
     m, n = key
     out[(min(m, n), max(m, n))] = coefficient_table(row)
   return out
+
+
+_validate.register(('coeffs_for_shape',), _validate.parsed(
+    resolve_shape_table, "'root' or a mapping (min side, max side) -> "
+    'coefficient rows'))
 
 
 def shape_coeffs(m: int, n: int,

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from orthax import _validate
 from orthax.polar import presets as _presets
 from orthax.polar.gram import DEFAULT_RESTART_EVERY
 from orthax.polar.gram import gram_newton_schulz
@@ -15,6 +16,7 @@ from orthax.polar.gram import prefer_gram
 from orthax.polar.newton_schulz import newton_schulz
 
 METHODS = ('auto', 'standard', 'gram')
+_validate.register(('ns_method',), _validate.choice(METHODS))
 
 
 def choose_method(m: int, n: int, steps: Any, dtype: Any, method: str = 'auto',

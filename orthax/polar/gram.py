@@ -80,6 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from orthax import _validate
 from orthax.polar import presets as _presets
 from orthax.polar.newton_schulz import _gram
 from orthax.polar.newton_schulz import _mm
@@ -204,6 +205,7 @@ def gram_newton_schulz(
   Returns:
     An array like ``x``. A zero matrix maps to zeros.
   """
+  _validate.flag('gram_newton_schulz', 'symmetrize', symmetrize)
   restart_every = _check_restart(restart_every)
   st = prepare(x, preset, steps=steps, coeffs=coeffs, normalizer=normalizer,
                norm_scale=norm_scale, eps=eps, dtype=dtype,

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from orthax import _validate
+
 Coeffs = tuple[tuple[float, float, float], ...]
 
 
@@ -140,3 +142,8 @@ def get_preset(name: str | Preset) -> Preset:
     raise ValueError(
         f'Unknown Newton–Schulz preset {name!r}; known presets: '
         f'{", ".join(preset_names())}.') from None
+
+
+_validate.register(('preset', 'ns_preset', 'noise_ns_preset'),
+                   _validate.parsed(get_preset, 'a preset name or an '
+                                    'orthax.polar.Preset'))

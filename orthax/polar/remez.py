@@ -58,6 +58,8 @@ from typing import Any
 
 import numpy as np
 
+from orthax import _validate
+
 __all__ = [
     'PAPER_CUSHION',
     'TABLE_PARAMS',
@@ -270,6 +272,8 @@ def polar_express_coefficients(
   Raises:
     ValueError: on invalid arguments.
   """
+  for name in ('last_row_safety', 'exact_last_row'):
+    _validate.flag('polar_express_coefficients', name, locals()[name])
   if isinstance(steps, bool):
     raise ValueError(f'steps must be an integer, got {steps!r}')
   try:

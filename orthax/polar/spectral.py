@@ -72,6 +72,7 @@ from orthax import _validate
 from orthax.polar import lapack
 
 STEP_RULES = ('scaled', 'plain')
+_validate.register(('step_rule',), _validate.choice(STEP_RULES))
 DEFAULT_STEPS = 12
 REFERENCE_STEPS = 10
 _FLOOR_ULPS = 4.0
@@ -80,6 +81,7 @@ _FLOOR_ULPS = 4.0
 def lambda_max_bound(s: jax.Array, shared: bool = False) -> jax.Array:
   """``min(max row ℓ1 norm, ‖S‖_F) ≥ λ_max(S)`` for symmetric ``S``,
   shape ``[..., 1, 1]`` (the max over the batch when ``shared``)."""
+  _validate.flag('lambda_max_bound', 'shared', shared)
   row = jnp.max(jnp.sum(jnp.abs(s), axis=-1), axis=-1)
   fro = jnp.sqrt(jnp.sum(jnp.square(s), axis=(-2, -1)))
   if shared and row.ndim:  # the reference: min(max_batch row, max_batch fro)
@@ -123,6 +125,7 @@ def soft_clip_matrix(
   Returns:
     An array like ``x``; a zero matrix maps to zeros.
   """
+  _validate.flag('soft_clip_matrix', 'shared_bound', shared_bound)
   if step_rule not in STEP_RULES:
     raise ValueError(f'step_rule must be one of {STEP_RULES}, got '
                      f'{step_rule!r}.')

@@ -126,10 +126,11 @@ class RecipeEntry:
     Raises:
       ValueError: naming the recipe, ``reference`` and the accepted modes.
     """
-    if reference in self.references:
-      return reference
-    if reference in self.aliases:
-      return self.aliases[reference]
+    if isinstance(reference, str):  # a list or a dict is named below
+      if reference in self.references:
+        return reference
+      if reference in self.aliases:
+        return self.aliases[reference]
     aliases = ''.join(f', {a!r} for {c!r}' for a, c in self.aliases.items())
     note = f' (aliases: {aliases[2:]})' if aliases else ''
     raise ValueError(f'{self.name} reference must be one of '

@@ -75,6 +75,12 @@ def check_settings(reference, pattern, learning_rate, beta):
   if pattern == '':
     raise ValueError("lanton: signum_pattern '' matches every path; pass "
                      "'^$' for no Signum group.")
+  if pattern is not None:
+    try:
+      re.compile(pattern)
+    except (TypeError, re.error) as e:
+      raise ValueError(f'lanton: signum_pattern must be a regular expression '
+                       f'(a string), got {pattern!r} ({e}).') from None
   given = [name for name, v in (('signum_learning_rate', learning_rate),
                                 ('signum_beta', beta)) if v is not None]
   if pattern is None and given:

@@ -57,6 +57,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from orthax import _tree
+from orthax import _validate
 from orthax import matrices
 from orthax import matrix_stages
 from orthax.sharding import _group
@@ -208,6 +209,7 @@ def distributed_orthogonalize(
     it has none). Raises ``ValueError`` naming the leaf when it lives on
     another mesh than ``dist.mesh``.
   """
+  _validate.flag('distributed_orthogonalize', 'return_triple', return_triple)
   stages = tuple(stages)
   leaves = list(leaves)
   if paths is None:
@@ -256,6 +258,7 @@ def execute_plan(plan: Plan, leaves, matrix_specs, param_specs, mesh, ns_fn,
   :func:`group_key`); ``inputs``: the leaves ``Norm('input', ...)`` is
   taken of, when not ``leaves``. Returns the leaves, or ``(leaves, states,
   outputs)`` with ``triple``."""
+  _validate.flag('execute_plan', 'triple', triple)
   n = len(leaves)
   out: list[Any] = [None] * n
   slot = [st.slot_state for st in stages]

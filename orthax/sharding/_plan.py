@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from orthax import _validate
 from orthax.matrices import MatrixSpec
 from orthax.sharding._distributed import Distributed
 from orthax.sharding import _cost
@@ -221,6 +222,7 @@ def plan_orthogonalize(
     A :class:`Plan`. Raises ``ValueError`` naming the leaf when a requested
     strategy does not fit its sharding.
   """
+  _validate.flag('plan_orthogonalize', 'column_blocks', column_blocks)
   dist = Distributed(mesh, strategy=strategy, overrides=tuple(overrides),
                      comm_dtype=comm_dtype)
   if matrix_flops is None:

@@ -238,6 +238,7 @@ def nonfinite_leaves(opt_state: Any, result: bool = False) -> list[str]:
   transformation's state (``'state:0/nu/w'``: optax.adam's second moment of
   ``w``; ``'state:#i'``, the i-th leaf, where ``opt_state`` holds the guard's
   flags without its inner state)."""
+  _validate.flag('nonfinite_leaves', 'result', result)
   status = nonfinite_status(opt_state)
   if status is None:
     return []

@@ -25,6 +25,7 @@ from orthax.polar import spectral as _spectral
 
 APPLY_TO = ('2d', 'all')
 DECAYS = ('constant', 'linear', 'sqrt', 'cosine', 'exp', 'square')
+_validate.register(('decay', 'clip_decay'), _validate.choice(DECAYS))
 
 
 class SpectralClipState(NamedTuple):
