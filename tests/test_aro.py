@@ -150,14 +150,17 @@ class AroRef:
 
 def power_sigma(u, iters=10):
   """``u``'s (``fan_out × fan_in``) top singular value by ``iters`` power
-  iterations on ``u uᵀ`` from its fan-out energies: ``scale='muon'``
-  transcribed."""
-  v = np.sum(u * u, axis=1)
+  iterations on ``u uᵀ`` from its fan-out energies times the tilt
+  ``1 + ½·frac(j·0.618…)``, at least the longest fan-out row's norm:
+  ``scale='muon'`` transcribed."""
+  energy = np.sum(u * u, axis=1)
+  v = energy * (1 + 0.5 * np.mod(np.arange(len(energy)) * 0.6180339887498949,
+                                 1))
   for _ in range(iters):
     v = v / np.linalg.norm(v)
     w = u.T @ v
     v = u @ w
-  return np.linalg.norm(v) / np.linalg.norm(w)
+  return max(np.linalg.norm(v) / np.linalg.norm(w), np.sqrt(energy.max()))
 
 
 def _run(keys, steps=5, **kw):

@@ -199,6 +199,22 @@ def test_scale_to_spectral_norm_against_svd(x64, shape, kind, tol):
                              rtol=1e-12)
 
 
+@pytest.mark.parametrize('rows', [slice(1, 9), slice(1, 16, 2)])
+def test_scale_to_spectral_norm_of_a_start_in_the_null_space(rows):
+  """Hadamard rows other than the first: equal column energies, rows that
+  sum to 0, so the column energies (the old start) are in the null space:
+  σ̂ was 0 and the result 2.8e30 (also ARO's step, scale='muon')."""
+  h = np.array([[1.0]])
+  while h.shape[0] < 16:
+    h = np.block([[h, h], [h, -h]])
+  x = h[rows]
+  o, _ = MS.ScaleToSpectralNorm('keller').apply(
+      jnp.asarray(x[None], jnp.float32), None, MS.Blocks(*x.shape))
+  want = np.sqrt(max(1.0, x.shape[1] / x.shape[0]))
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(o[0], np.float64), 2),
+                             want, rtol=1e-5)
+
+
 def test_scale_to_spectral_norm_is_scale_free_and_keeps_zeros():
   rng = np.random.default_rng(2)
   x = jnp.asarray(_spectral_case('leading_direction', (3, 16, 24), rng),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from orthax.matrix_stages._base import MatrixStage
@@ -72,14 +73,25 @@ class ScaleToRms(MatrixStage):
     return (x * (self.rms * size / (norm + self.eps))).astype(o.dtype), state
 
 
+def start_tilt(n: int, dtype: Any) -> jax.Array:
+  """``1 + ½·frac(j·φ⁻¹)`` for ``j < n``: multiplies the column energies
+  into the power iteration's start. The energies alone can be orthogonal to
+  the top singular vector (equal energies and rows that sum to 0, as in the
+  rows of a Hadamard matrix): the estimate was 0 and the matrix scaled by
+  10³⁰. A fixed irrational tilt leaves no such structured case."""
+  j = jnp.arange(n, dtype=dtype)
+  return 1 + 0.5 * jnp.mod(j * 0.6180339887498949, 1)
+
+
 @stage
 class ScaleToSpectralNorm(MatrixStage):
   """``O ← O·shape_factor(fan_in, fan_out, mode) / σ̂(O)``: the stack's
   spectral norms set to Muon's (``mode='keller'``: ``√max(1, fan_out /
   fan_in)``), ``σ̂`` the top singular value by ``iters`` power iterations
-  on ``OᵀO`` from the column energies (an estimate from below, exact to
-  within about ``(σ₂/σ₁)^(4·iters)``; on iid noise, the flattest spectrum,
-  a few percent). Scale-free: any finite stack gives a finite result, and a
+  on ``OᵀO`` from the column energies times a fixed tilt
+  (:func:`start_tilt`), and at least the longest column's norm (an estimate
+  from below, exact to within about ``(σ₂/σ₁)^(4·iters)``; on iid noise,
+  the flattest spectrum, a few percent). Scale-free: any finite stack gives a finite result, and a
   zero matrix stays zero. Whole matrices only.
 
   Reference: Yang, Simon, Bernstein, *A Spectral Condition for Feature
@@ -112,13 +124,18 @@ class ScaleToSpectralNorm(MatrixStage):
     e = jnp.frexp(peak)[1]
     x = x * jnp.ldexp(jnp.ones((), x.dtype), -(e // 2))
     x = x * jnp.ldexp(jnp.ones((), x.dtype), e // 2 - e)
-    v = jnp.sum(x * x, axis=-2, keepdims=True)  # column energies: a start
+    energy = jnp.sum(x * x, axis=-2, keepdims=True)  # of each column
+    v = energy * start_tilt(x.shape[-1], x.dtype)
     for _ in range(int(self.iters)):            # v ← OᵀO v / ‖v‖
       v = v / jnp.sqrt(jnp.sum(v * v, axis=-1, keepdims=True) + 1e-30)
       u = jnp.einsum('kio,kzo->kiz', x, v)
       v = jnp.einsum('kio,kiz->kzo', x, u)
     sigma = jnp.sqrt(jnp.sum(v * v, axis=-1, keepdims=True)
                      / (jnp.sum(u * u, axis=-2, keepdims=True) + 1e-30))
+    # No column is longer than σ₁: a floor from below that is never 0 for a
+    # nonzero matrix, whatever the start.
+    sigma = jnp.maximum(sigma, jnp.sqrt(jnp.max(energy, axis=-1,
+                                                keepdims=True)))
     f = shape_factor(blocks.fan_in, blocks.fan_out, self.mode)
     out = jnp.where(peak > 0, x * (f / jnp.maximum(sigma, 1e-30)), 0)
     return out.astype(o.dtype), state
