@@ -84,16 +84,26 @@ def _is_spec_leaf(s: Any) -> bool:
   return s is None or isinstance(s, MatrixSpec)
 
 
-def _specs_by_path(specs: Any, treedef: Any, n: int) -> list | None:
+def _specs_by_path(specs: Any, treedef: Any, n: int, what: str) -> list:
   """Each leaf's spec found by its path, when the two trees differ only
   where the updates have no leaf: under ``optax.masked`` or
   ``optax.partition`` a parameter of another branch is a ``MaskedNode``
-  in the updates and a spec (or ``None``) in the spec tree. ``None`` if a
-  leaf has no spec at its path."""
+  in the updates and a spec (or ``None``) in the spec tree.
+
+  Raises:
+    ValueError: naming a leaf with no spec at its path, and the spec paths
+      no leaf has (a mistyped key was applied by position before).
+  """
   paths = list(leaves_by_path(jax.tree.unflatten(treedef, [0] * n)))
   by_path = leaves_by_path(specs, _is_spec_leaf)
-  if any(p not in by_path for p in paths):
-    return None
+  missing = [p for p in paths if p not in by_path]
+  if missing:
+    unused = sorted(set(by_path) - set(paths))
+    raise ValueError(
+        f'{what}: the matrix_specs tree has no spec at {missing[0]!r}'
+        f'{f" ({len(missing)} leaves have none)" if len(missing) > 1 else ""}'
+        f'; its paths that no leaf has: {unused[:5]}. Give the specs the '
+        'updates\' structure (or one MatrixSpec for all leaves).')
   return [by_path[p] for p in paths]
 
 
@@ -106,9 +116,7 @@ def specs_per_leaf(specs: Any, treedef: Any, n: int, what: str,
   try:
     per_leaf = treedef.flatten_up_to(specs)
   except (ValueError, TypeError):
-    per_leaf = _specs_by_path(specs, treedef, n)
-  if per_leaf is None:
-    per_leaf = jax.tree.leaves(specs, is_leaf=_is_spec_leaf)
+    per_leaf = _specs_by_path(specs, treedef, n, what)
   per_leaf = [s for s in per_leaf if _is_spec_leaf(s)]
   if len(per_leaf) != n:
     raise ValueError(

@@ -176,10 +176,16 @@ class SlotState:
   devices of the mesh (1 on one device) and ``k`` the matrices each device
   owns (:func:`orthax.sharding.slot_count`), sharded over ``axes``, every
   axis of the mesh: each device holds its own matrices' state.
-  ``orthax.flax.state_specs`` gives each array ``PartitionSpec(axes)``."""
+  ``orthax.flax.state_specs`` gives each array ``PartitionSpec(axes)``.
+  ``members``: each group's dtype and leaf paths at ``init``, which
+  :func:`map_matrices` checks the update's grouping against (a leaf whose
+  update has another dtype than its parameter would join another group,
+  and read another leaf's state)."""
   slots: dict[str, jax.Array]
   axes: tuple[str, ...] = dataclasses.field(default=(),
                                             metadata={'static': True})
+  members: tuple[tuple[str, tuple[str, ...]], ...] = dataclasses.field(
+      default=(), metadata={'static': True})
 
   def __post_init__(self):
     _register_with_flax_serialization()
@@ -205,7 +211,7 @@ def _register_with_flax_serialization() -> None:
       lambda s: {'slots': serialization.to_state_dict(s.slots)},
       lambda target, d: SlotState(
           serialization.from_state_dict(target.slots, d['slots']),
-          target.axes),
+          target.axes, target.members),
       override=True)  # a second registration (another thread) is harmless
   _FLAX_SERIALIZATION_REGISTERED = True
 
@@ -246,7 +252,35 @@ def init_slot_state(stage: ms.MatrixStage, leaves: Sequence[Any],
       x = jax.tree.map(lambda a: sharding.place(
           a, mesh, jax.sharding.PartitionSpec(axes)), x)
     slots[sharding.group_key(gi)] = x
-  return SlotState(slots, axes)
+  return SlotState(slots, axes, _members(plan))
+
+
+def _members(plan: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  return tuple((jnp.dtype(g.dtype).name, tuple(g.paths))
+               for g in plan.groups)
+
+
+def _check_members(stages, members, plan) -> None:
+  """Raises ``ValueError`` where a slot stage's groups at ``init``
+  (``members[j]``) are not the update's (``plan``'s)."""
+  now = _members(plan)
+  for st, was in zip(stages, members):
+    # The same leaves in the same groups: the dtypes may differ (a bfloat16
+    # update of float32 parameters is fine).
+    if not was or [p for _, p in was] == [p for _, p in now]:
+      continue
+    dtype_was = {p: d for d, paths in was for p in paths}
+    dtype_now = {p: d for d, paths in now for p in paths}
+    moved = [p for p in dtype_now if dtype_was.get(p) != dtype_now[p]]
+    why = (f'{moved[0]!r} is {dtype_now[moved[0]]} here, '
+           f'{dtype_was.get(moved[0], "absent")} at init' if moved
+           else f'groups {[p for _, p in now]}, at init {[p for _, p in was]}')
+    raise ValueError(
+        f'{st.name}: its slot state was laid out at init by the leaves\' '
+        f'shapes and dtypes, and this update groups them otherwise ({why}); '
+        'each leaf would read another leaf\'s state. Give the update the '
+        "parameters' dtypes (cast the gradients), or init from leaves like "
+        'the updates.')
 
 
 def _identity(x, *args, **kwargs):
@@ -321,12 +355,19 @@ def map_matrices(
   n = len(leaves)
   states = ([{} if st.slot_state else [None] * n for st in stages]
             if states is None else list(states))
+  members = [per.members if isinstance(per, SlotState) else ()
+             for per in states]
+  states = [dict(per.slots) if isinstance(per, SlotState) else per
+            for per in states]
   paths = [str(i) for i in range(n)] if paths is None else list(paths)
   result = _pass_through(leaves, specs, stages, states)
   live = [i for i, x in enumerate(leaves) if x.size]
   if not live:
     return result
   pick = lambda seq: None if seq is None else [seq[i] for i in live]
+  if any(members):
+    _check_members(stages, members, _plan(pick(leaves), pick(specs), stages,
+                                          distributed, pick(paths), plan_kw))
   sts = [per if st.slot_state else pick(per)
          for st, per in zip(stages, states)]
   if distributed is None:

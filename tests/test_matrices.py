@@ -277,3 +277,22 @@ def test_orthogonalize_methods_agree():
     for method in ('gram', 'auto'):
       rel = np.linalg.norm(np.asarray(outs[method][k]) - ref) / np.linalg.norm(ref)
       assert rel < 1e-5, (method, k, rel)
+
+
+def test_a_spec_tree_with_a_mistyped_key_is_refused_naming_it():
+  """A spec tree whose paths miss a leaf was applied by position: 'mlp'
+  took the spec written under 'zattn' (the default view) and its own
+  (torch_linear) went to 'attn'."""
+  g = {'attn': jnp.ones((4, 16)), 'mlp': jnp.ones((16, 4))}
+  specs = {'zattn': orthax.MatrixSpec(),
+           'mlp': orthax.MatrixSpec.torch_linear()}
+  tx = orthax.scale_by_shape('keller', matrix_specs=specs)
+  with pytest.raises(ValueError, match=r"^scale_by_shape: the matrix_specs "
+                     r"tree has no spec at 'attn'; its paths that no leaf "
+                     r"has: \['zattn'\]"):
+    tx.update(g, tx.init(g))
+  specs = {'attn': orthax.MatrixSpec(),
+           'mlp': orthax.MatrixSpec.torch_linear()}
+  tx = orthax.scale_by_shape('keller', matrix_specs=specs)
+  u, _ = tx.update(g, tx.init(g))
+  assert float(u['attn'][0, 0]) == float(u['mlp'][0, 0]) == 2.0

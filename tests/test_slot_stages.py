@@ -257,3 +257,53 @@ def test_checkpoint_holds_slot_state(tmp_path, slot_recipe_name):
     np.testing.assert_array_equal(a, b)
   assert any(bool(jnp.any(x != 0)) for x in
              jax.tree.leaves(optax_get(back, 'gram_ema')))
+
+
+@MS.stage
+class _Tag(MS.MatrixStage):
+  """``O ← t·O``, ``t`` a per-matrix slot (what each leaf's slot holds)."""
+
+  name = 'tag'
+
+  def shapes(self, fan_in, fan_out):
+    return MS.StageShapes(state=(), slots=True)
+
+  def apply(self, o, state, blocks):
+    return o * state[:, None, None].astype(o.dtype), state
+
+
+def test_an_update_grouped_otherwise_than_init_is_refused():
+  """Slots are per group of same shape and dtype: a gradient whose dtype is
+  not its parameter's moved the leaf to another group, where it read
+  another leaf's slot (b and c swapped states). A bfloat16 update of
+  float32 parameters, which groups alike, still runs and keeps each slot;
+  one that merges the groups is refused too."""
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  params = {'a': jnp.ones((8, 16), f32), 'b': jnp.ones((8, 16), bf16),
+            'c': jnp.ones((8, 16), f32), 'd': jnp.ones((8, 16), bf16)}
+  tx = orthax.orthogonalize(then=[_Tag()])
+  state = tx.init(params)
+  slot = state.stages['tag']
+  assert [p for _, p in slot.members] == [('a', 'c'), ('b', 'd')]
+  tags = {'group0': jnp.array([[1.0, 3.0]]), 'group1': jnp.array([[2.0, 4.0]])}
+  state = state._replace(stages={'tag': jax.tree.map(
+      lambda a, t: t.astype(a.dtype), slot, engine.SlotState(
+          tags, slot.axes, slot.members))})
+  swapped = dict(params, b=params['b'].astype(f32), c=params['c'].astype(bf16))
+  with pytest.raises(ValueError, match=r"^tag: its slot state was laid out "
+                     r"at init .* \('b' is float32 here, bfloat16 at init\)"):
+    tx.update(swapped, state)
+  with pytest.raises(ValueError, match=r"\('a' is bfloat16 here, float32"):
+    tx.update(jax.tree.map(lambda x: x.astype(bf16), params), state)
+  params = jax.tree.map(lambda x: x.astype(f32), params)
+  state = tx.init(params)
+  slot = state.stages['tag']
+  state = state._replace(stages={'tag': jax.tree.map(
+      lambda a: jnp.arange(1.0, 5.0, dtype=a.dtype).reshape(a.shape), slot)})
+  low = jax.tree.map(lambda x: x.astype(bf16), params)
+  ones = orthax.orthogonalize().update(low, None)[0]
+  u, new = tx.update(low, state)
+  for k, t in zip('abcd', (1.0, 2.0, 3.0, 4.0)):
+    np.testing.assert_allclose(np.asarray(u[k], np.float32),
+                               t * np.asarray(ones[k], np.float32), rtol=2e-2)
+  assert jax.tree.structure(new) == jax.tree.structure(state)

@@ -46,11 +46,12 @@ def init_state(stage: ms.MatrixStage, params: Any,
 
 def leaf_states(stage: ms.MatrixStage, state: Any, treedef) -> Any:
   """Per leaf (flatten order): the stage's state array, or ``None``; for a
-  slot stage, its groups' arrays (a dict)."""
+  slot stage, its :class:`~orthax.engine.SlotState` (the engine checks its
+  groups)."""
   if not stage.stateful:
     return [None] * treedef.num_leaves
   if stage.slot_state:
-    return dict(state.slots)
+    return state
   return treedef.flatten_up_to(state[0])
 
 
@@ -60,7 +61,7 @@ def with_leaf_states(stage: ms.MatrixStage, state: Any, treedef,
   if not stage.stateful:
     return state
   if stage.slot_state:
-    return engine.SlotState(dict(new), state.axes)
+    return engine.SlotState(dict(new), state.axes, state.members)
   return type(state)(jax.tree.unflatten(treedef, list(new)))
 
 
