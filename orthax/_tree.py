@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Callable
 
 import jax
@@ -26,6 +27,46 @@ def path_str(path: tuple[Any, ...]) -> str:
                                                     jax.tree_util.GetAttrKey):
     names = names[:-1]
   return '/'.join(names)
+
+
+def _flax_boxes() -> tuple[type, ...]:
+  """Flax's metadata boxes, where Flax is loaded (never imported here):
+  linen's ``AxisMetadata`` (``Partitioned``, ``LogicallyPartitioned``) and
+  ``nnx.Variable``."""
+  found = []
+  for module, name in (('flax.core.meta', 'AxisMetadata'),
+                       ('flax.nnx.variablelib', 'Variable')):
+    loaded = sys.modules.get(module)
+    if loaded is not None and hasattr(loaded, name):
+      found.append(getattr(loaded, name))
+  return tuple(found)
+
+
+def unboxed(tree: Any) -> Any:
+  """``tree`` with each Flax metadata box replaced by the array it holds.
+
+  A state that is not shaped like the parameters (a flag per leaf, a
+  per-neuron vector) takes this structure: built by mapping over boxed
+  parameters, it would carry the parameter's sharding annotation to an
+  array of another rank, which ``nnx.Optimizer`` under a mesh and linen's
+  ``get_partition_spec`` then apply (a ``with_sharding_constraint``
+  error). Trees without boxes come back as they are."""
+  boxes = _flax_boxes()
+  if not boxes:
+    return tree
+  is_box = lambda x: isinstance(x, boxes)  # pylint: disable=unnecessary-lambda-assignment
+  return jax.tree.map(lambda x: _unbox(x) if is_box(x) else x, tree,
+                      is_leaf=is_box)
+
+
+def _unbox(box: Any) -> Any:
+  return box.unbox() if hasattr(box, 'unbox') else box.get_value()
+
+
+def plain_structure(tree: Any) -> Any:
+  """The treedef of :func:`unboxed` ``(tree)``: of a per-leaf state that is
+  not shaped like the leaves (same leaf order as ``tree``)."""
+  return jax.tree.structure(unboxed(tree))
 
 
 def leaves_with_paths(tree: Any) -> tuple[list[str], list[Any], Any]:

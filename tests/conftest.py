@@ -81,6 +81,7 @@ WHOLE_FILES = frozenset({
     'test_aro.py', 'test_cli.py', 'test_dct_adamw.py', 'test_defaults.py',
     'test_engine.py',
     'test_extreme_scale_mesh.py', 'test_fismo.py', 'test_flax.py',
+    'test_flax_sharding.py',
     'test_nonfinite_mesh.py', 'test_notebooks.py', 'test_optax_harness.py',
     'test_packaging.py', 'test_prepare.py', 'test_sharding.py',
     'test_sharding_stages.py', 'test_slot_stages.py',

@@ -64,12 +64,14 @@ class SkipIfNonfiniteState(NamedTuple):
 
 
 def _flags(tree: Any) -> Any:
-  """One bool per leaf of ``tree``: True where it holds NaN or Inf."""
+  """One bool per leaf of ``tree``: True where it holds NaN or Inf (a
+  plain tree: no Flax box, with its sharding annotation, around a
+  flag)."""
   def flag(x):
     if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
       return jnp.zeros([], jnp.bool_)
     return ~jnp.all(jnp.isfinite(x))
-  return jax.tree.map(flag, tree)
+  return jax.tree.map(flag, _tree.unboxed(tree))
 
 
 def _state_flags(new: Any, old: Any) -> Any:
@@ -161,12 +163,13 @@ def skip_if_nonfinite(
   def init_fn(params):
     inner_state = inner.init(params)
     no = lambda _: jnp.zeros([], jnp.bool_)  # pylint: disable=unnecessary-lambda-assignment
+    plain = _tree.unboxed(params)
     return SkipIfNonfiniteState(
         inner_state=inner_state,
-        nonfinite=jax.tree.map(no, params),
+        nonfinite=jax.tree.map(no, plain),
         consecutive=jnp.zeros([], jnp.int32),
         total=jnp.zeros([], jnp.int32),
-        nonfinite_updates=jax.tree.map(no, params),
+        nonfinite_updates=jax.tree.map(no, plain),
         nonfinite_state=jnp.zeros([len(jax.tree.leaves(inner_state))],
                                   jnp.bool_))
 
@@ -183,7 +186,8 @@ def skip_if_nonfinite(
       new_flags = jax.tree.map(lambda f: f & grads_ok, _flags(new))
       state_flags = _state_flags(inner_state, state.inner_state) & grads_ok
     else:
-      new_flags = jax.tree.map(lambda _: jnp.zeros([], jnp.bool_), new)
+      new_flags = jax.tree.map(lambda _: jnp.zeros([], jnp.bool_),
+                               _tree.unboxed(new))
       state_flags = jnp.zeros(state.nonfinite_state.shape, jnp.bool_)
     ok = grads_ok & ~_any(new_flags) & ~jnp.any(state_flags)
     new = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new)

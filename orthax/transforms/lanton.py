@@ -153,10 +153,9 @@ def layerwise_noise_adapt(
     return _tree.resolve_specs(matrix_specs, tree, 'layerwise_noise_adapt')
 
   def init_fn(params):
-    leaves, treedef = jax.tree.flatten(params)
-    noise = jax.tree.unflatten(treedef, [
+    noise = _tree.plain_structure(params).unflatten([
         jnp.zeros(_stat_shape(x, s), _wide(x.dtype))
-        for x, s in zip(leaves, specs_of(params))])
+        for x, s in zip(jax.tree.leaves(params), specs_of(params))])
     prev = (jax.tree.map(jnp.zeros_like, params) if difference == 'previous'
             else optax.EmptyState())
     return LayerwiseNoiseState(jnp.zeros([], jnp.int32), momentum.init(params),
@@ -174,6 +173,7 @@ def layerwise_noise_adapt(
     count = optax.safe_increment(state.count)
     g_l, treedef = jax.tree.flatten(updates)
     flat = treedef.flatten_up_to
+    per_leaf = _tree.plain_structure(updates)  # noise's, without Flax boxes
     if difference == 'previous':
       partner, seen = flat(state.prev_grad), count - 1
       prev = updates
@@ -184,12 +184,13 @@ def layerwise_noise_adapt(
              for g, p in zip(g_l, partner)]
     norms = _dual_norms(diffs, specs, dual_norm, nuclear, ns)
     valid = seen > 0
-    hs, rates = _noise_rates(flat(state.noise), norms, seen, valid, beta2,
+    hs, rates = _noise_rates(per_leaf.flatten_up_to(state.noise), norms,
+                             seen, valid, beta2,
                              eps, alpha, noise_power, normalization)
     out = [_scaled_step(g, dd, w, lr * r, weight_decay, s) for g, dd, w, r, s
            in zip(g_l, flat(d), flat(params), rates, specs)]
     new_state = LayerwiseNoiseState(
-        count, mom_state, dir_state, jax.tree.unflatten(treedef, hs),
+        count, mom_state, dir_state, per_leaf.unflatten(hs),
         jax.tree.map(lambda p, o: p.astype(o.dtype), prev, state.prev_grad)
         if difference == 'previous' else prev)
     return jax.tree.unflatten(treedef, out), new_state

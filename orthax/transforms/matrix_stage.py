@@ -33,36 +33,37 @@ def init_state(stage: ms.MatrixStage, params: Any,
   ``plan_kw``, as :func:`orthax.engine.init_slot_state` takes them)."""
   if not stage.stateful:
     return optax.EmptyState()
-  paths, leaves, treedef = _tree.leaves_with_paths(params)
+  paths, leaves, _ = _tree.leaves_with_paths(params)
   if stage.slot_state:
     return engine.init_slot_state(stage, leaves, specs, paths=paths,
                                   **slot_kw)
-  tree = jax.tree.unflatten(treedef,
-                            engine.init_stage_states(stage, leaves, specs))
+  # Per-matrix shapes, not the parameters': no Flax box around them.
+  tree = _tree.plain_structure(params).unflatten(
+      engine.init_stage_states(stage, leaves, specs))
   if isinstance(stage, ms.NeuronNormalize):
     return NeuronNormalizeState(nu=tree)
   return StageState(tree)
 
 
-def leaf_states(stage: ms.MatrixStage, state: Any, treedef) -> Any:
-  """Per leaf (flatten order): the stage's state array, or ``None``; for a
-  slot stage, its :class:`~orthax.engine.SlotState` (the engine checks its
-  groups)."""
+def leaf_states(stage: ms.MatrixStage, state: Any, updates: Any) -> Any:
+  """Per leaf of ``updates`` (flatten order): the stage's state array, or
+  ``None``; for a slot stage, its :class:`~orthax.engine.SlotState` (the
+  engine checks its groups)."""
   if not stage.stateful:
-    return [None] * treedef.num_leaves
+    return [None] * len(jax.tree.leaves(updates))
   if stage.slot_state:
     return state
-  return treedef.flatten_up_to(state[0])
+  return _tree.plain_structure(updates).flatten_up_to(state[0])
 
 
-def with_leaf_states(stage: ms.MatrixStage, state: Any, treedef,
+def with_leaf_states(stage: ms.MatrixStage, state: Any, updates: Any,
                      new: Any) -> Any:
   """``state`` holding ``new`` (as :func:`leaf_states` gives it)."""
   if not stage.stateful:
     return state
   if stage.slot_state:
     return engine.SlotState(dict(new), state.axes, state.members)
-  return type(state)(jax.tree.unflatten(treedef, list(new)))
+  return type(state)(_tree.plain_structure(updates).unflatten(list(new)))
 
 
 def stage_transform(stage: ms.MatrixStage, matrix_specs: _tree.SpecsLike,
@@ -79,9 +80,9 @@ def stage_transform(stage: ms.MatrixStage, matrix_specs: _tree.SpecsLike,
     leaves, treedef = jax.tree.flatten(updates)
     res = engine.map_matrices(
         None, leaves, specs, stages=[stage],
-        states=[leaf_states(stage, state, treedef)])
+        states=[leaf_states(stage, state, updates)])
     return (jax.tree.unflatten(treedef, res.leaves),
-            with_leaf_states(stage, state, treedef, res.states[0]))
+            with_leaf_states(stage, state, updates, res.states[0]))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -141,11 +142,11 @@ def slot_step(make_stage: Callable[[Any], ms.MatrixStage],
     paths, leaves, treedef = _tree.leaves_with_paths(updates)
     res = engine.map_matrices(
         None, leaves, specs, stages=(st, *then),
-        states=[leaf_states(st, state.slots, treedef)]
+        states=[leaf_states(st, state.slots, updates)]
         + [[None] * len(leaves) for _ in then],
         distributed=distributed, paths=paths, plan_kw=SLOT_STEP_PLAN)
     return (jax.tree.unflatten(treedef, res.leaves),
-            SlotStepState(count, with_leaf_states(st, state.slots, treedef,
+            SlotStepState(count, with_leaf_states(st, state.slots, updates,
                                                   res.states[0])))
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -128,13 +128,13 @@ def noise_adapt(
 
   def init_fn(params):
     specs = _tree.resolve_specs(matrix_specs, params, 'noise_adapt')
-    leaves, treedef = jax.tree.flatten(params)
     return NoiseAdaptState(
         count=jnp.zeros([], jnp.int32),
         momentum=momentum.init(params),
         orthogonalize=orthogonalize.init(params),
-        nu=jax.tree.unflatten(treedef, engine.init_stage_states(
-            MS.NoiseAdaptStep(mode, 0.0, 0), leaves, specs)))
+        nu=_tree.plain_structure(params).unflatten(engine.init_stage_states(
+            MS.NoiseAdaptStep(mode, 0.0, 0), jax.tree.leaves(params),
+            specs)))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -150,25 +150,27 @@ def noise_adapt(
         scale_coeff=scale_coeff, clamp_c=clamp_c, shape=shape)
     g_l, treedef = jax.tree.flatten(updates)
     flat = treedef.flatten_up_to
+    per_leaf = _tree.plain_structure(updates)  # nu's, without Flax boxes
     if in_body:
       # One pass: Newton–Schulz, then this step on the whole matrices (on a
       # mesh, in the same shard_map body; the gradient's norms are summed
       # from each device's pieces, the gradient itself does not move).
       o, orth_state, (nu,), (shrink,) = orthogonalize.update_with_stages(
-          u, state.orthogonalize, [step], [flat(state.nu)], aux=updates)
+          u, state.orthogonalize, [step], [per_leaf.flatten_up_to(state.nu)],
+          aux=updates)
       o_l = flat(o)
     else:
       o, orth_state = orthogonalize.update(u, state.orthogonalize, params)
       res = engine.map_matrices(
           None, [x.astype(g.dtype) for x, g in zip(flat(o), g_l)], specs,
-          stages=[step], states=[flat(state.nu)],
+          stages=[step], states=[per_leaf.flatten_up_to(state.nu)],
           aux=g_l, inputs=flat(u))
       o_l, (nu,), (shrink,) = res
     new = [_step(g, oo, w, r, s) for g, oo, w, r, s in
            zip(g_l, o_l, flat(params), shrink, specs)]
     return (jax.tree.unflatten(treedef, new),
             NoiseAdaptState(count, mom_state, orth_state,
-                            jax.tree.unflatten(treedef, list(nu))))
+                            per_leaf.unflatten(list(nu))))
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -220,7 +220,7 @@ def orthogonalize(
     extra, extra_states, aux = _with_stages or ((), [], None)
     run = stages + tuple(extra)
     paths, leaves, treedef = _tree.leaves_with_paths(updates)
-    states = [matrix_stage.leaf_states(st, state.stages[st.name], treedef)
+    states = [matrix_stage.leaf_states(st, state.stages[st.name], updates)
               for st in stages] + [list(x) if x is not None else
                                    [None] * len(leaves) for x in extra_states]
     res = engine.map_matrices(
@@ -235,7 +235,7 @@ def orthogonalize(
     if stages:
       new_state = OrthogonalizeState({
           st.name: matrix_stage.with_leaf_states(
-              st, state.stages[st.name], treedef, news)
+              st, state.stages[st.name], updates, news)
           for st, news in zip(stages, res.states)})
     if _with_stages is None:
       return new_tree, new_state
