@@ -65,7 +65,8 @@ OVERRIDE = {('clip_outliers', 'eps'): 'nonneg',
             ('cosh_normalize', 'eps'): 'nonneg',
             ('fismo', 'gamma'): 'rate', ('scale_by_fismo', 'gamma'): 'rate'}
 # Arguments that fix the state's shapes or the program: Python numbers.
-STATIC = {'rank', 'ell_norm', 'update_every', 'precondition_every'}
+STATIC = {'rank', 'ell_norm', 'update_every', 'precondition_every',
+          'max_shape'}
 # Numeric-looking arguments that are tables, not hyperparameters.
 EXEMPT = {'coeffs', 'coeffs_for_shape'}
 
@@ -356,9 +357,14 @@ def test_static_dct_arguments_under_inject_hyperparams_say_so():
   with pytest.raises(TypeError, match='update_every must be an int, got '
                      'Array.*pass it in static_args'):
     optax.inject_hyperparams(orthax.dct_adamw)(update_every=10).init(p)
+  # max_shape's init and eager update ran; the first jitted step failed on
+  # int() of a tracer.
+  with pytest.raises(TypeError, match='max_shape must be an int, got '
+                     'Array.*pass it in static_args'):
+    optax.inject_hyperparams(orthax.dct_adamw)(max_shape=24).init(p)
   tx = optax.inject_hyperparams(orthax.dct_adamw, static_args=(
-      'update_every',))(update_every=10)
-  tx.update(p, tx.init(p), p)
+      'update_every', 'max_shape'))(update_every=10, max_shape=24)
+  jax.jit(tx.update)(p, tx.init(p), p)
 
 
 @pytest.mark.parametrize('name', sorted(TRANSFORMS))

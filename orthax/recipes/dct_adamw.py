@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable
 
 import optax
@@ -182,6 +183,13 @@ def dct_adamw(
   github.com/IST-DASLab/ISTA-DASLab-Optimizers.
   """
   _validate.arguments('dct_adamw', dct_adamw, locals())
+  if max_shape is not None and (isinstance(max_shape, bool) or
+                                not isinstance(max_shape, numbers.Integral)):
+    # Under optax.inject_hyperparams an int arrives as an array, and failed
+    # at the first jitted step on int() of a tracer.
+    raise TypeError(f'dct_adamw: max_shape must be an int, got '
+                    f'{max_shape!r} (a static value: pass it in static_args '
+                    'of optax.inject_hyperparams).')
   _validate.count('dct_adamw', 'max_shape', max_shape, optional=True)
   rank, update_every, ell_norm = dct_adam.check_structure(
       'dct_adamw', rank, update_every, ell_norm)
