@@ -324,7 +324,9 @@ class Router:
           or not _is_default(rule)):
         continue
       a, b, c = shape
-      if _views.ATTENTION_IN.search(path) and b > 1 and (
+      # One head too: (features, 1, head_dim) read as a stack is one row
+      # per matrix. (One head's out kernel, a stack of one, is the matrix.)
+      if _views.ATTENTION_IN.search(path) and (
           b * c == a or _views.heads_agree(shape, shapes.get(
               _views.ATTENTION_IN.sub(r'\1out/kernel', path)))):
         out.append((path, _views.attention_message(

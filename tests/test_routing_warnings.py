@@ -80,6 +80,27 @@ def test_flax_attention_kernels_are_warned_about_and_the_rule_fixes_them(
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('kind', ['nnx', 'linen'])
+def test_one_head_attention_is_warned_about_too(kind):
+  """``num_heads=1``: query/key/value ``(32, 1, 32)`` read as a stack are
+  32 one-row matrices, each normalized alone, without a word before; the
+  out kernel ``(1, 32, 32)``, a stack of one, is the projection itself."""
+  # pylint: disable=g-import-not-at-top
+  if kind == 'nnx':
+    from flax import nnx
+    m = nnx.MultiHeadAttention(num_heads=1, in_features=32, decode=False,
+                               rngs=nnx.Rngs(0))
+    params = jax.tree.map(lambda v: v.value, nnx.state(m, nnx.Param),
+                          is_leaf=lambda v: isinstance(v, nnx.Variable))
+  else:
+    import flax.linen as nn
+    params = nn.SelfAttention(num_heads=1).init(jax.random.key(0),
+                                                jnp.ones((1, 5, 32)))
+  suspects = [p for p, _ in Router().attention_view_suspects(params)]
+  assert sorted(p.rsplit('/', 2)[-2] for p in suspects) == [
+      'key', 'query', 'value'], suspects
+
+
 def test_stacked_gpt_kernels_are_not_warned_about():
   """The trainer's GPT stacks its layers: ``attn/query/kernel`` is
   ``(L, d, d)``, a stack, for any L (one layer: both views are one
