@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import optax
 
+from orthax import _tree
 from orthax import _validate
 from orthax import matrix_stages as MS
 from orthax import routing
@@ -158,6 +159,8 @@ def spectra(
       shared_bound=shared_bound)
   router, specs = _common.route(
       router, routing.Router(extra_rules=SPECTRA_RULES))
+  if not isinstance(router, routing.Router):
+    specs = _clipped_by_label(router)
   if base is None:
     base = T.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
                    weight_decay=weight_decay, scale_safe=True,
@@ -182,6 +185,27 @@ def spectra(
           _common.with_frozen_zeroed(tx, router), check_finite)),
       router, {'matrix': learning_rate, 'adam': learning_rate, 'frozen': 0.0},
       {'matrix': weight_decay, 'adam': weight_decay, 'frozen': 0.0})
+
+
+def _clipped_by_label(labels: Callable[[Any], Any]) -> Callable[[Any], Any]:
+  """SPECTRA's matrix views from a labels callable: the default view where
+  a leaf is labelled ``'matrix'``, none (no clip: the base step alone)
+  where ``'adam'`` or ``'frozen'``. Without it every 2-D leaf was clipped
+  whatever its label, and a mistyped label passed; it is refused naming
+  the leaf, as ``optax.partition`` refuses it in the recipes with
+  branches."""
+
+  def specs(tree):
+    paths, _, treedef = _tree.leaves_with_paths(tree)
+    per_leaf = treedef.flatten_up_to(labels(tree))
+    for path, label in zip(paths, per_leaf):
+      if label not in ('matrix', 'adam', 'frozen'):
+        raise ValueError(f"spectra: the router labels {path!r} {label!r}; "
+                         "the labels are 'matrix', 'adam' and 'frozen'.")
+    return treedef.unflatten([MatrixSpec() if label == 'matrix'
+                              else None for label in per_leaf])
+
+  return specs
 
 
 # What each reference fixes (None takes it from here): Muon's shape scale
