@@ -25,7 +25,7 @@ from orthax.routing import Router
 from orthax.routing import Rule
 from orthax.routing import MatrixViewWarning
 from orthax.routing import OutputLayerWarning
-from orthax.recipes._common import describe
+from orthax.recipes._describe import describe
 from orthax.sharding import Distributed
 from orthax.transforms import NonFiniteGradientError
 from orthax.transforms import NonFiniteUpdateError

@@ -107,9 +107,10 @@ def test_describe_refuses_what_it_cannot_read():
     orthax.describe(params, optimizer=optax.inject_hyperparams(orthax.muon)(
         learning_rate=0.02))
   by_callable = orthax.muon(0.02, router=lambda p: orthax.Router().labels(p))
-  with pytest.raises(ValueError, match='labels callable'):
-    orthax.describe(params, optimizer=by_callable)
-  # With a router given, the labels callable is not needed.
+  # Its own labels (test_a_recipe_routed_by_a_labels_callable_...), or
+  # with a router given, the router's.
+  assert _rows(orthax.describe(params, optimizer=by_callable))[0].split()[
+      3:] == ['matrix', '1', 'x', '8', 'x', '8', '0.02', '0.2']
   table = orthax.describe(params, orthax.Router(), optimizer=by_callable)
   assert table.splitlines()[2].split()[-2:] == ['0.02', '0.2']
   # A recipe in the router's place is the optimizer (it raised an
@@ -158,3 +159,39 @@ def test_describe_reads_lanton_branches(reference, embed, decay):
 
 
 # --- output layers routed to the matrix branch ------------------------------
+
+
+def test_a_recipe_routed_by_a_labels_callable_shows_its_own_labels():
+  """muon(reference='optax') routes by optax's rule (2-D leaves are
+  matrices): describe refused it and pointed to router=orthax.Router(),
+  whose table sent the embedding to AdamW while the optimizer
+  orthogonalized it."""
+  params = {'embed': {'embedding': jnp.zeros((50, 16))},
+            'mlp': {'kernel': jnp.zeros((16, 32))}, 'b': jnp.zeros(4)}
+  tx = orthax.muon(reference='optax')
+  rows = {line.split()[0]: line.split()
+          for line in _rows(orthax.describe(params, optimizer=tx))}
+  assert rows['embed/embedding'][3:7] == ['matrix', '1', 'x', '50']
+  assert rows['b'][2] == 'adam'
+  g = jax.tree.map(lambda p: jax.random.normal(jax.random.key(0), p.shape),
+                   params)
+  u, _ = tx.update(g, tx.init(params), params)
+  s = np.linalg.svd(np.asarray(u['embed']['embedding'], np.float64),
+                    compute_uv=False)
+  # Orthogonalized (Newton–Schulz's spread, about 0.7–1.1), as the table
+  # says; AdamW's first step, ±lr, spreads (√50 + 4)/(√50 − 4) ≈ 3.6.
+  assert s.max() / s.min() < 2
+
+
+def test_normuon_modded_notes_its_decay():
+  p = {'w': jnp.ones((16, 32))}
+  g = {'w': jnp.ones((16, 32)) * 1e-3}  # shrinks w: the cautious decay acts
+  tx = orthax.normuon(reference='modded', weight_decay=1.2)
+  table = orthax.describe(p, optimizer=tx)
+  assert "note: normuon(reference='modded')'s matrix wd" in table
+  plain = orthax.normuon(reference='modded', weight_decay=0.0)
+  decay = float(np.mean(plain.update(g, plain.init(p), p)[0]['w']
+                        - tx.update(g, tx.init(p), p)[0]['w']))
+  lr = 0.023
+  np.testing.assert_allclose(decay, 1.2 * lr * lr * np.sqrt(32 / 16),
+                             rtol=1e-5)

@@ -12,7 +12,6 @@ chain and its AdamW hyperparameters; :func:`route` and
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any, Callable
 
 import jax
@@ -185,73 +184,6 @@ def recipe_routing(tx: Any) -> RecipeRouting | None:
   """The :class:`RecipeRouting` a recipe attached to ``tx``, or ``None``
   (not a recipe, or wrapped, e.g. by ``optax.inject_hyperparams``)."""
   return getattr(getattr(tx, 'update', None), _ROUTING_ATTR, None)
-
-
-def describe(params: Any, router: routing.Router | None = None, *,
-             optimizer: Any = None) -> str:
-  """Prints and returns the routing table of ``params``: each leaf's path,
-  shape, branch and matrix view, and notes on leaves that look like output
-  layers (:meth:`orthax.Router.output_layer_suspects`).
-
-  Args:
-    params: the parameter tree (arrays or ``jax.ShapeDtypeStruct``), or a
-      Flax NNX module: its ``nnx.Param`` state, what ``nnx.Optimizer(model,
-      tx, wrt=nnx.Param)`` steps (not its batch statistics).
-    router: the :class:`orthax.Router` (default: ``optimizer``'s, else
-      ``orthax.Router()``). A recipe passed here is taken as
-      ``optimizer``.
-    optimizer: a recipe (``orthax.muon(...)``, ...): adds each leaf's
-      learning rate (``'schedule'`` for a schedule) and weight decay λ,
-      and routes by the recipe's router.
-
-  Raises:
-    ValueError: ``optimizer`` is not a recipe or is wrapped (e.g. by
-      ``optax.inject_hyperparams``), or its router is a labels callable
-      and no ``router`` is given.
-
-  Example:
-    >>> import jax.numpy as jnp, orthax
-    >>> params = {'embed': jnp.zeros((50, 8)), 'w': jnp.zeros((8, 8)),
-    ...           'head': jnp.zeros((8, 50))}
-    >>> _ = orthax.describe(params, optimizer=orthax.muon())
-    path   shape    label   view       lr       wd
-    -----  -------  ------  ---------  -------  ---
-    embed  (50, 8)  adam               0.003    0
-    head   (8, 50)  adam               0.003    0
-    w      (8, 8)   matrix  1 x 8 x 8  0.05656  0.2
-  """
-  nnx = sys.modules.get('flax.nnx')  # loaded if params can be a module
-  if nnx is not None and isinstance(params, nnx.Module):
-    params = nnx.state(params, nnx.Param)
-  if isinstance(router, optax.GradientTransformation):
-    if optimizer is not None:
-      raise TypeError('describe: router must be an orthax.Router, got an '
-                      'optimizer (and optimizer= is given too).')
-    router, optimizer = None, router  # describe(params, orthax.muon())
-  if router is not None and not isinstance(router, routing.Router):
-    raise TypeError(f'describe: router must be an orthax.Router, got '
-                    f'{type(router).__name__}.')
-  lrs = wds = None
-  notes: tuple[str, ...] = ()
-  if optimizer is not None:
-    info = recipe_routing(optimizer)
-    if info is None:
-      raise ValueError(
-          'describe: optimizer carries no branch learning rates: pass an '
-          'orthax recipe itself (orthax.muon(...), orthax.recipe(name, '
-          '...)), not a plain optax transformation or one wrapped by '
-          'optax.inject_hyperparams.')
-    lrs, wds, notes = info.learning_rates, info.weight_decays, info.notes
-    if router is None:
-      if not isinstance(info.router, routing.Router):
-        raise ValueError(
-            'describe: the optimizer routes by a labels callable, which has '
-            'no matrix views; pass router=orthax.Router(...).')
-      router = info.router
-  table = '\n'.join([(router or routing.Router()).describe(params, lrs, wds)]
-                    + [f'note: {n}' for n in notes])
-  print(table)
-  return table
 
 
 def with_routing(tx: Any, router: RouterLike,

@@ -158,10 +158,16 @@ def normuon(
       T.named_chain(*stages), router, check_finite, learning_rate=lr,
       adam_learning_rate=adam_learning_rate,
       rms_matched=reference == 'paper', matrix_weight_decay=weight_decay,
-      recipe='normuon',
+      recipe='normuon', notes=_MODDED_NOTE if reference == 'modded' else (),
       reference=reference, b1=adam_b1,
       b2=adam_b2,
       eps=adam_eps, weight_decay=adam_weight_decay, mu_dtype=mu_dtype)
+
+
+_MODDED_NOTE = (
+    "normuon(reference='modded')'s matrix wd is modded-nanogpt's: each step "
+    'decays W by wd·lr·lr_eff (lr_eff = lr·√max(1, fan_out/fan_in)), only '
+    'where W and the update agree in sign (cautious), not by lr·wd.',)
 
 
 # LANTON's modes. 'paper': the reconstruction as the paper establishes it
