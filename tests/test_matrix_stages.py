@@ -253,3 +253,37 @@ def test_scale_to_spectral_norm_flops_are_what_xla_counts(shape):
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
   assert abs(ca['flops'] / st.flops(*shape) - 1) <= 0.05, (
       ca['flops'], st.flops(*shape))
+
+
+def test_a_stage_returning_other_shapes_is_named():
+  """What a custom stage returns is checked against what it was given: a
+  per-matrix scalar for a declared ``(fan_out,)`` state changed the
+  state's shape after one step; a stack missing a column failed in a
+  reshape that named nothing."""
+
+  @MS.stage
+  class BadState(MS.MatrixStage):
+    name = 'bad_state'
+
+    def shapes(self, fan_in, fan_out):
+      return MS.StageShapes(state=(fan_out,))
+
+    def apply(self, o, state, blocks):
+      return o, jnp.sum(o * o, axis=(-2, -1))
+
+  @MS.stage
+  class BadStack(MS.MatrixStage):
+    name = 'bad_stack'
+
+    def apply(self, o, state, blocks):
+      return o[..., :-1], state
+
+  g = {'w': jnp.ones((8, 16))}
+  for stage, what in ((BadState(), r'state shaped \[\(1,\)\] for one shaped '
+                       r'\[\(1, 16\)\]'),
+                      (BadStack(), r'stack shaped \[\(1, 8, 15\)\] for one '
+                       r'shaped \[\(1, 8, 16\)\]')):
+    tx = orthax.orthogonalize(then=[stage])
+    with pytest.raises(ValueError, match=f'^{stage.name}: apply returned a '
+                       f'{what}'):
+      tx.update(g, tx.init(g))

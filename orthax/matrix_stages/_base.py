@@ -327,6 +327,25 @@ def stage_norms(stages: Sequence[MatrixStage],
   return out
 
 
+def _check_returned(st: MatrixStage, was: tuple[Any, Any],
+                    got: tuple[Any, Any]) -> None:
+  """Raises ``ValueError`` naming the stage where its ``apply`` returned a
+  stack or a state of another shape than it was given (a state that
+  changes shape from ``init`` breaks ``lax.scan`` loops, checkpoints and
+  the guard's choice between old and new state; a wrong stack failed in a
+  reshape that named nothing)."""
+  shapes = lambda tree: [tuple(x.shape) for x in jax.tree.leaves(tree)]  # pylint: disable=unnecessary-lambda-assignment
+  for what, before, after in (('stack', was[0], got[0]),
+                              ('state', was[1], got[1])):
+    if (jax.tree.structure(before) != jax.tree.structure(after)
+        or shapes(before) != shapes(after)):
+      raise ValueError(
+          f'{st.name}: apply returned a {what} shaped {shapes(after)} for '
+          f'one shaped {shapes(before)}; a stage returns the stack '
+          '[k, fan_in, fan_out] and its state as it got them (the state as '
+          'shapes() declares it).')
+
+
 def apply_stages(stages: Sequence[MatrixStage], o: jax.Array,
                  states: Sequence[jax.Array | None], blocks: Blocks,
                  norms: Sequence[Sequence[jax.Array]] | None = None,
@@ -348,10 +367,12 @@ def apply_stages(stages: Sequence[MatrixStage], o: jax.Array,
       o, s, out = ScalingStage.multiply(o, c), None, None
     else:
       res = st.apply(o, s, blocks, nm) if nm else st.apply(o, s, blocks)
+      was = (o, s)
       if st.has_output:
         o, s, out = res
       else:
         (o, s), out = res, None
+      _check_returned(st, was, (o, s))
     new.append(s)
     outs.append(out)
   return o, new, outs
