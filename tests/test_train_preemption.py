@@ -58,10 +58,10 @@ FLAGS = ['--config.model.d_model=32', '--config.model.num_layers=2',
          '--config.train.checkpoint_every=5']
 
 
-def test_sigterm_checkpoints_exits_and_resumes_bit_exact(tmp_path):
-  work = tmp_path / 'run'
-  # The child compiles as this process does (tests/conftest.py): its steps
-  # are compared bit for bit with an uninterrupted run made here.
+def _child_after(work, records: int) -> subprocess.Popen:
+  """The CHILD training into ``work``, once it has written ``records``
+  metric records. It compiles as this process does (tests/conftest.py), so
+  its steps can be compared bit for bit with a run made here."""
   env = dict(os.environ)
   if 'ORTHAX_TEST_XLA_FLAGS' in env:
     env['XLA_FLAGS'] = env['ORTHAX_TEST_XLA_FLAGS']
@@ -70,10 +70,16 @@ def test_sigterm_checkpoints_exits_and_resumes_bit_exact(tmp_path):
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env=env)
   deadline = time.time() + 600
-  while len(metrics.read_jsonl(str(work / 'metrics.jsonl'))) < 2:
+  while len(metrics.read_jsonl(str(work / 'metrics.jsonl'))) < records:
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     assert time.time() < deadline
     time.sleep(0.05)
+  return proc
+
+
+def test_sigterm_checkpoints_exits_and_resumes_bit_exact(tmp_path):
+  work = tmp_path / 'run'
+  proc = _child_after(work, 2)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=600)
   assert proc.returncode == 75, err[-3000:]
@@ -102,14 +108,7 @@ def test_sigterm_checkpoints_exits_and_resumes_bit_exact(tmp_path):
 
 def test_ctrl_c_to_the_script_saves_and_exits_130(tmp_path):
   work = tmp_path / 'run'
-  proc = subprocess.Popen(
-      [sys.executable, '-c', CHILD, f'--workdir={work}', *FLAGS],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 600
-  while len(metrics.read_jsonl(str(work / 'metrics.jsonl'))) < 2:
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    assert time.time() < deadline
-    time.sleep(0.05)
+  proc = _child_after(work, 2)
   proc.send_signal(signal.SIGINT)
   out, err = proc.communicate(timeout=600)
   assert proc.returncode == 130, err[-3000:]
@@ -127,14 +126,7 @@ def test_a_killed_run_leaves_its_last_checkpoint_verified(tmp_path, caplog):
   checksum record was written while the run went on (before: only at the
   next save or at close), so the resume verifies it."""
   work = tmp_path / 'run'
-  proc = subprocess.Popen(
-      [sys.executable, '-c', CHILD, f'--workdir={work}', *FLAGS],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 600
-  while len(metrics.read_jsonl(str(work / 'metrics.jsonl'))) < 8:
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    assert time.time() < deadline
-    time.sleep(0.05)
+  proc = _child_after(work, 8)
   proc.kill()
   proc.communicate(timeout=600)
   assert (work / 'checkpoints' / '5' / checkpoint.CHECKSUMS).exists()
