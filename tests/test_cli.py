@@ -150,6 +150,14 @@ def test_bad_flag_values_are_one_line_and_exit_2(tmp_path):
       ('train.py', ['--config=lm_cpu:muon', '--config.optimizer.bogus=None'],
        "orthax-train: error: flag --config.optimizer.bogus=None: the config "
        "has no key 'optimizer.bogus'."),
+      # ml_collections applies overrides as the flag is defined: a
+      # traceback and exit 1 (compare and sweep lock their config).
+      ('compare.py', ['--optimizers=muon', '--config.train.stpes=4'],
+       'orthax-compare: error: a --config.<key> override names a key the '
+       'config lacks: stpes Did you mean steps instead of stpes?'),
+      ('train.py', ['--config=lm_cpu:muon', '--config.foo.bar=1'],
+       'orthax-train: error: a --config.<key> override names a key the '
+       'config lacks: foo'),
       # A FileNotFoundError / NotADirectoryError after the model was built.
       ('train.py', ['--config=lm_cpu:muon', '--workdir='],
        'orthax-train: error: --workdir: the path is empty.'),
@@ -178,18 +186,21 @@ def test_sweep_reports_a_bad_width_in_one_line(tmp_path):
       'model.num_heads=4.'), proc.stderr[-3000:]
 
 
-def test_reference_modes_name_a_missing_sweep(tmp_path):
+@pytest.mark.parametrize('summarize_only', [True, False])
+def test_reference_modes_name_a_missing_sweep(tmp_path, summarize_only):
   """Run outside the checkout, the default ``--sweep_runs`` (a relative
-  path) does not exist: the library-mode column was silently empty."""
+  path) does not exist: the library-mode column was silently empty; and
+  with training, this was found after every run had trained."""
   proc = subprocess.run(
       [sys.executable, str(ROOT / 'scripts' / 'sweep.py'),
-       '--reference_modes', '--summarize_only', f'--out={tmp_path}/o',
-       '--optimizers=muon'],
+       '--reference_modes', f'--out={tmp_path}/o', '--optimizers=muon',
+       '--summarize_only' if summarize_only else '--steps=2'],
       capture_output=True, text=True, cwd=tmp_path, timeout=600)
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert proc.stderr.splitlines()[-2].startswith(
       'orthax-sweep: error: --sweep_runs=results/sweep/runs.jsonl: no such '
       'file'), proc.stderr[-3000:]
+  assert not list((tmp_path / 'o').glob('**/*.jsonl'))  # nothing trained
 
 
 def _run(args, cwd, env=None):

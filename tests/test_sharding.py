@@ -8,6 +8,7 @@ JAX starts), through ``tests/sharding_cases.py``, which prints JSON.
 from __future__ import annotations
 
 import pathlib
+import re
 import sys
 
 import jax
@@ -168,6 +169,21 @@ def test_distributed_validates_and_specs_by_path():
     sharding.Distributed(MESH8, strategy='fast')
   with pytest.raises(ValueError, match='strategy'):
     sharding.Distributed(MESH8, overrides=[('x', 'nope')])
+  # A compiled pattern was kept as its repr (never matching); a flat pair
+  # failed to unpack; a bad regex raised re.error.
+  assert sharding.Distributed(MESH8, overrides=[(
+      re.compile('mlp'), 'local')]).overrides == (('mlp', 'local'),)
+  for bad, match in ((('mlp', 'local'), "pairs .*got the entry 'mlp'"),
+                     ([('mlp(', 'local')], "'mlp\\(' is not a regular "
+                      'expression'),
+                     ([(3, 'local')], 'a pattern must be a regular')):
+    with pytest.raises(ValueError, match=f'^Distributed.overrides.*{match}'):
+      sharding.Distributed(MESH8, overrides=bad)
+  # Zeros on the wire; Inf past 6.5e4 (before the matrices' normalization).
+  for bad in (jnp.int8, jnp.float16, 'bogus'):
+    with pytest.raises(ValueError, match='^Distributed.comm_dtype must be '
+                       'bfloat16, float32 or None'):
+      sharding.Distributed(MESH8, comm_dtype=bad)
   dist = sharding.Distributed(
       MESH8, param_specs={'a': {'w': P('fsdp')}, 'b': None, 'c': P()})
   updates = {'a': {'w': jnp.zeros((8, 8))}, 'b': jnp.zeros((8, 8))}

@@ -161,6 +161,33 @@ def test_plan_reads_explicit_shardings():
                                                MSPECS))
 
 
+@pytest.mark.parametrize('name', ['muon', 'normuon', 'aro', 'dct_adamw'])
+def test_plan_on_an_explicit_mesh_from_structs_without_sharding(name):
+  """The docstring's promise, shapes and specs only: on an Explicit mesh
+  the structs' lack of sharding= met shard_map's in_specs, an error naming
+  nothing. The Distributed's specs place them (slot and per-leaf states
+  included)."""
+  mesh = AbstractMesh((8,), ('fsdp',),
+                      axis_types=(jax.sharding.AxisType.Explicit,))
+  dist = sharding.Distributed(mesh, PLAN_DIST.param_specs)
+  got = sharding.plan(orthax.recipe(name, distributed=dist), _plan_params())
+  want = sharding.plan(orthax.recipe(name, distributed=PLAN_DIST),
+                       _plan_params())
+  assert _layout(got) == _layout(want)
+
+
+def test_an_unplaced_leaf_on_an_explicit_mesh_is_named():
+  mesh = AbstractMesh((8,), ('fsdp',),
+                      axis_types=(jax.sharding.AxisType.Explicit,))
+  dist = sharding.Distributed(mesh, {'w': P(None, 'fsdp')})
+  leaf = jax.ShapeDtypeStruct((32, 64), jnp.float32)  # no sharding=
+  with pytest.raises(ValueError, match=r"^leaf 'w' carries no sharding, but "
+                     r"its spec P\(None, 'fsdp'\) names Explicit mesh axes"):
+    jax.eval_shape(lambda x: sharding.distributed_orthogonalize(
+        [x], [K], dist, lambda s: s, paths=['w'],
+        param_specs=[P(None, 'fsdp')]), leaf)
+
+
 def test_plan_merges_every_distributed_orthogonalization():
   params = _plan_params(True)
   orth = lambda d: transforms.orthogonalize(matrix_specs=MSPECS,

@@ -96,7 +96,14 @@ def run_app(tool: str, doc: str, define_flags: Callable[[], Any],
   main_module = sys.modules['__main__']
   if not getattr(main_module, '__doc__', None):  # an entry point's wrapper
     main_module.__doc__ = doc
-  holders = define_flags()
+  try:
+    holders = define_flags()
+  except (AttributeError, KeyError) as e:
+    # ml_collections applies the --config.<key> overrides as it defines
+    # the flag: a key the config lacks ended in a traceback (exit 1).
+    if _traceback_wanted() or _missing_key(e) is None:
+      raise
+    _report(tool, _missing_key(e), EXIT_USAGE)
   for holder in vars(holders).values():  # listed by --help, not --helpfull
     flags.FLAGS.register_flag_by_module(argv[0], flags.FLAGS[holder.name])
   try:
@@ -127,11 +134,12 @@ def _parse_flags(tool: str, argv: list[str]) -> list[str]:
     _report(tool, ' '.join(lines[:1] + lines[-1:] if len(lines) > 1
                            else lines), EXIT_USAGE)
   except Exception as e:  # pylint: disable=broad-except
-    # A config file that raised while it was read (absl wraps only some).
+    # A config file that raised while it was read (absl wraps only some),
+    # or an override of a key the config lacks.
     if _traceback_wanted():
       raise
-    _report(tool, f'a config file failed to load: {_where(e)}'
-            f'{type(e).__name__}: {e}', EXIT_USAGE)
+    _report(tool, _missing_key(e) or f'a config file failed to load: '
+            f'{_where(e)}{type(e).__name__}: {e}', EXIT_USAGE)
   try:
     for name, path in nones:
       _set_none(flags.FLAGS[name].value, name, path)
@@ -179,6 +187,19 @@ def _set_none(config: Any, name: str, path: str) -> None:
     raise ValueError(f'flag --{name}.{path}=None: the config has no key '
                      f'{path!r}.')
   holder[last] = None
+
+
+def _missing_key(e: Exception) -> str | None:
+  """What ``e`` says, when ml_collections raised it on a ``--config.<key>``
+  override of a key the config lacks (an ``AttributeError`` or a
+  ``KeyError`` from its ``ConfigDict``); else ``None``."""
+  frames = traceback.extract_tb(e.__traceback__)
+  if not (isinstance(e, (AttributeError, KeyError)) and frames
+          and 'ml_collections' in frames[-1].filename):
+    return None
+  text = str(e.args[0] if e.args else e).replace('\\n', ' ')
+  what = ' '.join(re.sub(r"\\'|[\"']", '', text).split())
+  return f'a --config.<key> override names a key the config lacks: {what}'
 
 
 def _where(e: Exception) -> str:

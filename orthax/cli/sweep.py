@@ -111,15 +111,16 @@ def _reference_modes(f: types.SimpleNamespace, spec) -> None:
   # pylint: disable=g-import-not-at-top
   from orthax.train import reference_modes
   from orthax.train import sweep
+  # Before any run (it was checked after them: hours of training first).
+  if not os.path.exists(f.sweep_runs.value):
+    raise ValueError(f'--sweep_runs={f.sweep_runs.value}: no such file (the '
+                     'sweep whose library-mode runs the table compares; a '
+                     'path relative to this directory).')
   runs = reference_modes.run(
       f.config.value, f.out.value, widths=spec.widths, seeds=spec.seeds,
       optimizers=[o for o in f.optimizers.value or () if o != 'adamw'],
       steps=spec.steps, eval_every=spec.eval_every,
       max_runs=0 if f.summarize_only.value else f.max_runs.value)
-  if not os.path.exists(f.sweep_runs.value):
-    raise ValueError(f'--sweep_runs={f.sweep_runs.value}: no such file (the '
-                     'sweep whose library-mode runs the table compares; a '
-                     'path relative to this directory).')
   md = reference_modes.table(runs, sweep.load(f.sweep_runs.value))
   print(md)
   with open(os.path.join(f.out.value, 'summary.md'), 'w') as fh:

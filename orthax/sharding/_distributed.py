@@ -12,6 +12,55 @@ import jax.numpy as jnp
 STRATEGIES = ('auto', 'local', 'a2a', 'replicated', 'gram')
 
 
+def check_comm_dtype(name: str, value: Any) -> None:
+  """``ValueError`` naming ``name`` unless ``value`` is ``None`` or a
+  wire dtype the all-to-all can carry: ``bfloat16`` or ``float32`` (or
+  wider). An integer type sent zeros; ``float16`` sent Inf for a matrix
+  past 6.5e4 (the matrices travel before their normalization)."""
+  if value is None:
+    return
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or (
+      dtype == jnp.float16):
+    raise ValueError(
+        f'{name} must be bfloat16, float32 or None, got '
+        f'{dtype.name if dtype is not None else repr(value)}'
+        + (': float16 overflows past 6.5e4, and the matrices are sent '
+           'before their normalization' if dtype == jnp.float16 else '')
+        + '.')
+
+
+def _check_overrides(overrides: Any) -> tuple[tuple[str, str], ...]:
+  """``overrides`` as ``((pattern, strategy), ...)``: a dict or pairs of a
+  regular expression (a string or a compiled pattern) and a strategy; a
+  ``ValueError`` naming ``Distributed.overrides`` otherwise (a compiled
+  pattern was kept as its repr and never matched; a flat pair failed to
+  unpack)."""
+  pairs = overrides.items() if isinstance(overrides, dict) else overrides
+  out = []
+  for entry in pairs:
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+      raise ValueError(
+          'Distributed.overrides must be a dict or pairs (regex, strategy), '
+          f'e.g. [("mlp", "local")], got the entry {entry!r}.')
+    pattern, strategy = entry
+    pattern = getattr(pattern, 'pattern', pattern)  # a compiled pattern
+    if not isinstance(pattern, str):
+      raise ValueError(f'Distributed.overrides: a pattern must be a regular '
+                       f'expression, got {pattern!r}.')
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f'Distributed.overrides: {pattern!r} is not a regular '
+                       f'expression ({e}).') from None
+    out.append((pattern, _check_strategy(
+        strategy, f'Distributed.overrides[{pattern!r}]')))
+  return tuple(out)
+
+
 def _check_strategy(s: str, where: str) -> str:
   if s not in STRATEGIES:
     raise ValueError(f'{where}: strategy must be one of {STRATEGIES}, got '
@@ -43,7 +92,10 @@ class Distributed:
       sharded along its rows runs as its transpose, which changes the result
       only for the AOL normalizer, whose row scaling is one-sided).
     comm_dtype: dtype of the matrices on the wire (``None``: the update's
-      dtype). Never wider than the update's dtype: a wider one is ignored.
+      dtype): ``bfloat16`` or ``float32``. Never wider than the update's
+      dtype: a wider one is ignored. Not ``float16``: the matrices go out
+      before their normalization, and its range (6.5e4) would turn a large
+      gradient into Inf; not an integer type (zeros).
     overrides: ``((regex, strategy), ...)``; the first regex that
       ``re.search``-matches a leaf's path picks that leaf's strategy.
     max_local_matrix_bytes: ``auto`` keeps a matrix whole on one device up
@@ -68,14 +120,9 @@ class Distributed:
   max_local_matrix_bytes: int | None = 2 ** 31
 
   def __post_init__(self):
+    check_comm_dtype('Distributed.comm_dtype', self.comm_dtype)
     _check_strategy(self.strategy, 'Distributed')
-    ov = tuple((str(r), _check_strategy(s, f'Distributed.overrides[{r!r}]'))
-               for r, s in (self.overrides.items()
-                            if isinstance(self.overrides, dict)
-                            else self.overrides))
-    for r, _ in ov:
-      re.compile(r)
-    object.__setattr__(self, 'overrides', ov)
+    object.__setattr__(self, 'overrides', _check_overrides(self.overrides))
 
   def strategy_for(self, path: str) -> str:
     for r, s in self.overrides:

@@ -15,6 +15,7 @@ import jax
 import optax
 
 from orthax import _tree
+from orthax.sharding import _specs
 from orthax.sharding._distributed import Distributed
 from orthax.sharding._plan import Plan
 
@@ -57,19 +58,45 @@ def _merge(plans: list[Plan]) -> Plan:
 
 
 def _plan_tx(tx: optax.GradientTransformation, abstract_params: Any) -> Plan:
-  # Fresh closures: jax caches traces by function, and a cached trace would
-  # not run the Python that records.
-  with recording() as plans:
-    state = jax.eval_shape(lambda p: tx.init(p), abstract_params)
-    jax.eval_shape(lambda g, s, p: tx.update(g, s, p), abstract_params,
-                   state, abstract_params)
+  placed = abstract_params
+  for _ in range(8):  # a few distributed calls, each placing its leaves
+    try:
+      plans = _traced_plans(tx, placed)
+      break
+    except _specs.UnplacedLeafError as e:
+      # Abstract values without sharding= on an Explicit mesh: placed as
+      # the Distributed says (only shapes and specs matter here).
+      placed = _placed(placed, e.mesh, e.specs)
   if not plans:
     raise NotDistributedError(
         'orthax.sharding.plan: the optimizer runs no distributed '
-        'orthogonalization (plain optax, or a recipe/orthogonalize built '
-        'without distributed=); build it with '
-        'distributed=orthax.sharding.Distributed(mesh, param_specs).')
+        'orthogonalization on these parameters: plain optax, a '
+        'recipe/orthogonalize built without distributed= (build it with '
+        'distributed=orthax.sharding.Distributed(mesh, param_specs)), one '
+        'whose matrix step has no distributed pass (AuON), or no leaf '
+        'routed to its matrix branch.')
   return _merge(plans)
+
+
+def _traced_plans(tx: optax.GradientTransformation, params: Any
+                  ) -> list[Plan]:
+  # Fresh closures: jax caches traces by function, and a cached trace would
+  # not run the Python that records.
+  with recording() as plans:
+    state = jax.eval_shape(lambda p: tx.init(p), params)
+    jax.eval_shape(lambda g, s, p: tx.update(g, s, p), params, state, params)
+  return plans
+
+
+def _placed(params: Any, mesh: Any, specs: dict[str, Any]) -> Any:
+  """``params`` as ``ShapeDtypeStruct``\ s, those at a path of ``specs``
+  sharded by it on ``mesh``."""
+  paths, leaves, treedef = _tree.leaves_with_paths(params)
+  return treedef.unflatten([
+      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=(
+          jax.sharding.NamedSharding(mesh, specs[p]) if p in specs
+          else getattr(x, 'sharding', None)))
+      for p, x in zip(paths, leaves)])
 
 
 def _plan_distributed(dist: Distributed, abstract_params: Any,

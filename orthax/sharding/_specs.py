@@ -106,17 +106,38 @@ def check_meshes(leaves: Sequence[Any], paths: Sequence[str], mesh) -> None:
           'build Distributed with the mesh the parameters are on.')
 
 
+class UnplacedLeafError(ValueError):
+  """A leaf whose spec names Explicit mesh axes carries no sharding (an
+  array on one device, or an abstract value without ``sharding=``):
+  ``mesh`` and ``specs`` (``{path: PartitionSpec}`` of the leaves checked)
+  say where it belongs."""
+
+  def __init__(self, message: str, mesh: Any, specs: dict[str, P]):
+    super().__init__(message)
+    self.mesh, self.specs = mesh, specs
+
+
 def check_specs(leaves: Sequence[Any], paths: Sequence[str],
                 param_specs: Sequence[P], mesh) -> None:
   """``ValueError`` naming the first leaf on Explicit mesh axes whose
-  sharding differs from its ``param_specs`` entry (axes of size 1 aside):
-  ``shard_map`` would refuse the mismatch with a message that names
-  neither the parameter nor the argument."""
+  sharding differs from its ``param_specs`` entry (axes of size 1 aside),
+  or (:class:`UnplacedLeafError`) that carries no sharding where its spec
+  names Explicit axes: ``shard_map`` would refuse either with a message
+  that names neither the parameter nor the argument."""
   sizes = {a: int(mesh.shape[a]) for a in mesh.axis_names}
+  explicit = {a for a, t in zip(mesh.axis_names, mesh.axis_types)
+              if t == AxisType.Explicit and sizes[a] > 1}
   effective = lambda spec, nd: [tuple(a for a in axes if sizes.get(a, 1) > 1)
                                 for axes in spec_entries(spec, nd)]
   for p, x, want in zip(paths, leaves, param_specs):
     got = explicit_spec(x)
+    if got is None and any(a in explicit for axes in spec_entries(
+        want, x.ndim) for a in axes):
+      raise UnplacedLeafError(
+          f'leaf {p!r} carries no sharding, but its spec {want} names '
+          'Explicit mesh axes: place it on the mesh '
+          '(jax.device_put(x, NamedSharding(mesh, spec))), or trace under '
+          'jax.set_mesh(mesh).', mesh, dict(zip(paths, param_specs)))
     if got is not None and (effective(got, x.ndim)
                             != effective(want, x.ndim)):
       raise ValueError(

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from orthax.recipes import registry
+from orthax.sharding._distributed import check_comm_dtype
 from orthax.train import optim
 from orthax.train import partitioning
 
@@ -202,8 +203,7 @@ def _check_mesh(mesh: Mapping[str, Any]) -> None:
   """Axis sizes (ints ≥ 1), the wire dtype (floating) and ``rules`` (logical
   axis name → a mesh axis, a tuple of them, or ``None``)."""
   partitioning.mesh_shape(mesh)
-  _check_dtype('mesh.comm_dtype', mesh.get('comm_dtype'), jnp.floating,
-               optional=True)
+  check_comm_dtype('mesh.comm_dtype', mesh.get('comm_dtype'))
   rules = mesh.get('rules')
   if rules is None:
     return
