@@ -158,6 +158,21 @@ def test_bad_flag_values_are_one_line_and_exit_2(tmp_path):
       ('train.py', ['--config=lm_cpu:muon', '--config.foo.bar=1'],
        'orthax-train: error: a --config.<key> override names a key the '
        'config lacks: foo'),
+      # Exit 0 with an empty table and plot; NaN losses; a plotting error.
+      ('compare.py', ['--optimizers=', f'--out={tmp_path}/c'],
+       'orthax-compare: error: give at least one optimizer and one '
+       'learning-rate scale, got [] and'),
+      ('compare.py', ['--optimizers=muon', '--eval_every=0'],
+       'orthax-compare: error: flag --eval_every=0: 0 is not a positive '
+       'integer'),
+      ('sweep.py', ['--summarize_only', '--optimizers=adamw', '--scales=1',
+                    '--widths=32', f'--out={tmp_path}/s'],
+       f'orthax-sweep: error: --out={tmp_path}/s holds no run of this sweep '
+       'to summarize'),
+      ('train.py', ['--config=lm_cpu:muon', '--dry_run',
+                    '--config.dry_run.num_layers=0'],
+       'orthax-train: error: dry_run.num_layers must be an integer >= 1 or '
+       'None, got 0.'),
       # A FileNotFoundError / NotADirectoryError after the model was built.
       ('train.py', ['--config=lm_cpu:muon', '--workdir='],
        'orthax-train: error: --workdir: the path is empty.'),

@@ -65,6 +65,9 @@ def test_run_changing_keys():
      'None'),
     ('train.checkpoint_every', -2, 'train.checkpoint_every must be'),
     ('data.batch_size', 0, 'data.batch_size must be an integer >= 1'),
+    # 0 compiled the full depth without a word.
+    ('dry_run.num_layers', 0, 'dry_run.num_layers must be an integer >= 1 '
+     'or None, got 0'),
     ('train.nonfinite', 'ignore', r"train.nonfinite must be one of \('raise', "
      r"'skip'\)"),
     ('train.log_evry', 1, r'unknown config key\(s\) train.log_evry \(did you '

@@ -37,8 +37,9 @@ def define_flags() -> types.SimpleNamespace:
           'lr_scales', ['0.5', '1', '2', '4'],
           'Multiples of each default peak learning rate.'),
       steps=flags.DEFINE_integer('steps', None, 'Override train.steps.'),
-      eval_every=flags.DEFINE_integer('eval_every', 25,
-                                      'Validation interval.'),
+      eval_every=flags.DEFINE_integer(
+          'eval_every', 25, 'Validation interval (the table compares '
+          'validation losses: at least 1).', lower_bound=1),
       out=flags.DEFINE_string('out', 'compare_out', 'Output directory.'))
 
 

@@ -94,6 +94,9 @@ def main(f: types.SimpleNamespace) -> None:
         0 if f.summarize_only.value else f.max_runs.value))
     print(f'{len(runs)} of {len(spec.keys())} runs done '
           f'({sum(r["seconds"] for r in runs) / 3600:.2f} h of training)')
+  if not runs:  # an empty table, then a plotting error
+    raise ValueError(f'--out={out} holds no run of this sweep to summarize '
+                     '(train some first: leave out --summarize_only).')
   rows = sweep.summarize(runs, defaults={
       name: sweep.default_learning_rate(name) for name in spec.optimizers})
   md = sweep.table(rows)

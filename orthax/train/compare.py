@@ -84,7 +84,11 @@ def check_runs(optimizers: Sequence[str], lr_scales: Sequence[float]
                ) -> None:
   """Raises ``ValueError`` for an unknown optimizer or a scale that is not
   a positive number, before any training: a typo at the end of a list
-  would otherwise be found after the runs before it."""
+  would otherwise be found after the runs before it; or an empty list of
+  either (an empty table and plot, exit 0)."""
+  if not optimizers or not lr_scales:
+    raise ValueError('give at least one optimizer and one learning-rate '
+                     f'scale, got {list(optimizers)} and {list(lr_scales)}.')
   for name in optimizers:
     configs.learning_rates(name)  # names the optimizer and the choices
   bad = [k for k in lr_scales if not (math.isfinite(k) and k > 0)]

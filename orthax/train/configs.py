@@ -284,6 +284,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
   _check_int('train.max_to_keep', tr.get('max_to_keep', 2), 1)
   _check_int('train.max_consecutive_skips',
              tr.get('max_consecutive_skips', 10), 1)
+  # 0 was taken as "not given" (the full depth, silently).
+  _check_int('dry_run.num_layers', (cfg.get('dry_run') or {}).get(
+      'num_layers'), 1, optional=True)
   if tr.get('nonfinite', 'raise') not in NONFINITE_POLICIES:
     raise ValueError(f'train.nonfinite must be one of {NONFINITE_POLICIES}, '
                      f'got {tr.get("nonfinite")!r}.')

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding
 
 from orthax import sharding
 from orthax.sharding import hlo
+from orthax.train import configs
 from orthax.train import data as data_lib
 from orthax.train import partitioning
 from orthax.train import trainer
@@ -61,8 +62,9 @@ def dry_run(config: Any) -> dict[str, Any]:
   """Compiles the train step of ``config`` on ``jax.devices()`` (which must
   hold at least the mesh's devices) and returns the report."""
   cfg = copy.deepcopy(trainer.as_dict(config))
+  configs.validate(cfg)  # dry_run.num_layers too, before it is used
   depth = (cfg.get('dry_run') or {}).get('num_layers')
-  if depth:
+  if depth is not None:
     cfg['model']['num_layers'] = int(depth)
   vocab = cfg['model'].get('vocab_size') or cfg['data'].get('vocab_size')
   if vocab is None:
