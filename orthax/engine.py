@@ -271,9 +271,14 @@ def _check_members(stages, members, plan) -> None:
       continue
     dtype_was = {p: d for d, paths in was for p in paths}
     dtype_now = {p: d for d, paths in now for p in paths}
-    moved = [p for p in dtype_now if dtype_was.get(p) != dtype_now[p]]
+    if set(dtype_was) != set(dtype_now):
+      raise ValueError(
+          f'{st.name}: its slot state was made at init for the leaves '
+          f'{sorted(dtype_was)}; this update has {sorted(dtype_now)}: init '
+          'the state from parameters shaped like the updates.')
+    moved = [p for p in dtype_now if dtype_was[p] != dtype_now[p]]
     why = (f'{moved[0]!r} is {dtype_now[moved[0]]} here, '
-           f'{dtype_was.get(moved[0], "absent")} at init' if moved
+           f'{dtype_was[moved[0]]} at init' if moved
            else f'groups {[p for _, p in now]}, at init {[p for _, p in was]}')
     raise ValueError(
         f'{st.name}: its slot state was laid out at init by the leaves\' '

@@ -81,6 +81,7 @@ def linen_case(name):
   shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract),
                                           mesh, rules)
   state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+  before = [np.asarray(a) for a in jax.tree.leaves(nn.unbox(state.params))]
 
   @jax.jit
   def step(state):
@@ -93,9 +94,10 @@ def linen_case(name):
   for _ in range(2):
     state, value = step(state)
     losses.append(float(value))
-  return {'losses': losses, 'finite': all(
-      bool(np.all(np.isfinite(np.asarray(nn.unbox(a)))))
-      for a in jax.tree.leaves(state.params))}
+  after = [np.asarray(a) for a in jax.tree.leaves(nn.unbox(state.params))]
+  return {'losses': losses,
+          'all_moved': all(bool(np.any(a != b)) for a, b in zip(after, before)),
+          'finite': all(bool(np.all(np.isfinite(a))) for a in after)}
 
 
 def main():

@@ -40,5 +40,4 @@ def test_each_trains_with_finite_parameters(cases):
     assert r['finite'], case
     assert len(r['losses']) == 2 and all(map(float.__instancecheck__,
                                              r['losses'])), case
-    if case.startswith('nnx'):
-      assert r['all_moved'], case
+    assert r['all_moved'], case

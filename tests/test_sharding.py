@@ -180,10 +180,14 @@ def test_distributed_validates_and_specs_by_path():
     with pytest.raises(ValueError, match=f'^Distributed.overrides.*{match}'):
       sharding.Distributed(MESH8, overrides=bad)
   # Zeros on the wire; Inf past 6.5e4 (before the matrices' normalization).
-  for bad in (jnp.int8, jnp.float16, 'bogus'):
+  for bad in (jnp.int8, jnp.float16, jnp.float8_e4m3fn, 'bogus'):
     with pytest.raises(ValueError, match='^Distributed.comm_dtype must be '
-                       'bfloat16, float32 or None'):
+                       r'bfloat16, float32 \(or wider\) or None'):
       sharding.Distributed(MESH8, comm_dtype=bad)
+  with pytest.raises(ValueError, match='has flags; write them in the '
+                     'pattern'):  # re.I was dropped: case-sensitive
+    sharding.Distributed(MESH8, overrides=[(re.compile('mlp', re.I),
+                                            'local')])
   dist = sharding.Distributed(
       MESH8, param_specs={'a': {'w': P('fsdp')}, 'b': None, 'c': P()})
   updates = {'a': {'w': jnp.zeros((8, 8))}, 'b': jnp.zeros((8, 8))}

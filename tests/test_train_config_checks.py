@@ -108,12 +108,12 @@ def test_run_changing_keys():
     ('model.num_heads', 0, 'model.num_heads must be an integer >= 1, got 0'),
     ('model.seq_len', 0, 'model.seq_len must be an integer >= 1, got 0'),
     ('mesh.comm_dtype', 'foo', r"mesh.comm_dtype must be bfloat16, float32 "
-     r"or None, got 'foo'"),
+     r"\(or wider\) or None, got 'foo'"),
     # Zeros on the wire; Inf past 6.5e4 (the dry run passed both).
     ('mesh.comm_dtype', 'int8', r"mesh.comm_dtype must be bfloat16, float32 "
-     r"or None, got int8"),
-    ('mesh.comm_dtype', 'float16', 'mesh.comm_dtype must be bfloat16, '
-     'float32 or None, got float16: float16 overflows past 6.5e4'),
+     r"\(or wider\) or None, got int8"),
+    ('mesh.comm_dtype', 'float16', r'mesh.comm_dtype must be bfloat16, '
+     r'float32 \(or wider\) or None, got float16: float16 overflows'),
     ('mesh.data', 0, 'mesh.data must be an int >= 1, got 0'),
     ('mesh.rules', 'abc', 'mesh.rules must map logical axis names to mesh '
      "axes .*got 'abc'"),

@@ -228,3 +228,19 @@ def test_an_ignored_sigint_stays_ignored(tmp_path, monkeypatch):
   finally:
     signal.signal(signal.SIGINT, previous)
   assert out['summary']['steps'] == 5 and not out['summary']['preempted']
+
+
+def test_ctrl_c_during_the_last_step_saves_it(tmp_path, monkeypatch):
+  """It raised Interrupted after a run that saved nothing (the last step
+  was left to the cadence, here none), and the rerun was refused: metrics
+  but no checkpoint."""
+  c = tiny('muon', steps=3)
+  c.train.update(checkpoint_every=0, eval_every=0)
+  batch = _signal_at_step_3(monkeypatch, signal.SIGINT)
+  with pytest.raises(faults.Interrupted, match='after step 3 of 3: saved '
+                     'checkpoint 3'):
+    trainer.train(c, str(tmp_path), progress=False)
+  assert os.listdir(tmp_path / 'checkpoints') == ['3']
+  monkeypatch.setattr(data_lib.TokenLoader, 'batch', batch)
+  again = trainer.train(c, str(tmp_path), progress=False)
+  assert again['summary']['resumed_from'] == 3

@@ -288,6 +288,13 @@ def test_switches_must_be_bools(make, required, arg):
   for bad in ('False', 0, None):
     with pytest.raises(TypeError, match=f'{arg} must be True or False'):
       make(**required(), **{arg: bad})
+  for good in (False, np.bool_(True)):  # not refused (other errors may come)
+    try:
+      make(**required(), **{arg: good})
+    except TypeError as e:
+      assert 'must be True or False' not in str(e), e
+    except (ValueError, AttributeError):
+      pass  # the dummy required arguments
 
 
 @pytest.mark.parametrize('name', orthax.recipe_names())

@@ -58,8 +58,8 @@ def resolve_shape_table(
 
 
 _validate.register(('coeffs_for_shape',), _validate.parsed(
-    resolve_shape_table, "'root' or a mapping (min side, max side) -> "
-    'coefficient rows'))
+    lambda t: t is None or resolve_shape_table(t),  # None: no table
+    "'root', a mapping (min side, max side) -> coefficient rows, or None"))
 
 
 def shape_coeffs(m: int, n: int,

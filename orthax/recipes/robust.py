@@ -189,8 +189,9 @@ def spectra(
 
 def _clipped_by_label(labels: Callable[[Any], Any]) -> Callable[[Any], Any]:
   """SPECTRA's matrix views from a labels callable: the default view where
-  a leaf is labelled ``'matrix'``, none (no clip: the base step alone)
-  where ``'adam'`` or ``'frozen'``. Without it every 2-D leaf was clipped
+  a leaf is labelled ``'matrix'``, none where ``'adam'`` or ``'frozen'``
+  (no matrix clip: the vector clip under ``apply_to='all'``, as for a
+  :class:`orthax.Router`'s ``'adam'`` leaves). Without it every 2-D leaf was clipped
   whatever its label, and a mistyped label passed; it is refused naming
   the leaf, as ``optax.partition`` refuses it in the recipes with
   branches."""

@@ -16,7 +16,8 @@ def check_comm_dtype(name: str, value: Any) -> None:
   """``ValueError`` naming ``name`` unless ``value`` is ``None`` or a
   wire dtype the all-to-all can carry: ``bfloat16`` or ``float32`` (or
   wider). An integer type sent zeros; ``float16`` sent Inf for a matrix
-  past 6.5e4 (the matrices travel before their normalization)."""
+  past 6.5e4, the float8 types far sooner (the matrices travel before
+  their normalization)."""
   if value is None:
     return
   try:
@@ -24,12 +25,13 @@ def check_comm_dtype(name: str, value: Any) -> None:
   except TypeError:
     dtype = None
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or (
-      dtype == jnp.float16):
+      dtype != jnp.bfloat16 and dtype.itemsize < 4):
+    narrow = dtype is not None and jnp.issubdtype(dtype, jnp.floating)
     raise ValueError(
-        f'{name} must be bfloat16, float32 or None, got '
+        f'{name} must be bfloat16, float32 (or wider) or None, got '
         f'{dtype.name if dtype is not None else repr(value)}'
-        + (': float16 overflows past 6.5e4, and the matrices are sent '
-           'before their normalization' if dtype == jnp.float16 else '')
+        + (f': {dtype.name} overflows far below float32\'s range, and the '
+           'matrices are sent before their normalization' if narrow else '')
         + '.')
 
 
@@ -47,7 +49,12 @@ def _check_overrides(overrides: Any) -> tuple[tuple[str, str], ...]:
           'Distributed.overrides must be a dict or pairs (regex, strategy), '
           f'e.g. [("mlp", "local")], got the entry {entry!r}.')
     pattern, strategy = entry
-    pattern = getattr(pattern, 'pattern', pattern)  # a compiled pattern
+    if isinstance(pattern, re.Pattern):
+      if pattern.flags & ~re.UNICODE:  # they would be dropped silently
+        raise ValueError(
+            f'Distributed.overrides: {pattern!r} has flags; write them in '
+            "the pattern instead (e.g. '(?i)mlp').")
+      pattern = pattern.pattern
     if not isinstance(pattern, str):
       raise ValueError(f'Distributed.overrides: a pattern must be a regular '
                        f'expression, got {pattern!r}.')

@@ -58,15 +58,18 @@ def _merge(plans: list[Plan]) -> Plan:
 
 
 def _plan_tx(tx: optax.GradientTransformation, abstract_params: Any) -> Plan:
-  placed = abstract_params
-  for _ in range(8):  # a few distributed calls, each placing its leaves
+  placed, done = abstract_params, set()
+  while True:  # each distributed call placing its leaves
     try:
       plans = _traced_plans(tx, placed)
       break
     except _specs.UnplacedLeafError as e:
       # Abstract values without sharding= on an Explicit mesh: placed as
       # the Distributed says (only shapes and specs matter here).
-      placed = _placed(placed, e.mesh, e.specs)
+      paths = set(_tree.leaves_with_paths(placed)[0]) & set(e.specs)
+      if paths <= done:
+        raise  # its paths are not the parameters' (a wrapped subtree)
+      placed, done = _placed(placed, e.mesh, e.specs), done | paths
   if not plans:
     raise NotDistributedError(
         'orthax.sharding.plan: the optimizer runs no distributed '
@@ -89,8 +92,8 @@ def _traced_plans(tx: optax.GradientTransformation, params: Any
 
 
 def _placed(params: Any, mesh: Any, specs: dict[str, Any]) -> Any:
-  """``params`` as ``ShapeDtypeStruct``\ s, those at a path of ``specs``
-  sharded by it on ``mesh``."""
+  """``params`` as ``ShapeDtypeStruct`` values, those at a path of
+  ``specs`` sharded by it on ``mesh``."""
   paths, leaves, treedef = _tree.leaves_with_paths(params)
   return treedef.unflatten([
       jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=(

@@ -125,8 +125,9 @@ def stop_signals(enabled: bool = True):
 
   def on_sigint(signum, frame):
     del signum, frame
-    stop.set('SIGINT')
+    # The previous handler first: a second Ctrl-C in between is not lost.
     signal.signal(signal.SIGINT, _handler(previous[signal.SIGINT]))
+    stop.set('SIGINT')
     log.warning('Ctrl-C: the run stops after the current step, once it is '
                 'checkpointed; press Ctrl-C again to stop at once.')
 

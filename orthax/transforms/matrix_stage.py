@@ -77,10 +77,10 @@ def stage_transform(stage: ms.MatrixStage, matrix_specs: _tree.SpecsLike,
   def update_fn(updates, state, params=None):
     del params
     specs = _tree.resolve_specs(matrix_specs, updates, where)
-    leaves, treedef = jax.tree.flatten(updates)
+    paths, leaves, treedef = _tree.leaves_with_paths(updates)
     res = engine.map_matrices(
         None, leaves, specs, stages=[stage],
-        states=[leaf_states(stage, state, updates)])
+        states=[leaf_states(stage, state, updates)], paths=paths)
     return (jax.tree.unflatten(treedef, res.leaves),
             with_leaf_states(stage, state, updates, res.states[0]))
 
