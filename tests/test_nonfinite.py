@@ -298,3 +298,19 @@ def test_check_result_false_checks_the_gradient_only():
       orthax.transforms.check_finite.GRADIENT_CAUSE, ['w'])
   with pytest.raises(TypeError, match='check_result must be True or False'):
     orthax.skip_if_nonfinite(optax.adam(0.1), check_result='no')
+
+
+def test_the_guards_program_grows_linearly_with_the_leaves():
+  """Each tree-wide choice is one lax.cond: a jnp.where per leaf took the
+  all-leaf flag's reduction into each of the N selects, so the compiled
+  program (and XLA's compile time) grew as N²: 48M characters of HLO and
+  53 s of compile at 200 leaves, 557 s for a 400-leaf Muon."""
+  def hlo_size(n):
+    params = {f'w{i:03d}': jax.ShapeDtypeStruct((8, 8), jnp.float32)
+              for i in range(n)}
+    tx = orthax.skip_if_nonfinite(optax.sgd(0.1))
+    state = jax.eval_shape(tx.init, params)
+    return len(jax.jit(tx.update).lower(params, state, params).compile()
+               .as_text())
+  small, large = hlo_size(20), hlo_size(80)
+  assert large / small < 6, (small, large)  # 4 when linear, 16 if N²
