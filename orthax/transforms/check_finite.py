@@ -11,7 +11,7 @@ afterwards (:func:`nonfinite_status`, :func:`nonfinite_leaves`,
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +89,17 @@ def _state_flags(new: Any, old: Any) -> Any:
                      'pair them one to one.')
   flags = list(map(flag, new, old))
   return jnp.stack(flags) if flags else jnp.zeros([0], jnp.bool_)
+
+
+def _once(always: jax.Array, flag: Callable[[], jax.Array]) -> jax.Array:
+  """``flag()``, a reduction over every leaf, computed once: behind a
+  ``lax.cond`` on ``always`` (true at run time, not known to the compiler).
+  As a plain value, XLA copied its chain over all N leaves into each of the
+  N per-leaf selects that read it, and the compiled program (and its
+  compile time) grew as N²: 557 s for a 400-leaf Muon on CPU. The selects
+  themselves stay per leaf and fused (a ``lax.cond`` over the whole tree
+  kept one update-sized buffer more alive)."""
+  return jax.lax.cond(always, flag, lambda: jnp.bool_(False))
 
 
 def _any(flags: Any) -> jax.Array:
@@ -173,38 +184,31 @@ def skip_if_nonfinite(
         nonfinite_state=jnp.zeros([len(jax.tree.leaves(inner_state))],
                                   jnp.bool_))
 
-  # Every choice made by a flag of the whole tree is one lax.cond: a
-  # jnp.where per leaf took the flag's reduction over all N leaves into
-  # each of the N selects, and XLA's compile time grew as N² (a 400-leaf
-  # Muon compiled for 9 minutes on CPU).
   def update_fn(updates, state, params=None, **extra_args):
     flags = _flags(updates)
-    grads_ok = ~_any(flags)
-    # Zeros made outside the branches: inside one they lost the sharding
-    # of an Explicit mesh axis, and the branches' types differed.
-    zeros = jax.tree.map(jnp.zeros_like, updates)
-    safe = jax.lax.cond(grads_ok, lambda: updates, lambda: zeros)
+    # ``always`` is true at run time, unknown to the compiler: see _once.
+    always = state.total >= 0
+    grads_ok = _once(always, lambda: ~_any(flags))
+    safe = jax.tree.map(lambda g: jnp.where(grads_ok, g, jnp.zeros_like(g)),
+                        updates)
     new, inner_state = inner.update(safe, state.inner_state, params,
                                     **extra_args)
     # A result's flags count only where the gradient was finite (else the
     # step is skipped for the gradient, and named for it).
-    leaf_flags, flags_def = jax.tree.flatten(_flags(new))
-    no_state = jnp.zeros(state.nonfinite_state.shape, jnp.bool_)
-    if check_result and leaf_flags:
-      update_flags, state_flags = jax.lax.cond(
-          grads_ok, lambda: (jnp.stack(leaf_flags), _state_flags(
-              inner_state, state.inner_state)),
-          lambda: (jnp.zeros([len(leaf_flags)], jnp.bool_), no_state))
+    if check_result:
+      new_flags = jax.tree.map(lambda f: f & grads_ok, _flags(new))
+      state_flags = _state_flags(inner_state, state.inner_state) & grads_ok
+      result_ok = _once(always, lambda: ~_any(new_flags)
+                        & ~jnp.any(state_flags))
     else:
-      update_flags = jnp.zeros([len(leaf_flags)], jnp.bool_)
-      state_flags = (jax.lax.cond(
-          grads_ok, lambda: _state_flags(inner_state, state.inner_state),
-          lambda: no_state) if check_result else no_state)
-    new_flags = flags_def.unflatten(list(update_flags))
-    ok = grads_ok & ~jnp.any(update_flags) & ~jnp.any(state_flags)
-    zeros = jax.tree.map(jnp.zeros_like, new)
-    new, inner_state = jax.lax.cond(
-        ok, lambda: (new, inner_state), lambda: (zeros, state.inner_state))
+      new_flags = jax.tree.map(lambda _: jnp.zeros([], jnp.bool_),
+                               _tree.unboxed(new))
+      state_flags = jnp.zeros(state.nonfinite_state.shape, jnp.bool_)
+      result_ok = jnp.bool_(True)
+    ok = grads_ok & result_ok
+    new = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new)
+    inner_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b),
+                               inner_state, state.inner_state)
     skipped = (~ok).astype(jnp.int32)
     return new, SkipIfNonfiniteState(
         inner_state=inner_state, nonfinite=flags,
