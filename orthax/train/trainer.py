@@ -229,8 +229,7 @@ class Loop:
       lagged = m['loss']
       done = step + 1
       self.clock.tick(m)
-      # SIGTERM at the last step: the run ends anyway; Ctrl-C: it is saved
-      # too (the caller is told to stop, and a rerun resumes from it).
+      # Ctrl-C in the last step saves it too (SIGTERM: the run ends anyway).
       preempted = stop.is_set() and (done < end or stop.name == 'SIGINT')
       is_log = done % log_every == 0 or done == end
       is_eval = eval_every and (done % eval_every == 0 or done == total)
