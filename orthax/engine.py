@@ -38,6 +38,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from orthax import _slot_groups as slot_groups
 from orthax import matrices
 from orthax import matrix_stages as ms
 from orthax import sharding
@@ -252,40 +253,7 @@ def init_slot_state(stage: ms.MatrixStage, leaves: Sequence[Any],
       x = jax.tree.map(lambda a: sharding.place(
           a, mesh, jax.sharding.PartitionSpec(axes)), x)
     slots[sharding.group_key(gi)] = x
-  return SlotState(slots, axes, _members(plan))
-
-
-def _members(plan: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
-  return tuple((jnp.dtype(g.dtype).name, tuple(g.paths))
-               for g in plan.groups)
-
-
-def _check_members(stages, members, plan) -> None:
-  """Raises ``ValueError`` where a slot stage's groups at ``init``
-  (``members[j]``) are not the update's (``plan``'s)."""
-  now = _members(plan)
-  for st, was in zip(stages, members):
-    # The same leaves in the same groups: the dtypes may differ (a bfloat16
-    # update of float32 parameters is fine).
-    if not was or [p for _, p in was] == [p for _, p in now]:
-      continue
-    dtype_was = {p: d for d, paths in was for p in paths}
-    dtype_now = {p: d for d, paths in now for p in paths}
-    if set(dtype_was) != set(dtype_now):
-      raise ValueError(
-          f'{st.name}: its slot state was made at init for the leaves '
-          f'{sorted(dtype_was)}; this update has {sorted(dtype_now)}: init '
-          'the state from parameters shaped like the updates.')
-    moved = [p for p in dtype_now if dtype_was[p] != dtype_now[p]]
-    why = (f'{moved[0]!r} is {dtype_now[moved[0]]} here, '
-           f'{dtype_was[moved[0]]} at init' if moved
-           else f'groups {[p for _, p in now]}, at init {[p for _, p in was]}')
-    raise ValueError(
-        f'{st.name}: its slot state was laid out at init by the leaves\' '
-        f'shapes and dtypes, and this update groups them otherwise ({why}); '
-        'each leaf would read another leaf\'s state. Give the update the '
-        "parameters' dtypes (cast the gradients), or init from leaves like "
-        'the updates.')
+  return SlotState(slots, axes, slot_groups.members(plan))
 
 
 def _identity(x, *args, **kwargs):
@@ -371,7 +339,7 @@ def map_matrices(
     return result
   pick = lambda seq: None if seq is None else [seq[i] for i in live]
   if any(members):
-    _check_members(stages, members, _plan(pick(leaves), pick(specs), stages,
+    slot_groups.check(stages, members, _plan(pick(leaves), pick(specs), stages,
                                           distributed, pick(paths), plan_kw))
   sts = [per if st.slot_state else pick(per)
          for st, per in zip(stages, states)]

@@ -271,3 +271,30 @@ def test_rule_and_router_arguments_are_checked_when_built():
   with pytest.raises(ValueError, match='orthogonalize: normalizer must be '
                      "one of .*got 'frobenious'"):
     orthax.orthogonalize(normalizer='frobenious')
+
+
+def test_spectra_honours_a_labels_callable_router():
+  """SPECTRA took a labels callable and clipped every 2-D leaf whatever
+  its label ('adam' included), and let a mistyped label pass."""
+  rng = np.random.default_rng(0)
+  params = {'w': jnp.asarray(rng.standard_normal((8, 16)), jnp.float32),
+            'v': jnp.asarray(rng.standard_normal((8, 16)), jnp.float32),
+            'b': jnp.zeros(16)}
+  grads = jax.tree.map(lambda p: 10 * jnp.ones_like(p) + p, params)
+
+  def step(router):
+    tx = orthax.spectra(router=router)
+    return tx.update(grads, tx.init(params), params)[0]
+
+  label = {'w': 'adam', 'v': 'matrix', 'b': 'adam'}
+  got = step(lambda p: {k: label[k] for k in p})
+  want = step(orthax.Router(extra_rules=[orthax.Rule('^w$', 'adam')]))
+  for k in params:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
+  clipped = step(orthax.Router())
+  assert not np.allclose(got['w'], clipped['w'])  # the label mattered
+  frozen = step(lambda p: dict(label, w='frozen'))
+  assert not np.any(np.asarray(frozen['w']))
+  with pytest.raises(ValueError, match="^spectra: the router labels 'v' "
+                     "'matrx'; the labels are"):
+    step(lambda p: dict(label, v='matrx'))

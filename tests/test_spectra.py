@@ -389,30 +389,3 @@ def test_soft_clip_flop_model_matches_compiled_program(shape):
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
   want = soft_clip_flops(1)(*shape, jnp.float32)
   assert abs(ca['flops'] / want - 1) <= 0.05, (ca['flops'], want)
-
-
-def test_a_labels_callable_router_is_honoured():
-  """SPECTRA took a labels callable and clipped every 2-D leaf whatever
-  its label ('adam' included), and let a mistyped label pass."""
-  rng = np.random.default_rng(0)
-  params = {'w': jnp.asarray(rng.standard_normal((8, 16)), jnp.float32),
-            'v': jnp.asarray(rng.standard_normal((8, 16)), jnp.float32),
-            'b': jnp.zeros(16)}
-  grads = jax.tree.map(lambda p: 10 * jnp.ones_like(p) + p, params)
-
-  def step(router):
-    tx = orthax.spectra(router=router)
-    return tx.update(grads, tx.init(params), params)[0]
-
-  label = {'w': 'adam', 'v': 'matrix', 'b': 'adam'}
-  got = step(lambda p: {k: label[k] for k in p})
-  want = step(orthax.Router(extra_rules=[orthax.Rule('^w$', 'adam')]))
-  for k in params:
-    np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
-  clipped = step(orthax.Router())
-  assert not np.allclose(got['w'], clipped['w'])  # the label mattered
-  frozen = step(lambda p: dict(label, w='frozen'))
-  assert not np.any(np.asarray(frozen['w']))
-  with pytest.raises(ValueError, match="^spectra: the router labels 'v' "
-                     "'matrx'; the labels are"):
-    step(lambda p: dict(label, v='matrx'))

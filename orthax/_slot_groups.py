@@ -1,0 +1,44 @@
+"""The groups a slot stage's state was laid out by (each group's dtype and
+leaf paths, :attr:`orthax.engine.SlotState.members`), and the check that an
+update is grouped the same way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+
+def members(plan: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """``((dtype name, leaf paths), ...)``, one entry per group of ``plan``."""
+  return tuple((jnp.dtype(g.dtype).name, tuple(g.paths))
+               for g in plan.groups)
+
+
+def check(stages, at_init, plan) -> None:
+  """Raises ``ValueError`` where a slot stage's groups at ``init``
+  (``at_init[j]``, empty for other stages) are not the update's
+  (``plan``'s)."""
+  now = members(plan)
+  for st, was in zip(stages, at_init):
+    # The same leaves in the same groups: the dtypes may differ (a bfloat16
+    # update of float32 parameters is fine).
+    if not was or [p for _, p in was] == [p for _, p in now]:
+      continue
+    dtype_was = {p: d for d, paths in was for p in paths}
+    dtype_now = {p: d for d, paths in now for p in paths}
+    if set(dtype_was) != set(dtype_now):
+      raise ValueError(
+          f'{st.name}: its slot state was made at init for the leaves '
+          f'{sorted(dtype_was)}; this update has {sorted(dtype_now)}: init '
+          'the state from parameters shaped like the updates.')
+    moved = [p for p in dtype_now if dtype_was[p] != dtype_now[p]]
+    why = (f'{moved[0]!r} is {dtype_now[moved[0]]} here, '
+           f'{dtype_was[moved[0]]} at init' if moved
+           else f'groups {[p for _, p in now]}, at init {[p for _, p in was]}')
+    raise ValueError(
+        f'{st.name}: its slot state was laid out at init by the leaves\' '
+        f'shapes and dtypes, and this update groups them otherwise ({why}); '
+        'each leaf would read another leaf\'s state. Give the update the '
+        "parameters' dtypes (cast the gradients), or init from leaves like "
+        'the updates.')
