@@ -52,7 +52,7 @@ LR = 0.01
 # State entries every recipe must expose by name (``optax.tree.get``).
 REQUIRED_STATE_NAMES: dict[str, tuple[str, ...]] = {
     'spectra': ('base', 'spectral_clip'),  # a wrapper: no momentum stage
-    'root': ('momentum', 'clip_outliers', 'orthogonalize'),
+    'root': ('momentum', 'orthogonalize'),
     'auon': ('momentum', 'cosh_normalize'),
     'hybrid_auon': ('momentum', 'orthogonalize', 'cosh_normalize'),
     'aro': ('momentum', 'aro_rotate'),  # the rotation runs instead of NS

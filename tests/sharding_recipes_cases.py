@@ -88,6 +88,10 @@ INJECT = {
     'namo': (lambda learning_rate, beta, mu2, distributed=None: orthax.namo(
         learning_rate, beta=beta, mu2=mu2, distributed=distributed),
              dict(learning_rate=0.02, beta=0.9, mu2=0.95)),
+    # ROOT's quantile reaches the clip that runs before Newton–Schulz.
+    'root': (lambda learning_rate, quantile, distributed=None: orthax.root(
+        learning_rate, quantile=quantile, distributed=distributed),
+             dict(learning_rate=0.02, quantile=0.8)),
 }
 
 

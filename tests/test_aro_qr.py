@@ -234,3 +234,38 @@ def test_auto_qr_follows_the_platform_it_is_lowered_for():
                          lowered('householder' if kind == 'cholesky_qr3'
                                  else 'cholesky_qr3', platform))
     assert choleskys(auto) == choleskys(same) != choleskys(other), platform
+
+
+@pytest.mark.parametrize('kw', [{}, {'reference': 'dion'},
+                                {'rotate': 'fan_in', 'qr': 'householder'}])
+@pytest.mark.parametrize('shape,rank', [((16, 16), 2), ((16, 32), 3)])
+def test_a_low_rank_gradient_gets_a_step_in_its_range(x64, kw, shape, rank):
+  """§13.1.4a beyond tall matrices: where the momentum's rank is below the
+  rotated side, the rows of ``QᵀM`` past it are zero in exact arithmetic
+  and rounding in practice, which the base map scaled up to whole rows: a
+  rank-2 gradient got a full-rank step, 93% of it outside the gradient's
+  range, that a 1e-14 change of the gradient moved by more than its size.
+  Those rows are now zeroed (the rank guard): the step lies in the range
+  and does not move."""
+  del x64
+  rng = np.random.default_rng(0)
+  g = rng.standard_normal((shape[0], rank)) @ rng.standard_normal(
+      (rank, shape[1]))
+  params = {'w': jnp.zeros(shape)}
+
+  def step(g):
+    tx = orthax.aro(1.0, weight_decay=0.0, scale='none', **kw)
+    u, _ = tx.update({'w': jnp.asarray(g)}, tx.init(params), params)
+    return np.asarray(u['w'])
+
+  u = step(g)
+  moved = step(g * (1 + 1e-14 * rng.standard_normal(g.shape)))
+  assert np.linalg.norm(u) > 1
+  # The step lies in G's range on the rotated side: its columns in G's
+  # column space (fan-in rotated) or its rows in G's row space (fan-out).
+  left, _, right = np.linalg.svd(g)
+  cols, rows = left[:, :rank], right[:rank].T
+  outside = min(np.linalg.norm(u - cols @ (cols.T @ u)),
+                np.linalg.norm(u - (u @ rows) @ rows.T))
+  assert outside <= 1e-8 * np.linalg.norm(u)
+  assert np.linalg.norm(moved - u) <= 1e-8 * np.linalg.norm(u)

@@ -220,9 +220,36 @@ def test_ell_norm_scores_and_huge_values():
     want = (np.abs(s) ** p).sum(1) ** (1 / p)
     np.testing.assert_allclose(dct.column_scores(jnp.asarray(s), p), want,
                                rtol=1e-5)
-  big = dct.column_scores(jnp.asarray(s * 1e30, jnp.float32), 2.0)
-  np.testing.assert_allclose(big, np.linalg.norm(s, axis=1) * 1e30,
-                             rtol=1e-5)
+  # Huge values: the exact scores times one power of two per matrix (1
+  # below 2³²), so none overflows and the order is kept.
+  for p, scale in ((2.0, 1e30), (1.0, 1e30), (1.0, 1e37)):
+    big = np.asarray(dct.column_scores(jnp.asarray(s * scale, jnp.float32),
+                                       p), np.float64)
+    want = (np.abs(s) ** p).sum(1) ** (1 / p) * scale
+    ratio = big / want
+    assert np.all(np.isfinite(big))
+    np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-5)
+    assert np.log2(ratio.flat[0]) == pytest.approx(
+        round(np.log2(ratio.flat[0])), abs=1e-4)
+    np.testing.assert_array_equal(dct.select(jnp.asarray(big), 4),
+                                  dct.select(jnp.asarray(want), 4))
+
+
+def test_a_huge_gradient_selects_the_columns_of_the_unscaled_one():
+  """DCT-AdamW and Trion select the same columns, and so make the same
+  step, for a gradient times 2¹²⁴ (entries near 1e38, finite) as for the
+  gradient itself: their L1 column scores overflowed to inf, tied, and the
+  first columns were taken (an update orthogonal to the right one)."""
+  g = np.random.default_rng(2).standard_normal((32, 16)).astype(np.float32)
+  params = {'w': {'kernel': jnp.zeros((32, 16))}}
+  for tx in (orthax.dct_adamw(), orthax.trion()):
+    def step(scale, tx=tx):
+      u, _ = jax.jit(tx.update)({'w': {'kernel': jnp.asarray(g * scale)}},
+                                tx.init(params), params)
+      return np.asarray(u['w']['kernel'], np.float64)
+    want, big = step(1.0), step(2.0 ** 124)
+    np.testing.assert_allclose(big, want, rtol=1e-5, atol=1e-6 * np.abs(
+        want).max())
 
 
 def _slot_elements(state):

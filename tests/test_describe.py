@@ -79,14 +79,15 @@ def test_describe_decays_are_the_ones_applied(name):
 
 
 ADAPTIVE_RATES = {'namo': 'min(α·c·k, 1)', 'namo_d': 'per input feature',
-                  'lanton': 'η_ℓ'}
+                  'lanton': 'η_ℓ', 'dct_adamw': 'c = 1/min(fan_in, fan_out)'}
 
 
 @pytest.mark.parametrize('name', orthax.recipe_names())
 def test_describe_notes_where_the_step_scales_its_rates(name, capsys):
   """NAMO, NAMO-D and LANTON scale their matrix rate (and decay) each step
-  by a noise-adaptive factor: the table's lr and wd are base values there,
-  and a note under the table says how they are used; nowhere else."""
+  by a noise-adaptive factor, DCT-AdamW by the matrix's smaller side: the
+  table's lr and wd are base values there, and a note under the table says
+  how they are used; nowhere else (DCT-AdamW's scale='none': no note)."""
   params = {'w': jnp.ones((8, 8)), 'b': jnp.ones(8)}
   notes = [line for line in orthax.describe(
       params, optimizer=orthax.recipe(name)).splitlines()
@@ -97,6 +98,10 @@ def test_describe_notes_where_the_step_scales_its_rates(name, capsys):
     assert ADAPTIVE_RATES[name] in notes[0], notes
   else:
     assert notes == []
+  if name == 'dct_adamw':
+    assert not [line for line in orthax.describe(
+        params, optimizer=orthax.dct_adamw(scale='none')).splitlines()
+                if line.startswith('note: ')]
 
 
 def test_describe_refuses_what_it_cannot_read():

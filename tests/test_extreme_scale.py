@@ -148,6 +148,34 @@ def test_gradients_near_the_float32_limit_never_leave_a_nan(case):
     assert int(orthax.nonfinite_status(state).total) == 0, cause
 
 
+@pytest.mark.parametrize('name', orthax.recipe_names())
+def test_a_finite_gradient_near_the_limit_steps_as_the_unscaled_one(name):
+  """A kernel gradient times 2¹²⁴ (entries near 1e38, finite) either gives
+  the unscaled gradient's update (the recipes are scale-invariant; FISMO's
+  absolute damping is not: its update is only non-zero) or is skipped with
+  its cause named. Muon's Frobenius normalizer gave an update of zeros
+  there, counted as applied, and so did every recipe built on it."""
+  g = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+  params = {'w': {'kernel': jnp.zeros((32, 16))}}
+  tx = orthax.recipe(name)
+
+  def step(scale):
+    state = tx.init(params)
+    u, state = jax.jit(tx.update)({'w': {'kernel': jnp.asarray(g * scale)}},
+                                  state, params)
+    return np.asarray(u['w']['kernel'], np.float64), state
+
+  want, _ = step(1.0)
+  got, state = step(2.0 ** 124)
+  if int(orthax.nonfinite_status(state).total):
+    assert orthax.skip_cause(state)[1]
+    return
+  assert np.linalg.norm(got) > 0.5 * np.linalg.norm(want)
+  if name != 'fismo':
+    np.testing.assert_allclose(got, want, rtol=1e-4,
+                               atol=1e-5 * np.abs(want).max())
+
+
 def test_downscale_is_exact_below_the_threshold_and_a_power_of_two_above():
   x = jax.random.normal(jax.random.key(2), (3, 8, 16))
   np.testing.assert_array_equal(downscale_huge(x), x)
@@ -206,12 +234,10 @@ def test_norms_near_the_float32_limit_give_the_unscaled_polar_factor(
     return np.asarray(jnp.concatenate(list(out), axis=-1), np.float64)
 
   ref = run(1.0)
-  # The Frobenius normalizer divides by the norm itself (one element-wise
-  # division, as the plan counts): it holds up to ‖X‖_F ≈ 2¹²⁶ (8.5e37),
-  # here entries of 2¹²⁰ (docs/failures.md). AOL and Schatten-4 scale
-  # first and hold to the dtype's max.
-  scales = (100, 120) if normalizer == 'frobenius' else (122, 123, 124)
-  for e in scales:
+  # Every normalizer holds to the dtype's largest entries (the Frobenius
+  # one divided by the true norm until 2026-12-06, and gave zeros past
+  # ‖X‖_F ≈ 2¹²⁶, 8.5e37).
+  for e in (120, 122, 124, 125):
     big = run(2.0 ** e)
     assert np.all(np.isfinite(big))
     err = np.linalg.norm(big - ref) / np.linalg.norm(ref)

@@ -75,6 +75,66 @@ def test_clip_outliers_equals_clip_at_quantile():
       0.1, abs=0.01)
 
 
+def _tall_wide_stacked(seed):
+  rng = np.random.default_rng(seed)
+  return {'tall': jnp.asarray(rng.standard_normal((48, 16)), jnp.float32),
+          'wide': jnp.asarray(rng.standard_normal((16, 40)) ** 3, jnp.float32),
+          's': jnp.asarray(rng.standard_normal((3, 24, 16)), jnp.float32)}
+
+
+def test_orthogonalize_before_equals_the_clip_chained_before():
+  """``orthogonalize(before=[ClipOutliers])`` runs the clip on the wide
+  stack (a tall leaf transposed) just before Newton–Schulz: the same update,
+  bit for bit, as the clip transform chained in front."""
+  u = _tall_wide_stacked(3)
+  specs = orthax.MatrixSpec()
+  chained = optax.chain(orthax.clip_outliers(0.8, matrix_specs=specs),
+                        orthax.orthogonalize(matrix_specs=specs))
+  fused = orthax.orthogonalize(
+      matrix_specs=specs, before=[orthax.matrix_stages.ClipOutliers(0.8)])
+  want, _ = jax.jit(chained.update)(u, chained.init(u))
+  got, _ = jax.jit(fused.update)(u, fused.init(u))
+  for k in u:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  plain = orthax.orthogonalize(matrix_specs=specs)
+  unclipped, _ = plain.update(u, plain.init(u))
+  assert not np.allclose(unclipped['wide'], got['wide'], atol=1e-3)
+
+
+@pytest.mark.parametrize('stage', [
+    orthax.matrix_stages.ScaleByShape(),      # needs the orientation
+    orthax.matrix_stages.NeuronNormalize(),   # keeps a state
+    'clip'])
+def test_orthogonalize_before_refuses_what_cannot_run_there(stage):
+  with pytest.raises(ValueError, match='before='):
+    orthax.orthogonalize(before=[stage])
+
+
+def test_root_takes_an_injected_quantile():
+  """Under ``optax.inject_hyperparams`` ROOT's quantile is a traced value
+  that reaches the clip (an argument of the Newton–Schulz pass): two steps
+  equal the recipe built with that number, and another value differs."""
+  params = _tall_wide_stacked(4)
+  grads = [_tall_wide_stacked(5), _tall_wide_stacked(6)]
+
+  def run(tx):
+    state, out = tx.init(params), []
+    for g in grads:
+      u, state = jax.jit(tx.update)(g, state, params)
+      out.append(u)
+    return out
+
+  router = orthax.Router(extra_rules=[orthax.Rule('^s$', 'matrix')])
+  inj = optax.inject_hyperparams(orthax.root)(learning_rate=0.02,
+                                               quantile=0.5, router=router)
+  want = run(orthax.root(0.02, quantile=0.5, router=router))
+  other = run(orthax.root(0.02, quantile=0.95, router=router))
+  for got_u, want_u, other_u in zip(run(inj), want, other):
+    for k in params:
+      np.testing.assert_allclose(got_u[k], want_u[k], rtol=1e-6, atol=1e-7)
+    assert not np.allclose(got_u['wide'], other_u['wide'], atol=1e-5)
+
+
 # Per-shape coefficients --------------------------------------------------------
 
 

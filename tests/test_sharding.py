@@ -377,15 +377,27 @@ def test_every_recipe_accepts_distributed(recipe_cases, key):
     assert r['all_to_all'] == 0
   else:
     assert r['all_to_all'] >= 4 and r['all_to_all'] % 2 == 0
+  if key.startswith(('root/', 'spectra/', 'hybrid_auon')):
+    # What moves is the plan's, plus check_finite's flags: ROOT's quantile
+    # is taken in the body, where each matrix is whole (it was an all-gather
+    # of every sharded matrix, GSPMD's, outside the plan).
+    assert r['a2a_bytes'] == r['plan_bytes']
+    assert r['other_bytes'] == r['flag_bytes']
+  elif key.startswith('lanton'):
+    # LANTON's per-matrix noise norms, one float per matrix, are all-reduced
+    # outside the plan.
+    assert r['other_bytes'] - r['flag_bytes'] <= 1e-3 * r['a2a_bytes']
 
 
 @pytest.mark.parametrize('key', ['normuon_inject/explicit_fsdp8/f32',
-                                 'namo_inject/explicit_fsdp8/f32'])
+                                 'namo_inject/explicit_fsdp8/f32',
+                                 'root_inject/explicit_fsdp8/f32'])
 def test_traced_hyperparameters_reach_the_body(recipe_cases, key):
   """Under optax.inject_hyperparams the stages' hyperparameters (NorMuon's
-  β2; NAMO's learning rate, β and μ2, and the step count) are traced
-  values; they enter the shard_map body as replicated arguments (closing
-  over them fails on an Explicit mesh). Two steps equal one device."""
+  β2; NAMO's learning rate, β and μ2, and the step count; ROOT's quantile,
+  for the clip before Newton–Schulz) are traced values; they enter the
+  shard_map body as replicated arguments (closing over them fails on an
+  Explicit mesh). Two steps equal one device."""
   r = recipe_cases[key]
   assert 'error' not in r, r.get('trace', r['error'])
   assert r['sharding_kept']

@@ -6,7 +6,9 @@ a vector of per-neuron statistics) to a new stack and state. NorMuon's neuron
 normalization, the shape scale, the fixed-RMS rescale, AuON's cosh brake and
 NAMO's noise-adaptive step are stages.
 :func:`orthax.orthogonalize` runs them in the same pass as Newton–Schulz
-(``then=``); on a mesh they therefore run inside the same ``shard_map`` body,
+(``then=``; a stage whose result does not depend on the matrix's
+orientation, such as ROOT's :class:`ClipOutliers`, may also run just before
+it, ``before=``); on a mesh they therefore run inside the same ``shard_map`` body,
 on the device that holds the whole matrix, so that their row statistics and
 Frobenius norms are those of the whole matrix (:mod:`orthax.sharding`).
 
@@ -41,6 +43,8 @@ from orthax.matrix_stages._base import stage_norms
 from orthax.matrix_stages._base import root_norm
 from orthax.matrix_stages._base import sum_squares
 from orthax.matrix_stages._base import wide
+from orthax.matrix_stages._clip import ClipOutliers
+from orthax.matrix_stages._clip import abs_quantile
 from orthax.matrix_stages._cosh import BRAKE_INPUTS
 from orthax.matrix_stages._cosh import CoshNormalize
 from orthax.matrix_stages._dct import DCTAdam
@@ -64,7 +68,8 @@ from orthax.matrix_stages._scale import shape_factor
 
 __all__ = [
     'AroRotate', 'BRAKE_INPUTS', 'EPS_PLACEMENTS', 'NEURON_AXES', 'NOISE_MODES',
-    'SCALE_MODES', 'SOURCES', 'Blocks', 'CoshNormalize', 'MatrixStage',
+    'SCALE_MODES', 'SOURCES', 'Blocks', 'ClipOutliers', 'CoshNormalize',
+    'MatrixStage', 'abs_quantile',
     'FismoStep',
     'DCTAdam', 'TRION_SCALINGS', 'TrionStep',
     'NeuronNormalize', 'NoiseAdaptStep', 'Norm', 'ScaleByShape', 'ScaleToRms',

@@ -222,6 +222,13 @@ class MatrixStage:
     _validate.flag(f'{self.name}.shapes()', 'StageShapes.slots', slots)
     return self.stateful and slots
 
+  #: Whether :meth:`apply` commutes with transposing every matrix of the
+  #: stack (an element-wise map by whole-matrix values, such as a clip at a
+  #: quantile of all entries): such a stateless stage may run on the wide
+  #: stack before Newton–Schulz (:func:`orthax.orthogonalize` ``before=``),
+  #: where a matrix's fan-in may be its second axis.
+  transpose_invariant = False
+
   @property
   def whole_matrices(self) -> bool:
     """It needs each matrix whole on one device, not in column blocks (a

@@ -213,8 +213,8 @@ class AroRotate(MatrixStage):
     else:
       q = self._q(a, fm, self.qr)
     x = jnp.matrix_transpose(q) @ a
-    if self.stable and s > t:
-      x = x.at[..., t:, :].set(0)  # zero in exact arithmetic
+    if self.stable:
+      x = _beyond_rank_zeroed(x, a)
     u = q @ f(x)
     return (jnp.matrix_transpose(u) if flip else u).astype(o.dtype), q
 
@@ -226,6 +226,24 @@ class AroRotate(MatrixStage):
     # Cholesky QR3 of a rank-deficient C (s > t) would always fall back.
     kind = 'householder' if qr == 'cholesky_qr3' and s > t else qr
     return Q_OF[kind](a @ jnp.matrix_transpose(fm))
+
+
+def _beyond_rank_zeroed(x: jax.Array, a: jax.Array) -> jax.Array:
+  """``x = QᵀA`` with the rows that are zero in exact arithmetic set to
+  zero: those past ``A``'s rank, whose ``Q`` columns are orthogonal to the
+  range of ``A`` (ALGORITHMS.md §13.1.4a). Rounding leaves them at about
+  ``ε‖A‖``, and the base map would scale each up to a whole row of the
+  step, in a direction set by the rounding. Taken as beyond the rank: a
+  row at most ``16·√s·ε·‖A‖_F`` (``s`` rows, ``ε`` the dtype's epsilon),
+  and every row past ``t`` when ``s > t``."""
+  s, t = x.shape[-2], x.shape[-1]
+  eps = jnp.finfo(x.dtype).eps
+  rows = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  size = jnp.sqrt(jnp.sum(a * a, axis=(-2, -1), keepdims=True))
+  kept = rows > 16 * math.sqrt(s) * eps * size
+  if s > t:
+    kept = kept & (jnp.arange(s)[:, None] < t)
+  return jnp.where(kept, x, 0)
 
 
 def aro_state_bytes(fan_in: int, fan_out: int, rotate: str = 'smaller',

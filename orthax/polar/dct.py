@@ -36,6 +36,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from orthax.polar.scale_safe import huge_scale
+
 
 _MAX_DCT_SIZE = 32767  # 2k² < 2³¹
 
@@ -91,9 +93,14 @@ def resolve_rank(rank: int | float, smaller: int) -> int:
 
 
 def column_scores(s: jax.Array, ell_norm: float = 1.0) -> jax.Array:
-  """``‖S_{:,j}‖_p`` per column of ``s[k, L, s]`` (``p = ell_norm > 0``;
-  ``p = 1``: the sum of absolute values), ``[k, s]``."""
-  a = jnp.abs(s)
+  """``‖S_{:,j}‖_p·2⁻ᵉ`` per column of ``s[k, L, s]`` (``p = ell_norm > 0``;
+  ``p = 1``: the sum of absolute values), ``[k, s]``; ``2⁻ᵉ`` is one exact
+  power of two per matrix, 1 unless ``max|S| > 2³²``
+  (:func:`~orthax.polar.scale_safe.huge_scale`), so that no score of a huge
+  gradient overflows: they would tie at ``inf`` and select the first
+  columns. The order of the scores, all that :func:`select` reads, is
+  that of the exact ones."""
+  a = jnp.abs(s) * huge_scale(s).astype(s.dtype)
   if ell_norm == 1:
     return jnp.sum(a, axis=-2)
   p = float(ell_norm)

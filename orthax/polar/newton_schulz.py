@@ -112,24 +112,24 @@ def normalize_frobenius(x: jax.Array, scale: float = 1.0,
                         eps: float = 1e-7, *,
                         col_reduce: ColReduce = None) -> jax.Array:
   """``X / (scale·‖X‖_F + eps)`` per matrix (norm taken in float32 or wider;
-  ``col_reduce`` completes the sum of squares of a column block). A whole
-  matrix (no ``col_reduce``) sums the squares of ``X·2⁻ᵉ``
-  (:func:`huge_scale`), column blocks sum them in two parts
-  (:func:`block_norm`), so a huge matrix cannot overflow the sum."""
+  ``col_reduce`` completes the sum of squares of a column block), computed
+  as ``X·2⁻ᵉ / (scale·‖X·2⁻ᵉ‖_F + eps·2⁻ᵉ)`` with ``2⁻ᵉ`` exactly 1 unless
+  ``max|X| > 2³²`` (:func:`huge_scale`; column blocks: :func:`block_norm`,
+  which sums the squares in two parts). Neither the sum of squares nor the
+  quotient can overflow or underflow, up to the dtype's largest finite
+  entries; below ``2³²`` it is the plain quotient, bit for bit."""
   acc = jnp.promote_types(x.dtype, jnp.float32)
   xa = x.astype(acc)
-  # One element-wise division (as the plan's FLOPs and temporaries assume:
-  # a scaled quotient cost a pass and +22% memory). Its reciprocal of the
-  # norm is subnormal past ~2¹²⁶ (8.5e37, float32) and flushed: zeros there
-  # (docs/failures.md; the recipes downscale before, so never see it).
   if col_reduce is not None:
-    f, norm = block_norm(xa, col_reduce)
-    norm = norm / f
+    f, norm = block_norm(xa, col_reduce)  # norm = ‖X·f‖_F
   else:
     f = huge_scale(xa).astype(acc)
     norm = jnp.sqrt(jnp.sum(jnp.square(xa * f), axis=(-2, -1),
-                            keepdims=True)) / f
-  return (xa / (scale * norm + eps)).astype(x.dtype)
+                            keepdims=True))
+  # One fused element-wise pass, as the plan's FLOPs and temporaries
+  # assume. Dividing X by the true norm instead made a subnormal quotient
+  # past ‖X‖ ≈ 2¹²⁶ (8.5e37, float32), flushed: an update of zeros.
+  return ((xa * f) / (scale * norm + eps * f)).astype(x.dtype)
 
 
 class Prepared(NamedTuple):

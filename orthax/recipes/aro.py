@@ -104,12 +104,14 @@ def aro(
   reference's ``Q`` are set by roundoff and the clamp in ``f`` blows their
   rows up to full size: its update there depends on the gradient's last
   bits (``tests/test_aro.py::test_tall_matrix_defect_of_dion_and_its_fix``). Every mode computes what the reference's
-  arithmetic gives exactly, stably (``stable``: there, those rows zero; and
-  everywhere the QR of ``C = M Fᵀ`` without forming the product, whose
-  float32 error reaches 1e-3 on square matrices); ``stable=False`` keeps the
-  reference's floating-point arithmetic, roundoff and all. The default
-  ``'orthax'`` mode rotates the **smaller** side, where the question does
-  not arise; it also costs fewer FLOPs (``O(s²t)`` with ``s ≤ t``) and
+  arithmetic gives exactly, stably (``stable``: there, those rows zero, as
+  are the rows of ``QᵀM`` past ``M``'s rank on any shape, a momentum of
+  lower rank than the rotated side; and everywhere the QR of ``C = M Fᵀ``
+  without forming the product, whose float32 error reaches 1e-3 on square
+  matrices); ``stable=False`` keeps the reference's floating-point
+  arithmetic, roundoff and all. The default ``'orthax'`` mode rotates the
+  **smaller** side, where a full-rank momentum leaves no such rows; it
+  also costs fewer FLOPs (``O(s²t)`` with ``s ≤ t``) and
   keeps a smaller ``R``; it sizes the step as Muon does (``'muon'``); it
   rotates and normalizes Nesterov's look-ahead, as Muon orthogonalizes it
   (two seeds, at d_model 128 / 256: 1.4395 / 1.3934 against 1.4634 /

@@ -219,6 +219,10 @@ def dct_adamw(
       learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
       rms_matched=scale == 'none', matrix_weight_decay=weight_decay,
       recipe='dct_adamw',
+      notes=() if scale == 'none' else (
+          "dct_adamw's matrix lr and wd are per unit of the matrix side: the "
+          'step and the decay use c·lr, c = 1/min(fan_in, fan_out) '
+          "(scale='inverse_side'; a 16 × 64 kernel steps at lr/16).",),
       b1=pick(adam_b1, b1), b2=pick(adam_b2, b2), eps=pick(adam_eps, eps),
       weight_decay=pick(adam_weight_decay, weight_decay),
       eps_placement='corrected')

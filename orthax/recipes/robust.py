@@ -254,8 +254,9 @@ def root(
      O &= \mathrm{NS}^{(m,n)}_5\big(B/(\|B\|_F + 10^{-7})\big) \\
      W &\leftarrow W(1 - ηλ) - η\,s\;O
 
-  (:func:`orthax.clip_outliers`, then :func:`orthax.orthogonalize` with
-  ``coeffs_for_shape='root'``: ROOT's AdaNewton row for its four published
+  (:func:`orthax.orthogonalize` with the clip,
+  :class:`~orthax.matrix_stages.ClipOutliers`, as its ``before=`` stage
+  and ``coeffs_for_shape='root'``: ROOT's AdaNewton row for its four published
   shapes, Keller's row otherwise), with the shape scale ``s`` of ``scale``
   (:func:`orthax.scale_by_shape`). Other parameters: AdamW (betas (0.9,
   0.95), ε = 1e-8 added before bias correction, the matrices' λ). The toy
@@ -275,9 +276,10 @@ def root(
   ``adam_learning_rate`` is given, and so does any scale under ``'repo'``,
   whose rates are 1:1).
 
-  ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
-  stage on whole matrices per device (the outlier quantile is computed on
-  the parameter-sharded momentum, exact, under GSPMD).
+  ``distributed=orthax.sharding.Distributed(...)`` runs the clip and
+  Newton–Schulz on whole matrices per device, in one body: the quantile of
+  each matrix is taken where it is whole, after the all-to-all in, and
+  nothing is gathered.
 
   References: He et al., *ROOT: Robust Orthogonalized Optimizer*, arXiv
   2511.20626; github.com/huawei-noah/noah-research (ROOT/).
@@ -293,11 +295,10 @@ def root(
   matrix = T.named_chain(
       ('momentum', T.momentum(beta, form='sum', nesterov=nesterov,
                               accumulator_dtype=mu_dtype)),
-      ('clip_outliers', T.clip_outliers(quantile, eps=quantile_eps,
-                                        matrix_specs=specs)),
       ('orthogonalize', T.orthogonalize(
           'jordan', steps=ns_steps, ns_dtype=ns_dtype, matrix_specs=specs,
           coeffs_for_shape=coeffs_for_shape, distributed=distributed,
+          before=[MS.ClipOutliers(quantile, quantile_eps)],
           then=[MS.ScaleByShape(scale)])),
       *_common.step_stages(learning_rate, weight_decay),
   )

@@ -24,7 +24,10 @@ none is intact, :class:`DamagedCheckpointError` names every step and what
 is wrong with it. A step whose saved leaves (read from its metadata, before
 any array) do not fit the state being restored — another model or
 optimizer — is not damage: :class:`CheckpointMismatchError` names the
-leaves, and no file is moved.
+leaves, and no file is moved. A step with the same arrays in an older
+layout of the optimizer state is read in that layout
+(:mod:`~orthax.train.checkpoint_formats`), or, where only childless nodes
+differ (a stage that kept nothing, since dropped), by path.
 """
 
 from __future__ import annotations
@@ -77,6 +80,25 @@ def mismatches(saved: dict[str, tuple], wanted: dict[str, tuple],
                   lambda ks: f'saved only: {", ".join(map(repr, ks))}')
           + first(wanted.keys() - saved.keys(),
                   lambda ks: f'here only: {", ".join(map(repr, ks))}'))
+
+
+def _is_empty(x: Any) -> bool:
+  """A node without children: as orbax's metadata shows a saved ``None`` or
+  empty state, or as a target holds it (``None``, ``optax.EmptyState()``,
+  ``optax.MaskedNode()``, an empty container)."""
+  if getattr(x, 'skip_deserialize', False) and not hasattr(x, 'shape'):
+    return True
+  if hasattr(x, 'shape'):
+    return False
+  t = jax.tree.structure(x)
+  return t.num_leaves == 0 and t.num_nodes == 1
+
+
+def _empty_paths(tree: Any) -> set[str]:
+  """The paths of ``tree``'s childless nodes (:func:`_is_empty`)."""
+  return {_tree.path_str(p) for p, x in
+          jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_empty)[0]
+          if _is_empty(x)}
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
@@ -231,7 +253,32 @@ class Checkpointer:
       raise CheckpointMismatchError(
           f'checkpoint step {step} does not fit: '
           + '; '.join(mismatches(saved, _shapes(target))))
+    if saved is not None and self._empty_nodes_differ(step, target):
+      return self._restore_by_path(step, target)
     return self._restore(step, target)
+
+  def _empty_nodes_differ(self, step: int, target: Any) -> bool:
+    """Whether the saved tree holds the same arrays as ``target`` (checked
+    before) in another arrangement of empty nodes: an older orthax's
+    optimizer state with a stage that keeps nothing, since dropped
+    (2026-12-06: ROOT's ``clip_outliers``, now inside ``orthogonalize``),
+    which orbax refuses as another tree structure."""
+    return (_empty_paths(self._mgr.item_metadata(step))
+            != _empty_paths(target))
+
+  def _restore_by_path(self, step: int, target: Any) -> Any:
+    """The saved arrays, read in the saved structure (its empty nodes
+    included) and placed into ``target``'s by path."""
+    by_path = {_tree.path_str(p): x for p, x in
+               jax.tree_util.tree_flatten_with_path(target)[0]}
+    saved = jax.tree_util.tree_map_with_path(
+        lambda p, m: None if _is_empty(m) else by_path[_tree.path_str(p)],
+        self._mgr.item_metadata(step), is_leaf=_is_empty)
+    read = {_tree.path_str(p): x for p, x in
+            jax.tree_util.tree_flatten_with_path(self._restore(step, saved))[0]}
+    paths, treedef = jax.tree_util.tree_flatten_with_path(target)
+    return jax.tree.unflatten(treedef,
+                              [read[_tree.path_str(p)] for p, _ in paths])
 
   def _restore(self, step: int, target: Any) -> Any:
     return self._mgr.restore(step,

@@ -8,71 +8,15 @@ He et al., *ROOT: Robust Orthogonalized Optimizer* (Huawei Noah, arXiv
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from orthax import _tree
 from orthax import _validate
-from orthax import engine
+from orthax import matrix_stages
+from orthax.matrix_stages import abs_quantile  # re-export
+from orthax.transforms import matrix_stage
 
-
-def _bits(x):
-  """Order-preserving integer image of non-negative floats (float32 or
-  float64; narrower floats are widened to float32, exactly)."""
-  if jnp.finfo(x.dtype).bits < 32:
-    x = x.astype(jnp.float32)
-  it = jnp.int64 if x.dtype == jnp.float64 else jnp.int32
-  return x, jax.lax.bitcast_convert_type(x, it)
-
-
-def abs_quantile(x: jax.Array, q: float | jax.Array) -> jax.Array:
-  r"""``jnp.quantile(|x|, q, axis=-1)`` (``method='linear'``), exactly,
-  without sorting.
-
-  The two order statistics ``v_{(⌊p⌋)}``, ``v_{(⌈p⌉)}`` (``p = q(n-1)``)
-  that the linear interpolation needs are found by a bitwise binary search
-  (radix select) over the float bit patterns of ``|x|`` — which are ordered
-  like the values — counting ``#{v ≤ t}`` in each of 31 (float64: 63)
-  passes, plus one pass for the next larger value: ``O(n)`` work per row
-  and no sort (on CPU ``jax.lax.top_k`` with ``k ≈ n/10`` costs as much as
-  a full sort, 14× more than this search). The interpolation repeats
-  ``jnp.quantile``'s arithmetic (``low·(1-w) + high·w`` in ``q``'s dtype,
-  cast to ``x``'s), equal up to how XLA fuses that last expression (≤ 2
-  ulp; exact where ``q(n-1)`` is an integer). ``q`` may be traced. Returns ``x.shape[:-1]``.
-  """
-  out_dtype = x.dtype
-  a, b = _bits(jnp.abs(x))
-  n = x.shape[-1]
-  qd = jnp.asarray(q)  # jnp.quantile interpolates in q's dtype (float32 for
-  if not jnp.issubdtype(qd.dtype, jnp.floating):  # a Python float, float64
-    qd = qd.astype(jnp.result_type(float))        # with x64), then casts back
-  pos = qd * (jnp.asarray(n, qd.dtype) - 1)
-  low = jnp.floor(pos)
-  w_hi = pos - low
-  w_lo = 1 - w_hi
-  target = jnp.clip(low, 0, n - 1).astype(b.dtype)  # 0-based rank
-  top = jnp.asarray(jnp.finfo(a.dtype).max, a.dtype)
-  hi0 = jax.lax.bitcast_convert_type(top, b.dtype)
-  lo = jnp.zeros(x.shape[:-1], b.dtype)
-  hi = jnp.full(x.shape[:-1], hi0, b.dtype)
-  cnt_dtype = jnp.int32 if n < 2**31 else jnp.int64
-
-  def body(_, carry):  # invariant: the target-th smallest lies in [lo, hi]
-    lo, hi = carry
-    mid = lo + (hi - lo) // 2
-    cnt = jnp.sum((b <= mid[..., None]).astype(cnt_dtype), axis=-1)
-    ok = cnt > target
-    return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
-
-  passes = jnp.iinfo(b.dtype).bits - 1
-  lo, _ = jax.lax.fori_loop(0, passes, body, (lo, hi))
-  v_lo = jax.lax.bitcast_convert_type(lo, a.dtype)
-  # The next order statistic: v_lo again if it repeats, else the next value.
-  n_le = jnp.sum((b <= lo[..., None]).astype(cnt_dtype), axis=-1)
-  nxt = jnp.min(jnp.where(b > lo[..., None], a, top), axis=-1)
-  v_hi = jnp.where((n_le > target + 1) | (target + 1 > n - 1), v_lo, nxt)
-  v_lo, v_hi = v_lo.astype(qd.dtype), v_hi.astype(qd.dtype)
-  return (v_lo * w_lo + v_hi * w_hi).astype(out_dtype)
+__all__ = ['abs_quantile', 'clip_outliers']
 
 
 def clip_outliers(
@@ -91,29 +35,30 @@ def clip_outliers(
   step; the quantile is over all entries of each matrix, ``jnp.quantile``
   ``'linear'`` semantics as ``torch.quantile``, computed exactly without a
   sort by :func:`abs_quantile`). Place it before
-  :func:`orthax.orthogonalize`. A zero matrix stays zero.
+  :func:`orthax.orthogonalize`, or pass its stage
+  (:class:`orthax.matrix_stages.ClipOutliers`) as that transform's
+  ``before=``, which :func:`orthax.root` does: on a mesh the clip then runs
+  where each matrix is whole, in the same pass, with nothing gathered. A
+  zero matrix stays zero.
 
   Args:
     quantile: ``q`` (ROOT: 0.9, the top 10% of magnitudes are clipped).
     eps: added to the quantile (ROOT: 1e-9).
     matrix_specs: as in :func:`orthax.orthogonalize` (one quantile per
       matrix of each leaf's ``[batch, fan_in, fan_out]`` view).
+
+  Example:
+
+  >>> import jax.numpy as jnp, orthax
+  >>> u = {'w': jnp.array([[1.0, -2.0, 3.0], [-4.0, 5.0, -100.0]])}
+  >>> tx = orthax.clip_outliers(0.8)
+  >>> out, _ = tx.update(u, tx.init(u))
+  >>> [round(float(v), 3) for v in out['w'][1]]  # |-100| clipped to q₀.₈
+  [-4.0, 5.0, -5.0]
   """
   # eps is added to a clip bound, not a divisor: 0 is allowed.
   _validate.arguments('clip_outliers', clip_outliers, locals(),
                       eps=_validate.nonnegative)
-
-  def update_fn(updates, state, params=None):
-    del params
-    specs = _tree.resolve_specs(matrix_specs, updates, 'clip_outliers')
-    leaves, treedef = jax.tree.flatten(updates)
-
-    def clip(m):  # [k, fan_in, fan_out] (either orientation: per matrix)
-      flat = m.reshape(m.shape[0], -1)
-      e = (abs_quantile(flat, quantile) + eps).astype(m.dtype)[:, None, None]
-      return jnp.clip(m, -e, e)
-
-    res = engine.map_matrices(clip, leaves, specs, group=False)
-    return jax.tree.unflatten(treedef, res.leaves), state
-
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  return matrix_stage.stage_transform(
+      matrix_stages.ClipOutliers(quantile, eps), matrix_specs,
+      'clip_outliers')

@@ -58,6 +58,42 @@ def _check_stages(then) -> tuple[matrix_stages.MatrixStage, ...]:
   return stages
 
 
+def _check_before(before) -> tuple[matrix_stages.MatrixStage, ...]:
+  """The ``before=`` stages, checked: stateless, transpose-invariant
+  stages without outputs or norms (they run on the wide stack)."""
+  stages = tuple(before or ())
+  for st in stages:
+    if not isinstance(st, matrix_stages.MatrixStage):
+      raise ValueError(
+          'orthogonalize before=: expected orthax.matrix_stages.MatrixStage '
+          f'objects (e.g. ClipOutliers()), got {st!r}.')
+    if (st.stateful or st.has_output or st.shapes(2, 3).norms
+        or not st.transpose_invariant):
+      raise ValueError(
+          f'orthogonalize before=: stage {st.name!r} cannot run before '
+          'Newton–Schulz: a stage there is stateless, has no output or '
+          'norms, and its result does not depend on the matrix\'s '
+          'orientation (transpose_invariant; e.g. ClipOutliers). Pass it '
+          'in then= or as a transform of its own.')
+  return stages
+
+
+def _with_before(ns, stages):
+  """``ns`` preceded by the ``before=`` stages, which enter as arguments
+  (``(stack, *their arrays)``: on a mesh, replicated into the body, so a
+  traced hyperparameter is never closed over). It takes no ``col_reduce``:
+  a plan keeps these matrices whole (no column blocks)."""
+  leaves, treedef = jax.tree.flatten(stages)
+
+  def run(x, *args):
+    blocks = matrix_stages.Blocks(x.shape[-2], x.shape[-1])
+    for st in treedef.unflatten(args):
+      x = st.apply(x, None, blocks)[0]
+    return ns(x)
+
+  return run, leaves
+
+
 def _check_iteration(preset, coeffs, normalizer, method,
                      restart_every) -> int:
   """Fails at construction on an unknown preset, normalizer or method, a
@@ -126,6 +162,7 @@ def orthogonalize(
     coeffs_for_shape: str | Mapping[tuple[int, int], Any] | None = None,
     distributed: sharding.Distributed | None = None,
     then: Sequence[matrix_stages.MatrixStage] = (),
+    before: Sequence[matrix_stages.MatrixStage] = (),
 ) -> optax.GradientTransformation:
   r"""Replaces each matrix ``U`` of the update by ``NS(U) ≈ polar(U)``.
 
@@ -181,6 +218,15 @@ def orthogonalize(
       inside the same ``shard_map`` body, so their row statistics and norms
       are the whole matrix's. The state is then an
       :class:`OrthogonalizeState` with each stage's state under its name.
+    before: stateless :class:`~orthax.matrix_stages.MatrixStage`\\ s applied,
+      in order, to each matrix just before Newton–Schulz, in the same pass:
+      those whose result does not depend on the matrix's orientation
+      (:attr:`~orthax.matrix_stages.MatrixStage.transpose_invariant`), such
+      as ROOT's :class:`~orthax.matrix_stages.ClipOutliers`. The result is
+      the matching transform chained before this one; with ``distributed``
+      they run on the device that holds the whole matrix (after the
+      all-to-all in), so a statistic of the whole matrix gathers nothing,
+      and the matrices are never split in column blocks (``gram``).
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np, orthax
@@ -198,6 +244,7 @@ def orthogonalize(
   restart_every = _check_iteration(preset, coeffs, normalizer, method,
                                    restart_every)
   stages = _check_stages(then)
+  before = _check_before(before)
   ns = functools.partial(
       polar.orthogonalize_stack, preset=preset, steps=steps, coeffs=coeffs,
       normalizer=normalizer, norm_scale=norm_scale, eps=eps, dtype=ns_dtype,
@@ -205,6 +252,9 @@ def orthogonalize(
   if coeffs_for_shape is not None:
     ns = _per_shape(ns, polar.resolve_shape_table(coeffs_for_shape))
   plan_kw = _flop_model(preset, steps, method, restart_every, ns_dtype)
+  fn_args = ()
+  if before:
+    ns, fn_args = _with_before(ns, before)
 
   def init_fn(params):
     if not stages:
@@ -228,8 +278,8 @@ def orthogonalize(
                                         'orthogonalize'),
         stages=run, states=states,
         aux=None if aux is None else treedef.flatten_up_to(aux),
-        group=group, distributed=distributed, paths=paths,
-        plan_kw=plan_kw)
+        group=group, fn_args=fn_args, distributed=distributed,
+        paths=paths, plan_kw=plan_kw)
     new_tree = jax.tree.unflatten(treedef, res.leaves)
     new_state = state
     if stages:
