@@ -269,3 +269,44 @@ def test_a_low_rank_gradient_gets_a_step_in_its_range(x64, kw, shape, rank):
                 np.linalg.norm(u - (u @ rows) @ rows.T))
   assert outside <= 1e-8 * np.linalg.norm(u)
   assert np.linalg.norm(moved - u) <= 1e-8 * np.linalg.norm(u)
+
+
+def test_the_rank_guard_cuts_only_at_a_gap_at_the_rounding_level():
+  """Rows of ``QᵀA`` are zeroed only below a gap of at least 100 between
+  neighbouring row norms and at most 10⁴·ε of the largest: not a smooth
+  tail of small real rows (whose sizes overlap the rounding rows' of
+  other matrices), not real rows behind a gap but above the rounding
+  level; a rank-3 block's rounding rows are."""
+  eps = float(jnp.finfo(jnp.float32).eps)
+  rng = np.random.default_rng(7)
+  dirs = rng.standard_normal((64, 96))  # s < t: no row zero by shape
+  dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+
+  def zeroed(norms):
+    x = jnp.asarray((dirs * np.asarray(norms)[:, None])[None], jnp.float32)
+    out = np.asarray(_rotate._beyond_rank_zeroed(x))[0]
+    return np.flatnonzero(np.all(out == 0, axis=1))
+
+  smooth = np.geomspace(1.0, 20 * eps, 64)         # ratios about 1.3
+  assert zeroed(smooth).size == 0
+  real = np.r_[np.ones(3), np.full(61, 1e-2)]      # a gap of 100
+  assert zeroed(real).size == 0
+  rounding = np.r_[np.ones(3), np.full(61, 30 * eps)]
+  np.testing.assert_array_equal(zeroed(rounding), np.arange(3, 64))
+
+
+@pytest.mark.parametrize('n,rank', [(512, 512), (512, 100), (1024, 1024)])
+def test_the_rank_guard_on_float32_momenta(n, rank):
+  """Through the stage's own QR: a full-rank float32 momentum loses no row
+  (a bound of 16·√s·ε‖A‖_F, tried first, zeroed the smallest row of one
+  1024² Gaussian in three, a row float32 had right to 1%); a rank-100 one
+  loses exactly its 412 rounding rows."""
+  rng = np.random.default_rng(1)
+  for _ in range(2 if n == 1024 else 1):  # the second 1024² draw
+    g = rng.standard_normal((n, rank)) @ rng.standard_normal((rank, n))
+  a = jnp.asarray(g[None], jnp.float32)
+  q = _qr.product_q(a, _rotate.base_map(a, 'sinkhorn'), 'householder')
+  x = jnp.matrix_transpose(q) @ a
+  rows = np.linalg.norm(np.asarray(_rotate._beyond_rank_zeroed(x))[0],
+                        axis=1)
+  assert int(np.sum(rows == 0)) == n - rank

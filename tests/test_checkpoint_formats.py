@@ -55,6 +55,24 @@ def _save_and_restore_intact(tmp_path, saved, like, step=3):
     ck.close()
 
 
+def _assert_restores_as_today(tmp_path, old, state):
+  """``old`` (a state in an older layout) saved and restored into
+  ``state``'s layout gives ``state``, array for array; a state with an
+  array more is still refused, naming it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  restored, step = _save_and_restore_intact(tmp_path, old, state)
+  assert step == 3
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match='here only'):
+    ck.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            {**state._asdict(), 'extra': jnp.zeros(2)}))
+  ck.close()
+
+
 def test_a_stage_under_its_former_name_restores(tmp_path):
   """Checkpoints written before the matrix chains' ``'weight_decay'`` stage
   became ``'decoupled_weight_decay'`` (under ``inject_hyperparams`` the old
@@ -78,17 +96,7 @@ def test_a_stage_under_its_former_name_restores(tmp_path):
   assert gone and all('matrix/inner_state/decoupled_weight_decay/' in p
                       for p in gone), gone
   assert 'hyperparams/weight_decay' in paths(old)
-  restored, step = _save_and_restore_intact(tmp_path, old, state)
-  assert step == 3
-  assert jax.tree.structure(restored) == jax.tree.structure(state)
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # Another run's state is still refused, by its paths.
-  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
-  with pytest.raises(checkpoint.CheckpointMismatchError, match='here only'):
-    ck.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                            {**state._asdict(), 'extra': jnp.zeros(2)}))
-  ck.close()
+  _assert_restores_as_today(tmp_path, old, state)
 
 
 def test_a_guard_state_without_the_result_flags_restores(tmp_path):
@@ -174,13 +182,13 @@ def test_a_dropped_empty_stage_restores(tmp_path):
                  if chain(x) else x), state, is_leaf=chain)
   assert jax.tree.leaves(old) and jax.tree.structure(old) != (
       jax.tree.structure(state))
-  restored, step = _save_and_restore_intact(tmp_path, old, state)
+  _assert_restores_as_today(tmp_path, old, state)
+  # As ROOT wrote it before all three changes of 2026-12-06: the empty
+  # stage, the decay stage under its former name, the four-field guard.
+  older = checkpoint_formats.under_former_names(
+      checkpoint_formats.without_added_fields(old))
+  restored, step = _save_and_restore_intact(tmp_path / 'all', older, state)
   assert step == 3
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), 1)
-  with pytest.raises(checkpoint.CheckpointMismatchError, match='here only'):
-    ck.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                            {**state._asdict(), 'extra': jnp.zeros(2)}))
-  ck.close()

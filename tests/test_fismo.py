@@ -49,9 +49,14 @@ def _power(s, p, floor):
   return (v * np.maximum(w, floor) ** p) @ v.T
 
 
-def _factor(old, stat, gamma, mu):
+def _factor(old, stat, gamma, mu, invariant=False):
   k = old.shape[0]
-  x = gamma * old + (1 - gamma) * (stat + mu * np.trace(old) / k * np.eye(k))
+  if invariant:  # the statistic at mean eigenvalue 1, μ relative to it
+    x = gamma * old + (1 - gamma) * (k * stat / np.trace(stat)
+                                     + mu * np.eye(k))
+  else:
+    x = gamma * old + (1 - gamma) * (stat + mu * np.trace(old) / k
+                                     * np.eye(k))
   x = k * x / np.trace(x)
   return (x + x.T) / 2
 
@@ -60,10 +65,10 @@ class FismoRef:
   """§13.2.1 on one PyTorch-layout matrix ``G`` (m×n), float64."""
 
   def __init__(self, m, n, beta, gamma, mu, floor=1e-6, scale=1.0,
-               every=1, nesterov=False):
+               every=1, nesterov=False, invariant=False):
     self.p, self.q, self.mom = np.eye(m), np.eye(n), np.zeros((m, n))
     self.beta, self.gamma, self.mu, self.floor = beta, gamma, mu, floor
-    self.nesterov = nesterov
+    self.nesterov, self.invariant = nesterov, invariant
     self.scale, self.every, self.t = scale, every, 0
     # Inverse roots as of the last refresh (``every`` > 1 only).
     self.roots = {'p': (np.eye(m), np.eye(m)), 'q': (np.eye(n), np.eye(n))}
@@ -82,10 +87,10 @@ class FismoRef:
     else:
       q_inv = self.roots['q'][0]
     left = g @ q_inv @ g.T / n
-    self.p = _factor(self.p, left, self.gamma, self.mu)
+    self.p = _factor(self.p, left, self.gamma, self.mu, self.invariant)
     p_inv, pr = self._roots('p', self.p)
     right = g.T @ p_inv @ g / m
-    self.q = _factor(self.q, right, self.gamma, self.mu)
+    self.q = _factor(self.q, right, self.gamma, self.mu, self.invariant)
     _, qr = self._roots('q', self.q)
     white = pr @ g @ qr
     self.mom = self.beta * self.mom + (1 - self.beta) * white
@@ -110,13 +115,15 @@ def _grads(seed, dtype):
 SPECS = {k: spec for k, (_, spec) in LEAVES.items()}
 
 
-@pytest.mark.parametrize('every,nesterov', [(1, False), (3, False),
-                                             (1, True), (3, True)])
-def test_matches_float64_transcription(x64, every, nesterov):
+@pytest.mark.parametrize('every,nesterov,invariant', [
+    (1, False, False), (3, False, False), (1, True, False), (3, True, False),
+    (1, True, True), (3, False, True)])
+def test_matches_float64_transcription(x64, every, nesterov, invariant):
   beta, gamma, mu = 0.9, 0.8, 0.05
   tx = orthax.transforms.scale_by_fismo(beta, gamma, mu, matrix_specs=SPECS,
                                         precondition_every=every,
-                                        nesterov=nesterov)
+                                        nesterov=nesterov,
+                                        scale_invariant=invariant)
   state = tx.init(_grads(0, jnp.float64))
   refs = {}
   step = jax.jit(tx.update)
@@ -130,7 +137,7 @@ def test_matches_float64_transcription(x64, every, nesterov):
         m, n = gm.shape
         ref = refs.setdefault((k, b), FismoRef(
             m, n, beta, gamma, mu, scale=np.sqrt(max(1.0, m / n)),
-            every=every, nesterov=nesterov))
+            every=every, nesterov=nesterov, invariant=invariant))
         want.append(ref.step(gm))
       want = np.stack(want)
       err = np.linalg.norm(got - want) / np.linalg.norm(want)
@@ -200,6 +207,43 @@ def test_differs_from_muon_at_a_small_damping():
   a = np.asarray(uf['blocks']['0']['mlp']['kernel'])
   b = np.asarray(um['blocks']['0']['mlp']['kernel'])
   assert np.linalg.norm(a - b) > 1e-2 * np.linalg.norm(b)
+
+
+def _spectral_norms(scale, steps=20, **kw):
+  """Spectral norms of FISMO's direction over ``steps`` random gradients
+  of std ``scale`` on a 32 × 16 kernel (fan-in the longer side)."""
+  rng = np.random.default_rng(0)
+  tx = orthax.transforms.scale_by_fismo(nesterov=True, **kw)
+  g0 = {'w': jnp.zeros((32, 16))}
+  state, step, out = tx.init(g0), jax.jit(tx.update), []
+  for _ in range(steps):
+    g = {'w': jnp.asarray(rng.standard_normal((32, 16)) * scale,
+                          jnp.float32)}
+    u, state = step(g, state)
+    out.append(np.asarray(u['w'], np.float64))
+  return out
+
+
+def test_scale_invariant_steps_do_not_depend_on_the_gradient_scale():
+  """The summarised rule's damping is absolute: gradients of std 10 make
+  the averages keep little of the past, the fan-in factor near-singular,
+  and the step's spectral norm grows over 1000-fold in 20 steps (the
+  docstring's hazard). ``scale_invariant`` averages the statistics at mean
+  eigenvalue 1: the same steps, bit for bit, for gradients of std 1, 2⁷
+  and 2²⁰ (powers of two: the same numbers throughout), and no growth.
+  At 2⁻¹⁰ only Newton–Schulz's absolute ε (10⁻⁷ against a look-ahead of
+  norm about 2·10⁻³, as in Muon) moves them, by about 10⁻⁴."""
+  norm2 = lambda u: np.linalg.norm(u, 2)  # pylint: disable=unnecessary-lambda-assignment
+  raw = _spectral_norms(10.0)
+  assert norm2(raw[-1]) > 1000 * norm2(raw[0])
+  steps = {c: _spectral_norms(c, scale_invariant=True)
+           for c in (2.0 ** -10, 1.0, 2.0 ** 7, 2.0 ** 20)}
+  for got, want, big, small in zip(steps[2.0 ** 7], steps[1.0],
+                                   steps[2.0 ** 20], steps[2.0 ** -10]):
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(big, want)
+    assert np.abs(small - want).max() <= 2e-4 * np.abs(want).max()
+  assert norm2(steps[2.0 ** 7][-1]) < 2 * norm2(steps[2.0 ** 7][0])
 
 
 def test_zero_and_huge_gradients_stay_finite():

@@ -1,5 +1,7 @@
 """Newton–Schulz against independent float64 references and the exact polar."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -265,3 +267,20 @@ def test_bad_arguments_are_named_errors():
   assert u.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(u, np.float32),
                              np.asarray(polar.polar_svd(x)), atol=2e-2)
+
+
+@pytest.mark.parametrize('blocks', [False, True])
+def test_the_plans_normalizer_count_is_xlas(blocks):
+  """A sharding plan counts the Frobenius normalizer's element-wise work at
+  ``FROBENIUS_(BLOCK_)FLOPS_PER_ENTRY`` per entry; XLA's cost analysis of
+  the compiled normalizer agrees (per-matrix scalars aside)."""
+  from orthax.polar import gram  # pylint: disable=g-import-not-at-top
+  ns = importlib.import_module('orthax.polar.newton_schulz')
+  x = jnp.ones((4, 64, 128))
+  kw = dict(col_reduce=lambda a: a) if blocks else {}
+  cost = jax.jit(lambda x: ns.normalize_frobenius(x, **kw)).lower(
+      x).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  want = (gram.FROBENIUS_BLOCK_FLOPS_PER_ENTRY if blocks
+          else gram.FROBENIUS_FLOPS_PER_ENTRY)
+  assert cost['flops'] / x.size == pytest.approx(want, abs=0.05)

@@ -110,6 +110,16 @@ def test_orthogonalize_before_refuses_what_cannot_run_there(stage):
     orthax.orthogonalize(before=[stage])
 
 
+def test_a_stage_with_input_norms_cannot_follow_before_stages():
+  """NAMO's step takes the norms of the matrix entering Newton–Schulz; with
+  a clip before it, it would see the unclipped one: refused."""
+  u = {'w': jnp.ones((8, 16))}
+  tx = orthax.orthogonalize(before=[orthax.matrix_stages.ClipOutliers()])
+  step = orthax.matrix_stages.NoiseAdaptStep('scalar', 0.3, 2)
+  with pytest.raises(ValueError, match="Norm\\('input'\\)"):
+    tx.update_with_stages(u, tx.init(u), [step], [[None]], aux=u)
+
+
 def test_root_takes_an_injected_quantile():
   """Under ``optax.inject_hyperparams`` ROOT's quantile is a traced value
   that reaches the clip (an argument of the Newton–Schulz pass): two steps

@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
+from orthax import polar
 from orthax import sharding
 from orthax.benchmarking import gpt2_hidden_kernels
 from orthax.matrices import MatrixSpec
@@ -110,7 +111,9 @@ def test_gram_plan_predicts_column_block_work():
   assert g.paths == ('w', 't') and g.transposed == (False, True)
   assert (g.local_count, g.padded, g.shards) == (2, 2, 8)
   m, n, steps = 768, 3072, 5
-  assert g.flops_per_device == 2 * steps * (4 * m * m * n // 8 + 2 * m**3)
+  assert g.flops_per_device == 2 * (
+      steps * (4 * m * m * n // 8 + 2 * m**3)
+      + polar.FROBENIUS_BLOCK_FLOPS_PER_ENTRY * m * n // 8)
   assert g.wire_dtype == jnp.float32 and g.collectives == steps + 1
   assert g.bytes_per_device == 2 * 7 / 8 * 2 * (steps * m * m + 1) * 4
   # Gram Newton–Schulz: Gram products only at restarts (blocks 2+2+1).

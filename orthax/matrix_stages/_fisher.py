@@ -69,11 +69,19 @@ def _trace(x):
   return jnp.trace(x, axis1=-2, axis2=-1)[..., None, None]
 
 
-def damped_ema(old, stat, gamma, damping):
-  """``sym(k·X/tr X)`` with ``X = γ·old + (1-γ)(stat + μ·tr(old)/k·I)``."""
+def damped_ema(old, stat, gamma, damping, scale_invariant=False):
+  """``sym(k·X/tr X)`` with ``X = γ·old + (1-γ)(stat + μ·tr(old)/k·I)``;
+  ``scale_invariant``: ``X = γ·old + (1-γ)(k·stat/tr(stat) + μ·I)``, the
+  statistic at mean eigenvalue 1 like ``old`` (0 where it is 0)."""
   size = old.shape[-1]
   eye = jnp.eye(size, dtype=old.dtype)
-  x = gamma * old + (1 - gamma) * (stat + damping * _trace(old) / size * eye)
+  if scale_invariant:
+    tr = _trace(stat)
+    stat = jnp.where(tr > 0, stat * (size / jnp.where(tr > 0, tr, 1)), 0)
+    x = gamma * old + (1 - gamma) * (stat + damping * eye)
+  else:
+    x = gamma * old + (1 - gamma) * (stat + damping * _trace(old) / size
+                                     * eye)
   # (X + Xᵀ) first and the scalar after: a multiply right before the sum
   # could be contracted into an FMA on one side only, and the factor would
   # not be exactly symmetric.
@@ -115,6 +123,9 @@ class FismoStep(MatrixStage):
   ``μ·2²ᵉ`` relative to the true ``GQ⁻¹Gᵀ``: FISMO is not invariant to the
   gradient's scale (its damping is absolute), and at that scale it takes the
   step of a gradient of entries ``≤ 1``, finite, not the unscaled one's.
+  With ``scale_invariant`` ``L`` and ``R`` enter the averages at mean
+  eigenvalue 1 (:func:`damped_ema`), ``μ`` relative to that: the step is
+  the same for ``G`` and ``c·G``.
   """
 
   name = 'fismo'
@@ -131,6 +142,7 @@ class FismoStep(MatrixStage):
   scale: str = static('keller')
   precondition_every: int = static(1)
   nesterov: bool = static(False)
+  scale_invariant: bool = static(False)
 
   def __post_init__(self):
     check_scale_mode(self.scale)
@@ -199,11 +211,13 @@ class FismoStep(MatrixStage):
     ks = k * unit
     z = jnp.einsum('bij,bja->bia', state['q_isqrt'], ks)   # Q_old^{-1/2} Gᵀ
     left = jnp.einsum('bia,bic->bac', z, z) / n
-    p = damped_ema(state['p'], left, self.gamma, self.damping)
+    p = damped_ema(state['p'], left, self.gamma, self.damping,
+                   self.scale_invariant)
     p_isqrt = self._inverse_root(p, state, 'p_isqrt')
     y = jnp.einsum('bia,bac->bic', ks, p_isqrt)             # (P^{-1/2} G)ᵀ
     right = jnp.einsum('bia,bja->bij', y, y) / m
-    q = damped_ema(state['q'], right, self.gamma, self.damping)
+    q = damped_ema(state['q'], right, self.gamma, self.damping,
+                   self.scale_invariant)
     q_isqrt = self._inverse_root(q, state, 'q_isqrt')
     white = jnp.einsum('bij,bja->bia', q_isqrt, y) / unit
     mom = self.beta * state['m'] + (1 - self.beta) * white

@@ -214,7 +214,7 @@ class AroRotate(MatrixStage):
       q = self._q(a, fm, self.qr)
     x = jnp.matrix_transpose(q) @ a
     if self.stable:
-      x = _beyond_rank_zeroed(x, a)
+      x = _beyond_rank_zeroed(x)
     u = q @ f(x)
     return (jnp.matrix_transpose(u) if flip else u).astype(o.dtype), q
 
@@ -228,22 +228,35 @@ class AroRotate(MatrixStage):
     return Q_OF[kind](a @ jnp.matrix_transpose(fm))
 
 
-def _beyond_rank_zeroed(x: jax.Array, a: jax.Array) -> jax.Array:
+def _beyond_rank_zeroed(x: jax.Array) -> jax.Array:
   """``x = QᵀA`` with the rows that are zero in exact arithmetic set to
   zero: those past ``A``'s rank, whose ``Q`` columns are orthogonal to the
-  range of ``A`` (ALGORITHMS.md §13.1.4a). Rounding leaves them at about
-  ``ε‖A‖``, and the base map would scale each up to a whole row of the
-  step, in a direction set by the rounding. Taken as beyond the rank: a
-  row at most ``16·√s·ε·‖A‖_F`` (``s`` rows, ``ε`` the dtype's epsilon),
-  and every row past ``t`` when ``s > t``."""
+  range of ``A`` (ALGORITHMS.md §13.1.4a), and every row past ``t`` when
+  ``s > t``. Rounding leaves the first kind at 5–2500·ε‖A‖₂ (ε the
+  dtype's epsilon; more as the rank grows), and the base map would scale
+  each up to a whole row of the step, in a direction set by the rounding.
+  No bound on the size alone tells them from the smallest rows of a
+  full-rank ``A`` (a square float32 Gaussian's reach down to 250·ε‖A‖₂),
+  but a gap does: sorted by norm, the rows below the largest ratio between
+  neighbours are taken as beyond the rank when that ratio is at least 100
+  and they are at most 10⁴·ε times the largest row (which is within
+  ``√s`` of ‖A‖₂). A rank close to ``s`` leaves too small a gap: those few
+  rows keep the reference's arithmetic."""
   s, t = x.shape[-2], x.shape[-1]
-  eps = jnp.finfo(x.dtype).eps
-  rows = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-  size = jnp.sqrt(jnp.sum(a * a, axis=(-2, -1), keepdims=True))
-  kept = rows > 16 * math.sqrt(s) * eps * size
+  rows = jnp.sqrt(jnp.sum(x * x, axis=-1))                  # [k, s]
+  srt = -jnp.sort(-rows, axis=-1)                           # descending
+  cur, nxt = srt[..., :-1], srt[..., 1:]
+  ratio = jnp.where(nxt > 0, cur / jnp.where(nxt > 0, nxt, 1),
+                    jnp.where(cur > 0, jnp.inf, 1))
+  cut = jnp.argmax(ratio, axis=-1)[..., None]               # [k, 1]
+  gap = jnp.take_along_axis(ratio, cut, axis=-1)
+  below = jnp.take_along_axis(nxt, cut, axis=-1)
+  noise = below <= 1e4 * jnp.finfo(x.dtype).eps * srt[..., :1]
+  keep_from = jnp.take_along_axis(cur, cut, axis=-1)
+  kept = ~((gap >= 100) & noise) | (rows >= keep_from)
   if s > t:
-    kept = kept & (jnp.arange(s)[:, None] < t)
-  return jnp.where(kept, x, 0)
+    kept = kept & (jnp.arange(s) < t)
+  return jnp.where(kept[..., None], x, 0)
 
 
 def aro_state_bytes(fan_in: int, fan_out: int, rotate: str = 'smaller',

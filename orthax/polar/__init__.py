@@ -12,6 +12,8 @@ from orthax.polar.adanewton import shape_coeffs
 from orthax.polar.dispatch import METHODS
 from orthax.polar.dispatch import choose_method
 from orthax.polar.dispatch import orthogonalize_stack
+from orthax.polar.gram import FROBENIUS_BLOCK_FLOPS_PER_ENTRY
+from orthax.polar.gram import FROBENIUS_FLOPS_PER_ENTRY
 from orthax.polar.gram import gram_flops
 from orthax.polar.gram import gram_newton_schulz
 from orthax.polar.gram import gram_products
@@ -35,6 +37,7 @@ from orthax.polar.spectral import soft_clip_vector
 __all__ = [
     'METHODS', 'NORMALIZERS', 'Preset', 'choose_method', 'coefficient_table',
     'get_preset',
+    'FROBENIUS_BLOCK_FLOPS_PER_ENTRY', 'FROBENIUS_FLOPS_PER_ENTRY',
     'gram_flops', 'gram_newton_schulz', 'gram_products', 'newton_schulz',
     'orthogonalize_stack', 'prefer_gram', 'standard_flops',
     'normalize_frobenius', 'optimal_quintic', 'polar_express_coefficients',

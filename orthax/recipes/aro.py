@@ -106,7 +106,8 @@ def aro(
   bits (``tests/test_aro.py::test_tall_matrix_defect_of_dion_and_its_fix``). Every mode computes what the reference's
   arithmetic gives exactly, stably (``stable``: there, those rows zero, as
   are the rows of ``QᵀM`` past ``M``'s rank on any shape, a momentum of
-  lower rank than the rotated side; and everywhere the QR of ``C = M Fᵀ``
+  lower rank than the rotated side, found by a gap in their norms down to
+  the rounding level; and everywhere the QR of ``C = M Fᵀ``
   without forming the product, whose float32 error reaches 1e-3 on square
   matrices); ``stable=False`` keeps the reference's floating-point
   arithmetic, roundoff and all. The default ``'orthax'`` mode rotates the

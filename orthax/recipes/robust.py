@@ -279,7 +279,9 @@ def root(
   ``distributed=orthax.sharding.Distributed(...)`` runs the clip and
   Newton–Schulz on whole matrices per device, in one body: the quantile of
   each matrix is taken where it is whole, after the all-to-all in, and
-  nothing is gathered.
+  nothing is gathered. So a matrix is never split in column blocks: a
+  ``gram`` strategy is refused, naming the leaf, and ``auto`` runs a
+  matrix over ``max_local_matrix_bytes`` as ``a2a``.
 
   References: He et al., *ROOT: Robust Orthogonalized Optimizer*, arXiv
   2511.20626; github.com/huawei-noah/noah-research (ROOT/).

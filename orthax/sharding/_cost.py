@@ -27,14 +27,17 @@ def default_matrix_flops(steps: int = 5, method: str = 'standard',
                          restart_every: int | None = 2,
                          ns_dtype: Any = None) -> Callable[[int, int, Any], int]:
   """``(m, n, dtype) -> FLOPs`` of one Newton–Schulz call on an ``m×n``
-  matrix, with the method :func:`orthax.polar.choose_method` would pick."""
+  matrix, with the method :func:`orthax.polar.choose_method` would pick:
+  its matrix products and the Frobenius normalizer's element-wise work
+  (the iteration's own element-wise work is not counted)."""
 
   def flops(m, n, dtype):
     dt = dtype if ns_dtype is None else ns_dtype
     meth = _dispatch.choose_method(m, n, steps, dt, method, restart_every)
+    normalize = _gram.FROBENIUS_FLOPS_PER_ENTRY * m * n
     if meth == 'gram':
-      return _gram.gram_flops(m, n, steps, restart_every)
-    return _gram.standard_flops(m, n, steps)
+      return _gram.gram_flops(m, n, steps, restart_every) + normalize
+    return _gram.standard_flops(m, n, steps) + normalize
 
   return flops
 
@@ -104,6 +107,7 @@ def group_cost(s: str, m: int, n: int, dtype: Any, G: int, local_count: int,
       grams = _gram.gram_products(steps, restart_every)
     else:
       mf, grams = _gram.standard_flops(m, n, steps, col_shards=G), steps
+    mf += _gram.FROBENIUS_BLOCK_FLOPS_PER_ENTRY * m * (n // G)
     wire = jnp.promote_types(it_dtype, jnp.float32)
     # The Gram products and the norm (its two sums, split_squares, are
     # counted as one float: a few bytes per matrix).

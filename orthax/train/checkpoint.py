@@ -249,11 +249,16 @@ class Checkpointer:
     if saved and mismatches(saved, _shapes(target)):
       for older, to_today in checkpoint_formats.older_layouts(target):
         if not mismatches(saved, _shapes(older)):
-          return to_today(self._restore(step, older))
+          return to_today(self._read(step, older))
       raise CheckpointMismatchError(
           f'checkpoint step {step} does not fit: '
           + '; '.join(mismatches(saved, _shapes(target))))
-    if saved is not None and self._empty_nodes_differ(step, target):
+    return self._read(step, target) if saved else self._restore(step, target)
+
+  def _read(self, step: int, target: Any) -> Any:
+    """The step's arrays, which fit ``target`` by path and shape, into
+    ``target``: by path where the saved tree has other empty nodes."""
+    if self._empty_nodes_differ(step, target):
       return self._restore_by_path(step, target)
     return self._restore(step, target)
 

@@ -28,6 +28,7 @@ def scale_by_fismo(
     scale: str = 'keller',
     scale_rms: float = 0.2,
     nesterov: bool = False,
+    scale_invariant: bool = False,
     matrix_specs: _tree.SpecsLike = None,
     distributed: sharding.Distributed | None = None,
 ) -> optax.GradientTransformation:
@@ -57,7 +58,8 @@ def scale_by_fismo(
     beta: momentum β (EMA, no bias correction).
     gamma: EMA rate γ of the factors ``P`` and ``Q``.
     damping: μ, added as ``μ·tr(P)/m·I``; absolute, so compared with
-      ``‖G‖²/(mn)`` (the method is not invariant to the gradient's scale).
+      ``‖G‖²/(mn)`` (the method is not invariant to the gradient's scale),
+      unless ``scale_invariant``.
     eig_floor: floor of the factors' eigenvalues (their mean is 1) before
       the inverse and inverse square roots.
     precondition_every: ``k``: the inverse roots of ``P`` and ``Q`` are
@@ -79,6 +81,10 @@ def scale_by_fismo(
     nesterov: orthogonalize the Nesterov look-ahead ``βM + (1-β)G̃``
       instead of ``M`` (default ``False``, the paper's Algorithm 1 as
       summarised; :func:`orthax.fismo` turns it on).
+    scale_invariant: average ``L = GQ⁻¹Gᵀ/n`` and ``R = GᵀP⁻¹G/m`` at mean
+      eigenvalue 1, ``P̃ = γP + (1-γ)(m·L/tr L + μI)`` (``Q̃`` alike), so
+      that ``μ`` is relative and the step the same for any multiple of
+      ``G`` (not in the paper as summarised; default ``False``).
     matrix_specs: as in :func:`orthax.orthogonalize`.
     distributed: an :class:`orthax.sharding.Distributed`: each device steps
       whole matrices and keeps their ``P``, ``Q``, ``M``.
@@ -103,7 +109,8 @@ def scale_by_fismo(
     return matrix_stages.FismoStep(
         beta, gamma, damping, eig_floor, ns_steps, ns_eps, scale_rms,
         count=count, preset=preset, ns_method=ns_method, scale=scale,
-        precondition_every=every, nesterov=nesterov)
+        precondition_every=every, nesterov=nesterov,
+        scale_invariant=scale_invariant)
 
   make(None)  # bad modes fail here, not at the first update
 

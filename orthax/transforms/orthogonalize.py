@@ -269,6 +269,12 @@ def orthogonalize(
     del params, extra_args
     extra, extra_states, aux = _with_stages or ((), [], None)
     run = stages + tuple(extra)
+    if before and any(nm.source == 'input' for st in run
+                      for nm in st.shapes(2, 3).norms):
+      raise ValueError(
+          'orthogonalize: a stage that takes the norms of the matrix '
+          "entering Newton–Schulz (Norm('input')) cannot run with before= "
+          'stages: it would see the matrix before them.')
     paths, leaves, treedef = _tree.leaves_with_paths(updates)
     states = [matrix_stage.leaf_states(st, state.stages[st.name], updates)
               for st in stages] + [list(x) if x is not None else
