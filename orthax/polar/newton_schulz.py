@@ -113,23 +113,38 @@ def normalize_frobenius(x: jax.Array, scale: float = 1.0,
                         col_reduce: ColReduce = None) -> jax.Array:
   """``X / (scale·‖X‖_F + eps)`` per matrix (norm taken in float32 or wider;
   ``col_reduce`` completes the sum of squares of a column block), computed
-  as ``X·2⁻ᵉ / (scale·‖X·2⁻ᵉ‖_F + eps·2⁻ᵉ)`` with ``2⁻ᵉ`` exactly 1 unless
-  ``max|X| > 2³²`` (:func:`huge_scale`; column blocks: :func:`block_norm`,
-  which sums the squares in two parts). Neither the sum of squares nor the
-  quotient can overflow or underflow, up to the dtype's largest finite
-  entries; below ``2³²`` it is the plain quotient, bit for bit."""
+  as ``X·2⁻ᵉ / (scale·‖X·2⁻ᵉ‖_F + eps·2⁻ᵉ)`` where a matrix of the stack
+  has ``2⁻ᵉ < 1``: ``max|X| > 2³²`` (:func:`huge_scale`; column blocks:
+  ``‖X‖_F > 2³²``, :func:`block_norm`, which sums the squares in two
+  parts). Neither the sum of squares nor the quotient can overflow or
+  underflow, up to the dtype's largest finite entries; below the threshold
+  it is the plain quotient, bit for bit."""
   acc = jnp.promote_types(x.dtype, jnp.float32)
   xa = x.astype(acc)
   if col_reduce is not None:
-    f, norm = block_norm(xa, col_reduce)  # norm = ‖X·f‖_F
+    f, norm = block_norm(xa, col_reduce)  # norm = ‖X·f‖_F, f = 1: ‖X‖_F
+
+    def plain():
+      return xa / (scale * norm + eps)
   else:
     f = huge_scale(xa).astype(acc)
-    norm = jnp.sqrt(jnp.sum(jnp.square(xa * f), axis=(-2, -1),
-                            keepdims=True))
-  # One fused element-wise pass, as the plan's FLOPs and temporaries
-  # assume. Dividing X by the true norm instead made a subnormal quotient
-  # past ‖X‖ ≈ 2¹²⁶ (8.5e37, float32), flushed: an update of zeros.
-  return ((xa * f) / (scale * norm + eps * f)).astype(x.dtype)
+
+    def plain():
+      n = jnp.sqrt(jnp.sum(jnp.square(xa), axis=(-2, -1), keepdims=True))
+      return xa / (scale * n + eps)
+
+  def scaled():
+    xs = xa * f
+    n = norm if col_reduce is not None else jnp.sqrt(
+        jnp.sum(jnp.square(xs), axis=(-2, -1), keepdims=True))
+    return xs / (scale * n + eps * f)
+
+  # X over its norm is a subnormal quotient past ‖X‖ ≈ 2¹²⁶ (8.5e37,
+  # float32), flushed: an update of zeros. A stack holding a huge matrix
+  # divides X·2⁻ᵉ by its own norm; the others, X by its norm, as before:
+  # done for every stack, the product X·2⁻ᵉ took a stack-sized buffer
+  # more (+19% temporaries in scripts/bench_ns.py; the branch costs 5%).
+  return jax.lax.cond(jnp.all(f == 1), plain, scaled).astype(x.dtype)
 
 
 class Prepared(NamedTuple):
