@@ -111,13 +111,12 @@ def _num_blocks(steps: int, restart_every: int | None) -> int:
 
 
 # Element-wise operations the Frobenius normalizer (normalize_frobenius)
-# runs per entry, as XLA's cost analysis counts them: on a whole matrix |x|
-# and the max (the
-# power of two 2⁻ᵉ), X·2⁻ᵉ, its square and their sum, and the quotient,
-# X·2⁻ᵉ again inside its fused pass and the division; on column blocks
-# (``col_reduce``) the two-part sums of split_squares instead of the first
-# five. A sharding plan adds them to Newton–Schulz's matrix products
-# (tests/test_newton_schulz.py holds them to XLA's count).
+# runs per entry, as XLA's cost analysis counts them (its branch for a
+# stack with a huge matrix, the larger): on a whole matrix |x| and the max
+# (the power of two 2⁻ᵉ), X·2⁻ᵉ, its square and their sum, and the
+# quotient of X·2⁻ᵉ; on column blocks the two-part sums of split_squares
+# instead of the first four. A sharding plan adds them to Newton–Schulz's
+# matrix products (tests/test_newton_schulz.py holds them to XLA's count).
 FROBENIUS_FLOPS_PER_ENTRY = 7
 FROBENIUS_BLOCK_FLOPS_PER_ENTRY = 13
 
