@@ -109,7 +109,12 @@ def fismo(
   ``R`` at mean eigenvalue 1 instead, ``μ`` relative to it: the step is the
   same for ``G`` and ``c·G`` and stays at its first size there (not in the
   paper as summarised; the default keeps the summarised rule, whose rates
-  the sweep measured). Above ``max|G| > 2³²`` the factors are built from
+  the sweep measured). The embedded corpus's gradients are small against
+  ``μ``, so there the default is close to Muon with EMA momentum (1.4456
+  at d_model 128, seed 0, against Muon's 1.4506 over two seeds); whitening
+  in earnest trains worse: with ``scale_invariant`` 1.7667, 1.6350 and
+  1.5372 at ``μ`` 10⁻³, 0.1 and 1 (1.7165 at a quarter of the rate, 1.5987
+  at half with ``μ`` 0.1; docs: training). Above ``max|G| > 2³²`` the factors are built from
   ``G·2⁻ᵉ`` (an exact power of two) so nothing overflows, and the step is
   that of a gradient of entries ``≤ 1``
   (:class:`orthax.matrix_stages.FismoStep`).
