@@ -238,7 +238,8 @@ def test_auto_qr_follows_the_platform_it_is_lowered_for():
 
 @pytest.mark.parametrize('kw', [{}, {'reference': 'dion'},
                                 {'rotate': 'fan_in', 'qr': 'householder'}])
-@pytest.mark.parametrize('shape,rank', [((16, 16), 2), ((16, 32), 3)])
+@pytest.mark.parametrize('shape,rank', [((16, 16), 2), ((16, 32), 3),
+                                        ((24, 48), 4)])
 def test_a_low_rank_gradient_gets_a_step_in_its_range(x64, kw, shape, rank):
   """§13.1.4a beyond tall matrices: where the momentum's rank is below the
   rotated side, the rows of ``QᵀM`` past it are zero in exact arithmetic
@@ -251,6 +252,8 @@ def test_a_low_rank_gradient_gets_a_step_in_its_range(x64, kw, shape, rank):
   rng = np.random.default_rng(0)
   g = rng.standard_normal((shape[0], rank)) @ rng.standard_normal(
       (rank, shape[1]))
+  if shape == (24, 48):  # six rows unused: exact zeros beside rounding
+    g[-6:] = 0
   params = {'w': jnp.zeros(shape)}
 
   def step(g):
@@ -273,10 +276,12 @@ def test_a_low_rank_gradient_gets_a_step_in_its_range(x64, kw, shape, rank):
 
 def test_the_rank_guard_cuts_only_at_a_gap_at_the_rounding_level():
   """Rows of ``QᵀA`` are zeroed only below a gap of at least 100 between
-  neighbouring row norms and at most 10⁴·ε of the largest: not a smooth
+  neighbouring row norms and at most 10³·ε of the largest: not a smooth
   tail of small real rows (whose sizes overlap the rounding rows' of
-  other matrices), not real rows behind a gap but above the rounding
-  level; a rank-3 block's rounding rows are."""
+  other matrices), not real rows behind a gap but above that level (a
+  momentum dominated by one direction, 2000-fold); a rank-3 block's
+  rounding rows are, also next to exact zero rows (a gap to a zero row
+  took the cut, and kept them)."""
   eps = float(jnp.finfo(jnp.float32).eps)
   rng = np.random.default_rng(7)
   dirs = rng.standard_normal((64, 96))  # s < t: no row zero by shape
@@ -291,8 +296,24 @@ def test_the_rank_guard_cuts_only_at_a_gap_at_the_rounding_level():
   assert zeroed(smooth).size == 0
   real = np.r_[np.ones(3), np.full(61, 1e-2)]      # a gap of 100
   assert zeroed(real).size == 0
+  spiked = np.r_[1.0, np.geomspace(5e-4, 4e-6, 63)]  # a gap of 2000
+  assert zeroed(spiked).size == 0
   rounding = np.r_[np.ones(3), np.full(61, 30 * eps)]
   np.testing.assert_array_equal(zeroed(rounding), np.arange(3, 64))
+  with_zeros = np.r_[np.ones(3), np.full(55, 30 * eps), np.zeros(6)]
+  np.testing.assert_array_equal(zeroed(with_zeros), np.arange(3, 64))
+
+
+@pytest.mark.parametrize('shape', [(1, 8), (8, 1), (1, 1)])
+def test_aro_steps_a_matrix_with_a_side_of_one(shape):
+  """A rotated side of one row has no rank to guard (the sort of its row
+  norms had no neighbours, and the guard raised)."""
+  params = {'w': jnp.zeros(shape)}
+  tx = orthax.aro(0.01)
+  g = {'w': jnp.arange(1.0, 1.0 + np.prod(shape)).reshape(shape)}
+  u, _ = tx.update(g, tx.init(params), params)
+  assert np.all(np.isfinite(np.asarray(u['w'])))
+  assert np.linalg.norm(np.asarray(u['w'])) > 0
 
 
 @pytest.mark.parametrize('n,rank', [(512, 512), (512, 100), (1024, 1024)])

@@ -269,3 +269,32 @@ def test_dry_run_report_prints_the_plan():
   text = str(sharding.plan(PLAN_DIST, _plan_params(True), MSPECS))
   report = dry_run.format_report(dict(r, plan=text))
   assert all(line in report for line in text.splitlines())
+
+
+def test_the_plan_counts_the_frobenius_normalizer_only():
+  """The plan adds the Frobenius normalizer's element-wise FLOPs to
+  Newton–Schulz's products; a transform with another normalizer (AOL's
+  preset) or a FLOP model of its own is not charged for it."""
+  m, n = 64, 256
+  frob = sharding.default_matrix_flops(5, 'standard')(m, n, jnp.float32)
+  aol = sharding.default_matrix_flops(5, 'standard', normalizer='aol')(
+      m, n, jnp.float32)
+  assert aol == polar.standard_flops(m, n, 5)
+  assert frob - aol == polar.FROBENIUS_FLOPS_PER_ENTRY * m * n
+  leaf = [sharding.LeafInfo('w', (m, n), jnp.float32, MatrixSpec(),
+                            jax.sharding.PartitionSpec(None, 'fsdp'))]
+  mesh = jax.sharding.AbstractMesh((8,), ('fsdp',))
+  block = lambda **kw: sharding.plan_orthogonalize(  # pylint: disable=unnecessary-lambda-assignment
+      leaf, mesh, 'gram', method='standard', **kw).groups[0].matrix_flops
+  products = polar.standard_flops(m, n, 5, col_shards=8)
+  assert block() == products + polar.FROBENIUS_BLOCK_FLOPS_PER_ENTRY * m * (
+      n // 8)
+  assert block(normalizer='aol') == products
+  assert block(matrix_flops=lambda *_: 0) == products
+  aol_plan = sharding.plan(orthax.orthogonalize(
+      'aol', distributed=sharding.Distributed(jax.make_mesh((1,), ('fsdp',)),
+                                              {'w': None})),
+                           {'w': jax.ShapeDtypeStruct((m, n), jnp.float32)})
+  k = polar.get_preset('aol').steps
+  assert aol_plan.groups[0].matrix_flops in (polar.standard_flops(m, n, k),
+                                             polar.gram_flops(m, n, k))

@@ -238,20 +238,24 @@ def _beyond_rank_zeroed(x: jax.Array) -> jax.Array:
   No bound on the size alone tells them from the smallest rows of a
   full-rank ``A`` (a square float32 Gaussian's reach down to 250·ε‖A‖₂),
   but a gap does: sorted by norm, the rows below the largest ratio between
-  neighbours are taken as beyond the rank when that ratio is at least 100
-  and they are at most 10⁴·ε times the largest row (which is within
-  ``√s`` of ‖A‖₂). A rank close to ``s`` leaves too small a gap: those few
-  rows keep the reference's arithmetic."""
+  neighbours (exact zeros aside) are taken as beyond the rank when that
+  ratio is at least 100 and they are at most 10³·ε times the largest row
+  (within ``√s`` of ‖A‖₂): a numerical rank. A rank close to ``s`` (rounding
+  rows up to 3000·ε of the largest at rank 500 of 1024) keeps the
+  reference's arithmetic; a full-rank momentum whose other directions lie
+  10⁴-fold below its largest loses them."""
   s, t = x.shape[-2], x.shape[-1]
+  if s == 1:  # one row: never past the rank
+    return x
   rows = jnp.sqrt(jnp.sum(x * x, axis=-1))                  # [k, s]
   srt = -jnp.sort(-rows, axis=-1)                           # descending
   cur, nxt = srt[..., :-1], srt[..., 1:]
-  ratio = jnp.where(nxt > 0, cur / jnp.where(nxt > 0, nxt, 1),
-                    jnp.where(cur > 0, jnp.inf, 1))
+  # A zero row is zero already: no gap to it.
+  ratio = jnp.where(nxt > 0, cur / jnp.where(nxt > 0, nxt, 1), 1)
   cut = jnp.argmax(ratio, axis=-1)[..., None]               # [k, 1]
   gap = jnp.take_along_axis(ratio, cut, axis=-1)
   below = jnp.take_along_axis(nxt, cut, axis=-1)
-  noise = below <= 1e4 * jnp.finfo(x.dtype).eps * srt[..., :1]
+  noise = below <= 1e3 * jnp.finfo(x.dtype).eps * srt[..., :1]
   keep_from = jnp.take_along_axis(cur, cut, axis=-1)
   kept = ~((gap >= 100) & noise) | (rows >= keep_from)
   if s > t:

@@ -118,7 +118,8 @@ def normalize_frobenius(x: jax.Array, scale: float = 1.0,
   ``‖X‖_F > 2³²``, :func:`block_norm`, which sums the squares in two
   parts). Neither the sum of squares nor the quotient can overflow or
   underflow, up to the dtype's largest finite entries; below the threshold
-  it is the plain quotient, bit for bit."""
+  it is the plain quotient (the same arithmetic; XLA may order the sum of
+  squares differently, a last-bit difference)."""
   acc = jnp.promote_types(x.dtype, jnp.float32)
   xa = x.astype(acc)
   if col_reduce is not None:

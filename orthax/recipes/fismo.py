@@ -107,7 +107,9 @@ def fismo(
   spectral norm grew over 1000-fold in 20 steps, at the default rate from
   0.08 to 1.4·10³ (``tests/test_fismo.py``). ``scale_invariant=True`` averages ``L`` and
   ``R`` at mean eigenvalue 1 instead, ``μ`` relative to it: the step is the
-  same for ``G`` and ``c·G`` and stays at its first size there (not in the
+  same for ``G`` and ``c·G`` (until ``c·G`` is small against Newton–Schulz's
+  absolute ``ns_eps``: at ``c = 10⁻⁶``, 7% apart) and stays at its first
+  size there (not in the
   paper as summarised; the default keeps the summarised rule, whose rates
   the sweep measured). The embedded corpus's gradients are small against
   ``μ``, so there the default is close to Muon with EMA momentum (1.4456

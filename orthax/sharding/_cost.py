@@ -23,18 +23,25 @@ def wire_dtype(comm_dtype, dtype):
   return c if c.itemsize <= dtype.itemsize else dtype
 
 
+# The Frobenius normalizer's element-wise FLOPs per entry of a column block.
+BLOCK_NORMALIZE_FLOPS = _gram.FROBENIUS_BLOCK_FLOPS_PER_ENTRY
+
+
 def default_matrix_flops(steps: int = 5, method: str = 'standard',
                          restart_every: int | None = 2,
-                         ns_dtype: Any = None) -> Callable[[int, int, Any], int]:
+                         ns_dtype: Any = None, normalizer: str = 'frobenius'
+                         ) -> Callable[[int, int, Any], int]:
   """``(m, n, dtype) -> FLOPs`` of one Newton–Schulz call on an ``m×n``
   matrix, with the method :func:`orthax.polar.choose_method` would pick:
-  its matrix products and the Frobenius normalizer's element-wise work
-  (the iteration's own element-wise work is not counted)."""
+  its matrix products and, with the Frobenius ``normalizer``, its
+  element-wise work (the iteration's own element-wise work, and the other
+  normalizers', are not counted)."""
 
   def flops(m, n, dtype):
     dt = dtype if ns_dtype is None else ns_dtype
     meth = _dispatch.choose_method(m, n, steps, dt, method, restart_every)
-    normalize = _gram.FROBENIUS_FLOPS_PER_ENTRY * m * n
+    normalize = (_gram.FROBENIUS_FLOPS_PER_ENTRY * m * n
+                 if normalizer == 'frobenius' else 0)
     if meth == 'gram':
       return _gram.gram_flops(m, n, steps, restart_every) + normalize
     return _gram.standard_flops(m, n, steps) + normalize
@@ -93,11 +100,13 @@ def stage_traffic(s, stages, transposed, m, n, dtype, G, padded,
 def group_cost(s: str, m: int, n: int, dtype: Any, G: int, local_count: int,
                padded: int, comm_dtype: Any, matrix_flops, *, steps: int,
                method: str, restart_every: int | None, ns_dtype: Any,
-               stages=(), transposed=None, shards=(1, 1)):
+               stages=(), transposed=None, shards=(1, 1),
+               block_normalize: int = 0):
   """``(matrix_flops, wire_dtype, bytes, collectives)`` per device of a
   group of ``m×n`` (wide) matrices under strategy ``s`` over ``G`` shards,
   ``shards`` of rows and columns (see
-  :func:`orthax.sharding.plan_orthogonalize`)."""
+  :func:`orthax.sharding.plan_orthogonalize`); ``block_normalize``: the
+  normalizer's element-wise FLOPs per entry of a column block (``gram``)."""
   wire = wire_dtype(comm_dtype, dtype)
   if s == 'gram':
     it_dtype = dtype if ns_dtype is None else ns_dtype
@@ -107,7 +116,7 @@ def group_cost(s: str, m: int, n: int, dtype: Any, G: int, local_count: int,
       grams = _gram.gram_products(steps, restart_every)
     else:
       mf, grams = _gram.standard_flops(m, n, steps, col_shards=G), steps
-    mf += _gram.FROBENIUS_BLOCK_FLOPS_PER_ENTRY * m * (n // G)
+    mf += block_normalize * m * (n // G)
     wire = jnp.promote_types(it_dtype, jnp.float32)
     # The Gram products and the norm (its two sums, split_squares, are
     # counted as one float: a few bytes per matrix).

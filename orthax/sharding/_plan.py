@@ -184,6 +184,7 @@ def plan_orthogonalize(
     method: str = 'standard',
     restart_every: int | None = 2,
     ns_dtype: Any = None,
+    normalizer: str = 'frobenius',
     max_local_matrix_bytes: int | None = 2 ** 31,
     stages: Sequence[Any] = (),
     column_blocks: bool = True,
@@ -198,8 +199,10 @@ def plan_orthogonalize(
     comm_dtype: wire dtype (never wider than the leaf's).
     matrix_flops: ``(m, n, dtype) -> FLOPs`` of Newton–Schulz on one matrix;
       default :func:`default_matrix_flops` with ``steps``, ``method``,
-      ``restart_every`` and ``ns_dtype`` (``gram`` groups always use those
-      four: their count depends on the column split).
+      ``restart_every``, ``ns_dtype`` and ``normalizer`` (``gram`` groups
+      always use those: their count depends on the column split; the
+      Frobenius normalizer's element-wise work is counted only without a
+      ``matrix_flops`` of one's own).
     max_local_matrix_bytes: see :class:`Distributed`.
     stages: the :class:`orthax.matrix_stages.MatrixStage`\\ s that run after
       Newton–Schulz in the same body. With any, each group holds one
@@ -225,9 +228,12 @@ def plan_orthogonalize(
   _validate.flag('plan_orthogonalize', 'column_blocks', column_blocks)
   dist = Distributed(mesh, strategy=strategy, overrides=tuple(overrides),
                      comm_dtype=comm_dtype)
+  block_normalize = 0
   if matrix_flops is None:
     matrix_flops = _cost.default_matrix_flops(steps, method, restart_every,
-                                              ns_dtype)
+                                              ns_dtype, normalizer)
+    if normalizer == 'frobenius':
+      block_normalize = _cost.BLOCK_NORMALIZE_FLOPS
   sizes = _mesh_sizes(mesh)
   prod = lambda axes: math.prod(sizes[a] for a in axes)
   whole = [st.name for st in stages if st.whole_matrices]
@@ -251,7 +257,7 @@ def plan_orthogonalize(
         s, m, n, dtype, G, local_count, padded, comm_dtype, matrix_flops,
         steps=steps, method=method, restart_every=restart_every,
         ns_dtype=ns_dtype, stages=stages, transposed=orient,
-        shards=(prod(rows), prod(cols)))
+        shards=(prod(rows), prod(cols)), block_normalize=block_normalize)
     per_dev = padded // G if s in ('a2a', 'replicated') else local_count
     groups.append(GroupPlan(
         strategy=s, m=m, n=n, dtype=dtype,

@@ -134,7 +134,8 @@ def _per_shape(ns, table):
   return run
 
 
-def _flop_model(preset, steps, method, restart_every, ns_dtype) -> dict:
+def _flop_model(preset, steps, method, restart_every, ns_dtype,
+                normalizer=None) -> dict:
   """The plan's FLOP model (``plan_kw``) for what this transform runs; a
   traced step count (``inject_hyperparams``) counts as the preset's, with
   the plain iteration ``auto`` then takes."""
@@ -143,6 +144,9 @@ def _flop_model(preset, steps, method, restart_every, ns_dtype) -> dict:
   if steps is None:
     steps = polar.get_preset(preset).steps
   kw = dict(steps=int(steps), method=method, restart_every=restart_every)
+  normalizer = normalizer or polar.get_preset(preset).normalizer
+  if normalizer != 'frobenius':
+    kw['normalizer'] = normalizer
   return kw if ns_dtype is None else dict(kw, ns_dtype=ns_dtype)
 
 
@@ -251,7 +255,8 @@ def orthogonalize(
       method=method, restart_every=restart_every)
   if coeffs_for_shape is not None:
     ns = _per_shape(ns, polar.resolve_shape_table(coeffs_for_shape))
-  plan_kw = _flop_model(preset, steps, method, restart_every, ns_dtype)
+  plan_kw = _flop_model(preset, steps, method, restart_every, ns_dtype,
+                        normalizer)
   fn_args = ()
   if before:
     ns, fn_args = _with_before(ns, before)
