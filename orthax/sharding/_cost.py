@@ -23,10 +23,6 @@ def wire_dtype(comm_dtype, dtype):
   return c if c.itemsize <= dtype.itemsize else dtype
 
 
-# The Frobenius normalizer's element-wise FLOPs per entry of a column block.
-BLOCK_NORMALIZE_FLOPS = _gram.FROBENIUS_BLOCK_FLOPS_PER_ENTRY
-
-
 def default_matrix_flops(steps: int = 5, method: str = 'standard',
                          restart_every: int | None = 2,
                          ns_dtype: Any = None, normalizer: str = 'frobenius'

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from orthax import _validate
 from orthax.matrices import MatrixSpec
+from orthax.polar import gram as _gram
 from orthax.sharding._distributed import Distributed
 from orthax.sharding import _cost
 
@@ -233,7 +234,7 @@ def plan_orthogonalize(
     matrix_flops = _cost.default_matrix_flops(steps, method, restart_every,
                                               ns_dtype, normalizer)
     if normalizer == 'frobenius':
-      block_normalize = _cost.BLOCK_NORMALIZE_FLOPS
+      block_normalize = _gram.FROBENIUS_BLOCK_FLOPS_PER_ENTRY
   sizes = _mesh_sizes(mesh)
   prod = lambda axes: math.prod(sizes[a] for a in axes)
   whole = [st.name for st in stages if st.whole_matrices]

@@ -257,28 +257,19 @@ class Checkpointer:
 
   def _read(self, step: int, target: Any) -> Any:
     """The step's arrays, which fit ``target`` by path and shape, into
-    ``target``: by path where the saved tree has other empty nodes."""
-    if self._empty_nodes_differ(step, target):
-      return self._restore_by_path(step, target)
-    return self._restore(step, target)
-
-  def _empty_nodes_differ(self, step: int, target: Any) -> bool:
-    """Whether the saved tree holds the same arrays as ``target`` (checked
-    before) in another arrangement of empty nodes: an older orthax's
-    optimizer state with a stage that keeps nothing, since dropped
-    (2026-12-06: ROOT's ``clip_outliers``, now inside ``orthogonalize``),
-    which orbax refuses as another tree structure."""
-    return (_empty_paths(self._mgr.item_metadata(step))
-            != _empty_paths(target))
-
-  def _restore_by_path(self, step: int, target: Any) -> Any:
-    """The saved arrays, read in the saved structure (its empty nodes
-    included) and placed into ``target``'s by path."""
+    ``target``. Where the saved tree holds them in another arrangement of
+    empty nodes (an older orthax's optimizer state with a stage that keeps
+    nothing, since dropped: 2026-12-06, ROOT's ``clip_outliers``, now
+    inside ``orthogonalize``), which orbax refuses as another tree
+    structure, they are read in the saved structure and placed by path."""
+    meta = self._mgr.item_metadata(step)
+    if _empty_paths(meta) == _empty_paths(target):
+      return self._restore(step, target)
     by_path = {_tree.path_str(p): x for p, x in
                jax.tree_util.tree_flatten_with_path(target)[0]}
     saved = jax.tree_util.tree_map_with_path(
         lambda p, m: None if _is_empty(m) else by_path[_tree.path_str(p)],
-        self._mgr.item_metadata(step), is_leaf=_is_empty)
+        meta, is_leaf=_is_empty)
     read = {_tree.path_str(p): x for p, x in
             jax.tree_util.tree_flatten_with_path(self._restore(step, saved))[0]}
     paths, treedef = jax.tree_util.tree_flatten_with_path(target)
