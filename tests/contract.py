@@ -121,7 +121,6 @@ class Trajectory:
   states: list
   final_params: Any
   traces: int
-  cache_size: int | None
   step: Callable[..., Any]  # (grads, state, params) -> (updates, state, params)
 
 
@@ -156,7 +155,7 @@ def _trajectory(make, dtype, jit, steps):
   fn = jax.jit(step) if jit else step
   state = tx.init(params)
   out = Trajectory(params=[], grads=[], updates=[], states=[state],
-                   final_params=None, traces=0, cache_size=None, step=fn)
+                   final_params=None, traces=0, step=fn)
   for g in grads_for(params, steps):
     out.params.append(params)
     out.grads.append(g)
@@ -165,8 +164,6 @@ def _trajectory(make, dtype, jit, steps):
     out.states.append(state)
   out.final_params = params
   out.traces = len(traces)
-  if jit and hasattr(fn, '_cache_size'):
-    out.cache_size = fn._cache_size()  # pylint: disable=protected-access
   return out
 
 
@@ -209,8 +206,6 @@ def check_no_retrace(make: Make):
       f'the step was traced {run.traces} times in {STEPS} steps; the state '
       'returned by update differs from the initial one (shape, dtype or weak '
       f'type):\ninit:  {avals0}\nafter: {avals}')
-  if run.cache_size is not None:
-    assert run.cache_size == 1, f'{run.cache_size} compilations of one step'
   assert avals == avals0, f'state avals changed:\ninit:  {avals0}\nafter: {avals}'
 
 
@@ -242,7 +237,13 @@ def check_inject_hyperparams(make: Make, *, state_names=DEFAULT_STATE_NAMES):
   plain = trajectory(make, jit=True)
   injected = optax.inject_hyperparams(make)(learning_rate=LR)
   s_inj = injected.init(plain.params[0])
-  upd_inj = jax.jit(injected.update)
+  inj_traces = []
+
+  def inj_update(*args):
+    inj_traces.append(1)
+    return injected.update(*args)
+
+  upd_inj = jax.jit(inj_update)
   for i, (g, p) in enumerate(zip(plain.grads, plain.params)):
     u_inj, s_inj = upd_inj(g, s_inj, p)
     assert_trees_close(u_inj, plain.updates[i], rtol=1e-6, atol=1e-7,
@@ -271,8 +272,10 @@ def check_inject_hyperparams(make: Make, *, state_names=DEFAULT_STATE_NAMES):
   s_inj.hyperparams['learning_rate'] = jnp.asarray(
       2 * LR, s_inj.hyperparams['learning_rate'].dtype)
   u_new, s_new = upd_inj(g, s_inj, p)
-  assert upd_inj._cache_size() == 1, (  # pylint: disable=protected-access
-      'changing the injected learning rate compiled the step again')
+  # (counted by the traces: the jit cache's size can read 0 in a worker
+  # that has cleared caches)
+  assert len(inj_traces) == 1, (
+      'changing the injected learning rate traced the step again')
   assert_all_nonzero(u_old, 'update before the learning-rate change')
   for (path, a), (_, b) in zip(leaves_with_paths(u_new), leaves_with_paths(u_old)):
     np.testing.assert_allclose(
