@@ -1,7 +1,15 @@
 """orthax: orthogonalized optimizers (the Muon family) for JAX and Optax."""
 
+# The subpackages, bound here by name (for type checkers too), so that
+# `import orthax` then `orthax.transforms.momentum` works as the docs write it.
+from orthax import engine
+from orthax import matrices
 from orthax import matrix_stages
 from orthax import polar
+from orthax import recipes
+from orthax import routing
+from orthax import sharding
+from orthax import transforms
 from orthax.matrices import MatrixSpec
 from orthax.recipes import aro
 from orthax.recipes import auon
@@ -50,6 +58,7 @@ from orthax.transforms import spectral_preclip
 __version__ = '0.1.0'
 
 __all__ = [
+    'engine', 'matrices', 'recipes', 'routing', 'sharding', 'transforms',
     'DEFAULT_RULES', 'MatrixSpec', 'MatrixViewWarning',
     'NonFiniteGradientError', 'NonFiniteUpdateError', 'OutputLayerWarning', 'Router', 'Rule',
     'Distributed',

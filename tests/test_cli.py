@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 
 import pytest
@@ -282,6 +283,18 @@ def test_wheel_contents(wheel_venv):
   assert lic, names
 
 
+def test_sdist_contents(wheel_venv):
+  """The sdist had no CHANGELOG.md (the README links it), and it carried
+  ``tests/test_*.py`` without the helpers they import."""
+  (sdist, _), _, _ = wheel_venv
+  with tarfile.open(sdist) as tar:
+    names = {n.split('/', 1)[1] for n in tar.getnames() if '/' in n}
+  for f in ('README.md', 'LICENSE', 'CHANGELOG.md', 'pyproject.toml',
+            'orthax/py.typed', 'orthax/__init__.py', 'orthax/configs/lm_cpu.py'):
+    assert f in names, f
+  assert not [n for n in names if n.startswith('tests/') or n.endswith('.pyc')]
+
+
 def test_wheel_works_in_a_clean_venv_from_any_directory(wheel_venv):
   _, venv, tmp = wheel_venv
   work = tmp / 'elsewhere'
@@ -346,3 +359,46 @@ def test_none_overrides_give_a_key_back_to_its_default():
   for bad in ('optimizer.bogus', 'bogus.x', 'optimizer.adam_learning_rate.x'):
     with pytest.raises(ValueError, match=f"no key '{bad}'"):
       cli._set_none(cfg, 'config', bad)  # pylint: disable=protected-access
+
+
+# Runs with one module of the scripts extra made missing (a finder that
+# refuses it, as an environment without it would): argv[1] the module,
+# argv[2] what to do.
+WITHOUT = '''
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name == sys.argv[1] or name.startswith(sys.argv[1] + '.'):
+      raise ModuleNotFoundError(f'No module named {name!r}', name=name)
+sys.meta_path.insert(0, Missing())
+for m in [m for m in sys.modules if m.split('.')[0] == sys.argv[1]]:
+  del sys.modules[m]
+if sys.argv[2] == 'import':
+  import orthax.train
+else:
+  from orthax.cli import train
+  train.run(['orthax-train', '--help'])
+'''
+
+
+@pytest.mark.parametrize('module', ['ml_collections', 'flax', 'orbax'])
+def test_a_missing_extra_is_named_not_a_traceback(tmp_path, module):
+  """Every command imported ``orthax.train`` before it checked the extra:
+  without it, a ``ModuleNotFoundError`` traceback, the message that names
+  the extra never shown; ``import orthax.train`` did not name it either.
+  (absl, the fourth module checked, comes with optax.)"""
+  extra = "pip install 'orthax-optim[scripts]'"
+  proc = subprocess.run([sys.executable, '-c', WITHOUT, module, 'cli'],
+                        capture_output=True, text=True, cwd=tmp_path,
+                        timeout=300)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('orthax-train needs the trainer') and extra in last
+  assert f'({module}' in last, last
+  proc = subprocess.run([sys.executable, '-c', WITHOUT, module, 'import'],
+                        capture_output=True, text=True, cwd=tmp_path,
+                        timeout=300)
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('ModuleNotFoundError: orthax.train needs'), last
+  assert extra in last and f'({module}' in last, last

@@ -135,3 +135,31 @@ def test_install_cell_says_when_the_install_did_not_take(tmp_path):
   got = run_install_cell(tmp_path, NOTEBOOKS[0], 'failed')
   assert got['error'] and 'orthax-optim did not install' in got['error']
   assert not got['has_muon']
+
+
+def test_what_a_type_checker_reads():
+  """With ``py.typed``, type checkers read the annotations as written:
+  ``learning_rate=None`` (the mode's rate) was refused on every recipe,
+  ``orthax.transforms``/``orthax.recipes`` were not attributes of the
+  package (bound only as a side effect of importing their members), and
+  stages were not dataclasses to them (``MS.NeuronNormalize(0.95)``: "too
+  many arguments")."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import typing  # pylint: disable=g-import-not-at-top
+  from orthax import matrix_stages as MS  # pylint: disable=g-import-not-at-top
+  for name in orthax.recipe_names():
+    hints = typing.get_type_hints(orthax.recipe_factory(name))
+    assert type(None) in typing.get_args(hints['learning_rate']), name
+  for sub in ('engine', 'matrices', 'matrix_stages', 'polar', 'recipes',
+              'routing', 'sharding', 'transforms'):
+    assert sub in orthax.__all__, sub
+  text = (ROOT / 'orthax' / '__init__.py').read_text()
+  assert re.search(r'^from orthax import transforms$', text, re.M)
+  marker = MS.stage.__dataclass_transform__
+  assert marker['kwargs'].get('frozen_default') is True, marker
+  assert MS.static in marker['field_specifiers'], marker
+  assert dataclasses.field in marker['field_specifiers'], marker
+  # A field made with static() and no default is required; with one, not.
+  fields = {f.name: f for f in dataclasses.fields(MS.NeuronNormalize)}
+  assert fields['axis'].default == 'fan_out'
+  assert fields['axis'].metadata['static']

@@ -28,9 +28,8 @@ import sys
 import traceback
 from typing import Any, Callable, Sequence
 
+from orthax import _extras
 from orthax import configs as packaged_configs
-from orthax.train.checkpoint import DamagedCheckpointError
-from orthax.train.faults import Interrupted
 from orthax.transforms.check_finite import NonFiniteGradientError
 
 EXIT_USAGE = 2     # a bad config, flag or input file (argparse's status)
@@ -39,14 +38,12 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, after the run saved: 128 + SIGINT
 
 
 def require_scripts_extra(tool: str) -> None:
-  """Exits with a message naming the extra if absl or ml_collections are
-  missing (the core package does not depend on them)."""
-  try:
-    import absl  # pylint: disable=g-import-not-at-top,unused-import
-    import ml_collections  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError as e:
-    sys.exit(f'{tool} needs the trainer\'s dependencies ({e.name} is '
-             "missing): pip install 'orthax-optim[scripts]'")
+  """Exits with a message naming the extra if a module of the ``scripts``
+  extra is missing (the core package does not depend on them). Nothing of
+  :mod:`orthax.train` is imported before this check."""
+  module = _extras.missing_module()
+  if module is not None:
+    sys.exit(_extras.scripts_extra_message(tool, module))
 
 
 def config_argv(argv: Sequence[str]) -> list[str]:
@@ -224,6 +221,11 @@ def report_errors(tool: str, main: Callable[[Any], None], holders: Any
   checkpoint of the run damaged.) A run stopped by Ctrl-C after saving
   (:class:`~orthax.train.faults.Interrupted`) says so in one line and exits
   with :data:`EXIT_INTERRUPTED`."""
+  # pylint: disable=g-import-not-at-top
+  # (imported here: orthax.train needs the scripts extra, which
+  # require_scripts_extra checks first)
+  from orthax.train.checkpoint import DamagedCheckpointError
+  from orthax.train.faults import Interrupted
   try:
     main(holders)
   except Interrupted as e:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+import typing
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -29,13 +30,22 @@ from orthax.polar.scale_safe import huge_scale
 SOURCES = ('input', 'aux')
 
 
-def static(default: Any) -> Any:
+def static(default: Any = dataclasses.MISSING) -> Any:
   """A stage field that is a mode, not a hyperparameter: part of the
-  pytree's static structure (hashable, never traced)."""
+  pytree's static structure (hashable, never traced). Pass its default by
+  keyword, ``static(default='add')``, for type checkers to see it (no
+  default: a required field)."""
   return dataclasses.field(default=default, metadata={'static': True})
 
 
-def stage(cls: type) -> type:
+_S = TypeVar('_S')
+
+
+# (dataclass_transform: type checkers see each stage's fields as its
+# constructor's arguments)
+@typing.dataclass_transform(eq_default=False, frozen_default=True,
+                            field_specifiers=(dataclasses.field, static))
+def stage(cls: type[_S]) -> type[_S]:
   """Makes a :class:`MatrixStage` subclass a frozen dataclass registered as
   a pytree: fields made with :func:`static` are static, all others
   children. A field annotated ``bool`` is checked to be one at

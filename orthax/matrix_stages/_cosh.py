@@ -30,8 +30,8 @@ class CoshNormalize(MatrixStage):
   name = 'cosh_normalize'
   gamma: Any = 1.0
   _: dataclasses.KW_ONLY
-  normalize: bool = static(True)
-  brake_input: str = static('normalized')
+  normalize: bool = static(default=True)
+  brake_input: str = static(default='normalized')
   norm_eps: Any = 1e-7
   eps: Any = 1e-8
 

@@ -56,10 +56,10 @@ class DCTAdam(MatrixStage):
   b1: Any = 0.9
   b2: Any = 0.999
   eps: Any = 1e-8
-  rank: Any = static(0.25)
-  update_every: int = static(1)
-  ell_norm: float = static(1.0)
-  remap: bool = static(True)
+  rank: Any = static(default=0.25)
+  update_every: int = static(default=1)
+  ell_norm: float = static(default=1.0)
+  remap: bool = static(default=True)
 
   def shapes(self, fan_in, fan_out):
     big, small = dct.sides(fan_in, fan_out)
@@ -148,10 +148,10 @@ class TrionStep(MatrixStage):
 
   name = 'trion'
   momentum: Any = 0.95
-  rank: Any = static(0.25)
-  scaling: str = static('kj')
-  ns_dtype: Any = static(None)
-  nesterov: bool = static(False)
+  rank: Any = static(default=0.25)
+  scaling: str = static(default='kj')
+  ns_dtype: Any = static(default=None)
+  nesterov: bool = static(default=False)
 
   def shapes(self, fan_in, fan_out):
     return StageShapes(state={'b': (fan_in, fan_out)}, slots=True)

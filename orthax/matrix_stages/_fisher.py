@@ -137,12 +137,12 @@ class FismoStep(MatrixStage):
   ns_eps: Any = None
   scale_rms: Any = 0.2
   count: Any = None
-  preset: Any = static('jordan')
-  ns_method: str = static('auto')
-  scale: str = static('keller')
-  precondition_every: int = static(1)
-  nesterov: bool = static(False)
-  scale_invariant: bool = static(False)
+  preset: Any = static(default='jordan')
+  ns_method: str = static(default='auto')
+  scale: str = static(default='keller')
+  precondition_every: int = static(default=1)
+  nesterov: bool = static(default=False)
+  scale_invariant: bool = static(default=False)
 
   def __post_init__(self):
     check_scale_mode(self.scale)

@@ -43,9 +43,9 @@ class NeuronNormalize(MatrixStage):
   beta2: Any = 0.95
   eps: Any = 1e-10
   _: dataclasses.KW_ONLY
-  axis: str = static('fan_out')
-  eps_placement: str = static('add')
-  restore_norm: bool = static(True)
+  axis: str = static(default='fan_out')
+  eps_placement: str = static(default='add')
+  restore_norm: bool = static(default=True)
 
   def __post_init__(self):
     if self.axis not in NEURON_AXES:

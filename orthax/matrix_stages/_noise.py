@@ -55,7 +55,7 @@ class NoiseAdaptStep(ScalingStage):
   """
 
   name = 'noise_adapt'
-  mode: str = static(dataclasses.MISSING)
+  mode: str = static()
   learning_rate: Any = dataclasses.MISSING
   count: Any = dataclasses.MISSING
   _: dataclasses.KW_ONLY
@@ -65,7 +65,7 @@ class NoiseAdaptStep(ScalingStage):
   weight_decay: Any = 0.1
   scale_coeff: Any = 0.2
   clamp_c: Any = 0.75
-  shape: str = static('moonlight')
+  shape: str = static(default='moonlight')
 
   def __post_init__(self):
     if self.mode not in NOISE_MODES:

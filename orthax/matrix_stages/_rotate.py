@@ -165,12 +165,12 @@ class AroRotate(MatrixStage):
   """
 
   name = 'aro_rotate'
-  base: str = static('sinkhorn')
-  qr: str = static('auto')
-  rotate: str = static('smaller')
-  iters: int = static(5)
-  eps: float = static(1e-8)
-  stable: bool = static(True)
+  base: str = static(default='sinkhorn')
+  qr: str = static(default='auto')
+  rotate: str = static(default='smaller')
+  iters: int = static(default=5)
+  eps: float = static(default=1e-8)
+  stable: bool = static(default=True)
 
   def __post_init__(self):
     for what, value, ok in (('base', self.base, BASES),

@@ -45,7 +45,7 @@ class ScaleByShape(MatrixStage):
   """``O ← O·shape_factor(fan_in, fan_out, mode)``."""
 
   name = 'scale_by_shape'
-  mode: str = static('keller')
+  mode: str = static(default='keller')
   rms: Any = 0.2
 
   def __post_init__(self):
@@ -99,8 +99,8 @@ class ScaleToSpectralNorm(MatrixStage):
   ``Θ(√(fan_out/fan_in))`` lets one learning rate serve every width."""
 
   name = 'scale_to_spectral_norm'
-  mode: str = static('keller')
-  iters: int = static(10)
+  mode: str = static(default='keller')
+  iters: int = static(default=10)
   whole_matrices = True  # a power iteration on the whole matrix
 
   def __post_init__(self):

@@ -47,7 +47,7 @@ _NORMUON_REFERENCES = {
             0.023, 0.008, 'modded-nanogpt train_gpt.py @f411b3d: NorMuon '
             'lr, Adam group lr')})
 def normuon(
-    learning_rate: optax.ScalarOrSchedule = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,
@@ -184,7 +184,7 @@ _LANTON_REFERENCES = {
 @registry.register('lanton', references=tuple(_LANTON_REFERENCES),
                    learning_rate=0.08, adam_learning_rate=3e-3)
 def lanton(
-    learning_rate: optax.ScalarOrSchedule = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,

@@ -38,7 +38,7 @@ def _check_choices(**choices):
         0.01, 0.01, 'microsoft/dion dev/aro @9c6b30d dion/aro.py: lr, shared '
         'by its AdamW groups')})
 def aro(
-    learning_rate: optax.ScalarOrSchedule = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,

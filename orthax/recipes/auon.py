@@ -94,7 +94,7 @@ def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
                    learning_rate=0.08, adam_learning_rate=3e-3,
                    mode_rates=_AUON_RATES)
 def auon(
-    learning_rate: optax.ScalarOrSchedule = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,
@@ -157,7 +157,7 @@ def auon(
                                    'decay 0): the one-step form\'s best, '
                                    'AdamW at 3e-3')})
 def hybrid_auon(
-    learning_rate: optax.ScalarOrSchedule = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,

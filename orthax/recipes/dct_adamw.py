@@ -58,7 +58,7 @@ def limit_matrix_size(router: _common.RouterLike, max_shape: int
     learning_rate=DEFAULT_LEARNING_RATES['inverse_side'],
     adam_learning_rate=0.0085)
 def dct_adamw(
-    learning_rate: optax.ScalarOrSchedule = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     reference: str = 'orthax',
     scale: str | None = None,

@@ -16,7 +16,7 @@ from orthax.transforms.chain import named_chain
 
 @registry.register('fismo', learning_rate=0.056, adam_learning_rate=3e-3)
 def fismo(
-    learning_rate: optax.ScalarOrSchedule = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     beta: float = 0.95,
     nesterov: bool = True,

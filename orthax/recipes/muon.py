@@ -43,7 +43,7 @@ _MUON_REFERENCES = {
             1e-3, 1e-3, 'MoonshotAI/Moonlight @c2ad5b2 examples/'
             'toy_train.py: one lr for Muon and AdamW')})
 def muon(
-    learning_rate: optax.ScalarOrSchedule = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,

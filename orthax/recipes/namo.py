@@ -120,7 +120,7 @@ _NAMO_DOC = r"""
                    aliases={'namo_repo': 'repo'}, learning_rate=0.22624,
                    adam_learning_rate=3e-3, mode_rates=_NAMO_REPO_RATES)
 def namo(
-    learning_rate: optax.ScalarOrSchedule = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,
@@ -164,7 +164,7 @@ namo.__doc__ = ('NAMO: orthogonalized momentum with a scalar Adam-style '
                    aliases={'namo_repo': 'repo'}, learning_rate=0.22,
                    adam_learning_rate=3e-3, mode_rates=_NAMO_REPO_RATES)
 def namo_d(
-    learning_rate: optax.ScalarOrSchedule = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,

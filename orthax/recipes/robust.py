@@ -49,7 +49,7 @@ _SPECTRA_REFERENCES = {
         2e-3, None, 'mlolab/llm-spectral-clipping @ed9df11 160M scripts: '
         'AdamW lr')})
 def spectra(
-    learning_rate: optax.ScalarOrSchedule = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     reference: str = 'orthax',
     c: float | None = None,
@@ -222,7 +222,7 @@ _ROOT_REFERENCES = {'orthax': dict(weight_decay=0.2, scale='keller'),
         1e-3, 1e-3, 'huawei-noah/noah-research @a99fb00 ROOT/examples/'
         'example_train.py: one lr for ROOT and AdamW')})
 def root(
-    learning_rate: optax.ScalarOrSchedule = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     reference: str = 'orthax',
     beta: float = 0.95,

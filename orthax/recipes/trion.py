@@ -30,7 +30,7 @@ _TRION_REFERENCES = {'orthax': dict(weight_decay=0.2, nesterov=True),
         0.02, 3e-4, 'IST-DASLab/ISTA-DASLab-Optimizers @4c98e6e '
         'fft_low_rank/trion.py: Trion lr, Adam lr')})
 def trion(
-    learning_rate: optax.ScalarOrSchedule = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     reference: str = 'orthax',
     rank: int | float | None = None,

@@ -23,6 +23,13 @@ notebooks import (needs the ``scripts`` extra: flax, orbax, ml_collections):
   and the config check.
 """
 
+from orthax import _extras
+
+if (_missing := _extras.missing_module()) is not None:
+  raise ModuleNotFoundError(
+      _extras.scripts_extra_message('orthax.train', _missing), name=_missing)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from orthax.train.optim import plan
 from orthax.train.trainer import build
 from orthax.train.trainer import train
