@@ -41,7 +41,7 @@ class GramEMA(MS.MatrixStage):
   def flops(self, fan_in, fan_out):
     return 4 * fan_in * fan_in * fan_out  # O Oᵀ and S O
 
-  def apply(self, o, state, blocks):
+  def apply(self, o, state, blocks, norms=()):
     x = o.astype(state['gram'].dtype)
     gram = jnp.einsum('kij,klj->kil', x, x) / blocks.fan_out
     s = self.beta * state['gram'] + (1 - self.beta) * gram
