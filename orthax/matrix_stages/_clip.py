@@ -39,8 +39,9 @@ def abs_quantile(x: jax.Array, q: float | jax.Array) -> jax.Array:
   a full sort, 14× more than this search). The interpolation repeats
   ``jnp.quantile``'s arithmetic (``low·(1-w) + high·w`` in ``q``'s dtype,
   cast to ``x``'s), equal up to how XLA fuses that last expression (≤ 2
-  ulp; exact where ``q(n-1)`` is an integer). ``q`` may be traced. Returns
-  ``x.shape[:-1]``.
+  ulp; exact where ``q(n-1)`` is an integer). ``q`` may be traced. Its
+  derivative in ``x`` is ``jnp.quantile``'s (the interpolation weights on
+  the two elements; split between tied ones). Returns ``x.shape[:-1]``.
 
   Example:
 
@@ -75,7 +76,10 @@ def abs_quantile(x: jax.Array, q: float | jax.Array) -> jax.Array:
 
   passes = jnp.iinfo(b.dtype).bits - 1
   lo, _ = jax.lax.fori_loop(0, passes, body, (lo, hi))
-  v_lo = jax.lax.bitcast_convert_type(lo, a.dtype)
+  # Read back from |x| where its bits are lo's (not bit-converted from lo,
+  # which no derivative passes through): jax.grad and jvp then see
+  # jnp.quantile's weights on the two order statistics.
+  v_lo = jnp.max(jnp.where(b == lo[..., None], a, 0), axis=-1)
   # The next order statistic: v_lo again if it repeats, else the next value.
   n_le = jnp.sum((b <= lo[..., None]).astype(cnt_dtype), axis=-1)
   nxt = jnp.min(jnp.where(b > lo[..., None], a, top), axis=-1)
