@@ -104,6 +104,43 @@ def test_zero_and_extreme_inputs():
     assert float(jnp.linalg.norm(h, 2)) <= 1.5
 
 
+def test_early_stop_skips_the_steps_left(x64):
+  """The default tolerance stops once every singular value is within it:
+  the result is, bit for bit, that of fewer steps run unconditionally."""
+  x = jnp.asarray(with_spectrum(24, 40, np.linspace(0.5, 3.0, 24), seed=4))
+  got = S.soft_clip_matrix(x, 1.0)
+  same = [k for k in range(1, S.DEFAULT_STEPS) if np.array_equal(
+      got, S.soft_clip_matrix(x, 1.0, steps=k, tol=0))]
+  assert same, 'the default ran every one of its steps'
+
+
+def test_soft_clip_differentiates_in_reverse_mode(x64):
+  """The early stop was a while_loop, which jax.grad cannot transpose:
+  ``jax.grad`` through SPECTRA failed with JAX's loop error."""
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(with_spectrum(12, 20, np.linspace(0.2, 8.0, 12), seed=5))
+  d = jnp.asarray(rng.standard_normal(x.shape))
+  w = jnp.asarray(rng.standard_normal(x.shape))
+  f = lambda a: jnp.sum(S.soft_clip_matrix(a, 1.0) * w)
+  eps = 1e-6
+  numeric = (f(x + eps * d) - f(x - eps * d)) / (2 * eps)
+  np.testing.assert_allclose(jnp.vdot(jax.grad(f)(x), d), numeric,
+                             rtol=1e-6)
+  params = {'w': {'kernel': x}}
+  tx = orthax.spectra()
+  # (after a first step: at the first, Adam's direction is g/|g|, whose
+  # derivative is 0 almost everywhere)
+  _, state = tx.update({'w': {'kernel': jnp.asarray(
+      rng.standard_normal(x.shape))}}, tx.init(params), params)
+  g = lambda grads: jnp.sum(tx.update(grads, state, params)[0]['w'][
+      'kernel'] * w)
+  grads = {'w': {'kernel': x * 3.0}}
+  along = lambda t: {'w': {'kernel': grads['w']['kernel'] + t * d}}
+  np.testing.assert_allclose(
+      jnp.vdot(jax.grad(g)(grads)['w']['kernel'], d),
+      (g(along(eps)) - g(along(-eps))) / (2 * eps), rtol=1e-6)
+
+
 def test_vector_rule_is_discontinuous():
   c = 2.0
   g = jnp.asarray([1.2, 1.6])  # ‖g‖ = 2 = c: unchanged

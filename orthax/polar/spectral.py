@@ -118,7 +118,8 @@ def soft_clip_matrix(
       matrix (then every singular value of the result is within a relative
       ``tol`` of exact, up to rounding); ``steps`` stays the maximum.
       Default ``16·eps`` of the iteration dtype; ``0`` runs exactly ``steps``
-      steps in a ``fori_loop`` (reverse-differentiable).
+      steps. Reverse-differentiable unless ``steps`` is traced and ``tol``
+      is not ``0`` (then a ``while_loop``).
     dtype: iteration dtype (default: ``x``'s dtype, at least float32); the
       result has ``x``'s dtype.
 
@@ -182,8 +183,17 @@ def soft_clip_matrix(
     tol = 16 * float(jnp.finfo(acc).eps)
   if step_rule == 'plain' or tol <= 0:
     _, z, _ = jax.lax.fori_loop(0, steps, body, (y, z, ell))
-  else:
-    # ell is a certified lower bound on every s: stop once 1 - ell <= tol.
+  elif isinstance(steps, (int, np.integer)):
+    # ell is a certified lower bound on every s: once 1 - ell <= tol for
+    # every matrix, the remaining steps are skipped. A fixed trip count
+    # with a branch (not a while_loop) keeps it reverse-differentiable.
+    def step_until_close(k, carry):
+      return jax.lax.cond(jnp.any(1 - carry[2] > tol),
+                          lambda c: body(k, c), lambda c: c, carry)
+
+    _, z, _ = jax.lax.fori_loop(0, int(steps), step_until_close,
+                                (y, z, ell))
+  else:  # a traced step count: a while_loop (forward-mode derivatives only)
     def cond(carry):
       k, _, _, ell = carry
       return (k < steps) & jnp.any(1 - ell > tol)
