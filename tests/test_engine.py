@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -109,6 +110,39 @@ def test_matrix_leaf_that_is_not_real_floating_names_it(name):
   assert u['table'].dtype == jnp.complex64
   assert bool(jnp.all(jnp.isfinite(u['table'])))
   assert float(jnp.max(jnp.abs(u['table']))) > 0
+
+
+@pytest.mark.parametrize('name', RECIPES)
+def test_integer_leaf_on_another_branch_names_it(name):
+  """An integer leaf the router sends to the AdamW branch (a vector) got
+  a zero update every step, silently; it is refused at ``init`` naming it
+  and the rule that freezes it, and trains as frozen with that rule (a
+  ``float0`` gradient, as ``jax.grad(allow_int=True)`` gives, included)."""
+  params = {'w': _rand((8, 16), 0), 'counts': jnp.zeros((3,), jnp.int32)}
+  grads = {'w': _rand((8, 16), 1), 'counts': jnp.array([5, -7, 9])}
+  with pytest.raises(ValueError, match=(
+      r"leaf 'counts' has dtype int32 and the router sends it to '\w+'.*"
+      r"orthax.Rule\('\^counts\$', 'frozen'\)")):
+    orthax.recipe(name).init(params)
+  router = orthax.Router(extra_rules=[orthax.Rule('^counts$', 'frozen')])
+  tx = orthax.recipe(name, router=router)
+  u, state = _step(tx, grads, params)
+  np.testing.assert_array_equal(u['counts'], 0)
+  grads['counts'] = np.zeros((3,), jax.dtypes.float0)
+  u, _ = tx.update(grads, state, params)
+  assert bool(jnp.all(jnp.isfinite(u['w'])))
+
+
+@pytest.mark.parametrize('name', RECIPES)
+def test_python_float_parameter_trains_on_the_adamw_branch(name):
+  """A parameter kept as a Python float (optax's transforms take one) ended
+  in ``AttributeError: 'float' object has no attribute 'astype'``."""
+  params = {'w': _rand((4, 8), 0), 't': 1.0}
+  grads = {'w': _rand((4, 8), 1), 't': 0.5}
+  tx = orthax.recipe(name)
+  u, state = _step(tx, grads, params)
+  u, _ = jax.jit(tx.update)(grads, state, params)
+  assert float(u['t']) < 0 and np.isfinite(float(u['t']))
 
 
 def test_scale_safe_adam_on_complex_equals_optax():

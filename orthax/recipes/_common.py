@@ -12,12 +12,14 @@ chain and its AdamW hyperparameters; :func:`route` and
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from orthax import _tree
 from orthax import _validate
 from orthax import routing
 from orthax.recipes import registry
@@ -228,6 +230,11 @@ def with_frozen_zeroed(tx: optax.GradientTransformation, router: RouterLike
             else router)
 
   def update_fn(updates, state, params=None, **extra_args):
+    if params is not None:  # a frozen integer leaf's float0 gradient
+      updates = jax.tree.map(  # (jax.grad(allow_int=True)) as zeros
+          lambda u, p: jnp.zeros(u.shape, p.dtype)
+          if getattr(u, 'dtype', None) == jax.dtypes.float0 else u,
+          updates, params)
     updates, state = tx.update(updates, state, params, **extra_args)
     return jax.tree.map(
         lambda u, label: jnp.zeros_like(u) if label == 'frozen' else u,
@@ -275,7 +282,49 @@ def assemble(
       {'matrix': matrix_chain, 'adam': adam, 'frozen': optax.set_to_zero(),
        **(branches or {})},
       labels)
-  return with_shape_check(with_check_finite(tx, check_finite))
+  return with_trainable_check(
+      with_shape_check(with_check_finite(tx, check_finite)), router)
+
+
+def with_trainable_check(tx: optax.GradientTransformation,
+                         router: RouterLike | Any
+                         ) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose ``init`` first refuses a leaf that gradient steps cannot
+  train where ``router`` does not freeze it (:func:`check_trainable`)."""
+
+  def init_fn(params):
+    labels = (router.quiet_labels if isinstance(router, routing.Router)
+              else router)  # (quiet: the partition's labels warn once)
+    check_trainable(params, labels(params) if callable(labels) else labels)
+    return tx.init(params)
+
+  return optax.GradientTransformationExtraArgs(
+      init_fn, optax.with_extra_args_support(tx).update)
+
+
+def check_trainable(params: Any, labels: Any) -> None:
+  """``ValueError`` naming the first leaf of ``params`` that is not
+  floating point (an integer or bool array) and not labelled
+  ``'frozen'``: the AdamW branch would return zeros for it, every step,
+  silently (the matrix branch refuses such a leaf itself, with the matrix
+  step's reason)."""
+  paths, leaves, treedef = _tree.leaves_with_paths(params)
+  try:
+    per_leaf = treedef.flatten_up_to(labels)
+  except (ValueError, TypeError):
+    return  # not shaped like params: optax.partition says so
+  for path, x, label in zip(paths, leaves, per_leaf):
+    dtype = getattr(x, 'dtype', None)
+    if (dtype is None or label in ('frozen', 'matrix')  # (the matrix
+        or jnp.issubdtype(dtype, jnp.inexact)):           # branch refuses)
+      continue
+    pattern = '^' + re.escape(path) + '$'
+    raise ValueError(
+        f'leaf {path!r} has dtype {jnp.dtype(dtype).name} and the router '
+        f'sends it to {label!r}: it cannot be trained by gradient steps '
+        '(its update would be zero every step). Route it to the frozen '
+        f'branch: router=orthax.Router(extra_rules=[orthax.Rule('
+        f'{pattern!r}, \'frozen\')]), or keep it out of the parameters.')
 
 
 def assemble_with_adamw(

@@ -181,8 +181,9 @@ def spectra(
   # Every leaf takes the base AdamW step at `learning_rate`; the matrices'
   # are then clipped, and the frozen leaves' steps zeroed.
   return _common.with_routing(
-      _common.with_shape_check(_common.with_check_finite(
-          _common.with_frozen_zeroed(tx, router), check_finite)),
+      _common.with_trainable_check(_common.with_shape_check(
+          _common.with_check_finite(_common.with_frozen_zeroed(tx, router),
+                                    check_finite)), router),
       router, {'matrix': learning_rate, 'adam': learning_rate, 'frozen': 0.0},
       {'matrix': weight_decay, 'adam': weight_decay, 'frozen': 0.0})
 

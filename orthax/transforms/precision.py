@@ -20,8 +20,16 @@ def wide_dtype(dtype: Any) -> Any:
 
 def widen(tree: Any) -> Any:
   """``tree`` with every floating leaf cast to :func:`wide_dtype` (float32
-  and wider leaves are returned as they are)."""
-  return jax.tree.map(lambda x: x.astype(wide_dtype(x.dtype)), tree)
+  and wider leaves are returned as they are; a Python number becomes an
+  array)."""
+  return jax.tree.map(lambda x: _array(x).astype(wide_dtype(_array(x).dtype)),
+                      tree)
+
+
+def _array(x: Any) -> Any:
+  """``x``, or ``jnp.asarray(x)`` for a leaf without a dtype (a Python
+  float kept as a parameter, which optax's own transforms accept)."""
+  return x if hasattr(x, 'dtype') else jnp.asarray(x)
 
 
 def in_float32(inner: optax.GradientTransformation
@@ -47,7 +55,8 @@ def in_float32(inner: optax.GradientTransformation
     new, state = optax.with_extra_args_support(inner).update(
         widen(updates), state, None if params is None else widen(params),
         **extra_args)
-    return jax.tree.map(lambda n, u: n.astype(u.dtype), new, updates), state
+    return jax.tree.map(lambda n, u: n.astype(_array(u).dtype), new,
+                        updates), state
 
   return optax.GradientTransformationExtraArgs(
       lambda params: inner.init(widen(params)), update_fn)
