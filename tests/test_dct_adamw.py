@@ -4,6 +4,7 @@
 size, the plan's FLOPs, and 8 fake devices (``dct_cases.py``)."""
 
 import importlib
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -38,17 +39,17 @@ class DctAdamRef:
   """§13.3.2 on one PyTorch weight ``(rows, cols)``, float64; ``remap``:
   ``rotate_subspace`` as meant (the product taken before assigning)."""
 
-  def __init__(self, rank, gap, b1, b2, eps, remap, inverse_side):
+  def __init__(self, rank, gap, b1, b2, eps, remap, min_side):
     self.rank, self.gap, self.b1, self.b2, self.eps = rank, gap, b1, b2, eps
     self.remap, self.m, self.v, self.idx = remap, None, None, None
-    self.inverse_side = inverse_side
+    self.min_side = min_side  # None: the step unscaled
 
   def step(self, w, g, t, lr, wd):
     rows, cols = g.shape
     right = rows >= cols
     d = dct_ref(cols if right else rows)
-    if self.inverse_side:  # the rate per unit of the smaller side
-      lr = lr / min(rows, cols)
+    if self.min_side:  # the rate per unit of the smaller side, from s_0 up
+      lr = lr / max(min(rows, cols), self.min_side)
     w = w * (1 - lr * wd)
     if t == 1 or t % self.gap == 0:
       s = g @ d if right else d.T @ g
@@ -83,7 +84,7 @@ class TreeRef:
   :class:`DctAdamRef` per matrix, vectors by AdamW at ``adam_lr``."""
 
   def __init__(self, params, torch_layout, lr, wd, rank, gap, remap,
-               inverse_side, adam_lr, b1=0.9, b2=0.999, eps=1e-8):
+               min_side, adam_lr, b1=0.9, b2=0.999, eps=1e-8):
     self.p = flat(params)
     self.torch, self.lr, self.wd, self.t = torch_layout, lr, wd, 0
     self.mats, self.adam = {}, {}
@@ -92,7 +93,7 @@ class TreeRef:
         self.adam[k] = AdamRef(w, adam_lr, b1, b2, eps, wd, raw=False)
       else:
         self.mats[k] = [DctAdamRef(rank, gap, b1, b2, eps, remap,
-                                   inverse_side)
+                                   min_side)
                         for _ in range(int(np.prod(w.shape[:-2])))]
 
   def _torch(self, x):
@@ -122,6 +123,9 @@ def _router(torch_layout):
 
 CASES = [dict(reference='orthax', update_every=1),
          dict(reference='orthax', update_every=2),
+         # 1/s on every side; 1/max(s, 24): sides 16 and 24 alike, 32 not
+         dict(reference='orthax', update_every=1, min_side=1),
+         dict(reference='orthax', update_every=2, min_side=24),
          dict(reference='orthax', update_every=1, scale='none'),
          dict(reference='ista', update_every=1),
          dict(reference='ista', update_every=2)]
@@ -131,18 +135,21 @@ CASES = [dict(reference='orthax', update_every=1),
 @pytest.mark.parametrize('kw', CASES, ids=lambda kw: '-'.join(
     str(v) for v in kw.values()))
 def test_matches_float64_transcription(x64, kw, torch_layout):
-  """reference='orthax': the step and decay at η/s (s the smaller side),
-  the AdamW branch at η·0.0085/1.5; 'ista': all at η (``scale='none'``)."""
+  """reference='orthax': the step and decay at η/max(s, s_0) (s the
+  smaller side, s_0 = min_side, 128 by default: every side here), the
+  AdamW branch at η·0.0085/1.5; 'ista': all at η (``scale='none'``)."""
   params = make_tree(0, SHAPES)
   grads = [make_tree(100 + t, SHAPES) for t in range(5)]
   ours = kw['reference'] == 'orthax'
   per_side = ours and kw.get('scale') != 'none'
-  lr = 0.3 if per_side else 0.01  # steps of a like size: 0.3/s vs 0.01
+  min_side = kw.get('min_side', 128) if per_side else None
+  # steps of a like size: 1.28/128, 0.3/s, 0.24/24 against 0.01
+  lr = {None: 0.01, 1: 0.3}.get(min_side, 0.01 * (min_side or 1))
   tx = orthax.dct_adamw(lr, rank=5, weight_decay=0.1,
                         router=_router(torch_layout), **kw)
   got = run_orthax(tx, params, grads)
   ref = TreeRef(params, torch_layout, lr, 0.1, 5, kw['update_every'],
-                remap=ours, inverse_side=per_side,
+                remap=ours, min_side=min_side,
                 adam_lr=lr * 0.0085 / 1.5 if per_side else lr)
   assert_match(got, [ref.step(g) for g in grads], 1e-9, 1e-12, str(kw))
 
@@ -376,3 +383,50 @@ def test_slot_state_stays_with_its_owner(mesh_cases, mesh):
   assert r['state_sharded_over_all_axes'] and r['state_specs_owner'], r
   assert r['plan_flops'] <= r['flops'] <= 2 * r['plan_flops'], r
   assert r['flops'] < 0.5 * r['muon_flops'], r
+
+
+def _small_regression(tx, steps=500):
+  """Final loss of an 8→64→64→1 ReLU MLP fitting a smooth target (a
+  64×1 head, an 8-input first layer: sides far below the sweep's)."""
+  rng = np.random.RandomState(0)
+  w, v = rng.randn(8, 16) / np.sqrt(8), rng.randn(16) / 4
+  x = rng.randn(4096, 8).astype(np.float32)
+  y = jnp.asarray((np.sin(x @ w) @ v)[:, None], jnp.float32)
+  x = jnp.asarray(x)
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  dims = [(8, 64), (64, 64), (64, 1)]
+  p0 = {f'l{i}': {'kernel': jax.random.normal(k, d) / np.sqrt(d[0]),
+                  'bias': jnp.zeros(d[1])}
+        for i, (k, d) in enumerate(zip(keys, dims))}
+
+  def loss(p, xb, yb):
+    h = xb
+    for i in range(3):
+      h = h @ p[f'l{i}']['kernel'] + p[f'l{i}']['bias']
+      h = jax.nn.relu(h) if i < 2 else h
+    return jnp.mean((h - yb) ** 2)
+
+  batches = jnp.asarray(rng.randint(0, 4096, (steps, 128)))
+
+  def step(carry, b):
+    p, s = carry
+    u, s = tx.update(jax.grad(loss)(p, x[b], y[b]), s, p)
+    return (optax.apply_updates(p, u), s), None
+
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', orthax.OutputLayerWarning)
+    (p, _), _ = jax.jit(lambda p, s: jax.lax.scan(step, (p, s), batches))(
+        p0, tx.init(p0))
+  return float(loss(p, x, y))
+
+
+def test_default_trains_a_model_of_small_sides():
+  """With the step per unit of the side on every side (``min_side=1``), a
+  64×1 head stepped at η = 1.5 and an 8-input layer at 0.19: a small
+  regression MLP ended at 55× AdamW's loss (2026-12-07). Below 128 the
+  side now counts as 128."""
+  adamw = _small_regression(optax.adamw(3e-3))
+  default = _small_regression(orthax.dct_adamw())
+  per_side = _small_regression(orthax.dct_adamw(min_side=1))
+  assert default < 3 * adamw, (default, adamw)
+  assert per_side > 10 * adamw, (per_side, adamw)

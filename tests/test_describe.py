@@ -79,7 +79,7 @@ def test_describe_decays_are_the_ones_applied(name):
 
 
 ADAPTIVE_RATES = {'namo': 'min(α·c·k, 1)', 'namo_d': 'per input feature',
-                  'lanton': 'η_ℓ', 'dct_adamw': 'c = 1/min(fan_in, fan_out)'}
+                  'lanton': 'η_ℓ', 'dct_adamw': 'c = 1/max(min(fan_in, fan_out), 128)'}
 
 
 @pytest.mark.parametrize('name', orthax.recipe_names())

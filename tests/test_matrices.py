@@ -153,6 +153,18 @@ def test_scale_by_shape_modes(mode, factor):
   np.testing.assert_allclose(out['k'], expect, rtol=1e-6)
 
 
+def test_inverse_side_counts_small_sides_as_min_side():
+  tx = orthax.scale_by_shape('inverse_side', min_side=32)
+  for shape, factor in (((16, 48), 1 / 32), ((48, 64), 1 / 48),
+                        ((64, 1), 1 / 32)):
+    tree = {'k': jnp.ones(shape)}
+    out, _ = tx.update(tree, tx.init(tree))
+    np.testing.assert_allclose(out['k'], factor, rtol=1e-6)
+  for bad, error in ((0, ValueError), (2.5, TypeError), (True, TypeError)):
+    with pytest.raises(error, match='scale_by_shape: min_side must be'):
+      orthax.scale_by_shape('inverse_side', min_side=bad)
+
+
 @pytest.mark.parametrize('form,nesterov', [('ema', True), ('ema', False),
                                            ('sum', True), ('sum', False)])
 def test_momentum_forms(form, nesterov):
@@ -234,6 +246,12 @@ def test_weight_decay_rate_scale_per_matrix():
                                      step_scale='inverse_side')
   out, _ = tx.update(d, tx.init(w), w)
   np.testing.assert_allclose(out['k'], -0.1 * 0.5 * 0.5 / 8, rtol=1e-6)
+  # min_side: sides below it count as it (k's 8 as 16; v's 4 as 16)
+  tx = orthax.decoupled_weight_decay(0.1, learning_rate=0.5,
+                                     rate_scale='inverse_side', min_side=16)
+  out, _ = tx.update(d, tx.init(w), w)
+  np.testing.assert_allclose(out['k'], -0.1 * 0.5 / 16, rtol=1e-6)
+  np.testing.assert_allclose(out['v'], -2 * 0.1 * 0.5 / 16, rtol=1e-6)
   with pytest.raises(ValueError, match='not both'):
     orthax.decoupled_weight_decay(0.1, learning_rate=0.5, step_scale='keller',
                                   rate_scale='keller')

@@ -56,7 +56,7 @@ CATEGORY = {
     'clip_final_scale': 'nonneg', 'final_scale': 'nonneg',
     # DCT-AdamW / Trion: rank is an int >= 1 or a fraction in (0, 1].
     'rank': 'pos', 'ell_norm': 'pos', 'update_every': 'count',
-    'max_shape': 'count',
+    'max_shape': 'count', 'min_side': 'count',
     # FISMO: the damping μ and the eigenvalue floor guard inverse roots.
     'damping': 'pos', 'eig_floor': 'pos', 'precondition_every': 'count',
 }
@@ -66,7 +66,7 @@ OVERRIDE = {('clip_outliers', 'eps'): 'nonneg',
             ('fismo', 'gamma'): 'rate', ('scale_by_fismo', 'gamma'): 'rate'}
 # Arguments that fix the state's shapes or the program: Python numbers.
 STATIC = {'rank', 'ell_norm', 'update_every', 'precondition_every',
-          'max_shape'}
+          'max_shape', 'min_side'}
 # Numeric-looking arguments that are tables, not hyperparameters.
 EXEMPT = {'coeffs', 'coeffs_for_shape'}
 
@@ -301,8 +301,12 @@ def test_static_dct_arguments_under_inject_hyperparams_say_so():
   with pytest.raises(TypeError, match='max_shape must be an int, got '
                      'Array.*pass it in static_args'):
     optax.inject_hyperparams(orthax.dct_adamw)(max_shape=24).init(p)
+  with pytest.raises(TypeError, match='min_side must be an int, got '
+                     'Array.*pass it in static_args'):
+    optax.inject_hyperparams(orthax.dct_adamw)(min_side=16).init(p)
   tx = optax.inject_hyperparams(orthax.dct_adamw, static_args=(
-      'update_every', 'max_shape'))(update_every=10, max_shape=24)
+      'update_every', 'max_shape', 'min_side'))(update_every=10,
+                                                max_shape=24, min_side=16)
   jax.jit(tx.update)(p, tx.init(p), p)
 
 

@@ -63,6 +63,7 @@ from orthax.matrix_stages._scale import SCALE_MODES
 from orthax.matrix_stages._scale import ScaleByShape
 from orthax.matrix_stages._scale import ScaleToRms
 from orthax.matrix_stages._scale import ScaleToSpectralNorm
+from orthax.matrix_stages._scale import check_min_side
 from orthax.matrix_stages._scale import check_scale_mode
 from orthax.matrix_stages._scale import shape_factor
 
@@ -75,7 +76,7 @@ __all__ = [
     'NeuronNormalize', 'NoiseAdaptStep', 'Norm', 'ScaleByShape', 'ScaleToRms',
     'ScaleToSpectralNorm',
     'ScalingStage',
-    'StageShapes', 'apply_stages', 'check_norms', 'check_scale_mode',
+    'StageShapes', 'apply_stages', 'check_min_side', 'check_norms', 'check_scale_mode',
     'neuron_axis',
     'shape_factor', 'split_sums', 'stage', 'stage_norms', 'static',
     'resolve_qr', 'root_norm', 'sum_squares', 'wide',

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from orthax.matrix_stages._base import MatrixStage
 from orthax.matrix_stages._base import stage
@@ -24,10 +25,26 @@ def check_scale_mode(mode: str, where: str = 'scale mode') -> None:
                      f'{mode!r}.')
 
 
+def check_min_side(min_side: Any, where: str, default: int = 1) -> int:
+  """``min_side``, or ``default`` for ``None``; raises ``ValueError``
+  (``TypeError`` for a non-integer: a static value) unless it is an
+  integer ≥ 1; ``where`` names the argument."""
+  if min_side is None:
+    return default
+  if isinstance(min_side, bool) or not isinstance(min_side, (int, np.integer)):
+    raise TypeError(f'{where} must be an int, got {type(min_side).__name__} '
+                    f'{min_side!r} (a static value: pass it in static_args '
+                    'of optax.inject_hyperparams).')
+  if min_side < 1:
+    raise ValueError(f'{where} must be >= 1, got {min_side}.')
+  return int(min_side)
+
+
 def shape_factor(fan_in: int, fan_out: int, mode: str,
-                 rms: float = 0.2) -> float:
+                 rms: float = 0.2, min_side: int = 1) -> float:
   """The shape scale of one ``fan_in × fan_out`` matrix (see
-  :func:`orthax.scale_by_shape`)."""
+  :func:`orthax.scale_by_shape`; ``min_side``: ``'inverse_side'`` divides
+  by ``max(min(fan_in, fan_out), min_side)``)."""
   if mode == 'keller':
     return math.sqrt(max(1.0, fan_out / fan_in))
   if mode == 'moonlight':
@@ -35,26 +52,29 @@ def shape_factor(fan_in: int, fan_out: int, mode: str,
   if mode == 'spectral':
     return math.sqrt(fan_out / fan_in)
   if mode == 'inverse_side':
-    return 1.0 / min(fan_in, fan_out)
+    return 1.0 / max(min(fan_in, fan_out), min_side)
   check_scale_mode(mode)
   return 1.0  # 'none'
 
 
 @stage
 class ScaleByShape(MatrixStage):
-  """``O ← O·shape_factor(fan_in, fan_out, mode)``."""
+  """``O ← O·shape_factor(fan_in, fan_out, mode, rms, min_side)``."""
 
   name = 'scale_by_shape'
   mode: str = static(default='keller')
   rms: Any = 0.2
+  min_side: int = static(default=1)
 
   def __post_init__(self):
     check_scale_mode(self.mode)
+    check_min_side(self.min_side, 'ScaleByShape: min_side')
 
   def apply(self, o, state, blocks):
     if self.mode == 'none':
       return o, state
-    f = shape_factor(blocks.fan_in, blocks.fan_out, self.mode, self.rms)
+    f = shape_factor(blocks.fan_in, blocks.fan_out, self.mode, self.rms,
+                     self.min_side)
     return (o * f).astype(o.dtype), state
 
 

@@ -11,6 +11,7 @@ import optax
 from orthax import _tree
 from orthax import _validate
 from orthax import matrices
+from orthax import matrix_stages as MS
 from orthax import routing
 from orthax.recipes import _common
 from orthax.recipes import registry
@@ -28,6 +29,9 @@ _DCT_ADAMW_REFERENCES = {
 DEFAULT_LEARNING_RATES = {'inverse_side': 1.5, 'none': 0.0085}
 SCALES = tuple(DEFAULT_LEARNING_RATES)
 MAX_SHAPE = 32000
+# The side below which `inverse_side` stops growing the step: the smallest
+# side the default rate was swept at (d_model 128).
+MIN_SIDE = 128
 
 
 def limit_matrix_size(router: _common.RouterLike, max_shape: int
@@ -69,6 +73,7 @@ def dct_adamw(
     eps: float = 1e-8,
     ell_norm: float | None = None,
     max_shape: int | None = None,
+    min_side: int | None = None,
     weight_decay: float = 0.0,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: float | None = None,
@@ -96,20 +101,22 @@ def dct_adamw(
      W &\leftarrow W(1-cηλ) - cη\,\frac{\sqrt{1-β_2^t}}{1-β_1^t}\cdot
         \frac{m}{\sqrt v + ε\sqrt{1-β_2^t}}\,D_{:,\mathrm{idx}}^\top
 
-  with ``c`` from ``scale``: ``'inverse_side'`` (the default) ``c = 1/s``,
-  ``'none'`` ``c = 1``. An Adam step's entries are of order one whatever
+  with ``c`` from ``scale``: ``'inverse_side'`` (the default) ``c =
+  1/\max(s, s_0)`` with ``s_0 = min_side`` (128), ``'none'`` ``c = 1``. An Adam step's entries are of order one whatever
   the width, so its spectral norm grows like the width at a fixed aspect
   ratio and the best AdamW-style rate halves when the width doubles (the
   learning-rate sweep: 0.012 at d_model 128, 0.006 at 256). Per unit of the
   smaller side, one ``η`` serves every width (μP's ``1/fan_in`` rule for
   Adam, Yang, Simon, Bernstein, arXiv 2310.17813, on the side DCT-AdamW
   projects): ``η = 1.5`` is an AdamW-style rate of 0.012 on a 128-wide
-  model and 0.002 on a 768-wide one. On small sides it is large: 0.19 on
-  a matrix with a side of 8, 1.5 on one of a single column (a scalar
-  regression head); route such matrices to the AdamW branch
-  (``router=orthax.Router(extra_rules=[orthax.Rule(pattern, 'adam')])``)
-  or pass ``scale='none'`` with an AdamW-sized rate for a model of small
-  layers.
+  model and 0.002 on a 768-wide one. Below ``s_0`` the rate stops
+  growing: a side of 8, or a single column (a scalar regression head),
+  steps as a side of 128 does, at 0.012; with ``c = 1/s`` there (``min_side=1``)
+  it would step at 0.19 and 1.5, 16–128 times that, and small models
+  trained far worse than AdamW (an 8→64→64→1 regression MLP ended at 56×
+  AdamW's loss, a small CNN at chance, 2026-12-07). 128 is the smallest
+  side the default rate was swept at (d_model 128), so every swept figure
+  holds.
 
   ``P`` moves the moments of a column index still selected to its new slot
   and starts new ones at zero. The state per matrix is ``r`` indices and
@@ -155,6 +162,9 @@ def dct_adamw(
     b1, b2, eps: Adam's β₁, β₂ and ε (torch placement).
     ell_norm: ``p`` of the column score (default 1).
     max_shape: matrices with a side ``≥`` this go to AdamW (default 32000).
+    min_side: ``s_0`` above (default ``None``: 128; ``1``: ``c = 1/s`` on
+      every side). Static under ``optax.inject_hyperparams``, as
+      ``max_shape``.
     weight_decay: λ, decoupled (``W(1-cηλ)``, at the AdamW branch's own
       rate there), both branches by default.
     adam_learning_rate: the AdamW branch's rate (default: ``learning_rate ×
@@ -194,6 +204,7 @@ def dct_adamw(
   rank, update_every, ell_norm = dct_adam.check_structure(
       'dct_adamw', rank, update_every, ell_norm)
   max_shape = MAX_SHAPE if max_shape is None else int(max_shape)
+  min_side = MS.check_min_side(min_side, 'dct_adamw: min_side', MIN_SIDE)
   reference = registry.resolve_reference('dct_adamw', reference)
   d = _DCT_ADAMW_REFERENCES[reference]
   (scale,) = _common.mode_settings(d, scale=scale)
@@ -207,10 +218,11 @@ def dct_adamw(
       ('dct_adam', dct_adam.scale_by_dct_adam(
           rank, update_every=update_every, b1=b1, b2=b2, eps=eps,
           ell_norm=ell_norm, remap=d['remap'], scale=scale,
-          matrix_specs=specs, distributed=distributed)),
+          min_side=min_side, matrix_specs=specs, distributed=distributed)),
       # W(1 - cηλ) - cη·step: AdamW's decay at the step's own rate.
       *_common.step_stages(learning_rate, weight_decay, **(
           {} if scale == 'none' else dict(rate_scale=scale,
+                                          min_side=min_side,
                                           matrix_specs=specs))),
   )
   pick = lambda v, default: default if v is None else v
@@ -221,8 +233,10 @@ def dct_adamw(
       recipe='dct_adamw',
       notes=() if scale == 'none' else (
           "dct_adamw's matrix lr and wd are per unit of the matrix side: the "
-          'step and the decay use c·lr, c = 1/min(fan_in, fan_out) '
-          "(scale='inverse_side'; a 16 × 64 kernel steps at lr/16).",),
+          'step and the decay use c·lr, c = 1/max(min(fan_in, fan_out), '
+          f"{min_side}) (scale='inverse_side', min_side={min_side}; a "
+          f'{4 * min_side} × {8 * min_side} kernel steps at '
+          f'lr/{4 * min_side}).',),
       b1=pick(adam_b1, b1), b2=pick(adam_b2, b2), eps=pick(adam_eps, eps),
       weight_decay=pick(adam_weight_decay, weight_decay),
       eps_placement='corrected')

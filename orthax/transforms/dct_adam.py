@@ -26,6 +26,7 @@ def scale_by_dct_adam(
     ell_norm: float | None = None,
     remap: bool = True,
     scale: str = 'none',
+    min_side: int | None = None,
     matrix_specs: _tree.SpecsLike = None,
     distributed: Any = None,
 ) -> optax.GradientTransformation:
@@ -65,6 +66,8 @@ def scale_by_dct_adam(
     remap: carry the moments over at a re-selection.
     scale: a :func:`orthax.scale_by_shape` mode for the step (default
       ``'none'``).
+    min_side: with ``scale='inverse_side'``: ``1/max(s, min_side)``
+      (default ``None``: 1).
     matrix_specs: as in :func:`orthax.orthogonalize`.
     distributed: an :class:`orthax.sharding.Distributed`: whole matrices
       per device on its mesh, the state on the owner device.
@@ -90,7 +93,9 @@ def scale_by_dct_adam(
                       remap=bool(remap))
 
   MS.check_scale_mode(scale, 'scale_by_dct_adam: scale')
-  then = [] if scale == 'none' else [MS.ScaleByShape(scale)]
+  min_side = MS.check_min_side(min_side, 'scale_by_dct_adam: min_side')
+  then = [] if scale == 'none' else [MS.ScaleByShape(scale,
+                                                     min_side=min_side)]
   return matrix_stage.slot_step(make, matrix_specs, distributed,
                                 'scale_by_dct_adam', then=then)
 

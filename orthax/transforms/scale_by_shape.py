@@ -18,6 +18,7 @@ def scale_by_shape(
     mode: str = 'keller',
     *,
     rms: float = 0.2,
+    min_side: int | None = None,
     matrix_specs: _tree.SpecsLike = None,
 ) -> optax.GradientTransformation:
   r"""Multiplies each matrix update by a factor of its shape.
@@ -36,6 +37,8 @@ def scale_by_shape(
     the width at a fixed aspect ratio: one learning rate then serves every
     width, as μP's ``1/fan_in`` rule for Adam does (Yang, Simon, Bernstein,
     arXiv 2310.17813), taken on the smaller side (DCT-AdamW's default);
+    sides below ``min_side`` count as ``min_side`` (their step is then the
+    step of a matrix of that side, not larger);
   * ``none``: 1.
 
   The same scale runs inside :func:`orthax.orthogonalize` as
@@ -45,9 +48,13 @@ def scale_by_shape(
     mode: one of ``'keller'``, ``'moonlight'``, ``'spectral'``,
       ``'inverse_side'``, ``'none'``.
     rms: target RMS for ``moonlight``.
+    min_side: ``inverse_side`` only: divide by ``max(min(in, out),
+      min_side)`` (default ``None``: 1).
     matrix_specs: as in :func:`orthax.orthogonalize`.
   """
   _validate.arguments('scale_by_shape', scale_by_shape, locals())
   matrix_stages.check_scale_mode(mode, 'scale_by_shape: mode')
-  return stage_transform(matrix_stages.ScaleByShape(mode, rms), matrix_specs,
+  min_side = matrix_stages.check_min_side(min_side, 'scale_by_shape: min_side')
+  return stage_transform(matrix_stages.ScaleByShape(mode, rms, min_side),
+                         matrix_specs,
                          'scale_by_shape')

@@ -10,6 +10,7 @@ import optax
 
 from orthax import _tree
 from orthax import _validate
+from orthax.matrix_stages import check_min_side
 from orthax.matrix_stages import check_scale_mode
 from orthax.transforms.scale_by_shape import shape_factor
 
@@ -40,6 +41,7 @@ def decoupled_weight_decay(
     mask: Any = None,
     step_scale: str | None = None,
     rate_scale: str | None = None,
+    min_side: int | None = None,
     matrix_specs: _tree.SpecsLike = None,
 ) -> optax.GradientTransformation:
   r"""Adds decoupled weight decay to an update that already includes the lr.
@@ -76,6 +78,8 @@ def decoupled_weight_decay(
       matrix's rate by its factor, ``Δ ← Δ - λ η_t s W``: AdamW's decay at
       the step's own rate when the step carries the same factor (DCT-AdamW's
       ``'inverse_side'``).
+    min_side: with ``'inverse_side'``, the side below which the factor
+      stops growing (:func:`orthax.scale_by_shape`; default ``None``: 1).
     matrix_specs: matrix views for ``step_scale`` or ``rate_scale`` (as in
       :func:`orthax.orthogonalize`).
 
@@ -94,6 +98,7 @@ def decoupled_weight_decay(
                        'rate_scale, not both.')
   if rate_scale is not None:
     check_scale_mode(rate_scale, 'decoupled_weight_decay: rate_scale')
+  min_side = check_min_side(min_side, 'decoupled_weight_decay: min_side')
 
   def init_fn(params):
     del params
@@ -119,7 +124,8 @@ def decoupled_weight_decay(
                                   'decoupled_weight_decay')
       per_step = 1.0 if step_scale is None else eta
       rates = [rate * per_step * shape_factor(*s.matrix_shape(x.shape)[1:],
-                                              step_scale or rate_scale)
+                                              step_scale or rate_scale,
+                                              min_side=min_side)
                for x, s in zip(leaves, specs)]
 
     def leaf(d, w, r):
