@@ -260,7 +260,7 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(('clamp_c', 'gamma', 'alpha', 'noise_power', 'scale_rms',
                      'rms', 'scale_coeff', 'clip_final_scale', 'final_scale'),
                     nonnegative),
-    **dict.fromkeys(('stable', 'remap', 'nesterov', 'check_finite',
+    **dict.fromkeys(('stable', 'remap', 'nesterov', 'fraction_scale', 'check_finite',
                      'aspect_scale', 'group', 'shared_bound',
                      'check_result', 'cautious_weight_decay', 'cautious',
                      'scale_safe', 'normalize', 'bias_correction',

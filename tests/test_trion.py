@@ -243,3 +243,39 @@ def test_an_int_rank_above_the_smaller_side_is_full_rank(name):
       u, state = tx.update(g, state, params)
     out.append(np.asarray(u['w']))
   np.testing.assert_array_equal(out[0], out[1])
+
+
+def test_fraction_scale_steps_as_the_fraction_kept(x64):
+  """At ``rank=0.25`` a side of 1 keeps its one column: unscaled, a
+  Muon step at Trion's rate, 4× Muon's (a 64×1 head trained to 13×
+  AdamW's loss at the defaults). The library mode scales the step by
+  ``rank·s/r``: 1/4 there, 3/4 on a side of 6 (r = 2), exactly 1 where
+  ``rank·s`` is whole; the buffers are the same either way."""
+  rng = np.random.default_rng(7)
+  shapes = {'head': (64, 1), 'odd': (6, 40), 'whole': (8, 64)}
+  params = {k: jnp.asarray(rng.standard_normal(s)) for k, s in shapes.items()}
+  grads = [{k: jnp.asarray(rng.standard_normal(s)) for k, s in shapes.items()}
+           for _ in range(3)]
+  matrix = orthax.Router(extra_rules=[orthax.Rule('.*', 'matrix')])
+  runs = {}
+  for scaled in (True, False):
+    tx = orthax.trion(0.1, rank=0.25, weight_decay=0.0, router=matrix,
+                      fraction_scale=scaled)
+    state, ups = tx.init(params), []
+    for g in grads:
+      u, state = tx.update(g, state, params)
+      ups.append(u)
+    runs[scaled] = ups
+  for t in range(3):
+    np.testing.assert_allclose(runs[True][t]['head'],
+                               0.25 * runs[False][t]['head'], rtol=1e-12)
+    np.testing.assert_allclose(runs[True][t]['odd'],
+                               0.75 * runs[False][t]['odd'], rtol=1e-12)
+    np.testing.assert_array_equal(runs[True][t]['whole'],
+                                  runs[False][t]['whole'])
+  # The reference's step is unscaled.
+  heads = []
+  for kw in ({}, {'fraction_scale': True}):
+    ista = orthax.trion(0.1, reference='ista', rank=0.25, router=matrix, **kw)
+    heads.append(ista.update(grads[0], ista.init(params), params)[0]['head'])
+  np.testing.assert_allclose(heads[1], 0.25 * heads[0], rtol=1e-12)

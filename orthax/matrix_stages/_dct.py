@@ -142,8 +142,12 @@ class TrionStep(MatrixStage):
   with ``c`` the shape scale of ``scaling`` (:data:`TRION_SCALINGS`). With
   ``nesterov``, Newton–Schulz takes the look-ahead
   ``Y E_{:,idx} + μM`` in place of ``M`` (the selection and the feedback
-  are unchanged; at full rank this is Muon's Nesterov step). State
-  (slots): ``b`` ``(fan_in, fan_out)``, the buffer in the kernel's layout.
+  are unchanged; at full rank this is Muon's Nesterov step). With
+  ``fraction_scale`` and a fractional ``rank``, ``c`` is multiplied by
+  ``rank·s/r``: where rounding up keeps more than the fraction (``r = 1``
+  of a side of 1), the step is that of exactly the fraction kept; 1 where
+  ``rank·s`` is whole. State (slots): ``b`` ``(fan_in, fan_out)``, the
+  buffer in the kernel's layout.
   """
 
   name = 'trion'
@@ -152,6 +156,7 @@ class TrionStep(MatrixStage):
   scaling: str = static(default='kj')
   ns_dtype: Any = static(default=None)
   nesterov: bool = static(default=False)
+  fraction_scale: bool = static(default=False)
 
   def shapes(self, fan_in, fan_out):
     return StageShapes(state={'b': (fan_in, fan_out)}, slots=True)
@@ -184,5 +189,7 @@ class TrionStep(MatrixStage):
             else mom)
     ortho = newton_schulz(look, 'jordan', dtype=self.ns_dtype)
     c = shape_factor(fi, fo, TRION_SCALINGS[self.scaling])
+    if self.fraction_scale and isinstance(self.rank, float):
+      c = c * (self.rank * s / r)
     out = dct.untall(c * dct.back_project(ortho, e, idx), fi, fo)
     return out.astype(o.dtype), {'b': dct.untall(b, fi, fo).astype(dt)}

@@ -20,8 +20,9 @@ from orthax.transforms.chain import named_chain
 # ISTA-DASLab-Optimizers @4c98e6e fft_low_rank/trion.py); 'orthax': its
 # arithmetic with Nesterov's look-ahead at the sweep's rate and decay
 # (README). weight_decay=None and nesterov=None take the mode's.
-_TRION_REFERENCES = {'orthax': dict(weight_decay=0.2, nesterov=True),
-                     'ista': dict(weight_decay=0.0, nesterov=False)}
+_TRION_REFERENCES = {
+    'orthax': dict(weight_decay=0.2, nesterov=True, fraction_scale=True),
+    'ista': dict(weight_decay=0.0, nesterov=False, fraction_scale=False)}
 
 
 @registry.register(
@@ -38,6 +39,7 @@ def trion(
     scaling: str = 'kj',
     ns_dtype: Any = None,
     nesterov: bool | None = None,
+    fraction_scale: bool | None = None,
     weight_decay: float | None = None,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: float = 0.9,
@@ -102,6 +104,14 @@ def trion(
     nesterov: orthogonalize the look-ahead (above); default: the mode's,
       ``True`` for ``'orthax'`` and the reference's ``False`` for
       ``'ista'``.
+    fraction_scale: the step times ``rank·s/r`` for a fractional
+      ``rank`` (:func:`orthax.transforms.scale_by_trion`): the default
+      rate is for the quarter of the side kept, and a side of 1–3, where
+      rounding keeps all of it, would step as Muon at 4× Muon's rate (a
+      64×1 regression head: 13× AdamW's loss at the defaults); 1 where
+      ``rank·s`` is whole, so every swept figure holds. Default: the
+      mode's, ``True`` for ``'orthax'``, the reference's ``False`` for
+      ``'ista'``.
     weight_decay: λ, decoupled (``W(1-ηλ)``); default: the mode's, 0.2
       for ``'orthax'`` (the sweep's, README) and the reference's 0 for
       ``'ista'``.
@@ -136,8 +146,9 @@ def trion(
   reference, learning_rate = registry.resolve_mode('trion', reference,
                                                    learning_rate)
   d = _TRION_REFERENCES[reference]
-  weight_decay, nesterov = _common.mode_settings(
-      d, weight_decay=weight_decay, nesterov=nesterov)
+  weight_decay, nesterov, fraction_scale = _common.mode_settings(
+      d, weight_decay=weight_decay, nesterov=nesterov,
+      fraction_scale=fraction_scale)
   rank, _, _ = dct_adam.check_structure('trion', rank, None, None)
   if scaling not in MS.TRION_SCALINGS:
     raise ValueError(f'trion: scaling must be one of '
@@ -146,7 +157,7 @@ def trion(
   matrix = named_chain(
       ('trion', trion_lib.scale_by_trion(
           rank, beta=beta, scaling=scaling, ns_dtype=ns_dtype,
-          nesterov=nesterov,
+          nesterov=nesterov, fraction_scale=fraction_scale,
           matrix_specs=specs, distributed=distributed)),
       *_common.step_stages(learning_rate, weight_decay),
   )

@@ -22,6 +22,7 @@ def scale_by_trion(
     scaling: str = 'kj',
     ns_dtype: Any = None,
     nesterov: bool = False,
+    fraction_scale: bool = False,
     matrix_specs: _tree.SpecsLike = None,
     distributed: Any = None,
 ) -> optax.GradientTransformation:
@@ -60,6 +61,10 @@ def scale_by_trion(
       gradient's selected coefficients plus μ times the momentum's; the
       selection and the feedback do not change) instead of ``M``, the
       reference's step (default).
+    fraction_scale: with a fractional ``rank``, multiply ``c`` by
+      ``rank·s/r``, so that a side whose ``r`` was rounded up (a side of 1,
+      2 or 3 at ``rank=0.25``) steps as if exactly the fraction were kept
+      (default ``False``, the reference's).
     matrix_specs: as in :func:`orthax.orthogonalize`.
     distributed: an :class:`orthax.sharding.Distributed`.
 
@@ -83,7 +88,8 @@ def scale_by_trion(
   def make(count):
     del count
     return MS.TrionStep(momentum=beta, rank=rank, scaling=scaling,
-                        ns_dtype=ns_dtype, nesterov=nesterov)
+                        ns_dtype=ns_dtype, nesterov=nesterov,
+                        fraction_scale=fraction_scale)
 
   return matrix_stage.slot_step(make, matrix_specs, distributed,
                                 'scale_by_trion')
