@@ -319,6 +319,11 @@ def test_rank_fraction_and_static_injection():
   st = orthax.dct_adamw(rank=0.3).init(params)
   slots = optax.tree.get(st, 'dct_adam').slots.slots
   assert [a['idx'].shape[-1] for a in slots.values()] == [3]  # ceil(2.4)
+  # A whole rank·s is that rank, whatever the float product's last bit
+  # (0.07·100 = 7.000000000000001 kept 8 columns).
+  for r in range(1, 101):
+    for s in (30, 100, 1100, 4096):
+      assert dct.resolve_rank(r / 100, s) == max(1, -(-r * s // 100)), (r, s)
   tx = optax.inject_hyperparams(orthax.dct_adamw, static_args=(
       'rank', 'update_every'))(learning_rate=0.1, rank=2, update_every=2)
   g = {'w': jnp.arange(160.0).reshape(8, 20) / 100}

@@ -131,6 +131,12 @@ def test_integer_leaf_on_another_branch_names_it(name):
   grads['counts'] = np.zeros((3,), jax.dtypes.float0)
   u, _ = tx.update(grads, state, params)
   assert bool(jnp.all(jnp.isfinite(u['w'])))
+  new = optax.apply_updates(params, u)  # float0 + int32 is refused
+  np.testing.assert_array_equal(new['counts'], params['counts'])
+  # A Python int or bool parameter is refused the same way.
+  for value in (3, True):
+    with pytest.raises(ValueError, match="leaf 'n' has dtype"):
+      orthax.recipe(name).init({'w': _rand((8, 16), 0), 'n': value})
 
 
 @pytest.mark.parametrize('name', RECIPES)

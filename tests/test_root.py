@@ -72,6 +72,23 @@ def test_abs_quantile_differentiates_as_jnp_quantile(x64):
                                jax.jvp(g, (x,), (t,))[1], rtol=1e-12)
 
 
+def test_abs_quantile_derivative_at_a_zero_statistic_and_nan_rows(x64):
+  """A lower statistic of 0 tied with the masked entries' fill, and
+  max's derivative was shared with them (weight k/n, not 1); a row whose
+  last statistic is NaN read back 0 instead of NaN."""
+  x = jnp.asarray([[0., 0., 5., 6.]])
+  d = jnp.asarray([[1., 1., 0., 0.]])
+  f = lambda x: abs_quantile(x, 0.0)
+  g = lambda x: jnp.quantile(jnp.abs(x), 0.0, axis=-1)
+  assert float(jnp.sum(jax.grad(lambda x: f(x).sum())(x))) == 1.0
+  np.testing.assert_allclose(jax.jvp(f, (x,), (d,))[1],
+                             jax.jvp(g, (x,), (d,))[1])
+  nan = jnp.asarray([[1., 2., 3., 4., jnp.nan]])
+  for q in (0.5, 0.9, 1.0):
+    np.testing.assert_array_equal(abs_quantile(nan, q),
+                                  jnp.quantile(jnp.abs(nan), q, axis=-1))
+
+
 def test_root_update_differentiates_as_finite_differences(x64):
   """``jax.grad`` of a function of ROOT's second update, against central
   differences (float64): the clip's threshold moves with the gradient."""

@@ -78,8 +78,14 @@ def abs_quantile(x: jax.Array, q: float | jax.Array) -> jax.Array:
   lo, _ = jax.lax.fori_loop(0, passes, body, (lo, hi))
   # Read back from |x| where its bits are lo's (not bit-converted from lo,
   # which no derivative passes through): jax.grad and jvp then see
-  # jnp.quantile's weights on the two order statistics.
-  v_lo = jnp.max(jnp.where(b == lo[..., None], a, 0), axis=-1)
+  # jnp.quantile's weights on the two order statistics. (The fill -1 is
+  # below every |x|, so no masked entry shares max's derivative; a row
+  # whose statistic is NaN, above every finite pattern, matches nothing
+  # and takes lo's bits: NaN, as jnp.quantile.)
+  hit = b == lo[..., None]
+  v_lo = jnp.where(jnp.any(hit, axis=-1),
+                   jnp.max(jnp.where(hit, a, -1), axis=-1),
+                   jax.lax.bitcast_convert_type(lo, a.dtype))
   # The next order statistic: v_lo again if it repeats, else the next value.
   n_le = jnp.sum((b <= lo[..., None]).astype(cnt_dtype), axis=-1)
   nxt = jnp.min(jnp.where(b > lo[..., None], a, top), axis=-1)

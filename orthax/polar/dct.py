@@ -86,7 +86,8 @@ def resolve_rank(rank: int | float, smaller: int) -> int:
   ``(0, 1]`` as a fraction of the smaller side (rounded up); at least 1,
   at most ``smaller``."""
   if isinstance(rank, float):
-    r = math.ceil(rank * smaller)
+    x = rank * smaller  # (0.07·100 is 7.000000000000001: 7, not 8)
+    r = round(x) if abs(x - round(x)) <= 1e-9 * max(1.0, x) else math.ceil(x)
   else:
     r = int(rank)
   return max(1, min(r, smaller))

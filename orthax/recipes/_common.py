@@ -230,11 +230,6 @@ def with_frozen_zeroed(tx: optax.GradientTransformation, router: RouterLike
             else router)
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is not None:  # a frozen integer leaf's float0 gradient
-      updates = jax.tree.map(  # (jax.grad(allow_int=True)) as zeros
-          lambda u, p: jnp.zeros(u.shape, p.dtype)
-          if getattr(u, 'dtype', None) == jax.dtypes.float0 else u,
-          updates, params)
     updates, state = tx.update(updates, state, params, **extra_args)
     return jax.tree.map(
         lambda u, label: jnp.zeros_like(u) if label == 'frozen' else u,
@@ -260,6 +255,13 @@ def with_shape_check(tx: optax.GradientTransformation
           'weight decay reads them, even at weight_decay=0): call '
           'tx.update(grads, state, params).')
     check.update(updates, optax.EmptyState(), params)
+    # A frozen integer leaf's float0 gradient (jax.grad(allow_int=True)) as
+    # zeros of the leaf's dtype: its zero update then applies
+    # (optax.apply_updates refuses to add a float0 array).
+    updates = jax.tree.map(
+        lambda u, p: jnp.zeros(u.shape, jnp.result_type(p))
+        if getattr(u, 'dtype', None) == jax.dtypes.float0 else u,
+        updates, params)
     return tx.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
@@ -314,9 +316,10 @@ def check_trainable(params: Any, labels: Any) -> None:
   except (ValueError, TypeError):
     return  # not shaped like params: optax.partition says so
   for path, x, label in zip(paths, leaves, per_leaf):
-    dtype = getattr(x, 'dtype', None)
-    if (dtype is None or label in ('frozen', 'matrix')  # (the matrix
-        or jnp.issubdtype(dtype, jnp.inexact)):           # branch refuses)
+    dtype = getattr(x, 'dtype', None)  # (a Python int or bool: its array's)
+    dtype = jnp.result_type(x) if dtype is None else dtype
+    if (label in ('frozen', 'matrix')  # (the matrix branch refuses)
+        or jnp.issubdtype(dtype, jnp.inexact)):
       continue
     pattern = '^' + re.escape(path) + '$'
     raise ValueError(

@@ -113,7 +113,7 @@ def dct_adamw(
   growing: a side of 8, or a single column (a scalar regression head),
   steps as a side of 128 does, at 0.012; with ``c = 1/s`` there (``min_side=1``)
   it would step at 0.19 and 1.5, 16–128 times that, and small models
-  trained far worse than AdamW (an 8→64→64→1 regression MLP ended at 56×
+  trained far worse than AdamW (an 8→64→64→1 regression MLP ended at 55×
   AdamW's loss, a small CNN at chance, 2026-12-07). 128 is the smallest
   side the default rate was swept at (d_model 128), so every swept figure
   holds.
