@@ -28,9 +28,9 @@ CONVERGENCE: dict[str, dict[str, Any]] = {
     # moments drive another's, and it needs twice the steps (the default
     # mode, with the moments remapped, converges in 300).
     'dct_adamw/ista': dict(steps=600, peak_lr=0.1),
-    # The default rate is per unit of the smaller side (16 and 12 here):
-    # 1.6 is the quadratic's 0.1.
-    'dct_adamw': dict(peak_lr=1.6),
+    # The default rate is per unit of the smaller side, from 128 up (16 and
+    # 12 here count as 128): 12.8 is the quadratic's 0.1.
+    'dct_adamw': dict(peak_lr=12.8),
     # Trion's library decay (λ 0.2) holds its rank-r steps short of the
     # quadratic's target (entries 0.5·N(0, 1), far from the origin): the
     # loss stalls at 24% of its start in 300 steps and 20% in 600 (at λ 0.1

@@ -103,7 +103,7 @@ SAME_ARITHMETIC = {'muon': 'keller', 'normuon': 'repo', 'root': 'repo',
 # ... once the library mode's own settings are set to the reference's
 # (Trion's library mode looks ahead, test_trion.py covers that step; ROOT's
 # scales its step as Muon, test_root.py).
-REFERENCE_SETTINGS = {'trion': dict(nesterov=False),
+REFERENCE_SETTINGS = {'trion': dict(nesterov=False, fraction_scale=False),
                       'root': dict(scale='moonlight')}
 
 
@@ -112,8 +112,9 @@ def test_library_mode_is_its_references_arithmetic(name):
   """At the same rates and decay, ``reference='orthax'`` steps exactly as
   the mode whose arithmetic it runs (its default decay may differ: NorMuon's
   is the sweep's 0.1, Muon's, Hybrid-AuON's and ROOT's 0.2, their
-  references' 0, 0 and 0.1; Trion's library mode also looks ahead, here
-  with ``nesterov=False``, and ROOT's takes Muon's shape scale, here the
+  references' 0, 0 and 0.1; Trion's library mode also looks ahead and
+  scales a rounded-up rank, here with ``nesterov=False`` and
+  ``fraction_scale=False``, and ROOT's takes Muon's shape scale, here the
   reference's Moonlight scale)."""
   shapes = {'blocks/mlp/kernel': (3, 8, 6), 'blocks/mlp/bias': (3, 6),
             'attn/kernel': (6, 10)}
