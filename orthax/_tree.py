@@ -166,6 +166,12 @@ def specs_per_leaf(specs: Any, treedef: Any, n: int, what: str,
   return per_leaf
 
 
+def exact_pattern(path: str) -> str:
+  """The :class:`orthax.Rule` pattern that matches ``path`` alone (for the
+  rule an error or warning suggests)."""
+  return '^' + re.escape(path) + '$'
+
+
 def check_real_floating(path: str, x: Any, what: str) -> None:
   """Raises ``ValueError`` naming ``path`` unless ``x`` (an array or a
   ``ShapeDtypeStruct``) holds real floating-point numbers: a matrix step
@@ -174,7 +180,7 @@ def check_real_floating(path: str, x: Any, what: str) -> None:
   dtype = getattr(x, 'dtype', None)
   if dtype is None or jnp.issubdtype(dtype, jnp.floating):
     return
-  pattern = '^' + re.escape(path) + '$'
+  pattern = exact_pattern(path)
   if jnp.issubdtype(dtype, jnp.complexfloating):
     why, label = ('complex matrices are not supported (their '
                   'orthogonalization needs the conjugate transpose)'), 'adam'

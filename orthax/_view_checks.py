@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import re
 
+from orthax import _tree
+
 _SCAN = re.compile(r'(?i)(^|/)scan[^/]*/')
 
 
@@ -36,7 +38,7 @@ def conv_stack_evidence(path: str, shape: tuple[int, ...],
 
 def conv_message(path: str, shape: tuple[int, ...], evidence: str) -> str:
   nd = len(shape)
-  pattern = '^' + re.escape(path) + '$'
+  pattern = _tree.exact_pattern(path)
   layers = ', '.join(str(a) for a in range(1, nd - 1))
   return (f'parameter {path!r} of shape {shape} is read as one convolution '
           f'(a {nd - 2}-D window: the default rule for conv kernels), but '
@@ -80,7 +82,7 @@ def attention_message(path: str, shape: tuple[int, ...], layout: str,
 
 
 def output_layer_message(path: str, reason: str) -> str:
-  pattern = '^' + re.escape(path) + '$'
+  pattern = _tree.exact_pattern(path)
   return (f'parameter {path!r} goes to the matrix branch but looks like an '
           f'output layer ({reason}); output layers usually train better '
           f'with AdamW: route it there with router=orthax.Router(extra_rules='

@@ -1,5 +1,6 @@
-"""The package around the code: its distribution name, version, license and
-typing marker, and the notebooks' install cells.
+"""The package around the code: its distribution name, version, license,
+typing marker and what type checkers read, the message that names a missing
+extra, and the notebooks' install cells.
 
 The install cells are executed (in a subprocess, since they rewrite
 ``sys.modules``) against a fake ``orthax`` on ``sys.path`` that, like the
@@ -163,3 +164,46 @@ def test_what_a_type_checker_reads():
   fields = {f.name: f for f in dataclasses.fields(MS.NeuronNormalize)}
   assert fields['axis'].default == 'fan_out'
   assert fields['axis'].metadata['static']
+
+
+# Runs with one module of the scripts extra made missing (a finder that
+# refuses it, as an environment without it would): argv[1] the module,
+# argv[2] what to do.
+WITHOUT = '''
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name == sys.argv[1] or name.startswith(sys.argv[1] + '.'):
+      raise ModuleNotFoundError(f'No module named {name!r}', name=name)
+sys.meta_path.insert(0, Missing())
+for m in [m for m in sys.modules if m.split('.')[0] == sys.argv[1]]:
+  del sys.modules[m]
+if sys.argv[2] == 'import':
+  import orthax.train
+else:
+  from orthax.cli import train
+  train.run(['orthax-train', '--help'])
+'''
+
+
+@pytest.mark.parametrize('module', ['ml_collections', 'flax', 'orbax'])
+def test_a_missing_extra_is_named_not_a_traceback(tmp_path, module):
+  """Every command imported ``orthax.train`` before it checked the extra:
+  without it, a ``ModuleNotFoundError`` traceback, the message that names
+  the extra never shown; ``import orthax.train`` did not name it either.
+  (absl, the fourth module checked, comes with optax.)"""
+  extra = "pip install 'orthax-optim[scripts]'"
+  proc = subprocess.run([sys.executable, '-c', WITHOUT, module, 'cli'],
+                        capture_output=True, text=True, cwd=tmp_path,
+                        timeout=300)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('orthax-train needs the trainer') and extra in last
+  assert f'({module}' in last, last
+  proc = subprocess.run([sys.executable, '-c', WITHOUT, module, 'import'],
+                        capture_output=True, text=True, cwd=tmp_path,
+                        timeout=300)
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('ModuleNotFoundError: orthax.train needs'), last
+  assert extra in last and f'({module}' in last, last

@@ -167,6 +167,21 @@ def soft_clip_matrix(
   z = jnp.broadcast_to(eye, y.shape)
   ell = jnp.sqrt(1 / alpha + shift)  # s = sqrt(eig(ZY)) lies in [ell, ~1]
 
+  if tol is None:
+    tol = 16 * float(jnp.finfo(acc).eps)
+  z = _coupled_steps(y, z, ell, steps, step_rule, tol)
+  h = (z * jax.lax.rsqrt(alpha)) @ x
+  return (jnp.matrix_transpose(h) if tall else h).astype(out_dtype)
+
+
+def _coupled_steps(y: jax.Array, z: jax.Array, ell: jax.Array,
+                   steps: int | jax.Array, step_rule: str,
+                   tol: float) -> jax.Array:
+  """The coupled Newton–Schulz iteration of :func:`soft_clip_matrix` from
+  ``(Y, Z, ℓ)``, ``Z → Â^{-1/2}`` returned: ``steps`` steps, or fewer once
+  ``1 - ℓ ≤ tol`` for every matrix (``'scaled'``, ``tol > 0``)."""
+  eye = jnp.eye(y.shape[-1], dtype=y.dtype)
+
   def body(_, carry):
     y, z, ell = carry
     if step_rule == 'plain':
@@ -179,8 +194,6 @@ def soft_clip_matrix(
     t = a * eye + b * (z @ y)
     return y @ t, t @ z, ell
 
-  if tol is None:
-    tol = 16 * float(jnp.finfo(acc).eps)
   if step_rule == 'plain' or tol <= 0:
     _, z, _ = jax.lax.fori_loop(0, steps, body, (y, z, ell))
   elif isinstance(steps, (int, np.integer)):
@@ -203,8 +216,7 @@ def soft_clip_matrix(
       return (k + 1,) + body(k, (y, z, ell))
 
     _, _, z, _ = jax.lax.while_loop(cond, wbody, (0, y, z, ell))
-  h = (z * jax.lax.rsqrt(alpha)) @ x
-  return (jnp.matrix_transpose(h) if tall else h).astype(out_dtype)
+  return z
 
 
 def soft_clip_svd(x: jax.Array, c: float) -> jax.Array:

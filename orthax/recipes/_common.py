@@ -12,7 +12,6 @@ chain and its AdamW hyperparameters; :func:`route` and
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable
 
 import jax
@@ -220,14 +219,22 @@ def with_check_finite(tx: optax.GradientTransformation, check_finite: bool
   return T.skip_if_nonfinite(tx)
 
 
+def quiet_labels(router: RouterLike | Any) -> Any:
+  """``router``'s labels without its routing warnings (a second look at a
+  tree the partition routes, and warns about, itself): a
+  :class:`orthax.Router`'s :meth:`~orthax.Router.quiet_labels`, else
+  ``router`` (a labels callable or tree)."""
+  return (router.quiet_labels if isinstance(router, routing.Router)
+          else router)
+
+
 def with_frozen_zeroed(tx: optax.GradientTransformation, router: RouterLike
                        ) -> optax.GradientTransformationExtraArgs:
   """``tx`` whose step is zero on every leaf ``router`` labels
   ``'frozen'``, with ``tx``'s state: for a recipe without branches
   (SPECTRA), where no ``optax.partition`` sends those leaves to
   ``optax.set_to_zero()``."""
-  labels = (router.quiet_labels if isinstance(router, routing.Router)
-            else router)
+  labels = quiet_labels(router)
 
   def update_fn(updates, state, params=None, **extra_args):
     updates, state = tx.update(updates, state, params, **extra_args)
@@ -294,9 +301,9 @@ def with_trainable_check(tx: optax.GradientTransformation,
   """``tx`` whose ``init`` first refuses a leaf that gradient steps cannot
   train where ``router`` does not freeze it (:func:`check_trainable`)."""
 
+  labels = quiet_labels(router)  # (the partition's own labels warn once)
+
   def init_fn(params):
-    labels = (router.quiet_labels if isinstance(router, routing.Router)
-              else router)  # (quiet: the partition's labels warn once)
     check_trainable(params, labels(params) if callable(labels) else labels)
     return tx.init(params)
 
@@ -321,7 +328,7 @@ def check_trainable(params: Any, labels: Any) -> None:
     if (label in ('frozen', 'matrix')  # (the matrix branch refuses)
         or jnp.issubdtype(dtype, jnp.inexact)):
       continue
-    pattern = '^' + re.escape(path) + '$'
+    pattern = _tree.exact_pattern(path)
     raise ValueError(
         f'leaf {path!r} has dtype {jnp.dtype(dtype).name} and the router '
         f'sends it to {label!r}: it cannot be trained by gradient steps '

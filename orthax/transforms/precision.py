@@ -22,8 +22,11 @@ def widen(tree: Any) -> Any:
   """``tree`` with every floating leaf cast to :func:`wide_dtype` (float32
   and wider leaves are returned as they are; a Python number becomes an
   array)."""
-  return jax.tree.map(lambda x: _array(x).astype(wide_dtype(_array(x).dtype)),
-                      tree)
+  def one(x):
+    x = _array(x)
+    return x.astype(wide_dtype(x.dtype))
+
+  return jax.tree.map(one, tree)
 
 
 def _array(x: Any) -> Any:
