@@ -102,6 +102,11 @@ def _a2a_body(g: GroupPlan, ns_fn: NSFn):
     back = (y.reshape(k, gr, a_, gc, b_).transpose(1, 3, 0, 2, 4)
             .reshape(g.padded, a_, b_))
     out = jax.lax.all_to_all(back, axes, 0, 0, tiled=True)
+    if g.padded > N:
+      # The same barrier for the transpose (jax.grad through the update):
+      # the cotangent of out[:N] is padded with zeros before the reverse
+      # all-to-all.
+      out = jax.lax.optimization_barrier(out)
     return out[:N].astype(dt), _gather(mine, axes, N), owned
 
   return run
