@@ -118,6 +118,40 @@ def test_spectra_recipe_matches_float64_transcription(x64, reference,
                                  err_msg=f'{reference} step {t} {k}')
 
 
+def test_repo_mode_forms_the_pytorch_weights_gram_on_a_square_kernel(x64):
+  """At a small ``c`` the ten plain steps do not converge, so the result
+  depends on the bound λ̂ of the Gram matrix; for a square kernel the
+  reference forms ``WWᵀ`` of the PyTorch weight ``W = Kᵀ``, and orthax
+  formed ``KKᵀ`` (4e-4 apart here)."""
+  shapes = {'sq/kernel': (48, 48), 'wide/kernel': (32, 40)}
+  params = make_tree(0, shapes)
+  grads = [make_tree(300 + t, shapes) for t in range(3)]
+  lr, wd, c = 2e-3, 0.1, 0.25
+  got = run_orthax(orthax.spectra(lr, reference='repo', c=c, weight_decay=wd),
+                   params, grads)
+  ref = SpectraAdamWReference(params, lr, wd, c, 0.8, 0.999, 1e-8,
+                              lambda u, c: ref_clip_sigvals(u, c, 10))
+  for t, g in enumerate(grads):
+    ref.step(g)
+    for k, w in ref.params().items():
+      np.testing.assert_allclose(got[t][k], w, rtol=1e-9, atol=1e-12,
+                                 err_msg=f'step {t} {k}')
+
+
+def test_threshold_in_float64_for_float64_updates(x64):
+  """The threshold was formed in float32 whatever the updates' dtype, so a
+  float64 run clipped at ``c`` rounded to float32 (1e-8 off at c = 0.3)."""
+  assert float(clip_threshold(0.3, jnp.asarray(1), dtype=jnp.float64)) == 0.3
+  assert clip_threshold(0.3, jnp.asarray(1)).dtype == jnp.float32
+  u = np.random.default_rng(0).standard_normal((16, 24)) * 3
+  tx = orthax.spectral_clip(0.3, learning_rate=1.0, aspect_scale=False)
+  params = {'w': jnp.zeros((16, 24))}
+  out, _ = tx.update({'w': jnp.asarray(u)}, tx.init(params), params)
+  assert out['w'].dtype == jnp.float64
+  np.testing.assert_allclose(np.asarray(out['w']), exact_clip(u, 0.3),
+                             rtol=1e-12, atol=1e-13)
+
+
 def test_spectra_float32_close_to_float64_reference():
   params = make_tree(1, dtype=np.float32)
   grads = [make_tree(200 + t, dtype=np.float32) for t in range(5)]

@@ -13,7 +13,11 @@ Algorithm (Jiang, Semenov, Stich, *Enhancing LLM Training via Spectral
 Clipping*, arXiv 2603.14315; ``mlolab/llm-spectral-clipping`` @ ed9df11,
 ``src/optim/post_process.py::clip_sigvals``):
 
-1. Wide orientation (``m ≤ n``), ``S = XXᵀ``.
+1. Wide orientation (``m < n``, and ``Xᵀ`` of a square ``X``), ``S = XXᵀ``.
+   For a square matrix both Gram matrices have the same spectrum but not
+   the same bound ``λ̂`` (step 2), which shows where the steps have not
+   converged; ``XᵀX`` is the reference's ``WWᵀ`` (it runs on PyTorch's
+   ``W``, ``out × in``) for a Flax kernel ``X = Wᵀ``.
 2. ``λ̂ = min(max_i Σ_j |S_ij|, ‖S‖_F) ≥ λ_max(S)``.
 3. ``A = I + S/c²``, ``α = 1 + λ̂/c²``, ``Â = A/α`` (eigenvalues in
    ``[1/α, 1]``).
@@ -147,7 +151,8 @@ def soft_clip_matrix(
   out_dtype = x.dtype
   acc = jnp.promote_types(x.dtype if dtype is None else dtype, jnp.float32)
   x = x.astype(acc)
-  tall = x.shape[-2] > x.shape[-1]
+  # Xᵀ of a square X: the reference's orientation (module docstring).
+  tall = x.shape[-2] >= x.shape[-1]
   if tall:
     x = jnp.matrix_transpose(x)
   m = x.shape[-2]

@@ -9,6 +9,7 @@ Jiang, Semenov, Stich, *Enhancing LLM Training via Spectral Clipping*
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -73,9 +74,12 @@ def clip_threshold(
     decay_fraction: float | jax.Array = 0.1,
     final_scale: float | jax.Array = 0.0,
     total_steps: int | jax.Array = 0,
+    dtype: Any = None,
 ) -> jax.Array:
   r"""The threshold ``c_t`` of step ``count`` (the reference's
-  ``_get_current_clip_c``):
+  ``_get_current_clip_c``), in ``dtype`` (default float32; the transforms
+  pass the widest of float32 and their updates' dtypes, so a float64 run
+  clips at the float64 ``c``):
 
   * warm-up (``t < warmup_steps``): ``c·η_base/max(η_t, 1e-10)``, so
     ``c_t·η_t`` is constant (``η_base``: ``base_learning_rate``, default the
@@ -87,14 +91,15 @@ def clip_threshold(
   """
   if decay not in DECAYS:
     raise ValueError(f'decay must be one of {DECAYS}, got {decay!r}.')
-  t = count.astype(jnp.float32)
-  c = jnp.asarray(c, jnp.float32)
+  dtype = jnp.float32 if dtype is None else dtype
+  t = count.astype(dtype)
+  c = jnp.asarray(c, dtype)
   out = c
   if decay != 'constant':
-    n_anneal = jnp.floor(decay_fraction * jnp.asarray(total_steps, jnp.float32))
+    n_anneal = jnp.floor(decay_fraction * jnp.asarray(total_steps, dtype))
     n_hold = total_steps - n_anneal
     p = jnp.clip((t - n_hold) / jnp.maximum(n_anneal, 1), 0.0, 1.0)
-    f = jnp.asarray(final_scale, jnp.float32)
+    f = jnp.asarray(final_scale, dtype)
     factor = {
         'linear': lambda: f + (1 - f) * (1 - p),
         'sqrt': lambda: f + (1 - f) * (1 - jnp.sqrt(p)),
@@ -112,9 +117,18 @@ def clip_threshold(
     else:
       lr_t = learning_rate
       base = learning_rate if base_learning_rate is None else base_learning_rate
-    warm = c * base / jnp.maximum(jnp.asarray(lr_t, jnp.float32), 1e-10)
+    warm = c * base / jnp.maximum(jnp.asarray(lr_t, dtype), 1e-10)
     out = jnp.where(t < warmup_steps, warm, out)
   return out
+
+
+def _threshold_dtype(leaves) -> Any:
+  """The widest of float32 and the floating array leaves' dtypes."""
+  dtypes = [getattr(x, 'dtype', None) for x in leaves]
+  return functools.reduce(
+      jnp.promote_types,
+      [d for d in dtypes if d is not None and jnp.issubdtype(d, jnp.floating)],
+      jnp.dtype(jnp.float32))
 
 
 def soft_clip_flops(steps: int) -> Any:
@@ -295,7 +309,7 @@ def spectral_clip(
         c, count, learning_rate=learning_rate,
         base_learning_rate=base_learning_rate, warmup_steps=warmup_steps,
         decay=decay, decay_fraction=decay_fraction, final_scale=final_scale,
-        total_steps=total_steps)
+        total_steps=total_steps, dtype=_threshold_dtype(leaves))
     if learning_rate is None:
       lr = jnp.ones([], jnp.float32)
     elif callable(learning_rate):
@@ -370,7 +384,7 @@ def spectral_preclip(
         c, state.count, learning_rate=learning_rate,
         base_learning_rate=base_learning_rate, warmup_steps=warmup_steps,
         decay=decay, decay_fraction=decay_fraction, final_scale=final_scale,
-        total_steps=total_steps)
+        total_steps=total_steps, dtype=_threshold_dtype(leaves))
     clipped = _clip_leaves(leaves, specs, c_t, apply_to, steps, step_rule,
                            shared_bound, group)
     out = [x if h is None else h.astype(x.dtype)
