@@ -95,7 +95,8 @@ def normuon(
   η² would break the rule that the update is linear in the learning rate,
   which ``optax.inject_hyperparams`` users rely on). Not reproduced: bf16
   iteration and parameters with a mantissa buffer, MLP ``c_proj``'s 2× rate,
-  per-parameter Adam betas.
+  per-parameter Adam betas, the Adam group's decay 0.005 (pass
+  ``adam_weight_decay=0.005``).
 
   =========  ========  ======  =======  ============  ==========  ==============  ===  =============
   reference  nesterov  NS      β2       statistic     ε           scale           λ    η / AdamW η
@@ -105,6 +106,12 @@ def normuon(
   paper      no        jordan  0.95     per out row   √v + ε      RMS 0.2         0    0.012 / 0.012
   modded     yes       PE (C)  0.9      longer side   max(v, ε)   restore·keller  0    0.023 / 0.008
   =========  ========  ======  =======  ============  ==========  ==============  ===  =============
+
+  On a conv kernel (one ``(kh·kw·in) × out`` matrix, the default router's
+  view) every mode keeps one statistic per output neuron. Not reproduced
+  by ``'repo'``: its code reshapes the orthogonalized step back to 4-D
+  first, so it averages over ``kw``, keeps one ``v`` per ``(out, in, kh)``
+  and restores the norm of each ``kh × kw`` filter.
 
   ``'orthax'`` decays matrices by λ = 0.2 (decoupled, ``W ← W(1-ηλ)``):
   at 0.0566 it ended lower than 0.1 and 0 at 0.04 at both widths of the

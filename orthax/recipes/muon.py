@@ -103,6 +103,11 @@ def muon(
   ``optax.contrib.muon`` — including its NAdam-style Adam branch.
   Weight decay is decoupled and uses the unscaled learning rate in every
   mode (``W ← W(1-ηλ)``), as all three references do.
+  A conv kernel ``(kh, kw, in, out)`` is one ``(kh·kw·in) × out`` matrix
+  (the default router's view), scaled by that matrix's shape in every
+  mode. Not reproduced by ``'keller'``: KellerJordan's code reads the
+  factor off the 4-D gradient's last two axes (``kh/kw`` in PyTorch's
+  layout, 1 for a square filter), which differs where ``out > kh·kw·in``.
 
   Args:
     learning_rate: η for the matrix branch (number or schedule); default:
