@@ -45,7 +45,8 @@ CASES = [contract.Case(name) for name in orthax.recipe_names()] + [
     contract.Case('hybrid_auon', (('reference', 'paper'),))]
 SCALES = (1e-3, 1e-5, 1.0)
 STEPS = 3
-UNIT_ROUNDOFF = {'float16': 2.0 ** -11, 'bfloat16': 2.0 ** -8}
+UNIT_ROUNDOFF = {'float16': 2.0 ** -11, 'bfloat16': 2.0 ** -8,
+                 'float8_e4m3fn': 2.0 ** -4}
 _flat = trees.leaves_with_paths
 
 
@@ -108,6 +109,25 @@ def test_update_is_the_float32_update_rounded_once(case, dtype):
     narrow = [p for p, x in _flat(state)
               if x.dtype in (jnp.dtype('float16'), jnp.dtype('bfloat16'))]
     assert not narrow, f'{case.id}: {dtype} state leaves: {narrow}'
+
+
+@pytest.mark.parametrize('case', CASES, ids=[c.id for c in CASES])
+def test_float8_parameters_compute_in_float32(case):
+  """float8 parameters (which JAX promotes to nothing implicitly) ended in
+  JAX's ``TypePromotionError`` at ``init``, naming no leaf; they now widen
+  to float32 like float16 and bfloat16 (two steps, gradients of scale 1)."""
+  dtype = 'float8_e4m3fn'
+  params = trees.mixed_params(jnp.dtype(dtype))
+  widen = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+  grads = [_grads(params, 1.0, i) for i in range(2)]
+  low_ups, state = _run(case, params, grads)
+  ref_ups, _ = _run(case, widen(params), [widen(g) for g in grads])
+  for i, (low, ref) in enumerate(zip(low_ups, ref_ups)):
+    for (path, lo), (_, x) in zip(_flat(low), _flat(ref)):
+      _check_leaf(f'{case.id} step {i} {path}', lo, x, dtype)
+  assert {x.dtype for _, x in _flat(state)
+          if jnp.issubdtype(x.dtype, jnp.floating)} <= {
+              jnp.dtype(jnp.float32)}
 
 
 def test_accumulator_dtype_stays_configurable():

@@ -98,9 +98,11 @@ class Distributed:
       summed across devices, one ``psum`` per Gram product; a square matrix
       sharded along its rows runs as its transpose, which changes the result
       only for the AOL normalizer, whose row scaling is one-sided).
-    comm_dtype: dtype of the matrices on the wire (``None``: the update's
-      dtype): ``bfloat16`` or ``float32``. Never wider than the update's
-      dtype: a wider one is ignored. Not ``float16``: the matrices go out
+    comm_dtype: dtype of the matrices on the wire (``None``: the dtype the
+      step computes in, which for a recipe's float16 or bfloat16 parameters
+      is float32, since recipes widen them: pass ``bfloat16`` for a bf16
+      wire): ``bfloat16`` or ``float32``. Never wider than that dtype: a
+      wider one is ignored. Not ``float16``: the matrices go out
       before their normalization, and its range (6.5e4) would turn a large
       gradient into Inf; not an integer type (zeros).
     overrides: ``((regex, strategy), ...)``; the first regex that

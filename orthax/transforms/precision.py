@@ -11,11 +11,11 @@ import optax
 
 def wide_dtype(dtype: Any) -> Any:
   """float32, or ``dtype`` if it is wider (float64); non-float dtypes are
-  returned unchanged."""
+  returned unchanged. (By width: JAX promotes no 8-bit float implicitly.)"""
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     return dtype
-  return jnp.promote_types(dtype, jnp.float32)
+  return dtype if jnp.finfo(dtype).bits > 32 else jnp.dtype(jnp.float32)
 
 
 def widen(tree: Any) -> Any:
