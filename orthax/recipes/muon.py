@@ -100,7 +100,9 @@ def muon(
 
   ``reference='optax'`` with the same arguments and ``router`` left ``None``
   (optax's rule: 2-D leaves are matrices) reproduces
-  ``optax.contrib.muon`` — including its NAdam-style Adam branch.
+  ``optax.contrib.muon`` — including its NAdam-style Adam branch — for
+  float32 and float64 parameters and gradients (narrower ones compute in
+  float32 here, in their own dtype in optax).
   Weight decay is decoupled and uses the unscaled learning rate in every
   mode (``W ← W(1-ηλ)``), as all three references do.
   A conv kernel ``(kh, kw, in, out)`` is one ``(kh·kw·in) × out`` matrix
