@@ -118,6 +118,16 @@ def reshard_like(tree: Any, like: Any) -> Any:
   return _map_arrays(sharding.explicit_spec, tree, like)
 
 
+def replicated(tree: Any) -> Any:
+  """Each array of ``tree`` sharded over Explicit mesh axes made
+  replicated; others as they are. For small per-matrix values about to be
+  reshaped against their leaf (:func:`orthax.matrices.per_matrix_to_leaf`),
+  which an Explicit sharding may not allow."""
+  return _map_arrays(
+      lambda x: None if sharding.explicit_spec(x) is None else _P(), tree,
+      tree)
+
+
 def _map_arrays(spec_of, tree, like):
   """Each array of ``tree`` resharded to ``spec_of(its twin in like)``
   where that is a spec and differs from its own Explicit spec (``tree``

@@ -146,6 +146,30 @@ def from_matrices(y: jax.Array, spec: MatrixSpec,
   return jnp.transpose(y, inv)
 
 
+def per_matrix_to_leaf(values: jax.Array, spec: MatrixSpec,
+                       shape: Sequence[int]) -> jax.Array:
+  """Per-matrix values ``[batch]`` or ``[batch, fan_in]`` (``batch`` and
+  ``fan_in`` flattened as :func:`to_matrices` flattens them, size-1 axes
+  allowed) laid out to broadcast against a leaf of ``shape``: its batch
+  (and fan-in) axes in place, size 1 elsewhere. Only ``values`` is
+  reshaped, never the leaf, so a leaf sharded over Explicit mesh axes on
+  axes its view merges (a conv kernel's ``kh, kw, in``) is left as it is."""
+  b, fi, fo = spec.resolve(shape)
+  keep = set(b) | (set(fi) if values.ndim > 1 and values.size > math.prod(
+      shape[a] for a in b) else set())
+  perm = b + fi + fo
+  y = values.reshape(tuple(shape[a] if a in keep else 1 for a in perm))
+  inv = tuple(sorted(range(len(shape)), key=lambda i: perm[i]))
+  return jnp.transpose(y, inv)
+
+
+def matrix_axes(spec: MatrixSpec, shape: Sequence[int]) -> tuple[int, ...]:
+  """The fan-in and fan-out axes of a leaf of ``shape``: a reduction over
+  them is one value per matrix, in the leaf's own layout."""
+  _, fi, fo = spec.resolve(shape)
+  return fi + fo
+
+
 # Grouping ---------------------------------------------------------------------
 
 

@@ -216,6 +216,58 @@ def grad_run(recipe, mesh, axis_type, comm_dtype):
           'ref_norm': float(np.linalg.norm(b))}
 
 
+# Leaves whose matrix view merges axes, sharded over Explicit (fsdp, tp)
+# axes the view merges: a conv kernel (kh·kw·in) × out sharded on out, an
+# attention kernel d × (heads·hd) sharded on d and heads. NAMO, NAMO-D and
+# LANTON reshaped the sharded leaves themselves (JAX refuses such a
+# reshape on Explicit axes); muon is the control.
+MERGED_KEYS = tuple(f'{r}_merged_views/explicit_fsdp2tp4/{d}'
+                    for r in ('muon', 'namo', 'namo_d', 'lanton')
+                    for d in ('local', 'distributed'))
+_MERGED = {'conv': ((3, 3, 8, 16), P(None, None, None, 'tp')),
+           'attn': ((16, 4, 8), P('fsdp', 'tp', None)),
+           'dense': ((16, 8), P('fsdp', 'tp'))}
+
+
+def merged_views_run(recipe, mesh, distributed):
+  """Two steps on Explicit axes against one device (no mesh)."""
+  router = orthax.Router(extra_rules=[
+      orthax.Rule('^attn$', 'matrix', orthax.MatrixSpec(0, (1, 2))),
+      orthax.Rule('^conv$', 'matrix', orthax.MatrixSpec.conv(4))])
+  rng = np.random.default_rng(3)
+  draw = lambda: {k: jnp.asarray(rng.standard_normal(v[0]), jnp.float32)
+                  for k, v in _MERGED.items()}
+  params, grads = draw(), [draw(), draw()]
+  pspecs = {k: v[1] for k, v in _MERGED.items()}
+  ref_tx = orthax.recipe(recipe, learning_rate=0.02, router=router)
+  state, ref = ref_tx.init(params), []
+  for g in grads:
+    u, state = jax.jit(ref_tx.update)(g, state, params)
+    ref.append(u)
+  with jax.set_mesh(mesh):
+    return _merged_views_on_mesh(recipe, router, mesh, distributed, params,
+                                 grads, ref, pspecs)
+
+
+def _merged_views_on_mesh(recipe, router, mesh, distributed, params, grads,
+                          ref, pspecs):
+  dist = (sharding.Distributed(mesh, None, comm_dtype=jnp.float32)
+          if distributed else None)
+  tx = orthax.recipe(recipe, learning_rate=0.02, router=router,
+                     distributed=dist)
+  shard = lambda t: {k: jax.device_put(x, NamedSharding(mesh, pspecs[k]))
+                     for k, x in t.items()}
+  p = shard(params)
+  st, err, kept = jax.jit(tx.init)(p), 0.0, True
+  for g, r in zip(grads, ref):
+    u, st = jax.jit(tx.update)(shard(g), st, p)
+    for k in r:
+      a, b = np.asarray(u[k], np.float64), np.asarray(r[k], np.float64)
+      err = max(err, float(np.linalg.norm(a - b) / np.linalg.norm(b)))
+      kept &= u[k].sharding.is_equivalent_to(p[k].sharding, a.ndim)
+  return {'rel_err': err, 'sharding_kept': bool(kept)}
+
+
 def main():
   out = {}
   meshes = {
@@ -250,6 +302,13 @@ def main():
       key = f'{recipe}/{mname}/f32'
       out[key] = fake_devices.guarded(functools.partial(
           _run_in, mesh, at, recipe, jnp.float32))
+  for key in MERGED_KEYS:
+    recipe, mname, where = key.split('/')
+    mesh = jax.make_mesh((2, 4), ('fsdp', 'tp'),
+                         axis_types=(AxisType.Explicit,) * 2)
+    out[key] = fake_devices.guarded(functools.partial(
+        merged_views_run, recipe.removesuffix('_merged_views'), mesh,
+        where == 'distributed'))
   for key in GRAD_KEYS:
     recipe, mname, wire = key.split('/')
     shape, names, at = meshes[mname]

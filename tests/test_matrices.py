@@ -27,6 +27,27 @@ def test_views_shape_and_roundtrip(shape, spec, expect):
   np.testing.assert_array_equal(matrices.from_matrices(m, spec, shape), x)
 
 
+@pytest.mark.parametrize('shape,spec', [
+    ((6, 10), MatrixSpec()), ((4, 6, 10), MatrixSpec()),
+    ((6, 4, 10), MatrixSpec.stacked(1)), ((3, 3, 8, 16), MatrixSpec.conv(4)),
+    ((8, 4, 5), MatrixSpec.heads(0, 2)), ((10, 6), MatrixSpec.torch_linear()),
+    ((16, 4, 8), MatrixSpec(0, (1, 2))), ((4, 2, 8, 3), MatrixSpec(1, (3, 0)))])
+def test_per_matrix_values_laid_out_like_the_leaf(shape, spec):
+  """``per_matrix_to_leaf`` and ``matrix_axes`` in the leaf's layout agree
+  with the same operations on the matrix view."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape))
+  b, fi, _ = spec.matrix_shape(shape)
+  m = matrices.to_matrices(x, spec)
+  for values, view in ((rng.standard_normal(b), lambda v: v[:, None, None]),
+                       (rng.standard_normal((b, fi)), lambda v: v[..., None])):
+    got = x * matrices.per_matrix_to_leaf(jnp.asarray(values), spec, shape)
+    want = matrices.from_matrices(m * view(values), spec, shape)
+    np.testing.assert_array_equal(got, want)
+  sums = jnp.sum(x, axis=matrices.matrix_axes(spec, shape))
+  np.testing.assert_allclose(sums.reshape(-1), m.sum((-2, -1)), rtol=1e-12)
+
+
 def test_stacked_view_picks_the_right_matrices():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 4, 10)))
   m = matrices.to_matrices(x, MatrixSpec.stacked(1))

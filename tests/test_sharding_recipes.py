@@ -141,3 +141,16 @@ def test_grad_through_a_distributed_update(recipe_cases, key):
   assert 'error' not in r, r.get('trace', r['error'])
   assert r['finite'] and r['ref_norm'] > 0
   assert r['rel_err'] <= (1e-5 if key.endswith('f32') else 2e-2)
+
+
+@pytest.mark.parametrize('key', list(sharding_recipes_cases.MERGED_KEYS))
+def test_views_that_merge_sharded_axes_on_an_explicit_mesh(recipe_cases, key):
+  """A conv kernel and an attention kernel whose matrix views merge axes,
+  sharded over Explicit axes: NAMO, NAMO-D and LANTON reshaped the leaves
+  themselves and JAX refused (``ShardingTypeError``), with and without
+  ``distributed=``; two steps now equal one device's and keep each leaf's
+  sharding (muon is the control)."""
+  r = recipe_cases[key]
+  assert 'error' not in r, r.get('trace', r['error'])
+  assert r['sharding_kept']
+  assert r['rel_err'] <= 2e-6

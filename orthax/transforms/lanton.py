@@ -16,7 +16,7 @@ from orthax import engine
 from orthax import matrices
 from orthax import polar
 from orthax.polar import lapack
-from orthax.polar.scale_safe import huge_scale
+from orthax.polar.scale_safe import scale_of_max
 from orthax.polar.scale_safe import root_ema
 
 DUAL_NORMS = ('nuclear', 'l1')
@@ -208,32 +208,37 @@ def _stat_shape(x, spec):
 
 
 def _dual_norms(xs, specs, dual_norm, nuclear, ns):
-  """The dual norm of every matrix: a list of arrays shaped like H."""
+  """The dual norm of every matrix: a list of arrays shaped like H.
+  Reductions run over each leaf's matrix axes in its own layout (no
+  reshape, which an Explicit sharding may refuse), except for the exact
+  SVD, which needs the matrices (there a leaf sharded over Explicit axes
+  is gathered)."""
   if dual_norm == 'l1':
     return [jnp.sum(jnp.abs(x.astype(_wide(x.dtype)))) for x in xs]
-  mats = [matrices.to_matrices(x, s).astype(_wide(x.dtype))
-          for x, s in zip(xs, specs)]
+  wide = [x.astype(_wide(x.dtype)) for x in xs]
+  axes = [matrices.matrix_axes(s, x.shape) for x, s in zip(xs, specs)]
   # Each matrix scaled by a power of two when huge (exact: 1 below 2³²),
   # the norm unscaled after: ‖X‖² of a huge X would overflow.
-  fs = [huge_scale(m).astype(m.dtype) for m in mats]
-  mats = [m * f for m, f in zip(mats, fs)]
+  fs = [scale_of_max(jnp.max(jnp.abs(x), axis=a, keepdims=True, initial=0)
+                     ).astype(x.dtype) for x, a in zip(wide, axes)]
+  scaled = [x * f for x, f in zip(wide, fs)]
   if nuclear == 'svd':
     nuc = [jnp.sum(lapack.per_matrix(
-        lambda x: jnp.linalg.svd(x, compute_uv=False), m), axis=-1)
-           for m in mats]
+        lambda m: jnp.linalg.svd(m, compute_uv=False),
+        matrices.to_matrices(engine.replicated(x), s)), axis=-1)
+           for x, s in zip(scaled, specs)]
   elif nuclear == 'ns':  # NS is scale-invariant (and scale-safe)
-    wide = [x.astype(_wide(x.dtype)) for x in xs]
-    polars = [matrices.to_matrices(p, s) for p, s in zip(
-        engine.map_matrices(ns, wide, specs).leaves, specs)]
-    nuc = [jnp.sum(m * p, axis=(-2, -1)) for m, p in zip(mats, polars)]
+    polars = engine.map_matrices(ns, wide, specs).leaves
+    nuc = [jnp.sum(x * p, axis=a) for x, p, a in zip(scaled, polars, axes)]
   else:
-    nuc = [jnp.sqrt(min(m.shape[-2:]) * jnp.sum(m * m, axis=(-2, -1)))
-           for m in mats]
+    nuc = [jnp.sqrt(min(s.matrix_shape(x.shape)[1:])
+                    * jnp.sum(x * x, axis=a))
+           for x, s, a in zip(scaled, specs, axes)]
   out = []
-  for x, s, n, f in zip(xs, specs, nuc, fs):
-    n = n / f[..., 0, 0]
+  for x, s, n, f, a in zip(xs, specs, nuc, fs, axes):
+    n = n.reshape(_stat_shape(x, s)) / jnp.squeeze(f, a)
     _, fi, fo = s.matrix_shape(x.shape)
-    out.append((n * (fo / max(fi, 1)) ** 0.5).reshape(_stat_shape(x, s)))
+    out.append(n * (fo / max(fi, 1)) ** 0.5)
   return out
 
 
@@ -273,5 +278,6 @@ def _scaled_step(g, d, w, rate, weight_decay, spec):
   step = d.astype(dt) + weight_decay * w.astype(dt)
   if spec is None:
     return (-rate * step).astype(g.dtype)
-  m = -rate.reshape(-1, 1, 1) * matrices.to_matrices(step, spec)
-  return matrices.from_matrices(m, spec, g.shape).astype(g.dtype)
+  r = matrices.per_matrix_to_leaf(engine.replicated(rate).reshape(-1), spec,
+                                 g.shape)
+  return (-r * step).astype(g.dtype)

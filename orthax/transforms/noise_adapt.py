@@ -180,8 +180,9 @@ def _step(g, o, w, shrink, spec):
   dt = shrink.dtype
   if g.size == 0:  # no matrix (a stack of zero layers): -1 is not inferable
     return jnp.zeros_like(g)
-  b, fi, _ = spec.matrix_shape(g.shape)
-  r = shrink.reshape(b, -1, 1)              # [b, 1, 1] or [b, fan_in, 1]
-  wm = matrices.to_matrices(w, spec).astype(dt)
-  om = matrices.to_matrices(o, spec).astype(dt)
-  return matrices.from_matrices(wm * r + om, spec, g.shape).astype(g.dtype)
+  b, _, _ = spec.matrix_shape(g.shape)
+  # r ([b, 1] or [b, fan_in]) laid out like the leaf: W and O are never
+  # reshaped (an Explicit sharding may refuse a view that merges axes).
+  r = matrices.per_matrix_to_leaf(
+      engine.replicated(shrink).reshape(b, -1), spec, g.shape)
+  return (w.astype(dt) * r + o.astype(dt)).astype(g.dtype)
