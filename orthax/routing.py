@@ -111,6 +111,12 @@ class Route:
 _VECTOR_RANKS = (0, 1)
 # Any case: linen names its convolutions Conv_0, ConvTranspose_0, ...
 _CONV = r'(?i)conv[^/]*/kernel$'
+# Embedding tables whose rows are not the vocabulary (positions, token types,
+# segments): BERT's 512 positions would otherwise make every 512-wide
+# hidden matrix look like an output layer.
+_POSITIONAL = re.compile(r'(^|[/_])(pos|position|positional|wpe|token_type|type|'
+                         r'segment)(?=[/_]|embed|$)')
+
 DEFAULT_RULES: tuple[Rule, ...] = (
     Rule(r'(^|/)([^/]*embed[^/]*|wte|wpe)(/|$)', 'adam'),
     Rule(r'(^|/)(lm_head|head|unembed[^/]*|logits)(/|$)', 'adam'),
@@ -253,7 +259,9 @@ class Router:
   def output_layer_suspects(self, tree: Any) -> list[tuple[str, str]]:
     """``(path, reason)`` of each 2-D leaf a *default* rule sends to the
     matrix branch that looks like an output layer: its fan-out equals the
-    vocabulary (the rows of an ``…embed…`` table in ``tree``), or it is the
+    vocabulary (the rows of an ``…embed…`` table in ``tree``, not a
+    position, token-type or segment table: ``wpe``, ``pos_embed``,
+    ``position_embeddings``, ``token_type_embeddings``), or it is the
     last matrix of the tree (in natural path order, ``Dense_2`` before
     ``Dense_10``), the tree has other matrices, and its fan-out is no
     matrix's fan-in nor its last fan-in axis (a conv's input channels):
@@ -261,7 +269,8 @@ class Router:
     Output layers usually train better with AdamW."""
     shapes = _leaf_shapes(tree)
     vocab = {shape[0] for path, shape in shapes.items() if len(shape) == 2
-             and DEFAULT_RULES[0].matches(path, 2)}
+             and DEFAULT_RULES[0].matches(path, 2)
+             and not _POSITIONAL.search(path)}
     matrices = []  # (path, shape, inputs, fan_out, by_default_rule)
     for path, shape in shapes.items():
       rule = self._rule_for(path, len(shape))

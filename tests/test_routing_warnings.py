@@ -164,3 +164,26 @@ def test_scanned_conv_stacks_are_warned_about_with_a_rule_that_fixes_them():
       (6, 3, 3, 8, 8)) == (6, 72, 8)
   assert 'blocks/conv/kernel' not in dict(r.conv_view_suspects(tree))
   assert 'note: parameter' in Router().describe(tree)
+
+
+def test_position_and_token_type_tables_are_not_the_vocabulary():
+  """BERT's 512 positions made every hidden matrix with 512 outputs look
+  like an output layer ("its fan-out 512 is the vocabulary size"), and the
+  advice would have sent them to AdamW; only the token table is the
+  vocabulary."""
+  z = jnp.zeros
+  emb = {'word_embeddings': {'embedding': z((1000, 64))},
+         'position_embeddings': {'embedding': z((512, 64))},
+         'token_type_embeddings': {'embedding': z((2, 64))}}
+  tree = {'embeddings': emb, 'wpe': {'embedding': z((256, 64))},
+          'pos_embed': {'embedding': z((128, 64))},
+          'layer': {'intermediate': {'kernel': z((64, 512))},
+                    'up': {'kernel': z((64, 256))},
+                    'gate': {'kernel': z((64, 128))},
+                    'pair': {'kernel': z((64, 2))},
+                    'output': {'kernel': z((512, 64))},
+                    'w_down': {'kernel': z((256, 64))}},  # the last matrix
+          'decoder': {'kernel': z((64, 1000))}}
+  suspects = dict(Router().output_layer_suspects(tree))
+  assert list(suspects) == ['decoder/kernel'], suspects
+  assert 'vocabulary' in suspects['decoder/kernel']
