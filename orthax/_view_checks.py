@@ -81,6 +81,25 @@ def attention_message(path: str, shape: tuple[int, ...], layout: str,
           f'"matrix", orthax.MatrixSpec()).')
 
 
+def missing_view_hint(path: str, shape: tuple[int, ...]) -> str:
+  """For a leaf the default rules cannot view: the rule that views a
+  scanned Flax attention kernel (a layer axis before Flax's layout), or
+  ``''``."""
+  if len(shape) != 4:
+    return ''
+  if ATTENTION_IN.search(path):
+    layout, pattern = 'layers, features, heads, head_dim', ATTENTION_IN.pattern
+    view = 'fan_in=1, fan_out=(2, 3)'
+  elif ATTENTION_OUT.search(path):
+    layout, pattern = 'layers, heads, head_dim, features', ATTENTION_OUT.pattern
+    view = 'fan_in=(1, 2), fan_out=3'
+  else:
+    return ''
+  return (f' Its shape is that of scanned Flax attention ({layout}); one '
+          f'matrix per layer: orthax.Rule({pattern!r}, "matrix", '
+          f'orthax.MatrixSpec({view}), ndims=(4,)).')
+
+
 def output_layer_message(path: str, reason: str) -> str:
   pattern = _tree.exact_pattern(path)
   return (f'parameter {path!r} goes to the matrix branch but looks like an '

@@ -198,7 +198,8 @@ class Router:
                   f'parameter {path!r} of shape {tuple(shape)} matched rule '
                   f'{rule.pattern!r} as a matrix, but a {ndim}-D leaf has no '
                   'default matrix view; add Rule(pattern, "matrix", '
-                  'MatrixSpec(...)) via extra_rules, or route it to "adam".')
+                  'MatrixSpec(...)) via extra_rules, or route it to "adam".'
+                  + _views.missing_view_hint(path, tuple(shape)))
             spec = MatrixSpec()
           try:
             spec.resolve(shape)

@@ -4,6 +4,8 @@ orthax.train.optim.plan of a config: tracing only, no devices needed (an
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -298,3 +300,22 @@ def test_the_plan_counts_the_frobenius_normalizer_only():
   k = polar.get_preset('aol').steps
   assert aol_plan.groups[0].matrix_flops in (polar.standard_flops(m, n, k),
                                              polar.gram_flops(m, n, k))
+
+
+def test_a_conv_sharded_on_its_input_channels_is_told_the_view_that_works():
+  """A conv kernel's default view has the window first among its fan-in
+  axes, so the usual channel sharding was refused with no way forward; the
+  error names the view with the sharded axis first, and that view plans."""
+  shape, spec = (3, 3, 8, 16), P(None, None, 'fsdp', 'tp')
+  params = {'conv': {'kernel': jax.ShapeDtypeStruct(shape, jnp.float32)}}
+  dist = sharding.Distributed(MESH42, {'conv': {'kernel': spec}})
+  tx = orthax.recipe('muon', learning_rate=0.02, distributed=dist)
+  with pytest.raises(ValueError, match=re.escape(
+      'orthax.MatrixSpec(fan_in=(2, 0, 1), fan_out=(3,))')):
+    sharding.plan(tx, params)
+  rule = orthax.Rule('conv/kernel$', 'matrix',
+                     MatrixSpec(fan_in=(2, 0, 1), fan_out=(3,)))
+  tx = orthax.recipe('muon', learning_rate=0.02, distributed=dist,
+                     router=orthax.Router(extra_rules=[rule]))
+  (group,) = sharding.plan(tx, params).groups
+  assert (group.m, group.n) == (16, 72)

@@ -300,9 +300,19 @@ def _check_spec(where, shape, entries, sizes, mspec, eff, prod):
   for name, fan in (('fan_in', fi), ('fan_out', fo)):
     sharded = [d for d in fan if eff(entries[d])]
     if len(sharded) > 1 or (sharded and sharded[0] != fan[0]):
+      hint = ''
+      if len(sharded) == 1:
+        # The same matrix with its rows (or columns) permuted: orthogonal
+        # steps permute alike; a DCT-based one sees another order.
+        first = (sharded[0],) + tuple(d for d in fan if d != sharded[0])
+        view = (f'fan_in={first}, fan_out={fo}' if name == 'fan_in'
+                else f'fan_in={fi}, fan_out={first}')
+        hint = (f' View it with the sharded axis first: a Rule with '
+                f'orthax.MatrixSpec({view}) (the same matrix, its '
+                f'{"rows" if name == "fan_in" else "columns"} permuted).')
       raise ValueError(
           f'{where}: only the first {name} axis ({fan[0]}) of a '
-          f'multi-axis {name} {fan} may be sharded.')
+          f'multi-axis {name} {fan} may be sharded.' + hint)
 
 
 def _place(i, leaf: LeafInfo, mesh, sizes, dist, ns_dtype, max_bytes,
