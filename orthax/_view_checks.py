@@ -51,6 +51,35 @@ def conv_message(path: str, shape: tuple[int, ...], evidence: str) -> str:
           f'orthax.MatrixSpec.conv({nd})).')
 
 
+def one_layer_evidence(path: str, shape: tuple[int, ...],
+                       shapes: dict[str, tuple[int, ...]]) -> str | None:
+  """Why a 3-D kernel read as a stack of layers looks like one layer (a
+  bias beside it shaped ``(out,)``, one layer's, not ``(L, out)``), or
+  ``None``."""
+  if len(shape) != 3 or shape[0] < 2 or not path.endswith('/kernel'):
+    return None
+  bias = path[:-len('kernel')] + 'bias'
+  if shapes.get(bias) == (shape[-1],):
+    return f'its bias {bias!r} has shape {(shape[-1],)}, one layer\'s'
+  return None
+
+
+def one_layer_message(path: str, shape: tuple[int, ...], evidence: str
+                      ) -> str:
+  a, b, c = shape
+  pattern = _tree.exact_pattern(path)
+  return (f'parameter {path!r} of shape {shape} is read as {a} stacked '
+          f'{b}x{c} matrices (the default rule for 3-D kernels: the leading '
+          f'axis is layers), but {evidence}. If it is one layer (a 1-D '
+          f'convolution (window, in, out) whose name lacks "conv", or an '
+          f'attention output (heads, head_dim, features)), orthogonalize it '
+          f'as one {a * b}x{c} matrix: router=orthax.Router(extra_rules=['
+          f'orthax.Rule({pattern!r}, "matrix", orthax.MatrixSpec.conv(3))]); '
+          f'if it is a stack of layers sharing one bias, keep it without '
+          f'this warning: orthax.Rule({pattern!r}, "matrix", '
+          f'orthax.MatrixSpec()).')
+
+
 ATTENTION_IN = re.compile(r'(^|/)(query|key|value)/kernel$')
 ATTENTION_OUT = re.compile(r'(^|/)out/kernel$')
 

@@ -369,10 +369,32 @@ class Router:
         out.append((path, _views.conv_message(path, shape, why)))
     return out
 
+  def stack_view_suspects(self, tree: Any) -> list[tuple[str, str]]:
+    """``(path, message)`` of each 3-D kernel that the *default* rule reads
+    as a stack of layers although a bias beside it is one layer's,
+    ``(out,)`` (:func:`orthax._view_checks.one_layer_evidence`): a 1-D
+    convolution whose name lacks ``conv`` would have each tap of its
+    window orthogonalized on its own. Attention kernels are left to
+    :meth:`attention_view_suspects`."""
+    shapes = _leaf_shapes(tree)
+    attention = dict(self.attention_view_suspects(tree))
+    out = []
+    for path, shape in shapes.items():
+      rule = self._rule_for(path, len(shape))
+      if (path in attention or rule is None or rule.spec is not None
+          or rule.label != 'matrix' or not _is_default(rule)):
+        continue
+      why = _views.one_layer_evidence(path, shape, shapes)
+      if why:
+        out.append((path, _views.one_layer_message(path, shape, why)))
+    return out
+
   def view_suspects(self, tree: Any) -> list[tuple[str, str]]:
     """Every :class:`MatrixViewWarning`'s ``(path, message)``:
-    :meth:`attention_view_suspects`, then :meth:`conv_view_suspects`."""
-    return self.attention_view_suspects(tree) + self.conv_view_suspects(tree)
+    :meth:`attention_view_suspects`, :meth:`conv_view_suspects`, then
+    :meth:`stack_view_suspects`."""
+    return (self.attention_view_suspects(tree) + self.conv_view_suspects(tree)
+            + self.stack_view_suspects(tree))
 
   def _rule_for(self, path: str, ndim: int) -> Rule | None:
     return next((r for r in self.rules if r.matches(path, ndim)), None)

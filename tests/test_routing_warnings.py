@@ -210,3 +210,30 @@ def test_scanned_attention_error_names_the_rule_that_views_it():
   assert router.route_one('a/out/kernel', (3, 4, 4, 16)).spec.matrix_shape(
       (3, 4, 4, 16)) == (3, 16, 16)
   orthax.muon(router=router).init(tree)  # every leaf has a view
+
+
+def test_a_3d_kernel_with_one_layers_bias_is_warned_about():
+  """A 1-D convolution whose name lacks "conv" (an NNX attribute
+  ``mixer``) was read as a stack of its window's taps, each orthogonalized
+  on its own, silently. A bias shaped ``(out,)`` beside it says one layer:
+  it is warned about, and the rule named makes it one matrix."""
+  z = jnp.zeros
+  tree = {'mixer': {'kernel': z((5, 8, 8)), 'bias': z((8,))},
+          'stack': {'kernel': z((4, 8, 8)), 'bias': z((4, 8))},  # L layers
+          'nobias': {'kernel': z((4, 8, 8))},
+          'conv1d': {'kernel': z((5, 8, 8)), 'bias': z((8,))}}  # conv rule
+  suspects = dict(Router().stack_view_suspects(tree))
+  assert list(suspects) == ['mixer/kernel'], suspects
+  message = suspects['mixer/kernel']
+  assert "its bias 'mixer/bias' has shape (8,)" in message
+  assert 'orthax.MatrixSpec.conv(3)' in message
+  router = Router(extra_rules=[Rule('^mixer/kernel$', 'matrix',
+                                    MatrixSpec.conv(3))])
+  assert router.stack_view_suspects(tree) == []
+  assert router.route_one('mixer/kernel', (5, 8, 8)).spec.matrix_shape(
+      (5, 8, 8)) == (1, 40, 8)
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter('always')
+    orthax.muon().init(tree)
+  assert any('mixer/kernel' in str(w.message) for w in record
+             if issubclass(w.category, orthax.MatrixViewWarning))
