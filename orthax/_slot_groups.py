@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+
+from orthax import sharding
 
 
 def members(plan: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -42,3 +45,28 @@ def check(stages, at_init, plan) -> None:
         'each leaf would read another leaf\'s state. Give the update the '
         "parameters' dtypes (cast the gradients), or init from leaves like "
         'the updates.')
+
+
+def check_layout(stages, states, plan) -> None:
+  """Raises ``ValueError`` where a slot stage's arrays (``states[j]``, its
+  slots by group key) are not laid out as ``plan`` needs, ``[D, k, …]``:
+  a state made, or restored from a checkpoint saved, on another mesh (the
+  slots of a matrix sit where its owner device is, so their layout is the
+  mesh's). Without this the step failed deep in the executor, or blamed
+  the stage."""
+  for st, per in zip(stages, states):
+    if not st.slot_state:
+      continue
+    for gi, g in enumerate(plan.groups):
+      key = sharding.group_key(gi)
+      want = (plan.num_devices, sharding.slot_count(g))
+      for a in jax.tree.leaves(per.get(key)):
+        if tuple(a.shape[:2]) != want:
+          raise ValueError(
+              f'{st.name}: its slot state {key!r} (leaves {list(g.paths)}) '
+              f'is laid out for {a.shape[0]} device(s) × {a.shape[1]} '
+              f'matrices each; this step runs on {want[0]} × {want[1]}. '
+              'A slot state belongs to the mesh and sharding it was made '
+              'on (each matrix\'s state sits on its owner device): it was '
+              'made, or saved, on another mesh. Restore it on that mesh, '
+              'or start this stage\'s state afresh with tx.init.')

@@ -348,9 +348,11 @@ def map_matrices(
   if not live:
     return result
   pick = lambda seq: None if seq is None else [seq[i] for i in live]
-  if any(members):
-    slot_groups.check(stages, members, _plan(pick(leaves), pick(specs), stages,
-                                          distributed, pick(paths), plan_kw))
+  if any(members) or any(st.slot_state for st in stages):
+    plan = _plan(pick(leaves), pick(specs), stages, distributed, pick(paths),
+                 plan_kw)
+    slot_groups.check(stages, members, plan)
+    slot_groups.check_layout(stages, states, plan)
   sts = [per if st.slot_state else pick(per)
          for st, per in zip(stages, states)]
   if distributed is None:

@@ -268,8 +268,43 @@ def _merged_views_on_mesh(recipe, router, mesh, distributed, params, grads,
   return {'rel_err': err, 'sharding_kept': bool(kept)}
 
 
+def slot_layout_errors():
+  """A trion state made on fsdp8, given to the step on fsdp4 and on one
+  device (as ``flax.serialization.from_bytes`` into their templates would:
+  it checks no shapes): the error each step raises."""
+  params = {f'a{i}': jnp.ones((64, 32)) * (i + 1) for i in range(3)}
+
+  def build(n):
+    if n == 1:
+      return orthax.recipe('trion'), lambda t: t
+    mesh = jax.make_mesh((n,), ('fsdp',), devices=jax.devices()[:n],
+                         axis_types=(AxisType.Auto,))
+    pspecs = {k: P('fsdp', None) for k in params}
+    tx = orthax.recipe('trion', distributed=sharding.Distributed(mesh, pspecs))
+    return tx, lambda t: jax.tree.map(
+        lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, pspecs)
+
+  tx8, sh8 = build(8)
+  _, st8 = jax.jit(tx8.update)(sh8(params), tx8.init(sh8(params)), sh8(params))
+  slots8 = [x for x in jax.tree.leaves(st8) if x.ndim == 4]
+  out = {}
+  for n in (4, 1):
+    tx, sh = build(n)
+    fresh = tx.init(sh(params))
+    # The restored state: fsdp8's arrays in the new template's structure.
+    moved = iter(slots8)
+    state = jax.tree.map(lambda x: next(moved) if x.ndim == 4 else x, fresh)
+    try:
+      jax.jit(tx.update)(sh(params), state, sh(params))
+      out[str(n)] = 'no error'
+    except ValueError as e:
+      out[str(n)] = str(e)
+  return out
+
+
 def main():
   out = {}
+  out['slot_layout_errors'] = fake_devices.guarded(slot_layout_errors)
   meshes = {
       'fsdp8': ((8,), ('fsdp',), AxisType.Auto),
       'fsdp4tp2': ((4, 2), ('fsdp', 'tp'), AxisType.Auto),

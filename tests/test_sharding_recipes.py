@@ -154,3 +154,16 @@ def test_views_that_merge_sharded_axes_on_an_explicit_mesh(recipe_cases, key):
   assert 'error' not in r, r.get('trace', r['error'])
   assert r['sharding_kept']
   assert r['rel_err'] <= 2e-6
+
+
+def test_a_slot_state_from_another_mesh_is_named(recipe_cases):
+  """A slot state laid out on fsdp8 given to a step on fsdp4 failed with
+  "incompatible shapes for broadcasting" (or, without check_finite, ran
+  with each matrix reading another's state); on one device it blamed the
+  stage. Both name the layouts now."""
+  r = recipe_cases['slot_layout_errors']
+  assert 'error' not in r, r.get('trace', r['error'])
+  for n, layout in (('4', '4 × 1'), ('1', '1 × 3')):
+    assert r[n].startswith("trion: its slot state 'group0'"), r[n]
+    assert f'laid out for 8 device(s) × 1 matrices each; this step runs on {layout}' in r[n]
+    assert 'another mesh' in r[n]

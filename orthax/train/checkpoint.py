@@ -42,6 +42,7 @@ from typing import Any
 import jax
 
 from orthax import _tree
+from orthax import engine
 from orthax.train import checkpoint_formats
 
 CHECKSUMS = 'orthax_checksums.json'
@@ -349,3 +350,12 @@ class Checkpointer:
       self._seal()
       self._mgr.wait_until_finished()
       self._mgr.close()
+
+
+def slot_state_paths(state: Any) -> list[str]:
+  """The paths of ``state``'s slot states (:class:`orthax.engine.SlotState`:
+  per-matrix state laid out by the mesh, so a checkpoint of it resumes only
+  on the mesh it was saved on)."""
+  is_slot = lambda x: isinstance(x, engine.SlotState)
+  flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_slot)
+  return [jax.tree_util.keystr(p) for p, x in flat if is_slot(x)]

@@ -86,11 +86,13 @@ def save_config(workdir: str, cfg: dict[str, Any]) -> None:
 
 
 def check(workdir: str, cfg: dict[str, Any], *, resuming: bool,
-          force: bool = False) -> None:
+          force: bool = False) -> list[tuple[str, Any, Any]]:
   """Checks that this start may use ``workdir`` (see the module
   docstring); :func:`save_config` records ``cfg`` once the run has its
   state (a start that fails before, e.g. a forced resume whose checkpoint
-  does not fit the config, leaves the saved config as it was)."""
+  does not fit the config, leaves the saved config as it was). Returns
+  the run-changing keys a forced resume lets through (:func:`run_changes`;
+  ``[]`` otherwise)."""
   try:
     old = load_config(workdir)
   except ValueError as e:
@@ -110,6 +112,7 @@ def check(workdir: str, cfg: dict[str, Any], *, resuming: bool,
             f'config ({os.path.join(workdir, CONFIG)}), another workdir, '
             'or force it (train(..., force=True), --force).')
       log.warning('%s\nforced: resuming anyway.', msg)
+      return changes
   if not resuming:
     try:
       recs = metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
@@ -134,3 +137,4 @@ def check(workdir: str, cfg: dict[str, Any], *, resuming: bool,
             "e.g. to rerun with train.nonfinite='skip' after a non-finite "
             'gradient.')
       log.warning('%s; forced: starting over.', msg)
+  return []

@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -176,22 +176,36 @@ def _checkpointer(workdir: str | None, tr: dict[str, Any]
                                int(tr.get('max_to_keep', 2)))
 
 
-def _initial_state(setup: Setup, ckpt: ckpt_lib.Checkpointer | None):
-  """A fresh state, or the newest intact checkpoint's."""
+def _initial_state(setup: Setup, ckpt: ckpt_lib.Checkpointer | None,
+                   mesh_changes: Sequence[str] = ()):
+  """A fresh state, or the newest intact checkpoint's; ``mesh_changes``:
+  the ``mesh.*`` keys a forced resume changes."""
   if ckpt is None or not ckpt.all_steps():
     return setup.init(setup.initial_params)
   abstract = jax.eval_shape(setup.init, setup.abstract_params)
+  slots = ckpt_lib.slot_state_paths(abstract)
+  if slots and mesh_changes:
+    raise ValueError(
+        f'the checkpoints in {ckpt.directory} were saved on another mesh '
+        f'({", ".join(mesh_changes)} changed), and this optimizer keeps '
+        f'per-matrix state laid out by the mesh ({", ".join(slots)}: each '
+        "matrix's state on its owner device). Restored on this mesh, "
+        "matrices would read each other's state, so it is refused even "
+        'with --force. Resume on the saved mesh, or use another workdir.')
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, setup.shardings)
   try:
     state, step = ckpt.restore_intact(abstract)
   except ValueError as e:  # verified files that do not fit this config
+    why = ('they were saved by a run of another model or optimizer, or on '
+           'another mesh or device count (the optimizer\'s per-matrix state '
+           f'{", ".join(slots)} is laid out by the mesh)' if slots else
+           'they were saved by a run of another model or optimizer')
     raise ValueError(
         f'the checkpoints in {ckpt.directory} do not fit this config\'s '
-        f'train state ({e}): they were saved by a run of another model or '
-        'optimizer. Use another workdir, or the config they were saved '
-        'with.') from e
+        f'train state ({e}): {why}. Use another workdir, or the config '
+        'and devices they were saved with.') from e
   log.info('resumed from checkpoint step %d in %s', step, ckpt.directory)
   return state
 
@@ -331,11 +345,15 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
   ckpt = _checkpointer(workdir, tr)
   try:
     if workdir is not None:
-      rundir.check(workdir, cfg, resuming=bool(ckpt.all_steps()),
-                   force=force)
+      changes = rundir.check(workdir, cfg, resuming=bool(ckpt.all_steps()),
+                             force=force)
+    else:
+      changes = []
     setup = build(cfg, vocab)
     log.info('%s', startup_summary(setup))
-    state = _initial_state(setup, ckpt)
+    state = _initial_state(setup, ckpt, [
+        f'{k}: {a!r} -> {b!r}' for k, a, b in changes
+        if k.startswith('mesh.') and k != 'mesh.comm_dtype'])
   except BaseException:
     if ckpt is not None:  # orbax's threads, before the interpreter exits
       ckpt.close()
