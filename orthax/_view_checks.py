@@ -2,8 +2,9 @@
 wrong: matrix views (:class:`orthax.MatrixViewWarning`: Flax attention
 kernels read as stacks of layers, :meth:`orthax.Router.attention_view_suspects`;
 scanned stacks of convolutions read as one,
-:meth:`orthax.Router.conv_view_suspects`) and output layers sent to the
-matrix branch (:class:`orthax.OutputLayerWarning`).
+:meth:`orthax.Router.conv_view_suspects`; one layer's 3-D kernel read as a
+stack, :meth:`orthax.Router.stack_view_suspects`) and output layers sent to
+the matrix branch (:class:`orthax.OutputLayerWarning`).
 
 A scanned stack of ``L`` convolutions (``nn.scan``, ``nnx.vmap``) has the
 kernel shape ``(L, *window, in, out)``, that of one convolution with a
@@ -95,6 +96,28 @@ def heads_agree(in_shape: tuple[int, ...] | None,
     return False
   cube = len(set(in_shape)) == 1 and len(set(out_shape)) == 1
   return in_shape[1:] == out_shape[:2] and not cube
+
+
+def attention_suspect(path: str, shape: tuple[int, ...],
+                      shapes: dict[str, tuple[int, ...]]) -> str | None:
+  """The warning for a 3-D kernel read as a stack of layers whose shape is
+  that of Flax attention (:meth:`orthax.Router.attention_view_suspects`),
+  or ``None``."""
+  a, b, c = shape
+  # One head too: (features, 1, head_dim) read as a stack is one row per
+  # matrix. (One head's out kernel, a stack of one, is the matrix.)
+  if ATTENTION_IN.search(path) and (b * c == a or heads_agree(
+      shape, shapes.get(ATTENTION_IN.sub(r'\1out/kernel', path)))):
+    return attention_message(
+        path, shape, 'features, heads, head_dim',
+        r'(^|/)(query|key|value)/kernel$', 'fan_in=0, fan_out=(1, 2)')
+  if ATTENTION_OUT.search(path) and a > 1 and (a * b == c or any(
+      heads_agree(shapes.get(ATTENTION_OUT.sub(rf'\1{name}/kernel', path)),
+                  shape) for name in ('query', 'key', 'value'))):
+    return attention_message(
+        path, shape, 'heads, head_dim, features', r'(^|/)out/kernel$',
+        'fan_in=(0, 1), fan_out=2')
+  return None
 
 
 def attention_message(path: str, shape: tuple[int, ...], layout: str,

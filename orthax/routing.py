@@ -325,32 +325,9 @@ class Router:
     two views are one matrix; its ``out`` stack ``(L, d, d)`` agrees with
     ``(d, d)`` only for ``L = d``, a cube, which is never warned about)."""
     shapes = _leaf_shapes(tree)
-    out = []
-    for path, shape in shapes.items():
-      if len(shape) != 3:
-        continue
-      rule = self._rule_for(path, 3)
-      if (rule is None or rule.spec is not None or rule.label != 'matrix'
-          or not _is_default(rule)):
-        continue
-      a, b, c = shape
-      # One head too: (features, 1, head_dim) read as a stack is one row
-      # per matrix. (One head's out kernel, a stack of one, is the matrix.)
-      if _views.ATTENTION_IN.search(path) and (
-          b * c == a or _views.heads_agree(shape, shapes.get(
-              _views.ATTENTION_IN.sub(r'\1out/kernel', path)))):
-        out.append((path, _views.attention_message(
-            path, shape, 'features, heads, head_dim',
-            r'(^|/)(query|key|value)/kernel$', 'fan_in=0, fan_out=(1, 2)')))
-      elif _views.ATTENTION_OUT.search(path) and a > 1 and (
-          a * b == c or any(
-              _views.heads_agree(shapes.get(_views.ATTENTION_OUT.sub(
-                  rf'\1{name}/kernel', path)), shape)
-              for name in ('query', 'key', 'value'))):
-        out.append((path, _views.attention_message(
-            path, shape, 'heads, head_dim, features', r'(^|/)out/kernel$',
-            'fan_in=(0, 1), fan_out=2')))
-    return out
+    found = [(p, _views.attention_suspect(p, sh, shapes))
+             for p, sh in shapes.items() if self._reads_as_stack(p, sh)]
+    return [(p, message) for p, message in found if message]
 
   def conv_view_suspects(self, tree: Any) -> list[tuple[str, str]]:
     """``(path, message)`` of each conv kernel (4-D or more) that a
@@ -378,16 +355,11 @@ class Router:
     :meth:`attention_view_suspects`."""
     shapes = _leaf_shapes(tree)
     attention = dict(self.attention_view_suspects(tree))
-    out = []
-    for path, shape in shapes.items():
-      rule = self._rule_for(path, len(shape))
-      if (path in attention or rule is None or rule.spec is not None
-          or rule.label != 'matrix' or not _is_default(rule)):
-        continue
-      why = _views.one_layer_evidence(path, shape, shapes)
-      if why:
-        out.append((path, _views.one_layer_message(path, shape, why)))
-    return out
+    found = [(p, sh, _views.one_layer_evidence(p, sh, shapes))
+             for p, sh in shapes.items()
+             if p not in attention and self._reads_as_stack(p, sh)]
+    return [(p, _views.one_layer_message(p, sh, why))
+            for p, sh, why in found if why]
 
   def view_suspects(self, tree: Any) -> list[tuple[str, str]]:
     """Every :class:`MatrixViewWarning`'s ``(path, message)``:
@@ -398,6 +370,13 @@ class Router:
 
   def _rule_for(self, path: str, ndim: int) -> Rule | None:
     return next((r for r in self.rules if r.matches(path, ndim)), None)
+
+  def _reads_as_stack(self, path: str, shape: tuple[int, ...]) -> bool:
+    """Whether a *default* rule reads the 3-D leaf as a stack of layers
+    (a matrix rule without a spec: ``MatrixSpec()``)."""
+    rule = self._rule_for(path, len(shape))
+    return (len(shape) == 3 and rule is not None and rule.spec is None
+            and rule.label == 'matrix' and _is_default(rule))
 
   def describe(self, tree: Any,
                learning_rates: Mapping[str, Any] | None = None,

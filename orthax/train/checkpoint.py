@@ -359,3 +359,30 @@ def slot_state_paths(state: Any) -> list[str]:
   is_slot = lambda x: isinstance(x, engine.SlotState)
   flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_slot)
   return [jax.tree_util.keystr(p) for p, x in flat if is_slot(x)]
+
+
+def check_slot_state_mesh(state: Any, directory: str,
+                          mesh_changes: Any) -> list[str]:
+  """:func:`slot_state_paths` of ``state``; raises ``ValueError`` if there
+  are any and ``mesh_changes`` (``'key: old -> new'`` of a forced resume)
+  says the checkpoints in ``directory`` were saved on another mesh."""
+  slots = slot_state_paths(state)
+  if slots and mesh_changes:
+    raise ValueError(
+        f'the checkpoints in {directory} were saved on another mesh '
+        f'({", ".join(mesh_changes)} changed), and this optimizer keeps '
+        f'per-matrix state laid out by the mesh ({", ".join(slots)}: each '
+        "matrix's state on its owner device). Restored on this mesh, "
+        "matrices would read each other's state, so it is refused even "
+        'with --force. Resume on the saved mesh, or use another workdir.')
+  return slots
+
+
+def misfit_cause(slots: list[str]) -> str:
+  """Why verified checkpoints may not fit a train state with the slot
+  states ``slots``."""
+  if not slots:
+    return 'they were saved by a run of another model or optimizer'
+  return ('they were saved by a run of another model or optimizer, or on '
+          "another mesh or device count (the optimizer's per-matrix state "
+          f'{", ".join(slots)} is laid out by the mesh)')

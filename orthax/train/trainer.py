@@ -183,29 +183,18 @@ def _initial_state(setup: Setup, ckpt: ckpt_lib.Checkpointer | None,
   if ckpt is None or not ckpt.all_steps():
     return setup.init(setup.initial_params)
   abstract = jax.eval_shape(setup.init, setup.abstract_params)
-  slots = ckpt_lib.slot_state_paths(abstract)
-  if slots and mesh_changes:
-    raise ValueError(
-        f'the checkpoints in {ckpt.directory} were saved on another mesh '
-        f'({", ".join(mesh_changes)} changed), and this optimizer keeps '
-        f'per-matrix state laid out by the mesh ({", ".join(slots)}: each '
-        "matrix's state on its owner device). Restored on this mesh, "
-        "matrices would read each other's state, so it is refused even "
-        'with --force. Resume on the saved mesh, or use another workdir.')
+  slots = ckpt_lib.check_slot_state_mesh(abstract, ckpt.directory,
+                                         mesh_changes)
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, setup.shardings)
   try:
     state, step = ckpt.restore_intact(abstract)
   except ValueError as e:  # verified files that do not fit this config
-    why = ('they were saved by a run of another model or optimizer, or on '
-           'another mesh or device count (the optimizer\'s per-matrix state '
-           f'{", ".join(slots)} is laid out by the mesh)' if slots else
-           'they were saved by a run of another model or optimizer')
     raise ValueError(
         f'the checkpoints in {ckpt.directory} do not fit this config\'s '
-        f'train state ({e}): {why}. Use another workdir, or the config '
-        'and devices they were saved with.') from e
+        f'train state ({e}): {ckpt_lib.misfit_cause(slots)}. Use another '
+        'workdir, or the config and devices they were saved with.') from e
   log.info('resumed from checkpoint step %d in %s', step, ckpt.directory)
   return state
 
