@@ -114,8 +114,8 @@ _CONV = r'(?i)conv[^/]*/kernel$'
 # Embedding tables whose rows are not the vocabulary (positions, token types,
 # segments): BERT's 512 positions would otherwise make every 512-wide
 # hidden matrix look like an output layer.
-_POSITIONAL = re.compile(r'(^|[/_])(pos|position|positional|wpe|token_type|type|'
-                         r'segment)(?=[/_]|embed|$)')
+_POSITIONAL = re.compile(r'(^|[/_])(pos|positions?|positional|wpe|token_type|type|'
+                         r'segment|relative_attention_bias)(?=[/_]|embed|$)')
 
 DEFAULT_RULES: tuple[Rule, ...] = (
     Rule(r'(^|/)([^/]*embed[^/]*|wte|wpe)(/|$)', 'adam'),
@@ -262,7 +262,8 @@ class Router:
     matrix branch that looks like an output layer: its fan-out equals the
     vocabulary (the rows of an ``…embed…`` table in ``tree``, not a
     position, token-type or segment table: ``wpe``, ``pos_embed``,
-    ``position_embeddings``, ``token_type_embeddings``), or it is the
+    ``position_embeddings``, ``embed_positions``, ``token_type_embeddings``,
+    T5's ``relative_attention_bias``), or it is the
     last matrix of the tree (in natural path order, ``Dense_2`` before
     ``Dense_10``), the tree has other matrices, and its fan-out is no
     matrix's fan-in nor its last fan-in axis (a conv's input channels):

@@ -179,8 +179,11 @@ def run(recipe, mesh, axis_type, comm_dtype, inject=False, **dist_kw):
 # and Explicit fsdp8 meshes, where the 64×128 group (a and the three scan
 # layers) pads 4 matrices to 8 slots. f32 on the wire failed XLA:CPU's HLO
 # verifier in the reverse all-to-all (the cotangent of the padded output).
+# NAMO-D's norms and the gram group's normalizer take roots of split sums
+# (scale_safe.split_root, block_norm), whose unselected branch was √0: NaN.
 GRAD_KEYS = tuple(f'muon_grad/{m}/{w}' for m in ('fsdp8', 'explicit_fsdp8')
-                  for w in ('f32', 'bf16'))
+                  for w in ('f32', 'bf16')) + (
+                      'namo_d_grad/fsdp4tp2/f32', 'muon_grad/fsdp4tp2_gram/f32')
 
 
 def _meta_loss(tx, params, state):
@@ -190,7 +193,7 @@ def _meta_loss(tx, params, state):
   return loss
 
 
-def grad_run(recipe, mesh, axis_type, comm_dtype):
+def grad_run(recipe, mesh, axis_type, comm_dtype, **dist_kw):
   """The gradient of a scalar of the second step's update with respect to
   that step's gradients, distributed against one device."""
   pspecs = specs(mesh.axis_names)
@@ -200,7 +203,7 @@ def grad_run(recipe, mesh, axis_type, comm_dtype):
   ref = jax.jit(jax.grad(_meta_loss(ref_tx, params, ref_state)))(g2)
   explicit = axis_type == AxisType.Explicit
   dist = sharding.Distributed(mesh, None if explicit else pspecs,
-                              comm_dtype=comm_dtype)
+                              comm_dtype=comm_dtype, **dist_kw)
   tx = _recipe(recipe, False, distributed=dist)
   shard = lambda t: jax.tree.map(
       lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, pspecs)
@@ -346,11 +349,12 @@ def main():
         where == 'distributed'))
   for key in GRAD_KEYS:
     recipe, mname, wire = key.split('/')
-    shape, names, at = meshes[mname]
+    shape, names, at, *kw = meshes[mname]
     mesh = jax.make_mesh(shape, names, axis_types=(at,) * len(shape))
     out[key] = fake_devices.guarded(functools.partial(
         _run_in, mesh, at, recipe.removesuffix('_grad'),
-        jnp.float32 if wire == 'f32' else jnp.bfloat16, fn=grad_run))
+        jnp.float32 if wire == 'f32' else jnp.bfloat16, fn=grad_run,
+        **(kw[0] if kw else {})))
   print(json.dumps(out))
 
 

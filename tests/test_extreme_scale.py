@@ -310,3 +310,21 @@ def test_scale_safe_adam_is_optax_and_huge_entries_stay_local(nesterov):
     ur, sr = ref.update(tame, sr, tame)
     np.testing.assert_allclose(np.asarray(uo['w']), np.asarray(ur['w']),
                                rtol=2e-6)
+
+
+def test_split_roots_have_the_norms_derivative():
+  """``jax.grad`` through the split roots (NAMO's norms on a mesh, the gram
+  group's normalizer) was NaN for every ordinary matrix: the branch for
+  huge entries took √0 where it was not selected, and 0·∞ is NaN. Both
+  now have ``‖X‖_F``'s derivative, for ordinary and huge matrices."""
+  from orthax.polar.scale_safe import block_norm  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 6)),
+                  jnp.float32)
+  want = x / jnp.linalg.norm(x)
+  via_root = lambda x: split_root(*split_squares(x, (-2, -1))).sum()
+  via_block = lambda x: block_norm(x, lambda s: s)[1].sum()
+  np.testing.assert_allclose(jax.grad(via_root)(x), want, rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(via_block)(x), want, rtol=1e-6)
+  huge = x * 1e30  # the scaled branch: f·‖X‖ = 1 for a power of two f
+  np.testing.assert_allclose(jax.grad(via_root)(huge), want, rtol=1e-5)
+  assert bool(jnp.all(jnp.isfinite(jax.grad(via_block)(huge))))

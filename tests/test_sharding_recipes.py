@@ -136,7 +136,9 @@ def test_grad_through_a_distributed_update(recipe_cases, key):
   single-device one. With f32 on the wire, XLA:CPU's HLO verifier refused
   the reverse all-to-all of a padded group (its cotangent is the padded
   output's, zeros included, which XLA split into per-device operands of
-  mixed layouts); bf16 differs by its rounding on the wire."""
+  mixed layouts); NAMO-D's norms summed from pieces and a gram group's
+  normalizer came out NaN (the unselected √0 of scale_safe's split
+  roots); bf16 differs by its rounding on the wire."""
   r = recipe_cases[key]
   assert 'error' not in r, r.get('trace', r['error'])
   assert r['finite'] and r['ref_norm'] > 0

@@ -90,8 +90,11 @@ def split_root(lo: jax.Array, hi: jax.Array) -> jax.Array:
   """``√(lo + hi·2¹⁶⁰)`` of :func:`split_squares`'s (summed) pair: the
   plain ``√lo`` while ``hi`` is 0."""
   down = pow2(-_SPLIT, lo.dtype)
-  big = jnp.sqrt(hi + lo * down * down) * pow2(_SPLIT, lo.dtype)
-  return jnp.where(hi > 0, big, jnp.sqrt(lo))
+  # Each root of what its branch selects (1 in the other): √0's infinite
+  # derivative in the unselected branch made jax.grad NaN (0·∞).
+  big = (jnp.sqrt(jnp.where(hi > 0, hi + lo * down * down, 1))
+         * pow2(_SPLIT, lo.dtype))
+  return jnp.where(hi > 0, big, jnp.sqrt(jnp.where(hi > 0, 1, lo)))
 
 
 def signed_squares(lo: jax.Array, hi: jax.Array) -> jax.Array:
@@ -127,8 +130,10 @@ def block_norm(x: jax.Array, col_reduce: ColReduce
   xa = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   lo, hi = col_reduce(jnp.stack(split_squares(xa, (-2, -1))))
   down = pow2(-_SPLIT, lo.dtype)
-  scaled = jnp.sqrt(hi + lo * down * down)  # ‖X‖·2⁻⁸⁰ where hi > 0
-  plain = jnp.sqrt(jnp.where(hi > 0, 0, lo))
+  # ‖X‖·2⁻⁸⁰ where hi > 0; each root of 1 where its branch is not taken
+  # (split_root: √0 there made jax.grad NaN).
+  scaled = jnp.sqrt(jnp.where(hi > 0, hi + lo * down * down, 1))
+  plain = jnp.sqrt(jnp.where(hi > 0, 1, lo))
   f_plain = scale_of_max(plain).astype(lo.dtype)
   # ‖X‖ = scaled·2⁸⁰ ≤ 2⁸⁰⁺ᵏ, 2ᵏ ≥ scaled; f = 2⁻ᵉ, e = 80 + k capped at
   # the dtype's smallest normal power of two: f·‖X‖ ≤ 1, as huge_scale's.

@@ -309,7 +309,9 @@ def _check_spec(where, shape, entries, sizes, mspec, eff, prod):
                 else f'fan_in={fi}, fan_out={first}')
         hint = (f' View it with the sharded axis first: a Rule with '
                 f'orthax.MatrixSpec({view}) (the same matrix, its '
-                f'{"rows" if name == "fan_in" else "columns"} permuted).')
+                f'{"rows" if name == "fan_in" else "columns"} permuted: '
+                'orthogonalized steps permute alike; a DCT-based one, '
+                'DCT-AdamW or Trion, sees them in another order).')
       raise ValueError(
           f'{where}: only the first {name} axis ({fan[0]}) of a '
           f'multi-axis {name} {fan} may be sharded.' + hint)
