@@ -139,3 +139,16 @@ def test_accumulator_dtype_stays_configurable():
   state = orthax.muon().init(params)
   mu = optax.tree.get(state, 'momentum').mu
   assert {x.dtype for x in jax.tree.leaves(mu)} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize('name', orthax.recipe_names())
+def test_a_dtype_without_zero_is_refused_by_name(name):
+  """``float8_e8m0fnu`` (powers of two only: no zero, no sign) gave all-NaN
+  updates, silently; ``init`` names the leaf, and the frozen rule takes
+  it."""
+  params = {'w': jnp.ones((8, 16), jnp.float8_e8m0fnu), 'b': jnp.ones((16,))}
+  with pytest.raises(ValueError, match=(
+      "leaf 'w' has dtype float8_e8m0fnu, which holds no zero")):
+    orthax.recipe(name).init(params)
+  router = orthax.Router(extra_rules=[orthax.Rule('^w$', 'frozen')])
+  orthax.recipe(name, router=router).init(params)

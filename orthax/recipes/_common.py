@@ -325,10 +325,18 @@ def check_trainable(params: Any, labels: Any) -> None:
   for path, x, label in zip(paths, leaves, per_leaf):
     dtype = getattr(x, 'dtype', None)  # (a Python int or bool: its array's)
     dtype = jnp.result_type(x) if dtype is None else dtype
+    pattern = _tree.exact_pattern(path)
+    if (label != 'frozen' and jnp.issubdtype(dtype, jnp.floating)
+        and float(jnp.finfo(dtype).min) > 0):
+      raise ValueError(
+          f'leaf {path!r} has dtype {jnp.dtype(dtype).name}, which holds no '
+          'zero or negative value: its update would come back as NaN. '
+          'Keep a wider dtype for parameters you train, or freeze it: '
+          f'router=orthax.Router(extra_rules=[orthax.Rule({pattern!r}, '
+          "'frozen')]).")
     if (label in ('frozen', 'matrix')  # (the matrix branch refuses)
         or jnp.issubdtype(dtype, jnp.inexact)):
       continue
-    pattern = _tree.exact_pattern(path)
     raise ValueError(
         f'leaf {path!r} has dtype {jnp.dtype(dtype).name} and the router '
         f'sends it to {label!r}: it cannot be trained by gradient steps '
