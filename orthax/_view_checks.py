@@ -81,6 +81,13 @@ def one_layer_message(path: str, shape: tuple[int, ...], evidence: str
           f'orthax.MatrixSpec()).')
 
 
+# Embedding tables whose rows are not the vocabulary (positions, token types,
+# segments): BERT's 512 positions would otherwise make every 512-wide
+# hidden matrix look like an output layer.
+NOT_VOCABULARY = re.compile(
+    r'(^|[/_])(pos|positions?|positional|wpe|token_type|type|segment|'
+    r'relative_attention_bias)(?=[/_]|embed|$)')
+
 ATTENTION_IN = re.compile(r'(^|/)(query|key|value)/kernel$')
 ATTENTION_OUT = re.compile(r'(^|/)out/kernel$')
 

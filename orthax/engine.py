@@ -360,10 +360,7 @@ def map_matrices(
     # would gather them on Auto axes); the results go back to each leaf's
     # and each state's sharding.
     args = (pick(leaves), sts, pick(aux), pick(inputs), tuple(fn_args))
-    placed = _map_arrays(
-        lambda x: None if sharding.explicit_spec(x) is None else _P(), args,
-        args)
-    ll, sts_, aux_, inputs_, fn_args_ = placed
+    ll, sts_, aux_, inputs_, fn_args_ = replicated(args)
     done = _on_one_device(fn, ll, pick(specs), stages, sts_, aux_, inputs_,
                           group, fn_args_, pick(paths), plan_kw)
     done = done._replace(leaves=reshard_like(done.leaves, args[0]),

@@ -111,12 +111,6 @@ class Route:
 _VECTOR_RANKS = (0, 1)
 # Any case: linen names its convolutions Conv_0, ConvTranspose_0, ...
 _CONV = r'(?i)conv[^/]*/kernel$'
-# Embedding tables whose rows are not the vocabulary (positions, token types,
-# segments): BERT's 512 positions would otherwise make every 512-wide
-# hidden matrix look like an output layer.
-_POSITIONAL = re.compile(r'(^|[/_])(pos|positions?|positional|wpe|token_type|type|'
-                         r'segment|relative_attention_bias)(?=[/_]|embed|$)')
-
 DEFAULT_RULES: tuple[Rule, ...] = (
     Rule(r'(^|/)([^/]*embed[^/]*|wte|wpe)(/|$)', 'adam'),
     Rule(r'(^|/)(lm_head|head|unembed[^/]*|logits)(/|$)', 'adam'),
@@ -272,7 +266,7 @@ class Router:
     shapes = _leaf_shapes(tree)
     vocab = {shape[0] for path, shape in shapes.items() if len(shape) == 2
              and DEFAULT_RULES[0].matches(path, 2)
-             and not _POSITIONAL.search(path)}
+             and not _views.NOT_VOCABULARY.search(path)}
     matrices = []  # (path, shape, inputs, fan_out, by_default_rule)
     for path, shape in shapes.items():
       rule = self._rule_for(path, len(shape))

@@ -124,17 +124,26 @@ def reference_updates(recipe, inject):
   return ref
 
 
+def _distributed(recipe, inject, mesh, axis_type, comm_dtype, pspecs,
+                 dist_kw):
+  """The recipe with ``distributed=`` on ``mesh`` (specs read from the
+  arrays on an Explicit mesh), and a function placing a tree on it."""
+  explicit = axis_type == AxisType.Explicit
+  dist = sharding.Distributed(mesh, None if explicit else pspecs,
+                              comm_dtype=comm_dtype, **dist_kw)
+  shard = lambda t: jax.tree.map(
+      lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, pspecs)
+  return _recipe(recipe, inject, distributed=dist), shard
+
+
 def run(recipe, mesh, axis_type, comm_dtype, inject=False, **dist_kw):
   pspecs = specs(mesh.axis_names)
   params, grads = tree(0), [tree(1), tree(2)]
   ref = reference_updates(recipe, inject)
 
+  tx, shard = _distributed(recipe, inject, mesh, axis_type, comm_dtype,
+                           pspecs, dist_kw)
   explicit = axis_type == AxisType.Explicit
-  dist = sharding.Distributed(mesh, None if explicit else pspecs,
-                              comm_dtype=comm_dtype, **dist_kw)
-  tx = _recipe(recipe, inject, distributed=dist)
-  shard = lambda t: jax.tree.map(
-      lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, pspecs)
   p = shard(params)
   step, st = fake_devices.pinned_step(tx, tx.init(p), mesh)
   text = step.lower(shard(grads[0]), st, p).compile().as_text()
@@ -201,12 +210,8 @@ def grad_run(recipe, mesh, axis_type, comm_dtype, **dist_kw):
   ref_tx = _recipe(recipe, False)
   _, ref_state = ref_tx.update(g1, ref_tx.init(params), params)
   ref = jax.jit(jax.grad(_meta_loss(ref_tx, params, ref_state)))(g2)
-  explicit = axis_type == AxisType.Explicit
-  dist = sharding.Distributed(mesh, None if explicit else pspecs,
-                              comm_dtype=comm_dtype, **dist_kw)
-  tx = _recipe(recipe, False, distributed=dist)
-  shard = lambda t: jax.tree.map(
-      lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, pspecs)
+  tx, shard = _distributed(recipe, False, mesh, axis_type, comm_dtype,
+                           pspecs, dist_kw)
   p = shard(params)
   _, state = jax.jit(tx.update)(shard(g1), tx.init(p), p)
   got = jax.jit(jax.grad(_meta_loss(tx, p, state)))(shard(g2))
