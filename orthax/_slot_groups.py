@@ -68,5 +68,6 @@ def check_layout(stages, states, plan) -> None:
               f'matrices each; this step runs on {want[0]} × {want[1]}. '
               'A slot state belongs to the mesh and sharding it was made '
               'on (each matrix\'s state sits on its owner device): it was '
-              'made, or saved, on another mesh. Restore it on that mesh, '
-              'or start this stage\'s state afresh with tx.init.')
+              'made, or saved, on another mesh. Move it here with '
+              'orthax.transforms.relayout_state(state, tx.init(params)) '
+              '(its slot arrays restored in their saved shapes).')

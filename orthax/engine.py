@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from orthax import _slot_groups as slot_groups
+from orthax import _slot_layout as slot_layout
 from orthax import matrices
 from orthax import matrix_stages as ms
 from orthax import sharding
@@ -191,12 +192,16 @@ class SlotState:
   ``members``: each group's dtype and leaf paths at ``init``, which
   :func:`map_matrices` checks the update's grouping against (a leaf whose
   update has another dtype than its parameter would join another group,
-  and read another leaf's state)."""
+  and read another leaf's state). ``ids``: per group, the ``[D, k]`` int32
+  numbers of the matrices in its slots (``-1``: padding), the layout as
+  data, saved with the state; :func:`relayout_slot_state` moves a state
+  restored on another mesh into this mesh's layout."""
   slots: dict[str, jax.Array]
   axes: tuple[str, ...] = dataclasses.field(default=(),
                                             metadata={'static': True})
   members: tuple[tuple[str, tuple[str, ...]], ...] = dataclasses.field(
       default=(), metadata={'static': True})
+  ids: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     _register_with_flax_serialization()
@@ -212,17 +217,21 @@ def _register_with_flax_serialization() -> None:
   loaded (never importing it: the engine does not depend on Flax), which
   every step makes anew: only a state from ``init`` run before Flax was
   imported, written before any step, is refused. The ``slots`` are written,
-  ``axes`` come back from the target."""
+  ``axes`` and ``members`` come back from the target."""
   global _FLAX_SERIALIZATION_REGISTERED
   serialization = sys.modules.get('flax.serialization')
   if _FLAX_SERIALIZATION_REGISTERED or serialization is None:
     return
   serialization.register_serialization_state(
       SlotState,
-      lambda s: {'slots': serialization.to_state_dict(s.slots)},
+      lambda s: {'slots': serialization.to_state_dict(s.slots),
+                 'ids': serialization.to_state_dict(s.ids)},
       lambda target, d: SlotState(
           serialization.from_state_dict(target.slots, d['slots']),
-          target.axes, target.members),
+          target.axes, target.members,
+          # written before the ids were kept: the target's
+          serialization.from_state_dict(target.ids, d.get('ids',
+                                                          target.ids))),
       override=True)  # a second registration (another thread) is harmless
   _FLAX_SERIALIZATION_REGISTERED = True
 
@@ -253,17 +262,34 @@ def init_slot_state(stage: ms.MatrixStage, leaves: Sequence[Any],
                pick(paths), plan_kw)
   mesh = None if distributed is None else distributed.mesh
   axes = () if mesh is None else tuple(mesh.axis_names)
+  place = lambda a: a if mesh is None else sharding.place(
+      a, mesh, jax.sharding.PartitionSpec(axes))
+  pspecs = ([None] * len(live) if distributed is None else
+            sharding.leaf_specs(pick(paths), pick(leaves), distributed))
+  ids = {key: place(jnp.asarray(t)) for key, t in slot_layout.slot_ids(
+      plan, pick(leaves), pick(specs), pspecs, mesh).items()}
   slots = {}
   for gi, g in enumerate(plan.groups):
     fi, fo = (g.n, g.m) if g.transposed[0] else (g.m, g.n)
     lead = (plan.num_devices, sharding.slot_count(g))
     x = jax.tree.map(lambda a: jnp.broadcast_to(a, lead + a.shape),
                      stage.initial_state(fi, fo, ms.wide(g.dtype)))
-    if mesh is not None:
-      x = jax.tree.map(lambda a: sharding.place(
-          a, mesh, jax.sharding.PartitionSpec(axes)), x)
-    slots[sharding.group_key(gi)] = x
-  return SlotState(slots, axes, slot_groups.members(plan))
+    slots[sharding.group_key(gi)] = jax.tree.map(place, x)
+  return SlotState(slots, axes, slot_groups.members(plan), ids)
+
+
+def relayout_slot_state(state: SlotState, like: SlotState,
+                        where: str = 'slot state') -> SlotState:
+  """``state`` (made on another mesh or device count, or restored from a
+  checkpoint saved there, its arrays in their saved shapes) in the layout
+  of ``like`` (the same stage's state from ``init`` here, concrete): each
+  matrix's state moved to the slot this mesh gives it, padding slots as
+  in ``like``, every array placed with ``like``'s sharding; ``state``
+  itself when it already has ``like``'s layout. Raises ``ValueError``
+  naming ``where`` when a matrix has no state in ``state`` or its state
+  has another shape. For a whole optimizer state:
+  :func:`orthax.transforms.relayout_state`."""
+  return slot_layout.relayout(state, like, where)
 
 
 def _identity(x, *args, **kwargs):

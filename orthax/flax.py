@@ -198,7 +198,8 @@ def state_specs(abstract_opt_state: Any, params: Any, specs: Any) -> Any:
   def one(path, x):
     if isinstance(x, engine.SlotState):  # on its owner devices
       return engine.SlotState(
-          jax.tree.map(lambda _: P(x.axes), x.slots), x.axes, x.members)
+          jax.tree.map(lambda _: P(x.axes), x.slots), x.axes, x.members,
+          jax.tree.map(lambda _: P(x.axes), x.ids))
     keys = _keys(path)
     for n in lengths:
       hit = by_path.get(keys[-n:]) if len(keys) >= n else None

@@ -85,7 +85,7 @@ WHOLE_FILES = frozenset({
     'test_nonfinite_mesh.py', 'test_notebooks.py', 'test_optax_harness.py',
     'test_packaging.py', 'test_prepare.py', 'test_sharding.py',
     'test_sharding_recipes.py',
-    'test_sharding_stages.py', 'test_slot_stages.py',
+    'test_sharding_stages.py', 'test_slot_layout.py', 'test_slot_stages.py',
     'test_train_checkpoints.py',
     'test_trion.py'})
 

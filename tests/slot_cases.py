@@ -39,7 +39,7 @@ def _norms(state):
   """Sorted Frobenius norms of the nonzero per-matrix states, duplicates
   (devices that hold the same matrices) dropped."""
   vals = []
-  for a in jax.tree.leaves(optax.tree.get(state, 'gram_ema')):
+  for a in jax.tree.leaves(optax.tree.get(state, 'gram_ema').slots):
     a = np.asarray(a, np.float64)
     vals += list(np.linalg.norm(a.reshape(-1, *a.shape[-2:]), axis=(1, 2)))
   vals = sorted(v for v in vals if v > 0)
@@ -95,7 +95,7 @@ def run(shape, names, axis_type):
             for u, r in zip(us, ref)
             for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(r)))
   n1, n8 = _norms(st), _norms(st8)
-  slots = jax.tree.leaves(optax.tree.get(st8, 'gram_ema'))
+  slots = jax.tree.leaves(optax.tree.get(st8, 'gram_ema'))  # and its ids
   # The trainer's state shardings put slot states on their owner devices.
   specs = orthax.flax.state_specs(st8, params, pspecs)
   slot_specs = jax.tree.leaves(optax.tree.get(specs, 'gram_ema'),

@@ -288,7 +288,7 @@ def test_an_update_grouped_otherwise_than_init_is_refused():
   tags = {'group0': jnp.array([[1.0, 3.0]]), 'group1': jnp.array([[2.0, 4.0]])}
   state = state._replace(stages={'tag': jax.tree.map(
       lambda a, t: t.astype(a.dtype), slot, engine.SlotState(
-          tags, slot.axes, slot.members))})
+          tags, slot.axes, slot.members, slot.ids))})
   swapped = dict(params, b=params['b'].astype(f32), c=params['c'].astype(bf16))
   with pytest.raises(ValueError, match=r"^tag: its slot state was laid out "
                      r"at init .* \('b' is float32 here, bfloat16 at init\)"):

@@ -49,6 +49,27 @@ def test_mesh_training_equals_one_device():
                                  err_msg=f'{name} on mesh {mesh}')
 
 
+def test_a_forced_resume_on_another_mesh_moves_the_slot_state():
+  """ARO and DCT-AdamW keep each matrix's state on its owner device. Saved
+  on fsdp4×tensor2 and resumed with --force on data2×fsdp2×tensor2 (ARO)
+  and fsdp8 (DCT-AdamW), the run goes on as one without a break would:
+  within float32 noise for DCT-AdamW; for ARO, whose trajectory already
+  differs between meshes (QR and Sinkhorn on f32 reductions in another
+  order), within twice that difference between the two meshes' runs. The
+  first two losses come from the saved run, unchanged."""
+  out = _run(8, 'resume')
+  for key, r in out.items():
+    resumed, whole, first = (np.asarray(r[k]) for k in
+                             ('resumed', 'whole', 'first_mesh'))
+    assert len(resumed) == 4, (key, r)
+    np.testing.assert_array_equal(resumed[:2], first[:2], err_msg=key)
+    spread = np.abs(whole - first)[2:]
+    tol = np.maximum(2 * spread, 2e-5 * np.abs(whole[2:]))
+    assert np.all(np.abs(resumed[2:] - whole[2:]) <= tol), (key, r)
+  dct = out['dct_adamw/1x8x1']
+  np.testing.assert_allclose(dct['resumed'], dct['whole'], rtol=2e-5)
+
+
 def test_nonfinite_gradient_on_a_mesh_raises_naming_the_leaf():
   """fsdp=2, a NaN gradient at step 2, train.nonfinite='raise': a
   NonFiniteGradientError naming the step and leaf, and a normal exit (the

@@ -65,6 +65,33 @@ def nonfinite_on_mesh():
   return {'error': None}
 
 
+def resume_on_another_mesh(workdir):
+  """ARO and DCT-AdamW (per-matrix state on the owner devices) trained 2
+  steps on fsdp4×tensor2 with a checkpoint, resumed with --force on
+  data2×fsdp2×tensor2 and on fsdp8 for 2 more: their train losses against
+  4 steps on that mesh without a break, and on the first mesh."""
+  out = {}
+  for name, dst in (('aro', (2, 2, 2)), ('dct_adamw', (1, 8, 1))):
+    def cfg(mesh, name=name):
+      c = tiny(name, steps=4)
+      c.train.eval_every = 0
+      c.train.checkpoint_every = 2
+      c.model.update(d_model=64, num_heads=4)
+      c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2],
+                    comm_dtype='float32')
+      return c
+    key = f'{name}/{"x".join(map(str, dst))}'
+    where = os.path.join(workdir, key.replace('/', '_'))
+    trainer.train(cfg((1, 4, 2)), where, progress=False, stop_at=2)
+    resumed = trainer.train(cfg(dst), where, progress=False, force=True)
+    whole = trainer.train(cfg(dst), None, progress=False)
+    first = trainer.train(cfg((1, 4, 2)), None, progress=False)
+    out[key] = {'resumed': [x['loss'] for x in resumed['train']],
+                'whole': [x['loss'] for x in whole['train']],
+                'first_mesh': [x['loss'] for x in first['train']]}
+  return out
+
+
 def dry_runs(names):
   out = {}
   for name in names:
@@ -81,5 +108,9 @@ if __name__ == '__main__':
     print(json.dumps(mesh_numerics()))
   elif what == 'nonfinite':
     print(json.dumps(nonfinite_on_mesh()))
+  elif what == 'resume':
+    import tempfile  # noqa: E402
+    with tempfile.TemporaryDirectory() as d:
+      print(json.dumps(resume_on_another_mesh(d)))
   else:
     print(json.dumps(dry_runs(what.split(','))))

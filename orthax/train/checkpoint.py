@@ -42,8 +42,8 @@ from typing import Any
 import jax
 
 from orthax import _tree
-from orthax import engine
 from orthax.train import checkpoint_formats
+from orthax.train import checkpoint_slots
 
 CHECKSUMS = 'orthax_checksums.json'
 log = logging.getLogger('orthax.train')
@@ -233,12 +233,17 @@ class Checkpointer:
       json.dump(record, f, indent=0)
     os.replace(tmp, os.path.join(d, CHECKSUMS))
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> Any:
+  def restore(self, abstract_state: Any, step: int | None = None,
+              layout: Any = None) -> Any:
     """The checkpoint ``step`` (default: latest), unverified, restored with
     the shardings and dtypes of ``abstract_state`` (``ShapeDtypeStruct``
     tree or arrays). A checkpoint in an older orthax's layout of the
     optimizer state is read in that layout
-    (:mod:`~orthax.train.checkpoint_formats`)."""
+    (:mod:`~orthax.train.checkpoint_formats`). ``layout``: the slot states
+    of a fresh ``init`` on this mesh (:func:`checkpoint_slots.slot_states
+    <orthax.train.checkpoint_slots.slot_states>`); the saved slot states,
+    from any mesh, are moved into it (:mod:`~orthax.train.checkpoint_slots`).
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise ValueError(f'no checkpoint in {self.directory!r}.')
@@ -246,6 +251,24 @@ class Checkpointer:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                        sharding=getattr(x, 'sharding', None)),
         abstract_state)
+    to_here = lambda restored: restored
+    if layout is not None and checkpoint_slots.slot_state_paths(layout):
+      meta = self.metadata(step)
+      if meta is not None:
+        target, to_here = checkpoint_slots.as_saved(target, meta, layout)
+    return to_here(self._restore_fitting(step, target))
+
+  def metadata(self, step: int) -> Any:
+    """The step's orbax metadata tree (shapes and dtypes, no arrays);
+    ``None`` when unreadable."""
+    try:
+      return self._mgr.item_metadata(step)
+    except Exception:  # pylint: disable=broad-except
+      return None  # unreadable: the restore says what is wrong
+
+  def _restore_fitting(self, step: int, target: Any) -> Any:
+    """The step restored into ``target``, or into the older layout of it
+    that fits the saved leaves' shapes."""
     saved = self._saved_shapes(step)
     if saved and mismatches(saved, _shapes(target)):
       for older, to_today in checkpoint_formats.older_layouts(target):
@@ -287,16 +310,17 @@ class Checkpointer:
     fit while its reads of the others were still in flight, and print their
     errors at exit); ``None`` when unreadable (the restore then says what
     is wrong)."""
-    try:
-      meta = self._mgr.item_metadata(step)
-      return {_tree.path_str(p): tuple(m.shape) for p, m in
-              jax.tree_util.tree_flatten_with_path(meta)[0]}
-    except Exception:  # pylint: disable=broad-except
+    meta = self.metadata(step)
+    if meta is None:
       return None
+    return {_tree.path_str(p): tuple(m.shape) for p, m in
+            jax.tree_util.tree_flatten_with_path(meta)[0]}
 
-  def restore_intact(self, abstract_state: Any) -> tuple[Any, int]:
-    """``(state, step)`` of the newest intact checkpoint; damaged newer
-    ones are logged and moved aside (see the module docstring)."""
+  def restore_intact(self, abstract_state: Any,
+                     layout: Any = None) -> tuple[Any, int]:
+    """``(state, step)`` of the newest intact checkpoint (``layout`` as
+    :meth:`restore` takes it); damaged newer ones are logged and moved
+    aside (see the module docstring)."""
     damaged = []
 
     def note(step, why):
@@ -310,7 +334,7 @@ class Checkpointer:
         note(step, '; '.join(problems))
         continue
       try:
-        state = self.restore(abstract_state, step)
+        state = self.restore(abstract_state, step, layout)
       except CheckpointMismatchError:  # another run's state: not damage
         raise
       except Exception as e:  # pylint: disable=broad-except
@@ -350,39 +374,3 @@ class Checkpointer:
       self._seal()
       self._mgr.wait_until_finished()
       self._mgr.close()
-
-
-def slot_state_paths(state: Any) -> list[str]:
-  """The paths of ``state``'s slot states (:class:`orthax.engine.SlotState`:
-  per-matrix state laid out by the mesh, so a checkpoint of it resumes only
-  on the mesh it was saved on)."""
-  is_slot = lambda x: isinstance(x, engine.SlotState)
-  flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_slot)
-  return [jax.tree_util.keystr(p) for p, x in flat if is_slot(x)]
-
-
-def check_slot_state_mesh(state: Any, directory: str,
-                          mesh_changes: Any) -> list[str]:
-  """:func:`slot_state_paths` of ``state``; raises ``ValueError`` if there
-  are any and ``mesh_changes`` (``'key: old -> new'`` of a forced resume)
-  says the checkpoints in ``directory`` were saved on another mesh."""
-  slots = slot_state_paths(state)
-  if slots and mesh_changes:
-    raise ValueError(
-        f'the checkpoints in {directory} were saved on another mesh '
-        f'({", ".join(mesh_changes)} changed), and this optimizer keeps '
-        f'per-matrix state laid out by the mesh ({", ".join(slots)}: each '
-        "matrix's state on its owner device). Restored on this mesh, "
-        "matrices would read each other's state, so it is refused even "
-        'with --force. Resume on the saved mesh, or use another workdir.')
-  return slots
-
-
-def misfit_cause(slots: list[str]) -> str:
-  """Why verified checkpoints may not fit a train state with the slot
-  states ``slots``."""
-  if not slots:
-    return 'they were saved by a run of another model or optimizer'
-  return ('they were saved by a run of another model or optimizer, or on '
-          "another mesh or device count (the optimizer's per-matrix state "
-          f'{", ".join(slots)} is laid out by the mesh)')

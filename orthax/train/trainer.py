@@ -31,6 +31,7 @@ import numpy as np
 
 import orthax
 from orthax.train import checkpoint as ckpt_lib
+from orthax.train import checkpoint_slots as ckpt_slots
 from orthax.train import configs
 from orthax.train import data as data_lib
 from orthax.train import faults
@@ -183,18 +184,25 @@ def _initial_state(setup: Setup, ckpt: ckpt_lib.Checkpointer | None,
   if ckpt is None or not ckpt.all_steps():
     return setup.init(setup.initial_params)
   abstract = jax.eval_shape(setup.init, setup.abstract_params)
-  slots = ckpt_lib.check_slot_state_mesh(abstract, ckpt.directory,
-                                         mesh_changes)
+  layout = None
+  if setup.initial_params is not None and ckpt_slots.check_slot_state_mesh(
+      abstract, ckpt.directory, mesh_changes, ckpt_slots.saved_without_ids(
+          ckpt.metadata(ckpt.latest_step()), abstract)):
+    # Where each matrix's state sits on this mesh (only the slot states
+    # are computed), for the saved states to be moved there.
+    layout = jax.jit(lambda p: ckpt_slots.slot_states(setup.init(p)))(
+        setup.initial_params)
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, setup.shardings)
   try:
-    state, step = ckpt.restore_intact(abstract)
+    state, step = ckpt.restore_intact(abstract, layout)
   except ValueError as e:  # verified files that do not fit this config
     raise ValueError(
         f'the checkpoints in {ckpt.directory} do not fit this config\'s '
-        f'train state ({e}): {ckpt_lib.misfit_cause(slots)}. Use another '
-        'workdir, or the config and devices they were saved with.') from e
+        f'train state ({e}): they were saved by a run of another model or '
+        'optimizer. Use another workdir, or the config they were saved '
+        'with.') from e
   log.info('resumed from checkpoint step %d in %s', step, ckpt.directory)
   return state
 

@@ -62,7 +62,8 @@ def with_leaf_states(stage: ms.MatrixStage, state: Any, updates: Any,
   if not stage.stateful:
     return state
   if stage.slot_state:
-    return engine.SlotState(dict(new), state.axes, state.members)
+    return engine.SlotState(dict(new), state.axes, state.members,
+                            state.ids)
   return type(state)(_tree.plain_structure(updates).unflatten(list(new)))
 
 

@@ -1,0 +1,198 @@
+"""Which matrix sits in which slot of a slot stage's state, and moving a
+state to another layout.
+
+A slot stage's state (:class:`orthax.engine.SlotState`) holds, per group of
+the plan, ``[D, k, *state]`` arrays: row ``d`` for the mesh's ``d``-th
+device (its devices in row-major order of the mesh's axes), ``k`` matrices
+each. Which matrix a slot holds follows from the mesh, the leaves'
+shardings and the plan, so the layout is the mesh's. The state carries it
+as data, ``ids`` (per group, ``[D, k]`` int32), which a checkpoint saves
+with the slots:
+
+* a slot's entry is ``2·i + t``: ``i`` numbers the matrices of the leaves
+  in order (a leaf's matrices in row-major order of its batch axes), which
+  no mesh changes, and ``t`` is 1 where the matrix runs transposed (its
+  state is then of the transpose); ``-1`` marks a padding slot;
+* :func:`relayout` moves a state restored from one layout into another's
+  (a fresh ``init`` on the new mesh), matrix by matrix: resuming on another
+  mesh or device count.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from orthax import sharding
+
+
+def _ravel(coord: dict[str, int], sizes: dict[str, int],
+           axes: Sequence[str]) -> int:
+  """The linear index of a device along ``axes`` (the first major), as
+  ``jax.lax.axis_index(axes)`` and a ``PartitionSpec`` entry number it."""
+  j = 0
+  for a in axes:
+    j = j * sizes[a] + coord[a]
+  return j
+
+
+def _local_ids(ids: np.ndarray, batch: Sequence[int], entries, coord,
+               sizes) -> np.ndarray:
+  """The block of a leaf's ``ids`` (its batch shape) that the device at
+  ``coord`` holds, by the leaf's ``PartitionSpec`` ``entries``."""
+  for pos, d in enumerate(batch):
+    axes = entries[d]
+    n = math.prod(sizes[a] for a in axes)
+    if n > 1:
+      blk = ids.shape[pos] // n
+      j = _ravel(coord, sizes, axes)
+      ids = np.take(ids, np.arange(j * blk, (j + 1) * blk), axis=pos)
+  return ids
+
+
+def slot_ids(plan: Any, leaves: Sequence[Any], specs: Sequence[Any],
+             pspecs: Sequence[Any], mesh: Any) -> dict[str, np.ndarray]:
+  """Per group of ``plan`` (keys :func:`orthax.sharding.group_key`), the
+  ``[D, k]`` ids (module docstring) of the matrices in its slots: the
+  device's local stack (each member leaf's block of matrices, in order),
+  padded, and for ``a2a`` and ``replicated`` its share by its index along
+  the split axes, as the executor's bodies take them. ``leaves`` (shapes),
+  ``specs`` and ``pspecs`` are those the plan was made from; ``mesh``
+  ``None`` on one device."""
+  names = () if mesh is None else tuple(mesh.axis_names)
+  sizes = {} if mesh is None else dict(mesh.shape)
+  counts = [s.matrix_shape(x.shape)[0] for x, s in zip(leaves, specs)]
+  offsets = np.cumsum([0] + counts)
+  out = {}
+  for gi, g in enumerate(plan.groups):
+    k = sharding.slot_count(g)
+    table = np.full((plan.num_devices, k), -1, np.int32)
+    for r in range(plan.num_devices):
+      coord = dict(zip(names, np.unravel_index(r, [sizes[a] for a in names])))
+      local = []
+      for i, t in zip(g.leaves, g.transposed):
+        shape = tuple(leaves[i].shape)
+        batch = specs[i].resolve(shape)[0]
+        ids = offsets[i] + np.arange(counts[i]).reshape(
+            [shape[d] for d in batch])
+        entries = sharding.spec_entries(pspecs[i], len(shape))
+        local.extend(2 * _local_ids(ids, batch, entries, coord, sizes).ravel()
+                     + int(t))
+      local = np.asarray(local, np.int64)
+      if g.strategy in ('a2a', 'replicated'):
+        j = _ravel(coord, sizes, g.split_axes)
+        local = np.concatenate([local, np.full(g.padded - len(local), -1)])
+        local = local[j * k:(j + 1) * k]
+      table[r] = local
+    out[sharding.group_key(gi)] = table
+  return out
+
+
+def _host(x: Any) -> np.ndarray:
+  return np.asarray(jax.device_get(x))
+
+
+def _sources(saved: Any) -> dict[int, tuple[str, int, int]]:
+  """``{matrix: (group key, flat slot, transposed)}`` of ``saved``'s ids
+  (the first of replicated copies)."""
+  src = {}
+  for key, ids in saved.ids.items():
+    flat = _host(ids).reshape(-1)
+    for pos in np.flatnonzero(flat >= 0):
+      src.setdefault(int(flat[pos]) >> 1, (key, int(pos), int(flat[pos]) & 1))
+  return src
+
+
+def placed_like(x: Any, like: Any) -> jax.Array:
+  """``x`` with ``like``'s sharding where that is a mesh's; else on the
+  default device, uncommitted (as ``init`` leaves its scalars), so that
+  ``jit`` places it with the arrays it meets."""
+  sh = getattr(like, 'sharding', None)
+  if isinstance(sh, jax.sharding.NamedSharding):
+    return jax.device_put(x, sh)
+  return jax.numpy.asarray(_host(x))
+
+
+def _shapes(tree: Any) -> Any:
+  flat, treedef = jax.tree_util.tree_flatten(tree)
+  return treedef, [(tuple(np.shape(a)), np.dtype(a.dtype)) for a in flat]
+
+
+def relayout(saved: Any, like: Any, where: str = 'slot state') -> Any:
+  """``saved`` (an :class:`~orthax.engine.SlotState`, e.g. restored from a
+  checkpoint made on another mesh) in ``like``'s layout (``like``: the same
+  stage's state from ``init`` on this mesh, whose ``ids`` are concrete):
+  each matrix's state moved to the slot ``like`` gives it, padding slots
+  as in ``like``, each array placed with ``like``'s sharding (only placed
+  when its ids already are ``like``'s). Raises
+  ``ValueError`` (naming ``where``) when a matrix of ``like`` has no state
+  in ``saved``, runs in the other orientation there, or has another state
+  shape or structure."""
+  same = (saved.ids.keys() == like.ids.keys() and all(
+      np.shape(saved.ids[k]) == np.shape(like.ids[k])
+      and np.array_equal(_host(saved.ids[k]), _host(like.ids[k]))
+      for k in like.ids)) and _shapes(saved.slots) == _shapes(like.slots)
+  if same:  # placed as like's
+    return type(like)(
+        jax.tree.map(lambda x, t: placed_like(x, t), saved.slots,
+                     like.slots),
+        like.axes, like.members,
+        jax.tree.map(lambda x, t: placed_like(x, t), saved.ids, like.ids))
+  if not like.ids and like.slots:
+    raise ValueError(f'{where}: the target state has no slot ids.')
+  src = _sources(saved)
+  slots = {}
+  for key, ids in like.ids.items():
+    want = _host(ids).reshape(-1)
+    live = np.flatnonzero(want >= 0)
+    missing = [int(want[p]) >> 1 for p in live if int(want[p]) >> 1 not in src]
+    if missing:
+      raise ValueError(
+          f'{where}: the saved state has no state for matrices {missing[:5]} '
+          f'(of the leaves {list(dict(like.members).get(key, ()))} here, '
+          'numbered in the leaves\' order): it was made for other '
+          'parameters.')
+    flipped = [int(want[p]) >> 1 for p in live
+               if src[int(want[p]) >> 1][2] != int(want[p]) & 1]
+    if flipped:
+      raise ValueError(
+          f'{where}: matrices {flipped[:5]} run transposed on one mesh and '
+          'not on the other; their state cannot be moved.')
+    slots[key] = _move(saved, like, key, want, live, src, where)
+  return type(like)(slots, like.axes, like.members, like.ids)
+
+
+def _move(saved, like, key, want, live, src, where):
+  """Group ``key`` of ``like``'s slots filled from ``saved``."""
+  like_flat, treedef = jax.tree_util.tree_flatten_with_path(like.slots[key])
+  out = []
+  for path, target in like_flat:
+    base = _host(target)
+    rows = base.reshape((-1,) + base.shape[2:]).copy()
+    for skey in sorted({src[int(want[p]) >> 1][0] for p in live}):
+      arr = _saved_leaf(saved, skey, path, where)
+      if arr.shape[2:] != base.shape[2:] or arr.dtype != base.dtype:
+        raise ValueError(
+            f'{where}: {skey}{jax.tree_util.keystr(path)} is saved as '
+            f'{arr.dtype}[..., {arr.shape[2:]}] per matrix; here it is '
+            f'{base.dtype}[..., {base.shape[2:]}].')
+      sel = [p for p in live if src[int(want[p]) >> 1][0] == skey]
+      rows[sel] = arr.reshape((-1,) + arr.shape[2:])[
+          [src[int(want[p]) >> 1][1] for p in sel]]
+    out.append(placed_like(rows.reshape(base.shape), target))
+  return jax.tree.unflatten(treedef, out)
+
+
+def _saved_leaf(saved, skey, path, where) -> np.ndarray:
+  try:
+    node = saved.slots[skey]
+    for p in path:
+      node = node[p.key]
+  except (KeyError, TypeError, AttributeError):
+    raise ValueError(f'{where}: the saved {skey} has no '
+                     f'{jax.tree_util.keystr(path) or "array"} (another '
+                     'stage\'s state).') from None
+  return _host(node)

@@ -1,0 +1,138 @@
+"""Slot states in checkpoints: restored in the layout they were saved in,
+then moved into this mesh's.
+
+ARO, FISMO, DCT-AdamW and Trion keep per-matrix state
+(:class:`orthax.engine.SlotState`) on the device that owns each matrix, so
+its arrays' shapes and the place of each matrix in them are the mesh's. The
+state saves that layout with it (``ids``). On restore,
+:meth:`~orthax.train.checkpoint.Checkpointer.restore` given a ``layout``
+(the slot states of a fresh ``init`` on this mesh) reads each slot state in
+its saved shapes (:func:`as_saved`) and moves it, matrix by matrix, into
+the layout (:func:`orthax.transforms.relayout_state`): a run resumes on
+another mesh or device count, and a same-shaped state from another mesh is
+no longer read as this mesh's. A checkpoint written before the layout was
+saved (no ``ids``) is read as laid out like this mesh: the trainer refuses
+it across a mesh change (:func:`check_slot_state_mesh`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+from orthax import engine
+from orthax import transforms
+
+_is_slot = lambda x: isinstance(x, engine.SlotState)
+
+
+def slot_states(tree: Any) -> Any:
+  """``tree`` with its slot states kept and every other leaf ``None``
+  (the ``layout`` :meth:`Checkpointer.restore` takes, from ``init``)."""
+  return jax.tree.map(lambda x: x if _is_slot(x) else None, tree,
+                      is_leaf=_is_slot)
+
+
+def slot_state_paths(state: Any) -> list[str]:
+  """The paths of ``state``'s slot states."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_slot)
+  return [jax.tree_util.keystr(p) for p, x in flat if _is_slot(x)]
+
+
+def _at(meta: Any, path: tuple) -> Any:
+  """The node of orbax's metadata tree (nested dicts and lists) at a key
+  path of the state; ``None`` where it has none."""
+  node = getattr(meta, 'tree', meta)  # orbax's TreeMetadata
+  for k in path:
+    key = getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', None)))
+    try:
+      node = node[key]
+    except (KeyError, IndexError, TypeError):
+      return None
+  return node
+
+
+def _as_read(m: Any) -> Any:
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(tuple(a.shape), a.dtype, sharding=one), m)
+
+
+def saved_without_ids(meta: Any, target: Any) -> bool:
+  """Whether a slot state of ``target`` was saved without its ``ids`` (by
+  an orthax before 2026-12-07)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(target, is_leaf=_is_slot)
+  for p, x in flat:
+    node = _at(meta, p) if _is_slot(x) else None
+    if isinstance(node, dict) and 'slots' in node and not node.get('ids'):
+      return True
+  return False
+
+
+def as_saved(target: Any, meta: Any, layout: Any
+             ) -> tuple[Any, Callable[[Any], Any]]:
+  """``(saved_target, to_here)``: ``target`` (abstract, this mesh's
+  shardings) with each slot state in its saved shapes (read onto one
+  device) and, with it, each guard's flags of the last step (one per leaf
+  of its inner state, whose number follows the slot groups); and the
+  function that moves the restored state into ``layout``'s slot layout
+  and ``target``'s shardings."""
+  likes = iter([x for x in jax.tree.leaves(layout, is_leaf=_is_slot)
+                if _is_slot(x)])
+  flat, treedef = jax.tree_util.tree_flatten_with_path(target,
+                                                       is_leaf=_is_slot)
+  saved, here = [], []
+  for p, x in flat:
+    node = _at(meta, p)
+    if _is_slot(x):
+      like = next(likes)
+      here.append(like)
+      if isinstance(node, dict) and 'slots' in node:
+        x = engine.SlotState(_as_read(node['slots']), x.axes, x.members,
+                             _as_read(node.get('ids') or {}))
+    elif (p and getattr(p[-1], 'name', None) == 'nonfinite_state'
+          and hasattr(node, 'shape')):
+      here.append(x)
+      x = _as_read(node)
+    else:
+      here.append(x)
+    saved.append(x)
+  like_tree = jax.tree.unflatten(treedef, here)
+
+  def to_here(restored: Any) -> Any:
+    return transforms.relayout_state(_with_ids(restored, like_tree),
+                                     like_tree)
+
+  return jax.tree.unflatten(treedef, saved), to_here
+
+
+def _with_ids(restored: Any, like: Any) -> Any:
+  """Slot states restored without ids (an older checkpoint) given
+  ``like``'s: laid out as this mesh lays them out."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(restored,
+                                                       is_leaf=_is_slot)
+  likes = [x for x in jax.tree.leaves(like, is_leaf=_is_slot)]
+  out = [engine.SlotState(x.slots, x.axes, x.members, t.ids)
+         if _is_slot(x) and _is_slot(t) and not x.ids and t.ids else x
+         for (_, x), t in zip(flat, likes)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def check_slot_state_mesh(state: Any, directory: str, mesh_changes: Any,
+                          without_ids: bool) -> list[str]:
+  """:func:`slot_state_paths` of ``state``; raises ``ValueError`` if the
+  checkpoints in ``directory`` hold slot states without their layout
+  (``without_ids``) and ``mesh_changes`` (``'key: old -> new'`` of a
+  forced resume) says they were saved on another mesh."""
+  slots = slot_state_paths(state)
+  if slots and mesh_changes and without_ids:
+    raise ValueError(
+        f'the checkpoints in {directory} were saved on another mesh '
+        f'({", ".join(mesh_changes)} changed) by an orthax that did not '
+        'save where each matrix\'s state sits, and this optimizer keeps '
+        f'per-matrix state laid out by the mesh ({", ".join(slots)}). '
+        "Restored on this mesh, matrices would read each other's state, "
+        'so it is refused even with --force. Resume on the saved mesh '
+        '(its next checkpoint records the layout), or use another workdir.')
+  return slots
