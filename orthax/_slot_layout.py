@@ -66,33 +66,53 @@ def slot_ids(plan: Any, leaves: Sequence[Any], specs: Sequence[Any],
   sizes = {} if mesh is None else dict(mesh.shape)
   counts = [s.matrix_shape(x.shape)[0] for x, s in zip(leaves, specs)]
   offsets = np.cumsum([0] + counts)
+  coords = [dict(zip(names, c)) for c in
+            np.ndindex(*[sizes[a] for a in names])] or [{}]
   out = {}
   for gi, g in enumerate(plan.groups):
-    k = sharding.slot_count(g)
-    table = np.full((plan.num_devices, k), -1, np.int32)
-    for r in range(plan.num_devices):
-      coord = dict(zip(names, np.unravel_index(r, [sizes[a] for a in names])))
-      local = []
-      for i, t in zip(g.leaves, g.transposed):
-        shape = tuple(leaves[i].shape)
-        batch = specs[i].resolve(shape)[0]
-        ids = offsets[i] + np.arange(counts[i]).reshape(
-            [shape[d] for d in batch])
-        entries = sharding.spec_entries(pspecs[i], len(shape))
-        local.extend(2 * _local_ids(ids, batch, entries, coord, sizes).ravel()
-                     + int(t))
-      local = np.asarray(local, np.int64)
-      if g.strategy in ('a2a', 'replicated'):
-        j = _ravel(coord, sizes, g.split_axes)
-        local = np.concatenate([local, np.full(g.padded - len(local), -1)])
-        local = local[j * k:(j + 1) * k]
-      table[r] = local
-    out[sharding.group_key(gi)] = table
+    members = []
+    for i, t in zip(g.leaves, g.transposed):
+      shape = tuple(leaves[i].shape)
+      batch = specs[i].resolve(shape)[0]
+      ids = 2 * (offsets[i] + np.arange(counts[i]).reshape(
+          [shape[d] for d in batch])) + int(t)
+      members.append((ids, batch, sharding.spec_entries(pspecs[i],
+                                                        len(shape))))
+    # A device's row depends only on its place along these axes.
+    axes = sorted({a for _, b, e in members for d in b for a in e[d]}
+                  | set(g.split_axes))
+    rows = {}
+    for coord in coords:
+      key = tuple(coord[a] for a in axes)
+      if key not in rows:
+        rows[key] = _row(g, members, coord, sizes)
+    out[sharding.group_key(gi)] = np.stack(
+        [rows[tuple(c[a] for a in axes)] for c in coords]).astype(np.int32)
   return out
 
 
+def _row(g: Any, members, coord, sizes) -> np.ndarray:
+  """The ids of the ``k`` slots of the device at ``coord`` in group ``g``:
+  its local stack (each member's block, in order), padded, and for
+  ``a2a`` and ``replicated`` its share by its index along the split
+  axes."""
+  local = np.concatenate([_local_ids(ids, batch, entries, coord, sizes)
+                          .ravel() for ids, batch, entries in members])
+  k = sharding.slot_count(g)
+  if g.strategy in ('a2a', 'replicated'):
+    j = _ravel(coord, sizes, g.split_axes)
+    local = np.concatenate([local, np.full(g.padded - len(local), -1)])
+    local = local[j * k:(j + 1) * k]
+  return local
+
+
 def _host(x: Any) -> np.ndarray:
-  return np.asarray(jax.device_get(x))
+  """``x`` on the host; the array inside a box (an ``nnx.Variable`` of an
+  ``nnx.Optimizer``'s state) too."""
+  leaves = jax.tree.leaves(x)
+  if len(leaves) != 1:
+    raise ValueError(f'expected one array, got {len(leaves)} leaves.')
+  return np.asarray(jax.device_get(leaves[0]))
 
 
 def _sources(saved: Any) -> dict[int, tuple[str, int, int]]:
@@ -132,8 +152,7 @@ def relayout(saved: Any, like: Any, where: str = 'slot state') -> Any:
   in ``saved``, runs in the other orientation there, or has another state
   shape or structure."""
   same = (saved.ids.keys() == like.ids.keys() and all(
-      np.shape(saved.ids[k]) == np.shape(like.ids[k])
-      and np.array_equal(_host(saved.ids[k]), _host(like.ids[k]))
+      np.array_equal(_host(saved.ids[k]), _host(like.ids[k]))
       for k in like.ids)) and _shapes(saved.slots) == _shapes(like.slots)
   if same:  # placed as like's
     return type(like)(
@@ -190,8 +209,11 @@ def _saved_leaf(saved, skey, path, where) -> np.ndarray:
   try:
     node = saved.slots[skey]
     for p in path:
-      node = node[p.key]
-  except (KeyError, TypeError, AttributeError):
+      if isinstance(p, jax.tree_util.GetAttrKey):
+        node = getattr(node, p.name)
+      else:
+        node = node[p.key if isinstance(p, jax.tree_util.DictKey) else p.idx]
+  except (KeyError, IndexError, TypeError, AttributeError):
     raise ValueError(f'{where}: the saved {skey} has no '
                      f'{jax.tree_util.keystr(path) or "array"} (another '
                      'stage\'s state).') from None

@@ -54,7 +54,9 @@ def _slot(state):
 
 
 def _params():
-  return {'layers': {'kernel': jnp.ones((3, 16, 8))},
+  rng = np.random.default_rng(0)
+  return {'layers': {'kernel': jnp.asarray(rng.standard_normal((3, 16, 8)),
+                                           jnp.float32)},
           'w': jnp.arange(128.0).reshape(8, 16) / 64, 'b': jnp.ones((8,))}
 
 
@@ -89,28 +91,119 @@ def test_relayout_refuses_a_state_of_other_parameters():
     orthax.transforms.relayout_state(state, fewer)
 
 
+def _stepped(tx, params, steps=1):
+  state = tx.init(params)
+  for _ in range(steps):
+    _, state = tx.update(params, state, params)
+  return state
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _without_ids(state):
+  is_slot = lambda x: isinstance(x, engine.SlotState)
+  return jax.tree.map(lambda x: engine.SlotState(x.slots, x.axes, x.members)
+                      if is_slot(x) else x, state, is_leaf=is_slot)
+
+
 def test_a_checkpoint_without_ids_is_read_in_this_layout(tmp_path):
   """A checkpoint written before the layout was saved (its slot states
-  without ``ids``) restores with this mesh's ids, values unchanged, and is
-  recognized as such (the trainer then refuses a mesh change)."""
+  without ``ids``) restores with this mesh's ids, values unchanged; told
+  that the mesh changed, it is refused, naming the step."""
   tx = orthax.aro(learning_rate=0.02)
   params = _params()
-  _, state = tx.update(params, tx.init(params), params)
-  is_slot = lambda x: isinstance(x, engine.SlotState)
-  old = jax.tree.map(lambda x: engine.SlotState(x.slots, x.axes, x.members)
-                     if is_slot(x) else x, state, is_leaf=is_slot)
+  state = _stepped(tx, params)
   ck = checkpoint.Checkpointer(str(tmp_path), every=1)
-  ck.save(1, old, force=True)
+  ck.save(1, _without_ids(state), force=True)
   ck.close()
   ck = checkpoint.Checkpointer(str(tmp_path), every=1)
-  assert checkpoint_slots.saved_without_ids(ck.metadata(1), state)
   layout = checkpoint_slots.slot_states(tx.init(params))
-  back = ck.restore(jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), 1, layout)
+  back = ck.restore(_abstract(state), 1, layout)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
-  assert not checkpoint_slots.saved_without_ids(
-      _save_meta(tmp_path / 'new', state), state)
+  with pytest.raises(checkpoint_slots.UnknownLayoutError, match=(
+      r'^checkpoint step 1 in .* was saved on another mesh \(mesh.fsdp: 8 -> '
+      r'1 changed\) by an orthax that did not record')):
+    ck.restore(_abstract(state), 1, layout, ['mesh.fsdp: 8 -> 1'])
+
+
+def test_a_fallback_to_a_checkpoint_without_ids_is_refused_too(tmp_path):
+  """Step 1 without ids, step 2 with them: with step 2 damaged, the
+  fallback to step 1 across a mesh change is refused (deciding by the
+  newest step alone let it through, each matrix reading another's
+  state)."""
+  tx = orthax.aro(learning_rate=0.02)
+  params = _params()
+  ck = checkpoint.Checkpointer(str(tmp_path), every=1)
+  ck.save(1, _without_ids(_stepped(tx, params, 1)), force=True)
+  ck.seal_if_written()
+  ck.save(2, _stepped(tx, params, 2), force=True)
+  ck.close()
+  ck = checkpoint.Checkpointer(str(tmp_path), every=1)
+  layout = checkpoint_slots.slot_states(tx.init(params))
+  state = _stepped(tx, params, 2)
+  damaged = [f for f in (tmp_path / '2').rglob('*') if f.is_file()
+             and f.name != checkpoint.CHECKSUMS]
+  damaged[0].write_bytes(b'x' + damaged[0].read_bytes()[1:] + b'x')
+  with pytest.raises(checkpoint_slots.UnknownLayoutError,
+                     match=r'^checkpoint step 1 in '):
+    ck.restore_intact(_abstract(state), layout, ['mesh.fsdp: 8 -> 1'])
+
+
+def test_relayout_moves_each_matrix_to_the_slot_its_id_names():
+  """One device, a target whose ids name the stacked kernel's three
+  matrices in another order: each slot gets that matrix's state (numpy
+  gather by id), padding (-1) keeps the target's own; an optax state and
+  an nnx.Optimizer's opt_state (arrays inside nnx Variables) alike."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  tx = orthax.aro(learning_rate=0.02)
+  params = _params()
+  state = _stepped(tx, params, 2)
+  saved = _slot(state)[0]
+  like = _slot(tx.init(params))[0]
+  perm = np.array([[5, -1, 1]])    # matrix 2, padding, matrix 0
+  moved = engine.relayout_slot_state(saved, engine.SlotState(
+      like.slots, like.axes, like.members, dict(like.ids, group0=perm)))
+  old, new = np.asarray(saved.slots['group0']), np.asarray(
+      moved.slots['group0'])
+  np.testing.assert_array_equal(new[0, 0], old[0, 2])
+  np.testing.assert_array_equal(new[0, 1], np.asarray(like.slots['group0'])[0, 1])
+  np.testing.assert_array_equal(new[0, 2], old[0, 0])
+  assert not np.array_equal(old[0, 0], old[0, 2])
+  np.testing.assert_array_equal(moved.ids['group0'], perm)
+
+  class Net(nnx.Module):
+
+    def __init__(self):
+      self.w = nnx.Param(params['w'])
+      self.layers = nnx.Param(params['layers']['kernel'])
+
+  def optimizer():
+    return nnx.Optimizer(Net(), orthax.aro(learning_rate=0.02,
+                                           router=orthax.Router(extra_rules=[
+                                               orthax.Rule('layers',
+                                                           'matrix')])),
+                         wrt=nnx.Param)
+
+  opt, fresh = optimizer(), optimizer()
+  grads = nnx.state(Net(), nnx.Param)
+  opt.update(Net(), grads)
+  slot, fresh_slot = _slot(opt.opt_state)[0], _slot(fresh.opt_state)[0]
+  ids = dict(jax.tree.map(np.asarray, fresh_slot.ids))
+  key = next(k for k, v in ids.items() if v.size == 3)
+  ids[key] = np.asarray(ids[key])[:, ::-1].copy()
+  moved = engine.relayout_slot_state(slot, engine.SlotState(
+      fresh_slot.slots, fresh_slot.axes, fresh_slot.members, ids))
+  a = np.asarray(jax.tree.leaves(slot.slots[key])[0])
+  b = np.asarray(jax.tree.leaves(moved.slots[key])[0])
+  np.testing.assert_array_equal(b[0, ::-1], a[0])
+  back = orthax.transforms.relayout_state(opt.opt_state, fresh.opt_state)
+  fresh.opt_state = back
+  fresh.update(Net(), grads)   # steps with the moved state
+  with pytest.raises(ValueError, match='^relayout_state: got an nnx.State'):
+    orthax.transforms.relayout_state(nnx.state(opt), nnx.state(fresh))
 
 
 def _save_meta(path, state):

@@ -51,13 +51,15 @@ def test_mesh_training_equals_one_device():
 
 def test_a_forced_resume_on_another_mesh_moves_the_slot_state():
   """ARO and DCT-AdamW keep each matrix's state on its owner device. Saved
-  on fsdp4×tensor2 and resumed with --force on data2×fsdp2×tensor2 (ARO)
-  and fsdp8 (DCT-AdamW), the run goes on as one without a break would:
-  within float32 noise for DCT-AdamW; for ARO, whose trajectory already
-  differs between meshes (QR and Sinkhorn on f32 reductions in another
-  order), within twice that difference between the two meshes' runs. The
-  first two losses come from the saved run, unchanged."""
+  on one mesh and resumed with --force on another (fsdp4×tensor2 →
+  data2×fsdp2×tensor2, fsdp8 → one device, one device → fsdp8; the last
+  two change the number of slot groups as well), the run goes on as one
+  without a break would: within float32 noise for DCT-AdamW; for ARO,
+  whose trajectory already differs between meshes (QR and Sinkhorn on f32
+  reductions in another order), within twice that difference between the
+  two meshes' runs. The first two losses come from the saved run."""
   out = _run(8, 'resume')
+  assert len(out) == 3, out
   for key, r in out.items():
     resumed, whole, first = (np.asarray(r[k]) for k in
                              ('resumed', 'whole', 'first_mesh'))
@@ -66,7 +68,7 @@ def test_a_forced_resume_on_another_mesh_moves_the_slot_state():
     spread = np.abs(whole - first)[2:]
     tol = np.maximum(2 * spread, 2e-5 * np.abs(whole[2:]))
     assert np.all(np.abs(resumed[2:] - whole[2:]) <= tol), (key, r)
-  dct = out['dct_adamw/1x8x1']
+  dct = out['dct_adamw/1x1x1->1x8x1']
   np.testing.assert_allclose(dct['resumed'], dct['whole'], rtol=2e-5)
 
 

@@ -65,13 +65,19 @@ def nonfinite_on_mesh():
   return {'error': None}
 
 
+# (optimizer, saved on, resumed on): data × fsdp × tensor.
+RESUMES = (('aro', (1, 4, 2), (2, 2, 2)), ('aro', (1, 8, 1), (1, 1, 1)),
+           ('dct_adamw', (1, 1, 1), (1, 8, 1)))
+
+
 def resume_on_another_mesh(workdir):
   """ARO and DCT-AdamW (per-matrix state on the owner devices) trained 2
-  steps on fsdp4×tensor2 with a checkpoint, resumed with --force on
-  data2×fsdp2×tensor2 and on fsdp8 for 2 more: their train losses against
-  4 steps on that mesh without a break, and on the first mesh."""
+  steps on one mesh with a checkpoint, resumed with --force on another
+  for 2 more (:data:`RESUMES`; fsdp8 and one device differ in their number
+  of slot groups too): their train losses against 4 steps on that mesh
+  without a break, and on the first mesh."""
   out = {}
-  for name, dst in (('aro', (2, 2, 2)), ('dct_adamw', (1, 8, 1))):
+  for name, src, dst in RESUMES:
     def cfg(mesh, name=name):
       c = tiny(name, steps=4)
       c.train.eval_every = 0
@@ -80,12 +86,13 @@ def resume_on_another_mesh(workdir):
       c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2],
                     comm_dtype='float32')
       return c
-    key = f'{name}/{"x".join(map(str, dst))}'
-    where = os.path.join(workdir, key.replace('/', '_'))
-    trainer.train(cfg((1, 4, 2)), where, progress=False, stop_at=2)
+    mesh = lambda m: 'x'.join(map(str, m))
+    key = f'{name}/{mesh(src)}->{mesh(dst)}'
+    where = os.path.join(workdir, key.replace('/', '_').replace('>', ''))
+    trainer.train(cfg(src), where, progress=False, stop_at=2)
     resumed = trainer.train(cfg(dst), where, progress=False, force=True)
     whole = trainer.train(cfg(dst), None, progress=False)
-    first = trainer.train(cfg((1, 4, 2)), None, progress=False)
+    first = trainer.train(cfg(src), None, progress=False)
     out[key] = {'resumed': [x['loss'] for x in resumed['train']],
                 'whole': [x['loss'] for x in whole['train']],
                 'first_mesh': [x['loss'] for x in first['train']]}

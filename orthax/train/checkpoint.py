@@ -37,7 +37,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 
@@ -234,7 +234,7 @@ class Checkpointer:
     os.replace(tmp, os.path.join(d, CHECKSUMS))
 
   def restore(self, abstract_state: Any, step: int | None = None,
-              layout: Any = None) -> Any:
+              layout: Any = None, mesh_changes: Sequence[str] = ()) -> Any:
     """The checkpoint ``step`` (default: latest), unverified, restored with
     the shardings and dtypes of ``abstract_state`` (``ShapeDtypeStruct``
     tree or arrays). A checkpoint in an older orthax's layout of the
@@ -242,7 +242,10 @@ class Checkpointer:
     (:mod:`~orthax.train.checkpoint_formats`). ``layout``: the slot states
     of a fresh ``init`` on this mesh (:func:`checkpoint_slots.slot_states
     <orthax.train.checkpoint_slots.slot_states>`); the saved slot states,
-    from any mesh, are moved into it (:mod:`~orthax.train.checkpoint_slots`).
+    from any mesh, are moved into it (:mod:`~orthax.train.checkpoint_slots`),
+    except ones saved without their layout when ``mesh_changes`` (``'key:
+    old -> new'`` of a forced resume) is not empty:
+    :class:`~orthax.train.checkpoint_slots.UnknownLayoutError`.
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -255,7 +258,9 @@ class Checkpointer:
     if layout is not None and checkpoint_slots.slot_state_paths(layout):
       meta = self.metadata(step)
       if meta is not None:
-        target, to_here = checkpoint_slots.as_saved(target, meta, layout)
+        target, to_here = checkpoint_slots.as_saved(
+            target, meta, layout, mesh_changes,
+            f'checkpoint step {step} in {self.directory}')
     return to_here(self._restore_fitting(step, target))
 
   def metadata(self, step: int) -> Any:
@@ -316,11 +321,11 @@ class Checkpointer:
     return {_tree.path_str(p): tuple(m.shape) for p, m in
             jax.tree_util.tree_flatten_with_path(meta)[0]}
 
-  def restore_intact(self, abstract_state: Any,
-                     layout: Any = None) -> tuple[Any, int]:
-    """``(state, step)`` of the newest intact checkpoint (``layout`` as
-    :meth:`restore` takes it); damaged newer ones are logged and moved
-    aside (see the module docstring)."""
+  def restore_intact(self, abstract_state: Any, layout: Any = None,
+                     mesh_changes: Sequence[str] = ()) -> tuple[Any, int]:
+    """``(state, step)`` of the newest intact checkpoint (``layout`` and
+    ``mesh_changes`` as :meth:`restore` takes them); damaged newer ones are
+    logged and moved aside (see the module docstring)."""
     damaged = []
 
     def note(step, why):
@@ -334,8 +339,9 @@ class Checkpointer:
         note(step, '; '.join(problems))
         continue
       try:
-        state = self.restore(abstract_state, step, layout)
-      except CheckpointMismatchError:  # another run's state: not damage
+        state = self.restore(abstract_state, step, layout, mesh_changes)
+      except (CheckpointMismatchError,  # another run's state: not damage
+              checkpoint_slots.UnknownLayoutError):
         raise
       except Exception as e:  # pylint: disable=broad-except
         if problems is not None:  # verified files: not damage, a real error

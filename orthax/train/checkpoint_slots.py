@@ -11,13 +11,14 @@ its saved shapes (:func:`as_saved`) and moves it, matrix by matrix, into
 the layout (:func:`orthax.transforms.relayout_state`): a run resumes on
 another mesh or device count, and a same-shaped state from another mesh is
 no longer read as this mesh's. A checkpoint written before the layout was
-saved (no ``ids``) is read as laid out like this mesh: the trainer refuses
-it across a mesh change (:func:`check_slot_state_mesh`).
+saved (no ``ids``) is read as laid out like this mesh, and refused across a
+mesh change (:class:`UnknownLayoutError`), step by step: a fallback from a
+damaged newer step may reach one.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -25,6 +26,11 @@ from orthax import engine
 from orthax import transforms
 
 _is_slot = lambda x: isinstance(x, engine.SlotState)
+
+
+class UnknownLayoutError(ValueError):
+  """A checkpoint's slot states were saved without their layout (by an
+  orthax before 2026-12-07) on another mesh: they cannot be moved."""
 
 
 def slot_states(tree: Any) -> Any:
@@ -53,31 +59,46 @@ def _at(meta: Any, path: tuple) -> Any:
   return node
 
 
-def _as_read(m: Any) -> Any:
+def _as_read(m: Any, here: Any = None) -> Any:
+  """Abstract arrays of the saved shapes of the metadata ``m``: with the
+  sharding of ``here`` (this mesh's target) where its structure and shapes
+  are the saved ones, else on one device."""
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(tuple(a.shape), a.dtype, sharding=one), m)
+  read = lambda a, sh=one: jax.ShapeDtypeStruct(tuple(a.shape), a.dtype,
+                                                sharding=sh)
+  try:
+    if here is not None and all(jax.tree.leaves(jax.tree.map(
+        lambda a, h: tuple(a.shape) == tuple(h.shape), m, here))):
+      return jax.tree.map(lambda a, h: read(a, h.sharding), m, here)
+  except (ValueError, TypeError):  # another structure (other groups)
+    pass
+  return jax.tree.map(read, m)
 
 
-def saved_without_ids(meta: Any, target: Any) -> bool:
-  """Whether a slot state of ``target`` was saved without its ``ids`` (by
-  an orthax before 2026-12-07)."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(target, is_leaf=_is_slot)
-  for p, x in flat:
-    node = _at(meta, p) if _is_slot(x) else None
-    if isinstance(node, dict) and 'slots' in node and not node.get('ids'):
-      return True
-  return False
+def _unknown_layout(where: str, mesh_changes: Sequence[str],
+                    path: tuple) -> str:
+  return (
+      f'{where} was saved on another mesh ({", ".join(mesh_changes)} '
+      'changed) by an orthax that did not record where each matrix\'s state '
+      f'sits (before 2026-12-07), and this optimizer keeps per-matrix state '
+      f'laid out by the mesh ({jax.tree_util.keystr(path)}). Restored on this '
+      "mesh, matrices would read each other's state, so it is refused even "
+      'with --force. Resume on the saved mesh once (its next checkpoint '
+      'records the layout), or use another workdir.')
 
 
-def as_saved(target: Any, meta: Any, layout: Any
+def as_saved(target: Any, meta: Any, layout: Any,
+             mesh_changes: Sequence[str] = (), where: str = 'checkpoint'
              ) -> tuple[Any, Callable[[Any], Any]]:
   """``(saved_target, to_here)``: ``target`` (abstract, this mesh's
   shardings) with each slot state in its saved shapes (read onto one
-  device) and, with it, each guard's flags of the last step (one per leaf
-  of its inner state, whose number follows the slot groups); and the
-  function that moves the restored state into ``layout``'s slot layout
-  and ``target``'s shardings."""
+  device where they are not this mesh's) and, with it, each guard's flags
+  of the last step (one per leaf of its inner state, whose number follows
+  the slot groups); and the function that moves the restored state into
+  ``layout``'s slot layout and ``target``'s shardings. A slot state saved
+  without its layout is read as laid out like this mesh, unless
+  ``mesh_changes`` (``'key: old -> new'``) says it was saved on another:
+  :class:`UnknownLayoutError`, naming ``where``."""
   likes = iter([x for x in jax.tree.leaves(layout, is_leaf=_is_slot)
                 if _is_slot(x)])
   flat, treedef = jax.tree_util.tree_flatten_with_path(target,
@@ -89,8 +110,11 @@ def as_saved(target: Any, meta: Any, layout: Any
       like = next(likes)
       here.append(like)
       if isinstance(node, dict) and 'slots' in node:
-        x = engine.SlotState(_as_read(node['slots']), x.axes, x.members,
-                             _as_read(node.get('ids') or {}))
+        if not node.get('ids') and mesh_changes:
+          raise UnknownLayoutError(_unknown_layout(where, mesh_changes, p))
+        x = engine.SlotState(_as_read(node['slots'], x.slots),
+                             x.axes, x.members,
+                             _as_read(node.get('ids') or {}, x.ids))
     elif (p and getattr(p[-1], 'name', None) == 'nonfinite_state'
           and hasattr(node, 'shape')):
       here.append(x)
@@ -117,22 +141,3 @@ def _with_ids(restored: Any, like: Any) -> Any:
          if _is_slot(x) and _is_slot(t) and not x.ids and t.ids else x
          for (_, x), t in zip(flat, likes)]
   return jax.tree.unflatten(treedef, out)
-
-
-def check_slot_state_mesh(state: Any, directory: str, mesh_changes: Any,
-                          without_ids: bool) -> list[str]:
-  """:func:`slot_state_paths` of ``state``; raises ``ValueError`` if the
-  checkpoints in ``directory`` hold slot states without their layout
-  (``without_ids``) and ``mesh_changes`` (``'key: old -> new'`` of a
-  forced resume) says they were saved on another mesh."""
-  slots = slot_state_paths(state)
-  if slots and mesh_changes and without_ids:
-    raise ValueError(
-        f'the checkpoints in {directory} were saved on another mesh '
-        f'({", ".join(mesh_changes)} changed) by an orthax that did not '
-        'save where each matrix\'s state sits, and this optimizer keeps '
-        f'per-matrix state laid out by the mesh ({", ".join(slots)}). '
-        "Restored on this mesh, matrices would read each other's state, "
-        'so it is refused even with --force. Resume on the saved mesh '
-        '(its next checkpoint records the layout), or use another workdir.')
-  return slots

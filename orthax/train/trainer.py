@@ -185,9 +185,7 @@ def _initial_state(setup: Setup, ckpt: ckpt_lib.Checkpointer | None,
     return setup.init(setup.initial_params)
   abstract = jax.eval_shape(setup.init, setup.abstract_params)
   layout = None
-  if setup.initial_params is not None and ckpt_slots.check_slot_state_mesh(
-      abstract, ckpt.directory, mesh_changes, ckpt_slots.saved_without_ids(
-          ckpt.metadata(ckpt.latest_step()), abstract)):
+  if ckpt_slots.slot_state_paths(abstract):
     # Where each matrix's state sits on this mesh (only the slot states
     # are computed), for the saved states to be moved there.
     layout = jax.jit(lambda p: ckpt_slots.slot_states(setup.init(p)))(
@@ -196,7 +194,9 @@ def _initial_state(setup: Setup, ckpt: ckpt_lib.Checkpointer | None,
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, setup.shardings)
   try:
-    state, step = ckpt.restore_intact(abstract, layout)
+    state, step = ckpt.restore_intact(abstract, layout, mesh_changes)
+  except ckpt_slots.UnknownLayoutError:
+    raise
   except ValueError as e:  # verified files that do not fit this config
     raise ValueError(
         f'the checkpoints in {ckpt.directory} do not fit this config\'s '

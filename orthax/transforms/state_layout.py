@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from orthax import _slot_layout as slot_layout
 from orthax import engine
@@ -28,17 +30,30 @@ def _placed_like(x: Any, like: Any, where: str) -> Any:
 def _guard(x: SkipIfNonfiniteState, like: SkipIfNonfiniteState,
            where: str) -> SkipIfNonfiniteState:
   """A guard's fields moved; its last step's state flags (one per inner
-  leaf, whose number the slot groups of the mesh set) are ``like``'s
-  where their number differs: no step has run on this mesh yet."""
-  flags = x.nonfinite_state
-  if tuple(flags.shape) != tuple(like.nonfinite_state.shape):
-    flags = like.nonfinite_state
-  moved = {f: relayout_state(getattr(x, f), getattr(like, f),
-                             f'{where}.{f}')
-           for f in x._fields if f != 'nonfinite_state'}
-  return SkipIfNonfiniteState(
-      **moved, nonfinite_state=_placed_like(flags, like.nonfinite_state,
-                                            f'{where}.nonfinite_state'))
+  leaf, whose number the slot groups of the mesh set) start False where
+  their number differs: no step has run on this mesh yet."""
+  flags, want = x.nonfinite_state, like.nonfinite_state
+  if ([tuple(a.shape) for a in jax.tree.leaves(flags)]
+      != [tuple(a.shape) for a in jax.tree.leaves(want)]):
+    # like's own may be abstract (the trainer's restore target)
+    flags = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), want)
+  return SkipIfNonfiniteState(**{
+      f: relayout_state(flags if f == 'nonfinite_state' else getattr(x, f),
+                        getattr(like, f), f'{where}.{f}')
+      for f in x._fields})
+
+
+def _refuse_nnx_state(*trees: Any) -> None:
+  """An ``nnx.State`` holds a slot state taken apart into dicts, which
+  cannot be found (never imports Flax)."""
+  nnx = sys.modules.get('flax.nnx')
+  state_type = getattr(nnx, 'State', None)
+  if state_type is not None and any(isinstance(t, state_type) for t in trees):
+    raise ValueError(
+        'relayout_state: got an nnx.State, in which Flax keeps a slot state '
+        'as plain dicts; pass the optimizer states themselves '
+        '(nnx.Optimizer.opt_state) and assign the result to '
+        'optimizer.opt_state.')
 
 
 def relayout_state(state: Any, like: Any, where: str = '') -> Any:
@@ -53,7 +68,8 @@ def relayout_state(state: Any, like: Any, where: str = '') -> Any:
   ``state``'s, placed with ``like``'s sharding. A state from this mesh
   comes back with the same values. Restore a checkpoint's slot arrays in
   their saved shapes (they depend on the mesh); the trainer does this on
-  its own.
+  its own. For an ``nnx.Optimizer``, move its ``opt_state`` (a fresh
+  optimizer's as ``like``) and assign the result to ``opt_state``.
 
   Example:
 
@@ -71,6 +87,8 @@ def relayout_state(state: Any, like: Any, where: str = '') -> Any:
     ValueError: naming the path, where a matrix has no state in ``state``
       or a leaf has another shape (another model or optimizer).
   """
+  if not where:  # (nested nnx.States of parameter-shaped trees are fine)
+    _refuse_nnx_state(state, like)
   flat, treedef = jax.tree_util.tree_flatten_with_path(state,
                                                        is_leaf=_is_node)
   targets = jax.tree.leaves(like, is_leaf=_is_node)
