@@ -31,8 +31,6 @@ the sharding executor; it knows nothing of optax or of recipes. Transforms
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -40,6 +38,7 @@ import jax.numpy as jnp
 
 from orthax import _slot_groups as slot_groups
 from orthax import _slot_layout as slot_layout
+from orthax._slot_layout import SlotState
 from orthax import matrices
 from orthax import matrix_stages as ms
 from orthax import sharding
@@ -176,64 +175,6 @@ def _on_one_device(fn, leaves, specs, stages, states, aux, inputs, group,
                    [[p.states[j][0] for p in parts] for j in range(len(stages))],
                    [[p.outputs[j][0] for p in parts]
                     for j in range(len(stages))])
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SlotState:
-  """The state of a slot stage (:attr:`StageShapes.slots
-  <orthax.matrix_stages.StageShapes>`): per group of the plan (keys
-  :func:`orthax.sharding.group_key`), a ``[D, k, *state]`` array (a dict of
-  them for a state of several arrays), ``D`` the
-  devices of the mesh (1 on one device) and ``k`` the matrices each device
-  owns (:func:`orthax.sharding.slot_count`), sharded over ``axes``, every
-  axis of the mesh: each device holds its own matrices' state.
-  ``orthax.flax.state_specs`` gives each array ``PartitionSpec(axes)``.
-  ``members``: each group's dtype and leaf paths at ``init``, which
-  :func:`map_matrices` checks the update's grouping against (a leaf whose
-  update has another dtype than its parameter would join another group,
-  and read another leaf's state). ``ids``: per group, the ``[D, k]`` int32
-  numbers of the matrices in its slots (``-1``: padding), the layout as
-  data, saved with the state; :func:`relayout_slot_state` moves a state
-  restored on another mesh into this mesh's layout."""
-  slots: dict[str, jax.Array]
-  axes: tuple[str, ...] = dataclasses.field(default=(),
-                                            metadata={'static': True})
-  members: tuple[tuple[str, tuple[str, ...]], ...] = dataclasses.field(
-      default=(), metadata={'static': True})
-  ids: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
-
-  def __post_init__(self):
-    _register_with_flax_serialization()
-
-
-_FLAX_SERIALIZATION_REGISTERED = False
-
-
-def _register_with_flax_serialization() -> None:
-  """Lets ``flax.serialization`` (msgpack: a linen ``TrainState``'s
-  ``to_bytes``) write a :class:`SlotState`, which it refuses unless the type
-  is registered with it. Done at the first ``SlotState`` made after Flax is
-  loaded (never importing it: the engine does not depend on Flax), which
-  every step makes anew: only a state from ``init`` run before Flax was
-  imported, written before any step, is refused. The ``slots`` are written,
-  ``axes`` and ``members`` come back from the target."""
-  global _FLAX_SERIALIZATION_REGISTERED
-  serialization = sys.modules.get('flax.serialization')
-  if _FLAX_SERIALIZATION_REGISTERED or serialization is None:
-    return
-  serialization.register_serialization_state(
-      SlotState,
-      lambda s: {'slots': serialization.to_state_dict(s.slots),
-                 'ids': serialization.to_state_dict(s.ids)},
-      lambda target, d: SlotState(
-          serialization.from_state_dict(target.slots, d['slots']),
-          target.axes, target.members,
-          # written before the ids were kept: the target's
-          serialization.from_state_dict(target.ids, d.get('ids',
-                                                          target.ids))),
-      override=True)  # a second registration (another thread) is harmless
-  _FLAX_SERIALIZATION_REGISTERED = True
 
 
 def _plan(leaves, specs, stages, distributed, paths, plan_kw):
