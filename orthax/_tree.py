@@ -174,10 +174,18 @@ def exact_pattern(path: str) -> str:
 
 def check_real_floating(path: str, x: Any, what: str) -> None:
   """Raises ``ValueError`` naming ``path`` unless ``x`` (an array or a
-  ``ShapeDtypeStruct``) holds real floating-point numbers: a matrix step
-  (Newton–Schulz, the norms) is defined for those only; the message says
-  where such a leaf can go instead."""
+  ``ShapeDtypeStruct``) holds real floating-point numbers of 16 bits or
+  more: a matrix step (Newton–Schulz, the norms) is defined for real
+  floats only (the message says where another leaf can go), and JAX
+  promotes no 8-bit float (the message names ``in_float32``)."""
   dtype = getattr(x, 'dtype', None)
+  if (dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+      and jnp.finfo(dtype).bits <= 8):
+    raise ValueError(
+        f'{what}: leaf {path!r} has dtype {jnp.dtype(dtype).name}, which JAX '
+        'promotes to no other dtype, so this step cannot compute with it: '
+        f'run the transformation in float32, orthax.transforms.in_float32('
+        f'{what.split(".")[-1]}(...)) (the recipes do), or cast the updates.')
   if dtype is None or jnp.issubdtype(dtype, jnp.floating):
     return
   pattern = exact_pattern(path)

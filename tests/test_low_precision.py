@@ -130,6 +130,54 @@ def test_float8_parameters_compute_in_float32(case):
               jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.parametrize('make', [
+    lambda: orthax.orthogonalize(), lambda: orthax.spectral_clip(),
+    lambda: orthax.neuron_normalize(), lambda: orthax.scale_by_shape(),
+    lambda: orthax.cosh_normalize(), lambda: orthax.clip_outliers(),
+    lambda: orthax.scale_to_rms()],
+    ids=['orthogonalize', 'spectral_clip', 'neuron_normalize',
+         'scale_by_shape', 'cosh_normalize', 'clip_outliers', 'scale_to_rms'])
+def test_float8_in_a_matrix_primitive_names_the_leaf_and_the_fix(make):
+  """A matrix primitive used on its own got float8 updates as they are and
+  failed in JAX's TypePromotionError, naming no leaf; it now raises naming
+  the leaf and in_float32, which runs it (float32 inside, rounded once)."""
+  params = {'w': jnp.asarray(np.random.default_rng(0).standard_normal((8, 16)),
+                             jnp.float8_e4m3fn)}
+  with pytest.raises(ValueError, match=r"leaf 'w' has dtype float8_e4m3fn, "
+                     r'which JAX promotes to no other dtype.*'
+                     r'orthax\.transforms\.in_float32\('):
+    tx = make()
+    tx.update(params, tx.init(params), params)
+  tx = orthax.transforms.in_float32(make())
+  u, _ = tx.update(params, tx.init(params), params)
+  wide = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  ref = make()
+  r, _ = ref.update(wide, ref.init(wide), wide)
+  assert u['w'].dtype == jnp.float8_e4m3fn
+  np.testing.assert_array_equal(np.asarray(u['w'], np.float32), np.asarray(
+      r['w'].astype(jnp.float8_e4m3fn), np.float32))
+
+
+def test_float8_momentum_accumulates_in_float32():
+  """``orthax.momentum`` on float8 gradients: its float32 accumulator met
+  them in JAX's TypePromotionError; it now computes in float32, as on
+  float32 gradients, the update rounded once."""
+  rng = np.random.default_rng(0)
+  grads = [{'w': jnp.asarray(rng.standard_normal((8, 16)), jnp.float8_e4m3fn)}
+           for _ in range(3)]
+  tx = orthax.momentum(0.9, nesterov=True)
+  state, ref_state = tx.init(grads[0]), tx.init(
+      jax.tree.map(lambda x: x.astype(jnp.float32), grads[0]))
+  for g in grads:
+    u, state = tx.update(g, state)
+    r, ref_state = tx.update(
+        jax.tree.map(lambda x: x.astype(jnp.float32), g), ref_state)
+    assert u['w'].dtype == jnp.float8_e4m3fn
+    np.testing.assert_array_equal(np.asarray(u['w'], np.float32), np.asarray(
+        r['w'].astype(jnp.float8_e4m3fn), np.float32))
+  np.testing.assert_array_equal(state.mu['w'], ref_state.mu['w'])
+
+
 def test_accumulator_dtype_stays_configurable():
   """``mu_dtype`` still chooses the stored momentum (here bfloat16)."""
   params = trees.mixed_params(jnp.bfloat16)

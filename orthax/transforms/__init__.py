@@ -48,6 +48,7 @@ from orthax.transforms.noise_adapt import NoiseAdaptState
 from orthax.transforms.noise_adapt import noise_adapt
 from orthax.transforms.orthogonalize import OrthogonalizeState
 from orthax.transforms.orthogonalize import orthogonalize
+from orthax.transforms.precision import in_float32
 from orthax.transforms.state_layout import relayout_state
 from orthax.transforms.scale_by_shape import scale_by_shape
 from orthax.transforms.scale_by_shape import shape_factor
@@ -74,4 +75,5 @@ __all__ = [
     'SpectralClipState', 'abs_quantile', 'clip_outliers', 'clip_threshold',
     'cosh_normalize', 'spectral_clip', 'spectral_preclip',
     'scale_by_fismo', 'SlotStepState', 'slot_step', 'relayout_state',
+    'in_float32',
 ]

@@ -95,7 +95,7 @@ def momentum(
     keep = 1.0 if form == 'sum' else 1.0 - beta
 
     def leaf(g, m):
-      wide = jnp.promote_types(g.dtype, m.dtype)
+      wide = precision.promote(g.dtype, m.dtype)
       g_, m_ = g.astype(wide), m.astype(wide)
       m_new = beta * m_ + keep * g_
       if bias_correction:

@@ -18,6 +18,16 @@ def wide_dtype(dtype: Any) -> Any:
   return dtype if jnp.finfo(dtype).bits > 32 else jnp.dtype(jnp.float32)
 
 
+def promote(a: Any, b: Any) -> Any:
+  """``jnp.promote_types(a, b)``, except that an 8-bit float (which JAX
+  promotes to nothing) joins the other dtype, or float32, by width."""
+  a, b = jnp.dtype(a), jnp.dtype(b)
+  narrow = lambda d: jnp.issubdtype(d, jnp.floating) and d.itemsize == 1
+  if narrow(a) or narrow(b):
+    return max(wide_dtype(a), wide_dtype(b), key=lambda d: d.itemsize)
+  return jnp.promote_types(a, b)
+
+
 def widen(tree: Any) -> Any:
   """``tree`` with every floating leaf cast to :func:`wide_dtype` (float32
   and wider leaves are returned as they are; a Python number becomes an
