@@ -82,8 +82,13 @@ def _concrete(owner: str, name: str, value: Any, kind: str = _NUMBER,
 
 def _check(owner, name, value, ok, bound, arr):
   if not np.all(ok(arr)):
-    raise ValueError(f'{owner}: {name} must be {bound}, got '
-                     f'{_show(value, arr)}')
+    narrow = (jnp.issubdtype(arr.dtype, jnp.floating)
+              and arr.dtype.itemsize < 4)
+    raise ValueError(
+        f'{owner}: {name} must be {bound}, got {_show(value, arr)}'
+        + (f' (a {arr.dtype.name} value: optax.inject_hyperparams casts '
+           "hyperparameters to the parameters' dtype; give it "
+           'hyperparam_dtype=jnp.float32)' if narrow else ''))
 
 
 def number(owner: str, name: str, value: Any, *,

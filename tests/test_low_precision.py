@@ -178,6 +178,23 @@ def test_float8_momentum_accumulates_in_float32():
   np.testing.assert_array_equal(state.mu['w'], ref_state.mu['w'])
 
 
+def test_inject_hyperparams_with_bf16_parameters_names_hyperparam_dtype():
+  """optax.inject_hyperparams casts every numeric default to bfloat16
+  parameters' dtype: DCT-AdamW's b2 = 0.999 became 1.0 and was refused
+  with a message about an argument the user never passed; it now names
+  the cause and hyperparam_dtype, with which it runs."""
+  params = {'w': jnp.ones((8, 16), jnp.bfloat16)}
+  factory = orthax.recipe_factory('dct_adamw')
+  tx = optax.inject_hyperparams(factory)(learning_rate=0.01)
+  with pytest.raises(ValueError, match=(
+      r'^dct_adamw: b2 must be in \[0, 1\), got 1 \(a bfloat16 value: '
+      r'optax.inject_hyperparams .*hyperparam_dtype=jnp.float32\)')):
+    tx.init(params)
+  tx = optax.inject_hyperparams(factory, hyperparam_dtype=jnp.float32)(
+      learning_rate=0.01)
+  tx.update(params, tx.init(params), params)
+
+
 def test_accumulator_dtype_stays_configurable():
   """``mu_dtype`` still chooses the stored momentum (here bfloat16)."""
   params = trees.mixed_params(jnp.bfloat16)
