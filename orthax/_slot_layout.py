@@ -83,13 +83,23 @@ def _register_with_flax_serialization() -> None:
       lambda s: {'slots': serialization.to_state_dict(s.slots),
                  'ids': serialization.to_state_dict(s.ids)},
       lambda target, d: SlotState(
-          serialization.from_state_dict(target.slots, d['slots']),
+          _by_saved_keys(serialization, target.slots, d['slots']),
           target.axes, target.members,
           # written before the ids were kept: the target's
-          serialization.from_state_dict(target.ids, d.get('ids',
-                                                          target.ids))),
+          _by_saved_keys(serialization, target.ids, d.get('ids',
+                                                         target.ids))),
       override=True)  # a second registration (another thread) is harmless
   _FLAX_SERIALIZATION_REGISTERED = True
+
+
+def _by_saved_keys(serialization: Any, target: dict, saved: dict) -> dict:
+  """The saved groups, each read into the target's group of that key where
+  there is one: a state written on a mesh with other slot groups (their
+  number follows the mesh) keeps all of its own, for
+  :func:`relayout` to move (Flax's dict restore drops keys the target
+  lacks, and refuses one that lacks a target key)."""
+  return {k: (serialization.from_state_dict(target[k], v) if k in target
+              else v) for k, v in saved.items()}
 
 
 def _ravel(coord: dict[str, int], sizes: dict[str, int],
@@ -225,6 +235,11 @@ def relayout(saved: Any, like: Any, where: str = 'slot state') -> Any:
         jax.tree.map(lambda x, t: placed_like(x, t), saved.ids, like.ids))
   if not like.ids and like.slots:
     raise ValueError(f'{where}: the target state has no slot ids.')
+  if any(not hasattr(a, 'addressable_shards') and not isinstance(a, np.ndarray)
+         for a in jax.tree.leaves(like.ids)):
+    raise ValueError(f'{where}: the target state must be concrete, '
+                     'tx.init(params) on this mesh (its ids say where each '
+                     'matrix goes), not jax.eval_shape of it.')
   src = _sources(saved)
   slots = {}
   for key, ids in like.ids.items():
@@ -232,11 +247,13 @@ def relayout(saved: Any, like: Any, where: str = 'slot state') -> Any:
     live = np.flatnonzero(want >= 0)
     missing = [int(want[p]) >> 1 for p in live if int(want[p]) >> 1 not in src]
     if missing:
+      gi = int(key.removeprefix('group')) if key.startswith('group') else -1
+      leaves = list(like.members[gi][1]) if 0 <= gi < len(like.members) else []
       raise ValueError(
-          f'{where}: the saved state has no state for matrices {missing[:5]} '
-          f'(of the leaves {list(dict(like.members).get(key, ()))} here, '
+          f'{where}: the saved state has no state for matrices '
+          f'{sorted(set(missing))[:5]} (of the leaves {leaves} here, '
           'numbered in the leaves\' order): it was made for other '
-          'parameters.')
+          'parameters, or some of its groups were lost on the way.')
     flipped = [int(want[p]) >> 1 for p in live
                if src[int(want[p]) >> 1][2] != int(want[p]) & 1]
     if flipped:

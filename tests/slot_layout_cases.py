@@ -181,8 +181,29 @@ RELAYOUTS = (('aro', 'fsdp8', 'fsdp4tp2'), ('aro', 'fsdp4tp2', 'one'),
              ('trion', 'fsdp4tp2', 'dp8'), ('fismo', 'dp8', 'fsdp8'))
 
 
-def main():
+def replicated_state_case():
+  """A recipe's state placed replicated (as a restore into replicated
+  targets gives it) on an Explicit mesh, stepped with the guard on (it met
+  a ShardingTypeError in the guard's select); the update equals the one
+  from init's placement."""
+  mesh = _mesh('explicit_fsdp2tp4')
   out = {}
+  for recipe in ('muon', 'aro'):
+    tx = _tx(recipe, mesh)
+    p, g = _place(R.tree(0), mesh), _place(R.tree(1), mesh)
+    with jax.set_mesh(mesh):
+      st = tx.init(p)
+      rep = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())),
+                         st)
+      u, _ = jax.jit(tx.update)(g, st, p)
+      v, _ = jax.jit(tx.update)(g, rep, p)
+    out[recipe] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                      for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v)))
+  return out
+
+
+def main():
+  out = {'replicated_state': fake_devices.guarded(replicated_state_case)}
   for key in MESHES:
     out[f'ids/{key}'] = fake_devices.guarded(lambda k=key: ids_case(k))
   for recipe, src, dst in RELAYOUTS:

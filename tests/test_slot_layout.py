@@ -47,6 +47,11 @@ def test_a_state_moved_to_another_mesh_steps_as_one_device(cases, recipe, src,
   assert r['rel_err_state_lost'] > 1e-3, r
 
 
+def test_a_replicated_state_steps_on_an_explicit_mesh(cases):
+  r = cases['replicated_state']
+  assert r == {'muon': 0.0, 'aro': 0.0}, r
+
+
 def _slot(state):
   return [x for x in jax.tree.leaves(
       state, is_leaf=lambda x: isinstance(x, engine.SlotState))
@@ -211,3 +216,24 @@ def _save_meta(path, state):
   ck.save(1, state, force=True)
   ck.close()
   return checkpoint.Checkpointer(str(path), every=1).metadata(1)
+
+
+def test_flax_keeps_every_saved_group_and_abstract_targets_are_refused():
+  """flax.serialization read a slot state by the target's group keys: one
+  saved on a mesh with more groups lost some (then relayout blamed the
+  parameters); the saved groups are all read now. An abstract ``like``
+  (jax.eval_shape) is refused by name."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  tx = orthax.aro(learning_rate=0.02)
+  params = _params()
+  saved = _slot(_stepped(tx, params, 1))[0]
+  one = engine.SlotState({'group0': saved.slots['group0']}, saved.axes,
+                         saved.members[:1], {'group0': saved.ids['group0']})
+  back = serialization.from_state_dict(one,
+                                       serialization.to_state_dict(saved))
+  assert sorted(back.slots) == sorted(back.ids) == ['group0', 'group1']
+  for k in saved.slots:
+    np.testing.assert_array_equal(back.slots[k], saved.slots[k])
+  like = jax.eval_shape(tx.init, params)
+  with pytest.raises(ValueError, match=r'must be concrete, tx.init\(params\)'):
+    orthax.transforms.relayout_state(_stepped(tx, params, 1), like)

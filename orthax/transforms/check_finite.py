@@ -20,6 +20,7 @@ import optax
 
 from orthax import _tree
 from orthax import _validate
+from orthax import engine
 
 
 class NonFiniteGradientError(ValueError):
@@ -207,8 +208,13 @@ def skip_if_nonfinite(
       result_ok = jnp.bool_(True)
     ok = grads_ok & result_ok
     new = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new)
-    inner_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b),
-                               inner_state, state.inner_state)
+    # On Explicit mesh axes the two must agree in sharding: the new state
+    # takes the incoming one's (a state placed otherwise than init's, e.g.
+    # restored replicated, met a ShardingTypeError here).
+    inner_state = jax.tree.map(
+        lambda a, b: jnp.where(ok, a, b),
+        engine.reshard_like(inner_state, state.inner_state),
+        state.inner_state)
     skipped = (~ok).astype(jnp.int32)
     return new, SkipIfNonfiniteState(
         inner_state=inner_state, nonfinite=flags,

@@ -66,9 +66,11 @@ def relayout_state(state: Any, like: Any, where: str = '') -> Any:
   laid out by the mesh) is moved matrix by matrix into ``like``'s layout
   (:func:`orthax.engine.relayout_slot_state`); every other leaf is
   ``state``'s, placed with ``like``'s sharding. A state from this mesh
-  comes back with the same values. Restore a checkpoint's slot arrays in
-  their saved shapes (they depend on the mesh); the trainer does this on
-  its own. For an ``nnx.Optimizer``, move its ``opt_state`` (a fresh
+  comes back with the same values. Restore a checkpoint's slot arrays, and
+  the recipe guard's ``nonfinite_state`` flags (one per leaf of the state),
+  in their saved shapes (they depend on the mesh; with orbax,
+  :func:`orthax.train.checkpoint_slots.as_saved` builds that target); the
+  trainer does this on its own. For an ``nnx.Optimizer``, move its ``opt_state`` (a fresh
   optimizer's as ``like``) and assign the result to ``opt_state``.
 
   Example:
