@@ -177,15 +177,25 @@ def _on_one_device(fn, leaves, specs, stages, states, aux, inputs, group,
                     for j in range(len(stages))])
 
 
-def _plan(leaves, specs, stages, distributed, paths, plan_kw):
+def _leaf_pspecs(leaves, distributed, paths):
+  """Each leaf's ``PartitionSpec`` on ``distributed``'s mesh (``None``
+  on one device)."""
+  if distributed is None:
+    return [None] * len(leaves)
+  return sharding.leaf_specs(paths, leaves, distributed)
+
+
+def _plan(leaves, specs, stages, distributed, paths, plan_kw, pspecs=None):
   """The plan the leaves (and slot states) are run by: the distributed
-  plan, or one device's trivial plan."""
+  plan, or one device's trivial plan; ``pspecs``: the leaves'
+  :func:`_leaf_pspecs`, when already known."""
   kw = dict(plan_kw or {})
   if distributed is None:
     return sharding.local_plan(paths, leaves, specs, stages, **kw)
-  return sharding.plan_leaves(paths, leaves, specs,
-                              sharding.leaf_specs(paths, leaves, distributed),
-                              distributed, stages=stages, **kw)
+  if pspecs is None:
+    pspecs = _leaf_pspecs(leaves, distributed, paths)
+  return sharding.plan_leaves(paths, leaves, specs, pspecs, distributed,
+                              stages=stages, **kw)
 
 
 def init_slot_state(stage: ms.MatrixStage, leaves: Sequence[Any],
@@ -193,20 +203,21 @@ def init_slot_state(stage: ms.MatrixStage, leaves: Sequence[Any],
                     distributed: sharding.Distributed | None = None,
                     paths: Sequence[str] | None = None,
                     plan_kw: dict[str, Any] | None = None) -> SlotState:
-  """Zeros for a slot stage: one ``[D, k, *state]`` array per group of the
-  plan that :func:`map_matrices` runs ``leaves`` by (leaves with no
-  elements take no slot), placed on the mesh's devices."""
+  """A slot stage's initial state: one ``[D, k, *state]`` array per group
+  of the plan that :func:`map_matrices` runs ``leaves`` by (leaves with no
+  elements take no slot), each slot at the stage's ``initial_state``,
+  placed on the mesh's devices, with the layout's ``ids``
+  (:class:`SlotState`)."""
   paths = [str(i) for i in range(len(leaves))] if paths is None else paths
   live = [i for i, x in enumerate(leaves) if x.size]
   pick = lambda seq: [seq[i] for i in live]
+  pspecs = _leaf_pspecs(pick(leaves), distributed, pick(paths))
   plan = _plan(pick(leaves), pick(specs), (stage,), distributed,
-               pick(paths), plan_kw)
+               pick(paths), plan_kw, pspecs)
   mesh = None if distributed is None else distributed.mesh
   axes = () if mesh is None else tuple(mesh.axis_names)
   place = lambda a: a if mesh is None else sharding.place(
       a, mesh, jax.sharding.PartitionSpec(axes))
-  pspecs = ([None] * len(live) if distributed is None else
-            sharding.leaf_specs(pick(paths), pick(leaves), distributed))
   ids = {key: place(jnp.asarray(t)) for key, t in slot_layout.slot_ids(
       plan, pick(leaves), pick(specs), pspecs, mesh).items()}
   slots = {}
@@ -225,8 +236,8 @@ def relayout_slot_state(state: SlotState, like: SlotState,
   checkpoint saved there, its arrays in their saved shapes) in the layout
   of ``like`` (the same stage's state from ``init`` here, concrete): each
   matrix's state moved to the slot this mesh gives it, padding slots as
-  in ``like``, every array placed with ``like``'s sharding; ``state``
-  itself when it already has ``like``'s layout. Raises ``ValueError``
+  in ``like``, every array placed with ``like``'s sharding (only placed,
+  when it already has ``like``'s layout). Raises ``ValueError``
   naming ``where`` when a matrix has no state in ``state`` or its state
   has another shape. For a whole optimizer state:
   :func:`orthax.transforms.relayout_state`."""

@@ -1,6 +1,7 @@
 """The training loop, readable end to end: config check → data → run
-directory → model, optimizer, steps → (restore) → loop with logging,
-evaluation, checkpoints, the non-finite policy and preemption.
+directory → model, optimizer, steps → (restore: :mod:`~orthax.train.resume`)
+→ loop with logging, evaluation, checkpoints, the non-finite policy and
+preemption.
 
 A config is a nested mapping (an ``ml_collections.ConfigDict`` from
 ``orthax/configs/*.py`` or a plain dict) with the sections ``model``, ``data``,
@@ -22,8 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,6 @@ import numpy as np
 
 import orthax
 from orthax.train import checkpoint as ckpt_lib
-from orthax.train import checkpoint_slots as ckpt_slots
 from orthax.train import configs
 from orthax.train import data as data_lib
 from orthax.train import faults
@@ -40,6 +39,7 @@ from orthax.train import metrics as metrics_lib
 from orthax.train import model as model_lib
 from orthax.train import optim
 from orthax.train import partitioning
+from orthax.train import resume
 from orthax.train import rundir
 from orthax.train import step as step_lib
 
@@ -164,47 +164,6 @@ def evaluate(setup: Setup, params: Any, val: data_lib.TokenLoader,
             for b in val.eval_batches(max_batches)]
   return float(np.mean(jax.device_get(losses)))
 
-
-
-def _checkpointer(workdir: str | None, tr: dict[str, Any]
-                  ) -> ckpt_lib.Checkpointer | None:
-  """The run's checkpointer: one whenever there is a workdir (with
-  ``train.checkpoint_every=0`` it saves only on preemption)."""
-  if workdir is None:
-    return None
-  return ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                               int(tr.get('checkpoint_every') or 0),
-                               int(tr.get('max_to_keep', 2)))
-
-
-def _initial_state(setup: Setup, ckpt: ckpt_lib.Checkpointer | None,
-                   mesh_changes: Sequence[str] = ()):
-  """A fresh state, or the newest intact checkpoint's; ``mesh_changes``:
-  the ``mesh.*`` keys a forced resume changes."""
-  if ckpt is None or not ckpt.all_steps():
-    return setup.init(setup.initial_params)
-  abstract = jax.eval_shape(setup.init, setup.abstract_params)
-  layout = None
-  if ckpt_slots.slot_state_paths(abstract):
-    # Where each matrix's state sits on this mesh (only the slot states
-    # are computed), for the saved states to be moved there.
-    layout = jax.jit(lambda p: ckpt_slots.slot_states(setup.init(p)))(
-        setup.initial_params)
-  abstract = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract, setup.shardings)
-  try:
-    state, step = ckpt.restore_intact(abstract, layout, mesh_changes)
-  except ckpt_slots.UnknownLayoutError:
-    raise
-  except ValueError as e:  # verified files that do not fit this config
-    raise ValueError(
-        f'the checkpoints in {ckpt.directory} do not fit this config\'s '
-        f'train state ({e}): they were saved by a run of another model or '
-        'optimizer. Use another workdir, or the config they were saved '
-        'with.') from e
-  log.info('resumed from checkpoint step %d in %s', step, ckpt.directory)
-  return state
 
 
 @dataclasses.dataclass
@@ -339,7 +298,7 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
   tr.setdefault('log_every', 10)
   tr.setdefault('eval_every', 0)
   train_data, val_data, vocab = loaders(cfg)
-  ckpt = _checkpointer(workdir, tr)
+  ckpt = resume.checkpointer(workdir, tr)
   try:
     if workdir is not None:
       changes = rundir.check(workdir, cfg, resuming=bool(ckpt.all_steps()),
@@ -348,7 +307,7 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
       changes = []
     setup = build(cfg, vocab)
     log.info('%s', startup_summary(setup))
-    state = _initial_state(setup, ckpt, [
+    state = resume.initial_state(setup, ckpt, [
         f'{k}: {a!r} -> {b!r}' for k, a, b in changes
         if k.startswith('mesh.') and k != 'mesh.comm_dtype'])
   except BaseException:
