@@ -28,6 +28,7 @@ from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import aro_fallback
 import fake_devices
 import orthax
 import orthax.flax
@@ -144,19 +145,37 @@ def flops_case():
   pspecs = jax.tree.map(lambda x: P('fsdp', None), params)
   _, _, m, plan = _step('aro', mesh, False, pspecs, params, [grads])
   # XLA also counts product_q's fallback branches, for the one matrix per
-  # device: W by Cholesky QR3 of Bᵀ (an ill-conditioned F block), 6·s²·t +
-  # 81·s·t + 26·s², and for a singular one the explicit A·Fᵀ, 2·s²·t, and,
-  # where the default QR is Cholesky QR3 (qr='auto' off CPU), its three Gram
-  # products with their checks, 6·s³ + 61·s²
-  # (test_aro_qr.py::test_flop_model_matches_compiled_stage).
-  cqr3 = (orthax.matrix_stages.resolve_qr(_rotate.AroRotate().qr)
-          == 'cholesky_qr3')
+  # device (aro_fallback.besides_model;
+  # test_aro_qr.py::test_flop_model_matches_compiled_stage).
   return {'xla_flops': m['flops'], 'plan_flops': plan.flops_per_device,
           'plan_qr_flops': _qr_flops(plan),
-          'fallback_flops': (6 * 256 ** 2 * 512 + 81 * 256 * 512
-                             + 26 * 256 ** 2 + 2 * 256 * 256 * 512
-                             + (6 * 256 ** 3 + 61 * 256 ** 2 if cqr3
-                                else 0))}
+          'fallback_flops': aro_fallback.besides_model(256, 512)}
+
+
+def low_rank_case():
+  """fsdp8, a stacked ``(8, 16, 32)`` kernel (one layer per device),
+  gradients of rank 4 (a batch of 4): each step's largest relative
+  difference from one device. The rotation's columns past the momentum's
+  rank were set by rounding, and the next step's rounded them differently
+  on each layout (up to 0.3 at step 2)."""
+  mesh = jax.make_mesh((8,), ('fsdp',), axis_types=(AxisType.Auto,))
+  rng = np.random.default_rng(0)
+  params = {'blocks': {'kernel': jnp.zeros((8, 16, 32))}}
+  grads = [{'blocks': {'kernel': jnp.asarray(np.einsum(
+      'lik,lkj->lij', rng.normal(size=(8, 16, 4)),
+      rng.normal(size=(8, 4, 32))), jnp.float32)}} for _ in range(3)]
+  pspecs = {'blocks': {'kernel': P('fsdp', None, None)}}
+  mesh_us = _step('aro', mesh, False, pspecs, params, grads)[0]
+  tx, one_us = orthax.aro(), []
+  st = tx.init(params)
+  for g in grads:
+    u, st = jax.jit(tx.update)(g, st, params)
+    one_us.append(u)
+  rel = lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()
+                           / np.abs(np.asarray(a)).max())
+  return {'rel_err_per_step': [
+      rel(a['blocks']['kernel'], b['blocks']['kernel'])
+      for a, b in zip(one_us, mesh_us)]}
 
 
 def main():
@@ -169,6 +188,7 @@ def main():
   for key, (shape, names, at) in meshes.items():
     out[key] = fake_devices.guarded(lambda: run(shape, names, at))
   out['flops'] = fake_devices.guarded(flops_case)
+  out['low_rank'] = fake_devices.guarded(low_rank_case)
   print(json.dumps(out))
 
 

@@ -42,6 +42,77 @@ def householder_q(c: jax.Array) -> jax.Array:
   return lapack.per_matrix(lambda x: jnp.linalg.qr(x)[0], c)
 
 
+def beyond_rank(norms: jax.Array, dtype) -> jax.Array:
+  """Which of ``norms`` (``[..., n]``, ``≥ 0``: the rows of ``QᵀA``, or
+  the pivots ``|R_jj|`` of a QR) lie past the numerical rank, as a mask.
+  No bound on the size alone tells rounding from the smallest values of a
+  full-rank matrix (a square float32 Gaussian's rows of ``QᵀA`` reach down
+  to ``250·ε‖A‖₂``, rounding rows up to ``3000·ε`` of the largest at rank
+  500 of 1024), but a gap does: sorted, the values below the first ratio
+  of at least 100 between neighbours below which they are at most ``10³·ε``
+  times the largest (``ε`` of ``dtype``) are past the rank; exact zeros
+  aside (no gap to them, and they are not flagged). The first such gap,
+  not the largest: under one entry ``10³⁰`` times the others, a rounding
+  row at ``ε`` lies ``10⁸``-fold above the other directions, whose gap to
+  it is the larger."""
+  if norms.shape[-1] == 1:  # one value: never past the rank
+    return jnp.zeros(norms.shape, bool)
+  srt = -jnp.sort(-norms, axis=-1)                          # descending
+  cur, nxt = srt[..., :-1], srt[..., 1:]
+  ratio = jnp.where(nxt > 0, cur / jnp.where(nxt > 0, nxt, 1), 1)
+  cuts = (ratio >= 100) & (nxt <= 1e3 * jnp.finfo(dtype).eps * srt[..., :1])
+  cut = jnp.argmax(cuts, axis=-1)[..., None]                # the first
+  keep_from = jnp.take_along_axis(cur, cut, axis=-1)
+  return (jnp.any(cuts, axis=-1, keepdims=True) & (norms < keep_from)
+          & (norms > 0))
+
+
+def rank_completed_q(c: jax.Array) -> jax.Array:
+  """The complete (``s×s``) Householder ``Q`` of each ``[k, s, n]`` matrix
+  ``C`` (``n ≤ s``) as exact arithmetic gives it where ``C`` is rank
+  deficient, up to column signs. Where a pivot ``|R_jj|`` is rounding
+  (:func:`beyond_rank`), column ``j`` lies in the span of those before it:
+  in exact arithmetic what is left of it is zero and its reflector the
+  identity, so ``Q``'s column ``j`` is the next unit vector reflected by
+  the reflectors before it; floating point instead reflects by a vector of
+  rounding, which sets column ``j`` and every column after it. The
+  matrices that have such a pivot are factored again with those columns
+  zero (a zero column stays zero under reflections: an identity
+  reflector). Full-rank matrices keep LAPACK's ``Q``. (On CPU one matrix
+  at a time: :func:`orthax.polar.lapack.per_matrix`.)"""
+  return lapack.per_matrix(_rank_completed_q, c)
+
+
+def _rank_completed_q(c):
+  q, r = jnp.linalg.qr(c, mode='complete')
+  dead = beyond_rank(jnp.abs(jnp.diagonal(r, axis1=-2, axis2=-1)), c.dtype)
+  again = lambda c: jnp.linalg.qr(jnp.where(dead[..., None, :], 0, c),
+                                  mode='complete')[0]
+  return jax.lax.cond(jnp.any(dead), again, lambda c: q, c)
+
+
+def _rank_revealing_basis(bt):
+  """``W`` (``t×r``) for a ``Bᵀ`` (``t×r``) of lower rank, or too
+  ill-conditioned for Cholesky QR3: column ``j`` the unit vector of what
+  ``Bᵀ``'s column ``j`` adds to the span of the columns before it, zero
+  where it adds nothing (a pivot of rounding, or zero). Then the leading
+  columns of ``AW`` span what those of ``C = A Fᵀ`` span, column by
+  column, and ``C``'s columns that add nothing are ``AW``'s zero columns:
+  both have the same Householder ``Q``, ``AW``'s with ``A``'s condition
+  alone. (Householder's own ``Q`` of ``Bᵀ`` would put each later column's
+  new direction partly on the vector it picks at such a pivot.) Two
+  Householder QRs: one for the pivots, one of the columns that add
+  something, put first."""
+  pivots = jnp.abs(jnp.diagonal(jnp.linalg.qr(bt, mode='r'),
+                                axis1=-2, axis2=-1))
+  dead = beyond_rank(pivots, bt.dtype) | (pivots == 0)
+  order = jnp.argsort(dead, axis=-1, stable=True)        # live ones first
+  q = jnp.linalg.qr(jnp.take_along_axis(bt, order[..., None, :], axis=-1))[0]
+  back = jnp.argsort(order, axis=-1)
+  w = jnp.take_along_axis(q, back[..., None, :], axis=-1)
+  return jnp.where(dead[..., None, :], 0, w)
+
+
 def product_q(a: jax.Array, fm: jax.Array,
               qr: str = 'householder') -> jax.Array:
   """The Householder ``Q`` (``s×s``, up to column signs) of ``C = A Fᵀ``
@@ -56,15 +127,24 @@ def product_q(a: jax.Array, fm: jax.Array,
   That holds while ``B`` has full rank. ``W`` loses orthogonality as
   ``κ(B)²ε``: where the Cholesky fails or its diagonal spans more than
   ``1/√(100ε)``, ``W`` is recomputed as the ``Q`` of Cholesky QR3 of ``Bᵀ``
-  (the same ``W``: the QR with a positive diagonal is unique). A singular
-  ``B`` — a zero row of ``F``, as a dead unit's zero gradient row gives —
-  changes the column flag of ``C`` that the Householder ``Q`` follows (a
-  zero column of ``C`` keeps its unit vector in ``Q``); where Cholesky QR3
-  cannot certify ``Bᵀ``'s ``Q`` either, the matrix takes the ``Q`` of the
-  explicit ``A Fᵀ`` (by ``qr``), the reference's arithmetic. Fallbacks are
-  computed for the failing matrices only. ``qr`` is how the square ``A W``
-  (``s ≤ t``) is factored: ``'householder'`` or ``'cholesky_qr3'``
-  (:func:`cholesky_qr3_q`); for ``s > t`` its complete ``Q`` is always
+  (the same ``W``: the QR with a positive diagonal is unique). Where that
+  cannot be certified either — a singular ``B``: a momentum of lower rank
+  than ``s`` (Sinkhorn and the row norm scale rows and columns, so ``F``
+  has ``A``'s rank), or a zero row of ``F`` (a dead unit) — ``W`` comes
+  from two Householder QRs of ``Bᵀ`` (:func:`_rank_revealing_basis`): each
+  column the direction its column of ``Bᵀ`` adds, zero where it adds none,
+  so that ``AW``'s zero columns are where ``C``'s columns add nothing, and
+  ``C``'s Householder ``Q`` is still ``AW``'s. Then ``Q`` is
+  :func:`rank_completed_q`'s: past ``A``'s rank its columns are exact
+  arithmetic's, not rounding's (ALGORITHMS.md §13.1.4a's defect, inside
+  the rotated side). (Before 2026-12-07 a singular ``B`` took the ``Q`` of
+  the explicit ``A Fᵀ``, whose rounding set those columns: the next step
+  projected new directions on them, and a perturbation of the gradient by
+  ``10⁻⁶``, or another device layout, moved the step by 20–40%.) Fallbacks
+  are computed for the failing matrices only. ``qr`` is how the square
+  ``A W`` (``s ≤ t``) is factored: ``'householder'`` or
+  ``'cholesky_qr3'`` (:func:`cholesky_qr3_q`; a rank-deficient ``A W`` is
+  refactored by Householder); for ``s > t`` its complete ``Q`` is always
   Householder's. (On CPU one matrix at a time:
   :func:`orthax.polar.lapack.per_matrix`.)"""
   return lapack.per_matrix(functools.partial(_product_q, qr=qr), a, fm)
@@ -85,15 +165,14 @@ def _product_q(a, fm, qr):
   # (the QR with a positive diagonal is unique) while B has full rank.
   w, ok = _where_else(ok, (w, ok), lambda x: _cholesky_qr3(x, _CQR3_SHIFT),
                       bt)
-  aw = a @ jnp.where(ok, w, 0)
+  # B singular (a momentum of lower rank: F = f(RᵀA) has A's rank under
+  # Sinkhorn and the row norm) or beyond Cholesky QR3: W from the
+  # Householder QR of Bᵀ, its columns past B's rank zero.
+  w = _where_else(ok, w, _rank_revealing_basis, bt)
+  aw = a @ w
   if qr == 'cholesky_qr3' and r == a.shape[-2]:
-    q = _cholesky_qr3_q(aw, _CQR3_SHIFT)
-  else:
-    q = jnp.linalg.qr(aw, mode='complete')[0]
-  explicit = Q_OF[qr] if r == a.shape[-2] else householder_q
-  return _where_else(ok, q,
-                     lambda a, fm: explicit(a @ jnp.matrix_transpose(fm)),
-                     a, fm)
+    return _cholesky_qr3_q(aw, _CQR3_SHIFT, fallback=_rank_completed_q)
+  return _rank_completed_q(aw)
 
 
 def _where_else(ok, value, fallback, *args):
@@ -200,9 +279,9 @@ def _cholesky_pass(q, shift):
                                          transpose_a=True), gram
 
 
-def _cholesky_qr3_q(c, shift):
+def _cholesky_qr3_q(c, shift, fallback=None):
   q, ok = _cholesky_qr3(c, shift)
-  return _where_else(ok, q, householder_q, c)
+  return _where_else(ok, q, fallback or householder_q, c)
 
 
 def _cholesky_qr3(c, shift):
@@ -213,8 +292,14 @@ def _cholesky_qr3(c, shift):
   q, _ = _cholesky_pass(q, 0.0)
   q, gram = _cholesky_pass(q, 0.0)
   eye = jnp.eye(c.shape[-1], dtype=c.dtype)
+  # The pivots |R_jj| = |q_jᵀc_j|: one of rounding (a rank-deficient C,
+  # which the shift lets through) leaves q_j any unit vector orthogonal to
+  # the others, set by the rounding; Householder's exact-arithmetic Q is
+  # then the fallback's (rank_completed_q).
+  pivots = jnp.abs(jnp.sum(q * c, axis=-2))
   ok = (jnp.all(jnp.isfinite(q), axis=(-2, -1), keepdims=True)
-        & (jnp.max(jnp.abs(gram - eye), axis=(-2, -1), keepdims=True) <= 0.1))
+        & (jnp.max(jnp.abs(gram - eye), axis=(-2, -1), keepdims=True) <= 0.1)
+        & ~jnp.any(beyond_rank(pivots, c.dtype), axis=-1)[..., None, None])
   return q, ok
 
 
@@ -222,5 +307,6 @@ Q_OF = {'householder': householder_q, 'cholesky_qr3': cholesky_qr3_q,
         'shifted_cholesky': shifted_cholesky_q}
 
 
-__all__ = ['QR_KINDS', 'Q_OF', 'cholesky_qr3_q', 'householder_q', 'product_q',
-           'resolve_qr', 'shifted_cholesky_q']
+__all__ = ['QR_KINDS', 'Q_OF', 'beyond_rank', 'cholesky_qr3_q',
+           'householder_q', 'product_q', 'rank_completed_q', 'resolve_qr',
+           'shifted_cholesky_q']

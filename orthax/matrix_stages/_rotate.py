@@ -24,6 +24,7 @@ from orthax.matrix_stages._base import stage
 from orthax.matrix_stages._base import static
 from orthax.matrix_stages._qr import QR_KINDS
 from orthax.matrix_stages._qr import Q_OF
+from orthax.matrix_stages._qr import beyond_rank
 from orthax.matrix_stages._qr import product_q
 from orthax.matrix_stages._qr import resolve_qr
 from orthax.polar.scale_safe import huge_scale
@@ -145,12 +146,14 @@ class AroRotate(MatrixStage):
   ``Q`` and rows of ``QᵀA`` are roundoff that the clamp in ``f`` blows up to
   full size (``tests/test_aro.py``), the exact-arithmetic values: the
   trailing Householder reflectors the identity and those rows zero (for
-  either QR kind). Where ``F``'s leading ``r×t`` block is (nearly)
-  singular — a dead unit's zero row — ``W`` is not defined and the stable
-  mode takes the explicit product's ``Q`` for that matrix (so a zero row of
-  ``A`` still gets a zero row of the update, as in the reference).
-  ``stable=False`` keeps the reference's floating-point arithmetic,
-  roundoff and all.
+  either QR kind). The same holds inside the rotated side: a momentum of
+  lower rank than ``s`` (a small batch; a dead unit's zero row) gets the
+  exact-arithmetic ``Q`` past its rank, not rounding's, and the rows of
+  ``QᵀA`` there zero (so the step is a continuous function of the
+  gradient: a perturbation at rounding level, or another device layout,
+  moves it at rounding level, where it moved the next steps by 20–40%;
+  ``tests/test_aro_low_rank.py``). ``stable=False`` keeps the reference's
+  floating-point arithmetic, roundoff and all.
 
   ``qr`` is how ``Q`` is computed: ``'cholesky_qr3'``
   (:func:`~orthax.matrix_stages._qr.cholesky_qr3_q`: matrix products and Cholesky factorizations,
@@ -230,37 +233,29 @@ class AroRotate(MatrixStage):
 
 def _beyond_rank_zeroed(x: jax.Array) -> jax.Array:
   """``x = QᵀA`` with the rows that are zero in exact arithmetic set to
-  zero: those past ``A``'s rank, whose ``Q`` columns are orthogonal to the
-  range of ``A`` (ALGORITHMS.md §13.1.4a), and every row past ``t`` when
-  ``s > t``. Rounding leaves the first kind at 5–2500·ε‖A‖₂ (ε the
-  dtype's epsilon; more as the rank grows), and the base map would scale
-  each up to a whole row of the step, in a direction set by the rounding.
-  No bound on the size alone tells them from the smallest rows of a
-  full-rank ``A`` (a square float32 Gaussian's reach down to 250·ε‖A‖₂),
-  but a gap does: sorted by norm, the rows below the largest ratio between
-  neighbours (exact zeros aside) are taken as beyond the rank when that
-  ratio is at least 100 and they are at most 10³·ε times the largest row
-  (within ``√s`` of ‖A‖₂): a numerical rank. A rank close to ``s`` (rounding
-  rows up to 3000·ε of the largest at rank 500 of 1024) keeps the
-  reference's arithmetic; a full-rank momentum whose other directions lie
-  10⁴-fold below its largest loses them."""
+  zero: those past ``A``'s rank (:func:`~orthax.matrix_stages._qr.beyond_rank`
+  of the row norms), whose ``Q`` columns are orthogonal to the range of
+  ``A`` (ALGORITHMS.md §13.1.4a), and every row past ``t`` when ``s > t``.
+  Rounding leaves the first kind at 5–2500·ε‖A‖₂ (ε the dtype's epsilon;
+  more as the rank grows), and the base map would scale each up to a whole
+  row of the step, in a direction set by the rounding. A rank close to
+  ``s`` keeps the reference's arithmetic; a full-rank momentum whose other
+  directions lie 10⁴-fold below its largest loses them."""
   s, t = x.shape[-2], x.shape[-1]
-  if s == 1:  # one row: never past the rank
-    return x
-  rows = jnp.sqrt(jnp.sum(x * x, axis=-1))                  # [k, s]
-  srt = -jnp.sort(-rows, axis=-1)                           # descending
-  cur, nxt = srt[..., :-1], srt[..., 1:]
-  # A zero row is zero already: no gap to it.
-  ratio = jnp.where(nxt > 0, cur / jnp.where(nxt > 0, nxt, 1), 1)
-  cut = jnp.argmax(ratio, axis=-1)[..., None]               # [k, 1]
-  gap = jnp.take_along_axis(ratio, cut, axis=-1)
-  below = jnp.take_along_axis(nxt, cut, axis=-1)
-  noise = below <= 1e3 * jnp.finfo(x.dtype).eps * srt[..., :1]
-  keep_from = jnp.take_along_axis(cur, cut, axis=-1)
-  kept = ~((gap >= 100) & noise) | (rows >= keep_from)
+  kept = ~beyond_rank(_row_norms(x), x.dtype)
   if s > t:
     kept = kept & (jnp.arange(s) < t)
   return jnp.where(kept[..., None], x, 0)
+
+
+def _row_norms(x: jax.Array) -> jax.Array:
+  """``‖x_i‖`` of each row, each row divided by its largest ``|entry|``
+  before squaring: squared, the rounding rows of a tiny ``QᵀA`` (or all
+  rows but one below a huge entry) underflow to zero, which would read as
+  exact zeros, no gap."""
+  top = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+  safe = jnp.where(top > 0, top, 1)
+  return top[..., 0] * jnp.sqrt(jnp.sum(jnp.square(x / safe), axis=-1))
 
 
 def aro_state_bytes(fan_in: int, fan_out: int, rotate: str = 'smaller',

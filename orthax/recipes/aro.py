@@ -107,7 +107,8 @@ def aro(
   arithmetic gives exactly, stably (``stable``: there, those rows zero, as
   are the rows of ``QᵀM`` past ``M``'s rank on any shape, a momentum of
   lower rank than the rotated side, found by a gap in their norms down to
-  the rounding level; and everywhere the QR of ``C = M Fᵀ``
+  the rounding level, and the columns of ``Q`` there exact arithmetic's,
+  which the next step projects on; and everywhere the QR of ``C = M Fᵀ``
   without forming the product, whose float32 error reaches 1e-3 on square
   matrices); ``stable=False`` keeps the reference's floating-point
   arithmetic, roundoff and all. The default ``'orthax'`` mode rotates the
