@@ -20,16 +20,20 @@ LSHAPES = {**SHAPES, 'embed/embedding': (40, 16), 'lm_head/kernel': (16, 40)}
 
 
 class LantonRef:
-  """Hidden kernels: EMA momentum, D = sqrt(m/n)·NS(V) (torch m×n; V the
-  Nesterov look-ahead βB + (1-β)G, or B without it), noise
-  H ← β2 H + (1-β2)(sqrt(m/n)‖X‖_*)², layer rates ∝ (Ĥ + ε)^(-p/2)
-  (the library mode's p = 0.25 unless given); embed/head: Signum with
-  ``signum``, else with the rest: optax AdamW."""
+  """Hidden kernels: EMA momentum, D = c·NS(V) (torch m×n; V the
+  Nesterov look-ahead βB + (1-β)G, or B without it; c = sqrt(max(1, m/n))
+  for ``scale='keller'``, the library mode's, sqrt(m/n) for
+  ``'spectral'``), noise H ← β2 H + (1-β2)(c‖X‖_*)², layer rates ∝
+  (Ĥ + ε)^(-p/2) (the library mode's p = 0.25 unless given); embed/head:
+  Signum with ``signum``, else with the rest: optax AdamW."""
 
   def __init__(self, params, lr, wd=0.0, beta=0.95, beta2=0.99, eps=1e-8,
                nuclear='svd', difference='previous', normalization='group_max',
-               alpha=1.0, nesterov=True, noise_power=0.25, signum=False):
+               alpha=1.0, nesterov=True, noise_power=0.25, signum=False,
+               scale='keller'):
     self.p = flat(params)
+    self.shape_scale = {'keller': lambda m, n: np.sqrt(max(1.0, m / n)),
+                        'spectral': lambda m, n: np.sqrt(m / n)}[scale]
     self.power = noise_power
     self.nesterov = nesterov
     self.lr, self.wd, self.b, self.b2, self.eps = lr, wd, beta, beta2, eps
@@ -65,10 +69,10 @@ class LantonRef:
         look = self.b * self.B[k] + (1 - self.b) * g
       # The momentum stage's output is the difference partner of 'momentum'.
       partner = self.prev[k] if self.diff == 'previous' else look
-      m, n = g.shape[1:]
-      dirs[k] = np.stack([np.sqrt(m / n) * ns(b) for b in look])
+      c = self.shape_scale(*g.shape[1:])
+      dirs[k] = np.stack([c * ns(b) for b in look])
       if seen > 0:
-        dual = np.array([np.sqrt(m / n) * self.nuclear(x)
+        dual = np.array([c * self.nuclear(x)
                          for x in g - partner])
         self.H[k] = self.b2 * self.H[k] + (1 - self.b2) * dual ** 2
         hhat[k] = self.H[k] / (1 - self.b2 ** seen)
@@ -105,12 +109,14 @@ CASES = [dict(nuclear='svd'),
               alpha=0.5, noise_power=1.0),
          dict(nuclear='svd',
               signum_pattern=orthax.recipes.signum_group.SIGNUM_PATTERN),
+         dict(nuclear='svd', scale='spectral'),
          dict(nuclear='svd', reference='paper'),
          dict(nuclear='ns', difference='momentum', reference='paper',
-              nesterov=True, weight_decay=0.1)]
-# What reference='paper' sets: the Signum group, the LMO of the momentum
-# itself, the inverse noise level and no decay.
-PAPER = dict(signum=True, nesterov=False, noise_power=1.0, weight_decay=0.0)
+              nesterov=True, weight_decay=0.1, scale='keller')]
+# What reference='paper' sets: the Signum group, the spectral LMO of the
+# momentum itself, the inverse noise level and no decay.
+PAPER = dict(signum=True, nesterov=False, noise_power=1.0, weight_decay=0.0,
+             scale='spectral')
 
 
 def _transcription_kwargs(kw):
@@ -130,7 +136,7 @@ def _transcription_kwargs(kw):
                                            'no-nesterov-momentum-absolute',
                                            'inverse-noise-groupmax',
                                            'inverse-noise-absolute',
-                                           'signum-group',
+                                           'signum-group', 'spectral',
                                            'paper', 'paper-overridden'])
 def test_matches_float64_transcription(x64, kw):
   params = make_tree(0, LSHAPES)

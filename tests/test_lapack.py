@@ -109,7 +109,8 @@ def test_svd_references_and_lanton_nuclear_norm():
       lambda x: polar.soft_clip_svd(x, 1.0), x))
   spec = [MatrixSpec()]
   assert_one_matrix_per_call(lapack_operands(
-      lambda x: lanton._dual_norms([x], spec, 'nuclear', 'svd', None)[0], x))
+      lambda x: lanton._dual_norms([x], spec, 'nuclear', 'svd', None,
+                                   'spectral')[0], x))
 
 
 

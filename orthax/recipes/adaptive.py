@@ -182,9 +182,10 @@ _MODDED_NOTE = (
 # noise level, no decay); 'orthax': the sweep's (docs/training.md).
 _LANTON_REFERENCES = {
     'orthax': dict(signum_pattern=None, nesterov=True, noise_power=0.25,
-                   weight_decay=0.4),
+                   weight_decay=0.4, scale='keller'),
     'paper': dict(signum_pattern=signum_group.SIGNUM_PATTERN,
-                  nesterov=False, noise_power=1.0, weight_decay=0.0),
+                  nesterov=False, noise_power=1.0, weight_decay=0.0,
+                  scale='spectral'),
 }
 
 
@@ -196,6 +197,7 @@ def lanton(
     reference: str = 'orthax',
     beta: float = 0.95,
     nesterov: bool | None = None,
+    scale: str | None = None,
     beta2: float = 0.99,
     eps: float = 1e-8,
     difference: str = 'previous',
@@ -232,30 +234,39 @@ def lanton(
 
   .. math::
      B &\leftarrow β B + (1-β) G,\qquad
-     D = \sqrt{d_\mathrm{out}/d_\mathrm{in}}\;\mathrm{NS}(βB + (1-β)G)
-        \quad(\text{RMS→RMS LMO})\\
-     H_ℓ &\leftarrow β_2 H_ℓ + (1-β_2)\big(\sqrt{d_\mathrm{out}/d_\mathrm{in}}
+     D = c\;\mathrm{NS}(βB + (1-β)G)
+        \quad(\text{the LMO of the norm }\|W\|_2/c)\\
+     H_ℓ &\leftarrow β_2 H_ℓ + (1-β_2)\big(c
         \,\|G_t-G_{t-1}\|_*\big)^2,\qquad
      η_ℓ = η\,\Big(\frac{(\hat H_ℓ+ε)^{-1/2}}
         {\max_j (\hat H_j+ε)^{-1/2}}\Big)^p\\
      W_ℓ &\leftarrow W_ℓ - η_ℓ (D_ℓ + λ W_ℓ)
 
-  (``nesterov=False``, as under ``reference='paper'``: ``NS(B)``.) Modes:
+  (``nesterov=False``, as under ``reference='paper'``: ``NS(B)``.) ``c`` is
+  the shape factor of ``scale`` (:func:`orthax.scale_by_shape`), in the LMO
+  and in its dual norm alike: ``'keller'`` ``√max(1, d_out/d_in)`` (Muon's)
+  in the library mode, ``'spectral'`` ``√(d_out/d_in)`` (the RMS→RMS
+  operator norm, the Scion/Gluon LMO the paper builds on) under
+  ``reference='paper'``. The two differ where ``d_in > d_out`` (an MLP's
+  down-projection): the spectral LMO steps it at ``√(d_out/d_in)`` (½ for a
+  4d→d kernel), Muon's at 1; on the embedded corpus Muon's trained better
+  (docs/training.md). Modes:
 
   - ``reference='orthax'`` (default), from the learning-rate sweep on the
     embedded corpus (README): the LMO of Nesterov's look-ahead
-    ``βB + (1-β)G``, as Muon's; the tempered map ``p = noise_power = 0.25``;
-    λ = 0.4 at η = 0.08; embeddings, LM head, norm scales and biases on the
+    ``βB + (1-β)G``, as Muon's, and Muon's shape factor; the tempered map
+    ``p = noise_power = 0.25``; λ = 0.4 at η = 0.08; embeddings, LM head, norm scales and biases on the
     AdamW branch, as in every recipe here (with Signum there LANTON ended
     1.6% higher at d_model 256 at p = 0.5 and η = 0.113, docs/training.md).
   - ``reference='paper'``: what the paper establishes, with the
-    reconstruction's map: the LMO of ``B`` itself (the Scion/Gluon step), the
+    reconstruction's map: the spectral LMO of ``B`` itself (the Scion/Gluon
+    step), the
     inverse noise level ``p = 1``, no decay, and a Signum group for the
     embeddings and the LM head ("we update these weight-sharing layers with
     Signum"). It runs at the library's rates.
 
-  ``signum_pattern``, ``nesterov``, ``noise_power`` and ``weight_decay``
-  default to the mode's. The Signum group (2-D ``'adam'`` leaves matching
+  ``signum_pattern``, ``nesterov``, ``scale``, ``noise_power`` and
+  ``weight_decay`` default to the mode's. The Signum group (2-D ``'adam'`` leaves matching
   ``signum_pattern``, e.g. :data:`orthax.recipes.signum_group.SIGNUM_PATTERN`;
   ``'^$'`` matches none; label ``'signum'``): ``W ← W - η_s·sign(B)`` with
   ``B`` an EMA of the gradient (rate ``signum_beta``, default 0.95) and ``η_s =
@@ -300,9 +311,12 @@ def lanton(
   _validate.arguments('lanton', lanton, locals())
   reference, learning_rate = registry.resolve_mode('lanton', reference,
                                                    learning_rate)
-  signum_pattern, nesterov, noise_power, weight_decay = _common.mode_settings(
-      _LANTON_REFERENCES[reference], signum_pattern=signum_pattern,
-      nesterov=nesterov, noise_power=noise_power, weight_decay=weight_decay)
+  (signum_pattern, nesterov, noise_power, weight_decay,
+   scale) = _common.mode_settings(
+       _LANTON_REFERENCES[reference], signum_pattern=signum_pattern,
+       nesterov=nesterov, noise_power=noise_power, weight_decay=weight_decay,
+       scale=scale)
+  MS.check_scale_mode(scale, 'lanton: scale')
   signum_group.check_settings(reference, signum_pattern,
                               signum_learning_rate, signum_beta)
   router, specs = _common.route(router)
@@ -311,14 +325,14 @@ def lanton(
                                         ns_dtype=ns_dtype, method=ns_method,
                                         matrix_specs=specs,
                                         distributed=distributed,
-                                        then=[MS.ScaleByShape('spectral')])))
+                                        then=[MS.ScaleByShape(scale)])))
   matrix = T.named_chain(('layerwise_noise_adapt', T.layerwise_noise_adapt(
       T.momentum(beta, form='ema', nesterov=nesterov,
                  accumulator_dtype=mu_dtype),
       direction, learning_rate=learning_rate, beta2=beta2, eps=eps,
       dual_norm='nuclear', difference=difference,
       normalization=normalization, alpha=alpha, noise_power=noise_power,
-      nuclear=nuclear,
+      nuclear=nuclear, scale=scale,
       ns_preset=noise_ns_preset, weight_decay=weight_decay,
       matrix_specs=specs)))
   signum = {}

@@ -15,6 +15,8 @@ from orthax import _validate
 from orthax import engine
 from orthax import matrices
 from orthax import polar
+from orthax.matrix_stages import check_scale_mode
+from orthax.matrix_stages import shape_factor
 from orthax.polar import lapack
 from orthax.polar.scale_safe import scale_of_max
 from orthax.polar.scale_safe import root_ema
@@ -54,6 +56,7 @@ def layerwise_noise_adapt(
     noise_power: float | jax.Array = 1.0,
     nuclear: str = 'ns',
     ns_preset: str = 'polar_express',
+    scale: str = 'spectral',
     weight_decay: float | jax.Array = 0.0,
     matrix_specs: _tree.SpecsLike = None,
 ) -> optax.GradientTransformation:
@@ -91,8 +94,10 @@ def layerwise_noise_adapt(
 
   Until a difference has been seen (step 1 with ``previous``) every layer
   gets ``η_t``. The bias correction cancels in ``group_max``.
-  Dual norms: ``'nuclear'`` — the dual of the RMS→RMS operator norm whose LMO
-  is ``-sqrt(d_out/d_in)·UVᵀ``, i.e. ``sqrt(d_out/d_in)·‖X‖_*``, with ``‖X‖_*``
+  Dual norms: ``'nuclear'`` — the dual of the operator norm whose LMO is
+  ``-c·UVᵀ``, i.e. ``c·‖X‖_*``, with ``c`` the shape factor of ``scale``
+  (:func:`orthax.scale_by_shape`; ``'spectral'``: ``c = sqrt(d_out/d_in)``,
+  the RMS→RMS norm's; pass the ``direction``'s own scale), with ``‖X‖_*``
   from an exact SVD (``nuclear='svd'``), from ``⟨X, NS(X)⟩`` with the
   Newton–Schulz preset ``ns_preset`` (``'ns'``, one extra orthogonalization
   per step) or from the bound ``sqrt(min(m, n))·‖X‖_F`` (``'frobenius'``,
@@ -131,6 +136,8 @@ def layerwise_noise_adapt(
       ``reference='paper'``); meant for ``[0, 1]``.
     nuclear: ``'ns'``, ``'svd'`` or ``'frobenius'``.
     ns_preset: Newton–Schulz preset of ``nuclear='ns'``.
+    scale: the shape factor ``c`` of the ``'nuclear'`` dual norm, a
+      :func:`orthax.scale_by_shape` mode (default ``'spectral'``).
     weight_decay: λ, decoupled, applied with the layer's rate η_ℓ.
     matrix_specs: as in :func:`orthax.orthogonalize` (``'nuclear'`` only).
   """
@@ -141,8 +148,9 @@ def layerwise_noise_adapt(
                                ('normalization', normalization, NORMALIZATIONS),
                                ('nuclear', nuclear, NUCLEAR)):
     if value not in allowed:
-      raise ValueError(f'layerwise_noise_adapt {name} must be one of '
+      raise ValueError(f'layerwise_noise_adapt: {name} must be one of '
                        f'{allowed}, got {value!r}.')
+  check_scale_mode(scale, 'layerwise_noise_adapt: scale')
   if nuclear == 'ns':
     polar.get_preset(ns_preset)
   ns = functools.partial(polar.orthogonalize_stack, preset=ns_preset)
@@ -182,7 +190,7 @@ def layerwise_noise_adapt(
       prev = state.prev_grad
     diffs = [g.astype(_wide(g.dtype)) - p.astype(_wide(g.dtype))
              for g, p in zip(g_l, partner)]
-    norms = _dual_norms(diffs, specs, dual_norm, nuclear, ns)
+    norms = _dual_norms(diffs, specs, dual_norm, nuclear, ns, scale)
     valid = seen > 0
     hs, rates = _noise_rates(per_leaf.flatten_up_to(state.noise), norms,
                              seen, valid, beta2,
@@ -207,7 +215,7 @@ def _stat_shape(x, spec):
   return tuple(x.shape[a] for a in batch)
 
 
-def _dual_norms(xs, specs, dual_norm, nuclear, ns):
+def _dual_norms(xs, specs, dual_norm, nuclear, ns, scale):
   """The dual norm of every matrix: a list of arrays shaped like H.
   Reductions run over each leaf's matrix axes in its own layout (no
   reshape, which an Explicit sharding may refuse), except for the exact
@@ -238,7 +246,7 @@ def _dual_norms(xs, specs, dual_norm, nuclear, ns):
   for x, s, n, f, a in zip(xs, specs, nuc, fs, axes):
     n = n.reshape(_stat_shape(x, s)) / jnp.squeeze(f, a)
     _, fi, fo = s.matrix_shape(x.shape)
-    out.append(n * (fo / max(fi, 1)) ** 0.5)
+    out.append(n * shape_factor(max(fi, 1), fo, scale))
   return out
 
 
