@@ -88,6 +88,21 @@ def leaves_by_path(tree: Any,
 SpecsLike = MatrixSpec | Any | Callable[[Any], Any] | None
 
 
+def _view_hint(ndim: int) -> str:
+  """What to pass for a leaf of ``ndim`` axes without a default view."""
+  if ndim < 2:
+    return ('A vector or scalar is no matrix: route it to another branch '
+            'with orthax.routing.')
+  if ndim == 3:
+    example = 'orthax.MatrixSpec.stacked(0) for (layers, in, out)'
+  else:
+    example = (f'orthax.MatrixSpec(fan_in=({ndim - 2},), fan_out=({ndim - 1},))'
+               f' for {ndim - 2} stacking axes then (in, out), or '
+               f'orthax.MatrixSpec.conv({ndim}) for a conv kernel')
+  return (f'Pass matrix_specs (e.g. {example}) or route it with '
+          'orthax.routing.')
+
+
 def resolve_specs(specs: SpecsLike, tree: Any, what: str) -> list[MatrixSpec]:
   """One :class:`MatrixSpec` per leaf of ``tree`` (in flatten order).
 
@@ -110,8 +125,7 @@ def resolve_specs(specs: SpecsLike, tree: Any, what: str) -> list[MatrixSpec]:
       if len(shape) != 2:
         raise ValueError(
             f'{what}: leaf {path!r} has shape {tuple(shape)}; only 2-D leaves '
-            'have a default matrix view. Pass matrix_specs (e.g. '
-            'orthax.MatrixSpec.stacked(0)) or route it with orthax.routing.')
+            f'have a default matrix view. {_view_hint(len(shape))}')
       spec = MatrixSpec()
     try:
       spec.resolve(shape)

@@ -258,8 +258,9 @@ class Router:
     position, token-type or segment table: ``wpe``, ``pos_embed``,
     ``position_embeddings``, ``embed_positions``, ``token_type_embeddings``,
     T5's ``relative_attention_bias``), or it is the
-    last matrix of the tree (in natural path order, ``Dense_2`` before
-    ``Dense_10``), the tree has other matrices, and its fan-out is no
+    last 2-D matrix of the tree (in natural path order, ``Dense_2`` before
+    ``Dense_10``; a scanned stack, ``ScanBlock_0/…``, may sort after the
+    head), the tree has other matrices, and its fan-out is no
     matrix's fan-in nor its last fan-in axis (a conv's input channels):
     nothing consumes its output, as a classifier's ``classes`` outputs.
     Output layers usually train better with AdamW."""
@@ -284,9 +285,10 @@ class Router:
     for path, shape, _, fan_out, default in matrices:
       if default and len(shape) == 2 and fan_out in vocab:
         out.append((path, f'its fan-out {fan_out} is the vocabulary size'))
-    if len(matrices) >= 2:
+    flat = [m for m in matrices if len(m[1]) == 2]
+    if len(matrices) >= 2 and flat:
       path, shape, _, fan_out, default = max(
-          matrices, key=lambda m: _views.natural_key(m[0]))
+          flat, key=lambda m: _views.natural_key(m[0]))
       fan_ins = set().union(*(m[2] for m in matrices))
       if (default and len(shape) == 2 and fan_out not in fan_ins
           and path not in dict(out)):

@@ -237,3 +237,41 @@ def test_a_3d_kernel_with_one_layers_bias_is_warned_about():
     orthax.muon().init(tree)
   assert any('mixer/kernel' in str(w.message) for w in record
              if issubclass(w.category, orthax.MatrixViewWarning))
+
+
+def test_a_head_after_a_scanned_stack_is_warned_about():
+  """Linen's ``nn.scan`` names its stack ``ScanBlock_0``, which sorts after
+  the head ``Dense_1`` in path order: the last matrix was the 3-D stack,
+  and the head (16 → 10 classes, outputs no matrix reads) went to the
+  matrix branch unwarned, where the same model unscanned is warned."""
+  z = jnp.zeros
+  tree = {'Dense_0': {'kernel': z((8, 16))},
+          'ScanBlock_0': {'Dense_0': {'kernel': z((3, 16, 64))},
+                          'Dense_1': {'kernel': z((3, 64, 16))}},
+          'Dense_1': {'kernel': z((16, 10))}}
+  suspects = dict(Router().output_layer_suspects(tree))
+  assert list(suspects) == ['Dense_1/kernel'], suspects
+  assert 'feed no other matrix' in suspects['Dense_1/kernel']
+  # Its outputs read by a matrix of the stack: not an output layer.
+  tree['Dense_1'] = {'kernel': z((16, 64))}
+  assert Router().output_layer_suspects(tree) == []
+
+
+@pytest.mark.parametrize('shape, matrices', [((3, 16, 32), (3, 16, 32)),
+                                             ((2, 3, 16, 32), (6, 16, 32))])
+def test_the_spec_a_missing_view_names_views_the_stacked_matrices(shape,
+                                                                  matrices):
+  """A leaf of 3 or more axes without a view: the error's example spec,
+  evaluated, views its last two axes as the matrices. For 4-D it named
+  ``MatrixSpec.stacked(0)``, which on ``(2, 3, 16, 32)`` views 64
+  matrices of 3×16 without an error."""
+  x = {'experts': jnp.ones(shape)}
+  tx = orthax.orthogonalize()
+  with pytest.raises(ValueError, match="leaf 'experts' has shape") as e:
+    tx.update(x, tx.init(x))
+  text = str(e.value)
+  start = text.index('orthax.MatrixSpec')
+  spec = eval(text[start:text.index(' for ', start)])  # pylint: disable=eval-used
+  assert spec.matrix_shape(shape) == matrices
+  with pytest.raises(ValueError, match='is no matrix: route it'):
+    tx.update({'b': jnp.ones(4)}, tx.init({'b': jnp.ones(4)}))
