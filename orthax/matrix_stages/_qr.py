@@ -134,7 +134,11 @@ def product_q(a: jax.Array, fm: jax.Array,
   from two Householder QRs of ``Bᵀ`` (:func:`_rank_revealing_basis`): each
   column the direction its column of ``Bᵀ`` adds, zero where it adds none,
   so that ``AW``'s zero columns are where ``C``'s columns add nothing, and
-  ``C``'s Householder ``Q`` is still ``AW``'s. Then ``Q`` is
+  ``C``'s Householder ``Q`` is still ``AW``'s for ``s ≤ t``. (For ``s > t``
+  with a zero row among ``F``'s first ``t``, ``C``'s columns past ``t`` add
+  a direction ``AW`` does not see, and ``Q``'s columns from there differ
+  from exact arithmetic's, as they did before: only where the larger side
+  is rotated, ``reference='dion'`` or ``rotate=``.) Then ``Q`` is
   :func:`rank_completed_q`'s: past ``A``'s rank its columns are exact
   arithmetic's, not rounding's (ALGORITHMS.md §13.1.4a's defect, inside
   the rotated side). (Before 2026-12-07 a singular ``B`` took the ``Q`` of

@@ -39,8 +39,12 @@ ROTATE_SIDES = ('smaller', 'fan_out', 'fan_in')
 _MAP_FLOPS = {'sinkhorn': 75, 'row_norm': 3, 'sign': 1}
 # Per-entry FLOPs (of the s×s matrix) around the Cholesky QRs' Gram products
 # as XLA counts them (measured on CPU: masks, finiteness checks, the shift,
-# the certificate): Cholesky QR3 6s³ + 61s², shifted Cholesky 2s³ + 45s².
-_CQR3_ENTRY_FLOPS, _SHIFTED_ENTRY_FLOPS = 61, 45
+# the certificate and its pivots): Cholesky QR3 6s³ + 109s², shifted
+# Cholesky 2s³ + 45s².
+_CQR3_ENTRY_FLOPS, _SHIFTED_ENTRY_FLOPS = 109, 45
+# Per-entry FLOPs of one rank cut (_beyond_rank_zeroed: the row-scaled
+# norms and the mask; measured on CPU): the stable mode cuts RᵀA and QᵀA.
+_RANK_CUT_FLOPS = 6
 
 
 def rotated_side(fan_in: int, fan_out: int, rotate: str) -> str:
@@ -99,7 +103,8 @@ def aro_flops(fan_in: int, fan_out: int, rotate: str = 'smaller',
   qr = resolve_qr(qr)
   s, t = ((fan_out, fan_in) if rotated_side(fan_in, fan_out, rotate)
           == 'fan_out' else (fan_in, fan_out))
-  base_flops = 2 * _MAP_FLOPS[base] * s * t
+  base_flops = (2 * _MAP_FLOPS[base] + (2 * _RANK_CUT_FLOPS if stable else 0)
+                ) * s * t
   cqr3 = qr == 'cholesky_qr3' and s <= t
   grams, cqr3_lapack = ((6 * s ** 3 + _CQR3_ENTRY_FLOPS * s * s, 4 * s ** 3)
                         if cqr3 else (0, 0))
@@ -207,7 +212,11 @@ class AroRotate(MatrixStage):
     a = jnp.matrix_transpose(x) if flip else x
     a = a * huge_scale(a).astype(a.dtype)
     f = lambda y: base_map(y, self.base, self.iters, self.eps)
-    fm = f(jnp.matrix_transpose(r) @ a)
+    ra = jnp.matrix_transpose(r) @ a
+    # Stable: the rows of RᵀA past A's rank (R's columns orthogonal to its
+    # range, as a momentum of fixed lower rank leaves them) are zero in
+    # exact arithmetic, rounding here, which f would blow up to full rows.
+    fm = f(_beyond_rank_zeroed(ra, past_t=False) if self.stable else ra)
     s, t = a.shape[-2], a.shape[-1]
     if self.qr == 'auto':  # the kind by the platform it is lowered for
       q = jax.lax.platform_dependent(
@@ -231,7 +240,7 @@ class AroRotate(MatrixStage):
     return Q_OF[kind](a @ jnp.matrix_transpose(fm))
 
 
-def _beyond_rank_zeroed(x: jax.Array) -> jax.Array:
+def _beyond_rank_zeroed(x: jax.Array, past_t: bool = True) -> jax.Array:
   """``x = QᵀA`` with the rows that are zero in exact arithmetic set to
   zero: those past ``A``'s rank (:func:`~orthax.matrix_stages._qr.beyond_rank`
   of the row norms), whose ``Q`` columns are orthogonal to the range of
@@ -243,7 +252,7 @@ def _beyond_rank_zeroed(x: jax.Array) -> jax.Array:
   directions lie 10⁴-fold below its largest loses them."""
   s, t = x.shape[-2], x.shape[-1]
   kept = ~beyond_rank(_row_norms(x), x.dtype)
-  if s > t:
+  if past_t and s > t:
     kept = kept & (jnp.arange(s) < t)
   return jnp.where(kept[..., None], x, 0)
 

@@ -178,8 +178,8 @@ _MODDED_NOTE = (
 
 
 # LANTON's modes. 'paper': the reconstruction as the paper establishes it
-# (Signum for embeddings and head, the LMO of the momentum itself, the inverse
-# noise level, no decay); 'orthax': the sweep's (docs/training.md).
+# (Signum for embeddings and head, the spectral LMO of the momentum itself,
+# the inverse noise level, no decay); 'orthax': the sweep's (docs/training.md).
 _LANTON_REFERENCES = {
     'orthax': dict(signum_pattern=None, nesterov=True, noise_power=0.25,
                    weight_decay=0.4, scale='keller'),
