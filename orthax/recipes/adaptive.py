@@ -311,21 +311,19 @@ def lanton(
   _validate.arguments('lanton', lanton, locals())
   reference, learning_rate = registry.resolve_mode('lanton', reference,
                                                    learning_rate)
-  (signum_pattern, nesterov, noise_power, weight_decay,
-   scale) = _common.mode_settings(
-       _LANTON_REFERENCES[reference], signum_pattern=signum_pattern,
-       nesterov=nesterov, noise_power=noise_power, weight_decay=weight_decay,
-       scale=scale)
+  signum_pattern, nesterov, noise_power, weight_decay, scale = (
+      _common.mode_settings(
+          _LANTON_REFERENCES[reference], signum_pattern=signum_pattern,
+          nesterov=nesterov, noise_power=noise_power,
+          weight_decay=weight_decay, scale=scale))
   MS.check_scale_mode(scale, 'lanton: scale')
   signum_group.check_settings(reference, signum_pattern,
                               signum_learning_rate, signum_beta)
   router, specs = _common.route(router)
-  direction = T.named_chain(
-      ('orthogonalize', T.orthogonalize(preset, steps=ns_steps,
-                                        ns_dtype=ns_dtype, method=ns_method,
-                                        matrix_specs=specs,
-                                        distributed=distributed,
-                                        then=[MS.ScaleByShape(scale)])))
+  direction = T.named_chain(('orthogonalize', T.orthogonalize(
+      preset, steps=ns_steps, ns_dtype=ns_dtype, method=ns_method,
+      matrix_specs=specs, distributed=distributed,
+      then=[MS.ScaleByShape(scale)])))
   matrix = T.named_chain(('layerwise_noise_adapt', T.layerwise_noise_adapt(
       T.momentum(beta, form='ema', nesterov=nesterov,
                  accumulator_dtype=mu_dtype),

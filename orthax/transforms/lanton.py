@@ -143,16 +143,8 @@ def layerwise_noise_adapt(
   """
   _validate.arguments('layerwise_noise_adapt', layerwise_noise_adapt,
                       locals())
-  for name, value, allowed in (('dual_norm', dual_norm, DUAL_NORMS),
-                               ('difference', difference, DIFFERENCES),
-                               ('normalization', normalization, NORMALIZATIONS),
-                               ('nuclear', nuclear, NUCLEAR)):
-    if value not in allowed:
-      raise ValueError(f'layerwise_noise_adapt: {name} must be one of '
-                       f'{allowed}, got {value!r}.')
-  check_scale_mode(scale, 'layerwise_noise_adapt: scale')
-  if nuclear == 'ns':
-    polar.get_preset(ns_preset)
+  _check_options(dual_norm, difference, normalization, nuclear, ns_preset,
+                 scale)
   ns = functools.partial(polar.orthogonalize_stack, preset=ns_preset)
 
   def specs_of(tree):
@@ -213,6 +205,21 @@ def _stat_shape(x, spec):
     return ()
   batch, _, _ = spec.resolve(x.shape)
   return tuple(x.shape[a] for a in batch)
+
+
+def _check_options(dual_norm, difference, normalization, nuclear,
+                   ns_preset, scale) -> None:
+  """``ValueError`` naming the argument for a choice not among its own."""
+  for name, value, allowed in (('dual_norm', dual_norm, DUAL_NORMS),
+                               ('difference', difference, DIFFERENCES),
+                               ('normalization', normalization, NORMALIZATIONS),
+                               ('nuclear', nuclear, NUCLEAR)):
+    if value not in allowed:
+      raise ValueError(f'layerwise_noise_adapt: {name} must be one of '
+                       f'{allowed}, got {value!r}.')
+  check_scale_mode(scale, 'layerwise_noise_adapt: scale')
+  if nuclear == 'ns':
+    polar.get_preset(ns_preset)
 
 
 def _dual_norms(xs, specs, dual_norm, nuclear, ns, scale):
