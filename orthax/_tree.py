@@ -149,17 +149,36 @@ def _specs_by_path(specs: Any, treedef: Any, n: int, what: str) -> list:
     ValueError: naming a leaf with no spec at its path, and the spec paths
       no leaf has (a mistyped key was applied by position before).
   """
-  paths = list(leaves_by_path(jax.tree.unflatten(treedef, [0] * n)))
+  updates = jax.tree.unflatten(treedef, [0] * n)
+  paths = list(leaves_by_path(updates))
   by_path = leaves_by_path(specs, _is_spec_leaf)
   missing = [p for p in paths if p not in by_path]
+  unused = sorted(set(by_path) - set(paths))
   if missing:
-    unused = sorted(set(by_path) - set(paths))
     raise ValueError(
         f'{what}: the matrix_specs tree has no spec at {missing[0]!r}'
         f'{f" ({len(missing)} leaves have none)" if len(missing) > 1 else ""}'
         f'; its paths that no leaf has: {unused[:5]}. Give the specs the '
         'updates\' structure (or one MatrixSpec for all leaves).')
+  empty = _empty_paths(updates)
+  stray = [p for p in unused
+           if not any(p == e or p.startswith(e + '/') for e in empty)]
+  if stray:
+    raise ValueError(
+        f'{what}: the matrix_specs tree has a spec at {stray[0]!r}'
+        f'{f" (and {len(stray) - 1} more paths)" if len(stray) > 1 else ""}'
+        ', where the updates have no leaf (a mistyped or stale key?). Give '
+        'the specs the updates\' structure (or one MatrixSpec for all '
+        'leaves).')
   return [by_path[p] for p in paths]
+
+
+def _empty_paths(tree: Any) -> list[str]:
+  """The paths of ``tree``'s subtrees without leaves (``None``, an
+  ``optax.MaskedNode``): where a spec tree may hold a spec no leaf takes."""
+  is_empty = lambda x: not jax.tree.leaves(x)  # pylint: disable=unnecessary-lambda-assignment
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_empty)[0]
+  return [path_str(p) for p, x in flat if is_empty(x)]
 
 
 def specs_per_leaf(specs: Any, treedef: Any, n: int, what: str,

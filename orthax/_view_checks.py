@@ -3,7 +3,8 @@ wrong: matrix views (:class:`orthax.MatrixViewWarning`: Flax attention
 kernels read as stacks of layers, :meth:`orthax.Router.attention_view_suspects`;
 scanned stacks of convolutions read as one,
 :meth:`orthax.Router.conv_view_suspects`; one layer's 3-D kernel read as a
-stack, :meth:`orthax.Router.stack_view_suspects`) and output layers sent to
+stack, or a stack on the middle axis read as one on the leading axis,
+:meth:`orthax.Router.stack_view_suspects`) and output layers sent to
 the matrix branch (:class:`orthax.OutputLayerWarning`).
 
 A scanned stack of ``L`` convolutions (``nn.scan``, ``nnx.vmap``) has the
@@ -52,26 +53,42 @@ def conv_message(path: str, shape: tuple[int, ...], evidence: str) -> str:
           f'orthax.MatrixSpec.conv({nd})).')
 
 
-def one_layer_evidence(path: str, shape: tuple[int, ...],
+def stack_axis_message(path: str, shape: tuple[int, ...],
                        shapes: dict[str, tuple[int, ...]]) -> str | None:
-  """Why a 3-D kernel read as a stack of layers looks like one layer (a
-  bias beside it shaped ``(out,)``, one layer's, not ``(L, out)``), or
-  ``None``."""
-  if len(shape) != 3 or shape[0] < 2 or not path.endswith('/kernel'):
+  """The warning for a 3-D kernel ``(a, b, c)`` that the default rule reads
+  as ``a`` stacked layers although the bias beside it says otherwise, or
+  ``None``: a bias ``(c,)`` is one layer's (a 1-D convolution whose name
+  lacks ``conv``: each tap of its window would be orthogonalized on its
+  own); a bias ``(c, b)`` says the ``b`` layers are the middle axis
+  (linen's ``nn.scan(variable_axes={'params': 1})``: every row of the
+  input would be a matrix of its own). ``shapes``: every leaf's shape by
+  path."""
+  if len(shape) != 3 or not path.endswith('/kernel'):
     return None
-  bias = path[:-len('kernel')] + 'bias'
-  if shapes.get(bias) == (shape[-1],):
-    return f'its bias {bias!r} has shape {(shape[-1],)}, one layer\'s'
+  bias_path = path[:-len('kernel')] + 'bias'
+  bias = shapes.get(bias_path)
+  a, b, c = shape
+  if a >= 2 and bias == (c,):
+    return one_layer_message(
+        path, shape, f'its bias {bias_path!r} has shape {bias}, one layer\'s')
+  if b >= 2 and bias == (c, b) and bias != (a, c):
+    return middle_stack_message(path, shape, bias_path)
   return None
+
+
+def _read_as_stack(path: str, shape: tuple[int, ...]) -> str:
+  a, b, c = shape
+  return (f'parameter {path!r} of shape {shape} is read as {a} stacked '
+          f'{b}x{c} matrices (the default rule for 3-D kernels: the leading '
+          'axis is layers)')
 
 
 def one_layer_message(path: str, shape: tuple[int, ...], evidence: str
                       ) -> str:
   a, b, c = shape
   pattern = _tree.exact_pattern(path)
-  return (f'parameter {path!r} of shape {shape} is read as {a} stacked '
-          f'{b}x{c} matrices (the default rule for 3-D kernels: the leading '
-          f'axis is layers), but {evidence}. If it is one layer (a 1-D '
+  return (f'{_read_as_stack(path, shape)}, but {evidence}. If it is one '
+          f'layer (a 1-D '
           f'convolution (window, in, out) whose name lacks "conv", or an '
           f'attention output (heads, head_dim, features)), orthogonalize it '
           f'as one {a * b}x{c} matrix: router=orthax.Router(extra_rules=['
@@ -79,6 +96,19 @@ def one_layer_message(path: str, shape: tuple[int, ...], evidence: str
           f'if it is a stack of layers sharing one bias, keep it without '
           f'this warning: orthax.Rule({pattern!r}, "matrix", '
           f'orthax.MatrixSpec()).')
+
+
+def middle_stack_message(path: str, shape: tuple[int, ...], bias_path: str
+                         ) -> str:
+  a, b, c = shape
+  pattern = _tree.exact_pattern(path)
+  return (f'{_read_as_stack(path, shape)}, but its bias {bias_path!r} has '
+          f'shape {(c, b)}: its middle axis may stack {b} layers of {a}x{c} '
+          "(linen's nn.scan with variable_axes={'params': 1}). If it does, "
+          'orthogonalize each layer: router=orthax.Router(extra_rules=['
+          f'orthax.Rule({pattern!r}, "matrix", orthax.MatrixSpec.stacked(1))'
+          ']); if the leading axis stacks the layers, keep it without this '
+          f'warning: orthax.Rule({pattern!r}, "matrix", orthax.MatrixSpec()).')
 
 
 # Embedding tables whose rows are not the vocabulary (positions, token types,
@@ -129,11 +159,8 @@ def attention_suspect(path: str, shape: tuple[int, ...],
 
 def attention_message(path: str, shape: tuple[int, ...], layout: str,
                        pattern: str, view: str) -> str:
-  a, b, c = shape
-  return (f'parameter {path!r} of shape {shape} is read as {a} stacked '
-          f'{b}x{c} matrices (the default rule for 3-D kernels: the leading '
-          f'axis is layers), but its shape is that of Flax attention '
-          f'({layout}). If it is, orthogonalize the whole projection: '
+  return (f'{_read_as_stack(path, shape)}, but its shape is that of Flax '
+          f'attention ({layout}). If it is, orthogonalize the whole projection: '
           f'router=orthax.Router(extra_rules=[orthax.Rule({pattern!r}, '
           f'"matrix", orthax.MatrixSpec({view}))]); if it is a stack of '
           f'layers, keep it without this warning: orthax.Rule({pattern!r}, '
@@ -177,8 +204,10 @@ def natural_key(path: str) -> tuple:
 class MatrixViewWarning(UserWarning):
   """A leaf's default matrix view may be the wrong one: a 3-D attention
   kernel shaped like Flax's ``(features, heads, head_dim)`` read as a stack
-  of layers (:meth:`Router.attention_view_suspects`), or a scanned stack of
-  convolutions read as one (:meth:`Router.conv_view_suspects`)."""
+  of layers (:meth:`Router.attention_view_suspects`), a scanned stack of
+  convolutions read as one (:meth:`Router.conv_view_suspects`), or a 3-D
+  kernel whose bias says its layers are not the leading axis
+  (:meth:`Router.stack_view_suspects`)."""
 
 
 class OutputLayerWarning(UserWarning):

@@ -17,112 +17,42 @@ The defaults are right for Flax NNX and linen models::
   kernel / weight / w (ndim 2 or 3)           -> matrix, leading axis = layers
   any other 2-D leaf                          -> matrix
 
-Three layouts are ambiguous, and a warning names the rule that settles
+Some layouts are ambiguous, and a warning names the rule that settles
 them: a 2-D leaf that looks like an output layer
-(:class:`OutputLayerWarning`), a 3-D ``query``/``key``/``value``/``out``
-kernel shaped like Flax's ``MultiHeadAttention`` ``(features, heads,
-head_dim)``, which the 3-D rule would read as a stack of layers, and a conv
-kernel that looks like a scanned stack of convolutions, which the conv rule
-would read as one (both :class:`MatrixViewWarning`).
+(:class:`OutputLayerWarning`); and (:class:`MatrixViewWarning`) a 3-D
+``query``/``key``/``value``/``out`` kernel shaped like Flax's
+``MultiHeadAttention`` ``(features, heads, head_dim)``, which the 3-D rule
+would read as a stack of layers, a 3-D kernel whose bias is one layer's or
+stacks its layers on the middle axis, and a conv kernel that looks like a
+scanned stack of convolutions, which the conv rule would read as one. The
+rules themselves are :mod:`orthax._rules`, the checks
+:mod:`orthax._view_suspects`.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import numbers
-import re
 from typing import Any, Iterable, Mapping, Sequence
 import warnings
 
 import jax
 
+from orthax import _rules
 from orthax import _table
 from orthax import _view_checks as _views
+from orthax import _view_suspects as _suspects
 from orthax._view_checks import MatrixViewWarning
 from orthax._view_checks import OutputLayerWarning
 from orthax import _tree
+from orthax._rules import DEFAULT_RULES
+from orthax._rules import LABELS
+from orthax._rules import Route
+from orthax._rules import Rule
 from orthax.matrices import MatrixSpec
 
-LABELS = ('matrix', 'adam', 'frozen')
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  """``label`` (and ``spec``) for leaves whose path matches ``pattern``.
-
-  Attributes:
-    pattern: regex searched (``re.search``) in the normalized path.
-    label: ``'matrix'``, ``'adam'`` or ``'frozen'``.
-    spec: the matrix view for ``'matrix'`` leaves; ``None`` means the default
-      ``MatrixSpec()`` (last two axes are ``(in, out)``, leading axes batch),
-      allowed for ranks 2 and 3 only.
-    ndims: restrict the rule to leaves of these ranks (``None``: any rank).
-  """
-
-  pattern: str
-  label: str
-  spec: MatrixSpec | None = None
-  ndims: tuple[int, ...] | None = None
-
-  def __post_init__(self):
-    if self.label not in LABELS:
-      raise ValueError(f'Rule label must be one of {LABELS}, got '
-                       f'{self.label!r} (pattern {self.pattern!r}).')
-    try:
-      re.compile(self.pattern)
-    except (re.error, TypeError) as e:
-      raise ValueError(f'Rule pattern {self.pattern!r} is not a regular '
-                       f'expression: {e}.') from None
-    if self.spec is not None and not isinstance(self.spec, MatrixSpec):
-      raise TypeError(f'Rule {self.pattern!r}: spec must be an '
-                      f'orthax.MatrixSpec or None, got {self.spec!r}.')
-    if self.spec is not None and self.label != 'matrix':
-      raise ValueError(f'Rule {self.pattern!r}: a spec is for label '
-                       f"'matrix', not {self.label!r}.")
-    if self.ndims is not None:
-      ndims = (self.ndims,) if isinstance(self.ndims, numbers.Integral) \
-          else self.ndims
-      try:
-        ndims = tuple(ndims)
-      except TypeError:
-        ndims = None
-      if ndims is None or not all(isinstance(n, numbers.Integral)
-                                  and not isinstance(n, bool) and n >= 0
-                                  for n in ndims):
-        raise TypeError(f'Rule {self.pattern!r}: ndims must be a rank or a '
-                        f'sequence of ranks (ints >= 0), got '
-                        f'{self.ndims!r}.')
-      object.__setattr__(self, 'ndims', tuple(int(n) for n in ndims))
-
-  def matches(self, path: str, ndim: int) -> bool:
-    return ((self.ndims is None or ndim in self.ndims)
-            and re.search(self.pattern, path) is not None)
-
-
-@dataclasses.dataclass(frozen=True)
-class Route:
-  """Where one leaf goes."""
-  label: str
-  spec: MatrixSpec | None
-  rule: str  # the pattern that matched, or 'max_side=N' (Router.max_side)
-
-
-_VECTOR_RANKS = (0, 1)
-# Any case: linen names its convolutions Conv_0, ConvTranspose_0, ...
-_CONV = r'(?i)conv[^/]*/kernel$'
-DEFAULT_RULES: tuple[Rule, ...] = (
-    Rule(r'(^|/)([^/]*embed[^/]*|wte|wpe)(/|$)', 'adam'),
-    Rule(r'(^|/)(lm_head|head|unembed[^/]*|logits)(/|$)', 'adam'),
-    Rule(r'(^|/)([^/]*norm[^/]*|ln[^/]*)(/|$)', 'adam'),
-    Rule(r'(^|/)(bias|scale|[^/]*_bias|[^/]*_scale)$', 'adam'),
-    Rule(r'', 'adam', ndims=_VECTOR_RANKS),
-    *(Rule(_CONV, 'matrix', MatrixSpec.conv(n), ndims=(n,))
-      for n in (3, 4, 5)),
-    Rule(r'(^|/)(kernel|weight|w)$', 'matrix'),
-    Rule(r'', 'matrix', ndims=(2,)),
-)
-
+__all__ = ['DEFAULT_RULES', 'LABELS', 'MatrixViewWarning',
+           'OutputLayerWarning', 'Route', 'Rule', 'Router']
 
 def _rule_list(rules: Any, what: str) -> tuple[Rule, ...]:
   """``rules`` as a tuple of :class:`Rule`; ``TypeError`` naming the
@@ -137,17 +67,6 @@ def _rule_list(rules: Any, what: str) -> tuple[Rule, ...]:
     raise TypeError(f'Router: {what} must hold orthax.Rule objects, got '
                     f'{bad[0]!r}.')
   return rules
-
-
-def _is_default(rule: Rule) -> bool:
-  """One of :data:`DEFAULT_RULES` (the ones the warnings second-guess)."""
-  return any(rule is d for d in DEFAULT_RULES)
-
-
-def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  """Each leaf's shape by normalized path."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {_tree.path_str(p): tuple(getattr(x, 'shape', ())) for p, x in flat}
 
 
 def _check_max_side(max_side: Any) -> int:
@@ -264,37 +183,7 @@ class Router:
     matrix's fan-in nor its last fan-in axis (a conv's input channels):
     nothing consumes its output, as a classifier's ``classes`` outputs.
     Output layers usually train better with AdamW."""
-    shapes = _leaf_shapes(tree)
-    vocab = {shape[0] for path, shape in shapes.items() if len(shape) == 2
-             and DEFAULT_RULES[0].matches(path, 2)
-             and not _views.NOT_VOCABULARY.search(path)}
-    matrices = []  # (path, shape, inputs, fan_out, by_default_rule)
-    for path, shape in shapes.items():
-      rule = self._rule_for(path, len(shape))
-      if rule is not None and rule.label == 'matrix':
-        r = self.route(path, shape)
-        if r.label != 'matrix':  # over max_side
-          continue
-        _, fan_in, fan_out = r.spec.matrix_shape(shape)
-        # What it consumes: its whole fan-in, or its last fan-in axis (a
-        # conv's input channels, after its window).
-        _, in_axes, _ = r.spec.resolve(shape)
-        inputs = {fan_in, shape[in_axes[-1]]}
-        matrices.append((path, shape, inputs, fan_out, _is_default(rule)))
-    out = []
-    for path, shape, _, fan_out, default in matrices:
-      if default and len(shape) == 2 and fan_out in vocab:
-        out.append((path, f'its fan-out {fan_out} is the vocabulary size'))
-    flat = [m for m in matrices if len(m[1]) == 2]
-    if len(matrices) >= 2 and flat:
-      path, shape, _, fan_out, default = max(
-          flat, key=lambda m: _views.natural_key(m[0]))
-      fan_ins = set().union(*(m[2] for m in matrices))
-      if (default and len(shape) == 2 and fan_out not in fan_ins
-          and path not in dict(out)):
-        out.append((path, f'it is the last matrix of the tree and its '
-                          f'{fan_out} outputs feed no other matrix'))
-    return out
+    return _suspects.output_layers(self, tree)
 
   def warn_output_layers(self, tree: Any) -> None:
     """Warns (:class:`OutputLayerWarning`) for each
@@ -321,10 +210,7 @@ class Router:
     has these shapes (``d·d ≠ L``; ``L·d = d`` only for one layer, where the
     two views are one matrix; its ``out`` stack ``(L, d, d)`` agrees with
     ``(d, d)`` only for ``L = d``, a cube, which is never warned about)."""
-    shapes = _leaf_shapes(tree)
-    found = [(p, _views.attention_suspect(p, sh, shapes))
-             for p, sh in shapes.items() if self._reads_as_stack(p, sh)]
-    return [(p, message) for p, message in found if message]
+    return _suspects.attention_views(self, tree)
 
   def conv_view_suspects(self, tree: Any) -> list[tuple[str, str]]:
     """``(path, message)`` of each conv kernel (4-D or more) that a
@@ -332,31 +218,19 @@ class Router:
     scanned stack of them (:mod:`orthax._view_checks`: a bias beside it
     shaped ``(L, out)``, or a scanned module on its path): read as one,
     every layer's kernel would share a single orthogonalization."""
-    shapes = _leaf_shapes(tree)
-    out = []
-    for path, shape in shapes.items():
-      rule = self._rule_for(path, len(shape))
-      if rule is None or rule.pattern != _CONV or not _is_default(rule):
-        continue  # not one of the default conv rules
-      why = _views.conv_stack_evidence(path, shape, shapes)
-      if why:
-        out.append((path, _views.conv_message(path, shape, why)))
-    return out
+    return _suspects.conv_views(self, tree)
 
   def stack_view_suspects(self, tree: Any) -> list[tuple[str, str]]:
     """``(path, message)`` of each 3-D kernel that the *default* rule reads
-    as a stack of layers although a bias beside it is one layer's,
-    ``(out,)`` (:func:`orthax._view_checks.one_layer_evidence`): a 1-D
-    convolution whose name lacks ``conv`` would have each tap of its
-    window orthogonalized on its own. Attention kernels are left to
+    as a stack of layers (leading axis) although the bias beside it says
+    otherwise (:func:`orthax._view_checks.stack_axis_message`): a bias
+    ``(out,)`` is one layer's (a 1-D convolution whose name lacks ``conv``
+    would have each tap of its window orthogonalized on its own), and a
+    bias ``(out, L)`` puts the ``L`` layers on the middle axis (linen's
+    ``nn.scan(variable_axes={'params': 1})``: each input row would be a
+    matrix). Attention kernels are left to
     :meth:`attention_view_suspects`."""
-    shapes = _leaf_shapes(tree)
-    attention = dict(self.attention_view_suspects(tree))
-    found = [(p, sh, _views.one_layer_evidence(p, sh, shapes))
-             for p, sh in shapes.items()
-             if p not in attention and self._reads_as_stack(p, sh)]
-    return [(p, _views.one_layer_message(p, sh, why))
-            for p, sh, why in found if why]
+    return _suspects.stack_views(self, tree)
 
   def view_suspects(self, tree: Any) -> list[tuple[str, str]]:
     """Every :class:`MatrixViewWarning`'s ``(path, message)``:
@@ -364,16 +238,6 @@ class Router:
     :meth:`stack_view_suspects`."""
     return (self.attention_view_suspects(tree) + self.conv_view_suspects(tree)
             + self.stack_view_suspects(tree))
-
-  def _rule_for(self, path: str, ndim: int) -> Rule | None:
-    return next((r for r in self.rules if r.matches(path, ndim)), None)
-
-  def _reads_as_stack(self, path: str, shape: tuple[int, ...]) -> bool:
-    """Whether a *default* rule reads the 3-D leaf as a stack of layers
-    (a matrix rule without a spec: ``MatrixSpec()``)."""
-    rule = self._rule_for(path, len(shape))
-    return (len(shape) == 3 and rule is not None and rule.spec is None
-            and rule.label == 'matrix' and _is_default(rule))
 
   def describe(self, tree: Any,
                learning_rates: Mapping[str, Any] | None = None,

@@ -335,3 +335,23 @@ def test_a_spec_tree_with_a_mistyped_key_is_refused_naming_it():
   tx = orthax.scale_by_shape('keller', matrix_specs=specs)
   u, _ = tx.update(g, tx.init(g))
   assert float(u['attn'][0, 0]) == float(u['mlp'][0, 0]) == 2.0
+
+
+def test_a_spec_tree_with_a_stray_key_is_refused_naming_it():
+  """A spec at a path the updates lack (a mistyped or stale key beside the
+  right ones) is refused; a spec where the updates hold an empty node (a
+  leaf masked out by optax.masked, an absent bias) is not."""
+  g = {'attn': jnp.ones((4, 16)), 'mlp': jnp.ones((16, 4))}
+  specs = {'attn': orthax.MatrixSpec(), 'mlp': orthax.MatrixSpec(),
+           'mlpp': orthax.MatrixSpec.torch_linear()}
+  tx = orthax.scale_by_shape('keller', matrix_specs=specs)
+  with pytest.raises(ValueError, match=r"^scale_by_shape: the matrix_specs "
+                     r"tree has a spec at 'mlpp', where the updates have no "
+                     r"leaf"):
+    tx.update(g, tx.init(g))
+  masked = optax.masked(
+      orthax.scale_by_shape('keller', matrix_specs=specs),
+      {'attn': True, 'mlp': True, 'mlpp': False})
+  g3 = dict(g, mlpp=jnp.ones((16, 4)))
+  u, _ = masked.update(g3, masked.init(g3))
+  assert float(u['attn'][0, 0]) == 2.0 and float(u['mlpp'][0, 0]) == 1.0

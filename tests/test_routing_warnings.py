@@ -1,6 +1,7 @@
 """The routing warnings: a matrix view the default rules may get wrong
 (Flax attention kernels read as stacks of layers, scanned stacks of
-convolutions read as one) and output layers sent to the matrix branch;
+convolutions read as one, a 3-D kernel whose bias puts its layers
+elsewhere) and output layers sent to the matrix branch;
 each names the rule that settles it."""
 
 import warnings
@@ -237,6 +238,42 @@ def test_a_3d_kernel_with_one_layers_bias_is_warned_about():
     orthax.muon().init(tree)
   assert any('mixer/kernel' in str(w.message) for w in record
              if issubclass(w.category, orthax.MatrixViewWarning))
+
+
+def test_a_stack_on_the_middle_axis_is_warned_about():
+  """Linen's ``nn.scan(variable_axes={'params': 1})`` stacks a Dense
+  kernel as ``(in, L, out)`` and its bias as ``(out, L)``: the 3-D rule
+  read ``in`` matrices of ``L x out``, silently. The bias is evidence: it
+  is warned about, and the rule named makes ``L`` matrices of
+  ``in x out``."""
+  nn = pytest.importorskip('flax.linen')
+
+  class Block(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.Dense(16)(x), None
+
+  scan = nn.scan(Block, variable_axes={'params': 1},
+                 split_rngs={'params': True}, length=3)
+  tree = scan().init(jax.random.key(0), jnp.ones((2, 16)), None)['params']
+  kernel = tree['Dense_0']['kernel']
+  assert kernel.shape == (16, 3, 16)
+  suspects = dict(Router().stack_view_suspects(tree))
+  assert list(suspects) == ['Dense_0/kernel'], suspects
+  message = suspects['Dense_0/kernel']
+  assert "its bias 'Dense_0/bias' has shape (16, 3)" in message
+  assert 'orthax.MatrixSpec.stacked(1)' in message
+  router = Router(extra_rules=[Rule('^Dense_0/kernel$', 'matrix',
+                                    MatrixSpec.stacked(1))])
+  assert router.stack_view_suspects(tree) == []
+  assert router.route('Dense_0/kernel', kernel.shape).spec.matrix_shape(
+      kernel.shape) == (3, 16, 16)
+  # A stack on the leading axis ((L, out) bias) and a cube are not warned.
+  z = jnp.zeros
+  quiet = {'lead': {'kernel': z((3, 16, 8)), 'bias': z((3, 8))},
+           'cube': {'kernel': z((4, 4, 4)), 'bias': z((4, 4))}}
+  assert Router().stack_view_suspects(quiet) == []
 
 
 def test_a_head_after_a_scanned_stack_is_warned_about():
