@@ -33,19 +33,19 @@ class Rule:
 
   def __post_init__(self):
     if self.label not in LABELS:
-      raise ValueError(f'Rule label must be one of {LABELS}, got '
+      raise ValueError(f'Rule: label must be one of {LABELS}, got '
                        f'{self.label!r} (pattern {self.pattern!r}).')
     try:
       re.compile(self.pattern)
     except (re.error, TypeError) as e:
-      raise ValueError(f'Rule pattern {self.pattern!r} is not a regular '
+      raise ValueError(f'Rule: pattern {self.pattern!r} is not a regular '
                        f'expression: {e}.') from None
     if self.spec is not None and not isinstance(self.spec, MatrixSpec):
-      raise TypeError(f'Rule {self.pattern!r}: spec must be an '
-                      f'orthax.MatrixSpec or None, got {self.spec!r}.')
+      raise TypeError(f'Rule: spec must be an orthax.MatrixSpec or None, '
+                      f'got {self.spec!r} (pattern {self.pattern!r}).')
     if self.spec is not None and self.label != 'matrix':
-      raise ValueError(f'Rule {self.pattern!r}: a spec is for label '
-                       f"'matrix', not {self.label!r}.")
+      raise ValueError(f"Rule: spec is for label 'matrix', not "
+                       f'{self.label!r} (pattern {self.pattern!r}).')
     if self.ndims is not None:
       ndims = (self.ndims,) if isinstance(self.ndims, numbers.Integral) \
           else self.ndims
@@ -56,9 +56,9 @@ class Rule:
       if ndims is None or not all(isinstance(n, numbers.Integral)
                                   and not isinstance(n, bool) and n >= 0
                                   for n in ndims):
-        raise TypeError(f'Rule {self.pattern!r}: ndims must be a rank or a '
-                        f'sequence of ranks (ints >= 0), got '
-                        f'{self.ndims!r}.')
+        raise TypeError(f'Rule: ndims must be a rank or a sequence of '
+                        f'ranks (ints >= 0), got {self.ndims!r} (pattern '
+                        f'{self.pattern!r}).')
       object.__setattr__(self, 'ndims', tuple(int(n) for n in ndims))
 
   def matches(self, path: str, ndim: int) -> bool:

@@ -191,6 +191,12 @@ def specs_per_leaf(specs: Any, treedef: Any, n: int, what: str,
     per_leaf = treedef.flatten_up_to(specs)
   except (ValueError, TypeError):
     per_leaf = _specs_by_path(specs, treedef, n, what)
+  bad = [i for i, s in enumerate(per_leaf) if not _is_spec_leaf(s)]
+  if bad and len(per_leaf) == n:
+    path = list(leaves_by_path(jax.tree.unflatten(treedef, [0] * n)))[bad[0]]
+    raise ValueError(
+        f'{what}: the matrix_specs tree holds {per_leaf[bad[0]]!r} at '
+        f'{path!r}, not an orthax.MatrixSpec (or None).')
   per_leaf = [s for s in per_leaf if _is_spec_leaf(s)]
   if len(per_leaf) != n:
     raise ValueError(

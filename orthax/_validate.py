@@ -197,6 +197,20 @@ def float_dtype(owner: str, name: str, value: Any, *,
                     f'{_show(value)}.')
 
 
+def transformation(owner: str, name: str, value: Any, *,
+                   optional: bool = False) -> None:
+  """An optax transformation (anything with callable ``init`` and
+  ``update``): a ``TypeError`` naming the argument otherwise (a string or
+  a constructor such as ``optax.adamw`` failed later, at ``init``, with an
+  ``AttributeError``)."""
+  if optional and value is None:
+    return
+  if not (callable(getattr(value, 'init', None))
+          and callable(getattr(value, 'update', None))):
+    raise TypeError(f'{owner}: {name} must be an optax transformation '
+                    f'(e.g. optax.adamw(1e-3)), got {_show(value)}.')
+
+
 def choice(options: Any) -> Rule:
   """A rule: the value is one of ``options`` (a tuple, or a mapping's
   keys), a ``ValueError`` listing them otherwise (a list or a number too,

@@ -151,7 +151,8 @@ def recipe_rows(only=()) -> dict[str, tuple[str, dict[str, Any]]]:
   rows.update(EXTRA_ROWS)
   unknown = sorted(set(only) - set(rows))
   if unknown:
-    raise ValueError(f'no rows named {unknown}; rows: {sorted(rows)}')
+    raise ValueError(f'recipe_rows: only must name rows of the table: no '
+                     f'rows named {unknown}; rows: {sorted(rows)}')
   return {k: v for k, v in rows.items() if not only or k in only}
 
 

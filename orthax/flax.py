@@ -73,11 +73,18 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules) -> P:
   Raises:
     ValueError: a logical name has no rule (the message names it).
   """
+  return _logical_to_spec(names, rules, 'logical_to_spec')
+
+
+def _logical_to_spec(names: Sequence[str | None], rules: Rules,
+                     owner: str) -> P:
+  """:func:`logical_to_spec`, its error naming ``owner`` (the function
+  the user called)."""
   out, used = [], set()
   for n in names:
     if n is not None and n not in rules:
-      raise ValueError(f'logical axis {n!r} has no rule; rules: '
-                       f'{dict(rules)}.')
+      raise ValueError(f'{owner}: rules must map every logical axis name; '
+                       f'{n!r} has no rule (rules: {dict(rules)}).')
     axes = _axes(None if n is None else rules[n])
     if any(a in used for a in axes):  # one mesh axis shards one dim only
       axes = ()
@@ -109,8 +116,9 @@ def param_specs(logical: Any, rules: Rules) -> Any:
   Returns:
     The same tree with a ``PartitionSpec`` at every leaf.
   """
-  return jax.tree.map(lambda names: logical_to_spec(names, rules), logical,
-                      is_leaf=lambda x: isinstance(x, tuple))
+  return jax.tree.map(
+      lambda names: _logical_to_spec(names, rules, 'param_specs'), logical,
+      is_leaf=lambda x: isinstance(x, tuple))
 
 
 def _keys(path) -> tuple:
@@ -128,6 +136,12 @@ def spec_per_param(params: Any, specs: Any) -> list[P]:
     ValueError: ``specs`` is not shaped like ``params`` (naming both
       structures' difference), or an entry is neither.
   """
+  return _spec_per_param(params, specs, 'spec_per_param')
+
+
+def _spec_per_param(params: Any, specs: Any, owner: str) -> list[P]:
+  """:func:`spec_per_param`, its errors naming ``owner`` (the function
+  the user called)."""
   paths, treedef = jax.tree_util.tree_flatten_with_path(params)
   try:
     flat = treedef.flatten_up_to(specs)
@@ -140,15 +154,16 @@ def spec_per_param(params: Any, specs: Any) -> list[P]:
     names = [_tree.path_str(p) for p, _ in paths]
     missing = [name for name in names if name not in by_path]
     if missing:
-      raise ValueError(f'specs must be shaped like the parameters: none for '
-                       f'parameter {missing[0]!r} ({e})') from None
+      raise ValueError(f'{owner}: specs must be shaped like the parameters: '
+                       f'none for parameter {missing[0]!r} ({e})') from None
     flat = [by_path[name] for name in names]
   out = []
   for (path, _), spec in zip(paths, flat):
     if spec is not None and not isinstance(spec, (P, NamedSharding)):
       name = _tree.path_str(path)
-      raise ValueError(f'specs: parameter {name!r} has {spec!r}, not a '
-                       'PartitionSpec (or None: replicated).')
+      raise ValueError(f'{owner}: specs must hold a PartitionSpec (or None: '
+                       f'replicated) per parameter: parameter {name!r} has '
+                       f'{spec!r}.')
     out.append(sharding.as_spec(spec))
   return out
 
@@ -189,9 +204,16 @@ def state_specs(abstract_opt_state: Any, params: Any, specs: Any) -> Any:
     A tree of the optimizer state's structure with a ``PartitionSpec`` at
     every leaf.
   """
+  return _state_specs(abstract_opt_state, params, specs, 'state_specs')
+
+
+def _state_specs(abstract_opt_state: Any, params: Any, specs: Any,
+                 owner: str) -> Any:
+  """:func:`state_specs`, its errors naming ``owner`` (the function the
+  user called)."""
   by_path = {}
   for (path, x), spec in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                             spec_per_param(params, specs)):
+                             _spec_per_param(params, specs, owner)):
     by_path[_keys(path)] = (tuple(x.shape), spec)
   lengths = sorted({len(k) for k in by_path}, reverse=True)
 
@@ -243,5 +265,6 @@ def state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
   """
   state = jax.eval_shape(tx.init, abstract_params)
   return jax.tree.map(lambda s: NamedSharding(mesh, s),
-                      state_specs(state, abstract_params, specs),
+                      _state_specs(state, abstract_params, specs,
+                                   'state_shardings'),
                       is_leaf=_is_spec)

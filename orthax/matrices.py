@@ -27,9 +27,10 @@ import jax.numpy as jnp
 Axes = tuple[int, ...]
 
 
-def _axes(a: int | Iterable[int], what: str = 'MatrixSpec axes') -> Axes:
+def _axes(a: int | Iterable[int], what: str) -> Axes:
   """``a`` (an int or a sequence of ints, NumPy's included) as a tuple of
-  Python ints; ``TypeError`` naming ``what`` otherwise."""
+  Python ints; ``TypeError`` naming ``what`` (``'owner: argument'``)
+  otherwise."""
   items = (a,) if isinstance(a, numbers.Integral) else a
   try:
     items = tuple(items)
@@ -55,12 +56,13 @@ class MatrixSpec:
   fan_out: Axes = (-1,)
 
   def __post_init__(self):
-    object.__setattr__(self, 'fan_in', _axes(self.fan_in, 'MatrixSpec '
+    object.__setattr__(self, 'fan_in', _axes(self.fan_in, 'MatrixSpec: '
                                              'fan_in'))
-    object.__setattr__(self, 'fan_out', _axes(self.fan_out, 'MatrixSpec '
+    object.__setattr__(self, 'fan_out', _axes(self.fan_out, 'MatrixSpec: '
                                               'fan_out'))
     if not self.fan_in or not self.fan_out:
-      raise ValueError(f'MatrixSpec needs fan_in and fan_out axes: {self}.')
+      raise ValueError(f'MatrixSpec: fan_in and fan_out must each name an '
+                       f'axis, got {self}.')
 
   # Constructors for the common layouts -------------------------------------
 
@@ -81,11 +83,13 @@ class MatrixSpec:
     The two non-stack axes, in order, are fan-in and fan-out.
     """
     if ndim != 3:
-      raise ValueError(f'stacked() describes 3-D leaves, got ndim={ndim}.')
-    (layer_axis,) = _axes(layer_axis, 'stacked(): layer_axis')
+      raise ValueError(f'MatrixSpec.stacked: ndim must be 3 (it describes '
+                       f'3-D leaves), got ndim={ndim}.')
+    (layer_axis,) = _axes(layer_axis, 'MatrixSpec.stacked: layer_axis')
     if not -ndim <= layer_axis < ndim:
-      raise ValueError(f'stacked(): layer_axis {layer_axis} is not an axis '
-                       f'of a {ndim}-D leaf (-{ndim} to {ndim - 1}).')
+      raise ValueError(f'MatrixSpec.stacked: layer_axis {layer_axis} is not '
+                       f'an axis of a {ndim}-D leaf (-{ndim} to '
+                       f'{ndim - 1}).')
     la = layer_axis % ndim
     rest = [a for a in range(ndim) if a != la]
     return cls((rest[0],), (rest[1],))
@@ -100,7 +104,8 @@ class MatrixSpec:
             fan_out: int | Sequence[int]) -> 'MatrixSpec':
     """Per-head matrices, e.g. ``(d, H, k)`` → ``heads(0, 2)``: one d×k
     matrix per head, the head axis being a batch axis."""
-    return cls(_axes(fan_in), _axes(fan_out))
+    return cls(_axes(fan_in, 'MatrixSpec.heads: fan_in'),
+               _axes(fan_out, 'MatrixSpec.heads: fan_out'))
 
   # Geometry -----------------------------------------------------------------
 

@@ -324,7 +324,7 @@ def test_hyperparameters_are_checked(kw, match):
 
 
 def test_bad_modes_are_rejected():
-  with pytest.raises(ValueError, match='scale mode'):
+  with pytest.raises(ValueError, match='^fismo: scale must be one of'):
     orthax.fismo(scale='rows')
   with pytest.raises(ValueError, match='method'):
     orthax.fismo(ns_method='svd')

@@ -74,7 +74,7 @@ def test_bad_spec_names_problem():
   # NumPy ints are ints; anything else names the argument.
   assert MatrixSpec(np.int64(0), [np.int32(1)]) == MatrixSpec((0,), (1,))
   for bad in ('0', 1.0, [0, 'x'], None, True):
-    with pytest.raises(TypeError, match='MatrixSpec fan_in must be an int'):
+    with pytest.raises(TypeError, match='^MatrixSpec: fan_in must be an int'):
       MatrixSpec(bad, 1)
 
 
@@ -251,6 +251,12 @@ def test_weight_decay_masks_may_be_prefixes_as_in_optax():
                      'be a tree of booleans shaped like the parameters'):
     tx = orthax.decoupled_weight_decay(0.5, mask={'b': True, 'x': True})
     tx.update(zeros, tx.init(params), params)
+  # A string counted as True: refused, naming the leaf.
+  for bad in ('no', {'b': False, 'w': 'no', 'mlp': True}):
+    tx = orthax.decoupled_weight_decay(0.5, mask=bad)
+    with pytest.raises(ValueError, match=r"^decoupled_weight_decay: mask "
+                       r"must hold booleans, got 'no' at '(b|w)'"):
+      tx.update(zeros, tx.init(params), params)
 
 
 def test_weight_decay_rate_scale_per_matrix():
@@ -355,3 +361,17 @@ def test_a_spec_tree_with_a_stray_key_is_refused_naming_it():
   g3 = dict(g, mlpp=jnp.ones((16, 4)))
   u, _ = masked.update(g3, masked.init(g3))
   assert float(u['attn'][0, 0]) == 2.0 and float(u['mlpp'][0, 0]) == 1.0
+
+
+def test_a_spec_tree_holding_a_non_spec_names_its_path():
+  """A string (or a subtree) where a spec belongs said only "the
+  matrix_specs tree has 1 leaves but the updates have 2"."""
+  g = {'a': {'kernel': jnp.ones((4, 8))}, 'b': {'kernel': jnp.ones((8, 4))}}
+  for bad, shown in (('bogus', "'bogus'"), ({'x': orthax.MatrixSpec()},
+                                             r"\{'x': MatrixSpec")):
+    tx = orthax.scale_by_shape('keller', matrix_specs={
+        'a': {'kernel': bad}, 'b': {'kernel': orthax.MatrixSpec()}})
+    with pytest.raises(ValueError, match=r'^scale_by_shape: the matrix_specs '
+                       rf"tree holds {shown}.* at 'a/kernel', not an "
+                       r'orthax.MatrixSpec'):
+      tx.update(g, tx.init(g))

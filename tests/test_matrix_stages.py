@@ -94,7 +94,7 @@ def test_then_rejects_non_stages_and_duplicate_names():
     orthax.orthogonalize(then=[orthax.scale_by_shape()])
   with pytest.raises(ValueError, match="two stages named 'scale_by_shape'"):
     orthax.orthogonalize(then=[MS.ScaleByShape(), MS.ScaleByShape('none')])
-  with pytest.raises(ValueError, match='scale mode'):
+  with pytest.raises(ValueError, match='^scale_by_shape: mode must be one of'):
     MS.ScaleByShape('kellr')
   with pytest.raises(ValueError, match='axis'):
     MS.NeuronNormalize(axis='rows')
@@ -233,7 +233,8 @@ def test_scale_to_spectral_norm_is_scale_free_and_keeps_zeros():
 
 
 def test_scale_to_spectral_norm_rejects_bad_input():
-  with pytest.raises(ValueError, match='scale mode'):
+  with pytest.raises(ValueError,
+                     match='^scale_to_spectral_norm: mode must be one of'):
     MS.ScaleToSpectralNorm('kellr')
   with pytest.raises(ValueError, match='iters'):
     MS.ScaleToSpectralNorm(iters=0)

@@ -204,7 +204,7 @@ def test_bad_arguments():
     polar.newton_schulz(x, 'nope')
   with pytest.raises(ValueError, match=r'shape \(3,\) or \(k, 3\)'):
     polar.newton_schulz(x, coeffs=[[1.0, 2.0]])
-  with pytest.raises(ValueError, match='steps >= 1'):
+  with pytest.raises(ValueError, match='^newton_schulz: steps must be >= 1'):
     polar.newton_schulz(x, steps=0)
   with pytest.raises(ValueError, match='normalizer'):
     polar.newton_schulz(x, normalizer='spectral2')
@@ -260,7 +260,8 @@ def test_bad_arguments_are_named_errors():
     polar.newton_schulz(jnp.ones((4, 6), jnp.int32))
   with pytest.raises(ValueError, match='c must be > 0'):
     polar.soft_clip_matrix(x, 0.0)
-  with pytest.raises(ValueError, match=r'orthogonalize: coeffs: .*\(1, 2\)'):
+  with pytest.raises(ValueError,
+                     match=r'^orthogonalize: coeffs must .*\(1, 2\)'):
     orthax.orthogonalize(coeffs=[[1.0, 2.0]])
   # bfloat16 goes through LAPACK in float32 and comes back in bfloat16.
   u = polar.polar_svd(x.astype(jnp.bfloat16))

@@ -151,6 +151,11 @@ def test_disabled_check_lets_nan_through():
   u, s = tx.update({'k': jnp.full((4, 8), jnp.nan)}, tx.init(params), params)
   assert np.all(np.isnan(np.asarray(u['k'])))  # documented: NaN propagates
   assert orthax.nonfinite_status(s) is None
+  assert orthax.skip_cause(s) is None
+  # Asked to raise on a state with nothing to read: not a silent pass.
+  with pytest.raises(ValueError, match=r'^raise_if_nonfinite: opt_state '
+                     r'holds no finite-check guard'):
+    orthax.raise_if_nonfinite(s, step=1)
 
 
 def test_docstring_example_runs():

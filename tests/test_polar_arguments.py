@@ -29,7 +29,8 @@ def test_normalizer_overrides_are_checked(fn, kwargs, match):
 @pytest.mark.parametrize('x,kwargs,error,match', [
     # An IndexError, numpy's "not inexact" naming no argument, and a
     # ZeroDivisionError later (gram_flops).
-    (jnp.ones(4), {}, ValueError, r'expects \[..., m, n\]'),
+    (jnp.ones(4), {}, ValueError,
+     r'^orthogonalize_stack: x must have shape \[..., m, n\]'),
     (jnp.ones((2, 3), jnp.int32), {}, TypeError, 'x must be a floating'),
     (jnp.ones((2, 3)), dict(dtype=jnp.int32), TypeError,
      'dtype must be a floating'),

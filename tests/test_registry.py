@@ -214,7 +214,7 @@ def test_bad_reference_names_recipe_value_and_modes(name):
   with pytest.raises(ValueError) as err:
     orthax.recipe(name, reference='nosuch')
   msg = str(err.value)
-  assert msg.startswith(f'{name} reference must be one of'), msg
+  assert msg.startswith(f'{name}: reference must be one of'), msg
   assert "'nosuch'" in msg
   for ref in REFERENCES[name]:
     assert repr(ref) in msg
@@ -226,9 +226,11 @@ def test_unknown_recipe():
   for fn in (orthax.recipe, orthax.recipe_factory, orthax.recipe_references,
              orthax.recipes.recipe_entry,
              orthax.recipes.default_learning_rates):
-    with pytest.raises(ValueError, match=r"Unknown recipe 'nosuch'.*muon"):
+    with pytest.raises(ValueError, match=fr"^{fn.__name__}: name must be a "
+                       r"registered recipe.*muon.*got 'nosuch'"):
       fn('nosuch')
-  with pytest.raises(ValueError, match="Unknown recipe 'nosuch'"):
+  with pytest.raises(ValueError, match="^resolve_reference: name must be a "
+                     "registered recipe.*got 'nosuch'"):
     registry.resolve_reference('nosuch', 'repo')
 
 
@@ -279,7 +281,7 @@ def test_new_recipe_builds_and_resolves_aliases(toy):
   for k in a[0]:
     np.testing.assert_array_equal(a[0][k], b[0][k])
   assert set(flat(params)) == set(a[0])
-  with pytest.raises(ValueError, match=f"{toy} reference .*'plain'"):
+  with pytest.raises(ValueError, match=f"^{toy}: reference .*'plain'"):
     orthax.recipe(toy, reference='fancy')
 
 

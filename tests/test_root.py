@@ -158,7 +158,7 @@ def test_orthogonalize_before_equals_the_clip_chained_before():
     orthax.matrix_stages.NeuronNormalize(),   # keeps a state
     'clip'])
 def test_orthogonalize_before_refuses_what_cannot_run_there(stage):
-  with pytest.raises(ValueError, match='before='):
+  with pytest.raises(ValueError, match='^orthogonalize: before '):
     orthax.orthogonalize(before=[stage])
 
 

@@ -223,7 +223,8 @@ def test_unknown_preset_fails_at_construction():
     orthax.orthogonalize('jordan2')
   with pytest.raises(ValueError, match='Unknown Newton–Schulz preset'):
     orthax.muon(0.1, preset='polarexpress')
-  with pytest.raises(ValueError, match='Unknown recipe'):
+  with pytest.raises(ValueError, match='^recipe: name must be a registered '
+                     'recipe'):
     orthax.recipe('adamuon')
 
 
@@ -254,12 +255,12 @@ def test_rule_and_router_arguments_are_checked_when_built():
   assert Rule('w', 'matrix', ndims=3).ndims == (3,)
   assert Rule('w', 'matrix', ndims=[np.int64(2), 3]).ndims == (2, 3)
   for bad in ('3', 2.0, [2, None]):
-    with pytest.raises(TypeError, match="Rule 'w': ndims must be"):
+    with pytest.raises(TypeError, match="^Rule: ndims must be .*'w'"):
       Rule('w', 'matrix', ndims=bad)
-  with pytest.raises(TypeError, match="Rule 'w': spec must be an "
-                     'orthax.MatrixSpec'):
+  with pytest.raises(TypeError, match='^Rule: spec must be an '
+                     "orthax.MatrixSpec.*'w'"):
     Rule('w', 'matrix', spec=(0, 1))
-  with pytest.raises(ValueError, match="a spec is for label 'matrix'"):
+  with pytest.raises(ValueError, match="^Rule: spec is for label 'matrix'"):
     Rule('w', 'adam', spec=MatrixSpec())
   with pytest.raises(TypeError, match='Router: rules must be a sequence of '
                      'orthax.Rule'):
@@ -298,3 +299,30 @@ def test_spectra_honours_a_labels_callable_router():
   with pytest.raises(ValueError, match="^spectra: the router labels 'v' "
                      "'matrx'; the labels are"):
     step(lambda p: dict(label, v='matrx'))
+
+
+@pytest.mark.parametrize('recipe', ['muon', 'namo', 'lanton', 'dct_adamw'])
+def test_a_labels_callable_is_checked_naming_the_recipe_leaf_and_label(
+    recipe):
+  """A ``params -> labels`` router with an unknown label, or not shaped
+  like the parameters, met optax's "Some parameters have no corresponding
+  transformation" or a bare pytree structure error. A label for a whole
+  subtree works, as in optax.partition."""
+  params = {'blk': {'kernel': jnp.ones((8, 16)), 'bias': jnp.ones(16)}}
+  make = getattr(orthax, recipe)
+  bad = [(lambda p: jax.tree.map(lambda _: 'adamw', p),
+          rf"^{recipe}: router labelled leaf 'blk/bias' as 'adamw'; the "
+          r"labels are \('matrix', 'adam', 'frozen'"),
+         (lambda p: None, rf'^{recipe}: router returned labels not shaped '
+          r'like the parameters')]
+  for router, message in bad:
+    tx = make(0.01, router=router)
+    with pytest.raises(ValueError, match=message):
+      tx.init(params)
+  updates = []
+  for router in (lambda p: {'blk': 'adam'},
+                 lambda p: jax.tree.map(lambda _: 'adam', p)):
+    tx = make(0.01, router=router)
+    updates.append(tx.update(params, tx.init(params), params)[0])
+  for a, b in zip(jax.tree.leaves(updates[0]), jax.tree.leaves(updates[1])):
+    np.testing.assert_array_equal(a, b)

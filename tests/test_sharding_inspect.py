@@ -149,7 +149,7 @@ def test_plan_of_config_errors():
   params = _plan_params()
   with pytest.raises(ValueError, match="no 'name'"):
     optim.plan({'learning_rate': 0.02}, params, PLAN_DIST)
-  with pytest.raises(ValueError, match='Unknown recipe'):
+  with pytest.raises(ValueError, match='name must be a registered recipe'):
     optim.plan({'name': 'nope', 'learning_rate': 0.02}, params, PLAN_DIST)
   for name in ('auon', 'adamw'):
     with pytest.raises(sharding.NotDistributedError,

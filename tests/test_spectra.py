@@ -308,3 +308,72 @@ def test_bad_inputs_name_the_leaf():
       orthax.spectral_clip(1.0, **kw)
   with pytest.raises(ValueError, match='reference'):
     orthax.spectra(reference='torch')
+
+
+def test_a_threshold_decayed_to_zero_steps_by_weight_decay_alone():
+  """``final_scale=0`` (the default) decays ``c_t`` to 0 at the end of the
+  run, as the 780M runs do with ``clip_decay='sqrt'``. ``H_c`` divided by
+  ``c``: from that step on the update was NaN, and SPECTRA's finite check
+  skipped every later step, so training froze. ``H_c → 0`` as ``c → 0``:
+  the clipped direction is zero and weight decay alone moves the weights."""
+  w = {'blk': {'kernel': jax.random.normal(jax.random.key(0), (8, 16))},
+       'bias': jnp.ones((16,))}
+  clip = orthax.spectral_clip(decay='linear', total_steps=4,
+                              decay_fraction=0.5, apply_to='all')
+  for update in (jax.jit(clip.update), clip.update):  # traced c_t, and not
+    state = clip.init(w)
+    norms = []
+    for _ in range(6):
+      u, state = update(w, state, w)
+      norms.append([float(jnp.linalg.norm(x)) for x in jax.tree.leaves(u)])
+    assert np.all(np.isfinite(norms))
+    assert all(n > 0 for n in norms[1]) and norms[4] == norms[5] == [0, 0]
+  lr, wd = 0.01, 0.1
+  tx = orthax.spectra(lr, weight_decay=wd, clip_decay='sqrt', total_steps=4)
+  state = tx.init(w)
+  for _ in range(6):
+    u, state = jax.jit(tx.update)(w, state, w)
+    assert orthax.skip_cause(state) is None
+  np.testing.assert_allclose(u['blk']['kernel'], -lr * wd * w['blk']['kernel'],
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize('call, message', [
+    (lambda: orthax.spectral_clip(decay='cosine'),
+     r"^spectral_clip: total_steps must be > 0 with decay='cosine'"),
+    (lambda: orthax.spectra(clip_decay='sqrt'),
+     r"^spectra: total_steps must be > 0 with clip_decay='sqrt'"),
+    (lambda: orthax.transforms.spectral_preclip(decay='linear'),
+     r'^spectral_preclip: total_steps must be > 0'),
+    (lambda: orthax.spectral_clip(final_scale=0.5),
+     r"^spectral_clip: final_scale sets the threshold's decay, which "
+     r"decay='constant'"),
+    (lambda: orthax.spectra(total_steps=1000),
+     r'^spectra: total_steps sets the threshold'),
+    (lambda: orthax.spectra(clip_decay_fraction=0.3),
+     r'^spectra: clip_decay_fraction sets the threshold'),
+    (lambda: clip_threshold(-1.0, jnp.int32(0)),
+     r'^clip_threshold: c must be > 0'),
+    (lambda: clip_threshold(1.0, jnp.int32(0), decay='cosine'),
+     r'^clip_threshold: total_steps must be > 0'),
+    (lambda: orthax.spectra(apply_to='vectors'),
+     r'^spectra: apply_to must be one of'),
+    (lambda: orthax.spectral_clip(step_rule='fast'),
+     r'^spectral_clip: step_rule must be one of'),
+    (lambda: S.soft_clip_svd(jnp.ones((3, 3)), -1.0),
+     r'^soft_clip_svd: c must be > 0'),
+    (lambda: S.soft_clip_vector(jnp.ones(3), 0.0),
+     r'^soft_clip_vector: c must be > 0'),
+])
+def test_threshold_settings_no_run_can_mean_are_refused(call, message):
+  """A decay over ``total_steps=0`` started at step 1 and went straight to
+  ``c·final_scale``; a decay's settings beside ``decay='constant'`` changed
+  nothing; a negative ``c`` for the helpers squared away its sign."""
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+def test_spectra_base_must_be_a_transformation():
+  with pytest.raises(TypeError, match=r'^spectra: base must be an optax '
+                     r'transformation'):
+    orthax.spectra(base=optax.adamw)

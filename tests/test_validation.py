@@ -95,6 +95,8 @@ TRANSFORMS = {
         momentum=_mom(), orthogonalize=T.orthogonalize(), learning_rate=0.1)),
     'layerwise_noise_adapt': (T.layerwise_noise_adapt, lambda: dict(
         momentum=_mom(), direction=T.orthogonalize(), learning_rate=0.1)),
+    'skip_if_nonfinite': (T.skip_if_nonfinite, lambda: dict(
+        inner=T.momentum())),
 }
 
 _NUMERIC = re.compile(r'\b(int|float|Array|ScalarOrSchedule)\b')
@@ -280,13 +282,14 @@ def test_accumulator_dtypes_must_be_float_dtypes(owner, fn, required, arg):
 def test_router_must_be_a_router_or_a_callable(name):
   """A string was a one-label prefix tree for eleven recipes and a
   'str is not callable' for LANTON and DCT-AdamW."""
-  with pytest.raises(ValueError, match="router must be an orthax.Router or a "
-                     r"params -> labels callable .*got 'adam'"):
+  with pytest.raises(ValueError, match=f"^{name}: router must be an "
+                     r"orthax.Router or a params -> labels callable .*got "
+                     "'adam'"):
     orthax.recipe(name, router='adam')
 
 
 def test_rule_pattern_must_be_a_regex():
-  with pytest.raises(ValueError, match=r"Rule pattern '\(' is not a regular "
+  with pytest.raises(ValueError, match=r"^Rule: pattern '\(' is not a regular "
                      'expression: missing \\)'):
     orthax.Rule('(', 'adam')
 

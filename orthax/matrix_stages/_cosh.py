@@ -7,6 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from orthax import _validate
 from orthax.matrix_stages._base import MatrixStage
 from orthax.matrix_stages._base import stage
 from orthax.matrix_stages._base import static
@@ -36,9 +37,8 @@ class CoshNormalize(MatrixStage):
   eps: Any = 1e-8
 
   def __post_init__(self):
-    if self.brake_input not in BRAKE_INPUTS:
-      raise ValueError(f'brake_input must be one of {BRAKE_INPUTS}, got '
-                       f'{self.brake_input!r}.')
+    _validate.choice(BRAKE_INPUTS)(self.name, 'brake_input',
+                                   self.brake_input)
 
   def apply(self, o, state, blocks):
     g = o.astype(wide(o.dtype))

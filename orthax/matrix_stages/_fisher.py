@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from orthax import _validate
 from orthax.matrix_stages._base import MatrixStage
 from orthax.matrix_stages._base import StageShapes
 from orthax.matrix_stages._base import stage
@@ -145,9 +146,10 @@ class FismoStep(MatrixStage):
   scale_invariant: bool = static(default=False)
 
   def __post_init__(self):
-    check_scale_mode(self.scale)
-    _dispatch.choose_method(1, 1, 1, 'float32', self.ns_method)
-    _presets.get_preset(self.preset)  # fail early on unknown names
+    check_scale_mode(self.scale, f'{self.name}: scale')
+    _validate.choice(_dispatch.METHODS)(self.name, 'ns_method',
+                                        self.ns_method)
+    _presets.check_preset(self.name, 'preset', self.preset)
 
   def _square_names(self) -> dict[str, str]:
     """The square state entries, each with its side (``'out'``/``'in'``)."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from orthax import _validate
 from orthax.matrix_stages._base import MatrixStage
 from orthax.matrix_stages._base import StageShapes
 from orthax.matrix_stages._base import stage
@@ -48,12 +49,9 @@ class NeuronNormalize(MatrixStage):
   restore_norm: bool = static(default=True)
 
   def __post_init__(self):
-    if self.axis not in NEURON_AXES:
-      raise ValueError(f'neuron_normalize axis must be one of {NEURON_AXES}, '
-                       f'got {self.axis!r}.')
-    if self.eps_placement not in EPS_PLACEMENTS:
-      raise ValueError(f'neuron_normalize eps_placement must be one of '
-                       f'{EPS_PLACEMENTS}, got {self.eps_placement!r}.')
+    _validate.choice(NEURON_AXES)(self.name, 'axis', self.axis)
+    _validate.choice(EPS_PLACEMENTS)(self.name, 'eps_placement',
+                                     self.eps_placement)
 
   def shapes(self, fan_in, fan_out):
     keep = neuron_axis(fan_in, fan_out, self.axis)

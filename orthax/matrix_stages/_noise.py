@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from orthax import _validate
 from orthax.matrix_stages._base import Norm
 from orthax.matrix_stages._base import ScalingStage
 from orthax.matrix_stages._base import StageShapes
@@ -68,10 +69,8 @@ class NoiseAdaptStep(ScalingStage):
   shape: str = static(default='moonlight')
 
   def __post_init__(self):
-    if self.mode not in NOISE_MODES:
-      raise ValueError(f'noise_adapt mode must be one of {NOISE_MODES}, got '
-                       f'{self.mode!r}.')
-    check_scale_mode(self.shape)
+    _validate.choice(NOISE_MODES)(self.name, 'mode', self.mode)
+    check_scale_mode(self.shape, f'{self.name}: shape')
 
   @property
   def _keep_fan_in(self) -> bool:

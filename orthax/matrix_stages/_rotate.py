@@ -18,6 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from orthax import _validate
 from orthax.matrix_stages._base import MatrixStage
 from orthax.matrix_stages._base import StageShapes
 from orthax.matrix_stages._base import stage
@@ -47,12 +48,13 @@ _CQR3_ENTRY_FLOPS, _SHIFTED_ENTRY_FLOPS = 109, 45
 _RANK_CUT_FLOPS = 6
 
 
-def rotated_side(fan_in: int, fan_out: int, rotate: str) -> str:
+def rotated_side(fan_in: int, fan_out: int, rotate: str, *,
+                 owner: str = 'rotated_side') -> str:
   """``'fan_in'`` or ``'fan_out'``: the side ``rotate`` picks for one
-  matrix (``'smaller'``: the smaller side, fan-out on a tie)."""
-  if rotate not in ROTATE_SIDES:
-    raise ValueError(f'rotate must be one of {ROTATE_SIDES}, got '
-                     f'{rotate!r}.')
+  matrix (``'smaller'``: the smaller side, fan-out on a tie); ``owner``
+  names the function the user called in the error for another
+  ``rotate``."""
+  _validate.choice(ROTATE_SIDES)(owner, 'rotate', rotate)
   if rotate == 'smaller':
     return 'fan_in' if fan_in < fan_out else 'fan_out'
   return rotate
@@ -78,7 +80,8 @@ def base_map(x: jax.Array, base: str, iters: int = 5,
   if base == 'row_norm':
     return x * (math.sqrt(t) / _norm(x, -1, eps))
   if base != 'sinkhorn':
-    raise ValueError(f'base must be one of {BASES}, got {base!r}.')
+    raise ValueError(f'base_map: base must be one of {BASES}, got '
+                     f'{base!r}.')
   for _ in range(iters):
     x = x * (math.sqrt(t) / _norm(x, -1, eps))
     x = x * (math.sqrt(s) / _norm(x, -2, eps))
@@ -101,7 +104,8 @@ def aro_flops(fan_in: int, fan_out: int, rotate: str = 'smaller',
   is the kind :func:`~orthax.matrix_stages.resolve_qr` picks for JAX's
   default backend."""
   qr = resolve_qr(qr)
-  s, t = ((fan_out, fan_in) if rotated_side(fan_in, fan_out, rotate)
+  s, t = ((fan_out, fan_in) if rotated_side(fan_in, fan_out, rotate,
+                                            owner='aro_flops')
           == 'fan_out' else (fan_in, fan_out))
   base_flops = (2 * _MAP_FLOPS[base] + (2 * _RANK_CUT_FLOPS if stable else 0)
                 ) * s * t
@@ -184,9 +188,7 @@ class AroRotate(MatrixStage):
     for what, value, ok in (('base', self.base, BASES),
                             ('qr', self.qr, QR_KINDS),
                             ('rotate', self.rotate, ROTATE_SIDES)):
-      if value not in ok:
-        raise ValueError(f'AroRotate {what} must be one of {ok}, got '
-                         f'{value!r}.')
+      _validate.choice(ok)(self.name, what, value)
 
   def side(self, fan_in: int, fan_out: int) -> str:
     return rotated_side(fan_in, fan_out, self.rotate)
@@ -270,7 +272,8 @@ def _row_norms(x: jax.Array) -> jax.Array:
 def aro_state_bytes(fan_in: int, fan_out: int, rotate: str = 'smaller',
                     itemsize: int = 4) -> int:
   """Bytes of one matrix's rotation ``R``."""
-  s = fan_out if rotated_side(fan_in, fan_out, rotate) == 'fan_out' else fan_in
+  side = rotated_side(fan_in, fan_out, rotate, owner='aro_state_bytes')
+  s = fan_out if side == 'fan_out' else fan_in
   return s * s * itemsize
 
 

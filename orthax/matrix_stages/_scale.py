@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from orthax import _validate
 from orthax.matrix_stages._base import MatrixStage
 from orthax.matrix_stages._base import stage
 from orthax.matrix_stages._base import static
@@ -17,9 +18,11 @@ from orthax.matrix_stages._base import wide
 SCALE_MODES = ('keller', 'moonlight', 'spectral', 'inverse_side', 'none')
 
 
-def check_scale_mode(mode: str, where: str = 'scale mode') -> None:
+def check_scale_mode(mode: str, where: str = 'check_scale_mode: mode'
+                     ) -> None:
   """Raises ``ValueError`` unless ``mode`` is one of :data:`SCALE_MODES`;
-  ``where`` names the argument (e.g. ``'scale_by_dct_adam: scale'``)."""
+  ``where`` names the owner and the argument (e.g.
+  ``'scale_by_dct_adam: scale'``)."""
   if mode not in SCALE_MODES:
     raise ValueError(f'{where} must be one of {SCALE_MODES}, got '
                      f'{mode!r}.')
@@ -44,7 +47,15 @@ def shape_factor(fan_in: int, fan_out: int, mode: str,
                  rms: float = 0.2, min_side: int = 1) -> float:
   """The shape scale of one ``fan_in × fan_out`` matrix (see
   :func:`orthax.scale_by_shape`; ``min_side``: ``'inverse_side'`` divides
-  by ``max(min(fan_in, fan_out), min_side)``)."""
+  by ``max(min(fan_in, fan_out), min_side)``). An empty matrix (a side of
+  0) has nothing to scale: 1."""
+  if min(fan_in, fan_out) < 0:
+    raise ValueError(f'shape_factor: fan_in and fan_out must be >= 0, got '
+                     f'{fan_in} and {fan_out}.')
+  _validate.nonnegative('shape_factor', 'rms', rms)
+  if min(fan_in, fan_out) == 0:
+    check_scale_mode(mode, 'shape_factor: mode')
+    return 1.0
   if mode == 'keller':
     return math.sqrt(max(1.0, fan_out / fan_in))
   if mode == 'moonlight':
@@ -53,7 +64,7 @@ def shape_factor(fan_in: int, fan_out: int, mode: str,
     return math.sqrt(fan_out / fan_in)
   if mode == 'inverse_side':
     return 1.0 / max(min(fan_in, fan_out), min_side)
-  check_scale_mode(mode)
+  check_scale_mode(mode, 'shape_factor: mode')
   return 1.0  # 'none'
 
 
@@ -67,8 +78,8 @@ class ScaleByShape(MatrixStage):
   min_side: int = static(default=1)
 
   def __post_init__(self):
-    check_scale_mode(self.mode)
-    check_min_side(self.min_side, 'ScaleByShape: min_side')
+    check_scale_mode(self.mode, f'{self.name}: mode')
+    check_min_side(self.min_side, f'{self.name}: min_side')
 
   def apply(self, o, state, blocks):
     if self.mode == 'none':
@@ -124,9 +135,10 @@ class ScaleToSpectralNorm(MatrixStage):
   whole_matrices = True  # a power iteration on the whole matrix
 
   def __post_init__(self):
-    check_scale_mode(self.mode)
+    check_scale_mode(self.mode, f'{self.name}: mode')
     if int(self.iters) < 1:
-      raise ValueError(f'iters must be at least 1, got {self.iters!r}.')
+      raise ValueError(f'{self.name}: iters must be at least 1, got '
+                       f'{self.iters!r}.')
 
   def flops(self, fan_in, fan_out):
     # Two matrix-vector products per iteration; about 12 element-wise

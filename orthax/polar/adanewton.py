@@ -74,6 +74,8 @@ def gaussian_sample_singular_values(m: int, n: int, count: int = 4,
                                     seed: int = 0) -> np.ndarray:
   """Singular values of ``count`` Frobenius-normalized ``m×n`` standard
   Gaussian matrices, concatenated (the Gaussian part of ROOT's sample)."""
+  for name, value in (('m', m), ('n', n), ('count', count)):
+    _validate.count('gaussian_sample_singular_values', name, value)
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(count):

@@ -94,13 +94,16 @@ def _sym(a: jax.Array) -> jax.Array:
   return 0.5 * (a + jnp.matrix_transpose(a))
 
 
-def _check_restart(restart_every) -> int | None:
+def check_restart(restart_every, owner: str) -> int | None:
+  """``restart_every`` as an int, ``None`` for never; ``ValueError`` naming
+  ``owner`` (the function the user called) unless it is ``None`` or an int
+  ``>= 0``."""
   if restart_every is None or restart_every == 0:
     return None
   if (not isinstance(restart_every, (int, np.integer))
       or isinstance(restart_every, bool) or restart_every < 0):
-    raise ValueError('restart_every must be None or a non-negative Python '
-                     f'int, got {restart_every!r}.')
+    raise ValueError(f'{owner}: restart_every must be None or a '
+                     f'non-negative Python int, got {restart_every!r}.')
   return int(restart_every)
 
 
@@ -140,7 +143,7 @@ def gram_products(steps: int,
   """How many Gram matrices ``XXᵀ`` :func:`gram_newton_schulz` forms: one
   per block of ``restart_every`` steps (one per step for the plain
   iteration, which is ``restart_every=1``)."""
-  return _num_blocks(steps, _check_restart(restart_every))
+  return _num_blocks(steps, check_restart(restart_every, 'gram_products'))
 
 
 def gram_flops(m: int, n: int, steps: int,
@@ -155,6 +158,7 @@ def gram_flops(m: int, n: int, steps: int,
   (``8m³``). Same conventions (and ``col_shards``) as
   :func:`standard_flops`.
   """
+  check_restart(restart_every, 'gram_flops')
   m, n = min(m, n), max(m, n) // col_shards
   blocks = gram_products(steps, restart_every)
   return (blocks * (4 * m * m * n + 2 * m ** 3)
@@ -170,6 +174,7 @@ def prefer_gram(m: int, n: int, steps: int,
   or more steps this is exactly ``max(m, n) > 1.5·min(m, n)``; with
   ``restart_every=1`` the counts are equal and it is ``False``.
   """
+  check_restart(restart_every, 'prefer_gram')
   return gram_flops(m, n, steps, restart_every) < standard_flops(m, n, steps)
 
 
@@ -216,11 +221,24 @@ def gram_newton_schulz(
   Returns:
     An array like ``x``. A zero matrix maps to zeros.
   """
-  _validate.flag('gram_newton_schulz', 'symmetrize', symmetrize)
-  restart_every = _check_restart(restart_every)
+  return iterate(x, preset, steps=steps, coeffs=coeffs,
+                 normalizer=normalizer, norm_scale=norm_scale, eps=eps,
+                 dtype=dtype, restart_every=restart_every,
+                 symmetrize=symmetrize, col_reduce=col_reduce,
+                 who='gram_newton_schulz')
+
+
+def iterate(x, preset, *, who: str, steps=None, coeffs=None,
+            normalizer=None, norm_scale=None, eps=None, dtype=None,
+            restart_every: int | None = DEFAULT_RESTART_EVERY,
+            symmetrize: bool = True, col_reduce: Any = None) -> jax.Array:
+  """:func:`gram_newton_schulz`, its errors naming ``who`` (the function
+  the user called)."""
+  _validate.flag(who, 'symmetrize', symmetrize)
+  restart_every = check_restart(restart_every, who)
   st = prepare(x, preset, steps=steps, coeffs=coeffs, normalizer=normalizer,
-               norm_scale=norm_scale, eps=eps, dtype=dtype,
-               who='gram_newton_schulz', col_reduce=col_reduce)
+               norm_scale=norm_scale, eps=eps, dtype=dtype, who=who,
+               col_reduce=col_reduce)
   x, rows, last = st.x, st.rows, st.last
   dt, acc = x.dtype, rows.dtype
   sym = _sym if symmetrize else (lambda a: a)

@@ -58,19 +58,27 @@ def _reduced(a: jax.Array, col_reduce: ColReduce) -> jax.Array:
   return a if col_reduce is None else col_reduce(a)
 
 
-def coefficient_table(coeffs: Any) -> np.ndarray:
+def coefficient_table(coeffs: Any, *,
+                      owner: str = 'coefficient_table') -> np.ndarray:
   """``coeffs`` (one ``(a, b, c)`` row or ``k`` of them) as a float64
   ``(k, 3)`` table; ``ValueError`` for any other shape or a non-finite
-  entry."""
-  table = np.asarray(coeffs, dtype=np.float64)
+  entry (naming ``owner``, the function the user called)."""
+  try:
+    table = np.asarray(coeffs, dtype=np.float64)
+  except (TypeError, ValueError) as e:
+    if type(e) not in (TypeError, ValueError):  # e.g. jax's, for a tracer
+      raise
+    # numpy's, naming no argument: said again naming them, as its type.
+    raise type(e)(f'{owner}: coeffs must be a table of numbers '
+                  f'({e}).') from None
   if table.ndim == 1:
     table = table[None]
   if table.ndim != 2 or table.shape[-1] != 3 or table.shape[0] < 1:
     raise ValueError(
-        'Newton–Schulz coefficients must have shape (3,) or (k, 3) with '
-        f'k >= 1, got shape {table.shape}.')
+        f'{owner}: coeffs must have shape (3,) or (k, 3) with k >= 1, got '
+        f'shape {table.shape}.')
   if not np.all(np.isfinite(table)):
-    raise ValueError(f'Newton–Schulz coefficients must be finite: {table}.')
+    raise ValueError(f'{owner}: coeffs must be finite, got {table}.')
   return table
 
 
@@ -166,12 +174,12 @@ def prepare(x, preset, *, steps, coeffs, normalizer, norm_scale, eps, dtype,
             who, col_reduce: ColReduce = None) -> Prepared:
   """Resolves a preset and its overrides, orients ``x`` wide and normalizes
   it (shared by :func:`newton_schulz` and the Gram variant)."""
+  _presets.check_preset(who, 'preset', preset)
   p = _presets.get_preset(preset)
-  table = coefficient_table(p.coeffs if coeffs is None else coeffs)
+  table = coefficient_table(p.coeffs if coeffs is None else coeffs,
+                            owner=who)
   normalizer = p.normalizer if normalizer is None else normalizer
-  if normalizer not in NORMALIZERS:
-    raise ValueError(f'Unknown normalizer {normalizer!r}; expected one of '
-                     f'{NORMALIZERS}.')
+  _validate.choice(NORMALIZERS)(who, 'normalizer', normalizer)
   norm_scale = p.norm_scale if norm_scale is None else norm_scale
   eps = p.eps if eps is None else eps
   # A negative norm_scale flipped the result's sign, 0 or NaN made it NaN.
@@ -183,11 +191,12 @@ def prepare(x, preset, *, steps, coeffs, normalizer, norm_scale, eps, dtype,
     # outside jit).
     arr = None if isinstance(steps, (bool, np.bool_)) else np.asarray(steps)
     if arr is None or arr.ndim or not np.issubdtype(arr.dtype, np.integer):
-      raise TypeError(f'Newton–Schulz steps must be an int, got {steps!r}.')
+      raise TypeError(f'{who}: steps must be an int, got {steps!r}.')
     if int(arr) < 1:
-      raise ValueError(f'Newton–Schulz needs steps >= 1, got {int(arr)}.')
+      raise ValueError(f'{who}: steps must be >= 1, got {int(arr)}.')
   if x.ndim < 2:
-    raise ValueError(f'{who} expects [..., m, n], got shape {x.shape}.')
+    raise ValueError(f'{who}: x must have shape [..., m, n], got shape '
+                     f'{x.shape}.')
 
   out_dtype = x.dtype
   if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
@@ -274,8 +283,18 @@ def newton_schulz(
   Returns:
     An array like ``x``. A zero matrix maps to zeros.
   """
+  return iterate(x, preset, steps=steps, coeffs=coeffs,
+                 normalizer=normalizer, norm_scale=norm_scale, eps=eps,
+                 dtype=dtype, col_reduce=col_reduce, who='newton_schulz')
+
+
+def iterate(x, preset, *, who: str, steps=None, coeffs=None,
+            normalizer=None, norm_scale=None, eps=None, dtype=None,
+            col_reduce: ColReduce = None) -> jax.Array:
+  """:func:`newton_schulz`, its errors naming ``who`` (the function the
+  user called)."""
   st = prepare(x, preset, steps=steps, coeffs=coeffs, normalizer=normalizer,
-               norm_scale=norm_scale, eps=eps, dtype=dtype, who='newton_schulz',
+               norm_scale=norm_scale, eps=eps, dtype=dtype, who=who,
                col_reduce=col_reduce)
   x = st.x
   if st.gram is not None:  # AOL / Schatten-4: the first step reuses the Gram
@@ -298,6 +317,9 @@ def polar_svd(x: jax.Array, rtol: float | None = None) -> jax.Array:
   partial isometry on its range (zeros for a zero matrix). For tests and small
   matrices; cost is O(mn·min(m, n)) with a large constant.
   """
+  if x.ndim < 2:
+    raise ValueError(f'polar_svd: x must have shape [..., m, n], got shape '
+                     f'{x.shape}.')
   out_dtype = x.dtype
   # LAPACK has no half-precision SVD: bfloat16 and float16 in float32.
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))

@@ -144,6 +144,7 @@ def get_preset(name: str | Preset) -> Preset:
         f'{", ".join(preset_names())}.') from None
 
 
-_validate.register(('preset', 'ns_preset', 'noise_ns_preset'),
-                   _validate.parsed(get_preset, 'a preset name or an '
-                                    'orthax.polar.Preset'))
+# The rule of a preset argument: ``check_preset(owner, name, value)``.
+check_preset = _validate.parsed(get_preset, 'a preset name or an '
+                                'orthax.polar.Preset')
+_validate.register(('preset', 'ns_preset', 'noise_ns_preset'), check_preset)

@@ -178,9 +178,11 @@ def optimal_quintic(lower: float, upper: float) -> tuple[Row, float]:
   """
   lower, upper = float(lower), float(upper)
   if not (math.isfinite(lower) and math.isfinite(upper)):
-    raise ValueError(f'interval must be finite, got [{lower}, {upper}]')
+    raise ValueError(f'optimal_quintic: lower and upper must be finite, got '
+                     f'[{lower}, {upper}]')
   if not (0.0 < lower <= upper):
-    raise ValueError(f'need 0 < lower <= upper, got [{lower}, {upper}]')
+    raise ValueError(f'optimal_quintic: lower and upper must satisfy '
+                     f'0 < lower <= upper, got [{lower}, {upper}]')
 
   if lower / upper >= _LIMIT_RATIO:
     return _limit_quintic(lower, upper)
@@ -272,27 +274,30 @@ def polar_express_coefficients(
   Raises:
     ValueError: on invalid arguments.
   """
+  who = 'polar_express_coefficients'
   for name in ('last_row_safety', 'exact_last_row'):
-    _validate.flag('polar_express_coefficients', name, locals()[name])
+    _validate.flag(who, name, locals()[name])
   if isinstance(steps, bool):
-    raise ValueError(f'steps must be an integer, got {steps!r}')
+    raise ValueError(f'{who}: steps must be an integer, got {steps!r}')
   try:
     steps = operator.index(steps)
   except TypeError:
-    raise ValueError(f'steps must be an integer, got {steps!r}') from None
+    raise ValueError(f'{who}: steps must be an integer, got {steps!r}'
+                     ) from None
   if steps < 1:
-    raise ValueError(f'steps must be >= 1, got {steps!r}')
+    raise ValueError(f'{who}: steps must be >= 1, got {steps!r}')
   lower, cushion = float(lower), float(cushion)
   safety, post_safety = float(safety), float(post_safety)
   if not 0.0 < lower < 1.0:
-    raise ValueError(f'lower must lie in (0, 1), got {lower!r}')
+    raise ValueError(f'{who}: lower must lie in (0, 1), got {lower!r}')
   if not 0.0 <= cushion < 1.0:
-    raise ValueError(f'cushion must lie in [0, 1), got {cushion!r}')
+    raise ValueError(f'{who}: cushion must lie in [0, 1), got {cushion!r}')
   if not (math.isfinite(safety) and safety >= 0.0):
-    raise ValueError(f'safety must be finite and >= 0, got {safety!r}')
+    raise ValueError(f'{who}: safety must be finite and >= 0, got '
+                     f'{safety!r}')
   if not (math.isfinite(post_safety) and post_safety >= 0.0):
-    raise ValueError(
-        f'post_safety must be finite and >= 0, got {post_safety!r}')
+    raise ValueError(f'{who}: post_safety must be finite and >= 0, got '
+                     f'{post_safety!r}')
 
   ell, u = lower, 1.0
   rows: list[Row] = []
@@ -335,7 +340,6 @@ def table(name: str) -> Coeffs:
   try:
     params = TABLE_PARAMS[name]
   except (KeyError, TypeError):
-    raise ValueError(
-        f'unknown table {name!r}; expected one of {sorted(TABLE_PARAMS)}'
-    ) from None
+    raise ValueError(f'table: name must be one of {sorted(TABLE_PARAMS)}, '
+                     f'got {name!r}') from None
   return polar_express_coefficients(**params)

@@ -95,6 +95,16 @@ def lambda_max_bound(s: jax.Array, shared: bool = False) -> jax.Array:
   return lam[..., None, None]
 
 
+def _check_threshold(owner: str, c: Any) -> None:
+  """A threshold given as a number must be ``> 0``. A ``jax.Array`` is a
+  schedule's value (:func:`orthax.transforms.clip_threshold`, traced or
+  not): one that reached 0 gives zeros, the limit of ``H_c`` as
+  ``c → 0``."""
+  if not isinstance(c, jax.Array) and not np.all(np.asarray(c) > 0):
+    raise ValueError(f'{owner}: c must be > 0, got {c!r} (H_c divides by '
+                     'c).')
+
+
 def soft_clip_matrix(
     x: jax.Array,
     c: float | jax.Array,
@@ -109,7 +119,9 @@ def soft_clip_matrix(
 
   Args:
     x: ``[..., m, n]``; leading axes are a batch.
-    c: threshold ``c > 0`` (number or traced scalar).
+    c: threshold ``c > 0`` (a number, or a scalar ``jax.Array``, traced or
+      not; an array ``c ≤ 0``, a threshold decayed to ``final_scale = 0``,
+      gives zeros, the limit of ``H_c`` as ``c → 0``).
     steps: coupled Newton–Schulz steps (may be traced). 12 with
       ``'scaled'`` meets 1e-6 relative accuracy for ``σ_max/c ≤ 1e3``; the
       reference runs 10 ``'plain'`` steps, accurate only for moderate
@@ -132,14 +144,12 @@ def soft_clip_matrix(
   """
   _validate.flag('soft_clip_matrix', 'shared_bound', shared_bound)
   if step_rule not in STEP_RULES:
-    raise ValueError(f'step_rule must be one of {STEP_RULES}, got '
-                     f'{step_rule!r}.')
+    raise ValueError(f'soft_clip_matrix: step_rule must be one of '
+                     f'{STEP_RULES}, got {step_rule!r}.')
   if x.ndim < 2:
-    raise ValueError(f'soft_clip_matrix expects [..., m, n], got shape '
+    raise ValueError(f'soft_clip_matrix: x must be [..., m, n], got shape '
                      f'{x.shape}.')
-  if not isinstance(c, jax.core.Tracer) and not np.all(np.asarray(c) > 0):
-    raise ValueError(f'soft_clip_matrix: c must be > 0, got {c!r} (H_c '
-                     'divides by c).')
+  _check_threshold('soft_clip_matrix', c)
   # steps=0 or a NaN tol returned the input scaled, steps=2.5 a coarser
   # result, an integer x zeros (the result cast back to int): all silently.
   _validate.count('soft_clip_matrix', 'steps', steps)
@@ -156,7 +166,10 @@ def soft_clip_matrix(
   if tall:
     x = jnp.matrix_transpose(x)
   m = x.shape[-2]
-  c2 = jnp.square(jnp.asarray(c, acc))
+  # A traced threshold may reach 0 (a decay to final_scale = 0): H_c → 0
+  # as c → 0, so that step is zeros (computed at c = 1, then replaced).
+  live = jnp.asarray(c, acc) > 0
+  c2 = jnp.where(live, jnp.square(jnp.asarray(c, acc)), 1)
   s = x @ jnp.matrix_transpose(x)
   alpha = 1 + lambda_max_bound(s, shared_bound) / c2
   eye = jnp.eye(m, dtype=acc)
@@ -175,7 +188,7 @@ def soft_clip_matrix(
   if tol is None:
     tol = 16 * float(jnp.finfo(acc).eps)
   z = _coupled_steps(y, z, ell, steps, step_rule, tol)
-  h = (z * jax.lax.rsqrt(alpha)) @ x
+  h = jnp.where(live, (z * jax.lax.rsqrt(alpha)) @ x, 0)
   return (jnp.matrix_transpose(h) if tall else h).astype(out_dtype)
 
 
@@ -227,11 +240,17 @@ def _coupled_steps(y: jax.Array, z: jax.Array, ell: jax.Array,
 def soft_clip_svd(x: jax.Array, c: float) -> jax.Array:
   """``H_c`` from a thin SVD (tests and small matrices; bfloat16 and
   float16 computed in float32, which LAPACK needs)."""
+  _check_threshold('soft_clip_svd', c)
+  if x.ndim < 2:
+    raise ValueError(f'soft_clip_svd: x must be [..., m, n], got shape '
+                     f'{x.shape}.')
   out_dtype = x.dtype
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   u, s, vt = lapack.per_matrix(
       lambda m: jnp.linalg.svd(m, full_matrices=False), x)
-  s = s / jnp.sqrt(1 + jnp.square(s / c))
+  c = jnp.asarray(c, s.dtype)
+  s = jnp.where(c > 0, s / jnp.sqrt(1 + jnp.square(s / jnp.where(c > 0, c, 1))),
+                0)
   return ((u * s[..., None, :]) @ vt).astype(out_dtype)
 
 
@@ -245,8 +264,12 @@ def soft_clip_vector(g: jax.Array, c: float | jax.Array) -> jax.Array:
   over the whole array. **Discontinuous at** ``‖g‖ = c`` (it jumps from
   ``c`` to ``c/√2``) — a quirk of the reference kept for parity.
   """
+  _check_threshold('soft_clip_vector', c)
   acc = jnp.promote_types(g.dtype, jnp.float32)
   norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(acc))))
   c = jnp.asarray(c, acc)
-  factor = jnp.where(norm <= c, 1.0, jax.lax.rsqrt(1 + jnp.square(norm / c)))
+  safe_c = jnp.where(c > 0, c, 1)
+  factor = jnp.where(norm <= c, 1.0,
+                     jax.lax.rsqrt(1 + jnp.square(norm / safe_c)))
+  factor = jnp.where(c > 0, factor, 0)  # a threshold decayed to 0
   return (g.astype(acc) * factor).astype(g.dtype)

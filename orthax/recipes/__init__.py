@@ -1,7 +1,7 @@
 """Named recipes and their registry (one module per recipe family)."""
 
 from orthax.recipes._common import assemble_with_adamw
-from orthax.recipes._common import route
+from orthax.recipes._route import route
 from orthax.recipes._common import step_stages
 from orthax.recipes._common import assemble
 from orthax.recipes._common import ADAMW_RATE_PER_MATRIX_RATE

@@ -12,7 +12,7 @@ chain and its AdamW hyperparameters; :func:`route` and
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,37 +22,14 @@ from orthax import _tree
 from orthax import _validate
 from orthax import routing
 from orthax.recipes import registry
+from orthax.recipes._route import CheckedLabels
+from orthax.recipes._route import RouterLike
+from orthax.recipes._route import check_router  # pylint: disable=unused-import
+from orthax.recipes._route import matrix_specs  # pylint: disable=unused-import
+from orthax.recipes._route import ndim2_labels  # pylint: disable=unused-import
+from orthax.recipes._route import route  # pylint: disable=unused-import
 from orthax import transforms as T
 from orthax.transforms import precision
-
-RouterLike = routing.Router | Callable[[Any], Any]
-
-
-def ndim2_labels(params):
-  """optax.contrib.muon's rule: 2-D leaves are matrices, the rest Adam."""
-  return jax.tree.map(lambda x: 'matrix' if x.ndim == 2 else 'adam', params)
-
-
-def matrix_specs(router: RouterLike) -> Any:
-  """The matrix views of ``router``: ``router.specs`` for a
-  :class:`orthax.Router`, ``None`` (the default views) for a labels
-  callable."""
-  return router.specs if isinstance(router, routing.Router) else None
-
-
-def route(router: RouterLike | None,
-          default: RouterLike | None = None) -> tuple[RouterLike, Any]:
-  """``(router, matrix_specs)``: ``router``, or ``default`` when it is
-  ``None`` (itself defaulting to ``orthax.Router()``), and its matrix views
-  (:func:`matrix_specs`)."""
-  if router is None:
-    router = routing.Router() if default is None else default
-  if not isinstance(router, routing.Router) and not callable(router):
-    raise ValueError(
-        'router must be an orthax.Router or a params -> labels callable '
-        f'(e.g. lambda params: jax.tree.map(lambda _: "adam", params)), got '
-        f'{router!r}.')
-  return router, matrix_specs(router)
 
 
 def mode_settings(defaults: dict[str, Any], **given: Any) -> tuple[Any, ...]:
@@ -286,11 +263,12 @@ def assemble(
   gradient's shapes are checked against the parameters' first
   (:func:`with_shape_check`), then its finiteness (``check_finite``)."""
   _validate.flag('assemble', 'check_finite', check_finite)
+  transforms = {'matrix': matrix_chain, 'adam': adam,
+                'frozen': optax.set_to_zero(), **(branches or {})}
+  if isinstance(router, CheckedLabels):
+    router = dataclasses.replace(router, branches=tuple(transforms))
   labels = router.labels if isinstance(router, routing.Router) else router
-  tx = optax.partition(
-      {'matrix': matrix_chain, 'adam': adam, 'frozen': optax.set_to_zero(),
-       **(branches or {})},
-      labels)
+  tx = optax.partition(transforms, labels)
   return with_trainable_check(
       with_shape_check(with_check_finite(tx, check_finite)), router)
 
@@ -378,6 +356,9 @@ def assemble_with_adamw(
                                        recipe=recipe, reference=reference)
   adam = T.adamw(adam_lr, **adam_kwargs)
   branches = {k: precision.in_float32(v) for k, v in (branches or {}).items()}
+  if (recipe is not None and isinstance(router, CheckedLabels)
+      and router.owner == 'recipe'):  # route() was not told the name
+    router = dataclasses.replace(router, owner=recipe)
   tx = assemble(precision.in_float32(matrix_chain), adam, router,
                 check_finite, branches)
   return with_routing(tx, router, {

@@ -14,6 +14,7 @@ from orthax import transforms as T
 from orthax.recipes import _common
 from orthax.recipes import registry
 from orthax.recipes import signum_group
+from orthax.transforms.lanton import OPTIONS as LANTON_OPTIONS
 
 _NORMUON_REPO = dict(nesterov=True, preset='jordan', beta2=0.95,
                      axis='fan_out', eps_placement='add', restore_norm=True,
@@ -140,7 +141,7 @@ def normuon(
   _validate.arguments('normuon', normuon, locals())
   reference, lr = registry.resolve_mode('normuon', reference, learning_rate)
   d = _NORMUON_REFERENCES[reference]
-  router, specs = _common.route(router)
+  router, specs = _common.route(router, owner='normuon')
   weight_decay, beta2, preset = _common.mode_settings(
       d, weight_decay=weight_decay, beta2=beta2, preset=preset)
   # The neuron statistics, the Frobenius restore and the scale run on each
@@ -308,7 +309,7 @@ def lanton(
   :func:`orthax.transforms.layerwise_noise_adapt` for what is
   reconstructed).
   """
-  _validate.arguments('lanton', lanton, locals())
+  _validate.arguments('lanton', lanton, locals(), **LANTON_OPTIONS)
   reference, learning_rate = registry.resolve_mode('lanton', reference,
                                                    learning_rate)
   signum_pattern, nesterov, noise_power, weight_decay, scale = (
@@ -316,10 +317,9 @@ def lanton(
           _LANTON_REFERENCES[reference], signum_pattern=signum_pattern,
           nesterov=nesterov, noise_power=noise_power,
           weight_decay=weight_decay, scale=scale))
-  MS.check_scale_mode(scale, 'lanton: scale')
   signum_group.check_settings(reference, signum_pattern,
                               signum_learning_rate, signum_beta)
-  router, specs = _common.route(router)
+  router, specs = _common.route(router, owner='lanton')
   direction = T.named_chain(('orthogonalize', T.orthogonalize(
       preset, steps=ns_steps, ns_dtype=ns_dtype, method=ns_method,
       matrix_specs=specs, distributed=distributed,

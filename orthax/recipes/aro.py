@@ -9,7 +9,6 @@ import optax
 from orthax import _validate
 from orthax import routing
 from orthax import transforms as T
-from orthax.matrix_stages import _rotate
 from orthax.recipes import _common
 from orthax.recipes import registry
 from orthax.transforms import aro as aro_lib
@@ -23,13 +22,6 @@ _ARO_REFERENCES = {
                  weight_decay=0.01, adam_weight_decay=_common.SHARED_DECAY,
                  nesterov=False),
 }
-
-
-def _check_choices(**choices):
-  for name, (value, allowed) in choices.items():
-    if value not in allowed:
-      raise ValueError(f'aro: {name} must be one of {allowed}, got '
-                       f'{value!r}.')
 
 
 @registry.register(
@@ -181,17 +173,14 @@ def aro(
   References: Gong, Zazo, Luo, Wang, Hensman, Ma, *ARO: Adaptively Rotated
   Optimization*, arXiv 2602.09006; microsoft/dion ``dev/aro``.
   """
-  _validate.arguments('aro', aro, locals())
+  _validate.arguments('aro', aro, locals(), **aro_lib.OPTIONS)
   reference, learning_rate = registry.resolve_mode('aro', reference,
                                                    learning_rate)
   d = _ARO_REFERENCES[reference]
   rotate, scale, qr, weight_decay, nesterov = _common.mode_settings(
       d, rotate=rotate, scale=scale, qr=qr, weight_decay=weight_decay,
       nesterov=nesterov)
-  _check_choices(base=(base, _rotate.BASES), qr=(qr, _rotate.QR_KINDS),
-                 rotate=(rotate, _rotate.ROTATE_SIDES),
-                 scale=(scale, aro_lib.SCALES))
-  router, specs = _common.route(router)
+  router, specs = _common.route(router, owner='aro')
   matrix = T.named_chain(
       ('momentum', T.momentum(beta, form='ema', nesterov=nesterov,
                               accumulator_dtype=mu_dtype)),

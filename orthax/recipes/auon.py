@@ -59,7 +59,7 @@ def _auon(hybrid, learning_rate, reference, beta, gamma, ns_steps, ns_dtype,
   reference, learning_rate = registry.resolve_mode(name, reference,
                                                    learning_rate)
   d = (_HYBRID_REFERENCES if hybrid else _AUON_REFERENCES)[reference]
-  router, specs = _common.route(router)
+  router, specs = _common.route(router, owner=name)
   gamma, weight_decay, ns_steps = _common.mode_settings(
       d, gamma=gamma, weight_decay=weight_decay, ns_steps=ns_steps)
   stages = [('momentum', T.momentum(beta, form='ema', nesterov=True,

@@ -54,6 +54,8 @@ def limit_matrix_size(router: _common.RouterLike, max_shape: int
       out.append(lab)
     return treedef.unflatten(out)
 
+  if isinstance(router, _common.CheckedLabels):  # (assemble adds branches)
+    return _common.CheckedLabels(router.owner, labels)
   return labels
 
 
@@ -159,7 +161,11 @@ def dct_adamw(
       ``optax.inject_hyperparams`` pass ``rank``, ``update_every``,
       ``ell_norm`` and ``max_shape`` in ``static_args`` (they fix shapes).
     update_every: ``g``, steps between re-selections (default 1).
-    b1, b2, eps: Adam's β₁, β₂ and ε (torch placement).
+    b1, b2, eps: Adam's β₁, β₂ and ε (torch placement). A column new to
+      the selection starts at zero moments under the global bias
+      correction, whose growth with ``t`` at β₂ = 0.999 lasts ~3000 steps;
+      for long runs or a constant rate ``b2=0.99, adam_b2=0.999`` trains
+      better (docs/training.md; at 200 steps 0.999 does).
     ell_norm: ``p`` of the column score (default 1).
     max_shape: matrices with a side ``≥`` this go to AdamW (default 32000).
     min_side: ``s_0`` above (default ``None``: 128; ``1``: ``c = 1/s`` on
@@ -213,7 +219,7 @@ def dct_adamw(
                      f'{scale!r}.')
   if learning_rate is None:
     learning_rate = DEFAULT_LEARNING_RATES[scale]
-  router, specs = _common.route(router)
+  router, specs = _common.route(router, owner='dct_adamw')
   matrix = named_chain(
       ('dct_adam', dct_adam.scale_by_dct_adam(
           rank, update_every=update_every, b1=b1, b2=b2, eps=eps,

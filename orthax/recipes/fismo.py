@@ -179,7 +179,7 @@ def fismo(
   if learning_rate is None:
     learning_rate = registry.recipe_entry('fismo').learning_rate
   fisher.check_precondition_every('fismo', precondition_every)
-  router, specs = _common.route(router)
+  router, specs = _common.route(router, owner='fismo')
   matrix = named_chain(
       ('fismo', fisher.scale_by_fismo(
           beta, gamma, damping, eig_floor=eig_floor, nesterov=nesterov,

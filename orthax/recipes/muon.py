@@ -169,7 +169,8 @@ def muon(
   github.com/KellerJordan/Muon; Liu et al., *Muon is Scalable for LLM
   Training*, arXiv 2502.16982.
   """
-  _validate.arguments('muon', muon, locals())
+  _validate.arguments('muon', muon, locals(),
+                      scale=_validate.choice(MS.SCALE_MODES))
   reference, learning_rate = registry.resolve_mode('muon', reference,
                                                    learning_rate)
   d = _MUON_REFERENCES[reference]
@@ -178,7 +179,8 @@ def muon(
                             weight_decay=weight_decay, adam_b2=adam_b2,
                             adam_eps=adam_eps))
   router, specs = _common.route(
-      router, _common.ndim2_labels if reference == 'optax' else None)
+      router, _common.ndim2_labels if reference == 'optax' else None,
+      owner='muon')
   if ns_method is None:
     ns_method = 'standard' if reference == 'optax' else 'auto'
   if ns_eps is None and reference == 'optax':

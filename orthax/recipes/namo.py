@@ -8,6 +8,7 @@ from typing import Any, Callable
 import optax
 
 from orthax import _validate
+from orthax import matrix_stages as MS
 from orthax import routing
 from orthax import transforms as T
 from orthax.recipes import _common
@@ -44,7 +45,7 @@ def _namo(name, mode, learning_rate, reference, beta, mu2, eps, weight_decay,
       d, shape=shape, scale_coeff=scale_coeff, weight_decay=weight_decay)
   adam_weight_decay = _common.adam_weight_decay(adam_weight_decay, d,
                                                 weight_decay)
-  router, specs = _common.route(router)
+  router, specs = _common.route(router, owner=name)
   matrix = T.named_chain(('noise_adapt', T.noise_adapt(
       T.momentum(beta, form='ema', nesterov=nesterov,
                  accumulator_dtype=mu_dtype),
@@ -144,7 +145,8 @@ def namo(
     distributed: Any = None,
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
-  _validate.arguments('namo', namo, locals())
+  _validate.arguments('namo', namo, locals(),
+                      shape=_validate.choice(MS.SCALE_MODES))
   return _namo('namo', 'scalar', learning_rate, reference, beta, mu2, eps,
                weight_decay, scale_coeff, 0.0, nesterov, preset, ns_steps,
                ns_dtype, ns_method, mu_dtype, adam_learning_rate, adam_b1,
@@ -189,7 +191,8 @@ def namo_d(
     distributed: Any = None,
     check_finite: bool = True,
 ) -> optax.GradientTransformation:
-  _validate.arguments('namo_d', namo_d, locals())
+  _validate.arguments('namo_d', namo_d, locals(),
+                      shape=_validate.choice(MS.SCALE_MODES))
   return _namo('namo_d', 'diagonal', learning_rate, reference, beta, mu2, eps,
                weight_decay, scale_coeff, clamp_c, nesterov, preset, ns_steps,
                ns_dtype, ns_method, mu_dtype, adam_learning_rate, adam_b1,

@@ -82,14 +82,16 @@ class RecipeEntry:
     stray = sorted(set(self.mode_rates) - set(self.references))
     if stray or LIBRARY_MODE in self.mode_rates:
       raise ValueError(
-          f'recipe {self.name!r}: mode_rates {stray or [LIBRARY_MODE]} must '
-          f'name its reference modes {self.references}, not the library '
-          f'mode {LIBRARY_MODE!r} (that one runs at learning_rate).')
+          f'register: mode_rates {stray or [LIBRARY_MODE]} of recipe '
+          f'{self.name!r} must name its reference modes {self.references}, '
+          f'not the library mode {LIBRARY_MODE!r} (that one runs at '
+          'learning_rate).')
     for alias, canonical in self.aliases.items():
       if canonical not in self.references or alias in self.references:
         raise ValueError(
-            f'recipe {self.name!r}: alias {alias!r} -> {canonical!r} must '
-            f'name one of the modes {self.references} and not be one.')
+            f'register: aliases of recipe {self.name!r} must each name one '
+            f'of the modes {self.references} and not be one: alias '
+            f'{alias!r} -> {canonical!r}.')
 
   @property
   def adam_rate_ratio(self) -> float | None:
@@ -134,7 +136,7 @@ class RecipeEntry:
         return self.aliases[reference]
     aliases = ''.join(f', {a!r} for {c!r}' for a, c in self.aliases.items())
     note = f' (aliases: {aliases[2:]})' if aliases else ''
-    raise ValueError(f'{self.name} reference must be one of '
+    raise ValueError(f'{self.name}: reference must be one of '
                      f'{self.references}{note}, got {reference!r}.')
 
 
@@ -213,7 +215,7 @@ def _resolve_annotations(fn: Factory) -> None:
 
 def unregister(name: str) -> RecipeEntry:
   """Removes recipe ``name`` from the registry and returns its entry."""
-  entry = recipe_entry(name)
+  entry = recipe_entry(name, owner='unregister')
   del _REGISTRY[name]
   return entry
 
@@ -223,24 +225,26 @@ def recipe_names() -> tuple[str, ...]:
   return tuple(sorted(_REGISTRY))
 
 
-def recipe_entry(name: str) -> RecipeEntry:
-  """The :class:`RecipeEntry` registered as ``name``."""
+def recipe_entry(name: str, *, owner: str = 'recipe_entry') -> RecipeEntry:
+  """The :class:`RecipeEntry` registered as ``name``; for another name a
+  ``ValueError`` naming ``owner`` (the function the user called) and the
+  registered recipes."""
   if name not in _REGISTRY:
-    raise ValueError(f'Unknown recipe {name!r}; known recipes: '
-                     f'{", ".join(recipe_names())}.')
+    raise ValueError(f'{owner}: name must be a registered recipe, one of '
+                     f'{", ".join(recipe_names())}; got {name!r}.')
   return _REGISTRY[name]
 
 
 def recipe_factory(name: str) -> Factory:
   """The factory registered as ``name`` (e.g. to wrap it in
   ``optax.inject_hyperparams``)."""
-  return recipe_entry(name).factory
+  return recipe_entry(name, owner='recipe_factory').factory
 
 
 def recipe_references(name: str) -> tuple[str, ...]:
   """The canonical ``reference=`` modes recipe ``name`` accepts (may be
   empty; aliases are in :func:`recipe_entry`)."""
-  return recipe_entry(name).references
+  return recipe_entry(name, owner='recipe_references').references
 
 
 def resolve_reference(name: str, reference: str) -> str:
@@ -249,13 +253,14 @@ def resolve_reference(name: str, reference: str) -> str:
   Raises:
     ValueError: naming the recipe, ``reference`` and the accepted modes.
   """
-  return recipe_entry(name).resolve_reference(reference)
+  return recipe_entry(name, owner='resolve_reference').resolve_reference(
+      reference)
 
 
 def default_learning_rates(name: str) -> tuple[float | None, float | None]:
   """``(learning_rate, adam_learning_rate)``: recipe ``name``'s default
   peak learning rates in the trainer (see :class:`RecipeEntry`)."""
-  entry = recipe_entry(name)
+  entry = recipe_entry(name, owner='default_learning_rates')
   return entry.learning_rate, entry.adam_learning_rate
 
 
@@ -269,7 +274,7 @@ def resolve_mode(name: str, reference: str,
   Raises:
     ValueError: naming the recipe, ``reference`` and the accepted modes.
   """
-  entry = recipe_entry(name)
+  entry = recipe_entry(name, owner='resolve_mode')
   mode = entry.resolve_reference(reference)
   if learning_rate is None:
     learning_rate = entry.mode_learning_rate(mode)
@@ -278,4 +283,4 @@ def resolve_mode(name: str, reference: str,
 
 def recipe(name: str, **kwargs) -> optax.GradientTransformation:
   """Builds the recipe ``name`` with keyword arguments ``kwargs``."""
-  return recipe_factory(name)(**kwargs)
+  return recipe_entry(name, owner='recipe').factory(**kwargs)

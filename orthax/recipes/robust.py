@@ -19,6 +19,8 @@ from orthax import transforms as T
 from orthax.matrices import MatrixSpec
 from orthax.polar import spectral as _spectral
 from orthax.transforms import precision
+from orthax.transforms.clip_schedule import check_decay
+from orthax.transforms.spectral_clip import check_apply_to
 from orthax.recipes import _common
 from orthax.recipes import registry
 
@@ -151,6 +153,10 @@ def spectra(
   Clipping*, arXiv 2603.14315 (ICML 2026); github.com/mlolab/llm-spectral-clipping.
   """
   _validate.arguments('spectra', spectra, locals())
+  check_decay('spectra', clip_decay, clip_decay_fraction, clip_final_scale,
+              total_steps, prefix='clip_')
+  check_apply_to('spectra', apply_to)
+  _validate.transformation('spectra', 'base', base, optional=True)
   reference, learning_rate = registry.resolve_mode('spectra', reference,
                                                    learning_rate)
   d = _SPECTRA_REFERENCES[reference]
@@ -158,7 +164,7 @@ def spectra(
       d, c=c, nesterov=nesterov, ns_steps=ns_steps, step_rule=step_rule,
       shared_bound=shared_bound)
   router, specs = _common.route(
-      router, routing.Router(extra_rules=SPECTRA_RULES))
+      router, routing.Router(extra_rules=SPECTRA_RULES), owner='spectra')
   if not isinstance(router, routing.Router):
     specs = _clipped_by_label(router)
   if base is None:
@@ -294,7 +300,7 @@ def root(
   weight_decay, scale = _common.mode_settings(d, weight_decay=weight_decay,
                                               scale=scale)
   MS.check_scale_mode(scale, 'root: scale')
-  router, specs = _common.route(router)
+  router, specs = _common.route(router, owner='root')
   matrix = T.named_chain(
       ('momentum', T.momentum(beta, form='sum', nesterov=nesterov,
                               accumulator_dtype=mu_dtype)),

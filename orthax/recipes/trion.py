@@ -153,7 +153,7 @@ def trion(
   if scaling not in MS.TRION_SCALINGS:
     raise ValueError(f'trion: scaling must be one of '
                      f'{tuple(MS.TRION_SCALINGS)}, got {scaling!r}.')
-  router, specs = _common.route(router)
+  router, specs = _common.route(router, owner='trion')
   matrix = named_chain(
       ('trion', trion_lib.scale_by_trion(
           rank, beta=beta, scaling=scaling, ns_dtype=ns_dtype,

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
+from orthax import _validate
 from orthax import matrix_stages as _stages
 from orthax.polar import dispatch as _dispatch
 from orthax.polar import gram as _gram
@@ -23,6 +24,13 @@ def wire_dtype(comm_dtype, dtype):
   return c if c.itemsize <= dtype.itemsize else dtype
 
 
+def check_method(method: str, restart_every: Any, owner: str) -> None:
+  """``ValueError`` naming ``owner`` (the function the user called) for a
+  Newton–Schulz ``method`` or ``restart_every`` it cannot take."""
+  _validate.choice(_dispatch.METHODS)(owner, 'method', method)
+  _gram.check_restart(restart_every, owner)
+
+
 def default_matrix_flops(steps: int = 5, method: str = 'standard',
                          restart_every: int | None = 2,
                          ns_dtype: Any = None, normalizer: str = 'frobenius'
@@ -32,6 +40,8 @@ def default_matrix_flops(steps: int = 5, method: str = 'standard',
   its matrix products and, with the Frobenius ``normalizer``, its
   element-wise work (the iteration's own element-wise work, and the other
   normalizers', are not counted)."""
+
+  check_method(method, restart_every, 'default_matrix_flops')
 
   def flops(m, n, dtype):
     dt = dtype if ns_dtype is None else ns_dtype

@@ -9,11 +9,14 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from orthax import _validate
+
 STRATEGIES = ('auto', 'local', 'a2a', 'replicated', 'gram')
 
 
 def check_comm_dtype(name: str, value: Any) -> None:
-  """``ValueError`` naming ``name`` unless ``value`` is ``None`` or a
+  """``ValueError`` naming ``name`` (``'owner: argument'``, or a config
+  key) unless ``value`` is ``None`` or a
   wire dtype the all-to-all can carry: ``bfloat16`` or ``float32`` (or
   wider). An integer type sent zeros; ``float16`` sent Inf for a matrix
   past 6.5e4, the float8 types far sooner (the matrices travel before
@@ -38,7 +41,7 @@ def check_comm_dtype(name: str, value: Any) -> None:
 def _check_overrides(overrides: Any) -> tuple[tuple[str, str], ...]:
   """``overrides`` as ``((pattern, strategy), ...)``: a dict or pairs of a
   regular expression (a string or a compiled pattern) and a strategy; a
-  ``ValueError`` naming ``Distributed.overrides`` otherwise (a compiled
+  ``ValueError`` naming ``Distributed`` and ``overrides`` otherwise (a compiled
   pattern was kept as its repr and never matched; a flat pair failed to
   unpack)."""
   pairs = overrides.items() if isinstance(overrides, dict) else overrides
@@ -46,32 +49,34 @@ def _check_overrides(overrides: Any) -> tuple[tuple[str, str], ...]:
   for entry in pairs:
     if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
       raise ValueError(
-          'Distributed.overrides must be a dict or pairs (regex, strategy), '
+          'Distributed: overrides must be a dict or pairs (regex, strategy), '
           f'e.g. [("mlp", "local")], got the entry {entry!r}.')
     pattern, strategy = entry
     if isinstance(pattern, re.Pattern):
       if pattern.flags & ~re.UNICODE:  # they would be dropped silently
         raise ValueError(
-            f'Distributed.overrides: {pattern!r} has flags; write them in '
-            "the pattern instead (e.g. '(?i)mlp').")
+            f'Distributed: overrides pattern {pattern!r} has flags; write '
+            "them in the pattern instead (e.g. '(?i)mlp').")
       pattern = pattern.pattern
     if not isinstance(pattern, str):
-      raise ValueError(f'Distributed.overrides: a pattern must be a regular '
-                       f'expression, got {pattern!r}.')
+      raise ValueError(f'Distributed: overrides patterns must be regular '
+                       f'expressions, got {pattern!r}.')
     try:
       re.compile(pattern)
     except re.error as e:
-      raise ValueError(f'Distributed.overrides: {pattern!r} is not a regular '
-                       f'expression ({e}).') from None
+      raise ValueError(f'Distributed: overrides pattern {pattern!r} is not '
+                       f'a regular expression ({e}).') from None
     out.append((pattern, _check_strategy(
-        strategy, f'Distributed.overrides[{pattern!r}]')))
+        strategy, 'overrides', f' (the strategy of {pattern!r})')))
   return tuple(out)
 
 
-def _check_strategy(s: str, where: str) -> str:
+def _check_strategy(s: str, name: str, note: str = '') -> str:
+  """``s``; a ``ValueError`` naming ``Distributed``, the argument ``name``
+  (and ``note``) unless it is one of :data:`STRATEGIES`."""
   if s not in STRATEGIES:
-    raise ValueError(f'{where}: strategy must be one of {STRATEGIES}, got '
-                     f'{s!r}.')
+    raise ValueError(f'Distributed: {name} must be one of {STRATEGIES}, got '
+                     f'{s!r}{note}.')
   return s
 
 
@@ -129,8 +134,13 @@ class Distributed:
   max_local_matrix_bytes: int | None = 2 ** 31
 
   def __post_init__(self):
-    check_comm_dtype('Distributed.comm_dtype', self.comm_dtype)
-    _check_strategy(self.strategy, 'Distributed')
+    if not hasattr(self.mesh, 'axis_names'):
+      raise TypeError('Distributed: mesh must be a jax.sharding.Mesh (the '
+                      f'one the parameters live on), got {self.mesh!r}.')
+    _validate.count('Distributed', 'max_local_matrix_bytes',
+                    self.max_local_matrix_bytes, optional=True)
+    check_comm_dtype('Distributed: comm_dtype', self.comm_dtype)
+    _check_strategy(self.strategy, 'strategy')
     object.__setattr__(self, 'overrides', _check_overrides(self.overrides))
 
   def strategy_for(self, path: str) -> str:

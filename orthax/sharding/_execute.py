@@ -68,7 +68,7 @@ from orthax.sharding._plan import GroupPlan
 from orthax.sharding._plan import LeafInfo
 from orthax.sharding._plan import Plan
 from orthax.sharding._plan import plan_orthogonalize
-from orthax.sharding._plan import spec_entries
+from orthax.sharding._specs import spec_entries
 from orthax.sharding._specs import array_spec
 from orthax.sharding._specs import as_spec
 from orthax.sharding._specs import check_meshes

@@ -150,10 +150,10 @@ def plan(tx_or_dist: Any, abstract_params: Any,
     for anything else (an optimizer config included: see above).
   """
   if 'distributed' in plan_kw:
-    raise TypeError('orthax.sharding.plan takes no distributed=: a '
-                    'transformation carries its own distributed= (pass it '
-                    'when building the optimizer), a Distributed is the first '
-                    f'argument; {_CONFIG_HINT}.')
+    raise TypeError('orthax.sharding.plan: distributed is not one of its '
+                    'arguments: a transformation carries its own distributed= '
+                    '(pass it when building the optimizer), a Distributed is '
+                    f'the first argument; {_CONFIG_HINT}.')
   if isinstance(tx_or_dist, Distributed):
     return _plan_distributed(tx_or_dist, abstract_params, matrix_specs,
                              plan_kw)

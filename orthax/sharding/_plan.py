@@ -12,13 +12,12 @@ import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from orthax import _validate
 from orthax.matrices import MatrixSpec
 from orthax.polar import gram as _gram
 from orthax.sharding._distributed import Distributed
+from orthax.sharding._specs import spec_entries
 from orthax.sharding import _cost
 
 class LeafInfo(NamedTuple):
@@ -144,30 +143,6 @@ class Plan:
 # Spec helpers -------------------------------------------------------------
 
 
-def spec_entries(spec: Any, ndim: int, where: str = '') -> list[tuple[str, ...]]:
-  """The mesh axes of each of ``ndim`` dimensions (``()`` = unsharded)."""
-  if spec is None:
-    spec = P()
-  if isinstance(spec, NamedSharding):
-    spec = spec.spec
-  entries = list(spec)
-  if len(entries) > ndim:
-    raise ValueError(f'{where}: PartitionSpec {spec} has more entries than '
-                     f'the leaf has dimensions ({ndim}).')
-  out = []
-  for e in entries + [None] * (ndim - len(entries)):
-    if e is None:
-      out.append(())
-    elif isinstance(e, str):
-      out.append((e,))
-    elif isinstance(e, tuple) and all(isinstance(a, str) for a in e):
-      out.append(e)
-    else:
-      raise ValueError(f'{where}: unsupported PartitionSpec entry {e!r} in '
-                       f'{spec} (use None, an axis name or a tuple of them).')
-  return out
-
-
 def _mesh_sizes(mesh) -> dict[str, int]:
   """Axis sizes of a ``Mesh`` or ``AbstractMesh``, in mesh order."""
   return {a: int(mesh.shape[a]) for a in mesh.axis_names}
@@ -227,6 +202,7 @@ def plan_orthogonalize(
     strategy does not fit its sharding.
   """
   _validate.flag('plan_orthogonalize', 'column_blocks', column_blocks)
+  _cost.check_method(method, restart_every, 'plan_orthogonalize')
   dist = Distributed(mesh, strategy=strategy, overrides=tuple(overrides),
                      comm_dtype=comm_dtype)
   block_normalize = 0

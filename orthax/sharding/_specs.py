@@ -14,7 +14,36 @@ from jax.sharding import PartitionSpec as P
 
 from orthax import _tree
 from orthax.sharding._distributed import Distributed
-from orthax.sharding._plan import spec_entries
+
+
+def spec_entries(spec: Any, ndim: int, where: str = '') -> list[tuple[str, ...]]:
+  """The mesh axes of each of ``ndim`` dimensions (``()`` = unsharded)."""
+  if spec is None:
+    spec = P()
+  if isinstance(spec, NamedSharding):
+    spec = spec.spec
+  entries = list(spec)
+  if len(entries) > ndim:
+    raise ValueError(f'{where}: PartitionSpec {spec} has more entries than '
+                     f'the leaf has dimensions ({ndim}).')
+  out = []
+  for e in entries + [None] * (ndim - len(entries)):
+    if e is None:
+      out.append(())
+    elif isinstance(e, str):
+      out.append((e,))
+    elif isinstance(e, tuple) and all(isinstance(a, str) for a in e):
+      out.append(e)
+    else:
+      raise ValueError(f'{where}: unsupported PartitionSpec entry {e!r} in '
+                       f'{spec} (use None, an axis name or a tuple of them).')
+  used = [a for axes in out for a in axes]
+  twice = sorted({a for a in used if used.count(a) > 1})
+  if twice:
+    raise ValueError(f'{where}: PartitionSpec {spec} shards along mesh axis '
+                     f'{twice[0]!r} twice; each mesh axis may shard one '
+                     'dimension.')
+  return out
 
 
 def explicit_spec(x: Any) -> P | None:
@@ -167,4 +196,7 @@ def leaf_specs(paths: Sequence[str], leaves: Sequence[Any],
           f'leaf {p!r} has no entry in Distributed.param_specs (paths there '
           f'include {sorted(by_path)[:5]}...).')
     out.append(by_path[p])
+  for p, x, spec in zip(paths, leaves, out):
+    if hasattr(x, 'ndim'):
+      spec_entries(spec, x.ndim, where=f'Distributed: param_specs at {p!r}')
   return out

@@ -52,8 +52,8 @@ from orthax.transforms.precision import in_float32
 from orthax.transforms.state_layout import relayout_state
 from orthax.transforms.scale_by_shape import scale_by_shape
 from orthax.transforms.scale_by_shape import shape_factor
+from orthax.transforms.clip_schedule import clip_threshold
 from orthax.transforms.spectral_clip import SpectralClipState
-from orthax.transforms.spectral_clip import clip_threshold
 from orthax.transforms.spectral_clip import spectral_clip
 from orthax.transforms.spectral_clip import spectral_preclip
 from orthax.transforms.weight_decay import WeightDecayState

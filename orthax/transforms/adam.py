@@ -160,14 +160,12 @@ def adamw(
   (:func:`scale_by_adam_scale_safe`; optax's result to float32 rounding),
   where optax's ``g²`` overflows above ``1.8·10¹⁹``.
   """
-  _validate.arguments('adamw', adamw, locals())
-  if eps_placement not in EPS_PLACEMENTS:
-    raise ValueError(f'eps_placement must be one of {EPS_PLACEMENTS}, got '
-                     f'{eps_placement!r}.')
+  _validate.arguments('adamw', adamw, locals(),
+                      eps_placement=_validate.choice(EPS_PLACEMENTS))
   if scale_safe:
     if eps_placement != 'corrected':
-      raise ValueError("adamw: scale_safe=True needs eps_placement="
-                       "'corrected'.")
+      raise ValueError("adamw: scale_safe needs eps_placement='corrected', "
+                       f'got {eps_placement!r}.')
     return precision.in_float32(optax.chain(
         scale_by_adam_scale_safe(b1, b2, eps, mu_dtype, nesterov),
         optax.add_decayed_weights(weight_decay),
@@ -178,8 +176,8 @@ def adamw(
         learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
         mu_dtype=mu_dtype, nesterov=nesterov))
   if nesterov:
-    raise ValueError("nesterov Adam is only available with eps_placement="
-                     "'corrected'.")
+    raise ValueError("adamw: nesterov needs eps_placement='corrected', "
+                     f'got {eps_placement!r}.')
   return precision.in_float32(optax.chain(
       scale_by_adam_raw_eps(b1, b2, eps, mu_dtype),
       optax.add_decayed_weights(weight_decay),

@@ -11,12 +11,19 @@ import optax
 from orthax import _tree
 from orthax import _validate
 from orthax import matrix_stages as ms
+from orthax.matrix_stages import _rotate
 from orthax import sharding
 from orthax.transforms import matrix_stage
 from orthax.transforms.chain import named_chain
 from orthax.transforms.momentum import momentum as ema_momentum
 
 SCALES = ('rms_norm', 'update_rms', 'spectral_norm', 'muon', 'none')
+# The rules of the arguments that take one of a set of names, for
+# _validate.arguments (orthax.aro checks its own with them too).
+OPTIONS = dict(base=_validate.choice(_rotate.BASES),
+               qr=_validate.choice(_rotate.QR_KINDS),
+               rotate=_validate.choice(_rotate.ROTATE_SIDES),
+               scale=_validate.choice(SCALES))
 
 
 def scale_stages(scale: str, scale_rms: Any) -> list[ms.MatrixStage]:
@@ -24,8 +31,7 @@ def scale_stages(scale: str, scale_rms: Any) -> list[ms.MatrixStage]:
   ``'rms_norm'`` ``rms·√max(m, n)``, ``'spectral_norm'`` ``√(m/n)`` (``m``
   fan-out, ``n`` fan-in), ``'update_rms'`` ``rms·U/RMS(U)`` (the paper's
   form), ``'muon'`` ``√max(1, m/n)/‖U‖₂`` (Muon's step size), ``'none'``."""
-  if scale not in SCALES:
-    raise ValueError(f'aro scale must be one of {SCALES}, got {scale!r}.')
+  OPTIONS['scale']('scale_stages', 'scale', scale)
   if scale == 'rms_norm':
     return [ms.ScaleByShape('moonlight', scale_rms)]
   if scale == 'spectral_norm':
@@ -100,7 +106,7 @@ def aro_rotate(
   References: Gong et al., *ARO: Adaptively Rotated Optimization*,
   arXiv 2602.09006.
   """
-  _validate.arguments('aro_rotate', aro_rotate, locals())
+  _validate.arguments('aro_rotate', aro_rotate, locals(), **OPTIONS)
   stage = ms.AroRotate(base=base, qr=qr, rotate=rotate,
                        stable=stable)
   return matrix_stage.slot_step(lambda count: stage, matrix_specs,
@@ -141,7 +147,7 @@ def scale_by_aro(
 
   References: Gong et al., arXiv 2602.09006; microsoft/dion ``dev/aro``.
   """
-  _validate.arguments('scale_by_aro', scale_by_aro, locals())
+  _validate.arguments('scale_by_aro', scale_by_aro, locals(), **OPTIONS)
   return named_chain(
       ('momentum', ema_momentum(beta, form='ema', nesterov=False)),
       ('aro_rotate', aro_rotate(base=base, qr=qr, rotate=rotate,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import optax
 
+from orthax import _validate
+
 
 def named_chain(*stages: tuple[str, optax.GradientTransformation]
                 ) -> optax.GradientTransformationExtraArgs:
@@ -29,6 +31,12 @@ def named_chain(*stages: tuple[str, optax.GradientTransformation]
     ('dict', ['momentum', 'scale'])
     >>> _ = flax.serialization.to_bytes(state)
   """
+  for i, stage in enumerate(stages):
+    if not (isinstance(stage, (tuple, list)) and len(stage) == 2
+            and isinstance(stage[0], str)):
+      raise TypeError(f'named_chain: stages must be (name, transformation) '
+                      f'pairs, got {stage!r} at position {i}.')
+    _validate.transformation('named_chain', f'stage {stage[0]!r}', stage[1])
   chained = optax.named_chain(*stages)
 
   def init_fn(params):

@@ -169,7 +169,8 @@ def skip_if_nonfinite(
     >>> u['w'].tolist(), orthax.nonfinite_leaves(s, result=True)
     ([0.0, 0.0], ['state:0/nu/w'])
   """
-  _validate.arguments('skip_if_nonfinite', skip_if_nonfinite, locals())
+  _validate.arguments('skip_if_nonfinite', skip_if_nonfinite, locals(),
+                      inner=_validate.transformation)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -303,7 +304,19 @@ def raise_if_nonfinite(opt_state: Any, step: int | None = None) -> None:
   step was skipped for a non-finite gradient, or its subclass
   :class:`NonFiniteUpdateError` when the gradient was finite but the update
   or the new state was not (host side: it reads the flags back from the
-  devices)."""
+  devices).
+
+  Raises:
+    ValueError: ``opt_state`` holds no :func:`skip_if_nonfinite` guard
+      (a recipe built with ``check_finite=False``, a plain optax state):
+      there is nothing to read, and a non-finite step went through.
+  """
+  if nonfinite_status(opt_state) is None:
+    raise ValueError(
+        'raise_if_nonfinite: opt_state holds no finite-check guard, so a '
+        'non-finite step is neither skipped nor seen: build the recipe with '
+        'check_finite=True (the default) or wrap the optimizer in '
+        f'orthax.skip_if_nonfinite(...); got a {type(opt_state).__name__}.')
   cause = skip_cause(opt_state)
   if cause is None:
     return

@@ -135,4 +135,6 @@ OVERRIDES = dict(
     gamma=_validate.unit_interval,
     damping=_validate.positive,
     eig_floor=_validate.positive,
+    scale=_validate.choice(matrix_stages.SCALE_MODES),
+    scale_invariant=_validate.flag,
 )

@@ -15,7 +15,7 @@ from orthax import _validate
 from orthax import engine
 from orthax import matrices
 from orthax import polar
-from orthax.matrix_stages import check_scale_mode
+from orthax.matrix_stages import SCALE_MODES
 from orthax.matrix_stages import shape_factor
 from orthax.polar import lapack
 from orthax.polar.scale_safe import scale_of_max
@@ -25,6 +25,13 @@ DUAL_NORMS = ('nuclear', 'l1')
 DIFFERENCES = ('previous', 'momentum')
 NORMALIZATIONS = ('group_max', 'absolute')
 NUCLEAR = ('ns', 'svd', 'frobenius')
+# The rules of the arguments that take one of a set of names, for
+# _validate.arguments (orthax.lanton checks its own with them too).
+OPTIONS = dict(dual_norm=_validate.choice(DUAL_NORMS),
+               difference=_validate.choice(DIFFERENCES),
+               normalization=_validate.choice(NORMALIZATIONS),
+               nuclear=_validate.choice(NUCLEAR),
+               scale=_validate.choice(SCALE_MODES))
 
 
 class LayerwiseNoiseState(NamedTuple):
@@ -142,9 +149,8 @@ def layerwise_noise_adapt(
     matrix_specs: as in :func:`orthax.orthogonalize` (``'nuclear'`` only).
   """
   _validate.arguments('layerwise_noise_adapt', layerwise_noise_adapt,
-                      locals())
-  _check_options(dual_norm, difference, normalization, nuclear, ns_preset,
-                 scale)
+                      locals(), momentum=_validate.transformation,
+                      direction=_validate.transformation, **OPTIONS)
   ns = functools.partial(polar.orthogonalize_stack, preset=ns_preset)
 
   def specs_of(tree):
@@ -205,21 +211,6 @@ def _stat_shape(x, spec):
     return ()
   batch, _, _ = spec.resolve(x.shape)
   return tuple(x.shape[a] for a in batch)
-
-
-def _check_options(dual_norm, difference, normalization, nuclear,
-                   ns_preset, scale) -> None:
-  """``ValueError`` naming the argument for a choice not among its own."""
-  for name, value, allowed in (('dual_norm', dual_norm, DUAL_NORMS),
-                               ('difference', difference, DIFFERENCES),
-                               ('normalization', normalization, NORMALIZATIONS),
-                               ('nuclear', nuclear, NUCLEAR)):
-    if value not in allowed:
-      raise ValueError(f'layerwise_noise_adapt: {name} must be one of '
-                       f'{allowed}, got {value!r}.')
-  check_scale_mode(scale, 'layerwise_noise_adapt: scale')
-  if nuclear == 'ns':
-    polar.get_preset(ns_preset)
 
 
 def _dual_norms(xs, specs, dual_norm, nuclear, ns, scale):

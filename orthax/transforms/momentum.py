@@ -75,11 +75,11 @@ def momentum(
   References: K. Jordan, *Muon* (2024); Liu et al., *Muon is Scalable for LLM
   Training* (arXiv 2502.16982).
   """
-  _validate.arguments('momentum', momentum, locals())
-  if form not in FORMS:
-    raise ValueError(f'momentum form must be one of {FORMS}, got {form!r}.')
+  _validate.arguments('momentum', momentum, locals(),
+                      form=_validate.choice(FORMS))
   if bias_correction and form != 'ema':
-    raise ValueError('bias_correction applies to the EMA form only.')
+    raise ValueError('momentum: bias_correction applies to the EMA form '
+                     'only.')
   acc_dtype = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
 
   def init_fn(params):

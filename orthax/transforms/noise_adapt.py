@@ -118,12 +118,11 @@ def noise_adapt(
   References: Zhang, Liu, Schaeffer, *Adam Improves Muon* (arXiv
   2602.17080); github.com/minxin-zhg/namo.
   """
-  _validate.arguments('noise_adapt', noise_adapt, locals())
-  if mode not in MODES:
-    raise ValueError(f'noise_adapt mode must be one of {MODES}, got {mode!r}.')
-  if shape not in MS.SCALE_MODES:
-    raise ValueError(f'noise_adapt shape must be one of {MS.SCALE_MODES}, '
-                     f'got {shape!r}.')
+  _validate.arguments('noise_adapt', noise_adapt, locals(),
+                      momentum=_validate.transformation,
+                      orthogonalize=_validate.transformation,
+                      mode=_validate.choice(MODES),
+                      shape=_validate.choice(MS.SCALE_MODES))
   in_body = isinstance(orthogonalize, OrthogonalizeTransformation)
 
   def init_fn(params):

@@ -50,10 +50,11 @@ def _check_stages(then) -> tuple[matrix_stages.MatrixStage, ...]:
   for st in stages:
     if not isinstance(st, matrix_stages.MatrixStage):
       raise ValueError(
-          f'orthogonalize then=: expected orthax.matrix_stages.MatrixStage '
+          f'orthogonalize: then must hold orthax.matrix_stages.MatrixStage '
           f'objects (e.g. NeuronNormalize(), ScaleByShape()), got {st!r}.')
     if st.name in names:
-      raise ValueError(f'orthogonalize then=: two stages named {st.name!r}.')
+      raise ValueError(f'orthogonalize: then has two stages named '
+                       f'{st.name!r}.')
     names.append(st.name)
   return stages
 
@@ -65,14 +66,14 @@ def _check_before(before) -> tuple[matrix_stages.MatrixStage, ...]:
   for st in stages:
     if not isinstance(st, matrix_stages.MatrixStage):
       raise ValueError(
-          'orthogonalize before=: expected orthax.matrix_stages.MatrixStage '
+          'orthogonalize: before must hold orthax.matrix_stages.MatrixStage '
           f'objects (e.g. ClipOutliers()), got {st!r}.')
     if (st.stateful or st.has_output or st.shapes(2, 3).norms
         or not st.transpose_invariant):
       raise ValueError(
-          f'orthogonalize before=: stage {st.name!r} cannot run before '
-          'Newton–Schulz: a stage there is stateless, has no output or '
-          'norms, and its result does not depend on the matrix\'s '
+          f'orthogonalize: before has stage {st.name!r}, which cannot run '
+          'before Newton–Schulz: a stage there is stateless, has no output '
+          'or norms, and its result does not depend on the matrix\'s '
           'orientation (transpose_invariant; e.g. ClipOutliers). Pass it '
           'in then= or as a transform of its own.')
   return stages
@@ -109,13 +110,13 @@ def _check_iteration(preset, coeffs, normalizer, method,
   polar.get_preset(preset)
   if coeffs is not None:
     try:
-      polar.coefficient_table(coeffs)
-    except (ValueError, TypeError) as e:
-      raise ValueError(f'orthogonalize: coeffs: {e}') from None
+      polar.coefficient_table(coeffs, owner='orthogonalize')
+    except TypeError as e:  # a ValueError here, as ever
+      raise ValueError(str(e)) from None
   if normalizer is not None and normalizer not in polar.NORMALIZERS:
     raise ValueError(f'orthogonalize: normalizer must be one of '
                      f'{polar.NORMALIZERS}, got {normalizer!r}.')
-  polar.choose_method(1, 1, 1, 'float32', method)
+  polar.choose_method(1, 1, 1, 'float32', method, owner='orthogonalize')
   return restart_every
 
 
@@ -277,9 +278,9 @@ def orthogonalize(
     if before and any(nm.source == 'input' for st in run
                       for nm in st.shapes(2, 3).norms):
       raise ValueError(
-          'orthogonalize: a stage that takes the norms of the matrix '
-          "entering Newton–Schulz (Norm('input')) cannot run with before= "
-          'stages: it would see the matrix before them.')
+          'orthogonalize: before stages cannot run with a stage that takes '
+          "the norms of the matrix entering Newton–Schulz (Norm('input')): "
+          'it would see the matrix before them.')
     paths, leaves, treedef = _tree.leaves_with_paths(updates)
     states = [matrix_stage.leaf_states(st, state.stages[st.name], updates)
               for st in stages] + [list(x) if x is not None else

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from orthax import _validate
+
 
 def wide_dtype(dtype: Any) -> Any:
   """float32, or ``dtype`` if it is wider (float64); non-float dtypes are
@@ -63,6 +65,7 @@ def in_float32(inner: optax.GradientTransformation
   state is unchanged in structure, so ``optax.tree.get`` finds the same
   entries.
   """
+  _validate.transformation('in_float32', 'inner', inner)
 
   def update_fn(updates, state, params=None, **extra_args):
     new, state = optax.with_extra_args_support(inner).update(

@@ -23,10 +23,10 @@ from orthax import engine
 from orthax import sharding
 from orthax.matrices import MatrixSpec
 from orthax.polar import spectral as _spectral
+from orthax.transforms.clip_schedule import check_decay
+from orthax.transforms.clip_schedule import clip_threshold
 
 APPLY_TO = ('2d', 'all')
-DECAYS = ('constant', 'linear', 'sqrt', 'cosine', 'exp', 'square')
-_validate.register(('decay', 'clip_decay'), _validate.choice(DECAYS))
 
 
 class SpectralClipState(NamedTuple):
@@ -61,65 +61,6 @@ def resolve_clip_specs(matrix_specs: _tree.SpecsLike, tree: Any,
       except ValueError as e:
         raise ValueError(f'{what}: leaf {path!r}: {e}') from None
   return per_leaf
-
-
-def clip_threshold(
-    c: float | jax.Array,
-    count: jax.Array,
-    *,
-    learning_rate: optax.ScalarOrSchedule | None = None,
-    base_learning_rate: float | jax.Array | None = None,
-    warmup_steps: int | jax.Array = 0,
-    decay: str = 'constant',
-    decay_fraction: float | jax.Array = 0.1,
-    final_scale: float | jax.Array = 0.0,
-    total_steps: int | jax.Array = 0,
-    dtype: Any = None,
-) -> jax.Array:
-  r"""The threshold ``c_t`` of step ``count`` (the reference's
-  ``_get_current_clip_c``), in ``dtype`` (default float32; the transforms
-  pass the widest of float32 and their updates' dtypes, so a float64 run
-  clips at the float64 ``c``):
-
-  * warm-up (``t < warmup_steps``): ``c·η_base/max(η_t, 1e-10)``, so
-    ``c_t·η_t`` is constant (``η_base``: ``base_learning_rate``, default the
-    schedule's value at ``warmup_steps``);
-  * then ``c``; with ``decay != 'constant'`` the last
-    ``⌊decay_fraction·total_steps⌋`` steps move it to ``c·final_scale`` along
-    ``linear``, ``sqrt``, ``cosine``, ``exp`` (``final^p``; linear when
-    ``final = 0``) or ``square`` in the progress ``p ∈ [0, 1]``.
-  """
-  if decay not in DECAYS:
-    raise ValueError(f'decay must be one of {DECAYS}, got {decay!r}.')
-  dtype = jnp.float32 if dtype is None else dtype
-  t = count.astype(dtype)
-  c = jnp.asarray(c, dtype)
-  out = c
-  if decay != 'constant':
-    n_anneal = jnp.floor(decay_fraction * jnp.asarray(total_steps, dtype))
-    n_hold = total_steps - n_anneal
-    p = jnp.clip((t - n_hold) / jnp.maximum(n_anneal, 1), 0.0, 1.0)
-    f = jnp.asarray(final_scale, dtype)
-    factor = {
-        'linear': lambda: f + (1 - f) * (1 - p),
-        'sqrt': lambda: f + (1 - f) * (1 - jnp.sqrt(p)),
-        'cosine': lambda: f + (1 - f) * (1 + jnp.cos(math.pi * p)) / 2,
-        'exp': lambda: jnp.where(f > 0, jnp.power(jnp.maximum(f, 1e-30), p),
-                                 1 - p),
-        'square': lambda: f + (1 - f) * (1 - p * p),
-    }[decay]()
-    out = jnp.where(t < n_hold, c, c * factor)
-  if learning_rate is not None:
-    if callable(learning_rate):
-      lr_t = learning_rate(count)
-      base = (learning_rate(jnp.asarray(warmup_steps, jnp.int32))
-              if base_learning_rate is None else base_learning_rate)
-    else:
-      lr_t = learning_rate
-      base = learning_rate if base_learning_rate is None else base_learning_rate
-    warm = c * base / jnp.maximum(jnp.asarray(lr_t, dtype), 1e-10)
-    out = jnp.where(t < warmup_steps, warm, out)
-  return out
 
 
 def _threshold_dtype(leaves) -> Any:
@@ -203,9 +144,12 @@ def _clipped_step(h, w, spec, shape, lr, weight_decay, aspect_scale):
   return new
 
 
-def _check_apply_to(apply_to):
+def check_apply_to(owner: str, apply_to: str) -> None:
+  """Raises ``ValueError`` naming ``owner`` unless ``apply_to`` is one of
+  :data:`APPLY_TO`."""
   if apply_to not in APPLY_TO:
-    raise ValueError(f'apply_to must be one of {APPLY_TO}, got {apply_to!r}.')
+    raise ValueError(f'{owner}: apply_to must be one of {APPLY_TO}, got '
+                     f'{apply_to!r}.')
 
 
 def spectral_clip(
@@ -285,16 +229,17 @@ def spectral_clip(
       default) or not (``False``: ``α = 1``).
   """
   _validate.arguments('spectral_clip', spectral_clip, locals())
-  _check_apply_to(apply_to)
+  check_apply_to('spectral_clip', apply_to)
   if distributed is not None and shared_bound:
     raise ValueError('spectral_clip: shared_bound=True takes one bound over '
                      "each leaf's whole batch of matrices, which "
                      'distributed= splits across devices; use '
                      'shared_bound=False.')
   if step_rule not in _spectral.STEP_RULES:
-    raise ValueError(f'step_rule must be one of {_spectral.STEP_RULES}, got '
-                     f'{step_rule!r}.')
-  clip_threshold(1.0, jnp.zeros([], jnp.int32), decay=decay)  # validate
+    raise ValueError(f'spectral_clip: step_rule must be one of '
+                     f'{_spectral.STEP_RULES}, got {step_rule!r}.')
+  check_decay('spectral_clip', decay, decay_fraction, final_scale,
+              total_steps)
 
   def init_fn(params):
     del params
@@ -369,8 +314,9 @@ def spectral_preclip(
   rule ``c_t·η_t = const``. Other arguments as in :func:`spectral_clip`.
   """
   _validate.arguments('spectral_preclip', spectral_preclip, locals())
-  _check_apply_to(apply_to)
-  clip_threshold(1.0, jnp.zeros([], jnp.int32), decay=decay)  # validate
+  check_apply_to('spectral_preclip', apply_to)
+  check_decay('spectral_preclip', decay, decay_fraction, final_scale,
+              total_steps)
 
   def init_fn(params):
     del params

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from orthax import _tree
@@ -26,11 +27,19 @@ def _mask_per_leaf(mask: Any, updates: Any, treedef: Any) -> list:
   try:
     full = jax.tree.map(lambda k, sub: jax.tree.map(lambda _: k, sub),
                         mask, updates)
-    return treedef.flatten_up_to(full)
+    per_leaf = treedef.flatten_up_to(full)
   except (ValueError, TypeError) as e:
     raise ValueError('decoupled_weight_decay: mask must be a tree of '
                      'booleans shaped like the parameters or a prefix of '
                      f'them: {e}') from None
+  paths = _tree.leaves_with_paths(full)[0]
+  for path, keep in zip(paths, per_leaf):
+    # (a string would count as True; a traced or array boolean is fine)
+    if not (isinstance(keep, (bool, np.bool_)) or getattr(
+        keep, 'dtype', None) == jnp.bool_):
+      raise ValueError(f'decoupled_weight_decay: mask must hold booleans, '
+                       f'got {keep!r} at {path!r}.')
+  return per_leaf
 
 
 def decoupled_weight_decay(
@@ -91,11 +100,11 @@ def decoupled_weight_decay(
   if step_scale is not None:
     check_scale_mode(step_scale, 'decoupled_weight_decay: step_scale')
     if learning_rate is None:
-      raise ValueError('decoupled_weight_decay(step_scale=...) needs '
+      raise ValueError('decoupled_weight_decay: step_scale needs '
                        'learning_rate.')
     if rate_scale is not None:
-      raise ValueError('decoupled_weight_decay: pass step_scale or '
-                       'rate_scale, not both.')
+      raise ValueError('decoupled_weight_decay: step_scale and rate_scale '
+                       'cannot both be given: pass one, not both.')
   if rate_scale is not None:
     check_scale_mode(rate_scale, 'decoupled_weight_decay: rate_scale')
   min_side = check_min_side(min_side, 'decoupled_weight_decay: min_side')

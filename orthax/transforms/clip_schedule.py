@@ -1,0 +1,113 @@
+"""The threshold schedule of SPECTRA's clip (:func:`clip_threshold`): the
+warm-up that keeps ``c_t·η_t`` constant and the optional decay at the end of
+a run; :func:`check_decay` refuses the settings no run can mean."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from orthax import _validate
+
+DECAYS = ('constant', 'linear', 'sqrt', 'cosine', 'exp', 'square')
+_validate.register(('decay', 'clip_decay'), _validate.choice(DECAYS))
+
+
+def clip_threshold(
+    c: float | jax.Array,
+    count: jax.Array,
+    *,
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    base_learning_rate: float | jax.Array | None = None,
+    warmup_steps: int | jax.Array = 0,
+    decay: str = 'constant',
+    decay_fraction: float | jax.Array = 0.1,
+    final_scale: float | jax.Array = 0.0,
+    total_steps: int | jax.Array = 0,
+    dtype: Any = None,
+) -> jax.Array:
+  r"""The threshold ``c_t`` of step ``count`` (the reference's
+  ``_get_current_clip_c``), in ``dtype`` (default float32; the transforms
+  pass the widest of float32 and their updates' dtypes, so a float64 run
+  clips at the float64 ``c``):
+
+  * warm-up (``t < warmup_steps``): ``c·η_base/max(η_t, 1e-10)``, so
+    ``c_t·η_t`` is constant (``η_base``: ``base_learning_rate``, default the
+    schedule's value at ``warmup_steps``);
+  * then ``c``; with ``decay != 'constant'`` the last
+    ``⌊decay_fraction·total_steps⌋`` steps move it to ``c·final_scale`` along
+    ``linear``, ``sqrt``, ``cosine``, ``exp`` (``final^p``; linear when
+    ``final = 0``) or ``square`` in the progress ``p ∈ [0, 1]``.
+  """
+  _validate.arguments('clip_threshold', clip_threshold, locals())
+  check_decay('clip_threshold', decay, decay_fraction, final_scale,
+              total_steps)
+  dtype = jnp.float32 if dtype is None else dtype
+  t = count.astype(dtype)
+  c = jnp.asarray(c, dtype)
+  out = c
+  if decay != 'constant':
+    n_anneal = jnp.floor(decay_fraction * jnp.asarray(total_steps, dtype))
+    n_hold = total_steps - n_anneal
+    p = jnp.clip((t - n_hold) / jnp.maximum(n_anneal, 1), 0.0, 1.0)
+    f = jnp.asarray(final_scale, dtype)
+    factor = {
+        'linear': lambda: f + (1 - f) * (1 - p),
+        'sqrt': lambda: f + (1 - f) * (1 - jnp.sqrt(p)),
+        'cosine': lambda: f + (1 - f) * (1 + jnp.cos(math.pi * p)) / 2,
+        'exp': lambda: jnp.where(f > 0, jnp.power(jnp.maximum(f, 1e-30), p),
+                                 1 - p),
+        'square': lambda: f + (1 - f) * (1 - p * p),
+    }[decay]()
+    out = jnp.where(t < n_hold, c, c * factor)
+  if learning_rate is not None:
+    if callable(learning_rate):
+      lr_t = learning_rate(count)
+      base = (learning_rate(jnp.asarray(warmup_steps, jnp.int32))
+              if base_learning_rate is None else base_learning_rate)
+    else:
+      lr_t = learning_rate
+      base = learning_rate if base_learning_rate is None else base_learning_rate
+    warm = c * base / jnp.maximum(jnp.asarray(lr_t, dtype), 1e-10)
+    out = jnp.where(t < warmup_steps, warm, out)
+  return out
+
+
+_DEFAULT_DECAY = dict(decay_fraction=0.1, final_scale=0.0, total_steps=0)
+
+
+def check_decay(owner: str, decay: str, decay_fraction: Any, final_scale: Any,
+                total_steps: Any, prefix: str = '') -> None:
+  """Raises ``ValueError`` naming ``owner`` for a decay of the threshold
+  that cannot be meant: one over ``total_steps = 0`` (it would start at
+  step 1 and reach ``c·final_scale`` there), or a constant threshold given
+  a decay's settings (they would change nothing). ``prefix``: the
+  recipe's name for them (``'clip_'``: ``clip_decay``, ...). Traced values
+  (``optax.inject_hyperparams``) are not checked."""
+  if decay not in DECAYS:
+    raise ValueError(f'{owner}: {prefix}decay must be one of {DECAYS}, got '
+                     f'{decay!r}.')
+  given = dict(decay_fraction=decay_fraction, final_scale=final_scale,
+               total_steps=total_steps)
+  concrete = {k: v for k, v in given.items()
+              if not isinstance(v, jax.core.Tracer)}
+  steps_name = 'total_steps'
+  if decay != 'constant' and concrete.get('total_steps', 1) == 0:
+    raise ValueError(
+        f'{owner}: {steps_name} must be > 0 with {prefix}decay={decay!r}: '
+        f'the decay takes the last {prefix}decay_fraction of total_steps '
+        '(pass the run\'s length).')
+  changed = [k for k, v in concrete.items()
+             if not bool(np.all(np.asarray(v) == _DEFAULT_DECAY[k]))]
+  if decay == 'constant' and changed:
+    names = [n if n == steps_name else prefix + n for n in changed]
+    raise ValueError(
+        f'{owner}: {names[0]} sets the threshold\'s decay, which '
+        f'{prefix}decay=\'constant\' (the default) does not have: pass '
+        f'{prefix}decay= one of {DECAYS[1:]}, or leave {", ".join(names)} '
+        'out.')
