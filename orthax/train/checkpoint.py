@@ -95,6 +95,18 @@ def _is_empty(x: Any) -> bool:
   return t.num_leaves == 0 and t.num_nodes == 1
 
 
+def _saved_shapes(meta: Any) -> dict[str, tuple] | None:
+  """``{path: shape}`` of the saved leaves, from a step's metadata, read
+  before any array is (orbax would fail on the first leaf that does not
+  fit while its reads of the others were still in flight, and print their
+  errors at exit); ``None`` when unreadable (the restore then says what
+  is wrong)."""
+  if meta is None:
+    return None
+  return {_tree.path_str(p): tuple(m.shape) for p, m in
+          jax.tree_util.tree_flatten_with_path(meta)[0]}
+
+
 def _empty_paths(tree: Any) -> set[str]:
   """The paths of ``tree``'s childless nodes (:func:`_is_empty`)."""
   return {_tree.path_str(p) for p, x in
@@ -255,13 +267,13 @@ class Checkpointer:
                                        sharding=getattr(x, 'sharding', None)),
         abstract_state)
     to_here = lambda restored: restored
-    if layout is not None and checkpoint_slots.slot_state_paths(layout):
-      meta = self.metadata(step)
-      if meta is not None:
-        target, to_here = checkpoint_slots.as_saved(
-            target, meta, layout, mesh_changes,
-            f'checkpoint step {step} in {self.directory}')
-    return to_here(self._restore_fitting(step, target))
+    meta = self.metadata(step)  # read once: the steps below all need it
+    if (layout is not None and checkpoint_slots.slot_state_paths(layout)
+        and meta is not None):
+      target, to_here = checkpoint_slots.as_saved(
+          target, meta, layout, mesh_changes,
+          f'checkpoint step {step} in {self.directory}')
+    return to_here(self._restore_fitting(step, target, meta))
 
   def metadata(self, step: int) -> Any:
     """The step's orbax metadata tree (shapes and dtypes, no arrays);
@@ -271,27 +283,28 @@ class Checkpointer:
     except Exception:  # pylint: disable=broad-except
       return None  # unreadable: the restore says what is wrong
 
-  def _restore_fitting(self, step: int, target: Any) -> Any:
+  def _restore_fitting(self, step: int, target: Any, meta: Any) -> Any:
     """The step restored into ``target``, or into the older layout of it
-    that fits the saved leaves' shapes."""
-    saved = self._saved_shapes(step)
+    that fits the saved leaves' shapes (``meta``: the step's
+    :meth:`metadata`)."""
+    saved = _saved_shapes(meta)
     if saved and mismatches(saved, _shapes(target)):
       for older, to_today in checkpoint_formats.older_layouts(target):
         if not mismatches(saved, _shapes(older)):
-          return to_today(self._read(step, older))
+          return to_today(self._read(step, older, meta))
       raise CheckpointMismatchError(
           f'checkpoint step {step} does not fit: '
           + '; '.join(mismatches(saved, _shapes(target))))
-    return self._read(step, target) if saved else self._restore(step, target)
+    return (self._read(step, target, meta) if saved
+            else self._restore(step, target))
 
-  def _read(self, step: int, target: Any) -> Any:
+  def _read(self, step: int, target: Any, meta: Any) -> Any:
     """The step's arrays, which fit ``target`` by path and shape, into
     ``target``. Where the saved tree holds them in another arrangement of
     empty nodes (an older orthax's optimizer state with a stage that keeps
     nothing, since dropped: 2026-12-06, ROOT's ``clip_outliers``, now
     inside ``orthogonalize``), which orbax refuses as another tree
     structure, they are read in the saved structure and placed by path."""
-    meta = self._mgr.item_metadata(step)
     if _empty_paths(meta) == _empty_paths(target):
       return self._restore(step, target)
     by_path = {_tree.path_str(p): x for p, x in
@@ -308,18 +321,6 @@ class Checkpointer:
   def _restore(self, step: int, target: Any) -> Any:
     return self._mgr.restore(step,
                              args=_ocp().args.StandardRestore(target))
-
-  def _saved_shapes(self, step: int) -> dict[str, tuple] | None:
-    """``{path: shape}`` of the saved leaves, read from the step's metadata
-    before any array is (orbax would fail on the first leaf that does not
-    fit while its reads of the others were still in flight, and print their
-    errors at exit); ``None`` when unreadable (the restore then says what
-    is wrong)."""
-    meta = self.metadata(step)
-    if meta is None:
-      return None
-    return {_tree.path_str(p): tuple(m.shape) for p, m in
-            jax.tree_util.tree_flatten_with_path(meta)[0]}
 
   def restore_intact(self, abstract_state: Any, layout: Any = None,
                      mesh_changes: Sequence[str] = ()) -> tuple[Any, int]:
