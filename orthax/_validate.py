@@ -211,6 +211,24 @@ def transformation(owner: str, name: str, value: Any, *,
                     f'(e.g. optax.adamw(1e-3)), got {_show(value)}.')
 
 
+def applies(owner: str, name: str, value: Any, default: Any, used: bool,
+            where: str) -> None:
+  """A ``ValueError`` naming the argument when it was given another value
+  than its ``default`` where it has no effect (``used`` false; ``where``:
+  the setting it needs, e.g. ``"scale='moonlight'"``): the user meant it
+  to change something. Traced values (``inject_hyperparams``) pass."""
+  if used or isinstance(value, jax.core.Tracer):
+    return
+  try:
+    same = bool(np.all(np.asarray(value) == default))
+  except (TypeError, ValueError):
+    return
+  if not same:
+    raise ValueError(f'{owner}: {name} applies with {where} only; here it '
+                     f'would change nothing (got {_show(value)}). Leave it '
+                     'out, or pass that setting.')
+
+
 def choice(options: Any) -> Rule:
   """A rule: the value is one of ``options`` (a tuple, or a mapping's
   keys), a ``ValueError`` listing them otherwise (a list or a number too,

@@ -159,6 +159,28 @@ CASES = [
     ('layerwise_noise_adapt-direction',
      lambda: T.layerwise_noise_adapt(T.momentum(), 'y', learning_rate=0.1),
      'layerwise_noise_adapt', 'direction'),
+    ('muon-scale_rms', lambda: orthax.muon(scale_rms=0.3), 'muon',
+     'scale_rms'),
+    ('fismo-scale_rms', lambda: orthax.fismo(scale_rms=0.3), 'fismo',
+     'scale_rms'),
+    ('aro-scale_rms', lambda: orthax.aro(scale='muon', scale_rms=0.3), 'aro',
+     'scale_rms'),
+    ('scale_by_shape-rms', lambda: T.scale_by_shape('keller', rms=5.0),
+     'scale_by_shape', 'rms'),
+    ('scale_by_shape-min_side', lambda: T.scale_by_shape('keller', min_side=8),
+     'scale_by_shape', 'min_side'),
+    ('decoupled_weight_decay-min_side',
+     lambda: T.decoupled_weight_decay(0.1, learning_rate=0.1, min_side=8),
+     'decoupled_weight_decay', 'min_side'),
+    ('dct_adamw-min_side', lambda: orthax.dct_adamw(scale='none',
+                                                    min_side=64),
+     'dct_adamw', 'min_side'),
+    ('spectral_clip-warmup_steps',
+     lambda: orthax.spectral_clip(warmup_steps=10), 'spectral_clip',
+     'warmup_steps'),
+    ('spectra-base_learning_rate',
+     lambda: orthax.spectra(base_learning_rate=0.1), 'spectra',
+     'base_learning_rate'),
     ('shape_factor-fan_in', lambda: T.shape_factor(-1, 32, 'keller'),
      'shape_factor', 'fan_in'),
     ('shape_factor-rms', lambda: T.shape_factor(16, 32, 'moonlight', rms=-1),
@@ -246,3 +268,22 @@ def test_a_bad_param_spec_names_the_leaf(spec, message):
   with pytest.raises(ValueError, match=r"^Distributed: param_specs at "
                      r"'a/kernel': PartitionSpec .*" + message):
     tx.update(params, tx.init(params), params)
+
+
+def test_scale_rms_is_taken_where_its_scale_applies():
+  """``scale_rms`` beside a scale that reads no RMS changed nothing: now
+  refused (above); where the scale reads it, or at its default, it is
+  taken, and under ``inject_hyperparams`` (a traced value) too."""
+  params = {'w': jnp.ones((4, 8))}
+  for tx in (orthax.muon(scale='moonlight', scale_rms=0.3),
+             orthax.muon(scale_rms=0.2), orthax.fismo(scale='moonlight',
+                                                      scale_rms=0.3),
+             orthax.aro(scale='update_rms', scale_rms=0.3),
+             optax.inject_hyperparams(orthax.muon)(scale='moonlight',
+                                                   scale_rms=0.3)):
+    tx.update(params, tx.init(params), params)
+  a, b = (orthax.muon(scale='moonlight', scale_rms=r, weight_decay=0.0)
+          for r in (0.2, 0.4))
+  ua = a.update(params, a.init(params), params)[0]['w']
+  ub = b.update(params, b.init(params), params)[0]['w']
+  assert float(jnp.linalg.norm(ub)) > 1.9 * float(jnp.linalg.norm(ua))

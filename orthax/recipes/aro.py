@@ -180,6 +180,9 @@ def aro(
   rotate, scale, qr, weight_decay, nesterov = _common.mode_settings(
       d, rotate=rotate, scale=scale, qr=qr, weight_decay=weight_decay,
       nesterov=nesterov)
+  _validate.applies('aro', 'scale_rms', scale_rms, 0.2,
+                    scale in ('rms_norm', 'update_rms'),
+                    "scale='rms_norm' or 'update_rms'")
   router, specs = _common.route(router, owner='aro')
   matrix = T.named_chain(
       ('momentum', T.momentum(beta, form='ema', nesterov=nesterov,

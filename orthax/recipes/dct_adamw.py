@@ -210,13 +210,16 @@ def dct_adamw(
   rank, update_every, ell_norm = dct_adam.check_structure(
       'dct_adamw', rank, update_every, ell_norm)
   max_shape = MAX_SHAPE if max_shape is None else int(max_shape)
-  min_side = MS.check_min_side(min_side, 'dct_adamw: min_side', MIN_SIDE)
   reference = registry.resolve_reference('dct_adamw', reference)
   d = _DCT_ADAMW_REFERENCES[reference]
   (scale,) = _common.mode_settings(d, scale=scale)
   if scale not in SCALES:
     raise ValueError(f'dct_adamw: scale must be one of {SCALES}, got '
                      f'{scale!r}.')
+  checked = MS.check_min_side(min_side, 'dct_adamw: min_side', MIN_SIDE)
+  _validate.applies('dct_adamw', 'min_side', min_side, None,
+                    scale == 'inverse_side', "scale='inverse_side'")
+  min_side = checked
   if learning_rate is None:
     learning_rate = DEFAULT_LEARNING_RATES[scale]
   router, specs = _common.route(router, owner='dct_adamw')
@@ -227,9 +230,10 @@ def dct_adamw(
           min_side=min_side, matrix_specs=specs, distributed=distributed)),
       # W(1 - cηλ) - cη·step: AdamW's decay at the step's own rate.
       *_common.step_stages(learning_rate, weight_decay, **(
-          {} if scale == 'none' else dict(rate_scale=scale,
-                                          min_side=min_side,
-                                          matrix_specs=specs))),
+          {} if scale == 'none' else dict(
+              rate_scale=scale, matrix_specs=specs,
+              **(dict(min_side=min_side) if scale == 'inverse_side'
+                 else {})))),
   )
   pick = lambda v, default: default if v is None else v
   return _common.assemble_with_adamw(

@@ -179,6 +179,8 @@ def fismo(
   if learning_rate is None:
     learning_rate = registry.recipe_entry('fismo').learning_rate
   fisher.check_precondition_every('fismo', precondition_every)
+  _validate.applies('fismo', 'scale_rms', scale_rms, 0.2,
+                    scale == 'moonlight', "scale='moonlight'")
   router, specs = _common.route(router, owner='fismo')
   matrix = named_chain(
       ('fismo', fisher.scale_by_fismo(

@@ -178,6 +178,8 @@ def muon(
       _common.mode_settings(d, nesterov=nesterov, preset=preset, scale=scale,
                             weight_decay=weight_decay, adam_b2=adam_b2,
                             adam_eps=adam_eps))
+  _validate.applies('muon', 'scale_rms', scale_rms, 0.2,
+                    scale == 'moonlight', "scale='moonlight'")
   router, specs = _common.route(
       router, _common.ndim2_labels if reference == 'optax' else None,
       owner='muon')

@@ -111,3 +111,16 @@ def check_decay(owner: str, decay: str, decay_fraction: Any, final_scale: Any,
         f'{prefix}decay=\'constant\' (the default) does not have: pass '
         f'{prefix}decay= one of {DECAYS[1:]}, or leave {", ".join(names)} '
         'out.')
+
+
+def check_warmup(owner: str, learning_rate: Any, warmup_steps: Any,
+                 base_learning_rate: Any) -> None:
+  """Raises ``ValueError`` naming ``owner`` for warm-up settings that change
+  nothing: ``warmup_steps`` without a ``learning_rate`` (the warm-up keeps
+  ``c·η`` constant), ``base_learning_rate`` without a warm-up."""
+  _validate.applies(owner, 'warmup_steps', warmup_steps, 0,
+                    learning_rate is not None, 'a learning_rate')
+  _validate.applies(owner, 'base_learning_rate', base_learning_rate, None,
+                    learning_rate is not None and not (
+                        isinstance(warmup_steps, int) and warmup_steps == 0),
+                    'a learning_rate and warmup_steps > 0')

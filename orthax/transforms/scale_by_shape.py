@@ -54,7 +54,12 @@ def scale_by_shape(
   """
   _validate.arguments('scale_by_shape', scale_by_shape, locals())
   matrix_stages.check_scale_mode(mode, 'scale_by_shape: mode')
-  min_side = matrix_stages.check_min_side(min_side, 'scale_by_shape: min_side')
+  checked = matrix_stages.check_min_side(min_side, 'scale_by_shape: min_side')
+  _validate.applies('scale_by_shape', 'rms', rms, 0.2, mode == 'moonlight',
+                    "mode='moonlight'")
+  _validate.applies('scale_by_shape', 'min_side', min_side, None,
+                    mode == 'inverse_side', "mode='inverse_side'")
+  min_side = checked
   return stage_transform(matrix_stages.ScaleByShape(mode, rms, min_side),
                          matrix_specs,
                          'scale_by_shape')

@@ -24,6 +24,7 @@ from orthax import sharding
 from orthax.matrices import MatrixSpec
 from orthax.polar import spectral as _spectral
 from orthax.transforms.clip_schedule import check_decay
+from orthax.transforms.clip_schedule import check_warmup
 from orthax.transforms.clip_schedule import clip_threshold
 
 APPLY_TO = ('2d', 'all')
@@ -240,6 +241,8 @@ def spectral_clip(
                      f'{_spectral.STEP_RULES}, got {step_rule!r}.')
   check_decay('spectral_clip', decay, decay_fraction, final_scale,
               total_steps)
+  check_warmup('spectral_clip', learning_rate, warmup_steps,
+               base_learning_rate)
 
   def init_fn(params):
     del params
@@ -317,6 +320,8 @@ def spectral_preclip(
   check_apply_to('spectral_preclip', apply_to)
   check_decay('spectral_preclip', decay, decay_fraction, final_scale,
               total_steps)
+  check_warmup('spectral_preclip', learning_rate, warmup_steps,
+               base_learning_rate)
 
   def init_fn(params):
     del params

@@ -107,7 +107,11 @@ def decoupled_weight_decay(
                        'cannot both be given: pass one, not both.')
   if rate_scale is not None:
     check_scale_mode(rate_scale, 'decoupled_weight_decay: rate_scale')
-  min_side = check_min_side(min_side, 'decoupled_weight_decay: min_side')
+  checked = check_min_side(min_side, 'decoupled_weight_decay: min_side')
+  _validate.applies('decoupled_weight_decay', 'min_side', min_side, None,
+                    'inverse_side' in (step_scale, rate_scale),
+                    "step_scale or rate_scale 'inverse_side'")
+  min_side = checked
 
   def init_fn(params):
     del params
