@@ -160,7 +160,7 @@ def _specs_by_path(specs: Any, treedef: Any, n: int, what: str) -> list:
         f'{f" ({len(missing)} leaves have none)" if len(missing) > 1 else ""}'
         f'; its paths that no leaf has: {unused[:5]}. Give the specs the '
         'updates\' structure (or one MatrixSpec for all leaves).')
-  empty = _empty_paths(updates)
+  empty = empty_paths(updates)
   stray = [p for p in unused
            if not any(p == e or p.startswith(e + '/') for e in empty)]
   if stray:
@@ -173,12 +173,18 @@ def _specs_by_path(specs: Any, treedef: Any, n: int, what: str) -> list:
   return [by_path[p] for p in paths]
 
 
-def _empty_paths(tree: Any) -> list[str]:
-  """The paths of ``tree``'s subtrees without leaves (``None``, an
-  ``optax.MaskedNode``): where a spec tree may hold a spec no leaf takes."""
-  is_empty = lambda x: not jax.tree.leaves(x)  # pylint: disable=unnecessary-lambda-assignment
+def _has_no_leaves(x: Any) -> bool:
+  return not jax.tree.leaves(x)
+
+
+def empty_paths(tree: Any,
+                is_empty: Callable[[Any], bool] = _has_no_leaves) -> set[str]:
+  """The paths of ``tree``'s empty nodes: by default its subtrees without
+  leaves (``None``, an ``optax.MaskedNode``, where a spec tree may hold a
+  spec no leaf takes); ``is_empty`` decides otherwise (a checkpoint's
+  metadata marks a saved ``None`` its own way)."""
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_empty)[0]
-  return [path_str(p) for p, x in flat if is_empty(x)]
+  return {path_str(p) for p, x in flat if is_empty(x)}
 
 
 def specs_per_leaf(specs: Any, treedef: Any, n: int, what: str,

@@ -211,19 +211,25 @@ def transformation(owner: str, name: str, value: Any, *,
                     f'(e.g. optax.adamw(1e-3)), got {_show(value)}.')
 
 
+def differs(value: Any, default: Any) -> bool:
+  """Whether a concrete ``value`` is not its argument's ``default`` (the
+  user set it); a tracer, or a value that cannot be compared, is not
+  known to."""
+  if isinstance(value, jax.core.Tracer):
+    return False
+  try:
+    return not bool(np.all(np.asarray(value) == default))
+  except (TypeError, ValueError):
+    return False
+
+
 def applies(owner: str, name: str, value: Any, default: Any, used: bool,
             where: str) -> None:
   """A ``ValueError`` naming the argument when it was given another value
   than its ``default`` where it has no effect (``used`` false; ``where``:
   the setting it needs, e.g. ``"scale='moonlight'"``): the user meant it
   to change something. Traced values (``inject_hyperparams``) pass."""
-  if used or isinstance(value, jax.core.Tracer):
-    return
-  try:
-    same = bool(np.all(np.asarray(value) == default))
-  except (TypeError, ValueError):
-    return
-  if not same:
+  if not used and differs(value, default):
     raise ValueError(f'{owner}: {name} applies with {where} only; here it '
                      f'would change nothing (got {_show(value)}). Leave it '
                      'out, or pass that setting.')

@@ -38,6 +38,16 @@ def conv_stack_evidence(path: str, shape: tuple[int, ...],
   return None
 
 
+def _two_rules(pattern: str, fix: str, fix_spec: str, keep_case: str,
+               keep_spec: str) -> str:
+  """The end of every view warning: the rule for one reading of the leaf,
+  then the rule that keeps the other and silences the warning."""
+  return (f'{fix}: router=orthax.Router(extra_rules=[orthax.Rule('
+          f'{pattern!r}, "matrix", {fix_spec})]); if {keep_case}, keep it '
+          f'without this warning: orthax.Rule({pattern!r}, "matrix", '
+          f'{keep_spec}).')
+
+
 def conv_message(path: str, shape: tuple[int, ...], evidence: str) -> str:
   nd = len(shape)
   pattern = _tree.exact_pattern(path)
@@ -45,12 +55,11 @@ def conv_message(path: str, shape: tuple[int, ...], evidence: str) -> str:
   return (f'parameter {path!r} of shape {shape} is read as one convolution '
           f'(a {nd - 2}-D window: the default rule for conv kernels), but '
           f'{evidence}: its leading axis may stack {shape[0]} layers '
-          '(nn.scan, nnx.vmap). If it does, orthogonalize each layer: '
-          f'router=orthax.Router(extra_rules=[orthax.Rule({pattern!r}, '
-          f'"matrix", orthax.MatrixSpec(fan_in=({layers}), '
-          f'fan_out={nd - 1}))]); if it is one convolution, keep it without '
-          f'this warning: orthax.Rule({pattern!r}, "matrix", '
-          f'orthax.MatrixSpec.conv({nd})).')
+          '(nn.scan, nnx.vmap). If it does, '
+          + _two_rules(pattern, 'orthogonalize each layer',
+                       f'orthax.MatrixSpec(fan_in=({layers}), '
+                       f'fan_out={nd - 1})', 'it is one convolution',
+                       f'orthax.MatrixSpec.conv({nd})'))
 
 
 def stack_axis_message(path: str, shape: tuple[int, ...],
@@ -88,14 +97,12 @@ def one_layer_message(path: str, shape: tuple[int, ...], evidence: str
   a, b, c = shape
   pattern = _tree.exact_pattern(path)
   return (f'{_read_as_stack(path, shape)}, but {evidence}. If it is one '
-          f'layer (a 1-D '
-          f'convolution (window, in, out) whose name lacks "conv", or an '
-          f'attention output (heads, head_dim, features)), orthogonalize it '
-          f'as one {a * b}x{c} matrix: router=orthax.Router(extra_rules=['
-          f'orthax.Rule({pattern!r}, "matrix", orthax.MatrixSpec.conv(3))]); '
-          f'if it is a stack of layers sharing one bias, keep it without '
-          f'this warning: orthax.Rule({pattern!r}, "matrix", '
-          f'orthax.MatrixSpec()).')
+          'layer (a 1-D convolution (window, in, out) whose name lacks '
+          '"conv", or an attention output (heads, head_dim, features)), '
+          + _two_rules(pattern, f'orthogonalize it as one {a * b}x{c} matrix',
+                       'orthax.MatrixSpec.conv(3)',
+                       'it is a stack of layers sharing one bias',
+                       'orthax.MatrixSpec()'))
 
 
 def middle_stack_message(path: str, shape: tuple[int, ...], bias_path: str
@@ -105,10 +112,10 @@ def middle_stack_message(path: str, shape: tuple[int, ...], bias_path: str
   return (f'{_read_as_stack(path, shape)}, but its bias {bias_path!r} has '
           f'shape {(c, b)}: its middle axis may stack {b} layers of {a}x{c} '
           "(linen's nn.scan with variable_axes={'params': 1}). If it does, "
-          'orthogonalize each layer: router=orthax.Router(extra_rules=['
-          f'orthax.Rule({pattern!r}, "matrix", orthax.MatrixSpec.stacked(1))'
-          ']); if the leading axis stacks the layers, keep it without this '
-          f'warning: orthax.Rule({pattern!r}, "matrix", orthax.MatrixSpec()).')
+          + _two_rules(pattern, 'orthogonalize each layer',
+                       'orthax.MatrixSpec.stacked(1)',
+                       'the leading axis stacks the layers',
+                       'orthax.MatrixSpec()'))
 
 
 # Embedding tables whose rows are not the vocabulary (positions, token types,
@@ -160,11 +167,10 @@ def attention_suspect(path: str, shape: tuple[int, ...],
 def attention_message(path: str, shape: tuple[int, ...], layout: str,
                        pattern: str, view: str) -> str:
   return (f'{_read_as_stack(path, shape)}, but its shape is that of Flax '
-          f'attention ({layout}). If it is, orthogonalize the whole projection: '
-          f'router=orthax.Router(extra_rules=[orthax.Rule({pattern!r}, '
-          f'"matrix", orthax.MatrixSpec({view}))]); if it is a stack of '
-          f'layers, keep it without this warning: orthax.Rule({pattern!r}, '
-          f'"matrix", orthax.MatrixSpec()).')
+          f'attention ({layout}). If it is, '
+          + _two_rules(pattern, 'orthogonalize the whole projection',
+                       f'orthax.MatrixSpec({view})',
+                       'it is a stack of layers', 'orthax.MatrixSpec()'))
 
 
 def missing_view_hint(path: str, shape: tuple[int, ...]) -> str:

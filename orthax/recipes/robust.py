@@ -21,7 +21,6 @@ from orthax.polar import spectral as _spectral
 from orthax.transforms import precision
 from orthax.transforms.clip_schedule import check_decay
 from orthax.transforms.clip_schedule import check_warmup
-from orthax.transforms.spectral_clip import check_apply_to
 from orthax.recipes import _common
 from orthax.recipes import registry
 
@@ -157,7 +156,6 @@ def spectra(
   check_decay('spectra', clip_decay, clip_decay_fraction, clip_final_scale,
               total_steps, prefix='clip_')
   check_warmup('spectra', 0.0, warmup_steps, base_learning_rate)
-  check_apply_to('spectra', apply_to)
   _validate.transformation('spectra', 'base', base, optional=True)
   reference, learning_rate = registry.resolve_mode('spectra', reference,
                                                    learning_rate)

@@ -107,13 +107,6 @@ def _saved_shapes(meta: Any) -> dict[str, tuple] | None:
           jax.tree_util.tree_flatten_with_path(meta)[0]}
 
 
-def _empty_paths(tree: Any) -> set[str]:
-  """The paths of ``tree``'s childless nodes (:func:`_is_empty`)."""
-  return {_tree.path_str(p) for p, x in
-          jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_empty)[0]
-          if _is_empty(x)}
-
-
 def _shapes(tree: Any) -> dict[str, tuple]:
   return {_tree.path_str(p): tuple(x.shape)
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -305,7 +298,8 @@ class Checkpointer:
     nothing, since dropped: 2026-12-06, ROOT's ``clip_outliers``, now
     inside ``orthogonalize``), which orbax refuses as another tree
     structure, they are read in the saved structure and placed by path."""
-    if _empty_paths(meta) == _empty_paths(target):
+    if (_tree.empty_paths(meta, _is_empty)
+        == _tree.empty_paths(target, _is_empty)):
       return self._restore(step, target)
     by_path = {_tree.path_str(p): x for p, x in
                jax.tree_util.tree_flatten_with_path(target)[0]}

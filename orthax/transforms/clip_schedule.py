@@ -9,7 +9,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from orthax import _validate
@@ -87,25 +86,22 @@ def check_decay(owner: str, decay: str, decay_fraction: Any, final_scale: Any,
   that cannot be meant: one over ``total_steps = 0`` (it would start at
   step 1 and reach ``c·final_scale`` there), or a constant threshold given
   a decay's settings (they would change nothing). ``prefix``: the
-  recipe's name for them (``'clip_'``: ``clip_decay``, ...). Traced values
-  (``optax.inject_hyperparams``) are not checked."""
-  if decay not in DECAYS:
-    raise ValueError(f'{owner}: {prefix}decay must be one of {DECAYS}, got '
-                     f'{decay!r}.')
-  given = dict(decay_fraction=decay_fraction, final_scale=final_scale,
-               total_steps=total_steps)
-  concrete = {k: v for k, v in given.items()
-              if not isinstance(v, jax.core.Tracer)}
-  steps_name = 'total_steps'
-  if decay != 'constant' and concrete.get('total_steps', 1) == 0:
+  recipe's name for them (``'clip_'``: ``clip_decay``, ...). ``decay``
+  itself is one of :data:`DECAYS` (every caller's ``_validate.arguments``
+  checks it). Traced values (``optax.inject_hyperparams``) are not
+  checked."""
+  if (decay != 'constant' and not isinstance(total_steps, jax.core.Tracer)
+      and total_steps == 0):
     raise ValueError(
-        f'{owner}: {steps_name} must be > 0 with {prefix}decay={decay!r}: '
+        f'{owner}: total_steps must be > 0 with {prefix}decay={decay!r}: '
         f'the decay takes the last {prefix}decay_fraction of total_steps '
         '(pass the run\'s length).')
-  changed = [k for k, v in concrete.items()
-             if not bool(np.all(np.asarray(v) == _DEFAULT_DECAY[k]))]
+  given = dict(decay_fraction=decay_fraction, final_scale=final_scale,
+               total_steps=total_steps)
+  changed = [k for k, v in given.items()
+             if _validate.differs(v, _DEFAULT_DECAY[k])]
   if decay == 'constant' and changed:
-    names = [n if n == steps_name else prefix + n for n in changed]
+    names = [n if n == 'total_steps' else prefix + n for n in changed]
     raise ValueError(
         f'{owner}: {names[0]} sets the threshold\'s decay, which '
         f'{prefix}decay=\'constant\' (the default) does not have: pass '

@@ -28,6 +28,7 @@ from orthax.transforms.clip_schedule import check_warmup
 from orthax.transforms.clip_schedule import clip_threshold
 
 APPLY_TO = ('2d', 'all')
+_validate.register(('apply_to',), _validate.choice(APPLY_TO))
 
 
 class SpectralClipState(NamedTuple):
@@ -145,14 +146,6 @@ def _clipped_step(h, w, spec, shape, lr, weight_decay, aspect_scale):
   return new
 
 
-def check_apply_to(owner: str, apply_to: str) -> None:
-  """Raises ``ValueError`` naming ``owner`` unless ``apply_to`` is one of
-  :data:`APPLY_TO`."""
-  if apply_to not in APPLY_TO:
-    raise ValueError(f'{owner}: apply_to must be one of {APPLY_TO}, got '
-                     f'{apply_to!r}.')
-
-
 def spectral_clip(
     c: float | jax.Array = 10.0,
     *,
@@ -230,15 +223,11 @@ def spectral_clip(
       default) or not (``False``: ``α = 1``).
   """
   _validate.arguments('spectral_clip', spectral_clip, locals())
-  check_apply_to('spectral_clip', apply_to)
   if distributed is not None and shared_bound:
     raise ValueError('spectral_clip: shared_bound=True takes one bound over '
                      "each leaf's whole batch of matrices, which "
                      'distributed= splits across devices; use '
                      'shared_bound=False.')
-  if step_rule not in _spectral.STEP_RULES:
-    raise ValueError(f'spectral_clip: step_rule must be one of '
-                     f'{_spectral.STEP_RULES}, got {step_rule!r}.')
   check_decay('spectral_clip', decay, decay_fraction, final_scale,
               total_steps)
   check_warmup('spectral_clip', learning_rate, warmup_steps,
@@ -317,7 +306,6 @@ def spectral_preclip(
   rule ``c_t·η_t = const``. Other arguments as in :func:`spectral_clip`.
   """
   _validate.arguments('spectral_preclip', spectral_preclip, locals())
-  check_apply_to('spectral_preclip', apply_to)
   check_decay('spectral_preclip', decay, decay_fraction, final_scale,
               total_steps)
   check_warmup('spectral_preclip', learning_rate, warmup_steps,

@@ -32,13 +32,14 @@ def _mask_per_leaf(mask: Any, updates: Any, treedef: Any) -> list:
     raise ValueError('decoupled_weight_decay: mask must be a tree of '
                      'booleans shaped like the parameters or a prefix of '
                      f'them: {e}') from None
-  paths = _tree.leaves_with_paths(full)[0]
-  for path, keep in zip(paths, per_leaf):
-    # (a string would count as True; a traced or array boolean is fine)
-    if not (isinstance(keep, (bool, np.bool_)) or getattr(
-        keep, 'dtype', None) == jnp.bool_):
-      raise ValueError(f'decoupled_weight_decay: mask must hold booleans, '
-                       f'got {keep!r} at {path!r}.')
+  # (a string would count as True; a traced or array boolean is fine)
+  bad = [i for i, keep in enumerate(per_leaf)
+         if not (isinstance(keep, (bool, np.bool_))
+                 or getattr(keep, 'dtype', None) == jnp.bool_)]
+  if bad:
+    path = _tree.leaves_with_paths(full)[0][bad[0]]
+    raise ValueError(f'decoupled_weight_decay: mask must hold booleans, '
+                     f'got {per_leaf[bad[0]]!r} at {path!r}.')
   return per_leaf
 
 
