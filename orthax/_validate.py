@@ -144,13 +144,36 @@ def count(owner: str, name: str, value: Any, *, minimum: int = 1,
 
 def learning_rate(owner: str, name: str, value: Any, *,
                   optional: bool = False) -> None:
-  """A number or scalar array ``>= 0``, or a schedule (a callable, not
+  """A number or scalar array ``>= 0``, or a schedule: a callable that
+  takes the step count (one positional argument; its values are not
   checked)."""
-  if (optional and value is None) or callable(value):
+  if optional and value is None:
+    return
+  if callable(value):
+    if not _takes_one_argument(value):
+      raise TypeError(f'{owner}: {name} must be a number or a schedule '
+                      'called with the step count (one argument), got a '
+                      f'callable of signature {_signature(value)}.')
     return
   arr = _concrete(owner, name, value, kind=_SCHEDULE)
   if arr is not None:
     _check(owner, name, value, lambda a: a >= 0, '>= 0', arr)
+
+
+def _signature(f: Callable[..., Any]) -> inspect.Signature | None:
+  try:
+    return inspect.signature(f)
+  except (TypeError, ValueError):  # a builtin or extension function
+    return None
+
+
+def _takes_one_argument(f: Callable[..., Any]) -> bool:
+  """Whether ``f(count)`` binds (true where no signature can be read)."""
+  sig = _signature(f)
+  try:
+    return sig is None or bool(sig.bind(0))
+  except TypeError:
+    return False
 
 
 count0 = functools.partial(count, minimum=0)

@@ -128,7 +128,7 @@ def temp_bytes(compiled) -> int | None:
 
 # Non-default modes timed beside the registered recipes: ARO's dion mode
 # rotates fan-out (the larger side of an up-projection: an R of 3072² there,
-# as ``orthax.matrix_stages.aro_flops`` counts); each of ARO's QR kinds (its default, 'auto', is
+# as ``orthax.matrix_stages.AroRotate.flops`` counts); each of ARO's QR kinds (its default, 'auto', is
 # Householder on CPU and Cholesky QR3 elsewhere).
 EXTRA_ROWS = {
     'aro/dion': ('aro', {'reference': 'dion'}),

@@ -165,6 +165,13 @@ CASES = [
      'scale_rms'),
     ('aro-scale_rms', lambda: orthax.aro(scale='muon', scale_rms=0.3), 'aro',
      'scale_rms'),
+    ('normuon-scale_rms', lambda: orthax.normuon(scale_rms=0.3), 'normuon',
+     'scale_rms'),
+    ('muon-schedule_arity', lambda: orthax.muon(learning_rate=lambda: 0.1),
+     'muon', 'learning_rate'),
+    ('trion-adam_schedule_arity',
+     lambda: orthax.trion(adam_learning_rate=lambda step, scale: 0.1),
+     'trion', 'adam_learning_rate'),
     ('scale_by_shape-rms', lambda: T.scale_by_shape('keller', rms=5.0),
      'scale_by_shape', 'rms'),
     ('scale_by_shape-min_side', lambda: T.scale_by_shape('keller', min_side=8),
@@ -181,6 +188,14 @@ CASES = [
     ('spectra-base_learning_rate',
      lambda: orthax.spectra(base_learning_rate=0.1), 'spectra',
      'base_learning_rate'),
+    ('spectra-warmup_steps_constant_rate',
+     lambda: orthax.spectra(warmup_steps=10), 'spectra', 'warmup_steps'),
+    ('clip_threshold-warmup_steps',
+     lambda: T.clip_threshold(2.0, jnp.asarray(0), learning_rate=0.1,
+                              warmup_steps=3), 'clip_threshold',
+     'warmup_steps'),
+    ('abs_quantile-q', lambda: T.abs_quantile(jnp.ones((2, 3)), 1.5),
+     'abs_quantile', 'q'),
     ('shape_factor-fan_in', lambda: T.shape_factor(-1, 32, 'keller'),
      'shape_factor', 'fan_in'),
     ('shape_factor-rms', lambda: T.shape_factor(16, 32, 'moonlight', rms=-1),
@@ -279,6 +294,7 @@ def test_scale_rms_is_taken_where_its_scale_applies():
              orthax.muon(scale_rms=0.2), orthax.fismo(scale='moonlight',
                                                       scale_rms=0.3),
              orthax.aro(scale='update_rms', scale_rms=0.3),
+             orthax.normuon(reference='paper', scale_rms=0.3),
              optax.inject_hyperparams(orthax.muon)(scale='moonlight',
                                                    scale_rms=0.3)):
     tx.update(params, tx.init(params), params)
@@ -287,3 +303,14 @@ def test_scale_rms_is_taken_where_its_scale_applies():
   ua = a.update(params, a.init(params), params)[0]['w']
   ub = b.update(params, b.init(params), params)[0]['w']
   assert float(jnp.linalg.norm(ub)) > 1.9 * float(jnp.linalg.norm(ua))
+
+
+def test_schedules_of_one_argument_are_taken():
+  """A schedule is called with the step count: optax's schedules, lambdas
+  with defaults or ``*args`` after it, and callables without a readable
+  signature (a ``jnp`` ufunc) are taken."""
+  params = {'w': jnp.ones((4, 8)), 'b': jnp.zeros(8)}
+  for lr in (optax.cosine_decay_schedule(0.05, 10), lambda c, k=1: 0.05,
+             lambda c, *rest: 0.05, jnp.cos):
+    tx = orthax.muon(learning_rate=lr, adam_learning_rate=lr)
+    tx.update(params, tx.init(params), params)

@@ -268,6 +268,33 @@ def test_threshold_schedule():
                                  rtol=1e-6, atol=1e-6, err_msg=decay)
 
 
+def test_a_warmup_needs_a_schedule_or_a_base_rate():
+  """A warm-up keeps ``c_t·η_t`` at ``c·η_base``, ``η_base`` defaulting to
+  the rate itself: at a constant rate, and under
+  ``optax.inject_hyperparams`` (which passes the rate as a number each
+  step), it left ``c`` unchanged, silently. Now refused there; with
+  ``base_learning_rate`` the injected rate warms the threshold up."""
+  with pytest.raises(ValueError, match='^spectra: warmup_steps applies'):
+    orthax.spectra(learning_rate=0.04, warmup_steps=10)
+  params = {'w': jnp.ones((8, 16))}
+  with pytest.raises(ValueError, match='^spectra: warmup_steps applies'):
+    optax.inject_hyperparams(orthax.spectra)(
+        learning_rate=0.04, warmup_steps=10).init(params)
+  g = {'w': jnp.asarray(np.random.default_rng(0).standard_normal((8, 16)),
+                        jnp.float32)}
+
+  def top_singular_value(**kw):
+    tx = optax.inject_hyperparams(orthax.spectra)(
+        learning_rate=0.01, c=0.5, weight_decay=0.0, **kw)
+    u, _ = tx.update(g, tx.init(params), params)
+    return float(jnp.linalg.norm(u['w'], 2)) / (0.01 * 2 ** 0.5)
+
+  plain = top_singular_value()
+  warm = top_singular_value(warmup_steps=10, base_learning_rate=0.04)
+  assert plain <= 0.5 + 1e-3            # clipped at c
+  assert 0.5 * 1.5 < warm <= 2.0 + 1e-3  # at c·η_base/η_t = 4c
+
+
 def test_spectra_routing_clips_every_leaf():
   """apply_to='all' (the recipe default): hidden kernels, the stacked kernel,
   the embedding and the LM head are clipped as matrices, vectors by the vector

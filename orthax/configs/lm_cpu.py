@@ -5,7 +5,8 @@ cores.
 
 ``--config=lm_cpu:<optimizer>`` picks ``adamw`` or any registered
 orthax recipe (``muon`` default, ``normuon``, ``namo``, ``namo_d``,
-``spectra``, ``root``, ``auon``, ``hybrid_auon``, ``lanton``);
+``spectra``, ``root``, ``auon``, ``hybrid_auon``, ``lanton``, ``aro``,
+``fismo``, ``dct_adamw``, ``trion``: ``orthax.recipe_names()``);
 ``--config.optimizer.learning_rate=0.01`` etc. override single keys.
 """
 

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from orthax import _validate
 from orthax.matrix_stages._base import MatrixStage
 from orthax.matrix_stages._base import stage
 
@@ -43,6 +44,12 @@ def abs_quantile(x: jax.Array, q: float | jax.Array) -> jax.Array:
   derivative in ``x`` is ``jnp.quantile``'s (the interpolation weights on
   the two elements; split between tied ones). Returns ``x.shape[:-1]``.
 
+  Args:
+    x: ``[..., n]``, real floating; the quantile of ``|x|`` is taken over
+      the last axis, the leading axes are a batch.
+    q: the quantile, in ``[0, 1]`` (a number or a scalar array, may be
+      traced); the interpolation runs in its dtype.
+
   Example:
 
   >>> import jax.numpy as jnp
@@ -50,6 +57,7 @@ def abs_quantile(x: jax.Array, q: float | jax.Array) -> jax.Array:
   >>> float(abs_quantile(jnp.array([[-4.0, 1.0, 2.0, -3.0, 0.0]]), 0.5)[0])
   2.0
   """
+  _validate.fraction('abs_quantile', 'q', q)
   out_dtype = x.dtype
   a, b = _bits(jnp.abs(x))
   n = x.shape[-1]

@@ -48,7 +48,23 @@ def shape_factor(fan_in: int, fan_out: int, mode: str,
   """The shape scale of one ``fan_in × fan_out`` matrix (see
   :func:`orthax.scale_by_shape`; ``min_side``: ``'inverse_side'`` divides
   by ``max(min(fan_in, fan_out), min_side)``). An empty matrix (a side of
-  0) has nothing to scale: 1."""
+  0) has nothing to scale: 1.
+
+  Args:
+    fan_in, fan_out: the matrix's sides (``≥ 0``; Flax kernel ``(in, out)``).
+    mode: one of :data:`SCALE_MODES`: ``'keller'``, ``'moonlight'``,
+      ``'spectral'``, ``'inverse_side'`` or ``'none'``.
+    rms: the RMS target of ``'moonlight'`` (default 0.2, ``≥ 0``).
+    min_side: ``'inverse_side'`` only: the smallest side it divides by
+      (default 1).
+
+  Example:
+    >>> from orthax.matrix_stages import shape_factor
+    >>> shape_factor(16, 25, 'keller'), shape_factor(16, 25, 'moonlight')
+    (1.25, 1.0)
+    >>> shape_factor(16, 25, 'inverse_side')
+    0.0625
+  """
   if min(fan_in, fan_out) < 0:
     raise ValueError(f'shape_factor: fan_in and fan_out must be >= 0, got '
                      f'{fan_in} and {fan_out}.')

@@ -27,10 +27,10 @@ from orthax.recipes.aro import aro
 from orthax.recipes.dct_adamw import dct_adamw
 from orthax.recipes.trion import trion
 from orthax.recipes.fismo import fismo
-from orthax.recipes.adaptive import lanton
+from orthax.recipes.lanton import lanton
 from orthax.recipes.namo import namo
 from orthax.recipes.namo import namo_d
-from orthax.recipes.adaptive import normuon
+from orthax.recipes.normuon import normuon
 from orthax.recipes.auon import auon
 from orthax.recipes.auon import hybrid_auon
 from orthax.recipes.robust import root

@@ -137,6 +137,47 @@ def auon(
   matrix function, so nothing is distributed (its norms are exact on the
   parameter-sharded arrays).
 
+  Args:
+    learning_rate: η for the matrices (number or schedule); default: the
+      mode's, 0.08 (``'orthax'``, the sweep's), 0.24 (``'paper'``) or 0.08
+      (``'repo'``).
+    reference: ``'orthax'`` (default), ``'paper'`` or ``'repo'`` (above).
+    beta: momentum β (EMA with Nesterov look-ahead).
+    gamma: γ inside the cosh (:func:`orthax.cosh_normalize`); default: the
+      mode's, 1 (``'orthax'``, ``'paper'``) or 1.5 (``'repo'``).
+    mu_dtype: momentum accumulator dtype (both branches; default float32,
+      or the parameters' dtype if wider: every branch computes in float32
+      and rounds the update to the gradients' dtype once).
+    weight_decay: decoupled λ for matrices (``W ← W(1-ηλ)``; default 0 in
+      every mode).
+    adam_learning_rate: AdamW learning rate (default: in proportion to
+      ``learning_rate`` as the mode's rates are: ``0.0375·learning_rate``,
+      3e-3 at 0.08, under ``'orthax'``; ``0.1·learning_rate`` under
+      ``'paper'`` and ``'repo'``; see
+      :func:`orthax.recipes.resolve_adam_learning_rate`).
+    adam_b1, adam_b2, adam_eps: AdamW moments and epsilon (ε added after
+      bias correction); the AdamW branch has no weight decay.
+    router: a :class:`orthax.Router` or a ``params -> labels`` callable;
+      default: ``Router()``.
+    distributed: an :class:`orthax.sharding.Distributed`, accepted and
+      checked but unused (above).
+    check_finite: skip a step whose gradient holds NaN/Inf, on device
+      (update zero, state kept; :func:`orthax.skip_if_nonfinite`), and
+      flag its leaves in the state (:func:`orthax.nonfinite_leaves`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, orthax
+    >>> params = {'w': jnp.ones((8, 16)), 'b': jnp.zeros(16)}
+    >>> tx = orthax.auon()            # 'w' -> cosh brake, 'b' -> AdamW
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> # ‖Δw‖_F = η·√(16/8)/r with r ≈ 1: normalized momentum SGD
+    >>> round(float(jnp.linalg.norm(updates['w'])), 2)
+    0.11
+    >>> round(float(jnp.abs(updates['b']).max()), 6)   # AdamW at its 3e-3
+    0.003
+
   References: D. Maity, arXiv 2509.24320; github.com/ryyzn9/AuON.
   """
   _validate.arguments('auon', auon, locals())
@@ -201,6 +242,48 @@ def hybrid_auon(
   the cheaper form (0.28–0.30× Muon's time on CPU).
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   steps on whole matrices per device.
+
+  Args:
+    learning_rate: η for the matrices (number or schedule); default: the
+      mode's, 0.056 (``'orthax'``, the sweep's), 0.04 (``'paper'``) or
+      0.08 (``'repo'``).
+    reference: ``'orthax'`` (default), ``'paper'`` or ``'repo'`` (above).
+    beta: momentum β (EMA with Nesterov look-ahead).
+    gamma: γ inside the cosh brake; default: the mode's, 1.5 (``'orthax'``,
+      ``'repo'``) or 1 (``'paper'``).
+    ns_steps: Newton–Schulz steps (Keller's coefficients); default: the
+      mode's, 5 (``'orthax'``, ``'repo'``) or 1 (``'paper'``).
+    ns_dtype: dtype of the Newton–Schulz iteration (e.g. ``jnp.bfloat16``).
+    mu_dtype: momentum accumulator dtype (both branches; default float32,
+      or the parameters' dtype if wider: every branch computes in float32
+      and rounds the update to the gradients' dtype once).
+    weight_decay: decoupled λ for matrices (``W ← W(1-ηλ)``); default: the
+      mode's, 0.2 (``'orthax'``) or 0 (``'paper'``, ``'repo'``).
+    adam_learning_rate: AdamW learning rate (default: in proportion to
+      ``learning_rate`` as the mode's rates are: ``0.0536·learning_rate``,
+      3e-3 at 0.056, under ``'orthax'``; ``0.075·learning_rate`` under
+      ``'paper'``, ``0.1·learning_rate`` under ``'repo'``; see
+      :func:`orthax.recipes.resolve_adam_learning_rate`).
+    adam_b1, adam_b2, adam_eps: AdamW moments and epsilon (ε added after
+      bias correction); the AdamW branch has no weight decay.
+    router: a :class:`orthax.Router` or a ``params -> labels`` callable;
+      default: ``Router()``.
+    distributed: an :class:`orthax.sharding.Distributed` to run
+      Newton–Schulz and the brake on whole matrices per device over a mesh.
+    check_finite: skip a step whose gradient holds NaN/Inf, on device
+      (update zero, state kept; :func:`orthax.skip_if_nonfinite`), and
+      flag its leaves in the state (:func:`orthax.nonfinite_leaves`).
+
+  Example:
+    >>> import jax.numpy as jnp, orthax
+    >>> params = {'w': jnp.zeros((8, 8)), 'b': jnp.zeros(8)}
+    >>> _ = orthax.describe(params, optimizer=orthax.hybrid_auon())
+    path  shape   label   view       lr     wd
+    ----  ------  ------  ---------  -----  ---
+    b     (8,)    adam               0.003  0
+    w     (8, 8)  matrix  1 x 8 x 8  0.056  0.2
+
+  References: D. Maity, arXiv 2509.24320; github.com/ryyzn9/AuON.
   """
   _validate.arguments('hybrid_auon', hybrid_auon, locals())
   return _auon(True, learning_rate, reference, beta, gamma, ns_steps,

@@ -110,7 +110,58 @@ _NAMO_DOC = r"""
   embedded corpus, d_model 128, 200 steps).
   ``distributed=orthax.sharding.Distributed(...)`` runs the Newton–Schulz
   stage on whole matrices per device.
+"""
 
+
+# The Args section both docstrings share; {lr}: the library mode's default
+# rate, {alpha}: what one adaptive step covers, {norms}: what μ2 averages,
+# {clamp}: NAMO-D's ``clamp_c`` entry (empty for NAMO), {ratio}: the AdamW
+# branch's default rate per unit of ``learning_rate``.
+_NAMO_ARGS = r"""
+  Args:
+    learning_rate: base η (number or schedule), scaled by the
+      noise-adaptive factor into α ({alpha}); default: the
+      mode's, {lr} (``'orthax'``) or 0.01 (``'repo'``).
+    reference: ``'orthax'`` (default) or ``'repo'`` (alias
+      ``'namo_repo'``).
+    beta: μ1, the momentum's β (EMA), also in the step's bias correction.
+    mu2: μ2, the EMA rate of {norms}.
+    eps: ε added to the square root of that EMA.
+    weight_decay: λ, applied as ``W ← W(1 − λ·min(α, 1))`` (above);
+      default: the mode's, 0.4 (``'orthax'``) or 0.1 (``'repo'``).
+    scale_coeff: ``c_s``, the coefficient of the shape factor ``k``;
+      default: the mode's, 2 (``'orthax'``) or 0.2 (``'repo'``).
+    shape: the shape factor ``k``: ``'keller'``, ``'moonlight'``,
+      ``'spectral'``, ``'inverse_side'`` or ``'none'``
+      (:func:`orthax.noise_adapt`); default: the mode's, ``'keller'``
+      (``'orthax'``) or ``'moonlight'`` (``'repo'``).{clamp}
+    nesterov: Nesterov look-ahead of the momentum (default on).
+    preset: Newton–Schulz preset (default ``'jordan'``, Keller's
+      coefficients), e.g. ``'polar_express'``.
+    ns_steps: Newton–Schulz steps (default: the preset's).
+    ns_dtype: dtype of the Newton–Schulz iteration (e.g. ``jnp.bfloat16``).
+    ns_method: ``'auto'`` (default; Gram Newton–Schulz for rectangular
+      matrices in float32), ``'standard'`` or ``'gram'``.
+    mu_dtype: momentum accumulator dtype (both branches; default float32,
+      or the parameters' dtype if wider: every branch computes in float32
+      and rounds the update to the gradients' dtype once).
+    adam_learning_rate: AdamW learning rate (default: {ratio} times
+      ``learning_rate``, 3e-3 at {lr}; ``'repo'``: ``learning_rate``; see
+      :func:`orthax.recipes.resolve_adam_learning_rate`).
+    adam_b1, adam_b2, adam_eps: AdamW moments and epsilon (ε added to
+      ``sqrt(v)`` before bias correction).
+    adam_weight_decay: AdamW weight decay (default 0.1; ``'repo'``:
+      ``weight_decay``).
+    router: a :class:`orthax.Router` or a ``params -> labels`` callable;
+      default: ``Router()``.
+    distributed: an :class:`orthax.sharding.Distributed` to run
+      Newton–Schulz and the step on whole matrices per device over a mesh.
+    check_finite: skip a step whose gradient holds NaN/Inf, on device
+      (update zero, state kept; :func:`orthax.skip_if_nonfinite`), and
+      flag its leaves in the state (:func:`orthax.nonfinite_leaves`).
+"""
+
+_NAMO_REFS = """
   References: Zhang, Liu, Schaeffer, *Adam Improves Muon* (arXiv
   2602.17080); reference code ``minxin-zhg/namo`` @ a3f37b0
   (``src/namo.py``).
@@ -159,7 +210,20 @@ namo.__doc__ = ('NAMO: orthogonalized momentum with a scalar Adam-style '
                     best='0.226 at d_model 128 and 0.16 at 256 (0.226 ends '
                     '0.44% higher there)', ratio='0.01326', default='0.226',
                     decay='1.4600 against 1.5070 at λ 0.1, both at learning '
-                    'rate 0.16'))
+                    'rate 0.16') + _NAMO_ARGS.format(
+                        lr='0.22624', alpha='one per matrix',
+                        norms="the squared Frobenius norm of the gradient",
+                        clamp='', ratio='0.01326') + """
+  Example:
+    >>> import jax.numpy as jnp, orthax
+    >>> params = {'w': jnp.zeros((8, 8)), 'b': jnp.zeros(8)}
+    >>> _ = orthax.describe(params, optimizer=orthax.namo())
+    path  shape   label   view       lr      wd
+    ----  ------  ------  ---------  ------  ---
+    b     (8,)    adam               0.003   0.1
+    w     (8, 8)  matrix  1 x 8 x 8  0.2262  0.4
+    note: namo's matrix lr and wd are base values: ...
+""" + _NAMO_REFS)
 
 
 @registry.register('namo_d', references=tuple(_NAMO_REFERENCES),
@@ -207,4 +271,21 @@ namo_d.__doc__ = ('NAMO-D: NAMO with one adaptive step per input feature '
                       best='0.22 at d_model 128 and at 256', ratio='0.01364',
                       default='0.22',
                       decay='1.4814 against 1.5162 at λ 0.1, both at '
-                      'learning rate 0.11'))
+                      'learning rate 0.11') + _NAMO_ARGS.format(
+                          lr='0.22', alpha='one per input feature',
+                          norms="each input feature's squared gradient norm",
+                          clamp="""
+    clamp_c: the clamp ``c`` of each input feature's adaptive factor toward
+      their mean, into ``[c·mean, mean/c]`` (default 0.75, the class
+      default; ``0`` or ``> 1``: off).""", ratio='0.01364') + """
+  Example:
+    >>> import jax, jax.numpy as jnp, orthax
+    >>> params = {'w': jnp.ones((8, 16)), 'b': jnp.zeros(16)}
+    >>> tx = orthax.namo_d(clamp_c=0.5)   # 'w' -> NAMO-D, 'b' -> AdamW
+    >>> state = tx.init(params)
+    >>> grads = {'w': jax.random.normal(jax.random.key(0), (8, 16)),
+    ...          'b': jnp.ones(16)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> updates['w'].shape, bool(jnp.all(jnp.isfinite(updates['w'])))
+    ((8, 16), True)
+""" + _NAMO_REFS)

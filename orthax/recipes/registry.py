@@ -237,13 +237,33 @@ def recipe_entry(name: str, *, owner: str = 'recipe_entry') -> RecipeEntry:
 
 def recipe_factory(name: str) -> Factory:
   """The factory registered as ``name`` (e.g. to wrap it in
-  ``optax.inject_hyperparams``)."""
+  ``optax.inject_hyperparams``).
+
+  Args:
+    name: a registered recipe name (:func:`recipe_names`), e.g.
+      ``'muon'``; another is a ``ValueError`` listing them.
+
+  Example:
+    >>> import orthax
+    >>> orthax.recipe_factory('muon') is orthax.muon
+    True
+  """
   return recipe_entry(name, owner='recipe_factory').factory
 
 
 def recipe_references(name: str) -> tuple[str, ...]:
   """The canonical ``reference=`` modes recipe ``name`` accepts (may be
-  empty; aliases are in :func:`recipe_entry`)."""
+  empty; aliases are in :func:`recipe_entry`).
+
+  Args:
+    name: a registered recipe name (:func:`recipe_names`); another is a
+      ``ValueError`` listing them.
+
+  Example:
+    >>> import orthax
+    >>> orthax.recipe_references('normuon')
+    ('orthax', 'repo', 'paper', 'modded')
+  """
   return recipe_entry(name, owner='recipe_references').references
 
 
@@ -282,5 +302,21 @@ def resolve_mode(name: str, reference: str,
 
 
 def recipe(name: str, **kwargs) -> optax.GradientTransformation:
-  """Builds the recipe ``name`` with keyword arguments ``kwargs``."""
+  """Builds the recipe ``name`` with keyword arguments ``kwargs``.
+
+  Args:
+    name: a registered recipe name (:func:`recipe_names`), e.g.
+      ``'muon'``; another is a ``ValueError`` listing them.
+    **kwargs: the factory's keyword arguments (``learning_rate``,
+      ``reference``, ...), passed through unchanged.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, orthax
+    >>> params = {'w': jnp.ones((8, 16)), 'b': jnp.zeros(16)}
+    >>> tx = orthax.recipe('muon', learning_rate=0.02)  # orthax.muon(...)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> updates['w'].shape
+    (8, 16)
+  """
   return recipe_entry(name, owner='recipe').factory(**kwargs)

@@ -135,19 +135,44 @@ def spectra(
     weight_decay: λ of the base optimizer.
     ns_steps, step_rule, shared_bound: override the reference's clip settings.
     apply_to: ``'all'`` (reference CLI default) or ``'2d'``.
-    warmup_steps: the threshold schedule
-      (:func:`orthax.transforms.clip_threshold`), with
-      ``base_learning_rate``, ``clip_decay``, ``clip_decay_fraction``,
-      ``clip_final_scale`` and ``total_steps`` (the 780M runs decay c to 0
-      with ``clip_decay='sqrt'``).
+    warmup_steps: steps of the threshold's warm-up, ``c_t =
+      c·η_base/η_t`` so that ``c_t·η_t`` stays constant (default 0: none;
+      :func:`orthax.transforms.clip_threshold`); with a schedule
+      ``learning_rate`` or a ``base_learning_rate`` only (a constant rate,
+      or one passed by ``optax.inject_hyperparams``, would leave ``c``).
+    base_learning_rate: ``η_base`` of the warm-up (default: the schedule's
+      value at ``warmup_steps``, or the constant rate); only with
+      ``warmup_steps > 0``.
+    clip_decay: the threshold's decay to ``c·clip_final_scale`` over the
+      run's last steps: ``'constant'`` (default: none), ``'linear'``,
+      ``'sqrt'``, ``'cosine'``, ``'exp'`` or ``'square'`` (the 780M runs
+      decay c to 0 with ``'sqrt'``).
+    clip_decay_fraction: the fraction of ``total_steps`` the decay takes
+      (default 0.1).
+    clip_final_scale: the threshold at the end of the decay, as a fraction
+      of ``c`` (default 0).
+    total_steps: the run's length; needed by a ``clip_decay`` other than
+      ``'constant'`` (``clip_decay_fraction``, ``clip_final_scale`` and
+      ``total_steps`` are refused without one).
     router: a :class:`orthax.Router` giving the matrix views.
+    distributed: an :class:`orthax.sharding.Distributed` to run the soft
+      clip on whole matrices per device (:func:`orthax.spectral_clip`);
+      needs ``shared_bound=False``, the ``'orthax'`` reference's default.
     check_finite: skip a step whose gradient holds NaN/Inf, on device
       (update zero, state kept; :func:`orthax.skip_if_nonfinite`), and
       flag its leaves in the state (:func:`orthax.nonfinite_leaves`).
 
-  ``distributed=orthax.sharding.Distributed(...)`` runs the soft clip on
-  whole matrices per device (see :func:`orthax.spectral_clip`; needs
-  ``shared_bound=False``, the ``'orthax'`` reference's default).
+  Example:
+    >>> import jax, jax.numpy as jnp, orthax
+    >>> params = {'w': jnp.zeros((8, 16)), 'b': jnp.zeros(16)}
+    >>> tx = orthax.spectra()          # η = 0.0424, c = 2
+    >>> state = tx.init(params)
+    >>> grads = {'w': jax.random.normal(jax.random.key(0), (8, 16)),
+    ...          'b': jnp.ones(16)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> # every singular value of the step is below η·α·c, α = √(16/8)
+    >>> bool(jnp.linalg.norm(updates['w'], 2) < 0.0424 * 2**0.5 * 2)
+    True
 
   References: Jiang, Semenov, Stich, *Enhancing LLM Training via Spectral
   Clipping*, arXiv 2603.14315 (ICML 2026); github.com/mlolab/llm-spectral-clipping.
@@ -155,10 +180,10 @@ def spectra(
   _validate.arguments('spectra', spectra, locals())
   check_decay('spectra', clip_decay, clip_decay_fraction, clip_final_scale,
               total_steps, prefix='clip_')
-  check_warmup('spectra', 0.0, warmup_steps, base_learning_rate)
   _validate.transformation('spectra', 'base', base, optional=True)
   reference, learning_rate = registry.resolve_mode('spectra', reference,
                                                    learning_rate)
+  check_warmup('spectra', learning_rate, warmup_steps, base_learning_rate)
   d = _SPECTRA_REFERENCES[reference]
   c, nesterov, ns_steps, step_rule, shared_bound = _common.mode_settings(
       d, c=c, nesterov=nesterov, ns_steps=ns_steps, step_rule=step_rule,
@@ -289,6 +314,55 @@ def root(
   nothing is gathered. So a matrix is never split in column blocks: a
   ``gram`` strategy is refused, naming the leaf, and ``auto`` runs a
   matrix over ``max_local_matrix_bytes`` as ``a2a``.
+
+  Args:
+    learning_rate: η for the matrices (number or schedule); default: the
+      mode's, 0.05656 (``'orthax'``, the sweep's) or 1e-3 (``'repo'``).
+    reference: ``'orthax'`` (default) or ``'repo'`` (above).
+    beta: momentum μ (summed: ``M ← μM + G``).
+    nesterov: Nesterov look-ahead ``u = G + μM`` (default on; else
+      ``u = M``).
+    quantile: the quantile ``q`` of ``|u|``, per matrix, at which the
+      clip's ``ε`` is taken.
+    quantile_eps: added to that quantile (the ``10^{-9}`` above).
+    coeffs_for_shape: per-shape Newton–Schulz coefficients: ``'root'``
+      (default; ROOT's AdaNewton rows, :data:`orthax.polar.ROOT_TABLE`), a
+      mapping ``(min(m, n), max(m, n)) -> rows`` or ``None`` (Keller's
+      everywhere); see :func:`orthax.orthogonalize`.
+    scale: the shape scale ``s``: ``'keller'``, ``'moonlight'``,
+      ``'spectral'``, ``'inverse_side'`` or ``'none'``
+      (:func:`orthax.scale_by_shape`); default: the mode's, ``'keller'``
+      (``'orthax'``) or ``'moonlight'`` (``'repo'``).
+    ns_steps: Newton–Schulz steps (default: the ``'jordan'`` preset's, 5).
+    ns_dtype: dtype of the Newton–Schulz iteration (e.g. ``jnp.bfloat16``).
+    mu_dtype: momentum accumulator dtype (both branches; default float32,
+      or the parameters' dtype if wider: every branch computes in float32
+      and rounds the update to the gradients' dtype once).
+    weight_decay: decoupled λ of the matrices and of the AdamW branch
+      (``W ← W(1-ηλ)``); default: the mode's, 0.2 (``'orthax'``) or 0.1
+      (``'repo'``).
+    adam_learning_rate: AdamW learning rate (default: ``learning_rate``
+      under ``scale='moonlight'`` or ``reference='repo'``; else
+      ``0.053·learning_rate``, 3e-3 at 0.05656; see
+      :func:`orthax.recipes.resolve_adam_learning_rate`).
+    adam_b1, adam_b2, adam_eps: AdamW moments and epsilon (ε added to
+      ``sqrt(v)`` before bias correction).
+    router: a :class:`orthax.Router` or a ``params -> labels`` callable;
+      default: ``Router()``.
+    distributed: an :class:`orthax.sharding.Distributed` to run the clip
+      and Newton–Schulz on whole matrices per device over a mesh (above).
+    check_finite: skip a step whose gradient holds NaN/Inf, on device
+      (update zero, state kept; :func:`orthax.skip_if_nonfinite`), and
+      flag its leaves in the state (:func:`orthax.nonfinite_leaves`).
+
+  Example:
+    >>> import jax.numpy as jnp, orthax
+    >>> params = {'w': jnp.zeros((8, 8)), 'b': jnp.zeros(8)}
+    >>> _ = orthax.describe(params, optimizer=orthax.root(reference='repo'))
+    path  shape   label   view       lr     wd
+    ----  ------  ------  ---------  -----  ---
+    b     (8,)    adam               0.001  0.1
+    w     (8, 8)  matrix  1 x 8 x 8  0.001  0.1
 
   References: He et al., *ROOT: Robust Orthogonalized Optimizer*, arXiv
   2511.20626; github.com/huawei-noah/noah-research (ROOT/).

@@ -62,8 +62,8 @@ class _LearningRates(Mapping):
 
 
 # Peak learning rates for the small byte-level CPU model: (main branch,
-# AdamW branch), read from the registry. The orthogonalized recipes use
-# their papers' defaults.
+# AdamW branch), read from the registry: each recipe's library-mode defaults
+# (the learning-rate sweep's; the papers' rates are the reference modes').
 LEARNING_RATES: Mapping[str, tuple[float | None, float | None]] = (
     _LearningRates())
 

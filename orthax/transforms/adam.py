@@ -36,6 +36,27 @@ def scale_by_adam_raw_eps(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
   gradient of 1e-5 squares to 0 in float16, and ``ε = 1e-8`` is 0 there.
   ``m`` is stored in ``mu_dtype`` (default: as ``v``); the update comes back
   in the gradient's dtype.
+
+  Args:
+    b1: β1, the EMA rate of the first moment ``m``.
+    b2: β2, the EMA rate of the second moment ``v`` (default 0.95, not
+      optax's 0.999).
+    eps: ε, added to :math:`\sqrt{v_t}` before the bias correction.
+    mu_dtype: dtype of the stored ``m`` (default: float32, or the
+      parameter's dtype if wider).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, orthax
+    >>> params = {'w': jnp.ones((8, 16)), 'b': jnp.zeros(16)}
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> tx = orthax.transforms.scale_by_adam_raw_eps(eps=0.1)
+    >>> u, state = tx.update(grads, tx.init(params))
+    >>> round(float(u['b'][0]), 3)  # √0.05/0.1 · 0.1/(√0.05 + 0.1)
+    0.691
+    >>> ref, _ = optax.scale_by_adam(b2=0.95, eps=0.1).update(
+    ...     grads, optax.scale_by_adam(b2=0.95, eps=0.1).init(params))
+    >>> round(float(ref['b'][0]), 3)  # ε after the correction: 1/(1 + 0.1)
+    0.909
   """
   _validate.arguments('scale_by_adam_raw_eps', scale_by_adam_raw_eps,
                       locals())
@@ -159,6 +180,29 @@ def adamw(
   its root, per entry, so that it cannot overflow
   (:func:`scale_by_adam_scale_safe`; optax's result to float32 rounding),
   where optax's ``g²`` overflows above ``1.8·10¹⁹``.
+
+  Args:
+    learning_rate: η (number or schedule).
+    b1, b2, eps: the Adam moments' rates and ε (default 0.9, 0.95, 1e-8;
+      optax's ``b2`` is 0.999).
+    weight_decay: λ, decoupled, multiplied by η (default 0).
+    eps_placement: ``'corrected'`` (default; ``optax.adamw``) or ``'raw'``
+      (:func:`scale_by_adam_raw_eps`).
+    mu_dtype: dtype of the first moment (default: float32, or the
+      parameters' dtype if wider).
+    nesterov: optax's Nesterov form (``'corrected'`` only; ``'raw'`` raises
+      ``ValueError``).
+    scale_safe: keep the second moment as its root (``'corrected'`` only;
+      :func:`scale_by_adam_scale_safe`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, orthax
+    >>> params = {'w': jnp.ones((8, 16)), 'b': jnp.zeros(16)}
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> tx = orthax.transforms.adamw(1e-3, weight_decay=0.1)
+    >>> u, state = tx.update(grads, tx.init(params), params)
+    >>> round(float(u['b'][0]), 6), round(float(u['w'][0, 0]), 6)  # -η(1 + λW)
+    (-0.001, -0.0011)
   """
   _validate.arguments('adamw', adamw, locals(),
                       eps_placement=_validate.choice(EPS_PLACEMENTS))

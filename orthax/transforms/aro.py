@@ -136,6 +136,15 @@ def scale_by_aro(
   and ``'aro_rotate'``; the other arguments as :func:`aro_rotate` takes
   them.
 
+  Args:
+    beta: β of the EMA momentum (default 0.95).
+    base, qr, rotate, scale, scale_rms, stable: the rotation and its scale,
+      as in :func:`orthax.transforms.aro_rotate` (default: Sinkhorn,
+      ``qr='auto'``, the smaller side rotated, no scale, stable).
+    matrix_specs: as :func:`orthax.orthogonalize` takes them.
+    distributed: an :class:`orthax.sharding.Distributed`: each device runs
+      whole matrices, as :func:`orthax.orthogonalize` does.
+
   Example:
     >>> import jax.numpy as jnp, orthax
     >>> tx = orthax.transforms.scale_by_aro(0.9)

@@ -245,7 +245,16 @@ def _find(state: Any) -> SkipIfNonfiniteState | None:
 def nonfinite_status(opt_state: Any) -> SkipIfNonfiniteState | None:
   """The :func:`skip_if_nonfinite` state inside ``opt_state`` (searched
   through chains, partitions and ``optax.inject_hyperparams``), or ``None``
-  when the optimizer has no such guard. Works on traced and host values."""
+  when the optimizer has no such guard. Works on traced and host values.
+
+  Args:
+    opt_state: an optimizer state, e.g. an orthax recipe's (searched
+      through its tuples, lists and dicts, named tuples included).
+
+  Returns:
+    The first :class:`SkipIfNonfiniteState` found (its ``consecutive`` and
+    ``total`` count skipped steps), or ``None``.
+  """
   return _find(opt_state)
 
 
@@ -264,7 +273,17 @@ def nonfinite_leaves(opt_state: Any, result: bool = False) -> list[str]:
   state's leaves, as ``'state:'`` plus their path inside the guarded
   transformation's state (``'state:0/nu/w'``: optax.adam's second moment of
   ``w``; ``'state:#i'``, the i-th leaf, where ``opt_state`` holds the guard's
-  flags without its inner state)."""
+  flags without its inner state).
+
+  Args:
+    opt_state: the optimizer state after the step (its guard found by
+      :func:`nonfinite_status`).
+    result: ``False`` (default): the leaves of a non-finite gradient;
+      ``True``: those of a non-finite result from a finite gradient.
+
+  Returns:
+    A list of path strings, in the trees' flatten order.
+  """
   _validate.flag('nonfinite_leaves', 'result', result)
   status = nonfinite_status(opt_state)
   if status is None:
@@ -289,7 +308,15 @@ def skip_cause(opt_state: Any) -> tuple[str, list[str]] | None:
   """Why the last step was skipped, ``(what, leaves)``: ``what`` is
   :data:`GRADIENT_CAUSE` or :data:`RESULT_CAUSE` (a finite gradient whose
   update or new state was not), ``leaves`` as :func:`nonfinite_leaves`
-  gives them; ``None`` when the step was applied or there is no guard."""
+  gives them; ``None`` when the step was applied or there is no guard.
+
+  Args:
+    opt_state: the optimizer state after the step (its guard found by
+      :func:`nonfinite_status`).
+
+  Returns:
+    ``(what, leaves)`` or ``None``.
+  """
   names = nonfinite_leaves(opt_state)
   if names:
     return GRADIENT_CAUSE, names
@@ -306,7 +333,14 @@ def raise_if_nonfinite(opt_state: Any, step: int | None = None) -> None:
   or the new state was not (host side: it reads the flags back from the
   devices).
 
+  Args:
+    opt_state: the optimizer state after the step (its guard found by
+      :func:`nonfinite_status`).
+    step: the step's number, quoted in the message (default: none).
+
   Raises:
+    NonFiniteGradientError: the last step was skipped for its gradient.
+    NonFiniteUpdateError: it was skipped for its update or new state.
     ValueError: ``opt_state`` holds no :func:`skip_if_nonfinite` guard
       (a recipe built with ``check_finite=False``, a plain optax state):
       there is nothing to read, and a non-finite step went through.

@@ -42,10 +42,30 @@ def clip_threshold(
     ``⌊decay_fraction·total_steps⌋`` steps move it to ``c·final_scale`` along
     ``linear``, ``sqrt``, ``cosine``, ``exp`` (``final^p``; linear when
     ``final = 0``) or ``square`` in the progress ``p ∈ [0, 1]``.
+
+  Args:
+    c: the threshold after the warm-up, ``c > 0``.
+    count: the step, an integer ``jax.Array`` (the transforms' state
+      count, 0 at the first step).
+    learning_rate: η (number or schedule ``count -> η_t``); default
+      ``None``: no warm-up.
+    base_learning_rate: ``η_base`` (default: the schedule's value at
+      ``warmup_steps``; a constant ``learning_rate`` itself).
+    warmup_steps: steps of the warm-up (default 0, none).
+    decay: ``'constant'`` (default, no decay), ``'linear'``, ``'sqrt'``,
+      ``'cosine'``, ``'exp'`` or ``'square'``.
+    decay_fraction: fraction of ``total_steps`` the decay takes (default
+      0.1).
+    final_scale: the decay ends at ``c·final_scale`` (default 0).
+    total_steps: the run's length, ``> 0`` with a decay (the decay settings
+      without one raise ``ValueError``: :func:`check_decay`).
+    dtype: the result's dtype (default float32).
   """
   _validate.arguments('clip_threshold', clip_threshold, locals())
   check_decay('clip_threshold', decay, decay_fraction, final_scale,
               total_steps)
+  check_warmup('clip_threshold', learning_rate, warmup_steps,
+               base_learning_rate)
   dtype = jnp.float32 if dtype is None else dtype
   t = count.astype(dtype)
   c = jnp.asarray(c, dtype)
@@ -112,10 +132,16 @@ def check_decay(owner: str, decay: str, decay_fraction: Any, final_scale: Any,
 def check_warmup(owner: str, learning_rate: Any, warmup_steps: Any,
                  base_learning_rate: Any) -> None:
   """Raises ``ValueError`` naming ``owner`` for warm-up settings that change
-  nothing: ``warmup_steps`` without a ``learning_rate`` (the warm-up keeps
-  ``c·η`` constant), ``base_learning_rate`` without a warm-up."""
+  nothing: ``warmup_steps`` without a ``learning_rate`` schedule or a
+  ``base_learning_rate`` (the warm-up keeps ``c·η_t`` at ``c·η_base``, and
+  ``η_base`` defaults to the rate itself: a constant rate, or the value
+  ``optax.inject_hyperparams`` passes each step, leaves ``c`` unchanged),
+  ``base_learning_rate`` without a warm-up."""
   _validate.applies(owner, 'warmup_steps', warmup_steps, 0,
-                    learning_rate is not None, 'a learning_rate')
+                    callable(learning_rate) or (
+                        learning_rate is not None
+                        and base_learning_rate is not None),
+                    'a learning_rate schedule or a base_learning_rate')
   _validate.applies(owner, 'base_learning_rate', base_learning_rate, None,
                     learning_rate is not None and not (
                         isinstance(warmup_steps, int) and warmup_steps == 0),

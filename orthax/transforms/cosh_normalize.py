@@ -63,6 +63,14 @@ def cosh_normalize(
 
   After Newton–Schulz (Hybrid-AuON) the same brake runs in the
   orthogonalize pass as ``then=[orthax.matrix_stages.CoshNormalize(...)]``.
+
+  Example:
+    >>> import jax.numpy as jnp, orthax
+    >>> params = {'w': jnp.ones((8, 16))}
+    >>> tx = orthax.cosh_normalize()          # the paper's AuON
+    >>> u, _ = tx.update({'w': 3 * jnp.ones((8, 16))}, tx.init(params))
+    >>> round(float(jnp.linalg.norm(u['w'])), 3)  # 1/cosh(1/√128)
+    0.996
   """
   # eps is added to r >= 1 (cosh >= 1): 0 cannot divide by zero.
   _validate.arguments('cosh_normalize', cosh_normalize, locals(),

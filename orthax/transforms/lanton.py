@@ -147,6 +147,17 @@ def layerwise_noise_adapt(
       :func:`orthax.scale_by_shape` mode (default ``'spectral'``).
     weight_decay: λ, decoupled, applied with the layer's rate η_ℓ.
     matrix_specs: as in :func:`orthax.orthogonalize` (``'nuclear'`` only).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, orthax
+    >>> params = {'a': jnp.ones((8, 16)), 'b': jnp.ones((16, 8))}
+    >>> tx = orthax.layerwise_noise_adapt(
+    ...     orthax.momentum(0.9, nesterov=False), optax.scale_by_sign(),
+    ...     learning_rate=0.01, dual_norm='l1')   # Signum layers
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> u, state = tx.update(grads, tx.init(params), params)
+    >>> round(float(u['a'][0, 0]), 6)  # step 1: no difference yet, -η·sign
+    -0.01
   """
   _validate.arguments('layerwise_noise_adapt', layerwise_noise_adapt,
                       locals(), momentum=_validate.transformation,

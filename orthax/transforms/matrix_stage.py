@@ -115,7 +115,30 @@ def slot_step(make_stage: Callable[[Any], ms.MatrixStage],
   same-shape matrices, on the device that owns them when ``distributed``
   is given; then the stateless stages ``then`` (a shape scale) in the same
   pass. The update is the stages' stack; ``where`` names the owner in
-  errors."""
+  errors.
+
+  Args:
+    make_stage: ``t -> MatrixStage``, the slot stage of step ``t`` (``init``
+      calls it with 0 for the state's shapes, which must not depend on
+      ``t``).
+    matrix_specs: as :func:`orthax.orthogonalize` takes them.
+    distributed: an :class:`orthax.sharding.Distributed` (slots on the
+      devices that own their matrices), or ``None``.
+    where: the owner's name in errors (e.g. ``'aro_rotate'``).
+    then: stateless stages run after it in the same pass (a stateful one
+      raises ``ValueError``); default none.
+
+  Example:
+    >>> import jax.numpy as jnp, orthax
+    >>> from orthax import matrix_stages as ms
+    >>> tx = orthax.transforms.slot_step(
+    ...     lambda t: ms.AroRotate(), None, None, 'example',
+    ...     then=[ms.ScaleByShape('keller')])
+    >>> params = {'w': jnp.ones((4, 8))}
+    >>> u, state = tx.update({'w': jnp.eye(4, 8)}, tx.init(params))
+    >>> u['w'].shape, int(state.count)
+    ((4, 8), 1)
+  """
   then = tuple(then)
   for st in then:
     if st.stateful:

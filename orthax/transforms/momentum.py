@@ -72,6 +72,16 @@ def momentum(
       or the parameter's dtype if wider); the update is computed in the
       wider of the accumulator's and the gradient's dtype.
 
+  Example:
+    >>> import jax.numpy as jnp, orthax
+    >>> params = {'w': jnp.ones((8, 16))}
+    >>> for form in ('ema', 'sum'):
+    ...   tx = orthax.momentum(0.9, form=form)
+    ...   u, _ = tx.update(params, tx.init(params))   # g = 1 at step 1
+    ...   print(form, round(float(u['w'][0, 0]), 4))
+    ema 0.19
+    sum 1.9
+
   References: K. Jordan, *Muon* (2024); Liu et al., *Muon is Scalable for LLM
   Training* (arXiv 2502.16982).
   """

@@ -63,6 +63,19 @@ def neuron_normalize(
   (arXiv 2510.05491), github.com/zichongli5/NorMuon ``normuon.py`` @ d45c9a4;
   modded-nanogpt ``train_gpt.py`` @ f411b3d
   (``_apply_normuon_variance_reduction``).
+
+  Example:
+    >>> import jax.numpy as jnp, orthax
+    >>> params = {'w': jnp.ones((8, 16))}     # Flax (in, out): 16 neurons
+    >>> o = jnp.ones((8, 16)) * jnp.arange(1.0, 17.0)  # neuron j at size j
+    >>> tx = orthax.neuron_normalize()
+    >>> u, state = tx.update({'w': o}, tx.init(params))
+    >>> state.nu['w'].shape
+    (16,)
+    >>> bool(jnp.allclose(u['w'], u['w'][0, 0]))  # every neuron alike
+    True
+    >>> round(float(jnp.linalg.norm(u['w']) / jnp.linalg.norm(o)), 4)
+    1.0
   """
   _validate.arguments('neuron_normalize', neuron_normalize, locals())
   stage = matrix_stages.NeuronNormalize(
@@ -91,6 +104,14 @@ def scale_to_rms(
     rms: the target RMS.
     eps: ε added to the Frobenius norm.
     matrix_specs: as in :func:`orthax.orthogonalize`.
+
+  Example:
+    >>> import jax.numpy as jnp, orthax
+    >>> params = {'w': jnp.ones((8, 16))}
+    >>> tx = orthax.scale_to_rms(0.2)
+    >>> u, _ = tx.update({'w': 3 * jnp.ones((8, 16))}, tx.init(params))
+    >>> round(float(jnp.sqrt(jnp.mean(u['w'] ** 2))), 4)
+    0.2
   """
   _validate.arguments('scale_to_rms', scale_to_rms, locals())
   return stage_transform(matrix_stages.ScaleToRms(rms, eps), matrix_specs,

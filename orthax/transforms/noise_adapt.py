@@ -110,10 +110,20 @@ def noise_adapt(
       ``sqrt(max(A, B))``, whose step has an RMS of about ``0.2·α`` at any
       width, so its best rate falls with the width as AdamW's does),
       ``'keller'`` (``sqrt(max(1, A/B))``: the step's spectral norm does not
-      grow with the width, as Muon's), ``'spectral'`` (``sqrt(A/B)``) or
-      ``'none'`` (1).
+      grow with the width, as Muon's), ``'spectral'`` (``sqrt(A/B)``),
+      ``'inverse_side'`` (``1/min(A, B)``) or ``'none'`` (1).
     clamp_c: NAMO-D's clamp ``c`` toward the mean (``0`` or ``> 1``: off).
     matrix_specs: as in :func:`orthax.orthogonalize`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, orthax
+    >>> params = {'w': jnp.ones((8, 16))}
+    >>> tx = orthax.noise_adapt(orthax.momentum(0.95), orthax.orthogonalize(),
+    ...                         learning_rate=0.02, b1=0.95)
+    >>> grads = {'w': jnp.arange(128.0).reshape(8, 16) / 128}
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> updates['w'].shape, bool(jnp.all(jnp.isfinite(updates['w'])))
+    ((8, 16), True)
 
   References: Zhang, Liu, Schaeffer, *Adam Improves Muon* (arXiv
   2602.17080); github.com/minxin-zhg/namo.

@@ -64,6 +64,22 @@ def in_float32(inner: optax.GradientTransformation
   few significant bits; Newton–Schulz in bfloat16 is off by about 1%. The
   state is unchanged in structure, so ``optax.tree.get`` finds the same
   entries.
+
+  Args:
+    inner: the transformation to run (an
+      ``optax.GradientTransformation``; extra arguments of ``update`` are
+      passed on where ``inner`` takes them).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, orthax
+    >>> params = {'w': jnp.ones((4, 4), jnp.bfloat16)}
+    >>> tx = orthax.transforms.in_float32(optax.adam(1e-3))
+    >>> state = tx.init(params)
+    >>> state[0].mu['w'].dtype  # the moments in float32
+    dtype('float32')
+    >>> updates, state = tx.update(params, state, params)
+    >>> updates['w'].dtype      # the update in the gradient's dtype
+    dtype(bfloat16)
   """
   _validate.transformation('in_float32', 'inner', inner)
 

@@ -51,6 +51,17 @@ def scale_by_shape(
     min_side: ``inverse_side`` only: divide by ``max(min(in, out),
       min_side)`` (default ``None``: 1).
     matrix_specs: as in :func:`orthax.orthogonalize`.
+
+  Example:
+    >>> import jax.numpy as jnp, orthax
+    >>> params = {'w': jnp.ones((16, 25))}    # fan_in 16, fan_out 25
+    >>> for mode in ('keller', 'moonlight', 'inverse_side'):
+    ...   tx = orthax.scale_by_shape(mode)
+    ...   u, _ = tx.update(params, tx.init(params))
+    ...   print(mode, round(float(u['w'][0, 0]), 4))
+    keller 1.25
+    moonlight 1.0
+    inverse_side 0.0625
   """
   _validate.arguments('scale_by_shape', scale_by_shape, locals())
   matrix_stages.check_scale_mode(mode, 'scale_by_shape: mode')

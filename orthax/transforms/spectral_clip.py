@@ -197,7 +197,9 @@ def spectral_clip(
   Args:
     c: clipping threshold (reference default 10; 5 in its 160M scripts).
     learning_rate: the base optimizer's η (number or schedule); ``None`` means
-      the update is already a direction (``η = 1``, ``λ = 0``): plain clip.
+      the update is already a direction (``η = 1``, ``λ = 0``): it is
+      clipped as it is (and multiplied by ``α`` unless
+      ``aspect_scale=False``).
     weight_decay: the base optimizer's decoupled λ.
     steps: coupled Newton–Schulz steps (default 12, accurate to 1e-6 up to
       ``σ_max/c = 1e3``; the reference uses 10).
@@ -205,9 +207,23 @@ def spectral_clip(
     shared_bound: one ``λ_max`` bound per leaf over its batch of matrices
       (the reference) instead of one per matrix.
     apply_to: ``'2d'`` (matrix leaves only) or ``'all'`` (vectors too).
-    warmup_steps: the threshold schedule (:func:`clip_threshold`), with
-      ``base_learning_rate``, ``decay``, ``decay_fraction``,
-      ``final_scale`` and ``total_steps``.
+    warmup_steps: steps of the threshold's warm-up, during which
+      ``c_t = c·η_base/η_t`` (default 0, none; needs a ``learning_rate``
+      schedule or a ``base_learning_rate``: with neither, ``c_t = c``).
+    base_learning_rate: ``η_base`` of the warm-up (default: the schedule's
+      value at ``warmup_steps``, or the constant ``learning_rate``; only
+      with a warm-up).
+    decay: the threshold's decay over the last steps of the run:
+      ``'constant'`` (default, none), ``'linear'``, ``'sqrt'``,
+      ``'cosine'``, ``'exp'`` or ``'square'``
+      (:func:`orthax.transforms.clip_threshold`).
+    decay_fraction: the decay takes the last
+      ``⌊decay_fraction·total_steps⌋`` steps (default 0.1).
+    final_scale: the decay ends at ``c·final_scale`` (default 0; a
+      threshold of 0 clips the direction to zero).
+    total_steps: the run's length (needed, ``> 0``, with a decay;
+      ``decay_fraction``, ``final_scale`` and ``total_steps`` without one
+      raise ``ValueError``).
     matrix_specs: see :func:`resolve_clip_specs` (default: every leaf of rank
       ≥ 2 is a batch of ``(in, out)`` matrices).
     group: clip same-shape matrices from all leaves in one stacked call.
@@ -215,12 +231,30 @@ def spectral_clip(
       whole matrices per device, planned and moved as Newton–Schulz is
       (``a2a``/``local``/``replicated``; ``H_c(Xᵀ) = H_c(X)ᵀ`` and
       ``H_c(0) = 0`` keep the transposes and the zero padding exact). With
-      the default ``tol`` each device stops when *its* matrices are
+      :func:`orthax.polar.soft_clip_matrix`'s default tolerance each
+      device stops when *its* matrices are
       certified converged, so results match one device to that tolerance.
       Not with ``shared_bound`` (one bound over a leaf's whole batch) nor
       the ``gram`` strategy.
     aspect_scale: multiply the clipped direction by ``α`` (the reference's;
       default) or not (``False``: ``α = 1``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, orthax
+    >>> params = {'w': jnp.ones((8, 16)), 'b': jnp.zeros(16)}
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> tx = optax.chain(
+    ...     optax.adamw(1e-3, weight_decay=0.1),
+    ...     orthax.spectral_clip(10.0, learning_rate=1e-3, weight_decay=0.1))
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> updates['w'].shape
+    (8, 16)
+    >>> clip = orthax.spectral_clip(1.0, aspect_scale=False)  # a pure clip
+    >>> u, _ = clip.update(grads, clip.init(params))
+    >>> round(float(jnp.linalg.norm(u['w'], 2)), 3)  # σ = √128 → σ/√(1+σ²)
+    0.996
+    >>> bool(jnp.all(u['b'] == grads['b']))  # apply_to='2d': vectors kept
+    True
   """
   _validate.arguments('spectral_clip', spectral_clip, locals())
   if distributed is not None and shared_bound:
@@ -304,6 +338,30 @@ def spectral_preclip(
   recommend it together with the post-clip). ``c_t`` follows
   :func:`clip_threshold`; ``learning_rate`` is only needed for the warm-up
   rule ``c_t·η_t = const``. Other arguments as in :func:`spectral_clip`.
+
+  Args:
+    c: clipping threshold (default 0.1, the reference's).
+    learning_rate: the optimizer's η (number or schedule), only for the
+      warm-up (``warmup_steps``); default ``None``.
+    steps, step_rule, shared_bound, apply_to: the clip, as in
+      :func:`orthax.spectral_clip` (default 12 ``'scaled'`` steps, one
+      bound per matrix, matrix leaves only).
+    warmup_steps, base_learning_rate: the threshold's warm-up, as in
+      :func:`orthax.spectral_clip` (default none).
+    decay, decay_fraction, final_scale, total_steps: the threshold's decay
+      (:func:`orthax.transforms.clip_threshold`; default ``'constant'``).
+    matrix_specs: see :func:`resolve_clip_specs` (default: every leaf of rank
+      ≥ 2 is a batch of ``(in, out)`` matrices).
+    group: clip same-shape matrices from all leaves in one stacked call.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, orthax
+    >>> params = {'w': jnp.ones((8, 16)), 'b': jnp.zeros(16)}
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> tx = orthax.spectral_preclip()       # c = 0.1
+    >>> g, state = tx.update(grads, tx.init(params))
+    >>> round(float(jnp.linalg.norm(g['w'], 2)), 3)  # σ = √128 clipped to ≈ c
+    0.1
   """
   _validate.arguments('spectral_preclip', spectral_preclip, locals())
   check_decay('spectral_preclip', decay, decay_fraction, final_scale,

@@ -73,6 +73,15 @@ def relayout_state(state: Any, like: Any, where: str = '') -> Any:
   trainer does this on its own. For an ``nnx.Optimizer``, move its ``opt_state`` (a fresh
   optimizer's as ``like``) and assign the result to ``opt_state``.
 
+  Args:
+    state: the state to move (from another mesh or device count, or
+      restored from a checkpoint in its saved shapes).
+    like: the same optimizer's state from ``init`` on this mesh (concrete):
+      the layout and sharding to move to.
+    where: a prefix of the paths that errors name (default ``''``: the
+      whole state, where an ``nnx.State`` is refused; the guard's fields
+      are moved with their own).
+
   Example:
 
   >>> import jax, jax.numpy as jnp, numpy as np, orthax

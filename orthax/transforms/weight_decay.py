@@ -93,6 +93,18 @@ def decoupled_weight_decay(
     matrix_specs: matrix views for ``step_scale`` or ``rate_scale`` (as in
       :func:`orthax.orthogonalize`).
 
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, orthax
+    >>> params = {'w': jnp.ones((8, 16)), 'b': jnp.ones(16)}
+    >>> tx = optax.chain(
+    ...     optax.scale_by_learning_rate(0.01),
+    ...     orthax.decoupled_weight_decay(0.1, learning_rate=0.01,
+    ...                                   mask={'w': True, 'b': False}))
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> u, _ = tx.update(grads, tx.init(params), params)
+    >>> round(float(u['w'][0, 0]), 6), round(float(u['b'][0]), 6)  # 'b' masked
+    (-0.011, -0.01)
+
   References: Loshchilov & Hutter, arXiv 1711.05101; Chen et al., *Cautious
   Optimizers* (arXiv 2411.16085).
   """
