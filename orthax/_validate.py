@@ -160,20 +160,27 @@ def learning_rate(owner: str, name: str, value: Any, *,
     _check(owner, name, value, lambda a: a >= 0, '>= 0', arr)
 
 
-def _signature(f: Callable[..., Any]) -> inspect.Signature | None:
+def _signature(f: Callable[..., Any],
+               follow_wrapped: bool = True) -> inspect.Signature | None:
   try:
-    return inspect.signature(f)
+    return inspect.signature(f, follow_wrapped=follow_wrapped)
   except (TypeError, ValueError):  # a builtin or extension function
     return None
 
 
 def _takes_one_argument(f: Callable[..., Any]) -> bool:
-  """Whether ``f(count)`` binds (true where no signature can be read)."""
-  sig = _signature(f)
-  try:
-    return sig is None or bool(sig.bind(0))
-  except TypeError:
-    return False
+  """Whether ``f(count)`` binds, by its own signature or the one
+  ``functools.wraps`` gave it (true where no signature can be read)."""
+  for follow_wrapped in (True, False):
+    sig = _signature(f, follow_wrapped)
+    if sig is None:
+      return True
+    try:
+      sig.bind(0)
+      return True
+    except TypeError:
+      pass
+  return False
 
 
 count0 = functools.partial(count, minimum=0)

@@ -6,6 +6,7 @@ from ``lanton``, ``'method must be one of'``, ...)."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -314,3 +315,24 @@ def test_schedules_of_one_argument_are_taken():
              lambda c, *rest: 0.05, jnp.cos):
     tx = orthax.muon(learning_rate=lr, adam_learning_rate=lr)
     tx.update(params, tx.init(params), params)
+
+
+def test_a_wrapped_schedule_is_read_by_the_signature_called():
+  """``functools.wraps`` gives a one-argument schedule the signature of the
+  function it wraps; the schedule is taken if either signature takes the
+  step count."""
+  def with_peak(peak):
+    def wrap(f):
+      @functools.wraps(f)
+      def schedule(count):
+        return f(count, peak)
+      return schedule
+    return wrap
+
+  @with_peak(0.02)
+  def warm(count, peak):
+    return peak * jnp.minimum(1.0, count / 10)
+
+  params = {'w': jnp.ones((4, 8))}
+  tx = orthax.muon(learning_rate=warm)
+  tx.update(params, tx.init(params), params)

@@ -106,7 +106,7 @@ def lanton(
     Signum"). It runs at the library's rates.
 
   ``signum_pattern``, ``nesterov``, ``scale``, ``noise_power`` and
-  ``weight_decay`` default to the mode's. The Signum group (2-D ``'adam'`` leaves matching
+  ``weight_decay`` default to the mode's. The Signum group (``'adam'`` leaves of 2 or more dimensions matching
   ``signum_pattern``, e.g. :data:`orthax.recipes.signum_group.SIGNUM_PATTERN`;
   ``'^$'`` matches none; label ``'signum'``): ``W ← W - η_s·sign(B)`` with
   ``B`` an EMA of the gradient (rate ``signum_beta``, default 0.95) and ``η_s =

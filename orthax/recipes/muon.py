@@ -126,8 +126,8 @@ def muon(
     ns_dtype: dtype of the Newton–Schulz iteration (e.g. ``jnp.bfloat16``).
     ns_eps: the normalizer's epsilon (default: the preset's; 1e-8 for
       ``reference='optax'``).
-    ns_method: ``'auto'`` (default; Gram Newton–Schulz for rectangular
-      matrices in float32), ``'standard'`` or ``'gram'``; ``'standard'`` for
+    ns_method: ``'auto'`` (default; Gram Newton–Schulz where it saves
+      FLOPs, in float32 or wider), ``'standard'`` or ``'gram'``; ``'standard'`` for
       ``reference='optax'`` so that it matches optax's arithmetic.
     scale: ``'keller'``, ``'moonlight'``, ``'spectral'``, ``'inverse_side'``
       or ``'none'`` (:func:`orthax.scale_by_shape`).

@@ -140,8 +140,8 @@ _NAMO_ARGS = r"""
       coefficients), e.g. ``'polar_express'``.
     ns_steps: Newton–Schulz steps (default: the preset's).
     ns_dtype: dtype of the Newton–Schulz iteration (e.g. ``jnp.bfloat16``).
-    ns_method: ``'auto'`` (default; Gram Newton–Schulz for rectangular
-      matrices in float32), ``'standard'`` or ``'gram'``.
+    ns_method: ``'auto'`` (default; Gram Newton–Schulz where it saves
+      FLOPs, in float32 or wider), ``'standard'`` or ``'gram'``.
     mu_dtype: momentum accumulator dtype (both branches; default float32,
       or the parameters' dtype if wider: every branch computes in float32
       and rounds the update to the gradients' dtype once).

@@ -138,11 +138,12 @@ def spectra(
     warmup_steps: steps of the threshold's warm-up, ``c_t =
       c·η_base/η_t`` so that ``c_t·η_t`` stays constant (default 0: none;
       :func:`orthax.transforms.clip_threshold`); with a schedule
-      ``learning_rate`` or a ``base_learning_rate`` only (a constant rate,
-      or one passed by ``optax.inject_hyperparams``, would leave ``c``).
+      ``learning_rate`` or a ``base_learning_rate`` only (at a constant
+      rate, or one passed by ``optax.inject_hyperparams``, ``c`` would stay
+      unchanged: refused).
     base_learning_rate: ``η_base`` of the warm-up (default: the schedule's
-      value at ``warmup_steps``, or the constant rate); only with
-      ``warmup_steps > 0``.
+      value at ``warmup_steps``; required with a constant rate or under
+      ``optax.inject_hyperparams``); only with ``warmup_steps > 0``.
     clip_decay: the threshold's decay to ``c·clip_final_scale`` over the
       run's last steps: ``'constant'`` (default: none), ``'linear'``,
       ``'sqrt'``, ``'cosine'``, ``'exp'`` or ``'square'`` (the 780M runs

@@ -50,8 +50,11 @@ def clip_threshold(
     learning_rate: η (number or schedule ``count -> η_t``); default
       ``None``: no warm-up.
     base_learning_rate: ``η_base`` (default: the schedule's value at
-      ``warmup_steps``; a constant ``learning_rate`` itself).
-    warmup_steps: steps of the warm-up (default 0, none).
+      ``warmup_steps``; required with a constant ``learning_rate``).
+    warmup_steps: steps of the warm-up (default 0, none); needs a
+      ``learning_rate`` schedule, or a ``learning_rate`` and a
+      ``base_learning_rate`` (otherwise ``c_t`` would stay ``c``:
+      ``ValueError``).
     decay: ``'constant'`` (default, no decay), ``'linear'``, ``'sqrt'``,
       ``'cosine'``, ``'exp'`` or ``'square'``.
     decay_fraction: fraction of ``total_steps`` the decay takes (default
@@ -132,8 +135,8 @@ def check_decay(owner: str, decay: str, decay_fraction: Any, final_scale: Any,
 def check_warmup(owner: str, learning_rate: Any, warmup_steps: Any,
                  base_learning_rate: Any) -> None:
   """Raises ``ValueError`` naming ``owner`` for warm-up settings that change
-  nothing: ``warmup_steps`` without a ``learning_rate`` schedule or a
-  ``base_learning_rate`` (the warm-up keeps ``c·η_t`` at ``c·η_base``, and
+  nothing: ``warmup_steps`` without a ``learning_rate`` schedule, or a
+  ``learning_rate`` and a ``base_learning_rate`` (the warm-up keeps ``c·η_t`` at ``c·η_base``, and
   ``η_base`` defaults to the rate itself: a constant rate, or the value
   ``optax.inject_hyperparams`` passes each step, leaves ``c`` unchanged),
   ``base_learning_rate`` without a warm-up."""
@@ -141,7 +144,8 @@ def check_warmup(owner: str, learning_rate: Any, warmup_steps: Any,
                     callable(learning_rate) or (
                         learning_rate is not None
                         and base_learning_rate is not None),
-                    'a learning_rate schedule or a base_learning_rate')
+                    'a learning_rate schedule, or a learning_rate and a '
+                    'base_learning_rate')
   _validate.applies(owner, 'base_learning_rate', base_learning_rate, None,
                     learning_rate is not None and not (
                         isinstance(warmup_steps, int) and warmup_steps == 0),

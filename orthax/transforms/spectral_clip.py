@@ -209,10 +209,11 @@ def spectral_clip(
     apply_to: ``'2d'`` (matrix leaves only) or ``'all'`` (vectors too).
     warmup_steps: steps of the threshold's warm-up, during which
       ``c_t = c·η_base/η_t`` (default 0, none; needs a ``learning_rate``
-      schedule or a ``base_learning_rate``: with neither, ``c_t = c``).
+      schedule, or a ``learning_rate`` and a ``base_learning_rate``:
+      otherwise ``c_t`` would stay ``c``, and it is refused).
     base_learning_rate: ``η_base`` of the warm-up (default: the schedule's
-      value at ``warmup_steps``, or the constant ``learning_rate``; only
-      with a warm-up).
+      value at ``warmup_steps``; required with a constant
+      ``learning_rate``; only with a warm-up).
     decay: the threshold's decay over the last steps of the run:
       ``'constant'`` (default, none), ``'linear'``, ``'sqrt'``,
       ``'cosine'``, ``'exp'`` or ``'square'``
