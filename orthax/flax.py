@@ -132,9 +132,28 @@ def spec_per_param(params: Any, specs: Any) -> list[P]:
   containers, e.g. an ``nnx.State``): a ``None`` entry (unspecified) is
   ``P()``, a ``NamedSharding`` its spec.
 
+  Args:
+    params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``\\ s).
+    specs: a ``PartitionSpec``, ``NamedSharding`` or ``None`` (replicated)
+      per parameter, shaped like ``params`` or with the same paths.
+
+  Returns:
+    A list with one ``PartitionSpec`` per leaf of ``params``, in
+    ``jax.tree.leaves`` order.
+
   Raises:
-    ValueError: ``specs`` is not shaped like ``params`` (naming both
-      structures' difference), or an entry is neither.
+    ValueError: ``specs`` has no entry for a parameter (naming it and
+      the structures' difference), or an entry is not a ``PartitionSpec``,
+      ``NamedSharding`` or ``None``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jax.sharding import PartitionSpec as P
+    >>> import orthax.flax
+    >>> params = {'w': jnp.ones((8, 16)), 'b': jnp.zeros(16)}
+    >>> specs = orthax.flax.spec_per_param(params, {'w': P('fsdp'), 'b': None})
+    >>> specs == [P(), P('fsdp')]  # leaf order: 'b', 'w'
+    True
   """
   return _spec_per_param(params, specs, 'spec_per_param')
 

@@ -50,6 +50,20 @@ class MatrixSpec:
   Axes may be negative (counted from the end), so the default
   ``MatrixSpec()`` — fan-in ``-2``, fan-out ``-1`` — covers a 2-D Flax kernel
   ``(in, out)`` and a stacked kernel ``(L, in, out)`` alike.
+
+  Attributes:
+    fan_in: the axis (an int) or axes (a sequence of ints) flattened into
+      the matrix's rows, in that order; default ``(-2,)``.
+    fan_out: the axis or axes flattened into its columns; default
+      ``(-1,)``. Both are stored as tuples and must each name at least one
+      axis; an axis in both is an error when a leaf is resolved.
+
+  Example:
+    >>> from orthax import MatrixSpec
+    >>> MatrixSpec().matrix_shape((4, 8, 16))  # (batch, fan_in, fan_out)
+    (4, 8, 16)
+    >>> MatrixSpec(fan_in=(0, 1, 2), fan_out=3).matrix_shape((3, 3, 16, 32))
+    (1, 144, 32)
   """
 
   fan_in: Axes = (-2,)

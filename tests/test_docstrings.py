@@ -1,15 +1,20 @@
 """The public API documents itself: every argument of every public function
-of ``orthax`` and ``orthax.transforms`` is described under ``Args:``, and
-every public function that returns a transformation has an ``Example:``
-(run by ``tests/test_doctests.py``)."""
+and class of ``orthax``, ``orthax.transforms``, ``orthax.polar``,
+``orthax.matrix_stages``, ``orthax.sharding``, ``orthax.flax`` and
+``orthax.train`` is described under ``Args:`` (a class's fields may be under
+``Attributes:``; optax-style state tuples are left out), and every public
+function that returns a transformation has an ``Example:`` (run by
+``tests/test_doctests.py``)."""
 
+import importlib
 import inspect
 import re
 
 import pytest
 
-import orthax
-from orthax import transforms
+MODULES = ('orthax', 'orthax.transforms', 'orthax.polar',
+           'orthax.matrix_stages', 'orthax.sharding', 'orthax.flax',
+           'orthax.train')
 
 _SECTION = re.compile(r'\n\s*(?:Returns|Example|Examples|Raises|References|'
                       r'Yields|Note|Notes):')
@@ -18,26 +23,35 @@ _SECTION = re.compile(r'\n\s*(?:Returns|Example|Examples|Raises|References|'
 _ENTRY = re.compile(r'^\s+(\*{0,2}\w+(?:,\s*\*{0,2}\w+)*):', re.M)
 
 
-def documented_arguments(doc: str) -> set[str]:
-  """The argument names described in ``doc``'s ``Args:`` section."""
-  if 'Args:' not in doc:
+def documented_arguments(doc: str, header: str = 'Args:') -> set[str]:
+  """The argument names described in ``doc``'s ``header`` section."""
+  if header not in doc:
     return set()
-  section = _SECTION.split(doc.split('Args:', 1)[1])[0]
+  section = _SECTION.split(doc.split(header, 1)[1])[0]
   return {name.strip().lstrip('*') for entry in _ENTRY.findall(section)
           for name in entry.split(',')}
 
 
-def _public_functions():
+def _is_state_tuple(obj) -> bool:
+  return inspect.isclass(obj) and issubclass(obj, tuple)
+
+
+def _public_objects():
   seen = {}
-  for mod in (orthax, transforms):
+  for mod_name in MODULES:
+    mod = importlib.import_module(mod_name)
     for name in mod.__all__:
-      f = getattr(mod, name)
-      if inspect.isfunction(f) and f not in seen.values():
-        seen[f'{mod.__name__}.{name}'] = f
+      obj = getattr(mod, name)
+      if ((inspect.isfunction(obj) or inspect.isclass(obj))
+          and obj.__module__.startswith('orthax')
+          and not _is_state_tuple(obj)
+          and not (inspect.isclass(obj) and issubclass(obj, BaseException))
+          and obj not in seen.values()):
+        seen[f'{mod_name}.{name}'] = obj
   return seen
 
 
-PUBLIC = _public_functions()
+PUBLIC = _public_objects()
 
 
 def _arguments(f):
@@ -63,9 +77,12 @@ def test_the_reader_finds_single_and_grouped_entries():
 
 @pytest.mark.parametrize('name', sorted(PUBLIC))
 def test_every_argument_is_documented(name):
-  f = PUBLIC[name]
-  missing = [a for a in _arguments(f)
-             if a not in documented_arguments(f.__doc__ or '')]
+  obj = PUBLIC[name]
+  doc = obj.__doc__ or ''
+  described = documented_arguments(doc)
+  if inspect.isclass(obj):
+    described |= documented_arguments(doc, 'Attributes:')
+  missing = [a for a in _arguments(obj) if a not in described]
   assert not missing, f'{name}: no Args entry for {missing}'
 
 

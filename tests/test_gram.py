@@ -221,3 +221,20 @@ def test_flops_of_a_column_block_and_gram_products():
   assert polar.gram_flops(m, n, 5, 2, col_shards=g) == (
       3 * (4 * m * m * n // g + 2 * m**3) + 2 * 8 * m**3)
   assert [polar.gram_products(5, r) for r in (1, 2, 3, None)] == [5, 3, 2, 1]
+
+
+def test_symmetrize_is_taken_whichever_method_runs():
+  """``orthogonalize_stack(symmetrize=False)`` raised a ``TypeError`` from
+  the plain iteration (square matrices, bf16, a traced step count), which
+  has no Gram matrix: it is taken there and changes nothing; where Gram
+  runs it is passed on."""
+  from orthax.polar import orthogonalize_stack  # pylint: disable=g-import-not-at-top
+  key = jax.random.key(3)
+  square = jax.random.normal(key, (2, 16, 16))
+  np.testing.assert_array_equal(orthogonalize_stack(square, symmetrize=False),
+                                orthogonalize_stack(square))
+  wide = jax.random.normal(key, (2, 16, 64))
+  assert orthogonalize_stack(wide, method='auto', symmetrize=False).shape == (
+      2, 16, 64)
+  with pytest.raises(TypeError, match='^orthogonalize_stack: symmetrize '):
+    orthogonalize_stack(square, symmetrize='no')

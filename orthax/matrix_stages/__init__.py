@@ -34,12 +34,12 @@ from orthax.matrix_stages._base import MatrixStage
 from orthax.matrix_stages._base import Norm
 from orthax.matrix_stages._base import ScalingStage
 from orthax.matrix_stages._base import StageShapes
-from orthax.matrix_stages._base import apply_stages
-from orthax.matrix_stages._base import check_norms
-from orthax.matrix_stages._base import split_sums
+from orthax.matrix_stages._apply import apply_stages
+from orthax.matrix_stages._apply import check_norms
+from orthax.matrix_stages._apply import split_sums
 from orthax.matrix_stages._base import stage
 from orthax.matrix_stages._base import static
-from orthax.matrix_stages._base import stage_norms
+from orthax.matrix_stages._apply import stage_norms
 from orthax.matrix_stages._base import root_norm
 from orthax.matrix_stages._base import sum_squares
 from orthax.matrix_stages._base import wide

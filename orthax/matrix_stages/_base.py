@@ -1,6 +1,6 @@
 """The matrix-stage protocol: :class:`MatrixStage`, :class:`ScalingStage`,
-:class:`StageShapes`, :class:`Blocks`, :class:`Norm`, and running a list of
-stages on a ``[k, fan_in, fan_out]`` stack.
+:class:`StageShapes`, :class:`Blocks`, :class:`Norm` (running a list of
+stages on a ``[k, fan_in, fan_out]`` stack: :mod:`._apply`).
 
 A stage is a small frozen dataclass registered as a pytree (decorate it with
 :func:`stage`): its hyperparameters are children, so traced values (under
@@ -34,7 +34,12 @@ def static(default: Any = dataclasses.MISSING) -> Any:
   """A stage field that is a mode, not a hyperparameter: part of the
   pytree's static structure (hashable, never traced). Pass its default by
   keyword, ``static(default='add')``, for type checkers to see it (no
-  default: a required field)."""
+  default: a required field).
+
+  Args:
+    default: the field's default, a hashable value (omitted: the field is
+      required).
+  """
   return dataclasses.field(default=default, metadata={'static': True})
 
 
@@ -50,7 +55,12 @@ def stage(cls: type[_S]) -> type[_S]:
   a pytree: fields made with :func:`static` are static, all others
   children. A field annotated ``bool`` is checked to be one at
   construction (a ``TypeError`` naming the stage and the field: the string
-  ``'False'`` would otherwise switch the mode on)."""
+  ``'False'`` would otherwise switch the mode on).
+
+  Args:
+    cls: the subclass; returned as a frozen dataclass with ``eq=False``
+      (stages compare by identity), registered with ``jax.tree_util``.
+  """
   switches = sorted({name for klass in cls.__mro__
                      for name, kind in vars(klass).get(
                          '__annotations__', {}).items()
@@ -159,12 +169,21 @@ def map_state(fn: Callable[[tuple[int, ...]], Any], state: Any) -> Any:
 
 def wide(dtype) -> Any:
   """The dtype stage statistics are kept in: float32 or the update's, if
-  wider."""
+  wider.
+
+  Args:
+    dtype: the update's dtype (what ``jnp.promote_types`` takes).
+  """
   return jnp.promote_types(dtype, jnp.float32)
 
 
 def sum_squares(x: jax.Array, axes: Sequence[int]) -> jax.Array:
-  """``Σ x²`` over ``axes`` (kept, size 1), in :func:`wide` precision."""
+  """``Σ x²`` over ``axes`` (kept, size 1), in :func:`wide` precision.
+
+  Args:
+    x: an array of floats.
+    axes: the axes summed over.
+  """
   x = x.astype(wide(x.dtype))
   return jnp.sum(x * x, axis=tuple(axes), keepdims=True)
 
@@ -173,7 +192,13 @@ def root_norm(x: jax.Array, axes: Sequence[int]) -> jax.Array:
   """``√Σ x²`` over ``axes`` of whole ``[..., fan_in, fan_out]`` matrices,
   in :func:`wide` precision, with the squares taken of ``x·2⁻ᵉ``
   (:func:`orthax.polar.scale_safe.huge_scale`, one power of two per
-  matrix): it cannot overflow, and is the plain root below ``2³²``."""
+  matrix): it cannot overflow, and is the plain root below ``2³²``.
+
+  Args:
+    x: whole matrices ``[..., fan_in, fan_out]``.
+    axes: the matrix axes summed over: ``(-2, -1)`` (per matrix), ``(-2,)``
+      or ``(-1,)`` (per row or column), kept as size-1 axes.
+  """
   x = x.astype(wide(x.dtype))
   f = huge_scale(x).astype(x.dtype)
   return jnp.sqrt(jnp.sum(jnp.square(x * f), axis=tuple(axes),
@@ -277,119 +302,3 @@ class ScalingStage(MatrixStage):
     c, state, out = self.scale(state, norms, blocks)
     o = self.multiply(o, c)
     return (o, state, out) if self.has_output else (o, state)
-
-
-def check_norms(st: MatrixStage, fan_in: int, fan_out: int
-                ) -> tuple[Norm, ...]:
-  """The stage's declared norms, checked: known sources, one or both matrix
-  axes, and only on a :class:`ScalingStage`."""
-  out = tuple(st.shapes(fan_in, fan_out).norms)
-  if out and not isinstance(st, ScalingStage):
-    raise ValueError(
-        f'matrix stage {st.name!r} asks for norms but is not a '
-        'ScalingStage (only a factor computed from norms can run apart from '
-        'the matrices on a mesh).')
-  for nm in out:
-    axes = tuple(nm.axes)
-    if (nm.source not in SOURCES or not axes
-        or not set(axes) <= {-2, -1} or len(set(axes)) != len(axes)):
-      raise ValueError(
-          f'matrix stage {st.name!r}: a Norm needs a source in {SOURCES} '
-          f'and axes among (-2, -1), got {nm!r}.')
-  return out
-
-
-def split_sums(st: MatrixStage, fan_in: int, fan_out: int,
-               split: int) -> list[int]:
-  """The sums :meth:`~MatrixStage.apply` makes across ``split`` (``-2`` or
-  ``-1``) when the matrix is held in blocks of that axis, read by tracing
-  it (``jax.eval_shape``, nothing runs): one entry per sum, the number of
-  values it keeps per matrix (what one all-reduce of a sharding plan
-  carries)."""
-  kept: list[int] = []
-
-  def reduce(a):
-    kept.append(math.prod(a.shape[1:]))
-    return a
-
-  sh = st.shapes(fan_in, fan_out)
-  f32 = lambda shape: jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
-  o = f32((fan_in, fan_out))
-  state = map_state(f32, sh.state)
-  norms = [f32((1 if -2 in nm.axes else fan_in, 1 if -1 in nm.axes
-                else fan_out)) for nm in check_norms(st, fan_in, fan_out)]
-  blocks = Blocks(fan_in, fan_out, split, reduce)
-  # The stage goes in as an argument: its traced hyperparameters (a
-  # schedule's value inside jit) are abstract here, not closed over.
-  jax.eval_shape(lambda st, o, s, n: st.apply(o, s, blocks, n) if n
-                 else st.apply(o, s, blocks), st, o, state, norms)
-  return kept
-
-
-def stage_norms(stages: Sequence[MatrixStage],
-                sources: Mapping[str, jax.Array | None],
-                fan_in: int, fan_out: int) -> list[list[jax.Array]]:
-  """Each stage's :meth:`~MatrixStage.norms` of whole ``[k, fan_in,
-  fan_out]`` matrices: ``sources['input']`` and ``sources['aux']``."""
-  out = []
-  for st in stages:
-    per = []
-    for nm in check_norms(st, fan_in, fan_out):
-      if sources.get(nm.source) is None:
-        raise ValueError(
-            f'matrix stage {st.name!r} needs the {nm.source!r} matrices; '
-            f"{'pass aux= with the update' if nm.source == 'aux' else ''}.")
-      per.append(root_norm(sources[nm.source], nm.axes))
-    out.append(per)
-  return out
-
-
-def _check_returned(st: MatrixStage, was: tuple[Any, Any],
-                    got: tuple[Any, Any]) -> None:
-  """Raises ``ValueError`` naming the stage where its ``apply`` returned a
-  stack or a state of another shape than it was given (a state that
-  changes shape from ``init`` breaks ``lax.scan`` loops, checkpoints and
-  the guard's choice between old and new state; a wrong stack failed in a
-  reshape that named nothing)."""
-  shapes = lambda tree: [tuple(x.shape) for x in jax.tree.leaves(tree)]  # pylint: disable=unnecessary-lambda-assignment
-  for what, before, after in (('stack', was[0], got[0]),
-                              ('state', was[1], got[1])):
-    if (jax.tree.structure(before) != jax.tree.structure(after)
-        or shapes(before) != shapes(after)):
-      raise ValueError(
-          f'{st.name}: apply returned a {what} shaped {shapes(after)} for '
-          f'one shaped {shapes(before)}; a stage returns the stack '
-          '[k, fan_in, fan_out] and its state as it got them (the state as '
-          'shapes() declares it).')
-
-
-def apply_stages(stages: Sequence[MatrixStage], o: jax.Array,
-                 states: Sequence[jax.Array | None], blocks: Blocks,
-                 norms: Sequence[Sequence[jax.Array]] | None = None,
-                 factors: Sequence[jax.Array | None] | None = None
-                 ) -> tuple[jax.Array, list[jax.Array | None],
-                            list[jax.Array | None]]:
-  """Runs ``stages`` in order on ``o[k, fan_in, fan_out]``; ``states[j]`` is
-  stage ``j``'s ``[k, ...]`` state (``None`` if stateless), ``norms[j]`` its
-  norms. ``factors[j]``, when given for a :class:`ScalingStage`, is its
-  factor ``c`` computed beforehand (:meth:`ScalingStage.scale`): the stage
-  then only multiplies, and its state and output are returned as ``None``.
-  Returns the stack (in its dtype), the new states and each stage's output
-  (``None`` where it has none)."""
-  norms = [()] * len(stages) if norms is None else norms
-  factors = [None] * len(stages) if factors is None else factors
-  new, outs = [], []
-  for st, s, nm, c in zip(stages, states, norms, factors):
-    if c is not None:
-      o, s, out = ScalingStage.multiply(o, c), None, None
-    else:
-      res = st.apply(o, s, blocks, nm) if nm else st.apply(o, s, blocks)
-      was = (o, s)
-      if st.has_output:
-        o, s, out = res
-      else:
-        (o, s), out = res, None
-      _check_returned(st, was, (o, s))
-    new.append(s)
-    outs.append(out)
-  return o, new, outs

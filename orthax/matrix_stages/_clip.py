@@ -115,7 +115,13 @@ class ClipOutliers(MatrixStage):
   stays zero). The result does not depend on the matrix's orientation, so
   it can run before Newton–Schulz on the wide stack
   (:func:`orthax.orthogonalize` ``before=``; on a mesh inside the body,
-  where the matrix is whole). Whole matrices only.
+  where the matrix is whole). Whole matrices only. The stage of
+  :func:`orthax.clip_outliers` and :func:`orthax.root`.
+
+  Args:
+    quantile: ``q`` in ``[0, 1]`` (default 0.9, ROOT's: the top 10% of
+      magnitudes are clipped); may be traced.
+    eps: added to the quantile, the clip bound (default 1e-9, ROOT's).
   """
 
   name = 'clip_outliers'

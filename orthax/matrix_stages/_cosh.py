@@ -25,6 +25,16 @@ class CoshNormalize(MatrixStage):
   .. math:: U = (X \text{ or } G)\,/\,\big(\sqrt{\mathrm{mean}\,\cosh(γB)^2}
      + ε\big)
 
+  Args:
+    gamma: ``γ`` inside the cosh (default 1, the paper's; the repo's
+      1.5); may be traced.
+    normalize: keyword-only, static: output ``X`` (default ``True``, the
+      paper's AuON) instead of ``G``.
+    brake_input: keyword-only, static, one of :data:`BRAKE_INPUTS`:
+      ``'normalized'`` (default: ``B = X``) or ``'raw'`` (``B = G``).
+    norm_eps: ``ε_n`` of the Frobenius normalization (default 1e-7).
+    eps: ``ε`` added to the root mean ``cosh²`` (default 1e-8).
+
   Reference: Maity, arXiv 2509.24320; ryyzn9/AuON @ bba2e82.
   """
 

@@ -49,6 +49,22 @@ class DCTAdam(MatrixStage):
   reference without ``rotate_subspace``). State (slots): ``idx`` ``(r,)``
   int32, ``m`` and ``v`` ``(L, r)``; ``v`` is kept as its root ``√v``
   (updated by ``hypot``), so a gradient of ``10¹⁹`` cannot overflow it.
+  The stage of :func:`orthax.transforms.scale_by_dct_adam`, which builds it
+  each step.
+
+  Args:
+    count: ``t``, the 1-based step (default 1), set by the transform each
+      step (traced): the bias corrections and the re-selection steps.
+    b1, b2: Adam's ``β₁``, ``β₂`` (default 0.9, 0.999).
+    eps: ``ε``, added to ``√v`` as torch's AdamW does (default 1e-8).
+    rank: static: ``r``, an ``int``, or a ``float`` in ``(0, 1]``, a
+      fraction of the smaller side ``s`` (rounded up); at least 1, at most
+      ``s`` (default 0.25).
+    update_every: static: ``g``, the steps between re-selections (default
+      1, every step).
+    ell_norm: static: ``p`` of the column score (default 1, the L1 norm).
+    remap: static: carry the moments over at a re-selection (default
+      ``True``).
   """
 
   name = 'dct_adam'
@@ -147,7 +163,24 @@ class TrionStep(MatrixStage):
   ``rank·s/r``: where rounding up keeps more than the fraction (``r = 1``
   of a side of 1), the step is that of exactly the fraction kept; 1 where
   ``rank·s`` is whole. State (slots): ``b`` ``(fan_in, fan_out)``, the
-  buffer in the kernel's layout.
+  buffer in the kernel's layout. The stage of
+  :func:`orthax.transforms.scale_by_trion` (whose ``beta`` is
+  ``momentum``).
+
+  Args:
+    momentum: ``μ``, the momentum of the error feedback (default 0.95).
+    rank: static: ``r``, an ``int``, or a ``float`` in ``(0, 1]``, a
+      fraction of the smaller side ``s`` (rounded up); at least 1, at most
+      ``s`` (default 0.25).
+    scaling: static: a key of :data:`TRION_SCALINGS`: ``'kj'`` (default,
+      ``√max(1, fan_out/fan_in)``), ``'none'``, ``'kimi'``
+      (``0.2√max(fan_in, fan_out)``) or ``'dion'`` (``√(fan_out/fan_in)``).
+    ns_dtype: static: dtype of the Newton–Schulz iteration (default
+      ``None``: the state's, float32 or wider; the reference: bfloat16).
+    nesterov: static: orthogonalize the look-ahead (default ``False``, the
+      reference's step).
+    fraction_scale: static: the ``rank·s/r`` correction of ``c`` (default
+      ``False``, the reference's).
   """
 
   name = 'trion'
@@ -157,6 +190,9 @@ class TrionStep(MatrixStage):
   ns_dtype: Any = static(default=None)
   nesterov: bool = static(default=False)
   fraction_scale: bool = static(default=False)
+
+  def __post_init__(self):
+    _validate.choice(TRION_SCALINGS)(self.name, 'scaling', self.scaling)
 
   def shapes(self, fan_in, fan_out):
     return StageShapes(state={'b': (fan_in, fan_out)}, slots=True)

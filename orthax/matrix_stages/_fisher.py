@@ -127,6 +127,40 @@ class FismoStep(MatrixStage):
   With ``scale_invariant`` ``L`` and ``R`` enter the averages at mean
   eigenvalue 1 (:func:`damped_ema`), ``μ`` relative to that: the step is
   the same for ``G`` and ``c·G``.
+
+  The stage of :func:`orthax.transforms.scale_by_fismo` (and
+  :func:`orthax.fismo`), which builds it each step; the defaults below are
+  the stage's.
+
+  Args:
+    beta: ``β`` of the whitened momentum ``M`` (EMA, no bias correction;
+      default 0.95).
+    gamma: ``γ``, the EMA rate of the factors ``P`` and ``Q`` (default
+      0.95).
+    damping: ``μ`` (default 1e-3): absolute, relative to unit-mean ``L``
+      and ``R`` with ``scale_invariant``.
+    eig_floor: the floor of the factors' eigenvalues before their inverse
+      square roots (default 1e-6; their mean is 1).
+    ns_steps: Newton–Schulz steps (default ``None``: the preset's).
+    ns_eps: the Newton–Schulz normalizer's epsilon (default ``None``: the
+      preset's).
+    scale_rms: the RMS target of the ``'moonlight'`` scale (default 0.2).
+    count: the 1-based step, set by the transform each step (traced); read
+      only with ``precondition_every > 1``, to find the refresh steps
+      (default ``None``).
+    preset: static: the Newton–Schulz preset, a name or an
+      :class:`orthax.polar.Preset` (default ``'jordan'``).
+    ns_method: static: ``'auto'`` (default), ``'standard'`` or ``'gram'``,
+      as in :func:`orthax.orthogonalize`.
+    scale: static: the shape scale ``c``, one of
+      :data:`~orthax.matrix_stages.SCALE_MODES` (default ``'keller'``;
+      :func:`~orthax.matrix_stages.shape_factor`).
+    precondition_every: static: ``k``, the steps between refreshes of the
+      inverse roots (default 1: every step).
+    nesterov: static: orthogonalize the look-ahead ``βM + (1-β)G̃``
+      instead of ``M`` (default ``False``).
+    scale_invariant: static: ``L`` and ``R`` enter at mean eigenvalue 1
+      (default ``False``).
   """
 
   name = 'fismo'

@@ -19,7 +19,19 @@ EPS_PLACEMENTS = ('add', 'clamp')
 
 def neuron_axis(fan_in: int, fan_out: int, axis: str) -> int:
   """The ``[fan_in, fan_out]`` axis NorMuon keeps one statistic along
-  (``-1``: per fan-out unit, ``-2``: per fan-in unit)."""
+  (``-1``: per fan-out unit, ``-2``: per fan-in unit).
+
+  Args:
+    fan_in, fan_out: the matrix's sides (Flax kernel ``(in, out)``).
+    axis: one of :data:`NEURON_AXES`: ``'fan_out'`` (always ``-1``) or
+      ``'longer'`` (``-1`` when ``fan_out ≥ fan_in``, else ``-2``:
+      modded-nanogpt's rows of the PyTorch weight when rows ≥ cols).
+
+  Example:
+    >>> from orthax.matrix_stages import neuron_axis
+    >>> neuron_axis(64, 16, 'fan_out'), neuron_axis(64, 16, 'longer')
+    (-1, -2)
+  """
   if axis == 'fan_out':
     return -1
   # modded-nanogpt: torch rows (= fan_out) >= cols (= fan_in) -> per row.
@@ -36,6 +48,19 @@ class NeuronNormalize(MatrixStage):
      v_i \leftarrow β_2 v_i + (1-β_2)\,\mathrm{mean}_j O_{ij}^2,\qquad
      \hat O = \frac{O}{\sqrt v + ε}\cdot
         \frac{\|O\|_F}{\|O/(\sqrt v + ε)\|_F + ε}\ (\texttt{restore\_norm})
+
+  Args:
+    beta2: ``β₂``, the EMA rate of the per-neuron mean square ``v``
+      (default 0.95; modded-nanogpt 0.9); may be traced.
+    eps: ``ε`` of the denominator and of the Frobenius restore (default
+      1e-10).
+    axis: keyword-only, static: ``'fan_out'`` (default) or ``'longer'``
+      (:func:`neuron_axis`).
+    eps_placement: keyword-only, static: ``'add'`` (default, ``√v + ε``;
+      restore ``‖Ô‖_F + ε``) or ``'clamp'`` (``√max(v, ε)``; restore
+      ``max(‖Ô‖_F, ε)``).
+    restore_norm: keyword-only, static: rescale each matrix back to its
+      incoming Frobenius norm (default ``True``, the repo form).
 
   References: Li et al., arXiv 2510.05491; zichongli5/NorMuon @ d45c9a4.
   """

@@ -51,6 +51,27 @@ class NoiseAdaptStep(ScalingStage):
   factor ``-min(·, 1)`` needs only norms and state, so this is a
   :class:`~orthax.matrix_stages.ScalingStage`.
 
+  Args:
+    mode: static, required: one of :data:`NOISE_MODES`, ``'scalar'``
+      (NAMO) or ``'diagonal'`` (NAMO-D).
+    learning_rate: ``η_t``, required: this step's learning rate, set by
+      the transform each step (traced; a schedule's value at the count
+      before the update).
+    count: ``t``, required: the 1-based step, set by the transform each
+      step (traced): the bias corrections.
+    b1: keyword-only: ``μ₁``, the momentum's β, for ``1 - μ₁ᵗ`` (default
+      0.95).
+    mu2: keyword-only: ``μ₂``, the EMA rate of ``v`` (default 0.99).
+    eps: keyword-only: ``ε`` added to ``√v`` (default 1e-8).
+    weight_decay: keyword-only: ``λ`` of the output ``r`` (default 0.1).
+    scale_coeff: keyword-only: ``c_s``, the coefficient of the shape
+      factor ``k`` (default 0.2).
+    clamp_c: keyword-only: NAMO-D's clamp ``c`` toward the mean (default
+      0.75; ``≤ 0`` or ``> 1``: off); unused by NAMO.
+    shape: keyword-only, static: the shape factor ``k`` (listed above; one
+      of :data:`~orthax.matrix_stages.SCALE_MODES`, default
+      ``'moonlight'``).
+
   References: Zhang, Liu, Schaeffer, *Adam Improves Muon* (arXiv
   2602.17080); minxin-zhg/namo ``src/namo.py`` @ a3f37b0.
   """

@@ -30,7 +30,19 @@ def resolve_qr(qr: str, backend: str | None = None) -> str:
   signs, which ARO's update does not see. Other kinds are returned as
   given. (:class:`~orthax.matrix_stages.AroRotate` makes the choice when
   its step is lowered, for the platform it is lowered for; its FLOP model
-  asks this function for JAX's default backend.)"""
+  asks this function for JAX's default backend.)
+
+  Args:
+    qr: one of ``'auto'``, ``'cholesky_qr3'``, ``'householder'`` or
+      ``'shifted_cholesky'`` (not checked here).
+    backend: a JAX platform name, e.g. ``'cpu'`` or ``'gpu'`` (default
+      ``None``: ``jax.default_backend()``); read only for ``'auto'``.
+
+  Example:
+    >>> from orthax.matrix_stages import resolve_qr
+    >>> resolve_qr('auto', 'cpu'), resolve_qr('auto', 'gpu')
+    ('householder', 'cholesky_qr3')
+  """
   if qr != 'auto':
     return qr
   backend = jax.default_backend() if backend is None else backend

@@ -174,6 +174,24 @@ class AroRotate(MatrixStage):
   backend's, :func:`~orthax.matrix_stages.resolve_qr`) or
   ``'shifted_cholesky'`` (dion's one-pass ``CᵀC + 10⁻⁷‖C‖²I`` form, whose
   ``Q`` is far from orthogonal once ``κ(C)`` passes about 10³).
+
+  The stage of :func:`orthax.transforms.aro_rotate`, which sets ``base``,
+  ``qr``, ``rotate`` and ``stable`` and keeps ``iters`` and ``eps`` at their
+  defaults. All fields are static.
+
+  Args:
+    base: the base map ``f`` (:func:`base_map`): ``'sinkhorn'`` (default),
+      ``'row_norm'`` or ``'sign'``.
+    qr: how ``Q`` is computed (above): ``'auto'`` (default),
+      ``'cholesky_qr3'``, ``'householder'`` or ``'shifted_cholesky'``.
+    rotate: the rotated side: ``'smaller'`` (default; fan-out on a tie),
+      ``'fan_out'`` (the PyTorch rows, dion's) or ``'fan_in'``.
+    iters: Sinkhorn's alternating row/column passes (default 5;
+      ``'sinkhorn'`` only).
+    eps: the floor of the row and column norms ``f`` divides by (default
+      1e-8; not used by ``'sign'``).
+    stable: the exact-arithmetic values, computed stably (default
+      ``True``, above); ``False``: the reference's arithmetic.
   """
 
   name = 'aro_rotate'

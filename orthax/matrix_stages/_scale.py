@@ -22,7 +22,13 @@ def check_scale_mode(mode: str, where: str = 'check_scale_mode: mode'
                      ) -> None:
   """Raises ``ValueError`` unless ``mode`` is one of :data:`SCALE_MODES`;
   ``where`` names the owner and the argument (e.g.
-  ``'scale_by_dct_adam: scale'``)."""
+  ``'scale_by_dct_adam: scale'``).
+
+  Args:
+    mode: the shape-scale mode to check.
+    where: the error message's prefix: the owner and the argument
+      (default ``'check_scale_mode: mode'``).
+  """
   if mode not in SCALE_MODES:
     raise ValueError(f'{where} must be one of {SCALE_MODES}, got '
                      f'{mode!r}.')
@@ -31,7 +37,19 @@ def check_scale_mode(mode: str, where: str = 'check_scale_mode: mode'
 def check_min_side(min_side: Any, where: str, default: int = 1) -> int:
   """``min_side``, or ``default`` for ``None``; raises ``ValueError``
   (``TypeError`` for a non-integer: a static value) unless it is an
-  integer ≥ 1; ``where`` names the argument."""
+  integer ≥ 1; ``where`` names the argument.
+
+  Args:
+    min_side: the value to check (a Python or NumPy integer, or ``None``).
+    where: the error message's prefix: the owner and the argument (e.g.
+      ``'scale_by_shape: min_side'``).
+    default: what ``None`` stands for (default 1).
+
+  Example:
+    >>> from orthax.matrix_stages import check_min_side
+    >>> check_min_side(None, 'f: min_side'), check_min_side(64, 'f: min_side')
+    (1, 64)
+  """
   if min_side is None:
     return default
   if isinstance(min_side, bool) or not isinstance(min_side, (int, np.integer)):
@@ -86,7 +104,16 @@ def shape_factor(fan_in: int, fan_out: int, mode: str,
 
 @stage
 class ScaleByShape(MatrixStage):
-  """``O ← O·shape_factor(fan_in, fan_out, mode, rms, min_side)``."""
+  """``O ← O·shape_factor(fan_in, fan_out, mode, rms, min_side)``
+  (:func:`shape_factor`; the stage of :func:`orthax.scale_by_shape`).
+
+  Args:
+    mode: one of :data:`SCALE_MODES` (default ``'keller'``,
+      ``√max(1, fan_out/fan_in)``); static.
+    rms: the RMS target of ``'moonlight'`` (default 0.2); may be traced.
+    min_side: ``'inverse_side'`` only: the smallest side it divides by
+      (default 1, an ``int ≥ 1``); static.
+  """
 
   name = 'scale_by_shape'
   mode: str = static(default='keller')
@@ -107,7 +134,13 @@ class ScaleByShape(MatrixStage):
 
 @stage
 class ScaleToRms(MatrixStage):
-  """``O ← O·rms·√(mn) / (‖O‖_F + ε)`` (a zero matrix stays zero)."""
+  """``O ← O·rms·√(mn) / (‖O‖_F + ε)`` (a zero matrix stays zero; the
+  stage of :func:`orthax.scale_to_rms`).
+
+  Args:
+    rms: the target RMS of each matrix (default 0.2); may be traced.
+    eps: ``ε`` added to the Frobenius norm (default 1e-10).
+  """
 
   name = 'scale_to_rms'
   rms: Any = 0.2
@@ -140,6 +173,12 @@ class ScaleToSpectralNorm(MatrixStage):
   from below, exact to within about ``(σ₂/σ₁)^(4·iters)``; on iid noise,
   the flattest spectrum, a few percent). Scale-free: any finite stack gives a finite result, and a
   zero matrix stays zero. Whole matrices only.
+
+  Args:
+    mode: the target spectral norm, a :func:`shape_factor` mode of
+      :data:`SCALE_MODES` (default ``'keller'``; ``'moonlight'`` at RMS
+      0.2, ``'inverse_side'`` with ``min_side`` 1); static.
+    iters: power iterations (default 10, at least 1); static.
 
   Reference: Yang, Simon, Bernstein, *A Spectral Condition for Feature
   Learning* (arXiv 2310.17813): a step of spectral norm

@@ -44,7 +44,13 @@ SHAPE_TABLES: dict[str, Mapping[tuple[int, int], Row]] = {'root': ROOT_TABLE}
 def resolve_shape_table(
     table: str | Mapping[tuple[int, int], Sequence[float]]
 ) -> dict[tuple[int, int], np.ndarray]:
-  """A named table (``'root'``) or a mapping ``(min, max) -> row or rows``."""
+  """A per-shape table as ``{(min side, max side): (k, 3) float64 rows}``.
+
+  Args:
+    table: ``'root'`` (:data:`ROOT_TABLE`) or a mapping
+      ``(m, n) -> row or rows`` (keys in either orientation; values as
+      :func:`coefficient_table` takes them).
+  """
   if isinstance(table, str):
     if table not in SHAPE_TABLES:
       raise ValueError(f'Unknown per-shape coefficient table {table!r}; known: '
@@ -65,7 +71,25 @@ _validate.register(('coeffs_for_shape',), _validate.parsed(
 def shape_coeffs(m: int, n: int,
                  table: str | Mapping[tuple[int, int], Sequence[float]] = 'root',
                  fallback: Sequence[Sequence[float]] = _presets.JORDAN):
-  """The coefficient table for an ``m×n`` matrix (either orientation)."""
+  """The coefficient table for an ``m×n`` matrix (either orientation).
+
+  Args:
+    m, n: the matrix's sides.
+    table: a per-shape table as :func:`resolve_shape_table` takes it
+      (default ``'root'``).
+    fallback: the rows for a shape the table lacks (default Keller
+      Jordan's ``((3.4445, -4.7750, 2.0315),)``).
+
+  Returns:
+    A float64 array of rows ``(a, b, c)``.
+
+  Example:
+    >>> from orthax.polar import shape_coeffs
+    >>> shape_coeffs(3072, 2048).tolist()  # ROOT's 2048×3072 row
+    [[3.4509, -4.579, 1.9325]]
+    >>> shape_coeffs(64, 64).tolist()  # not in the table: the fallback
+    [[3.4445, -4.775, 2.0315]]
+  """
   t = resolve_shape_table(table)
   return t.get((min(m, n), max(m, n)), np.asarray(fallback, np.float64))
 
@@ -73,7 +97,13 @@ def shape_coeffs(m: int, n: int,
 def gaussian_sample_singular_values(m: int, n: int, count: int = 4,
                                     seed: int = 0) -> np.ndarray:
   """Singular values of ``count`` Frobenius-normalized ``m×n`` standard
-  Gaussian matrices, concatenated (the Gaussian part of ROOT's sample)."""
+  Gaussian matrices, concatenated (the Gaussian part of ROOT's sample).
+
+  Args:
+    m, n: the sample matrices' shape (ints ``≥ 1``).
+    count: how many matrices (default 4): ``count·min(m, n)`` values.
+    seed: seed of NumPy's ``default_rng``.
+  """
   for name, value in (('m', m), ('n', n), ('count', count)):
     _validate.count('gaussian_sample_singular_values', name, value)
   rng = np.random.default_rng(seed)
@@ -86,7 +116,14 @@ def gaussian_sample_singular_values(m: int, n: int, count: int = 4,
 
 def orthogonalization_error(row: Sequence[float], sigma: np.ndarray,
                             steps: int = 5) -> float:
-  """``Σ_i (p^{∘steps}(σ_i) - 1)²`` for the fixed quintic ``row``."""
+  """``Σ_i (p^{∘steps}(σ_i) - 1)²`` for the fixed quintic ``row``.
+
+  Args:
+    row: ``(a, b, c)`` of ``p(σ) = aσ + bσ³ + cσ⁵``.
+    sigma: sample singular values (e.g. of
+      :func:`gaussian_sample_singular_values`).
+    steps: how many times ``p`` is applied (default 5).
+  """
   a, b, c = row
   s = np.asarray(sigma, np.float64)
   for _ in range(steps):
@@ -99,7 +136,18 @@ def fit_quintic(sigma: np.ndarray, steps: int = 5,
                 iters: int = 200) -> Row:
   """Fixed ``(a, b, c)`` minimizing :func:`orthogonalization_error` on the
   sample singular values ``sigma`` (Gauss–Newton with a backtracking line
-  search, from ``init``; NumPy, offline). Returns a row for a shape table."""
+  search, from ``init``; NumPy, offline). Returns a row for a shape table.
+
+  Args:
+    sigma: sample singular values, e.g.
+      :func:`gaussian_sample_singular_values` of the target shape.
+    steps: how many times the quintic is applied (default 5).
+    init: the starting row (default Keller Jordan's
+      ``(3.4445, -4.7750, 2.0315)``).
+    iters: the most Gauss–Newton iterations (default 200); it stops
+      earlier when no step lowers the error or the relative decrease is
+      below 1e-12.
+  """
   s0 = np.asarray(sigma, np.float64)
   theta = np.asarray(init, np.float64)
 

@@ -130,9 +130,14 @@ def standard_flops(m: int, n: int, steps: int, col_shards: int = 1) -> int:
   Per step ``A = XXᵀ`` (``2m²n``), ``A²`` (``2m³``) and ``(bA + cA²)X``
   (``2m²n``) in the wide orientation (``m ≤ n`` after swapping); a
   ``(p×q)·(q×r)`` product counts ``2pqr``; element-wise work and the
-  normalizer are ignored. ``col_shards``: the FLOPs of one device holding
-  an ``m × n/col_shards`` column block (``col_reduce``); the ``m×m`` work is
-  replicated.
+  normalizer are ignored.
+
+  Args:
+    m, n: the matrix's sides (either orientation).
+    steps: number of Newton–Schulz steps.
+    col_shards: count the FLOPs of one device holding an
+      ``m × n/col_shards`` column block (``col_reduce``; the ``m×m`` work is
+      replicated); default 1, the whole matrix.
   """
   m, n = min(m, n), max(m, n) // col_shards
   return steps * (4 * m * m * n + 2 * m ** 3)
@@ -142,7 +147,13 @@ def gram_products(steps: int,
                   restart_every: int | None = DEFAULT_RESTART_EVERY) -> int:
   """How many Gram matrices ``XXᵀ`` :func:`gram_newton_schulz` forms: one
   per block of ``restart_every`` steps (one per step for the plain
-  iteration, which is ``restart_every=1``)."""
+  iteration, which is ``restart_every=1``).
+
+  Args:
+    steps: number of Newton–Schulz steps.
+    restart_every: steps per block (default 2); ``None`` or ``0``: one
+      block.
+  """
   return _num_blocks(steps, check_restart(restart_every, 'gram_products'))
 
 
@@ -155,8 +166,15 @@ def gram_flops(m: int, n: int, steps: int,
   if ``restart_every`` is ``None``/0). Each block forms ``R = XXᵀ`` and
   ``X ← QX`` (``4m²n``); its first step needs only ``R²`` (``2m³``, then
   ``Q = P``) and every further step ``R ← P(RP)``, ``R²``, ``Q ← QP``
-  (``8m³``). Same conventions (and ``col_shards``) as
-  :func:`standard_flops`.
+  (``8m³``). Same conventions as :func:`standard_flops`.
+
+  Args:
+    m, n: the matrix's sides (either orientation).
+    steps: number of Newton–Schulz steps.
+    restart_every: steps per block (default 2); ``None`` or ``0``: never
+      restart.
+    col_shards: FLOPs of one device holding an ``m × n/col_shards`` column
+      block, as in :func:`standard_flops` (default 1).
   """
   check_restart(restart_every, 'gram_flops')
   m, n = min(m, n), max(m, n) // col_shards
@@ -173,6 +191,19 @@ def prefer_gram(m: int, n: int, steps: int,
   ``B`` the number of blocks, so for any schedule in which some block has two
   or more steps this is exactly ``max(m, n) > 1.5·min(m, n)``; with
   ``restart_every=1`` the counts are equal and it is ``False``.
+
+  Args:
+    m, n: the matrix's sides (either orientation).
+    steps: number of Newton–Schulz steps (a Python int).
+    restart_every: the Gram schedule's steps per block (default 2; ``None``
+      or ``0``: never restart).
+
+  Example:
+    >>> from orthax.polar import gram_flops, prefer_gram, standard_flops
+    >>> gram_flops(16, 64, 5), standard_flops(16, 64, 5)
+    (286720, 368640)
+    >>> prefer_gram(16, 64, 5), prefer_gram(16, 24, 5)
+    (True, False)
   """
   check_restart(restart_every, 'prefer_gram')
   return gram_flops(m, n, steps, restart_every) < standard_flops(m, n, steps)

@@ -62,7 +62,13 @@ def coefficient_table(coeffs: Any, *,
                       owner: str = 'coefficient_table') -> np.ndarray:
   """``coeffs`` (one ``(a, b, c)`` row or ``k`` of them) as a float64
   ``(k, 3)`` table; ``ValueError`` for any other shape or a non-finite
-  entry (naming ``owner``, the function the user called)."""
+  entry.
+
+  Args:
+    coeffs: one row ``(a, b, c)`` (shape ``(3,)``) or ``k ≥ 1`` rows
+      (``(k, 3)``), any array-like of numbers.
+    owner: the function the user called, named in the errors.
+  """
   try:
     table = np.asarray(coeffs, dtype=np.float64)
   except (TypeError, ValueError) as e:
@@ -127,7 +133,21 @@ def normalize_frobenius(x: jax.Array, scale: float = 1.0,
   parts). Neither the sum of squares nor the quotient can overflow or
   underflow, up to the dtype's largest finite entries; below the threshold
   it is the plain quotient (the same arithmetic; XLA may order the sum of
-  squares differently, a last-bit difference)."""
+  squares differently, a last-bit difference).
+
+  Args:
+    x: array ``[..., m, n]``; each matrix is normalized by its own norm.
+    scale: ``s`` in ``X / (s·‖X‖_F + eps)`` (default 1; Polar Express uses
+      1.01/1.02).
+    eps: added to the scaled norm (default 1e-7), so a zero matrix maps
+      to zeros.
+    col_reduce: completes the (float32 or wider) sums of squares of a
+      column block ``[..., m, n/G]`` (module docstring), e.g.
+      ``lambda a: jax.lax.psum(a, 'tp')``; ``None``: whole matrices.
+
+  Returns:
+    An array like ``x`` (its dtype).
+  """
   acc = jnp.promote_types(x.dtype, jnp.float32)
   xa = x.astype(acc)
   if col_reduce is not None:
@@ -316,6 +336,13 @@ def polar_svd(x: jax.Array, rtol: float | None = None) -> jax.Array:
   treated as zero, so a zero or rank-deficient matrix gets the unique
   partial isometry on its range (zeros for a zero matrix). For tests and small
   matrices; cost is O(mn·min(m, n)) with a large constant.
+
+  Args:
+    x: array ``[..., m, n]``; leading axes are a batch. bfloat16 and float16
+      are computed in float32 (LAPACK has no half-precision SVD) and the
+      result has ``x``'s dtype.
+    rtol: relative cut-off ``τ/σ_max`` (default ``max(m, n)·eps`` of the
+      computation dtype).
   """
   if x.ndim < 2:
     raise ValueError(f'polar_svd: x must have shape [..., m, n], got shape '

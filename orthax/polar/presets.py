@@ -133,7 +133,20 @@ def preset_names() -> tuple[str, ...]:
 
 
 def get_preset(name: str | Preset) -> Preset:
-  """Returns the preset called ``name`` (a :class:`Preset` passes through)."""
+  """Returns the preset called ``name`` (a :class:`Preset` passes through).
+
+  Args:
+    name: a name from :func:`preset_names` (``'jordan'``,
+      ``'polar_express'``, ``'polar_express_paper'``, ``'dion'``,
+      ``'quintic'``, ``'cans'``, ``'aol'``) or a :class:`Preset`; any
+      other value raises ``ValueError``.
+
+  Example:
+    >>> from orthax.polar import get_preset
+    >>> p = get_preset('polar_express')
+    >>> p.steps, p.normalizer, p.norm_scale, p.eps
+    (5, 'frobenius', 1.02, 1e-06)
+  """
   if isinstance(name, Preset):
     return name
   try:

@@ -84,7 +84,14 @@ _FLOOR_ULPS = 4.0
 
 def lambda_max_bound(s: jax.Array, shared: bool = False) -> jax.Array:
   """``min(max row ℓ1 norm, ‖S‖_F) ≥ λ_max(S)`` for symmetric ``S``,
-  shape ``[..., 1, 1]`` (the max over the batch when ``shared``)."""
+  shape ``[..., 1, 1]`` (the max over the batch when ``shared``).
+
+  Args:
+    s: symmetric matrices ``[..., m, m]`` (e.g. Gram matrices ``XXᵀ``).
+    shared: one bound for the whole batch, ``min(max_batch row norm,
+      max_batch ‖S‖_F)`` (the reference's batched behaviour), instead of one
+      per matrix (default).
+  """
   _validate.flag('lambda_max_bound', 'shared', shared)
   row = jnp.max(jnp.sum(jnp.abs(s), axis=-1), axis=-1)
   fro = jnp.sqrt(jnp.sum(jnp.square(s), axis=(-2, -1)))
@@ -239,7 +246,14 @@ def _coupled_steps(y: jax.Array, z: jax.Array, ell: jax.Array,
 
 def soft_clip_svd(x: jax.Array, c: float) -> jax.Array:
   """``H_c`` from a thin SVD (tests and small matrices; bfloat16 and
-  float16 computed in float32, which LAPACK needs)."""
+  float16 computed in float32, which LAPACK needs).
+
+  Args:
+    x: ``[..., m, n]``; leading axes are a batch. The result has ``x``'s
+      dtype.
+    c: threshold, as :func:`soft_clip_matrix` takes it (a number ``> 0``,
+      or a scalar ``jax.Array``; an array ``c ≤ 0`` gives zeros).
+  """
   _check_threshold('soft_clip_svd', c)
   if x.ndim < 2:
     raise ValueError(f'soft_clip_svd: x must be [..., m, n], got shape '
@@ -263,6 +277,12 @@ def soft_clip_vector(g: jax.Array, c: float | jax.Array) -> jax.Array:
 
   over the whole array. **Discontinuous at** ``‖g‖ = c`` (it jumps from
   ``c`` to ``c/√2``) — a quirk of the reference kept for parity.
+
+  Args:
+    g: an array of any shape; ``‖g‖`` is its Frobenius norm (computed in
+      float32 or wider; the result has ``g``'s dtype).
+    c: threshold, as :func:`soft_clip_matrix` takes it (a number ``> 0``,
+      or a scalar ``jax.Array``; an array ``c ≤ 0`` gives zeros).
   """
   _check_threshold('soft_clip_vector', c)
   acc = jnp.promote_types(g.dtype, jnp.float32)

@@ -24,9 +24,9 @@ from orthax.sharding._inspect import NotDistributedError
 from orthax.sharding._inspect import plan
 from orthax.sharding._distributed import STRATEGIES
 from orthax.sharding._distributed import Distributed
-from orthax.sharding._plan import GroupPlan
-from orthax.sharding._plan import LeafInfo
-from orthax.sharding._plan import Plan
+from orthax.sharding._plan_types import GroupPlan
+from orthax.sharding._plan_types import LeafInfo
+from orthax.sharding._plan_types import Plan
 from orthax.sharding._cost import default_matrix_flops
 from orthax.sharding._plan import plan_orthogonalize
 from orthax.sharding._specs import spec_entries

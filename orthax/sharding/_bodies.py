@@ -28,7 +28,7 @@ from orthax.polar.scale_safe import signed_root
 from orthax.polar.scale_safe import signed_squares
 from orthax.polar.scale_safe import split_root
 from orthax.polar.scale_safe import split_squares
-from orthax.sharding._plan import GroupPlan
+from orthax.sharding._plan_types import GroupPlan
 
 NSFn = Callable[[jax.Array], jax.Array]
 

@@ -64,9 +64,9 @@ from orthax.sharding import _group
 from orthax.sharding._bodies import NSFn
 from orthax.sharding._inspect import record
 from orthax.sharding._distributed import Distributed
-from orthax.sharding._plan import GroupPlan
-from orthax.sharding._plan import LeafInfo
-from orthax.sharding._plan import Plan
+from orthax.sharding._plan_types import GroupPlan
+from orthax.sharding._plan_types import LeafInfo
+from orthax.sharding._plan_types import Plan
 from orthax.sharding._plan import plan_orthogonalize
 from orthax.sharding._specs import spec_entries
 from orthax.sharding._specs import array_spec
@@ -84,7 +84,13 @@ def _entry(axes: tuple[str, ...]):
 
 def place(x, mesh, spec: P):
   """``x`` with sharding ``NamedSharding(mesh, spec)`` (``reshard`` on a
-  mesh with Explicit axes, else a sharding constraint; eagerly, a move)."""
+  mesh with Explicit axes, else a sharding constraint; eagerly, a move).
+
+  Args:
+    x: an array (concrete or traced).
+    mesh: the ``jax.sharding.Mesh`` to place it on.
+    spec: its ``PartitionSpec`` on ``mesh``.
+  """
   return _constrain(x, mesh, spec)
 
 
@@ -122,7 +128,17 @@ def local_plan(paths: Sequence[str], leaves: Sequence[Any],
                stages: Sequence[matrix_stages.MatrixStage] = (),
                **plan_kw) -> Plan:
   """The trivial plan of one device: every group ``local``, grouped by
-  shape (and, with ``stages``, orientation) as on a mesh."""
+  shape (and, with ``stages``, orientation) as on a mesh.
+
+  Args:
+    paths: the leaves' paths (the plan's rows, error messages).
+    leaves: arrays or abstract arrays (only shapes and dtypes are read).
+    matrix_specs: one :class:`~orthax.MatrixSpec` per leaf.
+    stages: the :class:`~orthax.matrix_stages.MatrixStage`\\ s run in the
+      body (their FLOPs are counted).
+    **plan_kw: the FLOP model, as :func:`plan_orthogonalize` takes it
+      (``steps``, ``method``, ``restart_every``, ``ns_dtype``...).
+  """
   infos = [LeafInfo(p, tuple(x.shape), x.dtype, ms, P())
            for p, x, ms in zip(paths, leaves, matrix_specs)]
   return plan_orthogonalize(infos, _NoMesh(), 'local', stages=stages,
@@ -132,8 +148,19 @@ def local_plan(paths: Sequence[str], leaves: Sequence[Any],
 def plan_leaves(paths: Sequence[str], leaves: Sequence[Any],
                 matrix_specs: Sequence[matrices.MatrixSpec],
                 pspecs: Sequence[P], dist: Distributed, **plan_kw) -> Plan:
-  """The :class:`Plan` for arrays (or abstract arrays) ``leaves``;
-  ``plan_kw`` as :func:`plan_orthogonalize` takes them."""
+  """The :class:`Plan` for arrays (or abstract arrays) ``leaves``.
+
+  Args:
+    paths: the leaves' paths (for ``dist.overrides`` and error messages).
+    leaves: arrays or abstract arrays (only shapes and dtypes are read).
+    matrix_specs: one :class:`~orthax.MatrixSpec` per leaf.
+    pspecs: one ``PartitionSpec`` per leaf (e.g. :func:`leaf_specs`).
+    dist: the :class:`Distributed`: its ``mesh``, ``strategy``,
+      ``overrides``, ``comm_dtype`` and ``max_local_matrix_bytes`` (not its
+      ``param_specs``: ``pspecs`` are used).
+    **plan_kw: the other keywords of :func:`plan_orthogonalize`
+      (``stages``, ``column_blocks``, the FLOP model).
+  """
   infos = [LeafInfo(p, tuple(x.shape), x.dtype, ms, ps)
            for p, x, ms, ps in zip(paths, leaves, matrix_specs, pspecs)]
   return plan_orthogonalize(
@@ -245,19 +272,51 @@ def takes_column_blocks(fn: Any) -> bool:
 
 
 def group_key(i: int) -> str:
-  """The key of a plan's ``i``-th group in a slot stage's state."""
+  """The key of a plan's ``i``-th group in a slot stage's state.
+
+  Args:
+    i: the group's index in ``plan.groups``.
+
+  Example:
+    >>> import orthax
+    >>> orthax.sharding.group_key(3)
+    'group3'
+  """
   return f'group{i}'
 
 
 def execute_plan(plan: Plan, leaves, matrix_specs, param_specs, mesh, ns_fn,
                  *, stages=(), stage_states=None, aux=None, fn_args=(),
                  triple=True, inputs=None):
-  """Runs every group of ``plan`` (:func:`orthax.sharding._group.run_group`;
-  ``mesh=None``: on one device, without ``shard_map``). ``stage_states[j]``:
-  per leaf, or for a slot stage a dict of its groups' arrays (keys
-  :func:`group_key`); ``inputs``: the leaves ``Norm('input', ...)`` is
-  taken of, when not ``leaves``. Returns the leaves, or ``(leaves, states,
-  outputs)`` with ``triple``."""
+  """Runs every group of ``plan`` (:func:`run_group`).
+
+  Args:
+    plan: the :class:`Plan` of exactly these leaves (its groups' ``leaves``
+      index them).
+    leaves: the update leaves (global arrays).
+    matrix_specs: one :class:`~orthax.MatrixSpec` per leaf.
+    param_specs: one ``PartitionSpec`` per leaf: each body sees the leaf's
+      local block in it.
+    mesh: the mesh; ``None``: on one device, without ``shard_map`` (the
+      plan of :func:`local_plan`).
+    ns_fn: the stack function, as :func:`distributed_orthogonalize` takes it.
+    stages: the :class:`~orthax.matrix_stages.MatrixStage`\\ s run after
+      ``ns_fn`` in each body (the stages the plan was built with).
+    stage_states: ``stage_states[j]``: stage ``j``'s state, per leaf (a
+      list), or for a slot stage a dict of its groups' ``[D, k, *state]``
+      arrays (keys :func:`group_key`); ``None``: no stage has a state.
+    aux: the auxiliary leaves, per leaf, whose norms a stage takes
+      (``Norm('aux', ...)``).
+    fn_args: arrays ``ns_fn`` takes after the stack, passed replicated.
+    triple: return ``(leaves, states, outputs)`` rather than the leaves.
+    inputs: the leaves ``Norm('input', ...)`` is taken of, when not
+      ``leaves``.
+
+  Returns:
+    The leaves, in the order and sharding of ``leaves``; with ``triple``,
+    ``(leaves, new stage_states, outputs)`` (``outputs[j][i]``: stage ``j``'s
+    output for leaf ``i``, ``None`` where it has none).
+  """
   _validate.flag('execute_plan', 'triple', triple)
   n = len(leaves)
   out: list[Any] = [None] * n
@@ -295,12 +354,25 @@ def orthogonalize_tree(updates: Any, dist: Distributed, ns_fn: NSFn,
                        stages: Sequence[matrix_stages.MatrixStage] = (),
                        stage_states: Sequence[Sequence[Any]] | None = None,
                        aux: Any = None) -> Any:
-  """Tree version of :func:`distributed_orthogonalize`: ``matrix_specs`` as
-  :func:`orthax.orthogonalize` takes them, specs from ``dist``, ``plan_kw``
-  the plan's FLOP model; ``stages``/``stage_states`` (per stage, per leaf in
-  flatten order) as there, ``aux`` a tree like ``updates``. Returns the
-  tree, or with ``stages`` the triple ``(tree, new stage_states,
-  outputs)``."""
+  """Tree version of :func:`distributed_orthogonalize`.
+
+  Args:
+    updates: the update tree (global arrays).
+    dist: the :class:`Distributed`; the leaves' specs come from it
+      (:func:`specs_for`).
+    ns_fn: the stack function, as :func:`distributed_orthogonalize` takes it.
+    matrix_specs: as :func:`orthax.orthogonalize` takes them (``None``:
+      2-D leaves are ``(in, out)`` kernels).
+    plan_kw: the plan's FLOP model, as :func:`distributed_orthogonalize`
+      takes it.
+    stages, stage_states: as :func:`distributed_orthogonalize` takes them
+      (``stage_states``: per stage, per leaf in flatten order).
+    aux: the auxiliary tree, like ``updates``.
+
+  Returns:
+    The tree, or with ``stages`` the triple ``(tree, new stage_states,
+    outputs)``.
+  """
   ms = _tree.resolve_specs(matrix_specs, updates, 'orthogonalize')
   paths, leaves, treedef = _tree.leaves_with_paths(updates)
   ps = specs_for(updates, dist)

@@ -33,7 +33,7 @@ from orthax import matrix_stages as MS
 from orthax.sharding._bodies import BODIES
 from orthax.sharding._bodies import piece_norms
 from orthax.sharding._bodies import NSFn
-from orthax.sharding._plan import GroupPlan
+from orthax.sharding._plan_types import GroupPlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,12 @@ class Roles:
 
 
 def slot_count(g: GroupPlan) -> int:
-  """``k``: the matrices of group ``g`` one device owns after the move."""
+  """``k``: the matrices of group ``g`` one device owns after the move.
+
+  Args:
+    g: a :class:`GroupPlan`: ``padded / shards`` under ``a2a`` and
+      ``replicated``, ``local_count`` under ``local`` and ``gram``.
+  """
   if g.strategy in ('a2a', 'replicated'):
     return g.padded // g.shards
   return g.local_count
@@ -263,22 +268,36 @@ def run_group(g: GroupPlan, xs: Sequence[jax.Array],
               aux: Sequence[jax.Array] | None = None,
               fn_args: Sequence[jax.Array] = (), *, state_spec=None,
               constrain=None, inputs: Sequence[jax.Array] | None = None):
-  """Runs ``ns_fn`` and then the matrix ``stages`` on the group's leaves
-  ``xs`` (global arrays) in one body: under ``jax.shard_map`` on ``mesh``,
-  or directly when ``mesh`` is ``None`` (one device: the trivial plan).
+  """Runs ``ns_fn`` and then the matrix ``stages`` on the group's leaves in
+  one body: under ``jax.shard_map`` on ``mesh``, or directly when ``mesh``
+  is ``None`` (one device: the trivial plan).
 
-  ``states[j]``: stage ``j``'s state, per leaf (a list of ``batch +
-  per-matrix`` arrays) or, for a slot stage, the group's ``[D, k, *state]``
-  array; ``None`` for a stateless stage. ``aux``: the group's leaves of the
-  auxiliary tree, when a stage needs ``'aux'`` norms (only their norms are
-  taken, on each device's pieces). ``inputs``: the leaves whose norms
-  ``Norm('input', ...)`` takes, when not ``xs`` (shapes and shardings of
-  ``xs``). ``fn_args``: arrays ``ns_fn`` takes after
-  the stack, passed into the body replicated. ``state_spec(j, i, shape)``
-  and ``constrain(x, spec)`` place per-leaf states on the mesh.
+  Args:
+    g: the :class:`GroupPlan`.
+    xs: the group's leaves (global arrays), in ``g.leaves`` order.
+    mspecs, pspecs: their :class:`~orthax.MatrixSpec`\\ s and
+      ``PartitionSpec``\\ s.
+    mesh: the mesh, or ``None``.
+    ns_fn: ``stack[k, m, n] -> stack`` (wide); under ``gram`` it takes the
+      keywords ``col_reduce`` and ``col_shards``.
+    stages: the :class:`~orthax.matrix_stages.MatrixStage`\\ s, in order.
+    states: ``states[j]``: stage ``j``'s state, per leaf (a list of ``batch
+      + per-matrix`` arrays) or, for a slot stage, the group's ``[D, k,
+      *state]`` array (or dict of them); ``None`` for a stateless stage.
+    aux: the group's leaves of the auxiliary tree, when a stage needs
+      ``'aux'`` norms (only their norms are taken, on each device's pieces).
+    fn_args: arrays ``ns_fn`` takes after the stack, passed replicated.
+    state_spec: ``(j, i, shape) -> PartitionSpec`` of stage ``j``'s
+      per-leaf state (or output) of leaf ``i``; with a ``mesh`` only.
+    constrain: ``(x, spec) -> x`` placed on the mesh (:func:`place`); with
+      a ``mesh`` only.
+    inputs: the leaves whose norms ``Norm('input', ...)`` takes, when not
+      ``xs`` (shapes and shardings of ``xs``).
 
-  Returns the leaves (in their shardings), the new states (as ``states``)
-  and the stages' outputs (per leaf; ``None`` for a stage without)."""
+  Returns:
+    The leaves (in their shardings), the new states (as ``states``) and the
+    stages' outputs (per leaf; ``None`` for a stage without).
+  """
   stages, fn_args, nx = tuple(stages), tuple(fn_args), len(xs)
   r = roles(g, stages)
   if r.with_aux and aux is None:

@@ -17,7 +17,7 @@ import optax
 from orthax import _tree
 from orthax.sharding import _specs
 from orthax.sharding._distributed import Distributed
-from orthax.sharding._plan import Plan
+from orthax.sharding._plan_types import Plan
 
 
 class NotDistributedError(ValueError):

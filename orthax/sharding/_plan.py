@@ -7,7 +7,6 @@ abstract parameters, and printed.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -19,128 +18,9 @@ from orthax.polar import gram as _gram
 from orthax.sharding._distributed import Distributed
 from orthax.sharding._specs import spec_entries
 from orthax.sharding import _cost
-
-class LeafInfo(NamedTuple):
-  """What the planner needs to know about one update leaf."""
-  path: str
-  shape: tuple[int, ...]
-  dtype: Any
-  matrix_spec: MatrixSpec
-  partition_spec: Any  # PartitionSpec
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupPlan:
-  """Same-shape wide matrices ``[count, m, n]`` handled by one strategy.
-
-  ``local_count`` is the number of matrices in one device's stack before any
-  communication (the global count divided by the batch-axis sharding);
-  ``padded`` is ``local_count`` rounded up to a multiple of ``shards`` (the
-  number of devices the stack is split over: the product of ``split_axes``).
-  For ``a2a`` the split axes are the matrix dimensions' sharding axes,
-  ``row_axes`` (of ``m``) then ``col_axes`` (of ``n``). For ``gram`` they
-  are ``col_axes``: each device keeps an ``m × n/shards`` block of every
-  matrix (no padding) and ``collectives`` counts the float32 all-reduces
-  per update (one per Gram product plus the Frobenius norm).
-  """
-  strategy: str
-  m: int
-  n: int
-  dtype: Any
-  leaves: tuple[int, ...]
-  paths: tuple[str, ...]
-  transposed: tuple[bool, ...]
-  count: int
-  local_count: int
-  padded: int
-  row_axes: tuple[str, ...]
-  col_axes: tuple[str, ...]
-  split_axes: tuple[str, ...]
-  shards: int
-  row_shards: int
-  col_shards: int
-  wire_dtype: Any
-  matrix_flops: int
-  flops_per_device: int
-  bytes_per_device: float
-  collectives: int
-  stages: tuple[str, ...] = ()  # matrix stages run in the body, in order
-
-  @property
-  def padding(self) -> int:
-    return self.padded - self.local_count
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """A static plan; ``print(plan)`` shows one row per group."""
-  groups: tuple[GroupPlan, ...]
-  num_devices: int
-  mesh_shape: tuple[tuple[str, int], ...]
-
-  @property
-  def flops_per_device(self) -> int:
-    return sum(g.flops_per_device for g in self.groups)
-
-  @property
-  def bytes_per_device(self) -> float:
-    return sum(g.bytes_per_device for g in self.groups)
-
-  @property
-  def collectives(self) -> int:
-    return sum(g.collectives for g in self.groups)
-
-  def group_of(self, path: str) -> GroupPlan:
-    for g in self.groups:
-      if path in g.paths:
-        return g
-    raise KeyError(path)
-
-  def __str__(self) -> str:
-    mesh = '×'.join(f'{n}={s}' for n, s in self.mesh_shape)
-    head = ('group', 'matrix', 'leaves', 'count', 'local', 'padded',
-            'strategy', 'split axes', 'GFLOP/dev', 'MiB/dev', 'coll.')
-    rows = []
-    for i, g in enumerate(self.groups):
-      ax = '·'.join(g.split_axes) or '-'
-      if g.strategy == 'a2a':
-        ax = f"{'·'.join(g.row_axes) or '-'}|{'·'.join(g.col_axes) or '-'}"
-      rows.append((str(i), f'{g.m}×{g.n} {jnp.dtype(g.dtype).name}',
-                   str(len(g.paths)), str(g.count), str(g.local_count),
-                   str(g.padded), g.strategy, ax,
-                   f'{g.flops_per_device / 1e9:.3f}',
-                   f'{g.bytes_per_device / 2**20:.2f}', str(g.collectives)))
-    rows.append(('total', '', str(sum(len(g.paths) for g in self.groups)),
-                 str(sum(g.count for g in self.groups)), '', '', '', '',
-                 f'{self.flops_per_device / 1e9:.3f}',
-                 f'{self.bytes_per_device / 2**20:.2f}',
-                 str(self.collectives)))
-    w = [max(len(r[j]) for r in rows + [head]) for j in range(len(head))]
-    fmt = lambda r: '  '.join(c.rjust(w[j]) if j in (0, 2, 3, 4, 5, 8, 9, 10)
-                              else c.ljust(w[j]) for j, c in enumerate(r))
-    lines = [f'orthax sharding plan: {len(self.groups)} groups on mesh '
-             f'{mesh} ({self.num_devices} devices)', fmt(head),
-             fmt(tuple('-' * x for x in w))]
-    lines += [fmt(r) for r in rows]
-    staged = {}
-    for i, g in enumerate(self.groups):
-      if g.stages:
-        staged.setdefault(' → '.join(g.stages), []).append(str(i))
-    for names, idx in staged.items():
-      lines.append(f"matrix stages in the body of group{'s' * (len(idx) > 1)}"
-                   f" {', '.join(idx)}: {names}")
-    return '\n'.join(lines)
-
-  def describe(self) -> str:
-    """The table plus each group's leaf paths."""
-    out = [str(self)]
-    for i, g in enumerate(self.groups):
-      out.append(f'group {i} ({g.strategy}, padding {g.padding}): '
-                 + ', '.join(g.paths))
-    return '\n'.join(out)
-
-
-# Spec helpers -------------------------------------------------------------
+from orthax.sharding._plan_types import GroupPlan
+from orthax.sharding._plan_types import LeafInfo
+from orthax.sharding._plan_types import Plan
 
 
 def _mesh_sizes(mesh) -> dict[str, int]:
@@ -179,6 +59,12 @@ def plan_orthogonalize(
       always use those: their count depends on the column split; the
       Frobenius normalizer's element-wise work is counted only without a
       ``matrix_flops`` of one's own).
+    steps, method, restart_every: the Newton–Schulz FLOP model, as
+      :func:`default_matrix_flops` takes them (checked here).
+    ns_dtype: the iteration dtype (``None``: each leaf's): it sizes a matrix
+      against ``max_local_matrix_bytes``, picks ``method='auto'``'s method
+      and, widened to float32, the dtype of ``gram``'s all-reduces.
+    normalizer: the Newton–Schulz normalizer, for the FLOP model.
     max_local_matrix_bytes: see :class:`Distributed`.
     stages: the :class:`orthax.matrix_stages.MatrixStage`\\ s that run after
       Newton–Schulz in the same body. With any, each group holds one
@@ -200,6 +86,15 @@ def plan_orthogonalize(
   Returns:
     A :class:`Plan`. Raises ``ValueError`` naming the leaf when a requested
     strategy does not fit its sharding.
+
+  Example:
+    >>> from jax.sharding import AbstractMesh, PartitionSpec as P
+    >>> import orthax
+    >>> mesh = AbstractMesh((8,), ('fsdp',))
+    >>> leaf = ('w', (64, 128), 'float32', orthax.MatrixSpec(), P('fsdp'))
+    >>> g = orthax.sharding.plan_orthogonalize([leaf], mesh).groups[0]
+    >>> g.strategy, g.local_count, g.padded, g.split_axes
+    ('a2a', 1, 8, ('fsdp',))
   """
   _validate.flag('plan_orthogonalize', 'column_blocks', column_blocks)
   _cost.check_method(method, restart_every, 'plan_orthogonalize')

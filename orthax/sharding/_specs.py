@@ -17,7 +17,25 @@ from orthax.sharding._distributed import Distributed
 
 
 def spec_entries(spec: Any, ndim: int, where: str = '') -> list[tuple[str, ...]]:
-  """The mesh axes of each of ``ndim`` dimensions (``()`` = unsharded)."""
+  """The mesh axes of each of ``ndim`` dimensions (``()`` = unsharded).
+
+  Args:
+    spec: a ``PartitionSpec``, a ``NamedSharding`` (its spec) or ``None``
+      (replicated); missing trailing entries mean unsharded.
+    ndim: the leaf's number of dimensions.
+    where: what the ``ValueError`` messages name first (e.g. the leaf);
+      they are raised for more entries than ``ndim``, an entry other than
+      ``None``, an axis name or a tuple of them, and a mesh axis used twice.
+
+  Returns:
+    One tuple of mesh axis names per dimension.
+
+  Example:
+    >>> from jax.sharding import PartitionSpec as P
+    >>> import orthax
+    >>> orthax.sharding.spec_entries(P('fsdp', ('data', 'tp')), 3)
+    [('fsdp',), ('data', 'tp'), ()]
+  """
   if spec is None:
     spec = P()
   if isinstance(spec, NamedSharding):
@@ -50,7 +68,12 @@ def explicit_spec(x: Any) -> P | None:
   """``x``'s ``PartitionSpec`` when its type says it is sharded over
   Explicit mesh axes (an array or tracer, with or without
   ``jax.set_mesh``; an abstract array under ``jax.set_mesh``); else
-  ``None``."""
+  ``None``.
+
+  Args:
+    x: an array, a tracer or an abstract array; anything ``jax.typeof``
+      does not take gives ``None``.
+  """
   try:
     sh = getattr(jax.typeof(x), 'sharding', None)
   except Exception:  # pylint: disable=broad-except
@@ -67,7 +90,12 @@ def _is_spec_leaf(s) -> bool:
 
 
 def as_spec(s) -> P:
-  """A spec entry as a ``PartitionSpec`` (``None``: replicated)."""
+  """A spec entry as a ``PartitionSpec`` (``None``: replicated).
+
+  Args:
+    s: a ``PartitionSpec`` (returned as is), a ``NamedSharding`` (its
+      spec) or ``None`` (``P()``).
+  """
   if s is None:
     return P()
   if isinstance(s, NamedSharding):
@@ -78,7 +106,14 @@ def as_spec(s) -> P:
 def array_spec(x: Any, path: str = '') -> P:
   """The ``PartitionSpec`` an array carries: a concrete ``jax.Array`` or
   ``ShapeDtypeStruct`` with a ``NamedSharding``, or a tracer under ``jit`` on
-  a mesh with ``Explicit`` axes. Raises when the sharding is not known."""
+  a mesh with ``Explicit`` axes. Raises when the sharding is not known.
+
+  Args:
+    x: a concrete ``jax.Array``, a ``jax.ShapeDtypeStruct`` or a tracer.
+    path: the leaf's path, named in the ``ValueError`` raised when the
+      sharding is not known (an ``Auto`` mesh under ``jit``, an unsharded
+      array), which points to ``Distributed(param_specs=...)``.
+  """
   sh = None
   if not isinstance(x, jax.core.Tracer):
     sh = getattr(x, 'sharding', None)
@@ -115,7 +150,15 @@ def check_meshes(leaves: Sequence[Any], paths: Sequence[str], mesh) -> None:
   """``ValueError`` naming the first leaf that lives on another mesh than
   ``mesh`` (other axis names or sizes; for concrete arrays, other
   devices): a ``Distributed`` built for one mesh would otherwise hand the
-  update back on its own mesh, silently."""
+  update back on its own mesh, silently.
+
+  Args:
+    leaves: the update leaves; those whose mesh is not known here (neither a
+      concrete array with a ``NamedSharding`` nor a tracer on a mesh) are
+      skipped.
+    paths: their paths, in the same order (for the message).
+    mesh: the ``Distributed``'s mesh (``Mesh`` or ``AbstractMesh``).
+  """
   want = tuple((a, int(mesh.shape[a])) for a in mesh.axis_names)
   for p, x in zip(paths, leaves):
     got = _mesh_of(x)
@@ -152,7 +195,15 @@ def check_specs(leaves: Sequence[Any], paths: Sequence[str],
   sharding differs from its ``param_specs`` entry (axes of size 1 aside),
   or (:class:`UnplacedLeafError`) that carries no sharding where its spec
   names Explicit axes: ``shard_map`` would refuse either with a message
-  that names neither the parameter nor the argument."""
+  that names neither the parameter nor the argument.
+
+  Args:
+    leaves: the update leaves (with ``ndim``); only those whose type
+      carries an Explicit sharding (:func:`explicit_spec`) are compared.
+    paths: their paths, in the same order (for the messages).
+    param_specs: one ``PartitionSpec`` per leaf, as the plan will use them.
+    mesh: the ``Distributed``'s mesh: its axis sizes and types.
+  """
   sizes = {a: int(mesh.shape[a]) for a in mesh.axis_names}
   explicit = {a for a, t in zip(mesh.axis_names, mesh.axis_types)
               if t == AxisType.Explicit and sizes[a] > 1}
@@ -177,14 +228,29 @@ def check_specs(leaves: Sequence[Any], paths: Sequence[str],
 
 def specs_for(tree: Any, dist: Distributed) -> list[P]:
   """One ``PartitionSpec`` per leaf of ``tree`` (flatten order), from
-  ``dist.param_specs`` matched by path, or read from the arrays."""
+  ``dist.param_specs`` matched by path, or read from the arrays.
+
+  Args:
+    tree: the parameters or updates (arrays or abstract arrays), flattened
+      with ``/``-joined key paths (``'blocks/attn/kernel'``).
+    dist: the :class:`Distributed`; with ``param_specs=None`` each leaf's
+      spec is :func:`array_spec`. A leaf with no ``param_specs`` entry, or
+      whose entry is longer than its rank, is a ``ValueError``.
+  """
   paths, leaves, _ = _tree.leaves_with_paths(tree)
   return leaf_specs(paths, leaves, dist)
 
 
 def leaf_specs(paths: Sequence[str], leaves: Sequence[Any],
                dist: Distributed) -> list[P]:
-  """:func:`specs_for` on flat ``paths`` and ``leaves``."""
+  """:func:`specs_for` on flat ``paths`` and ``leaves``.
+
+  Args:
+    paths: the leaves' paths, as ``dist.param_specs``' paths are spelled
+      (``/``-joined keys, as :func:`specs_for` flattens).
+    leaves: the arrays (or abstract arrays), in the order of ``paths``.
+    dist: the :class:`Distributed`, as for :func:`specs_for`.
+  """
   if dist.param_specs is None:
     return [array_spec(x, p) for p, x in zip(paths, leaves)]
   by_path = {p: as_spec(s) for p, s in _tree.leaves_by_path(

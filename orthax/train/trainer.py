@@ -97,8 +97,15 @@ def build(config: Any, vocab_size: int, *, devices=None,
           abstract: bool = False) -> Setup:
   """Mesh, model, optimizer and jitted steps for ``config``.
 
-  ``abstract=True`` builds the model with ``nnx.eval_shape`` (no parameter
-  memory), for dry runs.
+  Args:
+    config: the run's config (``ConfigDict`` or nested mapping, checked by
+      :func:`orthax.train.configs.validate`).
+    vocab_size: the data's vocabulary, the model's when ``model.vocab_size``
+      is ``None`` (a smaller ``model.vocab_size`` is a ``ValueError``).
+    devices: the mesh's devices (default ``jax.devices()``; the first
+      ``data·fsdp·tensor`` of them).
+    abstract: build the model with ``nnx.eval_shape`` (no parameter memory,
+      ``initial_params`` ``None``), for dry runs.
   """
   cfg = as_dict(config)
   configs.validate(cfg)
@@ -289,8 +296,18 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
   ``force``); SIGTERM ends the run after the current step with a
   checkpoint of it and ``summary['preempted'] = True``; a first Ctrl-C
   does the same and then raises :class:`~orthax.train.faults.Interrupted`
-  (a ``KeyboardInterrupt``), a second one stops at once. ``stop_at`` ends
-  the run early after that step (as an interruption would; for tests).
+  (a ``KeyboardInterrupt``), a second one stops at once.
+
+  Args:
+    config: as :func:`build` takes it (``train.log_every`` defaults to 10,
+      ``train.eval_every`` to 0: no evaluation).
+    workdir: the run directory; ``None``: no files, checkpoints or resume.
+    progress: draw the progress line (on stderr).
+    stop_at: end after this step (for tests; saved when
+      ``train.checkpoint_every`` is set; ``summary['preempted']`` is False).
+    label: text in front of the progress line (e.g. the optimizer's name).
+    force: resume or start over where the run directory would refuse
+      (:mod:`~orthax.train.rundir`), with a warning.
   """
   cfg = as_dict(config)
   configs.validate(cfg)

@@ -81,9 +81,6 @@ def scale_by_trion(
   """
   _validate.arguments('scale_by_trion', scale_by_trion, locals())
   rank, _, _ = dct_adam.check_structure('scale_by_trion', rank, None, None)
-  if scaling not in MS.TRION_SCALINGS:
-    raise ValueError(f'scale_by_trion: scaling must be one of '
-                     f'{tuple(MS.TRION_SCALINGS)}, got {scaling!r}.')
 
   def make(count):
     del count
