@@ -94,15 +94,19 @@ CASES = {
     'explicit_fsdp4tp2': ((4, 2), ('fsdp', 'tp'), 'explicit', TP_A2A),
     'fsdp4tp2_gram': ((4, 2), ('fsdp', 'tp'), 'auto', GRAM,
                       dict(strategy='gram')),
+    # Newton–Schulz without a normalizer (inputs of unit Frobenius norm, so
+    # that it converges): no norm to all-reduce.
+    'fsdp4tp2_gram_no_norm': ((4, 2), ('fsdp', 'tp'), 'auto', GRAM,
+                              dict(strategy='gram', normalizer='none')),
     'explicit_fsdp4tp2_gram_auto': ((4, 2), ('fsdp', 'tp'), 'explicit',
                                     GRAM_AUTO,
                                     dict(max_local_matrix_bytes=32 * 1024)),
 }
 
 
-def _ns(steps=None):
+def _ns(steps=None, normalizer='frobenius'):
   return functools.partial(orthogonalize_stack, preset='jordan', steps=steps,
-                           method='standard')
+                           method='standard', normalizer=normalizer)
 
 
 def _reference(x, ms, ns):
@@ -113,7 +117,8 @@ def _reference(x, ms, ns):
 
 def run_case(name: str) -> dict:
   mesh_shape, axes, kind, leaves, *dist_kw = CASES[name]
-  dist_kw = dist_kw[0] if dist_kw else {}
+  dist_kw = dict(dist_kw[0]) if dist_kw else {}
+  normalizer = dist_kw.pop('normalizer', 'frobenius')
   explicit = kind == 'explicit'
   at = AxisType.Explicit if explicit else AxisType.Auto
   mesh = jax.make_mesh(mesh_shape, axes, axis_types=(at,) * len(axes))
@@ -123,6 +128,9 @@ def run_case(name: str) -> dict:
   keys = jax.random.split(jax.random.key(0), len(names))
   host = {k: np.asarray(jax.random.normal(kk, leaves[k][0], jnp.float32))
           for k, kk in zip(names, keys)}
+  if normalizer == 'none':
+    host = {k: (x / np.linalg.norm(x, axis=(-2, -1), keepdims=True)
+                ).astype(np.float32) for k, x in host.items()}
   shard = {k: NamedSharding(mesh, specs[k]) for k in names}
   arrays = {k: jax.device_put(host[k], shard[k]) for k in names}
   abstract = {k: jax.ShapeDtypeStruct(leaves[k][0], jnp.float32,
@@ -131,22 +139,23 @@ def run_case(name: str) -> dict:
   def make(comm, steps):
     dist = sharding.Distributed(mesh, param_specs=None if explicit else specs,
                                 comm_dtype=comm, **dist_kw)
-    ns = _ns(steps)
+    ns = _ns(steps, normalizer)
     f = lambda u: sharding.orthogonalize_tree(u, dist, ns, matrix_specs=mspecs)
     return dist, jax.jit(f, out_shardings=shard)
 
   out: dict = {}
   # Plans (f32 and bf16 wire, 1 NS step for the FLOPs contract).
   dist32, f32 = make(jnp.float32, None)
-  plan32 = sharding.plan(dist32, abstract, mspecs, steps=1)
+  plan32 = sharding.plan(dist32, abstract, mspecs, steps=1,
+                         normalizer=normalizer)
   plan16 = sharding.plan(make(jnp.bfloat16, None)[0], abstract, mspecs,
-                         steps=1)
+                         steps=1, normalizer=normalizer)
   out['plan'] = str(plan32)
   out['groups'] = [dict(strategy=g.strategy, paths=list(g.paths),
                         count=g.count, local=g.local_count, padded=g.padded,
                         shards=g.shards) for g in plan32.groups]
   # Numerics, 5 steps.
-  ns5 = _ns()
+  ns5 = _ns(normalizer=normalizer)
   refs = {k: _reference(host[k], mspecs[k], ns5) for k in names}
   y32 = f32(arrays)
   out['f32_max_abs_err'] = max(

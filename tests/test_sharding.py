@@ -206,7 +206,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 A2A_CASES = ['fsdp8_a2a', 'fsdp4tp2_a2a', 'explicit_fsdp4tp2']
 ALL_CASES = ['fsdp8_a2a', 'fsdp8_local', 'fsdp8_replicated', 'fsdp4tp2_a2a',
              'fsdp4tp2_local', 'explicit_fsdp8', 'explicit_fsdp4tp2',
-             'fsdp4tp2_gram', 'explicit_fsdp4tp2_gram_auto']
+             'fsdp4tp2_gram', 'fsdp4tp2_gram_no_norm',
+             'explicit_fsdp4tp2_gram_auto']
 
 
 @pytest.fixture(scope='module')
@@ -265,6 +266,14 @@ def test_gram_all_reduces_only(cases):
   assert r['plan_collectives'] == 2 * len(r['groups'])
   assert r['collectives'] == {'all-reduce': r['plan_collectives']}
   assert r['lowered_bf16'] == {'all-reduce': r['plan_collectives']}
+
+
+def test_gram_without_a_normalizer_has_no_norm_all_reduce(cases):
+  """``normalizer='none'``: one all-reduce per Gram product only; the plan
+  counted one for the norm too (2 against the compiled program's 1)."""
+  r = cases['fsdp4tp2_gram_no_norm']
+  assert r['plan_collectives'] == len(r['groups'])
+  assert r['collectives'] == {'all-reduce': r['plan_collectives']}
 
 
 def test_auto_mixes_gram_and_a2a_on_explicit_mesh(cases):

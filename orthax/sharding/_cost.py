@@ -14,6 +14,7 @@ from orthax import _validate
 from orthax import matrix_stages as _stages
 from orthax.polar import dispatch as _dispatch
 from orthax.polar import gram as _gram
+from orthax.polar.newton_schulz import NORMALIZERS
 
 
 def wire_dtype(comm_dtype, dtype):
@@ -62,6 +63,8 @@ def default_matrix_flops(steps: int = 5, method: str = 'standard',
   """
 
   check_method(method, restart_every, 'default_matrix_flops')
+  _validate.choice(NORMALIZERS)('default_matrix_flops', 'normalizer',
+                                normalizer)
 
   def flops(m, n, dtype):
     dt = dtype if ns_dtype is None else ns_dtype
@@ -127,12 +130,14 @@ def group_cost(s: str, m: int, n: int, dtype: Any, G: int, local_count: int,
                padded: int, comm_dtype: Any, matrix_flops, *, steps: int,
                method: str, restart_every: int | None, ns_dtype: Any,
                stages=(), transposed=None, shards=(1, 1),
-               block_normalize: int = 0):
+               block_normalize: int = 0, block_norm: bool = True):
   """``(matrix_flops, wire_dtype, bytes, collectives)`` per device of a
   group of ``m×n`` (wide) matrices under strategy ``s`` over ``G`` shards,
   ``shards`` of rows and columns (see
   :func:`orthax.sharding.plan_orthogonalize`); ``block_normalize``: the
-  normalizer's element-wise FLOPs per entry of a column block (``gram``)."""
+  normalizer's element-wise FLOPs per entry of a column block, and
+  ``block_norm``: whether it sums a norm across the blocks (``gram``; every
+  normalizer but ``'none'``)."""
   wire = wire_dtype(comm_dtype, dtype)
   if s == 'gram':
     it_dtype = dtype if ns_dtype is None else ns_dtype
@@ -146,9 +151,9 @@ def group_cost(s: str, m: int, n: int, dtype: Any, G: int, local_count: int,
     wire = jnp.promote_types(it_dtype, jnp.float32)
     # The Gram products and the norm (its two sums, split_squares, are
     # counted as one float: a few bytes per matrix).
-    nbytes = (2 * (G - 1) / G * local_count * (grams * m * m + 1)
+    nbytes = (2 * (G - 1) / G * local_count * (grams * m * m + block_norm)
               * wire.itemsize)
-    ncoll = grams + 1
+    ncoll = grams + block_norm
   else:
     mf = int(matrix_flops(m, n, dtype))
     if s == 'a2a':

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from orthax import _validate
 from orthax.matrices import MatrixSpec
 from orthax.polar import gram as _gram
+from orthax.polar.newton_schulz import NORMALIZERS
 from orthax.sharding._distributed import Distributed
 from orthax.sharding._specs import spec_entries
 from orthax.sharding import _cost
@@ -98,6 +99,8 @@ def plan_orthogonalize(
   """
   _validate.flag('plan_orthogonalize', 'column_blocks', column_blocks)
   _cost.check_method(method, restart_every, 'plan_orthogonalize')
+  _validate.choice(NORMALIZERS)('plan_orthogonalize', 'normalizer',
+                                normalizer)
   dist = Distributed(mesh, strategy=strategy, overrides=tuple(overrides),
                      comm_dtype=comm_dtype)
   block_normalize = 0
@@ -129,7 +132,8 @@ def plan_orthogonalize(
         s, m, n, dtype, G, local_count, padded, comm_dtype, matrix_flops,
         steps=steps, method=method, restart_every=restart_every,
         ns_dtype=ns_dtype, stages=stages, transposed=orient,
-        shards=(prod(rows), prod(cols)), block_normalize=block_normalize)
+        shards=(prod(rows), prod(cols)), block_normalize=block_normalize,
+        block_norm=normalizer != 'none')
     per_dev = padded // G if s in ('a2a', 'replicated') else local_count
     groups.append(GroupPlan(
         strategy=s, m=m, n=n, dtype=dtype,
