@@ -10,7 +10,9 @@ returns while a background thread writes the files. Once orbax reports
 the step committed (polled every step, waited for before the next save and
 at :meth:`~Checkpointer.close`), every file of the step directory is
 hashed and ``<step>/orthax_checksums.json`` records its size and SHA-256
-(about one second per GB on one core). Hashing the committed files rather
+(:mod:`~orthax.train.checkpoint_digests`; about one second per GB on one
+core, on a background thread: training goes on meanwhile, and the next
+save, a restore and ``close`` wait for it). Hashing the committed files rather
 than the arrays catches damage to any byte on disk — data chunks,
 manifests, metadata — needs no extra device-to-host copy, and lets a
 restore check a checkpoint before reading it. The record lives in the step
@@ -32,11 +34,11 @@ differ (a stage that kept nothing, since dropped), by path.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
 from typing import Any, Sequence
 
 import jax
@@ -44,8 +46,11 @@ import jax
 from orthax import _tree
 from orthax.train import checkpoint_formats
 from orthax.train import checkpoint_slots
+from orthax.train.checkpoint_digests import CHECKSUMS
+from orthax.train.checkpoint_digests import check_files
+from orthax.train.checkpoint_digests import file_digests
+from orthax.train.checkpoint_digests import sha256  # noqa: F401  (public)
 
-CHECKSUMS = 'orthax_checksums.json'
 log = logging.getLogger('orthax.train')
 
 
@@ -112,55 +117,6 @@ def _shapes(tree: Any) -> dict[str, tuple]:
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def sha256(path: str) -> str:
-  """Hex SHA-256 of a file, read in 1 MiB chunks."""
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      h.update(chunk)
-  return h.hexdigest()
-
-
-def file_digests(step_dir: str) -> dict[str, dict[str, Any]]:
-  """``{relative path: {'size', 'sha256'}}`` of every file under
-  ``step_dir`` (the checksum record itself excluded)."""
-  out = {}
-  for root, _, files in os.walk(step_dir):
-    for name in sorted(files):
-      path = os.path.join(root, name)
-      rel = os.path.relpath(path, step_dir)
-      if rel.startswith(CHECKSUMS):  # the record (and its temporary file)
-        continue
-      out[rel] = {'size': os.path.getsize(path), 'sha256': sha256(path)}
-  return out
-
-
-def check_files(step_dir: str) -> list[str] | None:
-  """What is wrong with ``step_dir`` against its checksum record: ``[]``
-  when intact, ``None`` when it has no record (unverified)."""
-  path = os.path.join(step_dir, CHECKSUMS)
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      expected = json.load(f)['files']
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    return [f'{CHECKSUMS}: unreadable ({e})']
-  problems = []
-  for rel, want in sorted(expected.items()):
-    full = os.path.join(step_dir, rel)
-    if not os.path.isfile(full):
-      problems.append(f'{rel}: missing')
-      continue
-    size = os.path.getsize(full)
-    if size != want['size']:
-      problems.append(f'{rel}: {size} bytes, expected {want["size"]} '
-                      '(truncated or overwritten)')
-    elif sha256(full) != want['sha256']:
-      problems.append(f'{rel}: SHA-256 mismatch (bytes changed)')
-  return problems
-
-
 def _ocp():
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   return ocp
@@ -180,6 +136,8 @@ class Checkpointer:
     self.max_to_keep = max_to_keep
     self._mgr_obj = None
     self._unsealed: int | None = None  # saved, checksums not yet written
+    self._sealer: threading.Thread | None = None  # writing a record
+    self._seal_error: BaseException | None = None
 
   @property
   def _mgr(self):
@@ -217,18 +175,45 @@ class Checkpointer:
     return saved
 
   def seal_if_written(self) -> None:
-    """Writes the checksum record of the last save once orbax has
-    committed it (without waiting; the trainer asks every step), so that a
-    run killed afterwards leaves a verified checkpoint."""
-    if self._unsealed is not None and not self._mgr.is_saving_in_progress():
-      self._seal()
+    """Once orbax has committed the last save, hashes its files and writes
+    the checksum record on a background thread (the trainer asks every
+    step and does not wait: hashing runs at about 1 GB/s), so that a run
+    killed afterwards leaves a verified checkpoint. The next save, a
+    restore and :meth:`close` wait for it."""
+    if (self._unsealed is not None and self._sealer is None
+        and not self._mgr.is_saving_in_progress()):
+      step, self._unsealed = self._unsealed, None
+      self._sealer = threading.Thread(
+          target=self._record_in_background, args=(step,), daemon=True,
+          name=f'orthax-checksums-{step}')
+      self._sealer.start()
+
+  def _record_in_background(self, step: int) -> None:
+    try:
+      self._write_record(step)
+    except BaseException as e:  # pylint: disable=broad-except
+      self._seal_error = e  # raised where the thread is joined
+
+  def _join_sealer(self) -> None:
+    """Waits for a background record; raises what it raised."""
+    sealer, self._sealer = self._sealer, None
+    if sealer is not None:
+      sealer.join()
+      error, self._seal_error = self._seal_error, None
+      if error is not None:
+        raise error
 
   def _seal(self) -> None:
-    """Waits for the pending save and writes its checksum record."""
+    """Waits for the pending save and its checksum record (written here
+    if it was not begun in the background)."""
+    self._join_sealer()
     if self._unsealed is None:
       return
     step, self._unsealed = self._unsealed, None
     self._mgr.wait_until_finished()
+    self._write_record(step)
+
+  def _write_record(self, step: int) -> None:
     d = self.step_dir(step)
     if jax.process_index() != 0 or not os.path.isdir(d):
       return
@@ -321,6 +306,7 @@ class Checkpointer:
     """``(state, step)`` of the newest intact checkpoint (``layout`` and
     ``mesh_changes`` as :meth:`restore` takes them); damaged newer ones are
     logged and moved aside (see the module docstring)."""
+    self._join_sealer()
     damaged = []
 
     def note(step, why):
@@ -372,6 +358,8 @@ class Checkpointer:
 
   def close(self) -> None:
     if self._mgr_obj is not None:
-      self._seal()
-      self._mgr.wait_until_finished()
-      self._mgr.close()
+      try:
+        self._seal()
+      finally:
+        self._mgr.wait_until_finished()
+        self._mgr.close()
