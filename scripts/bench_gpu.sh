@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures in one run: the device, bf16 Newton–Schulz on GPT-2 small
 # (12 layers) against optax and the matmul peak, every recipe against Muon,
-# wider matrices (d_model 2048) and the profiles of scripts/profile_gpu.sh
-# (skipped with T_PROFILE=0). Each part writes its own file, so a part cut
+# wider matrices (d_model 2048), the non-finite guard's cost and the
+# profiles of scripts/profile_gpu.sh (skipped with T_PROFILE=0). Each part writes its own file, so a part cut
 # off by its time limit leaves the others.
 #
 #   scripts/bench_gpu.sh [OUTDIR]        # default results/gpu
@@ -26,6 +26,10 @@ timeout "${T_MAIN:-380}" $py scripts/bench_ns.py --layers 12 --repeats 5 \
   --recipes 2>&1 | tee "$out/bench_ns_gpt2_small.txt"
 timeout "${T_WIDE:-90}" $py scripts/bench_ns.py --layers 4 --d_model 2048 2>&1 \
   | tee "$out/bench_ns_d2048.txt"
+# The non-finite guard's cost: on a GPU each of its two lax.conds (and
+# Newton–Schulz's huge-norm branch) copies its predicate to the host.
+timeout "${T_GUARD:-60}" $py scripts/bench_guard.py 2>&1 \
+  | tee "$out/bench_guard.txt"
 if [ "${T_PROFILE:-90}" != 0 ]; then
   T_PROFILE=${T_PROFILE:-90} scripts/profile_gpu.sh "$out"
 fi
