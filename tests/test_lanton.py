@@ -79,9 +79,13 @@ class LantonRef:
       self.prev[k] = g
     if seen > 0:
       r = {k: (h + self.eps) ** (-self.power / 2) for k, h in hhat.items()}
-      top = max(v.max() for v in r.values())
-      if self.norm == 'group_max':
-        rates = {k: self.lr * v / top for k, v in r.items()}
+      # The least noisy layer among those with noise (H > 0).
+      top = max((v[hhat[k] > 0].max() for k, v in r.items()
+                 if np.any(hhat[k] > 0)), default=None)
+      if self.norm == 'group_max' and top is None:
+        rates = {k: np.full(len(self.B[k]), self.lr) for k in self.B}
+      elif self.norm == 'group_max':
+        rates = {k: self.lr * np.minimum(v / top, 1.0) for k, v in r.items()}
       else:
         rates = {k: self.lr * self.alpha * v for k, v in r.items()}
     else:
@@ -233,6 +237,41 @@ def test_nuclear_evaluators_agree():
     vals[nuc] = float(jnp.sqrt(st.noise['w']))  # the dual norm
   np.testing.assert_allclose(vals['ns'], vals['svd'], rtol=0.05)
   assert vals['frobenius'] >= vals['svd'] * (1 - 1e-6)
+
+
+def _lanton_updates(params, grads, **kw):
+  tx = orthax.lanton(**kw)
+  state, update = tx.init(params), jax.jit(tx.update)
+  for g in grads:
+    u, state = update(g, state, params)
+  return u
+
+
+@pytest.mark.parametrize('extra', ['empty', 'unchanging'])
+def test_a_layer_without_noise_leaves_the_others_rates(extra):
+  """A matrix with no entries, or one whose gradient never changes (a
+  frozen or unused layer), has no noise: it set the group's floor at √ε and
+  cut every other matrix's step ~33× (0.75 → 0.022); now it is left out of
+  the floor, and its own rate is the group's."""
+  key = jax.random.key(0)
+  rnd = lambda i, s: jax.random.normal(jax.random.fold_in(key, i), s)
+  params = {'w1': rnd(0, (16, 32)), 'w2': rnd(1, (32, 16))}
+  grads = [{'w1': rnd(10 + t, (16, 32)), 'w2': rnd(20 + t, (32, 16))}
+           for t in range(3)]
+  shape = (0, 16) if extra == 'empty' else (16, 32)
+  ones = jnp.ones(shape)
+  with_extra = _lanton_updates({**params, 'x': ones},
+                               [{**g, 'x': ones} for g in grads])
+  alone = _lanton_updates(params, grads)
+  for k in params:
+    np.testing.assert_allclose(with_extra[k], alone[k], rtol=1e-6,
+                               atol=1e-7)
+  if extra == 'unchanging':  # its own step is the group rate's
+    at_group_rate = _lanton_updates({**params, 'x': ones},
+                                    [{**g, 'x': ones} for g in grads],
+                                    noise_power=0.0)
+    np.testing.assert_allclose(with_extra['x'], at_group_rate['x'],
+                               rtol=1e-5)
 
 
 def test_zero_gradients_give_zero_updates():

@@ -100,7 +100,10 @@ def layerwise_noise_adapt(
      Δ_ℓ &= -η_ℓ\,(D_ℓ + λ W_ℓ),\qquad D = \mathrm{direction}(B)
 
   Until a difference has been seen (step 1 with ``previous``) every layer
-  gets ``η_t``. The bias correction cancels in ``group_max``.
+  gets ``η_t``. The bias correction cancels in ``group_max``, whose maximum
+  runs over the layers with noise (``H_ℓ > 0``): a matrix with no entries,
+  or one whose gradient has not changed (frozen, unused), gets ``η_t``
+  itself and does not set the others' rates.
   Dual norms: ``'nuclear'`` — the dual of the operator norm whose LMO is
   ``-c·UVᵀ``, i.e. ``c·‖X‖_*``, with ``c`` the shape factor of ``scale``
   (:func:`orthax.scale_by_shape`; ``'spectral'``: ``c = sqrt(d_out/d_in)``,
@@ -275,15 +278,22 @@ def _noise_rates(noise, norms, seen, valid, beta2, eps, alpha, power,
     corr = jnp.where(valid, 1 - beta2 ** jnp.maximum(k, 1.0), 1.0)
     roots.append(jnp.hypot(jnp.where(valid, new / jnp.sqrt(corr), 0.0),
                            jnp.sqrt(eps)))
-  # A stack of zero matrices has no rate to normalize by.
-  lows = [jnp.min(q) for q in roots if q.size]
+  # The floor is the least noisy layer's. A layer whose noise is exactly 0
+  # (a matrix with no entries, or a gradient that never changed: a frozen or
+  # unused layer) has none to compare with and is left out: at √ε it would
+  # shrink every other layer's rate by (√ε/q)^p, 0.03× at 1e-8. Its own
+  # factor is capped at 1, as every factor is (no layer exceeds η).
+  lows = [jnp.min(jnp.where(r > 0, q, jnp.inf), initial=jnp.inf)
+          for r, q in zip(rs, roots) if q.size]
   if normalization == 'group_max' and lows:
     # A lax.cond, so that the minimum over all N layers is computed once:
     # as a value its scalar min-chain was copied into each of the N rates,
     # and XLA's compile time grew as N² (97 s at 200 layers on CPU).
     floor = jax.lax.cond(valid, lambda: jnp.min(jnp.stack(lows)),
                          lambda: jnp.ones((), lows[0].dtype))
-    return rs, [jnp.where(valid, (floor / q) ** power, 1.0) for q in roots]
+    measured = valid & jnp.isfinite(floor)  # no measured layer: all at η
+    return rs, [jnp.where(measured, jnp.minimum((floor / q) ** power, 1.0),
+                          1.0) for q in roots]
   # 'absolute' (or no leaf at all: no rate to normalize)
   return rs, [jnp.where(valid, alpha / q ** power, 1.0) for q in roots]
 
