@@ -86,3 +86,21 @@ def test_an_error_while_hashing_is_raised_where_it_is_waited_for(
   _start_sealing(ck, 1)
   with pytest.raises(OSError, match='disk gone'):
     ck.close()
+
+
+def test_a_failed_save_is_raised_before_any_record(tmp_path, monkeypatch):
+  """Orbax clears its in-progress flag even when its background write
+  failed; the error is taken (and raised) on the training thread before
+  the hashing starts, so the failed step gets no record."""
+  ck = checkpoint.Checkpointer(str(tmp_path / 'ck'), every=1)
+  ck.save(1, _state(), force=True)
+  ck._mgr.wait_until_finished()  # pylint: disable=protected-access
+
+  def failed():
+    raise OSError('async write failed (disk full)')
+
+  monkeypatch.setattr(ck._mgr, 'wait_until_finished', failed)  # pylint: disable=protected-access
+  with pytest.raises(OSError, match='disk full'):
+    ck.seal_if_written()
+  assert ck._sealer is None  # pylint: disable=protected-access
+  assert not (tmp_path / 'ck' / '1' / checkpoint_digests.CHECKSUMS).exists()

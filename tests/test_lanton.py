@@ -366,3 +366,22 @@ def test_the_group_max_program_grows_linearly_with_the_layers():
                .as_text())
   small, large = hlo_size(10), hlo_size(40)
   assert large / small < 6, (small, large)  # 4 when linear, 16 if N²
+
+
+def test_under_absolute_a_layer_without_noise_steps_at_the_group_rate():
+  """``normalization='absolute'`` gave a layer whose gradient never changes
+  ``α/√ε^p`` (10⁴ at ``p = 1``) times the rate, which its weight decay then
+  applied; it steps at the group rate, as before any difference is seen."""
+  params = {'w': jnp.ones((16, 32)), 'x': jnp.ones((16, 32))}
+  key = jax.random.key(1)
+  grads = [{'w': jax.random.normal(jax.random.fold_in(key, t), (16, 32)),
+            'x': jnp.ones((16, 32))} for t in range(3)]
+  tx = orthax.transforms.layerwise_noise_adapt(
+      orthax.momentum(0.9), optax.identity(), learning_rate=0.01,
+      normalization='absolute', weight_decay=0.1, dual_norm='nuclear',
+      nuclear='frobenius')
+  state = tx.init(params)
+  for g in grads:
+    u, state = tx.update(g, state, params)
+  # -η(B + λW), B the momentum of the constant gradient 1: at most 2η.
+  assert float(jnp.max(jnp.abs(u['x']))) <= 2 * 0.01

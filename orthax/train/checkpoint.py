@@ -182,6 +182,9 @@ class Checkpointer:
     restore and :meth:`close` wait for it."""
     if (self._unsealed is not None and self._sealer is None
         and not self._mgr.is_saving_in_progress()):
+      # Returns at once (orbax has finished), raising a failed save's
+      # error here, before a record is written for it.
+      self._mgr.wait_until_finished()
       step, self._unsealed = self._unsealed, None
       self._sealer = threading.Thread(
           target=self._record_in_background, args=(step,), daemon=True,

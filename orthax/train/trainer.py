@@ -222,7 +222,7 @@ class Loop:
         self.bar.update(done, self.smooth.info())
       if is_save:
         ckpt.save(done, state, force=True)
-      elif ckpt is not None:  # a crash after this keeps a verified save
+      elif ckpt is not None:  # checksums the last save once it is written
         ckpt.seal_if_written()
       if preempted:
         log.warning('%s', stop.message(done, total, ckpt.directory))

@@ -101,9 +101,12 @@ def layerwise_noise_adapt(
 
   Until a difference has been seen (step 1 with ``previous``) every layer
   gets ``η_t``. The bias correction cancels in ``group_max``, whose maximum
-  runs over the layers with noise (``H_ℓ > 0``): a matrix with no entries,
-  or one whose gradient has not changed (frozen, unused), gets ``η_t``
-  itself and does not set the others' rates.
+  runs over the layers with noise (``H_ℓ > 0``). A layer without noise (a
+  matrix with no entries, or one whose gradient has never changed) steps at
+  ``η_t`` under either normalization and does not set the others' rates. A
+  layer whose gradient stopped changing later keeps a noise that decays
+  towards 0 and, while above it, sets the ``group_max`` floor ever lower:
+  route such a layer out of the group (a ``'frozen'`` label).
   Dual norms: ``'nuclear'`` — the dual of the operator norm whose LMO is
   ``-c·UVᵀ``, i.e. ``c·‖X‖_*``, with ``c`` the shape factor of ``scale``
   (:func:`orthax.scale_by_shape`; ``'spectral'``: ``c = sqrt(d_out/d_in)``,
@@ -294,8 +297,10 @@ def _noise_rates(noise, norms, seen, valid, beta2, eps, alpha, power,
     measured = valid & jnp.isfinite(floor)  # no measured layer: all at η
     return rs, [jnp.where(measured, jnp.minimum((floor / q) ** power, 1.0),
                           1.0) for q in roots]
-  # 'absolute' (or no leaf at all: no rate to normalize)
-  return rs, [jnp.where(valid, alpha / q ** power, 1.0) for q in roots]
+  # 'absolute' (or no leaf at all: no rate to normalize); a layer without
+  # noise at η_t, not at α/√ε^p (10⁴·α at p = 1, which its decay would take).
+  return rs, [jnp.where(valid & (r > 0), alpha / q ** power, 1.0)
+              for r, q in zip(rs, roots)]
 
 
 def _scaled_step(g, d, w, rate, weight_decay, spec):
