@@ -196,8 +196,9 @@ def root_norm(x: jax.Array, axes: Sequence[int]) -> jax.Array:
 
   Args:
     x: whole matrices ``[..., fan_in, fan_out]``.
-    axes: the matrix axes summed over: ``(-2, -1)`` (per matrix), ``(-2,)``
-      or ``(-1,)`` (per row or column), kept as size-1 axes.
+    axes: the matrix axes summed over, kept as size-1 axes: ``(-2, -1)``
+      (per matrix), ``(-1,)`` (one per row, a fan-in unit) or ``(-2,)``
+      (one per column, a fan-out unit).
   """
   x = x.astype(wide(x.dtype))
   f = huge_scale(x).astype(x.dtype)

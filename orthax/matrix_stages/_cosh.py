@@ -32,8 +32,10 @@ class CoshNormalize(MatrixStage):
       paper's AuON) instead of ``G``.
     brake_input: keyword-only, static, one of :data:`BRAKE_INPUTS`:
       ``'normalized'`` (default: ``B = X``) or ``'raw'`` (``B = G``).
-    norm_eps: ``ε_n`` of the Frobenius normalization (default 1e-7).
-    eps: ``ε`` added to the root mean ``cosh²`` (default 1e-8).
+    norm_eps: keyword-only: ``ε_n`` of the Frobenius normalization
+      (default 1e-7); may be traced.
+    eps: keyword-only: ``ε`` added to the root mean ``cosh²`` (default
+      1e-8); may be traced.
 
   Reference: Maity, arXiv 2509.24320; ryyzn9/AuON @ bba2e82.
   """

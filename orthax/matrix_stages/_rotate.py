@@ -139,8 +139,9 @@ class AroRotate(MatrixStage):
      C = A\,f(R^\top A)^\top,\qquad R \leftarrow \mathrm{qr}(C)_Q,\qquad
      O = R\,f(R^\top A)
 
-  with ``f`` the base map (:func:`base_map`) and the previous ``R`` in
-  ``C``. State: ``R`` (``s×s``, float32 or wider, the identity at first).
+  with ``f`` the base map
+  (:func:`orthax.matrix_stages._rotate.base_map`) and the previous ``R``
+  in ``C``. State: ``R`` (``s×s``, float32 or wider, the identity at first).
   A matrix above ``2³²`` enters scaled by a power of two (``f`` and ``Q``
   are scale-invariant, so ``O`` is the unscaled matrix's).
 
@@ -180,8 +181,9 @@ class AroRotate(MatrixStage):
   defaults. All fields are static.
 
   Args:
-    base: the base map ``f`` (:func:`base_map`): ``'sinkhorn'`` (default),
-      ``'row_norm'`` or ``'sign'``.
+    base: the base map ``f``
+      (:func:`orthax.matrix_stages._rotate.base_map`): ``'sinkhorn'``
+      (default), ``'row_norm'`` or ``'sign'``.
     qr: how ``Q`` is computed (above): ``'auto'`` (default),
       ``'cholesky_qr3'``, ``'householder'`` or ``'shifted_cholesky'``.
     rotate: the rotated side: ``'smaller'`` (default; fan-out on a tie),

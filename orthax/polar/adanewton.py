@@ -78,7 +78,8 @@ def shape_coeffs(m: int, n: int,
     table: a per-shape table as :func:`resolve_shape_table` takes it
       (default ``'root'``).
     fallback: the rows for a shape the table lacks (default Keller
-      Jordan's ``((3.4445, -4.7750, 2.0315),)``).
+      Jordan's ``((3.4445, -4.7750, 2.0315),)``; one row ``(a, b, c)``
+      is a table of one row), checked as a coefficient table.
 
   Returns:
     A float64 array of rows ``(a, b, c)``.
@@ -91,7 +92,9 @@ def shape_coeffs(m: int, n: int,
     [[3.4445, -4.775, 2.0315]]
   """
   t = resolve_shape_table(table)
-  return t.get((min(m, n), max(m, n)), np.asarray(fallback, np.float64))
+  key = (min(m, n), max(m, n))
+  return t[key] if key in t else coefficient_table(fallback,
+                                                   owner='shape_coeffs')
 
 
 def gaussian_sample_singular_values(m: int, n: int, count: int = 4,

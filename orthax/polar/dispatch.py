@@ -44,7 +44,8 @@ def choose_method(m: int, n: int, steps: Any, dtype: Any, method: str = 'auto',
       or ``0``: never), as :func:`gram_newton_schulz` takes it; ``1``
       never prefers Gram.
     owner: the function the user called, named in the error for an unknown
-      ``method`` or a bad ``restart_every``.
+      ``method`` or a bad ``restart_every`` (checked where ``'auto'``
+      compares the methods' FLOPs).
   """
   _validate.choice(METHODS)(owner, 'method', method)
   if method != 'auto':

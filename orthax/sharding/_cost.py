@@ -63,6 +63,7 @@ def default_matrix_flops(steps: int = 5, method: str = 'standard',
   """
 
   check_method(method, restart_every, 'default_matrix_flops')
+  _validate.count('default_matrix_flops', 'steps', steps)
   _validate.choice(NORMALIZERS)('default_matrix_flops', 'normalizer',
                                 normalizer)
 

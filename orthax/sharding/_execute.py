@@ -308,14 +308,16 @@ def execute_plan(plan: Plan, leaves, matrix_specs, param_specs, mesh, ns_fn,
     aux: the auxiliary leaves, per leaf, whose norms a stage takes
       (``Norm('aux', ...)``).
     fn_args: arrays ``ns_fn`` takes after the stack, passed replicated.
-    triple: return ``(leaves, states, outputs)`` rather than the leaves.
+    triple: return ``(leaves, new stage_states, outputs)`` (default
+      ``True``); ``False``: the leaves only.
     inputs: the leaves ``Norm('input', ...)`` is taken of, when not
       ``leaves``.
 
   Returns:
-    The leaves, in the order and sharding of ``leaves``; with ``triple``,
-    ``(leaves, new stage_states, outputs)`` (``outputs[j][i]``: stage ``j``'s
-    output for leaf ``i``, ``None`` where it has none).
+    With ``triple`` (the default), ``(leaves, new stage_states, outputs)``
+    (``outputs[j][i]``: stage ``j``'s output for leaf ``i``, ``None`` where
+    it has none); else the leaves. The leaves come in the order and
+    sharding of ``leaves``.
   """
   _validate.flag('execute_plan', 'triple', triple)
   n = len(leaves)

@@ -61,11 +61,13 @@ def plan_orthogonalize(
       Frobenius normalizer's element-wise work is counted only without a
       ``matrix_flops`` of one's own).
     steps, method, restart_every: the Newton–Schulz FLOP model, as
-      :func:`default_matrix_flops` takes them (checked here).
+      :func:`default_matrix_flops` takes them (checked here: ``steps`` an
+      int ``>= 1``).
     ns_dtype: the iteration dtype (``None``: each leaf's): it sizes a matrix
       against ``max_local_matrix_bytes``, picks ``method='auto'``'s method
       and, widened to float32, the dtype of ``gram``'s all-reduces.
-    normalizer: the Newton–Schulz normalizer, for the FLOP model.
+    normalizer: the Newton–Schulz normalizer, for the FLOP model and,
+      under ``gram``, the norm's all-reduce (none for ``'none'``).
     max_local_matrix_bytes: see :class:`Distributed`.
     stages: the :class:`orthax.matrix_stages.MatrixStage`\\ s that run after
       Newton–Schulz in the same body. With any, each group holds one
@@ -99,6 +101,7 @@ def plan_orthogonalize(
   """
   _validate.flag('plan_orthogonalize', 'column_blocks', column_blocks)
   _cost.check_method(method, restart_every, 'plan_orthogonalize')
+  _validate.count('plan_orthogonalize', 'steps', steps)
   _validate.choice(NORMALIZERS)('plan_orthogonalize', 'normalizer',
                                 normalizer)
   dist = Distributed(mesh, strategy=strategy, overrides=tuple(overrides),

@@ -52,8 +52,9 @@ class GroupPlan:
     flops_per_device: ``matrix_flops`` times the matrices a device runs
       (``padded / shards`` under ``a2a`` and ``replicated``).
     bytes_per_device, collectives: the predicted bytes per device and the
-      collectives per update (``gram``: one float32 all-reduce per Gram
-      product plus the Frobenius norm), the matrix stages' included.
+      collectives per update (``gram``: one all-reduce, float32 or wider,
+      per Gram product, plus one for the norm unless the normalizer is
+      ``'none'``), the matrix stages' included.
     stages: the names of the matrix stages run in the body, in order.
   """
   strategy: str
