@@ -218,9 +218,15 @@ def float_dtype(owner: str, name: str, value: Any, *,
   """A floating-point dtype (``jnp.bfloat16``, ``'float32'``, ...)."""
   if optional and value is None:
     return
+  if isinstance(value, (jax.Array, np.ndarray)):
+    # jnp.float32 is callable: optax.inject_hyperparams took it for a
+    # schedule and passed jnp.float32(count).
+    raise TypeError(f'{owner}: {name} must be a floating-point dtype, got an '
+                    'array (under optax.inject_hyperparams a dtype is called '
+                    f'as a schedule: pass {name} in static_args).')
   try:
     ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
-  except TypeError:
+  except (TypeError, ValueError):
     ok = False
   if not ok:
     raise TypeError(f'{owner}: {name} must be a floating-point dtype, got '

@@ -170,6 +170,14 @@ CASES = [
      'scale_rms'),
     ('muon-schedule_arity', lambda: orthax.muon(learning_rate=lambda: 0.1),
      'muon', 'learning_rate'),
+    # Callables that optax.inject_hyperparams takes for schedules: the
+    # message says to pass them in static_args.
+    ('muon-injected_router', lambda: optax.inject_hyperparams(orthax.muon)(
+        router=lambda p: jax.tree.map(lambda _: 'adam', p)).init(
+            {'w': jnp.ones((4, 8))}), 'muon', 'router'),
+    ('muon-injected_mu_dtype', lambda: optax.inject_hyperparams(orthax.muon)(
+        mu_dtype=jnp.bfloat16).init({'w': jnp.ones((4, 8))}), 'muon',
+     'mu_dtype'),
     ('trion-adam_schedule_arity',
      lambda: orthax.trion(adam_learning_rate=lambda step, scale: 0.1),
      'trion', 'adam_learning_rate'),
@@ -335,4 +343,19 @@ def test_a_wrapped_schedule_is_read_by_the_signature_called():
 
   params = {'w': jnp.ones((4, 8))}
   tx = orthax.muon(learning_rate=warm)
+  tx.update(params, tx.init(params), params)
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(router=lambda p: jax.tree.map(lambda _: 'adam', p)),
+    dict(mu_dtype=jnp.bfloat16), dict(ns_dtype=jnp.bfloat16)])
+def test_an_injected_callable_names_static_args(kwargs):
+  """optax.inject_hyperparams calls any callable argument with the step
+  count (a labels function gave ``'adam'``, ``jnp.bfloat16`` an array); the
+  message says where it went wrong, and ``static_args`` works."""
+  params = {'w': jnp.ones((4, 8)), 'b': jnp.zeros(8)}
+  with pytest.raises((ValueError, TypeError), match='static_args'):
+    optax.inject_hyperparams(orthax.muon)(**kwargs).init(params)
+  tx = optax.inject_hyperparams(orthax.muon, static_args=tuple(kwargs))(
+      **kwargs)
   tx.update(params, tx.init(params), params)

@@ -37,10 +37,13 @@ def check_router(owner: str, name: str, router: Any, *,
   if optional and router is None:
     return
   if not isinstance(router, routing.Router) and not callable(router):
+    hint = ('; under optax.inject_hyperparams a labels callable is called '
+            f'as a schedule, with the step count: pass {name} in '
+            'static_args' if isinstance(router, (str, jax.Array)) else '')
     raise ValueError(
         f'{owner}: {name} must be an orthax.Router or a params -> labels '
         'callable (e.g. lambda params: jax.tree.map(lambda _: "adam", '
-        f'params)), got {router!r}.')
+        f'params)), got {router!r}{hint}.')
 
 
 # Every recipe checks its router with its other arguments

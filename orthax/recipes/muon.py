@@ -98,8 +98,10 @@ def muon(
   further 0.032 / 0.014), and ``'optax'``,
   whose reference has no default rate, at the sweep's rates too.
 
-  ``reference='optax'`` with the same arguments and ``router`` left ``None``
-  (optax's rule: 2-D leaves are matrices) reproduces
+  ``reference='optax'`` with the same arguments, ``router`` left ``None``
+  (optax's rule: 2-D leaves are matrices) and
+  ``adam_learning_rate=learning_rate`` (optax runs both branches at one
+  rate; the default here is in proportion, below) reproduces
   ``optax.contrib.muon`` — including its NAdam-style Adam branch — for
   float32 and float64 parameters and gradients (narrower ones compute in
   float32 here, in their own dtype in optax).
