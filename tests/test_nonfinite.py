@@ -319,3 +319,30 @@ def test_the_guards_program_grows_linearly_with_the_leaves():
                .as_text())
   small, large = hlo_size(20), hlo_size(80)
   assert large / small < 6, (small, large)  # 4 when linear, 16 if N²
+
+
+@pytest.mark.parametrize('case', CASES, ids=str)
+@pytest.mark.parametrize('frozen', ['blocks/0/mlp/kernel', 'embed/embedding'])
+def test_a_nan_in_a_frozen_leaf_skips_nothing(case, frozen):
+  """A frozen leaf's gradient is never used: a NaN there (a frozen table's
+  unused row, say) must not skip the step; every recipe steps as if that
+  gradient were clean, and no leaf is flagged."""
+  router = orthax.Router(extra_rules=[orthax.Rule(frozen, 'frozen')])
+  params = trees.mixed_params()
+  grads = trees.grads_for(params, steps=2)
+  tx = orthax.recipe(case.name, learning_rate=contract.LR, router=router,
+                     **dict(case.kwargs))
+  update = jax.jit(tx.update)
+  s1 = update(grads[0], tx.init(params), params)[1]
+  u_clean, s_clean = update(grads[1], s1, params)
+  u_nan, s_nan = update(_poison(grads[1], frozen), s1, params)
+  assert orthax.nonfinite_leaves(s_nan) == []
+  assert int(orthax.nonfinite_status(s_nan).total) == 0
+  flat_clean = jax.tree_util.tree_leaves_with_path(u_clean)
+  for (path, a), b in zip(flat_clean, jax.tree.leaves(u_nan)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6,
+                               atol=1e-7, err_msg=str(path))
+  assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(u_nan))
+  for x in jax.tree.leaves(s_nan):
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+      assert np.all(np.isfinite(np.asarray(x)))

@@ -12,7 +12,7 @@ chain and its AdamW hyperparameters; :func:`route` and
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -186,14 +186,27 @@ def with_routing(tx: Any, router: RouterLike,
   return tx
 
 
-def with_check_finite(tx: optax.GradientTransformation, check_finite: bool
+def with_check_finite(tx: optax.GradientTransformation, check_finite: bool,
+                      router: RouterLike | None = None
                       ) -> optax.GradientTransformation:
   """``tx`` wrapped by :func:`orthax.transforms.skip_if_nonfinite` if
   ``check_finite``: a step whose gradient holds NaN/Inf is skipped on
-  device and the state says which leaves (``orthax.nonfinite_leaves``)."""
+  device and the state says which leaves (``orthax.nonfinite_leaves``).
+  The gradient of a leaf ``router`` labels ``'frozen'`` is never used, so
+  it is not checked: it reaches ``tx`` as zeros (a NaN there, say from a
+  frozen embedding's unused row, would otherwise skip every step)."""
   if not check_finite:
     return tx
-  return T.skip_if_nonfinite(tx)
+  guarded = T.skip_if_nonfinite(tx)
+  if router is None:
+    return guarded
+  labels = quiet_labels(router)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    return guarded.update(zero_frozen(updates, labels), state, params,
+                          **extra_args)
+
+  return optax.GradientTransformationExtraArgs(guarded.init, update_fn)
 
 
 def quiet_labels(router: RouterLike | Any) -> Any:
@@ -205,19 +218,27 @@ def quiet_labels(router: RouterLike | Any) -> Any:
           else router)
 
 
+def zero_frozen(tree: Any, labels: Callable[[Any], Any]) -> Any:
+  """``tree`` with zeros on every leaf ``labels(tree)`` calls
+  ``'frozen'``."""
+  return jax.tree.map(
+      lambda u, label: jnp.zeros_like(u) if label == 'frozen' else u,
+      tree, labels(tree))
+
+
 def with_frozen_zeroed(tx: optax.GradientTransformation, router: RouterLike
                        ) -> optax.GradientTransformationExtraArgs:
   """``tx`` whose step is zero on every leaf ``router`` labels
   ``'frozen'``, with ``tx``'s state: for a recipe without branches
   (SPECTRA), where no ``optax.partition`` sends those leaves to
-  ``optax.set_to_zero()``."""
+  ``optax.set_to_zero()``. Their gradient reaches ``tx`` as zeros (it is
+  never used; a NaN there is then no reason to skip a step)."""
   labels = quiet_labels(router)
 
   def update_fn(updates, state, params=None, **extra_args):
-    updates, state = tx.update(updates, state, params, **extra_args)
-    return jax.tree.map(
-        lambda u, label: jnp.zeros_like(u) if label == 'frozen' else u,
-        updates, labels(updates)), state
+    updates, state = tx.update(zero_frozen(updates, labels), state, params,
+                               **extra_args)
+    return zero_frozen(updates, labels), state
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
@@ -270,7 +291,7 @@ def assemble(
   labels = router.labels if isinstance(router, routing.Router) else router
   tx = optax.partition(transforms, labels)
   return with_trainable_check(
-      with_shape_check(with_check_finite(tx, check_finite)), router)
+      with_shape_check(with_check_finite(tx, check_finite, router)), router)
 
 
 def with_trainable_check(tx: optax.GradientTransformation,

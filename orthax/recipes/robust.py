@@ -92,8 +92,9 @@ def spectra(
   :data:`SPECTRA_RULES`, which make embedding tables and the LM head
   matrices); every non-matrix leaf is *one* vector (a stacked ``(L, d)``
   bias is one vector of ``L·d`` entries, where PyTorch would have ``L``).
-  A leaf labelled ``'frozen'`` gets a zero step (the base step's moments
-  still run on it: wrap the recipe in ``optax.partition`` to spare them).
+  A leaf labelled ``'frozen'`` gets a zero step and its gradient is not
+  read (the base step keeps moments for it, of zeros: wrap the recipe in
+  ``optax.partition`` to spare them).
 
   ==========  ===  =====  ===========  ===============  ========  =======================
   reference   c    steps  step rule    λ_max bound      base      source
@@ -215,7 +216,7 @@ def spectra(
   return _common.with_routing(
       _common.with_trainable_check(_common.with_shape_check(
           _common.with_check_finite(_common.with_frozen_zeroed(tx, router),
-                                    check_finite)), router),
+                                    check_finite, router)), router),
       router, {'matrix': learning_rate, 'adam': learning_rate, 'frozen': 0.0},
       {'matrix': weight_decay, 'adam': weight_decay, 'frozen': 0.0})
 
