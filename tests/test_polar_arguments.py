@@ -42,6 +42,18 @@ def test_orthogonalize_stack_names_bad_arguments(x, kwargs, error, match):
     polar.orthogonalize_stack(x, **kwargs)
 
 
+@pytest.mark.parametrize('method', ['auto', 'standard', 'gram'])
+@pytest.mark.parametrize('restart_every', [-1, 'x', 1.5, True])
+def test_choose_method_checks_restart_every_for_every_method(method,
+                                                             restart_every):
+  # Checked only where 'auto' compared the methods' FLOPs: an explicit
+  # method, a bf16 iteration or a traced step count let any value through.
+  for steps, dtype in ((5, jnp.float32), (5, jnp.bfloat16)):
+    with pytest.raises(ValueError, match='^choose_method: restart_every'):
+      polar.choose_method(64, 16, steps, dtype, method,
+                          restart_every=restart_every)
+
+
 @pytest.mark.parametrize('kwargs,error,match', [
     # steps=0, -3 or a NaN tol returned the input scaled (35% off), 2.5 a
     # coarser result: silently.

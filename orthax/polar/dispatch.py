@@ -44,17 +44,17 @@ def choose_method(m: int, n: int, steps: Any, dtype: Any, method: str = 'auto',
       or ``0``: never), as :func:`gram_newton_schulz` takes it; ``1``
       never prefers Gram.
     owner: the function the user called, named in the error for an unknown
-      ``method`` or a bad ``restart_every`` (checked where ``'auto'``
-      compares the methods' FLOPs).
+      ``method`` or a bad ``restart_every`` (checked whichever method is
+      asked for).
   """
   _validate.choice(METHODS)(owner, 'method', method)
+  check_restart(restart_every, owner)
   if method != 'auto':
     return method
   if not isinstance(steps, (int, np.integer)):
     return 'standard'
   if jnp.finfo(dtype).bits < 32:
     return 'standard'
-  check_restart(restart_every, owner)
   return 'gram' if prefer_gram(m, n, int(steps), restart_every) else 'standard'
 
 
