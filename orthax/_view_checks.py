@@ -10,9 +10,11 @@ the matrix branch (:class:`orthax.OutputLayerWarning`).
 A scanned stack of ``L`` convolutions (``nn.scan``, ``nnx.vmap``) has the
 kernel shape ``(L, *window, in, out)``, that of one convolution with a
 window of one more dimension, so the shape alone cannot tell them apart.
-Two things can: a bias beside the kernel shaped ``(L, out)`` (one
-convolution's bias is ``(out,)``), or a module on the path named like
-linen's ``nn.scan`` (``ScanBlock_0``).
+Three things can: a bias beside the kernel shaped ``(L, out)`` (one
+convolution's bias is ``(out,)``), a module on the path named like
+linen's ``nn.scan`` (``ScanBlock_0``), or a norm's scale or a bias shaped
+``(L, c)`` in the module around the conv (ResNet's conv + BatchNorm has no
+conv bias; one layer's norm is 1-D).
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ def conv_stack_evidence(path: str, shape: tuple[int, ...],
     return f'its bias {bias!r} has shape {(shape[0], shape[-1])}'
   if _SCAN.search(path):
     return 'it is inside a scanned module'
+  # A conv followed by a norm has no bias (ResNet's conv + BatchNorm); a
+  # norm's scale or a bias of one layer is 1-D, so a 2-D one of L rows in
+  # the module around the conv says that module is stacked.
+  module = path.rsplit('/', 2)[0] + '/' if path.count('/') >= 2 else None
+  for other, sh in shapes.items():
+    if (module is not None and other.startswith(module) and other != path
+        and other.rsplit('/', 1)[-1] in ('scale', 'bias')
+        and len(sh) == 2 and sh[0] == shape[0]):
+      return (f'{other!r} in the same module has shape {sh} (a norm or '
+              'bias stacked like layers)')
   return None
 
 
@@ -175,10 +187,18 @@ def attention_message(path: str, shape: tuple[int, ...], layout: str,
 
 def missing_view_hint(path: str, shape: tuple[int, ...]) -> str:
   """For a leaf the default rules cannot view: the rule that views a
-  scanned Flax attention kernel (a layer axis before Flax's layout), or
-  ``''``."""
-  if len(shape) != 4:
+  scanned Flax attention kernel (a layer axis before Flax's layout), else,
+  for a leaf of 4 or more axes, the rule that views it as a convolution
+  kernel whose name lacks ``conv`` (``nnx.Sequential``'s ``layers/0``, a
+  ``stem``, a ``shortcut``); ``''`` for fewer axes."""
+  if len(shape) < 4:
     return ''
+  conv = (f' If it is a convolution kernel (window, in, out; conv kernels '
+          'are recognised by a name containing "conv"), view it as one: '
+          f'orthax.Rule({_tree.exact_pattern(path)!r}, "matrix", '
+          f'orthax.MatrixSpec.conv({len(shape)})).')
+  if len(shape) != 4:
+    return conv
   if ATTENTION_IN.search(path):
     layout, pattern = 'layers, features, heads, head_dim', ATTENTION_IN.pattern
     view = 'fan_in=1, fan_out=(2, 3)'
@@ -186,7 +206,7 @@ def missing_view_hint(path: str, shape: tuple[int, ...]) -> str:
     layout, pattern = 'layers, heads, head_dim, features', ATTENTION_OUT.pattern
     view = 'fan_in=(1, 2), fan_out=3'
   else:
-    return ''
+    return conv
   return (f' Its shape is that of scanned Flax attention ({layout}); one '
           f'matrix per layer: orthax.Rule({pattern!r}, "matrix", '
           f'orthax.MatrixSpec({view}), ndims=(4,)).')

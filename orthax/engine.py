@@ -80,19 +80,63 @@ def leaf_state_shape(stage: ms.MatrixStage, shape: Sequence[int],
           else leaf_batch_shape(shape, spec) + tuple(sh.state))
 
 
+def initial_state(stage: ms.MatrixStage, fan_in: int, fan_out: int,
+                  dtype: Any) -> Any:
+  """``stage.initial_state`` of one ``fan_in × fan_out`` matrix in the
+  :func:`~orthax.matrix_stages.wide` of ``dtype``, checked against the
+  declared state (a ``ValueError`` naming the stage: a wrong shape failed
+  in a broadcast that named nothing)."""
+  init = stage.initial_state(fan_in, fan_out, ms.wide(dtype))
+  want = stage.shapes(fan_in, fan_out).state
+  want = ({k: tuple(v) for k, v in want.items()} if isinstance(want, Mapping)
+          else tuple(want))
+  got = jax.tree.map(lambda a: tuple(jnp.shape(a)), init)
+  if got != want:
+    raise ValueError(
+        f'matrix stage {stage.name!r}: initial_state({fan_in}, {fan_out}) '
+        f'returned shapes {got}; shapes() declares {want}.')
+  return init
+
+
 def init_stage_states(stage: ms.MatrixStage, leaves: Sequence[Any],
-                      specs: Sequence[matrices.MatrixSpec]) -> list[Any]:
+                      specs: Sequence[matrices.MatrixSpec], *,
+                      fn: StackFn | None = None,
+                      stages: Sequence[ms.MatrixStage] | None = None,
+                      distributed: sharding.Distributed | None = None,
+                      paths: Sequence[str] | None = None,
+                      plan_kw: dict[str, Any] | None = None) -> list[Any]:
   """The stage's :meth:`~orthax.matrix_stages.MatrixStage.initial_state`
   for every matrix of each leaf (:func:`leaf_state_shape`), in the leaf's
-  :func:`~orthax.matrix_stages.wide` dtype (``None`` when stateless)."""
+  :func:`~orthax.matrix_stages.wide` dtype (``None`` when stateless). On a
+  mesh (``distributed``) each is placed where :func:`map_matrices` (with
+  ``fn``, ``stages`` — the whole list ``stage`` runs in, default
+  ``(stage,)`` — ``paths`` and ``plan_kw``) returns it
+  (:func:`orthax.sharding.stage_state_spec`: sharded like its leaf's
+  batch axes), so that no step gathers it or changes its sharding."""
   if not stage.stateful:
     return [None] * len(leaves)
   out = []
   for x, spec in zip(leaves, specs):
     _, fi, fo = spec.matrix_shape(x.shape)
-    out.append(jnp.broadcast_to(
-        stage.initial_state(fi, fo, ms.wide(x.dtype)),
-        leaf_state_shape(stage, x.shape, spec)))
+    out.append(jnp.broadcast_to(initial_state(stage, fi, fo, x.dtype),
+                                leaf_state_shape(stage, x.shape, spec)))
+  if distributed is None:
+    return out
+  paths = [str(i) for i in range(len(leaves))] if paths is None else paths
+  live = [i for i, x in enumerate(leaves) if x.size]
+  pick = lambda seq: [seq[i] for i in live]
+  pspecs = _leaf_pspecs(pick(leaves), distributed, pick(paths))
+  plan = sharding.stack_plan(
+      pick(paths), pick(leaves), pick(specs), pspecs, distributed, fn,
+      stages=(stage,) if stages is None else tuple(stages), plan_kw=plan_kw)
+  for g in plan.groups:
+    for c in g.leaves:
+      i = live[c]
+      _, fi, fo = specs[i].matrix_shape(leaves[i].shape)
+      spec = sharding.stage_state_spec(g, stage, leaves[i], specs[i],
+                                       pspecs[c],
+                                       tuple(stage.shapes(fi, fo).state))
+      out[i] = sharding.place(out[i], distributed.mesh, spec)
   return out
 
 
@@ -225,7 +269,7 @@ def init_slot_state(stage: ms.MatrixStage, leaves: Sequence[Any],
     fi, fo = (g.n, g.m) if g.transposed[0] else (g.m, g.n)
     lead = (plan.num_devices, sharding.slot_count(g))
     x = jax.tree.map(lambda a: jnp.broadcast_to(a, lead + a.shape),
-                     stage.initial_state(fi, fo, ms.wide(g.dtype)))
+                     initial_state(stage, fi, fo, g.dtype))
     slots[sharding.group_key(gi)] = jax.tree.map(place, x)
   return SlotState(slots, axes, slot_groups.members(plan), ids)
 

@@ -216,7 +216,8 @@ class Router:
     """``(path, message)`` of each conv kernel (4-D or more) that a
     *default* rule reads as one convolution although it looks like a
     scanned stack of them (:mod:`orthax._view_checks`: a bias beside it
-    shaped ``(L, out)``, or a scanned module on its path): read as one,
+    shaped ``(L, out)``, a scanned module on its path, or a norm scale or
+    bias shaped ``(L, c)`` in the module around it): read as one,
     every layer's kernel would share a single orthogonalization."""
     return _suspects.conv_views(self, tree)
 

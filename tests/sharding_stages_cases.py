@@ -68,6 +68,11 @@ CASES = {
                        'normuon_paper', {}),
     'explicit_fsdp8': ((8,), ('fsdp',), 'explicit', FSDP8_A2A, 'normuon',
                        {}),
+    # Stacks sharded on their layer axis (local groups): the stages' state
+    # stays sharded like the layers, from init on; it was made replicated
+    # and gathered back at every step.
+    'explicit_fsdp8_local': ((8,), ('fsdp',), 'explicit',
+                             {**FSDP8_A2A, **FSDP8_LOCAL}, 'normuon', {}),
     'fsdp4tp2_gram': ((4, 2), ('fsdp', 'tp'), 'auto', GRAM, 'normuon',
                       dict(strategy='gram')),
     'fsdp4tp2_gram_longer': ((4, 2), ('fsdp', 'tp'), 'auto', GRAM,
@@ -81,6 +86,9 @@ CASES = {
                         'namo_d_normuon', {}),
     'explicit_fsdp8_namo': ((8,), ('fsdp',), 'explicit', FSDP8_A2A, 'namo',
                             {}),
+    'explicit_fsdp8_namo_d_local': ((8,), ('fsdp',), 'explicit',
+                                    {**FSDP8_A2A, **FSDP8_LOCAL}, 'namo_d',
+                                    {}),
     'fsdp4tp2_gram_namo': ((4, 2), ('fsdp', 'tp'), 'auto', GRAM, 'namo',
                            dict(strategy='gram')),
     'fsdp4tp2_gram_namo_d': ((4, 2), ('fsdp', 'tp'), 'auto', GRAM,

@@ -167,6 +167,42 @@ def test_scanned_conv_stacks_are_warned_about_with_a_rule_that_fixes_them():
   assert 'note: parameter' in Router().describe(tree)
 
 
+def test_a_stacked_conv_without_a_bias_is_named_by_its_stacked_norm():
+  """ResNet's conv + BatchNorm has no conv bias; stacked with nnx.vmap or a
+  named nn.scan, no path segment says "scan": the 5-D kernel was read as
+  one convolution across the layers, silently (each layer's step 1/√L of
+  its size). The norm beside it, shaped (L, out), says the module is
+  stacked; a one-layer module's 1-D norm says nothing."""
+  z = jnp.zeros
+  tree = {'blocks': {'conv': {'kernel': z((4, 3, 3, 16, 16))},
+                     'bn': {'scale': z((4, 16)), 'bias': z((4, 16))}},
+          'block3d': {'conv': {'kernel': z((3, 3, 3, 16, 16))},
+                      'bn': {'scale': z((16,)), 'bias': z((16,))}},
+          'conv_stem': {'kernel': z((3, 3, 3, 16))}}
+  suspects = dict(Router().conv_view_suspects(tree))
+  assert set(suspects) == {'blocks/conv/kernel'}
+  assert "'blocks/bn/bias' in the same module has shape (4, 16)" in suspects[
+      'blocks/conv/kernel']
+  with warnings.catch_warnings(record=True) as got:
+    warnings.simplefilter('always')
+    Router().labels(tree)
+  assert [issubclass(w.category, orthax.MatrixViewWarning)
+          for w in got] == [True]
+
+
+def test_a_conv_kernel_named_otherwise_is_told_the_conv_view():
+  """nnx.Sequential's layers/0, a stem or a shortcut: a 4-D kernel whose
+  name lacks "conv" has no default view; the error now names the conv view
+  that fits it (it named no fix for anything but attention)."""
+  params = {'features': {'layers': {'0': {'kernel': jnp.zeros((3, 3, 3, 16))}}}}
+  with pytest.raises(ValueError, match=r"orthax\.Rule\('\^features/layers/"
+                     r"0/kernel\$', \"matrix\", orthax\.MatrixSpec\.conv\(4\)\)"):
+    orthax.muon().init(params)
+  fixed = Router(extra_rules=[Rule('^features/layers/0/kernel$', 'matrix',
+                                   MatrixSpec.conv(4))])
+  orthax.muon(router=fixed).init(params)
+
+
 def test_position_and_token_type_tables_are_not_the_vocabulary():
   """BERT's 512 positions made every hidden matrix with 512 outputs look
   like an output layer ("its fan-out 512 is the vocabulary size"), and the

@@ -35,6 +35,8 @@ from orthax.matrix_stages._base import Norm
 from orthax.matrix_stages._base import ScalingStage
 from orthax.matrix_stages._base import StageShapes
 from orthax.matrix_stages._apply import apply_stages
+from orthax.matrix_stages._check import check_declaration
+from orthax.matrix_stages._check import check_stage
 from orthax.matrix_stages._apply import check_norms
 from orthax.matrix_stages._apply import split_sums
 from orthax.matrix_stages._base import stage
@@ -76,7 +78,8 @@ __all__ = [
     'NeuronNormalize', 'NoiseAdaptStep', 'Norm', 'ScaleByShape', 'ScaleToRms',
     'ScaleToSpectralNorm',
     'ScalingStage',
-    'StageShapes', 'apply_stages', 'check_min_side', 'check_norms', 'check_scale_mode',
+    'StageShapes', 'apply_stages', 'check_declaration', 'check_min_side', 'check_norms', 'check_scale_mode',
+    'check_stage',
     'neuron_axis',
     'shape_factor', 'split_sums', 'stage', 'stage_norms', 'static',
     'resolve_qr', 'root_norm', 'sum_squares', 'wide',

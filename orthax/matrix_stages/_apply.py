@@ -108,6 +108,30 @@ def stage_norms(stages: Sequence[MatrixStage],
   return out
 
 
+def _check_arity(st: MatrixStage, res: Any) -> None:
+  """``ValueError`` naming the stage where ``apply`` returned other than
+  ``(stack, state)``, or ``(stack, state, output)`` with a declared
+  output (it failed unpacking, naming nothing)."""
+  want = 3 if st.has_output else 2
+  if not isinstance(res, tuple) or len(res) != want:
+    got = (f'a tuple of {len(res)}' if isinstance(res, tuple)
+           else type(res).__name__)
+    form = ('(stack, state, output): shapes() declares an output'
+            if want == 3 else '(stack, state): shapes() declares no output')
+    raise ValueError(f'{st.name}: apply returned {got}; it returns {form}.')
+
+
+def _check_output(st: MatrixStage, o: Any, out: Any, blocks: Blocks) -> None:
+  """``ValueError`` naming the stage where its output is not ``[k,
+  *declared]`` (on whole matrices; under column blocks a vector output is
+  held in blocks)."""
+  want = (o.shape[0],) + tuple(st.shapes(blocks.fan_in, blocks.fan_out).output)
+  shape = tuple(getattr(out, 'shape', ()))
+  if blocks.split is None and shape != want:
+    raise ValueError(f'{st.name}: apply returned an output shaped {shape}; '
+                     f'shapes() declares {want[1:]} per matrix, so {want}.')
+
+
 def _check_returned(st: MatrixStage, was: tuple[Any, Any],
                     got: tuple[Any, Any]) -> None:
   """Raises ``ValueError`` naming the stage where its ``apply`` returned a
@@ -116,6 +140,8 @@ def _check_returned(st: MatrixStage, was: tuple[Any, Any],
   the guard's choice between old and new state; a wrong stack failed in a
   reshape that named nothing)."""
   shapes = lambda tree: [tuple(x.shape) for x in jax.tree.leaves(tree)]  # pylint: disable=unnecessary-lambda-assignment
+  dtypes = lambda tree: [jnp.dtype(x.dtype).name  # pylint: disable=unnecessary-lambda-assignment
+                         for x in jax.tree.leaves(tree)]
   for what, before, after in (('stack', was[0], got[0]),
                               ('state', was[1], got[1])):
     if (jax.tree.structure(before) != jax.tree.structure(after)
@@ -125,6 +151,13 @@ def _check_returned(st: MatrixStage, was: tuple[Any, Any],
           f'one shaped {shapes(before)}; a stage returns the stack '
           '[k, fan_in, fan_out] and its state as it got them (the state as '
           'shapes() declares it).')
+  if dtypes(was[1]) != dtypes(got[1]):
+    # (a state that changes dtype breaks lax.scan loops, and the guard's
+    # choice between the old and the new state)
+    raise ValueError(
+        f'{st.name}: apply returned a state of dtype {dtypes(got[1])} for '
+        f'one of {dtypes(was[1])}; return the state in the dtype it came '
+        'in (new.astype(state.dtype)).')
 
 
 def apply_stages(stages: Sequence[MatrixStage], o: jax.Array,
@@ -173,8 +206,10 @@ def apply_stages(stages: Sequence[MatrixStage], o: jax.Array,
     else:
       res = st.apply(o, s, blocks, nm) if nm else st.apply(o, s, blocks)
       was = (o, s)
+      _check_arity(st, res)
       if st.has_output:
         o, s, out = res
+        _check_output(st, o, out, blocks)
       else:
         (o, s), out = res, None
       _check_returned(st, was, (o, s))

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
 from typing import Any, Callable, Mapping, NamedTuple, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from orthax import _validate
 from orthax.polar.scale_safe import huge_scale
@@ -55,7 +57,12 @@ def stage(cls: type[_S]) -> type[_S]:
   a pytree: fields made with :func:`static` are static, all others
   children. A field annotated ``bool`` is checked to be one at
   construction (a ``TypeError`` naming the stage and the field: the string
-  ``'False'`` would otherwise switch the mode on).
+  ``'False'`` would otherwise switch the mode on), and each field named in
+  the class's ``checks`` (a dict of field name to a rule of
+  ``orthax._validate``, e.g. ``{'beta2': _validate.unit_interval}``) by its
+  rule where its value is a concrete number (a traced hyperparameter, or
+  the placeholders JAX rebuilds a pytree with, pass): a ``beta2`` of 2 or a
+  negative ``eps`` would otherwise give NaN or a reversed step, silently.
 
   Args:
     cls: the subclass; returned as a frozen dataclass with ``eq=False``
@@ -65,13 +72,20 @@ def stage(cls: type[_S]) -> type[_S]:
                      for name, kind in vars(klass).get(
                          '__annotations__', {}).items()
                      if kind in ('bool', bool)})
-  if switches:
+  checks = {}
+  for klass in reversed(cls.__mro__):
+    checks.update(vars(klass).get('checks', {}))
+  if switches or checks:
     after = getattr(cls, '__post_init__', None)
 
     def __post_init__(self):  # pylint: disable=invalid-name
+      owner = getattr(self, 'name', type(self).__name__)
       for name in switches:
-        _validate.flag(getattr(self, 'name', type(self).__name__), name,
-                       getattr(self, name))
+        _validate.flag(owner, name, getattr(self, name))
+      for name, rule in checks.items():
+        value = getattr(self, name)
+        if is_number(value):
+          rule(owner, name, value)
       if after is not None:
         after(self)
 
@@ -82,6 +96,15 @@ def stage(cls: type[_S]) -> type[_S]:
       cls, data_fields=[f.name for f in fields
                         if not f.metadata.get('static')],
       meta_fields=[f.name for f in fields if f.metadata.get('static')])
+
+
+def is_number(value: Any) -> bool:
+  """Whether ``value`` is a concrete number or array (not a tracer, nor a
+  placeholder such as ``None`` or a ``PartitionSpec``)."""
+  if isinstance(value, jax.core.Tracer) or isinstance(value, bool):
+    return False
+  return isinstance(value, (numbers.Number, np.ndarray, np.generic,
+                            jax.Array))
 
 
 class Blocks(NamedTuple):

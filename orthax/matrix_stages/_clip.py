@@ -125,6 +125,7 @@ class ClipOutliers(MatrixStage):
   """
 
   name = 'clip_outliers'
+  checks = {'quantile': _validate.fraction, 'eps': _validate.nonnegative}
   quantile: Any = 0.9
   eps: Any = 1e-9
   whole_matrices = True       # a quantile over every entry of the matrix

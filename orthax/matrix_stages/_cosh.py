@@ -41,6 +41,8 @@ class CoshNormalize(MatrixStage):
   """
 
   name = 'cosh_normalize'
+  checks = {'gamma': _validate.nonnegative, 'norm_eps': _validate.positive,
+            'eps': _validate.nonnegative}
   gamma: Any = 1.0
   _: dataclasses.KW_ONLY
   normalize: bool = static(default=True)

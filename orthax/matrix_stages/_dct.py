@@ -68,6 +68,8 @@ class DCTAdam(MatrixStage):
   """
 
   name = 'dct_adam'
+  checks = {'b1': _validate.unit_interval, 'b2': _validate.unit_interval,
+            'eps': _validate.positive}
   count: Any = 1
   b1: Any = 0.9
   b2: Any = 0.999
@@ -184,6 +186,7 @@ class TrionStep(MatrixStage):
   """
 
   name = 'trion'
+  checks = {'momentum': _validate.unit_interval}
   momentum: Any = 0.95
   rank: Any = static(default=0.25)
   scaling: str = static(default='kj')

@@ -164,6 +164,11 @@ class FismoStep(MatrixStage):
   """
 
   name = 'fismo'
+  checks = {'beta': _validate.unit_interval, 'gamma': _validate.unit_interval,
+            'damping': _validate.positive, 'eig_floor': _validate.positive,
+            'ns_steps': _validate.count, 'ns_eps': _validate.positive,
+            'scale_rms': _validate.nonnegative,
+            'precondition_every': _validate.count}
   beta: Any = 0.95
   gamma: Any = 0.95
   damping: Any = 1e-3

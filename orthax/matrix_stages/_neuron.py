@@ -66,6 +66,7 @@ class NeuronNormalize(MatrixStage):
   """
 
   name = 'neuron_normalize'
+  checks = {'beta2': _validate.unit_interval, 'eps': _validate.positive}
   beta2: Any = 0.95
   eps: Any = 1e-10
   _: dataclasses.KW_ONLY

@@ -77,6 +77,10 @@ class NoiseAdaptStep(ScalingStage):
   """
 
   name = 'noise_adapt'
+  checks = {'b1': _validate.unit_interval, 'mu2': _validate.unit_interval,
+            'eps': _validate.positive, 'weight_decay': _validate.nonnegative,
+            'scale_coeff': _validate.nonnegative,
+            'clamp_c': _validate.nonnegative}
   mode: str = static()
   learning_rate: Any = dataclasses.MISSING
   count: Any = dataclasses.MISSING

@@ -197,6 +197,7 @@ class AroRotate(MatrixStage):
   """
 
   name = 'aro_rotate'
+  checks = {'iters': _validate.count, 'eps': _validate.positive}
   base: str = static(default='sinkhorn')
   qr: str = static(default='auto')
   rotate: str = static(default='smaller')

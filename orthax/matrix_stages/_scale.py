@@ -116,6 +116,7 @@ class ScaleByShape(MatrixStage):
   """
 
   name = 'scale_by_shape'
+  checks = {'rms': _validate.nonnegative}
   mode: str = static(default='keller')
   rms: Any = 0.2
   min_side: int = static(default=1)
@@ -143,6 +144,7 @@ class ScaleToRms(MatrixStage):
   """
 
   name = 'scale_to_rms'
+  checks = {'rms': _validate.nonnegative, 'eps': _validate.positive}
   rms: Any = 0.2
   eps: Any = 1e-10
 

@@ -18,6 +18,7 @@ from orthax.sharding._execute import local_plan
 from orthax.sharding._execute import orthogonalize_tree
 from orthax.sharding._execute import place
 from orthax.sharding._execute import plan_leaves
+from orthax.sharding._execute import stack_plan
 from orthax.sharding._group import run_group
 from orthax.sharding._group import slot_count
 from orthax.sharding._inspect import NotDistributedError
@@ -37,6 +38,8 @@ from orthax.sharding._specs import check_specs
 from orthax.sharding._specs import explicit_spec
 from orthax.sharding._specs import leaf_specs
 from orthax.sharding._specs import specs_for
+from orthax.sharding._state_specs import stage_state_spec
+from orthax.sharding._state_specs import takes_column_blocks
 
 __all__ = [
     'Distributed', 'GroupPlan', 'LeafInfo', 'NotDistributedError', 'Plan',
@@ -44,5 +47,6 @@ __all__ = [
     'default_matrix_flops', 'distributed_orthogonalize', 'execute_plan',
     'explicit_spec', 'group_key', 'leaf_specs', 'local_plan',
     'orthogonalize_tree', 'place', 'plan', 'plan_leaves', 'plan_orthogonalize',
-    'run_group', 'slot_count', 'spec_entries', 'specs_for',
+    'run_group', 'slot_count', 'spec_entries', 'specs_for', 'stack_plan',
+    'stage_state_spec', 'takes_column_blocks',
 ]

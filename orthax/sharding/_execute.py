@@ -48,7 +48,6 @@ exchanges are in :mod:`orthax.sharding._bodies`. On one device without
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Sequence
 
 import jax
@@ -74,12 +73,10 @@ from orthax.sharding._specs import as_spec
 from orthax.sharding._specs import check_meshes
 from orthax.sharding._specs import check_specs
 from orthax.sharding._specs import specs_for
+from orthax.sharding._state_specs import stage_state_spec
+from orthax.sharding._state_specs import takes_column_blocks
 
 # Executing ----------------------------------------------------------------
-
-
-def _entry(axes: tuple[str, ...]):
-  return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
 def place(x, mesh, spec: P):
@@ -99,22 +96,6 @@ def _constrain(x, mesh, spec: P):
   if any(t == AxisType.Explicit for t in mesh.axis_types):
     return jax.sharding.reshard(x, sh)
   return jax.lax.with_sharding_constraint(x, sh)
-
-
-def _state_spec(g: GroupPlan, stage: matrix_stages.MatrixStage, x, ms, ps,
-                shape: Sequence[int]):
-  """``PartitionSpec`` of one leaf's ``batch + shape`` stage state (or
-  output) inside the body: the leaf's batch sharding; the per-matrix part
-  whole, except under ``gram``, where a vector along a matrix axis keeps
-  that axis's (column-block) sharding."""
-  entries = spec_entries(ps, x.ndim)
-  batch, fi, fo = ms.resolve(x.shape)
-  _, n_in, n_out = ms.matrix_shape(x.shape)
-  tail = [None] * len(shape)
-  ax = stage.shapes(n_in, n_out).axis
-  if g.strategy == 'gram' and ax is not None:
-    tail[-1] = _entry(entries[(fi if ax == -2 else fo)[0]])
-  return P(*([_entry(entries[d]) for d in batch] + tail))
 
 
 class _NoMesh:
@@ -249,10 +230,8 @@ def distributed_orthogonalize(
   param_specs = [as_spec(s) for s in param_specs]
   check_specs(leaves, paths, param_specs, dist.mesh)
   if plan is None:
-    kw = dict(plan_kw or {})
-    kw.setdefault('column_blocks', takes_column_blocks(ns_fn))
-    plan = plan_leaves(paths, leaves, matrix_specs, param_specs, dist,
-                       stages=stages, **kw)
+    plan = stack_plan(paths, leaves, matrix_specs, param_specs, dist, ns_fn,
+                      stages=stages, plan_kw=plan_kw)
   record(plan)
   return execute_plan(plan, leaves, matrix_specs, param_specs, dist.mesh,
                       ns_fn, stages=stages, stage_states=stage_states,
@@ -260,15 +239,30 @@ def distributed_orthogonalize(
                       triple=bool(stages) or return_triple)
 
 
-def takes_column_blocks(fn: Any) -> bool:
-  """Whether ``fn`` runs on column blocks: it takes ``col_reduce`` (or
-  any keyword)."""
-  try:
-    params = inspect.signature(fn).parameters.values()
-  except (TypeError, ValueError):
-    return False
-  return any(p.name == 'col_reduce' or p.kind == p.VAR_KEYWORD
-             for p in params)
+def stack_plan(paths: Sequence[str], leaves: Sequence[Any],
+               matrix_specs: Sequence[matrices.MatrixSpec],
+               param_specs: Sequence[Any], dist: Distributed, ns_fn: Any,
+               *, stages: Sequence[matrix_stages.MatrixStage] = (),
+               plan_kw: dict[str, Any] | None = None) -> Plan:
+  """The plan :func:`distributed_orthogonalize` runs ``leaves`` by when it
+  is given none: :func:`plan_leaves` with ``plan_kw``, column blocks
+  allowed where ``ns_fn`` takes them (``None``: the stages alone, which
+  do).
+
+  Args:
+    paths, leaves, matrix_specs, param_specs: as
+      :func:`distributed_orthogonalize` takes them.
+    dist: the :class:`Distributed`.
+    ns_fn: the stack function, or ``None``.
+    stages: the stages run after it.
+    plan_kw: the plan's FLOP model, as :func:`distributed_orthogonalize`
+      takes it.
+  """
+  kw = dict(plan_kw or {})
+  kw.setdefault('column_blocks',
+                ns_fn is None or takes_column_blocks(ns_fn))
+  return plan_leaves(paths, leaves, matrix_specs, param_specs, dist,
+                     stages=stages, **kw)
 
 
 def group_key(i: int) -> str:
@@ -335,7 +329,7 @@ def execute_plan(plan: Plan, leaves, matrix_specs, param_specs, mesh, ns_fn,
                 zip(slot, stage_states or [[None] * n] * len(stages))],
         aux=None if aux is None else pick(aux), fn_args=fn_args,
         inputs=None if inputs is None else pick(inputs),
-        state_spec=lambda j, c, shape: _state_spec(
+        state_spec=lambda j, c, shape: stage_state_spec(
             g, stages[j], leaves[idx[c]], matrix_specs[idx[c]],
             param_specs[idx[c]], shape),
         constrain=lambda x, spec: _constrain(x, mesh, spec))

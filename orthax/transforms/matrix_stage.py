@@ -27,19 +27,23 @@ class StageState(NamedTuple):
 
 
 def init_state(stage: ms.MatrixStage, params: Any,
-               specs: Sequence[matrices.MatrixSpec], **slot_kw) -> Any:
+               specs: Sequence[matrices.MatrixSpec], *, fn: Any = None,
+               stages: Sequence[ms.MatrixStage] | None = None,
+               **mesh_kw) -> Any:
   """The stage's state for ``params``: zeros per leaf, wrapped; for a slot
-  stage an :class:`orthax.engine.SlotState` (``slot_kw``: ``distributed``,
-  ``plan_kw``, as :func:`orthax.engine.init_slot_state` takes them)."""
+  stage an :class:`orthax.engine.SlotState`. ``mesh_kw``: ``distributed``,
+  ``plan_kw``, as :func:`orthax.engine.init_slot_state` takes them; a
+  per-leaf state is placed where the step returns it when ``stage`` runs
+  after ``fn`` in ``stages`` (:func:`orthax.engine.init_stage_states`)."""
   if not stage.stateful:
     return optax.EmptyState()
   paths, leaves, _ = _tree.leaves_with_paths(params)
   if stage.slot_state:
     return engine.init_slot_state(stage, leaves, specs, paths=paths,
-                                  **slot_kw)
+                                  **mesh_kw)
   # Per-matrix shapes, not the parameters': no Flax box around them.
-  tree = _tree.plain_structure(params).unflatten(
-      engine.init_stage_states(stage, leaves, specs))
+  tree = _tree.plain_structure(params).unflatten(engine.init_stage_states(
+      stage, leaves, specs, fn=fn, stages=stages, paths=paths, **mesh_kw))
   if isinstance(stage, ms.NeuronNormalize):
     return NeuronNormalizeState(nu=tree)
   return StageState(tree)
@@ -70,6 +74,7 @@ def with_leaf_states(stage: ms.MatrixStage, state: Any, updates: Any,
 def stage_transform(stage: ms.MatrixStage, matrix_specs: _tree.SpecsLike,
                     where: str) -> optax.GradientTransformation:
   """``stage`` applied to every matrix of the update, as a transform."""
+  ms.check_stage(stage, where)
 
   def init_fn(params):
     return init_state(stage, params,
@@ -140,6 +145,8 @@ def slot_step(make_stage: Callable[[Any], ms.MatrixStage],
     ((4, 8), 1)
   """
   then = tuple(then)
+  for st in (make_stage(0),) + then:
+    ms.check_stage(st, where)
   for st in then:
     if st.stateful:
       raise ValueError(f'{where}: the stages after the slot step must be '

@@ -137,13 +137,14 @@ def noise_adapt(
 
   def init_fn(params):
     specs = _tree.resolve_specs(matrix_specs, params, 'noise_adapt')
+    step0 = MS.NoiseAdaptStep(mode, 0.0, 0, shape=shape)
     return NoiseAdaptState(
         count=jnp.zeros([], jnp.int32),
         momentum=momentum.init(params),
         orthogonalize=orthogonalize.init(params),
-        nu=_tree.plain_structure(params).unflatten(engine.init_stage_states(
-            MS.NoiseAdaptStep(mode, 0.0, 0), jax.tree.leaves(params),
-            specs)))
+        nu=_tree.plain_structure(params).unflatten(
+            orthogonalize.init_extra_stage(params, step0) if in_body else
+            engine.init_stage_states(step0, jax.tree.leaves(params), specs)))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -192,6 +193,10 @@ def _step(g, o, w, shrink, spec):
   b, _, _ = spec.matrix_shape(g.shape)
   # r ([b, 1] or [b, fan_in]) laid out like the leaf: W and O are never
   # reshaped (an Explicit sharding may refuse a view that merges axes).
-  r = matrices.per_matrix_to_leaf(
-      engine.replicated(shrink).reshape(b, -1), spec, g.shape)
+  # It comes sharded like the leaf's batch axes; it is gathered only where
+  # several of them merge into b (one batch axis: stacked layers sharded
+  # on theirs keep r where their matrices are).
+  if len(spec.resolve(g.shape)[0]) > 1:
+    shrink = engine.replicated(shrink)
+  r = matrices.per_matrix_to_leaf(shrink.reshape(b, -1), spec, g.shape)
   return (w.astype(dt) * r + o.astype(dt)).astype(g.dtype)

@@ -43,15 +43,32 @@ class OrthogonalizeTransformation(optax.GradientTransformationExtraArgs):
     return self.update(updates, state,
                        _with_stages=(tuple(stages), stage_states, aux))
 
+  def init_extra_stage(self, params, stage):
+    """Per leaf of ``params`` (flatten order), ``stage``'s initial state
+    (``None`` where it keeps none), placed as :meth:`update_with_stages`
+    returns it when ``stage`` runs after the ``then=`` stages: on a mesh,
+    where the step leaves it, so no step gathers it."""
+    return self.init(params, _extra_stage=stage)
+
+
+def _stage_list(arg: str, value: Any) -> tuple[matrix_stages.MatrixStage, ...]:
+  """``then=``/``before=`` as a tuple; a single stage is named as one (it
+  was a ``TypeError``: not iterable)."""
+  if isinstance(value, matrix_stages.MatrixStage):
+    raise ValueError(f'orthogonalize: {arg} takes a list of stages, got the '
+                     f'stage {value.name!r} alone: write {arg}=[...].')
+  return tuple(value or ())
+
 
 def _check_stages(then) -> tuple[matrix_stages.MatrixStage, ...]:
-  stages = tuple(then or ())
+  stages = _stage_list('then', then)
   names = []
   for st in stages:
     if not isinstance(st, matrix_stages.MatrixStage):
       raise ValueError(
           f'orthogonalize: then must hold orthax.matrix_stages.MatrixStage '
           f'objects (e.g. NeuronNormalize(), ScaleByShape()), got {st!r}.')
+    matrix_stages.check_stage(st, 'orthogonalize')
     if st.name in names:
       raise ValueError(f'orthogonalize: then has two stages named '
                        f'{st.name!r}.')
@@ -62,12 +79,13 @@ def _check_stages(then) -> tuple[matrix_stages.MatrixStage, ...]:
 def _check_before(before) -> tuple[matrix_stages.MatrixStage, ...]:
   """The ``before=`` stages, checked: stateless, transpose-invariant
   stages without outputs or norms (they run on the wide stack)."""
-  stages = tuple(before or ())
+  stages = _stage_list('before', before)
   for st in stages:
     if not isinstance(st, matrix_stages.MatrixStage):
       raise ValueError(
           'orthogonalize: before must hold orthax.matrix_stages.MatrixStage '
           f'objects (e.g. ClipOutliers()), got {st!r}.')
+    matrix_stages.check_stage(st, 'orthogonalize')
     if (st.stateful or st.has_output or st.shapes(2, 3).norms
         or not st.transpose_invariant):
       raise ValueError(
@@ -262,13 +280,20 @@ def orthogonalize(
   if before:
     ns, fn_args = _with_before(ns, before)
 
-  def init_fn(params):
+  def init_fn(params, *, _extra_stage=None):
+    if _extra_stage is not None:  # (init_extra_stage)
+      paths, leaves, _ = _tree.leaves_with_paths(params)
+      return engine.init_stage_states(
+          _extra_stage, leaves,
+          _tree.resolve_specs(matrix_specs, params, 'orthogonalize'), fn=ns,
+          stages=stages + (_extra_stage,), distributed=distributed,
+          paths=paths, plan_kw=plan_kw)
     if not stages:
       return optax.EmptyState()
     specs = _tree.resolve_specs(matrix_specs, params, 'orthogonalize')
     return OrthogonalizeState({st.name: matrix_stage.init_state(
-        st, params, specs, distributed=distributed, plan_kw=plan_kw)
-                               for st in stages})
+        st, params, specs, fn=ns, stages=stages, distributed=distributed,
+        plan_kw=plan_kw) for st in stages})
 
   def update_fn(updates, state, params=None, *, _with_stages=None,
                 **extra_args):
