@@ -7,6 +7,7 @@ looks for."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -16,6 +17,11 @@ from orthax import _tree
 from orthax import _view_checks as _views
 
 Suspects = list[tuple[str, str]]
+
+# A low-rank adapter's factor (lora_a, lora_B, ...): in a tree of adapters
+# alone (fine-tuning with the base model frozen), the last one's outputs
+# feed no other matrix of the tree, yet it is no output layer.
+_ADAPTER = re.compile(r'(?i)(^|/)lora[^/]*$')
 
 
 def leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -67,7 +73,8 @@ def output_layers(router: Any, tree: Any) -> Suspects:
   for path, shape, _, fan_out, default in matrices:
     if default and len(shape) == 2 and fan_out in vocab:
       out.append((path, f'its fan-out {fan_out} is the vocabulary size'))
-  flat = [m for m in matrices if len(m[1]) == 2]
+  flat = [m for m in matrices if len(m[1]) == 2
+          and not _ADAPTER.search(m[0])]
   if len(matrices) >= 2 and flat:
     path, shape, _, fan_out, default = max(
         flat, key=lambda m: _views.natural_key(m[0]))

@@ -181,8 +181,10 @@ class Router:
     ``Dense_10``; a scanned stack, ``ScanBlock_0/…``, may sort after the
     head), the tree has other matrices, and its fan-out is no
     matrix's fan-in nor its last fan-in axis (a conv's input channels):
-    nothing consumes its output, as a classifier's ``classes`` outputs.
-    Output layers usually train better with AdamW."""
+    nothing consumes its output, as a classifier's ``classes`` outputs (a
+    low-rank adapter's factor, ``lora_a``/``lora_b``, is never taken for
+    one: in a tree of adapters alone the last one's outputs feed nothing
+    too). Output layers usually train better with AdamW."""
     return _suspects.output_layers(self, tree)
 
   def warn_output_layers(self, tree: Any) -> None:

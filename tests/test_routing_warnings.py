@@ -348,3 +348,17 @@ def test_the_spec_a_missing_view_names_views_the_stacked_matrices(shape,
   assert spec.matrix_shape(shape) == matrices
   with pytest.raises(ValueError, match='is no matrix: route it'):
     tx.update({'b': jnp.ones(4)}, tx.init({'b': jnp.ones(4)}))
+
+
+def test_a_tree_of_low_rank_adapters_has_no_output_layer():
+  """Fine-tuning adapters alone (nnx.Optimizer(model, tx,
+  wrt=nnx.LoRAParam)): the last lora_b's outputs feed no other matrix of
+  the tree, which made it look like an output layer, wrongly."""
+  z = jnp.zeros
+  tree = {'l1': {'lora': {'lora_a': z((16, 4)), 'lora_b': z((4, 32))}},
+          'l2': {'lora': {'lora_a': z((32, 4)), 'lora_b': z((4, 8))}}}
+  assert Router().output_layer_suspects(tree) == []
+  # A classifier head after them is still found.
+  tree['proj'] = {'kernel': z((32, 10))}
+  assert [p for p, _ in Router().output_layer_suspects(tree)] == [
+      'proj/kernel']
