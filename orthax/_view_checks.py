@@ -24,6 +24,7 @@ import re
 from orthax import _tree
 
 _SCAN = re.compile(r'(?i)(^|/)scan[^/]*/')
+_ATTENTION = re.compile(r'(?i)(attention|attn|query|key|value)[^/]*/')
 
 
 def conv_stack_evidence(path: str, shape: tuple[int, ...],
@@ -38,13 +39,16 @@ def conv_stack_evidence(path: str, shape: tuple[int, ...],
   if _SCAN.search(path):
     return 'it is inside a scanned module'
   # A conv followed by a norm has no bias (ResNet's conv + BatchNorm); a
-  # norm's scale or a bias of one layer is 1-D, so a 2-D one of L rows in
-  # the module around the conv says that module is stacked.
-  module = path.rsplit('/', 2)[0] + '/' if path.count('/') >= 2 else None
+  # norm's scale or a bias of one layer is 1-D, so a 2-D one of L rows and
+  # the conv's channels in the module around it says that module is
+  # stacked (not an attention bias, (heads, head_dim); not a window of 1).
+  if (shape[0] == 1 or bias in shapes or path.count('/') < 2):
+    return None
+  module = path.rsplit('/', 2)[0] + '/'
   for other, sh in shapes.items():
-    if (module is not None and other.startswith(module) and other != path
-        and other.rsplit('/', 1)[-1] in ('scale', 'bias')
-        and len(sh) == 2 and sh[0] == shape[0]):
+    if (other.startswith(module) and other.rsplit('/', 1)[-1] in (
+        'scale', 'bias') and not _ATTENTION.search(other)
+        and sh in ((shape[0], shape[-1]), (shape[0], shape[-2]))):
       return (f'{other!r} in the same module has shape {sh} (a norm or '
               'bias stacked like layers)')
   return None
@@ -193,10 +197,18 @@ def missing_view_hint(path: str, shape: tuple[int, ...]) -> str:
   ``stem``, a ``shortcut``); ``''`` for fewer axes."""
   if len(shape) < 4:
     return ''
+  pattern = _tree.exact_pattern(path)
   conv = (f' If it is a convolution kernel (window, in, out; conv kernels '
           'are recognised by a name containing "conv"), view it as one: '
-          f'orthax.Rule({_tree.exact_pattern(path)!r}, "matrix", '
+          f'orthax.Rule({pattern!r}, "matrix", '
           f'orthax.MatrixSpec.conv({len(shape)})).')
+  if len(shape) >= 5:
+    layers = ', '.join(str(a) for a in range(1, len(shape) - 1))
+    conv += (f' If its leading axis stacks {shape[0]} layers of '
+             f'{len(shape) - 3}-D convolutions (nnx.vmap, nn.scan), one matrix '
+             f'per layer: orthax.Rule({pattern!r}, "matrix", '
+             f'orthax.MatrixSpec(fan_in=({layers}), '
+             f'fan_out={len(shape) - 1})).')
   if len(shape) != 4:
     return conv
   if ATTENTION_IN.search(path):

@@ -85,19 +85,35 @@ def leaf_state_shape(stage: ms.MatrixStage, shape: Sequence[int],
 def initial_state(stage: ms.MatrixStage, fan_in: int, fan_out: int,
                   dtype: Any) -> Any:
   """``stage.initial_state`` of one ``fan_in × fan_out`` matrix in the
-  :func:`~orthax.matrix_stages.wide` of ``dtype``, checked against the
-  declared state (a ``ValueError`` naming the stage: a wrong shape failed
-  in a broadcast that named nothing)."""
+  :func:`~orthax.matrix_stages.wide` of ``dtype``, broadcast to the
+  declared state; a ``ValueError`` naming the stage where it does not
+  broadcast (it failed in a broadcast that named nothing, and a slot
+  state kept the wrong shape)."""
   init = stage.initial_state(fan_in, fan_out, ms.wide(dtype))
   want = stage.shapes(fan_in, fan_out).state
   want = ({k: tuple(v) for k, v in want.items()} if isinstance(want, Mapping)
           else tuple(want))
   got = jax.tree.map(lambda a: tuple(jnp.shape(a)), init)
-  if got != want:
+  fits = lambda g, w: len(g) <= len(w) and all(  # pylint: disable=unnecessary-lambda-assignment
+      a in (1, b) for a, b in zip(g[::-1], w[::-1]))
+  if (jax.tree.structure(got, is_leaf=lambda v: isinstance(v, tuple))
+      != jax.tree.structure(want, is_leaf=lambda v: isinstance(v, tuple))
+      or not all(fits(g, w) for g, w in zip(
+          jax.tree.leaves(got, is_leaf=lambda v: isinstance(v, tuple)),
+          jax.tree.leaves(want, is_leaf=lambda v: isinstance(v, tuple))))):
     raise ValueError(
         f'matrix stage {stage.name!r}: initial_state({fan_in}, {fan_out}) '
-        f'returned shapes {got}; shapes() declares {want}.')
-  return init
+        f'returned shapes {got}; shapes() declares {want} (a smaller shape '
+        'that broadcasts to it is taken).')
+  return jax.tree.map(jnp.broadcast_to, init, want)
+
+
+def _sharding_known(x: Any) -> bool:
+  try:
+    sharding.array_spec(x)
+  except ValueError:
+    return False
+  return True
 
 
 def init_stage_states(stage: ms.MatrixStage, leaves: Sequence[Any],
@@ -127,6 +143,11 @@ def init_stage_states(stage: ms.MatrixStage, leaves: Sequence[Any],
   paths = [str(i) for i in range(len(leaves))] if paths is None else paths
   live = [i for i, x in enumerate(leaves) if x.size]
   pick = lambda seq: [seq[i] for i in live]
+  if distributed.param_specs is None and not all(
+      _sharding_known(x) for x in pick(leaves)):
+    # (numpy parameters, or an abstract tree without shardings, to build
+    # a state to restore into): left unplaced; the step places it.
+    return out
   pspecs = _leaf_pspecs(pick(leaves), distributed, pick(paths))
   plan = sharding.stack_plan(
       pick(paths), pick(leaves), pick(specs), pspecs, distributed, fn,

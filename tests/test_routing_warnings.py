@@ -188,6 +188,17 @@ def test_a_stacked_conv_without_a_bias_is_named_by_its_stacked_norm():
     Router().labels(tree)
   assert [issubclass(w.category, orthax.MatrixViewWarning)
           for w in got] == [True]
+  # Not evidence: an attention bias (heads, head_dim) beside a conv, a 1×1
+  # conv (a window of 1 stacks nothing), a conv with a bias of its own.
+  plain = {'attn_block': {
+      'conv': {'kernel': z((1, 1, 32, 32))},
+      'MultiHeadDotProductAttention_0': {'key': {'bias': z((1, 32))}},
+      'norm': {'scale': z((32,))}},
+           'hybrid': {'conv': {'kernel': z((3, 3, 16, 48)), 'bias': z((48,))},
+                      'attn': {'key': {'bias': z((3, 16))}}},
+           'mixed': {'conv': {'kernel': z((3, 3, 3, 16, 16))},
+                     'attn': {'key': {'bias': z((3, 16))}}}}
+  assert Router().conv_view_suspects(plain) == []
 
 
 def test_a_conv_kernel_named_otherwise_is_told_the_conv_view():
@@ -362,3 +373,11 @@ def test_a_tree_of_low_rank_adapters_has_no_output_layer():
   tree['proj'] = {'kernel': z((32, 10))}
   assert [p for p, _ in Router().output_layer_suspects(tree)] == [
       'proj/kernel']
+
+
+def test_a_five_axis_kernel_named_otherwise_is_told_both_readings():
+  params = {'layers': {'0': {'kernel': jnp.zeros((4, 3, 3, 16, 32))}}}
+  with pytest.raises(ValueError) as e:
+    orthax.muon().init(params)
+  assert 'orthax.MatrixSpec.conv(5)' in str(e.value)
+  assert 'orthax.MatrixSpec(fan_in=(1, 2, 3), fan_out=4)' in str(e.value)

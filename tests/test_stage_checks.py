@@ -161,9 +161,8 @@ class _ModeNotStatic(MS.MatrixStage):
      'must be'),
     (_BadAxis(), r"shapes\(2, 3\)\.axis must be None, -2 \(fan-in\) or -1"),
     (_WrongInit(), r"^matrix stage 'wrong_init': initial_state\(8, 16\) "
-     r'returned shapes \(8,\); shapes\(\) declares \(16,\)'),
-    (_StateDtype(), r"^state_dtype: apply returned a state of dtype "
-     r"\['bfloat16'\] for one of \['float32'\]"),
+     r'returned shapes \(8,\); shapes\(\) declares \(16,\) \(a smaller '
+     'shape that broadcasts'),
     (_Undecorated(), r'^orthogonalize: stage _Undecorated is not a '
      r'registered pytree: decorate its class with '
      r'@orthax\.matrix_stages\.stage'),
@@ -211,3 +210,62 @@ def test_a_valid_custom_stage_still_runs():
   ref, _ = T.orthogonalize().update(PARAMS, T.orthogonalize().init(PARAMS))
   np.testing.assert_allclose(np.asarray(u['w']), 0.5 * np.asarray(ref['w']),
                              rtol=1e-6)
+
+
+def test_a_state_keeps_the_dtype_init_gave_it():
+  """A stage whose new state comes back in another dtype (a float64
+  hyperparameter under jax_enable_x64 promotes NorMuon's and FISMO's) is
+  cast back: the state's type never changes from step to step."""
+  tx = T.orthogonalize(then=[_StateDtype()])
+  state = tx.init(PARAMS)
+  _, new = tx.update(PARAMS, state)
+  assert jax.tree.map(lambda x: x.dtype, new) == jax.tree.map(
+      lambda x: x.dtype, state)
+
+
+def test_an_initial_state_that_broadcasts_is_taken():
+  @MS.stage
+  class ScalarInit(_WrongInit):
+    name = 'scalar_init'
+
+    def initial_state(self, fan_in, fan_out, dtype):
+      return jnp.ones((), dtype)
+
+  tx = T.orthogonalize(then=[ScalarInit()])
+  state = tx.init(PARAMS)
+  assert jax.tree.leaves(state)[0].shape == (16,)
+  np.testing.assert_array_equal(np.asarray(jax.tree.leaves(state)[0]), 1.0)
+
+
+@pytest.mark.parametrize('make', [
+    lambda: orthax.normuon(0.02, beta2=np.float64(0.95)),
+    lambda: orthax.fismo(0.02, gamma=np.float64(0.9)),
+])
+def test_float64_hyperparameters_under_x64_keep_the_state_float32(make):
+  jax.config.update('jax_enable_x64', True)
+  try:
+    p = {'w': jnp.ones((8, 16), jnp.float32) + jnp.eye(8, 16)}
+    tx = make()
+    state = tx.init(p)
+    _, new = tx.update(p, state, p)
+    assert jax.tree.map(lambda x: x.dtype, new) == jax.tree.map(
+        lambda x: x.dtype, state)
+  finally:
+    jax.config.update('jax_enable_x64', False)
+
+
+def test_init_without_shardings_leaves_the_stage_state_unplaced():
+  """init places a per-leaf stage state where the step leaves it, from the
+  leaves' shardings; numpy parameters or an abstract tree without
+  shardings (to build a state to restore into) have none, and
+  Distributed(param_specs=None) gives none: the state is left unplaced
+  (the step places it), as before, not refused."""
+  mesh = jax.make_mesh((1,), ('fsdp',),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  tx = T.orthogonalize(then=[MS.NeuronNormalize()],
+                       distributed=orthax.sharding.Distributed(mesh))
+  params = {'w': np.ones((8, 16), np.float32)}
+  assert jax.tree.leaves(tx.init(params))[0].shape == (16,)
+  abstract = jax.eval_shape(tx.init, {'w': jax.ShapeDtypeStruct((8, 16),
+                                                                jnp.float32)})
+  assert jax.tree.leaves(abstract)[0].shape == (16,)

@@ -140,8 +140,6 @@ def _check_returned(st: MatrixStage, was: tuple[Any, Any],
   the guard's choice between old and new state; a wrong stack failed in a
   reshape that named nothing)."""
   shapes = lambda tree: [tuple(x.shape) for x in jax.tree.leaves(tree)]  # pylint: disable=unnecessary-lambda-assignment
-  dtypes = lambda tree: [jnp.dtype(x.dtype).name  # pylint: disable=unnecessary-lambda-assignment
-                         for x in jax.tree.leaves(tree)]
   for what, before, after in (('stack', was[0], got[0]),
                               ('state', was[1], got[1])):
     if (jax.tree.structure(before) != jax.tree.structure(after)
@@ -151,13 +149,6 @@ def _check_returned(st: MatrixStage, was: tuple[Any, Any],
           f'one shaped {shapes(before)}; a stage returns the stack '
           '[k, fan_in, fan_out] and its state as it got them (the state as '
           'shapes() declares it).')
-  if dtypes(was[1]) != dtypes(got[1]):
-    # (a state that changes dtype breaks lax.scan loops, and the guard's
-    # choice between the old and the new state)
-    raise ValueError(
-        f'{st.name}: apply returned a state of dtype {dtypes(got[1])} for '
-        f'one of {dtypes(was[1])}; return the state in the dtype it came '
-        'in (new.astype(state.dtype)).')
 
 
 def apply_stages(stages: Sequence[MatrixStage], o: jax.Array,
@@ -213,6 +204,10 @@ def apply_stages(stages: Sequence[MatrixStage], o: jax.Array,
       else:
         (o, s), out = res, None
       _check_returned(st, was, (o, s))
+      # The state keeps the dtype init gave it (a float64 hyperparameter
+      # under jax_enable_x64 promotes it; a changing dtype breaks lax.scan
+      # loops and the guard's choice between the old and the new state).
+      s = jax.tree.map(lambda new, old: new.astype(old.dtype), s, was[1])
     new.append(s)
     outs.append(out)
   return o, new, outs
