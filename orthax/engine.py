@@ -93,19 +93,14 @@ def initial_state(stage: ms.MatrixStage, fan_in: int, fan_out: int,
   want = stage.shapes(fan_in, fan_out).state
   want = ({k: tuple(v) for k, v in want.items()} if isinstance(want, Mapping)
           else tuple(want))
-  got = jax.tree.map(lambda a: tuple(jnp.shape(a)), init)
-  fits = lambda g, w: len(g) <= len(w) and all(  # pylint: disable=unnecessary-lambda-assignment
-      a in (1, b) for a, b in zip(g[::-1], w[::-1]))
-  if (jax.tree.structure(got, is_leaf=lambda v: isinstance(v, tuple))
-      != jax.tree.structure(want, is_leaf=lambda v: isinstance(v, tuple))
-      or not all(fits(g, w) for g, w in zip(
-          jax.tree.leaves(got, is_leaf=lambda v: isinstance(v, tuple)),
-          jax.tree.leaves(want, is_leaf=lambda v: isinstance(v, tuple))))):
+  try:
+    return jax.tree.map(jnp.broadcast_to, init, want)
+  except (ValueError, TypeError):
+    got = jax.tree.map(lambda a: tuple(jnp.shape(a)), init)
     raise ValueError(
         f'matrix stage {stage.name!r}: initial_state({fan_in}, {fan_out}) '
         f'returned shapes {got}; shapes() declares {want} (a smaller shape '
-        'that broadcasts to it is taken).')
-  return jax.tree.map(jnp.broadcast_to, init, want)
+        'that broadcasts to it is taken).') from None
 
 
 def _sharding_known(x: Any) -> bool:

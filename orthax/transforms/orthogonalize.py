@@ -64,10 +64,6 @@ def _check_stages(then) -> tuple[matrix_stages.MatrixStage, ...]:
   stages = _stage_list('then', then)
   names = []
   for st in stages:
-    if not isinstance(st, matrix_stages.MatrixStage):
-      raise ValueError(
-          f'orthogonalize: then must hold orthax.matrix_stages.MatrixStage '
-          f'objects (e.g. NeuronNormalize(), ScaleByShape()), got {st!r}.')
     matrix_stages.check_stage(st, 'orthogonalize')
     if st.name in names:
       raise ValueError(f'orthogonalize: then has two stages named '
@@ -81,10 +77,6 @@ def _check_before(before) -> tuple[matrix_stages.MatrixStage, ...]:
   stages without outputs or norms (they run on the wide stack)."""
   stages = _stage_list('before', before)
   for st in stages:
-    if not isinstance(st, matrix_stages.MatrixStage):
-      raise ValueError(
-          'orthogonalize: before must hold orthax.matrix_stages.MatrixStage '
-          f'objects (e.g. ClipOutliers()), got {st!r}.')
     matrix_stages.check_stage(st, 'orthogonalize')
     if (st.stateful or st.has_output or st.shapes(2, 3).norms
         or not st.transpose_invariant):
@@ -95,6 +87,28 @@ def _check_before(before) -> tuple[matrix_stages.MatrixStage, ...]:
           'orientation (transpose_invariant; e.g. ClipOutliers). Pass it '
           'in then= or as a transform of its own.')
   return stages
+
+
+def _init(stages, matrix_specs, ns, distributed, plan_kw):
+  """:func:`orthogonalize`'s ``init``: each ``then=`` stage's state, placed
+  where the step that runs ``ns`` and ``stages`` leaves it; with
+  ``_extra_stage`` (:meth:`OrthogonalizeTransformation.init_extra_stage`),
+  that stage's per-leaf states, as if it ran after ``stages``."""
+
+  def init_fn(params, *, _extra_stage=None):
+    if _extra_stage is None and not stages:
+      return optax.EmptyState()
+    specs = _tree.resolve_specs(matrix_specs, params, 'orthogonalize')
+    kw = dict(fn=ns, distributed=distributed, plan_kw=plan_kw)
+    if _extra_stage is not None:
+      paths, leaves, _ = _tree.leaves_with_paths(params)
+      return engine.init_stage_states(
+          _extra_stage, leaves, specs, stages=stages + (_extra_stage,),
+          paths=paths, **kw)
+    return OrthogonalizeState({st.name: matrix_stage.init_state(
+        st, params, specs, stages=stages, **kw) for st in stages})
+
+  return init_fn
 
 
 def _with_before(ns, stages):
@@ -280,20 +294,7 @@ def orthogonalize(
   if before:
     ns, fn_args = _with_before(ns, before)
 
-  def init_fn(params, *, _extra_stage=None):
-    if _extra_stage is not None:  # (init_extra_stage)
-      paths, leaves, _ = _tree.leaves_with_paths(params)
-      return engine.init_stage_states(
-          _extra_stage, leaves,
-          _tree.resolve_specs(matrix_specs, params, 'orthogonalize'), fn=ns,
-          stages=stages + (_extra_stage,), distributed=distributed,
-          paths=paths, plan_kw=plan_kw)
-    if not stages:
-      return optax.EmptyState()
-    specs = _tree.resolve_specs(matrix_specs, params, 'orthogonalize')
-    return OrthogonalizeState({st.name: matrix_stage.init_state(
-        st, params, specs, fn=ns, stages=stages, distributed=distributed,
-        plan_kw=plan_kw) for st in stages})
+  init_fn = _init(stages, matrix_specs, ns, distributed, plan_kw)
 
   def update_fn(updates, state, params=None, *, _with_stages=None,
                 **extra_args):
