@@ -61,7 +61,7 @@ def check_declaration(st: MatrixStage, owner: str, fan_in: int = 2,
                        f'{getattr(sh, field)!r}.')
 
 
-def check_stage(st: Any, owner: str) -> None:
+def check_stage(st: Any, owner: str, arg: str = 'stages') -> None:
   """``ValueError`` naming ``owner`` where ``st`` cannot run as a stage:
   not a :class:`MatrixStage`, a class not made with the ``@stage``
   decorator (no pytree: it fails on a mesh), a hyperparameter field holding
@@ -72,11 +72,13 @@ def check_stage(st: Any, owner: str) -> None:
   Args:
     st: the object given as a stage.
     owner: the transform it was given to.
+    arg: the argument it came in (``'then'``), named in the error for an
+      object that is no stage.
   """
   if not isinstance(st, MatrixStage):
     raise ValueError(
-        f'{owner}: stages must be orthax.matrix_stages.MatrixStage objects '
-        f'(e.g. NeuronNormalize(), ScaleByShape()), got {st!r}.')
+        f'{owner}: {arg} must hold orthax.matrix_stages.MatrixStage objects '
+        f'(e.g. NeuronNormalize(), ClipOutliers()), got {st!r}.')
   leaves = jax.tree.leaves(st)
   if not dataclasses.is_dataclass(st) or (len(leaves) == 1
                                           and leaves[0] is st):

@@ -64,7 +64,7 @@ def _check_stages(then) -> tuple[matrix_stages.MatrixStage, ...]:
   stages = _stage_list('then', then)
   names = []
   for st in stages:
-    matrix_stages.check_stage(st, 'orthogonalize')
+    matrix_stages.check_stage(st, 'orthogonalize', 'then')
     if st.name in names:
       raise ValueError(f'orthogonalize: then has two stages named '
                        f'{st.name!r}.')
@@ -77,7 +77,7 @@ def _check_before(before) -> tuple[matrix_stages.MatrixStage, ...]:
   stages without outputs or norms (they run on the wide stack)."""
   stages = _stage_list('before', before)
   for st in stages:
-    matrix_stages.check_stage(st, 'orthogonalize')
+    matrix_stages.check_stage(st, 'orthogonalize', 'before')
     if (st.stateful or st.has_output or st.shapes(2, 3).norms
         or not st.transpose_invariant):
       raise ValueError(
