@@ -181,11 +181,19 @@ def _row(g: Any, members, coord, sizes) -> np.ndarray:
 
 def _host(x: Any) -> np.ndarray:
   """``x`` on the host; the array inside a box (an ``nnx.Variable`` of an
-  ``nnx.Optimizer``'s state) too."""
+  ``nnx.Optimizer``'s state) too. An array with shards on other processes
+  (a multi-host mesh) is gathered from all of them: every process calls
+  this in the same order."""
   leaves = jax.tree.leaves(x)
   if len(leaves) != 1:
     raise ValueError(f'expected one array, got {len(leaves)} leaves.')
-  return np.asarray(jax.device_get(leaves[0]))
+  a = leaves[0]
+  if (isinstance(a, jax.Array) and not a.is_fully_addressable
+      and not a.is_fully_replicated):
+    # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+  return np.asarray(jax.device_get(a))
 
 
 def _sources(saved: Any) -> dict[int, tuple[str, int, int]]:

@@ -174,6 +174,21 @@ def test_bad_flag_values_are_one_line_and_exit_2(tmp_path):
                     '--config.dry_run.num_layers=0'],
        'orthax-train: error: dry_run.num_layers must be an integer >= 1 or '
        'None, got 0.'),
+      # Joining several processes (checked before JAX's backend starts).
+      ('train.py', ['--config=lm_cpu:muon', '--process_id=1'],
+       'orthax-train: error: --process_id goes with --multihost.'),
+      ('train.py', ['--config=lm_cpu:muon', '--multihost', '--dry_run'],
+       'orthax-train: error: --dry_run compiles on fake devices in one '
+       'process: drop --multihost.'),
+      ('train.py', ['--config=lm_cpu:muon', '--multihost',
+                    '--num_processes=2'],
+       'orthax-train: error: --coordinator_address, --num_processes and '
+       '--process_id go together'),
+      ('train.py', ['--config=lm_cpu:muon', '--multihost',
+                    '--coordinator_address=localhost:1', '--num_processes=2',
+                    '--process_id=2'],
+       'orthax-train: error: --process_id=2 must be in [0, '
+       '--num_processes=2).'),
       # A FileNotFoundError / NotADirectoryError after the model was built.
       ('train.py', ['--config=lm_cpu:muon', '--workdir='],
        'orthax-train: error: --workdir: the path is empty.'),

@@ -16,6 +16,13 @@ with status 75 (``EX_TEMPFAIL``: rerun to resume); a first Ctrl-C does the
 same and exits with 130 (a second stops at once); a finished run exits 0.
 ``--dry_run`` compiles the full train step on fake CPU devices shaped like
 the config's mesh and prints per-device memory, FLOPs and collective bytes.
+
+On several hosts (a multi-host TPU slice, GPU nodes) run the same command
+on each with ``--multihost`` (and, where JAX cannot find them,
+``--coordinator_address=host:port --num_processes=N --process_id=i``):
+the mesh spans every process's devices, process 0 writes the workdir (a
+directory all hosts share), and a SIGTERM on any host checkpoints the
+step all of them agree on.
 """
 
 from __future__ import annotations
@@ -51,7 +58,21 @@ def define_flags() -> types.SimpleNamespace:
           'dry_run', False, 'Compile on a fake mesh and report; no training.'),
       force=flags.DEFINE_bool(
           'force', False, 'Resume even though the config changes the run, '
-          'or start over in a workdir that has metrics but no checkpoint.'))
+          'or start over in a workdir that has metrics but no checkpoint.'),
+      multihost=flags.DEFINE_bool(
+          'multihost', False, 'One process of several (a multi-host TPU '
+          'slice, GPU nodes): run the same command on every host; '
+          'jax.distributed.initialize joins them.'),
+      coordinator_address=flags.DEFINE_string(
+          'coordinator_address', None, 'With --multihost where JAX cannot '
+          'find it (not Cloud TPU, Slurm or Open MPI): host:port of '
+          'process 0.'),
+      num_processes=flags.DEFINE_integer(
+          'num_processes', None, 'With --multihost and '
+          '--coordinator_address: the number of processes.'),
+      process_id=flags.DEFINE_integer(
+          'process_id', None, 'With --multihost and --coordinator_address: '
+          'this process, 0 .. num_processes - 1.'))
 
 
 def main(f: types.SimpleNamespace) -> None:
@@ -60,6 +81,14 @@ def main(f: types.SimpleNamespace) -> None:
   config = f.config.value
   train_configs.follow_optimizer_name(
       config, flags.FLAGS['config'].override_values)
+  joining = [n for n in ('coordinator_address', 'num_processes',
+                         'process_id')
+             if getattr(f, n).value is not None]
+  if joining and not f.multihost.value:
+    raise ValueError(f'--{joining[0]} goes with --multihost.')
+  if f.multihost.value and f.dry_run.value:
+    raise ValueError('--dry_run compiles on fake devices in one process: '
+                     'drop --multihost.')
   if f.dry_run.value:
     # Before JAX's backend starts: one fake CPU device per mesh position.
     n = math.prod(int(config.mesh.get(a, 1)) for a in
@@ -74,9 +103,13 @@ def main(f: types.SimpleNamespace) -> None:
     print(dry_run.format_report(dry_run.dry_run(config)))
     return
   # pylint: disable=g-import-not-at-top
+  from orthax.train import hosts
   from orthax.train import metrics
   from orthax.train import trainer
   cli.quiet_library_logs()
+  if f.multihost.value:  # before anything starts JAX's backend
+    hosts.initialize(f.coordinator_address.value, f.num_processes.value,
+                     f.process_id.value)
   out = trainer.train(
       config, cli.output_dir('workdir', f.workdir.value, create=False),
       force=f.force.value)

@@ -5,7 +5,9 @@ FSDP over all 16 chips; 256 sequences of 1024 GPT-2 tokens per step
 (262k tokens), 20k steps (≈5.2B tokens, ~Chinchilla×2). Data: GPT-2 token
 files (uint16 ``.bin``, e.g. FineWeb tokenized with tiktoken's ``gpt2``):
 set ``--config.data.train_path`` / ``val_path``.
-``:<optimizer>`` as in ``lm_cpu.py``.
+``:<optimizer>`` as in ``lm_cpu.py``. The slice is four hosts of four
+chips: run ``orthax-train --config=gpt2_124m --multihost --workdir=<shared>``
+on each.
 """
 
 from orthax.train import configs

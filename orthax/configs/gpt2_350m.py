@@ -3,7 +3,8 @@ chips, 32 GiB each).
 
 Mesh ``data=2 × fsdp=16``: two FSDP replicas of 16 chips (parameters and
 optimizer state sharded 16 ways, the batch 32 ways); 512 × 1024 GPT-2
-tokens per step, 14k steps (≈7.3B tokens). Data as in ``gpt2_124m.py``.
+tokens per step, 14k steps (≈7.3B tokens). Data as in ``gpt2_124m.py``;
+eight hosts of four chips, each running the command with ``--multihost``.
 """
 
 from orthax.train import configs

@@ -46,6 +46,7 @@ import jax
 from orthax import _tree
 from orthax.train import checkpoint_formats
 from orthax.train import checkpoint_slots
+from orthax.train import hosts
 from orthax.train.checkpoint_digests import CHECKSUMS
 from orthax.train.checkpoint_digests import check_files
 from orthax.train.checkpoint_digests import file_digests
@@ -218,7 +219,7 @@ class Checkpointer:
 
   def _write_record(self, step: int) -> None:
     d = self.step_dir(step)
-    if jax.process_index() != 0 or not os.path.isdir(d):
+    if not hosts.is_main() or not os.path.isdir(d):
       return
     record = {'step': step, 'algorithm': 'sha256', 'files': file_digests(d)}
     tmp = os.path.join(d, CHECKSUMS + '.tmp')
@@ -349,14 +350,19 @@ class Checkpointer:
         + '. Restore the files, or move the checkpoints away to start over.')
 
   def _move_aside(self, steps: list[int]) -> None:
-    dest_root = self.directory + '.damaged'
-    os.makedirs(dest_root, exist_ok=True)
-    for step in steps:
-      dest, n = os.path.join(dest_root, str(step)), 0
-      while os.path.exists(dest):
-        n += 1
-        dest = os.path.join(dest_root, f'{step}.{n}')
-      shutil.move(self.step_dir(step), dest)
+    """Moves ``steps`` to ``<directory>.damaged`` (process 0, once every
+    process has read them; :mod:`~orthax.train.hosts`)."""
+    hosts.barrier('checkpoints checked')
+    if hosts.is_main():
+      dest_root = self.directory + '.damaged'
+      os.makedirs(dest_root, exist_ok=True)
+      for step in steps:
+        dest, n = os.path.join(dest_root, str(step)), 0
+        while os.path.exists(dest):
+          n += 1
+          dest = os.path.join(dest_root, f'{step}.{n}')
+        shutil.move(self.step_dir(step), dest)
+    hosts.barrier('damaged checkpoints moved')
     self._mgr.reload()
 
   def close(self) -> None:

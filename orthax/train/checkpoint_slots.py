@@ -59,11 +59,15 @@ def _at(meta: Any, path: tuple) -> Any:
   return node
 
 
-def _as_read(m: Any, here: Any = None) -> Any:
+def _as_read(m: Any, here: Any = None, mesh: Any = None) -> Any:
   """Abstract arrays of the saved shapes of the metadata ``m``: with the
   sharding of ``here`` (this mesh's target) where its structure and shapes
-  are the saved ones, else on one device."""
-  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  are the saved ones, else on one device (on several processes, whose
+  arrays must span them all: replicated on ``mesh``)."""
+  if jax.process_count() > 1 and mesh is not None:
+    one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  else:
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   read = lambda a, sh=one: jax.ShapeDtypeStruct(tuple(a.shape), a.dtype,
                                                 sharding=sh)
   try:
@@ -101,6 +105,9 @@ def as_saved(target: Any, meta: Any, layout: Any,
   :class:`UnknownLayoutError`, naming ``where``."""
   likes = iter([x for x in jax.tree.leaves(layout, is_leaf=_is_slot)
                 if _is_slot(x)])
+  mesh = next((x.sharding.mesh for x in jax.tree.leaves(target)
+               if isinstance(getattr(x, 'sharding', None),
+                             jax.sharding.NamedSharding)), None)
   flat, treedef = jax.tree_util.tree_flatten_with_path(target,
                                                        is_leaf=_is_slot)
   saved, here = [], []
@@ -112,13 +119,13 @@ def as_saved(target: Any, meta: Any, layout: Any,
       if isinstance(node, dict) and 'slots' in node:
         if not node.get('ids') and mesh_changes:
           raise UnknownLayoutError(_unknown_layout(where, mesh_changes, p))
-        x = engine.SlotState(_as_read(node['slots'], x.slots),
+        x = engine.SlotState(_as_read(node['slots'], x.slots, mesh),
                              x.axes, x.members,
-                             _as_read(node.get('ids') or {}, x.ids))
+                             _as_read(node.get('ids') or {}, x.ids, mesh))
     elif (p and getattr(p[-1], 'name', None) == 'nonfinite_state'
           and hasattr(node, 'shape')):
       here.append(x)
-      x = _as_read(node)
+      x = _as_read(node, mesh=mesh)
     else:
       here.append(x)
     saved.append(x)

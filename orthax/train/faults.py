@@ -1,6 +1,7 @@
 """What the loop does when a step goes wrong or the job is told to stop:
 non-finite gradients (:class:`SkipWatch`, per ``train.nonfinite``) and
-stop signals (:func:`stop_signals`: SIGTERM preempts, Ctrl-C interrupts). Damaged checkpoints are
+stop signals (:func:`stop_signals`: SIGTERM preempts, Ctrl-C interrupts;
+on several processes they stop together, :mod:`~orthax.train.hosts`). Damaged checkpoints are
 :mod:`~orthax.train.checkpoint`'s concern, refused reruns
 :mod:`~orthax.train.rundir`'s."""
 
@@ -8,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from typing import Any
 
 import orthax
+from orthax.train import hosts
 
 log = logging.getLogger('orthax.train')
 
@@ -86,16 +89,33 @@ class Interrupted(KeyboardInterrupt):
 
 class StopRequest:
   """The stop signal the run received first (``name``: ``'SIGTERM'`` or
-  ``'SIGINT'``; ``None`` while none has arrived)."""
+  ``'SIGINT'``; ``None`` while none has arrived). With ``agreed`` (several
+  processes) the run stops where the processes agree
+  (:func:`orthax.train.hosts.reached_stop_point`), whichever received the
+  signal."""
 
-  def __init__(self):
+  def __init__(self, agreed: bool = False):
     self.name: str | None = None
+    self.agreed = agreed
 
   def is_set(self) -> bool:
     return self.name is not None
 
   def set(self, name: str) -> None:
     self.name = self.name or name
+
+  def stops_after(self, step: int, end: int) -> bool:
+    """Whether the loop checkpoints ``step`` and stops, in a run that ends
+    after step ``end`` anyway: a signal arrived (SIGTERM in the last step:
+    the run ends as it would; Ctrl-C there: it is saved too). With
+    ``agreed``, at the step the processes agreed on, every process alike
+    (call it after every step)."""
+    if self.agreed:
+      if not hosts.reached_stop_point(step):
+        return False
+      self.set('SIGTERM')  # a notice reached some process
+      return step < end
+    return self.is_set() and (step < end or self.name == 'SIGINT')
 
   def message(self, step: int, total: int, directory: str | None) -> str:
     """What the run did on this signal, ending after ``step`` of
@@ -116,22 +136,41 @@ def stop_signals(enabled: bool = True):
   previous handler (``KeyboardInterrupt`` at once); a SIGINT the process
   ignores (a background job's) stays ignored. Both handlers are restored
   after the block. Inert off the main thread, where Python cannot install
-  handlers."""
-  stop = StopRequest()
+  handlers.
+
+  On several processes SIGTERM is left to JAX's preemption service, which
+  tells every process, and a first Ctrl-C is passed on to it as a SIGTERM
+  of this process: all of them checkpoint the step they agree on and stop
+  (one process saving alone would wait for the others forever). Where the
+  service is off, no handler is installed (a signal ends the process)."""
+  several = hosts.count() > 1
+  stop = StopRequest(agreed=several)
   if not enabled or threading.current_thread() is not threading.main_thread():
     yield stop
     return
-  previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  if several and not hosts.stop_point_available():
+    stop.agreed = False
+    log.warning('jax_enable_preemption_service is off: on %d processes a '
+                'SIGTERM or Ctrl-C ends the run without a checkpoint.',
+                hosts.count())
+    yield stop
+    return
+  # (Several processes: SIGTERM stays the preemption service's.)
+  mine = (signal.SIGINT,) if several else (signal.SIGTERM, signal.SIGINT)
+  previous = {s: signal.getsignal(s) for s in mine}
 
   def on_sigint(signum, frame):
     del signum, frame
     # The previous handler first: a second Ctrl-C in between is not lost.
     signal.signal(signal.SIGINT, _handler(previous[signal.SIGINT]))
     stop.set('SIGINT')
+    if several:  # the preemption service's handler tells the others
+      os.kill(os.getpid(), signal.SIGTERM)
     log.warning('Ctrl-C: the run stops after the current step, once it is '
                 'checkpointed; press Ctrl-C again to stop at once.')
 
-  signal.signal(signal.SIGTERM, lambda signum, frame: stop.set('SIGTERM'))
+  if not several:
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set('SIGTERM'))
   if previous[signal.SIGINT] is not signal.SIG_IGN:
     signal.signal(signal.SIGINT, on_sigint)
   try:

@@ -61,6 +61,12 @@ def make_mesh(mesh_config: Mapping[str, int],
         f'mesh {dict(zip(MESH_AXES, sizes))} needs {need} devices, '
         f'{len(devices)} available (for a dry run on CPU set XLA_FLAGS='
         f'--xla_force_host_platform_device_count={need} before JAX starts).')
+  if jax.process_count() > 1 and need != len(devices):
+    raise ValueError(
+        f'mesh {dict(zip(MESH_AXES, sizes))} has {need} devices; on '
+        f'{jax.process_count()} processes it must span all {len(devices)} '
+        '(a process without a device in it would have no share of the step): '
+        f'give mesh sizes whose product is {len(devices)}.')
   arr = np.asarray(devices[:need], dtype=object).reshape(sizes)
   return Mesh(arr, MESH_AXES, axis_types=(axis_type,) * 3)
 

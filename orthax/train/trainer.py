@@ -35,6 +35,7 @@ from orthax.train import configs
 from orthax.train import data as data_lib
 from orthax.train import faults
 from orthax.train import flops as flops_lib
+from orthax.train import hosts
 from orthax.train import metrics as metrics_lib
 from orthax.train import model as model_lib
 from orthax.train import optim
@@ -206,8 +207,7 @@ class Loop:
       lagged = m['loss']
       done = step + 1
       self.clock.tick(m)
-      # Ctrl-C in the last step saves it too (SIGTERM: the run ends anyway).
-      preempted = stop.is_set() and (done < end or stop.name == 'SIGINT')
+      preempted = stop.stops_after(done, end)
       is_log = done % log_every == 0 or done == end
       is_eval = eval_every and (done % eval_every == 0 or done == total)
       is_save = ckpt is not None and (preempted or (ckpt.every and (
@@ -320,6 +320,7 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
     if workdir is not None:
       changes = rundir.check(workdir, cfg, resuming=bool(ckpt.all_steps()),
                              force=force)
+      hosts.barrier('run directory checked')  # before process 0 writes
     else:
       changes = []
     setup = build(cfg, vocab)
@@ -331,15 +332,20 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
     if ckpt is not None:  # orbax's threads, before the interpreter exits
       ckpt.close()
     raise
-  if workdir is not None:
+  # Process 0 writes the files and draws the progress line (hosts.py);
+  # the others keep their records in memory.
+  main = hosts.is_main()
+  if workdir is not None and main:
     rundir.save_config(workdir, cfg)
   start, total = int(state.step), int(tr['steps'])
   loop = Loop(setup, train_data, val_data, ckpt,
               metrics_lib.MetricWriter(
-                  workdir, resume_step=start,
-                  tensorboard=bool(tr.get('tensorboard')),
-                  wandb_project=tr.get('wandb_project'), config=cfg),
-              metrics_lib.Progress(total, enabled=progress, label=label),
+                  workdir if main else None, resume_step=start,
+                  tensorboard=bool(tr.get('tensorboard')) and main,
+                  wandb_project=tr.get('wandb_project') if main else None,
+                  config=cfg),
+              metrics_lib.Progress(total, enabled=progress and main,
+                                   label=label),
               metrics_lib.Throughput(train_data.tokens_per_batch),
               faults.SkipWatch(tr.get('nonfinite', 'raise'),
                                tr.get('max_consecutive_skips', 10),
