@@ -60,7 +60,11 @@ def unboxed(tree: Any) -> Any:
 
 
 def _unbox(box: Any) -> Any:
-  return box.unbox() if hasattr(box, 'unbox') else box.get_value()
+  """A linen box's or an ``nnx.Variable``'s array (``get_value`` in newer
+  flax; flax 0.12.0 has ``.value`` only, which later ones deprecate)."""
+  if hasattr(box, 'unbox'):
+    return box.unbox()
+  return box.get_value() if hasattr(type(box), 'get_value') else box.value
 
 
 def plain_structure(tree: Any) -> Any:

@@ -254,7 +254,12 @@ def differs(value: Any, default: Any) -> bool:
   if isinstance(value, jax.core.Tracer):
     return False
   try:
-    return not bool(np.all(np.asarray(value) == default))
+    v, d = np.asarray(value), np.asarray(default)
+    if v.dtype.kind == 'f' and d.dtype.kind in 'fiu':
+      # The default in the value's precision: an injected float32 0.2 is
+      # the default 0.2 (NumPy 1.x compared them in float64, unequal).
+      d = d.astype(v.dtype)
+    return not bool(np.all(v == d))
   except (TypeError, ValueError):
     return False
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import optax
 import orthax
@@ -278,10 +279,12 @@ def test_big_tensor_parallel_matrices_run_whole_where_they_must(mesh_cases,
 def test_param_specs_that_disagree_with_explicit_arrays_are_named(
     mesh_cases):
   r = mesh_cases['explicit_spec_mismatch']
+  # (jax before 0.10 writes a spec as PartitionSpec(...), later as P(...);
+  # the cases script runs under this process's jax)
   assert r['wrong'] == (
-      "leaf 'a/kernel' is sharded as P(None, 'tp') but Distributed("
-      "param_specs=...) says P('tp', None); fix param_specs, or leave them "
-      'out on Explicit mesh axes, where each array carries its own.')
+      f"leaf 'a/kernel' is sharded as {P(None, 'tp')!r} but Distributed("
+      f"param_specs=...) says {P('tp', None)!r}; fix param_specs, or leave "
+      'them out on Explicit mesh axes, where each array carries its own.')
   assert r['same'] is None
 
 

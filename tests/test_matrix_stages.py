@@ -3,6 +3,9 @@ transforms; on column blocks (Blocks.sum + psum) they equal whole matrices."""
 
 from __future__ import annotations
 
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +15,9 @@ import pytest
 import orthax
 from orthax import matrix_stages as MS
 from orthax.matrices import MatrixSpec
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from versions import JAXLIB  # noqa: E402  pylint: disable=g-import-not-at-top
 
 K = MatrixSpec.kernel()
 SPECS = {'w': K, 'tall': K, 'scan': MatrixSpec.stacked(0)}
@@ -243,6 +249,8 @@ def test_scale_to_spectral_norm_rejects_bad_input():
                                    MS.Blocks(4, 16, -1, lambda a: a))
 
 
+@pytest.mark.skipif(JAXLIB < (0, 10, 2), reason=(
+    "XLA's cost analysis before jaxlib 0.10.2 counted 1.75x (64x128)"))
 @pytest.mark.parametrize('shape', [(64, 128), (128, 64), (96, 96)])
 def test_scale_to_spectral_norm_flops_are_what_xla_counts(shape):
   """The declared FLOPs (the sharding plan's cost model) against XLA's

@@ -28,6 +28,7 @@ import pytest
 pytest.importorskip('ml_collections')
 pytest.importorskip('orbax.checkpoint')
 
+from orthax.train import faults  # noqa: E402
 from orthax.train import metrics  # noqa: E402
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -132,6 +133,17 @@ def test_two_processes_write_once_and_resume_a_moved_slot_state(tmp_path):
   assert again[0][1]['final_loss'] == pytest.approx(
       first[0][1]['final_loss'], rel=1e-5)
 
+  # A failure on process 0 alone (it rewrites metrics.jsonl, here a
+  # directory) stops both (before: process 1 waited for it forever).
+  (work / 'metrics.jsonl').unlink()
+  (work / 'metrics.jsonl').mkdir()
+  failed = _finish(_start(work, base[:1] + [
+      '--config.mesh.data=2', '--config.mesh.fsdp=4', *base[2:]]),
+                   timeout=240)
+  assert failed[0][0] != 0 and 'metrics.jsonl' in failed[0][2], failed[0][2]
+  assert failed[1][0] != 0, failed[1][2][-3000:]
+  assert 'process(es) [0] failed' in failed[1][2], failed[1][2][-3000:]
+
 
 @pytest.mark.parametrize('sig,target', [('SIGTERM', 1), ('SIGINT', 0)])
 def test_a_signal_on_one_process_checkpoints_both_at_one_step(
@@ -161,9 +173,22 @@ def test_a_signal_on_one_process_checkpoints_both_at_one_step(
     assert f'interrupted (Ctrl-C) after step {stop} of 40' in done[0][2]
     return
   assert done[0][1]['steps'] == stop
+  # A SIGTERM before the resumed run's first step: saved after that step
+  # (before: lost, the agreed step counted from 0 and the run from stop).
+  procs = _start(work, args, slow=0.2)
+  for line in procs[0].stderr:
+    if 'resumed from checkpoint' in line:
+      break
+  procs[0].send_signal(signal.SIGTERM)
+  early = _finish(procs)
+  assert [rc for rc, _, _ in early] == [75, 75], [
+      err[-2000:] for _, _, err in early]
+  assert early[1][1]['resumed_from'] == stop
+  assert sorted(os.listdir(work / 'checkpoints'), key=int)[-1] == str(
+      stop + 1)
   again = _finish(_start(work, args))
   for rc, summary, err in again:
-    assert rc == 0 and summary['resumed_from'] == stop, err[-3000:]
+    assert rc == 0 and summary['resumed_from'] == stop + 1, err[-3000:]
   recs = _records(work)
   assert [r['step'] for r in recs] == list(range(1, 41))
   assert recs[-1]['loss'] < recs[0]['loss'] - 1.0
@@ -179,3 +204,39 @@ def test_a_mesh_that_leaves_out_a_process_is_refused(tmp_path):
     assert rc == 2, err[-3000:]
     assert ("mesh {'data': 1, 'fsdp': 4, 'tensor': 1} has 4 devices; on 2 "
             'processes it must span all 8') in err
+
+
+def test_the_stop_point_counts_this_runs_steps(monkeypatch):
+  """The sync's step ids are this run's steps from 1 (JAX agrees on the
+  furthest step any process reported, plus one: 1 for a notice before the
+  first step), whatever step the run resumed from; the last step of a run
+  ends it as it would."""
+  asked = []
+  monkeypatch.setattr(faults.hosts, 'reached_stop_point',
+                      lambda i: asked.append(i) or i == 1)
+  stop = faults.StopRequest(agreed=True)
+  assert stop.stops_after(101, 140) and stop.name == 'SIGTERM'
+  assert asked == [1]
+  last = faults.StopRequest(agreed=True)
+  assert not last.stops_after(140, 140)
+
+
+@pytest.mark.parametrize('enabled', [True, False])
+def test_several_processes_without_the_preemption_service(monkeypatch,
+                                                          caplog, enabled):
+  """With the service off nothing can agree on a step: a warning, no
+  handler, and no call to the sync (which raised at the first step, with
+  or without a workdir)."""
+  monkeypatch.setattr(faults.hosts, 'count', lambda: 2)
+  monkeypatch.setattr(faults.hosts, 'stop_point_available', lambda: False)
+  monkeypatch.setattr(faults.hosts, 'reached_stop_point', _never)
+  before = signal.getsignal(signal.SIGINT)
+  with caplog.at_level('WARNING', 'orthax.train'):
+    with faults.stop_signals(enabled) as stop:
+      assert signal.getsignal(signal.SIGINT) is before
+      assert not stop.agreed and not stop.stops_after(3, 10)
+  assert 'jax_enable_preemption_service is off' in caplog.text
+
+
+def _never(step):
+  raise AssertionError(f'the sync was asked about step {step}')

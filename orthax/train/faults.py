@@ -97,6 +97,7 @@ class StopRequest:
   def __init__(self, agreed: bool = False):
     self.name: str | None = None
     self.agreed = agreed
+    self._steps = 0  # steps of this run so far (the sync's step ids)
 
   def is_set(self) -> bool:
     return self.name is not None
@@ -109,9 +110,12 @@ class StopRequest:
     after step ``end`` anyway: a signal arrived (SIGTERM in the last step:
     the run ends as it would; Ctrl-C there: it is saved too). With
     ``agreed``, at the step the processes agreed on, every process alike
-    (call it after every step)."""
+    (call it after every step). The sync counts this run's steps from 1,
+    not ``step``: a notice before a resumed run's first step sets the
+    point at 1, which a count from the checkpoint's step never meets."""
     if self.agreed:
-      if not hosts.reached_stop_point(step):
+      self._steps += 1
+      if not hosts.reached_stop_point(self._steps):
         return False
       self.set('SIGTERM')  # a notice reached some process
       return step < end
@@ -141,19 +145,19 @@ def stop_signals(enabled: bool = True):
   On several processes SIGTERM is left to JAX's preemption service, which
   tells every process, and a first Ctrl-C is passed on to it as a SIGTERM
   of this process: all of them checkpoint the step they agree on and stop
-  (one process saving alone would wait for the others forever). Where the
-  service is off, no handler is installed (a signal ends the process)."""
+  (one process saving alone would wait for the others forever); not
+  ``enabled`` (no workdir), they stop there with nothing to save, as the
+  service's handler keeps SIGTERM from ending them. Where the service is
+  off, no handler is installed (a signal ends the process)."""
   several = hosts.count() > 1
-  stop = StopRequest(agreed=several)
-  if not enabled or threading.current_thread() is not threading.main_thread():
-    yield stop
-    return
-  if several and not hosts.stop_point_available():
-    stop.agreed = False
+  stop = StopRequest(agreed=several and hosts.stop_point_available())
+  if several and not stop.agreed:
     log.warning('jax_enable_preemption_service is off: on %d processes a '
                 'SIGTERM or Ctrl-C ends the run without a checkpoint.',
                 hosts.count())
-    yield stop
+  if (not enabled or (several and not stop.agreed)
+      or threading.current_thread() is not threading.main_thread()):
+    yield stop  # (several processes: SIGTERM is still agreed on)
     return
   # (Several processes: SIGTERM stays the preemption service's.)
   mine = (signal.SIGINT,) if several else (signal.SIGTERM, signal.SIGINT)

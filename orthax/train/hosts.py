@@ -7,6 +7,9 @@ What changes with more than one process, and where it is handled:
 - **Starting.** :func:`initialize` joins the processes
   (``jax.distributed.initialize``; ``orthax-train --multihost``), before
   anything else touches JAX.
+- **Failures.** A process that fails alone leaves the others waiting at
+  their next collective; where one process does more than the others
+  (process 0's writes) :func:`together` stops them all.
 - **Files.** Process 0 alone writes the run directory (``metrics.jsonl``,
   TensorBoard, ``config.json``, checkpoint checksum records, damaged steps
   moved aside); :func:`is_main` says which process that is. Every process
@@ -24,9 +27,11 @@ What changes with more than one process, and where it is handled:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import jax
+import numpy as np
 
 log = logging.getLogger('orthax.train')
 
@@ -49,6 +54,33 @@ def barrier(name: str) -> None:
     # pylint: disable=g-import-not-at-top
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f'orthax:{name}')
+
+
+@contextlib.contextmanager
+def together(what: str):
+  """Runs the block on every process and then agrees on its outcome: where
+  it raised on some process, that process raises its error and every
+  other one a ``RuntimeError`` naming it (one process stopping alone
+  would leave the others waiting at the next collective). With one
+  process, the block as it is."""
+  error = None
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    if count() == 1:
+      raise
+    error = e
+  if count() == 1:
+    return
+  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils
+  failed = np.flatnonzero(np.asarray(multihost_utils.process_allgather(
+      np.int32(error is not None))).reshape(-1))
+  if error is not None:
+    raise error
+  if failed.size:
+    raise RuntimeError(f'{what}: process(es) {failed.tolist()} failed (their '
+                       'logs say why); this one stops with them.')
 
 
 def initialize(coordinator_address: str | None = None,

@@ -104,9 +104,13 @@ class MetricWriter:
 
   def __init__(self, workdir: str | None, resume_step: int = 0,
                tensorboard: bool = False, wandb_project: str | None = None,
-               config: dict[str, Any] | None = None):
+               config: dict[str, Any] | None = None, writes: bool = True):
+    """``writes=False`` (the processes but the first of a multi-host run)
+    checks the same settings and packages, writes nothing and keeps only
+    this run's records."""
     # Every missing package or setting is reported before anything is
-    # written: a failed start leaves the workdir as it was.
+    # written: a failed start leaves the workdir as it was. Every process
+    # checks (one failing alone would leave the others waiting).
     summary_writer = wandb = None
     if tensorboard:
       if workdir is None:
@@ -122,6 +126,8 @@ class MetricWriter:
       except ImportError as e:
         raise ValueError(f'train.wandb_project={wandb_project!r} needs the '
                          'wandb package (pip install wandb).') from e
+    if not writes:
+      workdir = summary_writer = wandb = None
     self.path = None if workdir is None else os.path.join(workdir,
                                                           'metrics.jsonl')
     self.records: list[dict[str, Any]] = []

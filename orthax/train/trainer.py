@@ -225,7 +225,8 @@ class Loop:
       elif ckpt is not None:  # checksums the last save once it is written
         ckpt.seal_if_written()
       if preempted:
-        log.warning('%s', stop.message(done, total, ckpt.directory))
+        log.warning('%s', stop.message(
+            done, total, None if ckpt is None else ckpt.directory))
         return state, True
     self.watch.flush()
     return state, False
@@ -328,31 +329,33 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
     state = resume.initial_state(setup, ckpt, [
         f'{k}: {a!r} -> {b!r}' for k, a, b in changes
         if k.startswith('mesh.') and k != 'mesh.comm_dtype'])
+    # Process 0 writes the files and draws the progress line; the others
+    # keep their records in memory. A failure on one process stops all.
+    main = hosts.is_main()
+    start, total = int(state.step), int(tr['steps'])
+    with hosts.together('the run directory'):
+      if workdir is not None and main:
+        rundir.save_config(workdir, cfg)
+      loop = Loop(setup, train_data, val_data, ckpt,
+                  metrics_lib.MetricWriter(
+                      workdir, resume_step=start,
+                      tensorboard=bool(tr.get('tensorboard')),
+                      wandb_project=tr.get('wandb_project'), config=cfg,
+                      writes=main),
+                  metrics_lib.Progress(total, enabled=progress and main,
+                                       label=label),
+                  metrics_lib.Throughput(train_data.tokens_per_batch),
+                  faults.SkipWatch(tr.get('nonfinite', 'raise'),
+                                   tr.get('max_consecutive_skips', 10),
+                                   setup.shardings.opt_state))
   except BaseException:
     if ckpt is not None:  # orbax's threads, before the interpreter exits
       ckpt.close()
     raise
-  # Process 0 writes the files and draws the progress line (hosts.py);
-  # the others keep their records in memory.
-  main = hosts.is_main()
-  if workdir is not None and main:
-    rundir.save_config(workdir, cfg)
-  start, total = int(state.step), int(tr['steps'])
-  loop = Loop(setup, train_data, val_data, ckpt,
-              metrics_lib.MetricWriter(
-                  workdir if main else None, resume_step=start,
-                  tensorboard=bool(tr.get('tensorboard')) and main,
-                  wandb_project=tr.get('wandb_project') if main else None,
-                  config=cfg),
-              metrics_lib.Progress(total, enabled=progress and main,
-                                   label=label),
-              metrics_lib.Throughput(train_data.tokens_per_batch),
-              faults.SkipWatch(tr.get('nonfinite', 'raise'),
-                               tr.get('max_consecutive_skips', 10),
-                               setup.shardings.opt_state))
   end = total if stop_at is None else min(total, int(stop_at))
   # Stop signals are handled only with a workdir: without one there is
-  # nothing to save, and the defaults (exit at once) are right.
+  # nothing to save, and the defaults (exit at once) are right (on several
+  # processes JAX's own handler keeps SIGTERM: they stop at an agreed step).
   with faults.stop_signals(workdir is not None) as stop:
     try:
       state, preempted = loop.run(state, start, end, stop)
@@ -360,7 +363,8 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
       loop.close()
   if stop.name == 'SIGINT':  # after the save: Ctrl-C still stops the caller
     raise faults.Interrupted(stop.message(
-        int(state.step), total, ckpt.directory if preempted else None))
+        int(state.step), total,
+        ckpt.directory if preempted and ckpt is not None else None))
   return _result(setup, state, loop.writer.records, preempted, start)
 
 
