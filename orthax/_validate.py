@@ -255,7 +255,7 @@ def differs(value: Any, default: Any) -> bool:
     return False
   try:
     v, d = np.asarray(value), np.asarray(default)
-    if v.dtype.kind == 'f' and d.dtype.kind in 'fiu':
+    if jnp.issubdtype(v.dtype, jnp.floating) and d.dtype.kind in 'fiu':
       # The default in the value's precision: an injected float32 0.2 is
       # the default 0.2 (NumPy 1.x compared them in float64, unequal).
       d = d.astype(v.dtype)

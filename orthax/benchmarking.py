@@ -171,8 +171,8 @@ def op_times(fn: Callable[[], Any], repeats: int = 3) -> list[OpTime]:
   :func:`jax.profiler.trace`, and reads the trace back with
   :class:`jax.profiler.ProfileData` (no other tools): every event that
   carries an ``hlo_op`` on a device plane (a GPU) or, with no device plane,
-  on the host (CPU). Times are per call. Raises ``RuntimeError`` where
-  the trace names no operation (CPU traces of jaxlib before 0.7.2).
+  on the host (CPU). Times are per call. Raises ``RuntimeError`` on
+  jax/jaxlib before 0.7.2, whose CPU traces name no operation.
   """
   jax.block_until_ready(fn())
   with tempfile.TemporaryDirectory() as log_dir:
@@ -190,11 +190,10 @@ def op_times(fn: Callable[[], Any], repeats: int = 3) -> list[OpTime]:
       for op, event in _innermost(line.events):
         total[op, event.name] += event.duration_ns * 1e-9
         count[op, event.name] += 1
-  if not total:  # (jaxlib 0.7.1's CPU traces name no operation)
+  if not total and tuple(jax.__version_info__[:3]) < (0, 7, 2):
     raise RuntimeError(
-        f'op_times: the profile of {getattr(fn, "__name__", "fn")} names no '
-        f'compiled operation (jax/jaxlib {jax.__version__}); CPU traces '
-        'carry them from jaxlib 0.7.2.')
+        f'op_times: the profile names no compiled operation: the CPU traces '
+        f'of jax/jaxlib {jax.__version__} carry none (from 0.7.2 they do).')
   rows = [OpTime(op, kernel, t / repeats, count[op, kernel] / repeats)
           for (op, kernel), t in total.items()]
   return sorted(rows, key=lambda r: -r.seconds)

@@ -225,6 +225,26 @@ def test_traced_hyperparameters_of_a_transform_under_jit():
   assert np.isfinite(np.asarray(out['w'])).all()
 
 
+@pytest.mark.parametrize('name,dtype', [
+    *[(n, jnp.float32) for n in ('muon', 'normuon', 'fismo', 'aro',
+                                 'spectra')],
+    # (in 16 bits the others' eps underflow, which they say)
+    ('muon', jnp.bfloat16), ('muon', jnp.float16)])
+def test_injected_defaults_are_not_taken_as_given(name, dtype):
+  """An injected hyperparameter at its default, rounded to the injected
+  dtype (0.2 in float32 or bfloat16), is the default: with NumPy 1.x
+  (float32 compared in float64) muon's ``scale_rms`` and NorMuon's,
+  FISMO's, ARO's and SPECTRA's defaults raised "applies with ... only",
+  and a first fix did so for bfloat16 (ml_dtypes' kind 'V')."""
+  from orthax import _validate  # pylint: disable=g-import-not-at-top
+  assert not _validate.differs(jnp.asarray(0.2, dtype), 0.2)
+  assert _validate.differs(jnp.asarray(0.3, dtype), 0.2)
+  assert not _validate.differs(np.float32(3), 3)
+  tx = optax.inject_hyperparams(orthax.recipe_factory(name),
+                                hyperparam_dtype=dtype)(learning_rate=0.02)
+  tx.init({'w': jnp.ones((8, 12)), 'b': jnp.ones((12,))})
+
+
 @pytest.mark.parametrize('name', ['muon', 'spectra'])
 def test_inject_hyperparams_still_works(name):
   params = {'w': jnp.ones((8, 12)), 'b': jnp.ones((12,))}

@@ -15,10 +15,12 @@ def version(dist: str) -> tuple[int, ...]:
     return ()
   parts = []
   for p in text.split('.')[:3]:
-    digits = ''.join(c for c in p if c.isdigit())
+    digits = p[:len(p) - len(p.lstrip('0123456789'))]  # 2rc1 -> 2
     if not digits:
       break
     parts.append(int(digits))
+    if digits != p:  # a pre-release: (0, 12, 0) for 0.12.0rc1, not above
+      break
   return tuple(parts)
 
 

@@ -21,7 +21,10 @@ directory, so orbax's ``max_to_keep`` deletes it with its step.
 :meth:`~Checkpointer.restore_intact` walks the steps newest first: a step
 whose files do not match their record (changed bytes, truncated, missing),
 or that has no record and fails to restore, is logged as damaged and moved
-to ``<directory>.damaged/<step>``; the newest intact step is restored. When
+to ``<directory>.damaged/<step>``; the newest intact step is restored. On
+several processes (:mod:`~orthax.train.hosts`) a step without a record is
+restored only where no older step is verified: a read that fails on one
+process alone leaves the others waiting inside orbax's restore. When
 none is intact, :class:`DamagedCheckpointError` names every step and what
 is wrong with it. A step whose saved leaves (read from its metadata, before
 any array) do not fit the state being restored — another model or
@@ -318,10 +321,26 @@ class Checkpointer:
       log.warning('checkpoint step %d in %s is damaged: %s', step,
                   self.directory, why)
 
-    for step in reversed(self.all_steps()):
-      problems = check_files(self.step_dir(step))
+    steps = self.all_steps()
+    verdicts = {}  # step -> check_files's (hashing each step once)
+
+    def verdict(s):
+      if s not in verdicts:
+        verdicts[s] = check_files(self.step_dir(s))
+      return verdicts[s]
+
+    for i in reversed(range(len(steps))):
+      step = steps[i]
+      problems = verdict(step)
       if problems:
         note(step, '; '.join(problems))
+        continue
+      if (problems is None and hosts.count() > 1
+          and any(verdict(s) == [] for s in steps[:i])):
+        # Orbax reads each process's own shards: a read failing on one
+        # process alone would leave the others waiting in the restore.
+        note(step, 'no checksum record; on several processes an older '
+             'verified step is restored instead')
         continue
       try:
         state = self.restore(abstract_state, step, layout, mesh_changes)

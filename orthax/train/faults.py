@@ -109,8 +109,8 @@ class StopRequest:
     """Whether the loop checkpoints ``step`` and stops, in a run that ends
     after step ``end`` anyway: a signal arrived (SIGTERM in the last step:
     the run ends as it would; Ctrl-C there: it is saved too). With
-    ``agreed``, at the step the processes agreed on, every process alike
-    (call it after every step). The sync counts this run's steps from 1,
+    ``agreed``, at the step the processes agreed on, every process alike,
+    the last one included (call it after every step). The sync counts this run's steps from 1,
     not ``step``: a notice before a resumed run's first step sets the
     point at 1, which a count from the checkpoint's step never meets."""
     if self.agreed:
@@ -118,7 +118,7 @@ class StopRequest:
       if not hosts.reached_stop_point(self._steps):
         return False
       self.set('SIGTERM')  # a notice reached some process
-      return step < end
+      return True  # (the last step too: a Ctrl-C on one process saves it)
     return self.is_set() and (step < end or self.name == 'SIGINT')
 
   def message(self, step: int, total: int, directory: str | None) -> str:

@@ -8,8 +8,12 @@ What changes with more than one process, and where it is handled:
   (``jax.distributed.initialize``; ``orthax-train --multihost``), before
   anything else touches JAX.
 - **Failures.** A process that fails alone leaves the others waiting at
-  their next collective; where one process does more than the others
-  (process 0's writes) :func:`together` stops them all.
+  their next collective. Before the first step, where one process may
+  fail alone (a data file missing on one host, process 0's first writes),
+  :func:`together` stops them all. Later (process 0's disk filling up
+  mid-run) the others wait until JAX's distributed runtime gives up on
+  the failed process (its shutdown timeout, 5 minutes by default) and
+  ends them.
 - **Files.** Process 0 alone writes the run directory (``metrics.jsonl``,
   TensorBoard, ``config.json``, checkpoint checksum records, damaged steps
   moved aside); :func:`is_main` says which process that is. Every process

@@ -309,13 +309,18 @@ def train(config: Any, workdir: str | None = None, *, progress: bool = True,
     label: text in front of the progress line (e.g. the optimizer's name).
     force: resume or start over where the run directory would refuse
       (:mod:`~orthax.train.rundir`), with a warning.
+
+  On several processes (:mod:`~orthax.train.hosts`) process 0 writes the
+  files and returns every record of the run; the others return this
+  call's records only.
   """
   cfg = as_dict(config)
   configs.validate(cfg)
   tr = cfg['train']
   tr.setdefault('log_every', 10)
   tr.setdefault('eval_every', 0)
-  train_data, val_data, vocab = loaders(cfg)
+  with hosts.together('the data'):  # (a file missing on one host)
+    train_data, val_data, vocab = loaders(cfg)
   ckpt = resume.checkpointer(workdir, tr)
   try:
     if workdir is not None:
