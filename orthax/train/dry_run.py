@@ -27,7 +27,7 @@ from orthax.sharding import hlo
 from orthax.train import configs
 from orthax.train import data as data_lib
 from orthax.train import partitioning
-from orthax.train import trainer
+from orthax.train import setup as setup_lib
 
 MiB = 2.0**20
 
@@ -61,7 +61,7 @@ def _orthogonalization_plan(setup) -> str | None:
 def dry_run(config: Any) -> dict[str, Any]:
   """Compiles the train step of ``config`` on ``jax.devices()`` (which must
   hold at least the mesh's devices) and returns the report."""
-  cfg = copy.deepcopy(trainer.as_dict(config))
+  cfg = copy.deepcopy(setup_lib.as_dict(config))
   configs.validate(cfg)  # dry_run.num_layers too, before it is used
   depth = (cfg.get('dry_run') or {}).get('num_layers')
   if depth is not None:
@@ -73,7 +73,7 @@ def dry_run(config: Any) -> dict[str, Any]:
                        'model.vocab_size or data.vocab_size.')
     vocab = data_lib.VOCAB_BYTES
   t0 = time.perf_counter()
-  setup = trainer.build(cfg, int(vocab), abstract=True)
+  setup = setup_lib.build(cfg, int(vocab), abstract=True)
   state = jax.eval_shape(setup.init, setup.abstract_params)
   state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -30,7 +30,7 @@ def checkpointer(workdir: str | None, tr: dict[str, Any]
 def initial_state(setup: Any, ckpt: ckpt_lib.Checkpointer | None,
                    mesh_changes: Sequence[str] = ()):
   """A fresh state, or the newest intact checkpoint's, for ``setup`` (an
-  :class:`orthax.train.trainer.Setup`); ``mesh_changes``: the ``mesh.*``
+  :class:`orthax.train.setup.Setup`); ``mesh_changes``: the ``mesh.*``
   keys a forced resume changes."""
   if ckpt is None or not ckpt.all_steps():
     return setup.init(setup.initial_params)
