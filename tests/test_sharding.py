@@ -206,8 +206,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 A2A_CASES = ['fsdp8_a2a', 'fsdp4tp2_a2a', 'explicit_fsdp4tp2']
 ALL_CASES = ['fsdp8_a2a', 'fsdp8_local', 'fsdp8_replicated', 'fsdp4tp2_a2a',
              'fsdp4tp2_local', 'explicit_fsdp8', 'explicit_fsdp4tp2',
-             'fsdp4tp2_gram', 'fsdp4tp2_gram_no_norm',
-             'explicit_fsdp4tp2_gram_auto']
+             'fsdp4tp2_gram', 'fsdp4tp2_gram_no_norm', 'fsdp4tp2_gram_aol',
+             'fsdp4tp2_gram_schatten4', 'explicit_fsdp4tp2_gram_auto']
 
 
 @pytest.fixture(scope='module')

@@ -14,9 +14,11 @@ from orthax.polar.dispatch import choose_method
 from orthax.polar.dispatch import orthogonalize_stack
 from orthax.polar.gram import FROBENIUS_BLOCK_FLOPS_PER_ENTRY
 from orthax.polar.gram import FROBENIUS_FLOPS_PER_ENTRY
+from orthax.polar.gram import NORMALIZER_FLOPS
 from orthax.polar.gram import gram_flops
 from orthax.polar.gram import gram_newton_schulz
 from orthax.polar.gram import gram_products
+from orthax.polar.gram import normalizer_flops
 from orthax.polar.gram import prefer_gram
 from orthax.polar.gram import standard_flops
 from orthax.polar.newton_schulz import NORMALIZERS
@@ -38,6 +40,7 @@ __all__ = [
     'METHODS', 'NORMALIZERS', 'Preset', 'choose_method', 'coefficient_table',
     'get_preset',
     'FROBENIUS_BLOCK_FLOPS_PER_ENTRY', 'FROBENIUS_FLOPS_PER_ENTRY',
+    'NORMALIZER_FLOPS', 'normalizer_flops',
     'gram_flops', 'gram_newton_schulz', 'gram_products', 'newton_schulz',
     'orthogonalize_stack', 'prefer_gram', 'standard_flops',
     'normalize_frobenius', 'optimal_quintic', 'polar_express_coefficients',

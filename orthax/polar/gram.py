@@ -113,15 +113,53 @@ def _num_blocks(steps: int, restart_every: int | None) -> int:
   return -(-steps // restart_every)
 
 
-# Element-wise operations the Frobenius normalizer (normalize_frobenius)
-# runs per entry, as XLA's cost analysis counts them (its branch for a
-# stack with a huge matrix, the larger): on a whole matrix |x| and the max
-# (the power of two 2⁻ᵉ), X·2⁻ᵉ, its square and their sum, and the
-# quotient of X·2⁻ᵉ; on column blocks the two-part sums of split_squares
-# instead of the first four. A sharding plan adds them to Newton–Schulz's
-# matrix products (tests/test_newton_schulz.py holds them to XLA's count).
-FROBENIUS_FLOPS_PER_ENTRY = 7
-FROBENIUS_BLOCK_FLOPS_PER_ENTRY = 13
+# Element-wise FLOPs of each normalizer (newton_schulz.prepare) as XLA's
+# cost analysis counts them: ``(per entry of X, per entry of its m×m Gram
+# matrix)``, on a whole matrix and on a column block (``col_reduce``). The
+# Frobenius normalizer (its branch for a stack with a huge matrix, the
+# larger): on a whole matrix |x| and the max (the power of two 2⁻ᵉ), X·2⁻ᵉ,
+# its square and their sum, and the quotient of X·2⁻ᵉ; on column blocks the
+# two-part sums of split_squares instead of the first four. Schatten-4 and
+# AOL: the power of two (on column blocks from the Frobenius block norm) and
+# two scalings of X; on the Gram matrix, which they form and the first step
+# reuses, their norm (squares and a sum; AOL: absolute row sums) and its
+# scaling. A sharding plan adds them to Newton–Schulz's matrix products
+# (tests/test_newton_schulz.py holds them to XLA's count).
+NORMALIZER_FLOPS = {
+    'frobenius': ((7, 0), (13, 0)),
+    'schatten4': ((5, 3), (14, 3)),
+    'aol': ((5, 4), (14, 4)),
+    'none': ((0, 0), (0, 0)),
+}
+FROBENIUS_FLOPS_PER_ENTRY = NORMALIZER_FLOPS['frobenius'][0][0]
+FROBENIUS_BLOCK_FLOPS_PER_ENTRY = NORMALIZER_FLOPS['frobenius'][1][0]
+
+
+def normalizer_flops(normalizer: str, m: int, n: int,
+                     col_shards: int | None = None) -> int:
+  """Element-wise FLOPs of ``normalizer`` on one ``m×n`` matrix.
+
+  What :func:`~orthax.polar.newton_schulz.newton_schulz` runs before its
+  first step, beyond the matrix products :func:`standard_flops` and
+  :func:`gram_flops` count (the Gram matrix the Schatten-4 and AOL
+  normalizers form is the first step's): ``e·mn + g·m²`` with ``(e, g)``
+  from :data:`NORMALIZER_FLOPS`, ``m ≤ n`` after swapping.
+
+  Args:
+    normalizer: one of :data:`~orthax.polar.NORMALIZERS`.
+    m, n: the matrix's sides (either orientation).
+    col_shards: ``None`` (default): a whole matrix; an int: one device's
+      ``m × n/col_shards`` column block, normalized with ``col_reduce``
+      (the ``m×m`` work is replicated).
+
+  Example:
+    >>> from orthax.polar import normalizer_flops
+    >>> normalizer_flops('aol', 64, 256)  # 5·64·256 + 4·64²
+    98304
+  """
+  m, n = min(m, n), max(m, n)
+  (e, g) = NORMALIZER_FLOPS[normalizer][col_shards is not None]
+  return e * m * (n // (col_shards or 1)) + g * m * m
 
 
 def standard_flops(m: int, n: int, steps: int, col_shards: int = 1) -> int:

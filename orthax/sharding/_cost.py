@@ -38,9 +38,9 @@ def default_matrix_flops(steps: int = 5, method: str = 'standard',
                          ) -> Callable[[int, int, Any], int]:
   """``(m, n, dtype) -> FLOPs`` of one Newton–Schulz call on an ``m×n``
   matrix, with the method :func:`orthax.polar.choose_method` would pick:
-  its matrix products and, with the Frobenius ``normalizer``, its
-  element-wise work (the iteration's own element-wise work, and the other
-  normalizers', are not counted).
+  its matrix products and its normalizer's element-wise work
+  (:func:`orthax.polar.normalizer_flops`; the iteration's own element-wise
+  work is not counted).
 
   Args:
     steps: Newton–Schulz steps per call.
@@ -51,8 +51,8 @@ def default_matrix_flops(steps: int = 5, method: str = 'standard',
       0: never); a ``ValueError`` unless ``None`` or an int ``>= 0``.
     ns_dtype: the iteration dtype ``'auto'`` decides on; ``None``: the
       ``dtype`` the returned function is given.
-    normalizer: ``'frobenius'`` adds its element-wise FLOPs per entry; any
-      other normalizer (:data:`orthax.polar.NORMALIZERS`) adds none.
+    normalizer: the normalizer whose element-wise FLOPs are added, one of
+      :data:`orthax.polar.NORMALIZERS` (``'none'`` adds none).
 
   Example:
     >>> import jax.numpy as jnp
@@ -70,8 +70,7 @@ def default_matrix_flops(steps: int = 5, method: str = 'standard',
   def flops(m, n, dtype):
     dt = dtype if ns_dtype is None else ns_dtype
     meth = _dispatch.choose_method(m, n, steps, dt, method, restart_every)
-    normalize = (_gram.FROBENIUS_FLOPS_PER_ENTRY * m * n
-                 if normalizer == 'frobenius' else 0)
+    normalize = _gram.normalizer_flops(normalizer, m, n)
     if meth == 'gram':
       return _gram.gram_flops(m, n, steps, restart_every) + normalize
     return _gram.standard_flops(m, n, steps) + normalize
@@ -131,12 +130,13 @@ def group_cost(s: str, m: int, n: int, dtype: Any, G: int, local_count: int,
                padded: int, comm_dtype: Any, matrix_flops, *, steps: int,
                method: str, restart_every: int | None, ns_dtype: Any,
                stages=(), transposed=None, shards=(1, 1),
-               block_normalize: int = 0, block_norm: bool = True):
+               block_normalizer: str = 'none', block_norm: bool = True):
   """``(matrix_flops, wire_dtype, bytes, collectives)`` per device of a
   group of ``m×n`` (wide) matrices under strategy ``s`` over ``G`` shards,
   ``shards`` of rows and columns (see
-  :func:`orthax.sharding.plan_orthogonalize`); ``block_normalize``: the
-  normalizer's element-wise FLOPs per entry of a column block, and
+  :func:`orthax.sharding.plan_orthogonalize`); ``block_normalizer``: the
+  normalizer whose element-wise FLOPs a column block adds
+  (:func:`orthax.polar.normalizer_flops`), and
   ``block_norm``: whether it sums a norm across the blocks (``gram``; every
   normalizer but ``'none'``)."""
   wire = wire_dtype(comm_dtype, dtype)
@@ -148,7 +148,7 @@ def group_cost(s: str, m: int, n: int, dtype: Any, G: int, local_count: int,
       grams = _gram.gram_products(steps, restart_every)
     else:
       mf, grams = _gram.standard_flops(m, n, steps, col_shards=G), steps
-    mf += block_normalize * m * (n // G)
+    mf += _gram.normalizer_flops(block_normalizer, m, n, col_shards=G)
     wire = jnp.promote_types(it_dtype, jnp.float32)
     # The Gram products and the norm (its two sums, split_squares, are
     # counted as one float: a few bytes per matrix).

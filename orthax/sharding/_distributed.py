@@ -101,8 +101,9 @@ class Distributed:
       or ``'gram'`` (tensor-parallel Newton–Schulz: each device keeps its
       column block of the long dimension and the ``m×m`` Gram matrix is
       summed across devices, one ``psum`` per Gram product; a square matrix
-      sharded along its rows runs as its transpose, which changes the result
-      only for the AOL normalizer, whose row scaling is one-sided).
+      sharded along its rows runs as its transpose, the same result for
+      every normalizer but AOL, whose row scaling is one-sided: under AOL
+      ``auto`` runs such a square ``a2a`` and ``gram`` is an error).
     comm_dtype: dtype of the matrices on the wire (``None``: the dtype the
       step computes in, which for a recipe's float16 or bfloat16 parameters
       is float32, since recipes widen them: pass ``bfloat16`` for a bf16

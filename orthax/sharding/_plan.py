@@ -14,7 +14,6 @@ import jax.numpy as jnp
 
 from orthax import _validate
 from orthax.matrices import MatrixSpec
-from orthax.polar import gram as _gram
 from orthax.polar.newton_schulz import NORMALIZERS
 from orthax.sharding._distributed import Distributed
 from orthax.sharding._specs import spec_entries
@@ -58,7 +57,7 @@ def plan_orthogonalize(
       default :func:`default_matrix_flops` with ``steps``, ``method``,
       ``restart_every``, ``ns_dtype`` and ``normalizer`` (``gram`` groups
       always use those: their count depends on the column split; the
-      Frobenius normalizer's element-wise work is counted only without a
+      normalizer's element-wise work is counted only without a
       ``matrix_flops`` of one's own).
     steps, method, restart_every: the Newton–Schulz FLOP model, as
       :func:`default_matrix_flops` takes them (checked here: ``steps`` an
@@ -106,12 +105,11 @@ def plan_orthogonalize(
                                 normalizer)
   dist = Distributed(mesh, strategy=strategy, overrides=tuple(overrides),
                      comm_dtype=comm_dtype)
-  block_normalize = 0
+  block_normalizer = 'none'
   if matrix_flops is None:
     matrix_flops = _cost.default_matrix_flops(steps, method, restart_every,
                                               ns_dtype, normalizer)
-    if normalizer == 'frobenius':
-      block_normalize = _gram.FROBENIUS_BLOCK_FLOPS_PER_ENTRY
+    block_normalizer = normalizer
   sizes = _mesh_sizes(mesh)
   prod = lambda axes: math.prod(sizes[a] for a in axes)
   whole = [st.name for st in stages if st.whole_matrices]
@@ -121,7 +119,8 @@ def plan_orthogonalize(
   keyed: dict[tuple, list[_Member]] = {}
   for i, leaf in enumerate(leaves):
     key, member = _place(i, LeafInfo(*leaf), mesh, sizes, dist,
-                         ns_dtype, max_local_matrix_bytes, no_blocks)
+                         ns_dtype, max_local_matrix_bytes, no_blocks,
+                         normalizer)
     key = key + (member.transposed if stages else None,)
     keyed.setdefault(key, []).append(member)
   _merge_small_replicated(keyed, prod)
@@ -135,7 +134,7 @@ def plan_orthogonalize(
         s, m, n, dtype, G, local_count, padded, comm_dtype, matrix_flops,
         steps=steps, method=method, restart_every=restart_every,
         ns_dtype=ns_dtype, stages=stages, transposed=orient,
-        shards=(prod(rows), prod(cols)), block_normalize=block_normalize,
+        shards=(prod(rows), prod(cols)), block_normalizer=block_normalizer,
         block_norm=normalizer != 'none')
     per_dev = padded // G if s in ('a2a', 'replicated') else local_count
     groups.append(GroupPlan(
@@ -196,7 +195,7 @@ def _check_spec(where, shape, entries, sizes, mspec, eff, prod):
 
 
 def _place(i, leaf: LeafInfo, mesh, sizes, dist, ns_dtype, max_bytes,
-           no_blocks: str | None):
+           no_blocks: str | None, normalizer: str):
   """The group key (strategy, wide shape, dtype, row/column/split axes) and
   the member entry of one leaf; ``no_blocks``: why column blocks (``gram``)
   cannot run here, or ``None``."""
@@ -226,8 +225,16 @@ def _place(i, leaf: LeafInfo, mesh, sizes, dist, ns_dtype, max_bytes,
   big = big and not no_blocks  # too big for one device, but it must be
   if m == n and rows and not cols and (s == 'gram' or s == 'auto' and big):
     # A square matrix sharded along its rows runs as its transpose, whose
-    # columns are sharded (exact: NS(Xᵀ) = NS(X)ᵀ, except for AOL).
-    transposed, rows, cols = not transposed, cols, rows
+    # columns are sharded: exact, NS(Xᵀ) = NS(X)ᵀ, except under AOL, which
+    # scales the rows (one device runs the square as it is).
+    if normalizer != 'aol':
+      transposed, rows, cols = not transposed, cols, rows
+    elif s == 'gram':
+      raise ValueError(
+          f"{where}: strategy 'gram' would run this square matrix as its "
+          "transpose, whose columns are sharded, but the 'aol' normalizer "
+          'scales the rows, so its transpose would give another result than '
+          "one device; shard the columns or use 'a2a'.")
   s = _strategy(where, s, big, rows, cols, batch_axes, free, m, n,
                 fi_axes + fo_axes)
   split = {'a2a': rows + cols, 'replicated': free, 'gram': cols}.get(s, ())
