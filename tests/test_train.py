@@ -201,6 +201,34 @@ def test_mesh_that_does_not_divide_is_a_clear_error():
     trainer.build(c, 256, abstract=True, devices=jax.devices()[:1])
 
 
+def test_the_mesh_follows_the_device_topology(monkeypatch):
+  """The trainer's mesh takes its device layout from
+  ``mesh_utils.create_device_mesh`` (a TPU slice's torus), with the axes in
+  order of increasing traffic; where that cannot lay out the devices (part
+  of a TPU slice) they keep their order."""
+  calls = []
+  real = partitioning.mesh_utils.create_device_mesh
+
+  def spy(shape, devices, **kw):
+    calls.append((tuple(shape), list(devices), kw))
+    return real(shape, devices, **kw)
+
+  monkeypatch.setattr(partitioning.mesh_utils, 'create_device_mesh', spy)
+  devices = jax.devices()[:1]
+  mesh = partitioning.make_mesh({'fsdp': 1}, devices)
+  assert calls == [((1, 1, 1), devices,
+                    {'allow_split_physical_axes': True})]
+  assert mesh.axis_names == partitioning.MESH_AXES
+  assert list(mesh.devices.flat) == devices
+
+  def refuse(shape, devices, **kw):
+    raise ValueError('cannot lay out a part of the slice')
+
+  monkeypatch.setattr(partitioning.mesh_utils, 'create_device_mesh', refuse)
+  mesh = partitioning.make_mesh({'data': 1}, devices)
+  assert list(mesh.devices.flat) == devices and mesh.devices.shape == (1, 1, 1)
+
+
 def test_bad_config_values_are_clear_errors():
   c = tiny()
   c.optimizer.name = 'nosuch'

@@ -249,5 +249,27 @@ def test_several_processes_without_the_preemption_service(monkeypatch,
   assert 'jax_enable_preemption_service is off' in caplog.text
 
 
+def test_a_ctrl_c_inside_together_stops_every_process(monkeypatch):
+  """A Ctrl-C on one process while the data loads: that process reports
+  its failure to the others before raising the ``KeyboardInterrupt``
+  (before 2026-12-07 it raised at once, and the others waited for it at
+  their next collective); a process told of another's failure raises."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from orthax.train import hosts  # pylint: disable=g-import-not-at-top
+  told = []
+  monkeypatch.setattr(hosts, 'count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'process_allgather',
+                      lambda flag: told.append(int(flag)) or [int(flag), 1])
+  with pytest.raises(KeyboardInterrupt):
+    with hosts.together('the data'):
+      raise KeyboardInterrupt
+  assert told == [1]
+  with pytest.raises(RuntimeError, match=r'the data: process\(es\) \[1\] '
+                     'failed'):
+    with hosts.together('the data'):
+      pass
+  assert told == [1, 0]
+
+
 def _never(step):
   raise AssertionError(f'the sync was asked about step {step}')

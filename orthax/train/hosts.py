@@ -63,14 +63,16 @@ def barrier(name: str) -> None:
 @contextlib.contextmanager
 def together(what: str):
   """Runs the block on every process and then agrees on its outcome: where
-  it raised on some process, that process raises its error and every
-  other one a ``RuntimeError`` naming it (one process stopping alone
-  would leave the others waiting at the next collective). With one
-  process, the block as it is."""
+  it raised on some process (a Ctrl-C's ``KeyboardInterrupt`` included),
+  that process raises its error and every other one a ``RuntimeError``
+  naming it (one process stopping alone would leave the others waiting at
+  the next collective). With one process, the block as it is. The block
+  must not run collectives itself: a process that failed before one
+  would leave the others waiting in it."""
   error = None
   try:
     yield
-  except Exception as e:  # pylint: disable=broad-except
+  except BaseException as e:  # pylint: disable=broad-except
     if count() == 1:
       raise
     error = e
