@@ -77,11 +77,16 @@ class Route:
 VECTOR_RANKS = (0, 1)
 # Any case: linen names its convolutions Conv_0, ConvTranspose_0, ...
 CONV = r'(?i)conv[^/]*/kernel$'
+# Embedding tables (``embedding``, ``pos_embed``, ``pos_emb``, ``tok_emb``,
+# GPT-2's ``wte``/``wpe``) and learned tokens (a ViT's ``cls_token``,
+# ``register_tokens``); biases under Haiku's name ``b`` too (a stack of
+# them is 2-D).
 DEFAULT_RULES: tuple[Rule, ...] = (
-    Rule(r'(^|/)([^/]*embed[^/]*|wte|wpe)(/|$)', 'adam'),
+    Rule(r'(^|/)([^/]*embed[^/]*|[^/]*_emb|emb|wte|wpe|[^/]*_tokens?)(/|$)',
+         'adam'),
     Rule(r'(^|/)(lm_head|head|unembed[^/]*|logits)(/|$)', 'adam'),
     Rule(r'(^|/)([^/]*norm[^/]*|ln[^/]*)(/|$)', 'adam'),
-    Rule(r'(^|/)(bias|scale|[^/]*_bias|[^/]*_scale)$', 'adam'),
+    Rule(r'(^|/)(bias|b|scale|[^/]*_bias|[^/]*_scale)$', 'adam'),
     Rule(r'', 'adam', ndims=VECTOR_RANKS),
     *(Rule(CONV, 'matrix', MatrixSpec.conv(n), ndims=(n,))
       for n in (3, 4, 5)),

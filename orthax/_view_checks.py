@@ -97,7 +97,50 @@ def stack_axis_message(path: str, shape: tuple[int, ...],
     return one_layer_message(
         path, shape, f'its bias {bias_path!r} has shape {bias}, one layer\'s')
   if b >= 2 and bias == (c, b) and bias != (a, c):
-    return middle_stack_message(path, shape, bias_path)
+    return middle_stack_message(
+        path, shape, f'its bias {bias_path!r} has shape {(c, b)}')
+  why = None if bias is not None else middle_stack_evidence(path, shapes)
+  return middle_stack_message(path, shape, why) if why else None
+
+
+def _stacked(scope: str, shapes: dict[str, tuple[int, ...]]):
+  """The 3-D kernels and the 2-D norm scales and biases under ``scope``
+  (attention's left out: its kernels are 3-D by nature)."""
+  inside = [(p, sh) for p, sh in shapes.items()
+            if p.startswith(scope) and not _ATTENTION.search(p)]
+  kernels = [sh for p, sh in inside if len(sh) == 3 and p.endswith('/kernel')]
+  norms = [sh for p, sh in inside if len(sh) == 2
+           and p.rsplit('/', 1)[-1] in ('scale', 'bias')]
+  return kernels, norms
+
+
+def middle_stack_evidence(path: str, shapes: dict[str, tuple[int, ...]]
+                          ) -> str | None:
+  """Why the bias-free 3-D kernel at ``path`` looks stacked on its middle
+  axis, or ``None``. A scan stacks every parameter of its module alike: on
+  the leading axis, the 3-D kernels around it share their leading axis and
+  the 2-D norm scales and biases start with it; on the middle axis
+  (linen's ``nn.scan(variable_axes={'params': 1})``, MaxText's
+  ``param_scan_axis=1``), they share the middle one and the norms end
+  with it. The nearest module around the kernel (its parent's parent,
+  then further up) where the two readings do not both fit decides."""
+  parts = path.split('/')
+  for depth in range(len(parts) - 2, 0, -1):
+    scope = '/'.join(parts[:depth]) + '/'
+    kernels, norms = _stacked(scope, shapes)
+    if len(kernels) + len(norms) < 2:
+      continue
+    lead, mid = {k[0] for k in kernels}, {k[1] for k in kernels}
+    leading = len(lead) == 1 and all(n[0] in lead for n in norms)
+    middle = (len(mid) == 1 and min(mid) >= 2
+              and all(n[1] in mid for n in norms))
+    if middle and not leading:
+      norm_note = (f', and its {len(norms)} 2-D norm scales and biases end '
+                   'with it' if norms else '')
+      return (f'the {len(kernels)} 3-D kernels under {scope!r} share their '
+              f'middle axis, {min(mid)}, not their leading one{norm_note}')
+    if not middle:
+      return None
   return None
 
 
@@ -121,17 +164,41 @@ def one_layer_message(path: str, shape: tuple[int, ...], evidence: str
                        'orthax.MatrixSpec()'))
 
 
-def middle_stack_message(path: str, shape: tuple[int, ...], bias_path: str
+def middle_stack_message(path: str, shape: tuple[int, ...], evidence: str
                          ) -> str:
   a, b, c = shape
   pattern = _tree.exact_pattern(path)
-  return (f'{_read_as_stack(path, shape)}, but its bias {bias_path!r} has '
-          f'shape {(c, b)}: its middle axis may stack {b} layers of {a}x{c} '
-          "(linen's nn.scan with variable_axes={'params': 1}). If it does, "
+  return (f'{_read_as_stack(path, shape)}, but {evidence}: its middle axis '
+          f'may stack {b} layers of {a}x{c} '
+          "(linen's nn.scan with variable_axes={'params': 1}, MaxText's "
+          'param_scan_axis=1). If it does, '
           + _two_rules(pattern, 'orthogonalize each layer',
                        'orthax.MatrixSpec.stacked(1)',
                        'the leading axis stacks the layers',
                        'orthax.MatrixSpec()'))
+
+
+def torch_layout_message(path: str, shape: tuple[int, ...],
+                         shapes: dict[str, tuple[int, ...]]) -> str | None:
+  """The warning for a 2-D leaf (or a stack of them) read in Flax's
+  ``(in, out)`` layout although the bias beside it has the size of its
+  first matrix axis, as PyTorch's and Equinox's ``(out, in)`` weights do,
+  or ``None`` (a square matrix, or no such bias: nothing tells)."""
+  name = path.rsplit('/', 1)[-1]
+  bias_path = path[:len(path) - len(name)] + 'bias'
+  rows, cols = shape[-2:]
+  if rows == cols or shapes.get(bias_path) != shape[:-2] + (rows,):
+    return None
+  pattern = _tree.exact_pattern(path)
+  return (f'parameter {path!r} of shape {shape} is read in Flax\'s kernel '
+          f'layout, (in, out) = ({rows}, {cols}), but its bias {bias_path!r} '
+          f'has {rows} outputs, the size of its first matrix axis: it may be '
+          "a PyTorch or Equinox weight, (out, in), whose shape scale and "
+          'per-neuron statistics would then be taken on the wrong sides. If '
+          'it is, ' + _two_rules(
+              pattern, 'view it as (out, in)',
+              'orthax.MatrixSpec.torch_linear()', 'it is (in, out)',
+              'orthax.MatrixSpec()'))
 
 
 # Embedding tables whose rows are not the vocabulary (positions, token types,
@@ -139,7 +206,7 @@ def middle_stack_message(path: str, shape: tuple[int, ...], bias_path: str
 # hidden matrix look like an output layer.
 NOT_VOCABULARY = re.compile(
     r'(^|[/_])(pos|positions?|positional|wpe|token_type|type|segment|'
-    r'relative_attention_bias)(?=[/_]|embed|$)')
+    r'relative_attention_bias)(?=[/_]|embed|$)|_tokens?$')
 
 ATTENTION_IN = re.compile(r'(^|/)(query|key|value)/kernel$')
 ATTENTION_OUT = re.compile(r'(^|/)out/kernel$')
@@ -243,9 +310,10 @@ class MatrixViewWarning(UserWarning):
   """A leaf's default matrix view may be the wrong one: a 3-D attention
   kernel shaped like Flax's ``(features, heads, head_dim)`` read as a stack
   of layers (:meth:`Router.attention_view_suspects`), a scanned stack of
-  convolutions read as one (:meth:`Router.conv_view_suspects`), or a 3-D
-  kernel whose bias says its layers are not the leading axis
-  (:meth:`Router.stack_view_suspects`)."""
+  convolutions read as one (:meth:`Router.conv_view_suspects`), a 3-D
+  kernel whose bias or neighbours say its layers are not the leading axis
+  (:meth:`Router.stack_view_suspects`), or a PyTorch-layout ``(out, in)``
+  weight read as ``(in, out)`` (:meth:`Router.layout_view_suspects`)."""
 
 
 class OutputLayerWarning(UserWarning):

@@ -120,3 +120,18 @@ def stack_views(router: Any, tree: Any) -> Suspects:
     if message:
       out.append((path, message))
   return out
+
+
+def layout_views(router: Any, tree: Any) -> Suspects:
+  """:meth:`orthax.Router.layout_view_suspects`."""
+  shapes = leaf_shapes(tree)
+  out = []
+  for path, shape in shapes.items():
+    rule = rule_for(router, path, len(shape))
+    if (len(shape) not in (2, 3) or rule is None or rule.label != 'matrix'
+        or rule.spec is not None or not _rules.is_default(rule)):
+      continue
+    message = _views.torch_layout_message(path, shape, shapes)
+    if message:
+      out.append((path, message))
+  return out

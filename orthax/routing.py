@@ -231,16 +231,32 @@ class Router:
     would have each tap of its window orthogonalized on its own), and a
     bias ``(out, L)`` puts the ``L`` layers on the middle axis (linen's
     ``nn.scan(variable_axes={'params': 1})``: each input row would be a
-    matrix). Attention kernels are left to
+    matrix). Without a bias, its neighbours can say so: the 3-D kernels
+    of the module around it share their middle axis and not their leading
+    one, and its 2-D norm scales end with it
+    (:func:`orthax._view_checks.middle_stack_evidence`; MaxText's
+    ``param_scan_axis=1``). Attention kernels are left to
     :meth:`attention_view_suspects`."""
     return _suspects.stack_views(self, tree)
 
+  def layout_view_suspects(self, tree: Any) -> list[tuple[str, str]]:
+    """``(path, message)`` of each 2-D leaf (or stack of them, ``(L, m,
+    n)``) that the *default* rule reads in Flax's ``(in, out)`` layout
+    although the bias beside it has the size of its first matrix axis
+    (:func:`orthax._view_checks.torch_layout_message`): PyTorch's and
+    Equinox's ``weight`` is ``(out, in)``, and read as ``(in, out)`` its
+    shape scale and NorMuon's per-neuron statistics would be taken on the
+    wrong sides (Newton–Schulz itself gives the same matrix either way).
+    View such weights with ``orthax.MatrixSpec.torch_linear()``."""
+    return _suspects.layout_views(self, tree)
+
   def view_suspects(self, tree: Any) -> list[tuple[str, str]]:
     """Every :class:`MatrixViewWarning`'s ``(path, message)``:
-    :meth:`attention_view_suspects`, :meth:`conv_view_suspects`, then
-    :meth:`stack_view_suspects`."""
+    :meth:`attention_view_suspects`, :meth:`conv_view_suspects`,
+    :meth:`stack_view_suspects`, then :meth:`layout_view_suspects`."""
     return (self.attention_view_suspects(tree) + self.conv_view_suspects(tree)
-            + self.stack_view_suspects(tree))
+            + self.stack_view_suspects(tree)
+            + self.layout_view_suspects(tree))
 
   def describe(self, tree: Any,
                learning_rates: Mapping[str, Any] | None = None,
