@@ -308,6 +308,17 @@ def test_stage_declares_flops_and_needs_whole_matrices():
   ns = orthax.polar.standard_flops(8, 24, 1)
   assert tall.flops(8, 24) == (8 * (24 * 24 * 8 + 24 * 8 * 8) - 2 * 8 * 24 * 24
                                + 11 * (24 ** 3 + 8 ** 3) + ns)
+  # Refreshing every 10 steps: the roots' share is a tenth, and where
+  # fan-out is the shorter side 9 of 10 steps whiten with P^{-1/2} (2m²n).
+  every = MS.FismoStep(ns_steps=1, ns_method='standard',
+                       precondition_every=10)
+  n, m = 24, 8
+  assert every.flops(n, m) == (
+      6 * (m * m * n + m * n * n) + (2 * m * n * n + 9 * 2 * m * m * n) // 10
+      + 11 * (n ** 3 + m ** 3) // 10 + orthax.polar.standard_flops(n, m, 1))
+  assert every.flops(m, n) == (
+      6 * (n * n * m + n * m * m) + 2 * n * m * m
+      + 11 * (n ** 3 + m ** 3) // 10 + orthax.polar.standard_flops(n, m, 1))
   with pytest.raises(ValueError, match='whole matrices'):
     MS.split_sums(st, 8, 16, -1)
 

@@ -114,7 +114,9 @@ class FismoStep(MatrixStage):
   which); between refreshes the cached ``P^{-1/2}`` and ``Q^{-1/2}`` are
   used, kept as ``'p_isqrt'`` and ``'q_isqrt'``. So ``L`` of a refresh
   step, too, is formed with the ``Q^{-1/2}`` of the last refresh (``k``
-  steps old), not the last step's.
+  steps old), not the last step's; and between refreshes, where fan-out
+  is the shorter side, the whitened gradient is ``P^{-1/2}·(G·Q^{-1/2})``,
+  reusing ``Z``, a product with the smaller factor.
 
   Scale: ``L`` and ``R`` grow with ``‖G‖²`` and overflow float32 for a
   gradient near ``1e19``. They are formed from ``G·2⁻ᵉ``, the exact power of
@@ -214,8 +216,9 @@ class FismoStep(MatrixStage):
     return _presets.get_preset(self.preset).steps
 
   def flops(self, fan_in, fan_out):
-    """``8(m²n + mn²) − 2nm²`` (``m`` = fan-out) for ``GQ⁻¹Gᵀ``,
-    ``GᵀP⁻¹G``, whitening (which reuses ``P^{-1/2}G``) and unwhitening; two
+    """``6(m²n + mn²)`` (``m`` = fan-out) for ``GQ⁻¹Gᵀ``, ``GᵀP⁻¹G`` and
+    unwhitening, and ``2mn²`` for whitening (which reuses ``P^{-1/2}G``;
+    between refreshes, where ``m < n``, ``2m²n``: :meth:`_whiten`); two
     ``eigh`` (new ``P``, new ``Q``: ``9k³`` each, an estimate: XLA's cost
     analysis does not count them) and the two ``k×k`` products forming
     their inverse roots (``2k³`` each), that part averaged over the
@@ -227,19 +230,41 @@ class FismoStep(MatrixStage):
     meth = _dispatch.choose_method(n, m, steps, jnp.float32, self.ns_method)
     ns = (_gram.gram_flops(n, m, steps) if meth == 'gram'
           else _gram.standard_flops(n, m, steps))
-    roots = (e + 2) * (m ** 3 + n ** 3) // self.precondition_every
-    return 8 * (m * m * n + m * n * n) - 2 * n * m * m + roots + ns
+    every = self.precondition_every
+    roots = (e + 2) * (m ** 3 + n ** 3) // every
+    white = 2 * m * n * n
+    if m < n:  # k - 1 of every k steps whiten with P^{-1/2}
+      white = (white + (every - 1) * 2 * m * m * n) // every
+    return 6 * (m * m * n + m * n * n) + white + roots + ns
 
-  def _inverse_root(self, x, state, name):
+  def _refresh_due(self):
+    """Whether this step refreshes the inverse roots (``None``: every step
+    does)."""
+    if self.precondition_every == 1:
+      return None
+    return (jnp.asarray(self.count) - 1) % self.precondition_every == 0
+
+  def _inverse_root(self, x, state, name, due):
     """``x^{-1/2}``: fresh from one ``eigh``, or, between refreshes of
     ``precondition_every``, the cached ``state[name]``."""
     def fresh(x):
       return eig_power(x, -0.5, self.eig_floor)
-    if self.precondition_every == 1:
+    if due is None:
       return fresh(x)
-    t = jnp.asarray(self.count)
-    due = (t - 1) % self.precondition_every == 0
     return jax.lax.cond(due, fresh, lambda _: state[name], x)
+
+  @staticmethod
+  def _whiten(z, y, p_isqrt, q_isqrt, due):
+    """``Q^{-1/2}·K·P^{-1/2}`` as ``Q^{-1/2}·y``. Between refreshes
+    ``Q^{-1/2}`` is the cached root ``z = Q^{-1/2}K`` was formed with, so
+    where fan-out is the shorter side ``z·P^{-1/2}`` is the same product
+    with the smaller factor (``2nm²`` FLOPs against ``2n²m``)."""
+    n, m = y.shape[-2], y.shape[-1]
+    by_q = lambda: jnp.einsum('bij,bja->bia', q_isqrt, y)
+    if due is None or m >= n:
+      return by_q()
+    return jax.lax.cond(due, by_q,
+                        lambda: jnp.einsum('bia,bac->bic', z, p_isqrt))
 
   def apply(self, o, state, blocks):
     if blocks.split is not None:
@@ -254,13 +279,14 @@ class FismoStep(MatrixStage):
     left = jnp.einsum('bia,bic->bac', z, z) / n
     p = damped_ema(state['p'], left, self.gamma, self.damping,
                    self.scale_invariant)
-    p_isqrt = self._inverse_root(p, state, 'p_isqrt')
+    due = self._refresh_due()
+    p_isqrt = self._inverse_root(p, state, 'p_isqrt', due)
     y = jnp.einsum('bia,bac->bic', ks, p_isqrt)             # (P^{-1/2} G)ᵀ
     right = jnp.einsum('bia,bja->bij', y, y) / m
     q = damped_ema(state['q'], right, self.gamma, self.damping,
                    self.scale_invariant)
-    q_isqrt = self._inverse_root(q, state, 'q_isqrt')
-    white = jnp.einsum('bij,bja->bia', q_isqrt, y) / unit
+    q_isqrt = self._inverse_root(q, state, 'q_isqrt', due)
+    white = self._whiten(z, y, p_isqrt, q_isqrt, due) / unit
     mom = self.beta * state['m'] + (1 - self.beta) * white
     look = (self.beta * mom + (1 - self.beta) * white if self.nesterov
             else mom)
