@@ -77,13 +77,16 @@ class Route:
 VECTOR_RANKS = (0, 1)
 # Any case: linen names its convolutions Conv_0, ConvTranspose_0, ...
 CONV = r'(?i)conv[^/]*/kernel$'
-# Embedding tables (``embedding``, ``pos_embed``, ``pos_emb``, ``tok_emb``,
-# GPT-2's ``wte``/``wpe``) and learned tokens (a ViT's ``cls_token``,
-# ``register_tokens``); biases under Haiku's name ``b`` too (a stack of
-# them is 2-D).
+# Embedding tables (``embedding``, ``pos_embed``, GPT-2's ``wte``/``wpe``;
+# leaves named ``pos_emb``, ``tok_emb``) and learned tokens (leaves: a
+# ViT's ``cls_token``, ``register_tokens``; not MLP-Mixer's ``mlp_tokens``
+# module); biases under Haiku's name ``b`` too (a stack of them is 2-D).
+EMBEDDING_RULES: tuple[Rule, ...] = (
+    Rule(r'(^|/)([^/]*embed[^/]*|wte|wpe)(/|$)', 'adam'),
+    Rule(r'(^|/)([^/]*_emb|emb|[^/]*_tokens?)$', 'adam'),  # leaves only
+)
 DEFAULT_RULES: tuple[Rule, ...] = (
-    Rule(r'(^|/)([^/]*embed[^/]*|[^/]*_emb|emb|wte|wpe|[^/]*_tokens?)(/|$)',
-         'adam'),
+    *EMBEDDING_RULES,
     Rule(r'(^|/)(lm_head|head|unembed[^/]*|logits)(/|$)', 'adam'),
     Rule(r'(^|/)([^/]*norm[^/]*|ln[^/]*)(/|$)', 'adam'),
     Rule(r'(^|/)(bias|b|scale|[^/]*_bias|[^/]*_scale)$', 'adam'),

@@ -123,24 +123,29 @@ def middle_stack_evidence(path: str, shapes: dict[str, tuple[int, ...]]
   (linen's ``nn.scan(variable_axes={'params': 1})``, MaxText's
   ``param_scan_axis=1``), they share the middle one and the norms end
   with it. The nearest module around the kernel (its parent's parent,
-  then further up) where the two readings do not both fit decides."""
+  then further up, the whole tree last) with another such parameter
+  decides; where both readings fit there, nothing is said (a scope
+  further up may mix stacks of other depths)."""
   parts = path.split('/')
-  for depth in range(len(parts) - 2, 0, -1):
-    scope = '/'.join(parts[:depth]) + '/'
+  for depth in range(len(parts) - 2, -1, -1):
+    scope = '/'.join(parts[:depth]) + '/' if depth else ''
     kernels, norms = _stacked(scope, shapes)
     if len(kernels) + len(norms) < 2:
       continue
     lead, mid = {k[0] for k in kernels}, {k[1] for k in kernels}
     leading = len(lead) == 1 and all(n[0] in lead for n in norms)
+    # (L, d, d) stacks of other depths side by side share a middle axis
+    # too: a stack on the middle axis is (in, L, out) with L ≠ out.
     middle = (len(mid) == 1 and min(mid) >= 2
+              and any(k[1] != k[2] for k in kernels)
               and all(n[1] in mid for n in norms))
-    if middle and not leading:
-      norm_note = (f', and its {len(norms)} 2-D norm scales and biases end '
-                   'with it' if norms else '')
-      return (f'the {len(kernels)} 3-D kernels under {scope!r} share their '
-              f'middle axis, {min(mid)}, not their leading one{norm_note}')
-    if not middle:
+    if not middle or leading:
       return None
+    norm_note = (f', and its {len(norms)} 2-D norm scales and biases end '
+                 'with it' if norms else '')
+    where = f'under {scope!r}' if scope else 'of the tree'
+    return (f'the {len(kernels)} 3-D kernels {where} share their middle '
+            f'axis, {min(mid)}, not their leading one{norm_note}')
   return None
 
 
@@ -183,11 +188,18 @@ def torch_layout_message(path: str, shape: tuple[int, ...],
   """The warning for a 2-D leaf (or a stack of them) read in Flax's
   ``(in, out)`` layout although the bias beside it has the size of its
   first matrix axis, as PyTorch's and Equinox's ``(out, in)`` weights do,
-  or ``None`` (a square matrix, or no such bias: nothing tells)."""
+  or ``None``: a square matrix, or no such bias (nothing tells); for a
+  3-D leaf ``(a, b, c)`` also a bias ``(c, b)`` (a linen scan on the
+  middle axis, :func:`stack_axis_message`'s) and ``b = 1`` (Equinox's
+  depthwise 1-D convolution ``(out, 1, window)`` with its bias
+  ``(out, 1)``)."""
   name = path.rsplit('/', 1)[-1]
   bias_path = path[:len(path) - len(name)] + 'bias'
+  bias = shapes.get(bias_path)
   rows, cols = shape[-2:]
-  if rows == cols or shapes.get(bias_path) != shape[:-2] + (rows,):
+  if rows == cols or bias != shape[:-2] + (rows,):
+    return None
+  if len(shape) == 3 and (rows == 1 or bias == (cols, rows)):
     return None
   pattern = _tree.exact_pattern(path)
   return (f'parameter {path!r} of shape {shape} is read in Flax\'s kernel '
@@ -198,7 +210,9 @@ def torch_layout_message(path: str, shape: tuple[int, ...],
           'it is, ' + _two_rules(
               pattern, 'view it as (out, in)',
               'orthax.MatrixSpec.torch_linear()', 'it is (in, out)',
-              'orthax.MatrixSpec()'))
+              'orthax.MatrixSpec()')
+          + " A model in PyTorch's layout throughout: "
+          "orthax.Router(layout='torch').")
 
 
 # Embedding tables whose rows are not the vocabulary (positions, token types,
@@ -206,7 +220,7 @@ def torch_layout_message(path: str, shape: tuple[int, ...],
 # hidden matrix look like an output layer.
 NOT_VOCABULARY = re.compile(
     r'(^|[/_])(pos|positions?|positional|wpe|token_type|type|segment|'
-    r'relative_attention_bias)(?=[/_]|embed|$)|_tokens?$')
+    r'relative_attention_bias)(?=[/_]|embed|$)|(?<!embed)_tokens?$')
 
 ATTENTION_IN = re.compile(r'(^|/)(query|key|value)/kernel$')
 ATTENTION_OUT = re.compile(r'(^|/)out/kernel$')

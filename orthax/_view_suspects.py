@@ -66,7 +66,7 @@ def output_layers(router: Any, tree: Any) -> Suspects:
   """:meth:`orthax.Router.output_layer_suspects`."""
   shapes = leaf_shapes(tree)
   vocab = {shape[0] for path, shape in shapes.items() if len(shape) == 2
-           and _rules.DEFAULT_RULES[0].matches(path, 2)
+           and any(r.matches(path, 2) for r in _rules.EMBEDDING_RULES)
            and not _views.NOT_VOCABULARY.search(path)}
   matrices = _matrices(router, shapes)
   out = []
@@ -124,6 +124,8 @@ def stack_views(router: Any, tree: Any) -> Suspects:
 
 def layout_views(router: Any, tree: Any) -> Suspects:
   """:meth:`orthax.Router.layout_view_suspects`."""
+  if getattr(router, 'layout', 'flax') != 'flax':
+    return []
   shapes = leaf_shapes(tree)
   out = []
   for path, shape in shapes.items():

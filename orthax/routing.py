@@ -69,6 +69,9 @@ def _rule_list(rules: Any, what: str) -> tuple[Rule, ...]:
   return rules
 
 
+LAYOUTS = ('flax', 'torch')
+
+
 def _check_max_side(max_side: Any) -> int:
   if (isinstance(max_side, bool) or not isinstance(max_side, numbers.Integral)
       or max_side < 1):
@@ -87,16 +90,27 @@ class Router:
     max_side: a leaf the rules make a matrix goes to ``'adam'`` instead when
       a side of its matrix view is ``≥ max_side`` (DCT-AdamW's limit for
       embeddings and heads; ``None``: no limit).
+    layout: the view of a matrix leaf whose rule gives none: ``'flax'``
+      (default): ``(..., in, out)``, Flax's and Haiku's kernels;
+      ``'torch'``: ``(..., out, in)``, PyTorch's and Equinox's ``weight``
+      (:meth:`orthax.MatrixSpec.torch_linear`). Leading axes are batch
+      either way.
   """
 
   max_side: int | None = None  # also for subclasses that set only rules
+  layout: str = 'flax'
 
   def __init__(self, rules: Sequence[Rule] | None = None, *,
-               extra_rules: Iterable[Rule] = (), max_side: int | None = None):
+               extra_rules: Iterable[Rule] = (), max_side: int | None = None,
+               layout: str = 'flax'):
     self.rules = (_rule_list(extra_rules, 'extra_rules')
                   + _rule_list(DEFAULT_RULES if rules is None else rules,
                                'rules'))
     self.max_side = None if max_side is None else _check_max_side(max_side)
+    if layout not in LAYOUTS:
+      raise ValueError(f'Router: layout must be one of {LAYOUTS}, got '
+                       f'{layout!r}.')
+    self.layout = layout
 
   def route_one(self, path: str, shape: Sequence[int]) -> Route:
     """Route for one leaf; raises ``ValueError`` naming ``path`` if none."""
@@ -113,7 +127,8 @@ class Router:
                   'default matrix view; add Rule(pattern, "matrix", '
                   'MatrixSpec(...)) via extra_rules, or route it to "adam".'
                   + _views.missing_view_hint(path, tuple(shape)))
-            spec = MatrixSpec()
+            spec = (MatrixSpec.torch_linear() if self.layout == 'torch'
+                    else MatrixSpec())
           try:
             spec.resolve(shape)
           except ValueError as e:
@@ -247,7 +262,8 @@ class Router:
     Equinox's ``weight`` is ``(out, in)``, and read as ``(in, out)`` its
     shape scale and NorMuon's per-neuron statistics would be taken on the
     wrong sides (Newton–Schulz itself gives the same matrix either way).
-    View such weights with ``orthax.MatrixSpec.torch_linear()``."""
+    View such weights with ``orthax.MatrixSpec.torch_linear()``, or a whole
+    model with ``Router(layout='torch')`` (which is never warned about)."""
     return _suspects.layout_views(self, tree)
 
   def view_suspects(self, tree: Any) -> list[tuple[str, str]]:

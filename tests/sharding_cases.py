@@ -149,7 +149,8 @@ def run_case(name: str) -> dict:
     dist = sharding.Distributed(mesh, param_specs=None if explicit else specs,
                                 comm_dtype=comm, **dist_kw)
     ns = _ns(steps, normalizer)
-    f = lambda u: sharding.orthogonalize_tree(u, dist, ns, matrix_specs=mspecs)
+    f = lambda u: sharding.orthogonalize_tree(
+        u, dist, ns, matrix_specs=mspecs, plan_kw=dict(normalizer=normalizer))
     return dist, jax.jit(f, out_shardings=shard)
 
   out: dict = {}

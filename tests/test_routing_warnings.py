@@ -369,6 +369,20 @@ def test_a_bias_free_stack_on_the_middle_axis_is_named_by_its_neighbours():
       'mixed': {'a': {'kernel': z((4, 8, 16))}, 'b': {'kernel': z((6, 5, 8))}},
   }
   assert Router().stack_view_suspects(quiet) == []
+  # A scan's parameters at the top of the tree are found too; stacks of
+  # other depths side by side, each fitting both readings, are left alone
+  # however deep the tree wraps them.
+  top = {'Dense_0': {'kernel': z((16, 4, 64))},
+         'Dense_1': {'kernel': z((64, 4, 16))},
+         'LayerNorm_0': {'scale': z((16, 4))}}
+  assert sorted(dict(Router().stack_view_suspects(top))) == [
+      'Dense_0/kernel', 'Dense_1/kernel']
+  depths = {'params': {
+      'encoder': {'fc': {'kernel': z((6, 32, 32))},
+                  'ln': {'scale': z((6, 32))}},
+      'decoder': {'fc': {'kernel': z((4, 32, 32))},
+                  'ln': {'scale': z((4, 32))}}}}
+  assert Router().stack_view_suspects(depths) == []
 
 
 def test_a_pytorch_layout_weight_is_warned_about():
@@ -390,16 +404,20 @@ def test_a_pytorch_layout_weight_is_warned_about():
   assert 'orthax.MatrixSpec.torch_linear()' in message
   with pytest.warns(orthax.MatrixViewWarning, match='PyTorch or Equinox'):
     Router().labels(tree)
-  router = Router(extra_rules=[Rule(r'(^|/)weight$', 'matrix',
-                                    MatrixSpec.torch_linear())])
+  router = Router(layout='torch')
   assert router.layout_view_suspects(tree) == []
-  spec = router.route('layers/0/weight', (64, 16)).spec
-  assert spec.matrix_shape((64, 16)) == (1, 16, 64)
+  assert router.route('layers/0/weight', (64, 16)).spec.matrix_shape(
+      (64, 16)) == (1, 16, 64)
+  assert router.route('stack/weight', (3, 32, 8)).spec.matrix_shape(
+      (3, 32, 8)) == (3, 8, 32)
+  assert router.route('layers/0/bias', (64,)).label == 'adam'
+  with pytest.raises(ValueError, match="Router: layout must be one of "
+                     r"\('flax', 'torch'\), got 'pytorch'"):
+    Router(layout='pytorch')
   # NorMuon then steps the (out, in) weight as it steps its transpose, the
   # Flax kernel, in Flax's view (its per-neuron statistics on the outputs).
   g = {'w': jax.random.normal(jax.random.key(0), (64, 16))}
-  tx = orthax.normuon(router=Router(extra_rules=[
-      Rule('^w$', 'matrix', MatrixSpec.torch_linear())]))
+  tx = orthax.normuon(router=router)
   u, _ = tx.update(g, tx.init(g), g)
   gt = {'w': g['w'].T}
   flax_tx = orthax.normuon()
@@ -407,11 +425,15 @@ def test_a_pytorch_layout_weight_is_warned_about():
   np.testing.assert_allclose(u['w'], ut['w'].T, rtol=1e-5, atol=1e-7)
   wrong, _ = flax_tx.update(g, flax_tx.init(g), g)
   assert np.abs(np.asarray(wrong['w']) - np.asarray(u['w'])).max() > 1e-3
-  # Flax's layout (bias of the last axis), a square weight and a weight
-  # without a bias say nothing.
+  # Flax's layout (bias of the last axis), a square weight, a weight
+  # without a bias, Equinox's depthwise 1-D conv (out, 1, window) with its
+  # (out, 1) bias, and a linen scan on the middle axis of square layers
+  # ((in, L, out) with bias (out, L)) say nothing.
   quiet = {'flax': {'kernel': z((16, 64)), 'bias': z(64)},
            'square': {'weight': z((16, 16)), 'bias': z(16)},
-           'alone': {'weight': z((64, 16))}}
+           'alone': {'weight': z((64, 16))},
+           'depthwise': {'weight': z((32, 1, 4)), 'bias': z((32, 1))},
+           'scan': {'kernel': z((16, 3, 16)), 'bias': z((16, 3))}}
   assert Router().layout_view_suspects(quiet) == []
 
 
@@ -424,13 +446,21 @@ def test_stacked_biases_tokens_and_short_embedding_names_go_to_adamw():
   tree = {'stack': {'linear': {'w': z((4, 16, 32)), 'b': z((4, 32))}},
           'pos_emb': z((10, 16)), 'tok_emb': z((100, 16)),
           'cls_token': z((1, 1, 16)), 'register_tokens': z((4, 16)),
-          'head': {'w': z((16, 100))}}
+          'head': {'w': z((16, 100))},
+          # Modules so named hold matrices: MLP-Mixer's token-mixing MLP,
+          # a diffusion model's time-embedding MLP.
+          'mlp_tokens': {'fc1': {'kernel': z((16, 32))}},
+          'time_emb': {'dense': {'kernel': z((16, 32))}},
+          'b_proj': {'kernel': z((16, 32))}}
   labels = dict((orthax._tree.path_str(p), x) for p, x in
                 jax.tree_util.tree_flatten_with_path(
                     Router().quiet_labels(tree))[0])
   assert labels == {'stack/linear/w': 'matrix', 'stack/linear/b': 'adam',
                     'pos_emb': 'adam', 'tok_emb': 'adam', 'cls_token': 'adam',
-                    'register_tokens': 'adam', 'head/w': 'adam'}
+                    'register_tokens': 'adam', 'head/w': 'adam',
+                    'mlp_tokens/fc1/kernel': 'matrix',
+                    'time_emb/dense/kernel': 'matrix',
+                    'b_proj/kernel': 'matrix'}
   # A learned token's rows are no vocabulary: a 4-output matrix is not
   # taken for an output layer because of them; tok_emb's 100 rows are.
   mlp = {'tok_emb': z((100, 16)), 'register_tokens': z((4, 16)),
@@ -439,6 +469,11 @@ def test_stacked_biases_tokens_and_short_embedding_names_go_to_adamw():
   reasons = dict(Router().output_layer_suspects(mlp))
   assert list(reasons) == ['fc2/kernel'], reasons
   assert 'vocabulary' in reasons['fc2/kernel']
+  # A table named embed_tokens is the vocabulary (LLaMA's name).
+  llama = {'embed_tokens': z((100, 16)), 'fc1': {'kernel': z((16, 100))},
+           'zz': {'kernel': z((100, 16))}}
+  assert 'vocabulary' in dict(Router().output_layer_suspects(llama)).get(
+      'fc1/kernel', '')
 
 
 def test_a_head_after_a_scanned_stack_is_warned_about():

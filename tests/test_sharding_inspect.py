@@ -299,6 +299,11 @@ def test_the_plan_counts_each_normalizers_work():
   assert block(normalizer='aol') == products + 14 * m * (n // 8) + 4 * m * m
   assert block(normalizer='none') == products
   assert block(matrix_flops=lambda *_: 0) == products
+  with pytest.raises(ValueError, match='normalizer_flops: normalizer must be '
+                     "one of .*got 'Frobenius'"):
+    polar.normalizer_flops('Frobenius', m, n)
+  with pytest.raises(ValueError, match='normalizer_flops: col_shards must'):
+    polar.normalizer_flops('aol', m, n, col_shards=0)
   aol_plan = sharding.plan(orthax.orthogonalize(
       'aol', distributed=sharding.Distributed(jax.make_mesh((1,), ('fsdp',)),
                                               {'w': None})),

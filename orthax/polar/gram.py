@@ -157,6 +157,10 @@ def normalizer_flops(normalizer: str, m: int, n: int,
     >>> normalizer_flops('aol', 64, 256)  # 5·64·256 + 4·64²
     98304
   """
+  _validate.choice(tuple(NORMALIZER_FLOPS))('normalizer_flops', 'normalizer',
+                                            normalizer)
+  if col_shards is not None:
+    _validate.count('normalizer_flops', 'col_shards', col_shards)
   m, n = min(m, n), max(m, n)
   (e, g) = NORMALIZER_FLOPS[normalizer][col_shards is not None]
   return e * m * (n // (col_shards or 1)) + g * m * m

@@ -103,7 +103,9 @@ class Distributed:
       summed across devices, one ``psum`` per Gram product; a square matrix
       sharded along its rows runs as its transpose, the same result for
       every normalizer but AOL, whose row scaling is one-sided: under AOL
-      ``auto`` runs such a square ``a2a`` and ``gram`` is an error).
+      ``auto`` runs such a square ``a2a`` and ``gram`` is an error, where
+      the plan knows the normalizer: :func:`orthax.orthogonalize` tells it,
+      a function of one's own through ``plan_kw={'normalizer': 'aol'}``).
     comm_dtype: dtype of the matrices on the wire (``None``: the dtype the
       step computes in, which for a recipe's float16 or bfloat16 parameters
       is float32, since recipes widen them: pass ``bfloat16`` for a bf16

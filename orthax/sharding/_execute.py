@@ -184,7 +184,10 @@ def distributed_orthogonalize(
       ``steps``, ``method``, ``restart_every`` (or ``matrix_flops``) as
       :func:`plan_orthogonalize` takes them, and ``ns_dtype``, the iteration
       dtype ``ns_fn`` casts to (the transform's ``ns_dtype``, the one knob
-      for it; default the update's). The plan is passed to
+      for it; default the update's). Also ``normalizer``, the one ``ns_fn``
+      uses: under ``'aol'``, whose row scaling is one-sided, the plan never
+      runs a square matrix as its transpose (``ns_fn`` is opaque to it;
+      :func:`orthax.orthogonalize` passes its own). The plan is passed to
       :func:`orthax.sharding._inspect.record`.
     stages: :class:`orthax.matrix_stages.MatrixStage`\\ s run, in order, on
       each device's whole orthogonalized matrices (for ``gram``, on its column
@@ -255,8 +258,8 @@ def stack_plan(paths: Sequence[str], leaves: Sequence[Any],
     dist: the :class:`Distributed`.
     ns_fn: the stack function, or ``None``.
     stages: the stages run after it.
-    plan_kw: the plan's FLOP model, as :func:`distributed_orthogonalize`
-      takes it.
+    plan_kw: the plan's FLOP model and ``ns_fn``'s normalizer, as
+      :func:`distributed_orthogonalize` takes them.
   """
   kw = dict(plan_kw or {})
   kw.setdefault('column_blocks',
@@ -359,8 +362,8 @@ def orthogonalize_tree(updates: Any, dist: Distributed, ns_fn: NSFn,
     ns_fn: the stack function, as :func:`distributed_orthogonalize` takes it.
     matrix_specs: as :func:`orthax.orthogonalize` takes them (``None``:
       2-D leaves are ``(in, out)`` kernels).
-    plan_kw: the plan's FLOP model, as :func:`distributed_orthogonalize`
-      takes it.
+    plan_kw: the plan's FLOP model and ``ns_fn``'s normalizer, as
+      :func:`distributed_orthogonalize` takes them.
     stages, stage_states: as :func:`distributed_orthogonalize` takes them
       (``stage_states``: per stage, per leaf in flatten order).
     aux: the auxiliary tree, like ``updates``.

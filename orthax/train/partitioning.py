@@ -58,9 +58,9 @@ def make_mesh(mesh_config: Mapping[str, int],
   The devices are laid out by :func:`jax.experimental.mesh_utils.create_device_mesh`
   (the axes in order of increasing traffic, ``tensor`` last): on a TPU
   slice along its interconnect's torus, so that each axis's collectives
-  run between neighbours; elsewhere (CPU, GPU) in device order. Where it
-  cannot lay out the devices it is given (a TPU mesh over part of a
-  slice), they keep their order."""
+  run between neighbours; on GPUs by device id; on CPU in the order given.
+  Where it cannot lay out the devices it is given (a TPU mesh over part of
+  a slice), they keep their order."""
   sizes = mesh_shape(mesh_config)
   need = math.prod(sizes)
   devices = list(jax.devices() if devices is None else devices)
