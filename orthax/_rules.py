@@ -80,7 +80,9 @@ CONV = r'(?i)conv[^/]*/kernel$'
 # Embedding tables (``embedding``, ``pos_embed``, GPT-2's ``wte``/``wpe``;
 # leaves named ``pos_emb``, ``tok_emb``) and learned tokens (leaves: a
 # ViT's ``cls_token``, ``register_tokens``; not MLP-Mixer's ``mlp_tokens``
-# module); biases under Haiku's name ``b`` too (a stack of them is 2-D).
+# module); biases under Haiku's name ``b`` too, inside a module (a stack of
+# them is 2-D; a top-level ``b`` of a toy tree ``{'a', 'b'}`` may be a
+# matrix).
 EMBEDDING_RULES: tuple[Rule, ...] = (
     Rule(r'(^|/)([^/]*embed[^/]*|wte|wpe)(/|$)', 'adam'),
     Rule(r'(^|/)([^/]*_emb|emb|[^/]*_tokens?)$', 'adam'),  # leaves only
@@ -89,7 +91,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     *EMBEDDING_RULES,
     Rule(r'(^|/)(lm_head|head|unembed[^/]*|logits)(/|$)', 'adam'),
     Rule(r'(^|/)([^/]*norm[^/]*|ln[^/]*)(/|$)', 'adam'),
-    Rule(r'(^|/)(bias|b|scale|[^/]*_bias|[^/]*_scale)$', 'adam'),
+    Rule(r'(^|/)(bias|scale|[^/]*_bias|[^/]*_scale)$|./b$', 'adam'),
     Rule(r'', 'adam', ndims=VECTOR_RANKS),
     *(Rule(CONV, 'matrix', MatrixSpec.conv(n), ndims=(n,))
       for n in (3, 4, 5)),
