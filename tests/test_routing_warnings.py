@@ -451,7 +451,9 @@ def test_stacked_biases_tokens_and_short_embedding_names_go_to_adamw():
           # a diffusion model's time-embedding MLP.
           'mlp_tokens': {'fc1': {'kernel': z((16, 32))}},
           'time_emb': {'dense': {'kernel': z((16, 32))}},
-          'b_proj': {'kernel': z((16, 32))}}
+          'b_proj': {'kernel': z((16, 32))},
+          # A toy tree's top-level b is a matrix ({'a': ..., 'b': ...}).
+          'b': z((16, 32))}
   labels = dict((orthax._tree.path_str(p), x) for p, x in
                 jax.tree_util.tree_flatten_with_path(
                     Router().quiet_labels(tree))[0])
@@ -460,7 +462,7 @@ def test_stacked_biases_tokens_and_short_embedding_names_go_to_adamw():
                     'register_tokens': 'adam', 'head/w': 'adam',
                     'mlp_tokens/fc1/kernel': 'matrix',
                     'time_emb/dense/kernel': 'matrix',
-                    'b_proj/kernel': 'matrix'}
+                    'b_proj/kernel': 'matrix', 'b': 'matrix'}
   # A learned token's rows are no vocabulary: a 4-output matrix is not
   # taken for an output layer because of them; tok_emb's 100 rows are.
   mlp = {'tok_emb': z((100, 16)), 'register_tokens': z((4, 16)),
