@@ -293,16 +293,20 @@ def missing_view_hint(path: str, shape: tuple[int, ...]) -> str:
   if len(shape) != 4:
     return conv
   if ATTENTION_IN.search(path):
-    layout, pattern = 'layers, features, heads, head_dim', ATTENTION_IN.pattern
-    view = 'fan_in=1, fan_out=(2, 3)'
+    layout = 'layers, features, heads, head_dim'
   elif ATTENTION_OUT.search(path):
-    layout, pattern = 'layers, heads, head_dim, features', ATTENTION_OUT.pattern
-    view = 'fan_in=(1, 2), fan_out=3'
+    layout = 'layers, heads, head_dim, features'
   else:
     return conv
+  # Both rules at once: the out kernel would be the next error.
+  rules = ', '.join(
+      f'orthax.Rule({p.pattern!r}, "matrix", orthax.MatrixSpec({view}), '
+      'ndims=(4,))' for p, view in (
+          (ATTENTION_IN, 'fan_in=1, fan_out=(2, 3)'),
+          (ATTENTION_OUT, 'fan_in=(1, 2), fan_out=3')))
   return (f' Its shape is that of scanned Flax attention ({layout}); one '
-          f'matrix per layer: orthax.Rule({pattern!r}, "matrix", '
-          f'orthax.MatrixSpec({view}), ndims=(4,)).')
+          'matrix per layer, for the query, key and value kernels and the '
+          f'out kernel: router=orthax.Router(extra_rules=[{rules}]).')
 
 
 def output_layer_message(path: str, reason: str) -> str:

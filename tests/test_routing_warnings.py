@@ -239,20 +239,23 @@ def test_position_and_token_type_tables_are_not_the_vocabulary():
 
 def test_scanned_attention_error_names_the_rule_that_views_it():
   """``nn.scan`` over Flax attention gives 4-D kernels, which no default
-  rule views: the error named no spec. It now names the rule, and that
-  rule (evaluated from the message) views one matrix per layer."""
+  rule views: the error named no spec. It now names the rules, for the
+  projections in and the one out at once (the out kernel was the next
+  error), and the router they make (evaluated from either message) views
+  one matrix per layer."""
   z = jnp.zeros
   tree = {'ScanBlock_0': {'attn': {'query': {'kernel': z((3, 16, 4, 4))},
                                    'out': {'kernel': z((3, 4, 4, 16))}}}}
-  rules = []
+  routers = []
   for path in ('query', 'out'):
     with pytest.raises(ValueError, match='scanned Flax attention') as e:
       Router().route_one(f'ScanBlock_0/attn/{path}/kernel',
                          tree['ScanBlock_0']['attn'][path]['kernel'].shape)
     text = str(e.value)
-    rules.append(eval(text[text.index('orthax.Rule('):-1],  # pylint: disable=eval-used
-                      {'orthax': orthax}))
-  router = Router(extra_rules=rules)
+    routers.append(eval(text[text.index('orthax.Router('):-1],  # pylint: disable=eval-used
+                        {'orthax': orthax}))
+  assert routers[0].rules == routers[1].rules
+  router = routers[0]
   assert router.route_one('a/query/kernel', (3, 16, 4, 4)).spec.matrix_shape(
       (3, 16, 4, 4)) == (3, 16, 16)
   assert router.route_one('a/out/kernel', (3, 4, 4, 16)).spec.matrix_shape(
