@@ -24,6 +24,11 @@ import re
 from orthax import _tree
 
 _SCAN = re.compile(r'(?i)(^|/)scan[^/]*/')
+
+
+def _bias_beside(path: str) -> str:
+  """The path of the bias in the same module as the leaf at ``path``."""
+  return path[:len(path) - len(path.rsplit('/', 1)[-1])] + 'bias'
 _ATTENTION = re.compile(r'(?i)(attention|attn|query|key|value)[^/]*/')
 
 
@@ -33,7 +38,7 @@ def conv_stack_evidence(path: str, shape: tuple[int, ...],
   ``None``. ``shapes``: every leaf's shape by path."""
   if len(shape) < 4 or not path.endswith('/kernel'):
     return None
-  bias = path[:-len('kernel')] + 'bias'
+  bias = _bias_beside(path)
   if shapes.get(bias) == (shape[0], shape[-1]):
     return f'its bias {bias!r} has shape {(shape[0], shape[-1])}'
   if _SCAN.search(path):
@@ -90,7 +95,7 @@ def stack_axis_message(path: str, shape: tuple[int, ...],
   path."""
   if len(shape) != 3 or not path.endswith('/kernel'):
     return None
-  bias_path = path[:-len('kernel')] + 'bias'
+  bias_path = _bias_beside(path)
   bias = shapes.get(bias_path)
   a, b, c = shape
   if a >= 2 and bias == (c,):
@@ -193,8 +198,7 @@ def torch_layout_message(path: str, shape: tuple[int, ...],
   middle axis, :func:`stack_axis_message`'s) and ``b = 1`` (Equinox's
   depthwise 1-D convolution ``(out, 1, window)`` with its bias
   ``(out, 1)``)."""
-  name = path.rsplit('/', 1)[-1]
-  bias_path = path[:len(path) - len(name)] + 'bias'
+  bias_path = _bias_beside(path)
   bias = shapes.get(bias_path)
   rows, cols = shape[-2:]
   if rows == cols or bias != shape[:-2] + (rows,):
